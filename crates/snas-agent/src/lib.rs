@@ -1,1 +1,149 @@
-//! placeholder
+//! `snas-agent`: the node agent.
+//!
+//! Per job it verifies the signed policy, creates the job's network namespace and veth, hands
+//! the job to tier 1 (eBPF), and serves the job's signed policy to proxies. State that matters
+//! across restarts lives in the kernel (namespaces, veths, pinned maps) and in one small record
+//! per job under the state directory; a restarted agent adopts running jobs without touching
+//! their traffic.
+//!
+//! # Layout
+//! - [`config`]: `agent.toml` parsing and validation (errors name the field).
+//! - [`naming`]: job key → namespace and veth names.
+//! - [`pool`]: the per-node job subnet allocator (pure).
+//! - [`netlink`]: a small blocking rtnetlink client.
+//! - [`ethtool`]: turning tx offloads off (SIOCETHTOOL).
+//! - [`jobnet`]: one job's namespace + veth + addresses + route; the [`JobNetwork`] guard.
+//! - [`seams`]: [`PolicyVerifier`] and [`Dataplane`] traits (real ones wrap snas-policy and
+//!   snas-bpf) and in-memory stand-ins.
+//! - [`state`]: job records on disk.
+//! - [`agent`]: the job table ([`Agent`]): create, adopt at start, delete, counters.
+//! - [`api`]: the HTTP/JSON APIs (Unix socket and the underlay policy endpoint).
+//!
+//! Operator documentation: `docs/agent.md`.
+
+pub mod agent;
+pub mod api;
+pub mod config;
+pub mod ethtool;
+pub mod jobnet;
+pub mod naming;
+pub mod netlink;
+pub mod pool;
+pub mod seams;
+pub mod state;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+pub use agent::{Agent, JobError, JobView, StartError, StartReport};
+pub use config::{AgentConfig, ConfigError};
+pub use jobnet::{JobNetInfo, JobNetwork};
+pub use seams::{Dataplane, PolicyVerifier, RecordingDataplane, VerifiedPolicy, VerifyError};
+
+/// Errors that stop `snas agent`.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration file is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Existing state could not be taken over.
+    #[error("agent start: {0}")]
+    Start(#[from] StartError),
+    /// The API socket could not be bound.
+    #[error("api socket {path}: {source}")]
+    ApiSocket {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The policy endpoint could not be bound.
+    #[error("policy_listen {addr}: {source}")]
+    PolicyListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The async runtime failed.
+    #[error("runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// The verifier and dataplane the agent runs with in production.
+fn production_components(_config: &AgentConfig) -> (Arc<dyn PolicyVerifier>, Arc<dyn Dataplane>) {
+    // Until snas-policy and snas-bpf are wired in, policies are refused and tier 1 is the
+    // in-memory stand-in.
+    (
+        Arc::new(seams::UnavailableVerifier),
+        Arc::new(RecordingDataplane::default()),
+    )
+}
+
+/// Runs the agent with production components until `shutdown` completes.
+pub async fn serve(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let (verifier, dataplane) = production_components(&config);
+    serve_with(config, verifier, dataplane, shutdown).await
+}
+
+/// Runs the agent with the given components until `shutdown` completes.
+pub async fn serve_with(
+    config: AgentConfig,
+    verifier: Arc<dyn PolicyVerifier>,
+    dataplane: Arc<dyn Dataplane>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let policy_addr = config.policy_listen_addr();
+    let socket = config.api_socket.clone();
+    let mode = config.api_socket_mode;
+    let (agent, _report) =
+        tokio::task::spawn_blocking(move || Agent::start(config, verifier, dataplane))
+            .await
+            .map_err(|e| RunError::Runtime(std::io::Error::other(e.to_string())))??;
+    let unix = api::bind_unix(&socket, mode).map_err(|source| RunError::ApiSocket {
+        path: socket.clone(),
+        source,
+    })?;
+    let tcp = tokio::net::TcpListener::bind(policy_addr)
+        .await
+        .map_err(|source| RunError::PolicyListen {
+            addr: policy_addr,
+            source,
+        })?;
+    tracing::info!(api = %socket.display(), policy = %policy_addr, "agent listening");
+    let result = api::serve_listeners(Arc::new(agent), unix, tcp, shutdown).await;
+    let _ = std::fs::remove_file(&socket);
+    result.map_err(RunError::Runtime)
+}
+
+/// `snas agent --config <path>`: loads the configuration and serves until SIGINT or SIGTERM.
+/// Running jobs survive the agent's exit and are adopted by the next start.
+pub fn run(config_path: &Path) -> Result<(), RunError> {
+    let config = AgentConfig::from_toml_file(config_path)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(RunError::Runtime)?;
+    rt.block_on(serve(config, shutdown_signal()))
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

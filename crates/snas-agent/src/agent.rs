@@ -1,0 +1,459 @@
+//! The agent's job table: create, adopt, list and delete jobs.
+//!
+//! Owns the set of running jobs, the address pool and the job records, and sequences each job's
+//! life: verify the signed policy → allocate a subnet → create the network → attach tier 1 →
+//! write the record. Every failure on the way undoes the steps before it (the [`JobNetwork`]
+//! guard tears the network down when dropped).
+//!
+//! # Invariants
+//! - A job key is in at most one of `jobs` (running) and `pending` (being created/deleted).
+//! - A subnet is released only after the job's network is gone.
+//! - [`Agent::start`] adopts complete jobs without touching their interfaces or maps; it finishes
+//!   the teardown of partial ones and removes namespaces with the agent's prefix that no record
+//!   names (left by a crash mid-create).
+//! - Methods block (netlink, file I/O); the API calls them from blocking threads.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use serde::Serialize;
+use snas_wire::Reason;
+
+use crate::config::AgentConfig;
+use crate::jobnet::{self, JobNetError, JobNetInfo, JobNetwork};
+use crate::naming::{job_key_hex, parse_job_key_hex, JobNames};
+use crate::netlink::Rtnl;
+use crate::pool::{PoolError, SubnetPool};
+use crate::seams::{
+    Dataplane, DataplaneError, JobAttachment, PolicyVerifier, VerifiedPolicy, VerifyError,
+};
+use crate::state::{JobRecord, StateError, StateStore, RECORD_VERSION};
+
+/// Errors of job operations. The API maps each to an HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The signed policy was refused.
+    #[error("policy refused: {0}")]
+    Policy(#[from] VerifyError),
+    /// The policy names another node.
+    #[error("policy is for node {policy_node}, this node is {this_node}")]
+    WrongNode {
+        policy_node: IpAddr,
+        this_node: IpAddr,
+    },
+    /// A job with this key is running or being created.
+    #[error("job {0} already exists")]
+    Exists(String),
+    /// No such job.
+    #[error("no job {0}")]
+    NotFound(String),
+    /// A job name that several running jobs share.
+    #[error("job name {0} is ambiguous; use the job key")]
+    Ambiguous(String),
+    /// No free subnet.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// Creating or removing the network failed.
+    #[error(transparent)]
+    Network(#[from] JobNetError),
+    /// Tier-1 programming failed.
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    /// Writing the job record failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A blocking task did not complete.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// Errors that stop the agent from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The state directory is unusable.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The netns directory could not be prepared, or the kernel could not be asked.
+    #[error(transparent)]
+    Network(#[from] JobNetError),
+    /// Reading existing namespaces failed.
+    #[error("{dir}: {source}")]
+    NetnsDir {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What happened to existing state at start.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct StartReport {
+    /// Jobs adopted intact.
+    pub adopted: Vec<String>,
+    /// Records whose network was partly gone: the rest was torn down.
+    pub cleaned: Vec<String>,
+    /// Namespaces with the agent's prefix and no record: removed.
+    pub orphans_removed: Vec<String>,
+    /// Problems that did not stop the start (corrupt records, failed cleanups).
+    pub problems: Vec<String>,
+}
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobView {
+    /// Job name (policy `job` claim).
+    pub job: String,
+    /// Tenant name.
+    pub tenant: String,
+    /// 16 hex digits.
+    pub job_key: String,
+    /// Tenant id as carried in the overlay option.
+    pub tenant_id: u32,
+    /// Policy id.
+    pub jti: String,
+    /// Policy serial.
+    pub serial: u32,
+    /// Policy expiry, seconds since the Unix epoch.
+    pub expires_at: u64,
+    /// Network namespace name.
+    pub netns: String,
+    /// Network namespace path (for runsc).
+    pub netns_path: String,
+    /// Sandbox address.
+    pub sandbox_ip: IpAddr,
+    /// Gateway (host veth) address.
+    pub gateway_ip: IpAddr,
+    /// DNS stub address for the sandbox (the gateway).
+    pub dns_ip: IpAddr,
+    /// Prefix length of the job subnet.
+    pub prefix_len: u8,
+    /// Host-side veth.
+    pub veth: String,
+    /// Interface name inside the namespace.
+    pub sandbox_ifname: String,
+    /// MTU inside the sandbox.
+    pub mtu: u32,
+}
+
+impl From<&JobRecord> for JobView {
+    fn from(r: &JobRecord) -> JobView {
+        JobView {
+            job: r.policy.job.clone(),
+            tenant: r.policy.tenant.clone(),
+            job_key: job_key_hex(r.policy.job_key),
+            tenant_id: r.policy.tenant_id,
+            jti: r.policy.jti.clone(),
+            serial: r.policy.serial,
+            expires_at: r.policy.expires_at_unix,
+            netns: r.net.netns.clone(),
+            netns_path: r.net.netns_path.display().to_string(),
+            sandbox_ip: r.net.sandbox.into(),
+            gateway_ip: r.net.gateway.into(),
+            dns_ip: r.net.gateway.into(),
+            prefix_len: r.net.prefix_len,
+            veth: r.net.host_veth.clone(),
+            sandbox_ifname: r.net.sandbox_ifname.clone(),
+            mtu: r.net.mtu,
+        }
+    }
+}
+
+struct Inner {
+    jobs: BTreeMap<u64, JobRecord>,
+    pending: HashSet<u64>,
+    pool: SubnetPool,
+}
+
+/// A wall clock, injectable for tests.
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+
+/// The node agent's job table.
+pub struct Agent {
+    config: AgentConfig,
+    verifier: Arc<dyn PolicyVerifier>,
+    dataplane: Arc<dyn Dataplane>,
+    store: StateStore,
+    clock: Clock,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("node", &self.config.node_name)
+            .field("jobs", &self.lock().jobs.len())
+            .finish()
+    }
+}
+
+impl Agent {
+    /// Starts the agent over existing state: adopts intact jobs, cleans up partial ones and
+    /// orphaned namespaces. Must run in the host network namespace.
+    pub fn start(
+        config: AgentConfig,
+        verifier: Arc<dyn PolicyVerifier>,
+        dataplane: Arc<dyn Dataplane>,
+    ) -> Result<(Agent, StartReport), StartError> {
+        Agent::start_with_clock(config, verifier, dataplane, Arc::new(SystemTime::now))
+    }
+
+    /// [`Agent::start`] with an injected clock.
+    pub fn start_with_clock(
+        config: AgentConfig,
+        verifier: Arc<dyn PolicyVerifier>,
+        dataplane: Arc<dyn Dataplane>,
+        clock: Clock,
+    ) -> Result<(Agent, StartReport), StartError> {
+        let store = StateStore::open(&config.state_dir)?;
+        jobnet::prepare_netns_dir(&config.netns_dir)?;
+        let mut report = StartReport::default();
+        let mut pool = SubnetPool::new(config.job_pool, config.job_prefix_len);
+        let mut jobs = BTreeMap::new();
+        let (records, bad) = store.load_all()?;
+        report.problems.extend(bad.iter().map(|e| e.to_string()));
+        let mut rtnl = Rtnl::open().map_err(JobNetError::from)?;
+        for mut rec in records {
+            let key = job_key_hex(rec.policy.job_key);
+            let presence = jobnet::inspect(&rec.net, &mut rtnl)?;
+            let reserved = pool.reserve(rec.net.slot);
+            match (presence.complete(), presence.host_ifindex, reserved) {
+                (true, Some(ifindex), Ok(_)) => {
+                    rec.net.host_ifindex = ifindex;
+                    let attach = JobAttachment {
+                        policy: &rec.policy,
+                        token: &rec.token,
+                        net: &rec.net,
+                    };
+                    if let Err(e) = dataplane.adopt_job(&attach) {
+                        report.problems.push(format!("job {key}: adopt: {e}"));
+                    }
+                    report.adopted.push(key);
+                    jobs.insert(rec.policy.job_key, rec);
+                }
+                (_, _, reserved) => {
+                    if let Err(e) = &reserved {
+                        report.problems.push(format!("job {key}: {e}"));
+                    }
+                    if let Err(e) = dataplane.detach_job(rec.policy.job_key, &rec.net) {
+                        report.problems.push(format!("job {key}: detach: {e}"));
+                    }
+                    match jobnet::teardown_network(&rec.net) {
+                        Ok(()) => {
+                            if let Err(e) = store.remove(rec.policy.job_key) {
+                                report.problems.push(e.to_string());
+                            }
+                            if reserved.is_ok() {
+                                pool.release(rec.net.slot);
+                            }
+                            report.cleaned.push(key);
+                        }
+                        Err(e) => report.problems.push(format!("job {key}: {e}")),
+                    }
+                }
+            }
+        }
+        let known: HashSet<&str> = jobs.values().map(|r| r.net.netns.as_str()).collect();
+        let rd = std::fs::read_dir(&config.netns_dir).map_err(|source| StartError::NetnsDir {
+            dir: config.netns_dir.clone(),
+            source,
+        })?;
+        for entry in rd.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&config.netns_prefix) && !known.contains(name.as_str()) {
+                match jobnet::remove_netns(&entry.path()) {
+                    Ok(()) => report.orphans_removed.push(name),
+                    Err(e) => report.problems.push(e.to_string()),
+                }
+            }
+        }
+        for p in &report.problems {
+            tracing::warn!(problem = %p, "agent start");
+        }
+        tracing::info!(
+            adopted = report.adopted.len(),
+            cleaned = report.cleaned.len(),
+            orphans = report.orphans_removed.len(),
+            "agent started"
+        );
+        let agent = Agent {
+            config,
+            verifier,
+            dataplane,
+            store,
+            clock,
+            inner: Mutex::new(Inner {
+                jobs,
+                pending: HashSet::new(),
+                pool,
+            }),
+        };
+        Ok((agent, report))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The configuration the agent runs with.
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// Verifies `token` and creates the job's network and tier-1 state.
+    pub fn create_job(&self, token: &str) -> Result<JobView, JobError> {
+        let now = (self.clock)();
+        let policy = self.verifier.verify(token, now)?;
+        if let Some(node) = policy.node {
+            let this = IpAddr::V4(self.config.underlay_address);
+            if node != this {
+                return Err(JobError::WrongNode {
+                    policy_node: node,
+                    this_node: this,
+                });
+            }
+        }
+        let key = policy.job_key;
+        let addrs = {
+            let mut inner = self.lock();
+            if inner.jobs.contains_key(&key) || inner.pending.contains(&key) {
+                return Err(JobError::Exists(job_key_hex(key)));
+            }
+            let addrs = inner.pool.allocate()?;
+            inner.pending.insert(key);
+            addrs
+        };
+        let result = self.build_job(&policy, token, addrs, now);
+        let mut inner = self.lock();
+        inner.pending.remove(&key);
+        match result {
+            Ok(record) => {
+                let view = JobView::from(&record);
+                inner.jobs.insert(key, record);
+                tracing::info!(job = %view.job, job_key = %view.job_key, netns = %view.netns, "job created");
+                Ok(view)
+            }
+            Err(e) => {
+                inner.pool.release(addrs.slot);
+                Err(e)
+            }
+        }
+    }
+
+    fn build_job(
+        &self,
+        policy: &VerifiedPolicy,
+        token: &str,
+        addrs: crate::pool::JobAddrs,
+        now: SystemTime,
+    ) -> Result<JobRecord, JobError> {
+        let names = JobNames::derive(
+            &self.config.netns_prefix,
+            &self.config.host_veth_prefix,
+            policy.job_key,
+        );
+        let info = JobNetInfo::new(
+            &names,
+            addrs,
+            self.config.sandbox_mtu(),
+            &self.config.netns_dir,
+        );
+        let network = JobNetwork::create(info)?;
+        let record = JobRecord {
+            version: RECORD_VERSION,
+            policy: policy.clone(),
+            token: token.to_owned(),
+            net: network.info().clone(),
+            created_at_unix: now
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        let attach = JobAttachment {
+            policy,
+            token,
+            net: network.info(),
+        };
+        self.dataplane.attach_job(&attach)?;
+        if let Err(e) = self.store.save(&record) {
+            let _ = self.dataplane.detach_job(policy.job_key, network.info());
+            return Err(e.into());
+        }
+        // The record exists: from now on the agent owns the network.
+        let _ = network.into_info();
+        Ok(record)
+    }
+
+    /// Resolves an API job identifier: 16 hex digits (job key) or a unique job name.
+    pub fn resolve(&self, id: &str) -> Result<u64, JobError> {
+        let inner = self.lock();
+        if let Some(key) = parse_job_key_hex(id) {
+            if inner.jobs.contains_key(&key) {
+                return Ok(key);
+            }
+        }
+        let mut matches = inner.jobs.values().filter(|r| r.policy.job == id);
+        match (matches.next(), matches.next()) {
+            (Some(r), None) => Ok(r.policy.job_key),
+            (Some(_), Some(_)) => Err(JobError::Ambiguous(id.to_owned())),
+            _ => Err(JobError::NotFound(id.to_owned())),
+        }
+    }
+
+    /// Tears down a job: tier 1, network, record. On failure the job stays listed so that the
+    /// delete can be retried.
+    pub fn delete_job(&self, job_key: u64) -> Result<(), JobError> {
+        let record = {
+            let mut inner = self.lock();
+            let record = inner
+                .jobs
+                .remove(&job_key)
+                .ok_or_else(|| JobError::NotFound(job_key_hex(job_key)))?;
+            inner.pending.insert(job_key);
+            record
+        };
+        let result = self
+            .dataplane
+            .detach_job(job_key, &record.net)
+            .map_err(JobError::from)
+            .and_then(|()| jobnet::teardown_network(&record.net).map_err(JobError::from))
+            .and_then(|()| self.store.remove(job_key).map_err(JobError::from));
+        let mut inner = self.lock();
+        inner.pending.remove(&job_key);
+        match result {
+            Ok(()) => {
+                inner.pool.release(record.net.slot);
+                tracing::info!(job_key = %job_key_hex(job_key), "job deleted");
+                Ok(())
+            }
+            Err(e) => {
+                inner.jobs.insert(job_key, record);
+                Err(e)
+            }
+        }
+    }
+
+    /// All running jobs, by job key.
+    pub fn jobs(&self) -> Vec<JobView> {
+        self.lock().jobs.values().map(JobView::from).collect()
+    }
+
+    /// One running job.
+    pub fn job(&self, job_key: u64) -> Option<JobView> {
+        self.lock().jobs.get(&job_key).map(JobView::from)
+    }
+
+    /// The job's per-reason drop counters from the dataplane.
+    pub fn counters(&self, job_key: u64) -> Result<BTreeMap<Reason, u64>, JobError> {
+        if !self.lock().jobs.contains_key(&job_key) {
+            return Err(JobError::NotFound(job_key_hex(job_key)));
+        }
+        Ok(self.dataplane.counters(job_key)?)
+    }
+
+    /// The signed policy token of a running job (what proxies fetch).
+    pub fn signed_policy(&self, job_key: u64) -> Option<String> {
+        self.lock().jobs.get(&job_key).map(|r| r.token.clone())
+    }
+}

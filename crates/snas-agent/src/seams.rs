@@ -1,0 +1,157 @@
+//! The agent's seams to policy verification and to the tier-1 dataplane.
+//!
+//! Owns two small traits so that job network set-up and the API are testable without the real
+//! implementations: [`PolicyVerifier`] (signed policy → identity of the job) and [`Dataplane`]
+//! (attach/detach tier-1 programs for a job, fill its maps, read its counters). The real
+//! implementations wrap `snas_policy::verify` and `snas_bpf`; [`RecordingDataplane`] is the
+//! in-memory stand-in used until tier 1 is wired in (its counters are all zero).
+//!
+//! # Invariants
+//! - Implementations are called from blocking threads (never on the async executor).
+//! - `detach_job` is idempotent.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use snas_wire::Reason;
+
+use crate::jobnet::JobNetInfo;
+
+/// The parts of a verified policy the agent needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifiedPolicy {
+    /// Policy id (`jti`).
+    pub jti: String,
+    /// Tenant name.
+    pub tenant: String,
+    /// Job name.
+    pub job: String,
+    /// Policy serial (increases on live update).
+    pub serial: u32,
+    /// The node the job is scheduled on, if the policy names one.
+    pub node: Option<IpAddr>,
+    /// Expiry (`exp`), seconds since the Unix epoch.
+    pub expires_at_unix: u64,
+    /// `identity::job_key(jti)`.
+    pub job_key: u64,
+    /// `identity::tenant_id(tenant)`.
+    pub tenant_id: u32,
+}
+
+impl VerifiedPolicy {
+    /// Expiry as a `SystemTime`.
+    pub fn expires_at(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(self.expires_at_unix)
+    }
+}
+
+/// Why a policy was refused. `reason` is [`Reason::PolicyExpired`] or [`Reason::PolicyInvalid`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {detail}")]
+pub struct VerifyError {
+    /// The drop reason this refusal is counted under.
+    pub reason: Reason,
+    /// Human-readable detail naming the field and the problem.
+    pub detail: String,
+}
+
+/// Verifies signed policy tokens.
+pub trait PolicyVerifier: Send + Sync + 'static {
+    /// Verifies `token` at time `now`.
+    fn verify(&self, token: &str, now: SystemTime) -> Result<VerifiedPolicy, VerifyError>;
+}
+
+/// A dataplane failure (message from the implementation).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("dataplane: {0}")]
+pub struct DataplaneError(pub String);
+
+/// What the dataplane needs to attach a job.
+#[derive(Debug, Clone, Copy)]
+pub struct JobAttachment<'a> {
+    /// The job's verified policy (identity, serial).
+    pub policy: &'a VerifiedPolicy,
+    /// The raw signed token (for implementations that compile rules themselves).
+    pub token: &'a str,
+    /// The job's network.
+    pub net: &'a JobNetInfo,
+}
+
+/// Tier-1 programming for jobs.
+pub trait Dataplane: Send + Sync + 'static {
+    /// Attaches programs to the job's host veth and fills its maps (new job).
+    fn attach_job(&self, job: &JobAttachment<'_>) -> Result<(), DataplaneError>;
+    /// Takes over a job found at agent start: programs and pinned maps exist already and must
+    /// not be disturbed.
+    fn adopt_job(&self, job: &JobAttachment<'_>) -> Result<(), DataplaneError>;
+    /// Detaches programs and removes pinned per-job state. Idempotent.
+    fn detach_job(&self, job_key: u64, net: &JobNetInfo) -> Result<(), DataplaneError>;
+    /// Per-reason drop counters of the job.
+    fn counters(&self, job_key: u64) -> Result<BTreeMap<Reason, u64>, DataplaneError>;
+}
+
+/// In-memory dataplane: remembers attached jobs, reports zero counters. Used until tier 1 is
+/// wired in, and in tests.
+#[derive(Debug, Default)]
+pub struct RecordingDataplane {
+    jobs: Mutex<BTreeMap<u64, (String, u32)>>,
+}
+
+impl RecordingDataplane {
+    /// Job keys currently attached, with their host veth and serial.
+    pub fn attached(&self) -> BTreeMap<u64, (String, u32)> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Dataplane for RecordingDataplane {
+    fn attach_job(&self, job: &JobAttachment<'_>) -> Result<(), DataplaneError> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            job.policy.job_key,
+            (job.net.host_veth.clone(), job.policy.serial),
+        );
+        Ok(())
+    }
+
+    fn adopt_job(&self, job: &JobAttachment<'_>) -> Result<(), DataplaneError> {
+        self.attach_job(job)
+    }
+
+    fn detach_job(&self, job_key: u64, _net: &JobNetInfo) -> Result<(), DataplaneError> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&job_key);
+        Ok(())
+    }
+
+    fn counters(&self, job_key: u64) -> Result<BTreeMap<Reason, u64>, DataplaneError> {
+        if !self
+            .jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&job_key)
+        {
+            return Err(DataplaneError(format!(
+                "job {job_key:016x} is not attached"
+            )));
+        }
+        Ok(Reason::ALL.iter().map(|r| (*r, 0)).collect())
+    }
+}
+
+/// Verifier used while no trust bundle implementation is wired in: refuses every policy.
+#[derive(Debug, Default)]
+pub struct UnavailableVerifier;
+
+impl PolicyVerifier for UnavailableVerifier {
+    fn verify(&self, _token: &str, _now: SystemTime) -> Result<VerifiedPolicy, VerifyError> {
+        Err(VerifyError {
+            reason: Reason::PolicyInvalid,
+            detail: "policy verification is not available in this build".into(),
+        })
+    }
+}
