@@ -1,1 +1,50 @@
-//! placeholder
+//! `snas-policy`: the SNAS per-job egress policy — authoring format, HOST_PORT grammar, signed
+//! form (JWS, EdDSA), trust bundles, and the compiled matcher both enforcement tiers consult.
+//!
+//! Pure: no I/O, no clock reads. The one exception is [`bundle_fs`], which reads public key
+//! files, so every component loads trust bundles the same way. Callers pass `now` in.
+//!
+//! # Layout
+//! - [`identity`]: `tenant_id` / `job_key` derivations (overlay wire contract).
+//! - [`units`]: [`Bps`] and TTL parsing.
+//! - [`hostport`]: the HOST_PORT grammar and port ranges.
+//! - [`rules`]: one validated egress rule ([`EgressRule`]), protocols.
+//! - [`ranges`]: the always-denied address ranges.
+//! - [`limits`]: per-job limits and their defaults.
+//! - [`authoring`]: TOML → [`PolicyDraft`], with line-numbered errors.
+//! - [`claims`]: [`PolicyDraft`] and the signed [`PolicyClaims`].
+//! - [`keys`], [`bundle`], [`bundle_fs`]: Ed25519 keys, trust bundles.
+//! - [`jws`]: [`sign`] and [`verify`].
+//! - [`matcher`]: [`compile`] → [`Matcher`] → [`Decision`].
+//!
+//! # Flow
+//! ```text
+//! TOML --parse_policy--> PolicyDraft --to_claims(jti, serial, now)--> PolicyClaims --sign--> JWS
+//! JWS --verify(bundle, now)--> VerifiedPolicy --compile--> Matcher --check_*--> Decision
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod authoring;
+pub mod bundle;
+pub mod bundle_fs;
+pub mod claims;
+pub mod hostport;
+pub mod identity;
+pub mod jws;
+pub mod keys;
+pub mod limits;
+pub mod matcher;
+pub mod ranges;
+pub mod rules;
+pub mod units;
+
+pub use authoring::{parse_policy, parse_policy_bytes, CheckError, CheckErrors, MAX_INPUT};
+pub use bundle::{BundleError, TrustBundle};
+pub use claims::{PolicyClaims, PolicyDraft};
+pub use hostport::{HostPort, PortRange};
+pub use jws::{sign, verify, SignError, VerifiedPolicy, VerifyError, CLOCK_SKEW};
+pub use keys::{KeyError, PolicyKey};
+pub use limits::Limits;
+pub use matcher::{compile, compile_with, Decision, DenyReason, Matcher};
+pub use rules::{EgressRule, Protocol, Transport};
+pub use units::Bps;

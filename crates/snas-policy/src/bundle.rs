@@ -1,0 +1,125 @@
+//! Trust bundles: the public keys a verifier accepts, by key id.
+//!
+//! # Invariants
+//! - Never empty; key ids unique and valid (see [`crate::keys`]).
+//! - Several keys may be valid at once; that is how keys are rotated (add the new public key to
+//!   every verifier, switch the signer, remove the old key after the longest policy TTL).
+//!
+//! Reading keys from the file system lives in [`crate::bundle_fs`]; this module takes bytes.
+
+use crate::keys::{check_kid, public_key_from_pem, KeyError};
+use std::collections::BTreeMap;
+
+/// Why a trust bundle could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BundleError {
+    /// No keys.
+    #[error("trust bundle has no keys")]
+    Empty,
+    /// Same kid twice.
+    #[error("key id `{0}` appears twice in the trust bundle")]
+    DuplicateKid(String),
+    /// One key is bad.
+    #[error("key `{kid}`: {source}")]
+    Key {
+        /// The key id.
+        kid: String,
+        /// What is wrong.
+        source: KeyError,
+    },
+}
+
+/// Public keys by key id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustBundle {
+    keys: BTreeMap<String, [u8; 32]>,
+}
+
+impl TrustBundle {
+    /// Builds a bundle from `(kid, SPKI PEM bytes)` pairs.
+    pub fn from_keys<I, K, B>(keys: I) -> Result<TrustBundle, BundleError>
+    where
+        I: IntoIterator<Item = (K, B)>,
+        K: Into<String>,
+        B: AsRef<[u8]>,
+    {
+        let mut map = BTreeMap::new();
+        for (kid, pem) in keys {
+            let kid = kid.into();
+            check_kid(&kid).map_err(|source| BundleError::Key {
+                kid: kid.clone(),
+                source,
+            })?;
+            let key = public_key_from_pem(pem.as_ref()).map_err(|source| BundleError::Key {
+                kid: kid.clone(),
+                source,
+            })?;
+            if map.insert(kid.clone(), key).is_some() {
+                return Err(BundleError::DuplicateKid(kid));
+            }
+        }
+        if map.is_empty() {
+            return Err(BundleError::Empty);
+        }
+        Ok(TrustBundle { keys: map })
+    }
+
+    /// The raw public key for `kid`.
+    pub fn get(&self, kid: &str) -> Option<&[u8; 32]> {
+        self.keys.get(kid)
+    }
+
+    /// Key ids, sorted.
+    pub fn kids(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Always false (bundles are never empty); here for API symmetry.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::PolicyKey;
+
+    fn pem(seed: u8) -> String {
+        PolicyKey::from_seed("x", [seed; 32])
+            .and_then(|k| k.public_pem())
+            .expect("pem")
+    }
+
+    #[test]
+    fn bundle_holds_several_keys_for_rotation() {
+        let b = TrustBundle::from_keys([("old", pem(1)), ("new", pem(2))]).expect("bundle");
+        assert_eq!(b.kids().collect::<Vec<_>>(), ["new", "old"]);
+        assert!(b.get("old").is_some() && b.get("gone").is_none());
+    }
+
+    #[test]
+    fn empty_duplicate_and_bad_keys_are_rejected() {
+        assert_eq!(
+            TrustBundle::from_keys(Vec::<(String, String)>::new()),
+            Err(BundleError::Empty)
+        );
+        assert_eq!(
+            TrustBundle::from_keys([("a", pem(1)), ("a", pem(2))]),
+            Err(BundleError::DuplicateKid("a".into()))
+        );
+        assert!(matches!(
+            TrustBundle::from_keys([("a", "nope")]),
+            Err(BundleError::Key { .. })
+        ));
+        assert!(matches!(
+            TrustBundle::from_keys([("a/b", pem(1))]),
+            Err(BundleError::Key { .. })
+        ));
+    }
+}

@@ -1,0 +1,271 @@
+//! The policy model: an unsigned [`PolicyDraft`] (what an author wrote) and the [`PolicyClaims`]
+//! that are signed and verified.
+//!
+//! # Invariants
+//! - `tenant` matches `[a-z0-9-]{1,63}`; `job` matches `[A-Za-z0-9._-]{1,128}`; `jti` matches
+//!   `[A-Za-z0-9_-]{16,128}` (the signer uses 128 random bits, base64url).
+//! - At most [`MAX_RULES`] egress rules; `nbf <= exp`.
+//! - Deserialising [`PolicyClaims`] re-checks all of the above plus every rule and limit, and
+//!   rejects unknown fields: a verifier never trusts the signer to have validated.
+
+use crate::limits::Limits;
+use crate::rules::EgressRule;
+use crate::units::DEFAULT_TTL;
+use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Most egress rules a policy may hold.
+pub const MAX_RULES: usize = 16_384;
+
+/// A policy as authored, before it gets an id, a serial and validity times.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyDraft {
+    /// Tenant name.
+    pub tenant: String,
+    /// Job name.
+    pub job: String,
+    /// Underlay address of the job's node, if pinned.
+    pub node: Option<IpAddr>,
+    /// Lifetime from signing.
+    pub ttl: Duration,
+    /// Rules, in order (the index is the rule number reported by the matcher).
+    pub egress: Vec<EgressRule>,
+    /// Limits (defaults filled in).
+    pub limits: Limits,
+}
+
+impl PolicyDraft {
+    /// A draft with the default TTL and limits and no rules.
+    pub fn new(tenant: &str, job: &str) -> PolicyDraft {
+        PolicyDraft {
+            tenant: tenant.to_owned(),
+            job: job.to_owned(),
+            node: None,
+            ttl: DEFAULT_TTL,
+            egress: Vec::new(),
+            limits: Limits::default(),
+        }
+    }
+
+    /// The claims to sign: `iat = nbf = now`, `exp = now + ttl`.
+    pub fn to_claims(&self, jti: &str, serial: u64, now: SystemTime) -> PolicyClaims {
+        let iat = unix_secs(now);
+        PolicyClaims {
+            jti: jti.to_owned(),
+            iat,
+            nbf: iat,
+            exp: iat.saturating_add(self.ttl.as_secs()),
+            tenant: self.tenant.clone(),
+            job: self.job.clone(),
+            node: self.node,
+            serial,
+            egress: self.egress.clone(),
+            limits: self.limits,
+        }
+    }
+}
+
+/// Seconds since the Unix epoch (0 for earlier times).
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The signed claims of a policy (JWT payload).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawClaims")]
+pub struct PolicyClaims {
+    /// Random policy id; the job key is derived from it.
+    pub jti: String,
+    /// Issued at (Unix seconds).
+    pub iat: u64,
+    /// Not before (Unix seconds).
+    pub nbf: u64,
+    /// Expires at (Unix seconds).
+    pub exp: u64,
+    /// Tenant name.
+    pub tenant: String,
+    /// Job name.
+    pub job: String,
+    /// Underlay address of the job's node, if pinned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<IpAddr>,
+    /// Increases on live update.
+    pub serial: u64,
+    /// Rules in order.
+    pub egress: Vec<EgressRule>,
+    /// Limits.
+    pub limits: Limits,
+}
+
+impl PolicyClaims {
+    /// Checks the invariants in the module docs (rules and limits are checked by their types).
+    pub fn validate(&self) -> Result<(), String> {
+        check_tenant(&self.tenant).map_err(|e| format!("tenant: {e}"))?;
+        check_job(&self.job).map_err(|e| format!("job: {e}"))?;
+        check_jti(&self.jti).map_err(|e| format!("jti: {e}"))?;
+        if self.egress.len() > MAX_RULES {
+            return Err(format!(
+                "egress: {} rules, at most {MAX_RULES} allowed",
+                self.egress.len()
+            ));
+        }
+        if self.nbf > self.exp {
+            return Err(format!("nbf {} is after exp {}", self.nbf, self.exp));
+        }
+        Ok(())
+    }
+
+    /// The 32-bit tenant id (overlay option).
+    pub fn tenant_id(&self) -> u32 {
+        crate::identity::tenant_id(&self.tenant)
+    }
+
+    /// The 64-bit job key (overlay option), derived from `jti`.
+    pub fn job_key(&self) -> u64 {
+        crate::identity::job_key(&self.jti)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClaims {
+    jti: String,
+    iat: u64,
+    nbf: u64,
+    exp: u64,
+    tenant: String,
+    job: String,
+    #[serde(default)]
+    node: Option<IpAddr>,
+    serial: u64,
+    egress: Vec<EgressRule>,
+    limits: Limits,
+}
+
+impl TryFrom<RawClaims> for PolicyClaims {
+    type Error = String;
+    fn try_from(r: RawClaims) -> Result<PolicyClaims, String> {
+        let c = PolicyClaims {
+            jti: r.jti,
+            iat: r.iat,
+            nbf: r.nbf,
+            exp: r.exp,
+            tenant: r.tenant,
+            job: r.job,
+            node: r.node,
+            serial: r.serial,
+            egress: r.egress,
+            limits: r.limits,
+        };
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+/// Checks a tenant name: `[a-z0-9-]{1,63}`.
+pub fn check_tenant(s: &str) -> Result<(), String> {
+    if s.is_empty()
+        || s.len() > 63
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(format!("`{s}` must be 1-63 characters of a-z, 0-9 and '-'"));
+    }
+    Ok(())
+}
+
+/// Checks a job name: `[A-Za-z0-9._-]{1,128}`.
+pub fn check_job(s: &str) -> Result<(), String> {
+    if s.is_empty()
+        || s.len() > 128
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(format!(
+            "`{s}` must be 1-128 characters of A-Z, a-z, 0-9, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a policy id: `[A-Za-z0-9_-]{16,128}`.
+pub fn check_jti(s: &str) -> Result<(), String> {
+    if s.len() < 16
+        || s.len() > 128
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b))
+    {
+        return Err("must be 16-128 characters of A-Z, a-z, 0-9, '_' and '-'".to_owned());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims() -> PolicyClaims {
+        let mut d = PolicyDraft::new("acme", "job-42");
+        d.egress.push(
+            EgressRule::from_parts(Some("api.example.com"), None, None, None, None).expect("rule"),
+        );
+        d.to_claims(
+            "AAAAAAAAAAAAAAAAAAAAAA",
+            1,
+            UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        )
+    }
+
+    #[test]
+    fn draft_to_claims_sets_validity_window_from_ttl() {
+        let c = claims();
+        assert_eq!(
+            (c.iat, c.nbf, c.exp),
+            (1_700_000_000, 1_700_000_000, 1_700_003_600)
+        );
+        assert_eq!(
+            c.job_key(),
+            crate::identity::job_key("AAAAAAAAAAAAAAAAAAAAAA")
+        );
+    }
+
+    #[test]
+    fn claims_json_round_trips_and_is_rechecked() {
+        let c = claims();
+        let j = serde_json::to_value(&c).expect("ser");
+        assert!(j.get("node").is_none());
+        assert_eq!(
+            serde_json::from_value::<PolicyClaims>(j.clone()).expect("de"),
+            c
+        );
+        let mut bad = j.clone();
+        bad["tenant"] = "ACME".into();
+        assert!(serde_json::from_value::<PolicyClaims>(bad)
+            .expect_err("tenant")
+            .to_string()
+            .contains("tenant"));
+        let mut bad = j.clone();
+        bad["extra"] = 1.into();
+        assert!(serde_json::from_value::<PolicyClaims>(bad).is_err());
+        let mut bad = j;
+        bad["nbf"] = (c.exp + 1).into();
+        assert!(serde_json::from_value::<PolicyClaims>(bad).is_err());
+    }
+
+    #[test]
+    fn name_grammars() {
+        assert!(check_tenant("acme-1").is_ok());
+        assert!(check_tenant("").is_err());
+        assert!(check_tenant(&"a".repeat(64)).is_err());
+        assert!(check_tenant("a_b").is_err());
+        assert!(check_job("Job_42.x").is_ok());
+        assert!(check_job("job 42").is_err());
+        assert!(check_jti("short").is_err());
+    }
+}

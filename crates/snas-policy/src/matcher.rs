@@ -1,0 +1,760 @@
+//! The compiled matcher: (host name or IP, port, transport) → allow with a rule index, or deny
+//! with a reason.
+//!
+//! # Semantics
+//! - Rules are numbered from 0 in policy order. When several rules match, the lowest index that
+//!   also allows the port and transport wins (so the reported rule is deterministic).
+//! - Host names: exact rules, wildcard rules and `0.0.0.0` rules. A name that matches some rule
+//!   but on no allowed port/transport is `PortDenied`; otherwise `DestinationDenied` (also for
+//!   names that are not valid DNS host names).
+//! - IP addresses: `cidr` rules and `0.0.0.0` rules (any public address on 80/443). Addresses in
+//!   [`crate::ranges::ALWAYS_DENIED`] are `AlwaysDenied` unless a `cidr` rule with
+//!   `allow_private = true` covers them; infrastructure ranges given to [`compile_with`] (overlay,
+//!   underlay, node, sandboxes) are `AlwaysDenied` whatever the rules say.
+//! - An address reached through a name (tier 2: the proxy resolved name N and bound the address)
+//!   is checked with [`Matcher::check_resolved`]: the address must not be always-denied (unless an
+//!   `allow_private` cidr rule allows it), and then the name or the address must be allowed.
+//!
+//! # Cost
+//! Exact names: one hash lookup. Wildcards: indexed by the labels after the wildcard label, so a
+//! lookup does one hash probe per label of the name and then checks only the patterns under that
+//! parent (a policy with thousands of wildcards under the *same* parent scans them all). CIDRs: one
+//! hash map per prefix length present, so at most 33 (IPv4) or 129 (IPv6) probes. No allocation
+//! per lookup (except [`Matcher::host_rules_for_name`], which returns a `Vec`).
+
+use crate::claims::PolicyClaims;
+use crate::hostport::{normalize_name, HostPattern, HostPorts, PortRange, MAX_NAME_LEN};
+use crate::ranges;
+use crate::rules::{EgressRule, Protocol, Transport};
+use ipnet::IpNet;
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::net::IpAddr;
+
+/// Why a destination was denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DenyReason {
+    /// No rule names this destination.
+    DestinationDenied,
+    /// Some rule names it, but not on this port/transport.
+    PortDenied,
+    /// An always-denied or infrastructure range.
+    AlwaysDenied,
+}
+
+impl DenyReason {
+    /// The shared drop reason.
+    pub const fn reason(self) -> snas_wire::Reason {
+        match self {
+            DenyReason::DestinationDenied => snas_wire::Reason::DestinationDenied,
+            DenyReason::PortDenied => snas_wire::Reason::PortDenied,
+            DenyReason::AlwaysDenied => snas_wire::Reason::AlwaysDenied,
+        }
+    }
+}
+
+impl fmt::Display for DenyReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.reason().name())
+    }
+}
+
+/// The outcome of a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Decision {
+    /// Allowed by rule `rule` (index into the policy's `egress`).
+    Allow {
+        /// Rule index.
+        rule: usize,
+    },
+    /// Denied.
+    Deny(DenyReason),
+}
+
+impl Decision {
+    /// Whether allowed.
+    pub const fn is_allow(self) -> bool {
+        matches!(self, Decision::Allow { .. })
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Decision::Allow { rule } => write!(f, "allow rule {rule}"),
+            Decision::Deny(r) => write!(f, "deny {r}"),
+        }
+    }
+}
+
+/// A fast hasher for integer keys (splitmix64 finaliser). Keys come from signed policies and
+/// packet addresses are only probed, never inserted, so collision flooding is not a concern.
+#[derive(Debug, Default, Clone, Copy)]
+struct IntHasher(u64);
+
+impl Hasher for IntHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n)
+            .rotate_left(23)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.write_u64(n as u64);
+        self.write_u64((n >> 64) as u64);
+    }
+    fn finish(&self) -> u64 {
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
+
+#[derive(Debug, Clone, Copy)]
+struct RuleInfo {
+    ports: HostPorts,
+    protocol: Protocol,
+    allow_private: bool,
+}
+
+impl RuleInfo {
+    fn allows(&self, port: u16, t: Transport) -> bool {
+        self.ports.contains(port) && self.protocol.allows(t)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct WildEntry {
+    rule: u32,
+    before: Box<str>,
+    prefix: Box<str>,
+    suffix: Box<str>,
+}
+
+impl WildEntry {
+    /// `head` is the name minus `.parent`.
+    fn matches_head(&self, head: &str) -> bool {
+        let Some(label) = head.strip_prefix(&*self.before) else {
+            return false;
+        };
+        !label.is_empty()
+            && !label.contains('.')
+            && label.len() >= self.prefix.len() + self.suffix.len()
+            && label.starts_with(&*self.prefix)
+            && label.ends_with(&*self.suffix)
+    }
+}
+
+/// Lowest allowing rule and whether anything matched the destination at all.
+#[derive(Default)]
+struct Best {
+    rule: Option<u32>,
+    matched: bool,
+}
+
+impl Best {
+    fn consider(&mut self, m: &Matcher, rule: u32, port: u16, t: Transport) {
+        self.matched = true;
+        if self.rule.is_none_or(|b| rule < b) && m.rules[rule as usize].allows(port, t) {
+            self.rule = Some(rule);
+        }
+    }
+
+    fn decision(&self, otherwise: DenyReason) -> Decision {
+        match self.rule {
+            Some(r) => Decision::Allow { rule: r as usize },
+            None if self.matched => Decision::Deny(DenyReason::PortDenied),
+            None => Decision::Deny(otherwise),
+        }
+    }
+}
+
+/// A compiled policy (see module docs).
+#[derive(Debug, Clone)]
+pub struct Matcher {
+    rules: Vec<RuleInfo>,
+    exact: HashMap<Box<str>, Vec<u32>>,
+    wild: HashMap<Box<str>, Vec<WildEntry>>,
+    any_host: Vec<u32>,
+    v4: Vec<(u8, IntMap<u32, Vec<u32>>)>,
+    v6: Vec<(u8, IntMap<u128, Vec<u32>>)>,
+    infra: Vec<IpNet>,
+}
+
+/// Compiles the claims' rules.
+pub fn compile(claims: &PolicyClaims) -> Matcher {
+    compile_with(claims, &[])
+}
+
+/// Compiles the claims' rules, denying `infra` ranges (overlay, underlay, node, sandboxes)
+/// regardless of any rule.
+pub fn compile_with(claims: &PolicyClaims, infra: &[IpNet]) -> Matcher {
+    compile_rules(&claims.egress, infra)
+}
+
+/// Compiles a rule list (what [`compile`] does with a policy's `egress`).
+pub fn compile_rules(egress: &[EgressRule], infra: &[IpNet]) -> Matcher {
+    let mut m = Matcher {
+        rules: Vec::with_capacity(egress.len()),
+        exact: HashMap::new(),
+        wild: HashMap::new(),
+        any_host: Vec::new(),
+        v4: Vec::new(),
+        v6: Vec::new(),
+        infra: infra.iter().map(IpNet::trunc).collect(),
+    };
+    let mut v4: [Option<IntMap<u32, Vec<u32>>>; 33] = std::array::from_fn(|_| None);
+    let mut v6: Vec<Option<IntMap<u128, Vec<u32>>>> = (0..=128).map(|_| None).collect();
+    for (i, rule) in egress.iter().enumerate() {
+        let idx = i as u32;
+        match rule {
+            EgressRule::Host { host, protocol } => {
+                m.rules.push(RuleInfo {
+                    ports: host.ports,
+                    protocol: *protocol,
+                    allow_private: false,
+                });
+                match &host.pattern {
+                    HostPattern::AnyHost => m.any_host.push(idx),
+                    HostPattern::Exact(n) => {
+                        m.exact.entry(n.as_str().into()).or_default().push(idx)
+                    }
+                    HostPattern::Wildcard(w) => m
+                        .wild
+                        .entry(w.parent.as_str().into())
+                        .or_default()
+                        .push(WildEntry {
+                            rule: idx,
+                            before: w.before.as_str().into(),
+                            prefix: w.prefix.as_str().into(),
+                            suffix: w.suffix.as_str().into(),
+                        }),
+                }
+            }
+            EgressRule::Cidr {
+                cidr,
+                ports,
+                protocol,
+                allow_private,
+            } => {
+                m.rules.push(RuleInfo {
+                    ports: HostPorts::Range(*ports),
+                    protocol: *protocol,
+                    allow_private: *allow_private,
+                });
+                match cidr {
+                    IpNet::V4(n) => {
+                        let key = u32::from(n.network());
+                        v4[usize::from(n.prefix_len())]
+                            .get_or_insert_with(IntMap::default)
+                            .entry(key)
+                            .or_default()
+                            .push(idx);
+                    }
+                    IpNet::V6(n) => {
+                        let key = u128::from(n.network());
+                        v6[usize::from(n.prefix_len())]
+                            .get_or_insert_with(IntMap::default)
+                            .entry(key)
+                            .or_default()
+                            .push(idx);
+                    }
+                }
+            }
+        }
+    }
+    // Longest prefixes first: most specific probes are the likeliest hits in practice.
+    m.v4 = v4
+        .into_iter()
+        .enumerate()
+        .rev()
+        .filter_map(|(l, mp)| mp.map(|mp| (l as u8, mp)))
+        .collect();
+    m.v6 = v6
+        .into_iter()
+        .enumerate()
+        .rev()
+        .filter_map(|(l, mp)| mp.map(|mp| (l as u8, mp)))
+        .collect();
+    m
+}
+
+fn mask4(len: u8) -> u32 {
+    if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len))
+    }
+}
+
+fn mask6(len: u8) -> u128 {
+    if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - u32::from(len))
+    }
+}
+
+impl Matcher {
+    /// Number of rules.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Whether the policy has no rules (everything is denied).
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    fn for_each_name_rule(&self, name: &str, mut f: impl FnMut(u32)) {
+        if let Some(v) = self.exact.get(name) {
+            v.iter().for_each(|&r| f(r));
+        }
+        if !self.wild.is_empty() {
+            for (i, b) in name.bytes().enumerate() {
+                if b != b'.' {
+                    continue;
+                }
+                if let Some(entries) = self.wild.get(&name[i + 1..]) {
+                    let head = &name[..i];
+                    entries
+                        .iter()
+                        .filter(|e| e.matches_head(head))
+                        .for_each(|e| f(e.rule));
+                }
+            }
+        }
+        self.any_host.iter().for_each(|&r| f(r));
+    }
+
+    /// Checks a host name (case-insensitive, trailing dot ignored).
+    pub fn check_host(&self, name: &str, port: u16, t: Transport) -> Decision {
+        let mut buf = [0u8; MAX_NAME_LEN];
+        let Some(name) = normalize_name(name, &mut buf) else {
+            return Decision::Deny(DenyReason::DestinationDenied);
+        };
+        let mut best = Best::default();
+        self.for_each_name_rule(name, |r| best.consider(self, r, port, t));
+        best.decision(DenyReason::DestinationDenied)
+    }
+
+    /// Indices of the rules whose host part matches `name` (any port), ascending. Empty for
+    /// invalid names. For the DNS path: a name no rule matches is refused.
+    pub fn host_rules_for_name(&self, name: &str) -> Vec<usize> {
+        let mut buf = [0u8; MAX_NAME_LEN];
+        let mut out = Vec::new();
+        if let Some(name) = normalize_name(name, &mut buf) {
+            self.for_each_name_rule(name, |r| out.push(r as usize));
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Whether any rule's host part matches `name` (any port).
+    pub fn name_allowed(&self, name: &str) -> bool {
+        let mut buf = [0u8; MAX_NAME_LEN];
+        let Some(name) = normalize_name(name, &mut buf) else {
+            return false;
+        };
+        let mut any = false;
+        self.for_each_name_rule(name, |_| any = true);
+        any
+    }
+
+    /// The always-denied or infrastructure range containing `ip`, with its label (for
+    /// explanations), ignoring rules.
+    pub fn denied_range(&self, ip: IpAddr) -> Option<(IpNet, &'static str)> {
+        if let Some(n) = self.infra.iter().find(|n| n.contains(&ip)) {
+            return Some((*n, "infrastructure"));
+        }
+        ranges::always_denied(ip).map(|r| (r.net, r.label))
+    }
+
+    fn for_each_cidr_rule(&self, ip: IpAddr, mut f: impl FnMut(u32)) {
+        match ip {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                for (len, map) in &self.v4 {
+                    if let Some(v) = map.get(&(a & mask4(*len))) {
+                        v.iter().for_each(|&r| f(r));
+                    }
+                }
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                for (len, map) in &self.v6 {
+                    if let Some(v) = map.get(&(a & mask6(*len))) {
+                        v.iter().for_each(|&r| f(r));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks a destination address (see module docs).
+    pub fn check_ip(&self, ip: IpAddr, port: u16, t: Transport) -> Decision {
+        if self.infra.iter().any(|n| n.contains(&ip)) {
+            return Decision::Deny(DenyReason::AlwaysDenied);
+        }
+        let private = ranges::always_denied(ip).is_some();
+        let mut best = Best::default();
+        self.for_each_cidr_rule(ip, |r| {
+            if !private || self.rules[r as usize].allow_private {
+                best.consider(self, r, port, t);
+            }
+        });
+        if !private {
+            self.any_host
+                .iter()
+                .for_each(|&r| best.consider(self, r, port, t));
+        }
+        best.decision(if private {
+            DenyReason::AlwaysDenied
+        } else {
+            DenyReason::DestinationDenied
+        })
+    }
+
+    /// Checks an address the proxy resolved from `name` (tier 2): an always-denied address is
+    /// decided by [`Matcher::check_ip`] alone (only `allow_private` cidr rules open it); otherwise
+    /// the name or the address must be allowed on this port/transport.
+    pub fn check_resolved(&self, name: &str, ip: IpAddr, port: u16, t: Transport) -> Decision {
+        if self.denied_range(ip).is_some() {
+            return self.check_ip(ip, port, t);
+        }
+        let by_name = self.check_host(name, port, t);
+        let by_ip = self.check_ip(ip, port, t);
+        match (by_name, by_ip) {
+            (Decision::Allow { rule: a }, Decision::Allow { rule: b }) => {
+                Decision::Allow { rule: a.min(b) }
+            }
+            (d @ Decision::Allow { .. }, _) | (_, d @ Decision::Allow { .. }) => d,
+            (Decision::Deny(DenyReason::PortDenied), _)
+            | (_, Decision::Deny(DenyReason::PortDenied)) => Decision::Deny(DenyReason::PortDenied),
+            _ => Decision::Deny(DenyReason::DestinationDenied),
+        }
+    }
+
+    /// Checks only the port/transport of rule `rule` (for callers that already know which rule
+    /// matched the destination). An unknown index is `DestinationDenied`.
+    pub fn check_port_for_rule(&self, rule: usize, port: u16, t: Transport) -> Decision {
+        match self.rules.get(rule) {
+            None => Decision::Deny(DenyReason::DestinationDenied),
+            Some(r) if r.allows(port, t) => Decision::Allow { rule },
+            Some(_) => Decision::Deny(DenyReason::PortDenied),
+        }
+    }
+
+    /// The ports rule `rule` allows: one range, or 80 and 443 for bare `0.0.0.0`.
+    pub fn rule_ports(&self, rule: usize) -> Option<Vec<PortRange>> {
+        self.rules.get(rule).map(|r| match r.ports {
+            HostPorts::Range(p) => vec![p],
+            HostPorts::HttpAndHttps => vec![PortRange::HTTP, PortRange::HTTPS],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(specs: &[&str]) -> Vec<EgressRule> {
+        specs
+            .iter()
+            .map(|s| {
+                let mut host = None;
+                let mut cidr = None;
+                let mut ports = None;
+                let mut proto = None;
+                let mut private = None;
+                for kv in s.split_whitespace() {
+                    let (k, v) = kv.split_once('=').expect("k=v");
+                    match k {
+                        "host" => host = Some(v),
+                        "cidr" => cidr = Some(v),
+                        "ports" => ports = Some(v),
+                        "proto" => proto = Some(v),
+                        "private" => private = Some(v == "true"),
+                        _ => panic!("{k}"),
+                    }
+                }
+                EgressRule::from_parts(host, cidr, ports, proto, private).expect("rule")
+            })
+            .collect()
+    }
+
+    fn m(specs: &[&str]) -> Matcher {
+        compile_rules(&rules(specs), &[])
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    const TCP: Transport = Transport::Tcp;
+    const UDP: Transport = Transport::Udp;
+
+    fn allow(rule: usize) -> Decision {
+        Decision::Allow { rule }
+    }
+
+    fn deny(r: DenyReason) -> Decision {
+        Decision::Deny(r)
+    }
+
+    #[test]
+    fn exact_names_match_case_insensitively_on_their_port() {
+        let m = m(&["host=api.example.com"]);
+        assert_eq!(m.check_host("API.example.com.", 443, TCP), allow(0));
+        assert_eq!(
+            m.check_host("api.example.com", 80, TCP),
+            deny(DenyReason::PortDenied)
+        );
+        assert_eq!(
+            m.check_host("api.example.com", 443, UDP),
+            deny(DenyReason::PortDenied)
+        );
+        assert_eq!(
+            m.check_host("www.example.com", 443, TCP),
+            deny(DenyReason::DestinationDenied)
+        );
+        assert_eq!(
+            m.check_host("bad name", 443, TCP),
+            deny(DenyReason::DestinationDenied)
+        );
+    }
+
+    #[test]
+    fn wildcards_match_one_label() {
+        let m = m(&[
+            "host=*.example.com",
+            "host=api-*.example.org:0 proto=any",
+            "host=eu.*.example.net",
+        ]);
+        assert_eq!(m.check_host("a.example.com", 443, TCP), allow(0));
+        assert_eq!(
+            m.check_host("example.com", 443, TCP),
+            deny(DenyReason::DestinationDenied)
+        );
+        assert_eq!(
+            m.check_host("a.b.example.com", 443, TCP),
+            deny(DenyReason::DestinationDenied)
+        );
+        assert_eq!(m.check_host("api-eu.example.org", 53, UDP), allow(1));
+        assert_eq!(
+            m.check_host("web.example.org", 53, UDP),
+            deny(DenyReason::DestinationDenied)
+        );
+        assert_eq!(m.check_host("eu.x.example.net", 443, TCP), allow(2));
+        assert_eq!(
+            m.check_host("us.x.example.net", 443, TCP),
+            deny(DenyReason::DestinationDenied)
+        );
+    }
+
+    #[test]
+    fn lowest_allowing_rule_wins_across_kinds() {
+        let m = m(&[
+            "host=*.example.com:8443",
+            "host=a.example.com:0",
+            "host=0.0.0.0",
+        ]);
+        assert_eq!(m.check_host("a.example.com", 8443, TCP), allow(0));
+        assert_eq!(m.check_host("a.example.com", 22, TCP), allow(1));
+        assert_eq!(m.check_host("b.example.com", 443, TCP), allow(2));
+        assert_eq!(
+            m.check_host("b.example.com", 22, TCP),
+            deny(DenyReason::PortDenied)
+        );
+        assert_eq!(m.host_rules_for_name("a.example.com"), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn any_host_allows_names_and_public_ips_on_80_and_443_only() {
+        let m = m(&["host=0.0.0.0"]);
+        assert_eq!(m.check_host("anything.example", 80, TCP), allow(0));
+        assert_eq!(
+            m.check_host("anything.example", 8080, TCP),
+            deny(DenyReason::PortDenied)
+        );
+        assert_eq!(m.check_ip(ip("198.51.100.1"), 443, TCP), allow(0));
+        assert_eq!(
+            m.check_ip(ip("10.0.0.1"), 443, TCP),
+            deny(DenyReason::AlwaysDenied)
+        );
+        assert_eq!(
+            m.check_ip(ip("169.254.169.254"), 80, TCP),
+            deny(DenyReason::AlwaysDenied)
+        );
+    }
+
+    #[test]
+    fn cidr_rules_use_longest_and_all_prefixes() {
+        let m = m(&[
+            "cidr=203.0.113.0/24 ports=5432",
+            "cidr=203.0.113.128/25 ports=0 proto=udp",
+            "cidr=2001:db8::/32 ports=443",
+        ]);
+        assert_eq!(m.check_ip(ip("203.0.113.7"), 5432, TCP), allow(0));
+        assert_eq!(m.check_ip(ip("203.0.113.200"), 5432, TCP), allow(0));
+        assert_eq!(m.check_ip(ip("203.0.113.200"), 9999, UDP), allow(1));
+        assert_eq!(
+            m.check_ip(ip("203.0.113.7"), 9999, UDP),
+            deny(DenyReason::PortDenied)
+        );
+        assert_eq!(
+            m.check_ip(ip("198.51.100.1"), 5432, TCP),
+            deny(DenyReason::DestinationDenied)
+        );
+        assert_eq!(m.check_ip(ip("2001:db8:1::9"), 443, TCP), allow(2));
+        assert_eq!(
+            m.check_ip(ip("2001:db9::9"), 443, TCP),
+            deny(DenyReason::DestinationDenied)
+        );
+    }
+
+    #[test]
+    fn always_denied_ranges_need_allow_private() {
+        let wide = m(&["cidr=0.0.0.0/0 ports=0 proto=any", "cidr=::/0 ports=0"]);
+        assert_eq!(wide.check_ip(ip("192.0.2.1"), 22, TCP), allow(0));
+        for a in [
+            "10.0.0.1",
+            "127.0.0.1",
+            "169.254.169.254",
+            "100.64.1.1",
+            "224.0.0.1",
+            "::1",
+            "::ffff:10.0.0.1",
+            "fd00::1",
+        ] {
+            assert_eq!(
+                wide.check_ip(ip(a), 443, TCP),
+                deny(DenyReason::AlwaysDenied),
+                "{a}"
+            );
+        }
+        let private = m(&["cidr=10.1.0.0/16 ports=5432 private=true"]);
+        assert_eq!(private.check_ip(ip("10.1.2.3"), 5432, TCP), allow(0));
+        assert_eq!(
+            private.check_ip(ip("10.1.2.3"), 22, TCP),
+            deny(DenyReason::PortDenied)
+        );
+        assert_eq!(
+            private.check_ip(ip("10.2.0.1"), 5432, TCP),
+            deny(DenyReason::AlwaysDenied)
+        );
+    }
+
+    #[test]
+    fn infrastructure_ranges_are_denied_whatever_the_rules() {
+        let r = rules(&["cidr=10.0.0.0/8 ports=0 private=true"]);
+        let infra: Vec<IpNet> = vec!["10.99.0.0/16".parse().expect("net")];
+        let m = compile_rules(&r, &infra);
+        assert_eq!(m.check_ip(ip("10.1.0.1"), 80, TCP), allow(0));
+        assert_eq!(
+            m.check_ip(ip("10.99.0.1"), 80, TCP),
+            deny(DenyReason::AlwaysDenied)
+        );
+        assert_eq!(
+            m.denied_range(ip("10.99.0.1")).map(|(_, l)| l),
+            Some("infrastructure")
+        );
+    }
+
+    #[test]
+    fn resolved_addresses_need_a_public_address_and_an_allowed_name_or_cidr() {
+        let m = m(&["host=api.example.com", "cidr=198.51.100.0/24 ports=8080"]);
+        assert_eq!(
+            m.check_resolved("api.example.com", ip("203.0.113.5"), 443, TCP),
+            allow(0)
+        );
+        assert_eq!(
+            m.check_resolved("api.example.com", ip("10.0.0.5"), 443, TCP),
+            deny(DenyReason::AlwaysDenied)
+        );
+        assert_eq!(
+            m.check_resolved("api.example.com", ip("127.0.0.1"), 443, TCP),
+            deny(DenyReason::AlwaysDenied)
+        );
+        assert_eq!(
+            m.check_resolved("other.example.com", ip("198.51.100.9"), 8080, TCP),
+            allow(1)
+        );
+        assert_eq!(
+            m.check_resolved("api.example.com", ip("203.0.113.5"), 22, TCP),
+            deny(DenyReason::PortDenied)
+        );
+        assert_eq!(
+            m.check_resolved("other.example.com", ip("203.0.113.5"), 443, TCP),
+            deny(DenyReason::DestinationDenied)
+        );
+    }
+
+    #[test]
+    fn port_check_for_a_known_rule() {
+        let m = m(&["host=api.example.com:1000-2000 proto=udp"]);
+        assert_eq!(m.check_port_for_rule(0, 1500, UDP), allow(0));
+        assert_eq!(
+            m.check_port_for_rule(0, 1500, TCP),
+            deny(DenyReason::PortDenied)
+        );
+        assert_eq!(
+            m.check_port_for_rule(0, 2001, UDP),
+            deny(DenyReason::PortDenied)
+        );
+        assert_eq!(
+            m.check_port_for_rule(1, 1500, UDP),
+            deny(DenyReason::DestinationDenied)
+        );
+        assert_eq!(
+            m.rule_ports(0),
+            Some(vec![PortRange::new(1000, 2000).expect("range")])
+        );
+    }
+
+    #[test]
+    fn empty_policy_denies_everything() {
+        let m = m(&[]);
+        assert!(m.is_empty());
+        assert_eq!(
+            m.check_host("a.example.com", 443, TCP),
+            deny(DenyReason::DestinationDenied)
+        );
+        assert_eq!(
+            m.check_ip(ip("192.0.2.1"), 443, TCP),
+            deny(DenyReason::DestinationDenied)
+        );
+        assert!(!m.name_allowed("a.example.com"));
+    }
+
+    #[test]
+    fn deny_reasons_map_to_wire_reasons() {
+        assert_eq!(
+            DenyReason::DestinationDenied.reason(),
+            snas_wire::Reason::DestinationDenied
+        );
+        assert_eq!(
+            DenyReason::PortDenied.reason(),
+            snas_wire::Reason::PortDenied
+        );
+        assert_eq!(
+            DenyReason::AlwaysDenied.reason(),
+            snas_wire::Reason::AlwaysDenied
+        );
+    }
+}

@@ -1,0 +1,384 @@
+//! Egress rules: the validated form of one `[[egress]]` entry, shared by the authoring format and
+//! the signed claims.
+//!
+//! # Invariants
+//! - A rule is either a `host` rule (HOST_PORT grammar, port inside the value, no `ports`, no
+//!   `allow_private`) or a `cidr` rule (IPv4/IPv6 network with zero host bits, `ports` required).
+//! - A `cidr` rule that lies entirely inside an always-denied range needs `allow_private = true`.
+//!   A wider rule that merely overlaps one (e.g. `0.0.0.0/0`) is accepted, but the always-denied
+//!   addresses inside it stay denied unless `allow_private = true`.
+//! - Deserialising an [`EgressRule`] re-runs all of this, so signed claims are re-checked.
+
+use crate::hostport::{HostPort, HostPortError, PortError, PortRange};
+use crate::ranges;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Transport protocol(s) a rule allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP only (the default).
+    #[default]
+    Tcp,
+    /// UDP only.
+    Udp,
+    /// TCP and UDP.
+    Any,
+}
+
+/// The transport protocol of one flow being checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// Whether a flow of `t` is allowed by this rule protocol.
+    pub const fn allows(self, t: Transport) -> bool {
+        matches!(
+            (self, t),
+            (Protocol::Any, _) | (Protocol::Tcp, Transport::Tcp) | (Protocol::Udp, Transport::Udp)
+        )
+    }
+
+    /// Parses `tcp`, `udp`, `any` (lower-case, as in the authoring format).
+    pub fn parse(s: &str) -> Option<Protocol> {
+        match s {
+            "tcp" => Some(Protocol::Tcp),
+            "udp" => Some(Protocol::Udp),
+            "any" => Some(Protocol::Any),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Any => "any",
+        })
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        })
+    }
+}
+
+/// One validated egress rule.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "RawRule", try_from = "RawRule")]
+pub enum EgressRule {
+    /// A name (or wildcard, or `0.0.0.0`) with its ports.
+    Host {
+        /// The parsed HOST_PORT value.
+        host: HostPort,
+        /// Allowed protocol(s).
+        protocol: Protocol,
+    },
+    /// An address range with its ports.
+    Cidr {
+        /// The network (host bits zero).
+        cidr: IpNet,
+        /// Allowed ports.
+        ports: PortRange,
+        /// Allowed protocol(s).
+        protocol: Protocol,
+        /// Whether always-denied addresses inside `cidr` are opened.
+        allow_private: bool,
+    },
+}
+
+impl EgressRule {
+    /// The rule's protocol.
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            EgressRule::Host { protocol, .. } | EgressRule::Cidr { protocol, .. } => *protocol,
+        }
+    }
+
+    /// Validates one rule from its fields as written (strings, as in TOML and JSON).
+    pub fn from_parts(
+        host: Option<&str>,
+        cidr: Option<&str>,
+        ports: Option<&str>,
+        protocol: Option<&str>,
+        allow_private: Option<bool>,
+    ) -> Result<EgressRule, RuleError> {
+        let protocol = match protocol {
+            None => Protocol::Tcp,
+            Some(p) => Protocol::parse(p).ok_or_else(|| RuleError::Protocol(p.to_owned()))?,
+        };
+        match (host, cidr) {
+            (Some(_), Some(_)) => Err(RuleError::HostAndCidr),
+            (None, None) => Err(RuleError::NeitherHostNorCidr),
+            (Some(h), None) => {
+                if ports.is_some() {
+                    return Err(RuleError::PortsOnHostRule);
+                }
+                if allow_private.is_some() {
+                    return Err(RuleError::AllowPrivateOnHostRule);
+                }
+                Ok(EgressRule::Host {
+                    host: HostPort::parse(h)?,
+                    protocol,
+                })
+            }
+            (None, Some(c)) => {
+                let net: IpNet = c.parse().map_err(|_| RuleError::Cidr(c.to_owned()))?;
+                if net.trunc() != net {
+                    return Err(RuleError::HostBits(c.to_owned(), net.trunc().to_string()));
+                }
+                let ports = PortRange::parse(ports.ok_or(RuleError::MissingPorts)?)?;
+                let allow_private = allow_private.unwrap_or(false);
+                if !allow_private {
+                    if let Some(r) = ranges::containing(&net) {
+                        return Err(RuleError::PrivateRange(
+                            net.to_string(),
+                            r.label,
+                            r.net.to_string(),
+                        ));
+                    }
+                }
+                Ok(EgressRule::Cidr {
+                    cidr: net,
+                    ports,
+                    protocol,
+                    allow_private,
+                })
+            }
+        }
+    }
+}
+
+impl fmt::Display for EgressRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EgressRule::Host { host, protocol } => write!(f, "host {host}/{protocol}"),
+            EgressRule::Cidr {
+                cidr,
+                ports,
+                protocol,
+                allow_private,
+            } => {
+                write!(f, "cidr {cidr} ports {ports}/{protocol}")?;
+                if *allow_private {
+                    f.write_str(" allow_private")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Why a rule was rejected. [`RuleError::field`] names the offending key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    /// Both keys present.
+    #[error("a rule has either host or cidr, not both")]
+    HostAndCidr,
+    /// Neither key present.
+    #[error("a rule needs host or cidr")]
+    NeitherHostNorCidr,
+    /// `ports` given on a host rule.
+    #[error("host rules carry their port in host (name:port); ports is only for cidr rules")]
+    PortsOnHostRule,
+    /// `allow_private` given on a host rule.
+    #[error("allow_private is only for cidr rules")]
+    AllowPrivateOnHostRule,
+    /// Unknown protocol.
+    #[error("unknown protocol `{0}` (expected tcp, udp or any)")]
+    Protocol(String),
+    /// HOST_PORT grammar.
+    #[error("{0}")]
+    Host(#[from] HostPortError),
+    /// Not a network.
+    #[error("`{0}` is not an IPv4 or IPv6 CIDR (e.g. 203.0.113.0/24)")]
+    Cidr(String),
+    /// Host bits set.
+    #[error("`{0}` has host bits set; did you mean {1}?")]
+    HostBits(String, String),
+    /// `ports` missing on a cidr rule.
+    #[error("cidr rules need ports (\"N\", \"lo-hi\" or \"0\" for all)")]
+    MissingPorts,
+    /// Bad `ports`.
+    #[error("{0}")]
+    Ports(#[from] PortError),
+    /// Private range without `allow_private`.
+    #[error("{0} lies in the always-denied {1} range {2}; set allow_private = true to allow it")]
+    PrivateRange(String, &'static str, String),
+}
+
+impl RuleError {
+    /// The key of the rule that is wrong (`""` when the rule as a whole is).
+    pub fn field(&self) -> &'static str {
+        match self {
+            RuleError::HostAndCidr | RuleError::NeitherHostNorCidr => "",
+            RuleError::PortsOnHostRule | RuleError::MissingPorts | RuleError::Ports(_) => "ports",
+            RuleError::AllowPrivateOnHostRule => "allow_private",
+            RuleError::Protocol(_) => "protocol",
+            RuleError::Host(_) => "host",
+            RuleError::Cidr(_) | RuleError::HostBits(..) | RuleError::PrivateRange(..) => "cidr",
+        }
+    }
+}
+
+/// The wire shape of a rule in the signed claims (same keys as the authoring format).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cidr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ports: Option<String>,
+    #[serde(default)]
+    protocol: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    allow_private: Option<bool>,
+}
+
+impl From<EgressRule> for RawRule {
+    fn from(r: EgressRule) -> RawRule {
+        match r {
+            EgressRule::Host { host, protocol } => RawRule {
+                host: Some(host.to_string()),
+                cidr: None,
+                ports: None,
+                protocol: Some(protocol.to_string()),
+                allow_private: None,
+            },
+            EgressRule::Cidr {
+                cidr,
+                ports,
+                protocol,
+                allow_private,
+            } => RawRule {
+                host: None,
+                cidr: Some(cidr.to_string()),
+                ports: Some(ports.to_string()),
+                protocol: Some(protocol.to_string()),
+                allow_private: Some(allow_private),
+            },
+        }
+    }
+}
+
+impl TryFrom<RawRule> for EgressRule {
+    type Error = String;
+    fn try_from(r: RawRule) -> Result<EgressRule, String> {
+        EgressRule::from_parts(
+            r.host.as_deref(),
+            r.cidr.as_deref(),
+            r.ports.as_deref(),
+            r.protocol.as_deref(),
+            r.allow_private,
+        )
+        .map_err(|e| {
+            if e.field().is_empty() {
+                e.to_string()
+            } else {
+                format!("{}: {e}", e.field())
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_rules_need_ports_and_clean_networks() {
+        assert_eq!(
+            EgressRule::from_parts(None, Some("203.0.113.0/24"), None, None, None),
+            Err(RuleError::MissingPorts)
+        );
+        assert!(matches!(
+            EgressRule::from_parts(None, Some("203.0.113.5/24"), Some("443"), None, None),
+            Err(RuleError::HostBits(_, ref s)) if s == "203.0.113.0/24"
+        ));
+        assert!(matches!(
+            EgressRule::from_parts(None, Some("203.0.113.0"), Some("1"), None, None),
+            Err(RuleError::Cidr(_))
+        ));
+        let r = EgressRule::from_parts(None, Some("2001:db8::/32"), Some("0"), Some("any"), None)
+            .expect("valid");
+        assert_eq!(r.to_string(), "cidr 2001:db8::/32 ports 0/any");
+    }
+
+    #[test]
+    fn private_cidr_needs_allow_private_but_wide_cidr_does_not() {
+        let e = EgressRule::from_parts(None, Some("10.1.0.0/16"), Some("5432"), None, None)
+            .expect_err("private");
+        assert_eq!(e.field(), "cidr");
+        assert!(e.to_string().contains("allow_private"));
+        assert!(
+            EgressRule::from_parts(None, Some("10.1.0.0/16"), Some("5432"), None, Some(true))
+                .is_ok()
+        );
+        assert!(EgressRule::from_parts(None, Some("0.0.0.0/0"), Some("443"), None, None).is_ok());
+    }
+
+    #[test]
+    fn host_rules_reject_cidr_only_keys() {
+        assert_eq!(
+            EgressRule::from_parts(Some("a.example.com"), None, Some("1"), None, None),
+            Err(RuleError::PortsOnHostRule)
+        );
+        assert_eq!(
+            EgressRule::from_parts(Some("a.example.com"), None, None, None, Some(false)),
+            Err(RuleError::AllowPrivateOnHostRule)
+        );
+        assert_eq!(
+            EgressRule::from_parts(
+                Some("a.example.com"),
+                Some("203.0.113.0/24"),
+                None,
+                None,
+                None
+            ),
+            Err(RuleError::HostAndCidr)
+        );
+        assert_eq!(
+            EgressRule::from_parts(None, None, None, None, None),
+            Err(RuleError::NeitherHostNorCidr)
+        );
+        assert_eq!(
+            EgressRule::from_parts(Some("a.example.com"), None, None, Some("TCP"), None),
+            Err(RuleError::Protocol("TCP".into()))
+        );
+    }
+
+    #[test]
+    fn rules_round_trip_through_json_and_json_is_rechecked() {
+        let r = EgressRule::from_parts(Some("*.Example.com:0"), None, None, Some("udp"), None)
+            .expect("valid");
+        let j = serde_json::to_string(&r).expect("ser");
+        assert_eq!(j, r#"{"host":"*.example.com:0","protocol":"udp"}"#);
+        assert_eq!(serde_json::from_str::<EgressRule>(&j).expect("de"), r);
+        let bad =
+            serde_json::from_str::<EgressRule>(r#"{"host":"*.com"}"#).expect_err("tld wildcard");
+        assert!(
+            bad.to_string()
+                .contains("host: wildcard at top-level-domain"),
+            "{bad}"
+        );
+        assert!(
+            serde_json::from_str::<EgressRule>(r#"{"host":"a.example.com","color":"red"}"#)
+                .is_err()
+        );
+    }
+}

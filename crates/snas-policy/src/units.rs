@@ -1,0 +1,184 @@
+//! Quantities with units: bandwidth ([`Bps`]) and policy lifetimes.
+//!
+//! # Grammar
+//! - Bandwidth: `<integer><unit>`, optional single space, unit case-insensitive, decimal
+//!   multipliers (1 Kbit = 1000 bit): `bit`/`bps`, `Kbit`/`Kbps`, `Mbit`/`Mbps`, `Gbit`/`Gbps`.
+//!   Byte units (`MB`, `MiB`) are rejected on purpose: the policy speaks bits. Zero is rejected,
+//!   and so is anything above [`Bps::MAX`] (1 Tbit/s).
+//! - Lifetimes use humantime (`90s`, `15m`, `1h`, `1h 30m`), whole seconds, 1 s ..= 24 h.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Bits per second.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct Bps(pub u64);
+
+/// Why a bandwidth string was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BpsError {
+    /// The message names the accepted form.
+    #[error("`{0}` is not a bandwidth: expected a whole number and a unit (bit, Kbit, Mbit, Gbit; or bps, Kbps, Mbps, Gbps), e.g. \"100Mbit\"")]
+    Syntax(String),
+    /// Byte-based units are refused to avoid an 8x mistake.
+    #[error("`{0}` uses a byte unit; bandwidth is given in bits (e.g. \"800Mbit\" for 100 MB/s)")]
+    ByteUnit(String),
+    /// Zero would block all traffic silently.
+    #[error("bandwidth must be greater than zero")]
+    Zero,
+    /// Larger than 1 Tbit/s.
+    #[error("bandwidth above the maximum of 1Tbit (1000Gbit)")]
+    TooLarge,
+}
+
+impl Bps {
+    /// Largest accepted value: 1 Tbit/s.
+    pub const MAX: Bps = Bps(1_000_000_000_000);
+
+    /// Megabits per second.
+    pub const fn mbit(n: u64) -> Bps {
+        Bps(n * 1_000_000)
+    }
+
+    /// The value in bits per second.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// Parses the grammar in the module docs.
+    pub fn parse(s: &str) -> Result<Bps, BpsError> {
+        let t = s.trim();
+        let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+        let (num, unit) = t.split_at(digits);
+        let unit = unit.strip_prefix(' ').unwrap_or(unit);
+        let lower = unit.to_ascii_lowercase();
+        let mult: u64 = match lower.as_str() {
+            "bit" | "bps" => 1,
+            "kbit" | "kbps" => 1_000,
+            "mbit" | "mbps" => 1_000_000,
+            "gbit" | "gbps" => 1_000_000_000,
+            "b" | "kb" | "mb" | "gb" | "kib" | "mib" | "gib" | "byte" | "bytes" => {
+                return Err(BpsError::ByteUnit(s.to_owned()))
+            }
+            _ => return Err(BpsError::Syntax(s.to_owned())),
+        };
+        if num.is_empty() || num.len() > 15 {
+            return Err(if num.len() > 15 {
+                BpsError::TooLarge
+            } else {
+                BpsError::Syntax(s.to_owned())
+            });
+        }
+        let n: u64 = num.parse().map_err(|_| BpsError::Syntax(s.to_owned()))?;
+        let v = n.checked_mul(mult).ok_or(BpsError::TooLarge)?;
+        if v == 0 {
+            return Err(BpsError::Zero);
+        }
+        if v > Bps::MAX.0 {
+            return Err(BpsError::TooLarge);
+        }
+        Ok(Bps(v))
+    }
+}
+
+impl fmt::Display for Bps {
+    /// The largest unit that represents the value exactly: `100Mbit`, `1500Kbit`, `7bit`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = self.0;
+        for (m, u) in [
+            (1_000_000_000, "Gbit"),
+            (1_000_000, "Mbit"),
+            (1_000, "Kbit"),
+        ] {
+            if v >= m && v % m == 0 {
+                return write!(f, "{}{u}", v / m);
+            }
+        }
+        write!(f, "{v}bit")
+    }
+}
+
+/// Default policy lifetime.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+/// Longest policy lifetime, enforced when authoring and again when verifying.
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Why a lifetime string was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TtlError {
+    /// Not a humantime duration.
+    #[error("`{0}` is not a duration (examples: \"90s\", \"15m\", \"1h\")")]
+    Syntax(String),
+    /// Zero or sub-second.
+    #[error("ttl must be at least 1s")]
+    TooShort,
+    /// Above 24 h.
+    #[error("ttl {0} is above the maximum of 24h")]
+    TooLong(String),
+}
+
+/// Parses a policy lifetime (humantime syntax, 1 s ..= 24 h, fractions of a second dropped).
+pub fn parse_ttl(s: &str) -> Result<Duration, TtlError> {
+    let d = humantime::parse_duration(s.trim()).map_err(|_| TtlError::Syntax(s.to_owned()))?;
+    let d = Duration::from_secs(d.as_secs());
+    if d.is_zero() {
+        return Err(TtlError::TooShort);
+    }
+    if d > MAX_TTL {
+        return Err(TtlError::TooLong(s.trim().to_owned()));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bandwidth_units_are_decimal_bits() {
+        assert_eq!(Bps::parse("100Mbit"), Ok(Bps(100_000_000)));
+        assert_eq!(Bps::parse("1Gbit"), Ok(Bps(1_000_000_000)));
+        assert_eq!(Bps::parse("64 kbit"), Ok(Bps(64_000)));
+        assert_eq!(Bps::parse("5Mbps"), Ok(Bps(5_000_000)));
+        assert_eq!(Bps::parse("1200bps"), Ok(Bps(1200)));
+        assert_eq!(Bps::parse("7bit"), Ok(Bps(7)));
+    }
+
+    #[test]
+    fn bandwidth_rejects_bytes_zero_garbage_and_huge() {
+        assert!(matches!(Bps::parse("100MB"), Err(BpsError::ByteUnit(_))));
+        assert!(matches!(Bps::parse("100MiB"), Err(BpsError::ByteUnit(_))));
+        assert_eq!(Bps::parse("0Mbit"), Err(BpsError::Zero));
+        assert!(matches!(Bps::parse("Mbit"), Err(BpsError::Syntax(_))));
+        assert!(matches!(Bps::parse("1.5Gbit"), Err(BpsError::Syntax(_))));
+        assert!(matches!(Bps::parse("-1Mbit"), Err(BpsError::Syntax(_))));
+        assert!(matches!(Bps::parse("100"), Err(BpsError::Syntax(_))));
+        assert_eq!(Bps::parse("2000Gbit"), Err(BpsError::TooLarge));
+        assert_eq!(
+            Bps::parse("99999999999999999999bit"),
+            Err(BpsError::TooLarge)
+        );
+    }
+
+    #[test]
+    fn bandwidth_display_round_trips() {
+        for s in ["100Mbit", "1500Kbit", "7bit", "1Gbit", "1000Gbit"] {
+            let b = Bps::parse(s).expect("valid");
+            assert_eq!(b.to_string(), s);
+            assert_eq!(Bps::parse(&b.to_string()), Ok(b));
+        }
+    }
+
+    #[test]
+    fn ttl_bounds_are_enforced() {
+        assert_eq!(parse_ttl("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_ttl("24h"), Ok(MAX_TTL));
+        assert_eq!(parse_ttl("90s"), Ok(Duration::from_secs(90)));
+        assert!(matches!(parse_ttl("25h"), Err(TtlError::TooLong(_))));
+        assert_eq!(parse_ttl("0s"), Err(TtlError::TooShort));
+        assert!(matches!(parse_ttl("soon"), Err(TtlError::Syntax(_))));
+    }
+}
