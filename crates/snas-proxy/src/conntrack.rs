@@ -1,0 +1,979 @@
+//! Connection tracking: flows of jobs ↔ their NAT tuples, TCP/UDP/ICMP state and idle expiry.
+//!
+//! Owns the flow table, both lookup directions, the per-flow protocol state, the expiry timer,
+//! and the [`PortAllocator`] that gives each flow its NAT tuple (so flow and port accounting can
+//! never disagree).
+//!
+//! # Keys
+//! - Forward ([`FlowKey`]): (job, protocol, inner source ip:port, destination ip:port).
+//! - Reply ([`ReplyKey`]): (protocol, remote ip:port, egress ip:port), i.e. what a packet from
+//!   the internet carries.
+//!
+//! # Layout and memory
+//! Flows live in a slab (`Vec<Flow>`, one 80-byte entry each, free list for reuse). Both lookup
+//! tables are SwissTables of 4-byte flow indices that hash and compare through the slab entry,
+//! so a key is stored once and each table costs about 5–10 bytes per flow. Expiry uses a
+//! [`TimerWheel`] of (index, timer-token) pairs with lazy re-check: a packet only stamps
+//! `last_seen`; when an entry comes due the flow's real deadline is recomputed and the entry
+//! re-inserted if the flow was active. A state change to a shorter timeout inserts a new entry and
+//! bumps the token, turning the old one stale. So lookup, insert, observe and expiry are O(1)
+//! amortised. [`Conntrack::memory`] reports the bytes; `docs/proxy-core.md` has the figures.
+//!
+//! # TCP states (enough to time out correctly; no sequence tracking)
+//! `SynSent` (every new TCP flow) → `Established` on a reply SYN+ACK; a FIN in either direction
+//! → `Closing`; FINs from both directions or an RST in either → `Closed`. A new SYN from the
+//! inside on a `Closed` flow reopens it (`SynSent`, same NAT tuple). UDP is `UdpUnreplied` until a
+//! reply is seen, then `UdpReplied`. ICMP has one state.
+//!
+//! # Invariants
+//! - Every live flow is in both tables and holds exactly one live NAT lease; removing a flow
+//!   (expiry or [`Conntrack::remove`]) puts its port in quarantine.
+//! - [`FlowId`]s carry a generation: a stale id never reaches a newer flow in the same slot.
+//! - At most [`ConntrackConfig::max_flows`] flows; beyond that new flows are refused with
+//!   [`Reason::PortsExhausted`] (the proxy has no room for another NAT entry).
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use hashbrown::HashTable;
+use snas_wire::Reason;
+
+use crate::clock::Nanos;
+use crate::nat::{
+    table_bytes, Allocation, Destination, IpProto, JobLimits, NatConfig, NatConfigError, NatLease,
+    Owner, PortAllocator,
+};
+use crate::wheel::{TimerWheel, WheelError};
+
+/// Idle timeouts per protocol state. [`Timeouts::default`] gives the documented defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP before the reply SYN+ACK (default 30 s).
+    pub tcp_syn_sent: Duration,
+    /// TCP established (default 1 h).
+    pub tcp_established: Duration,
+    /// TCP after a FIN in one direction (default 60 s).
+    pub tcp_closing: Duration,
+    /// TCP after FINs both ways or an RST (default 30 s).
+    pub tcp_closed: Duration,
+    /// UDP with no reply seen (default 30 s).
+    pub udp_unreplied: Duration,
+    /// UDP with replies (default 120 s).
+    pub udp_replied: Duration,
+    /// ICMP echo (default 30 s).
+    pub icmp: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            tcp_syn_sent: Duration::from_secs(30),
+            tcp_established: Duration::from_secs(3600),
+            tcp_closing: Duration::from_secs(60),
+            tcp_closed: Duration::from_secs(30),
+            udp_unreplied: Duration::from_secs(30),
+            udp_replied: Duration::from_secs(120),
+            icmp: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Timeouts {
+    /// The idle timeout of a flow in `state`.
+    pub fn of(&self, state: FlowState) -> Duration {
+        match state {
+            FlowState::TcpSynSent => self.tcp_syn_sent,
+            FlowState::TcpEstablished => self.tcp_established,
+            FlowState::TcpClosing => self.tcp_closing,
+            FlowState::TcpClosed => self.tcp_closed,
+            FlowState::UdpUnreplied => self.udp_unreplied,
+            FlowState::UdpReplied => self.udp_replied,
+            FlowState::Icmp => self.icmp,
+        }
+    }
+}
+
+/// Conntrack configuration.
+#[derive(Debug, Clone)]
+pub struct ConntrackConfig {
+    /// Idle timeouts.
+    pub timeouts: Timeouts,
+    /// Hard cap on live flows (default 2²⁰ = 1 048 576).
+    pub max_flows: u32,
+    /// Expiry precision (default 1 s): a flow is removed at most this late.
+    pub expiry_granularity: Duration,
+    /// NAT allocator configuration.
+    pub nat: NatConfig,
+}
+
+impl ConntrackConfig {
+    /// Defaults for the given egress pool.
+    pub fn new(egress_ips: Vec<IpAddr>) -> ConntrackConfig {
+        ConntrackConfig {
+            timeouts: Timeouts::default(),
+            max_flows: 1 << 20,
+            expiry_granularity: Duration::from_secs(1),
+            nat: NatConfig::new(egress_ips),
+        }
+    }
+}
+
+/// Invalid conntrack configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConntrackError {
+    /// the NAT allocator configuration is invalid
+    #[error("invalid NAT configuration: {0}")]
+    Nat(#[from] NatConfigError),
+    /// the expiry wheel cannot be built
+    #[error("invalid expiry granularity: {0}")]
+    Wheel(#[from] WheelError),
+    /// a timeout is zero
+    #[error("conntrack timeout for {0:?} must be greater than zero")]
+    ZeroTimeout(FlowState),
+}
+
+/// Forward key: what a packet from the sandbox carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Job key.
+    pub job: u64,
+    /// Protocol.
+    pub proto: IpProto,
+    /// Inner source (sandbox) address.
+    pub src_ip: IpAddr,
+    /// Inner source port (ICMP: echo identifier).
+    pub src_port: u16,
+    /// Destination address.
+    pub dst_ip: IpAddr,
+    /// Destination port (ICMP: 0).
+    pub dst_port: u16,
+}
+
+/// Reply key: what a packet from the internet carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReplyKey {
+    /// Protocol.
+    pub proto: IpProto,
+    /// The remote peer (the reply's source).
+    pub remote_ip: IpAddr,
+    /// The remote peer's port.
+    pub remote_port: u16,
+    /// The egress address (the reply's destination).
+    pub egress_ip: IpAddr,
+    /// The egress port (ICMP: the translated echo identifier).
+    pub egress_port: u16,
+}
+
+/// Handle of a live flow. Stale handles (flow gone) are recognised, never aliased.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowId {
+    index: u32,
+    generation: u32,
+}
+
+/// Which way a packet goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Sandbox → internet.
+    Original,
+    /// Internet → sandbox.
+    Reply,
+}
+
+/// TCP header flags (the low byte of the flags field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TcpFlags(pub u8);
+
+impl TcpFlags {
+    /// FIN.
+    pub const FIN: TcpFlags = TcpFlags(0x01);
+    /// SYN.
+    pub const SYN: TcpFlags = TcpFlags(0x02);
+    /// RST.
+    pub const RST: TcpFlags = TcpFlags(0x04);
+    /// ACK.
+    pub const ACK: TcpFlags = TcpFlags(0x10);
+    /// No flags (UDP, ICMP).
+    pub const NONE: TcpFlags = TcpFlags(0);
+
+    /// True if all flags of `other` are set.
+    pub fn contains(self, other: TcpFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl std::ops::BitOr for TcpFlags {
+    type Output = TcpFlags;
+    fn bitor(self, rhs: TcpFlags) -> TcpFlags {
+        TcpFlags(self.0 | rhs.0)
+    }
+}
+
+/// Protocol state of a flow (selects its idle timeout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FlowState {
+    /// TCP, no reply SYN+ACK yet.
+    TcpSynSent,
+    /// TCP, handshake answered.
+    TcpEstablished,
+    /// TCP, FIN seen in one direction.
+    TcpClosing,
+    /// TCP, FINs both ways or RST.
+    TcpClosed,
+    /// UDP, no reply yet.
+    UdpUnreplied,
+    /// UDP, replies seen.
+    UdpReplied,
+    /// ICMP echo.
+    Icmp,
+}
+
+impl FlowState {
+    fn initial(proto: IpProto) -> FlowState {
+        match proto {
+            IpProto::Tcp => FlowState::TcpSynSent,
+            IpProto::Udp => FlowState::UdpUnreplied,
+            IpProto::Icmp | IpProto::Icmpv6 => FlowState::Icmp,
+        }
+    }
+}
+
+/// Outcome of [`Conntrack::open`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Open {
+    /// A new flow with its NAT tuple.
+    Created {
+        /// The flow.
+        id: FlowId,
+        /// Egress address.
+        egress_ip: IpAddr,
+        /// Egress port.
+        egress_port: u16,
+    },
+    /// The key already had a flow.
+    Existing(FlowId),
+    /// The new flow is refused (answer with RST / ICMP unreachable and audit).
+    Refused(Reason),
+}
+
+/// A read-only view of a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowInfo {
+    /// Forward key.
+    pub key: FlowKey,
+    /// Tenant.
+    pub tenant: u32,
+    /// Egress address.
+    pub egress_ip: IpAddr,
+    /// Egress port.
+    pub egress_port: u16,
+    /// Protocol state.
+    pub state: FlowState,
+    /// Last packet seen (either direction).
+    pub last_seen: Nanos,
+}
+
+/// A flow that has been removed (expired or closed); its port is in quarantine.
+pub type RemovedFlow = FlowInfo;
+
+const FIN_ORIGINAL: u8 = 1;
+const FIN_REPLY: u8 = 2;
+
+#[derive(Debug, Clone)]
+struct Flow {
+    job: u64,
+    last_seen: Nanos,
+    src_ip: IpAddr,
+    dst_ip: IpAddr,
+    src_port: u16,
+    dst_port: u16,
+    nat_port: u16,
+    egress: u16,
+    tenant: u32,
+    dest: u32,
+    generation: u32,
+    timer: u32,
+    proto: IpProto,
+    state: FlowState,
+    fins: u8,
+    live: bool,
+}
+
+/// The connection tracker. See the module documentation.
+#[derive(Debug)]
+pub struct Conntrack {
+    timeouts: Timeouts,
+    max_flows: u32,
+    flows: Vec<Flow>,
+    free: Vec<u32>,
+    live: u32,
+    fwd: HashTable<u32>,
+    rev: HashTable<u32>,
+    hasher: RandomState,
+    wheel: TimerWheel<(u32, u32)>,
+    due: Vec<(u32, u32)>,
+    nat: PortAllocator,
+}
+
+fn hash_fwd(
+    s: &RandomState,
+    job: u64,
+    proto: IpProto,
+    src: &IpAddr,
+    sport: u16,
+    dst: &IpAddr,
+    dport: u16,
+) -> u64 {
+    s.hash_one((job, proto, src, sport, dst, dport))
+}
+
+fn hash_rev(
+    s: &RandomState,
+    proto: IpProto,
+    remote: &IpAddr,
+    rport: u16,
+    egress: u16,
+    eport: u16,
+) -> u64 {
+    s.hash_one((proto, remote, rport, egress, eport))
+}
+
+fn flow_fwd_hash(s: &RandomState, f: &Flow) -> u64 {
+    hash_fwd(
+        s, f.job, f.proto, &f.src_ip, f.src_port, &f.dst_ip, f.dst_port,
+    )
+}
+
+fn flow_rev_hash(s: &RandomState, f: &Flow) -> u64 {
+    hash_rev(s, f.proto, &f.dst_ip, f.dst_port, f.egress, f.nat_port)
+}
+
+/// Bytes held by the conntrack, by structure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryReport {
+    /// Live flows.
+    pub flows: usize,
+    /// Flow slab (capacity × entry size) and free list.
+    pub slab: usize,
+    /// Forward lookup table.
+    pub forward_table: usize,
+    /// Reply lookup table.
+    pub reply_table: usize,
+    /// Expiry wheel.
+    pub expiry: usize,
+    /// NAT allocator (destinations, port sets, quotas, quarantine).
+    pub nat: usize,
+}
+
+impl MemoryReport {
+    /// Sum of all parts.
+    pub fn total(&self) -> usize {
+        self.slab + self.forward_table + self.reply_table + self.expiry + self.nat
+    }
+
+    /// Bytes per live flow (0 when empty).
+    pub fn bytes_per_flow(&self) -> usize {
+        self.total().checked_div(self.flows).unwrap_or(0)
+    }
+}
+
+impl Conntrack {
+    /// An empty tracker at time `now`.
+    pub fn new(cfg: ConntrackConfig, now: Nanos) -> Result<Conntrack, ConntrackError> {
+        let t = cfg.timeouts;
+        for s in [
+            FlowState::TcpSynSent,
+            FlowState::TcpEstablished,
+            FlowState::TcpClosing,
+            FlowState::TcpClosed,
+            FlowState::UdpUnreplied,
+            FlowState::UdpReplied,
+            FlowState::Icmp,
+        ] {
+            if t.of(s).is_zero() {
+                return Err(ConntrackError::ZeroTimeout(s));
+            }
+        }
+        // Span the longest common timeout so most entries are not re-scanned per revolution;
+        // the established timeout is handled by lazy re-insertion.
+        let span = t
+            .tcp_closing
+            .max(t.udp_replied)
+            .max(t.tcp_syn_sent)
+            .max(Duration::from_secs(256));
+        Ok(Conntrack {
+            timeouts: t,
+            max_flows: cfg.max_flows,
+            flows: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            fwd: HashTable::new(),
+            rev: HashTable::new(),
+            hasher: RandomState::new(),
+            wheel: TimerWheel::new(cfg.expiry_granularity, span, now)?,
+            due: Vec::new(),
+            nat: PortAllocator::new(cfg.nat)?,
+        })
+    }
+
+    /// The NAT allocator (for gauges and quota queries).
+    pub fn nat(&self) -> &PortAllocator {
+        &self.nat
+    }
+
+    /// Live flows.
+    pub fn len(&self) -> usize {
+        self.live as usize
+    }
+
+    /// True when no flow is live.
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// Live flows of `job` (exact; this is the `max_connections` count).
+    pub fn live_flows_of_job(&self, job: u64) -> u32 {
+        self.nat.job_usage(job).live
+    }
+
+    /// The flow for a packet from the sandbox.
+    pub fn lookup(&self, key: &FlowKey) -> Option<FlowId> {
+        let h = hash_fwd(
+            &self.hasher,
+            key.job,
+            key.proto,
+            &key.src_ip,
+            key.src_port,
+            &key.dst_ip,
+            key.dst_port,
+        );
+        let flows = &self.flows;
+        self.fwd
+            .find(h, |&i| {
+                let f = &flows[i as usize];
+                f.job == key.job
+                    && f.proto == key.proto
+                    && f.src_port == key.src_port
+                    && f.dst_port == key.dst_port
+                    && f.src_ip == key.src_ip
+                    && f.dst_ip == key.dst_ip
+            })
+            .map(|&i| self.id_of(i))
+    }
+
+    /// The flow for a packet from the internet.
+    pub fn lookup_reply(&self, key: &ReplyKey) -> Option<FlowId> {
+        let egress = self.nat.egress_index(key.egress_ip)?;
+        let h = hash_rev(
+            &self.hasher,
+            key.proto,
+            &key.remote_ip,
+            key.remote_port,
+            egress,
+            key.egress_port,
+        );
+        let flows = &self.flows;
+        self.rev
+            .find(h, |&i| {
+                let f = &flows[i as usize];
+                f.nat_port == key.egress_port
+                    && f.egress == egress
+                    && f.dst_port == key.remote_port
+                    && f.proto == key.proto
+                    && f.dst_ip == key.remote_ip
+            })
+            .map(|&i| self.id_of(i))
+    }
+
+    fn id_of(&self, index: u32) -> FlowId {
+        FlowId {
+            index,
+            generation: self.flows[index as usize].generation,
+        }
+    }
+
+    fn get(&self, id: FlowId) -> Option<&Flow> {
+        self.flows
+            .get(id.index as usize)
+            .filter(|f| f.live && f.generation == id.generation)
+    }
+
+    /// A view of a live flow; `None` for a stale id.
+    pub fn info(&self, id: FlowId) -> Option<FlowInfo> {
+        self.get(id).map(|f| self.info_of(f))
+    }
+
+    fn info_of(&self, f: &Flow) -> FlowInfo {
+        FlowInfo {
+            key: FlowKey {
+                job: f.job,
+                proto: f.proto,
+                src_ip: f.src_ip,
+                src_port: f.src_port,
+                dst_ip: f.dst_ip,
+                dst_port: f.dst_port,
+            },
+            tenant: f.tenant,
+            egress_ip: self.nat.egress_ip(f.egress),
+            egress_port: f.nat_port,
+            state: f.state,
+            last_seen: f.last_seen,
+        }
+    }
+
+    /// Creates the flow for `key` (or finds the existing one), allocating its NAT tuple under
+    /// the job's `limits`. The policy decision (is this destination allowed?) and the
+    /// `new_connections_per_sec` bucket come before this call.
+    pub fn open(&mut self, key: FlowKey, tenant: u32, limits: JobLimits, now: Nanos) -> Open {
+        if let Some(id) = self.lookup(&key) {
+            return Open::Existing(id);
+        }
+        if self.live >= self.max_flows {
+            return Open::Refused(Reason::PortsExhausted);
+        }
+        let owner = Owner {
+            job: key.job,
+            tenant,
+        };
+        let dest = Destination {
+            proto: key.proto,
+            ip: key.dst_ip,
+            port: key.dst_port,
+        };
+        let lease = match self.nat.allocate(owner, dest, limits, now) {
+            Allocation::Granted(l) => l,
+            Allocation::Refused(r) => return Open::Refused(r),
+        };
+        let state = FlowState::initial(key.proto);
+        let (index, timer) = match self.free.pop() {
+            Some(i) => (i, self.flows[i as usize].timer.wrapping_add(1)),
+            None => {
+                let Ok(i) = u32::try_from(self.flows.len()) else {
+                    self.nat.release(owner, &lease, now);
+                    return Open::Refused(Reason::PortsExhausted);
+                };
+                (i, 0)
+            }
+        };
+        let generation = self
+            .flows
+            .get(index as usize)
+            .map_or(0, |f| f.generation.wrapping_add(1));
+        let flow = Flow {
+            job: key.job,
+            last_seen: now,
+            src_ip: key.src_ip,
+            dst_ip: key.dst_ip,
+            src_port: key.src_port,
+            dst_port: key.dst_port,
+            nat_port: lease.egress_port,
+            egress: lease.egress_index,
+            tenant,
+            dest: lease.dest_id,
+            generation,
+            timer,
+            proto: key.proto,
+            state,
+            fins: 0,
+            live: true,
+        };
+        if (index as usize) < self.flows.len() {
+            self.flows[index as usize] = flow;
+        } else {
+            self.flows.push(flow);
+        }
+        let f = &self.flows[index as usize];
+        let (hf, hr) = (
+            flow_fwd_hash(&self.hasher, f),
+            flow_rev_hash(&self.hasher, f),
+        );
+        let (flows, hasher) = (&self.flows, &self.hasher);
+        self.fwd
+            .insert_unique(hf, index, |&i| flow_fwd_hash(hasher, &flows[i as usize]));
+        self.rev
+            .insert_unique(hr, index, |&i| flow_rev_hash(hasher, &flows[i as usize]));
+        self.live += 1;
+        self.wheel
+            .insert(now.saturating_add(self.timeouts.of(state)), (index, timer));
+        Open::Created {
+            id: FlowId { index, generation },
+            egress_ip: lease.egress_ip,
+            egress_port: lease.egress_port,
+        }
+    }
+
+    /// Records a packet of flow `id` going `dir` with TCP `flags` (ignored for UDP/ICMP) at
+    /// `now`; returns the new state, or `None` for a stale id.
+    pub fn observe(
+        &mut self,
+        id: FlowId,
+        dir: Direction,
+        flags: TcpFlags,
+        now: Nanos,
+    ) -> Option<FlowState> {
+        self.get(id)?;
+        let timeouts = self.timeouts;
+        let f = &mut self.flows[id.index as usize];
+        f.last_seen = f.last_seen.max(now);
+        let old = f.state;
+        let new = match old {
+            FlowState::UdpUnreplied if dir == Direction::Reply => FlowState::UdpReplied,
+            FlowState::UdpUnreplied | FlowState::UdpReplied | FlowState::Icmp => old,
+            _ if flags.contains(TcpFlags::RST) => FlowState::TcpClosed,
+            FlowState::TcpClosed => {
+                if dir == Direction::Original
+                    && flags.contains(TcpFlags::SYN)
+                    && !flags.contains(TcpFlags::ACK)
+                {
+                    f.fins = 0;
+                    FlowState::TcpSynSent
+                } else {
+                    old
+                }
+            }
+            _ if flags.contains(TcpFlags::FIN) => {
+                f.fins |= match dir {
+                    Direction::Original => FIN_ORIGINAL,
+                    Direction::Reply => FIN_REPLY,
+                };
+                if f.fins == FIN_ORIGINAL | FIN_REPLY {
+                    FlowState::TcpClosed
+                } else {
+                    FlowState::TcpClosing
+                }
+            }
+            FlowState::TcpSynSent
+                if dir == Direction::Reply && flags.contains(TcpFlags::SYN | TcpFlags::ACK) =>
+            {
+                FlowState::TcpEstablished
+            }
+            _ => old,
+        };
+        f.state = new;
+        if timeouts.of(new) < timeouts.of(old) {
+            // The pending entry is too late now: replace it.
+            f.timer = f.timer.wrapping_add(1);
+            let entry = (id.index, f.timer);
+            self.wheel
+                .insert(now.saturating_add(timeouts.of(new)), entry);
+        }
+        Some(new)
+    }
+
+    /// Removes flow `id` at once (e.g. policy revoked); its port goes into quarantine.
+    pub fn remove(&mut self, id: FlowId, now: Nanos) -> Option<RemovedFlow> {
+        self.get(id)?;
+        Some(self.remove_index(id.index, now))
+    }
+
+    fn remove_index(&mut self, index: u32, now: Nanos) -> RemovedFlow {
+        let info = self.info_of(&self.flows[index as usize]);
+        let f = &self.flows[index as usize];
+        let (hf, hr) = (
+            flow_fwd_hash(&self.hasher, f),
+            flow_rev_hash(&self.hasher, f),
+        );
+        if let Ok(e) = self.fwd.find_entry(hf, |&i| i == index) {
+            e.remove();
+        }
+        if let Ok(e) = self.rev.find_entry(hr, |&i| i == index) {
+            e.remove();
+        }
+        let f = &mut self.flows[index as usize];
+        f.live = false;
+        f.timer = f.timer.wrapping_add(1);
+        let owner = Owner {
+            job: f.job,
+            tenant: f.tenant,
+        };
+        let lease = NatLease {
+            egress_ip: info.egress_ip,
+            egress_port: f.nat_port,
+            egress_index: f.egress,
+            dest_id: f.dest,
+        };
+        self.nat.release(owner, &lease, now);
+        self.free.push(index);
+        self.live -= 1;
+        info
+    }
+
+    /// Removes every flow idle past its timeout at `now` (within the expiry granularity) and
+    /// releases ports whose quarantine has ended. The caller drives the iterator; what it does
+    /// not consume stays pending for the next call.
+    pub fn expire(&mut self, now: Nanos) -> Expired<'_> {
+        self.nat.release_due(now);
+        self.wheel.pop_due(now, &mut self.due);
+        Expired { ct: self, now }
+    }
+
+    /// Bytes held, by structure.
+    pub fn memory(&self) -> MemoryReport {
+        MemoryReport {
+            flows: self.len(),
+            slab: self.flows.capacity() * std::mem::size_of::<Flow>() + self.free.capacity() * 4,
+            forward_table: table_bytes(self.fwd.capacity(), 4),
+            reply_table: table_bytes(self.rev.capacity(), 4),
+            expiry: self.wheel.heap_bytes() + self.due.capacity() * 8,
+            nat: self.nat.heap_bytes(),
+        }
+    }
+
+    /// Size of one flow slab entry in bytes.
+    pub const FLOW_ENTRY_BYTES: usize = std::mem::size_of::<Flow>();
+}
+
+/// Iterator over flows removed by [`Conntrack::expire`].
+#[derive(Debug)]
+pub struct Expired<'a> {
+    ct: &'a mut Conntrack,
+    now: Nanos,
+}
+
+impl Iterator for Expired<'_> {
+    type Item = RemovedFlow;
+
+    fn next(&mut self) -> Option<RemovedFlow> {
+        let ct = &mut *self.ct;
+        while let Some((index, timer)) = ct.due.pop() {
+            let Some(f) = ct.flows.get(index as usize) else {
+                continue;
+            };
+            if !f.live || f.timer != timer {
+                continue;
+            }
+            let deadline = f.last_seen.saturating_add(ct.timeouts.of(f.state));
+            if deadline <= self.now {
+                return Some(ct.remove_index(index, self.now));
+            }
+            ct.wheel.insert(deadline, (index, timer));
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    const EGRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+    const LIMITS: JobLimits = JobLimits {
+        max_connections: 100,
+        max_ports_per_destination: 100,
+    };
+
+    fn secs(s: u64) -> Nanos {
+        Nanos::from_nanos(s * 1_000_000_000)
+    }
+
+    fn ct() -> Conntrack {
+        Conntrack::new(ConntrackConfig::new(vec![EGRESS]), secs(0)).unwrap()
+    }
+
+    fn key(proto: IpProto, sport: u16) -> FlowKey {
+        FlowKey {
+            job: 7,
+            proto,
+            src_ip: IpAddr::V4(Ipv4Addr::new(198, 51, 100, 2)),
+            src_port: sport,
+            dst_ip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9)),
+            dst_port: 443,
+        }
+    }
+
+    fn created(o: Open) -> (FlowId, u16) {
+        match o {
+            Open::Created {
+                id, egress_port, ..
+            } => (id, egress_port),
+            other => panic!("not created: {other:?}"),
+        }
+    }
+
+    fn reply_key(k: &FlowKey, port: u16) -> ReplyKey {
+        ReplyKey {
+            proto: k.proto,
+            remote_ip: k.dst_ip,
+            remote_port: k.dst_port,
+            egress_ip: EGRESS,
+            egress_port: port,
+        }
+    }
+
+    #[test]
+    fn both_directions_find_the_flow() {
+        let mut c = ct();
+        let k = key(IpProto::Tcp, 40000);
+        let (id, port) = created(c.open(k, 1, LIMITS, secs(0)));
+        assert_eq!(c.lookup(&k), Some(id));
+        assert_eq!(c.lookup_reply(&reply_key(&k, port)), Some(id));
+        assert_eq!(c.lookup_reply(&reply_key(&k, port.wrapping_add(1))), None);
+        assert_eq!(c.open(k, 1, LIMITS, secs(0)), Open::Existing(id));
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn tcp_handshake_and_close_walk_the_states() {
+        let mut c = ct();
+        let (id, _) = created(c.open(key(IpProto::Tcp, 1), 1, LIMITS, secs(0)));
+        let o = Direction::Original;
+        let r = Direction::Reply;
+        assert_eq!(
+            c.observe(id, o, TcpFlags::SYN, secs(0)),
+            Some(FlowState::TcpSynSent)
+        );
+        assert_eq!(
+            c.observe(id, r, TcpFlags::SYN | TcpFlags::ACK, secs(0)),
+            Some(FlowState::TcpEstablished)
+        );
+        assert_eq!(
+            c.observe(id, o, TcpFlags::FIN | TcpFlags::ACK, secs(1)),
+            Some(FlowState::TcpClosing)
+        );
+        assert_eq!(
+            c.observe(id, r, TcpFlags::FIN | TcpFlags::ACK, secs(1)),
+            Some(FlowState::TcpClosed)
+        );
+        assert_eq!(
+            c.observe(id, o, TcpFlags::SYN, secs(2)),
+            Some(FlowState::TcpSynSent)
+        );
+    }
+
+    #[test]
+    fn rst_closes_from_any_state() {
+        let mut c = ct();
+        let (id, _) = created(c.open(key(IpProto::Tcp, 1), 1, LIMITS, secs(0)));
+        assert_eq!(
+            c.observe(id, Direction::Reply, TcpFlags::RST, secs(0)),
+            Some(FlowState::TcpClosed)
+        );
+    }
+
+    #[test]
+    fn unanswered_syn_expires_after_syn_timeout() {
+        let mut c = ct();
+        let k = key(IpProto::Tcp, 1);
+        created(c.open(k, 1, LIMITS, secs(0)));
+        assert_eq!(c.expire(secs(29)).count(), 0);
+        let gone: Vec<_> = c.expire(secs(31)).collect();
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].key, k);
+        assert_eq!(c.lookup(&k), None);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn activity_keeps_an_established_flow_alive() {
+        let mut c = ct();
+        let (id, _) = created(c.open(key(IpProto::Tcp, 1), 1, LIMITS, secs(0)));
+        c.observe(id, Direction::Reply, TcpFlags::SYN | TcpFlags::ACK, secs(1));
+        for t in (100..10_000).step_by(100) {
+            c.observe(id, Direction::Original, TcpFlags::ACK, secs(t));
+            assert_eq!(c.expire(secs(t)).count(), 0);
+        }
+        assert_eq!(c.expire(secs(9_900 + 3_599)).count(), 0);
+        assert_eq!(c.expire(secs(9_900 + 3_601)).count(), 1);
+    }
+
+    #[test]
+    fn closing_shortens_the_timeout() {
+        let mut c = ct();
+        let (id, _) = created(c.open(key(IpProto::Tcp, 1), 1, LIMITS, secs(0)));
+        c.observe(id, Direction::Reply, TcpFlags::SYN | TcpFlags::ACK, secs(0));
+        c.observe(id, Direction::Original, TcpFlags::RST, secs(10));
+        assert_eq!(c.expire(secs(39)).count(), 0);
+        assert_eq!(c.expire(secs(41)).count(), 1);
+    }
+
+    #[test]
+    fn udp_with_replies_lives_longer() {
+        let mut c = ct();
+        let (a, _) = created(c.open(key(IpProto::Udp, 1), 1, LIMITS, secs(0)));
+        let (b, _) = created(c.open(key(IpProto::Udp, 2), 1, LIMITS, secs(0)));
+        c.observe(b, Direction::Reply, TcpFlags::NONE, secs(0));
+        let gone: Vec<_> = c.expire(secs(31)).collect();
+        assert_eq!(gone.len(), 1);
+        assert_eq!(c.info(a), None);
+        assert_eq!(c.info(b).map(|i| i.state), Some(FlowState::UdpReplied));
+        assert_eq!(c.expire(secs(121)).count(), 1);
+    }
+
+    #[test]
+    fn stale_ids_do_not_reach_a_reused_slot() {
+        let mut c = ct();
+        let (old, _) = created(c.open(key(IpProto::Icmp, 1), 1, LIMITS, secs(0)));
+        assert!(c.remove(old, secs(1)).is_some());
+        let (new, _) = created(c.open(key(IpProto::Icmp, 2), 1, LIMITS, secs(1)));
+        assert_ne!(old, new);
+        assert_eq!(c.info(old), None);
+        assert_eq!(
+            c.observe(old, Direction::Original, TcpFlags::NONE, secs(2)),
+            None
+        );
+        assert!(c.info(new).is_some());
+    }
+
+    #[test]
+    fn max_connections_is_exact_per_job() {
+        let mut c = ct();
+        let lim = JobLimits {
+            max_connections: 3,
+            max_ports_per_destination: 10,
+        };
+        let ids: Vec<_> = (0..3)
+            .map(|p| created(c.open(key(IpProto::Tcp, p), 1, lim, secs(0))).0)
+            .collect();
+        assert_eq!(
+            c.open(key(IpProto::Tcp, 9), 1, lim, secs(0)),
+            Open::Refused(Reason::ConnectionLimit)
+        );
+        c.remove(ids[0], secs(0));
+        assert_eq!(c.live_flows_of_job(7), 2);
+        created(c.open(key(IpProto::Tcp, 9), 1, lim, secs(0)));
+    }
+
+    #[test]
+    fn table_cap_refuses_new_flows() {
+        let mut cfg = ConntrackConfig::new(vec![EGRESS]);
+        cfg.max_flows = 2;
+        let mut c = Conntrack::new(cfg, secs(0)).unwrap();
+        created(c.open(key(IpProto::Udp, 1), 1, LIMITS, secs(0)));
+        created(c.open(key(IpProto::Udp, 2), 1, LIMITS, secs(0)));
+        assert_eq!(
+            c.open(key(IpProto::Udp, 3), 1, LIMITS, secs(0)),
+            Open::Refused(Reason::PortsExhausted)
+        );
+    }
+
+    #[test]
+    fn zero_timeout_is_rejected() {
+        let mut cfg = ConntrackConfig::new(vec![EGRESS]);
+        cfg.timeouts.icmp = Duration::ZERO;
+        assert_eq!(
+            Conntrack::new(cfg, secs(0)).unwrap_err(),
+            ConntrackError::ZeroTimeout(FlowState::Icmp)
+        );
+    }
+
+    #[test]
+    fn memory_report_counts_the_tables() {
+        let mut c = ct();
+        let lim = JobLimits {
+            max_connections: 1000,
+            max_ports_per_destination: 1000,
+        };
+        for p in 0..1000 {
+            created(c.open(key(IpProto::Udp, p), 1, lim, secs(0)));
+        }
+        let m = c.memory();
+        assert_eq!(m.flows, 1000);
+        assert!(m.slab >= 1000 * Conntrack::FLOW_ENTRY_BYTES);
+        assert!(m.forward_table >= 1000 * 5);
+        assert!(m.bytes_per_flow() > Conntrack::FLOW_ENTRY_BYTES);
+    }
+}

@@ -1,0 +1,1083 @@
+//! SNAT port allocator with port-exhaustion safeguards.
+//!
+//! Owns the egress address pool, which (egress IP, port) each live NAT entry holds per
+//! destination, the quarantine of recently freed ports, and the per-job, per-tenant and
+//! per-(job, destination) accounting that refuses a new flow before the pool runs dry.
+//!
+//! # Model
+//! A *destination* is (protocol, remote IP, remote port). The tuple (egress IP, egress port,
+//! protocol, remote IP, remote port) is unique, so every egress IP offers the whole port range to
+//! every destination independently. Per destination the allocator keeps, per egress IP in use, a
+//! set of used ports (a sorted vector while small, an 8 KiB bitmap when it grows past
+//! [`SPARSE_MAX`]) and a cursor that starts at a seeded pseudo-random offset, so allocation is a
+//! cursor step plus a word scan: O(1) amortised, never a scan of 64k ports per call.
+//!
+//! A port is *live* while its flow lives and *quarantined* for [`NatConfig::quarantine`] after
+//! (TIME_WAIT safety: a late segment of the old connection must not reach a new one with the
+//! same tuple). Quarantine is one FIFO (the duration is fixed, so it is ordered by release time).
+//!
+//! # Checks, in order, for a new flow
+//! 1. job live entries ≥ `JobLimits::max_connections` → [`Reason::ConnectionLimit`]
+//! 2. job held ports (live + quarantined) ≥ [`NatConfig::max_ports_per_job`] → [`Reason::PortQuota`]
+//! 3. tenant held ports (live + quarantined) ≥ tenant quota → [`Reason::TenantPortQuota`]
+//! 4. job live entries to this destination ≥ `JobLimits::max_ports_per_destination` →
+//!    [`Reason::DestinationPortCap`]
+//! 5. no egress IP of the destination's family has a free port for it → [`Reason::PortsExhausted`]
+//!
+//! Quarantined ports count against the job's and tenant's port quotas (not against
+//! `max_connections`, which is about live connections): a tenant that churns connections to one
+//! destination holds the ports it burnt until their quarantine ends, so it cannot fill the
+//! destination's ports for everyone else.
+//!
+//! Egress IP choice: the job's preferred IP is `job_key mod n` among the pool's IPs of the
+//! destination's family (job keys are SHA-256 derived, so this spreads evenly and keeps a job on
+//! one source address while it has room); if that IP has no free port for the destination the
+//! next ones are tried in order.
+//!
+//! # Invariants
+//! - A (egress IP, port, destination) is handed out at most once until it is released and its
+//!   quarantine has ended.
+//! - Per-destination, per-job and per-tenant state is removed as soon as it holds nothing (live
+//!   or quarantined): memory follows the live + quarantined entries, never the history.
+//!
+//! # Limits
+//! The port range applies to ICMP echo identifiers too (destination port 0). Time that goes
+//! backwards does not shorten quarantine.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+use snas_wire::Reason;
+
+use crate::clock::Nanos;
+
+/// Sorted-vector port sets become bitmaps when they reach this many ports.
+pub const SPARSE_MAX: usize = 256;
+/// Bitmaps become sorted vectors again below this many ports (hysteresis).
+const DENSE_MIN: u32 = 64;
+
+/// Transport protocol of a flow. ICMP flows use the echo identifier as their "port".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum IpProto {
+    /// ICMP (echo), IPv4.
+    Icmp = 1,
+    /// TCP.
+    Tcp = 6,
+    /// UDP.
+    Udp = 17,
+    /// ICMPv6 (echo).
+    Icmpv6 = 58,
+}
+
+impl IpProto {
+    /// The IANA protocol number.
+    pub fn number(self) -> u8 {
+        self as u8
+    }
+
+    /// The protocol with this IANA number, if tracked.
+    pub fn from_number(n: u8) -> Option<IpProto> {
+        match n {
+            1 => Some(IpProto::Icmp),
+            6 => Some(IpProto::Tcp),
+            17 => Some(IpProto::Udp),
+            58 => Some(IpProto::Icmpv6),
+            _ => None,
+        }
+    }
+}
+
+/// Where a flow goes: protocol, remote address and remote port (0 for ICMP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Destination {
+    /// Protocol.
+    pub proto: IpProto,
+    /// Remote address.
+    pub ip: IpAddr,
+    /// Remote port.
+    pub port: u16,
+}
+
+/// Who asks for a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Owner {
+    /// Job key (from the GENEVE option).
+    pub job: u64,
+    /// Tenant id (from the GENEVE option, checked against the policy).
+    pub tenant: u32,
+}
+
+/// The job's limits from its signed policy, passed with every new flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobLimits {
+    /// Concurrent live flows of the job (exact).
+    pub max_connections: u32,
+    /// Concurrent live flows of the job to one destination.
+    pub max_ports_per_destination: u32,
+}
+
+/// Invalid allocator configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NatConfigError {
+    /// the egress pool is empty
+    #[error("egress address pool is empty")]
+    EmptyPool,
+    /// the same egress IP is listed twice
+    #[error("egress address {0} is listed twice")]
+    DuplicateEgress(IpAddr),
+    /// the pool has more addresses than the allocator indexes
+    #[error("egress address pool has {0} addresses, at most 65535 are supported")]
+    PoolTooLarge(usize),
+    /// the port range is empty
+    #[error("egress port range {0}-{1} is empty")]
+    EmptyPortRange(u16, u16),
+}
+
+/// Allocator configuration. [`NatConfig::new`] gives the documented defaults.
+#[derive(Debug, Clone)]
+pub struct NatConfig {
+    /// Egress addresses routed to this proxy.
+    pub egress_ips: Vec<IpAddr>,
+    /// Egress ports handed out (default 1024–65535).
+    pub ports: RangeInclusive<u16>,
+    /// How long a freed port stays unusable for its destination (default 60 s).
+    pub quarantine: Duration,
+    /// Ports (live + quarantined) one job may hold (default 16384).
+    pub max_ports_per_job: u32,
+    /// Ports (live + quarantined) one tenant may hold unless overridden (default 65536).
+    pub max_ports_per_tenant: u32,
+    /// Per-tenant quota overrides.
+    pub tenant_quotas: HashMap<u32, u32>,
+    /// Seed of the per-destination starting port (give it a random value in production so ports
+    /// are not predictable across proxies; fixed in tests for reproducibility).
+    pub port_seed: u64,
+}
+
+impl NatConfig {
+    /// Defaults for the given egress pool.
+    pub fn new(egress_ips: Vec<IpAddr>) -> NatConfig {
+        NatConfig {
+            egress_ips,
+            ports: 1024..=65535,
+            quarantine: Duration::from_secs(60),
+            max_ports_per_job: 16_384,
+            max_ports_per_tenant: 65_536,
+            tenant_quotas: HashMap::new(),
+            port_seed: 0x5eed_5eed_5eed_5eed,
+        }
+    }
+}
+
+/// A granted NAT binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatLease {
+    /// Egress (source) address the flow leaves from.
+    pub egress_ip: IpAddr,
+    /// Egress (source) port.
+    pub egress_port: u16,
+    pub(crate) egress_index: u16,
+    pub(crate) dest_id: u32,
+}
+
+/// Outcome of [`PortAllocator::allocate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// A port was handed out.
+    Granted(NatLease),
+    /// The new flow is refused for this reason.
+    Refused(Reason),
+}
+
+/// Live and held ports of a job or a tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    /// Ports of live flows.
+    pub live: u32,
+    /// Ports of live flows plus quarantined ones.
+    pub held: u32,
+}
+
+/// Gauge: one egress IP.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EgressUsage {
+    /// The address.
+    pub ip: IpAddr,
+    /// Live ports on it, over all destinations.
+    pub live: u32,
+    /// Quarantined ports on it.
+    pub quarantined: u32,
+    /// Destinations it currently holds ports for.
+    pub destinations: u32,
+    /// Ports it has per destination.
+    pub ports_per_destination: u32,
+    /// Highest fraction (0–1) of the ports used (live + quarantined) for any one destination.
+    pub busiest_destination_utilisation: f64,
+}
+
+/// Gauge: one destination.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DestinationUsage {
+    /// The destination.
+    pub destination: Destination,
+    /// Live ports for it, over all egress IPs.
+    pub live: u32,
+    /// Live + quarantined ports for it.
+    pub used: u32,
+    /// Ports the pool has for it (egress IPs of its family × port range).
+    pub capacity: u32,
+}
+
+#[derive(Debug)]
+struct Bitmap {
+    words: [u64; 1024],
+}
+
+#[derive(Debug)]
+enum PortSet {
+    /// Sorted, no duplicates.
+    Sparse(Vec<u16>),
+    Dense(Box<Bitmap>),
+}
+
+impl PortSet {
+    fn contains(&self, p: u16) -> bool {
+        match self {
+            PortSet::Sparse(v) => v.binary_search(&p).is_ok(),
+            PortSet::Dense(b) => b.words[usize::from(p / 64)] & (1 << (p % 64)) != 0,
+        }
+    }
+
+    fn insert(&mut self, p: u16) {
+        match self {
+            PortSet::Sparse(v) => {
+                if let Err(i) = v.binary_search(&p) {
+                    v.insert(i, p);
+                }
+                if v.len() >= SPARSE_MAX {
+                    let mut b = Box::new(Bitmap { words: [0; 1024] });
+                    for &q in v.iter() {
+                        b.words[usize::from(q / 64)] |= 1 << (q % 64);
+                    }
+                    *self = PortSet::Dense(b);
+                }
+            }
+            PortSet::Dense(b) => b.words[usize::from(p / 64)] |= 1 << (p % 64),
+        }
+    }
+
+    /// Removes `p`; `remaining` is the count after removal (for the switch back to sparse).
+    fn remove(&mut self, p: u16, remaining: u32) {
+        match self {
+            PortSet::Sparse(v) => {
+                if let Ok(i) = v.binary_search(&p) {
+                    v.remove(i);
+                }
+            }
+            PortSet::Dense(b) => {
+                b.words[usize::from(p / 64)] &= !(1 << (p % 64));
+                if remaining < DENSE_MIN {
+                    let mut v = Vec::with_capacity(remaining as usize);
+                    for (w, &word) in b.words.iter().enumerate() {
+                        let mut bits = word;
+                        while bits != 0 {
+                            let bit = bits.trailing_zeros();
+                            // w < 1024 and bit < 64, so the port fits in u16.
+                            v.push((w as u16) * 64 + bit as u16);
+                            bits &= bits - 1;
+                        }
+                    }
+                    *self = PortSet::Sparse(v);
+                }
+            }
+        }
+    }
+
+    /// First free port at or after `from` within `lo..=hi`, wrapping to `lo`.
+    fn find_free(&self, from: u16, lo: u16, hi: u16) -> Option<u16> {
+        match self {
+            PortSet::Sparse(v) => {
+                let mut c = from;
+                for _ in 0..=v.len() {
+                    if v.binary_search(&c).is_err() {
+                        return Some(c);
+                    }
+                    c = if c >= hi { lo } else { c + 1 };
+                }
+                None
+            }
+            PortSet::Dense(b) => {
+                find_zero(&b.words, from, hi).or_else(|| find_zero(&b.words, lo, from))
+            }
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        match self {
+            PortSet::Sparse(v) => v.capacity() * 2,
+            PortSet::Dense(_) => std::mem::size_of::<Bitmap>(),
+        }
+    }
+}
+
+/// First zero bit in `a..=b`.
+fn find_zero(words: &[u64; 1024], a: u16, b: u16) -> Option<u16> {
+    if a > b {
+        return None;
+    }
+    let (wa, wb) = (usize::from(a / 64), usize::from(b / 64));
+    for (w, word) in words.iter().enumerate().take(wb + 1).skip(wa) {
+        let mut free = !*word;
+        if w == wa {
+            free &= !0u64 << (a % 64);
+        }
+        if w == wb {
+            free &= !0u64 >> (63 - b % 64);
+        }
+        if free != 0 {
+            return Some((w as u16) * 64 + free.trailing_zeros() as u16);
+        }
+    }
+    None
+}
+
+#[derive(Debug)]
+struct IpPorts {
+    egress: u16,
+    used: u32,
+    cursor: u16,
+    set: PortSet,
+}
+
+#[derive(Debug)]
+struct DestState {
+    key: Destination,
+    /// Only the egress IPs that hold ports for this destination.
+    per_ip: Vec<IpPorts>,
+    live: u32,
+    used: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Quarantined {
+    release_at: Nanos,
+    job: u64,
+    tenant: u32,
+    dest: u32,
+    egress: u16,
+    port: u16,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct EgressCounters {
+    live: u32,
+    quarantined: u32,
+    destinations: u32,
+}
+
+/// The SNAT port allocator. See the module documentation.
+#[derive(Debug)]
+pub struct PortAllocator {
+    cfg: NatConfig,
+    lo: u16,
+    hi: u16,
+    v4: Vec<u16>,
+    v6: Vec<u16>,
+    egress: Vec<EgressCounters>,
+    dest_index: HashMap<Destination, u32>,
+    dests: Vec<Option<DestState>>,
+    free_dests: Vec<u32>,
+    job_dest_live: HashMap<(u64, u32), u32>,
+    jobs: HashMap<u64, Usage>,
+    tenants: HashMap<u32, Usage>,
+    quarantine: VecDeque<Quarantined>,
+}
+
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn map_capacity_bytes<K, V>(m: &HashMap<K, V>) -> usize {
+    table_bytes(m.capacity(), std::mem::size_of::<(K, V)>())
+}
+
+/// Bytes of a SwissTable with usable capacity `cap` and `elem` bytes per slot (one control byte
+/// per bucket, buckets a power of two loaded to 7/8).
+pub(crate) fn table_bytes(cap: usize, elem: usize) -> usize {
+    if cap == 0 {
+        return 0;
+    }
+    let buckets = if cap < 8 {
+        (cap + 1).next_power_of_two()
+    } else {
+        (cap * 8 / 7).next_power_of_two()
+    };
+    buckets * (elem + 1) + 16
+}
+
+impl PortAllocator {
+    /// An empty allocator.
+    pub fn new(cfg: NatConfig) -> Result<PortAllocator, NatConfigError> {
+        if cfg.egress_ips.is_empty() {
+            return Err(NatConfigError::EmptyPool);
+        }
+        if cfg.egress_ips.len() > usize::from(u16::MAX) {
+            return Err(NatConfigError::PoolTooLarge(cfg.egress_ips.len()));
+        }
+        let (lo, hi) = (*cfg.ports.start(), *cfg.ports.end());
+        if lo > hi {
+            return Err(NatConfigError::EmptyPortRange(lo, hi));
+        }
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for (i, ip) in cfg.egress_ips.iter().enumerate() {
+            if cfg.egress_ips[..i].contains(ip) {
+                return Err(NatConfigError::DuplicateEgress(*ip));
+            }
+            // i < 65535 checked above.
+            let i = i as u16;
+            if ip.is_ipv4() {
+                v4.push(i)
+            } else {
+                v6.push(i)
+            }
+        }
+        let n = cfg.egress_ips.len();
+        Ok(PortAllocator {
+            cfg,
+            lo,
+            hi,
+            v4,
+            v6,
+            egress: vec![EgressCounters::default(); n],
+            dest_index: HashMap::new(),
+            dests: Vec::new(),
+            free_dests: Vec::new(),
+            job_dest_live: HashMap::new(),
+            jobs: HashMap::new(),
+            tenants: HashMap::new(),
+            quarantine: VecDeque::new(),
+        })
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &NatConfig {
+        &self.cfg
+    }
+
+    /// Ports per (egress IP, destination).
+    pub fn ports_per_destination(&self) -> u32 {
+        u32::from(self.hi - self.lo) + 1
+    }
+
+    /// Index of `ip` in the egress pool.
+    pub fn egress_index(&self, ip: IpAddr) -> Option<u16> {
+        self.cfg
+            .egress_ips
+            .iter()
+            .position(|e| *e == ip)
+            .map(|i| i as u16)
+    }
+
+    pub(crate) fn egress_ip(&self, index: u16) -> IpAddr {
+        self.cfg.egress_ips[usize::from(index)]
+    }
+
+    pub(crate) fn dest_id(&self, d: &Destination) -> Option<u32> {
+        self.dest_index.get(d).copied()
+    }
+
+    fn tenant_quota(&self, tenant: u32) -> u32 {
+        self.cfg
+            .tenant_quotas
+            .get(&tenant)
+            .copied()
+            .unwrap_or(self.cfg.max_ports_per_tenant)
+    }
+
+    /// Live and held ports of a job.
+    pub fn job_usage(&self, job: u64) -> Usage {
+        self.jobs.get(&job).copied().unwrap_or_default()
+    }
+
+    /// Live and held ports of a tenant.
+    pub fn tenant_usage(&self, tenant: u32) -> Usage {
+        self.tenants.get(&tenant).copied().unwrap_or_default()
+    }
+
+    /// Live flows of `job` to `dest`.
+    pub fn job_destination_live(&self, job: u64, dest: &Destination) -> u32 {
+        self.dest_id(dest)
+            .and_then(|d| self.job_dest_live.get(&(job, d)).copied())
+            .unwrap_or(0)
+    }
+
+    /// Ports in quarantine.
+    pub fn quarantined(&self) -> usize {
+        self.quarantine.len()
+    }
+
+    /// Is `port` on egress `ip` in use (live or quarantined) for `dest`?
+    pub fn is_in_use(&self, ip: IpAddr, port: u16, dest: &Destination) -> bool {
+        let (Some(e), Some(d)) = (self.egress_index(ip), self.dest_id(dest)) else {
+            return false;
+        };
+        self.dests[d as usize]
+            .as_ref()
+            .and_then(|s| s.per_ip.iter().find(|p| p.egress == e))
+            .is_some_and(|p| p.set.contains(port))
+    }
+
+    /// Hands out a port for a new flow of `owner` to `dest`, or says why not. Releases due
+    /// quarantine first.
+    pub fn allocate(
+        &mut self,
+        owner: Owner,
+        dest: Destination,
+        limits: JobLimits,
+        now: Nanos,
+    ) -> Allocation {
+        self.release_due(now);
+        let job = self.job_usage(owner.job);
+        if job.live >= limits.max_connections {
+            return Allocation::Refused(Reason::ConnectionLimit);
+        }
+        if job.held >= self.cfg.max_ports_per_job {
+            return Allocation::Refused(Reason::PortQuota);
+        }
+        if self.tenant_usage(owner.tenant).held >= self.tenant_quota(owner.tenant) {
+            return Allocation::Refused(Reason::TenantPortQuota);
+        }
+        let existing = self.dest_id(&dest);
+        if let Some(d) = existing {
+            let n = self
+                .job_dest_live
+                .get(&(owner.job, d))
+                .copied()
+                .unwrap_or(0);
+            if n >= limits.max_ports_per_destination {
+                return Allocation::Refused(Reason::DestinationPortCap);
+            }
+        } else if limits.max_ports_per_destination == 0 {
+            return Allocation::Refused(Reason::DestinationPortCap);
+        }
+        let family = if dest.ip.is_ipv4() {
+            &self.v4
+        } else {
+            &self.v6
+        };
+        if family.is_empty() {
+            return Allocation::Refused(Reason::PortsExhausted);
+        }
+        let cap = self.ports_per_destination();
+        let start = (owner.job % family.len() as u64) as usize;
+        let mut chosen = None;
+        for k in 0..family.len() {
+            let e = family[(start + k) % family.len()];
+            let used = existing
+                .and_then(|d| self.dests[d as usize].as_ref())
+                .and_then(|s| s.per_ip.iter().find(|p| p.egress == e))
+                .map_or(0, |p| p.used);
+            if used < cap {
+                chosen = Some(e);
+                break;
+            }
+        }
+        let Some(egress) = chosen else {
+            return Allocation::Refused(Reason::PortsExhausted);
+        };
+
+        let dest_id = match existing {
+            Some(d) => d,
+            None => self.new_dest(dest),
+        };
+        let (lo, hi, seed) = (self.lo, self.hi, self.cfg.port_seed);
+        let Some(state) = self.dests[dest_id as usize].as_mut() else {
+            return Allocation::Refused(Reason::PortsExhausted);
+        };
+        let pos = match state.per_ip.iter().position(|p| p.egress == egress) {
+            Some(i) => i,
+            None => {
+                let span = u64::from(hi - lo) + 1;
+                let h = splitmix64(seed ^ u64::from(dest_id) << 16 ^ u64::from(egress));
+                let h = splitmix64(h ^ dest_hash(&dest));
+                state.per_ip.push(IpPorts {
+                    egress,
+                    used: 0,
+                    cursor: lo + (h % span) as u16,
+                    set: PortSet::Sparse(Vec::new()),
+                });
+                self.egress[usize::from(egress)].destinations += 1;
+                state.per_ip.len() - 1
+            }
+        };
+        let ports = &mut state.per_ip[pos];
+        let Some(port) = ports.set.find_free(ports.cursor, lo, hi) else {
+            // Unreachable while `used < cap`; refuse rather than corrupt state.
+            return Allocation::Refused(Reason::PortsExhausted);
+        };
+        ports.set.insert(port);
+        ports.used += 1;
+        ports.cursor = if port >= hi { lo } else { port + 1 };
+        state.live += 1;
+        state.used += 1;
+        self.egress[usize::from(egress)].live += 1;
+        *self.job_dest_live.entry((owner.job, dest_id)).or_insert(0) += 1;
+        let j = self.jobs.entry(owner.job).or_default();
+        j.live += 1;
+        j.held += 1;
+        let t = self.tenants.entry(owner.tenant).or_default();
+        t.live += 1;
+        t.held += 1;
+        Allocation::Granted(NatLease {
+            egress_ip: self.cfg.egress_ips[usize::from(egress)],
+            egress_port: port,
+            egress_index: egress,
+            dest_id,
+        })
+    }
+
+    fn new_dest(&mut self, key: Destination) -> u32 {
+        let state = DestState {
+            key,
+            per_ip: Vec::new(),
+            live: 0,
+            used: 0,
+        };
+        let id = match self.free_dests.pop() {
+            Some(id) => {
+                self.dests[id as usize] = Some(state);
+                id
+            }
+            None => {
+                self.dests.push(Some(state));
+                (self.dests.len() - 1) as u32
+            }
+        };
+        self.dest_index.insert(key, id);
+        id
+    }
+
+    /// Ends the live use of `lease` by `owner`: the port goes into quarantine until
+    /// `now + quarantine` (or is free at once when quarantine is zero).
+    pub fn release(&mut self, owner: Owner, lease: &NatLease, now: Nanos) {
+        let d = lease.dest_id;
+        if let Some(n) = self.job_dest_live.get_mut(&(owner.job, d)) {
+            *n -= 1;
+            if *n == 0 {
+                self.job_dest_live.remove(&(owner.job, d));
+            }
+        }
+        if let Some(state) = self.dests.get_mut(d as usize).and_then(Option::as_mut) {
+            state.live = state.live.saturating_sub(1);
+        }
+        if let Some(j) = self.jobs.get_mut(&owner.job) {
+            j.live = j.live.saturating_sub(1);
+        }
+        if let Some(t) = self.tenants.get_mut(&owner.tenant) {
+            t.live = t.live.saturating_sub(1);
+        }
+        let e = &mut self.egress[usize::from(lease.egress_index)];
+        e.live = e.live.saturating_sub(1);
+        if self.cfg.quarantine.is_zero() {
+            self.free_port(owner, d, lease.egress_index, lease.egress_port);
+            return;
+        }
+        e.quarantined += 1;
+        let mut release_at = now.saturating_add(self.cfg.quarantine);
+        if let Some(back) = self.quarantine.back() {
+            release_at = release_at.max(back.release_at);
+        }
+        self.quarantine.push_back(Quarantined {
+            release_at,
+            job: owner.job,
+            tenant: owner.tenant,
+            dest: d,
+            egress: lease.egress_index,
+            port: lease.egress_port,
+        });
+    }
+
+    /// Returns ports whose quarantine has ended to the free pool; returns how many.
+    pub fn release_due(&mut self, now: Nanos) -> usize {
+        let mut n = 0;
+        while let Some(q) = self.quarantine.front().copied() {
+            if q.release_at > now {
+                break;
+            }
+            self.quarantine.pop_front();
+            let e = &mut self.egress[usize::from(q.egress)];
+            e.quarantined = e.quarantined.saturating_sub(1);
+            self.free_port(
+                Owner {
+                    job: q.job,
+                    tenant: q.tenant,
+                },
+                q.dest,
+                q.egress,
+                q.port,
+            );
+            n += 1;
+        }
+        n
+    }
+
+    /// When the next quarantined port is released, if any.
+    pub fn next_release(&self) -> Option<Nanos> {
+        self.quarantine.front().map(|q| q.release_at)
+    }
+
+    fn free_port(&mut self, owner: Owner, dest: u32, egress: u16, port: u16) {
+        if let Some(j) = self.jobs.get_mut(&owner.job) {
+            j.held = j.held.saturating_sub(1);
+            if j.held == 0 {
+                self.jobs.remove(&owner.job);
+            }
+        }
+        if let Some(t) = self.tenants.get_mut(&owner.tenant) {
+            t.held = t.held.saturating_sub(1);
+            if t.held == 0 {
+                self.tenants.remove(&owner.tenant);
+            }
+        }
+        let Some(state) = self.dests.get_mut(dest as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        if let Some(i) = state.per_ip.iter().position(|p| p.egress == egress) {
+            let p = &mut state.per_ip[i];
+            p.used = p.used.saturating_sub(1);
+            p.set.remove(port, p.used);
+            if p.used == 0 {
+                state.per_ip.swap_remove(i);
+                let e = &mut self.egress[usize::from(egress)];
+                e.destinations = e.destinations.saturating_sub(1);
+            }
+        }
+        state.used = state.used.saturating_sub(1);
+        if state.used == 0 {
+            let key = state.key;
+            self.dests[dest as usize] = None;
+            self.free_dests.push(dest);
+            self.dest_index.remove(&key);
+        }
+    }
+
+    /// Gauges per egress IP, in pool order.
+    pub fn egress_usage(&self) -> Vec<EgressUsage> {
+        let cap = f64::from(self.ports_per_destination());
+        let mut busiest = vec![0u32; self.egress.len()];
+        for s in self.dests.iter().flatten() {
+            for p in &s.per_ip {
+                let b = &mut busiest[usize::from(p.egress)];
+                *b = (*b).max(p.used);
+            }
+        }
+        self.cfg
+            .egress_ips
+            .iter()
+            .zip(&self.egress)
+            .zip(busiest)
+            .map(|((ip, c), b)| EgressUsage {
+                ip: *ip,
+                live: c.live,
+                quarantined: c.quarantined,
+                destinations: c.destinations,
+                ports_per_destination: self.ports_per_destination(),
+                busiest_destination_utilisation: f64::from(b) / cap,
+            })
+            .collect()
+    }
+
+    /// The `n` destinations with the most ports in use (live + quarantined), busiest first.
+    pub fn hottest_destinations(&self, n: usize) -> Vec<DestinationUsage> {
+        let per = self.ports_per_destination();
+        let mut all: Vec<DestinationUsage> = self
+            .dests
+            .iter()
+            .flatten()
+            .map(|s| {
+                let ips = if s.key.ip.is_ipv4() {
+                    self.v4.len()
+                } else {
+                    self.v6.len()
+                };
+                DestinationUsage {
+                    destination: s.key,
+                    live: s.live,
+                    used: s.used,
+                    capacity: per.saturating_mul(ips as u32),
+                }
+            })
+            .collect();
+        let by_used = |a: &DestinationUsage, b: &DestinationUsage| b.used.cmp(&a.used);
+        if n < all.len() {
+            all.select_nth_unstable_by(n, by_used);
+            all.truncate(n);
+        }
+        all.sort_by(by_used);
+        all
+    }
+
+    /// Destinations with state (live or quarantined ports).
+    pub fn destinations(&self) -> usize {
+        self.dest_index.len()
+    }
+
+    /// Approximate heap bytes held (table capacities, port sets, quarantine).
+    pub fn heap_bytes(&self) -> usize {
+        let port_sets: usize = self
+            .dests
+            .iter()
+            .flatten()
+            .map(|s| {
+                s.per_ip.capacity() * std::mem::size_of::<IpPorts>()
+                    + s.per_ip.iter().map(|p| p.set.heap_bytes()).sum::<usize>()
+            })
+            .sum();
+        map_capacity_bytes(&self.dest_index)
+            + self.dests.capacity() * std::mem::size_of::<Option<DestState>>()
+            + self.free_dests.capacity() * 4
+            + port_sets
+            + map_capacity_bytes(&self.job_dest_live)
+            + map_capacity_bytes(&self.jobs)
+            + map_capacity_bytes(&self.tenants)
+            + self.quarantine.capacity() * std::mem::size_of::<Quarantined>()
+    }
+}
+
+fn dest_hash(d: &Destination) -> u64 {
+    let ip = match d.ip {
+        IpAddr::V4(a) => u64::from(u32::from(a)),
+        IpAddr::V6(a) => {
+            let v = u128::from(a);
+            (v as u64) ^ ((v >> 64) as u64)
+        }
+    };
+    splitmix64(ip ^ u64::from(d.port) << 48 ^ u64::from(d.proto.number()) << 40)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    const E1: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+    const E2: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2));
+    const D: Destination = Destination {
+        proto: IpProto::Tcp,
+        ip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)),
+        port: 443,
+    };
+    const A: Owner = Owner { job: 1, tenant: 10 };
+    const B: Owner = Owner { job: 2, tenant: 20 };
+    const WIDE: JobLimits = JobLimits {
+        max_connections: 1_000_000,
+        max_ports_per_destination: 1_000_000,
+    };
+
+    fn secs(s: u64) -> Nanos {
+        Nanos::from_nanos(s * 1_000_000_000)
+    }
+
+    fn small_pool(ports: RangeInclusive<u16>) -> PortAllocator {
+        let mut cfg = NatConfig::new(vec![E1]);
+        cfg.ports = ports;
+        cfg.max_ports_per_job = u32::MAX;
+        cfg.max_ports_per_tenant = u32::MAX;
+        PortAllocator::new(cfg).unwrap()
+    }
+
+    fn granted(a: Allocation) -> NatLease {
+        match a {
+            Allocation::Granted(l) => l,
+            Allocation::Refused(r) => panic!("refused: {r}"),
+        }
+    }
+
+    #[test]
+    fn hands_out_every_port_of_the_range_once() {
+        let mut a = small_pool(2000..=2999);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let l = granted(a.allocate(A, D, WIDE, secs(0)));
+            assert!((2000..=2999).contains(&l.egress_port));
+            assert!(seen.insert(l.egress_port));
+        }
+        assert_eq!(
+            a.allocate(A, D, WIDE, secs(0)),
+            Allocation::Refused(Reason::PortsExhausted)
+        );
+    }
+
+    #[test]
+    fn each_destination_gets_the_whole_range() {
+        let mut a = small_pool(5000..=5009);
+        let other = Destination { port: 80, ..D };
+        for _ in 0..10 {
+            granted(a.allocate(A, D, WIDE, secs(0)));
+            granted(a.allocate(A, other, WIDE, secs(0)));
+        }
+        assert_eq!(a.destinations(), 2);
+    }
+
+    #[test]
+    fn freed_port_stays_quarantined_until_its_time() {
+        let mut a = small_pool(7000..=7000);
+        let l = granted(a.allocate(A, D, WIDE, secs(0)));
+        a.release(A, &l, secs(1));
+        assert_eq!(
+            a.allocate(B, D, WIDE, secs(60)),
+            Allocation::Refused(Reason::PortsExhausted)
+        );
+        assert!(a.is_in_use(E1, 7000, &D));
+        let again = granted(a.allocate(B, D, WIDE, secs(61)));
+        assert_eq!(again.egress_port, 7000);
+    }
+
+    #[test]
+    fn state_is_evicted_when_nothing_is_held() {
+        let mut a = small_pool(1024..=65535);
+        let leases: Vec<_> = (0..600)
+            .map(|_| granted(a.allocate(A, D, WIDE, secs(0))))
+            .collect();
+        for l in &leases {
+            a.release(A, l, secs(1));
+        }
+        assert_eq!(a.destinations(), 1);
+        assert_eq!(a.release_due(secs(61)), 600);
+        assert_eq!(a.destinations(), 0);
+        assert_eq!(a.job_usage(A.job), Usage::default());
+        assert_eq!(a.tenant_usage(A.tenant), Usage::default());
+        assert_eq!(a.egress_usage()[0].destinations, 0);
+    }
+
+    #[test]
+    fn refusal_reasons_follow_the_documented_order() {
+        let mut cfg = NatConfig::new(vec![E1]);
+        cfg.max_ports_per_job = 3;
+        cfg.max_ports_per_tenant = 4;
+        let mut a = PortAllocator::new(cfg).unwrap();
+        let lim = JobLimits {
+            max_connections: 2,
+            max_ports_per_destination: 1,
+        };
+        let d2 = Destination { port: 80, ..D };
+        let d3 = Destination { port: 25, ..D };
+        granted(a.allocate(A, D, lim, secs(0)));
+        assert_eq!(
+            a.allocate(A, D, lim, secs(0)),
+            Allocation::Refused(Reason::DestinationPortCap)
+        );
+        let l2 = granted(a.allocate(A, d2, lim, secs(0)));
+        assert_eq!(
+            a.allocate(A, d3, lim, secs(0)),
+            Allocation::Refused(Reason::ConnectionLimit)
+        );
+        a.release(A, &l2, secs(0));
+        // Live 1 < 2, but held 2 (one quarantined); a third port is still within 3.
+        let l3 = granted(a.allocate(A, d3, lim, secs(0)));
+        a.release(A, &l3, secs(0));
+        assert_eq!(
+            a.allocate(A, d2, lim, secs(0)),
+            Allocation::Refused(Reason::PortQuota)
+        );
+        let sibling = Owner { job: 3, tenant: 10 };
+        granted(a.allocate(sibling, D, lim, secs(0)));
+        assert_eq!(
+            a.allocate(sibling, d2, lim, secs(0)),
+            Allocation::Refused(Reason::TenantPortQuota)
+        );
+        granted(a.allocate(B, D, lim, secs(0)));
+    }
+
+    #[test]
+    fn a_full_egress_ip_falls_over_to_the_next() {
+        let mut cfg = NatConfig::new(vec![E1, E2]);
+        cfg.ports = 3000..=3001;
+        let mut a = PortAllocator::new(cfg).unwrap();
+        let ips: Vec<IpAddr> = (0..4)
+            .map(|_| granted(a.allocate(A, D, WIDE, secs(0))).egress_ip)
+            .collect();
+        assert_eq!(ips.iter().filter(|ip| **ip == E1).count(), 2);
+        assert_eq!(ips.iter().filter(|ip| **ip == E2).count(), 2);
+        assert_eq!(ips[0], ips[1]);
+        assert_eq!(
+            a.allocate(A, D, WIDE, secs(0)),
+            Allocation::Refused(Reason::PortsExhausted)
+        );
+    }
+
+    #[test]
+    fn ipv6_destination_without_ipv6_egress_is_refused() {
+        let mut a = small_pool(1024..=65535);
+        let d6 = Destination {
+            ip: "2001:db8::10".parse().unwrap(),
+            ..D
+        };
+        assert_eq!(
+            a.allocate(A, d6, WIDE, secs(0)),
+            Allocation::Refused(Reason::PortsExhausted)
+        );
+    }
+
+    #[test]
+    fn bad_configurations_are_rejected() {
+        assert_eq!(
+            PortAllocator::new(NatConfig::new(vec![])).unwrap_err(),
+            NatConfigError::EmptyPool
+        );
+        assert_eq!(
+            PortAllocator::new(NatConfig::new(vec![E1, E1])).unwrap_err(),
+            NatConfigError::DuplicateEgress(E1)
+        );
+        let mut cfg = NatConfig::new(vec![E1]);
+        cfg.ports = RangeInclusive::new(10, 9);
+        assert_eq!(
+            PortAllocator::new(cfg).unwrap_err(),
+            NatConfigError::EmptyPortRange(10, 9)
+        );
+    }
+
+    #[test]
+    fn dense_sets_find_free_ports_across_word_and_range_edges() {
+        let mut s = PortSet::Sparse(Vec::new());
+        for p in 1000..(1000 + SPARSE_MAX as u16) {
+            s.insert(p);
+        }
+        assert!(matches!(s, PortSet::Dense(_)));
+        assert_eq!(
+            s.find_free(1000, 1000, 2000),
+            Some(1000 + SPARSE_MAX as u16)
+        );
+        assert_eq!(s.find_free(1200, 1000, 1255), None);
+        assert_eq!(s.find_free(1200, 990, 1255), Some(990));
+        s.remove(1100, 100);
+        assert_eq!(s.find_free(1001, 1000, 1255), Some(1100));
+        s.remove(1101, 10);
+        assert!(matches!(s, PortSet::Sparse(_)));
+        assert!(!s.contains(1101));
+        assert!(s.contains(1102));
+    }
+
+    #[test]
+    fn hottest_destinations_are_sorted_by_use() {
+        let mut a = small_pool(1024..=65535);
+        let d2 = Destination { port: 80, ..D };
+        for _ in 0..3 {
+            granted(a.allocate(A, d2, WIDE, secs(0)));
+        }
+        granted(a.allocate(A, D, WIDE, secs(0)));
+        let hot = a.hottest_destinations(1);
+        assert_eq!(hot.len(), 1);
+        assert_eq!(hot[0].destination, d2);
+        assert_eq!(hot[0].used, 3);
+        assert_eq!(hot[0].capacity, 64_512);
+        let usage = a.egress_usage();
+        assert_eq!(usage[0].live, 4);
+        assert_eq!(usage[0].destinations, 2);
+    }
+}
