@@ -1,1 +1,40 @@
-//! placeholder
+//! snas-bpf: the tier-1 host eBPF dataplane of SNAS (C programs under `bpf/`, loaded with
+//! libbpf-rs skeletons) and the typed Rust API the node agent uses to drive it.
+//!
+//! # Layout
+//! - `bpf/sandbox_ingress.bpf.c`: TC ingress of each sandbox veth (traffic leaving the
+//!   sandbox): validation, DNS capture, policy, flow admission, EDT, GENEVE encap.
+//! - `bpf/uplink_ingress.bpf.c`: TC ingress of the underlay: GENEVE decap into the job.
+//! - `bpf/lib/*.h`: one header per concern (parse, policy, conntrack, ratelimit, edt,
+//!   geneve, maglev, audit, csum, maps, drop_reasons).
+//! - [`tier1`]: [`Tier1`] — load, pin, attach, per-job map programming, counters, audit.
+//! - [`config`]: typed node/job/rule/proxy configuration.
+//! - [`maglev`]: pure Maglev table computation.
+//! - [`counters`], [`audit`]: what the dataplane reports.
+//! - [`fq`]: detection of the fq qdisc.
+//! - [`testing`]: BPF_PROG_TEST_RUN driver for the programs (root).
+//! - [`skel`]: generated skeletons and BTF types.
+//!
+//! Operator documentation: `docs/tier1.md`.
+
+pub mod audit;
+pub mod config;
+pub mod counters;
+pub mod fq;
+pub mod maglev;
+mod pod;
+pub mod skel;
+pub mod testing;
+pub mod tier1;
+
+pub use audit::{AuditEvent, AuditKind};
+pub use config::{Bps, JobConfig, NodeConfig, PortRule, Proto, ProxyEntry};
+pub use counters::{DirCounters, JobCounters, PacketCount};
+pub use fq::fq_available;
+pub use tier1::{ensure_bpffs, mono_now, remove_pins, AuditReader, DebugRecord, Tier1, Tier1Error};
+
+/// Bytes GENEVE encapsulation adds: outer IPv4 20 + UDP 8 + GENEVE 8 + option 20.
+pub const OVERLAY_OVERHEAD: usize = 56;
+
+/// The C header that mirrors `snas_wire::Reason` (checked by `tests/drop_reasons.rs`).
+pub const DROP_REASONS_H: &str = include_str!("../bpf/lib/drop_reasons.h");

@@ -1,0 +1,200 @@
+// SPDX-License-Identifier: Apache-2.0
+/* sandbox_ingress.bpf.c - TC ingress on the host side of a sandbox veth: every frame the
+ * sandbox sends. Order of checks (each drop is counted per job and reason):
+ *   job attribution (veth ifindex) -> Ethernet -> ARP passes (source MAC checked) ->
+ *   source MAC -> IPv6 denied -> not IP -> IPv4 sanity, options, fragments -> source IP ->
+ *   DNS capture to the job's stub -> overlay target -> destination policy (deny: audit,
+ *   RST for a TCP SYN) -> flow admission (rate, max_connections, proxy pinning) -> EDT ->
+ *   MTU -> GENEVE encap -> redirect_neigh to the uplink. */
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/parse.h"
+#include "lib/csum.h"
+#include "lib/policy.h"
+#include "lib/ratelimit.h"
+#include "lib/audit.h"
+#include "lib/maglev.h"
+#include "lib/conntrack.h"
+#include "lib/edt.h"
+#include "lib/geneve.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+struct rst_l3 {
+	struct iphdr ip;
+	struct tcphdr tcp;
+};
+
+/* Turns a denied TCP SYN into the RST|ACK that RFC 793 prescribes for a segment without
+ * ACK (SEQ=0, ACK=SEG.SEQ+SEG.LEN) and sends it back into the sandbox. */
+static __always_inline int reply_rst(struct __sk_buff *skb, const struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct rst_l3 f = {};
+	__u8 macs[2 * ETH_ALEN];
+
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_SHOT;
+	__builtin_memcpy(macs, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(macs + ETH_ALEN, eth->h_dest, ETH_ALEN);
+	f.ip.version = 4;
+	f.ip.ihl = 5;
+	f.ip.tot_len = bpf_htons(sizeof(struct iphdr) + sizeof(struct tcphdr));
+	f.ip.ttl = 64;
+	f.ip.protocol = IPPROTO_TCP;
+	f.ip.saddr = p->daddr;
+	f.ip.daddr = p->saddr;
+	f.ip.check = ipv4_csum(&f.ip);
+	f.tcp.source = bpf_htons(p->dport);
+	f.tcp.dest = bpf_htons(p->sport);
+	f.tcp.seq = 0;
+	f.tcp.ack_seq = bpf_htonl(p->tcp_seq + 1 + p->l4_payload);
+	f.tcp.doff = 5;
+	f.tcp.rst = 1;
+	f.tcp.ack = 1;
+	f.tcp.check = tcp_csum_nopayload(f.ip.saddr, f.ip.daddr, &f.tcp);
+
+	if (bpf_skb_change_tail(skb, L3_OFF + sizeof(f), 0))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, L3_OFF, &f, sizeof(f), 0))
+		return TC_ACT_SHOT;
+	debug_redirect(skb->ifindex, 1, 0, 0);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* Rewrites the destination of a DNS query to the job's stub (gateway_ip:dns_port) and lets
+ * the host stack deliver it. */
+static __always_inline int dns_redirect(struct __sk_buff *skb, const struct job_cfg *cfg,
+					const struct pkt *p)
+{
+	__u32 old_ip = p->daddr, new_ip = cfg->gateway_ip;
+	__u16 old_port = bpf_htons(p->dport), new_port = bpf_htons(cfg->dns_port);
+	int tcp = p->proto == IPPROTO_TCP;
+	int csum_off = L4_OFF + (tcp ? offsetof(struct tcphdr, check) : offsetof(struct udphdr, check));
+	__u64 mangled = tcp ? 0 : BPF_F_MARK_MANGLED_0;
+
+	if (old_ip != new_ip) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_ip, new_ip,
+					BPF_F_PSEUDO_HDR | mangled | sizeof(new_ip)))
+			return SNAS_DROP_MALFORMED;
+		if (bpf_l3_csum_replace(skb, L3_OFF + offsetof(struct iphdr, check), old_ip, new_ip,
+					sizeof(new_ip)))
+			return SNAS_DROP_MALFORMED;
+		if (bpf_skb_store_bytes(skb, L3_OFF + offsetof(struct iphdr, daddr), &new_ip,
+					sizeof(new_ip), 0))
+			return SNAS_DROP_MALFORMED;
+	}
+	if (old_port != new_port) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port, mangled | sizeof(new_port)))
+			return SNAS_DROP_MALFORMED;
+		if (bpf_skb_store_bytes(skb, L4_OFF + offsetof(struct udphdr, dest), &new_port,
+					sizeof(new_port), 0))
+			return SNAS_DROP_MALFORMED;
+	}
+	return 0;
+}
+
+static __always_inline int drop(__u64 job_key, __u32 reason, __u32 len)
+{
+	count(job_key, 0, reason, len);
+	return TC_ACT_SHOT;
+}
+
+SEC("tc")
+int snas_sandbox_ingress(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex, len = skb->len;
+	struct job_cfg *cfg = bpf_map_lookup_elem(&snas_jobs, &ifindex);
+	struct job_state *st;
+	void *data, *data_end;
+	struct ethhdr *eth;
+	struct pkt p = {};
+	__u64 job, now, tstamp;
+	__u32 hash, proxy_idx = 0;
+	struct proxy *px;
+	int reason;
+
+	if (!cfg)
+		return drop(0, SNAS_DROP_UNKNOWN_JOB, len);
+	job = cfg->job_key;
+
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return drop(job, SNAS_DROP_MALFORMED, len);
+	if (__builtin_memcmp(eth->h_source, cfg->sandbox_mac, ETH_ALEN))
+		return drop(job, SNAS_DROP_SPOOFED_MAC, len);
+	if (eth->h_proto == bpf_htons(ETH_P_ARP))
+		return TC_ACT_OK;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		if ((void *)(data + L3_OFF + sizeof(struct ipv6hdr)) > data_end)
+			return drop(job, SNAS_DROP_MALFORMED, len);
+		return drop(job, SNAS_DROP_IPV6_DENIED, len);
+	}
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return drop(job, SNAS_DROP_NOT_IP, len);
+
+	reason = parse_ipv4(skb, &p);
+	if (reason)
+		return drop(job, reason, len);
+	if (p.saddr != cfg->sandbox_ip)
+		return drop(job, SNAS_DROP_SPOOFED_SOURCE, len);
+
+	if (((p.proto == IPPROTO_UDP || p.proto == IPPROTO_TCP) && p.dport == 53) ||
+	    (p.proto == IPPROTO_TCP && p.dport == 853)) {
+		reason = dns_redirect(skb, cfg, &p);
+		if (reason)
+			return drop(job, reason, len);
+		count(job, 0, 0, len);
+		return TC_ACT_OK;
+	}
+	if (p.daddr == cfg_node_ip || (p.proto == IPPROTO_UDP && p.dport == cfg_geneve_port))
+		return drop(job, SNAS_DROP_OVERLAY_TARGET, len);
+
+	st = bpf_map_lookup_elem(&snas_job_state, &ifindex);
+	if (!st)
+		return drop(job, SNAS_DROP_UNKNOWN_JOB, len);
+	now = bpf_ktime_get_ns();
+
+	reason = policy_check(job, &p, now);
+	if (reason) {
+		count(job, 0, reason, len);
+		audit(st, job, AUDIT_DENY, reason, &p, now);
+		if (p.proto == IPPROTO_TCP && (p.tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN)
+			return reply_rst(skb, &p);
+		return TC_ACT_SHOT;
+	}
+
+	hash = flow_hash(&p);
+	reason = flow_admit(st, cfg, ifindex, &p, hash, now, &proxy_idx);
+	if (reason)
+		return drop(job, reason, len);
+	px = proxy_alive(proxy_idx);
+	if (!px)
+		return drop(job, SNAS_DROP_NO_PROXY, len);
+
+	/* Super-packets (TCP GSO) are split after encapsulation; their segments fit. */
+	if (!skb->gso_segs || skb->gso_segs == 1) {
+		if (len - L3_OFF + GENEVE_OVERHEAD > cfg_uplink_mtu)
+			return drop(job, SNAS_DROP_MTU_EXCEEDED, len);
+	}
+
+	reason = edt_stamp(st, cfg, len - L3_OFF, now, &tstamp);
+	if (reason)
+		return drop(job, reason, len);
+
+	reason = geneve_encap(skb, cfg, px->ip, hash, len - L3_OFF);
+	if (reason)
+		return drop(job, reason, len);
+	if (tstamp)
+		bpf_skb_set_tstamp(skb, tstamp, BPF_SKB_TSTAMP_DELIVERY_MONO);
+
+	count(job, 0, 0, len);
+	debug_redirect(cfg_uplink_ifindex, 2, proxy_idx, hash);
+	return bpf_redirect_neigh(cfg_uplink_ifindex, NULL, 0, 0);
+}

@@ -1,0 +1,85 @@
+// SPDX-License-Identifier: Apache-2.0
+/* uplink_ingress.bpf.c - TC ingress on the node's underlay interface.
+ *
+ * GENEVE (UDP to cfg_geneve_port, IPv4 without options, not a fragment) from an address in
+ * the proxy table is ours: it must carry exactly our option naming a job attached on this
+ * node and an inner IPv4 packet addressed to that job's sandbox; then the 56 overlay bytes
+ * are stripped, the MACs set (sandbox MAC <- host veth MAC) and the frame goes into the
+ * job's netns with bpf_redirect_peer. Violations are dropped and counted (direction 1).
+ * Everything else (other traffic, GENEVE from other sources) passes untouched. */
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/parse.h"
+#include "lib/geneve.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+static __always_inline int drop_in(__u64 job_key, __u32 reason, __u32 len)
+{
+	count(job_key, 1, reason, len);
+	return TC_ACT_SHOT;
+}
+
+SEC("tc")
+int snas_uplink_ingress(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u32 len = skb->len;
+	struct ethhdr *eth = data;
+	struct iphdr *ip, *inner;
+	struct udphdr *uh;
+	struct geneve_opt_hdr *g;
+	struct job_cfg *cfg;
+	__u32 *ifp, ifindex;
+	__u64 job;
+	__u8 macs[12];
+
+	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	ip = data + L3_OFF;
+	if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl != 5 ||
+	    ip->protocol != IPPROTO_UDP || (ip->frag_off & bpf_htons(0x3fff)))
+		return TC_ACT_OK;
+	uh = data + L4_OFF;
+	if ((void *)(uh + 1) > data_end || uh->dest != bpf_htons(cfg_geneve_port))
+		return TC_ACT_OK;
+	if (!bpf_map_lookup_elem(&snas_proxy_by_ip, &ip->saddr))
+		return TC_ACT_OK;
+
+	g = (void *)(uh + 1);
+	if ((void *)(g + 1) > data_end)
+		return drop_in(0, SNAS_DROP_GENEVE_MALFORMED, len);
+	if ((g->ver_optlen >> 6) != 0 || g->proto != bpf_htons(ETH_P_IP))
+		return drop_in(0, SNAS_DROP_GENEVE_MALFORMED, len);
+	if ((g->ver_optlen & 0x3f) != 5 || !(g->flags & 0x40) ||
+	    g->opt_class != bpf_htons(GENEVE_OPT_CLASS) || g->opt_type != GENEVE_OPT_TYPE ||
+	    (g->opt_len & 0x1f) != 4)
+		return drop_in(0, SNAS_DROP_GENEVE_OPTION, len);
+
+	job = ((__u64)bpf_ntohl(g->job_hi) << 32) | bpf_ntohl(g->job_lo);
+	ifp = bpf_map_lookup_elem(&snas_job_by_key, &job);
+	if (!ifp)
+		return drop_in(0, SNAS_DROP_GENEVE_UNKNOWN_JOB, len);
+	ifindex = *ifp;
+	cfg = bpf_map_lookup_elem(&snas_jobs, &ifindex);
+	if (!cfg || cfg->job_key != job || cfg->tenant_id != bpf_ntohl(g->tenant))
+		return drop_in(0, SNAS_DROP_GENEVE_UNKNOWN_JOB, len);
+
+	inner = (void *)(g + 1);
+	if ((void *)(inner + 1) > data_end || inner->version != 4 || inner->ihl < 5)
+		return drop_in(job, SNAS_DROP_MALFORMED, len);
+	if (inner->daddr != cfg->sandbox_ip)
+		return drop_in(job, SNAS_DROP_DESTINATION_DENIED, len);
+
+	__builtin_memcpy(macs, cfg->sandbox_mac, ETH_ALEN);
+	__builtin_memcpy(macs + ETH_ALEN, cfg->host_mac, ETH_ALEN);
+	if (bpf_skb_adjust_room(skb, -GENEVE_OVERHEAD, BPF_ADJ_ROOM_MAC, 0))
+		return drop_in(job, SNAS_DROP_ENCAP_FAILED, len);
+	if (bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0))
+		return drop_in(job, SNAS_DROP_ENCAP_FAILED, len);
+
+	count(job, 1, 0, len - GENEVE_OVERHEAD);
+	debug_redirect(ifindex, 3, 0, 0);
+	return bpf_redirect_peer(ifindex, 0);
+}

@@ -1,0 +1,736 @@
+//! [`Tier1`]: the node's tier-1 dataplane handle — load, pin, attach, program the maps.
+//!
+//! Owns: loading both BPF objects with the node constants, pinning every map and program
+//! under `NodeConfig::pin_dir`, attaching the uplink program (clsact ingress) and each job's
+//! sandbox program (clsact ingress of the host-side veth), and every map write the agent
+//! needs. Reopening from the pins ([`Tier1::open_pinned`]) gives the same handle after an
+//! agent restart without detaching anything.
+//!
+//! Invariants: the pinned maps are the single source of truth (this struct holds only fds);
+//! both objects share the same maps (the second object reuses the first one's pins); a job's
+//! map entries are keyed by its veth ifindex (config, state, flows) or its job key (rules,
+//! counters) and are all removed by [`Tier1::detach_job`].
+//!
+//! Limits: attach uses netlink clsact (libbpf-rs has no safe tcx API); the filter handle and
+//! priority are fixed ([`TC_HANDLE`], [`TC_PRIORITY`]) and replaced on re-attach.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, TcHookBuilder, TC_INGRESS};
+use snas_wire::Reason;
+
+use crate::audit::AuditEvent;
+use crate::config::{saturating_ns, JobConfig, NodeConfig, PortRule, ProxyEntry, MAX_PORT_RULES};
+use crate::counters::{DirCounters, Direction, JobCounters, PacketCount};
+use crate::maglev::{self, Backend};
+use crate::pod::{bytes_of, from_bytes, Pod};
+use crate::skel::{sandbox, types, uplink};
+
+/// TC filter handle of SNAS programs.
+pub const TC_HANDLE: u32 = 0x534e;
+/// TC filter priority of SNAS programs.
+pub const TC_PRIORITY: u32 = 1;
+
+const PROG_SANDBOX: &str = "prog_sandbox_ingress";
+const PROG_UPLINK: &str = "prog_uplink_ingress";
+
+/// Errors of loading, attaching and map programming.
+#[derive(Debug, thiserror::Error)]
+pub enum Tier1Error {
+    /// The pin directory could not be created or removed.
+    #[error("pin directory {path}: {source}")]
+    PinDir {
+        /// Directory.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// A libbpf operation failed.
+    #[error("{what}: {source}")]
+    Bpf {
+        /// What was being done.
+        what: String,
+        /// Cause.
+        source: libbpf_rs::Error,
+    },
+    /// More port rules than one map entry holds.
+    #[error("{0} port rules given, at most {MAX_PORT_RULES} fit one destination")]
+    TooManyPortRules(usize),
+    /// More proxies than the proxies map holds.
+    #[error("{0} proxies given, at most {MAX_PROXIES} supported")]
+    TooManyProxies(usize),
+    /// No job is configured on this veth.
+    #[error("no job on veth ifindex {0}")]
+    UnknownJob(u32),
+    /// A map key or value had an unexpected size (BTF and Rust types disagree).
+    #[error("map {0}: key or value size differs from the generated Rust type")]
+    ValueSize(&'static str),
+    /// Reading CLOCK_MONOTONIC failed.
+    #[error("clock_gettime(CLOCK_MONOTONIC): {0}")]
+    Clock(io::Error),
+}
+
+/// `JOB_F_ATTACHED` in maps.h: the program is attached to the job's veth.
+const JOB_F_ATTACHED: u16 = 2;
+
+/// Maximum proxies (`MAX_PROXIES` in maps.h).
+pub const MAX_PROXIES: usize = 64;
+
+fn bpf_err(what: impl Into<String>) -> impl FnOnce(libbpf_rs::Error) -> Tier1Error {
+    let what = what.into();
+    move |source| Tier1Error::Bpf { what, source }
+}
+
+/// Where a test-run packet was redirected (from the debug map; `NodeConfig::record_debug`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DebugRecord {
+    /// Target ifindex.
+    pub ifindex: u32,
+    /// 1 = bpf_redirect, 2 = bpf_redirect_neigh, 3 = bpf_redirect_peer.
+    pub kind: u32,
+    /// Proxy index chosen (encap only).
+    pub proxy: u32,
+    /// Flow hash (encap only).
+    pub flow_hash: u32,
+}
+
+#[derive(Debug)]
+struct Maps {
+    jobs: MapHandle,
+    job_state: MapHandle,
+    job_by_key: MapHandle,
+    dst_exact: MapHandle,
+    dst_cidr: MapHandle,
+    proxies: MapHandle,
+    proxy_by_ip: MapHandle,
+    maglev: MapHandle,
+    flows: MapHandle,
+    counters: MapHandle,
+    audit: MapHandle,
+    debug: MapHandle,
+    node: MapHandle,
+}
+
+impl Maps {
+    fn open(dir: &Path) -> Result<Maps, Tier1Error> {
+        let m = |name: &str| {
+            MapHandle::from_pinned_path(dir.join(name))
+                .map_err(bpf_err(format!("open pinned map {name}")))
+        };
+        Ok(Maps {
+            jobs: m("snas_jobs")?,
+            job_state: m("snas_job_state")?,
+            job_by_key: m("snas_job_by_key")?,
+            dst_exact: m("snas_dst_exact")?,
+            dst_cidr: m("snas_dst_cidr")?,
+            proxies: m("snas_proxies")?,
+            proxy_by_ip: m("snas_proxy_by_ip")?,
+            maglev: m("snas_maglev")?,
+            flows: m("snas_flows")?,
+            counters: m("snas_counters")?,
+            audit: m("snas_audit")?,
+            debug: m("snas_debug")?,
+            node: m("snas_node")?,
+        })
+    }
+}
+
+/// The tier-1 dataplane of one node.
+#[derive(Debug)]
+pub struct Tier1 {
+    pin_dir: PathBuf,
+    maps: Maps,
+    sandbox_prog: OwnedFd,
+    uplink_prog: OwnedFd,
+}
+
+fn set_pins(obj: &mut libbpf_rs::OpenObject, dir: &Path) -> Result<(), Tier1Error> {
+    for mut map in obj.maps_mut() {
+        let name = map.name().to_string_lossy().into_owned();
+        // Internal maps (.rodata, .bss) are per object and not shared.
+        if name.contains('.') {
+            continue;
+        }
+        map.set_pin_path(dir.join(&name))
+            .map_err(bpf_err(format!("set pin path of {name}")))?;
+    }
+    Ok(())
+}
+
+fn pin_prog(prog: &mut libbpf_rs::ProgramMut<'_>, path: &Path) -> Result<(), Tier1Error> {
+    if path.exists() {
+        fs::remove_file(path).map_err(|source| Tier1Error::PinDir { path: path.into(), source })?;
+    }
+    prog.pin(path).map_err(bpf_err(format!("pin {}", path.display())))
+}
+
+fn ifindex_i32(ifindex: u32) -> i32 {
+    i32::try_from(ifindex).unwrap_or(i32::MAX)
+}
+
+/// Current CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
+pub fn mono_now() -> Result<Duration, Tier1Error> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid, writable timespec; CLOCK_MONOTONIC is always supported.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return Err(Tier1Error::Clock(io::Error::last_os_error()));
+    }
+    Ok(Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    ))
+}
+
+impl Tier1 {
+    /// Loads both programs with the node's constants, pins maps and programs under
+    /// `node.pin_dir` (reusing maps already pinned there, so their state survives), and
+    /// attaches the uplink program if `node.attach_uplink`.
+    ///
+    /// The pin directory must be on a bpffs mount (see [`ensure_bpffs`]).
+    pub fn load(node: &NodeConfig) -> Result<Tier1, Tier1Error> {
+        let dir = node.pin_dir.clone();
+        fs::create_dir_all(&dir)
+            .map_err(|source| Tier1Error::PinDir { path: dir.clone(), source })?;
+
+        {
+            let mut storage = MaybeUninit::uninit();
+            let mut open = sandbox::SandboxIngressSkelBuilder::default()
+                .open(&mut storage)
+                .map_err(bpf_err("open sandbox_ingress"))?;
+            if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
+                ro.cfg_uplink_ifindex = node.uplink_ifindex;
+                ro.cfg_node_ip = u32::from_ne_bytes(node.node_ip.octets());
+                ro.cfg_uplink_mtu = node.uplink_mtu;
+                ro.cfg_horizon_ns = saturating_ns(node.horizon);
+                ro.cfg_geneve_port = node.geneve_port;
+                ro.cfg_audit_rate = node.audit_per_sec;
+                ro.cfg_record_debug = u8::from(node.record_debug);
+            }
+            set_pins(open.open_object_mut(), &dir)?;
+            let mut skel = open.load().map_err(bpf_err("load sandbox_ingress"))?;
+            pin_prog(&mut skel.progs.snas_sandbox_ingress, &dir.join(PROG_SANDBOX))?;
+        }
+        {
+            let mut storage = MaybeUninit::uninit();
+            let mut open = uplink::UplinkIngressSkelBuilder::default()
+                .open(&mut storage)
+                .map_err(bpf_err("open uplink_ingress"))?;
+            if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
+                ro.cfg_uplink_ifindex = node.uplink_ifindex;
+                ro.cfg_node_ip = u32::from_ne_bytes(node.node_ip.octets());
+                ro.cfg_uplink_mtu = node.uplink_mtu;
+                ro.cfg_horizon_ns = saturating_ns(node.horizon);
+                ro.cfg_geneve_port = node.geneve_port;
+                ro.cfg_audit_rate = node.audit_per_sec;
+                ro.cfg_record_debug = u8::from(node.record_debug);
+            }
+            set_pins(open.open_object_mut(), &dir)?;
+            let mut skel = open.load().map_err(bpf_err("load uplink_ingress"))?;
+            pin_prog(&mut skel.progs.snas_uplink_ingress, &dir.join(PROG_UPLINK))?;
+        }
+
+        let t = Tier1::open_pinned(&dir)?;
+        t.check_layouts()?;
+        let info = types::node_info {
+            uplink_ifindex: node.uplink_ifindex,
+            node_ip: u32::from_ne_bytes(node.node_ip.octets()),
+        };
+        let attached = if node.attach_uplink { node.uplink_ifindex } else { 0 };
+        let info = types::node_info { uplink_ifindex: attached, ..info };
+        update(&t.maps.node, &0u32, &info, "snas_node")?;
+        if node.attach_uplink {
+            tc_attach(&t.uplink_prog, node.uplink_ifindex)?;
+        }
+        Ok(t)
+    }
+
+    /// Opens the maps and programs pinned under `dir` by an earlier [`Tier1::load`]. Nothing
+    /// is attached or detached.
+    pub fn open_pinned(dir: &Path) -> Result<Tier1, Tier1Error> {
+        let prog = |name: &str| {
+            libbpf_rs::Program::fd_from_pinned_path(dir.join(name))
+                .map_err(bpf_err(format!("open pinned program {name}")))
+        };
+        Ok(Tier1 {
+            pin_dir: dir.to_path_buf(),
+            maps: Maps::open(dir)?,
+            sandbox_prog: prog(PROG_SANDBOX)?,
+            uplink_prog: prog(PROG_UPLINK)?,
+        })
+    }
+
+    /// Checks that every map's key and value sizes (from the kernel) equal the sizes of the
+    /// generated Rust types this module writes, so a header change cannot go unnoticed.
+    pub fn check_layouts(&self) -> Result<(), Tier1Error> {
+        use std::mem::size_of;
+        let m = &self.maps;
+        let checks: [(&MapHandle, usize, usize, &'static str); 12] = [
+            (&m.jobs, size_of::<u32>(), size_of::<types::job_cfg>(), "snas_jobs"),
+            (&m.job_state, size_of::<u32>(), size_of::<types::job_state>(), "snas_job_state"),
+            (&m.job_by_key, size_of::<u64>(), size_of::<u32>(), "snas_job_by_key"),
+            (&m.dst_exact, size_of::<types::dst_key>(), size_of::<types::dst_val>(), "snas_dst_exact"),
+            (&m.dst_cidr, size_of::<types::cidr_key>(), size_of::<types::dst_val>(), "snas_dst_cidr"),
+            (&m.proxies, size_of::<u32>(), size_of::<types::proxy>(), "snas_proxies"),
+            (&m.proxy_by_ip, size_of::<u32>(), size_of::<u32>(), "snas_proxy_by_ip"),
+            (&m.maglev, size_of::<u32>(), size_of::<types::maglev_table>(), "snas_maglev"),
+            (&m.flows, size_of::<types::flow_key>(), size_of::<types::flow_val>(), "snas_flows"),
+            (&m.counters, size_of::<types::counter_key>(), size_of::<types::counter_val>(), "snas_counters"),
+            (&m.debug, size_of::<u32>(), size_of::<types::debug_rec>(), "snas_debug"),
+            (&m.node, size_of::<u32>(), size_of::<types::node_info>(), "snas_node"),
+        ];
+        for (map, k, v, name) in checks {
+            if map.key_size() as usize != k || map.value_size() as usize != v {
+                return Err(Tier1Error::ValueSize(name));
+            }
+        }
+        Ok(())
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Writes a job's configuration (and fresh state) without attaching anything: for tests
+    /// through BPF_PROG_TEST_RUN and for updating a running job (serial, limits).
+    pub fn configure_job(&self, job: &JobConfig) -> Result<(), Tier1Error> {
+        let attached = self.attached(job.veth_ifindex)?;
+        self.write_job(job, attached)
+    }
+
+    fn attached(&self, veth_ifindex: u32) -> Result<bool, Tier1Error> {
+        let cfg: Option<types::job_cfg> = lookup(&self.maps.jobs, &veth_ifindex, "snas_jobs")?;
+        Ok(cfg.is_some_and(|c| c.flags & JOB_F_ATTACHED != 0))
+    }
+
+    fn write_job(&self, job: &JobConfig, attached: bool) -> Result<(), Tier1Error> {
+        let idx = job.veth_ifindex;
+        let mut c = job.to_c();
+        if attached {
+            c.flags |= JOB_F_ATTACHED;
+        }
+        update(&self.maps.jobs, &idx, &c, "snas_jobs")?;
+        let fresh = types::job_state::default();
+        // Keep the state of a job being reconfigured (pacing and buckets continue).
+        let _ = self.maps.job_state.update(
+            bytes_of(&idx),
+            bytes_of(&fresh),
+            MapFlags::NO_EXIST,
+        );
+        update(&self.maps.job_by_key, &job.job_key, &idx, "snas_job_by_key")
+    }
+
+    /// Configures the job and attaches the sandbox program to its veth (clsact ingress).
+    pub fn attach_job(&self, job: &JobConfig) -> Result<(), Tier1Error> {
+        self.write_job(job, false)?;
+        tc_attach(&self.sandbox_prog, job.veth_ifindex)?;
+        self.write_job(job, true)
+    }
+
+    /// Detaches the program from the veth (if it still exists) and removes every map entry of
+    /// the job: config, state, rules, flows, counters.
+    pub fn detach_job(&self, veth_ifindex: u32) -> Result<(), Tier1Error> {
+        let cfg: types::job_cfg = lookup(&self.maps.jobs, &veth_ifindex, "snas_jobs")?
+            .ok_or(Tier1Error::UnknownJob(veth_ifindex))?;
+        if cfg.flags & JOB_F_ATTACHED != 0 {
+            tc_detach(&self.sandbox_prog, veth_ifindex);
+        }
+        let job = cfg.job_key;
+        let _ = self.maps.jobs.delete(bytes_of(&veth_ifindex));
+        let _ = self.maps.job_state.delete(bytes_of(&veth_ifindex));
+        let _ = self.maps.job_by_key.delete(bytes_of(&job));
+        delete_where::<types::dst_key>(&self.maps.dst_exact, |k| k.job_key == job);
+        delete_where::<types::cidr_key>(&self.maps.dst_cidr, |k| cidr_job(k) == job);
+        delete_where::<types::flow_key>(&self.maps.flows, |k| k.ifindex == veth_ifindex);
+        delete_where::<types::counter_key>(&self.maps.counters, |k| k.job_key == job);
+        Ok(())
+    }
+
+    /// Allows `ip` for the job on `rules` until `ttl` from now (`None`: until revoked). DNS
+    /// answers use this with the TTL-derived expiry.
+    pub fn allow_ip(
+        &self,
+        job_key: u64,
+        ip: Ipv4Addr,
+        rules: &[PortRule],
+        ttl: Option<Duration>,
+    ) -> Result<(), Tier1Error> {
+        let expires_ns = match ttl {
+            Some(ttl) => saturating_ns(mono_now()?.saturating_add(ttl)),
+            None => 0,
+        };
+        let key = types::dst_key { job_key, ip: u32::from_ne_bytes(ip.octets()), _pad0: 0 };
+        let val = dst_val(rules, expires_ns, false)?;
+        update(&self.maps.dst_exact, &key, &val, "snas_dst_exact")
+    }
+
+    /// Removes an exact-IP entry.
+    pub fn revoke_ip(&self, job_key: u64, ip: Ipv4Addr) -> Result<(), Tier1Error> {
+        let key = types::dst_key { job_key, ip: u32::from_ne_bytes(ip.octets()), _pad0: 0 };
+        let _ = self.maps.dst_exact.delete(bytes_of(&key));
+        Ok(())
+    }
+
+    /// Allows the CIDR `net` for the job on `rules`. `allow_private` must come from a signed
+    /// `allow_private = true` rule: only then may the entry open always-denied ranges.
+    pub fn allow_cidr(
+        &self,
+        job_key: u64,
+        net: Ipv4Net,
+        rules: &[PortRule],
+        allow_private: bool,
+    ) -> Result<(), Tier1Error> {
+        let key = cidr_key(job_key, net);
+        let val = dst_val(rules, 0, allow_private)?;
+        update(&self.maps.dst_cidr, &key, &val, "snas_dst_cidr")
+    }
+
+    /// Removes a CIDR entry.
+    pub fn revoke_cidr(&self, job_key: u64, net: Ipv4Net) -> Result<(), Tier1Error> {
+        let _ = self.maps.dst_cidr.delete(bytes_of(&cidr_key(job_key, net)));
+        Ok(())
+    }
+
+    /// Replaces the proxy set and rebuilds the Maglev table from the alive proxies. Index =
+    /// position in `proxies`. Flows pinned to a proxy that is still alive stay on it.
+    pub fn set_proxies(&self, proxies: &[ProxyEntry]) -> Result<(), Tier1Error> {
+        if proxies.len() > MAX_PROXIES {
+            return Err(Tier1Error::TooManyProxies(proxies.len()));
+        }
+        let mut backends = Vec::new();
+        let mut ips = HashSet::new();
+        for i in 0..MAX_PROXIES {
+            let idx = i as u32;
+            let val = match proxies.get(i) {
+                Some(p) => {
+                    let ip = u32::from_ne_bytes(p.ip.octets());
+                    ips.insert(ip);
+                    update(&self.maps.proxy_by_ip, &ip, &idx, "snas_proxy_by_ip")?;
+                    if p.alive {
+                        backends.push(Backend { index: i as u16, id: u64::from(u32::from(p.ip)) });
+                    }
+                    types::proxy { ip, flags: u32::from(p.alive) }
+                }
+                None => types::proxy::default(),
+            };
+            update(&self.maps.proxies, &idx, &val, "snas_proxies")?;
+        }
+        for key in self.maps.proxy_by_ip.keys() {
+            if let Some(ip) = from_bytes::<u32>(&key) {
+                if !ips.contains(&ip) {
+                    let _ = self.maps.proxy_by_ip.delete(&key);
+                }
+            }
+        }
+        let slots = maglev::build(&backends);
+        let old: Option<types::maglev_table> = lookup(&self.maps.maglev, &0u32, "snas_maglev")?;
+        let mut table = types::maglev_table {
+            generation: old.map_or(1, |t| t.generation.wrapping_add(1)),
+            ..Default::default()
+        };
+        table.slot.copy_from_slice(&slots);
+        update(&self.maps.maglev, &0u32, &table, "snas_maglev")
+    }
+
+    /// Counters of one job (both directions).
+    pub fn counters(&self, job_key: u64) -> Result<JobCounters, Tier1Error> {
+        Ok(JobCounters {
+            from_sandbox: self.dir_counters(job_key, Direction::FromSandbox)?,
+            to_sandbox: self.dir_counters(job_key, Direction::ToSandbox)?,
+        })
+    }
+
+    /// Drops not attributable to a job (unknown veth, untrusted GENEVE) are counted under job
+    /// key 0.
+    pub fn unattributed_counters(&self) -> Result<JobCounters, Tier1Error> {
+        self.counters(0)
+    }
+
+    fn dir_counters(&self, job_key: u64, dir: Direction) -> Result<DirCounters, Tier1Error> {
+        let mut out = DirCounters { forwarded: self.count(job_key, dir, 0)?, ..Default::default() };
+        for r in Reason::ALL {
+            let c = self.count(job_key, dir, u32::from(r.code()))?;
+            if c.packets > 0 {
+                out.drops.insert(r, c);
+            }
+        }
+        Ok(out)
+    }
+
+    fn count(&self, job_key: u64, dir: Direction, reason: u32) -> Result<PacketCount, Tier1Error> {
+        let key = types::counter_key { job_key, dir: dir as u32, reason };
+        let per_cpu = self
+            .maps
+            .counters
+            .lookup_percpu(bytes_of(&key), MapFlags::ANY)
+            .map_err(bpf_err("lookup snas_counters"))?;
+        let mut total = PacketCount::default();
+        for v in per_cpu.unwrap_or_default() {
+            let c: types::counter_val =
+                from_bytes(&v).ok_or(Tier1Error::ValueSize("snas_counters"))?;
+            total.packets += c.packets;
+            total.bytes += c.bytes;
+        }
+        Ok(total)
+    }
+
+    fn state(&self, veth_ifindex: u32) -> Result<types::job_state, Tier1Error> {
+        lookup(&self.maps.job_state, &veth_ifindex, "snas_job_state")?
+            .ok_or(Tier1Error::UnknownJob(veth_ifindex))
+    }
+
+    /// Audit events suppressed by the per-job rate limit or a full ring.
+    pub fn audit_suppressed(&self, veth_ifindex: u32) -> Result<u64, Tier1Error> {
+        Ok(self.state(veth_ifindex)?.audit_suppressed)
+    }
+
+    /// The job's live-flow estimate (see [`Tier1::resync_live_flows`]).
+    pub fn live_flows(&self, veth_ifindex: u32) -> Result<u64, Tier1Error> {
+        Ok(self.state(veth_ifindex)?.live_flows)
+    }
+
+    /// Recounts every job's live flows from the flow table, counting entries seen within
+    /// `idle` (older entries are deleted). Call periodically: BPF only sees RSTs, not
+    /// evictions or FIN-closed flows. Other state fields may race with BPF for one packet.
+    pub fn resync_live_flows(&self, idle: Duration) -> Result<(), Tier1Error> {
+        let now = saturating_ns(mono_now()?);
+        let idle = saturating_ns(idle);
+        let mut per_job = std::collections::HashMap::<u32, u64>::new();
+        for key in self.maps.flows.keys() {
+            let Some(k) = from_bytes::<types::flow_key>(&key) else { continue };
+            let v: Option<types::flow_val> = lookup(&self.maps.flows, &k, "snas_flows")?;
+            match v {
+                Some(v) if now.saturating_sub(v.last_seen) <= idle => {
+                    *per_job.entry(k.ifindex).or_default() += 1;
+                }
+                _ => {
+                    let _ = self.maps.flows.delete(&key);
+                }
+            }
+        }
+        for key in self.maps.job_state.keys() {
+            let Some(idx) = from_bytes::<u32>(&key) else { continue };
+            let Some(mut st) = lookup::<types::job_state>(&self.maps.job_state, &idx, "state")?
+            else {
+                continue;
+            };
+            st.live_flows = per_job.get(&idx).copied().unwrap_or(0);
+            st.lock = types::bpf_spin_lock::default();
+            let _ = self.maps.job_state.update(&key, bytes_of(&st), MapFlags::EXIST | MapFlags::LOCK);
+        }
+        Ok(())
+    }
+
+    /// A reader of audit events; `on_event` is called from [`AuditReader::poll`].
+    pub fn audit_reader<F>(&self, mut on_event: F) -> Result<AuditReader, Tier1Error>
+    where
+        F: FnMut(AuditEvent) + 'static,
+    {
+        let mut b = libbpf_rs::RingBufferBuilder::new();
+        b.add(&self.maps.audit, move |data: &[u8]| {
+            if let Some(e) = AuditEvent::parse(data) {
+                on_event(e);
+            }
+            0
+        })
+        .map_err(bpf_err("ring buffer add"))?;
+        let rb = b.build().map_err(bpf_err("ring buffer build"))?;
+        Ok(AuditReader { rb })
+    }
+
+    /// The last redirect recorded by a program loaded with `record_debug`.
+    pub fn last_redirect(&self) -> Result<Option<DebugRecord>, Tier1Error> {
+        let d: Option<types::debug_rec> = lookup(&self.maps.debug, &0u32, "snas_debug")?;
+        Ok(d.filter(|d| d.redirect_kind != 0).map(|d| DebugRecord {
+            ifindex: d.redirect_ifindex,
+            kind: d.redirect_kind,
+            proxy: d.proxy,
+            flow_hash: d.flow_hash,
+        }))
+    }
+
+    /// Clears the debug record.
+    pub fn clear_debug(&self) -> Result<(), Tier1Error> {
+        update(&self.maps.debug, &0u32, &types::debug_rec::default(), "snas_debug")
+    }
+
+    /// File descriptor of the sandbox-veth program (for test runs).
+    pub fn sandbox_prog(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.sandbox_prog.as_fd()
+    }
+
+    /// File descriptor of the uplink program (for test runs).
+    pub fn uplink_prog(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.uplink_prog.as_fd()
+    }
+
+    /// Detaches everything this node attached (every job's veth, the uplink) and removes the
+    /// pins and the pin directory. The kernel frees the maps when the last user goes.
+    pub fn teardown(self) -> Result<(), Tier1Error> {
+        for key in self.maps.jobs.keys() {
+            if let Some(idx) = from_bytes::<u32>(&key) {
+                if self.attached(idx)? {
+                    tc_detach(&self.sandbox_prog, idx);
+                }
+            }
+        }
+        if let Some(info) = lookup::<types::node_info>(&self.maps.node, &0u32, "snas_node")? {
+            if info.uplink_ifindex != 0 {
+                tc_detach(&self.uplink_prog, info.uplink_ifindex);
+            }
+        }
+        remove_pins(&self.pin_dir)
+    }
+}
+
+/// Removes every pin in `dir` and the directory itself.
+pub fn remove_pins(dir: &Path) -> Result<(), Tier1Error> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(Tier1Error::PinDir { path: dir.into(), source }),
+    };
+    for e in entries.flatten() {
+        fs::remove_file(e.path())
+            .map_err(|source| Tier1Error::PinDir { path: e.path(), source })?;
+    }
+    fs::remove_dir(dir).map_err(|source| Tier1Error::PinDir { path: dir.into(), source })
+}
+
+/// Mounts bpffs on `/sys/fs/bpf` if nothing is mounted there (needs root). Returns whether it
+/// mounted.
+pub fn ensure_bpffs() -> Result<bool, Tier1Error> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let path = c"/sys/fs/bpf";
+    let mut st = MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: path is a valid C string and st points to writable memory of the right size.
+    let rc = unsafe { libc::statfs(path.as_ptr(), st.as_mut_ptr()) };
+    if rc == 0 {
+        // SAFETY: statfs succeeded and initialised st.
+        let st = unsafe { st.assume_init() };
+        #[allow(clippy::unnecessary_cast)]
+        if st.f_type as i64 == BPF_FS_MAGIC {
+            return Ok(false);
+        }
+    }
+    // SAFETY: all pointers are valid C strings; data is null, allowed for bpffs.
+    let rc = unsafe {
+        libc::mount(c"bpf".as_ptr(), path.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+    };
+    if rc != 0 {
+        return Err(Tier1Error::PinDir { path: PathBuf::from("/sys/fs/bpf"), source: io::Error::last_os_error() });
+    }
+    Ok(true)
+}
+
+/// Reader of the audit ring buffer.
+pub struct AuditReader {
+    rb: libbpf_rs::RingBuffer<'static>,
+}
+
+impl std::fmt::Debug for AuditReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditReader").finish_non_exhaustive()
+    }
+}
+
+impl AuditReader {
+    /// Waits up to `timeout` for events and delivers them to the callback.
+    pub fn poll(&self, timeout: Duration) -> Result<(), Tier1Error> {
+        self.rb.poll(timeout).map_err(bpf_err("ring buffer poll"))
+    }
+
+    /// Delivers every pending event without waiting.
+    pub fn consume(&self) -> Result<(), Tier1Error> {
+        self.rb.consume().map_err(bpf_err("ring buffer consume"))
+    }
+
+    /// File descriptor to wait on with epoll.
+    pub fn epoll_fd(&self) -> i32 {
+        self.rb.epoll_fd()
+    }
+}
+
+fn cidr_key(job_key: u64, net: Ipv4Net) -> types::cidr_key {
+    let net = net.trunc();
+    types::cidr_key {
+        prefixlen: 64 + u32::from(net.prefix_len()),
+        job_hi: ((job_key >> 32) as u32).to_be(),
+        job_lo: (job_key as u32).to_be(),
+        ip: u32::from_ne_bytes(net.network().octets()),
+    }
+}
+
+fn cidr_job(k: &types::cidr_key) -> u64 {
+    (u64::from(u32::from_be(k.job_hi)) << 32) | u64::from(u32::from_be(k.job_lo))
+}
+
+fn dst_val(rules: &[PortRule], expires_ns: u64, allow_private: bool) -> Result<types::dst_val, Tier1Error> {
+    if rules.len() > MAX_PORT_RULES {
+        return Err(Tier1Error::TooManyPortRules(rules.len()));
+    }
+    let mut v = types::dst_val {
+        expires_ns,
+        nrules: rules.len() as u32,
+        flags: u32::from(allow_private),
+        ..Default::default()
+    };
+    for (slot, r) in v.rules.iter_mut().zip(rules) {
+        *slot = r.to_c();
+    }
+    Ok(v)
+}
+
+fn update<K: Pod, V: Pod>(map: &MapHandle, k: &K, v: &V, name: &str) -> Result<(), Tier1Error> {
+    map.update(bytes_of(k), bytes_of(v), MapFlags::ANY)
+        .map_err(bpf_err(format!("update {name}")))
+}
+
+fn lookup<V: Pod>(map: &MapHandle, k: &impl Pod, name: &'static str) -> Result<Option<V>, Tier1Error> {
+    match map.lookup(bytes_of(k), MapFlags::ANY).map_err(bpf_err(format!("lookup {name}")))? {
+        None => Ok(None),
+        Some(b) => from_bytes(&b).map(Some).ok_or(Tier1Error::ValueSize(name)),
+    }
+}
+
+fn delete_where<K: Pod>(map: &MapHandle, pred: impl Fn(&K) -> bool) {
+    let doomed: Vec<Vec<u8>> = map
+        .keys()
+        .filter(|k| from_bytes::<K>(k).is_some_and(|k| pred(&k)))
+        .collect();
+    for k in doomed {
+        let _ = map.delete(&k);
+    }
+}
+
+fn tc_attach(prog: &OwnedFd, ifindex: u32) -> Result<(), Tier1Error> {
+    let mut hook = TcHookBuilder::new(prog.as_fd())
+        .ifindex(ifindex_i32(ifindex))
+        .replace(true)
+        .handle(TC_HANDLE)
+        .priority(TC_PRIORITY)
+        .hook(TC_INGRESS);
+    hook.create().map_err(bpf_err(format!("create clsact on ifindex {ifindex}")))?;
+    hook.attach().map_err(bpf_err(format!("attach to ifindex {ifindex} ingress")))?;
+    Ok(())
+}
+
+/// Best effort: the device may already be gone (veth deleted with its netns).
+fn tc_detach(prog: &OwnedFd, ifindex: u32) {
+    let mut hook = TcHookBuilder::new(prog.as_fd())
+        .ifindex(ifindex_i32(ifindex))
+        .handle(TC_HANDLE)
+        .priority(TC_PRIORITY)
+        .hook(TC_INGRESS);
+    let _ = hook.detach();
+}

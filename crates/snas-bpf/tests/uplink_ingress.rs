@@ -1,0 +1,136 @@
+//! BPF_PROG_TEST_RUN tests of bpf/uplink_ingress.bpf.c (root; skipped with a message
+//! otherwise).
+
+mod common;
+
+use std::net::Ipv4Addr;
+
+use common::*;
+use snas_bpf::testing::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+use snas_bpf::ProxyEntry;
+use snas_wire::Reason;
+
+const UNDERLAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x01];
+const PROXY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x02];
+
+fn setup(name: &str) -> Option<Node> {
+    if !root_or_skip(name) {
+        return None;
+    }
+    let n = load(&node_config(name));
+    n.t1().configure_job(&job()).expect("job");
+    n.t1()
+        .set_proxies(&[ProxyEntry { ip: PROXY_IPS[0], alive: true }])
+        .expect("proxies");
+    Some(n)
+}
+
+/// A reply as a proxy sends it: outer headers per the contract around `inner`.
+fn geneve_frame(from: Ipv4Addr, job_key: u64, inner: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&UNDERLAY_MAC);
+    f.extend_from_slice(&PROXY_MAC);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&expected_outer(from, NODE_IP, 0x1234, inner.len(), job_key));
+    f.extend_from_slice(inner);
+    f
+}
+
+fn reply_inner() -> Vec<u8> {
+    Pkt {
+        src: ALLOWED_IP,
+        dst: SANDBOX_IP,
+        sport: 443,
+        dport: 40000,
+        tcp_flags: 0x12,
+        ..Pkt::tcp_syn(ALLOWED_IP, 443)
+    }
+    .ip()
+}
+
+fn in_drops(n: &Node, job: u64, r: Reason) -> u64 {
+    n.t1().counters(job).expect("counters").to_sandbox.dropped(r).packets
+}
+
+#[test]
+fn geneve_from_a_proxy_is_decapsulated_into_the_job_veth() {
+    let Some(n) = setup("decap") else { return };
+    let inner = reply_inner();
+    let out = n.run_uplink(&geneve_frame(PROXY_IPS[0], JOB_KEY, &inner));
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    let mut want = Vec::new();
+    want.extend_from_slice(&SANDBOX_MAC);
+    want.extend_from_slice(&HOST_MAC);
+    want.extend_from_slice(&0x0800u16.to_be_bytes());
+    want.extend_from_slice(&inner);
+    assert_eq!(out.data, want);
+    let dbg = n.t1().last_redirect().expect("debug").expect("recorded");
+    assert_eq!((dbg.kind, dbg.ifindex), (3, VETH), "redirect_peer into the job's veth");
+    let c = n.t1().counters(JOB_KEY).expect("counters");
+    assert_eq!(c.to_sandbox.forwarded.packets, 1);
+    assert_eq!(c.to_sandbox.forwarded.bytes, want.len() as u64);
+}
+
+#[test]
+fn non_geneve_traffic_passes_untouched() {
+    let Some(n) = setup("passthru") else { return };
+    let plain = Pkt { src: PROXY_IPS[0], dst: NODE_IP, ..Pkt::udp(NODE_IP, 53, &[1, 2, 3, 4]) }.frame();
+    let out = n.run_uplink(&plain);
+    assert_eq!((out.retval, &out.data), (TC_ACT_OK, &plain));
+    let tcp = Pkt { src: PROXY_IPS[0], ..Pkt::tcp_syn(NODE_IP, 6081) }.frame();
+    let out = n.run_uplink(&tcp);
+    assert_eq!((out.retval, &out.data), (TC_ACT_OK, &tcp));
+}
+
+#[test]
+fn geneve_from_an_unknown_source_passes_untouched() {
+    let Some(n) = setup("untrusted") else { return };
+    let f = geneve_frame(Ipv4Addr::new(198, 51, 100, 66), JOB_KEY, &reply_inner());
+    let out = n.run_uplink(&f);
+    assert_eq!((out.retval, &out.data), (TC_ACT_OK, &f));
+}
+
+#[test]
+fn geneve_naming_an_unknown_job_is_dropped() {
+    let Some(n) = setup("unknownkey") else { return };
+    let out = n.run_uplink(&geneve_frame(PROXY_IPS[0], JOB_KEY ^ 1, &reply_inner()));
+    assert_eq!(out.retval, TC_ACT_SHOT);
+    assert_eq!(in_drops(&n, 0, Reason::GeneveUnknownJob), 1);
+}
+
+#[test]
+fn geneve_with_a_wrong_tenant_is_dropped() {
+    let Some(n) = setup("tenant") else { return };
+    let mut f = geneve_frame(PROXY_IPS[0], JOB_KEY, &reply_inner());
+    f[ETH + 40] ^= 0xff; // first byte of the tenant id
+    assert_eq!(n.run_uplink(&f).retval, TC_ACT_SHOT);
+    assert_eq!(in_drops(&n, 0, Reason::GeneveUnknownJob), 1);
+}
+
+#[test]
+fn geneve_without_our_critical_option_is_dropped() {
+    let Some(n) = setup("option") else { return };
+    let base = geneve_frame(PROXY_IPS[0], JOB_KEY, &reply_inner());
+    let g = ETH + 28;
+    for (off, val) in [(g + 9, 0xffu8), (g + 10, 0x01), (g + 1, 0x00), (g, 0x04)] {
+        let mut f = base.clone();
+        f[off] = val;
+        assert_eq!(n.run_uplink(&f).retval, TC_ACT_SHOT, "byte {off} = {val:#x}");
+    }
+    assert_eq!(in_drops(&n, 0, Reason::GeneveOption), 4);
+    let mut v1 = base.clone();
+    v1[g] = 0x45; // version 1
+    assert_eq!(n.run_uplink(&v1).retval, TC_ACT_SHOT);
+    let mut v6 = base;
+    v6[g + 2..g + 4].copy_from_slice(&0x86ddu16.to_be_bytes());
+    assert_eq!(n.run_uplink(&v6).retval, TC_ACT_SHOT);
+    assert_eq!(in_drops(&n, 0, Reason::GeneveMalformed), 2);
+}
+
+#[test]
+fn inner_packet_for_another_address_is_dropped() {
+    let Some(n) = setup("innerdst") else { return };
+    let inner = Pkt { src: ALLOWED_IP, dst: Ipv4Addr::new(10, 88, 0, 99), ..Pkt::tcp_syn(ALLOWED_IP, 443) }.ip();
+    assert_eq!(n.run_uplink(&geneve_frame(PROXY_IPS[0], JOB_KEY, &inner)).retval, TC_ACT_SHOT);
+    assert_eq!(in_drops(&n, JOB_KEY, Reason::DestinationDenied), 1);
+}
