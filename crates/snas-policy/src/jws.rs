@@ -179,6 +179,18 @@ impl VerifiedPolicy {
     }
 }
 
+/// A readable message for jsonwebtoken's terse error kinds.
+fn describe(e: &jsonwebtoken::errors::Error) -> String {
+    use jsonwebtoken::errors::ErrorKind as K;
+    match e.kind() {
+        K::InvalidToken => "not a compact JWS (expected header.payload.signature)".to_owned(),
+        K::Base64(err) => format!("bad base64url: {err}"),
+        K::Json(err) => format!("not JSON: {err}"),
+        K::Utf8(err) => format!("not UTF-8: {err}"),
+        _ => e.to_string(),
+    }
+}
+
 /// Verifies a compact JWS against `bundle` at time `now` (see module docs for the order).
 pub fn verify(
     token: &str,
@@ -193,7 +205,7 @@ pub fn verify(
         return Err(VerifyError::Malformed("empty token".into()));
     }
     let header =
-        jsonwebtoken::decode_header(token).map_err(|e| VerifyError::Malformed(e.to_string()))?;
+        jsonwebtoken::decode_header(token).map_err(|e| VerifyError::Malformed(describe(&e)))?;
     if header.alg != Algorithm::EdDSA {
         return Err(VerifyError::Algorithm(format!("{:?}", header.alg)));
     }
@@ -217,7 +229,7 @@ pub fn verify(
             jsonwebtoken::errors::ErrorKind::InvalidSignature => {
                 VerifyError::BadSignature(kid.clone())
             }
-            _ => VerifyError::Malformed(e.to_string()),
+            _ => VerifyError::Malformed(describe(&e)),
         })?;
     let claims: PolicyClaims =
         serde_json::from_value(data.claims).map_err(|e| VerifyError::Claims(e.to_string()))?;

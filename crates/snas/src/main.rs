@@ -1,2 +1,30 @@
-//! `snas`: the one binary. It only parses the command line and wires the library crates together.
-fn main() {}
+//! `snas`: the one binary. It only parses the command line and hands each subcommand to its
+//! module under `cmd/`, which wires the library crates together.
+#![forbid(unsafe_code)]
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// SNAS: policy-driven network egress for gVisor sandboxes.
+#[derive(Debug, Parser)]
+#[command(name = "snas", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Author, sign, verify and explain per-job egress policies.
+    #[command(subcommand)]
+    Policy(cmd::policy::PolicyCmd),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Policy(c) => cmd::policy::run(c),
+    }
+}

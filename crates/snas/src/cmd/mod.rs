@@ -1,0 +1,3 @@
+//! Subcommand implementations, one module per command group.
+
+pub mod policy;

@@ -1,0 +1,457 @@
+//! `snas policy …`: key generation, checking, signing, verification and explanation of policies.
+//!
+//! Exit codes (a contract for scripts):
+//! - `keygen`: 0 ok, 1 error (e.g. the key files already exist).
+//! - `check`: 0 valid, 2 invalid or unreadable (`file:line: field: reason` on stderr).
+//! - `sign`: 0 ok (token on stdout), 2 invalid policy, bad key or unreadable file.
+//! - `verify`: 0 ok (claims as pretty JSON on stdout), 1 verification failed (reason on stderr),
+//!   2 unreadable token or trust bundle.
+//! - `explain`: 0 all destinations allowed, 1 any denied, 2 error (bad token, bad destination).
+//!
+//! The clock and the randomness are read here, never in `snas-policy`.
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use rand::RngCore;
+use snas_policy::bundle_fs::load_trust_bundle;
+use snas_policy::{Decision, DenyReason, Matcher, PolicyKey, Transport, MAX_INPUT};
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+/// `snas policy` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Generate an Ed25519 signing key: writes DIR/ID.key (0600) and DIR/ID.pub.
+    Keygen(KeygenArgs),
+    /// Check a policy file; prints a one-line summary or `file:line: field: reason`.
+    Check(CheckArgs),
+    /// Sign a policy file; prints the compact JWS on stdout.
+    Sign(SignArgs),
+    /// Verify a signed policy; prints its claims as JSON.
+    Verify(VerifyArgs),
+    /// Say whether a signed policy allows destinations (host:port, ip:port, [v6]:port, optional /udp).
+    Explain(ExplainArgs),
+}
+
+/// `snas policy keygen`.
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Directory for the key files (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// Key id (file stem and JWS `kid`); default `snas-YYYYMMDD-<6 hex>` (UTC date, random).
+    #[arg(long)]
+    key_id: Option<String>,
+}
+
+/// `snas policy check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Policy file (TOML), or `-` for stdin.
+    file: PathBuf,
+}
+
+/// `snas policy sign`.
+#[derive(Debug, Args)]
+pub struct SignArgs {
+    /// Private key file DIR/ID.key (PKCS#8 PEM); the kid is the file stem.
+    #[arg(long)]
+    key: PathBuf,
+    /// Policy serial (increase it for a live update of the same job).
+    #[arg(long, default_value_t = 1)]
+    serial: u64,
+    /// Lifetime override (e.g. 15m, 2h; at most 24h).
+    #[arg(long)]
+    ttl: Option<String>,
+    /// Issue time as Unix seconds instead of the clock (reproducible tokens, tests).
+    #[arg(long, hide = true)]
+    issued_at: Option<u64>,
+    /// Policy file (TOML), or `-` for stdin.
+    file: PathBuf,
+}
+
+/// `snas policy verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Trust bundle: one public key file (ID.pub) or a directory of them.
+    #[arg(long)]
+    trust: PathBuf,
+    /// File holding the token, or `-` for stdin.
+    token: PathBuf,
+}
+
+/// `snas policy explain`.
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// Trust bundle: one public key file (ID.pub) or a directory of them.
+    #[arg(long)]
+    trust: PathBuf,
+    /// File holding the token, or `-` for stdin.
+    token: PathBuf,
+    /// Destinations: host:port, ip:port or [v6]:port, optionally suffixed /tcp or /udp.
+    #[arg(required = true)]
+    dest: Vec<String>,
+}
+
+/// Runs one subcommand and maps the outcome to the documented exit code.
+pub fn run(cmd: PolicyCmd) -> ExitCode {
+    let res = match cmd {
+        PolicyCmd::Keygen(a) => keygen(&a).map_err(|e| (1, e)),
+        PolicyCmd::Check(a) => check(&a),
+        PolicyCmd::Sign(a) => sign(&a).map_err(|e| (2, e)),
+        PolicyCmd::Verify(a) => verify(&a),
+        PolicyCmd::Explain(a) => explain(&a),
+    };
+    match res {
+        Ok(code) => ExitCode::from(code),
+        Err((code, e)) if e.is::<PolicyFileErrors>() => {
+            eprintln!("{e}");
+            ExitCode::from(code)
+        }
+        Err((code, e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Policy file errors, already formatted as `file:line: field: reason` lines (printed verbatim).
+#[derive(Debug)]
+struct PolicyFileErrors(String);
+
+impl std::fmt::Display for PolicyFileErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PolicyFileErrors {}
+
+/// Reads a file (or stdin for `-`), refusing more than 1 MiB.
+fn read_input(path: &Path) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    let limit = MAX_INPUT as u64 + 1;
+    if path == Path::new("-") {
+        std::io::stdin()
+            .lock()
+            .take(limit)
+            .read_to_end(&mut buf)
+            .context("reading stdin")?;
+    } else {
+        let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+        f.take(limit)
+            .read_to_end(&mut buf)
+            .with_context(|| format!("{}", path.display()))?;
+    }
+    if buf.len() > MAX_INPUT {
+        bail!("{}: larger than the 1 MiB limit", path.display());
+    }
+    Ok(buf)
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    String::from_utf8(read_input(path)?).map_err(|_| anyhow!("{}: not valid UTF-8", path.display()))
+}
+
+fn display_name(path: &Path) -> String {
+    if path == Path::new("-") {
+        "<stdin>".to_owned()
+    } else {
+        path.display().to_string()
+    }
+}
+
+/// Parses a policy file, printing `file:line: field: reason` lines on failure.
+fn load_policy(path: &Path) -> std::result::Result<snas_policy::PolicyDraft, (u8, anyhow::Error)> {
+    let bytes = read_input(path).map_err(|e| (2, e))?;
+    snas_policy::parse_policy_bytes(&bytes).map_err(|errs| {
+        let name = display_name(path);
+        let mut msg = String::new();
+        for (i, e) in errs.0.iter().enumerate() {
+            if i > 0 {
+                msg.push('\n');
+            }
+            let _ = write!(msg, "{name}:{}: {}: {}", e.line, e.field, e.reason);
+        }
+        (2, anyhow::Error::new(PolicyFileErrors(msg)))
+    })
+}
+
+fn check(a: &CheckArgs) -> std::result::Result<u8, (u8, anyhow::Error)> {
+    let d = load_policy(&a.file)?;
+    let hosts = d
+        .egress
+        .iter()
+        .filter(|r| matches!(r, snas_policy::EgressRule::Host { .. }))
+        .count();
+    println!(
+        "{}: ok: tenant {}, job {}, {} rules ({} host, {} cidr), ttl {}, egress {}, ingress {}, max_connections {}",
+        display_name(&a.file),
+        d.tenant,
+        d.job,
+        d.egress.len(),
+        hosts,
+        d.egress.len() - hosts,
+        humantime::format_duration(d.ttl),
+        d.limits.egress_bps,
+        d.limits.ingress_bps,
+        d.limits.max_connections,
+    );
+    Ok(0)
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn default_kid(now: SystemTime) -> String {
+    let days = snas_policy::claims::unix_secs(now) / 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    let mut r = [0u8; 3];
+    rand::rngs::OsRng.fill_bytes(&mut r);
+    format!(
+        "snas-{y:04}{m:02}{d:02}-{:02x}{:02x}{:02x}",
+        r[0], r[1], r[2]
+    )
+}
+
+fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("{}", path.display()))?;
+    f.write_all(data)
+        .with_context(|| format!("{}", path.display()))?;
+    f.sync_all().with_context(|| format!("{}", path.display()))
+}
+
+fn keygen(a: &KeygenArgs) -> Result<u8> {
+    let kid = a
+        .key_id
+        .clone()
+        .unwrap_or_else(|| default_kid(SystemTime::now()));
+    let mut seed = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut seed);
+    let key = PolicyKey::from_seed(&kid, seed)?;
+    seed.fill(0);
+    std::fs::create_dir_all(&a.out).with_context(|| format!("{}", a.out.display()))?;
+    let private = a.out.join(format!("{kid}.key"));
+    let public = a.out.join(format!("{kid}.pub"));
+    for p in [&private, &public] {
+        if p.exists() {
+            bail!(
+                "{} already exists; refusing to overwrite a key",
+                p.display()
+            );
+        }
+    }
+    write_new(&private, key.private_pem()?.as_bytes(), 0o600)?;
+    write_new(&public, key.public_pem()?.as_bytes(), 0o644)?;
+    println!("{}", private.display());
+    println!("{}", public.display());
+    Ok(0)
+}
+
+fn sign(a: &SignArgs) -> Result<u8> {
+    let kid = a.key.file_stem().and_then(|s| s.to_str()).ok_or_else(|| {
+        anyhow!(
+            "{}: cannot derive a key id from the file name",
+            a.key.display()
+        )
+    })?;
+    let pem = read_input(&a.key)?;
+    let key = PolicyKey::from_pem(kid, &pem).with_context(|| format!("{}", a.key.display()))?;
+    let mut draft = load_policy(&a.file).map_err(|(_, e)| e)?;
+    if let Some(t) = &a.ttl {
+        draft.ttl = snas_policy::units::parse_ttl(t).context("--ttl")?;
+    }
+    let now = match a.issued_at {
+        Some(s) => SystemTime::UNIX_EPOCH + Duration::from_secs(s),
+        None => SystemTime::now(),
+    };
+    let mut id = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut id);
+    let jti: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    let claims = draft.to_claims(&jti, a.serial, now);
+    let token = snas_policy::sign(&claims, &key)?;
+    println!("{token}");
+    Ok(0)
+}
+
+fn load_verified(
+    trust: &Path,
+    token: &Path,
+) -> std::result::Result<snas_policy::VerifiedPolicy, (u8, anyhow::Error)> {
+    let bundle = load_trust_bundle(trust).map_err(|e| (2, anyhow!(e)))?;
+    let text = read_text(token).map_err(|e| (2, e))?;
+    snas_policy::verify(&text, &bundle, SystemTime::now()).map_err(|e| {
+        (
+            1,
+            anyhow!("{}: verification failed: {e}", display_name(token)),
+        )
+    })
+}
+
+fn verify(a: &VerifyArgs) -> std::result::Result<u8, (u8, anyhow::Error)> {
+    let v = load_verified(&a.trust, &a.token)?;
+    let json = serde_json::to_string_pretty(v.claims()).map_err(|e| (2, anyhow!(e)))?;
+    println!("{json}");
+    Ok(0)
+}
+
+/// A destination to explain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    Name(String),
+    Ip(IpAddr),
+}
+
+fn parse_dest(s: &str) -> Result<(Target, u16, Transport)> {
+    let (rest, t) = match s.rsplit_once('/') {
+        Some((r, "udp")) => (r, Transport::Udp),
+        Some((r, "tcp")) => (r, Transport::Tcp),
+        Some((_, other)) => bail!("{s}: unknown protocol `{other}` (expected /tcp or /udp)"),
+        None => (s, Transport::Tcp),
+    };
+    if let Ok(sa) = rest.parse::<SocketAddr>() {
+        if sa.port() == 0 {
+            bail!("{s}: port must be 1-65535");
+        }
+        return Ok((Target::Ip(sa.ip()), sa.port(), t));
+    }
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("{s}: expected host:port, ip:port or [v6]:port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| anyhow!("{s}: `{port}` is not a port"))?;
+    if port == 0 {
+        bail!("{s}: port must be 1-65535");
+    }
+    if host.contains(':') || host.starts_with('[') {
+        bail!("{s}: IPv6 addresses need brackets: [2001:db8::1]:443");
+    }
+    let mut buf = [0u8; snas_policy::hostport::MAX_NAME_LEN];
+    let name = snas_policy::hostport::normalize_name(host, &mut buf)
+        .ok_or_else(|| anyhow!("{s}: `{host}` is not a valid host name"))?;
+    Ok((Target::Name(name.to_owned()), port, t))
+}
+
+fn explain_one(
+    m: &Matcher,
+    claims: &snas_policy::PolicyClaims,
+    target: &Target,
+    port: u16,
+    t: Transport,
+) -> (bool, String) {
+    let d = match target {
+        Target::Name(n) => m.check_host(n, port, t),
+        Target::Ip(ip) => m.check_ip(*ip, port, t),
+    };
+    let shown = match target {
+        Target::Name(n) => format!("{n}:{port}/{t}"),
+        Target::Ip(IpAddr::V6(a)) => format!("[{a}]:{port}/{t}"),
+        Target::Ip(a) => format!("{a}:{port}/{t}"),
+    };
+    match d {
+        Decision::Allow { rule } => {
+            let text = claims
+                .egress
+                .get(rule)
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            (true, format!("allow {shown} rule {rule} ({text})"))
+        }
+        Decision::Deny(r) => {
+            let detail = match (r, target) {
+                (DenyReason::AlwaysDenied, Target::Ip(ip)) => m
+                    .denied_range(*ip)
+                    .map(|(net, label)| format!(" ({label} {net})"))
+                    .unwrap_or_default(),
+                (DenyReason::PortDenied, _) => {
+                    " (a rule names this destination, but not this port/protocol)".to_owned()
+                }
+                (DenyReason::DestinationDenied, _) => {
+                    " (no rule names this destination)".to_owned()
+                }
+                _ => String::new(),
+            };
+            (false, format!("deny {shown} {r}{detail}"))
+        }
+    }
+}
+
+fn explain(a: &ExplainArgs) -> std::result::Result<u8, (u8, anyhow::Error)> {
+    let mut dests = Vec::with_capacity(a.dest.len());
+    for d in &a.dest {
+        dests.push(parse_dest(d).map_err(|e| (2, e))?);
+    }
+    let v = load_verified(&a.trust, &a.token).map_err(|(_, e)| (2, e))?;
+    let m = v.compile();
+    let mut all = true;
+    for (target, port, t) in &dests {
+        let (ok, line) = explain_one(&m, v.claims(), target, *port, *t);
+        all &= ok;
+        println!("{line}");
+    }
+    Ok(if all { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_415), (2025, 11, 23));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn destinations_parse() {
+        assert_eq!(
+            parse_dest("API.example.com:443").expect("ok"),
+            (Target::Name("api.example.com".into()), 443, Transport::Tcp)
+        );
+        assert_eq!(
+            parse_dest("192.0.2.1:53/udp").expect("ok"),
+            (
+                Target::Ip("192.0.2.1".parse().expect("ip")),
+                53,
+                Transport::Udp
+            )
+        );
+        assert_eq!(
+            parse_dest("[2001:db8::1]:443/tcp").expect("ok").0,
+            Target::Ip("2001:db8::1".parse().expect("ip"))
+        );
+        for bad in [
+            "example.com",
+            "example.com:0",
+            "example.com:x",
+            "2001:db8::1:443",
+            "a b:1",
+            "x.com:1/icmp",
+        ] {
+            assert!(parse_dest(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! Black-box tests of `snas policy …`: they run the built binary (unprivileged, temp dirs only).
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use tempfile::TempDir;
+
+const POLICY: &str = r#"tenant = "acme"
+job = "job-42"
+node = "192.0.2.7"
+
+[[egress]]
+host = "api.example.com"
+
+[[egress]]
+host = "*.s3.amazonaws.com:443"
+
+[[egress]]
+cidr = "203.0.113.0/24"
+ports = "5432"
+"#;
+
+fn snas() -> Command {
+    Command::cargo_bin("snas").expect("binary built")
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+struct Fixture {
+    dir: TempDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let f = Fixture {
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        f.write("policy.toml", POLICY);
+        f
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path(name);
+        fs::write(&p, text).expect("write");
+        p
+    }
+
+    fn keygen(&self, dir: &str, kid: &str) -> PathBuf {
+        snas()
+            .args(["policy", "keygen", "--out"])
+            .arg(self.path(dir))
+            .args(["--key-id", kid])
+            .assert()
+            .success();
+        self.path(dir).join(format!("{kid}.key"))
+    }
+
+    fn sign(&self, key: &Path, extra: &[&str]) -> String {
+        let out = snas()
+            .args(["policy", "sign", "--key"])
+            .arg(key)
+            .args(extra)
+            .arg(self.path("policy.toml"))
+            .assert()
+            .success()
+            .get_output()
+            .stdout
+            .clone();
+        String::from_utf8(out).expect("utf8")
+    }
+}
+
+#[test]
+fn keygen_writes_private_key_0600_and_public_key_and_prints_paths() {
+    let f = Fixture::new();
+    let out = snas()
+        .args(["policy", "keygen", "--out"])
+        .arg(f.path("keys"))
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let out = String::from_utf8(out).expect("utf8");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2);
+    assert!(
+        lines[0].ends_with(".key") && lines[1].ends_with(".pub"),
+        "{out}"
+    );
+    let kid = Path::new(lines[0])
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .expect("stem");
+    assert!(
+        kid.starts_with("snas-") && kid.len() == "snas-20260101-abcdef".len(),
+        "{kid}"
+    );
+    let mode = fs::metadata(lines[0]).expect("key").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(fs::read_to_string(lines[0])
+        .expect("read")
+        .starts_with("-----BEGIN PRIVATE KEY-----"));
+    assert!(fs::read_to_string(lines[1])
+        .expect("read")
+        .starts_with("-----BEGIN PUBLIC KEY-----"));
+}
+
+#[test]
+fn keygen_refuses_to_overwrite_and_rejects_bad_ids() {
+    let f = Fixture::new();
+    f.keygen("keys", "k1");
+    snas()
+        .args(["policy", "keygen", "--out"])
+        .arg(f.path("keys"))
+        .args(["--key-id", "k1"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("already exists"));
+    snas()
+        .args(["policy", "keygen", "--out"])
+        .arg(f.path("keys"))
+        .args(["--key-id", "../x"])
+        .assert()
+        .code(1);
+}
+
+#[test]
+fn check_accepts_a_valid_policy_with_a_one_line_summary() {
+    let f = Fixture::new();
+    snas()
+        .args(["policy", "check"])
+        .arg(f.path("policy.toml"))
+        .assert()
+        .code(0)
+        .stdout(predicate::str::contains(
+            "ok: tenant acme, job job-42, 3 rules (2 host, 1 cidr)",
+        ))
+        .stdout(predicate::function(|s: &str| s.lines().count() == 1));
+}
+
+#[test]
+fn check_reports_file_line_field_reason() {
+    let f = Fixture::new();
+    let bad = f.write(
+        "bad.toml",
+        &POLICY.replace("*.s3.amazonaws.com:443", "api.example.*"),
+    );
+    snas()
+        .args(["policy", "check"])
+        .arg(&bad)
+        .assert()
+        .code(2)
+        .stderr(format!(
+            "{}:9: egress[1].host: wildcard not allowed in the last label\n",
+            bad.display()
+        ));
+}
+
+#[test]
+fn check_rejects_unknown_fields_wrong_types_and_bad_toml_without_panicking() {
+    let f = Fixture::new();
+    let cases = [
+        (
+            "unknown.toml",
+            POLICY.replace("ports = \"5432\"", "ports = \"5432\"\ncolour = \"red\""),
+            ":14: egress[2].colour: unknown field",
+        ),
+        (
+            "type.toml",
+            POLICY.replace("job = \"job-42\"", "job = 42"),
+            ":2: job: invalid type",
+        ),
+        (
+            "syntax.toml",
+            POLICY.replace("tenant = \"acme\"", "tenant = \"acme"),
+            ":1: ",
+        ),
+        (
+            "missing.toml",
+            POLICY.replace("tenant = \"acme\"\n", ""),
+            "tenant: missing field",
+        ),
+        (
+            "ip.toml",
+            POLICY.replace("api.example.com", "192.0.2.10"),
+            "egress[0].host: `192.0.2.10` is an IP address; use a cidr rule",
+        ),
+        (
+            "private.toml",
+            POLICY.replace("203.0.113.0/24", "10.0.0.0/8"),
+            "egress[2].cidr: 10.0.0.0/8 lies in the always-denied",
+        ),
+    ];
+    for (name, text, expected) in cases {
+        let p = f.write(name, &text);
+        snas()
+            .args(["policy", "check"])
+            .arg(&p)
+            .assert()
+            .code(2)
+            .stderr(
+                predicate::str::contains(expected).and(predicate::str::contains("panicked").not()),
+            );
+    }
+}
+
+#[test]
+fn check_rejects_unreadable_oversize_and_non_utf8_files() {
+    let f = Fixture::new();
+    snas()
+        .args(["policy", "check"])
+        .arg(f.path("nope.toml"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("No such file"));
+    let big = f.write("big.toml", &"#".repeat((1 << 20) + 10));
+    snas()
+        .args(["policy", "check"])
+        .arg(&big)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("1 MiB"));
+    let p = f.path("latin1.toml");
+    fs::write(&p, b"tenant = \"caf\xe9\"\n").expect("write");
+    snas()
+        .args(["policy", "check"])
+        .arg(&p)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("UTF-8"));
+    snas()
+        .args(["policy", "check"])
+        .arg(f.dir.path())
+        .assert()
+        .code(2);
+}
+
+#[test]
+fn shipped_examples_check_as_documented() {
+    for name in ["policy.toml", "policy-web.toml", "policy-private-db.toml"] {
+        snas()
+            .args(["policy", "check"])
+            .arg(repo().join("examples").join(name))
+            .assert()
+            .code(0);
+    }
+    snas()
+        .args(["policy", "check"])
+        .arg(repo().join("examples/policy-invalid.toml"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "policy-invalid.toml:6: egress[0].host: wildcard not allowed in the last label",
+        ))
+        .stderr(predicate::str::contains(
+            "policy-invalid.toml:9: egress[1].cidr:",
+        ));
+}
+
+#[test]
+fn sign_then_verify_prints_the_claims_as_json() {
+    let f = Fixture::new();
+    let key = f.keygen("keys", "k1");
+    let token = f.sign(&key, &["--serial", "7", "--ttl", "15m"]);
+    assert_eq!(token.trim().split('.').count(), 3);
+    let tok = f.write("token", &format!("\n  {token}  \n"));
+    let out = snas()
+        .args(["policy", "verify", "--trust"])
+        .arg(f.path("keys/k1.pub"))
+        .arg(&tok)
+        .assert()
+        .code(0)
+        .get_output()
+        .stdout
+        .clone();
+    let claims: serde_json::Value = serde_json::from_slice(&out).expect("json");
+    assert_eq!(claims["tenant"], "acme");
+    assert_eq!(claims["serial"], 7);
+    assert_eq!(claims["node"], "192.0.2.7");
+    assert_eq!(
+        claims["exp"].as_u64().expect("exp") - claims["iat"].as_u64().expect("iat"),
+        900
+    );
+    assert_eq!(claims["egress"][1]["host"], "*.s3.amazonaws.com:443");
+    assert_eq!(claims["limits"]["max_connections"], 256);
+}
+
+#[test]
+fn verify_reads_stdin_and_accepts_any_key_of_a_rotation_directory() {
+    let f = Fixture::new();
+    let old = f.keygen("keys", "old");
+    let new = f.keygen("keys", "new");
+    for key in [old, new] {
+        let token = f.sign(&key, &[]);
+        snas()
+            .args(["policy", "verify", "--trust"])
+            .arg(f.path("keys"))
+            .arg("-")
+            .write_stdin(token)
+            .assert()
+            .code(0);
+    }
+}
+
+#[test]
+fn verify_failures_exit_1_with_the_reason() {
+    let f = Fixture::new();
+    let key = f.keygen("keys", "k1");
+    f.keygen("other", "k2");
+    let token = f.sign(&key, &[]);
+    let expired = f.sign(&key, &["--issued-at", "1700000000"]);
+    let parts: Vec<&str> = token.trim().split('.').collect();
+    let tampered = format!("{}.{}x.{}", parts[0], parts[1], parts[2]);
+    let forged_sig = format!("{}.{}.{}", parts[0], parts[1], "A".repeat(parts[2].len()));
+    let cases = [
+        ("other", token.clone(), "unknown key id `k1`"),
+        ("keys", expired, "policy expired"),
+        ("keys", forged_sig, "bad signature"),
+        ("keys", tampered, "verification failed"),
+        ("keys", "garbage".to_owned(), "malformed token"),
+        ("keys", String::new(), "empty token"),
+    ];
+    for (trust, tok, expected) in cases {
+        snas()
+            .args(["policy", "verify", "--trust"])
+            .arg(f.path(trust))
+            .arg("-")
+            .write_stdin(tok)
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains(expected));
+    }
+}
+
+#[test]
+fn verify_with_unreadable_inputs_exits_nonzero() {
+    let f = Fixture::new();
+    f.keygen("keys", "k1");
+    snas()
+        .args(["policy", "verify", "--trust"])
+        .arg(f.path("nokeys"))
+        .arg("-")
+        .write_stdin("x")
+        .assert()
+        .code(2);
+    snas()
+        .args(["policy", "verify", "--trust"])
+        .arg(f.path("keys"))
+        .arg(f.path("missing"))
+        .assert()
+        .code(2);
+    fs::create_dir(f.path("empty")).expect("mkdir");
+    snas()
+        .args(["policy", "verify", "--trust"])
+        .arg(f.path("empty"))
+        .arg("-")
+        .write_stdin("x")
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("no *.pub files"));
+}
+
+#[test]
+fn sign_rejects_bad_policies_keys_and_ttls() {
+    let f = Fixture::new();
+    let key = f.keygen("keys", "k1");
+    let bad = f.write(
+        "bad.toml",
+        &POLICY.replace("*.s3.amazonaws.com:443", "*.com"),
+    );
+    snas()
+        .args(["policy", "sign", "--key"])
+        .arg(&key)
+        .arg(&bad)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(":9: egress[1].host:"));
+    snas()
+        .args(["policy", "sign", "--key"])
+        .arg(&key)
+        .args(["--ttl", "25h"])
+        .arg(f.path("policy.toml"))
+        .assert()
+        .code(2);
+    snas()
+        .args(["policy", "sign", "--key"])
+        .arg(f.path("keys/k1.pub"))
+        .arg(f.path("policy.toml"))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("not an Ed25519 private key"));
+}
+
+#[test]
+fn explain_prints_one_line_per_destination_and_exit_code_reflects_denials() {
+    let f = Fixture::new();
+    let key = f.keygen("keys", "k1");
+    let tok = f.write("token", &f.sign(&key, &[]));
+    let run = |dests: &[&str]| {
+        let mut c = snas();
+        c.args(["policy", "explain", "--trust"])
+            .arg(f.path("keys"))
+            .arg(&tok)
+            .args(dests);
+        c.assert()
+    };
+    run(&[
+        "api.example.com:443",
+        "eu.s3.amazonaws.com:443",
+        "203.0.113.9:5432",
+    ])
+    .code(0)
+    .stdout(
+        "allow api.example.com:443/tcp rule 0 (host api.example.com:443/tcp)\n\
+         allow eu.s3.amazonaws.com:443/tcp rule 1 (host *.s3.amazonaws.com:443/tcp)\n\
+         allow 203.0.113.9:5432/tcp rule 2 (cidr 203.0.113.0/24 ports 5432/tcp)\n",
+    );
+    let out = run(&[
+        "api.example.com:443",
+        "api.example.com:80",
+        "a.b.s3.amazonaws.com:443",
+        "169.254.169.254:80",
+        "[2001:db8::1]:443/udp",
+    ])
+    .code(1)
+    .get_output()
+    .stdout
+    .clone();
+    let out = String::from_utf8(out).expect("utf8");
+    let words: Vec<(&str, &str, &str)> = out
+        .lines()
+        .map(|l| {
+            let mut w = l.split_whitespace();
+            (
+                w.next().unwrap_or(""),
+                w.next().unwrap_or(""),
+                w.next().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        words,
+        vec![
+            ("allow", "api.example.com:443/tcp", "rule"),
+            ("deny", "api.example.com:80/tcp", "port_denied"),
+            ("deny", "a.b.s3.amazonaws.com:443/tcp", "destination_denied"),
+            ("deny", "169.254.169.254:80/tcp", "always_denied"),
+            ("deny", "[2001:db8::1]:443/udp", "destination_denied"),
+        ]
+    );
+}
+
+#[test]
+fn explain_errors_exit_2() {
+    let f = Fixture::new();
+    let key = f.keygen("keys", "k1");
+    let tok = f.write("token", &f.sign(&key, &[]));
+    snas()
+        .args(["policy", "explain", "--trust"])
+        .arg(f.path("keys"))
+        .arg(&tok)
+        .arg("no-port.example.com")
+        .assert()
+        .code(2);
+    snas()
+        .args(["policy", "explain", "--trust"])
+        .arg(f.path("keys"))
+        .arg(&tok)
+        .arg("bad host:443")
+        .assert()
+        .code(2);
+    let junk = f.write("junk", "not.a.token");
+    snas()
+        .args(["policy", "explain", "--trust"])
+        .arg(f.path("keys"))
+        .arg(&junk)
+        .arg("api.example.com:443")
+        .assert()
+        .code(2);
+}
