@@ -1,0 +1,185 @@
+//! Property: a NAT tuple is never handed out while a flow or its quarantine holds it, over random
+//! open / observe / close / expire sequences under a fake clock. Also: the pool reports
+//! exhaustion only when every tuple for the destination is really held.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use proptest::prelude::*;
+use snas_proxy::clock::Nanos;
+use snas_proxy::conntrack::{
+    Conntrack, ConntrackConfig, Direction, FlowId, FlowKey, Open, ReplyKey, TcpFlags,
+};
+use snas_proxy::nat::{IpProto, JobLimits};
+use snas_wire::Reason;
+
+const EGRESS: [IpAddr; 2] = [
+    IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+    IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)),
+];
+const PORTS: u16 = 8;
+const QUARANTINE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+enum Op {
+    Open {
+        job: u8,
+        sport: u8,
+        dest: u8,
+        udp: bool,
+    },
+    Reply {
+        pick: u16,
+    },
+    Close {
+        pick: u16,
+    },
+    Advance {
+        secs: u16,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0u8..4, 0u8..40, 0u8..3, any::<bool>())
+            .prop_map(|(job, sport, dest, udp)| Op::Open { job, sport, dest, udp }),
+        2 => any::<u16>().prop_map(|pick| Op::Reply { pick }),
+        3 => any::<u16>().prop_map(|pick| Op::Close { pick }),
+        2 => (0u16..90).prop_map(|secs| Op::Advance { secs }),
+    ]
+}
+
+type Tuple = (IpAddr, u16, IpProto, IpAddr, u16);
+
+#[derive(Default)]
+struct Model {
+    /// Tuples of live flows.
+    live: HashMap<Tuple, FlowId>,
+    /// Tuples of removed flows → end of their quarantine.
+    quarantined_until: HashMap<Tuple, Nanos>,
+    flows: Vec<(FlowId, FlowKey, Tuple)>,
+}
+
+impl Model {
+    fn held(&self, t: &Tuple, now: Nanos) -> bool {
+        self.live.contains_key(t) || self.quarantined_until.get(t).is_some_and(|u| *u > now)
+    }
+
+    fn removed(&mut self, t: Tuple, now: Nanos) {
+        self.live.remove(&t);
+        self.quarantined_until
+            .insert(t, now.saturating_add(QUARANTINE));
+        self.flows.retain(|(_, _, x)| *x != t);
+    }
+}
+
+fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let mut cfg = ConntrackConfig::new(EGRESS.to_vec());
+    cfg.nat.ports = 30_000..=30_000 + PORTS - 1;
+    cfg.nat.quarantine = QUARANTINE;
+    let mut ct =
+        Conntrack::new(cfg, Nanos::ZERO).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let limits = JobLimits {
+        max_connections: u32::MAX,
+        max_ports_per_destination: u32::MAX,
+    };
+    let mut now = Nanos::ZERO;
+    let mut m = Model::default();
+    for op in ops {
+        match op {
+            Op::Open {
+                job,
+                sport,
+                dest,
+                udp,
+            } => {
+                let proto = if udp { IpProto::Udp } else { IpProto::Tcp };
+                let key = FlowKey {
+                    job: u64::from(job),
+                    proto,
+                    src_ip: IpAddr::V4(Ipv4Addr::new(198, 51, 100, job + 1)),
+                    src_port: u16::from(sport),
+                    dst_ip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, dest + 1)),
+                    dst_port: 443,
+                };
+                match ct.open(key, u32::from(job % 2), limits, now) {
+                    Open::Created {
+                        id,
+                        egress_ip,
+                        egress_port,
+                    } => {
+                        let t = (egress_ip, egress_port, proto, key.dst_ip, key.dst_port);
+                        prop_assert!(!m.held(&t, now), "tuple {t:?} reused while held");
+                        m.live.insert(t, id);
+                        m.flows.push((id, key, t));
+                        let reply = ReplyKey {
+                            proto,
+                            remote_ip: key.dst_ip,
+                            remote_port: key.dst_port,
+                            egress_ip,
+                            egress_port,
+                        };
+                        prop_assert_eq!(ct.lookup_reply(&reply), Some(id));
+                    }
+                    Open::Existing(id) => {
+                        prop_assert!(m.flows.iter().any(|(f, k, _)| *f == id && *k == key));
+                    }
+                    Open::Refused(r) => {
+                        prop_assert_eq!(r, Reason::PortsExhausted);
+                        let held = EGRESS
+                            .iter()
+                            .flat_map(|ip| (0..PORTS).map(move |p| (*ip, 30_000 + p)))
+                            .filter(|(ip, p)| m.held(&(*ip, *p, proto, key.dst_ip, 443), now))
+                            .count();
+                        prop_assert_eq!(held, EGRESS.len() * usize::from(PORTS));
+                    }
+                }
+            }
+            Op::Reply { pick } => {
+                if !m.flows.is_empty() {
+                    let (id, _, _) = m.flows[usize::from(pick) % m.flows.len()];
+                    let flags = TcpFlags::SYN | TcpFlags::ACK;
+                    prop_assert!(ct.observe(id, Direction::Reply, flags, now).is_some());
+                }
+            }
+            Op::Close { pick } => {
+                if !m.flows.is_empty() {
+                    let (id, key, t) = m.flows[usize::from(pick) % m.flows.len()];
+                    prop_assert!(ct.remove(id, now).is_some());
+                    prop_assert_eq!(ct.lookup(&key), None);
+                    m.removed(t, now);
+                }
+            }
+            Op::Advance { secs } => {
+                now = now.saturating_add(Duration::from_secs(u64::from(secs)));
+                let gone: Vec<_> = ct.expire(now).collect();
+                for f in gone {
+                    let t = (
+                        f.egress_ip,
+                        f.egress_port,
+                        f.key.proto,
+                        f.key.dst_ip,
+                        f.key.dst_port,
+                    );
+                    prop_assert!(m.live.contains_key(&t));
+                    m.removed(t, now);
+                }
+            }
+        }
+        prop_assert_eq!(ct.len(), m.live.len());
+        for (id, key, _) in &m.flows {
+            prop_assert_eq!(ct.lookup(key), Some(*id));
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn nat_tuples_are_never_reused_while_held(ops in proptest::collection::vec(op(), 1..400)) {
+        run(ops)?;
+    }
+}
