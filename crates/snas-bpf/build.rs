@@ -27,7 +27,10 @@ fn main() {
         println!("cargo:rerun-if-changed={src}");
     }
     println!("cargo:rerun-if-changed=bpf/lib");
-    for entry in std::fs::read_dir("bpf/lib").expect("bpf/lib exists").flatten() {
+    for entry in std::fs::read_dir("bpf/lib")
+        .expect("bpf/lib exists")
+        .flatten()
+    {
         println!("cargo:rerun-if-changed={}", entry.path().display());
     }
     println!("cargo:rerun-if-env-changed=SNAS_BPF_CLANG");

@@ -111,7 +111,7 @@ impl JobConfig {
             flags: u16::from(self.ipv6_rules),
             ifindex: self.veth_ifindex,
             egress_bps: self.egress.map_or(0, |b| b.0),
-            horizon_ns: self.horizon.map_or(0, |h| saturating_ns(h)),
+            horizon_ns: self.horizon.map_or(0, saturating_ns),
             conn_rate: self.new_conn_per_sec,
             conn_burst: self.new_conn_burst,
             max_connections: self.max_connections,
@@ -151,12 +151,20 @@ pub struct PortRule {
 impl PortRule {
     /// Every port of `proto`.
     pub fn all(proto: Proto) -> Self {
-        PortRule { proto, lo: 0, hi: u16::MAX }
+        PortRule {
+            proto,
+            lo: 0,
+            hi: u16::MAX,
+        }
     }
 
     /// A single port.
     pub fn port(proto: Proto, port: u16) -> Self {
-        PortRule { proto, lo: port, hi: port }
+        PortRule {
+            proto,
+            lo: port,
+            hi: port,
+        }
     }
 
     pub(crate) fn to_c(self) -> types::port_rule {

@@ -23,5 +23,6 @@ pub fn fq_available() -> io::Result<bool> {
             .status()?;
         Ok(status.success())
     });
-    t.join().map_err(|_| io::Error::other("fq probe thread panicked"))?
+    t.join()
+        .map_err(|_| io::Error::other("fq probe thread panicked"))?
 }

@@ -98,7 +98,10 @@ mod tests {
             let fair = TABLE_SIZE / n as usize;
             for i in 0..n {
                 let c = t.iter().filter(|&&s| s == i).count();
-                assert!(c.abs_diff(fair) <= 1, "n={n} backend {i} has {c}, fair {fair}");
+                assert!(
+                    c.abs_diff(fair) <= 1,
+                    "n={n} backend {i} has {c}, fair {fair}"
+                );
             }
         }
     }
@@ -117,7 +120,10 @@ mod tests {
             }
         }
         // Maglev's disruption bound in practice: a few percent of the table.
-        assert!(foreign_moves * 100 < TABLE_SIZE * 3, "{foreign_moves} foreign slots moved");
+        assert!(
+            foreign_moves * 100 < TABLE_SIZE * 3,
+            "{foreign_moves} foreign slots moved"
+        );
     }
 
     #[test]

@@ -86,10 +86,16 @@ pub fn run(prog: BorrowedFd<'_>, frame: &[u8], ctx: &SkbCtx) -> Result<RunOutput
     // refers to a live buffer of the stated size that outlives the call.
     let rc = unsafe { libbpf_rs::libbpf_sys::bpf_prog_test_run_opts(prog.as_raw_fd(), &mut opts) };
     if rc != 0 {
-        return Err(TestRunError::Syscall(std::io::Error::from_raw_os_error(-rc)));
+        return Err(TestRunError::Syscall(std::io::Error::from_raw_os_error(
+            -rc,
+        )));
     }
     data_out.truncate(opts.data_size_out as usize);
     let mut ts = [0u8; 8];
     ts.copy_from_slice(&ctx_out[OFF_TSTAMP..OFF_TSTAMP + 8]);
-    Ok(RunOutput { retval: opts.retval as i32, data: data_out, tstamp: u64::from_ne_bytes(ts) })
+    Ok(RunOutput {
+        retval: opts.retval as i32,
+        data: data_out,
+        tstamp: u64::from_ne_bytes(ts),
+    })
 }

@@ -168,9 +168,13 @@ fn set_pins(obj: &mut libbpf_rs::OpenObject, dir: &Path) -> Result<(), Tier1Erro
 
 fn pin_prog(prog: &mut libbpf_rs::ProgramMut<'_>, path: &Path) -> Result<(), Tier1Error> {
     if path.exists() {
-        fs::remove_file(path).map_err(|source| Tier1Error::PinDir { path: path.into(), source })?;
+        fs::remove_file(path).map_err(|source| Tier1Error::PinDir {
+            path: path.into(),
+            source,
+        })?;
     }
-    prog.pin(path).map_err(bpf_err(format!("pin {}", path.display())))
+    prog.pin(path)
+        .map_err(bpf_err(format!("pin {}", path.display())))
 }
 
 fn ifindex_i32(ifindex: u32) -> i32 {
@@ -179,7 +183,10 @@ fn ifindex_i32(ifindex: u32) -> i32 {
 
 /// Current CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns`.
 pub fn mono_now() -> Result<Duration, Tier1Error> {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: ts is a valid, writable timespec; CLOCK_MONOTONIC is always supported.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     if rc != 0 {
@@ -199,8 +206,10 @@ impl Tier1 {
     /// The pin directory must be on a bpffs mount (see [`ensure_bpffs`]).
     pub fn load(node: &NodeConfig) -> Result<Tier1, Tier1Error> {
         let dir = node.pin_dir.clone();
-        fs::create_dir_all(&dir)
-            .map_err(|source| Tier1Error::PinDir { path: dir.clone(), source })?;
+        fs::create_dir_all(&dir).map_err(|source| Tier1Error::PinDir {
+            path: dir.clone(),
+            source,
+        })?;
 
         {
             let mut storage = MaybeUninit::uninit();
@@ -218,7 +227,10 @@ impl Tier1 {
             }
             set_pins(open.open_object_mut(), &dir)?;
             let mut skel = open.load().map_err(bpf_err("load sandbox_ingress"))?;
-            pin_prog(&mut skel.progs.snas_sandbox_ingress, &dir.join(PROG_SANDBOX))?;
+            pin_prog(
+                &mut skel.progs.snas_sandbox_ingress,
+                &dir.join(PROG_SANDBOX),
+            )?;
         }
         {
             let mut storage = MaybeUninit::uninit();
@@ -245,8 +257,15 @@ impl Tier1 {
             uplink_ifindex: node.uplink_ifindex,
             node_ip: u32::from_ne_bytes(node.node_ip.octets()),
         };
-        let attached = if node.attach_uplink { node.uplink_ifindex } else { 0 };
-        let info = types::node_info { uplink_ifindex: attached, ..info };
+        let attached = if node.attach_uplink {
+            node.uplink_ifindex
+        } else {
+            0
+        };
+        let info = types::node_info {
+            uplink_ifindex: attached,
+            ..info
+        };
         update(&t.maps.node, &0u32, &info, "snas_node")?;
         if node.attach_uplink {
             tc_attach(&t.uplink_prog, node.uplink_ifindex)?;
@@ -275,18 +294,78 @@ impl Tier1 {
         use std::mem::size_of;
         let m = &self.maps;
         let checks: [(&MapHandle, usize, usize, &'static str); 12] = [
-            (&m.jobs, size_of::<u32>(), size_of::<types::job_cfg>(), "snas_jobs"),
-            (&m.job_state, size_of::<u32>(), size_of::<types::job_state>(), "snas_job_state"),
-            (&m.job_by_key, size_of::<u64>(), size_of::<u32>(), "snas_job_by_key"),
-            (&m.dst_exact, size_of::<types::dst_key>(), size_of::<types::dst_val>(), "snas_dst_exact"),
-            (&m.dst_cidr, size_of::<types::cidr_key>(), size_of::<types::dst_val>(), "snas_dst_cidr"),
-            (&m.proxies, size_of::<u32>(), size_of::<types::proxy>(), "snas_proxies"),
-            (&m.proxy_by_ip, size_of::<u32>(), size_of::<u32>(), "snas_proxy_by_ip"),
-            (&m.maglev, size_of::<u32>(), size_of::<types::maglev_table>(), "snas_maglev"),
-            (&m.flows, size_of::<types::flow_key>(), size_of::<types::flow_val>(), "snas_flows"),
-            (&m.counters, size_of::<types::counter_key>(), size_of::<types::counter_val>(), "snas_counters"),
-            (&m.debug, size_of::<u32>(), size_of::<types::debug_rec>(), "snas_debug"),
-            (&m.node, size_of::<u32>(), size_of::<types::node_info>(), "snas_node"),
+            (
+                &m.jobs,
+                size_of::<u32>(),
+                size_of::<types::job_cfg>(),
+                "snas_jobs",
+            ),
+            (
+                &m.job_state,
+                size_of::<u32>(),
+                size_of::<types::job_state>(),
+                "snas_job_state",
+            ),
+            (
+                &m.job_by_key,
+                size_of::<u64>(),
+                size_of::<u32>(),
+                "snas_job_by_key",
+            ),
+            (
+                &m.dst_exact,
+                size_of::<types::dst_key>(),
+                size_of::<types::dst_val>(),
+                "snas_dst_exact",
+            ),
+            (
+                &m.dst_cidr,
+                size_of::<types::cidr_key>(),
+                size_of::<types::dst_val>(),
+                "snas_dst_cidr",
+            ),
+            (
+                &m.proxies,
+                size_of::<u32>(),
+                size_of::<types::proxy>(),
+                "snas_proxies",
+            ),
+            (
+                &m.proxy_by_ip,
+                size_of::<u32>(),
+                size_of::<u32>(),
+                "snas_proxy_by_ip",
+            ),
+            (
+                &m.maglev,
+                size_of::<u32>(),
+                size_of::<types::maglev_table>(),
+                "snas_maglev",
+            ),
+            (
+                &m.flows,
+                size_of::<types::flow_key>(),
+                size_of::<types::flow_val>(),
+                "snas_flows",
+            ),
+            (
+                &m.counters,
+                size_of::<types::counter_key>(),
+                size_of::<types::counter_val>(),
+                "snas_counters",
+            ),
+            (
+                &m.debug,
+                size_of::<u32>(),
+                size_of::<types::debug_rec>(),
+                "snas_debug",
+            ),
+            (
+                &m.node,
+                size_of::<u32>(),
+                size_of::<types::node_info>(),
+                "snas_node",
+            ),
         ];
         for (map, k, v, name) in checks {
             if map.key_size() as usize != k || map.value_size() as usize != v {
@@ -322,11 +401,10 @@ impl Tier1 {
         update(&self.maps.jobs, &idx, &c, "snas_jobs")?;
         let fresh = types::job_state::default();
         // Keep the state of a job being reconfigured (pacing and buckets continue).
-        let _ = self.maps.job_state.update(
-            bytes_of(&idx),
-            bytes_of(&fresh),
-            MapFlags::NO_EXIST,
-        );
+        let _ = self
+            .maps
+            .job_state
+            .update(bytes_of(&idx), bytes_of(&fresh), MapFlags::NO_EXIST);
         update(&self.maps.job_by_key, &job.job_key, &idx, "snas_job_by_key")
     }
 
@@ -369,14 +447,22 @@ impl Tier1 {
             Some(ttl) => saturating_ns(mono_now()?.saturating_add(ttl)),
             None => 0,
         };
-        let key = types::dst_key { job_key, ip: u32::from_ne_bytes(ip.octets()), _pad0: 0 };
+        let key = types::dst_key {
+            job_key,
+            ip: u32::from_ne_bytes(ip.octets()),
+            _pad0: 0,
+        };
         let val = dst_val(rules, expires_ns, false)?;
         update(&self.maps.dst_exact, &key, &val, "snas_dst_exact")
     }
 
     /// Removes an exact-IP entry.
     pub fn revoke_ip(&self, job_key: u64, ip: Ipv4Addr) -> Result<(), Tier1Error> {
-        let key = types::dst_key { job_key, ip: u32::from_ne_bytes(ip.octets()), _pad0: 0 };
+        let key = types::dst_key {
+            job_key,
+            ip: u32::from_ne_bytes(ip.octets()),
+            _pad0: 0,
+        };
         let _ = self.maps.dst_exact.delete(bytes_of(&key));
         Ok(())
     }
@@ -417,9 +503,15 @@ impl Tier1 {
                     ips.insert(ip);
                     update(&self.maps.proxy_by_ip, &ip, &idx, "snas_proxy_by_ip")?;
                     if p.alive {
-                        backends.push(Backend { index: i as u16, id: u64::from(u32::from(p.ip)) });
+                        backends.push(Backend {
+                            index: i as u16,
+                            id: u64::from(u32::from(p.ip)),
+                        });
                     }
-                    types::proxy { ip, flags: u32::from(p.alive) }
+                    types::proxy {
+                        ip,
+                        flags: u32::from(p.alive),
+                    }
                 }
                 None => types::proxy::default(),
             };
@@ -457,7 +549,10 @@ impl Tier1 {
     }
 
     fn dir_counters(&self, job_key: u64, dir: Direction) -> Result<DirCounters, Tier1Error> {
-        let mut out = DirCounters { forwarded: self.count(job_key, dir, 0)?, ..Default::default() };
+        let mut out = DirCounters {
+            forwarded: self.count(job_key, dir, 0)?,
+            ..Default::default()
+        };
         for r in Reason::ALL {
             let c = self.count(job_key, dir, u32::from(r.code()))?;
             if c.packets > 0 {
@@ -468,7 +563,11 @@ impl Tier1 {
     }
 
     fn count(&self, job_key: u64, dir: Direction, reason: u32) -> Result<PacketCount, Tier1Error> {
-        let key = types::counter_key { job_key, dir: dir as u32, reason };
+        let key = types::counter_key {
+            job_key,
+            dir: dir as u32,
+            reason,
+        };
         let per_cpu = self
             .maps
             .counters
@@ -507,7 +606,9 @@ impl Tier1 {
         let idle = saturating_ns(idle);
         let mut per_job = std::collections::HashMap::<u32, u64>::new();
         for key in self.maps.flows.keys() {
-            let Some(k) = from_bytes::<types::flow_key>(&key) else { continue };
+            let Some(k) = from_bytes::<types::flow_key>(&key) else {
+                continue;
+            };
             let v: Option<types::flow_val> = lookup(&self.maps.flows, &k, "snas_flows")?;
             match v {
                 Some(v) if now.saturating_sub(v.last_seen) <= idle => {
@@ -519,14 +620,19 @@ impl Tier1 {
             }
         }
         for key in self.maps.job_state.keys() {
-            let Some(idx) = from_bytes::<u32>(&key) else { continue };
+            let Some(idx) = from_bytes::<u32>(&key) else {
+                continue;
+            };
             let Some(mut st) = lookup::<types::job_state>(&self.maps.job_state, &idx, "state")?
             else {
                 continue;
             };
             st.live_flows = per_job.get(&idx).copied().unwrap_or(0);
             st.lock = types::bpf_spin_lock::default();
-            let _ = self.maps.job_state.update(&key, bytes_of(&st), MapFlags::EXIST | MapFlags::LOCK);
+            let _ =
+                self.maps
+                    .job_state
+                    .update(&key, bytes_of(&st), MapFlags::EXIST | MapFlags::LOCK);
         }
         Ok(())
     }
@@ -561,7 +667,12 @@ impl Tier1 {
 
     /// Clears the debug record.
     pub fn clear_debug(&self) -> Result<(), Tier1Error> {
-        update(&self.maps.debug, &0u32, &types::debug_rec::default(), "snas_debug")
+        update(
+            &self.maps.debug,
+            &0u32,
+            &types::debug_rec::default(),
+            "snas_debug",
+        )
     }
 
     /// File descriptor of the sandbox-veth program (for test runs).
@@ -598,13 +709,23 @@ pub fn remove_pins(dir: &Path) -> Result<(), Tier1Error> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => return Err(Tier1Error::PinDir { path: dir.into(), source }),
+        Err(source) => {
+            return Err(Tier1Error::PinDir {
+                path: dir.into(),
+                source,
+            })
+        }
     };
     for e in entries.flatten() {
-        fs::remove_file(e.path())
-            .map_err(|source| Tier1Error::PinDir { path: e.path(), source })?;
+        fs::remove_file(e.path()).map_err(|source| Tier1Error::PinDir {
+            path: e.path(),
+            source,
+        })?;
     }
-    fs::remove_dir(dir).map_err(|source| Tier1Error::PinDir { path: dir.into(), source })
+    fs::remove_dir(dir).map_err(|source| Tier1Error::PinDir {
+        path: dir.into(),
+        source,
+    })
 }
 
 /// Mounts bpffs on `/sys/fs/bpf` if nothing is mounted there (needs root). Returns whether it
@@ -625,10 +746,19 @@ pub fn ensure_bpffs() -> Result<bool, Tier1Error> {
     }
     // SAFETY: all pointers are valid C strings; data is null, allowed for bpffs.
     let rc = unsafe {
-        libc::mount(c"bpf".as_ptr(), path.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            c"bpf".as_ptr(),
+            path.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
-        return Err(Tier1Error::PinDir { path: PathBuf::from("/sys/fs/bpf"), source: io::Error::last_os_error() });
+        return Err(Tier1Error::PinDir {
+            path: PathBuf::from("/sys/fs/bpf"),
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(true)
 }
@@ -675,7 +805,11 @@ fn cidr_job(k: &types::cidr_key) -> u64 {
     (u64::from(u32::from_be(k.job_hi)) << 32) | u64::from(u32::from_be(k.job_lo))
 }
 
-fn dst_val(rules: &[PortRule], expires_ns: u64, allow_private: bool) -> Result<types::dst_val, Tier1Error> {
+fn dst_val(
+    rules: &[PortRule],
+    expires_ns: u64,
+    allow_private: bool,
+) -> Result<types::dst_val, Tier1Error> {
     if rules.len() > MAX_PORT_RULES {
         return Err(Tier1Error::TooManyPortRules(rules.len()));
     }
@@ -696,8 +830,15 @@ fn update<K: Pod, V: Pod>(map: &MapHandle, k: &K, v: &V, name: &str) -> Result<(
         .map_err(bpf_err(format!("update {name}")))
 }
 
-fn lookup<V: Pod>(map: &MapHandle, k: &impl Pod, name: &'static str) -> Result<Option<V>, Tier1Error> {
-    match map.lookup(bytes_of(k), MapFlags::ANY).map_err(bpf_err(format!("lookup {name}")))? {
+fn lookup<V: Pod>(
+    map: &MapHandle,
+    k: &impl Pod,
+    name: &'static str,
+) -> Result<Option<V>, Tier1Error> {
+    match map
+        .lookup(bytes_of(k), MapFlags::ANY)
+        .map_err(bpf_err(format!("lookup {name}")))?
+    {
         None => Ok(None),
         Some(b) => from_bytes(&b).map(Some).ok_or(Tier1Error::ValueSize(name)),
     }
@@ -720,8 +861,10 @@ fn tc_attach(prog: &OwnedFd, ifindex: u32) -> Result<(), Tier1Error> {
         .handle(TC_HANDLE)
         .priority(TC_PRIORITY)
         .hook(TC_INGRESS);
-    hook.create().map_err(bpf_err(format!("create clsact on ifindex {ifindex}")))?;
-    hook.attach().map_err(bpf_err(format!("attach to ifindex {ifindex} ingress")))?;
+    hook.create()
+        .map_err(bpf_err(format!("create clsact on ifindex {ifindex}")))?;
+    hook.attach()
+        .map_err(bpf_err(format!("attach to ifindex {ifindex} ingress")))?;
     Ok(())
 }
 

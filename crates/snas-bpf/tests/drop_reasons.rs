@@ -26,9 +26,18 @@ fn c_header_names_every_reason_with_its_number() {
     let c = c_reasons();
     for r in Reason::ALL {
         let name = r.name().to_ascii_uppercase();
-        assert_eq!(c.get(&name), Some(&r.code()), "SNAS_DROP_{name} must be {}", r.code());
+        assert_eq!(
+            c.get(&name),
+            Some(&r.code()),
+            "SNAS_DROP_{name} must be {}",
+            r.code()
+        );
     }
-    assert_eq!(c.len(), Reason::ALL.len(), "C header has reasons Rust does not know: {c:?}");
+    assert_eq!(
+        c.len(),
+        Reason::ALL.len(),
+        "C header has reasons Rust does not know: {c:?}"
+    );
 }
 
 #[test]

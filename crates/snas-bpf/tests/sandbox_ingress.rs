@@ -15,7 +15,10 @@ use snas_bpf::{AuditKind, Bps, PortRule, Proto, ProxyEntry};
 use snas_wire::Reason;
 
 fn proxies(n: usize) -> Vec<ProxyEntry> {
-    PROXY_IPS[..n].iter().map(|&ip| ProxyEntry { ip, alive: true }).collect()
+    PROXY_IPS[..n]
+        .iter()
+        .map(|&ip| ProxyEntry { ip, alive: true })
+        .collect()
 }
 
 /// A node with one job, three proxies and 203.0.113.0/24 allowed on TCP 443 and UDP 4000-4999.
@@ -42,7 +45,14 @@ fn setup_with(
         .allow_cidr(
             JOB_KEY,
             "203.0.113.0/24".parse().expect("net"),
-            &[PortRule::port(Proto::Tcp, 443), PortRule { proto: Proto::Udp, lo: 4000, hi: 4999 }],
+            &[
+                PortRule::port(Proto::Tcp, 443),
+                PortRule {
+                    proto: Proto::Udp,
+                    lo: 4000,
+                    hi: 4999,
+                },
+            ],
             false,
         )
         .expect("cidr");
@@ -50,7 +60,12 @@ fn setup_with(
 }
 
 fn drops(n: &Node, r: Reason) -> u64 {
-    n.t1().counters(JOB_KEY).expect("counters").from_sandbox.dropped(r).packets
+    n.t1()
+        .counters(JOB_KEY)
+        .expect("counters")
+        .from_sandbox
+        .dropped(r)
+        .packets
 }
 
 fn assert_drop(n: &Node, frame: &[u8], r: Reason) {
@@ -68,13 +83,21 @@ fn allowed_syn_is_encapsulated_with_exact_geneve_bytes() {
     let out = n.run_sandbox(&frame);
     assert_eq!(out.retval, TC_ACT_REDIRECT);
     assert_eq!(out.data.len(), frame.len() + 56);
-    let dbg = n.t1().last_redirect().expect("debug").expect("redirect recorded");
+    let dbg = n
+        .t1()
+        .last_redirect()
+        .expect("debug")
+        .expect("redirect recorded");
     assert_eq!((dbg.kind, dbg.ifindex), (2, UPLINK));
     let hash = flow_hash(&p);
     assert_eq!(dbg.flow_hash, hash);
     let proxy_ip = PROXY_IPS[dbg.proxy as usize];
     let inner = p.ip();
-    assert_eq!(&out.data[..ETH], &frame[..ETH], "Ethernet header kept for redirect_neigh");
+    assert_eq!(
+        &out.data[..ETH],
+        &frame[..ETH],
+        "Ethernet header kept for redirect_neigh"
+    );
     assert_eq!(
         &out.data[ETH..ETH + 56],
         &expected_outer(NODE_IP, proxy_ip, hash, inner.len(), JOB_KEY)[..]
@@ -92,11 +115,17 @@ fn proxy_choice_follows_the_maglev_table_and_is_stable_for_a_flow() {
     let backends: Vec<_> = PROXY_IPS
         .iter()
         .enumerate()
-        .map(|(i, ip)| maglev::Backend { index: i as u16, id: u64::from(u32::from(*ip)) })
+        .map(|(i, ip)| maglev::Backend {
+            index: i as u16,
+            id: u64::from(u32::from(*ip)),
+        })
         .collect();
     let table = maglev::build(&backends);
     for sport in 40000..40020 {
-        let p = Pkt { sport, ..Pkt::tcp_syn(ALLOWED_IP, 443) };
+        let p = Pkt {
+            sport,
+            ..Pkt::tcp_syn(ALLOWED_IP, 443)
+        };
         let want = table[flow_hash(&p) as usize % maglev::TABLE_SIZE];
         for _ in 0..2 {
             assert_eq!(n.run_sandbox(&p.frame()).retval, TC_ACT_REDIRECT);
@@ -113,14 +142,20 @@ fn established_flow_stays_pinned_when_the_table_changes_and_moves_when_its_proxy
         PROXY_IPS[..k]
             .iter()
             .enumerate()
-            .map(|(i, ip)| maglev::Backend { index: i as u16, id: u64::from(u32::from(*ip)) })
+            .map(|(i, ip)| maglev::Backend {
+                index: i as u16,
+                id: u64::from(u32::from(*ip)),
+            })
             .collect()
     };
     // Start with two proxies; find a flow whose slot moves to proxy 2 when it is added.
     n.t1().set_proxies(&proxies(2)).expect("proxies");
     let (t2, t3) = (maglev::build(&b(2)), maglev::build(&b(3)));
     let p = (30000..u16::MAX)
-        .map(|sport| Pkt { sport, ..Pkt::tcp_syn(ALLOWED_IP, 443) })
+        .map(|sport| Pkt {
+            sport,
+            ..Pkt::tcp_syn(ALLOWED_IP, 443)
+        })
         .find(|p| {
             let s = flow_hash(p) as usize % maglev::TABLE_SIZE;
             t2[s] != t3[s]
@@ -129,16 +164,36 @@ fn established_flow_stays_pinned_when_the_table_changes_and_moves_when_its_proxy
     let slot = flow_hash(&p) as usize % maglev::TABLE_SIZE;
     let proxy_of = |n: &Node, p: &Pkt| {
         assert_eq!(n.run_sandbox(&p.frame()).retval, TC_ACT_REDIRECT);
-        n.t1().last_redirect().expect("debug").expect("recorded").proxy
+        n.t1()
+            .last_redirect()
+            .expect("debug")
+            .expect("recorded")
+            .proxy
     };
     assert_eq!(proxy_of(&n, &p), u32::from(t2[slot]));
 
     n.t1().set_proxies(&proxies(3)).expect("proxies");
-    let ack = Pkt { tcp_flags: 0x10, ..p.clone() };
-    assert_eq!(proxy_of(&n, &ack), u32::from(t2[slot]), "established flow stays pinned");
-    let fresh = Pkt { sport: p.sport, dport: 443, dst: Ipv4Addr::new(203, 0, 113, 8), ..p.clone() };
+    let ack = Pkt {
+        tcp_flags: 0x10,
+        ..p.clone()
+    };
+    assert_eq!(
+        proxy_of(&n, &ack),
+        u32::from(t2[slot]),
+        "established flow stays pinned"
+    );
+    let fresh = Pkt {
+        sport: p.sport,
+        dport: 443,
+        dst: Ipv4Addr::new(203, 0, 113, 8),
+        ..p.clone()
+    };
     let fresh_slot = flow_hash(&fresh) as usize % maglev::TABLE_SIZE;
-    assert_eq!(proxy_of(&n, &fresh), u32::from(t3[fresh_slot]), "new flow uses the new table");
+    assert_eq!(
+        proxy_of(&n, &fresh),
+        u32::from(t3[fresh_slot]),
+        "new flow uses the new table"
+    );
 
     // The pinned proxy dies: the flow is re-picked from the current table.
     let mut px = proxies(3);
@@ -159,23 +214,35 @@ fn no_alive_proxy_drops_with_no_proxy() {
 #[test]
 fn spoofed_source_ip_is_dropped() {
     let Some(n) = setup("spoofip") else { return };
-    let p = Pkt { src: Ipv4Addr::new(10, 88, 0, 3), ..Pkt::tcp_syn(ALLOWED_IP, 443) };
+    let p = Pkt {
+        src: Ipv4Addr::new(10, 88, 0, 3),
+        ..Pkt::tcp_syn(ALLOWED_IP, 443)
+    };
     assert_drop(&n, &p.frame(), Reason::SpoofedSource);
 }
 
 #[test]
 fn spoofed_source_mac_is_dropped() {
     let Some(n) = setup("spoofmac") else { return };
-    let p = Pkt { src_mac: [0x02, 0, 0, 0, 0, 0x66], ..Pkt::tcp_syn(ALLOWED_IP, 443) };
+    let p = Pkt {
+        src_mac: [0x02, 0, 0, 0, 0, 0x66],
+        ..Pkt::tcp_syn(ALLOWED_IP, 443)
+    };
     assert_drop(&n, &p.frame(), Reason::SpoofedMac);
 }
 
 #[test]
 fn first_and_later_fragments_are_dropped() {
     let Some(n) = setup("frag") else { return };
-    let first = Pkt { frag_off: 0x2000, ..Pkt::udp(ALLOWED_IP, 4000, &[1; 16]) };
+    let first = Pkt {
+        frag_off: 0x2000,
+        ..Pkt::udp(ALLOWED_IP, 4000, &[1; 16])
+    };
     assert_drop(&n, &first.frame(), Reason::Fragment);
-    let later = Pkt { frag_off: 0x0004, ..Pkt::udp(ALLOWED_IP, 4000, &[1; 16]) };
+    let later = Pkt {
+        frag_off: 0x0004,
+        ..Pkt::udp(ALLOWED_IP, 4000, &[1; 16])
+    };
     assert_drop(&n, &later.frame(), Reason::Fragment);
 }
 
@@ -183,7 +250,10 @@ fn first_and_later_fragments_are_dropped() {
 fn ip_options_are_dropped() {
     let Some(n) = setup("ipopts") else { return };
     // Record-route-sized option area: NOP padding to 4 bytes.
-    let p = Pkt { ip_options: vec![1, 1, 1, 0], ..Pkt::tcp_syn(ALLOWED_IP, 443) };
+    let p = Pkt {
+        ip_options: vec![1, 1, 1, 0],
+        ..Pkt::tcp_syn(ALLOWED_IP, 443)
+    };
     assert_drop(&n, &p.frame(), Reason::IpOptions);
 }
 
@@ -242,11 +312,18 @@ fn unknown_veth_is_counted_as_unknown_job() {
 #[test]
 fn denied_syn_is_answered_with_an_exact_rst() {
     let Some(n) = setup("rst") else { return };
-    let p = Pkt { seq: 0xfffffff0, ..Pkt::tcp_syn(OTHER_IP, 443) };
+    let p = Pkt {
+        seq: 0xfffffff0,
+        ..Pkt::tcp_syn(OTHER_IP, 443)
+    };
     let out = n.run_sandbox(&p.frame());
     assert_eq!(out.retval, TC_ACT_REDIRECT);
     let dbg = n.t1().last_redirect().expect("debug").expect("recorded");
-    assert_eq!((dbg.kind, dbg.ifindex), (1, VETH), "RST goes back out of the sandbox veth");
+    assert_eq!(
+        (dbg.kind, dbg.ifindex),
+        (1, VETH),
+        "RST goes back out of the sandbox veth"
+    );
     let rst = Pkt {
         src_mac: HOST_MAC,
         dst_mac: SANDBOX_MAC,
@@ -281,33 +358,73 @@ fn denied_syn_is_answered_with_an_exact_rst() {
 #[test]
 fn denied_udp_and_non_syn_tcp_are_dropped_without_reply() {
     let Some(n) = setup("denyudp") else { return };
-    assert_drop(&n, &Pkt::udp(OTHER_IP, 4000, &[0; 8]).frame(), Reason::DestinationDenied);
-    let ack = Pkt { tcp_flags: 0x10, ..Pkt::tcp_syn(OTHER_IP, 443) };
+    assert_drop(
+        &n,
+        &Pkt::udp(OTHER_IP, 4000, &[0; 8]).frame(),
+        Reason::DestinationDenied,
+    );
+    let ack = Pkt {
+        tcp_flags: 0x10,
+        ..Pkt::tcp_syn(OTHER_IP, 443)
+    };
     assert_drop(&n, &ack.frame(), Reason::DestinationDenied);
 }
 
 #[test]
 fn allowed_destination_on_a_wrong_port_or_protocol_is_port_denied() {
     let Some(n) = setup("portdeny") else { return };
-    assert_drop(&n, &Pkt { tcp_flags: 0x10, ..Pkt::tcp_syn(ALLOWED_IP, 80) }.frame(), Reason::PortDenied);
-    assert_drop(&n, &Pkt::udp(ALLOWED_IP, 443, &[0; 8]).frame(), Reason::PortDenied);
-    assert_eq!(n.run_sandbox(&Pkt::udp(ALLOWED_IP, 4999, &[0; 8]).frame()).retval, TC_ACT_REDIRECT);
+    assert_drop(
+        &n,
+        &Pkt {
+            tcp_flags: 0x10,
+            ..Pkt::tcp_syn(ALLOWED_IP, 80)
+        }
+        .frame(),
+        Reason::PortDenied,
+    );
+    assert_drop(
+        &n,
+        &Pkt::udp(ALLOWED_IP, 443, &[0; 8]).frame(),
+        Reason::PortDenied,
+    );
+    assert_eq!(
+        n.run_sandbox(&Pkt::udp(ALLOWED_IP, 4999, &[0; 8]).frame())
+            .retval,
+        TC_ACT_REDIRECT
+    );
 }
 
 #[test]
 fn always_denied_ranges_need_allow_private() {
     let Some(n) = setup("private") else { return };
     let metadata = Ipv4Addr::new(169, 254, 169, 254);
-    assert_drop(&n, &Pkt { tcp_flags: 0x10, ..Pkt::tcp_syn(metadata, 80) }.frame(), Reason::AlwaysDenied);
+    assert_drop(
+        &n,
+        &Pkt {
+            tcp_flags: 0x10,
+            ..Pkt::tcp_syn(metadata, 80)
+        }
+        .frame(),
+        Reason::AlwaysDenied,
+    );
     let private = Ipv4Addr::new(10, 1, 2, 3);
     let net = "10.0.0.0/8".parse().expect("net");
-    n.t1().allow_cidr(JOB_KEY, net, &[PortRule::all(Proto::Any)], false).expect("cidr");
-    let p = Pkt { tcp_flags: 0x10, ..Pkt::tcp_syn(private, 443) };
+    n.t1()
+        .allow_cidr(JOB_KEY, net, &[PortRule::all(Proto::Any)], false)
+        .expect("cidr");
+    let p = Pkt {
+        tcp_flags: 0x10,
+        ..Pkt::tcp_syn(private, 443)
+    };
     assert_drop(&n, &p.frame(), Reason::AlwaysDenied);
     // A DNS answer pointing at a private address does not open it either.
-    n.t1().allow_ip(JOB_KEY, private, &[PortRule::all(Proto::Any)], None).expect("ip");
+    n.t1()
+        .allow_ip(JOB_KEY, private, &[PortRule::all(Proto::Any)], None)
+        .expect("ip");
     assert_drop(&n, &p.frame(), Reason::AlwaysDenied);
-    n.t1().allow_cidr(JOB_KEY, net, &[PortRule::all(Proto::Any)], true).expect("cidr");
+    n.t1()
+        .allow_cidr(JOB_KEY, net, &[PortRule::all(Proto::Any)], true)
+        .expect("cidr");
     assert_eq!(n.run_sandbox(&p.frame()).retval, TC_ACT_REDIRECT);
 }
 
@@ -316,11 +433,22 @@ fn dns_learned_address_is_allowed_until_it_expires() {
     let Some(n) = setup("exact") else { return };
     let rules = [PortRule::port(Proto::Tcp, 443)];
     let p = Pkt::tcp_syn(OTHER_IP, 443);
-    n.t1().allow_ip(JOB_KEY, OTHER_IP, &rules, Some(Duration::from_secs(60))).expect("ip");
+    n.t1()
+        .allow_ip(JOB_KEY, OTHER_IP, &rules, Some(Duration::from_secs(60)))
+        .expect("ip");
     assert_eq!(n.run_sandbox(&p.frame()).retval, TC_ACT_REDIRECT);
-    n.t1().allow_ip(JOB_KEY, OTHER_IP, &rules, Some(Duration::ZERO)).expect("ip");
-    let p2 = Pkt { sport: 40001, ..p.clone() };
-    assert_eq!(n.run_sandbox(&p2.frame()).retval, TC_ACT_REDIRECT, "denied SYN gets a RST");
+    n.t1()
+        .allow_ip(JOB_KEY, OTHER_IP, &rules, Some(Duration::ZERO))
+        .expect("ip");
+    let p2 = Pkt {
+        sport: 40001,
+        ..p.clone()
+    };
+    assert_eq!(
+        n.run_sandbox(&p2.frame()).retval,
+        TC_ACT_REDIRECT,
+        "denied SYN gets a RST"
+    );
     assert_eq!(drops(&n, Reason::DestinationDenied), 1);
     n.t1().revoke_ip(JOB_KEY, OTHER_IP).expect("revoke");
 }
@@ -331,17 +459,29 @@ fn rules_of_another_job_do_not_apply() {
     n.t1()
         .allow_ip(JOB_KEY + 1, OTHER_IP, &[PortRule::all(Proto::Any)], None)
         .expect("ip");
-    let p = Pkt { tcp_flags: 0x10, ..Pkt::tcp_syn(OTHER_IP, 443) };
+    let p = Pkt {
+        tcp_flags: 0x10,
+        ..Pkt::tcp_syn(OTHER_IP, 443)
+    };
     assert_drop(&n, &p.frame(), Reason::DestinationDenied);
 }
 
 #[test]
 fn dns_to_any_resolver_is_rewritten_to_the_job_stub() {
     let Some(n) = setup("dns") else { return };
-    let q = Pkt::udp(OTHER_IP, 53, b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00");
+    let q = Pkt::udp(
+        OTHER_IP,
+        53,
+        b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00",
+    );
     let out = n.run_sandbox(&q.frame());
     assert_eq!(out.retval, TC_ACT_OK, "delivered to the host stack");
-    let want = Pkt { dst: GATEWAY_IP, dport: 5353, ..q.clone() }.frame();
+    let want = Pkt {
+        dst: GATEWAY_IP,
+        dport: 5353,
+        ..q.clone()
+    }
+    .frame();
     let mut want = want;
     // The IP id and everything else are kept; only destination and checksums change.
     assert_eq!(out.data.len(), want.len());
@@ -355,15 +495,38 @@ fn dns_to_any_resolver_is_rewritten_to_the_job_stub() {
     assert_eq!(&out.data[ETH + 16..ETH + 20], &GATEWAY_IP.octets());
     assert_eq!(&out.data[ETH + 22..ETH + 24], &5353u16.to_be_bytes());
     assert!(ipv4_header_ok(&out.data[ETH..]) && l4_ok(&out.data[ETH..]));
-    assert_eq!(n.t1().counters(JOB_KEY).expect("c").from_sandbox.forwarded.packets, 2);
+    assert_eq!(
+        n.t1()
+            .counters(JOB_KEY)
+            .expect("c")
+            .from_sandbox
+            .forwarded
+            .packets,
+        2
+    );
 }
 
 #[test]
 fn packets_to_the_overlay_port_or_the_node_are_dropped() {
     let Some(n) = setup("overlay") else { return };
-    n.t1().allow_cidr(JOB_KEY, "192.0.2.0/24".parse().expect("net"), &[PortRule::all(Proto::Any)], false).expect("cidr");
-    assert_drop(&n, &Pkt::udp(ALLOWED_IP, 6081, &[0; 8]).frame(), Reason::OverlayTarget);
-    assert_drop(&n, &Pkt::tcp_syn(NODE_IP, 443).frame(), Reason::OverlayTarget);
+    n.t1()
+        .allow_cidr(
+            JOB_KEY,
+            "192.0.2.0/24".parse().expect("net"),
+            &[PortRule::all(Proto::Any)],
+            false,
+        )
+        .expect("cidr");
+    assert_drop(
+        &n,
+        &Pkt::udp(ALLOWED_IP, 6081, &[0; 8]).frame(),
+        Reason::OverlayTarget,
+    );
+    assert_drop(
+        &n,
+        &Pkt::tcp_syn(NODE_IP, 443).frame(),
+        Reason::OverlayTarget,
+    );
 }
 
 #[test]
@@ -394,7 +557,10 @@ fn edt_spaces_packets_at_the_configured_rate() {
         assert_eq!(out.retval, TC_ACT_REDIRECT);
         stamps.push(out.tstamp);
     }
-    assert!(stamps[0] >= before + 1_200_000, "first departure is one packet time after now");
+    assert!(
+        stamps[0] >= before + 1_200_000,
+        "first departure is one packet time after now"
+    );
     for w in stamps.windows(2) {
         assert_eq!(w[1] - w[0], 1_200_000);
     }
@@ -423,7 +589,11 @@ fn edt_drops_beyond_the_horizon_without_advancing() {
     let small = Pkt::udp(ALLOWED_IP, 4000, &[0; 2]);
     let out = n.run_sandbox(&small.frame());
     assert_eq!(out.retval, TC_ACT_REDIRECT);
-    assert_eq!(out.tstamp - first.tstamp, 30 * 8 * 10_000, "30 bytes at 100 kbit/s = 2.4 ms");
+    assert_eq!(
+        out.tstamp - first.tstamp,
+        30 * 8 * 10_000,
+        "30 bytes at 100 kbit/s = 2.4 ms"
+    );
 }
 
 #[test]
@@ -444,13 +614,23 @@ fn horizon_override_of_a_job_applies() {
 
 #[test]
 fn new_connection_rate_is_limited_per_job() {
-    let Some(n) = setup_with("connrate", |_| {}, |j| {
-        j.new_conn_per_sec = 1;
-        j.new_conn_burst = 2;
-    }) else {
+    let Some(n) = setup_with(
+        "connrate",
+        |_| {},
+        |j| {
+            j.new_conn_per_sec = 1;
+            j.new_conn_burst = 2;
+        },
+    ) else {
         return;
     };
-    let syn = |sport| Pkt { sport, ..Pkt::tcp_syn(ALLOWED_IP, 443) }.frame();
+    let syn = |sport| {
+        Pkt {
+            sport,
+            ..Pkt::tcp_syn(ALLOWED_IP, 443)
+        }
+        .frame()
+    };
     assert_eq!(n.run_sandbox(&syn(1)).retval, TC_ACT_REDIRECT);
     assert_eq!(n.run_sandbox(&syn(2)).retval, TC_ACT_REDIRECT);
     assert_drop(&n, &syn(3), Reason::NewConnectionRate);
@@ -460,13 +640,21 @@ fn new_connection_rate_is_limited_per_job() {
 
 #[test]
 fn max_connections_caps_new_flows_and_a_rst_frees_a_slot() {
-    let Some(n) = setup_with("maxconn", |_| {}, |j| j.max_connections = 2) else { return };
-    let syn = |sport| Pkt { sport, ..Pkt::tcp_syn(ALLOWED_IP, 443) };
+    let Some(n) = setup_with("maxconn", |_| {}, |j| j.max_connections = 2) else {
+        return;
+    };
+    let syn = |sport| Pkt {
+        sport,
+        ..Pkt::tcp_syn(ALLOWED_IP, 443)
+    };
     assert_eq!(n.run_sandbox(&syn(1).frame()).retval, TC_ACT_REDIRECT);
     assert_eq!(n.run_sandbox(&syn(2).frame()).retval, TC_ACT_REDIRECT);
     assert_drop(&n, &syn(3).frame(), Reason::ConnectionLimit);
     assert_eq!(n.t1().live_flows(VETH).expect("flows"), 2);
-    let rst = Pkt { tcp_flags: 0x04, ..syn(1) };
+    let rst = Pkt {
+        tcp_flags: 0x04,
+        ..syn(1)
+    };
     assert_eq!(n.run_sandbox(&rst.frame()).retval, TC_ACT_REDIRECT);
     assert_eq!(n.t1().live_flows(VETH).expect("flows"), 1);
     assert_eq!(n.run_sandbox(&syn(3).frame()).retval, TC_ACT_REDIRECT);
@@ -474,12 +662,19 @@ fn max_connections_caps_new_flows_and_a_rst_frees_a_slot() {
 
 #[test]
 fn resync_recounts_live_flows_from_the_table() {
-    let Some(n) = setup_with("resync", |_| {}, |j| j.max_connections = 10) else { return };
+    let Some(n) = setup_with("resync", |_| {}, |j| j.max_connections = 10) else {
+        return;
+    };
     for sport in 1..=3 {
-        let p = Pkt { sport, ..Pkt::tcp_syn(ALLOWED_IP, 443) };
+        let p = Pkt {
+            sport,
+            ..Pkt::tcp_syn(ALLOWED_IP, 443)
+        };
         assert_eq!(n.run_sandbox(&p.frame()).retval, TC_ACT_REDIRECT);
     }
-    n.t1().resync_live_flows(Duration::from_secs(3600)).expect("resync");
+    n.t1()
+        .resync_live_flows(Duration::from_secs(3600))
+        .expect("resync");
     assert_eq!(n.t1().live_flows(VETH).expect("flows"), 3);
     n.t1().resync_live_flows(Duration::ZERO).expect("resync");
     assert_eq!(n.t1().live_flows(VETH).expect("flows"), 0);
@@ -487,11 +682,19 @@ fn resync_recounts_live_flows_from_the_table() {
 
 #[test]
 fn denials_and_new_flows_are_audited_with_a_rate_limit() {
-    let Some(n) = setup_with("audit", |c| c.audit_per_sec = 3, |_| {}) else { return };
+    let Some(n) = setup_with("audit", |c| c.audit_per_sec = 3, |_| {}) else {
+        return;
+    };
     let events = Rc::new(RefCell::new(Vec::new()));
     let sink = Rc::clone(&events);
-    let reader = n.t1().audit_reader(move |e| sink.borrow_mut().push(e)).expect("reader");
-    assert_eq!(n.run_sandbox(&Pkt::tcp_syn(ALLOWED_IP, 443).frame()).retval, TC_ACT_REDIRECT);
+    let reader = n
+        .t1()
+        .audit_reader(move |e| sink.borrow_mut().push(e))
+        .expect("reader");
+    assert_eq!(
+        n.run_sandbox(&Pkt::tcp_syn(ALLOWED_IP, 443).frame()).retval,
+        TC_ACT_REDIRECT
+    );
     for _ in 0..5 {
         n.run_sandbox(&Pkt::udp(OTHER_IP, 4000, &[0; 4]).frame());
     }
@@ -510,16 +713,34 @@ fn denials_and_new_flows_are_audited_with_a_rate_limit() {
 #[test]
 fn counters_are_per_job_and_reason_and_removed_on_detach() {
     let Some(n) = setup("counters") else { return };
-    let p = Pkt { src: Ipv4Addr::new(10, 88, 0, 3), ..Pkt::tcp_syn(ALLOWED_IP, 443) };
+    let p = Pkt {
+        src: Ipv4Addr::new(10, 88, 0, 3),
+        ..Pkt::tcp_syn(ALLOWED_IP, 443)
+    };
     n.run_sandbox(&p.frame());
     n.run_sandbox(&p.frame());
     let c = n.t1().counters(JOB_KEY).expect("counters");
     let frame_len = p.frame().len() as u64;
     assert_eq!(c.from_sandbox.dropped(Reason::SpoofedSource).packets, 2);
-    assert_eq!(c.from_sandbox.dropped(Reason::SpoofedSource).bytes, 2 * frame_len);
-    assert!(n.t1().counters(JOB_KEY + 1).expect("counters").from_sandbox.drops.is_empty());
+    assert_eq!(
+        c.from_sandbox.dropped(Reason::SpoofedSource).bytes,
+        2 * frame_len
+    );
+    assert!(n
+        .t1()
+        .counters(JOB_KEY + 1)
+        .expect("counters")
+        .from_sandbox
+        .drops
+        .is_empty());
     n.t1().detach_job(VETH).expect("detach");
-    assert!(n.t1().counters(JOB_KEY).expect("counters").from_sandbox.drops.is_empty());
+    assert!(n
+        .t1()
+        .counters(JOB_KEY)
+        .expect("counters")
+        .from_sandbox
+        .drops
+        .is_empty());
 }
 
 #[test]
@@ -528,13 +749,32 @@ fn reopening_from_pins_keeps_state_and_programs() {
     let p = Pkt::tcp_syn(ALLOWED_IP, 443);
     assert_eq!(n.run_sandbox(&p.frame()).retval, TC_ACT_REDIRECT);
     let again = snas_bpf::Tier1::open_pinned(&n.dir).expect("reopen");
-    assert_eq!(again.counters(JOB_KEY).expect("c").from_sandbox.forwarded.packets, 1);
+    assert_eq!(
+        again
+            .counters(JOB_KEY)
+            .expect("c")
+            .from_sandbox
+            .forwarded
+            .packets,
+        1
+    );
     let out = snas_bpf::testing::run(
         again.sandbox_prog(),
         &Pkt { sport: 2, ..p }.frame(),
-        &snas_bpf::testing::SkbCtx { ifindex: VETH, ..Default::default() },
+        &snas_bpf::testing::SkbCtx {
+            ifindex: VETH,
+            ..Default::default()
+        },
     )
     .expect("run");
     assert_eq!(out.retval, TC_ACT_REDIRECT);
-    assert_eq!(again.counters(JOB_KEY).expect("c").from_sandbox.forwarded.packets, 2);
+    assert_eq!(
+        again
+            .counters(JOB_KEY)
+            .expect("c")
+            .from_sandbox
+            .forwarded
+            .packets,
+        2
+    );
 }

@@ -20,7 +20,10 @@ fn setup(name: &str) -> Option<Node> {
     let n = load(&node_config(name));
     n.t1().configure_job(&job()).expect("job");
     n.t1()
-        .set_proxies(&[ProxyEntry { ip: PROXY_IPS[0], alive: true }])
+        .set_proxies(&[ProxyEntry {
+            ip: PROXY_IPS[0],
+            alive: true,
+        }])
         .expect("proxies");
     Some(n)
 }
@@ -49,7 +52,12 @@ fn reply_inner() -> Vec<u8> {
 }
 
 fn in_drops(n: &Node, job: u64, r: Reason) -> u64 {
-    n.t1().counters(job).expect("counters").to_sandbox.dropped(r).packets
+    n.t1()
+        .counters(job)
+        .expect("counters")
+        .to_sandbox
+        .dropped(r)
+        .packets
 }
 
 #[test]
@@ -65,7 +73,11 @@ fn geneve_from_a_proxy_is_decapsulated_into_the_job_veth() {
     want.extend_from_slice(&inner);
     assert_eq!(out.data, want);
     let dbg = n.t1().last_redirect().expect("debug").expect("recorded");
-    assert_eq!((dbg.kind, dbg.ifindex), (3, VETH), "redirect_peer into the job's veth");
+    assert_eq!(
+        (dbg.kind, dbg.ifindex),
+        (3, VETH),
+        "redirect_peer into the job's veth"
+    );
     let c = n.t1().counters(JOB_KEY).expect("counters");
     assert_eq!(c.to_sandbox.forwarded.packets, 1);
     assert_eq!(c.to_sandbox.forwarded.bytes, want.len() as u64);
@@ -74,10 +86,19 @@ fn geneve_from_a_proxy_is_decapsulated_into_the_job_veth() {
 #[test]
 fn non_geneve_traffic_passes_untouched() {
     let Some(n) = setup("passthru") else { return };
-    let plain = Pkt { src: PROXY_IPS[0], dst: NODE_IP, ..Pkt::udp(NODE_IP, 53, &[1, 2, 3, 4]) }.frame();
+    let plain = Pkt {
+        src: PROXY_IPS[0],
+        dst: NODE_IP,
+        ..Pkt::udp(NODE_IP, 53, &[1, 2, 3, 4])
+    }
+    .frame();
     let out = n.run_uplink(&plain);
     assert_eq!((out.retval, &out.data), (TC_ACT_OK, &plain));
-    let tcp = Pkt { src: PROXY_IPS[0], ..Pkt::tcp_syn(NODE_IP, 6081) }.frame();
+    let tcp = Pkt {
+        src: PROXY_IPS[0],
+        ..Pkt::tcp_syn(NODE_IP, 6081)
+    }
+    .frame();
     let out = n.run_uplink(&tcp);
     assert_eq!((out.retval, &out.data), (TC_ACT_OK, &tcp));
 }
@@ -115,7 +136,11 @@ fn geneve_without_our_critical_option_is_dropped() {
     for (off, val) in [(g + 9, 0xffu8), (g + 10, 0x01), (g + 1, 0x00), (g, 0x04)] {
         let mut f = base.clone();
         f[off] = val;
-        assert_eq!(n.run_uplink(&f).retval, TC_ACT_SHOT, "byte {off} = {val:#x}");
+        assert_eq!(
+            n.run_uplink(&f).retval,
+            TC_ACT_SHOT,
+            "byte {off} = {val:#x}"
+        );
     }
     assert_eq!(in_drops(&n, 0, Reason::GeneveOption), 4);
     let mut v1 = base.clone();
@@ -130,7 +155,16 @@ fn geneve_without_our_critical_option_is_dropped() {
 #[test]
 fn inner_packet_for_another_address_is_dropped() {
     let Some(n) = setup("innerdst") else { return };
-    let inner = Pkt { src: ALLOWED_IP, dst: Ipv4Addr::new(10, 88, 0, 99), ..Pkt::tcp_syn(ALLOWED_IP, 443) }.ip();
-    assert_eq!(n.run_uplink(&geneve_frame(PROXY_IPS[0], JOB_KEY, &inner)).retval, TC_ACT_SHOT);
+    let inner = Pkt {
+        src: ALLOWED_IP,
+        dst: Ipv4Addr::new(10, 88, 0, 99),
+        ..Pkt::tcp_syn(ALLOWED_IP, 443)
+    }
+    .ip();
+    assert_eq!(
+        n.run_uplink(&geneve_frame(PROXY_IPS[0], JOB_KEY, &inner))
+            .retval,
+        TC_ACT_SHOT
+    );
     assert_eq!(in_drops(&n, JOB_KEY, Reason::DestinationDenied), 1);
 }

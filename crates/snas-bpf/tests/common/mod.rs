@@ -14,8 +14,11 @@ pub const HOST_MAC: [u8; 6] = [0x02, 0x53, 0x4e, 0x00, 0x00, 0x01];
 pub const SANDBOX_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
 pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
-pub const PROXY_IPS: [Ipv4Addr; 3] =
-    [Ipv4Addr::new(192, 0, 2, 20), Ipv4Addr::new(192, 0, 2, 21), Ipv4Addr::new(192, 0, 2, 22)];
+pub const PROXY_IPS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(192, 0, 2, 20),
+    Ipv4Addr::new(192, 0, 2, 21),
+    Ipv4Addr::new(192, 0, 2, 22),
+];
 pub const ALLOWED_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 pub const OTHER_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 9);
 pub const JOB_KEY: u64 = 0x0123_4567_89ab_cdef;
@@ -50,13 +53,27 @@ impl Node {
     }
 
     pub fn run_sandbox(&self, frame: &[u8]) -> RunOutput {
-        testing::run(self.t1().sandbox_prog(), frame, &SkbCtx { ifindex: VETH, ..Default::default() })
-            .expect("test run")
+        testing::run(
+            self.t1().sandbox_prog(),
+            frame,
+            &SkbCtx {
+                ifindex: VETH,
+                ..Default::default()
+            },
+        )
+        .expect("test run")
     }
 
     pub fn run_uplink(&self, frame: &[u8]) -> RunOutput {
-        testing::run(self.t1().uplink_prog(), frame, &SkbCtx { ifindex: UPLINK, ..Default::default() })
-            .expect("test run")
+        testing::run(
+            self.t1().uplink_prog(),
+            frame,
+            &SkbCtx {
+                ifindex: UPLINK,
+                ..Default::default()
+            },
+        )
+        .expect("test run")
     }
 }
 
@@ -85,7 +102,10 @@ pub fn node_config(name: &str) -> NodeConfig {
 
 pub fn load(cfg: &NodeConfig) -> Node {
     // The guard exists before loading so that a failed load leaves no pins behind.
-    let mut node = Node { t1: None, dir: cfg.pin_dir.clone() };
+    let mut node = Node {
+        t1: None,
+        dir: cfg.pin_dir.clone(),
+    };
     node.t1 = Some(Tier1::load(cfg).expect("load tier1"));
     node
 }
@@ -113,7 +133,11 @@ pub fn job() -> JobConfig {
 pub fn csum(data: &[u8], init: u32) -> u16 {
     let mut sum = init;
     for c in data.chunks(2) {
-        let w = if c.len() == 2 { u16::from_be_bytes([c[0], c[1]]) } else { u16::from(c[0]) << 8 };
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from(c[0]) << 8
+        };
         sum += u32::from(w);
     }
     while sum > 0xffff {
@@ -167,7 +191,12 @@ impl Pkt {
     }
 
     pub fn udp(dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Pkt {
-        Pkt { proto: 17, tcp_flags: 0, payload: payload.to_vec(), ..Pkt::tcp_syn(dst, dport) }
+        Pkt {
+            proto: 17,
+            tcp_flags: 0,
+            payload: payload.to_vec(),
+            ..Pkt::tcp_syn(dst, dport)
+        }
     }
 
     /// The IPv4 packet (no Ethernet).
@@ -260,7 +289,13 @@ pub fn flow_hash(p: &Pkt) -> u32 {
 }
 
 /// The 56 overlay bytes the shared contract prescribes for `inner_len` bytes of inner IPv4.
-pub fn expected_outer(src: Ipv4Addr, dst: Ipv4Addr, hash: u32, inner_len: usize, job_key: u64) -> Vec<u8> {
+pub fn expected_outer(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    hash: u32,
+    inner_len: usize,
+    job_key: u64,
+) -> Vec<u8> {
     let mut o = Vec::with_capacity(56);
     let tot = (inner_len + 56) as u16;
     o.extend_from_slice(&[0x45, 0x00]);
