@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use libbpf_cargo::SkeletonBuilder;
 
-const OBJECTS: &[&str] = &["sandbox_ingress", "uplink_ingress"];
+const OBJECTS: &[&str] = &["sandbox_ingress", "sandbox_egress", "uplink_ingress"];
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR is set by cargo"));

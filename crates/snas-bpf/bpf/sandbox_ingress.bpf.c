@@ -67,7 +67,8 @@ static __always_inline int reply_rst(struct __sk_buff *skb, const struct pkt *p)
 }
 
 /* Rewrites the destination of a DNS query to the job's stub (gateway_ip:dns_port) and lets
- * the host stack deliver it. */
+ * the host stack deliver it; remembers the original destination so that sandbox_egress can
+ * give the answer the address the sandbox asked. */
 static __always_inline int dns_redirect(struct __sk_buff *skb, const struct job_cfg *cfg,
 					const struct pkt *p)
 {
@@ -77,6 +78,12 @@ static __always_inline int dns_redirect(struct __sk_buff *skb, const struct job_
 	int csum_off = L4_OFF + (tcp ? offsetof(struct tcphdr, check) : offsetof(struct udphdr, check));
 	__u64 mangled = tcp ? 0 : BPF_F_MARK_MANGLED_0;
 
+	if (old_ip != new_ip || old_port != new_port) {
+		struct dns_nat_key k = { .ifindex = skb->ifindex, .sport = p->sport, .proto = p->proto };
+		struct dns_nat_val v = { .orig_daddr = old_ip, .orig_dport = p->dport };
+
+		bpf_map_update_elem(&snas_dns_nat, &k, &v, BPF_ANY);
+	}
 	if (old_ip != new_ip) {
 		if (bpf_l4_csum_replace(skb, csum_off, old_ip, new_ip,
 					BPF_F_PSEUDO_HDR | mangled | sizeof(new_ip)))

@@ -43,6 +43,10 @@ unsafe impl Pod for types::audit_event {}
 unsafe impl Pod for types::debug_rec {}
 // SAFETY: as above.
 unsafe impl Pod for types::node_info {}
+// SAFETY: as above.
+unsafe impl Pod for types::dns_nat_key {}
+// SAFETY: as above.
+unsafe impl Pod for types::dns_nat_val {}
 // SAFETY: primitive integers.
 unsafe impl Pod for u32 {}
 // SAFETY: primitive integers.

@@ -20,6 +20,11 @@ pub mod sandbox {
     include!(concat!(env!("OUT_DIR"), "/sandbox_ingress.skel.rs"));
 }
 
+/// Skeleton of `bpf/sandbox_egress.bpf.c`.
+pub mod sandbox_egress {
+    include!(concat!(env!("OUT_DIR"), "/sandbox_egress.skel.rs"));
+}
+
 /// Skeleton of `bpf/uplink_ingress.bpf.c`.
 pub mod uplink {
     include!(concat!(env!("OUT_DIR"), "/uplink_ingress.skel.rs"));

@@ -25,7 +25,9 @@ use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{MapCore, MapFlags, MapHandle, TcHookBuilder, TC_INGRESS};
+use libbpf_rs::{
+    MapCore, MapFlags, MapHandle, TcAttachPoint, TcHookBuilder, TC_EGRESS, TC_INGRESS,
+};
 use snas_wire::Reason;
 
 use crate::audit::AuditEvent;
@@ -33,7 +35,7 @@ use crate::config::{saturating_ns, JobConfig, NodeConfig, PortRule, ProxyEntry, 
 use crate::counters::{DirCounters, Direction, JobCounters, PacketCount};
 use crate::maglev::{self, Backend};
 use crate::pod::{bytes_of, from_bytes, Pod};
-use crate::skel::{sandbox, types, uplink};
+use crate::skel::{sandbox, sandbox_egress, types, uplink};
 
 /// TC filter handle of SNAS programs.
 pub const TC_HANDLE: u32 = 0x534e;
@@ -41,6 +43,7 @@ pub const TC_HANDLE: u32 = 0x534e;
 pub const TC_PRIORITY: u32 = 1;
 
 const PROG_SANDBOX: &str = "prog_sandbox_ingress";
+const PROG_SANDBOX_EGRESS: &str = "prog_sandbox_egress";
 const PROG_UPLINK: &str = "prog_uplink_ingress";
 
 /// Errors of loading, attaching and map programming.
@@ -71,6 +74,9 @@ pub enum Tier1Error {
     /// No job is configured on this veth.
     #[error("no job on veth ifindex {0}")]
     UnknownJob(u32),
+    /// No job has this key.
+    #[error("no job with key {0:#018x}")]
+    UnknownJobKey(u64),
     /// A map key or value had an unexpected size (BTF and Rust types disagree).
     #[error("map {0}: key or value size differs from the generated Rust type")]
     ValueSize(&'static str),
@@ -114,6 +120,7 @@ struct Maps {
     proxy_by_ip: MapHandle,
     maglev: MapHandle,
     flows: MapHandle,
+    dns_nat: MapHandle,
     counters: MapHandle,
     audit: MapHandle,
     debug: MapHandle,
@@ -136,6 +143,7 @@ impl Maps {
             proxy_by_ip: m("snas_proxy_by_ip")?,
             maglev: m("snas_maglev")?,
             flows: m("snas_flows")?,
+            dns_nat: m("snas_dns_nat")?,
             counters: m("snas_counters")?,
             audit: m("snas_audit")?,
             debug: m("snas_debug")?,
@@ -150,6 +158,7 @@ pub struct Tier1 {
     pin_dir: PathBuf,
     maps: Maps,
     sandbox_prog: OwnedFd,
+    sandbox_egress_prog: OwnedFd,
     uplink_prog: OwnedFd,
 }
 
@@ -211,45 +220,44 @@ impl Tier1 {
             source,
         })?;
 
-        {
-            let mut storage = MaybeUninit::uninit();
-            let mut open = sandbox::SandboxIngressSkelBuilder::default()
-                .open(&mut storage)
-                .map_err(bpf_err("open sandbox_ingress"))?;
-            if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
-                ro.cfg_uplink_ifindex = node.uplink_ifindex;
-                ro.cfg_node_ip = u32::from_ne_bytes(node.node_ip.octets());
-                ro.cfg_uplink_mtu = node.uplink_mtu;
-                ro.cfg_horizon_ns = saturating_ns(node.horizon);
-                ro.cfg_geneve_port = node.geneve_port;
-                ro.cfg_audit_rate = node.audit_per_sec;
-                ro.cfg_record_debug = u8::from(node.record_debug);
-            }
-            set_pins(open.open_object_mut(), &dir)?;
-            let mut skel = open.load().map_err(bpf_err("load sandbox_ingress"))?;
-            pin_prog(
-                &mut skel.progs.snas_sandbox_ingress,
-                &dir.join(PROG_SANDBOX),
-            )?;
+        macro_rules! load_object {
+            ($builder:ty, $prog:ident, $pin:expr, $name:literal) => {{
+                let mut storage = MaybeUninit::uninit();
+                let mut open = <$builder>::default()
+                    .open(&mut storage)
+                    .map_err(bpf_err(concat!("open ", $name)))?;
+                if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
+                    ro.cfg_uplink_ifindex = node.uplink_ifindex;
+                    ro.cfg_node_ip = u32::from_ne_bytes(node.node_ip.octets());
+                    ro.cfg_uplink_mtu = node.uplink_mtu;
+                    ro.cfg_horizon_ns = saturating_ns(node.horizon);
+                    ro.cfg_geneve_port = node.geneve_port;
+                    ro.cfg_audit_rate = node.audit_per_sec;
+                    ro.cfg_record_debug = u8::from(node.record_debug);
+                }
+                set_pins(open.open_object_mut(), &dir)?;
+                let mut skel = open.load().map_err(bpf_err(concat!("load ", $name)))?;
+                pin_prog(&mut skel.progs.$prog, &dir.join($pin))?;
+            }};
         }
-        {
-            let mut storage = MaybeUninit::uninit();
-            let mut open = uplink::UplinkIngressSkelBuilder::default()
-                .open(&mut storage)
-                .map_err(bpf_err("open uplink_ingress"))?;
-            if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
-                ro.cfg_uplink_ifindex = node.uplink_ifindex;
-                ro.cfg_node_ip = u32::from_ne_bytes(node.node_ip.octets());
-                ro.cfg_uplink_mtu = node.uplink_mtu;
-                ro.cfg_horizon_ns = saturating_ns(node.horizon);
-                ro.cfg_geneve_port = node.geneve_port;
-                ro.cfg_audit_rate = node.audit_per_sec;
-                ro.cfg_record_debug = u8::from(node.record_debug);
-            }
-            set_pins(open.open_object_mut(), &dir)?;
-            let mut skel = open.load().map_err(bpf_err("load uplink_ingress"))?;
-            pin_prog(&mut skel.progs.snas_uplink_ingress, &dir.join(PROG_UPLINK))?;
-        }
+        load_object!(
+            sandbox::SandboxIngressSkelBuilder,
+            snas_sandbox_ingress,
+            PROG_SANDBOX,
+            "sandbox_ingress"
+        );
+        load_object!(
+            sandbox_egress::SandboxEgressSkelBuilder,
+            snas_sandbox_egress,
+            PROG_SANDBOX_EGRESS,
+            "sandbox_egress"
+        );
+        load_object!(
+            uplink::UplinkIngressSkelBuilder,
+            snas_uplink_ingress,
+            PROG_UPLINK,
+            "uplink_ingress"
+        );
 
         let t = Tier1::open_pinned(&dir)?;
         t.check_layouts()?;
@@ -268,7 +276,7 @@ impl Tier1 {
         };
         update(&t.maps.node, &0u32, &info, "snas_node")?;
         if node.attach_uplink {
-            tc_attach(&t.uplink_prog, node.uplink_ifindex)?;
+            tc_attach(&t.uplink_prog, node.uplink_ifindex, TC_INGRESS)?;
         }
         Ok(t)
     }
@@ -284,6 +292,7 @@ impl Tier1 {
             pin_dir: dir.to_path_buf(),
             maps: Maps::open(dir)?,
             sandbox_prog: prog(PROG_SANDBOX)?,
+            sandbox_egress_prog: prog(PROG_SANDBOX_EGRESS)?,
             uplink_prog: prog(PROG_UPLINK)?,
         })
     }
@@ -293,7 +302,7 @@ impl Tier1 {
     pub fn check_layouts(&self) -> Result<(), Tier1Error> {
         use std::mem::size_of;
         let m = &self.maps;
-        let checks: [(&MapHandle, usize, usize, &'static str); 12] = [
+        let checks: [(&MapHandle, usize, usize, &'static str); 13] = [
             (
                 &m.jobs,
                 size_of::<u32>(),
@@ -335,6 +344,12 @@ impl Tier1 {
                 size_of::<u32>(),
                 size_of::<u32>(),
                 "snas_proxy_by_ip",
+            ),
+            (
+                &m.dns_nat,
+                size_of::<types::dns_nat_key>(),
+                size_of::<types::dns_nat_val>(),
+                "snas_dns_nat",
             ),
             (
                 &m.maglev,
@@ -408,11 +423,32 @@ impl Tier1 {
         update(&self.maps.job_by_key, &job.job_key, &idx, "snas_job_by_key")
     }
 
-    /// Configures the job and attaches the sandbox program to its veth (clsact ingress).
+    /// Configures the job and attaches the sandbox programs to its veth (clsact ingress and
+    /// egress).
     pub fn attach_job(&self, job: &JobConfig) -> Result<(), Tier1Error> {
         self.write_job(job, false)?;
-        tc_attach(&self.sandbox_prog, job.veth_ifindex)?;
+        tc_attach(&self.sandbox_prog, job.veth_ifindex, TC_INGRESS)?;
+        tc_attach(&self.sandbox_egress_prog, job.veth_ifindex, TC_EGRESS)?;
         self.write_job(job, true)
+    }
+
+    /// Like [`Tier1::attach_job`] for a job whose programs are already attached (agent
+    /// restart): rewrites its configuration and re-attaches (replacing) the filters.
+    pub fn adopt_job(&self, job: &JobConfig) -> Result<(), Tier1Error> {
+        self.attach_job(job)
+    }
+
+    /// The veth ifindex of a job, if it is configured.
+    pub fn veth_of(&self, job_key: u64) -> Result<Option<u32>, Tier1Error> {
+        lookup(&self.maps.job_by_key, &job_key, "snas_job_by_key")
+    }
+
+    /// [`Tier1::detach_job`] by job key.
+    pub fn detach_job_by_key(&self, job_key: u64) -> Result<(), Tier1Error> {
+        let idx = self
+            .veth_of(job_key)?
+            .ok_or(Tier1Error::UnknownJobKey(job_key))?;
+        self.detach_job(idx)
     }
 
     /// Detaches the program from the veth (if it still exists) and removes every map entry of
@@ -421,7 +457,8 @@ impl Tier1 {
         let cfg: types::job_cfg = lookup(&self.maps.jobs, &veth_ifindex, "snas_jobs")?
             .ok_or(Tier1Error::UnknownJob(veth_ifindex))?;
         if cfg.flags & JOB_F_ATTACHED != 0 {
-            tc_detach(&self.sandbox_prog, veth_ifindex);
+            tc_detach(&self.sandbox_prog, veth_ifindex, TC_INGRESS);
+            tc_detach(&self.sandbox_egress_prog, veth_ifindex, TC_EGRESS);
         }
         let job = cfg.job_key;
         let _ = self.maps.jobs.delete(bytes_of(&veth_ifindex));
@@ -430,6 +467,7 @@ impl Tier1 {
         delete_where::<types::dst_key>(&self.maps.dst_exact, |k| k.job_key == job);
         delete_where::<types::cidr_key>(&self.maps.dst_cidr, |k| cidr_job(k) == job);
         delete_where::<types::flow_key>(&self.maps.flows, |k| k.ifindex == veth_ifindex);
+        delete_where::<types::dns_nat_key>(&self.maps.dns_nat, |k| k.ifindex == veth_ifindex);
         delete_where::<types::counter_key>(&self.maps.counters, |k| k.job_key == job);
         Ok(())
     }
@@ -680,6 +718,11 @@ impl Tier1 {
         self.sandbox_prog.as_fd()
     }
 
+    /// File descriptor of the sandbox-veth egress program (for test runs).
+    pub fn sandbox_egress_prog(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.sandbox_egress_prog.as_fd()
+    }
+
     /// File descriptor of the uplink program (for test runs).
     pub fn uplink_prog(&self) -> std::os::fd::BorrowedFd<'_> {
         self.uplink_prog.as_fd()
@@ -691,13 +734,14 @@ impl Tier1 {
         for key in self.maps.jobs.keys() {
             if let Some(idx) = from_bytes::<u32>(&key) {
                 if self.attached(idx)? {
-                    tc_detach(&self.sandbox_prog, idx);
+                    tc_detach(&self.sandbox_prog, idx, TC_INGRESS);
+                    tc_detach(&self.sandbox_egress_prog, idx, TC_EGRESS);
                 }
             }
         }
         if let Some(info) = lookup::<types::node_info>(&self.maps.node, &0u32, "snas_node")? {
             if info.uplink_ifindex != 0 {
-                tc_detach(&self.uplink_prog, info.uplink_ifindex);
+                tc_detach(&self.uplink_prog, info.uplink_ifindex, TC_INGRESS);
             }
         }
         remove_pins(&self.pin_dir)
@@ -854,26 +898,26 @@ fn delete_where<K: Pod>(map: &MapHandle, pred: impl Fn(&K) -> bool) {
     }
 }
 
-fn tc_attach(prog: &OwnedFd, ifindex: u32) -> Result<(), Tier1Error> {
+fn tc_attach(prog: &OwnedFd, ifindex: u32, point: TcAttachPoint) -> Result<(), Tier1Error> {
     let mut hook = TcHookBuilder::new(prog.as_fd())
         .ifindex(ifindex_i32(ifindex))
         .replace(true)
         .handle(TC_HANDLE)
         .priority(TC_PRIORITY)
-        .hook(TC_INGRESS);
+        .hook(point);
     hook.create()
         .map_err(bpf_err(format!("create clsact on ifindex {ifindex}")))?;
     hook.attach()
-        .map_err(bpf_err(format!("attach to ifindex {ifindex} ingress")))?;
+        .map_err(bpf_err(format!("attach to ifindex {ifindex}")))?;
     Ok(())
 }
 
 /// Best effort: the device may already be gone (veth deleted with its netns).
-fn tc_detach(prog: &OwnedFd, ifindex: u32) {
+fn tc_detach(prog: &OwnedFd, ifindex: u32, point: TcAttachPoint) {
     let mut hook = TcHookBuilder::new(prog.as_fd())
         .ifindex(ifindex_i32(ifindex))
         .handle(TC_HANDLE)
         .priority(TC_PRIORITY)
-        .hook(TC_INGRESS);
+        .hook(point);
     let _ = hook.detach();
 }

@@ -778,3 +778,57 @@ fn reopening_from_pins_keeps_state_and_programs() {
         2
     );
 }
+
+#[test]
+fn stub_answers_to_captured_queries_carry_the_resolver_address_again() {
+    let Some(n) = setup("dnsreply") else { return };
+    for (proto, q) in [
+        (17, Pkt::udp(OTHER_IP, 53, b"\x12\x34\x01\x00")),
+        (
+            6,
+            Pkt {
+                tcp_flags: 0x18,
+                payload: b"\x00\x02ab".to_vec(),
+                ..Pkt::tcp_syn(OTHER_IP, 853)
+            },
+        ),
+    ] {
+        assert_eq!(n.run_sandbox(&q.frame()).retval, TC_ACT_OK);
+        let answer = Pkt {
+            src_mac: HOST_MAC,
+            dst_mac: SANDBOX_MAC,
+            src: GATEWAY_IP,
+            dst: SANDBOX_IP,
+            proto,
+            sport: 5353,
+            dport: q.sport,
+            tcp_flags: if proto == 6 { 0x18 } else { 0 },
+            payload: b"\x12\x34\x81\x80".to_vec(),
+            ..q.clone()
+        };
+        let out = n.run_sandbox_egress(&answer.frame());
+        assert_eq!(out.retval, TC_ACT_OK);
+        let mut want = Pkt {
+            src: OTHER_IP,
+            sport: q.dport,
+            ..answer.clone()
+        }
+        .frame();
+        assert!(
+            ipv4_header_ok(&out.data[ETH..]) && l4_ok(&out.data[ETH..]),
+            "proto {proto}"
+        );
+        want[ETH + 10..ETH + 12].copy_from_slice(&out.data[ETH + 10..ETH + 12]);
+        assert_eq!(out.data, want, "proto {proto}");
+    }
+    // Other traffic into the sandbox is untouched.
+    let other = Pkt {
+        src: GATEWAY_IP,
+        dst: SANDBOX_IP,
+        sport: 5353,
+        dport: 999,
+        ..Pkt::udp(SANDBOX_IP, 999, &[1])
+    }
+    .frame();
+    assert_eq!(n.run_sandbox_egress(&other).data, other);
+}

@@ -238,6 +238,28 @@ struct {
 	__type(value, struct debug_rec);
 } snas_debug SEC(".maps");
 
+/* DNS capture: the original destination of a query the sandbox sent to another resolver,
+ * so that the stub's answer can be given that resolver's address again (sandbox_egress). */
+struct dns_nat_key {
+	__u32 ifindex;
+	__u16 sport;		/* sandbox source port, host order */
+	__u8 proto;
+	__u8 _pad0;
+};
+
+struct dns_nat_val {
+	__u32 orig_daddr;	/* network order */
+	__u16 orig_dport;	/* host order */
+	__u16 _pad0;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct dns_nat_key);
+	__type(value, struct dns_nat_val);
+} snas_dns_nat SEC(".maps");
+
 /* Node facts for userspace (the loader writes them; no program reads them): lets a restarted
  * agent find what to detach (snas_bpf::Tier1::open_pinned). */
 struct node_info {

@@ -64,6 +64,18 @@ impl Node {
         .expect("test run")
     }
 
+    pub fn run_sandbox_egress(&self, frame: &[u8]) -> RunOutput {
+        testing::run(
+            self.t1().sandbox_egress_prog(),
+            frame,
+            &SkbCtx {
+                ifindex: VETH,
+                ..Default::default()
+            },
+        )
+        .expect("test run")
+    }
+
     pub fn run_uplink(&self, frame: &[u8]) -> RunOutput {
         testing::run(
             self.t1().uplink_prog(),
