@@ -122,13 +122,16 @@ impl JobNetInfo {
 pub struct JobNetwork {
     info: JobNetInfo,
     armed: bool,
+    /// Whether the host veth is ours: a failed create must not delete a foreign interface that
+    /// happens to have the name.
+    owns_veth: bool,
 }
 
 impl JobNetwork {
     /// Creates the namespace, the veth pair, addresses, routes and offload settings.
     ///
     /// Must be called from a thread in the host network namespace.
-    pub fn create(mut info: JobNetInfo) -> Result<JobNetwork, JobNetError> {
+    pub fn create(info: JobNetInfo) -> Result<JobNetwork, JobNetError> {
         let dir = info
             .netns_path
             .parent()
@@ -140,17 +143,25 @@ impl JobNetwork {
         let mut guard = JobNetwork {
             info: info.clone(),
             armed: true,
+            owns_veth: false,
         };
         let name = info.netns.clone();
-        let result = std::thread::Builder::new()
+        let (owns_veth, result) = std::thread::Builder::new()
             .name(format!("netns-{}", info.netns))
-            .spawn(move || setup_in_new_netns(&info))
+            .spawn(move || {
+                let mut owns_veth = false;
+                let r = setup_in_new_netns(&info, &mut owns_veth);
+                (owns_veth, r)
+            })
             .map_err(|_| JobNetError::Thread(name.clone()))?
             .join()
-            .map_err(|_| JobNetError::Thread(name))?;
-        info = guard.info.clone();
-        info.host_ifindex = result?;
-        guard.info = info;
+            .map_err(|_| {
+                // The thread may have created the veth before panicking.
+                guard.owns_veth = true;
+                JobNetError::Thread(name)
+            })?;
+        guard.owns_veth = owns_veth;
+        guard.info.host_ifindex = result?;
         Ok(guard)
     }
 
@@ -168,14 +179,14 @@ impl JobNetwork {
     /// Tears the network down, reporting every failed step.
     pub fn teardown(mut self) -> Result<(), JobNetError> {
         self.armed = false;
-        teardown_network(&self.info)
+        teardown_parts(&self.info, self.owns_veth)
     }
 }
 
 impl Drop for JobNetwork {
     fn drop(&mut self) {
         if self.armed {
-            if let Err(e) = teardown_network(&self.info) {
+            if let Err(e) = teardown_parts(&self.info, self.owns_veth) {
                 tracing::error!(netns = %self.info.netns, error = %e, "teardown on drop failed");
             }
         }
@@ -184,7 +195,7 @@ impl Drop for JobNetwork {
 
 /// Runs on a fresh thread: enters a new namespace, names it, and configures both ends.
 /// Returns the host veth's ifindex.
-fn setup_in_new_netns(info: &JobNetInfo) -> Result<u32, JobNetError> {
+fn setup_in_new_netns(info: &JobNetInfo, owns_veth: &mut bool) -> Result<u32, JobNetError> {
     let path = &info.netns_path;
     let ns_err = |op: &'static str| {
         let source = io::Error::last_os_error();
@@ -230,6 +241,7 @@ fn setup_in_new_netns(info: &JobNetInfo) -> Result<u32, JobNetError> {
         info.mtu,
         nsfd.as_raw_fd(),
     )?;
+    *owns_veth = true;
     drop(nsfd);
     let hidx = host
         .link_index(&info.host_veth)?
@@ -366,10 +378,15 @@ pub fn remove_netns(path: &Path) -> Result<(), JobNetError> {
 /// Tears a job network down: deletes the host veth (its peer goes with it), then the namespace.
 /// Idempotent. Must be called from a thread in the host network namespace.
 pub fn teardown_network(info: &JobNetInfo) -> Result<(), JobNetError> {
+    teardown_parts(info, true)
+}
+
+fn teardown_parts(info: &JobNetInfo, delete_veth: bool) -> Result<(), JobNetError> {
     let mut errors = Vec::new();
-    match Rtnl::open().and_then(|mut r| r.delete_link(&info.host_veth)) {
-        Ok(_) => {}
-        Err(e) => errors.push(e.to_string()),
+    if delete_veth {
+        if let Err(e) = Rtnl::open().and_then(|mut r| r.delete_link(&info.host_veth)) {
+            errors.push(e.to_string());
+        }
     }
     if let Err(e) = remove_netns(&info.netns_path) {
         errors.push(e.to_string());

@@ -1,0 +1,294 @@
+//! PRIVILEGED (root): the agent's HTTP API over a real Unix socket and TCP listener, with a stub
+//! verifier and the in-memory dataplane; restart adoption; orphan cleanup.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns: a failed step is a failed test
+
+mod common;
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use common::{http, unix_http, Scope, StubVerifier};
+use snas_agent::config::AgentConfig;
+use snas_agent::jobnet::is_netns_mount;
+use snas_agent::netlink::Rtnl;
+use snas_agent::seams::RecordingDataplane;
+use snas_agent::{api, Agent};
+
+fn config(scope: &Scope, pool: &str) -> AgentConfig {
+    let text = format!(
+        r#"
+node_name = "test-node"
+underlay_interface = "lo"
+underlay_address = "192.0.2.7"
+underlay_mtu = 1500
+trust_bundle = "/nonexistent/trust.json"
+job_pool = "{pool}"
+api_socket = "{}/agent.sock"
+api_socket_mode = 0o600
+policy_listen = "127.0.0.1:0"
+state_dir = "{}/state"
+netns_prefix = "{}"
+host_veth_prefix = "{}"
+"#,
+        scope.state.path().display(),
+        scope.state.path().display(),
+        scope.netns_prefix,
+        scope.veth_prefix
+    );
+    AgentConfig::from_toml_str(&text, std::path::Path::new("test.toml")).unwrap()
+}
+
+/// A running agent serving on a Unix socket and an ephemeral TCP port.
+struct Running {
+    rt: tokio::runtime::Runtime,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    socket: PathBuf,
+    policy_addr: SocketAddr,
+    dataplane: Arc<RecordingDataplane>,
+}
+
+impl Running {
+    fn start(config: AgentConfig) -> (Running, snas_agent::StartReport) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dataplane = Arc::new(RecordingDataplane::default());
+        let socket = config.api_socket.clone();
+        let mode = config.api_socket_mode;
+        let (agent, report) =
+            Agent::start(config, Arc::new(StubVerifier), dataplane.clone()).unwrap();
+        let (unix, tcp) = rt.block_on(async {
+            (
+                api::bind_unix(&socket, mode).unwrap(),
+                tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            )
+        });
+        let policy_addr = tcp.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = rt.spawn(api::serve_listeners(
+            Arc::new(agent),
+            unix,
+            tcp,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        (
+            Running {
+                rt,
+                stop: Some(tx),
+                task: Some(task),
+                socket,
+                policy_addr,
+                dataplane,
+            },
+            report,
+        )
+    }
+
+    fn call(&self, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+        unix_http(&self.socket, method, path, body)
+    }
+
+    fn policy(&self, path: &str) -> (u16, String) {
+        http(
+            TcpStream::connect(self.policy_addr).unwrap(),
+            "GET",
+            path,
+            "",
+        )
+    }
+
+    /// Stops serving; running jobs stay (as when the agent process exits).
+    fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            self.rt.block_on(task).unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+#[test]
+fn privileged_api_creates_lists_counts_serves_policy_and_deletes() {
+    let scope = Scope::new("api");
+    let (agent, report) = Running::start(config(&scope, "10.254.10.0/24"));
+    assert!(report.adopted.is_empty());
+    let mode = std::fs::metadata(&agent.socket).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+
+    let token = "stub.acme.build-7.policy-1.3.192_0_2_7";
+    let (status, job) = agent.call("POST", "/v1/jobs", token);
+    assert_eq!(status, 201, "{job}");
+    let key = job["job_key"].as_str().unwrap().to_owned();
+    assert_eq!(key, format!("{:016x}", common::job_key("policy-1")));
+    assert_eq!(job["job"], "build-7");
+    assert_eq!(job["tenant"], "acme");
+    assert_eq!(job["mtu"], 1444);
+    assert_eq!(job["gateway_ip"], "10.254.10.1");
+    assert_eq!(job["sandbox_ip"], "10.254.10.2");
+    assert_eq!(job["dns_ip"], "10.254.10.1");
+    let netns_path = PathBuf::from(job["netns_path"].as_str().unwrap());
+    assert!(is_netns_mount(&netns_path));
+    let veth = job["veth"].as_str().unwrap().to_owned();
+    assert!(Rtnl::open().unwrap().link_index(&veth).unwrap().is_some());
+    assert!(agent
+        .dataplane
+        .attached()
+        .contains_key(&common::job_key("policy-1")));
+
+    // JSON body form; a second job gets the next subnet.
+    let (status, job2) = agent.call(
+        "POST",
+        "/v1/jobs",
+        r#"{"policy":"stub.acme.test-2.policy-2.1"}"#,
+    );
+    assert_eq!(status, 201, "{job2}");
+    assert_eq!(job2["sandbox_ip"], "10.254.10.6");
+
+    // Refusals.
+    let (status, err) = agent.call("POST", "/v1/jobs", token);
+    assert_eq!((status, err["error"].as_str()), (409, Some("job_exists")));
+    let (status, err) = agent.call("POST", "/v1/jobs", "garbage");
+    assert_eq!(
+        (status, err["error"].as_str()),
+        (422, Some("policy_invalid"))
+    );
+    let (status, err) = agent.call("POST", "/v1/jobs", "stub.expired.j.p-9.1");
+    assert_eq!(
+        (status, err["error"].as_str()),
+        (422, Some("policy_expired"))
+    );
+    let (status, err) = agent.call("POST", "/v1/jobs", "stub.acme.j.p-10.1.198_51_100_9");
+    assert_eq!(
+        (status, err["error"].as_str()),
+        (403, Some("node_mismatch"))
+    );
+    let (status, err) = agent.call("POST", "/v1/jobs", "");
+    assert_eq!((status, err["error"].as_str()), (400, Some("bad_request")));
+
+    // Listing and lookup by key and by name.
+    let (status, list) = agent.call("GET", "/v1/jobs", "");
+    assert_eq!(status, 200);
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let (status, by_name) = agent.call("GET", "/v1/jobs/build-7", "");
+    assert_eq!(
+        (status, by_name["job_key"].as_str()),
+        (200, Some(key.as_str()))
+    );
+    let (status, _) = agent.call("GET", "/v1/jobs/nope", "");
+    assert_eq!(status, 404);
+
+    // Counters from the dataplane seam.
+    let (status, c) = agent.call("GET", &format!("/v1/jobs/{key}/counters"), "");
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(c["total"], 0);
+    assert_eq!(c["drops"]["destination_denied"], 0);
+
+    // Policy endpoint: raw token for a known job, 404 otherwise, nothing else served.
+    let (status, body) = agent.policy(&format!("/v1/jobs/{key}/policy"));
+    assert_eq!((status, body.as_str()), (200, token));
+    let (status, _) = agent.policy("/v1/jobs/0000000000000001/policy");
+    assert_eq!(status, 404);
+    let (status, _) = agent.policy("/v1/jobs");
+    assert_eq!(status, 404);
+
+    // Delete tears the network down.
+    let (status, _) = agent.call("DELETE", &format!("/v1/jobs/{key}"), "");
+    assert_eq!(status, 204);
+    assert!(!netns_path.exists());
+    assert!(Rtnl::open().unwrap().link_index(&veth).unwrap().is_none());
+    let (status, _) = agent.policy(&format!("/v1/jobs/{key}/policy"));
+    assert_eq!(status, 404);
+    let (status, _) = agent.call("DELETE", "/v1/jobs/test-2", "");
+    assert_eq!(status, 204);
+    agent.stop();
+    assert!(scope.leftover_netns().is_empty());
+}
+
+#[test]
+fn privileged_restarted_agent_adopts_jobs_without_touching_them() {
+    let scope = Scope::new("restart");
+    let cfg = config(&scope, "10.254.11.0/24");
+    let (first, _) = Running::start(cfg.clone());
+    let (status, job) = first.call("POST", "/v1/jobs", "stub.acme.keep.policy-keep.1");
+    assert_eq!(status, 201, "{job}");
+    let key = job["job_key"].as_str().unwrap().to_owned();
+    let veth = job["veth"].as_str().unwrap().to_owned();
+    let ifindex_before = Rtnl::open().unwrap().link_index(&veth).unwrap();
+    first.stop();
+
+    // A namespace with the agent's prefix that no record names (crash mid-create).
+    let orphan = scope
+        .netns_dir
+        .join(format!("{}deadbeef", scope.netns_prefix));
+    std::fs::write(&orphan, b"").unwrap();
+
+    let (second, report) = Running::start(cfg);
+    assert_eq!(report.adopted, vec![key.clone()]);
+    assert_eq!(
+        report.orphans_removed,
+        vec![format!("{}deadbeef", scope.netns_prefix)]
+    );
+    assert!(!orphan.exists());
+    // Same interface (not recreated), job listed, policy still served, next job gets a new subnet.
+    assert_eq!(
+        Rtnl::open().unwrap().link_index(&veth).unwrap(),
+        ifindex_before
+    );
+    let (status, again) = second.call("GET", &format!("/v1/jobs/{key}"), "");
+    assert_eq!((status, &again["sandbox_ip"]), (200, &job["sandbox_ip"]));
+    let (status, _) = second.policy(&format!("/v1/jobs/{key}/policy"));
+    assert_eq!(status, 200);
+    let (status, other) = second.call("POST", "/v1/jobs", "stub.acme.new.policy-new.1");
+    assert_eq!(status, 201);
+    assert_ne!(other["sandbox_ip"], job["sandbox_ip"]);
+    assert!(second.dataplane.attached().len() == 2);
+
+    for id in [key.as_str(), "new"] {
+        let (status, _) = second.call("DELETE", &format!("/v1/jobs/{id}"), "");
+        assert_eq!(status, 204);
+    }
+    second.stop();
+    assert!(scope.leftover_netns().is_empty());
+}
+
+#[test]
+fn privileged_start_cleans_up_a_job_whose_network_is_partly_gone() {
+    let scope = Scope::new("partial");
+    let cfg = config(&scope, "10.254.12.0/24");
+    let (first, _) = Running::start(cfg.clone());
+    let (status, job) = first.call("POST", "/v1/jobs", "stub.acme.half.policy-half.1");
+    assert_eq!(status, 201);
+    first.stop();
+    // Someone deleted the host veth while the agent was down.
+    let veth = job["veth"].as_str().unwrap();
+    assert!(Rtnl::open().unwrap().delete_link(veth).unwrap());
+
+    let (second, report) = Running::start(cfg);
+    assert_eq!(
+        report.cleaned,
+        vec![job["job_key"].as_str().unwrap().to_owned()]
+    );
+    assert!(report.adopted.is_empty());
+    let (status, list) = second.call("GET", "/v1/jobs", "");
+    assert_eq!((status, list.as_array().map(Vec::len)), (200, Some(0)));
+    assert!(scope.leftover_netns().is_empty());
+    second.stop();
+}
