@@ -45,6 +45,8 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 pub struct Node {
     pub t1: Option<Tier1>,
     pub dir: PathBuf,
+    /// Network namespace the programs were attached in (ifindexes are that namespace's).
+    pub netns: Option<String>,
 }
 
 impl Node {
@@ -92,7 +94,25 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         if let Some(t1) = self.t1.take() {
-            let _ = t1.teardown();
+            match self.netns.clone() {
+                None => {
+                    let _ = t1.teardown();
+                }
+                Some(ns) => {
+                    // Detach from inside the namespace so that no other namespace's device
+                    // with the same ifindex is touched.
+                    let _ = std::thread::spawn(move || {
+                        if let Ok(f) = std::fs::File::open(format!("/var/run/netns/{ns}")) {
+                            use std::os::fd::AsRawFd;
+                            // SAFETY: f is an open netns fd; only this thread moves.
+                            if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
+                                let _ = t1.teardown();
+                            }
+                        }
+                    })
+                    .join();
+                }
+            }
         }
         let _ = snas_bpf::remove_pins(&self.dir);
     }
@@ -117,6 +137,7 @@ pub fn load(cfg: &NodeConfig) -> Node {
     let mut node = Node {
         t1: None,
         dir: cfg.pin_dir.clone(),
+        netns: None,
     };
     node.t1 = Some(Tier1::load(cfg).expect("load tier1"));
     node

@@ -1,0 +1,236 @@
+//! End-to-end over real interfaces (root; skipped with a message otherwise): a sandbox
+//! namespace, a node namespace with the tier-1 programs attached by [`Tier1::attach_job`], and
+//! a proxy namespace with a UDP socket on 6081. A datagram from the sandbox must arrive at the
+//! proxy GENEVE-encapsulated with our option; a GENEVE reply from the proxy must arrive at the
+//! sandbox socket decapsulated. All three namespaces (and with them the veths) are deleted by
+//! a guard; the node's programs are detached and unpinned from inside the node namespace.
+
+mod common;
+
+use std::fs::File;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use snas_bpf::{Bps, PortRule, Proto, ProxyEntry};
+
+struct Netns {
+    names: Vec<String>,
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let st = Command::new("ip").args(args).status().expect("run ip");
+    assert!(st.success(), "ip {args:?}");
+}
+
+fn sh_in(ns: &str, cmd: &[&str]) {
+    let st = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd)
+        .status()
+        .expect("run");
+    assert!(st.success(), "{ns}: {cmd:?}");
+}
+
+fn enter(ns: &str) {
+    let f = File::open(format!("/var/run/netns/{ns}")).expect("netns file");
+    // SAFETY: f is an open netns fd; setns changes only the calling thread's namespace.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {ns}");
+}
+
+fn link_info(ns: &str, dev: &str) -> (u32, [u8; 6]) {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-o", "link", "show", "dev", dev])
+        .output()
+        .expect("ip link");
+    let s = String::from_utf8_lossy(&out.stdout).to_string();
+    let idx = s
+        .split(':')
+        .next()
+        .and_then(|x| x.trim().parse().ok())
+        .expect("ifindex");
+    let mac = s
+        .split("link/ether ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("mac");
+    let mut m = [0u8; 6];
+    for (i, b) in mac.split(':').enumerate() {
+        m[i] = u8::from_str_radix(b, 16).expect("hex");
+    }
+    (idx, m)
+}
+
+#[test]
+fn sandbox_traffic_reaches_the_proxy_encapsulated_and_replies_come_back() {
+    if !root_or_skip("netns end-to-end") {
+        return;
+    }
+    let id = std::process::id() % 100_000;
+    let (node, sb, px) = (format!("snn{id}"), format!("sns{id}"), format!("snp{id}"));
+    let _guard = Netns {
+        names: vec![node.clone(), sb.clone(), px.clone()],
+    };
+    for n in [&node, &sb, &px] {
+        ip(&["netns", "add", n]);
+    }
+    let (h, s, u, p) = (
+        format!("h{id}"),
+        format!("s{id}"),
+        format!("u{id}"),
+        format!("p{id}"),
+    );
+    ip(&[
+        "-n", &node, "link", "add", &h, "type", "veth", "peer", "name", &s, "netns", &sb,
+    ]);
+    ip(&[
+        "-n", &node, "link", "add", &u, "type", "veth", "peer", "name", &p, "netns", &px,
+    ]);
+    ip(&["-n", &node, "addr", "add", "10.88.0.1/24", "dev", &h]);
+    ip(&["-n", &node, "addr", "add", "192.0.2.10/24", "dev", &u]);
+    ip(&["-n", &sb, "addr", "add", "10.88.0.2/24", "dev", &s]);
+    ip(&["-n", &px, "addr", "add", "192.0.2.20/24", "dev", &p]);
+    ip(&["-n", &sb, "link", "set", &s, "mtu", "1444"]);
+    for (ns, dev) in [(&node, &h), (&node, &u), (&sb, &s), (&px, &p)] {
+        ip(&["-n", ns, "link", "set", dev, "up"]);
+    }
+    ip(&["-n", &sb, "link", "set", "lo", "up"]);
+    ip(&["-n", &sb, "route", "add", "default", "via", "10.88.0.1"]);
+    sh_in(
+        &sb,
+        &["ethtool", "-K", &s, "tx", "off", "tso", "off", "gso", "off"],
+    );
+
+    let (h_idx, h_mac) = link_info(&node, &h);
+    let (u_idx, _) = link_info(&node, &u);
+    let (_, s_mac) = link_info(&sb, &s);
+
+    // Proxy side: a UDP socket on 6081.
+    let px2 = px.clone();
+    let proxy = std::thread::spawn(move || {
+        enter(&px2);
+        let sock = UdpSocket::bind("0.0.0.0:6081").expect("bind 6081");
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = [0u8; 2048];
+        let (len, from) = sock
+            .recv_from(&mut buf)
+            .expect("GENEVE datagram at the proxy");
+        (buf[..len].to_vec(), from, sock)
+    });
+
+    // Node side: load and attach in the node namespace.
+    let node2 = node.clone();
+    let node_thread = std::thread::spawn(move || {
+        enter(&node2);
+        let mut cfg = node_config("netns");
+        cfg.uplink_ifindex = u_idx;
+        cfg.attach_uplink = true;
+        cfg.uplink_mtu = 1500;
+        let mut n = load(&cfg);
+        n.netns = Some(node2.clone());
+        let mut j = job();
+        j.veth_ifindex = h_idx;
+        j.sandbox_mac = s_mac;
+        j.host_mac = h_mac;
+        j.egress = Some(Bps(100_000_000));
+        n.t1().attach_job(&j).expect("attach job");
+        n.t1()
+            .set_proxies(&[ProxyEntry {
+                ip: Ipv4Addr::new(192, 0, 2, 20),
+                alive: true,
+            }])
+            .expect("proxies");
+        n.t1()
+            .allow_cidr(
+                JOB_KEY,
+                "203.0.113.0/24".parse().expect("net"),
+                &[PortRule::port(Proto::Udp, 7000)],
+                false,
+            )
+            .expect("cidr");
+        n
+    });
+    let n = node_thread.join().expect("node thread");
+
+    // Sandbox: send one datagram, then wait for the reply.
+    let sb2 = sb.clone();
+    let sandbox = std::thread::spawn(move || {
+        enter(&sb2);
+        let sock = UdpSocket::bind("10.88.0.2:40000").expect("bind");
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        sock.send_to(b"hello proxy", "203.0.113.7:7000")
+            .expect("send");
+        let mut buf = [0u8; 2048];
+        let got = sock
+            .recv_from(&mut buf)
+            .map(|(len, from)| (buf[..len].to_vec(), from));
+        got.expect("reply at the sandbox")
+    });
+
+    let (dgram, from, psock) = proxy.join().expect("proxy thread");
+    assert_eq!(from.ip().to_string(), "192.0.2.10");
+    assert!(
+        from.port() >= 0xC000,
+        "outer source port from the flow hash"
+    );
+    let inner_len = dgram.len() - 28;
+    let outer = expected_outer(
+        NODE_IP,
+        Ipv4Addr::new(192, 0, 2, 20),
+        u32::from(from.port()),
+        inner_len,
+        JOB_KEY,
+    );
+    assert_eq!(
+        &dgram[..28],
+        &outer[28..],
+        "GENEVE header and option as the contract says"
+    );
+    let inner = &dgram[28..];
+    assert_eq!(&inner[12..20], &[10, 88, 0, 2, 203, 0, 113, 7]);
+    assert!(
+        ipv4_header_ok(inner) && l4_ok(inner),
+        "inner checksums finished"
+    );
+    assert_eq!(&inner[28..], b"hello proxy");
+
+    // The proxy answers through the overlay.
+    let reply = Pkt {
+        src: Ipv4Addr::new(203, 0, 113, 7),
+        dst: SANDBOX_IP,
+        sport: 7000,
+        dport: 40000,
+        ..Pkt::udp(SANDBOX_IP, 40000, b"hello sandbox")
+    }
+    .ip();
+    let mut out = outer[28..].to_vec();
+    out.extend_from_slice(&reply);
+    psock
+        .send_to(&out, SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 10), 6081))
+        .expect("send reply");
+
+    let (payload, rfrom) = sandbox.join().expect("sandbox thread");
+    assert_eq!(payload, b"hello sandbox");
+    assert_eq!(rfrom.to_string(), "203.0.113.7:7000");
+
+    let c = n.t1().counters(JOB_KEY).expect("counters");
+    assert!(c.from_sandbox.forwarded.packets >= 1);
+    assert_eq!(c.to_sandbox.forwarded.packets, 1);
+
+    let dir = n.dir.clone();
+    drop(n);
+    assert!(!dir.exists(), "teardown removed the pins");
+}
