@@ -4,6 +4,8 @@
 //! # Layout
 //! - `bpf/sandbox_ingress.bpf.c`: TC ingress of each sandbox veth (traffic leaving the
 //!   sandbox): validation, DNS capture, policy, flow admission, EDT, GENEVE encap.
+//! - `bpf/sandbox_egress.bpf.c`: TC egress of each sandbox veth: restores the resolver
+//!   address on DNS answers to captured queries.
 //! - `bpf/uplink_ingress.bpf.c`: TC ingress of the underlay: GENEVE decap into the job.
 //! - `bpf/lib/*.h`: one header per concern (parse, policy, conntrack, ratelimit, edt,
 //!   geneve, maglev, audit, csum, maps, drop_reasons).
