@@ -1,9 +1,10 @@
 //! Builders for test packets and refusals (TCP RST, ICMP/ICMPv6 unreachable).
 //!
 //! Owns how SNAS answers a flow it refuses and how tests make input packets. Every builder writes
-//! into a caller buffer (`*_into`, no allocation: the proxy's refusal path uses these and then
-//! prepends the overlay with [`crate::geneve::write_overlay_headers`]); the `Vec`-returning twins
-//! are for tests.
+//! into a caller buffer (`*_into`, no allocation); the `Vec`-returning twins are for tests. The
+//! proxy's refusal path writes the refusal at `buf[28..]` and then the GENEVE header in front of
+//! it with [`crate::geneve::write_geneve_header`] (or at `buf[56..]` and
+//! [`crate::geneve::write_overlay_headers`] for a raw sender).
 //!
 //! # Invariants
 //! - Output packets carry correct IP, TCP, UDP and ICMP checksums, TTL/hop limit 64, IPv4 DF set
