@@ -64,6 +64,28 @@ pub fn sign(claims: &PolicyClaims, key: &PolicyKey) -> Result<String, SignError>
     Ok(token)
 }
 
+/// Signs arbitrary bytes as the JWS payload with a proper `EdDSA` + `kid` header, **without any
+/// validation**. For fuzzing and tests that play a buggy or hostile signer holding a trusted key;
+/// production code uses [`sign`].
+#[doc(hidden)]
+pub fn sign_unvalidated_payload(payload: &[u8], key: &PolicyKey) -> Result<String, SignError> {
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some(key.kid().to_owned());
+    let header = serde_json::to_vec(&header).map_err(|e| SignError::Crypto(e.to_string()))?;
+    let message = format!("{}.{}", b64.encode(header), b64.encode(payload));
+    let der = key
+        .pkcs8_der()
+        .map_err(|e| SignError::Crypto(e.to_string()))?;
+    let sig = jsonwebtoken::crypto::sign(
+        message.as_bytes(),
+        &EncodingKey::from_ed_der(&der),
+        Algorithm::EdDSA,
+    )
+    .map_err(|e| SignError::Crypto(e.to_string()))?;
+    Ok(format!("{message}.{sig}"))
+}
+
 /// Why a token was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {
@@ -417,6 +439,22 @@ mod tests {
         assert_eq!(
             verify(&t, &bundle(&[&k]), at(T0)),
             Err(VerifyError::TtlTooLong(2 * 86_400))
+        );
+    }
+
+    #[test]
+    fn unvalidated_payloads_are_signed_but_rejected_by_verify() {
+        let k = key("k1", 1);
+        let t = sign_unvalidated_payload(b"{\"hello\":1}", &k).expect("sign");
+        assert!(matches!(
+            verify(&t, &bundle(&[&k]), at(T0)),
+            Err(VerifyError::Claims(_))
+        ));
+        let t = sign_unvalidated_payload(&serde_json::to_vec(&claims()).expect("json"), &k)
+            .expect("sign");
+        assert_eq!(
+            verify(&t, &bundle(&[&k]), at(T0)).map(VerifiedPolicy::into_claims),
+            Ok(claims())
         );
     }
 
