@@ -45,6 +45,8 @@ pub struct RunOutput {
     pub data: Vec<u8>,
     /// `skb->tstamp` after the program.
     pub tstamp: u64,
+    /// Time the kernel measured around the program run, in nanoseconds.
+    pub duration_ns: u32,
 }
 
 /// Errors of a test run.
@@ -97,5 +99,6 @@ pub fn run(prog: BorrowedFd<'_>, frame: &[u8], ctx: &SkbCtx) -> Result<RunOutput
         retval: opts.retval as i32,
         data: data_out,
         tstamp: u64::from_ne_bytes(ts),
+        duration_ns: opts.duration,
     })
 }

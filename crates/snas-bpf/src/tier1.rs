@@ -921,3 +921,35 @@ fn tc_detach(prog: &OwnedFd, ifindex: u32, point: TcAttachPoint) {
         .hook(point);
     let _ = hook.detach();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tier1_can_be_shared_between_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Tier1>();
+    }
+
+    #[test]
+    fn cidr_key_carries_the_job_and_the_truncated_prefix() {
+        let net: Ipv4Net = "203.0.113.77/24".parse().expect("net");
+        let k = cidr_key(0x0102_0304_0506_0708, net);
+        assert_eq!(k.prefixlen, 64 + 24);
+        assert_eq!(cidr_job(&k), 0x0102_0304_0506_0708);
+        assert_eq!(k.ip.to_ne_bytes(), [203, 0, 113, 0]);
+        assert_eq!(k.job_hi.to_ne_bytes(), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn too_many_port_rules_are_refused() {
+        let rules = vec![PortRule::all(crate::Proto::Any); MAX_PORT_RULES + 1];
+        assert!(matches!(
+            dst_val(&rules, 0, false),
+            Err(Tier1Error::TooManyPortRules(9))
+        ));
+        let v = dst_val(&rules[..2], 5, true).expect("fits");
+        assert_eq!((v.nrules, v.flags, v.expires_ns), (2, 1, 5));
+    }
+}
