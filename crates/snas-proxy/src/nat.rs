@@ -44,11 +44,14 @@
 //! The port range applies to ICMP echo identifiers too (destination port 0). Time that goes
 //! backwards does not shorten quarantine.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
+use hashbrown::HashTable;
 use snas_wire::Reason;
 
 use crate::clock::Nanos;
@@ -235,16 +238,32 @@ struct Bitmap {
     words: [u64; 1024],
 }
 
+/// Ports held inline before a set spills to a vector.
+const INLINE: usize = 11;
+
 #[derive(Debug)]
 enum PortSet {
+    /// Sorted, no duplicates, `len ≤ INLINE`: no heap allocation for the common tiny set.
+    Inline {
+        len: u8,
+        ports: [u16; INLINE],
+    },
     /// Sorted, no duplicates.
     Sparse(Vec<u16>),
     Dense(Box<Bitmap>),
 }
 
 impl PortSet {
+    fn empty() -> PortSet {
+        PortSet::Inline {
+            len: 0,
+            ports: [0; INLINE],
+        }
+    }
+
     fn contains(&self, p: u16) -> bool {
         match self {
+            PortSet::Inline { len, ports } => ports[..usize::from(*len)].binary_search(&p).is_ok(),
             PortSet::Sparse(v) => v.binary_search(&p).is_ok(),
             PortSet::Dense(b) => b.words[usize::from(p / 64)] & (1 << (p % 64)) != 0,
         }
@@ -252,6 +271,21 @@ impl PortSet {
 
     fn insert(&mut self, p: u16) {
         match self {
+            PortSet::Inline { len, ports } => {
+                let n = usize::from(*len);
+                if let Err(i) = ports[..n].binary_search(&p) {
+                    if n < INLINE {
+                        ports.copy_within(i..n, i + 1);
+                        ports[i] = p;
+                        *len += 1;
+                    } else {
+                        let mut v = Vec::with_capacity(2 * INLINE);
+                        v.extend_from_slice(&ports[..n]);
+                        v.insert(i, p);
+                        *self = PortSet::Sparse(v);
+                    }
+                }
+            }
             PortSet::Sparse(v) => {
                 if let Err(i) = v.binary_search(&p) {
                     v.insert(i, p);
@@ -271,9 +305,19 @@ impl PortSet {
     /// Removes `p`; `remaining` is the count after removal (for the switch back to sparse).
     fn remove(&mut self, p: u16, remaining: u32) {
         match self {
+            PortSet::Inline { len, ports } => {
+                let n = usize::from(*len);
+                if let Ok(i) = ports[..n].binary_search(&p) {
+                    ports.copy_within(i + 1..n, i);
+                    *len -= 1;
+                }
+            }
             PortSet::Sparse(v) => {
                 if let Ok(i) = v.binary_search(&p) {
                     v.remove(i);
+                }
+                if v.is_empty() {
+                    *self = PortSet::empty();
                 }
             }
             PortSet::Dense(b) => {
@@ -297,25 +341,26 @@ impl PortSet {
 
     /// First free port at or after `from` within `lo..=hi`, wrapping to `lo`.
     fn find_free(&self, from: u16, lo: u16, hi: u16) -> Option<u16> {
-        match self {
-            PortSet::Sparse(v) => {
-                let mut c = from;
-                for _ in 0..=v.len() {
-                    if v.binary_search(&c).is_err() {
-                        return Some(c);
-                    }
-                    c = if c >= hi { lo } else { c + 1 };
-                }
-                None
-            }
+        let sorted = match self {
+            PortSet::Inline { len, ports } => &ports[..usize::from(*len)],
+            PortSet::Sparse(v) => v.as_slice(),
             PortSet::Dense(b) => {
-                find_zero(&b.words, from, hi).or_else(|| find_zero(&b.words, lo, from))
+                return find_zero(&b.words, from, hi).or_else(|| find_zero(&b.words, lo, from));
             }
+        };
+        let mut c = from;
+        for _ in 0..=sorted.len() {
+            if sorted.binary_search(&c).is_err() {
+                return Some(c);
+            }
+            c = if c >= hi { lo } else { c + 1 };
         }
+        None
     }
 
     fn heap_bytes(&self) -> usize {
         match self {
+            PortSet::Inline { .. } => 0,
             PortSet::Sparse(v) => v.capacity() * 2,
             PortSet::Dense(_) => std::mem::size_of::<Bitmap>(),
         }
@@ -345,19 +390,57 @@ fn find_zero(words: &[u64; 1024], a: u16, b: u16) -> Option<u16> {
 
 #[derive(Debug)]
 struct IpPorts {
-    egress: u16,
-    used: u32,
-    cursor: u16,
     set: PortSet,
+    used: u32,
+    egress: u16,
+    cursor: u16,
 }
 
+/// One destination. Laid out for the common cases without heap allocations: one egress IP in
+/// use (`first`) and one job talking to it (`top_job`); others spill to `rest` and to the
+/// allocator's `job_dest_live` map.
 #[derive(Debug)]
 struct DestState {
     key: Destination,
-    /// Only the egress IPs that hold ports for this destination.
-    per_ip: Vec<IpPorts>,
     live: u32,
     used: u32,
+    top_count: u32,
+    top_job: u64,
+    first: Option<IpPorts>,
+    rest: Vec<IpPorts>,
+}
+
+impl DestState {
+    fn ports(&self, e: u16) -> Option<&IpPorts> {
+        self.iter().find(|p| p.egress == e)
+    }
+
+    fn ports_mut(&mut self, e: u16) -> Option<&mut IpPorts> {
+        if self.first.as_ref().is_some_and(|p| p.egress == e) {
+            return self.first.as_mut();
+        }
+        self.rest.iter_mut().find(|p| p.egress == e)
+    }
+
+    fn add(&mut self, p: IpPorts) {
+        if self.first.is_none() {
+            self.first = Some(p);
+        } else {
+            self.rest.push(p);
+        }
+    }
+
+    fn remove_ip(&mut self, e: u16) {
+        if self.first.as_ref().is_some_and(|p| p.egress == e) {
+            self.first = self.rest.pop();
+        } else if let Some(i) = self.rest.iter().position(|p| p.egress == e) {
+            self.rest.swap_remove(i);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &IpPorts> {
+        self.first.iter().chain(self.rest.iter())
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -386,9 +469,12 @@ pub struct PortAllocator {
     v4: Vec<u16>,
     v6: Vec<u16>,
     egress: Vec<EgressCounters>,
-    dest_index: HashMap<Destination, u32>,
+    hasher: RandomState,
+    /// Destination → index into `dests`, hashed and compared through the slab entry.
+    dest_index: HashTable<u32>,
     dests: Vec<Option<DestState>>,
     free_dests: Vec<u32>,
+    /// Live flows per (job, destination) for jobs other than the destination's `top_job`.
     job_dest_live: HashMap<(u64, u32), u32>,
     jobs: HashMap<u64, Usage>,
     tenants: HashMap<u32, Usage>,
@@ -454,7 +540,8 @@ impl PortAllocator {
             v4,
             v6,
             egress: vec![EgressCounters::default(); n],
-            dest_index: HashMap::new(),
+            hasher: RandomState::new(),
+            dest_index: HashTable::new(),
             dests: Vec::new(),
             free_dests: Vec::new(),
             job_dest_live: HashMap::new(),
@@ -487,8 +574,21 @@ impl PortAllocator {
         self.cfg.egress_ips[usize::from(index)]
     }
 
+    fn dest(&self, id: u32) -> Option<&DestState> {
+        self.dests.get(id as usize).and_then(Option::as_ref)
+    }
+
+    fn dest_mut(&mut self, id: u32) -> Option<&mut DestState> {
+        self.dests.get_mut(id as usize).and_then(Option::as_mut)
+    }
+
     pub(crate) fn dest_id(&self, d: &Destination) -> Option<u32> {
-        self.dest_index.get(d).copied()
+        let dests = &self.dests;
+        self.dest_index
+            .find(self.hasher.hash_one(d), |&i| {
+                dests[i as usize].as_ref().is_some_and(|s| s.key == *d)
+            })
+            .copied()
     }
 
     fn tenant_quota(&self, tenant: u32) -> u32 {
@@ -512,8 +612,46 @@ impl PortAllocator {
     /// Live flows of `job` to `dest`.
     pub fn job_destination_live(&self, job: u64, dest: &Destination) -> u32 {
         self.dest_id(dest)
-            .and_then(|d| self.job_dest_live.get(&(job, d)).copied())
-            .unwrap_or(0)
+            .map_or(0, |d| self.job_dest_count(job, d))
+    }
+
+    // A job's count for a destination lives in exactly one place: the destination's `top_*`
+    // fields or the `job_dest_live` map.
+    fn job_dest_count(&self, job: u64, d: u32) -> u32 {
+        match self.dest(d) {
+            Some(s) if s.top_count > 0 && s.top_job == job => s.top_count,
+            _ => self.job_dest_live.get(&(job, d)).copied().unwrap_or(0),
+        }
+    }
+
+    fn job_dest_inc(&mut self, job: u64, d: u32) {
+        let in_map = self.job_dest_live.contains_key(&(job, d));
+        let Some(s) = self.dests.get_mut(d as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        if s.top_count > 0 && s.top_job == job {
+            s.top_count += 1;
+        } else if s.top_count == 0 && !in_map {
+            s.top_job = job;
+            s.top_count = 1;
+        } else {
+            *self.job_dest_live.entry((job, d)).or_insert(0) += 1;
+        }
+    }
+
+    fn job_dest_dec(&mut self, job: u64, d: u32) {
+        if let Some(s) = self.dests.get_mut(d as usize).and_then(Option::as_mut) {
+            if s.top_count > 0 && s.top_job == job {
+                s.top_count -= 1;
+                return;
+            }
+        }
+        if let Some(n) = self.job_dest_live.get_mut(&(job, d)) {
+            *n -= 1;
+            if *n == 0 {
+                self.job_dest_live.remove(&(job, d));
+            }
+        }
     }
 
     /// Ports in quarantine.
@@ -526,9 +664,8 @@ impl PortAllocator {
         let (Some(e), Some(d)) = (self.egress_index(ip), self.dest_id(dest)) else {
             return false;
         };
-        self.dests[d as usize]
-            .as_ref()
-            .and_then(|s| s.per_ip.iter().find(|p| p.egress == e))
+        self.dest(d)
+            .and_then(|s| s.ports(e))
             .is_some_and(|p| p.set.contains(port))
     }
 
@@ -553,16 +690,8 @@ impl PortAllocator {
             return Allocation::Refused(Reason::TenantPortQuota);
         }
         let existing = self.dest_id(&dest);
-        if let Some(d) = existing {
-            let n = self
-                .job_dest_live
-                .get(&(owner.job, d))
-                .copied()
-                .unwrap_or(0);
-            if n >= limits.max_ports_per_destination {
-                return Allocation::Refused(Reason::DestinationPortCap);
-            }
-        } else if limits.max_ports_per_destination == 0 {
+        let to_dest = existing.map_or(0, |d| self.job_dest_count(owner.job, d));
+        if to_dest >= limits.max_ports_per_destination {
             return Allocation::Refused(Reason::DestinationPortCap);
         }
         let family = if dest.ip.is_ipv4() {
@@ -575,18 +704,10 @@ impl PortAllocator {
         }
         let cap = self.ports_per_destination();
         let start = (owner.job % family.len() as u64) as usize;
-        let mut chosen = None;
-        for k in 0..family.len() {
-            let e = family[(start + k) % family.len()];
-            let used = existing
-                .and_then(|d| self.dests[d as usize].as_ref())
-                .and_then(|s| s.per_ip.iter().find(|p| p.egress == e))
-                .map_or(0, |p| p.used);
-            if used < cap {
-                chosen = Some(e);
-                break;
-            }
-        }
+        let state = existing.and_then(|d| self.dest(d));
+        let chosen = (0..family.len())
+            .map(|k| family[(start + k) % family.len()])
+            .find(|&e| state.and_then(|s| s.ports(e)).map_or(0, |p| p.used) < cap);
         let Some(egress) = chosen else {
             return Allocation::Refused(Reason::PortsExhausted);
         };
@@ -596,26 +717,27 @@ impl PortAllocator {
             None => self.new_dest(dest),
         };
         let (lo, hi, seed) = (self.lo, self.hi, self.cfg.port_seed);
-        let Some(state) = self.dests[dest_id as usize].as_mut() else {
+        let Some(state) = self
+            .dests
+            .get_mut(dest_id as usize)
+            .and_then(Option::as_mut)
+        else {
             return Allocation::Refused(Reason::PortsExhausted);
         };
-        let pos = match state.per_ip.iter().position(|p| p.egress == egress) {
-            Some(i) => i,
-            None => {
-                let span = u64::from(hi - lo) + 1;
-                let h = splitmix64(seed ^ u64::from(dest_id) << 16 ^ u64::from(egress));
-                let h = splitmix64(h ^ dest_hash(&dest));
-                state.per_ip.push(IpPorts {
-                    egress,
-                    used: 0,
-                    cursor: lo + (h % span) as u16,
-                    set: PortSet::Sparse(Vec::new()),
-                });
-                self.egress[usize::from(egress)].destinations += 1;
-                state.per_ip.len() - 1
-            }
+        if state.ports(egress).is_none() {
+            let span = u64::from(hi - lo) + 1;
+            let h = splitmix64(seed ^ dest_hash(&dest) ^ u64::from(egress) << 32);
+            state.add(IpPorts {
+                set: PortSet::empty(),
+                used: 0,
+                egress,
+                cursor: lo + (h % span) as u16,
+            });
+            self.egress[usize::from(egress)].destinations += 1;
+        }
+        let Some(ports) = state.ports_mut(egress) else {
+            return Allocation::Refused(Reason::PortsExhausted);
         };
-        let ports = &mut state.per_ip[pos];
         let Some(port) = ports.set.find_free(ports.cursor, lo, hi) else {
             // Unreachable while `used < cap`; refuse rather than corrupt state.
             return Allocation::Refused(Reason::PortsExhausted);
@@ -626,7 +748,7 @@ impl PortAllocator {
         state.live += 1;
         state.used += 1;
         self.egress[usize::from(egress)].live += 1;
-        *self.job_dest_live.entry((owner.job, dest_id)).or_insert(0) += 1;
+        self.job_dest_inc(owner.job, dest_id);
         let j = self.jobs.entry(owner.job).or_default();
         j.live += 1;
         j.held += 1;
@@ -644,9 +766,12 @@ impl PortAllocator {
     fn new_dest(&mut self, key: Destination) -> u32 {
         let state = DestState {
             key,
-            per_ip: Vec::new(),
             live: 0,
             used: 0,
+            top_count: 0,
+            top_job: 0,
+            first: None,
+            rest: Vec::new(),
         };
         let id = match self.free_dests.pop() {
             Some(id) => {
@@ -658,7 +783,13 @@ impl PortAllocator {
                 (self.dests.len() - 1) as u32
             }
         };
-        self.dest_index.insert(key, id);
+        let (dests, hasher) = (&self.dests, &self.hasher);
+        self.dest_index
+            .insert_unique(hasher.hash_one(key), id, |&i| {
+                dests[i as usize]
+                    .as_ref()
+                    .map_or(0, |s| hasher.hash_one(s.key))
+            });
         id
     }
 
@@ -666,13 +797,8 @@ impl PortAllocator {
     /// `now + quarantine` (or is free at once when quarantine is zero).
     pub fn release(&mut self, owner: Owner, lease: &NatLease, now: Nanos) {
         let d = lease.dest_id;
-        if let Some(n) = self.job_dest_live.get_mut(&(owner.job, d)) {
-            *n -= 1;
-            if *n == 0 {
-                self.job_dest_live.remove(&(owner.job, d));
-            }
-        }
-        if let Some(state) = self.dests.get_mut(d as usize).and_then(Option::as_mut) {
+        self.job_dest_dec(owner.job, d);
+        if let Some(state) = self.dest_mut(d) {
             state.live = state.live.saturating_sub(1);
         }
         if let Some(j) = self.jobs.get_mut(&owner.job) {
@@ -747,22 +873,23 @@ impl PortAllocator {
         let Some(state) = self.dests.get_mut(dest as usize).and_then(Option::as_mut) else {
             return;
         };
-        if let Some(i) = state.per_ip.iter().position(|p| p.egress == egress) {
-            let p = &mut state.per_ip[i];
+        if let Some(p) = state.ports_mut(egress) {
             p.used = p.used.saturating_sub(1);
             p.set.remove(port, p.used);
             if p.used == 0 {
-                state.per_ip.swap_remove(i);
+                state.remove_ip(egress);
                 let e = &mut self.egress[usize::from(egress)];
                 e.destinations = e.destinations.saturating_sub(1);
             }
         }
         state.used = state.used.saturating_sub(1);
         if state.used == 0 {
-            let key = state.key;
+            let hash = self.hasher.hash_one(state.key);
             self.dests[dest as usize] = None;
             self.free_dests.push(dest);
-            self.dest_index.remove(&key);
+            if let Ok(entry) = self.dest_index.find_entry(hash, |&i| i == dest) {
+                entry.remove();
+            }
         }
     }
 
@@ -771,7 +898,7 @@ impl PortAllocator {
         let cap = f64::from(self.ports_per_destination());
         let mut busiest = vec![0u32; self.egress.len()];
         for s in self.dests.iter().flatten() {
-            for p in &s.per_ip {
+            for p in s.iter() {
                 let b = &mut busiest[usize::from(p.egress)];
                 *b = (*b).max(p.used);
             }
@@ -834,11 +961,11 @@ impl PortAllocator {
             .iter()
             .flatten()
             .map(|s| {
-                s.per_ip.capacity() * std::mem::size_of::<IpPorts>()
-                    + s.per_ip.iter().map(|p| p.set.heap_bytes()).sum::<usize>()
+                s.rest.capacity() * std::mem::size_of::<IpPorts>()
+                    + s.iter().map(|p| p.set.heap_bytes()).sum::<usize>()
             })
             .sum();
-        map_capacity_bytes(&self.dest_index)
+        table_bytes(self.dest_index.capacity(), 4)
             + self.dests.capacity() * std::mem::size_of::<Option<DestState>>()
             + self.free_dests.capacity() * 4
             + port_sets
@@ -847,6 +974,9 @@ impl PortAllocator {
             + map_capacity_bytes(&self.tenants)
             + self.quarantine.capacity() * std::mem::size_of::<Quarantined>()
     }
+
+    /// Size of one destination slab entry in bytes.
+    pub const DESTINATION_ENTRY_BYTES: usize = std::mem::size_of::<Option<DestState>>();
 }
 
 fn dest_hash(d: &Destination) -> u64 {
@@ -1044,7 +1174,7 @@ mod tests {
 
     #[test]
     fn dense_sets_find_free_ports_across_word_and_range_edges() {
-        let mut s = PortSet::Sparse(Vec::new());
+        let mut s = PortSet::empty();
         for p in 1000..(1000 + SPARSE_MAX as u16) {
             s.insert(p);
         }
@@ -1061,6 +1191,58 @@ mod tests {
         assert!(matches!(s, PortSet::Sparse(_)));
         assert!(!s.contains(1101));
         assert!(s.contains(1102));
+    }
+
+    #[test]
+    fn destination_cap_counts_each_job_separately_across_hand_overs() {
+        let mut a = small_pool(1024..=65535);
+        let cap = JobLimits {
+            max_connections: 100,
+            max_ports_per_destination: 3,
+        };
+        let x = Owner { job: 1, tenant: 1 };
+        let y = Owner { job: 2, tenant: 1 };
+        let x1 = granted(a.allocate(x, D, cap, secs(0)));
+        granted(a.allocate(y, D, cap, secs(0)));
+        granted(a.allocate(y, D, cap, secs(0)));
+        // x's count was kept inline, y's in the map; x leaves, y goes on.
+        a.release(x, &x1, secs(0));
+        assert_eq!(a.job_destination_live(x.job, &D), 0);
+        granted(a.allocate(y, D, cap, secs(0)));
+        assert_eq!(a.job_destination_live(y.job, &D), 3);
+        assert_eq!(
+            a.allocate(y, D, cap, secs(0)),
+            Allocation::Refused(Reason::DestinationPortCap)
+        );
+        for _ in 0..3 {
+            granted(a.allocate(x, D, cap, secs(0)));
+        }
+        assert_eq!(
+            a.allocate(x, D, cap, secs(0)),
+            Allocation::Refused(Reason::DestinationPortCap)
+        );
+    }
+
+    #[test]
+    fn port_sets_grow_from_inline_to_bitmap_and_back() {
+        let mut s = PortSet::empty();
+        let n = 2 * SPARSE_MAX as u16;
+        for p in (2000..2000 + n).rev() {
+            assert!(!s.contains(p));
+            s.insert(p);
+            assert!(s.contains(p));
+        }
+        assert!(matches!(s, PortSet::Dense(_)));
+        let mut left = u32::from(n);
+        for p in 2000..2000 + n - 3 {
+            left -= 1;
+            s.remove(p, left);
+            assert!(!s.contains(p));
+        }
+        assert!(!matches!(s, PortSet::Dense(_)));
+        assert_eq!(s.find_free(2000, 2000, 65535), Some(2000));
+        let last = 2000 + n - 3;
+        assert_eq!(s.find_free(last, 2000, 65535), Some(last + 3));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Property: a NAT tuple is never handed out while a flow or its quarantine holds it, over random
 //! open / observe / close / expire sequences under a fake clock. Also: the pool reports
-//! exhaustion only when every tuple for the destination is really held.
+//! exhaustion only when every tuple for the destination is really held, and the per-(job,
+//! destination) cap refuses exactly when the job has that many live flows there.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -20,6 +21,7 @@ const EGRESS: [IpAddr; 2] = [
 ];
 const PORTS: u16 = 8;
 const QUARANTINE: Duration = Duration::from_secs(60);
+const PER_DEST_CAP: u32 = 5;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -82,7 +84,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         Conntrack::new(cfg, Nanos::ZERO).map_err(|e| TestCaseError::fail(e.to_string()))?;
     let limits = JobLimits {
         max_connections: u32::MAX,
-        max_ports_per_destination: u32::MAX,
+        max_ports_per_destination: PER_DEST_CAP,
     };
     let mut now = Nanos::ZERO;
     let mut m = Model::default();
@@ -103,12 +105,22 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     dst_ip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, dest + 1)),
                     dst_port: 443,
                 };
+                let to_dest = m
+                    .flows
+                    .iter()
+                    .filter(|(_, k, _)| {
+                        k.job == key.job && k.proto == proto && k.dst_ip == key.dst_ip
+                    })
+                    .count() as u32;
+                let existing = m.flows.iter().any(|(_, k, _)| *k == key);
                 match ct.open(key, u32::from(job % 2), limits, now) {
                     Open::Created {
                         id,
                         egress_ip,
                         egress_port,
                     } => {
+                        prop_assert!(!existing);
+                        prop_assert!(to_dest < PER_DEST_CAP, "cap {} exceeded", PER_DEST_CAP);
                         let t = (egress_ip, egress_port, proto, key.dst_ip, key.dst_port);
                         prop_assert!(!m.held(&t, now), "tuple {t:?} reused while held");
                         m.live.insert(t, id);
@@ -125,8 +137,14 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     Open::Existing(id) => {
                         prop_assert!(m.flows.iter().any(|(f, k, _)| *f == id && *k == key));
                     }
+                    Open::Refused(Reason::DestinationPortCap) => {
+                        prop_assert!(!existing);
+                        prop_assert_eq!(to_dest, PER_DEST_CAP);
+                    }
                     Open::Refused(r) => {
                         prop_assert_eq!(r, Reason::PortsExhausted);
+                        prop_assert!(!existing);
+                        prop_assert!(to_dest < PER_DEST_CAP);
                         let held = EGRESS
                             .iter()
                             .flat_map(|ip| (0..PORTS).map(move |p| (*ip, 30_000 + p)))
