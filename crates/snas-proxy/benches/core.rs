@@ -60,7 +60,7 @@ fn tracker() -> Conntrack {
 fn fill(ct: &mut Conntrack, n: u32, distinct_dests: bool) {
     for i in 0..n {
         let k = key(i, distinct_dests);
-        match ct.open(k, (i % 10) as u32, WIDE, Nanos::ZERO) {
+        match ct.open(k, i % 10, WIDE, Nanos::ZERO) {
             Open::Created { id, .. } => {
                 ct.observe(
                     id,
