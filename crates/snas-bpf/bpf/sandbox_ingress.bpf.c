@@ -136,8 +136,28 @@ int snas_sandbox_ingress(struct __sk_buff *skb)
 		return drop(job, SNAS_DROP_MALFORMED, len);
 	if (__builtin_memcmp(eth->h_source, cfg->sandbox_mac, ETH_ALEN))
 		return drop(job, SNAS_DROP_SPOOFED_MAC, len);
-	if (eth->h_proto == bpf_htons(ETH_P_ARP))
+	if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
+		/* Ethernet/IPv4 ARP: the sender fields must be the job's own too, so that the
+		 * host's neighbour table cannot be poisoned with another address. */
+		struct arp_eth {
+			__be16 htype, ptype;
+			__u8 hlen, plen;
+			__be16 oper;
+			__u8 sha[ETH_ALEN];
+			__u8 spa[4];
+			__u8 tha[ETH_ALEN];
+			__u8 tpa[4];
+		} *arp = data + L3_OFF;
+
+		if ((void *)(arp + 1) > data_end || arp->htype != bpf_htons(1) ||
+		    arp->ptype != bpf_htons(ETH_P_IP) || arp->hlen != ETH_ALEN || arp->plen != 4)
+			return drop(job, SNAS_DROP_MALFORMED, len);
+		if (__builtin_memcmp(arp->sha, cfg->sandbox_mac, ETH_ALEN))
+			return drop(job, SNAS_DROP_SPOOFED_MAC, len);
+		if (__builtin_memcmp(arp->spa, &cfg->sandbox_ip, 4))
+			return drop(job, SNAS_DROP_SPOOFED_SOURCE, len);
 		return TC_ACT_OK;
+	}
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		if ((void *)(data + L3_OFF + sizeof(struct ipv6hdr)) > data_end)
 			return drop(job, SNAS_DROP_MALFORMED, len);

@@ -275,15 +275,41 @@ fn inconsistent_ipv4_headers_are_malformed() {
 #[test]
 fn arp_passes_and_other_ethertypes_are_dropped() {
     let Some(n) = setup("arp") else { return };
-    let mut arp = Pkt::tcp_syn(ALLOWED_IP, 443).frame();
-    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-    arp.truncate(ETH + 28);
+    let arp = arp_request(SANDBOX_MAC, SANDBOX_IP);
     let out = n.run_sandbox(&arp);
     assert_eq!(out.retval, TC_ACT_OK);
     assert_eq!(out.data, arp);
     let mut other = arp.clone();
     other[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
     assert_drop(&n, &other, Reason::NotIp);
+}
+
+/// Who-has 10.88.0.1 from the given sender, in a frame from the sandbox MAC.
+fn arp_request(sha: [u8; 6], spa: Ipv4Addr) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&SANDBOX_MAC);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&sha);
+    f.extend_from_slice(&spa.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&GATEWAY_IP.octets());
+    f
+}
+
+#[test]
+fn arp_claiming_another_address_or_mac_is_dropped() {
+    let Some(n) = setup("arpspoof") else { return };
+    assert_drop(
+        &n,
+        &arp_request(SANDBOX_MAC, Ipv4Addr::new(10, 88, 0, 9)),
+        Reason::SpoofedSource,
+    );
+    assert_drop(
+        &n,
+        &arp_request([2, 0, 0, 0, 0, 9], SANDBOX_IP),
+        Reason::SpoofedMac,
+    );
 }
 
 #[test]

@@ -176,7 +176,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 262144);
+	__uint(max_entries, 131072);
 	__type(key, struct dst_key);
 	__type(value, struct dst_val);
 } snas_dst_exact SEC(".maps");
@@ -218,10 +218,12 @@ struct {
 	__type(value, struct flow_val);
 } snas_flows SEC(".maps");
 
-/* Removed by the agent on detach_job (keys carry the job key). */
+/* Removed by the agent on detach_job (keys carry the job key). Not preallocated: only the
+ * (job, direction, reason) triples that occur take memory. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct counter_key);
 	__type(value, struct counter_val);
 } snas_counters SEC(".maps");
