@@ -6,7 +6,7 @@
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use snas_wire::build::{self, TcpSpec};
 use snas_wire::geneve::{self, GENEVE_HEADER_LEN, MAX_INNER_LEN};
-use snas_wire::{Endpoint, SnasOption, TcpFlags};
+use snas_wire::{Endpoint, NatPacket, SnasOption, TcpFlags};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 fn payload_with_inner(inner_len: usize) -> Vec<u8> {
@@ -47,12 +47,13 @@ fn hot_path(c: &mut Criterion) {
                 let Ok(g) = geneve::parse_payload(black_box(&buf)) else {
                     return;
                 };
-                let inner = &mut buf[g.inner_offset..];
-                let Ok(tuple) = snas_wire::flow_tuple(inner) else {
+                // Parse once: the tuple keys conntrack, then the same view rewrites.
+                let Ok(mut nat) = NatPacket::parse(&mut buf[g.inner_offset..]) else {
                     return;
                 };
+                let tuple = nat.tuple();
                 port = port.wrapping_add(1) | 1024;
-                let _ = snas_wire::rewrite(inner, Endpoint::Source, egress, port);
+                let _ = nat.rewrite(Endpoint::Source, egress, port);
                 let _ = geneve::write_geneve_header(&mut buf, &g.option, g.inner_proto);
                 black_box(tuple);
             });

@@ -37,6 +37,6 @@ pub use geneve::{
     Decapsulated, GenevePayload, InnerProto, OuterParams, SnasOption, OVERLAY_OVERHEAD,
 };
 pub use ip::{IpPacket, Ipv4Packet, Ipv6Packet, Transport};
-pub use nat::{rewrite, Endpoint, NatError};
+pub use nat::{rewrite, Endpoint, NatError, NatPacket};
 pub use reason::Reason;
 pub use transport::{IcmpPacket, TcpFlags, TcpPacket, UdpPacket};

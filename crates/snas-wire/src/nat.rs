@@ -14,8 +14,9 @@
 //!   0xFFFF. For ICMP echo "port" means the identifier.
 
 use crate::checksum;
-use crate::error::{Layer, ParseError};
-use crate::ip::{be16, put16, IpPacket, Transport};
+use crate::error::ParseError;
+use crate::flow::{FiveTuple, L4Proto};
+use crate::ip::{be16, put16, IpPacket};
 use crate::Reason;
 use std::net::IpAddr;
 
@@ -52,94 +53,133 @@ impl NatError {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 enum Kind {
     Tcp,
     Udp,
     Icmp,
 }
 
-/// Replaces the source or destination address and port (ICMP echo: identifier) of an IPv4 or
-/// IPv6 packet in place, updating every affected checksum incrementally.
+/// A packet validated for NAT, with its flow key. The proxy parses once, looks up conntrack with
+/// [`NatPacket::tuple`], then rewrites, instead of validating twice.
+#[derive(Debug)]
+pub struct NatPacket<'a> {
+    buf: &'a mut [u8],
+    v6: bool,
+    l4_off: usize,
+    kind: Kind,
+    tuple: FiveTuple,
+}
+
+impl<'a> NatPacket<'a> {
+    /// Validates `buf` as [`crate::flow_tuple`] does.
+    pub fn parse(buf: &'a mut [u8]) -> Result<Self, ParseError> {
+        let (v6, l4_off, tuple) = {
+            let ip = IpPacket::parse(&*buf)?;
+            (ip.is_ipv6(), ip.header_len(), ip.flow_tuple()?)
+        };
+        let kind = match tuple.proto {
+            L4Proto::Tcp => Kind::Tcp,
+            L4Proto::Udp => Kind::Udp,
+            L4Proto::Icmp | L4Proto::Icmpv6 => Kind::Icmp,
+        };
+        Ok(NatPacket {
+            buf,
+            v6,
+            l4_off,
+            kind,
+            tuple,
+        })
+    }
+
+    /// The flow key as the packet is now.
+    pub fn tuple(&self) -> FiveTuple {
+        self.tuple
+    }
+
+    /// The packet bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.buf
+    }
+
+    /// Replaces the source or destination address and port (ICMP echo: identifier) in place,
+    /// updating every affected checksum incrementally.
+    pub fn rewrite(&mut self, which: Endpoint, addr: IpAddr, port: u16) -> Result<(), NatError> {
+        let (v6, l4_off, kind) = (self.v6, self.l4_off, self.kind);
+        if addr.is_ipv6() != v6 {
+            return Err(NatError::FamilyMismatch {
+                packet: if v6 { 6 } else { 4 },
+            });
+        }
+        let packet = &mut *self.buf;
+        // Address.
+        let old_addr = match (addr, which) {
+            (IpAddr::V4(new), _) => {
+                let at = if which == Endpoint::Source { 12 } else { 16 };
+                let mut o = [0u8; 4];
+                o.copy_from_slice(&packet[at..at + 4]);
+                let old = std::net::Ipv4Addr::from(o);
+                let c = checksum::update_u32(be16(packet, 10), old.to_bits(), new.to_bits());
+                packet[at..at + 4].copy_from_slice(&new.octets());
+                put16(packet, 10, c);
+                IpAddr::V4(old)
+            }
+            (IpAddr::V6(new), _) => {
+                let at = if which == Endpoint::Source { 8 } else { 24 };
+                let mut o = [0u8; 16];
+                o.copy_from_slice(&packet[at..at + 16]);
+                packet[at..at + 16].copy_from_slice(&new.octets());
+                IpAddr::V6(std::net::Ipv6Addr::from(o))
+            }
+        };
+
+        // Transport: pseudo-header address and the port field.
+        let l4 = &mut packet[l4_off..];
+        let (csum_at, port_at) = match (kind, which) {
+            (Kind::Tcp, Endpoint::Source) => (16, 0),
+            (Kind::Tcp, Endpoint::Destination) => (16, 2),
+            (Kind::Udp, Endpoint::Source) => (6, 0),
+            (Kind::Udp, Endpoint::Destination) => (6, 2),
+            (Kind::Icmp, _) => (2, 4),
+        };
+        let old_port = be16(l4, port_at);
+        let mut c = be16(l4, csum_at);
+        match kind {
+            Kind::Udp if c == 0 => {}
+            Kind::Icmp if !v6 => c = checksum::update_u16(c, old_port, port),
+            _ => {
+                c = checksum::update_addr(c, old_addr, addr);
+                c = checksum::update_u16(c, old_port, port);
+                if matches!(kind, Kind::Udp) {
+                    c = checksum::udp_field(c);
+                }
+            }
+        }
+        put16(l4, port_at, port);
+        put16(l4, csum_at, c);
+        match (which, kind) {
+            (_, Kind::Icmp) => {
+                self.tuple.src_port = port;
+                self.tuple.dst_port = port;
+            }
+            (Endpoint::Source, _) => self.tuple.src_port = port,
+            (Endpoint::Destination, _) => self.tuple.dst_port = port,
+        }
+        match which {
+            Endpoint::Source => self.tuple.src = addr,
+            Endpoint::Destination => self.tuple.dst = addr,
+        }
+        Ok(())
+    }
+}
+
+/// Validates `packet` and rewrites it in place (see [`NatPacket::rewrite`]); on error the packet
+/// is unchanged.
 pub fn rewrite(
     packet: &mut [u8],
     which: Endpoint,
     addr: IpAddr,
     port: u16,
 ) -> Result<(), NatError> {
-    let (v6, l4_off, kind) = {
-        let ip = IpPacket::parse(&*packet)?;
-        let kind = match ip.transport()? {
-            Transport::Tcp(_) => Kind::Tcp,
-            Transport::Udp(_) => Kind::Udp,
-            Transport::Icmp(i) | Transport::Icmpv6(i) => {
-                if !i.is_echo() {
-                    let layer = if i.is_v6() {
-                        Layer::Icmpv6
-                    } else {
-                        Layer::Icmp
-                    };
-                    return Err(ParseError::NotAFlow {
-                        layer,
-                        ty: i.msg_type(),
-                    }
-                    .into());
-                }
-                Kind::Icmp
-            }
-        };
-        (ip.is_ipv6(), ip.header_len(), kind)
-    };
-    if addr.is_ipv6() != v6 {
-        return Err(NatError::FamilyMismatch {
-            packet: if v6 { 6 } else { 4 },
-        });
-    }
-
-    // Address.
-    let old_addr = match (addr, which) {
-        (IpAddr::V4(new), _) => {
-            let at = if which == Endpoint::Source { 12 } else { 16 };
-            let mut o = [0u8; 4];
-            o.copy_from_slice(&packet[at..at + 4]);
-            let old = std::net::Ipv4Addr::from(o);
-            let c = checksum::update_u32(be16(packet, 10), old.to_bits(), new.to_bits());
-            packet[at..at + 4].copy_from_slice(&new.octets());
-            put16(packet, 10, c);
-            IpAddr::V4(old)
-        }
-        (IpAddr::V6(new), _) => {
-            let at = if which == Endpoint::Source { 8 } else { 24 };
-            let mut o = [0u8; 16];
-            o.copy_from_slice(&packet[at..at + 16]);
-            packet[at..at + 16].copy_from_slice(&new.octets());
-            IpAddr::V6(std::net::Ipv6Addr::from(o))
-        }
-    };
-
-    // Transport: pseudo-header address and the port field.
-    let l4 = &mut packet[l4_off..];
-    let (csum_at, port_at) = match (kind, which) {
-        (Kind::Tcp, Endpoint::Source) => (16, 0),
-        (Kind::Tcp, Endpoint::Destination) => (16, 2),
-        (Kind::Udp, Endpoint::Source) => (6, 0),
-        (Kind::Udp, Endpoint::Destination) => (6, 2),
-        (Kind::Icmp, _) => (2, 4),
-    };
-    let old_port = be16(l4, port_at);
-    let mut c = be16(l4, csum_at);
-    match kind {
-        Kind::Udp if c == 0 => {}
-        Kind::Icmp if !v6 => c = checksum::update_u16(c, old_port, port),
-        _ => {
-            c = checksum::update_addr(c, old_addr, addr);
-            c = checksum::update_u16(c, old_port, port);
-            if matches!(kind, Kind::Udp) {
-                c = checksum::udp_field(c);
-            }
-        }
-    }
-    put16(l4, port_at, port);
-    put16(l4, csum_at, c);
-    Ok(())
+    NatPacket::parse(packet)?.rewrite(which, addr, port)
 }

@@ -4,7 +4,9 @@
 use proptest::prelude::*;
 use snas_wire::build::{self, EchoSpec, TcpSpec, UdpSpec};
 use snas_wire::checksum;
-use snas_wire::{flow_tuple, rewrite, Endpoint, IpPacket, NatError, TcpFlags, Transport};
+use snas_wire::{
+    flow_tuple, rewrite, Endpoint, IpPacket, NatError, NatPacket, TcpFlags, Transport,
+};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 fn addr(v6: bool, bits: u128) -> IpAddr {
@@ -93,7 +95,11 @@ proptest! {
         let before = flow_tuple(&p).unwrap();
         let new_addr = addr(before.src.is_ipv6(), new_bits);
         let which = if src { Endpoint::Source } else { Endpoint::Destination };
-        rewrite(&mut p, which, new_addr, new_port).unwrap();
+        let mut nat = NatPacket::parse(&mut p).unwrap();
+        prop_assert_eq!(nat.tuple(), before);
+        nat.rewrite(which, new_addr, new_port).unwrap();
+        let tracked = nat.tuple();
+        prop_assert_eq!(tracked, flow_tuple(&p).unwrap());
         for (stored, full) in stored_and_recomputed(&p) {
             prop_assert_eq!(stored, full);
         }
