@@ -39,6 +39,19 @@ pub struct JobCounters {
     pub to_sandbox: DirCounters,
 }
 
+impl JobCounters {
+    /// Dropped packets by reason, both directions summed (the agent's metrics view).
+    pub fn drops_by_reason(&self) -> BTreeMap<Reason, u64> {
+        let mut out = BTreeMap::new();
+        for d in [&self.from_sandbox, &self.to_sandbox] {
+            for (r, c) in &d.drops {
+                *out.entry(*r).or_insert(0) += c.packets;
+            }
+        }
+        out
+    }
+}
+
 /// Direction index in counter keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -46,4 +59,22 @@ pub enum Direction {
     FromSandbox = 0,
     /// Toward the sandbox.
     ToSandbox = 1,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_by_reason_sums_both_directions() {
+        let mut c = JobCounters::default();
+        let pc = |packets| PacketCount { packets, bytes: 0 };
+        c.from_sandbox.drops.insert(Reason::Malformed, pc(2));
+        c.to_sandbox.drops.insert(Reason::Malformed, pc(3));
+        c.to_sandbox.drops.insert(Reason::GeneveOption, pc(1));
+        let m = c.drops_by_reason();
+        assert_eq!(m.get(&Reason::Malformed), Some(&5));
+        assert_eq!(m.get(&Reason::GeneveOption), Some(&1));
+        assert_eq!(m.len(), 2);
+    }
 }

@@ -413,13 +413,26 @@ impl Tier1 {
         if attached {
             c.flags |= JOB_F_ATTACHED;
         }
+        // Keep the state of a job being reconfigured (pacing and buckets continue), but not
+        // the state a previous job left on a reused ifindex.
+        let previous: Option<types::job_cfg> = lookup(&self.maps.jobs, &idx, "snas_jobs")?;
+        let state_flags = match previous {
+            Some(p) if p.job_key == job.job_key => MapFlags::NO_EXIST,
+            Some(p) => {
+                if self.veth_of(p.job_key)? == Some(idx) {
+                    let _ = self.maps.job_by_key.delete(bytes_of(&p.job_key));
+                }
+                delete_where::<types::flow_key>(&self.maps.flows, |k| k.ifindex == idx);
+                MapFlags::ANY
+            }
+            None => MapFlags::ANY,
+        };
         update(&self.maps.jobs, &idx, &c, "snas_jobs")?;
         let fresh = types::job_state::default();
-        // Keep the state of a job being reconfigured (pacing and buckets continue).
         let _ = self
             .maps
             .job_state
-            .update(bytes_of(&idx), bytes_of(&fresh), MapFlags::NO_EXIST);
+            .update(bytes_of(&idx), bytes_of(&fresh), state_flags);
         update(&self.maps.job_by_key, &job.job_key, &idx, "snas_job_by_key")
     }
 
@@ -432,10 +445,15 @@ impl Tier1 {
         self.write_job(job, true)
     }
 
-    /// Like [`Tier1::attach_job`] for a job whose programs are already attached (agent
-    /// restart): rewrites its configuration and re-attaches (replacing) the filters.
+    /// Takes over a job found at agent start: if the veth's configuration already names this
+    /// job as attached, nothing is touched; otherwise it is attached like a new job.
     pub fn adopt_job(&self, job: &JobConfig) -> Result<(), Tier1Error> {
-        self.attach_job(job)
+        let cfg: Option<types::job_cfg> = lookup(&self.maps.jobs, &job.veth_ifindex, "snas_jobs")?;
+        match cfg {
+            // Already attached for this job: leave programs, state and counters alone.
+            Some(c) if c.job_key == job.job_key && c.flags & JOB_F_ATTACHED != 0 => Ok(()),
+            _ => self.attach_job(job),
+        }
     }
 
     /// The veth ifindex of a job, if it is configured.
@@ -443,19 +461,30 @@ impl Tier1 {
         lookup(&self.maps.job_by_key, &job_key, "snas_job_by_key")
     }
 
-    /// [`Tier1::detach_job`] by job key.
-    pub fn detach_job_by_key(&self, job_key: u64) -> Result<(), Tier1Error> {
-        let idx = self
-            .veth_of(job_key)?
-            .ok_or(Tier1Error::UnknownJobKey(job_key))?;
-        self.detach_job(idx)
+    /// [`Tier1::detach_job`] by job key. Idempotent; returns whether anything was removed. If
+    /// the job's veth ifindex has meanwhile been reused by another job, only the state keyed
+    /// by `job_key` is removed and the other job is left alone.
+    pub fn detach_job_by_key(&self, job_key: u64) -> Result<bool, Tier1Error> {
+        let idx = self.veth_of(job_key)?;
+        if let Some(idx) = idx {
+            let cfg: Option<types::job_cfg> = lookup(&self.maps.jobs, &idx, "snas_jobs")?;
+            if cfg.is_some_and(|c| c.job_key == job_key) {
+                return self.detach_job(idx);
+            }
+        }
+        let _ = self.maps.job_by_key.delete(bytes_of(&job_key));
+        self.remove_key_state(job_key);
+        Ok(idx.is_some())
     }
 
-    /// Detaches the program from the veth (if it still exists) and removes every map entry of
-    /// the job: config, state, rules, flows, counters.
-    pub fn detach_job(&self, veth_ifindex: u32) -> Result<(), Tier1Error> {
-        let cfg: types::job_cfg = lookup(&self.maps.jobs, &veth_ifindex, "snas_jobs")?
-            .ok_or(Tier1Error::UnknownJob(veth_ifindex))?;
+    /// Detaches the programs from the veth (if it still exists) and removes every map entry
+    /// of the job: config, state, rules, flows, DNS NAT, counters. Idempotent; returns whether
+    /// a job was configured on the veth.
+    pub fn detach_job(&self, veth_ifindex: u32) -> Result<bool, Tier1Error> {
+        let Some(cfg) = lookup::<types::job_cfg>(&self.maps.jobs, &veth_ifindex, "snas_jobs")?
+        else {
+            return Ok(false);
+        };
         if cfg.flags & JOB_F_ATTACHED != 0 {
             tc_detach(&self.sandbox_prog, veth_ifindex, TC_INGRESS);
             tc_detach(&self.sandbox_egress_prog, veth_ifindex, TC_EGRESS);
@@ -463,13 +492,19 @@ impl Tier1 {
         let job = cfg.job_key;
         let _ = self.maps.jobs.delete(bytes_of(&veth_ifindex));
         let _ = self.maps.job_state.delete(bytes_of(&veth_ifindex));
-        let _ = self.maps.job_by_key.delete(bytes_of(&job));
-        delete_where::<types::dst_key>(&self.maps.dst_exact, |k| k.job_key == job);
-        delete_where::<types::cidr_key>(&self.maps.dst_cidr, |k| cidr_job(k) == job);
+        if self.veth_of(job)? == Some(veth_ifindex) {
+            let _ = self.maps.job_by_key.delete(bytes_of(&job));
+        }
         delete_where::<types::flow_key>(&self.maps.flows, |k| k.ifindex == veth_ifindex);
         delete_where::<types::dns_nat_key>(&self.maps.dns_nat, |k| k.ifindex == veth_ifindex);
+        self.remove_key_state(job);
+        Ok(true)
+    }
+
+    fn remove_key_state(&self, job: u64) {
+        delete_where::<types::dst_key>(&self.maps.dst_exact, |k| k.job_key == job);
+        delete_where::<types::cidr_key>(&self.maps.dst_cidr, |k| cidr_job(k) == job);
         delete_where::<types::counter_key>(&self.maps.counters, |k| k.job_key == job);
-        Ok(())
     }
 
     /// Allows `ip` for the job on `rules` until `ttl` from now (`None`: until revoked). DNS

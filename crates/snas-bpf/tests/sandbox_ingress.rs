@@ -328,7 +328,7 @@ fn ipv6_is_denied_and_counted() {
 #[test]
 fn unknown_veth_is_counted_as_unknown_job() {
     let Some(n) = setup("unknownjob") else { return };
-    n.t1().detach_job(VETH).expect("detach");
+    assert!(n.t1().detach_job(VETH).expect("detach"));
     let out = n.run_sandbox(&Pkt::tcp_syn(ALLOWED_IP, 443).frame());
     assert_eq!(out.retval, TC_ACT_SHOT);
     let c = n.t1().unattributed_counters().expect("counters");
@@ -759,14 +759,46 @@ fn counters_are_per_job_and_reason_and_removed_on_detach() {
         .from_sandbox
         .drops
         .is_empty());
-    n.t1().detach_job(VETH).expect("detach");
-    assert!(n
-        .t1()
-        .counters(JOB_KEY)
-        .expect("counters")
-        .from_sandbox
-        .drops
-        .is_empty());
+    assert!(n.t1().detach_job(VETH).expect("detach"));
+    let after = n.t1().counters(JOB_KEY).expect("counters");
+    assert!(after.from_sandbox.drops.is_empty());
+    assert!(!n.t1().detach_job(VETH).expect("detach again is a no-op"));
+    assert!(!n.t1().detach_job_by_key(JOB_KEY).expect("by key too"));
+}
+
+#[test]
+fn a_reused_veth_starts_fresh_and_the_old_key_detaches_without_harm() {
+    let Some(n) = setup_with("reuse", |_| {}, |j| j.max_connections = 1) else {
+        return;
+    };
+    assert_eq!(
+        n.run_sandbox(&Pkt::tcp_syn(ALLOWED_IP, 443).frame()).retval,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(n.t1().live_flows(VETH).expect("flows"), 1);
+    // The old job's veth is gone and its ifindex now belongs to a new job.
+    let mut j2 = job();
+    j2.job_key = JOB_KEY + 1;
+    j2.max_connections = 1;
+    n.t1().configure_job(&j2).expect("configure");
+    assert_eq!(
+        n.t1().live_flows(VETH).expect("flows"),
+        0,
+        "no state inherited"
+    );
+    let net = "203.0.113.0/24".parse().expect("net");
+    n.t1()
+        .allow_cidr(JOB_KEY + 1, net, &[PortRule::port(Proto::Tcp, 443)], false)
+        .expect("cidr");
+    // The old key no longer has a veth; detaching it must not touch the new job.
+    assert!(!n.t1().detach_job_by_key(JOB_KEY).expect("old key"));
+    assert_eq!(
+        n.t1().veth_of(JOB_KEY + 1).expect("veth"),
+        Some(VETH),
+        "new job untouched"
+    );
+    let syn = Pkt::tcp_syn(ALLOWED_IP, 443).frame();
+    assert_eq!(n.run_sandbox(&syn).retval, TC_ACT_REDIRECT);
 }
 
 #[test]
