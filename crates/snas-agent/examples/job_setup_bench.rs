@@ -57,6 +57,7 @@ impl PolicyVerifier for BenchVerifier {
                 .unwrap_or(0),
             job_key: 0xbe00_0000_0000_0000 | n,
             tenant_id: 1,
+            claims: None,
         })
     }
 }

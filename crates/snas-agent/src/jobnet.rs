@@ -97,6 +97,12 @@ pub struct JobNetInfo {
     pub mtu: u32,
     /// ifindex of the host veth at creation (re-read on adoption).
     pub host_ifindex: u32,
+    /// MAC address of the host veth.
+    #[serde(default)]
+    pub host_mac: [u8; 6],
+    /// MAC address of the sandbox interface.
+    #[serde(default)]
+    pub sandbox_mac: [u8; 6],
 }
 
 impl JobNetInfo {
@@ -113,6 +119,8 @@ impl JobNetInfo {
             prefix_len: addrs.prefix_len,
             mtu,
             host_ifindex: 0,
+            host_mac: [0; 6],
+            sandbox_mac: [0; 6],
         }
     }
 }
@@ -161,7 +169,10 @@ impl JobNetwork {
                 JobNetError::Thread(name)
             })?;
         guard.owns_veth = owns_veth;
-        guard.info.host_ifindex = result?;
+        let created = result?;
+        guard.info.host_ifindex = created.host_ifindex;
+        guard.info.host_mac = created.host_mac;
+        guard.info.sandbox_mac = created.sandbox_mac;
         Ok(guard)
     }
 
@@ -193,9 +204,15 @@ impl Drop for JobNetwork {
     }
 }
 
+/// What set-up learns about the interfaces it created.
+struct Created {
+    host_ifindex: u32,
+    host_mac: [u8; 6],
+    sandbox_mac: [u8; 6],
+}
+
 /// Runs on a fresh thread: enters a new namespace, names it, and configures both ends.
-/// Returns the host veth's ifindex.
-fn setup_in_new_netns(info: &JobNetInfo, owns_veth: &mut bool) -> Result<u32, JobNetError> {
+fn setup_in_new_netns(info: &JobNetInfo, owns_veth: &mut bool) -> Result<Created, JobNetError> {
     let path = &info.netns_path;
     let ns_err = |op: &'static str| {
         let source = io::Error::last_os_error();
@@ -243,21 +260,25 @@ fn setup_in_new_netns(info: &JobNetInfo, owns_veth: &mut bool) -> Result<u32, Jo
     )?;
     *owns_veth = true;
     drop(nsfd);
-    let hidx = host
-        .link_index(&info.host_veth)?
+    let (hidx, host_mac) = host
+        .link_index_mac(&info.host_veth)?
         .ok_or_else(|| JobNetError::Vanished(info.host_veth.clone()))?;
     host.add_address_v4(hidx, info.gateway, info.prefix_len)?;
     host.set_up(hidx)?;
 
-    let sidx = ns
-        .link_index(&info.sandbox_ifname)?
+    let (sidx, sandbox_mac) = ns
+        .link_index_mac(&info.sandbox_ifname)?
         .ok_or_else(|| JobNetError::Vanished(info.sandbox_ifname.clone()))?;
     Ethtool::open()?.disable_tx_offloads(&info.sandbox_ifname)?;
     ns.set_up(1)?; // lo is always ifindex 1 in a new namespace
     ns.add_address_v4(sidx, info.sandbox, info.prefix_len)?;
     ns.set_up(sidx)?;
     ns.add_default_route_v4(info.gateway, sidx)?;
-    Ok(hidx)
+    Ok(Created {
+        host_ifindex: hidx,
+        host_mac,
+        sandbox_mac,
+    })
 }
 
 fn cstring(path: &Path) -> Result<CString, JobNetError> {

@@ -15,6 +15,7 @@
 //! - [`jobnet`]: one job's namespace + veth + addresses + route; the [`JobNetwork`] guard.
 //! - [`seams`]: [`PolicyVerifier`] and [`Dataplane`] traits (real ones wrap snas-policy and
 //!   snas-bpf) and in-memory stand-ins.
+//! - [`dataplane`]: the production [`Dataplane`] over `snas_bpf::Tier1`.
 //! - [`state`]: job records on disk.
 //! - [`agent`]: the job table ([`Agent`]): create, adopt at start, delete, counters.
 //! - [`api`]: the HTTP/JSON APIs (Unix socket and the underlay policy endpoint).
@@ -24,6 +25,7 @@
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod dataplane;
 pub mod ethtool;
 pub mod jobnet;
 pub mod naming;
@@ -64,19 +66,47 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    /// The trust bundle could not be loaded.
+    #[error("trust_bundle {path}: {detail}")]
+    TrustBundle {
+        path: std::path::PathBuf,
+        detail: String,
+    },
+    /// Tier 1 could not be loaded.
+    #[error(transparent)]
+    Dataplane(seams::DataplaneError),
     /// The async runtime failed.
     #[error("runtime: {0}")]
     Runtime(#[source] std::io::Error),
 }
 
 /// The verifier and dataplane the agent runs with in production.
-fn production_components(_config: &AgentConfig) -> (Arc<dyn PolicyVerifier>, Arc<dyn Dataplane>) {
-    // Until snas-policy and snas-bpf are wired in, policies are refused and tier 1 is the
-    // in-memory stand-in.
-    (
-        Arc::new(seams::UnavailableVerifier),
-        Arc::new(RecordingDataplane::default()),
-    )
+pub fn production_components(config: &AgentConfig) -> Result<Components, RunError> {
+    let verifier =
+        seams::BundleVerifier::load(&config.trust_bundle).map_err(|e| RunError::TrustBundle {
+            path: config.trust_bundle.clone(),
+            detail: e.to_string(),
+        })?;
+    let dataplane = dataplane::Tier1Dataplane::load(config).map_err(RunError::Dataplane)?;
+    Ok(Components {
+        verifier: Arc::new(verifier),
+        dataplane: Arc::new(dataplane),
+    })
+}
+
+/// The agent's replaceable parts.
+#[derive(Clone)]
+pub struct Components {
+    /// Policy verification.
+    pub verifier: Arc<dyn PolicyVerifier>,
+    /// Tier-1 programming.
+    pub dataplane: Arc<dyn Dataplane>,
+}
+
+impl std::fmt::Debug for Components {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Components")
+    }
 }
 
 /// Runs the agent with production components until `shutdown` completes.
@@ -84,8 +114,8 @@ pub async fn serve(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let (verifier, dataplane) = production_components(&config);
-    serve_with(config, verifier, dataplane, shutdown).await
+    let c = production_components(&config)?;
+    serve_with(config, c.verifier, c.dataplane, shutdown).await
 }
 
 /// Runs the agent with the given components until `shutdown` completes.

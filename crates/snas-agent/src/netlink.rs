@@ -181,6 +181,11 @@ impl Rtnl {
 
     /// The index of interface `name`, or `None` if it does not exist.
     pub fn link_index(&mut self, name: &str) -> Result<Option<u32>, NetlinkError> {
+        Ok(self.link_index_mac(name)?.map(|(i, _)| i))
+    }
+
+    /// The index and MAC address of interface `name`, or `None` if it does not exist.
+    pub fn link_index_mac(&mut self, name: &str) -> Result<Option<(u32, [u8; 6])>, NetlinkError> {
         let mut link = LinkMessage::default();
         link.attributes = vec![LinkAttribute::IfName(name.to_owned())];
         match self.request(
@@ -189,7 +194,17 @@ impl Rtnl {
             0,
         ) {
             Ok(answers) => Ok(answers.into_iter().find_map(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => Some(l.header.index),
+                RouteNetlinkMessage::NewLink(l) => {
+                    let mac = l
+                        .attributes
+                        .iter()
+                        .find_map(|a| match a {
+                            LinkAttribute::Address(a) => <[u8; 6]>::try_from(a.as_slice()).ok(),
+                            _ => None,
+                        })
+                        .unwrap_or_default();
+                    Some((l.header.index, mac))
+                }
                 _ => None,
             })),
             Err(e) if e.errno() == Some(libc::ENODEV) => Ok(None),

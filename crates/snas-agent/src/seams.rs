@@ -39,6 +39,11 @@ pub struct VerifiedPolicy {
     pub job_key: u64,
     /// `identity::tenant_id(tenant)`.
     pub tenant_id: u32,
+    /// The full signed claims (rules, limits), when the verifier is the real one. Kept in the
+    /// job record so that a restarted agent can reprogram tier 1 without re-verifying an
+    /// ephemeral (possibly since expired) token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claims: Option<snas_policy::PolicyClaims>,
 }
 
 impl VerifiedPolicy {
@@ -143,15 +148,53 @@ impl Dataplane for RecordingDataplane {
     }
 }
 
-/// Verifier used while no trust bundle implementation is wired in: refuses every policy.
-#[derive(Debug, Default)]
-pub struct UnavailableVerifier;
+/// The production verifier: `snas_policy::verify` against the configured trust bundle.
+#[derive(Debug)]
+pub struct BundleVerifier {
+    bundle: snas_policy::TrustBundle,
+}
 
-impl PolicyVerifier for UnavailableVerifier {
-    fn verify(&self, _token: &str, _now: SystemTime) -> Result<VerifiedPolicy, VerifyError> {
-        Err(VerifyError {
+impl BundleVerifier {
+    /// A verifier over `bundle`.
+    pub fn new(bundle: snas_policy::TrustBundle) -> BundleVerifier {
+        BundleVerifier { bundle }
+    }
+
+    /// Loads the trust bundle (a key file or a directory of `*.pub` files).
+    pub fn load(
+        path: &std::path::Path,
+    ) -> Result<BundleVerifier, snas_policy::bundle_fs::BundleFsError> {
+        Ok(BundleVerifier::new(
+            snas_policy::bundle_fs::load_trust_bundle(path)?,
+        ))
+    }
+}
+
+impl PolicyVerifier for BundleVerifier {
+    fn verify(&self, token: &str, now: SystemTime) -> Result<VerifiedPolicy, VerifyError> {
+        let v = snas_policy::verify(token, &self.bundle, now).map_err(|e| VerifyError {
+            reason: e.reason(),
+            detail: e.to_string(),
+        })?;
+        let serial = u32::try_from(v.claims().serial).map_err(|_| VerifyError {
             reason: Reason::PolicyInvalid,
-            detail: "policy verification is not available in this build".into(),
+            detail: format!(
+                "serial: {} does not fit the overlay's 32-bit policy serial",
+                v.claims().serial
+            ),
+        })?;
+        let (job_key, tenant_id) = (v.job_key(), v.tenant_id());
+        let c = v.into_claims();
+        Ok(VerifiedPolicy {
+            jti: c.jti.clone(),
+            tenant: c.tenant.clone(),
+            job: c.job.clone(),
+            serial,
+            node: c.node,
+            expires_at_unix: c.exp,
+            job_key,
+            tenant_id,
+            claims: Some(c),
         })
     }
 }

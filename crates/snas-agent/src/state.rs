@@ -179,6 +179,7 @@ mod tests {
                 expires_at_unix: 2_000_000_000,
                 job_key: key,
                 tenant_id: 0x0102_0304,
+                claims: None,
             },
             token: "a.b.c".into(),
             net: JobNetInfo {
@@ -192,6 +193,8 @@ mod tests {
                 prefix_len: 30,
                 mtu: 1444,
                 host_ifindex: 7,
+                host_mac: [2, 0, 0, 0, 0, 1],
+                sandbox_mac: [2, 0, 0, 0, 0, 2],
             },
             created_at_unix: 1_900_000_000,
         }

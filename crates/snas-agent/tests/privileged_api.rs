@@ -15,30 +15,6 @@ use snas_agent::netlink::Rtnl;
 use snas_agent::seams::RecordingDataplane;
 use snas_agent::{api, Agent};
 
-fn config(scope: &Scope, pool: &str) -> AgentConfig {
-    let text = format!(
-        r#"
-node_name = "test-node"
-underlay_interface = "lo"
-underlay_address = "192.0.2.7"
-underlay_mtu = 1500
-trust_bundle = "/nonexistent/trust.json"
-job_pool = "{pool}"
-api_socket = "{}/agent.sock"
-api_socket_mode = 0o600
-policy_listen = "127.0.0.1:0"
-state_dir = "{}/state"
-netns_prefix = "{}"
-host_veth_prefix = "{}"
-"#,
-        scope.state.path().display(),
-        scope.state.path().display(),
-        scope.netns_prefix,
-        scope.veth_prefix
-    );
-    AgentConfig::from_toml_str(&text, std::path::Path::new("test.toml")).unwrap()
-}
-
 /// A running agent serving on a Unix socket and an ephemeral TCP port.
 struct Running {
     rt: tokio::runtime::Runtime,
@@ -125,7 +101,7 @@ impl Drop for Running {
 #[test]
 fn privileged_api_creates_lists_counts_serves_policy_and_deletes() {
     let scope = Scope::new("api");
-    let (agent, report) = Running::start(config(&scope, "10.254.10.0/24"));
+    let (agent, report) = Running::start(common::agent_config(&scope, "10.254.10.0/24"));
     assert!(report.adopted.is_empty());
     let mode = std::fs::metadata(&agent.socket).unwrap();
     assert_eq!(
@@ -225,7 +201,7 @@ fn privileged_api_creates_lists_counts_serves_policy_and_deletes() {
 #[test]
 fn privileged_restarted_agent_adopts_jobs_without_touching_them() {
     let scope = Scope::new("restart");
-    let cfg = config(&scope, "10.254.11.0/24");
+    let cfg = common::agent_config(&scope, "10.254.11.0/24");
     let (first, _) = Running::start(cfg.clone());
     let (status, job) = first.call("POST", "/v1/jobs", "stub.acme.keep.policy-keep.1");
     assert_eq!(status, 201, "{job}");
@@ -272,7 +248,7 @@ fn privileged_restarted_agent_adopts_jobs_without_touching_them() {
 #[test]
 fn privileged_start_cleans_up_a_job_whose_network_is_partly_gone() {
     let scope = Scope::new("partial");
-    let cfg = config(&scope, "10.254.12.0/24");
+    let cfg = common::agent_config(&scope, "10.254.12.0/24");
     let (first, _) = Running::start(cfg.clone());
     let (status, job) = first.call("POST", "/v1/jobs", "stub.acme.half.policy-half.1");
     assert_eq!(status, 201);

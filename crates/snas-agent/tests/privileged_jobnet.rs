@@ -52,6 +52,14 @@ fn privileged_job_network_is_configured_reachable_and_torn_down() {
     // Host side: veth with the gateway address, right MTU, up.
     let hidx = host_link(&info.host_veth).expect("host veth exists");
     assert_eq!(hidx, info.host_ifindex);
+    let (_, host_mac) = Rtnl::open()
+        .unwrap()
+        .link_index_mac(&info.host_veth)
+        .unwrap()
+        .unwrap();
+    assert_eq!(host_mac, info.host_mac);
+    assert_ne!(info.sandbox_mac, [0; 6]);
+    assert_ne!(info.sandbox_mac, info.host_mac);
     let mut host = Rtnl::open().unwrap();
     assert_eq!(host.link_info(hidx).unwrap(), Some((1444, true)));
     assert!(host
@@ -60,10 +68,11 @@ fn privileged_job_network_is_configured_reachable_and_torn_down() {
         .contains(&(info.gateway, 30)));
 
     // Sandbox side: eth0 at the right MTU, address, default route, lo up, offloads off.
-    let (sandbox, gateway) = (info.sandbox, info.gateway);
+    let (sandbox, gateway, sandbox_mac) = (info.sandbox, info.gateway, info.sandbox_mac);
     let inside = run_in_netns(&info.netns_path, move || {
         let mut r = Rtnl::open().unwrap();
-        let idx = r.link_index("eth0").unwrap().expect("eth0 in netns");
+        let (idx, mac) = r.link_index_mac("eth0").unwrap().expect("eth0 in netns");
+        assert_eq!(mac, sandbox_mac);
         let link = r.link_info(idx).unwrap();
         let lo = r.link_info(1).unwrap();
         let addrs = r.addresses_v4(idx).unwrap();

@@ -147,6 +147,7 @@ impl PolicyVerifier for StubVerifier {
                 .as_secs(),
             job_key: job_key(parts[3]),
             tenant_id: tenant_id(parts[1]),
+            claims: None,
         })
     }
 }
@@ -279,4 +280,30 @@ pub fn ethtool_k(netns_name: &str) -> String {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An agent configuration using the scope's unique names and `pool`.
+pub fn agent_config(scope: &Scope, pool: &str) -> snas_agent::config::AgentConfig {
+    let text = format!(
+        r#"
+node_name = "test-node"
+underlay_interface = "lo"
+underlay_address = "192.0.2.7"
+underlay_mtu = 1500
+trust_bundle = "/nonexistent/trust.json"
+job_pool = "{pool}"
+api_socket = "{}/agent.sock"
+api_socket_mode = 0o600
+policy_listen = "127.0.0.1:0"
+state_dir = "{}/state"
+netns_prefix = "{}"
+host_veth_prefix = "{}"
+"#,
+        scope.state.path().display(),
+        scope.state.path().display(),
+        scope.netns_prefix,
+        scope.veth_prefix
+    );
+    snas_agent::config::AgentConfig::from_toml_str(&text, std::path::Path::new("test.toml"))
+        .unwrap()
 }

@@ -1,0 +1,199 @@
+//! The production [`Dataplane`]: tier-1 eBPF through `snas_bpf::Tier1`.
+//!
+//! Owns the translation from a verified policy and a job network to tier 1's job configuration
+//! and map entries: identity (job key, tenant id, serial), addresses and MACs of both veth ends,
+//! limits (egress rate, new-connection rate and burst, connection cap) and the policy's IPv4
+//! `cidr` rules with their ports. Programs and maps are pinned under `bpf_pin_dir`, so a
+//! restarted agent re-opens them and adopts jobs without resetting their state.
+//!
+//! # Limits
+//! - `host` rules are enforced once the DNS stub (a later issue) installs resolved addresses;
+//!   until then tier 1 denies hosts that are only allowed by name.
+//! - IPv6 `cidr` rules are not programmed into tier 1 yet (it reports them as `ipv6_rules`).
+//! - The DNS stub port is [`DNS_STUB_PORT`] on the gateway address (reserved, not served yet).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+use snas_bpf::{Bps, JobConfig, NodeConfig, PortRule, Proto, ProxyEntry, Tier1};
+use snas_policy::{EgressRule, Protocol};
+use snas_wire::Reason;
+
+use crate::config::AgentConfig;
+use crate::jobnet::JobNetInfo;
+use crate::netlink::Rtnl;
+use crate::seams::{Dataplane, DataplaneError, JobAttachment};
+
+/// Port of the job's DNS stub on its gateway address.
+pub const DNS_STUB_PORT: u16 = 53;
+
+fn err(what: &str) -> impl FnOnce(snas_bpf::Tier1Error) -> DataplaneError + '_ {
+    move |e| DataplaneError(format!("{what}: {e}"))
+}
+
+/// Tier 1 for this node.
+#[derive(Debug)]
+pub struct Tier1Dataplane {
+    tier1: Mutex<Tier1>,
+}
+
+impl Tier1Dataplane {
+    /// Loads (or re-opens, keeping pinned state) tier 1 for the node described by `config`,
+    /// attaches the uplink program and installs the configured proxies.
+    pub fn load(config: &AgentConfig) -> Result<Tier1Dataplane, DataplaneError> {
+        snas_bpf::ensure_bpffs().map_err(err("mount bpffs"))?;
+        let uplink = Rtnl::open()
+            .and_then(|mut r| r.link_index(&config.underlay_interface))
+            .map_err(|e| DataplaneError(format!("underlay_interface: {e}")))?
+            .ok_or_else(|| {
+                DataplaneError(format!(
+                    "underlay_interface: no interface {}",
+                    config.underlay_interface
+                ))
+            })?;
+        let mut node = NodeConfig::new(
+            &config.node_name,
+            uplink,
+            config.underlay_address,
+            config.underlay_mtu,
+        );
+        node.pin_dir = config.bpf_pin_dir.clone();
+        let tier1 = Tier1::load(&node).map_err(err("load tier 1"))?;
+        let proxies: Vec<ProxyEntry> = config
+            .proxies
+            .iter()
+            .filter_map(|p| match p {
+                IpAddr::V4(ip) => Some(ProxyEntry {
+                    ip: *ip,
+                    alive: true,
+                }),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        tier1.set_proxies(&proxies).map_err(err("set proxies"))?;
+        Ok(Tier1Dataplane {
+            tier1: Mutex::new(tier1),
+        })
+    }
+
+    /// Wraps an already loaded tier 1 (tests).
+    pub fn from_tier1(tier1: Tier1) -> Tier1Dataplane {
+        Tier1Dataplane {
+            tier1: Mutex::new(tier1),
+        }
+    }
+
+    fn tier1(&self) -> std::sync::MutexGuard<'_, Tier1> {
+        self.tier1.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Tier 1's job configuration for a job.
+pub fn job_config(job: &JobAttachment<'_>) -> Result<JobConfig, DataplaneError> {
+    let claims = job.policy.claims.as_ref().ok_or_else(|| {
+        DataplaneError("the policy carries no claims (not verified by snas-policy)".into())
+    })?;
+    let l = &claims.limits;
+    let net: &JobNetInfo = job.net;
+    Ok(JobConfig {
+        veth_ifindex: net.host_ifindex,
+        job_key: job.policy.job_key,
+        tenant_id: job.policy.tenant_id,
+        policy_serial: job.policy.serial,
+        sandbox_ip: net.sandbox,
+        sandbox_mac: net.sandbox_mac,
+        host_mac: net.host_mac,
+        gateway_ip: net.gateway,
+        dns_port: DNS_STUB_PORT,
+        egress: Some(Bps(l.egress_bps.0)),
+        horizon: None,
+        new_conn_per_sec: u64::from(l.new_connections_per_sec),
+        new_conn_burst: u64::from(l.new_connections_burst),
+        max_connections: l.max_connections,
+        ipv6_rules: claims.egress.iter().any(|r| {
+            matches!(
+                r,
+                EgressRule::Cidr {
+                    cidr: ipnet::IpNet::V6(_),
+                    ..
+                }
+            )
+        }),
+    })
+}
+
+/// The policy's IPv4 CIDR rules grouped per (network, allow_private), as tier 1 takes them.
+pub fn cidr_rules(job: &JobAttachment<'_>) -> BTreeMap<(ipnet::Ipv4Net, bool), Vec<PortRule>> {
+    let mut out: BTreeMap<(ipnet::Ipv4Net, bool), Vec<PortRule>> = BTreeMap::new();
+    let Some(claims) = job.policy.claims.as_ref() else {
+        return out;
+    };
+    for rule in &claims.egress {
+        if let EgressRule::Cidr {
+            cidr: ipnet::IpNet::V4(net),
+            ports,
+            protocol,
+            allow_private,
+        } = rule
+        {
+            let proto = match protocol {
+                Protocol::Tcp => Proto::Tcp,
+                Protocol::Udp => Proto::Udp,
+                Protocol::Any => Proto::Any,
+            };
+            out.entry((*net, *allow_private))
+                .or_default()
+                .push(PortRule {
+                    proto,
+                    lo: ports.lo(),
+                    hi: ports.hi(),
+                });
+        }
+    }
+    out
+}
+
+impl Tier1Dataplane {
+    fn program_rules(&self, t: &Tier1, job: &JobAttachment<'_>) -> Result<(), DataplaneError> {
+        for ((net, allow_private), rules) in cidr_rules(job) {
+            t.allow_cidr(job.policy.job_key, net, &rules, allow_private)
+                .map_err(err(&format!("allow {net}")))?;
+        }
+        Ok(())
+    }
+}
+
+impl Dataplane for Tier1Dataplane {
+    fn attach_job(&self, job: &JobAttachment<'_>) -> Result<(), DataplaneError> {
+        let cfg = job_config(job)?;
+        let t = self.tier1();
+        self.program_rules(&t, job)?;
+        t.attach_job(&cfg).map_err(err("attach job"))
+    }
+
+    fn adopt_job(&self, job: &JobAttachment<'_>) -> Result<(), DataplaneError> {
+        let cfg = job_config(job)?;
+        let t = self.tier1();
+        self.program_rules(&t, job)?;
+        t.adopt_job(&cfg).map_err(err("adopt job"))
+    }
+
+    fn detach_job(&self, job_key: u64, _net: &JobNetInfo) -> Result<(), DataplaneError> {
+        match self.tier1().detach_job_by_key(job_key) {
+            Ok(_) | Err(snas_bpf::Tier1Error::UnknownJobKey(_)) => Ok(()),
+            Err(e) => Err(DataplaneError(format!("detach job: {e}"))),
+        }
+    }
+
+    fn counters(&self, job_key: u64) -> Result<BTreeMap<Reason, u64>, DataplaneError> {
+        let c = self.tier1().counters(job_key).map_err(err("counters"))?;
+        let mut out: BTreeMap<Reason, u64> = Reason::ALL.iter().map(|r| (*r, 0)).collect();
+        for dir in [&c.from_sandbox, &c.to_sandbox] {
+            for (r, n) in &dir.drops {
+                *out.entry(*r).or_default() += n.packets;
+            }
+        }
+        Ok(out)
+    }
+}
