@@ -8,7 +8,7 @@
 mod common;
 
 use std::fs::File;
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::Duration;
@@ -72,14 +72,21 @@ fn link_info(ns: &str, dev: &str) -> (u32, [u8; 6]) {
     (idx, m)
 }
 
-#[test]
-fn sandbox_traffic_reaches_the_proxy_encapsulated_and_replies_come_back() {
-    if !root_or_skip("netns end-to-end") {
-        return;
-    }
-    let id = std::process::id() % 100_000;
+/// Three namespaces wired as sandbox ↔ node ↔ proxy, with tier 1 loaded and the job attached
+/// in the node namespace. Field order = drop order: the node (detach, unpin) before the
+/// namespaces.
+struct Topo {
+    n: Node,
+    node: String,
+    sb: String,
+    px: String,
+    _netns: Netns,
+}
+
+fn topology(tag: &str) -> Topo {
+    let id = format!("{}{tag}", std::process::id() % 100_000);
     let (node, sb, px) = (format!("snn{id}"), format!("sns{id}"), format!("snp{id}"));
-    let _guard = Netns {
+    let netns = Netns {
         names: vec![node.clone(), sb.clone(), px.clone()],
     };
     for n in [&node, &sb, &px] {
@@ -116,25 +123,11 @@ fn sandbox_traffic_reaches_the_proxy_encapsulated_and_replies_come_back() {
     let (u_idx, _) = link_info(&node, &u);
     let (_, s_mac) = link_info(&sb, &s);
 
-    // Proxy side: a UDP socket on 6081.
-    let px2 = px.clone();
-    let proxy = std::thread::spawn(move || {
-        enter(&px2);
-        let sock = UdpSocket::bind("0.0.0.0:6081").expect("bind 6081");
-        sock.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        let mut buf = [0u8; 2048];
-        let (len, from) = sock
-            .recv_from(&mut buf)
-            .expect("GENEVE datagram at the proxy");
-        (buf[..len].to_vec(), from, sock)
-    });
-
-    // Node side: load and attach in the node namespace.
     let node2 = node.clone();
-    let node_thread = std::thread::spawn(move || {
+    let tag = tag.to_string();
+    let n = std::thread::spawn(move || {
         enter(&node2);
-        let mut cfg = node_config("netns");
+        let mut cfg = node_config(&format!("netns{tag}"));
         cfg.uplink_ifindex = u_idx;
         cfg.attach_uplink = true;
         cfg.uplink_mtu = 1500;
@@ -152,20 +145,51 @@ fn sandbox_traffic_reaches_the_proxy_encapsulated_and_replies_come_back() {
                 alive: true,
             }])
             .expect("proxies");
+        let net = "203.0.113.0/24".parse().expect("net");
         n.t1()
-            .allow_cidr(
-                JOB_KEY,
-                "203.0.113.0/24".parse().expect("net"),
-                &[PortRule::port(Proto::Udp, 7000)],
-                false,
-            )
+            .allow_cidr(JOB_KEY, net, &[PortRule::port(Proto::Udp, 7000)], false)
             .expect("cidr");
         n
+    })
+    .join()
+    .expect("node thread");
+    Topo {
+        n,
+        node,
+        sb,
+        px,
+        _netns: netns,
+    }
+}
+
+#[test]
+fn sandbox_traffic_reaches_the_proxy_encapsulated_and_replies_come_back() {
+    if !root_or_skip("netns end-to-end") {
+        return;
+    }
+    let t = topology("a");
+
+    // Proxy side: a UDP socket on 6081.
+    let px2 = t.px.clone();
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let proxy = std::thread::spawn(move || {
+        enter(&px2);
+        let sock = UdpSocket::bind("0.0.0.0:6081").expect("bind 6081");
+        bound_tx.send(()).expect("signal");
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = [0u8; 2048];
+        let (len, from) = sock
+            .recv_from(&mut buf)
+            .expect("GENEVE datagram at the proxy");
+        (buf[..len].to_vec(), from, sock)
     });
-    let n = node_thread.join().expect("node thread");
 
     // Sandbox: send one datagram, then wait for the reply.
-    let sb2 = sb.clone();
+    bound_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("proxy bound");
+    let sb2 = t.sb.clone();
     let sandbox = std::thread::spawn(move || {
         enter(&sb2);
         let sock = UdpSocket::bind("10.88.0.2:40000").expect("bind");
@@ -226,11 +250,82 @@ fn sandbox_traffic_reaches_the_proxy_encapsulated_and_replies_come_back() {
     assert_eq!(payload, b"hello sandbox");
     assert_eq!(rfrom.to_string(), "203.0.113.7:7000");
 
-    let c = n.t1().counters(JOB_KEY).expect("counters");
+    let c = t.n.t1().counters(JOB_KEY).expect("counters");
     assert!(c.from_sandbox.forwarded.packets >= 1);
     assert_eq!(c.to_sandbox.forwarded.packets, 1);
 
-    let dir = n.dir.clone();
-    drop(n);
+    let dir = t.n.dir.clone();
+    drop(t);
     assert!(!dir.exists(), "teardown removed the pins");
+}
+
+#[test]
+fn denied_connect_fails_at_once_and_captured_dns_is_answered_by_the_stub() {
+    if !root_or_skip("netns RST and DNS") {
+        return;
+    }
+    let t = topology("b");
+
+    // The job's DNS stub on the gateway, port 5353 (JobConfig::dns_port of the test job).
+    let node2 = t.node.clone();
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let stub = std::thread::spawn(move || {
+        enter(&node2);
+        let sock = UdpSocket::bind("10.88.0.1:5353").expect("bind stub");
+        bound_tx.send(()).expect("signal");
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = [0u8; 512];
+        let (len, from) = sock.recv_from(&mut buf).expect("query at the stub");
+        let mut answer = buf[..len].to_vec();
+        answer[2] |= 0x80; // QR
+        sock.send_to(&answer, from).expect("answer");
+        from
+    });
+
+    let sb2 = t.sb.clone();
+    let (connect, answer) = std::thread::spawn(move || {
+        enter(&sb2);
+        let started = std::time::Instant::now();
+        let connect = TcpStream::connect_timeout(
+            &"198.51.100.9:443".parse().expect("addr"),
+            Duration::from_secs(3),
+        )
+        .map(|_| ())
+        .map_err(|e| (e.kind(), started.elapsed()));
+        bound_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("stub bound");
+        // A connected socket accepts answers only from the resolver it asked.
+        let sock = UdpSocket::bind("10.88.0.2:0").expect("bind");
+        sock.connect("198.51.100.9:53").expect("connect");
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        sock.send(b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00")
+            .expect("query");
+        let mut buf = [0u8; 512];
+        let answer = sock.recv(&mut buf).map(|len| buf[..len].to_vec());
+        (connect, answer)
+    })
+    .join()
+    .expect("sandbox thread");
+
+    let (kind, _elapsed) = connect.expect_err("denied destination");
+    assert_eq!(
+        kind,
+        std::io::ErrorKind::ConnectionRefused,
+        "RST from tier 1, not a timeout"
+    );
+    let answer = answer.expect("answer from the resolver address");
+    assert_eq!(&answer[..4], b"\x12\x34\x81\x00");
+    let from = stub.join().expect("stub thread");
+    assert_eq!(from.ip().to_string(), "10.88.0.2");
+
+    let c = t.n.t1().counters(JOB_KEY).expect("counters");
+    assert!(
+        c.from_sandbox
+            .dropped(snas_wire::Reason::DestinationDenied)
+            .packets
+            >= 1
+    );
 }
