@@ -19,10 +19,12 @@ use snas_agent::Agent;
 
 struct Cleanup {
     prefix: String,
+    pins: std::path::PathBuf,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        let _ = snas_bpf::remove_pins(&self.pins);
         if let Ok(rd) = std::fs::read_dir("/run/netns") {
             for e in rd.flatten() {
                 if e.file_name().to_string_lossy().starts_with(&self.prefix) {
@@ -57,7 +59,7 @@ impl PolicyVerifier for BenchVerifier {
                 .unwrap_or(0),
             job_key: 0xbe00_0000_0000_0000 | n,
             tenant_id: 1,
-            claims: None,
+            claims: Some(snas_policy::PolicyDraft::new("bench", token).to_claims(token, 1, now)),
         })
     }
 }
@@ -85,8 +87,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .and_then(|a| a.parse().ok())
         .unwrap_or(200);
     let prefix = format!("snb{}-", std::process::id());
+    let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/snb{}", std::process::id()));
     let _cleanup = Cleanup {
         prefix: prefix.clone(),
+        pins: pins.clone(),
     };
 
     // 1. Bare job network.
@@ -114,8 +118,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     print("network create", create);
     print("network teardown", teardown);
 
-    // 2. Through the agent.
-    let state = std::env::temp_dir().join(format!("snas-bench-{}", std::process::id()));
+    // 2. Through the agent, with the in-memory dataplane and with real tier 1 (the policy is a
+    // stand-in with default limits and no rules: tier 1 gets the job configuration and attachment).
+    agent_phase(
+        &prefix,
+        "a-",
+        "agent",
+        Arc::new(RecordingDataplane::default()),
+        n,
+    )?;
+    snas_bpf::ensure_bpffs()?;
+    let mut node =
+        snas_bpf::NodeConfig::new("bench", 1, std::net::Ipv4Addr::new(192, 0, 2, 7), 1500);
+    node.attach_uplink = false;
+    node.pin_dir = pins;
+    let tier1 = snas_agent::dataplane::Tier1Dataplane::from_tier1(snas_bpf::Tier1::load(&node)?);
+    agent_phase(&prefix, "t-", "agent+tier1", Arc::new(tier1), n)?;
+    Ok(())
+}
+
+fn agent_phase(
+    prefix: &str,
+    sub: &str,
+    label: &str,
+    dataplane: Arc<dyn snas_agent::Dataplane>,
+    n: u32,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let state = std::env::temp_dir().join(format!("snas-bench-{}{sub}", std::process::id()));
     let config = AgentConfig::from_toml_str(
         &format!(
             r#"
@@ -124,18 +153,14 @@ underlay_address = "192.0.2.7"
 trust_bundle = "/nonexistent"
 job_pool = "10.253.0.0/16"
 state_dir = "{}"
-netns_prefix = "{prefix}a-"
+netns_prefix = "{prefix}{sub}"
 host_veth_prefix = "snb"
 "#,
             state.display()
         ),
         std::path::Path::new("bench.toml"),
     )?;
-    let (agent, _) = Agent::start(
-        config,
-        Arc::new(BenchVerifier),
-        Arc::new(RecordingDataplane::default()),
-    )?;
+    let (agent, _) = Agent::start(config, Arc::new(BenchVerifier), dataplane)?;
     let mut create = Vec::new();
     let mut keys = Vec::new();
     for i in 0..n {
@@ -151,7 +176,7 @@ host_veth_prefix = "snb"
         delete.push(t.elapsed());
     }
     let _ = std::fs::remove_dir_all(&state);
-    print("agent create_job", create);
-    print("agent delete_job", delete);
+    print(&format!("{label} create_job"), create);
+    print(&format!("{label} delete_job"), delete);
     Ok(())
 }

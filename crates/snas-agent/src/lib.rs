@@ -177,3 +177,40 @@ pub async fn shutdown_signal() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_reports_the_bad_field_before_touching_the_system() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "underlay_interface = \"eth0\"\nunderlay_address = \"192.0.2.7\"\ntrust_bundle = \"/t\"\njob_prefix_len = 24\n",
+        )
+        .unwrap();
+        let err = run(&path).unwrap_err();
+        assert!(
+            matches!(&err, RunError::Config(c) if c.field() == Some("job_prefix_len")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("agent.toml"), "{err}");
+    }
+
+    #[test]
+    fn missing_trust_bundle_is_named() {
+        let config = AgentConfig::from_toml_str(
+            "underlay_interface = \"eth0\"\nunderlay_address = \"192.0.2.7\"\ntrust_bundle = \"/nonexistent/snas-trust\"\n",
+            Path::new("agent.toml"),
+        )
+        .unwrap();
+        let err = production_components(&config).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("trust_bundle /nonexistent/snas-trust"),
+            "{err}"
+        );
+    }
+}
