@@ -33,7 +33,7 @@
 //!   [`Reason::PortsExhausted`] (the proxy has no room for another NAT entry).
 
 use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -318,6 +318,17 @@ pub struct Conntrack {
     nat: PortAllocator,
 }
 
+/// An address as 128 bits (IPv4 as its v4-mapped form) for hashing; equality always compares
+/// the `IpAddr` itself.
+fn ip_bits(ip: &IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+// Keys are hashed as one contiguous byte string: one SipHash write instead of a dozen small
+// ones from the derived `Hash` impls (measurably faster, same keyed hash).
 fn hash_fwd(
     s: &RandomState,
     job: u64,
@@ -327,7 +338,16 @@ fn hash_fwd(
     dst: &IpAddr,
     dport: u16,
 ) -> u64 {
-    s.hash_one((job, proto, src, sport, dst, dport))
+    let mut b = [0u8; 45];
+    b[0..8].copy_from_slice(&job.to_ne_bytes());
+    b[8..24].copy_from_slice(&ip_bits(src));
+    b[24..40].copy_from_slice(&ip_bits(dst));
+    b[40..42].copy_from_slice(&sport.to_ne_bytes());
+    b[42..44].copy_from_slice(&dport.to_ne_bytes());
+    b[44] = proto.number();
+    let mut h = s.build_hasher();
+    h.write(&b);
+    h.finish()
 }
 
 fn hash_rev(
@@ -338,7 +358,15 @@ fn hash_rev(
     egress: u16,
     eport: u16,
 ) -> u64 {
-    s.hash_one((proto, remote, rport, egress, eport))
+    let mut b = [0u8; 23];
+    b[0..16].copy_from_slice(&ip_bits(remote));
+    b[16..18].copy_from_slice(&rport.to_ne_bytes());
+    b[18..20].copy_from_slice(&egress.to_ne_bytes());
+    b[20..22].copy_from_slice(&eport.to_ne_bytes());
+    b[22] = proto.number();
+    let mut h = s.build_hasher();
+    h.write(&b);
+    h.finish()
 }
 
 fn flow_fwd_hash(s: &RandomState, f: &Flow) -> u64 {

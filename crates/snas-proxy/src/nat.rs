@@ -8,9 +8,10 @@
 //! A *destination* is (protocol, remote IP, remote port). The tuple (egress IP, egress port,
 //! protocol, remote IP, remote port) is unique, so every egress IP offers the whole port range to
 //! every destination independently. Per destination the allocator keeps, per egress IP in use, a
-//! set of used ports (a sorted vector while small, an 8 KiB bitmap when it grows past
-//! [`SPARSE_MAX`]) and a cursor that starts at a seeded pseudo-random offset, so allocation is a
-//! cursor step plus a word scan: O(1) amortised, never a scan of 64k ports per call.
+//! set of used ports (inline up to 11 ports, then a sorted vector, then an 8 KiB bitmap past
+//! [`SPARSE_MAX`]) and a cursor that starts at a pseudo-random offset (from the configured seed,
+//! the destination and an activation counter) and moves forward, so allocation is a cursor step
+//! plus a word scan: O(1) amortised, never a scan of 64k ports per call.
 //!
 //! A port is *live* while its flow lives and *quarantined* for [`NatConfig::quarantine`] after
 //! (TIME_WAIT safety: a late segment of the old connection must not reach a new one with the
@@ -479,6 +480,9 @@ pub struct PortAllocator {
     jobs: HashMap<u64, Usage>,
     tenants: HashMap<u32, Usage>,
     quarantine: VecDeque<Quarantined>,
+    /// Counts destination activations, so a destination that goes idle and comes back starts
+    /// its cursor somewhere new.
+    activations: u64,
 }
 
 fn splitmix64(mut x: u64) -> u64 {
@@ -548,6 +552,7 @@ impl PortAllocator {
             jobs: HashMap::new(),
             tenants: HashMap::new(),
             quarantine: VecDeque::new(),
+            activations: 0,
         })
     }
 
@@ -716,7 +721,9 @@ impl PortAllocator {
             Some(d) => d,
             None => self.new_dest(dest),
         };
-        let (lo, hi, seed) = (self.lo, self.hi, self.cfg.port_seed);
+        self.activations = self.activations.wrapping_add(1);
+        let (lo, hi) = (self.lo, self.hi);
+        let seed = splitmix64(self.cfg.port_seed ^ self.activations);
         let Some(state) = self
             .dests
             .get_mut(dest_id as usize)
