@@ -117,9 +117,16 @@ pub fn token_from_body(body: &str) -> Result<String, String> {
 
 async fn create_job(
     State(agent): State<Arc<Agent>>,
-    body: String,
+    body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
-    let token = token_from_body(&body)
+    let body = std::str::from_utf8(&body).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "request body: not UTF-8",
+        )
+    })?;
+    let token = token_from_body(body)
         .map_err(|d| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", d))?;
     let view = blocking(move || agent.create_job(&token)).await?;
     Ok((StatusCode::CREATED, Json(view)))
@@ -173,6 +180,14 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this endpoint",
+    )
+}
+
 /// The local API (Unix socket).
 pub fn api_router(agent: Arc<Agent>) -> Router {
     Router::new()
@@ -180,6 +195,7 @@ pub fn api_router(agent: Arc<Agent>) -> Router {
         .route("/v1/jobs/{job}", get(get_job).delete(delete_job))
         .route("/v1/jobs/{job}/counters", get(job_counters))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(agent)
 }
 
@@ -209,6 +225,7 @@ pub fn policy_router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/jobs/{job_key}/policy", get(get_policy))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(agent)
 }
 

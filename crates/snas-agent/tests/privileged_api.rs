@@ -184,6 +184,19 @@ fn privileged_api_creates_lists_counts_serves_policy_and_deletes() {
     assert_eq!(status, 404);
     let (status, _) = agent.policy("/v1/jobs");
     assert_eq!(status, 404);
+    let (status, body) = http(
+        TcpStream::connect(agent.policy_addr).unwrap(),
+        "DELETE",
+        &format!("/v1/jobs/{key}/policy"),
+        "",
+    );
+    assert_eq!(status, 405, "{body}");
+    assert!(body.contains("method_not_allowed"), "{body}");
+    let (status, err) = agent.call("PUT", "/v1/jobs", "x");
+    assert_eq!(
+        (status, err["error"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
 
     // Delete tears the network down.
     let (status, _) = agent.call("DELETE", &format!("/v1/jobs/{key}"), "");
