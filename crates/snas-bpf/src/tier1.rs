@@ -933,6 +933,9 @@ fn delete_where<K: Pod>(map: &MapHandle, pred: impl Fn(&K) -> bool) {
     }
 }
 
+/// Attaches `prog` at `point`. The clsact qdisc is created first (an existing one is fine;
+/// libbpf then logs "Exclusivity flag on", which is harmless) when the point is ingress, so a
+/// following egress attach on the same device does not ask again.
 fn tc_attach(prog: &OwnedFd, ifindex: u32, point: TcAttachPoint) -> Result<(), Tier1Error> {
     let mut hook = TcHookBuilder::new(prog.as_fd())
         .ifindex(ifindex_i32(ifindex))
@@ -940,8 +943,10 @@ fn tc_attach(prog: &OwnedFd, ifindex: u32, point: TcAttachPoint) -> Result<(), T
         .handle(TC_HANDLE)
         .priority(TC_PRIORITY)
         .hook(point);
-    hook.create()
-        .map_err(bpf_err(format!("create clsact on ifindex {ifindex}")))?;
+    if point == TC_INGRESS {
+        hook.create()
+            .map_err(bpf_err(format!("create clsact on ifindex {ifindex}")))?;
+    }
     hook.attach()
         .map_err(bpf_err(format!("attach to ifindex {ifindex}")))?;
     Ok(())

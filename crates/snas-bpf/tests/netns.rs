@@ -84,6 +84,11 @@ struct Topo {
 }
 
 fn topology(tag: &str) -> Topo {
+    topology_with(tag, true)
+}
+
+/// `offloads_off`: what the agent does to a sandbox veth (tx checksum, TSO, GSO off).
+fn topology_with(tag: &str, offloads_off: bool) -> Topo {
     let id = format!("{}{tag}", std::process::id() % 100_000);
     let (node, sb, px) = (format!("snn{id}"), format!("sns{id}"), format!("snp{id}"));
     let netns = Netns {
@@ -114,10 +119,12 @@ fn topology(tag: &str) -> Topo {
     }
     ip(&["-n", &sb, "link", "set", "lo", "up"]);
     ip(&["-n", &sb, "route", "add", "default", "via", "10.88.0.1"]);
-    sh_in(
-        &sb,
-        &["ethtool", "-K", &s, "tx", "off", "tso", "off", "gso", "off"],
-    );
+    if offloads_off {
+        sh_in(
+            &sb,
+            &["ethtool", "-K", &s, "tx", "off", "tso", "off", "gso", "off"],
+        );
+    }
 
     let (h_idx, h_mac) = link_info(&node, &h);
     let (u_idx, _) = link_info(&node, &u);
@@ -327,5 +334,55 @@ fn denied_connect_fails_at_once_and_captured_dns_is_answered_by_the_stub() {
             .dropped(snas_wire::Reason::DestinationDenied)
             .packets
             >= 1
+    );
+}
+
+#[test]
+fn udp_gso_packets_cannot_be_encapsulated_and_are_counted() {
+    if !root_or_skip("netns UDP GSO") {
+        return;
+    }
+    // Offloads left on: the sandbox veth accepts UDP GSO, as a misconfigured node would.
+    let t = topology_with("c", false);
+    let sb2 = t.sb.clone();
+    std::thread::spawn(move || {
+        enter(&sb2);
+        let sock = UdpSocket::bind("10.88.0.2:0").expect("bind");
+        let seg: libc::c_int = 1000;
+        // SAFETY: valid socket fd, option value points to a live c_int of the given size.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_SEGMENT,
+                (&seg as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "UDP_SEGMENT");
+        sock.send_to(&[7u8; 3000], "203.0.113.7:7000")
+            .expect("send");
+    })
+    .join()
+    .expect("sandbox thread");
+    // The veth may hand the frame over in a softirq: wait for the counter (bounded).
+    let mut c = t.n.t1().counters(JOB_KEY).expect("counters");
+    for _ in 0..200 {
+        if c.from_sandbox
+            .dropped(snas_wire::Reason::EncapFailed)
+            .packets
+            > 0
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        c = t.n.t1().counters(JOB_KEY).expect("counters");
+    }
+    assert!(
+        c.from_sandbox
+            .dropped(snas_wire::Reason::EncapFailed)
+            .packets
+            >= 1,
+        "{c:?}"
     );
 }
