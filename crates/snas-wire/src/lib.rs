@@ -31,12 +31,12 @@ pub mod reason;
 pub mod transport;
 
 pub use error::{BuildError, Layer, ParseError};
-pub use flow::{flow_tuple, FiveTuple, L4Proto};
+pub use flow::{flow_tuple, quoted_flow_tuple, FiveTuple, L4Proto};
 pub use geneve::{
     decapsulate, encapsulate_into, parse_payload, write_geneve_header, write_overlay_headers,
     Decapsulated, GenevePayload, InnerProto, OuterParams, SnasOption, OVERLAY_OVERHEAD,
 };
 pub use ip::{IpPacket, Ipv4Packet, Ipv6Packet, Transport};
-pub use nat::{rewrite, Endpoint, NatError, NatPacket};
+pub use nat::{rewrite, rewrite_icmp_error, Endpoint, NatError, NatPacket};
 pub use reason::Reason;
 pub use transport::{IcmpPacket, TcpFlags, TcpPacket, UdpPacket};

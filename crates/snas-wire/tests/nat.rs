@@ -5,7 +5,8 @@ use proptest::prelude::*;
 use snas_wire::build::{self, EchoSpec, TcpSpec, UdpSpec};
 use snas_wire::checksum;
 use snas_wire::{
-    flow_tuple, rewrite, Endpoint, IpPacket, NatError, NatPacket, TcpFlags, Transport,
+    flow_tuple, quoted_flow_tuple, rewrite, rewrite_icmp_error, Endpoint, IpPacket, NatError,
+    NatPacket, TcpFlags, Transport,
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -88,6 +89,28 @@ fn stored_and_recomputed(p: &[u8]) -> Vec<(u16, u16)> {
 }
 
 proptest! {
+    #[test]
+    fn translated_icmp_error_equals_the_error_for_the_original_packet(
+        p in packet(), nat_bits in any::<u128>(), nat_port in any::<u16>(), admin in any::<bool>(),
+    ) {
+        // Sandbox packet p is SNATed; the internet answers the NATed packet with an ICMP error;
+        // reverse translation must give exactly the error the sandbox would have got directly.
+        let why = if admin { build::Unreachable::AdminProhibited } else { build::Unreachable::Port };
+        let orig = flow_tuple(&p).unwrap();
+        let mut snat = p.clone();
+        rewrite(&mut snat, Endpoint::Source, addr(orig.src.is_ipv6(), nat_bits), nat_port).unwrap();
+        let (Ok(from_internet), Ok(expected)) =
+            (build::icmp_unreachable(&snat, why), build::icmp_unreachable(&p, why))
+        else {
+            // Multicast or unspecified addresses get no ICMP error at all.
+            return Ok(());
+        };
+        prop_assert_eq!(quoted_flow_tuple(&from_internet).unwrap(), flow_tuple(&snat).unwrap());
+        let mut translated = from_internet.clone();
+        rewrite_icmp_error(&mut translated, orig.src, orig.src, orig.src_port).unwrap();
+        prop_assert_eq!(translated, expected);
+    }
+
     #[test]
     fn incremental_rewrite_equals_full_recomputation(
         mut p in packet(), new_bits in any::<u128>(), new_port in any::<u16>(), src in any::<bool>(),
@@ -196,4 +219,65 @@ fn rewrite_refuses_fragments_and_leaves_them_unchanged() {
     let err = rewrite(&mut p, Endpoint::Source, "198.51.100.1".parse().unwrap(), 1).unwrap_err();
     assert_eq!(err.reason(), snas_wire::Reason::Fragment);
     assert_eq!(p, before);
+}
+
+#[test]
+fn only_icmp_errors_quoting_a_flow_are_translated() {
+    let echo = build::icmp_echo(&EchoSpec {
+        src: "203.0.113.7".parse().unwrap(),
+        dst: "198.51.100.1".parse().unwrap(),
+        reply: false,
+        ident: 1,
+        seq: 1,
+        payload: b"x",
+    })
+    .unwrap();
+    assert!(matches!(
+        quoted_flow_tuple(&echo),
+        Err(snas_wire::ParseError::NotAFlow { ty: 8, .. })
+    ));
+    let mut e = echo.clone();
+    assert!(rewrite_icmp_error(
+        &mut e,
+        "192.0.2.10".parse().unwrap(),
+        "192.0.2.10".parse().unwrap(),
+        1
+    )
+    .is_err());
+    assert_eq!(e, echo);
+    // A redirect (type 5) quoting a UDP packet is not translated either.
+    let udp = build::udp(&UdpSpec {
+        src: "198.51.100.1:40000".parse().unwrap(),
+        dst: "203.0.113.7:53".parse().unwrap(),
+        payload: b"q",
+    })
+    .unwrap();
+    let mut redirect = build::icmp_unreachable(&udp, build::Unreachable::Port).unwrap();
+    redirect[20] = 5;
+    assert!(matches!(
+        quoted_flow_tuple(&redirect),
+        Err(snas_wire::ParseError::NotAFlow { ty: 5, .. })
+    ));
+}
+
+#[test]
+fn icmp_error_quoting_too_little_is_rejected() {
+    let udp = build::udp(&UdpSpec {
+        src: "198.51.100.1:40000".parse().unwrap(),
+        dst: "203.0.113.7:53".parse().unwrap(),
+        payload: b"q",
+    })
+    .unwrap();
+    let err = build::icmp_unreachable(&udp, build::Unreachable::Port).unwrap();
+    // Cut the quote to the IP header plus 4 transport bytes, and fix the outer lengths.
+    let mut short = err[..20 + 8 + 20 + 4].to_vec();
+    let total = short.len() as u16;
+    short[2..4].copy_from_slice(&total.to_be_bytes());
+    snas_wire::Ipv4Packet::parse(&mut short[..])
+        .unwrap()
+        .fill_header_checksum();
+    assert_eq!(
+        quoted_flow_tuple(&short).unwrap_err().reason(),
+        snas_wire::Reason::Malformed
+    );
 }

@@ -40,11 +40,20 @@ fn exercise(data: &[u8]) {
     {
         assert_eq!(m, before, "a refused rewrite must not touch the packet");
     }
+    let _ = snas_wire::quoted_flow_tuple(data);
+    let mut m = data.to_vec();
+    let a: std::net::IpAddr = Ipv4Addr::new(192, 0, 2, 10).into();
+    if snas_wire::rewrite_icmp_error(&mut m, a, a, 5).is_err() {
+        assert_eq!(
+            m, data,
+            "a refused ICMP translation must not touch the packet"
+        );
+    }
     let _ = build::tcp_rst(data);
     let _ = build::icmp_unreachable(data, Unreachable::Port);
 }
 
-fn valid_overlay() -> Vec<u8> {
+fn valid_overlay(icmp_error: bool) -> Vec<u8> {
     let inner = build::tcp(&TcpSpec {
         src: "192.0.2.10:40000".parse().unwrap(),
         dst: "203.0.113.7:443".parse().unwrap(),
@@ -55,6 +64,12 @@ fn valid_overlay() -> Vec<u8> {
         payload: b"0123456789",
     })
     .unwrap();
+    // Either the TCP segment or an ICMP error quoting it, so mutations reach the quote parser.
+    let inner = if icmp_error {
+        build::icmp_unreachable(&inner, Unreachable::Port).unwrap()
+    } else {
+        inner
+    };
     let outer = OuterParams {
         src: Ipv4Addr::new(198, 51, 100, 1),
         dst: Ipv4Addr::new(198, 51, 100, 2),
@@ -85,8 +100,9 @@ proptest! {
         flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
         cut in any::<prop::sample::Index>(),
         start in 0usize..3,
+        icmp_error in any::<bool>(),
     ) {
-        let mut p = valid_overlay();
+        let mut p = valid_overlay(icmp_error);
         for (i, v) in flips {
             let at = i.index(p.len());
             p[at] = v;
