@@ -281,3 +281,46 @@ fn privileged_start_cleans_up_a_job_whose_network_is_partly_gone() {
     assert!(scope.leftover_netns().is_empty());
     second.stop();
 }
+
+#[test]
+fn privileged_concurrent_creates_get_distinct_subnets_and_exhaustion_is_503() {
+    let scope = Scope::new("conc");
+    // A /28 holds four /30 job subnets.
+    let (agent, _) = Running::start(common::agent_config(&scope, "10.254.13.0/28"));
+    let socket = agent.socket.clone();
+    let handles: Vec<_> = (0..5)
+        .map(|i| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                unix_http(
+                    &socket,
+                    "POST",
+                    "/v1/jobs",
+                    &format!("stub.acme.c{i}.pc-{i}.1"),
+                )
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let created: Vec<_> = results.iter().filter(|(s, _)| *s == 201).collect();
+    let refused: Vec<_> = results.iter().filter(|(s, _)| *s == 503).collect();
+    assert_eq!((created.len(), refused.len()), (4, 1), "{results:?}");
+    assert_eq!(refused[0].1["error"], "pool_exhausted");
+    let mut ips: Vec<_> = created
+        .iter()
+        .map(|(_, v)| v["sandbox_ip"].to_string())
+        .collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 4);
+    for (_, v) in created {
+        let (status, _) = agent.call(
+            "DELETE",
+            &format!("/v1/jobs/{}", v["job_key"].as_str().unwrap()),
+            "",
+        );
+        assert_eq!(status, 204);
+    }
+    agent.stop();
+    assert!(scope.leftover_netns().is_empty());
+}
