@@ -80,6 +80,13 @@ pub struct SnasOption {
 }
 
 impl SnasOption {
+    /// The option as it appears on the wire (option header included), e.g. for BPF map values
+    /// and test vectors.
+    pub fn to_bytes(&self) -> [u8; SNAS_OPTION_LEN] {
+        let mut b = [0u8; SNAS_OPTION_LEN];
+        self.write(&mut b);
+        b
+    }
     fn read(data: &[u8]) -> SnasOption {
         let hi = u64::from(be32(data, 4));
         let lo = u64::from(be32(data, 8));

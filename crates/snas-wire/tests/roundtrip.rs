@@ -206,6 +206,7 @@ fn overlay_header_bytes_follow_the_contract() {
         &[0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18]
     );
     assert_eq!(&p[52..56], &[0x21, 0x22, 0x23, 0x24]);
+    assert_eq!(&p[36..56], &option.to_bytes()[..]);
     assert_eq!(&p[56..], &inner[..]);
 }
 
