@@ -71,6 +71,12 @@ fn bench(c: &mut Criterion) {
 
     let m = compile_rules(&rules, &[]);
     let ip = |s: &str| s.parse::<IpAddr>().unwrap_or_else(|e| panic!("{e}"));
+    let (v4_hit, v4_miss, v6_hit, metadata) = (
+        ip("11.0.200.9"),
+        ip("198.51.100.77"),
+        ip("2001:db8:0:1f4::1"),
+        ip("169.254.169.254"),
+    );
     let mut g = c.benchmark_group("lookup");
     g.bench_function("exact_hit", |b| {
         b.iter(|| m.check_host(black_box("api1234.svc70.example.com"), 443, Transport::Tcp))
@@ -91,16 +97,16 @@ fn bench(c: &mut Criterion) {
         })
     });
     g.bench_function("cidr_v4_hit", |b| {
-        b.iter(|| m.check_ip(black_box(ip("11.0.200.9")), 443, Transport::Tcp))
+        b.iter(|| m.check_ip(black_box(v4_hit), 443, Transport::Tcp))
     });
     g.bench_function("cidr_v4_miss", |b| {
-        b.iter(|| m.check_ip(black_box(ip("198.51.100.77")), 443, Transport::Tcp))
+        b.iter(|| m.check_ip(black_box(v4_miss), 443, Transport::Tcp))
     });
     g.bench_function("cidr_v6_hit", |b| {
-        b.iter(|| m.check_ip(black_box(ip("2001:db8:0:1f4::1")), 443, Transport::Tcp))
+        b.iter(|| m.check_ip(black_box(v6_hit), 443, Transport::Tcp))
     });
     g.bench_function("always_denied", |b| {
-        b.iter(|| m.check_ip(black_box(ip("169.254.169.254")), 80, Transport::Tcp))
+        b.iter(|| m.check_ip(black_box(metadata), 80, Transport::Tcp))
     });
     g.finish();
 

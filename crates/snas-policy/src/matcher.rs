@@ -329,7 +329,12 @@ impl Matcher {
                 if b != b'.' {
                     continue;
                 }
-                if let Some(entries) = self.wild.get(&name[i + 1..]) {
+                let parent = &name[i + 1..];
+                if !parent.contains('.') {
+                    // Wildcard parents have at least two labels.
+                    break;
+                }
+                if let Some(entries) = self.wild.get(parent) {
                     let head = &name[..i];
                     entries
                         .iter()

@@ -277,6 +277,15 @@ fn sign(a: &SignArgs) -> Result<u8> {
         )
     })?;
     let pem = read_input(&a.key)?;
+    if let Ok(meta) = std::fs::metadata(&a.key) {
+        use std::os::unix::fs::PermissionsExt;
+        if meta.permissions().mode() & 0o077 != 0 {
+            eprintln!(
+                "warning: {} is readable by group or others; chmod 600 it",
+                a.key.display()
+            );
+        }
+    }
     let key = PolicyKey::from_pem(kid, &pem).with_context(|| format!("{}", a.key.display()))?;
     let mut draft = load_policy(&a.file).map_err(|(_, e)| e)?;
     if let Some(t) = &a.ttl {
