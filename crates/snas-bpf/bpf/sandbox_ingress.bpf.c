@@ -156,6 +156,7 @@ int snas_sandbox_ingress(struct __sk_buff *skb)
 			return drop(job, SNAS_DROP_SPOOFED_MAC, len);
 		if (__builtin_memcmp(arp->spa, &cfg->sandbox_ip, 4))
 			return drop(job, SNAS_DROP_SPOOFED_SOURCE, len);
+		count(job, 0, 0, len);
 		return TC_ACT_OK;
 	}
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {

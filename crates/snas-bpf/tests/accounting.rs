@@ -1,0 +1,63 @@
+//! Every frame the sandbox program sees is accounted exactly once (forwarded or one drop
+//! reason), whatever its bytes, and the verdict is one of OK / SHOT / REDIRECT. Frames are
+//! valid TCP/UDP/ARP frames with random bytes overwritten. Root; skipped otherwise.
+
+mod common;
+
+use common::*;
+use proptest::prelude::*;
+use snas_bpf::testing::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+use snas_bpf::{PortRule, Proto, ProxyEntry};
+
+fn total(n: &Node) -> u64 {
+    let c = n.t1().counters(JOB_KEY).expect("counters").from_sandbox;
+    c.forwarded.packets + c.drops.values().map(|p| p.packets).sum::<u64>()
+}
+
+#[test]
+fn every_mutated_frame_is_counted_exactly_once() {
+    if !root_or_skip("accounting") {
+        return;
+    }
+    let n = load(&node_config("accounting"));
+    n.t1().configure_job(&job()).expect("job");
+    n.t1()
+        .set_proxies(&[ProxyEntry {
+            ip: PROXY_IPS[0],
+            alive: true,
+        }])
+        .expect("proxies");
+    n.t1()
+        .allow_cidr(
+            JOB_KEY,
+            "203.0.113.0/24".parse().expect("net"),
+            &[PortRule::all(Proto::Any)],
+            false,
+        )
+        .expect("cidr");
+    let bases = [
+        Pkt::tcp_syn(ALLOWED_IP, 443).frame(),
+        Pkt::udp(ALLOWED_IP, 4000, &[1; 40]).frame(),
+        Pkt::udp(OTHER_IP, 53, &[2; 20]).frame(),
+        Pkt::tcp_syn(OTHER_IP, 80).frame(),
+    ];
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(600));
+    let strategy = (
+        0..bases.len(),
+        proptest::collection::vec((0usize..80, any::<u8>()), 0..6),
+    );
+    runner
+        .run(&strategy, |(base, edits)| {
+            let mut f = bases[base].clone();
+            for (at, v) in edits {
+                let i = at % f.len();
+                f[i] = v;
+            }
+            let before = total(&n);
+            let out = n.run_sandbox(&f);
+            prop_assert!([TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT].contains(&out.retval));
+            prop_assert_eq!(total(&n), before + 1, "frame {:02x?}", f);
+            Ok(())
+        })
+        .expect("property holds");
+}
