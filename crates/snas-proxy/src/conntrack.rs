@@ -425,13 +425,21 @@ impl Conntrack {
                 return Err(ConntrackError::ZeroTimeout(s));
             }
         }
-        // Span the longest common timeout so most entries are not re-scanned per revolution;
-        // the established timeout is handled by lazy re-insertion.
-        let span = t
-            .tcp_closing
-            .max(t.udp_replied)
-            .max(t.tcp_syn_sent)
-            .max(Duration::from_secs(256));
+        // Span the longest timeout (capped at 2^16 slots, 1.5 MiB of slot headers) so that an
+        // entry is normally looked at only when its flow may be due.
+        let longest = [
+            t.tcp_syn_sent,
+            t.tcp_established,
+            t.tcp_closing,
+            t.tcp_closed,
+            t.udp_unreplied,
+            t.udp_replied,
+            t.icmp,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(Duration::ZERO);
+        let span = longest.min(cfg.expiry_granularity.saturating_mul(1 << 16));
         Ok(Conntrack {
             timeouts: t,
             max_flows: cfg.max_flows,

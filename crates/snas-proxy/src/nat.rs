@@ -927,12 +927,28 @@ impl PortAllocator {
     }
 
     /// The `n` destinations with the most ports in use (live + quarantined), busiest first.
+    /// One pass over the destinations with a heap of `n`: O(destinations × log n) time, O(n)
+    /// memory.
     pub fn hottest_destinations(&self, n: usize) -> Vec<DestinationUsage> {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        if n == 0 {
+            return Vec::new();
+        }
+        let mut heap: BinaryHeap<Reverse<(u32, u32)>> = BinaryHeap::with_capacity(n + 1);
+        for (id, s) in self.dests.iter().enumerate() {
+            if let Some(s) = s {
+                heap.push(Reverse((s.used, id as u32)));
+                if heap.len() > n {
+                    heap.pop();
+                }
+            }
+        }
         let per = self.ports_per_destination();
-        let mut all: Vec<DestinationUsage> = self
-            .dests
-            .iter()
-            .flatten()
+        let mut top: Vec<(u32, u32)> = heap.into_iter().map(|Reverse(x)| x).collect();
+        top.sort_by(|a, b| b.cmp(a));
+        top.into_iter()
+            .filter_map(|(_, id)| self.dest(id))
             .map(|s| {
                 let ips = if s.key.ip.is_ipv4() {
                     self.v4.len()
@@ -946,14 +962,7 @@ impl PortAllocator {
                     capacity: per.saturating_mul(ips as u32),
                 }
             })
-            .collect();
-        let by_used = |a: &DestinationUsage, b: &DestinationUsage| b.used.cmp(&a.used);
-        if n < all.len() {
-            all.select_nth_unstable_by(n, by_used);
-            all.truncate(n);
-        }
-        all.sort_by(by_used);
-        all
+            .collect()
     }
 
     /// Destinations with state (live or quarantined ports).
@@ -1260,13 +1269,18 @@ mod tests {
             granted(a.allocate(A, d2, WIDE, secs(0)));
         }
         granted(a.allocate(A, D, WIDE, secs(0)));
-        let hot = a.hottest_destinations(1);
-        assert_eq!(hot.len(), 1);
-        assert_eq!(hot[0].destination, d2);
-        assert_eq!(hot[0].used, 3);
+        let d3 = Destination { port: 22, ..D };
+        for _ in 0..2 {
+            granted(a.allocate(A, d3, WIDE, secs(0)));
+        }
+        let hot = a.hottest_destinations(2);
+        assert_eq!(hot.len(), 2);
+        assert_eq!((hot[0].destination, hot[0].used), (d2, 3));
+        assert_eq!((hot[1].destination, hot[1].used), (d3, 2));
         assert_eq!(hot[0].capacity, 64_512);
+        assert_eq!(a.hottest_destinations(10).len(), 3);
         let usage = a.egress_usage();
-        assert_eq!(usage[0].live, 4);
-        assert_eq!(usage[0].destinations, 2);
+        assert_eq!(usage[0].live, 6);
+        assert_eq!(usage[0].destinations, 3);
     }
 }

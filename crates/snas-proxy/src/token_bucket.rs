@@ -132,6 +132,70 @@ impl TokenBucket {
     }
 }
 
+/// Per-job new-connection buckets (`new_connections_per_sec` with burst), created on a job's
+/// first new flow.
+///
+/// Eviction is exact: a bucket that has refilled to its burst behaves exactly like a new one, so
+/// [`JobBuckets::evict_full`] drops those and nothing a job can observe changes.
+#[derive(Debug, Default)]
+pub struct JobBuckets {
+    buckets: std::collections::HashMap<u64, TokenBucket>,
+}
+
+impl JobBuckets {
+    /// No buckets.
+    pub fn new() -> JobBuckets {
+        JobBuckets::default()
+    }
+
+    /// Takes one token from `job`'s bucket (created full with `rate_per_sec`/`burst`, or updated
+    /// to them if the policy changed). False means: refuse with `Reason::NewConnectionRate`.
+    pub fn try_new_flow(
+        &mut self,
+        job: u64,
+        rate_per_sec: u64,
+        burst: u64,
+        now: Nanos,
+    ) -> Result<bool, TokenBucketError> {
+        let b = match self.buckets.entry(job) {
+            std::collections::hash_map::Entry::Occupied(e) => {
+                let b = e.into_mut();
+                if b.rate_per_sec != rate_per_sec || b.burst != burst {
+                    b.reconfigure(rate_per_sec, burst, now)?;
+                }
+                b
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(TokenBucket::new(rate_per_sec, burst, now)?)
+            }
+        };
+        Ok(b.try_take(1, now))
+    }
+
+    /// Removes buckets that are full again at `now` (indistinguishable from new ones).
+    pub fn evict_full(&mut self, now: Nanos) {
+        self.buckets.retain(|_, b| {
+            b.refill(now);
+            b.credit < b.cap()
+        });
+    }
+
+    /// Removes a job's bucket (job ended).
+    pub fn forget(&mut self, job: u64) {
+        self.buckets.remove(&job);
+    }
+
+    /// Buckets held.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// True when no bucket is held.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,5 +273,38 @@ mod tests {
         let mut b = TokenBucket::new(10, 100, at_ms(0)).unwrap();
         b.reconfigure(10, 3, at_ms(0)).unwrap();
         assert_eq!(b.available(at_ms(0)), 3);
+    }
+
+    #[test]
+    fn job_buckets_limit_each_job_separately() {
+        let mut jb = JobBuckets::new();
+        assert!(jb.try_new_flow(1, 1, 2, at_ms(0)).unwrap());
+        assert!(jb.try_new_flow(1, 1, 2, at_ms(0)).unwrap());
+        assert!(!jb.try_new_flow(1, 1, 2, at_ms(0)).unwrap());
+        assert!(jb.try_new_flow(2, 1, 2, at_ms(0)).unwrap());
+        assert!(jb.try_new_flow(1, 1, 2, at_ms(1_000)).unwrap());
+    }
+
+    #[test]
+    fn only_refilled_buckets_are_evicted() {
+        let mut jb = JobBuckets::new();
+        jb.try_new_flow(1, 10, 5, at_ms(0)).unwrap();
+        jb.try_new_flow(2, 10, 5, at_ms(900)).unwrap();
+        jb.evict_full(at_ms(950));
+        assert_eq!(jb.len(), 1);
+        jb.evict_full(at_ms(1_000));
+        assert!(jb.is_empty());
+    }
+
+    #[test]
+    fn policy_change_reconfigures_the_bucket() {
+        let mut jb = JobBuckets::new();
+        assert!(jb.try_new_flow(1, 0, 3, at_ms(0)).unwrap());
+        assert!(jb.try_new_flow(1, 0, 1, at_ms(0)).unwrap());
+        assert!(!jb.try_new_flow(1, 0, 1, at_ms(0)).unwrap());
+        assert_eq!(
+            jb.try_new_flow(1, 0, 0, at_ms(0)).unwrap_err(),
+            TokenBucketError::ZeroBurst
+        );
     }
 }

@@ -56,10 +56,9 @@ impl<T> TimerWheel<T> {
         }
         let wanted = duration_to_nanos(span).div_ceil(g).max(1);
         let count = usize::try_from(wanted)
-            .ok()
-            .filter(|c| *c <= 1 << 24)
-            .ok_or(WheelError::SlotCount(usize::MAX))?
-            .next_power_of_two();
+            .unwrap_or(usize::MAX)
+            .checked_next_power_of_two()
+            .unwrap_or(usize::MAX);
         if count > 1 << 24 {
             return Err(WheelError::SlotCount(count));
         }
@@ -246,6 +245,14 @@ mod tests {
         w.insert(us(300), 1);
         w.insert(us(120), 2);
         assert_eq!(w.next_due_hint(), Some(us(120)));
+    }
+
+    #[test]
+    fn oversized_wheel_is_rejected() {
+        assert!(matches!(
+            TimerWheel::<u8>::new(Duration::from_nanos(1), Duration::from_secs(1), us(0)),
+            Err(WheelError::SlotCount(_))
+        ));
     }
 
     #[test]
