@@ -190,6 +190,17 @@ impl VerifiedPolicy {
         SystemTime::UNIX_EPOCH + Duration::from_secs(self.claims.exp)
     }
 
+    /// Re-checks only the validity window at `now` (for caches holding verified policies).
+    pub fn check_time(&self, now: SystemTime) -> Result<(), VerifyError> {
+        check_times(&self.claims, now)
+    }
+
+    /// Whether traffic for this job may come from underlay address `node` (true when the policy
+    /// pins no node). A mismatch is drop reason `node_mismatch`.
+    pub fn node_matches(&self, node: std::net::IpAddr) -> bool {
+        self.claims.node.is_none_or(|n| n == node)
+    }
+
     /// Compiles the rules into a matcher.
     pub fn compile(&self) -> Matcher {
         crate::matcher::compile(&self.claims)
@@ -211,6 +222,35 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
         K::Utf8(err) => format!("not UTF-8: {err}"),
         _ => e.to_string(),
     }
+}
+
+/// The time checks of [`verify`] (step 6) on already-verified claims.
+fn check_times(claims: &PolicyClaims, now: SystemTime) -> Result<(), VerifyError> {
+    let now = unix_secs(now);
+    let skew = CLOCK_SKEW.as_secs();
+    if now.saturating_add(skew) < claims.nbf {
+        return Err(VerifyError::NotYetValid {
+            nbf: claims.nbf,
+            now,
+        });
+    }
+    if now.saturating_add(skew) < claims.iat {
+        return Err(VerifyError::IssuedInFuture {
+            iat: claims.iat,
+            now,
+        });
+    }
+    if now >= claims.exp.saturating_add(skew) {
+        return Err(VerifyError::Expired {
+            exp: claims.exp,
+            now,
+        });
+    }
+    let life = claims.exp.saturating_sub(claims.iat);
+    if life > MAX_TTL.as_secs() + skew {
+        return Err(VerifyError::TtlTooLong(life));
+    }
+    Ok(())
 }
 
 /// Verifies a compact JWS against `bundle` at time `now` (see module docs for the order).
@@ -255,30 +295,7 @@ pub fn verify(
         })?;
     let claims: PolicyClaims =
         serde_json::from_value(data.claims).map_err(|e| VerifyError::Claims(e.to_string()))?;
-    let now = unix_secs(now);
-    let skew = CLOCK_SKEW.as_secs();
-    if now.saturating_add(skew) < claims.nbf {
-        return Err(VerifyError::NotYetValid {
-            nbf: claims.nbf,
-            now,
-        });
-    }
-    if now.saturating_add(skew) < claims.iat {
-        return Err(VerifyError::IssuedInFuture {
-            iat: claims.iat,
-            now,
-        });
-    }
-    if now >= claims.exp.saturating_add(skew) {
-        return Err(VerifyError::Expired {
-            exp: claims.exp,
-            now,
-        });
-    }
-    let life = claims.exp.saturating_sub(claims.iat);
-    if life > MAX_TTL.as_secs() + skew {
-        return Err(VerifyError::TtlTooLong(life));
-    }
+    check_times(&claims, now)?;
     Ok(VerifiedPolicy {
         claims,
         kid,
@@ -363,6 +380,21 @@ mod tests {
         let e = verify(&t, &b, at(T0 + 3600 + 60)).expect_err("expired");
         assert!(matches!(e, VerifyError::Expired { .. }));
         assert_eq!(e.reason(), snas_wire::Reason::PolicyExpired);
+    }
+
+    #[test]
+    fn cached_policy_can_be_rechecked_and_pins_its_node() {
+        let k = key("k1", 1);
+        let mut c = claims();
+        c.node = Some("192.0.2.7".parse().expect("ip"));
+        let v = verify(&sign(&c, &k).expect("sign"), &bundle(&[&k]), at(T0)).expect("verify");
+        assert!(v.check_time(at(T0 + 100)).is_ok());
+        assert!(matches!(
+            v.check_time(at(T0 + 7200)),
+            Err(VerifyError::Expired { .. })
+        ));
+        assert!(v.node_matches("192.0.2.7".parse().expect("ip")));
+        assert!(!v.node_matches("192.0.2.8".parse().expect("ip")));
     }
 
     #[test]
