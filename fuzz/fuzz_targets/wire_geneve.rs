@@ -8,14 +8,20 @@ use snas_wire::geneve::{self, GeneveHeader, OuterParams, GENEVE_HEADER_LEN};
 fuzz_target!(|data: &[u8]| {
     if let Ok(d) = geneve::decapsulate(data) {
         assert_eq!(&data[d.inner_range.clone()], d.inner);
-        let outer = OuterParams { src: d.outer_dst, dst: d.outer_src, src_port: d.outer_src_port };
-        let again = geneve::encapsulate(&outer, &d.option, d.inner).expect("accepted inner re-encapsulates");
+        let outer = OuterParams {
+            src: d.outer_dst,
+            dst: d.outer_src,
+            src_port: d.outer_src_port,
+        };
+        let again = geneve::encapsulate(&outer, &d.option, d.inner)
+            .expect("accepted inner re-encapsulates");
         let back = geneve::decapsulate(&again).expect("our own encapsulation parses");
         assert_eq!((back.option, back.inner), (d.option, d.inner));
     }
     if let Ok(g) = geneve::parse_payload(data) {
         let mut hdr = [0u8; GENEVE_HEADER_LEN];
-        geneve::write_geneve_header(&mut hdr, &g.option, g.inner_proto).expect("buffer is large enough");
+        geneve::write_geneve_header(&mut hdr, &g.option, g.inner_proto)
+            .expect("buffer is large enough");
         let mut rebuilt = hdr.to_vec();
         rebuilt.extend_from_slice(&data[g.inner_offset..]);
         let again = geneve::parse_payload(&rebuilt).expect("our own header parses");
