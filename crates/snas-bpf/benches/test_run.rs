@@ -201,5 +201,25 @@ fn main() {
         &|_| frame(dst, sb, 17, 5000, 0, 100),
         0,
     );
+    println!();
+    println!("{:<20} {:>10} {:>12}", "pinned map", "entries", "memlock KiB");
+    let mut pins: Vec<_> = std::fs::read_dir(&node.pin_dir)
+        .expect("pin dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("snas_")))
+        .collect();
+    pins.sort();
+    let mut sum = 0;
+    for p in pins {
+        use libbpf_rs::MapCore;
+        let m = libbpf_rs::MapHandle::from_pinned_path(&p).expect("open pin");
+        let info = m.query_fdinfo().expect("fdinfo");
+        let kib = info.memlock.unwrap_or(0) / 1024;
+        sum += kib;
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        println!("{name:<20} {:>10} {kib:>12}", info.max_entries);
+    }
+    println!("{:<20} {:>10} {sum:>12}", "total", "");
     t1.teardown().expect("teardown");
 }
