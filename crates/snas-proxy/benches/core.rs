@@ -182,7 +182,8 @@ fn conntrack(c: &mut Criterion) {
 fn pacer(c: &mut Criterion) {
     let mut g = c.benchmark_group("pacer");
     for jobs in [1u64, 1000] {
-        g.throughput(Throughput::Elements(1));
+        // One iteration = 10 000 packets enqueued and released.
+        g.throughput(Throughput::Elements(10_000));
         g.bench_function(format!("enqueue_dequeue_{jobs}_jobs"), |b| {
             b.iter_batched_ref(
                 || {

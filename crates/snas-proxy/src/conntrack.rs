@@ -8,6 +8,10 @@
 //! - Forward ([`FlowKey`]): (job, protocol, inner source ip:port, destination ip:port).
 //! - Reply ([`ReplyKey`]): (protocol, remote ip:port, egress ip:port), i.e. what a packet from
 //!   the internet carries.
+//! - ICMP echo: the identifier is the source "port" and is what NAT translates; the destination
+//!   port is 0 in both directions (a reply key has `remote_port: 0` and `egress_port` = the
+//!   translated identifier). Callers whose tuple puts the identifier in both ports (as
+//!   `snas_wire::FiveTuple` does) set the remote side to 0 before calling.
 //!
 //! # Layout and memory
 //! Flows live in a slab (`Vec<Flow>`, one 80-byte entry each, free list for reuse). Both lookup
@@ -158,7 +162,7 @@ pub struct ReplyKey {
     pub proto: IpProto,
     /// The remote peer (the reply's source).
     pub remote_ip: IpAddr,
-    /// The remote peer's port.
+    /// The remote peer's port (ICMP: 0).
     pub remote_port: u16,
     /// The egress address (the reply's destination).
     pub egress_ip: IpAddr,
