@@ -104,10 +104,7 @@ fn main() {
     };
     t1.configure_job(&job).expect("job");
     let proxies: Vec<_> = (20..28)
-        .map(|i| ProxyEntry {
-            ip: Ipv4Addr::new(192, 0, 2, i),
-            alive: true,
-        })
+        .map(|i| ProxyEntry::active(Ipv4Addr::new(192, 0, 2, i)))
         .collect();
     t1.set_proxies(&proxies).expect("proxies");
     t1.allow_cidr(
@@ -202,12 +199,18 @@ fn main() {
         0,
     );
     println!();
-    println!("{:<20} {:>10} {:>12}", "pinned map", "entries", "memlock KiB");
+    println!(
+        "{:<20} {:>10} {:>12}",
+        "pinned map", "entries", "memlock KiB"
+    );
     let mut pins: Vec<_> = std::fs::read_dir(&node.pin_dir)
         .expect("pin dir")
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("snas_")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("snas_"))
+        })
         .collect();
     pins.sort();
     let mut sum = 0;
@@ -217,7 +220,10 @@ fn main() {
         let info = m.query_fdinfo().expect("fdinfo");
         let kib = info.memlock.unwrap_or(0) / 1024;
         sum += kib;
-        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         println!("{name:<20} {:>10} {kib:>12}", info.max_entries);
     }
     println!("{:<20} {:>10} {sum:>12}", "total", "");

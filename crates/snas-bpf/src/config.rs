@@ -191,6 +191,20 @@ pub const MAX_PORT_RULES: usize = 8;
 pub struct ProxyEntry {
     /// Underlay IPv4 address.
     pub ip: Ipv4Addr,
-    /// Healthy and accepting new flows.
+    /// Healthy: flows pinned to it stay on it. A dead proxy's flows are re-picked.
     pub alive: bool,
+    /// Draining before maintenance: takes no new flows (left out of the Maglev table) but
+    /// keeps the flows pinned to it while `alive`.
+    pub draining: bool,
+}
+
+impl ProxyEntry {
+    /// A healthy proxy that takes new flows.
+    pub fn active(ip: std::net::Ipv4Addr) -> Self {
+        ProxyEntry {
+            ip,
+            alive: true,
+            draining: false,
+        }
+    }
 }

@@ -560,8 +560,9 @@ impl Tier1 {
         Ok(())
     }
 
-    /// Replaces the proxy set and rebuilds the Maglev table from the alive proxies. Index =
-    /// position in `proxies`. Flows pinned to a proxy that is still alive stay on it.
+    /// Replaces the proxy set and rebuilds the Maglev table from the alive proxies that are
+    /// not draining. Index = position in `proxies`. Flows pinned to a proxy that is still
+    /// alive (draining or not) stay on it.
     pub fn set_proxies(&self, proxies: &[ProxyEntry]) -> Result<(), Tier1Error> {
         if proxies.len() > MAX_PROXIES {
             return Err(Tier1Error::TooManyProxies(proxies.len()));
@@ -575,7 +576,7 @@ impl Tier1 {
                     let ip = u32::from_ne_bytes(p.ip.octets());
                     ips.insert(ip);
                     update(&self.maps.proxy_by_ip, &ip, &idx, "snas_proxy_by_ip")?;
-                    if p.alive {
+                    if p.alive && !p.draining {
                         backends.push(Backend {
                             index: i as u16,
                             id: u64::from(u32::from(p.ip)),

@@ -22,10 +22,7 @@ fn every_mutated_frame_is_counted_exactly_once() {
     let n = load(&node_config("accounting"));
     n.t1().configure_job(&job()).expect("job");
     n.t1()
-        .set_proxies(&[ProxyEntry {
-            ip: PROXY_IPS[0],
-            alive: true,
-        }])
+        .set_proxies(&[ProxyEntry::active(PROXY_IPS[0])])
         .expect("proxies");
     n.t1()
         .allow_cidr(

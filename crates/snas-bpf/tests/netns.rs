@@ -147,10 +147,7 @@ fn topology_with(tag: &str, offloads_off: bool) -> Topo {
         j.egress = Some(Bps(100_000_000));
         n.t1().attach_job(&j).expect("attach job");
         n.t1()
-            .set_proxies(&[ProxyEntry {
-                ip: Ipv4Addr::new(192, 0, 2, 20),
-                alive: true,
-            }])
+            .set_proxies(&[ProxyEntry::active(Ipv4Addr::new(192, 0, 2, 20))])
             .expect("proxies");
         let net = "203.0.113.0/24".parse().expect("net");
         n.t1()

@@ -17,7 +17,7 @@ use snas_wire::Reason;
 fn proxies(n: usize) -> Vec<ProxyEntry> {
     PROXY_IPS[..n]
         .iter()
-        .map(|&ip| ProxyEntry { ip, alive: true })
+        .map(|&ip| ProxyEntry::active(ip))
         .collect()
 }
 
@@ -889,4 +889,47 @@ fn stub_answers_to_captured_queries_carry_the_resolver_address_again() {
     }
     .frame();
     assert_eq!(n.run_sandbox_egress(&other).data, other);
+}
+
+#[test]
+fn a_draining_proxy_keeps_its_flows_but_takes_no_new_ones() {
+    let Some(n) = setup("drain") else { return };
+    let syn = |sport| Pkt {
+        sport,
+        ..Pkt::tcp_syn(ALLOWED_IP, 443)
+    };
+    let proxy_of = |p: &Pkt| {
+        assert_eq!(n.run_sandbox(&p.frame()).retval, TC_ACT_REDIRECT);
+        n.t1()
+            .last_redirect()
+            .expect("debug")
+            .expect("recorded")
+            .proxy
+    };
+    // One established flow per proxy (or as many as the first ports give).
+    let mut pinned = std::collections::BTreeMap::new();
+    for sport in 1..200 {
+        let p = syn(sport);
+        pinned.entry(proxy_of(&p)).or_insert(p);
+    }
+    let (&drained, flow) = pinned.iter().next().expect("some flow");
+    let mut px = proxies(3);
+    px[drained as usize].draining = true;
+    n.t1().set_proxies(&px).expect("proxies");
+    let ack = Pkt {
+        tcp_flags: 0x10,
+        ..flow.clone()
+    };
+    assert_eq!(
+        proxy_of(&ack),
+        drained,
+        "established flow stays on the draining proxy"
+    );
+    for sport in 1000..1200 {
+        assert_ne!(
+            proxy_of(&syn(sport)),
+            drained,
+            "no new flow on a draining proxy"
+        );
+    }
 }

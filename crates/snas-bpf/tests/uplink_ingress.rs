@@ -20,10 +20,7 @@ fn setup(name: &str) -> Option<Node> {
     let n = load(&node_config(name));
     n.t1().configure_job(&job()).expect("job");
     n.t1()
-        .set_proxies(&[ProxyEntry {
-            ip: PROXY_IPS[0],
-            alive: true,
-        }])
+        .set_proxies(&[ProxyEntry::active(PROXY_IPS[0])])
         .expect("proxies");
     Some(n)
 }
