@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 /* uplink_ingress.bpf.c - TC ingress on the node's underlay interface.
  *
- * GENEVE (UDP to cfg_geneve_port, IPv4 without options, not a fragment) from an address in
- * the proxy table is ours: it must carry exactly our option naming a job attached on this
+ * GENEVE (UDP to cfg_geneve_port, IPv4 without options, not a fragment) addressed to this
+ * node (cfg_node_ip) from an address in the proxy table is ours: it must carry exactly our option naming a job attached on this
  * node and an inner IPv4 packet addressed to that job's sandbox; then the 56 overlay bytes
  * are stripped, the MACs set (sandbox MAC <- host veth MAC) and the frame goes into the
  * job's netns with bpf_redirect_peer. Violations are dropped and counted (direction 1).
@@ -39,7 +39,8 @@ int snas_uplink_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	ip = data + L3_OFF;
 	if ((void *)(ip + 1) > data_end || ip->version != 4 || ip->ihl != 5 ||
-	    ip->protocol != IPPROTO_UDP || (ip->frag_off & bpf_htons(0x3fff)))
+	    ip->protocol != IPPROTO_UDP || (ip->frag_off & bpf_htons(0x3fff)) ||
+	    ip->daddr != cfg_node_ip)
 		return TC_ACT_OK;
 	uh = data + L4_OFF;
 	if ((void *)(uh + 1) > data_end || uh->dest != bpf_htons(cfg_geneve_port))

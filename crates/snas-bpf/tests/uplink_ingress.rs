@@ -109,6 +109,15 @@ fn geneve_from_an_unknown_source_passes_untouched() {
 }
 
 #[test]
+fn geneve_to_another_address_passes_untouched() {
+    let Some(n) = setup("otherdst") else { return };
+    let mut f = geneve_frame(PROXY_IPS[0], JOB_KEY, &reply_inner());
+    f[ETH + 19] = 99; // outer destination 192.0.2.99, not this node
+    let out = n.run_uplink(&f);
+    assert_eq!((out.retval, &out.data), (TC_ACT_OK, &f));
+}
+
+#[test]
 fn geneve_naming_an_unknown_job_is_dropped() {
     let Some(n) = setup("unknownkey") else { return };
     let out = n.run_uplink(&geneve_frame(PROXY_IPS[0], JOB_KEY ^ 1, &reply_inner()));
