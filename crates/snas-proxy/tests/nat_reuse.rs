@@ -1,8 +1,8 @@
-//! Property: a NAT tuple is never handed out while a flow or its quarantine holds it, over random
-//! open / observe / close / expire sequences under a fake clock. Also: the pool reports
-//! exhaustion only when every tuple for the destination is really held, and the per-(job,
-//! destination) cap refuses exactly when the job has that many live flows there.
-
+//! Properties over random open / packet / close / advance sequences under a fake clock:
+//! - a NAT tuple is never handed out while a flow or its quarantine holds it;
+//! - the pool reports exhaustion only when every tuple for the destination is really held;
+//! - the per-(job, destination) cap refuses exactly when the job has that many live flows there;
+//! - no flow expires before its timeout, and none is left overdue after `expire(now)`.
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
@@ -10,7 +10,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use snas_proxy::clock::Nanos;
 use snas_proxy::conntrack::{
-    Conntrack, ConntrackConfig, Direction, FlowId, FlowKey, Open, ReplyKey, TcpFlags,
+    Conntrack, ConntrackConfig, Direction, FlowId, FlowKey, Open, ReplyKey, TcpFlags, Timeouts,
 };
 use snas_proxy::nat::{IpProto, JobLimits};
 use snas_wire::Reason;
@@ -34,6 +34,11 @@ enum Op {
     Reply {
         pick: u16,
     },
+    Packet {
+        pick: u16,
+        flags: u8,
+        reply: bool,
+    },
     Close {
         pick: u16,
     },
@@ -47,8 +52,11 @@ fn op() -> impl Strategy<Value = Op> {
         6 => (0u8..4, 0u8..40, 0u8..3, any::<bool>())
             .prop_map(|(job, sport, dest, udp)| Op::Open { job, sport, dest, udp }),
         2 => any::<u16>().prop_map(|pick| Op::Reply { pick }),
+        3 => (any::<u16>(), prop::sample::select(vec![0x10u8, 0x11, 0x04, 0x02, 0x12]), any::<bool>())
+            .prop_map(|(pick, flags, reply)| Op::Packet { pick, flags, reply }),
         3 => any::<u16>().prop_map(|pick| Op::Close { pick }),
         2 => (0u16..90).prop_map(|secs| Op::Advance { secs }),
+        1 => (3_000u16..4_000).prop_map(|secs| Op::Advance { secs }),
     ]
 }
 
@@ -86,6 +94,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         max_connections: u32::MAX,
         max_ports_per_destination: PER_DEST_CAP,
     };
+    let timeouts = Timeouts::default();
     let mut now = Nanos::ZERO;
     let mut m = Model::default();
     for op in ops {
@@ -161,6 +170,17 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     prop_assert!(ct.observe(id, Direction::Reply, flags, now).is_some());
                 }
             }
+            Op::Packet { pick, flags, reply } => {
+                if !m.flows.is_empty() {
+                    let (id, _, _) = m.flows[usize::from(pick) % m.flows.len()];
+                    let dir = if reply {
+                        Direction::Reply
+                    } else {
+                        Direction::Original
+                    };
+                    prop_assert!(ct.observe(id, dir, TcpFlags(flags), now).is_some());
+                }
+            }
             Op::Close { pick } => {
                 if !m.flows.is_empty() {
                     let (id, key, t) = m.flows[usize::from(pick) % m.flows.len()];
@@ -181,6 +201,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         f.key.dst_port,
                     );
                     prop_assert!(m.live.contains_key(&t));
+                    let deadline = f.last_seen.saturating_add(timeouts.of(f.state));
+                    prop_assert!(deadline <= now, "{:?} expired before its timeout", f.state);
                     m.removed(t, now);
                 }
             }
@@ -188,6 +210,13 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         prop_assert_eq!(ct.len(), m.live.len());
         for (id, key, _) in &m.flows {
             prop_assert_eq!(ct.lookup(key), Some(*id));
+            // Expiry is driven on every Advance: no live flow may be overdue.
+            let info = ct.info(*id);
+            prop_assert!(info.is_some());
+            if let Some(info) = info {
+                let deadline = info.last_seen.saturating_add(timeouts.of(info.state));
+                prop_assert!(deadline > now, "{:?} overdue", info.state);
+            }
         }
     }
     Ok(())
