@@ -67,6 +67,7 @@ impl Tier1Dataplane {
                 IpAddr::V4(ip) => Some(ProxyEntry {
                     ip: *ip,
                     alive: true,
+                    draining: false,
                 }),
                 IpAddr::V6(_) => None,
             })
