@@ -857,6 +857,46 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_flows_use_an_ipv6_egress_and_are_found_both_ways() {
+        let e6: IpAddr = "2001:db8:e::1".parse().unwrap();
+        let mut c = Conntrack::new(ConntrackConfig::new(vec![EGRESS, e6]), secs(0)).unwrap();
+        let k = FlowKey {
+            job: 7,
+            proto: IpProto::Udp,
+            src_ip: "2001:db8:5::2".parse().unwrap(),
+            src_port: 5353,
+            dst_ip: "2001:db8:80::9".parse().unwrap(),
+            dst_port: 53,
+        };
+        let Open::Created {
+            id,
+            egress_ip,
+            egress_port,
+        } = c.open(k, 1, LIMITS, secs(0))
+        else {
+            panic!("refused");
+        };
+        assert_eq!(egress_ip, e6);
+        assert_eq!(c.lookup(&k), Some(id));
+        let r = ReplyKey {
+            proto: IpProto::Udp,
+            remote_ip: k.dst_ip,
+            remote_port: 53,
+            egress_ip: e6,
+            egress_port,
+        };
+        assert_eq!(c.lookup_reply(&r), Some(id));
+        // The IPv4 egress with the same port is another tuple.
+        assert_eq!(
+            c.lookup_reply(&ReplyKey {
+                egress_ip: EGRESS,
+                ..r
+            }),
+            None
+        );
+    }
+
+    #[test]
     fn tcp_handshake_and_close_walk_the_states() {
         let mut c = ct();
         let (id, _) = created(c.open(key(IpProto::Tcp, 1), 1, LIMITS, secs(0)));

@@ -3,6 +3,7 @@
 //! - the pool reports exhaustion only when every tuple for the destination is really held;
 //! - the per-(job, destination) cap refuses exactly when the job has that many live flows there;
 //! - no flow expires before its timeout, and none is left overdue after `expire(now)`.
+
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
