@@ -101,6 +101,7 @@ fn main() {
         new_conn_burst: 0,
         max_connections: 0,
         ipv6_rules: false,
+        sandbox_ip6: None,
     };
     t1.configure_job(&job).expect("job");
     let proxies: Vec<_> = (20..28)

@@ -111,6 +111,69 @@ static __always_inline int drop(__u64 job_key, __u32 reason, __u32 len)
 	return TC_ACT_SHOT;
 }
 
+/* IPv6 from a job whose policy has IPv6 rules. Same pipeline as IPv4 with these
+ * differences: no DNS capture (DNS over IPv6 is denied, resolvers fall back to the IPv4 stub),
+ * neighbour and router solicitations/advertisements go to the host, and a denied SYN is
+ * dropped without a RST. */
+static __always_inline int sandbox_ipv6(struct __sk_buff *skb, const struct job_cfg *cfg,
+					__u32 ifindex, __u32 len)
+{
+	__u64 job = cfg->job_key, now, tstamp;
+	struct job_state *st;
+	struct pkt p = {};
+	__u32 hash, proxy_idx = 0;
+	struct proxy *px;
+	int reason;
+
+	reason = parse_ipv6(skb, &p);
+	if (reason)
+		return drop(job, reason, len);
+	if (__builtin_memcmp(p.saddr6, cfg->sandbox_ip6, 16))
+		return drop(job, SNAS_DROP_SPOOFED_SOURCE, len);
+	if (p.proto == IPPROTO_ICMPV6 && p.icmp_type >= 133 && p.icmp_type <= 136) {
+		count(job, 0, 0, len);
+		return TC_ACT_OK;
+	}
+	if (((p.proto == IPPROTO_UDP || p.proto == IPPROTO_TCP) && p.dport == 53) ||
+	    (p.proto == IPPROTO_TCP && p.dport == 853))
+		return drop(job, SNAS_DROP_DESTINATION_DENIED, len);
+	if (p.proto == IPPROTO_UDP && p.dport == cfg_geneve_port)
+		return drop(job, SNAS_DROP_OVERLAY_TARGET, len);
+
+	st = bpf_map_lookup_elem(&snas_job_state, &ifindex);
+	if (!st)
+		return drop(job, SNAS_DROP_UNKNOWN_JOB, len);
+	now = bpf_ktime_get_ns();
+	reason = policy_check6(job, &p, now);
+	if (reason) {
+		count(job, 0, reason, len);
+		audit(st, job, AUDIT_DENY, reason, &p, now);
+		return TC_ACT_SHOT;
+	}
+	hash = flow_hash6(&p);
+	reason = flow_admit6(st, cfg, ifindex, &p, hash, now, &proxy_idx);
+	if (reason)
+		return drop(job, reason, len);
+	px = proxy_alive(proxy_idx);
+	if (!px)
+		return drop(job, SNAS_DROP_NO_PROXY, len);
+	if (!skb->gso_segs || skb->gso_segs == 1) {
+		if (len - L3_OFF + GENEVE_OVERHEAD > cfg_uplink_mtu)
+			return drop(job, SNAS_DROP_MTU_EXCEEDED, len);
+	}
+	reason = edt_stamp(st, cfg, len - L3_OFF, now, &tstamp);
+	if (reason)
+		return drop(job, reason, len);
+	reason = geneve_encap(skb, cfg, px->ip, hash, len - L3_OFF, ETH_P_IPV6);
+	if (reason)
+		return drop(job, reason, len);
+	if (tstamp)
+		bpf_skb_set_tstamp(skb, tstamp, BPF_SKB_TSTAMP_DELIVERY_MONO);
+	count(job, 0, 0, len);
+	debug_redirect(cfg_uplink_ifindex, 2, proxy_idx, hash);
+	return bpf_redirect_neigh(cfg_uplink_ifindex, NULL, 0, 0);
+}
+
 SEC("tc")
 int snas_sandbox_ingress(struct __sk_buff *skb)
 {
@@ -162,7 +225,9 @@ int snas_sandbox_ingress(struct __sk_buff *skb)
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		if ((void *)(data + L3_OFF + sizeof(struct ipv6hdr)) > data_end)
 			return drop(job, SNAS_DROP_MALFORMED, len);
-		return drop(job, SNAS_DROP_IPV6_DENIED, len);
+		if (!(cfg->flags & JOB_F_IPV6_RULES))
+			return drop(job, SNAS_DROP_IPV6_DENIED, len);
+		return sandbox_ipv6(skb, cfg, ifindex, len);
 	}
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return drop(job, SNAS_DROP_NOT_IP, len);
@@ -216,7 +281,7 @@ int snas_sandbox_ingress(struct __sk_buff *skb)
 	if (reason)
 		return drop(job, reason, len);
 
-	reason = geneve_encap(skb, cfg, px->ip, hash, len - L3_OFF);
+	reason = geneve_encap(skb, cfg, px->ip, hash, len - L3_OFF, ETH_P_IP);
 	if (reason)
 		return drop(job, reason, len);
 	if (tstamp)

@@ -2,17 +2,21 @@
 /* uplink_ingress.bpf.c - TC ingress on the node's underlay interface.
  *
  * GENEVE (UDP to cfg_geneve_port, IPv4 without options, not a fragment) addressed to this
- * node (cfg_node_ip) from an address in the proxy table is ours: it must carry exactly our option naming a job attached on this
- * node and an inner IPv4 packet addressed to that job's sandbox; then the 56 overlay bytes
- * are stripped, the MACs set (sandbox MAC <- host veth MAC) and the frame goes into the
- * job's netns with bpf_redirect_peer. Violations are dropped and counted (direction 1).
- * Everything else (other traffic, GENEVE from other sources) passes untouched. */
+ * node (cfg_node_ip) from an address in the proxy table is ours. It must carry exactly our
+ * option naming a job attached on this node, and an inner packet addressed to that job's
+ * sandbox (IPv6 only for jobs with IPv6 rules). Then the 56 overlay bytes are stripped, the
+ * MACs set (sandbox MAC <- host veth MAC) and the frame goes into the job's netns with
+ * bpf_redirect_peer. Violations are dropped and counted (direction 1). Everything else
+ * (other traffic, GENEVE from other sources) passes untouched. */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/parse.h"
 #include "lib/geneve.h"
 
 char LICENSE[] SEC("license") = "GPL";
+
+/* BPF_F_ADJ_ROOM_DECAP_L3_IPV6 (Linux 6.3); the build host's uapi headers may predate it. */
+#define SNAS_ADJ_ROOM_DECAP_L3_IPV6 (1ULL << 8)
 
 static __always_inline int drop_in(__u64 job_key, __u32 reason, __u32 len)
 {
@@ -32,8 +36,8 @@ int snas_uplink_ingress(struct __sk_buff *skb)
 	struct geneve_opt_hdr *g;
 	struct job_cfg *cfg;
 	__u32 *ifp, ifindex;
-	__u64 job;
-	__u8 macs[12];
+	__u64 job, decap_flags = 0;
+	struct ethhdr eth_out;
 
 	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
@@ -51,7 +55,8 @@ int snas_uplink_ingress(struct __sk_buff *skb)
 	g = (void *)(uh + 1);
 	if ((void *)(g + 1) > data_end)
 		return drop_in(0, SNAS_DROP_GENEVE_MALFORMED, len);
-	if ((g->ver_optlen >> 6) != 0 || g->proto != bpf_htons(ETH_P_IP))
+	if ((g->ver_optlen >> 6) != 0 ||
+	    (g->proto != bpf_htons(ETH_P_IP) && g->proto != bpf_htons(ETH_P_IPV6)))
 		return drop_in(0, SNAS_DROP_GENEVE_MALFORMED, len);
 	if ((g->ver_optlen & 0x3f) != 5 || !(g->flags & 0x40) ||
 	    g->opt_class != bpf_htons(GENEVE_OPT_CLASS) || g->opt_type != GENEVE_OPT_TYPE ||
@@ -67,17 +72,31 @@ int snas_uplink_ingress(struct __sk_buff *skb)
 	if (!cfg || cfg->job_key != job || cfg->tenant_id != bpf_ntohl(g->tenant))
 		return drop_in(0, SNAS_DROP_GENEVE_UNKNOWN_JOB, len);
 
-	inner = (void *)(g + 1);
-	if ((void *)(inner + 1) > data_end || inner->version != 4 || inner->ihl < 5)
-		return drop_in(job, SNAS_DROP_MALFORMED, len);
-	if (inner->daddr != cfg->sandbox_ip)
-		return drop_in(job, SNAS_DROP_DESTINATION_DENIED, len);
+	if (g->proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *inner6 = (void *)(g + 1);
 
-	__builtin_memcpy(macs, cfg->sandbox_mac, ETH_ALEN);
-	__builtin_memcpy(macs + ETH_ALEN, cfg->host_mac, ETH_ALEN);
-	if (bpf_skb_adjust_room(skb, -GENEVE_OVERHEAD, BPF_ADJ_ROOM_MAC, 0))
+		if (!(cfg->flags & JOB_F_IPV6_RULES))
+			return drop_in(job, SNAS_DROP_IPV6_DENIED, len);
+		if ((void *)(inner6 + 1) > data_end || inner6->version != 6)
+			return drop_in(job, SNAS_DROP_MALFORMED, len);
+		if (__builtin_memcmp(&inner6->daddr, cfg->sandbox_ip6, 16))
+			return drop_in(job, SNAS_DROP_DESTINATION_DENIED, len);
+		eth_out.h_proto = bpf_htons(ETH_P_IPV6);
+		decap_flags = SNAS_ADJ_ROOM_DECAP_L3_IPV6;
+	} else {
+		inner = (void *)(g + 1);
+		if ((void *)(inner + 1) > data_end || inner->version != 4 || inner->ihl < 5)
+			return drop_in(job, SNAS_DROP_MALFORMED, len);
+		if (inner->daddr != cfg->sandbox_ip)
+			return drop_in(job, SNAS_DROP_DESTINATION_DENIED, len);
+		eth_out.h_proto = bpf_htons(ETH_P_IP);
+	}
+
+	__builtin_memcpy(eth_out.h_dest, cfg->sandbox_mac, ETH_ALEN);
+	__builtin_memcpy(eth_out.h_source, cfg->host_mac, ETH_ALEN);
+	if (bpf_skb_adjust_room(skb, -GENEVE_OVERHEAD, BPF_ADJ_ROOM_MAC, decap_flags))
 		return drop_in(job, SNAS_DROP_ENCAP_FAILED, len);
-	if (bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0))
+	if (bpf_skb_store_bytes(skb, 0, &eth_out, sizeof(eth_out), 0))
 		return drop_in(job, SNAS_DROP_ENCAP_FAILED, len);
 
 	count(job, 1, 0, len - GENEVE_OVERHEAD);

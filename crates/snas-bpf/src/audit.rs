@@ -4,7 +4,7 @@
 //! full ring suppresses is counted (`Tier1::audit_suppressed`).
 #![forbid(unsafe_code)]
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use snas_wire::Reason;
@@ -33,9 +33,17 @@ pub struct AuditEvent {
     /// IP protocol number.
     pub proto: u8,
     /// Sandbox address and port.
-    pub src: SocketAddrV4,
+    pub src: SocketAddr,
     /// Destination address and port.
-    pub dst: SocketAddrV4,
+    pub dst: SocketAddr,
+}
+
+fn addr(family: u8, b: &[u8; 16]) -> Option<IpAddr> {
+    match family {
+        4 => Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))),
+        6 => Some(IpAddr::V6(Ipv6Addr::from(*b))),
+        _ => None,
+    }
 }
 
 impl AuditEvent {
@@ -52,8 +60,8 @@ impl AuditEvent {
             job_key: e.job_key,
             kind,
             proto: e.proto,
-            src: SocketAddrV4::new(Ipv4Addr::from(e.saddr.to_ne_bytes()), e.sport),
-            dst: SocketAddrV4::new(Ipv4Addr::from(e.daddr.to_ne_bytes()), e.dport),
+            src: SocketAddr::new(addr(e.family, &e.saddr)?, e.sport),
+            dst: SocketAddr::new(addr(e.family, &e.daddr)?, e.dport),
         })
     }
 }

@@ -5,7 +5,7 @@
 //! BTF-generated C types. Units are carried by types (`Bps`, `Duration`).
 #![forbid(unsafe_code)]
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -93,8 +93,11 @@ pub struct JobConfig {
     pub new_conn_burst: u64,
     /// `max_connections` estimate limit; 0 = none.
     pub max_connections: u32,
-    /// The policy has IPv6 rules (reserved: tier 1 denies IPv6 either way, see docs/tier1.md).
+    /// The policy has IPv6 rules. Together with `sandbox_ip6`, IPv6 from the sandbox goes
+    /// through the IPv6 maps; otherwise every IPv6 frame is dropped as `ipv6_denied`.
     pub ipv6_rules: bool,
+    /// The sandbox's only allowed IPv6 source (needed for IPv6 traffic).
+    pub sandbox_ip6: Option<Ipv6Addr>,
 }
 
 impl JobConfig {
@@ -108,7 +111,8 @@ impl JobConfig {
             sandbox_mac: self.sandbox_mac,
             host_mac: self.host_mac,
             dns_port: self.dns_port,
-            flags: u16::from(self.ipv6_rules),
+            flags: u16::from(self.ipv6_rules && self.sandbox_ip6.is_some()),
+            sandbox_ip6: self.sandbox_ip6.map_or([0; 16], |a| a.octets()),
             ifindex: self.veth_ifindex,
             egress_bps: self.egress.map_or(0, |b| b.0),
             horizon_ns: self.horizon.map_or(0, saturating_ns),

@@ -44,6 +44,12 @@ unsafe impl Pod for types::debug_rec {}
 // SAFETY: as above.
 unsafe impl Pod for types::node_info {}
 // SAFETY: as above.
+unsafe impl Pod for types::dst6_key {}
+// SAFETY: as above.
+unsafe impl Pod for types::cidr6_key {}
+// SAFETY: as above.
+unsafe impl Pod for types::flow6_key {}
+// SAFETY: as above.
 unsafe impl Pod for types::dns_nat_key {}
 // SAFETY: as above.
 unsafe impl Pod for types::dns_nat_val {}

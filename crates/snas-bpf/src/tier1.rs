@@ -18,12 +18,12 @@ use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::mem::MaybeUninit;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{
     MapCore, MapFlags, MapHandle, TcAttachPoint, TcHookBuilder, TC_EGRESS, TC_INGRESS,
@@ -116,10 +116,13 @@ struct Maps {
     job_by_key: MapHandle,
     dst_exact: MapHandle,
     dst_cidr: MapHandle,
+    dst6_exact: MapHandle,
+    dst6_cidr: MapHandle,
     proxies: MapHandle,
     proxy_by_ip: MapHandle,
     maglev: MapHandle,
     flows: MapHandle,
+    flows6: MapHandle,
     dns_nat: MapHandle,
     counters: MapHandle,
     audit: MapHandle,
@@ -139,10 +142,13 @@ impl Maps {
             job_by_key: m("snas_job_by_key")?,
             dst_exact: m("snas_dst_exact")?,
             dst_cidr: m("snas_dst_cidr")?,
+            dst6_exact: m("snas_dst6_exact")?,
+            dst6_cidr: m("snas_dst6_cidr")?,
             proxies: m("snas_proxies")?,
             proxy_by_ip: m("snas_proxy_by_ip")?,
             maglev: m("snas_maglev")?,
             flows: m("snas_flows")?,
+            flows6: m("snas_flows6")?,
             dns_nat: m("snas_dns_nat")?,
             counters: m("snas_counters")?,
             audit: m("snas_audit")?,
@@ -302,7 +308,25 @@ impl Tier1 {
     pub fn check_layouts(&self) -> Result<(), Tier1Error> {
         use std::mem::size_of;
         let m = &self.maps;
-        let checks: [(&MapHandle, usize, usize, &'static str); 13] = [
+        let checks: [(&MapHandle, usize, usize, &'static str); 16] = [
+            (
+                &m.dst6_exact,
+                size_of::<types::dst6_key>(),
+                size_of::<types::dst_val>(),
+                "snas_dst6_exact",
+            ),
+            (
+                &m.dst6_cidr,
+                size_of::<types::cidr6_key>(),
+                size_of::<types::dst_val>(),
+                "snas_dst6_cidr",
+            ),
+            (
+                &m.flows6,
+                size_of::<types::flow6_key>(),
+                size_of::<types::flow_val>(),
+                "snas_flows6",
+            ),
             (
                 &m.jobs,
                 size_of::<u32>(),
@@ -423,6 +447,7 @@ impl Tier1 {
                     let _ = self.maps.job_by_key.delete(bytes_of(&p.job_key));
                 }
                 delete_where::<types::flow_key>(&self.maps.flows, |k| k.ifindex == idx);
+                delete_where::<types::flow6_key>(&self.maps.flows6, |k| k.ifindex == idx);
                 MapFlags::ANY
             }
             None => MapFlags::ANY,
@@ -496,6 +521,7 @@ impl Tier1 {
             let _ = self.maps.job_by_key.delete(bytes_of(&job));
         }
         delete_where::<types::flow_key>(&self.maps.flows, |k| k.ifindex == veth_ifindex);
+        delete_where::<types::flow6_key>(&self.maps.flows6, |k| k.ifindex == veth_ifindex);
         delete_where::<types::dns_nat_key>(&self.maps.dns_nat, |k| k.ifindex == veth_ifindex);
         self.remove_key_state(job);
         Ok(true)
@@ -504,6 +530,10 @@ impl Tier1 {
     fn remove_key_state(&self, job: u64) {
         delete_where::<types::dst_key>(&self.maps.dst_exact, |k| k.job_key == job);
         delete_where::<types::cidr_key>(&self.maps.dst_cidr, |k| cidr_job(k) == job);
+        delete_where::<types::dst6_key>(&self.maps.dst6_exact, |k| k.job_key == job);
+        delete_where::<types::cidr6_key>(&self.maps.dst6_cidr, |k| {
+            (u64::from(u32::from_be(k.job_hi)) << 32) | u64::from(u32::from_be(k.job_lo)) == job
+        });
         delete_where::<types::counter_key>(&self.maps.counters, |k| k.job_key == job);
     }
 
@@ -557,6 +587,58 @@ impl Tier1 {
     /// Removes a CIDR entry.
     pub fn revoke_cidr(&self, job_key: u64, net: Ipv4Net) -> Result<(), Tier1Error> {
         let _ = self.maps.dst_cidr.delete(bytes_of(&cidr_key(job_key, net)));
+        Ok(())
+    }
+
+    /// [`Tier1::allow_ip`] for an IPv6 address (used only for jobs with IPv6 rules).
+    pub fn allow_ip6(
+        &self,
+        job_key: u64,
+        ip: Ipv6Addr,
+        rules: &[PortRule],
+        ttl: Option<Duration>,
+    ) -> Result<(), Tier1Error> {
+        let expires_ns = match ttl {
+            Some(ttl) => saturating_ns(mono_now()?.saturating_add(ttl)),
+            None => 0,
+        };
+        let key = types::dst6_key {
+            job_key,
+            ip: ip.octets(),
+        };
+        let val = dst_val(rules, expires_ns, false)?;
+        update(&self.maps.dst6_exact, &key, &val, "snas_dst6_exact")
+    }
+
+    /// Removes an exact IPv6 entry.
+    pub fn revoke_ip6(&self, job_key: u64, ip: Ipv6Addr) -> Result<(), Tier1Error> {
+        let key = types::dst6_key {
+            job_key,
+            ip: ip.octets(),
+        };
+        let _ = self.maps.dst6_exact.delete(bytes_of(&key));
+        Ok(())
+    }
+
+    /// [`Tier1::allow_cidr`] for an IPv6 prefix.
+    pub fn allow_cidr6(
+        &self,
+        job_key: u64,
+        net: Ipv6Net,
+        rules: &[PortRule],
+        allow_private: bool,
+    ) -> Result<(), Tier1Error> {
+        let key = cidr6_key(job_key, net);
+        let val = dst_val(rules, 0, allow_private)?;
+        update(&self.maps.dst6_cidr, &key, &val, "snas_dst6_cidr")
+    }
+
+    /// Removes an IPv6 CIDR entry.
+    pub fn revoke_cidr6(&self, job_key: u64, net: Ipv6Net) -> Result<(), Tier1Error> {
+        let _ = self
+            .maps
+            .dst6_cidr
+            .delete(bytes_of(&cidr6_key(job_key, net)));
         Ok(())
     }
 
@@ -690,6 +772,20 @@ impl Tier1 {
                 }
                 _ => {
                     let _ = self.maps.flows.delete(&key);
+                }
+            }
+        }
+        for key in self.maps.flows6.keys() {
+            let Some(k) = from_bytes::<types::flow6_key>(&key) else {
+                continue;
+            };
+            let v: Option<types::flow_val> = lookup(&self.maps.flows6, &k, "snas_flows6")?;
+            match v {
+                Some(v) if now.saturating_sub(v.last_seen) <= idle => {
+                    *per_job.entry(k.ifindex).or_default() += 1;
+                }
+                _ => {
+                    let _ = self.maps.flows6.delete(&key);
                 }
             }
         }
@@ -878,6 +974,16 @@ fn cidr_key(job_key: u64, net: Ipv4Net) -> types::cidr_key {
         job_hi: ((job_key >> 32) as u32).to_be(),
         job_lo: (job_key as u32).to_be(),
         ip: u32::from_ne_bytes(net.network().octets()),
+    }
+}
+
+fn cidr6_key(job_key: u64, net: Ipv6Net) -> types::cidr6_key {
+    let net = net.trunc();
+    types::cidr6_key {
+        prefixlen: 64 + u32::from(net.prefix_len()),
+        job_hi: ((job_key >> 32) as u32).to_be(),
+        job_lo: (job_key as u32).to_be(),
+        ip: net.network().octets(),
     }
 }
 

@@ -119,6 +119,38 @@ fn topology_with(tag: &str, offloads_off: bool) -> Topo {
     }
     ip(&["-n", &sb, "link", "set", "lo", "up"]);
     ip(&["-n", &sb, "route", "add", "default", "via", "10.88.0.1"]);
+    ip(&[
+        "-n",
+        &node,
+        "-6",
+        "addr",
+        "add",
+        "fd53:4e41::1/64",
+        "dev",
+        &h,
+        "nodad",
+    ]);
+    ip(&[
+        "-n",
+        &sb,
+        "-6",
+        "addr",
+        "add",
+        "fd53:4e41::2/64",
+        "dev",
+        &s,
+        "nodad",
+    ]);
+    ip(&[
+        "-n",
+        &sb,
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        "fd53:4e41::1",
+    ]);
     if offloads_off {
         sh_in(
             &sb,
@@ -145,6 +177,8 @@ fn topology_with(tag: &str, offloads_off: bool) -> Topo {
         j.sandbox_mac = s_mac;
         j.host_mac = h_mac;
         j.egress = Some(Bps(100_000_000));
+        j.ipv6_rules = true;
+        j.sandbox_ip6 = Some("fd53:4e41::2".parse().expect("addr"));
         n.t1().attach_job(&j).expect("attach job");
         n.t1()
             .set_proxies(&[ProxyEntry::active(Ipv4Addr::new(192, 0, 2, 20))])
@@ -153,6 +187,10 @@ fn topology_with(tag: &str, offloads_off: bool) -> Topo {
         n.t1()
             .allow_cidr(JOB_KEY, net, &[PortRule::port(Proto::Udp, 7000)], false)
             .expect("cidr");
+        let net6 = "2001:db8::/32".parse().expect("net");
+        n.t1()
+            .allow_cidr6(JOB_KEY, net6, &[PortRule::port(Proto::Udp, 7000)], false)
+            .expect("cidr6");
         n
     })
     .join()
@@ -382,4 +420,94 @@ fn udp_gso_packets_cannot_be_encapsulated_and_are_counted() {
             >= 1,
         "{c:?}"
     );
+}
+
+#[test]
+fn ipv6_sandbox_traffic_is_carried_over_the_ipv4_underlay_both_ways() {
+    if !root_or_skip("netns IPv6") {
+        return;
+    }
+    let t = topology("d");
+    let px2 = t.px.clone();
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let proxy = std::thread::spawn(move || {
+        enter(&px2);
+        let sock = UdpSocket::bind("0.0.0.0:6081").expect("bind 6081");
+        bound_tx.send(()).expect("signal");
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = [0u8; 2048];
+        loop {
+            let (len, from) = sock
+                .recv_from(&mut buf)
+                .expect("GENEVE datagram at the proxy");
+            // Skip anything that is not our IPv6 datagram (e.g. IPv4 traffic of the sandbox).
+            if len > 28 + 40 && buf[2..4] == [0x86, 0xdd] {
+                return (buf[..len].to_vec(), from, sock);
+            }
+        }
+    });
+    bound_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("proxy bound");
+    let sb2 = t.sb.clone();
+    let sandbox = std::thread::spawn(move || {
+        enter(&sb2);
+        let sock = UdpSocket::bind("[fd53:4e41::2]:40000").expect("bind");
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        sock.send_to(b"hello v6", "[2001:db8::7]:7000")
+            .expect("send");
+        let mut buf = [0u8; 2048];
+        let got = sock
+            .recv_from(&mut buf)
+            .map(|(len, from)| (buf[..len].to_vec(), from));
+        got.expect("reply at the sandbox")
+    });
+
+    let (dgram, _from, psock) = proxy.join().expect("proxy thread");
+    assert_eq!(&dgram[..8], &[0x05, 0x40, 0x86, 0xdd, 0, 0, 0, 0]);
+    let inner = &dgram[28..];
+    assert_eq!(inner[0] >> 4, 6);
+    let src: std::net::Ipv6Addr = <[u8; 16]>::try_from(&inner[8..24]).expect("16").into();
+    let dst: std::net::Ipv6Addr = <[u8; 16]>::try_from(&inner[24..40]).expect("16").into();
+    assert_eq!(
+        (src.to_string(), dst.to_string()),
+        ("fd53:4e41::2".into(), "2001:db8::7".into())
+    );
+    assert_eq!(&inner[48..], b"hello v6");
+
+    // Reply: the same header around an IPv6 UDP datagram 2001:db8::7:7000 -> sandbox:40000.
+    let payload = b"hello sandbox v6";
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&7000u16.to_be_bytes());
+    udp.extend_from_slice(&40000u16.to_be_bytes());
+    udp.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let mut sum = 0u32;
+    for a in [dst.octets(), src.octets()] {
+        for w in a.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+        }
+    }
+    sum += udp.len() as u32 + 17;
+    let c = csum(&udp, sum);
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    let mut reply = dgram[..28].to_vec();
+    reply.extend_from_slice(&[0x60, 0, 0, 0]);
+    reply.extend_from_slice(&(udp.len() as u16).to_be_bytes());
+    reply.extend_from_slice(&[17, 64]);
+    reply.extend_from_slice(&dst.octets());
+    reply.extend_from_slice(&src.octets());
+    reply.extend_from_slice(&udp);
+    psock
+        .send_to(
+            &reply,
+            SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 10), 6081),
+        )
+        .expect("send reply");
+    let (got, rfrom) = sandbox.join().expect("sandbox thread");
+    assert_eq!(got, payload);
+    assert_eq!(rfrom.to_string(), "[2001:db8::7]:7000");
 }

@@ -152,9 +152,9 @@ fn geneve_without_our_critical_option_is_dropped() {
     let mut v1 = base.clone();
     v1[g] = 0x45; // version 1
     assert_eq!(n.run_uplink(&v1).retval, TC_ACT_SHOT);
-    let mut v6 = base;
-    v6[g + 2..g + 4].copy_from_slice(&0x86ddu16.to_be_bytes());
-    assert_eq!(n.run_uplink(&v6).retval, TC_ACT_SHOT);
+    let mut other_proto = base;
+    other_proto[g + 2..g + 4].copy_from_slice(&0x88b5u16.to_be_bytes()); // not IPv4 or IPv6
+    assert_eq!(n.run_uplink(&other_proto).retval, TC_ACT_SHOT);
     assert_eq!(in_drops(&n, 0, Reason::GeneveMalformed), 2);
 }
 

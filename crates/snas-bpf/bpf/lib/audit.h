@@ -36,14 +36,21 @@ static __always_inline void audit(struct job_state *st, __u64 job_key, __u32 kin
 	e->job_key = job_key;
 	e->kind = kind;
 	e->reason = reason;
-	e->saddr = p->saddr;
-	e->daddr = p->daddr;
+	__builtin_memset(e->saddr, 0, sizeof(e->saddr));
+	__builtin_memset(e->daddr, 0, sizeof(e->daddr));
+	if (p->family == 6) {
+		__builtin_memcpy(e->saddr, p->saddr6, 16);
+		__builtin_memcpy(e->daddr, p->daddr6, 16);
+	} else {
+		__builtin_memcpy(e->saddr, &p->saddr, 4);
+		__builtin_memcpy(e->daddr, &p->daddr, 4);
+	}
 	e->sport = p->sport;
 	e->dport = p->dport;
 	e->proto = p->proto;
+	e->family = p->family;
 	e->_pad0[0] = 0;
 	e->_pad0[1] = 0;
-	e->_pad0[2] = 0;
 	bpf_ringbuf_submit(e, 0);
 }
 

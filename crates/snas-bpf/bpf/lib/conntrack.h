@@ -20,20 +20,14 @@
 #include "maglev.h"
 #include "audit.h"
 
-/* Returns 0 and sets *proxy, or a drop reason. */
-static __always_inline int flow_admit(struct job_state *st, const struct job_cfg *cfg,
-				      __u32 ifindex, const struct pkt *p, __u32 hash, __u64 now,
-				      __u32 *proxy)
+/* The admission logic over one flow table (`flows`, keyed by `key`). Always inlined, so
+ * the map pointer is a constant for the verifier. Returns 0 and sets *proxy, or a drop
+ * reason. */
+static __always_inline int flow_admit_in(void *flows, const void *key, struct job_state *st,
+					 const struct job_cfg *cfg, const struct pkt *p, __u32 hash,
+					 __u64 now, __u32 *proxy)
 {
-	struct flow_key fk = {
-		.ifindex = ifindex,
-		.saddr = p->saddr,
-		.daddr = p->daddr,
-		.sport = p->sport,
-		.dport = p->dport,
-		.proto = p->proto,
-	};
-	struct flow_val *fv = bpf_map_lookup_elem(&snas_flows, &fk);
+	struct flow_val *fv = bpf_map_lookup_elem(flows, key);
 	struct flow_val nv = {};
 	int pick, reason = 0;
 
@@ -47,7 +41,7 @@ static __always_inline int flow_admit(struct job_state *st, const struct job_cfg
 		}
 		*proxy = fv->proxy;
 		if (p->proto == IPPROTO_TCP && (p->tcp_flags & TCPF_RST)) {
-			bpf_map_delete_elem(&snas_flows, &fk);
+			bpf_map_delete_elem(flows, key);
 			if (st->live_flows)
 				__sync_fetch_and_add(&st->live_flows, -1);
 		}
@@ -71,10 +65,42 @@ static __always_inline int flow_admit(struct job_state *st, const struct job_cfg
 
 	nv.last_seen = now;
 	nv.proxy = pick;
-	bpf_map_update_elem(&snas_flows, &fk, &nv, BPF_ANY);
+	bpf_map_update_elem(flows, key, &nv, BPF_ANY);
 	*proxy = pick;
 	audit(st, cfg->job_key, AUDIT_NEW_FLOW, 0, p, now);
 	return 0;
+}
+
+static __always_inline int flow_admit(struct job_state *st, const struct job_cfg *cfg,
+				      __u32 ifindex, const struct pkt *p, __u32 hash, __u64 now,
+				      __u32 *proxy)
+{
+	struct flow_key fk = {
+		.ifindex = ifindex,
+		.saddr = p->saddr,
+		.daddr = p->daddr,
+		.sport = p->sport,
+		.dport = p->dport,
+		.proto = p->proto,
+	};
+
+	return flow_admit_in(&snas_flows, &fk, st, cfg, p, hash, now, proxy);
+}
+
+static __always_inline int flow_admit6(struct job_state *st, const struct job_cfg *cfg,
+				       __u32 ifindex, const struct pkt *p, __u32 hash, __u64 now,
+				       __u32 *proxy)
+{
+	struct flow6_key fk = {
+		.ifindex = ifindex,
+		.sport = p->sport,
+		.dport = p->dport,
+		.proto = p->proto,
+	};
+
+	__builtin_memcpy(fk.saddr, p->saddr6, 16);
+	__builtin_memcpy(fk.daddr, p->daddr6, 16);
+	return flow_admit_in(&snas_flows6, &fk, st, cfg, p, hash, now, proxy);
 }
 
 #endif

@@ -41,9 +41,10 @@ _Static_assert(sizeof(struct geneve_opt_hdr) == GENEVE_HDR_LEN, "GENEVE + option
 _Static_assert(sizeof(struct geneve_outer) == GENEVE_OVERHEAD, "overlay is 56 bytes");
 
 /* Grows the frame by 56 bytes behind the Ethernet header and writes the outer headers.
- * inner_len = length of the inner IPv4 packet as carried (skb->len - ETH_HLEN). */
+ * inner_len = length of the inner packet as carried (skb->len - ETH_HLEN); inner_proto =
+ * ETH_P_IP or ETH_P_IPV6 (the GENEVE protocol type). */
 static __always_inline int geneve_encap(struct __sk_buff *skb, const struct job_cfg *cfg,
-					__u32 proxy_ip, __u32 hash, __u32 inner_len)
+					__u32 proxy_ip, __u32 hash, __u32 inner_len, __u16 inner_proto)
 {
 	struct geneve_outer o = {};
 	__u64 flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP |
@@ -64,7 +65,7 @@ static __always_inline int geneve_encap(struct __sk_buff *skb, const struct job_
 	o.udp.check = 0;
 	o.gnv.ver_optlen = 5;
 	o.gnv.flags = 0x40;
-	o.gnv.proto = bpf_htons(ETH_P_IP);
+	o.gnv.proto = bpf_htons(inner_proto);
 	o.gnv.opt_class = bpf_htons(GENEVE_OPT_CLASS);
 	o.gnv.opt_type = GENEVE_OPT_TYPE;
 	o.gnv.opt_len = 4;
@@ -77,6 +78,14 @@ static __always_inline int geneve_encap(struct __sk_buff *skb, const struct job_
 		return SNAS_DROP_ENCAP_FAILED;
 	if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &o, sizeof(o), 0))
 		return SNAS_DROP_ENCAP_FAILED;
+	if (inner_proto != ETH_P_IP) {
+		/* adjust_room switched skb->protocol to the outer IPv4; the frame must say so. */
+		__be16 outer = bpf_htons(ETH_P_IP);
+
+		if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_proto), &outer,
+					sizeof(outer), 0))
+			return SNAS_DROP_ENCAP_FAILED;
+	}
 	return 0;
 }
 

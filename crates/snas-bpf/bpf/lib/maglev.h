@@ -31,6 +31,21 @@ static __always_inline __u32 flow_hash(const struct pkt *p)
 	return fmix32(h ^ p->proto);
 }
 
+/* The same over IPv6 addresses. */
+static __always_inline __u32 flow_hash6(const struct pkt *p)
+{
+	__u32 w[8];
+	__u32 h = 0x534e4136;
+
+	__builtin_memcpy(w, p->saddr6, 16);
+	__builtin_memcpy(w + 4, p->daddr6, 16);
+#pragma unroll
+	for (int i = 0; i < 8; i++)
+		h = fmix32(h ^ w[i]);
+	h = fmix32(h ^ (((__u32)p->sport << 16) | p->dport));
+	return fmix32(h ^ p->proto);
+}
+
 static __always_inline struct proxy *proxy_alive(__u32 idx)
 {
 	struct proxy *pr = bpf_map_lookup_elem(&snas_proxies, &idx);

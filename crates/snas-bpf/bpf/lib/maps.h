@@ -19,6 +19,8 @@
 #define MAGLEV_M 4099
 #define MAX_PORT_RULES 8
 
+/* The policy has IPv6 rules: IPv6 from sandbox_ip6 goes through the IPv6 maps. Without it
+ * every IPv6 frame is dropped as IPV6_DENIED. */
 #define JOB_F_IPV6_RULES 1
 /* Set by userspace when the program is attached to the veth (not read by BPF). */
 #define JOB_F_ATTACHED 2
@@ -41,6 +43,7 @@ struct job_cfg {
 	__u64 conn_burst;
 	__u32 max_connections;	/* 0 = no limit */
 	__u32 _pad0;
+	__u8 sandbox_ip6[16];	/* meaningful only with JOB_F_IPV6_RULES */
 };
 
 /* Mutable per-job state, keyed by the host-side veth ifindex. */
@@ -80,6 +83,19 @@ struct dst_key {
 	__u32 _pad0;
 };
 
+struct dst6_key {
+	__u64 job_key;
+	__u8 ip[16];
+};
+
+/* LPM key: 64 bits of job key (always fully matched) then the IPv6 prefix. */
+struct cidr6_key {
+	__u32 prefixlen;	/* 64 + IPv6 prefix length */
+	__u32 job_hi;		/* big-endian */
+	__u32 job_lo;
+	__u8 ip[16];
+};
+
 /* LPM key: 64 bits of job key (always fully matched) then the IPv4 prefix. */
 struct cidr_key {
 	__u32 prefixlen;	/* 64 + IPv4 prefix length */
@@ -117,6 +133,16 @@ struct flow_val {
 	__u32 _pad0;
 };
 
+struct flow6_key {
+	__u32 ifindex;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 _pad0[3];
+};
+
 /* Counter key: (job, direction, reason). Reason 0 = forwarded. */
 struct counter_key {
 	__u64 job_key;
@@ -137,12 +163,13 @@ struct audit_event {
 	__u64 job_key;
 	__u32 kind;		/* AUDIT_* */
 	__u32 reason;
-	__u32 saddr;
-	__u32 daddr;
+	__u8 saddr[16];		/* IPv4: first 4 bytes */
+	__u8 daddr[16];
 	__u16 sport;
 	__u16 dport;
 	__u8 proto;
-	__u8 _pad0[3];
+	__u8 family;		/* 4 or 6 */
+	__u8 _pad0[2];
 };
 
 struct debug_rec {
@@ -190,6 +217,21 @@ struct {
 } snas_dst_cidr SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 32768);
+	__type(key, struct dst6_key);
+	__type(value, struct dst_val);
+} snas_dst6_exact SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct cidr6_key);
+	__type(value, struct dst_val);
+} snas_dst6_cidr SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, MAX_PROXIES);
 	__type(key, __u32);
@@ -217,6 +259,13 @@ struct {
 	__type(key, struct flow_key);
 	__type(value, struct flow_val);
 } snas_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 32768);
+	__type(key, struct flow6_key);
+	__type(value, struct flow_val);
+} snas_flows6 SEC(".maps");
 
 /* Removed by the agent on detach_job (keys carry the job key). Not preallocated: only the
  * (job, direction, reason) triples that occur take memory. */

@@ -96,4 +96,73 @@ static __always_inline int policy_check(__u64 job_key, const struct pkt *p, __u6
 	return reason;
 }
 
+/* IPv6 always-denied: unspecified, loopback, IPv4-compatible and IPv4-mapped (::/96,
+ * ::ffff:0:0/96: they would bypass the IPv4 checks), NAT64 64:ff9b::/32, discard 100::/64,
+ * Teredo 2001::/32, 6to4 2002::/16, ULA fc00::/7, link-local fe80::/10, site-local
+ * fec0::/10, multicast ff00::/8. */
+static __always_inline int always_denied6(const __u8 *a)
+{
+	__u32 w[4];
+
+	__builtin_memcpy(w, a, 16);
+	if (w[0] == 0 && w[1] == 0 && (w[2] == 0 || w[2] == bpf_htonl(0xffff)))
+		return 1;
+	if (w[0] == bpf_htonl(0x0064ff9b))
+		return 1;
+	if (w[0] == bpf_htonl(0x01000000) && w[1] == 0)
+		return 1;
+	if (w[0] == bpf_htonl(0x20010000))
+		return 1;
+	if (a[0] == 0x20 && a[1] == 0x02)
+		return 1;
+	if ((a[0] & 0xfe) == 0xfc || a[0] == 0xff)
+		return 1;
+	if (a[0] == 0xfe && (a[1] & 0x80) == 0x80)
+		return 1;
+	return 0;
+}
+
+/* Returns 0 when allowed, else the drop reason. Same rules as policy_check over the IPv6
+ * maps. */
+static __always_inline int policy_check6(__u64 job_key, const struct pkt *p, __u64 now)
+{
+	int priv = always_denied6(p->daddr6);
+	struct dst6_key dk = { .job_key = job_key };
+	struct cidr6_key ck = {
+		.prefixlen = 64 + 128,
+		.job_hi = bpf_htonl(job_key >> 32),
+		.job_lo = bpf_htonl((__u32)job_key),
+	};
+	struct dst_val *v;
+	int found = 0, reason = SNAS_DROP_DESTINATION_DENIED;
+
+	__builtin_memcpy(dk.ip, p->daddr6, 16);
+	__builtin_memcpy(ck.ip, p->daddr6, 16);
+	v = bpf_map_lookup_elem(&snas_dst6_exact, &dk);
+	if (v && (v->expires_ns == 0 || now < v->expires_ns)) {
+		found = 1;
+		if (priv && !(v->flags & DST_F_ALLOW_PRIVATE))
+			reason = SNAS_DROP_ALWAYS_DENIED;
+		else if (ports_match(v, p))
+			return 0;
+		else
+			reason = SNAS_DROP_PORT_DENIED;
+	}
+	v = bpf_map_lookup_elem(&snas_dst6_cidr, &ck);
+	if (v && (v->expires_ns == 0 || now < v->expires_ns)) {
+		if (priv && !(v->flags & DST_F_ALLOW_PRIVATE)) {
+			if (!found)
+				reason = SNAS_DROP_ALWAYS_DENIED;
+		} else if (ports_match(v, p)) {
+			return 0;
+		} else {
+			reason = SNAS_DROP_PORT_DENIED;
+		}
+		found = 1;
+	}
+	if (!found && priv)
+		reason = SNAS_DROP_ALWAYS_DENIED;
+	return reason;
+}
+
 #endif

@@ -160,6 +160,7 @@ pub fn job() -> JobConfig {
         new_conn_burst: 0,
         max_connections: 0,
         ipv6_rules: false,
+        sandbox_ip6: None,
     }
 }
 

@@ -1,0 +1,390 @@
+//! IPv6 through the tier-1 programs (BPF_PROG_TEST_RUN, root; skipped otherwise): allowed only
+//! for jobs with IPv6 rules and a sandbox IPv6 address, through the IPv6 maps, encapsulated
+//! with GENEVE protocol 0x86DD in the same IPv4 underlay.
+
+mod common;
+
+use std::net::Ipv6Addr;
+
+use common::*;
+use snas_bpf::testing::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+use snas_bpf::{PortRule, Proto, ProxyEntry};
+use snas_wire::Reason;
+
+const SANDBOX6: Ipv6Addr = Ipv6Addr::new(0xfd53, 0x4e41, 0, 0, 0, 0, 0, 2);
+const ALLOWED6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7);
+const OTHER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 9);
+
+fn setup(name: &str, ipv6_rules: bool) -> Option<Node> {
+    if !root_or_skip(name) {
+        return None;
+    }
+    let n = load(&node_config(name));
+    let mut j = job();
+    j.ipv6_rules = ipv6_rules;
+    j.sandbox_ip6 = Some(SANDBOX6);
+    n.t1().configure_job(&j).expect("job");
+    n.t1()
+        .set_proxies(&[ProxyEntry::active(PROXY_IPS[0])])
+        .expect("proxies");
+    let rules = [
+        PortRule::port(Proto::Tcp, 443),
+        PortRule {
+            proto: Proto::Udp,
+            lo: 4000,
+            hi: 4999,
+        },
+    ];
+    n.t1()
+        .allow_cidr6(
+            JOB_KEY,
+            "2001:db8::/48".parse().expect("net"),
+            &rules,
+            false,
+        )
+        .expect("cidr6");
+    Some(n)
+}
+
+#[derive(Clone)]
+struct P6 {
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    next: u8,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    payload: Vec<u8>,
+    src_mac: [u8; 6],
+}
+
+impl P6 {
+    fn tcp_syn(dst: Ipv6Addr, dport: u16) -> P6 {
+        P6 {
+            src: SANDBOX6,
+            dst,
+            next: 6,
+            sport: 40000,
+            dport,
+            flags: 0x02,
+            payload: vec![],
+            src_mac: SANDBOX_MAC,
+        }
+    }
+
+    fn udp(dst: Ipv6Addr, dport: u16, payload: &[u8]) -> P6 {
+        P6 {
+            next: 17,
+            flags: 0,
+            payload: payload.to_vec(),
+            ..P6::tcp_syn(dst, dport)
+        }
+    }
+
+    fn l4(&self) -> Vec<u8> {
+        let mut l = match self.next {
+            6 => {
+                let mut t = vec![0u8; 20];
+                t[0..2].copy_from_slice(&self.sport.to_be_bytes());
+                t[2..4].copy_from_slice(&self.dport.to_be_bytes());
+                t[4..8].copy_from_slice(&1000u32.to_be_bytes());
+                t[12] = 5 << 4;
+                t[13] = self.flags;
+                t
+            }
+            17 => {
+                let mut u = vec![0u8; 8];
+                u[0..2].copy_from_slice(&self.sport.to_be_bytes());
+                u[2..4].copy_from_slice(&self.dport.to_be_bytes());
+                u[4..6].copy_from_slice(&((8 + self.payload.len()) as u16).to_be_bytes());
+                u
+            }
+            _ => vec![],
+        };
+        l.extend_from_slice(&self.payload);
+        let mut sum = 0u32;
+        for a in [self.src.octets(), self.dst.octets()] {
+            for w in a.chunks(2) {
+                sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+            }
+        }
+        sum += l.len() as u32 + u32::from(self.next);
+        let c = csum(&l, sum);
+        match self.next {
+            6 => l[16..18].copy_from_slice(&c.to_be_bytes()),
+            17 => l[6..8].copy_from_slice(&c.to_be_bytes()),
+            _ => {}
+        }
+        l
+    }
+
+    fn ip(&self) -> Vec<u8> {
+        let l4 = self.l4();
+        let mut ip = vec![0x60, 0, 0, 0];
+        ip.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        ip.extend_from_slice(&[self.next, 64]);
+        ip.extend_from_slice(&self.src.octets());
+        ip.extend_from_slice(&self.dst.octets());
+        ip.extend_from_slice(&l4);
+        ip
+    }
+
+    fn frame(&self) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&HOST_MAC);
+        f.extend_from_slice(&self.src_mac);
+        f.extend_from_slice(&0x86ddu16.to_be_bytes());
+        f.extend_from_slice(&self.ip());
+        f
+    }
+}
+
+/// The C flow hash over IPv6 (bpf/lib/maglev.h flow_hash6).
+fn flow_hash6(p: &P6) -> u32 {
+    fn fmix32(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    }
+    let mut h = 0x534e_4136u32;
+    for a in [p.src.octets(), p.dst.octets()] {
+        for w in a.chunks(4) {
+            h = fmix32(h ^ u32::from_ne_bytes([w[0], w[1], w[2], w[3]]));
+        }
+    }
+    h = fmix32(h ^ ((u32::from(p.sport) << 16) | u32::from(p.dport)));
+    fmix32(h ^ u32::from(p.next))
+}
+
+fn drops(n: &Node, r: Reason) -> u64 {
+    n.t1()
+        .counters(JOB_KEY)
+        .expect("counters")
+        .from_sandbox
+        .dropped(r)
+        .packets
+}
+
+fn assert_drop(n: &Node, frame: &[u8], r: Reason) {
+    let before = drops(n, r);
+    assert_eq!(
+        n.run_sandbox(frame).retval,
+        TC_ACT_SHOT,
+        "expected drop for {r}"
+    );
+    assert_eq!(drops(n, r), before + 1, "counter of {r}");
+}
+
+#[test]
+fn ipv6_is_denied_unless_the_job_has_ipv6_rules() {
+    let Some(n) = setup("v6norules", false) else {
+        return;
+    };
+    assert_drop(&n, &P6::tcp_syn(ALLOWED6, 443).frame(), Reason::Ipv6Denied);
+}
+
+#[test]
+fn allowed_ipv6_is_encapsulated_with_protocol_86dd() {
+    let Some(n) = setup("v6encap", true) else {
+        return;
+    };
+    let p = P6::tcp_syn(ALLOWED6, 443);
+    let frame = p.frame();
+    let out = n.run_sandbox(&frame);
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    let inner = p.ip();
+    let mut outer = expected_outer(NODE_IP, PROXY_IPS[0], flow_hash6(&p), inner.len(), JOB_KEY);
+    outer[30..32].copy_from_slice(&0x86ddu16.to_be_bytes());
+    assert_eq!(&out.data[..12], &frame[..12]);
+    assert_eq!(
+        &out.data[12..14],
+        &0x0800u16.to_be_bytes(),
+        "outer frame is IPv4"
+    );
+    assert_eq!(&out.data[ETH..ETH + 56], &outer[..]);
+    assert!(ipv4_header_ok(&out.data[ETH..]));
+    assert_eq!(&out.data[ETH + 56..], &inner[..]);
+    let dbg = n.t1().last_redirect().expect("debug").expect("recorded");
+    assert_eq!((dbg.kind, dbg.flow_hash), (2, flow_hash6(&p)));
+}
+
+#[test]
+fn ipv6_spoofed_source_is_dropped() {
+    let Some(n) = setup("v6spoof", true) else {
+        return;
+    };
+    let p = P6 {
+        src: Ipv6Addr::new(0xfd53, 0x4e41, 0, 0, 0, 0, 0, 3),
+        ..P6::tcp_syn(ALLOWED6, 443)
+    };
+    assert_drop(&n, &p.frame(), Reason::SpoofedSource);
+}
+
+#[test]
+fn ipv6_extension_and_fragment_headers_are_dropped() {
+    let Some(n) = setup("v6ext", true) else {
+        return;
+    };
+    for (next, reason) in [
+        (0u8, Reason::IpOptions),
+        (60, Reason::IpOptions),
+        (43, Reason::IpOptions),
+        (44, Reason::Fragment),
+    ] {
+        let p = P6 {
+            next,
+            payload: vec![6, 0, 0, 0, 0, 0, 0, 0],
+            ..P6::tcp_syn(ALLOWED6, 443)
+        };
+        assert_drop(&n, &p.frame(), reason);
+    }
+}
+
+#[test]
+fn ipv6_always_denied_ranges_need_allow_private() {
+    let Some(n) = setup("v6private", true) else {
+        return;
+    };
+    let all: ipnet::Ipv6Net = "::/0".parse().expect("net");
+    n.t1()
+        .allow_cidr6(JOB_KEY, all, &[PortRule::all(Proto::Any)], false)
+        .expect("cidr6");
+    for dst in [
+        "fe80::1",
+        "::1",
+        "::ffff:10.0.0.1",
+        "::ffff:203.0.113.7",
+        "fd00::1",
+        "ff02::1",
+        "64:ff9b::a00:1",
+        "2002:a00:1::1",
+    ] {
+        let p = P6 {
+            flags: 0x10,
+            ..P6::tcp_syn(dst.parse().expect("addr"), 443)
+        };
+        assert_drop(&n, &p.frame(), Reason::AlwaysDenied);
+    }
+    // Outside 2001:db8::/48 the ::/0 rule allows public addresses.
+    assert_eq!(
+        n.run_sandbox(&P6::tcp_syn(OTHER6, 8443).frame()).retval,
+        TC_ACT_REDIRECT
+    );
+    let ula: ipnet::Ipv6Net = "fd00::/8".parse().expect("net");
+    n.t1()
+        .allow_cidr6(JOB_KEY, ula, &[PortRule::all(Proto::Any)], true)
+        .expect("cidr6");
+    let p = P6::tcp_syn("fd00::1".parse().expect("addr"), 443);
+    assert_eq!(n.run_sandbox(&p.frame()).retval, TC_ACT_REDIRECT);
+}
+
+#[test]
+fn ipv6_policy_checks_destination_and_port() {
+    let Some(n) = setup("v6policy", true) else {
+        return;
+    };
+    assert_drop(
+        &n,
+        &P6 {
+            flags: 0x10,
+            ..P6::tcp_syn(OTHER6, 443)
+        }
+        .frame(),
+        Reason::DestinationDenied,
+    );
+    assert_drop(
+        &n,
+        &P6 {
+            flags: 0x10,
+            ..P6::tcp_syn(ALLOWED6, 80)
+        }
+        .frame(),
+        Reason::PortDenied,
+    );
+    assert_eq!(
+        n.run_sandbox(&P6::udp(ALLOWED6, 4001, &[1; 8]).frame())
+            .retval,
+        TC_ACT_REDIRECT
+    );
+    n.t1()
+        .allow_ip6(JOB_KEY, OTHER6, &[PortRule::port(Proto::Tcp, 443)], None)
+        .expect("ip6");
+    assert_eq!(
+        n.run_sandbox(&P6::tcp_syn(OTHER6, 443).frame()).retval,
+        TC_ACT_REDIRECT
+    );
+    n.t1().revoke_ip6(JOB_KEY, OTHER6).expect("revoke");
+    assert_drop(
+        &n,
+        &P6 {
+            sport: 1,
+            ..P6::tcp_syn(OTHER6, 443)
+        }
+        .frame(),
+        Reason::DestinationDenied,
+    );
+}
+
+#[test]
+fn neighbour_discovery_goes_to_the_host_and_dns_over_ipv6_is_denied() {
+    let Some(n) = setup("v6nd", true) else { return };
+    let ns = P6 {
+        next: 58,
+        payload: vec![135, 0, 0, 0, 0, 0, 0, 0],
+        dst: "ff02::1:ff00:1".parse().expect("addr"),
+        ..P6::tcp_syn(ALLOWED6, 0)
+    };
+    let out = n.run_sandbox(&ns.frame());
+    assert_eq!(out.retval, TC_ACT_OK);
+    assert_eq!(out.data, ns.frame());
+    let echo = P6 {
+        payload: vec![128, 0, 0, 0, 0, 0, 0, 0],
+        ..ns.clone()
+    };
+    assert_eq!(n.run_sandbox(&echo.frame()).retval, TC_ACT_SHOT);
+    assert_drop(
+        &n,
+        &P6::udp(ALLOWED6, 53, &[0; 12]).frame(),
+        Reason::DestinationDenied,
+    );
+}
+
+#[test]
+fn ipv6_replies_are_decapsulated_for_jobs_with_ipv6_rules_only() {
+    let Some(n) = setup("v6decap", true) else {
+        return;
+    };
+    let inner = P6 {
+        src: ALLOWED6,
+        dst: SANDBOX6,
+        sport: 443,
+        dport: 40000,
+        flags: 0x12,
+        ..P6::tcp_syn(ALLOWED6, 443)
+    }
+    .ip();
+    let mut f = Vec::new();
+    f.extend_from_slice(&[2, 0, 0, 0, 0x0a, 1, 2, 0, 0, 0, 0x0a, 2, 0x08, 0x00]);
+    let mut outer = expected_outer(PROXY_IPS[0], NODE_IP, 7, inner.len(), JOB_KEY);
+    outer[30..32].copy_from_slice(&0x86ddu16.to_be_bytes());
+    f.extend_from_slice(&outer);
+    f.extend_from_slice(&inner);
+    let out = n.run_uplink(&f);
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    let mut want = Vec::new();
+    want.extend_from_slice(&SANDBOX_MAC);
+    want.extend_from_slice(&HOST_MAC);
+    want.extend_from_slice(&0x86ddu16.to_be_bytes());
+    want.extend_from_slice(&inner);
+    assert_eq!(out.data, want);
+
+    // The same job without IPv6 rules gets nothing.
+    let mut j = job();
+    j.sandbox_ip6 = Some(SANDBOX6);
+    n.t1().configure_job(&j).expect("job");
+    assert_eq!(n.run_uplink(&f).retval, TC_ACT_SHOT);
+    let c = n.t1().counters(JOB_KEY).expect("counters");
+    assert_eq!(c.to_sandbox.dropped(Reason::Ipv6Denied).packets, 1);
+}
