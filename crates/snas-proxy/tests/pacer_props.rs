@@ -1,0 +1,85 @@
+//! Pacer properties over random arrivals, sizes and rates (several jobs in one tenant):
+//! - no packet is stamped beyond the horizon;
+//! - a job's departures never decrease (its packets stay in order);
+//! - neither a job nor the tenant ever gets ahead of its rate: the bytes stamped to leave by any
+//!   time T fit in rate × (T − first arrival).
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+use snas_proxy::clock::Nanos;
+use snas_proxy::pacer::{Bps, Pacer, PacerConfig, PacingKey, PacingRates, Stamp};
+
+#[derive(Debug, Clone)]
+struct Arrival {
+    gap_us: u32,
+    job: usize,
+    len: u32,
+}
+
+fn arrival() -> impl Strategy<Value = Arrival> {
+    (0u32..400, 0usize..4, 40u32..9_000).prop_map(|(gap_us, job, len)| Arrival { gap_us, job, len })
+}
+
+/// Bytes `(departure, len)` leaving by each departure time never exceed `rate × (T − start)`.
+fn check_rate(sent: &mut [(Nanos, u32)], rate: Bps, start: Nanos) -> Result<(), TestCaseError> {
+    sent.sort_by_key(|(d, _)| *d);
+    let mut bytes: u128 = 0;
+    for (d, len) in sent.iter() {
+        bytes += u128::from(*len);
+        let elapsed = u128::from(d.as_nanos() - start.as_nanos());
+        prop_assert!(
+            bytes * 8 * 1_000_000_000 <= u128::from(rate.0) * elapsed,
+            "{} B by {:?} exceeds {:?} since {:?}",
+            bytes,
+            d,
+            rate,
+            start
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn pacing_never_exceeds_rates_or_horizon(
+        arrivals in proptest::collection::vec(arrival(), 1..600),
+        job_mbit in proptest::collection::vec(1u64..200, 4),
+        tenant_mbit in 1u64..300,
+    ) {
+        let cfg = PacerConfig::default();
+        let mut p = Pacer::new(cfg).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let tenant_rate = Bps::mbit(tenant_mbit);
+        let mut now = Nanos::ZERO;
+        let mut per_job: Vec<Vec<(Nanos, u32)>> = vec![Vec::new(); 4];
+        let mut first: Vec<Option<Nanos>> = vec![None; 4];
+        let mut all = Vec::new();
+        let mut tenant_first = None;
+        for a in arrivals {
+            now = now.saturating_add(Duration::from_micros(u64::from(a.gap_us)));
+            let key = PacingKey { job: a.job as u64, tenant: 1 };
+            let rates = PacingRates { job: Bps::mbit(job_mbit[a.job]), tenant: tenant_rate };
+            first[a.job].get_or_insert(now);
+            tenant_first.get_or_insert(now);
+            if let Stamp::Depart(d) = p.stamp(key, rates, a.len, now) {
+                prop_assert!(d >= now);
+                prop_assert!(d.saturating_duration_since(now) <= cfg.horizon);
+                if let Some((last, _)) = per_job[a.job].last() {
+                    prop_assert!(d >= *last, "job {} reordered", a.job);
+                }
+                per_job[a.job].push((d, a.len));
+                all.push((d, a.len));
+            }
+        }
+        for (j, sent) in per_job.iter_mut().enumerate() {
+            if let Some(start) = first[j] {
+                check_rate(sent, Bps::mbit(job_mbit[j]), start)?;
+            }
+        }
+        if let Some(start) = tenant_first {
+            check_rate(&mut all, tenant_rate, start)?;
+        }
+    }
+}
