@@ -750,6 +750,39 @@ impl Conntrack {
         Expired { ct: self, now }
     }
 
+    /// Every live flow (for `snas flows` and audits). O(slab size).
+    pub fn iter(&self) -> impl Iterator<Item = (FlowId, FlowInfo)> + '_ {
+        self.flows
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.live)
+            .map(|(i, f)| {
+                (
+                    FlowId {
+                        index: i as u32,
+                        generation: f.generation,
+                    },
+                    self.info_of(f),
+                )
+            })
+    }
+
+    /// Removes every flow of `job` (job ended or its policy was revoked); their ports go into
+    /// quarantine. O(slab size): an administrative operation, not a per-packet one.
+    pub fn remove_job(&mut self, job: u64, now: Nanos) -> Vec<RemovedFlow> {
+        let indices: Vec<u32> = self
+            .flows
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.live && f.job == job)
+            .map(|(i, _)| i as u32)
+            .collect();
+        indices
+            .into_iter()
+            .map(|i| self.remove_index(i, now))
+            .collect()
+    }
+
     /// Bytes held, by structure.
     pub fn memory(&self) -> MemoryReport {
         MemoryReport {
@@ -1015,6 +1048,26 @@ mod tests {
         c.remove(ids[0], secs(0));
         assert_eq!(c.live_flows_of_job(7), 2);
         created(c.open(key(IpProto::Tcp, 9), 1, lim, secs(0)));
+    }
+
+    #[test]
+    fn remove_job_ends_only_that_jobs_flows() {
+        let mut c = ct();
+        for p in 0..5 {
+            created(c.open(key(IpProto::Udp, p), 1, LIMITS, secs(0)));
+        }
+        let other = FlowKey {
+            job: 8,
+            ..key(IpProto::Udp, 0)
+        };
+        let (kept, _) = created(c.open(other, 1, LIMITS, secs(0)));
+        let gone = c.remove_job(7, secs(1));
+        assert_eq!(gone.len(), 5);
+        assert!(gone.iter().all(|f| f.key.job == 7));
+        assert_eq!(c.live_flows_of_job(7), 0);
+        let live: Vec<_> = c.iter().map(|(id, _)| id).collect();
+        assert_eq!(live, vec![kept]);
+        assert_eq!(c.nat().job_usage(7).held, 5);
     }
 
     #[test]
