@@ -1,0 +1,296 @@
+//! The testbed "internet" services: the authoritative DNS server and, on every host address,
+//! HTTP on 80, TCP and UDP echo on 7 and a TCP bulk source/sink on 5201.
+//!
+//! Owns the sockets and the tokio tasks. [`Internet::bind`] binds everything first (so a
+//! caller learns about a missing address before detaching), then [`Internet::run`] serves until
+//! the shutdown future completes. It runs in whatever network namespace the calling thread is
+//! in: `snas testbed serve-internet` is started inside `<prefix>-inet`, tests may run it on a
+//! thread that entered a namespace.
+//!
+//! HTTP is a small hand-written HTTP/1.1 responder, not hyper: every request gets `200 OK` with
+//! a body naming the host (`hello from api.example.com (203.0.113.10)`) and `Connection:
+//! close`. Tests only need a fixed answer per host; a full server would add a dependency tree
+//! and behaviour (keep-alive, pipelining) nobody here checks.
+//!
+//! Bulk protocol on 5201 (text first line, usable with `nc`): `SEND <bytes>\n` → the server
+//! writes that many bytes and closes; `RECV\n` → the server reads until EOF and answers
+//! `<bytes>\n`. Requests are capped at [`BULK_MAX`] bytes.
+//!
+//! Limits: each connection is its own task; no connection limit (the testbed's clients are the
+//! tests themselves).
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::task::JoinSet;
+
+use crate::dns::{Transport, Zones};
+use crate::topology::{BULK_PORT, DNS_SERVER, ECHO_PORT, HOSTS, HTTP_PORT};
+
+/// Largest transfer one bulk request may ask for (1 TiB: effectively unbounded for tests,
+/// but the count always parses).
+pub const BULK_MAX: u64 = 1 << 40;
+
+/// Errors while binding the internet services.
+#[derive(Debug, thiserror::Error)]
+pub enum InternetError {
+    /// A listening socket could not be bound (address not configured in this namespace?).
+    #[error("cannot bind {proto} {addr}: {source}")]
+    Bind {
+        proto: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What to serve where.
+#[derive(Debug, Clone)]
+pub struct InternetOptions {
+    /// Host names and addresses; each gets HTTP, echo and bulk.
+    pub hosts: Vec<(String, Ipv4Addr)>,
+    /// Address of the authoritative DNS server (UDP and TCP).
+    pub dns: SocketAddr,
+    /// Ports (overridable so unprivileged unit tests could use high ports).
+    pub http_port: u16,
+    /// TCP/UDP echo port.
+    pub echo_port: u16,
+    /// Bulk port.
+    pub bulk_port: u16,
+}
+
+impl Default for InternetOptions {
+    fn default() -> Self {
+        InternetOptions {
+            hosts: HOSTS.iter().map(|(n, a)| ((*n).to_owned(), *a)).collect(),
+            dns: SocketAddr::new(IpAddr::V4(DNS_SERVER), 53),
+            http_port: HTTP_PORT,
+            echo_port: ECHO_PORT,
+            bulk_port: BULK_PORT,
+        }
+    }
+}
+
+/// Bound sockets, ready to serve.
+#[derive(Debug)]
+pub struct Internet {
+    zones: Arc<Zones>,
+    dns_udp: UdpSocket,
+    dns_tcp: TcpListener,
+    http: Vec<(Arc<str>, TcpListener)>,
+    echo_tcp: Vec<TcpListener>,
+    echo_udp: Vec<UdpSocket>,
+    bulk: Vec<TcpListener>,
+}
+
+async fn tcp(addr: SocketAddr) -> Result<TcpListener, InternetError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| InternetError::Bind {
+            proto: "tcp",
+            addr,
+            source,
+        })
+}
+
+async fn udp(addr: SocketAddr) -> Result<UdpSocket, InternetError> {
+    UdpSocket::bind(addr)
+        .await
+        .map_err(|source| InternetError::Bind {
+            proto: "udp",
+            addr,
+            source,
+        })
+}
+
+impl Internet {
+    /// Binds every socket. Must be called inside a tokio runtime.
+    pub async fn bind(opts: &InternetOptions) -> Result<Internet, InternetError> {
+        let mut me = Internet {
+            zones: Arc::new(Zones::default()),
+            dns_udp: udp(opts.dns).await?,
+            dns_tcp: tcp(opts.dns).await?,
+            http: Vec::new(),
+            echo_tcp: Vec::new(),
+            echo_udp: Vec::new(),
+            bulk: Vec::new(),
+        };
+        for (name, ip) in &opts.hosts {
+            let at = |port| SocketAddr::new(IpAddr::V4(*ip), port);
+            let label: Arc<str> = Arc::from(format!("{name} ({ip})"));
+            me.http.push((label, tcp(at(opts.http_port)).await?));
+            me.echo_tcp.push(tcp(at(opts.echo_port)).await?);
+            me.echo_udp.push(udp(at(opts.echo_port)).await?);
+            me.bulk.push(tcp(at(opts.bulk_port)).await?);
+        }
+        Ok(me)
+    }
+
+    /// Serves until `shutdown` completes; then every task is aborted.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let mut tasks = JoinSet::new();
+        let zones = Arc::clone(&self.zones);
+        tasks.spawn(dns_udp(self.dns_udp, zones));
+        tasks.spawn(dns_tcp(self.dns_tcp, Arc::clone(&self.zones)));
+        for (label, l) in self.http {
+            tasks.spawn(accept_loop(l, move |s| http(s, Arc::clone(&label))));
+        }
+        for l in self.echo_tcp {
+            tasks.spawn(accept_loop(l, echo_tcp));
+        }
+        for s in self.echo_udp {
+            tasks.spawn(echo_udp(s));
+        }
+        for l in self.bulk {
+            tasks.spawn(accept_loop(l, bulk));
+        }
+        shutdown.await;
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Binds and serves with the given options until `shutdown` completes.
+pub async fn serve(
+    opts: &InternetOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), InternetError> {
+    Internet::bind(opts).await?.run(shutdown).await;
+    Ok(())
+}
+
+async fn accept_loop<F, Fut>(l: TcpListener, handler: F)
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = std::io::Result<()>> + Send + 'static,
+{
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            r = l.accept() => match r {
+                Ok((s, _)) => {
+                    conns.spawn(handler(s));
+                }
+                // Transient (EMFILE, ECONNABORTED): back off briefly, keep serving.
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+async fn dns_udp(s: UdpSocket, zones: Arc<Zones>) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let Ok((n, peer)) = s.recv_from(&mut buf).await else {
+            continue;
+        };
+        if let Some(resp) = zones.answer(&buf[..n], Transport::Udp) {
+            let _ = s.send_to(&resp, peer).await;
+        }
+    }
+}
+
+async fn dns_tcp(l: TcpListener, zones: Arc<Zones>) {
+    accept_loop(l, move |mut s| {
+        let zones = Arc::clone(&zones);
+        async move {
+            loop {
+                let len = match s.read_u16().await {
+                    Ok(l) => usize::from(l),
+                    Err(_) => return Ok(()),
+                };
+                let mut q = vec![0u8; len];
+                s.read_exact(&mut q).await?;
+                let Some(resp) = zones.answer(&q, Transport::Tcp) else {
+                    return Ok(());
+                };
+                let Ok(rlen) = u16::try_from(resp.len()) else {
+                    return Ok(());
+                };
+                s.write_u16(rlen).await?;
+                s.write_all(&resp).await?;
+            }
+        }
+    })
+    .await;
+}
+
+/// Body of the HTTP answer of a host.
+pub fn http_body(label: &str) -> String {
+    format!("hello from {label}\n")
+}
+
+async fn http(mut s: TcpStream, label: Arc<str>) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let body = http_body(&label);
+    let resp = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(resp.as_bytes()).await?;
+    s.shutdown().await
+}
+
+async fn echo_tcp(mut s: TcpStream) -> std::io::Result<()> {
+    let (mut r, mut w) = s.split();
+    tokio::io::copy(&mut r, &mut w).await?;
+    w.shutdown().await
+}
+
+async fn echo_udp(s: UdpSocket) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let Ok((n, peer)) = s.recv_from(&mut buf).await else {
+            continue;
+        };
+        let _ = s.send_to(&buf[..n], peer).await;
+    }
+}
+
+async fn bulk(s: TcpStream) -> std::io::Result<()> {
+    let mut s = BufReader::new(s);
+    let mut line = String::new();
+    s.read_line(&mut line).await?;
+    let line = line.trim();
+    let buf = vec![0x5a_u8; 64 * 1024];
+    if let Some(n) = line.strip_prefix("SEND ") {
+        let Ok(mut left) = n.trim().parse::<u64>() else {
+            return Ok(());
+        };
+        left = left.min(BULK_MAX);
+        while left > 0 {
+            let k = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+            s.get_mut().write_all(&buf[..k]).await?;
+            left -= k as u64;
+        }
+        s.get_mut().shutdown().await
+    } else if line == "RECV" {
+        let mut total: u64 = 0;
+        let mut rbuf = vec![0u8; 64 * 1024];
+        loop {
+            let n = s.read(&mut rbuf).await?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        s.get_mut()
+            .write_all(format!("{total}\n").as_bytes())
+            .await?;
+        s.get_mut().shutdown().await
+    } else {
+        Ok(())
+    }
+}

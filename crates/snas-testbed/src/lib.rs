@@ -1,0 +1,521 @@
+//! The SNAS local testbed: two nodes, two proxies, an underlay switch and an "internet" built
+//! from network namespaces on one machine, with an authoritative DNS server and test servers
+//! that the project runs itself. Tests, the demo and benchmarks use it; `snas testbed
+//! up|down|status|exec` is a thin CLI over this crate.
+//!
+//! # Layout
+//! - [`topology`]: every name and address (the contract agents and proxies are configured
+//!   against), parameterised by a prefix so tests can build their own testbed.
+//! - [`setup`]: builds namespaces, veths, the bridge, addresses and routes idempotently.
+//! - [`netns`]: namespace plumbing (enter, spawn inside, find and stop processes); all
+//!   `unsafe` lives here.
+//! - [`daemons`]: generated configs, pid files, logs, start/stop/readiness of the internet
+//!   services, agents and proxies.
+//! - [`internet`] and [`dns`]: the internet services (tokio) and the pure DNS answer logic.
+//! - [`exec`]: create a job through an agent, run a command in it, delete it.
+//! - [`status`] / [`record`]: what exists, and what `up` decided.
+//!
+//! # Guard
+//! [`Testbed`] is a guard: dropping it runs the same cleanup as [`Testbed::down`] unless it
+//! was [`Testbed::persist`]ed (the CLI does that), so a failing test leaves nothing behind.
+//! `down` works from nothing but the prefix, so it also cleans after a crash.
+//!
+//! Everything here needs root (namespaces, mounts).
+
+pub mod daemons;
+pub mod dns;
+pub mod exec;
+pub mod internet;
+pub mod netns;
+pub mod record;
+pub mod setup;
+pub mod status;
+pub mod topology;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, SystemTime};
+
+use rand::RngCore;
+use snas_policy::PolicyKey;
+
+pub use daemons::Daemon;
+pub use exec::{AgentClient, JobGuard, JobInfo};
+pub use status::{Completeness, Status};
+pub use topology::{Topology, DEFAULT_PREFIX};
+
+use record::{Record, TrustSource};
+
+/// Errors of testbed operations.
+#[derive(Debug, thiserror::Error)]
+pub enum TestbedError {
+    /// Bad prefix.
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+    /// Namespace plumbing failed.
+    #[error(transparent)]
+    Netns(#[from] netns::NetnsError),
+    /// A daemon did not start.
+    #[error(transparent)]
+    Daemon(#[from] daemons::DaemonError),
+    /// Job creation, the command or deletion failed.
+    #[error(transparent)]
+    Exec(#[from] exec::ExecError),
+    /// A file in the state directory or the trust directory.
+    #[error("{path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Keys: none to trust, unreadable key, signing failure.
+    #[error("trust: {0}")]
+    Trust(String),
+    /// The policy given to `sign_policy` is not valid.
+    #[error("policy: {0}")]
+    Policy(String),
+    /// The internet services could not bind their sockets.
+    #[error(transparent)]
+    Internet(#[from] internet::InternetError),
+    /// Parts of the testbed could not be removed.
+    #[error("down left things behind: {0}")]
+    Leftovers(String),
+}
+
+fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> TestbedError + '_ {
+    move |source| TestbedError::File {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// How to build a testbed.
+#[derive(Debug, Clone)]
+pub struct TestbedOptions {
+    /// Name prefix (see [`Topology::new`]).
+    pub prefix: String,
+    /// Trust the `*.pub` keys in this directory instead of generating a key pair.
+    pub trust_dir: Option<PathBuf>,
+    /// The `snas` binary (runs `agent`, `proxy`, `testbed serve-internet`).
+    pub binary: PathBuf,
+    /// Start one agent per node.
+    pub start_agents: bool,
+    /// Start one proxy per proxy namespace (only if `snas proxy --help` succeeds).
+    pub start_proxies: bool,
+}
+
+impl TestbedOptions {
+    /// Defaults: generated keys, agents and proxies started.
+    pub fn new(prefix: &str, binary: impl Into<PathBuf>) -> TestbedOptions {
+        TestbedOptions {
+            prefix: prefix.to_owned(),
+            trust_dir: None,
+            binary: binary.into(),
+            start_agents: true,
+            start_proxies: true,
+        }
+    }
+}
+
+/// What `down` removed.
+#[derive(Debug, Clone, Default)]
+pub struct DownReport {
+    /// Processes stopped.
+    pub killed: Vec<(i32, String)>,
+    /// Namespaces removed.
+    pub namespaces: Vec<String>,
+    /// Directories removed.
+    pub dirs: Vec<PathBuf>,
+}
+
+/// A running testbed; dropping it tears it down unless persisted.
+#[derive(Debug)]
+pub struct Testbed {
+    topology: Topology,
+    binary: PathBuf,
+    record: Record,
+    armed: bool,
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n.div_ceil(2)];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<String>()
+        .chars()
+        .take(n)
+        .collect()
+}
+
+/// A fresh prefix for a test: `snastb` + 4 random hex digits.
+pub fn unique_prefix() -> String {
+    format!("snastb{}", random_hex(4))
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), TestbedError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(file_err(path))
+}
+
+/// Fills the trust directory; returns where the keys came from.
+fn prepare_trust(t: &Topology, from: Option<&Path>) -> Result<TrustSource, TestbedError> {
+    let trust = t.trust_dir();
+    std::fs::create_dir_all(&trust).map_err(file_err(&trust))?;
+    if let Some(dir) = from {
+        let rd = std::fs::read_dir(dir).map_err(file_err(dir))?;
+        let pubs: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "pub"))
+            .collect();
+        if pubs.is_empty() {
+            return Err(TestbedError::Trust(format!(
+                "{} holds no *.pub public keys (write them with `snas policy keygen --out DIR`)",
+                dir.display()
+            )));
+        }
+        // Replace the bundle: the keys of DIR are exactly what is trusted.
+        for e in std::fs::read_dir(&trust)
+            .map_err(file_err(&trust))?
+            .flatten()
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
+        for p in pubs {
+            if let Some(name) = p.file_name() {
+                let dst = trust.join(name);
+                std::fs::copy(&p, &dst).map_err(file_err(&p))?;
+            }
+        }
+        return Ok(TrustSource::Dir {
+            dir: dir.to_owned(),
+        });
+    }
+    let kid = format!("testbed-{}", t.prefix());
+    let keys = t.key_dir();
+    let key_path = keys.join(format!("{kid}.key"));
+    let pub_path = trust.join(format!("{kid}.pub"));
+    if !key_path.exists() {
+        std::fs::create_dir_all(&keys).map_err(file_err(&keys))?;
+        set_mode(&keys, 0o700)?;
+        let mut seed = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut seed);
+        let key =
+            PolicyKey::from_seed(&kid, seed).map_err(|e| TestbedError::Trust(e.to_string()))?;
+        seed.fill(0);
+        let pem = key
+            .private_pem()
+            .map_err(|e| TestbedError::Trust(e.to_string()))?;
+        write_private(&key_path, pem.as_bytes())?;
+    }
+    let key = load_key(&key_path)?;
+    let public = key
+        .public_pem()
+        .map_err(|e| TestbedError::Trust(e.to_string()))?;
+    std::fs::write(&pub_path, public).map_err(file_err(&pub_path))?;
+    Ok(TrustSource::Generated { key: key_path })
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<(), TestbedError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(file_err(path))?;
+    f.write_all(data).map_err(file_err(path))
+}
+
+fn load_key(path: &Path) -> Result<PolicyKey, TestbedError> {
+    let kid = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .ok_or_else(|| TestbedError::Trust(format!("{}: no key id in name", path.display())))?;
+    let pem = std::fs::read(path).map_err(file_err(path))?;
+    PolicyKey::from_pem(kid, &pem)
+        .map_err(|e| TestbedError::Trust(format!("{}: {e}", path.display())))
+}
+
+/// Builds (or completes) the testbed named by `opts.prefix` and starts its daemons. Does not
+/// clean up on error: see [`Testbed::up`] for the guarded variant.
+pub fn up_unguarded(opts: &TestbedOptions) -> Result<Record, TestbedError> {
+    let t = Topology::new(&opts.prefix)?;
+    let state = t.state_dir();
+    std::fs::create_dir_all(&state).map_err(file_err(&state))?;
+    set_mode(&state, 0o700)?;
+    let trust = prepare_trust(&t, opts.trust_dir.as_deref())?;
+    setup::build(&t)?;
+    let record = Record {
+        trust,
+        agents: opts.start_agents,
+        proxies: opts.start_proxies,
+        proxy_available: opts.start_proxies && daemons::proxy_available(&opts.binary),
+    };
+    record.save(&t).map_err(file_err(&Record::path(&t)))?;
+    for d in Daemon::all() {
+        if record.starts(d) {
+            daemons::start(&t, d, &opts.binary)?;
+        } else if let (Daemon::Proxy(n), Some(p)) = (d, d.config_file(&t)) {
+            // Written anyway so the proxy's author can start it by hand.
+            std::fs::create_dir_all(d.dir(&t)).map_err(file_err(&d.dir(&t)))?;
+            std::fs::write(&p, daemons::proxy_config(&t, n)).map_err(file_err(&p))?;
+        }
+    }
+    Ok(record)
+}
+
+fn owned_by_cmdline(t: &Topology, pid: i32) -> bool {
+    let cmd = netns::pid_cmdline(pid);
+    let state = format!("{}/", t.state_dir().display());
+    let inet = format!("testbed serve-internet --prefix {}", t.prefix());
+    cmd.contains(&state) || cmd.ends_with(&inet) || cmd.contains(&format!("{inet} "))
+}
+
+impl Testbed {
+    /// Builds the testbed and starts its daemons. On error everything built so far is removed.
+    pub fn up(opts: TestbedOptions) -> Result<Testbed, TestbedError> {
+        let topology = Topology::new(&opts.prefix)?;
+        match up_unguarded(&opts) {
+            Ok(record) => Ok(Testbed {
+                topology,
+                binary: opts.binary,
+                record,
+                armed: true,
+            }),
+            Err(e) => {
+                let _ = Testbed::down(&opts.prefix);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes every trace of the testbed `prefix`: its processes (pid files, and any process
+    /// living in one of its namespaces or running from its state directory), its namespaces
+    /// (also agents' job namespaces), its bpffs pins and its state directory. Works on
+    /// half-built or crashed testbeds; removing an absent testbed succeeds.
+    pub fn down(prefix: &str) -> Result<DownReport, TestbedError> {
+        let t = Topology::new(prefix)?;
+        let mut report = DownReport::default();
+        let names = setup::existing_netns(&t);
+        let ids: Vec<(u64, u64)> = names.iter().filter_map(|n| netns::named_ns_id(n)).collect();
+        let mut pids: Vec<i32> = Daemon::all()
+            .into_iter()
+            .filter_map(|d| daemons::recorded_pid(&t, d))
+            .filter(|&p| {
+                netns::pid_alive(p)
+                    && (netns::pid_ns(p).is_some_and(|id| ids.contains(&id))
+                        || owned_by_cmdline(&t, p))
+            })
+            .collect();
+        pids.extend(netns::pids_in(&ids));
+        if let Ok(rd) = std::fs::read_dir("/proc") {
+            let me = std::process::id() as i32;
+            pids.extend(
+                rd.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                    .filter(|&p| p != me && netns::pid_alive(p) && owned_by_cmdline(&t, p)),
+            );
+        }
+        pids.sort_unstable();
+        pids.dedup();
+        report.killed = pids.iter().map(|&p| (p, netns::pid_cmdline(p))).collect();
+        netns::stop_pids(&pids, Duration::from_secs(3));
+
+        // Job namespaces first (their veth peers live in the node namespaces).
+        let fixed = t.namespaces();
+        let mut order: Vec<String> = names
+            .iter()
+            .filter(|n| !fixed.contains(n))
+            .cloned()
+            .collect();
+        order.extend(fixed.into_iter().rev());
+        for n in order {
+            if netns::netns_path(&n).exists() {
+                netns::del_netns(&n)?;
+                report.namespaces.push(n);
+            }
+        }
+        let mut left = Vec::new();
+        for dir in (1..=topology::NODES)
+            .map(|n| t.bpf_pin_dir(n))
+            .chain([t.state_dir()])
+        {
+            if dir.exists() {
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => report.dirs.push(dir),
+                    Err(e) => left.push(format!("{}: {e}", dir.display())),
+                }
+            }
+        }
+        let still: Vec<String> = setup::existing_netns(&t);
+        if !still.is_empty() {
+            left.push(format!("namespaces {}", still.join(", ")));
+        }
+        if left.is_empty() {
+            Ok(report)
+        } else {
+            Err(TestbedError::Leftovers(left.join("; ")))
+        }
+    }
+
+    /// Snapshot of the testbed `prefix`.
+    pub fn status_of(prefix: &str) -> Result<Status, TestbedError> {
+        Ok(Status::collect(&Topology::new(prefix)?))
+    }
+
+    /// Snapshot of this testbed.
+    pub fn status(&self) -> Status {
+        Status::collect(&self.topology)
+    }
+
+    /// Keeps the testbed running after this value is dropped (the CLI's `up`).
+    pub fn persist(mut self) {
+        self.armed = false;
+    }
+
+    /// Names and addresses.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        self.topology.prefix()
+    }
+
+    /// What `up` decided.
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+
+    /// Runs `f` on a thread inside the testbed namespace `ns` (e.g. `topology().inet_ns()`).
+    pub fn in_netns<T, F>(&self, ns: &str, f: F) -> Result<T, TestbedError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        Ok(netns::in_netns(ns, f)?)
+    }
+
+    /// The generated signing key (`None` when the testbed trusts `--trust` keys).
+    pub fn signing_key(&self) -> Result<Option<PolicyKey>, TestbedError> {
+        match &self.record.trust {
+            TrustSource::Generated { key } => load_key(key).map(Some),
+            TrustSource::Dir { .. } => Ok(None),
+        }
+    }
+
+    /// Signs a policy (authoring TOML) with the generated key: random `jti`, serial 1, now.
+    pub fn sign_policy(&self, policy_toml: &str) -> Result<String, TestbedError> {
+        let key = self.signing_key()?.ok_or_else(|| {
+            TestbedError::Trust("this testbed trusts --trust keys; sign with their key".into())
+        })?;
+        let draft = snas_policy::parse_policy(policy_toml)
+            .map_err(|e| TestbedError::Policy(e.to_string()))?;
+        let claims = draft.to_claims(&random_hex(32), 1, SystemTime::now());
+        snas_policy::sign(&claims, &key).map_err(|e| TestbedError::Policy(e.to_string()))
+    }
+
+    /// A client for node `n`'s agent API.
+    pub fn agent(&self, n: u8) -> AgentClient {
+        AgentClient::new(self.topology.agent_socket(n))
+    }
+
+    /// Creates a job on node `n` from `token`, runs `cmd` inside it (output captured), deletes
+    /// the job.
+    pub fn exec_in_job(
+        &self,
+        n: u8,
+        token: &str,
+        mut cmd: Command,
+    ) -> Result<Output, TestbedError> {
+        let job = JobGuard::create(
+            self.agent(n),
+            token,
+            &self.topology.state_dir().join("exec"),
+        )?;
+        job.prepare(&mut cmd)?;
+        let out = cmd.output().map_err(|source| TestbedError::File {
+            path: PathBuf::from(cmd.get_program()),
+            source,
+        })?;
+        job.delete()?;
+        Ok(out)
+    }
+
+    /// Stops proxy `n` (failover tests).
+    pub fn stop_proxy(&self, n: u8) {
+        daemons::stop(&self.topology, Daemon::Proxy(n));
+    }
+
+    /// Starts proxy `n` again.
+    pub fn start_proxy(&self, n: u8) -> Result<(), TestbedError> {
+        daemons::start(&self.topology, Daemon::Proxy(n), &self.binary)?;
+        Ok(())
+    }
+
+    /// Stops node `n`'s agent.
+    pub fn stop_agent(&self, n: u8) {
+        daemons::stop(&self.topology, Daemon::Agent(n));
+    }
+
+    /// Starts node `n`'s agent again.
+    pub fn start_agent(&self, n: u8) -> Result<(), TestbedError> {
+        daemons::start(&self.topology, Daemon::Agent(n), &self.binary)?;
+        Ok(())
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = Testbed::down(self.topology.prefix()) {
+                eprintln!("snas-testbed: cleanup of {}: {e}", self.topology.prefix());
+            }
+        }
+    }
+}
+
+/// Entry of `snas testbed serve-internet`: enters `<prefix>-inet` (unless already there) and
+/// serves the internet services until SIGTERM or SIGINT.
+pub fn serve_internet_daemon(prefix: &str) -> Result<(), TestbedError> {
+    let t = Topology::new(prefix)?;
+    let ns = t.inet_ns();
+    if !netns::current_is(&ns) {
+        netns::enter_netns(&ns)?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|source| TestbedError::File {
+            path: PathBuf::from("tokio runtime"),
+            source,
+        })?;
+    rt.block_on(async {
+        let inet = internet::Internet::bind(&internet::InternetOptions::default()).await?;
+        eprintln!(
+            "snas testbed internet {prefix}: serving DNS on {} and 4 hosts",
+            t.dns_server()
+        );
+        inet.run(async {
+            use tokio::signal::unix::{signal, SignalKind};
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                _ => std::future::pending::<()>().await,
+            }
+        })
+        .await;
+        Ok(())
+    })
+}
