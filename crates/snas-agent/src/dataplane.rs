@@ -9,7 +9,8 @@
 //! # Limits
 //! - `host` rules are enforced once the DNS stub (a later issue) installs resolved addresses;
 //!   until then tier 1 denies hosts that are only allowed by name.
-//! - IPv6 `cidr` rules are not programmed into tier 1 yet (it reports them as `ipv6_rules`).
+//! - Sandboxes get no IPv6 address yet (the job pool is IPv4), so IPv6 `cidr` rules are not
+//!   programmed and tier 1 drops the sandbox's IPv6 as `ipv6_denied`.
 //! - The DNS stub port is [`DNS_STUB_PORT`] on the gateway address (reserved, not served yet).
 
 use std::collections::BTreeMap;
@@ -121,6 +122,8 @@ pub fn job_config(job: &JobAttachment<'_>) -> Result<JobConfig, DataplaneError> 
                 }
             )
         }),
+        // Sandboxes get IPv4 only (the job pool is IPv4), so tier 1 drops their IPv6.
+        sandbox_ip6: None,
     })
 }
 

@@ -114,7 +114,10 @@ pub async fn serve(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let c = production_components(&config)?;
+    let cfg = config.clone();
+    let c = tokio::task::spawn_blocking(move || production_components(&cfg))
+        .await
+        .map_err(|e| RunError::Runtime(std::io::Error::other(e.to_string())))??;
     serve_with(config, c.verifier, c.dataplane, shutdown).await
 }
 
