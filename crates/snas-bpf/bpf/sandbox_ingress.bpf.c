@@ -66,6 +66,49 @@ static __always_inline int reply_rst(struct __sk_buff *skb, const struct pkt *p)
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+struct rst6_l3 {
+	struct ipv6hdr ip6;
+	struct tcphdr tcp;
+};
+
+/* reply_rst for IPv6: the same RST|ACK with the addresses swapped, hop limit 64. */
+static __always_inline int reply_rst6(struct __sk_buff *skb, const struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct rst6_l3 f = {};
+	__u8 macs[2 * ETH_ALEN];
+
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_SHOT;
+	__builtin_memcpy(macs, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(macs + ETH_ALEN, eth->h_dest, ETH_ALEN);
+	f.ip6.version = 6;
+	f.ip6.payload_len = bpf_htons(sizeof(struct tcphdr));
+	f.ip6.nexthdr = IPPROTO_TCP;
+	f.ip6.hop_limit = 64;
+	__builtin_memcpy(&f.ip6.saddr, p->daddr6, 16);
+	__builtin_memcpy(&f.ip6.daddr, p->saddr6, 16);
+	f.tcp.source = bpf_htons(p->dport);
+	f.tcp.dest = bpf_htons(p->sport);
+	f.tcp.seq = 0;
+	f.tcp.ack_seq = bpf_htonl(p->tcp_seq + 1 + p->l4_payload);
+	f.tcp.doff = 5;
+	f.tcp.rst = 1;
+	f.tcp.ack = 1;
+	f.tcp.check = tcp6_csum_nopayload(p->daddr6, p->saddr6, &f.tcp);
+
+	if (bpf_skb_change_tail(skb, L3_OFF + sizeof(f), 0))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, L3_OFF, &f, sizeof(f), 0))
+		return TC_ACT_SHOT;
+	debug_redirect(skb->ifindex, 1, 0, 0);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
 /* Rewrites the destination of a DNS query to the job's stub (gateway_ip:dns_port) and lets
  * the host stack deliver it; remembers the original destination so that sandbox_egress can
  * give the answer the address the sandbox asked. */
@@ -113,8 +156,7 @@ static __always_inline int drop(__u64 job_key, __u32 reason, __u32 len)
 
 /* IPv6 from a job whose policy has IPv6 rules. Same pipeline as IPv4 with these
  * differences: no DNS capture (DNS over IPv6 is denied, resolvers fall back to the IPv4 stub),
- * neighbour and router solicitations/advertisements go to the host, and a denied SYN is
- * dropped without a RST. */
+ * and neighbour and router solicitations/advertisements go to the host. */
 static __always_inline int sandbox_ipv6(struct __sk_buff *skb, const struct job_cfg *cfg,
 					__u32 ifindex, __u32 len)
 {
@@ -135,8 +177,13 @@ static __always_inline int sandbox_ipv6(struct __sk_buff *skb, const struct job_
 		return TC_ACT_OK;
 	}
 	if (((p.proto == IPPROTO_UDP || p.proto == IPPROTO_TCP) && p.dport == 53) ||
-	    (p.proto == IPPROTO_TCP && p.dport == 853))
-		return drop(job, SNAS_DROP_DESTINATION_DENIED, len);
+	    (p.proto == IPPROTO_TCP && p.dport == 853)) {
+		count(job, 0, SNAS_DROP_DESTINATION_DENIED, len);
+		if (p.proto == IPPROTO_TCP &&
+		    (p.tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN)
+			return reply_rst6(skb, &p);
+		return TC_ACT_SHOT;
+	}
 	if (p.proto == IPPROTO_UDP && p.dport == cfg_geneve_port)
 		return drop(job, SNAS_DROP_OVERLAY_TARGET, len);
 
@@ -148,6 +195,9 @@ static __always_inline int sandbox_ipv6(struct __sk_buff *skb, const struct job_
 	if (reason) {
 		count(job, 0, reason, len);
 		audit(st, job, AUDIT_DENY, reason, &p, now);
+		if (p.proto == IPPROTO_TCP &&
+		    (p.tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN)
+			return reply_rst6(skb, &p);
 		return TC_ACT_SHOT;
 	}
 	hash = flow_hash6(&p);

@@ -320,6 +320,7 @@ fn ipv6_policy_checks_destination_and_port() {
         &n,
         &P6 {
             sport: 1,
+            flags: 0x10,
             ..P6::tcp_syn(OTHER6, 443)
         }
         .frame(),
@@ -387,4 +388,44 @@ fn ipv6_replies_are_decapsulated_for_jobs_with_ipv6_rules_only() {
     assert_eq!(n.run_uplink(&f).retval, TC_ACT_SHOT);
     let c = n.t1().counters(JOB_KEY).expect("counters");
     assert_eq!(c.to_sandbox.dropped(Reason::Ipv6Denied).packets, 1);
+}
+
+#[test]
+fn denied_ipv6_syn_is_answered_with_an_exact_rst() {
+    let Some(n) = setup("v6rst", true) else {
+        return;
+    };
+    let p = P6::tcp_syn(OTHER6, 443);
+    let out = n.run_sandbox(&p.frame());
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    let dbg = n.t1().last_redirect().expect("debug").expect("recorded");
+    assert_eq!((dbg.kind, dbg.ifindex), (1, VETH));
+    let mut want = Vec::new();
+    want.extend_from_slice(&SANDBOX_MAC);
+    want.extend_from_slice(&HOST_MAC);
+    want.extend_from_slice(&0x86ddu16.to_be_bytes());
+    want.extend_from_slice(&[0x60, 0, 0, 0, 0, 20, 6, 64]);
+    want.extend_from_slice(&OTHER6.octets());
+    want.extend_from_slice(&SANDBOX6.octets());
+    let mut tcp = vec![0u8; 20];
+    tcp[0..2].copy_from_slice(&443u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[8..12].copy_from_slice(&1001u32.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x14;
+    let mut sum = 0u32;
+    for a in [OTHER6.octets(), SANDBOX6.octets()] {
+        for w in a.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+        }
+    }
+    let c = csum(&tcp, sum + 20 + 6);
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    want.extend_from_slice(&tcp);
+    assert_eq!(out.data, want);
+    assert_eq!(drops(&n, Reason::DestinationDenied), 1);
+    // DNS over TCP/IPv6 fails fast too.
+    let dns = n.run_sandbox(&P6::tcp_syn(ALLOWED6, 53).frame());
+    assert_eq!(dns.retval, TC_ACT_REDIRECT);
+    assert_eq!(dns.data.len(), 74);
 }

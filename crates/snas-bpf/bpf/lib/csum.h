@@ -37,4 +37,17 @@ static __always_inline __u16 tcp_csum_nopayload(__u32 saddr, __u32 daddr, const 
 	return csum_fold(csum_words(th, sizeof(*th) / 2, sum));
 }
 
+/* TCP checksum over IPv6 of a header without payload or options (check field zero). */
+static __always_inline __u16 tcp6_csum_nopayload(const __u8 *saddr, const __u8 *daddr,
+						 const struct tcphdr *th)
+{
+	__u64 sum = 0;
+
+	sum = csum_words(saddr, 8, sum);
+	sum = csum_words(daddr, 8, sum);
+	sum += bpf_htons(IPPROTO_TCP);
+	sum += bpf_htons(sizeof(*th));
+	return csum_fold(csum_words(th, sizeof(*th) / 2, sum));
+}
+
 #endif
