@@ -349,6 +349,10 @@ impl Testbed {
                 }
             }
         }
+        // The parent is shared by all testbeds: remove it only when this was the last one.
+        if let Some(parent) = t.state_dir().parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
         let still: Vec<String> = setup::existing_netns(&t);
         if !still.is_empty() {
             left.push(format!("namespaces {}", still.join(", ")));

@@ -1,6 +1,7 @@
 //! Privileged (root): builds a testbed's namespaces without daemons, runs the internet services
 //! in-process on a thread inside `<prefix>-inet`, and checks every service from the internet
 //! itself and from both proxies through their transit links; then `down` removes everything.
+#![allow(clippy::unwrap_used)] // guards and helpers outside #[test] fns: a failed step is a failed test
 
 mod common;
 

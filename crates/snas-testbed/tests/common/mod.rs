@@ -1,6 +1,7 @@
 //! Shared helpers of the privileged testbed tests: blocking clients for every internet service
 //! and a check that nothing of a testbed is left.
 #![allow(dead_code)]
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns: a failed step is a failed test
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
