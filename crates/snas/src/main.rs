@@ -20,11 +20,15 @@ enum Command {
     /// Author, sign, verify and explain per-job egress policies.
     #[command(subcommand)]
     Policy(cmd::policy::PolicyCmd),
+    /// Local network-namespace testbed: nodes, proxies and a test internet on one machine.
+    #[command(subcommand)]
+    Testbed(cmd::testbed::TestbedCmd),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Policy(c) => cmd::policy::run(c),
+        Command::Testbed(c) => cmd::testbed::run(c),
     }
 }

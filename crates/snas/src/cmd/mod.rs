@@ -1,3 +1,4 @@
 //! Subcommand implementations, one module per command group.
 
 pub mod policy;
+pub mod testbed;
