@@ -1,0 +1,811 @@
+//! Tier-2 enforcement: what the proxy does with each packet, as a pure function of the packet,
+//! the job's verified policy, the DNS bindings and the injected time.
+//!
+//! # What it owns
+//! - The per-packet pipeline in both directions:
+//!   - from a node ([`Tier2::from_node`]): trusted source → GENEVE receive rules → the job's
+//!     verified policy (tenant, `node`, expiry, serial) → established flow? NAT and pace :
+//!     new-flow checks in the order of the architecture (destination bound to an allowed name
+//!     or inside an allowed CIDR → port/protocol → never an always-denied range → exact
+//!     `max_connections` → `new_connections_per_sec` → SNAT) → NAT and pace;
+//!   - from the internet ([`Tier2::from_internet`]): reverse NAT → pace (ingress limit) →
+//!     GENEVE header toward the job's node.
+//! - Refusals: a denied or refused new flow gets a TCP RST or an ICMP unreachable, already
+//!   behind a GENEVE header for the node, so the sandboxed app fails at once.
+//! - The audit record of every new-flow decision and per-reason drop counters.
+//!
+//! # Invariants
+//! - Every packet ends in exactly one [`Verdict`]; a drop is a verdict with a [`Reason`] and is
+//!   counted, never an error.
+//! - No packet reaches the internet for a job without a policy that verified, is unexpired, names
+//!   the tenant in the option and (if pinned) the sending node.
+//! - A flow is created only from an initial packet (TCP SYN without ACK, or any UDP / ICMP echo).
+//! - No allocation per established-flow packet; buffers belong to the caller.
+//!
+//! # Limits
+//! - Names are learnt only through [`Bindings`] (filled by the proxy's resolver); an address no
+//!   answer bound is decided by the CIDR rules and the `0.0.0.0` rules alone.
+//! - ICMP echo is not a policy protocol: new ICMP flows are dropped (`port_denied`).
+//! - ICMP errors from the internet about a tracked flow are dropped (`malformed`) for now.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use snas_policy::jws::VerifiedPolicy;
+use snas_policy::limits::Limits;
+use snas_policy::matcher::{Decision, DenyReason, Matcher};
+use snas_policy::rules::Transport;
+use snas_wire::build::{icmp_unreachable_into, tcp_rst_into, Unreachable};
+use snas_wire::geneve::{parse_payload, write_geneve_header, InnerProto, SnasOption};
+use snas_wire::{Endpoint, FiveTuple, IpPacket, L4Proto, NatPacket, Reason};
+
+use crate::bindings::Bindings;
+use crate::clock::Nanos;
+use crate::conntrack::{
+    Conntrack, ConntrackConfig, ConntrackError, Direction, FlowKey, Open, ReplyKey, TcpFlags,
+};
+use crate::nat::{IpProto, JobLimits};
+use crate::pacer::{Bps, Pacer, PacerConfig, PacerError, PacingKey, PacingRates, Stamp};
+use crate::token_bucket::JobBuckets;
+
+/// Length of the GENEVE header with the SNAS option (the UDP payload prefix).
+pub const GENEVE_HEADER_LEN: usize = 28;
+
+/// A job's verified policy in the form the proxy consults per new flow.
+#[derive(Debug)]
+pub struct JobPolicy {
+    /// Job key (from the policy id).
+    pub job_key: u64,
+    /// Tenant id (overlay option).
+    pub tenant_id: u32,
+    /// Tenant name (audit).
+    pub tenant: Arc<str>,
+    /// Job name (audit).
+    pub job: Arc<str>,
+    /// Policy serial.
+    pub serial: u64,
+    /// The node the job is pinned to, if any.
+    pub node: Option<IpAddr>,
+    /// Expiry, Unix seconds.
+    pub expires_at_unix: u64,
+    /// Limits.
+    pub limits: Limits,
+    /// Compiled rules.
+    pub matcher: Matcher,
+}
+
+impl JobPolicy {
+    /// Compiles a verified policy.
+    pub fn from_verified(v: &VerifiedPolicy) -> JobPolicy {
+        let c = v.claims();
+        JobPolicy {
+            job_key: v.job_key(),
+            tenant_id: v.tenant_id(),
+            tenant: Arc::from(c.tenant.as_str()),
+            job: Arc::from(c.job.as_str()),
+            serial: c.serial,
+            node: c.node,
+            expires_at_unix: c.exp,
+            limits: c.limits,
+            matcher: v.compile(),
+        }
+    }
+}
+
+/// Answer of a [`PolicyCache`].
+#[derive(Debug)]
+pub enum PolicyLookup<'a> {
+    /// Verified and usable.
+    Ready(&'a JobPolicy),
+    /// Not known yet: the caller fetches it from the sending node's agent.
+    Missing,
+    /// Known bad (negative cache): fetch failed verification, expired, ...
+    Rejected(Reason),
+}
+
+/// Where tier 2 gets verified policies. The fetching and verifying implementation lives in the
+/// proxy's I/O layer; tests use [`StaticPolicies`].
+pub trait PolicyCache {
+    /// The policy of `job_key`.
+    fn lookup(&self, job_key: u64) -> PolicyLookup<'_>;
+}
+
+/// A fixed map of policies (tests, benchmarks, and the base of the real cache).
+#[derive(Debug, Default)]
+pub struct StaticPolicies {
+    ready: HashMap<u64, JobPolicy>,
+    rejected: HashMap<u64, Reason>,
+}
+
+impl StaticPolicies {
+    /// Adds a verified policy.
+    pub fn insert(&mut self, p: JobPolicy) {
+        self.rejected.remove(&p.job_key);
+        self.ready.insert(p.job_key, p);
+    }
+    /// Marks a job key as rejected.
+    pub fn reject(&mut self, job_key: u64, reason: Reason) {
+        self.ready.remove(&job_key);
+        self.rejected.insert(job_key, reason);
+    }
+}
+
+impl PolicyCache for StaticPolicies {
+    fn lookup(&self, job_key: u64) -> PolicyLookup<'_> {
+        if let Some(p) = self.ready.get(&job_key) {
+            return PolicyLookup::Ready(p);
+        }
+        match self.rejected.get(&job_key) {
+            Some(r) => PolicyLookup::Rejected(*r),
+            None => PolicyLookup::Missing,
+        }
+    }
+}
+
+/// The time of one batch of packets: monotonic for timers, wall clock for policy expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic time.
+    pub mono: Nanos,
+    /// Unix seconds.
+    pub unix_secs: u64,
+}
+
+/// What to do with a packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Write `buf[range]` (the NATed inner packet) to the internet side at `depart`.
+    ToInternet {
+        /// The packet within the caller's buffer.
+        range: Range<usize>,
+        /// Departure time (EDT).
+        depart: Nanos,
+    },
+    /// Send `buf[range]` (GENEVE header + inner packet) as a UDP payload to `node`:6081 at
+    /// `depart`.
+    ToNode {
+        /// The node's underlay address.
+        node: Ipv4Addr,
+        /// The UDP payload within the caller's buffer.
+        range: Range<usize>,
+        /// Departure time (EDT).
+        depart: Nanos,
+    },
+    /// Refused: send `reply[..reply_len]` (GENEVE header + RST or ICMP) to `node` now.
+    Refuse {
+        /// Why.
+        reason: Reason,
+        /// Where the refusal goes.
+        node: Ipv4Addr,
+        /// Bytes written into the caller's refusal buffer.
+        reply_len: usize,
+    },
+    /// Dropped and counted.
+    Drop(Reason),
+    /// The job's policy is not cached: fetch it from `node`'s agent (the packet is dropped;
+    /// the sender retransmits).
+    NeedPolicy {
+        /// The job key to fetch.
+        job_key: u64,
+        /// The node that sent it.
+        node: Ipv4Addr,
+    },
+}
+
+/// What happened to a new flow (audit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Allowed and NATed.
+    Allow,
+    /// Denied by policy.
+    Deny,
+    /// Allowed by policy but refused by a limit.
+    Refuse,
+}
+
+impl Action {
+    /// Stable lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+            Action::Refuse => "refuse",
+        }
+    }
+}
+
+/// One new-flow decision, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// Wall clock, Unix seconds.
+    pub unix_secs: u64,
+    /// Outcome.
+    pub action: Action,
+    /// Reason for deny/refuse.
+    pub reason: Option<Reason>,
+    /// Tenant name.
+    pub tenant: Arc<str>,
+    /// Job name.
+    pub job: Arc<str>,
+    /// Job key.
+    pub job_key: u64,
+    /// Protocol.
+    pub proto: L4Proto,
+    /// Sandbox address and port.
+    pub src: (IpAddr, u16),
+    /// Destination address and port.
+    pub dst: (IpAddr, u16),
+    /// The name the destination was bound from, if any.
+    pub hostname: Option<Arc<str>>,
+    /// Index of the rule that allowed it (or that matched the name on a port deny).
+    pub rule: Option<usize>,
+    /// The NAT tuple, when allowed.
+    pub egress: Option<(IpAddr, u16)>,
+}
+
+/// Tier-2 configuration.
+#[derive(Debug, Clone)]
+pub struct Tier2Config {
+    /// This proxy's underlay address (outer source toward nodes).
+    pub proxy_addr: Ipv4Addr,
+    /// Node addresses GENEVE is accepted from.
+    pub nodes: Vec<Ipv4Addr>,
+    /// Conntrack and NAT.
+    pub conntrack: ConntrackConfig,
+    /// Pacer (both directions).
+    pub pacer: PacerConfig,
+    /// Per-tenant bandwidth caps (egress, ingress); tenants not listed get `default_tenant_cap`.
+    pub tenant_caps: HashMap<u32, (Bps, Bps)>,
+    /// Cap of a tenant not in `tenant_caps` (default 10 Gbit/s each way).
+    pub default_tenant_cap: (Bps, Bps),
+    /// Per-job state (rate bucket, route) of a job with no flows is forgotten after this.
+    pub job_idle: Duration,
+}
+
+impl Tier2Config {
+    /// Defaults around a proxy address, its nodes and its egress pool.
+    pub fn new(proxy_addr: Ipv4Addr, nodes: Vec<Ipv4Addr>, egress_ips: Vec<IpAddr>) -> Self {
+        Tier2Config {
+            proxy_addr,
+            nodes,
+            conntrack: ConntrackConfig::new(egress_ips),
+            pacer: PacerConfig::default(),
+            tenant_caps: HashMap::new(),
+            default_tenant_cap: (Bps::gbit(10), Bps::gbit(10)),
+            job_idle: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Invalid tier-2 configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum Tier2Error {
+    /// conntrack/NAT configuration
+    #[error("conntrack: {0}")]
+    Conntrack(#[from] ConntrackError),
+    /// pacer configuration
+    #[error("pacer: {0}")]
+    Pacer(#[from] PacerError),
+}
+
+/// Where a job's replies go and what it may use; learnt from its traffic.
+#[derive(Debug)]
+struct JobState {
+    node: Ipv4Addr,
+    option: SnasOption,
+    inner_v6: bool,
+    egress_bps: Bps,
+    ingress_bps: Bps,
+    last_active: Nanos,
+}
+
+/// The tier-2 engine of one worker. See the module documentation.
+#[derive(Debug)]
+pub struct Tier2 {
+    cfg: Tier2Config,
+    nodes: HashSet<Ipv4Addr>,
+    conntrack: Conntrack,
+    egress_pacer: Pacer,
+    ingress_pacer: Pacer,
+    bindings: Bindings,
+    jobs: HashMap<u64, JobState>,
+    buckets: JobBuckets,
+    drops: [u64; Reason::COUNT],
+    audit: Vec<AuditRecord>,
+    refetch: Vec<(u64, Ipv4Addr)>,
+    draining: bool,
+}
+
+fn transport_of(p: L4Proto) -> Option<Transport> {
+    match p {
+        L4Proto::Tcp => Some(Transport::Tcp),
+        L4Proto::Udp => Some(Transport::Udp),
+        L4Proto::Icmp | L4Proto::Icmpv6 => None,
+    }
+}
+
+fn ip_proto(p: L4Proto) -> IpProto {
+    match p {
+        L4Proto::Tcp => IpProto::Tcp,
+        L4Proto::Udp => IpProto::Udp,
+        L4Proto::Icmp => IpProto::Icmp,
+        L4Proto::Icmpv6 => IpProto::Icmpv6,
+    }
+}
+
+/// TCP flags of a packet [`NatPacket`] validated (0 for UDP/ICMP): the flags byte sits 13 bytes
+/// into the TCP header, after a 40-byte IPv6 header or an IHL-sized IPv4 header.
+fn tcp_flags(packet: &[u8], t: &FiveTuple) -> TcpFlags {
+    if t.proto != L4Proto::Tcp {
+        return TcpFlags::NONE;
+    }
+    let l3 = match packet.first() {
+        Some(b) if b >> 4 == 4 => usize::from(b & 0x0f) * 4,
+        Some(_) => 40,
+        None => return TcpFlags::NONE,
+    };
+    packet.get(l3 + 13).map_or(TcpFlags::NONE, |f| TcpFlags(*f))
+}
+
+/// The conntrack port of the remote end: conntrack keys ICMP echo with destination port 0.
+fn remote_port(t: &FiveTuple, port: u16) -> u16 {
+    match t.proto {
+        L4Proto::Icmp | L4Proto::Icmpv6 => 0,
+        _ => port,
+    }
+}
+
+impl Tier2 {
+    /// A new engine.
+    pub fn new(cfg: Tier2Config, now: Nanos) -> Result<Tier2, Tier2Error> {
+        Ok(Tier2 {
+            nodes: cfg.nodes.iter().copied().collect(),
+            conntrack: Conntrack::new(cfg.conntrack.clone(), now)?,
+            egress_pacer: Pacer::new(cfg.pacer)?,
+            ingress_pacer: Pacer::new(cfg.pacer)?,
+            bindings: Bindings::default(),
+            jobs: HashMap::new(),
+            buckets: JobBuckets::new(),
+            drops: [0; Reason::COUNT],
+            audit: Vec::new(),
+            refetch: Vec::new(),
+            draining: false,
+            cfg,
+        })
+    }
+
+    /// The DNS bindings (the resolver fills them).
+    pub fn bindings_mut(&mut self) -> &mut Bindings {
+        &mut self.bindings
+    }
+
+    /// Conntrack (read-only: metrics, `snas flows`).
+    pub fn conntrack(&self) -> &Conntrack {
+        &self.conntrack
+    }
+
+    /// Stops admitting new flows; established flows continue.
+    pub fn set_draining(&mut self, draining: bool) {
+        self.draining = draining;
+    }
+
+    /// Whether draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Drops so far, by reason code.
+    pub fn drops(&self) -> &[u64; Reason::COUNT] {
+        &self.drops
+    }
+
+    /// Takes the audit records produced since the last call.
+    pub fn drain_audit(&mut self) -> std::vec::Drain<'_, AuditRecord> {
+        self.audit.drain(..)
+    }
+
+    /// Takes the jobs whose option carried a newer serial than the cached policy (refetch).
+    pub fn drain_refetch(&mut self) -> std::vec::Drain<'_, (u64, Ipv4Addr)> {
+        self.refetch.drain(..)
+    }
+
+    fn drop(&mut self, r: Reason) -> Verdict {
+        self.drops[usize::from(r.code())] += 1;
+        Verdict::Drop(r)
+    }
+
+    fn tenant_cap(&self, tenant: u32) -> (Bps, Bps) {
+        self.cfg
+            .tenant_caps
+            .get(&tenant)
+            .copied()
+            .unwrap_or(self.cfg.default_tenant_cap)
+    }
+
+    /// Handles the UDP payload of a GENEVE datagram from `outer_src`. `payload` is rewritten in
+    /// place (NAT); a refusal is written into `refusal` (at least 28 + 1280 bytes is enough for
+    /// every refusal).
+    pub fn from_node(
+        &mut self,
+        policies: &impl PolicyCache,
+        outer_src: Ipv4Addr,
+        payload: &mut [u8],
+        refusal: &mut [u8],
+        now: Now,
+    ) -> Verdict {
+        if !self.nodes.contains(&outer_src) {
+            return self.drop(Reason::UntrustedSource);
+        }
+        let g = match parse_payload(payload) {
+            Ok(g) => g,
+            Err(e) => return self.drop(e.reason()),
+        };
+        let opt = g.option;
+        let policy = match policies.lookup(opt.job_key) {
+            PolicyLookup::Ready(p) => p,
+            PolicyLookup::Missing => {
+                return Verdict::NeedPolicy {
+                    job_key: opt.job_key,
+                    node: outer_src,
+                }
+            }
+            PolicyLookup::Rejected(r) => return self.drop(r),
+        };
+        if policy.tenant_id != opt.tenant_id {
+            return self.drop(Reason::GeneveUnknownJob);
+        }
+        if policy.node.is_some_and(|n| n != IpAddr::V4(outer_src)) {
+            return self.drop(Reason::NodeMismatch);
+        }
+        if now.unix_secs >= policy.expires_at_unix {
+            return self.drop(Reason::PolicyExpired);
+        }
+        if u64::from(opt.policy_serial) > policy.serial
+            && !self.refetch.contains(&(opt.job_key, outer_src))
+        {
+            self.refetch.push((opt.job_key, outer_src));
+        }
+
+        let start = g.inner_offset;
+        let (tenant_egress, _) = self.tenant_cap(opt.tenant_id);
+        let job_rate = self.job_state(policy, opt, outer_src, g.inner_proto, now.mono);
+        let len = payload.len() - start;
+        let mut packet = match NatPacket::parse(&mut payload[start..]) {
+            Ok(p) => p,
+            Err(e) => return self.drop(e.reason()),
+        };
+        let tuple = packet.tuple();
+        let flags = tcp_flags(packet.as_bytes(), &tuple);
+        let key = FlowKey {
+            job: opt.job_key,
+            proto: ip_proto(tuple.proto),
+            src_ip: tuple.src,
+            src_port: tuple.src_port,
+            dst_ip: tuple.dst,
+            dst_port: remote_port(&tuple, tuple.dst_port),
+        };
+
+        let (egress_ip, egress_port) = match self.conntrack.lookup(&key) {
+            Some(id) => {
+                self.conntrack
+                    .observe(id, Direction::Original, flags, now.mono);
+                match self.conntrack.info(id) {
+                    Some(i) => (i.egress_ip, i.egress_port),
+                    None => return self.drop(Reason::NoConntrack),
+                }
+            }
+            None => match self.admit(policy, opt, &key, tuple.proto, flags, now) {
+                Ok(nat) => nat,
+                Err(reason) => {
+                    let offending = packet.as_bytes();
+                    return self.refuse(reason, outer_src, opt, g.inner_proto, offending, refusal);
+                }
+            },
+        };
+
+        if let Err(e) = packet.rewrite(Endpoint::Source, egress_ip, egress_port) {
+            return self.drop(e.reason());
+        }
+        let pkey = PacingKey {
+            job: opt.job_key,
+            tenant: opt.tenant_id,
+        };
+        let rates = PacingRates {
+            job: job_rate,
+            tenant: tenant_egress,
+        };
+        match self.egress_pacer.stamp(
+            pkey,
+            rates,
+            u32::try_from(len).unwrap_or(u32::MAX),
+            now.mono,
+        ) {
+            Stamp::Depart(depart) => Verdict::ToInternet {
+                range: start..payload.len(),
+                depart,
+            },
+            Stamp::Drop(r) => self.drop(r),
+        }
+    }
+
+    /// Records where the job's replies go (its node and option) and returns its egress rate.
+    fn job_state(
+        &mut self,
+        policy: &JobPolicy,
+        opt: SnasOption,
+        node: Ipv4Addr,
+        inner: InnerProto,
+        now: Nanos,
+    ) -> Bps {
+        let l = &policy.limits;
+        let state = self.jobs.entry(opt.job_key).or_insert_with(|| JobState {
+            node,
+            option: opt,
+            inner_v6: inner == InnerProto::Ipv6,
+            egress_bps: Bps(l.egress_bps.0),
+            ingress_bps: Bps(l.ingress_bps.0),
+            last_active: now,
+        });
+        // A live policy update may change rates; the node may change on rescheduling.
+        state.node = node;
+        state.option = opt;
+        state.inner_v6 = inner == InnerProto::Ipv6;
+        state.egress_bps = Bps(l.egress_bps.0);
+        state.ingress_bps = Bps(l.ingress_bps.0);
+        state.last_active = now;
+        state.egress_bps
+    }
+
+    /// The policy decision for a destination: via the names bound to it, else by address.
+    fn decide(
+        &self,
+        policy: &JobPolicy,
+        ip: IpAddr,
+        port: u16,
+        t: Transport,
+        now: Nanos,
+    ) -> (Decision, Option<Arc<str>>) {
+        let mut best: Option<(Decision, Arc<str>)> = None;
+        for name in self.bindings.names(policy.job_key, ip, now) {
+            let d = policy.matcher.check_resolved(name, ip, port, t);
+            match d {
+                Decision::Allow { .. } => return (d, Some(Arc::clone(name))),
+                Decision::Deny(DenyReason::PortDenied) => best = Some((d, Arc::clone(name))),
+                Decision::Deny(_) if best.is_none() => best = Some((d, Arc::clone(name))),
+                Decision::Deny(_) => {}
+            }
+        }
+        match best {
+            Some((d, name)) => (d, Some(name)),
+            None => (policy.matcher.check_ip(ip, port, t), None),
+        }
+    }
+
+    /// The new-flow checks. Returns the NAT tuple or the refusal reason; audits either way.
+    fn admit(
+        &mut self,
+        policy: &JobPolicy,
+        opt: SnasOption,
+        key: &FlowKey,
+        proto: L4Proto,
+        flags: TcpFlags,
+        now: Now,
+    ) -> Result<(IpAddr, u16), Reason> {
+        let initial = match proto {
+            L4Proto::Tcp => flags.contains(TcpFlags::SYN) && !flags.contains(TcpFlags::ACK),
+            _ => true,
+        };
+        if !initial {
+            // A segment of a flow this proxy does not know (e.g. after a failover): no new state.
+            return Err(Reason::NoConntrack);
+        }
+        let mut record = AuditRecord {
+            unix_secs: now.unix_secs,
+            action: Action::Deny,
+            reason: None,
+            tenant: Arc::clone(&policy.tenant),
+            job: Arc::clone(&policy.job),
+            job_key: opt.job_key,
+            proto,
+            src: (key.src_ip, key.src_port),
+            dst: (key.dst_ip, key.dst_port),
+            hostname: None,
+            rule: None,
+            egress: None,
+        };
+        let outcome = self.admit_checks(policy, key, proto, now, &mut record);
+        match outcome {
+            Ok(nat) => {
+                record.action = Action::Allow;
+                record.egress = Some(nat);
+            }
+            Err(r) => {
+                record.reason = Some(r);
+                if !matches!(
+                    r,
+                    Reason::DestinationDenied | Reason::PortDenied | Reason::AlwaysDenied
+                ) {
+                    record.action = Action::Refuse;
+                }
+            }
+        }
+        self.audit.push(record);
+        outcome
+    }
+
+    fn admit_checks(
+        &mut self,
+        policy: &JobPolicy,
+        key: &FlowKey,
+        proto: L4Proto,
+        now: Now,
+        record: &mut AuditRecord,
+    ) -> Result<(IpAddr, u16), Reason> {
+        if self.draining {
+            return Err(Reason::Draining);
+        }
+        let t = transport_of(proto).ok_or(Reason::PortDenied)?;
+        let (decision, name) = self.decide(policy, key.dst_ip, key.dst_port, t, now.mono);
+        record.hostname = name;
+        match decision {
+            Decision::Allow { rule } => record.rule = Some(rule),
+            Decision::Deny(d) => return Err(d.reason()),
+        }
+        if self.conntrack.live_flows_of_job(key.job) >= policy.limits.max_connections {
+            return Err(Reason::ConnectionLimit);
+        }
+        let admitted = self
+            .buckets
+            .try_new_flow(
+                key.job,
+                u64::from(policy.limits.new_connections_per_sec),
+                u64::from(policy.limits.new_connections_burst),
+                now.mono,
+            )
+            .map_err(|_| Reason::PolicyInvalid)?;
+        if !admitted {
+            return Err(Reason::NewConnectionRate);
+        }
+        let limits = JobLimits {
+            max_connections: policy.limits.max_connections,
+            max_ports_per_destination: policy.limits.max_ports_per_destination,
+        };
+        match self
+            .conntrack
+            .open(*key, policy.tenant_id, limits, now.mono)
+        {
+            Open::Created {
+                egress_ip,
+                egress_port,
+                ..
+            } => Ok((egress_ip, egress_port)),
+            Open::Existing(id) => self
+                .conntrack
+                .info(id)
+                .map(|i| (i.egress_ip, i.egress_port))
+                .ok_or(Reason::NoConntrack),
+            Open::Refused(r) => Err(r),
+        }
+    }
+
+    /// Counts the refusal and builds the RST / ICMP answer behind a GENEVE header.
+    fn refuse(
+        &mut self,
+        reason: Reason,
+        node: Ipv4Addr,
+        opt: SnasOption,
+        inner_proto: InnerProto,
+        offending: &[u8],
+        out: &mut [u8],
+    ) -> Verdict {
+        self.drops[usize::from(reason.code())] += 1;
+        if out.len() < GENEVE_HEADER_LEN {
+            return Verdict::Drop(reason);
+        }
+        let (head, body) = out.split_at_mut(GENEVE_HEADER_LEN);
+        let is_tcp = IpPacket::parse(offending)
+            .map(|p| p.protocol() == snas_wire::ip::proto::TCP)
+            .unwrap_or(false);
+        let built = if is_tcp {
+            tcp_rst_into(body, offending)
+        } else {
+            let why = match reason {
+                Reason::DestinationDenied | Reason::AlwaysDenied => Unreachable::AdminProhibited,
+                _ => Unreachable::Port,
+            };
+            icmp_unreachable_into(body, offending, why)
+        };
+        let Ok(n) = built else {
+            return Verdict::Drop(reason);
+        };
+        if write_geneve_header(head, &opt, inner_proto).is_err() {
+            return Verdict::Drop(reason);
+        }
+        Verdict::Refuse {
+            reason,
+            node,
+            reply_len: GENEVE_HEADER_LEN + n,
+        }
+    }
+
+    /// Handles a packet from the internet side in `buf[inner]`; `inner.start` must leave at
+    /// least [`GENEVE_HEADER_LEN`] bytes of headroom for the overlay header.
+    pub fn from_internet(&mut self, buf: &mut [u8], inner: Range<usize>, now: Now) -> Verdict {
+        if inner.start < GENEVE_HEADER_LEN || inner.end > buf.len() || inner.start > inner.end {
+            return self.drop(Reason::Malformed);
+        }
+        let mut packet = match NatPacket::parse(&mut buf[inner.clone()]) {
+            Ok(p) => p,
+            Err(e) => return self.drop(e.reason()),
+        };
+        let tuple = packet.tuple();
+        let flags = tcp_flags(packet.as_bytes(), &tuple);
+        let rkey = ReplyKey {
+            proto: ip_proto(tuple.proto),
+            remote_ip: tuple.src,
+            remote_port: remote_port(&tuple, tuple.src_port),
+            egress_ip: tuple.dst,
+            egress_port: tuple.dst_port,
+        };
+        let Some(id) = self.conntrack.lookup_reply(&rkey) else {
+            return self.drop(Reason::NoConntrack);
+        };
+        self.conntrack
+            .observe(id, Direction::Reply, flags, now.mono);
+        let Some(info) = self.conntrack.info(id) else {
+            return self.drop(Reason::NoConntrack);
+        };
+        let Some(job) = self.jobs.get_mut(&info.key.job) else {
+            return self.drop(Reason::UnknownJob);
+        };
+        job.last_active = now.mono;
+        let (node, opt, rate, v6) = (job.node, job.option, job.ingress_bps, job.inner_v6);
+        let (_, tenant_ingress) = self.tenant_cap(opt.tenant_id);
+        if let Err(e) = packet.rewrite(Endpoint::Destination, info.key.src_ip, info.key.src_port) {
+            return self.drop(e.reason());
+        }
+        let head = inner.start - GENEVE_HEADER_LEN;
+        let proto = if v6 || info.key.src_ip.is_ipv6() {
+            InnerProto::Ipv6
+        } else {
+            InnerProto::Ipv4
+        };
+        if write_geneve_header(&mut buf[head..inner.start], &opt, proto).is_err() {
+            return self.drop(Reason::Malformed);
+        }
+        let pkey = PacingKey {
+            job: opt.job_key,
+            tenant: opt.tenant_id,
+        };
+        let rates = PacingRates {
+            job: rate,
+            tenant: tenant_ingress,
+        };
+        let len = u32::try_from(inner.len()).unwrap_or(u32::MAX);
+        match self.ingress_pacer.stamp(pkey, rates, len, now.mono) {
+            Stamp::Depart(depart) => Verdict::ToNode {
+                node,
+                range: head..inner.end,
+                depart,
+            },
+            Stamp::Drop(r) => self.drop(r),
+        }
+    }
+
+    /// Housekeeping: expires flows and bindings and forgets idle jobs. Returns the number of
+    /// flows removed. Call it every few milliseconds.
+    pub fn tick(&mut self, now: Now) -> usize {
+        let removed = self.conntrack.expire(now.mono).count();
+        self.bindings.sweep(now.mono);
+        let idle = self.cfg.job_idle;
+        let conntrack = &self.conntrack;
+        self.jobs.retain(|job, s| {
+            conntrack.live_flows_of_job(*job) > 0
+                || now.mono.saturating_duration_since(s.last_active) < idle
+        });
+        removed
+    }
+}

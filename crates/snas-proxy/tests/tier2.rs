@@ -1,0 +1,607 @@
+//! Tier-2 behaviour over signed policies: admission order, refusals on the wire, forged
+//! traffic, limits and reverse NAT. Pure: a manual clock, no sockets.
+#![allow(clippy::unwrap_used)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, SystemTime};
+
+use snas_policy::authoring::parse_policy;
+use snas_policy::bundle::TrustBundle;
+use snas_policy::jws::{sign, verify};
+use snas_policy::keys::PolicyKey;
+use snas_proxy::clock::Nanos;
+use snas_proxy::tier2::{
+    Action, JobPolicy, Now, StaticPolicies, Tier2, Tier2Config, Verdict, GENEVE_HEADER_LEN,
+};
+use snas_wire::build::{tcp, udp, TcpSpec, UdpSpec};
+use snas_wire::geneve::{parse_payload, write_geneve_header, InnerProto, SnasOption};
+use snas_wire::{IpPacket, Reason, TcpFlags, Transport};
+
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 8);
+const PROXY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+const EGRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1));
+const SANDBOX: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 255, 0, 2));
+const API: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10));
+const UNBOUND: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 99));
+const T0: u64 = 1_800_000_000;
+
+struct Fixture {
+    policies: StaticPolicies,
+    tier2: Tier2,
+    key: PolicyKey,
+    bundle: TrustBundle,
+    mono: Nanos,
+}
+
+fn key() -> (PolicyKey, TrustBundle) {
+    let key = PolicyKey::from_seed("test-key", [7; 32]).unwrap();
+    let bundle = TrustBundle::from_keys([("test-key", key.public_pem().unwrap())]).unwrap();
+    (key, bundle)
+}
+
+fn policy(toml: &str, jti: &str, serial: u64, key: &PolicyKey, bundle: &TrustBundle) -> JobPolicy {
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(T0);
+    let draft = parse_policy(toml).unwrap();
+    let token = sign(&draft.to_claims(jti, serial, now), key).unwrap();
+    JobPolicy::from_verified(&verify(&token, bundle, now).unwrap())
+}
+
+const ACME: &str = r#"
+tenant = "acme"
+job = "job-1"
+node = "192.0.2.7"
+[[egress]]
+host = "api.example.com"
+[[egress]]
+host = "*.example.org:8000-8100"
+[[egress]]
+cidr = "198.51.100.128/25"
+ports = "53"
+protocol = "udp"
+[limits]
+max_connections = 3
+new_connections_per_sec = 2
+new_connections_burst = 3
+"#;
+
+impl Fixture {
+    fn new() -> Fixture {
+        let (key, bundle) = key();
+        let mut policies = StaticPolicies::default();
+        policies.insert(policy(ACME, "jti-acme-00000001", 1, &key, &bundle));
+        let cfg = Tier2Config::new(PROXY, vec![NODE, OTHER_NODE], vec![EGRESS]);
+        let tier2 = Tier2::new(cfg, Nanos::ZERO).unwrap();
+        Fixture {
+            policies,
+            tier2,
+            key,
+            bundle,
+            mono: Nanos::from_nanos(1_000_000_000),
+        }
+    }
+
+    fn now(&self) -> Now {
+        Now {
+            mono: self.mono,
+            unix_secs: T0 + self.mono.as_nanos() / 1_000_000_000,
+        }
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.mono = self.mono.saturating_add(d);
+    }
+
+    fn option(&self, job: &str) -> SnasOption {
+        let p = match job {
+            "acme" => snas_policy::identity::job_key("jti-acme-00000001"),
+            other => snas_policy::identity::job_key(other),
+        };
+        SnasOption {
+            tenant_id: snas_policy::identity::tenant_id("acme"),
+            job_key: p,
+            policy_serial: 1,
+        }
+    }
+
+    fn send(
+        &mut self,
+        from: Ipv4Addr,
+        opt: SnasOption,
+        inner: &[u8],
+    ) -> (Verdict, Vec<u8>, Vec<u8>) {
+        let mut payload = vec![0u8; GENEVE_HEADER_LEN + inner.len()];
+        write_geneve_header(&mut payload, &opt, InnerProto::Ipv4).unwrap();
+        payload[GENEVE_HEADER_LEN..].copy_from_slice(inner);
+        let mut refusal = vec![0u8; 2048];
+        let now = self.now();
+        let v = self
+            .tier2
+            .from_node(&self.policies, from, &mut payload, &mut refusal, now);
+        (v, payload, refusal)
+    }
+}
+
+fn syn(src_port: u16, dst: IpAddr, dst_port: u16) -> Vec<u8> {
+    tcp(&TcpSpec {
+        src: SocketAddr::new(SANDBOX, src_port),
+        dst: SocketAddr::new(dst, dst_port),
+        seq: 1000,
+        ack: 0,
+        flags: TcpFlags::SYN,
+        window: 65535,
+        payload: &[],
+    })
+    .unwrap()
+}
+
+fn udp_to(src_port: u16, dst: IpAddr, dst_port: u16) -> Vec<u8> {
+    udp(&UdpSpec {
+        src: SocketAddr::new(SANDBOX, src_port),
+        dst: SocketAddr::new(dst, dst_port),
+        payload: b"hello",
+    })
+    .unwrap()
+}
+
+fn bind_api(f: &mut Fixture) {
+    let job = f.option("acme").job_key;
+    let exp = f.mono.saturating_add(Duration::from_secs(300));
+    f.tier2
+        .bindings_mut()
+        .bind(job, API, "api.example.com", exp);
+}
+
+#[test]
+fn allowed_flow_is_snated_and_reply_goes_back_to_its_node() {
+    let mut f = Fixture::new();
+    bind_api(&mut f);
+    let (v, payload, _) = f.send(NODE, f.option("acme"), &syn(40000, API, 443));
+    let Verdict::ToInternet { range, .. } = v else {
+        panic!("expected ToInternet, got {v:?}")
+    };
+    let out = IpPacket::parse(&payload[range.clone()]).unwrap();
+    let tuple = out.flow_tuple().unwrap();
+    assert_eq!(tuple.src, EGRESS, "source rewritten to the egress address");
+    assert_eq!((tuple.dst, tuple.dst_port), (API, 443));
+    let egress_port = tuple.src_port;
+    assert!(egress_port >= 1024);
+    // Checksums stay valid after NAT.
+    let Ok(Transport::Tcp(t)) = out.transport() else {
+        panic!("not tcp")
+    };
+    assert!(t.checksum_ok(out.src(), out.dst()));
+
+    let audit: Vec<_> = f.tier2.drain_audit().collect();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].action, Action::Allow);
+    assert_eq!(audit[0].hostname.as_deref(), Some("api.example.com"));
+    assert_eq!(audit[0].rule, Some(0));
+    assert_eq!(audit[0].egress, Some((EGRESS, egress_port)));
+
+    // The SYN-ACK from the internet is reverse-NATed and put behind a GENEVE header for NODE.
+    let synack = tcp(&TcpSpec {
+        src: SocketAddr::new(API, 443),
+        dst: SocketAddr::new(EGRESS, egress_port),
+        seq: 5000,
+        ack: 1001,
+        flags: TcpFlags::SYN | TcpFlags::ACK,
+        window: 65535,
+        payload: &[],
+    })
+    .unwrap();
+    let mut buf = vec![0u8; GENEVE_HEADER_LEN + synack.len()];
+    buf[GENEVE_HEADER_LEN..].copy_from_slice(&synack);
+    let now = f.now();
+    let v = f.tier2.from_internet(
+        &mut buf,
+        GENEVE_HEADER_LEN..GENEVE_HEADER_LEN + synack.len(),
+        now,
+    );
+    let Verdict::ToNode { node, range, .. } = v else {
+        panic!("expected ToNode, got {v:?}")
+    };
+    assert_eq!(node, NODE);
+    let g = parse_payload(&buf[range.clone()]).unwrap();
+    assert_eq!(g.option, f.option("acme"));
+    let inner = IpPacket::parse(&buf[range.start + g.inner_offset..range.end]).unwrap();
+    let back = inner.flow_tuple().unwrap();
+    assert_eq!((back.dst, back.dst_port), (SANDBOX, 40000));
+    assert_eq!((back.src, back.src_port), (API, 443));
+    let Ok(Transport::Tcp(t)) = inner.transport() else {
+        panic!("not tcp")
+    };
+    assert!(t.checksum_ok(inner.src(), inner.dst()));
+}
+
+fn refused_rst(v: &Verdict, refusal: &[u8], want: Reason) -> (IpAddr, u16, IpAddr, u16) {
+    let Verdict::Refuse {
+        reason,
+        node,
+        reply_len,
+    } = v
+    else {
+        panic!("expected Refuse({want:?}), got {v:?}")
+    };
+    assert_eq!(*reason, want);
+    assert_eq!(*node, NODE);
+    let g = parse_payload(&refusal[..*reply_len]).unwrap();
+    let inner = IpPacket::parse(&refusal[g.inner_offset..*reply_len]).unwrap();
+    let Ok(Transport::Tcp(t)) = inner.transport() else {
+        panic!("refusal is not a TCP segment")
+    };
+    assert!(t.flags().contains(TcpFlags::RST));
+    assert!(t.checksum_ok(inner.src(), inner.dst()));
+    (inner.src(), t.src_port(), inner.dst(), t.dst_port())
+}
+
+#[test]
+fn unbound_address_is_refused_with_a_rst_back_to_the_sandbox() {
+    let mut f = Fixture::new();
+    let (v, _, refusal) = f.send(NODE, f.option("acme"), &syn(40001, UNBOUND, 443));
+    let (src, sport, dst, dport) = refused_rst(&v, &refusal, Reason::DestinationDenied);
+    assert_eq!(
+        (src, sport),
+        (UNBOUND, 443),
+        "RST appears to come from the destination"
+    );
+    assert_eq!((dst, dport), (SANDBOX, 40001));
+    let audit: Vec<_> = f.tier2.drain_audit().collect();
+    assert_eq!(audit[0].action, Action::Deny);
+    assert_eq!(audit[0].reason, Some(Reason::DestinationDenied));
+    assert_eq!(
+        f.tier2.drops()[Reason::DestinationDenied.code() as usize],
+        1
+    );
+}
+
+#[test]
+fn bound_name_on_a_denied_port_is_refused_with_port_denied() {
+    let mut f = Fixture::new();
+    bind_api(&mut f);
+    let (v, _, refusal) = f.send(NODE, f.option("acme"), &syn(40002, API, 22));
+    refused_rst(&v, &refusal, Reason::PortDenied);
+    let audit: Vec<_> = f.tier2.drain_audit().collect();
+    assert_eq!(audit[0].hostname.as_deref(), Some("api.example.com"));
+}
+
+#[test]
+fn denied_udp_gets_icmp_unreachable() {
+    let mut f = Fixture::new();
+    let (v, _, refusal) = f.send(NODE, f.option("acme"), &udp_to(5000, UNBOUND, 53));
+    let Verdict::Refuse { reply_len, .. } = v else {
+        panic!("expected refusal, got {v:?}")
+    };
+    let g = parse_payload(&refusal[..reply_len]).unwrap();
+    let inner = IpPacket::parse(&refusal[g.inner_offset..reply_len]).unwrap();
+    let Ok(Transport::Icmp(m)) = inner.transport() else {
+        panic!("not ICMP")
+    };
+    assert_eq!(m.msg_type(), 3, "destination unreachable");
+    assert_eq!(inner.dst(), SANDBOX);
+}
+
+#[test]
+fn cidr_rule_admits_udp_without_any_binding() {
+    let mut f = Fixture::new();
+    let dst = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 200));
+    let (v, _, _) = f.send(NODE, f.option("acme"), &udp_to(5000, dst, 53));
+    assert!(matches!(v, Verdict::ToInternet { .. }), "{v:?}");
+    let (v, _, _) = f.send(NODE, f.option("acme"), &syn(40003, dst, 53));
+    assert!(
+        matches!(
+            v,
+            Verdict::Refuse {
+                reason: Reason::PortDenied,
+                ..
+            }
+        ),
+        "udp-only rule: {v:?}"
+    );
+}
+
+#[test]
+fn forged_and_unverifiable_traffic_is_dropped_and_counted() {
+    let mut f = Fixture::new();
+    bind_api(&mut f);
+    let pkt = syn(40010, API, 443);
+    let stranger = Ipv4Addr::new(192, 0, 2, 66);
+    let (v, _, _) = f.send(stranger, f.option("acme"), &pkt);
+    assert_eq!(v, Verdict::Drop(Reason::UntrustedSource));
+
+    // Policy pinned to NODE: the other (trusted) node cannot use it.
+    let (v, _, _) = f.send(OTHER_NODE, f.option("acme"), &pkt);
+    assert_eq!(v, Verdict::Drop(Reason::NodeMismatch));
+
+    // Right job key, wrong tenant.
+    let mut opt = f.option("acme");
+    opt.tenant_id ^= 1;
+    let (v, _, _) = f.send(NODE, opt, &pkt);
+    assert_eq!(v, Verdict::Drop(Reason::GeneveUnknownJob));
+
+    // A job key nobody has verified: the caller is asked to fetch it.
+    let opt = f.option("jti-unknown-00001");
+    let (v, _, _) = f.send(NODE, opt, &pkt);
+    assert_eq!(
+        v,
+        Verdict::NeedPolicy {
+            job_key: opt.job_key,
+            node: NODE
+        }
+    );
+    // ... and once the fetch failed verification, it is dropped with that reason.
+    f.policies.reject(opt.job_key, Reason::PolicyInvalid);
+    let (v, _, _) = f.send(NODE, opt, &pkt);
+    assert_eq!(v, Verdict::Drop(Reason::PolicyInvalid));
+
+    // A corrupted GENEVE header.
+    let mut payload = vec![0u8; GENEVE_HEADER_LEN + pkt.len()];
+    write_geneve_header(&mut payload, &f.option("acme"), InnerProto::Ipv4).unwrap();
+    payload[GENEVE_HEADER_LEN..].copy_from_slice(&pkt);
+    payload[8] = 0x01; // option class no longer ours, C bit still set
+    let mut refusal = [0u8; 64];
+    let now = f.now();
+    let v = f
+        .tier2
+        .from_node(&f.policies, NODE, &mut payload, &mut refusal, now);
+    assert_eq!(v, Verdict::Drop(Reason::GeneveOption));
+
+    for r in [
+        Reason::UntrustedSource,
+        Reason::NodeMismatch,
+        Reason::GeneveUnknownJob,
+        Reason::PolicyInvalid,
+        Reason::GeneveOption,
+    ] {
+        assert_eq!(f.tier2.drops()[r.code() as usize], 1, "{r}");
+    }
+    assert_eq!(f.tier2.conntrack().len(), 0, "no flow was created");
+}
+
+#[test]
+fn expired_policy_stops_all_traffic_of_the_job() {
+    let mut f = Fixture::new();
+    bind_api(&mut f);
+    let (v, _, _) = f.send(NODE, f.option("acme"), &syn(40020, API, 443));
+    assert!(matches!(v, Verdict::ToInternet { .. }));
+    f.advance(Duration::from_secs(3600)); // default TTL is 1 h
+    let (v, _, _) = f.send(NODE, f.option("acme"), &syn(40020, API, 443));
+    assert_eq!(v, Verdict::Drop(Reason::PolicyExpired));
+}
+
+#[test]
+fn max_connections_is_exact_and_new_connection_rate_refills() {
+    let mut f = Fixture::new();
+    bind_api(&mut f);
+    // burst 3, max_connections 3: three flows pass (and are answered, so they are established),
+    // the fourth hits the connection limit.
+    for port in 0..3 {
+        let (v, payload, _) = f.send(NODE, f.option("acme"), &syn(41000 + port, API, 443));
+        let Verdict::ToInternet { range, .. } = v else {
+            panic!("flow {port}: {v:?}")
+        };
+        let egress_port = IpPacket::parse(&payload[range])
+            .unwrap()
+            .flow_tuple()
+            .unwrap()
+            .src_port;
+        let synack = tcp(&TcpSpec {
+            src: SocketAddr::new(API, 443),
+            dst: SocketAddr::new(EGRESS, egress_port),
+            seq: 5000,
+            ack: 1001,
+            flags: TcpFlags::SYN | TcpFlags::ACK,
+            window: 65535,
+            payload: &[],
+        })
+        .unwrap();
+        let mut buf = vec![0u8; GENEVE_HEADER_LEN + synack.len()];
+        buf[GENEVE_HEADER_LEN..].copy_from_slice(&synack);
+        let n = buf.len();
+        let now = f.now();
+        let v = f.tier2.from_internet(&mut buf, GENEVE_HEADER_LEN..n, now);
+        assert!(matches!(v, Verdict::ToNode { .. }), "{v:?}");
+    }
+    // A retransmitted SYN of an existing flow is not a new connection.
+    let (v, _, _) = f.send(NODE, f.option("acme"), &syn(41000, API, 443));
+    assert!(matches!(v, Verdict::ToInternet { .. }));
+
+    // Reset one flow; once its closed state times out there is room again, and the bucket
+    // (3 burst, 2/s) has refilled meanwhile.
+    let rst = tcp(&TcpSpec {
+        src: SocketAddr::new(SANDBOX, 41000),
+        dst: SocketAddr::new(API, 443),
+        seq: 1001,
+        ack: 0,
+        flags: TcpFlags::RST,
+        window: 0,
+        payload: &[],
+    })
+    .unwrap();
+    let (v, _, _) = f.send(NODE, f.option("acme"), &rst);
+    assert!(matches!(v, Verdict::ToInternet { .. }));
+    f.advance(Duration::from_secs(31));
+    let now = f.now();
+    assert_eq!(f.tier2.tick(now), 1, "only the reset flow expires");
+    assert_eq!(
+        f.tier2
+            .conntrack()
+            .live_flows_of_job(f.option("acme").job_key),
+        2,
+        "the reset flow is gone"
+    );
+
+    let (v, _, _) = f.send(NODE, f.option("acme"), &syn(41004, API, 443));
+    assert!(matches!(v, Verdict::ToInternet { .. }), "{v:?}");
+}
+
+#[test]
+fn new_connection_rate_refuses_bursts_beyond_the_bucket() {
+    let (key, bundle) = key();
+    let toml = r#"
+tenant = "acme"
+job = "burst"
+[[egress]]
+host = "api.example.com"
+[limits]
+max_connections = 100
+new_connections_per_sec = 2
+new_connections_burst = 2
+"#;
+    let mut f = Fixture::new();
+    f.policies
+        .insert(policy(toml, "jti-burst-0000001", 1, &key, &bundle));
+    let opt = f.option("jti-burst-0000001");
+    let exp = f.mono.saturating_add(Duration::from_secs(300));
+    f.tier2
+        .bindings_mut()
+        .bind(opt.job_key, API, "api.example.com", exp);
+    let mut ok = 0;
+    let mut refused = 0;
+    for port in 0..5 {
+        match f.send(NODE, opt, &syn(42000 + port, API, 443)).0 {
+            Verdict::ToInternet { .. } => ok += 1,
+            Verdict::Refuse {
+                reason: Reason::NewConnectionRate,
+                ..
+            } => refused += 1,
+            v => panic!("unexpected {v:?}"),
+        }
+    }
+    assert_eq!((ok, refused), (2, 3));
+    f.advance(Duration::from_millis(500));
+    assert!(matches!(
+        f.send(NODE, opt, &syn(42010, API, 443)).0,
+        Verdict::ToInternet { .. }
+    ));
+    let _ = f.key.kid();
+    let _ = f.bundle.len();
+}
+
+#[test]
+fn mid_stream_segment_without_conntrack_gets_a_rst_and_creates_nothing() {
+    let mut f = Fixture::new();
+    bind_api(&mut f);
+    let ack = tcp(&TcpSpec {
+        src: SocketAddr::new(SANDBOX, 43000),
+        dst: SocketAddr::new(API, 443),
+        seq: 1,
+        ack: 77,
+        flags: TcpFlags::ACK,
+        window: 100,
+        payload: b"data",
+    })
+    .unwrap();
+    let (v, _, refusal) = f.send(NODE, f.option("acme"), &ack);
+    refused_rst(&v, &refusal, Reason::NoConntrack);
+    assert_eq!(f.tier2.conntrack().len(), 0);
+}
+
+#[test]
+fn draining_refuses_new_flows_but_keeps_established_ones() {
+    let mut f = Fixture::new();
+    bind_api(&mut f);
+    let (v, _, _) = f.send(NODE, f.option("acme"), &syn(44000, API, 443));
+    assert!(matches!(v, Verdict::ToInternet { .. }));
+    f.tier2.set_draining(true);
+    let (v, _, refusal) = f.send(NODE, f.option("acme"), &syn(44001, API, 443));
+    refused_rst(&v, &refusal, Reason::Draining);
+    let data = tcp(&TcpSpec {
+        src: SocketAddr::new(SANDBOX, 44000),
+        dst: SocketAddr::new(API, 443),
+        seq: 1001,
+        ack: 5001,
+        flags: TcpFlags::ACK,
+        window: 100,
+        payload: b"GET /",
+    })
+    .unwrap();
+    let (v, _, _) = f.send(NODE, f.option("acme"), &data);
+    assert!(matches!(v, Verdict::ToInternet { .. }), "{v:?}");
+}
+
+#[test]
+fn a_newer_serial_in_the_option_asks_for_a_refetch_without_stopping_traffic() {
+    let mut f = Fixture::new();
+    bind_api(&mut f);
+    let mut opt = f.option("acme");
+    opt.policy_serial = 2;
+    let (v, _, _) = f.send(NODE, opt, &syn(45000, API, 443));
+    assert!(matches!(v, Verdict::ToInternet { .. }));
+    let (v, _, _) = f.send(NODE, opt, &syn(45001, API, 443));
+    assert!(matches!(v, Verdict::ToInternet { .. }));
+    let refetch: Vec<_> = f.tier2.drain_refetch().collect();
+    assert_eq!(refetch, vec![(opt.job_key, NODE)], "asked once");
+}
+
+#[test]
+fn one_job_hitting_its_destination_cap_does_not_stop_another_tenant() {
+    let (key, bundle) = key();
+    let capped = r#"
+tenant = "acme"
+job = "capped"
+[[egress]]
+host = "api.example.com"
+[limits]
+max_ports_per_destination = 2
+"#;
+    let other = r#"
+tenant = "globex"
+job = "other"
+[[egress]]
+host = "api.example.com"
+"#;
+    let mut f = Fixture::new();
+    f.policies
+        .insert(policy(capped, "jti-capped-000001", 1, &key, &bundle));
+    f.policies
+        .insert(policy(other, "jti-other-0000001", 1, &key, &bundle));
+    let exp = f.mono.saturating_add(Duration::from_secs(300));
+    let a = f.option("jti-capped-000001");
+    let b = SnasOption {
+        tenant_id: snas_policy::identity::tenant_id("globex"),
+        job_key: snas_policy::identity::job_key("jti-other-0000001"),
+        policy_serial: 1,
+    };
+    for j in [a.job_key, b.job_key] {
+        f.tier2.bindings_mut().bind(j, API, "api.example.com", exp);
+    }
+    for port in 0..2 {
+        assert!(matches!(
+            f.send(NODE, a, &syn(46000 + port, API, 443)).0,
+            Verdict::ToInternet { .. }
+        ));
+    }
+    let (v, _, refusal) = f.send(NODE, a, &syn(46002, API, 443));
+    refused_rst(&v, &refusal, Reason::DestinationPortCap);
+    let (v, _, _) = f.send(NODE, b, &syn(46003, API, 443));
+    assert!(matches!(v, Verdict::ToInternet { .. }), "{v:?}");
+}
+
+#[test]
+fn reply_without_a_flow_is_dropped() {
+    let mut f = Fixture::new();
+    let stray = tcp(&TcpSpec {
+        src: SocketAddr::new(API, 443),
+        dst: SocketAddr::new(EGRESS, 5555),
+        seq: 1,
+        ack: 1,
+        flags: TcpFlags::ACK,
+        window: 1,
+        payload: &[],
+    })
+    .unwrap();
+    let mut buf = vec![0u8; GENEVE_HEADER_LEN + stray.len()];
+    buf[GENEVE_HEADER_LEN..].copy_from_slice(&stray);
+    let now = f.now();
+    let n = buf.len();
+    assert_eq!(
+        f.tier2.from_internet(&mut buf, GENEVE_HEADER_LEN..n, now),
+        Verdict::Drop(Reason::NoConntrack)
+    );
+    // No headroom for the overlay header: refused as malformed, never a panic.
+    assert_eq!(
+        f.tier2.from_internet(&mut buf, 0..n, now),
+        Verdict::Drop(Reason::Malformed)
+    );
+}
