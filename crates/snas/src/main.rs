@@ -20,6 +20,8 @@ enum Command {
     /// Author, sign, verify and explain per-job egress policies.
     #[command(subcommand)]
     Policy(cmd::policy::PolicyCmd),
+    /// Run the node agent: per-job networks, tier-1 eBPF, the job API and the policy endpoint.
+    Agent(cmd::agent::AgentArgs),
     /// Local network-namespace testbed: nodes, proxies and a test internet on one machine.
     #[command(subcommand)]
     Testbed(cmd::testbed::TestbedCmd),
@@ -29,6 +31,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Policy(c) => cmd::policy::run(c),
+        Command::Agent(a) => cmd::agent::run(a),
         Command::Testbed(c) => cmd::testbed::run(c),
     }
 }
