@@ -232,6 +232,10 @@ pub fn prepare_job_command(
     unsafe {
         cmd.pre_exec(move || {
             setns_net(netns_file.as_raw_fd())?;
+            // The parent may ignore terminal signals (see `shield_terminal_signals`); ignored
+            // dispositions survive exec, so give the command the defaults back.
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGQUIT, libc::SIG_DFL);
             if libc::unshare(libc::CLONE_NEWNS) != 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -344,5 +348,17 @@ pub fn stop_pids(pids: &[i32], grace: Duration) {
             reap(pid);
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Ignores SIGINT and SIGQUIT in this process. `snas testbed exec` calls it before running the
+/// job's command: Ctrl-C reaches the whole foreground process group, so the command gets it
+/// and exits, and this process survives to delete the job. Commands prepared with
+/// [`prepare_job_command`] get the default dispositions back.
+pub fn shield_terminal_signals() {
+    // SAFETY: setting a signal disposition to SIG_IGN installs no handler code.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
     }
 }

@@ -155,6 +155,8 @@ fn exec(a: &ExecArgs) -> CmdResult {
     let mut cmd = Command::new(program);
     cmd.args(args);
     job.prepare(&mut cmd).map_err(|e| (125, e.to_string()))?;
+    // Ctrl-C ends the command, not us: the job must still be deleted.
+    snas_testbed::netns::shield_terminal_signals();
     let status = cmd
         .status()
         .map_err(|e| (125, format!("cannot run {program}: {e}")))?;
