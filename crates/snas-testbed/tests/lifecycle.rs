@@ -50,6 +50,26 @@ fn up_is_complete_and_idempotent_runs_a_job_and_the_guard_leaves_nothing() {
             "agent 1 not running: {st}"
         );
 
+        // The CLI agrees: `status` exits 0 for a complete testbed and names every DNS name.
+        let out = Command::new(common::snas_binary())
+            .args(["testbed", "status", "--prefix", &prefix])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{text}");
+        for name in [
+            "api.example.com",
+            "blocked.example.com",
+            "cdn.example.com",
+            "bulk.example.com",
+        ] {
+            assert!(text.contains(name), "{name} missing from status:\n{text}");
+        }
+        assert!(
+            text.contains("testbed-"),
+            "status names no signing key:\n{text}"
+        );
+
         tb.in_netns(&t.inet_ns(), common::check_internet_services)
             .unwrap();
         tb.in_netns(&t.proxy_ns(1), common::check_internet_services)
@@ -77,6 +97,11 @@ fn up_is_complete_and_idempotent_runs_a_job_and_the_guard_leaves_nothing() {
         assert!(!host_resolv.contains("10.255.1.1"));
     }
     common::assert_nothing_left(&t);
+    let out = Command::new(common::snas_binary())
+        .args(["testbed", "status", "--prefix", &prefix])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "status of a removed testbed");
 }
 
 #[test]
@@ -115,6 +140,13 @@ fn down_after_a_crash_cleans_everything_and_up_repairs_a_partial_testbed() {
 
     let st = Testbed::status_of(&prefix).unwrap();
     assert_eq!(st.completeness(), Completeness::Partial, "{st}");
+    let code = Command::new(common::snas_binary())
+        .args(["testbed", "status", "--prefix", &prefix])
+        .output()
+        .unwrap()
+        .status
+        .code();
+    assert_eq!(code, Some(1), "status of a partial testbed");
     assert!(st.job_namespaces.contains(&job_ns));
 
     // `up` completes what is missing.
