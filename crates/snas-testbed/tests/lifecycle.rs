@@ -80,6 +80,12 @@ fn up_is_complete_and_idempotent_runs_a_job_and_the_guard_leaves_nothing() {
         assert_eq!(pids(&t), before);
         assert_eq!(tb.status().completeness(), Completeness::Complete);
 
+        // Stopping a daemon makes the testbed partial; starting it again completes it.
+        tb.stop_agent(2);
+        assert_eq!(tb.status().completeness(), Completeness::Partial);
+        tb.start_agent(2).unwrap();
+        assert_eq!(tb.status().completeness(), Completeness::Complete);
+
         let token = tb.sign_policy(POLICY).unwrap();
         let mut cmd = Command::new("sh");
         cmd.args([
