@@ -92,7 +92,7 @@ pub struct PolicyClaims {
     /// Underlay address of the job's node, if pinned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<IpAddr>,
-    /// Increases on live update.
+    /// Increases on live update. At most `u32::MAX`: the overlay option carries 32 bits.
     pub serial: u64,
     /// Rules in order.
     pub egress: Vec<EgressRule>,
@@ -114,6 +114,12 @@ impl PolicyClaims {
         }
         if self.nbf > self.exp {
             return Err(format!("nbf {} is after exp {}", self.nbf, self.exp));
+        }
+        if self.serial > u64::from(u32::MAX) {
+            return Err(format!(
+                "serial: {} does not fit the overlay option's 32-bit policy serial",
+                self.serial
+            ));
         }
         Ok(())
     }

@@ -496,4 +496,16 @@ mod tests {
         c.exp = c.iat + 86_401;
         assert_eq!(sign(&c, &key("k1", 1)), Err(SignError::TtlTooLong(86_401)));
     }
+
+    #[test]
+    fn serials_beyond_the_overlay_option_are_refused() {
+        let mut c = claims();
+        c.serial = u64::from(u32::MAX);
+        assert!(sign(&c, &key("k1", 1)).is_ok());
+        c.serial += 1;
+        match sign(&c, &key("k1", 1)) {
+            Err(SignError::Claims(m)) => assert!(m.contains("serial"), "{m}"),
+            other => panic!("expected a serial error, got {other:?}"),
+        }
+    }
 }
