@@ -91,6 +91,12 @@ pub fn run(cmd: TestbedCmd) -> ExitCode {
 
 type CmdResult = Result<u8, (u8, String)>;
 
+/// Writes to stdout; a closed pipe (`status | head`) is not an error worth a panic.
+fn out(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
 fn up(a: &UpArgs) -> CmdResult {
     let binary =
         std::env::current_exe().map_err(|e| (1, format!("cannot find own binary: {e}")))?;
@@ -110,30 +116,30 @@ fn up(a: &UpArgs) -> CmdResult {
         )
     })?;
     let st = Testbed::status_of(&opts.prefix).map_err(|e| (1, e.to_string()))?;
-    print!("{st}");
+    out(&st.to_string());
     Ok(0)
 }
 
 fn down(prefix: &str) -> CmdResult {
     let r = Testbed::down(prefix).map_err(|e| (1, e.to_string()))?;
     for (pid, cmd) in &r.killed {
-        println!("stopped pid {pid}: {cmd}");
+        out(&format!("stopped pid {pid}: {cmd}\n"));
     }
     for n in &r.namespaces {
-        println!("removed namespace {n}");
+        out(&format!("removed namespace {n}\n"));
     }
     for d in &r.dirs {
-        println!("removed {}", d.display());
+        out(&format!("removed {}\n", d.display()));
     }
     if r.killed.is_empty() && r.namespaces.is_empty() && r.dirs.is_empty() {
-        println!("testbed {prefix}: nothing to remove");
+        out(&format!("testbed {prefix}: nothing to remove\n"));
     }
     Ok(0)
 }
 
 fn status(prefix: &str) -> CmdResult {
     let st: Status = Testbed::status_of(prefix).map_err(|e| (1, e.to_string()))?;
-    print!("{st}");
+    out(&st.to_string());
     Ok(st.completeness().exit_code())
 }
 
