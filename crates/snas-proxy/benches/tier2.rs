@@ -169,13 +169,9 @@ fn established(c: &mut Criterion) {
                 packet[..HEADERS].copy_from_slice(&template[..HEADERS]);
                 b.tick(size);
                 let now = b.now();
-                let v = b.tier2.from_node(
-                    &b.policies,
-                    NODE,
-                    black_box(&mut packet),
-                    &mut refusal,
-                    now,
-                );
+                let v =
+                    b.tier2
+                        .from_node(&b.policies, NODE, black_box(&mut packet), &mut refusal, now);
                 debug_assert!(matches!(v, Verdict::ToInternet { .. }), "{v:?}");
                 black_box(v)
             })
