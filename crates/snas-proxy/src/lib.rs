@@ -1,5 +1,5 @@
-//! Egress proxy (tier 2). This crate currently holds the sans-IO core: no sockets, no threads,
-//! no clock reads — every call takes the current time as a [`clock::Nanos`] from the caller.
+//! Egress proxy (tier 2): a sans-IO core (no sockets, no threads, no clock reads — every call
+//! takes the current time as a [`clock::Nanos`] from the caller) and the daemon around it.
 //!
 //! # Layout
 //! - [`clock`]: the injected monotonic time ([`clock::Nanos`], [`clock::Clock`],
@@ -14,15 +14,37 @@
 //! - [`bindings`]: (job, address) → names learnt by the proxy's resolver, with expiry.
 //! - [`tier2`]: the per-packet pipeline in both directions — GENEVE receive rules, the job's
 //!   verified policy, new-flow admission, NAT, pacing, refusals and audit records.
+//! - [`gso`]: software segmentation of TCP super-packets (pure).
+//!
+//! The daemon (`snas proxy`, operator doc `docs/proxy.md`):
+//! - [`config`]: the `proxy.toml` schema.
+//! - [`daemon`]: wiring, data-path workers, pacing queue.
+//! - [`udp`], [`tun`]: batched GENEVE socket I/O and the TUN device (the only `unsafe`).
+//! - [`policy_fetch`]: the real policy cache and fetcher; [`http`]: its tiny client.
+//! - [`resolver`]: DNS for jobs and (job, address) bindings; [`control`]: HTTP control
+//!   endpoint; [`audit_log`]; [`metrics`].
 //!
 //! Operator topics (timeouts, quotas, quarantine, horizon, memory): `docs/proxy-core.md`.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+pub mod audit_log;
 pub mod bindings;
 pub mod clock;
+pub mod config;
 pub mod conntrack;
+pub mod control;
+pub mod daemon;
+pub mod gso;
+pub mod http;
+pub mod metrics;
 pub mod nat;
+pub mod policy_fetch;
+pub mod resolver;
 pub mod pacer;
 pub mod tier2;
 pub mod token_bucket;
+#[allow(unsafe_code)]
+pub mod tun;
+#[allow(unsafe_code)]
+pub mod udp;
 pub mod wheel;

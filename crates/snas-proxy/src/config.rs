@@ -1,0 +1,225 @@
+//! `proxy.toml`: the proxy daemon's configuration.
+//!
+//! # What it owns
+//! The schema (unknown fields are rejected), defaults of the optional fields, and the checks
+//! that need no I/O (non-empty node list, worker count, pool sizes). Every error names the file,
+//! the field and the reason. The operator reference is `docs/proxy.md`.
+//!
+//! # Limits
+//! IPv4 underlay and IPv4 egress pool only (the overlay contract is IPv4 outside).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+/// The GENEVE UDP port (contract).
+pub const GENEVE_PORT: u16 = 6081;
+
+/// Most workers accepted (one per core; the machine is small, the check catches typos).
+pub const MAX_WORKERS: usize = 64;
+
+/// The daemon configuration (see `docs/proxy.md` for every field).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Proxy name (logs, audit, metrics label).
+    pub name: String,
+    /// Underlay address: GENEVE on :6081 and the outer source toward nodes.
+    pub underlay_addr: Ipv4Addr,
+    /// Nodes GENEVE and DNS queries are accepted from; their agents serve policies.
+    pub nodes: Vec<Ipv4Addr>,
+    /// Port of the agents' policy endpoint.
+    #[serde(default = "default_agent_policy_port")]
+    pub agent_policy_port: u16,
+    /// Trust bundle: a `*.pub` file or a directory of them.
+    pub trust: PathBuf,
+    /// Egress address pool, routed to the TUN device.
+    pub egress_pool: Vec<Ipv4Net>,
+    /// TUN device name.
+    pub tun_name: String,
+    /// Data-path worker threads (each with its own socket and TUN queue).
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// DNS resolver listen address (UDP and TCP).
+    pub resolver_listen: SocketAddr,
+    /// Upstream DNS servers (the only ones used).
+    pub upstream_dns: Vec<SocketAddr>,
+    /// Control endpoint (HTTP): health, metrics, drain, bindings, flows.
+    pub control_listen: SocketAddr,
+    /// Audit log (JSON lines, appended).
+    pub audit_log: PathBuf,
+    /// State directory (created if missing).
+    pub state_dir: PathBuf,
+    /// Peer proxies that receive DNS binding pushes.
+    #[serde(default)]
+    pub peers: Vec<Ipv4Addr>,
+    /// File holding the shared peer secret (required when `peers` is set or pushes are
+    /// accepted).
+    #[serde(default)]
+    pub peer_secret_file: Option<PathBuf>,
+    /// TUN MTU; TCP super-packets above it are segmented by the proxy.
+    #[serde(default = "default_tun_mtu")]
+    pub tun_mtu: u32,
+    /// Timeout of one policy fetch, milliseconds.
+    #[serde(default = "default_fetch_timeout_ms")]
+    pub fetch_timeout_ms: u64,
+    /// How long a failed fetch is remembered (negative cache), seconds.
+    #[serde(default = "default_negative_cache_secs")]
+    pub negative_cache_secs: u64,
+    /// Pacing horizon (queueing-delay budget), milliseconds.
+    #[serde(default = "default_pacing_horizon_ms")]
+    pub pacing_horizon_ms: u64,
+    /// Datagrams per `recvmmsg`/`sendmmsg` batch.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+}
+
+fn default_agent_policy_port() -> u16 {
+    7070
+}
+fn default_workers() -> usize {
+    1
+}
+fn default_tun_mtu() -> u32 {
+    1500
+}
+fn default_fetch_timeout_ms() -> u64 {
+    2000
+}
+fn default_negative_cache_secs() -> u64 {
+    5
+}
+fn default_pacing_horizon_ms() -> u64 {
+    20
+}
+fn default_batch() -> usize {
+    32
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// the file cannot be read
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// the TOML does not match the schema (the message names the field)
+    #[error("{file}: {message}")]
+    Parse {
+        /// The file.
+        file: PathBuf,
+        /// The parser's message (field, line, reason).
+        message: String,
+    },
+    /// a field has an unusable value
+    #[error("{file}: field `{field}`: {reason}")]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl ProxyConfig {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<ProxyConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        ProxyConfig::parse(&text, path)
+    }
+
+    /// Parses and checks TOML text; `file` is only used in messages.
+    pub fn parse(text: &str, file: &Path) -> Result<ProxyConfig, ConfigError> {
+        let cfg: ProxyConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        cfg.check(file)?;
+        Ok(cfg)
+    }
+
+    fn check(&self, file: &Path) -> Result<(), ConfigError> {
+        let bad = |field: &'static str, reason: String| ConfigError::Invalid {
+            file: file.to_owned(),
+            field,
+            reason,
+        };
+        if self.name.is_empty() {
+            return Err(bad("name", "must not be empty".into()));
+        }
+        if self.nodes.is_empty() {
+            return Err(bad("nodes", "at least one node address is needed".into()));
+        }
+        if self.workers == 0 || self.workers > MAX_WORKERS {
+            return Err(bad(
+                "workers",
+                format!("{} is outside 1..={MAX_WORKERS}", self.workers),
+            ));
+        }
+        if self.egress_pool.is_empty() {
+            return Err(bad("egress_pool", "at least one prefix is needed".into()));
+        }
+        if self.egress_ips().is_empty() {
+            return Err(bad("egress_pool", "the prefixes hold no host address".into()));
+        }
+        if self.tun_name.is_empty() || self.tun_name.len() > 15 {
+            return Err(bad("tun_name", "must be 1 to 15 bytes (IFNAMSIZ)".into()));
+        }
+        if self.upstream_dns.is_empty() {
+            return Err(bad("upstream_dns", "at least one server is needed".into()));
+        }
+        if !(576..=65535).contains(&self.tun_mtu) {
+            return Err(bad("tun_mtu", format!("{} is outside 576..=65535", self.tun_mtu)));
+        }
+        if self.batch == 0 || self.batch > 1024 {
+            return Err(bad("batch", format!("{} is outside 1..=1024", self.batch)));
+        }
+        if self.fetch_timeout_ms == 0 {
+            return Err(bad("fetch_timeout_ms", "must be greater than zero".into()));
+        }
+        if !self.peers.is_empty() && self.peer_secret_file.is_none() {
+            return Err(bad(
+                "peer_secret_file",
+                "required when `peers` is set".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The egress addresses: the host addresses of every pool prefix, in order.
+    pub fn egress_ips(&self) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        for net in &self.egress_pool {
+            out.extend(net.hosts().map(IpAddr::V4));
+        }
+        out.dedup();
+        out
+    }
+
+    /// Policy fetch timeout.
+    pub fn fetch_timeout(&self) -> Duration {
+        Duration::from_millis(self.fetch_timeout_ms)
+    }
+
+    /// Negative-cache lifetime.
+    pub fn negative_cache(&self) -> Duration {
+        Duration::from_secs(self.negative_cache_secs)
+    }
+
+    /// Pacing horizon.
+    pub fn pacing_horizon(&self) -> Duration {
+        Duration::from_millis(self.pacing_horizon_ms)
+    }
+}

@@ -1,0 +1,685 @@
+//! The proxy daemon: wiring of the tier-2 engine to sockets, the TUN device, the policy
+//! fetcher, the control endpoint, the resolver and the audit log.
+//!
+//! # Threads
+//! - `workers` data-path threads (plain threads + `poll`): each owns a GENEVE socket bound to
+//!   `underlay:6081` with `SO_REUSEPORT` and one TUN queue, reads both in batches, runs every
+//!   packet through the shared [`Tier2`] engine, writes releases to the TUN device or to the
+//!   nodes with `sendmmsg`, and holds early packets in a departure-ordered queue until due.
+//! - one tokio runtime (2 threads) for everything that is not per packet: policy fetches,
+//!   policy expiry, the control endpoint and the resolver.
+//! - the audit writer thread ([`crate::audit_log`]).
+//!
+//! # Multi-worker consistency
+//! One [`Tier2`] engine behind a `Mutex`, locked once per batch and never across a system call:
+//! a worker receives a batch, locks, decides every packet, unlocks, then does the I/O. Any
+//! worker may therefore handle either direction of any flow (the TUN queue that receives a
+//! reply need not belong to the worker whose socket received the request). The cost is lock
+//! contention between workers, which is small at batch granularity on this 2-core machine.
+//!
+//! # Pacing
+//! Tier 2 stamps each packet with a departure time. A packet due now is written at once; a
+//! later one is copied into a recycled buffer and queued; `poll` wakes at the earliest
+//! departure (millisecond resolution) or every [`TICK`] for housekeeping.
+//!
+//! # Invariants
+//! - No allocation per packet on the established path (receive buffers, refusal buffers, send
+//!   batches and the pacing pool are reused; the pool grows only under a pacing backlog).
+//! - Drops are counted (engine drop counters, metrics), never errors.
+//! - Draining: the flag is copied into the engine before each batch; new flows are refused
+//!   with `draining`, existing ones continue.
+
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::BinaryHeap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use snas_policy::bundle_fs::load_trust_bundle;
+
+use crate::audit_log::{self, AuditLine, AuditSink};
+use crate::clock::{Clock, MonotonicClock, Nanos};
+use crate::config::{ProxyConfig, GENEVE_PORT};
+use crate::gso;
+use crate::metrics::{add, Metrics};
+use crate::pacer::PacerConfig;
+use crate::policy_fetch::{FetchConfig, Fetcher, PolicyStore};
+use crate::tier2::{Now, Tier2, Tier2Config, Verdict, GENEVE_HEADER_LEN};
+use crate::tun::{self, TunQueue};
+use crate::udp::{self, GeneveSocket, RecvBatch, SendBatch};
+
+/// Housekeeping period (conntrack expiry, drain flag) and longest `poll` sleep.
+pub const TICK: Duration = Duration::from_millis(5);
+
+/// Size of a refusal buffer (GENEVE header + RST or ICMP quoting up to 1280 bytes).
+const REFUSAL_LEN: usize = GENEVE_HEADER_LEN + 1400;
+
+/// State shared by workers, the control endpoint and the resolver.
+#[derive(Debug)]
+pub struct Shared {
+    /// The configuration.
+    pub cfg: ProxyConfig,
+    /// The tier-2 engine (one for all workers; see the module docs).
+    pub engine: Mutex<Tier2>,
+    /// Verified policies.
+    pub store: Arc<PolicyStore>,
+    /// Policy fetcher.
+    pub fetcher: Arc<Fetcher>,
+    /// Drain flag (control endpoint).
+    pub draining: AtomicBool,
+    /// Counters.
+    pub metrics: Metrics,
+    /// Audit log.
+    pub audit: AuditSink,
+    /// The monotonic clock of the engine.
+    pub clock: MonotonicClock,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    /// Locks the engine (a poisoned lock is taken over: the engine has no invariant a panic in
+    /// a worker could break half-way that is worse than stopping the proxy).
+    pub fn engine(&self) -> MutexGuard<'_, Tier2> {
+        self.engine.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The engine's monotonic time now.
+    pub fn clock_now(&self) -> Nanos {
+        self.clock.now()
+    }
+
+    /// The engine's time now.
+    pub fn now(&self) -> Now {
+        Now {
+            mono: self.clock.now(),
+            unix_secs: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+
+    /// Sends the engine's pending audit records to the log (call with the engine locked).
+    pub fn flush_audit(&self, engine: &mut Tier2) {
+        for r in engine.drain_audit() {
+            self.audit.send(AuditLine::from_flow(&r));
+        }
+    }
+}
+
+/// A start-up failure.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// the trust bundle cannot be loaded
+    #[error("trust bundle: {0}")]
+    Trust(#[from] snas_policy::bundle_fs::BundleFsError),
+    /// the engine configuration is invalid
+    #[error("tier 2: {0}")]
+    Engine(#[from] crate::tier2::Tier2Error),
+    /// the TUN device cannot be set up
+    #[error(transparent)]
+    Tun(#[from] tun::TunError),
+    /// a socket cannot be bound
+    #[error("bind {what} {addr}: {source}")]
+    Bind {
+        /// Which socket.
+        what: &'static str,
+        /// Address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// the audit log cannot be opened
+    #[error(transparent)]
+    Audit(#[from] audit_log::AuditError),
+    /// the state directory, runtime or a thread cannot be created
+    #[error("{what}: {source}")]
+    Io {
+        /// What.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// the peer secret cannot be read
+    #[error("peer secret {path}: {detail}")]
+    PeerSecret {
+        /// File.
+        path: String,
+        /// Why.
+        detail: String,
+    },
+}
+
+/// A running proxy. Dropping it stops the workers and the runtime.
+#[derive(Debug)]
+pub struct Daemon {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+fn engine_config(cfg: &ProxyConfig, clock_horizon: Duration) -> Tier2Config {
+    let mut t = Tier2Config::new(cfg.underlay_addr, cfg.nodes.clone(), cfg.egress_ips());
+    t.pacer = PacerConfig {
+        horizon: clock_horizon,
+        ..PacerConfig::default()
+    };
+    t
+}
+
+impl Daemon {
+    /// Sets everything up on the calling thread's network namespace and starts the threads.
+    pub fn start(cfg: ProxyConfig) -> Result<Daemon, DaemonError> {
+        let io = |what| move |source| DaemonError::Io { what, source };
+        std::fs::create_dir_all(&cfg.state_dir).map_err(io("create state_dir"))?;
+        let trust = load_trust_bundle(&cfg.trust)?;
+        let peer_secret = match &cfg.peer_secret_file {
+            Some(p) => Some(read_secret(p)?),
+            None => None,
+        };
+        let clock = MonotonicClock::new();
+        let engine = Tier2::new(engine_config(&cfg, cfg.pacing_horizon()), clock.now())?;
+
+        // The data path: TUN queues and GENEVE sockets, bound here so errors surface.
+        let multi = cfg.workers > 1;
+        let mut queues = Vec::with_capacity(cfg.workers);
+        for _ in 0..cfg.workers {
+            queues.push(TunQueue::open(&cfg.tun_name, multi)?);
+        }
+        tun::configure(&cfg.tun_name, cfg.tun_mtu, &cfg.egress_pool)?;
+        let gaddr = SocketAddrV4::new(cfg.underlay_addr, GENEVE_PORT);
+        let mut socks = Vec::with_capacity(cfg.workers);
+        for _ in 0..cfg.workers {
+            socks.push(GeneveSocket::bind(gaddr).map_err(|source| DaemonError::Bind {
+                what: "GENEVE",
+                addr: gaddr.into(),
+                source,
+            })?);
+        }
+        let control = std::net::TcpListener::bind(cfg.control_listen).map_err(|source| {
+            DaemonError::Bind {
+                what: "control",
+                addr: cfg.control_listen,
+                source,
+            }
+        })?;
+        control
+            .set_nonblocking(true)
+            .map_err(io("control listener"))?;
+        let resolver_sockets = crate::resolver::bind(cfg.resolver_listen).map_err(|source| {
+            DaemonError::Bind {
+                what: "resolver",
+                addr: cfg.resolver_listen,
+                source,
+            }
+        })?;
+
+        let (audit, _audit_thread) = audit_log::start(&cfg.audit_log)?;
+        let store = Arc::new(PolicyStore::new());
+        let (fetcher, queue) = Fetcher::new(
+            Arc::clone(&store),
+            trust,
+            FetchConfig {
+                agent_port: cfg.agent_policy_port,
+                timeout: cfg.fetch_timeout(),
+                negative: cfg.negative_cache(),
+            },
+        );
+        let shared = Arc::new(Shared {
+            cfg,
+            engine: Mutex::new(engine),
+            store,
+            fetcher: Arc::clone(&fetcher),
+            draining: AtomicBool::new(false),
+            metrics: Metrics::default(),
+            audit,
+            clock,
+            stop: AtomicBool::new(false),
+        });
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("snas-proxy-ctl")
+            .enable_all()
+            .build()
+            .map_err(io("tokio runtime"))?;
+        {
+            let _enter = runtime.enter();
+            let listener =
+                tokio::net::TcpListener::from_std(control).map_err(io("control listener"))?;
+            runtime.spawn(fetcher.run(queue));
+            runtime.spawn(expire_policies(Arc::clone(&shared)));
+            runtime.spawn(crate::control::serve(
+                listener,
+                Arc::clone(&shared),
+                peer_secret.clone(),
+            ));
+            crate::resolver::spawn(resolver_sockets, Arc::clone(&shared), peer_secret)
+                .map_err(io("resolver sockets"))?;
+        }
+
+        let mut workers = Vec::with_capacity(socks.len());
+        for (i, (sock, q)) in socks.into_iter().zip(queues).enumerate() {
+            let s = Arc::clone(&shared);
+            let h = std::thread::Builder::new()
+                .name(format!("snas-proxy-w{i}"))
+                .spawn(move || Worker::new(s, sock, q).run())
+                .map_err(io("worker thread"))?;
+            workers.push(h);
+        }
+        tracing::info!(
+            name = %shared.cfg.name,
+            workers = shared.cfg.workers,
+            "proxy started"
+        );
+        Ok(Daemon {
+            shared,
+            workers,
+            runtime: Some(runtime),
+        })
+    }
+
+    /// The shared state (tests, the CLI).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Stops the threads and waits for the workers.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn read_secret(p: &std::path::Path) -> Result<Arc<str>, DaemonError> {
+    let err = |detail: String| DaemonError::PeerSecret {
+        path: p.display().to_string(),
+        detail,
+    };
+    let s = std::fs::read_to_string(p).map_err(|e| err(e.to_string()))?;
+    let s = s.trim();
+    if s.len() < 16 {
+        return Err(err("shorter than 16 characters".into()));
+    }
+    Ok(Arc::from(s))
+}
+
+async fn expire_policies(shared: Arc<Shared>) {
+    let mut t = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        t.tick().await;
+        let n = shared.now();
+        shared.store.evict_expired(n.unix_secs, Instant::now());
+    }
+}
+
+/// Where a held packet goes.
+#[derive(Debug)]
+struct Held {
+    depart: Nanos,
+    seq: u64,
+    to: Option<SocketAddrV4>,
+    data: Vec<u8>,
+}
+
+impl PartialEq for Held {
+    fn eq(&self, o: &Self) -> bool {
+        (self.depart, self.seq) == (o.depart, o.seq)
+    }
+}
+impl Eq for Held {}
+impl PartialOrd for Held {
+    fn partial_cmp(&self, o: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Held {
+    // Reversed: BinaryHeap is a max-heap and the earliest departure must come out first.
+    fn cmp(&self, o: &Self) -> CmpOrdering {
+        (o.depart, o.seq).cmp(&(self.depart, self.seq))
+    }
+}
+
+/// What to do with slot `i` of a batch once the engine lock is released.
+#[derive(Debug, Clone)]
+enum Out {
+    Nothing,
+    Internet(std::ops::Range<usize>),
+    Node(Ipv4Addr, std::ops::Range<usize>),
+    Refuse(Ipv4Addr, usize),
+    Hold(Nanos, Option<SocketAddrV4>, std::ops::Range<usize>),
+}
+
+struct Worker {
+    s: Arc<Shared>,
+    sock: GeneveSocket,
+    tun: TunQueue,
+    rx: RecvBatch,
+    tx: SendBatch,
+    refusals: Vec<Vec<u8>>,
+    tunbufs: Vec<Vec<u8>>,
+    tunlens: Vec<usize>,
+    outs: Vec<Out>,
+    held: BinaryHeap<Held>,
+    pool: Vec<Vec<u8>>,
+    seq: u64,
+    scratch: Vec<u8>,
+    mtu: usize,
+    last_tick: Nanos,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    fn new(s: Arc<Shared>, sock: GeneveSocket, tun: TunQueue) -> Worker {
+        let batch = s.cfg.batch;
+        let mtu = s.cfg.tun_mtu as usize;
+        Worker {
+            rx: RecvBatch::new(batch),
+            tx: SendBatch::with_capacity(batch * 2),
+            refusals: (0..batch).map(|_| vec![0u8; REFUSAL_LEN]).collect(),
+            tunbufs: (0..batch)
+                .map(|_| vec![0u8; GENEVE_HEADER_LEN + 65535])
+                .collect(),
+            tunlens: vec![0; batch],
+            outs: vec![Out::Nothing; batch],
+            held: BinaryHeap::with_capacity(1024),
+            pool: Vec::new(),
+            seq: 0,
+            scratch: vec![0u8; mtu],
+            mtu,
+            last_tick: Nanos::ZERO,
+            s,
+            sock,
+            tun,
+        }
+    }
+
+    fn run(mut self) {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.sock.raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.tun.raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        while !self.s.stop.load(Ordering::Relaxed) {
+            let now = self.s.clock.now();
+            let mut wait = TICK;
+            if let Some(h) = self.held.peek() {
+                wait = wait.min(h.depart.saturating_duration_since(now));
+            }
+            let ms = i32::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(5);
+            if let Err(e) = udp::poll(&mut fds, ms) {
+                tracing::error!(error = %e, "poll failed; worker stops");
+                return;
+            }
+            // Bounded work per wake-up so neither direction starves the other.
+            for _ in 0..8 {
+                let a = self.node_batch();
+                let b = self.internet_batch();
+                if a == 0 && b == 0 {
+                    break;
+                }
+            }
+            self.release_due();
+            self.housekeeping();
+        }
+    }
+
+    fn node_batch(&mut self) -> usize {
+        let n = match self.rx.recv(&self.sock) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "recvmmsg failed");
+                return 0;
+            }
+        };
+        if n == 0 {
+            return 0;
+        }
+        let snap = self.s.store.snapshot();
+        let view = snap.at(Instant::now());
+        let now = self.s.now();
+        let mut bytes = 0u64;
+        {
+            let mut eng = self.s.engine();
+            let draining = self.s.draining.load(Ordering::Relaxed);
+            if eng.is_draining() != draining {
+                eng.set_draining(draining);
+            }
+            for i in 0..n {
+                let meta = self.rx.meta[i];
+                bytes += meta.len as u64;
+                let payload = &mut self.rx.bufs[i][..meta.len];
+                let v = eng.from_node(&view, *meta.src.ip(), payload, &mut self.refusals[i], now);
+                self.outs[i] = match v {
+                    Verdict::ToInternet { range, depart } if depart <= now.mono => {
+                        Out::Internet(range)
+                    }
+                    Verdict::ToInternet { range, depart } => Out::Hold(depart, None, range),
+                    Verdict::Refuse {
+                        node, reply_len, ..
+                    } => Out::Refuse(node, reply_len),
+                    Verdict::NeedPolicy { job_key, node } => {
+                        add(&self.s.metrics.need_policy, 1);
+                        self.s.fetcher.request(job_key, node);
+                        Out::Nothing
+                    }
+                    Verdict::Drop(_) | Verdict::ToNode { .. } => Out::Nothing,
+                };
+            }
+            self.s.flush_audit(&mut eng);
+            for (job, node) in eng.drain_refetch() {
+                self.s.fetcher.request(job, node);
+            }
+        }
+        add(&self.s.metrics.node_rx_packets, n as u64);
+        add(&self.s.metrics.node_rx_bytes, bytes);
+        let mut refusals = 0;
+        for i in 0..n {
+            match self.outs[i].clone() {
+                Out::Internet(r) => {
+                    write_internet(&self.s, &self.tun, &self.rx.bufs[i][r], self.mtu, &mut self.scratch)
+                }
+                Out::Hold(depart, to, r) => {
+                    let mut buf = self.pool.pop().unwrap_or_default();
+                    buf.clear();
+                    buf.extend_from_slice(&self.rx.bufs[i][r]);
+                    self.seq += 1;
+                    self.held.push(Held {
+                        depart,
+                        seq: self.seq,
+                        to,
+                        data: buf,
+                    });
+                }
+                Out::Refuse(..) => refusals += 1,
+                _ => {}
+            }
+        }
+        if refusals > 0 {
+            let msgs = (0..n).filter_map(|i| match self.outs[i] {
+                Out::Refuse(node, len) => Some((
+                    SocketAddrV4::new(node, GENEVE_PORT),
+                    &self.refusals[i][..len],
+                )),
+                _ => None,
+            });
+            let sent = self.tx.send(&self.sock, msgs);
+            add(&self.s.metrics.refusals, sent as u64);
+            add(&self.s.metrics.node_tx_packets, sent as u64);
+        }
+        n
+    }
+
+    fn internet_batch(&mut self) -> usize {
+        let mut n = 0;
+        let mut bytes = 0u64;
+        while n < self.tunbufs.len() {
+            match self.tun.read(&mut self.tunbufs[n][GENEVE_HEADER_LEN..]) {
+                Ok(Some(len)) => {
+                    self.tunlens[n] = len;
+                    bytes += len as u64;
+                    n += 1;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "TUN read failed");
+                    break;
+                }
+            }
+        }
+        if n == 0 {
+            return 0;
+        }
+        add(&self.s.metrics.internet_rx_packets, n as u64);
+        add(&self.s.metrics.internet_rx_bytes, bytes);
+        let now = self.s.now();
+        {
+            let mut eng = self.s.engine();
+            for i in 0..n {
+                let inner = GENEVE_HEADER_LEN..GENEVE_HEADER_LEN + self.tunlens[i];
+                self.outs[i] = match eng.from_internet(&mut self.tunbufs[i], inner, now) {
+                    Verdict::ToNode {
+                        node,
+                        range,
+                        depart,
+                    } if depart <= now.mono => Out::Node(node, range),
+                    Verdict::ToNode {
+                        node,
+                        range,
+                        depart,
+                    } => Out::Hold(depart, Some(SocketAddrV4::new(node, GENEVE_PORT)), range),
+                    _ => Out::Nothing,
+                };
+            }
+        }
+        let mut direct = 0;
+        for i in 0..n {
+            match self.outs[i].clone() {
+                Out::Node(..) => direct += 1,
+                Out::Hold(depart, to, r) => {
+                    let mut buf = self.pool.pop().unwrap_or_default();
+                    buf.clear();
+                    buf.extend_from_slice(&self.tunbufs[i][r]);
+                    self.seq += 1;
+                    self.held.push(Held {
+                        depart,
+                        seq: self.seq,
+                        to,
+                        data: buf,
+                    });
+                }
+                _ => {}
+            }
+        }
+        if direct > 0 {
+            let mut bytes = 0u64;
+            let msgs = (0..n).filter_map(|i| match &self.outs[i] {
+                Out::Node(node, r) => {
+                    bytes += r.len() as u64;
+                    Some((
+                        SocketAddrV4::new(*node, GENEVE_PORT),
+                        &self.tunbufs[i][r.clone()],
+                    ))
+                }
+                _ => None,
+            });
+            let sent = self.tx.send(&self.sock, msgs);
+            add(&self.s.metrics.node_tx_packets, sent as u64);
+            add(&self.s.metrics.node_tx_bytes, bytes);
+        }
+        n
+    }
+
+    fn release_due(&mut self) {
+        let now = self.s.clock.now();
+        let mut to_nodes: Vec<Held> = Vec::new();
+        while self.held.peek().is_some_and(|h| h.depart <= now) {
+            let Some(h) = self.held.pop() else { break };
+            match h.to {
+                None => {
+                    write_internet(&self.s, &self.tun, &h.data, self.mtu, &mut self.scratch);
+                    self.pool.push(h.data);
+                }
+                Some(_) => to_nodes.push(h),
+            }
+        }
+        if !to_nodes.is_empty() {
+            let bytes: u64 = to_nodes.iter().map(|h| h.data.len() as u64).sum();
+            let msgs = to_nodes
+                .iter()
+                .filter_map(|h| h.to.map(|to| (to, h.data.as_slice())));
+            let sent = self.tx.send(&self.sock, msgs);
+            add(&self.s.metrics.node_tx_packets, sent as u64);
+            add(&self.s.metrics.node_tx_bytes, bytes);
+            self.pool.extend(to_nodes.into_iter().map(|h| h.data));
+        }
+    }
+
+    fn housekeeping(&mut self) {
+        let now = self.s.now();
+        if now.mono.saturating_duration_since(self.last_tick) < TICK {
+            return;
+        }
+        self.last_tick = now.mono;
+        let mut eng = self.s.engine();
+        let draining = self.s.draining.load(Ordering::Relaxed);
+        if eng.is_draining() != draining {
+            eng.set_draining(draining);
+        }
+        eng.tick(now);
+        self.s.flush_audit(&mut eng);
+    }
+}
+
+fn write_internet(s: &Shared, tun: &TunQueue, pkt: &[u8], mtu: usize, scratch: &mut [u8]) {
+    let m = &s.metrics;
+    if gso::needs_segmenting(pkt, mtu) {
+        add(&m.gso_segmented, 1);
+        let r = gso::segment_tcp(pkt, mtu, scratch, |seg| match tun.write(seg) {
+            Ok(()) => {
+                add(&m.internet_tx_packets, 1);
+                add(&m.internet_tx_bytes, seg.len() as u64);
+            }
+            Err(_) => add(&m.tun_write_errors, 1),
+        });
+        if r.is_err() {
+            add(&m.tun_write_errors, 1);
+        }
+        return;
+    }
+    match tun.write(pkt) {
+        Ok(()) => {
+            add(&m.internet_tx_packets, 1);
+            add(&m.internet_tx_bytes, pkt.len() as u64);
+        }
+        Err(_) => add(&m.tun_write_errors, 1),
+    }
+}

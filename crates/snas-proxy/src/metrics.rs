@@ -1,0 +1,164 @@
+//! Proxy metrics in the Prometheus text exposition format (`GET /metrics`).
+//!
+//! # What it owns
+//! The data path's counters (relaxed atomics, bumped once per batch or per event, never
+//! locked) and [`render`], which adds gauges read at scrape time from the engine (drops by
+//! reason, live flows, NAT utilisation per egress address), the policy cache and the fetcher.
+//!
+//! # Choice
+//! The text format is written by hand (a dozen families, no labels beyond `reason`,
+//! `direction`, `egress_ip`, `outcome`), which keeps the data path free of a metrics
+//! library's registry locks.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use snas_wire::Reason;
+
+use crate::tier2::Tier2;
+
+/// Counters bumped by workers, the resolver and the control endpoint.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// GENEVE datagrams received from nodes.
+    pub node_rx_packets: AtomicU64,
+    /// Their bytes (UDP payload).
+    pub node_rx_bytes: AtomicU64,
+    /// Packets written to the TUN device (after segmentation).
+    pub internet_tx_packets: AtomicU64,
+    /// Their bytes.
+    pub internet_tx_bytes: AtomicU64,
+    /// Packets read from the TUN device.
+    pub internet_rx_packets: AtomicU64,
+    /// Their bytes.
+    pub internet_rx_bytes: AtomicU64,
+    /// GENEVE datagrams sent to nodes (replies and refusals).
+    pub node_tx_packets: AtomicU64,
+    /// Their bytes.
+    pub node_tx_bytes: AtomicU64,
+    /// Refusals (RST / ICMP) sent.
+    pub refusals: AtomicU64,
+    /// Packets dropped because the job's policy was not cached yet (a fetch was queued).
+    pub need_policy: AtomicU64,
+    /// TUN writes that failed (queue full, refused).
+    pub tun_write_errors: AtomicU64,
+    /// TCP super-packets segmented.
+    pub gso_segmented: AtomicU64,
+    /// DNS queries answered (NOERROR / NXDOMAIN / NODATA).
+    pub dns_answered: AtomicU64,
+    /// DNS queries refused.
+    pub dns_refused: AtomicU64,
+    /// DNS queries that failed upstream (SERVFAIL).
+    pub dns_failed: AtomicU64,
+    /// Bindings received from peers and accepted.
+    pub peer_bindings: AtomicU64,
+}
+
+/// Adds `n` to a counter.
+pub fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// Values read outside the engine lock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Extra {
+    /// Policies cached.
+    pub policies: usize,
+    /// Policy fetches that succeeded.
+    pub fetch_ok: u64,
+    /// Policy fetches that failed.
+    pub fetch_failed: u64,
+    /// Audit lines dropped.
+    pub audit_dropped: u64,
+    /// Audit lines written.
+    pub audit_written: u64,
+    /// Whether draining.
+    pub draining: bool,
+}
+
+/// The exposition text.
+pub fn render(m: &Metrics, engine: &Tier2, extra: Extra) -> String {
+    let mut o = String::with_capacity(4096);
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    family(&mut o, "snas_proxy_packets_total", "counter", "Packets by direction.");
+    for (dir, c) in [
+        ("node_rx", &m.node_rx_packets),
+        ("internet_tx", &m.internet_tx_packets),
+        ("internet_rx", &m.internet_rx_packets),
+        ("node_tx", &m.node_tx_packets),
+    ] {
+        let _ = writeln!(o, "snas_proxy_packets_total{{direction=\"{dir}\"}} {}", get(c));
+    }
+    family(&mut o, "snas_proxy_bytes_total", "counter", "Bytes by direction.");
+    for (dir, c) in [
+        ("node_rx", &m.node_rx_bytes),
+        ("internet_tx", &m.internet_tx_bytes),
+        ("internet_rx", &m.internet_rx_bytes),
+        ("node_tx", &m.node_tx_bytes),
+    ] {
+        let _ = writeln!(o, "snas_proxy_bytes_total{{direction=\"{dir}\"}} {}", get(c));
+    }
+    family(&mut o, "snas_proxy_drops_total", "counter", "Tier-2 drops and refusals by reason.");
+    let drops = engine.drops();
+    for r in Reason::ALL {
+        let n = drops.get(usize::from(r.code())).copied().unwrap_or(0);
+        if n > 0 {
+            let _ = writeln!(o, "snas_proxy_drops_total{{reason=\"{}\"}} {n}", r.name());
+        }
+    }
+    let simple: [(&str, &str, u64); 6] = [
+        ("snas_proxy_refusals_sent_total", "RST/ICMP refusals sent to nodes.", get(&m.refusals)),
+        ("snas_proxy_need_policy_total", "Packets dropped while their job's policy was fetched.", get(&m.need_policy)),
+        ("snas_proxy_tun_write_errors_total", "Failed TUN writes.", get(&m.tun_write_errors)),
+        ("snas_proxy_gso_segmented_total", "TCP super-packets segmented.", get(&m.gso_segmented)),
+        ("snas_proxy_policy_fetch_failures_total", "Failed policy fetches.", extra.fetch_failed),
+        ("snas_proxy_policy_fetches_total", "Successful policy fetches.", extra.fetch_ok),
+    ];
+    for (name, help, v) in simple {
+        family(&mut o, name, "counter", help);
+        let _ = writeln!(o, "{name} {v}");
+    }
+    family(&mut o, "snas_proxy_audit_lines_total", "counter", "Audit lines by outcome.");
+    let _ = writeln!(o, "snas_proxy_audit_lines_total{{outcome=\"written\"}} {}", extra.audit_written);
+    let _ = writeln!(o, "snas_proxy_audit_lines_total{{outcome=\"dropped\"}} {}", extra.audit_dropped);
+    family(&mut o, "snas_proxy_dns_queries_total", "counter", "DNS queries by outcome.");
+    for (outcome, c) in [
+        ("answered", &m.dns_answered),
+        ("refused", &m.dns_refused),
+        ("failed", &m.dns_failed),
+    ] {
+        let _ = writeln!(o, "snas_proxy_dns_queries_total{{outcome=\"{outcome}\"}} {}", get(c));
+    }
+    family(&mut o, "snas_proxy_peer_bindings_total", "counter", "Bindings accepted from peers.");
+    let _ = writeln!(o, "snas_proxy_peer_bindings_total {}", get(&m.peer_bindings));
+    family(&mut o, "snas_proxy_flows", "gauge", "Live flows.");
+    let _ = writeln!(o, "snas_proxy_flows {}", engine.conntrack().len());
+    family(&mut o, "snas_proxy_policies", "gauge", "Verified policies cached.");
+    let _ = writeln!(o, "snas_proxy_policies {}", extra.policies);
+    family(&mut o, "snas_proxy_draining", "gauge", "1 while draining.");
+    let _ = writeln!(o, "snas_proxy_draining {}", u8::from(extra.draining));
+    family(&mut o, "snas_proxy_nat_ports_live", "gauge", "Live NAT ports per egress address.");
+    let usage = engine.conntrack().nat().egress_usage();
+    for u in &usage {
+        let _ = writeln!(o, "snas_proxy_nat_ports_live{{egress_ip=\"{}\"}} {}", u.ip, u.live);
+    }
+    family(
+        &mut o,
+        "snas_proxy_nat_busiest_destination_utilisation",
+        "gauge",
+        "Highest fraction of ports used toward one destination, per egress address.",
+    );
+    for u in &usage {
+        let _ = writeln!(
+            o,
+            "snas_proxy_nat_busiest_destination_utilisation{{egress_ip=\"{}\"}} {}",
+            u.ip, u.busiest_destination_utilisation
+        );
+    }
+    o
+}

@@ -1,0 +1,178 @@
+//! The internet-side TUN device: one queue per worker, the egress pool routed to it.
+//!
+//! # What it owns
+//! Opening `/dev/net/tun` (`IFF_TUN | IFF_NO_PI`, plus `IFF_MULTI_QUEUE` when there is more
+//! than one worker), non-blocking `read`/`write` of single IP packets, and the one-time set-up
+//! with `ip` (MTU, link up, a route for each egress prefix) and `net.ipv4.ip_forward=1` in the
+//! proxy's namespace. The device is not persistent: it and its routes disappear when the last
+//! queue closes.
+//!
+//! # Choices
+//! No `IFF_VNET_HDR`: the device MTU is the internet MTU (1500 by default) and the proxy
+//! segments TCP super-packets itself ([`crate::gso`]) before writing them. Replies read from
+//! the device are therefore never larger than the MTU.
+//!
+//! # Limits
+//! The `ip` binary must be on `PATH` (start-up only).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::process::Command;
+
+use ipnet::Ipv4Net;
+
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const IFF_TUN: libc::c_short = 0x0001;
+const IFF_NO_PI: libc::c_short = 0x1000;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
+
+/// `struct ifreq` as TUNSETIFF reads it (name + flags, padded to 40 bytes).
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// A TUN set-up failure.
+#[derive(Debug, thiserror::Error)]
+pub enum TunError {
+    /// opening or attaching a queue failed
+    #[error("TUN {name}: {op}: {source}")]
+    Open {
+        /// Device name.
+        name: String,
+        /// The failing step.
+        op: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// an `ip` command or the sysctl failed
+    #[error("TUN {name}: `{command}` failed: {detail}")]
+    Setup {
+        /// Device name.
+        name: String,
+        /// The command.
+        command: String,
+        /// Its stderr or the I/O error.
+        detail: String,
+    },
+}
+
+/// One queue of the TUN device.
+#[derive(Debug)]
+pub struct TunQueue {
+    fd: OwnedFd,
+}
+
+impl TunQueue {
+    /// Opens one queue of device `name` (created by the first queue).
+    pub fn open(name: &str, multi_queue: bool) -> Result<TunQueue, TunError> {
+        let err = |op, source| TunError::Open {
+            name: name.to_owned(),
+            op,
+            source,
+        };
+        if name.is_empty() || name.len() > 15 {
+            return Err(err(
+                "name",
+                io::Error::new(io::ErrorKind::InvalidInput, "name must be 1..=15 bytes"),
+            ));
+        }
+        // SAFETY: the path is a NUL-terminated literal; the result is checked.
+        let raw = unsafe {
+            libc::open(
+                c"/dev/net/tun".as_ptr(),
+                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        };
+        if raw < 0 {
+            return Err(err("open /dev/net/tun", io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a fresh descriptor owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: IFF_TUN | IFF_NO_PI | if multi_queue { IFF_MULTI_QUEUE } else { 0 },
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes a struct ifreq; `req` has its layout and size and
+        // lives across the call.
+        let r = unsafe { libc::ioctl(raw, TUNSETIFF, &mut req as *mut IfReq) };
+        if r < 0 {
+            return Err(err("TUNSETIFF", io::Error::last_os_error()));
+        }
+        Ok(TunQueue { fd })
+    }
+
+    /// The descriptor (for `poll`).
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Reads one packet into `buf`; `Ok(None)` when nothing is queued.
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
+        let r = unsafe { libc::read(self.raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) {
+                return Ok(None);
+            }
+            return Err(e);
+        }
+        Ok(Some(r as usize))
+    }
+
+    /// Writes one packet. A full device queue (`EAGAIN`) or a refused packet is an error the
+    /// caller counts as a drop.
+    pub fn write(&self, packet: &[u8]) -> io::Result<()> {
+        // SAFETY: `packet` is valid for reads of `packet.len()` bytes.
+        let r = unsafe { libc::write(self.raw_fd(), packet.as_ptr().cast(), packet.len()) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+fn run_ip(name: &str, args: &[&str]) -> Result<(), TunError> {
+    let command = format!("ip {}", args.join(" "));
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| TunError::Setup {
+            name: name.to_owned(),
+            command: command.clone(),
+            detail: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(TunError::Setup {
+            name: name.to_owned(),
+            command,
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Sets the MTU, brings the device up, routes every egress prefix to it and enables IPv4
+/// forwarding in this namespace.
+pub fn configure(name: &str, mtu: u32, pool: &[Ipv4Net]) -> Result<(), TunError> {
+    let mtu = mtu.to_string();
+    run_ip(name, &["link", "set", "dev", name, "mtu", &mtu, "up"])?;
+    for net in pool {
+        let net = net.trunc().to_string();
+        run_ip(name, &["route", "replace", &net, "dev", name])?;
+    }
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|e| TunError::Setup {
+        name: name.to_owned(),
+        command: "sysctl net.ipv4.ip_forward=1".into(),
+        detail: e.to_string(),
+    })?;
+    Ok(())
+}

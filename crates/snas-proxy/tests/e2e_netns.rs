@@ -1,0 +1,388 @@
+//! Privileged (root): the proxy daemon end to end in three network namespaces, without the
+//! agent. A "node" namespace sends GENEVE datagrams built with snas_wire to the proxy and
+//! serves the job's signed policy on :7070; the "proxy" namespace runs `Daemon` (TUN, routes,
+//! workers); an "internet" namespace runs TCP and UDP echo servers reached through the
+//! proxy's egress pool. Checks: UDP echo and a TCP handshake come back GENEVE-encapsulated, a
+//! denied destination gets an RST, draining refuses new flows but not established ones,
+//! healthz/metrics/flows and the audit log. Every name is unique per run; a guard deletes the
+//! namespaces (and with them the veths and the TUN device).
+#![allow(clippy::unwrap_used)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use snas_policy::authoring::parse_policy;
+use snas_policy::identity;
+use snas_policy::jws::sign;
+use snas_policy::keys::PolicyKey;
+use snas_proxy::config::ProxyConfig;
+use snas_proxy::daemon::Daemon;
+use snas_wire::build::{tcp, udp, TcpSpec, UdpSpec};
+use snas_wire::geneve::{parse_payload, write_geneve_header, InnerProto, SnasOption};
+use snas_wire::TcpFlags;
+
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
+const PROXY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 21);
+const PROXY_NET: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+const ECHO: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const DENIED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+const SANDBOX: Ipv4Addr = Ipv4Addr::new(10, 255, 0, 2);
+const JTI: &str = "jti-e2e-proxy-0000001";
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Deletes the namespaces on drop (veths and the TUN device go with them).
+struct Netns(Vec<String>);
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+/// Runs `f` on a new thread inside namespace `ns` (threads it spawns stay there).
+fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = File::open(&path).unwrap();
+        // SAFETY: fd is an open netns file; setns changes only this thread's namespace.
+        let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}");
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Spawns a long-lived thread inside `ns`.
+fn spawn_in_ns(ns: &str, f: impl FnOnce() + Send + 'static) {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = File::open(&path).unwrap();
+        // SAFETY: as in `in_ns`.
+        let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}");
+        f()
+    });
+}
+
+fn topology(p: &str) -> (Netns, [String; 3]) {
+    let names = [format!("{p}-node"), format!("{p}-proxy"), format!("{p}-inet")];
+    let guard = Netns(names.to_vec());
+    for n in &names {
+        sh(&["ip", "netns", "add", n]);
+        sh(&["ip", "-n", n, "link", "set", "lo", "up"]);
+    }
+    let [node, proxy, inet] = &names;
+    let (a, b) = (format!("{p}a0"), format!("{p}a1"));
+    sh(&["ip", "link", "add", &a, "netns", node, "type", "veth", "peer", "name", &b, "netns", proxy]);
+    sh(&["ip", "-n", node, "addr", "add", "192.0.2.11/24", "dev", &a]);
+    sh(&["ip", "-n", node, "link", "set", &a, "up"]);
+    sh(&["ip", "-n", proxy, "addr", "add", "192.0.2.21/24", "dev", &b]);
+    sh(&["ip", "-n", proxy, "link", "set", &b, "up"]);
+    let (c, d) = (format!("{p}b0"), format!("{p}b1"));
+    sh(&["ip", "link", "add", &c, "netns", proxy, "type", "veth", "peer", "name", &d, "netns", inet]);
+    sh(&["ip", "-n", proxy, "addr", "add", "203.0.113.1/24", "dev", &c]);
+    sh(&["ip", "-n", proxy, "link", "set", &c, "up"]);
+    sh(&["ip", "-n", proxy, "route", "add", "default", "via", "203.0.113.10"]);
+    sh(&["ip", "-n", inet, "addr", "add", "203.0.113.10/24", "dev", &d]);
+    sh(&["ip", "-n", inet, "addr", "add", "203.0.113.20/24", "dev", &d]);
+    sh(&["ip", "-n", inet, "link", "set", &d, "up"]);
+    sh(&["ip", "-n", inet, "route", "add", "198.51.100.64/28", "via", "203.0.113.1"]);
+    (guard, names)
+}
+
+const POLICY: &str = r#"
+tenant = "acme"
+job = "e2e"
+node = "192.0.2.11"
+[[egress]]
+cidr = "203.0.113.10/32"
+ports = "7"
+protocol = "any"
+"#;
+
+fn signed_policy(key: &PolicyKey) -> String {
+    let draft = parse_policy(POLICY).unwrap();
+    sign(&draft.to_claims(JTI, 1, SystemTime::now()), key).unwrap()
+}
+
+/// A one-route HTTP server: `GET /v1/jobs/{key}/policy` → the token.
+fn serve_policy(listener: TcpListener, job_key: u64, token: String) {
+    let path = format!("/v1/jobs/{job_key:016x}/policy");
+    for s in listener.incoming() {
+        let Ok(mut s) = s else { continue };
+        let mut buf = [0u8; 2048];
+        let n = s.read(&mut buf).unwrap_or(0);
+        let req = String::from_utf8_lossy(&buf[..n]);
+        let resp = if req.starts_with(&format!("GET {path} ")) {
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{token}",
+                token.len()
+            )
+        } else {
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
+        };
+        let _ = s.write_all(resp.as_bytes());
+    }
+}
+
+fn echo_servers(stop: Arc<AtomicBool>) {
+    let u = UdpSocket::bind((ECHO, 7)).unwrap();
+    u.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    let t = TcpListener::bind((ECHO, 7)).unwrap();
+    std::thread::spawn(move || {
+        for s in t.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut b = [0u8; 1500];
+                while let Ok(n) = s.read(&mut b) {
+                    if n == 0 || s.write_all(&b[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut b = [0u8; 1500];
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok((n, from)) = u.recv_from(&mut b) {
+            let _ = u.send_to(&b[..n], from);
+        }
+    }
+}
+
+fn option() -> SnasOption {
+    SnasOption {
+        tenant_id: identity::tenant_id("acme"),
+        job_key: identity::job_key(JTI),
+        policy_serial: 1,
+    }
+}
+
+fn encap(inner: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 28 + inner.len()];
+    write_geneve_header(&mut p, &option(), InnerProto::Ipv4).unwrap();
+    p[28..].copy_from_slice(inner);
+    p
+}
+
+/// A decapsulated reply: (src, dst, protocol, tcp flags, l4 payload).
+#[derive(Debug)]
+struct Reply {
+    src: SocketAddrV4,
+    dst: SocketAddrV4,
+    proto: u8,
+    flags: u8,
+    payload: Vec<u8>,
+}
+
+fn decode(udp_payload: &[u8]) -> Option<Reply> {
+    let g = parse_payload(udp_payload).ok()?;
+    assert_eq!(g.option, option(), "reply carries the job's option");
+    let ip = &udp_payload[g.inner_offset..];
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let proto = ip[9];
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let src_ip = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst_ip = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let l4 = &ip[ihl..total];
+    let (sp, dp) = (
+        u16::from_be_bytes([l4[0], l4[1]]),
+        u16::from_be_bytes([l4[2], l4[3]]),
+    );
+    let (flags, payload) = match proto {
+        6 => {
+            let doff = usize::from(l4[12] >> 4) * 4;
+            (l4[13], l4[doff..].to_vec())
+        }
+        17 => (0, l4[8..].to_vec()),
+        _ => (0, l4.to_vec()),
+    };
+    Some(Reply {
+        src: SocketAddrV4::new(src_ip, sp),
+        dst: SocketAddrV4::new(dst_ip, dp),
+        proto,
+        flags,
+        payload,
+    })
+}
+
+/// Sends `inner` (encapsulated) every 200 ms until a reply to `sport` arrives (policy fetch
+/// drops the first packets), for at most 5 s.
+fn exchange(sock: &UdpSocket, inner: &[u8], sport: u16) -> Reply {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let dg = encap(inner);
+    let mut buf = vec![0u8; 65536];
+    while Instant::now() < deadline {
+        sock.send_to(&dg, (PROXY, 6081)).unwrap();
+        let until = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < until {
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                assert_eq!(from, SocketAddr::from((PROXY, 6081)));
+                if let Some(r) = decode(&buf[..n]) {
+                    if r.dst.port() == sport {
+                        return r;
+                    }
+                }
+            }
+        }
+    }
+    panic!("no reply for port {sport}");
+}
+
+fn udp_to(dst: Ipv4Addr, sport: u16, data: &[u8]) -> Vec<u8> {
+    udp(&UdpSpec {
+        src: SocketAddr::from((SANDBOX, sport)),
+        dst: SocketAddr::from((dst, 7)),
+        payload: data,
+    })
+    .unwrap()
+}
+
+fn syn_to(dst: Ipv4Addr, sport: u16) -> Vec<u8> {
+    tcp(&TcpSpec {
+        src: SocketAddr::from((SANDBOX, sport)),
+        dst: SocketAddr::from((dst, 7)),
+        seq: 1000,
+        ack: 0,
+        flags: TcpFlags::SYN,
+        window: 64240,
+        payload: &[],
+    })
+    .unwrap()
+}
+
+fn http(method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect((PROXY, 9090)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out[9..12].parse().unwrap();
+    let body = out.split_once("\r\n\r\n").map(|x| x.1.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+
+#[test]
+fn udp_echo_tcp_handshake_denied_rst_and_drain_through_the_daemon() {
+    let p = format!("px{}", std::process::id() % 100_000);
+    let (_guard, [node, proxy, inet]) = topology(&p);
+    let dir = tempfile::tempdir().unwrap();
+    let key = PolicyKey::from_seed("e2e-key", [9; 32]).unwrap();
+    std::fs::create_dir_all(dir.path().join("trust")).unwrap();
+    std::fs::write(
+        dir.path().join("trust/e2e-key.pub"),
+        key.public_pem().unwrap(),
+    )
+    .unwrap();
+    let token = signed_policy(&key);
+    let job_key = identity::job_key(JTI);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = Arc::clone(&stop);
+    spawn_in_ns(&inet, move || echo_servers(s2));
+    let listener = in_ns(&node, || TcpListener::bind((NODE, 7070)).unwrap());
+    spawn_in_ns(&node, move || serve_policy(listener, job_key, token));
+
+    let audit = dir.path().join("audit.jsonl");
+    let cfg_text = format!(
+        r#"
+name = "proxy-e2e"
+underlay_addr = "192.0.2.21"
+nodes = ["192.0.2.11"]
+agent_policy_port = 7070
+trust = "{trust}"
+egress_pool = ["198.51.100.64/28"]
+tun_name = "{p}t"
+workers = 1
+resolver_listen = "192.0.2.21:5353"
+upstream_dns = ["203.0.113.10:53"]
+control_listen = "192.0.2.21:9090"
+audit_log = "{audit}"
+state_dir = "{state}"
+"#,
+        trust = dir.path().join("trust").display(),
+        audit = audit.display(),
+        state = dir.path().join("state").display(),
+    );
+    let cfg = ProxyConfig::parse(&cfg_text, std::path::Path::new("proxy.toml")).unwrap();
+    let daemon = in_ns(&proxy, move || Daemon::start(cfg).unwrap());
+
+    in_ns(&node, move || {
+        let sock = UdpSocket::bind((NODE, 6081)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        assert_eq!(http("GET", "/healthz"), (200, "ok\n".into()));
+
+        // UDP echo.
+        let r = exchange(&sock, &udp_to(ECHO, 40000, b"ping"), 40000);
+        assert_eq!((r.proto, r.src, r.payload.as_slice()), (17, SocketAddrV4::new(ECHO, 7), &b"ping"[..]));
+        assert_eq!(*r.dst.ip(), SANDBOX);
+
+        // TCP handshake.
+        let r = exchange(&sock, &syn_to(ECHO, 40001), 40001);
+        assert_eq!((r.proto, r.flags & (SYN | ACK)), (6, SYN | ACK), "{r:?}");
+        assert_eq!(r.src, SocketAddrV4::new(ECHO, 7));
+
+        // Denied destination: RST from the proxy.
+        let r = exchange(&sock, &syn_to(DENIED, 40002), 40002);
+        assert_eq!((r.proto, r.flags & RST), (6, RST), "{r:?}");
+
+        // Drain: new flows refused, the established UDP flow continues.
+        assert_eq!(http("POST", "/v1/drain").0, 503);
+        assert_eq!(http("GET", "/healthz"), (503, "draining\n".into()));
+        let r = exchange(&sock, &syn_to(ECHO, 40003), 40003);
+        assert_eq!(r.flags & RST, RST, "new flow while draining: {r:?}");
+        let r = exchange(&sock, &udp_to(ECHO, 40000, b"again"), 40000);
+        assert_eq!(r.payload, b"again");
+        assert_eq!(http("POST", "/v1/undrain").0, 200);
+
+        let (status, metrics) = http("GET", "/metrics");
+        assert_eq!(status, 200);
+        assert!(metrics.contains("snas_proxy_drops_total{reason=\"destination_denied\"} 1"), "{metrics}");
+        assert!(metrics.contains("snas_proxy_drops_total{reason=\"draining\"} 1"), "{metrics}");
+        assert!(metrics.contains("snas_proxy_policies 1"), "{metrics}");
+        let (status, flows) = http("GET", "/v1/flows");
+        assert_eq!(status, 200);
+        assert!(flows.contains("203.0.113.10:7"), "{flows}");
+    });
+
+    stop.store(true, Ordering::Relaxed);
+    daemon.stop();
+    let log = std::fs::read_to_string(&audit).unwrap();
+    let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let actions: Vec<(&str, u64)> = lines
+        .iter()
+        .map(|l| (l["action"].as_str().unwrap(), l["port"].as_u64().unwrap()))
+        .collect();
+    assert!(actions.contains(&("allow", 7)), "{log}");
+    assert!(actions.contains(&("deny", 7)), "{log}");
+    assert!(
+        lines.iter().any(|l| l["reason"] == "draining" && l["action"] == "refuse"),
+        "{log}"
+    );
+    assert!(lines.iter().all(|l| l["job_key"] == format!("{job_key:016x}")));
+    let _ = IpAddr::V4(PROXY_NET);
+}
