@@ -25,6 +25,12 @@ enum Command {
     /// Local network-namespace testbed: nodes, proxies and a test internet on one machine.
     #[command(subcommand)]
     Testbed(cmd::testbed::TestbedCmd),
+    /// List the jobs the node agents run (with their tier-1 drop totals).
+    Jobs(cmd::observe::ObserveArgs),
+    /// List live flows at the proxies: job, tenant, source, destination, hostname, egress, state, age.
+    Flows(cmd::observe::ObserveArgs),
+    /// Drop counters per job, reason and tier (agents' tier 1, proxies' tier 2).
+    Drops(cmd::observe::DropsArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,5 +39,8 @@ fn main() -> ExitCode {
         Command::Policy(c) => cmd::policy::run(c),
         Command::Agent(a) => cmd::agent::run(a),
         Command::Testbed(c) => cmd::testbed::run(c),
+        Command::Jobs(a) => cmd::observe::jobs(&a),
+        Command::Flows(a) => cmd::observe::flows(&a),
+        Command::Drops(a) => cmd::observe::drops(&a),
     }
 }

@@ -1,5 +1,6 @@
 //! Subcommand implementations, one module per command group.
 
 pub mod agent;
+pub mod observe;
 pub mod policy;
 pub mod testbed;
