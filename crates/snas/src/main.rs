@@ -22,6 +22,8 @@ enum Command {
     Policy(cmd::policy::PolicyCmd),
     /// Run the node agent: per-job networks, tier-1 eBPF, the job API and the policy endpoint.
     Agent(cmd::agent::AgentArgs),
+    /// Run the egress proxy (tier 2): GENEVE from nodes, NAT to the internet, DNS, control.
+    Proxy(cmd::proxy::ProxyArgs),
     /// Local network-namespace testbed: nodes, proxies and a test internet on one machine.
     #[command(subcommand)]
     Testbed(cmd::testbed::TestbedCmd),
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Policy(c) => cmd::policy::run(c),
         Command::Agent(a) => cmd::agent::run(a),
+        Command::Proxy(a) => cmd::proxy::run(a),
         Command::Testbed(c) => cmd::testbed::run(c),
         Command::Jobs(a) => cmd::observe::jobs(&a),
         Command::Flows(a) => cmd::observe::flows(&a),

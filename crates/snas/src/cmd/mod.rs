@@ -3,4 +3,5 @@
 pub mod agent;
 pub mod observe;
 pub mod policy;
+pub mod proxy;
 pub mod testbed;
