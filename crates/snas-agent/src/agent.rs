@@ -177,6 +177,7 @@ pub struct Agent {
     store: StateStore,
     clock: Clock,
     inner: Mutex<Inner>,
+    setup_latency: crate::metrics::Histogram,
 }
 
 impl std::fmt::Debug for Agent {
@@ -288,12 +289,23 @@ impl Agent {
                 pending: HashSet::new(),
                 pool,
             }),
+            setup_latency: crate::metrics::Histogram::default(),
         };
         Ok((agent, report))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Job set-up latency (successful creates).
+    pub fn setup_latency(&self) -> &crate::metrics::Histogram {
+        &self.setup_latency
+    }
+
+    /// The tier-1 dataplane.
+    pub fn dataplane(&self) -> &Arc<dyn Dataplane> {
+        &self.dataplane
     }
 
     /// The configuration the agent runs with.
@@ -303,6 +315,7 @@ impl Agent {
 
     /// Verifies `token` and creates the job's network and tier-1 state.
     pub fn create_job(&self, token: &str) -> Result<JobView, JobError> {
+        let started = std::time::Instant::now();
         let now = (self.clock)();
         let policy = self.verifier.verify(token, now)?;
         if let Some(node) = policy.node {
@@ -331,6 +344,7 @@ impl Agent {
             Ok(record) => {
                 let view = JobView::from(&record);
                 inner.jobs.insert(key, record);
+                self.setup_latency.observe(started.elapsed());
                 tracing::info!(job = %view.job, job_key = %view.job_key, netns = %view.netns, "job created");
                 Ok(view)
             }
@@ -455,5 +469,22 @@ impl Agent {
     /// The signed policy token of a running job (what proxies fetch).
     pub fn signed_policy(&self, job_key: u64) -> Option<String> {
         self.lock().jobs.get(&job_key).map(|r| r.token.clone())
+    }
+}
+
+impl crate::stub::JobDirectory for Agent {
+    fn job_at(&self, ip: IpAddr) -> Option<(u64, u32)> {
+        let IpAddr::V4(ip) = ip else {
+            return None;
+        };
+        self.lock()
+            .jobs
+            .values()
+            .find(|r| r.net.sandbox == ip)
+            .map(|r| (r.policy.job_key, r.policy.serial))
+    }
+
+    fn policy(&self, job_key: u64) -> Option<VerifiedPolicy> {
+        self.lock().jobs.get(&job_key).map(|r| r.policy.clone())
     }
 }

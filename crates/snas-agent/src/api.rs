@@ -5,6 +5,9 @@
 //!   token, or JSON `{"policy": token}`), `GET /v1/jobs`, `GET /v1/jobs/{job}`,
 //!   `DELETE /v1/jobs/{job}`, `GET /v1/jobs/{job}/counters`, where `{job}` is the 16-hex-digit
 //!   job key or a unique job name;
+//! - with the node services ([`Ops`], [`serve_node`]): `GET /v1/proxies` (the proxy table),
+//!   `GET /v1/dns` (DNS stub figures) and `GET /metrics` (Prometheus text), the latter also on
+//!   `metrics_listen` if configured;
 //! - the read-only policy endpoint on the underlay address: `GET /v1/jobs/{job_key}/policy`
 //!   returns the raw signed token as `text/plain` (proxies verify it themselves), 404 if unknown.
 //!
@@ -249,6 +252,121 @@ pub fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(listener)
+}
+
+/// The node services beside the job table: proxy table, DNS stub, audit sink.
+#[derive(Debug, Clone)]
+pub struct Ops {
+    /// The job table.
+    pub agent: Arc<Agent>,
+    /// The proxy table (health-checked).
+    pub proxies: Arc<crate::proxies::Proxies>,
+    /// The DNS stub.
+    pub stub: Arc<crate::stub::DnsStub>,
+    /// The audit sink.
+    pub audit: crate::audit::AuditSink,
+}
+
+async fn get_proxies(State(ops): State<Arc<Ops>>) -> Json<Vec<crate::proxies::ProxyStatus>> {
+    Json(ops.proxies.snapshot().statuses().to_vec())
+}
+
+async fn get_dns(State(ops): State<Arc<Ops>>) -> Json<crate::stub::DnsView> {
+    Json(ops.stub.view())
+}
+
+/// Gathers a metrics snapshot (reads tier-1 counters: blocking).
+fn snapshot(ops: &Ops) -> crate::metrics::Snapshot {
+    let jobs = ops.agent.jobs();
+    let mut drops = BTreeMap::new();
+    for j in &jobs {
+        if let Some(key) = parse_job_key_hex(&j.job_key) {
+            if let Ok(c) = ops.agent.counters(key) {
+                drops.insert(j.job_key.clone(), c);
+            }
+        }
+    }
+    let v = ops.stub.view();
+    crate::metrics::Snapshot {
+        jobs: jobs.len(),
+        drops,
+        dns_outcomes: v.outcomes,
+        dns_forwarded: v.forwarded,
+        dns_proxy_failures: v.proxy_failures,
+        dns_installed: v.installed_addrs,
+        proxies: Some(ops.proxies.snapshot()),
+        audit_emitted: ops.audit.emitted(),
+        audit_dropped: ops.audit.dropped(),
+    }
+}
+
+async fn get_metrics(State(ops): State<Arc<Ops>>) -> Response {
+    let o = ops.clone();
+    let text = tokio::task::spawn_blocking(move || {
+        crate::metrics::render(&snapshot(&o), o.agent.setup_latency())
+    })
+    .await
+    .unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// `GET /v1/proxies`, `GET /v1/dns`, `GET /metrics` (merged into the local API).
+pub fn ops_router(ops: Arc<Ops>) -> Router {
+    Router::new()
+        .route("/v1/proxies", get(get_proxies))
+        .route("/v1/dns", get(get_dns))
+        .route("/metrics", get(get_metrics))
+        .with_state(ops)
+}
+
+/// Only `GET /metrics` (the `metrics_listen` TCP address).
+pub fn metrics_router(ops: Arc<Ops>) -> Router {
+    Router::new()
+        .route("/metrics", get(get_metrics))
+        .fallback(not_found)
+        .with_state(ops)
+}
+
+/// Serves the local API (with the node services), the policy endpoint and, if given, the
+/// metrics listener until `shutdown` completes.
+pub async fn serve_node(
+    ops: Arc<Ops>,
+    unix: UnixListener,
+    tcp: TcpListener,
+    metrics: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let agent = ops.agent.clone();
+    let local = api_router(agent.clone()).merge(ops_router(ops.clone()));
+    let api = axum::serve(unix, local).with_graceful_shutdown(wait(rx.clone()));
+    let pol = axum::serve(tcp, policy_router(agent)).with_graceful_shutdown(wait(rx.clone()));
+    let met = async move {
+        match metrics {
+            Some(l) => {
+                axum::serve(l, metrics_router(ops))
+                    .with_graceful_shutdown(wait(rx))
+                    .await
+            }
+            None => Ok(()),
+        }
+    };
+    let (a, b, c) = tokio::join!(api, pol, met);
+    a.and(b).and(c)
 }
 
 /// Serves both routers until `shutdown` completes.

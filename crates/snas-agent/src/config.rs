@@ -107,6 +107,31 @@ pub struct AgentConfig {
     /// Static proxy addresses (underlay) for tier 1 to encapsulate to.
     #[serde(default)]
     pub proxies: Vec<IpAddr>,
+    /// Port of each proxy's control endpoint (`GET /healthz`).
+    #[serde(default = "default_proxy_control_port")]
+    pub proxy_control_port: u16,
+    /// Port of each proxy's DNS resolver (the stub forwards allowed queries there).
+    #[serde(default = "default_proxy_resolver_port")]
+    pub proxy_resolver_port: u16,
+    /// Address the DNS stub binds (UDP and TCP, port 53). Default `0.0.0.0`: tier 1 rewrites
+    /// every sandbox DNS packet to its job's gateway address, which is local to this host.
+    #[serde(default = "default_dns_listen")]
+    pub dns_listen: IpAddr,
+    /// Per-job DNS query rate (queries per second) before the stub answers REFUSED.
+    #[serde(default = "default_dns_rate")]
+    pub dns_queries_per_sec: u32,
+    /// Per-job DNS query burst.
+    #[serde(default = "default_dns_burst")]
+    pub dns_query_burst: u32,
+    /// Queries of one job forwarded and not yet answered, at most.
+    #[serde(default = "default_dns_inflight")]
+    pub dns_max_inflight_per_job: u32,
+    /// JSON-lines audit log (tier-1 events and DNS decisions). Default: `state_dir/audit.log`.
+    #[serde(default)]
+    pub audit_log: Option<PathBuf>,
+    /// TCP address serving `GET /metrics` (Prometheus text). None: only on the API socket.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn default_node_name() -> String {
@@ -145,6 +170,24 @@ fn default_netns_dir() -> PathBuf {
 }
 fn default_netns_prefix() -> String {
     "snas-".to_owned()
+}
+fn default_proxy_control_port() -> u16 {
+    9090
+}
+fn default_proxy_resolver_port() -> u16 {
+    5353
+}
+fn default_dns_listen() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+}
+fn default_dns_rate() -> u32 {
+    20
+}
+fn default_dns_burst() -> u32 {
+    40
+}
+fn default_dns_inflight() -> u32 {
+    16
 }
 fn default_host_veth_prefix() -> String {
     "sh".to_owned()
@@ -259,6 +302,26 @@ impl AgentConfig {
                 ),
             ));
         }
+        if self.dns_queries_per_sec == 0 || self.dns_query_burst == 0 {
+            return Err(invalid(
+                "dns_queries_per_sec",
+                "the DNS query rate and burst must be at least 1".into(),
+            ));
+        }
+        if self.dns_max_inflight_per_job == 0 {
+            return Err(invalid(
+                "dns_max_inflight_per_job",
+                "must be at least 1".into(),
+            ));
+        }
+        if let Some(p) = &self.audit_log {
+            if !p.is_absolute() {
+                return Err(invalid(
+                    "audit_log",
+                    format!("{} is not an absolute path", p.display()),
+                ));
+            }
+        }
         for (field, dir) in [
             ("state_dir", &self.state_dir),
             ("bpf_pin_dir", &self.bpf_pin_dir),
@@ -273,6 +336,24 @@ impl AgentConfig {
             }
         }
         Ok(())
+    }
+
+    /// The audit log path (explicit, or `state_dir/audit.log`).
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.audit_log
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("audit.log"))
+    }
+
+    /// The configured IPv4 proxies, in configuration order (their tier-1 positions).
+    pub fn proxy_v4(&self) -> Vec<Ipv4Addr> {
+        self.proxies
+            .iter()
+            .filter_map(|p| match p {
+                IpAddr::V4(ip) => Some(*ip),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
     }
 
     /// The MTU given to each sandbox: underlay MTU minus the overlay header.

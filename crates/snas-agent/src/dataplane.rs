@@ -7,15 +7,17 @@
 //! restarted agent re-opens them and adopts jobs without resetting their state.
 //!
 //! # Limits
-//! - `host` rules are enforced once the DNS stub (a later issue) installs resolved addresses;
-//!   until then tier 1 denies hosts that are only allowed by name.
+//! - `host` rules are enforced through the addresses the DNS stub installs
+//!   ([`Dataplane::allow_resolved`], with the answer's TTL); a host allowed only by name is
+//!   denied until the job resolves it.
 //! - Sandboxes get no IPv6 address yet (the job pool is IPv4), so IPv6 `cidr` rules are not
 //!   programmed and tier 1 drops the sandbox's IPv6 as `ipv6_denied`.
-//! - The DNS stub port is [`DNS_STUB_PORT`] on the gateway address (reserved, not served yet).
+//! - The DNS stub port is [`DNS_STUB_PORT`] on the gateway address (served by `crate::stub`).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use snas_bpf::{Bps, JobConfig, NodeConfig, PortRule, Proto, ProxyEntry, Tier1};
 use snas_policy::{EgressRule, Protocol};
@@ -62,16 +64,9 @@ impl Tier1Dataplane {
         node.pin_dir = config.bpf_pin_dir.clone();
         let tier1 = Tier1::load(&node).map_err(err("load tier 1"))?;
         let proxies: Vec<ProxyEntry> = config
-            .proxies
-            .iter()
-            .filter_map(|p| match p {
-                IpAddr::V4(ip) => Some(ProxyEntry {
-                    ip: *ip,
-                    alive: true,
-                    draining: false,
-                }),
-                IpAddr::V6(_) => None,
-            })
+            .proxy_v4()
+            .into_iter()
+            .map(ProxyEntry::active)
             .collect();
         tier1.set_proxies(&proxies).map_err(err("set proxies"))?;
         Ok(Tier1Dataplane {
@@ -188,6 +183,30 @@ impl Dataplane for Tier1Dataplane {
             Ok(_) | Err(snas_bpf::Tier1Error::UnknownJobKey(_)) => Ok(()),
             Err(e) => Err(DataplaneError(format!("detach job: {e}"))),
         }
+    }
+
+    fn allow_resolved(
+        &self,
+        job_key: u64,
+        ip: IpAddr,
+        rules: &[PortRule],
+        ttl: Duration,
+    ) -> Result<(), DataplaneError> {
+        let t = self.tier1();
+        match ip {
+            IpAddr::V4(v4) => t
+                .allow_ip(job_key, v4, rules, Some(ttl))
+                .map_err(err(&format!("allow {ip}"))),
+            IpAddr::V6(v6) => t
+                .allow_ip6(job_key, v6, rules, Some(ttl))
+                .map_err(err(&format!("allow {ip}"))),
+        }
+    }
+
+    fn set_proxies(&self, proxies: &[ProxyEntry]) -> Result<(), DataplaneError> {
+        self.tier1()
+            .set_proxies(proxies)
+            .map_err(err("set proxies"))
     }
 
     fn counters(&self, job_key: u64) -> Result<BTreeMap<Reason, u64>, DataplaneError> {

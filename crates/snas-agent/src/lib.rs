@@ -1,7 +1,9 @@
 //! `snas-agent`: the node agent.
 //!
 //! Per job it verifies the signed policy, creates the job's network namespace and veth, hands
-//! the job to tier 1 (eBPF), and serves the job's signed policy to proxies. State that matters
+//! the job to tier 1 (eBPF), serves the job's DNS (a stub that forwards allowed names to a
+//! proxy resolver and installs the answers into tier 1), and serves the job's signed policy to
+//! proxies. Node-wide it health-checks the proxies and keeps tier 1's proxy table current. State that matters
 //! across restarts lives in the kernel (namespaces, veths, pinned maps) and in one small record
 //! per job under the state directory; a restarted agent adopts running jobs without touching
 //! their traffic.
@@ -18,21 +20,31 @@
 //! - [`dataplane`]: the production [`Dataplane`] over `snas_bpf::Tier1`.
 //! - [`state`]: job records on disk.
 //! - [`agent`]: the job table ([`Agent`]): create, adopt at start, delete, counters.
+//! - [`dns`]: the DNS stub's decisions (pure): query shape, names, rate bucket, identity option.
+//! - [`stub`]: the DNS stub's UDP/TCP servers and forwarding to proxy resolvers.
+//! - [`proxies`]: the proxy table, health checks, drain, DNS resolver choice.
+//! - [`audit`]: the JSON-lines audit log.
+//! - [`metrics`]: Prometheus text.
 //! - [`api`]: the HTTP/JSON APIs (Unix socket and the underlay policy endpoint).
 //!
 //! Operator documentation: `docs/agent.md`.
 
 pub mod agent;
 pub mod api;
+pub mod audit;
 pub mod config;
 pub mod dataplane;
+pub mod dns;
 pub mod ethtool;
 pub mod jobnet;
+pub mod metrics;
 pub mod naming;
 pub mod netlink;
 pub mod pool;
+pub mod proxies;
 pub mod seams;
 pub mod state;
+pub mod stub;
 
 use std::future::Future;
 use std::path::Path;
@@ -66,6 +78,23 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    /// The DNS stub's port could not be bound.
+    #[error("dns_listen {addr}: {source}")]
+    DnsListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The metrics listener could not be bound.
+    #[error("metrics_listen {addr}: {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The audit log could not be opened.
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
     /// The trust bundle could not be loaded.
     #[error("trust_bundle {path}: {detail}")]
     TrustBundle {
@@ -121,7 +150,9 @@ pub async fn serve(
     serve_with(config, c.verifier, c.dataplane, shutdown).await
 }
 
-/// Runs the agent with the given components until `shutdown` completes.
+/// Runs the agent with the given components until `shutdown` completes: the job API, the
+/// policy endpoint, the DNS stub (UDP and TCP on `dns_listen:53`), the proxy health checker,
+/// the audit log writer and, if configured, the metrics listener.
 pub async fn serve_with(
     config: AgentConfig,
     verifier: Arc<dyn PolicyVerifier>,
@@ -131,10 +162,28 @@ pub async fn serve_with(
     let policy_addr = config.policy_listen_addr();
     let socket = config.api_socket.clone();
     let mode = config.api_socket_mode;
+    let audit_path = config.audit_log_path();
+    let dns_addr = std::net::SocketAddr::new(config.dns_listen, dataplane::DNS_STUB_PORT);
+    let metrics_addr = config.metrics_listen;
+    let stub_cfg = stub::StubConfig::from_agent(&config);
+    let proxies = Arc::new(proxies::Proxies::new(
+        &config.proxy_v4(),
+        config.proxy_control_port,
+        config.proxy_resolver_port,
+    ));
+    let dp = dataplane.clone();
     let (agent, _report) =
         tokio::task::spawn_blocking(move || Agent::start(config, verifier, dataplane))
             .await
             .map_err(|e| RunError::Runtime(std::io::Error::other(e.to_string())))??;
+    let agent = Arc::new(agent);
+    let audit = audit::spawn_writer(&audit_path)?;
+    let (udp, tcp53) = stub::bind(dns_addr)
+        .await
+        .map_err(|source| RunError::DnsListen {
+            addr: dns_addr,
+            source,
+        })?;
     let unix = api::bind_unix(&socket, mode).map_err(|source| RunError::ApiSocket {
         path: socket.clone(),
         source,
@@ -145,8 +194,43 @@ pub async fn serve_with(
             addr: policy_addr,
             source,
         })?;
-    tracing::info!(api = %socket.display(), policy = %policy_addr, "agent listening");
-    let result = api::serve_listeners(Arc::new(agent), unix, tcp, shutdown).await;
+    let metrics = match metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::MetricsListen { addr, source })?,
+        ),
+        None => None,
+    };
+    let stub = Arc::new(stub::DnsStub::new(
+        agent.clone(),
+        dp.clone(),
+        proxies.clone(),
+        audit.clone(),
+        stub_cfg,
+    ));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    tokio::spawn(stub.clone().serve_udp(udp, stop_rx.clone()));
+    tokio::spawn(stub.clone().serve_tcp(tcp53, stop_rx.clone()));
+    tokio::spawn(proxies::run_health_checks(
+        proxies.clone(),
+        dp,
+        proxies::PROBE_INTERVAL,
+        proxies::PROBE_TIMEOUT,
+        stop_rx.clone(),
+    ));
+    tracing::info!(api = %socket.display(), policy = %policy_addr, dns = %dns_addr, audit = %audit_path.display(), "agent listening");
+    let ops = Arc::new(api::Ops {
+        agent,
+        proxies,
+        stub,
+        audit,
+    });
+    let result = api::serve_node(ops, unix, tcp, metrics, stub::stopped(stop_rx)).await;
     let _ = std::fs::remove_file(&socket);
     result.map_err(RunError::Runtime)
 }

@@ -4,7 +4,8 @@
 //! implementations: [`PolicyVerifier`] (signed policy → identity of the job) and [`Dataplane`]
 //! (attach/detach tier-1 programs for a job, fill its maps, read its counters). The real
 //! implementations wrap `snas_policy::verify` and `snas_bpf`; [`RecordingDataplane`] is the
-//! in-memory stand-in used until tier 1 is wired in (its counters are all zero).
+//! in-memory stand-in for tests (its counters are all zero; it records DNS-installed addresses
+//! and proxy sets).
 //!
 //! # Invariants
 //! - Implementations are called from blocking threads (never on the async executor).
@@ -16,6 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
+use snas_bpf::{PortRule, ProxyEntry};
 use snas_wire::Reason;
 
 use crate::jobnet::JobNetInfo;
@@ -96,6 +98,29 @@ pub trait Dataplane: Send + Sync + 'static {
     fn detach_job(&self, job_key: u64, net: &JobNetInfo) -> Result<(), DataplaneError>;
     /// Per-reason drop counters of the job.
     fn counters(&self, job_key: u64) -> Result<BTreeMap<Reason, u64>, DataplaneError>;
+    /// Allows `ip` for the job on `rules` for `ttl` from now (an address from a DNS answer).
+    fn allow_resolved(
+        &self,
+        job_key: u64,
+        ip: IpAddr,
+        rules: &[PortRule],
+        ttl: Duration,
+    ) -> Result<(), DataplaneError>;
+    /// Replaces the proxy set (positions are stable) and rebuilds proxy selection.
+    fn set_proxies(&self, proxies: &[ProxyEntry]) -> Result<(), DataplaneError>;
+}
+
+/// One address [`RecordingDataplane`] was asked to allow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedAddr {
+    /// Job key.
+    pub job_key: u64,
+    /// Address.
+    pub ip: IpAddr,
+    /// Port rules.
+    pub rules: Vec<PortRule>,
+    /// Lifetime from the moment of the call.
+    pub ttl: Duration,
 }
 
 /// In-memory dataplane: remembers attached jobs, reports zero counters. Used until tier 1 is
@@ -103,12 +128,30 @@ pub trait Dataplane: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct RecordingDataplane {
     jobs: Mutex<BTreeMap<u64, (String, u32)>>,
+    allowed: Mutex<Vec<AllowedAddr>>,
+    proxy_sets: Mutex<Vec<Vec<ProxyEntry>>>,
 }
 
 impl RecordingDataplane {
     /// Job keys currently attached, with their host veth and serial.
     pub fn attached(&self) -> BTreeMap<u64, (String, u32)> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Every `allow_resolved` call so far, in order.
+    pub fn allowed(&self) -> Vec<AllowedAddr> {
+        self.allowed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Every proxy set installed so far, in order.
+    pub fn proxy_sets(&self) -> Vec<Vec<ProxyEntry>> {
+        self.proxy_sets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -145,6 +188,33 @@ impl Dataplane for RecordingDataplane {
             )));
         }
         Ok(Reason::ALL.iter().map(|r| (*r, 0)).collect())
+    }
+
+    fn allow_resolved(
+        &self,
+        job_key: u64,
+        ip: IpAddr,
+        rules: &[PortRule],
+        ttl: Duration,
+    ) -> Result<(), DataplaneError> {
+        self.allowed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(AllowedAddr {
+                job_key,
+                ip,
+                rules: rules.to_vec(),
+                ttl,
+            });
+        Ok(())
+    }
+
+    fn set_proxies(&self, proxies: &[ProxyEntry]) -> Result<(), DataplaneError> {
+        self.proxy_sets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(proxies.to_vec());
+        Ok(())
     }
 }
 

@@ -1,0 +1,291 @@
+//! The agent's audit log: one JSON object per line in the configured file.
+//!
+//! Owns the record format shared with the proxy (`time`, `tier`, `action`, `tenant`, `job`,
+//! `job_key`, `proto`, `src`, `dst`, `port`, `hostname`, `rule`, `reason`, `bytes`, plus
+//! `kind: "dns"` and `addrs` for DNS decisions) and the writer: producers hand records to an
+//! [`AuditSink`] that never blocks (a bounded queue; what does not fit is counted as dropped),
+//! and one background thread appends them to the file.
+//!
+//! # Invariants
+//! - Emitting never blocks and never fails: the DNS path and the API are never slowed by disk.
+//! - Every line is one complete JSON object (written with one `write_all` of the line).
+//!
+//! # Limits
+//! - At most [`QUEUE`] records wait for the writer; the rest are dropped and counted
+//!   ([`AuditSink::dropped`], exported as a metric).
+//! - The file is opened in append mode and never rotated by the agent (use logrotate with
+//!   `copytruncate`).
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+/// Records that may wait for the writer.
+pub const QUEUE: usize = 8192;
+
+/// What the decision was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Allowed (a forwarded DNS answer, a new tier-1 flow).
+    Allow,
+    /// A packet denied by tier 1.
+    Deny,
+    /// A DNS query refused by the stub.
+    Refuse,
+}
+
+/// One audit line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditRecord {
+    /// RFC 3339 time (UTC, milliseconds).
+    pub time: String,
+    /// Enforcement tier (the agent writes tier 1).
+    pub tier: u8,
+    /// `"dns"` for DNS decisions; absent for packet events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    /// Decision.
+    pub action: Action,
+    /// Tenant name (empty when the job is unknown).
+    pub tenant: String,
+    /// Job name (empty when the job is unknown).
+    pub job: String,
+    /// 16 hex digits (empty when the job is unknown).
+    pub job_key: String,
+    /// `"tcp"`, `"udp"`, `"icmp"` or the protocol number.
+    pub proto: String,
+    /// Source address (the sandbox).
+    pub src: Option<IpAddr>,
+    /// Destination address (for DNS: the stub the query reached).
+    pub dst: Option<IpAddr>,
+    /// Destination port.
+    pub port: u16,
+    /// The host name (DNS: the queried name).
+    pub hostname: Option<String>,
+    /// The matching rule's index in the policy, if one matched.
+    pub rule: Option<usize>,
+    /// Why (`snas_wire::Reason` name, or `allowed`).
+    pub reason: String,
+    /// Bytes of the packet or DNS message.
+    pub bytes: u64,
+    /// DNS only: the query type.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qtype: Option<String>,
+    /// DNS only: the addresses installed into tier 1.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub addrs: Vec<IpAddr>,
+}
+
+/// RFC 3339 UTC time with milliseconds.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Protocol number → audit name.
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        1 => "icmp".into(),
+        58 => "icmpv6".into(),
+        n => n.to_string(),
+    }
+}
+
+/// Where records go. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AuditSink {
+    tx: Option<mpsc::Sender<AuditRecord>>,
+    emitted: Arc<AtomicU64>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl AuditSink {
+    /// A sink that discards everything (counts them as dropped).
+    pub fn discard() -> AuditSink {
+        AuditSink {
+            tx: None,
+            emitted: Arc::default(),
+            dropped: Arc::default(),
+        }
+    }
+
+    /// A sink and the receiving end (for [`spawn_writer`] or a test).
+    pub fn channel() -> (AuditSink, mpsc::Receiver<AuditRecord>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        (
+            AuditSink {
+                tx: Some(tx),
+                emitted: Arc::default(),
+                dropped: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    /// Queues a record; never blocks.
+    pub fn emit(&self, rec: AuditRecord) {
+        let ok = self.tx.as_ref().is_some_and(|tx| tx.try_send(rec).is_ok());
+        let c = if ok { &self.emitted } else { &self.dropped };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records queued so far.
+    pub fn emitted(&self) -> u64 {
+        self.emitted.load(Ordering::Relaxed)
+    }
+
+    /// Records dropped because the queue was full or the writer gone.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Errors opening the audit log.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The file (or its directory) could not be opened.
+    #[error("audit_log {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Opens `path` for appending and starts the writer thread; it ends when every sink is dropped.
+pub fn spawn_writer(path: &Path) -> Result<AuditSink, AuditError> {
+    let open_err = |source| AuditError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(open_err)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(open_err)?;
+    let (sink, rx) = AuditSink::channel();
+    let shown = path.display().to_string();
+    std::thread::Builder::new()
+        .name("snas-audit".into())
+        .spawn(move || write_loop(file, rx, &shown))
+        .map_err(open_err)?;
+    Ok(sink)
+}
+
+fn write_loop(file: std::fs::File, mut rx: mpsc::Receiver<AuditRecord>, path: &str) {
+    let mut out = std::io::BufWriter::new(file);
+    let mut warned = false;
+    while let Some(first) = rx.blocking_recv() {
+        let mut next = Some(first);
+        while let Some(rec) = next {
+            match serde_json::to_vec(&rec) {
+                Ok(mut line) => {
+                    line.push(b'\n');
+                    if let Err(e) = out.write_all(&line) {
+                        if !warned {
+                            tracing::warn!(path, error = %e, "audit log write failed");
+                            warned = true;
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "audit record not serialisable"),
+            }
+            next = rx.try_recv().ok();
+        }
+        if let Err(e) = out.flush() {
+            if !warned {
+                tracing::warn!(path, error = %e, "audit log flush failed");
+                warned = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> AuditRecord {
+        AuditRecord {
+            time: rfc3339(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1500)),
+            tier: 1,
+            kind: Some("dns"),
+            action: Action::Refuse,
+            tenant: "acme".into(),
+            job: "build".into(),
+            job_key: "00000000000000ff".into(),
+            proto: proto_name(17),
+            src: Some("10.255.0.2".parse().unwrap()),
+            dst: Some("10.255.0.1".parse().unwrap()),
+            port: 53,
+            hostname: Some("evil.example.net".into()),
+            rule: None,
+            reason: "dns_refused".into(),
+            bytes: 40,
+            qtype: Some("A".into()),
+            addrs: vec![],
+        }
+    }
+
+    #[test]
+    fn writer_appends_one_json_object_per_line_with_every_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/audit.log");
+        let sink = spawn_writer(&path).unwrap();
+        sink.emit(record());
+        let mut allow = record();
+        allow.action = Action::Allow;
+        allow.addrs = vec!["203.0.113.10".parse().unwrap()];
+        allow.rule = Some(2);
+        sink.emit(allow);
+        drop(sink);
+        let mut text = String::new();
+        for _ in 0..200 {
+            text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.lines().count() == 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        for l in &lines {
+            for f in [
+                "time", "tier", "action", "tenant", "job", "job_key", "proto", "src", "dst",
+                "port", "hostname", "rule", "reason", "bytes", "kind",
+            ] {
+                assert!(l.get(f).is_some(), "missing {f} in {l}");
+            }
+        }
+        assert_eq!(lines[0]["time"], "1970-01-01T00:00:01.500Z");
+        assert_eq!(lines[0]["action"], "refuse");
+        assert_eq!(lines[0]["rule"], serde_json::Value::Null);
+        assert_eq!(lines[1]["action"], "allow");
+        assert_eq!(lines[1]["addrs"][0], "203.0.113.10");
+        assert_eq!(lines[1]["rule"], 2);
+    }
+
+    #[test]
+    fn full_queue_drops_and_counts_instead_of_blocking() {
+        let (sink, _rx) = AuditSink::channel();
+        for _ in 0..QUEUE + 5 {
+            sink.emit(record());
+        }
+        assert_eq!(sink.emitted(), QUEUE as u64);
+        assert_eq!(sink.dropped(), 5);
+    }
+}

@@ -1,0 +1,408 @@
+//! DNS decisions of the stub, without I/O.
+//!
+//! Owns what the stub decides about one query (refuse, or forward with the rules that matched
+//! the name), the per-job query token bucket, the job identity EDNS option of the agent ↔ proxy
+//! contract (code [`IDENTITY_OPTION`], 16 bytes: tenant_id u32 BE, job_key u64 BE,
+//! policy_serial u32 BE), the tier-1 port rules for a name, and TTL clamping. Messages are
+//! parsed and built only with hickory-proto.
+//!
+//! # Invariants
+//! - Only single-question standard queries of type A, AAAA or CNAME are forwarded; every other
+//!   type (TXT, NULL, MX, HTTPS, ...) is refused: the sandbox gets addresses, nothing else, and
+//!   the favourite tunnelling types are closed.
+//! - A name no host rule matches is refused (the same `Matcher::name_allowed` the proxy uses).
+//! - Every TTL the agent installs or relays is clamped to [[`DNS_TTL_MIN`], [`DNS_TTL_MAX`]], the
+//!   same bounds the proxy applies, so a conforming proxy's answer passes unchanged.
+//!
+//! # Limits
+//! - Names longer than [`MAX_NAME_LEN`] bytes are refused (the DNS limit is 253).
+//! - At most [`snas_bpf::config::MAX_PORT_RULES`] port rules per address: further rules matching the same
+//!   name are left out of tier 1 (tier 2 still enforces the full policy).
+
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::opt::EdnsOption;
+use hickory_proto::rr::RecordType;
+use snas_bpf::{PortRule, Proto};
+use snas_policy::{EgressRule, Matcher, PolicyClaims, Protocol};
+
+/// EDNS0 option code carrying the job identity to the proxy resolver.
+pub const IDENTITY_OPTION: u16 = 65053;
+/// Smallest TTL installed or relayed.
+pub const DNS_TTL_MIN: Duration = Duration::from_secs(5);
+/// Largest TTL installed or relayed.
+pub const DNS_TTL_MAX: Duration = Duration::from_secs(300);
+/// Longest query name accepted (without the trailing dot).
+pub const MAX_NAME_LEN: usize = 253;
+/// UDP payload size the stub advertises and accepts from proxies.
+pub const EDNS_PAYLOAD: u16 = 1232;
+
+/// Why a query is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Refusal {
+    /// The source address is no job's sandbox.
+    UnknownJob,
+    /// The job's query rate bucket is empty.
+    Rate,
+    /// Too many of the job's queries are being forwarded.
+    InFlight,
+    /// A query type other than A/AAAA/CNAME, or not a plain query.
+    QueryType,
+    /// No host rule matches the name (or the name is too long).
+    Name,
+}
+
+impl Refusal {
+    /// Audit reason and metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::UnknownJob => "unknown_job",
+            Refusal::Rate => "dns_rate",
+            Refusal::InFlight => "dns_inflight",
+            Refusal::QueryType => "dns_qtype",
+            Refusal::Name => "dns_refused",
+        }
+    }
+}
+
+/// A query-rate token bucket (pure: time is passed in as a monotonic offset).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenBucket {
+    per_sec: f64,
+    burst: f64,
+    tokens: f64,
+    last: Duration,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(per_sec: u32, burst: u32, now: Duration) -> TokenBucket {
+        TokenBucket {
+            per_sec: f64::from(per_sec),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            last: now,
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn take(&mut self, now: Duration) -> bool {
+        let dt = now.saturating_sub(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + dt * self.per_sec).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The question of a query the stub may forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Question {
+    /// Lower-case name without the trailing dot.
+    pub name: String,
+    /// Query type.
+    pub qtype: RecordType,
+}
+
+/// Checks the shape of a query: a standard query with one question of an allowed type.
+pub fn question_of(msg: &Message) -> Result<Question, (Refusal, Option<Question>)> {
+    let q = match msg.queries() {
+        [q] => q,
+        _ => return Err((Refusal::QueryType, None)),
+    };
+    let mut name = q.name().to_ascii().to_ascii_lowercase();
+    if name.ends_with('.') {
+        name.pop();
+    }
+    let question = Question {
+        name,
+        qtype: q.query_type(),
+    };
+    if msg.message_type() != MessageType::Query || msg.op_code() != OpCode::Query {
+        return Err((Refusal::QueryType, Some(question)));
+    }
+    if !matches!(
+        question.qtype,
+        RecordType::A | RecordType::AAAA | RecordType::CNAME
+    ) {
+        return Err((Refusal::QueryType, Some(question)));
+    }
+    Ok(question)
+}
+
+/// The rules whose host part matches `name` (refused if none, or the name is too long).
+pub fn rules_for_name(matcher: &Matcher, name: &str) -> Result<Vec<usize>, Refusal> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(Refusal::Name);
+    }
+    let rules = matcher.host_rules_for_name(name);
+    if rules.is_empty() {
+        Err(Refusal::Name)
+    } else {
+        Ok(rules)
+    }
+}
+
+/// Tier-1 port rules for the matched `rules` (deduplicated, at most `MAX_PORT_RULES`).
+pub fn port_rules(claims: &PolicyClaims, matcher: &Matcher, rules: &[usize]) -> Vec<PortRule> {
+    let mut out: Vec<PortRule> = Vec::new();
+    for &r in rules {
+        let proto = match claims.egress.get(r).map(EgressRule::protocol) {
+            Some(Protocol::Tcp) => Proto::Tcp,
+            Some(Protocol::Udp) => Proto::Udp,
+            Some(Protocol::Any) => Proto::Any,
+            None => continue,
+        };
+        for range in matcher.rule_ports(r).unwrap_or_default() {
+            let pr = PortRule {
+                proto,
+                lo: range.lo(),
+                hi: range.hi(),
+            };
+            if !out.contains(&pr) && out.len() < snas_bpf::config::MAX_PORT_RULES {
+                out.push(pr);
+            }
+        }
+    }
+    out
+}
+
+/// The 16-byte identity value of the EDNS option.
+pub fn identity_value(tenant_id: u32, job_key: u64, serial: u32) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..4].copy_from_slice(&tenant_id.to_be_bytes());
+    v[4..12].copy_from_slice(&job_key.to_be_bytes());
+    v[12..].copy_from_slice(&serial.to_be_bytes());
+    v
+}
+
+/// Reads the identity option of a forwarded query (what the proxy does; used in tests).
+pub fn identity_of(msg: &Message) -> Option<(u32, u64, u32)> {
+    let edns = msg.extensions().as_ref()?;
+    match edns.option(IDENTITY_OPTION.into())? {
+        EdnsOption::Unknown(_, v) if v.len() == 16 => {
+            let mut t = [0u8; 4];
+            let mut k = [0u8; 8];
+            let mut s = [0u8; 4];
+            t.copy_from_slice(&v[..4]);
+            k.copy_from_slice(&v[4..12]);
+            s.copy_from_slice(&v[12..]);
+            Some((
+                u32::from_be_bytes(t),
+                u64::from_be_bytes(k),
+                u32::from_be_bytes(s),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// The query sent to the proxy: the sandbox's question under a fresh `id`, recursion desired,
+/// and only our EDNS (payload [`EDNS_PAYLOAD`], the identity option); the sandbox's own EDNS
+/// options (e.g. client subnet) are not passed on.
+pub fn forward_query(
+    original: &Message,
+    id: u16,
+    tenant_id: u32,
+    job_key: u64,
+    serial: u32,
+) -> Message {
+    let mut m = Message::new();
+    m.set_id(id)
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true);
+    for q in original.queries() {
+        m.add_query(q.clone());
+    }
+    let mut edns = Edns::new();
+    edns.set_max_payload(EDNS_PAYLOAD);
+    edns.options_mut().insert(EdnsOption::Unknown(
+        IDENTITY_OPTION,
+        identity_value(tenant_id, job_key, serial).to_vec(),
+    ));
+    m.set_edns(edns);
+    m
+}
+
+/// Whether `answer` answers `query` (ID, response flag and the same question).
+pub fn answers_query(query: &Message, answer: &Message) -> bool {
+    answer.id() == query.id()
+        && answer.message_type() == MessageType::Response
+        && answer.queries() == query.queries()
+}
+
+/// Clamps a TTL in seconds to [`DNS_TTL_MIN`, `DNS_TTL_MAX`].
+pub fn clamp_ttl(secs: u32) -> Duration {
+    Duration::from_secs(u64::from(secs)).clamp(DNS_TTL_MIN, DNS_TTL_MAX)
+}
+
+/// An answer to the sandbox with no records: same ID, question and RD flag.
+pub fn empty_answer(query: &Message, rcode: ResponseCode) -> Message {
+    let mut m = Message::new();
+    m.set_id(query.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(query.op_code())
+        .set_recursion_desired(query.recursion_desired())
+        .set_recursion_available(true)
+        .set_response_code(rcode);
+    for q in query.queries() {
+        m.add_query(q.clone());
+    }
+    if query.extensions().is_some() {
+        let mut edns = Edns::new();
+        edns.set_max_payload(EDNS_PAYLOAD);
+        m.set_edns(edns);
+    }
+    m
+}
+
+/// The proxy's answer made into the sandbox's: the sandbox's ID and RD flag, TTLs clamped, no
+/// EDNS options, EDNS only if the sandbox used it.
+pub fn relay_answer(query: &Message, mut answer: Message) -> Message {
+    answer
+        .set_id(query.id())
+        .set_recursion_desired(query.recursion_desired());
+    for r in answer.answers_mut() {
+        let ttl = clamp_ttl(r.ttl()).as_secs();
+        r.set_ttl(u32::try_from(ttl).unwrap_or(u32::MAX));
+    }
+    *answer.extensions_mut() = query.extensions().as_ref().map(|_| {
+        let mut edns = Edns::new();
+        edns.set_max_payload(EDNS_PAYLOAD);
+        edns
+    });
+    answer
+}
+
+/// The UDP payload limit the sandbox announced (512 without EDNS).
+pub fn client_udp_limit(query: &Message) -> usize {
+    query.extensions().as_ref().map_or(512, |e| {
+        usize::from(e.max_payload().clamp(512, EDNS_PAYLOAD))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::Name;
+    use std::str::FromStr;
+    use std::time::SystemTime;
+
+    fn query(name: &str, t: RecordType) -> Message {
+        let mut m = Message::new();
+        m.set_id(4242)
+            .set_recursion_desired(true)
+            .add_query(Query::query(Name::from_str(name).unwrap(), t));
+        m
+    }
+
+    fn claims(hosts: &[&str]) -> PolicyClaims {
+        let mut d = snas_policy::PolicyDraft::new("acme", "build");
+        for h in hosts {
+            d.egress.push(EgressRule::Host {
+                host: snas_policy::HostPort::parse(h).unwrap(),
+                protocol: Protocol::Tcp,
+            });
+        }
+        d.to_claims("jti-1", 1, SystemTime::now())
+    }
+
+    #[test]
+    fn bucket_allows_burst_then_refills_at_rate() {
+        let mut b = TokenBucket::new(20, 40, Duration::ZERO);
+        let n = (0..100).filter(|_| b.take(Duration::ZERO)).count();
+        assert_eq!(n, 40);
+        assert!(!b.take(Duration::from_millis(10)));
+        let later = (0..100)
+            .filter(|_| b.take(Duration::from_millis(510)))
+            .count();
+        assert_eq!(later, 10);
+    }
+
+    #[test]
+    fn only_address_queries_pass_the_shape_check() {
+        assert!(question_of(&query("api.example.com.", RecordType::A)).is_ok());
+        assert!(question_of(&query("api.example.com.", RecordType::AAAA)).is_ok());
+        for t in [
+            RecordType::TXT,
+            RecordType::NULL,
+            RecordType::MX,
+            RecordType::ANY,
+        ] {
+            let e = question_of(&query("api.example.com.", t)).unwrap_err();
+            assert_eq!(e.0, Refusal::QueryType, "{t}");
+        }
+        let mut two = query("a.example.com.", RecordType::A);
+        two.add_query(Query::query(
+            Name::from_str("b.example.com.").unwrap(),
+            RecordType::A,
+        ));
+        assert_eq!(question_of(&two).unwrap_err().0, Refusal::QueryType);
+    }
+
+    #[test]
+    fn names_are_lowercased_and_undotted() {
+        let q = question_of(&query("API.Example.COM.", RecordType::A)).unwrap();
+        assert_eq!(q.name, "api.example.com");
+    }
+
+    #[test]
+    fn names_outside_the_policy_are_refused() {
+        let c = claims(&["api.example.com", "*.cdn.example.net:8443"]);
+        let m = snas_policy::compile(&c);
+        assert_eq!(rules_for_name(&m, "api.example.com"), Ok(vec![0]));
+        assert_eq!(rules_for_name(&m, "x1.cdn.example.net"), Ok(vec![1]));
+        assert_eq!(rules_for_name(&m, "evil.example.org"), Err(Refusal::Name));
+        assert_eq!(
+            rules_for_name(&m, &"a.".repeat(140)),
+            Err(Refusal::Name),
+            "too long"
+        );
+    }
+
+    #[test]
+    fn port_rules_follow_the_matching_rules() {
+        let c = claims(&["api.example.com", "api.example.com:8000-8010"]);
+        let m = snas_policy::compile(&c);
+        let rules = rules_for_name(&m, "api.example.com").unwrap();
+        assert_eq!(
+            port_rules(&c, &m, &rules),
+            vec![
+                PortRule::port(Proto::Tcp, 443),
+                PortRule {
+                    proto: Proto::Tcp,
+                    lo: 8000,
+                    hi: 8010
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn forwarded_query_carries_identity_and_question() {
+        let q = query("api.example.com.", RecordType::A);
+        let f = forward_query(&q, 7, 0xA1B2_C3D4, 0x0102_0304_0506_0708, 9);
+        let bytes = f.to_vec().unwrap();
+        let back = Message::from_vec(&bytes).unwrap();
+        assert_eq!(
+            identity_of(&back),
+            Some((0xA1B2_C3D4, 0x0102_0304_0506_0708, 9))
+        );
+        assert_eq!(back.queries(), q.queries());
+        assert_eq!(back.id(), 7);
+    }
+
+    #[test]
+    fn ttls_are_clamped_to_the_shared_bounds() {
+        assert_eq!(clamp_ttl(0), DNS_TTL_MIN);
+        assert_eq!(clamp_ttl(60), Duration::from_secs(60));
+        assert_eq!(clamp_ttl(86_400), DNS_TTL_MAX);
+    }
+}

@@ -1,0 +1,412 @@
+//! The proxy fleet as this node sees it: health, draining, and who answers a job's DNS.
+//!
+//! Owns the proxy table ([`ProxyTable`], pure: probe outcomes in, changes out), the health
+//! checker task ([`run_health_checks`]: `GET /healthz` on each proxy's control port) and the
+//! choice of resolver for a job ([`ProxyTable::dns_order`]). On every change the table is
+//! pushed to tier 1 (`Dataplane::set_proxies`), which rebuilds its Maglev table.
+//!
+//! # Invariants
+//! - Positions are stable: the proxy at index *i* of the configuration is index *i* in tier 1
+//!   for the agent's whole life (dead proxies stay in place, marked dead), so pinned flows keep
+//!   meaning the same proxy.
+//! - A proxy is dead after [`FAILS_TO_DIE`] consecutive failed probes and alive again after one
+//!   good one. `200` = alive, `503` = draining (alive: pinned flows stay; no new flows, not used
+//!   for DNS while another proxy is available), anything else, a timeout or a refused
+//!   connection = failure.
+//! - Proxies start alive (as tier 1 is first loaded), so a starting agent does not blackhole
+//!   traffic for the first probe rounds.
+//!
+//! # Limits
+//! - Only IPv4 proxies (the underlay is IPv4); IPv6 entries in `proxies` are ignored.
+//! - Discovery by DNS (`proxy_service`) is not implemented: the set comes from `proxies`.
+//! - The probe is a minimal HTTP/1.0 client (status line only): the control endpoint is ours.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use snas_bpf::ProxyEntry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::seams::Dataplane;
+
+/// Consecutive failed probes after which a proxy is dead.
+pub const FAILS_TO_DIE: u32 = 2;
+/// Time between probe rounds.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
+/// Time one probe may take.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Health of one proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Takes new flows.
+    Alive,
+    /// Alive, takes no new flows (before maintenance).
+    Draining,
+    /// Not answering: its flows move to others.
+    Dead,
+}
+
+/// What one probe saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// `200`.
+    Ok,
+    /// `503`.
+    Draining,
+    /// Anything else.
+    Failed,
+}
+
+/// One proxy's state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProxyStatus {
+    /// Position in tier 1's proxy table.
+    pub index: usize,
+    /// Underlay address.
+    pub ip: Ipv4Addr,
+    /// Current health.
+    pub health: Health,
+    /// Consecutive failed probes.
+    pub failures: u32,
+    /// Probes answered so far.
+    pub probes_ok: u64,
+    /// Probes failed so far.
+    pub probes_failed: u64,
+}
+
+/// The proxy table (pure).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyTable {
+    proxies: Vec<ProxyStatus>,
+    changes: u64,
+}
+
+impl ProxyTable {
+    /// All proxies alive, in the given order.
+    pub fn new(ips: &[Ipv4Addr]) -> ProxyTable {
+        ProxyTable {
+            proxies: ips
+                .iter()
+                .enumerate()
+                .map(|(index, ip)| ProxyStatus {
+                    index,
+                    ip: *ip,
+                    health: Health::Alive,
+                    failures: 0,
+                    probes_ok: 0,
+                    probes_failed: 0,
+                })
+                .collect(),
+            changes: 0,
+        }
+    }
+
+    /// Applies one probe result; true if the proxy's health changed.
+    pub fn observe(&mut self, index: usize, probe: Probe) -> bool {
+        let Some(p) = self.proxies.get_mut(index) else {
+            return false;
+        };
+        let before = p.health;
+        match probe {
+            Probe::Ok | Probe::Draining => {
+                p.failures = 0;
+                p.probes_ok += 1;
+                p.health = if probe == Probe::Ok {
+                    Health::Alive
+                } else {
+                    Health::Draining
+                };
+            }
+            Probe::Failed => {
+                p.failures = p.failures.saturating_add(1);
+                p.probes_failed += 1;
+                if p.failures >= FAILS_TO_DIE {
+                    p.health = Health::Dead;
+                }
+            }
+        }
+        let changed = before != p.health;
+        if changed {
+            self.changes += 1;
+        }
+        changed
+    }
+
+    /// The proxies in position order.
+    pub fn statuses(&self) -> &[ProxyStatus] {
+        &self.proxies
+    }
+
+    /// Health changes so far.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// Tier 1's view: same positions, alive = not dead, draining flag.
+    pub fn entries(&self) -> Vec<ProxyEntry> {
+        self.proxies
+            .iter()
+            .map(|p| ProxyEntry {
+                ip: p.ip,
+                alive: p.health != Health::Dead,
+                draining: p.health == Health::Draining,
+            })
+            .collect()
+    }
+
+    /// The proxies to ask for `job_key`'s DNS, best first: alive ones by rendezvous hash of the
+    /// job key (a job keeps its resolver while the set is unchanged, and only jobs of a proxy
+    /// that dies move), then draining ones, then dead ones (a last resort: a probe may be stale).
+    pub fn dns_order(&self, job_key: u64) -> Vec<Ipv4Addr> {
+        let rank = |h: Health| match h {
+            Health::Alive => 0u8,
+            Health::Draining => 1,
+            Health::Dead => 2,
+        };
+        let mut v: Vec<(u8, u64, Ipv4Addr)> = self
+            .proxies
+            .iter()
+            .map(|p| (rank(p.health), u64::MAX - rendezvous(job_key, p.ip), p.ip))
+            .collect();
+        v.sort_unstable();
+        v.into_iter().map(|(_, _, ip)| ip).collect()
+    }
+}
+
+/// Rendezvous (highest random weight) score of (job, proxy): splitmix64 of both.
+fn rendezvous(job_key: u64, ip: Ipv4Addr) -> u64 {
+    let mut z = job_key ^ (u64::from(u32::from(ip))).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The shared proxy table plus the ports to reach each proxy.
+#[derive(Debug)]
+pub struct Proxies {
+    table: RwLock<ProxyTable>,
+    /// Port of `GET /healthz`.
+    pub control_port: u16,
+    /// Port of the DNS resolver.
+    pub resolver_port: u16,
+}
+
+impl Proxies {
+    /// A table of `ips`, all alive.
+    pub fn new(ips: &[Ipv4Addr], control_port: u16, resolver_port: u16) -> Proxies {
+        Proxies {
+            table: RwLock::new(ProxyTable::new(ips)),
+            control_port,
+            resolver_port,
+        }
+    }
+
+    /// A copy of the table.
+    pub fn snapshot(&self) -> ProxyTable {
+        self.table.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Resolver addresses for `job_key`'s DNS, best first.
+    pub fn resolvers_for(&self, job_key: u64) -> Vec<SocketAddr> {
+        self.table
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .dns_order(job_key)
+            .into_iter()
+            .map(|ip| SocketAddr::from((ip, self.resolver_port)))
+            .collect()
+    }
+
+    /// Applies a round of probe results; returns the new tier-1 entries if anything changed.
+    pub fn apply(&self, results: &[(usize, Probe)]) -> Option<Vec<ProxyEntry>> {
+        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
+        let mut changed = false;
+        for (i, probe) in results {
+            changed |= t.observe(*i, *probe);
+        }
+        changed.then(|| t.entries())
+    }
+}
+
+/// One `GET /healthz` with an overall `timeout`.
+pub async fn probe(addr: SocketAddr, timeout: Duration) -> Probe {
+    match tokio::time::timeout(timeout, probe_inner(addr)).await {
+        Ok(Ok(p)) => p,
+        _ => Probe::Failed,
+    }
+}
+
+async fn probe_inner(addr: SocketAddr) -> std::io::Result<Probe> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let req = format!(
+        "GET /healthz HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: snas-agent\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = [0u8; 64];
+    let mut n = 0;
+    while n < buf.len() {
+        let k = s.read(&mut buf[n..]).await?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+        if buf[..n].contains(&b'\n') {
+            break;
+        }
+    }
+    Ok(parse_status(&buf[..n]))
+}
+
+/// Maps an HTTP status line to a probe result.
+pub fn parse_status(head: &[u8]) -> Probe {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let version = parts.next().unwrap_or_default();
+    if !version.starts_with(b"HTTP/1.") {
+        return Probe::Failed;
+    }
+    match parts.next() {
+        Some(b"200") => Probe::Ok,
+        Some(b"503") => Probe::Draining,
+        _ => Probe::Failed,
+    }
+}
+
+/// Probes every proxy each `interval` until `shutdown` resolves; pushes every change to tier 1.
+pub async fn run_health_checks(
+    proxies: Arc<Proxies>,
+    dataplane: Arc<dyn Dataplane>,
+    interval: Duration,
+    timeout: Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let stop = crate::stub::stopped(shutdown);
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = &mut stop => return,
+        }
+        let targets: Vec<(usize, SocketAddr)> = proxies
+            .snapshot()
+            .statuses()
+            .iter()
+            .map(|p| (p.index, SocketAddr::from((p.ip, proxies.control_port))))
+            .collect();
+        let mut set = tokio::task::JoinSet::new();
+        for (i, addr) in targets {
+            set.spawn(async move { (i, probe(addr, timeout).await) });
+        }
+        let mut results = Vec::new();
+        while let Some(r) = set.join_next().await {
+            if let Ok(r) = r {
+                results.push(r);
+            }
+        }
+        if let Some(entries) = proxies.apply(&results) {
+            tracing::info!(?entries, "proxy set changed");
+            let dp = dataplane.clone();
+            match tokio::task::spawn_blocking(move || dp.set_proxies(&entries)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "tier 1 proxy update failed"),
+                Err(e) => tracing::warn!(error = %e, "tier 1 proxy update task failed"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ips() -> Vec<Ipv4Addr> {
+        vec![
+            "192.0.2.21".parse().unwrap(),
+            "192.0.2.22".parse().unwrap(),
+            "192.0.2.23".parse().unwrap(),
+        ]
+    }
+
+    #[test]
+    fn a_proxy_dies_after_two_failures_and_returns_after_one_success() {
+        let mut t = ProxyTable::new(&ips());
+        assert!(!t.observe(1, Probe::Failed));
+        assert_eq!(t.statuses()[1].health, Health::Alive);
+        assert!(t.observe(1, Probe::Failed));
+        assert_eq!(t.statuses()[1].health, Health::Dead);
+        assert!(!t.entries()[1].alive);
+        assert!(t.observe(1, Probe::Ok));
+        assert_eq!(t.statuses()[1].health, Health::Alive);
+        assert_eq!(t.changes(), 2);
+    }
+
+    #[test]
+    fn a_success_resets_the_failure_count() {
+        let mut t = ProxyTable::new(&ips());
+        t.observe(0, Probe::Failed);
+        t.observe(0, Probe::Ok);
+        assert!(!t.observe(0, Probe::Failed));
+        assert_eq!(t.statuses()[0].health, Health::Alive);
+    }
+
+    #[test]
+    fn draining_keeps_position_and_liveness_but_sets_the_flag() {
+        let mut t = ProxyTable::new(&ips());
+        assert!(t.observe(2, Probe::Draining));
+        let e = t.entries();
+        assert_eq!(e.len(), 3);
+        assert_eq!(e[2].ip, ips()[2]);
+        assert!(e[2].alive && e[2].draining);
+        assert!(e[0].alive && !e[0].draining);
+    }
+
+    #[test]
+    fn dns_order_moves_only_jobs_of_a_dead_proxy() {
+        let mut t = ProxyTable::new(&ips());
+        let before: Vec<Ipv4Addr> = (0..200u64).map(|k| t.dns_order(k)[0]).collect();
+        t.observe(1, Probe::Failed);
+        t.observe(1, Probe::Failed);
+        let mut moved = 0;
+        for (k, b) in before.iter().enumerate() {
+            let now = t.dns_order(k as u64);
+            assert_eq!(now.last(), Some(&ips()[1]), "dead proxy is the last resort");
+            if *b == ips()[1] {
+                moved += 1;
+                assert_ne!(now[0], ips()[1]);
+            } else {
+                assert_eq!(now[0], *b, "job {k} moved although its proxy lives");
+            }
+        }
+        assert!(moved > 20, "hash spreads jobs: {moved} of 200 on one proxy");
+    }
+
+    #[test]
+    fn draining_proxies_answer_dns_only_after_alive_ones() {
+        let mut t = ProxyTable::new(&ips());
+        t.observe(0, Probe::Draining);
+        t.observe(2, Probe::Draining);
+        for k in 0..50 {
+            let o = t.dns_order(k);
+            assert_eq!(o[0], ips()[1]);
+            assert_eq!(o.len(), 3);
+        }
+    }
+
+    #[test]
+    fn status_lines_map_to_probes() {
+        assert_eq!(parse_status(b"HTTP/1.1 200 OK\r\n"), Probe::Ok);
+        assert_eq!(
+            parse_status(b"HTTP/1.0 503 Service Unavailable\r\n"),
+            Probe::Draining
+        );
+        assert_eq!(parse_status(b"HTTP/1.1 500 Oops\r\n"), Probe::Failed);
+        assert_eq!(parse_status(b"SSH-2.0-OpenSSH\r\n"), Probe::Failed);
+        assert_eq!(parse_status(b""), Probe::Failed);
+    }
+}
