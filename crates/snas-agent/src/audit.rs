@@ -99,6 +99,42 @@ pub fn proto_name(proto: u8) -> String {
     }
 }
 
+/// The audit record of a tier-1 ring-buffer event. `policy` names the job (None: a job the
+/// agent no longer knows); `wall_now`/`mono_now` convert the event's monotonic time.
+pub fn tier1_record(
+    ev: &snas_bpf::AuditEvent,
+    policy: Option<&crate::seams::VerifiedPolicy>,
+    wall_now: SystemTime,
+    mono_now: std::time::Duration,
+) -> AuditRecord {
+    let at = wall_now
+        .checked_sub(mono_now.saturating_sub(ev.at_mono))
+        .unwrap_or(wall_now);
+    let (action, reason) = match ev.kind {
+        snas_bpf::AuditKind::Deny(r) => (Action::Deny, r.name().to_owned()),
+        snas_bpf::AuditKind::NewFlow => (Action::Allow, "new_flow".to_owned()),
+    };
+    AuditRecord {
+        time: rfc3339(at),
+        tier: 1,
+        kind: None,
+        action,
+        tenant: policy.map(|p| p.tenant.clone()).unwrap_or_default(),
+        job: policy.map(|p| p.job.clone()).unwrap_or_default(),
+        job_key: crate::naming::job_key_hex(ev.job_key),
+        proto: proto_name(ev.proto),
+        src: Some(ev.src.ip()),
+        dst: Some(ev.dst.ip()),
+        port: ev.dst.port(),
+        hostname: None,
+        rule: None,
+        reason,
+        bytes: 0,
+        qtype: None,
+        addrs: Vec::new(),
+    }
+}
+
 /// Where records go. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AuditSink {
@@ -277,6 +313,28 @@ mod tests {
         assert_eq!(lines[1]["action"], "allow");
         assert_eq!(lines[1]["addrs"][0], "203.0.113.10");
         assert_eq!(lines[1]["rule"], 2);
+    }
+
+    #[test]
+    fn tier1_events_become_deny_records_at_wall_time() {
+        let ev = snas_bpf::AuditEvent {
+            at_mono: std::time::Duration::from_secs(100),
+            job_key: 0xab,
+            kind: snas_bpf::AuditKind::Deny(snas_wire::Reason::PortDenied),
+            proto: 6,
+            src: "10.255.0.2:40000".parse().unwrap(),
+            dst: "203.0.113.10:25".parse().unwrap(),
+        };
+        let wall = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000);
+        let r = tier1_record(&ev, None, wall, std::time::Duration::from_secs(103));
+        assert_eq!(r.time, "1970-01-01T00:16:37.000Z");
+        assert_eq!(r.action, Action::Deny);
+        assert_eq!(r.reason, "port_denied");
+        assert_eq!(r.proto, "tcp");
+        assert_eq!(r.port, 25);
+        assert_eq!(r.dst, Some("203.0.113.10".parse().unwrap()));
+        assert_eq!(r.job_key, "00000000000000ab");
+        assert_eq!(r.kind, None);
     }
 
     #[test]

@@ -209,6 +209,24 @@ impl Dataplane for Tier1Dataplane {
             .map_err(err("set proxies"))
     }
 
+    fn run_audit(
+        &self,
+        on_event: Box<dyn FnMut(snas_bpf::AuditEvent) + Send>,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<(), DataplaneError> {
+        // The ring buffer keeps its own mapping: the tier-1 lock is held only to build it.
+        let reader = self
+            .tier1()
+            .audit_reader(on_event)
+            .map_err(err("audit reader"))?;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            reader
+                .poll(Duration::from_millis(200))
+                .map_err(err("audit poll"))?;
+        }
+        Ok(())
+    }
+
     fn counters(&self, job_key: u64) -> Result<BTreeMap<Reason, u64>, DataplaneError> {
         let c = self.tier1().counters(job_key).map_err(err("counters"))?;
         let mut out: BTreeMap<Reason, u64> = Reason::ALL.iter().map(|r| (*r, 0)).collect();

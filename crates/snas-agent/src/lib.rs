@@ -214,6 +214,7 @@ pub async fn serve_with(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    spawn_tier1_audit(agent.clone(), dp.clone(), audit.clone(), stop_rx.clone());
     tokio::spawn(stub.clone().serve_udp(udp, stop_rx.clone()));
     tokio::spawn(stub.clone().serve_tcp(tcp53, stop_rx.clone()));
     tokio::spawn(proxies::run_health_checks(
@@ -233,6 +234,42 @@ pub async fn serve_with(
     let result = api::serve_node(ops, unix, tcp, metrics, stub::stopped(stop_rx)).await;
     let _ = std::fs::remove_file(&socket);
     result.map_err(RunError::Runtime)
+}
+
+/// Copies tier-1 audit events into the audit log from a dedicated thread until `stop`.
+fn spawn_tier1_audit(
+    agent: Arc<Agent>,
+    dp: Arc<dyn Dataplane>,
+    sink: audit::AuditSink,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f = flag.clone();
+    tokio::spawn(async move {
+        let _ = stop.wait_for(|v| *v).await;
+        f.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let spawned = std::thread::Builder::new()
+        .name("snas-tier1-audit".into())
+        .spawn(move || {
+            let on_event = Box::new(move |ev: snas_bpf::AuditEvent| {
+                use stub::JobDirectory;
+                let policy = agent.policy(ev.job_key);
+                let mono = snas_bpf::mono_now().unwrap_or(ev.at_mono);
+                sink.emit(audit::tier1_record(
+                    &ev,
+                    policy.as_ref(),
+                    std::time::SystemTime::now(),
+                    mono,
+                ));
+            });
+            if let Err(e) = dp.run_audit(on_event, &flag) {
+                tracing::warn!(error = %e, "tier-1 audit events are not logged");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "tier-1 audit thread not started");
+    }
 }
 
 /// `snas agent --config <path>`: loads the configuration and serves until SIGINT or SIGTERM.

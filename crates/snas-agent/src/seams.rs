@@ -108,6 +108,16 @@ pub trait Dataplane: Send + Sync + 'static {
     ) -> Result<(), DataplaneError>;
     /// Replaces the proxy set (positions are stable) and rebuilds proxy selection.
     fn set_proxies(&self, proxies: &[ProxyEntry]) -> Result<(), DataplaneError>;
+    /// Delivers tier-1 audit events to `on_event` until `stop` is set (blocks; run it on its
+    /// own thread). The default has no events and returns at once.
+    fn run_audit(
+        &self,
+        on_event: Box<dyn FnMut(snas_bpf::AuditEvent) + Send>,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<(), DataplaneError> {
+        let _ = (on_event, stop);
+        Ok(())
+    }
 }
 
 /// One address [`RecordingDataplane`] was asked to allow.
