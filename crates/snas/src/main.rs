@@ -33,6 +33,8 @@ enum Command {
     Flows(cmd::observe::ObserveArgs),
     /// Drop counters per job, reason and tier (agents' tier 1, proxies' tier 2).
     Drops(cmd::observe::DropsArgs),
+    /// Run a command as a job in a gVisor sandbox on the testbed; print its egress summary.
+    Run(cmd::run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,5 +47,6 @@ fn main() -> ExitCode {
         Command::Jobs(a) => cmd::observe::jobs(&a),
         Command::Flows(a) => cmd::observe::flows(&a),
         Command::Drops(a) => cmd::observe::drops(&a),
+        Command::Run(a) => cmd::run::run(a),
     }
 }

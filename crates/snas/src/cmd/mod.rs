@@ -4,4 +4,5 @@ pub mod agent;
 pub mod observe;
 pub mod policy;
 pub mod proxy;
+pub mod run;
 pub mod testbed;

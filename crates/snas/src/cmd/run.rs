@@ -1,0 +1,434 @@
+//! `snas run --policy TOKEN [--node N] [limits] -- CMD ARGS…`: the main job.
+//!
+//! On the local testbed (brought up on demand and left running): creates the job through
+//! node N's agent, runs CMD in a gVisor sandbox inside the job's network namespace (see
+//! `snas-sandbox` and docs/sandbox.md), streams its stdout and stderr, then reads the job's
+//! tier-1 drop counters and the audit lines the agent and the proxies wrote for the job,
+//! deletes the job, prints a short egress summary on stderr, and exits with CMD's status.
+//!
+//! Exit codes: CMD's status (128 + signal when it was killed by one); 137 when the sandbox
+//! exceeded its memory limit; 124 when it ran past `--timeout`; 125 when the job or the
+//! sandbox could not be set up (nothing ran).
+//!
+//! Ctrl-C goes to the sandbox (runsc forwards it to CMD); `snas run` itself ignores it so
+//! that it can still delete the job and clean up.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use snas_sandbox::bundle::{BundleSpec, Rootfs};
+use snas_sandbox::launch::{self, humanize, Progress, RunOptions, Stdio3};
+use snas_sandbox::limits::{parse_pids, Bytes, Limits, MilliCpus};
+use snas_sandbox::netcfg::NetConfig;
+use snas_sandbox::platform::{probe_kvm, Platform, KVM_PROBE_TIMEOUT};
+use snas_testbed::exec::read_token;
+use snas_testbed::topology::{NODES, PROXIES};
+use snas_testbed::{AgentClient, JobGuard, TestbedOptions, Topology, DEFAULT_PREFIX};
+
+/// Exit status when nothing could be run.
+const EXIT_SETUP: u8 = 125;
+
+/// `snas run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Testbed name prefix.
+    #[arg(long, default_value = DEFAULT_PREFIX)]
+    prefix: String,
+    /// Node whose agent creates the job (1 or 2).
+    #[arg(long, default_value_t = 1)]
+    node: u8,
+    /// Signed policy: the token itself, `@FILE`, or the path of a file holding it.
+    #[arg(long)]
+    policy: String,
+    /// CPU share of the sandbox (CFS quota), e.g. 0.5.
+    #[arg(long, default_value = "1", value_parser = MilliCpus::parse)]
+    cpus: MilliCpus,
+    /// Memory of the whole sandbox (sentry + workload), e.g. 256M.
+    #[arg(long, default_value = "512M", value_parser = Bytes::parse)]
+    memory: Bytes,
+    /// Host tasks of the sandbox, runsc's own ~43 threads included.
+    #[arg(long, default_value = "512", value_parser = parse_pids)]
+    pids: u32,
+    /// Kill the workload after this long (e.g. 60s, 5m) and exit 124. Default: no deadline.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// gVisor platform: ptrace, or kvm (used only if a probe sandbox works; else ptrace).
+    #[arg(long, default_value = "ptrace")]
+    platform: Platform,
+    /// Root filesystem directory (read-only) instead of the host's /usr.
+    #[arg(long, value_name = "DIR")]
+    rootfs: Option<PathBuf>,
+    /// Host folder mounted read-write at /app (also the working directory).
+    #[arg(long, value_name = "DIR")]
+    app: Option<PathBuf>,
+    /// Environment variable for CMD (repeatable).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// The runsc binary.
+    #[arg(long, default_value = "runsc")]
+    runsc: PathBuf,
+    /// Do not print the egress summary.
+    #[arg(long)]
+    no_summary: bool,
+    /// Print how long each phase took (job network, sandbox, teardown) on stderr.
+    #[arg(long)]
+    timings: bool,
+    /// Command and arguments to run inside the sandbox.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// Runs `snas run`.
+pub fn run(a: RunArgs) -> ExitCode {
+    match job(&a) {
+        Ok(code) => ExitCode::from(code),
+        Err(msg) => {
+            eprintln!("snas run: {msg}");
+            ExitCode::from(EXIT_SETUP)
+        }
+    }
+}
+
+/// Makes sure the testbed's agent for `node` answers; brings the testbed up otherwise (and
+/// leaves it up, like `snas testbed up`).
+fn ensure_testbed(t: &Topology, prefix: &str, node: u8) -> Result<(), String> {
+    if UnixStream::connect(t.agent_socket(node)).is_ok() {
+        return Ok(());
+    }
+    eprintln!(
+        "snas: bringing up the testbed {prefix} (it stays up; `snas testbed down` removes it)…"
+    );
+    let binary = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
+    snas_testbed::up_unguarded(&TestbedOptions::new(prefix, binary)).map_err(|e| {
+        format!("bringing up the testbed: {e} (see `snas testbed status --prefix {prefix}`)")
+    })?;
+    Ok(())
+}
+
+/// Audit logs of the testbed with their current sizes, so that only this job's new lines
+/// are read afterwards.
+fn audit_logs(t: &Topology) -> Vec<(PathBuf, u64)> {
+    let mut v = Vec::new();
+    for n in 1..=NODES {
+        v.push(t.node_dir(n).join("state").join("audit.log"));
+        v.push(t.node_dir(n).join("audit.log"));
+    }
+    for n in 1..=PROXIES {
+        v.push(t.proxy_dir(n).join("audit.jsonl"));
+    }
+    v.into_iter()
+        .map(|p| {
+            let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            (p, len)
+        })
+        .collect()
+}
+
+fn new_lines(logs: &[(PathBuf, u64)], job_key: &str) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for (p, from) in logs {
+        let Ok(mut f) = std::fs::File::open(p) else {
+            continue;
+        };
+        // A log truncated by rotation since: read it from the start.
+        let start = match f.metadata() {
+            Ok(m) if m.len() < *from => 0,
+            _ => *from,
+        };
+        let mut text = String::new();
+        if f.seek(SeekFrom::Start(start)).is_err() || f.read_to_string(&mut text).is_err() {
+            continue;
+        }
+        out.extend(
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v["job_key"].as_str() == Some(job_key)),
+        );
+    }
+    out
+}
+
+/// One row of the egress summary.
+#[derive(Debug, Default)]
+struct Row {
+    events: u64,
+    bytes: u64,
+    tiers: std::collections::BTreeSet<u64>,
+    reasons: std::collections::BTreeSet<String>,
+}
+
+/// The egress summary from audit lines and tier-1 drop counters. Pure.
+pub fn summarize(lines: &[serde_json::Value], drops: &BTreeMap<String, u64>) -> String {
+    let mut rows: BTreeMap<(String, String), Row> = BTreeMap::new();
+    for l in lines {
+        let action = l["action"].as_str().unwrap_or("?").to_owned();
+        let host = l["hostname"].as_str().unwrap_or("");
+        let dst = match &l["dst"] {
+            serde_json::Value::String(s) => s.clone(),
+            _ => String::new(),
+        };
+        let proto = l["proto"].as_str().unwrap_or("");
+        let what = if l["kind"].as_str() == Some("dns") {
+            let q = l["qtype"].as_str().unwrap_or("");
+            format!("DNS {host} {q}").trim_end().to_owned()
+        } else {
+            let port = l["port"]
+                .as_u64()
+                .map(|p| format!("/{p}"))
+                .unwrap_or_default();
+            let name = if host.is_empty() {
+                dst.clone()
+            } else {
+                format!("{host} ({dst})")
+            };
+            format!("{name} {proto}{port}")
+        };
+        let row = rows.entry((action, what)).or_default();
+        row.events += 1;
+        row.bytes += l["bytes"].as_u64().unwrap_or(0);
+        if let Some(t) = l["tier"].as_u64() {
+            row.tiers.insert(t);
+        }
+        if let Some(r) = l["reason"]
+            .as_str()
+            .filter(|r| *r != "allowed" && !r.is_empty())
+        {
+            row.reasons.insert(r.to_owned());
+        }
+    }
+    let mut s = String::new();
+    if rows.is_empty() {
+        s.push_str("  no audited egress\n");
+    }
+    for ((action, what), r) in &rows {
+        let tiers: Vec<String> = r.tiers.iter().map(|t| t.to_string()).collect();
+        let _ = write!(
+            s,
+            "  {action:<7} {what:<48} {:>4}x {:>8} B  tier {}",
+            r.events,
+            r.bytes,
+            tiers.join("+")
+        );
+        if !r.reasons.is_empty() {
+            let reasons: Vec<&str> = r.reasons.iter().map(String::as_str).collect();
+            let _ = write!(s, "  ({})", reasons.join(", "));
+        }
+        s.push('\n');
+    }
+    let nonzero: Vec<String> = drops
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect();
+    if nonzero.is_empty() {
+        s.push_str("  tier-1 drops: none\n");
+    } else {
+        let _ = writeln!(s, "  tier-1 drops: {}", nonzero.join(", "));
+    }
+    s
+}
+
+fn counters(client: &AgentClient, job_key: &str) -> Option<BTreeMap<String, u64>> {
+    let (status, body) = client
+        .request("GET", &format!("/v1/jobs/{job_key}/counters"), b"")
+        .ok()?;
+    if status != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    Some(
+        v["drops"]
+            .as_object()?
+            .iter()
+            .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
+            .collect(),
+    )
+}
+
+fn choose_platform(a: &RunArgs, scratch: &Path) -> Platform {
+    if a.platform != Platform::Kvm {
+        return a.platform;
+    }
+    match probe_kvm(&a.runsc, &scratch.join("kvm-probe"), KVM_PROBE_TIMEOUT) {
+        Ok(()) => Platform::Kvm,
+        Err(e) => {
+            eprintln!("snas: kvm is not usable here ({e}); using ptrace");
+            Platform::Ptrace
+        }
+    }
+}
+
+fn job(a: &RunArgs) -> Result<u8, String> {
+    let t = Topology::new(&a.prefix).map_err(|e| e.to_string())?;
+    if !(1..=NODES).contains(&a.node) {
+        return Err(format!(
+            "--node {}: the testbed has nodes 1 to {NODES}",
+            a.node
+        ));
+    }
+    let token = read_token(&a.policy).map_err(|e| e.to_string())?;
+    let scratch = t.state_dir().join("run");
+
+    let t_net = Instant::now();
+    ensure_testbed(&t, &a.prefix, a.node)?;
+    let logs = audit_logs(&t);
+    let client = AgentClient::new(t.agent_socket(a.node));
+    let guard = JobGuard::create(client.clone(), &token, &scratch)
+        .map_err(|e| format!("creating the job on node {}: {e}", a.node))?;
+    let net_time = t_net.elapsed();
+    let info = guard.info().clone();
+    let parse_ip = |what: &str, s: &str| {
+        s.parse::<Ipv4Addr>()
+            .map_err(|_| format!("agent answered a bad {what} {s:?}"))
+    };
+    let sandbox_ip = parse_ip("sandbox_ip", &info.sandbox_ip)?;
+    let gateway_ip = parse_ip("gateway_ip", &info.gateway_ip)?;
+    let resolver = parse_ip("dns_ip", info.resolver())?;
+
+    let mut spec = BundleSpec::new(a.command.clone(), info.netns_path.clone(), String::new());
+    spec.env = a.env.clone();
+    spec.hostname = info
+        .job
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(63)
+        .collect();
+    if spec.hostname.is_empty() {
+        spec.hostname = "sandbox".into();
+    }
+    spec.nameservers = vec![resolver];
+    spec.limits = Limits {
+        cpus: a.cpus,
+        memory: a.memory,
+        pids: a.pids,
+    };
+    if let Some(r) = &a.rootfs {
+        spec.rootfs = Rootfs::Dir(r.clone());
+    }
+    if let Some(app) = &a.app {
+        spec.app_dir = Some(app.clone());
+        spec.cwd = "/app".into();
+    }
+    let mut opts = RunOptions::new(spec);
+    opts.runsc = a.runsc.clone();
+    opts.platform = choose_platform(a, &scratch);
+    opts.state_dir = scratch.join("sandbox");
+    opts.timeout = a.timeout;
+    opts.net = Some(NetConfig {
+        netns: info.netns_path.clone(),
+        iface: "eth0".into(),
+        addr: sandbox_ip,
+        prefix_len: 30,
+        gateway: gateway_ip,
+    });
+
+    snas_sandbox::process::shield_terminal_signals();
+    let t_sb = Instant::now();
+    let stdio = Stdio3 {
+        stdin: Stdio::inherit(),
+        stdout: Stdio::inherit(),
+        stderr: Stdio::inherit(),
+    };
+    let report = launch::run(&opts, stdio, &mut |p| match p {
+        Progress::StillStarting(d) => eprintln!(
+            "snas: starting the gVisor sandbox ({}, {})…",
+            opts.platform,
+            humanize(d)
+        ),
+    })
+    .map_err(|e| format!("sandbox: {e}"))?;
+    let sandbox_time = t_sb.elapsed();
+
+    let t_down = Instant::now();
+    let drops = counters(&client, &info.job_key);
+    if let Err(e) = guard.delete() {
+        eprintln!("snas run: deleting the job failed: {e}");
+    }
+    let lines = new_lines(&logs, &info.job_key);
+    let down_time = t_down.elapsed();
+
+    let term = report.termination;
+    if !matches!(term, launch::Termination::Exited(_)) {
+        eprintln!("snas: {term}");
+    }
+    for n in report.notes() {
+        eprintln!("snas: {n}");
+    }
+    for l in &report.leftovers {
+        eprintln!("snas: cleanup could not remove {l}");
+    }
+    if !a.no_summary {
+        let mut s = format!(
+            "snas: job {} (key {}) on node {}: {} after {}; egress:\n",
+            info.job,
+            info.job_key,
+            a.node,
+            term,
+            humanize(report.timings.run)
+        );
+        match &drops {
+            Some(d) => s.push_str(&summarize(&lines, d)),
+            None => {
+                s.push_str(&summarize(&lines, &BTreeMap::new()));
+                s.push_str("  (tier-1 counters unavailable)\n");
+            }
+        }
+        eprint!("{s}");
+    }
+    if a.timings {
+        eprintln!(
+            "snas: timings: job-network {:.1} ms, sandbox {:.1} ms (prepare {:.1}, runsc {:.1}, cleanup {:.1}), teardown {:.1} ms",
+            ms(net_time),
+            ms(sandbox_time),
+            ms(report.timings.prepare),
+            ms(report.timings.run),
+            ms(report.timings.cleanup),
+            ms(down_time)
+        );
+    }
+    Ok(u8::try_from(term.exit_code()).unwrap_or(1))
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn summary_groups_by_decision_and_destination() {
+        let lines = vec![
+            json!({"tier":1,"action":"allow","job_key":"k","proto":"tcp","dst":"203.0.113.10","port":80,"hostname":"api.example.com","reason":"allowed","bytes":60}),
+            json!({"tier":2,"action":"allow","job_key":"k","proto":"tcp","dst":"203.0.113.10","port":80,"hostname":"api.example.com","reason":"allowed","bytes":60}),
+            json!({"tier":1,"action":"deny","job_key":"k","proto":"tcp","dst":"203.0.113.20","port":80,"hostname":null,"reason":"policy_no_match","bytes":60}),
+            json!({"tier":1,"kind":"dns","action":"refuse","job_key":"k","proto":"udp","hostname":"nothere.example.org","qtype":"A","reason":"dns_refused","bytes":40}),
+        ];
+        let drops = BTreeMap::from([("policy_no_match".to_owned(), 3), ("ttl".to_owned(), 0)]);
+        let s = summarize(&lines, &drops);
+        let allow = s.lines().find(|l| l.contains("api.example.com")).unwrap();
+        assert!(allow.contains("allow") && allow.contains("2x") && allow.contains("120 B"));
+        assert!(allow.contains("tier 1+2"));
+        let deny = s.lines().find(|l| l.contains("203.0.113.20")).unwrap();
+        assert!(deny.contains("deny") && deny.contains("(policy_no_match)"));
+        assert!(s.contains("refuse  DNS nothere.example.org A"));
+        assert!(s.contains("tier-1 drops: policy_no_match 3\n"));
+        assert!(!s.contains("ttl"));
+    }
+
+    #[test]
+    fn summary_without_events_says_so() {
+        let s = summarize(&[], &BTreeMap::new());
+        assert!(s.contains("no audited egress"));
+        assert!(s.contains("tier-1 drops: none"));
+    }
+}
