@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SNAS_SETUP_SKIP_BUILD=1 scripts/setup.sh
 cargo build --release --locked -p snas
+# Tests that drive the binary (testbed, end to end, sandbox) run this one.
+export SNAS_BIN="$PWD/target/release/snas"
 cargo nextest run --workspace --locked --release --no-fail-fast "$@"
