@@ -223,20 +223,20 @@ pub fn write_bundle(spec: &BundleSpec, dir: &Path) -> Result<PathBuf, BundleErro
         move |source| BundleError::Write { path, source }
     };
     if let Some(app) = &spec.app_dir {
-        if !app.is_dir() {
+        if !app.is_absolute() || !app.is_dir() {
             return Err(BundleError::BadPath {
                 what: "--app",
                 path: app.clone(),
-                reason: "not a directory".into(),
+                reason: "not an absolute path of a directory".into(),
             });
         }
     }
     if let Rootfs::Dir(d) = &spec.rootfs {
-        if !d.join("etc").is_dir() {
+        if !d.is_absolute() || !d.join("etc").is_dir() {
             return Err(BundleError::BadPath {
                 what: "--rootfs",
                 path: d.clone(),
-                reason: "has no etc/ directory to bind resolv.conf into".into(),
+                reason: "not an absolute path, or has no etc/ to bind resolv.conf into".into(),
             });
         }
     }

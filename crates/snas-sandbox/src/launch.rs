@@ -158,6 +158,14 @@ pub enum Termination {
     MemoryLimit(Bytes),
     /// It ran past its deadline and was killed.
     TimedOut(Duration),
+    /// It failed (status kept) after the pids limit refused a fork: with the ptrace platform
+    /// every guest process needs host tasks, and the sentry may die when it cannot make one.
+    PidsLimit {
+        /// The limit.
+        limit: u32,
+        /// The exit status seen.
+        code: i32,
+    },
 }
 
 impl Termination {
@@ -168,6 +176,7 @@ impl Termination {
             Termination::Exited(c) => c,
             Termination::MemoryLimit(_) => EXIT_OOM,
             Termination::TimedOut(_) => EXIT_TIMEOUT,
+            Termination::PidsLimit { code, .. } => code,
         }
     }
 }
@@ -183,6 +192,9 @@ impl fmt::Display for Termination {
             Termination::MemoryLimit(m) => write!(f, "killed: memory limit ({m}) exceeded"),
             Termination::TimedOut(d) => {
                 write!(f, "timed out after {}", humanize(*d))
+            }
+            Termination::PidsLimit { limit, code } => {
+                write!(f, "failed (exit {code}): pids limit ({limit}) reached")
             }
         }
     }
@@ -235,7 +247,9 @@ impl RunReport {
     /// Human notes about limits that were hit without deciding the outcome.
     pub fn notes(&self) -> Vec<String> {
         let mut v = Vec::new();
-        if self.events.pids_max_hits > 0 {
+        if self.events.pids_max_hits > 0
+            && !matches!(self.termination, Termination::PidsLimit { .. })
+        {
             v.push(format!(
                 "pids limit ({}) reached: {} fork(s) refused (runsc's own threads count toward it)",
                 self.limits.pids, self.events.pids_max_hits
@@ -500,6 +514,11 @@ pub fn run(
         Termination::TimedOut(opts.timeout.unwrap_or_default())
     } else if events.oom_kills > 0 && code != 0 {
         Termination::MemoryLimit(limits.memory)
+    } else if events.pids_max_hits > 0 && code != 0 {
+        Termination::PidsLimit {
+            limit: limits.pids,
+            code,
+        }
     } else {
         Termination::Exited(code)
     };
@@ -532,6 +551,15 @@ mod tests {
         assert_eq!(t.exit_code(), 124);
         assert_eq!(t.to_string(), "timed out after 60s");
         assert_eq!(Termination::Exited(3).exit_code(), 3);
+        let pids = Termination::PidsLimit {
+            limit: 100,
+            code: 2,
+        };
+        assert_eq!(pids.exit_code(), 2);
+        assert_eq!(
+            pids.to_string(),
+            "failed (exit 2): pids limit (100) reached"
+        );
         assert_eq!(
             Termination::Exited(137).to_string(),
             "exited 137 (killed by signal 9)"

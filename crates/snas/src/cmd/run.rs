@@ -203,6 +203,7 @@ pub fn summarize(lines: &[serde_json::Value], drops: &BTreeMap<String, u64>) -> 
             row.reasons.insert(r.to_owned());
         }
     }
+    fold_dns_names(&mut rows);
     let mut s = String::new();
     if rows.is_empty() {
         s.push_str("  no audited egress\n");
@@ -233,6 +234,43 @@ pub fn summarize(lines: &[serde_json::Value], drops: &BTreeMap<String, u64>) -> 
         let _ = writeln!(s, "  tier-1 drops: {}", nonzero.join(", "));
     }
     s
+}
+
+/// Most DNS rows shown per action; the rest (DNS tunnelling makes thousands of names) are
+/// folded into one row.
+const DNS_ROWS: usize = 6;
+
+fn fold_dns_names(rows: &mut BTreeMap<(String, String), Row>) {
+    let mut by_action: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
+    for ((action, what), r) in rows.iter() {
+        if what.starts_with("DNS ") {
+            by_action
+                .entry(action.clone())
+                .or_default()
+                .push((what.clone(), r.events));
+        }
+    }
+    for (action, mut names) in by_action {
+        if names.len() <= DNS_ROWS {
+            continue;
+        }
+        // Keep the most frequent names; fold the rest.
+        names.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let folded: Vec<String> = names.split_off(DNS_ROWS).into_iter().map(|n| n.0).collect();
+        let mut merged = Row::default();
+        for what in &folded {
+            if let Some(r) = rows.remove(&(action.clone(), what.clone())) {
+                merged.events += r.events;
+                merged.bytes += r.bytes;
+                merged.tiers.extend(r.tiers);
+                merged.reasons.extend(r.reasons);
+            }
+        }
+        rows.insert(
+            (action, format!("DNS {} other names", folded.len())),
+            merged,
+        );
+    }
 }
 
 fn counters(client: &AgentClient, job_key: &str) -> Option<BTreeMap<String, u64>> {
@@ -309,11 +347,14 @@ fn job(a: &RunArgs) -> Result<u8, String> {
         memory: a.memory,
         pids: a.pids,
     };
+    let absolute = |flag: &str, p: &Path| {
+        std::fs::canonicalize(p).map_err(|e| format!("{flag} {}: {e}", p.display()))
+    };
     if let Some(r) = &a.rootfs {
-        spec.rootfs = Rootfs::Dir(r.clone());
+        spec.rootfs = Rootfs::Dir(absolute("--rootfs", r)?);
     }
     if let Some(app) = &a.app {
-        spec.app_dir = Some(app.clone());
+        spec.app_dir = Some(absolute("--app", app)?);
         spec.cwd = "/app".into();
     }
     let mut opts = RunOptions::new(spec);
@@ -423,6 +464,23 @@ mod tests {
         assert!(s.contains("refuse  DNS nothere.example.org A"));
         assert!(s.contains("tier-1 drops: policy_no_match 3\n"));
         assert!(!s.contains("ttl"));
+    }
+
+    #[test]
+    fn many_refused_dns_names_are_folded_into_one_row() {
+        let lines: Vec<_> = (0..20)
+            .map(|i| json!({"tier":1,"kind":"dns","action":"refuse","job_key":"k","hostname":format!("x{i}.example.org"),"qtype":"A","reason":"dns_refused","bytes":10}))
+            .collect();
+        let s = summarize(&lines, &BTreeMap::new());
+        let refuse_rows = s.lines().filter(|l| l.contains("refuse")).count();
+        assert_eq!(refuse_rows, DNS_ROWS + 1, "{s}");
+        let folded = s.lines().find(|l| l.contains("other names")).unwrap();
+        assert!(
+            folded.contains("DNS 14 other names")
+                && folded.contains("14x")
+                && folded.contains("140 B"),
+            "{folded}"
+        );
     }
 
     #[test]
