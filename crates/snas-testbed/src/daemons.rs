@@ -181,6 +181,12 @@ pub fn proxy_config(t: &Topology, n: u8) -> String {
     let nodes: Vec<String> = (1..=NODES)
         .map(|k| format!("\"{}\"", t.node_addr(k)))
         .collect();
+    // Every other proxy: a binding learnt by one proxy's resolver is pushed to the others, so
+    // a flow that Maglev sends to another proxy than the job's resolver is still allowed.
+    let peers: Vec<String> = (1..=PROXIES)
+        .filter(|&p| p != n)
+        .map(|p| format!("\"{}\"", t.proxy_addr(p)))
+        .collect();
     let (pool, len) = t.egress_pool(n);
     let dir = t.proxy_dir(n);
     format!(
@@ -197,10 +203,14 @@ resolver_listen = \"{resolver}\"\n\
 upstream_dns = [\"{dns}\"]\n\
 control_listen = \"{control}\"\n\
 audit_log = {audit}\n\
-state_dir = {state}\n",
+state_dir = {state}\n\
+peers = [{peers}]\n\
+peer_secret_file = {secret}\n",
         prefix = t.prefix(),
         addr = t.proxy_addr(n),
         nodes = nodes.join(", "),
+        peers = peers.join(", "),
+        secret = toml_str(&peer_secret_file(t).display().to_string()),
         trust = toml_str(&t.trust_dir().display().to_string()),
         resolver = t.proxy_resolver(n),
         dns = t.dns_server(),
@@ -208,6 +218,36 @@ state_dir = {state}\n",
         audit = toml_str(&dir.join("audit.jsonl").display().to_string()),
         state = toml_str(&dir.display().to_string()),
     )
+}
+
+/// The proxies' shared peer secret (authenticates binding pushes between them).
+pub fn peer_secret_file(t: &Topology) -> PathBuf {
+    t.state_dir().join("peer.secret")
+}
+
+/// Creates the peer secret (32 random hex digits, mode 0600) unless it exists.
+fn ensure_peer_secret(t: &Topology) -> Result<(), DaemonError> {
+    use rand::RngCore;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = peer_secret_file(t);
+    if path.exists() {
+        return Ok(());
+    }
+    let mut b = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let file_err = |source| DaemonError::File {
+        path: path.clone(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(file_err)?;
+    f.write_all(hex.as_bytes()).map_err(file_err)
 }
 
 /// Pid recorded for a daemon, if any.
@@ -291,6 +331,7 @@ pub fn start(t: &Topology, d: Daemon, binary: &Path) -> Result<Started, DaemonEr
             let _ = std::fs::remove_file(t.agent_socket(n));
         }
         Daemon::Proxy(n) => {
+            ensure_peer_secret(t)?;
             if let Some(p) = d.config_file(t) {
                 write_file(&p, &proxy_config(t, n))?;
             }
@@ -384,6 +425,18 @@ mod tests {
         assert_eq!(
             v["audit_log"].as_str(),
             Some("/run/snas-testbed/snastb/proxy-2/audit.jsonl")
+        );
+        // Peers are the other proxies, never itself.
+        let peers: Vec<&str> = v["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p.as_str())
+            .collect();
+        assert_eq!(peers, vec!["192.0.2.21"]);
+        assert_eq!(
+            v["peer_secret_file"].as_str(),
+            Some("/run/snas-testbed/snastb/peer.secret")
         );
     }
 }

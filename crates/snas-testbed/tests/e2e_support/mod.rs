@@ -1,0 +1,394 @@
+//! Shared helpers of the end-to-end tests (`tests/e2e_*.rs`, root only): one testbed per test
+//! file, jobs that live as long as a guard, commands run inside a job with plain tools (curl,
+//! python3, dig), and readers for the proxies' control endpoints.
+//!
+//! Every helper fails loudly (panics with the command's output) instead of skipping: a missing
+//! prerequisite must never make a test pass vacuously.
+#![allow(dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failed step is a failed test
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use snas_testbed::daemons::{self, Daemon};
+use snas_testbed::{unique_prefix, JobGuard, JobInfo, Testbed, TestbedOptions};
+
+/// The `snas` binary: `$SNAS_BIN`, or `target/debug/snas` of this workspace.
+pub fn snas_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("SNAS_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/snas");
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build -p snas` first or set SNAS_BIN",
+        p.display()
+    );
+    p
+}
+
+/// A testbed with agents and proxies; panics unless both proxies answer `/healthz`.
+pub fn testbed_with_proxies() -> Testbed {
+    let tb = Testbed::up(TestbedOptions::new(&unique_prefix(), snas_binary())).unwrap();
+    assert!(
+        tb.record().proxy_available,
+        "needs snas proxy: `snas proxy --help` fails with {}",
+        snas_binary().display()
+    );
+    for n in 1..=2 {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("proxy {n} /healthz"),
+            || proxy_get(&tb, n, "/healthz").is_ok_and(|(s, _)| s == 200),
+        );
+    }
+    tb
+}
+
+/// A testbed with agents only (what needs no proxy).
+pub fn testbed_without_proxies() -> Testbed {
+    let mut o = TestbedOptions::new(&unique_prefix(), snas_binary());
+    o.start_proxies = false;
+    Testbed::up(o).unwrap()
+}
+
+/// Polls `f` every 50 ms until it holds; panics after `limit`.
+pub fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        if f() {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < limit, "{what}: not true after {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A policy with unique job name and the given body (rules, limits).
+pub fn policy(tenant: &str, body: &str) -> String {
+    format!(
+        "tenant = \"{tenant}\"\njob = \"e2e-{}\"\n{body}\n",
+        rand_hex()
+    )
+}
+
+fn rand_hex() -> String {
+    let mut b = [0u8; 4];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .unwrap();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A running job; deleted when dropped.
+pub struct Job {
+    pub guard: JobGuard,
+    pub node: u8,
+}
+
+impl Job {
+    /// Creates a job on node `n` from a policy (authoring TOML), signed with the testbed key.
+    pub fn start(tb: &Testbed, n: u8, policy_toml: &str) -> Job {
+        let token = tb.sign_policy(policy_toml).unwrap();
+        Job::start_token(tb, n, &token)
+    }
+
+    /// Creates a job from a signed token.
+    pub fn start_token(tb: &Testbed, n: u8, token: &str) -> Job {
+        let guard =
+            JobGuard::create(tb.agent(n), token, &tb.topology().state_dir().join("exec")).unwrap();
+        Job { guard, node: n }
+    }
+
+    pub fn info(&self) -> &JobInfo {
+        self.guard.info()
+    }
+
+    pub fn key(&self) -> u64 {
+        u64::from_str_radix(&self.info().job_key, 16).unwrap()
+    }
+
+    /// A command prepared to run inside the job.
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new(program);
+        c.args(args);
+        self.guard.prepare(&mut c).unwrap();
+        c
+    }
+
+    /// Runs a command in the job, output captured.
+    pub fn run(&self, program: &str, args: &[&str]) -> Output {
+        self.command(program, args).output().unwrap()
+    }
+
+    /// Runs `python3 -c code args...`; panics unless it exits 0; returns stdout.
+    pub fn python(&self, code: &str, args: &[&str]) -> String {
+        let mut a = vec!["-c", code];
+        a.extend_from_slice(args);
+        let out = self.run("python3", &a);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "python in job failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
+    /// Starts `python3 -u -c code` in the job with piped stdin/stdout (long-lived clients).
+    pub fn spawn_python(&self, code: &str, args: &[&str]) -> Child {
+        let mut a = vec!["-u", "-c", code];
+        a.extend_from_slice(args);
+        self.command("python3", &a)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    }
+
+    /// `curl -sS --max-time 5 URL`: (exit code, body).
+    pub fn curl(&self, url: &str) -> (i32, String) {
+        let out = self.run("curl", &["-sS", "--max-time", "5", url]);
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+}
+
+/// A long-lived python process in a job, driven line by line over stdin/stdout.
+pub struct Driver {
+    child: Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Driver {
+    pub fn new(mut child: Child) -> Driver {
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        Driver { child, out }
+    }
+
+    /// Sends one command line and reads one answer line.
+    pub fn ask(&mut self, line: &str) -> String {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+        self.read_line()
+    }
+
+    pub fn read_line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut s = String::new();
+        self.out.read_line(&mut s).unwrap();
+        assert!(!s.is_empty(), "job process ended early");
+        s.trim_end().to_owned()
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP GET over TCP; (status, body).
+pub fn http_get(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut b: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = b.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        b = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// GET on proxy `n`'s control port (from inside its namespace).
+pub fn proxy_get(tb: &Testbed, n: u8, path: &str) -> std::io::Result<(u16, String)> {
+    proxy_request(tb, n, "GET", path)
+}
+
+/// Any request on proxy `n`'s control port.
+pub fn proxy_request(
+    tb: &Testbed,
+    n: u8,
+    method: &str,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
+    let addr = tb.topology().proxy_control(n);
+    let m = method.to_owned();
+    let p = path.to_owned();
+    tb.in_netns(&tb.topology().proxy_ns(n), move || http_get(addr, &m, &p))
+        .unwrap()
+}
+
+/// Proxy `n`'s metrics as (name{labels} → value).
+pub fn proxy_metrics(tb: &Testbed, n: u8) -> BTreeMap<String, f64> {
+    let (status, body) = proxy_get(tb, n, "/metrics").unwrap();
+    assert_eq!(status, 200, "proxy {n} /metrics: {body}");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Sum of `snas_proxy_drops_total` samples of proxy `n` whose labels contain `reason="r"`.
+pub fn proxy_drops(tb: &Testbed, n: u8, reason: &str) -> f64 {
+    let needle = format!("reason=\"{reason}\"");
+    proxy_metrics(tb, n)
+        .iter()
+        .filter(|(k, _)| k.starts_with("snas_proxy_drops_total") && k.contains(&needle))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Sum of every `snas_proxy_drops_total` sample of proxy `n`.
+pub fn proxy_drops_all(tb: &Testbed, n: u8) -> f64 {
+    proxy_metrics(tb, n)
+        .iter()
+        .filter(|(k, _)| k.starts_with("snas_proxy_drops_total"))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Proxy `n`'s live flows (`/v1/flows`, array or `{"flows": [...]}`).
+pub fn proxy_flows(tb: &Testbed, n: u8) -> Vec<serde_json::Value> {
+    let (status, body) = proxy_get(tb, n, "/v1/flows").unwrap();
+    assert_eq!(status, 200, "proxy {n} /v1/flows: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    match v {
+        serde_json::Value::Array(a) => a,
+        serde_json::Value::Object(mut o) => match o.remove("flows") {
+            Some(serde_json::Value::Array(a)) => a,
+            _ => panic!("proxy {n} /v1/flows: {body}"),
+        },
+        _ => panic!("proxy {n} /v1/flows: {body}"),
+    }
+}
+
+/// Whether a flow object belongs to job key `key` (16 hex digits) and has sandbox port `port`.
+pub fn flow_is(f: &serde_json::Value, key: &str, port: Option<u16>) -> bool {
+    let s = f.to_string();
+    s.contains(key)
+        && port.is_none_or(|p| {
+            s.contains(&format!(":{p}\"")) || s.contains(&format!("\"src_port\":{p}"))
+        })
+}
+
+/// Tier-1 drop count of a job for a reason (agent counters endpoint).
+pub fn tier1_drops(tb: &Testbed, job: &Job, reason: &str) -> u64 {
+    let (status, body) = tb
+        .agent(job.node)
+        .request(
+            "GET",
+            &format!("/v1/jobs/{}/counters", job.info().job_key),
+            b"",
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    v["drops"][reason].as_u64().unwrap_or(0)
+}
+
+/// Whether a daemon of the testbed runs.
+pub fn running(tb: &Testbed, d: Daemon) -> bool {
+    daemons::running_pid(tb.topology(), d).is_some()
+}
+
+/// Python: best-of-3 `connect()` to (host, port) with the error name and elapsed ms; prints
+/// `ERRNAME ms` for the fastest attempt. Resolves `host` with getaddrinfo first (the job's DNS).
+pub const PY_FAIL_FAST: &str = r#"
+import socket, sys, time, errno
+host, port = sys.argv[1], int(sys.argv[2])
+ip = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+best = None
+for _ in range(3):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(2.0)
+    t = time.monotonic()
+    try:
+        s.connect((ip, port))
+        r = "CONNECTED"
+    except socket.timeout:
+        r = "TIMEOUT"
+    except OSError as e:
+        r = errno.errorcode.get(e.errno, str(e.errno))
+    ms = (time.monotonic() - t) * 1000.0
+    s.close()
+    if best is None or ms < best[1]:
+        best = (r, ms)
+print(best[0], "%.3f" % best[1])
+"#;
+
+/// Runs [`PY_FAIL_FAST`] in the job; (error name, ms).
+pub fn fail_fast(job: &Job, host: &str, port: u16) -> (String, f64) {
+    let out = job.python(PY_FAIL_FAST, &[host, &port.to_string()]);
+    let mut it = out.split_whitespace();
+    let r = it.next().unwrap_or_default().to_owned();
+    let ms = it.next().and_then(|m| m.parse().ok()).unwrap_or(f64::MAX);
+    (r, ms)
+}
+
+/// Asserts a refusal by RST or ICMP (ECONNREFUSED / ECONNRESET / EHOSTUNREACH / ENETUNREACH)
+/// within 10 ms.
+pub fn assert_refused_fast(job: &Job, host: &str, port: u16) {
+    let (r, ms) = fail_fast(job, host, port);
+    assert!(
+        ["ECONNREFUSED", "ECONNRESET", "EHOSTUNREACH", "ENETUNREACH"].contains(&r.as_str()),
+        "{host}:{port}: expected a refusal, got {r} after {ms:.3} ms"
+    );
+    assert!(
+        ms < 10.0,
+        "{host}:{port}: refused only after {ms:.3} ms (> 10 ms)"
+    );
+}
+
+/// Serialises the tests of one file (each builds its own testbed; 2 cores do not carry several
+/// at once well). Poisoning is ignored: one failed test must not fail the others.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
