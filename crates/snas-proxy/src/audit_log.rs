@@ -182,7 +182,12 @@ pub fn start(path: &Path) -> Result<(AuditSink, JoinHandle<()>), AuditError> {
     ))
 }
 
-fn writer(rx: Receiver<AuditLine>, mut out: BufWriter<std::fs::File>, written: &AtomicU64, dropped: &AtomicU64) {
+fn writer(
+    rx: Receiver<AuditLine>,
+    mut out: BufWriter<std::fs::File>,
+    written: &AtomicU64,
+    dropped: &AtomicU64,
+) {
     while let Ok(first) = rx.recv() {
         let mut line = Some(first);
         while let Some(l) = line.take() {

@@ -172,7 +172,10 @@ impl ProxyConfig {
             return Err(bad("egress_pool", "at least one prefix is needed".into()));
         }
         if self.egress_ips().is_empty() {
-            return Err(bad("egress_pool", "the prefixes hold no host address".into()));
+            return Err(bad(
+                "egress_pool",
+                "the prefixes hold no host address".into(),
+            ));
         }
         if self.tun_name.is_empty() || self.tun_name.len() > 15 {
             return Err(bad("tun_name", "must be 1 to 15 bytes (IFNAMSIZ)".into()));
@@ -181,7 +184,10 @@ impl ProxyConfig {
             return Err(bad("upstream_dns", "at least one server is needed".into()));
         }
         if !(576..=65535).contains(&self.tun_mtu) {
-            return Err(bad("tun_mtu", format!("{} is outside 576..=65535", self.tun_mtu)));
+            return Err(bad(
+                "tun_mtu",
+                format!("{} is outside 576..=65535", self.tun_mtu),
+            ));
         }
         if self.batch == 0 || self.batch > 1024 {
             return Err(bad("batch", format!("{} is outside 1..=1024", self.batch)));

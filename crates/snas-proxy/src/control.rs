@@ -104,46 +104,84 @@ async fn metrics_text(State(c): State<Ctl>) -> Response {
         let eng = s.engine();
         metrics::render(&s.metrics, &eng, extra)
     };
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        text,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 #[derive(Debug, Serialize)]
 struct FlowJson {
     job_key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job: Option<String>,
     tenant_id: u32,
-    proto: u8,
+    proto: &'static str,
     src: String,
     dst: String,
+    hostnames: Vec<String>,
     egress: String,
     state: String,
     idle_ms: u64,
 }
 
+fn proto_name(p: crate::nat::IpProto) -> &'static str {
+    match p {
+        crate::nat::IpProto::Tcp => "tcp",
+        crate::nat::IpProto::Udp => "udp",
+        crate::nat::IpProto::Icmp => "icmp",
+        crate::nat::IpProto::Icmpv6 => "icmpv6",
+    }
+}
+
+fn state_name(s: crate::conntrack::FlowState) -> String {
+    // FlowState's Debug names are CamelCase (TcpEstablished): print them snake_case.
+    let mut out = String::new();
+    for (i, c) in format!("{s:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
 async fn flows(State(c): State<Ctl>) -> Response {
     let now = c.shared.clock_now();
+    let snap = c.shared.store.snapshot();
     let list: Vec<FlowJson> = {
-        let eng = c.shared.engine();
-        eng.conntrack()
+        let mut eng = c.shared.engine();
+        let infos: Vec<_> = eng
+            .conntrack()
             .iter()
             .take(MAX_FLOWS_LISTED)
-            .map(|(_, f)| FlowJson {
-                job_key: format!("{:016x}", f.key.job),
-                tenant_id: f.tenant,
-                proto: f.key.proto as u8,
-                src: std::net::SocketAddr::from((f.key.src_ip, f.key.src_port)).to_string(),
-                dst: std::net::SocketAddr::from((f.key.dst_ip, f.key.dst_port)).to_string(),
-                egress: std::net::SocketAddr::from((f.egress_ip, f.egress_port)).to_string(),
-                state: format!("{:?}", f.state),
-                idle_ms: u64::try_from(now.saturating_duration_since(f.last_seen).as_millis())
-                    .unwrap_or(u64::MAX),
+            .map(|(_, f)| f)
+            .collect();
+        let bindings = eng.bindings_mut();
+        infos
+            .into_iter()
+            .map(|f| {
+                let policy = snap.get(f.key.job);
+                FlowJson {
+                    job_key: format!("{:016x}", f.key.job),
+                    tenant: policy.map(|p| p.tenant.to_string()),
+                    job: policy.map(|p| p.job.to_string()),
+                    tenant_id: f.tenant,
+                    proto: proto_name(f.key.proto),
+                    src: std::net::SocketAddr::from((f.key.src_ip, f.key.src_port)).to_string(),
+                    dst: std::net::SocketAddr::from((f.key.dst_ip, f.key.dst_port)).to_string(),
+                    hostnames: bindings
+                        .names(f.key.job, f.key.dst_ip, now)
+                        .map(|n| n.to_string())
+                        .collect(),
+                    egress: std::net::SocketAddr::from((f.egress_ip, f.egress_port)).to_string(),
+                    state: state_name(f.state),
+                    idle_ms: u64::try_from(now.saturating_duration_since(f.last_seen).as_millis())
+                        .unwrap_or(u64::MAX),
+                }
             })
             .collect()
     };
-    Json(list).into_response()
+    Json(serde_json::json!({ "flows": list })).into_response()
 }
 
 /// Constant-time comparison (the length is not secret).

@@ -157,6 +157,8 @@ pub struct Daemon {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     runtime: Option<tokio::runtime::Runtime>,
+    control_addr: SocketAddr,
+    resolver_addr: SocketAddr,
 }
 
 fn engine_config(cfg: &ProxyConfig, clock_horizon: Duration) -> Tier2Config {
@@ -171,6 +173,17 @@ fn engine_config(cfg: &ProxyConfig, clock_horizon: Duration) -> Tier2Config {
 impl Daemon {
     /// Sets everything up on the calling thread's network namespace and starts the threads.
     pub fn start(cfg: ProxyConfig) -> Result<Daemon, DaemonError> {
+        Daemon::start_with(cfg, true)
+    }
+
+    /// Starts the control plane only (policy fetcher, control endpoint, resolver, audit log):
+    /// no TUN device, no GENEVE sockets, no workers. For tests of the resolver and the
+    /// control endpoint without privileges.
+    pub fn start_control_plane(cfg: ProxyConfig) -> Result<Daemon, DaemonError> {
+        Daemon::start_with(cfg, false)
+    }
+
+    fn start_with(cfg: ProxyConfig, data_path: bool) -> Result<Daemon, DaemonError> {
         let io = |what| move |source| DaemonError::Io { what, source };
         std::fs::create_dir_all(&cfg.state_dir).map_err(io("create state_dir"))?;
         let trust = load_trust_bundle(&cfg.trust)?;
@@ -183,19 +196,24 @@ impl Daemon {
 
         // The data path: TUN queues and GENEVE sockets, bound here so errors surface.
         let multi = cfg.workers > 1;
-        let mut queues = Vec::with_capacity(cfg.workers);
-        for _ in 0..cfg.workers {
+        let n = if data_path { cfg.workers } else { 0 };
+        let mut queues = Vec::with_capacity(n);
+        for _ in 0..n {
             queues.push(TunQueue::open(&cfg.tun_name, multi)?);
         }
-        tun::configure(&cfg.tun_name, cfg.tun_mtu, &cfg.egress_pool)?;
+        if data_path {
+            tun::configure(&cfg.tun_name, cfg.tun_mtu, &cfg.egress_pool)?;
+        }
         let gaddr = SocketAddrV4::new(cfg.underlay_addr, GENEVE_PORT);
-        let mut socks = Vec::with_capacity(cfg.workers);
-        for _ in 0..cfg.workers {
-            socks.push(GeneveSocket::bind(gaddr).map_err(|source| DaemonError::Bind {
-                what: "GENEVE",
-                addr: gaddr.into(),
-                source,
-            })?);
+        let mut socks = Vec::with_capacity(n);
+        for _ in 0..n {
+            socks.push(
+                GeneveSocket::bind(gaddr).map_err(|source| DaemonError::Bind {
+                    what: "GENEVE",
+                    addr: gaddr.into(),
+                    source,
+                })?,
+            );
         }
         let control = std::net::TcpListener::bind(cfg.control_listen).map_err(|source| {
             DaemonError::Bind {
@@ -207,13 +225,16 @@ impl Daemon {
         control
             .set_nonblocking(true)
             .map_err(io("control listener"))?;
-        let resolver_sockets = crate::resolver::bind(cfg.resolver_listen).map_err(|source| {
-            DaemonError::Bind {
+        let control_addr = control.local_addr().map_err(io("control listener"))?;
+        let resolver_sockets =
+            crate::resolver::bind(cfg.resolver_listen).map_err(|source| DaemonError::Bind {
                 what: "resolver",
                 addr: cfg.resolver_listen,
                 source,
-            }
-        })?;
+            })?;
+        let resolver_addr = resolver_sockets
+            .local_addr()
+            .map_err(io("resolver sockets"))?;
 
         let (audit, _audit_thread) = audit_log::start(&cfg.audit_log)?;
         let store = Arc::new(PolicyStore::new());
@@ -277,7 +298,19 @@ impl Daemon {
             shared,
             workers,
             runtime: Some(runtime),
+            control_addr,
+            resolver_addr,
         })
+    }
+
+    /// Where the control endpoint listens (useful with port 0).
+    pub fn control_addr(&self) -> SocketAddr {
+        self.control_addr
+    }
+
+    /// Where the resolver listens, UDP and TCP (useful with port 0).
+    pub fn resolver_addr(&self) -> SocketAddr {
+        self.resolver_addr
     }
 
     /// The shared state (tests, the CLI).
@@ -504,9 +537,13 @@ impl Worker {
         let mut refusals = 0;
         for i in 0..n {
             match self.outs[i].clone() {
-                Out::Internet(r) => {
-                    write_internet(&self.s, &self.tun, &self.rx.bufs[i][r], self.mtu, &mut self.scratch)
-                }
+                Out::Internet(r) => write_internet(
+                    &self.s,
+                    &self.tun,
+                    &self.rx.bufs[i][r],
+                    self.mtu,
+                    &mut self.scratch,
+                ),
                 Out::Hold(depart, to, r) => {
                     let mut buf = self.pool.pop().unwrap_or_default();
                     buf.clear();

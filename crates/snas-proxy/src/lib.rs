@@ -38,9 +38,9 @@ pub mod gso;
 pub mod http;
 pub mod metrics;
 pub mod nat;
+pub mod pacer;
 pub mod policy_fetch;
 pub mod resolver;
-pub mod pacer;
 pub mod tier2;
 pub mod token_bucket;
 #[allow(unsafe_code)]

@@ -85,25 +85,48 @@ pub struct Extra {
 pub fn render(m: &Metrics, engine: &Tier2, extra: Extra) -> String {
     let mut o = String::with_capacity(4096);
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    family(&mut o, "snas_proxy_packets_total", "counter", "Packets by direction.");
+    family(
+        &mut o,
+        "snas_proxy_packets_total",
+        "counter",
+        "Packets by direction.",
+    );
     for (dir, c) in [
         ("node_rx", &m.node_rx_packets),
         ("internet_tx", &m.internet_tx_packets),
         ("internet_rx", &m.internet_rx_packets),
         ("node_tx", &m.node_tx_packets),
     ] {
-        let _ = writeln!(o, "snas_proxy_packets_total{{direction=\"{dir}\"}} {}", get(c));
+        let _ = writeln!(
+            o,
+            "snas_proxy_packets_total{{direction=\"{dir}\"}} {}",
+            get(c)
+        );
     }
-    family(&mut o, "snas_proxy_bytes_total", "counter", "Bytes by direction.");
+    family(
+        &mut o,
+        "snas_proxy_bytes_total",
+        "counter",
+        "Bytes by direction.",
+    );
     for (dir, c) in [
         ("node_rx", &m.node_rx_bytes),
         ("internet_tx", &m.internet_tx_bytes),
         ("internet_rx", &m.internet_rx_bytes),
         ("node_tx", &m.node_tx_bytes),
     ] {
-        let _ = writeln!(o, "snas_proxy_bytes_total{{direction=\"{dir}\"}} {}", get(c));
+        let _ = writeln!(
+            o,
+            "snas_proxy_bytes_total{{direction=\"{dir}\"}} {}",
+            get(c)
+        );
     }
-    family(&mut o, "snas_proxy_drops_total", "counter", "Tier-2 drops and refusals by reason.");
+    family(
+        &mut o,
+        "snas_proxy_drops_total",
+        "counter",
+        "Tier-2 drops and refusals by reason.",
+    );
     let drops = engine.drops();
     for r in Reason::ALL {
         let n = drops.get(usize::from(r.code())).copied().unwrap_or(0);
@@ -112,40 +135,109 @@ pub fn render(m: &Metrics, engine: &Tier2, extra: Extra) -> String {
         }
     }
     let simple: [(&str, &str, u64); 6] = [
-        ("snas_proxy_refusals_sent_total", "RST/ICMP refusals sent to nodes.", get(&m.refusals)),
-        ("snas_proxy_need_policy_total", "Packets dropped while their job's policy was fetched.", get(&m.need_policy)),
-        ("snas_proxy_tun_write_errors_total", "Failed TUN writes.", get(&m.tun_write_errors)),
-        ("snas_proxy_gso_segmented_total", "TCP super-packets segmented.", get(&m.gso_segmented)),
-        ("snas_proxy_policy_fetch_failures_total", "Failed policy fetches.", extra.fetch_failed),
-        ("snas_proxy_policy_fetches_total", "Successful policy fetches.", extra.fetch_ok),
+        (
+            "snas_proxy_refusals_sent_total",
+            "RST/ICMP refusals sent to nodes.",
+            get(&m.refusals),
+        ),
+        (
+            "snas_proxy_need_policy_total",
+            "Packets dropped while their job's policy was fetched.",
+            get(&m.need_policy),
+        ),
+        (
+            "snas_proxy_tun_write_errors_total",
+            "Failed TUN writes.",
+            get(&m.tun_write_errors),
+        ),
+        (
+            "snas_proxy_gso_segmented_total",
+            "TCP super-packets segmented.",
+            get(&m.gso_segmented),
+        ),
+        (
+            "snas_proxy_policy_fetch_failures_total",
+            "Failed policy fetches.",
+            extra.fetch_failed,
+        ),
+        (
+            "snas_proxy_policy_fetches_total",
+            "Successful policy fetches.",
+            extra.fetch_ok,
+        ),
     ];
     for (name, help, v) in simple {
         family(&mut o, name, "counter", help);
         let _ = writeln!(o, "{name} {v}");
     }
-    family(&mut o, "snas_proxy_audit_lines_total", "counter", "Audit lines by outcome.");
-    let _ = writeln!(o, "snas_proxy_audit_lines_total{{outcome=\"written\"}} {}", extra.audit_written);
-    let _ = writeln!(o, "snas_proxy_audit_lines_total{{outcome=\"dropped\"}} {}", extra.audit_dropped);
-    family(&mut o, "snas_proxy_dns_queries_total", "counter", "DNS queries by outcome.");
+    family(
+        &mut o,
+        "snas_proxy_audit_lines_total",
+        "counter",
+        "Audit lines by outcome.",
+    );
+    let _ = writeln!(
+        o,
+        "snas_proxy_audit_lines_total{{outcome=\"written\"}} {}",
+        extra.audit_written
+    );
+    let _ = writeln!(
+        o,
+        "snas_proxy_audit_lines_total{{outcome=\"dropped\"}} {}",
+        extra.audit_dropped
+    );
+    family(
+        &mut o,
+        "snas_proxy_dns_queries_total",
+        "counter",
+        "DNS queries by outcome.",
+    );
     for (outcome, c) in [
         ("answered", &m.dns_answered),
         ("refused", &m.dns_refused),
         ("failed", &m.dns_failed),
     ] {
-        let _ = writeln!(o, "snas_proxy_dns_queries_total{{outcome=\"{outcome}\"}} {}", get(c));
+        let _ = writeln!(
+            o,
+            "snas_proxy_dns_queries_total{{outcome=\"{outcome}\"}} {}",
+            get(c)
+        );
     }
-    family(&mut o, "snas_proxy_peer_bindings_total", "counter", "Bindings accepted from peers.");
-    let _ = writeln!(o, "snas_proxy_peer_bindings_total {}", get(&m.peer_bindings));
+    family(
+        &mut o,
+        "snas_proxy_peer_bindings_total",
+        "counter",
+        "Bindings accepted from peers.",
+    );
+    let _ = writeln!(
+        o,
+        "snas_proxy_peer_bindings_total {}",
+        get(&m.peer_bindings)
+    );
     family(&mut o, "snas_proxy_flows", "gauge", "Live flows.");
     let _ = writeln!(o, "snas_proxy_flows {}", engine.conntrack().len());
-    family(&mut o, "snas_proxy_policies", "gauge", "Verified policies cached.");
+    family(
+        &mut o,
+        "snas_proxy_policies",
+        "gauge",
+        "Verified policies cached.",
+    );
     let _ = writeln!(o, "snas_proxy_policies {}", extra.policies);
     family(&mut o, "snas_proxy_draining", "gauge", "1 while draining.");
     let _ = writeln!(o, "snas_proxy_draining {}", u8::from(extra.draining));
-    family(&mut o, "snas_proxy_nat_ports_live", "gauge", "Live NAT ports per egress address.");
+    family(
+        &mut o,
+        "snas_proxy_nat_ports_live",
+        "gauge",
+        "Live NAT ports per egress address.",
+    );
     let usage = engine.conntrack().nat().egress_usage();
     for u in &usage {
-        let _ = writeln!(o, "snas_proxy_nat_ports_live{{egress_ip=\"{}\"}} {}", u.ip, u.live);
+        let _ = writeln!(
+            o,
+            "snas_proxy_nat_ports_live{{egress_ip=\"{}\"}} {}",
+            u.ip, u.live
+        );
     }
     family(
         &mut o,

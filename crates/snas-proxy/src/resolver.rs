@@ -104,13 +104,20 @@ pub struct Sockets {
     tcp: std::net::TcpListener,
 }
 
-/// Binds UDP and TCP on `addr`.
+/// Binds UDP and TCP on `addr` (port 0: one free port for both).
 pub fn bind(addr: SocketAddr) -> std::io::Result<Sockets> {
     let udp = std::net::UdpSocket::bind(addr)?;
     udp.set_nonblocking(true)?;
-    let tcp = std::net::TcpListener::bind(addr)?;
+    let tcp = std::net::TcpListener::bind(udp.local_addr()?)?;
     tcp.set_nonblocking(true)?;
     Ok(Sockets { udp, tcp })
+}
+
+impl Sockets {
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.udp.local_addr()
+    }
 }
 
 /// The upstream resolver: exactly the configured servers, UDP then TCP.
@@ -409,7 +416,10 @@ pub enum PeerBindingError {
 
 /// Checks a peer's binding against the job's policy (fetched and verified here) and binds it.
 /// Returns the number of addresses bound.
-pub async fn apply_peer_binding(shared: &Shared, b: &PeerBinding) -> Result<usize, PeerBindingError> {
+pub async fn apply_peer_binding(
+    shared: &Shared,
+    b: &PeerBinding,
+) -> Result<usize, PeerBindingError> {
     let job = match (b.job_key.len(), u64::from_str_radix(&b.job_key, 16)) {
         (16, Ok(k)) => k,
         _ => return Err(PeerBindingError::JobKey(b.job_key.clone())),
@@ -456,7 +466,10 @@ fn push_to_peers(ctx: &Ctx, job: u64, node: Ipv4Addr, name: &str, addrs: &[IpAdd
                 addr,
                 "POST",
                 "/v1/bindings",
-                &[("Authorization", &auth), ("Content-Type", "application/json")],
+                &[
+                    ("Authorization", &auth),
+                    ("Content-Type", "application/json"),
+                ],
                 &body,
                 PEER_TIMEOUT,
             )

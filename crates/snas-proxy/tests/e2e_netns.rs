@@ -81,7 +81,11 @@ fn spawn_in_ns(ns: &str, f: impl FnOnce() + Send + 'static) {
 }
 
 fn topology(p: &str) -> (Netns, [String; 3]) {
-    let names = [format!("{p}-node"), format!("{p}-proxy"), format!("{p}-inet")];
+    let names = [
+        format!("{p}-node"),
+        format!("{p}-proxy"),
+        format!("{p}-inet"),
+    ];
     let guard = Netns(names.to_vec());
     for n in &names {
         sh(&["ip", "netns", "add", n]);
@@ -89,20 +93,69 @@ fn topology(p: &str) -> (Netns, [String; 3]) {
     }
     let [node, proxy, inet] = &names;
     let (a, b) = (format!("{p}a0"), format!("{p}a1"));
-    sh(&["ip", "link", "add", &a, "netns", node, "type", "veth", "peer", "name", &b, "netns", proxy]);
+    sh(&[
+        "ip", "link", "add", &a, "netns", node, "type", "veth", "peer", "name", &b, "netns", proxy,
+    ]);
     sh(&["ip", "-n", node, "addr", "add", "192.0.2.11/24", "dev", &a]);
     sh(&["ip", "-n", node, "link", "set", &a, "up"]);
     sh(&["ip", "-n", proxy, "addr", "add", "192.0.2.21/24", "dev", &b]);
     sh(&["ip", "-n", proxy, "link", "set", &b, "up"]);
     let (c, d) = (format!("{p}b0"), format!("{p}b1"));
-    sh(&["ip", "link", "add", &c, "netns", proxy, "type", "veth", "peer", "name", &d, "netns", inet]);
-    sh(&["ip", "-n", proxy, "addr", "add", "203.0.113.1/24", "dev", &c]);
+    sh(&[
+        "ip", "link", "add", &c, "netns", proxy, "type", "veth", "peer", "name", &d, "netns", inet,
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        proxy,
+        "addr",
+        "add",
+        "203.0.113.1/24",
+        "dev",
+        &c,
+    ]);
     sh(&["ip", "-n", proxy, "link", "set", &c, "up"]);
-    sh(&["ip", "-n", proxy, "route", "add", "default", "via", "203.0.113.10"]);
-    sh(&["ip", "-n", inet, "addr", "add", "203.0.113.10/24", "dev", &d]);
-    sh(&["ip", "-n", inet, "addr", "add", "203.0.113.20/24", "dev", &d]);
+    sh(&[
+        "ip",
+        "-n",
+        proxy,
+        "route",
+        "add",
+        "default",
+        "via",
+        "203.0.113.10",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        inet,
+        "addr",
+        "add",
+        "203.0.113.10/24",
+        "dev",
+        &d,
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        inet,
+        "addr",
+        "add",
+        "203.0.113.20/24",
+        "dev",
+        &d,
+    ]);
     sh(&["ip", "-n", inet, "link", "set", &d, "up"]);
-    sh(&["ip", "-n", inet, "route", "add", "198.51.100.64/28", "via", "203.0.113.1"]);
+    sh(&[
+        "ip",
+        "-n",
+        inet,
+        "route",
+        "add",
+        "198.51.100.64/28",
+        "via",
+        "203.0.113.1",
+    ]);
     (guard, names)
 }
 
@@ -143,11 +196,14 @@ fn serve_policy(listener: TcpListener, job_key: u64, token: String) {
 
 fn echo_servers(stop: Arc<AtomicBool>) {
     let u = UdpSocket::bind((ECHO, 7)).unwrap();
-    u.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    u.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let t = TcpListener::bind((ECHO, 7)).unwrap();
     std::thread::spawn(move || {
         for s in t.incoming() {
             let Ok(mut s) = s else { continue };
+            // The test never ACKs the echo, so Nagle would hold the sub-MSS tails back.
+            s.set_nodelay(true).unwrap();
             std::thread::spawn(move || {
                 let mut b = [0u8; 1500];
                 while let Ok(n) = s.read(&mut b) {
@@ -188,6 +244,7 @@ struct Reply {
     dst: SocketAddrV4,
     proto: u8,
     flags: u8,
+    seq: u32,
     payload: Vec<u8>,
 }
 
@@ -205,19 +262,21 @@ fn decode(udp_payload: &[u8]) -> Option<Reply> {
         u16::from_be_bytes([l4[0], l4[1]]),
         u16::from_be_bytes([l4[2], l4[3]]),
     );
-    let (flags, payload) = match proto {
+    let (flags, seq, payload) = match proto {
         6 => {
             let doff = usize::from(l4[12] >> 4) * 4;
-            (l4[13], l4[doff..].to_vec())
+            let seq = u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]);
+            (l4[13], seq, l4[doff..].to_vec())
         }
-        17 => (0, l4[8..].to_vec()),
-        _ => (0, l4.to_vec()),
+        17 => (0, 0, l4[8..].to_vec()),
+        _ => (0, 0, l4.to_vec()),
     };
     Some(Reply {
         src: SocketAddrV4::new(src_ip, sp),
         dst: SocketAddrV4::new(dst_ip, dp),
         proto,
         flags,
+        seq,
         payload,
     })
 }
@@ -225,11 +284,17 @@ fn decode(udp_payload: &[u8]) -> Option<Reply> {
 /// Sends `inner` (encapsulated) every 200 ms until a reply to `sport` arrives (policy fetch
 /// drops the first packets), for at most 5 s.
 fn exchange(sock: &UdpSocket, inner: &[u8], sport: u16) -> Reply {
+    exchange_via(sock, sock, inner, sport)
+}
+
+/// As [`exchange`], sending from `tx` (another outer source port, as tier 1 uses one per flow
+/// hash) and receiving on `rx` (port 6081, where the proxy answers).
+fn exchange_via(tx: &UdpSocket, sock: &UdpSocket, inner: &[u8], sport: u16) -> Reply {
     let deadline = Instant::now() + Duration::from_secs(5);
     let dg = encap(inner);
     let mut buf = vec![0u8; 65536];
     while Instant::now() < deadline {
-        sock.send_to(&dg, (PROXY, 6081)).unwrap();
+        tx.send_to(&dg, (PROXY, 6081)).unwrap();
         let until = Instant::now() + Duration::from_millis(200);
         while Instant::now() < until {
             if let Ok((n, from)) = sock.recv_from(&mut buf) {
@@ -267,6 +332,51 @@ fn syn_to(dst: Ipv4Addr, sport: u16) -> Vec<u8> {
     .unwrap()
 }
 
+fn tcp_seg(sport: u16, seq: u32, ack: u32, flags: TcpFlags, payload: &[u8]) -> Vec<u8> {
+    tcp(&TcpSpec {
+        src: SocketAddr::from((SANDBOX, sport)),
+        dst: SocketAddr::from((ECHO, 7)),
+        seq,
+        ack,
+        flags,
+        window: 64240,
+        payload,
+    })
+    .unwrap()
+}
+
+/// Sends one datagram and gathers the TCP payload echoed to `sport` (by sequence number)
+/// until `want` bytes arrived, for at most 5 s.
+fn gather_echo(sock: &UdpSocket, inner: &[u8], sport: u16, start_seq: u32, want: usize) -> Vec<u8> {
+    sock.send_to(&encap(inner), (PROXY, 6081)).unwrap();
+    let mut got = vec![None::<u8>; want];
+    let mut buf = vec![0u8; 65536];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while got.iter().any(Option::is_none) && Instant::now() < deadline {
+        let Ok((n, _)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        let Some(r) = decode(&buf[..n]) else { continue };
+        if r.dst.port() != sport || r.proto != 6 {
+            continue;
+        }
+        let off = r.seq.wrapping_sub(start_seq) as usize;
+        for (i, b) in r.payload.iter().enumerate() {
+            if let Some(slot) = got.get_mut(off + i) {
+                *slot = Some(*b);
+            }
+        }
+    }
+    if got.iter().any(Option::is_none) {
+        let have = got.iter().filter(|b| b.is_some()).count();
+        panic!(
+            "echo incomplete: {have}/{want} bytes; metrics:\n{}",
+            http("GET", "/metrics").1
+        );
+    }
+    got.into_iter().flatten().collect()
+}
+
 fn http(method: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect((PROXY, 9090)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -278,7 +388,10 @@ fn http(method: &str, path: &str) -> (u16, String) {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let status = out[9..12].parse().unwrap();
-    let body = out.split_once("\r\n\r\n").map(|x| x.1.to_owned()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -287,8 +400,17 @@ const RST: u8 = 0x04;
 const ACK: u8 = 0x10;
 
 #[test]
-fn udp_echo_tcp_handshake_denied_rst_and_drain_through_the_daemon() {
-    let p = format!("px{}", std::process::id() % 100_000);
+fn one_worker_carries_udp_tcp_and_super_packets_refuses_denied_and_drains() {
+    run(1);
+}
+
+#[test]
+fn two_workers_share_one_engine_consistently() {
+    run(2);
+}
+
+fn run(workers: usize) {
+    let p = format!("px{}w{workers}", std::process::id() % 100_000);
     let (_guard, [node, proxy, inet]) = topology(&p);
     let dir = tempfile::tempdir().unwrap();
     let key = PolicyKey::from_seed("e2e-key", [9; 32]).unwrap();
@@ -317,7 +439,7 @@ agent_policy_port = 7070
 trust = "{trust}"
 egress_pool = ["198.51.100.64/28"]
 tun_name = "{p}t"
-workers = 1
+workers = {workers}
 resolver_listen = "192.0.2.21:5353"
 upstream_dns = ["203.0.113.10:53"]
 control_listen = "192.0.2.21:9090"
@@ -333,18 +455,48 @@ state_dir = "{state}"
 
     in_ns(&node, move || {
         let sock = UdpSocket::bind((NODE, 6081)).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         assert_eq!(http("GET", "/healthz"), (200, "ok\n".into()));
 
         // UDP echo.
         let r = exchange(&sock, &udp_to(ECHO, 40000, b"ping"), 40000);
-        assert_eq!((r.proto, r.src, r.payload.as_slice()), (17, SocketAddrV4::new(ECHO, 7), &b"ping"[..]));
+        assert_eq!(
+            (r.proto, r.src, r.payload.as_slice()),
+            (17, SocketAddrV4::new(ECHO, 7), &b"ping"[..])
+        );
         assert_eq!(*r.dst.ip(), SANDBOX);
+
+        // Flows from several outer source ports (spread over the workers by SO_REUSEPORT)
+        // all come back to the node's :6081.
+        for i in 0..8u16 {
+            let tx = UdpSocket::bind((NODE, 0xC000 | (i * 977))).unwrap();
+            let r = exchange_via(
+                &tx,
+                &sock,
+                &udp_to(ECHO, 41000 + i, &i.to_be_bytes()),
+                41000 + i,
+            );
+            assert_eq!(r.payload, i.to_be_bytes());
+        }
 
         // TCP handshake.
         let r = exchange(&sock, &syn_to(ECHO, 40001), 40001);
         assert_eq!((r.proto, r.flags & (SYN | ACK)), (6, SYN | ACK), "{r:?}");
         assert_eq!(r.src, SocketAddrV4::new(ECHO, 7));
+
+        // A 4000-byte TCP super-packet (as tier 1 forwards gVisor's GSO output) is segmented
+        // to the TUN MTU by the proxy; the echo comes back whole.
+        let server_seq = r.seq.wrapping_add(1);
+        let ack = tcp_seg(40001, 1001, server_seq, TcpFlags::ACK, &[]);
+        sock.send_to(&encap(&ack), (PROXY, 6081)).unwrap();
+        let data: Vec<u8> = (0..4000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let flags = TcpFlags(TcpFlags::ACK.0 | TcpFlags::PSH.0);
+        let big = tcp_seg(40001, 1001, server_seq, flags, &data);
+        assert_eq!(
+            gather_echo(&sock, &big, 40001, server_seq, data.len()),
+            data
+        );
 
         // Denied destination: RST from the proxy.
         let r = exchange(&sock, &syn_to(DENIED, 40002), 40002);
@@ -361,9 +513,19 @@ state_dir = "{state}"
 
         let (status, metrics) = http("GET", "/metrics");
         assert_eq!(status, 200);
-        assert!(metrics.contains("snas_proxy_drops_total{reason=\"destination_denied\"} 1"), "{metrics}");
-        assert!(metrics.contains("snas_proxy_drops_total{reason=\"draining\"} 1"), "{metrics}");
+        assert!(
+            metrics.contains("snas_proxy_drops_total{reason=\"destination_denied\"} 1"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("snas_proxy_drops_total{reason=\"draining\"} 1"),
+            "{metrics}"
+        );
         assert!(metrics.contains("snas_proxy_policies 1"), "{metrics}");
+        assert!(
+            metrics.contains("snas_proxy_gso_segmented_total 1"),
+            "{metrics}"
+        );
         let (status, flows) = http("GET", "/v1/flows");
         assert_eq!(status, 200);
         assert!(flows.contains("203.0.113.10:7"), "{flows}");
@@ -372,7 +534,10 @@ state_dir = "{state}"
     stop.store(true, Ordering::Relaxed);
     daemon.stop();
     let log = std::fs::read_to_string(&audit).unwrap();
-    let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let actions: Vec<(&str, u64)> = lines
         .iter()
         .map(|l| (l["action"].as_str().unwrap(), l["port"].as_u64().unwrap()))
@@ -380,9 +545,13 @@ state_dir = "{state}"
     assert!(actions.contains(&("allow", 7)), "{log}");
     assert!(actions.contains(&("deny", 7)), "{log}");
     assert!(
-        lines.iter().any(|l| l["reason"] == "draining" && l["action"] == "refuse"),
+        lines
+            .iter()
+            .any(|l| l["reason"] == "draining" && l["action"] == "refuse"),
         "{log}"
     );
-    assert!(lines.iter().all(|l| l["job_key"] == format!("{job_key:016x}")));
+    assert!(lines
+        .iter()
+        .all(|l| l["job_key"] == format!("{job_key:016x}")));
     let _ = IpAddr::V4(PROXY_NET);
 }

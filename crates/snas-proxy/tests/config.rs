@@ -1,0 +1,84 @@
+//! `proxy.toml` parsing: the testbed's file parses with the documented defaults, and bad files
+//! are rejected with the file, the field and the reason in the message.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use snas_proxy::config::{ConfigError, ProxyConfig};
+
+const TESTBED: &str = r#"
+name = "proxy-1"
+underlay_addr = "192.0.2.21"
+nodes = ["192.0.2.11", "192.0.2.12"]
+agent_policy_port = 7070
+trust = "/run/snas-testbed/P/trust"
+egress_pool = ["198.51.100.64/28"]
+tun_name = "snastun0"
+workers = 1
+resolver_listen = "192.0.2.21:5353"
+upstream_dns = ["203.0.113.53:53"]
+control_listen = "192.0.2.21:9090"
+audit_log = "/run/snas-testbed/P/proxy-1/audit.jsonl"
+state_dir = "/run/snas-testbed/P/proxy-1"
+"#;
+
+fn err(text: &str) -> String {
+    ProxyConfig::parse(text, Path::new("/etc/snas/proxy.toml"))
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn the_testbed_file_parses_with_defaults() {
+    let c = ProxyConfig::parse(TESTBED, Path::new("proxy.toml")).unwrap();
+    assert_eq!(c.nodes.len(), 2);
+    assert_eq!((c.tun_mtu, c.batch, c.negative_cache_secs), (1500, 32, 5));
+    assert!(c.peers.is_empty());
+    // A /28 has 14 host addresses.
+    assert_eq!(c.egress_ips().len(), 14);
+}
+
+#[test]
+fn unknown_fields_are_rejected_by_name() {
+    let e = err(&format!("{TESTBED}\nworkerz = 2\n"));
+    assert!(
+        e.contains("/etc/snas/proxy.toml") && e.contains("workerz"),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_and_mistyped_fields_name_the_field() {
+    let e = err(&TESTBED.replace("tun_name = \"snastun0\"\n", ""));
+    assert!(e.contains("tun_name"), "{e}");
+    let e = err(&TESTBED.replace("\"192.0.2.21:5353\"", "\"not an address\""));
+    assert!(e.contains("resolver_listen"), "{e}");
+}
+
+#[test]
+fn unusable_values_name_field_and_reason() {
+    let cases = [
+        (TESTBED.replace("workers = 1", "workers = 0"), "workers"),
+        (
+            TESTBED.replace("nodes = [\"192.0.2.11\", \"192.0.2.12\"]", "nodes = []"),
+            "nodes",
+        ),
+        (
+            TESTBED.replace("snastun0", "a-name-longer-than-15"),
+            "tun_name",
+        ),
+        (
+            format!("{TESTBED}peers = [\"192.0.2.22\"]\n"),
+            "peer_secret_file",
+        ),
+        (format!("{TESTBED}tun_mtu = 100\n"), "tun_mtu"),
+    ];
+    for (text, field) in cases {
+        match ProxyConfig::parse(&text, Path::new("p.toml")) {
+            Err(ConfigError::Invalid { field: f, file, .. }) => {
+                assert_eq!((f, file.as_path()), (field, Path::new("p.toml")));
+            }
+            other => panic!("{field}: {other:?}"),
+        }
+    }
+}
