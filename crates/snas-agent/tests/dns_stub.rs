@@ -455,3 +455,65 @@ async fn no_reachable_proxy_gives_servfail() {
     assert!(h.dp.allowed().is_empty());
     assert_eq!(h.stub.view().proxy_failures, 1);
 }
+
+/// A directory whose job's policy can be replaced (live update with a higher serial).
+struct SwitchDir(Mutex<VerifiedPolicy>);
+
+impl JobDirectory for SwitchDir {
+    fn job_at(&self, ip: IpAddr) -> Option<(u64, u32)> {
+        let p = self.0.lock().unwrap();
+        (ip == IpAddr::V4(SANDBOX)).then_some((p.job_key, p.serial))
+    }
+    fn policy(&self, job_key: u64) -> Option<VerifiedPolicy> {
+        let p = self.0.lock().unwrap();
+        (p.job_key == job_key).then(|| p.clone())
+    }
+}
+
+#[tokio::test]
+async fn a_policy_update_with_a_new_serial_changes_the_allowed_names() {
+    let (port, seen) = fake_resolver(Ipv4Addr::LOCALHOST, 0, false).await;
+    let dir = Arc::new(SwitchDir(Mutex::new(policy(&["old.example.com"]))));
+    let (sink, _audit) = AuditSink::channel();
+    let dp = Arc::new(RecordingDataplane::default());
+    let stub = DnsStub::new(
+        dir.clone(),
+        dp,
+        Arc::new(Proxies::new(&[Ipv4Addr::LOCALHOST], 9, port)),
+        sink,
+        cfg(),
+    );
+    let src = SocketAddr::from((SANDBOX, 40000));
+    let ask = |name: &str| query(name, RecordType::A, 1).to_vec().unwrap();
+    let rcode = |b: Option<Vec<u8>>| Message::from_vec(&b.unwrap()).unwrap().response_code();
+    assert_eq!(
+        rcode(
+            stub.handle(&ask("old.example.com."), src, None, false)
+                .await
+        ),
+        ResponseCode::NoError
+    );
+    {
+        let mut p = dir.0.lock().unwrap();
+        let mut next = policy(&["new.example.com"]);
+        next.serial = p.serial + 1;
+        *p = next;
+    }
+    assert_eq!(
+        rcode(
+            stub.handle(&ask("old.example.com."), src, None, false)
+                .await
+        ),
+        ResponseCode::Refused
+    );
+    assert_eq!(
+        rcode(
+            stub.handle(&ask("new.example.com."), src, None, false)
+                .await
+        ),
+        ResponseCode::NoError
+    );
+    let ids: Vec<_> = seen.lock().unwrap().iter().map(|s| s.1).collect();
+    assert_eq!(ids.len(), 2);
+    assert_eq!(ids[1].unwrap().2, 4, "the new serial goes to the proxy");
+}
