@@ -107,6 +107,13 @@ pub struct AgentConfig {
     /// Static proxy addresses (underlay) for tier 1 to encapsulate to.
     #[serde(default)]
     pub proxies: Vec<IpAddr>,
+    /// DNS name whose A records list further proxies (appended to `proxies`).
+    #[serde(default)]
+    pub proxy_service: Option<String>,
+    /// DNS server asked for `proxy_service` (required with it; the host's resolver
+    /// configuration is never used).
+    #[serde(default)]
+    pub proxy_service_dns: Option<SocketAddr>,
     /// Port of each proxy's control endpoint (`GET /healthz`).
     #[serde(default = "default_proxy_control_port")]
     pub proxy_control_port: u16,
@@ -312,6 +319,12 @@ impl AgentConfig {
             return Err(invalid(
                 "dns_max_inflight_per_job",
                 "must be at least 1".into(),
+            ));
+        }
+        if self.proxy_service.is_some() != self.proxy_service_dns.is_some() {
+            return Err(invalid(
+                "proxy_service_dns",
+                "proxy_service and proxy_service_dns go together".into(),
             ));
         }
         if let Some(p) = &self.audit_log {

@@ -165,6 +165,7 @@ pub async fn serve_with(
     let audit_path = config.audit_log_path();
     let dns_addr = std::net::SocketAddr::new(config.dns_listen, dataplane::DNS_STUB_PORT);
     let metrics_addr = config.metrics_listen;
+    let discovery = config.proxy_service.clone().zip(config.proxy_service_dns);
     let stub_cfg = stub::StubConfig::from_agent(&config);
     let proxies = Arc::new(proxies::Proxies::new(
         &config.proxy_v4(),
@@ -219,11 +220,21 @@ pub async fn serve_with(
     tokio::spawn(stub.clone().serve_tcp(tcp53, stop_rx.clone()));
     tokio::spawn(proxies::run_health_checks(
         proxies.clone(),
-        dp,
+        dp.clone(),
         proxies::PROBE_INTERVAL,
         proxies::PROBE_TIMEOUT,
         stop_rx.clone(),
     ));
+    if let Some((service, dns)) = discovery {
+        tokio::spawn(proxies::run_discovery(
+            proxies.clone(),
+            dp.clone(),
+            service,
+            dns,
+            proxies::DISCOVERY_INTERVAL,
+            stop_rx.clone(),
+        ));
+    }
     tracing::info!(api = %socket.display(), policy = %policy_addr, dns = %dns_addr, audit = %audit_path.display(), "agent listening");
     let ops = Arc::new(api::Ops {
         agent,

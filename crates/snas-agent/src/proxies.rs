@@ -18,7 +18,10 @@
 //!
 //! # Limits
 //! - Only IPv4 proxies (the underlay is IPv4); IPv6 entries in `proxies` are ignored.
-//! - Discovery by DNS (`proxy_service`) is not implemented: the set comes from `proxies`.
+//! - Discovery by DNS ([`run_discovery`], `proxy_service` at `proxy_service_dns` every
+//!   [`DISCOVERY_INTERVAL`]): new addresses are appended (positions never move), vanished ones
+//!   are unlisted (dead to tier 1) in place, so the table holds every proxy ever seen, up to
+//!   `MAX_PROXIES` (64). A failed lookup keeps the current set.
 //! - The probe is a minimal HTTP/1.0 client (status line only): the control endpoint is ours.
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -76,6 +79,11 @@ pub struct ProxyStatus {
     pub probes_ok: u64,
     /// Probes failed so far.
     pub probes_failed: u64,
+    /// From `proxy_service` discovery (else from the static `proxies` list).
+    pub discovered: bool,
+    /// In the configuration or the latest discovery answer. An unlisted proxy keeps its
+    /// position but is dead to tier 1, not probed, and never asked for DNS.
+    pub listed: bool,
 }
 
 /// The proxy table (pure).
@@ -99,10 +107,56 @@ impl ProxyTable {
                     failures: 0,
                     probes_ok: 0,
                     probes_failed: 0,
+                    discovered: false,
+                    listed: true,
                 })
                 .collect(),
             changes: 0,
         }
+    }
+
+    /// Applies a discovery answer: new addresses are appended (alive, positions of the others
+    /// unchanged; at most `MAX_PROXIES` in all), discovered proxies missing from `found` are
+    /// unlisted, listed again when they reappear. Static proxies are never unlisted. True if
+    /// tier 1's view changed.
+    pub fn reconcile(&mut self, found: &[Ipv4Addr]) -> bool {
+        let mut changed = false;
+        for p in self.proxies.iter_mut().filter(|p| p.discovered) {
+            let listed = found.contains(&p.ip);
+            if listed != p.listed {
+                p.listed = listed;
+                if listed {
+                    // Back in the service: trust it until probes say otherwise.
+                    p.health = Health::Alive;
+                    p.failures = 0;
+                }
+                changed = true;
+            }
+        }
+        for ip in found {
+            if self.proxies.iter().any(|p| p.ip == *ip) {
+                continue;
+            }
+            if self.proxies.len() >= snas_bpf::tier1::MAX_PROXIES {
+                tracing::warn!(%ip, "proxy table full; discovered proxy ignored");
+                continue;
+            }
+            self.proxies.push(ProxyStatus {
+                index: self.proxies.len(),
+                ip: *ip,
+                health: Health::Alive,
+                failures: 0,
+                probes_ok: 0,
+                probes_failed: 0,
+                discovered: true,
+                listed: true,
+            });
+            changed = true;
+        }
+        if changed {
+            self.changes += 1;
+        }
+        changed
     }
 
     /// Applies one probe result; true if the proxy's health changed.
@@ -152,7 +206,7 @@ impl ProxyTable {
             .iter()
             .map(|p| ProxyEntry {
                 ip: p.ip,
-                alive: p.health != Health::Dead,
+                alive: p.listed && p.health != Health::Dead,
                 draining: p.health == Health::Draining,
             })
             .collect()
@@ -170,6 +224,7 @@ impl ProxyTable {
         let mut v: Vec<(u8, u64, Ipv4Addr)> = self
             .proxies
             .iter()
+            .filter(|p| p.listed)
             .map(|p| (rank(p.health), u64::MAX - rendezvous(job_key, p.ip), p.ip))
             .collect();
         v.sort_unstable();
@@ -189,6 +244,7 @@ fn rendezvous(job_key: u64, ip: Ipv4Addr) -> u64 {
 #[derive(Debug)]
 pub struct Proxies {
     table: RwLock<ProxyTable>,
+    push: tokio::sync::Mutex<()>,
     /// Port of `GET /healthz`.
     pub control_port: u16,
     /// Port of the DNS resolver.
@@ -200,6 +256,7 @@ impl Proxies {
     pub fn new(ips: &[Ipv4Addr], control_port: u16, resolver_port: u16) -> Proxies {
         Proxies {
             table: RwLock::new(ProxyTable::new(ips)),
+            push: tokio::sync::Mutex::new(()),
             control_port,
             resolver_port,
         }
@@ -219,6 +276,25 @@ impl Proxies {
             .into_iter()
             .map(|ip| SocketAddr::from((ip, self.resolver_port)))
             .collect()
+    }
+
+    /// Pushes the current table to tier 1. Pushes are serialised and each sends the table as
+    /// it is when the push starts, so tier 1 never ends on an older view than the table's.
+    pub async fn push(&self, dataplane: &Arc<dyn Dataplane>) {
+        let _order = self.push.lock().await;
+        let entries = self.snapshot().entries();
+        let dp = dataplane.clone();
+        match tokio::task::spawn_blocking(move || dp.set_proxies(&entries)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "tier 1 proxy update failed"),
+            Err(e) => tracing::warn!(error = %e, "tier 1 proxy update task failed"),
+        }
+    }
+
+    /// Applies a discovery answer; returns the new tier-1 entries if anything changed.
+    pub fn reconcile(&self, found: &[Ipv4Addr]) -> Option<Vec<ProxyEntry>> {
+        let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
+        t.reconcile(found).then(|| t.entries())
     }
 
     /// Applies a round of probe results; returns the new tier-1 entries if anything changed.
@@ -297,6 +373,7 @@ pub async fn run_health_checks(
             .snapshot()
             .statuses()
             .iter()
+            .filter(|p| p.listed)
             .map(|p| (p.index, SocketAddr::from((p.ip, proxies.control_port))))
             .collect();
         let mut set = tokio::task::JoinSet::new();
@@ -310,13 +387,98 @@ pub async fn run_health_checks(
             }
         }
         if let Some(entries) = proxies.apply(&results) {
-            tracing::info!(?entries, "proxy set changed");
-            let dp = dataplane.clone();
-            match tokio::task::spawn_blocking(move || dp.set_proxies(&entries)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "tier 1 proxy update failed"),
-                Err(e) => tracing::warn!(error = %e, "tier 1 proxy update task failed"),
+            tracing::info!(?entries, "proxy health changed");
+            proxies.push(&dataplane).await;
+        }
+    }
+}
+
+/// Time between `proxy_service` lookups.
+pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Asks `dns` for the A records of `service` (UDP, `timeout`). `None` on any failure (timeout,
+/// SERVFAIL, NXDOMAIN, garbage): the caller keeps the current set; NOERROR without addresses
+/// is an empty set.
+pub async fn lookup_service(
+    service: &str,
+    dns: SocketAddr,
+    timeout: Duration,
+) -> Option<Vec<Ipv4Addr>> {
+    use hickory_proto::op::{Message, MessageType, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let mut name = Name::from_ascii(service).ok()?;
+    // Names from the wire are fully qualified; compare like with like.
+    name.set_fqdn(true);
+    let mut q = Message::new();
+    q.set_id(rand::random())
+        .set_recursion_desired(true)
+        .add_query(Query::query(name, RecordType::A));
+    let bytes = q.to_vec().ok()?;
+    let ask = async {
+        let bind: SocketAddr = if dns.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let s = tokio::net::UdpSocket::bind(bind).await.ok()?;
+        s.connect(dns).await.ok()?;
+        s.send(&bytes).await.ok()?;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = s.recv(&mut buf).await.ok()?;
+            let Ok(a) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            if a.id() == q.id()
+                && a.message_type() == MessageType::Response
+                && a.queries() == q.queries()
+            {
+                return Some(a);
             }
+        }
+    };
+    let a = tokio::time::timeout(timeout, ask).await.ok()??;
+    if a.response_code() != ResponseCode::NoError || a.truncated() {
+        return None;
+    }
+    let mut ips: Vec<Ipv4Addr> = a
+        .answers()
+        .iter()
+        .filter_map(|r| match r.data() {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .collect();
+    ips.sort_unstable();
+    ips.dedup();
+    Some(ips)
+}
+
+/// Looks `service` up at `dns` every `interval` until `shutdown`; pushes every change to tier 1.
+pub async fn run_discovery(
+    proxies: Arc<Proxies>,
+    dataplane: Arc<dyn Dataplane>,
+    service: String,
+    dns: SocketAddr,
+    interval: Duration,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let stop = crate::stub::stopped(shutdown);
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = &mut stop => return,
+        }
+        let Some(found) = lookup_service(&service, dns, Duration::from_secs(1)).await else {
+            tracing::debug!(%service, "proxy discovery failed; keeping the current set");
+            continue;
+        };
+        if let Some(entries) = proxies.reconcile(&found) {
+            tracing::info!(%service, ?entries, "discovered proxy set changed");
+            proxies.push(&dataplane).await;
         }
     }
 }
@@ -396,6 +558,31 @@ mod tests {
             assert_eq!(o[0], ips()[1]);
             assert_eq!(o.len(), 3);
         }
+    }
+
+    #[test]
+    fn discovery_appends_new_proxies_and_unlists_vanished_ones_in_place() {
+        let stat: Ipv4Addr = "192.0.2.21".parse().unwrap();
+        let a: Ipv4Addr = "192.0.2.31".parse().unwrap();
+        let b: Ipv4Addr = "192.0.2.32".parse().unwrap();
+        let mut t = ProxyTable::new(&[stat]);
+        assert!(t.reconcile(&[a, b]));
+        assert_eq!(
+            t.entries().iter().map(|e| e.ip).collect::<Vec<_>>(),
+            vec![stat, a, b]
+        );
+        assert!(!t.reconcile(&[b, a]), "same set, other order: no change");
+        assert!(t.reconcile(&[b]));
+        let e = t.entries();
+        assert_eq!(e[1].ip, a);
+        assert!(!e[1].alive, "vanished proxy is dead to tier 1, in place");
+        assert!(e[0].alive, "static proxies are never unlisted");
+        for k in 0..20 {
+            assert!(!t.dns_order(k).contains(&a));
+        }
+        assert!(t.reconcile(&[a, b]));
+        assert!(t.entries()[1].alive);
+        assert_eq!(t.entries().len(), 3);
     }
 
     #[test]

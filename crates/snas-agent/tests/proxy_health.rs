@@ -148,3 +148,78 @@ async fn a_proxy_that_answers_garbage_counts_as_failed() {
         proxies::Probe::Failed
     );
 }
+
+/// A DNS server on loopback answering A queries with `addrs` (None: SERVFAIL).
+async fn service_dns(addrs: Arc<std::sync::Mutex<Option<Vec<Ipv4Addr>>>>) -> SocketAddr {
+    use hickory_proto::op::{Message, MessageType, ResponseCode};
+    use hickory_proto::rr::{rdata::A, RData, Record};
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = udp.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+            let q = Message::from_vec(&buf[..n]).unwrap();
+            let mut a = Message::new();
+            a.set_id(q.id()).set_message_type(MessageType::Response);
+            for x in q.queries() {
+                a.add_query(x.clone());
+            }
+            match addrs.lock().unwrap().clone() {
+                Some(list) => {
+                    for ip in list {
+                        a.add_answer(Record::from_rdata(
+                            q.queries()[0].name().clone(),
+                            30,
+                            RData::A(A(ip)),
+                        ));
+                    }
+                }
+                None => {
+                    a.set_response_code(ResponseCode::ServFail);
+                }
+            }
+            udp.send_to(&a.to_vec().unwrap(), from).await.unwrap();
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn discovery_appends_and_unlists_proxies_and_survives_a_failed_lookup() {
+    let stat = Ipv4Addr::new(192, 0, 2, 21);
+    let (a, b) = (Ipv4Addr::new(192, 0, 2, 31), Ipv4Addr::new(192, 0, 2, 32));
+    let answer = Arc::new(std::sync::Mutex::new(Some(vec![a, b])));
+    let dns = service_dns(answer.clone()).await;
+    let found = proxies::lookup_service("proxies.example.net", dns, Duration::from_secs(2)).await;
+    assert_eq!(found, Some(vec![a, b]));
+    let table = Arc::new(Proxies::new(&[stat], 9, 5353));
+    let dp = Arc::new(RecordingDataplane::default());
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(proxies::run_discovery(
+        table.clone(),
+        dp.clone(),
+        "proxies.example.net".into(),
+        dns,
+        Duration::from_millis(30),
+        rx,
+    ));
+    let e = wait_for(&dp, "two discovered proxies", |e| e.len() == 3).await;
+    assert_eq!(e.iter().map(|p| p.ip).collect::<Vec<_>>(), vec![stat, a, b]);
+    assert!(e.iter().all(|p| p.alive));
+
+    *answer.lock().unwrap() = Some(vec![b]);
+    let e = wait_for(&dp, "a unlisted", |e| !e[1].alive).await;
+    assert_eq!(e[1].ip, a, "positions never move");
+    assert!(e[0].alive && e[2].alive);
+
+    // A failing lookup keeps the set; the next good one applies.
+    let pushes = dp.proxy_sets().len();
+    *answer.lock().unwrap() = None;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(dp.proxy_sets().len(), pushes, "SERVFAIL changes nothing");
+    *answer.lock().unwrap() = Some(vec![a, b]);
+    wait_for(&dp, "a back", |e| e[1].alive).await;
+
+    stop.send(true).unwrap();
+    task.await.unwrap();
+}
