@@ -297,6 +297,7 @@ fn snapshot(ops: &Ops) -> crate::metrics::Snapshot {
         proxies: Some(ops.proxies.snapshot()),
         audit_emitted: ops.audit.emitted(),
         audit_dropped: ops.audit.dropped(),
+        audit_suppressed: v.audit_suppressed,
     }
 }
 

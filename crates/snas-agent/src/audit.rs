@@ -81,6 +81,14 @@ pub struct AuditRecord {
     /// DNS only: the addresses installed into tier 1.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub addrs: Vec<IpAddr>,
+    /// DNS refusals of this job left out of the log (per-job audit limit) since its previous
+    /// refusal line.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub suppressed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// RFC 3339 UTC time with milliseconds.
@@ -132,6 +140,7 @@ pub fn tier1_record(
         bytes: 0,
         qtype: None,
         addrs: Vec::new(),
+        suppressed: 0,
     }
 }
 
@@ -271,6 +280,7 @@ mod tests {
             bytes: 40,
             qtype: Some("A".into()),
             addrs: vec![],
+            suppressed: 0,
         }
     }
 

@@ -85,6 +85,8 @@ pub struct Snapshot {
     pub audit_emitted: u64,
     /// Audit records dropped.
     pub audit_dropped: u64,
+    /// DNS refusal audit lines left out by the per-job limit.
+    pub audit_suppressed: u64,
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -146,6 +148,11 @@ pub fn render(s: &Snapshot, setup: &Histogram) -> String {
             "snas_agent_audit_dropped_total",
             "Audit records dropped (queue full).",
             s.audit_dropped,
+        ),
+        (
+            "snas_agent_audit_suppressed_total",
+            "DNS refusal audit lines left out by the per-job limit.",
+            s.audit_suppressed,
         ),
     ] {
         family(&mut o, name, "counter", help);

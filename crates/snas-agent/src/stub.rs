@@ -22,8 +22,9 @@
 //! # Limits
 //! - [`MAX_UDP_TASKS`] queries in progress node-wide (beyond: dropped and counted), and
 //!   [`MAX_TCP_CONNS`] TCP connections, each closed after [`TCP_IDLE`] without a query.
-//! - The audit queue is bounded (see [`crate::audit`]); under a flood, refusals beyond it are
-//!   counted, not written.
+//! - Refusals are audited at most [`REFUSAL_AUDIT_PER_SEC`] per job and second; the rest are
+//!   counted and the next line carries how many were left out (`suppressed`). The audit queue
+//!   is bounded too (see [`crate::audit`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -103,6 +104,7 @@ pub struct DnsStats {
     servfail: AtomicU64,
     proxy_failures: AtomicU64,
     installed: AtomicU64,
+    audit_suppressed: AtomicU64,
 }
 
 fn refusal_slot(r: Refusal) -> usize {
@@ -146,6 +148,11 @@ impl DnsStats {
         m.insert("servfail".into(), g(&self.servfail));
         m
     }
+
+    /// Refusal audit lines left out by the per-job audit limit.
+    pub fn audit_suppressed(&self) -> u64 {
+        self.audit_suppressed.load(Ordering::Relaxed)
+    }
 }
 
 /// A JSON view of the stub (`GET /v1/dns`).
@@ -159,6 +166,8 @@ pub struct DnsView {
     pub proxy_failures: u64,
     /// Addresses installed into tier 1.
     pub installed_addrs: u64,
+    /// Refusal audit lines left out by the per-job audit limit.
+    pub audit_suppressed: u64,
     /// Outcomes by label.
     pub outcomes: BTreeMap<String, u64>,
     /// Jobs with stub state.
@@ -171,7 +180,15 @@ struct JobSlot {
     matcher: Arc<Matcher>,
     bucket: TokenBucket,
     inflight: u32,
+    /// Refusal audit lines: at most [`REFUSAL_AUDIT_PER_SEC`] per job.
+    audit_bucket: TokenBucket,
+    /// Refusals not audited since the last refusal line.
+    suppressed: u64,
 }
+
+/// Refusal audit lines per job and second (burst twice that); the rest are counted and the next
+/// line carries the count (`suppressed`), so a flooding job cannot fill the disk.
+pub const REFUSAL_AUDIT_PER_SEC: u32 = 10;
 
 /// The DNS stub (shared by the UDP and TCP servers).
 pub struct DnsStub {
@@ -260,6 +277,7 @@ impl DnsStub {
             forwarded: g(&self.stats.forwarded),
             proxy_failures: g(&self.stats.proxy_failures),
             installed_addrs: g(&self.stats.installed),
+            audit_suppressed: g(&self.stats.audit_suppressed),
             outcomes: self.stats.outcomes(),
             jobs: self.lock_jobs().len(),
         }
@@ -293,6 +311,11 @@ impl DnsStub {
                 |s| s.bucket.clone(),
             );
             let inflight = jobs.get(&job_key).map_or(0, |s| s.inflight);
+            let audit_bucket = jobs.get(&job_key).map_or_else(
+                || TokenBucket::new(REFUSAL_AUDIT_PER_SEC, 2 * REFUSAL_AUDIT_PER_SEC, now),
+                |s| s.audit_bucket.clone(),
+            );
+            let suppressed = jobs.get(&job_key).map_or(0, |s| s.suppressed);
             jobs.insert(
                 job_key,
                 JobSlot {
@@ -301,6 +324,8 @@ impl DnsStub {
                     matcher,
                     bucket,
                     inflight,
+                    audit_bucket,
+                    suppressed,
                 },
             );
         }
@@ -323,6 +348,21 @@ impl DnsStub {
         })
     }
 
+    /// Whether a refusal of the job may be audited now; `Some(n)`: yes, with `n` refusals
+    /// suppressed before it.
+    fn refusal_audit_slot(&self, job_key: u64) -> Option<u64> {
+        let now = self.epoch.elapsed();
+        let mut jobs = self.lock_jobs();
+        let slot = jobs.get_mut(&job_key)?;
+        if slot.audit_bucket.take(now) {
+            Some(std::mem::take(&mut slot.suppressed))
+        } else {
+            slot.suppressed += 1;
+            DnsStats::inc(&self.stats.audit_suppressed);
+            None
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn audit(
         &self,
@@ -336,6 +376,7 @@ impl DnsStub {
         rule: Option<usize>,
         addrs: Vec<IpAddr>,
         bytes: usize,
+        suppressed: u64,
     ) {
         self.audit.emit(AuditRecord {
             time: rfc3339(SystemTime::now()),
@@ -355,6 +396,7 @@ impl DnsStub {
             bytes: bytes as u64,
             qtype: q.map(|q| q.qtype.to_string()),
             addrs,
+            suppressed,
         });
     }
 
@@ -397,18 +439,21 @@ impl DnsStub {
             return self.refuse(&query, Refusal::UnknownJob);
         };
         let audit_refusal = |why: Refusal, q: Option<&Question>| {
-            self.audit(
-                &policy,
-                Action::Refuse,
-                why.name(),
-                src,
-                local,
-                tcp,
-                q,
-                None,
-                Vec::new(),
-                bytes.len(),
-            );
+            if let Some(suppressed) = self.refusal_audit_slot(job_key) {
+                self.audit(
+                    &policy,
+                    Action::Refuse,
+                    why.name(),
+                    src,
+                    local,
+                    tcp,
+                    q,
+                    None,
+                    Vec::new(),
+                    bytes.len(),
+                    suppressed,
+                );
+            }
             self.refuse(&query, why)
         };
         let shape = dns::question_of(&query);
@@ -499,6 +544,7 @@ impl DnsStub {
             rules.first().copied(),
             installed,
             bytes.len(),
+            0,
         );
         let relayed = dns::relay_answer(&query, answer);
         let out = relayed.to_vec().ok()?;

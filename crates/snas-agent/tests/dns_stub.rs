@@ -517,3 +517,35 @@ async fn a_policy_update_with_a_new_serial_changes_the_allowed_names() {
     assert_eq!(ids.len(), 2);
     assert_eq!(ids[1].unwrap().2, 4, "the new serial goes to the proxy");
 }
+
+#[tokio::test]
+async fn a_refusal_flood_is_audited_at_a_bounded_rate_with_the_suppressed_count() {
+    let (port, _seen) = fake_resolver(Ipv4Addr::LOCALHOST, 0, false).await;
+    let c = StubConfig {
+        queries_per_sec: 1,
+        burst: 1,
+        ..cfg()
+    };
+    let mut h = harness(&["*.example.com"], &[Ipv4Addr::LOCALHOST], port, c).await;
+    let mut refused = 0;
+    for i in 0..60u16 {
+        let a = ask_udp(h.stub_addr, &query("evil.example.org.", RecordType::A, i)).await;
+        if a.response_code() == ResponseCode::Refused {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 60);
+    let lines = drain(&mut h.audit);
+    assert!(lines.len() < 30, "{} lines for 60 refusals", lines.len());
+    assert_eq!(
+        h.stub.view().audit_suppressed,
+        (60 - lines.len()) as u64,
+        "every refusal is either a line or counted"
+    );
+    // Once the audit bucket refills, the next line says how many were left out.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    ask_udp(h.stub_addr, &query("evil.example.org.", RecordType::A, 99)).await;
+    let next = drain(&mut h.audit);
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].suppressed, (60 - lines.len()) as u64);
+}
