@@ -135,6 +135,29 @@ fn privileged_dns_through_tier1_refuses_forwards_and_installs_before_answering()
         stub
     });
 
+    // Tier-1 ring-buffer events into an audit sink, as the agent does.
+    let (t1_sink, mut t1_audit) = AuditSink::channel();
+    let t1_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t1_thread = {
+        let (dp, stop, agent) = (dp.clone(), t1_stop.clone(), agent.clone());
+        std::thread::spawn(move || {
+            dp.run_audit(
+                Box::new(move |ev| {
+                    use snas_agent::stub::JobDirectory;
+                    let p = agent.policy(ev.job_key);
+                    t1_sink.emit(snas_agent::audit::tier1_record(
+                        &ev,
+                        p.as_ref(),
+                        SystemTime::now(),
+                        snas_bpf::mono_now().unwrap(),
+                    ));
+                }),
+                &stop,
+            )
+            .unwrap();
+        })
+    };
+
     let denied = |a: &Agent| a.counters(job_key).unwrap()[&Reason::DestinationDenied];
     connect_from(&view.netns, RESOLVED, 443);
     let denied_before = denied(&agent);
@@ -168,6 +191,22 @@ fn privileged_dns_through_tier1_refuses_forwards_and_installs_before_answering()
     }
     assert_eq!(reasons, vec!["dns_refused", "allowed", "allowed"]);
     assert_eq!(stub.view().installed_addrs, 2);
+
+    // The denied connection is in the audit log, attributed to the job.
+    t1_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    t1_thread.join().unwrap();
+    let mut deny = None;
+    while let Ok(r) = t1_audit.try_recv() {
+        if r.reason == "destination_denied" {
+            deny = Some(r);
+        }
+    }
+    let deny = deny.expect("a destination_denied audit record");
+    assert_eq!(deny.job, "web");
+    assert_eq!(deny.tenant, "acme");
+    assert_eq!(deny.dst, Some(IpAddr::V4(RESOLVED)));
+    assert_eq!(deny.port, 443);
+    assert_eq!(deny.proto, "tcp");
 
     stop.send(true).unwrap();
     drop(rt);
