@@ -410,6 +410,7 @@ struct Worker {
     tunlens: Vec<usize>,
     outs: Vec<Out>,
     held: BinaryHeap<Held>,
+    due: Vec<Held>,
     pool: Vec<Vec<u8>>,
     seq: u64,
     scratch: Vec<u8>,
@@ -437,6 +438,7 @@ impl Worker {
             tunlens: vec![0; batch],
             outs: vec![Out::Nothing; batch],
             held: BinaryHeap::with_capacity(1024),
+            due: Vec::with_capacity(batch),
             pool: Vec::new(),
             seq: 0,
             scratch: vec![0u8; mtu],
@@ -561,6 +563,7 @@ impl Worker {
             }
         }
         if refusals > 0 {
+            let mut bytes = 0u64;
             let msgs = (0..n).filter_map(|i| match self.outs[i] {
                 Out::Refuse(node, len) => Some((
                     SocketAddrV4::new(node, GENEVE_PORT),
@@ -568,9 +571,12 @@ impl Worker {
                 )),
                 _ => None,
             });
-            let sent = self.tx.send(&self.sock, msgs);
+            let sent = self
+                .tx
+                .send(&self.sock, msgs.inspect(|(_, d)| bytes += d.len() as u64));
             add(&self.s.metrics.refusals, sent as u64);
             add(&self.s.metrics.node_tx_packets, sent as u64);
+            add(&self.s.metrics.node_tx_bytes, bytes);
         }
         n
     }
@@ -657,7 +663,7 @@ impl Worker {
 
     fn release_due(&mut self) {
         let now = self.s.clock.now();
-        let mut to_nodes: Vec<Held> = Vec::new();
+        self.due.clear();
         while self.held.peek().is_some_and(|h| h.depart <= now) {
             let Some(h) = self.held.pop() else { break };
             match h.to {
@@ -665,18 +671,19 @@ impl Worker {
                     write_internet(&self.s, &self.tun, &h.data, self.mtu, &mut self.scratch);
                     self.pool.push(h.data);
                 }
-                Some(_) => to_nodes.push(h),
+                Some(_) => self.due.push(h),
             }
         }
-        if !to_nodes.is_empty() {
-            let bytes: u64 = to_nodes.iter().map(|h| h.data.len() as u64).sum();
-            let msgs = to_nodes
+        if !self.due.is_empty() {
+            let bytes: u64 = self.due.iter().map(|h| h.data.len() as u64).sum();
+            let msgs = self
+                .due
                 .iter()
                 .filter_map(|h| h.to.map(|to| (to, h.data.as_slice())));
             let sent = self.tx.send(&self.sock, msgs);
             add(&self.s.metrics.node_tx_packets, sent as u64);
             add(&self.s.metrics.node_tx_bytes, bytes);
-            self.pool.extend(to_nodes.into_iter().map(|h| h.data));
+            self.pool.extend(self.due.drain(..).map(|h| h.data));
         }
     }
 

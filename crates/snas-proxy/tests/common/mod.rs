@@ -2,6 +2,8 @@
 //! and a tiny in-process HTTP server standing in for an agent's policy endpoint.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod netns;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener};
