@@ -81,6 +81,22 @@ pub struct Extra {
     pub draining: bool,
 }
 
+/// Destinations listed by `snas_proxy_destination_flows`.
+pub const HOTTEST: usize = 10;
+
+/// The `n` destinations (address, port) with the most live flows, most first.
+pub fn hottest(engine: &Tier2, n: usize) -> Vec<((std::net::IpAddr, u16), u64)> {
+    let mut count: std::collections::HashMap<(std::net::IpAddr, u16), u64> =
+        std::collections::HashMap::new();
+    for (_, f) in engine.conntrack().iter() {
+        *count.entry((f.key.dst_ip, f.key.dst_port)).or_default() += 1;
+    }
+    let mut v: Vec<_> = count.into_iter().collect();
+    v.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    v.truncate(n);
+    v
+}
+
 /// The exposition text.
 pub fn render(m: &Metrics, engine: &Tier2, extra: Extra) -> String {
     let mut o = String::with_capacity(4096);

@@ -160,9 +160,13 @@ fn run_ip(name: &str, args: &[&str]) -> Result<(), TunError> {
     Ok(())
 }
 
-/// Sets the MTU, brings the device up, routes every egress prefix to it and enables IPv4
-/// forwarding in this namespace.
+/// Disables IPv6 on the device, sets the MTU, brings it up, routes every egress prefix to it
+/// and enables IPv4 forwarding in this namespace.
 pub fn configure(name: &str, mtu: u32, pool: &[Ipv4Net]) -> Result<(), TunError> {
+    // The egress pool is IPv4: without IPv6 on the device the kernel sends no router
+    // solicitations or MLD reports into it (they would be counted as tier-2 drops). Best effort:
+    // the file is absent when IPv6 is disabled in the kernel.
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
     let mtu = mtu.to_string();
     run_ip(name, &["link", "set", "dev", name, "mtu", &mtu, "up"])?;
     for net in pool {
