@@ -3,8 +3,9 @@
 //! runsc (`--network=sandbox`) copies the namespace's interfaces, addresses and routes into
 //! gVisor's netstack at start and *removes* the IPv4 address from the interface (its routes go
 //! with it). A namespace is therefore good for one run only unless the address and default
-//! route are put back: [`NetConfig::ensure`] checks with one `ip route` call and re-adds them
-//! only when missing (a fresh job namespace from the agent already has them).
+//! route are put back: [`NetConfig::ensure`] reads the namespace's routing table (no process
+//! spawned) and re-adds them with `ip` only when missing (a fresh job namespace from the
+//! agent already has them).
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -39,14 +40,37 @@ pub struct NetConfig {
     pub gateway: Ipv4Addr,
 }
 
-/// What `ip -4 -o route show` says about `cfg`: (connected route with our source present,
-/// default route via the gateway present).
-pub fn parse_routes(text: &str, cfg: &NetConfig) -> (bool, bool) {
-    let src = format!("src {}", cfg.addr);
-    let default = format!("default via {}", cfg.gateway);
-    let connected = text.lines().any(|l| l.contains(&src));
-    let has_default = text.lines().any(|l| l.starts_with(&default));
-    (connected, has_default)
+/// What `/proc/net/route` (as seen inside the namespace) says about `cfg`: (connected route
+/// of the sandbox's prefix present, default route via the gateway present). The kernel
+/// prints addresses as the hex of a native-endian `u32` holding the network-order bytes.
+pub fn parse_proc_route(text: &str, cfg: &NetConfig) -> (bool, bool) {
+    let addr = |hex: &str| {
+        u32::from_str_radix(hex, 16)
+            .ok()
+            .map(|v| Ipv4Addr::from(v.to_ne_bytes()))
+    };
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(cfg.prefix_len.min(32)))
+        .unwrap_or(0);
+    let net = Ipv4Addr::from(u32::from(cfg.addr) & mask);
+    let mut connected = false;
+    let mut default = false;
+    for l in text.lines().skip(1) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() < 8 || f[0] != cfg.iface {
+            continue;
+        }
+        let (Some(dst), Some(gw), Some(m)) = (addr(f[1]), addr(f[2]), addr(f[7])) else {
+            continue;
+        };
+        if dst.is_unspecified() && m.is_unspecified() && gw == cfg.gateway {
+            default = true;
+        }
+        if dst == net && u32::from(m) == mask && gw.is_unspecified() {
+            connected = true;
+        }
+    }
+    (connected, default)
 }
 
 impl NetConfig {
@@ -69,8 +93,16 @@ impl NetConfig {
     /// Makes sure the address and the default route exist; returns true when they had to be
     /// re-added.
     pub fn ensure(&self) -> Result<bool, NetError> {
-        let routes = self.ip(&["-4", "-o", "route", "show"])?;
-        let (connected, default) = parse_routes(&routes, self);
+        let routes = process::in_netns(&self.netns, || {
+            std::fs::read_to_string("/proc/thread-self/net/route")
+        })
+        .and_then(|r| r)
+        .map_err(|e| NetError::Ip {
+            args: "(reading /proc/thread-self/net/route)".into(),
+            netns: self.netns.clone(),
+            detail: e.to_string(),
+        })?;
+        let (connected, default) = parse_proc_route(&routes, self);
         if connected && default {
             return Ok(false);
         }
@@ -105,16 +137,50 @@ mod tests {
         }
     }
 
+    const HEAD: &str =
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n";
+
+    fn hex(a: Ipv4Addr) -> String {
+        format!("{:08X}", u32::from_ne_bytes(a.octets()))
+    }
+
+    fn line(dst: Ipv4Addr, gw: Ipv4Addr, mask: Ipv4Addr) -> String {
+        format!(
+            "eth0\t{}\t{}\t0003\t0\t0\t0\t{}\t0\t0\t0\n",
+            hex(dst),
+            hex(gw),
+            hex(mask)
+        )
+    }
+
     #[test]
     fn complete_routes_need_nothing() {
-        let t = "default via 192.0.2.1 dev eth0 \n192.0.2.0/30 dev eth0 proto kernel scope link src 192.0.2.2 \n";
-        assert_eq!(parse_routes(t, &cfg()), (true, true));
+        let z = Ipv4Addr::UNSPECIFIED;
+        let t = format!(
+            "{HEAD}{}{}",
+            line(z, Ipv4Addr::new(192, 0, 2, 1), z),
+            line(
+                Ipv4Addr::new(192, 0, 2, 0),
+                z,
+                Ipv4Addr::new(255, 255, 255, 252)
+            )
+        );
+        assert_eq!(parse_proc_route(&t, &cfg()), (true, true));
     }
 
     #[test]
     fn routes_after_runsc_took_the_address_are_incomplete() {
-        assert_eq!(parse_routes("", &cfg()), (false, false));
-        let other_gw = "default via 192.0.2.9 dev eth0 \n192.0.2.0/30 dev eth0 proto kernel scope link src 192.0.2.2 \n";
-        assert_eq!(parse_routes(other_gw, &cfg()), (true, false));
+        assert_eq!(parse_proc_route(HEAD, &cfg()), (false, false));
+        let z = Ipv4Addr::UNSPECIFIED;
+        let other_gw = format!(
+            "{HEAD}{}{}",
+            line(z, Ipv4Addr::new(192, 0, 2, 9), z),
+            line(
+                Ipv4Addr::new(192, 0, 2, 0),
+                z,
+                Ipv4Addr::new(255, 255, 255, 252)
+            )
+        );
+        assert_eq!(parse_proc_route(&other_gw, &cfg()), (true, false));
     }
 }

@@ -85,22 +85,29 @@ pub fn pids_with_arg(needle: &str) -> Vec<i32> {
         .collect()
 }
 
-/// Whether `/proc/sys/net/core/rmem_default` is visible inside the network namespace `netns`
-/// (then runsc 20221219 mistakes it for the root namespace). Checked on a short-lived thread
-/// so the caller's namespace never changes.
-pub fn root_ns_marker_visible(netns: &Path) -> io::Result<bool> {
-    let f = File::open(netns)?;
+/// Runs `f` on a short-lived thread that entered the network namespace `netns`, so the
+/// caller's namespace never changes. Inside, `/proc/thread-self/net/*` describes `netns`.
+pub fn in_netns<T: Send>(netns: &Path, f: impl FnOnce() -> T + Send) -> io::Result<T> {
+    let file = File::open(netns)?;
     std::thread::scope(|s| {
-        s.spawn(|| {
+        s.spawn(move || {
             // SAFETY: setns on a valid descriptor; it changes only this short-lived thread.
-            let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
             if r != 0 {
                 return Err(io::Error::last_os_error());
             }
-            Ok(Path::new("/proc/sys/net/core/rmem_default").exists())
+            Ok(f())
         })
         .join()
-        .unwrap_or_else(|_| Err(io::Error::other("namespace probe thread panicked")))
+        .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")))
+    })
+}
+
+/// Whether `/proc/sys/net/core/rmem_default` is visible inside the network namespace `netns`
+/// (then runsc 20221219 mistakes it for the root namespace).
+pub fn root_ns_marker_visible(netns: &Path) -> io::Result<bool> {
+    in_netns(netns, || {
+        Path::new("/proc/sys/net/core/rmem_default").exists()
     })
 }
 
