@@ -340,6 +340,17 @@ impl Drop for Daemon {
     }
 }
 
+/// Logs to stderr for `snas proxy`; the filter comes from `SNAS_LOG` (e.g. `debug`,
+/// `snas_proxy=debug`), default `info`. Does nothing if a subscriber is already set.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SNAS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 fn read_secret(p: &std::path::Path) -> Result<Arc<str>, DaemonError> {
     let err = |detail: String| DaemonError::PeerSecret {
         path: p.display().to_string(),
