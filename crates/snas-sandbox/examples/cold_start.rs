@@ -12,7 +12,8 @@
 //!   runsc, cleanup).
 //! - **snas run**: the whole command against a testbed of its own (prefix `snsbcs`, brought
 //!   up first and removed at the end), split with `--timings` into job-network set-up (agent
-//!   `POST /v1/jobs`), sandbox (launcher) and teardown (counters, `DELETE`, audit logs).
+//!   `POST /v1/jobs`), sandbox (launcher prepare + runsc) and teardown (from runsc's exit:
+//!   sandbox cleanup in parallel with the job's counters and `DELETE`, then the audit logs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};

@@ -270,6 +270,9 @@ impl RunReport {
 pub enum Progress {
     /// The sandbox is not running yet after this long.
     StillStarting(Duration),
+    /// runsc has exited (after this long); cleanup starts now. Work that needs the sandbox
+    /// gone but not cleaned up (deleting the job's network) can start in parallel here.
+    Exited(Duration),
 }
 
 /// A unique run id: `<pid hex>-<counter>-<time hex>`; short and safe for paths and cgroups.
@@ -500,6 +503,7 @@ pub fn run(
         }
     };
     let run = t1.elapsed();
+    progress(Progress::Exited(run));
     let events = guard
         .cgroup
         .as_ref()
