@@ -542,7 +542,7 @@ impl Worker {
             }
             self.s.flush_audit(&mut eng);
             for (job, node) in eng.drain_refetch() {
-                self.s.fetcher.request(job, node);
+                self.s.fetcher.request_refetch(job, node);
             }
         }
         add(&self.s.metrics.node_rx_packets, n as u64);

@@ -194,6 +194,7 @@ pub struct Fetcher {
     trust: TrustBundle,
     cfg: FetchConfig,
     inflight: Mutex<HashSet<u64>>,
+    refetched: Mutex<HashMap<u64, Instant>>,
     tx: mpsc::Sender<(u64, Ipv4Addr)>,
     /// Counters.
     pub stats: FetchStats,
@@ -285,6 +286,7 @@ impl Fetcher {
             trust,
             cfg,
             inflight: Mutex::new(HashSet::new()),
+            refetched: Mutex::new(HashMap::new()),
             tx,
             stats: FetchStats::default(),
         };
@@ -312,6 +314,31 @@ impl Fetcher {
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&job_key);
         }
+    }
+
+    /// Queues a refetch of a cached job whose traffic carries a newer serial, at most once per
+    /// negative-cache period per job (a node that keeps announcing a serial its agent does not
+    /// serve must not cause a fetch per batch).
+    pub fn request_refetch(&self, job_key: u64, node: Ipv4Addr) {
+        let now = Instant::now();
+        {
+            let mut last = self
+                .refetched
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if last
+                .get(&job_key)
+                .is_some_and(|t| now.saturating_duration_since(*t) < self.cfg.negative)
+            {
+                return;
+            }
+            if last.len() >= FETCH_QUEUE * 16 {
+                let keep = self.cfg.negative;
+                last.retain(|_, t| now.saturating_duration_since(*t) < keep);
+            }
+            last.insert(job_key, now);
+        }
+        self.request(job_key, node);
     }
 
     /// Serves queued requests until the queue closes (spawn on the control runtime).

@@ -277,7 +277,7 @@ async fn job_policy(ctx: &Ctx, node: Ipv4Addr, id: JobIdentity) -> Result<Arc<Jo
     }
     if u64::from(id.serial) > p.serial {
         // A newer policy exists on the node: refresh in the background.
-        ctx.shared.fetcher.request(id.job_key, node);
+        ctx.shared.fetcher.request_refetch(id.job_key, node);
     }
     Ok(p)
 }

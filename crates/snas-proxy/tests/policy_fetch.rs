@@ -164,3 +164,39 @@ async fn a_newer_serial_replaces_the_cached_policy_and_an_older_one_does_not() {
     let _ = f.fetch_and_store(job, LOCAL).await;
     assert_eq!(f.store().snapshot().get(job).unwrap().serial, 2);
 }
+
+#[tokio::test]
+async fn a_refetch_request_from_the_data_path_is_served_by_the_fetch_loop() {
+    let keys = Keys::new();
+    let server = PolicyServer::start(IpAddr::V4(LOCAL));
+    let jti = "jti-fetch-queue-0001";
+    let job = job_key(jti);
+    server.serve(job, 200, &keys.token(&policy("127.0.0.1"), jti, 1));
+    let trust = load_trust_bundle(&keys.trust()).unwrap();
+    let (f, queue) = Fetcher::new(
+        Arc::new(PolicyStore::new()),
+        trust,
+        FetchConfig {
+            agent_port: server.addr.port(),
+            timeout: Duration::from_secs(2),
+            negative: Duration::from_secs(60),
+        },
+    );
+    tokio::spawn(Arc::clone(&f).run(queue));
+    f.request(job, LOCAL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while f.store().snapshot().get(job).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the queued fetch never completed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.serve(job, 200, &keys.token(&policy("127.0.0.1"), jti, 2));
+    f.request_refetch(job, LOCAL);
+    while f.store().snapshot().get(job).unwrap().serial != 2 {
+        assert!(Instant::now() < deadline, "the refetch never completed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(server.hits(), 2);
+}
