@@ -26,10 +26,10 @@ else:
 "#;
 
 #[test]
-#[ignore = "needs snas proxy"]
 fn allowed_host_port_works_for_tcp_and_udp_without_proxy_settings() {
     let _s = serial();
     let tb = testbed_with_proxies();
+    let _logs = LogsOnFailure(&tb);
     let job = Job::start(
         &tb,
         1,
@@ -55,10 +55,10 @@ protocol = "udp"
 }
 
 #[test]
-#[ignore = "needs snas proxy"]
 fn wildcard_rule_admits_one_label_names_and_nothing_else() {
     let _s = serial();
     let tb = testbed_with_proxies();
+    let _logs = LogsOnFailure(&tb);
     let job = Job::start(
         &tb,
         1,
@@ -75,10 +75,10 @@ fn wildcard_rule_admits_one_label_names_and_nothing_else() {
 }
 
 #[test]
-#[ignore = "needs snas proxy"]
 fn cname_chain_to_an_allowed_name_resolves_and_connects() {
     let _s = serial();
     let tb = testbed_with_proxies();
+    let _logs = LogsOnFailure(&tb);
     let job = Job::start(
         &tb,
         1,
@@ -94,10 +94,10 @@ fn cname_chain_to_an_allowed_name_resolves_and_connects() {
 }
 
 #[test]
-#[ignore = "needs snas proxy"]
 fn name_outside_the_policy_is_refused_by_dns() {
     let _s = serial();
     let tb = testbed_with_proxies();
+    let _logs = LogsOnFailure(&tb);
     let job = Job::start(
         &tb,
         1,
@@ -126,10 +126,10 @@ fn name_outside_the_policy_is_refused_by_dns() {
 }
 
 #[test]
-#[ignore = "needs snas proxy"]
 fn allowed_name_on_a_denied_port_is_refused_within_10ms() {
     let _s = serial();
     let tb = testbed_with_proxies();
+    let _logs = LogsOnFailure(&tb);
     let job = Job::start(
         &tb,
         1,

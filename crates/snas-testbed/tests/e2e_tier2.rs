@@ -19,10 +19,10 @@ use snas_wire::TcpFlags;
 const PROXY_1: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 21);
 
 #[test]
-#[ignore = "needs snas proxy"]
 fn tier2_refuses_a_destination_that_widened_tier1_lets_through() {
     let _s = serial();
     let tb = testbed_with_proxies();
+    let _logs = LogsOnFailure(&tb);
     let job = Job::start(
         &tb,
         1,
@@ -149,10 +149,10 @@ impl Drop for ExtraAddr<'_> {
 }
 
 #[test]
-#[ignore = "needs snas proxy"]
 fn forged_geneve_from_a_non_node_or_for_a_foreign_job_is_dropped_and_counted() {
     let _s = serial();
     let tb = testbed_with_proxies();
+    let _logs = LogsOnFailure(&tb);
     let n1 = tb.topology().node_addr(1);
     let p = |node: &str| {
         policy(
@@ -266,10 +266,10 @@ fn fake_policy_endpoint(tb: &Testbed, tokens: Vec<(String, String)>) -> FakeEndp
 }
 
 #[test]
-#[ignore = "needs snas proxy"]
 fn forged_geneve_with_a_tampered_or_expired_policy_is_dropped_and_counted() {
     let _s = serial();
     let tb = testbed_with_proxies();
+    let _logs = LogsOnFailure(&tb);
     let key = tb.signing_key().unwrap().unwrap();
     let draft = snas_policy::parse_policy(&policy(
         "acme",

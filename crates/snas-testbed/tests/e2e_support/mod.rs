@@ -178,6 +178,13 @@ impl Driver {
         Driver { child, out }
     }
 
+    /// Sends one command line without waiting for an answer.
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
     /// Sends one command line and reads one answer line.
     pub fn ask(&mut self, line: &str) -> String {
         let stdin = self.child.stdin.as_mut().unwrap();
@@ -391,4 +398,105 @@ pub fn assert_refused_fast(job: &Job, host: &str, port: u16) {
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Health of proxy `p` (1-based) as node `n`'s agent sees it (`GET /v1/proxies`).
+pub fn agent_proxy_health(tb: &Testbed, n: u8, p: u8) -> String {
+    let (status, body) = tb.agent(n).request("GET", "/v1/proxies", b"").unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let ip = tb.topology().proxy_addr(p).to_string();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["ip"].as_str() == Some(ip.as_str()))
+        .and_then(|e| e["health"].as_str())
+        .unwrap_or("absent")
+        .to_owned()
+}
+
+/// Stops proxy 2 and waits until both agents have stopped choosing it, so that every new flow
+/// and DNS query of a test goes through proxy 1 (per-proxy limits are then the job's limits).
+pub fn only_proxy_1(tb: &Testbed) {
+    tb.stop_proxy(2);
+    for n in 1..=2 {
+        wait_until(Duration::from_secs(5), "agents mark proxy 2 dead", || {
+            agent_proxy_health(tb, n, 2) == "dead"
+        });
+    }
+}
+
+fn link_json(ns: &str, dev: &str) -> serde_json::Value {
+    let out = snas_testbed::netns::ip(&["-n", ns, "-j", "link", "show", "dev", dev]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0].clone()
+}
+
+/// The test hook for "tier 1 does not hold": rewrites the job's tier-1 configuration with no
+/// connection-rate and no connection-count limit (what a compromised node could do), so that
+/// only the proxy enforces them.
+pub fn widen_tier1_limits(tb: &Testbed, job: &Job) {
+    let jobs = tb.agent(job.node).list_jobs().unwrap();
+    let me = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["job_key"].as_str() == Some(job.info().job_key.as_str()))
+        .unwrap()
+        .clone();
+    let veth = link_json(
+        &tb.topology().node_ns(job.node),
+        me["veth"].as_str().unwrap(),
+    );
+    let eth0 = link_json(
+        me["netns"].as_str().unwrap(),
+        me["sandbox_ifname"].as_str().unwrap(),
+    );
+    let mac = |v: &serde_json::Value| -> [u8; 6] {
+        let parts: Vec<u8> = v["address"]
+            .as_str()
+            .unwrap()
+            .split(':')
+            .map(|h| u8::from_str_radix(h, 16).unwrap())
+            .collect();
+        parts.try_into().unwrap()
+    };
+    let cfg = snas_bpf::JobConfig {
+        veth_ifindex: u32::try_from(veth["ifindex"].as_u64().unwrap()).unwrap(),
+        job_key: job.key(),
+        tenant_id: u32::try_from(me["tenant_id"].as_u64().unwrap()).unwrap(),
+        policy_serial: u32::try_from(me["serial"].as_u64().unwrap()).unwrap(),
+        sandbox_ip: me["sandbox_ip"].as_str().unwrap().parse().unwrap(),
+        sandbox_mac: mac(&eth0),
+        host_mac: mac(&veth),
+        gateway_ip: me["gateway_ip"].as_str().unwrap().parse().unwrap(),
+        dns_port: 53,
+        egress: None,
+        horizon: None,
+        new_conn_per_sec: 0,
+        new_conn_burst: 0,
+        max_connections: 0,
+        ipv6_rules: false,
+        sandbox_ip6: None,
+    };
+    let t1 = snas_bpf::Tier1::open_pinned(&tb.topology().bpf_pin_dir(job.node)).unwrap();
+    t1.configure_job(&cfg).unwrap();
+}
+
+/// Prints the last lines of every daemon log when the test fails (keep it alive for the test).
+pub struct LogsOnFailure<'a>(pub &'a Testbed);
+impl Drop for LogsOnFailure<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for d in Daemon::all() {
+                let log = d.log_file(self.0.topology());
+                eprintln!(
+                    "---- {} ({}) ----\n{}",
+                    d.name(),
+                    log.display(),
+                    daemons::log_tail(&log, 25)
+                );
+            }
+        }
+    }
 }

@@ -1,0 +1,182 @@
+//! End-to-end (root; `cargo build -p snas` first): connection limits. `max_connections` and
+//! `new_connections_per_sec` admit exactly their number; a job that has used up its ports
+//! toward a destination does not stop another tenant's job from reaching it.
+//!
+//! Tier 1 enforces the same numbers first (its `max_connections` is an estimate, its bucket
+//! exact), so these tests check the end result a job sees plus the proxy's own flow table.
+#![allow(clippy::unwrap_used)]
+
+mod e2e_support;
+
+use e2e_support::*;
+
+/// Opens up to N TCP connections to (host, port), holding them; checks each with an echo.
+/// Prints `ok <n> failed <m>` then waits for a line on stdin before closing.
+const PY_HOLD: &str = r#"
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ip = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+held, failed = [], 0
+for i in range(n):
+    s = socket.socket()
+    s.settimeout(1.5)
+    try:
+        s.connect((ip, port))
+        s.sendall(b"x%d" % i)
+        if s.recv(16) != b"x%d" % i:
+            raise OSError("bad echo")
+        held.append(s)
+    except OSError:
+        failed += 1
+        s.close()
+print("ok", len(held), "failed", failed, " ".join(str(s.getsockname()[1]) for s in held))
+sys.stdin.readline()
+"#;
+
+#[test]
+fn max_connections_admits_exactly_the_limit() {
+    let _s = serial();
+    let tb = testbed_with_proxies();
+    let _logs = LogsOnFailure(&tb);
+    let job = Job::start(
+        &tb,
+        1,
+        &policy(
+            "acme",
+            "[[egress]]\nhost = \"api.example.com:7\"\n[limits]\nmax_connections = 5\n",
+        ),
+    );
+    // The proxy alone decides: one proxy (limits are per proxy) and tier 1's limits lifted.
+    only_proxy_1(&tb);
+    widen_tier1_limits(&tb, &job);
+    let mut d = Driver::new(job.spawn_python(PY_HOLD, &["api.example.com", "7", "8"]));
+    let line = d.read_line();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(&f[..4], &["ok", "5", "failed", "3"], "{line}");
+    // The proxy holds exactly those five flows of the job, and it refused the rest itself.
+    let key = job.info().job_key.clone();
+    let live = proxy_flows(&tb, 1)
+        .iter()
+        .filter(|fl| flow_is(fl, &key, None) && fl.to_string().contains(":7\""))
+        .count();
+    assert_eq!(live, 5, "flows of the job at the proxy");
+    assert_eq!(
+        tier1_drops(&tb, &job, "connection_limit"),
+        0,
+        "tier 1 was not widened"
+    );
+    assert!(
+        proxy_drops(&tb, 1, "connection_limit") >= 3.0,
+        "the proxy did not count its refusals"
+    );
+    d.send("done");
+}
+
+/// Fires N non-blocking connects at once, waits 0.5 s, prints how many connected, closes all
+/// with RST (so no connection stays), sleeps `pause` seconds, and repeats once.
+const PY_BURST: &str = r#"
+import socket, sys, time, struct, select
+host, port, n, pause = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+ip = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+def burst():
+    socks = []
+    for _ in range(n):
+        s = socket.socket(); s.setblocking(False)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.connect_ex((ip, port)); socks.append(s)
+    time.sleep(0.5)
+    ok = sum(1 for s in socks if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 and select.select([], [s], [], 0)[1])
+    for s in socks: s.close()
+    return ok
+a = burst()
+time.sleep(pause)
+b = burst()
+print(a, b)
+"#;
+
+#[test]
+fn new_connections_per_sec_admits_the_burst_then_the_rate() {
+    let _s = serial();
+    let tb = testbed_with_proxies();
+    let _logs = LogsOnFailure(&tb);
+    let job = Job::start(
+        &tb,
+        1,
+        &policy(
+            "acme",
+            "[[egress]]\nhost = \"api.example.com:7\"\n[limits]\nnew_connections_per_sec = 4\nnew_connections_burst = 6\n",
+        ),
+    );
+    only_proxy_1(&tb);
+    widen_tier1_limits(&tb, &job);
+    // Warm up: one connection makes the proxy fetch the policy (its first SYN waits for that);
+    // then 2 s refill the bucket (6 tokens at 4/s take 1.5 s).
+    let out = job.python(PY_HOLD, &["api.example.com", "7", "1"]);
+    assert!(out.starts_with("ok 1 "), "{out}");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // A burst of 12 at once gets exactly the 6 of the bucket. The second burst starts
+    // 0.5 + 0.625 s later: 4.5 tokens refilled, so exactly 4 more.
+    let out = job.python(PY_BURST, &["api.example.com", "7", "12", "0.625"]);
+    let v: Vec<u32> = out.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    assert_eq!(
+        v,
+        vec![6, 4],
+        "connected in the burst, then 1.125 s later: {out}"
+    );
+    assert_eq!(
+        tier1_drops(&tb, &job, "new_connection_rate"),
+        0,
+        "tier 1 was not widened"
+    );
+    assert!(proxy_drops(&tb, 1, "new_connection_rate") >= 14.0);
+}
+
+/// Opens N connected UDP sockets to (host, port) and counts echo answers.
+const PY_UDP_N: &str = r#"
+import socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ip = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+socks, answered = [], 0
+for i in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1.0)
+    s.connect((ip, port)); socks.append(s)
+    try:
+        s.send(b"u%d" % i)
+        if s.recv(64) == b"u%d" % i:
+            answered += 1
+    except OSError:
+        pass
+print(answered)
+"#;
+
+#[test]
+fn a_job_at_its_port_cap_does_not_stop_another_tenant() {
+    let _s = serial();
+    let tb = testbed_with_proxies();
+    let _logs = LogsOnFailure(&tb);
+    let rule = "[[egress]]\nhost = \"api.example.com:7\"\nprotocol = \"udp\"\n";
+    let greedy = Job::start(
+        &tb,
+        1,
+        &policy(
+            "tenant-a",
+            &format!("{rule}[limits]\nmax_ports_per_destination = 3\n"),
+        ),
+    );
+    let other = Job::start(&tb, 2, &policy("tenant-b", rule));
+    // Caps are per proxy: use one.
+    only_proxy_1(&tb);
+    let out = greedy.python(PY_UDP_N, &["api.example.com", "7", "6"]);
+    assert_eq!(
+        out.trim(),
+        "3",
+        "tenant-a got more than its ports toward the destination"
+    );
+    let out = other.python(PY_UDP_N, &["api.example.com", "7", "6"]);
+    assert_eq!(out.trim(), "6", "tenant-b was affected by tenant-a");
+    let capped = proxy_drops(&tb, 1, "destination_port_cap");
+    assert!(
+        capped >= 3.0,
+        "the cap refusals were not counted ({capped})"
+    );
+}
