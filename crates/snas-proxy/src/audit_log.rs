@@ -65,7 +65,7 @@ pub struct AuditLine {
     /// Reason name for deny/refuse.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
-    /// Bytes of the packet that opened the flow (0 for DNS).
+    /// Bytes of the inner packet the decision was made on (0 for DNS).
     pub bytes: u64,
     /// NAT source (allowed flows).
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -539,8 +539,14 @@ impl Worker {
                     }
                     Verdict::Drop(_) | Verdict::ToNode { .. } => Out::Nothing,
                 };
+                // A new-flow decision audits the packet that asked for it.
+                let inner = meta.len.saturating_sub(GENEVE_HEADER_LEN) as u64;
+                for r in eng.drain_audit() {
+                    let mut line = AuditLine::from_flow(&r);
+                    line.bytes = inner;
+                    self.s.audit.send(line);
+                }
             }
-            self.s.flush_audit(&mut eng);
             for (job, node) in eng.drain_refetch() {
                 self.s.fetcher.request_refetch(job, node);
             }

@@ -428,4 +428,11 @@ state_dir = "{state}"
     assert!(lines
         .iter()
         .all(|l| l["job_key"] == format!("{job_key:016x}")));
+    // Denied SYNs are 40-byte packets (IPv4 + TCP, no options).
+    let denied: Vec<_> = lines
+        .iter()
+        .filter(|l| l["reason"] == "destination_denied")
+        .collect();
+    assert_eq!(denied.len(), 1, "{log}");
+    assert_eq!(denied[0]["bytes"], 40, "{log}");
 }
