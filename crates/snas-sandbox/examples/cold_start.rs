@@ -9,7 +9,7 @@
 //!   outside the timed part. runsc still needs the root-namespace workaround on this
 //!   kernel, so it runs in the same private mount namespace as the launcher's.
 //! - **launcher**: `snas_sandbox::run` in the same namespace (bundle, cgroup, address check,
-//!   runsc, cleanup).
+//!   runsc, cleanup); the address is put back before the timed part, as for plain runsc.
 //! - **snas run**: the whole command against a testbed of its own (prefix `snsbcs`, brought
 //!   up first and removed at the end), split with `--timings` into job-network set-up (agent
 //!   `POST /v1/jobs`), sandbox (launcher prepare + runsc) and teardown (from runsc's exit:
@@ -143,6 +143,9 @@ fn launcher(lab: &Lab, runs: usize, scratch: &Path) -> Vec<[f64; 4]> {
         let mut o = RunOptions::new(spec);
         o.state_dir = scratch.join("launcher");
         o.net = Some(lab.net());
+        // Put back the address the previous run's runsc took, outside the timed part (as for
+        // plain runsc): a job namespace fresh from the agent has it already.
+        lab.net().ensure().unwrap();
         let t = Instant::now();
         let r = launch::run(&o, Stdio3::default(), &mut |_| {}).unwrap();
         let total = ms(t.elapsed());
