@@ -15,23 +15,6 @@ pub struct AgentArgs {
     config: PathBuf,
 }
 
-/// Resolves when the process receives SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("snas agent: cannot watch SIGTERM ({e}); stopping on SIGINT only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 /// Runs `snas agent`.
 pub fn run(args: AgentArgs) -> ExitCode {
     let config = match snas_agent::AgentConfig::from_toml_file(&args.config) {
@@ -52,7 +35,7 @@ pub fn run(args: AgentArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(snas_agent::serve(config, shutdown_signal())) {
+    match runtime.block_on(snas_agent::serve(config, super::shutdown_signal("snas agent"))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("snas agent: {e}");

@@ -15,23 +15,6 @@ pub struct ProxyArgs {
     config: PathBuf,
 }
 
-/// Resolves when the process receives SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("snas proxy: cannot watch SIGTERM ({e}); stopping on SIGINT only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 /// Runs `snas proxy`.
 pub fn run(args: ProxyArgs) -> ExitCode {
     let config = match snas_proxy::config::ProxyConfig::load(&args.config) {
@@ -61,7 +44,7 @@ pub fn run(args: ProxyArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    signals.block_on(shutdown_signal());
+    signals.block_on(super::shutdown_signal("snas proxy"));
     daemon.stop();
     eprintln!("snas proxy: {name} stopped");
     ExitCode::SUCCESS
