@@ -186,34 +186,8 @@ pub enum Direction {
     Reply,
 }
 
-/// TCP header flags (the low byte of the flags field).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct TcpFlags(pub u8);
-
-impl TcpFlags {
-    /// FIN.
-    pub const FIN: TcpFlags = TcpFlags(0x01);
-    /// SYN.
-    pub const SYN: TcpFlags = TcpFlags(0x02);
-    /// RST.
-    pub const RST: TcpFlags = TcpFlags(0x04);
-    /// ACK.
-    pub const ACK: TcpFlags = TcpFlags(0x10);
-    /// No flags (UDP, ICMP).
-    pub const NONE: TcpFlags = TcpFlags(0);
-
-    /// True if all flags of `other` are set.
-    pub fn contains(self, other: TcpFlags) -> bool {
-        self.0 & other.0 == other.0
-    }
-}
-
-impl std::ops::BitOr for TcpFlags {
-    type Output = TcpFlags;
-    fn bitor(self, rhs: TcpFlags) -> TcpFlags {
-        TcpFlags(self.0 | rhs.0)
-    }
-}
+/// TCP header flags, as the wire views read them.
+pub use snas_wire::TcpFlags;
 
 /// Protocol state of a flow (selects its idle timeout).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -29,6 +29,8 @@ pub const ICMP_HEADER_LEN: usize = 8;
 pub struct TcpFlags(pub u8);
 
 impl TcpFlags {
+    /// No flags (also what a UDP or ICMP packet "carries" for connection tracking).
+    pub const NONE: TcpFlags = TcpFlags(0);
     /// FIN.
     pub const FIN: TcpFlags = TcpFlags(0x01);
     /// SYN.
