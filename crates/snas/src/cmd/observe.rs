@@ -313,6 +313,7 @@ struct FlowRow {
     egress: Option<String>,
     state: Option<String>,
     age_secs: Option<f64>,
+    idle_secs: Option<f64>,
 }
 
 /// Parses a `/v1/flows` body: a JSON array of flow objects, or an object with a `flows` array.
@@ -370,6 +371,8 @@ fn parse_flows(proxy: &str, body: &[u8], now_unix: f64) -> anyhow::Result<Vec<Fl
             ),
             state: field(o, &["state"]),
             age_secs,
+            idle_secs: number(o, &["idle_secs", "idle_s"])
+                .or_else(|| number(o, &["idle_ms"]).map(|ms| ms / 1000.0)),
         });
     }
     Ok(rows)
@@ -605,6 +608,7 @@ impl JsonRow for FlowRow {
             "proxy": self.proxy, "job": self.job, "tenant": self.tenant, "job_key": self.job_key,
             "proto": self.proto, "src": self.src, "dst": self.dst, "hostname": self.hostname,
             "egress": self.egress, "state": self.state, "age_secs": self.age_secs,
+            "idle_secs": self.idle_secs,
         })
     }
 }
@@ -768,10 +772,13 @@ pub fn flows(a: &ObserveArgs) -> ExitCode {
             return fail(&e);
         }
     } else {
+        // The age column appears only when some proxy reports ages; idle time always.
+        let with_age = rows.iter().any(|r| r.age_secs.is_some());
+        let secs = |v: Option<f64>| v.map_or("-".into(), human_secs);
         let cells: Vec<Vec<String>> = rows
             .iter()
             .map(|r| {
-                vec![
+                let mut c = vec![
                     r.proxy.clone(),
                     dash(&r.tenant),
                     dash(&r.job),
@@ -781,20 +788,22 @@ pub fn flows(a: &ObserveArgs) -> ExitCode {
                     dash(&r.hostname),
                     dash(&r.egress),
                     dash(&r.state),
-                    r.age_secs.map_or("-".into(), human_secs),
-                ]
+                ];
+                if with_age {
+                    c.push(secs(r.age_secs));
+                }
+                c.push(secs(r.idle_secs));
+                c
             })
             .collect();
-        print!(
-            "{}",
-            table(
-                &[
-                    "PROXY", "TENANT", "JOB", "PROTO", "SRC", "DST", "HOSTNAME", "EGRESS", "STATE",
-                    "AGE"
-                ],
-                &cells
-            )
-        );
+        let mut headers = vec![
+            "PROXY", "TENANT", "JOB", "PROTO", "SRC", "DST", "HOSTNAME", "EGRESS", "STATE",
+        ];
+        if with_age {
+            headers.push("AGE");
+        }
+        headers.push("IDLE");
+        print!("{}", table(&headers, &cells));
     }
     finish(&errors)
 }
@@ -881,7 +890,7 @@ mod tests {
         let body = br#"{"flows":[{"job_key":"00000000000000aa","tenant":"acme","proto":"tcp",
             "src":"10.255.1.2:40000","dst_ip":"203.0.113.10","dst_port":80,
             "hostnames":["api.example.com"],"egress_ip":"198.51.100.64","egress_port":2000,
-            "state":"established","age_ms":1500}]}"#;
+            "state":"established","age_ms":1500,"idle_ms":250}]}"#;
         let rows = parse_flows("p1", body, 0.0).unwrap();
         assert_eq!(rows.len(), 1);
         let r = &rows[0];
@@ -890,6 +899,7 @@ mod tests {
         assert_eq!(r.egress.as_deref(), Some("198.51.100.64:2000"));
         assert_eq!(r.hostname.as_deref(), Some("api.example.com"));
         assert_eq!(r.age_secs, Some(1.5));
+        assert_eq!(r.idle_secs, Some(0.25));
         assert_eq!(r.job, None);
 
         let rows = parse_flows(
