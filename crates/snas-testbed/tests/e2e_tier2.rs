@@ -16,6 +16,29 @@ use snas_wire::build::{tcp as build_tcp, TcpSpec};
 use snas_wire::geneve::{encapsulate, OuterParams, SnasOption};
 use snas_wire::TcpFlags;
 
+/// Best of 3: a datagram on a connected UDP socket, then `recv` until the ICMP error
+/// arrives; prints `ERRNAME ms`.
+const PY_UDP_REFUSED: &str = r#"
+import socket, sys, time, errno
+ip, port = sys.argv[1], int(sys.argv[2])
+best = None
+for _ in range(3):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2.0)
+    s.connect((ip, port))
+    t = time.monotonic()
+    try:
+        s.send(b"x"); s.recv(64); r = "ANSWERED"
+    except socket.timeout:
+        r = "TIMEOUT"
+    except OSError as e:
+        r = errno.errorcode.get(e.errno, str(e.errno))
+    ms = (time.monotonic() - t) * 1000.0
+    s.close()
+    if best is None or (r != "TIMEOUT" and ms < best[1]):
+        best = (r, ms)
+print(best[0], "%.3f" % best[1])
+"#;
+
 const PROXY_1: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 21);
 
 #[test]
@@ -74,6 +97,21 @@ except OSError as e:
     assert!(!out.contains("hello from"), "{out}");
     assert_refused_fast(&job, "203.0.113.20", 80);
     assert_refused_fast(&job, "203.0.113.10", 7);
+    // UDP, which no rule allows at all: the proxy answers with ICMP unreachable.
+    let out = job.python(PY_UDP_REFUSED, &["203.0.113.10", "7"]);
+    let mut it = out.split_whitespace();
+    let (r, ms) = (
+        it.next().unwrap_or_default(),
+        it.next()
+            .and_then(|m| m.parse::<f64>().ok())
+            .unwrap_or(f64::MAX),
+    );
+    // Port unreachable (ECONNREFUSED) or administratively prohibited (EHOSTUNREACH).
+    assert!(
+        ["ECONNREFUSED", "EHOSTUNREACH"].contains(&r),
+        "UDP to a forbidden port: {out}"
+    );
+    assert!(ms < 10.0, "UDP refused only after {ms:.3} ms");
     let denied_after: f64 = (1..=2)
         .map(|n| proxy_drops(&tb, n, "destination_denied") + proxy_drops(&tb, n, "port_denied"))
         .sum();
