@@ -220,6 +220,12 @@ peer_secret_file = {secret}\n",
     )
 }
 
+/// Extra lines appended to proxy `n`'s generated configuration when it starts, if the file
+/// exists (tests use it for settings the testbed does not set, e.g. port quotas).
+pub fn proxy_extra_config(t: &Topology, n: u8) -> PathBuf {
+    t.proxy_dir(n).join("proxy.extra.toml")
+}
+
 /// The proxies' shared peer secret (authenticates binding pushes between them).
 pub fn peer_secret_file(t: &Topology) -> PathBuf {
     t.state_dir().join("peer.secret")
@@ -333,7 +339,13 @@ pub fn start(t: &Topology, d: Daemon, binary: &Path) -> Result<Started, DaemonEr
         Daemon::Proxy(n) => {
             ensure_peer_secret(t)?;
             if let Some(p) = d.config_file(t) {
-                write_file(&p, &proxy_config(t, n))?;
+                let mut text = proxy_config(t, n);
+                // Test hook: extra settings (quotas, timeouts) kept across restarts.
+                if let Ok(extra) = std::fs::read_to_string(proxy_extra_config(t, n)) {
+                    text.push_str("# from proxy.extra.toml\n");
+                    text.push_str(&extra);
+                }
+                write_file(&p, &text)?;
             }
         }
         Daemon::Internet => {}

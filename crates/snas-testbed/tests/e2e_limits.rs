@@ -180,3 +180,45 @@ fn a_job_at_its_port_cap_does_not_stop_another_tenant() {
         "the cap refusals were not counted ({capped})"
     );
 }
+
+#[test]
+#[ignore = "needs `max_ports_per_tenant` in proxy.toml (the proxy's NAT core has the quota; its config does not expose it yet)"]
+fn one_tenant_exhausting_its_port_quota_does_not_stop_another_tenant() {
+    let _s = serial();
+    let tb = testbed_with_proxies();
+    let _logs = LogsOnFailure(&tb);
+    // Proxy 1 with a tenant quota of 8 ports; proxy 2 out of the way.
+    std::fs::write(
+        snas_testbed::daemons::proxy_extra_config(tb.topology(), 1),
+        "max_ports_per_tenant = 8\n",
+    )
+    .unwrap();
+    tb.stop_proxy(1);
+    tb.start_proxy(1).unwrap();
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "proxy 1 /healthz after restart",
+        || proxy_get(&tb, 1, "/healthz").is_ok_and(|(s, _)| s == 200),
+    );
+    only_proxy_1(&tb);
+    for n in 1..=2 {
+        wait_until(
+            std::time::Duration::from_secs(5),
+            "agents see proxy 1 alive",
+            || agent_proxy_health(&tb, n, 1) == "alive",
+        );
+    }
+    let rule = "[[egress]]\nhost = \"api.example.com:7\"\nprotocol = \"udp\"\n";
+    let a1 = Job::start(&tb, 1, &policy("tenant-a", rule));
+    let a2 = Job::start(&tb, 2, &policy("tenant-a", rule));
+    let b = Job::start(&tb, 1, &policy("tenant-b", rule));
+    let out = a1.python(PY_UDP_N, &["api.example.com", "7", "10"]);
+    assert_eq!(out.trim(), "8", "tenant-a's first job");
+    // The tenant's ports are used up (live or quarantined): its other job gets none ...
+    let out = a2.python(PY_UDP_N, &["api.example.com", "7", "4"]);
+    assert_eq!(out.trim(), "0", "tenant-a's second job");
+    // ... and another tenant is unaffected.
+    let out = b.python(PY_UDP_N, &["api.example.com", "7", "10"]);
+    assert_eq!(out.trim(), "10", "tenant-b");
+    assert!(proxy_drops(&tb, 1, "tenant_port_quota") >= 6.0);
+}
