@@ -72,26 +72,30 @@ fn max_connections_admits_exactly_the_limit() {
     d.send("done");
 }
 
-/// Fires N non-blocking connects at once, waits 0.5 s, prints how many connected, closes all
-/// with RST (so no connection stays), sleeps `pause` seconds, and repeats once.
+/// Fires N non-blocking connects at once, waits 0.5 s, counts the connected ones and closes all
+/// with RST (so no connection stays), sleeps `pause` seconds, and repeats once. Prints
+/// `a b dt d1 d2`: connected in each burst, seconds between the bursts' first SYNs, and how
+/// long each burst took to send.
 const PY_BURST: &str = r#"
 import socket, sys, time, struct, select
 host, port, n, pause = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 ip = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
 def burst():
     socks = []
+    t0 = time.monotonic()
     for _ in range(n):
         s = socket.socket(); s.setblocking(False)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         s.connect_ex((ip, port)); socks.append(s)
+    d = time.monotonic() - t0
     time.sleep(0.5)
     ok = sum(1 for s in socks if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 and select.select([], [s], [], 0)[1])
     for s in socks: s.close()
-    return ok
-a = burst()
+    return ok, t0, d
+a, t1, d1 = burst()
 time.sleep(pause)
-b = burst()
-print(a, b)
+b, t2, d2 = burst()
+print(a, b, t2 - t1, d1, d2)
 "#;
 
 #[test]
@@ -116,13 +120,20 @@ fn new_connections_per_sec_admits_the_burst_then_the_rate() {
     std::thread::sleep(std::time::Duration::from_secs(2));
     // A burst of 12 at once gets exactly the 6 of the bucket. The second burst starts
     // 0.5 + 0.625 s later: 4.5 tokens refilled, so exactly 4 more.
+    // A burst of 12 at once gets the 6 of the bucket (plus what refills while it is sent).
+    // The second gets what refilled since the first emptied the bucket: 4/s over the measured
+    // time between the bursts (about 1.125 s: 4.5 tokens, so 4), never more than the burst.
     let out = job.python(PY_BURST, &["api.example.com", "7", "12", "0.625"]);
-    let v: Vec<u32> = out.split_whitespace().map(|x| x.parse().unwrap()).collect();
-    assert_eq!(
-        v,
-        vec![6, 4],
-        "connected in the burst, then 1.125 s later: {out}"
+    let f: Vec<f64> = out.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    let (a, b, dt, d1, d2) = (f[0], f[1], f[2], f[3], f[4]);
+    let tokens = |secs: f64| (4.0 * secs).floor().min(6.0);
+    assert_eq!(a, 6.0 + (4.0 * d1).floor(), "first burst: {out}");
+    let (lo, hi) = (tokens(dt - d1 - 0.005), tokens(dt + d2 + 0.005));
+    assert!(
+        (lo..=hi).contains(&b),
+        "second burst {b} after {dt:.3} s, expected {lo}..={hi}: {out}"
     );
+    assert!(b < a, "the rate did not bite: {out}");
     assert_eq!(
         tier1_drops(&tb, &job, "new_connection_rate"),
         0,

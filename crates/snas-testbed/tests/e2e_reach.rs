@@ -51,7 +51,12 @@ protocol = "udp"
         "{body}"
     );
     let out = job.python(PY_UDP_ECHO, &["api.example.com", "7"]);
-    assert_eq!(out.trim(), "ping udp 0 203.0.113.10", "{out}");
+    // (A first datagram may wait for the proxy's policy fetch and be retried.)
+    let answer = out.trim();
+    assert!(
+        answer.starts_with("ping udp ") && answer.ends_with(" 203.0.113.10"),
+        "{out}"
+    );
 }
 
 #[test]
