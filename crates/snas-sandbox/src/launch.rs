@@ -19,8 +19,9 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::bundle::{self, BundleError, BundleSpec};
@@ -109,6 +110,10 @@ pub struct RunOptions {
     pub root_ns_workaround: RootNsWorkaround,
     /// Extra global runsc flags (e.g. `--debug`).
     pub extra_runsc_flags: Vec<String>,
+    /// Forward SIGTERM/SIGHUP sent to this process to runsc (and so to the workload), then
+    /// clean up as usual. Needs [`crate::process::block_forwarded_signals`] called first thing
+    /// in `main`; otherwise those signals kill the launcher before it can clean up.
+    pub forward_signals: bool,
 }
 
 impl RunOptions {
@@ -123,6 +128,7 @@ impl RunOptions {
             timeout: None,
             root_ns_workaround: RootNsWorkaround::Auto,
             extra_runsc_flags: Vec::new(),
+            forward_signals: false,
         }
     }
 }
@@ -462,6 +468,23 @@ pub fn run(
         let _ = tx.send(child.wait());
     });
 
+    let exited = Arc::new(AtomicBool::new(false));
+    if opts.forward_signals {
+        let exited = exited.clone();
+        // Not joined: it notices `exited` within one poll and must not delay the teardown.
+        std::thread::spawn(move || {
+            while !exited.load(Ordering::Acquire) {
+                if let Some(sig) = process::wait_forwarded_signal(Duration::from_millis(100)) {
+                    // Until `exited` is set runsc is our child and its pid cannot be reused;
+                    // the only window is between the waiter reaping it and the flag being set
+                    // (microseconds), in which the pid would have to be recycled.
+                    if !exited.load(Ordering::Acquire) {
+                        process::kill(pid, sig);
+                    }
+                }
+            }
+        });
+    }
     let deadline = opts.timeout.map(|t| t1 + t);
     let mut told_slow = false;
     let mut timed_out = false;
@@ -502,6 +525,7 @@ pub fn run(
             }
         }
     };
+    exited.store(true, Ordering::Release);
     let run = t1.elapsed();
     progress(Progress::Exited(run));
     let events = guard

@@ -182,6 +182,50 @@ pub fn shield_terminal_signals() {
     }
 }
 
+/// Signals a launcher forwards to runsc (which forwards them to the workload): a polite
+/// "stop" for the whole job. SIGINT/SIGQUIT from a terminal reach runsc directly (same process
+/// group), so they are ignored rather than forwarded (see [`shield_terminal_signals`]).
+pub const FORWARDED_SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGHUP];
+
+fn forwarded_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for s in FORWARDED_SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+    }
+    set
+}
+
+/// Blocks [`FORWARDED_SIGNALS`] in the calling thread and every thread it starts later, so that
+/// they stay pending until [`wait_forwarded_signal`] takes them. Call it first thing in `main`
+/// (before any thread exists) in a process that runs sandboxes with `forward_signals`.
+/// Children get an empty mask back (std resets it before exec).
+pub fn block_forwarded_signals() -> io::Result<()> {
+    let set = forwarded_set();
+    // SAFETY: valid set pointer; a null old-set pointer is allowed.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(())
+}
+
+/// Waits up to `timeout` for a pending forwarded signal; returns it.
+pub fn wait_forwarded_signal(timeout: std::time::Duration) -> Option<libc::c_int> {
+    let set = forwarded_set();
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: valid set and timespec; a null siginfo pointer is allowed.
+    let r = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &ts) };
+    (r > 0).then_some(r)
+}
+
 /// A close-on-exec pipe (read end, write end), for capturing a sandbox's output: pipes, not
 /// regular files, because gVisor writes a shared file at its own offset.
 pub fn pipe() -> io::Result<(File, File)> {

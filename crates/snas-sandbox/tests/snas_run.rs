@@ -198,10 +198,67 @@ fn snas_run_passes_status_and_reports_limits() {
     assert_eq!(code, 124, "{err}");
     assert!(err.contains("timed out after 2s"), "{err}");
 
-    // Nothing of the runs is left: no sandbox state, no cgroups.
+    // SIGTERM to `snas run` stops the workload, and the job and sandbox are still cleaned up.
+    let mut child = Command::new(snas_bin())
+        .args([
+            "run",
+            "--prefix",
+            &bed.prefix,
+            "--no-summary",
+            "--policy",
+            &token,
+        ])
+        .args(["--", "sleep", "60"])
+        .spawn()
+        .unwrap();
     let runs = PathBuf::from(format!("/run/snas-testbed/{}/run/sandbox", bed.prefix));
+    let running = || {
+        std::fs::read_dir(&runs)
+            .map(|rd| {
+                rd.filter_map(Result::ok).any(|e| {
+                    std::fs::read_dir(e.path().join("root")).is_ok_and(|r| {
+                        r.filter_map(Result::ok).any(|f| {
+                            std::fs::read_to_string(f.path())
+                                .is_ok_and(|t| t.contains("\"status\":\"running\""))
+                        })
+                    })
+                })
+            })
+            .unwrap_or(false)
+    };
+    for _ in 0..300 {
+        if running() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(running(), "the sandbox never reached running");
+    // SAFETY: kill has no memory-safety preconditions; the pid is our live child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let term_pid = child.id();
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(143), "sleep killed by SIGTERM: {st:?}");
+    let jobs = bed.snas(&["jobs", "--prefix", &bed.prefix]);
+    assert!(
+        !String::from_utf8_lossy(&jobs.stdout).contains("demo"),
+        "job still listed: {}",
+        String::from_utf8_lossy(&jobs.stdout)
+    );
+
+    // Nothing of the runs is left: no sandbox state, no cgroups.
     let left: Vec<_> = std::fs::read_dir(&runs)
         .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
+    // Run ids start with the launcher's pid in hex: the terminated run left no cgroup.
+    let terminated = format!("snas-{:x}-", term_pid);
+    let cgroups: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .filter_map(Result::ok)
+        .flat_map(|h| std::fs::read_dir(h.path()).into_iter().flatten())
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&terminated))
+        .map(|e| e.path())
+        .collect();
+    assert!(cgroups.is_empty(), "{cgroups:?}");
 }

@@ -11,7 +11,8 @@
 //! sandbox could not be set up (nothing ran).
 //!
 //! Ctrl-C goes to the sandbox (runsc forwards it to CMD); `snas run` itself ignores it so
-//! that it can still delete the job and clean up.
+//! that it can still delete the job and clean up. SIGTERM and SIGHUP sent to `snas run` are
+//! forwarded to the sandbox the same way; only SIGKILL leaves things behind.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -290,6 +291,38 @@ fn counters(client: &AgentClient, job_key: &str) -> Option<BTreeMap<String, u64>
     )
 }
 
+/// The sandbox's stream for our fd 1 or 2: inherited, unless it is a regular file. gVisor
+/// writes a shared regular file at its own offset and would overwrite what we wrote (e.g.
+/// `snas run … > log 2>&1`), so then the output goes through a pipe and a copier thread that
+/// writes at the file's shared offset.
+fn stream(fd: u8) -> Result<(Stdio, Option<std::thread::JoinHandle<()>>), String> {
+    let is_file = std::fs::metadata(format!("/proc/self/fd/{fd}")).is_ok_and(|m| m.is_file());
+    if !is_file {
+        return Ok((Stdio::inherit(), None));
+    }
+    let (mut r, w) = snas_sandbox::process::pipe().map_err(|e| format!("pipe: {e}"))?;
+    // Lock per chunk, never across a read: our own messages (progress) share these streams.
+    let copier = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let chunk = &buf[..n];
+            let _ = if fd == 1 {
+                std::io::stdout()
+                    .write_all(chunk)
+                    .and_then(|()| std::io::stdout().flush())
+            } else {
+                std::io::stderr().write_all(chunk)
+            };
+        }
+    });
+    Ok((Stdio::from(w), Some(copier)))
+}
+
 /// What the teardown thread found.
 #[derive(Debug, Default)]
 struct Teardown {
@@ -310,20 +343,37 @@ fn delete_job(client: &AgentClient, job_key: &str, guard: JobGuard) -> Teardown 
     }
 }
 
+/// Chooses the platform: ptrace, or kvm after a probe. A failed probe is remembered in
+/// `<scratch>/kvm-unusable` (a hang costs the probe's whole deadline); delete the file to probe
+/// again, e.g. after a kernel or runsc update.
 fn choose_platform(a: &RunArgs, scratch: &Path) -> Platform {
     if a.platform != Platform::Kvm {
         return a.platform;
+    }
+    let memo = scratch.join("kvm-unusable");
+    if let Ok(why) = std::fs::read_to_string(&memo) {
+        eprintln!(
+            "snas: kvm was found unusable here ({}); using ptrace (delete {} to probe again)",
+            why.trim(),
+            memo.display()
+        );
+        return Platform::Ptrace;
     }
     match probe_kvm(&a.runsc, &scratch.join("kvm-probe"), KVM_PROBE_TIMEOUT) {
         Ok(()) => Platform::Kvm,
         Err(e) => {
             eprintln!("snas: kvm is not usable here ({e}); using ptrace");
+            let _ = std::fs::create_dir_all(scratch);
+            let _ = std::fs::write(&memo, format!("{e}\n"));
             Platform::Ptrace
         }
     }
 }
 
 fn job(a: &RunArgs) -> Result<u8, String> {
+    // Before any thread exists: SIGTERM/SIGHUP stay pending until the launcher forwards them
+    // to the sandbox, so a terminated `snas run` still deletes its job and cleans up.
+    snas_sandbox::process::block_forwarded_signals().map_err(|e| format!("signal mask: {e}"))?;
     let t = Topology::new(&a.prefix).map_err(|e| e.to_string())?;
     if !(1..=NODES).contains(&a.node) {
         return Err(format!(
@@ -382,6 +432,7 @@ fn job(a: &RunArgs) -> Result<u8, String> {
     opts.platform = choose_platform(a, &scratch);
     opts.state_dir = scratch.join("sandbox");
     opts.timeout = a.timeout;
+    opts.forward_signals = true;
     opts.net = Some(NetConfig {
         netns: info.netns_path.clone(),
         iface: "eth0".into(),
@@ -391,10 +442,12 @@ fn job(a: &RunArgs) -> Result<u8, String> {
     });
 
     snas_sandbox::process::shield_terminal_signals();
+    let (out_stdio, out_copy) = stream(1)?;
+    let (err_stdio, err_copy) = stream(2)?;
     let stdio = Stdio3 {
         stdin: Stdio::inherit(),
-        stdout: Stdio::inherit(),
-        stderr: Stdio::inherit(),
+        stdout: out_stdio,
+        stderr: err_stdio,
     };
     // When runsc has exited, read the counters and delete the job on a thread while the
     // launcher cleans the sandbox up: the two do not depend on each other.
@@ -419,6 +472,9 @@ fn job(a: &RunArgs) -> Result<u8, String> {
     })
     .map_err(|e| format!("sandbox: {e}"))?;
     let sandbox_time = report.timings.prepare + report.timings.run;
+    for c in [out_copy, err_copy].into_iter().flatten() {
+        let _ = c.join();
+    }
 
     let (t_down, td) = match teardown.take() {
         Some((t, h)) => (t, h.join().unwrap_or_default()),
