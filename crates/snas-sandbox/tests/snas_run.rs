@@ -155,6 +155,8 @@ fn demo_workload_in_gvisor_sees_exactly_its_policy_and_escapes_are_audited() {
     assert!(err.contains("dns_refused"), "{err}");
     assert!(err.contains("203.0.113.20"), "{err}");
     assert!(err.contains("other names"), "tunnelled names folded: {err}");
+    // The forged GENEVE packet was dropped by tier 1 as aimed at the overlay.
+    assert!(err.contains("overlay_target"), "{err}");
 }
 
 #[test]
