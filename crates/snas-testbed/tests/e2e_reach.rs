@@ -171,3 +171,33 @@ fn unbound_raw_ip_private_and_metadata_addresses_are_refused_within_10ms() {
     assert!(tier1_drops(&tb, &job, "always_denied") >= 3);
     assert!(tier1_drops(&tb, &job, "destination_denied") >= 3);
 }
+
+#[test]
+fn a_large_answer_arrives_through_tcp_fallback() {
+    let _s = serial();
+    let tb = testbed_with_proxies();
+    let _logs = LogsOnFailure(&tb);
+    let job = Job::start(
+        &tb,
+        1,
+        &policy("acme", "[[egress]]\nhost = \"many.example.com:80\"\n"),
+    );
+    // 40 A records do not fit 512 bytes: dig (no EDNS) gets TC over UDP and retries over TCP.
+    let out = job.run(
+        "dig",
+        &[
+            "+time=3",
+            "+tries=1",
+            "+noedns",
+            "+short",
+            "many.example.com",
+            "A",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let addrs: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("203.0.113."))
+        .collect();
+    assert_eq!(addrs.len(), 40, "dig many.example.com:\n{text}");
+}
