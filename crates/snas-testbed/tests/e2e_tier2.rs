@@ -359,3 +359,87 @@ fn forged_geneve_with_a_tampered_or_expired_policy_is_dropped_and_counted() {
     drop(server);
     tb.start_agent(1).unwrap();
 }
+
+/// A DNS query for `name` (type A) with the job-identity EDNS option (code 65053) when
+/// `identity` is given.
+fn query(name: &str, identity: Option<SnasOption>) -> Vec<u8> {
+    let mut q = vec![0x4a, 0x11, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 1];
+    for label in name.split('.') {
+        q.push(u8::try_from(label.len()).unwrap());
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]); // root, type A, class IN
+                                           // OPT: root name, type 41, UDP size 1232, TTL 0.
+    q.extend_from_slice(&[0, 0, 41, 0x04, 0xd0, 0, 0, 0, 0]);
+    match identity {
+        Some(o) => {
+            q.extend_from_slice(&20u16.to_be_bytes());
+            q.extend_from_slice(&65053u16.to_be_bytes());
+            q.extend_from_slice(&16u16.to_be_bytes());
+            q.extend_from_slice(&o.tenant_id.to_be_bytes());
+            q.extend_from_slice(&o.job_key.to_be_bytes());
+            q.extend_from_slice(&o.policy_serial.to_be_bytes());
+        }
+        None => q.extend_from_slice(&0u16.to_be_bytes()),
+    }
+    q
+}
+
+/// Sends a query to proxy 1's resolver from `bind` in node 1's namespace; (rcode, answers).
+fn ask_resolver(tb: &Testbed, bind: Ipv4Addr, q: Vec<u8>) -> (u8, u16) {
+    tb.in_netns(&tb.topology().node_ns(1), move || {
+        let s = UdpSocket::bind((bind, 0)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut buf = [0u8; 2048];
+        // The first query may wait for the policy fetch; one retry.
+        for _ in 0..2 {
+            s.send_to(&q, (PROXY_1, 5353)).unwrap();
+            if let Ok((n, _)) = s.recv_from(&mut buf) {
+                assert!(n >= 12);
+                return (buf[3] & 0x0f, u16::from_be_bytes([buf[6], buf[7]]));
+            }
+        }
+        panic!("no answer from the proxy's resolver");
+    })
+    .unwrap()
+}
+
+#[test]
+fn the_proxy_resolver_refuses_what_a_compromised_node_asks_outside_the_policy() {
+    let _s = serial();
+    let tb = testbed_with_proxies();
+    let _logs = LogsOnFailure(&tb);
+    let job = Job::start(
+        &tb,
+        1,
+        &policy("acme", "[[egress]]\nhost = \"api.example.com:80\"\n"),
+    );
+    let id = SnasOption {
+        tenant_id: snas_policy::identity::tenant_id("acme"),
+        job_key: job.key(),
+        policy_serial: 1,
+    };
+    let n1 = tb.topology().node_addr(1);
+    const REFUSED: u8 = 5;
+    // The node asks directly, bypassing its own stub: allowed name answered ...
+    let (rcode, answers) = ask_resolver(&tb, n1, query("api.example.com", Some(id)));
+    assert_eq!((rcode, answers), (0, 1), "api.example.com for the job");
+    // ... a name outside the job's policy refused, also with the job's identity ...
+    let (rcode, _) = ask_resolver(&tb, n1, query("blocked.example.com", Some(id)));
+    assert_eq!(rcode, REFUSED, "blocked.example.com");
+    // ... no identity: refused; an identity nobody signed: refused.
+    let (rcode, _) = ask_resolver(&tb, n1, query("api.example.com", None));
+    assert_eq!(rcode, REFUSED, "query without job identity");
+    let mut other = id;
+    other.job_key ^= 1;
+    let (rcode, _) = ask_resolver(&tb, n1, query("api.example.com", Some(other)));
+    assert_eq!(rcode, REFUSED, "unknown job key");
+    // From an address that is not a node: refused.
+    let _a = ExtraAddr::add(&tb);
+    let (rcode, _) = ask_resolver(
+        &tb,
+        Ipv4Addr::new(192, 0, 2, 99),
+        query("api.example.com", Some(id)),
+    );
+    assert_eq!(rcode, REFUSED, "query from a non-node address");
+}
