@@ -229,4 +229,10 @@ fn restarting_the_agent_keeps_an_established_flow() {
     let jobs = tb.agent(1).list_jobs().unwrap().to_string();
     assert!(jobs.contains(&job.info().job_key), "{jobs}");
     assert_ne!(d.ask("until 2"), "never");
+    // And the restarted agent's DNS stub answers the job again.
+    let out = job.run(
+        "dig",
+        &["+time=2", "+tries=2", "+short", "api.example.com", "A"],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "203.0.113.10");
 }
