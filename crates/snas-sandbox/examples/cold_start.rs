@@ -78,13 +78,17 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn stats(v: &mut [f64]) -> String {
+fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
-    let med = if v.len() % 2 == 1 {
+    if v.len() % 2 == 1 {
         v[v.len() / 2]
     } else {
         (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-    };
+    }
+}
+
+fn stats(v: &mut [f64]) -> String {
+    let med = median(v);
     format!(
         "{med:7.1} ({:.1}–{:.1})",
         v[0],
@@ -165,7 +169,7 @@ fn snas(bin: &Path, a: &[&str]) -> std::process::Output {
 }
 
 /// Parses `snas: timings: job-network X ms, sandbox Y ms (...), teardown Z ms`.
-fn parse_timings(stderr: &str) -> Option<[f64; 3]> {
+fn parse_timings(stderr: &str) -> Option<[f64; 5]> {
     let line = stderr.lines().find(|l| l.starts_with("snas: timings:"))?;
     let num = |key: &str| -> Option<f64> {
         let rest = &line[line.find(key)? + key.len()..];
@@ -175,10 +179,16 @@ fn parse_timings(stderr: &str) -> Option<[f64; 3]> {
             .parse()
             .ok()
     };
-    Some([num("job-network")?, num("sandbox")?, num("teardown")?])
+    Some([
+        num("job-network")?,
+        num("sandbox")?,
+        num("teardown")?,
+        num("runsc")?,
+        num("counters + delete")?,
+    ])
 }
 
-fn snas_run(bin: &Path, runs: usize, scratch: &Path) -> Vec<[f64; 4]> {
+fn snas_run(bin: &Path, runs: usize, scratch: &Path) -> Vec<[f64; 6]> {
     let up = snas(bin, &["testbed", "up", "--prefix", PREFIX]);
     assert!(
         up.status.success(),
@@ -219,8 +229,9 @@ fn snas_run(bin: &Path, runs: usize, scratch: &Path) -> Vec<[f64; 4]> {
         let total = ms(t.elapsed());
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(o.status.success(), "snas run failed: {stderr}");
-        let [net, sb, down] = parse_timings(&stderr).expect("timings line");
-        out.push([total, net, sb, down]);
+        let [net, sb, down, runsc, delete] = parse_timings(&stderr).expect("timings line");
+        // What SNAS adds in this very run: everything but runsc's own run.
+        out.push([total, net, sb, down, total - runsc, delete]);
     }
     out
 }
@@ -285,11 +296,20 @@ fn main() {
     );
     if let Some(s) = s {
         println!(
-            "| `snas run` (whole command) | {} | job network {}, sandbox {}, teardown {} |",
+            "| `snas run` (whole command) | {} | job network {}, sandbox {}, teardown {} (of which agent counters + `DELETE` {}) |",
             stats(&mut column(&s, 0)),
             stats(&mut column(&s, 1)),
             stats(&mut column(&s, 2)),
-            stats(&mut column(&s, 3))
+            stats(&mut column(&s, 3)),
+            stats(&mut column(&s, 5))
+        );
+        let mut added = column(&s, 4);
+        let plain_med = median(&mut plain.clone());
+        let added_med = median(&mut added);
+        println!(
+            "| SNAS's share of each `snas run` (total − its runsc phase) | {} | {:.1}% of plain runsc's median |",
+            stats(&mut added),
+            100.0 * added_med / plain_med
         );
     }
 }
