@@ -195,3 +195,28 @@ fn timeout_kills_the_workload_exits_124_and_leaves_nothing() {
     assert_nothing_left(&lab.state_dir, &c.report.id);
     assert!(std::fs::read_dir(&lab.state_dir).unwrap().next().is_none());
 }
+
+#[test]
+fn custom_rootfs_is_used_read_only_with_the_generated_etc_files() {
+    if !privileged() {
+        return;
+    }
+    let lab = Lab::new();
+    // The host's own root as the image: it has everything, and must stay untouched.
+    let mut opts = lab.options(&[
+        "/bin/sh",
+        "-c",
+        "cat /etc/resolv.conf; touch /snas-rootfs-probe 2>/dev/null && echo wrote || echo read-only",
+    ]);
+    opts.bundle.rootfs = snas_sandbox::bundle::Rootfs::Dir("/".into());
+    // uid 0 owns `/`, so only the read-only mount can refuse the write (no capabilities are
+    // needed for an owner's write).
+    opts.bundle.uid = 0;
+    opts.bundle.gid = 0;
+    let c = run_captured(&opts);
+    assert_eq!(c.report.termination, Termination::Exited(0), "{}", c.stderr);
+    assert!(c.stdout.contains("nameserver 203.0.113.10"), "{}", c.stdout);
+    assert!(c.stdout.contains("read-only"), "{}", c.stdout);
+    assert!(!std::path::Path::new("/snas-rootfs-probe").exists());
+    assert_nothing_left(&lab.state_dir, &c.report.id);
+}
