@@ -274,6 +274,88 @@ mod tests {
         assert_eq!(keyed("", "max"), 0);
     }
 
+    fn fake_root(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("snas-cg-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            cpus: crate::limits::MilliCpus(500),
+            memory: crate::limits::Bytes(256 << 20),
+            pids: 128,
+        }
+    }
+
+    #[test]
+    fn v2_limits_and_events_use_the_unified_files() {
+        let root = fake_root("v2");
+        std::fs::write(root.join("cgroup.controllers"), "cpu memory pids\n").unwrap();
+        let cg = Cgroup::create(&root, "t1", &limits()).unwrap();
+        assert_eq!(cg.version(), CgroupVersion::V2);
+        assert_eq!(cg.oci_path(), "/snas-t1");
+        let d = root.join("snas-t1");
+        let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+        assert_eq!(read("memory.max"), (256u64 << 20).to_string());
+        assert_eq!(read("pids.max"), "128");
+        assert_eq!(read("cpu.max"), "50000 100000");
+        std::fs::write(
+            d.join("memory.events"),
+            "low 0\nhigh 0\nmax 9\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
+        std::fs::write(d.join("pids.events"), "max 4\n").unwrap();
+        let ev = cg.events();
+        assert_eq!(
+            (ev.oom_kills, ev.memory_limit_hits, ev.pids_max_hits),
+            (1, 9, 4)
+        );
+        assert_eq!(cg.existing_dirs(), vec![d]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn v1_limits_and_events_use_the_per_controller_files() {
+        let root = fake_root("v1");
+        for c in ["memory", "pids", "cpu"] {
+            std::fs::create_dir_all(root.join(c)).unwrap();
+            std::fs::write(root.join(c).join("cgroup.procs"), "").unwrap();
+        }
+        let cg = Cgroup::create(&root, "t2", &limits()).unwrap();
+        assert_eq!(cg.version(), CgroupVersion::V1);
+        let read = |c: &str, f: &str| {
+            std::fs::read_to_string(root.join(c).join("snas-t2").join(f)).unwrap()
+        };
+        assert_eq!(
+            read("memory", "memory.limit_in_bytes"),
+            (256u64 << 20).to_string()
+        );
+        assert_eq!(read("pids", "pids.max"), "128");
+        assert_eq!(read("cpu", "cpu.cfs_quota_us"), "50000");
+        assert_eq!(read("cpu", "cpu.cfs_period_us"), "100000");
+        let m = root.join("memory").join("snas-t2");
+        std::fs::write(
+            m.join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        )
+        .unwrap();
+        std::fs::write(m.join("memory.failcnt"), "17\n").unwrap();
+        std::fs::write(
+            root.join("pids").join("snas-t2").join("pids.events"),
+            "max 3\n",
+        )
+        .unwrap();
+        let ev = cg.events();
+        assert_eq!(
+            (ev.oom_kills, ev.memory_limit_hits, ev.pids_max_hits),
+            (2, 17, 3)
+        );
+        assert_eq!(cg.existing_dirs().len(), 3);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
     #[test]
     fn v2_is_detected_only_with_memory_and_pids() {
         let d = std::env::temp_dir().join(format!("snas-cg-detect-{}", std::process::id()));
