@@ -150,3 +150,101 @@ fn an_unreachable_proxy_is_named_and_fails_the_command() {
     // No source at all is a usage error.
     snas(&["jobs", "--prefix", "snasnone0"]).code(2);
 }
+
+/// The JSON lines of an audit log (missing file: none yet).
+fn audit_lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[test]
+fn every_decision_is_an_audit_line_on_the_node_or_the_proxy() {
+    let _s = serial();
+    let tb = testbed_with_proxies();
+    let _logs = LogsOnFailure(&tb);
+    let job = Job::start(
+        &tb,
+        1,
+        &policy("acme", "[[egress]]\nhost = \"api.example.com:80\"\n"),
+    );
+    let key = job.info().job_key.clone();
+    let name = job.info().job.clone();
+    // Allowed flow, refused name (stub), tier-1 deny, tier-2 refusal (tier 1 widened).
+    let (code, body) = job.curl("http://api.example.com/");
+    assert_eq!(code, 0, "{body}");
+    let out = job.run("dig", &["+time=2", "+tries=1", "blocked.example.com"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("REFUSED"));
+    assert_refused_fast(&job, "203.0.113.20", 80);
+    snas_bpf::Tier1::open_pinned(&tb.topology().bpf_pin_dir(1))
+        .unwrap()
+        .allow_ip(
+            job.key(),
+            std::net::Ipv4Addr::new(203, 0, 113, 10),
+            &[snas_bpf::PortRule::all(snas_bpf::Proto::Any)],
+            Some(std::time::Duration::from_secs(600)),
+        )
+        .unwrap();
+    let out = job.python(
+        "import socket\ns=socket.socket(); s.settimeout(5)\ntry: s.connect(('203.0.113.10', 81))\nexcept OSError as e: print(e.errno)",
+        &[],
+    );
+    assert_eq!(out.trim(), "111");
+
+    let agent_log = tb.topology().node_dir(1).join("state").join("audit.log");
+    let proxy_logs: Vec<_> = (1..=2)
+        .map(|n| tb.topology().proxy_dir(n).join("audit.jsonl"))
+        .collect();
+    let mine = |v: &Value| {
+        v["job_key"] == key.as_str() && v["job"] == name.as_str() && v["tenant"] == "acme"
+    };
+    let find = |paths: &[std::path::PathBuf], pred: &dyn Fn(&Value) -> bool| {
+        paths
+            .iter()
+            .flat_map(|p| audit_lines(p))
+            .any(|v| mine(&v) && pred(&v))
+    };
+    let agent = [agent_log];
+    wait_until(
+        std::time::Duration::from_secs(5),
+        "agent: DNS refusal",
+        || {
+            find(&agent, &|v| {
+                v["reason"] == "dns_refused" && v["hostname"] == "blocked.example.com"
+            })
+        },
+    );
+    wait_until(
+        std::time::Duration::from_secs(5),
+        "agent: tier-1 deny",
+        || {
+            find(&agent, &|v| {
+                v["tier"] == 1 && v["reason"] == "destination_denied" && v["dst"] == "203.0.113.20"
+            })
+        },
+    );
+    wait_until(
+        std::time::Duration::from_secs(5),
+        "proxy: allowed flow",
+        || {
+            find(&proxy_logs, &|v| {
+                v["tier"] == 2
+                    && v["action"] == "allow"
+                    && v["dst"] == "203.0.113.10"
+                    && v["port"] == 80
+                    && v["hostname"] == "api.example.com"
+            })
+        },
+    );
+    wait_until(
+        std::time::Duration::from_secs(5),
+        "proxy: refused flow",
+        || {
+            find(&proxy_logs, &|v| {
+                v["tier"] == 2 && v["reason"] == "port_denied" && v["port"] == 81
+            })
+        },
+    );
+}
