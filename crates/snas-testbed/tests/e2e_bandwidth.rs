@@ -114,7 +114,8 @@ fn two_jobs_with_equal_limits_get_equal_shares() {
     let tb = testbed_with_proxies();
     let _logs = LogsOnFailure(&tb);
     let a = Job::start(&tb, 1, &policy("acme", LIMITS));
-    let b = Job::start(&tb, 2, &policy("acme", LIMITS));
+    // Both on node 1: they share its uplink (and the proxies' links).
+    let b = Job::start(&tb, 1, &policy("acme", LIMITS));
     let mut pa = a.command("python3", &["-c", PY_BULK, "down"]);
     let mut pb = b.command("python3", &["-c", PY_BULK, "down"]);
     let ca = pa.stdout(std::process::Stdio::piped()).spawn().unwrap();
