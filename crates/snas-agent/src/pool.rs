@@ -83,6 +83,11 @@ impl SubnetPool {
         self.in_use
     }
 
+    /// Whether every subnet is in use.
+    pub fn is_full(&self) -> bool {
+        self.in_use >= self.slots()
+    }
+
     /// The addresses of `slot` (whether or not it is in use).
     pub fn addrs(&self, slot: u32) -> Result<JobAddrs, PoolError> {
         if slot >= self.slots() {

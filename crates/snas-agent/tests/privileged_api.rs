@@ -198,11 +198,19 @@ fn privileged_api_creates_lists_counts_serves_policy_and_deletes() {
         (405, Some("method_not_allowed"))
     );
 
-    // Delete tears the network down.
+    // Delete ends the job at once (namespace gone); the kernel destroys the veth pair with the
+    // namespace shortly after.
     let (status, _) = agent.call("DELETE", &format!("/v1/jobs/{key}"), "");
     assert_eq!(status, 204);
     assert!(!netns_path.exists());
-    assert!(Rtnl::open().unwrap().link_index(&veth).unwrap().is_none());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while Rtnl::open().unwrap().link_index(&veth).unwrap().is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "host veth {veth} still exists 2 s after DELETE"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let (status, _) = agent.policy(&format!("/v1/jobs/{key}/policy"));
     assert_eq!(status, 404);
     let (status, _) = agent.call("DELETE", "/v1/jobs/test-2", "");
