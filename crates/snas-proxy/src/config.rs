@@ -75,6 +75,23 @@ pub struct ProxyConfig {
     /// Datagrams per `recvmmsg`/`sendmmsg` batch.
     #[serde(default = "default_batch")]
     pub batch: usize,
+    /// NAT ports (live + quarantined) one job may hold on this proxy.
+    #[serde(default = "default_max_ports_per_job")]
+    pub max_ports_per_job: u32,
+    /// NAT ports (live + quarantined) one tenant may hold on this proxy, unless `tenant_quotas`
+    /// names it.
+    #[serde(default = "default_max_ports_per_tenant")]
+    pub max_ports_per_tenant: u32,
+    /// Per-tenant port quotas by tenant name (overrides `max_ports_per_tenant`).
+    #[serde(default)]
+    pub tenant_quotas: std::collections::BTreeMap<String, u32>,
+}
+
+fn default_max_ports_per_job() -> u32 {
+    crate::nat::NatConfig::new(Vec::new()).max_ports_per_job
+}
+fn default_max_ports_per_tenant() -> u32 {
+    crate::nat::NatConfig::new(Vec::new()).max_ports_per_tenant
 }
 
 fn default_agent_policy_port() -> u16 {
@@ -188,6 +205,23 @@ impl ProxyConfig {
                 "tun_mtu",
                 format!("{} is outside 576..=65535", self.tun_mtu),
             ));
+        }
+        if self.max_ports_per_job == 0 {
+            return Err(bad("max_ports_per_job", "must be at least 1".into()));
+        }
+        if self.max_ports_per_tenant == 0 {
+            return Err(bad("max_ports_per_tenant", "must be at least 1".into()));
+        }
+        for (tenant, quota) in &self.tenant_quotas {
+            if let Err(e) = snas_policy::claims::check_tenant(tenant) {
+                return Err(bad("tenant_quotas", format!("tenant `{tenant}`: {e}")));
+            }
+            if *quota == 0 {
+                return Err(bad(
+                    "tenant_quotas",
+                    format!("tenant `{tenant}`: quota must be at least 1"),
+                ));
+            }
         }
         if self.batch == 0 || self.batch > 1024 {
             return Err(bad("batch", format!("{} is outside 1..=1024", self.batch)));

@@ -294,6 +294,10 @@ pub struct Conntrack {
     wheel: TimerWheel<(u32, u32)>,
     due: Vec<(u32, u32)>,
     nat: PortAllocator,
+    /// Flows per job that are not closed: the `max_connections` count. A closed TCP flow keeps
+    /// its entry (and NAT port) until it expires, so late ACKs and FINs still translate, but it
+    /// is no longer a connection.
+    open_by_job: std::collections::HashMap<u64, u32>,
 }
 
 /// An address as 128 bits (IPv4 as its v4-mapped form) for hashing; equality always compares
@@ -430,6 +434,7 @@ impl Conntrack {
             wheel: TimerWheel::new(cfg.expiry_granularity, span, now)?,
             due: Vec::new(),
             nat: PortAllocator::new(cfg.nat)?,
+            open_by_job: std::collections::HashMap::new(),
         })
     }
 
@@ -448,9 +453,26 @@ impl Conntrack {
         self.live == 0
     }
 
-    /// Live flows of `job` (exact; this is the `max_connections` count).
+    /// Live flows of `job`, closed TCP flows waiting to expire included (each holds a NAT port).
     pub fn live_flows_of_job(&self, job: u64) -> u32 {
         self.nat.job_usage(job).live
+    }
+
+    /// Open connections of `job`: live flows that are not closed (exact; this is the
+    /// `max_connections` count).
+    pub fn open_connections_of_job(&self, job: u64) -> u32 {
+        self.open_by_job.get(&job).copied().unwrap_or(0)
+    }
+
+    fn count_open(&mut self, job: u64, opened: bool) {
+        if opened {
+            *self.open_by_job.entry(job).or_insert(0) += 1;
+        } else if let Some(n) = self.open_by_job.get_mut(&job) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.open_by_job.remove(&job);
+            }
+        }
     }
 
     /// The flow for a packet from the sandbox.
@@ -557,7 +579,16 @@ impl Conntrack {
             ip: key.dst_ip,
             port: key.dst_port,
         };
-        let lease = match self.nat.allocate(owner, dest, limits, now) {
+        if self.open_connections_of_job(key.job) >= limits.max_connections {
+            return Open::Refused(Reason::ConnectionLimit);
+        }
+        // `max_connections` counts open connections (above); the allocator bounds NAT entries,
+        // closed flows included, through the port quotas.
+        let nat_limits = JobLimits {
+            max_connections: u32::MAX,
+            ..limits
+        };
+        let lease = match self.nat.allocate(owner, dest, nat_limits, now) {
             Allocation::Granted(l) => l,
             Allocation::Refused(r) => return Open::Refused(r),
         };
@@ -610,6 +641,7 @@ impl Conntrack {
         self.rev
             .insert_unique(hr, index, |&i| flow_rev_hash(hasher, &flows[i as usize]));
         self.live += 1;
+        self.count_open(key.job, true);
         self.wheel
             .insert(now.saturating_add(self.timeouts.of(state)), (index, timer));
         Open::Created {
@@ -667,6 +699,13 @@ impl Conntrack {
             _ => old,
         };
         f.state = new;
+        let job = f.job;
+        match (old == FlowState::TcpClosed, new == FlowState::TcpClosed) {
+            (false, true) => self.count_open(job, false),
+            (true, false) => self.count_open(job, true),
+            _ => {}
+        }
+        let f = &mut self.flows[id.index as usize];
         if timeouts.of(new) < timeouts.of(old) {
             // The pending entry is too late now: replace it.
             f.timer = f.timer.wrapping_add(1);
@@ -695,6 +734,9 @@ impl Conntrack {
         }
         if let Ok(e) = self.rev.find_entry(hr, |&i| i == index) {
             e.remove();
+        }
+        if info.state != FlowState::TcpClosed {
+            self.count_open(info.key.job, false);
         }
         let f = &mut self.flows[index as usize];
         f.live = false;
@@ -1022,6 +1064,55 @@ mod tests {
         c.remove(ids[0], secs(0));
         assert_eq!(c.live_flows_of_job(7), 2);
         created(c.open(key(IpProto::Tcp, 9), 1, lim, secs(0)));
+    }
+
+    #[test]
+    fn a_closed_connection_frees_its_max_connections_slot_but_keeps_translating() {
+        let mut c = ct();
+        let lim = JobLimits {
+            max_connections: 2,
+            max_ports_per_destination: 10,
+        };
+        let a = created(c.open(key(IpProto::Tcp, 1), 1, lim, secs(0))).0;
+        created(c.open(key(IpProto::Tcp, 2), 1, lim, secs(0)));
+        assert_eq!(
+            c.open(key(IpProto::Tcp, 3), 1, lim, secs(0)),
+            Open::Refused(Reason::ConnectionLimit)
+        );
+        // FIN both ways: closed, no longer a connection, but still translated.
+        c.observe(
+            a,
+            Direction::Original,
+            TcpFlags::FIN | TcpFlags::ACK,
+            secs(1),
+        );
+        assert_eq!(c.open_connections_of_job(7), 2);
+        c.observe(a, Direction::Reply, TcpFlags::FIN | TcpFlags::ACK, secs(1));
+        assert_eq!(c.open_connections_of_job(7), 1);
+        assert_eq!(
+            c.lookup(&key(IpProto::Tcp, 1)),
+            Some(a),
+            "late ACKs still translate"
+        );
+        assert_eq!(
+            c.live_flows_of_job(7),
+            2,
+            "the closed flow keeps its NAT port"
+        );
+        let b = created(c.open(key(IpProto::Tcp, 3), 1, lim, secs(1))).0;
+        // Reopening the closed tuple with a new SYN counts again; expiry of a closed flow
+        // does not count twice.
+        assert_eq!(
+            c.observe(a, Direction::Original, TcpFlags::SYN, secs(2)),
+            Some(FlowState::TcpSynSent)
+        );
+        assert_eq!(c.open_connections_of_job(7), 3);
+        c.observe(b, Direction::Original, TcpFlags::RST, secs(2));
+        assert_eq!(c.open_connections_of_job(7), 2);
+        c.remove(b, secs(3));
+        assert_eq!(c.open_connections_of_job(7), 2);
+        c.remove(a, secs(3));
+        assert_eq!(c.open_connections_of_job(7), 1);
     }
 
     #[test]

@@ -167,6 +167,14 @@ fn engine_config(cfg: &ProxyConfig, clock_horizon: Duration) -> Tier2Config {
         horizon: clock_horizon,
         ..PacerConfig::default()
     };
+    let nat = &mut t.conntrack.nat;
+    nat.max_ports_per_job = cfg.max_ports_per_job;
+    nat.max_ports_per_tenant = cfg.max_ports_per_tenant;
+    nat.tenant_quotas = cfg
+        .tenant_quotas
+        .iter()
+        .map(|(name, quota)| (snas_policy::identity::tenant_id(name), *quota))
+        .collect();
     t
 }
 

@@ -654,7 +654,7 @@ impl Tier2 {
             Decision::Allow { rule } => record.rule = Some(rule),
             Decision::Deny(d) => return Err(d.reason()),
         }
-        if self.conntrack.live_flows_of_job(key.job) >= policy.limits.max_connections {
+        if self.conntrack.open_connections_of_job(key.job) >= policy.limits.max_connections {
             return Err(Reason::ConnectionLimit);
         }
         let admitted = self

@@ -36,6 +36,21 @@ fn the_testbed_file_parses_with_defaults() {
     assert!(c.peers.is_empty());
     // A /28 has 14 host addresses.
     assert_eq!(c.egress_ips().len(), 14);
+    let core = snas_proxy::nat::NatConfig::new(Vec::new());
+    assert_eq!(
+        (c.max_ports_per_job, c.max_ports_per_tenant),
+        (core.max_ports_per_job, core.max_ports_per_tenant),
+        "config defaults are the NAT core's"
+    );
+    assert!(c.tenant_quotas.is_empty());
+}
+
+#[test]
+fn every_deployed_example_config_parses() {
+    let root =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/systemd/proxy.toml.example");
+    let text = std::fs::read_to_string(&root).unwrap();
+    ProxyConfig::parse(&text, &root).unwrap();
 }
 
 #[test]
@@ -72,6 +87,14 @@ fn unusable_values_name_field_and_reason() {
             "peer_secret_file",
         ),
         (format!("{TESTBED}tun_mtu = 100\n"), "tun_mtu"),
+        (
+            format!("{TESTBED}max_ports_per_tenant = 0\n"),
+            "max_ports_per_tenant",
+        ),
+        (
+            format!("{TESTBED}[tenant_quotas]\n\"Not A Tenant\" = 5\n"),
+            "tenant_quotas",
+        ),
     ];
     for (text, field) in cases {
         match ProxyConfig::parse(&text, Path::new("p.toml")) {

@@ -87,7 +87,6 @@ fn max_connections_admits_exactly_the_limit() {
 }
 
 #[test]
-#[ignore = "proxy bug found here: closed TCP flows count against max_connections until they expire (30-60 s)"]
 fn a_cleanly_closed_connection_frees_its_max_connections_slot() {
     let _s = serial();
     let tb = testbed_with_proxies();
@@ -233,15 +232,14 @@ fn a_job_at_its_port_cap_does_not_stop_another_tenant() {
 }
 
 #[test]
-#[ignore = "needs `max_ports_per_tenant` in proxy.toml (the proxy's NAT core has the quota; its config does not expose it yet)"]
 fn one_tenant_exhausting_its_port_quota_does_not_stop_another_tenant() {
     let _s = serial();
     let tb = testbed_with_proxies();
     let _logs = LogsOnFailure(&tb);
-    // Proxy 1 with a tenant quota of 8 ports; proxy 2 out of the way.
+    // Proxy 1 with a quota of 8 ports for tenant-a only; proxy 2 out of the way.
     std::fs::write(
         snas_testbed::daemons::proxy_extra_config(tb.topology(), 1),
-        "max_ports_per_tenant = 8\n",
+        "[tenant_quotas]\ntenant-a = 8\n",
     )
     .unwrap();
     tb.stop_proxy(1);
