@@ -35,7 +35,10 @@ pub fn run(args: AgentArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(snas_agent::serve(config, super::shutdown_signal("snas agent"))) {
+    match runtime.block_on(snas_agent::serve(
+        config,
+        super::shutdown_signal("snas agent"),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("snas agent: {e}");
