@@ -28,7 +28,7 @@
 //! - ICMP echo is not a policy protocol: new ICMP flows are dropped (`port_denied`).
 //! - ICMP errors from the internet about a tracked flow are dropped (`malformed`) for now.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
 use std::sync::Arc;
@@ -297,7 +297,6 @@ struct JobState {
     node: Ipv4Addr,
     option: SnasOption,
     inner_v6: bool,
-    egress_bps: Bps,
     ingress_bps: Bps,
     last_active: Nanos,
 }
@@ -306,7 +305,8 @@ struct JobState {
 #[derive(Debug)]
 pub struct Tier2 {
     cfg: Tier2Config,
-    nodes: HashSet<Ipv4Addr>,
+    /// Trusted node addresses, sorted (binary search: cheaper per packet than hashing).
+    nodes: Vec<Ipv4Addr>,
     conntrack: Conntrack,
     egress_pacer: Pacer,
     ingress_pacer: Pacer,
@@ -362,7 +362,12 @@ impl Tier2 {
     /// A new engine.
     pub fn new(cfg: Tier2Config, now: Nanos) -> Result<Tier2, Tier2Error> {
         Ok(Tier2 {
-            nodes: cfg.nodes.iter().copied().collect(),
+            nodes: {
+                let mut n = cfg.nodes.clone();
+                n.sort_unstable();
+                n.dedup();
+                n
+            },
             conntrack: Conntrack::new(cfg.conntrack.clone(), now)?,
             egress_pacer: Pacer::new(cfg.pacer)?,
             ingress_pacer: Pacer::new(cfg.pacer)?,
@@ -436,7 +441,7 @@ impl Tier2 {
         refusal: &mut [u8],
         now: Now,
     ) -> Verdict {
-        if !self.nodes.contains(&outer_src) {
+        if self.nodes.binary_search(&outer_src).is_err() {
             return self.drop(Reason::UntrustedSource);
         }
         let g = match parse_payload(payload) {
@@ -471,7 +476,7 @@ impl Tier2 {
 
         let start = g.inner_offset;
         let (tenant_egress, _) = self.tenant_cap(opt.tenant_id);
-        let job_rate = self.job_state(policy, opt, outer_src, g.inner_proto, now.mono);
+        let job_rate = Bps(policy.limits.egress_bps.0);
         let len = payload.len() - start;
         let mut packet = match NatPacket::parse(&mut payload[start..]) {
             Ok(p) => p,
@@ -498,7 +503,11 @@ impl Tier2 {
                 }
             }
             None => match self.admit(policy, opt, &key, tuple.proto, flags, now) {
-                Ok(nat) => nat,
+                Ok(nat) => {
+                    // Where replies go: learnt when a flow opens (a job lives on one node).
+                    self.job_state(policy, opt, outer_src, g.inner_proto, now.mono);
+                    nat
+                }
                 Err(reason) => {
                     let offending = packet.as_bytes();
                     return self.refuse(reason, outer_src, opt, g.inner_proto, offending, refusal);
@@ -531,7 +540,7 @@ impl Tier2 {
         }
     }
 
-    /// Records where the job's replies go (its node and option) and returns its egress rate.
+    /// Records where the job's replies go (its node and option) and its ingress rate.
     fn job_state(
         &mut self,
         policy: &JobPolicy,
@@ -539,24 +548,15 @@ impl Tier2 {
         node: Ipv4Addr,
         inner: InnerProto,
         now: Nanos,
-    ) -> Bps {
-        let l = &policy.limits;
-        let state = self.jobs.entry(opt.job_key).or_insert_with(|| JobState {
+    ) {
+        let state = JobState {
             node,
             option: opt,
             inner_v6: inner == InnerProto::Ipv6,
-            egress_bps: Bps(l.egress_bps.0),
-            ingress_bps: Bps(l.ingress_bps.0),
+            ingress_bps: Bps(policy.limits.ingress_bps.0),
             last_active: now,
-        });
-        // A live policy update may change rates; the node may change on rescheduling.
-        state.node = node;
-        state.option = opt;
-        state.inner_v6 = inner == InnerProto::Ipv6;
-        state.egress_bps = Bps(l.egress_bps.0);
-        state.ingress_bps = Bps(l.ingress_bps.0);
-        state.last_active = now;
-        state.egress_bps
+        };
+        self.jobs.insert(opt.job_key, state);
     }
 
     /// The policy decision for a destination: via the names bound to it, else by address.
