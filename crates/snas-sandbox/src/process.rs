@@ -254,7 +254,13 @@ mod tests {
     fn processes_are_found_by_an_argument() {
         let tag = format!("snas-sandbox-test-{}", std::process::id());
         let mut c = Command::new("sleep").arg("5").arg0(&tag).spawn().unwrap();
-        let found = pids_with_arg(&tag);
+        // Right after fork the child's cmdline is still the parent's until execve completes.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut found = pids_with_arg(&tag);
+        while found.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            found = pids_with_arg(&tag);
+        }
         c.kill().unwrap();
         c.wait().unwrap();
         assert_eq!(found, vec![c.id() as i32]);
