@@ -55,6 +55,28 @@ static __always_inline int ports_match(const struct dst_val *v, const struct pkt
 	return 0;
 }
 
+/* Weighs one destination entry (exact IP or CIDR; NULL or expired counts as absent): returns 0
+ * when it allows the packet's port, else 1 after updating `*found` and `*reason`. An
+ * always-denied (`priv`) destination is opened only by an entry with DST_F_ALLOW_PRIVATE.
+ * Shared by the IPv4 and IPv6 checks, which look the CIDR map up only if the exact entry did
+ * not already allow the packet. */
+static __always_inline int dst_entry(const struct dst_val *v, const struct pkt *p, __u64 now,
+				     int priv, int *found, int *reason)
+{
+	if (!v || (v->expires_ns != 0 && now >= v->expires_ns))
+		return 1;
+	if (priv && !(v->flags & DST_F_ALLOW_PRIVATE)) {
+		if (!*found)
+			*reason = SNAS_DROP_ALWAYS_DENIED;
+	} else if (ports_match(v, p)) {
+		return 0;
+	} else {
+		*reason = SNAS_DROP_PORT_DENIED;
+	}
+	*found = 1;
+	return 1;
+}
+
 /* Returns 0 when allowed, else the drop reason. */
 static __always_inline int policy_check(__u64 job_key, const struct pkt *p, __u64 now)
 {
@@ -66,31 +88,14 @@ static __always_inline int policy_check(__u64 job_key, const struct pkt *p, __u6
 		.job_lo = bpf_htonl((__u32)job_key),
 		.ip = p->daddr,
 	};
-	struct dst_val *v;
 	int found = 0, reason = SNAS_DROP_DESTINATION_DENIED;
 
-	v = bpf_map_lookup_elem(&snas_dst_exact, &dk);
-	if (v && (v->expires_ns == 0 || now < v->expires_ns)) {
-		found = 1;
-		if (priv && !(v->flags & DST_F_ALLOW_PRIVATE))
-			reason = SNAS_DROP_ALWAYS_DENIED;
-		else if (ports_match(v, p))
-			return 0;
-		else
-			reason = SNAS_DROP_PORT_DENIED;
-	}
-	v = bpf_map_lookup_elem(&snas_dst_cidr, &ck);
-	if (v && (v->expires_ns == 0 || now < v->expires_ns)) {
-		if (priv && !(v->flags & DST_F_ALLOW_PRIVATE)) {
-			if (!found)
-				reason = SNAS_DROP_ALWAYS_DENIED;
-		} else if (ports_match(v, p)) {
-			return 0;
-		} else {
-			reason = SNAS_DROP_PORT_DENIED;
-		}
-		found = 1;
-	}
+	if (!dst_entry(bpf_map_lookup_elem(&snas_dst_exact, &dk), p, now, priv, &found,
+		       &reason))
+		return 0;
+	if (!dst_entry(bpf_map_lookup_elem(&snas_dst_cidr, &ck), p, now, priv, &found,
+		       &reason))
+		return 0;
 	if (!found && priv)
 		reason = SNAS_DROP_ALWAYS_DENIED;
 	return reason;
@@ -133,33 +138,16 @@ static __always_inline int policy_check6(__u64 job_key, const struct pkt *p, __u
 		.job_hi = bpf_htonl(job_key >> 32),
 		.job_lo = bpf_htonl((__u32)job_key),
 	};
-	struct dst_val *v;
-	int found = 0, reason = SNAS_DROP_DESTINATION_DENIED;
-
 	__builtin_memcpy(dk.ip, p->daddr6, 16);
 	__builtin_memcpy(ck.ip, p->daddr6, 16);
-	v = bpf_map_lookup_elem(&snas_dst6_exact, &dk);
-	if (v && (v->expires_ns == 0 || now < v->expires_ns)) {
-		found = 1;
-		if (priv && !(v->flags & DST_F_ALLOW_PRIVATE))
-			reason = SNAS_DROP_ALWAYS_DENIED;
-		else if (ports_match(v, p))
-			return 0;
-		else
-			reason = SNAS_DROP_PORT_DENIED;
-	}
-	v = bpf_map_lookup_elem(&snas_dst6_cidr, &ck);
-	if (v && (v->expires_ns == 0 || now < v->expires_ns)) {
-		if (priv && !(v->flags & DST_F_ALLOW_PRIVATE)) {
-			if (!found)
-				reason = SNAS_DROP_ALWAYS_DENIED;
-		} else if (ports_match(v, p)) {
-			return 0;
-		} else {
-			reason = SNAS_DROP_PORT_DENIED;
-		}
-		found = 1;
-	}
+	int found = 0, reason = SNAS_DROP_DESTINATION_DENIED;
+
+	if (!dst_entry(bpf_map_lookup_elem(&snas_dst6_exact, &dk), p, now, priv, &found,
+		       &reason))
+		return 0;
+	if (!dst_entry(bpf_map_lookup_elem(&snas_dst6_cidr, &ck), p, now, priv, &found,
+		       &reason))
+		return 0;
 	if (!found && priv)
 		reason = SNAS_DROP_ALWAYS_DENIED;
 	return reason;
