@@ -157,14 +157,48 @@ static __always_inline int drop(__u64 job_key, __u32 reason, __u32 len)
 /* IPv6 from a job whose policy has IPv6 rules. Same pipeline as IPv4 with these
  * differences: no DNS capture (DNS over IPv6 is denied, resolvers fall back to the IPv4 stub),
  * and neighbour and router solicitations/advertisements go to the host. */
+/* The end of the allowed path, shared by IPv4 and IPv6: the flow's proxy must be alive, the
+ * encapsulated packet must fit the uplink, EDT stamps the departure (or drops beyond the
+ * horizon), then GENEVE encapsulation toward the proxy and redirect to the uplink. */
+static __always_inline int forward_to_proxy(struct __sk_buff *skb, const struct job_cfg *cfg,
+					    struct job_state *st, __u32 proxy_idx, __u32 hash,
+					    __u32 len, __u64 now, __u16 ethertype)
+{
+	__u64 job = cfg->job_key, tstamp = 0;
+	struct proxy *px = proxy_alive(proxy_idx);
+	int reason;
+
+	if (!px)
+		return drop(job, SNAS_DROP_NO_PROXY, len);
+
+	/* Super-packets (TCP GSO) are split after encapsulation; their segments fit. */
+	if (!skb->gso_segs || skb->gso_segs == 1) {
+		if (len - L3_OFF + GENEVE_OVERHEAD > cfg_uplink_mtu)
+			return drop(job, SNAS_DROP_MTU_EXCEEDED, len);
+	}
+
+	reason = edt_stamp(st, cfg, len - L3_OFF, now, &tstamp);
+	if (reason)
+		return drop(job, reason, len);
+
+	reason = geneve_encap(skb, cfg, px->ip, hash, len - L3_OFF, ethertype);
+	if (reason)
+		return drop(job, reason, len);
+	if (tstamp)
+		bpf_skb_set_tstamp(skb, tstamp, BPF_SKB_TSTAMP_DELIVERY_MONO);
+
+	count(job, 0, 0, len);
+	debug_redirect(cfg_uplink_ifindex, 2, proxy_idx, hash);
+	return bpf_redirect_neigh(cfg_uplink_ifindex, NULL, 0, 0);
+}
+
 static __always_inline int sandbox_ipv6(struct __sk_buff *skb, const struct job_cfg *cfg,
 					__u32 ifindex, __u32 len)
 {
-	__u64 job = cfg->job_key, now, tstamp;
+	__u64 job = cfg->job_key, now;
 	struct job_state *st;
 	struct pkt p = {};
 	__u32 hash, proxy_idx = 0;
-	struct proxy *px;
 	int reason;
 
 	reason = parse_ipv6(skb, &p);
@@ -204,24 +238,7 @@ static __always_inline int sandbox_ipv6(struct __sk_buff *skb, const struct job_
 	reason = flow_admit6(st, cfg, ifindex, &p, hash, now, &proxy_idx);
 	if (reason)
 		return drop(job, reason, len);
-	px = proxy_alive(proxy_idx);
-	if (!px)
-		return drop(job, SNAS_DROP_NO_PROXY, len);
-	if (!skb->gso_segs || skb->gso_segs == 1) {
-		if (len - L3_OFF + GENEVE_OVERHEAD > cfg_uplink_mtu)
-			return drop(job, SNAS_DROP_MTU_EXCEEDED, len);
-	}
-	reason = edt_stamp(st, cfg, len - L3_OFF, now, &tstamp);
-	if (reason)
-		return drop(job, reason, len);
-	reason = geneve_encap(skb, cfg, px->ip, hash, len - L3_OFF, ETH_P_IPV6);
-	if (reason)
-		return drop(job, reason, len);
-	if (tstamp)
-		bpf_skb_set_tstamp(skb, tstamp, BPF_SKB_TSTAMP_DELIVERY_MONO);
-	count(job, 0, 0, len);
-	debug_redirect(cfg_uplink_ifindex, 2, proxy_idx, hash);
-	return bpf_redirect_neigh(cfg_uplink_ifindex, NULL, 0, 0);
+	return forward_to_proxy(skb, cfg, st, proxy_idx, hash, len, now, ETH_P_IPV6);
 }
 
 SEC("tc")
@@ -233,9 +250,8 @@ int snas_sandbox_ingress(struct __sk_buff *skb)
 	void *data, *data_end;
 	struct ethhdr *eth;
 	struct pkt p = {};
-	__u64 job, now, tstamp;
+	__u64 job, now;
 	__u32 hash, proxy_idx = 0;
-	struct proxy *px;
 	int reason;
 
 	if (!cfg)
@@ -317,27 +333,5 @@ int snas_sandbox_ingress(struct __sk_buff *skb)
 	reason = flow_admit(st, cfg, ifindex, &p, hash, now, &proxy_idx);
 	if (reason)
 		return drop(job, reason, len);
-	px = proxy_alive(proxy_idx);
-	if (!px)
-		return drop(job, SNAS_DROP_NO_PROXY, len);
-
-	/* Super-packets (TCP GSO) are split after encapsulation; their segments fit. */
-	if (!skb->gso_segs || skb->gso_segs == 1) {
-		if (len - L3_OFF + GENEVE_OVERHEAD > cfg_uplink_mtu)
-			return drop(job, SNAS_DROP_MTU_EXCEEDED, len);
-	}
-
-	reason = edt_stamp(st, cfg, len - L3_OFF, now, &tstamp);
-	if (reason)
-		return drop(job, reason, len);
-
-	reason = geneve_encap(skb, cfg, px->ip, hash, len - L3_OFF, ETH_P_IP);
-	if (reason)
-		return drop(job, reason, len);
-	if (tstamp)
-		bpf_skb_set_tstamp(skb, tstamp, BPF_SKB_TSTAMP_DELIVERY_MONO);
-
-	count(job, 0, 0, len);
-	debug_redirect(cfg_uplink_ifindex, 2, proxy_idx, hash);
-	return bpf_redirect_neigh(cfg_uplink_ifindex, NULL, 0, 0);
+	return forward_to_proxy(skb, cfg, st, proxy_idx, hash, len, now, ETH_P_IP);
 }
