@@ -25,20 +25,61 @@ struct rst_l3 {
 	struct tcphdr tcp;
 };
 
-/* Turns a denied TCP SYN into the RST|ACK that RFC 793 prescribes for a segment without
- * ACK (SEQ=0, ACK=SEG.SEQ+SEG.LEN) and sends it back into the sandbox. */
-static __always_inline int reply_rst(struct __sk_buff *skb, const struct pkt *p)
+struct rst6_l3 {
+	struct ipv6hdr ip6;
+	struct tcphdr tcp;
+};
+
+/* The frame's MACs swapped, for an answer that goes back where the frame came from. */
+static __always_inline int swapped_macs(struct __sk_buff *skb, __u8 macs[2 * ETH_ALEN])
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	__builtin_memcpy(macs, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(macs + ETH_ALEN, eth->h_dest, ETH_ALEN);
+	return 0;
+}
+
+/* The RST|ACK that RFC 793 prescribes for a segment without ACK (SEQ=0,
+ * ACK=SEG.SEQ+SEG.LEN), checksum left to the caller. */
+static __always_inline void rst_for_syn(struct tcphdr *tcp, const struct pkt *p)
+{
+	tcp->source = bpf_htons(p->dport);
+	tcp->dest = bpf_htons(p->sport);
+	tcp->seq = 0;
+	tcp->ack_seq = bpf_htonl(p->tcp_seq + 1 + p->l4_payload);
+	tcp->doff = 5;
+	tcp->rst = 1;
+	tcp->ack = 1;
+}
+
+/* Replaces the frame with `macs` + the `l3_len` bytes at `l3` and sends it back into the
+ * sandbox (egress of the host veth). */
+static __always_inline int send_back(struct __sk_buff *skb, const __u8 macs[2 * ETH_ALEN],
+				     const void *l3, __u32 l3_len)
+{
+	if (bpf_skb_change_tail(skb, L3_OFF + l3_len, 0))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, 0, macs, 2 * ETH_ALEN, 0))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, L3_OFF, l3, l3_len, 0))
+		return TC_ACT_SHOT;
+	debug_redirect(skb->ifindex, 1, 0, 0);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* Turns a denied TCP SYN into its RST|ACK and sends it back into the sandbox. */
+static __always_inline int reply_rst(struct __sk_buff *skb, const struct pkt *p)
+{
 	struct rst_l3 f = {};
 	__u8 macs[2 * ETH_ALEN];
 
-	if ((void *)(eth + 1) > data_end)
+	if (swapped_macs(skb, macs))
 		return TC_ACT_SHOT;
-	__builtin_memcpy(macs, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(macs + ETH_ALEN, eth->h_dest, ETH_ALEN);
 	f.ip.version = 4;
 	f.ip.ihl = 5;
 	f.ip.tot_len = bpf_htons(sizeof(struct iphdr) + sizeof(struct tcphdr));
@@ -47,66 +88,28 @@ static __always_inline int reply_rst(struct __sk_buff *skb, const struct pkt *p)
 	f.ip.saddr = p->daddr;
 	f.ip.daddr = p->saddr;
 	f.ip.check = ipv4_csum(&f.ip);
-	f.tcp.source = bpf_htons(p->dport);
-	f.tcp.dest = bpf_htons(p->sport);
-	f.tcp.seq = 0;
-	f.tcp.ack_seq = bpf_htonl(p->tcp_seq + 1 + p->l4_payload);
-	f.tcp.doff = 5;
-	f.tcp.rst = 1;
-	f.tcp.ack = 1;
+	rst_for_syn(&f.tcp, p);
 	f.tcp.check = tcp_csum_nopayload(f.ip.saddr, f.ip.daddr, &f.tcp);
-
-	if (bpf_skb_change_tail(skb, L3_OFF + sizeof(f), 0))
-		return TC_ACT_SHOT;
-	if (bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0))
-		return TC_ACT_SHOT;
-	if (bpf_skb_store_bytes(skb, L3_OFF, &f, sizeof(f), 0))
-		return TC_ACT_SHOT;
-	debug_redirect(skb->ifindex, 1, 0, 0);
-	return bpf_redirect(skb->ifindex, 0);
+	return send_back(skb, macs, &f, sizeof(f));
 }
-
-struct rst6_l3 {
-	struct ipv6hdr ip6;
-	struct tcphdr tcp;
-};
 
 /* reply_rst for IPv6: the same RST|ACK with the addresses swapped, hop limit 64. */
 static __always_inline int reply_rst6(struct __sk_buff *skb, const struct pkt *p)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
 	struct rst6_l3 f = {};
 	__u8 macs[2 * ETH_ALEN];
 
-	if ((void *)(eth + 1) > data_end)
+	if (swapped_macs(skb, macs))
 		return TC_ACT_SHOT;
-	__builtin_memcpy(macs, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(macs + ETH_ALEN, eth->h_dest, ETH_ALEN);
 	f.ip6.version = 6;
 	f.ip6.payload_len = bpf_htons(sizeof(struct tcphdr));
 	f.ip6.nexthdr = IPPROTO_TCP;
 	f.ip6.hop_limit = 64;
 	__builtin_memcpy(&f.ip6.saddr, p->daddr6, 16);
 	__builtin_memcpy(&f.ip6.daddr, p->saddr6, 16);
-	f.tcp.source = bpf_htons(p->dport);
-	f.tcp.dest = bpf_htons(p->sport);
-	f.tcp.seq = 0;
-	f.tcp.ack_seq = bpf_htonl(p->tcp_seq + 1 + p->l4_payload);
-	f.tcp.doff = 5;
-	f.tcp.rst = 1;
-	f.tcp.ack = 1;
+	rst_for_syn(&f.tcp, p);
 	f.tcp.check = tcp6_csum_nopayload(p->daddr6, p->saddr6, &f.tcp);
-
-	if (bpf_skb_change_tail(skb, L3_OFF + sizeof(f), 0))
-		return TC_ACT_SHOT;
-	if (bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0))
-		return TC_ACT_SHOT;
-	if (bpf_skb_store_bytes(skb, L3_OFF, &f, sizeof(f), 0))
-		return TC_ACT_SHOT;
-	debug_redirect(skb->ifindex, 1, 0, 0);
-	return bpf_redirect(skb->ifindex, 0);
+	return send_back(skb, macs, &f, sizeof(f));
 }
 
 /* Rewrites the destination of a DNS query to the job's stub (gateway_ip:dns_port) and lets
