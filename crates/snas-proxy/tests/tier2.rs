@@ -122,6 +122,35 @@ impl Fixture {
     }
 }
 
+impl Fixture {
+    /// Hands `inner` (a packet from the internet) to tier 2 with room for the GENEVE header in
+    /// front; returns the verdict and the buffer it refers to.
+    fn receive(&mut self, inner: &[u8]) -> (Verdict, Vec<u8>) {
+        let mut buf = vec![0u8; GENEVE_HEADER_LEN + inner.len()];
+        buf[GENEVE_HEADER_LEN..].copy_from_slice(inner);
+        let n = buf.len();
+        let now = self.now();
+        let v = self
+            .tier2
+            .from_internet(&mut buf, GENEVE_HEADER_LEN..n, now);
+        (v, buf)
+    }
+}
+
+/// The SYN-ACK api.example.com:443 sends to the egress tuple of a flow.
+fn synack_to(egress_port: u16) -> Vec<u8> {
+    tcp(&TcpSpec {
+        src: SocketAddr::new(API, 443),
+        dst: SocketAddr::new(EGRESS, egress_port),
+        seq: 5000,
+        ack: 1001,
+        flags: TcpFlags::SYN | TcpFlags::ACK,
+        window: 65535,
+        payload: &[],
+    })
+    .unwrap()
+}
+
 fn syn(src_port: u16, dst: IpAddr, dst_port: u16) -> Vec<u8> {
     tcp(&TcpSpec {
         src: SocketAddr::new(SANDBOX, src_port),
@@ -180,24 +209,7 @@ fn allowed_flow_is_snated_and_reply_goes_back_to_its_node() {
     assert_eq!(audit[0].egress, Some((EGRESS, egress_port)));
 
     // The SYN-ACK from the internet is reverse-NATed and put behind a GENEVE header for NODE.
-    let synack = tcp(&TcpSpec {
-        src: SocketAddr::new(API, 443),
-        dst: SocketAddr::new(EGRESS, egress_port),
-        seq: 5000,
-        ack: 1001,
-        flags: TcpFlags::SYN | TcpFlags::ACK,
-        window: 65535,
-        payload: &[],
-    })
-    .unwrap();
-    let mut buf = vec![0u8; GENEVE_HEADER_LEN + synack.len()];
-    buf[GENEVE_HEADER_LEN..].copy_from_slice(&synack);
-    let now = f.now();
-    let v = f.tier2.from_internet(
-        &mut buf,
-        GENEVE_HEADER_LEN..GENEVE_HEADER_LEN + synack.len(),
-        now,
-    );
+    let (v, buf) = f.receive(&synack_to(egress_port));
     let Verdict::ToNode { node, range, .. } = v else {
         panic!("expected ToNode, got {v:?}")
     };
@@ -385,21 +397,7 @@ fn max_connections_is_exact_and_new_connection_rate_refills() {
             .flow_tuple()
             .unwrap()
             .src_port;
-        let synack = tcp(&TcpSpec {
-            src: SocketAddr::new(API, 443),
-            dst: SocketAddr::new(EGRESS, egress_port),
-            seq: 5000,
-            ack: 1001,
-            flags: TcpFlags::SYN | TcpFlags::ACK,
-            window: 65535,
-            payload: &[],
-        })
-        .unwrap();
-        let mut buf = vec![0u8; GENEVE_HEADER_LEN + synack.len()];
-        buf[GENEVE_HEADER_LEN..].copy_from_slice(&synack);
-        let n = buf.len();
-        let now = f.now();
-        let v = f.tier2.from_internet(&mut buf, GENEVE_HEADER_LEN..n, now);
+        let (v, _) = f.receive(&synack_to(egress_port));
         assert!(matches!(v, Verdict::ToNode { .. }), "{v:?}");
     }
     // A retransmitted SYN of an existing flow is not a new connection.
@@ -591,15 +589,10 @@ fn reply_without_a_flow_is_dropped() {
         payload: &[],
     })
     .unwrap();
-    let mut buf = vec![0u8; GENEVE_HEADER_LEN + stray.len()];
-    buf[GENEVE_HEADER_LEN..].copy_from_slice(&stray);
-    let now = f.now();
-    let n = buf.len();
-    assert_eq!(
-        f.tier2.from_internet(&mut buf, GENEVE_HEADER_LEN..n, now),
-        Verdict::Drop(Reason::NoConntrack)
-    );
+    let (v, mut buf) = f.receive(&stray);
+    assert_eq!(v, Verdict::Drop(Reason::NoConntrack));
     // No headroom for the overlay header: refused as malformed, never a panic.
+    let (now, n) = (f.now(), buf.len());
     assert_eq!(
         f.tier2.from_internet(&mut buf, 0..n, now),
         Verdict::Drop(Reason::Malformed)
