@@ -16,6 +16,7 @@
 //! - [`keys`], [`bundle`], [`bundle_fs`]: Ed25519 keys, trust bundles.
 //! - [`jws`]: [`sign`] and [`verify`].
 //! - [`matcher`]: [`compile`] → [`Matcher`] → [`Decision`].
+//! - `synthetic` (hidden): the 10,000-rule benchmark policy and its lookup probes.
 //!
 //! # Flow
 //! ```text
@@ -36,6 +37,8 @@ pub mod limits;
 pub mod matcher;
 pub mod ranges;
 pub mod rules;
+#[doc(hidden)]
+pub mod synthetic;
 pub mod units;
 
 pub use authoring::{parse_policy, parse_policy_bytes, CheckError, CheckErrors, MAX_INPUT};

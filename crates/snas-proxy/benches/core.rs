@@ -1,117 +1,30 @@
 //! Benchmarks of the proxy core: conntrack lookup, new flow (insert + port allocation) with 1M
-//! live flows, and pacer enqueue + dequeue. Also prints the memory of 1M live flows (computed
-//! from table capacities, and the process RSS growth) for two destination mixes.
+//! live flows, and pacer enqueue + dequeue. The flows are `snas_proxy::synthetic`; their memory
+//! (100k and 1M flows, two destination mixes) is measured by `snas-bench scale`.
 //!
 //! Run: `cargo bench -p snas-proxy --bench core` (add `-- --quick` for a short run).
 
 use std::hint::black_box;
-use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use criterion::{criterion_group, BatchSize, Criterion, Throughput};
 use snas_proxy::clock::Nanos;
-use snas_proxy::conntrack::{Conntrack, ConntrackConfig, Direction, FlowKey, Open, TcpFlags};
-use snas_proxy::nat::{IpProto, JobLimits};
+use snas_proxy::conntrack::{Conntrack, Direction, FlowKey, Open, TcpFlags};
 use snas_proxy::pacer::{Bps, PacedQueue, PacerConfig, PacingKey, PacingRates};
+use snas_proxy::synthetic::{self, WIDE};
 
 const FLOWS: u32 = 1_000_000;
-const EGRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
-const WIDE: JobLimits = JobLimits {
-    max_connections: u32::MAX,
-    max_ports_per_destination: u32::MAX,
-};
 
-/// A documentation-range address by index (768 of them).
-fn doc_ip(i: u32) -> IpAddr {
-    let (net, host) = (i / 256 % 3, (i % 256) as u8);
-    IpAddr::V4(match net {
-        0 => Ipv4Addr::new(192, 0, 2, host),
-        1 => Ipv4Addr::new(198, 51, 100, host),
-        _ => Ipv4Addr::new(203, 0, 113, host),
-    })
-}
-
-/// Flow `i` of a fleet of 1000 jobs, each talking to `dests` destinations in total.
 fn key(i: u32, distinct_dests: bool) -> FlowKey {
-    let job = u64::from(i % 1000);
-    let (dst_ip, dst_port) = if distinct_dests {
-        (doc_ip(i % 768), (i / 768) as u16 + 1)
-    } else {
-        (doc_ip(i % 400), 443)
-    };
-    FlowKey {
-        job: job.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-        proto: IpProto::Tcp,
-        src_ip: IpAddr::V4(Ipv4Addr::new(10, 0, (job / 256) as u8, (job % 256) as u8)),
-        src_port: (i / 1000) as u16 + 1024,
-        dst_ip,
-        dst_port,
-    }
+    synthetic::flow_key(i, distinct_dests)
 }
 
 fn tracker() -> Conntrack {
-    let mut cfg = ConntrackConfig::new(vec![EGRESS]);
-    cfg.max_flows = 2 * FLOWS;
-    cfg.nat.max_ports_per_job = u32::MAX;
-    cfg.nat.max_ports_per_tenant = u32::MAX;
-    Conntrack::new(cfg, Nanos::ZERO).expect("valid config")
+    synthetic::tracker(2 * FLOWS).expect("valid config")
 }
 
 fn fill(ct: &mut Conntrack, n: u32, distinct_dests: bool) {
-    for i in 0..n {
-        let k = key(i, distinct_dests);
-        match ct.open(k, i % 10, WIDE, Nanos::ZERO) {
-            Open::Created { id, .. } => {
-                ct.observe(
-                    id,
-                    Direction::Reply,
-                    TcpFlags::SYN | TcpFlags::ACK,
-                    Nanos::ZERO,
-                );
-            }
-            other => panic!("flow {i}: {other:?}"),
-        }
-    }
-}
-
-fn rss_bytes() -> usize {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<usize>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
-fn print_memory() {
-    println!("flow slab entry: {} B", Conntrack::FLOW_ENTRY_BYTES);
-    for (name, distinct) in [
-        ("400 destinations", false),
-        ("1M distinct destinations", true),
-    ] {
-        let before = rss_bytes();
-        let mut ct = tracker();
-        fill(&mut ct, FLOWS, distinct);
-        let after = rss_bytes();
-        let m = ct.memory();
-        println!(
-            "1M flows, {name}: computed {:.1} MiB = {} B/flow (slab {} B, fwd {} B, rev {} B, \
-             expiry {} B, nat {} B per flow); RSS growth {:.1} MiB = {} B/flow",
-            m.total() as f64 / (1 << 20) as f64,
-            m.bytes_per_flow(),
-            m.slab / m.flows,
-            m.forward_table / m.flows,
-            m.reply_table / m.flows,
-            m.expiry / m.flows,
-            m.nat / m.flows,
-            after.saturating_sub(before) as f64 / (1 << 20) as f64,
-            after.saturating_sub(before) / FLOWS as usize,
-        );
-        drop(black_box(ct));
-    }
+    synthetic::fill(ct, n, distinct_dests).unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// The same lookup with 1000 live flows: everything in cache, so this is the hashing and probing
@@ -227,7 +140,6 @@ criterion_group! {
 }
 
 fn main() {
-    print_memory();
     benches();
     Criterion::default().configure_from_args().final_summary();
 }

@@ -15,6 +15,7 @@
 //! - [`tier2`]: the per-packet pipeline in both directions — GENEVE receive rules, the job's
 //!   verified policy, new-flow admission, NAT, pacing, refusals and audit records.
 //! - [`gso`]: software segmentation of TCP super-packets (pure).
+//! - `synthetic` (hidden): the benchmark flow fleets.
 //!
 //! The daemon (`snas proxy`, operator doc `docs/proxy.md`):
 //! - [`config`]: the `proxy.toml` schema.
@@ -41,6 +42,8 @@ pub mod nat;
 pub mod pacer;
 pub mod policy_fetch;
 pub mod resolver;
+#[doc(hidden)]
+pub mod synthetic;
 pub mod tier2;
 pub mod token_bucket;
 #[allow(unsafe_code)]
