@@ -21,6 +21,8 @@ PACKAGES=(
   iproute2 ethtool nftables  # job namespaces, veths, offloads, the kernel baseline
   runsc                   # gVisor sandboxes
   curl dnsutils python3 procps  # tools the end-to-end tests run inside jobs
+  squid                   # the squid baseline of snas-bench (started only by the benchmark)
+  fonts-dejavu-core       # the font of snas-bench's PNG charts
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -29,6 +31,13 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # Packages with services (squid) must not start them: the benchmark runs its own squid in a
+  # namespace. policy-rc.d is Debian's switch for that; ours is removed right after.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else

@@ -1,0 +1,604 @@
+//! The workload programs every path runs: the same code, started as `snas-bench client …` inside
+//! the path's environment (a plain namespace, a SNAS job namespace, or a gVisor sandbox), prints
+//! one result line on stdout that the orchestrator parses.
+//!
+//! Owns the client side of the four measurements: request/response latency over one
+//! connection (like netperf TCP_RR), connect + request + close (TCP_CRR), bulk transfer with one
+//! or more flows, and a UDP echo flood for the proxy's packet rate. Each resolves its target
+//! once before the clock starts (through the environment's resolver), or asks an HTTP CONNECT
+//! proxy (squid) for a tunnel by name, as an application configured with proxy settings would.
+//!
+//! Invariants: timing uses the monotonic clock only; the warm-up is never counted; a failed
+//! transaction is counted in `errors`, never silently skipped. Limits: IPv4/IPv6 as the resolver
+//! answers; one client thread per flow.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::stats::Summary;
+
+/// Prefix of the one stdout line that carries the result as JSON.
+pub const RESULT_MARKER: &str = "SNAS-BENCH-RESULT ";
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The target name did not resolve.
+    #[error("resolving {target}: {detail}")]
+    Resolve { target: String, detail: String },
+    /// A socket operation failed before any measurement could be made.
+    #[error("{what} {target}: {source}")]
+    Io {
+        what: &'static str,
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The proxy refused the tunnel.
+    #[error("proxy {proxy} refused CONNECT {target}: {status_line}")]
+    ProxyRefused {
+        proxy: SocketAddr,
+        target: String,
+        status_line: String,
+    },
+    /// The server answered something unexpected.
+    #[error("{target}: unexpected answer: {detail}")]
+    Protocol { target: String, detail: String },
+    /// Every transaction failed: nothing to report.
+    #[error("{target}: all {errors} transactions failed; last error: {last}")]
+    NothingMeasured {
+        target: String,
+        errors: u64,
+        last: String,
+    },
+}
+
+/// Where the client connects: `host:port`, optionally through an HTTP CONNECT proxy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    /// HTTP CONNECT proxy; the client then never resolves `host` itself.
+    pub proxy: Option<SocketAddr>,
+}
+
+impl Target {
+    fn label(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// Which measurement to run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Workload {
+    /// One connection, 1-byte request and 1-byte answer, back to back (echo server).
+    Rr { duration_s: f64, warmup_s: f64 },
+    /// New connection per transaction: connect, HTTP GET, read to EOF, close.
+    Crr { duration_s: f64, warmup_s: f64 },
+    /// Bulk transfer against the bulk server (`SEND n` / `RECV`).
+    Bulk {
+        duration_s: f64,
+        warmup_s: f64,
+        flows: usize,
+        download: bool,
+    },
+    /// UDP echo flood from `flows` sockets with `payload` bytes per datagram, at most
+    /// `window` datagrams unanswered per socket.
+    UdpFlood {
+        duration_s: f64,
+        flows: usize,
+        payload: usize,
+        window: usize,
+    },
+}
+
+/// What one client run measured.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ClientResult {
+    /// Completed transactions (RR/CRR), datagrams answered (UDP).
+    pub transactions: u64,
+    /// Failed transactions (timeouts, resets, refusals).
+    pub errors: u64,
+    /// Length of the measured window.
+    pub elapsed_s: f64,
+    /// Per-transaction latency in µs (RR/CRR).
+    pub latency_us: Option<Summary>,
+    /// Payload bytes counted in the window (bulk: received or confirmed; UDP: sent + received).
+    pub bytes: u64,
+    /// Payload rate in bit/s over the window (bulk).
+    pub rate_bps: f64,
+    /// Datagrams sent (UDP flood).
+    pub sent: u64,
+    /// The address the target resolved to (empty through a proxy).
+    pub resolved: String,
+}
+
+fn io_err<'a>(
+    what: &'static str,
+    t: &'a Target,
+) -> impl FnOnce(std::io::Error) -> ClientError + 'a {
+    move |source| ClientError::Io {
+        what,
+        target: t.label(),
+        source,
+    }
+}
+
+fn resolve(t: &Target) -> Result<SocketAddr, ClientError> {
+    (t.host.as_str(), t.port)
+        .to_socket_addrs()
+        .map_err(|e| ClientError::Resolve {
+            target: t.label(),
+            detail: e.to_string(),
+        })?
+        .next()
+        .ok_or_else(|| ClientError::Resolve {
+            target: t.label(),
+            detail: "no address".into(),
+        })
+}
+
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Opens a TCP connection to the target: straight to `addr`, or a CONNECT tunnel by name.
+fn connect(t: &Target, addr: Option<SocketAddr>) -> Result<TcpStream, ClientError> {
+    let to = t.proxy.or(addr).ok_or_else(|| ClientError::Resolve {
+        target: t.label(),
+        detail: "no address and no proxy".into(),
+    })?;
+    let mut s = TcpStream::connect_timeout(&to, IO_TIMEOUT).map_err(io_err("connecting to", t))?;
+    s.set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(io_err("configuring", t))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))
+        .map_err(io_err("configuring", t))?;
+    if let Some(proxy) = t.proxy {
+        let req = format!(
+            "CONNECT {h}:{p} HTTP/1.1\r\nHost: {h}:{p}\r\n\r\n",
+            h = t.host,
+            p = t.port
+        );
+        s.write_all(req.as_bytes())
+            .map_err(io_err("sending CONNECT for", t))?;
+        // Read the answer's head byte by byte so that no tunnelled byte is consumed.
+        let mut head = Vec::with_capacity(128);
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = s
+                .read(&mut b)
+                .map_err(io_err("reading CONNECT answer for", t))?;
+            if n == 0 || head.len() > 8192 {
+                break;
+            }
+            head.push(b[0]);
+        }
+        let text = String::from_utf8_lossy(&head);
+        let status_line = text.lines().next().unwrap_or("").to_owned();
+        if status_line.split_whitespace().nth(1) != Some("200") {
+            return Err(ClientError::ProxyRefused {
+                proxy,
+                target: t.label(),
+                status_line,
+            });
+        }
+    }
+    Ok(s)
+}
+
+/// The target's address, or `None` through a proxy.
+fn address_for(t: &Target) -> Result<Option<SocketAddr>, ClientError> {
+    if t.proxy.is_some() {
+        Ok(None)
+    } else {
+        resolve(t).map(Some)
+    }
+}
+
+/// Runs the workload against the target.
+pub fn run(w: &Workload, t: &Target) -> Result<ClientResult, ClientError> {
+    match *w {
+        Workload::Rr {
+            duration_s,
+            warmup_s,
+        } => rr(t, secs(duration_s), secs(warmup_s)),
+        Workload::Crr {
+            duration_s,
+            warmup_s,
+        } => crr(t, secs(duration_s), secs(warmup_s)),
+        Workload::Bulk {
+            duration_s,
+            warmup_s,
+            flows,
+            download,
+        } => bulk(t, secs(duration_s), secs(warmup_s), flows.max(1), download),
+        Workload::UdpFlood {
+            duration_s,
+            flows,
+            payload,
+            window,
+        } => udp_flood(t, secs(duration_s), flows.max(1), payload, window.max(1)),
+    }
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.clamp(0.0, 3600.0))
+}
+
+fn rr(t: &Target, duration: Duration, warmup: Duration) -> Result<ClientResult, ClientError> {
+    let addr = address_for(t)?;
+    let mut s = connect(t, addr)?;
+    s.set_nodelay(true).map_err(io_err("configuring", t))?;
+    let mut lat = Vec::with_capacity(200_000);
+    let mut b = [0u8; 1];
+    let start = Instant::now();
+    let mut window_start = None;
+    loop {
+        let t0 = Instant::now();
+        if t0 - start >= warmup + duration {
+            break;
+        }
+        s.write_all(b"x").map_err(io_err("writing to", t))?;
+        s.read_exact(&mut b).map_err(io_err("reading from", t))?;
+        let t1 = Instant::now();
+        if t0 - start >= warmup {
+            window_start.get_or_insert(t0);
+            lat.push((t1 - t0).as_secs_f64() * 1e6);
+        }
+    }
+    let elapsed = window_start
+        .map(|w| w.elapsed().as_secs_f64())
+        .unwrap_or(0.0);
+    Ok(ClientResult {
+        transactions: lat.len() as u64,
+        elapsed_s: elapsed,
+        latency_us: Summary::of(&lat),
+        resolved: addr.map(|a| a.to_string()).unwrap_or_default(),
+        ..ClientResult::default()
+    })
+}
+
+fn crr_once(t: &Target, addr: Option<SocketAddr>) -> Result<(), ClientError> {
+    let mut s = connect(t, addr)?;
+    let req = format!(
+        "GET / HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        t.host
+    );
+    s.write_all(req.as_bytes())
+        .map_err(io_err("writing to", t))?;
+    let mut resp = Vec::with_capacity(256);
+    s.read_to_end(&mut resp)
+        .map_err(io_err("reading from", t))?;
+    if !resp.starts_with(b"HTTP/1.1 200") {
+        return Err(ClientError::Protocol {
+            target: t.label(),
+            detail: String::from_utf8_lossy(&resp[..resp.len().min(60)]).into_owned(),
+        });
+    }
+    Ok(())
+}
+
+fn crr(t: &Target, duration: Duration, warmup: Duration) -> Result<ClientResult, ClientError> {
+    let addr = address_for(t)?;
+    let mut lat = Vec::with_capacity(100_000);
+    let (mut errors, mut last_error) = (0u64, String::new());
+    let start = Instant::now();
+    let mut window_start = None;
+    loop {
+        let t0 = Instant::now();
+        if t0 - start >= warmup + duration {
+            break;
+        }
+        let r = crr_once(t, addr);
+        let t1 = Instant::now();
+        let counted = t0 - start >= warmup;
+        if counted {
+            window_start.get_or_insert(t0);
+        }
+        match r {
+            Ok(()) if counted => lat.push((t1 - t0).as_secs_f64() * 1e6),
+            Ok(()) => {}
+            Err(e) => {
+                if counted {
+                    errors += 1;
+                }
+                last_error = e.to_string();
+            }
+        }
+    }
+    if lat.is_empty() {
+        return Err(ClientError::NothingMeasured {
+            target: t.label(),
+            errors,
+            last: last_error,
+        });
+    }
+    let elapsed = window_start
+        .map(|w| w.elapsed().as_secs_f64())
+        .unwrap_or(0.0);
+    Ok(ClientResult {
+        transactions: lat.len() as u64,
+        errors,
+        elapsed_s: elapsed,
+        latency_us: Summary::of(&lat),
+        resolved: addr.map(|a| a.to_string()).unwrap_or_default(),
+        ..ClientResult::default()
+    })
+}
+
+/// One bulk flow: counts payload bytes into `counter` until `stop`; for uploads returns the
+/// byte count the server confirmed after the shutdown.
+fn bulk_flow(
+    t: &Target,
+    addr: Option<SocketAddr>,
+    download: bool,
+    counter: &AtomicU64,
+    stop: &AtomicBool,
+) -> Result<u64, ClientError> {
+    let mut s = connect(t, addr)?;
+    let mut buf = vec![0x5a_u8; 64 * 1024];
+    if download {
+        s.write_all(b"SEND 1099511627776\n")
+            .map_err(io_err("writing to", t))?;
+        while !stop.load(Ordering::Relaxed) {
+            let n = s.read(&mut buf).map_err(io_err("reading from", t))?;
+            if n == 0 {
+                return Err(ClientError::Protocol {
+                    target: t.label(),
+                    detail: "server closed the download early".into(),
+                });
+            }
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        // Closing with unread data resets the connection: the server sees it and stops.
+        Ok(0)
+    } else {
+        s.write_all(b"RECV\n").map_err(io_err("writing to", t))?;
+        while !stop.load(Ordering::Relaxed) {
+            let n = s.write(&buf).map_err(io_err("writing to", t))?;
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        s.shutdown(Shutdown::Write)
+            .map_err(io_err("shutting down", t))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(io_err("configuring", t))?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)
+            .map_err(io_err("reading the count from", t))?;
+        answer
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| ClientError::Protocol {
+                target: t.label(),
+                detail: format!("count {answer:?}"),
+            })
+    }
+}
+
+/// Bulk transfer. Downloads: bytes received between the end of the warm-up and the end of the
+/// window, all flows summed. Uploads: what the server confirmed having received divided by the
+/// time from the first byte to its answer — exact, with no socket-buffer error, at the price of
+/// counting the ramp-up (negligible over seconds at sub-millisecond round trips).
+fn bulk(
+    t: &Target,
+    duration: Duration,
+    warmup: Duration,
+    flows: usize,
+    download: bool,
+) -> Result<ClientResult, ClientError> {
+    let addr = address_for(t)?;
+    let counter = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let handles: Vec<_> = (0..flows)
+        .map(|_| {
+            let (t, c, s) = (t.clone(), Arc::clone(&counter), Arc::clone(&stop));
+            std::thread::spawn(move || bulk_flow(&t, addr, download, &c, &s))
+        })
+        .collect();
+    std::thread::sleep(warmup);
+    let (a_time, a_bytes) = (Instant::now(), counter.load(Ordering::Relaxed));
+    std::thread::sleep(duration);
+    let (b_time, b_bytes) = (Instant::now(), counter.load(Ordering::Relaxed));
+    stop.store(true, Ordering::Relaxed);
+    let mut confirmed = 0u64;
+    let mut errors = 0u64;
+    let mut last_error = None;
+    for h in handles {
+        match h.join() {
+            Ok(Ok(n)) => confirmed += n,
+            Ok(Err(e)) => {
+                errors += 1;
+                last_error = Some(e);
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    let answered = started.elapsed().as_secs_f64();
+    if let Some(e) = last_error.filter(|_| errors as usize == flows) {
+        return Err(e);
+    }
+    let (bytes, elapsed) = if download {
+        (b_bytes - a_bytes, (b_time - a_time).as_secs_f64())
+    } else {
+        (confirmed, answered)
+    };
+    Ok(ClientResult {
+        transactions: flows as u64 - errors,
+        errors,
+        elapsed_s: elapsed,
+        bytes,
+        rate_bps: if elapsed > 0.0 {
+            bytes as f64 * 8.0 / elapsed
+        } else {
+            0.0
+        },
+        resolved: addr.map(|a| a.to_string()).unwrap_or_default(),
+        ..ClientResult::default()
+    })
+}
+
+/// UDP echo flood: each socket keeps up to `window` datagrams unanswered, sending again as
+/// answers arrive (and after a 10 ms silence, so losses do not stall it).
+fn udp_flood(
+    t: &Target,
+    duration: Duration,
+    flows: usize,
+    payload: usize,
+    window: usize,
+) -> Result<ClientResult, ClientError> {
+    let addr = resolve(t)?;
+    let sent = Arc::new(AtomicU64::new(0));
+    let received = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + duration;
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for _ in 0..flows {
+        let bind: SocketAddr = if addr.is_ipv4() {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from(([0u16; 8], 0))
+        };
+        let s = UdpSocket::bind(bind).map_err(io_err("binding for", t))?;
+        s.connect(addr).map_err(io_err("connecting to", t))?;
+        s.set_read_timeout(Some(Duration::from_millis(10)))
+            .map_err(io_err("configuring", t))?;
+        let (sent, received) = (Arc::clone(&sent), Arc::clone(&received));
+        handles.push(std::thread::spawn(move || {
+            let out = vec![0x42_u8; payload];
+            let mut inb = vec![0u8; payload.max(1) + 64];
+            let mut outstanding = 0usize;
+            while Instant::now() < deadline {
+                while outstanding < window {
+                    if s.send(&out).is_ok() {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                    outstanding += 1;
+                }
+                match s.recv(&mut inb) {
+                    Ok(_) => {
+                        received.fetch_add(1, Ordering::Relaxed);
+                        outstanding = outstanding.saturating_sub(1);
+                    }
+                    // Silence: assume the window was lost and start a new one.
+                    Err(_) => outstanding = 0,
+                }
+            }
+        }));
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let (sent, received) = (
+        sent.load(Ordering::Relaxed),
+        received.load(Ordering::Relaxed),
+    );
+    Ok(ClientResult {
+        transactions: received,
+        elapsed_s: elapsed,
+        bytes: (sent + received) * payload as u64,
+        sent,
+        resolved: addr.to_string(),
+        ..ClientResult::default()
+    })
+}
+
+/// Parses the result line out of a client's stdout.
+pub fn parse_output(stdout: &str) -> Option<ClientResult> {
+    stdout
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(RESULT_MARKER))
+        .and_then(|j| serde_json::from_str(j).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::net::TcpListener;
+
+    fn echo_server() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                std::thread::spawn(move || {
+                    let mut b = [0u8; 512];
+                    while let Ok(n) = s.read(&mut b) {
+                        if n == 0 || s.write_all(&b[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        a
+    }
+
+    #[test]
+    fn rr_counts_round_trips_after_the_warm_up() {
+        let a = echo_server();
+        let t = Target {
+            host: a.ip().to_string(),
+            port: a.port(),
+            proxy: None,
+        };
+        let r = run(
+            &Workload::Rr {
+                duration_s: 0.2,
+                warmup_s: 0.05,
+            },
+            &t,
+        )
+        .unwrap();
+        let lat = r.latency_us.unwrap();
+        assert!(r.transactions > 10, "{r:?}");
+        assert_eq!(lat.n as u64, r.transactions);
+        assert!(lat.p50 > 0.0 && lat.p50 <= lat.p99);
+        assert!((0.15..0.5).contains(&r.elapsed_s), "{}", r.elapsed_s);
+    }
+
+    #[test]
+    fn connect_through_a_proxy_reports_its_refusal() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut b = [0u8; 256];
+            let _ = s.read(&mut b);
+            s.write_all(b"HTTP/1.1 403 Forbidden\r\n\r\n").unwrap();
+        });
+        let t = Target {
+            host: "denied.example.com".into(),
+            port: 7,
+            proxy: Some(proxy),
+        };
+        match connect(&t, None) {
+            Err(ClientError::ProxyRefused { status_line, .. }) => {
+                assert!(status_line.contains("403"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn result_line_is_found_among_other_output() {
+        let r = ClientResult {
+            transactions: 7,
+            ..ClientResult::default()
+        };
+        let out = format!(
+            "noise\n{RESULT_MARKER}{}\nmore noise\n",
+            serde_json::to_string(&r).unwrap()
+        );
+        assert_eq!(parse_output(&out), Some(r));
+        assert_eq!(parse_output("nothing here"), None);
+    }
+}

@@ -1,0 +1,22 @@
+//! SNAS benchmarks: SNAS against the paths an operator would otherwise pick (the direct path,
+//! nftables + kernel NAT, squid), side by side on the local testbed, plus scale figures.
+//!
+//! # Layout
+//! - [`results`]: the data every scenario produces (tables, charts, goals, raw samples).
+//! - [`stats`]: percentiles, medians, Jain's index.
+//! - [`client`]: the workload programs (TCP_RR, TCP_CRR, bulk, UDP flood), run on every path.
+//! - [`paths`]: the baseline namespaces, nftables, squid, and starting clients on each path.
+//! - [`scenarios`]: the network scenarios, alternating between paths.
+//! - [`scale`]: job set-up at 1/100/1000 jobs, proxy memory, the 10k-rule policy.
+//! - [`machine`]: what machine the figures come from.
+//! - [`report`]: JSON, PNG charts, text and markdown tables.
+//! - [`orchestrate`]: one whole run: testbed up, paths, scenarios, results, teardown.
+pub mod client;
+pub mod machine;
+pub mod orchestrate;
+pub mod paths;
+pub mod report;
+pub mod results;
+pub mod scale;
+pub mod scenarios;
+pub mod stats;

@@ -1,0 +1,1040 @@
+//! The network scenarios of issue 7, each run on every path side by side: repetitions
+//! alternate between paths (rep 1: direct, nftables, squid, SNAS, gVisor; rep 2: the same…) so
+//! that load from elsewhere falls on all paths alike. Each returns a [`ScenarioResult`].
+//!
+//! Owns the choice of workload per scenario, the policies of the SNAS jobs, the aggregation of
+//! repetitions (median of the per-repetition figures, with min–max as the noise) and the goal
+//! checks. A failed run of one path is recorded in the notes and the raw data and the scenario
+//! goes on; a figure that could not be measured shows as `—`, never as zero.
+//!
+//! Limits: the servers, the proxies, the gateways and the clients share the machine's cores,
+//! so throughput and packet rates are the machine's, not a NIC's.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::client::{ClientResult, Workload};
+use crate::paths::{cpu_seconds, JobSpec, PathError, PathKind, Paths};
+use crate::results::{BarChart, BarSeries, BarValue, GoalCheck, ScenarioResult, Table};
+use crate::stats::median;
+
+/// How long and how often.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub paths: Vec<PathKind>,
+    pub reps: usize,
+    pub duration_s: f64,
+    pub warmup_s: f64,
+}
+
+/// Job MTU on the overlay (underlay 1500 − 56 bytes of GENEVE).
+const SNAS_MTU: f64 = 1444.0;
+/// IPv4 + TCP with timestamps.
+const TCP_HEADERS: f64 = 52.0;
+
+/// A policy allowing the benchmark's destinations with the given bandwidth limit.
+pub fn policy(tenant: &str, job: &str, bandwidth: &str) -> String {
+    format!(
+        r#"tenant = "{tenant}"
+job = "{job}"
+ttl = "2h"
+
+[[egress]]
+host = "api.example.com:7"
+
+[[egress]]
+host = "api.example.com:80"
+
+[[egress]]
+host = "api.example.com:7"
+protocol = "udp"
+
+[[egress]]
+host = "bulk.example.com:5201"
+
+[limits]
+egress_bps = "{bandwidth}"
+ingress_bps = "{bandwidth}"
+max_connections = 100000
+new_connections_per_sec = 1000000
+new_connections_burst = 1000000
+max_ports_per_destination = 65535
+"#
+    )
+}
+
+/// No effective bandwidth limit (far above what one machine forwards).
+const UNLIMITED: &str = "100Gbit";
+
+/// Per path, per repetition: the result or the error text.
+type Samples = BTreeMap<PathKind, Vec<Result<ClientResult, String>>>;
+
+/// Runs scenarios against one set of paths.
+#[derive(Debug)]
+pub struct Scenarios<'a> {
+    pub paths: &'a Paths,
+    pub plan: Plan,
+    jobs: std::cell::Cell<u64>,
+}
+
+fn fmt_spread(xs: &[f64], digits: usize) -> String {
+    match (median(xs), crate::stats::min_max(xs)) {
+        (Some(m), Some((lo, hi))) if xs.len() > 1 => {
+            format!("{m:.digits$} ({lo:.digits$}–{hi:.digits$})")
+        }
+        (Some(m), _) => format!("{m:.digits$}"),
+        _ => "—".into(),
+    }
+}
+
+fn spread_bar(xs: &[f64]) -> Option<BarValue> {
+    let m = median(xs)?;
+    let (lo, hi) = crate::stats::min_max(xs)?;
+    Some(BarValue::spread(m, lo, hi))
+}
+
+fn ok_values(
+    v: &[Result<ClientResult, String>],
+    f: impl Fn(&ClientResult) -> Option<f64>,
+) -> Vec<f64> {
+    v.iter()
+        .filter_map(|r| r.as_ref().ok())
+        .filter_map(f)
+        .collect()
+}
+
+fn errors_of(samples: &Samples) -> Vec<String> {
+    samples
+        .iter()
+        .flat_map(|(p, v)| {
+            v.iter()
+                .filter_map(|r| r.as_ref().err())
+                .map(move |e| format!("{}: {e}", p.label()))
+        })
+        .collect()
+}
+
+fn raw_of(samples: &Samples) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for (p, v) in samples {
+        let reps: Vec<serde_json::Value> = v
+            .iter()
+            .map(|r| match r {
+                Ok(c) => serde_json::to_value(c).unwrap_or(serde_json::Value::Null),
+                Err(e) => json!({ "error": e }),
+            })
+            .collect();
+        m.insert(p.id().to_owned(), serde_json::Value::Array(reps));
+    }
+    serde_json::Value::Object(m)
+}
+
+fn ratio_text(r: Option<f64>) -> String {
+    r.map(|r| format!("{r:.2}×")).unwrap_or_else(|| "—".into())
+}
+
+impl<'a> Scenarios<'a> {
+    /// Scenarios over `paths` with `plan`.
+    pub fn new(paths: &'a Paths, plan: Plan) -> Scenarios<'a> {
+        Scenarios {
+            paths,
+            plan,
+            jobs: std::cell::Cell::new(0),
+        }
+    }
+
+    fn next_job(
+        &self,
+        scenario: &str,
+        tenant: &str,
+        bandwidth: &str,
+    ) -> Result<JobSpec, PathError> {
+        let n = self.jobs.get() + 1;
+        self.jobs.set(n);
+        self.paths
+            .sign(&policy(tenant, &format!("bench-{scenario}-{n}"), bandwidth))
+    }
+
+    fn run_one(
+        &self,
+        scenario: &str,
+        path: PathKind,
+        w: &Workload,
+        host: &str,
+        port: u16,
+    ) -> Result<ClientResult, String> {
+        let job = if path.is_snas() {
+            Some(
+                self.next_job(scenario, "bench", UNLIMITED)
+                    .map_err(|e| e.to_string())?,
+            )
+        } else {
+            None
+        };
+        self.paths
+            .run(path, job.as_ref(), w, host, port)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Runs `w` on every path, alternating, `reps` times.
+    fn alternate(&self, scenario: &str, w: &Workload, host: &str, port: u16) -> Samples {
+        let mut s: Samples = BTreeMap::new();
+        for rep in 0..self.plan.reps {
+            for &p in &self.plan.paths {
+                if crate::orchestrate::interrupted() {
+                    return s;
+                }
+                let r = self.run_one(scenario, p, w, host, port);
+                if let Err(e) = &r {
+                    eprintln!("[bench] {scenario} rep {} {}: {e}", rep + 1, p.label());
+                }
+                s.entry(p).or_default().push(r);
+            }
+        }
+        s
+    }
+
+    /// TCP request/response latency over an established connection (1 byte each way).
+    pub fn tcp_rr(&self) -> ScenarioResult {
+        let w = Workload::Rr {
+            duration_s: self.plan.duration_s,
+            warmup_s: self.plan.warmup_s,
+        };
+        let samples = self.alternate("tcp_rr", &w, "api.example.com", 7);
+        let p50 = |p: PathKind| {
+            ok_values(samples.get(&p).map_or(&[][..], |v| v), |c| {
+                c.latency_us.map(|l| l.p50)
+            })
+        };
+        let p99 = |p: PathKind| {
+            ok_values(samples.get(&p).map_or(&[][..], |v| v), |c| {
+                c.latency_us.map(|l| l.p99)
+            })
+        };
+        let tps = |p: PathKind| {
+            ok_values(samples.get(&p).map_or(&[][..], |v| v), |c| {
+                (c.elapsed_s > 0.0).then(|| c.transactions as f64 / c.elapsed_s)
+            })
+        };
+        let d50 = median(&p50(PathKind::Direct));
+        let d99 = median(&p99(PathKind::Direct));
+        let mut table = Table {
+            columns: vec![
+                "path".into(),
+                "p50 µs".into(),
+                "p99 µs".into(),
+                "added p50 µs".into(),
+                "added p99 µs".into(),
+                "transactions/s".into(),
+            ],
+            rows: Vec::new(),
+        };
+        for &p in &self.plan.paths {
+            let (m50, m99) = (median(&p50(p)), median(&p99(p)));
+            let added = |m: Option<f64>, d: Option<f64>| match (m, d) {
+                (Some(m), Some(d)) => format!("{:+.1}", m - d),
+                _ => "—".into(),
+            };
+            table.rows.push(vec![
+                p.label().into(),
+                fmt_spread(&p50(p), 1),
+                fmt_spread(&p99(p), 1),
+                added(m50, d50),
+                added(m99, d99),
+                fmt_spread(&tps(p), 0),
+            ]);
+        }
+        let categories: Vec<String> = self.plan.paths.iter().map(|p| p.label().into()).collect();
+        let chart = BarChart {
+            title: "TCP request/response latency (1 byte, established connection)".into(),
+            y_label: "latency µs".into(),
+            categories,
+            series: vec![
+                BarSeries {
+                    name: "p50".into(),
+                    values: self
+                        .plan
+                        .paths
+                        .iter()
+                        .map(|&p| spread_bar(&p50(p)))
+                        .collect(),
+                },
+                BarSeries {
+                    name: "p99".into(),
+                    values: self
+                        .plan
+                        .paths
+                        .iter()
+                        .map(|&p| spread_bar(&p99(p)))
+                        .collect(),
+                },
+            ],
+            reference_lines: Vec::new(),
+            log_y: false,
+        };
+        let s50 = median(&p50(PathKind::SnasNs));
+        let s99 = median(&p99(PathKind::SnasNs));
+        let q50 = median(&p50(PathKind::Squid));
+        let q99 = median(&p99(PathKind::Squid));
+        let diff = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
+        let goals = vec![
+            GoalCheck {
+                goal: "SNAS added p50 ≤ 30 µs".into(),
+                measured: diff(s50, d50).map_or("—".into(), |d| format!("{d:+.1} µs")),
+                met: diff(s50, d50).map(|d| d <= 30.0),
+            },
+            GoalCheck {
+                goal: "SNAS added p99 ≤ 100 µs".into(),
+                measured: diff(s99, d99).map_or("—".into(), |d| format!("{d:+.1} µs")),
+                met: diff(s99, d99).map(|d| d <= 100.0),
+            },
+            GoalCheck {
+                goal: "SNAS p50 and p99 below squid's".into(),
+                measured: match (s50, q50, s99, q99) {
+                    (Some(a), Some(b), Some(c), Some(d)) => {
+                        format!("p50 {a:.1} vs {b:.1} µs, p99 {c:.1} vs {d:.1} µs")
+                    }
+                    _ => "—".into(),
+                },
+                met: match (s50, q50, s99, q99) {
+                    (Some(a), Some(b), Some(c), Some(d)) => Some(a < b && c < d),
+                    _ => None,
+                },
+            },
+        ];
+        ScenarioResult {
+            id: "tcp_rr".into(),
+            title: "TCP request/response latency (TCP_RR)".into(),
+            method: format!(
+                "One connection to the echo server (api.example.com:7), 1-byte request, 1-byte answer, back to back with TCP_NODELAY for {} s after a {} s warm-up; per-transaction latency. Cells: median over {} repetitions (min–max).",
+                self.plan.duration_s, self.plan.warmup_s, self.plan.reps
+            ),
+            table,
+            charts: vec![chart],
+            goals,
+            notes: errors_of(&samples),
+            raw: raw_of(&samples),
+        }
+    }
+
+    /// Connect + HTTP request + close, sequentially from one client.
+    pub fn tcp_crr(&self) -> ScenarioResult {
+        let w = Workload::Crr {
+            duration_s: self.plan.duration_s,
+            warmup_s: self.plan.warmup_s,
+        };
+        let samples = self.alternate("tcp_crr", &w, "api.example.com", 80);
+        let get = |p: PathKind, f: &dyn Fn(&ClientResult) -> Option<f64>| {
+            ok_values(samples.get(&p).map_or(&[][..], |v| v), f)
+        };
+        let rate =
+            |c: &ClientResult| (c.elapsed_s > 0.0).then(|| c.transactions as f64 / c.elapsed_s);
+        let p50 = |c: &ClientResult| c.latency_us.map(|l| l.p50);
+        let p99 = |c: &ClientResult| c.latency_us.map(|l| l.p99);
+        let errs = |c: &ClientResult| Some(c.errors as f64);
+        let direct = median(&get(PathKind::Direct, &rate));
+        let mut table = Table {
+            columns: vec![
+                "path".into(),
+                "connections/s".into(),
+                "vs direct".into(),
+                "p50 µs".into(),
+                "p99 µs".into(),
+                "failed".into(),
+            ],
+            rows: Vec::new(),
+        };
+        for &p in &self.plan.paths {
+            let r = median(&get(p, &rate));
+            table.rows.push(vec![
+                p.label().into(),
+                fmt_spread(&get(p, &rate), 0),
+                ratio_text(r.zip(direct).and_then(|(a, b)| crate::stats::ratio(a, b))),
+                fmt_spread(&get(p, &p50), 0),
+                fmt_spread(&get(p, &p99), 0),
+                format!("{}", get(p, &errs).iter().sum::<f64>()),
+            ]);
+        }
+        let snas = median(&get(PathKind::SnasNs, &rate));
+        let squid = median(&get(PathKind::Squid, &rate));
+        let vs_direct = snas
+            .zip(direct)
+            .and_then(|(a, b)| crate::stats::ratio(a, b));
+        let vs_squid = snas.zip(squid).and_then(|(a, b)| crate::stats::ratio(a, b));
+        ScenarioResult {
+            id: "tcp_crr".into(),
+            title: "Connect + request + close (TCP_CRR)".into(),
+            method: format!(
+                "One client, one connection per transaction to api.example.com:80: connect (through squid: CONNECT tunnel), `GET /`, read the answer to EOF, close; {} s after a {} s warm-up. Cells: median over {} repetitions (min–max).",
+                self.plan.duration_s, self.plan.warmup_s, self.plan.reps
+            ),
+            charts: vec![BarChart {
+                title: "Connect + request + close rate".into(),
+                y_label: "connections/s".into(),
+                categories: vec!["connections/s".into()],
+                series: self
+                    .plan
+                    .paths
+                    .iter()
+                    .map(|&p| BarSeries {
+                        name: p.label().into(),
+                        values: vec![spread_bar(&get(p, &rate))],
+                    })
+                    .collect(),
+                reference_lines: direct
+                    .map(|d| vec![("50% of direct".to_owned(), d / 2.0)])
+                    .unwrap_or_default(),
+                log_y: false,
+            }],
+            table,
+            goals: vec![
+                GoalCheck {
+                    goal: "SNAS rate ≥ 50% of direct".into(),
+                    measured: ratio_text(vs_direct),
+                    met: vs_direct.map(|r| r >= 0.5),
+                },
+                GoalCheck {
+                    goal: "SNAS rate ≥ 2× squid".into(),
+                    measured: ratio_text(vs_squid),
+                    met: vs_squid.map(|r| r >= 2.0),
+                },
+            ],
+            notes: errors_of(&samples),
+            raw: raw_of(&samples),
+        }
+    }
+
+    /// CPU seconds of the process(es) that do the proxy work on `path`.
+    fn worker_pids(&self, path: PathKind) -> Vec<u32> {
+        match path {
+            PathKind::SnasNs | PathKind::SnasGvisor => self.paths.proxy_pids(),
+            PathKind::Squid => self.paths.baselines.squid_pid().into_iter().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    fn cpu_of(pids: &[u32]) -> Option<f64> {
+        if pids.is_empty() {
+            return None;
+        }
+        pids.iter().map(|&p| cpu_seconds(p)).sum()
+    }
+
+    /// Bulk throughput, one and eight flows, download and upload.
+    pub fn bulk(&self) -> ScenarioResult {
+        let variants = [(true, 1usize), (true, 8), (false, 1), (false, 8)];
+        let name = |(down, flows): (bool, usize)| {
+            format!("{} ×{flows}", if down { "download" } else { "upload" })
+        };
+        // (variant, path) → per-rep results, and CPU-seconds of the proxy per Gbit transferred.
+        let mut samples: BTreeMap<String, Samples> = BTreeMap::new();
+        let mut cpu_per_gbit: BTreeMap<(String, PathKind), Vec<f64>> = BTreeMap::new();
+        for rep in 0..self.plan.reps {
+            for v in variants {
+                let w = Workload::Bulk {
+                    duration_s: self.plan.duration_s,
+                    warmup_s: self.plan.warmup_s,
+                    flows: v.1,
+                    download: v.0,
+                };
+                for &p in &self.plan.paths {
+                    let pids = self.worker_pids(p);
+                    let (c0, t0) = (Self::cpu_of(&pids), Instant::now());
+                    let r = self.run_one("bulk", p, &w, "bulk.example.com", 5201);
+                    let (c1, wall) = (Self::cpu_of(&pids), t0.elapsed().as_secs_f64());
+                    if let (Ok(res), Some(c0), Some(c1)) = (&r, c0, c1) {
+                        // Cores busy over the client's run, per Gbit/s it achieved. The gVisor
+                        // run's wall time includes sandbox start, so only the netns path and
+                        // squid are counted.
+                        let span = self.plan.duration_s + self.plan.warmup_s;
+                        if p != PathKind::SnasGvisor && res.rate_bps > 0.0 && wall > 0.0 {
+                            let cores = (c1 - c0) / span.min(wall);
+                            cpu_per_gbit
+                                .entry((name(v), p))
+                                .or_default()
+                                .push(cores / (res.rate_bps / 1e9));
+                        }
+                    }
+                    if let Err(e) = &r {
+                        eprintln!(
+                            "[bench] bulk rep {} {} {}: {e}",
+                            rep + 1,
+                            name(v),
+                            p.label()
+                        );
+                    }
+                    samples
+                        .entry(name(v))
+                        .or_default()
+                        .entry(p)
+                        .or_default()
+                        .push(r);
+                }
+            }
+        }
+        let mbit = |c: &ClientResult| (c.rate_bps > 0.0).then_some(c.rate_bps / 1e6);
+        let get = |v: &str, p: PathKind| {
+            ok_values(
+                samples
+                    .get(v)
+                    .and_then(|s| s.get(&p))
+                    .map_or(&[][..], |x| x),
+                mbit,
+            )
+        };
+        let mut table = Table {
+            columns: vec![
+                "transfer".into(),
+                "path".into(),
+                "Mbit/s (payload)".into(),
+                "vs direct".into(),
+                "vs squid".into(),
+                "proxy CPU s per Gbit".into(),
+            ],
+            rows: Vec::new(),
+        };
+        let mut goals = Vec::new();
+        for v in variants {
+            let vn = name(v);
+            let direct = median(&get(&vn, PathKind::Direct));
+            let squid = median(&get(&vn, PathKind::Squid));
+            for &p in &self.plan.paths {
+                let m = median(&get(&vn, p));
+                table.rows.push(vec![
+                    vn.clone(),
+                    p.label().into(),
+                    fmt_spread(&get(&vn, p), 0),
+                    ratio_text(m.zip(direct).and_then(|(a, b)| crate::stats::ratio(a, b))),
+                    ratio_text(m.zip(squid).and_then(|(a, b)| crate::stats::ratio(a, b))),
+                    cpu_per_gbit
+                        .get(&(vn.clone(), p))
+                        .map_or("—".into(), |x| fmt_spread(x, 2)),
+                ]);
+            }
+            if v.1 == 1 {
+                let snas = median(&get(&vn, PathKind::SnasNs));
+                let vd = snas
+                    .zip(direct)
+                    .and_then(|(a, b)| crate::stats::ratio(a, b));
+                let vs = snas.zip(squid).and_then(|(a, b)| crate::stats::ratio(a, b));
+                goals.push(GoalCheck {
+                    goal: format!("{vn}: SNAS ≥ 50% of direct"),
+                    measured: ratio_text(vd),
+                    met: vd.map(|r| r >= 0.5),
+                });
+                goals.push(GoalCheck {
+                    goal: format!("{vn}: SNAS ≥ 1.5× squid"),
+                    measured: ratio_text(vs),
+                    met: vs.map(|r| r >= 1.5),
+                });
+            }
+        }
+        let categories: Vec<String> = variants.iter().map(|&v| name(v)).collect();
+        let chart = BarChart {
+            title: "Bulk throughput (payload)".into(),
+            y_label: "Mbit/s".into(),
+            categories: categories.clone(),
+            series: self
+                .plan
+                .paths
+                .iter()
+                .map(|&p| BarSeries {
+                    name: p.label().into(),
+                    values: categories.iter().map(|v| spread_bar(&get(v, p))).collect(),
+                })
+                .collect(),
+            reference_lines: Vec::new(),
+            log_y: false,
+        };
+        let mut notes = vec![format!(
+            "SNAS jobs have MTU {SNAS_MTU} (GENEVE takes 56 bytes of the 1500-byte underlay); the baselines have 1500. Proxy CPU per Gbit: CPU seconds of both SNAS proxies (or squid) during the run divided by the Gbit/s achieved — a proxy that needs 0.5 s per Gbit uses half a core per Gbit/s."
+        )];
+        let mut raw = serde_json::Map::new();
+        for (v, s) in &samples {
+            notes.extend(errors_of(s).into_iter().map(|e| format!("{v}: {e}")));
+            raw.insert(v.clone(), raw_of(s));
+        }
+        raw.insert(
+            "cpu_s_per_gbit".into(),
+            json!(cpu_per_gbit
+                .iter()
+                .map(|((v, p), x)| json!({"transfer": v, "path": p.id(), "values": x}))
+                .collect::<Vec<_>>()),
+        );
+        ScenarioResult {
+            id: "bulk".into(),
+            title: "Bulk throughput, 1 and 8 flows, download and upload".into(),
+            method: format!(
+                "bulk.example.com:5201: download = the server sends, counted at the client between the end of a {} s warm-up and {} s later; upload = the client sends for {} s and the server's confirmed byte count is divided by the time to its answer. Flows run in parallel threads of one client and are summed. Cells: median over {} repetitions (min–max).",
+                self.plan.warmup_s,
+                self.plan.duration_s,
+                self.plan.warmup_s + self.plan.duration_s,
+                self.plan.reps
+            ),
+            table,
+            charts: vec![chart],
+            goals,
+            notes,
+            raw: serde_json::Value::Object(raw),
+        }
+    }
+
+    /// The proxies' packet rate per CPU-second, with a UDP echo flood through SNAS.
+    pub fn proxy_pps(&self) -> ScenarioResult {
+        let sizes = [(64usize, "64 B"), (1400, "1400 B")];
+        let mut rows: BTreeMap<&str, Vec<serde_json::Value>> = BTreeMap::new();
+        let mut per_core: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        let mut wall_pps: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        let mut cores_used: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        let mut notes = Vec::new();
+        let pids = self.paths.proxy_pids();
+        for rep in 0..self.plan.reps {
+            for (size, label) in sizes {
+                let w = Workload::UdpFlood {
+                    duration_s: self.plan.duration_s,
+                    flows: 8,
+                    // IPv4 + UDP headers are 28 bytes of the packet.
+                    payload: size - 28,
+                    window: 32,
+                };
+                let before = (
+                    Self::cpu_of(&pids),
+                    self.paths.proxy_packets(&["node_rx", "internet_rx"]),
+                );
+                let t0 = Instant::now();
+                let r = self.run_one("proxy_pps", PathKind::SnasNs, &w, "api.example.com", 7);
+                let wall = t0.elapsed().as_secs_f64();
+                let after = (
+                    Self::cpu_of(&pids),
+                    self.paths.proxy_packets(&["node_rx", "internet_rx"]),
+                );
+                match (r, before, after) {
+                    (Ok(c), (Some(c0), Ok(p0)), (Some(c1), Ok(p1))) if c1 > c0 => {
+                        let packets = p1.saturating_sub(p0) as f64;
+                        let cpu = c1 - c0;
+                        per_core.entry(label).or_default().push(packets / cpu);
+                        wall_pps
+                            .entry(label)
+                            .or_default()
+                            .push(packets / c.elapsed_s.max(1e-9));
+                        cores_used.entry(label).or_default().push(cpu / wall);
+                        rows.entry(label).or_default().push(json!({
+                            "packets": packets, "proxy_cpu_s": cpu, "wall_s": wall,
+                            "client": c,
+                        }));
+                    }
+                    (Err(e), ..) => notes.push(format!("{label} rep {}: {e}", rep + 1)),
+                    (_, b, a) => notes.push(format!(
+                        "{label} rep {}: no proxy CPU/packet figures (before {b:?}, after {a:?})",
+                        rep + 1
+                    )),
+                }
+            }
+        }
+        let mut table = Table {
+            columns: vec![
+                "packet".into(),
+                "packets/s per proxy core".into(),
+                "Gbit/s per core".into(),
+                "packets/s through the proxies".into(),
+                "proxy cores busy".into(),
+            ],
+            rows: Vec::new(),
+        };
+        for (size, label) in sizes {
+            let pc = per_core.get(label).cloned().unwrap_or_default();
+            let gbit: Vec<f64> = pc.iter().map(|p| p * size as f64 * 8.0 / 1e9).collect();
+            table.rows.push(vec![
+                label.into(),
+                fmt_spread(&pc, 0),
+                fmt_spread(&gbit, 2),
+                fmt_spread(wall_pps.get(label).map_or(&[][..], |v| v), 0),
+                fmt_spread(cores_used.get(label).map_or(&[][..], |v| v), 2),
+            ]);
+        }
+        ScenarioResult {
+            id: "proxy_pps".into(),
+            title: "Proxy packet rate per core (established UDP flows)".into(),
+            method: format!(
+                "A SNAS job floods the UDP echo service (api.example.com:7) from 8 sockets with at most 32 datagrams unanswered each, for {} s, with 64-byte and 1400-byte IP packets. Packets = the proxies' `snas_proxy_packets_total` for node_rx + internet_rx (each forwarded packet once); CPU = user + system time of both proxy processes. Packets per proxy CPU-second is the rate one core sustains; the flood, the echo server and the node share the same 2 cores, so the wall-clock rate is lower. Cells: median over {} repetitions (min–max).",
+                self.plan.duration_s, self.plan.reps
+            ),
+            charts: vec![BarChart {
+                title: "Proxy packets per CPU-second".into(),
+                y_label: "packets/s per core".into(),
+                categories: sizes.iter().map(|s| s.1.to_owned()).collect(),
+                series: vec![BarSeries {
+                    name: "SNAS proxy".into(),
+                    values: sizes
+                        .iter()
+                        .map(|s| spread_bar(per_core.get(s.1).map_or(&[][..], |v| v)))
+                        .collect(),
+                }],
+                reference_lines: Vec::new(),
+                log_y: false,
+            }],
+            table,
+            goals: Vec::new(),
+            notes,
+            raw: json!(rows),
+        }
+    }
+
+    /// Achieved/configured rate at 10 Mbit/s, 100 Mbit/s and 1 Gbit/s limits.
+    pub fn edt_accuracy(&self) -> ScenarioResult {
+        let limits = [(10e6, "10Mbit"), (100e6, "100Mbit"), (1e9, "1Gbit")];
+        let mut ratios: BTreeMap<(String, bool), Vec<f64>> = BTreeMap::new();
+        let mut raw = Vec::new();
+        let mut notes = vec![format!(
+            "Rates are IP-level (what the pacers charge): payload × {SNAS_MTU}/({SNAS_MTU} − {TCP_HEADERS}) for full-sized segments. This kernel has no sch_fq, so tier 1's EDT stamps are not enforced on the veth and the proxy's own pacer enforces the limit; with fq (production) both tiers pace."
+        )];
+        for rep in 0..self.plan.reps {
+            for (bps, text) in limits {
+                for download in [true, false] {
+                    let w = Workload::Bulk {
+                        duration_s: self.plan.duration_s,
+                        warmup_s: self.plan.warmup_s,
+                        flows: 1,
+                        download,
+                    };
+                    let r = self
+                        .next_job("edt", "bench", text)
+                        .map_err(|e| e.to_string())
+                        .and_then(|job| {
+                            self.paths
+                                .run(PathKind::SnasNs, Some(&job), &w, "bulk.example.com", 5201)
+                                .map_err(|e| e.to_string())
+                        });
+                    match r {
+                        Ok(c) => {
+                            let ip = c.rate_bps * SNAS_MTU / (SNAS_MTU - TCP_HEADERS);
+                            ratios
+                                .entry((text.to_owned(), download))
+                                .or_default()
+                                .push(ip / bps);
+                            raw.push(json!({"limit": text, "download": download, "ip_bps": ip, "client": c}));
+                        }
+                        Err(e) => notes.push(format!("{text} rep {}: {e}", rep + 1)),
+                    }
+                }
+            }
+        }
+        let mut table = Table {
+            columns: vec![
+                "limit".into(),
+                "direction".into(),
+                "achieved Mbit/s (IP)".into(),
+                "achieved / configured".into(),
+            ],
+            rows: Vec::new(),
+        };
+        let mut goals = Vec::new();
+        for (bps, text) in limits {
+            for download in [true, false] {
+                let r = ratios
+                    .get(&(text.to_owned(), download))
+                    .cloned()
+                    .unwrap_or_default();
+                let mbit: Vec<f64> = r.iter().map(|x| x * bps / 1e6).collect();
+                let dir = if download {
+                    "download (ingress_bps)"
+                } else {
+                    "upload (egress_bps)"
+                };
+                table.rows.push(vec![
+                    text.into(),
+                    dir.into(),
+                    fmt_spread(&mbit, 2),
+                    fmt_spread(&r, 3),
+                ]);
+                let m = median(&r);
+                goals.push(GoalCheck {
+                    goal: format!("{text} {dir}: within ±3%"),
+                    measured: m.map_or("—".into(), |m| format!("{:+.1}%", (m - 1.0) * 100.0)),
+                    met: m.map(|m| (m - 1.0).abs() <= 0.03),
+                });
+            }
+        }
+        let cats: Vec<String> = limits.iter().map(|l| l.1.to_owned()).collect();
+        ScenarioResult {
+            id: "edt_accuracy".into(),
+            title: "EDT accuracy: achieved rate against the policy's limit".into(),
+            method: format!(
+                "A SNAS job (netns) with `egress_bps` = `ingress_bps` = the limit runs one bulk flow each way ({} s after a {} s warm-up). Cells: median over {} repetitions (min–max).",
+                self.plan.duration_s, self.plan.warmup_s, self.plan.reps
+            ),
+            charts: vec![BarChart {
+                title: "Achieved / configured rate".into(),
+                y_label: "ratio".into(),
+                categories: cats.clone(),
+                series: [true, false]
+                    .iter()
+                    .map(|&d| BarSeries {
+                        name: if d { "download" } else { "upload" }.into(),
+                        values: cats
+                            .iter()
+                            .map(|c| spread_bar(ratios.get(&(c.clone(), d)).map_or(&[][..], |v| v)))
+                            .collect(),
+                    })
+                    .collect(),
+                reference_lines: vec![("−3%".into(), 0.97), ("+3%".into(), 1.03)],
+                log_y: false,
+            }],
+            table,
+            goals,
+            notes,
+            raw: json!(raw),
+        }
+    }
+
+    /// Runs `n` SNAS jobs (or direct clients) downloading at once; their payload rates.
+    fn concurrent_downloads(
+        &self,
+        path: PathKind,
+        jobs: &[JobSpec],
+        n: usize,
+    ) -> Result<Vec<f64>, String> {
+        let w = Workload::Bulk {
+            duration_s: self.plan.duration_s,
+            warmup_s: self.plan.warmup_s,
+            flows: 1,
+            download: true,
+        };
+        let running: Vec<_> = (0..n)
+            .map(|i| {
+                self.paths
+                    .spawn(path, jobs.get(i), &w, "bulk.example.com", 5201)
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<Result<_, _>>()?;
+        running
+            .into_iter()
+            .map(|c| c.wait().map(|r| r.rate_bps).map_err(|e| e.to_string()))
+            .collect()
+    }
+
+    /// Fairness across four jobs of four tenants.
+    pub fn fairness(&self) -> ScenarioResult {
+        let cases: [(&str, Option<&str>); 3] = [
+            ("4 SNAS jobs, 50 Mbit/s limit each", Some("50Mbit")),
+            ("4 SNAS jobs, no binding limit", Some(UNLIMITED)),
+            ("direct, 4 clients", None),
+        ];
+        let mut jain: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        let mut rates: BTreeMap<&str, Vec<Vec<f64>>> = BTreeMap::new();
+        let mut notes = Vec::new();
+        for rep in 0..self.plan.reps {
+            for (name, limit) in cases {
+                let r = match limit {
+                    Some(l) => (0..4)
+                        .map(|i| self.next_job("fair", &format!("tenant{i}"), l))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| e.to_string())
+                        .and_then(|jobs| self.concurrent_downloads(PathKind::SnasNs, &jobs, 4)),
+                    None => self.concurrent_downloads(PathKind::Direct, &[], 4),
+                };
+                match r {
+                    Ok(v) => {
+                        if let Some(j) = crate::stats::jain_index(&v) {
+                            jain.entry(name).or_default().push(j);
+                        }
+                        rates.entry(name).or_default().push(v);
+                    }
+                    Err(e) => notes.push(format!("{name} rep {}: {e}", rep + 1)),
+                }
+            }
+        }
+        let mut table = Table {
+            columns: vec![
+                "case".into(),
+                "Jain index".into(),
+                "per-job Mbit/s (payload, last repetition)".into(),
+                "sum Mbit/s".into(),
+            ],
+            rows: Vec::new(),
+        };
+        for (name, _) in cases {
+            let last = rates
+                .get(name)
+                .and_then(|r| r.last())
+                .cloned()
+                .unwrap_or_default();
+            table.rows.push(vec![
+                name.into(),
+                fmt_spread(jain.get(name).map_or(&[][..], |v| v), 3),
+                last.iter()
+                    .map(|r| format!("{:.1}", r / 1e6))
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+                if last.is_empty() {
+                    "—".into()
+                } else {
+                    format!("{:.1}", last.iter().sum::<f64>() / 1e6)
+                },
+            ]);
+        }
+        let goals = cases[..2]
+            .iter()
+            .map(|(name, _)| {
+                let m = median(jain.get(name).map_or(&[][..], |v| v));
+                GoalCheck {
+                    goal: format!("{name}: Jain ≥ 0.98"),
+                    measured: m.map_or("—".into(), |m| format!("{m:.3}")),
+                    met: m.map(|m| m >= 0.98),
+                }
+            })
+            .collect();
+        ScenarioResult {
+            id: "fairness".into(),
+            title: "Fairness across 4 jobs".into(),
+            method: format!(
+                "Four jobs of four tenants on node 1 download from bulk.example.com at the same time, one flow each, {} s after a {} s warm-up; Jain's index of their rates ((Σx)²/(n·Σx²), 1 = equal). With no binding limit they compete for what the machine forwards. Cells: median over {} repetitions (min–max).",
+                self.plan.duration_s, self.plan.warmup_s, self.plan.reps
+            ),
+            charts: vec![BarChart {
+                title: "Jain's fairness index, 4 concurrent downloads".into(),
+                y_label: "Jain index".into(),
+                categories: cases.iter().map(|c| c.0.to_owned()).collect(),
+                series: vec![BarSeries {
+                    name: "Jain index".into(),
+                    values: cases
+                        .iter()
+                        .map(|c| spread_bar(jain.get(c.0).map_or(&[][..], |v| v)))
+                        .collect(),
+                }],
+                reference_lines: vec![("goal 0.98".into(), 0.98)],
+                log_y: false,
+            }],
+            table,
+            goals,
+            notes,
+            raw: json!(rates),
+        }
+    }
+
+    /// The p99 request latency of a light job, idle and while a heavy job saturates its limit.
+    pub fn noisy_neighbour(&self) -> ScenarioResult {
+        let rr = Workload::Rr {
+            duration_s: self.plan.duration_s,
+            warmup_s: self.plan.warmup_s,
+        };
+        let heavy_w = Workload::Bulk {
+            duration_s: self.plan.duration_s + 2.0 * self.plan.warmup_s,
+            warmup_s: 0.0,
+            flows: 4,
+            download: true,
+        };
+        let mut idle = Vec::new();
+        let mut loaded = Vec::new();
+        let mut heavy_rates = Vec::new();
+        let mut notes = Vec::new();
+        for rep in 0..self.plan.reps {
+            let light = self.next_job("noisy", "light", "100Mbit");
+            let heavy = self.next_job("noisy", "heavy", "100Mbit");
+            let (light, heavy) = match (light, heavy) {
+                (Ok(l), Ok(h)) => (l, h),
+                (Err(e), _) | (_, Err(e)) => {
+                    notes.push(format!("rep {}: {e}", rep + 1));
+                    continue;
+                }
+            };
+            match self
+                .paths
+                .run(PathKind::SnasNs, Some(&light), &rr, "api.example.com", 7)
+            {
+                Ok(c) => idle.extend(c.latency_us.map(|l| l.p99)),
+                Err(e) => notes.push(format!("idle rep {}: {e}", rep + 1)),
+            }
+            let h = self.paths.spawn(
+                PathKind::SnasNs,
+                Some(&heavy),
+                &heavy_w,
+                "bulk.example.com",
+                5201,
+            );
+            // Let the heavy job reach its limit before measuring.
+            std::thread::sleep(std::time::Duration::from_secs_f64(self.plan.warmup_s));
+            match self
+                .paths
+                .run(PathKind::SnasNs, Some(&light), &rr, "api.example.com", 7)
+            {
+                Ok(c) => loaded.extend(c.latency_us.map(|l| l.p99)),
+                Err(e) => notes.push(format!("loaded rep {}: {e}", rep + 1)),
+            }
+            match h
+                .map_err(|e| e.to_string())
+                .and_then(|h| h.wait().map_err(|e| e.to_string()))
+            {
+                Ok(c) => heavy_rates.push(c.rate_bps / 1e6),
+                Err(e) => notes.push(format!("heavy rep {}: {e}", rep + 1)),
+            }
+        }
+        let (mi, ml) = (median(&idle), median(&loaded));
+        let ratio = mi.zip(ml).and_then(|(i, l)| crate::stats::ratio(l, i));
+        ScenarioResult {
+            id: "noisy_neighbour".into(),
+            title: "Noisy neighbour: a light job's p99 while a heavy job saturates its limit".into(),
+            method: format!(
+                "Light job (tenant `light`): TCP_RR against api.example.com:7 for {} s, alone and then while a heavy job (tenant `heavy`, 100 Mbit/s limit) downloads with 4 flows on the same node and proxies. Cells: median of per-repetition p99 over {} repetitions (min–max).",
+                self.plan.duration_s, self.plan.reps
+            ),
+            table: Table {
+                columns: vec![
+                    "light job p99 idle µs".into(),
+                    "light job p99 loaded µs".into(),
+                    "loaded / idle".into(),
+                    "heavy job Mbit/s (payload)".into(),
+                ],
+                rows: vec![vec![
+                    fmt_spread(&idle, 1),
+                    fmt_spread(&loaded, 1),
+                    ratio_text(ratio),
+                    fmt_spread(&heavy_rates, 1),
+                ]],
+            },
+            charts: vec![BarChart {
+                title: "Light job p99 latency".into(),
+                y_label: "p99 µs".into(),
+                categories: vec!["idle".into(), "heavy neighbour at its limit".into()],
+                series: vec![BarSeries {
+                    name: "light job p99".into(),
+                    values: vec![spread_bar(&idle), spread_bar(&loaded)],
+                }],
+                reference_lines: mi.map(|i| vec![("1.2 × idle".to_owned(), 1.2 * i)]).unwrap_or_default(),
+                log_y: false,
+            }],
+            goals: vec![GoalCheck {
+                goal: "loaded p99 ≤ 1.2 × idle p99".into(),
+                measured: ratio_text(ratio),
+                met: ratio.map(|r| r <= 1.2),
+            }],
+            notes,
+            raw: json!({"idle_p99_us": idle, "loaded_p99_us": loaded, "heavy_mbit": heavy_rates}),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn benchmark_policy_parses_and_keeps_the_allowlist() {
+        let d = snas_policy::parse_policy(&policy("t", "j", "10Mbit")).unwrap();
+        let c = d.to_claims("jti", 1, std::time::SystemTime::now());
+        let text = serde_json::to_string(&c).unwrap();
+        for (host, ..) in crate::paths::ALLOWED {
+            assert!(text.contains(host), "{host} missing from {text}");
+        }
+    }
+
+    #[test]
+    fn spread_shows_median_and_range_or_a_dash() {
+        assert_eq!(fmt_spread(&[3.0, 1.0, 2.0], 1), "2.0 (1.0–3.0)");
+        assert_eq!(fmt_spread(&[5.0], 0), "5");
+        assert_eq!(fmt_spread(&[], 0), "—");
+    }
+}
