@@ -19,8 +19,8 @@
 //!
 //! # Pacing
 //! Tier 2 stamps each packet with a departure time. A packet due now is written at once; a
-//! later one is copied into a recycled buffer and queued; `poll` wakes at the earliest
-//! departure (millisecond resolution) or every [`TICK`] for housekeeping.
+//! later one is copied into a recycled buffer and queued; `ppoll` wakes at the earliest
+//! departure (microsecond-scale resolution) or every [`TICK`] for housekeeping.
 //!
 //! # Invariants
 //! - No allocation per packet on the established path (receive buffers, refusal buffers, send
@@ -488,8 +488,7 @@ impl Worker {
             if let Some(h) = self.held.peek() {
                 wait = wait.min(h.depart.saturating_duration_since(now));
             }
-            let ms = i32::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(5);
-            if let Err(e) = udp::poll(&mut fds, ms) {
+            if let Err(e) = udp::poll(&mut fds, wait) {
                 tracing::error!(error = %e, "poll failed; worker stops");
                 return;
             }

@@ -6,8 +6,10 @@
 //!
 //! # Semantics
 //! A packet of `len` bytes of job `j` in tenant `T` at time `now` gets the departure time
-//! `d = max(d_job, d_tenant, d_share)`, where each clock `c` advances as
-//! `d_c = max(now, c) + len·8·10⁹ / rate_c` nanoseconds:
+//! `d = max(s_job, s_tenant, s_share)` with `s_c = max(now, c)`, and each clock `c` then
+//! advances to `s_c + len·8·10⁹ / rate_c` nanoseconds (start-time EDT, as with fq: a packet of
+//! an idle job leaves at once and its transmission time delays the next one, so pacing adds no
+//! latency below the rate; a burst is at most one packet):
 //! - the **job clock** runs at the job's rate;
 //! - the **tenant clock** runs at the tenant's cap (a hard ceiling on the tenant's sum);
 //! - the job's **share clock** runs at `tenant cap / n`, where `n` is the number of the tenant's
@@ -17,7 +19,7 @@
 //!
 //! If `d − now` exceeds the horizon (the queueing-delay budget, default 20 ms) the packet is
 //! dropped ([`Reason::PacingHorizon`]), counted, and no clock moves. Otherwise all three clocks
-//! move to their `d_c`. Departures of one job never decrease, so a flow's packets stay in order.
+//! move as above. Departures of one job never decrease, so a flow's packets stay in order.
 //!
 //! # Rates
 //! [`Bps`] is bits per second. `Bps(0)` blocks: every packet is dropped. [`Bps::UNLIMITED`]
@@ -252,10 +254,15 @@ impl Pacer {
             return Stamp::Drop(Reason::PacingHorizon);
         };
         let tx_share = tx_tenant.saturating_mul(u64::from(n));
-        let d_job = job.t_job.max(now).saturating_add_nanos(tx_job);
-        let d_share = job.t_share.max(now).saturating_add_nanos(tx_share);
-        let d_tenant = tenant.t.max(now).saturating_add_nanos(tx_tenant);
-        let departure = d_job.max(d_share).max(d_tenant);
+        // Start-time EDT (as fq's users do): the packet leaves when every clock has caught up
+        // with the packets before it, and its own transmission time is charged to the next.
+        let s_job = job.t_job.max(now);
+        let s_share = job.t_share.max(now);
+        let s_tenant = tenant.t.max(now);
+        let departure = s_job.max(s_share).max(s_tenant);
+        let d_job = s_job.saturating_add_nanos(tx_job);
+        let d_share = s_share.saturating_add_nanos(tx_share);
+        let d_tenant = s_tenant.saturating_add_nanos(tx_tenant);
         if departure.as_nanos() - now.as_nanos() > self.horizon_ns {
             job.stats.drop(len);
             tenant.stats.drop(len);
@@ -404,10 +411,12 @@ mod tests {
     fn departures_are_spaced_by_len_over_rate() {
         let mut p = pacer();
         let r = rates(Bps::mbit(12), Bps::UNLIMITED);
-        // 1500 B at 12 Mbit/s = 1 ms.
+        // 1500 B at 12 Mbit/s = 1 ms; the first packet of an idle job leaves at once.
+        assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(0)));
         assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(1)));
         assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(2)));
         // After idling, the clock restarts from now (no credit for idle time).
+        assert_eq!(p.stamp(KEY, r, 1500, ms(10)), Stamp::Depart(ms(10)));
         assert_eq!(p.stamp(KEY, r, 1500, ms(10)), Stamp::Depart(ms(11)));
     }
 
@@ -415,7 +424,7 @@ mod tests {
     fn packets_beyond_the_horizon_are_dropped_and_counted() {
         let mut p = pacer();
         let r = rates(Bps::mbit(12), Bps::UNLIMITED);
-        for i in 1..=20 {
+        for i in 0..=20 {
             assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(i)));
         }
         assert_eq!(
@@ -423,7 +432,7 @@ mod tests {
             Stamp::Drop(Reason::PacingHorizon)
         );
         let s = p.job_stats(1).unwrap();
-        assert_eq!((s.passed_packets, s.dropped_packets), (20, 1));
+        assert_eq!((s.passed_packets, s.dropped_packets), (21, 1));
         assert_eq!(s.dropped_bytes, 1500);
         // The drop did not move the clock.
         assert_eq!(p.stamp(KEY, r, 1500, ms(1)), Stamp::Depart(ms(21)));
@@ -446,6 +455,7 @@ mod tests {
     fn tenant_cap_binds_a_fast_job() {
         let mut p = pacer();
         let r = rates(Bps::gbit(1), Bps::mbit(12));
+        assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(0)));
         assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(1)));
         assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(2)));
     }
@@ -455,8 +465,10 @@ mod tests {
         let mut p = pacer();
         let r = rates(Bps::gbit(1), Bps::mbit(12));
         let other = PacingKey { job: 2, tenant: 9 };
-        assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(1)));
-        // Second job active: its share is 6 Mbit/s, 2 ms per packet.
+        assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(0)));
+        // Second job active: it waits for the tenant clock, then its share is 6 Mbit/s, 2 ms
+        // per packet.
+        assert_eq!(p.stamp(other, r, 1500, ms(0)), Stamp::Depart(ms(1)));
         assert_eq!(p.stamp(other, r, 1500, ms(0)), Stamp::Depart(ms(2)));
         assert_eq!(p.stamp(other, r, 1500, ms(0)), Stamp::Depart(ms(4)));
     }
@@ -472,7 +484,7 @@ mod tests {
             ));
         }
         let mut out = Vec::new();
-        q.pop_due(ms(2), &mut out);
+        q.pop_due(ms(1), &mut out);
         assert_eq!(out, vec![0, 1]);
         q.pop_due(ms(5), &mut out);
         assert_eq!(out, vec![0, 1, 2, 3, 4]);

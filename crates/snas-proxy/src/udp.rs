@@ -280,11 +280,23 @@ impl SendBatch {
     }
 }
 
-/// Waits for readiness on `fds` for at most `timeout_ms` (-1: forever). Interrupts count as a
-/// timeout.
-pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
-    // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd of the given length.
-    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+/// Waits for readiness on `fds` for at most `timeout` (`ppoll`, nanosecond resolution, so
+/// that paced packets can be released on time). Interrupts count as a timeout.
+pub fn poll(fds: &mut [libc::pollfd], timeout: std::time::Duration) -> io::Result<usize> {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd of the given length; `ts`
+    // lives across the call; a null signal mask leaves the mask unchanged.
+    let r = unsafe {
+        libc::ppoll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            &ts,
+            std::ptr::null(),
+        )
+    };
     if r < 0 {
         let e = last_err();
         if e.kind() == io::ErrorKind::Interrupted {

@@ -1,8 +1,11 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* edt.h - Earliest Departure Time stamping per job.
  *
- * t = max(now, t_last) + len * 8e9 / egress_bps, len = the inner IPv4 packet length (what the
- * sandbox sent; the 56 bytes of overlay are not charged). If t - now exceeds the horizon (the
+ * Start-time EDT (as Cilium and fq's other users do): the packet departs at
+ * t = max(now, t_last) and t_last becomes t + len * 8e9 / egress_bps, len = the inner IPv4
+ * packet length (what the sandbox sent; the 56 bytes of overlay are not charged). A packet of
+ * an idle job thus leaves at once and its transmission time delays the next one: pacing adds
+ * no latency below the rate, and a burst is one packet. If t - now exceeds the horizon (the
  * queueing-delay budget, default 20 ms) the packet is dropped and t_last is not advanced.
  * The stamp is written with bpf_skb_set_tstamp(..., BPF_SKB_TSTAMP_DELIVERY_MONO) so that it
  * survives the redirect to the uplink, where fq (if the kernel has it) paces by it. Without
@@ -26,11 +29,11 @@ static __always_inline int edt_stamp(struct job_state *st, const struct job_cfg 
 		return 0;
 	delay = (__u64)len * 8 * NSEC_PER_SEC / bps;
 	bpf_spin_lock(&st->lock);
-	t = (st->t_last > now ? st->t_last : now) + delay;
+	t = st->t_last > now ? st->t_last : now;
 	if (t - now > horizon) {
 		reason = SNAS_DROP_PACING_HORIZON;
 	} else {
-		st->t_last = t;
+		st->t_last = t + delay;
 		*tstamp = t;
 	}
 	bpf_spin_unlock(&st->lock);
