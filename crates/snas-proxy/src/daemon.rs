@@ -53,6 +53,22 @@ use crate::udp::{self, GeneveSocket, RecvBatch, SendBatch};
 /// Housekeeping period (conntrack expiry, drain flag) and longest `poll` sleep.
 pub const TICK: Duration = Duration::from_millis(5);
 
+/// A packet whose departure is at most this far ahead is sent now rather than queued: less
+/// than a wake-up costs, and the pacer's clocks do not depend on when a packet really left, so
+/// long-run rates are unchanged (at 1 Gbit/s it is about two full-sized packets of burst).
+pub const PACING_SLACK: Duration = Duration::from_micros(25);
+
+/// Whether a packet departing at `depart` goes out now: due within [`PACING_SLACK`] and not
+/// behind anything already queued (`floor`: the earliest queued departure, including packets
+/// queued earlier in the same batch), so that a job's packets never overtake each other.
+fn send_now(depart: Nanos, now: Nanos, floor: &mut Option<Nanos>) -> bool {
+    if depart <= now.saturating_add(PACING_SLACK) && floor.is_none_or(|f| f > depart) {
+        return true;
+    }
+    *floor = Some(floor.map_or(depart, |f| f.min(depart)));
+    false
+}
+
 /// Size of a refusal buffer (GENEVE header + RST or ICMP quoting up to 1280 bytes).
 const REFUSAL_LEN: usize = GENEVE_HEADER_LEN + 1400;
 
@@ -435,6 +451,8 @@ struct Worker {
     scratch: Vec<u8>,
     mtu: usize,
     last_tick: Nanos,
+    /// When this worker last moved a packet (for busy polling).
+    last_active: Nanos,
 }
 
 impl std::fmt::Debug for Worker {
@@ -463,6 +481,7 @@ impl Worker {
             scratch: vec![0u8; mtu],
             mtu,
             last_tick: Nanos::ZERO,
+            last_active: Nanos::ZERO,
             s,
             sock,
             tun,
@@ -482,11 +501,19 @@ impl Worker {
                 revents: 0,
             },
         ];
+        let busy = Duration::from_micros(self.s.cfg.busy_poll_us);
         while !self.s.stop.load(Ordering::Relaxed) {
             let now = self.s.clock.now();
             let mut wait = TICK;
             if let Some(h) = self.held.peek() {
-                wait = wait.min(h.depart.saturating_duration_since(now));
+                wait = wait.min(
+                    h.depart
+                        .saturating_duration_since(now)
+                        .saturating_sub(PACING_SLACK),
+                );
+            }
+            if now.saturating_duration_since(self.last_active) < busy {
+                wait = Duration::ZERO;
             }
             if let Err(e) = udp::poll(&mut fds, wait) {
                 tracing::error!(error = %e, "poll failed; worker stops");
@@ -499,6 +526,7 @@ impl Worker {
                 if a == 0 && b == 0 {
                     break;
                 }
+                self.last_active = self.s.clock.now();
             }
             self.release_due();
             self.housekeeping();
@@ -526,13 +554,16 @@ impl Worker {
             if eng.is_draining() != draining {
                 eng.set_draining(draining);
             }
+            let mut floor = self.held.peek().map(|h| h.depart);
             for i in 0..n {
                 let meta = self.rx.meta[i];
                 bytes += meta.len as u64;
                 let payload = &mut self.rx.bufs[i][..meta.len];
                 let v = eng.from_node(&view, *meta.src.ip(), payload, &mut self.refusals[i], now);
                 self.outs[i] = match v {
-                    Verdict::ToInternet { range, depart } if depart <= now.mono => {
+                    Verdict::ToInternet { range, depart }
+                        if send_now(depart, now.mono, &mut floor) =>
+                    {
                         Out::Internet(range)
                     }
                     Verdict::ToInternet { range, depart } => Out::Hold(depart, None, range),
@@ -595,9 +626,10 @@ impl Worker {
                 )),
                 _ => None,
             });
-            let sent = self
+            let (sent, failed) = self
                 .tx
                 .send(&self.sock, msgs.inspect(|(_, d)| bytes += d.len() as u64));
+            add(&self.s.metrics.node_send_failures, failed as u64);
             add(&self.s.metrics.refusals, sent as u64);
             add(&self.s.metrics.node_tx_packets, sent as u64);
             add(&self.s.metrics.node_tx_bytes, bytes);
@@ -630,6 +662,7 @@ impl Worker {
         let now = self.s.now();
         {
             let mut eng = self.s.engine();
+            let mut floor = self.held.peek().map(|h| h.depart);
             for i in 0..n {
                 let inner = GENEVE_HEADER_LEN..GENEVE_HEADER_LEN + self.tunlens[i];
                 self.outs[i] = match eng.from_internet(&mut self.tunbufs[i], inner, now) {
@@ -637,7 +670,7 @@ impl Worker {
                         node,
                         range,
                         depart,
-                    } if depart <= now.mono => Out::Node(node, range),
+                    } if send_now(depart, now.mono, &mut floor) => Out::Node(node, range),
                     Verdict::ToNode {
                         node,
                         range,
@@ -678,7 +711,8 @@ impl Worker {
                 }
                 _ => None,
             });
-            let sent = self.tx.send(&self.sock, msgs);
+            let (sent, failed) = self.tx.send(&self.sock, msgs);
+            add(&self.s.metrics.node_send_failures, failed as u64);
             add(&self.s.metrics.node_tx_packets, sent as u64);
             add(&self.s.metrics.node_tx_bytes, bytes);
         }
@@ -688,7 +722,8 @@ impl Worker {
     fn release_due(&mut self) {
         let now = self.s.clock.now();
         self.due.clear();
-        while self.held.peek().is_some_and(|h| h.depart <= now) {
+        let due_by = now.saturating_add(PACING_SLACK);
+        while self.held.peek().is_some_and(|h| h.depart <= due_by) {
             let Some(h) = self.held.pop() else { break };
             match h.to {
                 None => {
@@ -704,7 +739,8 @@ impl Worker {
                 .due
                 .iter()
                 .filter_map(|h| h.to.map(|to| (to, h.data.as_slice())));
-            let sent = self.tx.send(&self.sock, msgs);
+            let (sent, failed) = self.tx.send(&self.sock, msgs);
+            add(&self.s.metrics.node_send_failures, failed as u64);
             add(&self.s.metrics.node_tx_packets, sent as u64);
             add(&self.s.metrics.node_tx_bytes, bytes);
             self.pool.extend(self.due.drain(..).map(|h| h.data));

@@ -42,6 +42,9 @@ pub struct Metrics {
     pub need_policy: AtomicU64,
     /// TUN writes that failed (queue full, refused).
     pub tun_write_errors: AtomicU64,
+    /// GENEVE datagrams to nodes the kernel refused (send buffer still full after a short
+    /// wait, no route): dropped, counted here.
+    pub node_send_failures: AtomicU64,
     /// TCP super-packets segmented.
     pub gso_segmented: AtomicU64,
     /// DNS queries answered (NOERROR / NXDOMAIN / NODATA).
@@ -150,7 +153,7 @@ pub fn render(m: &Metrics, engine: &Tier2, extra: Extra) -> String {
             let _ = writeln!(o, "snas_proxy_drops_total{{reason=\"{}\"}} {n}", r.name());
         }
     }
-    let simple: [(&str, &str, u64); 6] = [
+    let simple: [(&str, &str, u64); 7] = [
         (
             "snas_proxy_refusals_sent_total",
             "RST/ICMP refusals sent to nodes.",
@@ -165,6 +168,11 @@ pub fn render(m: &Metrics, engine: &Tier2, extra: Extra) -> String {
             "snas_proxy_tun_write_errors_total",
             "Failed TUN writes.",
             get(&m.tun_write_errors),
+        ),
+        (
+            "snas_proxy_node_send_failures_total",
+            "GENEVE datagrams to nodes the kernel refused (dropped).",
+            get(&m.node_send_failures),
         ),
         (
             "snas_proxy_gso_segmented_total",

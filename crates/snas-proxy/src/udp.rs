@@ -26,6 +26,9 @@ pub const RECV_BUF_LEN: usize = 65536;
 /// Socket receive/send buffer size requested (bytes).
 const SOCK_BUF: libc::c_int = 8 << 20;
 
+/// Longest wait for room in a full send buffer before a datagram is given up.
+pub const SEND_WAIT: std::time::Duration = std::time::Duration::from_millis(2);
+
 fn last_err() -> io::Error {
     io::Error::last_os_error()
 }
@@ -224,9 +227,11 @@ impl SendBatch {
         }
     }
 
-    /// Sends every `(destination, payload)`; returns how many the kernel took. A datagram the
-    /// kernel refuses (e.g. no route) is skipped and counted as not sent.
-    pub fn send<'a, I>(&mut self, sock: &GeneveSocket, msgs: I) -> usize
+    /// Sends every `(destination, payload)`; returns how many the kernel took and how many it
+    /// refused. A full socket buffer is waited out for up to [`SEND_WAIT`] once per datagram;
+    /// a datagram the kernel still refuses (full buffer, no route) is skipped and counted as
+    /// refused, so the caller can count the drop.
+    pub fn send<'a, I>(&mut self, sock: &GeneveSocket, msgs: I) -> (usize, usize)
     where
         I: IntoIterator<Item = (SocketAddrV4, &'a [u8])>,
     {
@@ -252,6 +257,7 @@ impl SendBatch {
         }
         let mut sent = 0;
         let mut off = 0;
+        let mut waited = false;
         while off < n {
             // SAFETY: headers `off..n` point at the caller's payloads (borrowed for 'a, alive
             // during the call) and at `self.addrs`/`self.iov`, which are not resized here.
@@ -268,15 +274,29 @@ impl SendBatch {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                // Skip the datagram that failed (EWOULDBLOCK: socket buffer full → drop).
+                if e.kind() == io::ErrorKind::WouldBlock && !waited {
+                    // The buffer drains as the kernel forwards; wait for room once.
+                    waited = true;
+                    let mut pfd = [libc::pollfd {
+                        fd: sock.raw_fd(),
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    }];
+                    if poll(&mut pfd, SEND_WAIT).is_ok_and(|n| n > 0) {
+                        continue;
+                    }
+                }
+                // Skip the datagram that failed.
+                waited = false;
                 off += 1;
                 continue;
             }
             let r = r as usize;
+            waited = false;
             sent += r;
             off += r.max(1);
         }
-        sent
+        (sent, n - sent)
     }
 }
 
