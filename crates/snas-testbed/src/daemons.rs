@@ -199,6 +199,7 @@ trust = {trust}\n\
 egress_pool = [\"{pool}/{len}\"]\n\
 tun_name = \"{PROXY_TUN}\"\n\
 workers = 1\n\
+busy_poll_us = 100\n\
 resolver_listen = \"{resolver}\"\n\
 upstream_dns = [\"{dns}\"]\n\
 control_listen = \"{control}\"\n\
