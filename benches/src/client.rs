@@ -330,15 +330,17 @@ fn crr(t: &Target, duration: Duration, warmup: Duration) -> Result<ClientResult,
     })
 }
 
-/// One bulk flow: counts payload bytes into `counter` until `stop`; for uploads returns the
-/// byte count the server confirmed after the shutdown.
+/// One bulk flow. Downloads count payload bytes into `counter` until `stop` and return `None`;
+/// uploads ask the server to time a window of `warmup` + `window` itself (`RECV <ms> <ms>`)
+/// and return its answer (bytes, seconds), then stop sending.
 fn bulk_flow(
     t: &Target,
     addr: Option<SocketAddr>,
     download: bool,
+    timing: (Duration, Duration),
     counter: &AtomicU64,
     stop: &AtomicBool,
-) -> Result<u64, ClientError> {
+) -> Result<Option<(u64, f64)>, ClientError> {
     let mut s = connect(t, addr)?;
     let mut buf = vec![0x5a_u8; 64 * 1024];
     if download {
@@ -355,34 +357,59 @@ fn bulk_flow(
             counter.fetch_add(n as u64, Ordering::Relaxed);
         }
         // Closing with unread data resets the connection: the server sees it and stops.
-        Ok(0)
-    } else {
-        s.write_all(b"RECV\n").map_err(io_err("writing to", t))?;
-        while !stop.load(Ordering::Relaxed) {
-            let n = s.write(&buf).map_err(io_err("writing to", t))?;
-            counter.fetch_add(n as u64, Ordering::Relaxed);
+        return Ok(None);
+    }
+    let (warmup, window) = timing;
+    let req = format!(
+        "RECV {} {}\n",
+        warmup.as_millis(),
+        window.as_millis().max(1)
+    );
+    s.write_all(req.as_bytes()).map_err(io_err("writing to", t))?;
+    s.set_read_timeout(Some(warmup + window + Duration::from_secs(30)))
+        .map_err(io_err("configuring", t))?;
+    let mut reader = s.try_clone().map_err(io_err("configuring", t))?;
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                if s.write_all(&buf).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let mut answer = Vec::new();
+    let mut b = [0u8; 1];
+    let read = loop {
+        match reader.read(&mut b) {
+            Ok(0) => break Ok(()),
+            Ok(_) if b[0] == b'\n' => break Ok(()),
+            Ok(_) => answer.push(b[0]),
+            Err(e) => break Err(e),
         }
-        s.shutdown(Shutdown::Write)
-            .map_err(io_err("shutting down", t))?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(io_err("configuring", t))?;
-        let mut answer = String::new();
-        s.read_to_string(&mut answer)
-            .map_err(io_err("reading the count from", t))?;
-        answer
-            .trim()
-            .parse::<u64>()
-            .map_err(|_| ClientError::Protocol {
-                target: t.label(),
-                detail: format!("count {answer:?}"),
-            })
+    };
+    done.store(true, Ordering::Relaxed);
+    // The writer may be blocked on a full buffer; shutting the socket down releases it.
+    let _ = reader.shutdown(Shutdown::Both);
+    let _ = writer.join();
+    read.map_err(io_err("reading the server's count from", t))?;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let mut it = text.split_whitespace().map(str::parse::<u64>);
+    match (it.next(), it.next()) {
+        (Some(Ok(bytes)), Some(Ok(nanos))) if nanos > 0 => Ok(Some((bytes, nanos as f64 / 1e9))),
+        _ => Err(ClientError::Protocol {
+            target: t.label(),
+            detail: format!("upload count {text:?}"),
+        }),
     }
 }
 
 /// Bulk transfer. Downloads: bytes received between the end of the warm-up and the end of the
-/// window, all flows summed. Uploads: what the server confirmed having received divided by the
-/// time from the first byte to its answer — exact, with no socket-buffer error, at the price of
-/// counting the ramp-up (negligible over seconds at sub-millisecond round trips).
+/// window, all flows summed, by the client's clock. Uploads: each flow's bytes as the server
+/// counted them in its own window (so nothing still queued in socket buffers is counted),
+/// summed over flows.
 fn bulk(
     t: &Target,
     duration: Duration,
@@ -393,24 +420,32 @@ fn bulk(
     let addr = address_for(t)?;
     let counter = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
     let handles: Vec<_> = (0..flows)
         .map(|_| {
             let (t, c, s) = (t.clone(), Arc::clone(&counter), Arc::clone(&stop));
-            std::thread::spawn(move || bulk_flow(&t, addr, download, &c, &s))
+            std::thread::spawn(move || bulk_flow(&t, addr, download, (warmup, duration), &c, &s))
         })
         .collect();
-    std::thread::sleep(warmup);
-    let (a_time, a_bytes) = (Instant::now(), counter.load(Ordering::Relaxed));
-    std::thread::sleep(duration);
-    let (b_time, b_bytes) = (Instant::now(), counter.load(Ordering::Relaxed));
-    stop.store(true, Ordering::Relaxed);
-    let mut confirmed = 0u64;
+    let mut window = None;
+    if download {
+        std::thread::sleep(warmup);
+        let (a_time, a_bytes) = (Instant::now(), counter.load(Ordering::Relaxed));
+        std::thread::sleep(duration);
+        let (b_time, b_bytes) = (Instant::now(), counter.load(Ordering::Relaxed));
+        window = Some((b_bytes - a_bytes, (b_time - a_time).as_secs_f64()));
+        stop.store(true, Ordering::Relaxed);
+    }
+    let (mut up_bytes, mut up_rate, mut up_secs) = (0u64, 0.0f64, 0.0f64);
     let mut errors = 0u64;
     let mut last_error = None;
     for h in handles {
         match h.join() {
-            Ok(Ok(n)) => confirmed += n,
+            Ok(Ok(Some((bytes, secs)))) => {
+                up_bytes += bytes;
+                up_rate += bytes as f64 * 8.0 / secs;
+                up_secs = up_secs.max(secs);
+            }
+            Ok(Ok(None)) => {}
             Ok(Err(e)) => {
                 errors += 1;
                 last_error = Some(e);
@@ -418,25 +453,20 @@ fn bulk(
             Err(_) => errors += 1,
         }
     }
-    let answered = started.elapsed().as_secs_f64();
     if let Some(e) = last_error.filter(|_| errors as usize == flows) {
         return Err(e);
     }
-    let (bytes, elapsed) = if download {
-        (b_bytes - a_bytes, (b_time - a_time).as_secs_f64())
-    } else {
-        (confirmed, answered)
+    let (bytes, elapsed, rate_bps) = match window {
+        Some((bytes, secs)) if secs > 0.0 => (bytes, secs, bytes as f64 * 8.0 / secs),
+        Some((bytes, secs)) => (bytes, secs, 0.0),
+        None => (up_bytes, up_secs, up_rate),
     };
     Ok(ClientResult {
         transactions: flows as u64 - errors,
         errors,
         elapsed_s: elapsed,
         bytes,
-        rate_bps: if elapsed > 0.0 {
-            bytes as f64 * 8.0 / elapsed
-        } else {
-            0.0
-        },
+        rate_bps,
         resolved: addr.map(|a| a.to_string()).unwrap_or_default(),
         ..ClientResult::default()
     })

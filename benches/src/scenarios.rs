@@ -567,10 +567,9 @@ impl<'a> Scenarios<'a> {
             id: "bulk".into(),
             title: "Bulk throughput, 1 and 8 flows, download and upload".into(),
             method: format!(
-                "bulk.example.com:5201: download = the server sends, counted at the client between the end of a {} s warm-up and {} s later; upload = the client sends for {} s and the server's confirmed byte count is divided by the time to its answer. Flows run in parallel threads of one client and are summed. Cells: median over {} repetitions (min–max).",
-                self.plan.warmup_s,
+                "bulk.example.com:5201, {} s after a {} s warm-up: download = bytes received by the client in the window; upload = bytes the server read in its own window of the same length (`RECV <ms> <ms>`), so data still queued in socket buffers is not counted. Flows run in parallel threads of one client and are summed. Cells: median over {} repetitions (min–max).",
                 self.plan.duration_s,
-                self.plan.warmup_s + self.plan.duration_s,
+                self.plan.warmup_s,
                 self.plan.reps
             ),
             table,

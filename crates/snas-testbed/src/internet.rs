@@ -14,7 +14,12 @@
 //!
 //! Bulk protocol on 5201 (text first line, usable with `nc`): `SEND <bytes>\n` → the server
 //! writes that many bytes and closes; `RECV\n` → the server reads until EOF and answers
-//! `<bytes>\n`. Requests are capped at [`BULK_MAX`] bytes.
+//! `<bytes>\n`; `RECV <warmup_ms> <window_ms>\n` → the server measures the upload itself: it
+//! answers `<bytes> <nanoseconds>\n` — what it read between the end of the warm-up (counted
+//! from the request) and the end of the window — as soon as the window ends, then reads on until
+//! EOF. The timed form needs no half-close, so it also works through proxies that close a
+//! tunnel when the client shuts down its sending side (squid). Requests are capped at
+//! [`BULK_MAX`] bytes.
 //!
 //! Limits: each connection is its own task; no connection limit (the testbed's clients are the
 //! tests themselves).
@@ -259,6 +264,45 @@ async fn echo_udp(s: UdpSocket) {
     }
 }
 
+/// `RECV <warmup_ms> <window_ms>`: counts what arrives in the window by the server's own clock.
+async fn timed_upload(
+    mut s: BufReader<TcpStream>,
+    warmup: std::time::Duration,
+    window: std::time::Duration,
+) -> std::io::Result<()> {
+    let start = tokio::time::Instant::now();
+    let mut rbuf = vec![0u8; 64 * 1024];
+    let mut total: u64 = 0;
+    let mut mark: Option<(tokio::time::Instant, u64)> = None;
+    let mut answered = false;
+    loop {
+        let n = s.read(&mut rbuf).await?;
+        let now = tokio::time::Instant::now();
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if mark.is_none() && now - start >= warmup {
+            mark = Some((now, total));
+        }
+        if let Some((t0, b0)) = mark.filter(|(t0, _)| !answered && now - *t0 >= window) {
+            let answer = format!("{} {}\n", total - b0, (now - t0).as_nanos());
+            s.get_mut().write_all(answer.as_bytes()).await?;
+            answered = true;
+        }
+    }
+    if !answered {
+        // The client stopped early: report what there is (0 ns: no window).
+        let (bytes, nanos) = mark.map_or((0, 0), |(t0, b0)| {
+            (total - b0, (tokio::time::Instant::now() - t0).as_nanos())
+        });
+        s.get_mut()
+            .write_all(format!("{bytes} {nanos}\n").as_bytes())
+            .await?;
+    }
+    s.get_mut().shutdown().await
+}
+
 async fn bulk(s: TcpStream) -> std::io::Result<()> {
     let mut s = BufReader::new(s);
     let mut line = String::new();
@@ -276,6 +320,17 @@ async fn bulk(s: TcpStream) -> std::io::Result<()> {
             left -= k as u64;
         }
         s.get_mut().shutdown().await
+    } else if let Some(spec) = line.strip_prefix("RECV ") {
+        let mut it = spec.split_whitespace().map(|x| x.parse::<u64>());
+        let (Some(Ok(warm)), Some(Ok(window)), None) = (it.next(), it.next(), it.next()) else {
+            return Ok(());
+        };
+        timed_upload(
+            s,
+            std::time::Duration::from_millis(warm),
+            std::time::Duration::from_millis(window),
+        )
+        .await
     } else if line == "RECV" {
         let mut total: u64 = 0;
         let mut rbuf = vec![0u8; 64 * 1024];
@@ -292,5 +347,52 @@ async fn bulk(s: TcpStream) -> std::io::Result<()> {
         s.get_mut().shutdown().await
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod bulk_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn timed_upload_answers_with_the_window_while_the_client_still_sends() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let l = rt.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            rt.block_on(async move {
+                let (s, _) = l.accept().await.unwrap();
+                bulk(s).await.unwrap();
+            })
+        });
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        use std::io::{BufRead, Write};
+        c.write_all(b"RECV 50 200\n").unwrap();
+        let mut w = c.try_clone().unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop2 = Arc::clone(&stop);
+        let writer = std::thread::spawn(move || {
+            let buf = [1u8; 16384];
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                if w.write_all(&buf).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut line = String::new();
+        std::io::BufReader::new(&c).read_line(&mut line).unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        server.join().unwrap();
+        let mut it = line.split_whitespace().map(|x| x.parse::<u64>().unwrap());
+        let (bytes, nanos) = (it.next().unwrap(), it.next().unwrap());
+        assert!(bytes > 16384, "{line}");
+        assert!((200_000_000..2_000_000_000).contains(&nanos), "{line}");
     }
 }
