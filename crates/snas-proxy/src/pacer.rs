@@ -17,7 +17,9 @@
 //!   makes the cap fair: a job cannot take more than its `1/n` of the tenant, whatever order
 //!   packets arrive in, so greedy jobs get equal shares instead of whoever enqueues first.
 //!
-//! If `d − now` exceeds the horizon (the queueing-delay budget, default 20 ms) the packet is
+//! If `d − now` exceeds the horizon (the queueing-delay budget, default 20 ms, but never less
+//! than [`BURST_BYTES`] take at the job's rate or its share, so that one 64 KiB super-packet
+//! split by the proxy always fits) the packet is
 //! dropped ([`Reason::PacingHorizon`]), counted, and no clock moves. Otherwise all three clocks
 //! move as above. Departures of one job never decrease, so a flow's packets stay in order.
 //!
@@ -42,6 +44,10 @@ use snas_wire::Reason;
 
 use crate::clock::{duration_to_nanos, Nanos};
 use crate::wheel::{TimerWheel, WheelError};
+
+/// Bytes of one segmentation burst (the largest TCP super-packet): the horizon is never shorter
+/// than the time this takes at the packet's binding rate.
+pub const BURST_BYTES: u32 = 65_536;
 
 /// A rate in bits per second.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -263,7 +269,17 @@ impl Pacer {
         let d_job = s_job.saturating_add_nanos(tx_job);
         let d_share = s_share.saturating_add_nanos(tx_share);
         let d_tenant = s_tenant.saturating_add_nanos(tx_tenant);
-        if departure.as_nanos() - now.as_nanos() > self.horizon_ns {
+        // A low rate must still admit one whole segmentation burst (a 64 KiB TCP super-packet
+        // split by the proxy arrives at once): else every such burst loses its tail and TCP
+        // never reaches the rate (10 Mbit/s achieved 83% with a flat 20 ms horizon).
+        let burst_ns = rates.job.tx_nanos(BURST_BYTES).unwrap_or(0).max(
+            rates
+                .tenant
+                .tx_nanos(BURST_BYTES)
+                .unwrap_or(0)
+                .saturating_mul(u64::from(n)),
+        );
+        if departure.as_nanos() - now.as_nanos() > self.horizon_ns.max(burst_ns) {
             job.stats.drop(len);
             tenant.stats.drop(len);
             self.totals.drop(len);
@@ -423,19 +439,36 @@ mod tests {
     #[test]
     fn packets_beyond_the_horizon_are_dropped_and_counted() {
         let mut p = pacer();
-        let r = rates(Bps::mbit(12), Bps::UNLIMITED);
-        for i in 0..=20 {
-            assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(i)));
+        // 1500 B at 120 Mbit/s = 100 µs; the 20 ms horizon holds departures 0 ..= 20 ms.
+        let r = rates(Bps::mbit(120), Bps::UNLIMITED);
+        let us100 = |i: u64| Nanos::from_nanos(i * 100_000);
+        for i in 0..=200 {
+            assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(us100(i)));
         }
         assert_eq!(
             p.stamp(KEY, r, 1500, ms(0)),
             Stamp::Drop(Reason::PacingHorizon)
         );
         let s = p.job_stats(1).unwrap();
-        assert_eq!((s.passed_packets, s.dropped_packets), (21, 1));
+        assert_eq!((s.passed_packets, s.dropped_packets), (201, 1));
         assert_eq!(s.dropped_bytes, 1500);
         // The drop did not move the clock.
-        assert_eq!(p.stamp(KEY, r, 1500, ms(1)), Stamp::Depart(ms(21)));
+        assert_eq!(p.stamp(KEY, r, 1500, ms(1)), Stamp::Depart(us100(201)));
+    }
+
+    #[test]
+    fn a_low_rate_still_admits_one_64k_burst() {
+        let mut p = pacer();
+        // 12 Mbit/s, 1 ms per 1500 B: a 20 ms horizon would admit 21 packets; 64 KiB take
+        // 43.7 ms, so the departures 0 ..= 43 ms are admitted.
+        let r = rates(Bps::mbit(12), Bps::UNLIMITED);
+        for i in 0..=43 {
+            assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(i)));
+        }
+        assert_eq!(
+            p.stamp(KEY, r, 1500, ms(0)),
+            Stamp::Drop(Reason::PacingHorizon)
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Pacer properties over random arrivals, sizes and rates (several jobs in one tenant):
-//! - no packet is stamped beyond the horizon;
+//! - no packet is stamped beyond the horizon (or one 64 KiB burst at its binding rate);
 //! - a job's departures never decrease (its packets stay in order);
 //! - neither a job nor the tenant ever gets ahead of its rate by more than one packet: the
 //!   bytes stamped to leave by any departure time T fit in rate × (T − first arrival) plus the
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use snas_proxy::clock::Nanos;
-use snas_proxy::pacer::{Bps, Pacer, PacerConfig, PacingKey, PacingRates, Stamp};
+use snas_proxy::pacer::{Bps, Pacer, PacerConfig, PacingKey, PacingRates, Stamp, BURST_BYTES};
 
 #[derive(Debug, Clone)]
 struct Arrival {
@@ -70,7 +70,16 @@ proptest! {
             tenant_first.get_or_insert(now);
             if let Stamp::Depart(d) = p.stamp(key, rates, a.len, now) {
                 prop_assert!(d >= now);
-                prop_assert!(d.saturating_duration_since(now) <= cfg.horizon);
+                // The horizon, or one 64 KiB burst at the job's rate or its share of the
+                // tenant (at most 4 jobs), whichever is longer.
+                let burst = |bps: u64| Duration::from_nanos(
+                    (u64::from(BURST_BYTES) * 8 * 1_000_000_000).div_ceil(bps),
+                );
+                let horizon = cfg
+                    .horizon
+                    .max(burst(rates.job.0))
+                    .max(burst(tenant_rate.0) * 4);
+                prop_assert!(d.saturating_duration_since(now) <= horizon);
                 if let Some((last, _)) = per_job[a.job].last() {
                     prop_assert!(d >= *last, "job {} reordered", a.job);
                 }
