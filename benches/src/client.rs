@@ -365,7 +365,8 @@ fn bulk_flow(
         warmup.as_millis(),
         window.as_millis().max(1)
     );
-    s.write_all(req.as_bytes()).map_err(io_err("writing to", t))?;
+    s.write_all(req.as_bytes())
+        .map_err(io_err("writing to", t))?;
     s.set_read_timeout(Some(warmup + window + Duration::from_secs(30)))
         .map_err(io_err("configuring", t))?;
     let mut reader = s.try_clone().map_err(io_err("configuring", t))?;

@@ -11,10 +11,12 @@
 //! - [`machine`]: what machine the figures come from.
 //! - [`report`]: JSON, PNG charts, text and markdown tables.
 //! - [`orchestrate`]: one whole run: testbed up, paths, scenarios, results, teardown.
+//! - [`publish`]: a run's tables and charts into docs/benchmarks.md.
 pub mod client;
 pub mod machine;
 pub mod orchestrate;
 pub mod paths;
+pub mod publish;
 pub mod report;
 pub mod results;
 pub mod scale;

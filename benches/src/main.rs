@@ -24,6 +24,20 @@ struct Cli {
 enum Command {
     /// Run the benchmarks (root). Builds a private testbed (prefix snasbn<hex>) and removes it.
     Run(RunArgs),
+    /// Put a run's tables and charts into the docs (between marker comments; charts copied).
+    Publish {
+        /// Results folder of a run (holds run.json and the PNGs).
+        results: PathBuf,
+        /// The document to update.
+        #[arg(long, default_value = "docs/benchmarks.md")]
+        doc: PathBuf,
+        /// Where the charts go.
+        #[arg(long, default_value = "docs/benchmarks")]
+        images: PathBuf,
+        /// How the document refers to that folder.
+        #[arg(long, default_value = "benchmarks")]
+        image_ref: String,
+    },
     /// Internal: the workload program each path runs (prints one result line).
     #[command(hide = true)]
     Client {
@@ -66,6 +80,10 @@ struct RunArgs {
     /// Job counts of job_setup.
     #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
     jobs: Vec<usize>,
+    /// Let idle CPUs halt (default: hold a 0 µs PM QoS latency request so that they poll, as
+    /// latency benchmarks usually do; see docs/benchmarks.md).
+    #[arg(long)]
+    no_cpu_latency_qos: bool,
     /// Flow counts of proxy_memory.
     #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
     flows: Vec<usize>,
@@ -170,6 +188,7 @@ fn run_main(a: RunArgs) -> ExitCode {
         job_counts: jobs,
         flow_counts: flows,
         command: std::env::args().collect::<Vec<_>>().join(" "),
+        cpu_latency_qos: !a.no_cpu_latency_qos,
     };
     match orchestrate::run(&opts) {
         Ok(_) => {
@@ -187,5 +206,22 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run(a) => run_main(a),
         Command::Client { workload, target } => client_main(&workload, &target),
+        Command::Publish {
+            results,
+            doc,
+            images,
+            image_ref,
+        } => match snas_bench::publish::publish(&results, &doc, &images, &image_ref) {
+            Ok(files) => {
+                for f in files {
+                    println!("wrote {}", f.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("snas-bench publish: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

@@ -117,6 +117,24 @@ pub struct RunOptions {
     pub flow_counts: Vec<usize>,
     /// The command line, for the report.
     pub command: String,
+    /// Hold `/dev/cpu_dma_latency` at 0 µs during the run (idle CPUs poll instead of halting).
+    pub cpu_latency_qos: bool,
+}
+
+/// Holds a PM QoS CPU latency request of 0 µs while alive, so that idle CPUs poll instead of
+/// halting: on a VM a wake-up from halt costs tens of µs, which would otherwise land on
+/// whichever path happens to wake a sleeping CPU (and a busy-polling proxy keeps one awake,
+/// flattering its path). The request ends when the file is closed.
+#[derive(Debug)]
+struct CpuLatencyQos(#[allow(dead_code)] std::fs::File);
+
+fn hold_cpu_latency_qos() -> std::io::Result<CpuLatencyQos> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/cpu_dma_latency")?;
+    f.write_all(&0i32.to_ne_bytes())?;
+    Ok(CpuLatencyQos(f))
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -196,10 +214,31 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     std::fs::create_dir_all(&opts.out_dir)
         .map_err(|e| RunError::Report(format!("{}: {e}", opts.out_dir.display())))?;
     let machine = crate::machine::probe().map_err(|e| RunError::Machine(e.to_string()))?;
+    let mut conditions = Vec::new();
+    let _qos = if opts.cpu_latency_qos {
+        match hold_cpu_latency_qos() {
+            Ok(q) => {
+                conditions.push("CPU idle: a PM QoS request of 0 µs (/dev/cpu_dma_latency) was held for the whole run, so idle CPUs polled instead of halting and no path paid for waking a halted CPU (`--no-cpu-latency-qos` turns it off).".to_owned());
+                Some(q)
+            }
+            Err(e) => {
+                conditions.push(format!("CPU idle: the PM QoS request failed ({e}); idle CPUs could halt, and latencies include wake-ups."));
+                None
+            }
+        }
+    } else {
+        conditions.push(
+            "CPU idle: default policy (CPUs may halt when idle; latencies include wake-ups)."
+                .to_owned(),
+        );
+        None
+    };
+    conditions.push("SNAS proxies: the testbed's configuration (1 worker each, `busy_poll_us = 100`); agents and proxies run on the same 2 cores as clients and servers.".to_owned());
     let mut report = RunReport {
         machine,
         command: opts.command.clone(),
         repetitions: opts.plan.reps,
+        conditions,
         scenarios: Vec::new(),
     };
     let network: Vec<ScenarioId> = opts

@@ -307,6 +307,12 @@ pub fn markdown(r: &RunReport, image_dir: &str) -> String {
         if r.repetitions == 1 { "" } else { "s" },
         r.command.replace('`', "'"),
     );
+    if !r.conditions.is_empty() {
+        for c in &r.conditions {
+            let _ = writeln!(s, "- {c}");
+        }
+        s.push('\n');
+    }
     for sc in &r.scenarios {
         let _ = writeln!(s, "### {}\n", sc.title);
         if !sc.method.trim().is_empty() {
@@ -1016,6 +1022,7 @@ mod tests {
             },
             command: "snas-bench --reps 5 all".to_string(),
             repetitions: 5,
+            conditions: vec!["CPU idle: polled.".to_string()],
             scenarios: vec![ScenarioResult {
                 id: "tcp_rr".to_string(),
                 title: "TCP request/response".to_string(),
@@ -1262,6 +1269,8 @@ mod tests {
 **Machine**: Linux 6.18.44, 2 cores (AMD EPYC 7B13), 24.0 GiB, load 1.20 → 2.70, `sch_fq` \
 absent, revision `2c16aaa-dirty`, started 2026-11-23T19:30:45Z. 5 repetitions per measurement; \
 command `snas-bench --reps 5 all`.
+
+- CPU idle: polled.
 
 ### TCP request/response
 

@@ -118,5 +118,9 @@ pub struct RunReport {
     /// The command line that produced it.
     pub command: String,
     pub repetitions: usize,
+    /// How the machine was held during the run (CPU idle policy, proxy settings), one sentence
+    /// each.
+    #[serde(default)]
+    pub conditions: Vec<String>,
     pub scenarios: Vec<ScenarioResult>,
 }

@@ -1,0 +1,108 @@
+//! Privileged smoke test of the benchmark program (root; needs the `snas` binary: `$SNAS_BIN`
+//! or target/release/snas, and squid): a `--quick` run of every scenario on every path must
+//! finish, measure every path, and write its JSON, charts and summary. It checks that the
+//! benchmark works end to end, never how fast anything is.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use snas_bench::results::RunReport;
+
+fn snas_binary() -> PathBuf {
+    std::env::var_os("SNAS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/snas"))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn quick_run_measures_every_path_and_writes_every_file() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let before: Vec<String> = netns_list();
+    let status = Command::new(env!("CARGO_BIN_EXE_snas-bench"))
+        .args(["run", "--quick", "--out"])
+        .arg(out.path())
+        .arg("--snas-bin")
+        .arg(snas_binary())
+        .status()
+        .unwrap();
+    assert!(status.success(), "snas-bench run --quick failed: {status}");
+
+    let report: RunReport =
+        serde_json::from_slice(&std::fs::read(out.path().join("run.json")).unwrap()).unwrap();
+    let ids: Vec<&str> = report.scenarios.iter().map(|s| s.id.as_str()).collect();
+    for id in [
+        "tcp_rr",
+        "tcp_crr",
+        "bulk",
+        "proxy_pps",
+        "edt_accuracy",
+        "fairness",
+        "noisy_neighbour",
+    ] {
+        assert!(ids.contains(&id), "{id} missing from {ids:?}");
+    }
+    assert_eq!(ids.len(), 10, "{ids:?}");
+    for s in &report.scenarios {
+        assert!(
+            out.path().join(format!("{}.json", s.id)).is_file(),
+            "{}",
+            s.id
+        );
+        assert!(
+            out.path().join(format!("{}.png", s.id)).is_file(),
+            "{}",
+            s.id
+        );
+        assert!(!s.table.rows.is_empty(), "{} has an empty table", s.id);
+    }
+    // Every path produced a latency figure: no path silently failed.
+    let rr = report.scenarios.iter().find(|s| s.id == "tcp_rr").unwrap();
+    for path in ["direct", "nftables", "squid", "snas", "gvisor"] {
+        let reps = rr.raw[path].as_array().unwrap();
+        assert!(
+            reps.iter()
+                .all(|r| r.get("error").is_none() && r["transactions"].as_u64().unwrap() > 0),
+            "{path}: {reps:?}"
+        );
+    }
+    // Every bulk transfer on every path worked (squid's CONNECT to an allowed name, the
+    // nftables allowlist, SNAS's policy): no repetition recorded an error.
+    let bulk = report.scenarios.iter().find(|s| s.id == "bulk").unwrap();
+    for (variant, per_path) in bulk.raw.as_object().unwrap() {
+        let Some(per_path) = per_path.as_object() else {
+            continue;
+        };
+        for (path, reps) in per_path {
+            for r in reps.as_array().unwrap() {
+                assert!(r.get("error").is_none(), "bulk {variant} {path}: {r}");
+            }
+        }
+    }
+    let summary = std::fs::read_to_string(out.path().join("summary.md")).unwrap();
+    assert!(summary.contains("TCP request/response latency"));
+    // Nothing of the run is left behind.
+    assert_eq!(netns_list(), before, "namespaces left behind");
+}
+
+fn netns_list() -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("snasbn"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
