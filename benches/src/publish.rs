@@ -1,6 +1,6 @@
 //! Publishing a run into the documentation: the latest tables and charts of a results folder
-//! go into `docs/benchmarks.md` between two marker comments, and the charts are copied next to
-//! it, so the docs always show one whole run with the machine it ran on.
+//! go into `docs/benchmarks.md` between two marker comments, and the charts and the run's JSON are
+//! copied next to it, so the docs always show one whole run with the machine it ran on.
 //!
 //! Owns only the splice; the markdown itself comes from [`crate::report::markdown`]. Text
 //! outside the markers is never touched; a document without markers gets them appended.
@@ -59,8 +59,8 @@ pub fn splice(doc: &str, section: &str) -> Option<String> {
     }
 }
 
-/// Publishes `results/run.json` into `doc`, with the charts copied into `images` (whose path
-/// relative to the document is `image_ref`).
+/// Publishes `results/run.json` into `doc`, with the charts and run.json (every raw sample)
+/// copied into `images` (whose path relative to the document is `image_ref`).
 pub fn publish(
     results: &Path,
     doc: &Path,
@@ -87,7 +87,7 @@ pub fn publish(
     })?;
     for e in entries.flatten() {
         let p = e.path();
-        if p.extension().is_some_and(|x| x == "png") {
+        if p.extension().is_some_and(|x| x == "png") || e.file_name() == "run.json" {
             let to = images.join(e.file_name());
             std::fs::copy(&p, &to).map_err(|source| PublishError::Write {
                 path: to.clone(),
