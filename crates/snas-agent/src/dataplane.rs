@@ -104,6 +104,7 @@ pub fn job_config(job: &JobAttachment<'_>) -> Result<JobConfig, DataplaneError> 
         gateway_ip: net.gateway,
         dns_port: DNS_STUB_PORT,
         egress: Some(Bps(l.egress_bps.0)),
+        ingress: Some(Bps(l.ingress_bps.0)),
         horizon: None,
         new_conn_per_sec: u64::from(l.new_connections_per_sec),
         new_conn_burst: u64::from(l.new_connections_burst),

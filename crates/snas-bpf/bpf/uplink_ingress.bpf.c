@@ -12,6 +12,7 @@
 #include "lib/maps.h"
 #include "lib/parse.h"
 #include "lib/geneve.h"
+#include "lib/edt.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -35,7 +36,9 @@ int snas_uplink_ingress(struct __sk_buff *skb)
 	struct udphdr *uh;
 	struct geneve_opt_hdr *g;
 	struct job_cfg *cfg;
+	struct job_state *st;
 	__u32 *ifp, ifindex;
+	int reason;
 	__u64 job, decap_flags = 0;
 	struct ethhdr eth_out;
 
@@ -91,6 +94,14 @@ int snas_uplink_ingress(struct __sk_buff *skb)
 			return drop_in(job, SNAS_DROP_DESTINATION_DENIED, len);
 		eth_out.h_proto = bpf_htons(ETH_P_IP);
 	}
+
+	/* Charged like the proxies' pacers: the inner IP packet. */
+	st = bpf_map_lookup_elem(&snas_job_state, &ifindex);
+	if (!st)
+		return drop_in(job, SNAS_DROP_UNKNOWN_JOB, len);
+	reason = ingress_police(st, cfg, len - L3_OFF - GENEVE_OVERHEAD, bpf_ktime_get_ns());
+	if (reason)
+		return drop_in(job, reason, len);
 
 	__builtin_memcpy(eth_out.h_dest, cfg->sandbox_mac, ETH_ALEN);
 	__builtin_memcpy(eth_out.h_source, cfg->host_mac, ETH_ALEN);

@@ -85,6 +85,10 @@ pub struct JobConfig {
     pub dns_port: u16,
     /// Egress rate for EDT stamping; `None` stamps nothing (and never drops for the horizon).
     pub egress: Option<Bps>,
+    /// Ingress rate the node polices decapsulated traffic to (drop beyond the horizon), so
+    /// that a job's downloads stay within its limit however many proxies carry them; `None`
+    /// polices nothing.
+    pub ingress: Option<Bps>,
     /// Horizon override; `None` takes the node default.
     pub horizon: Option<Duration>,
     /// New connections per second; 0 = no rate limit.
@@ -115,6 +119,7 @@ impl JobConfig {
             sandbox_ip6: self.sandbox_ip6.map_or([0; 16], |a| a.octets()),
             ifindex: self.veth_ifindex,
             egress_bps: self.egress.map_or(0, |b| b.0),
+            ingress_bps: self.ingress.map_or(0, |b| b.0),
             horizon_ns: self.horizon.map_or(0, saturating_ns),
             conn_rate: self.new_conn_per_sec,
             conn_burst: self.new_conn_burst,

@@ -174,3 +174,43 @@ fn inner_packet_for_another_address_is_dropped() {
     );
     assert_eq!(in_drops(&n, JOB_KEY, Reason::DestinationDenied), 1);
 }
+
+#[test]
+fn the_node_polices_a_jobs_downloads_to_its_ingress_rate() {
+    if !root_or_skip("inpolice") {
+        return;
+    }
+    let n = load(&node_config("inpolice"));
+    let mut j = job();
+    // 10 Mbit/s: 1400 bytes are 1.12 ms; the horizon is at least one 64 KiB burst (52.4 ms),
+    // so about 47 back-to-back packets pass, then the rest is dropped.
+    j.ingress = Some(snas_bpf::Bps(10_000_000));
+    n.t1().configure_job(&j).expect("job");
+    n.t1()
+        .set_proxies(&[ProxyEntry::active(PROXY_IPS[0])])
+        .expect("proxies");
+    let inner = Pkt {
+        src: ALLOWED_IP,
+        dst: SANDBOX_IP,
+        ..Pkt::udp(ALLOWED_IP, 4000, &vec![0; 1400 - 28])
+    }
+    .ip();
+    let frame = geneve_frame(PROXY_IPS[0], JOB_KEY, &inner);
+    let verdicts: Vec<i32> = (0..120).map(|_| n.run_uplink(&frame).retval).collect();
+    let passed = verdicts.iter().filter(|&&v| v == TC_ACT_REDIRECT).count();
+    assert!(
+        verdicts[..40].iter().all(|&v| v == TC_ACT_REDIRECT),
+        "one burst passes: {verdicts:?}"
+    );
+    assert!(
+        (40..100).contains(&passed),
+        "{passed} of 120 back-to-back packets passed"
+    );
+    assert_eq!(
+        in_drops(&n, JOB_KEY, Reason::PacingHorizon),
+        (120 - passed) as u64
+    );
+    assert!(verdicts
+        .iter()
+        .all(|&v| v == TC_ACT_REDIRECT || v == TC_ACT_SHOT));
+}

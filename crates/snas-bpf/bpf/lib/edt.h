@@ -40,4 +40,33 @@ static __always_inline int edt_stamp(struct job_state *st, const struct job_cfg 
 	return reason;
 }
 
+/* The node's ingress policer (decapsulated traffic toward the sandbox), the same clock as the
+ * EDT above but without a stamp: the veth toward the sandbox has no fq, so a packet that would
+ * have to wait longer than the horizon is dropped (SNAS_DROP_PACING_HORIZON) and the clock is
+ * not advanced. Proxies pace each job's downloads, but each only for the flows it carries;
+ * this bounds the sum at the job's node, whatever the number of proxies. */
+static __always_inline int ingress_police(struct job_state *st, const struct job_cfg *cfg,
+					  __u32 len, __u64 now)
+{
+	__u64 bps = cfg->ingress_bps;
+	__u64 horizon = cfg->horizon_ns ? cfg->horizon_ns : cfg_horizon_ns;
+	__u64 delay, t;
+	int reason = 0;
+
+	if (!bps)
+		return 0;
+	delay = (__u64)len * 8 * NSEC_PER_SEC / bps;
+	/* A split 64 KiB super-packet arrives at once: never refuse one whole burst. */
+	if (horizon < 65536ULL * 8 * NSEC_PER_SEC / bps)
+		horizon = 65536ULL * 8 * NSEC_PER_SEC / bps;
+	bpf_spin_lock(&st->lock);
+	t = st->t_last_in > now ? st->t_last_in : now;
+	if (t - now > horizon)
+		reason = SNAS_DROP_PACING_HORIZON;
+	else
+		st->t_last_in = t + delay;
+	bpf_spin_unlock(&st->lock);
+	return reason;
+}
+
 #endif

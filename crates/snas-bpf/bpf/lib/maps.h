@@ -44,6 +44,7 @@ struct job_cfg {
 	__u32 max_connections;	/* 0 = no limit */
 	__u32 _pad0;
 	__u8 sandbox_ip6[16];	/* meaningful only with JOB_F_IPV6_RULES */
+	__u64 ingress_bps;	/* bits per second toward the sandbox; 0 = not policed here */
 };
 
 /* Mutable per-job state, keyed by the host-side veth ifindex. */
@@ -57,6 +58,7 @@ struct job_state {
 	__u64 audit_ts;
 	__u64 audit_suppressed;
 	__u64 live_flows;	/* estimate, see conntrack.h */
+	__u64 t_last_in;	/* ingress policer: when the sandbox may next receive (mono ns) */
 };
 
 /* (proto, port range) allowed on a destination. proto 0 = TCP or UDP. */

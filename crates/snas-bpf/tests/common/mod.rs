@@ -155,6 +155,7 @@ pub fn job() -> JobConfig {
         gateway_ip: GATEWAY_IP,
         dns_port: 5353,
         egress: None::<Bps>,
+        ingress: None::<Bps>,
         horizon: None,
         new_conn_per_sec: 0,
         new_conn_burst: 0,

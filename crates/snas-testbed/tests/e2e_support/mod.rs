@@ -472,6 +472,7 @@ pub fn widen_tier1_limits(tb: &Testbed, job: &Job) {
         gateway_ip: me["gateway_ip"].as_str().unwrap().parse().unwrap(),
         dns_port: 53,
         egress: None,
+        ingress: None,
         horizon: None,
         new_conn_per_sec: 0,
         new_conn_burst: 0,
