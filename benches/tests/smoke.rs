@@ -27,15 +27,27 @@ fn quick_run_measures_every_path_and_writes_every_file() {
         return;
     }
     let out = tempfile::tempdir().unwrap();
-    let before: Vec<String> = netns_list();
-    let status = Command::new(env!("CARGO_BIN_EXE_snas-bench"))
+    let run = Command::new(env!("CARGO_BIN_EXE_snas-bench"))
         .args(["run", "--quick", "--out"])
         .arg(out.path())
         .arg("--snas-bin")
         .arg(snas_binary())
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success(), "snas-bench run --quick failed: {status}");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "snas-bench run --quick failed: {}\nstdout:\n{}\nstderr:\n{stderr}",
+        run.status,
+        String::from_utf8_lossy(&run.stdout)
+    );
+    // The run names its testbed on stderr: `[bench] testbed snasbnXXXX …`.
+    let prefix = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("[bench] testbed "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the run names its testbed")
+        .to_owned();
 
     let report: RunReport =
         serde_json::from_slice(&std::fs::read(out.path().join("run.json")).unwrap()).unwrap();
@@ -90,8 +102,12 @@ fn quick_run_measures_every_path_and_writes_every_file() {
     }
     let summary = std::fs::read_to_string(out.path().join("summary.md")).unwrap();
     assert!(summary.contains("TCP request/response latency"));
-    // Nothing of the run is left behind.
-    assert_eq!(netns_list(), before, "namespaces left behind");
+    // Nothing of the run is left behind (other runs may exist beside it).
+    let left: Vec<String> = netns_list()
+        .into_iter()
+        .filter(|n| n.starts_with(&format!("{prefix}-")))
+        .collect();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
 }
 
 fn netns_list() -> Vec<String> {
