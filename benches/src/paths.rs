@@ -494,8 +494,10 @@ fn tail(s: &str, n: usize) -> String {
 
 fn open_to_squid_user(dir: &Path) {
     use std::os::unix::fs::PermissionsExt;
-    // World-writable is enough for squid's user and avoids looking the user up; the directory
-    // is inside this run's private 0700 scratch directory.
+    // World-writable is enough for squid's user (`proxy`) and avoids looking the user up. The
+    // directory holds only squid's logs and pid file; it lives in this run's root-owned scratch
+    // directory under /run, which squid's user must be able to traverse (so it is not 0700),
+    // and is removed with it.
     let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777));
 }
 
