@@ -108,6 +108,12 @@ fn quick_run_measures_every_path_and_writes_every_file() {
         .filter(|n| n.starts_with(&format!("{prefix}-")))
         .collect();
     assert!(left.is_empty(), "namespaces left behind: {left:?}");
+    assert!(
+        !std::path::Path::new("/run/snas-bench")
+            .join(&prefix)
+            .exists(),
+        "scratch directory left behind"
+    );
 }
 
 fn netns_list() -> Vec<String> {
