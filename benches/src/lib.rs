@@ -7,6 +7,7 @@
 //! - [`client`]: the workload programs (TCP_RR, TCP_CRR, bulk, UDP flood), run on every path.
 //! - [`paths`]: the baseline namespaces, nftables, squid, and starting clients on each path.
 //! - [`scenarios`]: the network scenarios, alternating between paths.
+//! - [`tier1_edt`]: tier 1's departure stamps at 10M/100M/1G (BPF_PROG_TEST_RUN).
 //! - [`scale`]: job set-up at 1/100/1000 jobs, proxy memory, the 10k-rule policy.
 //! - [`machine`]: what machine the figures come from.
 //! - [`report`]: JSON, PNG charts, text and markdown tables.
@@ -22,3 +23,4 @@ pub mod results;
 pub mod scale;
 pub mod scenarios;
 pub mod stats;
+pub mod tier1_edt;

@@ -67,8 +67,8 @@ struct RunArgs {
     /// Short run for a smoke test: 1 repetition, 1 s, 0.2 s warm-up, 1 and 100 jobs, 100k flows.
     #[arg(long)]
     quick: bool,
-    /// Comma-separated scenarios: tcp_rr, tcp_crr, bulk, proxy_pps, edt_accuracy, fairness,
-    /// noisy_neighbour, job_setup, proxy_memory, policy_10k. Default: all.
+    /// Comma-separated scenarios: tcp_rr, tcp_crr, bulk, proxy_pps, edt_accuracy, tier1_edt,
+    /// fairness, noisy_neighbour, job_setup, proxy_memory, policy_10k. Default: all.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Comma-separated paths: direct, nftables, squid, snas, gvisor. Default: all.

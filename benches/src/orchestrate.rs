@@ -52,6 +52,7 @@ pub enum ScenarioId {
     Bulk,
     ProxyPps,
     EdtAccuracy,
+    Tier1Edt,
     Fairness,
     NoisyNeighbour,
     JobSetup,
@@ -61,12 +62,13 @@ pub enum ScenarioId {
 
 impl ScenarioId {
     /// Every scenario, in run order.
-    pub const ALL: [ScenarioId; 10] = [
+    pub const ALL: [ScenarioId; 11] = [
         ScenarioId::TcpRr,
         ScenarioId::TcpCrr,
         ScenarioId::Bulk,
         ScenarioId::ProxyPps,
         ScenarioId::EdtAccuracy,
+        ScenarioId::Tier1Edt,
         ScenarioId::Fairness,
         ScenarioId::NoisyNeighbour,
         ScenarioId::JobSetup,
@@ -82,6 +84,7 @@ impl ScenarioId {
             ScenarioId::Bulk => "bulk",
             ScenarioId::ProxyPps => "proxy_pps",
             ScenarioId::EdtAccuracy => "edt_accuracy",
+            ScenarioId::Tier1Edt => "tier1_edt",
             ScenarioId::Fairness => "fairness",
             ScenarioId::NoisyNeighbour => "noisy_neighbour",
             ScenarioId::JobSetup => "job_setup",
@@ -99,7 +102,10 @@ impl ScenarioId {
     pub fn needs_testbed(self) -> bool {
         !matches!(
             self,
-            ScenarioId::JobSetup | ScenarioId::ProxyMemory | ScenarioId::Policy10k
+            ScenarioId::JobSetup
+                | ScenarioId::ProxyMemory
+                | ScenarioId::Policy10k
+                | ScenarioId::Tier1Edt
         )
     }
 }
@@ -266,6 +272,11 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
             ScenarioId::ProxyMemory => {
                 crate::scale::proxy_memory(&opts.flow_counts).map_err(|e| e.to_string())
             }
+            ScenarioId::Tier1Edt => crate::tier1_edt::tier1_edt(
+                opts.plan.reps,
+                std::time::Duration::from_secs_f64(opts.plan.duration_s.min(1.0) * 0.3),
+            )
+            .map_err(|e| e.to_string()),
             _ => crate::scale::policy_10k(opts.plan.reps.max(3)).map_err(|e| e.to_string()),
         };
         match r {

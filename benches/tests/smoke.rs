@@ -63,7 +63,7 @@ fn quick_run_measures_every_path_and_writes_every_file() {
     ] {
         assert!(ids.contains(&id), "{id} missing from {ids:?}");
     }
-    assert_eq!(ids.len(), 10, "{ids:?}");
+    assert_eq!(ids.len(), 11, "{ids:?}");
     for s in &report.scenarios {
         assert!(
             out.path().join(format!("{}.json", s.id)).is_file(),
