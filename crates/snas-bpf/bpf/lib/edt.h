@@ -15,28 +15,46 @@
 
 #include "maps.h"
 
+/* One start-time EDT clock of a job (*t_last, a field of st, guarded by st->lock): the packet
+ * starts at *start = max(now, *t_last); if that is more than `horizon` ahead it is refused
+ * (SNAS_DROP_PACING_HORIZON) and the clock does not move; otherwise the clock moves on by the
+ * packet's transmission time at `bps`. */
+static __always_inline int edt_clock(struct job_state *st, __u64 *t_last, __u64 bps,
+				     __u64 horizon, __u32 len, __u64 now, __u64 *start)
+{
+	__u64 delay = (__u64)len * 8 * NSEC_PER_SEC / bps;
+	int reason = 0;
+	__u64 t;
+
+	bpf_spin_lock(&st->lock);
+	t = *t_last > now ? *t_last : now;
+	if (t - now > horizon)
+		reason = SNAS_DROP_PACING_HORIZON;
+	else
+		*t_last = t + delay;
+	bpf_spin_unlock(&st->lock);
+	*start = t;
+	return reason;
+}
+
+static __always_inline __u64 job_horizon(const struct job_cfg *cfg)
+{
+	return cfg->horizon_ns ? cfg->horizon_ns : cfg_horizon_ns;
+}
+
 /* Returns 0 and sets *tstamp (0 = do not stamp) or a drop reason. */
 static __always_inline int edt_stamp(struct job_state *st, const struct job_cfg *cfg, __u32 len,
 				     __u64 now, __u64 *tstamp)
 {
-	__u64 bps = cfg->egress_bps;
-	__u64 horizon = cfg->horizon_ns ? cfg->horizon_ns : cfg_horizon_ns;
-	__u64 delay, t;
-	int reason = 0;
+	__u64 start;
+	int reason;
 
 	*tstamp = 0;
-	if (!bps)
+	if (!cfg->egress_bps)
 		return 0;
-	delay = (__u64)len * 8 * NSEC_PER_SEC / bps;
-	bpf_spin_lock(&st->lock);
-	t = st->t_last > now ? st->t_last : now;
-	if (t - now > horizon) {
-		reason = SNAS_DROP_PACING_HORIZON;
-	} else {
-		st->t_last = t + delay;
-		*tstamp = t;
-	}
-	bpf_spin_unlock(&st->lock);
+	reason = edt_clock(st, &st->t_last, cfg->egress_bps, job_horizon(cfg), len, now, &start);
+	if (!reason)
+		*tstamp = start;
 	return reason;
 }
 
@@ -49,24 +67,16 @@ static __always_inline int ingress_police(struct job_state *st, const struct job
 					  __u32 len, __u64 now)
 {
 	__u64 bps = cfg->ingress_bps;
-	__u64 horizon = cfg->horizon_ns ? cfg->horizon_ns : cfg_horizon_ns;
-	__u64 delay, t;
-	int reason = 0;
+	__u64 horizon = job_horizon(cfg);
+	__u64 burst, start;
 
 	if (!bps)
 		return 0;
-	delay = (__u64)len * 8 * NSEC_PER_SEC / bps;
 	/* A split 64 KiB super-packet arrives at once: never refuse one whole burst. */
-	if (horizon < 65536ULL * 8 * NSEC_PER_SEC / bps)
-		horizon = 65536ULL * 8 * NSEC_PER_SEC / bps;
-	bpf_spin_lock(&st->lock);
-	t = st->t_last_in > now ? st->t_last_in : now;
-	if (t - now > horizon)
-		reason = SNAS_DROP_PACING_HORIZON;
-	else
-		st->t_last_in = t + delay;
-	bpf_spin_unlock(&st->lock);
-	return reason;
+	burst = 65536ULL * 8 * NSEC_PER_SEC / bps;
+	if (horizon < burst)
+		horizon = burst;
+	return edt_clock(st, &st->t_last_in, bps, horizon, len, now, &start);
 }
 
 #endif
