@@ -29,10 +29,7 @@ use snas_policy::{EgressRule, Matcher, PolicyClaims, Protocol};
 
 /// EDNS0 option code carrying the job identity to the proxy resolver.
 pub const IDENTITY_OPTION: u16 = 65053;
-/// Smallest TTL installed or relayed.
-pub const DNS_TTL_MIN: Duration = Duration::from_secs(5);
-/// Largest TTL installed or relayed.
-pub const DNS_TTL_MAX: Duration = Duration::from_secs(300);
+pub use snas_policy::binding::{clamp_ttl, BINDING_GRACE, DNS_TTL_MAX, DNS_TTL_MIN};
 /// Longest query name accepted (without the trailing dot).
 pub const MAX_NAME_LEN: usize = 253;
 /// UDP payload size the stub advertises and accepts from proxies.
@@ -237,11 +234,6 @@ pub fn answers_query(query: &Message, answer: &Message) -> bool {
         && answer.queries() == query.queries()
 }
 
-/// Clamps a TTL in seconds to [`DNS_TTL_MIN`, `DNS_TTL_MAX`].
-pub fn clamp_ttl(secs: u32) -> Duration {
-    Duration::from_secs(u64::from(secs)).clamp(DNS_TTL_MIN, DNS_TTL_MAX)
-}
-
 /// An answer to the sandbox with no records: same ID, question and RD flag.
 pub fn empty_answer(query: &Message, rcode: ResponseCode) -> Message {
     let mut m = Message::new();
@@ -397,12 +389,5 @@ mod tests {
         );
         assert_eq!(back.queries(), q.queries());
         assert_eq!(back.id(), 7);
-    }
-
-    #[test]
-    fn ttls_are_clamped_to_the_shared_bounds() {
-        assert_eq!(clamp_ttl(0), DNS_TTL_MIN);
-        assert_eq!(clamp_ttl(60), Duration::from_secs(60));
-        assert_eq!(clamp_ttl(86_400), DNS_TTL_MAX);
     }
 }

@@ -16,6 +16,7 @@
 //! - [`keys`], [`bundle`], [`bundle_fs`]: Ed25519 keys, trust bundles.
 //! - [`jws`]: [`sign`] and [`verify`].
 //! - [`matcher`]: [`compile`] → [`Matcher`] → [`Decision`].
+//! - [`binding`]: the TTL clamp and grace both tiers apply to addresses learnt from DNS.
 //! - `synthetic` (hidden): the 10,000-rule benchmark policy and its lookup probes.
 //!
 //! # Flow
@@ -26,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 pub mod authoring;
+pub mod binding;
 pub mod bundle;
 pub mod bundle_fs;
 pub mod claims;

@@ -48,21 +48,11 @@ use crate::tier2::JobPolicy;
 
 /// EDNS0 option code carrying the job identity.
 pub const JOB_OPTION_CODE: u16 = 65053;
-/// Shortest TTL answered and bound.
-pub const DNS_TTL_MIN: Duration = Duration::from_secs(5);
-/// Longest TTL answered and bound.
-pub const DNS_TTL_MAX: Duration = Duration::from_secs(300);
-/// How long a binding outlives the answered TTL.
-pub const BINDING_GRACE: Duration = Duration::from_secs(30);
+pub use snas_policy::binding::{BINDING_GRACE, DNS_TTL_MAX, DNS_TTL_MIN};
 /// Timeout of a peer push.
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Clamps an upstream TTL (seconds) to [`DNS_TTL_MIN`, `DNS_TTL_MAX`].
-pub fn clamp_ttl(ttl: u32) -> u32 {
-    let lo = DNS_TTL_MIN.as_secs() as u32;
-    let hi = DNS_TTL_MAX.as_secs() as u32;
-    ttl.clamp(lo, hi)
-}
+pub use snas_policy::binding::clamp_ttl_secs as clamp_ttl;
 
 /// The job identity of a query (EDNS option 65053).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -77,11 +77,20 @@ pub enum Reason {
     OverlayTarget = 32,
     /// Per-tenant NAT quota exhausted (distinct from the per-job one).
     TenantPortQuota = 33,
+    /// The destination is SNAS infrastructure (underlay, nodes, proxies, management networks,
+    /// egress pools, metadata): denied at both tiers whatever the policy says.
+    InfrastructureDenied = 34,
+    /// Proxy: a packet of a job whose policy is being fetched did not fit the bounded queue of
+    /// held first packets.
+    HoldQueueFull = 35,
+    /// Proxy: the tenant's fair-share queue in a worker is full (one tenant's flood is shed
+    /// before it can delay other tenants).
+    TenantQueueFull = 36,
 }
 
 impl Reason {
     /// Every reason, in numeric order.
-    pub const ALL: [Reason; 33] = [
+    pub const ALL: [Reason; 36] = [
         Reason::NotIp,
         Reason::Malformed,
         Reason::Fragment,
@@ -115,10 +124,13 @@ impl Reason {
         Reason::DnsRate,
         Reason::OverlayTarget,
         Reason::TenantPortQuota,
+        Reason::InfrastructureDenied,
+        Reason::HoldQueueFull,
+        Reason::TenantQueueFull,
     ];
 
     /// One past the largest number: size of per-reason counter arrays.
-    pub const COUNT: usize = 34;
+    pub const COUNT: usize = 37;
 
     /// The stable numeric code.
     pub fn code(self) -> u8 {
@@ -166,6 +178,9 @@ impl Reason {
             Reason::DnsRate => "dns_rate",
             Reason::OverlayTarget => "overlay_target",
             Reason::TenantPortQuota => "tenant_port_quota",
+            Reason::InfrastructureDenied => "infrastructure_denied",
+            Reason::HoldQueueFull => "hold_queue_full",
+            Reason::TenantQueueFull => "tenant_queue_full",
         }
     }
 }

@@ -41,8 +41,11 @@
 #define SNAS_DROP_DNS_RATE 31
 #define SNAS_DROP_OVERLAY_TARGET 32
 #define SNAS_DROP_TENANT_PORT_QUOTA 33
+#define SNAS_DROP_INFRASTRUCTURE_DENIED 34
+#define SNAS_DROP_HOLD_QUEUE_FULL 35
+#define SNAS_DROP_TENANT_QUEUE_FULL 36
 
 /* One past the largest reason: size of per-reason counter ranges. */
-#define SNAS_DROP_COUNT 34
+#define SNAS_DROP_COUNT 37
 
 #endif
