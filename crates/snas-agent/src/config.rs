@@ -133,6 +133,21 @@ pub struct AgentConfig {
     /// Queries of one job forwarded and not yet answered, at most.
     #[serde(default = "default_dns_inflight")]
     pub dns_max_inflight_per_job: u32,
+    /// Per-job DNS packets per second that tier 1 lets through to the stub (UDP/TCP 53, TCP
+    /// 853); beyond it (after the burst) tier 1 drops them (`dns_rate`) before they reach the
+    /// stub's shared sockets. Bounds what one job's DNS flood costs the node; cached answers
+    /// are not budgeted by the stub, so this is their bound.
+    #[serde(default = "default_dns_packets_per_sec")]
+    pub dns_packets_per_sec: u32,
+    /// Per-job DNS packet burst in tier 1.
+    #[serde(default = "default_dns_packet_burst")]
+    pub dns_packet_burst: u32,
+    /// Infrastructure prefixes (IPv4 or IPv6) that tier 1 refuses for every job whatever its
+    /// policy says (`infrastructure_denied`), in addition to the defaults of
+    /// [`AgentConfig::infrastructure_set`]: management networks, the underlay, egress pools of
+    /// the proxies, internal resolvers.
+    #[serde(default)]
+    pub infrastructure: Vec<ipnet::IpNet>,
     /// JSON-lines audit log (tier-1 events and DNS decisions). Default: `state_dir/audit.log`.
     #[serde(default)]
     pub audit_log: Option<PathBuf>,
@@ -195,6 +210,12 @@ fn default_dns_burst() -> u32 {
 }
 fn default_dns_inflight() -> u32 {
     16
+}
+fn default_dns_packets_per_sec() -> u32 {
+    500
+}
+fn default_dns_packet_burst() -> u32 {
+    1000
 }
 fn default_host_veth_prefix() -> String {
     "sh".to_owned()
@@ -315,6 +336,12 @@ impl AgentConfig {
                 "the DNS query rate and burst must be at least 1".into(),
             ));
         }
+        if self.dns_packets_per_sec == 0 || self.dns_packet_burst == 0 {
+            return Err(invalid(
+                "dns_packets_per_sec",
+                "the DNS packet rate and burst must be at least 1".into(),
+            ));
+        }
         if self.dns_max_inflight_per_job == 0 {
             return Err(invalid(
                 "dns_max_inflight_per_job",
@@ -369,6 +396,26 @@ impl AgentConfig {
             .collect()
     }
 
+    /// Every destination tier 1 refuses whatever a job's policy says: the configured
+    /// `infrastructure` plus the addresses the agent knows itself — its underlay address, the
+    /// configured proxies, the job pool (other sandboxes and their gateways, i.e. this node),
+    /// and the cloud metadata services (169.254.169.254, fd00:ec2::254). Proxies found through
+    /// `proxy_service` at run time are added by the agent as they appear.
+    pub fn infrastructure_set(&self) -> Vec<ipnet::IpNet> {
+        let host = |ip: IpAddr| ipnet::IpNet::from(ip);
+        let mut out: Vec<ipnet::IpNet> = self.infrastructure.iter().map(|n| n.trunc()).collect();
+        out.push(host(IpAddr::V4(self.underlay_address)));
+        out.extend(self.proxies.iter().copied().map(host));
+        out.push(ipnet::IpNet::V4(self.job_pool));
+        out.push(host(IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254))));
+        out.push(host(IpAddr::V6(std::net::Ipv6Addr::new(
+            0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254,
+        ))));
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// The MTU given to each sandbox: underlay MTU minus the overlay header.
     pub fn sandbox_mtu(&self) -> u32 {
         self.underlay_mtu - GENEVE_OVERHEAD
@@ -408,6 +455,34 @@ trust_bundle = "/etc/snas/trust.json"
         assert_eq!(c.netns_prefix, "snas-");
         assert_eq!(c.host_veth_prefix, "sh");
         assert!(c.proxies.is_empty());
+        assert_eq!(c.dns_packets_per_sec, 500);
+        assert_eq!(c.dns_packet_burst, 1000);
+    }
+
+    #[test]
+    fn infrastructure_includes_what_the_agent_knows() {
+        let c = parse(&format!(
+            "{MINIMAL}\nproxies = [\"198.51.100.1\"]\ninfrastructure = [\"192.0.2.0/24\", \"203.0.113.7/32\"]\n"
+        ))
+        .unwrap();
+        let set: Vec<String> = c
+            .infrastructure_set()
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        for want in [
+            "192.0.2.0/24",
+            "192.0.2.7/32",
+            "198.51.100.1/32",
+            "203.0.113.7/32",
+            "10.255.0.0/16",
+            "169.254.169.254/32",
+            "fd00:ec2::254/128",
+        ] {
+            assert!(set.iter().any(|s| s == want), "{want} missing from {set:?}");
+        }
+        let err = parse(&format!("{MINIMAL}\ninfrastructure = [\"not-a-net\"]\n")).unwrap_err();
+        assert!(err.to_string().contains("infrastructure"), "{err}");
     }
 
     #[test]

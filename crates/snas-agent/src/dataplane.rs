@@ -31,6 +31,10 @@ use crate::seams::{Dataplane, DataplaneError, JobAttachment};
 /// Port of the job's DNS stub on its gateway address.
 pub const DNS_STUB_PORT: u16 = 53;
 
+/// Flows idle this long are forgotten by [`Dataplane::age_flows`] (tier 2's TCP established
+/// timeout).
+const FLOW_IDLE: Duration = Duration::from_secs(3600);
+
 fn err(what: &str) -> impl FnOnce(snas_bpf::Tier1Error) -> DataplaneError + '_ {
     move |e| DataplaneError(format!("{what}: {e}"))
 }
@@ -208,6 +212,19 @@ impl Dataplane for Tier1Dataplane {
         self.tier1()
             .set_proxies(proxies)
             .map_err(err("set proxies"))
+    }
+
+    fn set_infrastructure(&self, _nets: &[ipnet::IpNet]) -> Result<(), DataplaneError> {
+        // Tier 1 gains its node-wide infrastructure map in the same change set (issue 11).
+        Err(DataplaneError(
+            "tier 1 has no infrastructure map yet".into(),
+        ))
+    }
+
+    fn age_flows(&self) -> Result<(), DataplaneError> {
+        self.tier1()
+            .resync_live_flows(FLOW_IDLE)
+            .map_err(err("age flows"))
     }
 
     fn run_audit(

@@ -108,6 +108,13 @@ pub trait Dataplane: Send + Sync + 'static {
     ) -> Result<(), DataplaneError>;
     /// Replaces the proxy set (positions are stable) and rebuilds proxy selection.
     fn set_proxies(&self, proxies: &[ProxyEntry]) -> Result<(), DataplaneError>;
+    /// Replaces the node-wide infrastructure set: destinations refused for every job whatever
+    /// its policy says (`infrastructure_denied`).
+    fn set_infrastructure(&self, nets: &[ipnet::IpNet]) -> Result<(), DataplaneError>;
+    /// Ages the tier-1 flow table: forgets closed and idle flows and recounts each job's open
+    /// connections, so that drift in the `max_connections` estimate is corrected. The agent
+    /// calls it periodically.
+    fn age_flows(&self) -> Result<(), DataplaneError>;
     /// Delivers tier-1 audit events to `on_event` until `stop` is set (blocks; run it on its
     /// own thread). The default has no events and returns at once.
     fn run_audit(
@@ -140,6 +147,8 @@ pub struct RecordingDataplane {
     jobs: Mutex<BTreeMap<u64, (String, u32)>>,
     allowed: Mutex<Vec<AllowedAddr>>,
     proxy_sets: Mutex<Vec<Vec<ProxyEntry>>>,
+    infrastructure: Mutex<Vec<ipnet::IpNet>>,
+    agings: std::sync::atomic::AtomicU64,
 }
 
 impl RecordingDataplane {
@@ -162,6 +171,19 @@ impl RecordingDataplane {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The infrastructure set last installed.
+    pub fn infrastructure(&self) -> Vec<ipnet::IpNet> {
+        self.infrastructure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// How many times [`Dataplane::age_flows`] ran.
+    pub fn agings(&self) -> u64 {
+        self.agings.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -224,6 +246,20 @@ impl Dataplane for RecordingDataplane {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(proxies.to_vec());
+        Ok(())
+    }
+
+    fn set_infrastructure(&self, nets: &[ipnet::IpNet]) -> Result<(), DataplaneError> {
+        *self
+            .infrastructure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = nets.to_vec();
+        Ok(())
+    }
+
+    fn age_flows(&self) -> Result<(), DataplaneError> {
+        self.agings
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }
