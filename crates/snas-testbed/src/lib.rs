@@ -32,6 +32,7 @@ pub mod setup;
 pub mod status;
 pub mod topology;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
@@ -158,46 +159,39 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), TestbedError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(file_err(path))
 }
 
-/// Fills the trust directory; returns where the keys came from.
-fn prepare_trust(t: &Topology, from: Option<&Path>) -> Result<TrustSource, TestbedError> {
-    let trust = t.trust_dir();
-    std::fs::create_dir_all(&trust).map_err(file_err(&trust))?;
+/// The public keys the testbed should trust (file name → PEM) and where they come from: the
+/// `*.pub` files of `from`, or the testbed's own key pair (generated on first use).
+fn wanted_trust(
+    t: &Topology,
+    from: Option<&Path>,
+) -> Result<(BTreeMap<std::ffi::OsString, Vec<u8>>, TrustSource), TestbedError> {
+    let mut keys = BTreeMap::new();
     if let Some(dir) = from {
         let rd = std::fs::read_dir(dir).map_err(file_err(dir))?;
-        let pubs: Vec<PathBuf> = rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|e| e == "pub"))
-            .collect();
-        if pubs.is_empty() {
+        for p in rd.filter_map(|e| e.ok().map(|e| e.path())) {
+            if let (true, Some(name)) = (p.extension().is_some_and(|e| e == "pub"), p.file_name()) {
+                keys.insert(name.to_owned(), std::fs::read(&p).map_err(file_err(&p))?);
+            }
+        }
+        if keys.is_empty() {
             return Err(TestbedError::Trust(format!(
                 "{} holds no *.pub public keys (write them with `snas policy keygen --out DIR`)",
                 dir.display()
             )));
         }
-        // Replace the bundle: the keys of DIR are exactly what is trusted.
-        for e in std::fs::read_dir(&trust)
-            .map_err(file_err(&trust))?
-            .flatten()
-        {
-            let _ = std::fs::remove_file(e.path());
-        }
-        for p in pubs {
-            if let Some(name) = p.file_name() {
-                let dst = trust.join(name);
-                std::fs::copy(&p, &dst).map_err(file_err(&p))?;
-            }
-        }
-        return Ok(TrustSource::Dir {
-            dir: dir.to_owned(),
-        });
+        return Ok((
+            keys,
+            TrustSource::Dir {
+                dir: dir.to_owned(),
+            },
+        ));
     }
     let kid = format!("testbed-{}", t.prefix());
-    let keys = t.key_dir();
-    let key_path = keys.join(format!("{kid}.key"));
-    let pub_path = trust.join(format!("{kid}.pub"));
+    let key_dir = t.key_dir();
+    let key_path = key_dir.join(format!("{kid}.key"));
     if !key_path.exists() {
-        std::fs::create_dir_all(&keys).map_err(file_err(&keys))?;
-        set_mode(&keys, 0o700)?;
+        std::fs::create_dir_all(&key_dir).map_err(file_err(&key_dir))?;
+        set_mode(&key_dir, 0o700)?;
         let mut seed = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut seed);
         let key =
@@ -212,8 +206,67 @@ fn prepare_trust(t: &Topology, from: Option<&Path>) -> Result<TrustSource, Testb
     let public = key
         .public_pem()
         .map_err(|e| TestbedError::Trust(e.to_string()))?;
-    std::fs::write(&pub_path, public).map_err(file_err(&pub_path))?;
-    Ok(TrustSource::Generated { key: key_path })
+    keys.insert(format!("{kid}.pub").into(), public.into_bytes());
+    Ok((keys, TrustSource::Generated { key: key_path }))
+}
+
+/// The `*.pub` files of the trust directory now (file name → contents).
+fn current_trust(dir: &Path) -> BTreeMap<std::ffi::OsString, Vec<u8>> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return BTreeMap::new();
+    };
+    rd.flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "pub"))
+        .filter_map(|p| Some((p.file_name()?.to_owned(), std::fs::read(&p).ok()?)))
+        .collect()
+}
+
+/// Makes the trust directory hold exactly the wanted keys; returns where they came from.
+///
+/// Agents and proxies read the trust bundle when they start, so changing it under running
+/// daemons would leave them trusting the old keys while `up` reported the new ones: with
+/// daemons running, a different bundle is refused with a message saying what to do.
+fn prepare_trust(
+    t: &Topology,
+    from: Option<&Path>,
+    daemons_running: bool,
+) -> Result<TrustSource, TestbedError> {
+    let trust = t.trust_dir();
+    std::fs::create_dir_all(&trust).map_err(file_err(&trust))?;
+    let (wanted, source) = wanted_trust(t, from)?;
+    let current = current_trust(&trust);
+    if current == wanted {
+        return Ok(source);
+    }
+    if daemons_running && !current.is_empty() {
+        let now: Vec<String> = current
+            .keys()
+            .map(|k| k.to_string_lossy().into_owned())
+            .collect();
+        let asked = match from {
+            Some(dir) => format!("the keys of {}", dir.display()),
+            None => "the testbed's own key".to_owned(),
+        };
+        return Err(TestbedError::Trust(format!(
+            "testbed {p} is running and trusts {now}; {asked} would change its trust bundle, \
+             but running agents and proxies read it only when they start. Run `snas testbed \
+             down --prefix {p}` first, then `up` again with the trust you want",
+            p = t.prefix(),
+            now = now.join(", "),
+        )));
+    }
+    for e in std::fs::read_dir(&trust)
+        .map_err(file_err(&trust))?
+        .flatten()
+    {
+        let _ = std::fs::remove_file(e.path());
+    }
+    for (name, pem) in &wanted {
+        let dst = trust.join(name);
+        std::fs::write(&dst, pem).map_err(file_err(&dst))?;
+    }
+    Ok(source)
 }
 
 fn write_private(path: &Path, data: &[u8]) -> Result<(), TestbedError> {
@@ -245,7 +298,11 @@ pub fn up_unguarded(opts: &TestbedOptions) -> Result<Record, TestbedError> {
     let state = t.state_dir();
     std::fs::create_dir_all(&state).map_err(file_err(&state))?;
     set_mode(&state, 0o700)?;
-    let trust = prepare_trust(&t, opts.trust_dir.as_deref())?;
+    let running = Daemon::all()
+        .into_iter()
+        .filter(|d| !matches!(d, Daemon::Internet))
+        .any(|d| daemons::running_pid(&t, d).is_some());
+    let trust = prepare_trust(&t, opts.trust_dir.as_deref(), running)?;
     setup::build(&t)?;
     let record = Record {
         trust,
