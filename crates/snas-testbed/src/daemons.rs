@@ -163,7 +163,8 @@ bpf_pin_dir = {pins}\n\
 netns_dir = \"{netns_dir}\"\n\
 netns_prefix = {jobns}\n\
 host_veth_prefix = \"sh\"\n\
-proxies = [{proxies}]\n",
+proxies = [{proxies}]\n\
+infrastructure = [{infra}]\n",
         prefix = t.prefix(),
         addr = t.node_addr(n),
         sock = toml_str(&t.agent_socket(n).display().to_string()),
@@ -173,7 +174,17 @@ proxies = [{proxies}]\n",
         netns_dir = netns::NETNS_DIR,
         jobns = toml_str(&t.job_netns_prefix(n)),
         proxies = proxies.join(", "),
+        infra = infrastructure_list(t),
     )
+}
+
+/// The testbed's infrastructure prefixes as a TOML array body.
+fn infrastructure_list(t: &Topology) -> String {
+    t.infrastructure()
+        .iter()
+        .map(|n| format!("\"{n}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `proxy.toml` for proxy `n` (schema agreed with the proxy's author).
@@ -426,6 +437,10 @@ mod tests {
             v["proxies"].as_array().map(|a| a.len()),
             Some(usize::from(PROXIES))
         );
+        assert!(parsed
+            .infrastructure
+            .iter()
+            .any(|n| n.to_string() == "192.0.2.0/24"));
     }
 
     #[test]

@@ -349,6 +349,23 @@ impl Topology {
     pub fn dns_server(&self) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(DNS_SERVER), 53)
     }
+
+    /// The testbed's infrastructure, given to every agent and proxy as `infrastructure`: the
+    /// underlay (nodes, proxies, their control, resolver and GENEVE ports), the transit links
+    /// (the proxies' internet side and the gateways), every egress pool and the proxies'
+    /// upstream DNS server. Jobs are refused these whatever their policy says.
+    pub fn infrastructure(&self) -> Vec<ipnet::IpNet> {
+        let v4 = |(a, len): (Ipv4Addr, u8)| {
+            ipnet::IpNet::V4(ipnet::Ipv4Net::new(a, len).unwrap_or_default().trunc())
+        };
+        let mut out = vec![v4(UNDERLAY_NET)];
+        for p in 1..=PROXIES {
+            out.push(v4((self.transit(p).0, 30)));
+            out.push(v4(self.egress_pool(p)));
+        }
+        out.push(v4((DNS_SERVER, 32)));
+        out
+    }
 }
 
 #[cfg(test)]
@@ -388,6 +405,18 @@ mod tests {
             )
         );
         assert_eq!(t.egress_pool(2), (Ipv4Addr::new(198, 51, 100, 80), 28));
+        let infra: Vec<String> = t.infrastructure().iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            infra,
+            [
+                "192.0.2.0/24",
+                "198.51.100.0/30",
+                "198.51.100.64/28",
+                "198.51.100.4/30",
+                "198.51.100.80/28",
+                "203.0.113.53/32"
+            ]
+        );
     }
 
     #[test]
