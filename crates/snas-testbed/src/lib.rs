@@ -7,8 +7,9 @@
 //! - [`topology`]: every name and address (the contract agents and proxies are configured
 //!   against), parameterised by a prefix so tests can build their own testbed.
 //! - [`setup`]: builds namespaces, veths, the bridge, addresses and routes idempotently.
-//! - [`netns`]: namespace plumbing (enter, spawn inside, find and stop processes); all
-//!   `unsafe` lives here.
+//! - [`netns`]: namespace plumbing (enter, spawn inside, find and stop processes).
+//! - [`capture`]: a packet recorder for one namespace (adversarial tests).
+//!   `unsafe` lives in these two.
 //! - [`daemons`]: generated configs, pid files, logs, start/stop/readiness of the internet
 //!   services, agents and proxies.
 //! - [`internet`] and [`dns`]: the internet services (tokio) and the pure DNS answer logic.
@@ -22,6 +23,7 @@
 //!
 //! Everything here needs root (namespaces, mounts).
 
+pub mod capture;
 pub mod daemons;
 pub mod dns;
 pub mod exec;

@@ -352,8 +352,9 @@ impl Topology {
 
     /// The testbed's infrastructure, given to every agent and proxy as `infrastructure`: the
     /// underlay (nodes, proxies, their control, resolver and GENEVE ports), the transit links
-    /// (the proxies' internet side and the gateways), every egress pool and the proxies'
-    /// upstream DNS server. Jobs are refused these whatever their policy says.
+    /// (the proxies' internet side and the gateways), every egress pool, the proxies' upstream
+    /// DNS server and every node's job pool (other sandboxes and their gateways). Jobs are
+    /// refused these whatever their policy says.
     pub fn infrastructure(&self) -> Vec<ipnet::IpNet> {
         let v4 = |(a, len): (Ipv4Addr, u8)| {
             ipnet::IpNet::V4(ipnet::Ipv4Net::new(a, len).unwrap_or_default().trunc())
@@ -364,6 +365,7 @@ impl Topology {
             out.push(v4(self.egress_pool(p)));
         }
         out.push(v4((DNS_SERVER, 32)));
+        out.push(v4((Ipv4Addr::new(10, 255, 0, 0), 16)));
         out
     }
 }
@@ -414,7 +416,8 @@ mod tests {
                 "198.51.100.64/28",
                 "198.51.100.4/30",
                 "198.51.100.80/28",
-                "203.0.113.53/32"
+                "203.0.113.53/32",
+                "10.255.0.0/16"
             ]
         );
     }

@@ -4,6 +4,9 @@
 //!
 //! Tier 1 enforces the same numbers first (its `max_connections` is an estimate, its bucket
 //! exact), so these tests check the end result a job sees plus the proxy's own flow table.
+//! Tests named `tier2_alone_…` lift tier 1's limits on purpose (what a compromised node could
+//! do) to show that the proxy enforces them by itself; every other test runs both tiers as
+//! deployed.
 #![allow(clippy::unwrap_used)]
 
 mod e2e_support;
@@ -60,6 +63,31 @@ fn max_connections_admits_exactly_the_limit() {
             "[[egress]]\nhost = \"api.example.com:7\"\n[limits]\nmax_connections = 5\n",
         ),
     );
+    // Both tiers as deployed: the job gets exactly its five connections wherever they land.
+    let mut d = Driver::new(job.spawn_python(PY_HOLD, &["api.example.com", "7", "8"]));
+    let line = d.read_line();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(&f[..4], &["ok", "5", "failed", "3"], "{line}");
+    assert!(
+        tier1_drops(&tb, &job, "connection_limit") >= 3,
+        "tier 1 did not refuse the connections beyond the limit"
+    );
+    d.send("done");
+}
+
+#[test]
+fn tier2_alone_with_tier1_limits_lifted_max_connections_admits_exactly_the_limit() {
+    let _s = serial();
+    let tb = testbed_with_proxies();
+    let _logs = LogsOnFailure(&tb);
+    let job = Job::start(
+        &tb,
+        1,
+        &policy(
+            "acme",
+            "[[egress]]\nhost = \"api.example.com:7\"\n[limits]\nmax_connections = 5\n",
+        ),
+    );
     // The proxy alone decides: one proxy (limits are per proxy) and tier 1's limits lifted.
     only_proxy_1(&tb);
     widen_tier1_limits(&tb, &job);
@@ -100,12 +128,11 @@ fn a_cleanly_closed_connection_frees_its_max_connections_slot() {
         ),
     );
     only_proxy_1(&tb);
-    widen_tier1_limits(&tb, &job);
     let mut d = Driver::new(job.spawn_python(PY_HOLD, &["api.example.com", "7", "5"]));
     let line = d.read_line();
     assert!(line.starts_with("ok 5 failed 0"), "{line}");
-    // max_connections bounds concurrent connections: once one is closed (FIN both ways), the
-    // next one is admitted, twice in a row.
+    // max_connections bounds concurrent connections: once one is closed (FIN both ways), both
+    // tiers free its slot and the next one is admitted, twice in a row.
     assert_eq!(d.ask("close-one"), "new ok");
     assert_eq!(d.ask("close-one"), "new ok");
     d.send("done");
@@ -138,7 +165,7 @@ print(a, b, t2 - t1, d1, d2)
 "#;
 
 #[test]
-fn new_connections_per_sec_admits_the_burst_then_the_rate() {
+fn tier2_alone_with_tier1_limits_lifted_new_connections_per_sec_admits_the_burst_then_the_rate() {
     let _s = serial();
     let tb = testbed_with_proxies();
     let _logs = LogsOnFailure(&tb);
