@@ -96,13 +96,7 @@ fn main() {
         gateway_ip: Ipv4Addr::new(10, 88, 0, 1),
         dns_port: 53,
         egress: Some(Bps(400_000_000_000)),
-        ingress: None,
-        horizon: None,
-        new_conn_per_sec: 0,
-        new_conn_burst: 0,
-        max_connections: 0,
-        ipv6_rules: false,
-        sandbox_ip6: None,
+        ..JobConfig::default()
     };
     t1.configure_job(&job).expect("job");
     let proxies: Vec<_> = (20..28)

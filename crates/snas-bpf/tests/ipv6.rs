@@ -345,11 +345,11 @@ fn neighbour_discovery_goes_to_the_host_and_dns_over_ipv6_is_denied() {
         ..ns.clone()
     };
     assert_eq!(n.run_sandbox(&echo.frame()).retval, TC_ACT_SHOT);
-    assert_drop(
-        &n,
-        &P6::udp(ALLOWED6, 53, &[0; 12]).frame(),
-        Reason::DestinationDenied,
-    );
+    // DNS over IPv6 is refused like any denied UDP: counted and answered with ICMPv6.
+    let out = n.run_sandbox(&P6::udp(ALLOWED6, 53, &[0; 12]).frame());
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    assert_eq!(out.data[ETH + 6], 58, "an ICMPv6 answer");
+    assert_eq!(drops(&n, Reason::DestinationDenied), 1);
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use snas_bpf::testing::{self, RunOutput, SkbCtx};
-use snas_bpf::{Bps, JobConfig, NodeConfig, Tier1};
+use snas_bpf::{JobConfig, NodeConfig, Tier1};
 
 pub const SANDBOX_MAC: [u8; 6] = [0x02, 0x53, 0x4e, 0x00, 0x00, 0x02];
 pub const HOST_MAC: [u8; 6] = [0x02, 0x53, 0x4e, 0x00, 0x00, 0x01];
@@ -143,6 +143,7 @@ pub fn load(cfg: &NodeConfig) -> Node {
     node
 }
 
+/// The test job: identity and addresses, no limits, no expiry, no DNS budget.
 pub fn job() -> JobConfig {
     JobConfig {
         veth_ifindex: VETH,
@@ -154,14 +155,7 @@ pub fn job() -> JobConfig {
         host_mac: HOST_MAC,
         gateway_ip: GATEWAY_IP,
         dns_port: 5353,
-        egress: None::<Bps>,
-        ingress: None::<Bps>,
-        horizon: None,
-        new_conn_per_sec: 0,
-        new_conn_burst: 0,
-        max_connections: 0,
-        ipv6_rules: false,
-        sandbox_ip6: None,
+        ..JobConfig::default()
     }
 }
 
