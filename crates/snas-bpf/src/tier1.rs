@@ -119,9 +119,10 @@ pub const MAX_INFRA6: usize = 4096;
 
 /// The ageing pass counts a flow only if it was admitted this long before the pass read the
 /// job's counter: BPF stamps `admitted` after the count went up, so this margin only absorbs
-/// the difference between the two readings of CLOCK_MONOTONIC (`bpf_ktime_get_ns` and
-/// `clock_gettime`). A flow left out is counted at the next pass (brief over-admission).
-const COUNT_MARGIN: Duration = Duration::from_millis(1);
+/// the difference between the two readings of CLOCK_MONOTONIC (`bpf_ktime_get_ns` is the
+/// NMI-safe fast clock, `clock_gettime` the vDSO one; they differ by nanoseconds). A flow left
+/// out is counted at the next pass: until then the job may open one more (over-admission).
+pub const COUNT_MARGIN: Duration = Duration::from_micros(100);
 
 /// Entries read per `bpf_map_lookup_batch` call of the ageing pass.
 const AGE_BATCH: u32 = 4096;

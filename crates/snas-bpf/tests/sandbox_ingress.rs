@@ -360,6 +360,7 @@ fn denied_syn_is_answered_with_an_exact_rst() {
         dport: 40000,
         tcp_flags: 0x14,
         seq: 0,
+        ack: 0,
         payload: vec![],
         frag_off: 0,
         ip_options: vec![],
