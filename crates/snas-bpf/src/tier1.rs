@@ -23,7 +23,7 @@ use std::fs;
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -1060,27 +1060,17 @@ impl Tier1 {
                 }
             };
         let mut doomed = Vec::new();
-        for (key, val) in self
-            .maps
-            .flows
-            .lookup_batch(AGE_BATCH, MapFlags::ANY, MapFlags::ANY)
-            .map_err(bpf_err("lookup_batch snas_flows"))?
-        {
-            if let Some(k) = from_bytes::<types::flow_key>(&key) {
-                age(&key, &val, k.ifindex, k.proto, &mut doomed);
+        for_each_entry(&self.maps.flows, "snas_flows", |key, val| {
+            if let Some(k) = from_bytes::<types::flow_key>(key) {
+                age(key, val, k.ifindex, k.proto, &mut doomed);
             }
-        }
+        })?;
         let mut doomed6 = Vec::new();
-        for (key, val) in self
-            .maps
-            .flows6
-            .lookup_batch(AGE_BATCH, MapFlags::ANY, MapFlags::ANY)
-            .map_err(bpf_err("lookup_batch snas_flows6"))?
-        {
-            if let Some(k) = from_bytes::<types::flow6_key>(&key) {
-                age(&key, &val, k.ifindex, k.proto, &mut doomed6);
+        for_each_entry(&self.maps.flows6, "snas_flows6", |key, val| {
+            if let Some(k) = from_bytes::<types::flow6_key>(key) {
+                age(key, val, k.ifindex, k.proto, &mut doomed6);
             }
-        }
+        })?;
         for k in &doomed {
             if self.maps.flows.delete(k).is_ok() {
                 report.removed += 1;
@@ -1333,6 +1323,76 @@ fn lookup<V: Pod>(
     {
         None => Ok(None),
         Some(b) => from_bytes(&b).map(Some).ok_or(Tier1Error::ValueSize(name)),
+    }
+}
+
+/// Calls `f(key, value)` for every entry of a hash map, `AGE_BATCH` entries per
+/// `bpf_map_lookup_batch`. (libbpf-rs 0.27's `lookup_batch` iterator ends at the first batch
+/// shorter than asked, but the kernel returns short batches whenever the next bucket does not
+/// fit: it would stop early. The end is ENOENT.) Entries inserted or deleted meanwhile may or
+/// may not be seen, as with any iteration of a live map.
+fn for_each_entry(
+    map: &MapHandle,
+    name: &'static str,
+    mut f: impl FnMut(&[u8], &[u8]),
+) -> Result<(), Tier1Error> {
+    let (ksz, vsz) = (map.key_size() as usize, map.value_size() as usize);
+    let mut want = AGE_BATCH;
+    let mut keys = vec![0u8; ksz * want as usize];
+    let mut vals = vec![0u8; vsz * want as usize];
+    // The batch position is opaque to userspace (a bucket index for hash maps), at most a key.
+    let tok_len = ksz.max(8);
+    let (mut tok_in, mut tok_out) = (vec![0u8; tok_len], vec![0u8; tok_len]);
+    let mut first = true;
+    let opts = libbpf_rs::libbpf_sys::bpf_map_batch_opts {
+        sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_map_batch_opts>() as _,
+        elem_flags: 0,
+        flags: 0,
+    };
+    loop {
+        let mut count = want;
+        let in_batch = if first {
+            std::ptr::null_mut()
+        } else {
+            tok_in.as_mut_ptr().cast()
+        };
+        // SAFETY: the fd is a live map; keys/vals hold `want` entries of the map's key and
+        // value sizes, the tokens `tok_len` bytes, and `count` says how many entries fit; all
+        // buffers outlive the call.
+        let rc = unsafe {
+            libbpf_rs::libbpf_sys::bpf_map_lookup_batch(
+                map.as_fd().as_raw_fd(),
+                in_batch,
+                tok_out.as_mut_ptr().cast(),
+                keys.as_mut_ptr().cast(),
+                vals.as_mut_ptr().cast(),
+                &mut count,
+                &opts,
+            )
+        };
+        let errno = if rc < 0 { -rc } else { 0 };
+        if errno == libc::ENOSPC && count == 0 {
+            // One bucket holds more entries than a batch: ask for more at once.
+            want = want.saturating_mul(2);
+            keys.resize(ksz * want as usize, 0);
+            vals.resize(vsz * want as usize, 0);
+            continue;
+        }
+        if errno != 0 && errno != libc::ENOENT {
+            return Err(Tier1Error::Bpf {
+                what: format!("lookup_batch {name}"),
+                source: libbpf_rs::Error::from(io::Error::from_raw_os_error(errno)),
+            });
+        }
+        let n = (count as usize).min(want as usize);
+        for i in 0..n {
+            f(&keys[i * ksz..(i + 1) * ksz], &vals[i * vsz..(i + 1) * vsz]);
+        }
+        if errno == libc::ENOENT {
+            return Ok(());
+        }
+        std::mem::swap(&mut tok_in, &mut tok_out);
+        first = false;
     }
 }
 

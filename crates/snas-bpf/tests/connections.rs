@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -376,5 +377,39 @@ fn a_reconfigured_job_keeps_its_count_and_a_new_job_on_the_veth_starts_at_zero()
     assert_eq!(out(&n, &conn(2), SYN), TC_ACT_SHOT);
     j.job_key = JOB_KEY + 1;
     n.t1().configure_job(&j).expect("new job");
+    assert_eq!(live(&n), 0);
+}
+
+#[test]
+fn the_ageing_pass_sees_every_flow_of_a_large_table() {
+    let Some(n) = setup("bigtable", |_| {}) else {
+        return;
+    };
+    const FLOWS: u32 = 50_000;
+    for i in 0..FLOWS {
+        let p = Pkt {
+            dst: Ipv4Addr::new(203, 0, 113, 10 + (i / 60_000) as u8),
+            sport: 1 + (i % 60_000) as u16,
+            ..Pkt::tcp_syn(ALLOWED_IP, 443)
+        };
+        assert_eq!(out(&n, &p, SYN), TC_ACT_REDIRECT, "flow {i}");
+    }
+    let r = age(&n, &FlowTimeouts::default());
+    assert_eq!(
+        (r.kept, r.open, r.removed),
+        (u64::from(FLOWS), u64::from(FLOWS), 0)
+    );
+    assert_eq!(live(&n), u64::from(FLOWS));
+    let t = FlowTimeouts {
+        tcp_syn_sent: Duration::from_millis(1),
+        ..FlowTimeouts::default()
+    };
+    std::thread::sleep(Duration::from_millis(10));
+    let r = age(&n, &t);
+    assert_eq!(
+        (r.kept, r.removed),
+        (0, u64::from(FLOWS)),
+        "every idle SYN goes"
+    );
     assert_eq!(live(&n), 0);
 }
