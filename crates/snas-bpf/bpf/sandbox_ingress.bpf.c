@@ -217,8 +217,7 @@ int snas_sandbox_ingress(struct __sk_buff *skb)
 		return drop(job, SNAS_DROP_SPOOFED_MAC, len);
 	/* A VLAN tag: the kernel moves the (outer) 802.1Q/802.1ad tag out of the frame into the
 	 * skb before TC ingress, so the frame itself looks like plain IP. Tags left in the frame
-	 * (QinQ's inner tag, or any tag when the kernel did not strip it) are other EtherTypes
-	 * and end below as not_ip too. */
+	 * (QinQ's inner tag, or any tag the kernel did not strip) are refused here as well. */
 	if (skb->vlan_present || eth->h_proto == bpf_htons(ETH_P_8021Q) ||
 	    eth->h_proto == bpf_htons(ETH_P_8021AD) || eth->h_proto == bpf_htons(ETH_P_QINQ1))
 		return drop(job, SNAS_DROP_NOT_IP, len);
