@@ -66,13 +66,7 @@ fn job(egress: Bps) -> JobConfig {
         gateway_ip: Ipv4Addr::new(10, 88, 0, 1),
         dns_port: 53,
         egress: Some(egress),
-        ingress: None,
-        horizon: None,
-        new_conn_per_sec: 0,
-        new_conn_burst: 0,
-        max_connections: 0,
-        ipv6_rules: false,
-        sandbox_ip6: None,
+        ..JobConfig::default()
     }
 }
 

@@ -19,6 +19,8 @@ fn main() {
                 "-Ibpf",
                 "-O2",
                 "-g",
+                // v3: atomic fetch-or and compare-and-swap for the flow state (conntrack.h).
+                "-mcpu=v3",
                 "-Wall",
                 "-Werror",
             ])

@@ -2,9 +2,12 @@
 //!
 //! Owns the translation from a verified policy and a job network to tier 1's job configuration
 //! and map entries: identity (job key, tenant id, serial), addresses and MACs of both veth ends,
-//! limits (egress rate, new-connection rate and burst, connection cap) and the policy's IPv4
-//! `cidr` rules with their ports. Programs and maps are pinned under `bpf_pin_dir`, so a
-//! restarted agent re-opens them and adopts jobs without resetting their state.
+//! limits (egress rate, new-connection rate and burst, connection cap), the policy's expiry,
+//! the node's per-job DNS packet budget (`dns_packets_per_sec`/`dns_packet_burst`) and the
+//! policy's IPv4 `cidr` rules with their ports; and the node-wide duties: the infrastructure
+//! set and the periodic flow ageing ([`snas_bpf::FlowTimeouts`] defaults, tier 2's conntrack
+//! timeouts). Programs and maps are pinned under `bpf_pin_dir`, so a restarted agent re-opens
+//! them and adopts jobs without resetting their state.
 //!
 //! # Limits
 //! - `host` rules are enforced through the addresses the DNS stub installs
@@ -19,7 +22,9 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use snas_bpf::{Bps, JobConfig, NodeConfig, PortRule, Proto, ProxyEntry, Tier1};
+use snas_bpf::{
+    Bps, FlowTimeouts, JobConfig, NodeConfig, PacketBudget, PortRule, Proto, ProxyEntry, Tier1,
+};
 use snas_policy::{EgressRule, Protocol};
 use snas_wire::Reason;
 
@@ -31,10 +36,6 @@ use crate::seams::{Dataplane, DataplaneError, JobAttachment};
 /// Port of the job's DNS stub on its gateway address.
 pub const DNS_STUB_PORT: u16 = 53;
 
-/// Flows idle this long are forgotten by [`Dataplane::age_flows`] (tier 2's TCP established
-/// timeout).
-const FLOW_IDLE: Duration = Duration::from_secs(3600);
-
 fn err(what: &str) -> impl FnOnce(snas_bpf::Tier1Error) -> DataplaneError + '_ {
     move |e| DataplaneError(format!("{what}: {e}"))
 }
@@ -43,6 +44,10 @@ fn err(what: &str) -> impl FnOnce(snas_bpf::Tier1Error) -> DataplaneError + '_ {
 #[derive(Debug)]
 pub struct Tier1Dataplane {
     tier1: Mutex<Tier1>,
+    /// Every job's DNS packet budget in tier 1 (`None` only for [`Tier1Dataplane::from_tier1`]).
+    dns_budget: Option<PacketBudget>,
+    /// Idle times of the ageing pass.
+    flow_timeouts: FlowTimeouts,
 }
 
 impl Tier1Dataplane {
@@ -73,16 +78,32 @@ impl Tier1Dataplane {
             .map(ProxyEntry::active)
             .collect();
         tier1.set_proxies(&proxies).map_err(err("set proxies"))?;
-        Ok(Tier1Dataplane {
-            tier1: Mutex::new(tier1),
-        })
+        Tier1Dataplane::from_tier1(tier1).with_config(config)
     }
 
-    /// Wraps an already loaded tier 1 (tests).
+    /// Wraps an already loaded tier 1 (tests and benchmarks). Jobs get no DNS packet budget
+    /// in tier 1 unless [`Tier1Dataplane::with_config`] gives the node's.
     pub fn from_tier1(tier1: Tier1) -> Tier1Dataplane {
         Tier1Dataplane {
             tier1: Mutex::new(tier1),
+            dns_budget: None,
+            flow_timeouts: FlowTimeouts::default(),
         }
+    }
+
+    /// Takes the per-job settings of the node's configuration (the DNS packet budget).
+    pub fn with_config(mut self, config: &AgentConfig) -> Result<Tier1Dataplane, DataplaneError> {
+        self.dns_budget = Some(
+            PacketBudget::new(config.dns_packets_per_sec, config.dns_packet_burst).ok_or_else(
+                || {
+                    DataplaneError(
+                        "dns_packets_per_sec: the DNS packet rate and burst must be at least 1"
+                            .into(),
+                    )
+                },
+            )?,
+        );
+        Ok(self)
     }
 
     fn tier1(&self) -> std::sync::MutexGuard<'_, Tier1> {
@@ -90,8 +111,11 @@ impl Tier1Dataplane {
     }
 }
 
-/// Tier 1's job configuration for a job.
-pub fn job_config(job: &JobAttachment<'_>) -> Result<JobConfig, DataplaneError> {
+/// Tier 1's job configuration for a job, with the node's DNS packet budget.
+pub fn job_config(
+    job: &JobAttachment<'_>,
+    dns_budget: Option<PacketBudget>,
+) -> Result<JobConfig, DataplaneError> {
     let claims = job.policy.claims.as_ref().ok_or_else(|| {
         DataplaneError("the policy carries no claims (not verified by snas-policy)".into())
     })?;
@@ -124,6 +148,8 @@ pub fn job_config(job: &JobAttachment<'_>) -> Result<JobConfig, DataplaneError> 
         }),
         // Sandboxes get IPv4 only (the job pool is IPv4), so tier 1 drops their IPv6.
         sandbox_ip6: None,
+        expires_at: Some(job.policy.expires_at()),
+        dns_budget,
     })
 }
 
@@ -170,14 +196,14 @@ impl Tier1Dataplane {
 
 impl Dataplane for Tier1Dataplane {
     fn attach_job(&self, job: &JobAttachment<'_>) -> Result<(), DataplaneError> {
-        let cfg = job_config(job)?;
+        let cfg = job_config(job, self.dns_budget)?;
         let t = self.tier1();
         self.program_rules(&t, job)?;
         t.attach_job(&cfg).map_err(err("attach job"))
     }
 
     fn adopt_job(&self, job: &JobAttachment<'_>) -> Result<(), DataplaneError> {
-        let cfg = job_config(job)?;
+        let cfg = job_config(job, self.dns_budget)?;
         let t = self.tier1();
         self.program_rules(&t, job)?;
         t.adopt_job(&cfg).map_err(err("adopt job"))
@@ -214,16 +240,16 @@ impl Dataplane for Tier1Dataplane {
             .map_err(err("set proxies"))
     }
 
-    fn set_infrastructure(&self, _nets: &[ipnet::IpNet]) -> Result<(), DataplaneError> {
-        // Tier 1 gains its node-wide infrastructure map in the same change set (issue 11).
-        Err(DataplaneError(
-            "tier 1 has no infrastructure map yet".into(),
-        ))
+    fn set_infrastructure(&self, nets: &[ipnet::IpNet]) -> Result<(), DataplaneError> {
+        self.tier1()
+            .set_infrastructure(nets)
+            .map_err(err("set infrastructure"))
     }
 
     fn age_flows(&self) -> Result<(), DataplaneError> {
         self.tier1()
-            .resync_live_flows(FLOW_IDLE)
+            .age_flows(&self.flow_timeouts)
+            .map(|_| ())
             .map_err(err("age flows"))
     }
 

@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
 /* sandbox_ingress.bpf.c - TC ingress on the host side of a sandbox veth: every frame the
  * sandbox sends. Order of checks (each drop is counted per job and reason):
- *   job attribution (veth ifindex) -> Ethernet -> ARP passes (source MAC checked) ->
- *   source MAC -> IPv6 denied -> not IP -> IPv4 sanity, options, fragments -> source IP ->
- *   DNS capture to the job's stub -> overlay target -> destination policy (deny: audit,
- *   RST for a TCP SYN) -> flow admission (rate, max_connections, proxy pinning) -> EDT ->
- *   MTU -> GENEVE encap -> redirect_neigh to the uplink. */
+ *   job attribution (veth ifindex) -> Ethernet -> source MAC -> VLAN tag (not_ip) ->
+ *   ARP passes (sender checked) -> IPv6 (own pipeline, or ipv6_denied) -> not IP ->
+ *   IPv4 sanity, options, fragments -> source IP -> policy expiry (refused: audit, RST for any
+ *   TCP segment, ICMP for UDP) -> DNS packet budget and capture to the job's stub ->
+ *   overlay target -> infrastructure set -> destination policy (deny: audit, RST for a TCP
+ *   SYN, ICMP for UDP) -> flow state and admission (rate, max_connections, proxy pinning) ->
+ *   MTU -> EDT -> GENEVE encap -> redirect_neigh to the uplink. */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/parse.h"
@@ -17,100 +19,15 @@
 #include "lib/conntrack.h"
 #include "lib/edt.h"
 #include "lib/geneve.h"
+#include "lib/reply.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
-struct rst_l3 {
-	struct iphdr ip;
-	struct tcphdr tcp;
-};
-
-struct rst6_l3 {
-	struct ipv6hdr ip6;
-	struct tcphdr tcp;
-};
-
-/* The frame's MACs swapped, for an answer that goes back where the frame came from. */
-static __always_inline int swapped_macs(struct __sk_buff *skb, __u8 macs[2 * ETH_ALEN])
-{
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-
-	if ((void *)(eth + 1) > data_end)
-		return -1;
-	__builtin_memcpy(macs, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(macs + ETH_ALEN, eth->h_dest, ETH_ALEN);
-	return 0;
-}
-
-/* The RST|ACK that RFC 793 prescribes for a segment without ACK (SEQ=0,
- * ACK=SEG.SEQ+SEG.LEN), checksum left to the caller. */
-static __always_inline void rst_for_syn(struct tcphdr *tcp, const struct pkt *p)
-{
-	tcp->source = bpf_htons(p->dport);
-	tcp->dest = bpf_htons(p->sport);
-	tcp->seq = 0;
-	tcp->ack_seq = bpf_htonl(p->tcp_seq + 1 + p->l4_payload);
-	tcp->doff = 5;
-	tcp->rst = 1;
-	tcp->ack = 1;
-}
-
-/* Replaces the frame with `macs` + the `l3_len` bytes at `l3` and sends it back into the
- * sandbox (egress of the host veth). */
-static __always_inline int send_back(struct __sk_buff *skb, const __u8 macs[2 * ETH_ALEN],
-				     const void *l3, __u32 l3_len)
-{
-	if (bpf_skb_change_tail(skb, L3_OFF + l3_len, 0))
-		return TC_ACT_SHOT;
-	if (bpf_skb_store_bytes(skb, 0, macs, 2 * ETH_ALEN, 0))
-		return TC_ACT_SHOT;
-	if (bpf_skb_store_bytes(skb, L3_OFF, l3, l3_len, 0))
-		return TC_ACT_SHOT;
-	debug_redirect(skb->ifindex, 1, 0, 0);
-	return bpf_redirect(skb->ifindex, 0);
-}
-
-/* Turns a denied TCP SYN into its RST|ACK and sends it back into the sandbox. */
-static __always_inline int reply_rst(struct __sk_buff *skb, const struct pkt *p)
-{
-	struct rst_l3 f = {};
-	__u8 macs[2 * ETH_ALEN];
-
-	if (swapped_macs(skb, macs))
-		return TC_ACT_SHOT;
-	f.ip.version = 4;
-	f.ip.ihl = 5;
-	f.ip.tot_len = bpf_htons(sizeof(struct iphdr) + sizeof(struct tcphdr));
-	f.ip.ttl = 64;
-	f.ip.protocol = IPPROTO_TCP;
-	f.ip.saddr = p->daddr;
-	f.ip.daddr = p->saddr;
-	f.ip.check = ipv4_csum(&f.ip);
-	rst_for_syn(&f.tcp, p);
-	f.tcp.check = tcp_csum_nopayload(f.ip.saddr, f.ip.daddr, &f.tcp);
-	return send_back(skb, macs, &f, sizeof(f));
-}
-
-/* reply_rst for IPv6: the same RST|ACK with the addresses swapped, hop limit 64. */
-static __always_inline int reply_rst6(struct __sk_buff *skb, const struct pkt *p)
-{
-	struct rst6_l3 f = {};
-	__u8 macs[2 * ETH_ALEN];
-
-	if (swapped_macs(skb, macs))
-		return TC_ACT_SHOT;
-	f.ip6.version = 6;
-	f.ip6.payload_len = bpf_htons(sizeof(struct tcphdr));
-	f.ip6.nexthdr = IPPROTO_TCP;
-	f.ip6.hop_limit = 64;
-	__builtin_memcpy(&f.ip6.saddr, p->daddr6, 16);
-	__builtin_memcpy(&f.ip6.daddr, p->saddr6, 16);
-	rst_for_syn(&f.tcp, p);
-	f.tcp.check = tcp6_csum_nopayload(p->daddr6, p->saddr6, &f.tcp);
-	return send_back(skb, macs, &f, sizeof(f));
-}
+/* 802.1ad and the older QinQ outer tag (802.1Q is ETH_P_8021Q). */
+#ifndef ETH_P_8021AD
+#define ETH_P_8021AD 0x88A8
+#endif
+#define ETH_P_QINQ1 0x9100
 
 /* Rewrites the destination of a DNS query to the job's stub (gateway_ip:dns_port) and lets
  * the host stack deliver it; remembers the original destination so that sandbox_egress can
@@ -157,9 +74,37 @@ static __always_inline int drop(__u64 job_key, __u32 reason, __u32 len)
 	return TC_ACT_SHOT;
 }
 
-/* IPv6 from a job whose policy has IPv6 rules. Same pipeline as IPv4 with these
- * differences: no DNS capture (DNS over IPv6 is denied, resolvers fall back to the IPv4 stub),
- * and neighbour and router solicitations/advertisements go to the host. */
+/* A refused packet: counted, audited (rate limited) and answered (reply.h: a RST for a TCP
+ * SYN, or for any TCP segment when `rst_any`; ICMP unreachable for UDP). */
+static __always_inline int refuse(struct __sk_buff *skb, struct job_state *st, __u64 job,
+				  const struct pkt *p, __u32 reason, __u32 len, __u64 now,
+				  int rst_any)
+{
+	count(job, 0, reason, len);
+	audit(st, job, AUDIT_DENY, reason, p, now);
+	return reply_refused(skb, st, p, reason, now, rst_any);
+}
+
+/* From the policy's `exp` on, the job may send nothing but ARP and neighbour discovery. */
+static __always_inline int expired(const struct job_cfg *cfg, __u64 now)
+{
+	return cfg->expires_ns && now >= cfg->expires_ns;
+}
+
+/* Takes a token from the job's DNS packet bucket (before the capture rewrite, so that one
+ * job's flood cannot fill the stub's shared socket for the others). */
+static __always_inline int dns_budget(struct job_state *st, const struct job_cfg *cfg, __u64 now)
+{
+	int ok;
+
+	if (!cfg->dns_rate)
+		return 1;
+	bpf_spin_lock(&st->lock);
+	ok = bucket_take(&st->dns_tokens, &st->dns_ts, cfg->dns_rate, cfg->dns_burst, now);
+	bpf_spin_unlock(&st->lock);
+	return ok;
+}
+
 /* The end of the allowed path, shared by IPv4 and IPv6: the flow's proxy must be alive, the
  * encapsulated packet must fit the uplink, EDT stamps the departure (or drops beyond the
  * horizon), then GENEVE encapsulation toward the proxy and redirect to the uplink. */
@@ -195,10 +140,15 @@ static __always_inline int forward_to_proxy(struct __sk_buff *skb, const struct 
 	return bpf_redirect_neigh(cfg_uplink_ifindex, NULL, 0, 0);
 }
 
+/* IPv6 from a job whose policy has IPv6 rules. Same pipeline as IPv4 with these
+ * differences: no DNS capture (DNS over IPv6 is denied, resolvers fall back to the IPv4 stub),
+ * and neighbour and router solicitations/advertisements go to the host. */
 static __always_inline int sandbox_ipv6(struct __sk_buff *skb, const struct job_cfg *cfg,
 					__u32 ifindex, __u32 len)
 {
 	__u64 job = cfg->job_key, now;
+	struct flow6_key fk = {};
+	struct flow_val *fv;
 	struct job_state *st;
 	struct pkt p = {};
 	__u32 hash, proxy_idx = 0;
@@ -213,32 +163,27 @@ static __always_inline int sandbox_ipv6(struct __sk_buff *skb, const struct job_
 		count(job, 0, 0, len);
 		return TC_ACT_OK;
 	}
-	if (((p.proto == IPPROTO_UDP || p.proto == IPPROTO_TCP) && p.dport == 53) ||
-	    (p.proto == IPPROTO_TCP && p.dport == 853)) {
-		count(job, 0, SNAS_DROP_DESTINATION_DENIED, len);
-		if (p.proto == IPPROTO_TCP &&
-		    (p.tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN)
-			return reply_rst6(skb, &p);
-		return TC_ACT_SHOT;
-	}
-	if (p.proto == IPPROTO_UDP && p.dport == cfg_geneve_port)
-		return drop(job, SNAS_DROP_OVERLAY_TARGET, len);
-
 	st = bpf_map_lookup_elem(&snas_job_state, &ifindex);
 	if (!st)
 		return drop(job, SNAS_DROP_UNKNOWN_JOB, len);
 	now = bpf_ktime_get_ns();
-	reason = policy_check6(job, &p, now);
-	if (reason) {
-		count(job, 0, reason, len);
-		audit(st, job, AUDIT_DENY, reason, &p, now);
-		if (p.proto == IPPROTO_TCP &&
-		    (p.tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN)
-			return reply_rst6(skb, &p);
-		return TC_ACT_SHOT;
-	}
+	if (expired(cfg, now))
+		return refuse(skb, st, job, &p, SNAS_DROP_POLICY_EXPIRED, len, now, 1);
+	if (((p.proto == IPPROTO_UDP || p.proto == IPPROTO_TCP) && p.dport == 53) ||
+	    (p.proto == IPPROTO_TCP && p.dport == 853))
+		return refuse(skb, st, job, &p, SNAS_DROP_DESTINATION_DENIED, len, now, 0);
+	if (p.proto == IPPROTO_UDP && p.dport == cfg_geneve_port)
+		return drop(job, SNAS_DROP_OVERLAY_TARGET, len);
+	if (infra_denied6(p.daddr6))
+		return refuse(skb, st, job, &p, SNAS_DROP_INFRASTRUCTURE_DENIED, len, now, 0);
+
+	flow_key6(&fk, ifindex, &p);
+	fv = bpf_map_lookup_elem(&snas_flows6, &fk);
+	reason = policy_check6(job, &p, now, flow_established(fv));
+	if (reason)
+		return refuse(skb, st, job, &p, reason, len, now, 0);
 	hash = flow_hash6(&p);
-	reason = flow_admit6(st, cfg, ifindex, &p, hash, now, &proxy_idx);
+	reason = flow_track_in(&snas_flows6, &fk, fv, st, cfg, ifindex, &p, hash, now, &proxy_idx);
 	if (reason)
 		return drop(job, reason, len);
 	return forward_to_proxy(skb, cfg, st, proxy_idx, hash, len, now, ETH_P_IPV6);
@@ -249,6 +194,8 @@ int snas_sandbox_ingress(struct __sk_buff *skb)
 {
 	__u32 ifindex = skb->ifindex, len = skb->len;
 	struct job_cfg *cfg = bpf_map_lookup_elem(&snas_jobs, &ifindex);
+	struct flow_key fk = {};
+	struct flow_val *fv;
 	struct job_state *st;
 	void *data, *data_end;
 	struct ethhdr *eth;
@@ -268,6 +215,12 @@ int snas_sandbox_ingress(struct __sk_buff *skb)
 		return drop(job, SNAS_DROP_MALFORMED, len);
 	if (__builtin_memcmp(eth->h_source, cfg->sandbox_mac, ETH_ALEN))
 		return drop(job, SNAS_DROP_SPOOFED_MAC, len);
+	/* A VLAN tag: the kernel moves the (outer) 802.1Q/802.1ad tag out of the frame into the
+	 * skb before TC ingress, so the frame itself looks like plain IP. Tags left in the frame
+	 * (QinQ's inner tag, or any tag the kernel did not strip) are refused here as well. */
+	if (skb->vlan_present || eth->h_proto == bpf_htons(ETH_P_8021Q) ||
+	    eth->h_proto == bpf_htons(ETH_P_8021AD) || eth->h_proto == bpf_htons(ETH_P_QINQ1))
+		return drop(job, SNAS_DROP_NOT_IP, len);
 	if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
 		/* Ethernet/IPv4 ARP: the sender fields must be the job's own too, so that the
 		 * host's neighbour table cannot be poisoned with another address. */
@@ -307,8 +260,20 @@ int snas_sandbox_ingress(struct __sk_buff *skb)
 	if (p.saddr != cfg->sandbox_ip)
 		return drop(job, SNAS_DROP_SPOOFED_SOURCE, len);
 
+	st = bpf_map_lookup_elem(&snas_job_state, &ifindex);
+	if (!st)
+		return drop(job, SNAS_DROP_UNKNOWN_JOB, len);
+	now = bpf_ktime_get_ns();
+	if (expired(cfg, now))
+		return refuse(skb, st, job, &p, SNAS_DROP_POLICY_EXPIRED, len, now, 1);
+
 	if (((p.proto == IPPROTO_UDP || p.proto == IPPROTO_TCP) && p.dport == 53) ||
 	    (p.proto == IPPROTO_TCP && p.dport == 853)) {
+		if (!dns_budget(st, cfg, now)) {
+			count(job, 0, SNAS_DROP_DNS_RATE, len);
+			audit(st, job, AUDIT_DENY, SNAS_DROP_DNS_RATE, &p, now);
+			return TC_ACT_SHOT;
+		}
 		reason = dns_redirect(skb, cfg, &p);
 		if (reason)
 			return drop(job, reason, len);
@@ -317,23 +282,17 @@ int snas_sandbox_ingress(struct __sk_buff *skb)
 	}
 	if (p.daddr == cfg_node_ip || (p.proto == IPPROTO_UDP && p.dport == cfg_geneve_port))
 		return drop(job, SNAS_DROP_OVERLAY_TARGET, len);
+	if (infra_denied(p.daddr))
+		return refuse(skb, st, job, &p, SNAS_DROP_INFRASTRUCTURE_DENIED, len, now, 0);
 
-	st = bpf_map_lookup_elem(&snas_job_state, &ifindex);
-	if (!st)
-		return drop(job, SNAS_DROP_UNKNOWN_JOB, len);
-	now = bpf_ktime_get_ns();
-
-	reason = policy_check(job, &p, now);
-	if (reason) {
-		count(job, 0, reason, len);
-		audit(st, job, AUDIT_DENY, reason, &p, now);
-		if (p.proto == IPPROTO_TCP && (p.tcp_flags & (TCPF_SYN | TCPF_ACK | TCPF_RST)) == TCPF_SYN)
-			return reply_rst(skb, &p);
-		return TC_ACT_SHOT;
-	}
+	flow_key4(&fk, ifindex, &p);
+	fv = bpf_map_lookup_elem(&snas_flows, &fk);
+	reason = policy_check(job, &p, now, flow_established(fv));
+	if (reason)
+		return refuse(skb, st, job, &p, reason, len, now, 0);
 
 	hash = flow_hash(&p);
-	reason = flow_admit(st, cfg, ifindex, &p, hash, now, &proxy_idx);
+	reason = flow_track_in(&snas_flows, &fk, fv, st, cfg, ifindex, &p, hash, now, &proxy_idx);
 	if (reason)
 		return drop(job, reason, len);
 	return forward_to_proxy(skb, cfg, st, proxy_idx, hash, len, now, ETH_P_IP);

@@ -7,12 +7,18 @@
  * sandbox (IPv6 only for jobs with IPv6 rules). Then the 56 overlay bytes are stripped, the
  * MACs set (sandbox MAC <- host veth MAC) and the frame goes into the job's netns with
  * bpf_redirect_peer. Violations are dropped and counted (direction 1). Everything else
- * (other traffic, GENEVE from other sources) passes untouched. */
+ * (other traffic, GENEVE from other sources) passes untouched.
+ *
+ * A delivered TCP or UDP packet (inner IPv4 without options, or IPv6 with the transport header
+ * right behind the fixed header) is also the reply side of a flow: its entry in the flow table
+ * (reversed tuple) records REPLIED, FIN in and RST in (conntrack.h), so that connections that
+ * end cleanly give their slot back. */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/parse.h"
 #include "lib/geneve.h"
 #include "lib/edt.h"
+#include "lib/conntrack.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -39,8 +45,11 @@ int snas_uplink_ingress(struct __sk_buff *skb)
 	struct job_state *st;
 	__u32 *ifp, ifindex;
 	int reason;
-	__u64 job, decap_flags = 0;
+	__u64 job, decap_flags = 0, now;
 	struct ethhdr eth_out;
+	struct flow_key rk = {};
+	struct flow6_key rk6 = {};
+	__u8 l4_proto = 0, tcp_flags = 0;
 
 	if ((void *)(eth + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
@@ -86,6 +95,21 @@ int snas_uplink_ingress(struct __sk_buff *skb)
 			return drop_in(job, SNAS_DROP_DESTINATION_DENIED, len);
 		eth_out.h_proto = bpf_htons(ETH_P_IPV6);
 		decap_flags = SNAS_ADJ_ROOM_DECAP_L3_IPV6;
+		if (inner6->nexthdr == IPPROTO_TCP || inner6->nexthdr == IPPROTO_UDP) {
+			__u16 *ports = (void *)(inner6 + 1);
+
+			if ((void *)(ports + 2) <= data_end) {
+				l4_proto = inner6->nexthdr;
+				rk6.ifindex = ifindex;
+				__builtin_memcpy(rk6.saddr, &inner6->daddr, 16);
+				__builtin_memcpy(rk6.daddr, &inner6->saddr, 16);
+				rk6.sport = bpf_ntohs(ports[1]);
+				rk6.dport = bpf_ntohs(ports[0]);
+				rk6.proto = l4_proto;
+			}
+			if (l4_proto == IPPROTO_TCP && (void *)ports + 14 <= data_end)
+				tcp_flags = ((__u8 *)ports)[13];
+		}
 	} else {
 		inner = (void *)(g + 1);
 		if ((void *)(inner + 1) > data_end || inner->version != 4 || inner->ihl < 5)
@@ -93,15 +117,36 @@ int snas_uplink_ingress(struct __sk_buff *skb)
 		if (inner->daddr != cfg->sandbox_ip)
 			return drop_in(job, SNAS_DROP_DESTINATION_DENIED, len);
 		eth_out.h_proto = bpf_htons(ETH_P_IP);
+		if (inner->ihl == 5 && !(inner->frag_off & bpf_htons(0x3fff)) &&
+		    (inner->protocol == IPPROTO_TCP || inner->protocol == IPPROTO_UDP)) {
+			__u16 *ports = (void *)(inner + 1);
+
+			if ((void *)(ports + 2) <= data_end) {
+				l4_proto = inner->protocol;
+				rk.ifindex = ifindex;
+				rk.saddr = inner->daddr;
+				rk.daddr = inner->saddr;
+				rk.sport = bpf_ntohs(ports[1]);
+				rk.dport = bpf_ntohs(ports[0]);
+				rk.proto = l4_proto;
+			}
+			if (l4_proto == IPPROTO_TCP && (void *)ports + 14 <= data_end)
+				tcp_flags = ((__u8 *)ports)[13];
+		}
 	}
 
 	/* Charged like the proxies' pacers: the inner IP packet. */
 	st = bpf_map_lookup_elem(&snas_job_state, &ifindex);
 	if (!st)
 		return drop_in(job, SNAS_DROP_UNKNOWN_JOB, len);
-	reason = ingress_police(st, cfg, len - L3_OFF - GENEVE_OVERHEAD, bpf_ktime_get_ns());
+	now = bpf_ktime_get_ns();
+	reason = ingress_police(st, cfg, len - L3_OFF - GENEVE_OVERHEAD, now);
 	if (reason)
 		return drop_in(job, reason, len);
+	if (l4_proto && decap_flags)
+		flow_reply(&snas_flows6, &rk6, ifindex, l4_proto, tcp_flags, now);
+	else if (l4_proto)
+		flow_reply(&snas_flows, &rk, ifindex, l4_proto, tcp_flags, now);
 
 	__builtin_memcpy(eth_out.h_dest, cfg->sandbox_mac, ETH_ALEN);
 	__builtin_memcpy(eth_out.h_source, cfg->host_mac, ETH_ALEN);

@@ -2,18 +2,46 @@
 //!
 //! Owns: the Rust view of node constants ([`NodeConfig`]), per-job values ([`JobConfig`]),
 //! destination rules ([`PortRule`]) and proxies ([`ProxyEntry`]), and their conversion into the
-//! BTF-generated C types. Units are carried by types (`Bps`, `Duration`).
+//! BTF-generated C types. Units are carried by types (`Bps`, `Duration`, [`PacketBudget`],
+//! `SystemTime`).
 #![forbid(unsafe_code)]
 
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::num::NonZeroU32;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::skel::types;
 
 /// Bits per second.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Bps(pub u64);
+
+/// A token bucket of packets: `per_sec` tokens a second, at most `burst` saved up. Both are at
+/// least one; "no limit" is the absence of a budget (`Option<PacketBudget>::None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PacketBudget {
+    /// Packets per second.
+    pub per_sec: NonZeroU32,
+    /// Packets that may be sent at once after a quiet spell.
+    pub burst: NonZeroU32,
+}
+
+impl PacketBudget {
+    /// A budget of `per_sec` packets a second with a burst of `burst`; `None` if either is 0.
+    pub fn new(per_sec: u32, burst: u32) -> Option<PacketBudget> {
+        Some(PacketBudget {
+            per_sec: NonZeroU32::new(per_sec)?,
+            burst: NonZeroU32::new(burst)?,
+        })
+    }
+}
+
+/// Default ICMP unreachable budget per job: 100 a second, burst 200.
+pub const DEFAULT_ICMP_BUDGET: PacketBudget = PacketBudget {
+    per_sec: NonZeroU32::MIN.saturating_add(99),
+    burst: NonZeroU32::MIN.saturating_add(199),
+};
 
 /// Default EDT horizon: the queueing-delay budget of one job.
 pub const DEFAULT_HORIZON: Duration = Duration::from_millis(20);
@@ -38,6 +66,9 @@ pub struct NodeConfig {
     pub geneve_port: u16,
     /// Audit events per second per job.
     pub audit_per_sec: u32,
+    /// ICMP/ICMPv6 unreachable messages per job for denied UDP (a bucket per job at this
+    /// rate); beyond it a denied datagram is only dropped and counted.
+    pub icmp_budget: PacketBudget,
     /// bpffs directory holding this node's pinned maps and programs.
     pub pin_dir: PathBuf,
     /// Record redirect targets in the debug map (tests only).
@@ -45,8 +76,8 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
-    /// Defaults for a node: 6081, 20 ms horizon, 100 audit events/s, pins under
-    /// `/sys/fs/bpf/snas/<node_name>`.
+    /// Defaults for a node: 6081, 20 ms horizon, 100 audit events/s, ICMP unreachables at
+    /// 100/s burst 200 per job, pins under `/sys/fs/bpf/snas/<node_name>`.
     pub fn new(node_name: &str, uplink_ifindex: u32, node_ip: Ipv4Addr, uplink_mtu: u32) -> Self {
         NodeConfig {
             uplink_ifindex,
@@ -56,6 +87,7 @@ impl NodeConfig {
             horizon: DEFAULT_HORIZON,
             geneve_port: 6081,
             audit_per_sec: 100,
+            icmp_budget: DEFAULT_ICMP_BUDGET,
             pin_dir: PathBuf::from(DEFAULT_PIN_ROOT).join(node_name),
             record_debug: false,
         }
@@ -63,6 +95,10 @@ impl NodeConfig {
 }
 
 /// One job as tier 1 sees it, attached to the host side of its veth.
+///
+/// [`JobConfig::default`] is a job with no identity and no limits (every `Option` `None`,
+/// every rate 0); fill in at least the identity, addresses and MACs:
+/// `JobConfig { veth_ifindex, job_key, .., ..JobConfig::default() }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobConfig {
     /// Host-side veth ifindex (the attach point and the job's attribution key).
@@ -102,10 +138,63 @@ pub struct JobConfig {
     pub ipv6_rules: bool,
     /// The sandbox's only allowed IPv6 source (needed for IPv6 traffic).
     pub sandbox_ip6: Option<Ipv6Addr>,
+    /// The policy's expiry (`exp`). From then on every packet the sandbox sends (but ARP and
+    /// neighbour discovery) is refused as `policy_expired`. Converted to the monotonic clock
+    /// of the programs when the job is configured or adopted; `None`: never.
+    pub expires_at: Option<SystemTime>,
+    /// Budget of DNS packets the job may send to its stub (UDP and TCP, taken before the
+    /// capture rewrite); beyond it packets are dropped as `dns_rate`. `None`: not limited in
+    /// tier 1.
+    pub dns_budget: Option<PacketBudget>,
+}
+
+impl Default for JobConfig {
+    fn default() -> Self {
+        JobConfig {
+            veth_ifindex: 0,
+            job_key: 0,
+            tenant_id: 0,
+            policy_serial: 0,
+            sandbox_ip: Ipv4Addr::UNSPECIFIED,
+            sandbox_mac: [0; 6],
+            host_mac: [0; 6],
+            gateway_ip: Ipv4Addr::UNSPECIFIED,
+            dns_port: 53,
+            egress: None,
+            ingress: None,
+            horizon: None,
+            new_conn_per_sec: 0,
+            new_conn_burst: 0,
+            max_connections: 0,
+            ipv6_rules: false,
+            sandbox_ip6: None,
+            expires_at: None,
+            dns_budget: None,
+        }
+    }
+}
+
+/// One reading of both clocks, to move a wall-clock instant into the monotonic domain of
+/// `bpf_ktime_get_ns`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Clocks {
+    /// `SystemTime::now()`.
+    pub wall: SystemTime,
+    /// CLOCK_MONOTONIC at (about) the same instant.
+    pub mono: Duration,
+}
+
+impl Clocks {
+    /// `at` in CLOCK_MONOTONIC nanoseconds; an instant already past maps to `mono` itself
+    /// (at least 1, because 0 means "no expiry" to the programs).
+    pub fn mono_ns_of(&self, at: SystemTime) -> u64 {
+        let ahead = at.duration_since(self.wall).unwrap_or(Duration::ZERO);
+        saturating_ns(self.mono.saturating_add(ahead)).max(1)
+    }
 }
 
 impl JobConfig {
-    pub(crate) fn to_c(&self) -> types::job_cfg {
+    pub(crate) fn to_c(&self, clocks: &Clocks) -> types::job_cfg {
         let mut c = types::job_cfg {
             job_key: self.job_key,
             tenant_id: self.tenant_id,
@@ -124,6 +213,9 @@ impl JobConfig {
             conn_rate: self.new_conn_per_sec,
             conn_burst: self.new_conn_burst,
             max_connections: self.max_connections,
+            expires_ns: self.expires_at.map_or(0, |at| clocks.mono_ns_of(at)),
+            dns_rate: self.dns_budget.map_or(0, |b| b.per_sec.get()),
+            dns_burst: self.dns_budget.map_or(0, |b| b.burst.get()),
             ..Default::default()
         };
         c._pad0 = 0;
@@ -176,7 +268,8 @@ impl PortRule {
         }
     }
 
-    pub(crate) fn to_c(self) -> types::port_rule {
+    /// The C rule, valid until `expires_s` (whole CLOCK_MONOTONIC seconds; `None`: always).
+    pub(crate) fn to_c(self, expires_s: Option<u32>) -> types::port_rule {
         types::port_rule {
             proto: match self.proto {
                 Proto::Any => 0,
@@ -185,13 +278,33 @@ impl PortRule {
             },
             lo: self.lo,
             hi: self.hi,
+            expires_s: expires_s.unwrap_or(0),
             ..Default::default()
         }
     }
+
+    /// The Rust rule of a C rule and its expiry.
+    pub(crate) fn from_c(c: &types::port_rule) -> (PortRule, Option<u32>) {
+        let proto = match c.proto {
+            6 => Proto::Tcp,
+            17 => Proto::Udp,
+            _ => Proto::Any,
+        };
+        let expires = (c.expires_s != 0).then_some(c.expires_s);
+        (
+            PortRule {
+                proto,
+                lo: c.lo,
+                hi: c.hi,
+            },
+            expires,
+        )
+    }
 }
 
-/// Maximum port rules per destination entry (`MAX_PORT_RULES` in maps.h).
-pub const MAX_PORT_RULES: usize = 8;
+/// Maximum port rules per destination entry (`MAX_PORT_RULES` in maps.h): the union of every
+/// allowed name's rules on one address.
+pub const MAX_PORT_RULES: usize = 16;
 
 /// One proxy of the fleet. Its position in the slice given to `Tier1::set_proxies` is its
 /// index; keep positions stable (mark a proxy dead instead of removing it) so that pinned
@@ -214,6 +327,83 @@ impl ProxyEntry {
             ip,
             alive: true,
             draining: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clocks() -> Clocks {
+        Clocks {
+            wall: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            mono: Duration::from_secs(5_000),
+        }
+    }
+
+    #[test]
+    fn a_future_expiry_moves_into_the_monotonic_domain() {
+        let c = clocks();
+        let at = c.wall + Duration::from_millis(90_500);
+        assert_eq!(c.mono_ns_of(at), 5_090_500_000_000);
+    }
+
+    #[test]
+    fn a_past_expiry_is_already_reached_and_never_zero() {
+        let c = clocks();
+        assert_eq!(
+            c.mono_ns_of(c.wall - Duration::from_secs(60)),
+            5_000_000_000_000
+        );
+        let boot = Clocks {
+            mono: Duration::ZERO,
+            ..c
+        };
+        assert_eq!(boot.mono_ns_of(c.wall), 1, "0 would mean no expiry");
+    }
+
+    #[test]
+    fn job_config_carries_expiry_and_dns_budget_into_c() {
+        let c = clocks();
+        let j = JobConfig {
+            expires_at: Some(c.wall + Duration::from_secs(10)),
+            dns_budget: PacketBudget::new(500, 1000),
+            ..JobConfig::default()
+        };
+        let cfg = j.to_c(&c);
+        assert_eq!(cfg.expires_ns, 5_010_000_000_000);
+        assert_eq!((cfg.dns_rate, cfg.dns_burst), (500, 1000));
+        let none = JobConfig::default().to_c(&c);
+        assert_eq!((none.expires_ns, none.dns_rate, none.dns_burst), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_packet_budget_is_never_zero() {
+        assert!(PacketBudget::new(0, 10).is_none());
+        assert!(PacketBudget::new(10, 0).is_none());
+        assert_eq!(
+            PacketBudget::new(100, 200),
+            Some(DEFAULT_ICMP_BUDGET),
+            "the default is 100/s burst 200"
+        );
+    }
+
+    #[test]
+    fn port_rules_round_trip_through_c_with_their_expiry() {
+        for (r, e) in [
+            (PortRule::port(Proto::Tcp, 443), Some(77)),
+            (PortRule::all(Proto::Any), None),
+            (
+                PortRule {
+                    proto: Proto::Udp,
+                    lo: 4000,
+                    hi: 4999,
+                },
+                Some(1),
+            ),
+        ] {
+            assert_eq!(PortRule::from_c(&r.to_c(e)), (r, e));
         }
     }
 }

@@ -9,8 +9,12 @@
 //! - `bpf/uplink_ingress.bpf.c`: TC ingress of the underlay: GENEVE decap into the job.
 //! - `bpf/lib/*.h`: one header per concern (parse, policy, conntrack, ratelimit, edt,
 //!   geneve, maglev, audit, csum, maps, drop_reasons).
-//! - [`tier1`]: [`Tier1`] — load, pin, attach, per-job map programming, counters, audit.
+//! - `bpf/lib/reply.h`: RSTs and ICMP unreachables sent back into the sandbox.
+//! - [`tier1`]: [`Tier1`] — load, pin, attach, per-job map programming, the infrastructure
+//!   set, flow ageing, counters, audit.
 //! - [`config`]: typed node/job/rule/proxy configuration.
+//! - [`flows`]: flow states and idle timeouts of the ageing pass (pure).
+//! - `binding`: the union of port rules a DNS-learned address holds (pure).
 //! - [`maglev`]: pure Maglev table computation.
 //! - [`counters`], [`audit`]: what the dataplane reports.
 //! - [`fq`]: detection of the fq qdisc.
@@ -20,8 +24,10 @@
 //! Operator documentation: `docs/tier1.md`.
 
 pub mod audit;
+mod binding;
 pub mod config;
 pub mod counters;
+pub mod flows;
 pub mod fq;
 pub mod maglev;
 mod pod;
@@ -30,10 +36,13 @@ pub mod testing;
 pub mod tier1;
 
 pub use audit::{AuditEvent, AuditKind};
-pub use config::{Bps, JobConfig, NodeConfig, PortRule, Proto, ProxyEntry};
+pub use config::{Bps, JobConfig, NodeConfig, PacketBudget, PortRule, Proto, ProxyEntry};
 pub use counters::{DirCounters, JobCounters, PacketCount};
+pub use flows::{FlowState, FlowTimeouts};
 pub use fq::fq_available;
-pub use tier1::{ensure_bpffs, mono_now, remove_pins, AuditReader, DebugRecord, Tier1, Tier1Error};
+pub use tier1::{
+    ensure_bpffs, mono_now, remove_pins, AgeingReport, AuditReader, DebugRecord, Tier1, Tier1Error,
+};
 
 /// Bytes GENEVE encapsulation adds: outer IPv4 20 + UDP 8 + GENEVE 8 + option 20.
 pub const OVERLAY_OVERHEAD: usize = 56;

@@ -53,8 +53,16 @@ unsafe impl Pod for types::flow6_key {}
 unsafe impl Pod for types::dns_nat_key {}
 // SAFETY: as above.
 unsafe impl Pod for types::dns_nat_val {}
+// SAFETY: as above.
+unsafe impl Pod for types::job_conns {}
+// SAFETY: as above.
+unsafe impl Pod for types::infra_key {}
+// SAFETY: as above.
+unsafe impl Pod for types::infra6_key {}
 // SAFETY: primitive integers.
 unsafe impl Pod for u32 {}
+// SAFETY: primitive integers.
+unsafe impl Pod for i64 {}
 // SAFETY: primitive integers.
 unsafe impl Pod for u64 {}
 

@@ -6,24 +6,30 @@
 //! needs. Reopening from the pins ([`Tier1::open_pinned`]) gives the same handle after an
 //! agent restart without detaching anything.
 //!
-//! Invariants: the pinned maps are the single source of truth (this struct holds only fds);
-//! both objects share the same maps (the second object reuses the first one's pins); a job's
-//! map entries are keyed by its veth ifindex (config, state, flows) or its job key (rules,
-//! counters) and are all removed by [`Tier1::detach_job`].
+//! Invariants: the pinned maps are the single source of truth (this struct holds only fds and
+//! a lock that serialises its own read-modify-write sequences); both objects share the same
+//! maps (the second object reuses the first one's pins); a job's map entries are keyed by its
+//! veth ifindex (config, state, connection count, flows) or its job key (rules, counters) and
+//! are all removed by [`Tier1::detach_job`]. Userspace never writes a map value BPF also
+//! writes, except to create it: `job_state` and `job_conns` are created by
+//! [`Tier1::configure_job`] and then belong to BPF; the ageing pass corrects the connection
+//! count through a separate bias map.
 //!
 //! Limits: attach uses netlink clsact (libbpf-rs has no safe tcx API); the filter handle and
 //! priority are fixed ([`TC_HANDLE`], [`TC_PRIORITY`]) and replaced on re-attach.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{
     MapCore, MapFlags, MapHandle, TcAttachPoint, TcHookBuilder, TC_EGRESS, TC_INGRESS,
@@ -31,8 +37,12 @@ use libbpf_rs::{
 use snas_wire::Reason;
 
 use crate::audit::AuditEvent;
-use crate::config::{saturating_ns, JobConfig, NodeConfig, PortRule, ProxyEntry, MAX_PORT_RULES};
+use crate::binding::{self, TimedRule};
+use crate::config::{
+    saturating_ns, Clocks, JobConfig, NodeConfig, PortRule, ProxyEntry, MAX_PORT_RULES,
+};
 use crate::counters::{DirCounters, Direction, JobCounters, PacketCount};
+use crate::flows::{self, Ageing, FlowTimeouts};
 use crate::maglev::{self, Backend};
 use crate::pod::{bytes_of, from_bytes, Pod};
 use crate::skel::{sandbox, sandbox_egress, types, uplink};
@@ -71,6 +81,16 @@ pub enum Tier1Error {
     /// More proxies than the proxies map holds.
     #[error("{0} proxies given, at most {MAX_PROXIES} supported")]
     TooManyProxies(usize),
+    /// More infrastructure prefixes of one family than its map holds.
+    #[error("{count} IPv{family} infrastructure prefixes given, at most {max} supported")]
+    TooManyInfrastructurePrefixes {
+        /// 4 or 6.
+        family: u8,
+        /// Prefixes given.
+        count: usize,
+        /// The map's size.
+        max: usize,
+    },
     /// No job is configured on this veth.
     #[error("no job on veth ifindex {0}")]
     UnknownJob(u32),
@@ -90,6 +110,33 @@ const JOB_F_ATTACHED: u16 = 2;
 
 /// Maximum proxies (`MAX_PROXIES` in maps.h).
 pub const MAX_PROXIES: usize = 64;
+
+/// Maximum IPv4 infrastructure prefixes (`MAX_INFRA` in maps.h).
+pub const MAX_INFRA: usize = 16384;
+
+/// Maximum IPv6 infrastructure prefixes (`MAX_INFRA6` in maps.h).
+pub const MAX_INFRA6: usize = 4096;
+
+/// The ageing pass counts a flow only if it was admitted this long before the pass read the
+/// job's counter: BPF stamps `admitted` after the count went up, so this margin only absorbs
+/// the difference between the two readings of CLOCK_MONOTONIC (`bpf_ktime_get_ns` is the
+/// NMI-safe fast clock, `clock_gettime` the vDSO one; they differ by nanoseconds). A flow left
+/// out is counted at the next pass: until then the job may open one more (over-admission).
+pub const COUNT_MARGIN: Duration = Duration::from_micros(100);
+
+/// Entries read per `bpf_map_lookup_batch` call of the ageing pass.
+const AGE_BATCH: u32 = 4096;
+
+/// What one ageing pass did ([`Tier1::age_flows`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgeingReport {
+    /// Flow entries still in the tables.
+    pub kept: u64,
+    /// Flow entries removed because they were idle beyond their state's timeout.
+    pub removed: u64,
+    /// Open connections counted, all jobs together.
+    pub open: u64,
+}
 
 fn bpf_err(what: impl Into<String>) -> impl FnOnce(libbpf_rs::Error) -> Tier1Error {
     let what = what.into();
@@ -113,7 +160,11 @@ pub struct DebugRecord {
 struct Maps {
     jobs: MapHandle,
     job_state: MapHandle,
+    job_conns: MapHandle,
+    job_conns_bias: MapHandle,
     job_by_key: MapHandle,
+    infra: MapHandle,
+    infra6: MapHandle,
     dst_exact: MapHandle,
     dst_cidr: MapHandle,
     dst6_exact: MapHandle,
@@ -139,7 +190,11 @@ impl Maps {
         Ok(Maps {
             jobs: m("snas_jobs")?,
             job_state: m("snas_job_state")?,
+            job_conns: m("snas_job_conns")?,
+            job_conns_bias: m("snas_job_conns_bias")?,
             job_by_key: m("snas_job_by_key")?,
+            infra: m("snas_infra")?,
+            infra6: m("snas_infra6")?,
             dst_exact: m("snas_dst_exact")?,
             dst_cidr: m("snas_dst_cidr")?,
             dst6_exact: m("snas_dst6_exact")?,
@@ -166,6 +221,11 @@ pub struct Tier1 {
     sandbox_prog: OwnedFd,
     sandbox_egress_prog: OwnedFd,
     uplink_prog: OwnedFd,
+    /// Serialises this handle's read-modify-write sequences on the maps (job configuration,
+    /// binding merges, the infrastructure set, the ageing pass). BPF never takes it.
+    writers: Mutex<()>,
+    /// Live port rules that did not fit an address's entry (see [`crate::binding`]).
+    displaced_rules: AtomicU64,
 }
 
 fn set_pins(obj: &mut libbpf_rs::OpenObject, dir: &Path) -> Result<(), Tier1Error> {
@@ -239,6 +299,8 @@ impl Tier1 {
                     ro.cfg_horizon_ns = saturating_ns(node.horizon);
                     ro.cfg_geneve_port = node.geneve_port;
                     ro.cfg_audit_rate = node.audit_per_sec;
+                    ro.cfg_icmp_rate = node.icmp_budget.per_sec.get();
+                    ro.cfg_icmp_burst = node.icmp_budget.burst.get();
                     ro.cfg_record_debug = u8::from(node.record_debug);
                 }
                 set_pins(open.open_object_mut(), &dir)?;
@@ -300,7 +362,14 @@ impl Tier1 {
             sandbox_prog: prog(PROG_SANDBOX)?,
             sandbox_egress_prog: prog(PROG_SANDBOX_EGRESS)?,
             uplink_prog: prog(PROG_UPLINK)?,
+            writers: Mutex::new(()),
+            displaced_rules: AtomicU64::new(0),
         })
+    }
+
+    fn writers(&self) -> MutexGuard<'_, ()> {
+        // The guarded data is (); a panic while holding it leaves nothing inconsistent here.
+        self.writers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Checks that every map's key and value sizes (from the kernel) equal the sizes of the
@@ -308,7 +377,31 @@ impl Tier1 {
     pub fn check_layouts(&self) -> Result<(), Tier1Error> {
         use std::mem::size_of;
         let m = &self.maps;
-        let checks: [(&MapHandle, usize, usize, &'static str); 16] = [
+        let checks: [(&MapHandle, usize, usize, &'static str); 20] = [
+            (
+                &m.job_conns,
+                size_of::<u32>(),
+                size_of::<types::job_conns>(),
+                "snas_job_conns",
+            ),
+            (
+                &m.job_conns_bias,
+                size_of::<u32>(),
+                size_of::<i64>(),
+                "snas_job_conns_bias",
+            ),
+            (
+                &m.infra,
+                size_of::<types::infra_key>(),
+                size_of::<u32>(),
+                "snas_infra",
+            ),
+            (
+                &m.infra6,
+                size_of::<types::infra6_key>(),
+                size_of::<u32>(),
+                "snas_infra6",
+            ),
             (
                 &m.dst6_exact,
                 size_of::<types::dst6_key>(),
@@ -420,8 +513,11 @@ impl Tier1 {
     }
 
     /// Writes a job's configuration (and fresh state) without attaching anything: for tests
-    /// through BPF_PROG_TEST_RUN and for updating a running job (serial, limits).
+    /// through BPF_PROG_TEST_RUN and for updating a running job (serial, limits, expiry). The
+    /// state of a job reconfigured under the same key (pacing clocks, buckets, connection
+    /// count, flows) is kept.
     pub fn configure_job(&self, job: &JobConfig) -> Result<(), Tier1Error> {
+        let _w = self.writers();
         let attached = self.attached(job.veth_ifindex)?;
         self.write_job(job, attached)
     }
@@ -433,7 +529,7 @@ impl Tier1 {
 
     fn write_job(&self, job: &JobConfig, attached: bool) -> Result<(), Tier1Error> {
         let idx = job.veth_ifindex;
-        let mut c = job.to_c();
+        let mut c = job.to_c(&clocks()?);
         if attached {
             c.flags |= JOB_F_ATTACHED;
         }
@@ -448,22 +544,33 @@ impl Tier1 {
                 }
                 delete_where::<types::flow_key>(&self.maps.flows, |k| k.ifindex == idx);
                 delete_where::<types::flow6_key>(&self.maps.flows6, |k| k.ifindex == idx);
+                let _ = self.maps.job_conns_bias.delete(bytes_of(&idx));
                 MapFlags::ANY
             }
-            None => MapFlags::ANY,
+            None => {
+                let _ = self.maps.job_conns_bias.delete(bytes_of(&idx));
+                MapFlags::ANY
+            }
         };
-        update(&self.maps.jobs, &idx, &c, "snas_jobs")?;
+        // State first: a program that finds the configuration finds its state too.
         let fresh = types::job_state::default();
         let _ = self
             .maps
             .job_state
             .update(bytes_of(&idx), bytes_of(&fresh), state_flags);
+        let conns = types::job_conns::default();
+        let _ = self
+            .maps
+            .job_conns
+            .update(bytes_of(&idx), bytes_of(&conns), state_flags);
+        update(&self.maps.jobs, &idx, &c, "snas_jobs")?;
         update(&self.maps.job_by_key, &job.job_key, &idx, "snas_job_by_key")
     }
 
     /// Configures the job and attaches the sandbox programs to its veth (clsact ingress and
     /// egress).
     pub fn attach_job(&self, job: &JobConfig) -> Result<(), Tier1Error> {
+        let _w = self.writers();
         self.write_job(job, false)?;
         tc_attach(&self.sandbox_prog, job.veth_ifindex, TC_INGRESS)?;
         tc_attach(&self.sandbox_egress_prog, job.veth_ifindex, TC_EGRESS)?;
@@ -471,12 +578,16 @@ impl Tier1 {
     }
 
     /// Takes over a job found at agent start: if the veth's configuration already names this
-    /// job as attached, nothing is touched; otherwise it is attached like a new job.
+    /// job as attached, only its configuration is rewritten (so that the restarted agent's
+    /// limits and the policy's expiry, converted anew, apply); programs, state, flows and
+    /// counters are left alone. Otherwise it is attached like a new job.
     pub fn adopt_job(&self, job: &JobConfig) -> Result<(), Tier1Error> {
         let cfg: Option<types::job_cfg> = lookup(&self.maps.jobs, &job.veth_ifindex, "snas_jobs")?;
         match cfg {
-            // Already attached for this job: leave programs, state and counters alone.
-            Some(c) if c.job_key == job.job_key && c.flags & JOB_F_ATTACHED != 0 => Ok(()),
+            Some(c) if c.job_key == job.job_key && c.flags & JOB_F_ATTACHED != 0 => {
+                let _w = self.writers();
+                self.write_job(job, true)
+            }
             _ => self.attach_job(job),
         }
     }
@@ -506,6 +617,7 @@ impl Tier1 {
     /// of the job: config, state, rules, flows, DNS NAT, counters. Idempotent; returns whether
     /// a job was configured on the veth.
     pub fn detach_job(&self, veth_ifindex: u32) -> Result<bool, Tier1Error> {
+        let _w = self.writers();
         let Some(cfg) = lookup::<types::job_cfg>(&self.maps.jobs, &veth_ifindex, "snas_jobs")?
         else {
             return Ok(false);
@@ -517,6 +629,8 @@ impl Tier1 {
         let job = cfg.job_key;
         let _ = self.maps.jobs.delete(bytes_of(&veth_ifindex));
         let _ = self.maps.job_state.delete(bytes_of(&veth_ifindex));
+        let _ = self.maps.job_conns.delete(bytes_of(&veth_ifindex));
+        let _ = self.maps.job_conns_bias.delete(bytes_of(&veth_ifindex));
         if self.veth_of(job)? == Some(veth_ifindex) {
             let _ = self.maps.job_by_key.delete(bytes_of(&job));
         }
@@ -537,8 +651,12 @@ impl Tier1 {
         delete_where::<types::counter_key>(&self.maps.counters, |k| k.job_key == job);
     }
 
-    /// Allows `ip` for the job on `rules` until `ttl` from now (`None`: until revoked). DNS
-    /// answers use this with the TTL-derived expiry.
+    /// Allows `ip` for the job on `rules` until `ttl` from now (`None`: until revoked), for new
+    /// connections; packets of established flows are never cut by the expiry. DNS answers use
+    /// this with the binding lifetime. The address keeps the rules other names installed on it
+    /// (each with its own expiry); an identical rule is refreshed to the later expiry. An entry
+    /// holds [`MAX_PORT_RULES`]: beyond, the rule that expires first is replaced
+    /// ([`Tier1::displaced_port_rules`]). At most [`MAX_PORT_RULES`] rules per call.
     pub fn allow_ip(
         &self,
         job_key: u64,
@@ -546,17 +664,57 @@ impl Tier1 {
         rules: &[PortRule],
         ttl: Option<Duration>,
     ) -> Result<(), Tier1Error> {
-        let expires_ns = match ttl {
-            Some(ttl) => saturating_ns(mono_now()?.saturating_add(ttl)),
-            None => 0,
-        };
         let key = types::dst_key {
             job_key,
             ip: u32::from_ne_bytes(ip.octets()),
             _pad0: 0,
         };
-        let val = dst_val(rules, expires_ns, false)?;
-        update(&self.maps.dst_exact, &key, &val, "snas_dst_exact")
+        self.merge_binding(&self.maps.dst_exact, &key, rules, ttl, "snas_dst_exact")
+    }
+
+    /// The read-merge-write of a DNS-learned entry (see [`crate::binding`]).
+    fn merge_binding<K: Pod>(
+        &self,
+        map: &MapHandle,
+        key: &K,
+        rules: &[PortRule],
+        ttl: Option<Duration>,
+        name: &'static str,
+    ) -> Result<(), Tier1Error> {
+        if rules.len() > MAX_PORT_RULES {
+            return Err(Tier1Error::TooManyPortRules(rules.len()));
+        }
+        let now = mono_now()?;
+        let now_s = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
+        let expires_s = ttl.map(|ttl| expiry_seconds(now.saturating_add(ttl)));
+        let _w = self.writers();
+        let old: Option<types::dst_val> = lookup(map, key, name)?;
+        let existing: Vec<TimedRule> = old
+            .iter()
+            .flat_map(|v| v.rules.iter().take(v.nrules as usize))
+            .map(|c| {
+                let (rule, expires_s) = PortRule::from_c(c);
+                TimedRule { rule, expires_s }
+            })
+            .collect();
+        let merged = binding::merge(&existing, rules, expires_s, now_s);
+        self.displaced_rules
+            .fetch_add(merged.displaced, Ordering::Relaxed);
+        let mut v = types::dst_val {
+            nrules: merged.rules.len() as u32,
+            flags: 0,
+            ..Default::default()
+        };
+        for (slot, t) in v.rules.iter_mut().zip(&merged.rules) {
+            *slot = t.rule.to_c(t.expires_s);
+        }
+        update(map, key, &v, name)
+    }
+
+    /// Live port rules that did not fit an address's entry since this handle was opened
+    /// (see [`Tier1::allow_ip`]).
+    pub fn displaced_port_rules(&self) -> u64 {
+        self.displaced_rules.load(Ordering::Relaxed)
     }
 
     /// Removes an exact-IP entry.
@@ -580,7 +738,7 @@ impl Tier1 {
         allow_private: bool,
     ) -> Result<(), Tier1Error> {
         let key = cidr_key(job_key, net);
-        let val = dst_val(rules, 0, allow_private)?;
+        let val = dst_val(rules, allow_private)?;
         update(&self.maps.dst_cidr, &key, &val, "snas_dst_cidr")
     }
 
@@ -598,16 +756,11 @@ impl Tier1 {
         rules: &[PortRule],
         ttl: Option<Duration>,
     ) -> Result<(), Tier1Error> {
-        let expires_ns = match ttl {
-            Some(ttl) => saturating_ns(mono_now()?.saturating_add(ttl)),
-            None => 0,
-        };
         let key = types::dst6_key {
             job_key,
             ip: ip.octets(),
         };
-        let val = dst_val(rules, expires_ns, false)?;
-        update(&self.maps.dst6_exact, &key, &val, "snas_dst6_exact")
+        self.merge_binding(&self.maps.dst6_exact, &key, rules, ttl, "snas_dst6_exact")
     }
 
     /// Removes an exact IPv6 entry.
@@ -629,7 +782,7 @@ impl Tier1 {
         allow_private: bool,
     ) -> Result<(), Tier1Error> {
         let key = cidr6_key(job_key, net);
-        let val = dst_val(rules, 0, allow_private)?;
+        let val = dst_val(rules, allow_private)?;
         update(&self.maps.dst6_cidr, &key, &val, "snas_dst6_cidr")
     }
 
@@ -640,6 +793,84 @@ impl Tier1 {
             .dst6_cidr
             .delete(bytes_of(&cidr6_key(job_key, net)));
         Ok(())
+    }
+
+    /// Replaces the node-wide infrastructure set: destinations refused for every job whatever
+    /// its rules say (`infrastructure_denied`; not even an `allow_private` rule opens them).
+    /// The new prefixes are inserted before the old ones that are gone are deleted, so no
+    /// prefix in both sets is ever open. The maps are pinned: the set survives an agent
+    /// restart until replaced.
+    pub fn set_infrastructure(&self, nets: &[IpNet]) -> Result<(), Tier1Error> {
+        let mut v4 = HashSet::new();
+        let mut v6 = HashSet::new();
+        for n in nets {
+            match n.trunc() {
+                IpNet::V4(n) => {
+                    v4.insert((n.prefix_len(), u32::from_ne_bytes(n.network().octets())));
+                }
+                IpNet::V6(n) => {
+                    v6.insert((n.prefix_len(), n.network().octets()));
+                }
+            }
+        }
+        if v4.len() > MAX_INFRA {
+            return Err(Tier1Error::TooManyInfrastructurePrefixes {
+                family: 4,
+                count: v4.len(),
+                max: MAX_INFRA,
+            });
+        }
+        if v6.len() > MAX_INFRA6 {
+            return Err(Tier1Error::TooManyInfrastructurePrefixes {
+                family: 6,
+                count: v6.len(),
+                max: MAX_INFRA6,
+            });
+        }
+        let _w = self.writers();
+        for &(len, ip) in &v4 {
+            let k = types::infra_key {
+                prefixlen: u32::from(len),
+                ip,
+            };
+            update(&self.maps.infra, &k, &1u32, "snas_infra")?;
+        }
+        for &(len, ip) in &v6 {
+            let k = types::infra6_key {
+                prefixlen: u32::from(len),
+                ip,
+            };
+            update(&self.maps.infra6, &k, &1u32, "snas_infra6")?;
+        }
+        delete_where::<types::infra_key>(&self.maps.infra, |k| {
+            !v4.contains(&(k.prefixlen as u8, k.ip))
+        });
+        delete_where::<types::infra6_key>(&self.maps.infra6, |k| {
+            !v6.contains(&(k.prefixlen as u8, k.ip))
+        });
+        Ok(())
+    }
+
+    /// The current infrastructure set (as [`Tier1::set_infrastructure`] stored it).
+    pub fn infrastructure(&self) -> Vec<IpNet> {
+        let mut out = Vec::new();
+        for k in self.maps.infra.keys() {
+            if let Some(k) = from_bytes::<types::infra_key>(&k) {
+                let ip = Ipv4Addr::from(k.ip.to_ne_bytes());
+                if let Ok(n) = Ipv4Net::new(ip, k.prefixlen as u8) {
+                    out.push(IpNet::V4(n));
+                }
+            }
+        }
+        for k in self.maps.infra6.keys() {
+            if let Some(k) = from_bytes::<types::infra6_key>(&k) {
+                if let Ok(n) = Ipv6Net::new(Ipv6Addr::from(k.ip), k.prefixlen as u8) {
+                    out.push(IpNet::V6(n));
+                }
+            }
+        }
+        out.sort();
+        out
     }
 
     /// Replaces the proxy set and rebuilds the Maglev table from the alive proxies that are
@@ -749,62 +980,117 @@ impl Tier1 {
         Ok(self.state(veth_ifindex)?.audit_suppressed)
     }
 
-    /// The job's live-flow estimate (see [`Tier1::resync_live_flows`]).
-    pub fn live_flows(&self, veth_ifindex: u32) -> Result<u64, Tier1Error> {
-        Ok(self.state(veth_ifindex)?.live_flows)
+    /// Denied UDP datagrams of the job left without an ICMP answer by the per-job ICMP budget
+    /// (`NodeConfig::icmp_budget`).
+    pub fn icmp_suppressed(&self, veth_ifindex: u32) -> Result<u64, Tier1Error> {
+        Ok(self.state(veth_ifindex)?.icmp_suppressed)
     }
 
-    /// Recounts every job's live flows from the flow table, counting entries seen within
-    /// `idle` (older entries are deleted). Call periodically: BPF only sees RSTs, not
-    /// evictions or FIN-closed flows. Other state fields may race with BPF for one packet.
-    pub fn resync_live_flows(&self, idle: Duration) -> Result<(), Tier1Error> {
+    /// The job's open connections as tier 1 counts them for `max_connections`: BPF's count
+    /// less the last ageing pass's correction (see [`Tier1::age_flows`]).
+    pub fn live_flows(&self, veth_ifindex: u32) -> Result<u64, Tier1Error> {
+        let open = self.conns_open(veth_ifindex)?;
+        let bias: i64 = lookup(
+            &self.maps.job_conns_bias,
+            &veth_ifindex,
+            "snas_job_conns_bias",
+        )?
+        .unwrap_or(0);
+        Ok(u64::try_from(open.saturating_sub(bias)).unwrap_or(0))
+    }
+
+    /// BPF's admissions minus closes of a job (read under its lock).
+    fn conns_open(&self, veth_ifindex: u32) -> Result<i64, Tier1Error> {
+        let v = self
+            .maps
+            .job_conns
+            .lookup(bytes_of(&veth_ifindex), MapFlags::LOCK)
+            .map_err(bpf_err("lookup snas_job_conns"))?
+            .ok_or(Tier1Error::UnknownJob(veth_ifindex))?;
+        let c: types::job_conns = from_bytes(&v).ok_or(Tier1Error::ValueSize("snas_job_conns"))?;
+        Ok(c.open)
+    }
+
+    /// The ageing pass (call it every few seconds): removes flow entries idle beyond their
+    /// state's timeout ([`FlowTimeouts`], defaults equal to tier 2's conntrack: SYN sent 30 s,
+    /// established 1 h, closing 60 s, closed 30 s, UDP 30 s unreplied / 120 s replied) and
+    /// recounts each job's open connections, correcting what BPF cannot see end (idle
+    /// timeouts, LRU evictions).
+    ///
+    /// The recount never overwrites BPF's counter: it reads each job's counter first, counts
+    /// the open entries admitted before that read, and stores the difference as the job's
+    /// bias; admissions and closes BPF makes meanwhile keep moving the counter. Every race
+    /// (an entry closed or admitted while the pass runs) leaves the count low, never high:
+    /// tier 1 may over-admit briefly, never under-admit.
+    pub fn age_flows(&self, timeouts: &FlowTimeouts) -> Result<AgeingReport, Tier1Error> {
+        let _w = self.writers();
         let now = saturating_ns(mono_now()?);
-        let idle = saturating_ns(idle);
-        let mut per_job = std::collections::HashMap::<u32, u64>::new();
-        for key in self.maps.flows.keys() {
-            let Some(k) = from_bytes::<types::flow_key>(&key) else {
-                continue;
-            };
-            let v: Option<types::flow_val> = lookup(&self.maps.flows, &k, "snas_flows")?;
-            match v {
-                Some(v) if now.saturating_sub(v.last_seen) <= idle => {
-                    *per_job.entry(k.ifindex).or_default() += 1;
-                }
-                _ => {
-                    let _ = self.maps.flows.delete(&key);
+        let count_before = now.saturating_sub(saturating_ns(COUNT_MARGIN));
+        let mut read_open = HashMap::<u32, i64>::new();
+        for key in self.maps.job_conns.keys() {
+            if let Some(idx) = from_bytes::<u32>(&key) {
+                if let Ok(open) = self.conns_open(idx) {
+                    read_open.insert(idx, open);
                 }
             }
         }
-        for key in self.maps.flows6.keys() {
-            let Some(k) = from_bytes::<types::flow6_key>(&key) else {
-                continue;
+        let mut report = AgeingReport::default();
+        let mut counted = HashMap::<u32, i64>::new();
+        let mut age =
+            |key: &[u8], val: &[u8], ifindex: u32, proto: u8, doomed: &mut Vec<Vec<u8>>| {
+                let Some(v) = from_bytes::<types::flow_val>(val) else {
+                    return;
+                };
+                match flows::age_entry(
+                    timeouts,
+                    proto,
+                    v.flags,
+                    v.last_seen,
+                    v.admitted,
+                    now,
+                    count_before,
+                ) {
+                    Ageing::Remove => doomed.push(key.to_vec()),
+                    Ageing::KeepOpen => {
+                        *counted.entry(ifindex).or_default() += 1;
+                        report.kept += 1;
+                        report.open += 1;
+                    }
+                    Ageing::Keep => report.kept += 1,
+                }
             };
-            let v: Option<types::flow_val> = lookup(&self.maps.flows6, &k, "snas_flows6")?;
-            match v {
-                Some(v) if now.saturating_sub(v.last_seen) <= idle => {
-                    *per_job.entry(k.ifindex).or_default() += 1;
-                }
-                _ => {
-                    let _ = self.maps.flows6.delete(&key);
-                }
+        let mut doomed = Vec::new();
+        for_each_entry(&self.maps.flows, "snas_flows", |key, val| {
+            if let Some(k) = from_bytes::<types::flow_key>(key) {
+                age(key, val, k.ifindex, k.proto, &mut doomed);
+            }
+        })?;
+        let mut doomed6 = Vec::new();
+        for_each_entry(&self.maps.flows6, "snas_flows6", |key, val| {
+            if let Some(k) = from_bytes::<types::flow6_key>(key) {
+                age(key, val, k.ifindex, k.proto, &mut doomed6);
+            }
+        })?;
+        for k in &doomed {
+            if self.maps.flows.delete(k).is_ok() {
+                report.removed += 1;
             }
         }
-        for key in self.maps.job_state.keys() {
-            let Some(idx) = from_bytes::<u32>(&key) else {
-                continue;
-            };
-            let Some(mut st) = lookup::<types::job_state>(&self.maps.job_state, &idx, "state")?
-            else {
-                continue;
-            };
-            st.live_flows = per_job.get(&idx).copied().unwrap_or(0);
-            st.lock = types::bpf_spin_lock::default();
-            let _ =
-                self.maps
-                    .job_state
-                    .update(&key, bytes_of(&st), MapFlags::EXIST | MapFlags::LOCK);
+        for k in &doomed6 {
+            if self.maps.flows6.delete(k).is_ok() {
+                report.removed += 1;
+            }
         }
-        Ok(())
+        for (idx, open) in read_open {
+            let bias = open - counted.get(&idx).copied().unwrap_or(0);
+            update(
+                &self.maps.job_conns_bias,
+                &idx,
+                &bias,
+                "snas_job_conns_bias",
+            )?;
+        }
+        Ok(report)
     }
 
     /// A reader of audit events; `on_event` is called from [`AuditReader::poll`].
@@ -991,24 +1277,34 @@ fn cidr_job(k: &types::cidr_key) -> u64 {
     (u64::from(u32::from_be(k.job_hi)) << 32) | u64::from(u32::from_be(k.job_lo))
 }
 
-fn dst_val(
-    rules: &[PortRule],
-    expires_ns: u64,
-    allow_private: bool,
-) -> Result<types::dst_val, Tier1Error> {
+/// A CIDR entry: rules without expiry.
+fn dst_val(rules: &[PortRule], allow_private: bool) -> Result<types::dst_val, Tier1Error> {
     if rules.len() > MAX_PORT_RULES {
         return Err(Tier1Error::TooManyPortRules(rules.len()));
     }
     let mut v = types::dst_val {
-        expires_ns,
         nrules: rules.len() as u32,
         flags: u32::from(allow_private),
         ..Default::default()
     };
     for (slot, r) in v.rules.iter_mut().zip(rules) {
-        *slot = r.to_c();
+        *slot = r.to_c(None);
     }
     Ok(v)
+}
+
+/// Whole CLOCK_MONOTONIC seconds of an expiry, rounded up (a rule never ends early), at least
+/// 1 (0 means "no expiry" to the programs).
+fn expiry_seconds(at: Duration) -> u32 {
+    let s = at.as_secs() + u64::from(at.subsec_nanos() > 0);
+    u32::try_from(s).unwrap_or(u32::MAX).max(1)
+}
+
+fn clocks() -> Result<Clocks, Tier1Error> {
+    Ok(Clocks {
+        wall: SystemTime::now(),
+        mono: mono_now()?,
+    })
 }
 
 fn update<K: Pod, V: Pod>(map: &MapHandle, k: &K, v: &V, name: &str) -> Result<(), Tier1Error> {
@@ -1027,6 +1323,76 @@ fn lookup<V: Pod>(
     {
         None => Ok(None),
         Some(b) => from_bytes(&b).map(Some).ok_or(Tier1Error::ValueSize(name)),
+    }
+}
+
+/// Calls `f(key, value)` for every entry of a hash map, `AGE_BATCH` entries per
+/// `bpf_map_lookup_batch`. (libbpf-rs 0.27's `lookup_batch` iterator ends at the first batch
+/// shorter than asked, but the kernel returns short batches whenever the next bucket does not
+/// fit: it would stop early. The end is ENOENT.) Entries inserted or deleted meanwhile may or
+/// may not be seen, as with any iteration of a live map.
+fn for_each_entry(
+    map: &MapHandle,
+    name: &'static str,
+    mut f: impl FnMut(&[u8], &[u8]),
+) -> Result<(), Tier1Error> {
+    let (ksz, vsz) = (map.key_size() as usize, map.value_size() as usize);
+    let mut want = AGE_BATCH;
+    let mut keys = vec![0u8; ksz * want as usize];
+    let mut vals = vec![0u8; vsz * want as usize];
+    // The batch position is opaque to userspace (a bucket index for hash maps), at most a key.
+    let tok_len = ksz.max(8);
+    let (mut tok_in, mut tok_out) = (vec![0u8; tok_len], vec![0u8; tok_len]);
+    let mut first = true;
+    let opts = libbpf_rs::libbpf_sys::bpf_map_batch_opts {
+        sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_map_batch_opts>() as _,
+        elem_flags: 0,
+        flags: 0,
+    };
+    loop {
+        let mut count = want;
+        let in_batch = if first {
+            std::ptr::null_mut()
+        } else {
+            tok_in.as_mut_ptr().cast()
+        };
+        // SAFETY: the fd is a live map; keys/vals hold `want` entries of the map's key and
+        // value sizes, the tokens `tok_len` bytes, and `count` says how many entries fit; all
+        // buffers outlive the call.
+        let rc = unsafe {
+            libbpf_rs::libbpf_sys::bpf_map_lookup_batch(
+                map.as_fd().as_raw_fd(),
+                in_batch,
+                tok_out.as_mut_ptr().cast(),
+                keys.as_mut_ptr().cast(),
+                vals.as_mut_ptr().cast(),
+                &mut count,
+                &opts,
+            )
+        };
+        let errno = if rc < 0 { -rc } else { 0 };
+        if errno == libc::ENOSPC && count == 0 {
+            // One bucket holds more entries than a batch: ask for more at once.
+            want = want.saturating_mul(2);
+            keys.resize(ksz * want as usize, 0);
+            vals.resize(vsz * want as usize, 0);
+            continue;
+        }
+        if errno != 0 && errno != libc::ENOENT {
+            return Err(Tier1Error::Bpf {
+                what: format!("lookup_batch {name}"),
+                source: libbpf_rs::Error::from(io::Error::from_raw_os_error(errno)),
+            });
+        }
+        let n = (count as usize).min(want as usize);
+        for i in 0..n {
+            f(&keys[i * ksz..(i + 1) * ksz], &vals[i * vsz..(i + 1) * vsz]);
+        }
+        if errno == libc::ENOENT {
+            return Ok(());
+        }
+        std::mem::swap(&mut tok_in, &mut tok_out);
+        first = false;
     }
 }
 
@@ -1093,10 +1459,18 @@ mod tests {
     fn too_many_port_rules_are_refused() {
         let rules = vec![PortRule::all(crate::Proto::Any); MAX_PORT_RULES + 1];
         assert!(matches!(
-            dst_val(&rules, 0, false),
-            Err(Tier1Error::TooManyPortRules(9))
+            dst_val(&rules, false),
+            Err(Tier1Error::TooManyPortRules(17))
         ));
-        let v = dst_val(&rules[..2], 5, true).expect("fits");
-        assert_eq!((v.nrules, v.flags, v.expires_ns), (2, 1, 5));
+        let v = dst_val(&rules[..2], true).expect("fits");
+        assert_eq!((v.nrules, v.flags, v.rules[0].expires_s), (2, 1, 0));
+    }
+
+    #[test]
+    fn rule_expiries_round_up_to_whole_seconds() {
+        assert_eq!(expiry_seconds(Duration::from_secs(90)), 90);
+        assert_eq!(expiry_seconds(Duration::from_millis(90_001)), 91);
+        assert_eq!(expiry_seconds(Duration::ZERO), 1, "0 would mean never");
+        assert_eq!(expiry_seconds(Duration::from_secs(u64::MAX / 2)), u32::MAX);
     }
 }

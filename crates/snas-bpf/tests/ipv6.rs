@@ -5,6 +5,7 @@
 mod common;
 
 use std::net::Ipv6Addr;
+use std::time::{Duration, SystemTime};
 
 use common::*;
 use snas_bpf::testing::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
@@ -54,6 +55,7 @@ struct P6 {
     sport: u16,
     dport: u16,
     flags: u8,
+    ack: u32,
     payload: Vec<u8>,
     src_mac: [u8; 6],
 }
@@ -67,6 +69,7 @@ impl P6 {
             sport: 40000,
             dport,
             flags: 0x02,
+            ack: 0,
             payload: vec![],
             src_mac: SANDBOX_MAC,
         }
@@ -88,6 +91,7 @@ impl P6 {
                 t[0..2].copy_from_slice(&self.sport.to_be_bytes());
                 t[2..4].copy_from_slice(&self.dport.to_be_bytes());
                 t[4..8].copy_from_slice(&1000u32.to_be_bytes());
+                t[8..12].copy_from_slice(&self.ack.to_be_bytes());
                 t[12] = 5 << 4;
                 t[13] = self.flags;
                 t
@@ -345,11 +349,11 @@ fn neighbour_discovery_goes_to_the_host_and_dns_over_ipv6_is_denied() {
         ..ns.clone()
     };
     assert_eq!(n.run_sandbox(&echo.frame()).retval, TC_ACT_SHOT);
-    assert_drop(
-        &n,
-        &P6::udp(ALLOWED6, 53, &[0; 12]).frame(),
-        Reason::DestinationDenied,
-    );
+    // DNS over IPv6 is refused like any denied UDP: counted and answered with ICMPv6.
+    let out = n.run_sandbox(&P6::udp(ALLOWED6, 53, &[0; 12]).frame());
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    assert_eq!(out.data[ETH + 6], 58, "an ICMPv6 answer");
+    assert_eq!(drops(&n, Reason::DestinationDenied), 1);
 }
 
 #[test]
@@ -428,4 +432,223 @@ fn denied_ipv6_syn_is_answered_with_an_exact_rst() {
     let dns = n.run_sandbox(&P6::tcp_syn(ALLOWED6, 53).frame());
     assert_eq!(dns.retval, TC_ACT_REDIRECT);
     assert_eq!(dns.data.len(), 74);
+}
+
+impl P6 {
+    /// The far side's packet of this flow with `flags`.
+    fn reply(&self, flags: u8) -> P6 {
+        P6 {
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            flags,
+            payload: vec![],
+            ..self.clone()
+        }
+    }
+}
+
+/// `inner` (IPv6) inside GENEVE from the first proxy, as the uplink receives it.
+fn geneve6(inner: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&[2, 0, 0, 0, 0x0a, 1, 2, 0, 0, 0, 0x0a, 2, 0x08, 0x00]);
+    let mut outer = expected_outer(PROXY_IPS[0], NODE_IP, 7, inner.len(), JOB_KEY);
+    outer[30..32].copy_from_slice(&0x86ddu16.to_be_bytes());
+    f.extend_from_slice(&outer);
+    f.extend_from_slice(inner);
+    f
+}
+
+fn pseudo6(src: Ipv6Addr, dst: Ipv6Addr, next: u8, len: usize) -> u32 {
+    let mut sum = 0u32;
+    for a in [src.octets(), dst.octets()] {
+        for w in a.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+        }
+    }
+    sum + len as u32 + u32::from(next)
+}
+
+/// The ICMPv6 destination unreachable tier 1 must answer `p` with.
+fn icmp6_for(p: &P6, code: u8) -> Vec<u8> {
+    let quote = &p.ip()[..48];
+    let mut icmp = vec![1, code, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(quote);
+    let c = csum(&icmp, pseudo6(p.dst, p.src, 58, icmp.len()));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = Vec::new();
+    f.extend_from_slice(&p.src_mac);
+    f.extend_from_slice(&HOST_MAC);
+    f.extend_from_slice(&0x86ddu16.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 64]);
+    f.extend_from_slice(&p.dst.octets());
+    f.extend_from_slice(&p.src.octets());
+    f.extend_from_slice(&icmp);
+    f
+}
+
+#[test]
+fn denied_ipv6_udp_is_answered_with_an_exact_icmpv6_unreachable() {
+    let Some(n) = setup("v6icmp", true) else {
+        return;
+    };
+    let denied = P6::udp(OTHER6, 4000, b"hello");
+    let out = n.run_sandbox(&denied.frame());
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    assert_eq!(
+        out.data,
+        icmp6_for(&denied, 1),
+        "administratively prohibited"
+    );
+    let dbg = n.t1().last_redirect().expect("debug").expect("recorded");
+    assert_eq!((dbg.kind, dbg.ifindex), (1, VETH));
+    let wrong_port = P6::udp(ALLOWED6, 5000, &[7; 40]);
+    let out = n.run_sandbox(&wrong_port.frame());
+    assert_eq!(out.data, icmp6_for(&wrong_port, 4), "port unreachable");
+    assert_eq!(drops(&n, Reason::DestinationDenied), 1);
+    assert_eq!(drops(&n, Reason::PortDenied), 1);
+}
+
+#[test]
+fn ipv6_infrastructure_is_refused_whatever_the_rules_say() {
+    let Some(n) = setup("v6infra", true) else {
+        return;
+    };
+    let all: ipnet::Ipv6Net = "::/0".parse().expect("net");
+    n.t1()
+        .allow_cidr6(JOB_KEY, all, &[PortRule::all(Proto::Any)], true)
+        .expect("cidr6");
+    n.t1()
+        .set_infrastructure(&["2001:db8:ffff::/48".parse().expect("net")])
+        .expect("infra");
+    let syn = n.run_sandbox(&P6::tcp_syn(OTHER6, 9090).frame());
+    assert_eq!((syn.retval, syn.data.len()), (TC_ACT_REDIRECT, 74), "a RST");
+    let udp = P6::udp(OTHER6, 9090, b"x");
+    assert_eq!(n.run_sandbox(&udp.frame()).data, icmp6_for(&udp, 1));
+    assert_eq!(drops(&n, Reason::InfrastructureDenied), 2);
+    let outside = P6::tcp_syn("2001:db8:fffe::1".parse().expect("addr"), 9090);
+    assert_eq!(n.run_sandbox(&outside.frame()).retval, TC_ACT_REDIRECT);
+    let dbg = n.t1().last_redirect().expect("debug").expect("recorded");
+    assert_eq!(dbg.kind, 2, "to a proxy");
+}
+
+#[test]
+fn an_expired_ipv6_job_gets_a_rst_for_any_segment_and_icmpv6_for_udp() {
+    if !root_or_skip("v6expired") {
+        return;
+    }
+    let n = load(&node_config("v6expired"));
+    let mut j = job();
+    j.ipv6_rules = true;
+    j.sandbox_ip6 = Some(SANDBOX6);
+    j.expires_at = Some(SystemTime::now() - Duration::from_secs(1));
+    n.t1().configure_job(&j).expect("job");
+    n.t1()
+        .set_proxies(&[ProxyEntry::active(PROXY_IPS[0])])
+        .expect("proxies");
+    n.t1()
+        .allow_cidr6(
+            JOB_KEY,
+            "2001:db8::/48".parse().expect("net"),
+            &[PortRule::all(Proto::Any)],
+            false,
+        )
+        .expect("cidr6");
+    let data = P6 {
+        flags: 0x18,
+        ack: 0x0102_0304,
+        payload: vec![9; 30],
+        ..P6::tcp_syn(ALLOWED6, 443)
+    };
+    let out = n.run_sandbox(&data.frame());
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    let tcp = &out.data[ETH + 40..];
+    assert_eq!(
+        (&tcp[4..8], &tcp[8..12], tcp[13]),
+        (&[1u8, 2, 3, 4][..], &[0u8; 4][..], 0x04),
+        "<SEQ=SEG.ACK><CTL=RST>"
+    );
+    assert_eq!(csum(tcp, pseudo6(ALLOWED6, SANDBOX6, 6, 20)), 0);
+    let udp = P6::udp(ALLOWED6, 4000, b"x");
+    assert_eq!(n.run_sandbox(&udp.frame()).data, icmp6_for(&udp, 1));
+    assert_eq!(drops(&n, Reason::PolicyExpired), 2);
+    // Neighbour discovery still reaches the host.
+    let ns = P6 {
+        next: 58,
+        payload: vec![135, 0, 0, 0, 0, 0, 0, 0],
+        dst: "ff02::1:ff00:1".parse().expect("addr"),
+        ..P6::tcp_syn(ALLOWED6, 0)
+    };
+    assert_eq!(n.run_sandbox(&ns.frame()).retval, TC_ACT_OK);
+}
+
+#[test]
+fn ipv6_connections_that_close_both_ways_give_their_slot_back() {
+    if !root_or_skip("v6close") {
+        return;
+    }
+    let n = load(&node_config("v6close"));
+    let mut j = job();
+    j.ipv6_rules = true;
+    j.sandbox_ip6 = Some(SANDBOX6);
+    j.max_connections = 1;
+    n.t1().configure_job(&j).expect("job");
+    n.t1()
+        .set_proxies(&[ProxyEntry::active(PROXY_IPS[0])])
+        .expect("proxies");
+    n.t1()
+        .allow_cidr6(
+            JOB_KEY,
+            "2001:db8::/48".parse().expect("net"),
+            &[PortRule::port(Proto::Tcp, 443)],
+            false,
+        )
+        .expect("cidr6");
+    for sport in 1000..1300u16 {
+        let c = P6 {
+            sport,
+            ..P6::tcp_syn(ALLOWED6, 443)
+        };
+        assert_eq!(n.run_sandbox(&c.frame()).retval, TC_ACT_REDIRECT, "{sport}");
+        assert_eq!(
+            n.run_uplink(&geneve6(&c.reply(0x12).ip())).retval,
+            TC_ACT_REDIRECT
+        );
+        let fin = P6 {
+            flags: 0x11,
+            ..c.clone()
+        };
+        assert_eq!(n.run_sandbox(&fin.frame()).retval, TC_ACT_REDIRECT);
+        assert_eq!(
+            n.run_uplink(&geneve6(&c.reply(0x11).ip())).retval,
+            TC_ACT_REDIRECT
+        );
+    }
+    assert_eq!(n.t1().live_flows(VETH).expect("live"), 0);
+    assert_eq!(drops(&n, Reason::ConnectionLimit), 0);
+}
+
+#[test]
+fn two_names_on_one_ipv6_address_keep_both_their_ports() {
+    let Some(n) = setup("v6union", true) else {
+        return;
+    };
+    let ttl = Some(Duration::from_secs(60));
+    n.t1()
+        .allow_ip6(JOB_KEY, OTHER6, &[PortRule::port(Proto::Tcp, 80)], ttl)
+        .expect("ip6");
+    n.t1()
+        .allow_ip6(JOB_KEY, OTHER6, &[PortRule::port(Proto::Tcp, 7)], ttl)
+        .expect("ip6");
+    for port in [80, 7] {
+        assert_eq!(
+            n.run_sandbox(&P6::tcp_syn(OTHER6, port).frame()).retval,
+            TC_ACT_REDIRECT
+        );
+        let dbg = n.t1().last_redirect().expect("debug").expect("recorded");
+        assert_eq!(dbg.kind, 2, "port {port} allowed");
+    }
 }

@@ -80,6 +80,11 @@ struct Topo {
     node: String,
     sb: String,
     px: String,
+    /// The sandbox's end of its veth (in `sb`).
+    sb_dev: String,
+    sb_mac: [u8; 6],
+    /// The host end of the sandbox veth (in `node`).
+    host_mac: [u8; 6],
     _netns: Netns,
 }
 
@@ -161,6 +166,7 @@ fn topology_with(tag: &str, offloads_off: bool) -> Topo {
     let (h_idx, h_mac) = link_info(&node, &h);
     let (u_idx, _) = link_info(&node, &u);
     let (_, s_mac) = link_info(&sb, &s);
+    let s = s.clone();
 
     let node2 = node.clone();
     let tag = tag.to_string();
@@ -200,6 +206,9 @@ fn topology_with(tag: &str, offloads_off: bool) -> Topo {
         node,
         sb,
         px,
+        sb_dev: s,
+        sb_mac: s_mac,
+        host_mac: h_mac,
         _netns: netns,
     }
 }
@@ -510,4 +519,174 @@ fn ipv6_sandbox_traffic_is_carried_over_the_ipv4_underlay_both_ways() {
     let (got, rfrom) = sandbox.join().expect("sandbox thread");
     assert_eq!(got, payload);
     assert_eq!(rfrom.to_string(), "[2001:db8::7]:7000");
+}
+
+/// Waits (bounded) until the job's drop counter of `reason` from the sandbox reaches `want`.
+fn wait_drops(t: &Topo, reason: snas_wire::Reason, want: u64) -> u64 {
+    let mut got = 0;
+    for _ in 0..200 {
+        got =
+            t.n.t1()
+                .counters(JOB_KEY)
+                .expect("counters")
+                .from_sandbox
+                .dropped(reason)
+                .packets;
+        if got >= want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    got
+}
+
+/// Sends raw Ethernet frames out of `dev` (AF_PACKET), from the calling thread's namespace.
+fn send_raw(dev: &str, frames: &[Vec<u8>]) {
+    let ifindex = {
+        let name = std::ffi::CString::new(dev).expect("name");
+        // SAFETY: name is a valid C string.
+        unsafe { libc::if_nametoindex(name.as_ptr()) }
+    };
+    assert_ne!(ifindex, 0, "device {dev}");
+    // SAFETY: plain socket creation; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0) };
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: fd is a fresh socket we own.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set next.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_ifindex = ifindex as i32;
+    addr.sll_halen = 6;
+    for f in frames {
+        addr.sll_addr[..6].copy_from_slice(&f[..6]);
+        // SAFETY: f is a live buffer of f.len() bytes; addr is a valid sockaddr_ll of its size.
+        let rc = unsafe {
+            libc::sendto(
+                sock.as_raw_fd(),
+                f.as_ptr().cast(),
+                f.len(),
+                0,
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            rc,
+            f.len() as isize,
+            "send: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[test]
+fn a_vlan_tagged_frame_from_the_sandbox_is_not_ip_and_never_reaches_the_proxy() {
+    if !root_or_skip("netns VLAN") {
+        return;
+    }
+    let t = topology("v");
+    let px2 = t.px.clone();
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let proxy = std::thread::spawn(move || {
+        enter(&px2);
+        let sock = UdpSocket::bind("0.0.0.0:6081").expect("bind 6081");
+        bound_tx.send(()).expect("signal");
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 2048];
+        // Until the untagged twin (sent after the tagged frames) arrives.
+        loop {
+            let (len, _) = sock
+                .recv_from(&mut buf)
+                .expect("the untagged frame arrives");
+            let payload = buf[28 + 28..len].to_vec();
+            let done = payload == b"untagged";
+            seen.push(payload);
+            if done {
+                return seen;
+            }
+        }
+    });
+    bound_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("proxy bound");
+
+    let datagram = |payload: &[u8]| Pkt {
+        src_mac: t.sb_mac,
+        dst_mac: t.host_mac,
+        sport: 40001,
+        ..Pkt::udp(Ipv4Addr::new(203, 0, 113, 7), 7000, payload)
+    };
+    let tag = |frame: Vec<u8>, tpid: u16| {
+        let mut f = frame[..12].to_vec();
+        f.extend_from_slice(&tpid.to_be_bytes());
+        f.extend_from_slice(&5u16.to_be_bytes()); // VLAN 5
+        f.extend_from_slice(&frame[12..]);
+        f
+    };
+    let tagged = vec![
+        tag(datagram(b"tagged 802.1Q").frame(), 0x8100),
+        tag(datagram(b"tagged 802.1ad").frame(), 0x88a8),
+        // QinQ: an 802.1ad tag around an 802.1Q tag.
+        tag(tag(datagram(b"tagged QinQ").frame(), 0x8100), 0x88a8),
+    ];
+    let untagged = datagram(b"untagged").frame();
+    let (sb, dev) = (t.sb.clone(), t.sb_dev.clone());
+    std::thread::spawn(move || {
+        enter(&sb);
+        send_raw(&dev, &tagged);
+        send_raw(&dev, &[untagged]);
+    })
+    .join()
+    .expect("sandbox thread");
+
+    let seen = proxy.join().expect("proxy thread");
+    assert_eq!(
+        seen,
+        vec![b"untagged".to_vec()],
+        "only the untagged frame arrives"
+    );
+    assert_eq!(wait_drops(&t, snas_wire::Reason::NotIp, 3), 3);
+}
+
+#[test]
+fn a_connected_udp_socket_learns_of_a_refusal_at_once() {
+    if !root_or_skip("netns ICMP") {
+        return;
+    }
+    let t = topology("i");
+    let sb2 = t.sb.clone();
+    let results = std::thread::spawn(move || {
+        enter(&sb2);
+        // 203.0.113.7 allows UDP 7000 only: 7001 is port_denied. 198.51.100.9 is not allowed.
+        ["203.0.113.7:7001", "198.51.100.9:7000"].map(|to| {
+            let sock = UdpSocket::bind("10.88.0.2:0").expect("bind");
+            sock.connect(to).expect("connect");
+            sock.set_read_timeout(Some(Duration::from_secs(3)))
+                .expect("timeout");
+            let started = std::time::Instant::now();
+            sock.send(b"hello").expect("send");
+            let mut buf = [0u8; 64];
+            let err = sock.recv(&mut buf).expect_err("no answer but an error");
+            (err.raw_os_error(), started.elapsed())
+        })
+    })
+    .join()
+    .expect("sandbox thread");
+    let [(port, port_took), (dest, dest_took)] = results;
+    eprintln!("ECONNREFUSED after {port_took:?}, EHOSTUNREACH after {dest_took:?}");
+    assert_eq!(port, Some(libc::ECONNREFUSED), "port unreachable");
+    assert_eq!(
+        dest,
+        Some(libc::EHOSTUNREACH),
+        "administratively prohibited"
+    );
+    assert_eq!(wait_drops(&t, snas_wire::Reason::PortDenied, 1), 1);
+    assert_eq!(wait_drops(&t, snas_wire::Reason::DestinationDenied, 1), 1);
 }

@@ -360,6 +360,7 @@ fn denied_syn_is_answered_with_an_exact_rst() {
         dport: 40000,
         tcp_flags: 0x14,
         seq: 0,
+        ack: 0,
         payload: vec![],
         frag_off: 0,
         ip_options: vec![],
@@ -381,14 +382,26 @@ fn denied_syn_is_answered_with_an_exact_rst() {
     assert_eq!(drops(&n, Reason::DestinationDenied), 1);
 }
 
+/// A refused packet that is answered: counted under `r` and sent back into the sandbox.
+fn assert_answered(n: &Node, frame: &[u8], r: Reason) -> Vec<u8> {
+    let before = drops(n, r);
+    let out = n.run_sandbox(frame);
+    assert_eq!(out.retval, TC_ACT_REDIRECT, "expected an answer for {r}");
+    let dbg = n.t1().last_redirect().expect("debug").expect("recorded");
+    assert_eq!((dbg.kind, dbg.ifindex), (1, VETH), "back into the sandbox");
+    assert_eq!(drops(n, r), before + 1, "counter of {r}");
+    out.data
+}
+
 #[test]
-fn denied_udp_and_non_syn_tcp_are_dropped_without_reply() {
+fn denied_udp_is_answered_and_non_syn_tcp_is_dropped_without_reply() {
     let Some(n) = setup("denyudp") else { return };
-    assert_drop(
+    let icmp = assert_answered(
         &n,
         &Pkt::udp(OTHER_IP, 4000, &[0; 8]).frame(),
         Reason::DestinationDenied,
     );
+    assert_eq!((icmp[ETH + 9], icmp[ETH + 20], icmp[ETH + 21]), (1, 3, 13));
     let ack = Pkt {
         tcp_flags: 0x10,
         ..Pkt::tcp_syn(OTHER_IP, 443)
@@ -408,11 +421,12 @@ fn allowed_destination_on_a_wrong_port_or_protocol_is_port_denied() {
         .frame(),
         Reason::PortDenied,
     );
-    assert_drop(
+    let icmp = assert_answered(
         &n,
         &Pkt::udp(ALLOWED_IP, 443, &[0; 8]).frame(),
         Reason::PortDenied,
     );
+    assert_eq!(icmp[ETH + 21], 3, "port unreachable");
     assert_eq!(
         n.run_sandbox(&Pkt::udp(ALLOWED_IP, 4999, &[0; 8]).frame())
             .retval,
@@ -455,17 +469,16 @@ fn always_denied_ranges_need_allow_private() {
 }
 
 #[test]
-fn dns_learned_address_is_allowed_until_it_expires() {
+fn dns_learned_address_admits_new_connections_until_it_expires_and_never_cuts_established_ones() {
     let Some(n) = setup("exact") else { return };
     let rules = [PortRule::port(Proto::Tcp, 443)];
     let p = Pkt::tcp_syn(OTHER_IP, 443);
+    // Expiries are kept in whole seconds, rounded up: 1 s from now ends within 2 s.
     n.t1()
-        .allow_ip(JOB_KEY, OTHER_IP, &rules, Some(Duration::from_secs(60)))
+        .allow_ip(JOB_KEY, OTHER_IP, &rules, Some(Duration::from_secs(1)))
         .expect("ip");
     assert_eq!(n.run_sandbox(&p.frame()).retval, TC_ACT_REDIRECT);
-    n.t1()
-        .allow_ip(JOB_KEY, OTHER_IP, &rules, Some(Duration::ZERO))
-        .expect("ip");
+    std::thread::sleep(Duration::from_millis(2100));
     let p2 = Pkt {
         sport: 40001,
         ..p.clone()
@@ -475,8 +488,21 @@ fn dns_learned_address_is_allowed_until_it_expires() {
         TC_ACT_REDIRECT,
         "denied SYN gets a RST"
     );
+    let dbg = n.t1().last_redirect().expect("debug").expect("recorded");
+    assert_eq!(dbg.kind, 1, "the RST goes back into the sandbox");
     assert_eq!(drops(&n, Reason::DestinationDenied), 1);
+    // The connection opened before the expiry is not cut by it ...
+    let ack = Pkt {
+        tcp_flags: 0x10,
+        payload: vec![1; 100],
+        ..p.clone()
+    };
+    assert_eq!(n.run_sandbox(&ack.frame()).retval, TC_ACT_REDIRECT);
+    let dbg = n.t1().last_redirect().expect("debug").expect("recorded");
+    assert_eq!(dbg.kind, 2, "an established flow still goes to its proxy");
+    // ... but a revocation cuts it.
     n.t1().revoke_ip(JOB_KEY, OTHER_IP).expect("revoke");
+    assert_drop(&n, &ack.frame(), Reason::DestinationDenied);
 }
 
 #[test]
@@ -689,26 +715,6 @@ fn max_connections_caps_new_flows_and_a_rst_frees_a_slot() {
     assert_eq!(n.run_sandbox(&rst.frame()).retval, TC_ACT_REDIRECT);
     assert_eq!(n.t1().live_flows(VETH).expect("flows"), 1);
     assert_eq!(n.run_sandbox(&syn(3).frame()).retval, TC_ACT_REDIRECT);
-}
-
-#[test]
-fn resync_recounts_live_flows_from_the_table() {
-    let Some(n) = setup_with("resync", |_| {}, |j| j.max_connections = 10) else {
-        return;
-    };
-    for sport in 1..=3 {
-        let p = Pkt {
-            sport,
-            ..Pkt::tcp_syn(ALLOWED_IP, 443)
-        };
-        assert_eq!(n.run_sandbox(&p.frame()).retval, TC_ACT_REDIRECT);
-    }
-    n.t1()
-        .resync_live_flows(Duration::from_secs(3600))
-        .expect("resync");
-    assert_eq!(n.t1().live_flows(VETH).expect("flows"), 3);
-    n.t1().resync_live_flows(Duration::ZERO).expect("resync");
-    assert_eq!(n.t1().live_flows(VETH).expect("flows"), 0);
 }
 
 #[test]

@@ -10,9 +10,6 @@ use snas_bpf::testing::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 use snas_bpf::ProxyEntry;
 use snas_wire::Reason;
 
-const UNDERLAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x01];
-const PROXY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x02];
-
 fn setup(name: &str) -> Option<Node> {
     if !root_or_skip(name) {
         return None;
@@ -23,17 +20,6 @@ fn setup(name: &str) -> Option<Node> {
         .set_proxies(&[ProxyEntry::active(PROXY_IPS[0])])
         .expect("proxies");
     Some(n)
-}
-
-/// A reply as a proxy sends it: outer headers per the contract around `inner`.
-fn geneve_frame(from: Ipv4Addr, job_key: u64, inner: &[u8]) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&UNDERLAY_MAC);
-    f.extend_from_slice(&PROXY_MAC);
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    f.extend_from_slice(&expected_outer(from, NODE_IP, 0x1234, inner.len(), job_key));
-    f.extend_from_slice(inner);
-    f
 }
 
 fn reply_inner() -> Vec<u8> {

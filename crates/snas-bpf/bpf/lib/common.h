@@ -37,6 +37,9 @@ const volatile __u64 cfg_horizon_ns = 20000000ULL;
 const volatile __u16 cfg_geneve_port = 6081;
 /* Audit events per second per job (token bucket, burst = rate). */
 const volatile __u32 cfg_audit_rate = 100;
+/* ICMP/ICMPv6 unreachable messages per second per job for denied UDP, and their burst. */
+const volatile __u32 cfg_icmp_rate = 100;
+const volatile __u32 cfg_icmp_burst = 200;
 /* Record the last redirect in the debug map (tests only: test_run does not report targets). */
 const volatile __u8 cfg_record_debug = 0;
 

@@ -17,7 +17,12 @@
 #define MAX_PROXIES 64
 /* Maglev table size: a prime, small enough that a rebuild is one map update. */
 #define MAGLEV_M 4099
-#define MAX_PORT_RULES 8
+/* Port rules one destination entry holds: the union of every allowed name's rules for a
+ * DNS-learned address (Tier1::allow_ip merges them). */
+#define MAX_PORT_RULES 16
+/* Infrastructure prefixes (node-wide, every job): IPv4 and IPv6. */
+#define MAX_INFRA 16384
+#define MAX_INFRA6 4096
 
 /* The policy has IPv6 rules: IPv6 from sandbox_ip6 goes through the IPv6 maps. Without it
  * every IPv6 frame is dropped as IPV6_DENIED. */
@@ -45,9 +50,14 @@ struct job_cfg {
 	__u32 _pad0;
 	__u8 sandbox_ip6[16];	/* meaningful only with JOB_F_IPV6_RULES */
 	__u64 ingress_bps;	/* bits per second toward the sandbox; 0 = not policed here */
+	__u64 expires_ns;	/* policy expiry, bpf_ktime_get_ns domain; 0 = none */
+	__u32 dns_rate;		/* DNS packets per second to the stub; 0 = not limited here */
+	__u32 dns_burst;
 };
 
-/* Mutable per-job state, keyed by the host-side veth ifindex. */
+/* Mutable per-job state, keyed by the host-side veth ifindex. Written only by BPF once
+ * userspace has created it (configure_job), so that no userspace write can clobber clocks and
+ * buckets BPF moved in between. */
 struct job_state {
 	struct bpf_spin_lock lock;
 	__u32 _pad0;
@@ -57,23 +67,36 @@ struct job_state {
 	__u64 audit_tokens;	/* audit bucket, in 1e-9 events */
 	__u64 audit_ts;
 	__u64 audit_suppressed;
-	__u64 live_flows;	/* estimate, see conntrack.h */
 	__u64 t_last_in;	/* ingress policer: when the sandbox may next receive (mono ns) */
+	__u64 icmp_tokens;	/* ICMP/ICMPv6 unreachable bucket, in 1e-9 messages */
+	__u64 icmp_ts;
+	__u64 icmp_suppressed;	/* denied UDP left unanswered by the ICMP bucket */
+	__u64 dns_tokens;	/* DNS packet bucket, in 1e-9 packets */
+	__u64 dns_ts;
 };
 
-/* (proto, port range) allowed on a destination. proto 0 = TCP or UDP. */
+/* A job's open connections as BPF counts them (conntrack.h): +1 on admission, -1 on the one
+ * transition of a flow to closed. Keyed by veth ifindex; written only by BPF after creation.
+ * The ageing pass corrects drift through snas_job_conns_bias instead of writing this. */
+struct job_conns {
+	struct bpf_spin_lock lock;
+	__u32 _pad0;
+	__s64 open;
+};
+
+/* (proto, port range) allowed on a destination until expires_s. proto 0 = TCP or UDP. */
 struct port_rule {
 	__u8 proto;
 	__u8 _pad0;
 	__u16 lo;
 	__u16 hi;
 	__u16 _pad1;
+	__u32 expires_s;	/* whole seconds of bpf_ktime_get_ns, rounded up; 0 = no expiry */
 };
 
 #define DST_F_ALLOW_PRIVATE 1
 
 struct dst_val {
-	__u64 expires_ns;	/* bpf_ktime_get_ns domain; 0 = no expiry */
 	__u32 nrules;
 	__u32 flags;		/* DST_F_* */
 	struct port_rule rules[MAX_PORT_RULES];
@@ -129,10 +152,18 @@ struct flow_key {
 	__u8 _pad0[3];
 };
 
+/* Flow state bits (flow_val.flags), set with atomic fetch-or (conntrack.h). */
+#define FLOW_F_REPLIED 1	/* a packet came back through the uplink */
+#define FLOW_F_FIN_OUT 2	/* the sandbox sent a FIN */
+#define FLOW_F_FIN_IN 4		/* the far side sent a FIN */
+#define FLOW_F_RST 8		/* a RST either way */
+#define FLOW_F_CLOSED 16	/* FIN both ways or a RST: the job's slot was given back */
+
 struct flow_val {
-	__u64 last_seen;
+	__u64 last_seen;	/* mono ns of the last packet (replies: at most 1 s stale) */
+	__u64 admitted;		/* mono ns, taken after the connection was counted */
 	__u32 proxy;
-	__u32 _pad0;
+	__u32 flags;		/* FLOW_F_* */
 };
 
 struct flow6_key {
@@ -195,6 +226,22 @@ struct {
 	__type(value, struct job_state);
 } snas_job_state SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_JOBS);
+	__type(key, __u32);
+	__type(value, struct job_conns);
+} snas_job_conns SEC(".maps");
+
+/* veth ifindex -> the ageing pass's correction: a job's open connections are
+ * job_conns.open - bias. Written only by userspace (Tier1::age_flows). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_JOBS);
+	__type(key, __u32);
+	__type(value, __s64);
+} snas_job_conns_bias SEC(".maps");
+
 /* job_key -> host-side veth ifindex (uplink side attribution). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -232,6 +279,33 @@ struct {
 	__type(key, struct cidr6_key);
 	__type(value, struct dst_val);
 } snas_dst6_cidr SEC(".maps");
+
+/* Node-wide infrastructure prefixes: denied for every job whatever its rules say. */
+struct infra_key {
+	__u32 prefixlen;
+	__u32 ip;		/* network order */
+};
+
+struct infra6_key {
+	__u32 prefixlen;
+	__u8 ip[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, MAX_INFRA);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct infra_key);
+	__type(value, __u32);
+} snas_infra SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, MAX_INFRA6);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct infra6_key);
+	__type(value, __u32);
+} snas_infra6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

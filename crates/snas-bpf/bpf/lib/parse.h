@@ -19,6 +19,7 @@ struct pkt {
 	__u8 tcp_flags;		/* byte 13 of the TCP header */
 	__u16 l3_len;		/* IPv4 total length / IPv6 40 + payload length */
 	__u32 tcp_seq;		/* host order */
+	__u32 tcp_ack;		/* host order */
 	__u16 l4_payload;	/* TCP payload length (for the RST's ACK) */
 	__u8 family;		/* 4 or 6 */
 	__u8 icmp_type;		/* ICMPv6 type */
@@ -80,6 +81,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 		p->dport = bpf_ntohs(th->dest);
 		p->tcp_flags = ((__u8 *)th)[13];
 		p->tcp_seq = bpf_ntohl(th->seq);
+		p->tcp_ack = bpf_ntohl(th->ack_seq);
 		p->l4_payload = p->l3_len - sizeof(*ip) - doff;
 	} else if (ip->protocol == IPPROTO_UDP) {
 		struct udphdr *uh = data + L4_OFF;
@@ -130,6 +132,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p)
 		p->dport = bpf_ntohs(th->dest);
 		p->tcp_flags = ((__u8 *)th)[13];
 		p->tcp_seq = bpf_ntohl(th->seq);
+		p->tcp_ack = bpf_ntohl(th->ack_seq);
 		p->l4_payload = p->l3_len - sizeof(*ip6) - doff;
 		return 0;
 	}

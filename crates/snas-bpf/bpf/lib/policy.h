@@ -1,10 +1,17 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* policy.h - the (job, destination, port, protocol) decision.
  *
- * Owns: the always-denied ranges (a fixed check in C, so that a wrong map entry cannot open
- * them: only an entry carrying DST_F_ALLOW_PRIVATE, which the agent sets only for signed
- * `allow_private` CIDR rules, overrides it), the exact-IP lookup (DNS-learned, with expiry)
- * and the LPM lookup (CIDR rules), then the port/protocol match.
+ * Owns: the node's infrastructure set (snas_infra/snas_infra6, checked before any job entry
+ * and opened by none: infrastructure_denied), the always-denied ranges (a fixed check in C, so
+ * that a wrong map entry cannot open them: only an entry carrying DST_F_ALLOW_PRIVATE, which
+ * the agent sets only for signed `allow_private` CIDR rules, overrides it), the exact-IP
+ * lookup (DNS-learned; every port rule has its own expiry) and the LPM lookup (CIDR rules, no
+ * expiry), then the port/protocol match.
+ *
+ * Expiry applies to new connections only: for a packet of an established flow (`est`, a flow
+ * table entry that is not closed) an expired rule still matches, so that a TTL never cuts an
+ * established flow; a revoked entry (deleted) does cut it. An entry whose rules have all
+ * expired counts as absent for new connections.
  * Only TCP and UDP are ever allowed; other protocols get PORT_DENIED. */
 #ifndef SNAS_POLICY_H
 #define SNAS_POLICY_H
@@ -35,40 +42,55 @@ static __always_inline int always_denied(__u32 daddr)
 	       in_net(daddr, 0x00000000, 8);	/* 0/8 */
 }
 
-static __always_inline int ports_match(const struct dst_val *v, const struct pkt *p)
-{
-	__u32 n = v->nrules;
+#define PM_NONE 0		/* no live rule: the entry counts as absent */
+#define PM_NO_PORT 1		/* live rules, none for this port/protocol */
+#define PM_MATCH 2
 
-	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP)
-		return 0;
+/* now_s: whole seconds of the packet's bpf_ktime_get_ns (rule expiries are rounded up to
+ * whole seconds by userspace, so a rule never ends before its expiry). */
+static __always_inline int ports_match(const struct dst_val *v, const struct pkt *p, __u32 now_s,
+				       int est)
+{
+	int transport = p->proto == IPPROTO_TCP || p->proto == IPPROTO_UDP;
+	__u32 n = v->nrules;
+	int live = 0;
+
 #pragma unroll
 	for (int i = 0; i < MAX_PORT_RULES; i++) {
 		const struct port_rule *r = &v->rules[i];
 
 		if (i >= n)
 			break;
-		if (r->proto && r->proto != p->proto)
+		if (!est && r->expires_s && now_s >= r->expires_s)
+			continue;
+		live = 1;
+		if (!transport || (r->proto && r->proto != p->proto))
 			continue;
 		if (p->dport >= r->lo && p->dport <= r->hi)
-			return 1;
+			return PM_MATCH;
 	}
-	return 0;
+	return live ? PM_NO_PORT : PM_NONE;
 }
 
-/* Weighs one destination entry (exact IP or CIDR; NULL or expired counts as absent): returns 0
- * when it allows the packet's port, else 1 after updating `*found` and `*reason`. An
- * always-denied (`priv`) destination is opened only by an entry with DST_F_ALLOW_PRIVATE.
- * Shared by the IPv4 and IPv6 checks, which look the CIDR map up only if the exact entry did
- * not already allow the packet. */
-static __always_inline int dst_entry(const struct dst_val *v, const struct pkt *p, __u64 now,
-				     int priv, int *found, int *reason)
+/* Weighs one destination entry (exact IP or CIDR; NULL or without a live rule counts as
+ * absent): returns 0 when it allows the packet's port, else 1 after updating `*found` and
+ * `*reason`. An always-denied (`priv`) destination is opened only by an entry with
+ * DST_F_ALLOW_PRIVATE. Shared by the IPv4 and IPv6 checks, which look the CIDR map up only if
+ * the exact entry did not already allow the packet. */
+static __always_inline int dst_entry(const struct dst_val *v, const struct pkt *p, __u32 now_s,
+				     int est, int priv, int *found, int *reason)
 {
-	if (!v || (v->expires_ns != 0 && now >= v->expires_ns))
+	int m;
+
+	if (!v)
+		return 1;
+	m = ports_match(v, p, now_s, est);
+	if (m == PM_NONE)
 		return 1;
 	if (priv && !(v->flags & DST_F_ALLOW_PRIVATE)) {
 		if (!*found)
 			*reason = SNAS_DROP_ALWAYS_DENIED;
-	} else if (ports_match(v, p)) {
+	} else if (m == PM_MATCH) {
 		return 0;
 	} else {
 		*reason = SNAS_DROP_PORT_DENIED;
@@ -77,9 +99,27 @@ static __always_inline int dst_entry(const struct dst_val *v, const struct pkt *
 	return 1;
 }
 
-/* Returns 0 when allowed, else the drop reason. */
-static __always_inline int policy_check(__u64 job_key, const struct pkt *p, __u64 now)
+/* The destination is in the node's infrastructure set. */
+static __always_inline int infra_denied(__u32 daddr)
 {
+	struct infra_key k = { .prefixlen = 32, .ip = daddr };
+
+	return bpf_map_lookup_elem(&snas_infra, &k) != 0;
+}
+
+static __always_inline int infra_denied6(const __u8 *daddr)
+{
+	struct infra6_key k = { .prefixlen = 128 };
+
+	__builtin_memcpy(k.ip, daddr, 16);
+	return bpf_map_lookup_elem(&snas_infra6, &k) != 0;
+}
+
+/* Returns 0 when allowed, else the drop reason. `est`: the packet belongs to an established
+ * flow (expiry does not apply, see above). */
+static __always_inline int policy_check(__u64 job_key, const struct pkt *p, __u64 now, int est)
+{
+	__u32 now_s = now / NSEC_PER_SEC;
 	int priv = always_denied(p->daddr);
 	struct dst_key dk = { .job_key = job_key, .ip = p->daddr };
 	struct cidr_key ck = {
@@ -90,10 +130,10 @@ static __always_inline int policy_check(__u64 job_key, const struct pkt *p, __u6
 	};
 	int found = 0, reason = SNAS_DROP_DESTINATION_DENIED;
 
-	if (!dst_entry(bpf_map_lookup_elem(&snas_dst_exact, &dk), p, now, priv, &found,
+	if (!dst_entry(bpf_map_lookup_elem(&snas_dst_exact, &dk), p, now_s, est, priv, &found,
 		       &reason))
 		return 0;
-	if (!dst_entry(bpf_map_lookup_elem(&snas_dst_cidr, &ck), p, now, priv, &found,
+	if (!dst_entry(bpf_map_lookup_elem(&snas_dst_cidr, &ck), p, now_s, est, priv, &found,
 		       &reason))
 		return 0;
 	if (!found && priv)
@@ -129,8 +169,9 @@ static __always_inline int always_denied6(const __u8 *a)
 
 /* Returns 0 when allowed, else the drop reason. Same rules as policy_check over the IPv6
  * maps. */
-static __always_inline int policy_check6(__u64 job_key, const struct pkt *p, __u64 now)
+static __always_inline int policy_check6(__u64 job_key, const struct pkt *p, __u64 now, int est)
 {
+	__u32 now_s = now / NSEC_PER_SEC;
 	int priv = always_denied6(p->daddr6);
 	struct dst6_key dk = { .job_key = job_key };
 	struct cidr6_key ck = {
@@ -142,10 +183,10 @@ static __always_inline int policy_check6(__u64 job_key, const struct pkt *p, __u
 	__builtin_memcpy(ck.ip, p->daddr6, 16);
 	int found = 0, reason = SNAS_DROP_DESTINATION_DENIED;
 
-	if (!dst_entry(bpf_map_lookup_elem(&snas_dst6_exact, &dk), p, now, priv, &found,
+	if (!dst_entry(bpf_map_lookup_elem(&snas_dst6_exact, &dk), p, now_s, est, priv, &found,
 		       &reason))
 		return 0;
-	if (!dst_entry(bpf_map_lookup_elem(&snas_dst6_cidr, &ck), p, now, priv, &found,
+	if (!dst_entry(bpf_map_lookup_elem(&snas_dst6_cidr, &ck), p, now_s, est, priv, &found,
 		       &reason))
 		return 0;
 	if (!found && priv)

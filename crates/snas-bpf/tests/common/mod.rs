@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use snas_bpf::testing::{self, RunOutput, SkbCtx};
-use snas_bpf::{Bps, JobConfig, NodeConfig, Tier1};
+use snas_bpf::{JobConfig, NodeConfig, Tier1};
 
 pub const SANDBOX_MAC: [u8; 6] = [0x02, 0x53, 0x4e, 0x00, 0x00, 0x02];
 pub const HOST_MAC: [u8; 6] = [0x02, 0x53, 0x4e, 0x00, 0x00, 0x01];
@@ -143,6 +143,7 @@ pub fn load(cfg: &NodeConfig) -> Node {
     node
 }
 
+/// The test job: identity and addresses, no limits, no expiry, no DNS budget.
 pub fn job() -> JobConfig {
     JobConfig {
         veth_ifindex: VETH,
@@ -154,14 +155,7 @@ pub fn job() -> JobConfig {
         host_mac: HOST_MAC,
         gateway_ip: GATEWAY_IP,
         dns_port: 5353,
-        egress: None::<Bps>,
-        ingress: None::<Bps>,
-        horizon: None,
-        new_conn_per_sec: 0,
-        new_conn_burst: 0,
-        max_connections: 0,
-        ipv6_rules: false,
-        sandbox_ip6: None,
+        ..JobConfig::default()
     }
 }
 
@@ -202,6 +196,7 @@ pub struct Pkt {
     pub dport: u16,
     pub tcp_flags: u8,
     pub seq: u32,
+    pub ack: u32,
     pub payload: Vec<u8>,
     pub frag_off: u16,
     pub ip_options: Vec<u8>,
@@ -219,6 +214,7 @@ impl Pkt {
             dport,
             tcp_flags: 0x02,
             seq: 1000,
+            ack: 0,
             payload: vec![],
             frag_off: 0,
             ip_options: vec![],
@@ -234,6 +230,30 @@ impl Pkt {
         }
     }
 
+    /// The same flow's packet with other TCP flags.
+    pub fn with_flags(&self, tcp_flags: u8) -> Pkt {
+        Pkt {
+            tcp_flags,
+            ..self.clone()
+        }
+    }
+
+    /// The packet the far side sends back on this flow (addresses, ports and MACs swapped),
+    /// with `tcp_flags`.
+    pub fn reply(&self, tcp_flags: u8) -> Pkt {
+        Pkt {
+            src_mac: self.dst_mac,
+            dst_mac: self.src_mac,
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            tcp_flags,
+            payload: vec![],
+            ..self.clone()
+        }
+    }
+
     /// The IPv4 packet (no Ethernet).
     pub fn ip(&self) -> Vec<u8> {
         let l4 = match self.proto {
@@ -242,6 +262,7 @@ impl Pkt {
                 t[0..2].copy_from_slice(&self.sport.to_be_bytes());
                 t[2..4].copy_from_slice(&self.dport.to_be_bytes());
                 t[4..8].copy_from_slice(&self.seq.to_be_bytes());
+                t[8..12].copy_from_slice(&self.ack.to_be_bytes());
                 t[12] = 5 << 4;
                 t[13] = self.tcp_flags;
                 t[14..16].copy_from_slice(&64240u16.to_be_bytes());
@@ -352,4 +373,27 @@ pub fn expected_outer(
     o.extend_from_slice(&job_key.to_be_bytes());
     o.extend_from_slice(&SERIAL.to_be_bytes());
     o
+}
+
+pub const UNDERLAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x01];
+pub const PROXY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x02];
+
+/// A reply as a proxy sends it: outer headers per the contract around the IPv4 packet `inner`.
+pub fn geneve_frame(from: Ipv4Addr, job_key: u64, inner: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&UNDERLAY_MAC);
+    f.extend_from_slice(&PROXY_MAC);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&expected_outer(from, NODE_IP, 0x1234, inner.len(), job_key));
+    f.extend_from_slice(inner);
+    f
+}
+
+/// Reads a big-endian u16 / u32 of a frame.
+pub fn be16(f: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([f[at], f[at + 1]])
+}
+
+pub fn be32(f: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([f[at], f[at + 1], f[at + 2], f[at + 3]])
 }
