@@ -471,14 +471,10 @@ pub fn widen_tier1_limits(tb: &Testbed, job: &Job) {
         host_mac: mac(&veth),
         gateway_ip: me["gateway_ip"].as_str().unwrap().parse().unwrap(),
         dns_port: 53,
-        egress: None,
-        ingress: None,
-        horizon: None,
         new_conn_per_sec: 0,
         new_conn_burst: 0,
         max_connections: 0,
-        ipv6_rules: false,
-        sandbox_ip6: None,
+        ..snas_bpf::JobConfig::default()
     };
     let t1 = snas_bpf::Tier1::open_pinned(&tb.topology().bpf_pin_dir(job.node)).unwrap();
     t1.configure_job(&cfg).unwrap();
