@@ -487,3 +487,37 @@ fn explain_errors_exit_2() {
         .assert()
         .code(2);
 }
+
+#[test]
+fn verify_refuses_a_signed_token_whose_claims_repeat_a_key() {
+    let f = Fixture::new();
+    let key = f.keygen("keys", "k1");
+    let tok = f.write("token", &f.sign(&key, &[]));
+    let claims = snas()
+        .args(["policy", "verify", "--trust"])
+        .arg(f.path("keys"))
+        .arg(&tok)
+        .assert()
+        .code(0)
+        .get_output()
+        .stdout
+        .clone();
+    let claims: serde_json::Value = serde_json::from_slice(&claims).expect("claims");
+    // Re-sign the same claims with `tenant` repeated, as a hostile signer holding the key could:
+    // a reader keeping the first value sees `evil`, one keeping the last sees `acme`.
+    let text = serde_json::to_string(&claims).expect("json");
+    let twice = text.replacen('{', "{\"tenant\":\"evil\",", 1);
+    let pem = fs::read(&key).expect("key");
+    let k = snas_policy::PolicyKey::from_pem("k1", &pem).expect("pem");
+    let forged = snas_policy::jws::sign_unvalidated_payload(twice.as_bytes(), &k).expect("sign");
+    snas()
+        .args(["policy", "verify", "--trust"])
+        .arg(f.path("keys"))
+        .arg("-")
+        .write_stdin(forged)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "invalid claims: duplicate key `tenant` in the object at $",
+        ));
+}
