@@ -50,6 +50,9 @@ pub use authoring::{parse_policy, parse_policy_bytes, CheckError, CheckErrors, M
 pub use bundle::{BundleError, TrustBundle};
 pub use claims::{PolicyClaims, PolicyDraft};
 pub use hostport::{HostPort, PortRange};
+/// The network type of cidr rules and infrastructure ranges ([`compile_with`]), re-exported so
+/// that callers name the same type.
+pub use ipnet::IpNet;
 pub use jws::{sign, verify, SignError, VerifiedPolicy, VerifyError, CLOCK_SKEW};
 pub use keys::{KeyError, PolicyKey};
 pub use limits::Limits;

@@ -521,3 +521,66 @@ fn verify_refuses_a_signed_token_whose_claims_repeat_a_key() {
             "invalid claims: duplicate key `tenant` in the object at $",
         ));
 }
+
+/// The widest policy a tenant can be signed: every address, port and protocol (private ranges
+/// opened), and every name on 80/443.
+const WIDE: &str = r#"tenant = "acme"
+job = "wide"
+
+[[egress]]
+cidr = "0.0.0.0/0"
+ports = "0"
+protocol = "any"
+allow_private = true
+
+[[egress]]
+host = "0.0.0.0"
+"#;
+
+#[test]
+fn explain_with_infrastructure_denies_it_whatever_the_policy_says() {
+    let f = Fixture::new();
+    f.write("policy.toml", WIDE);
+    let key = f.keygen("keys", "k1");
+    let tok = f.write("token", &f.sign(&key, &[]));
+    let explain = |extra: &[&str], dests: &[&str]| {
+        let mut c = snas();
+        c.args(["policy", "explain", "--trust"])
+            .arg(f.path("keys"))
+            .arg(&tok)
+            .args(extra)
+            .args(dests);
+        c.assert()
+    };
+    let dests = [
+        "192.0.2.21:9090",
+        "10.99.0.1:53/udp",
+        "10.99.0.2:53/udp",
+        "198.51.100.7:6081/udp",
+    ];
+    explain(
+        &[
+            "--infrastructure",
+            "192.0.2.0/24",
+            "--infrastructure",
+            "10.99.0.1",
+        ],
+        &dests,
+    )
+    .code(1)
+    .stdout(
+        "deny 192.0.2.21:9090/tcp infrastructure_denied (infrastructure 192.0.2.0/24)\n\
+         deny 10.99.0.1:53/udp infrastructure_denied (infrastructure 10.99.0.1/32)\n\
+         allow 10.99.0.2:53/udp rule 0 (cidr 0.0.0.0/0 ports 0/any allow_private)\n\
+         allow 198.51.100.7:6081/udp rule 0 (cidr 0.0.0.0/0 ports 0/any allow_private)\n",
+    );
+    // Without the node's configuration, the same policy allows them all.
+    explain(&[], &dests).code(0);
+    // Host bits are ignored as in the agent's and proxy's configuration.
+    explain(&["--infrastructure", "192.0.2.77/24"], &["192.0.2.21:9090"])
+        .code(1)
+        .stdout("deny 192.0.2.21:9090/tcp infrastructure_denied (infrastructure 192.0.2.0/24)\n");
+    explain(&["--infrastructure", "192.0.2.0/33"], &["192.0.2.21:9090"])
+        .code(2)
+        .stderr(predicate::str::contains("--infrastructure"));
+}

@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use rand::RngCore;
 use snas_policy::bundle_fs::load_trust_bundle;
-use snas_policy::{Decision, DenyReason, Matcher, PolicyKey, Transport, MAX_INPUT};
+use snas_policy::{Decision, DenyReason, IpNet, Matcher, PolicyKey, Transport, MAX_INPUT};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -92,9 +92,23 @@ pub struct ExplainArgs {
     trust: PathBuf,
     /// File holding the token, or `-` for stdin.
     token: PathBuf,
+    /// Infrastructure range (CIDR, or one address), repeatable: decide as an agent or proxy
+    /// configured with these ranges does (`infrastructure_denied`, whatever the rules say).
+    #[arg(long = "infrastructure", value_name = "CIDR", value_parser = parse_infrastructure)]
+    infrastructure: Vec<IpNet>,
     /// Destinations: host:port, ip:port or [v6]:port, optionally suffixed /tcp or /udp.
     #[arg(required = true)]
     dest: Vec<String>,
+}
+
+/// `--infrastructure`: a network (host bits ignored, as the agent and proxy do) or one address.
+fn parse_infrastructure(s: &str) -> Result<IpNet, String> {
+    if let Ok(n) = s.parse::<IpNet>() {
+        return Ok(n.trunc());
+    }
+    s.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("`{s}` is not a network (192.0.2.0/24, 2001:db8::/32) or an address"))
 }
 
 /// Runs one subcommand and maps the outcome to the documented exit code.
@@ -390,7 +404,7 @@ fn explain_one(
         }
         Decision::Deny(r) => {
             let detail = match (r, target) {
-                (DenyReason::AlwaysDenied, Target::Ip(ip)) => m
+                (DenyReason::AlwaysDenied | DenyReason::Infrastructure, Target::Ip(ip)) => m
                     .denied_range(*ip)
                     .map(|(net, label)| format!(" ({label} {net})"))
                     .unwrap_or_default(),
@@ -413,7 +427,7 @@ fn explain(a: &ExplainArgs) -> std::result::Result<u8, (u8, anyhow::Error)> {
         dests.push(parse_dest(d).map_err(|e| (2, e))?);
     }
     let v = load_verified(&a.trust, &a.token).map_err(|(_, e)| (2, e))?;
-    let m = v.compile();
+    let m = snas_policy::compile_with(v.claims(), &a.infrastructure);
     let mut all = true;
     for (target, port, t) in &dests {
         let (ok, line) = explain_one(&m, v.claims(), target, *port, *t);
