@@ -7,14 +7,18 @@
 //! - Host names: exact rules, wildcard rules and `0.0.0.0` rules. A name that matches some rule
 //!   but on no allowed port/transport is `PortDenied`; otherwise `DestinationDenied` (also for
 //!   names that are not valid DNS host names).
+//! - `0.0.0.0` is a *name* rule (Snowflake's HOST_PORT: any host name, on 80/443): any name
+//!   passes [`Matcher::check_host`] and [`Matcher::name_allowed`], and the addresses it resolves
+//!   to pass [`Matcher::check_resolved`]; a raw address does not ([`Matcher::check_ip`] consults
+//!   `cidr` rules only). This is what both tiers can enforce: tier 1 opens only addresses the
+//!   job resolved through DNS, and tier 2 checks the name on the wire.
 //! - Infrastructure first: an address inside the infrastructure ranges given to [`compile_with`]
 //!   (underlay, node and proxy addresses, management networks, egress pools, metadata — the
 //!   configured set of the agent or proxy) is `Infrastructure` (drop reason
 //!   `infrastructure_denied`) in [`Matcher::check_ip`] and [`Matcher::check_resolved`], before
 //!   any rule is looked at: no rule opens it, `allow_private` or not, `0.0.0.0/0` included.
-//! - IP addresses: `cidr` rules and `0.0.0.0` rules (any public address on 80/443). Addresses in
-//!   [`crate::ranges::ALWAYS_DENIED`] are `AlwaysDenied` unless a `cidr` rule with
-//!   `allow_private = true` covers them.
+//! - IP addresses: `cidr` rules only. Addresses in [`crate::ranges::ALWAYS_DENIED`] are
+//!   `AlwaysDenied` unless a `cidr` rule with `allow_private = true` covers them.
 //! - An address reached through a name (tier 2: the proxy resolved name N and bound the address)
 //!   is checked with [`Matcher::check_resolved`]: the address must not be infrastructure, nor
 //!   always-denied (unless an `allow_private` cidr rule allows it), and then the name or the
@@ -480,7 +484,8 @@ impl Matcher {
         }
     }
 
-    /// Checks a destination address (see module docs).
+    /// Checks a destination address reached without a name: infrastructure first, then `cidr`
+    /// rules (see module docs; `0.0.0.0` rules allow names, not raw addresses).
     pub fn check_ip(&self, ip: IpAddr, port: u16, t: Transport) -> Decision {
         if self.infra.find(ip).is_some() {
             return Decision::Deny(DenyReason::Infrastructure);
@@ -492,11 +497,6 @@ impl Matcher {
                 best.consider(self, r, port, t);
             }
         });
-        if !private {
-            self.any_host
-                .iter()
-                .for_each(|&r| best.consider(self, r, port, t));
-        }
         best.decision(if private {
             DenyReason::AlwaysDenied
         } else {
@@ -660,21 +660,72 @@ mod tests {
     }
 
     #[test]
-    fn any_host_allows_names_and_public_ips_on_80_and_443_only() {
+    fn any_host_allows_every_name_and_its_resolved_addresses_on_80_and_443_only() {
         let m = m(&["host=0.0.0.0"]);
         assert_eq!(m.check_host("anything.example", 80, TCP), allow(0));
+        assert_eq!(m.check_host("anything.example", 443, TCP), allow(0));
+        assert!(m.name_allowed("anything.example"));
+        assert_eq!(m.host_rules_for_name("anything.example"), vec![0]);
         assert_eq!(
             m.check_host("anything.example", 8080, TCP),
             deny(DenyReason::PortDenied)
         );
-        assert_eq!(m.check_ip(ip("198.51.100.1"), 443, TCP), allow(0));
+        assert_eq!(
+            m.check_resolved("anything.example", ip("198.51.100.1"), 443, TCP),
+            allow(0)
+        );
+        assert_eq!(
+            m.check_resolved("anything.example", ip("198.51.100.1"), 8080, TCP),
+            deny(DenyReason::PortDenied)
+        );
+        // A name resolving to a private, metadata or infrastructure address does not open it.
+        assert_eq!(
+            m.check_resolved("anything.example", ip("10.0.0.1"), 443, TCP),
+            deny(DenyReason::AlwaysDenied)
+        );
+        assert_eq!(
+            m.check_resolved("anything.example", ip("169.254.169.254"), 80, TCP),
+            deny(DenyReason::AlwaysDenied)
+        );
+        let infra = compile_rules(&rules(&["host=0.0.0.0"]), &[IpNet::from(ip("192.0.2.21"))]);
+        assert_eq!(
+            infra.check_resolved("anything.example", ip("192.0.2.21"), 443, TCP),
+            deny(DenyReason::Infrastructure)
+        );
+    }
+
+    #[test]
+    fn any_host_does_not_allow_raw_addresses_only_cidr_rules_do() {
+        // Tier 1 opens an address only when the job resolved it, so a `0.0.0.0` rule cannot mean
+        // "any public address": check_ip agrees with what both tiers enforce.
+        let m = m(&["host=0.0.0.0", "cidr=203.0.113.0/24 ports=443"]);
+        for a in ["198.51.100.1", "8.8.8.8", "2001:db8::1"] {
+            for port in [80, 443] {
+                assert_eq!(
+                    m.check_ip(ip(a), port, TCP),
+                    deny(DenyReason::DestinationDenied),
+                    "{a}:{port}"
+                );
+            }
+        }
+        assert_eq!(m.check_ip(ip("203.0.113.9"), 443, TCP), allow(1));
+        assert_eq!(
+            m.check_ip(ip("203.0.113.9"), 80, TCP),
+            deny(DenyReason::PortDenied)
+        );
         assert_eq!(
             m.check_ip(ip("10.0.0.1"), 443, TCP),
             deny(DenyReason::AlwaysDenied)
         );
+        // An address bound from an allowed name is allowed by the name, on the name's ports.
         assert_eq!(
-            m.check_ip(ip("169.254.169.254"), 80, TCP),
-            deny(DenyReason::AlwaysDenied)
+            m.check_resolved("www.example.net", ip("198.51.100.1"), 80, TCP),
+            allow(0)
+        );
+        // The lowest allowing rule still wins between the name and the address.
+        assert_eq!(
+            m.check_resolved("www.example.net", ip("203.0.113.9"), 443, TCP),
+            allow(0)
         );
     }
 

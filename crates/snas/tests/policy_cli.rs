@@ -584,3 +584,48 @@ fn explain_with_infrastructure_denies_it_whatever_the_policy_says() {
         .code(2)
         .stderr(predicate::str::contains("--infrastructure"));
 }
+
+#[test]
+fn explain_says_any_host_rules_allow_names_but_not_raw_addresses() {
+    let f = Fixture::new();
+    f.write(
+        "policy.toml",
+        &fs::read_to_string(repo().join("examples/policy-web.toml")).expect("example"),
+    );
+    let key = f.keygen("keys", "k1");
+    let tok = f.write("token", &f.sign(&key, &[]));
+    let explain = |dests: &[&str]| {
+        let mut c = snas();
+        c.args(["policy", "explain", "--trust"])
+            .arg(f.path("keys"))
+            .arg(&tok)
+            .args(dests);
+        c.assert()
+    };
+    explain(&["www.example.net:443", "cdn.example.org:80"])
+        .code(0)
+        .stdout(
+            "allow www.example.net:443/tcp rule 0 (host 0.0.0.0/tcp: any host name)\n\
+             allow cdn.example.org:80/tcp rule 0 (host 0.0.0.0/tcp: any host name)\n",
+        );
+    // Tier 1 only opens addresses the job resolved: a raw address needs a cidr rule, and explain
+    // says so instead of promising what the tiers refuse.
+    explain(&[
+        "203.0.113.9:443",
+        "[2001:db8::7]:80",
+        "203.0.113.9:8080",
+        "198.51.100.53:53/udp",
+        "www.example.net:8080",
+    ])
+    .code(1)
+    .stdout(
+        "deny 203.0.113.9:443/tcp destination_denied (no cidr rule covers this address; rule 0 \
+         `0.0.0.0` allows host names, not addresses)\n\
+         deny [2001:db8::7]:80/tcp destination_denied (no cidr rule covers this address; rule 0 \
+         `0.0.0.0` allows host names, not addresses)\n\
+         deny 203.0.113.9:8080/tcp destination_denied (no rule names this destination)\n\
+         allow 198.51.100.53:53/udp rule 1 (cidr 198.51.100.0/24 ports 53/udp)\n\
+         deny www.example.net:8080/tcp port_denied (a rule names this destination, but not this \
+         port/protocol)\n",
+    );
+}

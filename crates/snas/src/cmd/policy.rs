@@ -377,6 +377,25 @@ fn parse_dest(s: &str) -> Result<(Target, u16, Transport)> {
     Ok((Target::Name(name.to_owned()), port, t))
 }
 
+fn is_any_host(r: &snas_policy::EgressRule) -> bool {
+    matches!(
+        r,
+        snas_policy::EgressRule::Host { host, .. }
+            if host.pattern == snas_policy::hostport::HostPattern::AnyHost
+    )
+}
+
+/// The lowest `0.0.0.0` rule that would allow a *name* on this port and transport: an address
+/// denied while one exists is worth a hint, since `0.0.0.0` allows names, never raw addresses.
+fn any_host_rule(claims: &snas_policy::PolicyClaims, port: u16, t: Transport) -> Option<usize> {
+    claims.egress.iter().position(|r| match r {
+        snas_policy::EgressRule::Host { host, protocol } => {
+            is_any_host(r) && host.ports.contains(port) && protocol.allows(t)
+        }
+        snas_policy::EgressRule::Cidr { .. } => false,
+    })
+}
+
 fn explain_one(
     m: &Matcher,
     claims: &snas_policy::PolicyClaims,
@@ -395,11 +414,11 @@ fn explain_one(
     };
     match d {
         Decision::Allow { rule } => {
-            let text = claims
-                .egress
-                .get(rule)
-                .map(ToString::to_string)
-                .unwrap_or_default();
+            let text = match claims.egress.get(rule) {
+                Some(r) if is_any_host(r) => format!("{r}: any host name"),
+                Some(r) => r.to_string(),
+                None => String::new(),
+            };
             (true, format!("allow {shown} rule {rule} ({text})"))
         }
         Decision::Deny(r) => {
@@ -410,6 +429,15 @@ fn explain_one(
                     .unwrap_or_default(),
                 (DenyReason::PortDenied, _) => {
                     " (a rule names this destination, but not this port/protocol)".to_owned()
+                }
+                (DenyReason::DestinationDenied, Target::Ip(_)) => {
+                    match any_host_rule(claims, port, t) {
+                        Some(r) => format!(
+                            " (no cidr rule covers this address; rule {r} `0.0.0.0` allows host \
+                             names, not addresses)"
+                        ),
+                        None => " (no rule names this destination)".to_owned(),
+                    }
                 }
                 (DenyReason::DestinationDenied, _) => {
                     " (no rule names this destination)".to_owned()
