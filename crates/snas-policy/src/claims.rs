@@ -4,10 +4,13 @@
 //! # Invariants
 //! - `tenant` matches `[a-z0-9-]{1,63}`; `job` matches `[A-Za-z0-9._-]{1,128}`; `jti` matches
 //!   `[A-Za-z0-9_-]{16,128}` (the signer uses 128 random bits, base64url).
-//! - At most [`MAX_RULES`] egress rules; `nbf <= exp`.
+//! - At most [`MAX_RULES`] egress rules; `nbf <= exp`; `iat`, `nbf` and `exp` at most
+//!   2^53 − 1 (the strict JSON profile of [`crate::json`]: a signer never produces a token the
+//!   verifier refuses for its numbers).
 //! - Deserialising [`PolicyClaims`] re-checks all of the above plus every rule and limit, and
 //!   rejects unknown fields: a verifier never trusts the signer to have validated.
 
+use crate::json::MAX_SAFE_INTEGER;
 use crate::limits::Limits;
 use crate::rules::EgressRule;
 use crate::units::DEFAULT_TTL;
@@ -111,6 +114,13 @@ impl PolicyClaims {
                 "egress: {} rules, at most {MAX_RULES} allowed",
                 self.egress.len()
             ));
+        }
+        for (name, t) in [("iat", self.iat), ("nbf", self.nbf), ("exp", self.exp)] {
+            if t > MAX_SAFE_INTEGER {
+                return Err(format!(
+                    "{name}: {t} is above 2^53 - 1, the largest integer every JSON reader reads exactly"
+                ));
+            }
         }
         if self.nbf > self.exp {
             return Err(format!("nbf {} is after exp {}", self.nbf, self.exp));
@@ -262,6 +272,17 @@ mod tests {
         let mut bad = j;
         bad["nbf"] = (c.exp + 1).into();
         assert!(serde_json::from_value::<PolicyClaims>(bad).is_err());
+    }
+
+    #[test]
+    fn times_beyond_what_json_readers_read_exactly_are_invalid() {
+        let mut c = claims();
+        c.exp = MAX_SAFE_INTEGER;
+        c.nbf = MAX_SAFE_INTEGER;
+        c.iat = MAX_SAFE_INTEGER;
+        assert_eq!(c.validate(), Ok(()));
+        c.exp += 1;
+        assert!(c.validate().expect_err("exp").starts_with("exp: "));
     }
 
     #[test]

@@ -2,11 +2,15 @@
 //! `kid`, and its verification against a [`TrustBundle`].
 //!
 //! # Verification order (every failure names its reason, see [`VerifyError`])
-//! 1. size (<= 1 MiB) and shape;
+//! 1. size (<= 1 MiB) and shape (three base64url parts); the header is strict JSON
+//!    ([`crate::json`]: no duplicate keys, integers only, ...) holding only `alg`, `kid` and
+//!    `typ` (a `crit`, `b64`, `jwk` or any other parameter that changes how a token is read
+//!    elsewhere is refused);
 //! 2. header `alg` is `EdDSA`;
 //! 3. `kid` present and in the bundle;
-//! 4. signature (jsonwebtoken + ring);
-//! 5. claims schema and grammar re-checked ([`PolicyClaims`] deserialisation);
+//! 4. signature (jsonwebtoken's Ed25519 over ring);
+//! 5. claims are strict JSON ([`crate::json`]), then schema and grammar re-checked
+//!    ([`PolicyClaims`] deserialisation);
 //! 6. times against the caller's `now` with a [`CLOCK_SKEW`] allowance:
 //!    `nbf - skew <= now < exp + skew`, `iat <= now + skew`, and `exp - iat <= 24 h + skew`.
 //!
@@ -16,12 +20,13 @@
 use crate::authoring::MAX_INPUT;
 use crate::bundle::TrustBundle;
 use crate::claims::{unix_secs, PolicyClaims};
+use crate::json::parse_strict;
 use crate::keys::PolicyKey;
 use crate::matcher::Matcher;
 use crate::units::MAX_TTL;
 use base64::Engine as _;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use std::collections::HashSet;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
+use serde::Deserialize;
 use std::time::{Duration, SystemTime};
 
 /// Clock-skew allowance for `nbf`, `exp` and `iat`.
@@ -69,10 +74,22 @@ pub fn sign(claims: &PolicyClaims, key: &PolicyKey) -> Result<String, SignError>
 /// production code uses [`sign`].
 #[doc(hidden)]
 pub fn sign_unvalidated_payload(payload: &[u8], key: &PolicyKey) -> Result<String, SignError> {
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let mut header = Header::new(Algorithm::EdDSA);
     header.kid = Some(key.kid().to_owned());
     let header = serde_json::to_vec(&header).map_err(|e| SignError::Crypto(e.to_string()))?;
+    sign_unvalidated_parts(&header, payload, key)
+}
+
+/// Signs arbitrary bytes as the JWS header and payload, **without any validation** (the header
+/// may even lack `alg`). For fuzzing and tests of a hostile signer; production code uses
+/// [`sign`].
+#[doc(hidden)]
+pub fn sign_unvalidated_parts(
+    header: &[u8],
+    payload: &[u8],
+    key: &PolicyKey,
+) -> Result<String, SignError> {
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let message = format!("{}.{}", b64.encode(header), b64.encode(payload));
     let der = key
         .pkcs8_der()
@@ -253,6 +270,18 @@ fn check_times(claims: &PolicyClaims, now: SystemTime) -> Result<(), VerifyError
     Ok(())
 }
 
+/// The JOSE header SNAS accepts: the parameters [`sign`] writes and nothing else.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoseHeader {
+    alg: Algorithm,
+    #[serde(default)]
+    kid: Option<String>,
+    // Read only so that it is accepted: RFC 7519 makes it advisory.
+    #[serde(default, rename = "typ")]
+    _typ: Option<String>,
+}
+
 /// Verifies a compact JWS against `bundle` at time `now` (see module docs for the order).
 pub fn verify(
     token: &str,
@@ -266,8 +295,22 @@ pub fn verify(
     if token.is_empty() {
         return Err(VerifyError::Malformed("empty token".into()));
     }
+    let mut parts = token.split('.');
+    let (Some(header64), Some(payload64), Some(signature64), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(VerifyError::Malformed(
+            "not a compact JWS (expected header.payload.signature)".into(),
+        ));
+    };
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = b64
+        .decode(header64)
+        .map_err(|e| VerifyError::Malformed(format!("header: bad base64url: {e}")))?;
     let header =
-        jsonwebtoken::decode_header(token).map_err(|e| VerifyError::Malformed(describe(&e)))?;
+        parse_strict(&header).map_err(|e| VerifyError::Malformed(format!("header: {e}")))?;
+    let header: JoseHeader = serde_json::from_value(header)
+        .map_err(|e| VerifyError::Malformed(format!("header: {e}")))?;
     if header.alg != Algorithm::EdDSA {
         return Err(VerifyError::Algorithm(format!("{:?}", header.alg)));
     }
@@ -275,26 +318,27 @@ pub fn verify(
     let raw = bundle
         .get(&kid)
         .ok_or_else(|| VerifyError::UnknownKid(kid.clone()))?;
-    let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+    let x = b64.encode(raw);
     let key =
         DecodingKey::from_ed_components(&x).map_err(|e| VerifyError::Malformed(e.to_string()))?;
-    let mut validation = Validation::new(Algorithm::EdDSA);
-    validation.required_spec_claims = HashSet::new();
-    validation.validate_exp = false;
-    validation.validate_nbf = false;
-    validation.validate_aud = false;
-    validation.leeway = 0;
-    let data =
-        jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation).map_err(|e| match e
-            .kind()
-        {
-            jsonwebtoken::errors::ErrorKind::InvalidSignature => {
-                VerifyError::BadSignature(kid.clone())
-            }
-            _ => VerifyError::Malformed(describe(&e)),
-        })?;
+    // The signing input is the header and payload exactly as received.
+    let message = &token[..header64.len() + 1 + payload64.len()];
+    match jsonwebtoken::crypto::verify(signature64, message.as_bytes(), &key, Algorithm::EdDSA) {
+        Ok(true) => {}
+        Ok(false) => return Err(VerifyError::BadSignature(kid)),
+        Err(e) => {
+            return Err(VerifyError::Malformed(format!(
+                "signature: {}",
+                describe(&e)
+            )))
+        }
+    }
+    let payload = b64
+        .decode(payload64)
+        .map_err(|e| VerifyError::Malformed(format!("payload: bad base64url: {e}")))?;
+    let claims = parse_strict(&payload).map_err(|e| VerifyError::Claims(e.to_string()))?;
     let claims: PolicyClaims =
-        serde_json::from_value(data.claims).map_err(|e| VerifyError::Claims(e.to_string()))?;
+        serde_json::from_value(claims).map_err(|e| VerifyError::Claims(e.to_string()))?;
     check_times(&claims, now)?;
     Ok(VerifiedPolicy {
         claims,
@@ -488,6 +532,153 @@ mod tests {
             verify(&t, &bundle(&[&k]), at(T0)).map(VerifiedPolicy::into_claims),
             Ok(claims())
         );
+    }
+
+    /// The claims as canonical JSON text, with `member` spliced in right after the opening brace
+    /// of the object that `marker` (a unique `"key":` in it) belongs to.
+    fn claims_text_with(member: &str, marker: &str) -> String {
+        let text = serde_json::to_string(&claims()).expect("json");
+        let at = text.find(marker).expect("marker");
+        let open = text[..at].rfind('{').expect("object");
+        format!("{}{member},{}", &text[..=open], &text[open + 1..])
+    }
+
+    #[test]
+    fn signed_claims_with_a_duplicate_key_are_refused_naming_the_key() {
+        let k = key("k1", 1);
+        let b = bundle(&[&k]);
+        let cases = [
+            (
+                r#""tenant":"evil""#,
+                r#""jti":"#,
+                "`tenant` in the object at $",
+            ),
+            (
+                r#""tenant":"evil""#,
+                r#""jti":"#,
+                "`tenant` in the object at $",
+            ),
+            (
+                r#""host":"evil.example.net:443""#,
+                r#""host":"#,
+                "`host` in the object at $.egress[0]",
+            ),
+            (
+                r#""max_connections":1000000"#,
+                r#""max_connections":"#,
+                "`max_connections` in the object at $.limits",
+            ),
+        ];
+        for (member, marker, expected) in cases {
+            let text = claims_text_with(member, marker);
+            // The hazard: a lenient reader takes one of the two values without a word.
+            assert!(serde_json::from_str::<serde_json::Value>(&text).is_ok());
+            let t = sign_unvalidated_payload(text.as_bytes(), &k).expect("sign");
+            let e = verify(&t, &b, at(T0)).expect_err(member);
+            assert_eq!(e.reason(), snas_wire::Reason::PolicyInvalid);
+            assert!(
+                matches!(&e, VerifyError::Claims(m) if m.contains("duplicate key") && m.contains(expected)),
+                "{member}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn headers_with_duplicate_keys_or_extra_parameters_are_refused() {
+        let k = key("k1", 1);
+        let b = bundle(&[&k]);
+        let payload = serde_json::to_vec(&claims()).expect("json");
+        let good = br#"{"typ":"JWT","alg":"EdDSA","kid":"k1"}"#;
+        let t = sign_unvalidated_parts(good, &payload, &k).expect("sign");
+        assert!(verify(&t, &b, at(T0)).is_ok());
+        for (header, expected) in [
+            (
+                &br#"{"alg":"EdDSA","kid":"k1","kid":"k2"}"#[..],
+                "duplicate key `kid`",
+            ),
+            (
+                br#"{"alg":"HS256","kid":"k1","alg":"EdDSA"}"#,
+                "duplicate key `alg`",
+            ),
+            (
+                br#"{"alg":"EdDSA","kid":"k1","crit":["exp"],"exp":1}"#,
+                "unknown field `crit`",
+            ),
+            (
+                br#"{"alg":"EdDSA","kid":"k1","b64":false}"#,
+                "unknown field `b64`",
+            ),
+            (
+                br#"{"alg":"EdDSA","kid":"k1","jwk":{"kty":"OKP"}}"#,
+                "unknown field `jwk`",
+            ),
+            (
+                b"\xEF\xBB\xBF{\"alg\":\"EdDSA\",\"kid\":\"k1\"}",
+                "byte-order mark",
+            ),
+            (br#"{"alg":"EdDSA","kid":"k1"} {}"#, "trailing characters"),
+        ] {
+            let t = sign_unvalidated_parts(header, &payload, &k).expect("sign");
+            match verify(&t, &b, at(T0)) {
+                Err(VerifyError::Malformed(m)) => assert!(m.contains(expected), "{m}"),
+                other => panic!("{}: {other:?}", String::from_utf8_lossy(header)),
+            }
+        }
+    }
+
+    #[test]
+    fn signed_claims_that_readers_could_read_differently_are_refused() {
+        let k = key("k1", 1);
+        let b = bundle(&[&k]);
+        let canonical = serde_json::to_string(&claims()).expect("json");
+        let serial = "\"serial\":3";
+        assert!(canonical.contains(serial));
+        let mut latin1 = canonical.clone().into_bytes();
+        latin1[canonical.find("job-42").expect("job") + 5] = 0xff;
+        let cases: [(Vec<u8>, &str); 8] = [
+            (
+                canonical.replace(serial, "\"serial\":3.0").into_bytes(),
+                "number 3.0 at $.serial",
+            ),
+            (
+                canonical.replace(serial, "\"serial\":3e0").into_bytes(),
+                "number 3.0 at $.serial",
+            ),
+            (
+                canonical
+                    .replace(serial, "\"serial\":9007199254740995")
+                    .into_bytes(),
+                "number 9007199254740995 at $.serial",
+            ),
+            (
+                canonical
+                    .replace("\"job-42\"", "\"job-42\\ufdd0\"")
+                    .into_bytes(),
+                "noncharacter U+FDD0 in a string at $.job",
+            ),
+            (
+                [&b"\xEF\xBB\xBF"[..], canonical.as_bytes()].concat(),
+                "byte-order mark",
+            ),
+            (
+                format!("{canonical}{canonical}").into_bytes(),
+                "trailing characters",
+            ),
+            (
+                canonical
+                    .replace("\"job-42\"", "\"job-42\\ud800\"")
+                    .into_bytes(),
+                "hex escape",
+            ),
+            (latin1, "invalid unicode code point"),
+        ];
+        for (payload, expected) in cases {
+            let t = sign_unvalidated_payload(&payload, &k).expect("sign");
+            match verify(&t, &b, at(T0)) {
+                Err(VerifyError::Claims(m)) => assert!(m.contains(expected), "{expected}: {m}"),
+                other => panic!("{expected}: {other:?}"),
+            }
+        }
     }
 
     #[test]

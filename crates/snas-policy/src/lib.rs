@@ -14,6 +14,8 @@
 //! - [`authoring`]: TOML → [`PolicyDraft`], with line-numbered errors.
 //! - [`claims`]: [`PolicyDraft`] and the signed [`PolicyClaims`].
 //! - [`keys`], [`bundle`], [`bundle_fs`]: Ed25519 keys, trust bundles.
+//! - [`json`]: the strict JSON profile (I-JSON: no duplicate keys, ...) the header and claims are
+//!   read with.
 //! - [`jws`]: [`sign`] and [`verify`].
 //! - [`matcher`]: [`compile`] → [`Matcher`] → [`Decision`].
 //! - [`binding`]: the TTL clamp and grace both tiers apply to addresses learnt from DNS.
@@ -33,6 +35,7 @@ pub mod bundle_fs;
 pub mod claims;
 pub mod hostport;
 pub mod identity;
+pub mod json;
 pub mod jws;
 pub mod keys;
 pub mod limits;
@@ -47,6 +50,9 @@ pub use authoring::{parse_policy, parse_policy_bytes, CheckError, CheckErrors, M
 pub use bundle::{BundleError, TrustBundle};
 pub use claims::{PolicyClaims, PolicyDraft};
 pub use hostport::{HostPort, PortRange};
+/// The network type of cidr rules and infrastructure ranges ([`compile_with`]), re-exported so
+/// that callers name the same type.
+pub use ipnet::IpNet;
 pub use jws::{sign, verify, SignError, VerifiedPolicy, VerifyError, CLOCK_SKEW};
 pub use keys::{KeyError, PolicyKey};
 pub use limits::Limits;

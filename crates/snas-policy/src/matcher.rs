@@ -7,26 +7,37 @@
 //! - Host names: exact rules, wildcard rules and `0.0.0.0` rules. A name that matches some rule
 //!   but on no allowed port/transport is `PortDenied`; otherwise `DestinationDenied` (also for
 //!   names that are not valid DNS host names).
-//! - IP addresses: `cidr` rules and `0.0.0.0` rules (any public address on 80/443). Addresses in
-//!   [`crate::ranges::ALWAYS_DENIED`] are `AlwaysDenied` unless a `cidr` rule with
-//!   `allow_private = true` covers them; infrastructure ranges given to [`compile_with`] (overlay,
-//!   underlay, node, sandboxes) are `AlwaysDenied` whatever the rules say.
+//! - `0.0.0.0` is a *name* rule (Snowflake's HOST_PORT: any host name, on 80/443): any name
+//!   passes [`Matcher::check_host`] and [`Matcher::name_allowed`], and the addresses it resolves
+//!   to pass [`Matcher::check_resolved`]; a raw address does not ([`Matcher::check_ip`] consults
+//!   `cidr` rules only). This is what both tiers can enforce: tier 1 opens only addresses the
+//!   job resolved through DNS, and tier 2 checks the name on the wire.
+//! - Infrastructure first: an address inside the infrastructure ranges given to [`compile_with`]
+//!   (underlay, node and proxy addresses, management networks, egress pools, metadata — the
+//!   configured set of the agent or proxy) is `Infrastructure` (drop reason
+//!   `infrastructure_denied`) in [`Matcher::check_ip`] and [`Matcher::check_resolved`], before
+//!   any rule is looked at: no rule opens it, `allow_private` or not, `0.0.0.0/0` included.
+//! - IP addresses: `cidr` rules only. Addresses in [`crate::ranges::ALWAYS_DENIED`] are
+//!   `AlwaysDenied` unless a `cidr` rule with `allow_private = true` covers them.
 //! - An address reached through a name (tier 2: the proxy resolved name N and bound the address)
-//!   is checked with [`Matcher::check_resolved`]: the address must not be always-denied (unless an
-//!   `allow_private` cidr rule allows it), and then the name or the address must be allowed.
+//!   is checked with [`Matcher::check_resolved`]: the address must not be infrastructure, nor
+//!   always-denied (unless an `allow_private` cidr rule allows it), and then the name or the
+//!   address must be allowed.
 //!
 //! # Cost
 //! Exact names: one hash lookup. Wildcards: indexed by the labels after the wildcard label, so a
 //! lookup does one hash probe per label of the name and then checks only the patterns under that
 //! parent (a policy with thousands of wildcards under the *same* parent scans them all). CIDRs: one
-//! hash map per prefix length present, so at most 33 (IPv4) or 129 (IPv6) probes. No allocation
-//! per lookup (except [`Matcher::host_rules_for_name`], which returns a `Vec`).
+//! hash map per prefix length present, so at most 33 (IPv4) or 129 (IPv6) probes. Infrastructure
+//! ranges are indexed the same way, so a set of thousands of node and proxy addresses costs one
+//! probe per distinct prefix length, not one comparison per range. No allocation per lookup
+//! (except [`Matcher::host_rules_for_name`], which returns a `Vec`).
 
 use crate::claims::PolicyClaims;
 use crate::hostport::{normalize_name, HostPattern, HostPorts, PortRange, MAX_NAME_LEN};
 use crate::ranges;
 use crate::rules::{EgressRule, Protocol, Transport};
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -39,8 +50,10 @@ pub enum DenyReason {
     DestinationDenied,
     /// Some rule names it, but not on this port/transport.
     PortDenied,
-    /// An always-denied or infrastructure range.
+    /// An always-denied range that no `allow_private` cidr rule opens.
     AlwaysDenied,
+    /// An infrastructure range given to [`compile_with`]: no rule opens it.
+    Infrastructure,
 }
 
 impl DenyReason {
@@ -50,6 +63,7 @@ impl DenyReason {
             DenyReason::DestinationDenied => snas_wire::Reason::DestinationDenied,
             DenyReason::PortDenied => snas_wire::Reason::PortDenied,
             DenyReason::AlwaysDenied => snas_wire::Reason::AlwaysDenied,
+            DenyReason::Infrastructure => snas_wire::Reason::InfrastructureDenied,
         }
     }
 }
@@ -124,6 +138,74 @@ impl Hasher for IntHasher {
 
 type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
 
+/// The infrastructure ranges, indexed by prefix length (longest first).
+#[derive(Debug, Clone, Default)]
+struct InfraSet {
+    v4: Vec<(u8, IntMap<u32, ()>)>,
+    v6: Vec<(u8, IntMap<u128, ()>)>,
+}
+
+impl InfraSet {
+    fn new(nets: &[IpNet]) -> InfraSet {
+        let mut v4: [Option<IntMap<u32, ()>>; 33] = std::array::from_fn(|_| None);
+        let mut v6: Vec<Option<IntMap<u128, ()>>> = (0..=128).map(|_| None).collect();
+        for net in nets {
+            match net.trunc() {
+                IpNet::V4(n) => {
+                    v4[usize::from(n.prefix_len())]
+                        .get_or_insert_with(IntMap::default)
+                        .insert(u32::from(n.network()), ());
+                }
+                IpNet::V6(n) => {
+                    v6[usize::from(n.prefix_len())]
+                        .get_or_insert_with(IntMap::default)
+                        .insert(u128::from(n.network()), ());
+                }
+            }
+        }
+        InfraSet {
+            v4: by_longest_prefix(v4),
+            v6: by_longest_prefix(v6),
+        }
+    }
+
+    /// The most specific range containing `ip`.
+    fn find(&self, ip: IpAddr) -> Option<IpNet> {
+        match ip {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                self.v4.iter().find_map(|(len, set)| {
+                    let key = a & mask4(*len);
+                    set.contains_key(&key)
+                        .then(|| Ipv4Net::new(key.into(), *len).ok().map(IpNet::V4))
+                        .flatten()
+                })
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                self.v6.iter().find_map(|(len, set)| {
+                    let key = a & mask6(*len);
+                    set.contains_key(&key)
+                        .then(|| Ipv6Net::new(key.into(), *len).ok().map(IpNet::V6))
+                        .flatten()
+                })
+            }
+        }
+    }
+}
+
+/// Per-prefix-length tables → the lengths present, longest first (the most specific probes are
+/// the likeliest hits in practice).
+fn by_longest_prefix<T>(tables: impl IntoIterator<Item = Option<T>>) -> Vec<(u8, T)> {
+    let mut out: Vec<(u8, T)> = tables
+        .into_iter()
+        .enumerate()
+        .filter_map(|(len, t)| t.map(|t| (len as u8, t)))
+        .collect();
+    out.reverse();
+    out
+}
+
 #[derive(Debug, Clone, Copy)]
 struct RuleInfo {
     ports: HostPorts,
@@ -192,7 +274,7 @@ pub struct Matcher {
     any_host: Vec<u32>,
     v4: Vec<(u8, IntMap<u32, Vec<u32>>)>,
     v6: Vec<(u8, IntMap<u128, Vec<u32>>)>,
-    infra: Vec<IpNet>,
+    infra: InfraSet,
 }
 
 /// Compiles the claims' rules.
@@ -200,8 +282,9 @@ pub fn compile(claims: &PolicyClaims) -> Matcher {
     compile_with(claims, &[])
 }
 
-/// Compiles the claims' rules, denying `infra` ranges (overlay, underlay, node, sandboxes)
-/// regardless of any rule.
+/// Compiles the claims' rules, denying `infra` ranges (underlay, node and proxy addresses,
+/// management networks, egress pools, metadata) as [`DenyReason::Infrastructure`] regardless of
+/// any rule. Host bits of `infra` entries are ignored (`192.0.2.7/24` is `192.0.2.0/24`).
 pub fn compile_with(claims: &PolicyClaims, infra: &[IpNet]) -> Matcher {
     compile_rules(&claims.egress, infra)
 }
@@ -215,7 +298,7 @@ pub fn compile_rules(egress: &[EgressRule], infra: &[IpNet]) -> Matcher {
         any_host: Vec::new(),
         v4: Vec::new(),
         v6: Vec::new(),
-        infra: infra.iter().map(IpNet::trunc).collect(),
+        infra: InfraSet::new(infra),
     };
     let mut v4: [Option<IntMap<u32, Vec<u32>>>; 33] = std::array::from_fn(|_| None);
     let mut v6: Vec<Option<IntMap<u128, Vec<u32>>>> = (0..=128).map(|_| None).collect();
@@ -277,19 +360,8 @@ pub fn compile_rules(egress: &[EgressRule], infra: &[IpNet]) -> Matcher {
             }
         }
     }
-    // Longest prefixes first: most specific probes are the likeliest hits in practice.
-    m.v4 = v4
-        .into_iter()
-        .enumerate()
-        .rev()
-        .filter_map(|(l, mp)| mp.map(|mp| (l as u8, mp)))
-        .collect();
-    m.v6 = v6
-        .into_iter()
-        .enumerate()
-        .rev()
-        .filter_map(|(l, mp)| mp.map(|mp| (l as u8, mp)))
-        .collect();
+    m.v4 = by_longest_prefix(v4);
+    m.v6 = by_longest_prefix(v6);
     m
 }
 
@@ -381,11 +453,12 @@ impl Matcher {
         any
     }
 
-    /// The always-denied or infrastructure range containing `ip`, with its label (for
-    /// explanations), ignoring rules.
+    /// The infrastructure or always-denied range containing `ip` (infrastructure first: it
+    /// decides), with its label (for explanations), ignoring rules. Infrastructure ranges are
+    /// labelled `"infrastructure"`.
     pub fn denied_range(&self, ip: IpAddr) -> Option<(IpNet, &'static str)> {
-        if let Some(n) = self.infra.iter().find(|n| n.contains(&ip)) {
-            return Some((*n, "infrastructure"));
+        if let Some(n) = self.infra.find(ip) {
+            return Some((n, "infrastructure"));
         }
         ranges::always_denied(ip).map(|r| (r.net, r.label))
     }
@@ -411,10 +484,11 @@ impl Matcher {
         }
     }
 
-    /// Checks a destination address (see module docs).
+    /// Checks a destination address reached without a name: infrastructure first, then `cidr`
+    /// rules (see module docs; `0.0.0.0` rules allow names, not raw addresses).
     pub fn check_ip(&self, ip: IpAddr, port: u16, t: Transport) -> Decision {
-        if self.infra.iter().any(|n| n.contains(&ip)) {
-            return Decision::Deny(DenyReason::AlwaysDenied);
+        if self.infra.find(ip).is_some() {
+            return Decision::Deny(DenyReason::Infrastructure);
         }
         let private = ranges::always_denied(ip).is_some();
         let mut best = Best::default();
@@ -423,11 +497,6 @@ impl Matcher {
                 best.consider(self, r, port, t);
             }
         });
-        if !private {
-            self.any_host
-                .iter()
-                .for_each(|&r| best.consider(self, r, port, t));
-        }
         best.decision(if private {
             DenyReason::AlwaysDenied
         } else {
@@ -435,9 +504,10 @@ impl Matcher {
         })
     }
 
-    /// Checks an address the proxy resolved from `name` (tier 2): an always-denied address is
-    /// decided by [`Matcher::check_ip`] alone (only `allow_private` cidr rules open it); otherwise
-    /// the name or the address must be allowed on this port/transport.
+    /// Checks an address the proxy resolved from `name` (tier 2): an infrastructure address is
+    /// `Infrastructure` and an always-denied one is decided by [`Matcher::check_ip`] alone (only
+    /// `allow_private` cidr rules open it); otherwise the name or the address must be allowed on
+    /// this port/transport.
     pub fn check_resolved(&self, name: &str, ip: IpAddr, port: u16, t: Transport) -> Decision {
         if self.denied_range(ip).is_some() {
             return self.check_ip(ip, port, t);
@@ -590,21 +660,72 @@ mod tests {
     }
 
     #[test]
-    fn any_host_allows_names_and_public_ips_on_80_and_443_only() {
+    fn any_host_allows_every_name_and_its_resolved_addresses_on_80_and_443_only() {
         let m = m(&["host=0.0.0.0"]);
         assert_eq!(m.check_host("anything.example", 80, TCP), allow(0));
+        assert_eq!(m.check_host("anything.example", 443, TCP), allow(0));
+        assert!(m.name_allowed("anything.example"));
+        assert_eq!(m.host_rules_for_name("anything.example"), vec![0]);
         assert_eq!(
             m.check_host("anything.example", 8080, TCP),
             deny(DenyReason::PortDenied)
         );
-        assert_eq!(m.check_ip(ip("198.51.100.1"), 443, TCP), allow(0));
+        assert_eq!(
+            m.check_resolved("anything.example", ip("198.51.100.1"), 443, TCP),
+            allow(0)
+        );
+        assert_eq!(
+            m.check_resolved("anything.example", ip("198.51.100.1"), 8080, TCP),
+            deny(DenyReason::PortDenied)
+        );
+        // A name resolving to a private, metadata or infrastructure address does not open it.
+        assert_eq!(
+            m.check_resolved("anything.example", ip("10.0.0.1"), 443, TCP),
+            deny(DenyReason::AlwaysDenied)
+        );
+        assert_eq!(
+            m.check_resolved("anything.example", ip("169.254.169.254"), 80, TCP),
+            deny(DenyReason::AlwaysDenied)
+        );
+        let infra = compile_rules(&rules(&["host=0.0.0.0"]), &[IpNet::from(ip("192.0.2.21"))]);
+        assert_eq!(
+            infra.check_resolved("anything.example", ip("192.0.2.21"), 443, TCP),
+            deny(DenyReason::Infrastructure)
+        );
+    }
+
+    #[test]
+    fn any_host_does_not_allow_raw_addresses_only_cidr_rules_do() {
+        // Tier 1 opens an address only when the job resolved it, so a `0.0.0.0` rule cannot mean
+        // "any public address": check_ip agrees with what both tiers enforce.
+        let m = m(&["host=0.0.0.0", "cidr=203.0.113.0/24 ports=443"]);
+        for a in ["198.51.100.1", "8.8.8.8", "2001:db8::1"] {
+            for port in [80, 443] {
+                assert_eq!(
+                    m.check_ip(ip(a), port, TCP),
+                    deny(DenyReason::DestinationDenied),
+                    "{a}:{port}"
+                );
+            }
+        }
+        assert_eq!(m.check_ip(ip("203.0.113.9"), 443, TCP), allow(1));
+        assert_eq!(
+            m.check_ip(ip("203.0.113.9"), 80, TCP),
+            deny(DenyReason::PortDenied)
+        );
         assert_eq!(
             m.check_ip(ip("10.0.0.1"), 443, TCP),
             deny(DenyReason::AlwaysDenied)
         );
+        // An address bound from an allowed name is allowed by the name, on the name's ports.
         assert_eq!(
-            m.check_ip(ip("169.254.169.254"), 80, TCP),
-            deny(DenyReason::AlwaysDenied)
+            m.check_resolved("www.example.net", ip("198.51.100.1"), 80, TCP),
+            allow(0)
+        );
+        // The lowest allowing rule still wins between the name and the address.
+        assert_eq!(
+            m.check_resolved("www.example.net", ip("203.0.113.9"), 443, TCP),
+            allow(0)
         );
     }
 
@@ -665,20 +786,114 @@ mod tests {
         );
     }
 
+    fn nets(specs: &[&str]) -> Vec<IpNet> {
+        specs.iter().map(|s| s.parse().expect("net")).collect()
+    }
+
     #[test]
     fn infrastructure_ranges_are_denied_whatever_the_rules() {
-        let r = rules(&["cidr=10.0.0.0/8 ports=0 private=true"]);
-        let infra: Vec<IpNet> = vec!["10.99.0.0/16".parse().expect("net")];
+        // The widest policy there is: every address, port and protocol, private ranges opened,
+        // plus every name.
+        let r = rules(&[
+            "cidr=0.0.0.0/0 ports=0 proto=any private=true",
+            "cidr=::/0 ports=0 proto=any private=true",
+            "cidr=10.0.0.0/8 ports=0 private=true",
+            "cidr=192.0.2.21/32 ports=9090",
+            "host=0.0.0.0",
+            "host=*.example.com:0 proto=any",
+        ]);
+        let infra = nets(&["10.99.0.0/16", "192.0.2.0/24", "2001:db8:ff::/48"]);
         let m = compile_rules(&r, &infra);
         assert_eq!(m.check_ip(ip("10.1.0.1"), 80, TCP), allow(0));
+        assert_eq!(m.check_ip(ip("198.51.100.1"), 9090, UDP), allow(0));
+        for a in [
+            "10.99.0.1",
+            "192.0.2.21",
+            "192.0.2.0",
+            "192.0.2.255",
+            "2001:db8:ff::1",
+        ] {
+            for (port, t) in [(9090, TCP), (443, TCP), (6081, UDP), (53, UDP)] {
+                assert_eq!(
+                    m.check_ip(ip(a), port, t),
+                    deny(DenyReason::Infrastructure),
+                    "{a}:{port}/{t}"
+                );
+                assert_eq!(
+                    m.check_resolved("api.example.com", ip(a), port, t),
+                    deny(DenyReason::Infrastructure),
+                    "resolved {a}:{port}/{t}"
+                );
+            }
+        }
         assert_eq!(
-            m.check_ip(ip("10.99.0.1"), 80, TCP),
+            m.denied_range(ip("10.99.0.1")),
+            Some(("10.99.0.0/16".parse().expect("net"), "infrastructure"))
+        );
+        // The neighbours of an infrastructure range are not infrastructure.
+        assert_eq!(m.check_ip(ip("192.0.3.1"), 9090, TCP), allow(0));
+        assert_eq!(m.check_ip(ip("2001:db8:fe::1"), 9090, TCP), allow(1));
+    }
+
+    #[test]
+    fn infrastructure_is_decided_before_always_denied_and_reports_the_most_specific_range() {
+        let m = compile_rules(
+            &rules(&["cidr=0.0.0.0/0 ports=0"]),
+            &nets(&[
+                "169.254.169.254/32",
+                "10.0.0.0/8",
+                "10.1.0.0/16",
+                "10.1.2.7/24",
+            ]),
+        );
+        assert_eq!(
+            m.check_ip(ip("169.254.169.254"), 80, TCP),
+            deny(DenyReason::Infrastructure)
+        );
+        assert_eq!(
+            m.check_ip(ip("169.254.169.253"), 80, TCP),
             deny(DenyReason::AlwaysDenied)
         );
         assert_eq!(
-            m.denied_range(ip("10.99.0.1")).map(|(_, l)| l),
-            Some("infrastructure")
+            m.denied_range(ip("10.1.2.9")),
+            Some(("10.1.2.0/24".parse().expect("net"), "infrastructure"))
         );
+        assert_eq!(
+            m.denied_range(ip("10.1.9.9")),
+            Some(("10.1.0.0/16".parse().expect("net"), "infrastructure"))
+        );
+        assert_eq!(
+            m.denied_range(ip("10.9.9.9")),
+            Some(("10.0.0.0/8".parse().expect("net"), "infrastructure"))
+        );
+        assert_eq!(
+            m.denied_range(ip("169.254.1.1")).map(|(_, l)| l),
+            Some("link-local / cloud metadata")
+        );
+    }
+
+    #[test]
+    fn thousands_of_infrastructure_addresses_are_each_denied_and_nothing_else_is() {
+        // A fleet: every node and proxy address as a /32, plus the underlay /16 of another site.
+        let mut infra: Vec<IpNet> = (0u32..4_000)
+            .map(|i| IpNet::V4(Ipv4Net::new((0xC633_0000 | (i & 0xffff)).into(), 32).expect("net")))
+            .collect();
+        infra.push("203.0.0.0/16".parse().expect("net"));
+        let m = compile_rules(&rules(&["cidr=0.0.0.0/0 ports=0 proto=any"]), &infra);
+        for i in 0u32..=0xffff {
+            let a = IpAddr::V4((0xC633_0000 | i).into());
+            let want = if i < 4_000 {
+                deny(DenyReason::Infrastructure)
+            } else {
+                allow(0)
+            };
+            assert_eq!(m.check_ip(a, 443, TCP), want, "{a}");
+        }
+        assert_eq!(
+            m.check_ip(ip("203.0.113.9"), 443, TCP),
+            deny(DenyReason::Infrastructure)
+        );
+        assert_eq!(m.check_ip(ip("203.1.0.1"), 443, TCP), allow(0));
     }
 
     #[test]
@@ -760,6 +975,14 @@ mod tests {
         assert_eq!(
             DenyReason::AlwaysDenied.reason(),
             snas_wire::Reason::AlwaysDenied
+        );
+        assert_eq!(
+            DenyReason::Infrastructure.reason(),
+            snas_wire::Reason::InfrastructureDenied
+        );
+        assert_eq!(
+            DenyReason::Infrastructure.to_string(),
+            "infrastructure_denied"
         );
     }
 }

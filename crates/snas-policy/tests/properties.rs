@@ -238,3 +238,79 @@ proptest! {
         }
     }
 }
+
+/// The reference for `check_ip`: the lowest `cidr` rule covering the address (an always-denied
+/// address only through `allow_private`) on this port and transport; host rules — `0.0.0.0`
+/// included — never allow a raw address.
+fn reference_check_ip(
+    egress: &[EgressRule],
+    ip: std::net::IpAddr,
+    port: u16,
+    t: Transport,
+) -> Decision {
+    use snas_policy::DenyReason;
+    let private = snas_policy::ranges::always_denied(ip).is_some();
+    let mut covered = false;
+    for (i, r) in egress.iter().enumerate() {
+        if let EgressRule::Cidr {
+            cidr,
+            ports,
+            protocol,
+            allow_private,
+        } = r
+        {
+            if cidr.contains(&ip) && (!private || *allow_private) {
+                covered = true;
+                if ports.contains(port) && protocol.allows(t) {
+                    return Decision::Allow { rule: i };
+                }
+            }
+        }
+    }
+    Decision::Deny(if covered {
+        DenyReason::PortDenied
+    } else if private {
+        DenyReason::AlwaysDenied
+    } else {
+        DenyReason::DestinationDenied
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn check_ip_agrees_with_the_cidr_only_reference_model(
+        src in policy_toml(),
+        probes in prop::collection::vec((any::<u32>(), any::<u128>(), any::<bool>(), any::<u16>(), any::<bool>()), 32),
+    ) {
+        let draft = snas_policy::parse_policy(&src).map_err(|e| TestCaseError::fail(format!("{e}\n{src}")))?;
+        let m = compile_rules(&draft.egress, &[]);
+        // Addresses at the edges of every cidr rule, random ones near the rules, and fixed ones
+        // (public, private, metadata, documentation) that `0.0.0.0` rules must not open.
+        let mut ips: Vec<std::net::IpAddr> = Vec::new();
+        for r in &draft.egress {
+            if let EgressRule::Cidr { cidr, .. } = r {
+                ips.push(cidr.network());
+                ips.push(cidr.broadcast());
+            }
+        }
+        for (v4, v6, _, _, _) in &probes {
+            ips.push(std::net::Ipv4Addr::from(0x0B00_0000 + v4 % (89 << 24)).into());
+            ips.push(std::net::Ipv6Addr::from((0x2001_0db8u128 << 96) | (v6 >> 32)).into());
+        }
+        for fixed in ["198.51.100.7", "8.8.8.8", "10.0.0.1", "169.254.169.254", "2001:db8::1", "::1"] {
+            ips.push(fixed.parse().map_err(|_| TestCaseError::fail("ip"))?);
+        }
+        for (i, ip) in ips.iter().enumerate() {
+            let (_, _, web, port, udp) = probes[i % probes.len()];
+            let port = if web { if port % 2 == 0 { 443 } else { 80 } } else { port.max(1) };
+            let t = if udp { Transport::Udp } else { Transport::Tcp };
+            prop_assert_eq!(
+                m.check_ip(*ip, port, t),
+                reference_check_ip(&draft.egress, *ip, port, t),
+                "{}:{}/{} in\n{}", ip, port, t, src
+            );
+        }
+    }
+}

@@ -487,3 +487,145 @@ fn explain_errors_exit_2() {
         .assert()
         .code(2);
 }
+
+#[test]
+fn verify_refuses_a_signed_token_whose_claims_repeat_a_key() {
+    let f = Fixture::new();
+    let key = f.keygen("keys", "k1");
+    let tok = f.write("token", &f.sign(&key, &[]));
+    let claims = snas()
+        .args(["policy", "verify", "--trust"])
+        .arg(f.path("keys"))
+        .arg(&tok)
+        .assert()
+        .code(0)
+        .get_output()
+        .stdout
+        .clone();
+    let claims: serde_json::Value = serde_json::from_slice(&claims).expect("claims");
+    // Re-sign the same claims with `tenant` repeated, as a hostile signer holding the key could:
+    // a reader keeping the first value sees `evil`, one keeping the last sees `acme`.
+    let text = serde_json::to_string(&claims).expect("json");
+    let twice = text.replacen('{', "{\"tenant\":\"evil\",", 1);
+    let pem = fs::read(&key).expect("key");
+    let k = snas_policy::PolicyKey::from_pem("k1", &pem).expect("pem");
+    let forged = snas_policy::jws::sign_unvalidated_payload(twice.as_bytes(), &k).expect("sign");
+    snas()
+        .args(["policy", "verify", "--trust"])
+        .arg(f.path("keys"))
+        .arg("-")
+        .write_stdin(forged)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "invalid claims: duplicate key `tenant` in the object at $",
+        ));
+}
+
+/// The widest policy a tenant can be signed: every address, port and protocol (private ranges
+/// opened), and every name on 80/443.
+const WIDE: &str = r#"tenant = "acme"
+job = "wide"
+
+[[egress]]
+cidr = "0.0.0.0/0"
+ports = "0"
+protocol = "any"
+allow_private = true
+
+[[egress]]
+host = "0.0.0.0"
+"#;
+
+#[test]
+fn explain_with_infrastructure_denies_it_whatever_the_policy_says() {
+    let f = Fixture::new();
+    f.write("policy.toml", WIDE);
+    let key = f.keygen("keys", "k1");
+    let tok = f.write("token", &f.sign(&key, &[]));
+    let explain = |extra: &[&str], dests: &[&str]| {
+        let mut c = snas();
+        c.args(["policy", "explain", "--trust"])
+            .arg(f.path("keys"))
+            .arg(&tok)
+            .args(extra)
+            .args(dests);
+        c.assert()
+    };
+    let dests = [
+        "192.0.2.21:9090",
+        "10.99.0.1:53/udp",
+        "10.99.0.2:53/udp",
+        "198.51.100.7:6081/udp",
+    ];
+    explain(
+        &[
+            "--infrastructure",
+            "192.0.2.0/24",
+            "--infrastructure",
+            "10.99.0.1",
+        ],
+        &dests,
+    )
+    .code(1)
+    .stdout(
+        "deny 192.0.2.21:9090/tcp infrastructure_denied (infrastructure 192.0.2.0/24)\n\
+         deny 10.99.0.1:53/udp infrastructure_denied (infrastructure 10.99.0.1/32)\n\
+         allow 10.99.0.2:53/udp rule 0 (cidr 0.0.0.0/0 ports 0/any allow_private)\n\
+         allow 198.51.100.7:6081/udp rule 0 (cidr 0.0.0.0/0 ports 0/any allow_private)\n",
+    );
+    // Without the node's configuration, the same policy allows them all.
+    explain(&[], &dests).code(0);
+    // Host bits are ignored as in the agent's and proxy's configuration.
+    explain(&["--infrastructure", "192.0.2.77/24"], &["192.0.2.21:9090"])
+        .code(1)
+        .stdout("deny 192.0.2.21:9090/tcp infrastructure_denied (infrastructure 192.0.2.0/24)\n");
+    explain(&["--infrastructure", "192.0.2.0/33"], &["192.0.2.21:9090"])
+        .code(2)
+        .stderr(predicate::str::contains("--infrastructure"));
+}
+
+#[test]
+fn explain_says_any_host_rules_allow_names_but_not_raw_addresses() {
+    let f = Fixture::new();
+    f.write(
+        "policy.toml",
+        &fs::read_to_string(repo().join("examples/policy-web.toml")).expect("example"),
+    );
+    let key = f.keygen("keys", "k1");
+    let tok = f.write("token", &f.sign(&key, &[]));
+    let explain = |dests: &[&str]| {
+        let mut c = snas();
+        c.args(["policy", "explain", "--trust"])
+            .arg(f.path("keys"))
+            .arg(&tok)
+            .args(dests);
+        c.assert()
+    };
+    explain(&["www.example.net:443", "cdn.example.org:80"])
+        .code(0)
+        .stdout(
+            "allow www.example.net:443/tcp rule 0 (host 0.0.0.0/tcp: any host name)\n\
+             allow cdn.example.org:80/tcp rule 0 (host 0.0.0.0/tcp: any host name)\n",
+        );
+    // Tier 1 only opens addresses the job resolved: a raw address needs a cidr rule, and explain
+    // says so instead of promising what the tiers refuse.
+    explain(&[
+        "203.0.113.9:443",
+        "[2001:db8::7]:80",
+        "203.0.113.9:8080",
+        "198.51.100.53:53/udp",
+        "www.example.net:8080",
+    ])
+    .code(1)
+    .stdout(
+        "deny 203.0.113.9:443/tcp destination_denied (no cidr rule covers this address; rule 0 \
+         `0.0.0.0` allows host names, not addresses)\n\
+         deny [2001:db8::7]:80/tcp destination_denied (no cidr rule covers this address; rule 0 \
+         `0.0.0.0` allows host names, not addresses)\n\
+         deny 203.0.113.9:8080/tcp destination_denied (no rule names this destination)\n\
+         allow 198.51.100.53:53/udp rule 1 (cidr 198.51.100.0/24 ports 53/udp)\n\
+         deny www.example.net:8080/tcp port_denied (a rule names this destination, but not this \
+         port/protocol)\n",
+    );
+}

@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use rand::RngCore;
 use snas_policy::bundle_fs::load_trust_bundle;
-use snas_policy::{Decision, DenyReason, Matcher, PolicyKey, Transport, MAX_INPUT};
+use snas_policy::{Decision, DenyReason, IpNet, Matcher, PolicyKey, Transport, MAX_INPUT};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -92,9 +92,23 @@ pub struct ExplainArgs {
     trust: PathBuf,
     /// File holding the token, or `-` for stdin.
     token: PathBuf,
+    /// Infrastructure range (CIDR, or one address), repeatable: decide as an agent or proxy
+    /// configured with these ranges does (`infrastructure_denied`, whatever the rules say).
+    #[arg(long = "infrastructure", value_name = "CIDR", value_parser = parse_infrastructure)]
+    infrastructure: Vec<IpNet>,
     /// Destinations: host:port, ip:port or [v6]:port, optionally suffixed /tcp or /udp.
     #[arg(required = true)]
     dest: Vec<String>,
+}
+
+/// `--infrastructure`: a network (host bits ignored, as the agent and proxy do) or one address.
+fn parse_infrastructure(s: &str) -> Result<IpNet, String> {
+    if let Ok(n) = s.parse::<IpNet>() {
+        return Ok(n.trunc());
+    }
+    s.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("`{s}` is not a network (192.0.2.0/24, 2001:db8::/32) or an address"))
 }
 
 /// Runs one subcommand and maps the outcome to the documented exit code.
@@ -363,6 +377,25 @@ fn parse_dest(s: &str) -> Result<(Target, u16, Transport)> {
     Ok((Target::Name(name.to_owned()), port, t))
 }
 
+fn is_any_host(r: &snas_policy::EgressRule) -> bool {
+    matches!(
+        r,
+        snas_policy::EgressRule::Host { host, .. }
+            if host.pattern == snas_policy::hostport::HostPattern::AnyHost
+    )
+}
+
+/// The lowest `0.0.0.0` rule that would allow a *name* on this port and transport: an address
+/// denied while one exists is worth a hint, since `0.0.0.0` allows names, never raw addresses.
+fn any_host_rule(claims: &snas_policy::PolicyClaims, port: u16, t: Transport) -> Option<usize> {
+    claims.egress.iter().position(|r| match r {
+        snas_policy::EgressRule::Host { host, protocol } => {
+            is_any_host(r) && host.ports.contains(port) && protocol.allows(t)
+        }
+        snas_policy::EgressRule::Cidr { .. } => false,
+    })
+}
+
 fn explain_one(
     m: &Matcher,
     claims: &snas_policy::PolicyClaims,
@@ -381,21 +414,30 @@ fn explain_one(
     };
     match d {
         Decision::Allow { rule } => {
-            let text = claims
-                .egress
-                .get(rule)
-                .map(ToString::to_string)
-                .unwrap_or_default();
+            let text = match claims.egress.get(rule) {
+                Some(r) if is_any_host(r) => format!("{r}: any host name"),
+                Some(r) => r.to_string(),
+                None => String::new(),
+            };
             (true, format!("allow {shown} rule {rule} ({text})"))
         }
         Decision::Deny(r) => {
             let detail = match (r, target) {
-                (DenyReason::AlwaysDenied, Target::Ip(ip)) => m
+                (DenyReason::AlwaysDenied | DenyReason::Infrastructure, Target::Ip(ip)) => m
                     .denied_range(*ip)
                     .map(|(net, label)| format!(" ({label} {net})"))
                     .unwrap_or_default(),
                 (DenyReason::PortDenied, _) => {
                     " (a rule names this destination, but not this port/protocol)".to_owned()
+                }
+                (DenyReason::DestinationDenied, Target::Ip(_)) => {
+                    match any_host_rule(claims, port, t) {
+                        Some(r) => format!(
+                            " (no cidr rule covers this address; rule {r} `0.0.0.0` allows host \
+                             names, not addresses)"
+                        ),
+                        None => " (no rule names this destination)".to_owned(),
+                    }
                 }
                 (DenyReason::DestinationDenied, _) => {
                     " (no rule names this destination)".to_owned()
@@ -413,7 +455,7 @@ fn explain(a: &ExplainArgs) -> std::result::Result<u8, (u8, anyhow::Error)> {
         dests.push(parse_dest(d).map_err(|e| (2, e))?);
     }
     let v = load_verified(&a.trust, &a.token).map_err(|(_, e)| (2, e))?;
-    let m = v.compile();
+    let m = snas_policy::compile_with(v.claims(), &a.infrastructure);
     let mut all = true;
     for (target, port, t) in &dests {
         let (ok, line) = explain_one(&m, v.claims(), target, *port, *t);
