@@ -614,7 +614,7 @@ fn explain_says_any_host_rules_allow_names_but_not_raw_addresses() {
         "203.0.113.9:443",
         "[2001:db8::7]:80",
         "203.0.113.9:8080",
-        "198.51.100.53:53/udp",
+        "198.51.100.53:123/udp",
         "www.example.net:8080",
     ])
     .code(1)
@@ -624,7 +624,7 @@ fn explain_says_any_host_rules_allow_names_but_not_raw_addresses() {
          deny [2001:db8::7]:80/tcp destination_denied (no cidr rule covers this address; rule 0 \
          `0.0.0.0` allows host names, not addresses)\n\
          deny 203.0.113.9:8080/tcp destination_denied (no rule names this destination)\n\
-         allow 198.51.100.53:53/udp rule 1 (cidr 198.51.100.0/24 ports 53/udp)\n\
+         allow 198.51.100.53:123/udp rule 1 (cidr 198.51.100.0/24 ports 123/udp)\n\
          deny www.example.net:8080/tcp port_denied (a rule names this destination, but not this \
          port/protocol)\n",
     );
