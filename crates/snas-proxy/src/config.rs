@@ -12,8 +12,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
+
+use crate::infra::{self, METADATA};
 
 /// The GENEVE UDP port (contract).
 pub const GENEVE_PORT: u16 = 6081;
@@ -90,6 +92,11 @@ pub struct ProxyConfig {
     /// Per-tenant port quotas by tenant name (overrides `max_ports_per_tenant`).
     #[serde(default)]
     pub tenant_quotas: std::collections::BTreeMap<String, u32>,
+    /// Infrastructure prefixes (underlay and management networks, other fleets' addresses) no
+    /// job may reach whatever its policy says, in addition to what the proxy knows itself (see
+    /// [`ProxyConfig::infrastructure_set`]).
+    #[serde(default)]
+    pub infrastructure: Vec<IpNet>,
 }
 
 fn default_max_ports_per_job() -> u32 {
@@ -241,6 +248,28 @@ impl ProxyConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Every prefix no job may reach: `infrastructure` plus what the proxy knows about itself —
+    /// its underlay address, every node, every peer, the egress pool, the addresses it listens
+    /// on (unspecified ones excepted: those are the namespace's local addresses, which the
+    /// start-up guard covers), the upstream DNS servers and the cloud metadata endpoints
+    /// ([`METADATA`]). Not aggregated (see [`crate::infra::InfraSet`]).
+    pub fn infrastructure_set(&self) -> Vec<IpNet> {
+        let mut out = self.infrastructure.clone();
+        out.push(infra::host(IpAddr::V4(self.underlay_addr)));
+        out.extend(self.nodes.iter().map(|n| infra::host(IpAddr::V4(*n))));
+        out.extend(self.peers.iter().map(|n| infra::host(IpAddr::V4(*n))));
+        out.extend(self.egress_pool.iter().map(|n| IpNet::V4(n.trunc())));
+        out.extend(
+            [self.resolver_listen.ip(), self.control_listen.ip()]
+                .into_iter()
+                .filter(|ip| !ip.is_unspecified())
+                .map(infra::host),
+        );
+        out.extend(self.upstream_dns.iter().map(|s| infra::host(s.ip())));
+        out.extend(METADATA);
+        out
     }
 
     /// The egress addresses: the host addresses of every pool prefix, in order.

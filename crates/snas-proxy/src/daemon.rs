@@ -179,6 +179,7 @@ pub struct Daemon {
 
 fn engine_config(cfg: &ProxyConfig, clock_horizon: Duration) -> Tier2Config {
     let mut t = Tier2Config::new(cfg.underlay_addr, cfg.nodes.clone(), cfg.egress_ips());
+    t.infrastructure = cfg.infrastructure_set();
     t.pacer = PacerConfig {
         horizon: clock_horizon,
         ..PacerConfig::default()
@@ -269,6 +270,7 @@ impl Daemon {
                 agent_port: cfg.agent_policy_port,
                 timeout: cfg.fetch_timeout(),
                 negative: cfg.negative_cache(),
+                infrastructure: cfg.infrastructure_set().into(),
             },
         );
         let shared = Arc::new(Shared {

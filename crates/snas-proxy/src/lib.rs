@@ -12,6 +12,7 @@
 //!   packets when due.
 //! - [`wheel`]: the hashed timer wheel under conntrack expiry and the pacer queue.
 //! - [`bindings`]: (job, address) → names learnt by the proxy's resolver, with expiry.
+//! - [`infra`]: the infrastructure set no job may reach, whatever its policy says.
 //! - [`tier2`]: the per-packet pipeline in both directions — GENEVE receive rules, the job's
 //!   verified policy, new-flow admission, NAT, pacing, refusals and audit records.
 //! - [`gso`]: software segmentation of TCP super-packets (pure).
@@ -37,6 +38,7 @@ pub mod control;
 pub mod daemon;
 pub mod gso;
 pub mod http;
+pub mod infra;
 pub mod metrics;
 pub mod nat;
 pub mod pacer;

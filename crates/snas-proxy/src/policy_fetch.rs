@@ -8,7 +8,8 @@
 //! - [`Fetcher`]: asks `http://<node>:<agent_policy_port>/v1/jobs/{job_key:016x}/policy`,
 //!   verifies the token (`snas_policy::jws::verify`: signature, key id, expiry, lifetime),
 //!   checks that the policy is the one asked for (`job_key`) and, if it names a `node`, that
-//!   it is the node that sent the traffic; then compiles it ([`JobPolicy::from_verified`]).
+//!   it is the node that sent the traffic; then compiles it ([`JobPolicy::from_verified`], with
+//!   the proxy's infrastructure set).
 //!   Requests from the data path are queued without blocking, de-duplicated while in flight,
 //!   and a failure is remembered for `negative_cache` (the job's packets are dropped with the
 //!   failure's reason meanwhile instead of triggering a fetch each).
@@ -30,6 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use ipnet::IpNet;
 use snas_policy::bundle::TrustBundle;
 use snas_policy::jws;
 use snas_wire::Reason;
@@ -174,6 +176,8 @@ pub struct FetchConfig {
     pub timeout: Duration,
     /// Negative-cache lifetime.
     pub negative: Duration,
+    /// Infrastructure prefixes every policy is compiled with (denied whatever its rules say).
+    pub infrastructure: Arc<[IpNet]>,
 }
 
 /// Fetch counters (metrics).
@@ -443,6 +447,6 @@ impl Fetcher {
                 });
             }
         }
-        Ok(JobPolicy::from_verified(&v))
+        Ok(JobPolicy::from_verified(&v, &self.cfg.infrastructure))
     }
 }

@@ -5,9 +5,10 @@
 //! - The per-packet pipeline in both directions:
 //!   - from a node ([`Tier2::from_node`]): trusted source → GENEVE receive rules → the job's
 //!     verified policy (tenant, `node`, expiry, serial) → established flow? NAT and pace :
-//!     new-flow checks in the order of the architecture (destination bound to an allowed name
-//!     or inside an allowed CIDR → port/protocol → never an always-denied range → exact
-//!     `max_connections` → `new_connections_per_sec` → SNAT) → NAT and pace;
+//!     new-flow checks in the order of the architecture (destination not infrastructure —
+//!     before any rule is consulted → destination bound to an allowed name or inside an allowed
+//!     CIDR → port/protocol → never an always-denied range → exact `max_connections` →
+//!     `new_connections_per_sec` → SNAT) → NAT and pace;
 //!   - from the internet ([`Tier2::from_internet`]): reverse NAT → pace (ingress limit) →
 //!     GENEVE header toward the job's node.
 //! - Refusals: a denied or refused new flow gets a TCP RST or an ICMP unreachable, already
@@ -19,6 +20,8 @@
 //!   counted, never an error.
 //! - No packet reaches the internet for a job without a policy that verified, is unexpired, names
 //!   the tenant in the option and (if pinned) the sending node.
+//! - No flow is ever opened to an infrastructure address ([`InfraSet`]: the configured set plus
+//!   this proxy's underlay address, its nodes and its egress addresses), whatever the policy.
 //! - A flow is created only from an initial packet (TCP SYN without ACK, or any UDP / ICMP echo).
 //! - No allocation per established-flow packet; buffers belong to the caller.
 //!
@@ -34,6 +37,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use snas_policy::jws::VerifiedPolicy;
 use snas_policy::limits::Limits;
 use snas_policy::matcher::{Decision, DenyReason, Matcher};
@@ -47,6 +51,7 @@ use crate::clock::Nanos;
 use crate::conntrack::{
     Conntrack, ConntrackConfig, ConntrackError, Direction, FlowKey, Open, ReplyKey, TcpFlags,
 };
+use crate::infra::{self, InfraSet};
 use crate::nat::{IpProto, JobLimits};
 use crate::pacer::{Bps, Pacer, PacerConfig, PacerError, PacingKey, PacingRates, Stamp};
 use crate::token_bucket::JobBuckets;
@@ -78,8 +83,9 @@ pub struct JobPolicy {
 }
 
 impl JobPolicy {
-    /// Compiles a verified policy.
-    pub fn from_verified(v: &VerifiedPolicy) -> JobPolicy {
+    /// Compiles a verified policy; `infrastructure` prefixes are denied by the matcher whatever
+    /// the rules say (tier 2 also refuses them before consulting the matcher at all).
+    pub fn from_verified(v: &VerifiedPolicy, infrastructure: &[IpNet]) -> JobPolicy {
         let c = v.claims();
         JobPolicy {
             job_key: v.job_key(),
@@ -90,7 +96,7 @@ impl JobPolicy {
             node: c.node,
             expires_at_unix: c.exp,
             limits: c.limits,
-            matcher: v.compile(),
+            matcher: snas_policy::matcher::compile_with(c, infrastructure),
         }
     }
 }
@@ -263,6 +269,9 @@ pub struct Tier2Config {
     pub default_tenant_cap: (Bps, Bps),
     /// Per-job state (rate bucket, route) of a job with no flows is forgotten after this.
     pub job_idle: Duration,
+    /// Infrastructure prefixes no new flow may reach (the engine adds `proxy_addr`, `nodes`
+    /// and the egress addresses itself).
+    pub infrastructure: Vec<IpNet>,
 }
 
 impl Tier2Config {
@@ -276,6 +285,7 @@ impl Tier2Config {
             tenant_caps: HashMap::new(),
             default_tenant_cap: (Bps::gbit(10), Bps::gbit(10)),
             job_idle: Duration::from_secs(600),
+            infrastructure: infra::METADATA.to_vec(),
         }
     }
 }
@@ -317,6 +327,7 @@ pub struct Tier2 {
     audit: Vec<AuditRecord>,
     refetch: Vec<(u64, Ipv4Addr)>,
     draining: bool,
+    infra: InfraSet,
 }
 
 fn transport_of(p: L4Proto) -> Option<Transport> {
@@ -361,7 +372,18 @@ fn remote_port(t: &FiveTuple, port: u16) -> u16 {
 impl Tier2 {
     /// A new engine.
     pub fn new(cfg: Tier2Config, now: Nanos) -> Result<Tier2, Tier2Error> {
+        let mut infra_nets = cfg.infrastructure.clone();
+        infra_nets.push(infra::host(IpAddr::V4(cfg.proxy_addr)));
+        infra_nets.extend(cfg.nodes.iter().map(|n| infra::host(IpAddr::V4(*n))));
+        infra_nets.extend(
+            cfg.conntrack
+                .nat
+                .egress_ips
+                .iter()
+                .map(|ip| infra::host(*ip)),
+        );
         Ok(Tier2 {
+            infra: InfraSet::new(&infra_nets),
             nodes: {
                 let mut n = cfg.nodes.clone();
                 n.sort_unstable();
@@ -400,6 +422,12 @@ impl Tier2 {
     /// Whether draining.
     pub fn is_draining(&self) -> bool {
         self.draining
+    }
+
+    /// The infrastructure set new flows are checked against (the configured prefixes plus the
+    /// engine's own addresses).
+    pub fn infrastructure(&self) -> &InfraSet {
+        &self.infra
     }
 
     /// Drops so far, by reason code.
@@ -626,7 +654,10 @@ impl Tier2 {
                 record.reason = Some(r);
                 if !matches!(
                     r,
-                    Reason::DestinationDenied | Reason::PortDenied | Reason::AlwaysDenied
+                    Reason::DestinationDenied
+                        | Reason::PortDenied
+                        | Reason::AlwaysDenied
+                        | Reason::InfrastructureDenied
                 ) {
                     record.action = Action::Refuse;
                 }
@@ -644,6 +675,10 @@ impl Tier2 {
         now: Now,
         record: &mut AuditRecord,
     ) -> Result<(IpAddr, u16), Reason> {
+        // Before any rule: no rule (not even `allow_private`) opens infrastructure.
+        if self.infra.contains(key.dst_ip) {
+            return Err(Reason::InfrastructureDenied);
+        }
         if self.draining {
             return Err(Reason::Draining);
         }
@@ -713,7 +748,9 @@ impl Tier2 {
             tcp_rst_into(body, offending)
         } else {
             let why = match reason {
-                Reason::DestinationDenied | Reason::AlwaysDenied => Unreachable::AdminProhibited,
+                Reason::DestinationDenied | Reason::AlwaysDenied | Reason::InfrastructureDenied => {
+                    Unreachable::AdminProhibited
+                }
                 _ => Unreachable::Port,
             };
             icmp_unreachable_into(body, offending, why)

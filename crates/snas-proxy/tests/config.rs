@@ -105,3 +105,36 @@ fn unusable_values_name_field_and_reason() {
         }
     }
 }
+
+#[test]
+fn the_infrastructure_set_holds_what_the_proxy_knows_and_the_configured_prefixes() {
+    let text = format!(
+        "{TESTBED}peers = [\"192.0.2.22\"]\npeer_secret_file = \"/etc/snas/peer\"\n\
+         infrastructure = [\"10.0.0.0/8\", \"2001:db8:ffff::/48\"]\n"
+    );
+    let c = ProxyConfig::parse(&text, Path::new("p.toml")).unwrap();
+    let set = snas_proxy::infra::InfraSet::new(&c.infrastructure_set());
+    for ip in [
+        "192.0.2.21", // underlay
+        "192.0.2.11", // nodes
+        "192.0.2.12",
+        "192.0.2.22",      // peer
+        "198.51.100.70",   // egress pool
+        "203.0.113.53",    // upstream DNS
+        "169.254.169.254", // metadata
+        "fd00:ec2::254",
+        "10.20.30.40", // configured
+        "2001:db8:ffff::1",
+    ] {
+        assert!(set.contains(ip.parse().unwrap()), "{ip}");
+    }
+    for ip in ["203.0.113.10", "192.0.2.99", "2001:db8::1"] {
+        assert!(!set.contains(ip.parse().unwrap()), "{ip}");
+    }
+}
+
+#[test]
+fn a_bad_infrastructure_prefix_names_the_field() {
+    let e = err(&format!("{TESTBED}infrastructure = [\"10.0.0.0/33\"]\n"));
+    assert!(e.contains("infrastructure"), "{e}");
+}

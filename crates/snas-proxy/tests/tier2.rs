@@ -11,7 +11,8 @@ use snas_policy::jws::{sign, verify};
 use snas_policy::keys::PolicyKey;
 use snas_proxy::clock::Nanos;
 use snas_proxy::tier2::{
-    Action, JobPolicy, Now, StaticPolicies, Tier2, Tier2Config, Verdict, GENEVE_HEADER_LEN,
+    Action, JobPolicy, Now, PolicyCache, PolicyLookup, StaticPolicies, Tier2, Tier2Config, Verdict,
+    GENEVE_HEADER_LEN,
 };
 use snas_wire::build::{tcp, udp, TcpSpec, UdpSpec};
 use snas_wire::geneve::{parse_payload, write_geneve_header, InnerProto, SnasOption};
@@ -44,7 +45,7 @@ fn policy(toml: &str, jti: &str, serial: u64, key: &PolicyKey, bundle: &TrustBun
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(T0);
     let draft = parse_policy(toml).unwrap();
     let token = sign(&draft.to_claims(jti, serial, now), key).unwrap();
-    JobPolicy::from_verified(&verify(&token, bundle, now).unwrap())
+    JobPolicy::from_verified(&verify(&token, bundle, now).unwrap(), &[])
 }
 
 const ACME: &str = r#"
@@ -110,8 +111,27 @@ impl Fixture {
         opt: SnasOption,
         inner: &[u8],
     ) -> (Verdict, Vec<u8>, Vec<u8>) {
+        self.send_proto(from, opt, inner, InnerProto::Ipv4)
+    }
+
+    fn send_v6(
+        &mut self,
+        from: Ipv4Addr,
+        opt: SnasOption,
+        inner: &[u8],
+    ) -> (Verdict, Vec<u8>, Vec<u8>) {
+        self.send_proto(from, opt, inner, InnerProto::Ipv6)
+    }
+
+    fn send_proto(
+        &mut self,
+        from: Ipv4Addr,
+        opt: SnasOption,
+        inner: &[u8],
+        proto: InnerProto,
+    ) -> (Verdict, Vec<u8>, Vec<u8>) {
         let mut payload = vec![0u8; GENEVE_HEADER_LEN + inner.len()];
-        write_geneve_header(&mut payload, &opt, InnerProto::Ipv4).unwrap();
+        write_geneve_header(&mut payload, &opt, proto).unwrap();
         payload[GENEVE_HEADER_LEN..].copy_from_slice(inner);
         let mut refusal = vec![0u8; 2048];
         let now = self.now();
@@ -597,4 +617,193 @@ fn reply_without_a_flow_is_dropped() {
         f.tier2.from_internet(&mut buf, 0..n, now),
         Verdict::Drop(Reason::Malformed)
     );
+}
+
+/// A "whole internet" policy: every address, every port, both protocols, private ranges too.
+const WIDE: &str = r#"
+tenant = "acme"
+job = "wide"
+[[egress]]
+cidr = "0.0.0.0/0"
+ports = "0"
+protocol = "any"
+allow_private = true
+[[egress]]
+cidr = "::/0"
+ports = "0"
+protocol = "any"
+allow_private = true
+[[egress]]
+host = "api.example.com:0"
+protocol = "any"
+[limits]
+max_connections = 1000
+new_connections_per_sec = 1000
+new_connections_burst = 1000
+"#;
+
+/// A configured management network (in addition to what the engine knows itself).
+const MGMT: &str = "198.51.100.192/26";
+
+fn wide_fixture() -> (Fixture, SnasOption) {
+    let (key, bundle) = key();
+    let mut f = Fixture::new();
+    let mut cfg = Tier2Config::new(PROXY, vec![NODE, OTHER_NODE], vec![EGRESS]);
+    cfg.infrastructure.push(MGMT.parse().unwrap());
+    f.tier2 = Tier2::new(cfg, Nanos::ZERO).unwrap();
+    let infra: Vec<ipnet::IpNet> = f.tier2.infrastructure().nets().to_vec();
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(T0);
+    let token = sign(
+        &parse_policy(WIDE)
+            .unwrap()
+            .to_claims("jti-wide-00000001", 1, now),
+        &key,
+    )
+    .unwrap();
+    f.policies.insert(JobPolicy::from_verified(
+        &verify(&token, &bundle, now).unwrap(),
+        &infra,
+    ));
+    let opt = f.option("jti-wide-00000001");
+    (f, opt)
+}
+
+#[test]
+fn a_wide_policy_reaches_no_infrastructure_address() {
+    let (mut f, opt) = wide_fixture();
+    let job = opt.job_key;
+    // The policy really is wide: a public address and a private one are allowed.
+    for (i, dst) in [API, IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))]
+        .into_iter()
+        .enumerate()
+    {
+        let (v, _, _) = f.send(NODE, opt, &syn(30000 + i as u16, dst, 9090));
+        assert!(matches!(v, Verdict::ToInternet { .. }), "{dst}: {v:?}");
+    }
+    let before = f.tier2.conntrack().live_flows_of_job(job);
+    let infra: [IpAddr; 7] = [
+        IpAddr::V4(PROXY),                     // the proxy's underlay address
+        IpAddr::V4(NODE),                      // a node
+        IpAddr::V4(OTHER_NODE),                // another node
+        EGRESS,                                // the egress pool
+        "198.51.100.200".parse().unwrap(),     // the configured management network
+        "169.254.169.254".parse().unwrap(),    // cloud metadata
+        "::ffff:192.0.2.100".parse().unwrap(), // the proxy, IPv4-mapped
+    ];
+    f.tier2.drain_audit().for_each(drop);
+    for (i, dst) in infra.into_iter().enumerate() {
+        for port in [9090u16, 6081, 5353, 22] {
+            let sport = 31000 + (i as u16) * 10 + port % 10;
+            let pkt = if dst.is_ipv6() {
+                tcp(&TcpSpec {
+                    src: SocketAddr::new("2001:db8:5::2".parse().unwrap(), sport),
+                    dst: SocketAddr::new(dst, port),
+                    seq: 1000,
+                    ack: 0,
+                    flags: TcpFlags::SYN,
+                    window: 65535,
+                    payload: &[],
+                })
+                .unwrap()
+            } else {
+                syn(sport, dst, port)
+            };
+            let (v, _, refusal) = if dst.is_ipv6() {
+                f.send_v6(NODE, opt, &pkt)
+            } else {
+                f.send(NODE, opt, &pkt)
+            };
+            let Verdict::Refuse {
+                reason, reply_len, ..
+            } = v
+            else {
+                panic!("{dst}:{port}: {v:?}")
+            };
+            assert_eq!(reason, Reason::InfrastructureDenied, "{dst}:{port}");
+            let g = parse_payload(&refusal[..reply_len]).unwrap();
+            let inner = IpPacket::parse(&refusal[g.inner_offset..reply_len]).unwrap();
+            let Ok(Transport::Tcp(t)) = inner.transport() else {
+                panic!("{dst}:{port}: refusal is not TCP")
+            };
+            assert!(t.flags().contains(TcpFlags::RST), "{dst}:{port}");
+            assert_eq!((inner.src(), t.src_port()), (dst, port), "as if from {dst}");
+        }
+    }
+    assert_eq!(
+        f.tier2.conntrack().live_flows_of_job(job),
+        before,
+        "no flow was opened to infrastructure"
+    );
+    let audit: Vec<_> = f.tier2.drain_audit().collect();
+    assert_eq!(audit.len(), infra.len() * 4);
+    assert!(audit
+        .iter()
+        .all(|r| r.action == Action::Deny && r.reason == Some(Reason::InfrastructureDenied)));
+    assert_eq!(
+        f.tier2.drops()[Reason::InfrastructureDenied.code() as usize],
+        (infra.len() * 4) as u64
+    );
+}
+
+#[test]
+fn udp_to_infrastructure_gets_admin_prohibited() {
+    let (mut f, opt) = wide_fixture();
+    let (v, _, refusal) = f.send(NODE, opt, &udp_to(5000, IpAddr::V4(PROXY), 5353));
+    let Verdict::Refuse {
+        reason, reply_len, ..
+    } = v
+    else {
+        panic!("{v:?}")
+    };
+    assert_eq!(reason, Reason::InfrastructureDenied);
+    let g = parse_payload(&refusal[..reply_len]).unwrap();
+    let inner = IpPacket::parse(&refusal[g.inner_offset..reply_len]).unwrap();
+    let Ok(Transport::Icmp(m)) = inner.transport() else {
+        panic!("not ICMP")
+    };
+    assert_eq!(
+        (m.msg_type(), m.code()),
+        (3, 13),
+        "administratively prohibited"
+    );
+}
+
+#[test]
+fn a_name_bound_to_an_infrastructure_address_is_refused_too() {
+    // DNS rebinding: an allowed name whose answer is the proxy's own address.
+    let (mut f, opt) = wide_fixture();
+    let exp = f.mono.saturating_add(Duration::from_secs(300));
+    f.tier2
+        .bindings_mut()
+        .bind(opt.job_key, IpAddr::V4(PROXY), "api.example.com", exp);
+    let (v, _, _) = f.send(NODE, opt, &syn(32000, IpAddr::V4(PROXY), 9090));
+    assert!(
+        matches!(
+            v,
+            Verdict::Refuse {
+                reason: Reason::InfrastructureDenied,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn policies_are_compiled_with_the_infrastructure_set() {
+    let (f, opt) = wide_fixture();
+    let PolicyLookup::Ready(p) = f.policies.lookup(opt.job_key) else {
+        panic!("no policy")
+    };
+    let mgmt: IpAddr = "198.51.100.200".parse().unwrap();
+    assert_eq!(
+        p.matcher
+            .check_ip(mgmt, 22, snas_policy::rules::Transport::Tcp),
+        snas_policy::matcher::Decision::Deny(snas_policy::matcher::DenyReason::AlwaysDenied),
+        "the matcher alone denies it as well"
+    );
+    assert!(p
+        .matcher
+        .check_ip(API, 22, snas_policy::rules::Transport::Tcp)
+        .is_allow());
 }
