@@ -49,8 +49,18 @@ pub struct ProxyConfig {
     pub resolver_listen: SocketAddr,
     /// Upstream DNS servers (the only ones used).
     pub upstream_dns: Vec<SocketAddr>,
-    /// Control endpoint (HTTP): health, metrics, drain, bindings, flows.
+    /// Management endpoint (HTTP): health, metrics, flows, drain/undrain. Loopback by default:
+    /// it must never be reachable from a data path.
+    #[serde(default = "default_control_listen")]
     pub control_listen: SocketAddr,
+    /// File holding the bearer token `POST /v1/drain` and `/v1/undrain` require (≥ 16
+    /// characters). Without it those routes answer 403.
+    #[serde(default)]
+    pub control_token_file: Option<PathBuf>,
+    /// Service endpoint (HTTP) for nodes and peers: health, peer bindings, job ended. Default
+    /// `<underlay_addr>:9090` ([`ProxyConfig::service_addr`]).
+    #[serde(default)]
+    pub service_listen: Option<SocketAddr>,
     /// Audit log (JSON lines, appended).
     pub audit_log: PathBuf,
     /// State directory (created if missing).
@@ -104,6 +114,13 @@ fn default_max_ports_per_job() -> u32 {
 }
 fn default_max_ports_per_tenant() -> u32 {
     crate::nat::NatConfig::new(Vec::new()).max_ports_per_tenant
+}
+
+/// Default port of the management and service endpoints.
+pub const DEFAULT_HTTP_PORT: u16 = 9090;
+
+fn default_control_listen() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_HTTP_PORT))
 }
 
 fn default_agent_policy_port() -> u16 {
@@ -241,6 +258,23 @@ impl ProxyConfig {
         if self.fetch_timeout_ms == 0 {
             return Err(bad("fetch_timeout_ms", "must be greater than zero".into()));
         }
+        let service = self.service_addr();
+        // Port 0 asks the kernel for a free port for each socket: never a clash.
+        let clash = self.control_listen.port() == service.port()
+            && service.port() != 0
+            && (self.control_listen.ip() == service.ip()
+                || self.control_listen.ip().is_unspecified()
+                || service.ip().is_unspecified());
+        if clash {
+            return Err(bad(
+                "control_listen",
+                format!(
+                    "{} overlaps `service_listen` ({service}): the management endpoint needs its \
+                     own address (default 127.0.0.1:{DEFAULT_HTTP_PORT})",
+                    self.control_listen
+                ),
+            ));
+        }
         if !self.peers.is_empty() && self.peer_secret_file.is_none() {
             return Err(bad(
                 "peer_secret_file",
@@ -262,10 +296,14 @@ impl ProxyConfig {
         out.extend(self.peers.iter().map(|n| infra::host(IpAddr::V4(*n))));
         out.extend(self.egress_pool.iter().map(|n| IpNet::V4(n.trunc())));
         out.extend(
-            [self.resolver_listen.ip(), self.control_listen.ip()]
-                .into_iter()
-                .filter(|ip| !ip.is_unspecified())
-                .map(infra::host),
+            [
+                self.resolver_listen.ip(),
+                self.control_listen.ip(),
+                self.service_addr().ip(),
+            ]
+            .into_iter()
+            .filter(|ip| !ip.is_unspecified())
+            .map(infra::host),
         );
         out.extend(self.upstream_dns.iter().map(|s| infra::host(s.ip())));
         out.extend(METADATA);
@@ -280,6 +318,12 @@ impl ProxyConfig {
         }
         out.dedup();
         out
+    }
+
+    /// Where the service endpoint listens: `service_listen`, or `<underlay_addr>:9090`.
+    pub fn service_addr(&self) -> SocketAddr {
+        self.service_listen
+            .unwrap_or_else(|| SocketAddr::from((self.underlay_addr, DEFAULT_HTTP_PORT)))
     }
 
     /// Policy fetch timeout.

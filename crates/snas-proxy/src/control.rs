@@ -1,18 +1,23 @@
-//! The control endpoint (HTTP on `control_listen`).
+//! The proxy's two HTTP endpoints.
 //!
-//! # Routes
-//! - `GET /healthz`: 200 `ok`, or 503 `draining` while draining (agents use it to stop choosing
-//!   this proxy).
-//! - `POST /v1/drain`, `POST /v1/undrain`: set or clear draining (new flows are refused with
-//!   `draining`; established flows continue). Answer the new health text.
+//! # Management (`control_listen`, default `127.0.0.1:9090`)
+//! For operators and Prometheus; never reachable from a data path (loopback by default, and
+//! every address the proxy listens on is infrastructure, see [`crate::infra`]).
+//! - `GET /healthz`: 200 `ok`, or 503 `draining` while draining.
 //! - `GET /metrics`: Prometheus text ([`crate::metrics`]).
 //! - `GET /v1/flows`: live flows as JSON (at most [`MAX_FLOWS_LISTED`]).
-//! - `POST /v1/bindings`: a DNS binding pushed by a peer proxy (`Authorization: Bearer
-//!   <peer secret>`, compared in constant time); see [`crate::resolver::apply_peer_binding`].
+//! - `POST /v1/drain`, `POST /v1/undrain`: set or clear draining (new flows are refused with
+//!   `draining`; established flows continue); answer the new health text. They require
+//!   `Authorization: Bearer <token>` with the token of `control_token_file` (compared in constant
+//!   time): 401 without it or with another token, 403 when no token is configured.
 //!
-//! # Limits
-//! No authentication on drain/undrain: the endpoint must listen on the management (underlay)
-//! address only, which nodes and operators reach and sandboxes do not.
+//! # Service (`service_listen`, default `<underlay_addr>:9090`)
+//! Only what nodes and peers need:
+//! - `GET /healthz`: as above (agents' health checks).
+//! - `POST /v1/bindings`: a DNS binding pushed by a peer proxy (`Authorization: Bearer <peer
+//!   secret>`, compared in constant time); see [`crate::resolver::apply_peer_binding`].
+//!
+//! A route asked on the other endpoint answers 404.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -31,36 +36,80 @@ use crate::resolver::PeerBinding;
 /// Most flows `GET /v1/flows` lists.
 pub const MAX_FLOWS_LISTED: usize = 10_000;
 
+/// The secrets the endpoints check (read from files at start-up).
+#[derive(Clone, Debug, Default)]
+pub struct Secrets {
+    /// Bearer token of drain/undrain (`control_token_file`).
+    pub control_token: Option<Arc<str>>,
+    /// Shared peer secret (`peer_secret_file`).
+    pub peer_secret: Option<Arc<str>>,
+}
+
 #[derive(Clone, Debug)]
 struct Ctl {
     shared: Arc<Shared>,
-    peer_secret: Option<Arc<str>>,
+    secrets: Secrets,
 }
 
-/// The router.
-pub fn router(shared: Arc<Shared>, peer_secret: Option<Arc<str>>) -> Router {
+/// The management router (see the module documentation).
+pub fn management_router(shared: Arc<Shared>, secrets: Secrets) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .route("/v1/drain", post(drain))
         .route("/v1/undrain", post(undrain))
         .route("/v1/flows", get(flows))
-        .route("/v1/bindings", post(bindings))
-        .with_state(Ctl {
-            shared,
-            peer_secret,
-        })
+        .with_state(Ctl { shared, secrets })
 }
 
-/// Serves the router on `listener` until the runtime stops.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
-    peer_secret: Option<Arc<str>>,
-) {
-    if let Err(e) = axum::serve(listener, router(shared, peer_secret)).await {
-        tracing::error!(error = %e, "control endpoint stopped");
+/// The service router (see the module documentation).
+pub fn service_router(shared: Arc<Shared>, secrets: Secrets) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/bindings", post(bindings))
+        .with_state(Ctl { shared, secrets })
+}
+
+/// Serves `router` on `listener` until the runtime stops; `what` names it in the log.
+pub async fn serve(listener: tokio::net::TcpListener, router: Router, what: &'static str) {
+    let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, endpoint = what, "HTTP endpoint stopped");
     }
+}
+
+/// The bearer token of an `Authorization` header, if any.
+fn bearer(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+}
+
+/// `None` when the request carries the control token; otherwise the answer to send.
+fn check_control_token(c: &Ctl, headers: &HeaderMap) -> Option<Response> {
+    let Some(token) = &c.secrets.control_token else {
+        return Some(
+            (
+                StatusCode::FORBIDDEN,
+                "drain and undrain are disabled: no `control_token_file` in the proxy \
+                 configuration\n",
+            )
+                .into_response(),
+        );
+    };
+    if secret_eq(bearer(headers).as_bytes(), token.as_bytes()) {
+        return None;
+    }
+    Some(
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer realm=\"snas-proxy\"")],
+            "missing or wrong bearer token\n",
+        )
+            .into_response(),
+    )
 }
 
 fn health(shared: &Shared) -> Response {
@@ -75,14 +124,20 @@ async fn healthz(State(c): State<Ctl>) -> Response {
     health(&c.shared)
 }
 
-async fn drain(State(c): State<Ctl>) -> Response {
+async fn drain(State(c): State<Ctl>, headers: HeaderMap) -> Response {
+    if let Some(refused) = check_control_token(&c, &headers) {
+        return refused;
+    }
     c.shared.draining.store(true, Ordering::SeqCst);
     c.shared.engine().set_draining(true);
     tracing::info!("draining: new flows refused");
     health(&c.shared)
 }
 
-async fn undrain(State(c): State<Ctl>) -> Response {
+async fn undrain(State(c): State<Ctl>, headers: HeaderMap) -> Response {
+    if let Some(refused) = check_control_token(&c, &headers) {
+        return refused;
+    }
     c.shared.draining.store(false, Ordering::SeqCst);
     c.shared.engine().set_draining(false);
     tracing::info!("undrained");
@@ -184,24 +239,21 @@ async fn flows(State(c): State<Ctl>) -> Response {
     Json(serde_json::json!({ "flows": list })).into_response()
 }
 
-/// Constant-time comparison (the length is not secret).
+/// Constant-time comparison: the time depends on the lengths only (the length of a secret is
+/// not secret), never on where the first difference is.
 pub fn secret_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+    let mut diff = u8::from(a.len() != b.len());
+    for (i, x) in a.iter().enumerate() {
+        diff |= x ^ b.get(i).copied().unwrap_or(!x);
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    std::hint::black_box(diff) == 0
 }
 
 async fn bindings(State(c): State<Ctl>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    let Some(secret) = &c.peer_secret else {
+    let Some(secret) = &c.secrets.peer_secret else {
         return (StatusCode::FORBIDDEN, "peer bindings not enabled\n").into_response();
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !secret_eq(given.as_bytes(), secret.as_bytes()) {
+    if !secret_eq(bearer(&headers).as_bytes(), secret.as_bytes()) {
         return (StatusCode::UNAUTHORIZED, "bad peer secret\n").into_response();
     }
     let b: PeerBinding = match serde_json::from_slice(&body) {

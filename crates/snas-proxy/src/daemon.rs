@@ -157,9 +157,11 @@ pub enum DaemonError {
         /// The error.
         source: std::io::Error,
     },
-    /// the peer secret cannot be read
-    #[error("peer secret {path}: {detail}")]
-    PeerSecret {
+    /// a secret file (`peer_secret_file`, `control_token_file`) cannot be used
+    #[error("{field} {path}: {detail}")]
+    Secret {
+        /// The configuration field naming the file.
+        field: &'static str,
         /// File.
         path: String,
         /// Why.
@@ -174,6 +176,7 @@ pub struct Daemon {
     workers: Vec<JoinHandle<()>>,
     runtime: Option<tokio::runtime::Runtime>,
     control_addr: SocketAddr,
+    service_addr: SocketAddr,
     resolver_addr: SocketAddr,
 }
 
@@ -212,9 +215,15 @@ impl Daemon {
         let io = |what| move |source| DaemonError::Io { what, source };
         std::fs::create_dir_all(&cfg.state_dir).map_err(io("create state_dir"))?;
         let trust = load_trust_bundle(&cfg.trust)?;
-        let peer_secret = match &cfg.peer_secret_file {
-            Some(p) => Some(read_secret(p)?),
-            None => None,
+        let secrets = crate::control::Secrets {
+            peer_secret: match &cfg.peer_secret_file {
+                Some(p) => Some(read_secret("peer_secret_file", p)?),
+                None => None,
+            },
+            control_token: match &cfg.control_token_file {
+                Some(p) => Some(read_secret("control_token_file", p)?),
+                None => None,
+            },
         };
         let clock = MonotonicClock::new();
         let engine = Tier2::new(engine_config(&cfg, cfg.pacing_horizon()), clock.now())?;
@@ -240,17 +249,18 @@ impl Daemon {
                 })?,
             );
         }
-        let control = std::net::TcpListener::bind(cfg.control_listen).map_err(|source| {
-            DaemonError::Bind {
-                what: "control",
-                addr: cfg.control_listen,
+        let http_listener = |what: &'static str, addr: SocketAddr| {
+            let l = std::net::TcpListener::bind(addr).map_err(|source| DaemonError::Bind {
+                what,
+                addr,
                 source,
-            }
-        })?;
-        control
-            .set_nonblocking(true)
-            .map_err(io("control listener"))?;
-        let control_addr = control.local_addr().map_err(io("control listener"))?;
+            })?;
+            l.set_nonblocking(true).map_err(io(what))?;
+            let local = l.local_addr().map_err(io(what))?;
+            Ok::<_, DaemonError>((l, local))
+        };
+        let (control, control_addr) = http_listener("control", cfg.control_listen)?;
+        let (service, service_addr) = http_listener("service", cfg.service_addr())?;
         let resolver_sockets =
             crate::resolver::bind(cfg.resolver_listen).map_err(|source| DaemonError::Bind {
                 what: "resolver",
@@ -293,16 +303,23 @@ impl Daemon {
             .map_err(io("tokio runtime"))?;
         {
             let _enter = runtime.enter();
-            let listener =
+            let control =
                 tokio::net::TcpListener::from_std(control).map_err(io("control listener"))?;
+            let service =
+                tokio::net::TcpListener::from_std(service).map_err(io("service listener"))?;
             runtime.spawn(fetcher.run(queue));
             runtime.spawn(expire_policies(Arc::clone(&shared)));
             runtime.spawn(crate::control::serve(
-                listener,
-                Arc::clone(&shared),
-                peer_secret.clone(),
+                control,
+                crate::control::management_router(Arc::clone(&shared), secrets.clone()),
+                "control",
             ));
-            crate::resolver::spawn(resolver_sockets, Arc::clone(&shared), peer_secret)
+            runtime.spawn(crate::control::serve(
+                service,
+                crate::control::service_router(Arc::clone(&shared), secrets.clone()),
+                "service",
+            ));
+            crate::resolver::spawn(resolver_sockets, Arc::clone(&shared), secrets.peer_secret)
                 .map_err(io("resolver sockets"))?;
         }
 
@@ -325,13 +342,19 @@ impl Daemon {
             workers,
             runtime: Some(runtime),
             control_addr,
+            service_addr,
             resolver_addr,
         })
     }
 
-    /// Where the control endpoint listens (useful with port 0).
+    /// Where the management endpoint listens (useful with port 0).
     pub fn control_addr(&self) -> SocketAddr {
         self.control_addr
+    }
+
+    /// Where the service endpoint listens (useful with port 0).
+    pub fn service_addr(&self) -> SocketAddr {
+        self.service_addr
     }
 
     /// Where the resolver listens, UDP and TCP (useful with port 0).
@@ -377,8 +400,11 @@ pub fn init_logging() {
         .try_init();
 }
 
-fn read_secret(p: &std::path::Path) -> Result<Arc<str>, DaemonError> {
-    let err = |detail: String| DaemonError::PeerSecret {
+/// Reads a secret file named by configuration `field` (surrounding whitespace ignored, at
+/// least 16 characters).
+fn read_secret(field: &'static str, p: &std::path::Path) -> Result<Arc<str>, DaemonError> {
+    let err = |detail: String| DaemonError::Secret {
+        field,
         path: p.display().to_string(),
         detail,
     };

@@ -83,8 +83,8 @@ impl InfraSet {
         let mut v4: Vec<_> = v4.into_iter().collect();
         let mut v6: Vec<_> = v6.into_iter().collect();
         // Longest first: the common hit (a host address) is found at the first probe.
-        v4.sort_unstable_by(|a, b| b.0.cmp(&a.0));
-        v6.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        v4.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
+        v6.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
         InfraSet { nets, v4, v6 }
     }
 

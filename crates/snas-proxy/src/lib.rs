@@ -23,8 +23,8 @@
 //! - [`daemon`]: wiring, data-path workers, pacing queue.
 //! - [`udp`], [`tun`]: batched GENEVE socket I/O and the TUN device (the only `unsafe`).
 //! - [`policy_fetch`]: the real policy cache and fetcher; [`http`]: its tiny client.
-//! - [`resolver`]: DNS for jobs and (job, address) bindings; [`control`]: HTTP control
-//!   endpoint; [`audit_log`]; [`metrics`].
+//! - [`resolver`]: DNS for jobs and (job, address) bindings; [`control`]: the management and
+//!   service HTTP endpoints; [`audit_log`]; [`metrics`].
 //!
 //! Operator topics (timeouts, quotas, quarantine, horizon, memory): `docs/proxy-core.md`.
 #![deny(unsafe_code)]

@@ -446,7 +446,7 @@ fn push_to_peers(ctx: &Ctx, job: u64, node: Ipv4Addr, name: &str, addrs: &[IpAdd
         return;
     };
     let body: Arc<[u8]> = Arc::from(body);
-    let port = ctx.shared.cfg.control_listen.port();
+    let port = ctx.shared.cfg.service_addr().port();
     for peer in &ctx.shared.cfg.peers {
         let addr = SocketAddr::from((*peer, port));
         let auth = format!("Bearer {secret}");

@@ -17,7 +17,7 @@ tun_name = "snastun0"
 workers = 1
 resolver_listen = "192.0.2.21:5353"
 upstream_dns = ["203.0.113.53:53"]
-control_listen = "192.0.2.21:9090"
+control_token_file = "/run/snas-testbed/P/proxy-1/control.token"
 audit_log = "/run/snas-testbed/P/proxy-1/audit.jsonl"
 state_dir = "/run/snas-testbed/P/proxy-1"
 "#;
@@ -43,6 +43,32 @@ fn the_testbed_file_parses_with_defaults() {
         "config defaults are the NAT core's"
     );
     assert!(c.tenant_quotas.is_empty());
+    assert_eq!(
+        c.control_listen.to_string(),
+        "127.0.0.1:9090",
+        "loopback by default"
+    );
+    assert_eq!(
+        c.service_addr().to_string(),
+        "192.0.2.21:9090",
+        "the underlay by default"
+    );
+}
+
+#[test]
+fn a_management_endpoint_on_the_service_address_is_rejected() {
+    for control in ["192.0.2.21:9090", "0.0.0.0:9090"] {
+        let e = err(&format!("{TESTBED}control_listen = \"{control}\"\n"));
+        assert!(
+            e.contains("control_listen") && e.contains("service_listen"),
+            "{control}: {e}"
+        );
+    }
+    let moved = format!(
+        "{TESTBED}control_listen = \"192.0.2.21:9090\"\nservice_listen = \"192.0.2.21:9091\"\n"
+    );
+    let c = ProxyConfig::parse(&moved, Path::new("p.toml")).unwrap();
+    assert_eq!(c.service_addr().port(), 9091);
 }
 
 #[test]

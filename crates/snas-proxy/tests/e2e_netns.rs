@@ -222,7 +222,14 @@ fn tcp_seg(sport: u16, seq: u32, ack: u32, flags: TcpFlags, payload: &[u8]) -> V
 
 /// Sends one datagram and gathers the TCP payload echoed to `sport` (by sequence number)
 /// until `want` bytes arrived, for at most 5 s.
-fn gather_echo(sock: &UdpSocket, inner: &[u8], sport: u16, start_seq: u32, want: usize) -> Vec<u8> {
+fn gather_echo(
+    proxy_ns: &str,
+    sock: &UdpSocket,
+    inner: &[u8],
+    sport: u16,
+    start_seq: u32,
+    want: usize,
+) -> Vec<u8> {
     sock.send_to(&encap(inner), (PROXY, 6081)).unwrap();
     let mut got = vec![None::<u8>; want];
     let mut buf = vec![0u8; 65536];
@@ -246,18 +253,40 @@ fn gather_echo(sock: &UdpSocket, inner: &[u8], sport: u16, start_seq: u32, want:
         let have = got.iter().filter(|b| b.is_some()).count();
         panic!(
             "echo incomplete: {have}/{want} bytes; metrics:\n{}",
-            http("GET", "/metrics").1
+            mgmt(proxy_ns, "GET", "/metrics").1
         );
     }
     got.into_iter().flatten().collect()
 }
 
+/// The management endpoint's bearer token (written to `control_token_file`).
+const CONTROL_TOKEN: &str = "e2e-control-token-0123456789";
+
+/// A request to the proxy's service endpoint (underlay :9090), from the calling namespace.
 fn http(method: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect((PROXY, 9090)).unwrap();
+    request(SocketAddr::from((PROXY, 9090)), method, path, None)
+}
+
+/// A request to the proxy's management endpoint (127.0.0.1:9090 inside the proxy's namespace)
+/// with the control token.
+fn mgmt(proxy_ns: &str, method: &'static str, path: &'static str) -> (u16, String) {
+    in_ns(proxy_ns, move || {
+        request(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 9090)),
+            method,
+            path,
+            Some(CONTROL_TOKEN),
+        )
+    })
+}
+
+fn request(to: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(to).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\nContent-Length: 0\r\n\r\n"
     )
     .unwrap();
     let mut out = String::new();
@@ -305,6 +334,8 @@ fn run(workers: usize) {
     spawn_in_ns(&node, move || serve_policy(listener, job_key, token));
 
     let audit = dir.path().join("audit.jsonl");
+    let token_file = dir.path().join("control.token");
+    std::fs::write(&token_file, CONTROL_TOKEN).unwrap();
     let cfg_text = format!(
         r#"
 name = "proxy-e2e"
@@ -316,18 +347,20 @@ egress_pool = ["198.51.100.64/28"]
 tun_name = "{p}t"
 workers = {workers}
 resolver_listen = "192.0.2.21:5353"
-upstream_dns = ["203.0.113.10:53"]
-control_listen = "192.0.2.21:9090"
+upstream_dns = ["203.0.113.53:53"]
+control_token_file = "{token}"
 audit_log = "{audit}"
 state_dir = "{state}"
 "#,
         trust = dir.path().join("trust").display(),
+        token = token_file.display(),
         audit = audit.display(),
         state = dir.path().join("state").display(),
     );
     let cfg = ProxyConfig::parse(&cfg_text, std::path::Path::new("proxy.toml")).unwrap();
     let daemon = in_ns(&proxy, move || Daemon::start(cfg).unwrap());
 
+    let pns = proxy.clone();
     in_ns(&node, move || {
         let sock = UdpSocket::bind((NODE, 6081)).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(50)))
@@ -369,7 +402,7 @@ state_dir = "{state}"
         let flags = TcpFlags(TcpFlags::ACK.0 | TcpFlags::PSH.0);
         let big = tcp_seg(40001, 1001, server_seq, flags, &data);
         assert_eq!(
-            gather_echo(&sock, &big, 40001, server_seq, data.len()),
+            gather_echo(&pns, &sock, &big, 40001, server_seq, data.len()),
             data
         );
 
@@ -378,15 +411,25 @@ state_dir = "{state}"
         assert_eq!((r.proto, r.flags & RST), (6, RST), "{r:?}");
 
         // Drain: new flows refused, the established UDP flow continues.
-        assert_eq!(http("POST", "/v1/drain").0, 503);
+        assert_eq!(
+            http("POST", "/v1/drain").0,
+            404,
+            "not on the service endpoint"
+        );
+        assert_eq!(mgmt(&pns, "POST", "/v1/drain").0, 503);
         assert_eq!(http("GET", "/healthz"), (503, "draining\n".into()));
         let r = exchange(&sock, &syn_to(ECHO, 40003), 40003);
         assert_eq!(r.flags & RST, RST, "new flow while draining: {r:?}");
         let r = exchange(&sock, &udp_to(ECHO, 40000, b"again"), 40000);
         assert_eq!(r.payload, b"again");
-        assert_eq!(http("POST", "/v1/undrain").0, 200);
+        assert_eq!(mgmt(&pns, "POST", "/v1/undrain").0, 200);
 
-        let (status, metrics) = http("GET", "/metrics");
+        assert_eq!(
+            http("GET", "/metrics").0,
+            404,
+            "not on the service endpoint"
+        );
+        let (status, metrics) = mgmt(&pns, "GET", "/metrics");
         assert_eq!(status, 200);
         assert!(
             metrics.contains("snas_proxy_drops_total{reason=\"destination_denied\"} 1"),
@@ -401,7 +444,12 @@ state_dir = "{state}"
             metrics.contains("snas_proxy_gso_segmented_total 1"),
             "{metrics}"
         );
-        let (status, flows) = http("GET", "/v1/flows");
+        assert_eq!(
+            http("GET", "/v1/flows").0,
+            404,
+            "not on the service endpoint"
+        );
+        let (status, flows) = mgmt(&pns, "GET", "/v1/flows");
         assert_eq!(status, 200);
         assert!(flows.contains("203.0.113.10:7"), "{flows}");
     });
