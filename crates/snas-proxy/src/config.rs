@@ -15,6 +15,8 @@ use std::time::Duration;
 use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
 
+use crate::budget::QueueLimits;
+use crate::hold::{HoldConfig, HoldQueue};
 use crate::infra::{self, METADATA};
 
 /// The GENEVE UDP port (contract).
@@ -107,6 +109,62 @@ pub struct ProxyConfig {
     /// [`ProxyConfig::infrastructure_set`]).
     #[serde(default)]
     pub infrastructure: Vec<IpNet>,
+    /// Packets of one job held while its policy is fetched.
+    #[serde(default = "default_hold_job_packets")]
+    pub hold_job_packets: u32,
+    /// Bytes of one job held while its policy is fetched.
+    #[serde(default = "default_hold_job_bytes")]
+    pub hold_job_bytes: u64,
+    /// Packets held over all jobs.
+    #[serde(default = "default_hold_total_packets")]
+    pub hold_total_packets: u32,
+    /// Bytes held over all jobs.
+    #[serde(default = "default_hold_total_bytes")]
+    pub hold_total_bytes: u64,
+    /// Packets one job may have in one worker's pacing queue.
+    #[serde(default = "default_pacing_queue_job_packets")]
+    pub pacing_queue_job_packets: u32,
+    /// Bytes one job may have in one worker's pacing queue.
+    #[serde(default = "default_pacing_queue_job_bytes")]
+    pub pacing_queue_job_bytes: u64,
+    /// Packets in one worker's pacing queue, over all jobs.
+    #[serde(default = "default_pacing_queue_total_packets")]
+    pub pacing_queue_total_packets: u32,
+    /// Bytes in one worker's pacing queue, over all jobs.
+    #[serde(default = "default_pacing_queue_total_bytes")]
+    pub pacing_queue_total_bytes: u64,
+    /// Audit lines one job may produce per second (burst twice that); the rest are counted and
+    /// the job's next line says how many were left out.
+    #[serde(default = "default_audit_lines_per_job_per_sec")]
+    pub audit_lines_per_job_per_sec: u32,
+}
+
+fn default_hold_job_packets() -> u32 {
+    HoldConfig::default().job_packets
+}
+fn default_hold_job_bytes() -> u64 {
+    HoldConfig::default().job_bytes
+}
+fn default_hold_total_packets() -> u32 {
+    HoldConfig::default().total_packets
+}
+fn default_hold_total_bytes() -> u64 {
+    HoldConfig::default().total_bytes
+}
+fn default_pacing_queue_job_packets() -> u32 {
+    QueueLimits::default().job_packets
+}
+fn default_pacing_queue_job_bytes() -> u64 {
+    QueueLimits::default().job_bytes
+}
+fn default_pacing_queue_total_packets() -> u32 {
+    QueueLimits::default().total_packets
+}
+fn default_pacing_queue_total_bytes() -> u64 {
+    QueueLimits::default().total_bytes
+}
+fn default_audit_lines_per_job_per_sec() -> u32 {
+    200
 }
 
 fn default_max_ports_per_job() -> u32 {
@@ -275,6 +333,43 @@ impl ProxyConfig {
                 ),
             ));
         }
+        if let Err(e) = HoldQueue::new(self.hold_config()) {
+            let field = match e {
+                crate::hold::HoldConfigError::Zero(f)
+                | crate::hold::HoldConfigError::JobAboveTotal(f) => f,
+            };
+            let field = match field {
+                "job_packets" => "hold_job_packets",
+                "job_bytes" => "hold_job_bytes",
+                "total_packets" => "hold_total_packets",
+                "total_bytes" => "hold_total_bytes",
+                _ => "fetch_timeout_ms",
+            };
+            return Err(bad(field, e.to_string()));
+        }
+        let q = self.pacing_queue_limits();
+        for (field, zero) in [
+            ("pacing_queue_job_packets", q.job_packets == 0),
+            ("pacing_queue_job_bytes", q.job_bytes == 0),
+            (
+                "pacing_queue_total_packets",
+                q.total_packets < q.job_packets,
+            ),
+            ("pacing_queue_total_bytes", q.total_bytes < q.job_bytes),
+        ] {
+            if zero {
+                return Err(bad(
+                    field,
+                    "must be at least 1, and a total at least its per-job bound".into(),
+                ));
+            }
+        }
+        if self.audit_lines_per_job_per_sec == 0 {
+            return Err(bad(
+                "audit_lines_per_job_per_sec",
+                "must be at least 1".into(),
+            ));
+        }
         if !self.peers.is_empty() && self.peer_secret_file.is_none() {
             return Err(bad(
                 "peer_secret_file",
@@ -324,6 +419,27 @@ impl ProxyConfig {
     pub fn service_addr(&self) -> SocketAddr {
         self.service_listen
             .unwrap_or_else(|| SocketAddr::from((self.underlay_addr, DEFAULT_HTTP_PORT)))
+    }
+
+    /// Bounds of the hold queue; held packets wait at most the fetch timeout.
+    pub fn hold_config(&self) -> HoldConfig {
+        HoldConfig {
+            job_packets: self.hold_job_packets,
+            job_bytes: self.hold_job_bytes,
+            total_packets: self.hold_total_packets,
+            total_bytes: self.hold_total_bytes,
+            max_wait: self.fetch_timeout(),
+        }
+    }
+
+    /// Bounds of each worker's pacing queue.
+    pub fn pacing_queue_limits(&self) -> QueueLimits {
+        QueueLimits {
+            job_packets: self.pacing_queue_job_packets,
+            job_bytes: self.pacing_queue_job_bytes,
+            total_packets: self.pacing_queue_total_packets,
+            total_bytes: self.pacing_queue_total_bytes,
+        }
     }
 
     /// Policy fetch timeout.

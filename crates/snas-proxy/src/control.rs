@@ -16,22 +16,30 @@
 //! - `GET /healthz`: as above (agents' health checks).
 //! - `POST /v1/bindings`: a DNS binding pushed by a peer proxy (`Authorization: Bearer <peer
 //!   secret>`, compared in constant time); see [`crate::resolver::apply_peer_binding`].
+//! - `POST /v1/jobs/{job_key}/ended`: the job's node says the job ended; the proxy removes its
+//!   flows (ports into quarantine, a `flow_end` line each), held packets, pacing and rate state,
+//!   bindings and cached policy, and audits `job_ended`. Accepted only from a configured node
+//!   that is the job's node (the policy's `node`, else the node its traffic came from, else the
+//!   node its policy was fetched from): 204; 404 for a job the proxy holds nothing of; 403 from
+//!   any other address; 400 for a key that is not 16 hex digits.
 //!
 //! A route asked on the other endpoint answers 404.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
+use crate::audit_log::AuditLine;
 use crate::daemon::Shared;
 use crate::metrics::{self, Extra};
 use crate::resolver::PeerBinding;
+use crate::tier2::FlowEnd;
 
 /// Most flows `GET /v1/flows` lists.
 pub const MAX_FLOWS_LISTED: usize = 10_000;
@@ -67,6 +75,7 @@ pub fn service_router(shared: Arc<Shared>, secrets: Secrets) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/v1/bindings", post(bindings))
+        .route("/v1/jobs/{job_key}/ended", post(job_ended))
         .with_state(Ctl { shared, secrets })
 }
 
@@ -154,6 +163,12 @@ async fn metrics_text(State(c): State<Ctl>) -> Response {
         audit_dropped: s.audit.dropped(),
         audit_written: s.audit.written(),
         draining: s.draining.load(Ordering::Relaxed),
+        pacing_queue: s.queue_gauges.iter().fold((0, 0), |(p, b), g| {
+            (
+                p + g.0.load(Ordering::Relaxed),
+                b + g.1.load(Ordering::Relaxed),
+            )
+        }),
     };
     let text = {
         let eng = s.engine();
@@ -177,6 +192,11 @@ struct FlowJson {
     egress: String,
     state: String,
     idle_ms: u64,
+    age_ms: u64,
+    bytes_out: u64,
+    bytes_in: u64,
+    packets_out: u32,
+    packets_in: u32,
 }
 
 fn proto_name(p: crate::nat::IpProto) -> &'static str {
@@ -198,6 +218,10 @@ fn state_name(s: crate::conntrack::FlowState) -> String {
         out.push(c.to_ascii_lowercase());
     }
     out
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 async fn flows(State(c): State<Ctl>) -> Response {
@@ -230,8 +254,12 @@ async fn flows(State(c): State<Ctl>) -> Response {
                         .collect(),
                     egress: std::net::SocketAddr::from((f.egress_ip, f.egress_port)).to_string(),
                     state: state_name(f.state),
-                    idle_ms: u64::try_from(now.saturating_duration_since(f.last_seen).as_millis())
-                        .unwrap_or(u64::MAX),
+                    idle_ms: millis(now.saturating_duration_since(f.last_seen)),
+                    age_ms: millis(now.saturating_duration_since(f.created)),
+                    bytes_out: f.counters.bytes_out,
+                    bytes_in: f.counters.bytes_in,
+                    packets_out: f.counters.packets_out,
+                    packets_in: f.counters.packets_in,
                 }
             })
             .collect()
@@ -264,4 +292,56 @@ async fn bindings(State(c): State<Ctl>, headers: HeaderMap, body: axum::body::By
         Ok(n) => (StatusCode::OK, format!("bound {n}\n")).into_response(),
         Err(e) => (StatusCode::FORBIDDEN, format!("{e}\n")).into_response(),
     }
+}
+
+async fn job_ended(
+    State(c): State<Ctl>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    Path(job_key): Path<String>,
+) -> Response {
+    let s = &c.shared;
+    let from = match peer.ip() {
+        std::net::IpAddr::V4(a) => Some(a),
+        std::net::IpAddr::V6(a) => a.to_ipv4_mapped(),
+    };
+    let Some(from) = from.filter(|a| s.cfg.nodes.contains(a)) else {
+        return (StatusCode::FORBIDDEN, "not a configured node\n").into_response();
+    };
+    let job = match (job_key.len(), u64::from_str_radix(&job_key, 16)) {
+        (16, Ok(k)) => k,
+        _ => return (StatusCode::BAD_REQUEST, "job_key must be 16 hex digits\n").into_response(),
+    };
+    let snap = s.store.snapshot();
+    let policy = snap.get(job);
+    let (known, traffic_node) = {
+        let eng = s.engine();
+        (eng.knows_job(job), eng.job_node(job))
+    };
+    if policy.is_none() && !known {
+        return (StatusCode::NOT_FOUND, "unknown job\n").into_response();
+    }
+    let pinned = policy.and_then(|p| match p.node {
+        Some(std::net::IpAddr::V4(n)) => Some(n),
+        _ => None,
+    });
+    let owner = pinned
+        .or(traffic_node)
+        .or_else(|| policy.and_then(|p| p.fetched_from));
+    if owner != Some(from) {
+        return (StatusCode::FORBIDDEN, "not the job's node\n").into_response();
+    }
+    let now = s.now();
+    let flows = {
+        let mut eng = s.engine();
+        let n = eng.remove_job(job, FlowEnd::JobEnded, now);
+        s.flush_audit(&mut eng);
+        n
+    };
+    s.store.remove(job);
+    crate::metrics::add(&s.metrics.jobs_ended, 1);
+    let mut line = AuditLine::job_ended(job, policy.map(|p| (&*p.tenant, &*p.job)), now.unix_secs);
+    line.flows = Some(flows as u64);
+    s.audit.send(line);
+    tracing::info!(job_key = %job_key, node = %from, flows, "job ended");
+    StatusCode::NO_CONTENT.into_response()
 }

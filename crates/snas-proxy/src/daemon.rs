@@ -7,7 +7,7 @@
 //!   packet through the shared [`Tier2`] engine, writes releases to the TUN device or to the
 //!   nodes with `sendmmsg`, and holds early packets in a departure-ordered queue until due.
 //! - one tokio runtime (2 threads) for everything that is not per packet: policy fetches,
-//!   policy expiry, the control endpoint and the resolver.
+//!   policy expiry, the management and service endpoints and the resolver.
 //! - the audit writer thread ([`crate::audit_log`]).
 //!
 //! # Multi-worker consistency
@@ -20,7 +20,15 @@
 //! # Pacing
 //! Tier 2 stamps each packet with a departure time. A packet due now is written at once; a
 //! later one is copied into a recycled buffer and queued; `ppoll` wakes at the earliest
-//! departure (microsecond-scale resolution) or every [`TICK`] for housekeeping.
+//! departure (microsecond-scale resolution) or every [`TICK`] for housekeeping. What one job
+//! may have queued in a worker (packets, bytes) and the worker's total are bounded
+//! ([`crate::budget::QueueBudget`]); beyond, the packet is dropped as `pacing_horizon`.
+//!
+//! # First packets
+//! A packet of a job whose policy is not cached is held by the engine ([`crate::hold`]) and a
+//! fetch is queued. When the fetch ends, the fetcher's hook marks the job ready (or drops its
+//! packets with the fetch's reason) and writes the workers' eventfd ([`crate::wake`]): a worker
+//! wakes at once and runs the held packets through the engine again, in order.
 //!
 //! # Invariants
 //! - No allocation per packet on the established path (receive buffers, refusal buffers, send
@@ -32,23 +40,27 @@
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::BinaryHeap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use snas_policy::bundle_fs::load_trust_bundle;
+use snas_wire::Reason;
 
 use crate::audit_log::{self, AuditLine, AuditSink};
+use crate::budget::QueueBudget;
 use crate::clock::{Clock, MonotonicClock, Nanos};
 use crate::config::{ProxyConfig, GENEVE_PORT};
 use crate::gso;
+use crate::hold::HeldPacket;
 use crate::metrics::{add, Metrics};
 use crate::pacer::PacerConfig;
 use crate::policy_fetch::{FetchConfig, Fetcher, PolicyStore};
 use crate::tier2::{Now, Tier2, Tier2Config, Verdict, GENEVE_HEADER_LEN};
 use crate::tun::{self, TunQueue};
 use crate::udp::{self, GeneveSocket, RecvBatch, SendBatch};
+use crate::wake::Wake;
 
 /// Housekeeping period (conntrack expiry, drain flag) and longest `poll` sleep.
 pub const TICK: Duration = Duration::from_millis(5);
@@ -91,6 +103,10 @@ pub struct Shared {
     pub audit: AuditSink,
     /// The monotonic clock of the engine.
     pub clock: MonotonicClock,
+    /// Wakes the workers (held packets to release).
+    pub wake: Wake,
+    /// Per worker: packets and bytes in its pacing queue (metrics).
+    pub queue_gauges: Vec<(AtomicU64, AtomicU64)>,
     stop: AtomicBool,
 }
 
@@ -116,10 +132,10 @@ impl Shared {
         }
     }
 
-    /// Sends the engine's pending audit records to the log (call with the engine locked).
+    /// Sends the engine's pending audit events to the log (call with the engine locked).
     pub fn flush_audit(&self, engine: &mut Tier2) {
-        for r in engine.drain_audit() {
-            self.audit.send(AuditLine::from_flow(&r));
+        for e in engine.drain_audit() {
+            self.audit.send(AuditLine::from_event(&e));
         }
     }
 }
@@ -183,6 +199,8 @@ pub struct Daemon {
 fn engine_config(cfg: &ProxyConfig, clock_horizon: Duration) -> Tier2Config {
     let mut t = Tier2Config::new(cfg.underlay_addr, cfg.nodes.clone(), cfg.egress_ips());
     t.infrastructure = cfg.infrastructure_set();
+    t.hold = cfg.hold_config();
+    t.audit_lines_per_sec = cfg.audit_lines_per_job_per_sec;
     t.pacer = PacerConfig {
         horizon: clock_horizon,
         ..PacerConfig::default()
@@ -292,8 +310,30 @@ impl Daemon {
             metrics: Metrics::default(),
             audit,
             clock,
+            wake: Wake::new().map_err(io("wake eventfd"))?,
+            queue_gauges: (0..n).map(|_| Default::default()).collect(),
             stop: AtomicBool::new(false),
         });
+        // The end of a fetch releases or drops the job's held packets, at once.
+        let weak = Arc::downgrade(&shared);
+        shared.fetcher.set_notify(Arc::new(move |job, outcome| {
+            let Some(s) = weak.upgrade() else {
+                return;
+            };
+            let wake = {
+                let mut eng = s.engine();
+                match outcome {
+                    Ok(()) => eng.policy_ready(job),
+                    Err(reason) => {
+                        eng.policy_failed(job, reason);
+                    }
+                }
+                eng.has_released()
+            };
+            if wake {
+                s.wake.notify();
+            }
+        }));
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -328,7 +368,7 @@ impl Daemon {
             let s = Arc::clone(&shared);
             let h = std::thread::Builder::new()
                 .name(format!("snas-proxy-w{i}"))
-                .spawn(move || Worker::new(s, sock, q).run())
+                .spawn(move || Worker::new(s, i, sock, q).run())
                 .map_err(io("worker thread"))?;
             workers.push(h);
         }
@@ -425,12 +465,13 @@ async fn expire_policies(shared: Arc<Shared>) {
     }
 }
 
-/// Where a held packet goes.
+/// A packet waiting in a worker's pacing queue.
 #[derive(Debug)]
 struct Held {
     depart: Nanos,
     seq: u64,
     to: Option<SocketAddrV4>,
+    job: u64,
     data: Vec<u8>,
 }
 
@@ -459,11 +500,27 @@ enum Out {
     Internet(std::ops::Range<usize>),
     Node(Ipv4Addr, std::ops::Range<usize>),
     Refuse(Ipv4Addr, usize),
-    Hold(Nanos, Option<SocketAddrV4>, std::ops::Range<usize>),
+    Hold(Nanos, Option<SocketAddrV4>, std::ops::Range<usize>, u64),
 }
+
+/// Where the buffers of a batch of packets from nodes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NodeBufs {
+    /// The receive batch.
+    Received,
+    /// Held packets whose policy arrived.
+    Released,
+}
+
+/// Pacing-queue buffers up to this size come from the small pool (most packets), larger ones
+/// (TCP super-packets) from the large pool: a queued 100-byte packet never pins 64 KiB.
+const SMALL_BUF: usize = 2048;
+/// Buffers kept for reuse per pool after a backlog drained.
+const POOL_KEEP: usize = 4096;
 
 struct Worker {
     s: Arc<Shared>,
+    index: usize,
     sock: GeneveSocket,
     tun: TunQueue,
     rx: RecvBatch,
@@ -473,8 +530,11 @@ struct Worker {
     tunlens: Vec<usize>,
     outs: Vec<Out>,
     held: BinaryHeap<Held>,
+    budget: QueueBudget,
     due: Vec<Held>,
-    pool: Vec<Vec<u8>>,
+    pool_small: Vec<Vec<u8>>,
+    pool_large: Vec<Vec<u8>>,
+    released: Vec<HeldPacket>,
     seq: u64,
     scratch: Vec<u8>,
     mtu: usize,
@@ -490,10 +550,11 @@ impl std::fmt::Debug for Worker {
 }
 
 impl Worker {
-    fn new(s: Arc<Shared>, sock: GeneveSocket, tun: TunQueue) -> Worker {
+    fn new(s: Arc<Shared>, index: usize, sock: GeneveSocket, tun: TunQueue) -> Worker {
         let batch = s.cfg.batch;
         let mtu = s.cfg.tun_mtu as usize;
         Worker {
+            index,
             rx: RecvBatch::new(batch),
             tx: SendBatch::with_capacity(batch * 2),
             refusals: (0..batch).map(|_| vec![0u8; REFUSAL_LEN]).collect(),
@@ -503,8 +564,11 @@ impl Worker {
             tunlens: vec![0; batch],
             outs: vec![Out::Nothing; batch],
             held: BinaryHeap::with_capacity(1024),
+            budget: QueueBudget::new(s.cfg.pacing_queue_limits()),
             due: Vec::with_capacity(batch),
-            pool: Vec::new(),
+            pool_small: Vec::new(),
+            pool_large: Vec::new(),
+            released: Vec::with_capacity(batch),
             seq: 0,
             scratch: vec![0u8; mtu],
             mtu,
@@ -528,6 +592,11 @@ impl Worker {
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: self.s.wake.raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         let busy = Duration::from_micros(self.s.cfg.busy_poll_us);
         while !self.s.stop.load(Ordering::Relaxed) {
@@ -547,38 +616,90 @@ impl Worker {
                 tracing::error!(error = %e, "poll failed; worker stops");
                 return;
             }
+            let mut replay = fds[2].revents & libc::POLLIN != 0;
+            if replay {
+                // A policy arrived (or failed): held packets may be released.
+                self.s.wake.clear();
+            }
             // Bounded work per wake-up so neither direction starves the other.
             for _ in 0..8 {
-                let a = self.node_batch();
+                let (a, released) = self.node_batch();
+                replay |= released;
                 let b = self.internet_batch();
                 if a == 0 && b == 0 {
                     break;
                 }
                 self.last_active = self.s.clock.now();
             }
+            if replay {
+                self.replay_released();
+            }
             self.release_due();
             self.housekeeping();
         }
     }
 
-    fn node_batch(&mut self) -> usize {
+    /// Turns a verdict about a packet from a node into what to do once the lock is released
+    /// (under the engine lock: drops are counted there).
+    fn node_out(
+        &mut self,
+        eng: &mut Tier2,
+        v: Verdict,
+        now: Nanos,
+        floor: &mut Option<Nanos>,
+    ) -> Out {
+        match v {
+            Verdict::ToInternet { range, depart, .. } if send_now(depart, now, floor) => {
+                Out::Internet(range)
+            }
+            Verdict::ToInternet { range, depart, job } => {
+                if self.budget.try_add(job, range.len() as u64) {
+                    Out::Hold(depart, None, range, job)
+                } else {
+                    eng.count_drop(Reason::PacingHorizon);
+                    Out::Nothing
+                }
+            }
+            Verdict::Refuse {
+                node, reply_len, ..
+            } => Out::Refuse(node, reply_len),
+            Verdict::Held {
+                job_key,
+                node,
+                fetch,
+            } => {
+                add(&self.s.metrics.held_packets, 1);
+                if fetch {
+                    self.s.fetcher.request(job_key, node);
+                }
+                Out::Nothing
+            }
+            Verdict::Drop(_) | Verdict::ToNode { .. } => Out::Nothing,
+        }
+    }
+
+    /// Receives and decides one batch from the nodes; returns the number of datagrams and
+    /// whether held packets became ready for release.
+    fn node_batch(&mut self) -> (usize, bool) {
         let n = match self.rx.recv(&self.sock) {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %e, "recvmmsg failed");
-                return 0;
+                return (0, false);
             }
         };
         if n == 0 {
-            return 0;
+            return (0, false);
         }
         let snap = self.s.store.snapshot();
         let view = snap.at(Instant::now());
         let now = self.s.now();
         let mut bytes = 0u64;
+        let released;
         {
-            let mut eng = self.s.engine();
-            let draining = self.s.draining.load(Ordering::Relaxed);
+            let s = Arc::clone(&self.s);
+            let mut eng = s.engine();
+            let draining = s.draining.load(Ordering::Relaxed);
             if eng.is_draining() != draining {
                 eng.set_draining(draining);
             }
@@ -588,56 +709,102 @@ impl Worker {
                 bytes += meta.len as u64;
                 let payload = &mut self.rx.bufs[i][..meta.len];
                 let v = eng.from_node(&view, *meta.src.ip(), payload, &mut self.refusals[i], now);
-                self.outs[i] = match v {
-                    Verdict::ToInternet { range, depart }
-                        if send_now(depart, now.mono, &mut floor) =>
-                    {
-                        Out::Internet(range)
-                    }
-                    Verdict::ToInternet { range, depart } => Out::Hold(depart, None, range),
-                    Verdict::Refuse {
-                        node, reply_len, ..
-                    } => Out::Refuse(node, reply_len),
-                    Verdict::NeedPolicy { job_key, node } => {
-                        add(&self.s.metrics.need_policy, 1);
-                        self.s.fetcher.request(job_key, node);
-                        Out::Nothing
-                    }
-                    Verdict::Drop(_) | Verdict::ToNode { .. } => Out::Nothing,
-                };
-                // A new-flow decision audits the packet that asked for it.
-                let inner = meta.len.saturating_sub(GENEVE_HEADER_LEN) as u64;
-                for r in eng.drain_audit() {
-                    let mut line = AuditLine::from_flow(&r);
-                    line.bytes = inner;
-                    self.s.audit.send(line);
-                }
+                self.outs[i] = self.node_out(&mut eng, v, now.mono, &mut floor);
             }
+            s.flush_audit(&mut eng);
             for (job, node) in eng.drain_refetch() {
-                self.s.fetcher.request_refetch(job, node);
+                s.fetcher.request_refetch(job, node);
             }
+            released = eng.has_released();
         }
         add(&self.s.metrics.node_rx_packets, n as u64);
         add(&self.s.metrics.node_rx_bytes, bytes);
+        self.emit_node_outs(n, NodeBufs::Received);
+        (n, released)
+    }
+
+    /// Runs held packets whose policy arrived through the engine again, in order.
+    fn replay_released(&mut self) {
+        loop {
+            self.released.clear();
+            // The snapshot is taken after the fetcher stored the policy it notified about.
+            let snap = self.s.store.snapshot();
+            let view = snap.at(Instant::now());
+            let now = self.s.now();
+            let n = {
+                let s = Arc::clone(&self.s);
+                let mut eng = s.engine();
+                let n = eng.take_released(&mut self.released, self.refusals.len());
+                let mut floor = self.held.peek().map(|h| h.depart);
+                for i in 0..n {
+                    let h = &mut self.released[i];
+                    let v = eng.from_node_released(&view, h, &mut self.refusals[i], now);
+                    self.outs[i] = self.node_out(&mut eng, v, now.mono, &mut floor);
+                }
+                s.flush_audit(&mut eng);
+                for (job, node) in eng.drain_refetch() {
+                    s.fetcher.request_refetch(job, node);
+                }
+                n
+            };
+            if n == 0 {
+                return;
+            }
+            add(&self.s.metrics.held_released, n as u64);
+            self.emit_node_outs(n, NodeBufs::Released);
+        }
+    }
+
+    fn take_buf(&mut self, len: usize) -> Vec<u8> {
+        let pool = if len <= SMALL_BUF {
+            &mut self.pool_small
+        } else {
+            &mut self.pool_large
+        };
+        let mut b = pool
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(len.max(SMALL_BUF)));
+        b.clear();
+        b
+    }
+
+    fn give_buf(&mut self, b: Vec<u8>) {
+        let pool = if b.capacity() <= SMALL_BUF {
+            &mut self.pool_small
+        } else {
+            &mut self.pool_large
+        };
+        if pool.len() < POOL_KEEP {
+            pool.push(b);
+        }
+    }
+
+    /// Does what `outs[..n]` say with the packets of `bufs` (after the engine lock is gone).
+    fn emit_node_outs(&mut self, n: usize, bufs: NodeBufs) {
         let mut refusals = 0;
         for i in 0..n {
-            match self.outs[i].clone() {
-                Out::Internet(r) => write_internet(
-                    &self.s,
-                    &self.tun,
-                    &self.rx.bufs[i][r],
-                    self.mtu,
-                    &mut self.scratch,
-                ),
-                Out::Hold(depart, to, r) => {
-                    let mut buf = self.pool.pop().unwrap_or_default();
-                    buf.clear();
-                    buf.extend_from_slice(&self.rx.bufs[i][r]);
+            let out = self.outs[i].clone();
+            match out {
+                Out::Internet(r) => {
+                    let pkt = match bufs {
+                        NodeBufs::Received => &self.rx.bufs[i][r],
+                        NodeBufs::Released => &self.released[i].payload[r],
+                    };
+                    write_internet(&self.s, &self.tun, pkt, self.mtu, &mut self.scratch);
+                }
+                Out::Hold(depart, to, r, job) => {
+                    let mut buf = self.take_buf(r.len());
+                    let pkt = match bufs {
+                        NodeBufs::Received => &self.rx.bufs[i][r],
+                        NodeBufs::Released => &self.released[i].payload[r],
+                    };
+                    buf.extend_from_slice(pkt);
                     self.seq += 1;
                     self.held.push(Held {
                         depart,
                         seq: self.seq,
                         to,
+                        job,
                         data: buf,
                     });
                 }
@@ -662,7 +829,7 @@ impl Worker {
             add(&self.s.metrics.node_tx_packets, sent as u64);
             add(&self.s.metrics.node_tx_bytes, bytes);
         }
-        n
+        self.publish_queue();
     }
 
     fn internet_batch(&mut self) -> usize {
@@ -689,7 +856,8 @@ impl Worker {
         add(&self.s.metrics.internet_rx_bytes, bytes);
         let now = self.s.now();
         {
-            let mut eng = self.s.engine();
+            let s = Arc::clone(&self.s);
+            let mut eng = s.engine();
             let mut floor = self.held.peek().map(|h| h.depart);
             for i in 0..n {
                 let inner = GENEVE_HEADER_LEN..GENEVE_HEADER_LEN + self.tunlens[i];
@@ -698,12 +866,22 @@ impl Worker {
                         node,
                         range,
                         depart,
+                        ..
                     } if send_now(depart, now.mono, &mut floor) => Out::Node(node, range),
                     Verdict::ToNode {
                         node,
                         range,
                         depart,
-                    } => Out::Hold(depart, Some(SocketAddrV4::new(node, GENEVE_PORT)), range),
+                        job,
+                    } => {
+                        if self.budget.try_add(job, range.len() as u64) {
+                            let to = SocketAddrV4::new(node, GENEVE_PORT);
+                            Out::Hold(depart, Some(to), range, job)
+                        } else {
+                            eng.count_drop(Reason::PacingHorizon);
+                            Out::Nothing
+                        }
+                    }
                     _ => Out::Nothing,
                 };
             }
@@ -712,15 +890,15 @@ impl Worker {
         for i in 0..n {
             match self.outs[i].clone() {
                 Out::Node(..) => direct += 1,
-                Out::Hold(depart, to, r) => {
-                    let mut buf = self.pool.pop().unwrap_or_default();
-                    buf.clear();
+                Out::Hold(depart, to, r, job) => {
+                    let mut buf = self.take_buf(r.len());
                     buf.extend_from_slice(&self.tunbufs[i][r]);
                     self.seq += 1;
                     self.held.push(Held {
                         depart,
                         seq: self.seq,
                         to,
+                        job,
                         data: buf,
                     });
                 }
@@ -744,6 +922,7 @@ impl Worker {
             add(&self.s.metrics.node_tx_packets, sent as u64);
             add(&self.s.metrics.node_tx_bytes, bytes);
         }
+        self.publish_queue();
         n
     }
 
@@ -751,12 +930,15 @@ impl Worker {
         let now = self.s.clock.now();
         self.due.clear();
         let due_by = now.saturating_add(PACING_SLACK);
+        let mut released = false;
         while self.held.peek().is_some_and(|h| h.depart <= due_by) {
             let Some(h) = self.held.pop() else { break };
+            released = true;
+            self.budget.remove(h.job, h.data.len() as u64);
             match h.to {
                 None => {
                     write_internet(&self.s, &self.tun, &h.data, self.mtu, &mut self.scratch);
-                    self.pool.push(h.data);
+                    self.give_buf(h.data);
                 }
                 Some(_) => self.due.push(h),
             }
@@ -771,7 +953,23 @@ impl Worker {
             add(&self.s.metrics.node_send_failures, failed as u64);
             add(&self.s.metrics.node_tx_packets, sent as u64);
             add(&self.s.metrics.node_tx_bytes, bytes);
-            self.pool.extend(self.due.drain(..).map(|h| h.data));
+            let mut due = std::mem::take(&mut self.due);
+            for h in due.drain(..) {
+                self.give_buf(h.data);
+            }
+            self.due = due;
+        }
+        if released {
+            self.publish_queue();
+        }
+    }
+
+    /// Publishes this worker's pacing-queue occupancy (metrics gauges).
+    fn publish_queue(&self) {
+        if let Some(g) = self.s.queue_gauges.get(self.index) {
+            let (packets, bytes) = self.budget.total();
+            g.0.store(u64::from(packets), Ordering::Relaxed);
+            g.1.store(bytes, Ordering::Relaxed);
         }
     }
 
@@ -781,12 +979,14 @@ impl Worker {
             return;
         }
         self.last_tick = now.mono;
+        let snap = self.s.store.snapshot();
+        let view = snap.at(Instant::now());
         let mut eng = self.s.engine();
         let draining = self.s.draining.load(Ordering::Relaxed);
         if eng.is_draining() != draining {
             eng.set_draining(draining);
         }
-        eng.tick(now);
+        eng.tick(&view, now);
         self.s.flush_audit(&mut eng);
     }
 }

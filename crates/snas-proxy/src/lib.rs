@@ -13,6 +13,8 @@
 //! - [`wheel`]: the hashed timer wheel under conntrack expiry and the pacer queue.
 //! - [`bindings`]: (job, address) → names learnt by the proxy's resolver, with expiry.
 //! - [`infra`]: the infrastructure set no job may reach, whatever its policy says.
+//! - [`hold`]: first packets of jobs whose policy is being fetched.
+//! - [`budget`]: per-job audit-line budget and pacing-queue bounds.
 //! - [`tier2`]: the per-packet pipeline in both directions — GENEVE receive rules, the job's
 //!   verified policy, new-flow admission, NAT, pacing, refusals and audit records.
 //! - [`gso`]: software segmentation of TCP super-packets (pure).
@@ -21,7 +23,8 @@
 //! The daemon (`snas proxy`, operator doc `docs/proxy.md`):
 //! - [`config`]: the `proxy.toml` schema.
 //! - [`daemon`]: wiring, data-path workers, pacing queue.
-//! - [`udp`], [`tun`]: batched GENEVE socket I/O and the TUN device (the only `unsafe`).
+//! - [`udp`], [`tun`], [`wake`]: batched GENEVE socket I/O, the TUN device and the workers'
+//!   wake-up eventfd (the only `unsafe`).
 //! - [`policy_fetch`]: the real policy cache and fetcher; [`http`]: its tiny client.
 //! - [`resolver`]: DNS for jobs and (job, address) bindings; [`control`]: the management and
 //!   service HTTP endpoints; [`audit_log`]; [`metrics`].
@@ -31,12 +34,14 @@
 
 pub mod audit_log;
 pub mod bindings;
+pub mod budget;
 pub mod clock;
 pub mod config;
 pub mod conntrack;
 pub mod control;
 pub mod daemon;
 pub mod gso;
+pub mod hold;
 pub mod http;
 pub mod infra;
 pub mod metrics;
@@ -52,4 +57,6 @@ pub mod token_bucket;
 pub mod tun;
 #[allow(unsafe_code)]
 pub mod udp;
+#[allow(unsafe_code)]
+pub mod wake;
 pub mod wheel;

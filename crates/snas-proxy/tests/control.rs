@@ -204,3 +204,214 @@ fn secrets_compare_equal_only_when_identical() {
     assert!(!secret_eq(b"", b"x"));
     assert!(secret_eq(b"", b""));
 }
+
+mod job_ended {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::time::{Instant, SystemTime};
+
+    use snas_policy::identity::{job_key, tenant_id};
+    use snas_proxy::tier2::{JobPolicy, Verdict, GENEVE_HEADER_LEN};
+    use snas_wire::build::{udp, UdpSpec};
+    use snas_wire::geneve::{write_geneve_header, InnerProto, SnasOption};
+
+    const JTI: &str = "jti-ended-0000001";
+    const NODE: Ipv4Addr = Ipv4Addr::LOCALHOST;
+    const OTHER_NODE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+    const STRANGER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+    const POLICY: &str = r#"
+tenant = "acme"
+job = "ended"
+node = "127.0.0.1"
+[[egress]]
+cidr = "203.0.113.10/32"
+ports = "7"
+protocol = "udp"
+"#;
+
+    fn post_from(from: Ipv4Addr, to: SocketAddr, path: &str) -> (u16, String) {
+        let mut s = connect_from(from, to);
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|x| x.1.to_owned())
+            .unwrap_or_default();
+        (out[9..12].parse().unwrap(), body)
+    }
+
+    /// A TCP connection from a chosen loopback source address (std cannot bind a client).
+    fn connect_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
+        use std::os::fd::FromRawFd;
+        let sa = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(ip).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let IpAddr::V4(dst) = to.ip() else {
+            panic!("IPv4 only")
+        };
+        let (local, remote) = (sa(from, 0), sa(dst, to.port()));
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: a fresh socket we own; `local` and `remote` live across the calls and `len`
+        // is their size; the descriptor is handed to the TcpStream exactly once.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            let stream = TcpStream::from_raw_fd(fd);
+            assert_eq!(
+                libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len),
+                0
+            );
+            assert_eq!(
+                libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len),
+                0
+            );
+            stream
+        }
+    }
+
+    fn option() -> SnasOption {
+        SnasOption {
+            tenant_id: tenant_id("acme"),
+            job_key: job_key(JTI),
+            policy_serial: 1,
+        }
+    }
+
+    /// Opens `n` UDP flows of the job in the engine, as datagrams from NODE would.
+    fn open_flows(d: &Daemon, n: u16) {
+        let s = d.shared();
+        let snap = s.store.snapshot();
+        let view = snap.at(Instant::now());
+        let mut eng = s.engine();
+        for i in 0..n {
+            let inner = udp(&UdpSpec {
+                src: SocketAddr::from((Ipv4Addr::new(10, 255, 0, 2), 5000 + i)),
+                dst: SocketAddr::from((Ipv4Addr::new(203, 0, 113, 10), 7)),
+                payload: b"x",
+            })
+            .unwrap();
+            let mut payload = vec![0u8; GENEVE_HEADER_LEN + inner.len()];
+            write_geneve_header(&mut payload, &option(), InnerProto::Ipv4).unwrap();
+            payload[GENEVE_HEADER_LEN..].copy_from_slice(&inner);
+            let mut refusal = vec![0u8; 2048];
+            let v = eng.from_node(&view, NODE, &mut payload, &mut refusal, s.now());
+            assert!(matches!(v, Verdict::ToInternet { .. }), "{v:?}");
+        }
+    }
+
+    fn audit_lines(path: &std::path::Path, want: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            if lines.len() >= want || Instant::now() > deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn only_the_jobs_own_node_ends_it_and_its_flows_and_ports_are_freed() {
+        let keys = Keys::new();
+        let mut cfg = config(&keys, "");
+        cfg.nodes = vec![NODE, OTHER_NODE];
+        let audit = cfg.audit_log.clone();
+        let d = Daemon::start_control_plane(cfg).unwrap();
+        let bundle = snas_policy::bundle_fs::load_trust_bundle(&keys.trust()).unwrap();
+        let token = keys.token(POLICY, JTI, 1);
+        let v = snas_policy::jws::verify(&token, &bundle, SystemTime::now()).unwrap();
+        d.shared().store.insert(JobPolicy::from_verified(&v, &[]));
+        open_flows(&d, 3);
+        let job = job_key(JTI);
+        assert_eq!(d.shared().engine().conntrack().live_flows_of_job(job), 3);
+
+        let svc = d.service_addr();
+        let path = format!("/v1/jobs/{job:016x}/ended");
+        assert_eq!(post_from(STRANGER, svc, &path).0, 403, "not a node");
+        let (code, body) = post_from(OTHER_NODE, svc, &path);
+        assert_eq!((code, body.as_str()), (403, "not the job's node\n"));
+        assert_eq!(
+            post_from(NODE, svc, "/v1/jobs/00000000000000ff/ended").0,
+            404,
+            "unknown job"
+        );
+        assert_eq!(post_from(NODE, svc, "/v1/jobs/nothex/ended").0, 400);
+        assert_eq!(
+            post_from(NODE, d.control_addr(), &path).0,
+            404,
+            "not on the management endpoint"
+        );
+        assert_eq!(d.shared().engine().conntrack().live_flows_of_job(job), 3);
+
+        assert_eq!(post_from(NODE, svc, &path).0, 204);
+        {
+            let eng = d.shared().engine();
+            assert_eq!(eng.conntrack().live_flows_of_job(job), 0);
+            let usage = eng.conntrack().nat().job_usage(job);
+            assert_eq!((usage.live, usage.held), (0, 3), "ports quarantined");
+        }
+        assert!(d.shared().store.snapshot().get(job).is_none());
+        assert_eq!(post_from(NODE, svc, &path).0, 404, "ended: nothing left");
+
+        let lines = audit_lines(&audit, 4);
+        let ends: Vec<_> = lines.iter().filter(|l| l["kind"] == "flow_end").collect();
+        assert_eq!(ends.len(), 3, "{lines:?}");
+        assert!(ends
+            .iter()
+            .all(|l| l["end"] == "job_ended" && l["packets_out"] == 1 && l["bytes_out"] == 29));
+        let job_line: Vec<_> = lines.iter().filter(|l| l["kind"] == "job").collect();
+        assert_eq!(job_line.len(), 1, "{lines:?}");
+        assert_eq!(job_line[0]["reason"], "job_ended");
+        assert_eq!(job_line[0]["job"], "ended");
+        assert_eq!(job_line[0]["flows"], 3);
+        assert!(job_line[0].get("proto").is_none());
+    }
+
+    #[test]
+    fn flows_list_bytes_packets_and_age() {
+        let keys = Keys::new();
+        let d = Daemon::start_control_plane(config(&keys, "")).unwrap();
+        let bundle = snas_policy::bundle_fs::load_trust_bundle(&keys.trust()).unwrap();
+        let token = keys.token(POLICY, JTI, 1);
+        let v = snas_policy::jws::verify(&token, &bundle, SystemTime::now()).unwrap();
+        d.shared().store.insert(JobPolicy::from_verified(&v, &[]));
+        open_flows(&d, 1);
+        std::thread::sleep(Duration::from_millis(30));
+        let (code, _, body) = call(d.control_addr(), "GET", "/v1/flows", None);
+        assert_eq!(code, 200);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let f = &v["flows"][0];
+        assert_eq!(
+            (
+                &f["packets_out"],
+                &f["bytes_out"],
+                &f["packets_in"],
+                &f["bytes_in"]
+            ),
+            (
+                &serde_json::json!(1),
+                &serde_json::json!(29),
+                &serde_json::json!(0),
+                &serde_json::json!(0)
+            )
+        );
+        assert!(f["age_ms"].as_u64().unwrap() >= 30, "{f}");
+        assert!(f["idle_ms"].as_u64().unwrap() >= 30, "{f}");
+        assert_eq!(f["job"], "ended");
+    }
+}

@@ -313,9 +313,32 @@ fn two_workers_share_one_engine_consistently() {
     run(2);
 }
 
-fn run(workers: usize) {
-    let p = format!("px{}w{workers}", std::process::id() % 100_000);
-    let (_guard, [node, proxy, inet]) = topology(&p);
+/// A running topology: namespaces (deleted on drop), the proxy daemon, the echo servers and
+/// the node's policy server.
+struct Env {
+    node: String,
+    proxy: String,
+    dir: tempfile::TempDir,
+    audit: std::path::PathBuf,
+    daemon: Option<Daemon>,
+    stop: Arc<AtomicBool>,
+    // Last: the namespaces go after the daemon has stopped.
+    _guard: common::netns::Netns,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(d) = self.daemon.take() {
+            d.stop();
+        }
+    }
+}
+
+/// Starts the topology and the daemon; `tag` makes the names unique per test.
+fn start(tag: &str, workers: usize) -> Env {
+    let p = format!("px{}{tag}{workers}", std::process::id() % 100_000);
+    let (guard, [node, proxy, inet]) = topology(&p);
     let dir = tempfile::tempdir().unwrap();
     let key = PolicyKey::from_seed("e2e-key", [9; 32]).unwrap();
     std::fs::create_dir_all(dir.path().join("trust")).unwrap();
@@ -359,8 +382,23 @@ state_dir = "{state}"
     );
     let cfg = ProxyConfig::parse(&cfg_text, std::path::Path::new("proxy.toml")).unwrap();
     let daemon = in_ns(&proxy, move || Daemon::start(cfg).unwrap());
+    Env {
+        node,
+        proxy,
+        dir,
+        audit,
+        daemon: Some(daemon),
+        stop,
+        _guard: guard,
+    }
+}
 
-    let pns = proxy.clone();
+fn run(workers: usize) {
+    let mut env = start("w", workers);
+    let job_key = identity::job_key(JTI);
+    let (node, audit) = (env.node.clone(), env.audit.clone());
+
+    let pns = env.proxy.clone();
     in_ns(&node, move || {
         let sock = UdpSocket::bind((NODE, 6081)).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(50)))
@@ -454,8 +492,10 @@ state_dir = "{state}"
         assert!(flows.contains("203.0.113.10:7"), "{flows}");
     });
 
-    stop.store(true, Ordering::Relaxed);
-    daemon.stop();
+    env.stop.store(true, Ordering::Relaxed);
+    if let Some(d) = env.daemon.take() {
+        d.stop();
+    }
     let log = std::fs::read_to_string(&audit).unwrap();
     let lines: Vec<serde_json::Value> = log
         .lines()
@@ -483,4 +523,52 @@ state_dir = "{state}"
         .collect();
     assert_eq!(denied.len(), 1, "{log}");
     assert_eq!(denied[0]["bytes"], 40, "{log}");
+}
+
+/// A decapsulated reply to `sport`, waiting at most `within`.
+fn reply_to(sock: &UdpSocket, sport: u16, within: Duration) -> Option<Reply> {
+    let deadline = Instant::now() + within;
+    let mut buf = vec![0u8; 65536];
+    while Instant::now() < deadline {
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            if let Some(r) = decode(&buf[..n]) {
+                if r.dst.port() == sport {
+                    return Some(r);
+                }
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn a_fresh_jobs_first_syn_is_held_while_its_policy_is_fetched_then_answered() {
+    let env = start("h", 1);
+    let elapsed = in_ns(&env.node, move || {
+        let sock = UdpSocket::bind((NODE, 6081)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        // Sent once: no retransmission covers for a dropped SYN.
+        let t0 = Instant::now();
+        sock.send_to(&encap(&syn_to(ECHO, 40100)), (PROXY, 6081))
+            .unwrap();
+        let r = reply_to(&sock, 40100, Duration::from_secs(3))
+            .expect("the first SYN of a fresh job is answered without a retransmission");
+        let elapsed = t0.elapsed();
+        assert_eq!((r.proto, r.flags & (SYN | ACK)), (6, SYN | ACK), "{r:?}");
+        elapsed
+    });
+    // A figure, not an assertion: it includes the policy fetch from the node's agent.
+    println!("first SYN of a fresh job answered after {elapsed:?} (policy fetch included)");
+    let (status, metrics) = mgmt(&env.proxy, "GET", "/metrics");
+    assert_eq!(status, 200);
+    for line in [
+        "snas_proxy_held_packets_total 1",
+        "snas_proxy_held_released_total 1",
+        "snas_proxy_hold_queue_packets 0",
+        "snas_proxy_policy_fetches_total 1",
+    ] {
+        assert!(metrics.contains(line), "{line}:\n{metrics}");
+    }
+    let _ = &env.dir;
 }
