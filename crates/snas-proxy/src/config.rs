@@ -284,6 +284,16 @@ impl ProxyConfig {
         if self.tun_name.is_empty() || self.tun_name.len() > 15 {
             return Err(bad("tun_name", "must be 1 to 15 bytes (IFNAMSIZ)".into()));
         }
+        if !self
+            .tun_name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        {
+            return Err(bad(
+                "tun_name",
+                "only letters, digits, `_`, `.` and `-` (it also names the nftables guard)".into(),
+            ));
+        }
         if self.upstream_dns.is_empty() {
             return Err(bad("upstream_dns", "at least one server is needed".into()));
         }

@@ -155,8 +155,19 @@ async fn undrain(State(c): State<Ctl>, headers: HeaderMap) -> Response {
 
 async fn metrics_text(State(c): State<Ctl>) -> Response {
     let s = &c.shared;
+    let guard = match s.guard.clone() {
+        Some(g) => tokio::task::spawn_blocking(move || g.counters())
+            .await
+            .ok()
+            .and_then(|r| {
+                r.map_err(|e| tracing::warn!(error = %e, "guard counters unreadable"))
+                    .ok()
+            }),
+        None => None,
+    };
     let snap = s.store.snapshot();
     let extra = Extra {
+        guard,
         policies: snap.len(),
         fetch_ok: s.fetcher.stats.ok.load(Ordering::Relaxed),
         fetch_failed: s.fetcher.stats.failed.load(Ordering::Relaxed),

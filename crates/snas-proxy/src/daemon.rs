@@ -45,6 +45,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use ipnet::IpNet;
 use snas_policy::bundle_fs::load_trust_bundle;
 use snas_wire::Reason;
 
@@ -53,6 +54,7 @@ use crate::budget::QueueBudget;
 use crate::clock::{Clock, MonotonicClock, Nanos};
 use crate::config::{ProxyConfig, GENEVE_PORT};
 use crate::gso;
+use crate::guard::Guard;
 use crate::hold::HeldPacket;
 use crate::metrics::{add, Metrics};
 use crate::pacer::PacerConfig;
@@ -107,6 +109,8 @@ pub struct Shared {
     pub wake: Wake,
     /// Per worker: packets and bytes in its pacing queue (metrics).
     pub queue_gauges: Vec<(AtomicU64, AtomicU64)>,
+    /// The nftables guard, when the data path runs.
+    pub guard: Option<Arc<Guard>>,
     stop: AtomicBool,
 }
 
@@ -152,6 +156,9 @@ pub enum DaemonError {
     /// the TUN device cannot be set up
     #[error(transparent)]
     Tun(#[from] tun::TunError),
+    /// the nftables guard cannot be installed
+    #[error(transparent)]
+    Guard(#[from] crate::guard::GuardError),
     /// a socket cannot be bound
     #[error("bind {what} {addr}: {source}")]
     Bind {
@@ -191,14 +198,19 @@ pub struct Daemon {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     runtime: Option<tokio::runtime::Runtime>,
+    guard: Option<Arc<Guard>>,
     control_addr: SocketAddr,
     service_addr: SocketAddr,
     resolver_addr: SocketAddr,
 }
 
-fn engine_config(cfg: &ProxyConfig, clock_horizon: Duration) -> Tier2Config {
+fn engine_config(
+    cfg: &ProxyConfig,
+    infrastructure: Vec<IpNet>,
+    clock_horizon: Duration,
+) -> Tier2Config {
     let mut t = Tier2Config::new(cfg.underlay_addr, cfg.nodes.clone(), cfg.egress_ips());
-    t.infrastructure = cfg.infrastructure_set();
+    t.infrastructure = infrastructure;
     t.hold = cfg.hold_config();
     t.audit_lines_per_sec = cfg.audit_lines_per_job_per_sec;
     t.pacer = PacerConfig {
@@ -244,7 +256,16 @@ impl Daemon {
             },
         };
         let clock = MonotonicClock::new();
-        let engine = Tier2::new(engine_config(&cfg, cfg.pacing_horizon()), clock.now())?;
+        // The infrastructure set: the configuration's, plus the underlay's on-link network.
+        let mut infrastructure = cfg.infrastructure_set();
+        if data_path {
+            let onlink = tun::onlink_prefixes(cfg.underlay_addr)?;
+            infrastructure.extend(onlink.into_iter().map(IpNet::V4));
+        }
+        let engine = Tier2::new(
+            engine_config(&cfg, infrastructure.clone(), cfg.pacing_horizon()),
+            clock.now(),
+        )?;
 
         // The data path: TUN queues and GENEVE sockets, bound here so errors surface.
         let multi = cfg.workers > 1;
@@ -253,8 +274,14 @@ impl Daemon {
         for _ in 0..n {
             queues.push(TunQueue::open(&cfg.tun_name, multi)?);
         }
+        let mut guard = None;
         if data_path {
             tun::configure(&cfg.tun_name, cfg.tun_mtu, &cfg.egress_pool)?;
+            // Before any packet can reach the device from a worker.
+            guard = Some(Arc::new(Guard::install(
+                &cfg.tun_name,
+                engine.infrastructure(),
+            )?));
         }
         let gaddr = SocketAddrV4::new(cfg.underlay_addr, GENEVE_PORT);
         let mut socks = Vec::with_capacity(n);
@@ -298,7 +325,7 @@ impl Daemon {
                 agent_port: cfg.agent_policy_port,
                 timeout: cfg.fetch_timeout(),
                 negative: cfg.negative_cache(),
-                infrastructure: cfg.infrastructure_set().into(),
+                infrastructure: infrastructure.into(),
             },
         );
         let shared = Arc::new(Shared {
@@ -312,6 +339,7 @@ impl Daemon {
             clock,
             wake: Wake::new().map_err(io("wake eventfd"))?,
             queue_gauges: (0..n).map(|_| Default::default()).collect(),
+            guard: guard.clone(),
             stop: AtomicBool::new(false),
         });
         // The end of a fetch releases or drops the job's held packets, at once.
@@ -381,6 +409,7 @@ impl Daemon {
             shared,
             workers,
             runtime: Some(runtime),
+            guard,
             control_addr,
             service_addr,
             resolver_addr,
@@ -419,6 +448,12 @@ impl Daemon {
         }
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_timeout(Duration::from_secs(1));
+        }
+        // Last: no worker writes into the TUN device any more.
+        if let Some(g) = self.guard.take() {
+            if let Err(e) = g.remove() {
+                tracing::warn!(error = %e, "could not remove the nftables guard");
+            }
         }
     }
 }

@@ -22,9 +22,11 @@
 //!
 //! The daemon (`snas proxy`, operator doc `docs/proxy.md`):
 //! - [`config`]: the `proxy.toml` schema.
+//! - [`guard`]: the nftables table that keeps jobs' packets out of the proxy's namespace and off
+//!   the infrastructure (defence in depth).
 //! - [`daemon`]: wiring, data-path workers, pacing queue.
 //! - [`udp`], [`tun`], [`wake`]: batched GENEVE socket I/O, the TUN device and the workers'
-//!   wake-up eventfd (the only `unsafe`).
+//!   wake-up eventfd (with [`guard`]'s `setns`, the only `unsafe`).
 //! - [`policy_fetch`]: the real policy cache and fetcher; [`http`]: its tiny client.
 //! - [`resolver`]: DNS for jobs and (job, address) bindings; [`control`]: the management and
 //!   service HTTP endpoints; [`audit_log`]; [`metrics`].
@@ -41,6 +43,8 @@ pub mod conntrack;
 pub mod control;
 pub mod daemon;
 pub mod gso;
+#[allow(unsafe_code)]
+pub mod guard;
 pub mod hold;
 pub mod http;
 pub mod infra;

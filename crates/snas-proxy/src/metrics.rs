@@ -88,6 +88,8 @@ pub struct Extra {
     pub draining: bool,
     /// Packets and bytes in the workers' pacing queues.
     pub pacing_queue: (u64, u64),
+    /// The nftables guard's drops (`None`: no guard, or it could not be read).
+    pub guard: Option<crate::guard::GuardCounters>,
 }
 
 /// Destinations listed by `snas_proxy_destination_flows`.
@@ -259,6 +261,24 @@ pub fn render(m: &Metrics, engine: &Tier2, extra: Extra) -> String {
         "snas_proxy_peer_bindings_total {}",
         get(&m.peer_bindings)
     );
+    if let Some(g) = extra.guard {
+        family(
+            &mut o,
+            "snas_proxy_guard_drops_total",
+            "counter",
+            "Packets from the TUN device the namespace guard dropped (a tier-2 bug if not 0).",
+        );
+        let _ = writeln!(
+            o,
+            "snas_proxy_guard_drops_total{{hook=\"input\"}} {}",
+            g.local
+        );
+        let _ = writeln!(
+            o,
+            "snas_proxy_guard_drops_total{{hook=\"forward\"}} {}",
+            g.infrastructure
+        );
+    }
     family(&mut o, "snas_proxy_flows", "gauge", "Live flows.");
     let _ = writeln!(o, "snas_proxy_flows {}", engine.conntrack().len());
     let (held_packets, held_bytes) = engine.held();
