@@ -53,6 +53,21 @@ fn the_testbed_file_parses_with_defaults() {
         "192.0.2.21:9090",
         "the underlay by default"
     );
+    let hold = snas_proxy::hold::HoldConfig::default();
+    assert_eq!(
+        c.hold_config(),
+        snas_proxy::hold::HoldConfig {
+            max_wait: c.fetch_timeout(),
+            ..hold
+        },
+        "hold defaults are the core's; held packets wait at most the fetch timeout"
+    );
+    assert_eq!(
+        c.pacing_queue_limits(),
+        snas_proxy::budget::QueueLimits::default()
+    );
+    assert_eq!(c.audit_lines_per_job_per_sec, 200);
+    assert!(c.infrastructure.is_empty());
 }
 
 #[test]
@@ -120,6 +135,23 @@ fn unusable_values_name_field_and_reason() {
         (
             format!("{TESTBED}[tenant_quotas]\n\"Not A Tenant\" = 5\n"),
             "tenant_quotas",
+        ),
+        (TESTBED.replace("snastun0", "tun@0"), "tun_name"),
+        (
+            format!("{TESTBED}hold_job_packets = 0\n"),
+            "hold_job_packets",
+        ),
+        (
+            format!("{TESTBED}hold_job_bytes = 100000000\n"),
+            "hold_job_bytes",
+        ),
+        (
+            format!("{TESTBED}pacing_queue_total_packets = 10\n"),
+            "pacing_queue_total_packets",
+        ),
+        (
+            format!("{TESTBED}audit_lines_per_job_per_sec = 0\n"),
+            "audit_lines_per_job_per_sec",
         ),
     ];
     for (text, field) in cases {

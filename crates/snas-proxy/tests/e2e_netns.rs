@@ -44,9 +44,11 @@ ports = "7"
 protocol = "any"
 "#;
 
-fn signed_policy(key: &PolicyKey) -> String {
-    let draft = parse_policy(POLICY).unwrap();
-    sign(&draft.to_claims(JTI, 1, SystemTime::now()), key).unwrap()
+/// The token of `policy` and its `exp` (Unix seconds).
+fn signed_policy(key: &PolicyKey, policy: &str) -> (String, u64) {
+    let draft = parse_policy(policy).unwrap();
+    let claims = draft.to_claims(JTI, 1, SystemTime::now());
+    (sign(&claims, key).unwrap(), claims.exp)
 }
 
 /// A one-route HTTP server: `GET /v1/jobs/{key}/policy` → the token.
@@ -322,6 +324,8 @@ struct Env {
     audit: std::path::PathBuf,
     daemon: Option<Daemon>,
     stop: Arc<AtomicBool>,
+    /// The job policy's `exp`, Unix seconds.
+    exp: u64,
     // Last: the namespaces go after the daemon has stopped.
     _guard: common::netns::Netns,
 }
@@ -337,6 +341,11 @@ impl Drop for Env {
 
 /// Starts the topology and the daemon; `tag` makes the names unique per test.
 fn start(tag: &str, workers: usize) -> Env {
+    start_with(tag, workers, POLICY)
+}
+
+/// As [`start`], with the job's policy.
+fn start_with(tag: &str, workers: usize, policy: &str) -> Env {
     let p = format!("px{}{tag}{workers}", std::process::id() % 100_000);
     let (guard, [node, proxy, inet]) = topology(&p);
     let dir = tempfile::tempdir().unwrap();
@@ -347,7 +356,7 @@ fn start(tag: &str, workers: usize) -> Env {
         key.public_pem().unwrap(),
     )
     .unwrap();
-    let token = signed_policy(&key);
+    let (token, exp) = signed_policy(&key, policy);
     let job_key = identity::job_key(JTI);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -389,6 +398,7 @@ state_dir = "{state}"
         audit,
         daemon: Some(daemon),
         stop,
+        exp,
         _guard: guard,
     }
 }
@@ -571,4 +581,80 @@ fn a_fresh_jobs_first_syn_is_held_while_its_policy_is_fetched_then_answered() {
         assert!(metrics.contains(line), "{line}:\n{metrics}");
     }
     let _ = &env.dir;
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[test]
+fn at_exp_the_jobs_connection_is_reset_and_its_flow_is_freed() {
+    let policy = POLICY.replace("[[egress]]", "ttl = \"3s\"\n[[egress]]");
+    let mut env = start_with("x", 1, &policy);
+    let exp = env.exp;
+    let late = in_ns(&env.node, move || {
+        let sock = UdpSocket::bind((NODE, 6081)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let r = exchange(&sock, &syn_to(ECHO, 40200), 40200);
+        let ack = r.seq.wrapping_add(1);
+        // Keep talking until the proxy resets the connection.
+        let deadline = Instant::now() + Duration::from_secs(8);
+        let mut seq = 1001u32;
+        while Instant::now() < deadline {
+            let data = tcp_seg(
+                40200,
+                seq,
+                ack,
+                TcpFlags(TcpFlags::ACK.0 | TcpFlags::PSH.0),
+                b"x",
+            );
+            sock.send_to(&encap(&data), (PROXY, 6081)).unwrap();
+            let sent = unix_now();
+            if let Some(r) = reply_to(&sock, 40200, Duration::from_millis(50)) {
+                if r.flags & RST != 0 {
+                    assert!(sent >= exp as f64, "reset before exp");
+                    assert_eq!(r.seq, ack, "RFC 793: <SEQ=SEG.ACK><CTL=RST>");
+                    assert_eq!(r.flags & ACK, 0);
+                    return sent - exp as f64;
+                }
+                if r.flags & ACK != 0 && !r.payload.is_empty() {
+                    seq = seq.wrapping_add(1);
+                }
+            }
+        }
+        panic!("the connection was never reset after exp");
+    });
+    println!("first segment after exp reset; sent {late:.3} s after exp");
+    let (_, flows) = mgmt(&env.proxy, "GET", "/v1/flows");
+    let v: serde_json::Value = serde_json::from_str(&flows).unwrap();
+    assert_eq!(
+        v["flows"],
+        serde_json::json!([]),
+        "the job's flow was freed"
+    );
+    let audit = env.audit.clone();
+    env.stop.store(true, Ordering::Relaxed);
+    if let Some(d) = env.daemon.take() {
+        d.stop();
+    }
+    let log = std::fs::read_to_string(audit).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let end: Vec<_> = lines.iter().filter(|l| l["kind"] == "flow_end").collect();
+    assert_eq!(end.len(), 1, "{log}");
+    assert_eq!(end[0]["end"], "policy_expired");
+    assert!(end[0]["packets_out"].as_u64().unwrap() >= 2, "{log}");
+    assert!(end[0]["packets_in"].as_u64().unwrap() >= 1, "{log}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["reason"] == "policy_expired" && l["action"] == "refuse"),
+        "{log}"
+    );
 }
