@@ -133,6 +133,12 @@ impl AuditLine {
         match e {
             AuditEvent::Decision(r) => AuditLine::from_flow(r),
             AuditEvent::FlowEnd(r) => AuditLine::from_flow_end(r),
+            AuditEvent::JobEnded(r) => {
+                let mut line =
+                    AuditLine::job_ended(r.job_key, Some((&r.tenant, &r.job)), r.unix_secs);
+                line.flows = Some(r.flows);
+                line
+            }
         }
     }
 

@@ -872,13 +872,29 @@ impl Conntrack {
     }
 
     /// Removes every flow of `job` (job ended or its policy was revoked); their ports go into
-    /// quarantine. O(slab size): an administrative operation, not a per-packet one.
+    /// quarantine. O(slab size): an administrative operation, not a per-packet one; to end
+    /// several jobs, [`Conntrack::remove_jobs`] does it in one pass.
     pub fn remove_job(&mut self, job: u64, now: Nanos) -> Vec<RemovedFlow> {
+        self.remove_jobs(&[job], now)
+    }
+
+    /// Removes every flow of the `jobs` in one pass over the slab (none at all when none of
+    /// them has a live flow).
+    pub fn remove_jobs(&mut self, jobs: &[u64], now: Nanos) -> Vec<RemovedFlow> {
+        let mut with_flows: Vec<u64> = jobs
+            .iter()
+            .copied()
+            .filter(|j| self.jobs.contains_key(j))
+            .collect();
+        if with_flows.is_empty() {
+            return Vec::new();
+        }
+        with_flows.sort_unstable();
         let indices: Vec<u32> = self
             .flows
             .iter()
             .enumerate()
-            .filter(|(_, f)| f.live() && f.job == job)
+            .filter(|(_, f)| f.live() && with_flows.binary_search(&f.job).is_ok())
             .map(|(i, _)| i as u32)
             .collect();
         indices

@@ -18,7 +18,8 @@
 //!   secret>`, compared in constant time); see [`crate::resolver::apply_peer_binding`].
 //! - `POST /v1/jobs/{job_key}/ended`: the job's node says the job ended; the proxy removes its
 //!   flows (ports into quarantine, a `flow_end` line each), held packets, pacing and rate state,
-//!   bindings and cached policy, and audits `job_ended`. Accepted only from a configured node
+//!   bindings and cached policy — at the engine's next housekeeping tick, a few milliseconds
+//!   later — and audits `job_ended`. Accepted only from a configured node
 //!   that is the job's node (the policy's `node`, else the node its traffic came from, else the
 //!   node its policy was fetched from): 204; 404 for a job the proxy holds nothing of; 403 from
 //!   any other address; 400 for a key that is not 16 hex digits.
@@ -35,7 +36,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
-use crate::audit_log::AuditLine;
 use crate::daemon::Shared;
 use crate::metrics::{self, Extra};
 use crate::resolver::PeerBinding;
@@ -341,18 +341,12 @@ async fn job_ended(
     if owner != Some(from) {
         return (StatusCode::FORBIDDEN, "not the job's node\n").into_response();
     }
-    let now = s.now();
-    let flows = {
-        let mut eng = s.engine();
-        let n = eng.remove_job(job, FlowEnd::JobEnded, now);
-        s.flush_audit(&mut eng);
-        n
-    };
+    // Carried out by the next housekeeping tick (within a few milliseconds), with the ends of
+    // every other job due then in one pass over the flow table.
+    let names = policy.map(|p| (Arc::clone(&p.tenant), Arc::clone(&p.job)));
+    s.engine().end_job(job, FlowEnd::JobEnded, names);
     s.store.remove(job);
     crate::metrics::add(&s.metrics.jobs_ended, 1);
-    let mut line = AuditLine::job_ended(job, policy.map(|p| (&*p.tenant, &*p.job)), now.unix_secs);
-    line.flows = Some(flows as u64);
-    s.audit.send(line);
-    tracing::info!(job_key = %job_key, node = %from, flows, "job ended");
+    tracing::info!(job_key = %job_key, node = %from, "job ended");
     StatusCode::NO_CONTENT.into_response()
 }

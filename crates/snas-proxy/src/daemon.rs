@@ -234,9 +234,9 @@ impl Daemon {
         Daemon::start_with(cfg, true)
     }
 
-    /// Starts the control plane only (policy fetcher, control endpoint, resolver, audit log):
-    /// no TUN device, no GENEVE sockets, no workers. For tests of the resolver and the
-    /// control endpoint without privileges.
+    /// Starts the control plane only (policy fetcher, endpoints, resolver, audit log, the
+    /// engine's housekeeping): no TUN device, no guard, no GENEVE sockets, no workers. For
+    /// tests of the resolver and the endpoints without privileges.
     pub fn start_control_plane(cfg: ProxyConfig) -> Result<Daemon, DaemonError> {
         Daemon::start_with(cfg, false)
     }
@@ -377,6 +377,10 @@ impl Daemon {
                 tokio::net::TcpListener::from_std(service).map_err(io("service listener"))?;
             runtime.spawn(fetcher.run(queue));
             runtime.spawn(expire_policies(Arc::clone(&shared)));
+            if !data_path {
+                // No worker runs the engine's housekeeping: a task does.
+                runtime.spawn(housekeeping(Arc::clone(&shared)));
+            }
             runtime.spawn(crate::control::serve(
                 control,
                 crate::control::management_router(Arc::clone(&shared), secrets.clone()),
@@ -497,6 +501,20 @@ async fn expire_policies(shared: Arc<Shared>) {
         t.tick().await;
         let n = shared.now();
         shared.store.evict_expired(n.unix_secs, Instant::now());
+    }
+}
+
+/// The engine's housekeeping when no worker runs (control plane only).
+async fn housekeeping(shared: Arc<Shared>) {
+    let mut t = tokio::time::interval(TICK);
+    loop {
+        t.tick().await;
+        let snap = shared.store.snapshot();
+        let view = snap.at(Instant::now());
+        let now = shared.now();
+        let mut eng = shared.engine();
+        eng.tick(&view, now);
+        shared.flush_audit(&mut eng);
     }
 }
 

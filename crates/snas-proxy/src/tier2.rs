@@ -17,7 +17,9 @@
 //!   caller fetches it, then handed back ([`Tier2::take_released`]) to be processed in order.
 //! - The end of a job: at its policy's `exp` every packet is refused (RST for any TCP segment,
 //!   RFC 793 reset generation; ICMP unreachable otherwise) and its flows, SNAT ports, pacing
-//!   and rate state are freed ([`Tier2::remove_job`]); the same when its node says it ended.
+//!   and rate state are freed ([`Tier2::end_job`], carried out by the next [`Tier2::tick`] in
+//!   one pass over the flow table for all jobs ending then; [`Tier2::remove_job`] at once);
+//!   the same when its node says it ended.
 //! - Audit events: every new-flow decision and the end of every flow (packets and bytes each
 //!   way, duration), within a per-job budget ([`crate::budget::AuditBudget`]); per-reason drop
 //!   counters.
@@ -33,8 +35,9 @@
 //! - No allocation per established-flow packet; buffers belong to the caller.
 //! - A job's packets leave in the order they arrived, held ones included: while packets of a
 //!   job are held, later ones join them.
-//! - Expired jobs lose their flows within a second of `exp` ([`Tier2::tick`] checks once per
-//!   second); their packets from nodes are refused from `exp` on.
+//! - Expired jobs lose their flows at the tick after their first refused packet, and within a
+//!   second of `exp` without traffic ([`Tier2::tick`] checks once per second); their packets
+//!   from nodes are refused from `exp` on.
 //!
 //! # Limits
 //! - Names are learnt only through [`Bindings`] (filled by the proxy's resolver); an address no
@@ -344,6 +347,21 @@ pub struct FlowEndRecord {
     pub suppressed: u64,
 }
 
+/// A job its node said ended, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobEndRecord {
+    /// Wall clock, Unix seconds.
+    pub unix_secs: u64,
+    /// Tenant name (empty when unknown).
+    pub tenant: Arc<str>,
+    /// Job name (empty when unknown).
+    pub job: Arc<str>,
+    /// Job key.
+    pub job_key: u64,
+    /// Flows removed.
+    pub flows: u64,
+}
+
 /// An audit event of the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuditEvent {
@@ -351,6 +369,8 @@ pub enum AuditEvent {
     Decision(AuditRecord),
     /// The end of a flow.
     FlowEnd(FlowEndRecord),
+    /// A job its node ended (never suppressed).
+    JobEnded(JobEndRecord),
 }
 
 impl AuditEvent {
@@ -359,6 +379,7 @@ impl AuditEvent {
         match self {
             AuditEvent::Decision(r) => r.job_key,
             AuditEvent::FlowEnd(r) => r.job_key,
+            AuditEvent::JobEnded(r) => r.job_key,
         }
     }
 
@@ -366,6 +387,7 @@ impl AuditEvent {
         match self {
             AuditEvent::Decision(r) => r.suppressed = n,
             AuditEvent::FlowEnd(r) => r.suppressed = n,
+            AuditEvent::JobEnded(_) => {}
         }
     }
 }
@@ -466,6 +488,15 @@ pub struct Tier2 {
     infra: InfraSet,
     hold: HoldQueue,
     last_scan: Option<Nanos>,
+    pending_ends: Vec<PendingEnd>,
+}
+
+/// A job whose end [`Tier2::apply_ends`] will carry out.
+#[derive(Debug)]
+struct PendingEnd {
+    job: u64,
+    end: FlowEnd,
+    names: Option<(Arc<str>, Arc<str>)>,
 }
 
 fn transport_of(p: L4Proto) -> Option<Transport> {
@@ -541,6 +572,7 @@ impl Tier2 {
             draining: false,
             hold: HoldQueue::new(cfg.hold)?,
             last_scan: None,
+            pending_ends: Vec::new(),
             cfg,
         })
     }
@@ -772,9 +804,10 @@ impl Tier2 {
         };
 
         if now.unix_secs >= policy.expires_at_unix {
-            // `exp` is the contract: every packet is refused from then on, the job's state goes.
-            if self.knows_job(opt.job_key) {
-                self.remove_job(opt.job_key, FlowEnd::PolicyExpired, now);
+            // `exp` is the contract: every packet is refused from then on; the job's state goes
+            // at the next tick (one pass over the flow table for every job ending then).
+            if !self.is_ending(opt.job_key) && self.knows_job(opt.job_key) {
+                self.end_job(opt.job_key, FlowEnd::PolicyExpired, None);
             }
             let mut record = decision_record(policy, &key, tuple.proto, len as u64, now);
             record.action = Action::Refuse;
@@ -1124,26 +1157,75 @@ impl Tier2 {
         self.audit(AuditEvent::FlowEnd(record), now.mono);
     }
 
-    /// Ends everything of `job`: its flows (one `flow_end` audit event each, with `end`; their
-    /// ports go into quarantine), held packets (counted as `unknown_job`), pacing clocks,
-    /// connection-rate bucket and audit budget; with [`FlowEnd::JobEnded`] also its DNS
-    /// bindings. Returns the number of flows removed.
-    pub fn remove_job(&mut self, job: u64, end: FlowEnd, now: Now) -> usize {
-        let removed = self.conntrack.remove_job(job, now.mono);
-        for f in &removed {
-            self.flow_end(f, end, now);
+    /// Queues the end of `job` (see [`Tier2::apply_ends`], which the next [`Tier2::tick`]
+    /// runs). `names` (tenant, job) name the job in its `job` audit event when the engine has not
+    /// seen it admit a flow. A job already queued is not queued twice.
+    pub fn end_job(&mut self, job: u64, end: FlowEnd, names: Option<(Arc<str>, Arc<str>)>) {
+        if !self.pending_ends.iter().any(|p| p.job == job) {
+            self.pending_ends.push(PendingEnd { job, end, names });
         }
-        let held = self.hold.drop_job(job);
-        self.drops[usize::from(Reason::UnknownJob.code())] += u64::from(held);
-        self.egress_pacer.forget_job(job);
-        self.ingress_pacer.forget_job(job);
-        self.buckets.forget(job);
-        self.jobs.remove(&job);
-        if end == FlowEnd::JobEnded {
-            self.bindings.remove_job(job);
-            self.audit_budget.forget(job);
+    }
+
+    /// Ends every queued job in one pass over the flow table: its flows (one `flow_end` event
+    /// each, with its end; their ports go into quarantine), held packets (counted as
+    /// `unknown_job`), pacing clocks, connection-rate bucket; a job its node ended also loses
+    /// its DNS bindings and audit budget and gets a `job` audit event. Returns the number of
+    /// flows removed.
+    pub fn apply_ends(&mut self, now: Now) -> usize {
+        if self.pending_ends.is_empty() {
+            return 0;
+        }
+        let pending = std::mem::take(&mut self.pending_ends);
+        let jobs: Vec<u64> = pending.iter().map(|p| p.job).collect();
+        let removed = self.conntrack.remove_jobs(&jobs, now.mono);
+        let mut per_job: HashMap<u64, u64> = HashMap::new();
+        for f in &removed {
+            let end = pending
+                .iter()
+                .find(|p| p.job == f.key.job)
+                .map_or(FlowEnd::PolicyGone, |p| p.end);
+            self.flow_end(f, end, now);
+            *per_job.entry(f.key.job).or_default() += 1;
+        }
+        for p in pending {
+            let job = p.job;
+            let held = self.hold.drop_job(job);
+            self.drops[usize::from(Reason::UnknownJob.code())] += u64::from(held);
+            self.egress_pacer.forget_job(job);
+            self.ingress_pacer.forget_job(job);
+            self.buckets.forget(job);
+            let state = self.jobs.remove(&job);
+            if p.end == FlowEnd::JobEnded {
+                self.bindings.remove_job(job);
+                self.audit_budget.forget(job);
+                let (tenant, name) = match (state, p.names) {
+                    (Some(s), _) => (s.tenant, s.job),
+                    (None, Some(n)) => n,
+                    (None, None) => (Arc::from(""), Arc::from("")),
+                };
+                // Never suppressed: one per job.
+                self.audit.push(AuditEvent::JobEnded(JobEndRecord {
+                    unix_secs: now.unix_secs,
+                    tenant,
+                    job: name,
+                    job_key: job,
+                    flows: per_job.get(&job).copied().unwrap_or(0),
+                }));
+            }
         }
         removed.len()
+    }
+
+    /// Ends `job` now (as [`Tier2::end_job`] followed by [`Tier2::apply_ends`]). Returns the
+    /// number of flows removed (those of other queued jobs included).
+    pub fn remove_job(&mut self, job: u64, end: FlowEnd, now: Now) -> usize {
+        self.end_job(job, end, None);
+        self.apply_ends(now)
+    }
+
+    /// Whether the end of `job` is queued.
+    pub fn is_ending(&self, job: u64) -> bool {
+        self.pending_ends.iter().any(|p| p.job == job)
     }
 
     /// Housekeeping; call it every few milliseconds. Expires idle flows (a `flow_end` event
@@ -1171,8 +1253,9 @@ impl Tier2 {
             .is_none_or(|t| now.mono.saturating_duration_since(t) >= JOB_SCAN)
         {
             self.last_scan = Some(now.mono);
-            removed += self.scan_jobs(policies, now);
+            self.scan_jobs(policies, now);
         }
+        removed += self.apply_ends(now);
         let idle = self.cfg.job_idle;
         let conntrack = &self.conntrack;
         self.jobs.retain(|job, s| {
@@ -1182,26 +1265,24 @@ impl Tier2 {
         removed
     }
 
-    /// Ends the jobs whose policy expired or is gone; evicts idle per-job state.
-    fn scan_jobs(&mut self, policies: &impl PolicyCache, now: Now) -> usize {
+    /// Queues the end of the jobs whose policy expired or is gone; evicts idle per-job state.
+    fn scan_jobs(&mut self, policies: &impl PolicyCache, now: Now) {
         let mut jobs: Vec<u64> = self.conntrack.jobs().collect();
         jobs.extend(self.jobs.keys().copied());
         jobs.sort_unstable();
         jobs.dedup();
-        let mut removed = 0;
         for job in jobs {
             let end = match policies.lookup(job) {
                 PolicyLookup::Ready(p) if now.unix_secs < p.expires_at_unix => continue,
                 PolicyLookup::Ready(_) => FlowEnd::PolicyExpired,
                 PolicyLookup::Missing | PolicyLookup::Rejected(_) => FlowEnd::PolicyGone,
             };
-            removed += self.remove_job(job, end, now);
+            self.end_job(job, end, None);
         }
         self.buckets.evict_full(now.mono);
         self.audit_budget.evict(now.mono);
         self.egress_pacer.evict_idle(now.mono, self.cfg.job_idle);
         self.ingress_pacer.evict_idle(now.mono, self.cfg.job_idle);
-        removed
     }
 }
 

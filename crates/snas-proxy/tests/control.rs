@@ -359,11 +359,17 @@ protocol = "udp"
         assert_eq!(d.shared().engine().conntrack().live_flows_of_job(job), 3);
 
         assert_eq!(post_from(NODE, svc, &path).0, 204);
+        // Carried out by the engine's next housekeeping tick.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while d.shared().engine().conntrack().live_flows_of_job(job) > 0 {
+            assert!(Instant::now() < deadline, "the flows were never removed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         {
             let eng = d.shared().engine();
-            assert_eq!(eng.conntrack().live_flows_of_job(job), 0);
             let usage = eng.conntrack().nat().job_usage(job);
             assert_eq!((usage.live, usage.held), (0, 3), "ports quarantined");
+            assert!(!eng.knows_job(job));
         }
         assert!(d.shared().store.snapshot().get(job).is_none());
         assert_eq!(post_from(NODE, svc, &path).0, 404, "ended: nothing left");

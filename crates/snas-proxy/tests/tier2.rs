@@ -252,7 +252,7 @@ fn decisions(f: &mut Fixture) -> Vec<AuditRecord> {
         .drain_audit()
         .filter_map(|e| match e {
             AuditEvent::Decision(r) => Some(r),
-            AuditEvent::FlowEnd(_) => None,
+            _ => None,
         })
         .collect()
 }
@@ -874,7 +874,7 @@ fn flow_ends(f: &mut Fixture) -> Vec<FlowEndRecord> {
         .drain_audit()
         .filter_map(|e| match e {
             AuditEvent::FlowEnd(r) => Some(r),
-            AuditEvent::Decision(_) => None,
+            _ => None,
         })
         .collect()
 }
@@ -887,7 +887,8 @@ fn at_exp_every_segment_gets_an_rfc793_reset_and_udp_an_unreachable() {
     bind_api(&mut f);
     let job = f.option("acme").job_key;
     open_tcp(&mut f, 40020);
-    f.advance(TTL);
+    // The fixture starts at 1 s: this is `exp`, with the flow just below its idle timeout.
+    f.advance(TTL - Duration::from_secs(1));
     let opt = f.option("acme");
 
     // A segment with ACK: <SEQ=SEG.ACK><CTL=RST>.
@@ -928,7 +929,11 @@ fn at_exp_every_segment_gets_an_rfc793_reset_and_udp_an_unreachable() {
     };
     assert_eq!((m.msg_type(), m.code(), inner.dst()), (3, 13, SANDBOX));
 
-    // The job's flow is gone, its port quarantined (not live), its end audited.
+    // At the next tick the job's flow is gone, its port quarantined (not live), its end
+    // audited.
+    assert!(f.tier2.is_ending(job));
+    let now = f.now();
+    assert_eq!(f.tier2.tick(&f.policies, now), 1);
     assert_eq!(f.tier2.conntrack().live_flows_of_job(job), 0);
     let usage = f.tier2.conntrack().nat().job_usage(job);
     assert_eq!((usage.live, usage.held), (0, 1));
@@ -937,7 +942,7 @@ fn at_exp_every_segment_gets_an_rfc793_reset_and_udp_an_unreachable() {
         .iter()
         .filter_map(|e| match e {
             AuditEvent::FlowEnd(r) => Some(r),
-            AuditEvent::Decision(_) => None,
+            _ => None,
         })
         .collect();
     assert_eq!(ends.len(), 1);
