@@ -60,7 +60,7 @@ fn conntrack(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 7919) % FLOWS;
             if let Some(id) = ct.lookup(&key(i, false)) {
-                black_box(ct.observe(id, Direction::Original, TcpFlags::ACK, Nanos::ZERO));
+                black_box(ct.observe(id, Direction::Original, TcpFlags::ACK, 60, Nanos::ZERO));
             }
         })
     });

@@ -126,8 +126,7 @@ egress_pool = ["198.51.100.64/28"]
 tun_name = "{p}t"
 workers = {workers}
 resolver_listen = "192.0.2.21:5353"
-upstream_dns = ["203.0.113.10:53"]
-control_listen = "192.0.2.21:9090"
+upstream_dns = ["203.0.113.53:53"]
 audit_log = "{audit}"
 state_dir = "{state}"
 "#,

@@ -82,7 +82,7 @@ impl Bench {
             policy_serial: 1,
         };
         let mut policies = StaticPolicies::default();
-        policies.insert(JobPolicy::from_verified(&verified));
+        policies.insert(JobPolicy::from_verified(&verified, &[]));
         let mut cfg = Tier2Config::new(PROXY, vec![NODE], vec![EGRESS]);
         cfg.default_tenant_cap = (Bps::UNLIMITED, Bps::UNLIMITED);
         cfg.conntrack.max_flows = 4_000_000;

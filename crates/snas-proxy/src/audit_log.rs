@@ -1,5 +1,5 @@
-//! The audit log: one JSON line per new-flow decision (tier 2) and per DNS refusal, appended to
-//! the configured file by a background thread.
+//! The audit log: one JSON line per new-flow decision (tier 2), per flow end, per DNS refusal
+//! and per job ended, appended to the configured file by a background thread.
 //!
 //! # What it owns
 //! The record format (`docs/proxy.md`), the bounded channel between the data path and the
@@ -23,7 +23,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::tier2::AuditRecord;
+use crate::nat::IpProto;
+use crate::tier2::{AuditEvent, AuditRecord, FlowEndRecord};
 
 /// Records buffered between the data path and the writer.
 pub const AUDIT_QUEUE: usize = 16 * 1024;
@@ -35,9 +36,9 @@ pub struct AuditLine {
     pub time: String,
     /// Enforcement tier (2 here).
     pub tier: u8,
-    /// `flow` or `dns`.
+    /// `flow` (new-flow decision), `flow_end`, `dns` or `job`.
     pub kind: &'static str,
-    /// `allow`, `deny` or `refuse`.
+    /// `allow`, `deny`, `refuse` (decisions, DNS), `end` (flow_end, job).
     pub action: &'static str,
     /// Tenant name.
     pub tenant: String,
@@ -45,7 +46,8 @@ pub struct AuditLine {
     pub job: String,
     /// Job key, 16 hex digits.
     pub job_key: String,
-    /// `tcp`, `udp`, `icmp`, `dns`.
+    /// `tcp`, `udp`, `icmp`, `dns` (absent on job lines).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub proto: String,
     /// Sandbox address and port (flows).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -65,11 +67,36 @@ pub struct AuditLine {
     /// Reason name for deny/refuse.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
-    /// Bytes of the inner packet the decision was made on (0 for DNS).
+    /// Bytes of the inner packet the decision was made on (0 for DNS and jobs); for
+    /// `flow_end`, the flow's bytes both ways.
     pub bytes: u64,
-    /// NAT source (allowed flows).
+    /// NAT source (allowed flows, flow ends).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub egress: Option<String>,
+    /// Why the flow ended (`idle`, `closed`, `policy_expired`, `job_ended`, `policy_gone`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end: Option<&'static str>,
+    /// Flow ends: bytes sandbox → internet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_out: Option<u64>,
+    /// Flow ends: bytes internet → sandbox.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_in: Option<u64>,
+    /// Flow ends: packets sandbox → internet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packets_out: Option<u32>,
+    /// Flow ends: packets internet → sandbox.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packets_in: Option<u32>,
+    /// Flow ends: first to last packet, milliseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Job ended: flows removed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flows: Option<u64>,
+    /// Lines of this job left out (over its per-job budget) since its previous line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<u64>,
 }
 
 fn rfc3339(unix_secs: u64) -> String {
@@ -86,7 +113,97 @@ fn proto_name(p: snas_wire::L4Proto) -> &'static str {
     }
 }
 
+/// The lower-case name of a conntrack protocol.
+pub fn ip_proto_name(p: IpProto) -> &'static str {
+    match p {
+        IpProto::Tcp => "tcp",
+        IpProto::Udp => "udp",
+        IpProto::Icmp => "icmp",
+        IpProto::Icmpv6 => "icmpv6",
+    }
+}
+
+fn nonzero(n: u64) -> Option<u64> {
+    (n > 0).then_some(n)
+}
+
 impl AuditLine {
+    /// The line of an engine event.
+    pub fn from_event(e: &AuditEvent) -> AuditLine {
+        match e {
+            AuditEvent::Decision(r) => AuditLine::from_flow(r),
+            AuditEvent::FlowEnd(r) => AuditLine::from_flow_end(r),
+            AuditEvent::JobEnded(r) => {
+                let mut line =
+                    AuditLine::job_ended(r.job_key, Some((&r.tenant, &r.job)), r.unix_secs);
+                line.flows = Some(r.flows);
+                line
+            }
+        }
+    }
+
+    /// The line of the end of a flow.
+    pub fn from_flow_end(r: &FlowEndRecord) -> AuditLine {
+        let c = r.counters;
+        AuditLine {
+            time: rfc3339(r.unix_secs),
+            tier: 2,
+            kind: "flow_end",
+            action: "end",
+            tenant: r.tenant.to_string(),
+            job: r.job.to_string(),
+            job_key: format!("{:016x}", r.job_key),
+            proto: ip_proto_name(r.proto).into(),
+            src: Some(std::net::SocketAddr::from(r.src).to_string()),
+            dst: Some(r.dst.0),
+            port: Some(r.dst.1),
+            hostname: r.hostname.as_ref().map(|h| h.to_string()),
+            rule: None,
+            reason: None,
+            bytes: c.bytes_out.saturating_add(c.bytes_in),
+            egress: Some(std::net::SocketAddr::from(r.egress).to_string()),
+            end: Some(r.end.name()),
+            bytes_out: Some(c.bytes_out),
+            bytes_in: Some(c.bytes_in),
+            packets_out: Some(c.packets_out),
+            packets_in: Some(c.packets_in),
+            duration_ms: Some(u64::try_from(r.duration.as_millis()).unwrap_or(u64::MAX)),
+            flows: None,
+            suppressed: nonzero(r.suppressed),
+        }
+    }
+
+    /// The line of a job its node said ended (`names`: tenant and job, if the policy is held).
+    pub fn job_ended(job_key: u64, names: Option<(&str, &str)>, unix_secs: u64) -> AuditLine {
+        let (tenant, job) = names.unwrap_or(("", ""));
+        AuditLine {
+            time: rfc3339(unix_secs),
+            tier: 2,
+            kind: "job",
+            action: "end",
+            tenant: tenant.to_owned(),
+            job: job.to_owned(),
+            job_key: format!("{job_key:016x}"),
+            proto: String::new(),
+            src: None,
+            dst: None,
+            port: None,
+            hostname: None,
+            rule: None,
+            reason: Some("job_ended"),
+            bytes: 0,
+            egress: None,
+            end: None,
+            bytes_out: None,
+            bytes_in: None,
+            packets_out: None,
+            packets_in: None,
+            duration_ms: None,
+            flows: None,
+            suppressed: None,
+        }
+    }
+
     /// The line of a tier-2 flow decision.
     pub fn from_flow(r: &AuditRecord) -> AuditLine {
         AuditLine {
@@ -104,8 +221,16 @@ impl AuditLine {
             hostname: r.hostname.as_ref().map(|h| h.to_string()),
             rule: r.rule,
             reason: r.reason.map(|x| x.name()),
-            bytes: 0,
+            bytes: r.bytes,
             egress: r.egress.map(|e| std::net::SocketAddr::from(e).to_string()),
+            end: None,
+            bytes_out: None,
+            bytes_in: None,
+            packets_out: None,
+            packets_in: None,
+            duration_ms: None,
+            flows: None,
+            suppressed: nonzero(r.suppressed),
         }
     }
 }

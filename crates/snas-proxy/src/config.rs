@@ -12,8 +12,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
+
+use crate::budget::QueueLimits;
+use crate::hold::{HoldConfig, HoldQueue};
+use crate::infra::{self, METADATA};
 
 /// The GENEVE UDP port (contract).
 pub const GENEVE_PORT: u16 = 6081;
@@ -47,8 +51,18 @@ pub struct ProxyConfig {
     pub resolver_listen: SocketAddr,
     /// Upstream DNS servers (the only ones used).
     pub upstream_dns: Vec<SocketAddr>,
-    /// Control endpoint (HTTP): health, metrics, drain, bindings, flows.
+    /// Management endpoint (HTTP): health, metrics, flows, drain/undrain. Loopback by default:
+    /// it must never be reachable from a data path.
+    #[serde(default = "default_control_listen")]
     pub control_listen: SocketAddr,
+    /// File holding the bearer token `POST /v1/drain` and `/v1/undrain` require (≥ 16
+    /// characters). Without it those routes answer 403.
+    #[serde(default)]
+    pub control_token_file: Option<PathBuf>,
+    /// Service endpoint (HTTP) for nodes and peers: health, peer bindings, job ended. Default
+    /// `<underlay_addr>:9090` ([`ProxyConfig::service_addr`]).
+    #[serde(default)]
+    pub service_listen: Option<SocketAddr>,
     /// Audit log (JSON lines, appended).
     pub audit_log: PathBuf,
     /// State directory (created if missing).
@@ -90,6 +104,67 @@ pub struct ProxyConfig {
     /// Per-tenant port quotas by tenant name (overrides `max_ports_per_tenant`).
     #[serde(default)]
     pub tenant_quotas: std::collections::BTreeMap<String, u32>,
+    /// Infrastructure prefixes (underlay and management networks, other fleets' addresses) no
+    /// job may reach whatever its policy says, in addition to what the proxy knows itself (see
+    /// [`ProxyConfig::infrastructure_set`]).
+    #[serde(default)]
+    pub infrastructure: Vec<IpNet>,
+    /// Packets of one job held while its policy is fetched.
+    #[serde(default = "default_hold_job_packets")]
+    pub hold_job_packets: u32,
+    /// Bytes of one job held while its policy is fetched.
+    #[serde(default = "default_hold_job_bytes")]
+    pub hold_job_bytes: u64,
+    /// Packets held over all jobs.
+    #[serde(default = "default_hold_total_packets")]
+    pub hold_total_packets: u32,
+    /// Bytes held over all jobs.
+    #[serde(default = "default_hold_total_bytes")]
+    pub hold_total_bytes: u64,
+    /// Packets one job may have in one worker's pacing queue.
+    #[serde(default = "default_pacing_queue_job_packets")]
+    pub pacing_queue_job_packets: u32,
+    /// Bytes one job may have in one worker's pacing queue.
+    #[serde(default = "default_pacing_queue_job_bytes")]
+    pub pacing_queue_job_bytes: u64,
+    /// Packets in one worker's pacing queue, over all jobs.
+    #[serde(default = "default_pacing_queue_total_packets")]
+    pub pacing_queue_total_packets: u32,
+    /// Bytes in one worker's pacing queue, over all jobs.
+    #[serde(default = "default_pacing_queue_total_bytes")]
+    pub pacing_queue_total_bytes: u64,
+    /// Audit lines one job may produce per second (burst twice that); the rest are counted and
+    /// the job's next line says how many were left out.
+    #[serde(default = "default_audit_lines_per_job_per_sec")]
+    pub audit_lines_per_job_per_sec: u32,
+}
+
+fn default_hold_job_packets() -> u32 {
+    HoldConfig::default().job_packets
+}
+fn default_hold_job_bytes() -> u64 {
+    HoldConfig::default().job_bytes
+}
+fn default_hold_total_packets() -> u32 {
+    HoldConfig::default().total_packets
+}
+fn default_hold_total_bytes() -> u64 {
+    HoldConfig::default().total_bytes
+}
+fn default_pacing_queue_job_packets() -> u32 {
+    QueueLimits::default().job_packets
+}
+fn default_pacing_queue_job_bytes() -> u64 {
+    QueueLimits::default().job_bytes
+}
+fn default_pacing_queue_total_packets() -> u32 {
+    QueueLimits::default().total_packets
+}
+fn default_pacing_queue_total_bytes() -> u64 {
+    QueueLimits::default().total_bytes
+}
+fn default_audit_lines_per_job_per_sec() -> u32 {
+    200
 }
 
 fn default_max_ports_per_job() -> u32 {
@@ -97,6 +172,13 @@ fn default_max_ports_per_job() -> u32 {
 }
 fn default_max_ports_per_tenant() -> u32 {
     crate::nat::NatConfig::new(Vec::new()).max_ports_per_tenant
+}
+
+/// Default port of the management and service endpoints.
+pub const DEFAULT_HTTP_PORT: u16 = 9090;
+
+fn default_control_listen() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, DEFAULT_HTTP_PORT))
 }
 
 fn default_agent_policy_port() -> u16 {
@@ -202,6 +284,16 @@ impl ProxyConfig {
         if self.tun_name.is_empty() || self.tun_name.len() > 15 {
             return Err(bad("tun_name", "must be 1 to 15 bytes (IFNAMSIZ)".into()));
         }
+        if !self
+            .tun_name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        {
+            return Err(bad(
+                "tun_name",
+                "only letters, digits, `_`, `.` and `-` (it also names the nftables guard)".into(),
+            ));
+        }
         if self.upstream_dns.is_empty() {
             return Err(bad("upstream_dns", "at least one server is needed".into()));
         }
@@ -234,6 +326,60 @@ impl ProxyConfig {
         if self.fetch_timeout_ms == 0 {
             return Err(bad("fetch_timeout_ms", "must be greater than zero".into()));
         }
+        let service = self.service_addr();
+        // Port 0 asks the kernel for a free port for each socket: never a clash.
+        let clash = self.control_listen.port() == service.port()
+            && service.port() != 0
+            && (self.control_listen.ip() == service.ip()
+                || self.control_listen.ip().is_unspecified()
+                || service.ip().is_unspecified());
+        if clash {
+            return Err(bad(
+                "control_listen",
+                format!(
+                    "{} overlaps `service_listen` ({service}): the management endpoint needs its \
+                     own address (default 127.0.0.1:{DEFAULT_HTTP_PORT})",
+                    self.control_listen
+                ),
+            ));
+        }
+        if let Err(e) = HoldQueue::new(self.hold_config()) {
+            let field = match e {
+                crate::hold::HoldConfigError::Zero(f)
+                | crate::hold::HoldConfigError::JobAboveTotal(f) => f,
+            };
+            let field = match field {
+                "job_packets" => "hold_job_packets",
+                "job_bytes" => "hold_job_bytes",
+                "total_packets" => "hold_total_packets",
+                "total_bytes" => "hold_total_bytes",
+                _ => "fetch_timeout_ms",
+            };
+            return Err(bad(field, e.to_string()));
+        }
+        let q = self.pacing_queue_limits();
+        for (field, zero) in [
+            ("pacing_queue_job_packets", q.job_packets == 0),
+            ("pacing_queue_job_bytes", q.job_bytes == 0),
+            (
+                "pacing_queue_total_packets",
+                q.total_packets < q.job_packets,
+            ),
+            ("pacing_queue_total_bytes", q.total_bytes < q.job_bytes),
+        ] {
+            if zero {
+                return Err(bad(
+                    field,
+                    "must be at least 1, and a total at least its per-job bound".into(),
+                ));
+            }
+        }
+        if self.audit_lines_per_job_per_sec == 0 {
+            return Err(bad(
+                "audit_lines_per_job_per_sec",
+                "must be at least 1".into(),
+            ));
+        }
         if !self.peers.is_empty() && self.peer_secret_file.is_none() {
             return Err(bad(
                 "peer_secret_file",
@@ -241,6 +387,32 @@ impl ProxyConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Every prefix no job may reach: `infrastructure` plus what the proxy knows about itself —
+    /// its underlay address, every node, every peer, the egress pool, the addresses it listens
+    /// on (unspecified ones excepted: those are the namespace's local addresses, which the
+    /// start-up guard covers), the upstream DNS servers and the cloud metadata endpoints
+    /// ([`METADATA`]). Not aggregated (see [`crate::infra::InfraSet`]).
+    pub fn infrastructure_set(&self) -> Vec<IpNet> {
+        let mut out = self.infrastructure.clone();
+        out.push(infra::host(IpAddr::V4(self.underlay_addr)));
+        out.extend(self.nodes.iter().map(|n| infra::host(IpAddr::V4(*n))));
+        out.extend(self.peers.iter().map(|n| infra::host(IpAddr::V4(*n))));
+        out.extend(self.egress_pool.iter().map(|n| IpNet::V4(n.trunc())));
+        out.extend(
+            [
+                self.resolver_listen.ip(),
+                self.control_listen.ip(),
+                self.service_addr().ip(),
+            ]
+            .into_iter()
+            .filter(|ip| !ip.is_unspecified())
+            .map(infra::host),
+        );
+        out.extend(self.upstream_dns.iter().map(|s| infra::host(s.ip())));
+        out.extend(METADATA);
+        out
     }
 
     /// The egress addresses: the host addresses of every pool prefix, in order.
@@ -251,6 +423,33 @@ impl ProxyConfig {
         }
         out.dedup();
         out
+    }
+
+    /// Where the service endpoint listens: `service_listen`, or `<underlay_addr>:9090`.
+    pub fn service_addr(&self) -> SocketAddr {
+        self.service_listen
+            .unwrap_or_else(|| SocketAddr::from((self.underlay_addr, DEFAULT_HTTP_PORT)))
+    }
+
+    /// Bounds of the hold queue; held packets wait at most the fetch timeout.
+    pub fn hold_config(&self) -> HoldConfig {
+        HoldConfig {
+            job_packets: self.hold_job_packets,
+            job_bytes: self.hold_job_bytes,
+            total_packets: self.hold_total_packets,
+            total_bytes: self.hold_total_bytes,
+            max_wait: self.fetch_timeout(),
+        }
+    }
+
+    /// Bounds of each worker's pacing queue.
+    pub fn pacing_queue_limits(&self) -> QueueLimits {
+        QueueLimits {
+            job_packets: self.pacing_queue_job_packets,
+            job_bytes: self.pacing_queue_job_bytes,
+            total_packets: self.pacing_queue_total_packets,
+            total_bytes: self.pacing_queue_total_bytes,
+        }
     }
 
     /// Policy fetch timeout.

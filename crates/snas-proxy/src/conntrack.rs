@@ -14,7 +14,7 @@
 //!   `snas_wire::FiveTuple` does) set the remote side to 0 before calling.
 //!
 //! # Layout and memory
-//! Flows live in a slab (`Vec<Flow>`, one 80-byte entry each, free list for reuse). Both lookup
+//! Flows live in a slab (`Vec<Flow>`, one 104-byte entry each, free list for reuse). Both lookup
 //! tables are SwissTables of 4-byte flow indices that hash and compare through the slab entry,
 //! so a key is stored once and each table costs about 5–10 bytes per flow. Expiry uses a
 //! [`TimerWheel`] of (index, timer-token) pairs with lazy re-check: a packet only stamps
@@ -22,6 +22,12 @@
 //! re-inserted if the flow was active. A state change to a shorter timeout inserts a new entry and
 //! bumps the token, turning the old one stale. So lookup, insert, observe and expiry are O(1)
 //! amortised. [`Conntrack::memory`] reports the bytes; `docs/proxy-core.md` has the figures.
+//!
+//! # Counters
+//! Every flow counts packets and bytes (IP packet length, a GSO super-packet counted once as
+//! one packet) in each direction and remembers when it was created, so that the end of a flow
+//! (expiry, [`Conntrack::remove`], [`Conntrack::remove_job`]) yields a [`RemovedFlow`] with its
+//! totals and duration. Packet counts saturate at `u32::MAX`.
 //!
 //! # TCP states (enough to time out correctly; no sequence tracking)
 //! `SynSent` (every new TCP flow) → `Established` on a reply SYN+ACK; a FIN in either direction
@@ -33,6 +39,10 @@
 //! - Every live flow is in both tables and holds exactly one live NAT lease; removing a flow
 //!   (expiry or [`Conntrack::remove`]) puts its port in quarantine.
 //! - [`FlowId`]s carry a generation: a stale id never reaches a newer flow in the same slot.
+//! - A job's tenant is fixed by its first live flow (NAT quotas are charged to it until its last
+//!   flow is gone): job keys come from signed policies, which name one tenant.
+//! - Expiry timer tokens are 16 bits: a wrapped token that matches a stale wheel entry only makes
+//!   that entry recompute the flow's real deadline, which is always correct.
 //! - At most [`ConntrackConfig::max_flows`] flows; beyond that new flows are refused with
 //!   [`Reason::PortsExhausted`] (the proxy has no room for another NAT entry).
 
@@ -237,6 +247,19 @@ pub enum Open {
     Refused(Reason),
 }
 
+/// Packets and bytes of a flow, each way (IP packet lengths).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlowCounters {
+    /// Packets sandbox → internet (saturating).
+    pub packets_out: u32,
+    /// Packets internet → sandbox (saturating).
+    pub packets_in: u32,
+    /// Bytes sandbox → internet.
+    pub bytes_out: u64,
+    /// Bytes internet → sandbox.
+    pub bytes_in: u64,
+}
+
 /// A read-only view of a flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowInfo {
@@ -252,6 +275,17 @@ pub struct FlowInfo {
     pub state: FlowState,
     /// Last packet seen (either direction).
     pub last_seen: Nanos,
+    /// When the flow was created.
+    pub created: Nanos,
+    /// Packets and bytes each way.
+    pub counters: FlowCounters,
+}
+
+impl FlowInfo {
+    /// Time from the first to the last packet.
+    pub fn duration(&self) -> std::time::Duration {
+        self.last_seen.saturating_duration_since(self.created)
+    }
 }
 
 /// A flow that has been removed (expired or closed); its port is in quarantine.
@@ -259,25 +293,47 @@ pub type RemovedFlow = FlowInfo;
 
 const FIN_ORIGINAL: u8 = 1;
 const FIN_REPLY: u8 = 2;
+/// In `Flow::flags`: the slot holds a live flow.
+const LIVE: u8 = 0x80;
 
+// Field order is the compiler's; the size is what counts (see `FLOW_ENTRY_BYTES` and the
+// memory figures in docs/proxy-core.md): keep it at 104 bytes.
 #[derive(Debug, Clone)]
 struct Flow {
     job: u64,
     last_seen: Nanos,
+    created: Nanos,
+    bytes: [u64; 2],
+    packets: [u32; 2],
     src_ip: IpAddr,
     dst_ip: IpAddr,
     src_port: u16,
     dst_port: u16,
     nat_port: u16,
     egress: u16,
-    tenant: u32,
     dest: u32,
     generation: u32,
-    timer: u32,
+    timer: u16,
     proto: IpProto,
     state: FlowState,
-    fins: u8,
-    live: bool,
+    /// `FIN_ORIGINAL | FIN_REPLY` seen, and `LIVE`.
+    flags: u8,
+}
+
+impl Flow {
+    fn live(&self) -> bool {
+        self.flags & LIVE != 0
+    }
+}
+
+/// Per-job state: the tenant NAT quotas are charged to, and the counts.
+#[derive(Debug, Clone, Copy)]
+struct JobEntry {
+    tenant: u32,
+    /// Live flows (closed ones waiting to expire included).
+    live: u32,
+    /// Live flows that are not closed: the `max_connections` count.
+    open: u32,
 }
 
 /// The connection tracker. See the module documentation.
@@ -294,10 +350,9 @@ pub struct Conntrack {
     wheel: TimerWheel<(u32, u32)>,
     due: Vec<(u32, u32)>,
     nat: PortAllocator,
-    /// Flows per job that are not closed: the `max_connections` count. A closed TCP flow keeps
-    /// its entry (and NAT port) until it expires, so late ACKs and FINs still translate, but it
-    /// is no longer a connection.
-    open_by_job: std::collections::HashMap<u64, u32>,
+    /// Jobs with live flows. A closed TCP flow keeps its entry (and NAT port) until it expires,
+    /// so late ACKs and FINs still translate, but it is no longer an open connection.
+    jobs: std::collections::HashMap<u64, JobEntry>,
 }
 
 /// An address as 128 bits (IPv4 as its v4-mapped form) for hashing; equality always compares
@@ -434,7 +489,7 @@ impl Conntrack {
             wheel: TimerWheel::new(cfg.expiry_granularity, span, now)?,
             due: Vec::new(),
             nat: PortAllocator::new(cfg.nat)?,
-            open_by_job: std::collections::HashMap::new(),
+            jobs: std::collections::HashMap::new(),
         })
     }
 
@@ -461,16 +516,20 @@ impl Conntrack {
     /// Open connections of `job`: live flows that are not closed (exact; this is the
     /// `max_connections` count).
     pub fn open_connections_of_job(&self, job: u64) -> u32 {
-        self.open_by_job.get(&job).copied().unwrap_or(0)
+        self.jobs.get(&job).map_or(0, |j| j.open)
+    }
+
+    /// Jobs with live flows.
+    pub fn jobs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.jobs.keys().copied()
     }
 
     fn count_open(&mut self, job: u64, opened: bool) {
-        if opened {
-            *self.open_by_job.entry(job).or_insert(0) += 1;
-        } else if let Some(n) = self.open_by_job.get_mut(&job) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.open_by_job.remove(&job);
+        if let Some(j) = self.jobs.get_mut(&job) {
+            if opened {
+                j.open += 1;
+            } else {
+                j.open = j.open.saturating_sub(1);
             }
         }
     }
@@ -534,7 +593,7 @@ impl Conntrack {
     fn get(&self, id: FlowId) -> Option<&Flow> {
         self.flows
             .get(id.index as usize)
-            .filter(|f| f.live && f.generation == id.generation)
+            .filter(|f| f.live() && f.generation == id.generation)
     }
 
     /// A view of a live flow; `None` for a stale id.
@@ -552,17 +611,26 @@ impl Conntrack {
                 dst_ip: f.dst_ip,
                 dst_port: f.dst_port,
             },
-            tenant: f.tenant,
+            tenant: self.jobs.get(&f.job).map_or(0, |j| j.tenant),
             egress_ip: self.nat.egress_ip(f.egress),
             egress_port: f.nat_port,
             state: f.state,
             last_seen: f.last_seen,
+            created: f.created,
+            counters: FlowCounters {
+                packets_out: f.packets[0],
+                packets_in: f.packets[1],
+                bytes_out: f.bytes[0],
+                bytes_in: f.bytes[1],
+            },
         }
     }
 
     /// Creates the flow for `key` (or finds the existing one), allocating its NAT tuple under
     /// the job's `limits`. The policy decision (is this destination allowed?) and the
-    /// `new_connections_per_sec` bucket come before this call.
+    /// `new_connections_per_sec` bucket come before this call. `tenant` is used for the job's
+    /// first live flow; later flows of the job keep that tenant (see the invariants). The new
+    /// flow's counters are zero: count its first packet with [`Conntrack::observe`].
     pub fn open(&mut self, key: FlowKey, tenant: u32, limits: JobLimits, now: Nanos) -> Open {
         if let Some(id) = self.lookup(&key) {
             return Open::Existing(id);
@@ -570,6 +638,7 @@ impl Conntrack {
         if self.live >= self.max_flows {
             return Open::Refused(Reason::PortsExhausted);
         }
+        let tenant = self.jobs.get(&key.job).map_or(tenant, |j| j.tenant);
         let owner = Owner {
             job: key.job,
             tenant,
@@ -610,20 +679,21 @@ impl Conntrack {
         let flow = Flow {
             job: key.job,
             last_seen: now,
+            created: now,
+            bytes: [0; 2],
+            packets: [0; 2],
             src_ip: key.src_ip,
             dst_ip: key.dst_ip,
             src_port: key.src_port,
             dst_port: key.dst_port,
             nat_port: lease.egress_port,
             egress: lease.egress_index,
-            tenant,
             dest: lease.dest_id,
             generation,
             timer,
             proto: key.proto,
             state,
-            fins: 0,
-            live: true,
+            flags: LIVE,
         };
         if (index as usize) < self.flows.len() {
             self.flows[index as usize] = flow;
@@ -641,9 +711,17 @@ impl Conntrack {
         self.rev
             .insert_unique(hr, index, |&i| flow_rev_hash(hasher, &flows[i as usize]));
         self.live += 1;
-        self.count_open(key.job, true);
-        self.wheel
-            .insert(now.saturating_add(self.timeouts.of(state)), (index, timer));
+        let j = self.jobs.entry(key.job).or_insert(JobEntry {
+            tenant,
+            live: 0,
+            open: 0,
+        });
+        j.live += 1;
+        j.open += 1;
+        self.wheel.insert(
+            now.saturating_add(self.timeouts.of(state)),
+            (index, u32::from(timer)),
+        );
         Open::Created {
             id: FlowId { index, generation },
             egress_ip: lease.egress_ip,
@@ -651,19 +729,23 @@ impl Conntrack {
         }
     }
 
-    /// Records a packet of flow `id` going `dir` with TCP `flags` (ignored for UDP/ICMP) at
-    /// `now`; returns the new state, or `None` for a stale id.
+    /// Records a packet of `len` bytes (its IP length) of flow `id` going `dir` with TCP
+    /// `flags` (ignored for UDP/ICMP) at `now`; returns the new state, or `None` for a stale id.
     pub fn observe(
         &mut self,
         id: FlowId,
         dir: Direction,
         flags: TcpFlags,
+        len: u32,
         now: Nanos,
     ) -> Option<FlowState> {
         self.get(id)?;
         let timeouts = self.timeouts;
         let f = &mut self.flows[id.index as usize];
         f.last_seen = f.last_seen.max(now);
+        let d = usize::from(dir == Direction::Reply);
+        f.packets[d] = f.packets[d].saturating_add(1);
+        f.bytes[d] = f.bytes[d].saturating_add(u64::from(len));
         let old = f.state;
         let new = match old {
             FlowState::UdpUnreplied if dir == Direction::Reply => FlowState::UdpReplied,
@@ -674,18 +756,18 @@ impl Conntrack {
                     && flags.contains(TcpFlags::SYN)
                     && !flags.contains(TcpFlags::ACK)
                 {
-                    f.fins = 0;
+                    f.flags &= LIVE;
                     FlowState::TcpSynSent
                 } else {
                     old
                 }
             }
             _ if flags.contains(TcpFlags::FIN) => {
-                f.fins |= match dir {
+                f.flags |= match dir {
                     Direction::Original => FIN_ORIGINAL,
                     Direction::Reply => FIN_REPLY,
                 };
-                if f.fins == FIN_ORIGINAL | FIN_REPLY {
+                if f.flags & (FIN_ORIGINAL | FIN_REPLY) == FIN_ORIGINAL | FIN_REPLY {
                     FlowState::TcpClosed
                 } else {
                     FlowState::TcpClosing
@@ -709,7 +791,7 @@ impl Conntrack {
         if timeouts.of(new) < timeouts.of(old) {
             // The pending entry is too late now: replace it.
             f.timer = f.timer.wrapping_add(1);
-            let entry = (id.index, f.timer);
+            let entry = (id.index, u32::from(f.timer));
             self.wheel
                 .insert(now.saturating_add(timeouts.of(new)), entry);
         }
@@ -738,12 +820,18 @@ impl Conntrack {
         if info.state != FlowState::TcpClosed {
             self.count_open(info.key.job, false);
         }
+        if let Some(j) = self.jobs.get_mut(&info.key.job) {
+            j.live = j.live.saturating_sub(1);
+            if j.live == 0 {
+                self.jobs.remove(&info.key.job);
+            }
+        }
         let f = &mut self.flows[index as usize];
-        f.live = false;
+        f.flags = 0;
         f.timer = f.timer.wrapping_add(1);
         let owner = Owner {
             job: f.job,
-            tenant: f.tenant,
+            tenant: info.tenant,
         };
         let lease = NatLease {
             egress_ip: info.egress_ip,
@@ -771,7 +859,7 @@ impl Conntrack {
         self.flows
             .iter()
             .enumerate()
-            .filter(|(_, f)| f.live)
+            .filter(|(_, f)| f.live())
             .map(|(i, f)| {
                 (
                     FlowId {
@@ -784,13 +872,29 @@ impl Conntrack {
     }
 
     /// Removes every flow of `job` (job ended or its policy was revoked); their ports go into
-    /// quarantine. O(slab size): an administrative operation, not a per-packet one.
+    /// quarantine. O(slab size): an administrative operation, not a per-packet one; to end
+    /// several jobs, [`Conntrack::remove_jobs`] does it in one pass.
     pub fn remove_job(&mut self, job: u64, now: Nanos) -> Vec<RemovedFlow> {
+        self.remove_jobs(&[job], now)
+    }
+
+    /// Removes every flow of the `jobs` in one pass over the slab (none at all when none of
+    /// them has a live flow).
+    pub fn remove_jobs(&mut self, jobs: &[u64], now: Nanos) -> Vec<RemovedFlow> {
+        let mut with_flows: Vec<u64> = jobs
+            .iter()
+            .copied()
+            .filter(|j| self.jobs.contains_key(j))
+            .collect();
+        if with_flows.is_empty() {
+            return Vec::new();
+        }
+        with_flows.sort_unstable();
         let indices: Vec<u32> = self
             .flows
             .iter()
             .enumerate()
-            .filter(|(_, f)| f.live && f.job == job)
+            .filter(|(_, f)| f.live() && with_flows.binary_search(&f.job).is_ok())
             .map(|(i, _)| i as u32)
             .collect();
         indices
@@ -815,6 +919,10 @@ impl Conntrack {
     pub const FLOW_ENTRY_BYTES: usize = std::mem::size_of::<Flow>();
 }
 
+// docs/proxy-core.md "Memory" (≤ 256 B per flow at 1M flows in the worst case) rests on a
+// 104-byte entry: a field added here must be paid for elsewhere.
+const _: () = assert!(Conntrack::FLOW_ENTRY_BYTES <= 104);
+
 /// Iterator over flows removed by [`Conntrack::expire`].
 #[derive(Debug)]
 pub struct Expired<'a> {
@@ -831,7 +939,7 @@ impl Iterator for Expired<'_> {
             let Some(f) = ct.flows.get(index as usize) else {
                 continue;
             };
-            if !f.live || f.timer != timer {
+            if !f.live() || u32::from(f.timer) != timer {
                 continue;
             }
             let deadline = f.last_seen.saturating_add(ct.timeouts.of(f.state));
@@ -952,23 +1060,23 @@ mod tests {
         let o = Direction::Original;
         let r = Direction::Reply;
         assert_eq!(
-            c.observe(id, o, TcpFlags::SYN, secs(0)),
+            c.observe(id, o, TcpFlags::SYN, 60, secs(0)),
             Some(FlowState::TcpSynSent)
         );
         assert_eq!(
-            c.observe(id, r, TcpFlags::SYN | TcpFlags::ACK, secs(0)),
+            c.observe(id, r, TcpFlags::SYN | TcpFlags::ACK, 60, secs(0)),
             Some(FlowState::TcpEstablished)
         );
         assert_eq!(
-            c.observe(id, o, TcpFlags::FIN | TcpFlags::ACK, secs(1)),
+            c.observe(id, o, TcpFlags::FIN | TcpFlags::ACK, 60, secs(1)),
             Some(FlowState::TcpClosing)
         );
         assert_eq!(
-            c.observe(id, r, TcpFlags::FIN | TcpFlags::ACK, secs(1)),
+            c.observe(id, r, TcpFlags::FIN | TcpFlags::ACK, 60, secs(1)),
             Some(FlowState::TcpClosed)
         );
         assert_eq!(
-            c.observe(id, o, TcpFlags::SYN, secs(2)),
+            c.observe(id, o, TcpFlags::SYN, 60, secs(2)),
             Some(FlowState::TcpSynSent)
         );
     }
@@ -978,7 +1086,7 @@ mod tests {
         let mut c = ct();
         let (id, _) = created(c.open(key(IpProto::Tcp, 1), 1, LIMITS, secs(0)));
         assert_eq!(
-            c.observe(id, Direction::Reply, TcpFlags::RST, secs(0)),
+            c.observe(id, Direction::Reply, TcpFlags::RST, 60, secs(0)),
             Some(FlowState::TcpClosed)
         );
     }
@@ -1000,9 +1108,15 @@ mod tests {
     fn activity_keeps_an_established_flow_alive() {
         let mut c = ct();
         let (id, _) = created(c.open(key(IpProto::Tcp, 1), 1, LIMITS, secs(0)));
-        c.observe(id, Direction::Reply, TcpFlags::SYN | TcpFlags::ACK, secs(1));
+        c.observe(
+            id,
+            Direction::Reply,
+            TcpFlags::SYN | TcpFlags::ACK,
+            60,
+            secs(1),
+        );
         for t in (100..10_000).step_by(100) {
-            c.observe(id, Direction::Original, TcpFlags::ACK, secs(t));
+            c.observe(id, Direction::Original, TcpFlags::ACK, 60, secs(t));
             assert_eq!(c.expire(secs(t)).count(), 0);
         }
         assert_eq!(c.expire(secs(9_900 + 3_599)).count(), 0);
@@ -1013,8 +1127,14 @@ mod tests {
     fn closing_shortens_the_timeout() {
         let mut c = ct();
         let (id, _) = created(c.open(key(IpProto::Tcp, 1), 1, LIMITS, secs(0)));
-        c.observe(id, Direction::Reply, TcpFlags::SYN | TcpFlags::ACK, secs(0));
-        c.observe(id, Direction::Original, TcpFlags::RST, secs(10));
+        c.observe(
+            id,
+            Direction::Reply,
+            TcpFlags::SYN | TcpFlags::ACK,
+            60,
+            secs(0),
+        );
+        c.observe(id, Direction::Original, TcpFlags::RST, 60, secs(10));
         assert_eq!(c.expire(secs(39)).count(), 0);
         assert_eq!(c.expire(secs(41)).count(), 1);
     }
@@ -1024,7 +1144,7 @@ mod tests {
         let mut c = ct();
         let (a, _) = created(c.open(key(IpProto::Udp, 1), 1, LIMITS, secs(0)));
         let (b, _) = created(c.open(key(IpProto::Udp, 2), 1, LIMITS, secs(0)));
-        c.observe(b, Direction::Reply, TcpFlags::NONE, secs(0));
+        c.observe(b, Direction::Reply, TcpFlags::NONE, 60, secs(0));
         let gone: Vec<_> = c.expire(secs(31)).collect();
         assert_eq!(gone.len(), 1);
         assert_eq!(c.info(a), None);
@@ -1041,7 +1161,7 @@ mod tests {
         assert_ne!(old, new);
         assert_eq!(c.info(old), None);
         assert_eq!(
-            c.observe(old, Direction::Original, TcpFlags::NONE, secs(2)),
+            c.observe(old, Direction::Original, TcpFlags::NONE, 60, secs(2)),
             None
         );
         assert!(c.info(new).is_some());
@@ -1084,10 +1204,17 @@ mod tests {
             a,
             Direction::Original,
             TcpFlags::FIN | TcpFlags::ACK,
+            60,
             secs(1),
         );
         assert_eq!(c.open_connections_of_job(7), 2);
-        c.observe(a, Direction::Reply, TcpFlags::FIN | TcpFlags::ACK, secs(1));
+        c.observe(
+            a,
+            Direction::Reply,
+            TcpFlags::FIN | TcpFlags::ACK,
+            60,
+            secs(1),
+        );
         assert_eq!(c.open_connections_of_job(7), 1);
         assert_eq!(
             c.lookup(&key(IpProto::Tcp, 1)),
@@ -1103,11 +1230,11 @@ mod tests {
         // Reopening the closed tuple with a new SYN counts again; expiry of a closed flow
         // does not count twice.
         assert_eq!(
-            c.observe(a, Direction::Original, TcpFlags::SYN, secs(2)),
+            c.observe(a, Direction::Original, TcpFlags::SYN, 60, secs(2)),
             Some(FlowState::TcpSynSent)
         );
         assert_eq!(c.open_connections_of_job(7), 3);
-        c.observe(b, Direction::Original, TcpFlags::RST, secs(2));
+        c.observe(b, Direction::Original, TcpFlags::RST, 60, secs(2));
         assert_eq!(c.open_connections_of_job(7), 2);
         c.remove(b, secs(3));
         assert_eq!(c.open_connections_of_job(7), 2);
@@ -1133,6 +1260,61 @@ mod tests {
         let live: Vec<_> = c.iter().map(|(id, _)| id).collect();
         assert_eq!(live, vec![kept]);
         assert_eq!(c.nat().job_usage(7).held, 5);
+    }
+
+    #[test]
+    fn packets_and_bytes_are_counted_each_way_and_reported_at_the_end() {
+        let mut c = ct();
+        let (id, _) = created(c.open(key(IpProto::Tcp, 1), 1, LIMITS, secs(5)));
+        c.observe(id, Direction::Original, TcpFlags::SYN, 60, secs(5));
+        c.observe(
+            id,
+            Direction::Reply,
+            TcpFlags::SYN | TcpFlags::ACK,
+            60,
+            secs(6),
+        );
+        for t in 7..17 {
+            c.observe(id, Direction::Original, TcpFlags::ACK, 1500, secs(t));
+            c.observe(id, Direction::Reply, TcpFlags::ACK, 52, secs(t));
+        }
+        let live = c.info(id).unwrap();
+        assert_eq!(live.created, secs(5));
+        assert_eq!(
+            live.counters,
+            FlowCounters {
+                packets_out: 11,
+                packets_in: 11,
+                bytes_out: 60 + 15_000,
+                bytes_in: 60 + 520,
+            }
+        );
+        let gone = c.remove(id, secs(20)).unwrap();
+        assert_eq!(gone.counters, live.counters);
+        assert_eq!(
+            gone.duration(),
+            Duration::from_secs(11),
+            "first to last packet"
+        );
+    }
+
+    #[test]
+    fn a_jobs_tenant_is_fixed_by_its_first_flow() {
+        let mut c = ct();
+        created(c.open(key(IpProto::Udp, 1), 1, LIMITS, secs(0)));
+        created(c.open(key(IpProto::Udp, 2), 2, LIMITS, secs(0)));
+        assert!(c.iter().all(|(_, f)| f.tenant == 1));
+        assert_eq!(c.nat().tenant_usage(1).live, 2);
+        assert_eq!(c.nat().tenant_usage(2).live, 0);
+        let ids: Vec<_> = c.iter().map(|(id, _)| id).collect();
+        for id in ids {
+            c.remove(id, secs(1));
+        }
+        assert_eq!(
+            c.nat().tenant_usage(1).live,
+            0,
+            "released to the same tenant"
+        );
     }
 
     #[test]

@@ -1,23 +1,35 @@
-//! The control endpoint (HTTP on `control_listen`).
+//! The proxy's two HTTP endpoints.
 //!
-//! # Routes
-//! - `GET /healthz`: 200 `ok`, or 503 `draining` while draining (agents use it to stop choosing
-//!   this proxy).
-//! - `POST /v1/drain`, `POST /v1/undrain`: set or clear draining (new flows are refused with
-//!   `draining`; established flows continue). Answer the new health text.
+//! # Management (`control_listen`, default `127.0.0.1:9090`)
+//! For operators and Prometheus; never reachable from a data path (loopback by default, and
+//! every address the proxy listens on is infrastructure, see [`crate::infra`]).
+//! - `GET /healthz`: 200 `ok`, or 503 `draining` while draining.
 //! - `GET /metrics`: Prometheus text ([`crate::metrics`]).
 //! - `GET /v1/flows`: live flows as JSON (at most [`MAX_FLOWS_LISTED`]).
-//! - `POST /v1/bindings`: a DNS binding pushed by a peer proxy (`Authorization: Bearer
-//!   <peer secret>`, compared in constant time); see [`crate::resolver::apply_peer_binding`].
+//! - `POST /v1/drain`, `POST /v1/undrain`: set or clear draining (new flows are refused with
+//!   `draining`; established flows continue); answer the new health text. They require
+//!   `Authorization: Bearer <token>` with the token of `control_token_file` (compared in constant
+//!   time): 401 without it or with another token, 403 when no token is configured.
 //!
-//! # Limits
-//! No authentication on drain/undrain: the endpoint must listen on the management (underlay)
-//! address only, which nodes and operators reach and sandboxes do not.
+//! # Service (`service_listen`, default `<underlay_addr>:9090`)
+//! Only what nodes and peers need:
+//! - `GET /healthz`: as above (agents' health checks).
+//! - `POST /v1/bindings`: a DNS binding pushed by a peer proxy (`Authorization: Bearer <peer
+//!   secret>`, compared in constant time); see [`crate::resolver::apply_peer_binding`].
+//! - `POST /v1/jobs/{job_key}/ended`: the job's node says the job ended; the proxy removes its
+//!   flows (ports into quarantine, a `flow_end` line each), held packets, pacing and rate state,
+//!   bindings and cached policy — at the engine's next housekeeping tick, a few milliseconds
+//!   later — and audits `job_ended`. Accepted only from a configured node
+//!   that is the job's node (the policy's `node`, else the node its traffic came from, else the
+//!   node its policy was fetched from): 204; 404 for a job the proxy holds nothing of; 403 from
+//!   any other address; 400 for a key that is not 16 hex digits.
+//!
+//! A route asked on the other endpoint answers 404.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -27,40 +39,86 @@ use serde::Serialize;
 use crate::daemon::Shared;
 use crate::metrics::{self, Extra};
 use crate::resolver::PeerBinding;
+use crate::tier2::FlowEnd;
 
 /// Most flows `GET /v1/flows` lists.
 pub const MAX_FLOWS_LISTED: usize = 10_000;
 
+/// The secrets the endpoints check (read from files at start-up).
+#[derive(Clone, Debug, Default)]
+pub struct Secrets {
+    /// Bearer token of drain/undrain (`control_token_file`).
+    pub control_token: Option<Arc<str>>,
+    /// Shared peer secret (`peer_secret_file`).
+    pub peer_secret: Option<Arc<str>>,
+}
+
 #[derive(Clone, Debug)]
 struct Ctl {
     shared: Arc<Shared>,
-    peer_secret: Option<Arc<str>>,
+    secrets: Secrets,
 }
 
-/// The router.
-pub fn router(shared: Arc<Shared>, peer_secret: Option<Arc<str>>) -> Router {
+/// The management router (see the module documentation).
+pub fn management_router(shared: Arc<Shared>, secrets: Secrets) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .route("/v1/drain", post(drain))
         .route("/v1/undrain", post(undrain))
         .route("/v1/flows", get(flows))
-        .route("/v1/bindings", post(bindings))
-        .with_state(Ctl {
-            shared,
-            peer_secret,
-        })
+        .with_state(Ctl { shared, secrets })
 }
 
-/// Serves the router on `listener` until the runtime stops.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
-    peer_secret: Option<Arc<str>>,
-) {
-    if let Err(e) = axum::serve(listener, router(shared, peer_secret)).await {
-        tracing::error!(error = %e, "control endpoint stopped");
+/// The service router (see the module documentation).
+pub fn service_router(shared: Arc<Shared>, secrets: Secrets) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/bindings", post(bindings))
+        .route("/v1/jobs/{job_key}/ended", post(job_ended))
+        .with_state(Ctl { shared, secrets })
+}
+
+/// Serves `router` on `listener` until the runtime stops; `what` names it in the log.
+pub async fn serve(listener: tokio::net::TcpListener, router: Router, what: &'static str) {
+    let app = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, endpoint = what, "HTTP endpoint stopped");
     }
+}
+
+/// The bearer token of an `Authorization` header, if any.
+fn bearer(headers: &HeaderMap) -> &str {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+}
+
+/// `None` when the request carries the control token; otherwise the answer to send.
+fn check_control_token(c: &Ctl, headers: &HeaderMap) -> Option<Response> {
+    let Some(token) = &c.secrets.control_token else {
+        return Some(
+            (
+                StatusCode::FORBIDDEN,
+                "drain and undrain are disabled: no `control_token_file` in the proxy \
+                 configuration\n",
+            )
+                .into_response(),
+        );
+    };
+    if secret_eq(bearer(headers).as_bytes(), token.as_bytes()) {
+        return None;
+    }
+    Some(
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer realm=\"snas-proxy\"")],
+            "missing or wrong bearer token\n",
+        )
+            .into_response(),
+    )
 }
 
 fn health(shared: &Shared) -> Response {
@@ -75,14 +133,20 @@ async fn healthz(State(c): State<Ctl>) -> Response {
     health(&c.shared)
 }
 
-async fn drain(State(c): State<Ctl>) -> Response {
+async fn drain(State(c): State<Ctl>, headers: HeaderMap) -> Response {
+    if let Some(refused) = check_control_token(&c, &headers) {
+        return refused;
+    }
     c.shared.draining.store(true, Ordering::SeqCst);
     c.shared.engine().set_draining(true);
     tracing::info!("draining: new flows refused");
     health(&c.shared)
 }
 
-async fn undrain(State(c): State<Ctl>) -> Response {
+async fn undrain(State(c): State<Ctl>, headers: HeaderMap) -> Response {
+    if let Some(refused) = check_control_token(&c, &headers) {
+        return refused;
+    }
     c.shared.draining.store(false, Ordering::SeqCst);
     c.shared.engine().set_draining(false);
     tracing::info!("undrained");
@@ -91,14 +155,31 @@ async fn undrain(State(c): State<Ctl>) -> Response {
 
 async fn metrics_text(State(c): State<Ctl>) -> Response {
     let s = &c.shared;
+    let guard = match s.guard.clone() {
+        Some(g) => tokio::task::spawn_blocking(move || g.counters())
+            .await
+            .ok()
+            .and_then(|r| {
+                r.map_err(|e| tracing::warn!(error = %e, "guard counters unreadable"))
+                    .ok()
+            }),
+        None => None,
+    };
     let snap = s.store.snapshot();
     let extra = Extra {
+        guard,
         policies: snap.len(),
         fetch_ok: s.fetcher.stats.ok.load(Ordering::Relaxed),
         fetch_failed: s.fetcher.stats.failed.load(Ordering::Relaxed),
         audit_dropped: s.audit.dropped(),
         audit_written: s.audit.written(),
         draining: s.draining.load(Ordering::Relaxed),
+        pacing_queue: s.queue_gauges.iter().fold((0, 0), |(p, b), g| {
+            (
+                p + g.0.load(Ordering::Relaxed),
+                b + g.1.load(Ordering::Relaxed),
+            )
+        }),
     };
     let text = {
         let eng = s.engine();
@@ -122,6 +203,11 @@ struct FlowJson {
     egress: String,
     state: String,
     idle_ms: u64,
+    age_ms: u64,
+    bytes_out: u64,
+    bytes_in: u64,
+    packets_out: u32,
+    packets_in: u32,
 }
 
 fn proto_name(p: crate::nat::IpProto) -> &'static str {
@@ -143,6 +229,10 @@ fn state_name(s: crate::conntrack::FlowState) -> String {
         out.push(c.to_ascii_lowercase());
     }
     out
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 async fn flows(State(c): State<Ctl>) -> Response {
@@ -175,8 +265,12 @@ async fn flows(State(c): State<Ctl>) -> Response {
                         .collect(),
                     egress: std::net::SocketAddr::from((f.egress_ip, f.egress_port)).to_string(),
                     state: state_name(f.state),
-                    idle_ms: u64::try_from(now.saturating_duration_since(f.last_seen).as_millis())
-                        .unwrap_or(u64::MAX),
+                    idle_ms: millis(now.saturating_duration_since(f.last_seen)),
+                    age_ms: millis(now.saturating_duration_since(f.created)),
+                    bytes_out: f.counters.bytes_out,
+                    bytes_in: f.counters.bytes_in,
+                    packets_out: f.counters.packets_out,
+                    packets_in: f.counters.packets_in,
                 }
             })
             .collect()
@@ -184,24 +278,21 @@ async fn flows(State(c): State<Ctl>) -> Response {
     Json(serde_json::json!({ "flows": list })).into_response()
 }
 
-/// Constant-time comparison (the length is not secret).
+/// Constant-time comparison: the time depends on the lengths only (the length of a secret is
+/// not secret), never on where the first difference is.
 pub fn secret_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+    let mut diff = u8::from(a.len() != b.len());
+    for (i, x) in a.iter().enumerate() {
+        diff |= x ^ b.get(i).copied().unwrap_or(!x);
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    std::hint::black_box(diff) == 0
 }
 
 async fn bindings(State(c): State<Ctl>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    let Some(secret) = &c.peer_secret else {
+    let Some(secret) = &c.secrets.peer_secret else {
         return (StatusCode::FORBIDDEN, "peer bindings not enabled\n").into_response();
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if !secret_eq(given.as_bytes(), secret.as_bytes()) {
+    if !secret_eq(bearer(&headers).as_bytes(), secret.as_bytes()) {
         return (StatusCode::UNAUTHORIZED, "bad peer secret\n").into_response();
     }
     let b: PeerBinding = match serde_json::from_slice(&body) {
@@ -212,4 +303,50 @@ async fn bindings(State(c): State<Ctl>, headers: HeaderMap, body: axum::body::By
         Ok(n) => (StatusCode::OK, format!("bound {n}\n")).into_response(),
         Err(e) => (StatusCode::FORBIDDEN, format!("{e}\n")).into_response(),
     }
+}
+
+async fn job_ended(
+    State(c): State<Ctl>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    Path(job_key): Path<String>,
+) -> Response {
+    let s = &c.shared;
+    let from = match peer.ip() {
+        std::net::IpAddr::V4(a) => Some(a),
+        std::net::IpAddr::V6(a) => a.to_ipv4_mapped(),
+    };
+    let Some(from) = from.filter(|a| s.cfg.nodes.contains(a)) else {
+        return (StatusCode::FORBIDDEN, "not a configured node\n").into_response();
+    };
+    let job = match (job_key.len(), u64::from_str_radix(&job_key, 16)) {
+        (16, Ok(k)) => k,
+        _ => return (StatusCode::BAD_REQUEST, "job_key must be 16 hex digits\n").into_response(),
+    };
+    let snap = s.store.snapshot();
+    let policy = snap.get(job);
+    let (known, traffic_node) = {
+        let eng = s.engine();
+        (eng.knows_job(job), eng.job_node(job))
+    };
+    if policy.is_none() && !known {
+        return (StatusCode::NOT_FOUND, "unknown job\n").into_response();
+    }
+    let pinned = policy.and_then(|p| match p.node {
+        Some(std::net::IpAddr::V4(n)) => Some(n),
+        _ => None,
+    });
+    let owner = pinned
+        .or(traffic_node)
+        .or_else(|| policy.and_then(|p| p.fetched_from));
+    if owner != Some(from) {
+        return (StatusCode::FORBIDDEN, "not the job's node\n").into_response();
+    }
+    // Carried out by the next housekeeping tick (within a few milliseconds), with the ends of
+    // every other job due then in one pass over the flow table.
+    let names = policy.map(|p| (Arc::clone(&p.tenant), Arc::clone(&p.job)));
+    s.engine().end_job(job, FlowEnd::JobEnded, names);
+    s.store.remove(job);
+    crate::metrics::add(&s.metrics.jobs_ended, 1);
+    tracing::info!(job_key = %job_key, node = %from, "job ended");
+    StatusCode::NO_CONTENT.into_response()
 }

@@ -7,7 +7,7 @@
 //!   packet through the shared [`Tier2`] engine, writes releases to the TUN device or to the
 //!   nodes with `sendmmsg`, and holds early packets in a departure-ordered queue until due.
 //! - one tokio runtime (2 threads) for everything that is not per packet: policy fetches,
-//!   policy expiry, the control endpoint and the resolver.
+//!   policy expiry, the management and service endpoints and the resolver.
 //! - the audit writer thread ([`crate::audit_log`]).
 //!
 //! # Multi-worker consistency
@@ -20,7 +20,15 @@
 //! # Pacing
 //! Tier 2 stamps each packet with a departure time. A packet due now is written at once; a
 //! later one is copied into a recycled buffer and queued; `ppoll` wakes at the earliest
-//! departure (microsecond-scale resolution) or every [`TICK`] for housekeeping.
+//! departure (microsecond-scale resolution) or every [`TICK`] for housekeeping. What one job
+//! may have queued in a worker (packets, bytes) and the worker's total are bounded
+//! ([`crate::budget::QueueBudget`]); beyond, the packet is dropped as `pacing_horizon`.
+//!
+//! # First packets
+//! A packet of a job whose policy is not cached is held by the engine ([`crate::hold`]) and a
+//! fetch is queued. When the fetch ends, the fetcher's hook marks the job ready (or drops its
+//! packets with the fetch's reason) and writes the workers' eventfd ([`crate::wake`]): a worker
+//! wakes at once and runs the held packets through the engine again, in order.
 //!
 //! # Invariants
 //! - No allocation per packet on the established path (receive buffers, refusal buffers, send
@@ -32,23 +40,29 @@
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::BinaryHeap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use ipnet::IpNet;
 use snas_policy::bundle_fs::load_trust_bundle;
+use snas_wire::Reason;
 
 use crate::audit_log::{self, AuditLine, AuditSink};
+use crate::budget::QueueBudget;
 use crate::clock::{Clock, MonotonicClock, Nanos};
 use crate::config::{ProxyConfig, GENEVE_PORT};
 use crate::gso;
+use crate::guard::Guard;
+use crate::hold::HeldPacket;
 use crate::metrics::{add, Metrics};
 use crate::pacer::PacerConfig;
 use crate::policy_fetch::{FetchConfig, Fetcher, PolicyStore};
 use crate::tier2::{Now, Tier2, Tier2Config, Verdict, GENEVE_HEADER_LEN};
 use crate::tun::{self, TunQueue};
 use crate::udp::{self, GeneveSocket, RecvBatch, SendBatch};
+use crate::wake::Wake;
 
 /// Housekeeping period (conntrack expiry, drain flag) and longest `poll` sleep.
 pub const TICK: Duration = Duration::from_millis(5);
@@ -91,6 +105,12 @@ pub struct Shared {
     pub audit: AuditSink,
     /// The monotonic clock of the engine.
     pub clock: MonotonicClock,
+    /// Wakes the workers (held packets to release).
+    pub wake: Wake,
+    /// Per worker: packets and bytes in its pacing queue (metrics).
+    pub queue_gauges: Vec<(AtomicU64, AtomicU64)>,
+    /// The nftables guard, when the data path runs.
+    pub guard: Option<Arc<Guard>>,
     stop: AtomicBool,
 }
 
@@ -116,10 +136,10 @@ impl Shared {
         }
     }
 
-    /// Sends the engine's pending audit records to the log (call with the engine locked).
+    /// Sends the engine's pending audit events to the log (call with the engine locked).
     pub fn flush_audit(&self, engine: &mut Tier2) {
-        for r in engine.drain_audit() {
-            self.audit.send(AuditLine::from_flow(&r));
+        for e in engine.drain_audit() {
+            self.audit.send(AuditLine::from_event(&e));
         }
     }
 }
@@ -136,6 +156,9 @@ pub enum DaemonError {
     /// the TUN device cannot be set up
     #[error(transparent)]
     Tun(#[from] tun::TunError),
+    /// the nftables guard cannot be installed
+    #[error(transparent)]
+    Guard(#[from] crate::guard::GuardError),
     /// a socket cannot be bound
     #[error("bind {what} {addr}: {source}")]
     Bind {
@@ -157,9 +180,11 @@ pub enum DaemonError {
         /// The error.
         source: std::io::Error,
     },
-    /// the peer secret cannot be read
-    #[error("peer secret {path}: {detail}")]
-    PeerSecret {
+    /// a secret file (`peer_secret_file`, `control_token_file`) cannot be used
+    #[error("{field} {path}: {detail}")]
+    Secret {
+        /// The configuration field naming the file.
+        field: &'static str,
         /// File.
         path: String,
         /// Why.
@@ -173,12 +198,21 @@ pub struct Daemon {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     runtime: Option<tokio::runtime::Runtime>,
+    guard: Option<Arc<Guard>>,
     control_addr: SocketAddr,
+    service_addr: SocketAddr,
     resolver_addr: SocketAddr,
 }
 
-fn engine_config(cfg: &ProxyConfig, clock_horizon: Duration) -> Tier2Config {
+fn engine_config(
+    cfg: &ProxyConfig,
+    infrastructure: Vec<IpNet>,
+    clock_horizon: Duration,
+) -> Tier2Config {
     let mut t = Tier2Config::new(cfg.underlay_addr, cfg.nodes.clone(), cfg.egress_ips());
+    t.infrastructure = infrastructure;
+    t.hold = cfg.hold_config();
+    t.audit_lines_per_sec = cfg.audit_lines_per_job_per_sec;
     t.pacer = PacerConfig {
         horizon: clock_horizon,
         ..PacerConfig::default()
@@ -200,9 +234,9 @@ impl Daemon {
         Daemon::start_with(cfg, true)
     }
 
-    /// Starts the control plane only (policy fetcher, control endpoint, resolver, audit log):
-    /// no TUN device, no GENEVE sockets, no workers. For tests of the resolver and the
-    /// control endpoint without privileges.
+    /// Starts the control plane only (policy fetcher, endpoints, resolver, audit log, the
+    /// engine's housekeeping): no TUN device, no guard, no GENEVE sockets, no workers. For
+    /// tests of the resolver and the endpoints without privileges.
     pub fn start_control_plane(cfg: ProxyConfig) -> Result<Daemon, DaemonError> {
         Daemon::start_with(cfg, false)
     }
@@ -211,12 +245,27 @@ impl Daemon {
         let io = |what| move |source| DaemonError::Io { what, source };
         std::fs::create_dir_all(&cfg.state_dir).map_err(io("create state_dir"))?;
         let trust = load_trust_bundle(&cfg.trust)?;
-        let peer_secret = match &cfg.peer_secret_file {
-            Some(p) => Some(read_secret(p)?),
-            None => None,
+        let secrets = crate::control::Secrets {
+            peer_secret: match &cfg.peer_secret_file {
+                Some(p) => Some(read_secret("peer_secret_file", p)?),
+                None => None,
+            },
+            control_token: match &cfg.control_token_file {
+                Some(p) => Some(read_secret("control_token_file", p)?),
+                None => None,
+            },
         };
         let clock = MonotonicClock::new();
-        let engine = Tier2::new(engine_config(&cfg, cfg.pacing_horizon()), clock.now())?;
+        // The infrastructure set: the configuration's, plus the underlay's on-link network.
+        let mut infrastructure = cfg.infrastructure_set();
+        if data_path {
+            let onlink = tun::onlink_prefixes(cfg.underlay_addr)?;
+            infrastructure.extend(onlink.into_iter().map(IpNet::V4));
+        }
+        let engine = Tier2::new(
+            engine_config(&cfg, infrastructure.clone(), cfg.pacing_horizon()),
+            clock.now(),
+        )?;
 
         // The data path: TUN queues and GENEVE sockets, bound here so errors surface.
         let multi = cfg.workers > 1;
@@ -225,8 +274,14 @@ impl Daemon {
         for _ in 0..n {
             queues.push(TunQueue::open(&cfg.tun_name, multi)?);
         }
+        let mut guard = None;
         if data_path {
             tun::configure(&cfg.tun_name, cfg.tun_mtu, &cfg.egress_pool)?;
+            // Before any packet can reach the device from a worker.
+            guard = Some(Arc::new(Guard::install(
+                &cfg.tun_name,
+                engine.infrastructure(),
+            )?));
         }
         let gaddr = SocketAddrV4::new(cfg.underlay_addr, GENEVE_PORT);
         let mut socks = Vec::with_capacity(n);
@@ -239,17 +294,18 @@ impl Daemon {
                 })?,
             );
         }
-        let control = std::net::TcpListener::bind(cfg.control_listen).map_err(|source| {
-            DaemonError::Bind {
-                what: "control",
-                addr: cfg.control_listen,
+        let http_listener = |what: &'static str, addr: SocketAddr| {
+            let l = std::net::TcpListener::bind(addr).map_err(|source| DaemonError::Bind {
+                what,
+                addr,
                 source,
-            }
-        })?;
-        control
-            .set_nonblocking(true)
-            .map_err(io("control listener"))?;
-        let control_addr = control.local_addr().map_err(io("control listener"))?;
+            })?;
+            l.set_nonblocking(true).map_err(io(what))?;
+            let local = l.local_addr().map_err(io(what))?;
+            Ok::<_, DaemonError>((l, local))
+        };
+        let (control, control_addr) = http_listener("control", cfg.control_listen)?;
+        let (service, service_addr) = http_listener("service", cfg.service_addr())?;
         let resolver_sockets =
             crate::resolver::bind(cfg.resolver_listen).map_err(|source| DaemonError::Bind {
                 what: "resolver",
@@ -269,6 +325,7 @@ impl Daemon {
                 agent_port: cfg.agent_policy_port,
                 timeout: cfg.fetch_timeout(),
                 negative: cfg.negative_cache(),
+                infrastructure: infrastructure.into(),
             },
         );
         let shared = Arc::new(Shared {
@@ -280,8 +337,31 @@ impl Daemon {
             metrics: Metrics::default(),
             audit,
             clock,
+            wake: Wake::new().map_err(io("wake eventfd"))?,
+            queue_gauges: (0..n).map(|_| Default::default()).collect(),
+            guard: guard.clone(),
             stop: AtomicBool::new(false),
         });
+        // The end of a fetch releases or drops the job's held packets, at once.
+        let weak = Arc::downgrade(&shared);
+        shared.fetcher.set_notify(Arc::new(move |job, outcome| {
+            let Some(s) = weak.upgrade() else {
+                return;
+            };
+            let wake = {
+                let mut eng = s.engine();
+                match outcome {
+                    Ok(()) => eng.policy_ready(job),
+                    Err(reason) => {
+                        eng.policy_failed(job, reason);
+                    }
+                }
+                eng.has_released()
+            };
+            if wake {
+                s.wake.notify();
+            }
+        }));
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -291,16 +371,27 @@ impl Daemon {
             .map_err(io("tokio runtime"))?;
         {
             let _enter = runtime.enter();
-            let listener =
+            let control =
                 tokio::net::TcpListener::from_std(control).map_err(io("control listener"))?;
+            let service =
+                tokio::net::TcpListener::from_std(service).map_err(io("service listener"))?;
             runtime.spawn(fetcher.run(queue));
             runtime.spawn(expire_policies(Arc::clone(&shared)));
+            if !data_path {
+                // No worker runs the engine's housekeeping: a task does.
+                runtime.spawn(housekeeping(Arc::clone(&shared)));
+            }
             runtime.spawn(crate::control::serve(
-                listener,
-                Arc::clone(&shared),
-                peer_secret.clone(),
+                control,
+                crate::control::management_router(Arc::clone(&shared), secrets.clone()),
+                "control",
             ));
-            crate::resolver::spawn(resolver_sockets, Arc::clone(&shared), peer_secret)
+            runtime.spawn(crate::control::serve(
+                service,
+                crate::control::service_router(Arc::clone(&shared), secrets.clone()),
+                "service",
+            ));
+            crate::resolver::spawn(resolver_sockets, Arc::clone(&shared), secrets.peer_secret)
                 .map_err(io("resolver sockets"))?;
         }
 
@@ -309,7 +400,7 @@ impl Daemon {
             let s = Arc::clone(&shared);
             let h = std::thread::Builder::new()
                 .name(format!("snas-proxy-w{i}"))
-                .spawn(move || Worker::new(s, sock, q).run())
+                .spawn(move || Worker::new(s, i, sock, q).run())
                 .map_err(io("worker thread"))?;
             workers.push(h);
         }
@@ -322,14 +413,21 @@ impl Daemon {
             shared,
             workers,
             runtime: Some(runtime),
+            guard,
             control_addr,
+            service_addr,
             resolver_addr,
         })
     }
 
-    /// Where the control endpoint listens (useful with port 0).
+    /// Where the management endpoint listens (useful with port 0).
     pub fn control_addr(&self) -> SocketAddr {
         self.control_addr
+    }
+
+    /// Where the service endpoint listens (useful with port 0).
+    pub fn service_addr(&self) -> SocketAddr {
+        self.service_addr
     }
 
     /// Where the resolver listens, UDP and TCP (useful with port 0).
@@ -355,6 +453,12 @@ impl Daemon {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_timeout(Duration::from_secs(1));
         }
+        // Last: no worker writes into the TUN device any more.
+        if let Some(g) = self.guard.take() {
+            if let Err(e) = g.remove() {
+                tracing::warn!(error = %e, "could not remove the nftables guard");
+            }
+        }
     }
 }
 
@@ -375,8 +479,11 @@ pub fn init_logging() {
         .try_init();
 }
 
-fn read_secret(p: &std::path::Path) -> Result<Arc<str>, DaemonError> {
-    let err = |detail: String| DaemonError::PeerSecret {
+/// Reads a secret file named by configuration `field` (surrounding whitespace ignored, at
+/// least 16 characters).
+fn read_secret(field: &'static str, p: &std::path::Path) -> Result<Arc<str>, DaemonError> {
+    let err = |detail: String| DaemonError::Secret {
+        field,
         path: p.display().to_string(),
         detail,
     };
@@ -397,12 +504,27 @@ async fn expire_policies(shared: Arc<Shared>) {
     }
 }
 
-/// Where a held packet goes.
+/// The engine's housekeeping when no worker runs (control plane only).
+async fn housekeeping(shared: Arc<Shared>) {
+    let mut t = tokio::time::interval(TICK);
+    loop {
+        t.tick().await;
+        let snap = shared.store.snapshot();
+        let view = snap.at(Instant::now());
+        let now = shared.now();
+        let mut eng = shared.engine();
+        eng.tick(&view, now);
+        shared.flush_audit(&mut eng);
+    }
+}
+
+/// A packet waiting in a worker's pacing queue.
 #[derive(Debug)]
 struct Held {
     depart: Nanos,
     seq: u64,
     to: Option<SocketAddrV4>,
+    job: u64,
     data: Vec<u8>,
 }
 
@@ -431,11 +553,27 @@ enum Out {
     Internet(std::ops::Range<usize>),
     Node(Ipv4Addr, std::ops::Range<usize>),
     Refuse(Ipv4Addr, usize),
-    Hold(Nanos, Option<SocketAddrV4>, std::ops::Range<usize>),
+    Hold(Nanos, Option<SocketAddrV4>, std::ops::Range<usize>, u64),
 }
+
+/// Where the buffers of a batch of packets from nodes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NodeBufs {
+    /// The receive batch.
+    Received,
+    /// Held packets whose policy arrived.
+    Released,
+}
+
+/// Pacing-queue buffers up to this size come from the small pool (most packets), larger ones
+/// (TCP super-packets) from the large pool: a queued 100-byte packet never pins 64 KiB.
+const SMALL_BUF: usize = 2048;
+/// Buffers kept for reuse per pool after a backlog drained.
+const POOL_KEEP: usize = 4096;
 
 struct Worker {
     s: Arc<Shared>,
+    index: usize,
     sock: GeneveSocket,
     tun: TunQueue,
     rx: RecvBatch,
@@ -445,8 +583,11 @@ struct Worker {
     tunlens: Vec<usize>,
     outs: Vec<Out>,
     held: BinaryHeap<Held>,
+    budget: QueueBudget,
     due: Vec<Held>,
-    pool: Vec<Vec<u8>>,
+    pool_small: Vec<Vec<u8>>,
+    pool_large: Vec<Vec<u8>>,
+    released: Vec<HeldPacket>,
     seq: u64,
     scratch: Vec<u8>,
     mtu: usize,
@@ -462,10 +603,11 @@ impl std::fmt::Debug for Worker {
 }
 
 impl Worker {
-    fn new(s: Arc<Shared>, sock: GeneveSocket, tun: TunQueue) -> Worker {
+    fn new(s: Arc<Shared>, index: usize, sock: GeneveSocket, tun: TunQueue) -> Worker {
         let batch = s.cfg.batch;
         let mtu = s.cfg.tun_mtu as usize;
         Worker {
+            index,
             rx: RecvBatch::new(batch),
             tx: SendBatch::with_capacity(batch * 2),
             refusals: (0..batch).map(|_| vec![0u8; REFUSAL_LEN]).collect(),
@@ -475,8 +617,11 @@ impl Worker {
             tunlens: vec![0; batch],
             outs: vec![Out::Nothing; batch],
             held: BinaryHeap::with_capacity(1024),
+            budget: QueueBudget::new(s.cfg.pacing_queue_limits()),
             due: Vec::with_capacity(batch),
-            pool: Vec::new(),
+            pool_small: Vec::new(),
+            pool_large: Vec::new(),
+            released: Vec::with_capacity(batch),
             seq: 0,
             scratch: vec![0u8; mtu],
             mtu,
@@ -500,6 +645,11 @@ impl Worker {
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: self.s.wake.raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         let busy = Duration::from_micros(self.s.cfg.busy_poll_us);
         while !self.s.stop.load(Ordering::Relaxed) {
@@ -519,38 +669,90 @@ impl Worker {
                 tracing::error!(error = %e, "poll failed; worker stops");
                 return;
             }
+            let mut replay = fds[2].revents & libc::POLLIN != 0;
+            if replay {
+                // A policy arrived (or failed): held packets may be released.
+                self.s.wake.clear();
+            }
             // Bounded work per wake-up so neither direction starves the other.
             for _ in 0..8 {
-                let a = self.node_batch();
+                let (a, released) = self.node_batch();
+                replay |= released;
                 let b = self.internet_batch();
                 if a == 0 && b == 0 {
                     break;
                 }
                 self.last_active = self.s.clock.now();
             }
+            if replay {
+                self.replay_released();
+            }
             self.release_due();
             self.housekeeping();
         }
     }
 
-    fn node_batch(&mut self) -> usize {
+    /// Turns a verdict about a packet from a node into what to do once the lock is released
+    /// (under the engine lock: drops are counted there).
+    fn node_out(
+        &mut self,
+        eng: &mut Tier2,
+        v: Verdict,
+        now: Nanos,
+        floor: &mut Option<Nanos>,
+    ) -> Out {
+        match v {
+            Verdict::ToInternet { range, depart, .. } if send_now(depart, now, floor) => {
+                Out::Internet(range)
+            }
+            Verdict::ToInternet { range, depart, job } => {
+                if self.budget.try_add(job, range.len() as u64) {
+                    Out::Hold(depart, None, range, job)
+                } else {
+                    eng.count_drop(Reason::PacingHorizon);
+                    Out::Nothing
+                }
+            }
+            Verdict::Refuse {
+                node, reply_len, ..
+            } => Out::Refuse(node, reply_len),
+            Verdict::Held {
+                job_key,
+                node,
+                fetch,
+            } => {
+                add(&self.s.metrics.held_packets, 1);
+                if fetch {
+                    self.s.fetcher.request(job_key, node);
+                }
+                Out::Nothing
+            }
+            Verdict::Drop(_) | Verdict::ToNode { .. } => Out::Nothing,
+        }
+    }
+
+    /// Receives and decides one batch from the nodes; returns the number of datagrams and
+    /// whether held packets became ready for release.
+    fn node_batch(&mut self) -> (usize, bool) {
         let n = match self.rx.recv(&self.sock) {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %e, "recvmmsg failed");
-                return 0;
+                return (0, false);
             }
         };
         if n == 0 {
-            return 0;
+            return (0, false);
         }
         let snap = self.s.store.snapshot();
         let view = snap.at(Instant::now());
         let now = self.s.now();
         let mut bytes = 0u64;
+        let released;
         {
-            let mut eng = self.s.engine();
-            let draining = self.s.draining.load(Ordering::Relaxed);
+            let s = Arc::clone(&self.s);
+            let mut eng = s.engine();
+            let draining = s.draining.load(Ordering::Relaxed);
             if eng.is_draining() != draining {
                 eng.set_draining(draining);
             }
@@ -560,56 +762,102 @@ impl Worker {
                 bytes += meta.len as u64;
                 let payload = &mut self.rx.bufs[i][..meta.len];
                 let v = eng.from_node(&view, *meta.src.ip(), payload, &mut self.refusals[i], now);
-                self.outs[i] = match v {
-                    Verdict::ToInternet { range, depart }
-                        if send_now(depart, now.mono, &mut floor) =>
-                    {
-                        Out::Internet(range)
-                    }
-                    Verdict::ToInternet { range, depart } => Out::Hold(depart, None, range),
-                    Verdict::Refuse {
-                        node, reply_len, ..
-                    } => Out::Refuse(node, reply_len),
-                    Verdict::NeedPolicy { job_key, node } => {
-                        add(&self.s.metrics.need_policy, 1);
-                        self.s.fetcher.request(job_key, node);
-                        Out::Nothing
-                    }
-                    Verdict::Drop(_) | Verdict::ToNode { .. } => Out::Nothing,
-                };
-                // A new-flow decision audits the packet that asked for it.
-                let inner = meta.len.saturating_sub(GENEVE_HEADER_LEN) as u64;
-                for r in eng.drain_audit() {
-                    let mut line = AuditLine::from_flow(&r);
-                    line.bytes = inner;
-                    self.s.audit.send(line);
-                }
+                self.outs[i] = self.node_out(&mut eng, v, now.mono, &mut floor);
             }
+            s.flush_audit(&mut eng);
             for (job, node) in eng.drain_refetch() {
-                self.s.fetcher.request_refetch(job, node);
+                s.fetcher.request_refetch(job, node);
             }
+            released = eng.has_released();
         }
         add(&self.s.metrics.node_rx_packets, n as u64);
         add(&self.s.metrics.node_rx_bytes, bytes);
+        self.emit_node_outs(n, NodeBufs::Received);
+        (n, released)
+    }
+
+    /// Runs held packets whose policy arrived through the engine again, in order.
+    fn replay_released(&mut self) {
+        loop {
+            self.released.clear();
+            // The snapshot is taken after the fetcher stored the policy it notified about.
+            let snap = self.s.store.snapshot();
+            let view = snap.at(Instant::now());
+            let now = self.s.now();
+            let n = {
+                let s = Arc::clone(&self.s);
+                let mut eng = s.engine();
+                let n = eng.take_released(&mut self.released, self.refusals.len());
+                let mut floor = self.held.peek().map(|h| h.depart);
+                for i in 0..n {
+                    let h = &mut self.released[i];
+                    let v = eng.from_node_released(&view, h, &mut self.refusals[i], now);
+                    self.outs[i] = self.node_out(&mut eng, v, now.mono, &mut floor);
+                }
+                s.flush_audit(&mut eng);
+                for (job, node) in eng.drain_refetch() {
+                    s.fetcher.request_refetch(job, node);
+                }
+                n
+            };
+            if n == 0 {
+                return;
+            }
+            add(&self.s.metrics.held_released, n as u64);
+            self.emit_node_outs(n, NodeBufs::Released);
+        }
+    }
+
+    fn take_buf(&mut self, len: usize) -> Vec<u8> {
+        let pool = if len <= SMALL_BUF {
+            &mut self.pool_small
+        } else {
+            &mut self.pool_large
+        };
+        let mut b = pool
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(len.max(SMALL_BUF)));
+        b.clear();
+        b
+    }
+
+    fn give_buf(&mut self, b: Vec<u8>) {
+        let pool = if b.capacity() <= SMALL_BUF {
+            &mut self.pool_small
+        } else {
+            &mut self.pool_large
+        };
+        if pool.len() < POOL_KEEP {
+            pool.push(b);
+        }
+    }
+
+    /// Does what `outs[..n]` say with the packets of `bufs` (after the engine lock is gone).
+    fn emit_node_outs(&mut self, n: usize, bufs: NodeBufs) {
         let mut refusals = 0;
         for i in 0..n {
-            match self.outs[i].clone() {
-                Out::Internet(r) => write_internet(
-                    &self.s,
-                    &self.tun,
-                    &self.rx.bufs[i][r],
-                    self.mtu,
-                    &mut self.scratch,
-                ),
-                Out::Hold(depart, to, r) => {
-                    let mut buf = self.pool.pop().unwrap_or_default();
-                    buf.clear();
-                    buf.extend_from_slice(&self.rx.bufs[i][r]);
+            let out = self.outs[i].clone();
+            match out {
+                Out::Internet(r) => {
+                    let pkt = match bufs {
+                        NodeBufs::Received => &self.rx.bufs[i][r],
+                        NodeBufs::Released => &self.released[i].payload[r],
+                    };
+                    write_internet(&self.s, &self.tun, pkt, self.mtu, &mut self.scratch);
+                }
+                Out::Hold(depart, to, r, job) => {
+                    let mut buf = self.take_buf(r.len());
+                    let pkt = match bufs {
+                        NodeBufs::Received => &self.rx.bufs[i][r],
+                        NodeBufs::Released => &self.released[i].payload[r],
+                    };
+                    buf.extend_from_slice(pkt);
                     self.seq += 1;
                     self.held.push(Held {
                         depart,
                         seq: self.seq,
                         to,
+                        job,
                         data: buf,
                     });
                 }
@@ -634,7 +882,7 @@ impl Worker {
             add(&self.s.metrics.node_tx_packets, sent as u64);
             add(&self.s.metrics.node_tx_bytes, bytes);
         }
-        n
+        self.publish_queue();
     }
 
     fn internet_batch(&mut self) -> usize {
@@ -661,7 +909,8 @@ impl Worker {
         add(&self.s.metrics.internet_rx_bytes, bytes);
         let now = self.s.now();
         {
-            let mut eng = self.s.engine();
+            let s = Arc::clone(&self.s);
+            let mut eng = s.engine();
             let mut floor = self.held.peek().map(|h| h.depart);
             for i in 0..n {
                 let inner = GENEVE_HEADER_LEN..GENEVE_HEADER_LEN + self.tunlens[i];
@@ -670,12 +919,22 @@ impl Worker {
                         node,
                         range,
                         depart,
+                        ..
                     } if send_now(depart, now.mono, &mut floor) => Out::Node(node, range),
                     Verdict::ToNode {
                         node,
                         range,
                         depart,
-                    } => Out::Hold(depart, Some(SocketAddrV4::new(node, GENEVE_PORT)), range),
+                        job,
+                    } => {
+                        if self.budget.try_add(job, range.len() as u64) {
+                            let to = SocketAddrV4::new(node, GENEVE_PORT);
+                            Out::Hold(depart, Some(to), range, job)
+                        } else {
+                            eng.count_drop(Reason::PacingHorizon);
+                            Out::Nothing
+                        }
+                    }
                     _ => Out::Nothing,
                 };
             }
@@ -684,15 +943,15 @@ impl Worker {
         for i in 0..n {
             match self.outs[i].clone() {
                 Out::Node(..) => direct += 1,
-                Out::Hold(depart, to, r) => {
-                    let mut buf = self.pool.pop().unwrap_or_default();
-                    buf.clear();
+                Out::Hold(depart, to, r, job) => {
+                    let mut buf = self.take_buf(r.len());
                     buf.extend_from_slice(&self.tunbufs[i][r]);
                     self.seq += 1;
                     self.held.push(Held {
                         depart,
                         seq: self.seq,
                         to,
+                        job,
                         data: buf,
                     });
                 }
@@ -716,6 +975,7 @@ impl Worker {
             add(&self.s.metrics.node_tx_packets, sent as u64);
             add(&self.s.metrics.node_tx_bytes, bytes);
         }
+        self.publish_queue();
         n
     }
 
@@ -723,12 +983,15 @@ impl Worker {
         let now = self.s.clock.now();
         self.due.clear();
         let due_by = now.saturating_add(PACING_SLACK);
+        let mut released = false;
         while self.held.peek().is_some_and(|h| h.depart <= due_by) {
             let Some(h) = self.held.pop() else { break };
+            released = true;
+            self.budget.remove(h.job, h.data.len() as u64);
             match h.to {
                 None => {
                     write_internet(&self.s, &self.tun, &h.data, self.mtu, &mut self.scratch);
-                    self.pool.push(h.data);
+                    self.give_buf(h.data);
                 }
                 Some(_) => self.due.push(h),
             }
@@ -743,7 +1006,23 @@ impl Worker {
             add(&self.s.metrics.node_send_failures, failed as u64);
             add(&self.s.metrics.node_tx_packets, sent as u64);
             add(&self.s.metrics.node_tx_bytes, bytes);
-            self.pool.extend(self.due.drain(..).map(|h| h.data));
+            let mut due = std::mem::take(&mut self.due);
+            for h in due.drain(..) {
+                self.give_buf(h.data);
+            }
+            self.due = due;
+        }
+        if released {
+            self.publish_queue();
+        }
+    }
+
+    /// Publishes this worker's pacing-queue occupancy (metrics gauges).
+    fn publish_queue(&self) {
+        if let Some(g) = self.s.queue_gauges.get(self.index) {
+            let (packets, bytes) = self.budget.total();
+            g.0.store(u64::from(packets), Ordering::Relaxed);
+            g.1.store(bytes, Ordering::Relaxed);
         }
     }
 
@@ -753,12 +1032,14 @@ impl Worker {
             return;
         }
         self.last_tick = now.mono;
+        let snap = self.s.store.snapshot();
+        let view = snap.at(Instant::now());
         let mut eng = self.s.engine();
         let draining = self.s.draining.load(Ordering::Relaxed);
         if eng.is_draining() != draining {
             eng.set_draining(draining);
         }
-        eng.tick(now);
+        eng.tick(&view, now);
         self.s.flush_audit(&mut eng);
     }
 }

@@ -12,6 +12,9 @@
 //!   packets when due.
 //! - [`wheel`]: the hashed timer wheel under conntrack expiry and the pacer queue.
 //! - [`bindings`]: (job, address) → names learnt by the proxy's resolver, with expiry.
+//! - [`infra`]: the infrastructure set no job may reach, whatever its policy says.
+//! - [`hold`]: first packets of jobs whose policy is being fetched.
+//! - [`budget`]: per-job audit-line budget and pacing-queue bounds.
 //! - [`tier2`]: the per-packet pipeline in both directions — GENEVE receive rules, the job's
 //!   verified policy, new-flow admission, NAT, pacing, refusals and audit records.
 //! - [`gso`]: software segmentation of TCP super-packets (pure).
@@ -19,24 +22,32 @@
 //!
 //! The daemon (`snas proxy`, operator doc `docs/proxy.md`):
 //! - [`config`]: the `proxy.toml` schema.
+//! - [`guard`]: the nftables table that keeps jobs' packets out of the proxy's namespace and off
+//!   the infrastructure (defence in depth).
 //! - [`daemon`]: wiring, data-path workers, pacing queue.
-//! - [`udp`], [`tun`]: batched GENEVE socket I/O and the TUN device (the only `unsafe`).
+//! - [`udp`], [`tun`], [`wake`]: batched GENEVE socket I/O, the TUN device and the workers'
+//!   wake-up eventfd (with [`guard`]'s `setns`, the only `unsafe`).
 //! - [`policy_fetch`]: the real policy cache and fetcher; [`http`]: its tiny client.
-//! - [`resolver`]: DNS for jobs and (job, address) bindings; [`control`]: HTTP control
-//!   endpoint; [`audit_log`]; [`metrics`].
+//! - [`resolver`]: DNS for jobs and (job, address) bindings; [`control`]: the management and
+//!   service HTTP endpoints; [`audit_log`]; [`metrics`].
 //!
 //! Operator topics (timeouts, quotas, quarantine, horizon, memory): `docs/proxy-core.md`.
 #![deny(unsafe_code)]
 
 pub mod audit_log;
 pub mod bindings;
+pub mod budget;
 pub mod clock;
 pub mod config;
 pub mod conntrack;
 pub mod control;
 pub mod daemon;
 pub mod gso;
+#[allow(unsafe_code)]
+pub mod guard;
+pub mod hold;
 pub mod http;
+pub mod infra;
 pub mod metrics;
 pub mod nat;
 pub mod pacer;
@@ -50,4 +61,6 @@ pub mod token_bucket;
 pub mod tun;
 #[allow(unsafe_code)]
 pub mod udp;
+#[allow(unsafe_code)]
+pub mod wake;
 pub mod wheel;

@@ -38,8 +38,12 @@ pub struct Metrics {
     pub node_tx_bytes: AtomicU64,
     /// Refusals (RST / ICMP) sent.
     pub refusals: AtomicU64,
-    /// Packets dropped because the job's policy was not cached yet (a fetch was queued).
-    pub need_policy: AtomicU64,
+    /// Packets held because the job's policy was not cached yet (a fetch was queued).
+    pub held_packets: AtomicU64,
+    /// Held packets released after their job's policy arrived.
+    pub held_released: AtomicU64,
+    /// Jobs ended by their node (`POST /v1/jobs/{job_key}/ended`).
+    pub jobs_ended: AtomicU64,
     /// TUN writes that failed (queue full, refused).
     pub tun_write_errors: AtomicU64,
     /// GENEVE datagrams to nodes the kernel refused (send buffer still full after a short
@@ -82,6 +86,10 @@ pub struct Extra {
     pub audit_written: u64,
     /// Whether draining.
     pub draining: bool,
+    /// Packets and bytes in the workers' pacing queues.
+    pub pacing_queue: (u64, u64),
+    /// The nftables guard's drops (`None`: no guard, or it could not be read).
+    pub guard: Option<crate::guard::GuardCounters>,
 }
 
 /// Destinations listed by `snas_proxy_destination_flows`.
@@ -153,16 +161,26 @@ pub fn render(m: &Metrics, engine: &Tier2, extra: Extra) -> String {
             let _ = writeln!(o, "snas_proxy_drops_total{{reason=\"{}\"}} {n}", r.name());
         }
     }
-    let simple: [(&str, &str, u64); 7] = [
+    let simple: [(&str, &str, u64); 9] = [
         (
             "snas_proxy_refusals_sent_total",
             "RST/ICMP refusals sent to nodes.",
             get(&m.refusals),
         ),
         (
-            "snas_proxy_need_policy_total",
-            "Packets dropped while their job's policy was fetched.",
-            get(&m.need_policy),
+            "snas_proxy_held_packets_total",
+            "Packets held while their job's policy was fetched.",
+            get(&m.held_packets),
+        ),
+        (
+            "snas_proxy_held_released_total",
+            "Held packets processed after their job's policy arrived.",
+            get(&m.held_released),
+        ),
+        (
+            "snas_proxy_jobs_ended_total",
+            "Jobs ended by their node.",
+            get(&m.jobs_ended),
         ),
         (
             "snas_proxy_tun_write_errors_total",
@@ -210,6 +228,11 @@ pub fn render(m: &Metrics, engine: &Tier2, extra: Extra) -> String {
         "snas_proxy_audit_lines_total{{outcome=\"dropped\"}} {}",
         extra.audit_dropped
     );
+    let _ = writeln!(
+        o,
+        "snas_proxy_audit_lines_total{{outcome=\"suppressed\"}} {}",
+        engine.audit_suppressed()
+    );
     family(
         &mut o,
         "snas_proxy_dns_queries_total",
@@ -238,8 +261,53 @@ pub fn render(m: &Metrics, engine: &Tier2, extra: Extra) -> String {
         "snas_proxy_peer_bindings_total {}",
         get(&m.peer_bindings)
     );
+    if let Some(g) = extra.guard {
+        family(
+            &mut o,
+            "snas_proxy_guard_drops_total",
+            "counter",
+            "Packets from the TUN device the namespace guard dropped (a tier-2 bug if not 0).",
+        );
+        let _ = writeln!(
+            o,
+            "snas_proxy_guard_drops_total{{hook=\"input\"}} {}",
+            g.local
+        );
+        let _ = writeln!(
+            o,
+            "snas_proxy_guard_drops_total{{hook=\"forward\"}} {}",
+            g.infrastructure
+        );
+    }
     family(&mut o, "snas_proxy_flows", "gauge", "Live flows.");
     let _ = writeln!(o, "snas_proxy_flows {}", engine.conntrack().len());
+    let (held_packets, held_bytes) = engine.held();
+    let gauges = [
+        (
+            "snas_proxy_hold_queue_packets",
+            "Packets held while their job's policy is fetched.",
+            u64::from(held_packets),
+        ),
+        (
+            "snas_proxy_hold_queue_bytes",
+            "Bytes held while their job's policy is fetched.",
+            held_bytes,
+        ),
+        (
+            "snas_proxy_pacing_queue_packets",
+            "Packets waiting in the workers' pacing queues.",
+            extra.pacing_queue.0,
+        ),
+        (
+            "snas_proxy_pacing_queue_bytes",
+            "Bytes waiting in the workers' pacing queues.",
+            extra.pacing_queue.1,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        family(&mut o, name, "gauge", help);
+        let _ = writeln!(o, "{name} {v}");
+    }
     family(
         &mut o,
         "snas_proxy_policies",

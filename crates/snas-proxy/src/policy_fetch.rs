@@ -8,17 +8,22 @@
 //! - [`Fetcher`]: asks `http://<node>:<agent_policy_port>/v1/jobs/{job_key:016x}/policy`,
 //!   verifies the token (`snas_policy::jws::verify`: signature, key id, expiry, lifetime),
 //!   checks that the policy is the one asked for (`job_key`) and, if it names a `node`, that
-//!   it is the node that sent the traffic; then compiles it ([`JobPolicy::from_verified`]).
-//!   Requests from the data path are queued without blocking, de-duplicated while in flight,
-//!   and a failure is remembered for `negative_cache` (the job's packets are dropped with the
-//!   failure's reason meanwhile instead of triggering a fetch each).
+//!   it is the node that sent the traffic; then compiles it ([`JobPolicy::from_verified`], with
+//!   the proxy's infrastructure set).
+//!   Requests from the data path are queued without blocking, de-duplicated while in flight
+//!   (so a job has at most one fetch queued or running: the queue is bounded per job), and a
+//!   failure is remembered for `negative_cache` (the job's packets are dropped with the
+//!   failure's reason meanwhile instead of triggering a fetch each). The end of every fetch is
+//!   reported to the hook set with [`Fetcher::set_notify`] (the daemon releases or drops the
+//!   job's held packets there).
 //!
 //! # Invariants
 //! - Only a policy with a higher serial replaces a cached one (refetch on a newer serial in the
 //!   option never downgrades).
 //! - A failed refetch of a cached job keeps the cached policy.
-//! - Expired policies are evicted by [`PolicyStore::evict_expired`] (the daemon calls it every
-//!   second); tier 2 also refuses them per packet.
+//! - Expired policies stay [`EXPIRED_KEEP`] past their `exp` (so tier 2 keeps refusing the job's
+//!   packets with RST/ICMP instead of fetching the expired token again), then
+//!   [`PolicyStore::evict_expired`] drops them (the daemon calls it every second).
 //!
 //! # Limits
 //! Writers copy the map (O(jobs)); fine for the hundreds to thousands of jobs a proxy serves
@@ -30,6 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use ipnet::IpNet;
 use snas_policy::bundle::TrustBundle;
 use snas_policy::jws;
 use snas_wire::Reason;
@@ -40,6 +46,26 @@ use crate::tier2::{JobPolicy, PolicyCache, PolicyLookup};
 
 /// Fetch requests queued from the data path before new ones are dropped (and counted).
 pub const FETCH_QUEUE: usize = 1024;
+
+/// How long an expired policy stays cached after its `exp` (tier 2 refuses its packets).
+pub const EXPIRED_KEEP: Duration = Duration::from_secs(600);
+
+/// Called when a fetch of a job ends: `Ok` when a policy is cached for it, `Err(reason)`
+/// otherwise.
+pub type FetchNotify = Arc<dyn Fn(u64, Result<(), Reason>) + Send + Sync>;
+
+#[derive(Default)]
+struct Notify(std::sync::OnceLock<FetchNotify>);
+
+impl std::fmt::Debug for Notify {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "Notify(set)"
+        } else {
+            "Notify(unset)"
+        })
+    }
+}
 
 /// One immutable generation of the cache.
 #[derive(Debug, Default, Clone)]
@@ -145,13 +171,15 @@ impl PolicyStore {
         });
     }
 
-    /// Drops policies expired at `unix_secs` and stale negative entries. Returns how many
-    /// policies were evicted.
+    /// Drops policies expired for [`EXPIRED_KEEP`] at `unix_secs` and stale negative entries.
+    /// Returns how many policies were evicted.
     pub fn evict_expired(&self, unix_secs: u64, now: Instant) -> usize {
         let mut evicted = 0;
         self.update(|s| {
             let before = s.ready.len() + s.rejected.len();
-            s.ready.retain(|_, p| p.expires_at_unix > unix_secs);
+            s.ready.retain(|_, p| {
+                p.expires_at_unix.saturating_add(EXPIRED_KEEP.as_secs()) > unix_secs
+            });
             evicted = before - s.rejected.len() - s.ready.len();
             s.rejected.retain(|_, (_, until)| now < *until);
             before != s.ready.len() + s.rejected.len()
@@ -174,6 +202,8 @@ pub struct FetchConfig {
     pub timeout: Duration,
     /// Negative-cache lifetime.
     pub negative: Duration,
+    /// Infrastructure prefixes every policy is compiled with (denied whatever its rules say).
+    pub infrastructure: Arc<[IpNet]>,
 }
 
 /// Fetch counters (metrics).
@@ -196,6 +226,7 @@ pub struct Fetcher {
     inflight: Mutex<HashSet<u64>>,
     refetched: Mutex<HashMap<u64, Instant>>,
     tx: mpsc::Sender<(u64, Ipv4Addr)>,
+    notify: Notify,
     /// Counters.
     pub stats: FetchStats,
 }
@@ -288,6 +319,7 @@ impl Fetcher {
             inflight: Mutex::new(HashSet::new()),
             refetched: Mutex::new(HashMap::new()),
             tx,
+            notify: Notify::default(),
             stats: FetchStats::default(),
         };
         (Arc::new(f), FetchQueue(rx))
@@ -296,6 +328,17 @@ impl Fetcher {
     /// The store this fetcher fills.
     pub fn store(&self) -> &Arc<PolicyStore> {
         &self.store
+    }
+
+    /// Sets the hook told about the end of every fetch (once; later calls are ignored).
+    pub fn set_notify(&self, f: FetchNotify) {
+        let _ = self.notify.0.set(f);
+    }
+
+    fn notify(&self, job_key: u64, outcome: Result<(), Reason>) {
+        if let Some(f) = self.notify.0.get() {
+            f(job_key, outcome);
+        }
     }
 
     /// Queues a fetch of `job_key` from `node` (data path: never blocks). Requests for a job
@@ -383,20 +426,26 @@ impl Fetcher {
             Ok(p) => {
                 self.stats.ok.fetch_add(1, Ordering::Relaxed);
                 self.store.insert(p);
-                match self.store.snapshot().get(job_key) {
+                let r = match self.store.snapshot().get(job_key) {
                     Some(p) => Ok(Arc::clone(p)),
                     None => Err(FetchError::Status {
                         job_key,
                         node,
                         status: 404,
                     }),
-                }
+                };
+                self.notify(job_key, r.as_ref().map(|_| ()).map_err(FetchError::reason));
+                r
             }
             Err(e) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "policy fetch failed");
                 self.store
                     .reject(job_key, e.reason(), Instant::now() + self.cfg.negative);
+                // A failed refetch keeps the cached policy: that is still a success for
+                // whoever waits for the job.
+                let held = self.store.snapshot().get(job_key).is_some();
+                self.notify(job_key, if held { Ok(()) } else { Err(e.reason()) });
                 Err(e)
             }
         }
@@ -443,6 +492,8 @@ impl Fetcher {
                 });
             }
         }
-        Ok(JobPolicy::from_verified(&v))
+        let mut p = JobPolicy::from_verified(&v, &self.cfg.infrastructure);
+        p.fetched_from = Some(node);
+        Ok(p)
     }
 }

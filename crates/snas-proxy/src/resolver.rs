@@ -94,13 +94,24 @@ pub struct Sockets {
     tcp: std::net::TcpListener,
 }
 
-/// Binds UDP and TCP on `addr` (port 0: one free port for both).
+/// Binds UDP and TCP on `addr` (port 0: one port free for both; the UDP port the kernel picks
+/// may be taken for TCP, so a few are tried).
 pub fn bind(addr: SocketAddr) -> std::io::Result<Sockets> {
-    let udp = std::net::UdpSocket::bind(addr)?;
-    udp.set_nonblocking(true)?;
-    let tcp = std::net::TcpListener::bind(udp.local_addr()?)?;
-    tcp.set_nonblocking(true)?;
-    Ok(Sockets { udp, tcp })
+    let attempts = if addr.port() == 0 { 32 } else { 1 };
+    let mut last = None;
+    for _ in 0..attempts {
+        let udp = std::net::UdpSocket::bind(addr)?;
+        match std::net::TcpListener::bind(udp.local_addr()?) {
+            Ok(tcp) => {
+                udp.set_nonblocking(true)?;
+                tcp.set_nonblocking(true)?;
+                return Ok(Sockets { udp, tcp });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::from(std::io::ErrorKind::AddrInUse)))
 }
 
 impl Sockets {
@@ -338,6 +349,9 @@ async fn answer(ctx: &Ctx, src: SocketAddr, q: &Message) -> Result<Message, &'st
 
 fn audit_refusal(ctx: &Ctx, p: &JobPolicy, name: &str) {
     let now = ctx.shared.now();
+    let Some(suppressed) = ctx.shared.engine().admit_audit(p.job_key, now.mono) else {
+        return;
+    };
     let r = crate::tier2::AuditRecord {
         unix_secs: now.unix_secs,
         action: crate::tier2::Action::Refuse,
@@ -351,6 +365,8 @@ fn audit_refusal(ctx: &Ctx, p: &JobPolicy, name: &str) {
         hostname: Some(Arc::from(name)),
         rule: None,
         egress: None,
+        bytes: 0,
+        suppressed,
     };
     let mut line = AuditLine::from_flow(&r);
     line.kind = "dns";
@@ -446,7 +462,7 @@ fn push_to_peers(ctx: &Ctx, job: u64, node: Ipv4Addr, name: &str, addrs: &[IpAdd
         return;
     };
     let body: Arc<[u8]> = Arc::from(body);
-    let port = ctx.shared.cfg.control_listen.port();
+    let port = ctx.shared.cfg.service_addr().port();
     for peer in &ctx.shared.cfg.peers {
         let addr = SocketAddr::from((*peer, port));
         let auth = format!("Bearer {secret}");

@@ -80,6 +80,7 @@ pub fn fill(ct: &mut Conntrack, n: u32, distinct_dests: bool) -> Result<(), Fill
                     id,
                     Direction::Reply,
                     TcpFlags::SYN | TcpFlags::ACK,
+                    60,
                     Nanos::ZERO,
                 );
             }

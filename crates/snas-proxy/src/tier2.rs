@@ -5,28 +5,47 @@
 //! - The per-packet pipeline in both directions:
 //!   - from a node ([`Tier2::from_node`]): trusted source → GENEVE receive rules → the job's
 //!     verified policy (tenant, `node`, expiry, serial) → established flow? NAT and pace :
-//!     new-flow checks in the order of the architecture (destination bound to an allowed name
-//!     or inside an allowed CIDR → port/protocol → never an always-denied range → exact
-//!     `max_connections` → `new_connections_per_sec` → SNAT) → NAT and pace;
+//!     new-flow checks in the order of the architecture (destination not infrastructure —
+//!     before any rule is consulted → destination bound to an allowed name or inside an allowed
+//!     CIDR → port/protocol → never an always-denied range → exact `max_connections` →
+//!     `new_connections_per_sec` → SNAT) → NAT and pace;
 //!   - from the internet ([`Tier2::from_internet`]): reverse NAT → pace (ingress limit) →
 //!     GENEVE header toward the job's node.
 //! - Refusals: a denied or refused new flow gets a TCP RST or an ICMP unreachable, already
 //!   behind a GENEVE header for the node, so the sandboxed app fails at once.
-//! - The audit record of every new-flow decision and per-reason drop counters.
+//! - First packets of a job whose policy is not cached yet: held ([`crate::hold`]) while the
+//!   caller fetches it, then handed back ([`Tier2::take_released`]) to be processed in order.
+//! - The end of a job: at its policy's `exp` every packet is refused (RST for any TCP segment,
+//!   RFC 793 reset generation; ICMP unreachable otherwise) and its flows, SNAT ports, pacing
+//!   and rate state are freed ([`Tier2::end_job`], carried out by the next [`Tier2::tick`] in
+//!   one pass over the flow table for all jobs ending then; [`Tier2::remove_job`] at once);
+//!   the same when its node says it ended.
+//! - Audit events: every new-flow decision and the end of every flow (packets and bytes each
+//!   way, duration), within a per-job budget ([`crate::budget::AuditBudget`]); per-reason drop
+//!   counters.
 //!
 //! # Invariants
 //! - Every packet ends in exactly one [`Verdict`]; a drop is a verdict with a [`Reason`] and is
 //!   counted, never an error.
 //! - No packet reaches the internet for a job without a policy that verified, is unexpired, names
 //!   the tenant in the option and (if pinned) the sending node.
+//! - No flow is ever opened to an infrastructure address ([`InfraSet`]: the configured set plus
+//!   this proxy's underlay address, its nodes and its egress addresses), whatever the policy.
 //! - A flow is created only from an initial packet (TCP SYN without ACK, or any UDP / ICMP echo).
 //! - No allocation per established-flow packet; buffers belong to the caller.
+//! - A job's packets leave in the order they arrived, held ones included: while packets of a
+//!   job are held, later ones join them.
+//! - Expired jobs lose their flows at the tick after their first refused packet, and within a
+//!   second of `exp` without traffic ([`Tier2::tick`] checks once per second); their packets
+//!   from nodes are refused from `exp` on.
 //!
 //! # Limits
 //! - Names are learnt only through [`Bindings`] (filled by the proxy's resolver); an address no
 //!   answer bound is decided by the CIDR rules and the `0.0.0.0` rules alone.
 //! - ICMP echo is not a policy protocol: new ICMP flows are dropped (`port_denied`).
 //! - ICMP errors from the internet about a tracked flow are dropped (`malformed`) for now.
+//! - Replies from the internet to an expired job's flows still pass until the next once-a-second
+//!   check removes the flows.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -34,6 +53,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use snas_policy::jws::VerifiedPolicy;
 use snas_policy::limits::Limits;
 use snas_policy::matcher::{Decision, DenyReason, Matcher};
@@ -43,13 +63,17 @@ use snas_wire::geneve::{parse_payload, write_geneve_header, InnerProto, SnasOpti
 use snas_wire::{Endpoint, FiveTuple, IpPacket, L4Proto, NatPacket, Reason};
 
 use crate::bindings::Bindings;
+use crate::budget::AuditBudget;
 use crate::clock::Nanos;
 use crate::conntrack::{
-    Conntrack, ConntrackConfig, ConntrackError, Direction, FlowKey, Open, ReplyKey, TcpFlags,
+    Conntrack, ConntrackConfig, ConntrackError, Direction, FlowCounters, FlowId, FlowInfo, FlowKey,
+    FlowState, Open, ReplyKey, TcpFlags,
 };
+use crate::hold::{HeldPacket, HoldConfig, HoldConfigError, HoldQueue};
+use crate::infra::{self, InfraSet};
 use crate::nat::{IpProto, JobLimits};
 use crate::pacer::{Bps, Pacer, PacerConfig, PacerError, PacingKey, PacingRates, Stamp};
-use crate::token_bucket::JobBuckets;
+use crate::token_bucket::{JobBuckets, TokenBucketError};
 
 /// Length of the GENEVE header with the SNAS option (the UDP payload prefix).
 pub const GENEVE_HEADER_LEN: usize = 28;
@@ -75,11 +99,15 @@ pub struct JobPolicy {
     pub limits: Limits,
     /// Compiled rules.
     pub matcher: Matcher,
+    /// The node whose agent served the policy (set by the fetcher; `None` for policies built
+    /// otherwise).
+    pub fetched_from: Option<Ipv4Addr>,
 }
 
 impl JobPolicy {
-    /// Compiles a verified policy.
-    pub fn from_verified(v: &VerifiedPolicy) -> JobPolicy {
+    /// Compiles a verified policy; `infrastructure` prefixes are denied by the matcher whatever
+    /// the rules say (tier 2 also refuses them before consulting the matcher at all).
+    pub fn from_verified(v: &VerifiedPolicy, infrastructure: &[IpNet]) -> JobPolicy {
         let c = v.claims();
         JobPolicy {
             job_key: v.job_key(),
@@ -90,7 +118,8 @@ impl JobPolicy {
             node: c.node,
             expires_at_unix: c.exp,
             limits: c.limits,
-            matcher: v.compile(),
+            matcher: snas_policy::matcher::compile_with(c, infrastructure),
+            fetched_from: None,
         }
     }
 }
@@ -163,6 +192,8 @@ pub enum Verdict {
         range: Range<usize>,
         /// Departure time (EDT).
         depart: Nanos,
+        /// The job it belongs to (the caller bounds what a job may queue).
+        job: u64,
     },
     /// Send `buf[range]` (GENEVE header + inner packet) as a UDP payload to `node`:6081 at
     /// `depart`.
@@ -173,6 +204,8 @@ pub enum Verdict {
         range: Range<usize>,
         /// Departure time (EDT).
         depart: Nanos,
+        /// The job it belongs to (the caller bounds what a job may queue).
+        job: u64,
     },
     /// Refused: send `reply[..reply_len]` (GENEVE header + RST or ICMP) to `node` now.
     Refuse {
@@ -185,13 +218,18 @@ pub enum Verdict {
     },
     /// Dropped and counted.
     Drop(Reason),
-    /// The job's policy is not cached: fetch it from `node`'s agent (the packet is dropped;
-    /// the sender retransmits).
-    NeedPolicy {
-        /// The job key to fetch.
+    /// The packet was copied into the hold queue. With `fetch`, the job's policy is not cached:
+    /// make sure a fetch of `job_key` from `node`'s agent is under way, and call
+    /// [`Tier2::policy_ready`] or [`Tier2::policy_failed`] when it ends. Without, the policy is
+    /// there and the packet waits behind the job's earlier held packets
+    /// ([`Tier2::has_released`] is true).
+    Held {
+        /// The job key.
         job_key: u64,
         /// The node that sent it.
         node: Ipv4Addr,
+        /// Whether a fetch is needed.
+        fetch: bool,
     },
 }
 
@@ -244,6 +282,114 @@ pub struct AuditRecord {
     pub rule: Option<usize>,
     /// The NAT tuple, when allowed.
     pub egress: Option<(IpAddr, u16)>,
+    /// Size of the inner packet the decision was made on.
+    pub bytes: u64,
+    /// Audit lines of this job left out (over its budget) since its previous line.
+    pub suppressed: u64,
+}
+
+/// Why a flow ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowEnd {
+    /// Idle past its timeout.
+    Idle,
+    /// TCP closed (FIN both ways or RST) and its closed timeout passed.
+    Closed,
+    /// Its job's policy expired.
+    PolicyExpired,
+    /// Its job's node said the job ended.
+    JobEnded,
+    /// Its job's policy is no longer held (evicted long after expiry, or removed).
+    PolicyGone,
+}
+
+impl FlowEnd {
+    /// Stable lower-case name (audit `end`).
+    pub fn name(self) -> &'static str {
+        match self {
+            FlowEnd::Idle => "idle",
+            FlowEnd::Closed => "closed",
+            FlowEnd::PolicyExpired => "policy_expired",
+            FlowEnd::JobEnded => "job_ended",
+            FlowEnd::PolicyGone => "policy_gone",
+        }
+    }
+}
+
+/// The end of a flow, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlowEndRecord {
+    /// Wall clock, Unix seconds.
+    pub unix_secs: u64,
+    /// Why it ended.
+    pub end: FlowEnd,
+    /// Tenant name (empty if the engine never saw the job admit a flow).
+    pub tenant: Arc<str>,
+    /// Job name (likewise).
+    pub job: Arc<str>,
+    /// Job key.
+    pub job_key: u64,
+    /// Protocol.
+    pub proto: IpProto,
+    /// Sandbox address and port.
+    pub src: (IpAddr, u16),
+    /// Destination address and port.
+    pub dst: (IpAddr, u16),
+    /// The NAT tuple.
+    pub egress: (IpAddr, u16),
+    /// A name the destination was bound from, if still bound.
+    pub hostname: Option<Arc<str>>,
+    /// Packets and bytes each way.
+    pub counters: FlowCounters,
+    /// First to last packet.
+    pub duration: Duration,
+    /// Audit lines of this job left out since its previous line.
+    pub suppressed: u64,
+}
+
+/// A job its node said ended, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobEndRecord {
+    /// Wall clock, Unix seconds.
+    pub unix_secs: u64,
+    /// Tenant name (empty when unknown).
+    pub tenant: Arc<str>,
+    /// Job name (empty when unknown).
+    pub job: Arc<str>,
+    /// Job key.
+    pub job_key: u64,
+    /// Flows removed.
+    pub flows: u64,
+}
+
+/// An audit event of the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditEvent {
+    /// A new-flow decision (or a refusal of an expired job's packet).
+    Decision(AuditRecord),
+    /// The end of a flow.
+    FlowEnd(FlowEndRecord),
+    /// A job its node ended (never suppressed).
+    JobEnded(JobEndRecord),
+}
+
+impl AuditEvent {
+    /// The job key.
+    pub fn job_key(&self) -> u64 {
+        match self {
+            AuditEvent::Decision(r) => r.job_key,
+            AuditEvent::FlowEnd(r) => r.job_key,
+            AuditEvent::JobEnded(r) => r.job_key,
+        }
+    }
+
+    fn set_suppressed(&mut self, n: u64) {
+        match self {
+            AuditEvent::Decision(r) => r.suppressed = n,
+            AuditEvent::FlowEnd(r) => r.suppressed = n,
+            AuditEvent::JobEnded(_) => {}
+        }
+    }
 }
 
 /// Tier-2 configuration.
@@ -263,6 +409,13 @@ pub struct Tier2Config {
     pub default_tenant_cap: (Bps, Bps),
     /// Per-job state (rate bucket, route) of a job with no flows is forgotten after this.
     pub job_idle: Duration,
+    /// Infrastructure prefixes no new flow may reach (the engine adds `proxy_addr`, `nodes`
+    /// and the egress addresses itself).
+    pub infrastructure: Vec<IpNet>,
+    /// Bounds of the queue of first packets held while a policy is fetched.
+    pub hold: HoldConfig,
+    /// Audit lines one job may produce per second (burst twice that; default 200).
+    pub audit_lines_per_sec: u32,
 }
 
 impl Tier2Config {
@@ -276,6 +429,9 @@ impl Tier2Config {
             tenant_caps: HashMap::new(),
             default_tenant_cap: (Bps::gbit(10), Bps::gbit(10)),
             job_idle: Duration::from_secs(600),
+            infrastructure: infra::METADATA.to_vec(),
+            hold: HoldConfig::default(),
+            audit_lines_per_sec: 200,
         }
     }
 }
@@ -289,6 +445,12 @@ pub enum Tier2Error {
     /// pacer configuration
     #[error("pacer: {0}")]
     Pacer(#[from] PacerError),
+    /// hold queue bounds
+    #[error("hold queue: {0}")]
+    Hold(#[from] HoldConfigError),
+    /// audit budget (`audit_lines_per_sec` must be at least 1)
+    #[error("audit budget: {0}")]
+    Audit(#[from] TokenBucketError),
 }
 
 /// Where a job's replies go and what it may use; learnt from its traffic.
@@ -299,7 +461,12 @@ struct JobState {
     inner_v6: bool,
     ingress_bps: Bps,
     last_active: Nanos,
+    tenant: Arc<str>,
+    job: Arc<str>,
 }
+
+/// How often [`Tier2::tick`] checks jobs for expiry and evicts idle per-job state.
+pub const JOB_SCAN: Duration = Duration::from_secs(1);
 
 /// The tier-2 engine of one worker. See the module documentation.
 #[derive(Debug)]
@@ -314,9 +481,22 @@ pub struct Tier2 {
     jobs: HashMap<u64, JobState>,
     buckets: JobBuckets,
     drops: [u64; Reason::COUNT],
-    audit: Vec<AuditRecord>,
+    audit: Vec<AuditEvent>,
+    audit_budget: AuditBudget,
     refetch: Vec<(u64, Ipv4Addr)>,
     draining: bool,
+    infra: InfraSet,
+    hold: HoldQueue,
+    last_scan: Option<Nanos>,
+    pending_ends: Vec<PendingEnd>,
+}
+
+/// A job whose end [`Tier2::apply_ends`] will carry out.
+#[derive(Debug)]
+struct PendingEnd {
+    job: u64,
+    end: FlowEnd,
+    names: Option<(Arc<str>, Arc<str>)>,
 }
 
 fn transport_of(p: L4Proto) -> Option<Transport> {
@@ -361,7 +541,18 @@ fn remote_port(t: &FiveTuple, port: u16) -> u16 {
 impl Tier2 {
     /// A new engine.
     pub fn new(cfg: Tier2Config, now: Nanos) -> Result<Tier2, Tier2Error> {
+        let mut infra_nets = cfg.infrastructure.clone();
+        infra_nets.push(infra::host(IpAddr::V4(cfg.proxy_addr)));
+        infra_nets.extend(cfg.nodes.iter().map(|n| infra::host(IpAddr::V4(*n))));
+        infra_nets.extend(
+            cfg.conntrack
+                .nat
+                .egress_ips
+                .iter()
+                .map(|ip| infra::host(*ip)),
+        );
         Ok(Tier2 {
+            infra: InfraSet::new(&infra_nets),
             nodes: {
                 let mut n = cfg.nodes.clone();
                 n.sort_unstable();
@@ -376,8 +567,12 @@ impl Tier2 {
             buckets: JobBuckets::new(),
             drops: [0; Reason::COUNT],
             audit: Vec::new(),
+            audit_budget: AuditBudget::new(cfg.audit_lines_per_sec)?,
             refetch: Vec::new(),
             draining: false,
+            hold: HoldQueue::new(cfg.hold)?,
+            last_scan: None,
+            pending_ends: Vec::new(),
             cfg,
         })
     }
@@ -402,19 +597,77 @@ impl Tier2 {
         self.draining
     }
 
+    /// The infrastructure set new flows are checked against (the configured prefixes plus the
+    /// engine's own addresses).
+    pub fn infrastructure(&self) -> &InfraSet {
+        &self.infra
+    }
+
     /// Drops so far, by reason code.
     pub fn drops(&self) -> &[u64; Reason::COUNT] {
         &self.drops
     }
 
-    /// Takes the audit records produced since the last call.
-    pub fn drain_audit(&mut self) -> std::vec::Drain<'_, AuditRecord> {
+    /// Counts a drop the caller decided (e.g. a full pacing queue).
+    pub fn count_drop(&mut self, r: Reason) {
+        self.drops[usize::from(r.code())] += 1;
+    }
+
+    /// Takes the audit events produced since the last call.
+    pub fn drain_audit(&mut self) -> std::vec::Drain<'_, AuditEvent> {
         self.audit.drain(..)
+    }
+
+    /// Audit lines suppressed so far (over their job's budget).
+    pub fn audit_suppressed(&self) -> u64 {
+        self.audit_budget.suppressed_total()
     }
 
     /// Takes the jobs whose option carried a newer serial than the cached policy (refetch).
     pub fn drain_refetch(&mut self) -> std::vec::Drain<'_, (u64, Ipv4Addr)> {
         self.refetch.drain(..)
+    }
+
+    /// Packets and bytes in the hold queue.
+    pub fn held(&self) -> (u32, u64) {
+        (self.hold.packets(), self.hold.bytes())
+    }
+
+    /// The policy of `job` is now in the cache: its held packets may be taken with
+    /// [`Tier2::take_released`].
+    pub fn policy_ready(&mut self, job: u64) {
+        self.hold.mark_ready(job);
+    }
+
+    /// Fetching `job`'s policy failed with `reason`: its held packets are dropped and counted
+    /// under `reason`. Returns how many.
+    pub fn policy_failed(&mut self, job: u64, reason: Reason) -> u32 {
+        let n = self.hold.drop_job(job);
+        self.drops[usize::from(reason.code())] += u64::from(n);
+        n
+    }
+
+    /// Whether held packets are ready to be taken.
+    pub fn has_released(&self) -> bool {
+        self.hold.any_ready()
+    }
+
+    /// Moves up to `limit` held packets whose policy arrived into `out`, in the order they were
+    /// received; the caller runs each through [`Tier2::from_node`] again.
+    pub fn take_released(&mut self, out: &mut Vec<HeldPacket>, limit: usize) -> usize {
+        self.hold.take_ready(out, limit)
+    }
+
+    /// The node `job`'s traffic comes from, if the engine has seen it admit a flow recently.
+    pub fn job_node(&self, job: u64) -> Option<Ipv4Addr> {
+        self.jobs.get(&job).map(|s| s.node)
+    }
+
+    /// Whether the engine holds anything for `job` (flows, held packets, recent traffic).
+    pub fn knows_job(&self, job: u64) -> bool {
+        self.jobs.contains_key(&job)
+            || self.conntrack.live_flows_of_job(job) > 0
+            || self.hold.has(job)
     }
 
     fn drop(&mut self, r: Reason) -> Verdict {
@@ -430,6 +683,38 @@ impl Tier2 {
             .unwrap_or(self.cfg.default_tenant_cap)
     }
 
+    /// Whether an audit line of `job` written outside the engine (DNS refusals) fits its
+    /// budget: `Some(n)` with the lines suppressed before it, or `None` (suppressed, counted).
+    pub fn admit_audit(&mut self, job: u64, now: Nanos) -> Option<u64> {
+        self.audit_budget.admit(job, now)
+    }
+
+    /// Queues an audit event within its job's budget.
+    fn audit(&mut self, mut event: AuditEvent, now: Nanos) {
+        if let Some(suppressed) = self.audit_budget.admit(event.job_key(), now) {
+            event.set_suppressed(suppressed);
+            self.audit.push(event);
+        }
+    }
+
+    fn hold_packet(
+        &mut self,
+        job: u64,
+        node: Ipv4Addr,
+        payload: &[u8],
+        now: Nanos,
+        fetch: bool,
+    ) -> Verdict {
+        match self.hold.hold(job, node, payload, now) {
+            Ok(()) => Verdict::Held {
+                job_key: job,
+                node,
+                fetch,
+            },
+            Err(r) => self.drop(r),
+        }
+    }
+
     /// Handles the UDP payload of a GENEVE datagram from `outer_src`. `payload` is rewritten in
     /// place (NAT); a refusal is written into `refusal` (at least 28 + 1280 bytes is enough for
     /// every refusal).
@@ -440,6 +725,30 @@ impl Tier2 {
         payload: &mut [u8],
         refusal: &mut [u8],
         now: Now,
+    ) -> Verdict {
+        self.node_packet(policies, outer_src, payload, refusal, now, false)
+    }
+
+    /// As [`Tier2::from_node`], for a packet [`Tier2::take_released`] handed out: it is older
+    /// than anything still held for its job, so it does not queue behind them.
+    pub fn from_node_released(
+        &mut self,
+        policies: &impl PolicyCache,
+        held: &mut HeldPacket,
+        refusal: &mut [u8],
+        now: Now,
+    ) -> Verdict {
+        self.node_packet(policies, held.node, &mut held.payload, refusal, now, true)
+    }
+
+    fn node_packet(
+        &mut self,
+        policies: &impl PolicyCache,
+        outer_src: Ipv4Addr,
+        payload: &mut [u8],
+        refusal: &mut [u8],
+        now: Now,
+        released: bool,
     ) -> Verdict {
         if self.nodes.binary_search(&outer_src).is_err() {
             return self.drop(Reason::UntrustedSource);
@@ -452,25 +761,25 @@ impl Tier2 {
         let policy = match policies.lookup(opt.job_key) {
             PolicyLookup::Ready(p) => p,
             PolicyLookup::Missing => {
-                return Verdict::NeedPolicy {
-                    job_key: opt.job_key,
-                    node: outer_src,
-                }
+                return self.hold_packet(opt.job_key, outer_src, payload, now.mono, true)
             }
             PolicyLookup::Rejected(r) => return self.drop(r),
         };
+        if !released && !self.hold.is_empty() && self.hold.has(opt.job_key) {
+            // The policy arrived while packets of the job wait: this one goes behind them.
+            self.hold.mark_ready(opt.job_key);
+            return self.hold_packet(opt.job_key, outer_src, payload, now.mono, false);
+        }
         if policy.tenant_id != opt.tenant_id {
             return self.drop(Reason::GeneveUnknownJob);
         }
         if policy.node.is_some_and(|n| n != IpAddr::V4(outer_src)) {
             return self.drop(Reason::NodeMismatch);
         }
-        if now.unix_secs >= policy.expires_at_unix {
-            return self.drop(Reason::PolicyExpired);
-        }
         if u64::from(opt.policy_serial) > policy.serial
             && !self.refetch.contains(&(opt.job_key, outer_src))
         {
+            // Also for an expired policy: the newer serial may be its renewal.
             self.refetch.push((opt.job_key, outer_src));
         }
 
@@ -478,6 +787,7 @@ impl Tier2 {
         let (tenant_egress, _) = self.tenant_cap(opt.tenant_id);
         let job_rate = Bps(policy.limits.egress_bps.0);
         let len = payload.len() - start;
+        let len32 = u32::try_from(len).unwrap_or(u32::MAX);
         let mut packet = match NatPacket::parse(&mut payload[start..]) {
             Ok(p) => p,
             Err(e) => return self.drop(e.reason()),
@@ -493,20 +803,43 @@ impl Tier2 {
             dst_port: remote_port(&tuple, tuple.dst_port),
         };
 
+        if now.unix_secs >= policy.expires_at_unix {
+            // `exp` is the contract: every packet is refused from then on; the job's state goes
+            // at the next tick (one pass over the flow table for every job ending then).
+            if !self.is_ending(opt.job_key) && self.knows_job(opt.job_key) {
+                self.end_job(opt.job_key, FlowEnd::PolicyExpired, None);
+            }
+            let mut record = decision_record(policy, &key, tuple.proto, len as u64, now);
+            record.action = Action::Refuse;
+            record.reason = Some(Reason::PolicyExpired);
+            self.audit(AuditEvent::Decision(record), now.mono);
+            let offending = packet.as_bytes();
+            return self.refuse(
+                Reason::PolicyExpired,
+                outer_src,
+                opt,
+                g.inner_proto,
+                offending,
+                refusal,
+            );
+        }
+
         let (egress_ip, egress_port) = match self.conntrack.lookup(&key) {
             Some(id) => {
                 self.conntrack
-                    .observe(id, Direction::Original, flags, now.mono);
+                    .observe(id, Direction::Original, flags, len32, now.mono);
                 match self.conntrack.info(id) {
                     Some(i) => (i.egress_ip, i.egress_port),
                     None => return self.drop(Reason::NoConntrack),
                 }
             }
-            None => match self.admit(policy, opt, &key, tuple.proto, flags, now) {
-                Ok(nat) => {
+            None => match self.admit(policy, opt, &key, tuple.proto, flags, len as u64, now) {
+                Ok((id, ip, port)) => {
+                    self.conntrack
+                        .observe(id, Direction::Original, flags, len32, now.mono);
                     // Where replies go: learnt when a flow opens (a job lives on one node).
                     self.job_state(policy, opt, outer_src, g.inner_proto, now.mono);
-                    nat
+                    (ip, port)
                 }
                 Err(reason) => {
                     let offending = packet.as_bytes();
@@ -526,21 +859,17 @@ impl Tier2 {
             job: job_rate,
             tenant: tenant_egress,
         };
-        match self.egress_pacer.stamp(
-            pkey,
-            rates,
-            u32::try_from(len).unwrap_or(u32::MAX),
-            now.mono,
-        ) {
+        match self.egress_pacer.stamp(pkey, rates, len32, now.mono) {
             Stamp::Depart(depart) => Verdict::ToInternet {
                 range: start..payload.len(),
                 depart,
+                job: opt.job_key,
             },
             Stamp::Drop(r) => self.drop(r),
         }
     }
 
-    /// Records where the job's replies go (its node and option) and its ingress rate.
+    /// Records where the job's replies go (its node and option), its ingress rate and names.
     fn job_state(
         &mut self,
         policy: &JobPolicy,
@@ -555,6 +884,8 @@ impl Tier2 {
             inner_v6: inner == InnerProto::Ipv6,
             ingress_bps: Bps(policy.limits.ingress_bps.0),
             last_active: now,
+            tenant: Arc::clone(&policy.tenant),
+            job: Arc::clone(&policy.job),
         };
         self.jobs.insert(opt.job_key, state);
     }
@@ -584,7 +915,9 @@ impl Tier2 {
         }
     }
 
-    /// The new-flow checks. Returns the NAT tuple or the refusal reason; audits either way.
+    /// The new-flow checks. Returns the flow and its NAT tuple, or the refusal reason; audits
+    /// either way.
+    #[allow(clippy::too_many_arguments)]
     fn admit(
         &mut self,
         policy: &JobPolicy,
@@ -592,8 +925,9 @@ impl Tier2 {
         key: &FlowKey,
         proto: L4Proto,
         flags: TcpFlags,
+        bytes: u64,
         now: Now,
-    ) -> Result<(IpAddr, u16), Reason> {
+    ) -> Result<(FlowId, IpAddr, u16), Reason> {
         let initial = match proto {
             L4Proto::Tcp => flags.contains(TcpFlags::SYN) && !flags.contains(TcpFlags::ACK),
             _ => true,
@@ -602,37 +936,28 @@ impl Tier2 {
             // A segment of a flow this proxy does not know (e.g. after a failover): no new state.
             return Err(Reason::NoConntrack);
         }
-        let mut record = AuditRecord {
-            unix_secs: now.unix_secs,
-            action: Action::Deny,
-            reason: None,
-            tenant: Arc::clone(&policy.tenant),
-            job: Arc::clone(&policy.job),
-            job_key: opt.job_key,
-            proto,
-            src: (key.src_ip, key.src_port),
-            dst: (key.dst_ip, key.dst_port),
-            hostname: None,
-            rule: None,
-            egress: None,
-        };
+        let mut record = decision_record(policy, key, proto, bytes, now);
+        debug_assert_eq!(record.job_key, opt.job_key);
         let outcome = self.admit_checks(policy, key, proto, now, &mut record);
         match outcome {
-            Ok(nat) => {
+            Ok((_, ip, port)) => {
                 record.action = Action::Allow;
-                record.egress = Some(nat);
+                record.egress = Some((ip, port));
             }
             Err(r) => {
                 record.reason = Some(r);
                 if !matches!(
                     r,
-                    Reason::DestinationDenied | Reason::PortDenied | Reason::AlwaysDenied
+                    Reason::DestinationDenied
+                        | Reason::PortDenied
+                        | Reason::AlwaysDenied
+                        | Reason::InfrastructureDenied
                 ) {
                     record.action = Action::Refuse;
                 }
             }
         }
-        self.audit.push(record);
+        self.audit(AuditEvent::Decision(record), now.mono);
         outcome
     }
 
@@ -643,7 +968,11 @@ impl Tier2 {
         proto: L4Proto,
         now: Now,
         record: &mut AuditRecord,
-    ) -> Result<(IpAddr, u16), Reason> {
+    ) -> Result<(FlowId, IpAddr, u16), Reason> {
+        // Before any rule: no rule (not even `allow_private`) opens infrastructure.
+        if self.infra.contains(key.dst_ip) {
+            return Err(Reason::InfrastructureDenied);
+        }
         if self.draining {
             return Err(Reason::Draining);
         }
@@ -678,14 +1007,14 @@ impl Tier2 {
             .open(*key, policy.tenant_id, limits, now.mono)
         {
             Open::Created {
+                id,
                 egress_ip,
                 egress_port,
-                ..
-            } => Ok((egress_ip, egress_port)),
+            } => Ok((id, egress_ip, egress_port)),
             Open::Existing(id) => self
                 .conntrack
                 .info(id)
-                .map(|i| (i.egress_ip, i.egress_port))
+                .map(|i| (id, i.egress_ip, i.egress_port))
                 .ok_or(Reason::NoConntrack),
             Open::Refused(r) => Err(r),
         }
@@ -713,7 +1042,10 @@ impl Tier2 {
             tcp_rst_into(body, offending)
         } else {
             let why = match reason {
-                Reason::DestinationDenied | Reason::AlwaysDenied => Unreachable::AdminProhibited,
+                Reason::DestinationDenied
+                | Reason::AlwaysDenied
+                | Reason::InfrastructureDenied
+                | Reason::PolicyExpired => Unreachable::AdminProhibited,
                 _ => Unreachable::Port,
             };
             icmp_unreachable_into(body, offending, why)
@@ -737,6 +1069,7 @@ impl Tier2 {
         if inner.start < GENEVE_HEADER_LEN || inner.end > buf.len() || inner.start > inner.end {
             return self.drop(Reason::Malformed);
         }
+        let len = u32::try_from(inner.len()).unwrap_or(u32::MAX);
         let mut packet = match NatPacket::parse(&mut buf[inner.clone()]) {
             Ok(p) => p,
             Err(e) => return self.drop(e.reason()),
@@ -754,7 +1087,7 @@ impl Tier2 {
             return self.drop(Reason::NoConntrack);
         };
         self.conntrack
-            .observe(id, Direction::Reply, flags, now.mono);
+            .observe(id, Direction::Reply, flags, len, now.mono);
         let Some(info) = self.conntrack.info(id) else {
             return self.drop(Reason::NoConntrack);
         };
@@ -784,22 +1117,145 @@ impl Tier2 {
             job: rate,
             tenant: tenant_ingress,
         };
-        let len = u32::try_from(inner.len()).unwrap_or(u32::MAX);
         match self.ingress_pacer.stamp(pkey, rates, len, now.mono) {
             Stamp::Depart(depart) => Verdict::ToNode {
                 node,
                 range: head..inner.end,
                 depart,
+                job: opt.job_key,
             },
             Stamp::Drop(r) => self.drop(r),
         }
     }
 
-    /// Housekeeping: expires flows and bindings and forgets idle jobs. Returns the number of
-    /// flows removed. Call it every few milliseconds.
-    pub fn tick(&mut self, now: Now) -> usize {
-        let removed = self.conntrack.expire(now.mono).count();
+    /// The audit event of a flow that ended.
+    fn flow_end(&mut self, f: &FlowInfo, end: FlowEnd, now: Now) {
+        let (tenant, job) = match self.jobs.get(&f.key.job) {
+            Some(s) => (Arc::clone(&s.tenant), Arc::clone(&s.job)),
+            None => (Arc::from(""), Arc::from("")),
+        };
+        let hostname = self
+            .bindings
+            .names(f.key.job, f.key.dst_ip, now.mono)
+            .next()
+            .cloned();
+        let record = FlowEndRecord {
+            unix_secs: now.unix_secs,
+            end,
+            tenant,
+            job,
+            job_key: f.key.job,
+            proto: f.key.proto,
+            src: (f.key.src_ip, f.key.src_port),
+            dst: (f.key.dst_ip, f.key.dst_port),
+            egress: (f.egress_ip, f.egress_port),
+            hostname,
+            counters: f.counters,
+            duration: f.duration(),
+            suppressed: 0,
+        };
+        self.audit(AuditEvent::FlowEnd(record), now.mono);
+    }
+
+    /// Queues the end of `job` (see [`Tier2::apply_ends`], which the next [`Tier2::tick`]
+    /// runs). `names` (tenant, job) name the job in its `job` audit event when the engine has not
+    /// seen it admit a flow. A job already queued is not queued twice.
+    pub fn end_job(&mut self, job: u64, end: FlowEnd, names: Option<(Arc<str>, Arc<str>)>) {
+        if !self.pending_ends.iter().any(|p| p.job == job) {
+            self.pending_ends.push(PendingEnd { job, end, names });
+        }
+    }
+
+    /// Ends every queued job in one pass over the flow table: its flows (one `flow_end` event
+    /// each, with its end; their ports go into quarantine), held packets (counted as
+    /// `unknown_job`), pacing clocks, connection-rate bucket; a job its node ended also loses
+    /// its DNS bindings and audit budget and gets a `job` audit event. Returns the number of
+    /// flows removed.
+    pub fn apply_ends(&mut self, now: Now) -> usize {
+        if self.pending_ends.is_empty() {
+            return 0;
+        }
+        let pending = std::mem::take(&mut self.pending_ends);
+        let jobs: Vec<u64> = pending.iter().map(|p| p.job).collect();
+        let removed = self.conntrack.remove_jobs(&jobs, now.mono);
+        let mut per_job: HashMap<u64, u64> = HashMap::new();
+        for f in &removed {
+            let end = pending
+                .iter()
+                .find(|p| p.job == f.key.job)
+                .map_or(FlowEnd::PolicyGone, |p| p.end);
+            self.flow_end(f, end, now);
+            *per_job.entry(f.key.job).or_default() += 1;
+        }
+        for p in pending {
+            let job = p.job;
+            let held = self.hold.drop_job(job);
+            self.drops[usize::from(Reason::UnknownJob.code())] += u64::from(held);
+            self.egress_pacer.forget_job(job);
+            self.ingress_pacer.forget_job(job);
+            self.buckets.forget(job);
+            let state = self.jobs.remove(&job);
+            if p.end == FlowEnd::JobEnded {
+                self.bindings.remove_job(job);
+                self.audit_budget.forget(job);
+                let (tenant, name) = match (state, p.names) {
+                    (Some(s), _) => (s.tenant, s.job),
+                    (None, Some(n)) => n,
+                    (None, None) => (Arc::from(""), Arc::from("")),
+                };
+                // Never suppressed: one per job.
+                self.audit.push(AuditEvent::JobEnded(JobEndRecord {
+                    unix_secs: now.unix_secs,
+                    tenant,
+                    job: name,
+                    job_key: job,
+                    flows: per_job.get(&job).copied().unwrap_or(0),
+                }));
+            }
+        }
+        removed.len()
+    }
+
+    /// Ends `job` now (as [`Tier2::end_job`] followed by [`Tier2::apply_ends`]). Returns the
+    /// number of flows removed (those of other queued jobs included).
+    pub fn remove_job(&mut self, job: u64, end: FlowEnd, now: Now) -> usize {
+        self.end_job(job, end, None);
+        self.apply_ends(now)
+    }
+
+    /// Whether the end of `job` is queued.
+    pub fn is_ending(&self, job: u64) -> bool {
+        self.pending_ends.iter().any(|p| p.job == job)
+    }
+
+    /// Housekeeping; call it every few milliseconds. Expires idle flows (a `flow_end` event
+    /// each), bindings and held packets that waited too long (counted as `unknown_job`, the
+    /// reason of a fetch that timed out), forgets idle jobs; once per [`JOB_SCAN`], ends the
+    /// jobs whose policy in `policies` expired or is gone and evicts idle per-job state.
+    /// Returns the number of flows removed.
+    pub fn tick(&mut self, policies: &impl PolicyCache, now: Now) -> usize {
+        let mut removed = 0;
+        while let Some(f) = self.conntrack.expire(now.mono).next() {
+            let end = if f.state == FlowState::TcpClosed {
+                FlowEnd::Closed
+            } else {
+                FlowEnd::Idle
+            };
+            self.flow_end(&f, end, now);
+            removed += 1;
+        }
         self.bindings.sweep(now.mono);
+        for (_, n) in self.hold.expire(now.mono) {
+            self.drops[usize::from(Reason::UnknownJob.code())] += u64::from(n);
+        }
+        if self
+            .last_scan
+            .is_none_or(|t| now.mono.saturating_duration_since(t) >= JOB_SCAN)
+        {
+            self.last_scan = Some(now.mono);
+            self.scan_jobs(policies, now);
+        }
+        removed += self.apply_ends(now);
         let idle = self.cfg.job_idle;
         let conntrack = &self.conntrack;
         self.jobs.retain(|job, s| {
@@ -807,5 +1263,51 @@ impl Tier2 {
                 || now.mono.saturating_duration_since(s.last_active) < idle
         });
         removed
+    }
+
+    /// Queues the end of the jobs whose policy expired or is gone; evicts idle per-job state.
+    fn scan_jobs(&mut self, policies: &impl PolicyCache, now: Now) {
+        let mut jobs: Vec<u64> = self.conntrack.jobs().collect();
+        jobs.extend(self.jobs.keys().copied());
+        jobs.sort_unstable();
+        jobs.dedup();
+        for job in jobs {
+            let end = match policies.lookup(job) {
+                PolicyLookup::Ready(p) if now.unix_secs < p.expires_at_unix => continue,
+                PolicyLookup::Ready(_) => FlowEnd::PolicyExpired,
+                PolicyLookup::Missing | PolicyLookup::Rejected(_) => FlowEnd::PolicyGone,
+            };
+            self.end_job(job, end, None);
+        }
+        self.buckets.evict_full(now.mono);
+        self.audit_budget.evict(now.mono);
+        self.egress_pacer.evict_idle(now.mono, self.cfg.job_idle);
+        self.ingress_pacer.evict_idle(now.mono, self.cfg.job_idle);
+    }
+}
+
+/// The audit record of a decision about `key` (deny until the caller says otherwise).
+fn decision_record(
+    policy: &JobPolicy,
+    key: &FlowKey,
+    proto: L4Proto,
+    bytes: u64,
+    now: Now,
+) -> AuditRecord {
+    AuditRecord {
+        unix_secs: now.unix_secs,
+        action: Action::Deny,
+        reason: None,
+        tenant: Arc::clone(&policy.tenant),
+        job: Arc::clone(&policy.job),
+        job_key: key.job,
+        proto,
+        src: (key.src_ip, key.src_port),
+        dst: (key.dst_ip, key.dst_port),
+        hostname: None,
+        rule: None,
+        egress: None,
+        bytes,
+        suppressed: 0,
     }
 }

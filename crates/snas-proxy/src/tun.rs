@@ -12,12 +12,16 @@
 //! segments TCP super-packets itself ([`crate::gso`]) before writing them. Replies read from
 //! the device are therefore never larger than the MTU.
 //!
+//! Also reads the underlay's on-link prefixes ([`onlink_prefixes`]) for the infrastructure set.
+//!
 //! # Limits
 //! The `ip` binary must be on `PATH` (start-up only).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::Command;
+
+use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
@@ -160,6 +164,48 @@ fn run_ip(name: &str, args: &[&str]) -> Result<(), TunError> {
     Ok(())
 }
 
+/// The on-link prefixes of the interface(s) holding `addr` (`ip -j -4 addr show`): the underlay
+/// network as this namespace sees it (part of the infrastructure set by default).
+pub fn onlink_prefixes(addr: Ipv4Addr) -> Result<Vec<Ipv4Net>, TunError> {
+    let command = "ip -j -4 addr show".to_owned();
+    let fail = |detail: String| TunError::Setup {
+        name: String::new(),
+        command: command.clone(),
+        detail,
+    };
+    let out = Command::new("ip")
+        .args(["-j", "-4", "addr", "show"])
+        .output()
+        .map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        return Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+    }
+    parse_onlink(&String::from_utf8_lossy(&out.stdout), addr).map_err(fail)
+}
+
+/// The prefixes of `addr` in `ip -j -4 addr show` output.
+pub fn parse_onlink(json: &str, addr: Ipv4Addr) -> Result<Vec<Ipv4Net>, String> {
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    let links = v.as_array().ok_or("not a JSON array")?;
+    let mut out = Vec::new();
+    for info in links
+        .iter()
+        .filter_map(|l| l.get("addr_info").and_then(|a| a.as_array()))
+        .flatten()
+    {
+        let local = info.get("local").and_then(|l| l.as_str());
+        let len = info.get("prefixlen").and_then(|p| p.as_u64());
+        if let (Some(local), Some(len)) = (local, len) {
+            if local.parse::<Ipv4Addr>().ok() == Some(addr) {
+                let len = u8::try_from(len).map_err(|_| "bad prefixlen")?;
+                let net = Ipv4Net::new(addr, len).map_err(|e| e.to_string())?;
+                out.push(net.trunc());
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Disables IPv6 on the device, sets the MTU, brings it up, routes every egress prefix to it
 /// and enables IPv4 forwarding in this namespace.
 pub fn configure(name: &str, mtu: u32, pool: &[Ipv4Net]) -> Result<(), TunError> {
@@ -179,4 +225,22 @@ pub fn configure(name: &str, mtu: u32, pool: &[Ipv4Net]) -> Result<(), TunError>
         detail: e.to_string(),
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_underlay_prefix_is_found_by_its_address() {
+        let json = r#"[{"ifindex":1,"ifname":"lo","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8}]},
+            {"ifindex":7,"ifname":"ul0","addr_info":[{"family":"inet","local":"192.0.2.21","prefixlen":24},
+                                                    {"family":"inet","local":"198.51.100.9","prefixlen":32}]}]"#;
+        let got = parse_onlink(json, Ipv4Addr::new(192, 0, 2, 21)).unwrap();
+        assert_eq!(got, vec!["192.0.2.0/24".parse::<Ipv4Net>().unwrap()]);
+        assert!(parse_onlink(json, Ipv4Addr::new(203, 0, 113, 1))
+            .unwrap()
+            .is_empty());
+        assert!(parse_onlink("{}", Ipv4Addr::LOCALHOST).is_err());
+    }
 }

@@ -17,7 +17,7 @@ tun_name = "snastun0"
 workers = 1
 resolver_listen = "192.0.2.21:5353"
 upstream_dns = ["203.0.113.53:53"]
-control_listen = "192.0.2.21:9090"
+control_token_file = "/run/snas-testbed/P/proxy-1/control.token"
 audit_log = "/run/snas-testbed/P/proxy-1/audit.jsonl"
 state_dir = "/run/snas-testbed/P/proxy-1"
 "#;
@@ -43,6 +43,47 @@ fn the_testbed_file_parses_with_defaults() {
         "config defaults are the NAT core's"
     );
     assert!(c.tenant_quotas.is_empty());
+    assert_eq!(
+        c.control_listen.to_string(),
+        "127.0.0.1:9090",
+        "loopback by default"
+    );
+    assert_eq!(
+        c.service_addr().to_string(),
+        "192.0.2.21:9090",
+        "the underlay by default"
+    );
+    let hold = snas_proxy::hold::HoldConfig::default();
+    assert_eq!(
+        c.hold_config(),
+        snas_proxy::hold::HoldConfig {
+            max_wait: c.fetch_timeout(),
+            ..hold
+        },
+        "hold defaults are the core's; held packets wait at most the fetch timeout"
+    );
+    assert_eq!(
+        c.pacing_queue_limits(),
+        snas_proxy::budget::QueueLimits::default()
+    );
+    assert_eq!(c.audit_lines_per_job_per_sec, 200);
+    assert!(c.infrastructure.is_empty());
+}
+
+#[test]
+fn a_management_endpoint_on_the_service_address_is_rejected() {
+    for control in ["192.0.2.21:9090", "0.0.0.0:9090"] {
+        let e = err(&format!("{TESTBED}control_listen = \"{control}\"\n"));
+        assert!(
+            e.contains("control_listen") && e.contains("service_listen"),
+            "{control}: {e}"
+        );
+    }
+    let moved = format!(
+        "{TESTBED}control_listen = \"192.0.2.21:9090\"\nservice_listen = \"192.0.2.21:9091\"\n"
+    );
+    let c = ProxyConfig::parse(&moved, Path::new("p.toml")).unwrap();
+    assert_eq!(c.service_addr().port(), 9091);
 }
 
 #[test]
@@ -95,6 +136,23 @@ fn unusable_values_name_field_and_reason() {
             format!("{TESTBED}[tenant_quotas]\n\"Not A Tenant\" = 5\n"),
             "tenant_quotas",
         ),
+        (TESTBED.replace("snastun0", "tun@0"), "tun_name"),
+        (
+            format!("{TESTBED}hold_job_packets = 0\n"),
+            "hold_job_packets",
+        ),
+        (
+            format!("{TESTBED}hold_job_bytes = 100000000\n"),
+            "hold_job_bytes",
+        ),
+        (
+            format!("{TESTBED}pacing_queue_total_packets = 10\n"),
+            "pacing_queue_total_packets",
+        ),
+        (
+            format!("{TESTBED}audit_lines_per_job_per_sec = 0\n"),
+            "audit_lines_per_job_per_sec",
+        ),
     ];
     for (text, field) in cases {
         match ProxyConfig::parse(&text, Path::new("p.toml")) {
@@ -104,4 +162,37 @@ fn unusable_values_name_field_and_reason() {
             other => panic!("{field}: {other:?}"),
         }
     }
+}
+
+#[test]
+fn the_infrastructure_set_holds_what_the_proxy_knows_and_the_configured_prefixes() {
+    let text = format!(
+        "{TESTBED}peers = [\"192.0.2.22\"]\npeer_secret_file = \"/etc/snas/peer\"\n\
+         infrastructure = [\"10.0.0.0/8\", \"2001:db8:ffff::/48\"]\n"
+    );
+    let c = ProxyConfig::parse(&text, Path::new("p.toml")).unwrap();
+    let set = snas_proxy::infra::InfraSet::new(&c.infrastructure_set());
+    for ip in [
+        "192.0.2.21", // underlay
+        "192.0.2.11", // nodes
+        "192.0.2.12",
+        "192.0.2.22",      // peer
+        "198.51.100.70",   // egress pool
+        "203.0.113.53",    // upstream DNS
+        "169.254.169.254", // metadata
+        "fd00:ec2::254",
+        "10.20.30.40", // configured
+        "2001:db8:ffff::1",
+    ] {
+        assert!(set.contains(ip.parse().unwrap()), "{ip}");
+    }
+    for ip in ["203.0.113.10", "192.0.2.99", "2001:db8::1"] {
+        assert!(!set.contains(ip.parse().unwrap()), "{ip}");
+    }
+}
+
+#[test]
+fn a_bad_infrastructure_prefix_names_the_field() {
+    let e = err(&format!("{TESTBED}infrastructure = [\"10.0.0.0/33\"]\n"));
+    assert!(e.contains("infrastructure"), "{e}");
 }

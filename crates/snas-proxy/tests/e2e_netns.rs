@@ -44,9 +44,11 @@ ports = "7"
 protocol = "any"
 "#;
 
-fn signed_policy(key: &PolicyKey) -> String {
-    let draft = parse_policy(POLICY).unwrap();
-    sign(&draft.to_claims(JTI, 1, SystemTime::now()), key).unwrap()
+/// The token of `policy` and its `exp` (Unix seconds).
+fn signed_policy(key: &PolicyKey, policy: &str) -> (String, u64) {
+    let draft = parse_policy(policy).unwrap();
+    let claims = draft.to_claims(JTI, 1, SystemTime::now());
+    (sign(&claims, key).unwrap(), claims.exp)
 }
 
 /// A one-route HTTP server: `GET /v1/jobs/{key}/policy` → the token.
@@ -222,7 +224,14 @@ fn tcp_seg(sport: u16, seq: u32, ack: u32, flags: TcpFlags, payload: &[u8]) -> V
 
 /// Sends one datagram and gathers the TCP payload echoed to `sport` (by sequence number)
 /// until `want` bytes arrived, for at most 5 s.
-fn gather_echo(sock: &UdpSocket, inner: &[u8], sport: u16, start_seq: u32, want: usize) -> Vec<u8> {
+fn gather_echo(
+    proxy_ns: &str,
+    sock: &UdpSocket,
+    inner: &[u8],
+    sport: u16,
+    start_seq: u32,
+    want: usize,
+) -> Vec<u8> {
     sock.send_to(&encap(inner), (PROXY, 6081)).unwrap();
     let mut got = vec![None::<u8>; want];
     let mut buf = vec![0u8; 65536];
@@ -246,18 +255,40 @@ fn gather_echo(sock: &UdpSocket, inner: &[u8], sport: u16, start_seq: u32, want:
         let have = got.iter().filter(|b| b.is_some()).count();
         panic!(
             "echo incomplete: {have}/{want} bytes; metrics:\n{}",
-            http("GET", "/metrics").1
+            mgmt(proxy_ns, "GET", "/metrics").1
         );
     }
     got.into_iter().flatten().collect()
 }
 
+/// The management endpoint's bearer token (written to `control_token_file`).
+const CONTROL_TOKEN: &str = "e2e-control-token-0123456789";
+
+/// A request to the proxy's service endpoint (underlay :9090), from the calling namespace.
 fn http(method: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect((PROXY, 9090)).unwrap();
+    request(SocketAddr::from((PROXY, 9090)), method, path, None)
+}
+
+/// A request to the proxy's management endpoint (127.0.0.1:9090 inside the proxy's namespace)
+/// with the control token.
+fn mgmt(proxy_ns: &str, method: &'static str, path: &'static str) -> (u16, String) {
+    in_ns(proxy_ns, move || {
+        request(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 9090)),
+            method,
+            path,
+            Some(CONTROL_TOKEN),
+        )
+    })
+}
+
+fn request(to: SocketAddr, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(to).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\nContent-Length: 0\r\n\r\n"
     )
     .unwrap();
     let mut out = String::new();
@@ -284,9 +315,39 @@ fn two_workers_share_one_engine_consistently() {
     run(2);
 }
 
-fn run(workers: usize) {
-    let p = format!("px{}w{workers}", std::process::id() % 100_000);
-    let (_guard, [node, proxy, inet]) = topology(&p);
+/// A running topology: namespaces (deleted on drop), the proxy daemon, the echo servers and
+/// the node's policy server.
+struct Env {
+    node: String,
+    proxy: String,
+    dir: tempfile::TempDir,
+    audit: std::path::PathBuf,
+    daemon: Option<Daemon>,
+    stop: Arc<AtomicBool>,
+    /// The job policy's `exp`, Unix seconds.
+    exp: u64,
+    // Last: the namespaces go after the daemon has stopped.
+    _guard: common::netns::Netns,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(d) = self.daemon.take() {
+            d.stop();
+        }
+    }
+}
+
+/// Starts the topology and the daemon; `tag` makes the names unique per test.
+fn start(tag: &str, workers: usize) -> Env {
+    start_with(tag, workers, POLICY)
+}
+
+/// As [`start`], with the job's policy.
+fn start_with(tag: &str, workers: usize, policy: &str) -> Env {
+    let p = format!("px{}{tag}{workers}", std::process::id() % 100_000);
+    let (guard, [node, proxy, inet]) = topology(&p);
     let dir = tempfile::tempdir().unwrap();
     let key = PolicyKey::from_seed("e2e-key", [9; 32]).unwrap();
     std::fs::create_dir_all(dir.path().join("trust")).unwrap();
@@ -295,7 +356,7 @@ fn run(workers: usize) {
         key.public_pem().unwrap(),
     )
     .unwrap();
-    let token = signed_policy(&key);
+    let (token, exp) = signed_policy(&key, policy);
     let job_key = identity::job_key(JTI);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -305,6 +366,8 @@ fn run(workers: usize) {
     spawn_in_ns(&node, move || serve_policy(listener, job_key, token));
 
     let audit = dir.path().join("audit.jsonl");
+    let token_file = dir.path().join("control.token");
+    std::fs::write(&token_file, CONTROL_TOKEN).unwrap();
     let cfg_text = format!(
         r#"
 name = "proxy-e2e"
@@ -316,18 +379,36 @@ egress_pool = ["198.51.100.64/28"]
 tun_name = "{p}t"
 workers = {workers}
 resolver_listen = "192.0.2.21:5353"
-upstream_dns = ["203.0.113.10:53"]
-control_listen = "192.0.2.21:9090"
+upstream_dns = ["203.0.113.53:53"]
+control_token_file = "{token}"
 audit_log = "{audit}"
 state_dir = "{state}"
 "#,
         trust = dir.path().join("trust").display(),
+        token = token_file.display(),
         audit = audit.display(),
         state = dir.path().join("state").display(),
     );
     let cfg = ProxyConfig::parse(&cfg_text, std::path::Path::new("proxy.toml")).unwrap();
     let daemon = in_ns(&proxy, move || Daemon::start(cfg).unwrap());
+    Env {
+        node,
+        proxy,
+        dir,
+        audit,
+        daemon: Some(daemon),
+        stop,
+        exp,
+        _guard: guard,
+    }
+}
 
+fn run(workers: usize) {
+    let mut env = start("w", workers);
+    let job_key = identity::job_key(JTI);
+    let (node, audit) = (env.node.clone(), env.audit.clone());
+
+    let pns = env.proxy.clone();
     in_ns(&node, move || {
         let sock = UdpSocket::bind((NODE, 6081)).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(50)))
@@ -369,7 +450,7 @@ state_dir = "{state}"
         let flags = TcpFlags(TcpFlags::ACK.0 | TcpFlags::PSH.0);
         let big = tcp_seg(40001, 1001, server_seq, flags, &data);
         assert_eq!(
-            gather_echo(&sock, &big, 40001, server_seq, data.len()),
+            gather_echo(&pns, &sock, &big, 40001, server_seq, data.len()),
             data
         );
 
@@ -378,15 +459,25 @@ state_dir = "{state}"
         assert_eq!((r.proto, r.flags & RST), (6, RST), "{r:?}");
 
         // Drain: new flows refused, the established UDP flow continues.
-        assert_eq!(http("POST", "/v1/drain").0, 503);
+        assert_eq!(
+            http("POST", "/v1/drain").0,
+            404,
+            "not on the service endpoint"
+        );
+        assert_eq!(mgmt(&pns, "POST", "/v1/drain").0, 503);
         assert_eq!(http("GET", "/healthz"), (503, "draining\n".into()));
         let r = exchange(&sock, &syn_to(ECHO, 40003), 40003);
         assert_eq!(r.flags & RST, RST, "new flow while draining: {r:?}");
         let r = exchange(&sock, &udp_to(ECHO, 40000, b"again"), 40000);
         assert_eq!(r.payload, b"again");
-        assert_eq!(http("POST", "/v1/undrain").0, 200);
+        assert_eq!(mgmt(&pns, "POST", "/v1/undrain").0, 200);
 
-        let (status, metrics) = http("GET", "/metrics");
+        assert_eq!(
+            http("GET", "/metrics").0,
+            404,
+            "not on the service endpoint"
+        );
+        let (status, metrics) = mgmt(&pns, "GET", "/metrics");
         assert_eq!(status, 200);
         assert!(
             metrics.contains("snas_proxy_drops_total{reason=\"destination_denied\"} 1"),
@@ -401,13 +492,20 @@ state_dir = "{state}"
             metrics.contains("snas_proxy_gso_segmented_total 1"),
             "{metrics}"
         );
-        let (status, flows) = http("GET", "/v1/flows");
+        assert_eq!(
+            http("GET", "/v1/flows").0,
+            404,
+            "not on the service endpoint"
+        );
+        let (status, flows) = mgmt(&pns, "GET", "/v1/flows");
         assert_eq!(status, 200);
         assert!(flows.contains("203.0.113.10:7"), "{flows}");
     });
 
-    stop.store(true, Ordering::Relaxed);
-    daemon.stop();
+    env.stop.store(true, Ordering::Relaxed);
+    if let Some(d) = env.daemon.take() {
+        d.stop();
+    }
     let log = std::fs::read_to_string(&audit).unwrap();
     let lines: Vec<serde_json::Value> = log
         .lines()
@@ -435,4 +533,139 @@ state_dir = "{state}"
         .collect();
     assert_eq!(denied.len(), 1, "{log}");
     assert_eq!(denied[0]["bytes"], 40, "{log}");
+}
+
+/// A decapsulated reply to `sport`, waiting at most `within`.
+fn reply_to(sock: &UdpSocket, sport: u16, within: Duration) -> Option<Reply> {
+    let deadline = Instant::now() + within;
+    let mut buf = vec![0u8; 65536];
+    while Instant::now() < deadline {
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            if let Some(r) = decode(&buf[..n]) {
+                if r.dst.port() == sport {
+                    return Some(r);
+                }
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn a_fresh_jobs_first_syn_is_held_while_its_policy_is_fetched_then_answered() {
+    let env = start("h", 1);
+    let elapsed = in_ns(&env.node, move || {
+        let sock = UdpSocket::bind((NODE, 6081)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        // Sent once: no retransmission covers for a dropped SYN.
+        let t0 = Instant::now();
+        sock.send_to(&encap(&syn_to(ECHO, 40100)), (PROXY, 6081))
+            .unwrap();
+        let r = reply_to(&sock, 40100, Duration::from_secs(3))
+            .expect("the first SYN of a fresh job is answered without a retransmission");
+        let elapsed = t0.elapsed();
+        assert_eq!((r.proto, r.flags & (SYN | ACK)), (6, SYN | ACK), "{r:?}");
+        elapsed
+    });
+    // A figure, not an assertion: it includes the policy fetch from the node's agent.
+    println!("first SYN of a fresh job answered after {elapsed:?} (policy fetch included)");
+    let (status, metrics) = mgmt(&env.proxy, "GET", "/metrics");
+    assert_eq!(status, 200);
+    for line in [
+        "snas_proxy_held_packets_total 1",
+        "snas_proxy_held_released_total 1",
+        "snas_proxy_hold_queue_packets 0",
+        "snas_proxy_policy_fetches_total 1",
+    ] {
+        assert!(metrics.contains(line), "{line}:\n{metrics}");
+    }
+    let _ = &env.dir;
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[test]
+fn at_exp_the_jobs_connection_is_reset_and_its_flow_is_freed() {
+    let policy = POLICY.replace("[[egress]]", "ttl = \"3s\"\n[[egress]]");
+    let mut env = start_with("x", 1, &policy);
+    let exp = env.exp;
+    let late = in_ns(&env.node, move || {
+        let sock = UdpSocket::bind((NODE, 6081)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let r = exchange(&sock, &syn_to(ECHO, 40200), 40200);
+        let ack = r.seq.wrapping_add(1);
+        // Keep talking until the proxy resets the connection.
+        let deadline = Instant::now() + Duration::from_secs(8);
+        let mut seq = 1001u32;
+        while Instant::now() < deadline {
+            let data = tcp_seg(
+                40200,
+                seq,
+                ack,
+                TcpFlags(TcpFlags::ACK.0 | TcpFlags::PSH.0),
+                b"x",
+            );
+            sock.send_to(&encap(&data), (PROXY, 6081)).unwrap();
+            let sent = unix_now();
+            let next = Instant::now() + Duration::from_millis(50);
+            let reply = reply_to(&sock, 40200, Duration::from_millis(50));
+            // One segment per 50 ms, whatever comes back (duplicate ACKs come back at once).
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            if let Some(r) = reply {
+                if r.flags & RST != 0 {
+                    assert!(sent >= exp as f64, "reset before exp");
+                    assert_eq!(r.seq, ack, "RFC 793: <SEQ=SEG.ACK><CTL=RST>");
+                    assert_eq!(r.flags & ACK, 0);
+                    return sent - exp as f64;
+                }
+                if r.flags & ACK != 0 && !r.payload.is_empty() {
+                    seq = seq.wrapping_add(1);
+                }
+            }
+        }
+        panic!("the connection was never reset after exp");
+    });
+    println!("first segment after exp reset; sent {late:.3} s after exp");
+    // Freed by the worker's next housekeeping tick.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (_, flows) = mgmt(&env.proxy, "GET", "/v1/flows");
+        let v: serde_json::Value = serde_json::from_str(&flows).unwrap();
+        if v["flows"] == serde_json::json!([]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job's flow was never freed: {flows}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let audit = env.audit.clone();
+    env.stop.store(true, Ordering::Relaxed);
+    if let Some(d) = env.daemon.take() {
+        d.stop();
+    }
+    let log = std::fs::read_to_string(audit).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let end: Vec<_> = lines.iter().filter(|l| l["kind"] == "flow_end").collect();
+    assert_eq!(end.len(), 1, "{log}");
+    assert_eq!(end[0]["end"], "policy_expired");
+    assert!(end[0]["packets_out"].as_u64().unwrap() >= 2, "{log}");
+    assert!(end[0]["packets_in"].as_u64().unwrap() >= 1, "{log}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["reason"] == "policy_expired" && l["action"] == "refuse"),
+        "{log}"
+    );
 }

@@ -168,7 +168,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 if !m.flows.is_empty() {
                     let (id, _, _) = m.flows[usize::from(pick) % m.flows.len()];
                     let flags = TcpFlags::SYN | TcpFlags::ACK;
-                    prop_assert!(ct.observe(id, Direction::Reply, flags, now).is_some());
+                    prop_assert!(ct.observe(id, Direction::Reply, flags, 60, now).is_some());
                 }
             }
             Op::Packet { pick, flags, reply } => {
@@ -179,7 +179,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     } else {
                         Direction::Original
                     };
-                    prop_assert!(ct.observe(id, dir, TcpFlags(flags), now).is_some());
+                    prop_assert!(ct.observe(id, dir, TcpFlags(flags), 60, now).is_some());
                 }
             }
             Op::Close { pick } => {

@@ -39,6 +39,7 @@ fn fetcher(keys: &Keys, port: u16) -> Arc<Fetcher> {
             agent_port: port,
             timeout: Duration::from_secs(2),
             negative: Duration::from_secs(60),
+            infrastructure: snas_proxy::infra::METADATA.to_vec().into(),
         },
     );
     f
@@ -180,6 +181,7 @@ async fn a_refetch_request_from_the_data_path_is_served_by_the_fetch_loop() {
             agent_port: server.addr.port(),
             timeout: Duration::from_secs(2),
             negative: Duration::from_secs(60),
+            infrastructure: snas_proxy::infra::METADATA.to_vec().into(),
         },
     );
     tokio::spawn(Arc::clone(&f).run(queue));

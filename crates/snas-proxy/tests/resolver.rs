@@ -213,6 +213,7 @@ tun_name = "unused0"
 resolver_listen = "127.0.0.1:0"
 upstream_dns = ["{upstream}"]
 control_listen = "127.0.0.1:0"
+service_listen = "127.0.0.1:0"
 audit_log = "{audit}"
 state_dir = "{state}"
 {extra}
@@ -500,10 +501,10 @@ fn answers_are_pushed_to_peers_which_recheck_the_policy() {
         secret.display()
     );
     let mut a = config(&keys, policy.addr.port(), upstream.addr, &extra_a);
-    a.control_listen = SocketAddr::from((LOCAL, port));
+    a.service_listen = Some(SocketAddr::from((LOCAL, port)));
     let extra_b = format!("peer_secret_file = \"{}\"", secret.display());
     let mut b = config(&keys, policy.addr.port(), upstream.addr, &extra_b);
-    b.control_listen = SocketAddr::from((peer_ip, port));
+    b.service_listen = Some(SocketAddr::from((peer_ip, port)));
     b.audit_log = keys.dir.path().join("audit-b.jsonl");
     let a = Daemon::start_control_plane(a).unwrap();
     let b = Daemon::start_control_plane(b).unwrap();
@@ -521,7 +522,7 @@ fn answers_are_pushed_to_peers_which_recheck_the_policy() {
     }
     assert_eq!(bound_names(&b, api), ["api.example.com"]);
 
-    let ctl = b.control_addr();
+    let ctl = b.service_addr();
     let body = |n: &str| {
         format!(
             r#"{{"job_key":"{:016x}","node":"127.0.0.1","name":"{n}","addrs":["203.0.113.77"],"ttl_secs":60}}"#,

@@ -11,7 +11,8 @@ use snas_policy::jws::{sign, verify};
 use snas_policy::keys::PolicyKey;
 use snas_proxy::clock::Nanos;
 use snas_proxy::tier2::{
-    Action, JobPolicy, Now, StaticPolicies, Tier2, Tier2Config, Verdict, GENEVE_HEADER_LEN,
+    Action, AuditEvent, AuditRecord, FlowEnd, FlowEndRecord, JobPolicy, Now, PolicyCache,
+    PolicyLookup, StaticPolicies, Tier2, Tier2Config, Verdict, GENEVE_HEADER_LEN,
 };
 use snas_wire::build::{tcp, udp, TcpSpec, UdpSpec};
 use snas_wire::geneve::{parse_payload, write_geneve_header, InnerProto, SnasOption};
@@ -44,7 +45,7 @@ fn policy(toml: &str, jti: &str, serial: u64, key: &PolicyKey, bundle: &TrustBun
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(T0);
     let draft = parse_policy(toml).unwrap();
     let token = sign(&draft.to_claims(jti, serial, now), key).unwrap();
-    JobPolicy::from_verified(&verify(&token, bundle, now).unwrap())
+    JobPolicy::from_verified(&verify(&token, bundle, now).unwrap(), &[])
 }
 
 const ACME: &str = r#"
@@ -110,8 +111,27 @@ impl Fixture {
         opt: SnasOption,
         inner: &[u8],
     ) -> (Verdict, Vec<u8>, Vec<u8>) {
+        self.send_proto(from, opt, inner, InnerProto::Ipv4)
+    }
+
+    fn send_v6(
+        &mut self,
+        from: Ipv4Addr,
+        opt: SnasOption,
+        inner: &[u8],
+    ) -> (Verdict, Vec<u8>, Vec<u8>) {
+        self.send_proto(from, opt, inner, InnerProto::Ipv6)
+    }
+
+    fn send_proto(
+        &mut self,
+        from: Ipv4Addr,
+        opt: SnasOption,
+        inner: &[u8],
+        proto: InnerProto,
+    ) -> (Verdict, Vec<u8>, Vec<u8>) {
         let mut payload = vec![0u8; GENEVE_HEADER_LEN + inner.len()];
-        write_geneve_header(&mut payload, &opt, InnerProto::Ipv4).unwrap();
+        write_geneve_header(&mut payload, &opt, proto).unwrap();
         payload[GENEVE_HEADER_LEN..].copy_from_slice(inner);
         let mut refusal = vec![0u8; 2048];
         let now = self.now();
@@ -201,7 +221,7 @@ fn allowed_flow_is_snated_and_reply_goes_back_to_its_node() {
     };
     assert!(t.checksum_ok(out.src(), out.dst()));
 
-    let audit: Vec<_> = f.tier2.drain_audit().collect();
+    let audit: Vec<_> = decisions(&mut f);
     assert_eq!(audit.len(), 1);
     assert_eq!(audit[0].action, Action::Allow);
     assert_eq!(audit[0].hostname.as_deref(), Some("api.example.com"));
@@ -224,6 +244,17 @@ fn allowed_flow_is_snated_and_reply_goes_back_to_its_node() {
         panic!("not tcp")
     };
     assert!(t.checksum_ok(inner.src(), inner.dst()));
+}
+
+/// The decision records audited since the last call (flow ends are left out).
+fn decisions(f: &mut Fixture) -> Vec<AuditRecord> {
+    f.tier2
+        .drain_audit()
+        .filter_map(|e| match e {
+            AuditEvent::Decision(r) => Some(r),
+            _ => None,
+        })
+        .collect()
 }
 
 fn refused_rst(v: &Verdict, refusal: &[u8], want: Reason) -> (IpAddr, u16, IpAddr, u16) {
@@ -258,7 +289,7 @@ fn unbound_address_is_refused_with_a_rst_back_to_the_sandbox() {
         "RST appears to come from the destination"
     );
     assert_eq!((dst, dport), (SANDBOX, 40001));
-    let audit: Vec<_> = f.tier2.drain_audit().collect();
+    let audit: Vec<_> = decisions(&mut f);
     assert_eq!(audit[0].action, Action::Deny);
     assert_eq!(audit[0].reason, Some(Reason::DestinationDenied));
     assert_eq!(
@@ -273,7 +304,7 @@ fn bound_name_on_a_denied_port_is_refused_with_port_denied() {
     bind_api(&mut f);
     let (v, _, refusal) = f.send(NODE, f.option("acme"), &syn(40002, API, 22));
     refused_rst(&v, &refusal, Reason::PortDenied);
-    let audit: Vec<_> = f.tier2.drain_audit().collect();
+    let audit: Vec<_> = decisions(&mut f);
     assert_eq!(audit[0].hostname.as_deref(), Some("api.example.com"));
 }
 
@@ -331,18 +362,22 @@ fn forged_and_unverifiable_traffic_is_dropped_and_counted() {
     let (v, _, _) = f.send(NODE, opt, &pkt);
     assert_eq!(v, Verdict::Drop(Reason::GeneveUnknownJob));
 
-    // A job key nobody has verified: the caller is asked to fetch it.
+    // A job key nobody has verified: the packet is held and the caller asked to fetch it.
     let opt = f.option("jti-unknown-00001");
     let (v, _, _) = f.send(NODE, opt, &pkt);
     assert_eq!(
         v,
-        Verdict::NeedPolicy {
+        Verdict::Held {
             job_key: opt.job_key,
-            node: NODE
+            node: NODE,
+            fetch: true,
         }
     );
-    // ... and once the fetch failed verification, it is dropped with that reason.
+    // ... and once the fetch failed verification, the held packet is dropped with that reason,
+    // and so are later ones (negative cache).
     f.policies.reject(opt.job_key, Reason::PolicyInvalid);
+    assert_eq!(f.tier2.policy_failed(opt.job_key, Reason::PolicyInvalid), 1);
+    assert_eq!(f.tier2.held(), (0, 0));
     let (v, _, _) = f.send(NODE, opt, &pkt);
     assert_eq!(v, Verdict::Drop(Reason::PolicyInvalid));
 
@@ -358,27 +393,16 @@ fn forged_and_unverifiable_traffic_is_dropped_and_counted() {
         .from_node(&f.policies, NODE, &mut payload, &mut refusal, now);
     assert_eq!(v, Verdict::Drop(Reason::GeneveOption));
 
-    for r in [
-        Reason::UntrustedSource,
-        Reason::NodeMismatch,
-        Reason::GeneveUnknownJob,
-        Reason::PolicyInvalid,
-        Reason::GeneveOption,
+    for (r, n) in [
+        (Reason::UntrustedSource, 1),
+        (Reason::NodeMismatch, 1),
+        (Reason::GeneveUnknownJob, 1),
+        (Reason::PolicyInvalid, 2),
+        (Reason::GeneveOption, 1),
     ] {
-        assert_eq!(f.tier2.drops()[r.code() as usize], 1, "{r}");
+        assert_eq!(f.tier2.drops()[r.code() as usize], n, "{r}");
     }
     assert_eq!(f.tier2.conntrack().len(), 0, "no flow was created");
-}
-
-#[test]
-fn expired_policy_stops_all_traffic_of_the_job() {
-    let mut f = Fixture::new();
-    bind_api(&mut f);
-    let (v, _, _) = f.send(NODE, f.option("acme"), &syn(40020, API, 443));
-    assert!(matches!(v, Verdict::ToInternet { .. }));
-    f.advance(Duration::from_secs(3600)); // default TTL is 1 h
-    let (v, _, _) = f.send(NODE, f.option("acme"), &syn(40020, API, 443));
-    assert_eq!(v, Verdict::Drop(Reason::PolicyExpired));
 }
 
 #[test]
@@ -420,7 +444,11 @@ fn max_connections_is_exact_and_new_connection_rate_refills() {
     assert!(matches!(v, Verdict::ToInternet { .. }));
     f.advance(Duration::from_secs(31));
     let now = f.now();
-    assert_eq!(f.tier2.tick(now), 1, "only the reset flow expires");
+    assert_eq!(
+        f.tier2.tick(&f.policies, now),
+        1,
+        "only the reset flow expires"
+    );
     assert_eq!(
         f.tier2
             .conntrack()
@@ -597,4 +625,731 @@ fn reply_without_a_flow_is_dropped() {
         f.tier2.from_internet(&mut buf, 0..n, now),
         Verdict::Drop(Reason::Malformed)
     );
+}
+
+/// A "whole internet" policy: every address, every port, both protocols, private ranges too.
+const WIDE: &str = r#"
+tenant = "acme"
+job = "wide"
+[[egress]]
+cidr = "0.0.0.0/0"
+ports = "0"
+protocol = "any"
+allow_private = true
+[[egress]]
+cidr = "::/0"
+ports = "0"
+protocol = "any"
+allow_private = true
+[[egress]]
+host = "api.example.com:0"
+protocol = "any"
+[limits]
+max_connections = 1000
+new_connections_per_sec = 1000
+new_connections_burst = 1000
+"#;
+
+/// A configured management network (in addition to what the engine knows itself).
+const MGMT: &str = "198.51.100.192/26";
+
+fn wide_fixture() -> (Fixture, SnasOption) {
+    let (key, bundle) = key();
+    let mut f = Fixture::new();
+    let mut cfg = Tier2Config::new(PROXY, vec![NODE, OTHER_NODE], vec![EGRESS]);
+    cfg.infrastructure.push(MGMT.parse().unwrap());
+    f.tier2 = Tier2::new(cfg, Nanos::ZERO).unwrap();
+    let infra: Vec<ipnet::IpNet> = f.tier2.infrastructure().nets().to_vec();
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(T0);
+    let token = sign(
+        &parse_policy(WIDE)
+            .unwrap()
+            .to_claims("jti-wide-00000001", 1, now),
+        &key,
+    )
+    .unwrap();
+    f.policies.insert(JobPolicy::from_verified(
+        &verify(&token, &bundle, now).unwrap(),
+        &infra,
+    ));
+    let opt = f.option("jti-wide-00000001");
+    (f, opt)
+}
+
+#[test]
+fn a_wide_policy_reaches_no_infrastructure_address() {
+    let (mut f, opt) = wide_fixture();
+    let job = opt.job_key;
+    // The policy really is wide: a public address and a private one are allowed.
+    for (i, dst) in [API, IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))]
+        .into_iter()
+        .enumerate()
+    {
+        let (v, _, _) = f.send(NODE, opt, &syn(30000 + i as u16, dst, 9090));
+        assert!(matches!(v, Verdict::ToInternet { .. }), "{dst}: {v:?}");
+    }
+    let before = f.tier2.conntrack().live_flows_of_job(job);
+    let infra: [IpAddr; 7] = [
+        IpAddr::V4(PROXY),                     // the proxy's underlay address
+        IpAddr::V4(NODE),                      // a node
+        IpAddr::V4(OTHER_NODE),                // another node
+        EGRESS,                                // the egress pool
+        "198.51.100.200".parse().unwrap(),     // the configured management network
+        "169.254.169.254".parse().unwrap(),    // cloud metadata
+        "::ffff:192.0.2.100".parse().unwrap(), // the proxy, IPv4-mapped
+    ];
+    f.tier2.drain_audit().for_each(drop);
+    for (i, dst) in infra.into_iter().enumerate() {
+        for port in [9090u16, 6081, 5353, 22] {
+            let sport = 31000 + (i as u16) * 10 + port % 10;
+            let pkt = if dst.is_ipv6() {
+                tcp(&TcpSpec {
+                    src: SocketAddr::new("2001:db8:5::2".parse().unwrap(), sport),
+                    dst: SocketAddr::new(dst, port),
+                    seq: 1000,
+                    ack: 0,
+                    flags: TcpFlags::SYN,
+                    window: 65535,
+                    payload: &[],
+                })
+                .unwrap()
+            } else {
+                syn(sport, dst, port)
+            };
+            let (v, _, refusal) = if dst.is_ipv6() {
+                f.send_v6(NODE, opt, &pkt)
+            } else {
+                f.send(NODE, opt, &pkt)
+            };
+            let Verdict::Refuse {
+                reason, reply_len, ..
+            } = v
+            else {
+                panic!("{dst}:{port}: {v:?}")
+            };
+            assert_eq!(reason, Reason::InfrastructureDenied, "{dst}:{port}");
+            let g = parse_payload(&refusal[..reply_len]).unwrap();
+            let inner = IpPacket::parse(&refusal[g.inner_offset..reply_len]).unwrap();
+            let Ok(Transport::Tcp(t)) = inner.transport() else {
+                panic!("{dst}:{port}: refusal is not TCP")
+            };
+            assert!(t.flags().contains(TcpFlags::RST), "{dst}:{port}");
+            assert_eq!((inner.src(), t.src_port()), (dst, port), "as if from {dst}");
+        }
+    }
+    assert_eq!(
+        f.tier2.conntrack().live_flows_of_job(job),
+        before,
+        "no flow was opened to infrastructure"
+    );
+    let audit: Vec<_> = decisions(&mut f);
+    assert_eq!(audit.len(), infra.len() * 4);
+    assert!(audit
+        .iter()
+        .all(|r| r.action == Action::Deny && r.reason == Some(Reason::InfrastructureDenied)));
+    assert_eq!(
+        f.tier2.drops()[Reason::InfrastructureDenied.code() as usize],
+        (infra.len() * 4) as u64
+    );
+}
+
+#[test]
+fn udp_to_infrastructure_gets_admin_prohibited() {
+    let (mut f, opt) = wide_fixture();
+    let (v, _, refusal) = f.send(NODE, opt, &udp_to(5000, IpAddr::V4(PROXY), 5353));
+    let Verdict::Refuse {
+        reason, reply_len, ..
+    } = v
+    else {
+        panic!("{v:?}")
+    };
+    assert_eq!(reason, Reason::InfrastructureDenied);
+    let g = parse_payload(&refusal[..reply_len]).unwrap();
+    let inner = IpPacket::parse(&refusal[g.inner_offset..reply_len]).unwrap();
+    let Ok(Transport::Icmp(m)) = inner.transport() else {
+        panic!("not ICMP")
+    };
+    assert_eq!(
+        (m.msg_type(), m.code()),
+        (3, 13),
+        "administratively prohibited"
+    );
+}
+
+#[test]
+fn a_name_bound_to_an_infrastructure_address_is_refused_too() {
+    // DNS rebinding: an allowed name whose answer is the proxy's own address.
+    let (mut f, opt) = wide_fixture();
+    let exp = f.mono.saturating_add(Duration::from_secs(300));
+    f.tier2
+        .bindings_mut()
+        .bind(opt.job_key, IpAddr::V4(PROXY), "api.example.com", exp);
+    let (v, _, _) = f.send(NODE, opt, &syn(32000, IpAddr::V4(PROXY), 9090));
+    assert!(
+        matches!(
+            v,
+            Verdict::Refuse {
+                reason: Reason::InfrastructureDenied,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn policies_are_compiled_with_the_infrastructure_set() {
+    let (f, opt) = wide_fixture();
+    let PolicyLookup::Ready(p) = f.policies.lookup(opt.job_key) else {
+        panic!("no policy")
+    };
+    let mgmt: IpAddr = "198.51.100.200".parse().unwrap();
+    assert_eq!(
+        p.matcher
+            .check_ip(mgmt, 22, snas_policy::rules::Transport::Tcp),
+        snas_policy::matcher::Decision::Deny(snas_policy::matcher::DenyReason::AlwaysDenied),
+        "the matcher alone denies it as well"
+    );
+    assert!(p
+        .matcher
+        .check_ip(API, 22, snas_policy::rules::Transport::Tcp)
+        .is_allow());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Expiry and the end of a job.
+
+fn seg(sport: u16, seq: u32, ack: u32, flags: TcpFlags, payload: &[u8]) -> Vec<u8> {
+    tcp(&TcpSpec {
+        src: SocketAddr::new(SANDBOX, sport),
+        dst: SocketAddr::new(API, 443),
+        seq,
+        ack,
+        flags,
+        window: 65535,
+        payload,
+    })
+    .unwrap()
+}
+
+/// The RST a refusal carries: (seq, ack, flags).
+fn rst_fields(v: &Verdict, refusal: &[u8], want: Reason) -> (u32, u32, TcpFlags) {
+    let Verdict::Refuse {
+        reason, reply_len, ..
+    } = v
+    else {
+        panic!("expected Refuse({want:?}), got {v:?}")
+    };
+    assert_eq!(*reason, want);
+    let g = parse_payload(&refusal[..*reply_len]).unwrap();
+    let inner = IpPacket::parse(&refusal[g.inner_offset..*reply_len]).unwrap();
+    assert_eq!((inner.src(), inner.dst()), (API, SANDBOX));
+    let Ok(Transport::Tcp(t)) = inner.transport() else {
+        panic!("not TCP")
+    };
+    assert!(t.checksum_ok(inner.src(), inner.dst()));
+    (t.seq(), t.ack(), t.flags())
+}
+
+/// Opens a TCP flow from `sport` (answered, so established) and returns its egress port.
+fn open_tcp(f: &mut Fixture, sport: u16) -> u16 {
+    let (v, payload, _) = f.send(NODE, f.option("acme"), &syn(sport, API, 443));
+    let Verdict::ToInternet { range, .. } = v else {
+        panic!("{v:?}")
+    };
+    let port = IpPacket::parse(&payload[range])
+        .unwrap()
+        .flow_tuple()
+        .unwrap()
+        .src_port;
+    assert!(matches!(
+        f.receive(&synack_to(port)).0,
+        Verdict::ToNode { .. }
+    ));
+    port
+}
+
+fn flow_ends(f: &mut Fixture) -> Vec<FlowEndRecord> {
+    f.tier2
+        .drain_audit()
+        .filter_map(|e| match e {
+            AuditEvent::FlowEnd(r) => Some(r),
+            _ => None,
+        })
+        .collect()
+}
+
+const TTL: Duration = Duration::from_secs(3600); // the signer's default lifetime
+
+#[test]
+fn at_exp_every_segment_gets_an_rfc793_reset_and_udp_an_unreachable() {
+    let mut f = Fixture::new();
+    bind_api(&mut f);
+    let job = f.option("acme").job_key;
+    open_tcp(&mut f, 40020);
+    // The fixture starts at 1 s: this is `exp`, with the flow just below its idle timeout.
+    f.advance(TTL - Duration::from_secs(1));
+    let opt = f.option("acme");
+
+    // A segment with ACK: <SEQ=SEG.ACK><CTL=RST>.
+    let (v, _, refusal) = f.send(NODE, opt, &seg(40020, 1001, 5001, TcpFlags::ACK, b"GET /"));
+    assert_eq!(
+        rst_fields(&v, &refusal, Reason::PolicyExpired),
+        (5001, 0, TcpFlags::RST)
+    );
+    // Without ACK: <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK> (a SYN counts one).
+    let (v, _, refusal) = f.send(NODE, opt, &syn(40021, API, 443));
+    assert_eq!(
+        rst_fields(&v, &refusal, Reason::PolicyExpired),
+        (0, 1001, TcpFlags::RST | TcpFlags::ACK)
+    );
+    let (v, _, refusal) = f.send(NODE, opt, &seg(40022, 7000, 0, TcpFlags::PSH, b"abc"));
+    assert_eq!(
+        rst_fields(&v, &refusal, Reason::PolicyExpired),
+        (0, 7003, TcpFlags::RST | TcpFlags::ACK)
+    );
+    // A RST is never answered, but still not forwarded.
+    let (v, _, _) = f.send(NODE, opt, &seg(40020, 1001, 0, TcpFlags::RST, &[]));
+    assert_eq!(v, Verdict::Drop(Reason::PolicyExpired));
+    // UDP: ICMP administratively prohibited.
+    let dst = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 200));
+    let (v, _, refusal) = f.send(NODE, opt, &udp_to(5000, dst, 53));
+    let Verdict::Refuse {
+        reason: Reason::PolicyExpired,
+        reply_len,
+        ..
+    } = v
+    else {
+        panic!("{v:?}")
+    };
+    let g = parse_payload(&refusal[..reply_len]).unwrap();
+    let inner = IpPacket::parse(&refusal[g.inner_offset..reply_len]).unwrap();
+    let Ok(Transport::Icmp(m)) = inner.transport() else {
+        panic!("not ICMP")
+    };
+    assert_eq!((m.msg_type(), m.code(), inner.dst()), (3, 13, SANDBOX));
+
+    // At the next tick the job's flow is gone, its port quarantined (not live), its end
+    // audited.
+    assert!(f.tier2.is_ending(job));
+    let now = f.now();
+    assert_eq!(f.tier2.tick(&f.policies, now), 1);
+    assert_eq!(f.tier2.conntrack().live_flows_of_job(job), 0);
+    let usage = f.tier2.conntrack().nat().job_usage(job);
+    assert_eq!((usage.live, usage.held), (0, 1));
+    let audit: Vec<AuditEvent> = f.tier2.drain_audit().collect();
+    let ends: Vec<_> = audit
+        .iter()
+        .filter_map(|e| match e {
+            AuditEvent::FlowEnd(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ends.len(), 1);
+    assert_eq!(ends[0].end, FlowEnd::PolicyExpired);
+    assert_eq!((ends[0].src.1, &*ends[0].job), (40020, "job-1"));
+    let refusals = audit
+        .iter()
+        .filter(|e| {
+            matches!(e, AuditEvent::Decision(r)
+                if r.reason == Some(Reason::PolicyExpired) && r.action == Action::Refuse)
+        })
+        .count();
+    assert_eq!(
+        refusals, 5,
+        "each refused packet is audited (within the job's budget)"
+    );
+    assert_eq!(f.tier2.drops()[Reason::PolicyExpired.code() as usize], 5);
+}
+
+#[test]
+fn an_expired_jobs_flows_and_ports_are_freed_within_a_second_without_traffic() {
+    let mut f = Fixture::new();
+    bind_api(&mut f);
+    let job = f.option("acme").job_key;
+    for p in 0..3 {
+        open_tcp(&mut f, 40030 + p);
+    }
+    let now = f.now();
+    f.tier2.tick(&f.policies, now);
+    assert_eq!(f.tier2.conntrack().live_flows_of_job(job), 3);
+    // The fixture starts at 1 s, so `exp` is at 3600 s on its clock; the flows (established,
+    // idle timeout 1 h) stay below their idle timeout throughout.
+    f.advance(TTL - Duration::from_millis(1500));
+    let now = f.now();
+    f.tier2.tick(&f.policies, now);
+    assert_eq!(f.tier2.conntrack().live_flows_of_job(job), 3, "not yet");
+    f.advance(Duration::from_secs(1));
+    let now = f.now();
+    assert_eq!(f.tier2.tick(&f.policies, now), 3);
+    assert_eq!(f.tier2.conntrack().live_flows_of_job(job), 0);
+    assert_eq!(f.tier2.conntrack().nat().job_usage(job).live, 0);
+    let ends = flow_ends(&mut f);
+    assert_eq!(ends.len(), 3);
+    assert!(ends.iter().all(|e| e.end == FlowEnd::PolicyExpired));
+}
+
+#[test]
+fn a_renewed_policy_keeps_the_flows_past_the_old_exp() {
+    let mut f = Fixture::new();
+    bind_api(&mut f);
+    let job = f.option("acme").job_key;
+    open_tcp(&mut f, 40040);
+    // The renewal (same job, serial 2) is signed half an hour later: it expires later.
+    f.advance(TTL / 2);
+    let toml = ACME;
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(T0) + TTL / 2;
+    let token = sign(
+        &parse_policy(toml)
+            .unwrap()
+            .to_claims("jti-acme-00000001", 2, now),
+        &f.key,
+    )
+    .unwrap();
+    f.policies.insert(JobPolicy::from_verified(
+        &verify(&token, &f.bundle, now).unwrap(),
+        &[],
+    ));
+    let (v, _, _) = f.send(
+        NODE,
+        f.option("acme"),
+        &seg(40040, 1001, 5001, TcpFlags::ACK, b"x"),
+    );
+    assert!(matches!(v, Verdict::ToInternet { .. }), "{v:?}");
+    f.advance(TTL / 2 + Duration::from_secs(5));
+    let now = f.now();
+    f.tier2.tick(&f.policies, now);
+    assert_eq!(f.tier2.conntrack().live_flows_of_job(job), 1);
+    let (v, _, _) = f.send(
+        NODE,
+        f.option("acme"),
+        &seg(40040, 1001, 5001, TcpFlags::ACK, b"x"),
+    );
+    assert!(matches!(v, Verdict::ToInternet { .. }), "{v:?}");
+}
+
+#[test]
+fn remove_job_ends_flows_frees_ports_and_forgets_the_jobs_state() {
+    let mut f = Fixture::new();
+    bind_api(&mut f);
+    let job = f.option("acme").job_key;
+    for p in 0..3 {
+        open_tcp(&mut f, 40050 + p);
+    }
+    assert!(f.tier2.knows_job(job));
+    assert_eq!(f.tier2.job_node(job), Some(NODE));
+    f.tier2.drain_audit().for_each(drop);
+    let now = f.now();
+    assert_eq!(f.tier2.remove_job(job, FlowEnd::JobEnded, now), 3);
+    assert!(!f.tier2.knows_job(job));
+    let usage = f.tier2.conntrack().nat().job_usage(job);
+    assert_eq!((usage.live, usage.held), (0, 3), "ports quarantined");
+    assert_eq!(f.tier2.conntrack().open_connections_of_job(job), 0);
+    let ends = flow_ends(&mut f);
+    assert_eq!(ends.len(), 3);
+    assert!(ends.iter().all(|e| e.end == FlowEnd::JobEnded));
+    // Its bindings went with it: the same SYN is now decided without the name.
+    let (v, _, _) = f.send(NODE, f.option("acme"), &syn(40060, API, 443));
+    assert!(
+        matches!(
+            v,
+            Verdict::Refuse {
+                reason: Reason::DestinationDenied,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flow ends with real counters.
+
+#[test]
+fn a_flow_end_carries_packets_and_bytes_each_way_and_its_duration() {
+    let mut f = Fixture::new();
+    bind_api(&mut f);
+    let opt = f.option("acme");
+    let syn_pkt = syn(40070, API, 443);
+    let port = open_tcp(&mut f, 40070); // SYN out (40 B), SYN-ACK in (40 B)
+    let mut out_bytes = syn_pkt.len() as u64;
+    let mut in_bytes = synack_to(port).len() as u64;
+    for i in 0..10u32 {
+        f.advance(Duration::from_millis(100));
+        let up = seg(40070, 1001 + i * 1000, 5001, TcpFlags::ACK, &[7u8; 1000]);
+        out_bytes += up.len() as u64;
+        assert!(matches!(
+            f.send(NODE, opt, &up).0,
+            Verdict::ToInternet { .. }
+        ));
+        let down = tcp(&TcpSpec {
+            src: SocketAddr::new(API, 443),
+            dst: SocketAddr::new(EGRESS, port),
+            seq: 5001,
+            ack: 2001 + i * 1000,
+            flags: TcpFlags::ACK,
+            window: 65535,
+            payload: &[1u8; 100],
+        })
+        .unwrap();
+        in_bytes += down.len() as u64;
+        assert!(matches!(f.receive(&down).0, Verdict::ToNode { .. }));
+    }
+    // FIN both ways, then the closed timeout (30 s).
+    let fin = seg(40070, 11001, 5101, TcpFlags::FIN | TcpFlags::ACK, &[]);
+    out_bytes += fin.len() as u64;
+    f.send(NODE, opt, &fin);
+    let fin_back = tcp(&TcpSpec {
+        src: SocketAddr::new(API, 443),
+        dst: SocketAddr::new(EGRESS, port),
+        seq: 5101,
+        ack: 11002,
+        flags: TcpFlags::FIN | TcpFlags::ACK,
+        window: 65535,
+        payload: &[],
+    })
+    .unwrap();
+    in_bytes += fin_back.len() as u64;
+    f.receive(&fin_back);
+    let listed = f.tier2.conntrack().iter().next().unwrap().1;
+    assert_eq!(listed.counters.bytes_out, out_bytes, "live counters");
+    f.tier2.drain_audit().for_each(drop);
+    f.advance(Duration::from_secs(32));
+    let now = f.now();
+    f.tier2.tick(&f.policies, now);
+    let ends = flow_ends(&mut f);
+    assert_eq!(ends.len(), 1);
+    let e = &ends[0];
+    assert_eq!(e.end, FlowEnd::Closed);
+    assert_eq!(
+        (e.counters.packets_out, e.counters.packets_in),
+        (12, 12),
+        "SYN + 10 data + FIN each way (SYN-ACK and FIN back)"
+    );
+    assert_eq!(
+        (e.counters.bytes_out, e.counters.bytes_in),
+        (out_bytes, in_bytes)
+    );
+    assert_eq!(e.duration, Duration::from_secs(1));
+    assert_eq!(e.hostname.as_deref(), Some("api.example.com"));
+    assert_eq!(e.egress, (EGRESS, port));
+}
+
+#[test]
+fn an_idle_udp_flow_ends_as_idle() {
+    let mut f = Fixture::new();
+    let dst = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 200));
+    let pkt = udp_to(5000, dst, 53);
+    for _ in 0..3 {
+        assert!(matches!(
+            f.send(NODE, f.option("acme"), &pkt).0,
+            Verdict::ToInternet { .. }
+        ));
+    }
+    f.advance(Duration::from_secs(31));
+    let now = f.now();
+    f.tier2.tick(&f.policies, now);
+    let ends = flow_ends(&mut f);
+    assert_eq!(ends.len(), 1);
+    assert_eq!(ends[0].end, FlowEnd::Idle);
+    assert_eq!(ends[0].counters.packets_out, 3);
+    assert_eq!(ends[0].counters.bytes_out, 3 * pkt.len() as u64);
+    assert_eq!(ends[0].counters.packets_in, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// First packets are held.
+
+#[test]
+fn first_packets_are_held_then_processed_in_order_when_the_policy_arrives() {
+    let (key, bundle) = key();
+    let mut f = Fixture::new();
+    let jti = "jti-fresh-0000001";
+    let opt = f.option(jti);
+    let exp = f.mono.saturating_add(Duration::from_secs(300));
+    f.tier2
+        .bindings_mut()
+        .bind(opt.job_key, API, "api.example.com", exp);
+    // A SYN and a UDP datagram arrive before the policy (which allows 3 connections).
+    let first = [
+        syn(41000, API, 443),
+        udp_to(5000, IpAddr::V4(Ipv4Addr::new(198, 51, 100, 200)), 53),
+    ];
+    for p in &first {
+        let (v, _, _) = f.send(NODE, opt, p);
+        assert_eq!(
+            v,
+            Verdict::Held {
+                job_key: opt.job_key,
+                node: NODE,
+                fetch: true,
+            }
+        );
+    }
+    assert_eq!(f.tier2.held().0, 2);
+    let mut out = Vec::new();
+    assert_eq!(
+        f.tier2.take_released(&mut out, 100),
+        0,
+        "not before the policy"
+    );
+
+    // The policy is stored, and a packet arrives before the caller released the held ones:
+    // it waits behind them, and asks for no second fetch.
+    f.policies.insert(policy(
+        &ACME.replace("job-1", "fresh"),
+        jti,
+        1,
+        &key,
+        &bundle,
+    ));
+    let late = udp_to(5002, IpAddr::V4(Ipv4Addr::new(198, 51, 100, 200)), 53);
+    assert_eq!(
+        f.send(NODE, opt, &late).0,
+        Verdict::Held {
+            job_key: opt.job_key,
+            node: NODE,
+            fetch: false,
+        }
+    );
+    assert!(f.tier2.has_released(), "it made the job ready");
+    f.tier2.policy_ready(opt.job_key);
+    // Released in two rounds (the caller's batch is smaller than what is held): the second
+    // round's packets still come out after the first's.
+    let mut dports = Vec::new();
+    for limit in [2, 100] {
+        out.clear();
+        f.tier2.take_released(&mut out, limit);
+        for h in &mut out {
+            assert_eq!(h.node, NODE);
+            let mut refusal = vec![0u8; 2048];
+            let now = f.now();
+            let v = f
+                .tier2
+                .from_node_released(&f.policies, h, &mut refusal, now);
+            let Verdict::ToInternet { range, .. } = v else {
+                panic!("{v:?}")
+            };
+            let t = IpPacket::parse(&h.payload[range])
+                .unwrap()
+                .flow_tuple()
+                .unwrap();
+            assert_eq!(t.src, EGRESS, "NATed");
+            dports.push(t.dst_port);
+        }
+    }
+    assert_eq!(f.tier2.held(), (0, 0));
+    assert_eq!(dports, [443, 53, 53], "in arrival order");
+    assert_eq!(f.tier2.conntrack().live_flows_of_job(opt.job_key), 3);
+}
+
+#[test]
+fn a_failed_fetch_drops_the_held_packets_with_its_reason() {
+    let mut f = Fixture::new();
+    let opt = f.option("jti-nobody-000001");
+    for p in 0..5 {
+        assert!(matches!(
+            f.send(NODE, opt, &syn(42000 + p, API, 443)).0,
+            Verdict::Held { .. }
+        ));
+    }
+    assert_eq!(f.tier2.policy_failed(opt.job_key, Reason::NodeMismatch), 5);
+    assert_eq!(f.tier2.drops()[Reason::NodeMismatch.code() as usize], 5);
+    assert_eq!(f.tier2.held(), (0, 0));
+    assert!(!f.tier2.has_released());
+}
+
+#[test]
+fn held_packets_never_outlive_the_fetch_timeout() {
+    let mut f = Fixture::new();
+    let max_wait = Tier2Config::new(PROXY, vec![NODE], vec![EGRESS])
+        .hold
+        .max_wait;
+    let opt = f.option("jti-slow-00000001");
+    f.send(NODE, opt, &syn(42100, API, 443));
+    f.advance(max_wait - Duration::from_millis(1));
+    f.send(NODE, opt, &syn(42101, API, 443));
+    let now = f.now();
+    f.tier2.tick(&f.policies, now);
+    assert_eq!(f.tier2.held().0, 2);
+    f.advance(Duration::from_millis(1));
+    let now = f.now();
+    f.tier2.tick(&f.policies, now);
+    assert_eq!(f.tier2.held(), (0, 0));
+    assert_eq!(f.tier2.drops()[Reason::UnknownJob.code() as usize], 2);
+}
+
+#[test]
+fn one_jobs_flood_fills_only_its_share_of_the_hold_queue() {
+    let mut f = Fixture::new();
+    let flood = f.option("jti-flood-0000001");
+    let other = f.option("jti-other-0000002");
+    let (mut held, mut full) = (0, 0);
+    for p in 0..1000u16 {
+        match f.send(NODE, flood, &syn(p + 1024, API, 443)).0 {
+            Verdict::Held { .. } => held += 1,
+            Verdict::Drop(Reason::HoldQueueFull) => full += 1,
+            v => panic!("{v:?}"),
+        }
+    }
+    let per_job = Tier2Config::new(PROXY, vec![NODE], vec![EGRESS])
+        .hold
+        .job_packets;
+    assert_eq!((held, full), (per_job, 1000 - per_job));
+    assert_eq!(
+        f.tier2.drops()[Reason::HoldQueueFull.code() as usize],
+        u64::from(1000 - per_job)
+    );
+    assert!(matches!(
+        f.send(NODE, other, &syn(40000, API, 443)).0,
+        Verdict::Held { .. }
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Audit budget.
+
+#[test]
+fn a_jobs_audit_lines_beyond_its_budget_are_suppressed_and_its_next_line_says_how_many() {
+    let (key, bundle) = key();
+    let mut cfg = Tier2Config::new(PROXY, vec![NODE, OTHER_NODE], vec![EGRESS]);
+    cfg.audit_lines_per_sec = 10;
+    let mut f = Fixture::new();
+    f.tier2 = Tier2::new(cfg, Nanos::ZERO).unwrap();
+    f.policies.insert(policy(
+        &ACME
+            .replace("acme", "globex")
+            .replace("node = \"192.0.2.7\"\n", ""),
+        "jti-quiet-0000001",
+        1,
+        &key,
+        &bundle,
+    ));
+    let quiet = SnasOption {
+        tenant_id: snas_policy::identity::tenant_id("globex"),
+        job_key: snas_policy::identity::job_key("jti-quiet-0000001"),
+        policy_serial: 1,
+    };
+    // 1000 denied SYNs from one job: 20 lines (burst = 2 × rate), 980 suppressed.
+    for p in 0..1000u16 {
+        f.send(NODE, f.option("acme"), &syn(p + 1024, UNBOUND, 443));
+    }
+    let lines = decisions(&mut f);
+    assert_eq!(lines.len(), 20);
+    assert!(lines.iter().all(|r| r.suppressed == 0));
+    assert_eq!(f.tier2.audit_suppressed(), 980);
+    assert_eq!(
+        f.tier2.drops()[Reason::DestinationDenied.code() as usize],
+        1000,
+        "every refusal is still counted"
+    );
+    // Another tenant's job is not affected.
+    f.send(NODE, quiet, &syn(2000, UNBOUND, 443));
+    assert_eq!(decisions(&mut f).len(), 1);
+    // A tenth of a second later the job has one line again, carrying the count.
+    f.advance(Duration::from_millis(100));
+    f.send(NODE, f.option("acme"), &syn(3000, UNBOUND, 443));
+    let lines = decisions(&mut f);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0].suppressed, 980);
 }
