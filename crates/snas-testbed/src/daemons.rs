@@ -213,11 +213,12 @@ workers = 1\n\
 busy_poll_us = 100\n\
 resolver_listen = \"{resolver}\"\n\
 upstream_dns = [\"{dns}\"]\n\
-control_listen = \"{control}\"\n\
+control_token_file = {token}\n\
 audit_log = {audit}\n\
 state_dir = {state}\n\
 peers = [{peers}]\n\
-peer_secret_file = {secret}\n",
+peer_secret_file = {secret}\n\
+infrastructure = [{infra}]\n",
         prefix = t.prefix(),
         addr = t.proxy_addr(n),
         nodes = nodes.join(", "),
@@ -226,7 +227,8 @@ peer_secret_file = {secret}\n",
         trust = toml_str(&t.trust_dir().display().to_string()),
         resolver = t.proxy_resolver(n),
         dns = t.dns_server(),
-        control = t.proxy_control(n),
+        token = toml_str(&control_token_file(t).display().to_string()),
+        infra = infrastructure_list(t),
         audit = toml_str(&dir.join("audit.jsonl").display().to_string()),
         state = toml_str(&dir.display().to_string()),
     )
@@ -243,12 +245,23 @@ pub fn peer_secret_file(t: &Topology) -> PathBuf {
     t.state_dir().join("peer.secret")
 }
 
-/// Creates the peer secret (32 random hex digits, mode 0600) unless it exists.
-fn ensure_peer_secret(t: &Topology) -> Result<(), DaemonError> {
+/// The bearer token of the proxies' management endpoint (drain, undrain).
+pub fn control_token_file(t: &Topology) -> PathBuf {
+    t.state_dir().join("control.token")
+}
+
+/// The management token of the testbed's proxies (what `Authorization: Bearer` must carry).
+pub fn control_token(t: &Topology) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(control_token_file(t))?
+        .trim()
+        .to_owned())
+}
+
+/// Creates a secret file (32 random hex digits, mode 0600) unless it exists.
+fn ensure_secret(path: PathBuf) -> Result<(), DaemonError> {
     use rand::RngCore;
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = peer_secret_file(t);
     if path.exists() {
         return Ok(());
     }
@@ -349,7 +362,8 @@ pub fn start(t: &Topology, d: Daemon, binary: &Path) -> Result<Started, DaemonEr
             let _ = std::fs::remove_file(t.agent_socket(n));
         }
         Daemon::Proxy(n) => {
-            ensure_peer_secret(t)?;
+            ensure_secret(peer_secret_file(t))?;
+            ensure_secret(control_token_file(t))?;
             if let Some(p) = d.config_file(t) {
                 let mut text = proxy_config(t, n);
                 // Test hook: extra settings (quotas, timeouts) kept across restarts.
@@ -466,5 +480,20 @@ mod tests {
             v["peer_secret_file"].as_str(),
             Some("/run/snas-testbed/snastb/peer.secret")
         );
+        // Management stays on the proxy's loopback default; the service endpoint on the
+        // underlay is the proxy's default too.
+        assert!(v.get("control_listen").is_none());
+        assert!(v.get("service_listen").is_none());
+        assert_eq!(
+            v["control_token_file"].as_str(),
+            Some("/run/snas-testbed/snastb/control.token")
+        );
+        let cfg =
+            snas_proxy::config::ProxyConfig::parse(&proxy_config(&t, 2), Path::new("proxy.toml"))
+                .unwrap();
+        assert!(cfg
+            .infrastructure
+            .iter()
+            .any(|n| n.to_string() == "198.51.100.64/28"));
     }
 }

@@ -171,10 +171,11 @@ impl fmt::Display for Status {
             let (pool, len) = t.egress_pool(n);
             writeln!(
                 f,
-                "    proxy-{n} {:<14} ns {:<16} transit {p}/30 ↔ inet {i}, egress pool {pool}/{len}, resolver {}, control {}",
+                "    proxy-{n} {:<14} ns {:<16} transit {p}/30 ↔ inet {i}, egress pool {pool}/{len}, resolver {}, service {}, management {} (inside)",
                 t.proxy_addr(n).to_string(),
                 t.proxy_ns(n),
                 t.proxy_resolver(n),
+                t.proxy_service(n),
                 t.proxy_control(n)
             )?;
         }

@@ -43,7 +43,8 @@ pub const PROXY_TUN: &str = "snastun0";
 pub const AGENT_POLICY_PORT: u16 = 7070;
 /// The proxies' job-identified DNS resolver port.
 pub const PROXY_RESOLVER_PORT: u16 = 5353;
-/// The proxies' control port.
+/// The proxies' management port (on loopback inside each proxy namespace) and service port
+/// (on the underlay: health checks, peer bindings, job ends).
 pub const PROXY_CONTROL_PORT: u16 = 9090;
 /// Authoritative DNS server of the internet.
 pub const DNS_SERVER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 53);
@@ -340,8 +341,16 @@ impl Topology {
         SocketAddr::new(IpAddr::V4(self.proxy_addr(n)), PROXY_RESOLVER_PORT)
     }
 
-    /// The proxy's control endpoint.
+    /// The proxy's management endpoint (health, metrics, flows, drain): the proxy's default
+    /// `127.0.0.1:9090`, reachable only from inside the proxy's namespace.
     pub fn proxy_control(&self, n: u8) -> SocketAddr {
+        let _ = n;
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), PROXY_CONTROL_PORT)
+    }
+
+    /// The proxy's service endpoint on the underlay (agents' health checks, peer bindings, job
+    /// ends): the proxy's default `<underlay>:9090`.
+    pub fn proxy_service(&self, n: u8) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(self.proxy_addr(n)), PROXY_CONTROL_PORT)
     }
 

@@ -449,3 +449,44 @@ fn start_hostile_load(hostile: &Job) -> std::process::Child {
         .spawn()
         .unwrap()
 }
+
+#[test]
+fn management_is_off_the_underlay_and_state_changes_need_the_token() {
+    let _s = serial();
+    let tb = testbed_with_proxies();
+    let _logs = LogsOnFailure(&tb);
+    let t = tb.topology();
+    for n in 1..=2u8 {
+        // From a node (where an escaped job would be), the proxy's underlay port serves health
+        // and nothing of the management plane.
+        let service = t.proxy_service(n);
+        for (method, path) in [
+            ("GET", "/v1/flows"),
+            ("GET", "/metrics"),
+            ("POST", "/v1/drain"),
+        ] {
+            let (status, body) = tb
+                .in_netns(&t.node_ns(1), move || http_get(service, method, path))
+                .unwrap()
+                .unwrap();
+            assert_eq!(status, 404, "{method} {path} on {service}: {body}");
+        }
+        let (status, _) = tb
+            .in_netns(&t.node_ns(1), move || http_get(service, "GET", "/healthz"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, 200, "health on the service port");
+        // On the management endpoint, drain without or with a wrong token is refused.
+        let control = t.proxy_control(n);
+        for token in [None, Some("not-the-token-at-all")] {
+            let (status, body) = tb
+                .in_netns(&t.proxy_ns(n), move || {
+                    http_request(control, "POST", "/v1/drain", token)
+                })
+                .unwrap()
+                .unwrap();
+            assert_eq!(status, 401, "drain with {token:?}: {body}");
+        }
+    }
+    assert_proxies_in_service(&tb);
+}

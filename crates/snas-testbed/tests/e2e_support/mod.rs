@@ -209,13 +209,26 @@ impl Drop for Driver {
     }
 }
 
-/// One HTTP GET over TCP; (status, body).
+/// One HTTP request over TCP; (status, body).
 pub fn http_get(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(addr, method, path, None)
+}
+
+/// One HTTP request over TCP with an optional bearer token; (status, body).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\nContent-Length: 0\r\n\r\n"
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
@@ -250,12 +263,13 @@ fn dechunk(mut b: &str) -> String {
     out
 }
 
-/// GET on proxy `n`'s control port (from inside its namespace).
+/// GET on proxy `n`'s management endpoint (loopback, from inside its namespace).
 pub fn proxy_get(tb: &Testbed, n: u8, path: &str) -> std::io::Result<(u16, String)> {
     proxy_request(tb, n, "GET", path)
 }
 
-/// Any request on proxy `n`'s control port.
+/// Any request on proxy `n`'s management endpoint, with the testbed's management token (drain
+/// and undrain need it).
 pub fn proxy_request(
     tb: &Testbed,
     n: u8,
@@ -265,8 +279,11 @@ pub fn proxy_request(
     let addr = tb.topology().proxy_control(n);
     let m = method.to_owned();
     let p = path.to_owned();
-    tb.in_netns(&tb.topology().proxy_ns(n), move || http_get(addr, &m, &p))
-        .unwrap()
+    let token = daemons::control_token(tb.topology())?;
+    tb.in_netns(&tb.topology().proxy_ns(n), move || {
+        http_request(addr, &m, &p, Some(&token))
+    })
+    .unwrap()
 }
 
 /// Proxy `n`'s metrics as (name{labels} → value).
