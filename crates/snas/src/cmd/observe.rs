@@ -314,6 +314,9 @@ struct FlowRow {
     state: Option<String>,
     age_secs: Option<f64>,
     idle_secs: Option<f64>,
+    /// Bytes from the job toward the destination, and back (what the proxy moved so far).
+    bytes_out: Option<u64>,
+    bytes_in: Option<u64>,
 }
 
 /// Parses a `/v1/flows` body: a JSON array of flow objects, or an object with a `flows` array.
@@ -373,6 +376,8 @@ fn parse_flows(proxy: &str, body: &[u8], now_unix: f64) -> anyhow::Result<Vec<Fl
             age_secs,
             idle_secs: number(o, &["idle_secs", "idle_s"])
                 .or_else(|| number(o, &["idle_ms"]).map(|ms| ms / 1000.0)),
+            bytes_out: o.get("bytes_out").and_then(Value::as_u64),
+            bytes_in: o.get("bytes_in").and_then(Value::as_u64),
         });
     }
     Ok(rows)
@@ -526,6 +531,24 @@ fn job_row(node: &str, v: &Value) -> Option<JobRow> {
 // Printing
 
 /// Human duration: `45s`, `3m05s`, `2h01m`, `0.4s`.
+/// Bytes for a person: `812 B`, `12.4 kB`, `3.1 MB`, `2.0 GB` (decimal units).
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 4] = ["kB", "MB", "GB", "TB"];
+    if b < 1000 {
+        return format!("{b} B");
+    }
+    let mut v = b as f64 / 1000.0;
+    let mut unit = UNITS[0];
+    for u in &UNITS[1..] {
+        if v < 1000.0 {
+            break;
+        }
+        v /= 1000.0;
+        unit = u;
+    }
+    format!("{v:.1} {unit}")
+}
+
 fn human_secs(s: f64) -> String {
     if !s.is_finite() || s < 0.0 {
         return "-".into();
@@ -608,7 +631,7 @@ impl JsonRow for FlowRow {
             "proxy": self.proxy, "job": self.job, "tenant": self.tenant, "job_key": self.job_key,
             "proto": self.proto, "src": self.src, "dst": self.dst, "hostname": self.hostname,
             "egress": self.egress, "state": self.state, "age_secs": self.age_secs,
-            "idle_secs": self.idle_secs,
+            "idle_secs": self.idle_secs, "bytes_out": self.bytes_out, "bytes_in": self.bytes_in,
         })
     }
 }
@@ -772,9 +795,13 @@ pub fn flows(a: &ObserveArgs) -> ExitCode {
             return fail(&e);
         }
     } else {
-        // The age column appears only when some proxy reports ages; idle time always.
+        // The age and byte columns appear only when some proxy reports them; idle time always.
         let with_age = rows.iter().any(|r| r.age_secs.is_some());
+        let with_bytes = rows
+            .iter()
+            .any(|r| r.bytes_out.is_some() || r.bytes_in.is_some());
         let secs = |v: Option<f64>| v.map_or("-".into(), human_secs);
+        let bytes = |v: Option<u64>| v.map_or("-".into(), human_bytes);
         let cells: Vec<Vec<String>> = rows
             .iter()
             .map(|r| {
@@ -793,6 +820,10 @@ pub fn flows(a: &ObserveArgs) -> ExitCode {
                     c.push(secs(r.age_secs));
                 }
                 c.push(secs(r.idle_secs));
+                if with_bytes {
+                    c.push(bytes(r.bytes_out));
+                    c.push(bytes(r.bytes_in));
+                }
                 c
             })
             .collect();
@@ -803,6 +834,9 @@ pub fn flows(a: &ObserveArgs) -> ExitCode {
             headers.push("AGE");
         }
         headers.push("IDLE");
+        if with_bytes {
+            headers.extend(["OUT", "IN"]);
+        }
         print!("{}", table(&headers, &cells));
     }
     finish(&errors)
@@ -890,7 +924,7 @@ mod tests {
         let body = br#"{"flows":[{"job_key":"00000000000000aa","tenant":"acme","proto":"tcp",
             "src":"10.255.1.2:40000","dst_ip":"203.0.113.10","dst_port":80,
             "hostnames":["api.example.com"],"egress_ip":"198.51.100.64","egress_port":2000,
-            "state":"established","age_ms":1500,"idle_ms":250}]}"#;
+            "state":"established","age_ms":1500,"idle_ms":250,"bytes_out":812,"bytes_in":1048576}]}"#;
         let rows = parse_flows("p1", body, 0.0).unwrap();
         assert_eq!(rows.len(), 1);
         let r = &rows[0];
@@ -900,6 +934,10 @@ mod tests {
         assert_eq!(r.hostname.as_deref(), Some("api.example.com"));
         assert_eq!(r.age_secs, Some(1.5));
         assert_eq!(r.idle_secs, Some(0.25));
+        assert_eq!((r.bytes_out, r.bytes_in), (Some(812), Some(1_048_576)));
+        assert_eq!(human_bytes(812), "812 B");
+        assert_eq!(human_bytes(1_048_576), "1.0 MB");
+        assert_eq!(human_bytes(2_500_000_000), "2.5 GB");
         assert_eq!(r.job, None);
 
         let rows = parse_flows(
