@@ -21,6 +21,7 @@
 //! - [`state`]: job records on disk.
 //! - [`agent`]: the job table ([`Agent`]): create, adopt at start, delete, counters.
 //! - [`dns`]: the DNS stub's decisions (pure): query shape, names, rate bucket, identity option.
+//! - [`dns_cache`]: the stub's per-job answer cache (pure, bounded per job and per node).
 //! - [`stub`]: the DNS stub's UDP/TCP servers and forwarding to proxy resolvers.
 //! - [`proxies`]: the proxy table, health checks, drain, DNS resolver choice.
 //! - [`audit`]: the JSON-lines audit log.
@@ -35,6 +36,7 @@ pub mod audit;
 pub mod config;
 pub mod dataplane;
 pub mod dns;
+pub mod dns_cache;
 pub mod ethtool;
 pub mod jobnet;
 pub mod metrics;
