@@ -307,6 +307,11 @@ impl Service {
     /// Signals the stop and waits for the task (at most [`STOP_TIMEOUT`], then cuts it off).
     async fn stop(self) {
         let _ = self.stop.send(true);
+        self.join().await;
+    }
+
+    /// Waits for the task (at most [`STOP_TIMEOUT`], then cuts it off).
+    async fn join(self) {
         let abort = self.task.abort_handle();
         if tokio::time::timeout(STOP_TIMEOUT, self.task).await.is_err() {
             tracing::warn!("a serving task did not finish in time; cut off");
@@ -320,7 +325,12 @@ struct Services {
     ls: Listeners,
     ops: Arc<Ops>,
     api: Option<Service>,
-    net: Vec<Service>,
+    /// DNS over UDP and TCP: stop at once when told.
+    dns: Vec<Service>,
+    /// Policy endpoint and metrics: stop accepting at once, then finish their requests.
+    http: Vec<Service>,
+    /// Stopped HTTP services still finishing their requests.
+    draining: Vec<Service>,
 }
 
 fn log_serve(what: &'static str, r: io::Result<()>) {
@@ -352,7 +362,7 @@ impl Services {
     }
 
     fn start_net(&mut self) -> io::Result<()> {
-        if !self.net.is_empty() {
+        if !self.dns.is_empty() {
             return Ok(());
         }
         let udp = tokio::net::UdpSocket::from_std(self.ls.dns_udp.try_clone()?)?;
@@ -363,11 +373,11 @@ impl Services {
             None => None,
         };
         let stub = self.ops.stub.clone();
-        self.net
+        self.dns
             .push(Service::spawn(|rx| stub.clone().serve_udp(udp, rx)));
-        self.net.push(Service::spawn(|rx| stub.serve_tcp(tcp, rx)));
+        self.dns.push(Service::spawn(|rx| stub.serve_tcp(tcp, rx)));
         let router = api::policy_router(self.ops.clone());
-        self.net.push(Service::spawn(|rx| async move {
+        self.http.push(Service::spawn(|rx| async move {
             let r = axum::serve(
                 pol,
                 router.into_make_service_with_connect_info::<SocketAddr>(),
@@ -378,7 +388,7 @@ impl Services {
         }));
         if let Some(met) = met {
             let router = api::metrics_router(self.ops.clone());
-            self.net.push(Service::spawn(|rx| async move {
+            self.http.push(Service::spawn(|rx| async move {
                 let r = axum::serve(met, router)
                     .with_graceful_shutdown(stub::stopped(rx))
                     .await;
@@ -388,8 +398,14 @@ impl Services {
         Ok(())
     }
 
+    /// Stops reading the DNS sockets and accepting on the policy and metrics listeners; HTTP
+    /// requests in progress finish in the background ([`Services::stop_all`] waits for them).
     async fn stop_net(&mut self) {
-        for s in std::mem::take(&mut self.net) {
+        for s in &self.http {
+            let _ = s.stop.send(true);
+        }
+        self.draining.append(&mut self.http);
+        for s in std::mem::take(&mut self.dns) {
             s.stop().await;
         }
     }
@@ -402,6 +418,9 @@ impl Services {
     async fn stop_all(&mut self) {
         self.stop_api().await;
         self.stop_net().await;
+        for s in std::mem::take(&mut self.draining) {
+            s.join().await;
+        }
     }
 
     /// Serves one hand-over request (the old agent's side); true once the sockets are the
@@ -547,7 +566,9 @@ pub async fn run(
         ls: listeners,
         ops: ops.clone(),
         api: None,
-        net: Vec::new(),
+        dns: Vec::new(),
+        http: Vec::new(),
+        draining: Vec::new(),
     };
     services.start_all().map_err(RunError::Runtime)?;
     if let Some(c) = client {
