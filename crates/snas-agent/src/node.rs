@@ -547,9 +547,9 @@ pub async fn run(
     if let Some(c) = client.as_mut() {
         offered = c.take().await?;
     }
-    let listeners = Listeners::assemble(&config, offered, source).await?;
     let audit_path = config.audit_log_path();
     let audit = audit::spawn_writer(&audit_path)?;
+    let listeners = Listeners::assemble(&config, offered, source).await?;
     let stub = Arc::new(DnsStub::new(
         agent.clone(),
         dataplane.clone(),

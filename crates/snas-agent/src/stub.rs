@@ -370,7 +370,13 @@ enum Verdict {
     },
     NoData,
     Cached(CachedAnswer),
-    Forward(Box<Pending>),
+    Forward {
+        question: Question,
+        rules: Vec<usize>,
+        policy: Arc<VerifiedPolicy>,
+        matcher: Arc<Matcher>,
+        inflight: InflightGuard,
+    },
 }
 
 /// Why forwarding failed.
@@ -629,17 +635,7 @@ impl DnsStub {
             let Some(slot) = jobs.get_mut(&entry.job_key) else {
                 return self.refuse(&query, Refusal::UnknownJob);
             };
-            self.verdict(
-                slot,
-                cache,
-                &entry,
-                query.clone(),
-                src,
-                local,
-                tcp,
-                bytes.len(),
-                now,
-            )
+            self.verdict(slot, cache, &entry, &query, now)
         };
         match verdict {
             Verdict::Refuse {
@@ -677,22 +673,34 @@ impl DnsStub {
                 inc(&self.stats.cached);
                 reply(dns::cached_answer(&query, hit), &query, tcp)
             }
-            Verdict::Forward(p) => Step::Forward(p),
+            Verdict::Forward {
+                question,
+                rules,
+                policy,
+                matcher,
+                inflight,
+            } => Step::Forward(Box::new(Pending {
+                query,
+                question,
+                rules,
+                policy,
+                matcher,
+                src,
+                local,
+                tcp,
+                len: bytes.len(),
+                _inflight: inflight,
+            })),
         }
     }
 
     /// The decision for one query of a job, under the stub's lock.
-    #[allow(clippy::too_many_arguments)]
     fn verdict(
         &self,
         slot: &mut JobSlot,
         cache: &mut DnsCache,
         entry: &JobEntry,
-        query: Message,
-        src: SocketAddr,
-        local: Option<IpAddr>,
-        tcp: bool,
-        len: usize,
+        query: &Message,
         now: Duration,
     ) -> Verdict {
         let refuse =
@@ -702,7 +710,7 @@ impl DnsStub {
                 audit: audit_slot(slot, now, &self.stats),
                 policy: slot.policy.clone(),
             };
-        let shape = dns::question_of(&query);
+        let shape = dns::question_of(query);
         if entry.expired {
             return refuse(slot, Refusal::Expired, shape.ok());
         }
@@ -727,21 +735,16 @@ impl DnsStub {
             return refuse(slot, Refusal::Rate, Some(question));
         }
         slot.inflight += 1;
-        Verdict::Forward(Box::new(Pending {
-            query,
+        Verdict::Forward {
             question,
             rules,
             policy: slot.policy.clone(),
             matcher: slot.matcher.clone(),
-            src,
-            local,
-            tcp,
-            len,
-            _inflight: InflightGuard {
+            inflight: InflightGuard {
                 state: self.state.clone(),
                 job_key: entry.job_key,
             },
-        }))
+        }
     }
 
     /// Forwards, installs, caches, audits and relays: steps 9–11 of the module doc.
