@@ -86,9 +86,43 @@ pub struct Listeners {
     sources: BTreeMap<&'static str, &'static str>,
 }
 
-fn take(offered: &mut Vec<(String, OwnedFd)>, name: &str) -> Option<OwnedFd> {
-    let i = offered.iter().position(|(n, _)| n == name)?;
-    Some(offered.swap_remove(i).1)
+/// Chooses each socket: the one offered under its name if it matches, else a new one.
+struct Picker<'a> {
+    offered: &'a mut Vec<(String, OwnedFd)>,
+    sources: &'a mut BTreeMap<&'static str, &'static str>,
+    source: &'static str,
+}
+
+impl Picker<'_> {
+    async fn one<T, F>(
+        &mut self,
+        name: &'static str,
+        adopt: impl FnOnce(OwnedFd) -> Option<T>,
+        bind: impl FnOnce() -> F,
+    ) -> Result<T, RunError>
+    where
+        F: Future<Output = Result<T, RunError>>,
+    {
+        let fd = self
+            .offered
+            .iter()
+            .position(|(n, _)| n == name)
+            .map(|i| self.offered.swap_remove(i).1);
+        let was_offered = fd.is_some();
+        if let Some(s) = fd.and_then(adopt) {
+            self.sources.insert(name, self.source);
+            return Ok(s);
+        }
+        if was_offered {
+            tracing::warn!(
+                socket = name,
+                from = self.source,
+                "passed socket does not match the configuration; binding a new one"
+            );
+        }
+        self.sources.insert(name, "bound");
+        bind().await
+    }
 }
 
 fn adopt_udp(fd: OwnedFd, want: SocketAddr) -> Option<std::net::UdpSocket> {
@@ -138,107 +172,75 @@ impl Listeners {
         source: &'static str,
     ) -> Result<Listeners, RunError> {
         let mut sources = BTreeMap::new();
-        let mut note = |name: &'static str, adopted: bool, was_offered: bool| {
-            if was_offered && !adopted {
-                tracing::warn!(
-                    socket = name,
-                    from = source,
-                    "passed socket does not match the configuration; binding a new one"
-                );
-            }
-            sources.insert(name, if adopted { source } else { "bound" });
-        };
         let dns_addr = SocketAddr::new(config.dns_listen, dataplane::DNS_STUB_PORT);
-        let fd = take(&mut offered, handover::DNS_UDP);
-        let was = fd.is_some();
-        let dns_udp = match fd.and_then(|fd| adopt_udp(fd, dns_addr)) {
-            Some(s) => {
-                note(handover::DNS_UDP, true, was);
-                s
-            }
-            None => {
-                note(handover::DNS_UDP, false, was);
-                std::net::UdpSocket::bind(dns_addr).map_err(|source| RunError::DnsListen {
-                    addr: dns_addr,
-                    source,
-                })?
-            }
-        };
-        stub::tune_udp(&dns_udp).map_err(|source| RunError::DnsListen {
+        let dns_err = |source| RunError::DnsListen {
             addr: dns_addr,
             source,
-        })?;
-        let fd = take(&mut offered, handover::DNS_TCP);
-        let was = fd.is_some();
-        let dns_tcp = match fd.and_then(|fd| adopt_tcp(fd, dns_addr)) {
-            Some(s) => {
-                note(handover::DNS_TCP, true, was);
-                s
-            }
-            None => {
-                note(handover::DNS_TCP, false, was);
-                bind_tcp(dns_addr)
-                    .await
-                    .map_err(|source| RunError::DnsListen {
-                        addr: dns_addr,
-                        source,
-                    })?
-            }
         };
+        let mut pick = Picker {
+            offered: &mut offered,
+            sources: &mut sources,
+            source,
+        };
+        let dns_udp = pick
+            .one(
+                handover::DNS_UDP,
+                |fd| adopt_udp(fd, dns_addr),
+                || async { std::net::UdpSocket::bind(dns_addr).map_err(dns_err) },
+            )
+            .await?;
+        stub::tune_udp(&dns_udp).map_err(dns_err)?;
+        let dns_tcp = pick
+            .one(
+                handover::DNS_TCP,
+                |fd| adopt_tcp(fd, dns_addr),
+                || async { bind_tcp(dns_addr).await.map_err(dns_err) },
+            )
+            .await?;
         let policy_addr = config.policy_listen_addr();
-        let fd = take(&mut offered, handover::POLICY);
-        let was = fd.is_some();
-        let policy = match fd.and_then(|fd| adopt_tcp(fd, policy_addr)) {
-            Some(s) => {
-                note(handover::POLICY, true, was);
-                s
-            }
-            None => {
-                note(handover::POLICY, false, was);
-                bind_tcp(policy_addr)
-                    .await
-                    .map_err(|source| RunError::PolicyListen {
-                        addr: policy_addr,
-                        source,
-                    })?
-            }
-        };
-        let fd = take(&mut offered, handover::METRICS);
+        let policy = pick
+            .one(
+                handover::POLICY,
+                |fd| adopt_tcp(fd, policy_addr),
+                || async {
+                    bind_tcp(policy_addr)
+                        .await
+                        .map_err(|source| RunError::PolicyListen {
+                            addr: policy_addr,
+                            source,
+                        })
+                },
+            )
+            .await?;
         let metrics = match config.metrics_listen {
             None => None,
-            Some(addr) => {
-                let was = fd.is_some();
-                Some(match fd.and_then(|fd| adopt_tcp(fd, addr)) {
-                    Some(s) => {
-                        note(handover::METRICS, true, was);
-                        s
-                    }
-                    None => {
-                        note(handover::METRICS, false, was);
+            Some(addr) => Some(
+                pick.one(
+                    handover::METRICS,
+                    |fd| adopt_tcp(fd, addr),
+                    || async {
                         bind_tcp(addr)
                             .await
-                            .map_err(|source| RunError::MetricsListen { addr, source })?
-                    }
-                })
-            }
+                            .map_err(|source| RunError::MetricsListen { addr, source })
+                    },
+                )
+                .await?,
+            ),
         };
-        let fd = take(&mut offered, handover::API);
-        let was = fd.is_some();
-        let api = match fd.and_then(|fd| adopt_unix(fd, &config.api_socket)) {
-            Some(s) => {
-                note(handover::API, true, was);
-                s
-            }
-            None => {
-                note(handover::API, false, was);
-                api::bind_unix(&config.api_socket, config.api_socket_mode)
-                    .and_then(|l| l.into_std())
-                    .map_err(|source| RunError::ApiSocket {
-                        path: config.api_socket.clone(),
-                        source,
-                    })?
-            }
-        };
+        let api = pick
+            .one(
+                handover::API,
+                |fd| adopt_unix(fd, &config.api_socket),
+                || async {
+                    api::bind_unix(&config.api_socket, config.api_socket_mode)
+                        .and_then(|l| l.into_std())
+                        .map_err(|source| RunError::ApiSocket {
+                            path: config.api_socket.clone(),
+                            source,
+                        })
+                },
+            )
+            .await?;
         for (name, _) in offered {
             tracing::warn!(socket = %name, from = source, "passed socket not used; closed");
         }

@@ -555,19 +555,31 @@ impl JobDirectory for SwitchDir {
     }
 }
 
-#[tokio::test]
-async fn a_policy_update_with_a_new_serial_changes_the_allowed_names() {
-    let (port, seen) = fake_resolver(Ipv4Addr::LOCALHOST, 0, false).await;
-    let dir = Arc::new(SwitchDir(Mutex::new(policy(&["old.example.com"]))));
-    let (sink, _audit) = AuditSink::channel();
-    let dp = Arc::new(RecordingDataplane::default());
+/// A stub (not serving sockets: ask it with `handle`) over a [`SwitchDir`] with `hosts`.
+fn switch_stub(
+    hosts: &[&str],
+    resolver_port: u16,
+) -> (
+    Arc<SwitchDir>,
+    DnsStub,
+    tokio::sync::mpsc::Receiver<AuditRecord>,
+) {
+    let dir = Arc::new(SwitchDir(Mutex::new(policy(hosts))));
+    let (sink, audit) = AuditSink::channel();
     let stub = DnsStub::new(
         dir.clone(),
-        dp,
-        Arc::new(Proxies::new(&[Ipv4Addr::LOCALHOST], 9, port)),
+        Arc::new(RecordingDataplane::default()),
+        Arc::new(Proxies::new(&[Ipv4Addr::LOCALHOST], 9, resolver_port)),
         sink,
         cfg(),
     );
+    (dir, stub, audit)
+}
+
+#[tokio::test]
+async fn a_policy_update_with_a_new_serial_changes_the_allowed_names() {
+    let (port, seen) = fake_resolver(Ipv4Addr::LOCALHOST, 0, false).await;
+    let (dir, stub, _audit) = switch_stub(&["old.example.com"], port);
     let src = SocketAddr::from((SANDBOX, 40000));
     let ask = |name: &str| query(name, RecordType::A, 1).to_vec().unwrap();
     let rcode = |b: Option<Vec<u8>>| Message::from_vec(&b.unwrap()).unwrap().response_code();
@@ -849,15 +861,7 @@ async fn negative_answers_are_cached_for_a_short_bounded_time() {
 #[tokio::test]
 async fn a_new_policy_serial_empties_the_jobs_cache() {
     let (port, seen) = fake_resolver(Ipv4Addr::LOCALHOST, 0, false).await;
-    let dir = Arc::new(SwitchDir(Mutex::new(policy(&["api.example.com"]))));
-    let (sink, _audit) = AuditSink::channel();
-    let stub = DnsStub::new(
-        dir.clone(),
-        Arc::new(RecordingDataplane::default()),
-        Arc::new(Proxies::new(&[Ipv4Addr::LOCALHOST], 9, port)),
-        sink,
-        cfg(),
-    );
+    let (dir, stub, _audit) = switch_stub(&["api.example.com"], port);
     let src = SocketAddr::from((SANDBOX, 40000));
     let q = query("api.example.com.", RecordType::A, 1)
         .to_vec()
@@ -883,15 +887,7 @@ async fn a_new_policy_serial_empties_the_jobs_cache() {
 #[tokio::test]
 async fn an_expired_jobs_queries_are_refused_and_audited_even_when_cached() {
     let (port, seen) = fake_resolver(Ipv4Addr::LOCALHOST, 0, false).await;
-    let dir = Arc::new(SwitchDir(Mutex::new(policy(&["api.example.com"]))));
-    let (sink, mut audit) = AuditSink::channel();
-    let stub = DnsStub::new(
-        dir.clone(),
-        Arc::new(RecordingDataplane::default()),
-        Arc::new(Proxies::new(&[Ipv4Addr::LOCALHOST], 9, port)),
-        sink,
-        cfg(),
-    );
+    let (dir, stub, mut audit) = switch_stub(&["api.example.com"], port);
     let src = SocketAddr::from((SANDBOX, 40000));
     let q = query("api.example.com.", RecordType::A, 1)
         .to_vec()

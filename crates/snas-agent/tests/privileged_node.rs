@@ -43,7 +43,9 @@ fn privileged_agent_serves_dns_proxies_and_metrics() {
         });
         port
     });
-    let discovery = rt.block_on(service_dns(DISCOVERED));
+    let discovery = rt.block_on(common::service_dns(Arc::new(std::sync::Mutex::new(Some(
+        vec![DISCOVERED],
+    )))));
     let text = format!(
         "{}\ndns_listen = \"{dns_ip}\"\nproxies = [\"127.0.0.1\"]\nproxy_control_port = {control_port}\nproxy_service = \"proxies.test\"\nproxy_service_dns = \"{discovery}\"\n",
         toml_of(&base)
@@ -159,32 +161,6 @@ fn privileged_agent_serves_dns_proxies_and_metrics() {
 }
 
 const DISCOVERED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 31);
-
-/// A DNS server on loopback answering every A query with `ip`.
-async fn service_dns(ip: Ipv4Addr) -> std::net::SocketAddr {
-    use hickory_proto::op::{Message, MessageType};
-    use hickory_proto::rr::{rdata::A, RData, Record};
-    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = udp.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 2048];
-        while let Ok((n, from)) = udp.recv_from(&mut buf).await {
-            let q = Message::from_vec(&buf[..n]).unwrap();
-            let mut a = Message::new();
-            a.set_id(q.id()).set_message_type(MessageType::Response);
-            for x in q.queries() {
-                a.add_query(x.clone());
-            }
-            a.add_answer(Record::from_rdata(
-                q.queries()[0].name().clone(),
-                30,
-                RData::A(A(ip)),
-            ));
-            udp.send_to(&a.to_vec().unwrap(), from).await.unwrap();
-        }
-    });
-    addr
-}
 
 /// Tier 1 that cannot take an infrastructure set (everything else is recorded).
 #[derive(Debug, Default)]

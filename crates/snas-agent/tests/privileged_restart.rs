@@ -2,7 +2,7 @@
 //! lookup is lost.
 //!
 //! Everything runs in a network namespace of its own (the "node", as on the testbed): the agents
-//! (`serve_with`, the real verifier of a signed policy, in-memory dataplane) bind the DNS stub on `0.0.0.0:53` there,
+//! (`snas_agent::node::run`, the real verifier of a signed policy, in-memory dataplane) bind the DNS stub on `0.0.0.0:53` there,
 //! the fake proxy resolver and control endpoint listen on the node's 127.0.0.1. A job's sandbox
 //! asks the stub at its gateway address, over UDP and TCP, one lookup after another with a
 //! single attempt each; a new agent started with the same configuration takes the sockets over
@@ -21,13 +21,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{unix_http, Scope};
+use common::{unix_http, AgentThread, Scope};
 use hickory_proto::op::{Message, MessageType, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use snas_agent::jobnet::run_in_netns;
+use snas_agent::node::RunOptions;
 use snas_agent::seams::BundleVerifier;
-use snas_agent::seams::RecordingDataplane;
 use snas_agent::AgentConfig;
 use snas_policy::{parse_policy, sign, PolicyKey, TrustBundle};
 
@@ -86,65 +86,6 @@ fn verifier() -> Arc<BundleVerifier> {
     Arc::new(BundleVerifier::new(
         TrustBundle::from_keys([("k1", key().public_pem().unwrap())]).unwrap(),
     ))
-}
-
-/// One agent running `serve_with` on its own thread and runtime (in the calling thread's
-/// network namespace) until it is stopped or hands over.
-struct Agent {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<Result<(), snas_agent::RunError>>>,
-}
-
-impl Agent {
-    fn start(config: AgentConfig) -> Agent {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(snas_agent::serve_with(
-                config,
-                verifier(),
-                Arc::new(RecordingDataplane::default()),
-                async move {
-                    let _ = rx.await;
-                },
-            ))
-        });
-        Agent {
-            stop: Some(tx),
-            thread: Some(thread),
-        }
-    }
-
-    /// Waits (at most `limit`) for the agent to exit by itself (after a hand-over).
-    fn exits_by_itself(&mut self, limit: Duration) -> Result<(), snas_agent::RunError> {
-        let deadline = Instant::now() + limit;
-        let t = self.thread.take().unwrap();
-        while !t.is_finished() {
-            assert!(Instant::now() < deadline, "the old agent did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        t.join().unwrap()
-    }
-
-    fn shut_down(mut self) -> Result<(), snas_agent::RunError> {
-        let _ = self.stop.take().unwrap().send(());
-        self.thread.take().unwrap().join().unwrap()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// What the sandbox's lookup loop saw.
@@ -271,7 +212,7 @@ fn privileged_a_lookup_loop_loses_nothing_while_the_agent_is_replaced_twice() {
         let socket = config.api_socket.clone();
         let handover = snas_agent::node::handover_socket(&config);
 
-        let mut first = Agent::start(config.clone());
+        let mut first = AgentThread::start(config.clone(), verifier(), RunOptions::default());
         wait_until("the first agent", Duration::from_secs(10), || {
             handover.exists()
         });
@@ -310,7 +251,7 @@ fn privileged_a_lookup_loop_loses_nothing_while_the_agent_is_replaced_twice() {
         at_least(200);
 
         // First replacement: the old agent exits by itself once the new one serves.
-        let mut second = Agent::start(config.clone());
+        let mut second = AgentThread::start(config.clone(), verifier(), RunOptions::default());
         first
             .exits_by_itself(Duration::from_secs(20))
             .expect("the first agent hands over and exits cleanly");
@@ -325,7 +266,7 @@ fn privileged_a_lookup_loop_loses_nothing_while_the_agent_is_replaced_twice() {
         );
 
         // Second replacement.
-        let third = Agent::start(config.clone());
+        let third = AgentThread::start(config.clone(), verifier(), RunOptions::default());
         second
             .exits_by_itself(Duration::from_secs(20))
             .expect("the second agent hands over and exits cleanly");
@@ -352,7 +293,7 @@ fn privileged_a_lookup_loop_loses_nothing_while_the_agent_is_replaced_twice() {
             "",
         );
         assert_eq!(status, 204);
-        third.shut_down().unwrap();
+        third.stop().unwrap();
         assert!(!socket.exists(), "a stopped agent removes its API socket");
         assert!(!handover.exists(), "and its hand-over socket");
         drop(helpers);

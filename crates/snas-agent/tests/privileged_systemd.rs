@@ -15,59 +15,10 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{unix_http, Scope, StubVerifier};
+use common::{unix_http, AgentThread, Scope, StubVerifier};
 use snas_agent::handover;
 use snas_agent::node::RunOptions;
-use snas_agent::seams::RecordingDataplane;
 use snas_agent::AgentConfig;
-
-/// A running agent (its own thread and runtime).
-struct Agent {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<Result<(), snas_agent::RunError>>>,
-}
-
-impl Agent {
-    fn start(config: AgentConfig, opts: RunOptions) -> Agent {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(snas_agent::node::run(
-                config,
-                Arc::new(StubVerifier),
-                Arc::new(RecordingDataplane::default()),
-                async move {
-                    let _ = rx.await;
-                },
-                opts,
-            ))
-        });
-        Agent {
-            stop: Some(tx),
-            thread: Some(thread),
-        }
-    }
-
-    fn stop(mut self) -> Result<(), snas_agent::RunError> {
-        let _ = self.stop.take().unwrap().send(());
-        self.thread.take().unwrap().join().unwrap()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// What the stand-in systemd received: (state text, descriptors).
 fn receive_all(notify: &UnixDatagram, until_ready: bool) -> Vec<(String, Vec<OwnedFd>)> {
@@ -120,8 +71,9 @@ fn privileged_sockets_stored_with_systemd_survive_a_restart_with_queued_queries_
     let udp = std::net::UdpSocket::bind(dns_addr).unwrap();
     let tcp = std::net::TcpListener::bind(dns_addr).unwrap();
     let stray = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
-    let first = Agent::start(
+    let first = AgentThread::start(
         config.clone(),
+        Arc::new(StubVerifier),
         RunOptions {
             inherited: vec![
                 (handover::DNS_UDP.into(), OwnedFd::from(udp)),
@@ -183,8 +135,9 @@ fn privileged_sockets_stored_with_systemd_survive_a_restart_with_queued_queries_
             Some((name, fds.pop()?))
         })
         .collect();
-    let second = Agent::start(
+    let second = AgentThread::start(
         config,
+        Arc::new(StubVerifier),
         RunOptions {
             inherited,
             notify_socket: Some(notify_path.display().to_string()),
