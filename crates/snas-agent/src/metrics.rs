@@ -160,11 +160,6 @@ pub fn render(s: &Snapshot, setup: &Histogram) -> String {
                 d.forwarded,
             ),
             (
-                "snas_agent_dns_cached_total",
-                "DNS queries answered from the stub's cache.",
-                d.cached,
-            ),
-            (
                 "snas_agent_dns_proxy_failures_total",
                 "Forward attempts that timed out or failed (moved to the next proxy).",
                 d.proxy_failures,
@@ -377,7 +372,10 @@ mod tests {
         ));
         assert!(!text.contains("port_denied"));
         assert!(text.contains("snas_agent_dns_queries_total{outcome=\"noerror\"} 4\n"));
-        assert!(text.contains("snas_agent_dns_cached_total 3\n"));
+        assert!(
+            !text.contains("snas_agent_dns_cached_total"),
+            "cached is an outcome"
+        );
         assert!(text.contains("snas_agent_flow_ageing_runs_total 7\n"));
         assert!(text.contains("snas_agent_policy_requests_total{outcome=\"forbidden\"} 2\n"));
         assert!(
