@@ -1,12 +1,14 @@
 //! `snas-agent`: the node agent.
 //!
 //! Per job it verifies the signed policy, creates the job's network namespace and veth, hands
-//! the job to tier 1 (eBPF), serves the job's DNS (a stub that forwards allowed names to a
-//! proxy resolver and installs the answers into tier 1), and serves the job's signed policy to
-//! proxies. Node-wide it health-checks the proxies and keeps tier 1's proxy table current. State that matters
-//! across restarts lives in the kernel (namespaces, veths, pinned maps) and in one small record
-//! per job under the state directory; a restarted agent adopts running jobs without touching
-//! their traffic.
+//! the job to tier 1 (eBPF), serves the job's DNS (a stub that answers repeats from a per-job
+//! cache and forwards allowed names to a proxy resolver, installing the answers into tier 1),
+//! serves the job's signed policy to the proxies, and tells them when the job ends. Node-wide
+//! it health-checks the proxies, keeps tier 1's proxy table and infrastructure set current, and
+//! ages tier 1's flow table. State that matters across restarts lives in the kernel
+//! (namespaces, veths, pinned maps, and the listening sockets, which a new agent takes over
+//! from the running one) and in one small record per job under the state directory; a
+//! restarted agent adopts running jobs without touching their traffic or their DNS.
 //!
 //! # Layout
 //! - [`config`]: `agent.toml` parsing and validation (errors name the field).
