@@ -408,6 +408,41 @@ mod tests {
     }
 
     #[test]
+    fn a_cached_answer_is_spelt_as_the_sandbox_asked() {
+        use hickory_proto::rr::rdata::{A, CNAME};
+        use hickory_proto::rr::{RData, Record};
+        // From the wire (as `from_ascii` keeps it): `from_str` would lower-case it (IDNA).
+        let mut q = Message::new();
+        q.set_id(77).add_query(Query::query(
+            Name::from_ascii("API.Example.COM.").unwrap(),
+            RecordType::A,
+        ));
+        let owner = Name::from_str("api.example.com.").unwrap();
+        let edge = Name::from_str("edge.example.net.").unwrap();
+        let cached = crate::dns_cache::CachedAnswer {
+            rcode: ResponseCode::NoError,
+            answers: vec![
+                Record::from_rdata(owner, 30, RData::CNAME(CNAME(edge.clone()))),
+                Record::from_rdata(
+                    edge,
+                    30,
+                    RData::A(A(std::net::Ipv4Addr::new(203, 0, 113, 9))),
+                ),
+            ],
+            authority: vec![],
+        };
+        let a = cached_answer(&q, cached);
+        assert_eq!(a.id(), 77);
+        assert_eq!(a.queries(), q.queries());
+        assert_eq!(a.answers()[0].name().to_ascii(), "API.Example.COM.");
+        assert_eq!(a.answers()[1].name().to_ascii(), "edge.example.net.");
+        assert!(
+            a.extensions().is_none(),
+            "no EDNS unless the sandbox used it"
+        );
+    }
+
+    #[test]
     fn forwarded_query_carries_identity_and_question() {
         let q = query("api.example.com.", RecordType::A);
         let f = forward_query(&q, 7, 0xA1B2_C3D4, 0x0102_0304_0506_0708, 9);
