@@ -4,8 +4,11 @@
 //!
 //! `cargo run --release -p snas-agent --example dns_stub_bench`
 //!
-//! Cases: `refused` (name outside the policy: no forward), `forwarded` (allowed name: forward,
-//! tier-1 install, relay), `direct` (the fake resolver asked directly: the floor).
+//! Cases: `refused` (name outside the policy: no forward), `cached` (the same allowed name again
+//! and again: answered from the stub's cache), `forwarded` (a new allowed name each time:
+//! forward, tier-1 install, relay), `direct` (the fake resolver asked directly: the floor).
+//! The stub's upstream budget is raised for the `forwarded` case: this measures the stub, not
+//! the budget.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -18,7 +21,7 @@ use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use snas_agent::audit::AuditSink;
 use snas_agent::proxies::Proxies;
-use snas_agent::stub::{DnsStub, JobDirectory, StubConfig};
+use snas_agent::stub::{DnsStub, JobDirectory, JobEntry, StubConfig};
 use snas_agent::{RecordingDataplane, VerifiedPolicy};
 use snas_policy::{EgressRule, HostPort, PolicyDraft, Protocol};
 use tokio::net::UdpSocket;
@@ -29,8 +32,13 @@ const CLIENTS: usize = 8;
 struct Dir(HashMap<IpAddr, VerifiedPolicy>);
 
 impl JobDirectory for Dir {
-    fn job_at(&self, ip: IpAddr) -> Option<(u64, u32)> {
-        self.0.get(&ip).map(|p| (p.job_key, p.serial))
+    fn job_at(&self, ip: IpAddr) -> Option<JobEntry> {
+        self.0.get(&ip).map(|p| JobEntry {
+            job_key: p.job_key,
+            serial: p.serial,
+            expired: false,
+            ipv6_route: false,
+        })
     }
     fn policy(&self, job_key: u64) -> Option<VerifiedPolicy> {
         self.0.values().find(|p| p.job_key == job_key).cloned()
@@ -76,14 +84,19 @@ fn query(name: &str, id: u16) -> Result<Vec<u8>, BoxError> {
     Ok(m.to_vec()?)
 }
 
-/// Sends `n` queries one after another from one socket; returns each latency.
+/// Sends `n` queries one after another from one socket; returns each latency. A `name`
+/// starting with `*.` gets a new first label per query.
 async fn client(to: SocketAddr, name: String, n: usize) -> Result<Vec<Duration>, BoxError> {
     let s = UdpSocket::bind("127.0.0.1:0").await?;
     s.connect(to).await?;
     let mut buf = vec![0u8; 1500];
     let mut out = Vec::with_capacity(n);
+    let tag: u32 = rand::random();
     for i in 0..n {
-        let q = query(&name, i as u16)?;
+        let q = match name.strip_prefix("*.") {
+            Some(rest) => query(&format!("q{i}-{tag:08x}.{rest}"), i as u16)?,
+            None => query(&name, i as u16)?,
+        };
         let t = Instant::now();
         s.send(&q).await?;
         tokio::time::timeout(Duration::from_secs(2), s.recv(&mut buf)).await??;
@@ -152,7 +165,9 @@ fn main() -> Result<(), BoxError> {
             queries_per_sec: 1_000_000,
             burst: 1_000_000,
             max_inflight: 64,
+            max_tcp_per_job: 8,
             forward_timeout: Duration::from_secs(1),
+            cache: Default::default(),
         };
         let stub = Arc::new(DnsStub::new(
             dir,
@@ -173,7 +188,8 @@ fn main() -> Result<(), BoxError> {
             "case", "queries/s", "p50", "p99", "p99.9"
         );
         case("refused", addr, "evil.example.org.").await?;
-        case("forwarded", addr, "api.example.com.").await?;
+        case("cached", addr, "api.example.com.").await?;
+        case("forwarded", addr, "*.example.com.").await?;
         case(
             "direct",
             SocketAddr::from((Ipv4Addr::LOCALHOST, port)),

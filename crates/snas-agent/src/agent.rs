@@ -13,8 +13,8 @@
 //!   names (left by a crash mid-create).
 //! - Methods block (netlink, file I/O); the API calls them from blocking threads.
 
-use std::collections::{BTreeMap, HashSet};
-use std::net::IpAddr;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -100,6 +100,17 @@ pub struct StartReport {
     pub problems: Vec<String>,
 }
 
+/// Whether a job may still use the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Within its policy's validity.
+    Running,
+    /// Its policy's `exp` has passed: tier 1 refuses its packets, the stub its DNS queries;
+    /// the job stays listed (and its network in place) until it is deleted.
+    Expired,
+}
+
 /// A job as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct JobView {
@@ -117,6 +128,8 @@ pub struct JobView {
     pub serial: u32,
     /// Policy expiry, seconds since the Unix epoch.
     pub expires_at: u64,
+    /// `running`, or `expired` once `expires_at` has passed.
+    pub state: JobState,
     /// Network namespace name.
     pub netns: String,
     /// Network namespace path (for runsc).
@@ -137,8 +150,21 @@ pub struct JobView {
     pub mtu: u32,
 }
 
-impl From<&JobRecord> for JobView {
-    fn from(r: &JobRecord) -> JobView {
+impl JobState {
+    /// The state of a job with `policy` at `now`: expired from `exp` on (the policy's validity
+    /// ends at `exp`, RFC 7519 §4.1.4).
+    pub fn of(policy: &VerifiedPolicy, now: SystemTime) -> JobState {
+        if now >= policy.expires_at() {
+            JobState::Expired
+        } else {
+            JobState::Running
+        }
+    }
+}
+
+impl JobView {
+    /// The view of a job record at `now`.
+    pub fn of(r: &JobRecord, now: SystemTime) -> JobView {
         JobView {
             job: r.policy.job.clone(),
             tenant: r.policy.tenant.clone(),
@@ -147,6 +173,7 @@ impl From<&JobRecord> for JobView {
             jti: r.policy.jti.clone(),
             serial: r.policy.serial,
             expires_at: r.policy.expires_at_unix,
+            state: JobState::of(&r.policy, now),
             netns: r.net.netns.clone(),
             netns_path: r.net.netns_path.display().to_string(),
             sandbox_ip: r.net.sandbox.into(),
@@ -162,11 +189,29 @@ impl From<&JobRecord> for JobView {
 
 struct Inner {
     jobs: BTreeMap<u64, JobRecord>,
+    /// Sandbox address → job key of `jobs` (the DNS stub looks jobs up per query).
+    by_sandbox: HashMap<Ipv4Addr, u64>,
+    /// Jobs whose expiry [`Agent::newly_expired`] has reported.
+    noticed_expired: HashSet<u64>,
     pending: HashSet<u64>,
     pool: SubnetPool,
     /// Deleted jobs whose host veth the kernel is still destroying; their subnets are reused
     /// only once it is gone (see [`Agent::delete_job`]).
     releasing: Vec<Releasing>,
+}
+
+impl Inner {
+    fn insert(&mut self, rec: JobRecord) {
+        self.by_sandbox.insert(rec.net.sandbox, rec.policy.job_key);
+        self.jobs.insert(rec.policy.job_key, rec);
+    }
+
+    fn remove(&mut self, job_key: u64) -> Option<JobRecord> {
+        let rec = self.jobs.remove(&job_key)?;
+        self.by_sandbox.remove(&rec.net.sandbox);
+        self.noticed_expired.remove(&job_key);
+        Some(rec)
+    }
 }
 
 /// A deleted job's subnet, held until its host veth has disappeared.
@@ -300,7 +345,12 @@ impl Agent {
             store,
             clock,
             inner: Mutex::new(Inner {
+                by_sandbox: jobs
+                    .values()
+                    .map(|r| (r.net.sandbox, r.policy.job_key))
+                    .collect(),
                 jobs,
+                noticed_expired: HashSet::new(),
                 pending: HashSet::new(),
                 pool,
                 releasing: Vec::new(),
@@ -368,8 +418,8 @@ impl Agent {
         inner.pending.remove(&key);
         match result {
             Ok(record) => {
-                let view = JobView::from(&record);
-                inner.jobs.insert(key, record);
+                let view = JobView::of(&record, now);
+                inner.insert(record);
                 self.setup_latency.observe(started.elapsed());
                 tracing::info!(job = %view.job, job_key = %view.job_key, netns = %view.netns, "job created");
                 Ok(view)
@@ -447,8 +497,7 @@ impl Agent {
         let record = {
             let mut inner = self.lock();
             let record = inner
-                .jobs
-                .remove(&job_key)
+                .remove(job_key)
                 .ok_or_else(|| JobError::NotFound(job_key_hex(job_key)))?;
             inner.pending.insert(job_key);
             record
@@ -478,20 +527,43 @@ impl Agent {
                 Ok(())
             }
             Err(e) => {
-                inner.jobs.insert(job_key, record);
+                inner.insert(record);
                 Err(e)
             }
         }
     }
 
-    /// All running jobs, by job key.
+    /// All jobs (running and expired), by job key.
     pub fn jobs(&self) -> Vec<JobView> {
-        self.lock().jobs.values().map(JobView::from).collect()
+        let now = (self.clock)();
+        self.lock()
+            .jobs
+            .values()
+            .map(|r| JobView::of(r, now))
+            .collect()
     }
 
-    /// One running job.
+    /// One job.
     pub fn job(&self, job_key: u64) -> Option<JobView> {
-        self.lock().jobs.get(&job_key).map(JobView::from)
+        let now = (self.clock)();
+        self.lock().jobs.get(&job_key).map(|r| JobView::of(r, now))
+    }
+
+    /// Jobs that have expired since the previous call (each is reported once; the periodic
+    /// expiry check logs and counts them).
+    pub fn newly_expired(&self) -> Vec<JobView> {
+        let now = (self.clock)();
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let mut out = Vec::new();
+        for r in inner.jobs.values() {
+            if JobState::of(&r.policy, now) == JobState::Expired
+                && inner.noticed_expired.insert(r.policy.job_key)
+            {
+                out.push(JobView::of(r, now));
+            }
+        }
+        out
     }
 
     /// The job's per-reason drop counters from the dataplane.
@@ -509,19 +581,27 @@ impl Agent {
 }
 
 impl crate::stub::JobDirectory for Agent {
-    fn job_at(&self, ip: IpAddr) -> Option<(u64, u32)> {
+    fn job_at(&self, ip: IpAddr) -> Option<crate::stub::JobEntry> {
         let IpAddr::V4(ip) = ip else {
             return None;
         };
-        self.lock()
-            .jobs
-            .values()
-            .find(|r| r.net.sandbox == ip)
-            .map(|r| (r.policy.job_key, r.policy.serial))
+        let now = (self.clock)();
+        let inner = self.lock();
+        let r = inner.jobs.get(inner.by_sandbox.get(&ip)?)?;
+        Some(crate::stub::JobEntry {
+            job_key: r.policy.job_key,
+            serial: r.policy.serial,
+            expired: JobState::of(&r.policy, now) == JobState::Expired,
+            ipv6_route: r.net.has_ipv6_route(),
+        })
     }
 
     fn policy(&self, job_key: u64) -> Option<VerifiedPolicy> {
         self.lock().jobs.get(&job_key).map(|r| r.policy.clone())
+    }
+
+    fn contains(&self, job_key: u64) -> bool {
+        self.lock().jobs.contains_key(&job_key)
     }
 }
 

@@ -1,32 +1,41 @@
 //! The agent's HTTP/JSON APIs.
 //!
-//! Owns two routers:
+//! Owns the routers over the node's services ([`Ops`]):
 //! - the local API on a Unix socket (mode from config): `POST /v1/jobs` (body: the signed policy
 //!   token, or JSON `{"policy": token}`), `GET /v1/jobs`, `GET /v1/jobs/{job}`,
 //!   `DELETE /v1/jobs/{job}`, `GET /v1/jobs/{job}/counters`, where `{job}` is the 16-hex-digit
-//!   job key or a unique job name;
-//! - with the node services ([`Ops`], [`serve_node`]): `GET /v1/proxies` (the proxy table),
-//!   `GET /v1/dns` (DNS stub figures) and `GET /metrics` (Prometheus text), the latter also on
-//!   `metrics_listen` if configured;
-//! - the read-only policy endpoint on the underlay address: `GET /v1/jobs/{job_key}/policy`
-//!   returns the raw signed token as `text/plain` (proxies verify it themselves), 404 if unknown.
+//!   job key or a unique job name; `GET /v1/proxies` (the proxy table), `GET /v1/dns` (DNS stub
+//!   figures) and `GET /metrics` (Prometheus text), the latter also on `metrics_listen` if
+//!   configured;
+//! - the policy endpoint on the underlay address: `GET /v1/jobs/{job_key}/policy` returns the
+//!   raw signed token as `text/plain` (proxies verify it themselves), 404 if unknown. It answers
+//!   only the proxies of the current proxy set (configured, and discovered while listed): any
+//!   other caller gets 403 `forbidden` for every request, counted and logged (at most one line
+//!   per [`FORBIDDEN_LOG_EVERY`]).
 //!
+//! A job's DELETE tells every listed proxy that the job has ended
+//! ([`crate::proxies::announce_job_ended`], fire-and-forget: the answer does not wait for it).
 //! Errors are JSON `{"error": code, "detail": message}` with a matching status. Job operations
 //! block (netlink, files), so handlers run them on tokio's blocking pool.
 //!
 //! # Limits
-//! The policy endpoint serves only what the agent holds for running jobs; it adds no
-//! authentication because the token is signed and proxies check it and its `node` claim.
+//! The policy endpoint authenticates callers by their source address (the underlay is the
+//! proxies' own network; a sandbox cannot reach it: tier 1 refuses the underlay and the node as
+//! infrastructure). The token it serves is signed, and proxies verify it and its `node` claim.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::{ConnectInfo, Path as UrlPath, Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -35,6 +44,7 @@ use tokio::net::{TcpListener, UnixListener};
 
 use crate::agent::{Agent, JobError, JobView};
 use crate::naming::{job_key_hex, parse_job_key_hex};
+use crate::upkeep::LogLimiter;
 
 /// A JSON error answer.
 #[derive(Debug)]
@@ -119,9 +129,10 @@ pub fn token_from_body(body: &str) -> Result<String, String> {
 }
 
 async fn create_job(
-    State(agent): State<Arc<Agent>>,
+    State(ops): State<Arc<Ops>>,
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    let agent = ops.agent.clone();
     let body = std::str::from_utf8(&body).map_err(|_| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -135,27 +146,38 @@ async fn create_job(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
-async fn list_jobs(State(agent): State<Arc<Agent>>) -> Json<Vec<JobView>> {
-    Json(agent.jobs())
+async fn list_jobs(State(ops): State<Arc<Ops>>) -> Json<Vec<JobView>> {
+    Json(ops.agent.jobs())
 }
 
 async fn get_job(
-    State(agent): State<Arc<Agent>>,
+    State(ops): State<Arc<Ops>>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    let key = agent.resolve(&id)?;
-    agent
+    let key = ops.agent.resolve(&id)?;
+    ops.agent
         .job(key)
         .map(Json)
         .ok_or_else(|| JobError::NotFound(id).into())
 }
 
+/// Time a proxy has to answer the job-ended notice.
+pub const END_NOTICE_TIMEOUT: Duration = Duration::from_secs(2);
+
 async fn delete_job(
-    State(agent): State<Arc<Agent>>,
+    State(ops): State<Arc<Ops>>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    let key = agent.resolve(&id)?;
+    let key = ops.agent.resolve(&id)?;
+    let agent = ops.agent.clone();
     blocking(move || agent.delete_job(key)).await?;
+    ops.stub.forget(key);
+    tokio::spawn(crate::proxies::announce_job_ended(
+        ops.proxies.clone(),
+        key,
+        ops.ended.clone(),
+        END_NOTICE_TIMEOUT,
+    ));
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -167,9 +189,10 @@ struct Counters {
 }
 
 async fn job_counters(
-    State(agent): State<Arc<Agent>>,
+    State(ops): State<Arc<Ops>>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<Counters>, ApiError> {
+    let agent = ops.agent.clone();
     let key = agent.resolve(&id)?;
     let counters = blocking(move || agent.counters(key)).await?;
     Ok(Json(Counters {
@@ -191,45 +214,122 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// The local API (Unix socket).
-pub fn api_router(agent: Arc<Agent>) -> Router {
+/// The local API (Unix socket) with the node endpoints.
+pub fn api_router(ops: Arc<Ops>) -> Router {
     Router::new()
         .route("/v1/jobs", get(list_jobs).post(create_job))
         .route("/v1/jobs/{job}", get(get_job).delete(delete_job))
         .route("/v1/jobs/{job}/counters", get(job_counters))
+        .route("/v1/proxies", get(get_proxies))
+        .route("/v1/dns", get(get_dns))
+        .route("/metrics", get(get_metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(agent)
+        .with_state(ops)
+}
+
+/// One refused caller is logged at most this often (the rest are counted).
+pub const FORBIDDEN_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Outcomes of the policy endpoint.
+#[derive(Debug, Default)]
+pub struct PolicyStats {
+    served: AtomicU64,
+    not_found: AtomicU64,
+    bad_request: AtomicU64,
+    forbidden: AtomicU64,
+    log: LogLimiter,
+}
+
+impl PolicyStats {
+    /// Requests by outcome: `served`, `not_found`, `bad_request`, `forbidden`.
+    pub fn outcomes(&self) -> BTreeMap<&'static str, u64> {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        BTreeMap::from([
+            ("served", g(&self.served)),
+            ("not_found", g(&self.not_found)),
+            ("bad_request", g(&self.bad_request)),
+            ("forbidden", g(&self.forbidden)),
+        ])
+    }
+}
+
+fn count(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// An IPv4-mapped IPv6 peer as the IPv4 address it is.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Lets only the proxies of the current proxy set through.
+async fn only_proxies(
+    State(ops): State<Arc<Ops>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let ip = canonical(peer.ip());
+    if ops.proxies.is_member(ip) {
+        return next.run(req).await;
+    }
+    count(&ops.policy.forbidden);
+    if ops.policy.log.allow(FORBIDDEN_LOG_EVERY) {
+        tracing::warn!(
+            caller = %ip,
+            path = %req.uri().path(),
+            refused = ops.policy.forbidden.load(Ordering::Relaxed),
+            "policy endpoint: caller is not a proxy of this node; refused (403)"
+        );
+    }
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!("{ip} is not a proxy of this node"),
+    )
+    .into_response()
 }
 
 async fn get_policy(
-    State(agent): State<Arc<Agent>>,
+    State(ops): State<Arc<Ops>>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Response, ApiError> {
-    let key = parse_job_key_hex(&id).ok_or_else(|| {
-        ApiError::new(
+    let Some(key) = parse_job_key_hex(&id) else {
+        count(&ops.policy.bad_request);
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad_request",
             format!("{id:?} is not a job key (16 hex digits)"),
-        )
-    })?;
-    let token = agent.signed_policy(key).ok_or_else(|| {
-        ApiError::new(
+        ));
+    };
+    let Some(token) = ops.agent.signed_policy(key) else {
+        count(&ops.policy.not_found);
+        return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "job_not_found",
             format!("no job {id}"),
-        )
-    })?;
+        ));
+    };
+    count(&ops.policy.served);
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], token).into_response())
 }
 
-/// The read-only policy endpoint (underlay TCP).
-pub fn policy_router(agent: Arc<Agent>) -> Router {
+/// The policy endpoint (underlay TCP). Serve it with
+/// `into_make_service_with_connect_info::<SocketAddr>()`: callers are checked by address.
+pub fn policy_router(ops: Arc<Ops>) -> Router {
     Router::new()
         .route("/v1/jobs/{job_key}/policy", get(get_policy))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(agent)
+        .layer(axum::middleware::from_fn_with_state(
+            ops.clone(),
+            only_proxies,
+        ))
+        .with_state(ops)
 }
 
 /// Binds the API socket: creates the parent directory, replaces a stale socket file (never any
@@ -254,7 +354,8 @@ pub fn bind_unix(path: &Path, mode: u32) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// The node services beside the job table: proxy table, DNS stub, audit sink.
+/// The node's services: the job table, proxy table, DNS stub, audit sink, and the counters
+/// the metrics show.
 #[derive(Debug, Clone)]
 pub struct Ops {
     /// The job table.
@@ -265,6 +366,35 @@ pub struct Ops {
     pub stub: Arc<crate::stub::DnsStub>,
     /// The audit sink.
     pub audit: crate::audit::AuditSink,
+    /// Policy endpoint outcomes.
+    pub policy: Arc<PolicyStats>,
+    /// Job-ended notices to proxies.
+    pub ended: Arc<crate::proxies::EndNotices>,
+    /// Periodic work (flow ageing, infrastructure, expiry).
+    pub upkeep: Arc<crate::upkeep::UpkeepStats>,
+    /// Where each listening socket came from at start (`handover`, `systemd`, `bound`).
+    pub sockets: BTreeMap<&'static str, &'static str>,
+}
+
+impl Ops {
+    /// The services with fresh counters.
+    pub fn new(
+        agent: Arc<Agent>,
+        proxies: Arc<crate::proxies::Proxies>,
+        stub: Arc<crate::stub::DnsStub>,
+        audit: crate::audit::AuditSink,
+    ) -> Ops {
+        Ops {
+            agent,
+            proxies,
+            stub,
+            audit,
+            policy: Arc::default(),
+            ended: Arc::default(),
+            upkeep: Arc::default(),
+            sockets: BTreeMap::new(),
+        }
+    }
 }
 
 async fn get_proxies(State(ops): State<Arc<Ops>>) -> Json<Vec<crate::proxies::ProxyStatus>> {
@@ -286,18 +416,21 @@ fn snapshot(ops: &Ops) -> crate::metrics::Snapshot {
             }
         }
     }
-    let v = ops.stub.view();
     crate::metrics::Snapshot {
         jobs: jobs.len(),
+        jobs_expired: jobs
+            .iter()
+            .filter(|j| j.state == crate::agent::JobState::Expired)
+            .count(),
         drops,
-        dns_outcomes: v.outcomes,
-        dns_forwarded: v.forwarded,
-        dns_proxy_failures: v.proxy_failures,
-        dns_installed: v.installed_addrs,
+        dns: Some(ops.stub.view()),
         proxies: Some(ops.proxies.snapshot()),
         audit_emitted: ops.audit.emitted(),
         audit_dropped: ops.audit.dropped(),
-        audit_suppressed: v.audit_suppressed,
+        policy_requests: ops.policy.outcomes(),
+        end_notices: ops.ended.outcomes(),
+        upkeep: ops.upkeep.counts(),
+        sockets: ops.sockets.clone(),
     }
 }
 
@@ -318,15 +451,6 @@ async fn get_metrics(State(ops): State<Arc<Ops>>) -> Response {
         .into_response()
 }
 
-/// `GET /v1/proxies`, `GET /v1/dns`, `GET /metrics` (merged into the local API).
-pub fn ops_router(ops: Arc<Ops>) -> Router {
-    Router::new()
-        .route("/v1/proxies", get(get_proxies))
-        .route("/v1/dns", get(get_dns))
-        .route("/metrics", get(get_metrics))
-        .with_state(ops)
-}
-
 /// Only `GET /metrics` (the `metrics_listen` TCP address).
 pub fn metrics_router(ops: Arc<Ops>) -> Router {
     Router::new()
@@ -335,13 +459,12 @@ pub fn metrics_router(ops: Arc<Ops>) -> Router {
         .with_state(ops)
 }
 
-/// Serves the local API (with the node services), the policy endpoint and, if given, the
-/// metrics listener until `shutdown` completes.
-pub async fn serve_node(
+/// Serves the local API on `unix` and the policy endpoint on `tcp` until `shutdown` completes
+/// (both stop accepting, then finish the requests in progress).
+pub async fn serve_listeners(
     ops: Arc<Ops>,
     unix: UnixListener,
     tcp: TcpListener,
-    metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -349,44 +472,13 @@ pub async fn serve_node(
         shutdown.await;
         let _ = tx.send(true);
     });
-    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
-    let agent = ops.agent.clone();
-    let local = api_router(agent.clone()).merge(ops_router(ops.clone()));
-    let api = axum::serve(unix, local).with_graceful_shutdown(wait(rx.clone()));
-    let pol = axum::serve(tcp, policy_router(agent)).with_graceful_shutdown(wait(rx.clone()));
-    let met = async move {
-        match metrics {
-            Some(l) => {
-                axum::serve(l, metrics_router(ops))
-                    .with_graceful_shutdown(wait(rx))
-                    .await
-            }
-            None => Ok(()),
-        }
-    };
-    let (a, b, c) = tokio::join!(api, pol, met);
-    a.and(b).and(c)
-}
-
-/// Serves both routers until `shutdown` completes.
-pub async fn serve_listeners(
-    agent: Arc<Agent>,
-    unix: UnixListener,
-    tcp: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> io::Result<()> {
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    });
-    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
-    let api = axum::serve(unix, api_router(agent.clone())).with_graceful_shutdown(wait(rx.clone()));
-    let pol = axum::serve(tcp, policy_router(agent)).with_graceful_shutdown(wait(rx));
+    let api = axum::serve(unix, api_router(ops.clone()))
+        .with_graceful_shutdown(crate::stub::stopped(rx.clone()));
+    let pol = axum::serve(
+        tcp,
+        policy_router(ops).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(crate::stub::stopped(rx));
     let (a, b) = tokio::join!(api, pol);
     a.and(b)
 }

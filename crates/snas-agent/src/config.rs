@@ -133,6 +133,10 @@ pub struct AgentConfig {
     /// Queries of one job forwarded and not yet answered, at most.
     #[serde(default = "default_dns_inflight")]
     pub dns_max_inflight_per_job: u32,
+    /// TCP connections of one job to the DNS stub, at most; beyond: closed at once
+    /// (`dns_tcp_limit`).
+    #[serde(default = "default_dns_tcp_per_job")]
+    pub dns_max_tcp_connections_per_job: u32,
     /// Per-job DNS packets per second that tier 1 lets through to the stub (UDP/TCP 53, TCP
     /// 853); beyond it (after the burst) tier 1 drops them (`dns_rate`) before they reach the
     /// stub's shared sockets. Bounds what one job's DNS flood costs the node; cached answers
@@ -210,6 +214,9 @@ fn default_dns_burst() -> u32 {
 }
 fn default_dns_inflight() -> u32 {
     16
+}
+fn default_dns_tcp_per_job() -> u32 {
+    8
 }
 fn default_dns_packets_per_sec() -> u32 {
     500
@@ -345,6 +352,12 @@ impl AgentConfig {
         if self.dns_max_inflight_per_job == 0 {
             return Err(invalid(
                 "dns_max_inflight_per_job",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.dns_max_tcp_connections_per_job == 0 {
+            return Err(invalid(
+                "dns_max_tcp_connections_per_job",
                 "must be at least 1".into(),
             ));
         }

@@ -1,18 +1,21 @@
 //! DNS decisions of the stub, without I/O.
 //!
-//! Owns what the stub decides about one query (refuse, or forward with the rules that matched
-//! the name), the per-job query token bucket, the job identity EDNS option of the agent ↔ proxy
-//! contract (code [`IDENTITY_OPTION`], 16 bytes: tenant_id u32 BE, job_key u64 BE,
-//! policy_serial u32 BE), the tier-1 port rules for a name, and TTL clamping. Messages are
-//! parsed and built only with hickory-proto.
+//! Owns what the stub decides about one query (refuse, answer locally, or forward with the
+//! rules that matched the name), the per-job query token bucket, the job identity EDNS option
+//! of the agent ↔ proxy contract (code [`IDENTITY_OPTION`], 16 bytes: tenant_id u32 BE,
+//! job_key u64 BE, policy_serial u32 BE), the tier-1 port rules for a name, TTL clamping, and
+//! the answers the stub builds itself (refusals, NODATA, cached answers). The answer cache is
+//! [`crate::dns_cache`]. Messages are parsed and built only with hickory-proto.
 //!
 //! # Invariants
 //! - Only single-question standard queries of type A, AAAA or CNAME are forwarded; every other
 //!   type (TXT, NULL, MX, HTTPS, ...) is refused: the sandbox gets addresses, nothing else, and
 //!   the favourite tunnelling types are closed.
 //! - A name no host rule matches is refused (the same `Matcher::name_allowed` the proxy uses).
-//! - Every TTL the agent installs or relays is clamped to [[`DNS_TTL_MIN`], [`DNS_TTL_MAX`]], the
-//!   same bounds the proxy applies, so a conforming proxy's answer passes unchanged.
+//! - Every TTL the agent relays is clamped to [[`DNS_TTL_MIN`], [`DNS_TTL_MAX`]], the same
+//!   bounds the proxy applies, so a conforming proxy's answer passes unchanged; tier 1 holds an
+//!   answered address for [`binding_lifetime`] (the clamped TTL plus [`BINDING_GRACE`]), the
+//!   rule tier 2 applies too.
 //!
 //! # Limits
 //! - Names longer than [`MAX_NAME_LEN`] bytes are refused (the DNS limit is 253).
@@ -29,7 +32,9 @@ use snas_policy::{EgressRule, Matcher, PolicyClaims, Protocol};
 
 /// EDNS0 option code carrying the job identity to the proxy resolver.
 pub const IDENTITY_OPTION: u16 = 65053;
-pub use snas_policy::binding::{clamp_ttl, BINDING_GRACE, DNS_TTL_MAX, DNS_TTL_MIN};
+pub use snas_policy::binding::{
+    binding_lifetime, clamp_ttl, BINDING_GRACE, DNS_TTL_MAX, DNS_TTL_MIN,
+};
 /// Longest query name accepted (without the trailing dot).
 pub const MAX_NAME_LEN: usize = 253;
 /// UDP payload size the stub advertises and accepts from proxies.
@@ -48,6 +53,10 @@ pub enum Refusal {
     QueryType,
     /// No host rule matches the name (or the name is too long).
     Name,
+    /// The job's policy has expired (`exp` has passed).
+    Expired,
+    /// The job already holds its share of the stub's TCP connections.
+    TcpConnections,
 }
 
 impl Refusal {
@@ -59,6 +68,8 @@ impl Refusal {
             Refusal::InFlight => "dns_inflight",
             Refusal::QueryType => "dns_qtype",
             Refusal::Name => "dns_refused",
+            Refusal::Expired => "policy_expired",
+            Refusal::TcpConnections => "dns_tcp_limit",
         }
     }
 }
@@ -97,8 +108,8 @@ impl TokenBucket {
     }
 }
 
-/// The question of a query the stub may forward.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The question of a query the stub may forward (also the cache key within a job).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Question {
     /// Lower-case name without the trailing dot.
     pub name: String,
@@ -254,6 +265,25 @@ pub fn empty_answer(query: &Message, rcode: ResponseCode) -> Message {
     m
 }
 
+/// An answer from the cache: the sandbox's ID, question (as it spelt it) and RD flag, the
+/// cached records (whose owner, where it is the asked name, is spelt as the sandbox spelt it:
+/// clients that randomise the case of names compare it), EDNS only if the sandbox used it.
+pub fn cached_answer(query: &Message, cached: crate::dns_cache::CachedAnswer) -> Message {
+    let mut m = empty_answer(query, cached.rcode);
+    let asked = query.queries().first().map(|q| q.name().clone());
+    let spelt = |mut r: hickory_proto::rr::Record| {
+        if let Some(n) = &asked {
+            if r.name() == n {
+                r.set_name(n.clone());
+            }
+        }
+        r
+    };
+    m.insert_answers(cached.answers.into_iter().map(spelt).collect());
+    m.insert_name_servers(cached.authority.into_iter().map(spelt).collect());
+    m
+}
+
 /// The proxy's answer made into the sandbox's: the sandbox's ID and RD flag, TTLs clamped, no
 /// EDNS options, EDNS only if the sandbox used it.
 pub fn relay_answer(query: &Message, mut answer: Message) -> Message {
@@ -374,6 +404,41 @@ mod tests {
                     hi: 8010
                 }
             ]
+        );
+    }
+
+    #[test]
+    fn a_cached_answer_is_spelt_as_the_sandbox_asked() {
+        use hickory_proto::rr::rdata::{A, CNAME};
+        use hickory_proto::rr::{RData, Record};
+        // From the wire (as `from_ascii` keeps it): `from_str` would lower-case it (IDNA).
+        let mut q = Message::new();
+        q.set_id(77).add_query(Query::query(
+            Name::from_ascii("API.Example.COM.").unwrap(),
+            RecordType::A,
+        ));
+        let owner = Name::from_str("api.example.com.").unwrap();
+        let edge = Name::from_str("edge.example.net.").unwrap();
+        let cached = crate::dns_cache::CachedAnswer {
+            rcode: ResponseCode::NoError,
+            answers: vec![
+                Record::from_rdata(owner, 30, RData::CNAME(CNAME(edge.clone()))),
+                Record::from_rdata(
+                    edge,
+                    30,
+                    RData::A(A(std::net::Ipv4Addr::new(203, 0, 113, 9))),
+                ),
+            ],
+            authority: vec![],
+        };
+        let a = cached_answer(&q, cached);
+        assert_eq!(a.id(), 77);
+        assert_eq!(a.queries(), q.queries());
+        assert_eq!(a.answers()[0].name().to_ascii(), "API.Example.COM.");
+        assert_eq!(a.answers()[1].name().to_ascii(), "edge.example.net.");
+        assert!(
+            a.extensions().is_none(),
+            "no EDNS unless the sandbox used it"
         );
     }
 

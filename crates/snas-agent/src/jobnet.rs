@@ -106,6 +106,14 @@ pub struct JobNetInfo {
 }
 
 impl JobNetInfo {
+    /// Whether the sandbox has an IPv6 route. Never yet: the job pool is IPv4, so the sandbox
+    /// has no IPv6 address and tier 1 drops its IPv6 (`ipv6_denied`); the DNS stub answers its
+    /// AAAA queries with NODATA at once instead of spending the job's budget on addresses it
+    /// cannot reach. A dual-stack job network answers true here.
+    pub fn has_ipv6_route(&self) -> bool {
+        false
+    }
+
     /// The info for a job whose objects are (to be) named `names` in `netns_dir`.
     pub fn new(names: &JobNames, addrs: JobAddrs, mtu: u32, netns_dir: &Path) -> JobNetInfo {
         JobNetInfo {

@@ -1,12 +1,14 @@
 //! `snas-agent`: the node agent.
 //!
 //! Per job it verifies the signed policy, creates the job's network namespace and veth, hands
-//! the job to tier 1 (eBPF), serves the job's DNS (a stub that forwards allowed names to a
-//! proxy resolver and installs the answers into tier 1), and serves the job's signed policy to
-//! proxies. Node-wide it health-checks the proxies and keeps tier 1's proxy table current. State that matters
-//! across restarts lives in the kernel (namespaces, veths, pinned maps) and in one small record
-//! per job under the state directory; a restarted agent adopts running jobs without touching
-//! their traffic.
+//! the job to tier 1 (eBPF), serves the job's DNS (a stub that answers repeats from a per-job
+//! cache and forwards allowed names to a proxy resolver, installing the answers into tier 1),
+//! serves the job's signed policy to the proxies, and tells them when the job ends. Node-wide
+//! it health-checks the proxies, keeps tier 1's proxy table and infrastructure set current, and
+//! ages tier 1's flow table. State that matters across restarts lives in the kernel
+//! (namespaces, veths, pinned maps, and the listening sockets, which a new agent takes over
+//! from the running one) and in one small record per job under the state directory; a
+//! restarted agent adopts running jobs without touching their traffic or their DNS.
 //!
 //! # Layout
 //! - [`config`]: `agent.toml` parsing and validation (errors name the field).
@@ -21,11 +23,16 @@
 //! - [`state`]: job records on disk.
 //! - [`agent`]: the job table ([`Agent`]): create, adopt at start, delete, counters.
 //! - [`dns`]: the DNS stub's decisions (pure): query shape, names, rate bucket, identity option.
+//! - [`dns_cache`]: the stub's per-job answer cache (pure, bounded per job and per node).
 //! - [`stub`]: the DNS stub's UDP/TCP servers and forwarding to proxy resolvers.
 //! - [`proxies`]: the proxy table, health checks, drain, DNS resolver choice.
 //! - [`audit`]: the JSON-lines audit log.
 //! - [`metrics`]: Prometheus text.
+//! - [`upkeep`]: periodic work: flow ageing, job expiry, tier 1's infrastructure set.
 //! - [`api`]: the HTTP/JSON APIs (Unix socket and the underlay policy endpoint).
+//! - [`handover`]: passing the listening sockets to the next agent (hand-over protocol,
+//!   systemd's `LISTEN_FDS` and fd store).
+//! - [`node`]: the running agent: start-up order, the serving tasks, restart and exit.
 //!
 //! Operator documentation: `docs/agent.md`.
 
@@ -35,16 +42,20 @@ pub mod audit;
 pub mod config;
 pub mod dataplane;
 pub mod dns;
+pub mod dns_cache;
 pub mod ethtool;
+pub mod handover;
 pub mod jobnet;
 pub mod metrics;
 pub mod naming;
 pub mod netlink;
+pub mod node;
 pub mod pool;
 pub mod proxies;
 pub mod seams;
 pub mod state;
 pub mod stub;
+pub mod upkeep;
 
 use std::future::Future;
 use std::path::Path;
@@ -95,6 +106,22 @@ pub enum RunError {
     /// The audit log could not be opened.
     #[error(transparent)]
     Audit(#[from] audit::AuditError),
+    /// Taking the sockets over from the running agent failed.
+    #[error("hand-over: {0}")]
+    Handover(#[from] handover::HandoverError),
+    /// The hand-over socket could not be bound.
+    #[error("hand-over socket {path}: {source}")]
+    HandoverListen {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// systemd's LISTEN_FDS could not be read.
+    #[error("systemd sockets: {0}")]
+    Systemd(String),
+    /// Tier 1's infrastructure set could not be installed: the agent does not start without it.
+    #[error("infrastructure set: {0}")]
+    Infrastructure(seams::DataplaneError),
     /// The trust bundle could not be loaded.
     #[error("trust_bundle {path}: {detail}")]
     TrustBundle {
@@ -138,117 +165,43 @@ impl std::fmt::Debug for Components {
     }
 }
 
-/// Runs the agent with production components until `shutdown` completes.
+/// Runs the agent with production components until `shutdown` completes (or it has handed
+/// its sockets to a new agent, see [`handover`]); takes systemd's sockets and notification
+/// socket from the environment.
 pub async fn serve(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    let opts = node::RunOptions::from_env()?;
     let cfg = config.clone();
     let c = tokio::task::spawn_blocking(move || production_components(&cfg))
         .await
         .map_err(|e| RunError::Runtime(std::io::Error::other(e.to_string())))??;
-    serve_with(config, c.verifier, c.dataplane, shutdown).await
+    node::run(config, c.verifier, c.dataplane, shutdown, opts).await
 }
 
 /// Runs the agent with the given components until `shutdown` completes: the job API, the
 /// policy endpoint, the DNS stub (UDP and TCP on `dns_listen:53`), the proxy health checker,
-/// the audit log writer and, if configured, the metrics listener.
+/// the periodic work, the audit log writer and, if configured, the metrics listener. Takes the
+/// sockets over from an agent running with the same `state_dir`, if there is one.
 pub async fn serve_with(
     config: AgentConfig,
     verifier: Arc<dyn PolicyVerifier>,
     dataplane: Arc<dyn Dataplane>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let policy_addr = config.policy_listen_addr();
-    let socket = config.api_socket.clone();
-    let mode = config.api_socket_mode;
-    let audit_path = config.audit_log_path();
-    let dns_addr = std::net::SocketAddr::new(config.dns_listen, dataplane::DNS_STUB_PORT);
-    let metrics_addr = config.metrics_listen;
-    let discovery = config.proxy_service.clone().zip(config.proxy_service_dns);
-    let stub_cfg = stub::StubConfig::from_agent(&config);
-    let proxies = Arc::new(proxies::Proxies::new(
-        &config.proxy_v4(),
-        config.proxy_control_port,
-        config.proxy_resolver_port,
-    ));
-    let dp = dataplane.clone();
-    let (agent, _report) =
-        tokio::task::spawn_blocking(move || Agent::start(config, verifier, dataplane))
-            .await
-            .map_err(|e| RunError::Runtime(std::io::Error::other(e.to_string())))??;
-    let agent = Arc::new(agent);
-    let audit = audit::spawn_writer(&audit_path)?;
-    let (udp, tcp53) = stub::bind(dns_addr)
-        .await
-        .map_err(|source| RunError::DnsListen {
-            addr: dns_addr,
-            source,
-        })?;
-    let unix = api::bind_unix(&socket, mode).map_err(|source| RunError::ApiSocket {
-        path: socket.clone(),
-        source,
-    })?;
-    let tcp = tokio::net::TcpListener::bind(policy_addr)
-        .await
-        .map_err(|source| RunError::PolicyListen {
-            addr: policy_addr,
-            source,
-        })?;
-    let metrics = match metrics_addr {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::MetricsListen { addr, source })?,
-        ),
-        None => None,
-    };
-    let stub = Arc::new(stub::DnsStub::new(
-        agent.clone(),
-        dp.clone(),
-        proxies.clone(),
-        audit.clone(),
-        stub_cfg,
-    ));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    spawn_tier1_audit(agent.clone(), dp.clone(), audit.clone(), stop_rx.clone());
-    tokio::spawn(stub.clone().serve_udp(udp, stop_rx.clone()));
-    tokio::spawn(stub.clone().serve_tcp(tcp53, stop_rx.clone()));
-    tokio::spawn(proxies::run_health_checks(
-        proxies.clone(),
-        dp.clone(),
-        proxies::PROBE_INTERVAL,
-        proxies::PROBE_TIMEOUT,
-        stop_rx.clone(),
-    ));
-    if let Some((service, dns)) = discovery {
-        tokio::spawn(proxies::run_discovery(
-            proxies.clone(),
-            dp.clone(),
-            service,
-            dns,
-            proxies::DISCOVERY_INTERVAL,
-            stop_rx.clone(),
-        ));
-    }
-    tracing::info!(api = %socket.display(), policy = %policy_addr, dns = %dns_addr, audit = %audit_path.display(), "agent listening");
-    let ops = Arc::new(api::Ops {
-        agent,
-        proxies,
-        stub,
-        audit,
-    });
-    let result = api::serve_node(ops, unix, tcp, metrics, stub::stopped(stop_rx)).await;
-    let _ = std::fs::remove_file(&socket);
-    result.map_err(RunError::Runtime)
+    node::run(
+        config,
+        verifier,
+        dataplane,
+        shutdown,
+        node::RunOptions::default(),
+    )
+    .await
 }
 
 /// Copies tier-1 audit events into the audit log from a dedicated thread until `stop`.
-fn spawn_tier1_audit(
+pub(crate) fn spawn_tier1_audit(
     agent: Arc<Agent>,
     dp: Arc<dyn Dataplane>,
     sink: audit::AuditSink,

@@ -1,9 +1,13 @@
 //! The proxy fleet as this node sees it: health, draining, and who answers a job's DNS.
 //!
 //! Owns the proxy table ([`ProxyTable`], pure: probe outcomes in, changes out), the health
-//! checker task ([`run_health_checks`]: `GET /healthz` on each proxy's control port) and the
-//! choice of resolver for a job ([`ProxyTable::dns_order`]). On every change the table is
-//! pushed to tier 1 (`Dataplane::set_proxies`), which rebuilds its Maglev table.
+//! checker task ([`run_health_checks`]: `GET /healthz` on each proxy's control port), the
+//! choice of resolver for a job ([`ProxyTable::dns_order`]), who may fetch policies
+//! ([`Proxies::is_member`]) and the job-ended notice to every proxy
+//! ([`announce_job_ended`]: `POST /v1/jobs/<job key>/ended` on the control port). On every
+//! change the table is pushed to tier 1 (`Dataplane::set_proxies`), which rebuilds its Maglev
+//! table; every address discovery adds is announced to [`Proxies::watch_members`] (tier 1's
+//! infrastructure set includes every proxy).
 //!
 //! # Invariants
 //! - Positions are stable: the proxy at index *i* of the configuration is index *i* in tier 1
@@ -24,7 +28,9 @@
 //!   `MAX_PROXIES` (64). A failed lookup keeps the current set.
 //! - The probe is a minimal HTTP/1.0 client (status line only): the control endpoint is ours.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -195,6 +201,11 @@ impl ProxyTable {
         &self.proxies
     }
 
+    /// Every address in the table, listed or not, in position order.
+    pub fn addresses(&self) -> Vec<Ipv4Addr> {
+        self.proxies.iter().map(|p| p.ip).collect()
+    }
+
     /// Health changes so far.
     pub fn changes(&self) -> u64 {
         self.changes
@@ -245,6 +256,8 @@ fn rendezvous(job_key: u64, ip: Ipv4Addr) -> u64 {
 pub struct Proxies {
     table: RwLock<ProxyTable>,
     push: tokio::sync::Mutex<()>,
+    /// Every proxy address ever in the table (discovery only appends).
+    members: tokio::sync::watch::Sender<Vec<Ipv4Addr>>,
     /// Port of `GET /healthz`.
     pub control_port: u16,
     /// Port of the DNS resolver.
@@ -254,12 +267,32 @@ pub struct Proxies {
 impl Proxies {
     /// A table of `ips`, all alive.
     pub fn new(ips: &[Ipv4Addr], control_port: u16, resolver_port: u16) -> Proxies {
+        let table = ProxyTable::new(ips);
         Proxies {
-            table: RwLock::new(ProxyTable::new(ips)),
+            members: tokio::sync::watch::Sender::new(table.addresses()),
+            table: RwLock::new(table),
             push: tokio::sync::Mutex::new(()),
             control_port,
             resolver_port,
         }
+    }
+
+    /// Whether `ip` is a proxy of the current set: configured, or discovered and still listed.
+    pub fn is_member(&self, ip: IpAddr) -> bool {
+        let IpAddr::V4(ip) = ip else {
+            return false;
+        };
+        self.table
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .statuses()
+            .iter()
+            .any(|p| p.listed && p.ip == ip)
+    }
+
+    /// Every proxy address ever in the table; changes when discovery adds one.
+    pub fn watch_members(&self) -> tokio::sync::watch::Receiver<Vec<Ipv4Addr>> {
+        self.members.subscribe()
     }
 
     /// A copy of the table.
@@ -294,7 +327,14 @@ impl Proxies {
     /// Applies a discovery answer; returns the new tier-1 entries if anything changed.
     pub fn reconcile(&self, found: &[Ipv4Addr]) -> Option<Vec<ProxyEntry>> {
         let mut t = self.table.write().unwrap_or_else(|p| p.into_inner());
-        t.reconcile(found).then(|| t.entries())
+        let changed = t.reconcile(found);
+        let all = t.addresses();
+        self.members.send_if_modified(|m| {
+            let grew = *m != all;
+            *m = all;
+            grew
+        });
+        changed.then(|| t.entries())
     }
 
     /// Applies a round of probe results; returns the new tier-1 entries if anything changed.
@@ -317,12 +357,19 @@ pub async fn probe(addr: SocketAddr, timeout: Duration) -> Probe {
 }
 
 async fn probe_inner(addr: SocketAddr) -> std::io::Result<Probe> {
+    let head = request_head(addr, "GET", "/healthz").await?;
+    Ok(parse_status(&head))
+}
+
+/// One bodiless HTTP/1.0 request to a proxy's control endpoint (ours: a minimal client is
+/// enough); returns the start of the answer (at least its status line, if the server sent one).
+async fn request_head(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<Vec<u8>> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     let req = format!(
-        "GET /healthz HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: snas-agent\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: snas-agent\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await?;
-    let mut buf = [0u8; 64];
+    let mut buf = vec![0u8; 64];
     let mut n = 0;
     while n < buf.len() {
         let k = s.read(&mut buf[n..]).await?;
@@ -334,21 +381,94 @@ async fn probe_inner(addr: SocketAddr) -> std::io::Result<Probe> {
             break;
         }
     }
-    Ok(parse_status(&buf[..n]))
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// The status code of an HTTP/1.x status line.
+pub fn status_code(head: &[u8]) -> Option<u16> {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    if !parts.next().unwrap_or_default().starts_with(b"HTTP/1.") {
+        return None;
+    }
+    std::str::from_utf8(parts.next()?).ok()?.parse().ok()
 }
 
 /// Maps an HTTP status line to a probe result.
 pub fn parse_status(head: &[u8]) -> Probe {
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let mut parts = line.split(|&b| b == b' ');
-    let version = parts.next().unwrap_or_default();
-    if !version.starts_with(b"HTTP/1.") {
-        return Probe::Failed;
-    }
-    match parts.next() {
-        Some(b"200") => Probe::Ok,
-        Some(b"503") => Probe::Draining,
+    match status_code(head) {
+        Some(200) => Probe::Ok,
+        Some(503) => Probe::Draining,
         _ => Probe::Failed,
+    }
+}
+
+/// Outcomes of job-ended notices, one per (job, proxy).
+#[derive(Debug, Default)]
+pub struct EndNotices {
+    ended: AtomicU64,
+    unknown_job: AtomicU64,
+    forbidden: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl EndNotices {
+    /// Notices by outcome: `ended` (204), `unknown_job` (404: the proxy had nothing of the
+    /// job), `forbidden` (403: the proxy does not take this node's word for the job), `failed`
+    /// (no answer in time, or another status).
+    pub fn outcomes(&self) -> BTreeMap<&'static str, u64> {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        BTreeMap::from([
+            ("ended", g(&self.ended)),
+            ("unknown_job", g(&self.unknown_job)),
+            ("forbidden", g(&self.forbidden)),
+            ("failed", g(&self.failed)),
+        ])
+    }
+}
+
+/// Tells every listed proxy that the job has ended, so that it frees the job's conntrack
+/// entries and SNAT ports at once: `POST /v1/jobs/<16 hex job key>/ended` on its control port,
+/// all proxies at once, each within `timeout`. Fire-and-forget: outcomes are counted, failures
+/// logged at debug level (a proxy that misses the notice frees the job when its flows idle out).
+pub async fn announce_job_ended(
+    proxies: Arc<Proxies>,
+    job_key: u64,
+    notices: Arc<EndNotices>,
+    timeout: Duration,
+) {
+    let path = format!("/v1/jobs/{}/ended", crate::naming::job_key_hex(job_key));
+    let targets: Vec<SocketAddr> = proxies
+        .snapshot()
+        .statuses()
+        .iter()
+        .filter(|p| p.listed)
+        .map(|p| SocketAddr::from((p.ip, proxies.control_port)))
+        .collect();
+    let mut set = tokio::task::JoinSet::new();
+    for addr in targets {
+        let path = path.clone();
+        set.spawn(async move {
+            let head = tokio::time::timeout(timeout, request_head(addr, "POST", &path)).await;
+            (
+                addr,
+                head.ok().and_then(Result::ok).and_then(|h| status_code(&h)),
+            )
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        let Ok((addr, status)) = r else { continue };
+        let c = match status {
+            Some(204) => &notices.ended,
+            Some(404) => &notices.unknown_job,
+            Some(403) => &notices.forbidden,
+            _ => &notices.failed,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        if status != Some(204) {
+            tracing::debug!(proxy = %addr, ?status, job_key = %crate::naming::job_key_hex(job_key), "job-ended notice not taken");
+        }
     }
 }
 

@@ -3,38 +3,64 @@
 //! Tier 1 rewrites every DNS packet a sandbox sends (UDP/TCP 53, TCP 853, to any address) to
 //! its job's gateway address and port 53, so one socket bound to `dns_listen:53` (default
 //! `0.0.0.0`) serves all jobs; the job is identified by the query's source address (tier 1 drops
-//! spoofed sources). Per query, in order ([`crate::dns`] decides, this module does the I/O):
-//! 1. unparsable → dropped; not a job's sandbox → REFUSED;
-//! 2. the job's token bucket (`dns_queries_per_sec`, `dns_query_burst`) → REFUSED, audited
-//!    `dns_rate` (this is what contains tunnelling through random subdomains of a wildcard);
+//! spoofed sources). Per query, in order ([`crate::dns`] and [`crate::dns_cache`] decide, this
+//! module does the I/O):
+//! 1. unparsable or a response → dropped; not a job's sandbox → REFUSED;
+//! 2. the job's policy has expired → REFUSED, audited `policy_expired`;
 //! 3. not a single A/AAAA/CNAME question → REFUSED, audited `dns_qtype`;
 //! 4. no host rule matches the name → REFUSED, audited `dns_refused`;
-//! 5. more than `dns_max_inflight_per_job` of the job's queries outstanding → REFUSED;
-//! 6. forwarded with the job's identity (EDNS option 65053) to the proxies in
+//! 5. AAAA while the job's network has no IPv6 route → NOERROR without records (NODATA), at
+//!    once;
+//! 6. in the job's answer cache → answered from it with the remaining TTL;
+//! 7. more than `dns_max_inflight_per_job` of the job's queries at proxies → REFUSED, audited
+//!    `dns_inflight`;
+//! 8. the job's upstream budget (`dns_queries_per_sec`, `dns_query_burst`) is empty → REFUSED,
+//!    audited `dns_rate` (this is what bounds tunnelling through random subdomains of a
+//!    wildcard: only names that are not cached cost budget);
+//! 9. forwarded with the job's identity (EDNS option 65053) to the proxies in
 //!    [`crate::proxies::ProxyTable::dns_order`] order, [`FORWARD_TIMEOUT`] each, over UDP, then
 //!    TCP to the same proxy if the answer is truncated;
-//! 7. each A/AAAA answer is installed into tier 1 with the ports of the matching rules and the
-//!    (clamped) TTL as expiry — BEFORE the answer is relayed, so the first connection is never
-//!    dropped; if tier 1 cannot be programmed the sandbox gets SERVFAIL;
-//! 8. the answer is relayed (the sandbox's ID and question; truncated if it exceeds the
-//!    sandbox's UDP size) and audited `allow`.
+//! 10. each A/AAAA answer is installed into tier 1 with the ports of the matching rules for
+//!     [`crate::dns::binding_lifetime`] of its TTL (the clamped TTL plus the grace both tiers
+//!     apply) — BEFORE the answer is relayed, so the first connection is never dropped; if tier 1
+//!     cannot be programmed the sandbox gets SERVFAIL;
+//! 11. the answer is kept in the cache if cacheable, relayed (the sandbox's ID and question;
+//!     truncated if it exceeds the sandbox's UDP size) and audited `allowed`.
 //!
-//! # Limits
-//! - [`MAX_UDP_TASKS`] queries in progress node-wide (beyond: dropped and counted), and
-//!   [`MAX_TCP_CONNS`] TCP connections, each closed after [`TCP_IDLE`] without a query.
+//! Steps 1–8 are decided inline by the receiving loop (no task, no allocation beyond the answer);
+//! only a forward (step 9 on) runs as its own task.
+//!
+//! # Quotas (one job cannot take what other tenants share)
+//! - Forwards: `dns_max_inflight_per_job` per job over UDP and TCP together; they are the only
+//!   queries that wait, so this also bounds the job's share of the node-wide [`MAX_UDP_TASKS`].
+//! - TCP connections: `dns_max_tcp_connections_per_job` per job (sources that are no job's
+//!   sandbox share one such share); beyond it a connection is closed at once, counted and
+//!   audited `dns_tcp_limit`. Node-wide at most [`MAX_TCP_CONNS`]; each is closed after
+//!   [`TCP_IDLE`] without a query.
+//! - Cached answers and refusals cost no budget; what bounds them is tier 1's per-job DNS packet
+//!   budget (`dns_packets_per_sec`), which drops a job's excess before it reaches the socket.
+//!   The UDP socket gets a [`UDP_RECV_BUFFER`] receive buffer for bursts.
 //! - Refusals are audited at most [`REFUSAL_AUDIT_PER_SEC`] per job and second; the rest are
 //!   counted and the next line carries how many were left out (`suppressed`). The audit queue
-//!   is bounded too (see [`crate::audit`]).
+//!   is bounded too (see [`crate::audit`]). Cache hits and local NODATA answers are counted, not
+//!   audited (the name's decision was audited when it was forwarded).
+//!
+//! # Stopping
+//! The serving loops stop on their shutdown signal without closing the sockets' other handles:
+//! queries that arrive meanwhile wait in the socket for whoever reads next (the agent's restart
+//! hands the sockets over, see `docs/agent.md`). Forwards in progress still answer; TCP
+//! connections close after the query they are in. [`DnsStub::drain`] waits for both.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::RData;
+use hickory_proto::rr::{RData, RecordType};
 use serde::Serialize;
 use snas_policy::Matcher;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -43,39 +69,63 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::audit::{rfc3339, Action, AuditRecord, AuditSink};
 use crate::dns::{self, Question, Refusal, TokenBucket};
+use crate::dns_cache::{CacheLimits, CachedAnswer, DnsCache};
 use crate::naming::job_key_hex;
 use crate::proxies::Proxies;
 use crate::seams::{Dataplane, VerifiedPolicy};
 
 /// Time to wait for one proxy's answer before trying the next.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(1);
-/// UDP queries being handled at once, node-wide.
-pub const MAX_UDP_TASKS: usize = 1024;
-/// TCP connections open at once, node-wide.
-pub const MAX_TCP_CONNS: usize = 256;
+/// Forwards of UDP queries in progress, node-wide (beyond: dropped and counted `overload`).
+pub const MAX_UDP_TASKS: usize = 8192;
+/// TCP connections open at once, node-wide (beyond: closed and counted `overload`).
+pub const MAX_TCP_CONNS: usize = 4096;
 /// A TCP connection with no query for this long is closed.
 pub const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Receive buffer of the UDP socket: about 8 000 small queries queue here while the stub is
+/// busy, or while a restarting agent hands the socket over.
+pub const UDP_RECV_BUFFER: usize = 8 * 1024 * 1024;
+
+/// A job as the stub needs it, found by its sandbox address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobEntry {
+    /// Job key.
+    pub job_key: u64,
+    /// Policy serial.
+    pub serial: u32,
+    /// The policy's `exp` has passed.
+    pub expired: bool,
+    /// The job's network routes IPv6 (else AAAA queries are answered NODATA at once).
+    pub ipv6_route: bool,
+}
 
 /// Finds jobs by sandbox address (implemented by [`crate::Agent`]).
 pub trait JobDirectory: Send + Sync + 'static {
-    /// Job key and policy serial of the job whose sandbox has address `ip`. Called per query:
-    /// must be cheap.
-    fn job_at(&self, ip: IpAddr) -> Option<(u64, u32)>;
+    /// The job whose sandbox has address `ip`. Called per query: must be cheap.
+    fn job_at(&self, ip: IpAddr) -> Option<JobEntry>;
     /// The job's verified policy (with claims); called when a job or serial is first seen.
     fn policy(&self, job_key: u64) -> Option<VerifiedPolicy>;
+    /// Whether the job exists (called once a second per job the stub holds state for).
+    fn contains(&self, job_key: u64) -> bool {
+        self.policy(job_key).is_some()
+    }
 }
 
 /// The stub's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StubConfig {
-    /// Per-job queries per second.
+    /// Per-job upstream queries per second (names not in the cache).
     pub queries_per_sec: u32,
-    /// Per-job burst.
+    /// Per-job upstream burst.
     pub burst: u32,
-    /// Per-job outstanding forwarded queries.
+    /// Per-job outstanding forwarded queries (UDP and TCP together).
     pub max_inflight: u32,
+    /// Per-job TCP connections.
+    pub max_tcp_per_job: u32,
     /// Per-proxy forward timeout.
     pub forward_timeout: Duration,
+    /// Answer cache bounds.
+    pub cache: CacheLimits,
 }
 
 impl StubConfig {
@@ -85,9 +135,25 @@ impl StubConfig {
             queries_per_sec: c.dns_queries_per_sec,
             burst: c.dns_query_burst,
             max_inflight: c.dns_max_inflight_per_job,
+            max_tcp_per_job: c.dns_max_tcp_connections_per_job,
             forward_timeout: FORWARD_TIMEOUT,
+            cache: CacheLimits::default(),
         }
     }
+}
+
+const REFUSALS: [Refusal; 7] = [
+    Refusal::UnknownJob,
+    Refusal::Rate,
+    Refusal::InFlight,
+    Refusal::QueryType,
+    Refusal::Name,
+    Refusal::Expired,
+    Refusal::TcpConnections,
+];
+
+fn refusal_slot(r: Refusal) -> usize {
+    REFUSALS.iter().position(|x| *x == r).unwrap_or(0)
 }
 
 /// Counters of the stub's outcomes.
@@ -96,8 +162,10 @@ pub struct DnsStats {
     queries: AtomicU64,
     malformed: AtomicU64,
     overload: AtomicU64,
-    refused: [AtomicU64; 5],
+    refused: [AtomicU64; REFUSALS.len()],
     forwarded: AtomicU64,
+    cached: AtomicU64,
+    aaaa_nodata: AtomicU64,
     noerror: AtomicU64,
     nxdomain: AtomicU64,
     other_rcode: AtomicU64,
@@ -105,53 +173,47 @@ pub struct DnsStats {
     proxy_failures: AtomicU64,
     installed: AtomicU64,
     audit_suppressed: AtomicU64,
+    send_failures: AtomicU64,
 }
 
-fn refusal_slot(r: Refusal) -> usize {
-    match r {
-        Refusal::UnknownJob => 0,
-        Refusal::Rate => 1,
-        Refusal::InFlight => 2,
-        Refusal::QueryType => 3,
-        Refusal::Name => 4,
-    }
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
 }
 
-const REFUSALS: [Refusal; 5] = [
-    Refusal::UnknownJob,
-    Refusal::Rate,
-    Refusal::InFlight,
-    Refusal::QueryType,
-    Refusal::Name,
-];
+fn get(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
 
 impl DnsStats {
-    fn inc(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Query outcomes by label (`refused_<reason>`, `noerror`, `nxdomain`, `servfail`, ...).
+    /// Query outcomes by label (`refused_<reason>`, `noerror`, `nxdomain`, `servfail`,
+    /// `cached`, `aaaa_nodata`, ...). Every parsed query is counted under exactly one label,
+    /// except `forwarded` ones, which are counted under the rcode of their answer.
     pub fn outcomes(&self) -> BTreeMap<String, u64> {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut m = BTreeMap::new();
         for r in REFUSALS {
             m.insert(
                 format!("refused_{}", r.name()),
-                g(&self.refused[refusal_slot(r)]),
+                get(&self.refused[refusal_slot(r)]),
             );
         }
-        m.insert("malformed".into(), g(&self.malformed));
-        m.insert("overload".into(), g(&self.overload));
-        m.insert("noerror".into(), g(&self.noerror));
-        m.insert("nxdomain".into(), g(&self.nxdomain));
-        m.insert("other_rcode".into(), g(&self.other_rcode));
-        m.insert("servfail".into(), g(&self.servfail));
+        for (k, c) in [
+            ("malformed", &self.malformed),
+            ("overload", &self.overload),
+            ("cached", &self.cached),
+            ("aaaa_nodata", &self.aaaa_nodata),
+            ("noerror", &self.noerror),
+            ("nxdomain", &self.nxdomain),
+            ("other_rcode", &self.other_rcode),
+            ("servfail", &self.servfail),
+        ] {
+            m.insert(k.to_owned(), get(c));
+        }
         m
     }
 
     /// Refusal audit lines left out by the per-job audit limit.
     pub fn audit_suppressed(&self) -> u64 {
-        self.audit_suppressed.load(Ordering::Relaxed)
+        get(&self.audit_suppressed)
     }
 }
 
@@ -162,33 +224,58 @@ pub struct DnsView {
     pub queries: u64,
     /// Queries forwarded to a proxy.
     pub forwarded: u64,
+    /// Queries answered from the cache.
+    pub cached: u64,
     /// Forward attempts that timed out or failed (each moves to the next proxy).
     pub proxy_failures: u64,
     /// Addresses installed into tier 1.
     pub installed_addrs: u64,
     /// Refusal audit lines left out by the per-job audit limit.
     pub audit_suppressed: u64,
+    /// Answers that could not be sent (the socket's send buffer was full).
+    pub send_failures: u64,
     /// Outcomes by label.
     pub outcomes: BTreeMap<String, u64>,
     /// Jobs with stub state.
     pub jobs: usize,
+    /// Cache entries held.
+    pub cache_entries: usize,
+    /// Cache bytes held.
+    pub cache_bytes: usize,
+    /// Cache entries evicted to respect a bound.
+    pub cache_evictions: u64,
+    /// TCP connections open.
+    pub tcp_connections: usize,
 }
 
 struct JobSlot {
     serial: u32,
     policy: Arc<VerifiedPolicy>,
     matcher: Arc<Matcher>,
+    /// Upstream queries (names not in the cache).
     bucket: TokenBucket,
     inflight: u32,
+    tcp_conns: u32,
     /// Refusal audit lines: at most [`REFUSAL_AUDIT_PER_SEC`] per job.
     audit_bucket: TokenBucket,
     /// Refusals not audited since the last refusal line.
     suppressed: u64,
 }
 
+#[derive(Default)]
+struct State {
+    jobs: HashMap<u64, JobSlot>,
+    cache: DnsCache,
+    /// TCP connections from sources that are no job's sandbox.
+    tcp_unknown: u32,
+}
+
 /// Refusal audit lines per job and second (burst twice that); the rest are counted and the next
 /// line carries the count (`suppressed`), so a flooding job cannot fill the disk.
 pub const REFUSAL_AUDIT_PER_SEC: u32 = 10;
+
+/// A monotonic clock: time since some fixed start.
+pub type MonoClock = Arc<dyn Fn() -> Duration + Send + Sync>;
 
 /// The DNS stub (shared by the UDP and TCP servers).
 pub struct DnsStub {
@@ -197,9 +284,11 @@ pub struct DnsStub {
     proxies: Arc<Proxies>,
     audit: AuditSink,
     cfg: StubConfig,
-    jobs: Mutex<HashMap<u64, JobSlot>>,
-    epoch: Instant,
+    state: Arc<Mutex<State>>,
+    clock: MonoClock,
     stats: DnsStats,
+    udp_tasks: Arc<Semaphore>,
+    tcp_conns: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for DnsStub {
@@ -208,17 +297,86 @@ impl std::fmt::Debug for DnsStub {
     }
 }
 
-struct InflightGuard<'a> {
-    stub: &'a DnsStub,
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A job's forward in progress; the slot is given back when dropped.
+struct InflightGuard {
+    state: Arc<Mutex<State>>,
     job_key: u64,
 }
 
-impl Drop for InflightGuard<'_> {
+impl Drop for InflightGuard {
     fn drop(&mut self) {
-        if let Some(s) = self.stub.lock_jobs().get_mut(&self.job_key) {
+        if let Some(s) = lock(&self.state).jobs.get_mut(&self.job_key) {
             s.inflight = s.inflight.saturating_sub(1);
         }
     }
+}
+
+/// A job's TCP connection; the slot is given back when dropped.
+struct TcpGuard {
+    state: Arc<Mutex<State>>,
+    job_key: Option<u64>,
+}
+
+impl Drop for TcpGuard {
+    fn drop(&mut self) {
+        let mut st = lock(&self.state);
+        match self.job_key {
+            Some(k) => {
+                if let Some(s) = st.jobs.get_mut(&k) {
+                    s.tcp_conns = s.tcp_conns.saturating_sub(1);
+                }
+            }
+            None => st.tcp_unknown = st.tcp_unknown.saturating_sub(1),
+        }
+    }
+}
+
+/// A query that goes to a proxy.
+struct Pending {
+    query: Message,
+    question: Question,
+    rules: Vec<usize>,
+    policy: Arc<VerifiedPolicy>,
+    matcher: Arc<Matcher>,
+    src: SocketAddr,
+    local: Option<IpAddr>,
+    tcp: bool,
+    len: usize,
+    _inflight: InflightGuard,
+}
+
+/// What to do with one received message.
+enum Step {
+    /// Send these bytes back.
+    Reply(Vec<u8>),
+    /// Send nothing.
+    Silent,
+    /// Forward, then answer.
+    Forward(Box<Pending>),
+}
+
+/// What the locked part of [`DnsStub::decide`] concluded.
+enum Verdict {
+    Refuse {
+        why: Refusal,
+        question: Option<Question>,
+        /// `Some(n)`: audit the refusal, with `n` refusals left out before it.
+        audit: Option<u64>,
+        policy: Arc<VerifiedPolicy>,
+    },
+    NoData,
+    Cached(CachedAnswer),
+    Forward {
+        question: Question,
+        rules: Vec<usize>,
+        policy: Arc<VerifiedPolicy>,
+        matcher: Arc<Matcher>,
+        inflight: InflightGuard,
+    },
 }
 
 /// Why forwarding failed.
@@ -239,6 +397,17 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Takes a refusal audit slot of the job: `Some(n)` = audit, with `n` refusals suppressed before.
+fn audit_slot(slot: &mut JobSlot, now: Duration, stats: &DnsStats) -> Option<u64> {
+    if slot.audit_bucket.take(now) {
+        Some(std::mem::take(&mut slot.suppressed))
+    } else {
+        slot.suppressed += 1;
+        inc(&stats.audit_suppressed);
+        None
+    }
+}
+
 impl DnsStub {
     /// A stub over the given job directory, tier 1, proxy table and audit sink.
     pub fn new(
@@ -248,20 +417,32 @@ impl DnsStub {
         audit: AuditSink,
         cfg: StubConfig,
     ) -> DnsStub {
+        let epoch = Instant::now();
         DnsStub {
             dir,
             dataplane,
             proxies,
             audit,
             cfg,
-            jobs: Mutex::new(HashMap::new()),
-            epoch: Instant::now(),
+            state: Arc::new(Mutex::new(State {
+                cache: DnsCache::new(cfg.cache),
+                ..State::default()
+            })),
+            clock: Arc::new(move || epoch.elapsed()),
             stats: DnsStats::default(),
+            udp_tasks: Arc::new(Semaphore::new(MAX_UDP_TASKS)),
+            tcp_conns: Arc::new(Semaphore::new(MAX_TCP_CONNS)),
         }
     }
 
-    fn lock_jobs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, JobSlot>> {
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    /// The same stub with another monotonic clock (token buckets, cache lifetimes).
+    pub fn with_clock(mut self, clock: MonoClock) -> DnsStub {
+        self.clock = clock;
+        self
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
     }
 
     /// The stub's counters.
@@ -271,96 +452,98 @@ impl DnsStub {
 
     /// The JSON view.
     pub fn view(&self) -> DnsView {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        DnsView {
-            queries: g(&self.stats.queries),
-            forwarded: g(&self.stats.forwarded),
-            proxy_failures: g(&self.stats.proxy_failures),
-            installed_addrs: g(&self.stats.installed),
-            audit_suppressed: g(&self.stats.audit_suppressed),
-            outcomes: self.stats.outcomes(),
-            jobs: self.lock_jobs().len(),
-        }
-    }
-
-    /// Takes a rate token for the job and returns its policy and matcher; builds or refreshes
-    /// the job's state when the job or its serial is new. `None` if the job vanished.
-    #[allow(clippy::type_complexity)]
-    fn admit(
-        &self,
-        job_key: u64,
-        serial: u32,
-    ) -> Option<(Arc<VerifiedPolicy>, Arc<Matcher>, bool)> {
-        let now = self.epoch.elapsed();
-        let fresh = {
-            let jobs = self.lock_jobs();
-            jobs.get(&job_key).is_some_and(|s| s.serial == serial)
+        let s = &self.stats;
+        let (jobs, cache) = {
+            let st = self.lock();
+            (st.jobs.len(), st.cache.stats())
         };
-        if !fresh {
-            let policy = self.dir.policy(job_key)?;
-            // A policy without claims has no rules: every name is refused.
-            let matcher = Arc::new(match &policy.claims {
-                Some(c) => snas_policy::compile(c),
-                None => snas_policy::matcher::compile_rules(&[], &[]),
-            });
-            let mut jobs = self.lock_jobs();
-            // Forget jobs that are gone (only on this rare path, so the cost is bounded).
-            jobs.retain(|k, _| *k == job_key || self.dir.policy(*k).is_some());
-            let bucket = jobs.get(&job_key).map_or_else(
-                || TokenBucket::new(self.cfg.queries_per_sec, self.cfg.burst, now),
-                |s| s.bucket.clone(),
-            );
-            let inflight = jobs.get(&job_key).map_or(0, |s| s.inflight);
-            let audit_bucket = jobs.get(&job_key).map_or_else(
-                || TokenBucket::new(REFUSAL_AUDIT_PER_SEC, 2 * REFUSAL_AUDIT_PER_SEC, now),
-                |s| s.audit_bucket.clone(),
-            );
-            let suppressed = jobs.get(&job_key).map_or(0, |s| s.suppressed);
-            jobs.insert(
-                job_key,
-                JobSlot {
-                    serial,
-                    policy: Arc::new(policy),
-                    matcher,
-                    bucket,
-                    inflight,
-                    audit_bucket,
-                    suppressed,
-                },
-            );
+        DnsView {
+            queries: get(&s.queries),
+            forwarded: get(&s.forwarded),
+            cached: get(&s.cached),
+            proxy_failures: get(&s.proxy_failures),
+            installed_addrs: get(&s.installed),
+            audit_suppressed: get(&s.audit_suppressed),
+            send_failures: get(&s.send_failures),
+            outcomes: s.outcomes(),
+            jobs,
+            cache_entries: cache.entries,
+            cache_bytes: cache.bytes,
+            cache_evictions: cache.evictions,
+            tcp_connections: MAX_TCP_CONNS - self.tcp_conns.available_permits(),
         }
-        let mut jobs = self.lock_jobs();
-        let slot = jobs.get_mut(&job_key)?;
-        let ok = slot.bucket.take(now);
-        Some((slot.policy.clone(), slot.matcher.clone(), ok))
     }
 
-    fn try_inflight(&self, job_key: u64) -> Option<InflightGuard<'_>> {
-        let mut jobs = self.lock_jobs();
-        let slot = jobs.get_mut(&job_key)?;
-        if slot.inflight >= self.cfg.max_inflight {
-            return None;
-        }
-        slot.inflight += 1;
-        Some(InflightGuard {
-            stub: self,
-            job_key,
-        })
+    /// Forgets a job (deleted): its budget, counters and cache entries.
+    pub fn forget(&self, job_key: u64) {
+        let mut st = self.lock();
+        st.jobs.remove(&job_key);
+        st.cache.forget_job(job_key);
     }
 
-    /// Whether a refusal of the job may be audited now; `Some(n)`: yes, with `n` refusals
-    /// suppressed before it.
-    fn refusal_audit_slot(&self, job_key: u64) -> Option<u64> {
-        let now = self.epoch.elapsed();
-        let mut jobs = self.lock_jobs();
-        let slot = jobs.get_mut(&job_key)?;
-        if slot.audit_bucket.take(now) {
-            Some(std::mem::take(&mut slot.suppressed))
-        } else {
-            slot.suppressed += 1;
-            DnsStats::inc(&self.stats.audit_suppressed);
-            None
+    /// Forgets every job the directory no longer has.
+    pub fn forget_gone(&self) {
+        let held: std::collections::BTreeSet<u64> = {
+            let st = self.lock();
+            st.jobs.keys().copied().chain(st.cache.jobs()).collect()
+        };
+        for k in held {
+            if !self.dir.contains(k) {
+                self.forget(k);
+            }
         }
+    }
+
+    /// Makes sure the stub holds the job's current policy (new job, or a new serial: the
+    /// names it may resolve changed, so its cache goes). False if the job vanished.
+    fn refresh_job(&self, e: &JobEntry) -> bool {
+        if self
+            .lock()
+            .jobs
+            .get(&e.job_key)
+            .is_some_and(|s| s.serial == e.serial)
+        {
+            return true;
+        }
+        let Some(policy) = self.dir.policy(e.job_key) else {
+            return false;
+        };
+        // A policy without claims has no rules: every name is refused.
+        let matcher = Arc::new(match &policy.claims {
+            Some(c) => snas_policy::compile(c),
+            None => snas_policy::matcher::compile_rules(&[], &[]),
+        });
+        let now = (self.clock)();
+        let mut st = self.lock();
+        let st = &mut *st;
+        st.cache.forget_job(e.job_key);
+        match st.jobs.get_mut(&e.job_key) {
+            Some(s) => {
+                s.serial = policy.serial;
+                s.policy = Arc::new(policy);
+                s.matcher = matcher;
+            }
+            None => {
+                st.jobs.insert(
+                    e.job_key,
+                    JobSlot {
+                        serial: policy.serial,
+                        policy: Arc::new(policy),
+                        matcher,
+                        bucket: TokenBucket::new(self.cfg.queries_per_sec, self.cfg.burst, now),
+                        inflight: 0,
+                        tcp_conns: 0,
+                        audit_bucket: TokenBucket::new(
+                            REFUSAL_AUDIT_PER_SEC,
+                            2 * REFUSAL_AUDIT_PER_SEC,
+                            now,
+                        ),
+                        suppressed: 0,
+                    },
+                );
+            }
+        }
+        true
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -400,15 +583,13 @@ impl DnsStub {
         });
     }
 
-    fn refuse(&self, query: &Message, why: Refusal) -> Option<Vec<u8>> {
-        DnsStats::inc(&self.stats.refused[refusal_slot(why)]);
-        dns::empty_answer(query, ResponseCode::Refused)
-            .to_vec()
-            .ok()
+    fn refuse(&self, query: &Message, why: Refusal) -> Step {
+        inc(&self.stats.refused[refusal_slot(why)]);
+        reply(dns::empty_answer(query, ResponseCode::Refused), query, true)
     }
 
     fn servfail(&self, query: &Message) -> Option<Vec<u8>> {
-        DnsStats::inc(&self.stats.servfail);
+        inc(&self.stats.servfail);
         dns::empty_answer(query, ResponseCode::ServFail)
             .to_vec()
             .ok()
@@ -423,82 +604,181 @@ impl DnsStub {
         local: Option<IpAddr>,
         tcp: bool,
     ) -> Option<Vec<u8>> {
+        match self.decide(bytes, src, local, tcp) {
+            Step::Reply(out) => Some(out),
+            Step::Silent => None,
+            Step::Forward(p) => self.complete(*p).await,
+        }
+    }
+
+    /// Everything that is decided without waiting: steps 1–8 of the module doc.
+    fn decide(&self, bytes: &[u8], src: SocketAddr, local: Option<IpAddr>, tcp: bool) -> Step {
         let Ok(query) = Message::from_vec(bytes) else {
-            DnsStats::inc(&self.stats.malformed);
-            return None;
+            inc(&self.stats.malformed);
+            return Step::Silent;
         };
         if query.message_type() != MessageType::Query {
-            DnsStats::inc(&self.stats.malformed);
-            return None;
+            inc(&self.stats.malformed);
+            return Step::Silent;
         }
-        DnsStats::inc(&self.stats.queries);
-        let Some((job_key, serial)) = self.dir.job_at(canonical(src.ip())) else {
+        inc(&self.stats.queries);
+        let Some(entry) = self.dir.job_at(canonical(src.ip())) else {
             return self.refuse(&query, Refusal::UnknownJob);
         };
-        let Some((policy, matcher, rate_ok)) = self.admit(job_key, serial) else {
+        if !self.refresh_job(&entry) {
             return self.refuse(&query, Refusal::UnknownJob);
+        }
+        let now = (self.clock)();
+        let verdict = {
+            let mut guard = self.lock();
+            let State { jobs, cache, .. } = &mut *guard;
+            let Some(slot) = jobs.get_mut(&entry.job_key) else {
+                return self.refuse(&query, Refusal::UnknownJob);
+            };
+            self.verdict(slot, cache, &entry, &query, now)
         };
-        let audit_refusal = |why: Refusal, q: Option<&Question>| {
-            if let Some(suppressed) = self.refusal_audit_slot(job_key) {
-                self.audit(
-                    &policy,
-                    Action::Refuse,
-                    why.name(),
-                    src,
-                    local,
-                    tcp,
-                    q,
-                    None,
-                    Vec::new(),
-                    bytes.len(),
-                    suppressed,
-                );
+        match verdict {
+            Verdict::Refuse {
+                why,
+                question,
+                audit,
+                policy,
+            } => {
+                if let Some(suppressed) = audit {
+                    self.audit(
+                        &policy,
+                        Action::Refuse,
+                        why.name(),
+                        src,
+                        local,
+                        tcp,
+                        question.as_ref(),
+                        None,
+                        Vec::new(),
+                        bytes.len(),
+                        suppressed,
+                    );
+                }
+                self.refuse(&query, why)
             }
-            self.refuse(&query, why)
-        };
-        let shape = dns::question_of(&query);
-        if !rate_ok {
-            let q = shape.as_ref().ok().cloned();
-            return audit_refusal(Refusal::Rate, q.as_ref());
+            Verdict::NoData => {
+                inc(&self.stats.aaaa_nodata);
+                reply(
+                    dns::empty_answer(&query, ResponseCode::NoError),
+                    &query,
+                    tcp,
+                )
+            }
+            Verdict::Cached(hit) => {
+                inc(&self.stats.cached);
+                reply(dns::cached_answer(&query, hit), &query, tcp)
+            }
+            Verdict::Forward {
+                question,
+                rules,
+                policy,
+                matcher,
+                inflight,
+            } => Step::Forward(Box::new(Pending {
+                query,
+                question,
+                rules,
+                policy,
+                matcher,
+                src,
+                local,
+                tcp,
+                len: bytes.len(),
+                _inflight: inflight,
+            })),
+        }
+    }
+
+    /// The decision for one query of a job, under the stub's lock.
+    fn verdict(
+        &self,
+        slot: &mut JobSlot,
+        cache: &mut DnsCache,
+        entry: &JobEntry,
+        query: &Message,
+        now: Duration,
+    ) -> Verdict {
+        let refuse =
+            |slot: &mut JobSlot, why: Refusal, question: Option<Question>| Verdict::Refuse {
+                why,
+                question,
+                audit: audit_slot(slot, now, &self.stats),
+                policy: slot.policy.clone(),
+            };
+        let shape = dns::question_of(query);
+        if entry.expired {
+            return refuse(slot, Refusal::Expired, shape.ok());
         }
         let question = match shape {
             Ok(q) => q,
-            Err((why, q)) => return audit_refusal(why, q.as_ref()),
+            Err((why, q)) => return refuse(slot, why, q),
         };
-        let rules = match dns::rules_for_name(&matcher, &question.name) {
+        let rules = match dns::rules_for_name(&slot.matcher, &question.name) {
             Ok(r) => r,
-            Err(why) => return audit_refusal(why, Some(&question)),
+            Err(why) => return refuse(slot, why, Some(question)),
         };
-        let Some(_guard) = self.try_inflight(job_key) else {
-            return audit_refusal(Refusal::InFlight, Some(&question));
-        };
+        if question.qtype == RecordType::AAAA && !entry.ipv6_route {
+            return Verdict::NoData;
+        }
+        if let Some(hit) = cache.lookup(entry.job_key, &question, now) {
+            return Verdict::Cached(hit);
+        }
+        if slot.inflight >= self.cfg.max_inflight {
+            return refuse(slot, Refusal::InFlight, Some(question));
+        }
+        if !slot.bucket.take(now) {
+            return refuse(slot, Refusal::Rate, Some(question));
+        }
+        slot.inflight += 1;
+        Verdict::Forward {
+            question,
+            rules,
+            policy: slot.policy.clone(),
+            matcher: slot.matcher.clone(),
+            inflight: InflightGuard {
+                state: self.state.clone(),
+                job_key: entry.job_key,
+            },
+        }
+    }
+
+    /// Forwards, installs, caches, audits and relays: steps 9–11 of the module doc.
+    async fn complete(&self, p: Pending) -> Option<Vec<u8>> {
+        let policy = &p.policy;
+        let job_key = policy.job_key;
         let id: u16 = rand::random();
-        let fq = dns::forward_query(&query, id, policy.tenant_id, job_key, policy.serial);
-        DnsStats::inc(&self.stats.forwarded);
+        let fq = dns::forward_query(&p.query, id, policy.tenant_id, job_key, policy.serial);
+        inc(&self.stats.forwarded);
         let Some(answer) = self.forward(&fq, self.proxies.resolvers_for(job_key)).await else {
-            return self.servfail(&query);
+            return self.servfail(&p.query);
         };
         let mut installed = Vec::new();
         if answer.response_code() == ResponseCode::NoError {
-            let claims = policy.claims.as_ref();
-            let ports = claims
-                .map(|c| dns::port_rules(c, &matcher, &rules))
+            let ports = policy
+                .claims
+                .as_ref()
+                .map(|c| dns::port_rules(c, &p.matcher, &p.rules))
                 .unwrap_or_default();
             let addrs: Vec<(IpAddr, Duration)> = answer
                 .answers()
                 .iter()
                 .filter_map(|r| match r.data() {
-                    RData::A(a) => Some((IpAddr::V4(a.0), dns::clamp_ttl(r.ttl()))),
-                    RData::AAAA(a) => Some((IpAddr::V6(a.0), dns::clamp_ttl(r.ttl()))),
+                    RData::A(a) => Some((IpAddr::V4(a.0), dns::binding_lifetime(r.ttl()))),
+                    RData::AAAA(a) => Some((IpAddr::V6(a.0), dns::binding_lifetime(r.ttl()))),
                     _ => None,
                 })
                 .collect();
             if !addrs.is_empty() {
                 let dp = self.dataplane.clone();
-                let (ports2, addrs2) = (ports.clone(), addrs.clone());
+                let to_install = addrs.clone();
                 let res = tokio::task::spawn_blocking(move || {
-                    for (ip, ttl) in &addrs2 {
-                        dp.allow_resolved(job_key, *ip, &ports2, *ttl)?;
+                    for (ip, lifetime) in &to_install {
+                        dp.allow_resolved(job_key, *ip, &ports, *lifetime)?;
                     }
                     Ok::<(), crate::seams::DataplaneError>(())
                 })
@@ -507,11 +787,11 @@ impl DnsStub {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {
                         tracing::warn!(job = %job_key_hex(job_key), error = %e, "DNS answer not installed");
-                        return self.servfail(&query);
+                        return self.servfail(&p.query);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "DNS install task failed");
-                        return self.servfail(&query);
+                        return self.servfail(&p.query);
                     }
                 }
                 self.stats
@@ -521,39 +801,42 @@ impl DnsStub {
             }
         }
         let rcode = answer.response_code();
-        let counter = match rcode {
+        inc(match rcode {
             ResponseCode::NoError => &self.stats.noerror,
             ResponseCode::NXDomain => &self.stats.nxdomain,
             ResponseCode::ServFail => &self.stats.servfail,
             _ => &self.stats.other_rcode,
-        };
-        DnsStats::inc(counter);
+        });
         let reason = if rcode == ResponseCode::NoError {
             "allowed".to_owned()
         } else {
             rcode.to_string().to_ascii_lowercase()
         };
         self.audit(
-            &policy,
+            policy,
             Action::Allow,
             &reason,
-            src,
-            local,
-            tcp,
-            Some(&question),
-            rules.first().copied(),
+            p.src,
+            p.local,
+            p.tcp,
+            Some(&p.question),
+            p.rules.first().copied(),
             installed,
-            bytes.len(),
+            p.len,
             0,
         );
-        let relayed = dns::relay_answer(&query, answer);
+        let relayed = dns::relay_answer(&p.query, answer);
         let out = relayed.to_vec().ok()?;
-        if !tcp && out.len() > dns::client_udp_limit(&query) {
-            let mut t = dns::empty_answer(&query, relayed.response_code());
-            t.set_truncated(true);
-            return t.to_vec().ok();
+        // Cached from now: tier 1 holds the addresses for the clamped TTL plus the grace from
+        // their install, which was earlier, so the cache never outlives tier 1.
+        let now = (self.clock)();
+        self.lock()
+            .cache
+            .insert(job_key, &p.question, &relayed, out.len(), now);
+        match fit_udp(out, &relayed, &p.query, p.tcp) {
+            Step::Reply(b) => Some(b),
+            _ => None,
         }
-        Some(out)
     }
 
     async fn forward(&self, fq: &Message, targets: Vec<SocketAddr>) -> Option<Message> {
@@ -570,11 +853,11 @@ impl DnsStub {
             match tokio::time::timeout(self.cfg.forward_timeout, attempt).await {
                 Ok(Ok(a)) => return Some(a),
                 Ok(Err(e)) => {
-                    DnsStats::inc(&self.stats.proxy_failures);
+                    inc(&self.stats.proxy_failures);
                     tracing::debug!(error = %e, "DNS forward failed; trying the next proxy");
                 }
                 Err(_) => {
-                    DnsStats::inc(&self.stats.proxy_failures);
+                    inc(&self.stats.proxy_failures);
                     tracing::debug!(error = %ForwardError::Timeout(t), "DNS forward failed");
                 }
             }
@@ -582,7 +865,8 @@ impl DnsStub {
         None
     }
 
-    /// Serves UDP queries on `sock` until `shutdown` turns true.
+    /// Serves UDP queries on `sock` until `shutdown` turns true. The socket (this handle) is
+    /// dropped then; forwards in progress keep a handle until they have answered.
     pub async fn serve_udp(self: Arc<Self>, sock: UdpSocket, shutdown: watch::Receiver<bool>) {
         let stop = stopped(shutdown);
         tokio::pin!(stop);
@@ -592,10 +876,11 @@ impl DnsStub {
             .ok()
             .map(|a| a.ip())
             .filter(|ip| !ip.is_unspecified());
-        let tasks = Arc::new(Semaphore::new(MAX_UDP_TASKS));
-        let mut buf = vec![0u8; 4096];
+        let mut buf = vec![0u8; 65_535];
         loop {
             let (n, src) = tokio::select! {
+                biased;
+                () = &mut stop => return,
                 r = sock.recv_from(&mut buf) => match r {
                     Ok(x) => x,
                     Err(e) => {
@@ -603,34 +888,98 @@ impl DnsStub {
                         continue;
                     }
                 },
-                () = &mut stop => return,
             };
-            let Ok(permit) = tasks.clone().try_acquire_owned() else {
-                DnsStats::inc(&self.stats.overload);
-                continue;
-            };
-            let msg = buf[..n].to_vec();
-            let (stub, sock) = (self.clone(), sock.clone());
-            tokio::spawn(async move {
-                if let Some(out) = stub.handle(&msg, src, local, false).await {
-                    let _ = sock.send_to(&out, src).await;
+            match self.decide(&buf[..n], src, local, false) {
+                Step::Reply(out) => {
+                    if sock.try_send_to(&out, src).is_err() {
+                        inc(&self.stats.send_failures);
+                    }
                 }
-                drop(permit);
-            });
+                Step::Silent => {}
+                Step::Forward(p) => {
+                    let Ok(permit) = self.udp_tasks.clone().try_acquire_owned() else {
+                        inc(&self.stats.overload);
+                        continue;
+                    };
+                    let (stub, sock) = (self.clone(), sock.clone());
+                    tokio::spawn(async move {
+                        if let Some(out) = stub.complete(*p).await {
+                            if sock.send_to(&out, src).await.is_err() {
+                                inc(&stub.stats.send_failures);
+                            }
+                        }
+                        drop(permit);
+                    });
+                }
+            }
         }
     }
 
-    /// Serves TCP (length-prefixed) queries on `listener` until `shutdown` turns true.
+    /// Takes a TCP connection slot for the source `src` (its job's share, or the share of
+    /// sources that are no job's sandbox).
+    fn tcp_slot(&self, src: SocketAddr, local: Option<IpAddr>) -> Option<TcpGuard> {
+        let entry = self
+            .dir
+            .job_at(canonical(src.ip()))
+            .filter(|e| self.refresh_job(e));
+        let now = (self.clock)();
+        let max = self.cfg.max_tcp_per_job;
+        let refused = {
+            let mut guard = self.lock();
+            let st: &mut State = &mut guard;
+            match entry.and_then(|e| st.jobs.get_mut(&e.job_key).map(|s| (e, s))) {
+                Some((e, slot)) if slot.tcp_conns < max => {
+                    slot.tcp_conns += 1;
+                    return Some(TcpGuard {
+                        state: self.state.clone(),
+                        job_key: Some(e.job_key),
+                    });
+                }
+                Some((_, slot)) => {
+                    audit_slot(slot, now, &self.stats).map(|n| (slot.policy.clone(), n))
+                }
+                None if st.tcp_unknown < max => {
+                    st.tcp_unknown += 1;
+                    return Some(TcpGuard {
+                        state: self.state.clone(),
+                        job_key: None,
+                    });
+                }
+                None => None,
+            }
+        };
+        inc(&self.stats.refused[refusal_slot(Refusal::TcpConnections)]);
+        if let Some((policy, suppressed)) = refused {
+            self.audit(
+                &policy,
+                Action::Refuse,
+                Refusal::TcpConnections.name(),
+                src,
+                local,
+                true,
+                None,
+                None,
+                Vec::new(),
+                0,
+                suppressed,
+            );
+        }
+        None
+    }
+
+    /// Serves TCP (length-prefixed) queries on `listener` until `shutdown` turns true; then the
+    /// listener (this handle) is dropped and open connections close after their current query.
     pub async fn serve_tcp(
         self: Arc<Self>,
         listener: TcpListener,
         shutdown: watch::Receiver<bool>,
     ) {
-        let stop = stopped(shutdown);
+        let stop = stopped(shutdown.clone());
         tokio::pin!(stop);
-        let conns = Arc::new(Semaphore::new(MAX_TCP_CONNS));
         loop {
             let (stream, src) = tokio::select! {
+                biased;
+                () = &mut stop => return,
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
@@ -639,26 +988,40 @@ impl DnsStub {
                         continue;
                     }
                 },
-                () = &mut stop => return,
             };
-            let Ok(permit) = conns.clone().try_acquire_owned() else {
-                DnsStats::inc(&self.stats.overload);
+            let Ok(permit) = self.tcp_conns.clone().try_acquire_owned() else {
+                inc(&self.stats.overload);
                 continue;
             };
-            let stub = self.clone();
+            let local = stream.local_addr().ok().map(|a| a.ip());
+            let Some(slot) = self.tcp_slot(src, local) else {
+                continue;
+            };
+            let (stub, stop) = (self.clone(), shutdown.clone());
             tokio::spawn(async move {
-                let _ = stub.tcp_conn(stream, src).await;
-                drop(permit);
+                let _ = stub.tcp_conn(stream, src, local, stop).await;
+                drop((slot, permit));
             });
         }
     }
 
-    async fn tcp_conn(&self, mut s: TcpStream, src: SocketAddr) -> io::Result<()> {
-        let local = s.local_addr().ok().map(|a| a.ip());
+    async fn tcp_conn(
+        &self,
+        mut s: TcpStream,
+        src: SocketAddr,
+        local: Option<IpAddr>,
+        shutdown: watch::Receiver<bool>,
+    ) -> io::Result<()> {
+        let stop = stopped(shutdown);
+        tokio::pin!(stop);
         loop {
-            let len = match tokio::time::timeout(TCP_IDLE, s.read_u16()).await {
-                Ok(Ok(n)) => usize::from(n),
-                _ => return Ok(()),
+            let len = tokio::select! {
+                biased;
+                () = &mut stop => return Ok(()),
+                r = tokio::time::timeout(TCP_IDLE, s.read_u16()) => match r {
+                    Ok(Ok(n)) => usize::from(n),
+                    _ => return Ok(()),
+                },
             };
             let mut msg = vec![0u8; len];
             tokio::time::timeout(TCP_IDLE, s.read_exact(&mut msg))
@@ -674,6 +1037,36 @@ impl DnsStub {
             s.write_all(&framed).await?;
         }
     }
+
+    /// Waits (at most `timeout`) until no forward and no TCP connection is in progress;
+    /// returns whether they all finished. Call it after the serving loops have stopped.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let all = async {
+            let udp = self.udp_tasks.acquire_many(MAX_UDP_TASKS as u32).await;
+            let tcp = self.tcp_conns.acquire_many(MAX_TCP_CONNS as u32).await;
+            udp.is_ok() && tcp.is_ok()
+        };
+        tokio::time::timeout(timeout, all).await.unwrap_or(false)
+    }
+}
+
+/// An answer to the sandbox as bytes.
+fn reply(m: Message, query: &Message, tcp: bool) -> Step {
+    match m.to_vec() {
+        Ok(out) => fit_udp(out, &m, query, tcp),
+        Err(_) => Step::Silent,
+    }
+}
+
+/// `out` (the encoding of `m`), or an empty truncated answer if it exceeds the sandbox's UDP
+/// size: the client retries over TCP (and finds it in the cache).
+fn fit_udp(out: Vec<u8>, m: &Message, query: &Message, tcp: bool) -> Step {
+    if tcp || out.len() <= dns::client_udp_limit(query) {
+        return Step::Reply(out);
+    }
+    let mut t = dns::empty_answer(query, m.response_code());
+    t.set_truncated(true);
+    t.to_vec().map_or(Step::Silent, Step::Reply)
 }
 
 async fn exchange_udp(
@@ -732,9 +1125,34 @@ pub async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
 }
 
-/// Binds the stub's UDP socket and TCP listener on `addr`.
+/// Gives a UDP socket the stub's receive buffer ([`UDP_RECV_BUFFER`]): `SO_RCVBUFFORCE` (root
+/// may exceed `net.core.rmem_max`), else `SO_RCVBUF` (capped by the sysctl).
+pub fn tune_udp(sock: &impl AsRawFd) -> io::Result<()> {
+    let size = libc::c_int::try_from(UDP_RECV_BUFFER).unwrap_or(libc::c_int::MAX);
+    let set = |opt: libc::c_int| {
+        // SAFETY: a valid fd and a c_int option value of the right length.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    set(libc::SO_RCVBUFFORCE).or_else(|_| set(libc::SO_RCVBUF))
+}
+
+/// Binds the stub's UDP socket (with its receive buffer) and TCP listener on `addr`.
 pub async fn bind(addr: SocketAddr) -> io::Result<(UdpSocket, TcpListener)> {
     let udp = UdpSocket::bind(addr).await?;
+    tune_udp(&udp)?;
     let tcp = TcpListener::bind(addr).await?;
     Ok((udp, tcp))
 }

@@ -1,19 +1,26 @@
 //! PRIVILEGED (root): the agent's HTTP API over a real Unix socket and TCP listener, with a stub
-//! verifier and the in-memory dataplane; restart adoption; orphan cleanup.
+//! verifier and the in-memory dataplane; restart adoption; orphan cleanup; the policy endpoint
+//! answering only proxies; job-ended notices to the proxies; expiry shown in the job list.
+//! The one "proxy" is 127.0.0.1 with a control endpoint that records what it is told.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns: a failed step is a failed test
 
 mod common;
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use common::{http, unix_http, Scope, StubVerifier};
+use snas_agent::audit::AuditSink;
 use snas_agent::config::AgentConfig;
 use snas_agent::jobnet::is_netns_mount;
 use snas_agent::netlink::Rtnl;
+use snas_agent::proxies::Proxies;
 use snas_agent::seams::RecordingDataplane;
+use snas_agent::stub::{DnsStub, StubConfig};
 use snas_agent::{api, Agent};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A running agent serving on a Unix socket and an ephemeral TCP port.
 struct Running {
@@ -23,6 +30,32 @@ struct Running {
     socket: PathBuf,
     policy_addr: SocketAddr,
     dataplane: Arc<RecordingDataplane>,
+    ops: Arc<api::Ops>,
+    /// Request lines the proxy's control endpoint received.
+    told: Arc<Mutex<Vec<String>>>,
+    /// Added to the real time by the agent's clock.
+    skew: Arc<Mutex<Duration>>,
+}
+
+/// The proxy's control endpoint on 127.0.0.1: records each request line, answers 204.
+async fn control_endpoint(told: Arc<Mutex<Vec<String>>>) -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            let told = told.clone();
+            tokio::spawn(async move {
+                let mut b = vec![0u8; 1024];
+                let n = c.read(&mut b).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&b[..n]).into_owned();
+                told.lock()
+                    .unwrap()
+                    .push(head.lines().next().unwrap_or_default().to_owned());
+                let _ = c.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+            });
+        }
+    });
+    port
 }
 
 impl Running {
@@ -35,24 +68,38 @@ impl Running {
         let dataplane = Arc::new(RecordingDataplane::default());
         let socket = config.api_socket.clone();
         let mode = config.api_socket_mode;
-        let (agent, report) =
-            Agent::start(config, Arc::new(StubVerifier), dataplane.clone()).unwrap();
-        let (unix, tcp) = rt.block_on(async {
+        let skew = Arc::new(Mutex::new(Duration::ZERO));
+        let s = skew.clone();
+        let (agent, report) = Agent::start_with_clock(
+            config,
+            Arc::new(StubVerifier),
+            dataplane.clone(),
+            Arc::new(move || SystemTime::now() + *s.lock().unwrap()),
+        )
+        .unwrap();
+        let agent = Arc::new(agent);
+        let told = Arc::new(Mutex::new(Vec::new()));
+        let (unix, tcp, control_port) = rt.block_on(async {
             (
                 api::bind_unix(&socket, mode).unwrap(),
                 tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+                control_endpoint(told.clone()).await,
             )
         });
+        let proxies = Arc::new(Proxies::new(&[Ipv4Addr::LOCALHOST], control_port, 9));
+        let stub = Arc::new(DnsStub::new(
+            agent.clone(),
+            dataplane.clone(),
+            proxies.clone(),
+            AuditSink::discard(),
+            StubConfig::from_agent(agent.config()),
+        ));
+        let ops = Arc::new(api::Ops::new(agent, proxies, stub, AuditSink::discard()));
         let policy_addr = tcp.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = rt.spawn(api::serve_listeners(
-            Arc::new(agent),
-            unix,
-            tcp,
-            async move {
-                let _ = rx.await;
-            },
-        ));
+        let task = rt.spawn(api::serve_listeners(ops.clone(), unix, tcp, async move {
+            let _ = rx.await;
+        }));
         (
             Running {
                 rt,
@@ -61,6 +108,9 @@ impl Running {
                 socket,
                 policy_addr,
                 dataplane,
+                ops,
+                told,
+                skew,
             },
             report,
         )
@@ -79,6 +129,12 @@ impl Running {
         )
     }
 
+    /// A policy request from `from` (a loopback address that is not the proxy).
+    fn policy_from(&self, from: Ipv4Addr, path: &str) -> (u16, String) {
+        let s = connect_from(from, self.policy_addr);
+        http(s, "GET", path, "")
+    }
+
     /// Stops serving; running jobs stay (as when the agent process exits).
     fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
@@ -88,6 +144,22 @@ impl Running {
             self.rt.block_on(task).unwrap().unwrap();
         }
     }
+}
+
+/// A TCP connection from the loopback address `from`.
+fn connect_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(SocketAddr::from((from, 0))).unwrap();
+        let c = s.connect(to).await.unwrap();
+        let c = c.into_std().unwrap();
+        c.set_nonblocking(false).unwrap();
+        c
+    })
 }
 
 impl Drop for Running {
@@ -120,6 +192,7 @@ fn privileged_api_creates_lists_counts_serves_policy_and_deletes() {
     assert_eq!(job["gateway_ip"], "10.254.10.1");
     assert_eq!(job["sandbox_ip"], "10.254.10.2");
     assert_eq!(job["dns_ip"], "10.254.10.1");
+    assert_eq!(job["state"], "running");
     let netns_path = PathBuf::from(job["netns_path"].as_str().unwrap());
     assert!(is_netns_mount(&netns_path));
     let veth = job["veth"].as_str().unwrap().to_owned();
@@ -177,9 +250,19 @@ fn privileged_api_creates_lists_counts_serves_policy_and_deletes() {
     assert_eq!(c["total"], 0);
     assert_eq!(c["drops"]["destination_denied"], 0);
 
-    // Policy endpoint: raw token for a known job, 404 otherwise, nothing else served.
+    // Policy endpoint: raw token for a known job (to the proxy), 404 otherwise, nothing else
+    // served; any other caller gets 403 whatever it asks.
     let (status, body) = agent.policy(&format!("/v1/jobs/{key}/policy"));
     assert_eq!((status, body.as_str()), (200, token));
+    let stranger = Ipv4Addr::new(127, 0, 0, 2);
+    for path in [format!("/v1/jobs/{key}/policy"), "/v1/jobs".to_owned()] {
+        let (status, body) = agent.policy_from(stranger, &path);
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(body.contains("\"forbidden\""), "{body}");
+        assert!(!body.contains(token), "{body}");
+    }
+    let served = agent.ops.policy.outcomes();
+    assert_eq!((served["served"], served["forbidden"]), (1, 2));
     let (status, _) = agent.policy("/v1/jobs/0000000000000001/policy");
     assert_eq!(status, 404);
     let (status, _) = agent.policy("/v1/jobs");
@@ -213,6 +296,19 @@ fn privileged_api_creates_lists_counts_serves_policy_and_deletes() {
     }
     let (status, _) = agent.policy(&format!("/v1/jobs/{key}/policy"));
     assert_eq!(status, 404);
+    // The proxy has been told the job ended (after the answer, not before it).
+    let ended = format!("POST /v1/jobs/{key}/ended HTTP/1.0");
+    while !agent.told.lock().unwrap().contains(&ended) {
+        assert!(
+            std::time::Instant::now() < deadline + Duration::from_secs(5),
+            "no job-ended notice: {:?}",
+            agent.told.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    while agent.ops.ended.outcomes()["ended"] != 1 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let (status, _) = agent.call("DELETE", "/v1/jobs/test-2", "");
     assert_eq!(status, 204);
     agent.stop();
@@ -329,6 +425,29 @@ fn privileged_concurrent_creates_get_distinct_subnets_and_exhaustion_is_503() {
         );
         assert_eq!(status, 204);
     }
+    agent.stop();
+    assert!(scope.leftover_netns().is_empty());
+}
+
+#[test]
+fn privileged_a_job_past_its_exp_is_listed_expired_and_noticed_once() {
+    let scope = Scope::new("exp");
+    let (agent, _) = Running::start(common::agent_config(&scope, "10.254.14.0/24"));
+    let (status, job) = agent.call("POST", "/v1/jobs", "stub.acme.short.policy-exp.1");
+    assert_eq!(status, 201, "{job}");
+    assert_eq!(job["state"], "running");
+    assert!(agent.ops.agent.newly_expired().is_empty());
+    // The stub verifier's policies expire 600 s after creation.
+    *agent.skew.lock().unwrap() = Duration::from_secs(601);
+    let (status, v) = agent.call("GET", "/v1/jobs/short", "");
+    assert_eq!((status, v["state"].as_str()), (200, Some("expired")));
+    let noticed = agent.ops.agent.newly_expired();
+    assert_eq!(noticed.len(), 1);
+    assert_eq!(noticed[0].job, "short");
+    assert!(agent.ops.agent.newly_expired().is_empty(), "noticed once");
+    // Still listed and deletable.
+    let (status, _) = agent.call("DELETE", "/v1/jobs/short", "");
+    assert_eq!(status, 204);
     agent.stop();
     assert!(scope.leftover_netns().is_empty());
 }

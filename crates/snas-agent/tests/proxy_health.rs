@@ -3,6 +3,10 @@
 //! every proxy set pushed to it.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::service_dns;
+
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -147,41 +151,6 @@ async fn a_proxy_that_answers_garbage_counts_as_failed() {
         proxies::probe(closed, Duration::from_millis(500)).await,
         proxies::Probe::Failed
     );
-}
-
-/// A DNS server on loopback answering A queries with `addrs` (None: SERVFAIL).
-async fn service_dns(addrs: Arc<std::sync::Mutex<Option<Vec<Ipv4Addr>>>>) -> SocketAddr {
-    use hickory_proto::op::{Message, MessageType, ResponseCode};
-    use hickory_proto::rr::{rdata::A, RData, Record};
-    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = udp.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 2048];
-        while let Ok((n, from)) = udp.recv_from(&mut buf).await {
-            let q = Message::from_vec(&buf[..n]).unwrap();
-            let mut a = Message::new();
-            a.set_id(q.id()).set_message_type(MessageType::Response);
-            for x in q.queries() {
-                a.add_query(x.clone());
-            }
-            match addrs.lock().unwrap().clone() {
-                Some(list) => {
-                    for ip in list {
-                        a.add_answer(Record::from_rdata(
-                            q.queries()[0].name().clone(),
-                            30,
-                            RData::A(A(ip)),
-                        ));
-                    }
-                }
-                None => {
-                    a.set_response_code(ResponseCode::ServFail);
-                }
-            }
-            udp.send_to(&a.to_vec().unwrap(), from).await.unwrap();
-        }
-    });
-    addr
 }
 
 #[tokio::test]

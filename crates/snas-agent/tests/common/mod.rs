@@ -307,3 +307,108 @@ host_veth_prefix = "{}"
     snas_agent::config::AgentConfig::from_toml_str(&text, std::path::Path::new("test.toml"))
         .unwrap()
 }
+
+/// An agent (`snas_agent::node::run` with the in-memory dataplane) on its own thread and
+/// runtime, in the network namespace of the thread that starts it. Stopped when dropped.
+pub struct AgentThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), snas_agent::RunError>>>,
+}
+
+impl AgentThread {
+    pub fn start(
+        config: snas_agent::AgentConfig,
+        verifier: std::sync::Arc<dyn PolicyVerifier>,
+        opts: snas_agent::node::RunOptions,
+    ) -> AgentThread {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(snas_agent::node::run(
+                config,
+                verifier,
+                std::sync::Arc::new(snas_agent::RecordingDataplane::default()),
+                async move {
+                    let _ = rx.await;
+                },
+                opts,
+            ))
+        });
+        AgentThread {
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits (at most `limit`) for the agent to exit by itself (after a hand-over).
+    pub fn exits_by_itself(&mut self, limit: Duration) -> Result<(), snas_agent::RunError> {
+        let deadline = std::time::Instant::now() + limit;
+        let t = self.thread.take().unwrap();
+        while !t.is_finished() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent did not exit by itself"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        t.join().unwrap()
+    }
+
+    /// Stops the agent (as SIGTERM does) and returns how it ended.
+    pub fn stop(mut self) -> Result<(), snas_agent::RunError> {
+        let _ = self.stop.take().unwrap().send(());
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for AgentThread {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A DNS server on loopback answering A queries with `addrs` (None: SERVFAIL).
+pub async fn service_dns(
+    addrs: std::sync::Arc<std::sync::Mutex<Option<Vec<Ipv4Addr>>>>,
+) -> std::net::SocketAddr {
+    use hickory_proto::op::{Message, MessageType, ResponseCode};
+    use hickory_proto::rr::{rdata::A, RData, Record};
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = udp.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+            let q = Message::from_vec(&buf[..n]).unwrap();
+            let mut a = Message::new();
+            a.set_id(q.id()).set_message_type(MessageType::Response);
+            for x in q.queries() {
+                a.add_query(x.clone());
+            }
+            match addrs.lock().unwrap().clone() {
+                Some(list) => {
+                    for ip in list {
+                        a.add_answer(Record::from_rdata(
+                            q.queries()[0].name().clone(),
+                            30,
+                            RData::A(A(ip)),
+                        ));
+                    }
+                }
+                None => {
+                    a.set_response_code(ResponseCode::ServFail);
+                }
+            }
+            udp.send_to(&a.to_vec().unwrap(), from).await.unwrap();
+        }
+    });
+    addr
+}
