@@ -411,6 +411,56 @@ pub fn start(t: &Topology, d: Daemon, binary: &Path) -> Result<Started, DaemonEr
     }
 }
 
+/// Replaces node `n`'s running agent by a new one without a gap in its DNS service: the new
+/// agent (same configuration, rewritten first) takes the listening sockets over from the old one
+/// through the hand-over socket in the agent's state directory (docs/agent.md, "Restart
+/// behaviour"), and the old one exits once it has handed over. Starts the agent normally if none
+/// runs. Returns the new agent's pid once the old one is gone and the new one answers on its API
+/// socket.
+pub fn restart_agent(t: &Topology, n: u8, binary: &Path) -> Result<i32, DaemonError> {
+    let d = Daemon::Agent(n);
+    let Some(old) = running_pid(t, d) else {
+        return match start(t, d, binary)? {
+            Started::Already(pid) | Started::New(pid) => Ok(pid),
+        };
+    };
+    if let Some(p) = d.config_file(t) {
+        write_file(&p, &agent_config(t, n))?;
+    }
+    let log = d.log_file(t);
+    let mut cmd = Command::new(binary);
+    cmd.args(d.args(t));
+    let mut child = netns::spawn_in_netns(&mut cmd, &d.netns(t), &log)?;
+    let pid = child.id() as i32;
+    let began = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(DaemonError::NotReady {
+                name: d.name(),
+                why: format!("the replacing agent exited with {status}"),
+                log: log.clone(),
+                tail: log_tail(&log, 15),
+            });
+        }
+        if !netns::pid_alive(old) && is_ready(t, d) {
+            write_file(&d.pid_file(t), &format!("{pid}\n"))?;
+            return Ok(pid);
+        }
+        if began.elapsed() > READY_TIMEOUT {
+            netns::stop_pids(&[pid], Duration::from_secs(1));
+            return Err(DaemonError::NotReady {
+                name: d.name(),
+                why: format!(
+                    "the old agent (pid {old}) did not hand over within {READY_TIMEOUT:?}"
+                ),
+                log: log.clone(),
+                tail: log_tail(&log, 15),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Stops a daemon (if it runs) and removes its pid file.
 pub fn stop(t: &Topology, d: Daemon) {
     if let Some(pid) = running_pid(t, d) {

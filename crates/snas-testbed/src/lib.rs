@@ -529,6 +529,12 @@ impl Testbed {
         daemons::start(&self.topology, Daemon::Agent(n), &self.binary)?;
         Ok(())
     }
+
+    /// Replaces node `n`'s agent by a new process that takes its sockets over (no gap in DNS);
+    /// returns the new pid.
+    pub fn restart_agent(&self, n: u8) -> Result<i32, TestbedError> {
+        Ok(daemons::restart_agent(&self.topology, n, &self.binary)?)
+    }
 }
 
 impl Drop for Testbed {

@@ -236,3 +236,76 @@ fn restarting_the_agent_keeps_an_established_flow() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "203.0.113.10");
 }
+
+/// Looks up names through the job's stub every 5 ms for `secs` seconds, over UDP
+/// (getaddrinfo, A and AAAA) and every 10th time over TCP; prints `lookups failed`.
+const PY_DNS_LOOP: &str = r#"
+import socket, struct, sys, time
+secs = float(sys.argv[1])
+names = ["api.example.com", "www.example.org"]
+q = b"\x77\x01\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03api\x07example\x03com\x00\x00\x01\x00\x01"
+n = failed = 0
+end = time.monotonic() + secs
+while time.monotonic() < end:
+    n += 1
+    try:
+        if n % 10 == 0:
+            s = socket.create_connection(("10.255.1.1", 53), timeout=3)
+            s.sendall(struct.pack("!H", len(q)) + q)
+            if len(s.recv(2)) != 2:
+                raise OSError("no answer")
+            s.close()
+        else:
+            socket.getaddrinfo(names[n % 2], 80, 0, socket.SOCK_STREAM)
+    except OSError:
+        failed += 1
+    time.sleep(0.005)
+print(n, failed)
+"#;
+
+#[test]
+fn dns_keeps_answering_while_the_agent_is_replaced() {
+    let _s = serial();
+    let tb = testbed_with_proxies();
+    let _logs = LogsOnFailure(&tb);
+    let job = Job::start(
+        &tb,
+        1,
+        &policy(
+            "acme",
+            "[[egress]]\nhost = \"api.example.com:80\"\n[[egress]]\nhost = \"www.example.org:80\"\n",
+        ),
+    );
+    let mut lookups = job
+        .command("python3", &["-u", "-c", PY_DNS_LOOP, "8"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pids = Vec::new();
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_secs(2));
+        pids.push(tb.restart_agent(1).unwrap());
+    }
+    let out = {
+        use std::io::Read;
+        let mut s = String::new();
+        lookups
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        let _ = lookups.wait();
+        s
+    };
+    let f: Vec<u64> = out.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    assert!(f[0] > 200, "too few lookups: {out}");
+    assert_eq!(
+        f[1], 0,
+        "lookups failed across two agent replacements: {out}"
+    );
+    assert_ne!(pids[0], pids[1], "the agent was not replaced");
+    // The replaced agent still knows the job.
+    let jobs = tb.agent(1).list_jobs().unwrap().to_string();
+    assert!(jobs.contains(&job.info().job_key), "{jobs}");
+}

@@ -509,6 +509,8 @@ struct JobRow {
     sandbox_ip: String,
     netns: String,
     expires_at: Option<u64>,
+    /// `running` or `expired` (the agent's view; absent from older agents).
+    state: Option<String>,
     tier1_drops: Option<u64>,
 }
 
@@ -523,6 +525,7 @@ fn job_row(node: &str, v: &Value) -> Option<JobRow> {
         sandbox_ip: field(o, &["sandbox_ip"]).unwrap_or_default(),
         netns: field(o, &["netns"]).unwrap_or_default(),
         expires_at: o.get("expires_at").and_then(Value::as_u64),
+        state: field(o, &["state"]),
         tier1_drops: None,
     })
 }
@@ -650,7 +653,7 @@ impl JsonRow for JobRow {
         json!({
             "node": self.node, "job": self.job, "tenant": self.tenant, "job_key": self.job_key,
             "serial": self.serial, "sandbox_ip": self.sandbox_ip, "netns": self.netns,
-            "expires_at": self.expires_at, "tier1_drops": self.tier1_drops,
+            "expires_at": self.expires_at, "state": self.state, "tier1_drops": self.tier1_drops,
         })
     }
 }
@@ -732,8 +735,15 @@ pub fn jobs(a: &ObserveArgs) -> ExitCode {
                     r.serial.map_or("-".into(), |s| s.to_string()),
                     r.sandbox_ip.clone(),
                     r.netns.clone(),
-                    r.expires_at
-                        .map_or("-".into(), |t| human_secs(t as f64 - now)),
+                    dash(&r.state),
+                    r.expires_at.map_or("-".into(), |t| {
+                        let left = t as f64 - now;
+                        if left > 0.0 {
+                            human_secs(left)
+                        } else {
+                            format!("{} ago", human_secs(-left))
+                        }
+                    }),
                     r.tier1_drops.map_or("-".into(), |d| d.to_string()),
                 ]
             })
@@ -749,6 +759,7 @@ pub fn jobs(a: &ObserveArgs) -> ExitCode {
                     "SERIAL",
                     "SANDBOX",
                     "NETNS",
+                    "STATE",
                     "EXPIRES IN",
                     "DROPS"
                 ],
@@ -981,6 +992,7 @@ mod tests {
                 sandbox_ip: "10.255.1.2".into(),
                 netns: "ns".into(),
                 expires_at: None,
+                state: Some("running".into()),
                 tier1_drops: None,
             },
         );
