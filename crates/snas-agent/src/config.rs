@@ -146,6 +146,11 @@ pub struct AgentConfig {
     /// Per-job DNS packet burst in tier 1.
     #[serde(default = "default_dns_packet_burst")]
     pub dns_packet_burst: u32,
+    /// Put the `fq` qdisc on the underlay interface at start (mq + one fq per transmit queue)
+    /// where the kernel has it, so that tier 1's EDT stamps pace jobs on the node. `false`
+    /// leaves the interface's qdisc to the operator.
+    #[serde(default = "default_true")]
+    pub install_fq: bool,
     /// Infrastructure prefixes (IPv4 or IPv6) that tier 1 refuses for every job whatever its
     /// policy says (`infrastructure_denied`), in addition to the defaults of
     /// [`AgentConfig::infrastructure_set`]: management networks, the underlay, egress pools of
@@ -217,6 +222,9 @@ fn default_dns_inflight() -> u32 {
 }
 fn default_dns_tcp_per_job() -> u32 {
     8
+}
+fn default_true() -> bool {
+    true
 }
 fn default_dns_packets_per_sec() -> u32 {
     500

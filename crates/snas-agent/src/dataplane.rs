@@ -78,6 +78,7 @@ impl Tier1Dataplane {
             .map(ProxyEntry::active)
             .collect();
         tier1.set_proxies(&proxies).map_err(err("set proxies"))?;
+        uplink_pacing(config);
         Tier1Dataplane::from_tier1(tier1).with_config(config)
     }
 
@@ -108,6 +109,24 @@ impl Tier1Dataplane {
 
     fn tier1(&self) -> std::sync::MutexGuard<'_, Tier1> {
         self.tier1.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Puts `fq` on the uplink (where the kernel has it and the configuration asks for it) so that
+/// tier 1's EDT stamps pace the job's traffic. Without fq the stamps are carried and ignored:
+/// the horizon still bounds each job and the proxies pace, so the agent goes on either way.
+fn uplink_pacing(config: &AgentConfig) {
+    if !config.install_fq {
+        tracing::info!(uplink = %config.underlay_interface, "install_fq = false: the uplink's qdisc is left as it is");
+        return;
+    }
+    match snas_bpf::fq_available() {
+        Ok(true) => match snas_bpf::install_fq(&config.underlay_interface) {
+            Ok(()) => tracing::info!(uplink = %config.underlay_interface, "fq installed on the uplink: EDT pacing active"),
+            Err(e) => tracing::warn!(uplink = %config.underlay_interface, error = %e, "fq could not be installed on the uplink: EDT stamps are not paced here"),
+        },
+        Ok(false) => tracing::info!("this kernel has no fq qdisc: EDT stamps are carried but not paced on the node (the proxies pace)"),
+        Err(e) => tracing::warn!(error = %e, "fq probe failed: EDT stamps are not paced on the node"),
     }
 }
 

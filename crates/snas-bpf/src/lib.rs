@@ -39,7 +39,7 @@ pub use audit::{AuditEvent, AuditKind};
 pub use config::{Bps, JobConfig, NodeConfig, PacketBudget, PortRule, Proto, ProxyEntry};
 pub use counters::{DirCounters, JobCounters, PacketCount};
 pub use flows::{FlowState, FlowTimeouts};
-pub use fq::fq_available;
+pub use fq::{fq_available, install_fq};
 pub use tier1::{
     ensure_bpffs, mono_now, remove_pins, AgeingReport, AuditReader, DebugRecord, Tier1, Tier1Error,
 };
