@@ -63,7 +63,9 @@ fn deb822_sources_get_a_deb822_backports_entry_on_the_same_mirror_once() {
     let d = apt_dir(&[("sources.list.d/debian.sources", DEB822)]);
     let (ok, file, err) = ensure(d.path());
     assert!(ok, "{err}");
-    let ours = d.path().join("sources.list.d/snas-bookworm-backports.sources");
+    let ours = d
+        .path()
+        .join("sources.list.d/snas-bookworm-backports.sources");
     assert_eq!(file, ours.display().to_string());
     let text = std::fs::read_to_string(&ours).unwrap();
     for line in [
@@ -116,7 +118,10 @@ fn a_backports_suite_configured_by_someone_else_is_left_as_it_is() {
     )]);
     let (ok, file, err) = ensure(one_line.path());
     assert!(ok, "{err}");
-    assert_eq!(file, one_line.path().join("sources.list").display().to_string());
+    assert_eq!(
+        file,
+        one_line.path().join("sources.list").display().to_string()
+    );
     assert!(listing(one_line.path()).is_empty());
 
     // deb822 with a key block embedded in Signed-By (continuation lines).
@@ -157,7 +162,10 @@ fn a_disabled_or_commented_backports_entry_does_not_count() {
 
 #[test]
 fn without_a_bookworm_source_the_script_fails_and_says_what_to_add() {
-    let d = apt_dir(&[("sources.list", "deb http://ftp.fr.debian.org/debian trixie main\n")]);
+    let d = apt_dir(&[(
+        "sources.list",
+        "deb http://ftp.fr.debian.org/debian trixie main\n",
+    )]);
     let (ok, _, err) = ensure(d.path());
     assert!(!ok);
     assert!(err.contains("no apt source for Debian 'bookworm'"), "{err}");
