@@ -1,9 +1,10 @@
 //! One sandbox run from start to cleanup.
 //!
-//! Owns the lifecycle: per-run directory (`<state_dir>/<id>/{bundle,root}`), cgroup with
-//! limits, the namespace's address and route, `runsc --root <run>/root --platform P
-//! --network sandbox run --bundle <run>/bundle <id>` as a child (in the root-namespace
-//! workaround when the kernel needs it), waiting with a deadline, `runsc kill` + SIGKILL on
+//! Owns the lifecycle: per-run directory (`<state_dir>/<id>/`: `config.json`, the generated
+//! `/etc` files and runsc's `root/`; the root filesystem skeleton is shared, see
+//! [`crate::bundle`]), cgroup with limits, the namespace's address and route, `runsc --root
+//! <run>/root --platform P --network sandbox --gvisor-gro run --bundle <run> <id>` as a child
+//! (in the root-namespace workaround when the kernel needs it), waiting with a deadline, `runsc kill` + SIGKILL on
 //! timeout, and cleanup: leftover runsc processes killed and reaped, `runsc delete --force`
 //! when state remains, cgroup directories removed, the per-run directory removed.
 //!
@@ -46,7 +47,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::bundle::{self, BundleError, BundleSpec};
+use crate::bundle::{self, BundleError, BundleSpec, Rootfs};
 use crate::cgroup::{Cgroup, CgroupError, CgroupEvents, CGROUP_ROOT};
 use crate::limits::{Bytes, Limits};
 use crate::netcfg::{NetConfig, NetError};
@@ -519,15 +520,15 @@ pub fn run(
     // Best effort: without it orphans go to init, which only slows `runsc delete` down.
     let _ = process::become_subreaper();
     let id = new_run_id();
+    // The bundle is the run directory itself (config.json and the generated /etc files); the
+    // root filesystem skeleton is shared by all runs (see `bundle`), runsc's state is `root/`.
     let run_dir = opts.state_dir.join(&id);
-    let bundle_dir = run_dir.join("bundle");
+    let bundle_dir = run_dir.clone();
     let root_dir = run_dir.join("root");
-    for d in [&bundle_dir, &root_dir] {
-        std::fs::create_dir_all(d).map_err(|source| LaunchError::RunDir {
-            path: d.clone(),
-            source,
-        })?;
-    }
+    std::fs::create_dir_all(&root_dir).map_err(|source| LaunchError::RunDir {
+        path: root_dir.clone(),
+        source,
+    })?;
     let mut guard = RunGuard {
         id: id.clone(),
         runsc: opts.runsc.clone(),
@@ -541,7 +542,12 @@ pub fn run(
     let mut spec = opts.bundle.clone();
     spec.cgroups_path = cg.oci_path();
     guard.cgroup = Some(cg);
-    bundle::write_bundle(&spec, &bundle_dir)?;
+    if spec.rootfs == Rootfs::HostUsr {
+        let skeleton = bundle::ensure_host_usr_skeleton(&opts.state_dir)?;
+        bundle::write_bundle_shared(&spec, &bundle_dir, &skeleton)?;
+    } else {
+        bundle::write_bundle(&spec, &bundle_dir)?;
+    }
     let readded_address = match &opts.net {
         Some(n) => n.ensure()?,
         None => false,

@@ -203,7 +203,15 @@ fn timeout_kills_the_workload_exits_124_and_leaves_nothing() {
     assert_eq!(c.report.termination.to_string(), "timed out after 2s");
     assert!(c.report.leftovers.is_empty(), "{:?}", c.report.leftovers);
     assert_nothing_left(&lab.state_dir, &c.report.id);
-    assert!(std::fs::read_dir(&lab.state_dir).unwrap().next().is_none());
+    // Nothing of the run is left; only the skeleton all runs share stays.
+    let left: Vec<String> = std::fs::read_dir(&lab.state_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        left,
+        vec![snas_sandbox::bundle::HOST_USR_SKELETON.to_owned()]
+    );
 }
 
 #[test]

@@ -335,9 +335,15 @@ fn snas_run_passes_status_and_reports_limits() {
         );
     }
 
-    // Nothing of the runs is left: no sandbox state, no cgroups.
+    // Nothing of the runs is left: no sandbox state (only the root skeleton all runs share),
+    // no cgroups.
     let left: Vec<_> = std::fs::read_dir(&runs)
-        .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|e| e.file_name() != snas_sandbox::bundle::HOST_USR_SKELETON)
+                .map(|e| e.path())
+                .collect()
+        })
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
     // Run ids start with the launcher's pid in hex: the terminated runs left no cgroup.
