@@ -223,7 +223,7 @@ else
   release=$(runsc_release)
   if [ -z "$release" ] || [ "$release" -lt "$RUNSC_MIN" ]; then
     candidate=$(apt-cache policy runsc 2>/dev/null | sed -n 's/^ *Candidate: *//p' | head -n 1)
-    die "no runsc >= $RUNSC_MIN could be installed: the runsc on PATH ($(command -v runsc || echo none)) is ${release:-missing}, apt's best candidate is ${candidate:-none}. SNAS's sandboxes use gVisor's systrap platform, which needs runsc >= $RUNSC_MIN: on Debian 12 it comes from '$BACKPORTS' (${codename:+this machine is $codename; }see \`apt-cache policy runsc\`), or put gVisor's own release on PATH ahead of it. An old runsc still works with \`snas run --platform ptrace\`, at about 30x the cost per system call"
+    die "no runsc >= $RUNSC_MIN could be installed: the runsc on PATH ($(command -v runsc || echo none)) is ${release:-missing}, apt's best candidate is ${candidate:-none}. SNAS's sandboxes use gVisor's systrap platform, which needs runsc >= $RUNSC_MIN: on Debian 12 it comes from '$BACKPORTS' (${codename:+this machine is $codename; }see \`apt-cache policy runsc\`), or put gVisor's own release on PATH ahead of it. An old runsc still works with \`snas run --platform ptrace\`, at 6-30x the cost per system call"
   fi
   log "runsc $release installed ($(command -v runsc))"
 fi

@@ -1,7 +1,7 @@
 //! gVisor platform choice and what the installed runsc can do.
 //!
 //! - **systrap** (the default) intercepts system calls with seccomp traps and a stub in each
-//!   guest process: 10–30× cheaper system calls than ptrace, no virtualisation needed. It
+//!   guest process: 6–30× cheaper system calls than ptrace, no virtualisation needed. It
 //!   needs runsc ≥ [`SYSTRAP_MIN_RELEASE`] (Debian 12's own suite has 20221219, which answers
 //!   `unknown platform: systrap`; `scripts/setup.sh` installs 20240729 from bookworm-backports).
 //! - **ptrace** works with every runsc, everywhere: the explicit fallback.
@@ -133,7 +133,7 @@ pub enum RunscError {
     #[error(
         "{runsc} is runsc {release}, which has no {platform} platform (it needs runsc >= {min}): \
          run scripts/setup.sh, which installs runsc {min} from Debian's bookworm-backports, or use \
-         the ptrace platform (`snas run --platform ptrace`), about 30x slower per system call"
+         the ptrace platform (`snas run --platform ptrace`), 6-30x slower per system call"
     )]
     TooOld {
         runsc: PathBuf,

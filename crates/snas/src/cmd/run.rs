@@ -66,7 +66,7 @@ pub struct RunArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
     /// gVisor platform: systrap (needs runsc >= 20240729, see scripts/setup.sh), ptrace (any
-    /// runsc, ~30x slower system calls), or kvm (used only if a probe sandbox works; else
+    /// runsc, 6-30x slower system calls), or kvm (used only if a probe sandbox works; else
     /// systrap).
     #[arg(long, default_value = "systrap")]
     platform: Platform,
