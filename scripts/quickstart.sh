@@ -3,9 +3,9 @@
 # everything (scripts/setup.sh), brings up the local testbed (two nodes with their agents and
 # tier-1 eBPF, two egress proxies, and a test "internet" with DNS, HTTP and echo servers, all in
 # network namespaces), signs a per-job policy, and runs the main job: a Python workload in a
-# gVisor sandbox that tries both what its policy allows and what it forbids. `snas run` then
-# prints what both tiers decided. The testbed stays up for you to explore; remove it with
-# `target/release/snas testbed down`.
+# gVisor sandbox (systrap platform) that tries both what its policy allows and what it forbids.
+# `snas run` then prints what both tiers decided. The testbed stays up for you to explore; remove
+# it with `target/release/snas testbed down`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -31,8 +31,9 @@ $snas policy sign --key "$key" examples/demo-policy.toml > "$work/job.jwt"
 $snas policy explain --trust /run/snas-testbed/snastb/trust "$work/job.jwt" \
   api.example.com:80 api.example.com:7/udp blocked.example.com:80 169.254.169.254:80 || true
 
-step "run the workload in a gVisor sandbox under that policy" \
+step "run the workload in a gVisor sandbox (systrap platform) under that policy" \
   "snas run --policy @job.jwt --app examples -- python3 /app/sandbox_demo.py"
+# systrap is `snas run`'s default platform; it needs runsc >= 20240729, which setup.sh installed.
 $snas run --policy "@$work/job.jwt" --app examples -- python3 /app/sandbox_demo.py
 
 printf '\nSNAS quickstart finished: every check above passed. The testbed is still up:\n'

@@ -1,11 +1,13 @@
 //! SNAS benchmarks: SNAS against the paths an operator would otherwise pick (the direct path,
-//! nftables + kernel NAT, squid), side by side on the local testbed, plus scale figures.
+//! nftables + kernel NAT, squid), and SNAS in gVisor against gVisor alone, side by side on the
+//! local testbed, plus scale figures.
 //!
 //! # Layout
 //! - [`results`]: the data every scenario produces (tables, charts, goals, raw samples).
 //! - [`stats`]: percentiles, medians, Jain's index.
 //! - [`client`]: the workload programs (TCP_RR, TCP_CRR, bulk, UDP flood), run on every path.
 //! - [`paths`]: the baseline namespaces, nftables, squid, and starting clients on each path.
+//! - [`sandbox`]: gvisor-direct's sandbox (the client in gVisor on a plain veth, no SNAS).
 //! - [`scenarios`]: the network scenarios, alternating between paths.
 //! - [`tier1_edt`]: tier 1's departure stamps at 10M/100M/1G (BPF_PROG_TEST_RUN).
 //! - [`scale`]: job set-up at 1/100/1000 jobs, proxy memory, the 10k-rule policy.
@@ -20,6 +22,7 @@ pub mod paths;
 pub mod publish;
 pub mod report;
 pub mod results;
+pub mod sandbox;
 pub mod scale;
 pub mod scenarios;
 pub mod stats;

@@ -38,6 +38,26 @@ enum Command {
         #[arg(long, default_value = "benchmarks")]
         image_ref: String,
     },
+    /// Internal: gvisor-direct's sandbox (the launcher `snas run` uses, without SNAS) running
+    /// COMMAND in the namespace NETNS.
+    #[command(hide = true)]
+    Sandbox {
+        #[arg(long)]
+        netns: PathBuf,
+        /// The sandbox's address with its prefix length, e.g. 10.254.4.2/30.
+        #[arg(long)]
+        addr: String,
+        #[arg(long)]
+        gateway: std::net::Ipv4Addr,
+        #[arg(long)]
+        nameserver: std::net::Ipv4Addr,
+        #[arg(long)]
+        app: PathBuf,
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Internal: the workload program each path runs (prints one result line).
     #[command(hide = true)]
     Client {
@@ -71,7 +91,8 @@ struct RunArgs {
     /// fairness, noisy_neighbour, job_setup, proxy_memory, policy_10k. Default: all.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
-    /// Comma-separated paths: direct, nftables, squid, snas, gvisor. Default: all.
+    /// Comma-separated paths: direct, nftables, squid, snas, gvisor-direct, gvisor. Default:
+    /// all.
     #[arg(long, value_delimiter = ',')]
     paths: Vec<String>,
     /// The snas binary that runs agents, proxies and `snas run`.
@@ -202,8 +223,55 @@ fn run_main(a: RunArgs) -> ExitCode {
     }
 }
 
+fn sandbox_main(
+    netns: PathBuf,
+    addr: &str,
+    gateway: std::net::Ipv4Addr,
+    nameserver: std::net::Ipv4Addr,
+    app: PathBuf,
+    state_dir: PathBuf,
+    command: Vec<String>,
+) -> ExitCode {
+    let parsed = addr.split_once('/').and_then(|(a, p)| {
+        Some((
+            a.parse::<std::net::Ipv4Addr>().ok()?,
+            p.parse::<u8>().ok().filter(|p| *p <= 32)?,
+        ))
+    });
+    let Some((addr, prefix_len)) = parsed else {
+        eprintln!("snas-bench sandbox: --addr {addr:?}: expected ADDRESS/PREFIX");
+        return ExitCode::from(2);
+    };
+    let spec = snas_bench::sandbox::SandboxSpec {
+        netns,
+        addr,
+        prefix_len,
+        gateway,
+        nameserver,
+        app,
+        state_dir,
+        command,
+    };
+    match snas_bench::sandbox::run(&spec) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("snas-bench sandbox: {e}");
+            ExitCode::from(125)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Sandbox {
+            netns,
+            addr,
+            gateway,
+            nameserver,
+            app,
+            state_dir,
+            command,
+        } => sandbox_main(netns, &addr, gateway, nameserver, app, state_dir, command),
         Command::Run(a) => run_main(a),
         Command::Client { workload, target } => client_main(&workload, &target),
         Command::Publish {

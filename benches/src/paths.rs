@@ -1,6 +1,6 @@
 //! The paths compared, built side by side on one testbed, and how a client runs on each.
 //!
-//! Owns the baseline part of the topology that the SNAS testbed does not have: three gateway
+//! Owns the baseline part of the topology that the SNAS testbed does not have: four gateway
 //! namespaces hanging off the testbed's internet namespace, each with one client namespace
 //! behind it, so that the baselines cross the same number of veth hops and reach the same
 //! servers as a SNAS job:
@@ -9,7 +9,13 @@
 //!  <P>-cd 10.254.1.2 ── <P>-gd (router, no filter)          ── 198.51.100.8/30  ── <P>-inet
 //!  <P>-ck 10.254.2.2 ── <P>-gk (nftables allowlist + masq)   ── 198.51.100.12/30 ── <P>-inet
 //!  <P>-cs 10.254.3.2 ── <P>-gs (squid :3128, no forwarding)  ── 198.51.100.16/30 ── <P>-inet
+//!  <P>-cv 10.254.4.2 ── <P>-gv (router, no filter)          ── 198.51.100.20/30 ── <P>-inet
 //! ```
+//!
+//! `<P>-cv` is gvisor-direct: the same client in a gVisor sandbox started by the same launcher
+//! as `snas run` (`snas_sandbox::launch`, same platform, runsc flags and limits, through this
+//! program's hidden `sandbox` subcommand), on a plain veth to a router: gVisor's own cost,
+//! so that SNAS's cost inside gVisor is the difference to the SNAS (gVisor) path.
 //!
 //! Each path has its own gateway so that one path's kernel state (conntrack, which nftables'
 //! NAT turns on for its whole namespace) cannot tax another's. Baseline clients resolve names
@@ -33,6 +39,7 @@ use snas_testbed::netns::{self, ip, NetnsError};
 use snas_testbed::{JobGuard, Testbed};
 
 use crate::client::{self, ClientResult, Target, Workload};
+use crate::sandbox::{GVISOR_CPUS, GVISOR_TIMEOUT};
 
 /// Errors building the paths or running a client on one.
 #[derive(Debug, thiserror::Error)]
@@ -90,17 +97,21 @@ pub enum PathKind {
     Squid,
     /// SNAS (tier 1 + GENEVE + proxy) with the client natively in the job's namespace.
     SnasNs,
+    /// The client in a gVisor sandbox (the launcher `snas run` uses) on a plain routed veth,
+    /// no SNAS: gVisor's own cost.
+    GvisorDirect,
     /// SNAS with the client inside a gVisor sandbox (`snas run`).
     SnasGvisor,
 }
 
 impl PathKind {
     /// Every path, in the order tables show them.
-    pub const ALL: [PathKind; 5] = [
+    pub const ALL: [PathKind; 6] = [
         PathKind::Direct,
         PathKind::Nftables,
         PathKind::Squid,
         PathKind::SnasNs,
+        PathKind::GvisorDirect,
         PathKind::SnasGvisor,
     ];
 
@@ -111,6 +122,7 @@ impl PathKind {
             PathKind::Nftables => "nftables+NAT",
             PathKind::Squid => "squid",
             PathKind::SnasNs => "SNAS (netns)",
+            PathKind::GvisorDirect => "gVisor direct",
             PathKind::SnasGvisor => "SNAS (gVisor)",
         }
     }
@@ -122,6 +134,7 @@ impl PathKind {
             PathKind::Nftables => "nftables",
             PathKind::Squid => "squid",
             PathKind::SnasNs => "snas",
+            PathKind::GvisorDirect => "gvisor-direct",
             PathKind::SnasGvisor => "gvisor",
         }
     }
@@ -134,6 +147,11 @@ impl PathKind {
     /// Whether the path is one of SNAS's (needs a signed policy).
     pub fn is_snas(self) -> bool {
         matches!(self, PathKind::SnasNs | PathKind::SnasGvisor)
+    }
+
+    /// Whether the client runs in a gVisor sandbox.
+    pub fn is_gvisor(self) -> bool {
+        matches!(self, PathKind::GvisorDirect | PathKind::SnasGvisor)
     }
 }
 
@@ -156,7 +174,7 @@ struct BaselineNet {
     index: u8,
 }
 
-const BASELINES: [BaselineNet; 3] = [
+const BASELINES: [BaselineNet; 4] = [
     BaselineNet {
         path: PathKind::Direct,
         tag: 'd',
@@ -171,6 +189,11 @@ const BASELINES: [BaselineNet; 3] = [
         path: PathKind::Squid,
         tag: 's',
         index: 3,
+    },
+    BaselineNet {
+        path: PathKind::GvisorDirect,
+        tag: 'v',
+        index: 4,
     },
 ];
 
@@ -227,7 +250,7 @@ fn sysctl(ns: &str, key: &str, value: &str) -> Result<(), PathError> {
 }
 
 impl Baselines {
-    /// Builds the three baseline paths next to the testbed `tb`, writing configuration and logs
+    /// Builds the four baseline paths next to the testbed `tb`, writing configuration and logs
     /// under `dir`.
     pub fn build(tb: &Testbed, dir: &Path) -> Result<Baselines, PathError> {
         std::fs::create_dir_all(dir).map_err(file_err(dir))?;
@@ -309,6 +332,12 @@ impl Baselines {
             ip(&["-n", &gw, "link", "set", "c0", "up"])?;
             match net.path {
                 PathKind::Squid => {}
+                // runsc copies the namespace's routes into its netstack; the launcher checks
+                // for (and puts back) a default route, as a job namespace has one.
+                PathKind::GvisorDirect => {
+                    ip(&["-n", &cl, "route", "add", "default", "via", &client_gw])?;
+                    sysctl(&gw, "net.ipv4.ip_forward", "1")?;
+                }
                 _ => {
                     ip(&[
                         "-n",
@@ -322,7 +351,7 @@ impl Baselines {
                     sysctl(&gw, "net.ipv4.ip_forward", "1")?;
                 }
             }
-            if net.path == PathKind::Direct {
+            if matches!(net.path, PathKind::Direct | PathKind::GvisorDirect) {
                 // Routed straight: the internet answers the client's own address.
                 ip(&["-n", &inet, "route", "add", &client_net, "via", &gw_addr])?;
             }
@@ -640,6 +669,30 @@ impl Paths {
             || job.ok_or_else(|| PathError::Job(format!("{} needs a signed policy", path.label())));
         let mut guard = None;
         let mut cmd = match path {
+            PathKind::GvisorDirect => {
+                let net = self
+                    .baselines
+                    .net(path)
+                    .ok_or_else(|| PathError::Job(format!("no namespace for {}", path.label())))?;
+                let (_, gw, addr) = net.client_net();
+                let mut c = Command::new(&self.self_exe);
+                c.arg("sandbox")
+                    .arg("--netns")
+                    .arg(netns::netns_path(&net.client_ns(&self.baselines.prefix)))
+                    .arg("--addr")
+                    .arg(format!("{addr}/30"))
+                    .arg("--gateway")
+                    .arg(gw)
+                    .arg("--nameserver")
+                    .arg(DNS_SERVER)
+                    .arg("--app")
+                    .arg(&self.app_dir)
+                    .arg("--state-dir")
+                    .arg(self.scratch.join("gvisor-direct"))
+                    .args(["--", "/app/snas-bench"])
+                    .args(&args);
+                c
+            }
             PathKind::SnasGvisor => {
                 let token_file = self
                     .scratch
@@ -653,13 +706,14 @@ impl Paths {
                     "--node",
                     "1",
                     "--cpus",
-                    "2",
+                    GVISOR_CPUS,
                 ])
                 .arg("--policy")
                 .arg(format!("@{}", token_file.display()))
                 .arg("--app")
                 .arg(&self.app_dir)
-                .args(["--no-summary", "--timeout", "300s", "--", "/app/snas-bench"])
+                .args(["--no-summary", "--timeout", GVISOR_TIMEOUT])
+                .args(["--", "/app/snas-bench"])
                 .args(&args);
                 c
             }

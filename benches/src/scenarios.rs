@@ -1,6 +1,12 @@
 //! The network scenarios of issue 7, each run on every path side by side: repetitions
-//! alternate between paths (rep 1: direct, nftables, squid, SNAS, gVisor; rep 2: the same…) so
-//! that load from elsewhere falls on all paths alike. Each returns a [`ScenarioResult`].
+//! alternate between paths (rep 1: direct, nftables, squid, SNAS, gVisor direct, SNAS in
+//! gVisor; rep 2: the same…) so that load from elsewhere falls on all paths alike. Each
+//! returns a [`ScenarioResult`].
+//!
+//! The scenarios that run a client in gVisor (TCP_RR, TCP_CRR, bulk) also compare SNAS
+//! (gVisor) with gVisor direct — the same sandbox on a plain veth — in a `vs gVisor direct`
+//! column and a goal (within 10%), so that SNAS's cost inside gVisor is seen apart from
+//! gVisor's own.
 //!
 //! Owns the choice of workload per scenario, the policies of the SNAS jobs, the aggregation of
 //! repetitions (median of the per-repetition figures, with min–max as the noise) and the goal
@@ -135,6 +141,19 @@ fn ratio_text(r: Option<f64>) -> String {
     r.map(|r| format!("{r:.2}×")).unwrap_or_else(|| "—".into())
 }
 
+/// SNAS (gVisor) may cost at most this much more than gVisor direct (latency) or reach at
+/// least 1 / this of it (rates): within 10%.
+const GVISOR_SLACK: f64 = 1.10;
+
+/// The `vs gVisor direct` cell of `path` whose figure is `m`, against gVisor direct's `gd`:
+/// only the gVisor paths have one.
+fn vs_gvisor_direct(path: PathKind, m: Option<f64>, gd: Option<f64>) -> String {
+    if !path.is_gvisor() {
+        return "—".into();
+    }
+    ratio_text(m.zip(gd).and_then(|(a, b)| crate::stats::ratio(a, b)))
+}
+
 impl<'a> Scenarios<'a> {
     /// Scenarios over `paths` with `plan`.
     pub fn new(paths: &'a Paths, plan: Plan) -> Scenarios<'a> {
@@ -220,6 +239,7 @@ impl<'a> Scenarios<'a> {
         };
         let d50 = median(&p50(PathKind::Direct));
         let d99 = median(&p99(PathKind::Direct));
+        let g50 = median(&p50(PathKind::GvisorDirect));
         let mut table = Table {
             columns: vec![
                 "path".into(),
@@ -228,6 +248,7 @@ impl<'a> Scenarios<'a> {
                 "added p50 µs".into(),
                 "added p99 µs".into(),
                 "transactions/s".into(),
+                "p50 vs gVisor direct".into(),
             ],
             rows: Vec::new(),
         };
@@ -244,6 +265,7 @@ impl<'a> Scenarios<'a> {
                 added(m50, d50),
                 added(m99, d99),
                 fmt_spread(&tps(p), 0),
+                vs_gvisor_direct(p, m50, g50),
             ]);
         }
         let categories: Vec<String> = self.plan.paths.iter().map(|p| p.label().into()).collect();
@@ -279,6 +301,8 @@ impl<'a> Scenarios<'a> {
         let q50 = median(&p50(PathKind::Squid));
         let q99 = median(&p99(PathKind::Squid));
         let diff = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
+        let sg50 = median(&p50(PathKind::SnasGvisor));
+        let vs_gd = sg50.zip(g50).and_then(|(a, b)| crate::stats::ratio(a, b));
         let goals = vec![
             GoalCheck {
                 goal: "SNAS added p50 ≤ 30 µs".into(),
@@ -302,6 +326,14 @@ impl<'a> Scenarios<'a> {
                     (Some(a), Some(b), Some(c), Some(d)) => Some(a < b && c < d),
                     _ => None,
                 },
+            },
+            GoalCheck {
+                goal: "SNAS (gVisor) p50 ≤ 1.10 × gVisor direct".into(),
+                measured: match (sg50, g50, vs_gd) {
+                    (Some(a), Some(b), Some(r)) => format!("{r:.2}× ({a:.1} vs {b:.1} µs)"),
+                    _ => "—".into(),
+                },
+                met: vs_gd.map(|r| r <= GVISOR_SLACK),
             },
         ];
         ScenarioResult {
@@ -335,6 +367,7 @@ impl<'a> Scenarios<'a> {
         let p99 = |c: &ClientResult| c.latency_us.map(|l| l.p99);
         let errs = |c: &ClientResult| Some(c.errors as f64);
         let direct = median(&get(PathKind::Direct, &rate));
+        let gdirect = median(&get(PathKind::GvisorDirect, &rate));
         let mut table = Table {
             columns: vec![
                 "path".into(),
@@ -343,6 +376,7 @@ impl<'a> Scenarios<'a> {
                 "p50 µs".into(),
                 "p99 µs".into(),
                 "failed".into(),
+                "vs gVisor direct".into(),
             ],
             rows: Vec::new(),
         };
@@ -355,8 +389,12 @@ impl<'a> Scenarios<'a> {
                 fmt_spread(&get(p, &p50), 0),
                 fmt_spread(&get(p, &p99), 0),
                 format!("{}", get(p, &errs).iter().sum::<f64>()),
+                vs_gvisor_direct(p, r, gdirect),
             ]);
         }
+        let gvisor_vs_gd = median(&get(PathKind::SnasGvisor, &rate))
+            .zip(gdirect)
+            .and_then(|(a, b)| crate::stats::ratio(a, b));
         let snas = median(&get(PathKind::SnasNs, &rate));
         let squid = median(&get(PathKind::Squid, &rate));
         let vs_direct = snas
@@ -399,6 +437,11 @@ impl<'a> Scenarios<'a> {
                     goal: "SNAS rate ≥ 2× squid".into(),
                     measured: ratio_text(vs_squid),
                     met: vs_squid.map(|r| r >= 2.0),
+                },
+                GoalCheck {
+                    goal: "SNAS (gVisor) rate ≥ 0.90 × gVisor direct".into(),
+                    measured: ratio_text(gvisor_vs_gd),
+                    met: gvisor_vs_gd.map(|r| r * GVISOR_SLACK >= 1.0),
                 },
             ],
             notes: errors_of(&samples),
@@ -449,7 +492,7 @@ impl<'a> Scenarios<'a> {
                         // run's wall time includes sandbox start, so only the netns path and
                         // squid are counted.
                         let span = self.plan.duration_s + self.plan.warmup_s;
-                        if p != PathKind::SnasGvisor && res.rate_bps > 0.0 && wall > 0.0 {
+                        if !p.is_gvisor() && res.rate_bps > 0.0 && wall > 0.0 {
                             let cores = (c1 - c0) / span.min(wall);
                             cpu_per_gbit
                                 .entry((name(v), p))
@@ -492,6 +535,7 @@ impl<'a> Scenarios<'a> {
                 "vs direct".into(),
                 "vs squid".into(),
                 "proxy CPU s per Gbit".into(),
+                "vs gVisor direct".into(),
             ],
             rows: Vec::new(),
         };
@@ -500,6 +544,7 @@ impl<'a> Scenarios<'a> {
             let vn = name(v);
             let direct = median(&get(&vn, PathKind::Direct));
             let squid = median(&get(&vn, PathKind::Squid));
+            let gdirect = median(&get(&vn, PathKind::GvisorDirect));
             for &p in &self.plan.paths {
                 let m = median(&get(&vn, p));
                 table.rows.push(vec![
@@ -511,8 +556,17 @@ impl<'a> Scenarios<'a> {
                     cpu_per_gbit
                         .get(&(vn.clone(), p))
                         .map_or("—".into(), |x| fmt_spread(x, 2)),
+                    vs_gvisor_direct(p, m, gdirect),
                 ]);
             }
+            let gv = median(&get(&vn, PathKind::SnasGvisor))
+                .zip(gdirect)
+                .and_then(|(a, b)| crate::stats::ratio(a, b));
+            goals.push(GoalCheck {
+                goal: format!("{vn}: SNAS (gVisor) ≥ 0.90 × gVisor direct"),
+                measured: ratio_text(gv),
+                met: gv.map(|r| r * GVISOR_SLACK >= 1.0),
+            });
             if v.1 == 1 {
                 let snas = median(&get(&vn, PathKind::SnasNs));
                 let vd = snas
@@ -550,7 +604,7 @@ impl<'a> Scenarios<'a> {
         };
         let mut notes = vec![format!(
             "SNAS jobs have MTU {SNAS_MTU} (GENEVE takes 56 bytes of the 1500-byte underlay); the baselines have 1500. Proxy CPU per Gbit: CPU seconds of both SNAS proxies (or squid) during the run divided by the Gbit/s achieved — a proxy that needs 0.5 s per Gbit uses half a core per Gbit/s."
-        )];
+        ), "gVisor direct receives the server's TCP super-packets (up to 64 KiB, veth TSO/GRO) as single frames; through SNAS every packet arrives at gVisor MTU-sized, so its netstack handles ~40× more packets per byte.".to_owned()];
         let mut raw = serde_json::Map::new();
         for (v, s) in &samples {
             notes.extend(errors_of(s).into_iter().map(|e| format!("{v}: {e}")));

@@ -79,7 +79,14 @@ fn quick_run_measures_every_path_and_writes_every_file() {
     }
     // Every path produced a latency figure: no path silently failed.
     let rr = report.scenarios.iter().find(|s| s.id == "tcp_rr").unwrap();
-    for path in ["direct", "nftables", "squid", "snas", "gvisor"] {
+    for path in [
+        "direct",
+        "nftables",
+        "squid",
+        "snas",
+        "gvisor-direct",
+        "gvisor",
+    ] {
         let reps = rr.raw[path].as_array().unwrap();
         assert!(
             reps.iter()

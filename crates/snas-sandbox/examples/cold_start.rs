@@ -1,8 +1,9 @@
 //! Cold start of `python3 -c pass` in gVisor: plain runsc vs the launcher vs `snas run`.
 //!
 //! Run as root: `cargo build --release -p snas && cargo run -p snas-sandbox --release
-//! --example cold_start [-- RUNS]` (default 10 runs per case; `SNAS_BIN` overrides the
-//! `snas` binary, default `target/release/snas`). Prints medians (min–max) in ms:
+//! --example cold_start [-- RUNS [PLATFORM]]` (default 10 runs per case on systrap; `SNAS_BIN`
+//! overrides the `snas` binary, default `target/release/snas`). All three cases use the same
+//! platform and runsc flags (`launch::runsc_flags`). Prints medians (min–max) in ms:
 //!
 //! - **plain runsc**: `runsc run` of a fixed bundle (same shape as the launcher's, cgroup
 //!   limits made by runsc) in a pre-made namespace; the address runsc takes is put back
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use snas_sandbox::bundle::{write_bundle, BundleSpec};
 use snas_sandbox::launch::{self, RunOptions, Stdio3};
 use snas_sandbox::netcfg::NetConfig;
+use snas_sandbox::platform::Platform;
 use snas_sandbox::process;
 
 const PREFIX: &str = "snsbcs";
@@ -103,7 +105,7 @@ fn args() -> Vec<String> {
         .collect()
 }
 
-fn plain_runsc(lab: &Lab, runs: usize, scratch: &Path, tag: usize) -> Vec<f64> {
+fn plain_runsc(lab: &Lab, runs: usize, scratch: &Path, tag: usize, platform: Platform) -> Vec<f64> {
     let bundle = scratch.join("plain-bundle");
     let _ = std::fs::remove_dir_all(&bundle);
     std::fs::create_dir_all(&bundle).unwrap();
@@ -116,16 +118,8 @@ fn plain_runsc(lab: &Lab, runs: usize, scratch: &Path, tag: usize) -> Vec<f64> {
         let root = scratch.join(format!("plain-root-{tag}-{i}"));
         std::fs::create_dir_all(&root).unwrap();
         let mut cmd = Command::new("runsc");
-        cmd.arg("--root")
-            .arg(&root)
-            .args([
-                "--platform",
-                "ptrace",
-                "--network",
-                "sandbox",
-                "run",
-                "--bundle",
-            ])
+        cmd.args(launch::runsc_flags(&root, platform, &[]))
+            .args(["run", "--bundle"])
             .arg(&bundle)
             .arg(format!("snsbcs-plain-{tag}-{i}"))
             .stdin(Stdio::null());
@@ -139,13 +133,16 @@ fn plain_runsc(lab: &Lab, runs: usize, scratch: &Path, tag: usize) -> Vec<f64> {
     out
 }
 
-fn launcher(lab: &Lab, runs: usize, scratch: &Path) -> Vec<[f64; 4]> {
+fn launcher(lab: &Lab, runs: usize, scratch: &Path, platform: Platform) -> Vec<[f64; 4]> {
     let mut out = Vec::new();
     for _ in 0..runs {
         let mut spec = BundleSpec::new(args(), lab.net().netns, String::new());
         spec.nameservers = vec!["192.0.2.1".parse().unwrap()];
         let mut o = RunOptions::new(spec);
         o.state_dir = scratch.join("launcher");
+        o.platform = platform;
+        // As `snas run` does: the runsc release is checked once per binary, not per run.
+        o.runsc_memo = Some(scratch.join("runsc-release"));
         o.net = Some(lab.net());
         // Put back the address the previous run's runsc took, outside the timed part (as for
         // plain runsc): a job namespace fresh from the agent has it already.
@@ -188,7 +185,7 @@ fn parse_timings(stderr: &str) -> Option<[f64; 5]> {
     ])
 }
 
-fn snas_run(bin: &Path, runs: usize, scratch: &Path) -> Vec<[f64; 6]> {
+fn snas_run(bin: &Path, runs: usize, scratch: &Path, platform: Platform) -> Vec<[f64; 6]> {
     let up = snas(bin, &["testbed", "up", "--prefix", PREFIX]);
     assert!(
         up.status.success(),
@@ -218,6 +215,8 @@ fn snas_run(bin: &Path, runs: usize, scratch: &Path) -> Vec<[f64; 6]> {
                 PREFIX,
                 "--timings",
                 "--no-summary",
+                "--platform",
+                platform.as_str(),
                 "--policy",
             ])
             .arg(token.trim())
@@ -245,6 +244,10 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
+    let platform: Platform = std::env::args()
+        .nth(2)
+        .map(|p| p.parse().expect("platform: systrap, ptrace or kvm"))
+        .unwrap_or_default();
     let bin =
         PathBuf::from(std::env::var("SNAS_BIN").unwrap_or_else(|_| "target/release/snas".into()));
     let scratch = PathBuf::from(format!("/run/snsbcs-{}", std::process::id()));
@@ -264,13 +267,13 @@ fn main() {
     }
     // One warm-up each so that page-cache effects do not land on the first case; then the
     // cases take turns so that background load hits them alike.
-    let _ = plain_runsc(&lab, 1, &scratch, 0);
+    let _ = plain_runsc(&lab, 1, &scratch, 0, platform);
     let (mut plain, mut l, mut s) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
-        plain.extend(plain_runsc(&lab, 1, &scratch, i + 1));
-        l.extend(launcher(&lab, 1, &scratch));
+        plain.extend(plain_runsc(&lab, 1, &scratch, i + 1, platform));
+        l.extend(launcher(&lab, 1, &scratch, platform));
         if snas_ok {
-            s.extend(snas_run(&bin, 1, &scratch));
+            s.extend(snas_run(&bin, 1, &scratch, platform));
         }
     }
     drop(lab);
@@ -280,7 +283,7 @@ fn main() {
     let _ = std::fs::remove_dir_all(&scratch);
     let s = snas_ok.then_some(s);
 
-    println!("cold start of `python3 -c pass`, ptrace, median (min–max) of {runs} runs, ms");
+    println!("cold start of `python3 -c pass`, {platform}, median (min–max) of {runs} runs, ms");
     println!("| case | total | phases |");
     println!("|---|---|---|");
     println!(

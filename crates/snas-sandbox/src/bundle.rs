@@ -10,6 +10,17 @@
 //! [`oci_config`] is pure (a function of [`BundleSpec`]); [`write_bundle`] lays the files out
 //! in a directory the caller owns and removes.
 //!
+//! # The shared skeleton
+//! The host-`/usr` root ([`Rootfs::HostUsr`]) is the same empty skeleton for every sandbox
+//! (mount points, four symlinks, empty files to bind over), and the sandbox sees it read-only.
+//! [`ensure_host_usr_skeleton`] makes it once per state directory ([`HOST_USR_SKELETON`]) and
+//! every run reuses it, so that a run creates and removes three directories instead of
+//! thirteen: on a host whose `/run` is not tmpfs (the development machines: ext4, where a
+//! `rmdir` costs 1–4 ms under load) that was most of the launcher's own share of a cold
+//! start. It is made in a temporary sibling and renamed into place, so concurrent launchers
+//! never see half of one; one that is incomplete is replaced. It stays until its state
+//! directory is removed (`snas testbed down`; nothing per run is left in it).
+//!
 //! # Limits
 //! - With `--rootfs DIR` the directory is used as it is (read-only); it must contain the
 //!   mount points `/etc`, `/tmp`, `/proc` and, with `--app`, `/app`, and `/etc/resolv.conf`,
@@ -215,9 +226,118 @@ pub fn hosts(hostname: &str) -> String {
     format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\t{hostname}\n")
 }
 
+/// Name of the shared host-`/usr` root skeleton inside a launcher's state directory.
+pub const HOST_USR_SKELETON: &str = ".rootfs-host-usr-v1";
+
+const SKELETON_DIRS: [&str; 8] = ["usr", "etc", "tmp", "proc", "dev", "sys", "app", "root"];
+const SKELETON_LINKS: [(&str, &str); 4] = [
+    ("bin", "usr/bin"),
+    ("lib", "usr/lib"),
+    ("lib64", "usr/lib64"),
+    ("sbin", "usr/sbin"),
+];
+const SKELETON_FILES: [&str; 5] = ["ld.so.cache", "resolv.conf", "hosts", "passwd", "group"];
+
+fn write_err(path: &Path) -> impl FnOnce(io::Error) -> BundleError + '_ {
+    move |source| BundleError::Write {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Lays the host-`/usr` root skeleton out in `root` (which must not exist yet).
+fn make_skeleton(root: &Path) -> Result<(), BundleError> {
+    for d in SKELETON_DIRS {
+        let p = root.join(d);
+        std::fs::create_dir_all(&p).map_err(write_err(&p))?;
+    }
+    for (l, t) in SKELETON_LINKS {
+        let p = root.join(l);
+        std::os::unix::fs::symlink(t, &p).map_err(write_err(&p))?;
+    }
+    for f in SKELETON_FILES {
+        let p = root.join("etc").join(f);
+        std::fs::write(&p, b"").map_err(write_err(&p))?;
+    }
+    Ok(())
+}
+
+/// Whether `root` holds every entry of the skeleton, each of the right kind.
+fn skeleton_complete(root: &Path) -> bool {
+    let is = |p: PathBuf, want: fn(&std::fs::FileType) -> bool| {
+        std::fs::symlink_metadata(p).is_ok_and(|m| want(&m.file_type()))
+    };
+    SKELETON_DIRS
+        .iter()
+        .all(|d| is(root.join(d), std::fs::FileType::is_dir))
+        && SKELETON_LINKS.iter().all(|(l, t)| {
+            std::fs::read_link(root.join(l)).is_ok_and(|target| target == Path::new(t))
+        })
+        && SKELETON_FILES
+            .iter()
+            .all(|f| is(root.join("etc").join(f), std::fs::FileType::is_file))
+}
+
+/// Makes sure `state_dir` holds the shared host-`/usr` root skeleton and returns its path
+/// (see the module docs).
+pub fn ensure_host_usr_skeleton(state_dir: &Path) -> Result<PathBuf, BundleError> {
+    let root = state_dir.join(HOST_USR_SKELETON);
+    if skeleton_complete(&root) {
+        return Ok(root);
+    }
+    std::fs::create_dir_all(state_dir).map_err(write_err(state_dir))?;
+    let tmp = state_dir.join(format!(
+        "{HOST_USR_SKELETON}.tmp-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let made = make_skeleton(&tmp).and_then(|()| {
+        if root.exists() && !skeleton_complete(&root) {
+            // Incomplete (an older layout, or damaged): replace it. A run that uses it right
+            // now keeps its open directory handles.
+            let _ = std::fs::remove_dir_all(&root);
+        }
+        match std::fs::rename(&tmp, &root) {
+            Ok(()) => Ok(()),
+            // Another launcher got there first (rename onto a non-empty directory fails).
+            Err(_) if skeleton_complete(&root) => Ok(()),
+            Err(e) => Err(write_err(&root)(e)),
+        }
+    });
+    let _ = std::fs::remove_dir_all(&tmp);
+    made.map(|()| root)
+}
+
 /// Writes the bundle for `spec` into `dir` (which must exist and be empty): `config.json`,
 /// `rootfs/` and `etc/`. Returns the path of `config.json`.
 pub fn write_bundle(spec: &BundleSpec, dir: &Path) -> Result<PathBuf, BundleError> {
+    let rootfs = dir.join("rootfs");
+    if spec.rootfs == Rootfs::HostUsr {
+        make_skeleton(&rootfs)?;
+    }
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc).map_err(write_err(&etc))?;
+    write_bundle_files(spec, dir, &rootfs, &etc)
+}
+
+/// Writes a bundle that uses a shared host-`/usr` skeleton (from [`ensure_host_usr_skeleton`])
+/// into `dir` (which must exist): `config.json` and the generated `/etc` files side by side,
+/// nothing else. Returns the path of `config.json`.
+pub fn write_bundle_shared(
+    spec: &BundleSpec,
+    dir: &Path,
+    skeleton: &Path,
+) -> Result<PathBuf, BundleError> {
+    write_bundle_files(spec, dir, skeleton, dir)
+}
+
+fn write_bundle_files(
+    spec: &BundleSpec,
+    dir: &Path,
+    rootfs: &Path,
+    etc: &Path,
+) -> Result<PathBuf, BundleError> {
     let w = |path: &Path| {
         let path = path.to_path_buf();
         move |source| BundleError::Write { path, source }
@@ -240,28 +360,6 @@ pub fn write_bundle(spec: &BundleSpec, dir: &Path) -> Result<PathBuf, BundleErro
             });
         }
     }
-    let rootfs = dir.join("rootfs");
-    let etc = dir.join("etc");
-    if spec.rootfs == Rootfs::HostUsr {
-        for d in ["usr", "etc", "tmp", "proc", "dev", "sys", "app", "root"] {
-            let p = rootfs.join(d);
-            std::fs::create_dir_all(&p).map_err(w(&p))?;
-        }
-        for (l, t) in [
-            ("bin", "usr/bin"),
-            ("lib", "usr/lib"),
-            ("lib64", "usr/lib64"),
-            ("sbin", "usr/sbin"),
-        ] {
-            let p = rootfs.join(l);
-            std::os::unix::fs::symlink(t, &p).map_err(w(&p))?;
-        }
-        for f in ["ld.so.cache", "resolv.conf", "hosts", "passwd", "group"] {
-            let p = rootfs.join("etc").join(f);
-            std::fs::write(&p, b"").map_err(w(&p))?;
-        }
-    }
-    std::fs::create_dir_all(&etc).map_err(w(&etc))?;
     for (name, text) in [
         ("resolv.conf", resolv_conf(&spec.nameservers)),
         ("hosts", hosts(&spec.hostname)),
@@ -272,7 +370,7 @@ pub fn write_bundle(spec: &BundleSpec, dir: &Path) -> Result<PathBuf, BundleErro
         std::fs::write(&p, text).map_err(w(&p))?;
     }
     let config = dir.join("config.json");
-    let text = oci_config(spec, &rootfs, &etc).to_string();
+    let text = oci_config(spec, rootfs, etc).to_string();
     std::fs::write(&config, text).map_err(w(&config))?;
     Ok(config)
 }
@@ -360,6 +458,66 @@ mod tests {
         assert!(!mounts.iter().any(|m| m["destination"] == "/usr"));
         let app = mounts.iter().find(|m| m["destination"] == "/app").unwrap();
         assert_eq!(app["source"], "/srv/app");
+    }
+
+    #[test]
+    fn the_shared_skeleton_is_made_once_reused_and_repaired() {
+        let state = std::env::temp_dir().join(format!("snas-skel-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state);
+        let root = ensure_host_usr_skeleton(&state).unwrap();
+        assert_eq!(root, state.join(HOST_USR_SKELETON));
+        assert!(skeleton_complete(&root));
+        assert_eq!(
+            std::fs::read_link(root.join("lib64")).unwrap(),
+            Path::new("usr/lib64")
+        );
+        // Reused as it is: a marker inside survives a second call.
+        std::fs::write(root.join("tmp/marker"), b"x").unwrap();
+        ensure_host_usr_skeleton(&state).unwrap();
+        assert!(root.join("tmp/marker").exists());
+        // Damaged: replaced by a complete one, and no temporary sibling is left.
+        std::fs::remove_file(root.join("etc/hosts")).unwrap();
+        ensure_host_usr_skeleton(&state).unwrap();
+        assert!(skeleton_complete(&root));
+        assert!(!root.join("tmp/marker").exists());
+        let names: Vec<String> = std::fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec![HOST_USR_SKELETON.to_owned()]);
+        let _ = std::fs::remove_dir_all(&state);
+    }
+
+    #[test]
+    fn a_shared_bundle_is_config_and_etc_files_only_pointing_at_the_skeleton() {
+        let dir = std::env::temp_dir().join(format!("snas-shared-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let skel = Path::new("/run/x/.rootfs-host-usr-v1");
+        let config = write_bundle_shared(&spec(), &dir, skel).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["config.json", "group", "hosts", "passwd", "resolv.conf"]
+        );
+        let c: Value = serde_json::from_str(&std::fs::read_to_string(config).unwrap()).unwrap();
+        assert_eq!(c["root"]["path"], skel.display().to_string());
+        assert_eq!(c["root"]["readonly"], true);
+        let resolv = c["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == "/etc/resolv.conf")
+            .unwrap();
+        assert_eq!(
+            resolv["source"],
+            dir.join("resolv.conf").display().to_string()
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

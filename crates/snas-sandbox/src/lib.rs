@@ -19,7 +19,8 @@
 //! - [`bundle`]: `config.json`, the root filesystem skeleton and generated `/etc` files.
 //! - [`cgroup`]: the run's cgroup on v1 or v2: create with limits, read OOM/pids events, remove.
 //! - [`netcfg`]: the address and default route runsc expects in the namespace.
-//! - [`platform`]: ptrace/kvm and the KVM probe that never hangs.
+//! - [`platform`]: systrap/ptrace/kvm, the runsc release check and the KVM probe that never
+//!   hangs.
 //! - [`process`]: every `unsafe` call: signals, reaping, subreaper, namespace pre-exec steps,
 //!   including the runsc root-namespace workaround.
 //! - [`launch`]: one run from start to cleanup.

@@ -4,13 +4,13 @@
 //! Owns every `unsafe` call of the crate.
 //!
 //! # The root-namespace workaround
-//! runsc 20221219 decides "this is the root network namespace" by whether
+//! runsc (20221219, still 20240729) decides "this is the root network namespace" by whether
 //! `/proc/sys/net/core/rmem_default` exists, and then refuses `--network=sandbox`. On newer
 //! kernels that sysctl exists in every namespace. [`hide_root_ns_marker`] makes runsc run in
 //! a private mount namespace (a slave of the host's, so nothing leaks out) with an empty,
 //! read-only tmpfs over `/proc/sys/net`. Only that path changes, and only for runsc and
-//! its children: ptrace works, nothing on disk is patched. `/proc/sys/net/core` cannot be
-//! covered instead: its dentry is per network namespace, so a mount made from the host's
+//! its children: systrap and ptrace work, nothing on disk is patched. `/proc/sys/net/core`
+//! cannot be covered instead: its dentry is per network namespace, so a mount made from the host's
 //! namespace is not seen once runsc has entered the job's. The cost is that procfs is no
 //! longer "fully visible", which on hosts where KVM works stops the sandbox from mounting a
 //! fresh proc; [`root_ns_marker_visible`] tells whether the workaround is needed at all, so
@@ -149,13 +149,22 @@ pub fn hide_root_ns_marker(cmd: &mut Command) {
     }
 }
 
-/// Gives `cmd` default SIGINT/SIGQUIT dispositions (the launcher may ignore them so that it
-/// survives Ctrl-C and still cleans up; ignored dispositions would survive exec).
-pub fn default_terminal_signals(cmd: &mut Command) {
+/// Sets runsc's SIGINT/SIGQUIT dispositions: SIGQUIT default (Ctrl-\\ ends the sandbox at
+/// once; the launcher may ignore it, and ignored dispositions survive exec). SIGINT is ignored
+/// when the launcher forwards it (`forwarded`): runsc's `run` does not pass signals on to the
+/// workload, it dies of them, so Ctrl-C from the terminal (which reaches runsc too, in the
+/// same process group) would kill the sandbox before the workload saw it. A Go program
+/// started with SIGINT ignored keeps it ignored. Otherwise SIGINT is left at its default.
+pub fn terminal_signals_for_runsc(cmd: &mut Command, forwarded: bool) {
+    let int = if forwarded {
+        libc::SIG_IGN
+    } else {
+        libc::SIG_DFL
+    };
     // SAFETY: signal() is async-signal-safe; runs between fork and exec.
     unsafe {
-        cmd.pre_exec(|| {
-            libc::signal(libc::SIGINT, libc::SIG_DFL);
+        cmd.pre_exec(move || {
+            libc::signal(libc::SIGINT, int);
             libc::signal(libc::SIGQUIT, libc::SIG_DFL);
             Ok(())
         });
@@ -172,20 +181,20 @@ pub fn enter_netns(cmd: &mut Command, netns: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Ignores SIGINT and SIGQUIT in this process (Ctrl-C goes to the sandbox; the launcher
-/// stays to clean up).
+/// Ignores SIGQUIT in this process (Ctrl-\\ reaches runsc directly and ends the sandbox; the
+/// launcher stays to clean up). SIGINT is one of the [`FORWARDED_SIGNALS`], blocked by
+/// [`block_forwarded_signals`] and passed on to the workload.
 pub fn shield_terminal_signals() {
     // SAFETY: installing SIG_IGN has no preconditions.
     unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGQUIT, libc::SIG_IGN);
     }
 }
 
-/// Signals a launcher forwards to runsc (which forwards them to the workload): a polite
-/// "stop" for the whole job. SIGINT/SIGQUIT from a terminal reach runsc directly (same process
-/// group), so they are ignored rather than forwarded (see [`shield_terminal_signals`]).
-pub const FORWARDED_SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGHUP];
+/// Signals a launcher passes on to the workload with `runsc kill`: Ctrl-C (SIGINT) and a polite
+/// "stop" (SIGTERM, SIGHUP). runsc's `run` (20240729) does not forward signals itself: it dies
+/// of them and the workload never sees them.
+pub const FORWARDED_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 fn forwarded_set() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.

@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -200,19 +201,59 @@ fn snas_run_passes_status_and_reports_limits() {
     assert_eq!(code, 124, "{err}");
     assert!(err.contains("timed out after 2s"), "{err}");
 
-    // SIGTERM to `snas run` stops the workload, and the job and sandbox are still cleaned up.
-    let mut child = Command::new(snas_bin())
-        .args([
-            "run",
-            "--prefix",
-            &bed.prefix,
-            "--no-summary",
-            "--policy",
-            &token,
-        ])
-        .args(["--", "sleep", "60"])
-        .spawn()
-        .unwrap();
+    // A fork bomb under --pids: the sandbox cannot make host tasks and dies; `snas run`
+    // says so and exits with its own status, not the sentry's 2.
+    let (code, out, err) = bed.run(
+        &token,
+        &["--pids", "96", "--timeout", "60s", "--no-summary"],
+        &["python3", "-c", "import os\nwhile True:\n    os.fork()"],
+    );
+    assert_eq!(code, 123, "stdout {out} stderr {err}");
+    assert!(
+        err.contains("pids limit (96) reached: a fork was refused and the sandbox failed"),
+        "{err}"
+    );
+
+    // systrap is the default platform, and ptrace is there when asked for.
+    let (code, _, err) = bed.run(&token, &[], &["true"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("on node 1, gVisor systrap: exited 0"), "{err}");
+    let (code, out, err) = bed.run(
+        &token,
+        &["--platform", "ptrace"],
+        &["python3", "-c", "print('on ptrace')"],
+    );
+    assert_eq!((code, out.trim()), (0, "on ptrace"), "{err}");
+    assert!(err.contains("gVisor ptrace: exited 0"), "{err}");
+
+    // A runsc without systrap is refused before the job exists, with the fix named.
+    let old = bed.dir.join("old-runsc");
+    std::fs::write(
+        &old,
+        "#!/bin/sh\n[ \"$1\" = --version ] && echo 'runsc version 0.0~20221219.0' && exit 0\nexit 99\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&old, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (code, _, err) = bed.run(&token, &["--runsc", old.to_str().unwrap()], &["true"]);
+    assert_eq!(code, 125, "{err}");
+    assert!(
+        err.contains("is runsc 20221219, which has no systrap platform"),
+        "{err}"
+    );
+    assert!(
+        err.contains("scripts/setup.sh") && err.contains("--platform ptrace"),
+        "{err}"
+    );
+    let jobs = bed.snas(&["jobs", "--prefix", &bed.prefix]);
+    assert!(
+        !String::from_utf8_lossy(&jobs.stdout).contains("demo"),
+        "a job was created: {}",
+        String::from_utf8_lossy(&jobs.stdout)
+    );
+
+    // SIGTERM to `snas run` reaches the workload (it handles it and exits 7), and Ctrl-C from
+    // the terminal (SIGINT to the whole process group, runsc included) too; the job and the
+    // sandbox are still cleaned up. A workload that does not handle SIGTERM dies of it (143).
     let runs = PathBuf::from(format!("/run/snas-testbed/{}/run/sandbox", bed.prefix));
     let running = || {
         std::fs::read_dir(&runs)
@@ -228,38 +269,94 @@ fn snas_run_passes_status_and_reports_limits() {
             })
             .unwrap_or(false)
     };
-    for _ in 0..300 {
-        if running() {
-            break;
+    let handler = "import signal, sys, time\n\
+                   def h(n, _):\n    print('got', n, flush=True); sys.exit(7)\n\
+                   signal.signal(signal.SIGTERM, h)\nsignal.signal(signal.SIGINT, h)\n\
+                   time.sleep(60)";
+    let mut terminated = Vec::new();
+    for (cmd, signal, to_group, want_code, want_out) in [
+        (
+            vec!["python3", "-c", handler],
+            libc::SIGTERM,
+            false,
+            7,
+            "got 15",
+        ),
+        (
+            vec!["python3", "-c", handler],
+            libc::SIGINT,
+            true,
+            7,
+            "got 2",
+        ),
+        (vec!["sleep", "60"], libc::SIGTERM, false, 143, ""),
+    ] {
+        let child = Command::new(snas_bin())
+            .args([
+                "run",
+                "--prefix",
+                &bed.prefix,
+                "--no-summary",
+                "--policy",
+                &token,
+            ])
+            .arg("--")
+            .args(&cmd)
+            .stdout(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        for _ in 0..300 {
+            if running() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(running(), "the sandbox never reached running");
+        // The workload installs its handlers right after it starts.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let pid = child.id() as i32;
+        let target = if to_group { -pid } else { pid };
+        // SAFETY: kill has no memory-safety preconditions; the pid (group) is our live child.
+        unsafe { libc::kill(target, signal) };
+        terminated.push(child.id());
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            (out.status.code(), stdout.trim()),
+            (Some(want_code), want_out),
+            "{cmd:?} after signal {signal}"
+        );
+        let jobs = bed.snas(&["jobs", "--prefix", &bed.prefix]);
+        assert!(
+            !String::from_utf8_lossy(&jobs.stdout).contains("demo"),
+            "job still listed: {}",
+            String::from_utf8_lossy(&jobs.stdout)
+        );
     }
-    assert!(running(), "the sandbox never reached running");
-    // SAFETY: kill has no memory-safety preconditions; the pid is our live child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let term_pid = child.id();
-    let st = child.wait().unwrap();
-    assert_eq!(st.code(), Some(143), "sleep killed by SIGTERM: {st:?}");
-    let jobs = bed.snas(&["jobs", "--prefix", &bed.prefix]);
-    assert!(
-        !String::from_utf8_lossy(&jobs.stdout).contains("demo"),
-        "job still listed: {}",
-        String::from_utf8_lossy(&jobs.stdout)
-    );
 
-    // Nothing of the runs is left: no sandbox state, no cgroups.
+    // Nothing of the runs is left: no sandbox state (only the root skeleton all runs share),
+    // no cgroups.
     let left: Vec<_> = std::fs::read_dir(&runs)
-        .map(|rd| rd.filter_map(Result::ok).map(|e| e.path()).collect())
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|e| e.file_name() != snas_sandbox::bundle::HOST_USR_SKELETON)
+                .map(|e| e.path())
+                .collect()
+        })
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
-    // Run ids start with the launcher's pid in hex: the terminated run left no cgroup.
-    let terminated = format!("snas-{:x}-", term_pid);
+    // Run ids start with the launcher's pid in hex: the terminated runs left no cgroup.
+    let prefixes: Vec<String> = terminated.iter().map(|p| format!("snas-{p:x}-")).collect();
     let cgroups: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
         .unwrap()
         .filter_map(Result::ok)
         .flat_map(|h| std::fs::read_dir(h.path()).into_iter().flatten())
         .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&terminated))
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            prefixes.iter().any(|p| name.starts_with(p))
+        })
         .map(|e| e.path())
         .collect();
     assert!(cgroups.is_empty(), "{cgroups:?}");

@@ -7,8 +7,13 @@
 //! deletes the job, prints a short egress summary on stderr, and exits with CMD's status.
 //!
 //! Exit codes: CMD's status (128 + signal when it was killed by one); 137 when the sandbox
-//! exceeded its memory limit; 124 when it ran past `--timeout`; 125 when the job or the
-//! sandbox could not be set up (nothing ran).
+//! exceeded its memory limit; 124 when it ran past `--timeout`; 123 when it failed after the
+//! pids limit refused a fork; 125 when the job or the sandbox could not be set up (nothing
+//! ran), including a runsc too old for the chosen platform.
+//!
+//! The platform is systrap unless `--platform` says otherwise; runsc's release is checked
+//! before the job is created (and remembered in `<testbed state>/run/runsc-release` while the
+//! binary stays the same).
 //!
 //! Ctrl-C goes to the sandbox (runsc forwards it to CMD); `snas run` itself ignores it so
 //! that it can still delete the job and clean up. SIGTERM and SIGHUP sent to `snas run` are
@@ -28,7 +33,7 @@ use snas_sandbox::bundle::{BundleSpec, Rootfs};
 use snas_sandbox::launch::{self, humanize, Progress, RunOptions, Stdio3};
 use snas_sandbox::limits::{parse_pids, Bytes, Limits, MilliCpus};
 use snas_sandbox::netcfg::NetConfig;
-use snas_sandbox::platform::{probe_kvm, Platform, KVM_PROBE_TIMEOUT};
+use snas_sandbox::platform::{probe_kvm, Platform, RunscInfo, KVM_PROBE_TIMEOUT};
 use snas_testbed::exec::read_token;
 use snas_testbed::topology::{NODES, PROXIES};
 use snas_testbed::{AgentClient, JobGuard, TestbedOptions, Topology, DEFAULT_PREFIX};
@@ -60,8 +65,10 @@ pub struct RunArgs {
     /// Kill the workload after this long (e.g. 60s, 5m) and exit 124. Default: no deadline.
     #[arg(long, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
-    /// gVisor platform: ptrace, or kvm (used only if a probe sandbox works; else ptrace).
-    #[arg(long, default_value = "ptrace")]
+    /// gVisor platform: systrap (needs runsc >= 20240729, see scripts/setup.sh), ptrace (any
+    /// runsc, 6-30x slower system calls), or kvm (used only if a probe sandbox works; else
+    /// systrap).
+    #[arg(long, default_value = "systrap")]
     platform: Platform,
     /// Root filesystem directory (read-only) instead of the host's /usr.
     #[arg(long, value_name = "DIR")]
@@ -343,32 +350,44 @@ fn delete_job(client: &AgentClient, job_key: &str, guard: JobGuard) -> Teardown 
     }
 }
 
-/// Chooses the platform: ptrace, or kvm after a probe. A failed probe is remembered in
-/// `<scratch>/kvm-unusable` (a hang costs the probe's whole deadline); delete the file to probe
-/// again, e.g. after a kernel or runsc update.
-fn choose_platform(a: &RunArgs, scratch: &Path) -> Platform {
+/// Chooses the platform and checks that runsc has it: the one asked for, or for kvm the
+/// probe's verdict. A failed probe is remembered in `<scratch>/kvm-unusable` (a hang costs the
+/// probe's whole deadline); delete the file to probe again, e.g. after a kernel or runsc
+/// update. Without KVM the sandbox runs on systrap, or on ptrace where runsc predates systrap.
+fn choose_platform(a: &RunArgs, scratch: &Path) -> Result<Platform, String> {
+    let _ = std::fs::create_dir_all(scratch);
+    let runsc =
+        RunscInfo::probe(&a.runsc, Some(&scratch.join(RUNSC_MEMO))).map_err(|e| e.to_string())?;
     if a.platform != Platform::Kvm {
-        return a.platform;
+        runsc.check(a.platform).map_err(|e| e.to_string())?;
+        return Ok(a.platform);
     }
+    let fallback = if runsc.check(Platform::Systrap).is_ok() {
+        Platform::Systrap
+    } else {
+        Platform::Ptrace
+    };
     let memo = scratch.join("kvm-unusable");
     if let Ok(why) = std::fs::read_to_string(&memo) {
         eprintln!(
-            "snas: kvm was found unusable here ({}); using ptrace (delete {} to probe again)",
+            "snas: kvm was found unusable here ({}); using {fallback} (delete {} to probe again)",
             why.trim(),
             memo.display()
         );
-        return Platform::Ptrace;
+        return Ok(fallback);
     }
     match probe_kvm(&a.runsc, &scratch.join("kvm-probe"), KVM_PROBE_TIMEOUT) {
-        Ok(()) => Platform::Kvm,
+        Ok(()) => Ok(Platform::Kvm),
         Err(e) => {
-            eprintln!("snas: kvm is not usable here ({e}); using ptrace");
-            let _ = std::fs::create_dir_all(scratch);
+            eprintln!("snas: kvm is not usable here ({e}); using {fallback}");
             let _ = std::fs::write(&memo, format!("{e}\n"));
-            Platform::Ptrace
+            Ok(fallback)
         }
     }
 }
+
+/// The memo of runsc's release, in the testbed's `run` directory.
+const RUNSC_MEMO: &str = "runsc-release";
 
 fn job(a: &RunArgs) -> Result<u8, String> {
     // Before any thread exists: SIGTERM/SIGHUP stay pending until the launcher forwards them
@@ -383,6 +402,8 @@ fn job(a: &RunArgs) -> Result<u8, String> {
     }
     let token = read_token(&a.policy).map_err(|e| e.to_string())?;
     let scratch = t.state_dir().join("run");
+    // Before the job exists: a runsc that cannot run the platform leaves nothing to undo.
+    let platform = choose_platform(a, &scratch)?;
 
     let t_net = Instant::now();
     ensure_testbed(&t, &a.prefix, a.node)?;
@@ -429,7 +450,8 @@ fn job(a: &RunArgs) -> Result<u8, String> {
     }
     let mut opts = RunOptions::new(spec);
     opts.runsc = a.runsc.clone();
-    opts.platform = choose_platform(a, &scratch);
+    opts.platform = platform;
+    opts.runsc_memo = Some(scratch.join(RUNSC_MEMO));
     opts.state_dir = scratch.join("sandbox");
     opts.timeout = a.timeout;
     opts.forward_signals = true;
@@ -505,10 +527,11 @@ fn job(a: &RunArgs) -> Result<u8, String> {
     }
     if !a.no_summary {
         let mut s = format!(
-            "snas: job {} (key {}) on node {}: {} after {}; egress:\n",
+            "snas: job {} (key {}) on node {}, gVisor {}: {} after {}; egress:\n",
             info.job,
             info.job_key,
             a.node,
+            opts.platform,
             term,
             humanize(report.timings.run)
         );
