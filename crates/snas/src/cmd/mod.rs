@@ -24,3 +24,21 @@ pub(crate) async fn shutdown_signal(who: &str) {
         _ = term.recv() => {}
     }
 }
+
+/// Bytes for a person: `812 B`, `12.4 kB`, `3.1 MB`, `2.0 GB` (decimal units).
+pub(crate) fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 4] = ["kB", "MB", "GB", "TB"];
+    if b < 1000 {
+        return format!("{b} B");
+    }
+    let mut v = b as f64 / 1000.0;
+    let mut unit = UNITS[0];
+    for u in &UNITS[1..] {
+        if v < 1000.0 {
+            break;
+        }
+        v /= 1000.0;
+        unit = u;
+    }
+    format!("{v:.1} {unit}")
+}

@@ -37,6 +37,8 @@ use serde_json::{json, Map, Value};
 use snas_testbed::topology::{NODES, PROXIES};
 use snas_testbed::{AgentClient, Topology, DEFAULT_PREFIX};
 
+use super::human_bytes;
+
 /// Time allowed for one HTTP exchange.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest answer read from a proxy.
@@ -534,24 +536,6 @@ fn job_row(node: &str, v: &Value) -> Option<JobRow> {
 // Printing
 
 /// Human duration: `45s`, `3m05s`, `2h01m`, `0.4s`.
-/// Bytes for a person: `812 B`, `12.4 kB`, `3.1 MB`, `2.0 GB` (decimal units).
-fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 4] = ["kB", "MB", "GB", "TB"];
-    if b < 1000 {
-        return format!("{b} B");
-    }
-    let mut v = b as f64 / 1000.0;
-    let mut unit = UNITS[0];
-    for u in &UNITS[1..] {
-        if v < 1000.0 {
-            break;
-        }
-        v /= 1000.0;
-        unit = u;
-    }
-    format!("{v:.1} {unit}")
-}
-
 fn human_secs(s: f64) -> String {
     if !s.is_finite() || s < 0.0 {
         return "-".into();

@@ -38,6 +38,9 @@ use snas_testbed::exec::read_token;
 use snas_testbed::topology::{NODES, PROXIES};
 use snas_testbed::{AgentClient, JobGuard, TestbedOptions, Topology, DEFAULT_PREFIX};
 
+/// How long the summary waits for the proxies' end-of-job lines after the job is deleted.
+const JOB_END_WAIT: Duration = Duration::from_millis(1500);
+
 /// Exit status when nothing could be run.
 const EXIT_SETUP: u8 = 125;
 
@@ -139,6 +142,31 @@ fn audit_logs(t: &Topology) -> Vec<(PathBuf, u64)> {
         .collect()
 }
 
+/// The job's new audit lines once every proxy that carried it has written the end of the job
+/// (its `flow_end` lines come with that, after the agent's job-ended notice), or after `limit`.
+fn lines_after_job_end(
+    logs: &[(PathBuf, u64)],
+    job_key: &str,
+    limit: Duration,
+) -> Vec<serde_json::Value> {
+    let began = std::time::Instant::now();
+    loop {
+        let pending = logs.iter().any(|log| {
+            let lines = new_lines(std::slice::from_ref(log), job_key);
+            // A proxy that admitted a flow of the job holds state for it and answers the
+            // job-ended notice with a `job` line.
+            lines
+                .iter()
+                .any(|l| l["kind"].as_str() == Some("flow") && l["action"] == "allow")
+                && !lines.iter().any(|l| l["kind"].as_str() == Some("job"))
+        });
+        if !pending || began.elapsed() >= limit {
+            return new_lines(logs, job_key);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn new_lines(logs: &[(PathBuf, u64)], job_key: &str) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     for (p, from) in logs {
@@ -167,23 +195,40 @@ fn new_lines(logs: &[(PathBuf, u64)], job_key: &str) -> Vec<serde_json::Value> {
 #[derive(Debug, Default)]
 struct Row {
     events: u64,
-    bytes: u64,
+    /// Bytes the row's flows moved from the job and toward it (the proxies' flow-end lines).
+    bytes_out: u64,
+    bytes_in: u64,
+    /// Whether any flow of the row has ended (so its byte counts are known).
+    ended: bool,
     tiers: std::collections::BTreeSet<u64>,
     reasons: std::collections::BTreeSet<String>,
 }
 
 /// The egress summary from audit lines and tier-1 drop counters. Pure.
+///
+/// A row is a decision (`allow`, `deny`, `refuse`) about one destination (or DNS name) with how
+/// often it was taken. Allowed flows also show the bytes they moved each way, from the proxies'
+/// `flow_end` lines (written when a flow ends, at the latest when the job is deleted).
 pub fn summarize(lines: &[serde_json::Value], drops: &BTreeMap<String, u64>) -> String {
     let mut rows: BTreeMap<(String, String), Row> = BTreeMap::new();
     for l in lines {
-        let action = l["action"].as_str().unwrap_or("?").to_owned();
+        let kind = l["kind"].as_str().unwrap_or("");
+        if kind == "job" {
+            continue;
+        }
+        let flow_end = kind == "flow_end";
+        let action = if flow_end {
+            "allow".to_owned()
+        } else {
+            l["action"].as_str().unwrap_or("?").to_owned()
+        };
         let host = l["hostname"].as_str().unwrap_or("");
         let dst = match &l["dst"] {
             serde_json::Value::String(s) => s.clone(),
             _ => String::new(),
         };
         let proto = l["proto"].as_str().unwrap_or("");
-        let what = if l["kind"].as_str() == Some("dns") {
+        let what = if kind == "dns" {
             let q = l["qtype"].as_str().unwrap_or("");
             format!("DNS {host} {q}").trim_end().to_owned()
         } else {
@@ -199,11 +244,16 @@ pub fn summarize(lines: &[serde_json::Value], drops: &BTreeMap<String, u64>) -> 
             format!("{name} {proto}{port}")
         };
         let row = rows.entry((action, what)).or_default();
-        row.events += 1;
-        row.bytes += l["bytes"].as_u64().unwrap_or(0);
         if let Some(t) = l["tier"].as_u64() {
             row.tiers.insert(t);
         }
+        if flow_end {
+            row.bytes_out += l["bytes_out"].as_u64().unwrap_or(0);
+            row.bytes_in += l["bytes_in"].as_u64().unwrap_or(0);
+            row.ended = true;
+            continue;
+        }
+        row.events += 1;
         if let Some(r) = l["reason"]
             .as_str()
             .filter(|r| *r != "allowed" && !r.is_empty())
@@ -218,11 +268,19 @@ pub fn summarize(lines: &[serde_json::Value], drops: &BTreeMap<String, u64>) -> 
     }
     for ((action, what), r) in &rows {
         let tiers: Vec<String> = r.tiers.iter().map(|t| t.to_string()).collect();
+        let moved = if r.ended {
+            format!(
+                "{} out, {} in",
+                super::human_bytes(r.bytes_out),
+                super::human_bytes(r.bytes_in)
+            )
+        } else {
+            String::new()
+        };
         let _ = write!(
             s,
-            "  {action:<7} {what:<48} {:>4}x {:>8} B  tier {}",
+            "  {action:<7} {what:<48} {:>4}x {moved:>22}  tier {}",
             r.events,
-            r.bytes,
             tiers.join("+")
         );
         if !r.reasons.is_empty() {
@@ -269,7 +327,6 @@ fn fold_dns_names(rows: &mut BTreeMap<(String, String), Row>) {
         for what in &folded {
             if let Some(r) = rows.remove(&(action.clone(), what.clone())) {
                 merged.events += r.events;
-                merged.bytes += r.bytes;
                 merged.tiers.extend(r.tiers);
                 merged.reasons.extend(r.reasons);
             }
@@ -512,7 +569,13 @@ fn job(a: &RunArgs) -> Result<u8, String> {
         eprintln!("snas run: deleting the job failed: {e}");
     }
     let drops = td.drops;
-    let lines = new_lines(&logs, &info.job_key);
+    // The proxies write a flow's byte counts when it ends: at the latest when the agent tells
+    // them the job ended (just now, on delete). Waiting for that only matters for the summary.
+    let lines = if a.no_summary {
+        Vec::new()
+    } else {
+        lines_after_job_end(&logs, &info.job_key, JOB_END_WAIT)
+    };
     let down_time = t_down.elapsed();
 
     let term = report.termination;
@@ -579,13 +642,49 @@ mod tests {
         let drops = BTreeMap::from([("policy_no_match".to_owned(), 3), ("ttl".to_owned(), 0)]);
         let s = summarize(&lines, &drops);
         let allow = s.lines().find(|l| l.contains("api.example.com")).unwrap();
-        assert!(allow.contains("allow") && allow.contains("2x") && allow.contains("120 B"));
+        assert!(allow.contains("allow") && allow.contains("2x"), "{allow}");
+        // Byte counts come only from flow ends: none yet, so none shown (not the first packet's).
+        assert!(!allow.contains(" B"), "{allow}");
         assert!(allow.contains("tier 1+2"));
         let deny = s.lines().find(|l| l.contains("203.0.113.20")).unwrap();
         assert!(deny.contains("deny") && deny.contains("(policy_no_match)"));
         assert!(s.contains("refuse  DNS nothere.example.org A"));
         assert!(s.contains("tier-1 drops: policy_no_match 3\n"));
         assert!(!s.contains("ttl"));
+    }
+
+    #[test]
+    fn allowed_rows_show_the_bytes_their_flows_moved_each_way() {
+        let dest = json!({"job_key":"k","proto":"tcp","dst":"203.0.113.40","port":5201,"hostname":"bulk.example.com"});
+        let with = |extra: serde_json::Value| {
+            let mut v = dest.clone();
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            v
+        };
+        let lines = vec![
+            with(json!({"tier":2,"kind":"flow","action":"allow","bytes":60})),
+            with(json!({"tier":2,"kind":"flow","action":"allow","bytes":60})),
+            with(
+                json!({"tier":2,"kind":"flow_end","action":"end","bytes_out":4_000,"bytes_in":1_000_000,"bytes":1_004_000}),
+            ),
+            with(
+                json!({"tier":2,"kind":"flow_end","action":"end","bytes_out":812,"bytes_in":500_000,"bytes":500_812}),
+            ),
+            json!({"tier":2,"kind":"job","action":"end","job_key":"k","flows":2}),
+        ];
+        let s = summarize(&lines, &BTreeMap::new());
+        let rows: Vec<&str> = s
+            .lines()
+            .filter(|l| l.contains("bulk.example.com"))
+            .collect();
+        assert_eq!(rows.len(), 1, "{s}");
+        assert!(
+            rows[0].contains("2x") && rows[0].contains("4.8 kB out, 1.5 MB in"),
+            "{s}"
+        );
+        assert!(!s.contains("end "), "{s}");
     }
 
     #[test]
@@ -598,9 +697,7 @@ mod tests {
         assert_eq!(refuse_rows, DNS_ROWS + 1, "{s}");
         let folded = s.lines().find(|l| l.contains("other names")).unwrap();
         assert!(
-            folded.contains("DNS 14 other names")
-                && folded.contains("14x")
-                && folded.contains("140 B"),
+            folded.contains("DNS 14 other names") && folded.contains("14x"),
             "{folded}"
         );
     }
