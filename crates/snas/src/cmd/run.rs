@@ -194,12 +194,16 @@ fn new_lines(logs: &[(PathBuf, u64)], job_key: &str) -> Vec<serde_json::Value> {
 /// One row of the egress summary.
 #[derive(Debug, Default)]
 struct Row {
-    events: u64,
+    /// Decisions per tier: a connection both tiers allowed is one decision of each, so the row
+    /// counts the most any one tier took.
+    per_tier: BTreeMap<u64, u64>,
     /// Bytes the row's flows moved from the job and toward it (the proxies' flow-end lines).
     bytes_out: u64,
     bytes_in: u64,
     /// Whether any flow of the row has ended (so its byte counts are known).
     ended: bool,
+    /// Names the destination was resolved from (tier 1's events carry none; tier 2's do).
+    names: std::collections::BTreeSet<String>,
     tiers: std::collections::BTreeSet<u64>,
     reasons: std::collections::BTreeSet<String>,
 }
@@ -228,6 +232,8 @@ pub fn summarize(lines: &[serde_json::Value], drops: &BTreeMap<String, u64>) -> 
             _ => String::new(),
         };
         let proto = l["proto"].as_str().unwrap_or("");
+        // Flows are grouped by destination (both tiers' lines of one destination make one row;
+        // the name comes from whichever line carries it), DNS lines by name and type.
         let what = if kind == "dns" {
             let q = l["qtype"].as_str().unwrap_or("");
             format!("DNS {host} {q}").trim_end().to_owned()
@@ -236,27 +242,24 @@ pub fn summarize(lines: &[serde_json::Value], drops: &BTreeMap<String, u64>) -> 
                 .as_u64()
                 .map(|p| format!("/{p}"))
                 .unwrap_or_default();
-            let name = if host.is_empty() {
-                dst.clone()
-            } else {
-                format!("{host} ({dst})")
-            };
-            format!("{name} {proto}{port}")
+            format!("{dst} {proto}{port}")
         };
         let row = rows.entry((action, what)).or_default();
-        if let Some(t) = l["tier"].as_u64() {
-            row.tiers.insert(t);
+        if kind != "dns" && !host.is_empty() {
+            row.names.insert(host.to_owned());
         }
+        let tier = l["tier"].as_u64().unwrap_or(0);
+        row.tiers.insert(tier);
         if flow_end {
             row.bytes_out += l["bytes_out"].as_u64().unwrap_or(0);
             row.bytes_in += l["bytes_in"].as_u64().unwrap_or(0);
             row.ended = true;
             continue;
         }
-        row.events += 1;
+        *row.per_tier.entry(tier).or_default() += 1;
         if let Some(r) = l["reason"]
             .as_str()
-            .filter(|r| *r != "allowed" && !r.is_empty())
+            .filter(|r| !matches!(*r, "allowed" | "new_flow" | ""))
         {
             row.reasons.insert(r.to_owned());
         }
@@ -268,6 +271,13 @@ pub fn summarize(lines: &[serde_json::Value], drops: &BTreeMap<String, u64>) -> 
     }
     for ((action, what), r) in &rows {
         let tiers: Vec<String> = r.tiers.iter().map(|t| t.to_string()).collect();
+        let what = if r.names.is_empty() {
+            what.clone()
+        } else {
+            let names: Vec<&str> = r.names.iter().map(String::as_str).collect();
+            format!("{} ({what})", names.join(","))
+        };
+        let what = clip(&what, SUMMARY_WIDTH);
         let moved = if r.ended {
             format!(
                 "{} out, {} in",
@@ -280,7 +290,7 @@ pub fn summarize(lines: &[serde_json::Value], drops: &BTreeMap<String, u64>) -> 
         let _ = write!(
             s,
             "  {action:<7} {what:<48} {:>4}x {moved:>22}  tier {}",
-            r.events,
+            r.events(),
             tiers.join("+")
         );
         if !r.reasons.is_empty() {
@@ -302,6 +312,27 @@ pub fn summarize(lines: &[serde_json::Value], drops: &BTreeMap<String, u64>) -> 
     s
 }
 
+impl Row {
+    /// How many times the row's decision was taken (by the tier that took it most often).
+    fn events(&self) -> u64 {
+        self.per_tier.values().copied().max().unwrap_or(0)
+    }
+}
+
+/// Width of the destination column of the summary; longer names (DNS tunnelling makes very
+/// long ones) are cut with an ellipsis.
+const SUMMARY_WIDTH: usize = 48;
+
+/// `s` cut to `width` characters, the last one an ellipsis when cut.
+fn clip(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        return s.to_owned();
+    }
+    let mut out: String = s.chars().take(width.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
 /// Most DNS rows shown per action; the rest (DNS tunnelling makes thousands of names) are
 /// folded into one row.
 const DNS_ROWS: usize = 6;
@@ -313,7 +344,7 @@ fn fold_dns_names(rows: &mut BTreeMap<(String, String), Row>) {
             by_action
                 .entry(action.clone())
                 .or_default()
-                .push((what.clone(), r.events));
+                .push((what.clone(), r.events()));
         }
     }
     for (action, mut names) in by_action {
@@ -326,7 +357,9 @@ fn fold_dns_names(rows: &mut BTreeMap<(String, String), Row>) {
         let mut merged = Row::default();
         for what in &folded {
             if let Some(r) = rows.remove(&(action.clone(), what.clone())) {
-                merged.events += r.events;
+                for (t, n) in r.per_tier {
+                    *merged.per_tier.entry(t).or_default() += n;
+                }
                 merged.tiers.extend(r.tiers);
                 merged.reasons.extend(r.reasons);
             }
@@ -634,7 +667,7 @@ mod tests {
     #[test]
     fn summary_groups_by_decision_and_destination() {
         let lines = vec![
-            json!({"tier":1,"action":"allow","job_key":"k","proto":"tcp","dst":"203.0.113.10","port":80,"hostname":"api.example.com","reason":"allowed","bytes":60}),
+            json!({"tier":1,"action":"allow","job_key":"k","proto":"tcp","dst":"203.0.113.10","port":80,"hostname":null,"reason":"new_flow","bytes":0}),
             json!({"tier":2,"action":"allow","job_key":"k","proto":"tcp","dst":"203.0.113.10","port":80,"hostname":"api.example.com","reason":"allowed","bytes":60}),
             json!({"tier":1,"action":"deny","job_key":"k","proto":"tcp","dst":"203.0.113.20","port":80,"hostname":null,"reason":"policy_no_match","bytes":60}),
             json!({"tier":1,"kind":"dns","action":"refuse","job_key":"k","proto":"udp","hostname":"nothere.example.org","qtype":"A","reason":"dns_refused","bytes":40}),
@@ -642,7 +675,12 @@ mod tests {
         let drops = BTreeMap::from([("policy_no_match".to_owned(), 3), ("ttl".to_owned(), 0)]);
         let s = summarize(&lines, &drops);
         let allow = s.lines().find(|l| l.contains("api.example.com")).unwrap();
-        assert!(allow.contains("allow") && allow.contains("2x"), "{allow}");
+        // Tier 1's event (no name) and tier 2's (with the name) are one row.
+        assert!(
+            allow.contains("allow   api.example.com (203.0.113.10 tcp/80)") && allow.contains("1x"),
+            "{s}"
+        );
+        assert!(!allow.contains("new_flow"), "{allow}");
         // Byte counts come only from flow ends: none yet, so none shown (not the first packet's).
         assert!(!allow.contains(" B"), "{allow}");
         assert!(allow.contains("tier 1+2"));
