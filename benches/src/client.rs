@@ -88,14 +88,36 @@ pub enum Workload {
         flows: usize,
         download: bool,
     },
-    /// UDP echo flood from `flows` sockets with `payload` bytes per datagram, at most
-    /// `window` datagrams unanswered per socket.
+    /// `Rr`, while a second thread resolves `names` in turn through the environment's
+    /// resolver (getaddrinfo), one lookup every `lookup_interval_s`, counting failed and
+    /// retried lookups.
+    RrLookups {
+        duration_s: f64,
+        warmup_s: f64,
+        names: Vec<String>,
+        lookup_interval_s: f64,
+    },
+    /// UDP echo flood from `flows` sockets (one thread each) with `payload` bytes per
+    /// datagram, sent as `pace` says.
     UdpFlood {
         duration_s: f64,
         flows: usize,
         payload: usize,
-        window: usize,
+        pace: Pace,
     },
+}
+
+/// How a UDP flood sends.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Pace {
+    /// At most this many datagrams unanswered per socket: a new one as each answer arrives
+    /// (and a new window after a 10 ms silence, so losses do not stall it). Measures what a
+    /// path forwards without overrunning it.
+    Window(usize),
+    /// As fast as the socket takes them, never waiting for answers (answers are read and
+    /// counted whenever there are some): a hostile job's flood.
+    OpenLoop,
 }
 
 /// What one client run measured.
@@ -117,7 +139,24 @@ pub struct ClientResult {
     pub sent: u64,
     /// The address the target resolved to (empty through a proxy).
     pub resolved: String,
+    /// Name lookups completed in the window (`RrLookups`).
+    #[serde(default)]
+    pub lookups: u64,
+    /// Lookups that failed (no answer, SERVFAIL, REFUSED, timeout).
+    #[serde(default)]
+    pub lookup_failures: u64,
+    /// Lookups that succeeded only after [`LOOKUP_RETRIED`] or more: the resolver's first
+    /// query (or its answer) was lost and it asked again.
+    #[serde(default)]
+    pub lookups_retried: u64,
+    /// Per-lookup latency in µs (`RrLookups`).
+    #[serde(default)]
+    pub lookup_latency_us: Option<Summary>,
 }
+
+/// A lookup that took this long was retried by the resolver (glibc waits 5 s before asking
+/// again; an answer from the stub or the proxy takes milliseconds at most).
+pub const LOOKUP_RETRIED: Duration = Duration::from_secs(1);
 
 fn io_err<'a>(
     what: &'static str,
@@ -216,12 +255,24 @@ pub fn run(w: &Workload, t: &Target) -> Result<ClientResult, ClientError> {
             flows,
             download,
         } => bulk(t, secs(duration_s), secs(warmup_s), flows.max(1), download),
+        Workload::RrLookups {
+            duration_s,
+            warmup_s,
+            ref names,
+            lookup_interval_s,
+        } => rr_lookups(
+            t,
+            secs(duration_s),
+            secs(warmup_s),
+            names,
+            secs(lookup_interval_s),
+        ),
         Workload::UdpFlood {
             duration_s,
             flows,
             payload,
-            window,
-        } => udp_flood(t, secs(duration_s), flows.max(1), payload, window.max(1)),
+            pace,
+        } => udp_flood(t, secs(duration_s), flows.max(1), payload, pace),
     }
 }
 
@@ -260,6 +311,85 @@ fn rr(t: &Target, duration: Duration, warmup: Duration) -> Result<ClientResult, 
         resolved: addr.map(|a| a.to_string()).unwrap_or_default(),
         ..ClientResult::default()
     })
+}
+
+/// What the lookup thread of [`rr_lookups`] counted.
+#[derive(Debug, Default)]
+struct Lookups {
+    done: u64,
+    failed: u64,
+    retried: u64,
+    latency_us: Vec<f64>,
+}
+
+/// Resolves `names` in turn, one lookup every `interval`, until `stop`. Counts every lookup
+/// started after `warmup`, also the one still running when `stop` is set (it is waited for: a
+/// lookup lost at the end of the window is still a lost lookup).
+fn lookup_loop(
+    names: &[String],
+    warmup: Duration,
+    interval: Duration,
+    stop: &AtomicBool,
+) -> Lookups {
+    let mut l = Lookups::default();
+    let start = Instant::now();
+    let mut next = start;
+    for name in names.iter().cycle() {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+        }
+        next = next.max(now) + interval;
+        let t0 = Instant::now();
+        let ok = (name.as_str(), 0u16)
+            .to_socket_addrs()
+            .is_ok_and(|mut a| a.next().is_some());
+        let took = t0.elapsed();
+        if t0 - start < warmup {
+            continue;
+        }
+        l.done += 1;
+        if !ok {
+            l.failed += 1;
+        } else if took >= LOOKUP_RETRIED {
+            l.retried += 1;
+        }
+        l.latency_us.push(took.as_secs_f64() * 1e6);
+    }
+    l
+}
+
+/// TCP_RR while another thread resolves names.
+fn rr_lookups(
+    t: &Target,
+    duration: Duration,
+    warmup: Duration,
+    names: &[String],
+    interval: Duration,
+) -> Result<ClientResult, ClientError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let lookups = {
+        let (names, stop) = (names.to_vec(), Arc::clone(&stop));
+        std::thread::spawn(move || lookup_loop(&names, warmup, interval, &stop))
+    };
+    let r = rr(t, duration, warmup);
+    stop.store(true, Ordering::Relaxed);
+    let l = lookups.join().map_err(|_| ClientError::Protocol {
+        target: t.label(),
+        detail: "the lookup thread panicked".into(),
+    })?;
+    let mut r = r?;
+    r.lookups = l.done;
+    r.lookup_failures = l.failed;
+    r.lookups_retried = l.retried;
+    r.lookup_latency_us = Summary::of(&l.latency_us);
+    Ok(r)
 }
 
 fn crr_once(t: &Target, addr: Option<SocketAddr>) -> Result<(), ClientError> {
@@ -473,14 +603,13 @@ fn bulk(
     })
 }
 
-/// UDP echo flood: each socket keeps up to `window` datagrams unanswered, sending again as
-/// answers arrive (and after a 10 ms silence, so losses do not stall it).
+/// UDP echo flood, each socket on its own thread (see [`Pace`]).
 fn udp_flood(
     t: &Target,
     duration: Duration,
     flows: usize,
     payload: usize,
-    window: usize,
+    pace: Pace,
 ) -> Result<ClientResult, ClientError> {
     let addr = resolve(t)?;
     let sent = Arc::new(AtomicU64::new(0));
@@ -496,29 +625,57 @@ fn udp_flood(
         };
         let s = UdpSocket::bind(bind).map_err(io_err("binding for", t))?;
         s.connect(addr).map_err(io_err("connecting to", t))?;
-        s.set_read_timeout(Some(Duration::from_millis(10)))
-            .map_err(io_err("configuring", t))?;
+        match pace {
+            Pace::Window(_) => s.set_read_timeout(Some(Duration::from_millis(10))),
+            Pace::OpenLoop => s.set_nonblocking(true),
+        }
+        .map_err(io_err("configuring", t))?;
         let (sent, received) = (Arc::clone(&sent), Arc::clone(&received));
         handles.push(std::thread::spawn(move || {
             let out = vec![0x42_u8; payload];
             let mut inb = vec![0u8; payload.max(1) + 64];
-            let mut outstanding = 0usize;
-            while Instant::now() < deadline {
-                while outstanding < window {
-                    if s.send(&out).is_ok() {
-                        sent.fetch_add(1, Ordering::Relaxed);
+            let (mut n_sent, mut n_received) = (0u64, 0u64);
+            match pace {
+                Pace::Window(window) => {
+                    let window = window.max(1);
+                    let mut outstanding = 0usize;
+                    while Instant::now() < deadline {
+                        while outstanding < window {
+                            if s.send(&out).is_ok() {
+                                n_sent += 1;
+                            }
+                            outstanding += 1;
+                        }
+                        match s.recv(&mut inb) {
+                            Ok(_) => {
+                                n_received += 1;
+                                outstanding = outstanding.saturating_sub(1);
+                            }
+                            // Silence: assume the window was lost and start a new one.
+                            Err(_) => outstanding = 0,
+                        }
                     }
-                    outstanding += 1;
                 }
-                match s.recv(&mut inb) {
-                    Ok(_) => {
-                        received.fetch_add(1, Ordering::Relaxed);
-                        outstanding = outstanding.saturating_sub(1);
+                Pace::OpenLoop => {
+                    let mut i = 0u32;
+                    loop {
+                        // The clock is read once per 64 datagrams: reading it costs about as
+                        // much as a send here.
+                        if i % 64 == 0 && Instant::now() >= deadline {
+                            break;
+                        }
+                        i = i.wrapping_add(1);
+                        if s.send(&out).is_ok() {
+                            n_sent += 1;
+                        }
+                        while s.recv(&mut inb).is_ok() {
+                            n_received += 1;
+                        }
                     }
-                    // Silence: assume the window was lost and start a new one.
-                    Err(_) => outstanding = 0,
                 }
             }
+            sent.fetch_add(n_sent, Ordering::Relaxed);
+            received.fetch_add(n_received, Ordering::Relaxed);
         }));
     }
     for h in handles {

@@ -88,7 +88,7 @@ struct RunArgs {
     #[arg(long)]
     quick: bool,
     /// Comma-separated scenarios: tcp_rr, tcp_crr, bulk, proxy_pps, edt_accuracy, tier1_edt,
-    /// fairness, noisy_neighbour, job_setup, proxy_memory, policy_10k. Default: all.
+    /// fairness, noisy_neighbour, noisy_udp, job_setup, proxy_memory, policy_10k. Default: all.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Comma-separated paths: direct, nftables, squid, snas, gvisor-direct, gvisor. Default:

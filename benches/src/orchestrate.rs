@@ -55,6 +55,7 @@ pub enum ScenarioId {
     Tier1Edt,
     Fairness,
     NoisyNeighbour,
+    NoisyUdp,
     JobSetup,
     ProxyMemory,
     Policy10k,
@@ -62,7 +63,7 @@ pub enum ScenarioId {
 
 impl ScenarioId {
     /// Every scenario, in run order.
-    pub const ALL: [ScenarioId; 11] = [
+    pub const ALL: [ScenarioId; 12] = [
         ScenarioId::TcpRr,
         ScenarioId::TcpCrr,
         ScenarioId::Bulk,
@@ -71,6 +72,7 @@ impl ScenarioId {
         ScenarioId::Tier1Edt,
         ScenarioId::Fairness,
         ScenarioId::NoisyNeighbour,
+        ScenarioId::NoisyUdp,
         ScenarioId::JobSetup,
         ScenarioId::ProxyMemory,
         ScenarioId::Policy10k,
@@ -87,6 +89,7 @@ impl ScenarioId {
             ScenarioId::Tier1Edt => "tier1_edt",
             ScenarioId::Fairness => "fairness",
             ScenarioId::NoisyNeighbour => "noisy_neighbour",
+            ScenarioId::NoisyUdp => "noisy_udp",
             ScenarioId::JobSetup => "job_setup",
             ScenarioId::ProxyMemory => "proxy_memory",
             ScenarioId::Policy10k => "policy_10k",
@@ -337,6 +340,7 @@ fn run_network(
             ScenarioId::EdtAccuracy => sc.edt_accuracy(),
             ScenarioId::Fairness => sc.fairness(),
             ScenarioId::NoisyNeighbour => sc.noisy_neighbour(),
+            ScenarioId::NoisyUdp => sc.noisy_udp(),
             _ => continue,
         };
         finish(&opts.out_dir, report, r)?;

@@ -785,6 +785,17 @@ impl Paths {
 
     /// Sum of the proxies' `snas_proxy_packets_total` for the given directions.
     pub fn proxy_packets(&self, directions: &[&str]) -> Result<u64, PathError> {
+        self.proxy_metric("snas_proxy_packets_total", "direction", directions)
+    }
+
+    /// Sum over both proxies of the samples of `metric` whose label `label` is one of
+    /// `values`.
+    pub fn proxy_metric(
+        &self,
+        metric: &str,
+        label: &str,
+        values: &[&str],
+    ) -> Result<u64, PathError> {
         let mut total = 0;
         for n in 1..=2u8 {
             let addr = self.tb.topology().proxy_control(n);
@@ -798,10 +809,85 @@ impl Paths {
                     path: PathBuf::from(format!("http://{addr}/metrics")),
                     source,
                 })?;
-            total += sum_metric(&text, "snas_proxy_packets_total", "direction", directions);
+            total += sum_metric(&text, metric, label, values);
         }
         Ok(total)
     }
+
+    /// Kernel-side losses in front of both proxies, summed: datagrams the kernel dropped at
+    /// the proxies' GENEVE sockets (`/proc/net/udp` `drops`, socket queue full) and packets
+    /// it dropped on the way from the internet into their TUN devices (`tx_drop` of the
+    /// device in `/proc/net/dev`). A packet lost there never reached a worker, so no
+    /// scheduler could have served it.
+    pub fn proxy_kernel_drops(&self) -> Result<KernelDrops, PathError> {
+        let mut total = KernelDrops::default();
+        for n in 1..=2u8 {
+            let ns = self.tb.topology().proxy_ns(n);
+            let (udp, dev) = self
+                .tb
+                .in_netns(&ns, || {
+                    // thread-self: /proc/net follows the main thread's namespace.
+                    (
+                        std::fs::read_to_string("/proc/thread-self/net/udp"),
+                        std::fs::read_to_string("/proc/thread-self/net/dev"),
+                    )
+                })
+                .map_err(|e| PathError::Job(e.to_string()))?;
+            let file = |what: &str| {
+                let path = PathBuf::from(format!("{ns}:/proc/net/{what}"));
+                move |source| PathError::File { path, source }
+            };
+            let (udp, dev) = (udp.map_err(file("udp"))?, dev.map_err(file("dev"))?);
+            total.socket += udp_drops(&udp, snas_proxy::config::GENEVE_PORT);
+            total.tun += dev_tx_drops(&dev, snas_testbed::topology::PROXY_TUN);
+        }
+        Ok(total)
+    }
+}
+
+/// Packets the kernel dropped before a proxy worker saw them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KernelDrops {
+    /// At the GENEVE sockets (receive queue full).
+    pub socket: u64,
+    /// On the way into the TUN devices (device queue full).
+    pub tun: u64,
+}
+
+impl KernelDrops {
+    /// What grew from `earlier` to `self`.
+    pub fn since(self, earlier: KernelDrops) -> KernelDrops {
+        KernelDrops {
+            socket: self.socket.saturating_sub(earlier.socket),
+            tun: self.tun.saturating_sub(earlier.tun),
+        }
+    }
+}
+
+/// The `drops` column of the sockets bound to local `port` in `/proc/net/udp` text.
+fn udp_drops(text: &str, port: u16) -> u64 {
+    let want = format!(":{port:04X}");
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops
+            (f.get(1)?.ends_with(&want)).then(|| f.get(12)?.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
+/// The transmit `drop` counter of device `dev` in `/proc/net/dev` text.
+fn dev_tx_drops(text: &str, dev: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(':')?;
+            (name.trim() == dev).then_some(rest)
+        })
+        // receive: bytes packets errs drop fifo frame compressed multicast (8), then
+        // transmit: bytes packets errs drop ...
+        .filter_map(|rest| rest.split_whitespace().nth(11)?.parse::<u64>().ok())
+        .sum()
 }
 
 /// CPU time (user + system) of a process and all its threads, in seconds.
@@ -863,6 +949,21 @@ mod tests {
             ),
             15
         );
+    }
+
+    #[test]
+    fn kernel_drop_counters_are_read_from_the_right_columns() {
+        let udp = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+  12: 1500000A:17C1 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1234 2 0000000000000000 17\n\
+  13: 1500000A:17C1 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1235 2 0000000000000000 3\n\
+  14: 0100007F:14E9 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1236 2 0000000000000000 99\n";
+        assert_eq!(udp_drops(udp, 6081), 20);
+        let dev = "Inter-|   Receive                                                |  Transmit\n\
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n\
+    lo:       0       0    0    0    0     0          0         0        0       0    0    0    0     0       0          0\n\
+snastun0: 1000 10 0 5 0 0 0 0 2000 20 0 42 0 0 0 0\n";
+        assert_eq!(dev_tx_drops(dev, "snastun0"), 42);
+        assert_eq!(dev_tx_drops(dev, "eth0"), 0);
     }
 
     #[test]

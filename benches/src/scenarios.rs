@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use crate::client::{ClientResult, Workload};
+use crate::client::{ClientResult, Pace, Workload};
 use crate::paths::{cpu_seconds, JobSpec, PathError, PathKind, Paths};
 use crate::results::{BarChart, BarSeries, BarValue, GoalCheck, ScenarioResult, Table};
 use crate::stats::median;
@@ -650,7 +650,7 @@ impl<'a> Scenarios<'a> {
                     flows: 8,
                     // IPv4 + UDP headers are 28 bytes of the packet.
                     payload: size - 28,
-                    window: 32,
+                    pace: Pace::Window(32),
                 };
                 let before = (
                     Self::cpu_of(&pids),
@@ -1110,6 +1110,265 @@ impl<'a> Scenarios<'a> {
     }
 }
 
+/// The light tenant's names in `noisy_udp`: the benchmark's own, plus one whose TTL (1 s,
+/// clamped to 5 s by the proxy) makes the job's stub ask the proxy again every few seconds,
+/// so lookups cross the loaded proxies and are not all answered from the stub's cache.
+const NOISY_UDP_NAMES: [&str; 3] = [
+    "api.example.com",
+    "bulk.example.com",
+    "short-ttl.example.com",
+];
+
+/// One lookup per 10 ms: 100 lookups/s, 200 DNS packets/s (getaddrinfo asks A and AAAA),
+/// well inside tier 1's per-job DNS packet budget (500/s, docs/dns.md) — a program that
+/// resolves often, not a DNS flood (a back-to-back loop exceeds the budget and loses queries
+/// on an idle machine, by design).
+const NOISY_UDP_LOOKUP_INTERVAL_S: f64 = 0.01;
+
+/// Datagrams of the `noisy_udp` flood: 64-byte IP packets (IPv4 + UDP headers are 28).
+const NOISY_UDP_PAYLOAD: usize = 36;
+/// Sockets (threads) of the `noisy_udp` flood.
+const NOISY_UDP_FLOWS: usize = 8;
+
+/// The light tenant's policy in `noisy_udp`: the benchmark policy plus its lookup names.
+fn light_policy(job: &str) -> String {
+    let mut p = policy("light", job, "1Gbit");
+    let extra: String = NOISY_UDP_NAMES
+        .iter()
+        .filter(|n| !p.contains(&format!("\"{n}:")))
+        .map(|n| format!("\n[[egress]]\nhost = \"{n}:80\"\n"))
+        .collect();
+    // Rules go before [limits].
+    if let Some(at) = p.find("[limits]") {
+        p.insert_str(at, &format!("{}\n", extra.trim_start()));
+    }
+    p
+}
+
+/// What one light-tenant run of `noisy_udp` measured, with what the proxies and the kernel
+/// dropped meanwhile.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+struct LightRun {
+    client: Option<ClientResult>,
+    /// `snas_proxy_drops_total{reason="tenant_queue_full"}` during the run.
+    tenant_queue_full: Option<u64>,
+    /// Kernel drops in front of the proxies during the run.
+    kernel: Option<crate::paths::KernelDrops>,
+}
+
+impl<'a> Scenarios<'a> {
+    fn light_run(&self, rep: usize, w: &Workload, notes: &mut Vec<String>, what: &str) -> LightRun {
+        let job = match self
+            .paths
+            .sign(&light_policy(&format!("bench-noisy-udp-{rep}-{what}")))
+        {
+            Ok(j) => j,
+            Err(e) => {
+                notes.push(format!("{what} rep {}: {e}", rep + 1));
+                return LightRun::default();
+            }
+        };
+        let tqf = || {
+            self.paths
+                .proxy_metric("snas_proxy_drops_total", "reason", &["tenant_queue_full"])
+                .ok()
+        };
+        let (q0, k0) = (tqf(), self.paths.proxy_kernel_drops().ok());
+        let client = match self
+            .paths
+            .run(PathKind::SnasNs, Some(&job), w, "api.example.com", 7)
+        {
+            Ok(c) => Some(c),
+            Err(e) => {
+                notes.push(format!("{what} rep {}: {e}", rep + 1));
+                None
+            }
+        };
+        let (q1, k1) = (tqf(), self.paths.proxy_kernel_drops().ok());
+        LightRun {
+            client,
+            tenant_queue_full: q0.zip(q1).map(|(a, b)| b.saturating_sub(a)),
+            kernel: k0.zip(k1).map(|(a, b)| b.since(a)),
+        }
+    }
+
+    /// A light tenant's TCP_RR latency and name lookups, alone and while a heavy tenant's job
+    /// on the same node floods UDP as fast as it can (issue 11's fairness target).
+    pub fn noisy_udp(&self) -> ScenarioResult {
+        let light_w = Workload::RrLookups {
+            duration_s: self.plan.duration_s,
+            warmup_s: self.plan.warmup_s,
+            names: NOISY_UDP_NAMES.iter().map(|n| (*n).to_owned()).collect(),
+            lookup_interval_s: NOISY_UDP_LOOKUP_INTERVAL_S,
+        };
+        // Long enough to cover the light run after the heavy job's warm-up, job set-up
+        // included.
+        let flood_s = self.plan.duration_s + 2.0 * self.plan.warmup_s + 1.0;
+        let flood_w = Workload::UdpFlood {
+            duration_s: flood_s,
+            flows: NOISY_UDP_FLOWS,
+            payload: NOISY_UDP_PAYLOAD,
+            pace: Pace::OpenLoop,
+        };
+        let mut idle: Vec<LightRun> = Vec::new();
+        let mut loaded: Vec<LightRun> = Vec::new();
+        let mut floods: Vec<ClientResult> = Vec::new();
+        let mut notes = Vec::new();
+        for rep in 0..self.plan.reps {
+            if crate::orchestrate::interrupted() {
+                break;
+            }
+            idle.push(self.light_run(rep, &light_w, &mut notes, "idle"));
+            let heavy = match self.paths.sign(&policy(
+                "heavy",
+                &format!("bench-noisy-udp-{rep}-flood"),
+                "1Gbit",
+            )) {
+                Ok(j) => j,
+                Err(e) => {
+                    notes.push(format!("flood rep {}: {e}", rep + 1));
+                    continue;
+                }
+            };
+            let h = self.paths.spawn(
+                PathKind::SnasNs,
+                Some(&heavy),
+                &flood_w,
+                "api.example.com",
+                7,
+            );
+            // Let the flood reach its rate (and the proxies' queues fill) before measuring.
+            std::thread::sleep(std::time::Duration::from_secs_f64(self.plan.warmup_s));
+            loaded.push(self.light_run(rep, &light_w, &mut notes, "loaded"));
+            match h
+                .map_err(|e| e.to_string())
+                .and_then(|h| h.wait().map_err(|e| e.to_string()))
+            {
+                Ok(c) => floods.push(c),
+                Err(e) => notes.push(format!("flood rep {}: {e}", rep + 1)),
+            }
+        }
+        let lat = |runs: &[LightRun], f: fn(&crate::stats::Summary) -> f64| -> Vec<f64> {
+            runs.iter()
+                .filter_map(|r| r.client.as_ref()?.latency_us.as_ref().map(f))
+                .collect()
+        };
+        let count = |runs: &[LightRun], f: fn(&ClientResult) -> u64| -> Vec<f64> {
+            runs.iter()
+                .filter_map(|r| r.client.as_ref().map(|c| f(c) as f64))
+                .collect()
+        };
+        let sum = |xs: &[f64]| -> String {
+            if xs.is_empty() {
+                "—".into()
+            } else {
+                format!("{:.0}", xs.iter().sum::<f64>())
+            }
+        };
+        let lookup_p99_ms = |runs: &[LightRun]| -> Vec<f64> {
+            runs.iter()
+                .filter_map(|r| r.client.as_ref()?.lookup_latency_us.map(|l| l.p99 / 1e3))
+                .collect()
+        };
+        let row = |name: &str, runs: &[LightRun]| -> Vec<String> {
+            vec![
+                name.into(),
+                fmt_spread(&lat(runs, |l| l.p50), 1),
+                fmt_spread(&lat(runs, |l| l.p99), 1),
+                sum(&count(runs, |c| c.lookups)),
+                sum(&count(runs, |c| c.lookup_failures)),
+                sum(&count(runs, |c| c.lookups_retried)),
+                fmt_spread(&lookup_p99_ms(runs), 2),
+            ]
+        };
+        let table = Table {
+            columns: vec![
+                "light tenant".into(),
+                "TCP_RR p50 µs".into(),
+                "TCP_RR p99 µs".into(),
+                "lookups".into(),
+                "lookups failed".into(),
+                "lookups retried".into(),
+                "lookup p99 ms".into(),
+            ],
+            rows: vec![row("idle", &idle), row("under the UDP flood", &loaded)],
+        };
+        let (i99, l99) = (
+            median(&lat(&idle, |l| l.p99)),
+            median(&lat(&loaded, |l| l.p99)),
+        );
+        let ratio = i99.zip(l99).and_then(|(i, l)| crate::stats::ratio(l, i));
+        let lost: Vec<f64> = loaded
+            .iter()
+            .filter_map(|r| r.client.as_ref())
+            .map(|c| (c.lookup_failures + c.lookups_retried) as f64)
+            .collect();
+        let flood_rate = |f: fn(&ClientResult) -> u64| -> Vec<f64> {
+            floods
+                .iter()
+                .filter(|c| c.elapsed_s > 0.0)
+                .map(|c| f(c) as f64 / c.elapsed_s)
+                .collect()
+        };
+        notes.push(format!(
+            "Flood: {} sent/s, {} answered/s (64-byte IP packets, median (min–max) over repetitions). While the light tenant measured: tenant_queue_full drops {}, GENEVE socket drops {}, TUN device drops {} (sums over repetitions; kernel drops happen before any proxy worker sees a packet).",
+            fmt_spread(&flood_rate(|c| c.sent), 0),
+            fmt_spread(&flood_rate(|c| c.transactions), 0),
+            sum(&loaded.iter().filter_map(|r| r.tenant_queue_full.map(|x| x as f64)).collect::<Vec<_>>()),
+            sum(&loaded.iter().filter_map(|r| r.kernel.map(|k| k.socket as f64)).collect::<Vec<_>>()),
+            sum(&loaded.iter().filter_map(|r| r.kernel.map(|k| k.tun as f64)).collect::<Vec<_>>()),
+        ));
+        let goals = vec![
+            GoalCheck {
+                goal: "light TCP_RR p99 under the flood ≤ 2 × idle p99".into(),
+                measured: ratio_text(ratio),
+                met: ratio.map(|r| r <= 2.0),
+            },
+            GoalCheck {
+                goal: "light lookups under the flood: none failed or retried".into(),
+                measured: if lost.is_empty() {
+                    "—".into()
+                } else {
+                    format!(
+                        "{:.0} of {}",
+                        lost.iter().sum::<f64>(),
+                        sum(&count(&loaded, |c| c.lookups))
+                    )
+                },
+                met: (!lost.is_empty()).then(|| lost.iter().all(|x| *x == 0.0)),
+            },
+        ];
+        ScenarioResult {
+            id: "noisy_udp".into(),
+            title: "Noisy neighbour, UDP flood: a light tenant's TCP_RR and DNS while a heavy tenant floods".into(),
+            method: format!(
+                "Light job (tenant `light`): TCP_RR against api.example.com:7 for {d} s after a {w} s warm-up while a second thread resolves {names} in turn (getaddrinfo through the job's stub, one lookup per {li} ms), alone and then while a heavy job (tenant `heavy`, 1 Gbit/s policy) on the same node floods the UDP echo service api.example.com:7 open loop from {flows} sockets with 64-byte IP packets (started {w} s before the light run). Latency cells: median of per-repetition percentiles over {reps} repetitions (min–max); lookup counts summed over repetitions; a lookup that took ≥ 1 s was retried by the resolver (its first query or answer was lost).",
+                d = self.plan.duration_s,
+                w = self.plan.warmup_s,
+                names = NOISY_UDP_NAMES.join(", "),
+                li = NOISY_UDP_LOOKUP_INTERVAL_S * 1e3,
+                flows = NOISY_UDP_FLOWS,
+                reps = self.plan.reps
+            ),
+            charts: vec![BarChart {
+                title: "Light tenant TCP_RR p99, idle and under a UDP flood".into(),
+                y_label: "p99 µs".into(),
+                categories: vec!["idle".into(), "heavy tenant flooding UDP".into()],
+                series: vec![BarSeries {
+                    name: "light TCP_RR p99".into(),
+                    values: vec![spread_bar(&lat(&idle, |l| l.p99)), spread_bar(&lat(&loaded, |l| l.p99))],
+                }],
+                reference_lines: i99.map(|i| vec![("2 × idle".to_owned(), 2.0 * i)]).unwrap_or_default(),
+                log_y: false,
+            }],
+            table,
+            goals,
+            notes,
+            raw: json!({"idle": idle, "loaded": loaded, "flood": floods}),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -1122,6 +1381,16 @@ mod tests {
         let text = serde_json::to_string(&c).unwrap();
         for (host, ..) in crate::paths::ALLOWED {
             assert!(text.contains(host), "{host} missing from {text}");
+        }
+    }
+
+    #[test]
+    fn the_light_tenant_may_resolve_every_name_it_looks_up() {
+        let d = snas_policy::parse_policy(&light_policy("j")).unwrap();
+        let c = d.to_claims("jti", 1, std::time::SystemTime::now());
+        let text = serde_json::to_string(&c).unwrap();
+        for n in NOISY_UDP_NAMES {
+            assert!(text.contains(n), "{n} missing from {text}");
         }
     }
 

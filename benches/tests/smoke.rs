@@ -60,10 +60,11 @@ fn quick_run_measures_every_path_and_writes_every_file() {
         "edt_accuracy",
         "fairness",
         "noisy_neighbour",
+        "noisy_udp",
     ] {
         assert!(ids.contains(&id), "{id} missing from {ids:?}");
     }
-    assert_eq!(ids.len(), 11, "{ids:?}");
+    assert_eq!(ids.len(), 12, "{ids:?}");
     for s in &report.scenarios {
         assert!(
             out.path().join(format!("{}.json", s.id)).is_file(),
