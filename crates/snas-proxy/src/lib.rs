@@ -15,6 +15,7 @@
 //! - [`infra`]: the infrastructure set no job may reach, whatever its policy says.
 //! - [`hold`]: first packets of jobs whose policy is being fetched.
 //! - [`budget`]: per-job audit-line budget and pacing-queue bounds.
+//! - [`fair`]: per-tenant, per-job fair queues (deficit round robin in bytes) of a worker.
 //! - [`tier2`]: the per-packet pipeline in both directions — GENEVE receive rules, the job's
 //!   verified policy, new-flow admission, NAT, pacing, refusals and audit records.
 //! - [`gso`]: software segmentation of TCP super-packets (pure).
@@ -42,6 +43,7 @@ pub mod config;
 pub mod conntrack;
 pub mod control;
 pub mod daemon;
+pub mod fair;
 pub mod gso;
 #[allow(unsafe_code)]
 pub mod guard;
