@@ -807,8 +807,8 @@ fn policies_are_compiled_with_the_infrastructure_set() {
     assert_eq!(
         p.matcher
             .check_ip(mgmt, 22, snas_policy::rules::Transport::Tcp),
-        snas_policy::matcher::Decision::Deny(snas_policy::matcher::DenyReason::AlwaysDenied),
-        "the matcher alone denies it as well"
+        snas_policy::matcher::Decision::Deny(snas_policy::matcher::DenyReason::Infrastructure),
+        "the matcher alone denies it as well, with infrastructure's own reason"
     );
     assert!(p
         .matcher
