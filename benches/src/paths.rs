@@ -659,6 +659,21 @@ impl Paths {
         host: &str,
         port: u16,
     ) -> Result<RunningClient, PathError> {
+        self.spawn_on_cpu(path, job, w, host, port, None)
+    }
+
+    /// As [`Paths::spawn`], with the client (all its threads) held to CPU `cpu` when given:
+    /// the share of the machine a sandbox limited to one CPU would get (the job's own sends —
+    /// system calls, tier 1, the kernel's forwarding in their context — run on that CPU too).
+    pub fn spawn_on_cpu(
+        &self,
+        path: PathKind,
+        job: Option<&JobSpec>,
+        w: &Workload,
+        host: &str,
+        port: u16,
+        cpu: Option<usize>,
+    ) -> Result<RunningClient, PathError> {
         let t = self.baselines.target(path, host, port);
         let args = Self::client_args(w, &t);
         let spawn_err = |source| PathError::Spawn {
@@ -748,6 +763,9 @@ impl Paths {
                 c
             }
         };
+        if let Some(cpu) = cpu {
+            pin_to_cpu(&mut cmd, cpu);
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -888,6 +906,24 @@ fn dev_tx_drops(text: &str, dev: &str) -> u64 {
         // transmit: bytes packets errs drop ...
         .filter_map(|rest| rest.split_whitespace().nth(11)?.parse::<u64>().ok())
         .sum()
+}
+
+/// Makes `cmd` run on CPU `cpu` only (`sched_setaffinity` before exec; the threads it starts
+/// inherit it).
+fn pin_to_cpu(cmd: &mut Command, cpu: usize) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and makes one async-signal-safe system
+    // call on a cpu_set_t that lives on its own stack.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// CPU time (user + system) of a process and all its threads, in seconds.

@@ -1193,7 +1193,9 @@ impl<'a> Scenarios<'a> {
     }
 
     /// A light tenant's TCP_RR latency and name lookups, alone and while a heavy tenant's job
-    /// on the same node floods UDP as fast as it can (issue 11's fairness target).
+    /// on the same node floods UDP as fast as it can (issue 11's fairness target): once with
+    /// the flood shed at the node (tier 1 denies it, so the proxies never see it: what the
+    /// flood costs the machine alone) and once with the flood allowed through the proxies.
     pub fn noisy_udp(&self) -> ScenarioResult {
         let light_w = Workload::RrLookups {
             duration_s: self.plan.duration_s,
@@ -1210,44 +1212,61 @@ impl<'a> Scenarios<'a> {
             payload: NOISY_UDP_PAYLOAD,
             pace: Pace::OpenLoop,
         };
-        let mut idle: Vec<LightRun> = Vec::new();
-        let mut loaded: Vec<LightRun> = Vec::new();
-        let mut floods: Vec<ClientResult> = Vec::new();
+        let flood_cpu = flood_cpu();
+        let cases = [
+            (NoisyCase::Idle, "idle"),
+            (NoisyCase::Shed, "UDP flood shed at the node (floor)"),
+            (NoisyCase::Proxied, "UDP flood through the proxies"),
+        ];
+        let mut runs: BTreeMap<NoisyCase, Vec<LightRun>> = BTreeMap::new();
+        let mut floods: BTreeMap<NoisyCase, Vec<ClientResult>> = BTreeMap::new();
         let mut notes = Vec::new();
         for rep in 0..self.plan.reps {
-            if crate::orchestrate::interrupted() {
-                break;
-            }
-            idle.push(self.light_run(rep, &light_w, &mut notes, "idle"));
-            let heavy = match self.paths.sign(&policy(
-                "heavy",
-                &format!("bench-noisy-udp-{rep}-flood"),
-                "1Gbit",
-            )) {
-                Ok(j) => j,
-                Err(e) => {
-                    notes.push(format!("flood rep {}: {e}", rep + 1));
-                    continue;
+            for (case, label) in cases {
+                if crate::orchestrate::interrupted() {
+                    break;
                 }
-            };
-            let h = self.paths.spawn(
-                PathKind::SnasNs,
-                Some(&heavy),
-                &flood_w,
-                "api.example.com",
-                7,
-            );
-            // Let the flood reach its rate (and the proxies' queues fill) before measuring.
-            std::thread::sleep(std::time::Duration::from_secs_f64(self.plan.warmup_s));
-            loaded.push(self.light_run(rep, &light_w, &mut notes, "loaded"));
-            match h
-                .map_err(|e| e.to_string())
-                .and_then(|h| h.wait().map_err(|e| e.to_string()))
-            {
-                Ok(c) => floods.push(c),
-                Err(e) => notes.push(format!("flood rep {}: {e}", rep + 1)),
+                let flood = match case {
+                    NoisyCase::Idle => None,
+                    NoisyCase::Shed | NoisyCase::Proxied => {
+                        let job = format!("bench-noisy-udp-{rep}-{}", case.id());
+                        let h = self
+                            .paths
+                            .sign(&heavy_policy(&job, case == NoisyCase::Proxied))
+                            .and_then(|heavy| {
+                                self.paths.spawn_on_cpu(
+                                    PathKind::SnasNs,
+                                    Some(&heavy),
+                                    &flood_w,
+                                    "api.example.com",
+                                    7,
+                                    flood_cpu,
+                                )
+                            });
+                        match h {
+                            Ok(h) => Some(h),
+                            Err(e) => {
+                                notes.push(format!("{label} rep {}: flood: {e}", rep + 1));
+                                continue;
+                            }
+                        }
+                    }
+                };
+                if flood.is_some() {
+                    // Let the flood reach its rate (and the queues fill) before measuring.
+                    std::thread::sleep(std::time::Duration::from_secs_f64(self.plan.warmup_s));
+                }
+                let r = self.light_run(rep, &light_w, &mut notes, case.id());
+                runs.entry(case).or_default().push(r);
+                if let Some(h) = flood {
+                    match h.wait() {
+                        Ok(c) => floods.entry(case).or_default().push(c),
+                        Err(e) => notes.push(format!("{label} rep {}: flood: {e}", rep + 1)),
+                    }
+                }
             }
         }
+        let get = |c: NoisyCase| runs.get(&c).map_or(&[][..], |v| v.as_slice());
         let lat = |runs: &[LightRun], f: fn(&crate::stats::Summary) -> f64| -> Vec<f64> {
             runs.iter()
                 .filter_map(|r| r.client.as_ref()?.latency_us.as_ref().map(f))
@@ -1270,54 +1289,68 @@ impl<'a> Scenarios<'a> {
                 .filter_map(|r| r.client.as_ref()?.lookup_latency_us.map(|l| l.p99 / 1e3))
                 .collect()
         };
-        let row = |name: &str, runs: &[LightRun]| -> Vec<String> {
-            vec![
-                name.into(),
-                fmt_spread(&lat(runs, |l| l.p50), 1),
-                fmt_spread(&lat(runs, |l| l.p99), 1),
-                sum(&count(runs, |c| c.lookups)),
-                sum(&count(runs, |c| c.lookup_failures)),
-                sum(&count(runs, |c| c.lookups_retried)),
-                fmt_spread(&lookup_p99_ms(runs), 2),
-            ]
+        let i99 = median(&lat(get(NoisyCase::Idle), |l| l.p99));
+        let ratio_to_idle = |c: NoisyCase| {
+            median(&lat(get(c), |l| l.p99))
+                .zip(i99)
+                .and_then(|(x, i)| crate::stats::ratio(x, i))
         };
-        let table = Table {
+        let mut table = Table {
             columns: vec![
                 "light tenant".into(),
                 "TCP_RR p50 µs".into(),
                 "TCP_RR p99 µs".into(),
+                "p99 / idle p99".into(),
                 "lookups".into(),
                 "lookups failed".into(),
                 "lookups retried".into(),
                 "lookup p99 ms".into(),
             ],
-            rows: vec![row("idle", &idle), row("under the UDP flood", &loaded)],
+            rows: Vec::new(),
         };
-        let (i99, l99) = (
-            median(&lat(&idle, |l| l.p99)),
-            median(&lat(&loaded, |l| l.p99)),
-        );
-        let ratio = i99.zip(l99).and_then(|(i, l)| crate::stats::ratio(l, i));
+        for (case, label) in cases {
+            let r = get(case);
+            table.rows.push(vec![
+                label.into(),
+                fmt_spread(&lat(r, |l| l.p50), 1),
+                fmt_spread(&lat(r, |l| l.p99), 1),
+                if case == NoisyCase::Idle {
+                    "—".into()
+                } else {
+                    ratio_text(ratio_to_idle(case))
+                },
+                sum(&count(r, |c| c.lookups)),
+                sum(&count(r, |c| c.lookup_failures)),
+                sum(&count(r, |c| c.lookups_retried)),
+                fmt_spread(&lookup_p99_ms(r), 2),
+            ]);
+        }
+        let ratio = ratio_to_idle(NoisyCase::Proxied);
+        let loaded = get(NoisyCase::Proxied);
         let lost: Vec<f64> = loaded
             .iter()
             .filter_map(|r| r.client.as_ref())
             .map(|c| (c.lookup_failures + c.lookups_retried) as f64)
             .collect();
-        let flood_rate = |f: fn(&ClientResult) -> u64| -> Vec<f64> {
-            floods
-                .iter()
-                .filter(|c| c.elapsed_s > 0.0)
-                .map(|c| f(c) as f64 / c.elapsed_s)
-                .collect()
-        };
-        notes.push(format!(
-            "Flood: {} sent/s, {} answered/s (64-byte IP packets, median (min–max) over repetitions). While the light tenant measured: tenant_queue_full drops {}, GENEVE socket drops {}, TUN device drops {} (sums over repetitions; kernel drops happen before any proxy worker sees a packet).",
-            fmt_spread(&flood_rate(|c| c.sent), 0),
-            fmt_spread(&flood_rate(|c| c.transactions), 0),
-            sum(&loaded.iter().filter_map(|r| r.tenant_queue_full.map(|x| x as f64)).collect::<Vec<_>>()),
-            sum(&loaded.iter().filter_map(|r| r.kernel.map(|k| k.socket as f64)).collect::<Vec<_>>()),
-            sum(&loaded.iter().filter_map(|r| r.kernel.map(|k| k.tun as f64)).collect::<Vec<_>>()),
-        ));
+        for (case, label) in &cases[1..] {
+            let fl = floods.get(case).map_or(&[][..], |v| v.as_slice());
+            let rate = |f: fn(&ClientResult) -> u64| -> Vec<f64> {
+                fl.iter()
+                    .filter(|c| c.elapsed_s > 0.0)
+                    .map(|c| f(c) as f64 / c.elapsed_s)
+                    .collect()
+            };
+            let r = get(*case);
+            notes.push(format!(
+                "{label}: the flood sent {} datagrams/s and got {} answers/s (median (min–max)); while the light tenant measured, the proxies dropped {} as tenant_queue_full, the kernel {} at the proxies' GENEVE sockets and {} toward their TUN devices (sums over repetitions).",
+                fmt_spread(&rate(|c| c.sent), 0),
+                fmt_spread(&rate(|c| c.transactions), 0),
+                sum(&r.iter().filter_map(|x| x.tenant_queue_full.map(|v| v as f64)).collect::<Vec<_>>()),
+                sum(&r.iter().filter_map(|x| x.kernel.map(|k| k.socket as f64)).collect::<Vec<_>>()),
+                sum(&r.iter().filter_map(|x| x.kernel.map(|k| k.tun as f64)).collect::<Vec<_>>()),
+            ));
+        }
+        notes.push("The floor row is the same flood with its policy denying UDP: tier 1 drops it at the node and the proxies never see it, so what it costs the light tenant is the flood's CPU and the node's work alone — nothing a proxy does. On this machine the proxies, the nodes, both jobs and the echo server share two cores.".to_owned());
         let goals = vec![
             GoalCheck {
                 goal: "light TCP_RR p99 under the flood ≤ 2 × idle p99".into(),
@@ -1332,41 +1365,97 @@ impl<'a> Scenarios<'a> {
                     format!(
                         "{:.0} of {}",
                         lost.iter().sum::<f64>(),
-                        sum(&count(&loaded, |c| c.lookups))
+                        sum(&count(loaded, |c| c.lookups))
                     )
                 },
                 met: (!lost.is_empty()).then(|| lost.iter().all(|x| *x == 0.0)),
             },
         ];
+        let raw_runs: serde_json::Map<String, serde_json::Value> = cases
+            .iter()
+            .map(|(c, _)| {
+                (
+                    c.id().to_owned(),
+                    json!({"light": get(*c), "flood": floods.get(c)}),
+                )
+            })
+            .collect();
         ScenarioResult {
             id: "noisy_udp".into(),
             title: "Noisy neighbour, UDP flood: a light tenant's TCP_RR and DNS while a heavy tenant floods".into(),
             method: format!(
-                "Light job (tenant `light`): TCP_RR against api.example.com:7 for {d} s after a {w} s warm-up while a second thread resolves {names} in turn (getaddrinfo through the job's stub, one lookup per {li} ms), alone and then while a heavy job (tenant `heavy`, 1 Gbit/s policy) on the same node floods the UDP echo service api.example.com:7 open loop from {flows} sockets with 64-byte IP packets (started {w} s before the light run). Latency cells: median of per-repetition percentiles over {reps} repetitions (min–max); lookup counts summed over repetitions; a lookup that took ≥ 1 s was retried by the resolver (its first query or answer was lost).",
+                "Light job (tenant `light`): TCP_RR against api.example.com:7 for {d} s after a {w} s warm-up while a second thread resolves {names} in turn (getaddrinfo through the job's stub, one lookup per {li} ms). Measured alone; then while a heavy job (tenant `heavy`, 1 Gbit/s policy) on the same node floods the UDP echo service api.example.com:7 open loop from {flows} sockets with 64-byte IP packets, started {w} s before{cpu} — once with its policy denying UDP (tier 1 sheds the flood at the node: the floor) and once allowing it (the flood goes through the proxies). Latency cells: median of per-repetition percentiles over {reps} repetitions (min–max); lookup counts summed over repetitions; a lookup that took ≥ 1 s was retried by the resolver (its first query or answer was lost).",
                 d = self.plan.duration_s,
                 w = self.plan.warmup_s,
                 names = NOISY_UDP_NAMES.join(", "),
                 li = NOISY_UDP_LOOKUP_INTERVAL_S * 1e3,
                 flows = NOISY_UDP_FLOWS,
+                cpu = match flood_cpu {
+                    Some(c) => format!(", all its threads held to CPU {c} (the share of a sandbox limited to one CPU)"),
+                    None => String::new(),
+                },
                 reps = self.plan.reps
             ),
             charts: vec![BarChart {
-                title: "Light tenant TCP_RR p99, idle and under a UDP flood".into(),
+                title: "Light tenant TCP_RR p99: idle, flood shed at the node, flood through the proxies".into(),
                 y_label: "p99 µs".into(),
-                categories: vec!["idle".into(), "heavy tenant flooding UDP".into()],
+                categories: cases.iter().map(|(_, l)| (*l).to_owned()).collect(),
                 series: vec![BarSeries {
                     name: "light TCP_RR p99".into(),
-                    values: vec![spread_bar(&lat(&idle, |l| l.p99)), spread_bar(&lat(&loaded, |l| l.p99))],
+                    values: cases
+                        .iter()
+                        .map(|(c, _)| spread_bar(&lat(get(*c), |l| l.p99)))
+                        .collect(),
                 }],
                 reference_lines: i99.map(|i| vec![("2 × idle".to_owned(), 2.0 * i)]).unwrap_or_default(),
-                log_y: false,
+                log_y: true,
             }],
             table,
             goals,
             notes,
-            raw: json!({"idle": idle, "loaded": loaded, "flood": floods}),
+            raw: serde_json::Value::Object(raw_runs),
         }
     }
+}
+
+/// The light tenant's three conditions in `noisy_udp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum NoisyCase {
+    /// Nothing else runs.
+    Idle,
+    /// The heavy job floods, and tier 1 denies it: the proxies never see the flood.
+    Shed,
+    /// The heavy job floods through the proxies.
+    Proxied,
+}
+
+impl NoisyCase {
+    fn id(self) -> &'static str {
+        match self {
+            NoisyCase::Idle => "idle",
+            NoisyCase::Shed => "shed_at_node",
+            NoisyCase::Proxied => "through_proxies",
+        }
+    }
+}
+
+/// The heavy tenant's policy in `noisy_udp`: the benchmark policy at 1 Gbit/s, with or without
+/// its UDP rule (without, tier 1 drops the flood at the node).
+fn heavy_policy(job: &str, udp: bool) -> String {
+    let p = policy("heavy", job, "1Gbit");
+    if udp {
+        return p;
+    }
+    p.replace(
+        "[[egress]]\nhost = \"api.example.com:7\"\nprotocol = \"udp\"\n\n",
+        "",
+    )
+}
+
+/// The CPU the flood is held to: the last one, when there are at least two.
+fn flood_cpu() -> Option<usize> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (n >= 2).then(|| n - 1)
 }
 
 #[cfg(test)]
@@ -1391,6 +1480,18 @@ mod tests {
         let text = serde_json::to_string(&c).unwrap();
         for n in NOISY_UDP_NAMES {
             assert!(text.contains(n), "{n} missing from {text}");
+        }
+    }
+
+    #[test]
+    fn the_heavy_tenants_floor_policy_denies_only_its_udp() {
+        let with = heavy_policy("j", true);
+        let without = heavy_policy("j", false);
+        assert!(with.contains("protocol = \"udp\""));
+        assert!(!without.contains("protocol = \"udp\""), "{without}");
+        assert!(without.contains("host = \"api.example.com:7\""));
+        for p in [with, without] {
+            snas_policy::parse_policy(&p).unwrap();
         }
     }
 

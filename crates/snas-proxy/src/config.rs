@@ -16,6 +16,7 @@ use ipnet::{IpNet, Ipv4Net};
 use serde::Deserialize;
 
 use crate::budget::QueueLimits;
+use crate::fair::{FairConfig, FairConfigError, FairLimits};
 use crate::hold::{HoldConfig, HoldQueue};
 use crate::infra::{self, METADATA};
 
@@ -137,6 +138,21 @@ pub struct ProxyConfig {
     /// the job's next line says how many were left out.
     #[serde(default = "default_audit_lines_per_job_per_sec")]
     pub audit_lines_per_job_per_sec: u32,
+    /// Bytes a tenant (and a job within it) is credited per round of a worker's fair queues.
+    #[serde(default = "default_fair_quantum_bytes")]
+    pub fair_quantum_bytes: u32,
+    /// Packets one tenant may have waiting in one of a worker's fair queues.
+    #[serde(default = "default_fair_tenant_packets")]
+    pub fair_tenant_packets: u32,
+    /// Bytes one tenant may have waiting in one of a worker's fair queues.
+    #[serde(default = "default_fair_tenant_bytes")]
+    pub fair_tenant_bytes: u64,
+    /// Packets waiting in one of a worker's fair queues, over all tenants.
+    #[serde(default = "default_fair_total_packets")]
+    pub fair_total_packets: u32,
+    /// Bytes waiting in one of a worker's fair queues, over all tenants.
+    #[serde(default = "default_fair_total_bytes")]
+    pub fair_total_bytes: u64,
 }
 
 fn default_hold_job_packets() -> u32 {
@@ -165,6 +181,21 @@ fn default_pacing_queue_total_bytes() -> u64 {
 }
 fn default_audit_lines_per_job_per_sec() -> u32 {
     200
+}
+fn default_fair_quantum_bytes() -> u32 {
+    FairConfig::default().quantum
+}
+fn default_fair_tenant_packets() -> u32 {
+    FairLimits::default().tenant_packets
+}
+fn default_fair_tenant_bytes() -> u64 {
+    FairLimits::default().tenant_bytes
+}
+fn default_fair_total_packets() -> u32 {
+    FairLimits::default().total_packets
+}
+fn default_fair_total_bytes() -> u64 {
+    FairLimits::default().total_bytes
 }
 
 fn default_max_ports_per_job() -> u32 {
@@ -374,6 +405,19 @@ impl ProxyConfig {
                 ));
             }
         }
+        if let Err(e) = self.fair_config().validate() {
+            let field = match e {
+                FairConfigError::ZeroQuantum => "fair_quantum_bytes",
+                FairConfigError::ZeroBound(f)
+                | FairConfigError::TotalBelowTenant { total: f, .. } => match f {
+                    "tenant_packets" => "fair_tenant_packets",
+                    "tenant_bytes" => "fair_tenant_bytes",
+                    "total_packets" => "fair_total_packets",
+                    _ => "fair_total_bytes",
+                },
+            };
+            return Err(bad(field, e.to_string()));
+        }
         if self.audit_lines_per_job_per_sec == 0 {
             return Err(bad(
                 "audit_lines_per_job_per_sec",
@@ -449,6 +493,19 @@ impl ProxyConfig {
             job_bytes: self.pacing_queue_job_bytes,
             total_packets: self.pacing_queue_total_packets,
             total_bytes: self.pacing_queue_total_bytes,
+        }
+    }
+
+    /// The quantum and bounds of each of a worker's fair queues (one per direction).
+    pub fn fair_config(&self) -> FairConfig {
+        FairConfig {
+            quantum: self.fair_quantum_bytes,
+            limits: FairLimits {
+                tenant_packets: self.fair_tenant_packets,
+                tenant_bytes: self.fair_tenant_bytes,
+                total_packets: self.fair_total_packets,
+                total_bytes: self.fair_total_bytes,
+            },
         }
     }
 

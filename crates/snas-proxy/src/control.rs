@@ -174,12 +174,7 @@ async fn metrics_text(State(c): State<Ctl>) -> Response {
         audit_dropped: s.audit.dropped(),
         audit_written: s.audit.written(),
         draining: s.draining.load(Ordering::Relaxed),
-        pacing_queue: s.queue_gauges.iter().fold((0, 0), |(p, b), g| {
-            (
-                p + g.0.load(Ordering::Relaxed),
-                b + g.1.load(Ordering::Relaxed),
-            )
-        }),
+        queues: metrics::QueueGauges::sum(&s.worker_gauges),
     };
     let text = {
         let eng = s.engine();

@@ -86,10 +86,47 @@ pub struct Extra {
     pub audit_written: u64,
     /// Whether draining.
     pub draining: bool,
-    /// Packets and bytes in the workers' pacing queues.
-    pub pacing_queue: (u64, u64),
+    /// What the workers' queues hold.
+    pub queues: QueueGauges,
     /// The nftables guard's drops (`None`: no guard, or it could not be read).
     pub guard: Option<crate::guard::GuardCounters>,
+}
+
+/// What the workers' pacing and fair queues hold, summed over workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueGauges {
+    /// Packets in the pacing queues.
+    pub pacing_packets: u64,
+    /// Their bytes.
+    pub pacing_bytes: u64,
+    /// Packets in the fair queues.
+    pub fair_packets: u64,
+    /// Their bytes.
+    pub fair_bytes: u64,
+    /// Tenants with something in a fair queue (once per worker and direction).
+    pub fair_tenants: u64,
+    /// Packets served from the fair queues since start.
+    pub fair_served: u64,
+    /// Their summed waits in the fair queues, nanoseconds.
+    pub fair_waited_ns: u64,
+}
+
+impl QueueGauges {
+    /// The sum of the workers' gauges.
+    pub fn sum(workers: &[crate::daemon::WorkerGauges]) -> QueueGauges {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        workers
+            .iter()
+            .fold(QueueGauges::default(), |a, g| QueueGauges {
+                pacing_packets: a.pacing_packets + get(&g.pacing_packets),
+                pacing_bytes: a.pacing_bytes + get(&g.pacing_bytes),
+                fair_packets: a.fair_packets + get(&g.fair_packets),
+                fair_bytes: a.fair_bytes + get(&g.fair_bytes),
+                fair_tenants: a.fair_tenants + get(&g.fair_tenants),
+                fair_served: a.fair_served + get(&g.fair_served),
+                fair_waited_ns: a.fair_waited_ns.saturating_add(get(&g.fair_waited_ns)),
+            })
+    }
 }
 
 /// Destinations listed by `snas_proxy_destination_flows`.
@@ -296,18 +333,55 @@ pub fn render(m: &Metrics, engine: &Tier2, extra: Extra) -> String {
         (
             "snas_proxy_pacing_queue_packets",
             "Packets waiting in the workers' pacing queues.",
-            extra.pacing_queue.0,
+            extra.queues.pacing_packets,
         ),
         (
             "snas_proxy_pacing_queue_bytes",
             "Bytes waiting in the workers' pacing queues.",
-            extra.pacing_queue.1,
+            extra.queues.pacing_bytes,
+        ),
+        (
+            "snas_proxy_fair_queue_packets",
+            "Packets waiting for their turn in the workers' fair queues.",
+            extra.queues.fair_packets,
+        ),
+        (
+            "snas_proxy_fair_queue_bytes",
+            "Bytes waiting for their turn in the workers' fair queues.",
+            extra.queues.fair_bytes,
+        ),
+        (
+            "snas_proxy_fair_queue_tenants",
+            "Tenants with packets in a fair queue (once per worker and direction).",
+            extra.queues.fair_tenants,
         ),
     ];
     for (name, help, v) in gauges {
         family(&mut o, name, "gauge", help);
         let _ = writeln!(o, "{name} {v}");
     }
+    family(
+        &mut o,
+        "snas_proxy_fair_queue_served_total",
+        "counter",
+        "Packets served from the workers' fair queues.",
+    );
+    let _ = writeln!(
+        o,
+        "snas_proxy_fair_queue_served_total {}",
+        extra.queues.fair_served
+    );
+    family(
+        &mut o,
+        "snas_proxy_fair_queue_wait_seconds_total",
+        "counter",
+        "Time served packets waited in the fair queues (divide by served for the mean).",
+    );
+    let _ = writeln!(
+        o,
+        "snas_proxy_fair_queue_wait_seconds_total {}",
+        extra.queues.fair_waited_ns as f64 / 1e9
+    );
     family(
         &mut o,
         "snas_proxy_policies",

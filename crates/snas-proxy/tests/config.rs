@@ -68,6 +68,11 @@ fn the_testbed_file_parses_with_defaults() {
     );
     assert_eq!(c.audit_lines_per_job_per_sec, 200);
     assert!(c.infrastructure.is_empty());
+    assert_eq!(
+        c.fair_config(),
+        snas_proxy::fair::FairConfig::default(),
+        "fair-queue defaults are the core's"
+    );
 }
 
 #[test]
@@ -152,6 +157,18 @@ fn unusable_values_name_field_and_reason() {
         (
             format!("{TESTBED}audit_lines_per_job_per_sec = 0\n"),
             "audit_lines_per_job_per_sec",
+        ),
+        (
+            format!("{TESTBED}fair_quantum_bytes = 0\n"),
+            "fair_quantum_bytes",
+        ),
+        (
+            format!("{TESTBED}fair_tenant_bytes = 0\n"),
+            "fair_tenant_bytes",
+        ),
+        (
+            format!("{TESTBED}fair_tenant_packets = 100\nfair_total_packets = 99\n"),
+            "fair_total_packets",
         ),
     ];
     for (text, field) in cases {
