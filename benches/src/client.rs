@@ -118,6 +118,9 @@ pub enum Pace {
     /// As fast as the socket takes them, never waiting for answers (answers are read and
     /// counted whenever there are some): a hostile job's flood.
     OpenLoop,
+    /// Open loop at this many datagrams per second per socket (what reaches a proxy when the
+    /// node sheds everything above a per-job packet budget).
+    Rate(u64),
 }
 
 /// What one client run measured.
@@ -627,7 +630,7 @@ fn udp_flood(
         s.connect(addr).map_err(io_err("connecting to", t))?;
         match pace {
             Pace::Window(_) => s.set_read_timeout(Some(Duration::from_millis(10))),
-            Pace::OpenLoop => s.set_nonblocking(true),
+            Pace::OpenLoop | Pace::Rate(_) => s.set_nonblocking(true),
         }
         .map_err(io_err("configuring", t))?;
         let (sent, received) = (Arc::clone(&sent), Arc::clone(&received));
@@ -653,6 +656,36 @@ fn udp_flood(
                             }
                             // Silence: assume the window was lost and start a new one.
                             Err(_) => outstanding = 0,
+                        }
+                    }
+                }
+                Pace::Rate(per_sec) => {
+                    let gap =
+                        Duration::from_secs(1) / u32::try_from(per_sec.max(1)).unwrap_or(u32::MAX);
+                    let mut next = Instant::now();
+                    loop {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            break;
+                        }
+                        if now < next {
+                            std::thread::sleep((next - now).min(Duration::from_millis(1)));
+                            while s.recv(&mut inb).is_ok() {
+                                n_received += 1;
+                            }
+                            continue;
+                        }
+                        // Catch up in bursts after a late wake-up, as a token bucket with a
+                        // 10 ms burst would.
+                        next = next.max(now - Duration::from_millis(10).min(now - started));
+                        while next <= now {
+                            if s.send(&out).is_ok() {
+                                n_sent += 1;
+                            }
+                            next += gap;
+                        }
+                        while s.recv(&mut inb).is_ok() {
+                            n_received += 1;
                         }
                     }
                 }

@@ -179,6 +179,10 @@ pub struct WorkerGauges {
     pub fair_served: AtomicU64,
     /// Their summed waits in the fair queues, nanoseconds.
     pub fair_waited_ns: AtomicU64,
+    /// Packets its node-side fair queue shed (`tenant_queue_full`) since start.
+    pub fair_dropped_from_nodes: AtomicU64,
+    /// Packets its node-bound fair queue shed (`tenant_queue_full`) since start.
+    pub fair_dropped_to_nodes: AtomicU64,
 }
 
 /// A start-up failure.
@@ -1288,6 +1292,9 @@ impl Worker {
             .store(sa.popped + sb.popped, Ordering::Relaxed);
         g.fair_waited_ns
             .store(sa.waited_ns.saturating_add(sb.waited_ns), Ordering::Relaxed);
+        g.fair_dropped_from_nodes
+            .store(sa.dropped, Ordering::Relaxed);
+        g.fair_dropped_to_nodes.store(sb.dropped, Ordering::Relaxed);
     }
 
     fn housekeeping(&mut self) {

@@ -109,6 +109,10 @@ pub struct QueueGauges {
     pub fair_served: u64,
     /// Their summed waits in the fair queues, nanoseconds.
     pub fair_waited_ns: u64,
+    /// Packets from nodes shed by the fair queues (`tenant_queue_full`).
+    pub fair_dropped_from_nodes: u64,
+    /// Packets to nodes shed by the fair queues (`tenant_queue_full`).
+    pub fair_dropped_to_nodes: u64,
 }
 
 impl QueueGauges {
@@ -125,6 +129,9 @@ impl QueueGauges {
                 fair_tenants: a.fair_tenants + get(&g.fair_tenants),
                 fair_served: a.fair_served + get(&g.fair_served),
                 fair_waited_ns: a.fair_waited_ns.saturating_add(get(&g.fair_waited_ns)),
+                fair_dropped_from_nodes: a.fair_dropped_from_nodes
+                    + get(&g.fair_dropped_from_nodes),
+                fair_dropped_to_nodes: a.fair_dropped_to_nodes + get(&g.fair_dropped_to_nodes),
             })
     }
 }
@@ -371,6 +378,21 @@ pub fn render(m: &Metrics, engine: &Tier2, extra: Extra) -> String {
         "snas_proxy_fair_queue_served_total {}",
         extra.queues.fair_served
     );
+    family(
+        &mut o,
+        "snas_proxy_fair_queue_dropped_total",
+        "counter",
+        "Packets the workers' fair queues shed (tenant_queue_full), by direction.",
+    );
+    for (dir, v) in [
+        ("from_nodes", extra.queues.fair_dropped_from_nodes),
+        ("to_nodes", extra.queues.fair_dropped_to_nodes),
+    ] {
+        let _ = writeln!(
+            o,
+            "snas_proxy_fair_queue_dropped_total{{direction=\"{dir}\"}} {v}"
+        );
+    }
     family(
         &mut o,
         "snas_proxy_fair_queue_wait_seconds_total",

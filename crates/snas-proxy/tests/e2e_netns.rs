@@ -44,22 +44,25 @@ ports = "7"
 protocol = "any"
 "#;
 
-/// The token of `policy` and its `exp` (Unix seconds).
-fn signed_policy(key: &PolicyKey, policy: &str) -> (String, u64) {
+/// The token of `policy` for policy id `jti` and its `exp` (Unix seconds).
+fn signed_policy(key: &PolicyKey, jti: &str, policy: &str) -> (String, u64) {
     let draft = parse_policy(policy).unwrap();
-    let claims = draft.to_claims(JTI, 1, SystemTime::now());
+    let claims = draft.to_claims(jti, 1, SystemTime::now());
     (sign(&claims, key).unwrap(), claims.exp)
 }
 
-/// A one-route HTTP server: `GET /v1/jobs/{key}/policy` → the token.
-fn serve_policy(listener: TcpListener, job_key: u64, token: String) {
-    let path = format!("/v1/jobs/{job_key:016x}/policy");
+/// The node's policy endpoint: `GET /v1/jobs/{key}/policy` → the job's token.
+fn serve_policy(listener: TcpListener, jobs: Vec<(u64, String)>) {
     for s in listener.incoming() {
         let Ok(mut s) = s else { continue };
         let mut buf = [0u8; 2048];
         let n = s.read(&mut buf).unwrap_or(0);
         let req = String::from_utf8_lossy(&buf[..n]);
-        let resp = if req.starts_with(&format!("GET {path} ")) {
+        let token = jobs.iter().find_map(|(job_key, token)| {
+            req.starts_with(&format!("GET /v1/jobs/{job_key:016x}/policy "))
+                .then_some(token)
+        });
+        let resp = if let Some(token) = token {
             format!(
                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{token}",
                 token.len()
@@ -71,7 +74,11 @@ fn serve_policy(listener: TcpListener, job_key: u64, token: String) {
     }
 }
 
-fn echo_servers(stop: Arc<AtomicBool>) {
+/// TCP and UDP echo on `ECHO:7`. The UDP service notes the order in which datagrams whose
+/// payload is `flood` (false) or `turn` (true) arrived in `delivered` — the order in which
+/// the proxy wrote them to its TUN device, since the kernel delivers a TUN write in the
+/// writer's context.
+fn echo_servers(stop: Arc<AtomicBool>, delivered: Arc<std::sync::Mutex<Vec<bool>>>) {
     let u = UdpSocket::bind((ECHO, 7)).unwrap();
     u.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
@@ -91,9 +98,27 @@ fn echo_servers(stop: Arc<AtomicBool>) {
             });
         }
     });
+    // Room for a burst: the fairness test reads the order in which the proxy delivered.
+    let big: libc::c_int = 8 << 20;
+    // SAFETY: `big` lives across the call and the length passed is its size; the descriptor
+    // is the socket's own.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&u),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&big as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
     let mut b = [0u8; 1500];
     while !stop.load(Ordering::Relaxed) {
         if let Ok((n, from)) = u.recv_from(&mut b) {
+            match &b[..n] {
+                b"flood" => delivered.lock().unwrap().push(false),
+                b"turn" => delivered.lock().unwrap().push(true),
+                _ => {}
+            }
             let _ = u.send_to(&b[..n], from);
         }
     }
@@ -108,8 +133,12 @@ fn option() -> SnasOption {
 }
 
 fn encap(inner: &[u8]) -> Vec<u8> {
+    encap_for(&option(), inner)
+}
+
+fn encap_for(option: &SnasOption, inner: &[u8]) -> Vec<u8> {
     let mut p = vec![0u8; 28 + inner.len()];
-    write_geneve_header(&mut p, &option(), InnerProto::Ipv4).unwrap();
+    write_geneve_header(&mut p, option, InnerProto::Ipv4).unwrap();
     p[28..].copy_from_slice(inner);
     p
 }
@@ -126,8 +155,14 @@ struct Reply {
 }
 
 fn decode(udp_payload: &[u8]) -> Option<Reply> {
+    let (opt, r) = decode_any(udp_payload)?;
+    assert_eq!(opt, option(), "reply carries the job's option");
+    Some(r)
+}
+
+/// A decapsulated reply of any job, with the option it carries.
+fn decode_any(udp_payload: &[u8]) -> Option<(SnasOption, Reply)> {
     let g = parse_payload(udp_payload).ok()?;
-    assert_eq!(g.option, option(), "reply carries the job's option");
     let ip = &udp_payload[g.inner_offset..];
     let ihl = usize::from(ip[0] & 0x0f) * 4;
     let proto = ip[9];
@@ -148,14 +183,17 @@ fn decode(udp_payload: &[u8]) -> Option<Reply> {
         17 => (0, 0, l4[8..].to_vec()),
         _ => (0, 0, l4.to_vec()),
     };
-    Some(Reply {
-        src: SocketAddrV4::new(src_ip, sp),
-        dst: SocketAddrV4::new(dst_ip, dp),
-        proto,
-        flags,
-        seq,
-        payload,
-    })
+    Some((
+        g.option,
+        Reply {
+            src: SocketAddrV4::new(src_ip, sp),
+            dst: SocketAddrV4::new(dst_ip, dp),
+            proto,
+            flags,
+            seq,
+            payload,
+        },
+    ))
 }
 
 /// Sends `inner` (encapsulated) every 200 ms until a reply to `sport` arrives (policy fetch
@@ -326,6 +364,8 @@ struct Env {
     stop: Arc<AtomicBool>,
     /// The job policy's `exp`, Unix seconds.
     exp: u64,
+    /// The order of `flood` (false) and `turn` (true) datagrams at the UDP echo service.
+    delivered: Arc<std::sync::Mutex<Vec<bool>>>,
     // Last: the namespaces go after the daemon has stopped.
     _guard: common::netns::Netns,
 }
@@ -346,6 +386,12 @@ fn start(tag: &str, workers: usize) -> Env {
 
 /// As [`start`], with the job's policy.
 fn start_with(tag: &str, workers: usize, policy: &str) -> Env {
+    start_jobs(tag, workers, &[(JTI, policy)], "")
+}
+
+/// As [`start`], with jobs (policy id, policy) the node serves and `extra` lines of
+/// configuration; the first job's `exp` is the environment's.
+fn start_jobs(tag: &str, workers: usize, jobs: &[(&str, &str)], extra: &str) -> Env {
     let p = format!("px{}{tag}{workers}", std::process::id() % 100_000);
     let (guard, [node, proxy, inet]) = topology(&p);
     let dir = tempfile::tempdir().unwrap();
@@ -356,14 +402,23 @@ fn start_with(tag: &str, workers: usize, policy: &str) -> Env {
         key.public_pem().unwrap(),
     )
     .unwrap();
-    let (token, exp) = signed_policy(&key, policy);
-    let job_key = identity::job_key(JTI);
+    let tokens: Vec<(u64, String, u64)> = jobs
+        .iter()
+        .map(|(jti, policy)| {
+            let (token, exp) = signed_policy(&key, jti, policy);
+            (identity::job_key(jti), token, exp)
+        })
+        .collect();
+    let exp = tokens[0].2;
+    let served: Vec<(u64, String)> = tokens.into_iter().map(|(k, t, _)| (k, t)).collect();
 
     let stop = Arc::new(AtomicBool::new(false));
     let s2 = Arc::clone(&stop);
-    spawn_in_ns(&inet, move || echo_servers(s2));
+    let delivered = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let d2 = Arc::clone(&delivered);
+    spawn_in_ns(&inet, move || echo_servers(s2, d2));
     let listener = in_ns(&node, || TcpListener::bind((NODE, 7070)).unwrap());
-    spawn_in_ns(&node, move || serve_policy(listener, job_key, token));
+    spawn_in_ns(&node, move || serve_policy(listener, served));
 
     let audit = dir.path().join("audit.jsonl");
     let token_file = dir.path().join("control.token");
@@ -383,6 +438,7 @@ upstream_dns = ["203.0.113.53:53"]
 control_token_file = "{token}"
 audit_log = "{audit}"
 state_dir = "{state}"
+{extra}
 "#,
         trust = dir.path().join("trust").display(),
         token = token_file.display(),
@@ -399,6 +455,7 @@ state_dir = "{state}"
         daemon: Some(daemon),
         stop,
         exp,
+        delivered,
         _guard: guard,
     }
 }
@@ -667,5 +724,178 @@ fn at_exp_the_jobs_connection_is_reset_and_its_flow_is_freed() {
             .iter()
             .any(|l| l["reason"] == "policy_expired" && l["action"] == "refuse"),
         "{log}"
+    );
+}
+
+/// A second tenant's job for the fairness test.
+const FLOOD_JTI: &str = "jti-e2e-flood-0000001";
+const FLOOD_POLICY: &str = r#"
+tenant = "mallory"
+job = "e2e-flood"
+node = "192.0.2.11"
+[[egress]]
+cidr = "203.0.113.10/32"
+ports = "7"
+protocol = "udp"
+[limits]
+egress_bps = "10Gbit"
+ingress_bps = "10Gbit"
+"#;
+
+fn flood_option() -> SnasOption {
+    SnasOption {
+        tenant_id: identity::tenant_id("mallory"),
+        job_key: identity::job_key(FLOOD_JTI),
+        policy_serial: 1,
+    }
+}
+
+/// The value of one sample (`name{labels}` as written) in Prometheus text, 0 when absent.
+fn sample(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// Sums the samples of `metric` (any labels) in Prometheus text.
+fn metric(text: &str, metric: &str) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(metric))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// One tenant sends a burst far beyond what the worker forwards while it arrives; another
+/// tenant's datagram sent right behind it is served in its turn — before the burst's backlog,
+/// instead of after all of it — and the part of the burst beyond the tenant's bound is shed in
+/// the proxy, counted as `tenant_queue_full`, not lost in the kernel's socket queue. Every
+/// datagram read is forwarded or counted.
+#[test]
+fn a_tenants_burst_is_shed_beyond_its_share_and_another_tenant_is_served_in_its_turn() {
+    const BURST: u16 = 5000;
+    const TENANT_PACKETS: u64 = 64;
+    let env = start_jobs(
+        "f",
+        1,
+        &[(JTI, POLICY), (FLOOD_JTI, FLOOD_POLICY)],
+        &format!("fair_tenant_packets = {TENANT_PACKETS}"),
+    );
+    in_ns(&env.node, move || {
+        let sock = UdpSocket::bind((NODE, 6081)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        // Both jobs' policies are fetched, their flows open.
+        exchange(&sock, &udp_to(ECHO, 40000, b"warm"), 40000);
+        let flood = encap_for(&flood_option(), &udp_to(ECHO, 41000, b"flood"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut buf = vec![0u8; 65536];
+        loop {
+            sock.send_to(&flood, (PROXY, 6081)).unwrap();
+            if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                if decode_any(&buf[..n])
+                    .is_some_and(|(o, r)| o == flood_option() && r.dst.port() == 41000)
+                {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the flood job never got an answer"
+            );
+        }
+        // The burst, then the other tenant's request right behind it.
+        for _ in 0..BURST {
+            sock.send_to(&flood, (PROXY, 6081)).unwrap();
+        }
+        sock.send_to(&encap(&udp_to(ECHO, 40001, b"turn")), (PROXY, 6081))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let answered = loop {
+            if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                if decode_any(&buf[..n])
+                    .is_some_and(|(o, r)| o == option() && r.dst.port() == 40001)
+                {
+                    break true;
+                }
+            }
+            if Instant::now() > deadline {
+                break false;
+            }
+        };
+        assert!(answered, "the other tenant's datagram is answered");
+        // Let the burst's backlog drain.
+        while sock.recv_from(&mut buf).is_ok() {}
+    });
+    let delivered = env.delivered.lock().unwrap().clone();
+    let at = delivered
+        .iter()
+        .position(|t| *t)
+        .expect("the echo service saw the other tenant's datagram");
+    let behind = delivered.len() - 1 - at;
+    assert!(
+        behind > 0,
+        "the other tenant's datagram was delivered after all {} of the burst's: it waited behind the flood",
+        delivered.len() - 1
+    );
+    let (status, m) = mgmt(&env.proxy, "GET", "/metrics");
+    assert_eq!(status, 200);
+    let shed = sample(&m, "snas_proxy_drops_total{reason=\"tenant_queue_full\"}");
+    assert!(
+        shed > 0,
+        "a burst of {BURST} beyond a bound of {TENANT_PACKETS} shed nothing:\n{m}"
+    );
+    // Every packet the worker read, from a node or from the internet, was sent on or shed and
+    // counted (the echoes of the burst come back in bursts too: some may be shed on their way
+    // to the node).
+    let dir = |d: &str| {
+        sample(
+            &m,
+            &format!("snas_proxy_packets_total{{direction=\"{d}\"}}"),
+        )
+    };
+    let shed_by_dir = |d: &str| {
+        sample(
+            &m,
+            &format!("snas_proxy_fair_queue_dropped_total{{direction=\"{d}\"}}"),
+        )
+    };
+    assert_eq!(
+        metric(&m, "snas_proxy_drops_total"),
+        shed,
+        "no other drops:\n{m}"
+    );
+    assert_eq!(
+        shed_by_dir("from_nodes") + shed_by_dir("to_nodes"),
+        shed,
+        "{m}"
+    );
+    assert_eq!(
+        dir("node_rx"),
+        dir("internet_tx") + shed_by_dir("from_nodes"),
+        "{m}"
+    );
+    assert_eq!(
+        dir("internet_rx"),
+        dir("node_tx") + shed_by_dir("to_nodes"),
+        "{m}"
+    );
+    // The kernel dropped none of them in front of the worker.
+    let kernel_drops = in_ns(&env.proxy, || {
+        let t = std::fs::read_to_string("/proc/thread-self/net/udp").unwrap();
+        t.lines()
+            .skip(1)
+            .filter(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|a| a.ends_with(":17C1"))
+            })
+            .filter_map(|l| l.split_whitespace().nth(12)?.parse::<u64>().ok())
+            .sum::<u64>()
+    });
+    println!(
+        "burst of {BURST}: {shed} shed as tenant_queue_full, {kernel_drops} dropped by the kernel at the proxy's socket; the other tenant's datagram was delivered before {behind} of the burst's {} delivered",
+        delivered.len() - 1
     );
 }
