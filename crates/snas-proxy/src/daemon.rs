@@ -70,7 +70,7 @@ use crate::audit_log::{self, AuditLine, AuditSink};
 use crate::budget::QueueBudget;
 use crate::clock::{Clock, MonotonicClock, Nanos};
 use crate::config::{ProxyConfig, GENEVE_PORT};
-use crate::fair::FairQueue;
+use crate::fair::{FairQueue, Size};
 use crate::gso;
 use crate::guard::Guard;
 use crate::hold::HeldPacket;
@@ -682,7 +682,9 @@ impl Pools {
         b
     }
 
-    /// Returns a buffer (a receive buffer goes back to the receive pool).
+    /// Returns a buffer. A receive buffer is recognised by its length, [`udp::RECV_BUF_LEN`],
+    /// which no packet buffer has (a UDP payload is at most 65,507 bytes), and goes back to the
+    /// receive pool.
     fn give(&mut self, b: Vec<u8>) {
         let pool = if b.len() == udp::RECV_BUF_LEN {
             &mut self.rx
@@ -937,17 +939,18 @@ impl Worker {
                     // gets a spare one.
                     std::mem::replace(&mut self.rx.bufs[i], self.pools.take_rx())
                 };
+                // Fair in packet bytes; bounded in the memory the buffer holds.
+                let size = Size::in_buffer(len as u32, buf.capacity());
                 let pkt = NodePkt {
                     buf,
                     len,
                     src: *meta.src.ip(),
                 };
                 let (pools, drops) = (&mut self.pools, &mut self.unreported_drops);
-                self.from_nodes
-                    .push(tenant, job, len as u32, pkt, now, |e| {
-                        *drops += 1;
-                        pools.give(e.item.buf);
-                    });
+                self.from_nodes.push(tenant, job, size, pkt, now, |e| {
+                    *drops += 1;
+                    pools.give(e.item.buf);
+                });
             }
             add(&self.s.metrics.node_rx_packets, n as u64);
             add(&self.s.metrics.node_rx_bytes, bytes);
@@ -1169,13 +1172,13 @@ impl Worker {
                     let tenant = classify(data).0;
                     let mut buf = self.pools.take(data.len());
                     buf.extend_from_slice(data);
+                    let size = Size::in_buffer(buf.len() as u32, buf.capacity());
                     let pkt = NodeBound {
                         data: buf,
                         to: SocketAddrV4::new(node, GENEVE_PORT),
                     };
-                    let len = pkt.data.len() as u32;
                     let pools = &mut self.pools;
-                    self.to_nodes.push(tenant, job, len, pkt, now.mono, |e| {
+                    self.to_nodes.push(tenant, job, size, pkt, now.mono, |e| {
                         eng.count_drop(Reason::TenantQueueFull);
                         pools.give(e.item.data);
                     });

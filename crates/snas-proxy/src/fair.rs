@@ -25,21 +25,24 @@
 //! Popping an item charges its length to its tenant's and its job's deficits.
 //!
 //! # Bounds
-//! Per tenant (`tenant_packets`, `tenant_bytes`) and per worker (`total_packets`,
-//! `total_bytes`). An item that does not fit makes room by dropping from the head of the
-//! *fattest* queue (most bytes) — of its own tenant when the tenant is full, of the fattest
-//! tenant when the worker is full — so a tenant under its share never loses a packet to one
-//! above it, and a flood loses its oldest packets first (the freshest ones are worth more, and
-//! the drop reaches its sender's congestion control sooner). Making room drops at least a
-//! few packets per scan of the fattest (up to [`EVICT_BATCH`] or half its backlog), so an
-//! overload costs one scan per batch, not per packet. An item larger than a bound is dropped
-//! itself. Every dropped item is handed to the caller (to count it as `tenant_queue_full` and
-//! recycle its buffer).
+//! Per tenant (`tenant_packets`, `tenant_bytes`) and per queue (`total_packets`,
+//! `total_bytes`). The byte bounds count the memory items hold ([`Size::mem`]: a 100-byte
+//! datagram in a 2 KiB buffer holds 2 KiB, a super-packet kept in its 64 KiB receive buffer
+//! 64 KiB), so they bound memory; turns charge [`Size::len`], so fairness is in packet bytes.
+//! An item that does not fit makes room by dropping from the head of the *fattest* queue (most
+//! bytes held) — of its own tenant when the tenant is full, of the fattest tenant when the
+//! queue is full — so a tenant under its share never loses a packet to one above it, and a
+//! flood loses its oldest packets first (the freshest ones are worth more, and the drop reaches
+//! its sender's congestion control sooner). Making room for the whole queue drops at least a
+//! few packets per scan of the fattest tenant (up to [`EVICT_BATCH`] or half its backlog), so
+//! an overload costs one scan per batch, not per packet. An item larger than a tenant's byte
+//! bound is dropped itself. Every dropped item is handed to the caller (to count it as
+//! `tenant_queue_full` and recycle its buffer).
 //!
 //! # Invariants
 //! - Each queue is FIFO: a job's items leave in the order they were pushed.
-//! - Packets and bytes queued never exceed the bounds; the totals equal the sum over tenants,
-//!   and a tenant's the sum over its jobs.
+//! - Items and bytes held never exceed the bounds; the totals equal the sum over tenants, and
+//!   a tenant's the sum over its jobs.
 //! - While two tenants both have items queued, the bytes served to one between two turns of
 //!   the other are less than `2 × (quantum + largest item)` (one turn as a new queue, one as
 //!   an old one), and over any interval in which both stay backlogged their served bytes differ
@@ -76,23 +79,23 @@ pub const KEEP_CAPACITY: usize = 64;
 pub struct FairLimits {
     /// Items one tenant may have queued.
     pub tenant_packets: u32,
-    /// Bytes one tenant may have queued.
+    /// Bytes of memory one tenant's queued items may hold ([`Size::mem`]).
     pub tenant_bytes: u64,
     /// Items queued over all tenants.
     pub total_packets: u32,
-    /// Bytes queued over all tenants.
+    /// Bytes of memory queued items may hold over all tenants.
     pub total_bytes: u64,
 }
 
 impl Default for FairLimits {
-    /// 1,024 items or 1 MiB per tenant (several milliseconds of a worker's work), 16,384 items
-    /// or 16 MiB per worker.
+    /// 1,024 items or 4 MiB per tenant (several milliseconds of a worker's work: 1,024 small
+    /// packets, or 64 TCP super-packets in 64 KiB buffers), 16,384 items or 32 MiB per queue.
     fn default() -> Self {
         FairLimits {
             tenant_packets: 1024,
-            tenant_bytes: 1 << 20,
+            tenant_bytes: 4 << 20,
             total_packets: 16_384,
-            total_bytes: 16 << 20,
+            total_bytes: 32 << 20,
         }
     }
 }
@@ -168,6 +171,31 @@ impl FairConfig {
     }
 }
 
+/// What an item costs: its length (charged to its tenant's and job's deficits: fairness is in
+/// these bytes) and the memory it holds while queued (what the byte bounds count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size {
+    /// Length in bytes.
+    pub len: u32,
+    /// Bytes of memory held (its buffer's size), at least `len`.
+    pub mem: u32,
+}
+
+impl Size {
+    /// An item that holds exactly its length.
+    pub fn exact(len: u32) -> Size {
+        Size { len, mem: len }
+    }
+
+    /// An item of `len` bytes in a buffer of `mem` bytes (`mem` is raised to `len`).
+    pub fn in_buffer(len: u32, mem: usize) -> Size {
+        Size {
+            len,
+            mem: u32::try_from(mem).unwrap_or(u32::MAX).max(len),
+        }
+    }
+}
+
 /// A queued item with what the queue knows about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry<K, J, T> {
@@ -179,6 +207,8 @@ pub struct Entry<K, J, T> {
     pub job: J,
     /// Its length in bytes (what it is charged).
     pub len: u32,
+    /// The memory it held.
+    pub mem: u32,
     /// When it was pushed.
     pub pushed: Nanos,
 }
@@ -238,7 +268,7 @@ struct JobSlot<J, T> {
     deficit: i64,
     list: Option<List>,
     bytes: u64,
-    queue: VecDeque<(T, u32, Nanos)>,
+    queue: VecDeque<(T, Size, Nanos)>,
 }
 
 #[derive(Debug)]
@@ -305,12 +335,12 @@ where
         self.packets == 0
     }
 
-    /// Bytes queued.
+    /// Bytes of memory queued items hold.
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
 
-    /// Items and bytes `tenant` has queued.
+    /// Items and bytes of memory `tenant` has queued.
     pub fn tenant_usage(&self, tenant: K) -> (u32, u64) {
         self.tenant_index.get(&tenant).map_or((0, 0), |&t| {
             let s = &self.tenants[t as usize];
@@ -318,7 +348,7 @@ where
         })
     }
 
-    /// Items and bytes `job` of `tenant` has queued.
+    /// Items and bytes of memory `job` of `tenant` has queued.
     pub fn job_usage(&self, tenant: K, job: J) -> (u32, u64) {
         self.job_index.get(&(tenant, job)).map_or((0, 0), |&j| {
             let s = &self.jobs[j as usize];
@@ -336,35 +366,36 @@ where
         self.stats
     }
 
-    /// Queues `item` of `len` bytes for `job` of `tenant` at `now`. What cannot be kept — the
-    /// item itself, or older items evicted to make room for it — is handed to `dropped`.
-    /// Returns whether `item` was kept.
+    /// Queues `item` of `size` for `job` of `tenant` at `now`. What cannot be kept — the item
+    /// itself, or older items evicted to make room for it — is handed to `dropped`. Returns
+    /// whether `item` was kept.
     pub fn push(
         &mut self,
         tenant: K,
         job: J,
-        len: u32,
+        size: Size,
         item: T,
         now: Nanos,
         mut dropped: impl FnMut(Entry<K, J, T>),
     ) -> bool {
         let l = self.cfg.limits;
-        let len64 = u64::from(len);
-        if len64 > l.tenant_bytes {
+        let mem = u64::from(size.mem);
+        if mem > l.tenant_bytes {
             self.stats.dropped += 1;
             dropped(Entry {
                 item,
                 tenant,
                 job,
-                len,
+                len: size.len,
+                mem: size.mem,
                 pushed: now,
             });
             return false;
         }
         // Room in the worker: evict from the fattest tenant (perhaps this one).
-        if self.packets >= l.total_packets || self.bytes + len64 > l.total_bytes {
+        if self.packets >= l.total_packets || self.bytes + mem > l.total_bytes {
             let need_p = (self.packets + 1).saturating_sub(l.total_packets);
-            let need_b = (self.bytes + len64).saturating_sub(l.total_bytes);
+            let need_b = (self.bytes + mem).saturating_sub(l.total_bytes);
             if let Some(fat) = self.fattest_tenant() {
                 self.evict_from_tenant(fat, need_p, need_b, true, &mut dropped);
             }
@@ -372,9 +403,9 @@ where
         // Room in the tenant: evict from its fattest job (perhaps this one).
         if let Some(&t) = self.tenant_index.get(&tenant) {
             let s = &self.tenants[t as usize];
-            if s.packets >= l.tenant_packets || s.bytes + len64 > l.tenant_bytes {
+            if s.packets >= l.tenant_packets || s.bytes + mem > l.tenant_bytes {
                 let need_p = (s.packets + 1).saturating_sub(l.tenant_packets);
-                let need_b = (s.bytes + len64).saturating_sub(l.tenant_bytes);
+                let need_b = (s.bytes + mem).saturating_sub(l.tenant_bytes);
                 self.evict_from_tenant(t, need_p, need_b, false, &mut dropped);
             }
         }
@@ -382,8 +413,8 @@ where
         let j = self.job_slot(t, tenant, job);
         let q = self.cfg.quantum;
         let js = &mut self.jobs[j as usize];
-        js.queue.push_back((item, len, now));
-        js.bytes += len64;
+        js.queue.push_back((item, size, now));
+        js.bytes += mem;
         let job_joins = js.list.is_none();
         if job_joins {
             js.list = Some(List::New);
@@ -391,7 +422,7 @@ where
         }
         let ts = &mut self.tenants[t as usize];
         ts.packets += 1;
-        ts.bytes += len64;
+        ts.bytes += mem;
         if job_joins {
             ts.jobs.new.push_back(j);
         }
@@ -401,7 +432,7 @@ where
             self.lists.new.push_back(t);
         }
         self.packets += 1;
-        self.bytes += len64;
+        self.bytes += mem;
         self.stats.pushed += 1;
         true
     }
@@ -456,12 +487,13 @@ where
                 let tenant = self.tenants[t as usize].tenant;
                 let js = &mut self.jobs[j as usize];
                 let job = js.job;
-                for (item, len, pushed) in js.queue.drain(..) {
+                for (item, size, pushed) in js.queue.drain(..) {
                     dropped(Entry {
                         item,
                         tenant,
                         job,
-                        len,
+                        len: size.len,
+                        mem: size.mem,
                         pushed,
                     });
                 }
@@ -496,22 +528,23 @@ where
                 ts.jobs.old.push_back(j);
                 continue;
             }
-            if let Some((item, len, pushed)) = js.queue.pop_front() {
-                let len64 = u64::from(len);
-                js.deficit -= i64::from(len);
-                js.bytes -= len64;
+            if let Some((item, size, pushed)) = js.queue.pop_front() {
+                let mem = u64::from(size.mem);
+                js.deficit -= i64::from(size.len);
+                js.bytes -= mem;
                 let job = js.job;
                 let ts = &mut self.tenants[t as usize];
                 ts.packets -= 1;
-                ts.bytes -= len64;
+                ts.bytes -= mem;
                 let tenant = ts.tenant;
                 self.packets -= 1;
-                self.bytes -= len64;
+                self.bytes -= mem;
                 return Some(Entry {
                     item,
                     tenant,
                     job,
-                    len,
+                    len: size.len,
+                    mem: size.mem,
                     pushed,
                 });
             }
@@ -563,26 +596,27 @@ where
         while freed_p < goal || freed_b < bytes {
             let Some(j) = self.fattest_job(t) else { break };
             let js = &mut self.jobs[j as usize];
-            let Some((item, len, pushed)) = js.queue.pop_front() else {
+            let Some((item, size, pushed)) = js.queue.pop_front() else {
                 break;
             };
-            let len64 = u64::from(len);
-            js.bytes -= len64;
+            let mem = u64::from(size.mem);
+            js.bytes -= mem;
             let job = js.job;
             let ts = &mut self.tenants[t as usize];
             ts.packets -= 1;
-            ts.bytes -= len64;
+            ts.bytes -= mem;
             let tenant = ts.tenant;
             self.packets -= 1;
-            self.bytes -= len64;
+            self.bytes -= mem;
             self.stats.dropped += 1;
             freed_p += 1;
-            freed_b += len64;
+            freed_b += mem;
             dropped(Entry {
                 item,
                 tenant,
                 job,
-                len,
+                len: size.len,
+                mem: size.mem,
                 pushed,
             });
         }
@@ -699,24 +733,24 @@ mod tests {
         // Tenant 1 floods: 1,000 small datagrams queued, and it has been served for a while
         // (its first quantum as a new queue is spent: it is an old queue now).
         for i in 0..1000 {
-            assert!(f.push(1, 10, 92, i, T0, no_drop));
+            assert!(f.push(1, 10, Size::exact(92), i, T0, no_drop));
         }
         for _ in 0..50 {
             assert_eq!(f.pop(T0).unwrap().tenant, 1);
         }
         // Tenant 2's request arrives: a queue that becomes non-empty is new, and new queues
         // go first.
-        f.push(2, 20, 81, 9999, T0, no_drop);
+        f.push(2, 20, Size::exact(81), 9999, T0, no_drop);
         let e = f.pop(T0).unwrap();
         assert_eq!((e.tenant, e.item), (2, 9999));
         // Had it arrived while tenant 1 was still new, it would have waited at most the rest
         // of tenant 1's first quantum.
         let mut f = q(1514, big());
         for i in 0..1000 {
-            f.push(1, 10, 92, i, T0, no_drop);
+            f.push(1, 10, Size::exact(92), i, T0, no_drop);
         }
         f.pop(T0);
-        f.push(2, 20, 81, 9999, T0, no_drop);
+        f.push(2, 20, Size::exact(81), 9999, T0, no_drop);
         let ahead = std::iter::from_fn(|| f.pop(T0))
             .take_while(|e| e.tenant == 1)
             .count();
@@ -730,10 +764,10 @@ mod tests {
     fn two_backlogged_tenants_get_equal_bytes_whatever_their_packet_sizes() {
         let mut f = q(1514, big());
         for i in 0..20_000 {
-            f.push(1, 1, 92, i, T0, no_drop);
+            f.push(1, 1, Size::exact(92), i, T0, no_drop);
         }
         for i in 0..2_000 {
-            f.push(2, 2, 1500, i, T0, no_drop);
+            f.push(2, 2, Size::exact(1500), i, T0, no_drop);
         }
         let mut served = [0u64; 3];
         for _ in 0..10_000 {
@@ -749,10 +783,10 @@ mod tests {
     fn jobs_of_one_tenant_share_its_turns_fairly() {
         let mut f = q(1000, big());
         for i in 0..3000 {
-            f.push(1, 1, 100, i, T0, no_drop);
+            f.push(1, 1, Size::exact(100), i, T0, no_drop);
         }
         for i in 0..300 {
-            f.push(1, 2, 1000, i, T0, no_drop);
+            f.push(1, 2, Size::exact(1000), i, T0, no_drop);
         }
         let mut by_job = HashMap::new();
         for _ in 0..1000 {
@@ -766,12 +800,12 @@ mod tests {
     #[test]
     fn a_super_packet_is_served_at_once_and_paid_back_over_later_rounds() {
         let mut f = q(1514, big());
-        f.push(1, 1, 65_000, 0, T0, no_drop);
+        f.push(1, 1, Size::exact(65_000), 0, T0, no_drop);
         for i in 1..=100 {
-            f.push(1, 1, 100, i, T0, no_drop);
+            f.push(1, 1, Size::exact(100), i, T0, no_drop);
         }
         for i in 0..200 {
-            f.push(2, 2, 100, i, T0, no_drop);
+            f.push(2, 2, Size::exact(100), i, T0, no_drop);
         }
         // Tenant 1 went first (it was new first): its super-packet leaves at once.
         assert_eq!(f.pop(T0).unwrap().len, 65_000);
@@ -797,7 +831,7 @@ mod tests {
             f.push(
                 (i % 3) as u32,
                 i % 5,
-                50 + (i as u32 % 7) * 100,
+                Size::exact(50 + (i as u32 % 7) * 100),
                 i,
                 T0,
                 no_drop,
@@ -824,7 +858,7 @@ mod tests {
         let mut f = q(1514, limits);
         let mut dropped = Vec::new();
         for i in 0..50 {
-            f.push(1, 1, 100, i, T0, |e| dropped.push(e.item));
+            f.push(1, 1, Size::exact(100), i, T0, |e| dropped.push(e.item));
         }
         assert_eq!(f.tenant_usage(1), (10, 1000));
         assert_eq!(
@@ -832,7 +866,7 @@ mod tests {
             (0..40).collect::<Vec<_>>(),
             "head drop: oldest first"
         );
-        f.push(2, 2, 100, 1000, T0, no_drop);
+        f.push(2, 2, Size::exact(100), 1000, T0, no_drop);
         assert_eq!(f.tenant_usage(2), (1, 100));
         assert_eq!(f.stats().dropped, 40);
     }
@@ -848,11 +882,17 @@ mod tests {
         let mut f = q(1514, limits);
         let mut dropped = Vec::new();
         for i in 0..9 {
-            f.push(1, 1, 100, i, T0, |e| dropped.push((e.job, e.item)));
+            f.push(1, 1, Size::exact(100), i, T0, |e| {
+                dropped.push((e.job, e.item))
+            });
         }
         // The tenant's other job arrives with the tenant full: job 1 makes room.
-        f.push(1, 2, 100, 100, T0, |e| dropped.push((e.job, e.item)));
-        f.push(1, 2, 100, 101, T0, |e| dropped.push((e.job, e.item)));
+        f.push(1, 2, Size::exact(100), 100, T0, |e| {
+            dropped.push((e.job, e.item))
+        });
+        f.push(1, 2, Size::exact(100), 101, T0, |e| {
+            dropped.push((e.job, e.item))
+        });
         assert_eq!(dropped, vec![(1, 0)]);
         assert_eq!(f.job_usage(1, 2), (2, 200));
         assert_eq!(f.job_usage(1, 1), (8, 800));
@@ -868,16 +908,16 @@ mod tests {
         };
         let mut f = q(1514, limits);
         for i in 0..1000 {
-            f.push(1, 1, 100, i, T0, no_drop);
+            f.push(1, 1, Size::exact(100), i, T0, no_drop);
         }
         let mut dropped = Vec::new();
         for i in 0..10 {
-            f.push(2, 2, 100, i, T0, |e| dropped.push(e.tenant));
+            f.push(2, 2, Size::exact(100), i, T0, |e| dropped.push(e.tenant));
         }
         assert!(!dropped.is_empty() && dropped.iter().all(|t| *t == 1));
         assert_eq!(f.tenant_usage(2), (10, 1000));
         assert!(f.len() <= 1000);
-        // One scan freed a batch, not one packet per push.
+        // One scan freed a batch), not one packet per push.
         assert_eq!(dropped.len() as u32, EVICT_BATCH);
     }
 
@@ -890,18 +930,46 @@ mod tests {
             total_bytes: 1000,
         };
         let mut f = q(1514, limits);
-        f.push(1, 1, 100, 1, T0, no_drop);
+        f.push(1, 1, Size::exact(100), 1, T0, no_drop);
         let mut dropped = Vec::new();
-        assert!(!f.push(1, 1, 1001, 2, T0, |e| dropped.push(e.item)));
+        assert!(!f.push(1, 1, Size::exact(1001), 2, T0, |e| dropped.push(e.item)));
         assert_eq!(dropped, vec![2]);
         assert_eq!(f.tenant_usage(1), (1, 100));
     }
 
     #[test]
+    fn bounds_count_the_memory_items_hold_and_turns_count_their_length() {
+        let limits = FairLimits {
+            tenant_packets: 1000,
+            tenant_bytes: 10 * 2048,
+            total_packets: 10_000,
+            total_bytes: 1 << 20,
+        };
+        let mut f = q(1514, limits);
+        let mut dropped = 0;
+        // 100-byte packets in 2 KiB buffers: ten fit, whatever the packet bound says.
+        for i in 0..20 {
+            f.push(1, 1, Size::in_buffer(100, 2048), i, T0, |_| dropped += 1);
+        }
+        assert_eq!((f.tenant_usage(1), dropped), ((10, 20_480), 10));
+        // A tenant whose packets sit in big buffers is not charged more per turn for it.
+        let mut f = q(1514, big());
+        for i in 0..1000 {
+            f.push(1, 1, Size::in_buffer(100, 65_536), i, T0, no_drop);
+            f.push(2, 2, Size::exact(100), i, T0, no_drop);
+        }
+        let mut n = [0u32; 3];
+        for _ in 0..1000 {
+            n[f.pop(T0).unwrap().tenant as usize] += 1;
+        }
+        assert!(n[1].abs_diff(n[2]) <= 2 * 16, "{n:?}");
+    }
+
+    #[test]
     fn waits_are_measured_with_the_callers_clock() {
         let mut f = q(1514, big());
-        f.push(1, 1, 100, 0, Nanos::from_nanos(1_000), no_drop);
-        f.push(1, 1, 100, 1, Nanos::from_nanos(2_000), no_drop);
+        f.push(1, 1, Size::exact(100), 0, Nanos::from_nanos(1_000), no_drop);
+        f.push(1, 1, Size::exact(100), 1, Nanos::from_nanos(2_000), no_drop);
         f.pop(Nanos::from_nanos(5_000));
         f.pop(Nanos::from_nanos(5_000));
         let s = f.stats();
@@ -937,26 +1005,33 @@ mod tests {
     fn clear_hands_back_everything() {
         let mut f = q(1514, big());
         for i in 0..100 {
-            f.push(i as u32 % 4, i % 7, 60, i, T0, no_drop);
+            f.push(i as u32 % 4, i % 7, Size::exact(60), i, T0, no_drop);
         }
         let mut n = 0;
         f.clear(|_| n += 1);
         assert_eq!(n, 100);
         assert!(f.is_empty() && f.tenants() == 0 && f.pop(T0).is_none());
-        f.push(1, 1, 60, 0, T0, no_drop);
+        f.push(1, 1, Size::exact(60), 0, T0, no_drop);
         assert_eq!(f.pop(T0).unwrap().item, 0);
     }
 
     /// One step of a random schedule.
     #[derive(Debug, Clone)]
     enum Op {
-        Push { tenant: u32, job: u64, len: u32 },
+        Push {
+            tenant: u32,
+            job: u64,
+            len: u32,
+            /// Memory held beyond the length.
+            slack: u32,
+        },
         Pop,
     }
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            3 => (0u32..5, 0u64..4, 1u32..3000).prop_map(|(tenant, job, len)| Op::Push { tenant, job, len }),
+            3 => (0u32..5, 0u64..4, 1u32..3000, prop_oneof![Just(0u32), 0u32..4096])
+                .prop_map(|(tenant, job, len, slack)| Op::Push { tenant, job, len, slack }),
             2 => Just(Op::Pop),
         ]
     }
@@ -995,7 +1070,12 @@ mod tests {
         let mut since: HashMap<(u64, u64), u64> = HashMap::new();
         for o in ops {
             match *o {
-                Op::Push { tenant, job, len } => {
+                Op::Push {
+                    tenant,
+                    job,
+                    len,
+                    slack,
+                } => {
                     let (t, j, id) = match level {
                         Level::Tenants => (tenant, job, u64::from(tenant)),
                         Level::Jobs => (0, u64::from(tenant), u64::from(tenant)),
@@ -1004,7 +1084,18 @@ mod tests {
                         // A queue that starts waiting is owed nothing yet.
                         since.retain(|(w, _), _| *w != id);
                     }
-                    f.push(t, j, len, 0, T0, no_drop);
+                    // The memory an item holds does not change its turns.
+                    f.push(
+                        t,
+                        j,
+                        Size {
+                            len,
+                            mem: len + slack,
+                        },
+                        0,
+                        T0,
+                        no_drop,
+                    );
                 }
                 Op::Pop => {
                     if let Some(e) = f.pop(T0) {
@@ -1047,8 +1138,9 @@ mod tests {
             let mut last: HashMap<(u32, u64), u64> = HashMap::new();
             for o in ops {
                 match o {
-                    Op::Push { tenant, job, len } => {
-                        f.push(tenant, job, len, next, T0, |_| dropped += 1);
+                    Op::Push { tenant, job, len, slack } => {
+                        let size = Size { len, mem: len + slack };
+                        f.push(tenant, job, size, next, T0, |_| dropped += 1);
                         next += 1;
                     }
                     Op::Pop => if let Some(e) = f.pop(T0) {
@@ -1107,14 +1199,19 @@ mod tests {
             let mut f: Q = q(QUANTUM, big());
             for o in warm {
                 match o {
-                    Op::Push { tenant, job, len } => { f.push(tenant, job, len, 0, T0, no_drop); }
+                    Op::Push {
+                    tenant,
+                    job,
+                    len,
+                    slack,
+                } => { f.push(tenant, job, Size::exact(len), 0, T0, no_drop); }
                     Op::Pop => { f.pop(T0); }
                 }
             }
             // Tenants 7 and 8 become backlogged and stay so (each holds more than is served).
             for (i, (a, b)) in sizes.iter().enumerate() {
-                f.push(7, i as u64 % 3, *a, 0, T0, no_drop);
-                f.push(8, 0, *b, 0, T0, no_drop);
+                f.push(7, i as u64 % 3, Size::exact(*a), 0, T0, no_drop);
+                f.push(8, 0, Size::exact(*b), 0, T0, no_drop);
             }
             let mut served: HashMap<u32, u64> = HashMap::new();
             let total: u64 = sizes.iter().map(|(a, b)| u64::from(*a.min(b))).sum();
