@@ -1199,12 +1199,9 @@ mod tests {
             let mut f: Q = q(QUANTUM, big());
             for o in warm {
                 match o {
-                    Op::Push {
-                    tenant,
-                    job,
-                    len,
-                    slack,
-                } => { f.push(tenant, job, Size::exact(len), 0, T0, no_drop); }
+                    Op::Push { tenant, job, len, slack } => {
+                        f.push(tenant, job, Size { len, mem: len + slack }, 0, T0, no_drop);
+                    }
                     Op::Pop => { f.pop(T0); }
                 }
             }
