@@ -60,10 +60,12 @@ fn quick_run_measures_every_path_and_writes_every_file() {
         "edt_accuracy",
         "fairness",
         "noisy_neighbour",
+        "workload",
+        "first_connection",
     ] {
         assert!(ids.contains(&id), "{id} missing from {ids:?}");
     }
-    assert_eq!(ids.len(), 11, "{ids:?}");
+    assert_eq!(ids.len(), 13, "{ids:?}");
     for s in &report.scenarios {
         assert!(
             out.path().join(format!("{}.json", s.id)).is_file(),
