@@ -807,7 +807,7 @@ fn policies_are_compiled_with_the_infrastructure_set() {
     assert_eq!(
         p.matcher
             .check_ip(mgmt, 22, snas_policy::rules::Transport::Tcp),
-        snas_policy::matcher::Decision::Deny(snas_policy::matcher::DenyReason::AlwaysDenied),
+        snas_policy::matcher::Decision::Deny(snas_policy::matcher::DenyReason::Infrastructure),
         "the matcher alone denies it as well"
     );
     assert!(p
