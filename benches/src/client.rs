@@ -97,6 +97,15 @@ pub enum Workload {
         names: Vec<String>,
         lookup_interval_s: f64,
     },
+    /// An ordinary program's loop: `count` short connections, each resolving its name again
+    /// (the environment's resolver, as `getaddrinfo` in a loop does), then connect, HTTP GET,
+    /// read to EOF, close; names taken in turn from `names` (port from the target); started at
+    /// most `per_sec` per second (0: back to back). The latency is lookup + connect.
+    Connections {
+        count: u64,
+        per_sec: f64,
+        names: Vec<String>,
+    },
     /// UDP echo flood from `flows` sockets (one thread each) with `payload` bytes per
     /// datagram, sent as `pace` says.
     UdpFlood {
@@ -276,7 +285,74 @@ pub fn run(w: &Workload, t: &Target) -> Result<ClientResult, ClientError> {
             payload,
             pace,
         } => udp_flood(t, secs(duration_s), flows.max(1), payload, pace),
+        Workload::Connections {
+            count,
+            per_sec,
+            ref names,
+        } => connections(t, count, per_sec, names),
     }
+}
+
+/// [`Workload::Connections`]: a lookup each time, then one HTTP exchange per connection.
+fn connections(
+    t: &Target,
+    count: u64,
+    per_sec: f64,
+    names: &[String],
+) -> Result<ClientResult, ClientError> {
+    let names: Vec<&str> = if names.is_empty() {
+        vec![t.host.as_str()]
+    } else {
+        names.iter().map(String::as_str).collect()
+    };
+    let mut lat = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    let (mut errors, mut last_error) = (0u64, String::new());
+    let start = Instant::now();
+    for i in 0..count {
+        if per_sec > 0.0 {
+            let due = start + Duration::from_secs_f64(i as f64 / per_sec);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        let name = names[usize::try_from(i).unwrap_or(0) % names.len()];
+        let one = Target {
+            host: name.to_owned(),
+            port: t.port,
+            proxy: t.proxy,
+        };
+        let t0 = Instant::now();
+        let r = address_for(&one).and_then(|a| {
+            let s = connect(&one, a)?;
+            let connected = t0.elapsed();
+            http_exchange(&one, s)?;
+            Ok(connected)
+        });
+        match r {
+            Ok(d) => lat.push(d.as_secs_f64() * 1e6),
+            Err(e) => {
+                errors += 1;
+                last_error = e.to_string();
+            }
+        }
+    }
+    if lat.is_empty() {
+        return Err(ClientError::NothingMeasured {
+            target: t.label(),
+            errors,
+            last: last_error,
+        });
+    }
+    if errors > 0 {
+        eprintln!("snas-bench client: {errors} of {count} connections failed; last: {last_error}");
+    }
+    Ok(ClientResult {
+        transactions: lat.len() as u64,
+        errors,
+        elapsed_s: start.elapsed().as_secs_f64(),
+        latency_us: Summary::of(&lat),
+        ..ClientResult::default()
+    })
 }
 
 fn secs(s: f64) -> Duration {
@@ -396,7 +472,11 @@ fn rr_lookups(
 }
 
 fn crr_once(t: &Target, addr: Option<SocketAddr>) -> Result<(), ClientError> {
-    let mut s = connect(t, addr)?;
+    http_exchange(t, connect(t, addr)?)
+}
+
+/// One HTTP GET on a fresh connection, read to EOF (the server closes).
+fn http_exchange(t: &Target, mut s: TcpStream) -> Result<(), ClientError> {
     let req = format!(
         "GET / HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
         t.host

@@ -5,10 +5,13 @@
 //! # Layout
 //! - [`results`]: the data every scenario produces (tables, charts, goals, raw samples).
 //! - [`stats`]: percentiles, medians, Jain's index.
-//! - [`client`]: the workload programs (TCP_RR, TCP_CRR, bulk, UDP flood), run on every path.
+//! - [`client`]: the workload programs (TCP_RR, TCP_CRR, bulk, UDP flood, connection loops),
+//!   run on every path.
 //! - [`paths`]: the baseline namespaces, nftables, squid, and starting clients on each path.
 //! - [`sandbox`]: gvisor-direct's sandbox (the client in gVisor on a plain veth, no SNAS).
 //! - [`scenarios`]: the network scenarios, alternating between paths.
+//! - [`workload`]: ordinary programs' loops under the policy defaults, and fresh jobs' first
+//!   connections.
 //! - [`tier1_edt`]: tier 1's departure stamps at 10M/100M/1G (BPF_PROG_TEST_RUN).
 //! - [`scale`]: job set-up at 1/100/1000 jobs, proxy memory, the 10k-rule policy.
 //! - [`machine`]: what machine the figures come from.
@@ -27,3 +30,4 @@ pub mod scale;
 pub mod scenarios;
 pub mod stats;
 pub mod tier1_edt;
+pub mod workload;

@@ -84,11 +84,13 @@ struct RunArgs {
     /// Seconds of warm-up not counted.
     #[arg(long, default_value_t = 0.5)]
     warmup: f64,
-    /// Short run for a smoke test: 1 repetition, 1 s, 0.2 s warm-up, 1 and 100 jobs, 100k flows.
+    /// Short run for a smoke test: 1 repetition, 1 s, 0.2 s warm-up, 1 and 100 jobs, 100k flows,
+    /// 2 × 40 workload connections, 6 fresh jobs.
     #[arg(long)]
     quick: bool,
     /// Comma-separated scenarios: tcp_rr, tcp_crr, bulk, proxy_pps, edt_accuracy, tier1_edt,
-    /// fairness, noisy_neighbour, noisy_udp, job_setup, proxy_memory, policy_10k. Default: all.
+    /// fairness, noisy_neighbour, noisy_udp, workload, first_connection, job_setup,
+    /// proxy_memory, policy_10k. Default: all.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Comma-separated paths: direct, nftables, squid, snas, gvisor-direct, gvisor. Default:
@@ -181,10 +183,24 @@ fn run_main(a: RunArgs) -> ExitCode {
     if !paths.contains(&PathKind::Direct) {
         eprintln!("snas-bench: note: without the direct path no ratio to direct is computed");
     }
-    let (reps, duration, warmup, jobs, flows) = if a.quick {
-        (1, 1.0, 0.2, vec![1, 100], vec![100_000])
+    let (reps, duration, warmup, jobs, flows, workload) = if a.quick {
+        (
+            1,
+            1.0,
+            0.2,
+            vec![1, 100],
+            vec![100_000],
+            orchestrate::WorkloadSizes::QUICK,
+        )
     } else {
-        (a.reps, a.duration, a.warmup, a.jobs, a.flows)
+        (
+            a.reps,
+            a.duration,
+            a.warmup,
+            a.jobs,
+            a.flows,
+            orchestrate::WorkloadSizes::FULL,
+        )
     };
     if reps == 0 || !(duration > 0.0 && duration <= 600.0) || !(0.0..=60.0).contains(&warmup) {
         eprintln!(
@@ -200,6 +216,7 @@ fn run_main(a: RunArgs) -> ExitCode {
         out_dir: out.clone(),
         snas_bin: a.snas_bin,
         scenarios,
+        workload,
         plan: Plan {
             paths,
             reps,

@@ -56,6 +56,8 @@ pub enum ScenarioId {
     Fairness,
     NoisyNeighbour,
     NoisyUdp,
+    Workload,
+    FirstConnection,
     JobSetup,
     ProxyMemory,
     Policy10k,
@@ -63,7 +65,7 @@ pub enum ScenarioId {
 
 impl ScenarioId {
     /// Every scenario, in run order.
-    pub const ALL: [ScenarioId; 12] = [
+    pub const ALL: [ScenarioId; 14] = [
         ScenarioId::TcpRr,
         ScenarioId::TcpCrr,
         ScenarioId::Bulk,
@@ -73,6 +75,8 @@ impl ScenarioId {
         ScenarioId::Fairness,
         ScenarioId::NoisyNeighbour,
         ScenarioId::NoisyUdp,
+        ScenarioId::Workload,
+        ScenarioId::FirstConnection,
         ScenarioId::JobSetup,
         ScenarioId::ProxyMemory,
         ScenarioId::Policy10k,
@@ -90,6 +94,8 @@ impl ScenarioId {
             ScenarioId::Fairness => "fairness",
             ScenarioId::NoisyNeighbour => "noisy_neighbour",
             ScenarioId::NoisyUdp => "noisy_udp",
+            ScenarioId::Workload => "workload",
+            ScenarioId::FirstConnection => "first_connection",
             ScenarioId::JobSetup => "job_setup",
             ScenarioId::ProxyMemory => "proxy_memory",
             ScenarioId::Policy10k => "policy_10k",
@@ -113,12 +119,40 @@ impl ScenarioId {
     }
 }
 
+/// How big the workload scenarios are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkloadSizes {
+    /// Jobs looping at once in `workload`.
+    pub jobs: usize,
+    /// Connections each of them makes.
+    pub connections_per_job: u64,
+    /// Fresh jobs in `first_connection`.
+    pub fresh_jobs: usize,
+}
+
+impl WorkloadSizes {
+    /// The full run: 16 jobs × 1,250 = 20,000 connections; 100 fresh jobs.
+    pub const FULL: WorkloadSizes = WorkloadSizes {
+        jobs: 16,
+        connections_per_job: 1250,
+        fresh_jobs: 100,
+    };
+    /// The smoke run.
+    pub const QUICK: WorkloadSizes = WorkloadSizes {
+        jobs: 2,
+        connections_per_job: 40,
+        fresh_jobs: 6,
+    };
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub out_dir: PathBuf,
     pub snas_bin: PathBuf,
     pub scenarios: Vec<ScenarioId>,
+    /// Sizes of the workload scenarios.
+    pub workload: WorkloadSizes,
     pub plan: Plan,
     /// Job counts of the set-up scenario.
     pub job_counts: Vec<usize>,
@@ -341,6 +375,15 @@ fn run_network(
             ScenarioId::Fairness => sc.fairness(),
             ScenarioId::NoisyNeighbour => sc.noisy_neighbour(),
             ScenarioId::NoisyUdp => sc.noisy_udp(),
+            ScenarioId::Workload => crate::workload::workload(
+                &paths,
+                &opts.plan,
+                opts.workload.jobs,
+                opts.workload.connections_per_job,
+            ),
+            ScenarioId::FirstConnection => {
+                crate::workload::first_connection(&paths, &opts.plan, opts.workload.fresh_jobs)
+            }
             _ => continue,
         };
         finish(&opts.out_dir, report, r)?;

@@ -61,10 +61,12 @@ fn quick_run_measures_every_path_and_writes_every_file() {
         "fairness",
         "noisy_neighbour",
         "noisy_udp",
+        "workload",
+        "first_connection",
     ] {
         assert!(ids.contains(&id), "{id} missing from {ids:?}");
     }
-    assert_eq!(ids.len(), 12, "{ids:?}");
+    assert_eq!(ids.len(), 14, "{ids:?}");
     for s in &report.scenarios {
         assert!(
             out.path().join(format!("{}.json", s.id)).is_file(),

@@ -20,7 +20,8 @@
 //! commonly use an answer a little past its TTL (connection pools, happy eyeballs), and a
 //! binding that expires first would turn such a connection into a `destination_denied`.
 //! The same binding is pushed to every configured peer (`POST /v1/bindings`), which re-checks
-//! it against the policy it verifies itself.
+//! it against the policy it verifies itself; the answer waits for the pushes (at most
+//! [`PEER_SYNC_WAIT`]) because the job's first connection may land on a peer.
 //!
 //! # Limits
 //! UDP answers larger than the client's EDNS payload size (512 without EDNS) are sent
@@ -51,6 +52,13 @@ pub const JOB_OPTION_CODE: u16 = 65053;
 pub use snas_policy::binding::{BINDING_GRACE, DNS_TTL_MAX, DNS_TTL_MIN};
 /// Timeout of a peer push.
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an answer waits for its bindings to reach the peers: a job's first connection
+/// often lands on a peer (flows spread over proxies by their 5-tuple), which must already
+/// hold the binding, or it refuses the flow as `destination_denied`. A peer push takes a
+/// round trip (plus, the first time, the peer's policy fetch): ~1-3 ms.
+const PEER_SYNC_WAIT: Duration = Duration::from_millis(150);
+/// A peer whose push failed is not waited for during this long (its pushes still go out).
+const PEER_TROUBLE: Duration = Duration::from_secs(10);
 
 pub use snas_policy::binding::clamp_ttl_secs as clamp_ttl;
 
@@ -145,6 +153,8 @@ struct Ctx {
     shared: Arc<Shared>,
     upstream: TokioResolver,
     peer_secret: Option<Arc<str>>,
+    /// Peers whose last push failed, and when.
+    peer_trouble: Arc<std::sync::Mutex<std::collections::HashMap<Ipv4Addr, std::time::Instant>>>,
 }
 
 /// Starts the UDP and TCP servers on the current runtime.
@@ -159,6 +169,7 @@ pub fn spawn(
         upstream: upstream(&shared.cfg.upstream_dns),
         shared,
         peer_secret,
+        peer_trouble: Arc::default(),
     });
     tokio::spawn(serve_udp(Arc::new(udp), Arc::clone(&ctx)));
     tokio::spawn(serve_tcp(tcp, ctx));
@@ -332,7 +343,7 @@ async fn answer(ctx: &Ctx, src: SocketAddr, q: &Message) -> Result<Message, &'st
             resp.add_answers(records);
             if !addrs.is_empty() {
                 bind_addrs(&ctx.shared, policy.job_key, &name, &addrs, min_ttl);
-                push_to_peers(ctx, policy.job_key, node, &name, &addrs, min_ttl);
+                push_to_peers(ctx, policy.job_key, node, &name, &addrs, min_ttl).await;
             }
         }
         Err(e) if e.is_nx_domain() => {
@@ -447,7 +458,18 @@ pub async fn apply_peer_binding(
     Ok(b.addrs.len())
 }
 
-fn push_to_peers(ctx: &Ctx, job: u64, node: Ipv4Addr, name: &str, addrs: &[IpAddr], ttl: u32) {
+/// Pushes the binding to every peer and returns once the peers that are not known to be in
+/// trouble have it (or after [`PEER_SYNC_WAIT`]), so that the answer reaches the job only when
+/// every proxy its flows may land on can allow them. Pushes that take longer finish in the
+/// background.
+async fn push_to_peers(
+    ctx: &Ctx,
+    job: u64,
+    node: Ipv4Addr,
+    name: &str,
+    addrs: &[IpAddr],
+    ttl: u32,
+) {
     let (Some(secret), false) = (&ctx.peer_secret, ctx.shared.cfg.peers.is_empty()) else {
         return;
     };
@@ -463,11 +485,20 @@ fn push_to_peers(ctx: &Ctx, job: u64, node: Ipv4Addr, name: &str, addrs: &[IpAdd
     };
     let body: Arc<[u8]> = Arc::from(body);
     let port = ctx.shared.cfg.service_addr().port();
+    let deadline = tokio::time::Instant::now() + PEER_SYNC_WAIT;
+    let mut waited = Vec::new();
     for peer in &ctx.shared.cfg.peers {
         let addr = SocketAddr::from((*peer, port));
         let auth = format!("Bearer {secret}");
         let body = Arc::clone(&body);
-        tokio::spawn(async move {
+        let trouble = Arc::clone(&ctx.peer_trouble);
+        let peer = *peer;
+        let in_trouble = trouble
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&peer)
+            .is_some_and(|t| t.elapsed() < PEER_TROUBLE);
+        let push = tokio::spawn(async move {
             let r = crate::http::request(
                 addr,
                 "POST",
@@ -480,11 +511,29 @@ fn push_to_peers(ctx: &Ctx, job: u64, node: Ipv4Addr, name: &str, addrs: &[IpAdd
                 PEER_TIMEOUT,
             )
             .await;
+            let ok = matches!(&r, Ok(resp) if resp.status == 200);
             match r {
                 Ok(resp) if resp.status == 200 => {}
                 Ok(resp) => tracing::warn!(%addr, status = resp.status, "peer refused binding"),
                 Err(e) => tracing::warn!(%addr, error = %e, "binding push failed"),
             }
+            let mut t = trouble
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if ok {
+                t.remove(&peer);
+            } else {
+                t.insert(peer, std::time::Instant::now());
+            }
         });
+        if !in_trouble {
+            waited.push(push);
+        }
+    }
+    for push in waited {
+        if tokio::time::timeout_at(deadline, push).await.is_err() {
+            tracing::debug!("a binding push outlasted the answer's wait; it goes on");
+            break;
+        }
     }
 }

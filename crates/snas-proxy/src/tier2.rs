@@ -41,7 +41,8 @@
 //!
 //! # Limits
 //! - Names are learnt only through [`Bindings`] (filled by the proxy's resolver); an address no
-//!   answer bound is decided by the CIDR rules and the `0.0.0.0` rules alone.
+//!   answer bound is decided by the CIDR rules alone (`0.0.0.0` rules allow names, never raw
+//!   addresses).
 //! - ICMP echo is not a policy protocol: new ICMP flows are dropped (`port_denied`).
 //! - ICMP errors from the internet about a tracked flow are dropped (`malformed`) for now.
 //! - Replies from the internet to an expired job's flows still pass until the next once-a-second

@@ -514,12 +514,9 @@ fn answers_are_pushed_to_peers_which_recheck_the_policy() {
         ask_udp_from(LOCAL, a.resolver_addr(), &q).response_code(),
         ResponseCode::NoError
     );
+    // The answer comes only once the peer holds the binding: a job's first connection may land
+    // on the peer the moment the job has the address.
     let api = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while bound_names(&b, api).is_empty() {
-        assert!(Instant::now() < deadline, "the peer never bound the answer");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     assert_eq!(bound_names(&b, api), ["api.example.com"]);
 
     let ctl = b.service_addr();
