@@ -473,12 +473,12 @@ pub async fn serve_listeners(
         let _ = tx.send(true);
     });
     let api = axum::serve(unix, api_router(ops.clone()))
-        .with_graceful_shutdown(crate::stub::stopped(rx.clone()));
+        .with_graceful_shutdown(crate::shutdown::stopped(rx.clone()));
     let pol = axum::serve(
         tcp,
         policy_router(ops).into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(crate::stub::stopped(rx));
+    .with_graceful_shutdown(crate::shutdown::stopped(rx));
     let (a, b) = tokio::join!(api, pol);
     a.and(b)
 }

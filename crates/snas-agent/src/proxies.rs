@@ -480,7 +480,7 @@ pub async fn run_health_checks(
     timeout: Duration,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let stop = crate::stub::stopped(shutdown);
+    let stop = crate::shutdown::stopped(shutdown);
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -583,7 +583,7 @@ pub async fn run_discovery(
     interval: Duration,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let stop = crate::stub::stopped(shutdown);
+    let stop = crate::shutdown::stopped(shutdown);
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -73,6 +73,7 @@ use crate::dns_cache::{CacheLimits, CachedAnswer, DnsCache};
 use crate::naming::job_key_hex;
 use crate::proxies::Proxies;
 use crate::seams::{Dataplane, VerifiedPolicy};
+use crate::shutdown::stopped;
 
 /// Time to wait for one proxy's answer before trying the next.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(1);
@@ -671,7 +672,7 @@ impl DnsStub {
             }
             Verdict::Cached(hit) => {
                 inc(&self.stats.cached);
-                reply(dns::cached_answer(&query, hit), &query, tcp)
+                reply(crate::dns_cache::cached_answer(&query, hit), &query, tcp)
             }
             Verdict::Forward {
                 question,
@@ -1118,11 +1119,6 @@ async fn exchange_tcp(
         ));
     }
     Ok(m)
-}
-
-/// Completes when `rx` turns true (or its sender is gone).
-pub async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|v| *v).await;
 }
 
 /// Gives a UDP socket the stub's receive buffer ([`UDP_RECV_BUFFER`]): `SO_RCVBUFFORCE` (root
