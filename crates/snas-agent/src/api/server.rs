@@ -1,22 +1,11 @@
-//! The agent's HTTP/JSON APIs.
-//!
-//! Owns the routers over the node's services ([`Ops`]):
-//! - the local API on a Unix socket (mode from config): `POST /v1/jobs` (body: the signed policy
-//!   token, or JSON `{"policy": token}`), `GET /v1/jobs`, `GET /v1/jobs/{job}`,
-//!   `DELETE /v1/jobs/{job}`, `GET /v1/jobs/{job}/counters`, where `{job}` is the 16-hex-digit
-//!   job key or a unique job name; `GET /v1/proxies` (the proxy table), `GET /v1/dns` (DNS stub
-//!   figures) and `GET /metrics` (Prometheus text), the latter also on `metrics_listen` if
-//!   configured;
-//! - the policy endpoint on the underlay address: `GET /v1/jobs/{job_key}/policy` returns the
-//!   raw signed token as `text/plain` (proxies verify it themselves), 404 if unknown. It answers
-//!   only the proxies of the current proxy set (configured, and discovered while listed): any
-//!   other caller gets 403 `forbidden` for every request, counted and logged (at most one line
-//!   per [`FORBIDDEN_LOG_EVERY`]).
+//! The agent's HTTP servers: the routers over the node's services ([`Ops`]) and the
+//! listeners they are served on. The contract they serve (paths, bodies, error codes) is
+//! [`super`]'s; this module only maps it onto the job table, the proxy table, the DNS stub and
+//! the metrics.
 //!
 //! A job's DELETE tells every listed proxy that the job has ended
 //! ([`crate::proxies::announce_job_ended`], fire-and-forget: the answer does not wait for it).
-//! Errors are JSON `{"error": code, "detail": message}` with a matching status. Job operations
-//! block (netlink, files), so handlers run them on tokio's blocking pool.
+//! Job operations block (netlink, files), so handlers run them on tokio's blocking pool.
 //!
 //! # Limits
 //! The policy endpoint authenticates callers by their source address (the underlay is the
@@ -39,10 +28,13 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::agent::{Agent, JobError, JobView};
+use super::types::{
+    paths, CreateJob, DnsView, ErrorBody, JobDrops, JobState, JobView, ProxyStatus,
+    POLICY_CONTENT_TYPE,
+};
+use crate::agent::{Agent, JobError};
 use crate::naming::{job_key_hex, parse_job_key_hex};
 use crate::upkeep::LogLimiter;
 
@@ -54,19 +46,13 @@ pub struct ApiError {
     detail: String,
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: &'a str,
-    detail: &'a str,
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (
             self.status,
             Json(ErrorBody {
-                error: self.code,
-                detail: &self.detail,
+                error: self.code.to_owned(),
+                detail: self.detail,
             }),
         )
             .into_response()
@@ -114,12 +100,8 @@ async fn blocking<T: Send + 'static>(
 pub fn token_from_body(body: &str) -> Result<String, String> {
     let trimmed = body.trim();
     if trimmed.starts_with('{') {
-        #[derive(serde::Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Create {
-            policy: String,
-        }
-        let c: Create = serde_json::from_str(trimmed).map_err(|e| format!("request body: {e}"))?;
+        let c: CreateJob =
+            serde_json::from_str(trimmed).map_err(|e| format!("request body: {e}"))?;
         return Ok(c.policy.trim().to_owned());
     }
     if trimmed.is_empty() {
@@ -181,24 +163,20 @@ async fn delete_job(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Serialize)]
-struct Counters {
-    job_key: String,
-    total: u64,
-    drops: BTreeMap<&'static str, u64>,
-}
-
 async fn job_counters(
     State(ops): State<Arc<Ops>>,
     UrlPath(id): UrlPath<String>,
-) -> Result<Json<Counters>, ApiError> {
+) -> Result<Json<JobDrops>, ApiError> {
     let agent = ops.agent.clone();
     let key = agent.resolve(&id)?;
     let counters = blocking(move || agent.counters(key)).await?;
-    Ok(Json(Counters {
+    Ok(Json(JobDrops {
         job_key: job_key_hex(key),
         total: counters.values().sum(),
-        drops: counters.into_iter().map(|(r, n)| (r.name(), n)).collect(),
+        drops: counters
+            .into_iter()
+            .map(|(r, n)| (r.name().to_owned(), n))
+            .collect(),
     }))
 }
 
@@ -217,12 +195,12 @@ async fn method_not_allowed() -> ApiError {
 /// The local API (Unix socket) with the node endpoints.
 pub fn api_router(ops: Arc<Ops>) -> Router {
     Router::new()
-        .route("/v1/jobs", get(list_jobs).post(create_job))
-        .route("/v1/jobs/{job}", get(get_job).delete(delete_job))
-        .route("/v1/jobs/{job}/counters", get(job_counters))
-        .route("/v1/proxies", get(get_proxies))
-        .route("/v1/dns", get(get_dns))
-        .route("/metrics", get(get_metrics))
+        .route(paths::JOBS, get(list_jobs).post(create_job))
+        .route(paths::JOB_ROUTE, get(get_job).delete(delete_job))
+        .route(paths::JOB_COUNTERS_ROUTE, get(job_counters))
+        .route(paths::PROXIES, get(get_proxies))
+        .route(paths::DNS, get(get_dns))
+        .route(paths::METRICS, get(get_metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(ops)
@@ -315,14 +293,14 @@ async fn get_policy(
         ));
     };
     count(&ops.policy.served);
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], token).into_response())
+    Ok(([(header::CONTENT_TYPE, POLICY_CONTENT_TYPE)], token).into_response())
 }
 
 /// The policy endpoint (underlay TCP). Serve it with
 /// `into_make_service_with_connect_info::<SocketAddr>()`: callers are checked by address.
 pub fn policy_router(ops: Arc<Ops>) -> Router {
     Router::new()
-        .route("/v1/jobs/{job_key}/policy", get(get_policy))
+        .route(paths::POLICY_ROUTE, get(get_policy))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -397,11 +375,11 @@ impl Ops {
     }
 }
 
-async fn get_proxies(State(ops): State<Arc<Ops>>) -> Json<Vec<crate::proxies::ProxyStatus>> {
+async fn get_proxies(State(ops): State<Arc<Ops>>) -> Json<Vec<ProxyStatus>> {
     Json(ops.proxies.snapshot().statuses().to_vec())
 }
 
-async fn get_dns(State(ops): State<Arc<Ops>>) -> Json<crate::stub::DnsView> {
+async fn get_dns(State(ops): State<Arc<Ops>>) -> Json<DnsView> {
     Json(ops.stub.view())
 }
 
@@ -418,10 +396,7 @@ fn snapshot(ops: &Ops) -> crate::metrics::Snapshot {
     }
     crate::metrics::Snapshot {
         jobs: jobs.len(),
-        jobs_expired: jobs
-            .iter()
-            .filter(|j| j.state == crate::agent::JobState::Expired)
-            .count(),
+        jobs_expired: jobs.iter().filter(|j| j.state == JobState::Expired).count(),
         drops,
         dns: Some(ops.stub.view()),
         proxies: Some(ops.proxies.snapshot()),
@@ -454,7 +429,7 @@ async fn get_metrics(State(ops): State<Arc<Ops>>) -> Response {
 /// Only `GET /metrics` (the `metrics_listen` TCP address).
 pub fn metrics_router(ops: Arc<Ops>) -> Router {
     Router::new()
-        .route("/metrics", get(get_metrics))
+        .route(paths::METRICS, get(get_metrics))
         .fallback(not_found)
         .with_state(ops)
 }
