@@ -281,7 +281,7 @@ fn one_tenant_exhausting_its_port_quota_does_not_stop_another_tenant() {
         wait_until(
             std::time::Duration::from_secs(5),
             "agents see proxy 1 alive",
-            || agent_proxy_health(&tb, n, 1) == "alive",
+            || agent_proxy_health(&tb, n, 1) == Some(Health::Alive),
         );
     }
     let rule = "[[egress]]\nhost = \"api.example.com:7\"\nprotocol = \"udp\"\n";

@@ -205,7 +205,10 @@ fn forged_geneve_from_a_non_node_or_for_a_foreign_job_is_dropped_and_counted() {
         job_key: job.key(),
         policy_serial: 1,
     };
-    let sandbox = |job: &Job| job.info().sandbox_ip.parse::<Ipv4Addr>().unwrap();
+    let sandbox = |job: &Job| match job.info().sandbox_ip {
+        std::net::IpAddr::V4(ip) => ip,
+        other => panic!("job address {other}"),
+    };
     let api = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 10), 80);
     let tx0 = internet_tx(&tb);
 

@@ -17,6 +17,7 @@ mod e2e_support;
 use std::time::{Duration, SystemTime};
 
 use e2e_support::*;
+use snas_agent::api::JobState;
 
 /// Loops `n` times: a lookup + connect + HTTP GET + close to api.example.com:80; every 50th
 /// round also a TCP echo to www.example.org:7 (the same address as api.example.com, another
@@ -278,15 +279,8 @@ fn an_expiring_job_is_refused_at_once_after_exp_and_both_tiers_forget_it() {
         ))
         .unwrap();
     let job = Job::start_token(&tb, 1, &token);
-    let view = tb.agent(1).list_jobs().unwrap();
-    let me = view
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|j| j["job_key"].as_str() == Some(job.info().job_key.as_str()))
-        .unwrap()
-        .clone();
-    let exp = me["expires_at"].as_u64().unwrap() as f64;
+    let me = tb.agent(1).job(&job.info().job_key).unwrap();
+    let exp = me.expires_at as f64;
     let out = job.python(PY_UNTIL, &[&format!("{}", exp + 2.0)]);
     let rounds: Vec<(f64, String, f64, String)> = serde_json::from_str(out.trim()).unwrap();
     let before: Vec<_> = rounds.iter().filter(|r| r.0 < exp - 0.2).collect();
@@ -319,13 +313,8 @@ fn an_expiring_job_is_refused_at_once_after_exp_and_both_tiers_forget_it() {
             tb.agent(1)
                 .list_jobs()
                 .unwrap()
-                .as_array()
-                .unwrap()
                 .iter()
-                .any(|j| {
-                    j["job_key"].as_str() == Some(job.info().job_key.as_str())
-                        && j["state"].as_str() == Some("expired")
-                })
+                .any(|j| j.job_key == job.info().job_key && j.state == JobState::Expired)
         },
     );
     let key = job.info().job_key.clone();

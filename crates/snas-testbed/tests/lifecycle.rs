@@ -98,7 +98,7 @@ fn up_is_complete_and_idempotent_runs_a_job_and_the_guard_leaves_nothing() {
         assert!(text.contains("nameserver 10.255.1.1"), "{text}");
         assert!(text.contains("10.255.1.2/30"), "{text}");
         // The job is gone afterwards, and the host's resolv.conf was never touched.
-        assert_eq!(tb.agent(1).list_jobs().unwrap(), serde_json::json!([]));
+        assert!(tb.agent(1).list_jobs().unwrap().is_empty());
         let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
         assert!(!host_resolv.contains("10.255.1.1"));
     }

@@ -320,6 +320,59 @@ fn refusal(method: Method, path: String, status: StatusCode, body: &[u8]) -> Cli
 pub mod blocking {
     use super::*;
 
+    /// A job this process created, deleted when dropped (unless [`OwnedJob::delete`]d first):
+    /// an error or a panic between creating a job and ending it does not leave it behind.
+    #[derive(Debug)]
+    pub struct OwnedJob {
+        client: AgentClient,
+        view: JobView,
+        live: bool,
+    }
+
+    impl OwnedJob {
+        /// Creates the job (`POST /v1/jobs`).
+        pub fn create(client: AgentClient, token: &str) -> Result<OwnedJob, ClientError> {
+            let view = client.create_job(token)?;
+            Ok(OwnedJob {
+                client,
+                view,
+                live: true,
+            })
+        }
+
+        /// The agent's answer to the create.
+        pub fn view(&self) -> &JobView {
+            &self.view
+        }
+
+        /// The client the job was created with.
+        pub fn client(&self) -> &AgentClient {
+            &self.client
+        }
+
+        /// Deletes the job now, reporting failure; a job the agent no longer has counts as
+        /// deleted.
+        pub fn delete(mut self) -> Result<(), ClientError> {
+            self.live = false;
+            delete_if_there(&self.client, &self.view.job_key)
+        }
+    }
+
+    impl Drop for OwnedJob {
+        fn drop(&mut self) {
+            if self.live {
+                let _ = delete_if_there(&self.client, &self.view.job_key);
+            }
+        }
+    }
+
+    fn delete_if_there(client: &AgentClient, job_key: &str) -> Result<(), ClientError> {
+        match client.delete_job(job_key) {
+            Err(e) if !e.is_job_not_found() => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// A client of one agent's API socket; each call blocks until answered (or the deadline).
     ///
     /// Each call runs on a small runtime of its own (a current-thread tokio runtime: an epoll
