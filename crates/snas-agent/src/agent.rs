@@ -18,6 +18,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use snas_wire::Reason;
 
@@ -177,6 +178,9 @@ struct Releasing {
 /// still holding the job's namespace keeps it, and its veth, alive).
 const VETH_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Upper bounds (seconds) of the job set-up latency histogram's buckets.
+pub const SETUP_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
 /// A wall clock, injectable for tests.
 pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
@@ -188,7 +192,7 @@ pub struct Agent {
     store: StateStore,
     clock: Clock,
     inner: Mutex<Inner>,
-    setup_latency: crate::metrics::Histogram,
+    setup_latency: Histogram,
 }
 
 impl std::fmt::Debug for Agent {
@@ -306,7 +310,7 @@ impl Agent {
                 pool,
                 releasing: Vec::new(),
             }),
-            setup_latency: crate::metrics::Histogram::default(),
+            setup_latency: Histogram::new(SETUP_BUCKETS),
         };
         Ok((agent, report))
     }
@@ -315,8 +319,8 @@ impl Agent {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Job set-up latency (successful creates).
-    pub fn setup_latency(&self) -> &crate::metrics::Histogram {
+    /// Job set-up latency in seconds (successful creates; buckets [`SETUP_BUCKETS`]).
+    pub fn setup_latency(&self) -> &Histogram {
         &self.setup_latency
     }
 
@@ -371,7 +375,7 @@ impl Agent {
             Ok(record) => {
                 let view = JobView::of(&record, now);
                 inner.insert(record);
-                self.setup_latency.observe(started.elapsed());
+                self.setup_latency.observe(started.elapsed().as_secs_f64());
                 tracing::info!(job = %view.job, job_key = %view.job_key, netns = %view.netns, "job created");
                 Ok(view)
             }

@@ -412,18 +412,11 @@ fn snapshot(ops: &Ops) -> crate::metrics::Snapshot {
 async fn get_metrics(State(ops): State<Arc<Ops>>) -> Response {
     let o = ops.clone();
     let text = tokio::task::spawn_blocking(move || {
-        crate::metrics::render(&snapshot(&o), o.agent.setup_latency())
+        crate::metrics::render(snapshot(&o), o.agent.setup_latency())
     })
     .await
     .unwrap_or_default();
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
 /// Only `GET /metrics` (the `metrics_listen` TCP address).
