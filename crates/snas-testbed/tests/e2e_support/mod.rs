@@ -19,6 +19,19 @@ use snas_agent::api::JobView;
 use snas_testbed::daemons::{self, Daemon};
 use snas_testbed::{unique_prefix, JobGuard, Testbed, TestbedOptions};
 
+/// Fails the test, saying why, unless it runs as root: the testbed is made of network
+/// namespaces (`cargo nextest run --profile unprivileged` leaves these `privileged_*` binaries
+/// out and lists them as skipped).
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root,
+        "privileged test: the testbed needs root (network namespaces, mounts); run it as root, \
+         or run the unprivileged tests only: cargo nextest run --profile unprivileged"
+    );
+}
+
 /// The `snas` binary: `$SNAS_BIN`, or `target/debug/snas` of this workspace.
 pub fn snas_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("SNAS_BIN") {
@@ -35,6 +48,7 @@ pub fn snas_binary() -> PathBuf {
 
 /// A testbed with agents and proxies; panics unless both proxies answer `/healthz`.
 pub fn testbed_with_proxies() -> Testbed {
+    require_root();
     let tb = Testbed::up(TestbedOptions::new(&unique_prefix(), snas_binary())).unwrap();
     assert!(
         tb.record().proxy_available,
@@ -53,6 +67,7 @@ pub fn testbed_with_proxies() -> Testbed {
 
 /// A testbed with agents only (what needs no proxy).
 pub fn testbed_without_proxies() -> Testbed {
+    require_root();
     let mut o = TestbedOptions::new(&unique_prefix(), snas_binary());
     o.start_proxies = false;
     Testbed::up(o).unwrap()

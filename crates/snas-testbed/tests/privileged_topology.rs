@@ -20,6 +20,7 @@ impl Drop for Down {
 
 #[test]
 fn internet_services_answer_locally_and_through_each_proxy_transit_then_down_removes_all() {
+    common::require_root();
     let prefix = unique_prefix();
     let _guard = Down(prefix.clone());
     let t = Topology::new(&prefix).unwrap();

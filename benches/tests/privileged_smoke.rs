@@ -22,10 +22,11 @@ fn is_root() -> bool {
 
 #[test]
 fn quick_run_measures_every_path_and_writes_every_file() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    assert!(
+        is_root(),
+        "privileged test: the benchmark needs root (testbed namespaces); run it as root, or run \
+         the unprivileged tests only: cargo nextest run --profile unprivileged"
+    );
     let out = tempfile::tempdir().unwrap();
     let run = Command::new(env!("CARGO_BIN_EXE_snas-bench"))
         .args(["run", "--quick", "--out"])

@@ -1,8 +1,8 @@
 //! Privileged end-to-end tests of `snas run` on a testbed of their own (unique prefix,
 //! removed by a guard): the demo workload's checks inside gVisor, the audit trail of its
 //! escape attempts, and limits reported by the command. They need root, runsc and a built
-//! `snas` binary (`cargo build -p snas`; `SNAS_BIN` overrides `target/debug/snas`), and the
-//! proxy (`snas proxy --help` must work); otherwise they print SKIP.
+//! `snas` binary (`cargo build -p snas`; `SNAS_BIN` overrides `target/debug/snas`) whose proxy
+//! works (`snas proxy --help`); otherwise they fail, saying which is missing.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -17,19 +17,19 @@ fn snas_bin() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/snas"))
 }
 
-fn available() -> bool {
-    if !common::privileged() {
-        return false;
-    }
+/// Fails the test unless root, runsc and a `snas` binary with a working proxy are there.
+fn require_prerequisites() {
+    common::require_privileges();
     let bin = snas_bin();
     let proxy = Command::new(&bin)
         .args(["proxy", "--help"])
         .output()
         .is_ok_and(|o| o.status.success());
-    if !proxy {
-        eprintln!("SKIP: {} has no working `snas proxy`", bin.display());
-    }
-    proxy
+    assert!(
+        proxy,
+        "{} has no working `snas proxy`: `cargo build --release -p snas` and set SNAS_BIN",
+        bin.display()
+    );
 }
 
 /// A testbed of our own; `snas testbed down` on drop.
@@ -122,9 +122,7 @@ fn assert_check(stdout: &str, name: &str) {
 
 #[test]
 fn demo_workload_in_gvisor_sees_exactly_its_policy_and_escapes_are_audited() {
-    if !available() {
-        return;
-    }
+    require_prerequisites();
     let bed = Bed::up();
     let token = bed.sign(DEMO_POLICY);
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
@@ -162,9 +160,7 @@ fn demo_workload_in_gvisor_sees_exactly_its_policy_and_escapes_are_audited() {
 
 #[test]
 fn snas_run_passes_status_and_reports_limits() {
-    if !available() {
-        return;
-    }
+    require_prerequisites();
     let bed = Bed::up();
     let token = bed.sign(DEMO_POLICY);
     let (code, out, _) = bed.run(

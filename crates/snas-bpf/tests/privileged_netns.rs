@@ -1,4 +1,4 @@
-//! End-to-end over real interfaces (root; skipped with a message otherwise): a sandbox
+//! End-to-end over real interfaces (root; fails, saying so, otherwise): a sandbox
 //! namespace, a node namespace with the tier-1 programs attached by [`Tier1::attach_job`], and
 //! a proxy namespace with a UDP socket on 6081. A datagram from the sandbox must arrive at the
 //! proxy GENEVE-encapsulated with our option; a GENEVE reply from the proxy must arrive at the
@@ -215,9 +215,7 @@ fn topology_with(tag: &str, offloads_off: bool) -> Topo {
 
 #[test]
 fn sandbox_traffic_reaches_the_proxy_encapsulated_and_replies_come_back() {
-    if !root_or_skip("netns end-to-end") {
-        return;
-    }
+    require_root("netns end-to-end");
     let t = topology("a");
 
     // Proxy side: a UDP socket on 6081.
@@ -312,9 +310,7 @@ fn sandbox_traffic_reaches_the_proxy_encapsulated_and_replies_come_back() {
 
 #[test]
 fn denied_connect_fails_at_once_and_captured_dns_is_answered_by_the_stub() {
-    if !root_or_skip("netns RST and DNS") {
-        return;
-    }
+    require_root("netns RST and DNS");
     let t = topology("b");
 
     // The job's DNS stub on the gateway, port 5353 (JobConfig::dns_port of the test job).
@@ -383,9 +379,7 @@ fn denied_connect_fails_at_once_and_captured_dns_is_answered_by_the_stub() {
 
 #[test]
 fn udp_gso_packets_cannot_be_encapsulated_and_are_counted() {
-    if !root_or_skip("netns UDP GSO") {
-        return;
-    }
+    require_root("netns UDP GSO");
     // Offloads left on: the sandbox veth accepts UDP GSO, as a misconfigured node would.
     let t = topology_with("c", false);
     let sb2 = t.sb.clone();
@@ -433,9 +427,7 @@ fn udp_gso_packets_cannot_be_encapsulated_and_are_counted() {
 
 #[test]
 fn ipv6_sandbox_traffic_is_carried_over_the_ipv4_underlay_both_ways() {
-    if !root_or_skip("netns IPv6") {
-        return;
-    }
+    require_root("netns IPv6");
     let t = topology("d");
     let px2 = t.px.clone();
     let (bound_tx, bound_rx) = std::sync::mpsc::channel();
@@ -586,9 +578,7 @@ fn send_raw(dev: &str, frames: &[Vec<u8>]) {
 
 #[test]
 fn a_vlan_tagged_frame_from_the_sandbox_is_not_ip_and_never_reaches_the_proxy() {
-    if !root_or_skip("netns VLAN") {
-        return;
-    }
+    require_root("netns VLAN");
     let t = topology("v");
     let px2 = t.px.clone();
     let (bound_tx, bound_rx) = std::sync::mpsc::channel();
@@ -657,9 +647,7 @@ fn a_vlan_tagged_frame_from_the_sandbox_is_not_ip_and_never_reaches_the_proxy() 
 
 #[test]
 fn a_connected_udp_socket_learns_of_a_refusal_at_once() {
-    if !root_or_skip("netns ICMP") {
-        return;
-    }
+    require_root("netns ICMP");
     let t = topology("i");
     let sb2 = t.sb.clone();
     let results = std::thread::spawn(move || {

@@ -1,5 +1,5 @@
-//! BPF_PROG_TEST_RUN tests of bpf/sandbox_ingress.bpf.c (root; skipped with a message
-//! otherwise). Every test loads its own node under a unique bpffs directory.
+//! BPF_PROG_TEST_RUN tests of bpf/sandbox_ingress.bpf.c (root; fails, saying
+//! so, otherwise). Every test loads its own node under a unique bpffs directory.
 
 mod common;
 
@@ -22,7 +22,7 @@ fn proxies(n: usize) -> Vec<ProxyEntry> {
 }
 
 /// A node with one job, three proxies and 203.0.113.0/24 allowed on TCP 443 and UDP 4000-4999.
-fn setup(name: &str) -> Option<Node> {
+fn setup(name: &str) -> Node {
     setup_with(name, |_| {}, |_| {})
 }
 
@@ -30,10 +30,8 @@ fn setup_with(
     name: &str,
     node_edit: impl FnOnce(&mut snas_bpf::NodeConfig),
     job_edit: impl FnOnce(&mut snas_bpf::JobConfig),
-) -> Option<Node> {
-    if !root_or_skip(name) {
-        return None;
-    }
+) -> Node {
+    require_root(name);
     let mut cfg = node_config(name);
     node_edit(&mut cfg);
     let n = load(&cfg);
@@ -56,7 +54,7 @@ fn setup_with(
             false,
         )
         .expect("cidr");
-    Some(n)
+    n
 }
 
 fn drops(n: &Node, r: Reason) -> u64 {
@@ -77,7 +75,7 @@ fn assert_drop(n: &Node, frame: &[u8], r: Reason) {
 
 #[test]
 fn allowed_syn_is_encapsulated_with_exact_geneve_bytes() {
-    let Some(n) = setup("encap") else { return };
+    let n = setup("encap");
     let p = Pkt::tcp_syn(ALLOWED_IP, 443);
     let frame = p.frame();
     let out = n.run_sandbox(&frame);
@@ -111,7 +109,7 @@ fn allowed_syn_is_encapsulated_with_exact_geneve_bytes() {
 
 #[test]
 fn proxy_choice_follows_the_maglev_table_and_is_stable_for_a_flow() {
-    let Some(n) = setup("maglev") else { return };
+    let n = setup("maglev");
     let backends: Vec<_> = PROXY_IPS
         .iter()
         .enumerate()
@@ -137,7 +135,7 @@ fn proxy_choice_follows_the_maglev_table_and_is_stable_for_a_flow() {
 
 #[test]
 fn established_flow_stays_pinned_when_the_table_changes_and_moves_when_its_proxy_dies() {
-    let Some(n) = setup("pinning") else { return };
+    let n = setup("pinning");
     let b = |k: usize| -> Vec<maglev::Backend> {
         PROXY_IPS[..k]
             .iter()
@@ -206,14 +204,14 @@ fn established_flow_stays_pinned_when_the_table_changes_and_moves_when_its_proxy
 
 #[test]
 fn no_alive_proxy_drops_with_no_proxy() {
-    let Some(n) = setup("noproxy") else { return };
+    let n = setup("noproxy");
     n.t1().set_proxies(&[]).expect("proxies");
     assert_drop(&n, &Pkt::tcp_syn(ALLOWED_IP, 443).frame(), Reason::NoProxy);
 }
 
 #[test]
 fn spoofed_source_ip_is_dropped() {
-    let Some(n) = setup("spoofip") else { return };
+    let n = setup("spoofip");
     let p = Pkt {
         src: Ipv4Addr::new(10, 88, 0, 3),
         ..Pkt::tcp_syn(ALLOWED_IP, 443)
@@ -223,7 +221,7 @@ fn spoofed_source_ip_is_dropped() {
 
 #[test]
 fn spoofed_source_mac_is_dropped() {
-    let Some(n) = setup("spoofmac") else { return };
+    let n = setup("spoofmac");
     let p = Pkt {
         src_mac: [0x02, 0, 0, 0, 0, 0x66],
         ..Pkt::tcp_syn(ALLOWED_IP, 443)
@@ -233,7 +231,7 @@ fn spoofed_source_mac_is_dropped() {
 
 #[test]
 fn first_and_later_fragments_are_dropped() {
-    let Some(n) = setup("frag") else { return };
+    let n = setup("frag");
     let first = Pkt {
         frag_off: 0x2000,
         ..Pkt::udp(ALLOWED_IP, 4000, &[1; 16])
@@ -248,7 +246,7 @@ fn first_and_later_fragments_are_dropped() {
 
 #[test]
 fn ip_options_are_dropped() {
-    let Some(n) = setup("ipopts") else { return };
+    let n = setup("ipopts");
     // Record-route-sized option area: NOP padding to 4 bytes.
     let p = Pkt {
         ip_options: vec![1, 1, 1, 0],
@@ -259,7 +257,7 @@ fn ip_options_are_dropped() {
 
 #[test]
 fn inconsistent_ipv4_headers_are_malformed() {
-    let Some(n) = setup("malformed") else { return };
+    let n = setup("malformed");
     let good = Pkt::tcp_syn(ALLOWED_IP, 443).frame();
     let mut longer = good.clone();
     longer[ETH + 2..ETH + 4].copy_from_slice(&2000u16.to_be_bytes());
@@ -274,7 +272,7 @@ fn inconsistent_ipv4_headers_are_malformed() {
 
 #[test]
 fn arp_passes_and_other_ethertypes_are_dropped() {
-    let Some(n) = setup("arp") else { return };
+    let n = setup("arp");
     let arp = arp_request(SANDBOX_MAC, SANDBOX_IP);
     let out = n.run_sandbox(&arp);
     assert_eq!(out.retval, TC_ACT_OK);
@@ -299,7 +297,7 @@ fn arp_request(sha: [u8; 6], spa: Ipv4Addr) -> Vec<u8> {
 
 #[test]
 fn arp_claiming_another_address_or_mac_is_dropped() {
-    let Some(n) = setup("arpspoof") else { return };
+    let n = setup("arpspoof");
     assert_drop(
         &n,
         &arp_request(SANDBOX_MAC, Ipv4Addr::new(10, 88, 0, 9)),
@@ -314,7 +312,7 @@ fn arp_claiming_another_address_or_mac_is_dropped() {
 
 #[test]
 fn ipv6_is_denied_and_counted() {
-    let Some(n) = setup("ipv6") else { return };
+    let n = setup("ipv6");
     let mut f = Pkt::tcp_syn(ALLOWED_IP, 443).frame();
     f[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
     f.truncate(ETH);
@@ -327,7 +325,7 @@ fn ipv6_is_denied_and_counted() {
 
 #[test]
 fn unknown_veth_is_counted_as_unknown_job() {
-    let Some(n) = setup("unknownjob") else { return };
+    let n = setup("unknownjob");
     assert!(n.t1().detach_job(VETH).expect("detach"));
     let out = n.run_sandbox(&Pkt::tcp_syn(ALLOWED_IP, 443).frame());
     assert_eq!(out.retval, TC_ACT_SHOT);
@@ -337,7 +335,7 @@ fn unknown_veth_is_counted_as_unknown_job() {
 
 #[test]
 fn denied_syn_is_answered_with_an_exact_rst() {
-    let Some(n) = setup("rst") else { return };
+    let n = setup("rst");
     let p = Pkt {
         seq: 0xfffffff0,
         ..Pkt::tcp_syn(OTHER_IP, 443)
@@ -395,7 +393,7 @@ fn assert_answered(n: &Node, frame: &[u8], r: Reason) -> Vec<u8> {
 
 #[test]
 fn denied_udp_is_answered_and_non_syn_tcp_is_dropped_without_reply() {
-    let Some(n) = setup("denyudp") else { return };
+    let n = setup("denyudp");
     let icmp = assert_answered(
         &n,
         &Pkt::udp(OTHER_IP, 4000, &[0; 8]).frame(),
@@ -411,7 +409,7 @@ fn denied_udp_is_answered_and_non_syn_tcp_is_dropped_without_reply() {
 
 #[test]
 fn allowed_destination_on_a_wrong_port_or_protocol_is_port_denied() {
-    let Some(n) = setup("portdeny") else { return };
+    let n = setup("portdeny");
     assert_drop(
         &n,
         &Pkt {
@@ -436,7 +434,7 @@ fn allowed_destination_on_a_wrong_port_or_protocol_is_port_denied() {
 
 #[test]
 fn always_denied_ranges_need_allow_private() {
-    let Some(n) = setup("private") else { return };
+    let n = setup("private");
     let metadata = Ipv4Addr::new(169, 254, 169, 254);
     assert_drop(
         &n,
@@ -470,7 +468,7 @@ fn always_denied_ranges_need_allow_private() {
 
 #[test]
 fn dns_learned_address_admits_new_connections_until_it_expires_and_never_cuts_established_ones() {
-    let Some(n) = setup("exact") else { return };
+    let n = setup("exact");
     let rules = [PortRule::port(Proto::Tcp, 443)];
     let p = Pkt::tcp_syn(OTHER_IP, 443);
     // Expiries are kept in whole seconds, rounded up: 1 s from now ends within 2 s.
@@ -507,7 +505,7 @@ fn dns_learned_address_admits_new_connections_until_it_expires_and_never_cuts_es
 
 #[test]
 fn rules_of_another_job_do_not_apply() {
-    let Some(n) = setup("otherjob") else { return };
+    let n = setup("otherjob");
     n.t1()
         .allow_ip(JOB_KEY + 1, OTHER_IP, &[PortRule::all(Proto::Any)], None)
         .expect("ip");
@@ -520,7 +518,7 @@ fn rules_of_another_job_do_not_apply() {
 
 #[test]
 fn dns_to_any_resolver_is_rewritten_to_the_job_stub() {
-    let Some(n) = setup("dns") else { return };
+    let n = setup("dns");
     let q = Pkt::udp(
         OTHER_IP,
         53,
@@ -560,7 +558,7 @@ fn dns_to_any_resolver_is_rewritten_to_the_job_stub() {
 
 #[test]
 fn packets_to_the_overlay_port_or_the_node_are_dropped() {
-    let Some(n) = setup("overlay") else { return };
+    let n = setup("overlay");
     n.t1()
         .allow_cidr(
             JOB_KEY,
@@ -583,7 +581,7 @@ fn packets_to_the_overlay_port_or_the_node_are_dropped() {
 
 #[test]
 fn encapsulated_size_is_checked_against_the_uplink_mtu() {
-    let Some(n) = setup("mtu") else { return };
+    let n = setup("mtu");
     // 1444 bytes of IPv4 + 56 = 1500: fits exactly.
     let fits = Pkt::udp(ALLOWED_IP, 4000, &vec![7; 1444 - 28]);
     assert_eq!(n.run_sandbox(&fits.frame()).retval, TC_ACT_REDIRECT);
@@ -593,13 +591,11 @@ fn encapsulated_size_is_checked_against_the_uplink_mtu() {
 
 #[test]
 fn edt_spaces_packets_at_the_configured_rate() {
-    let Some(n) = setup_with(
+    let n = setup_with(
         "edt",
         |c| c.uplink_mtu = 9000,
         |j| j.egress = Some(Bps(10_000_000)),
-    ) else {
-        return;
-    };
+    );
     let before = snas_bpf::mono_now().expect("clock").as_nanos() as u64;
     let mut stamps = Vec::new();
     for _ in 0..8 {
@@ -621,7 +617,7 @@ fn edt_spaces_packets_at_the_configured_rate() {
 
 #[test]
 fn edt_drops_beyond_the_horizon_without_advancing() {
-    let Some(n) = setup_with(
+    let n = setup_with(
         "horizon",
         |c| c.uplink_mtu = 9000,
         // 100 kbit/s: a 1500-byte packet is 120 ms; a 200 ms horizon holds the departures
@@ -630,9 +626,7 @@ fn edt_drops_beyond_the_horizon_without_advancing() {
             j.egress = Some(Bps(100_000));
             j.horizon = Some(Duration::from_millis(200));
         },
-    ) else {
-        return;
-    };
+    );
     let p = Pkt::udp(ALLOWED_IP, 4000, &vec![0; 1500 - 28]);
     let first = n.run_sandbox(&p.frame());
     assert_eq!(first.retval, TC_ACT_REDIRECT);
@@ -652,16 +646,14 @@ fn edt_drops_beyond_the_horizon_without_advancing() {
 
 #[test]
 fn horizon_override_of_a_job_applies() {
-    let Some(n) = setup_with(
+    let n = setup_with(
         "horizon2",
         |c| c.uplink_mtu = 9000,
         |j| {
             j.egress = Some(Bps(1_000_000));
             j.horizon = Some(Duration::from_millis(5));
         },
-    ) else {
-        return;
-    };
+    );
     // 1500 bytes at 1 Mbit/s = 12 ms: the first leaves at once, the second would wait 12 ms,
     // beyond the job's 5 ms horizon (the node default, 20 ms, would hold it).
     let p = Pkt::udp(ALLOWED_IP, 4000, &vec![0; 1500 - 28]);
@@ -671,16 +663,14 @@ fn horizon_override_of_a_job_applies() {
 
 #[test]
 fn new_connection_rate_is_limited_per_job() {
-    let Some(n) = setup_with(
+    let n = setup_with(
         "connrate",
         |_| {},
         |j| {
             j.new_conn_per_sec = 1;
             j.new_conn_burst = 2;
         },
-    ) else {
-        return;
-    };
+    );
     let syn = |sport| {
         Pkt {
             sport,
@@ -697,9 +687,7 @@ fn new_connection_rate_is_limited_per_job() {
 
 #[test]
 fn max_connections_caps_new_flows_and_a_rst_frees_a_slot() {
-    let Some(n) = setup_with("maxconn", |_| {}, |j| j.max_connections = 2) else {
-        return;
-    };
+    let n = setup_with("maxconn", |_| {}, |j| j.max_connections = 2);
     let syn = |sport| Pkt {
         sport,
         ..Pkt::tcp_syn(ALLOWED_IP, 443)
@@ -719,9 +707,7 @@ fn max_connections_caps_new_flows_and_a_rst_frees_a_slot() {
 
 #[test]
 fn denials_and_new_flows_are_audited_with_a_rate_limit() {
-    let Some(n) = setup_with("audit", |c| c.audit_per_sec = 3, |_| {}) else {
-        return;
-    };
+    let n = setup_with("audit", |c| c.audit_per_sec = 3, |_| {});
     let events = Rc::new(RefCell::new(Vec::new()));
     let sink = Rc::clone(&events);
     let reader = n
@@ -749,7 +735,7 @@ fn denials_and_new_flows_are_audited_with_a_rate_limit() {
 
 #[test]
 fn counters_are_per_job_and_reason_and_removed_on_detach() {
-    let Some(n) = setup("counters") else { return };
+    let n = setup("counters");
     let p = Pkt {
         src: Ipv4Addr::new(10, 88, 0, 3),
         ..Pkt::tcp_syn(ALLOWED_IP, 443)
@@ -779,9 +765,7 @@ fn counters_are_per_job_and_reason_and_removed_on_detach() {
 
 #[test]
 fn a_reused_veth_starts_fresh_and_the_old_key_detaches_without_harm() {
-    let Some(n) = setup_with("reuse", |_| {}, |j| j.max_connections = 1) else {
-        return;
-    };
+    let n = setup_with("reuse", |_| {}, |j| j.max_connections = 1);
     assert_eq!(
         n.run_sandbox(&Pkt::tcp_syn(ALLOWED_IP, 443).frame()).retval,
         TC_ACT_REDIRECT
@@ -814,7 +798,7 @@ fn a_reused_veth_starts_fresh_and_the_old_key_detaches_without_harm() {
 
 #[test]
 fn reopening_from_pins_keeps_state_and_programs() {
-    let Some(n) = setup("reopen") else { return };
+    let n = setup("reopen");
     let p = Pkt::tcp_syn(ALLOWED_IP, 443);
     assert_eq!(n.run_sandbox(&p.frame()).retval, TC_ACT_REDIRECT);
     let again = snas_bpf::Tier1::open_pinned(&n.dir).expect("reopen");
@@ -850,7 +834,7 @@ fn reopening_from_pins_keeps_state_and_programs() {
 
 #[test]
 fn stub_answers_to_captured_queries_carry_the_resolver_address_again() {
-    let Some(n) = setup("dnsreply") else { return };
+    let n = setup("dnsreply");
     for (proto, q) in [
         (17, Pkt::udp(OTHER_IP, 53, b"\x12\x34\x01\x00")),
         (
@@ -904,7 +888,7 @@ fn stub_answers_to_captured_queries_carry_the_resolver_address_again() {
 
 #[test]
 fn a_draining_proxy_keeps_its_flows_but_takes_no_new_ones() {
-    let Some(n) = setup("drain") else { return };
+    let n = setup("drain");
     let syn = |sport| Pkt {
         sport,
         ..Pkt::tcp_syn(ALLOWED_IP, 443)

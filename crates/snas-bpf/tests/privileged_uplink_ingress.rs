@@ -1,5 +1,5 @@
-//! BPF_PROG_TEST_RUN tests of bpf/uplink_ingress.bpf.c (root; skipped with a message
-//! otherwise).
+//! BPF_PROG_TEST_RUN tests of bpf/uplink_ingress.bpf.c (root; fails, saying
+//! so, otherwise).
 
 mod common;
 
@@ -10,16 +10,14 @@ use snas_bpf::testing::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
 use snas_bpf::ProxyEntry;
 use snas_wire::Reason;
 
-fn setup(name: &str) -> Option<Node> {
-    if !root_or_skip(name) {
-        return None;
-    }
+fn setup(name: &str) -> Node {
+    require_root(name);
     let n = load(&node_config(name));
     n.t1().configure_job(&job()).expect("job");
     n.t1()
         .set_proxies(&[ProxyEntry::active(PROXY_IPS[0])])
         .expect("proxies");
-    Some(n)
+    n
 }
 
 fn reply_inner() -> Vec<u8> {
@@ -45,7 +43,7 @@ fn in_drops(n: &Node, job: u64, r: Reason) -> u64 {
 
 #[test]
 fn geneve_from_a_proxy_is_decapsulated_into_the_job_veth() {
-    let Some(n) = setup("decap") else { return };
+    let n = setup("decap");
     let inner = reply_inner();
     let out = n.run_uplink(&geneve_frame(PROXY_IPS[0], JOB_KEY, &inner));
     assert_eq!(out.retval, TC_ACT_REDIRECT);
@@ -68,7 +66,7 @@ fn geneve_from_a_proxy_is_decapsulated_into_the_job_veth() {
 
 #[test]
 fn non_geneve_traffic_passes_untouched() {
-    let Some(n) = setup("passthru") else { return };
+    let n = setup("passthru");
     let plain = Pkt {
         src: PROXY_IPS[0],
         dst: NODE_IP,
@@ -88,7 +86,7 @@ fn non_geneve_traffic_passes_untouched() {
 
 #[test]
 fn geneve_from_an_unknown_source_passes_untouched() {
-    let Some(n) = setup("untrusted") else { return };
+    let n = setup("untrusted");
     let f = geneve_frame(Ipv4Addr::new(198, 51, 100, 66), JOB_KEY, &reply_inner());
     let out = n.run_uplink(&f);
     assert_eq!((out.retval, &out.data), (TC_ACT_OK, &f));
@@ -96,7 +94,7 @@ fn geneve_from_an_unknown_source_passes_untouched() {
 
 #[test]
 fn geneve_to_another_address_passes_untouched() {
-    let Some(n) = setup("otherdst") else { return };
+    let n = setup("otherdst");
     let mut f = geneve_frame(PROXY_IPS[0], JOB_KEY, &reply_inner());
     f[ETH + 19] = 99; // outer destination 192.0.2.99, not this node
     let out = n.run_uplink(&f);
@@ -105,7 +103,7 @@ fn geneve_to_another_address_passes_untouched() {
 
 #[test]
 fn geneve_naming_an_unknown_job_is_dropped() {
-    let Some(n) = setup("unknownkey") else { return };
+    let n = setup("unknownkey");
     let out = n.run_uplink(&geneve_frame(PROXY_IPS[0], JOB_KEY ^ 1, &reply_inner()));
     assert_eq!(out.retval, TC_ACT_SHOT);
     assert_eq!(in_drops(&n, 0, Reason::GeneveUnknownJob), 1);
@@ -113,7 +111,7 @@ fn geneve_naming_an_unknown_job_is_dropped() {
 
 #[test]
 fn geneve_with_a_wrong_tenant_is_dropped() {
-    let Some(n) = setup("tenant") else { return };
+    let n = setup("tenant");
     let mut f = geneve_frame(PROXY_IPS[0], JOB_KEY, &reply_inner());
     f[ETH + 40] ^= 0xff; // first byte of the tenant id
     assert_eq!(n.run_uplink(&f).retval, TC_ACT_SHOT);
@@ -122,7 +120,7 @@ fn geneve_with_a_wrong_tenant_is_dropped() {
 
 #[test]
 fn geneve_without_our_critical_option_is_dropped() {
-    let Some(n) = setup("option") else { return };
+    let n = setup("option");
     let base = geneve_frame(PROXY_IPS[0], JOB_KEY, &reply_inner());
     let g = ETH + 28;
     for (off, val) in [(g + 9, 0xffu8), (g + 10, 0x01), (g + 1, 0x00), (g, 0x04)] {
@@ -146,7 +144,7 @@ fn geneve_without_our_critical_option_is_dropped() {
 
 #[test]
 fn inner_packet_for_another_address_is_dropped() {
-    let Some(n) = setup("innerdst") else { return };
+    let n = setup("innerdst");
     let inner = Pkt {
         src: ALLOWED_IP,
         dst: Ipv4Addr::new(10, 88, 0, 99),
@@ -163,9 +161,7 @@ fn inner_packet_for_another_address_is_dropped() {
 
 #[test]
 fn the_node_polices_a_jobs_downloads_to_its_ingress_rate() {
-    if !root_or_skip("inpolice") {
-        return;
-    }
+    require_root("inpolice");
     let n = load(&node_config("inpolice"));
     let mut j = job();
     // 10 Mbit/s: 1400 bytes are 1.12 ms; the horizon is at least one 64 KiB burst (52.4 ms),

@@ -1,4 +1,4 @@
-//! DNS-learned bindings per (job, address) (BPF_PROG_TEST_RUN, root; skipped otherwise): the
+//! DNS-learned bindings per (job, address) (BPF_PROG_TEST_RUN, root; fails otherwise): the
 //! union of every allowed name's port rules, each with its own expiry, bounded with the
 //! earliest expiry displaced first.
 
@@ -16,16 +16,14 @@ use snas_wire::Reason;
 /// A CDN address two names resolve to.
 const SHARED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 80);
 
-fn setup(name: &str) -> Option<Node> {
-    if !root_or_skip(name) {
-        return None;
-    }
+fn setup(name: &str) -> Node {
+    require_root(name);
     let n = load(&node_config(name));
     n.t1().configure_job(&job()).expect("job");
     n.t1()
         .set_proxies(&[ProxyEntry::active(PROXY_IPS[0])])
         .expect("proxies");
-    Some(n)
+    n
 }
 
 fn tcp(port: u16) -> PortRule {
@@ -58,7 +56,7 @@ fn connect(n: &Node, sport: u16, port: u16) -> (u32, Option<Reason>) {
 
 #[test]
 fn two_names_on_one_address_with_different_ports_both_work() {
-    let Some(n) = setup("twonames") else { return };
+    let n = setup("twonames");
     let ttl = Some(Duration::from_secs(90));
     // api.example.com:80, then www.example.org:7, both answered with SHARED.
     n.t1()
@@ -86,7 +84,7 @@ fn two_names_on_one_address_with_different_ports_both_work() {
 
 #[test]
 fn one_names_rules_expire_while_the_others_stay() {
-    let Some(n) = setup("oneexpires") else { return };
+    let n = setup("oneexpires");
     n.t1()
         .allow_ip(JOB_KEY, SHARED, &[tcp(80)], Some(Duration::from_secs(1)))
         .expect("short");
@@ -107,7 +105,7 @@ fn one_names_rules_expire_while_the_others_stay() {
 
 #[test]
 fn an_address_whose_rules_have_all_expired_counts_as_absent() {
-    let Some(n) = setup("allexpired") else { return };
+    let n = setup("allexpired");
     for port in [80, 443] {
         n.t1()
             .allow_ip(JOB_KEY, SHARED, &[tcp(port)], Some(Duration::from_secs(1)))
@@ -129,7 +127,7 @@ fn an_address_whose_rules_have_all_expired_counts_as_absent() {
 
 #[test]
 fn refreshing_a_name_never_shortens_its_rule() {
-    let Some(n) = setup("refresh") else { return };
+    let n = setup("refresh");
     n.t1()
         .allow_ip(JOB_KEY, SHARED, &[tcp(80)], Some(Duration::from_secs(120)))
         .expect("long");
@@ -143,7 +141,7 @@ fn refreshing_a_name_never_shortens_its_rule() {
 
 #[test]
 fn the_union_is_bounded_and_the_rule_expiring_first_is_displaced_and_counted() {
-    let Some(n) = setup("bounded") else { return };
+    let n = setup("bounded");
     // MAX_PORT_RULES names, each on its own port, with increasing lifetimes.
     for i in 0..MAX_PORT_RULES as u16 {
         n.t1()
@@ -182,9 +180,7 @@ fn the_union_is_bounded_and_the_rule_expiring_first_is_displaced_and_counted() {
 
 #[test]
 fn established_flows_survive_their_bindings_expiry_while_new_ones_are_refused() {
-    let Some(n) = setup("estsurvives") else {
-        return;
-    };
+    let n = setup("estsurvives");
     n.t1()
         .allow_ip(JOB_KEY, SHARED, &[tcp(80)], Some(Duration::from_secs(1)))
         .expect("ip");

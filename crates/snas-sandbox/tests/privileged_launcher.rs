@@ -1,13 +1,14 @@
 //! Privileged end-to-end tests of the launcher without SNAS: a namespace lab of our own,
 //! Python inside gVisor, limits, deadline and cleanup. Run as root:
-//! `cargo test -p snas-sandbox --test launcher`. Without root or runsc they print SKIP.
+//! `cargo nextest run --release -p snas-sandbox --test privileged_launcher`. Without root or
+//! runsc they fail, saying which is missing.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use std::time::Duration;
 
-use common::{assert_nothing_left, privileged, run_captured, Lab};
+use common::{assert_nothing_left, require_privileges, run_captured, Lab};
 use snas_sandbox::limits::{Bytes, MilliCpus};
 use snas_sandbox::Termination;
 
@@ -44,9 +45,7 @@ print("tmp writable")
 
 #[test]
 fn python_in_gvisor_resolves_fetches_and_is_confined() {
-    if !privileged() {
-        return;
-    }
+    require_privileges();
     let lab = Lab::new();
     let opts = lab.options(&["/usr/bin/python3", "-c", NETWORK_PROBE]);
     let c = run_captured(&opts);
@@ -70,9 +69,7 @@ fn python_in_gvisor_resolves_fetches_and_is_confined() {
 
 #[test]
 fn namespace_serves_several_runs_because_the_address_is_put_back() {
-    if !privileged() {
-        return;
-    }
+    require_privileges();
     let lab = Lab::new();
     let probe = "import socket; s=socket.create_connection(('203.0.113.10',80),timeout=5); print('connected')";
     let opts = lab.options(&["/usr/bin/python3", "-c", probe]);
@@ -89,9 +86,7 @@ fn namespace_serves_several_runs_because_the_address_is_put_back() {
 
 #[test]
 fn workload_exit_status_is_passed_on() {
-    if !privileged() {
-        return;
-    }
+    require_privileges();
     let lab = Lab::new();
     let c = run_captured(&lab.options(&[
         "/usr/bin/python3",
@@ -106,9 +101,7 @@ fn workload_exit_status_is_passed_on() {
 
 #[test]
 fn memory_limit_kills_the_sandbox_and_is_reported() {
-    if !privileged() {
-        return;
-    }
+    require_privileges();
     let lab = Lab::new();
     let mut opts = lab.options(&[
         "/usr/bin/python3",
@@ -153,9 +146,7 @@ for k in kids:
 
 #[test]
 fn pids_limit_stops_a_fork_bomb_and_is_reported() {
-    if !privileged() {
-        return;
-    }
+    require_privileges();
     let lab = Lab::new();
     let mut opts = lab.options(&["/usr/bin/python3", "-c", FORK_BOMB]);
     opts.bundle.limits.pids = 96;
@@ -187,9 +178,7 @@ fn pids_limit_stops_a_fork_bomb_and_is_reported() {
 
 #[test]
 fn timeout_kills_the_workload_exits_124_and_leaves_nothing() {
-    if !privileged() {
-        return;
-    }
+    require_privileges();
     let lab = Lab::new();
     let mut opts = lab.options(&["/usr/bin/sleep", "30"]);
     opts.timeout = Some(Duration::from_secs(2));
@@ -216,9 +205,7 @@ fn timeout_kills_the_workload_exits_124_and_leaves_nothing() {
 
 #[test]
 fn custom_rootfs_is_used_read_only_with_the_generated_etc_files() {
-    if !privileged() {
-        return;
-    }
+    require_privileges();
     let lab = Lab::new();
     // The host's own root as the image: it has everything, and must stay untouched.
     let mut opts = lab.options(&[

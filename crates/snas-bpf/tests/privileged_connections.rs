@@ -1,4 +1,4 @@
-//! Connection accounting (BPF_PROG_TEST_RUN, root; skipped otherwise): flows close both ways,
+//! Connection accounting (BPF_PROG_TEST_RUN, root; fails otherwise): flows close both ways,
 //! give their slot back exactly once, linger for late packets, reopen through admission, and
 //! the ageing pass forgets idle flows and recounts without ever locking a job out.
 
@@ -20,10 +20,8 @@ const FIN_ACK: u8 = 0x11;
 const RST: u8 = 0x04;
 const RST_ACK: u8 = 0x14;
 
-fn setup(name: &str, edit: impl FnOnce(&mut snas_bpf::JobConfig)) -> Option<Node> {
-    if !root_or_skip(name) {
-        return None;
-    }
+fn setup(name: &str, edit: impl FnOnce(&mut snas_bpf::JobConfig)) -> Node {
+    require_root(name);
     let n = load(&node_config(name));
     let mut j = job();
     edit(&mut j);
@@ -51,7 +49,7 @@ fn setup(name: &str, edit: impl FnOnce(&mut snas_bpf::JobConfig)) -> Option<Node
             false,
         )
         .expect("cidr");
-    Some(n)
+    n
 }
 
 fn conn(sport: u16) -> Pkt {
@@ -107,9 +105,7 @@ fn full_connection(n: &Node, p: &Pkt) -> bool {
 
 #[test]
 fn a_thousand_sequential_connections_with_four_slots_are_all_admitted() {
-    let Some(n) = setup("seq1000", |j| j.max_connections = 4) else {
-        return;
-    };
+    let n = setup("seq1000", |j| j.max_connections = 4);
     for i in 0..1000u16 {
         assert!(full_connection(&n, &conn(10_000 + i)), "connection {i}");
         assert_eq!(live(&n), 0, "connection {i} gave its slot back");
@@ -119,9 +115,7 @@ fn a_thousand_sequential_connections_with_four_slots_are_all_admitted() {
 
 #[test]
 fn a_rst_either_way_frees_the_slot() {
-    let Some(n) = setup("rst", |j| j.max_connections = 1) else {
-        return;
-    };
+    let n = setup("rst", |j| j.max_connections = 1);
     let (a, b, c) = (conn(1), conn(2), conn(3));
     assert_eq!(out(&n, &a, SYN), TC_ACT_REDIRECT);
     assert_eq!(out(&n, &b, SYN), TC_ACT_SHOT, "the one slot is taken");
@@ -147,9 +141,7 @@ fn a_rst_either_way_frees_the_slot() {
 
 #[test]
 fn a_fin_in_one_direction_only_keeps_the_slot() {
-    let Some(n) = setup("halfclose", |j| j.max_connections = 1) else {
-        return;
-    };
+    let n = setup("halfclose", |j| j.max_connections = 1);
     let (a, b) = (conn(1), conn(2));
     assert_eq!(out(&n, &a, SYN), TC_ACT_REDIRECT);
     back(&n, &a, SYN_ACK);
@@ -171,9 +163,7 @@ fn a_fin_in_one_direction_only_keeps_the_slot() {
 
 #[test]
 fn late_acks_and_fin_retransmits_after_close_pass_without_admission() {
-    let Some(n) = setup("linger", |j| j.max_connections = 1) else {
-        return;
-    };
+    let n = setup("linger", |j| j.max_connections = 1);
     let (a, b) = (conn(1), conn(2));
     assert!(full_connection(&n, &a));
     assert_eq!(out(&n, &b, SYN), TC_ACT_REDIRECT, "a's slot is free");
@@ -190,9 +180,7 @@ fn late_acks_and_fin_retransmits_after_close_pass_without_admission() {
 
 #[test]
 fn a_syn_on_a_closed_entry_is_a_new_connection_and_is_counted() {
-    let Some(n) = setup("reopen", |j| j.max_connections = 1) else {
-        return;
-    };
+    let n = setup("reopen", |j| j.max_connections = 1);
     let a = conn(1);
     assert!(full_connection(&n, &a));
     assert_eq!(live(&n), 0);
@@ -209,12 +197,10 @@ fn a_syn_on_a_closed_entry_is_a_new_connection_and_is_counted() {
 
 #[test]
 fn a_syn_on_a_closed_entry_takes_a_new_connection_token() {
-    let Some(n) = setup("reopenrate", |j| {
+    let n = setup("reopenrate", |j| {
         j.new_conn_per_sec = 1;
         j.new_conn_burst = 1;
-    }) else {
-        return;
-    };
+    });
     let a = conn(1);
     assert!(full_connection(&n, &a));
     assert_eq!(out(&n, &a, SYN), TC_ACT_SHOT, "the bucket is empty");
@@ -227,9 +213,7 @@ fn a_syn_on_a_closed_entry_takes_a_new_connection_token() {
 
 #[test]
 fn a_never_answered_syn_ages_out_and_frees_its_slot() {
-    let Some(n) = setup("synaging", |j| j.max_connections = 2) else {
-        return;
-    };
+    let n = setup("synaging", |j| j.max_connections = 2);
     let (a, b) = (conn(1), conn(2));
     assert_eq!(out(&n, &a, SYN), TC_ACT_REDIRECT);
     assert_eq!(out(&n, &b, SYN), TC_ACT_REDIRECT);
@@ -254,9 +238,7 @@ fn a_never_answered_syn_ages_out_and_frees_its_slot() {
 
 #[test]
 fn closed_entries_linger_until_the_closed_timeout() {
-    let Some(n) = setup("closedaging", |j| j.max_connections = 1) else {
-        return;
-    };
+    let n = setup("closedaging", |j| j.max_connections = 1);
     let a = conn(1);
     assert!(full_connection(&n, &a));
     let t = FlowTimeouts {
@@ -273,9 +255,7 @@ fn closed_entries_linger_until_the_closed_timeout() {
 
 #[test]
 fn udp_flows_age_by_whether_they_were_answered() {
-    let Some(n) = setup("udpaging", |j| j.max_connections = 10) else {
-        return;
-    };
+    let n = setup("udpaging", |j| j.max_connections = 10);
     let asked = Pkt {
         sport: 5000,
         ..Pkt::udp(ALLOWED_IP, 4000, b"q")
@@ -300,9 +280,7 @@ fn udp_flows_age_by_whether_they_were_answered() {
 
 #[test]
 fn the_ageing_pass_recounts_and_later_admissions_and_closes_still_count() {
-    let Some(n) = setup("recount", |j| j.max_connections = 10) else {
-        return;
-    };
+    let n = setup("recount", |j| j.max_connections = 10);
     let t = FlowTimeouts {
         tcp_syn_sent: Duration::from_millis(100),
         ..FlowTimeouts::default()
@@ -337,9 +315,7 @@ fn the_ageing_pass_recounts_and_later_admissions_and_closes_still_count() {
 
 #[test]
 fn ageing_while_connections_churn_never_refuses_a_connection() {
-    let Some(n) = setup("churn", |j| j.max_connections = 1) else {
-        return;
-    };
+    let n = setup("churn", |j| j.max_connections = 1);
     let done = AtomicBool::new(false);
     let passes = std::thread::scope(|s| {
         let ager = s.spawn(|| {
@@ -365,9 +341,7 @@ fn ageing_while_connections_churn_never_refuses_a_connection() {
 
 #[test]
 fn a_reconfigured_job_keeps_its_count_and_a_new_job_on_the_veth_starts_at_zero() {
-    let Some(n) = setup("reconf", |j| j.max_connections = 1) else {
-        return;
-    };
+    let n = setup("reconf", |j| j.max_connections = 1);
     assert_eq!(out(&n, &conn(1), SYN), TC_ACT_REDIRECT);
     let mut j = job();
     j.max_connections = 1;
@@ -382,9 +356,7 @@ fn a_reconfigured_job_keeps_its_count_and_a_new_job_on_the_veth_starts_at_zero()
 
 #[test]
 fn the_ageing_pass_sees_every_flow_of_a_large_table() {
-    let Some(n) = setup("bigtable", |_| {}) else {
-        return;
-    };
+    let n = setup("bigtable", |_| {});
     const FLOWS: u32 = 50_000;
     for i in 0..FLOWS {
         let p = Pkt {

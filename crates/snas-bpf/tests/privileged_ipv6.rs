@@ -1,4 +1,4 @@
-//! IPv6 through the tier-1 programs (BPF_PROG_TEST_RUN, root; skipped otherwise): allowed only
+//! IPv6 through the tier-1 programs (BPF_PROG_TEST_RUN, root; fails otherwise): allowed only
 //! for jobs with IPv6 rules and a sandbox IPv6 address, through the IPv6 maps, encapsulated
 //! with GENEVE protocol 0x86DD in the same IPv4 underlay.
 
@@ -16,10 +16,8 @@ const SANDBOX6: Ipv6Addr = Ipv6Addr::new(0xfd53, 0x4e41, 0, 0, 0, 0, 0, 2);
 const ALLOWED6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7);
 const OTHER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 9);
 
-fn setup(name: &str, ipv6_rules: bool) -> Option<Node> {
-    if !root_or_skip(name) {
-        return None;
-    }
+fn setup(name: &str, ipv6_rules: bool) -> Node {
+    require_root(name);
     let n = load(&node_config(name));
     let mut j = job();
     j.ipv6_rules = ipv6_rules;
@@ -44,7 +42,7 @@ fn setup(name: &str, ipv6_rules: bool) -> Option<Node> {
             false,
         )
         .expect("cidr6");
-    Some(n)
+    n
 }
 
 #[derive(Clone)]
@@ -183,17 +181,13 @@ fn assert_drop(n: &Node, frame: &[u8], r: Reason) {
 
 #[test]
 fn ipv6_is_denied_unless_the_job_has_ipv6_rules() {
-    let Some(n) = setup("v6norules", false) else {
-        return;
-    };
+    let n = setup("v6norules", false);
     assert_drop(&n, &P6::tcp_syn(ALLOWED6, 443).frame(), Reason::Ipv6Denied);
 }
 
 #[test]
 fn allowed_ipv6_is_encapsulated_with_protocol_86dd() {
-    let Some(n) = setup("v6encap", true) else {
-        return;
-    };
+    let n = setup("v6encap", true);
     let p = P6::tcp_syn(ALLOWED6, 443);
     let frame = p.frame();
     let out = n.run_sandbox(&frame);
@@ -216,9 +210,7 @@ fn allowed_ipv6_is_encapsulated_with_protocol_86dd() {
 
 #[test]
 fn ipv6_spoofed_source_is_dropped() {
-    let Some(n) = setup("v6spoof", true) else {
-        return;
-    };
+    let n = setup("v6spoof", true);
     let p = P6 {
         src: Ipv6Addr::new(0xfd53, 0x4e41, 0, 0, 0, 0, 0, 3),
         ..P6::tcp_syn(ALLOWED6, 443)
@@ -228,9 +220,7 @@ fn ipv6_spoofed_source_is_dropped() {
 
 #[test]
 fn ipv6_extension_and_fragment_headers_are_dropped() {
-    let Some(n) = setup("v6ext", true) else {
-        return;
-    };
+    let n = setup("v6ext", true);
     for (next, reason) in [
         (0u8, Reason::IpOptions),
         (60, Reason::IpOptions),
@@ -248,9 +238,7 @@ fn ipv6_extension_and_fragment_headers_are_dropped() {
 
 #[test]
 fn ipv6_always_denied_ranges_need_allow_private() {
-    let Some(n) = setup("v6private", true) else {
-        return;
-    };
+    let n = setup("v6private", true);
     let all: ipnet::Ipv6Net = "::/0".parse().expect("net");
     n.t1()
         .allow_cidr6(JOB_KEY, all, &[PortRule::all(Proto::Any)], false)
@@ -286,9 +274,7 @@ fn ipv6_always_denied_ranges_need_allow_private() {
 
 #[test]
 fn ipv6_policy_checks_destination_and_port() {
-    let Some(n) = setup("v6policy", true) else {
-        return;
-    };
+    let n = setup("v6policy", true);
     assert_drop(
         &n,
         &P6 {
@@ -334,7 +320,7 @@ fn ipv6_policy_checks_destination_and_port() {
 
 #[test]
 fn neighbour_discovery_goes_to_the_host_and_dns_over_ipv6_is_denied() {
-    let Some(n) = setup("v6nd", true) else { return };
+    let n = setup("v6nd", true);
     let ns = P6 {
         next: 58,
         payload: vec![135, 0, 0, 0, 0, 0, 0, 0],
@@ -358,9 +344,7 @@ fn neighbour_discovery_goes_to_the_host_and_dns_over_ipv6_is_denied() {
 
 #[test]
 fn ipv6_replies_are_decapsulated_for_jobs_with_ipv6_rules_only() {
-    let Some(n) = setup("v6decap", true) else {
-        return;
-    };
+    let n = setup("v6decap", true);
     let inner = P6 {
         src: ALLOWED6,
         dst: SANDBOX6,
@@ -396,9 +380,7 @@ fn ipv6_replies_are_decapsulated_for_jobs_with_ipv6_rules_only() {
 
 #[test]
 fn denied_ipv6_syn_is_answered_with_an_exact_rst() {
-    let Some(n) = setup("v6rst", true) else {
-        return;
-    };
+    let n = setup("v6rst", true);
     let p = P6::tcp_syn(OTHER6, 443);
     let out = n.run_sandbox(&p.frame());
     assert_eq!(out.retval, TC_ACT_REDIRECT);
@@ -492,9 +474,7 @@ fn icmp6_for(p: &P6, code: u8) -> Vec<u8> {
 
 #[test]
 fn denied_ipv6_udp_is_answered_with_an_exact_icmpv6_unreachable() {
-    let Some(n) = setup("v6icmp", true) else {
-        return;
-    };
+    let n = setup("v6icmp", true);
     let denied = P6::udp(OTHER6, 4000, b"hello");
     let out = n.run_sandbox(&denied.frame());
     assert_eq!(out.retval, TC_ACT_REDIRECT);
@@ -514,9 +494,7 @@ fn denied_ipv6_udp_is_answered_with_an_exact_icmpv6_unreachable() {
 
 #[test]
 fn ipv6_infrastructure_is_refused_whatever_the_rules_say() {
-    let Some(n) = setup("v6infra", true) else {
-        return;
-    };
+    let n = setup("v6infra", true);
     let all: ipnet::Ipv6Net = "::/0".parse().expect("net");
     n.t1()
         .allow_cidr6(JOB_KEY, all, &[PortRule::all(Proto::Any)], true)
@@ -537,9 +515,7 @@ fn ipv6_infrastructure_is_refused_whatever_the_rules_say() {
 
 #[test]
 fn an_expired_ipv6_job_gets_a_rst_for_any_segment_and_icmpv6_for_udp() {
-    if !root_or_skip("v6expired") {
-        return;
-    }
+    require_root("v6expired");
     let n = load(&node_config("v6expired"));
     let mut j = job();
     j.ipv6_rules = true;
@@ -587,9 +563,7 @@ fn an_expired_ipv6_job_gets_a_rst_for_any_segment_and_icmpv6_for_udp() {
 
 #[test]
 fn ipv6_connections_that_close_both_ways_give_their_slot_back() {
-    if !root_or_skip("v6close") {
-        return;
-    }
+    require_root("v6close");
     let n = load(&node_config("v6close"));
     let mut j = job();
     j.ipv6_rules = true;
@@ -633,9 +607,7 @@ fn ipv6_connections_that_close_both_ways_give_their_slot_back() {
 
 #[test]
 fn two_names_on_one_ipv6_address_keep_both_their_ports() {
-    let Some(n) = setup("v6union", true) else {
-        return;
-    };
+    let n = setup("v6union", true);
     let ttl = Some(Duration::from_secs(60));
     n.t1()
         .allow_ip6(JOB_KEY, OTHER6, &[PortRule::port(Proto::Tcp, 80)], ttl)

@@ -35,6 +35,7 @@ fn pids(t: &Topology) -> Vec<Option<i32>> {
 
 #[test]
 fn up_is_complete_and_idempotent_runs_a_job_and_the_guard_leaves_nothing() {
+    common::require_root();
     let prefix = unique_prefix();
     let _safety = Down(prefix.clone());
     let t = Topology::new(&prefix).unwrap();
@@ -112,6 +113,7 @@ fn up_is_complete_and_idempotent_runs_a_job_and_the_guard_leaves_nothing() {
 
 #[test]
 fn down_after_a_crash_cleans_everything_and_up_repairs_a_partial_testbed() {
+    common::require_root();
     let prefix = unique_prefix();
     let _safety = Down(prefix.clone());
     let t = Topology::new(&prefix).unwrap();

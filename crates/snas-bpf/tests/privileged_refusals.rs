@@ -1,5 +1,5 @@
 //! What a refused packet gets back, and the refusals that come from the job rather than the
-//! destination (BPF_PROG_TEST_RUN, root; skipped otherwise): exact ICMP unreachables for
+//! destination (BPF_PROG_TEST_RUN, root; fails otherwise): exact ICMP unreachables for
 //! denied UDP and their per-job rate limit; policy expiry (RFC 793 resets for any segment,
 //! ICMP for UDP and DNS, ARP and replies still pass); the per-job DNS packet budget; VLAN and
 //! other tagged frames.
@@ -20,10 +20,8 @@ fn setup(
     name: &str,
     node_edit: impl FnOnce(&mut NodeConfig),
     job_edit: impl FnOnce(&mut JobConfig),
-) -> Option<Node> {
-    if !root_or_skip(name) {
-        return None;
-    }
+) -> Node {
+    require_root(name);
     let mut cfg = node_config(name);
     node_edit(&mut cfg);
     let n = load(&cfg);
@@ -48,7 +46,7 @@ fn setup(
             false,
         )
         .expect("cidr");
-    Some(n)
+    n
 }
 
 fn drops(n: &Node, r: Reason) -> u64 {
@@ -96,9 +94,7 @@ fn answered(n: &Node, p: &Pkt) -> Vec<u8> {
 
 #[test]
 fn denied_udp_gets_an_exact_icmp_prohibited_or_port_unreachable() {
-    let Some(n) = setup("icmpbytes", |_| {}, |_| {}) else {
-        return;
-    };
+    let n = setup("icmpbytes", |_| {}, |_| {});
     let to_denied = Pkt::udp(OTHER_IP, 4000, b"query");
     let got = answered(&n, &to_denied);
     assert_eq!(got, icmp_for(&to_denied, 13), "administratively prohibited");
@@ -128,13 +124,11 @@ fn denied_udp_gets_an_exact_icmp_prohibited_or_port_unreachable() {
 
 #[test]
 fn icmp_answers_are_rate_limited_per_job_and_the_rest_only_dropped() {
-    let Some(n) = setup(
+    let n = setup(
         "icmprate",
         |c| c.icmp_budget = PacketBudget::new(1, 10).expect("budget"),
         |_| {},
-    ) else {
-        return;
-    };
+    );
     let mut answered = 0;
     for sport in 1..=40u16 {
         let p = Pkt {
@@ -182,9 +176,7 @@ fn rst_fields(answer: &[u8]) -> (u32, u32, u8) {
 
 #[test]
 fn an_expired_job_gets_the_rfc_793_reset_for_any_tcp_segment() {
-    let Some(n) = setup("expiredtcp", |_| {}, expired_job) else {
-        return;
-    };
+    let n = setup("expiredtcp", |_| {}, expired_job);
     let base = Pkt {
         seq: 5000,
         ack: 0x0a0b_0c0d,
@@ -262,9 +254,7 @@ fn an_expired_job_gets_the_rfc_793_reset_for_any_tcp_segment() {
 
 #[test]
 fn an_expired_job_gets_icmp_for_udp_and_for_dns_which_is_no_longer_captured() {
-    let Some(n) = setup("expiredudp", |_| {}, expired_job) else {
-        return;
-    };
+    let n = setup("expiredudp", |_| {}, expired_job);
     let udp = Pkt::udp(ALLOWED_IP, 4000, b"allowed before");
     assert_eq!(answered(&n, &udp), icmp_for(&udp, 13));
     let dns = Pkt::udp(
@@ -292,9 +282,7 @@ fn an_expired_job_gets_icmp_for_udp_and_for_dns_which_is_no_longer_captured() {
 
 #[test]
 fn after_expiry_arp_passes_and_replies_still_reach_the_sandbox() {
-    let Some(n) = setup("expiredpass", |_| {}, expired_job) else {
-        return;
-    };
+    let n = setup("expiredpass", |_| {}, expired_job);
     let mut arp = Vec::new();
     arp.extend_from_slice(&[0xff; 6]);
     arp.extend_from_slice(&SANDBOX_MAC);
@@ -313,9 +301,7 @@ fn after_expiry_arp_passes_and_replies_still_reach_the_sandbox() {
 
 #[test]
 fn expiry_is_audited_with_the_rate_limit_and_a_later_expiry_reopens() {
-    let Some(n) = setup("expiredaudit", |c| c.audit_per_sec = 3, expired_job) else {
-        return;
-    };
+    let n = setup("expiredaudit", |c| c.audit_per_sec = 3, expired_job);
     let events = Rc::new(RefCell::new(Vec::new()));
     let sink = Rc::clone(&events);
     let reader = n
@@ -350,13 +336,11 @@ fn expiry_is_audited_with_the_rate_limit_and_a_later_expiry_reopens() {
 
 #[test]
 fn a_job_expiring_later_is_not_refused_until_then() {
-    let Some(n) = setup(
+    let n = setup(
         "expiresoon",
         |_| {},
         |j| j.expires_at = Some(SystemTime::now() + Duration::from_millis(1500)),
-    ) else {
-        return;
-    };
+    );
     let p = Pkt::udp(ALLOWED_IP, 4000, b"x");
     assert_eq!(n.run_sandbox(&p.frame()).retval, TC_ACT_REDIRECT);
     assert_eq!(n.t1().last_redirect().expect("debug").expect("rec").kind, 2);
@@ -367,13 +351,11 @@ fn a_job_expiring_later_is_not_refused_until_then() {
 
 #[test]
 fn dns_beyond_the_jobs_packet_budget_is_dropped_as_dns_rate() {
-    let Some(n) = setup(
+    let n = setup(
         "dnsbudget",
         |c| c.audit_per_sec = 1000,
         |j| j.dns_budget = PacketBudget::new(1, 20),
-    ) else {
-        return;
-    };
+    );
     let events = Rc::new(RefCell::new(Vec::new()));
     let sink = Rc::clone(&events);
     let reader = n
@@ -425,9 +407,7 @@ fn dns_beyond_the_jobs_packet_budget_is_dropped_as_dns_rate() {
 
 #[test]
 fn a_job_without_a_dns_budget_is_not_limited_in_tier_1() {
-    let Some(n) = setup("dnsnobudget", |_| {}, |_| {}) else {
-        return;
-    };
+    let n = setup("dnsnobudget", |_| {}, |_| {});
     for sport in 1..=2000u16 {
         let q = Pkt {
             sport,
@@ -440,9 +420,7 @@ fn a_job_without_a_dns_budget_is_not_limited_in_tier_1() {
 
 #[test]
 fn frames_with_vlan_and_qinq_ethertypes_are_not_ip() {
-    let Some(n) = setup("vlanframe", |_| {}, |_| {}) else {
-        return;
-    };
+    let n = setup("vlanframe", |_| {}, |_| {});
     let plain = Pkt::udp(ALLOWED_IP, 4000, b"x").frame();
     for tpid in [0x8100u16, 0x88a8, 0x9100] {
         // TPID, TCI (VLAN 5), then the IPv4 EtherType and packet.

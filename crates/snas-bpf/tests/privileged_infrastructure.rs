@@ -1,4 +1,4 @@
-//! The node-wide infrastructure set (BPF_PROG_TEST_RUN, root; skipped otherwise): refused for
+//! The node-wide infrastructure set (BPF_PROG_TEST_RUN, root; fails otherwise): refused for
 //! every job whatever its rules say, answered and audited like other denials, replaced
 //! without a window, pinned.
 
@@ -21,10 +21,8 @@ const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 
 /// A job with the widest policy there is: every IPv4 address, every port, both protocols,
 /// private ranges included.
-fn setup(name: &str) -> Option<Node> {
-    if !root_or_skip(name) {
-        return None;
-    }
+fn setup(name: &str) -> Node {
+    require_root(name);
     let n = load(&node_config(name));
     n.t1().configure_job(&job()).expect("job");
     n.t1()
@@ -38,7 +36,7 @@ fn setup(name: &str) -> Option<Node> {
             true,
         )
         .expect("cidr");
-    Some(n)
+    n
 }
 
 fn nets(list: &[&str]) -> Vec<IpNet> {
@@ -66,7 +64,7 @@ fn fate(n: &Node, p: &Pkt) -> u32 {
 
 #[test]
 fn infrastructure_is_refused_even_to_an_all_ports_allow_private_rule() {
-    let Some(n) = setup("infra") else { return };
+    let n = setup("infra");
     let events = Rc::new(RefCell::new(Vec::new()));
     let sink = Rc::clone(&events);
     let reader = n
@@ -124,9 +122,7 @@ fn infrastructure_is_refused_even_to_an_all_ports_allow_private_rule() {
 
 #[test]
 fn replacing_the_set_opens_what_left_and_closes_what_came() {
-    let Some(n) = setup("inforeplace") else {
-        return;
-    };
+    let n = setup("inforeplace");
     let a = Ipv4Addr::new(198, 51, 100, 9);
     let b = Ipv4Addr::new(203, 0, 113, 9);
     n.t1()
@@ -155,9 +151,7 @@ fn replacing_the_set_opens_what_left_and_closes_what_came() {
 
 #[test]
 fn no_window_opens_while_the_set_is_replaced() {
-    let Some(n) = setup("infrawindow") else {
-        return;
-    };
+    let n = setup("infrawindow");
     let kept = Ipv4Addr::new(198, 51, 100, 9);
     let with = nets(&[PROXY_NET, "203.0.113.0/24"]);
     let without = nets(&[PROXY_NET]);
@@ -194,7 +188,7 @@ fn no_window_opens_while_the_set_is_replaced() {
 
 #[test]
 fn the_set_is_pinned_and_survives_reopening() {
-    let Some(n) = setup("infrapin") else { return };
+    let n = setup("infrapin");
     n.t1()
         .set_infrastructure(&nets(&[PROXY_NET, "2001:db8:53::/48"]))
         .expect("infra");
@@ -207,9 +201,7 @@ fn the_set_is_pinned_and_survives_reopening() {
 
 #[test]
 fn more_prefixes_than_the_map_holds_are_refused_before_any_change() {
-    let Some(n) = setup("infratoomany") else {
-        return;
-    };
+    let n = setup("infratoomany");
     n.t1()
         .set_infrastructure(&nets(&[PROXY_NET]))
         .expect("infra");

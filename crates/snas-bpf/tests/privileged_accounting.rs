@@ -1,6 +1,6 @@
 //! Every frame the sandbox program sees is accounted exactly once (forwarded or one drop
 //! reason), whatever its bytes, and the verdict is one of OK / SHOT / REDIRECT. Frames are
-//! valid TCP/UDP/ARP frames with random bytes overwritten. Root; skipped otherwise.
+//! valid TCP/UDP/ARP frames with random bytes overwritten. Root; fails, saying so, otherwise.
 
 mod common;
 
@@ -16,9 +16,7 @@ fn total(n: &Node) -> u64 {
 
 #[test]
 fn every_mutated_frame_is_counted_exactly_once() {
-    if !root_or_skip("accounting") {
-        return;
-    }
+    require_root("accounting");
     let n = load(&node_config("accounting"));
     n.t1().configure_job(&job()).expect("job");
     n.t1()
@@ -63,9 +61,7 @@ fn every_mutated_frame_is_counted_exactly_once() {
 /// exactly once: BPF's connection count equals what an ageing pass recounts from the table.
 #[test]
 fn random_replies_never_make_the_connection_count_drift() {
-    if !root_or_skip("replydrift") {
-        return;
-    }
+    require_root("replydrift");
     let n = load(&node_config("replydrift"));
     n.t1().configure_job(&job()).expect("job");
     n.t1()
