@@ -225,13 +225,19 @@ fn a_fresh_jobs_first_connection_is_not_stalled_by_the_policy_fetch() {
 }
 
 /// Connects to (ip, 80) every 20 ms until `until` (Unix seconds), and sends a UDP datagram to
-/// (ip, 7) on a connected socket each round (up to three tries); prints a JSON list of
+/// (ip, 7) on one connected socket each round (up to three tries); prints a JSON list of
 /// `[unix time, tcp outcome, tcp ms, udp outcome]`.
 const PY_UNTIL: &str = r#"
 import socket, sys, time, errno, json
 until = float(sys.argv[1])
 ip = socket.getaddrinfo("api.example.com", 80, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
 res = []
+# One UDP socket for the whole run: a new socket per round would open a UDP flow every
+# round, and UDP flows hold a connection slot until they idle out, so ~250 rounds would meet
+# the policy's default max_connections (256) just before exp.
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(0.5)
+u.connect((ip, 7))
 def name(e):
     return errno.errorcode.get(e.errno, type(e).__name__) if getattr(e, "errno", None) else type(e).__name__
 while time.time() < until:
@@ -248,11 +254,8 @@ while time.time() < until:
     ms = (time.monotonic() - m) * 1000
     s.close()
     # UDP is lossy: like any client, try a datagram up to three times before calling it lost.
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    u.settimeout(0.5)
     ru = "timeout"
     try:
-        u.connect((ip, 7))
         for _ in range(3):
             try:
                 u.send(b"x"); u.recv(64); ru = "ok"
@@ -261,7 +264,6 @@ while time.time() < until:
                 pass
     except OSError as e:
         ru = name(e)
-    u.close()
     res.append([t, r, round(ms, 2), ru])
     time.sleep(0.02)
 print(json.dumps(res))

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod cmd;
+mod logging;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -11,6 +12,14 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(name = "snas", version, about)]
 struct Cli {
+    /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or per module:
+    /// `snas_agent=debug,info`). Default: `SNAS_LOG`, else `RUST_LOG`, else `info` for
+    /// `agent` and `proxy` and `warn` for the other commands. Logs go to stderr.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -39,6 +48,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let default = match cli.command {
+        Command::Agent(_) | Command::Proxy(_) => "info",
+        _ => "warn",
+    };
+    logging::init(cli.log_format, cli.log_level.as_deref(), default);
     match cli.command {
         Command::Policy(c) => cmd::policy::run(c),
         Command::Agent(a) => cmd::agent::run(a),

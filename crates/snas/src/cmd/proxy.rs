@@ -24,7 +24,6 @@ pub fn run(args: ProxyArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    snas_proxy::daemon::init_logging();
     let name = config.name.clone();
     let daemon = match snas_proxy::daemon::Daemon::start(config) {
         Ok(d) => d,
