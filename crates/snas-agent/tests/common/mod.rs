@@ -21,8 +21,8 @@ use snas_wire::Reason;
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
+    assert!(
+        euid == 0,
         "privileged test: needs root (network namespaces, netlink, bpffs, eBPF); run it as root, \
          or run the unprivileged tests only: cargo nextest run --profile unprivileged"
     );
