@@ -18,9 +18,11 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use snas_wire::Reason;
 
+pub use crate::api::types::{JobState, JobView};
 use crate::config::AgentConfig;
 use crate::jobnet::{self, JobNetError, JobNetInfo, JobNetwork};
 use crate::naming::{job_key_hex, parse_job_key_hex, JobNames};
@@ -100,56 +102,6 @@ pub struct StartReport {
     pub problems: Vec<String>,
 }
 
-/// Whether a job may still use the network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JobState {
-    /// Within its policy's validity.
-    Running,
-    /// Its policy's `exp` has passed: tier 1 refuses its packets, the stub its DNS queries;
-    /// the job stays listed (and its network in place) until it is deleted.
-    Expired,
-}
-
-/// A job as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct JobView {
-    /// Job name (policy `job` claim).
-    pub job: String,
-    /// Tenant name.
-    pub tenant: String,
-    /// 16 hex digits.
-    pub job_key: String,
-    /// Tenant id as carried in the overlay option.
-    pub tenant_id: u32,
-    /// Policy id.
-    pub jti: String,
-    /// Policy serial.
-    pub serial: u32,
-    /// Policy expiry, seconds since the Unix epoch.
-    pub expires_at: u64,
-    /// `running`, or `expired` once `expires_at` has passed.
-    pub state: JobState,
-    /// Network namespace name.
-    pub netns: String,
-    /// Network namespace path (for runsc).
-    pub netns_path: String,
-    /// Sandbox address.
-    pub sandbox_ip: IpAddr,
-    /// Gateway (host veth) address.
-    pub gateway_ip: IpAddr,
-    /// DNS stub address for the sandbox (the gateway).
-    pub dns_ip: IpAddr,
-    /// Prefix length of the job subnet.
-    pub prefix_len: u8,
-    /// Host-side veth.
-    pub veth: String,
-    /// Interface name inside the namespace.
-    pub sandbox_ifname: String,
-    /// MTU inside the sandbox.
-    pub mtu: u32,
-}
-
 impl JobState {
     /// The state of a job with `policy` at `now`: expired from `exp` on (the policy's validity
     /// ends at `exp`, RFC 7519 §4.1.4).
@@ -175,7 +127,7 @@ impl JobView {
             expires_at: r.policy.expires_at_unix,
             state: JobState::of(&r.policy, now),
             netns: r.net.netns.clone(),
-            netns_path: r.net.netns_path.display().to_string(),
+            netns_path: r.net.netns_path.clone(),
             sandbox_ip: r.net.sandbox.into(),
             gateway_ip: r.net.gateway.into(),
             dns_ip: r.net.gateway.into(),
@@ -226,6 +178,9 @@ struct Releasing {
 /// still holding the job's namespace keeps it, and its veth, alive).
 const VETH_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Upper bounds (seconds) of the job set-up latency histogram's buckets.
+pub const SETUP_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
 /// A wall clock, injectable for tests.
 pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
@@ -237,7 +192,7 @@ pub struct Agent {
     store: StateStore,
     clock: Clock,
     inner: Mutex<Inner>,
-    setup_latency: crate::metrics::Histogram,
+    setup_latency: Histogram,
 }
 
 impl std::fmt::Debug for Agent {
@@ -355,7 +310,7 @@ impl Agent {
                 pool,
                 releasing: Vec::new(),
             }),
-            setup_latency: crate::metrics::Histogram::default(),
+            setup_latency: Histogram::new(SETUP_BUCKETS),
         };
         Ok((agent, report))
     }
@@ -364,8 +319,8 @@ impl Agent {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Job set-up latency (successful creates).
-    pub fn setup_latency(&self) -> &crate::metrics::Histogram {
+    /// Job set-up latency in seconds (successful creates; buckets [`SETUP_BUCKETS`]).
+    pub fn setup_latency(&self) -> &Histogram {
         &self.setup_latency
     }
 
@@ -420,7 +375,7 @@ impl Agent {
             Ok(record) => {
                 let view = JobView::of(&record, now);
                 inner.insert(record);
-                self.setup_latency.observe(started.elapsed());
+                self.setup_latency.observe(started.elapsed().as_secs_f64());
                 tracing::info!(job = %view.job, job_key = %view.job_key, netns = %view.netns, "job created");
                 Ok(view)
             }

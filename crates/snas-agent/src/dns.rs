@@ -4,8 +4,9 @@
 //! rules that matched the name), the per-job query token bucket, the job identity EDNS option
 //! of the agent ↔ proxy contract (code [`IDENTITY_OPTION`], 16 bytes: tenant_id u32 BE,
 //! job_key u64 BE, policy_serial u32 BE), the tier-1 port rules for a name, TTL clamping, and
-//! the answers the stub builds itself (refusals, NODATA, cached answers). The answer cache is
-//! [`crate::dns_cache`]. Messages are parsed and built only with hickory-proto.
+//! the answers the stub builds itself (refusals, NODATA). The answer cache (which builds the
+//! answers it gives back) is `crate::dns_cache`, on top of this module. Messages are parsed and
+//! built only with hickory-proto.
 //!
 //! # Invariants
 //! - Only single-question standard queries of type A, AAAA or CNAME are forwarded; every other
@@ -265,25 +266,6 @@ pub fn empty_answer(query: &Message, rcode: ResponseCode) -> Message {
     m
 }
 
-/// An answer from the cache: the sandbox's ID, question (as it spelt it) and RD flag, the
-/// cached records (whose owner, where it is the asked name, is spelt as the sandbox spelt it:
-/// clients that randomise the case of names compare it), EDNS only if the sandbox used it.
-pub fn cached_answer(query: &Message, cached: crate::dns_cache::CachedAnswer) -> Message {
-    let mut m = empty_answer(query, cached.rcode);
-    let asked = query.queries().first().map(|q| q.name().clone());
-    let spelt = |mut r: hickory_proto::rr::Record| {
-        if let Some(n) = &asked {
-            if r.name() == n {
-                r.set_name(n.clone());
-            }
-        }
-        r
-    };
-    m.insert_answers(cached.answers.into_iter().map(spelt).collect());
-    m.insert_name_servers(cached.authority.into_iter().map(spelt).collect());
-    m
-}
-
 /// The proxy's answer made into the sandbox's: the sandbox's ID and RD flag, TTLs clamped, no
 /// EDNS options, EDNS only if the sandbox used it.
 pub fn relay_answer(query: &Message, mut answer: Message) -> Message {
@@ -404,41 +386,6 @@ mod tests {
                     hi: 8010
                 }
             ]
-        );
-    }
-
-    #[test]
-    fn a_cached_answer_is_spelt_as_the_sandbox_asked() {
-        use hickory_proto::rr::rdata::{A, CNAME};
-        use hickory_proto::rr::{RData, Record};
-        // From the wire (as `from_ascii` keeps it): `from_str` would lower-case it (IDNA).
-        let mut q = Message::new();
-        q.set_id(77).add_query(Query::query(
-            Name::from_ascii("API.Example.COM.").unwrap(),
-            RecordType::A,
-        ));
-        let owner = Name::from_str("api.example.com.").unwrap();
-        let edge = Name::from_str("edge.example.net.").unwrap();
-        let cached = crate::dns_cache::CachedAnswer {
-            rcode: ResponseCode::NoError,
-            answers: vec![
-                Record::from_rdata(owner, 30, RData::CNAME(CNAME(edge.clone()))),
-                Record::from_rdata(
-                    edge,
-                    30,
-                    RData::A(A(std::net::Ipv4Addr::new(203, 0, 113, 9))),
-                ),
-            ],
-            authority: vec![],
-        };
-        let a = cached_answer(&q, cached);
-        assert_eq!(a.id(), 77);
-        assert_eq!(a.queries(), q.queries());
-        assert_eq!(a.answers()[0].name().to_ascii(), "API.Example.COM.");
-        assert_eq!(a.answers()[1].name().to_ascii(), "edge.example.net.");
-        assert!(
-            a.extensions().is_none(),
-            "no EDNS unless the sandbox used it"
         );
     }
 

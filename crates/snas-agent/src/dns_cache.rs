@@ -1,6 +1,7 @@
 //! The DNS stub's per-job answer cache (pure: time is passed in as a monotonic offset).
 //!
-//! Owns which proxy answers the stub keeps, for how long, and how they are given back. Keyed by
+//! Owns which proxy answers the stub keeps, for how long, and how they are given back
+//! ([`cached_answer`]). Keyed by
 //! (job, lower-case name, query type): a repeat within the answer's lifetime is answered here —
 //! no forward, no query budget spent — with the *remaining* TTL, so a sandbox never caches an
 //! address longer than the stub would, and never longer than tier 1 holds it (tier 1 holds an
@@ -313,6 +314,25 @@ impl DnsCache {
     }
 }
 
+/// An answer from the cache: the sandbox's ID, question (as it spelt it) and RD flag, the
+/// cached records (whose owner, where it is the asked name, is spelt as the sandbox spelt it:
+/// clients that randomise the case of names compare it), EDNS only if the sandbox used it.
+pub fn cached_answer(query: &Message, cached: CachedAnswer) -> Message {
+    let mut m = crate::dns::empty_answer(query, cached.rcode);
+    let asked = query.queries().first().map(|q| q.name().clone());
+    let spelt = |mut r: hickory_proto::rr::Record| {
+        if let Some(n) = &asked {
+            if r.name() == n {
+                r.set_name(n.clone());
+            }
+        }
+        r
+    };
+    m.insert_answers(cached.answers.into_iter().map(spelt).collect());
+    m.insert_name_servers(cached.authority.into_iter().map(spelt).collect());
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -600,5 +620,38 @@ mod tests {
                 prop_assert_eq!(entries, s.entries);
             }
         }
+    }
+
+    #[test]
+    fn a_cached_answer_is_spelt_as_the_sandbox_asked() {
+        // From the wire (as `from_ascii` keeps it): `from_str` would lower-case it (IDNA).
+        let mut q = Message::new();
+        q.set_id(77).add_query(Query::query(
+            Name::from_ascii("API.Example.COM.").unwrap(),
+            RecordType::A,
+        ));
+        let owner = Name::from_str("api.example.com.").unwrap();
+        let edge = Name::from_str("edge.example.net.").unwrap();
+        let cached = CachedAnswer {
+            rcode: ResponseCode::NoError,
+            answers: vec![
+                Record::from_rdata(owner, 30, RData::CNAME(CNAME(edge.clone()))),
+                Record::from_rdata(
+                    edge,
+                    30,
+                    RData::A(A(std::net::Ipv4Addr::new(203, 0, 113, 9))),
+                ),
+            ],
+            authority: vec![],
+        };
+        let a = cached_answer(&q, cached);
+        assert_eq!(a.id(), 77);
+        assert_eq!(a.queries(), q.queries());
+        assert_eq!(a.answers()[0].name().to_ascii(), "API.Example.COM.");
+        assert_eq!(a.answers()[1].name().to_ascii(), "edge.example.net.");
+        assert!(
+            a.extensions().is_none(),
+            "no EDNS unless the sandbox used it"
+        );
     }
 }

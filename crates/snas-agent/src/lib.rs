@@ -29,6 +29,7 @@
 //! - [`audit`]: the JSON-lines audit log.
 //! - [`metrics`]: Prometheus text.
 //! - [`upkeep`]: periodic work: flow ageing, job expiry, tier 1's infrastructure set.
+//! - [`shutdown`]: the in-process stop signal every serving task waits on.
 //! - [`api`]: the HTTP/JSON APIs (Unix socket and the underlay policy endpoint).
 //! - [`handover`]: passing the listening sockets to the next agent (hand-over protocol,
 //!   systemd's `LISTEN_FDS` and fd store).
@@ -53,6 +54,7 @@ pub mod node;
 pub mod pool;
 pub mod proxies;
 pub mod seams;
+pub mod shutdown;
 pub mod state;
 pub mod stub;
 pub mod upkeep;
@@ -64,77 +66,8 @@ use std::sync::Arc;
 pub use agent::{Agent, JobError, JobView, StartError, StartReport};
 pub use config::{AgentConfig, ConfigError};
 pub use jobnet::{JobNetInfo, JobNetwork};
+pub use node::RunError;
 pub use seams::{Dataplane, PolicyVerifier, RecordingDataplane, VerifiedPolicy, VerifyError};
-
-/// Errors that stop `snas agent`.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    /// The configuration file is unusable.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// Existing state could not be taken over.
-    #[error("agent start: {0}")]
-    Start(#[from] StartError),
-    /// The API socket could not be bound.
-    #[error("api socket {path}: {source}")]
-    ApiSocket {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The policy endpoint could not be bound.
-    #[error("policy_listen {addr}: {source}")]
-    PolicyListen {
-        addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The DNS stub's port could not be bound.
-    #[error("dns_listen {addr}: {source}")]
-    DnsListen {
-        addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The metrics listener could not be bound.
-    #[error("metrics_listen {addr}: {source}")]
-    MetricsListen {
-        addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The audit log could not be opened.
-    #[error(transparent)]
-    Audit(#[from] audit::AuditError),
-    /// Taking the sockets over from the running agent failed.
-    #[error("hand-over: {0}")]
-    Handover(#[from] handover::HandoverError),
-    /// The hand-over socket could not be bound.
-    #[error("hand-over socket {path}: {source}")]
-    HandoverListen {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// systemd's LISTEN_FDS could not be read.
-    #[error("systemd sockets: {0}")]
-    Systemd(String),
-    /// Tier 1's infrastructure set could not be installed: the agent does not start without it.
-    #[error("infrastructure set: {0}")]
-    Infrastructure(seams::DataplaneError),
-    /// The trust bundle could not be loaded.
-    #[error("trust_bundle {path}: {detail}")]
-    TrustBundle {
-        path: std::path::PathBuf,
-        detail: String,
-    },
-    /// Tier 1 could not be loaded.
-    #[error(transparent)]
-    Dataplane(seams::DataplaneError),
-    /// The async runtime failed.
-    #[error("runtime: {0}")]
-    Runtime(#[source] std::io::Error),
-}
 
 /// The verifier and dataplane the agent runs with in production.
 pub fn production_components(config: &AgentConfig) -> Result<Components, RunError> {
@@ -198,42 +131,6 @@ pub async fn serve_with(
         node::RunOptions::default(),
     )
     .await
-}
-
-/// Copies tier-1 audit events into the audit log from a dedicated thread until `stop`.
-pub(crate) fn spawn_tier1_audit(
-    agent: Arc<Agent>,
-    dp: Arc<dyn Dataplane>,
-    sink: audit::AuditSink,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let f = flag.clone();
-    tokio::spawn(async move {
-        let _ = stop.wait_for(|v| *v).await;
-        f.store(true, std::sync::atomic::Ordering::Relaxed);
-    });
-    let spawned = std::thread::Builder::new()
-        .name("snas-tier1-audit".into())
-        .spawn(move || {
-            let on_event = Box::new(move |ev: snas_bpf::AuditEvent| {
-                use stub::JobDirectory;
-                let policy = agent.policy(ev.job_key);
-                let mono = snas_bpf::mono_now().unwrap_or(ev.at_mono);
-                sink.emit(audit::tier1_record(
-                    &ev,
-                    policy.as_ref(),
-                    std::time::SystemTime::now(),
-                    mono,
-                ));
-            });
-            if let Err(e) = dp.run_audit(on_event, &flag) {
-                tracing::warn!(error = %e, "tier-1 audit events are not logged");
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "tier-1 audit thread not started");
-    }
 }
 
 /// `snas agent --config <path>`: loads the configuration and serves until SIGINT or SIGTERM.

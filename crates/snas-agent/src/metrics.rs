@@ -1,69 +1,43 @@
-//! Agent metrics in the Prometheus text exposition format (`GET /metrics`).
+//! Agent metrics in the Prometheus text exposition format 0.0.4 (`GET /metrics`), encoded by
+//! prometheus-client.
 //!
-//! Owns the job set-up latency histogram and [`render`], which reads everything else at scrape
-//! time: jobs (and how many expired), tier-1 drops per job and reason (from the pinned
-//! counters), DNS outcomes and cache, proxy health, audit queue figures, policy endpoint and
-//! job-ended notice outcomes, the periodic work, and where the listening sockets came from.
+//! Owns [`render`], which encodes one scrape: everything but the job set-up latency is read at
+//! scrape time into a [`Snapshot`] (jobs and how many expired, tier-1 drops per job and reason
+//! from the pinned counters, DNS outcomes and cache, proxy health, audit queue figures, policy
+//! endpoint and job-ended notice outcomes, the periodic work, where the listening sockets came
+//! from) and written by a prometheus-client `Collector` as constant samples; the set-up latency
+//! is a prometheus-client [`Histogram`] the job table observes into
+//! (`Agent::setup_latency`).
 //!
 //! # Choice
-//! The text format is written by hand, like the proxy's: a dozen families with fixed labels,
-//! no registry locks on the DNS path.
+//! A collector over a snapshot, not live counters in a registry: the figures already live
+//! where they are counted (atomics of the DNS stub, the proxy table, the pinned BPF maps), so
+//! nothing on the DNS path takes a registry lock and nothing is counted twice.
+//!
+//! # Invariants
+//! Family names, types and labels are those documented in `docs/agent.md` (counters are
+//! registered without their `_total`, which the encoder appends); families are written in a
+//! fixed order, and a family without samples still has its `# HELP`/`# TYPE` lines.
 //!
 //! # Limits
 //! Per-job series are emitted only for reasons with a non-zero count, so a node with many jobs
 //! does not export `jobs × reasons` zero series.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use snas_wire::Reason;
 
+use crate::api::types::DnsView;
 use crate::proxies::{Health, ProxyTable};
 
-/// Upper bounds (seconds) of the job set-up histogram buckets.
-pub const SETUP_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
-
-/// A fixed-bucket histogram of durations.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; SETUP_BUCKETS.len()],
-    count: AtomicU64,
-    sum_us: AtomicU64,
-}
-
-impl Histogram {
-    /// Records one observation.
-    pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        for (i, b) in SETUP_BUCKETS.iter().enumerate() {
-            if s <= *b {
-                self.buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(
-            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-    }
-
-    fn render(&self, out: &mut String, name: &str) {
-        for (i, b) in SETUP_BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{b}\"}} {}",
-                self.buckets[i].load(Ordering::Relaxed)
-            );
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum {sum}");
-        let _ = writeln!(out, "{name}_count {count}");
-    }
-}
+pub use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Everything a scrape shows, gathered by the caller.
 #[derive(Debug, Default)]
@@ -75,7 +49,7 @@ pub struct Snapshot {
     /// Tier-1 drops per job key (hex) and reason.
     pub drops: BTreeMap<String, BTreeMap<Reason, u64>>,
     /// The DNS stub's figures.
-    pub dns: Option<crate::stub::DnsView>,
+    pub dns: Option<DnsView>,
     /// The proxy table.
     pub proxies: Option<ProxyTable>,
     /// Audit records queued.
@@ -92,239 +66,263 @@ pub struct Snapshot {
     pub sockets: BTreeMap<&'static str, &'static str>,
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
+/// One scrape: the snapshot and the set-up histogram, encoded in the documented order.
+#[derive(Debug)]
+struct Scrape {
+    snapshot: Snapshot,
+    setup: Histogram,
 }
 
-fn counter(o: &mut String, name: &str, help: &str, v: u64) {
-    family(o, name, "counter", help);
-    let _ = writeln!(o, "{name} {v}");
-}
+/// Writes families of one collector; counters are named without `_total`.
+struct Families<'a>(DescriptorEncoder<'a>);
 
-fn gauge(o: &mut String, name: &str, help: &str, v: u64) {
-    family(o, name, "gauge", help);
-    let _ = writeln!(o, "{name} {v}");
-}
+impl Families<'_> {
+    fn gauge(&mut self, name: &str, help: &str, v: u64) -> std::fmt::Result {
+        let m = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Gauge)?;
+        ConstGauge::new(v).encode(m)
+    }
 
-fn labelled(o: &mut String, name: &str, label: &str, values: &BTreeMap<&'static str, u64>) {
-    for (k, n) in values {
-        let _ = writeln!(o, "{name}{{{label}=\"{k}\"}} {n}");
+    fn counter(&mut self, name: &str, help: &str, v: u64) -> std::fmt::Result {
+        let m = self
+            .0
+            .encode_descriptor(name, help, None, MetricType::Counter)?;
+        ConstCounter::new(v).encode(m)
+    }
+
+    /// A family of `kind` with one sample per label set.
+    fn family<L>(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        samples: impl IntoIterator<Item = (L, u64)>,
+    ) -> std::fmt::Result
+    where
+        L: prometheus_client::encoding::EncodeLabelSet,
+    {
+        let mut m = self.0.encode_descriptor(name, help, None, kind)?;
+        for (labels, v) in samples {
+            let s = m.encode_family(&labels)?;
+            match kind {
+                MetricType::Counter => ConstCounter::new(v).encode(s)?,
+                _ => ConstGauge::new(v).encode(s)?,
+            }
+        }
+        Ok(())
     }
 }
 
-/// The exposition text.
-pub fn render(s: &Snapshot, setup: &Histogram) -> String {
-    let mut o = String::new();
-    gauge(
-        &mut o,
-        "snas_agent_jobs",
-        "Jobs (running and expired).",
-        s.jobs as u64,
-    );
-    gauge(
-        &mut o,
-        "snas_agent_jobs_expired",
-        "Jobs whose policy has expired (refused until deleted).",
-        s.jobs_expired as u64,
-    );
-    family(
-        &mut o,
-        "snas_agent_tier1_drops_total",
-        "counter",
-        "Packets dropped by tier 1, per job and reason.",
-    );
-    for (job, reasons) in &s.drops {
-        for (r, n) in reasons.iter().filter(|(_, n)| **n > 0) {
-            let _ = writeln!(
-                o,
-                "snas_agent_tier1_drops_total{{job_key=\"{job}\",reason=\"{}\"}} {n}",
-                r.name()
-            );
+impl Collector for Scrape {
+    fn encode(&self, encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let s = &self.snapshot;
+        let mut f = Families(encoder);
+        f.gauge(
+            "snas_agent_jobs",
+            "Jobs (running and expired).",
+            s.jobs as u64,
+        )?;
+        f.gauge(
+            "snas_agent_jobs_expired",
+            "Jobs whose policy has expired (refused until deleted).",
+            s.jobs_expired as u64,
+        )?;
+        f.family(
+            "snas_agent_tier1_drops",
+            "Packets dropped by tier 1, per job and reason.",
+            MetricType::Counter,
+            s.drops.iter().flat_map(|(job, reasons)| {
+                reasons
+                    .iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(move |(r, n)| ([("job_key", job.as_str()), ("reason", r.name())], *n))
+            }),
+        )?;
+        if let Some(d) = &s.dns {
+            f.family(
+                "snas_agent_dns_queries",
+                "DNS queries answered by the stub, by outcome.",
+                MetricType::Counter,
+                d.outcomes
+                    .iter()
+                    .map(|(k, n)| ([("outcome", k.as_str())], *n)),
+            )?;
+            for (name, help, v) in [
+                (
+                    "snas_agent_dns_forwarded",
+                    "DNS queries forwarded to a proxy resolver (names not in the cache).",
+                    d.forwarded,
+                ),
+                (
+                    "snas_agent_dns_proxy_failures",
+                    "Forward attempts that timed out or failed (moved to the next proxy).",
+                    d.proxy_failures,
+                ),
+                (
+                    "snas_agent_dns_installed_addrs",
+                    "Addresses from DNS answers installed into tier 1.",
+                    d.installed_addrs,
+                ),
+                (
+                    "snas_agent_dns_cache_evictions",
+                    "DNS cache entries evicted to respect a bound.",
+                    d.cache_evictions,
+                ),
+                (
+                    "snas_agent_dns_send_failures",
+                    "DNS answers that could not be sent.",
+                    d.send_failures,
+                ),
+                (
+                    "snas_agent_audit_suppressed",
+                    "DNS refusal audit lines left out by the per-job limit.",
+                    d.audit_suppressed,
+                ),
+            ] {
+                f.counter(name, help, v)?;
+            }
+            f.gauge(
+                "snas_agent_dns_cache_entries",
+                "DNS answers held in the stub's cache.",
+                d.cache_entries as u64,
+            )?;
+            f.gauge(
+                "snas_agent_dns_cache_bytes",
+                "Bytes held in the stub's cache.",
+                d.cache_bytes as u64,
+            )?;
+            f.gauge(
+                "snas_agent_dns_tcp_connections",
+                "TCP connections open to the DNS stub.",
+                d.tcp_connections as u64,
+            )?;
         }
-    }
-    if let Some(d) = &s.dns {
-        family(
-            &mut o,
-            "snas_agent_dns_queries_total",
-            "counter",
-            "DNS queries answered by the stub, by outcome.",
-        );
-        for (k, n) in &d.outcomes {
-            let _ = writeln!(o, "snas_agent_dns_queries_total{{outcome=\"{k}\"}} {n}");
-        }
+        f.counter(
+            "snas_agent_audit_records",
+            "Audit records queued for the audit log.",
+            s.audit_emitted,
+        )?;
+        f.counter(
+            "snas_agent_audit_dropped",
+            "Audit records dropped (queue full).",
+            s.audit_dropped,
+        )?;
+        f.family(
+            "snas_agent_policy_requests",
+            "Policy endpoint requests by outcome (forbidden: the caller is not a proxy).",
+            MetricType::Counter,
+            s.policy_requests
+                .iter()
+                .map(|(k, n)| ([("outcome", *k)], *n)),
+        )?;
+        f.family(
+            "snas_agent_job_end_notices",
+            "Job-ended notices to proxies (one per job and proxy), by outcome.",
+            MetricType::Counter,
+            s.end_notices.iter().map(|(k, n)| ([("outcome", *k)], *n)),
+        )?;
+        let u = &s.upkeep;
         for (name, help, v) in [
             (
-                "snas_agent_dns_forwarded_total",
-                "DNS queries forwarded to a proxy resolver (names not in the cache).",
-                d.forwarded,
+                "snas_agent_flow_ageing_runs",
+                "Tier-1 flow table agings run.",
+                u.ageing_runs,
             ),
             (
-                "snas_agent_dns_proxy_failures_total",
-                "Forward attempts that timed out or failed (moved to the next proxy).",
-                d.proxy_failures,
+                "snas_agent_flow_ageing_failures",
+                "Tier-1 flow table agings that failed.",
+                u.ageing_failures,
             ),
             (
-                "snas_agent_dns_installed_addrs_total",
-                "Addresses from DNS answers installed into tier 1.",
-                d.installed_addrs,
+                "snas_agent_infrastructure_updates",
+                "Infrastructure sets installed into tier 1.",
+                u.infra_updates,
             ),
             (
-                "snas_agent_dns_cache_evictions_total",
-                "DNS cache entries evicted to respect a bound.",
-                d.cache_evictions,
+                "snas_agent_infrastructure_failures",
+                "Infrastructure set installs that failed.",
+                u.infra_failures,
             ),
             (
-                "snas_agent_dns_send_failures_total",
-                "DNS answers that could not be sent.",
-                d.send_failures,
-            ),
-            (
-                "snas_agent_audit_suppressed_total",
-                "DNS refusal audit lines left out by the per-job limit.",
-                d.audit_suppressed,
+                "snas_agent_jobs_expired",
+                "Jobs noticed expired.",
+                u.jobs_expired,
             ),
         ] {
-            counter(&mut o, name, help, v);
+            f.counter(name, help, v)?;
         }
-        gauge(
-            &mut o,
-            "snas_agent_dns_cache_entries",
-            "DNS answers held in the stub's cache.",
-            d.cache_entries as u64,
-        );
-        gauge(
-            &mut o,
-            "snas_agent_dns_cache_bytes",
-            "Bytes held in the stub's cache.",
-            d.cache_bytes as u64,
-        );
-        gauge(
-            &mut o,
-            "snas_agent_dns_tcp_connections",
-            "TCP connections open to the DNS stub.",
-            d.tcp_connections as u64,
-        );
-    }
-    counter(
-        &mut o,
-        "snas_agent_audit_records_total",
-        "Audit records queued for the audit log.",
-        s.audit_emitted,
-    );
-    counter(
-        &mut o,
-        "snas_agent_audit_dropped_total",
-        "Audit records dropped (queue full).",
-        s.audit_dropped,
-    );
-    family(
-        &mut o,
-        "snas_agent_policy_requests_total",
-        "counter",
-        "Policy endpoint requests by outcome (forbidden: the caller is not a proxy).",
-    );
-    labelled(
-        &mut o,
-        "snas_agent_policy_requests_total",
-        "outcome",
-        &s.policy_requests,
-    );
-    family(
-        &mut o,
-        "snas_agent_job_end_notices_total",
-        "counter",
-        "Job-ended notices to proxies (one per job and proxy), by outcome.",
-    );
-    labelled(
-        &mut o,
-        "snas_agent_job_end_notices_total",
-        "outcome",
-        &s.end_notices,
-    );
-    let u = &s.upkeep;
-    for (name, help, v) in [
-        (
-            "snas_agent_flow_ageing_runs_total",
-            "Tier-1 flow table agings run.",
-            u.ageing_runs,
-        ),
-        (
-            "snas_agent_flow_ageing_failures_total",
-            "Tier-1 flow table agings that failed.",
-            u.ageing_failures,
-        ),
-        (
-            "snas_agent_infrastructure_updates_total",
-            "Infrastructure sets installed into tier 1.",
-            u.infra_updates,
-        ),
-        (
-            "snas_agent_infrastructure_failures_total",
-            "Infrastructure set installs that failed.",
-            u.infra_failures,
-        ),
-        (
-            "snas_agent_jobs_expired_total",
-            "Jobs noticed expired.",
-            u.jobs_expired,
-        ),
-    ] {
-        counter(&mut o, name, help, v);
-    }
-    family(
-        &mut o,
-        "snas_agent_listen_socket",
-        "gauge",
-        "1 per listening socket, labelled with where it came from at start (handover: from the previous agent; systemd: LISTEN_FDS; bound: opened by this agent).",
-    );
-    for (name, source) in &s.sockets {
-        let _ = writeln!(
-            o,
-            "snas_agent_listen_socket{{socket=\"{name}\",source=\"{source}\"}} 1"
-        );
-    }
-    if let Some(t) = &s.proxies {
-        family(
-            &mut o,
-            "snas_agent_proxy_health",
-            "gauge",
-            "1 for the proxy's current health state (alive, draining, dead).",
-        );
-        for p in t.statuses() {
-            for (h, label) in [
+        f.family(
+            "snas_agent_listen_socket",
+            "1 per listening socket, labelled with where it came from at start (handover: from the previous agent; systemd: LISTEN_FDS; bound: opened by this agent).",
+            MetricType::Gauge,
+            s.sockets
+                .iter()
+                .map(|(name, source)| ([("socket", *name), ("source", *source)], 1)),
+        )?;
+        if let Some(t) = &s.proxies {
+            let states = [
                 (Health::Alive, "alive"),
                 (Health::Draining, "draining"),
                 (Health::Dead, "dead"),
-            ] {
-                let _ = writeln!(
-                    o,
-                    "snas_agent_proxy_health{{proxy=\"{}\",state=\"{label}\"}} {}",
-                    p.ip,
-                    u8::from(p.health == h)
-                );
-            }
+            ];
+            let ips: Vec<(String, Health)> = t
+                .statuses()
+                .iter()
+                .map(|p| (p.ip.to_string(), p.health))
+                .collect();
+            f.family(
+                "snas_agent_proxy_health",
+                "1 for the proxy's current health state (alive, draining, dead).",
+                MetricType::Gauge,
+                ips.iter().flat_map(|(ip, health)| {
+                    states.iter().map(move |(h, label)| {
+                        (
+                            [("proxy", ip.as_str()), ("state", *label)],
+                            u64::from(health == h),
+                        )
+                    })
+                }),
+            )?;
+            f.counter(
+                "snas_agent_proxy_health_changes",
+                "Proxy health changes (each rebuilds the Maglev table).",
+                t.changes(),
+            )?;
         }
-        counter(
-            &mut o,
-            "snas_agent_proxy_health_changes_total",
-            "Proxy health changes (each rebuilds the Maglev table).",
-            t.changes(),
-        );
+        let m = f.0.encode_descriptor(
+            "snas_agent_job_setup_seconds",
+            "Time from job request to a ready job (verify, network, tier 1, record).",
+            None,
+            MetricType::Histogram,
+        )?;
+        self.setup.encode(m)
     }
-    family(
-        &mut o,
-        "snas_agent_job_setup_seconds",
-        "histogram",
-        "Time from job request to a ready job (verify, network, tier 1, record).",
-    );
-    setup.render(&mut o, "snas_agent_job_setup_seconds");
-    o
+}
+
+/// The exposition text of one scrape (Prometheus text format 0.0.4, [`CONTENT_TYPE`]).
+pub fn render(snapshot: Snapshot, setup: &Histogram) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Scrape {
+        snapshot,
+        setup: setup.clone(),
+    }));
+    let mut out = String::new();
+    // Writing into a String cannot fail; a collector error would leave a partial text, which
+    // is all there is to show.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
+    out
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    fn setup_histogram() -> Histogram {
+        Histogram::new(crate::agent::SETUP_BUCKETS)
+    }
 
     #[test]
     fn render_shows_every_family_and_nonzero_drops_only() {
@@ -335,7 +333,7 @@ mod tests {
         );
         let mut t = ProxyTable::new(&["192.0.2.21".parse().unwrap()]);
         t.observe(0, crate::proxies::Probe::Draining);
-        let dns = crate::stub::DnsView {
+        let dns = DnsView {
             queries: 4,
             forwarded: 1,
             cached: 3,
@@ -363,10 +361,10 @@ mod tests {
             sockets: BTreeMap::from([("dns-udp", "handover")]),
             ..Snapshot::default()
         };
-        let h = Histogram::default();
-        h.observe(Duration::from_millis(30));
-        let text = render(&s, &h);
-        assert!(text.contains("snas_agent_jobs 1\n"));
+        let h = setup_histogram();
+        h.observe(Duration::from_millis(30).as_secs_f64());
+        let text = render(s, &h);
+        assert!(text.contains("snas_agent_jobs 1\n"), "{text}");
         assert!(text.contains(
             "snas_agent_tier1_drops_total{job_key=\"00000000000000aa\",reason=\"destination_denied\"} 3\n"
         ));
@@ -384,8 +382,78 @@ mod tests {
         assert!(
             text.contains("snas_agent_proxy_health{proxy=\"192.0.2.21\",state=\"draining\"} 1\n")
         );
+        assert!(text.contains("snas_agent_proxy_health{proxy=\"192.0.2.21\",state=\"alive\"} 0\n"));
         assert!(text.contains("snas_agent_job_setup_seconds_bucket{le=\"0.025\"} 0\n"));
         assert!(text.contains("snas_agent_job_setup_seconds_bucket{le=\"0.05\"} 1\n"));
+        assert!(text.contains("snas_agent_job_setup_seconds_bucket{le=\"+Inf\"} 1\n"));
         assert!(text.contains("snas_agent_job_setup_seconds_count 1\n"));
+    }
+
+    /// Every family of docs/agent.md, with its type, as `# TYPE` lines; nothing else.
+    #[test]
+    fn the_documented_families_and_types_are_exactly_those_exported() {
+        let s = Snapshot {
+            dns: Some(DnsView {
+                queries: 0,
+                forwarded: 0,
+                cached: 0,
+                proxy_failures: 0,
+                installed_addrs: 0,
+                audit_suppressed: 0,
+                send_failures: 0,
+                outcomes: BTreeMap::new(),
+                jobs: 0,
+                cache_entries: 0,
+                cache_bytes: 0,
+                cache_evictions: 0,
+                tcp_connections: 0,
+            }),
+            proxies: Some(ProxyTable::new(&[])),
+            ..Snapshot::default()
+        };
+        let text = render(s, &setup_histogram());
+        let types: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .collect();
+        assert_eq!(
+            types,
+            [
+                "snas_agent_jobs gauge",
+                "snas_agent_jobs_expired gauge",
+                "snas_agent_tier1_drops_total counter",
+                "snas_agent_dns_queries_total counter",
+                "snas_agent_dns_forwarded_total counter",
+                "snas_agent_dns_proxy_failures_total counter",
+                "snas_agent_dns_installed_addrs_total counter",
+                "snas_agent_dns_cache_evictions_total counter",
+                "snas_agent_dns_send_failures_total counter",
+                "snas_agent_audit_suppressed_total counter",
+                "snas_agent_dns_cache_entries gauge",
+                "snas_agent_dns_cache_bytes gauge",
+                "snas_agent_dns_tcp_connections gauge",
+                "snas_agent_audit_records_total counter",
+                "snas_agent_audit_dropped_total counter",
+                "snas_agent_policy_requests_total counter",
+                "snas_agent_job_end_notices_total counter",
+                "snas_agent_flow_ageing_runs_total counter",
+                "snas_agent_flow_ageing_failures_total counter",
+                "snas_agent_infrastructure_updates_total counter",
+                "snas_agent_infrastructure_failures_total counter",
+                "snas_agent_jobs_expired_total counter",
+                "snas_agent_listen_socket gauge",
+                "snas_agent_proxy_health gauge",
+                "snas_agent_proxy_health_changes_total counter",
+                "snas_agent_job_setup_seconds histogram",
+            ]
+        );
+        let docs = include_str!("../../../docs/agent.md");
+        for t in &types {
+            let name = t.split(' ').next().unwrap_or_default();
+            assert!(
+                docs.contains(&format!("`{name}")) || docs.contains(&format!("{name}`")),
+                "{name} is not documented in docs/agent.md"
+            );
+        }
     }
 }

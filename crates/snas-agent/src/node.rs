@@ -43,7 +43,7 @@ use crate::handover::{self, Client, Kind};
 use crate::seams::{Dataplane, PolicyVerifier};
 use crate::stub::{self, DnsStub, StubConfig};
 use crate::upkeep::{self, UpkeepStats};
-use crate::{audit, dataplane, proxies, Agent, AgentConfig, RunError};
+use crate::{audit, dataplane, proxies, seams, Agent, AgentConfig, ConfigError, StartError};
 
 /// Time forwards in progress get to answer when the agent stops.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -350,7 +350,7 @@ impl Services {
         let router = api::api_router(self.ops.clone());
         self.api = Some(Service::spawn(|rx| async move {
             let r = axum::serve(l, router)
-                .with_graceful_shutdown(stub::stopped(rx))
+                .with_graceful_shutdown(crate::shutdown::stopped(rx))
                 .await;
             log_serve("API", r);
         }));
@@ -384,7 +384,7 @@ impl Services {
                 pol,
                 router.into_make_service_with_connect_info::<SocketAddr>(),
             )
-            .with_graceful_shutdown(stub::stopped(rx))
+            .with_graceful_shutdown(crate::shutdown::stopped(rx))
             .await;
             log_serve("policy endpoint", r);
         }));
@@ -392,7 +392,7 @@ impl Services {
             let router = api::metrics_router(self.ops.clone());
             self.http.push(Service::spawn(|rx| async move {
                 let r = axum::serve(met, router)
-                    .with_graceful_shutdown(stub::stopped(rx))
+                    .with_graceful_shutdown(crate::shutdown::stopped(rx))
                     .await;
                 log_serve("metrics", r);
             }));
@@ -589,7 +589,7 @@ pub async fn run(
         .is_some_and(|n| notify_systemd(n, &services.ls));
 
     let (bg_stop, bg_rx) = watch::channel(false);
-    crate::spawn_tier1_audit(
+    spawn_tier1_audit(
         agent.clone(),
         dataplane.clone(),
         audit.clone(),
@@ -666,4 +666,110 @@ pub async fn run(
 /// Where [`run`] keeps the hand-over socket for `config` (for operators and tests).
 pub fn handover_socket(config: &AgentConfig) -> PathBuf {
     handover::socket_path(&config.state_dir)
+}
+
+/// Errors that stop `snas agent`.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration file is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Existing state could not be taken over.
+    #[error("agent start: {0}")]
+    Start(#[from] StartError),
+    /// The API socket could not be bound.
+    #[error("api socket {path}: {source}")]
+    ApiSocket {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The policy endpoint could not be bound.
+    #[error("policy_listen {addr}: {source}")]
+    PolicyListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The DNS stub's port could not be bound.
+    #[error("dns_listen {addr}: {source}")]
+    DnsListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The metrics listener could not be bound.
+    #[error("metrics_listen {addr}: {source}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The audit log could not be opened.
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
+    /// Taking the sockets over from the running agent failed.
+    #[error("hand-over: {0}")]
+    Handover(#[from] handover::HandoverError),
+    /// The hand-over socket could not be bound.
+    #[error("hand-over socket {path}: {source}")]
+    HandoverListen {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// systemd's LISTEN_FDS could not be read.
+    #[error("systemd sockets: {0}")]
+    Systemd(String),
+    /// Tier 1's infrastructure set could not be installed: the agent does not start without it.
+    #[error("infrastructure set: {0}")]
+    Infrastructure(seams::DataplaneError),
+    /// The trust bundle could not be loaded.
+    #[error("trust_bundle {path}: {detail}")]
+    TrustBundle {
+        path: std::path::PathBuf,
+        detail: String,
+    },
+    /// Tier 1 could not be loaded.
+    #[error(transparent)]
+    Dataplane(seams::DataplaneError),
+    /// The async runtime failed.
+    #[error("runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// Copies tier-1 audit events into the audit log from a dedicated thread until `stop`.
+fn spawn_tier1_audit(
+    agent: Arc<Agent>,
+    dp: Arc<dyn Dataplane>,
+    sink: audit::AuditSink,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f = flag.clone();
+    tokio::spawn(async move {
+        let _ = stop.wait_for(|v| *v).await;
+        f.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let spawned = std::thread::Builder::new()
+        .name("snas-tier1-audit".into())
+        .spawn(move || {
+            let on_event = Box::new(move |ev: snas_bpf::AuditEvent| {
+                use stub::JobDirectory;
+                let policy = agent.policy(ev.job_key);
+                let mono = snas_bpf::mono_now().unwrap_or(ev.at_mono);
+                sink.emit(audit::tier1_record(
+                    &ev,
+                    policy.as_ref(),
+                    std::time::SystemTime::now(),
+                    mono,
+                ));
+            });
+            if let Err(e) = dp.run_audit(on_event, &flag) {
+                tracing::warn!(error = %e, "tier-1 audit events are not logged");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "tier-1 audit thread not started");
+    }
 }

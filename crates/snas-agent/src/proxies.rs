@@ -34,10 +34,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use serde::Serialize;
 use snas_bpf::ProxyEntry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub use crate::api::types::{Health, ProxyStatus};
 use crate::seams::Dataplane;
 
 /// Consecutive failed probes after which a proxy is dead.
@@ -46,18 +46,6 @@ pub const FAILS_TO_DIE: u32 = 2;
 pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 /// Time one probe may take.
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(300);
-
-/// Health of one proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Health {
-    /// Takes new flows.
-    Alive,
-    /// Alive, takes no new flows (before maintenance).
-    Draining,
-    /// Not answering: its flows move to others.
-    Dead,
-}
 
 /// What one probe saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,28 +56,6 @@ pub enum Probe {
     Draining,
     /// Anything else.
     Failed,
-}
-
-/// One proxy's state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ProxyStatus {
-    /// Position in tier 1's proxy table.
-    pub index: usize,
-    /// Underlay address.
-    pub ip: Ipv4Addr,
-    /// Current health.
-    pub health: Health,
-    /// Consecutive failed probes.
-    pub failures: u32,
-    /// Probes answered so far.
-    pub probes_ok: u64,
-    /// Probes failed so far.
-    pub probes_failed: u64,
-    /// From `proxy_service` discovery (else from the static `proxies` list).
-    pub discovered: bool,
-    /// In the configuration or the latest discovery answer. An unlisted proxy keeps its
-    /// position but is dead to tier 1, not probed, and never asked for DNS.
-    pub listed: bool,
 }
 
 /// The proxy table (pure).
@@ -480,7 +446,7 @@ pub async fn run_health_checks(
     timeout: Duration,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let stop = crate::stub::stopped(shutdown);
+    let stop = crate::shutdown::stopped(shutdown);
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -583,7 +549,7 @@ pub async fn run_discovery(
     interval: Duration,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let stop = crate::stub::stopped(shutdown);
+    let stop = crate::shutdown::stopped(shutdown);
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -61,18 +61,19 @@ use std::time::{Duration, Instant, SystemTime};
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::{RData, RecordType};
-use serde::Serialize;
 use snas_policy::Matcher;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{watch, Semaphore};
 
+pub use crate::api::types::DnsView;
 use crate::audit::{rfc3339, Action, AuditRecord, AuditSink};
 use crate::dns::{self, Question, Refusal, TokenBucket};
 use crate::dns_cache::{CacheLimits, CachedAnswer, DnsCache};
 use crate::naming::job_key_hex;
 use crate::proxies::Proxies;
 use crate::seams::{Dataplane, VerifiedPolicy};
+use crate::shutdown::stopped;
 
 /// Time to wait for one proxy's answer before trying the next.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(1);
@@ -215,37 +216,6 @@ impl DnsStats {
     pub fn audit_suppressed(&self) -> u64 {
         get(&self.audit_suppressed)
     }
-}
-
-/// A JSON view of the stub (`GET /v1/dns`).
-#[derive(Debug, Clone, Serialize)]
-pub struct DnsView {
-    /// Queries received (parsed).
-    pub queries: u64,
-    /// Queries forwarded to a proxy.
-    pub forwarded: u64,
-    /// Queries answered from the cache.
-    pub cached: u64,
-    /// Forward attempts that timed out or failed (each moves to the next proxy).
-    pub proxy_failures: u64,
-    /// Addresses installed into tier 1.
-    pub installed_addrs: u64,
-    /// Refusal audit lines left out by the per-job audit limit.
-    pub audit_suppressed: u64,
-    /// Answers that could not be sent (the socket's send buffer was full).
-    pub send_failures: u64,
-    /// Outcomes by label.
-    pub outcomes: BTreeMap<String, u64>,
-    /// Jobs with stub state.
-    pub jobs: usize,
-    /// Cache entries held.
-    pub cache_entries: usize,
-    /// Cache bytes held.
-    pub cache_bytes: usize,
-    /// Cache entries evicted to respect a bound.
-    pub cache_evictions: u64,
-    /// TCP connections open.
-    pub tcp_connections: usize,
 }
 
 struct JobSlot {
@@ -671,7 +641,7 @@ impl DnsStub {
             }
             Verdict::Cached(hit) => {
                 inc(&self.stats.cached);
-                reply(dns::cached_answer(&query, hit), &query, tcp)
+                reply(crate::dns_cache::cached_answer(&query, hit), &query, tcp)
             }
             Verdict::Forward {
                 question,
@@ -1118,11 +1088,6 @@ async fn exchange_tcp(
         ));
     }
     Ok(m)
-}
-
-/// Completes when `rx` turns true (or its sender is gone).
-pub async fn stopped(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|v| *v).await;
 }
 
 /// Gives a UDP socket the stub's receive buffer ([`UDP_RECV_BUFFER`]): `SO_RCVBUFFORCE` (root

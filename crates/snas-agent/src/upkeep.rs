@@ -171,7 +171,7 @@ pub async fn run(
     stats: Arc<UpkeepStats>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let stop = crate::stub::stopped(shutdown);
+    let stop = crate::shutdown::stopped(shutdown);
     tokio::pin!(stop);
     let mut members = proxies.watch_members();
     members.mark_unchanged();

@@ -13,7 +13,8 @@
 //! - [`daemons`]: generated configs, pid files, logs, start/stop/readiness of the internet
 //!   services, agents and proxies.
 //! - [`internet`] and [`dns`]: the internet services (tokio) and the pure DNS answer logic.
-//! - [`exec`]: create a job through an agent, run a command in it, delete it.
+//! - [`exec`]: create a job through an agent (its typed API client), run a command in it,
+//!   delete it.
 //! - [`status`] / [`record`]: what exists, and what `up` decided.
 //!
 //! # Guard
@@ -40,10 +41,11 @@ use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
 
 use rand::RngCore;
+use snas_agent::api::blocking::AgentClient;
 use snas_policy::PolicyKey;
 
 pub use daemons::Daemon;
-pub use exec::{AgentClient, JobGuard, JobInfo};
+pub use exec::JobGuard;
 pub use status::{Completeness, Status};
 pub use topology::{Topology, DEFAULT_PREFIX};
 

@@ -15,11 +15,17 @@ use snas_agent::netlink::Rtnl;
 use snas_agent::seams::{PolicyVerifier, VerifiedPolicy, VerifyError};
 use snas_wire::Reason;
 
-/// Fails loudly (never skips) when not root: these tests need netns and netlink privileges.
+/// Fails the test, saying why, unless it runs as root: a privileged test that cannot run must
+/// never pass (these binaries are `privileged_*`; `cargo nextest run --profile unprivileged`
+/// leaves them out and lists them as skipped).
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "privileged test: run as root");
+    assert!(
+        euid == 0,
+        "privileged test: needs root (network namespaces, netlink, bpffs, eBPF); run it as root, \
+         or run the unprivileged tests only: cargo nextest run --profile unprivileged"
+    );
 }
 
 /// Per-test unique prefixes and the cleanup of everything they name.

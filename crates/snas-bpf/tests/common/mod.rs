@@ -1,4 +1,4 @@
-//! Shared helpers of the privileged BPF tests: root gate, a guard that tears the node down,
+//! Shared helpers of the privileged BPF tests: root check, a guard that tears the node down,
 //! and small frame builders (Ethernet + IPv4 + TCP/UDP with valid checksums).
 #![allow(dead_code)]
 
@@ -29,14 +29,17 @@ pub const VETH: u32 = 1;
 pub const UPLINK: u32 = 1;
 pub const UPLINK_MTU: u32 = 1500;
 
-/// Prints why a test is skipped when not root; CI runs these as root.
-pub fn root_or_skip(test: &str) -> bool {
+/// Fails the test, saying why, unless it runs as root: a privileged test that cannot run must
+/// never pass (these binaries are `privileged_*`; `cargo nextest run --profile unprivileged`
+/// leaves them out and lists them as skipped).
+pub fn require_root(test: &str) {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    if !root {
-        eprintln!("SKIP {test}: needs root (BPF_PROG_TEST_RUN, bpffs)");
-    }
-    root
+    assert!(
+        root,
+        "privileged test {test}: needs root (BPF_PROG_TEST_RUN, bpffs); run it as root, or run \
+         the unprivileged tests only: cargo nextest run --profile unprivileged"
+    );
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);

@@ -19,20 +19,26 @@ pub const GATEWAY_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 /// The lab's server address (on the server namespace's `lo`).
 pub const SERVER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 
-/// True when the tests can run (root and runsc present); prints SKIP otherwise.
-pub fn privileged() -> bool {
+/// Fails the test, saying what is missing, unless it runs as root with runsc on `PATH`: a
+/// privileged test that cannot run must never pass (`cargo nextest run --profile unprivileged`
+/// leaves these `privileged_*` binaries out and lists them as skipped).
+pub fn require_privileges() {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root,
+        "privileged test: needs root (namespaces, cgroups, runsc); run it as root, or run the \
+         unprivileged tests only: cargo nextest run --profile unprivileged"
+    );
     let runsc = Command::new("runsc")
         .arg("--version")
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !root || !runsc {
-        eprintln!("SKIP: needs root and runsc");
-        return false;
-    }
-    true
+    assert!(
+        runsc,
+        "privileged test: needs runsc on PATH (scripts/setup.sh installs it)"
+    );
 }
 
 fn unique(tag: &str) -> String {

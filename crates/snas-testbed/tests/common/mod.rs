@@ -15,6 +15,19 @@ use snas_testbed::topology::{Topology, BULK_PORT, DNS_SERVER, ECHO_PORT, HOSTS, 
 
 const T: Duration = Duration::from_secs(5);
 
+/// Fails the test, saying why, unless it runs as root: the testbed is made of network
+/// namespaces (`cargo nextest run --profile unprivileged` leaves these `privileged_*` binaries
+/// out and lists them as skipped).
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root,
+        "privileged test: the testbed needs root (network namespaces, mounts); run it as root, \
+         or run the unprivileged tests only: cargo nextest run --profile unprivileged"
+    );
+}
+
 /// The `snas` binary: `$SNAS_BIN`, or `target/debug/snas` of this workspace.
 pub fn snas_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("SNAS_BIN") {

@@ -14,8 +14,23 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub use snas_agent::api::Health;
+use snas_agent::api::JobView;
 use snas_testbed::daemons::{self, Daemon};
-use snas_testbed::{unique_prefix, JobGuard, JobInfo, Testbed, TestbedOptions};
+use snas_testbed::{unique_prefix, JobGuard, Testbed, TestbedOptions};
+
+/// Fails the test, saying why, unless it runs as root: the testbed is made of network
+/// namespaces (`cargo nextest run --profile unprivileged` leaves these `privileged_*` binaries
+/// out and lists them as skipped).
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root,
+        "privileged test: the testbed needs root (network namespaces, mounts); run it as root, \
+         or run the unprivileged tests only: cargo nextest run --profile unprivileged"
+    );
+}
 
 /// The `snas` binary: `$SNAS_BIN`, or `target/debug/snas` of this workspace.
 pub fn snas_binary() -> PathBuf {
@@ -33,6 +48,7 @@ pub fn snas_binary() -> PathBuf {
 
 /// A testbed with agents and proxies; panics unless both proxies answer `/healthz`.
 pub fn testbed_with_proxies() -> Testbed {
+    require_root();
     let tb = Testbed::up(TestbedOptions::new(&unique_prefix(), snas_binary())).unwrap();
     assert!(
         tb.record().proxy_available,
@@ -51,6 +67,7 @@ pub fn testbed_with_proxies() -> Testbed {
 
 /// A testbed with agents only (what needs no proxy).
 pub fn testbed_without_proxies() -> Testbed {
+    require_root();
     let mut o = TestbedOptions::new(&unique_prefix(), snas_binary());
     o.start_proxies = false;
     Testbed::up(o).unwrap()
@@ -104,7 +121,7 @@ impl Job {
         Job { guard, node: n }
     }
 
-    pub fn info(&self) -> &JobInfo {
+    pub fn info(&self) -> &JobView {
         self.guard.info()
     }
 
@@ -344,17 +361,8 @@ pub fn flow_is(f: &serde_json::Value, key: &str, port: Option<u16>) -> bool {
 
 /// Tier-1 drop count of a job for a reason (agent counters endpoint).
 pub fn tier1_drops(tb: &Testbed, job: &Job, reason: &str) -> u64 {
-    let (status, body) = tb
-        .agent(job.node)
-        .request(
-            "GET",
-            &format!("/v1/jobs/{}/counters", job.info().job_key),
-            b"",
-        )
-        .unwrap();
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    v["drops"][reason].as_u64().unwrap_or(0)
+    let c = tb.agent(job.node).counters(&job.info().job_key).unwrap();
+    c.drops.get(reason).copied().unwrap_or(0)
 }
 
 /// Whether a daemon of the testbed runs.
@@ -417,19 +425,16 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Health of proxy `p` (1-based) as node `n`'s agent sees it (`GET /v1/proxies`).
-pub fn agent_proxy_health(tb: &Testbed, n: u8, p: u8) -> String {
-    let (status, body) = tb.agent(n).request("GET", "/v1/proxies", b"").unwrap();
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let ip = tb.topology().proxy_addr(p).to_string();
-    v.as_array()
+/// Health of proxy `p` (1-based) as node `n`'s agent sees it (`GET /v1/proxies`); `None`
+/// when the agent does not list it.
+pub fn agent_proxy_health(tb: &Testbed, n: u8, p: u8) -> Option<Health> {
+    let ip = tb.topology().proxy_addr(p);
+    tb.agent(n)
+        .proxies()
         .unwrap()
-        .iter()
-        .find(|e| e["ip"].as_str() == Some(ip.as_str()))
-        .and_then(|e| e["health"].as_str())
-        .unwrap_or("absent")
-        .to_owned()
+        .into_iter()
+        .find(|e| e.ip == ip)
+        .map(|e| e.health)
 }
 
 /// Stops proxy 2 and waits until both agents have stopped choosing it, so that every new flow
@@ -438,7 +443,7 @@ pub fn only_proxy_1(tb: &Testbed) {
     tb.stop_proxy(2);
     for n in 1..=2 {
         wait_until(Duration::from_secs(5), "agents mark proxy 2 dead", || {
-            agent_proxy_health(tb, n, 2) == "dead"
+            agent_proxy_health(tb, n, 2) == Some(Health::Dead)
         });
     }
 }
@@ -453,22 +458,9 @@ fn link_json(ns: &str, dev: &str) -> serde_json::Value {
 /// connection-rate and no connection-count limit (what a compromised node could do), so that
 /// only the proxy enforces them.
 pub fn widen_tier1_limits(tb: &Testbed, job: &Job) {
-    let jobs = tb.agent(job.node).list_jobs().unwrap();
-    let me = jobs
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|j| j["job_key"].as_str() == Some(job.info().job_key.as_str()))
-        .unwrap()
-        .clone();
-    let veth = link_json(
-        &tb.topology().node_ns(job.node),
-        me["veth"].as_str().unwrap(),
-    );
-    let eth0 = link_json(
-        me["netns"].as_str().unwrap(),
-        me["sandbox_ifname"].as_str().unwrap(),
-    );
+    let me = tb.agent(job.node).job(&job.info().job_key).unwrap();
+    let veth = link_json(&tb.topology().node_ns(job.node), &me.veth);
+    let eth0 = link_json(&me.netns, &me.sandbox_ifname);
     let mac = |v: &serde_json::Value| -> [u8; 6] {
         let parts: Vec<u8> = v["address"]
             .as_str()
@@ -481,16 +473,14 @@ pub fn widen_tier1_limits(tb: &Testbed, job: &Job) {
     let cfg = snas_bpf::JobConfig {
         veth_ifindex: u32::try_from(veth["ifindex"].as_u64().unwrap()).unwrap(),
         job_key: job.key(),
-        tenant_id: u32::try_from(me["tenant_id"].as_u64().unwrap()).unwrap(),
-        policy_serial: u32::try_from(me["serial"].as_u64().unwrap()).unwrap(),
-        sandbox_ip: me["sandbox_ip"].as_str().unwrap().parse().unwrap(),
+        tenant_id: me.tenant_id,
+        policy_serial: me.serial,
+        sandbox_ip: v4(me.sandbox_ip),
         sandbox_mac: mac(&eth0),
         host_mac: mac(&veth),
-        gateway_ip: me["gateway_ip"].as_str().unwrap().parse().unwrap(),
-        dns_port: 53,
-        new_conn_per_sec: 0,
-        new_conn_burst: 0,
-        max_connections: 0,
+        gateway_ip: v4(me.gateway_ip),
+        // The point of this hook: no connection-rate and no connection-count limit (the
+        // defaults), whatever the policy says.
         ..snas_bpf::JobConfig::default()
     };
     let t1 = snas_bpf::Tier1::open_pinned(&tb.topology().bpf_pin_dir(job.node)).unwrap();
@@ -512,5 +502,12 @@ impl Drop for LogsOnFailure<'_> {
                 );
             }
         }
+    }
+}
+
+fn v4(ip: std::net::IpAddr) -> std::net::Ipv4Addr {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4,
+        std::net::IpAddr::V6(v6) => panic!("jobs have IPv4 addresses, not {v6}"),
     }
 }

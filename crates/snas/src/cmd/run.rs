@@ -22,13 +22,14 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Seek, SeekFrom};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use snas_agent::api::blocking::{AgentClient, OwnedJob};
 use snas_sandbox::bundle::{BundleSpec, Rootfs};
 use snas_sandbox::launch::{self, humanize, Progress, RunOptions, Stdio3};
 use snas_sandbox::limits::{parse_pids, Bytes, Limits, MilliCpus};
@@ -36,7 +37,7 @@ use snas_sandbox::netcfg::NetConfig;
 use snas_sandbox::platform::{probe_kvm, Platform, RunscInfo, KVM_PROBE_TIMEOUT};
 use snas_testbed::exec::read_token;
 use snas_testbed::topology::{NODES, PROXIES};
-use snas_testbed::{AgentClient, JobGuard, TestbedOptions, Topology, DEFAULT_PREFIX};
+use snas_testbed::{TestbedOptions, Topology, DEFAULT_PREFIX};
 
 /// How long the summary waits for the proxies' end-of-job lines after the job is deleted.
 const JOB_END_WAIT: Duration = Duration::from_millis(1500);
@@ -372,20 +373,7 @@ fn fold_dns_names(rows: &mut BTreeMap<(String, String), Row>) {
 }
 
 fn counters(client: &AgentClient, job_key: &str) -> Option<BTreeMap<String, u64>> {
-    let (status, body) = client
-        .request("GET", &format!("/v1/jobs/{job_key}/counters"), b"")
-        .ok()?;
-    if status != 200 {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
-    Some(
-        v["drops"]
-            .as_object()?
-            .iter()
-            .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0)))
-            .collect(),
-    )
+    client.counters(job_key).ok().map(|c| c.drops)
 }
 
 /// The sandbox's stream for our fd 1 or 2: inherited, unless it is a regular file. gVisor
@@ -429,9 +417,9 @@ struct Teardown {
 }
 
 /// Reads the job's counters, then deletes it.
-fn delete_job(client: &AgentClient, job_key: &str, guard: JobGuard) -> Teardown {
+fn delete_job(guard: OwnedJob) -> Teardown {
     let t = Instant::now();
-    let drops = counters(client, job_key);
+    let drops = counters(guard.client(), &guard.view().job_key);
     let delete_error = guard.delete().err().map(|e| e.to_string());
     Teardown {
         drops,
@@ -499,17 +487,18 @@ fn job(a: &RunArgs) -> Result<u8, String> {
     ensure_testbed(&t, &a.prefix, a.node)?;
     let logs = audit_logs(&t);
     let client = AgentClient::new(t.agent_socket(a.node));
-    let guard = JobGuard::create(client.clone(), &token, &scratch)
+    let guard = OwnedJob::create(client, &token)
         .map_err(|e| format!("creating the job on node {}: {e}", a.node))?;
     let net_time = t_net.elapsed();
-    let info = guard.info().clone();
-    let parse_ip = |what: &str, s: &str| {
-        s.parse::<Ipv4Addr>()
-            .map_err(|_| format!("agent answered a bad {what} {s:?}"))
+    let info = guard.view().clone();
+    // The sandbox's network is IPv4 (the job pool is).
+    let v4 = |what: &str, ip: IpAddr| match ip {
+        IpAddr::V4(ip) => Ok(ip),
+        IpAddr::V6(_) => Err(format!("agent answered an IPv6 {what} {ip}")),
     };
-    let sandbox_ip = parse_ip("sandbox_ip", &info.sandbox_ip)?;
-    let gateway_ip = parse_ip("gateway_ip", &info.gateway_ip)?;
-    let resolver = parse_ip("dns_ip", info.resolver())?;
+    let sandbox_ip = v4("sandbox_ip", info.sandbox_ip)?;
+    let gateway_ip = v4("gateway_ip", info.gateway_ip)?;
+    let resolver = v4("dns_ip", info.resolver())?;
 
     let mut spec = BundleSpec::new(a.command.clone(), info.netns_path.clone(), String::new());
     spec.env = a.env.clone();
@@ -573,12 +562,7 @@ fn job(a: &RunArgs) -> Result<u8, String> {
         ),
         Progress::Exited(_) => {
             if let Some(g) = guard.take() {
-                let client = client.clone();
-                let key = info.job_key.clone();
-                teardown = Some((
-                    Instant::now(),
-                    std::thread::spawn(move || delete_job(&client, &key, g)),
-                ));
+                teardown = Some((Instant::now(), std::thread::spawn(move || delete_job(g))));
             }
         }
     })
@@ -592,10 +576,7 @@ fn job(a: &RunArgs) -> Result<u8, String> {
         Some((t, h)) => (t, h.join().unwrap_or_default()),
         None => (
             Instant::now(),
-            guard
-                .take()
-                .map(|g| delete_job(&client, &info.job_key, g))
-                .unwrap_or_default(),
+            guard.take().map(delete_job).unwrap_or_default(),
         ),
     };
     if let Some(e) = &td.delete_error {

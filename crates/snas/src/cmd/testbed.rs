@@ -8,10 +8,9 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use clap::{Args, Subcommand};
+use snas_agent::api::blocking::AgentClient;
 use snas_testbed::exec::{exit_code, read_token};
-use snas_testbed::{
-    AgentClient, JobGuard, Status, Testbed, TestbedOptions, Topology, DEFAULT_PREFIX,
-};
+use snas_testbed::{JobGuard, Status, Testbed, TestbedOptions, Topology, DEFAULT_PREFIX};
 
 /// `snas testbed` subcommands.
 #[derive(Debug, Subcommand)]

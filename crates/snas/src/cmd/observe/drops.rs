@@ -1,0 +1,220 @@
+//! `snas drops`: drop counters per job, reason and tier — tier 1 from each job's counters on
+//! its agent, tier 2 from the proxies' `snas_proxy_drops_total`.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use serde_json::{json, Value};
+use snas_agent::api::{JobDrops, JobView};
+
+use super::jobs::collect_jobs;
+use super::prom::parse_sample;
+use super::sources::sources;
+use super::table::{print_json, table, JsonRow};
+use super::{fail, finish, DropsArgs};
+
+/// One row of `snas drops`.
+#[derive(Debug, Clone, PartialEq)]
+struct DropRow {
+    source: String,
+    tier: u8,
+    job: String,
+    tenant: String,
+    job_key: String,
+    reason: String,
+    packets: u64,
+}
+
+/// Tier-2 drop rows from a proxy's `/metrics`: the `snas_proxy_drops_total` family, per job
+/// when the proxy labels samples with `job_key`, else one row per reason for all jobs (`*`).
+fn proxy_drops(proxy: &str, metrics: &str, jobs: &BTreeMap<String, JobView>) -> Vec<DropRow> {
+    let mut rows = Vec::new();
+    for (name, labels, value) in metrics.lines().filter_map(parse_sample) {
+        if name != "snas_proxy_drops_total" {
+            continue;
+        }
+        let key = labels.get("job_key").cloned();
+        let known = key.as_ref().and_then(|k| jobs.get(k));
+        rows.push(DropRow {
+            source: proxy.to_owned(),
+            tier: 2,
+            job: known
+                .map(|j| j.job.clone())
+                .or_else(|| labels.get("job").cloned())
+                .unwrap_or_else(|| "*".into()),
+            tenant: known
+                .map(|j| j.tenant.clone())
+                .or_else(|| labels.get("tenant").cloned())
+                .unwrap_or_else(|| "*".into()),
+            job_key: key.unwrap_or_else(|| "*".into()),
+            reason: labels
+                .get("reason")
+                .cloned()
+                .unwrap_or_else(|| "unknown".into()),
+            packets: value as u64,
+        });
+    }
+    rows
+}
+
+/// Tier-1 rows from an agent's counters answer.
+fn agent_drops(node: &str, job: &JobView, counters: &JobDrops, all: bool) -> Vec<DropRow> {
+    counters
+        .drops
+        .iter()
+        .filter(|(_, n)| all || **n > 0)
+        .map(|(reason, n)| DropRow {
+            source: node.to_owned(),
+            tier: 1,
+            job: job.job.clone(),
+            tenant: job.tenant.clone(),
+            job_key: job.job_key.clone(),
+            reason: reason.clone(),
+            packets: *n,
+        })
+        .collect()
+}
+
+impl JsonRow for DropRow {
+    fn to_json(&self) -> Value {
+        json!({
+            "source": self.source, "tier": self.tier, "job": self.job, "tenant": self.tenant,
+            "job_key": self.job_key, "reason": self.reason, "packets": self.packets,
+        })
+    }
+}
+
+/// `snas drops`.
+pub fn drops(a: &DropsArgs) -> ExitCode {
+    let s = match sources(&a.src) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let (jobs, mut errors) = collect_jobs(&s, false);
+    let mut rows = Vec::new();
+    for j in &jobs {
+        let Some(agent) = s.agents.iter().find(|x| x.label == j.node) else {
+            continue;
+        };
+        match agent.client().counters(&j.job.job_key) {
+            Ok(c) => rows.extend(agent_drops(&agent.label, &j.job, &c, a.all)),
+            Err(e) => errors.push(format!("{}: {e:#}", agent.label)),
+        }
+    }
+    let by_key: BTreeMap<String, JobView> = jobs
+        .into_iter()
+        .map(|j| (j.job.job_key.clone(), j.job))
+        .collect();
+    for p in &s.proxies {
+        match p.get("/metrics") {
+            Ok(b) => rows.extend(proxy_drops(&p.label, &String::from_utf8_lossy(&b), &by_key)),
+            Err(e) => errors.push(format!("{} ({}): {e:#}", p.label, p.addr)),
+        }
+    }
+    rows.sort_by(|x, y| {
+        (&x.tenant, &x.job, x.tier, &x.reason, &x.source)
+            .cmp(&(&y.tenant, &y.job, y.tier, &y.reason, &y.source))
+    });
+    if a.src.json {
+        if let Err(e) = print_json(&rows) {
+            return fail(&e);
+        }
+    } else {
+        let cells: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.tenant.clone(),
+                    r.job.clone(),
+                    r.job_key.clone(),
+                    r.tier.to_string(),
+                    r.source.clone(),
+                    r.reason.clone(),
+                    r.packets.to_string(),
+                ]
+            })
+            .collect();
+        print!(
+            "{}",
+            table(
+                &["TENANT", "JOB", "JOB KEY", "TIER", "WHERE", "REASON", "PACKETS"],
+                &cells
+            )
+        );
+    }
+    finish(&errors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_drops_name_known_jobs_and_aggregate_unlabelled_ones() {
+        let mut jobs = BTreeMap::new();
+        jobs.insert(
+            "00000000000000aa".to_owned(),
+            job("build", "00000000000000aa"),
+        );
+        let m = "# TYPE snas_proxy_drops_total counter\n\
+                 snas_proxy_drops_total{reason=\"port_denied\",job_key=\"00000000000000aa\"} 4\n\
+                 snas_proxy_drops_total{reason=\"untrusted_source\"} 2\n\
+                 snas_proxy_flows 1\n";
+        let rows = proxy_drops("proxy-1", m, &jobs);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (rows[0].job.as_str(), rows[0].packets, rows[0].tier),
+            ("build", 4, 2)
+        );
+        assert_eq!(
+            (rows[1].job.as_str(), rows[1].reason.as_str()),
+            ("*", "untrusted_source")
+        );
+    }
+
+    #[test]
+    fn agent_drops_list_nonzero_reasons_unless_all_are_asked_for() {
+        let j = job("build", "00000000000000aa");
+        let c = JobDrops {
+            job_key: j.job_key.clone(),
+            total: 3,
+            drops: BTreeMap::from([
+                ("destination_denied".to_owned(), 3),
+                ("port_denied".to_owned(), 0),
+            ]),
+        };
+        let rows = agent_drops("node-1", &j, &c, false);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].reason.as_str(), rows[0].packets, rows[0].tier),
+            ("destination_denied", 3, 1)
+        );
+        assert_eq!(
+            (rows[0].job.as_str(), rows[0].tenant.as_str()),
+            ("build", "acme")
+        );
+        assert_eq!(agent_drops("node-1", &j, &c, true).len(), 2);
+    }
+
+    fn job(name: &str, key: &str) -> JobView {
+        JobView {
+            job: name.into(),
+            tenant: "acme".into(),
+            job_key: key.into(),
+            tenant_id: 1,
+            jti: "p".into(),
+            serial: 1,
+            expires_at: 0,
+            state: snas_agent::api::JobState::Running,
+            netns: "ns".into(),
+            netns_path: "/run/netns/ns".into(),
+            sandbox_ip: [10, 255, 1, 2].into(),
+            gateway_ip: [10, 255, 1, 1].into(),
+            dns_ip: [10, 255, 1, 1].into(),
+            prefix_len: 30,
+            veth: "v".into(),
+            sandbox_ifname: "eth0".into(),
+            mtu: 1444,
+        }
+    }
+}
