@@ -1,5 +1,5 @@
 //! Privileged (root) benchmark program: the proxy daemon's forwarding rate in the three-namespace
-//! topology of `tests/e2e_netns.rs`. A node thread floods GENEVE-encapsulated UDP datagrams
+//! topology of `tests/privileged_e2e_netns.rs`. A node thread floods GENEVE-encapsulated UDP datagrams
 //! over 8 flows (8 outer source ports, as tier 1 spreads flows); a UDP echo server in the
 //! "internet" namespace answers; the daemon's own counters give the rates per direction.
 //! Prints one table row per (workers, inner payload size). Not a test: it asserts nothing.

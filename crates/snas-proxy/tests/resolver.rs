@@ -132,9 +132,15 @@ struct Upstream {
 
 impl Upstream {
     fn start() -> Upstream {
-        let u = UdpSocket::bind((LOCAL, 0)).unwrap();
-        let addr = u.local_addr().unwrap();
-        let t = std::net::TcpListener::bind(addr).unwrap();
+        // A free UDP port may be taken for TCP by another program: try a few ports.
+        let (u, t, addr) = (0..64)
+            .find_map(|_| {
+                let u = UdpSocket::bind((LOCAL, 0)).unwrap();
+                let addr = u.local_addr().unwrap();
+                let t = std::net::TcpListener::bind(addr).ok()?;
+                Some((u, t, addr))
+            })
+            .expect("no port free for both UDP and TCP on 127.0.0.1");
         t.set_nonblocking(true).unwrap();
         u.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let stop = Arc::new(AtomicBool::new(false));

@@ -1,5 +1,5 @@
 //! Network-namespace helpers for the privileged tests and the benchmark: the node / proxy /
-//! internet topology of `e2e_netns.rs` (unique names per run, deleted by a guard), and running
+//! internet topology of `privileged_e2e_netns.rs` (unique names per run, deleted by a guard), and running
 //! code inside a namespace.
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -53,6 +53,13 @@ pub fn spawn_in_ns(ns: &str, f: impl FnOnce() + Send + 'static) {
 }
 
 pub fn topology(p: &str) -> (Netns, [String; 3]) {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root,
+        "privileged test: needs root (network namespaces, TUN, nftables); run it as root, or \
+         run the unprivileged tests only: cargo nextest run --profile unprivileged"
+    );
     let names = [
         format!("{p}-node"),
         format!("{p}-proxy"),
