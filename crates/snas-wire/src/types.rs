@@ -149,7 +149,7 @@ impl From<PolicySerial> for u64 {
 
 /// A serial above `u32::MAX`: the overlay option carries 32 bits.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("serial {0} does not fit the overlay option's 32-bit policy serial")]
+#[error("{0} does not fit the overlay option's 32-bit policy serial")]
 pub struct PolicySerialError(pub u64);
 
 impl TryFrom<u64> for PolicySerial {
