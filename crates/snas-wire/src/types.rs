@@ -161,6 +161,14 @@ impl TryFrom<u64> for PolicySerial {
     }
 }
 
+impl FromStr for PolicySerial {
+    type Err = std::num::ParseIntError;
+    /// A decimal `u32`.
+    fn from_str(s: &str) -> Result<PolicySerial, Self::Err> {
+        s.parse().map(PolicySerial)
+    }
+}
+
 impl fmt::Display for PolicySerial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(&self.0, f)
