@@ -260,13 +260,13 @@ impl PolicyVerifier for BenchVerifier {
             jti: token.into(),
             tenant: "bench".into(),
             job: token.into(),
-            serial: 1,
+            serial: snas_wire::PolicySerial(1),
             node: None,
             expires_at_unix: now
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs() + 600)
                 .unwrap_or(0),
-            job_key: 0xbe00_0000_0000_0000 | n,
+            job_key: snas_wire::JobKey(0xbe00_0000_0000_0000 | n),
             tenant_id: 1,
             claims: Some(PolicyDraft::new("bench", token).to_claims(token, 1, now)),
         })
@@ -451,7 +451,7 @@ fn bare_series(
             .addrs(slot)
             .map_err(|e| job_err(format!("bare subnet {i}"), e))?;
         // Fresh names per series, as the agent's fresh job keys give it.
-        let names = JobNames::derive(ns_prefix, "snscb", *next_key);
+        let names = JobNames::derive(ns_prefix, "snscb", snas_wire::JobKey(*next_key));
         *next_key += 1;
         let info = JobNetInfo::new(&names, addrs, 1444, Path::new(NETNS_DIR));
         let t = Instant::now();

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use snas_bpf::testing::{self, SkbCtx, TC_ACT_REDIRECT};
-use snas_bpf::{Bps, JobConfig, NodeConfig, PortRule, Proto, ProxyEntry, Tier1};
+use snas_bpf::{
+    Bps, JobConfig, JobKey, NodeConfig, PolicySerial, PortRule, ProxyEntry, RuleProtocol, Tier1,
+};
 
 use crate::results::{BarChart, BarSeries, BarValue, GoalCheck, ScenarioResult, Table};
 
@@ -33,7 +35,7 @@ pub enum Tier1EdtError {
     Packet(String),
 }
 
-const JOB: u64 = 0x5eed_0000_0000_0ed7;
+const JOB: JobKey = JobKey(0x5eed_0000_0000_0ed7);
 const SANDBOX_MAC: [u8; 6] = [2, 0x53, 0x4e, 0, 0, 2];
 const HOST_MAC: [u8; 6] = [2, 0x53, 0x4e, 0, 0, 1];
 /// IP length of each packet: a full-sized packet of a SNAS job (MTU 1444).
@@ -59,7 +61,7 @@ fn job(egress: Bps) -> JobConfig {
         veth_ifindex: 1,
         job_key: JOB,
         tenant_id: 1,
-        policy_serial: 1,
+        policy_serial: PolicySerial(1),
         sandbox_ip: Ipv4Addr::new(10, 88, 0, 2),
         sandbox_mac: SANDBOX_MAC,
         host_mac: HOST_MAC,
@@ -116,14 +118,16 @@ pub fn tier1_edt(reps: usize, window: Duration) -> Result<ScenarioResult, Tier1E
     let mut raw = Vec::new();
     for _ in 0..reps.max(1) {
         for (i, &(bps, name)) in limits.iter().enumerate() {
-            t1.configure_job(&job(Bps(bps as u64)))
-                .map_err(step("job"))?;
+            t1.configure_job(&job(
+                Bps::new(bps as u64).ok_or_else(|| Tier1EdtError::Packet("rate 0".into()))?
+            ))
+            .map_err(step("job"))?;
             t1.allow_cidr(
                 JOB,
                 "203.0.113.0/24"
                     .parse()
                     .map_err(|_| Tier1EdtError::Packet("cidr".into()))?,
-                &[PortRule::port(Proto::Udp, 7)],
+                &[PortRule::port(RuleProtocol::Udp, 7)],
                 false,
             )
             .map_err(step("rule"))?;

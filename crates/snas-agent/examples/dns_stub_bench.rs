@@ -23,7 +23,8 @@ use snas_agent::audit::AuditSink;
 use snas_agent::proxies::Proxies;
 use snas_agent::stub::{DnsStub, JobDirectory, JobEntry, StubConfig};
 use snas_agent::{RecordingDataplane, VerifiedPolicy};
-use snas_policy::{EgressRule, HostPort, PolicyDraft, Protocol};
+use snas_policy::{EgressRule, HostPort, PolicyDraft, RuleProtocol};
+use snas_wire::{JobKey, PolicySerial};
 use tokio::net::UdpSocket;
 
 const QUERIES: usize = 20_000;
@@ -40,7 +41,7 @@ impl JobDirectory for Dir {
             ipv6_route: false,
         })
     }
-    fn policy(&self, job_key: u64) -> Option<VerifiedPolicy> {
+    fn policy(&self, job_key: JobKey) -> Option<VerifiedPolicy> {
         self.0.values().find(|p| p.job_key == job_key).cloned()
     }
 }
@@ -140,17 +141,17 @@ fn main() -> Result<(), BoxError> {
         let mut d = PolicyDraft::new("acme", "bench");
         d.egress.push(EgressRule::Host {
             host: HostPort::parse("*.example.com")?,
-            protocol: Protocol::Tcp,
+            protocol: RuleProtocol::Tcp,
         });
         let c = d.to_claims("jti-bench", 1, SystemTime::now());
         let policy = VerifiedPolicy {
             jti: c.jti.clone(),
             tenant: c.tenant.clone(),
             job: c.job.clone(),
-            serial: 1,
+            serial: PolicySerial(1),
             node: None,
             expires_at_unix: c.exp,
-            job_key: snas_policy::identity::job_key(&c.jti),
+            job_key: JobKey(snas_policy::identity::job_key(&c.jti)),
             tenant_id: snas_policy::identity::tenant_id(&c.tenant),
             claims: Some(c),
         };

@@ -20,7 +20,7 @@ use std::time::SystemTime;
 
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
-use snas_wire::Reason;
+use snas_wire::{JobKey, Reason};
 
 pub use crate::api::types::{JobState, JobView};
 use crate::config::AgentConfig;
@@ -123,7 +123,7 @@ impl JobView {
             job_key: job_key_hex(r.policy.job_key),
             tenant_id: r.policy.tenant_id,
             jti: r.policy.jti.clone(),
-            serial: r.policy.serial,
+            serial: r.policy.serial.get(),
             expires_at: r.policy.expires_at_unix,
             state: JobState::of(&r.policy, now),
             netns: r.net.netns.clone(),
@@ -140,12 +140,12 @@ impl JobView {
 }
 
 struct Inner {
-    jobs: BTreeMap<u64, JobRecord>,
+    jobs: BTreeMap<JobKey, JobRecord>,
     /// Sandbox address → job key of `jobs` (the DNS stub looks jobs up per query).
-    by_sandbox: HashMap<Ipv4Addr, u64>,
+    by_sandbox: HashMap<Ipv4Addr, JobKey>,
     /// Jobs whose expiry [`Agent::newly_expired`] has reported.
-    noticed_expired: HashSet<u64>,
-    pending: HashSet<u64>,
+    noticed_expired: HashSet<JobKey>,
+    pending: HashSet<JobKey>,
     pool: SubnetPool,
     /// Deleted jobs whose host veth the kernel is still destroying; their subnets are reused
     /// only once it is gone (see [`Agent::delete_job`]).
@@ -158,7 +158,7 @@ impl Inner {
         self.jobs.insert(rec.policy.job_key, rec);
     }
 
-    fn remove(&mut self, job_key: u64) -> Option<JobRecord> {
+    fn remove(&mut self, job_key: JobKey) -> Option<JobRecord> {
         let rec = self.jobs.remove(&job_key)?;
         self.by_sandbox.remove(&rec.net.sandbox);
         self.noticed_expired.remove(&job_key);
@@ -431,7 +431,7 @@ impl Agent {
     }
 
     /// Resolves an API job identifier: 16 hex digits (job key) or a unique job name.
-    pub fn resolve(&self, id: &str) -> Result<u64, JobError> {
+    pub fn resolve(&self, id: &str) -> Result<JobKey, JobError> {
         let inner = self.lock();
         if let Some(key) = parse_job_key_hex(id) {
             if inner.jobs.contains_key(&key) {
@@ -448,7 +448,7 @@ impl Agent {
 
     /// Tears down a job: tier 1, network, record. On failure the job stays listed so that the
     /// delete can be retried.
-    pub fn delete_job(&self, job_key: u64) -> Result<(), JobError> {
+    pub fn delete_job(&self, job_key: JobKey) -> Result<(), JobError> {
         let record = {
             let mut inner = self.lock();
             let record = inner
@@ -499,7 +499,7 @@ impl Agent {
     }
 
     /// One job.
-    pub fn job(&self, job_key: u64) -> Option<JobView> {
+    pub fn job(&self, job_key: JobKey) -> Option<JobView> {
         let now = (self.clock)();
         self.lock().jobs.get(&job_key).map(|r| JobView::of(r, now))
     }
@@ -522,7 +522,7 @@ impl Agent {
     }
 
     /// The job's per-reason drop counters from the dataplane.
-    pub fn counters(&self, job_key: u64) -> Result<BTreeMap<Reason, u64>, JobError> {
+    pub fn counters(&self, job_key: JobKey) -> Result<BTreeMap<Reason, u64>, JobError> {
         if !self.lock().jobs.contains_key(&job_key) {
             return Err(JobError::NotFound(job_key_hex(job_key)));
         }
@@ -530,7 +530,7 @@ impl Agent {
     }
 
     /// The signed policy token of a running job (what proxies fetch).
-    pub fn signed_policy(&self, job_key: u64) -> Option<String> {
+    pub fn signed_policy(&self, job_key: JobKey) -> Option<String> {
         self.lock().jobs.get(&job_key).map(|r| r.token.clone())
     }
 }
@@ -551,11 +551,11 @@ impl crate::stub::JobDirectory for Agent {
         })
     }
 
-    fn policy(&self, job_key: u64) -> Option<VerifiedPolicy> {
+    fn policy(&self, job_key: JobKey) -> Option<VerifiedPolicy> {
         self.lock().jobs.get(&job_key).map(|r| r.policy.clone())
     }
 
-    fn contains(&self, job_key: u64) -> bool {
+    fn contains(&self, job_key: JobKey) -> bool {
         self.lock().jobs.contains_key(&job_key)
     }
 }

@@ -18,8 +18,9 @@ use serde::Deserialize;
 
 use crate::naming::{MAX_HOST_VETH_PREFIX, SHORT_ID_HEX};
 
-/// Bytes the overlay adds to every packet: outer IPv4 20 + UDP 8 + GENEVE 8 + SNAS option 20.
-pub const GENEVE_OVERHEAD: u32 = 56;
+/// Bytes the overlay adds to every packet: outer IPv4 20 + UDP 8 + GENEVE 8 + SNAS option 20
+/// (`snas_wire::geneve::OVERLAY_OVERHEAD`, as a `u32` for MTU arithmetic).
+pub const GENEVE_OVERHEAD: u32 = snas_wire::geneve::OVERLAY_OVERHEAD as u32;
 
 /// The smallest MTU the sandbox may get (IPv6 minimum link MTU).
 pub const MIN_SANDBOX_MTU: u32 = 1280;

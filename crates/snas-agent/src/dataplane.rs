@@ -22,11 +22,9 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use snas_bpf::{
-    Bps, FlowTimeouts, JobConfig, NodeConfig, PacketBudget, PortRule, Proto, ProxyEntry, Tier1,
-};
-use snas_policy::{EgressRule, Protocol};
-use snas_wire::Reason;
+use snas_bpf::{FlowTimeouts, JobConfig, NodeConfig, PacketBudget, PortRule, ProxyEntry, Tier1};
+use snas_policy::EgressRule;
+use snas_wire::{JobKey, Reason};
 
 use crate::config::AgentConfig;
 use crate::jobnet::JobNetInfo;
@@ -150,8 +148,17 @@ pub fn job_config(
         host_mac: net.host_mac,
         gateway_ip: net.gateway,
         dns_port: DNS_STUB_PORT,
-        egress: Some(Bps(l.egress_bps.0)),
-        ingress: Some(Bps(l.ingress_bps.0)),
+        // A verified limit is never zero; a zero here is refused, never read as "no limit".
+        egress: Some(
+            l.egress_bps
+                .rate()
+                .map_err(|e| DataplaneError(format!("limits.egress_bps: {e}")))?,
+        ),
+        ingress: Some(
+            l.ingress_bps
+                .rate()
+                .map_err(|e| DataplaneError(format!("limits.ingress_bps: {e}")))?,
+        ),
         horizon: None,
         new_conn_per_sec: u64::from(l.new_connections_per_sec),
         new_conn_burst: u64::from(l.new_connections_burst),
@@ -186,11 +193,7 @@ pub fn cidr_rules(job: &JobAttachment<'_>) -> BTreeMap<(ipnet::Ipv4Net, bool), V
             allow_private,
         } = rule
         {
-            let proto = match protocol {
-                Protocol::Tcp => Proto::Tcp,
-                Protocol::Udp => Proto::Udp,
-                Protocol::Any => Proto::Any,
-            };
+            let proto = *protocol;
             out.entry((*net, *allow_private))
                 .or_default()
                 .push(PortRule {
@@ -228,7 +231,7 @@ impl Dataplane for Tier1Dataplane {
         t.adopt_job(&cfg).map_err(err("adopt job"))
     }
 
-    fn detach_job(&self, job_key: u64, _net: &JobNetInfo) -> Result<(), DataplaneError> {
+    fn detach_job(&self, job_key: JobKey, _net: &JobNetInfo) -> Result<(), DataplaneError> {
         match self.tier1().detach_job_by_key(job_key) {
             Ok(_) | Err(snas_bpf::Tier1Error::UnknownJobKey(_)) => Ok(()),
             Err(e) => Err(DataplaneError(format!("detach job: {e}"))),
@@ -237,7 +240,7 @@ impl Dataplane for Tier1Dataplane {
 
     fn allow_resolved(
         &self,
-        job_key: u64,
+        job_key: JobKey,
         ip: IpAddr,
         rules: &[PortRule],
         ttl: Duration,
@@ -290,7 +293,7 @@ impl Dataplane for Tier1Dataplane {
         Ok(())
     }
 
-    fn counters(&self, job_key: u64) -> Result<BTreeMap<Reason, u64>, DataplaneError> {
+    fn counters(&self, job_key: JobKey) -> Result<BTreeMap<Reason, u64>, DataplaneError> {
         let c = self.tier1().counters(job_key).map_err(err("counters"))?;
         let mut out: BTreeMap<Reason, u64> = Reason::ALL.iter().map(|r| (*r, 0)).collect();
         for dir in [&c.from_sandbox, &c.to_sandbox] {

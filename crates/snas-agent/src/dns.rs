@@ -28,8 +28,9 @@ use std::time::Duration;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::opt::EdnsOption;
 use hickory_proto::rr::RecordType;
-use snas_bpf::{PortRule, Proto};
-use snas_policy::{EgressRule, Matcher, PolicyClaims, Protocol};
+use snas_bpf::PortRule;
+use snas_policy::{EgressRule, Matcher, PolicyClaims};
+use snas_wire::{JobKey, PolicySerial};
 
 /// EDNS0 option code carrying the job identity to the proxy resolver.
 pub const IDENTITY_OPTION: u16 = 65053;
@@ -161,11 +162,8 @@ pub fn rules_for_name(matcher: &Matcher, name: &str) -> Result<Vec<usize>, Refus
 pub fn port_rules(claims: &PolicyClaims, matcher: &Matcher, rules: &[usize]) -> Vec<PortRule> {
     let mut out: Vec<PortRule> = Vec::new();
     for &r in rules {
-        let proto = match claims.egress.get(r).map(EgressRule::protocol) {
-            Some(Protocol::Tcp) => Proto::Tcp,
-            Some(Protocol::Udp) => Proto::Udp,
-            Some(Protocol::Any) => Proto::Any,
-            None => continue,
+        let Some(proto) = claims.egress.get(r).map(EgressRule::protocol) else {
+            continue;
         };
         for range in matcher.rule_ports(r).unwrap_or_default() {
             let pr = PortRule {
@@ -182,16 +180,16 @@ pub fn port_rules(claims: &PolicyClaims, matcher: &Matcher, rules: &[usize]) -> 
 }
 
 /// The 16-byte identity value of the EDNS option.
-pub fn identity_value(tenant_id: u32, job_key: u64, serial: u32) -> [u8; 16] {
+pub fn identity_value(tenant_id: u32, job_key: JobKey, serial: PolicySerial) -> [u8; 16] {
     let mut v = [0u8; 16];
     v[..4].copy_from_slice(&tenant_id.to_be_bytes());
-    v[4..12].copy_from_slice(&job_key.to_be_bytes());
-    v[12..].copy_from_slice(&serial.to_be_bytes());
+    v[4..12].copy_from_slice(&job_key.get().to_be_bytes());
+    v[12..].copy_from_slice(&serial.get().to_be_bytes());
     v
 }
 
 /// Reads the identity option of a forwarded query (what the proxy does; used in tests).
-pub fn identity_of(msg: &Message) -> Option<(u32, u64, u32)> {
+pub fn identity_of(msg: &Message) -> Option<(u32, JobKey, PolicySerial)> {
     let edns = msg.extensions().as_ref()?;
     match edns.option(IDENTITY_OPTION.into())? {
         EdnsOption::Unknown(_, v) if v.len() == 16 => {
@@ -203,8 +201,8 @@ pub fn identity_of(msg: &Message) -> Option<(u32, u64, u32)> {
             s.copy_from_slice(&v[12..]);
             Some((
                 u32::from_be_bytes(t),
-                u64::from_be_bytes(k),
-                u32::from_be_bytes(s),
+                JobKey(u64::from_be_bytes(k)),
+                PolicySerial(u32::from_be_bytes(s)),
             ))
         }
         _ => None,
@@ -218,8 +216,8 @@ pub fn forward_query(
     original: &Message,
     id: u16,
     tenant_id: u32,
-    job_key: u64,
-    serial: u32,
+    job_key: JobKey,
+    serial: PolicySerial,
 ) -> Message {
     let mut m = Message::new();
     m.set_id(id)
@@ -294,6 +292,8 @@ pub fn client_udp_limit(query: &Message) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use snas_bpf::RuleProtocol;
+
     use hickory_proto::op::Query;
     use hickory_proto::rr::Name;
     use std::str::FromStr;
@@ -312,7 +312,7 @@ mod tests {
         for h in hosts {
             d.egress.push(EgressRule::Host {
                 host: snas_policy::HostPort::parse(h).unwrap(),
-                protocol: Protocol::Tcp,
+                protocol: RuleProtocol::Tcp,
             });
         }
         d.to_claims("jti-1", 1, SystemTime::now())
@@ -379,9 +379,9 @@ mod tests {
         assert_eq!(
             port_rules(&c, &m, &rules),
             vec![
-                PortRule::port(Proto::Tcp, 443),
+                PortRule::port(RuleProtocol::Tcp, 443),
                 PortRule {
-                    proto: Proto::Tcp,
+                    proto: RuleProtocol::Tcp,
                     lo: 8000,
                     hi: 8010
                 }
@@ -392,12 +392,18 @@ mod tests {
     #[test]
     fn forwarded_query_carries_identity_and_question() {
         let q = query("api.example.com.", RecordType::A);
-        let f = forward_query(&q, 7, 0xA1B2_C3D4, 0x0102_0304_0506_0708, 9);
+        let f = forward_query(
+            &q,
+            7,
+            0xA1B2_C3D4,
+            JobKey(0x0102_0304_0506_0708),
+            PolicySerial(9),
+        );
         let bytes = f.to_vec().unwrap();
         let back = Message::from_vec(&bytes).unwrap();
         assert_eq!(
             identity_of(&back),
-            Some((0xA1B2_C3D4, 0x0102_0304_0506_0708, 9))
+            Some((0xA1B2_C3D4, JobKey(0x0102_0304_0506_0708), PolicySerial(9)))
         );
         assert_eq!(back.queries(), q.queries());
         assert_eq!(back.id(), 7);

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use snas_bpf::{PortRule, ProxyEntry};
-use snas_wire::Reason;
+use snas_wire::{JobKey, PolicySerial, Reason};
 
 use crate::jobnet::JobNetInfo;
 
@@ -32,13 +32,13 @@ pub struct VerifiedPolicy {
     /// Job name.
     pub job: String,
     /// Policy serial (increases on live update).
-    pub serial: u32,
+    pub serial: PolicySerial,
     /// The node the job is scheduled on, if the policy names one.
     pub node: Option<IpAddr>,
     /// Expiry (`exp`), seconds since the Unix epoch.
     pub expires_at_unix: u64,
     /// `identity::job_key(jti)`.
-    pub job_key: u64,
+    pub job_key: JobKey,
     /// `identity::tenant_id(tenant)`.
     pub tenant_id: u32,
     /// The full signed claims (rules, limits), when the verifier is the real one. Kept in the
@@ -95,13 +95,13 @@ pub trait Dataplane: Send + Sync + 'static {
     /// not be disturbed.
     fn adopt_job(&self, job: &JobAttachment<'_>) -> Result<(), DataplaneError>;
     /// Detaches programs and removes pinned per-job state. Idempotent.
-    fn detach_job(&self, job_key: u64, net: &JobNetInfo) -> Result<(), DataplaneError>;
+    fn detach_job(&self, job_key: JobKey, net: &JobNetInfo) -> Result<(), DataplaneError>;
     /// Per-reason drop counters of the job.
-    fn counters(&self, job_key: u64) -> Result<BTreeMap<Reason, u64>, DataplaneError>;
+    fn counters(&self, job_key: JobKey) -> Result<BTreeMap<Reason, u64>, DataplaneError>;
     /// Allows `ip` for the job on `rules` for `ttl` from now (an address from a DNS answer).
     fn allow_resolved(
         &self,
-        job_key: u64,
+        job_key: JobKey,
         ip: IpAddr,
         rules: &[PortRule],
         ttl: Duration,
@@ -131,7 +131,7 @@ pub trait Dataplane: Send + Sync + 'static {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllowedAddr {
     /// Job key.
-    pub job_key: u64,
+    pub job_key: JobKey,
     /// Address.
     pub ip: IpAddr,
     /// Port rules.
@@ -144,7 +144,7 @@ pub struct AllowedAddr {
 /// wired in, and in tests.
 #[derive(Debug, Default)]
 pub struct RecordingDataplane {
-    jobs: Mutex<BTreeMap<u64, (String, u32)>>,
+    jobs: Mutex<BTreeMap<JobKey, (String, PolicySerial)>>,
     allowed: Mutex<Vec<AllowedAddr>>,
     proxy_sets: Mutex<Vec<Vec<ProxyEntry>>>,
     infrastructure: Mutex<Vec<ipnet::IpNet>>,
@@ -153,7 +153,7 @@ pub struct RecordingDataplane {
 
 impl RecordingDataplane {
     /// Job keys currently attached, with their host veth and serial.
-    pub fn attached(&self) -> BTreeMap<u64, (String, u32)> {
+    pub fn attached(&self) -> BTreeMap<JobKey, (String, PolicySerial)> {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -200,7 +200,7 @@ impl Dataplane for RecordingDataplane {
         self.attach_job(job)
     }
 
-    fn detach_job(&self, job_key: u64, _net: &JobNetInfo) -> Result<(), DataplaneError> {
+    fn detach_job(&self, job_key: JobKey, _net: &JobNetInfo) -> Result<(), DataplaneError> {
         self.jobs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -208,23 +208,21 @@ impl Dataplane for RecordingDataplane {
         Ok(())
     }
 
-    fn counters(&self, job_key: u64) -> Result<BTreeMap<Reason, u64>, DataplaneError> {
+    fn counters(&self, job_key: JobKey) -> Result<BTreeMap<Reason, u64>, DataplaneError> {
         if !self
             .jobs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .contains_key(&job_key)
         {
-            return Err(DataplaneError(format!(
-                "job {job_key:016x} is not attached"
-            )));
+            return Err(DataplaneError(format!("job {job_key} is not attached")));
         }
         Ok(Reason::ALL.iter().map(|r| (*r, 0)).collect())
     }
 
     fn allow_resolved(
         &self,
-        job_key: u64,
+        job_key: JobKey,
         ip: IpAddr,
         rules: &[PortRule],
         ttl: Duration,
@@ -292,14 +290,14 @@ impl PolicyVerifier for BundleVerifier {
             reason: e.reason(),
             detail: e.to_string(),
         })?;
-        let serial = u32::try_from(v.claims().serial).map_err(|_| VerifyError {
+        let serial = v.claims().policy_serial().map_err(|_| VerifyError {
             reason: Reason::PolicyInvalid,
             detail: format!(
                 "serial: {} does not fit the overlay's 32-bit policy serial",
                 v.claims().serial
             ),
         })?;
-        let (job_key, tenant_id) = (v.job_key(), v.tenant_id());
+        let (job_key, tenant_id) = (JobKey(v.job_key()), v.tenant_id());
         let c = v.into_claims();
         Ok(VerifiedPolicy {
             jti: c.jti.clone(),

@@ -10,6 +10,7 @@
 //!   exists, and removed only after it is gone, so a record never names less than exists — except
 //!   after a crash mid-teardown, which start-up detects and finishes.
 
+use snas_wire::JobKey;
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -74,7 +75,7 @@ impl StateStore {
         Ok(StateStore { dir })
     }
 
-    fn path(&self, job_key: u64) -> PathBuf {
+    fn path(&self, job_key: JobKey) -> PathBuf {
         self.dir.join(format!("{}.json", job_key_hex(job_key)))
     }
 
@@ -106,7 +107,7 @@ impl StateStore {
     }
 
     /// Removes a record; a missing one is fine.
-    pub fn remove(&self, job_key: u64) -> Result<(), StateError> {
+    pub fn remove(&self, job_key: JobKey) -> Result<(), StateError> {
         let path = self.path(job_key);
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -150,7 +151,7 @@ impl StateStore {
                 Ok(r) => bad.push(StateError::Corrupt {
                     path,
                     detail: format!(
-                        "record names job {:016x} version {}",
+                        "record names job {} version {}",
                         r.policy.job_key, r.version
                     ),
                 }),
@@ -168,13 +169,14 @@ mod tests {
     use std::net::Ipv4Addr;
 
     fn record(key: u64) -> JobRecord {
+        let key = JobKey(key);
         JobRecord {
             version: RECORD_VERSION,
             policy: VerifiedPolicy {
                 jti: "p-1".into(),
                 tenant: "acme".into(),
                 job: "build-7".into(),
-                serial: 3,
+                serial: snas_wire::PolicySerial(3),
                 node: None,
                 expires_at_unix: 2_000_000_000,
                 job_key: key,
@@ -209,8 +211,8 @@ mod tests {
         let (all, bad) = store.load_all().unwrap();
         assert!(bad.is_empty());
         assert_eq!(all, vec![record(1), record(0xffff_0000_0000_0002)]);
-        store.remove(1).unwrap();
-        store.remove(1).unwrap();
+        store.remove(JobKey(1)).unwrap();
+        store.remove(JobKey(1)).unwrap();
         assert_eq!(store.load_all().unwrap().0.len(), 1);
     }
 
@@ -220,7 +222,7 @@ mod tests {
         let store = StateStore::open(dir.path()).unwrap();
         std::fs::write(dir.path().join("jobs/0000000000000009.json"), b"{not json").unwrap();
         let mut r = record(5);
-        r.policy.job_key = 6; // file name and content disagree
+        r.policy.job_key = JobKey(6); // file name and content disagree
         std::fs::write(
             dir.path().join("jobs/0000000000000005.json"),
             serde_json::to_vec(&r).unwrap(),

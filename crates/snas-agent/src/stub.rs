@@ -51,6 +51,7 @@
 //! hands the sockets over, see `docs/agent.md`). Forwards in progress still answer; TCP
 //! connections close after the query they are in. [`DnsStub::drain`] waits for both.
 
+use snas_wire::{JobKey, PolicySerial};
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -91,9 +92,9 @@ pub const UDP_RECV_BUFFER: usize = 8 * 1024 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JobEntry {
     /// Job key.
-    pub job_key: u64,
+    pub job_key: JobKey,
     /// Policy serial.
-    pub serial: u32,
+    pub serial: PolicySerial,
     /// The policy's `exp` has passed.
     pub expired: bool,
     /// The job's network routes IPv6 (else AAAA queries are answered NODATA at once).
@@ -105,9 +106,9 @@ pub trait JobDirectory: Send + Sync + 'static {
     /// The job whose sandbox has address `ip`. Called per query: must be cheap.
     fn job_at(&self, ip: IpAddr) -> Option<JobEntry>;
     /// The job's verified policy (with claims); called when a job or serial is first seen.
-    fn policy(&self, job_key: u64) -> Option<VerifiedPolicy>;
+    fn policy(&self, job_key: JobKey) -> Option<VerifiedPolicy>;
     /// Whether the job exists (called once a second per job the stub holds state for).
-    fn contains(&self, job_key: u64) -> bool {
+    fn contains(&self, job_key: JobKey) -> bool {
         self.policy(job_key).is_some()
     }
 }
@@ -219,7 +220,7 @@ impl DnsStats {
 }
 
 struct JobSlot {
-    serial: u32,
+    serial: PolicySerial,
     policy: Arc<VerifiedPolicy>,
     matcher: Arc<Matcher>,
     /// Upstream queries (names not in the cache).
@@ -234,7 +235,7 @@ struct JobSlot {
 
 #[derive(Default)]
 struct State {
-    jobs: HashMap<u64, JobSlot>,
+    jobs: HashMap<JobKey, JobSlot>,
     cache: DnsCache,
     /// TCP connections from sources that are no job's sandbox.
     tcp_unknown: u32,
@@ -274,7 +275,7 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 /// A job's forward in progress; the slot is given back when dropped.
 struct InflightGuard {
     state: Arc<Mutex<State>>,
-    job_key: u64,
+    job_key: JobKey,
 }
 
 impl Drop for InflightGuard {
@@ -288,7 +289,7 @@ impl Drop for InflightGuard {
 /// A job's TCP connection; the slot is given back when dropped.
 struct TcpGuard {
     state: Arc<Mutex<State>>,
-    job_key: Option<u64>,
+    job_key: Option<JobKey>,
 }
 
 impl Drop for TcpGuard {
@@ -445,17 +446,21 @@ impl DnsStub {
     }
 
     /// Forgets a job (deleted): its budget, counters and cache entries.
-    pub fn forget(&self, job_key: u64) {
+    pub fn forget(&self, job_key: JobKey) {
         let mut st = self.lock();
         st.jobs.remove(&job_key);
-        st.cache.forget_job(job_key);
+        st.cache.forget_job(job_key.get());
     }
 
     /// Forgets every job the directory no longer has.
     pub fn forget_gone(&self) {
-        let held: std::collections::BTreeSet<u64> = {
+        let held: std::collections::BTreeSet<JobKey> = {
             let st = self.lock();
-            st.jobs.keys().copied().chain(st.cache.jobs()).collect()
+            st.jobs
+                .keys()
+                .copied()
+                .chain(st.cache.jobs().map(JobKey))
+                .collect()
         };
         for k in held {
             if !self.dir.contains(k) {
@@ -486,7 +491,7 @@ impl DnsStub {
         let now = (self.clock)();
         let mut st = self.lock();
         let st = &mut *st;
-        st.cache.forget_job(e.job_key);
+        st.cache.forget_job(e.job_key.get());
         match st.jobs.get_mut(&e.job_key) {
             Some(s) => {
                 s.serial = policy.serial;
@@ -695,7 +700,7 @@ impl DnsStub {
         if question.qtype == RecordType::AAAA && !entry.ipv6_route {
             return Verdict::NoData;
         }
-        if let Some(hit) = cache.lookup(entry.job_key, &question, now) {
+        if let Some(hit) = cache.lookup(entry.job_key.get(), &question, now) {
             return Verdict::Cached(hit);
         }
         if slot.inflight >= self.cfg.max_inflight {
@@ -724,7 +729,10 @@ impl DnsStub {
         let id: u16 = rand::random();
         let fq = dns::forward_query(&p.query, id, policy.tenant_id, job_key, policy.serial);
         inc(&self.stats.forwarded);
-        let Some(answer) = self.forward(&fq, self.proxies.resolvers_for(job_key)).await else {
+        let Some(answer) = self
+            .forward(&fq, self.proxies.resolvers_for(job_key.get()))
+            .await
+        else {
             return self.servfail(&p.query);
         };
         let mut installed = Vec::new();
@@ -802,7 +810,7 @@ impl DnsStub {
         let now = (self.clock)();
         self.lock()
             .cache
-            .insert(job_key, &p.question, &relayed, out.len(), now);
+            .insert(job_key.get(), &p.question, &relayed, out.len(), now);
         match fit_udp(out, &relayed, &p.query, p.tcp) {
             Step::Reply(b) => Some(b),
             _ => None,

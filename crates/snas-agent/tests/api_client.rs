@@ -116,7 +116,7 @@ fn job_api(jobs: Arc<Mutex<BTreeMap<String, JobView>>>) -> Router {
             get(move || async move { Json(j1.lock().unwrap().values().cloned().collect::<Vec<_>>()) })
                 .post(move |Json(c): Json<CreateJob>| async move {
                     // The stand-in's "token" is the job name.
-                    let v = view(&c.policy, &format!("{:016x}", c.policy.len()));
+                    let v = view(&c.policy, &snas_wire::JobKey(c.policy.len() as u64).to_string());
                     j2.lock().unwrap().insert(c.policy, v.clone());
                     (StatusCode::CREATED, Json(v))
                 }),
@@ -178,7 +178,7 @@ fn a_chunked_answer_is_read_whole() {
         get(|| async {
             // 300 jobs as a stream of small chunks (no Content-Length).
             let list: Vec<JobView> = (0..300)
-                .map(|i| view(&format!("j{i}"), &format!("{i:016x}")))
+                .map(|i| view(&format!("j{i}"), &snas_wire::JobKey(i as u64).to_string()))
                 .collect();
             let text = serde_json::to_vec(&list).unwrap();
             let chunks: Vec<Result<Vec<u8>, std::io::Error>> =

@@ -18,8 +18,8 @@ use snas_agent::dns;
 use snas_agent::proxies::Proxies;
 use snas_agent::stub::{DnsStub, JobDirectory, JobEntry, MonoClock, StubConfig};
 use snas_agent::{RecordingDataplane, VerifiedPolicy};
-use snas_bpf::{PortRule, Proto};
-use snas_policy::{EgressRule, HostPort, PolicyDraft, Protocol};
+use snas_bpf::{JobKey, PolicySerial, PortRule, RuleProtocol};
+use snas_policy::{EgressRule, HostPort, PolicyDraft};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
@@ -46,7 +46,7 @@ impl JobDirectory for Dir {
             ..entry(p)
         })
     }
-    fn policy(&self, job_key: u64) -> Option<VerifiedPolicy> {
+    fn policy(&self, job_key: JobKey) -> Option<VerifiedPolicy> {
         self.jobs.values().find(|p| p.job_key == job_key).cloned()
     }
 }
@@ -60,7 +60,7 @@ fn policy_for(jti: &str, hosts: &[&str]) -> VerifiedPolicy {
     for h in hosts {
         d.egress.push(EgressRule::Host {
             host: HostPort::parse(h).unwrap(),
-            protocol: Protocol::Tcp,
+            protocol: RuleProtocol::Tcp,
         });
     }
     let c = d.to_claims(jti, 3, SystemTime::now());
@@ -68,17 +68,17 @@ fn policy_for(jti: &str, hosts: &[&str]) -> VerifiedPolicy {
         jti: c.jti.clone(),
         tenant: c.tenant.clone(),
         job: c.job.clone(),
-        serial: 3,
+        serial: PolicySerial(3),
         node: None,
         expires_at_unix: c.exp,
-        job_key: snas_policy::identity::job_key(&c.jti),
+        job_key: JobKey(snas_policy::identity::job_key(&c.jti)),
         tenant_id: snas_policy::identity::tenant_id(&c.tenant),
         claims: Some(c),
     }
 }
 
 /// What the fake resolver saw: (question name, identity option).
-type Seen = Arc<Mutex<Vec<(String, Option<(u32, u64, u32)>)>>>;
+type Seen = Arc<Mutex<Vec<(String, Option<(u32, JobKey, PolicySerial)>)>>>;
 
 fn answer_for(q: &Message) -> Message {
     let mut a = Message::new();
@@ -384,8 +384,8 @@ async fn allowed_name_is_forwarded_with_identity_and_installed_before_the_answer
     assert_eq!(
         allowed[0].rules,
         vec![
-            PortRule::port(Proto::Tcp, 443),
-            PortRule::port(Proto::Tcp, 8080)
+            PortRule::port(RuleProtocol::Tcp, 443),
+            PortRule::port(RuleProtocol::Tcp, 8080)
         ]
     );
     let seen = seen.lock().unwrap().clone();
@@ -549,7 +549,7 @@ impl JobDirectory for SwitchDir {
         let p = self.0.lock().unwrap();
         (ip == IpAddr::V4(SANDBOX)).then(|| entry(&p))
     }
-    fn policy(&self, job_key: u64) -> Option<VerifiedPolicy> {
+    fn policy(&self, job_key: JobKey) -> Option<VerifiedPolicy> {
         let p = self.0.lock().unwrap();
         (p.job_key == job_key).then(|| p.clone())
     }
@@ -593,7 +593,7 @@ async fn a_policy_update_with_a_new_serial_changes_the_allowed_names() {
     {
         let mut p = dir.0.lock().unwrap();
         let mut next = policy(&["new.example.com"]);
-        next.serial = p.serial + 1;
+        next.serial = PolicySerial(p.serial.get() + 1);
         *p = next;
     }
     assert_eq!(
@@ -612,7 +612,11 @@ async fn a_policy_update_with_a_new_serial_changes_the_allowed_names() {
     );
     let ids: Vec<_> = seen.lock().unwrap().iter().map(|s| s.1).collect();
     assert_eq!(ids.len(), 2);
-    assert_eq!(ids[1].unwrap().2, 4, "the new serial goes to the proxy");
+    assert_eq!(
+        ids[1].unwrap().2,
+        PolicySerial(4),
+        "the new serial goes to the proxy"
+    );
 }
 
 #[tokio::test]
@@ -873,7 +877,7 @@ async fn a_new_policy_serial_empties_the_jobs_cache() {
     {
         let mut p = dir.0.lock().unwrap();
         let mut next = policy(&["api.example.com:8443"]);
-        next.serial = p.serial + 1;
+        next.serial = PolicySerial(p.serial.get() + 1);
         *p = next;
     }
     stub.handle(&q, src, None, false).await.unwrap();

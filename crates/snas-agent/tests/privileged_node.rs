@@ -181,21 +181,21 @@ impl snas_agent::Dataplane for NoInfrastructure {
     }
     fn detach_job(
         &self,
-        k: u64,
+        k: snas_wire::JobKey,
         n: &snas_agent::JobNetInfo,
     ) -> Result<(), snas_agent::seams::DataplaneError> {
         self.0.detach_job(k, n)
     }
     fn counters(
         &self,
-        k: u64,
+        k: snas_wire::JobKey,
     ) -> Result<std::collections::BTreeMap<snas_wire::Reason, u64>, snas_agent::seams::DataplaneError>
     {
         self.0.counters(k)
     }
     fn allow_resolved(
         &self,
-        k: u64,
+        k: snas_wire::JobKey,
         ip: std::net::IpAddr,
         r: &[snas_bpf::PortRule],
         ttl: Duration,

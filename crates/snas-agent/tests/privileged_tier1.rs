@@ -72,8 +72,8 @@ fn privileged_signed_policy_job_gets_tier1_and_survives_restart() {
     }
 
     let view = agent.create_job(&token).unwrap();
-    let job_key = snas_policy::identity::job_key(&jti);
-    assert_eq!(view.job_key, format!("{job_key:016x}"));
+    let job_key = snas_wire::JobKey(snas_policy::identity::job_key(&jti));
+    assert_eq!(view.job_key, job_key.to_string());
     assert_eq!(view.serial, 5);
     let ifindex = Rtnl::open()
         .unwrap()
@@ -123,7 +123,12 @@ fn udp_error_from_job(netns: &Path, to: &'static str) -> Option<i32> {
 }
 
 /// Waits (bounded) until the job's drop counter of `reason` reaches `at_least`.
-fn wait_drops(agent: &snas_agent::Agent, job_key: u64, reason: Reason, at_least: u64) -> u64 {
+fn wait_drops(
+    agent: &snas_agent::Agent,
+    job_key: snas_wire::JobKey,
+    reason: Reason,
+    at_least: u64,
+) -> u64 {
     let mut got = 0;
     for _ in 0..300 {
         got = agent.counters(job_key).unwrap()[&reason];
@@ -175,7 +180,7 @@ fn privileged_tier1_enforces_the_nodes_dns_budget_the_infrastructure_set_and_the
     assert_eq!(probe.infrastructure(), config.infrastructure_set());
 
     let view = agent.create_job(&token).unwrap();
-    let job_key = snas_policy::identity::job_key(&jti);
+    let job_key = snas_wire::JobKey(snas_policy::identity::job_key(&jti));
     let netns = PathBuf::from(&view.netns_path);
 
     // A DNS flood from the job: the node's budget (burst 10, 5/s) lets about 10 through.

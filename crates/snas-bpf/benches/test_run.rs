@@ -5,12 +5,20 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use snas_bpf::testing::{self, SkbCtx};
-use snas_bpf::{Bps, JobConfig, NodeConfig, PacketBudget, PortRule, Proto, ProxyEntry, Tier1};
+use snas_bpf::{
+    Bps, JobConfig, JobKey, NodeConfig, PacketBudget, PolicySerial, PortRule, ProxyEntry,
+    RuleProtocol, Tier1,
+};
 
 const RUNS: u32 = 20_000;
 const SANDBOX_MAC: [u8; 6] = [2, 0x53, 0x4e, 0, 0, 2];
 const HOST_MAC: [u8; 6] = [2, 0x53, 0x4e, 0, 0, 1];
-const JOB: u64 = 0x1234_5678_9abc_def0;
+const JOB: JobKey = JobKey(0x1234_5678_9abc_def0);
+/// 400 Gbit/s: stamps every packet without the horizon ever dropping one.
+const EGRESS: Bps = match Bps::gbit(400) {
+    Some(b) => b,
+    None => panic!("400 Gbit/s is a rate"),
+};
 
 fn csum(data: &[u8], mut sum: u32) -> u16 {
     for c in data.chunks(2) {
@@ -97,13 +105,13 @@ fn main() {
         veth_ifindex: 1,
         job_key: JOB,
         tenant_id: 1,
-        policy_serial: 1,
+        policy_serial: PolicySerial(1),
         sandbox_ip: Ipv4Addr::new(10, 88, 0, 2),
         sandbox_mac: SANDBOX_MAC,
         host_mac: HOST_MAC,
         gateway_ip: Ipv4Addr::new(10, 88, 0, 1),
         dns_port: 53,
-        egress: Some(Bps(400_000_000_000)),
+        egress: Some(EGRESS),
         ..JobConfig::default()
     };
     t1.configure_job(&job).expect("job");
@@ -114,14 +122,19 @@ fn main() {
     t1.allow_cidr(
         JOB,
         "203.0.113.0/24".parse().expect("net"),
-        &[PortRule::port(Proto::Tcp, 443)],
+        &[PortRule::port(RuleProtocol::Tcp, 443)],
         false,
     )
     .expect("cidr");
     for i in 0..1000u32 {
         let ip = Ipv4Addr::from(0xc633_6400 + (i % 250)); // 198.51.100.x
-        t1.allow_ip(JOB + u64::from(i), ip, &[PortRule::all(Proto::Any)], None)
-            .expect("ip");
+        t1.allow_ip(
+            JobKey(JOB.get() + u64::from(i)),
+            ip,
+            &[PortRule::all(RuleProtocol::Any)],
+            None,
+        )
+        .expect("ip");
     }
     let sb = [10, 88, 0, 2];
     let dst = [203, 0, 113, 7];
@@ -190,7 +203,7 @@ fn main() {
             0, 0, 0x05, 0x40, 0x08, 0x00, 0, 0, 0, 0, 0xff, 0x53, 0x81, 0x04,
         ]);
         f.extend_from_slice(&1u32.to_be_bytes());
-        f.extend_from_slice(&JOB.to_be_bytes());
+        f.extend_from_slice(&JOB.get().to_be_bytes());
         f.extend_from_slice(&1u32.to_be_bytes());
         f.extend_from_slice(&inner[14..]);
         f

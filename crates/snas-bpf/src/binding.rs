@@ -85,10 +85,10 @@ pub(crate) fn merge(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Proto;
+    use crate::config::RuleProtocol;
 
     fn tcp(port: u16) -> PortRule {
-        PortRule::port(Proto::Tcp, port)
+        PortRule::port(RuleProtocol::Tcp, port)
     }
 
     fn timed(rule: PortRule, expires_s: Option<u32>) -> TimedRule {

@@ -2,8 +2,15 @@
 //!
 //! Owns: the Rust view of node constants ([`NodeConfig`]), per-job values ([`JobConfig`]),
 //! destination rules ([`PortRule`]) and proxies ([`ProxyEntry`]), and their conversion into the
-//! BTF-generated C types. Units are carried by types (`Bps`, `Duration`, [`PacketBudget`],
-//! `SystemTime`).
+//! BTF-generated C types. Units and identities are carried by types (the workspace's
+//! [`Bps`], [`JobKey`], [`PolicySerial`], [`RuleProtocol`] from `snas_wire::types`; `Duration`,
+//! [`PacketBudget`], `SystemTime`).
+//!
+//! # C encodings
+//! The C structs use 0 for "none" where Rust has an `Option`: an absent rate (`egress_bps`,
+//! `ingress_bps` = 0: not stamped / not policed), horizon, expiry, DNS budget, and a rule
+//! protocol of `any` (`port_rule.proto` = 0; otherwise the IP protocol number). The conversions
+//! below are the only place these zeros are written or read.
 #![forbid(unsafe_code)]
 
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -12,10 +19,9 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use crate::skel::types;
+use snas_wire::L4Proto;
 
-/// Bits per second.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Bps(pub u64);
+pub use snas_wire::{Bps, JobKey, PolicySerial, RuleProtocol};
 
 /// A token bucket of packets: `per_sec` tokens a second, at most `burst` saved up. Both are at
 /// least one; "no limit" is the absence of a budget (`Option<PacketBudget>::None`).
@@ -62,7 +68,7 @@ pub struct NodeConfig {
     pub uplink_mtu: u32,
     /// Default EDT horizon for jobs that set none.
     pub horizon: Duration,
-    /// GENEVE UDP port (6081).
+    /// GENEVE UDP port ([`snas_wire::geneve::GENEVE_PORT`], 6081).
     pub geneve_port: u16,
     /// Audit events per second per job.
     pub audit_per_sec: u32,
@@ -85,7 +91,7 @@ impl NodeConfig {
             node_ip,
             uplink_mtu,
             horizon: DEFAULT_HORIZON,
-            geneve_port: 6081,
+            geneve_port: snas_wire::geneve::GENEVE_PORT,
             audit_per_sec: 100,
             icmp_budget: DEFAULT_ICMP_BUDGET,
             pin_dir: PathBuf::from(DEFAULT_PIN_ROOT).join(node_name),
@@ -104,11 +110,11 @@ pub struct JobConfig {
     /// Host-side veth ifindex (the attach point and the job's attribution key).
     pub veth_ifindex: u32,
     /// `snas_policy::identity::job_key(jti)`.
-    pub job_key: u64,
+    pub job_key: JobKey,
     /// `snas_policy::identity::tenant_id(tenant)`.
     pub tenant_id: u32,
     /// Policy serial carried in the GENEVE option.
-    pub policy_serial: u32,
+    pub policy_serial: PolicySerial,
     /// The sandbox's only allowed source address.
     pub sandbox_ip: Ipv4Addr,
     /// The sandbox's only allowed source MAC.
@@ -152,9 +158,9 @@ impl Default for JobConfig {
     fn default() -> Self {
         JobConfig {
             veth_ifindex: 0,
-            job_key: 0,
+            job_key: JobKey(0),
             tenant_id: 0,
-            policy_serial: 0,
+            policy_serial: PolicySerial(0),
             sandbox_ip: Ipv4Addr::UNSPECIFIED,
             sandbox_mac: [0; 6],
             host_mac: [0; 6],
@@ -196,9 +202,9 @@ impl Clocks {
 impl JobConfig {
     pub(crate) fn to_c(&self, clocks: &Clocks) -> types::job_cfg {
         let mut c = types::job_cfg {
-            job_key: self.job_key,
+            job_key: self.job_key.get(),
             tenant_id: self.tenant_id,
-            policy_serial: self.policy_serial,
+            policy_serial: self.policy_serial.get(),
             sandbox_ip: u32::from_ne_bytes(self.sandbox_ip.octets()),
             gateway_ip: u32::from_ne_bytes(self.gateway_ip.octets()),
             sandbox_mac: self.sandbox_mac,
@@ -207,8 +213,8 @@ impl JobConfig {
             flags: u16::from(self.ipv6_rules && self.sandbox_ip6.is_some()),
             sandbox_ip6: self.sandbox_ip6.map_or([0; 16], |a| a.octets()),
             ifindex: self.veth_ifindex,
-            egress_bps: self.egress.map_or(0, |b| b.0),
-            ingress_bps: self.ingress.map_or(0, |b| b.0),
+            egress_bps: self.egress.map_or(0, Bps::get),
+            ingress_bps: self.ingress.map_or(0, Bps::get),
             horizon_ns: self.horizon.map_or(0, saturating_ns),
             conn_rate: self.new_conn_per_sec,
             conn_burst: self.new_conn_burst,
@@ -227,22 +233,11 @@ pub(crate) fn saturating_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// Transport protocol a rule applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Proto {
-    /// TCP or UDP.
-    Any,
-    /// TCP only.
-    Tcp,
-    /// UDP only.
-    Udp,
-}
-
 /// An allowed (protocol, inclusive port range).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PortRule {
-    /// Protocol.
-    pub proto: Proto,
+    /// The transports the rule allows.
+    pub proto: RuleProtocol,
     /// First port.
     pub lo: u16,
     /// Last port (inclusive).
@@ -251,7 +246,7 @@ pub struct PortRule {
 
 impl PortRule {
     /// Every port of `proto`.
-    pub fn all(proto: Proto) -> Self {
+    pub fn all(proto: RuleProtocol) -> Self {
         PortRule {
             proto,
             lo: 0,
@@ -260,7 +255,7 @@ impl PortRule {
     }
 
     /// A single port.
-    pub fn port(proto: Proto, port: u16) -> Self {
+    pub fn port(proto: RuleProtocol, port: u16) -> Self {
         PortRule {
             proto,
             lo: port,
@@ -272,9 +267,9 @@ impl PortRule {
     pub(crate) fn to_c(self, expires_s: Option<u32>) -> types::port_rule {
         types::port_rule {
             proto: match self.proto {
-                Proto::Any => 0,
-                Proto::Tcp => 6,
-                Proto::Udp => 17,
+                RuleProtocol::Any => 0,
+                RuleProtocol::Tcp => L4Proto::Tcp.number(),
+                RuleProtocol::Udp => L4Proto::Udp.number(),
             },
             lo: self.lo,
             hi: self.hi,
@@ -285,10 +280,10 @@ impl PortRule {
 
     /// The Rust rule of a C rule and its expiry.
     pub(crate) fn from_c(c: &types::port_rule) -> (PortRule, Option<u32>) {
-        let proto = match c.proto {
-            6 => Proto::Tcp,
-            17 => Proto::Udp,
-            _ => Proto::Any,
+        let proto = match L4Proto::from_number(c.proto) {
+            Some(L4Proto::Tcp) => RuleProtocol::Tcp,
+            Some(L4Proto::Udp) => RuleProtocol::Udp,
+            _ => RuleProtocol::Any,
         };
         let expires = (c.expires_s != 0).then_some(c.expires_s);
         (
@@ -392,11 +387,11 @@ mod tests {
     #[test]
     fn port_rules_round_trip_through_c_with_their_expiry() {
         for (r, e) in [
-            (PortRule::port(Proto::Tcp, 443), Some(77)),
-            (PortRule::all(Proto::Any), None),
+            (PortRule::port(RuleProtocol::Tcp, 443), Some(77)),
+            (PortRule::all(RuleProtocol::Any), None),
             (
                 PortRule {
-                    proto: Proto::Udp,
+                    proto: RuleProtocol::Udp,
                     lo: 4000,
                     hi: 4999,
                 },

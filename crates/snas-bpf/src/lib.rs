@@ -36,7 +36,10 @@ pub mod testing;
 pub mod tier1;
 
 pub use audit::{AuditEvent, AuditKind};
-pub use config::{Bps, JobConfig, NodeConfig, PacketBudget, PortRule, Proto, ProxyEntry};
+pub use config::{
+    Bps, JobConfig, JobKey, NodeConfig, PacketBudget, PolicySerial, PortRule, ProxyEntry,
+    RuleProtocol,
+};
 pub use counters::{DirCounters, JobCounters, PacketCount};
 pub use flows::{FlowState, FlowTimeouts};
 pub use fq::{fq_available, install_fq};
@@ -44,8 +47,16 @@ pub use tier1::{
     ensure_bpffs, mono_now, remove_pins, AgeingReport, AuditReader, DebugRecord, Tier1, Tier1Error,
 };
 
-/// Bytes GENEVE encapsulation adds: outer IPv4 20 + UDP 8 + GENEVE 8 + option 20.
-pub const OVERLAY_OVERHEAD: usize = 56;
+/// Bytes GENEVE encapsulation adds: outer IPv4 20 + UDP 8 + GENEVE 8 + option 20 (the
+/// overlay's constants are snas-wire's; `bpf/lib/geneve.h` is checked against them by
+/// `tests/c_constants.rs`).
+pub use snas_wire::geneve::OVERLAY_OVERHEAD;
+
+/// The C header of the overlay (checked by `tests/c_constants.rs`).
+pub const GENEVE_H: &str = include_str!("../bpf/lib/geneve.h");
+
+/// The C header of the maps (checked by `tests/c_constants.rs`).
+pub const MAPS_H: &str = include_str!("../bpf/lib/maps.h");
 
 /// The C header that mirrors `snas_wire::Reason` (checked by `tests/drop_reasons.rs`).
 pub const DROP_REASONS_H: &str = include_str!("../bpf/lib/drop_reasons.h");

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use proptest::prelude::*;
 use snas_bpf::testing::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
-use snas_bpf::{PortRule, Proto, ProxyEntry};
+use snas_bpf::{PortRule, ProxyEntry, RuleProtocol};
 
 fn total(n: &Node) -> u64 {
     let c = n.t1().counters(JOB_KEY).expect("counters").from_sandbox;
@@ -26,7 +26,7 @@ fn every_mutated_frame_is_counted_exactly_once() {
         .allow_cidr(
             JOB_KEY,
             "203.0.113.0/24".parse().expect("net"),
-            &[PortRule::all(Proto::Any)],
+            &[PortRule::all(RuleProtocol::Any)],
             false,
         )
         .expect("cidr");
@@ -71,7 +71,7 @@ fn random_replies_never_make_the_connection_count_drift() {
         .allow_cidr(
             JOB_KEY,
             "203.0.113.0/24".parse().expect("net"),
-            &[PortRule::all(Proto::Any)],
+            &[PortRule::all(RuleProtocol::Any)],
             false,
         )
         .expect("cidr");

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use snas_bpf::config::MAX_PORT_RULES;
 use snas_bpf::testing::{TC_ACT_REDIRECT, TC_ACT_SHOT};
-use snas_bpf::{PortRule, Proto, ProxyEntry};
+use snas_bpf::{PortRule, ProxyEntry, RuleProtocol};
 use snas_wire::Reason;
 
 /// A CDN address two names resolve to.
@@ -27,7 +27,7 @@ fn setup(name: &str) -> Node {
 }
 
 fn tcp(port: u16) -> PortRule {
-    PortRule::port(Proto::Tcp, port)
+    PortRule::port(RuleProtocol::Tcp, port)
 }
 
 /// A new connection to SHARED:port from a fresh source port: 2 = to a proxy, 1 = refused

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use snas_bpf::testing::{TC_ACT_REDIRECT, TC_ACT_SHOT};
-use snas_bpf::{FlowTimeouts, PortRule, Proto, ProxyEntry};
+use snas_bpf::{FlowTimeouts, PortRule, ProxyEntry, RuleProtocol};
 use snas_wire::Reason;
 
 const SYN: u8 = 0x02;
@@ -39,9 +39,9 @@ fn setup(name: &str, edit: impl FnOnce(&mut snas_bpf::JobConfig)) -> Node {
             JOB_KEY,
             "203.0.113.0/24".parse().expect("net"),
             &[
-                PortRule::port(Proto::Tcp, 443),
+                PortRule::port(RuleProtocol::Tcp, 443),
                 PortRule {
-                    proto: Proto::Udp,
+                    proto: RuleProtocol::Udp,
                     lo: 4000,
                     hi: 4999,
                 },
@@ -345,11 +345,11 @@ fn a_reconfigured_job_keeps_its_count_and_a_new_job_on_the_veth_starts_at_zero()
     assert_eq!(out(&n, &conn(1), SYN), TC_ACT_REDIRECT);
     let mut j = job();
     j.max_connections = 1;
-    j.policy_serial = SERIAL + 1;
+    j.policy_serial = PolicySerial(SERIAL.get() + 1);
     n.t1().configure_job(&j).expect("reconfigure");
     assert_eq!(live(&n), 1);
     assert_eq!(out(&n, &conn(2), SYN), TC_ACT_SHOT);
-    j.job_key = JOB_KEY + 1;
+    j.job_key = JobKey(JOB_KEY.get() + 1);
     n.t1().configure_job(&j).expect("new job");
     assert_eq!(live(&n), 0);
 }

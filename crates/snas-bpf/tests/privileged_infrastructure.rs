@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use common::*;
 use ipnet::IpNet;
 use snas_bpf::testing::{TC_ACT_REDIRECT, TC_ACT_SHOT};
-use snas_bpf::{AuditKind, PortRule, Proto, ProxyEntry, Tier1Error};
+use snas_bpf::{AuditKind, PortRule, ProxyEntry, RuleProtocol, Tier1Error};
 use snas_wire::Reason;
 
 /// A proxy's underlay network and the cloud metadata address, as an agent would configure.
@@ -32,7 +32,7 @@ fn setup(name: &str) -> Node {
         .allow_cidr(
             JOB_KEY,
             "0.0.0.0/0".parse().expect("net"),
-            &[PortRule::all(Proto::Any)],
+            &[PortRule::all(RuleProtocol::Any)],
             true,
         )
         .expect("cidr");
@@ -83,7 +83,12 @@ fn infrastructure_is_refused_even_to_an_all_ports_allow_private_rule() {
         .expect("infra");
     // A DNS answer naming an infrastructure address opens nothing either.
     n.t1()
-        .allow_ip(JOB_KEY, proxy_host, &[PortRule::all(Proto::Any)], None)
+        .allow_ip(
+            JOB_KEY,
+            proxy_host,
+            &[PortRule::all(RuleProtocol::Any)],
+            None,
+        )
         .expect("ip");
 
     // TCP SYN: RST back into the sandbox; UDP: ICMP prohibited; other segments: dropped.

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use common::*;
 use snas_bpf::testing::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
-use snas_bpf::{PortRule, Proto, ProxyEntry};
+use snas_bpf::{PortRule, ProxyEntry, RuleProtocol};
 use snas_wire::Reason;
 
 const SANDBOX6: Ipv6Addr = Ipv6Addr::new(0xfd53, 0x4e41, 0, 0, 0, 0, 0, 2);
@@ -27,9 +27,9 @@ fn setup(name: &str, ipv6_rules: bool) -> Node {
         .set_proxies(&[ProxyEntry::active(PROXY_IPS[0])])
         .expect("proxies");
     let rules = [
-        PortRule::port(Proto::Tcp, 443),
+        PortRule::port(RuleProtocol::Tcp, 443),
         PortRule {
-            proto: Proto::Udp,
+            proto: RuleProtocol::Udp,
             lo: 4000,
             hi: 4999,
         },
@@ -241,7 +241,7 @@ fn ipv6_always_denied_ranges_need_allow_private() {
     let n = setup("v6private", true);
     let all: ipnet::Ipv6Net = "::/0".parse().expect("net");
     n.t1()
-        .allow_cidr6(JOB_KEY, all, &[PortRule::all(Proto::Any)], false)
+        .allow_cidr6(JOB_KEY, all, &[PortRule::all(RuleProtocol::Any)], false)
         .expect("cidr6");
     for dst in [
         "fe80::1",
@@ -266,7 +266,7 @@ fn ipv6_always_denied_ranges_need_allow_private() {
     );
     let ula: ipnet::Ipv6Net = "fd00::/8".parse().expect("net");
     n.t1()
-        .allow_cidr6(JOB_KEY, ula, &[PortRule::all(Proto::Any)], true)
+        .allow_cidr6(JOB_KEY, ula, &[PortRule::all(RuleProtocol::Any)], true)
         .expect("cidr6");
     let p = P6::tcp_syn("fd00::1".parse().expect("addr"), 443);
     assert_eq!(n.run_sandbox(&p.frame()).retval, TC_ACT_REDIRECT);
@@ -299,7 +299,12 @@ fn ipv6_policy_checks_destination_and_port() {
         TC_ACT_REDIRECT
     );
     n.t1()
-        .allow_ip6(JOB_KEY, OTHER6, &[PortRule::port(Proto::Tcp, 443)], None)
+        .allow_ip6(
+            JOB_KEY,
+            OTHER6,
+            &[PortRule::port(RuleProtocol::Tcp, 443)],
+            None,
+        )
         .expect("ip6");
     assert_eq!(
         n.run_sandbox(&P6::tcp_syn(OTHER6, 443).frame()).retval,
@@ -497,7 +502,7 @@ fn ipv6_infrastructure_is_refused_whatever_the_rules_say() {
     let n = setup("v6infra", true);
     let all: ipnet::Ipv6Net = "::/0".parse().expect("net");
     n.t1()
-        .allow_cidr6(JOB_KEY, all, &[PortRule::all(Proto::Any)], true)
+        .allow_cidr6(JOB_KEY, all, &[PortRule::all(RuleProtocol::Any)], true)
         .expect("cidr6");
     n.t1()
         .set_infrastructure(&["2001:db8:ffff::/48".parse().expect("net")])
@@ -529,7 +534,7 @@ fn an_expired_ipv6_job_gets_a_rst_for_any_segment_and_icmpv6_for_udp() {
         .allow_cidr6(
             JOB_KEY,
             "2001:db8::/48".parse().expect("net"),
-            &[PortRule::all(Proto::Any)],
+            &[PortRule::all(RuleProtocol::Any)],
             false,
         )
         .expect("cidr6");
@@ -577,7 +582,7 @@ fn ipv6_connections_that_close_both_ways_give_their_slot_back() {
         .allow_cidr6(
             JOB_KEY,
             "2001:db8::/48".parse().expect("net"),
-            &[PortRule::port(Proto::Tcp, 443)],
+            &[PortRule::port(RuleProtocol::Tcp, 443)],
             false,
         )
         .expect("cidr6");
@@ -610,10 +615,20 @@ fn two_names_on_one_ipv6_address_keep_both_their_ports() {
     let n = setup("v6union", true);
     let ttl = Some(Duration::from_secs(60));
     n.t1()
-        .allow_ip6(JOB_KEY, OTHER6, &[PortRule::port(Proto::Tcp, 80)], ttl)
+        .allow_ip6(
+            JOB_KEY,
+            OTHER6,
+            &[PortRule::port(RuleProtocol::Tcp, 80)],
+            ttl,
+        )
         .expect("ip6");
     n.t1()
-        .allow_ip6(JOB_KEY, OTHER6, &[PortRule::port(Proto::Tcp, 7)], ttl)
+        .allow_ip6(
+            JOB_KEY,
+            OTHER6,
+            &[PortRule::port(RuleProtocol::Tcp, 7)],
+            ttl,
+        )
         .expect("ip6");
     for port in [80, 7] {
         assert_eq!(

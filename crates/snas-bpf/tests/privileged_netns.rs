@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use snas_bpf::{Bps, PortRule, Proto, ProxyEntry};
+use snas_bpf::{Bps, PortRule, ProxyEntry, RuleProtocol};
 
 struct Netns {
     names: Vec<String>,
@@ -182,7 +182,7 @@ fn topology_with(tag: &str, offloads_off: bool) -> Topo {
         j.veth_ifindex = h_idx;
         j.sandbox_mac = s_mac;
         j.host_mac = h_mac;
-        j.egress = Some(Bps(100_000_000));
+        j.egress = Some(Bps::new(100_000_000).expect("a rate is not zero"));
         j.ipv6_rules = true;
         j.sandbox_ip6 = Some("fd53:4e41::2".parse().expect("addr"));
         n.t1().attach_job(&j).expect("attach job");
@@ -191,11 +191,21 @@ fn topology_with(tag: &str, offloads_off: bool) -> Topo {
             .expect("proxies");
         let net = "203.0.113.0/24".parse().expect("net");
         n.t1()
-            .allow_cidr(JOB_KEY, net, &[PortRule::port(Proto::Udp, 7000)], false)
+            .allow_cidr(
+                JOB_KEY,
+                net,
+                &[PortRule::port(RuleProtocol::Udp, 7000)],
+                false,
+            )
             .expect("cidr");
         let net6 = "2001:db8::/32".parse().expect("net");
         n.t1()
-            .allow_cidr6(JOB_KEY, net6, &[PortRule::port(Proto::Udp, 7000)], false)
+            .allow_cidr6(
+                JOB_KEY,
+                net6,
+                &[PortRule::port(RuleProtocol::Udp, 7000)],
+                false,
+            )
             .expect("cidr6");
         n
     })

@@ -13,7 +13,9 @@ use std::time::{Duration, SystemTime};
 
 use common::*;
 use snas_bpf::testing::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
-use snas_bpf::{AuditKind, JobConfig, NodeConfig, PacketBudget, PortRule, Proto, ProxyEntry};
+use snas_bpf::{
+    AuditKind, JobConfig, NodeConfig, PacketBudget, PortRule, ProxyEntry, RuleProtocol,
+};
 use snas_wire::Reason;
 
 fn setup(
@@ -36,9 +38,9 @@ fn setup(
             JOB_KEY,
             "203.0.113.0/24".parse().expect("net"),
             &[
-                PortRule::port(Proto::Tcp, 443),
+                PortRule::port(RuleProtocol::Tcp, 443),
                 PortRule {
-                    proto: Proto::Udp,
+                    proto: RuleProtocol::Udp,
                     lo: 4000,
                     hi: 4999,
                 },

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use snas_bpf::maglev;
 use snas_bpf::testing::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
-use snas_bpf::{AuditKind, Bps, PortRule, Proto, ProxyEntry};
+use snas_bpf::{AuditKind, Bps, PortRule, ProxyEntry, RuleProtocol};
 use snas_wire::Reason;
 
 fn proxies(n: usize) -> Vec<ProxyEntry> {
@@ -44,9 +44,9 @@ fn setup_with(
             JOB_KEY,
             "203.0.113.0/24".parse().expect("net"),
             &[
-                PortRule::port(Proto::Tcp, 443),
+                PortRule::port(RuleProtocol::Tcp, 443),
                 PortRule {
-                    proto: Proto::Udp,
+                    proto: RuleProtocol::Udp,
                     lo: 4000,
                     hi: 4999,
                 },
@@ -448,7 +448,7 @@ fn always_denied_ranges_need_allow_private() {
     let private = Ipv4Addr::new(10, 1, 2, 3);
     let net = "10.0.0.0/8".parse().expect("net");
     n.t1()
-        .allow_cidr(JOB_KEY, net, &[PortRule::all(Proto::Any)], false)
+        .allow_cidr(JOB_KEY, net, &[PortRule::all(RuleProtocol::Any)], false)
         .expect("cidr");
     let p = Pkt {
         tcp_flags: 0x10,
@@ -457,11 +457,11 @@ fn always_denied_ranges_need_allow_private() {
     assert_drop(&n, &p.frame(), Reason::AlwaysDenied);
     // A DNS answer pointing at a private address does not open it either.
     n.t1()
-        .allow_ip(JOB_KEY, private, &[PortRule::all(Proto::Any)], None)
+        .allow_ip(JOB_KEY, private, &[PortRule::all(RuleProtocol::Any)], None)
         .expect("ip");
     assert_drop(&n, &p.frame(), Reason::AlwaysDenied);
     n.t1()
-        .allow_cidr(JOB_KEY, net, &[PortRule::all(Proto::Any)], true)
+        .allow_cidr(JOB_KEY, net, &[PortRule::all(RuleProtocol::Any)], true)
         .expect("cidr");
     assert_eq!(n.run_sandbox(&p.frame()).retval, TC_ACT_REDIRECT);
 }
@@ -469,7 +469,7 @@ fn always_denied_ranges_need_allow_private() {
 #[test]
 fn dns_learned_address_admits_new_connections_until_it_expires_and_never_cuts_established_ones() {
     let n = setup("exact");
-    let rules = [PortRule::port(Proto::Tcp, 443)];
+    let rules = [PortRule::port(RuleProtocol::Tcp, 443)];
     let p = Pkt::tcp_syn(OTHER_IP, 443);
     // Expiries are kept in whole seconds, rounded up: 1 s from now ends within 2 s.
     n.t1()
@@ -507,7 +507,12 @@ fn dns_learned_address_admits_new_connections_until_it_expires_and_never_cuts_es
 fn rules_of_another_job_do_not_apply() {
     let n = setup("otherjob");
     n.t1()
-        .allow_ip(JOB_KEY + 1, OTHER_IP, &[PortRule::all(Proto::Any)], None)
+        .allow_ip(
+            JobKey(JOB_KEY.get() + 1),
+            OTHER_IP,
+            &[PortRule::all(RuleProtocol::Any)],
+            None,
+        )
         .expect("ip");
     let p = Pkt {
         tcp_flags: 0x10,
@@ -563,7 +568,7 @@ fn packets_to_the_overlay_port_or_the_node_are_dropped() {
         .allow_cidr(
             JOB_KEY,
             "192.0.2.0/24".parse().expect("net"),
-            &[PortRule::all(Proto::Any)],
+            &[PortRule::all(RuleProtocol::Any)],
             false,
         )
         .expect("cidr");
@@ -594,7 +599,7 @@ fn edt_spaces_packets_at_the_configured_rate() {
     let n = setup_with(
         "edt",
         |c| c.uplink_mtu = 9000,
-        |j| j.egress = Some(Bps(10_000_000)),
+        |j| j.egress = Some(Bps::new(10_000_000).expect("a rate is not zero")),
     );
     let before = snas_bpf::mono_now().expect("clock").as_nanos() as u64;
     let mut stamps = Vec::new();
@@ -623,7 +628,7 @@ fn edt_drops_beyond_the_horizon_without_advancing() {
         // 100 kbit/s: a 1500-byte packet is 120 ms; a 200 ms horizon holds the departures
         // now and now + 120 ms but not now + 240 ms.
         |j| {
-            j.egress = Some(Bps(100_000));
+            j.egress = Some(Bps::new(100_000).expect("a rate is not zero"));
             j.horizon = Some(Duration::from_millis(200));
         },
     );
@@ -650,7 +655,7 @@ fn horizon_override_of_a_job_applies() {
         "horizon2",
         |c| c.uplink_mtu = 9000,
         |j| {
-            j.egress = Some(Bps(1_000_000));
+            j.egress = Some(Bps::new(1_000_000).expect("a rate is not zero"));
             j.horizon = Some(Duration::from_millis(5));
         },
     );
@@ -729,7 +734,7 @@ fn denials_and_new_flows_are_audited_with_a_rate_limit() {
     assert_eq!(ev[0].src, "10.88.0.2:40000".parse().expect("addr"));
     assert_eq!(ev[1].kind, AuditKind::Deny(Reason::DestinationDenied));
     assert_eq!(ev[1].proto, 17);
-    assert_eq!(ev[1].job_key, JOB_KEY);
+    assert_eq!(ev[1].job_key, JOB_KEY.get());
     assert_eq!(n.t1().audit_suppressed(VETH).expect("suppressed"), 3);
 }
 
@@ -751,7 +756,7 @@ fn counters_are_per_job_and_reason_and_removed_on_detach() {
     );
     assert!(n
         .t1()
-        .counters(JOB_KEY + 1)
+        .counters(JobKey(JOB_KEY.get() + 1))
         .expect("counters")
         .from_sandbox
         .drops
@@ -773,7 +778,7 @@ fn a_reused_veth_starts_fresh_and_the_old_key_detaches_without_harm() {
     assert_eq!(n.t1().live_flows(VETH).expect("flows"), 1);
     // The old job's veth is gone and its ifindex now belongs to a new job.
     let mut j2 = job();
-    j2.job_key = JOB_KEY + 1;
+    j2.job_key = JobKey(JOB_KEY.get() + 1);
     j2.max_connections = 1;
     n.t1().configure_job(&j2).expect("configure");
     assert_eq!(
@@ -783,12 +788,17 @@ fn a_reused_veth_starts_fresh_and_the_old_key_detaches_without_harm() {
     );
     let net = "203.0.113.0/24".parse().expect("net");
     n.t1()
-        .allow_cidr(JOB_KEY + 1, net, &[PortRule::port(Proto::Tcp, 443)], false)
+        .allow_cidr(
+            JobKey(JOB_KEY.get() + 1),
+            net,
+            &[PortRule::port(RuleProtocol::Tcp, 443)],
+            false,
+        )
         .expect("cidr");
     // The old key no longer has a veth; detaching it must not touch the new job.
     assert!(!n.t1().detach_job_by_key(JOB_KEY).expect("old key"));
     assert_eq!(
-        n.t1().veth_of(JOB_KEY + 1).expect("veth"),
+        n.t1().veth_of(JobKey(JOB_KEY.get() + 1)).expect("veth"),
         Some(VETH),
         "new job untouched"
     );

@@ -32,7 +32,7 @@ fn reply_inner() -> Vec<u8> {
     .ip()
 }
 
-fn in_drops(n: &Node, job: u64, r: Reason) -> u64 {
+fn in_drops(n: &Node, job: JobKey, r: Reason) -> u64 {
     n.t1()
         .counters(job)
         .expect("counters")
@@ -104,9 +104,13 @@ fn geneve_to_another_address_passes_untouched() {
 #[test]
 fn geneve_naming_an_unknown_job_is_dropped() {
     let n = setup("unknownkey");
-    let out = n.run_uplink(&geneve_frame(PROXY_IPS[0], JOB_KEY ^ 1, &reply_inner()));
+    let out = n.run_uplink(&geneve_frame(
+        PROXY_IPS[0],
+        JobKey(JOB_KEY.get() ^ 1),
+        &reply_inner(),
+    ));
     assert_eq!(out.retval, TC_ACT_SHOT);
-    assert_eq!(in_drops(&n, 0, Reason::GeneveUnknownJob), 1);
+    assert_eq!(in_drops(&n, JobKey(0), Reason::GeneveUnknownJob), 1);
 }
 
 #[test]
@@ -115,7 +119,7 @@ fn geneve_with_a_wrong_tenant_is_dropped() {
     let mut f = geneve_frame(PROXY_IPS[0], JOB_KEY, &reply_inner());
     f[ETH + 40] ^= 0xff; // first byte of the tenant id
     assert_eq!(n.run_uplink(&f).retval, TC_ACT_SHOT);
-    assert_eq!(in_drops(&n, 0, Reason::GeneveUnknownJob), 1);
+    assert_eq!(in_drops(&n, JobKey(0), Reason::GeneveUnknownJob), 1);
 }
 
 #[test]
@@ -132,14 +136,14 @@ fn geneve_without_our_critical_option_is_dropped() {
             "byte {off} = {val:#x}"
         );
     }
-    assert_eq!(in_drops(&n, 0, Reason::GeneveOption), 4);
+    assert_eq!(in_drops(&n, JobKey(0), Reason::GeneveOption), 4);
     let mut v1 = base.clone();
     v1[g] = 0x45; // version 1
     assert_eq!(n.run_uplink(&v1).retval, TC_ACT_SHOT);
     let mut other_proto = base;
     other_proto[g + 2..g + 4].copy_from_slice(&0x88b5u16.to_be_bytes()); // not IPv4 or IPv6
     assert_eq!(n.run_uplink(&other_proto).retval, TC_ACT_SHOT);
-    assert_eq!(in_drops(&n, 0, Reason::GeneveMalformed), 2);
+    assert_eq!(in_drops(&n, JobKey(0), Reason::GeneveMalformed), 2);
 }
 
 #[test]
@@ -166,7 +170,7 @@ fn the_node_polices_a_jobs_downloads_to_its_ingress_rate() {
     let mut j = job();
     // 10 Mbit/s: 1400 bytes are 1.12 ms; the horizon is at least one 64 KiB burst (52.4 ms),
     // so about 47 back-to-back packets pass, then the rest is dropped.
-    j.ingress = Some(snas_bpf::Bps(10_000_000));
+    j.ingress = Some(snas_bpf::Bps::new(10_000_000).expect("a rate is not zero"));
     n.t1().configure_job(&j).expect("job");
     n.t1()
         .set_proxies(&[ProxyEntry::active(PROXY_IPS[0])])

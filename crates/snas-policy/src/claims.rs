@@ -15,6 +15,7 @@ use crate::limits::Limits;
 use crate::rules::EgressRule;
 use crate::units::DEFAULT_TTL;
 use serde::{Deserialize, Serialize};
+use snas_wire::{PolicySerial, PolicySerialError};
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -95,7 +96,11 @@ pub struct PolicyClaims {
     /// Underlay address of the job's node, if pinned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<IpAddr>,
-    /// Increases on live update. At most `u32::MAX`: the overlay option carries 32 bits.
+    /// Increases on live update. At most `u32::MAX`: the overlay option carries 32 bits (checked
+    /// by [`PolicyClaims::validate`]; read it typed with [`PolicyClaims::policy_serial`]).
+    ///
+    /// Transitional (issue 14): a `u64` only because snas-proxy still reads it as one; it
+    /// becomes a [`PolicySerial`] once the proxy converts.
     pub serial: u64,
     /// Rules in order.
     pub egress: Vec<EgressRule>,
@@ -125,13 +130,13 @@ impl PolicyClaims {
         if self.nbf > self.exp {
             return Err(format!("nbf {} is after exp {}", self.nbf, self.exp));
         }
-        if self.serial > u64::from(u32::MAX) {
-            return Err(format!(
-                "serial: {} does not fit the overlay option's 32-bit policy serial",
-                self.serial
-            ));
-        }
+        self.policy_serial().map_err(|e| format!("serial: {e}"))?;
         Ok(())
+    }
+
+    /// The serial as the overlay option, tier 1 and the agent carry it (32 bits).
+    pub fn policy_serial(&self) -> Result<PolicySerial, PolicySerialError> {
+        PolicySerial::try_from(self.serial)
     }
 
     /// The 32-bit tenant id (overlay option).

@@ -57,5 +57,5 @@ pub use jws::{sign, verify, SignError, VerifiedPolicy, VerifyError, CLOCK_SKEW};
 pub use keys::{KeyError, PolicyKey};
 pub use limits::Limits;
 pub use matcher::{compile, compile_with, Decision, DenyReason, Matcher};
-pub use rules::{EgressRule, Protocol, Transport};
+pub use rules::{EgressRule, RuleProtocol, Transport};
 pub use units::Bps;

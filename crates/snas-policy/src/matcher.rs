@@ -36,7 +36,7 @@
 use crate::claims::PolicyClaims;
 use crate::hostport::{normalize_name, HostPattern, HostPorts, PortRange, MAX_NAME_LEN};
 use crate::ranges;
-use crate::rules::{EgressRule, Protocol, Transport};
+use crate::rules::{EgressRule, RuleProtocol, Transport};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::HashMap;
 use std::fmt;
@@ -209,13 +209,13 @@ fn by_longest_prefix<T>(tables: impl IntoIterator<Item = Option<T>>) -> Vec<(u8,
 #[derive(Debug, Clone, Copy)]
 struct RuleInfo {
     ports: HostPorts,
-    protocol: Protocol,
+    protocol: RuleProtocol,
     allow_private: bool,
 }
 
 impl RuleInfo {
     fn allows(&self, port: u16, t: Transport) -> bool {
-        self.ports.contains(port) && self.protocol.allows(t)
+        self.ports.contains(port) && self.protocol.allows(t.into())
     }
 }
 

@@ -13,22 +13,15 @@ use crate::hostport::{HostPort, HostPortError, PortError, PortRange};
 use crate::ranges;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use snas_wire::L4Proto;
 use std::fmt;
 
-/// Transport protocol(s) a rule allows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    /// TCP only (the default).
-    #[default]
-    Tcp,
-    /// UDP only.
-    Udp,
-    /// TCP and UDP.
-    Any,
-}
+/// The transports a rule allows (`tcp`, `udp`, `any`): the workspace's [`RuleProtocol`],
+/// shared with tier 1's port rules.
+pub use snas_wire::RuleProtocol;
 
-/// The transport protocol of one flow being checked.
+/// The transport protocol of one flow being checked (the rule-relevant part of
+/// [`L4Proto`]: ICMP never matches a rule).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Transport {
     /// TCP.
@@ -37,42 +30,18 @@ pub enum Transport {
     Udp,
 }
 
-impl Protocol {
-    /// Whether a flow of `t` is allowed by this rule protocol.
-    pub const fn allows(self, t: Transport) -> bool {
-        matches!(
-            (self, t),
-            (Protocol::Any, _) | (Protocol::Tcp, Transport::Tcp) | (Protocol::Udp, Transport::Udp)
-        )
-    }
-
-    /// Parses `tcp`, `udp`, `any` (lower-case, as in the authoring format).
-    pub fn parse(s: &str) -> Option<Protocol> {
-        match s {
-            "tcp" => Some(Protocol::Tcp),
-            "udp" => Some(Protocol::Udp),
-            "any" => Some(Protocol::Any),
-            _ => None,
+impl From<Transport> for L4Proto {
+    fn from(t: Transport) -> L4Proto {
+        match t {
+            Transport::Tcp => L4Proto::Tcp,
+            Transport::Udp => L4Proto::Udp,
         }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Any => "any",
-        })
     }
 }
 
 impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Transport::Tcp => "tcp",
-            Transport::Udp => "udp",
-        })
+        fmt::Display::fmt(&L4Proto::from(*self), f)
     }
 }
 
@@ -85,7 +54,7 @@ pub enum EgressRule {
         /// The parsed HOST_PORT value.
         host: HostPort,
         /// Allowed protocol(s).
-        protocol: Protocol,
+        protocol: RuleProtocol,
     },
     /// An address range with its ports.
     Cidr {
@@ -94,7 +63,7 @@ pub enum EgressRule {
         /// Allowed ports.
         ports: PortRange,
         /// Allowed protocol(s).
-        protocol: Protocol,
+        protocol: RuleProtocol,
         /// Whether always-denied addresses inside `cidr` are opened.
         allow_private: bool,
     },
@@ -102,7 +71,7 @@ pub enum EgressRule {
 
 impl EgressRule {
     /// The rule's protocol.
-    pub fn protocol(&self) -> Protocol {
+    pub fn protocol(&self) -> RuleProtocol {
         match self {
             EgressRule::Host { protocol, .. } | EgressRule::Cidr { protocol, .. } => *protocol,
         }
@@ -117,8 +86,8 @@ impl EgressRule {
         allow_private: Option<bool>,
     ) -> Result<EgressRule, RuleError> {
         let protocol = match protocol {
-            None => Protocol::Tcp,
-            Some(p) => Protocol::parse(p).ok_or_else(|| RuleError::Protocol(p.to_owned()))?,
+            None => RuleProtocol::Tcp,
+            Some(p) => RuleProtocol::parse(p).ok_or_else(|| RuleError::Protocol(p.to_owned()))?,
         };
         match (host, cidr) {
             (Some(_), Some(_)) => Err(RuleError::HostAndCidr),

@@ -1,42 +1,34 @@
 //! Quantities with units: bandwidth ([`Bps`]) and policy lifetimes.
 //!
 //! # Grammar
-//! - Bandwidth: `<integer><unit>`, optional single space, unit case-insensitive, decimal
-//!   multipliers (1 Kbit = 1000 bit): `bit`/`bps`, `Kbit`/`Kbps`, `Mbit`/`Mbps`, `Gbit`/`Gbps`.
-//!   Byte units (`MB`, `MiB`) are rejected on purpose: the policy speaks bits. Zero is rejected,
-//!   and so is anything above [`Bps::MAX`] (1 Tbit/s).
+//! - Bandwidth: the grammar of [`snas_wire::Bps::parse`]: `<integer><unit>`, optional single
+//!   space, unit case-insensitive, decimal multipliers (1 Kbit = 1000 bit): `bit`/`bps`,
+//!   `Kbit`/`Kbps`, `Mbit`/`Mbps`, `Gbit`/`Gbps`. Byte units (`MB`, `MiB`) are rejected on
+//!   purpose: the policy speaks bits. Zero is rejected, and so is anything above [`Bps::MAX`]
+//!   (1 Tbit/s).
 //! - Lifetimes use humantime (`90s`, `15m`, `1h`, `1h 30m`), whole seconds, 1 s ..= 24 h.
 
 use std::fmt;
 use std::time::Duration;
 
-/// Bits per second.
+pub use snas_wire::BpsError;
+
+/// Bits per second as a policy's limits carry it: validated `1 ..= Bps::MAX` by [`Bps::parse`]
+/// and when the claims are read, with the grammar of [`snas_wire::Bps`].
+///
+/// Transitional (issue 14): the rate type of the workspace is [`snas_wire::Bps`] (never zero).
+/// This wrapper keeps its public `u64` only because snas-proxy still reads `.0`
+/// (`tier2.rs`); once it reads [`Bps::rate`], this type becomes `pub use snas_wire::Bps`.
+/// Other crates take [`Bps::rate`].
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
 #[serde(transparent)]
 pub struct Bps(pub u64);
 
-/// Why a bandwidth string was rejected.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BpsError {
-    /// The message names the accepted form.
-    #[error("`{0}` is not a bandwidth: expected a whole number and a unit (bit, Kbit, Mbit, Gbit; or bps, Kbps, Mbps, Gbps), e.g. \"100Mbit\"")]
-    Syntax(String),
-    /// Byte-based units are refused to avoid an 8x mistake.
-    #[error("`{0}` uses a byte unit; bandwidth is given in bits (e.g. \"800Mbit\" for 100 MB/s)")]
-    ByteUnit(String),
-    /// Zero would block all traffic silently.
-    #[error("bandwidth must be greater than zero")]
-    Zero,
-    /// Larger than 1 Tbit/s.
-    #[error("bandwidth above the maximum of 1Tbit (1000Gbit)")]
-    TooLarge,
-}
-
 impl Bps {
     /// Largest accepted value: 1 Tbit/s.
-    pub const MAX: Bps = Bps(1_000_000_000_000);
+    pub const MAX: Bps = Bps(snas_wire::Bps::MAX.get());
 
     /// Megabits per second.
     pub const fn mbit(n: u64) -> Bps {
@@ -48,56 +40,31 @@ impl Bps {
         self.0
     }
 
-    /// Parses the grammar in the module docs.
+    /// The rate as the workspace's rate type; `Err(BpsError::Zero)` for a hand-built zero (a
+    /// parsed or verified limit is never zero).
+    pub fn rate(self) -> Result<snas_wire::Bps, BpsError> {
+        snas_wire::Bps::try_from(self.0)
+    }
+
+    /// Parses the grammar of [`snas_wire::Bps::parse`] (1 bit/s ..= 1 Tbit/s).
     pub fn parse(s: &str) -> Result<Bps, BpsError> {
-        let t = s.trim();
-        let digits = t.bytes().take_while(u8::is_ascii_digit).count();
-        let (num, unit) = t.split_at(digits);
-        let unit = unit.strip_prefix(' ').unwrap_or(unit);
-        let lower = unit.to_ascii_lowercase();
-        let mult: u64 = match lower.as_str() {
-            "bit" | "bps" => 1,
-            "kbit" | "kbps" => 1_000,
-            "mbit" | "mbps" => 1_000_000,
-            "gbit" | "gbps" => 1_000_000_000,
-            "b" | "kb" | "mb" | "gb" | "kib" | "mib" | "gib" | "byte" | "bytes" => {
-                return Err(BpsError::ByteUnit(s.to_owned()))
-            }
-            _ => return Err(BpsError::Syntax(s.to_owned())),
-        };
-        if num.is_empty() || num.len() > 15 {
-            return Err(if num.len() > 15 {
-                BpsError::TooLarge
-            } else {
-                BpsError::Syntax(s.to_owned())
-            });
-        }
-        let n: u64 = num.parse().map_err(|_| BpsError::Syntax(s.to_owned()))?;
-        let v = n.checked_mul(mult).ok_or(BpsError::TooLarge)?;
-        if v == 0 {
-            return Err(BpsError::Zero);
-        }
-        if v > Bps::MAX.0 {
-            return Err(BpsError::TooLarge);
-        }
-        Ok(Bps(v))
+        snas_wire::Bps::parse(s).map(Bps::from)
+    }
+}
+
+impl From<snas_wire::Bps> for Bps {
+    fn from(b: snas_wire::Bps) -> Bps {
+        Bps(b.get())
     }
 }
 
 impl fmt::Display for Bps {
     /// The largest unit that represents the value exactly: `100Mbit`, `1500Kbit`, `7bit`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let v = self.0;
-        for (m, u) in [
-            (1_000_000_000, "Gbit"),
-            (1_000_000, "Mbit"),
-            (1_000, "Kbit"),
-        ] {
-            if v >= m && v % m == 0 {
-                return write!(f, "{}{u}", v / m);
-            }
+        match self.rate() {
+            Ok(r) => fmt::Display::fmt(&r, f),
+            Err(_) => f.write_str("0bit"),
         }
-        write!(f, "{v}bit")
     }
 }
 

@@ -261,7 +261,7 @@ fn reference_check_ip(
         {
             if cidr.contains(&ip) && (!private || *allow_private) {
                 covered = true;
-                if ports.contains(port) && protocol.allows(t) {
+                if ports.contains(port) && protocol.allows(t.into()) {
                     return Decision::Allow { rule: i };
                 }
             }

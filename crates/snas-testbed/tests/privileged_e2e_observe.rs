@@ -56,7 +56,7 @@ fn jobs_flows_and_drops_show_a_running_job_its_flow_and_its_drops_per_tier() {
         .allow_ip(
             job.key(),
             std::net::Ipv4Addr::new(203, 0, 113, 10),
-            &[snas_bpf::PortRule::all(snas_bpf::Proto::Any)],
+            &[snas_bpf::PortRule::all(snas_bpf::RuleProtocol::Any)],
             Some(std::time::Duration::from_secs(600)),
         )
         .unwrap();
@@ -183,7 +183,7 @@ fn every_decision_is_an_audit_line_on_the_node_or_the_proxy() {
         .allow_ip(
             job.key(),
             std::net::Ipv4Addr::new(203, 0, 113, 10),
-            &[snas_bpf::PortRule::all(snas_bpf::Proto::Any)],
+            &[snas_bpf::PortRule::all(snas_bpf::RuleProtocol::Any)],
             Some(std::time::Duration::from_secs(600)),
         )
         .unwrap();

@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, SystemTime};
 
 use e2e_support::*;
-use snas_bpf::{PortRule, Proto, Tier1};
+use snas_bpf::{PortRule, RuleProtocol, Tier1};
 use snas_testbed::Testbed;
 use snas_wire::build::{tcp as build_tcp, TcpSpec};
 use snas_wire::geneve::{encapsulate, OuterParams, SnasOption};
@@ -61,14 +61,14 @@ fn tier2_refuses_a_destination_that_widened_tier1_lets_through() {
     t1.allow_cidr(
         job.key(),
         "203.0.113.0/24".parse().unwrap(),
-        &[PortRule::all(Proto::Any)],
+        &[PortRule::all(RuleProtocol::Any)],
         false,
     )
     .unwrap();
     t1.allow_ip(
         job.key(),
         Ipv4Addr::new(203, 0, 113, 20),
-        &[PortRule::all(Proto::Any)],
+        &[PortRule::all(RuleProtocol::Any)],
         Some(Duration::from_secs(600)),
     )
     .unwrap();
@@ -202,7 +202,7 @@ fn forged_geneve_from_a_non_node_or_for_a_foreign_job_is_dropped_and_counted() {
     let job2 = Job::start(&tb, 2, &p("192.0.2.12"));
     let opt = |job: &Job| SnasOption {
         tenant_id: snas_policy::identity::tenant_id("acme"),
-        job_key: job.key(),
+        job_key: job.key().get(),
         policy_serial: 1,
     };
     let sandbox = |job: &Job| match job.info().sandbox_ip {
@@ -333,8 +333,8 @@ fn forged_geneve_with_a_tampered_or_expired_policy_is_dropped_and_counted() {
         &key,
     )
     .unwrap();
-    let kt = format!("{:016x}", snas_policy::identity::job_key(jti_t));
-    let ke = format!("{:016x}", snas_policy::identity::job_key(jti_e));
+    let kt = snas_wire::JobKey(snas_policy::identity::job_key(jti_t)).to_string();
+    let ke = snas_wire::JobKey(snas_policy::identity::job_key(jti_e)).to_string();
 
     tb.stop_agent(1);
     let server = fake_policy_endpoint(&tb, vec![(kt.clone(), tampered), (ke.clone(), expired)]);
@@ -419,7 +419,7 @@ fn the_proxy_resolver_refuses_what_a_compromised_node_asks_outside_the_policy() 
     );
     let id = SnasOption {
         tenant_id: snas_policy::identity::tenant_id("acme"),
-        job_key: job.key(),
+        job_key: job.key().get(),
         policy_serial: 1,
     };
     let n1 = tb.topology().node_addr(1);

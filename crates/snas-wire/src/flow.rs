@@ -14,30 +14,7 @@ use crate::ip::{be16, proto, IpPacket, Transport, IPV4_MIN_HEADER_LEN, IPV6_HEAD
 use std::fmt;
 use std::net::IpAddr;
 
-/// Transport protocol of a flow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum L4Proto {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-    /// ICMP echo (IPv4).
-    Icmp,
-    /// ICMPv6 echo.
-    Icmpv6,
-}
-
-impl L4Proto {
-    /// IP protocol number.
-    pub fn number(self) -> u8 {
-        match self {
-            L4Proto::Tcp => proto::TCP,
-            L4Proto::Udp => proto::UDP,
-            L4Proto::Icmp => proto::ICMP,
-            L4Proto::Icmpv6 => proto::ICMPV6,
-        }
-    }
-}
+pub use crate::types::L4Proto;
 
 /// A flow key: protocol, source and destination address and port (ICMP echo: identifier).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -69,12 +46,7 @@ impl FiveTuple {
 
 impl fmt::Display for FiveTuple {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let p = match self.proto {
-            L4Proto::Tcp => "tcp",
-            L4Proto::Udp => "udp",
-            L4Proto::Icmp => "icmp",
-            L4Proto::Icmpv6 => "icmpv6",
-        };
+        let p = self.proto.name();
         let ep = |a: &IpAddr, port: u16| match a {
             IpAddr::V4(a) => format!("{a}:{port}"),
             IpAddr::V6(a) => format!("[{a}]:{port}"),

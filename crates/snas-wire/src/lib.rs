@@ -18,6 +18,8 @@
 //! - [`build`]: test packets and refusals (TCP RST, ICMP/ICMPv6 unreachable).
 //! - [`error`]: [`ParseError`] (→ [`Reason`]) and [`BuildError`].
 //! - [`reason`]: the stable drop-reason list shared with the BPF programs.
+//! - [`types`]: the shared vocabulary: [`JobKey`], [`PolicySerial`], [`Bps`], [`L4Proto`],
+//!   [`RuleProtocol`] (serde behind the `serde` feature).
 #![forbid(unsafe_code)]
 
 pub mod build;
@@ -29,6 +31,7 @@ pub mod ip;
 pub mod nat;
 pub mod reason;
 pub mod transport;
+pub mod types;
 
 pub use error::{BuildError, Layer, ParseError};
 pub use flow::{flow_tuple, quoted_flow_tuple, FiveTuple, L4Proto};
@@ -40,3 +43,6 @@ pub use ip::{IpPacket, Ipv4Packet, Ipv6Packet, Transport};
 pub use nat::{rewrite, rewrite_icmp_error, Endpoint, NatError, NatPacket};
 pub use reason::Reason;
 pub use transport::{IcmpPacket, TcpFlags, TcpPacket, UdpPacket};
+pub use types::{
+    Bps, BpsError, JobKey, JobKeyError, PolicySerial, PolicySerialError, RuleProtocol,
+};

@@ -11,6 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use snas_wire::JobKey;
 
 /// Paths of the local API and the policy endpoint: route patterns for the server, builders
 /// for the client.
@@ -52,8 +53,8 @@ pub mod paths {
     }
 
     /// `/v1/jobs/{job_key}/policy` on the policy endpoint.
-    pub fn policy(job_key: u64) -> String {
-        format!("{JOBS}/{job_key:016x}/policy")
+    pub fn policy(job_key: super::JobKey) -> String {
+        format!("{JOBS}/{job_key}/policy")
     }
 }
 
@@ -223,7 +224,10 @@ mod tests {
         assert_eq!(paths::job("build-7.a_b~c"), "/v1/jobs/build-7.a_b~c");
         assert_eq!(paths::job("a/b c?d#é"), "/v1/jobs/a%2Fb%20c%3Fd%23%C3%A9");
         assert_eq!(paths::job_counters("x/y"), "/v1/jobs/x%2Fy/counters");
-        assert_eq!(paths::policy(0xab), "/v1/jobs/00000000000000ab/policy");
+        assert_eq!(
+            paths::policy(JobKey(0xab)),
+            "/v1/jobs/00000000000000ab/policy"
+        );
     }
 
     #[test]

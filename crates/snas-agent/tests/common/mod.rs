@@ -60,8 +60,8 @@ impl Scope {
         }
     }
 
-    pub fn names(&self, job_key: u64) -> JobNames {
-        JobNames::derive(&self.netns_prefix, &self.veth_prefix, job_key)
+    pub fn names(&self, job_key: impl Into<snas_wire::JobKey>) -> JobNames {
+        JobNames::derive(&self.netns_prefix, &self.veth_prefix, job_key.into())
     }
 
     /// Namespaces under our prefix that exist now.
@@ -98,11 +98,11 @@ impl Drop for Scope {
 }
 
 /// `identity::job_key` as the contract defines it (until snas-policy provides it).
-pub fn job_key(jti: &str) -> u64 {
+pub fn job_key(jti: &str) -> snas_wire::JobKey {
     let mut h = Sha256::new();
     h.update(b"snas-job-key-v1\0");
     h.update(jti.as_bytes());
-    u64::from_be_bytes(h.finalize()[..8].try_into().unwrap())
+    snas_wire::JobKey(u64::from_be_bytes(h.finalize()[..8].try_into().unwrap()))
 }
 
 pub fn tenant_id(tenant: &str) -> u32 {

@@ -10,7 +10,7 @@ use super::maps::{delete_where, lookup, update};
 use super::rules::cidr_job;
 use super::tc::{tc_attach, tc_detach};
 use super::{clocks, Tier1, Tier1Error};
-use crate::config::JobConfig;
+use crate::config::{JobConfig, JobKey};
 use crate::pod::bytes_of;
 use crate::skel::types;
 
@@ -43,9 +43,9 @@ impl Tier1 {
         // the state a previous job left on a reused ifindex.
         let previous: Option<types::job_cfg> = lookup(&self.maps.jobs, &idx, "snas_jobs")?;
         let state_flags = match previous {
-            Some(p) if p.job_key == job.job_key => MapFlags::NO_EXIST,
+            Some(p) if p.job_key == job.job_key.get() => MapFlags::NO_EXIST,
             Some(p) => {
-                if self.veth_of(p.job_key)? == Some(idx) {
+                if self.veth_of(JobKey(p.job_key))? == Some(idx) {
                     let _ = self.maps.job_by_key.delete(bytes_of(&p.job_key));
                 }
                 delete_where::<types::flow_key>(&self.maps.flows, |k| k.ifindex == idx);
@@ -70,7 +70,12 @@ impl Tier1 {
             .job_conns
             .update(bytes_of(&idx), bytes_of(&conns), state_flags);
         update(&self.maps.jobs, &idx, &c, "snas_jobs")?;
-        update(&self.maps.job_by_key, &job.job_key, &idx, "snas_job_by_key")
+        update(
+            &self.maps.job_by_key,
+            &job.job_key.get(),
+            &idx,
+            "snas_job_by_key",
+        )
     }
 
     /// Configures the job and attaches the sandbox programs to its veth (clsact ingress and
@@ -90,7 +95,7 @@ impl Tier1 {
     pub fn adopt_job(&self, job: &JobConfig) -> Result<(), Tier1Error> {
         let cfg: Option<types::job_cfg> = lookup(&self.maps.jobs, &job.veth_ifindex, "snas_jobs")?;
         match cfg {
-            Some(c) if c.job_key == job.job_key && c.flags & JOB_F_ATTACHED != 0 => {
+            Some(c) if c.job_key == job.job_key.get() && c.flags & JOB_F_ATTACHED != 0 => {
                 let _w = self.writers();
                 self.write_job(job, true)
             }
@@ -99,15 +104,16 @@ impl Tier1 {
     }
 
     /// The veth ifindex of a job, if it is configured.
-    pub fn veth_of(&self, job_key: u64) -> Result<Option<u32>, Tier1Error> {
-        lookup(&self.maps.job_by_key, &job_key, "snas_job_by_key")
+    pub fn veth_of(&self, job_key: JobKey) -> Result<Option<u32>, Tier1Error> {
+        lookup(&self.maps.job_by_key, &job_key.get(), "snas_job_by_key")
     }
 
     /// [`Tier1::detach_job`] by job key. Idempotent; returns whether anything was removed. If
     /// the job's veth ifindex has meanwhile been reused by another job, only the state keyed
     /// by `job_key` is removed and the other job is left alone.
-    pub fn detach_job_by_key(&self, job_key: u64) -> Result<bool, Tier1Error> {
-        let idx = self.veth_of(job_key)?;
+    pub fn detach_job_by_key(&self, key: JobKey) -> Result<bool, Tier1Error> {
+        let idx = self.veth_of(key)?;
+        let job_key = key.get();
         if let Some(idx) = idx {
             let cfg: Option<types::job_cfg> = lookup(&self.maps.jobs, &idx, "snas_jobs")?;
             if cfg.is_some_and(|c| c.job_key == job_key) {
@@ -137,7 +143,7 @@ impl Tier1 {
         let _ = self.maps.job_state.delete(bytes_of(&veth_ifindex));
         let _ = self.maps.job_conns.delete(bytes_of(&veth_ifindex));
         let _ = self.maps.job_conns_bias.delete(bytes_of(&veth_ifindex));
-        if self.veth_of(job)? == Some(veth_ifindex) {
+        if self.veth_of(JobKey(job))? == Some(veth_ifindex) {
             let _ = self.maps.job_by_key.delete(bytes_of(&job));
         }
         delete_where::<types::flow_key>(&self.maps.flows, |k| k.ifindex == veth_ifindex);

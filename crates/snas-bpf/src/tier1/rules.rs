@@ -11,7 +11,7 @@ use libbpf_rs::{MapCore, MapHandle};
 use super::maps::{lookup, update};
 use super::{mono_now, Tier1, Tier1Error};
 use crate::binding::{self, TimedRule};
-use crate::config::{PortRule, MAX_PORT_RULES};
+use crate::config::{JobKey, PortRule, MAX_PORT_RULES};
 use crate::pod::{bytes_of, Pod};
 use crate::skel::types;
 
@@ -24,11 +24,12 @@ impl Tier1 {
     /// ([`Tier1::displaced_port_rules`]). At most [`MAX_PORT_RULES`] rules per call.
     pub fn allow_ip(
         &self,
-        job_key: u64,
+        job_key: JobKey,
         ip: Ipv4Addr,
         rules: &[PortRule],
         ttl: Option<Duration>,
     ) -> Result<(), Tier1Error> {
+        let job_key = job_key.get();
         let key = types::dst_key {
             job_key,
             ip: u32::from_ne_bytes(ip.octets()),
@@ -83,7 +84,8 @@ impl Tier1 {
     }
 
     /// Removes an exact-IP entry.
-    pub fn revoke_ip(&self, job_key: u64, ip: Ipv4Addr) -> Result<(), Tier1Error> {
+    pub fn revoke_ip(&self, job_key: JobKey, ip: Ipv4Addr) -> Result<(), Tier1Error> {
+        let job_key = job_key.get();
         let key = types::dst_key {
             job_key,
             ip: u32::from_ne_bytes(ip.octets()),
@@ -97,18 +99,20 @@ impl Tier1 {
     /// `allow_private = true` rule: only then may the entry open always-denied ranges.
     pub fn allow_cidr(
         &self,
-        job_key: u64,
+        job_key: JobKey,
         net: Ipv4Net,
         rules: &[PortRule],
         allow_private: bool,
     ) -> Result<(), Tier1Error> {
+        let job_key = job_key.get();
         let key = cidr_key(job_key, net);
         let val = dst_val(rules, allow_private)?;
         update(&self.maps.dst_cidr, &key, &val, "snas_dst_cidr")
     }
 
     /// Removes a CIDR entry.
-    pub fn revoke_cidr(&self, job_key: u64, net: Ipv4Net) -> Result<(), Tier1Error> {
+    pub fn revoke_cidr(&self, job_key: JobKey, net: Ipv4Net) -> Result<(), Tier1Error> {
+        let job_key = job_key.get();
         let _ = self.maps.dst_cidr.delete(bytes_of(&cidr_key(job_key, net)));
         Ok(())
     }
@@ -116,11 +120,12 @@ impl Tier1 {
     /// [`Tier1::allow_ip`] for an IPv6 address (used only for jobs with IPv6 rules).
     pub fn allow_ip6(
         &self,
-        job_key: u64,
+        job_key: JobKey,
         ip: Ipv6Addr,
         rules: &[PortRule],
         ttl: Option<Duration>,
     ) -> Result<(), Tier1Error> {
+        let job_key = job_key.get();
         let key = types::dst6_key {
             job_key,
             ip: ip.octets(),
@@ -129,7 +134,8 @@ impl Tier1 {
     }
 
     /// Removes an exact IPv6 entry.
-    pub fn revoke_ip6(&self, job_key: u64, ip: Ipv6Addr) -> Result<(), Tier1Error> {
+    pub fn revoke_ip6(&self, job_key: JobKey, ip: Ipv6Addr) -> Result<(), Tier1Error> {
+        let job_key = job_key.get();
         let key = types::dst6_key {
             job_key,
             ip: ip.octets(),
@@ -141,18 +147,20 @@ impl Tier1 {
     /// [`Tier1::allow_cidr`] for an IPv6 prefix.
     pub fn allow_cidr6(
         &self,
-        job_key: u64,
+        job_key: JobKey,
         net: Ipv6Net,
         rules: &[PortRule],
         allow_private: bool,
     ) -> Result<(), Tier1Error> {
+        let job_key = job_key.get();
         let key = cidr6_key(job_key, net);
         let val = dst_val(rules, allow_private)?;
         update(&self.maps.dst6_cidr, &key, &val, "snas_dst6_cidr")
     }
 
     /// Removes an IPv6 CIDR entry.
-    pub fn revoke_cidr6(&self, job_key: u64, net: Ipv6Net) -> Result<(), Tier1Error> {
+    pub fn revoke_cidr6(&self, job_key: JobKey, net: Ipv6Net) -> Result<(), Tier1Error> {
+        let job_key = job_key.get();
         let _ = self
             .maps
             .dst6_cidr
@@ -227,7 +235,7 @@ mod tests {
 
     #[test]
     fn too_many_port_rules_are_refused() {
-        let rules = vec![PortRule::all(crate::Proto::Any); MAX_PORT_RULES + 1];
+        let rules = vec![PortRule::all(crate::RuleProtocol::Any); MAX_PORT_RULES + 1];
         assert!(matches!(
             dst_val(&rules, false),
             Err(Tier1Error::TooManyPortRules(17))

@@ -6,13 +6,15 @@ use snas_wire::Reason;
 
 use super::maps::lookup;
 use super::{bpf_err, Tier1, Tier1Error};
+use crate::config::JobKey;
 use crate::counters::{DirCounters, Direction, JobCounters, PacketCount};
 use crate::pod::{bytes_of, from_bytes};
 use crate::skel::types;
 
 impl Tier1 {
     /// Counters of one job (both directions).
-    pub fn counters(&self, job_key: u64) -> Result<JobCounters, Tier1Error> {
+    pub fn counters(&self, job_key: JobKey) -> Result<JobCounters, Tier1Error> {
+        let job_key = job_key.get();
         Ok(JobCounters {
             from_sandbox: self.dir_counters(job_key, Direction::FromSandbox)?,
             to_sandbox: self.dir_counters(job_key, Direction::ToSandbox)?,
@@ -22,7 +24,7 @@ impl Tier1 {
     /// Drops not attributable to a job (unknown veth, untrusted GENEVE) are counted under job
     /// key 0.
     pub fn unattributed_counters(&self) -> Result<JobCounters, Tier1Error> {
-        self.counters(0)
+        self.counters(JobKey(0))
     }
 
     fn dir_counters(&self, job_key: u64, dir: Direction) -> Result<DirCounters, Tier1Error> {

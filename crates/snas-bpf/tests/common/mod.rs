@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use snas_bpf::testing::{self, RunOutput, SkbCtx};
 use snas_bpf::{JobConfig, NodeConfig, Tier1};
+pub use snas_bpf::{JobKey, PolicySerial};
 
 pub const SANDBOX_MAC: [u8; 6] = [0x02, 0x53, 0x4e, 0x00, 0x00, 0x02];
 pub const HOST_MAC: [u8; 6] = [0x02, 0x53, 0x4e, 0x00, 0x00, 0x01];
@@ -21,9 +22,9 @@ pub const PROXY_IPS: [Ipv4Addr; 3] = [
 ];
 pub const ALLOWED_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 pub const OTHER_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 9);
-pub const JOB_KEY: u64 = 0x0123_4567_89ab_cdef;
+pub const JOB_KEY: JobKey = JobKey(0x0123_4567_89ab_cdef);
 pub const TENANT: u32 = 0xfeed_beef;
-pub const SERIAL: u32 = 7;
+pub const SERIAL: PolicySerial = PolicySerial(7);
 /// test_run needs a real device; the loopback device always exists (ifindex 1).
 pub const VETH: u32 = 1;
 pub const UPLINK: u32 = 1;
@@ -353,7 +354,7 @@ pub fn expected_outer(
     dst: Ipv4Addr,
     hash: u32,
     inner_len: usize,
-    job_key: u64,
+    job_key: JobKey,
 ) -> Vec<u8> {
     let mut o = Vec::with_capacity(56);
     let tot = (inner_len + 56) as u16;
@@ -373,8 +374,8 @@ pub fn expected_outer(
     // Option: class 0xFF53, type 0x81, length 4 words.
     o.extend_from_slice(&[0xff, 0x53, 0x81, 0x04]);
     o.extend_from_slice(&TENANT.to_be_bytes());
-    o.extend_from_slice(&job_key.to_be_bytes());
-    o.extend_from_slice(&SERIAL.to_be_bytes());
+    o.extend_from_slice(&job_key.get().to_be_bytes());
+    o.extend_from_slice(&SERIAL.get().to_be_bytes());
     o
 }
 
@@ -382,7 +383,7 @@ pub const UNDERLAY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x01];
 pub const PROXY_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x0a, 0x02];
 
 /// A reply as a proxy sends it: outer headers per the contract around the IPv4 packet `inner`.
-pub fn geneve_frame(from: Ipv4Addr, job_key: u64, inner: &[u8]) -> Vec<u8> {
+pub fn geneve_frame(from: Ipv4Addr, job_key: JobKey, inner: &[u8]) -> Vec<u8> {
     let mut f = Vec::new();
     f.extend_from_slice(&UNDERLAY_MAC);
     f.extend_from_slice(&PROXY_MAC);

@@ -125,8 +125,8 @@ impl Job {
         self.guard.info()
     }
 
-    pub fn key(&self) -> u64 {
-        u64::from_str_radix(&self.info().job_key, 16).unwrap()
+    pub fn key(&self) -> snas_wire::JobKey {
+        self.info().job_key.parse().unwrap()
     }
 
     /// A command prepared to run inside the job.
@@ -474,7 +474,7 @@ pub fn widen_tier1_limits(tb: &Testbed, job: &Job) {
         veth_ifindex: u32::try_from(veth["ifindex"].as_u64().unwrap()).unwrap(),
         job_key: job.key(),
         tenant_id: me.tenant_id,
-        policy_serial: me.serial,
+        policy_serial: snas_bpf::PolicySerial(me.serial),
         sandbox_ip: v4(me.sandbox_ip),
         sandbox_mac: mac(&eth0),
         host_mac: mac(&veth),

@@ -390,7 +390,7 @@ fn is_any_host(r: &snas_policy::EgressRule) -> bool {
 fn any_host_rule(claims: &snas_policy::PolicyClaims, port: u16, t: Transport) -> Option<usize> {
     claims.egress.iter().position(|r| match r {
         snas_policy::EgressRule::Host { host, protocol } => {
-            is_any_host(r) && host.ports.contains(port) && protocol.allows(t)
+            is_any_host(r) && host.ports.contains(port) && protocol.allows(t.into())
         }
         snas_policy::EgressRule::Cidr { .. } => false,
     })
