@@ -117,7 +117,7 @@ pub struct QueueGauges {
 
 impl QueueGauges {
     /// The sum of the workers' gauges.
-    pub fn sum(workers: &[crate::daemon::WorkerGauges]) -> QueueGauges {
+    pub fn sum(workers: &[crate::shared::WorkerGauges]) -> QueueGauges {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         workers
             .iter()
