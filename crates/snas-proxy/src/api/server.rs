@@ -182,11 +182,12 @@ async fn metrics_text(State(c): State<Ctl>) -> Response {
         draining: s.draining.load(Ordering::Relaxed),
         queues: metrics::QueueGauges::sum(&s.worker_gauges),
     };
-    let text = {
-        let eng = s.engine();
-        metrics::render(&s.metrics, &eng, extra)
-    };
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    let scrape = metrics::Scrape::take(&s.metrics, &s.engine(), extra);
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        scrape.render(),
+    )
+        .into_response()
 }
 
 fn proto_name(p: crate::nat::IpProto) -> &'static str {
