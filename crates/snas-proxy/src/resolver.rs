@@ -42,10 +42,11 @@ use snas_wire::Reason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::api::ProxyClient;
-use crate::audit_log::AuditLine;
+use crate::audit_log::flow_line;
 use crate::metrics::add;
 use crate::shared::Shared;
 use crate::tier2::JobPolicy;
+use snas_policy::audit::{Kind, Slot};
 
 /// EDNS0 option code carrying the job identity.
 pub const JOB_OPTION_CODE: u16 = 65053;
@@ -379,12 +380,12 @@ fn audit_refusal(ctx: &Ctx, p: &JobPolicy, name: &str) {
         bytes: 0,
         suppressed,
     };
-    let mut line = AuditLine::from_flow(&r);
-    line.kind = "dns";
+    let mut line = flow_line(&r);
+    line.kind = Some(Kind::Dns);
     line.proto = "dns".into();
-    line.src = None;
-    line.dst = None;
-    line.port = None;
+    line.src = Slot::Absent;
+    line.dst = Slot::Absent;
+    line.port = Slot::Absent;
     ctx.shared.audit.send(line);
 }
 

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::SystemTime;
 
-use crate::audit_log::{AuditLine, AuditSink};
+use crate::audit_log::{event_line, AuditSink};
 use crate::clock::{Clock, MonotonicClock, Nanos};
 use crate::config::ProxyConfig;
 use crate::guard::Guard;
@@ -75,7 +75,7 @@ impl Shared {
     /// Sends the engine's pending audit events to the log (call with the engine locked).
     pub fn flush_audit(&self, engine: &mut Tier2) {
         for e in engine.drain_audit() {
-            self.audit.send(AuditLine::from_event(&e));
+            self.audit.send(event_line(&e));
         }
     }
 }
