@@ -1,10 +1,10 @@
 //! The agent's audit log: one JSON object per line in the configured file.
 //!
-//! Owns the record format shared with the proxy (`time`, `tier`, `action`, `tenant`, `job`,
-//! `job_key`, `proto`, `src`, `dst`, `port`, `hostname`, `rule`, `reason`, `bytes`, plus
-//! `kind: "dns"` and `addrs` for DNS decisions) and the writer: producers hand records to an
+//! Owns the agent's records ([`AuditRecord`]: tier-1 events and DNS decisions, as the DNS stub
+//! and the tier-1 reader produce them) and the writer: producers hand records to an
 //! [`AuditSink`] that never blocks (a bounded queue; what does not fit is counted as dropped),
-//! and one background thread appends them to the file.
+//! and one background thread appends each as a line of the audit line type both tiers share
+//! ([`snas_policy::audit::AuditLine`], [`AuditRecord::line`]; fields in `docs/dns.md`).
 //!
 //! # Invariants
 //! - Emitting never blocks and never fails: the DNS path and the API are never slowed by disk.
@@ -23,34 +23,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use serde::Serialize;
+use snas_policy::audit::{AuditLine, Kind, Slot, Source};
 use tokio::sync::mpsc;
+
+pub use snas_policy::audit::Action;
 
 /// Records that may wait for the writer.
 pub const QUEUE: usize = 8192;
 
-/// What the decision was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    /// Allowed (a forwarded DNS answer, a new tier-1 flow).
-    Allow,
-    /// A packet denied by tier 1.
-    Deny,
-    /// A DNS query refused by the stub.
-    Refuse,
-}
-
-/// One audit line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One record of the agent (written as one [`AuditLine`], see [`AuditRecord::line`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditRecord {
     /// RFC 3339 time (UTC, milliseconds).
     pub time: String,
     /// Enforcement tier (the agent writes tier 1).
     pub tier: u8,
-    /// `"dns"` for DNS decisions; absent for packet events.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub kind: Option<&'static str>,
+    /// `Kind::Dns` for DNS decisions; none for packet events.
+    pub kind: Option<Kind>,
     /// Decision.
     pub action: Action,
     /// Tenant name (empty when the job is unknown).
@@ -76,24 +65,41 @@ pub struct AuditRecord {
     /// Bytes of the packet or DNS message.
     pub bytes: u64,
     /// DNS only: the query type.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub qtype: Option<String>,
     /// DNS only: the addresses installed into tier 1.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub addrs: Vec<IpAddr>,
     /// DNS refusals of this job left out of the log (per-job audit limit) since its previous
     /// refusal line.
-    #[serde(skip_serializing_if = "is_zero")]
     pub suppressed: u64,
 }
 
-fn is_zero(n: &u64) -> bool {
-    *n == 0
+impl AuditRecord {
+    /// The line written for the record: `src`, `dst`, `hostname` and `rule` always present
+    /// (`null` when empty), `port` always, `kind`, `qtype`, `addrs` and `suppressed` only when
+    /// set.
+    pub fn line(&self) -> AuditLine {
+        let mut l = AuditLine::new(self.time.clone(), self.tier, self.kind, self.action);
+        l.tenant = self.tenant.clone();
+        l.job = self.job.clone();
+        l.job_key = self.job_key.clone();
+        l.proto = self.proto.clone();
+        l.src = Slot::or_null(self.src.map(Source::Addr));
+        l.dst = Slot::or_null(self.dst);
+        l.port = Slot::Value(self.port);
+        l.hostname = Slot::or_null(self.hostname.clone());
+        l.rule = Slot::or_null(self.rule);
+        l.reason = Some(self.reason.clone().into());
+        l.bytes = self.bytes;
+        l.qtype = self.qtype.clone();
+        l.addrs = self.addrs.clone();
+        l.suppressed = self.suppressed;
+        l
+    }
 }
 
 /// RFC 3339 UTC time with milliseconds.
 pub fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
+    snas_policy::audit::rfc3339_millis(t)
 }
 
 /// Protocol number → audit name.
@@ -234,7 +240,7 @@ fn write_loop(file: std::fs::File, mut rx: mpsc::Receiver<AuditRecord>, path: &s
     while let Some(first) = rx.blocking_recv() {
         let mut next = Some(first);
         while let Some(rec) = next {
-            match serde_json::to_vec(&rec) {
+            match serde_json::to_vec(&rec.line()) {
                 Ok(mut line) => {
                     line.push(b'\n');
                     if let Err(e) = out.write_all(&line) {
@@ -265,7 +271,7 @@ mod tests {
         AuditRecord {
             time: rfc3339(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1500)),
             tier: 1,
-            kind: Some("dns"),
+            kind: Some(Kind::Dns),
             action: Action::Refuse,
             tenant: "acme".into(),
             job: "build".into(),

@@ -26,7 +26,8 @@
 //!   [`DISCOVERY_INTERVAL`]): new addresses are appended (positions never move), vanished ones
 //!   are unlisted (dead to tier 1) in place, so the table holds every proxy ever seen, up to
 //!   `MAX_PROXIES` (64). A failed lookup keeps the current set.
-//! - The probe is a minimal HTTP/1.0 client (status line only): the control endpoint is ours.
+//! - Probes and notices go through the proxy's typed client (`snas_proxy::api::ProxyClient`):
+//!   one connection per call.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -35,7 +36,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use snas_bpf::ProxyEntry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use snas_proxy::api::{ProxyClient, ProxyHealth};
 
 pub use crate::api::types::{Health, ProxyStatus};
 use crate::seams::Dataplane;
@@ -314,59 +315,13 @@ impl Proxies {
     }
 }
 
-/// One `GET /healthz` with an overall `timeout`.
+/// One `GET /healthz` with an overall `timeout`: 200 is alive, 503 draining, anything else
+/// (another status, a timeout, a refused connection) a failure.
 pub async fn probe(addr: SocketAddr, timeout: Duration) -> Probe {
-    match tokio::time::timeout(timeout, probe_inner(addr)).await {
-        Ok(Ok(p)) => p,
-        _ => Probe::Failed,
-    }
-}
-
-async fn probe_inner(addr: SocketAddr) -> std::io::Result<Probe> {
-    let head = request_head(addr, "GET", "/healthz").await?;
-    Ok(parse_status(&head))
-}
-
-/// One bodiless HTTP/1.0 request to a proxy's control endpoint (ours: a minimal client is
-/// enough); returns the start of the answer (at least its status line, if the server sent one).
-async fn request_head(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<Vec<u8>> {
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    let req = format!(
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: snas-agent\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await?;
-    let mut buf = vec![0u8; 64];
-    let mut n = 0;
-    while n < buf.len() {
-        let k = s.read(&mut buf[n..]).await?;
-        if k == 0 {
-            break;
-        }
-        n += k;
-        if buf[..n].contains(&b'\n') {
-            break;
-        }
-    }
-    buf.truncate(n);
-    Ok(buf)
-}
-
-/// The status code of an HTTP/1.x status line.
-pub fn status_code(head: &[u8]) -> Option<u16> {
-    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let mut parts = line.split(|&b| b == b' ');
-    if !parts.next().unwrap_or_default().starts_with(b"HTTP/1.") {
-        return None;
-    }
-    std::str::from_utf8(parts.next()?).ok()?.parse().ok()
-}
-
-/// Maps an HTTP status line to a probe result.
-pub fn parse_status(head: &[u8]) -> Probe {
-    match status_code(head) {
-        Some(200) => Probe::Ok,
-        Some(503) => Probe::Draining,
-        _ => Probe::Failed,
+    match ProxyClient::new(addr).with_timeout(timeout).health().await {
+        Ok(ProxyHealth::Ok) => Probe::Ok,
+        Ok(ProxyHealth::Draining) => Probe::Draining,
+        Err(_) => Probe::Failed,
     }
 }
 
@@ -404,7 +359,6 @@ pub async fn announce_job_ended(
     notices: Arc<EndNotices>,
     timeout: Duration,
 ) {
-    let path = format!("/v1/jobs/{}/ended", crate::naming::job_key_hex(job_key));
     let targets: Vec<SocketAddr> = proxies
         .snapshot()
         .statuses()
@@ -414,13 +368,13 @@ pub async fn announce_job_ended(
         .collect();
     let mut set = tokio::task::JoinSet::new();
     for addr in targets {
-        let path = path.clone();
         set.spawn(async move {
-            let head = tokio::time::timeout(timeout, request_head(addr, "POST", &path)).await;
-            (
-                addr,
-                head.ok().and_then(Result::ok).and_then(|h| status_code(&h)),
-            )
+            let client = ProxyClient::new(addr).with_timeout(timeout);
+            let status = match client.job_ended(job_key).await {
+                Ok(()) => Some(204),
+                Err(e) => e.status(),
+            };
+            (addr, status)
         });
     }
     while let Some(r) = set.join_next().await {
@@ -669,17 +623,5 @@ mod tests {
         assert!(t.reconcile(&[a, b]));
         assert!(t.entries()[1].alive);
         assert_eq!(t.entries().len(), 3);
-    }
-
-    #[test]
-    fn status_lines_map_to_probes() {
-        assert_eq!(parse_status(b"HTTP/1.1 200 OK\r\n"), Probe::Ok);
-        assert_eq!(
-            parse_status(b"HTTP/1.0 503 Service Unavailable\r\n"),
-            Probe::Draining
-        );
-        assert_eq!(parse_status(b"HTTP/1.1 500 Oops\r\n"), Probe::Failed);
-        assert_eq!(parse_status(b"SSH-2.0-OpenSSH\r\n"), Probe::Failed);
-        assert_eq!(parse_status(b""), Probe::Failed);
     }
 }

@@ -539,7 +539,7 @@ impl DnsStub {
         self.audit.emit(AuditRecord {
             time: rfc3339(SystemTime::now()),
             tier: 1,
-            kind: Some("dns"),
+            kind: Some(snas_policy::audit::Kind::Dns),
             action,
             tenant: policy.tenant.clone(),
             job: policy.job.clone(),

@@ -352,7 +352,7 @@ async fn name_outside_the_policy_is_refused_audited_and_never_forwarded() {
     assert_eq!(recs[0].reason, "dns_refused");
     assert_eq!(recs[0].hostname.as_deref(), Some("evil.example.org"));
     assert_eq!(recs[0].job, "build");
-    assert_eq!(recs[0].kind, Some("dns"));
+    assert_eq!(recs[0].kind, Some(snas_policy::audit::Kind::Dns));
 }
 
 #[tokio::test]

@@ -297,7 +297,7 @@ fn privileged_api_creates_lists_counts_serves_policy_and_deletes() {
     let (status, _) = agent.policy(&format!("/v1/jobs/{key}/policy"));
     assert_eq!(status, 404);
     // The proxy has been told the job ended (after the answer, not before it).
-    let ended = format!("POST /v1/jobs/{key}/ended HTTP/1.0");
+    let ended = format!("POST /v1/jobs/{key}/ended HTTP/1.1");
     while !agent.told.lock().unwrap().contains(&ended) {
         assert!(
             std::time::Instant::now() < deadline + Duration::from_secs(5),

@@ -18,6 +18,7 @@
 //!   read with.
 //! - [`jws`]: [`sign`] and [`verify`].
 //! - [`matcher`]: [`compile`] → [`Matcher`] → [`Decision`].
+//! - [`audit`]: the audit line both tiers write and `snas run` reads.
 //! - [`binding`]: the TTL clamp and grace both tiers apply to addresses learnt from DNS.
 //! - `synthetic` (hidden): the 10,000-rule benchmark policy and its lookup probes.
 //!
@@ -28,6 +29,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod authoring;
 pub mod binding;
 pub mod bundle;

@@ -2,7 +2,8 @@
 //! and per job ended, appended to the configured file by a background thread.
 //!
 //! # What it owns
-//! The record format (`docs/proxy.md`), the bounded channel between the data path and the
+//! The tier-2 lines (of the one audit line type, [`snas_policy::audit::AuditLine`]; fields in
+//! `docs/proxy.md`) built from the engine's events, the bounded channel between the data path and the
 //! writer thread, and the count of records lost because the channel was full. The data path
 //! never blocks on the log: [`AuditSink::send`] is a `try_send`.
 //!
@@ -13,15 +14,14 @@
 
 use std::fs::OpenOptions;
 use std::io::{BufWriter, Write};
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
+use snas_policy::audit::{rfc3339_secs, Action, Kind, Slot, Source};
 
 use crate::nat::IpProto;
 use crate::tier2::{AuditEvent, AuditRecord, FlowEndRecord};
@@ -29,80 +29,7 @@ use crate::tier2::{AuditEvent, AuditRecord, FlowEndRecord};
 /// Records buffered between the data path and the writer.
 pub const AUDIT_QUEUE: usize = 16 * 1024;
 
-/// One audit line.
-#[derive(Debug, Clone, Serialize)]
-pub struct AuditLine {
-    /// RFC 3339 time (seconds).
-    pub time: String,
-    /// Enforcement tier (2 here).
-    pub tier: u8,
-    /// `flow` (new-flow decision), `flow_end`, `dns` or `job`.
-    pub kind: &'static str,
-    /// `allow`, `deny`, `refuse` (decisions, DNS), `end` (flow_end, job).
-    pub action: &'static str,
-    /// Tenant name.
-    pub tenant: String,
-    /// Job name.
-    pub job: String,
-    /// Job key, 16 hex digits.
-    pub job_key: String,
-    /// `tcp`, `udp`, `icmp`, `dns` (absent on job lines).
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub proto: String,
-    /// Sandbox address and port (flows).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub src: Option<String>,
-    /// Destination address (flows).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dst: Option<IpAddr>,
-    /// Destination port (flows).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub port: Option<u16>,
-    /// The hostname the destination was bound from, or the queried name (DNS).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub hostname: Option<String>,
-    /// Index of the matching rule.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<usize>,
-    /// Reason name for deny/refuse.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<&'static str>,
-    /// Bytes of the inner packet the decision was made on (0 for DNS and jobs); for
-    /// `flow_end`, the flow's bytes both ways.
-    pub bytes: u64,
-    /// NAT source (allowed flows, flow ends).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub egress: Option<String>,
-    /// Why the flow ended (`idle`, `closed`, `policy_expired`, `job_ended`, `policy_gone`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub end: Option<&'static str>,
-    /// Flow ends: bytes sandbox → internet.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bytes_out: Option<u64>,
-    /// Flow ends: bytes internet → sandbox.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub bytes_in: Option<u64>,
-    /// Flow ends: packets sandbox → internet.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub packets_out: Option<u32>,
-    /// Flow ends: packets internet → sandbox.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub packets_in: Option<u32>,
-    /// Flow ends: first to last packet, milliseconds.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub duration_ms: Option<u64>,
-    /// Job ended: flows removed.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub flows: Option<u64>,
-    /// Lines of this job left out (over its per-job budget) since its previous line.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub suppressed: Option<u64>,
-}
-
-fn rfc3339(unix_secs: u64) -> String {
-    humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(unix_secs))
-        .to_string()
-}
+pub use snas_policy::audit::AuditLine;
 
 fn proto_name(p: snas_wire::L4Proto) -> &'static str {
     match p {
@@ -123,116 +50,99 @@ pub fn ip_proto_name(p: IpProto) -> &'static str {
     }
 }
 
-fn nonzero(n: u64) -> Option<u64> {
-    (n > 0).then_some(n)
+/// A tier-2 line of a job (`tenant`, `job`, `job_key` set; everything optional left out).
+fn line(
+    unix_secs: u64,
+    kind: Kind,
+    action: Action,
+    job_key: u64,
+    names: (&str, &str),
+) -> AuditLine {
+    let mut l = AuditLine::new(rfc3339_secs(unix_secs), 2, Some(kind), action);
+    l.tenant = names.0.to_owned();
+    l.job = names.1.to_owned();
+    l.job_key = format!("{job_key:016x}");
+    l
 }
 
-impl AuditLine {
-    /// The line of an engine event.
-    pub fn from_event(e: &AuditEvent) -> AuditLine {
-        match e {
-            AuditEvent::Decision(r) => AuditLine::from_flow(r),
-            AuditEvent::FlowEnd(r) => AuditLine::from_flow_end(r),
-            AuditEvent::JobEnded(r) => {
-                let mut line =
-                    AuditLine::job_ended(r.job_key, Some((&r.tenant, &r.job)), r.unix_secs);
-                line.flows = Some(r.flows);
-                line
-            }
+/// The line of an engine event.
+pub fn event_line(e: &AuditEvent) -> AuditLine {
+    match e {
+        AuditEvent::Decision(r) => flow_line(r),
+        AuditEvent::FlowEnd(r) => flow_end_line(r),
+        AuditEvent::JobEnded(r) => {
+            let mut l = job_ended_line(r.job_key, Some((&r.tenant, &r.job)), r.unix_secs);
+            l.flows = Some(r.flows);
+            l
         }
     }
+}
 
-    /// The line of the end of a flow.
-    pub fn from_flow_end(r: &FlowEndRecord) -> AuditLine {
-        let c = r.counters;
-        AuditLine {
-            time: rfc3339(r.unix_secs),
-            tier: 2,
-            kind: "flow_end",
-            action: "end",
-            tenant: r.tenant.to_string(),
-            job: r.job.to_string(),
-            job_key: format!("{:016x}", r.job_key),
-            proto: ip_proto_name(r.proto).into(),
-            src: Some(std::net::SocketAddr::from(r.src).to_string()),
-            dst: Some(r.dst.0),
-            port: Some(r.dst.1),
-            hostname: r.hostname.as_ref().map(|h| h.to_string()),
-            rule: None,
-            reason: None,
-            bytes: c.bytes_out.saturating_add(c.bytes_in),
-            egress: Some(std::net::SocketAddr::from(r.egress).to_string()),
-            end: Some(r.end.name()),
-            bytes_out: Some(c.bytes_out),
-            bytes_in: Some(c.bytes_in),
-            packets_out: Some(c.packets_out),
-            packets_in: Some(c.packets_in),
-            duration_ms: Some(u64::try_from(r.duration.as_millis()).unwrap_or(u64::MAX)),
-            flows: None,
-            suppressed: nonzero(r.suppressed),
-        }
-    }
+/// The line of the end of a flow.
+pub fn flow_end_line(r: &FlowEndRecord) -> AuditLine {
+    let c = r.counters;
+    let mut l = line(
+        r.unix_secs,
+        Kind::FlowEnd,
+        Action::End,
+        r.job_key,
+        (&r.tenant, &r.job),
+    );
+    l.proto = ip_proto_name(r.proto).into();
+    l.src = Slot::Value(Source::Socket(SocketAddr::from(r.src)));
+    l.dst = Slot::Value(r.dst.0);
+    l.port = Slot::Value(r.dst.1);
+    l.hostname = Slot::or_absent(r.hostname.as_ref().map(|h| h.to_string()));
+    l.bytes = c.bytes_out.saturating_add(c.bytes_in);
+    l.egress = Some(SocketAddr::from(r.egress));
+    l.end = Some(r.end.name().into());
+    l.bytes_out = Some(c.bytes_out);
+    l.bytes_in = Some(c.bytes_in);
+    l.packets_out = Some(c.packets_out);
+    l.packets_in = Some(c.packets_in);
+    l.duration_ms = Some(u64::try_from(r.duration.as_millis()).unwrap_or(u64::MAX));
+    l.suppressed = r.suppressed;
+    l
+}
 
-    /// The line of a job its node said ended (`names`: tenant and job, if the policy is held).
-    pub fn job_ended(job_key: u64, names: Option<(&str, &str)>, unix_secs: u64) -> AuditLine {
-        let (tenant, job) = names.unwrap_or(("", ""));
-        AuditLine {
-            time: rfc3339(unix_secs),
-            tier: 2,
-            kind: "job",
-            action: "end",
-            tenant: tenant.to_owned(),
-            job: job.to_owned(),
-            job_key: format!("{job_key:016x}"),
-            proto: String::new(),
-            src: None,
-            dst: None,
-            port: None,
-            hostname: None,
-            rule: None,
-            reason: Some("job_ended"),
-            bytes: 0,
-            egress: None,
-            end: None,
-            bytes_out: None,
-            bytes_in: None,
-            packets_out: None,
-            packets_in: None,
-            duration_ms: None,
-            flows: None,
-            suppressed: None,
-        }
-    }
+/// The line of a job its node said ended (`names`: tenant and job, if the policy is held).
+pub fn job_ended_line(job_key: u64, names: Option<(&str, &str)>, unix_secs: u64) -> AuditLine {
+    let mut l = line(
+        unix_secs,
+        Kind::Job,
+        Action::End,
+        job_key,
+        names.unwrap_or(("", "")),
+    );
+    l.reason = Some("job_ended".into());
+    l
+}
 
-    /// The line of a tier-2 flow decision.
-    pub fn from_flow(r: &AuditRecord) -> AuditLine {
-        AuditLine {
-            time: rfc3339(r.unix_secs),
-            tier: 2,
-            kind: "flow",
-            action: r.action.name(),
-            tenant: r.tenant.to_string(),
-            job: r.job.to_string(),
-            job_key: format!("{:016x}", r.job_key),
-            proto: proto_name(r.proto).into(),
-            src: Some(std::net::SocketAddr::from(r.src).to_string()),
-            dst: Some(r.dst.0),
-            port: Some(r.dst.1),
-            hostname: r.hostname.as_ref().map(|h| h.to_string()),
-            rule: r.rule,
-            reason: r.reason.map(|x| x.name()),
-            bytes: r.bytes,
-            egress: r.egress.map(|e| std::net::SocketAddr::from(e).to_string()),
-            end: None,
-            bytes_out: None,
-            bytes_in: None,
-            packets_out: None,
-            packets_in: None,
-            duration_ms: None,
-            flows: None,
-            suppressed: nonzero(r.suppressed),
-        }
-    }
+/// The line of a tier-2 flow decision.
+pub fn flow_line(r: &AuditRecord) -> AuditLine {
+    let action = match r.action {
+        crate::tier2::Action::Allow => Action::Allow,
+        crate::tier2::Action::Deny => Action::Deny,
+        crate::tier2::Action::Refuse => Action::Refuse,
+    };
+    let mut l = line(
+        r.unix_secs,
+        Kind::Flow,
+        action,
+        r.job_key,
+        (&r.tenant, &r.job),
+    );
+    l.proto = proto_name(r.proto).into();
+    l.src = Slot::Value(Source::Socket(SocketAddr::from(r.src)));
+    l.dst = Slot::Value(r.dst.0);
+    l.port = Slot::Value(r.dst.1);
+    l.hostname = Slot::or_absent(r.hostname.as_ref().map(|h| h.to_string()));
+    l.rule = Slot::or_absent(r.rule);
+    l.reason = r.reason.map(|x| x.name().into());
+    l.bytes = r.bytes;
+    l.egress = r.egress.map(SocketAddr::from);
+    l.suppressed = r.suppressed;
+    l
 }
 
 /// The data path's end of the audit channel.

@@ -57,17 +57,17 @@
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::BinaryHeap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use snas_policy::bundle_fs::load_trust_bundle;
 use snas_wire::geneve::parse_payload;
 use snas_wire::Reason;
 
-use crate::audit_log::{self, AuditLine, AuditSink};
+use crate::audit_log;
 use crate::budget::QueueBudget;
 use crate::clock::{Clock, MonotonicClock, Nanos};
 use crate::config::{ProxyConfig, GENEVE_PORT};
@@ -78,10 +78,12 @@ use crate::hold::HeldPacket;
 use crate::metrics::{add, Metrics};
 use crate::pacer::PacerConfig;
 use crate::policy_fetch::{FetchConfig, Fetcher, PolicyStore};
-use crate::tier2::{Now, Tier2, Tier2Config, Verdict, GENEVE_HEADER_LEN};
+use crate::tier2::{Tier2, Tier2Config, Verdict, GENEVE_HEADER_LEN};
 use crate::tun::{self, TunQueue};
 use crate::udp::{self, GeneveSocket, RecvBatch, SendBatch};
 use crate::wake::Wake;
+
+use crate::shared::{Shared, WorkerGauges};
 
 /// Housekeeping period (conntrack expiry, drain flag) and longest `poll` sleep.
 pub const TICK: Duration = Duration::from_millis(5);
@@ -104,87 +106,6 @@ fn send_now(depart: Nanos, now: Nanos, floor: &mut Option<Nanos>) -> bool {
 
 /// Size of a refusal buffer (GENEVE header + RST or ICMP quoting up to 1280 bytes).
 const REFUSAL_LEN: usize = GENEVE_HEADER_LEN + 1400;
-
-/// State shared by workers, the control endpoint and the resolver.
-#[derive(Debug)]
-pub struct Shared {
-    /// The configuration.
-    pub cfg: ProxyConfig,
-    /// The tier-2 engine (one for all workers; see the module docs).
-    pub engine: Mutex<Tier2>,
-    /// Verified policies.
-    pub store: Arc<PolicyStore>,
-    /// Policy fetcher.
-    pub fetcher: Arc<Fetcher>,
-    /// Drain flag (control endpoint).
-    pub draining: AtomicBool,
-    /// Counters.
-    pub metrics: Metrics,
-    /// Audit log.
-    pub audit: AuditSink,
-    /// The monotonic clock of the engine.
-    pub clock: MonotonicClock,
-    /// Wakes the workers (held packets to release).
-    pub wake: Wake,
-    /// Per worker: what its pacing and fair queues hold (metrics).
-    pub worker_gauges: Vec<WorkerGauges>,
-    /// The nftables guard, when the data path runs.
-    pub guard: Option<Arc<Guard>>,
-    stop: AtomicBool,
-}
-
-impl Shared {
-    /// Locks the engine (a poisoned lock is taken over: the engine has no invariant a panic in
-    /// a worker could break half-way that is worse than stopping the proxy).
-    pub fn engine(&self) -> MutexGuard<'_, Tier2> {
-        self.engine.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The engine's monotonic time now.
-    pub fn clock_now(&self) -> Nanos {
-        self.clock.now()
-    }
-
-    /// The engine's time now.
-    pub fn now(&self) -> Now {
-        Now {
-            mono: self.clock.now(),
-            unix_secs: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        }
-    }
-
-    /// Sends the engine's pending audit events to the log (call with the engine locked).
-    pub fn flush_audit(&self, engine: &mut Tier2) {
-        for e in engine.drain_audit() {
-            self.audit.send(AuditLine::from_event(&e));
-        }
-    }
-}
-
-/// What one worker's queues hold, published after each wake-up (metrics).
-#[derive(Debug, Default)]
-pub struct WorkerGauges {
-    /// Packets in its pacing queue.
-    pub pacing_packets: AtomicU64,
-    /// Their bytes.
-    pub pacing_bytes: AtomicU64,
-    /// Packets in its two fair queues.
-    pub fair_packets: AtomicU64,
-    /// Their bytes.
-    pub fair_bytes: AtomicU64,
-    /// Tenants with something in its fair queues (counted once per queue).
-    pub fair_tenants: AtomicU64,
-    /// Packets served from its fair queues since start.
-    pub fair_served: AtomicU64,
-    /// Their summed waits in the fair queues, nanoseconds.
-    pub fair_waited_ns: AtomicU64,
-    /// Packets its node-side fair queue shed (`tenant_queue_full`) since start.
-    pub fair_dropped_from_nodes: AtomicU64,
-    /// Packets its node-bound fair queue shed (`tenant_queue_full`) since start.
-    pub fair_dropped_to_nodes: AtomicU64,
-}
 
 /// A start-up failure.
 #[derive(Debug, thiserror::Error)]
@@ -290,7 +211,7 @@ impl Daemon {
         let io = |what| move |source| DaemonError::Io { what, source };
         std::fs::create_dir_all(&cfg.state_dir).map_err(io("create state_dir"))?;
         let trust = load_trust_bundle(&cfg.trust)?;
-        let secrets = crate::control::Secrets {
+        let secrets = crate::api::server::Secrets {
             peer_secret: match &cfg.peer_secret_file {
                 Some(p) => Some(read_secret("peer_secret_file", p)?),
                 None => None,
@@ -426,14 +347,14 @@ impl Daemon {
                 // No worker runs the engine's housekeeping: a task does.
                 runtime.spawn(housekeeping(Arc::clone(&shared)));
             }
-            runtime.spawn(crate::control::serve(
+            runtime.spawn(crate::api::server::serve(
                 control,
-                crate::control::management_router(Arc::clone(&shared), secrets.clone()),
+                crate::api::server::management_router(Arc::clone(&shared), secrets.clone()),
                 "control",
             ));
-            runtime.spawn(crate::control::serve(
+            runtime.spawn(crate::api::server::serve(
                 service,
-                crate::control::service_router(Arc::clone(&shared), secrets.clone()),
+                crate::api::server::service_router(Arc::clone(&shared), secrets.clone()),
                 "service",
             ));
             crate::resolver::spawn(resolver_sockets, Arc::clone(&shared), secrets.peer_secret)

@@ -28,33 +28,36 @@
 //! - [`daemon`]: wiring, data-path workers, pacing queue.
 //! - [`udp`], [`tun`], [`wake`]: batched GENEVE socket I/O, the TUN device and the workers'
 //!   wake-up eventfd (with [`guard`]'s `setns`, the only `unsafe`).
-//! - [`policy_fetch`]: the real policy cache and fetcher; [`http`]: its tiny client.
-//! - [`resolver`]: DNS for jobs and (job, address) bindings; [`control`]: the management and
-//!   service HTTP endpoints; [`audit_log`]; [`metrics`].
+//! - [`shared`]: the state the workers, the endpoints and the resolver share.
+//! - [`policy_fetch`]: the real policy cache and fetcher.
+//! - [`api`]: the management and service endpoints' contract ([`api::types`]), their server
+//!   ([`api::server`]) and the typed client ([`api::client`]), which the agents, the CLI, the
+//!   testbed and the proxy itself (policy fetch, peer pushes) use.
+//! - [`resolver`]: DNS for jobs and (job, address) bindings; [`audit_log`]; [`metrics`].
 //!
 //! Operator topics (timeouts, quotas, quarantine, horizon, memory): `docs/proxy-core.md`.
 #![deny(unsafe_code)]
 
+pub mod api;
 pub mod audit_log;
 pub mod bindings;
 pub mod budget;
 pub mod clock;
 pub mod config;
 pub mod conntrack;
-pub mod control;
 pub mod daemon;
 pub mod fair;
 pub mod gso;
 #[allow(unsafe_code)]
 pub mod guard;
 pub mod hold;
-pub mod http;
 pub mod infra;
 pub mod metrics;
 pub mod nat;
 pub mod pacer;
 pub mod policy_fetch;
 pub mod resolver;
+pub mod shared;
 #[doc(hidden)]
 pub mod synthetic;
 pub mod tier2;

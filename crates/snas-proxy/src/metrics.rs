@@ -1,21 +1,40 @@
-//! Proxy metrics in the Prometheus text exposition format (`GET /metrics`).
+//! Proxy metrics in the Prometheus text exposition format 0.0.4 (`GET /metrics`), encoded by
+//! prometheus-client.
 //!
 //! # What it owns
-//! The data path's counters (relaxed atomics, bumped once per batch or per event, never
-//! locked) and [`render`], which adds gauges read at scrape time from the engine (drops by
-//! reason, live flows, NAT utilisation per egress address), the policy cache and the fetcher.
+//! The data path's counters ([`Metrics`]: relaxed atomics, bumped once per batch or per event,
+//! never locked) and one scrape: [`Scrape::take`] copies those counters, the engine's figures
+//! (drops by reason, live flows, held packets, NAT utilisation per egress address) and the
+//! daemon's ([`Extra`]: policy cache, fetcher, audit, draining, queues, guard) — the engine
+//! locked only for the copy — and [`Scrape::render`] writes them through a prometheus-client
+//! `Collector` as constant samples.
 //!
 //! # Choice
-//! The text format is written by hand (a dozen families, no labels beyond `reason`,
-//! `direction`, `egress_ip`, `outcome`), which keeps the data path free of a metrics
-//! library's registry locks.
+//! A collector over a snapshot, not live metrics in a registry (as the agent does): the
+//! figures already live where they are counted (the workers' atomics, the engine's drop
+//! array, the NAT allocator), so the data path takes no registry lock and nothing is counted
+//! twice.
+//!
+//! # Invariants
+//! Family names, types and labels are those documented in `docs/proxy.md` (counters are
+//! registered without their `_total`, which the encoder appends; a test pins the list to the
+//! doc); families are written in a fixed order; `snas_proxy_drops_total` has samples only for
+//! reasons with drops, and `snas_proxy_guard_drops_total` only when the guard could be read.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use snas_wire::Reason;
 
+use crate::nat::EgressUsage;
 use crate::tier2::Tier2;
+
+pub use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 /// Counters bumped by workers, the resolver and the control endpoint.
 #[derive(Debug, Default)]
@@ -66,11 +85,6 @@ pub fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
 /// Values read outside the engine lock.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Extra {
@@ -117,7 +131,7 @@ pub struct QueueGauges {
 
 impl QueueGauges {
     /// The sum of the workers' gauges.
-    pub fn sum(workers: &[crate::daemon::WorkerGauges]) -> QueueGauges {
+    pub fn sum(workers: &[crate::shared::WorkerGauges]) -> QueueGauges {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         workers
             .iter()
@@ -136,309 +150,462 @@ impl QueueGauges {
     }
 }
 
-/// Destinations listed by `snas_proxy_destination_flows`.
-pub const HOTTEST: usize = 10;
-
-/// The `n` destinations (address, port) with the most live flows, most first.
-pub fn hottest(engine: &Tier2, n: usize) -> Vec<((std::net::IpAddr, u16), u64)> {
-    let mut count: std::collections::HashMap<(std::net::IpAddr, u16), u64> =
-        std::collections::HashMap::new();
-    for (_, f) in engine.conntrack().iter() {
-        *count.entry((f.key.dst_ip, f.key.dst_port)).or_default() += 1;
-    }
-    let mut v: Vec<_> = count.into_iter().collect();
-    v.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    v.truncate(n);
-    v
+/// The counters of [`Metrics`], read once.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counters {
+    packets: [(&'static str, u64); 4],
+    bytes: [(&'static str, u64); 4],
+    refusals: u64,
+    held_packets: u64,
+    held_released: u64,
+    jobs_ended: u64,
+    tun_write_errors: u64,
+    node_send_failures: u64,
+    gso_segmented: u64,
+    dns: [(&'static str, u64); 3],
+    peer_bindings: u64,
 }
 
-/// The exposition text.
-pub fn render(m: &Metrics, engine: &Tier2, extra: Extra) -> String {
-    let mut o = String::with_capacity(4096);
-    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    family(
-        &mut o,
-        "snas_proxy_packets_total",
-        "counter",
-        "Packets by direction.",
-    );
-    for (dir, c) in [
-        ("node_rx", &m.node_rx_packets),
-        ("internet_tx", &m.internet_tx_packets),
-        ("internet_rx", &m.internet_rx_packets),
-        ("node_tx", &m.node_tx_packets),
-    ] {
-        let _ = writeln!(
-            o,
-            "snas_proxy_packets_total{{direction=\"{dir}\"}} {}",
-            get(c)
-        );
-    }
-    family(
-        &mut o,
-        "snas_proxy_bytes_total",
-        "counter",
-        "Bytes by direction.",
-    );
-    for (dir, c) in [
-        ("node_rx", &m.node_rx_bytes),
-        ("internet_tx", &m.internet_tx_bytes),
-        ("internet_rx", &m.internet_rx_bytes),
-        ("node_tx", &m.node_tx_bytes),
-    ] {
-        let _ = writeln!(
-            o,
-            "snas_proxy_bytes_total{{direction=\"{dir}\"}} {}",
-            get(c)
-        );
-    }
-    family(
-        &mut o,
-        "snas_proxy_drops_total",
-        "counter",
-        "Tier-2 drops and refusals by reason.",
-    );
-    let drops = engine.drops();
-    for r in Reason::ALL {
-        let n = drops.get(usize::from(r.code())).copied().unwrap_or(0);
-        if n > 0 {
-            let _ = writeln!(o, "snas_proxy_drops_total{{reason=\"{}\"}} {n}", r.name());
+impl Counters {
+    fn read(m: &Metrics) -> Counters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Counters {
+            packets: [
+                ("node_rx", get(&m.node_rx_packets)),
+                ("internet_tx", get(&m.internet_tx_packets)),
+                ("internet_rx", get(&m.internet_rx_packets)),
+                ("node_tx", get(&m.node_tx_packets)),
+            ],
+            bytes: [
+                ("node_rx", get(&m.node_rx_bytes)),
+                ("internet_tx", get(&m.internet_tx_bytes)),
+                ("internet_rx", get(&m.internet_rx_bytes)),
+                ("node_tx", get(&m.node_tx_bytes)),
+            ],
+            refusals: get(&m.refusals),
+            held_packets: get(&m.held_packets),
+            held_released: get(&m.held_released),
+            jobs_ended: get(&m.jobs_ended),
+            tun_write_errors: get(&m.tun_write_errors),
+            node_send_failures: get(&m.node_send_failures),
+            gso_segmented: get(&m.gso_segmented),
+            dns: [
+                ("answered", get(&m.dns_answered)),
+                ("refused", get(&m.dns_refused)),
+                ("failed", get(&m.dns_failed)),
+            ],
+            peer_bindings: get(&m.peer_bindings),
         }
     }
-    let simple: [(&str, &str, u64); 9] = [
-        (
-            "snas_proxy_refusals_sent_total",
-            "RST/ICMP refusals sent to nodes.",
-            get(&m.refusals),
-        ),
-        (
-            "snas_proxy_held_packets_total",
-            "Packets held while their job's policy was fetched.",
-            get(&m.held_packets),
-        ),
-        (
-            "snas_proxy_held_released_total",
-            "Held packets processed after their job's policy arrived.",
-            get(&m.held_released),
-        ),
-        (
-            "snas_proxy_jobs_ended_total",
-            "Jobs ended by their node.",
-            get(&m.jobs_ended),
-        ),
-        (
-            "snas_proxy_tun_write_errors_total",
-            "Failed TUN writes.",
-            get(&m.tun_write_errors),
-        ),
-        (
-            "snas_proxy_node_send_failures_total",
-            "GENEVE datagrams to nodes the kernel refused (dropped).",
-            get(&m.node_send_failures),
-        ),
-        (
-            "snas_proxy_gso_segmented_total",
-            "TCP super-packets segmented.",
-            get(&m.gso_segmented),
-        ),
-        (
-            "snas_proxy_policy_fetch_failures_total",
-            "Failed policy fetches.",
-            extra.fetch_failed,
-        ),
-        (
-            "snas_proxy_policy_fetches_total",
-            "Successful policy fetches.",
-            extra.fetch_ok,
-        ),
-    ];
-    for (name, help, v) in simple {
-        family(&mut o, name, "counter", help);
-        let _ = writeln!(o, "{name} {v}");
-    }
-    family(
-        &mut o,
-        "snas_proxy_audit_lines_total",
-        "counter",
-        "Audit lines by outcome.",
-    );
-    let _ = writeln!(
-        o,
-        "snas_proxy_audit_lines_total{{outcome=\"written\"}} {}",
-        extra.audit_written
-    );
-    let _ = writeln!(
-        o,
-        "snas_proxy_audit_lines_total{{outcome=\"dropped\"}} {}",
-        extra.audit_dropped
-    );
-    let _ = writeln!(
-        o,
-        "snas_proxy_audit_lines_total{{outcome=\"suppressed\"}} {}",
-        engine.audit_suppressed()
-    );
-    family(
-        &mut o,
-        "snas_proxy_dns_queries_total",
-        "counter",
-        "DNS queries by outcome.",
-    );
-    for (outcome, c) in [
-        ("answered", &m.dns_answered),
-        ("refused", &m.dns_refused),
-        ("failed", &m.dns_failed),
-    ] {
-        let _ = writeln!(
-            o,
-            "snas_proxy_dns_queries_total{{outcome=\"{outcome}\"}} {}",
-            get(c)
-        );
-    }
-    family(
-        &mut o,
-        "snas_proxy_peer_bindings_total",
-        "counter",
-        "Bindings accepted from peers.",
-    );
-    let _ = writeln!(
-        o,
-        "snas_proxy_peer_bindings_total {}",
-        get(&m.peer_bindings)
-    );
-    if let Some(g) = extra.guard {
-        family(
-            &mut o,
-            "snas_proxy_guard_drops_total",
-            "counter",
-            "Packets from the TUN device the namespace guard dropped (a tier-2 bug if not 0).",
-        );
-        let _ = writeln!(
-            o,
-            "snas_proxy_guard_drops_total{{hook=\"input\"}} {}",
-            g.local
-        );
-        let _ = writeln!(
-            o,
-            "snas_proxy_guard_drops_total{{hook=\"forward\"}} {}",
-            g.infrastructure
-        );
-    }
-    family(&mut o, "snas_proxy_flows", "gauge", "Live flows.");
-    let _ = writeln!(o, "snas_proxy_flows {}", engine.conntrack().len());
-    let (held_packets, held_bytes) = engine.held();
-    let gauges = [
-        (
-            "snas_proxy_hold_queue_packets",
-            "Packets held while their job's policy is fetched.",
-            u64::from(held_packets),
-        ),
-        (
-            "snas_proxy_hold_queue_bytes",
-            "Bytes held while their job's policy is fetched.",
+}
+
+/// Everything one scrape shows.
+#[derive(Debug, Clone)]
+pub struct Scrape {
+    counters: Counters,
+    drops: [u64; Reason::COUNT],
+    audit_suppressed: u64,
+    flows: usize,
+    held_packets: u32,
+    held_bytes: u64,
+    nat: Vec<EgressUsage>,
+    extra: Extra,
+}
+
+impl Scrape {
+    /// Copies the counters, the engine's figures and `extra` (call with the engine locked;
+    /// the copy is all that happens under the lock).
+    pub fn take(m: &Metrics, engine: &Tier2, extra: Extra) -> Scrape {
+        let (held_packets, held_bytes) = engine.held();
+        Scrape {
+            counters: Counters::read(m),
+            drops: *engine.drops(),
+            audit_suppressed: engine.audit_suppressed(),
+            flows: engine.conntrack().len(),
+            held_packets,
             held_bytes,
-        ),
-        (
-            "snas_proxy_pacing_queue_packets",
-            "Packets waiting in the workers' pacing queues.",
-            extra.queues.pacing_packets,
-        ),
-        (
-            "snas_proxy_pacing_queue_bytes",
-            "Bytes waiting in the workers' pacing queues.",
-            extra.queues.pacing_bytes,
-        ),
-        (
-            "snas_proxy_fair_queue_packets",
-            "Packets waiting for their turn in the workers' fair queues.",
-            extra.queues.fair_packets,
-        ),
-        (
-            "snas_proxy_fair_queue_bytes",
-            "Bytes waiting for their turn in the workers' fair queues.",
-            extra.queues.fair_bytes,
-        ),
-        (
-            "snas_proxy_fair_queue_tenants",
-            "Tenants with packets in a fair queue (once per worker and direction).",
-            extra.queues.fair_tenants,
-        ),
-    ];
-    for (name, help, v) in gauges {
-        family(&mut o, name, "gauge", help);
-        let _ = writeln!(o, "{name} {v}");
+            nat: engine.conntrack().nat().egress_usage(),
+            extra,
+        }
     }
-    family(
-        &mut o,
-        "snas_proxy_fair_queue_served_total",
-        "counter",
-        "Packets served from the workers' fair queues.",
-    );
-    let _ = writeln!(
-        o,
-        "snas_proxy_fair_queue_served_total {}",
-        extra.queues.fair_served
-    );
-    family(
-        &mut o,
-        "snas_proxy_fair_queue_dropped_total",
-        "counter",
-        "Packets the workers' fair queues shed (tenant_queue_full), by direction.",
-    );
-    for (dir, v) in [
-        ("from_nodes", extra.queues.fair_dropped_from_nodes),
-        ("to_nodes", extra.queues.fair_dropped_to_nodes),
-    ] {
-        let _ = writeln!(
-            o,
-            "snas_proxy_fair_queue_dropped_total{{direction=\"{dir}\"}} {v}"
+
+    /// The exposition text (Prometheus text format 0.0.4, [`CONTENT_TYPE`]).
+    pub fn render(self) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self));
+        let mut out = String::with_capacity(8192);
+        // Writing into a String cannot fail; a collector error would leave a partial text,
+        // which is all there is to show.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
+        out
+    }
+}
+
+/// The exposition text of the counters, the engine and `extra` (see [`Scrape`]).
+pub fn render(m: &Metrics, engine: &Tier2, extra: Extra) -> String {
+    Scrape::take(m, engine, extra).render()
+}
+
+/// Writes families of one collector; counters are named without `_total`.
+struct Families<'a>(DescriptorEncoder<'a>);
+
+impl Families<'_> {
+    fn one<M: EncodeMetric>(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        v: M,
+    ) -> std::fmt::Result {
+        let m = self.0.encode_descriptor(name, help, None, kind)?;
+        v.encode(m)
+    }
+
+    fn counter(&mut self, name: &str, help: &str, v: u64) -> std::fmt::Result {
+        self.one(name, help, MetricType::Counter, ConstCounter::new(v))
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, v: u64) -> std::fmt::Result {
+        self.one(name, help, MetricType::Gauge, ConstGauge::new(v))
+    }
+
+    /// A family of `kind` with one sample per label set.
+    fn family<L: EncodeLabelSet, V: Copy>(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        samples: impl IntoIterator<Item = (L, V)>,
+    ) -> std::fmt::Result
+    where
+        ConstCounter<V>: EncodeMetric,
+        ConstGauge<V>: EncodeMetric,
+    {
+        let mut m = self.0.encode_descriptor(name, help, None, kind)?;
+        for (labels, v) in samples {
+            let s = m.encode_family(&labels)?;
+            match kind {
+                MetricType::Counter => ConstCounter::new(v).encode(s)?,
+                _ => ConstGauge::new(v).encode(s)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Collector for Scrape {
+    fn encode(&self, encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let c = &self.counters;
+        let x = &self.extra;
+        let q = &x.queues;
+        let mut f = Families(encoder);
+        f.family(
+            "snas_proxy_packets",
+            "Packets by direction.",
+            MetricType::Counter,
+            c.packets.map(|(d, v)| ([("direction", d)], v)),
+        )?;
+        f.family(
+            "snas_proxy_bytes",
+            "Bytes by direction.",
+            MetricType::Counter,
+            c.bytes.map(|(d, v)| ([("direction", d)], v)),
+        )?;
+        f.family(
+            "snas_proxy_drops",
+            "Tier-2 drops and refusals by reason.",
+            MetricType::Counter,
+            Reason::ALL.iter().filter_map(|r| {
+                let n = self.drops.get(usize::from(r.code())).copied().unwrap_or(0);
+                (n > 0).then(|| ([("reason", r.name())], n))
+            }),
+        )?;
+        for (name, help, v) in [
+            (
+                "snas_proxy_refusals_sent",
+                "RST/ICMP refusals sent to nodes.",
+                c.refusals,
+            ),
+            (
+                "snas_proxy_held_packets",
+                "Packets held while their job's policy was fetched.",
+                c.held_packets,
+            ),
+            (
+                "snas_proxy_held_released",
+                "Held packets processed after their job's policy arrived.",
+                c.held_released,
+            ),
+            (
+                "snas_proxy_jobs_ended",
+                "Jobs ended by their node.",
+                c.jobs_ended,
+            ),
+            (
+                "snas_proxy_tun_write_errors",
+                "Failed TUN writes.",
+                c.tun_write_errors,
+            ),
+            (
+                "snas_proxy_node_send_failures",
+                "GENEVE datagrams to nodes the kernel refused (dropped).",
+                c.node_send_failures,
+            ),
+            (
+                "snas_proxy_gso_segmented",
+                "TCP super-packets segmented.",
+                c.gso_segmented,
+            ),
+            (
+                "snas_proxy_policy_fetch_failures",
+                "Failed policy fetches.",
+                x.fetch_failed,
+            ),
+            (
+                "snas_proxy_policy_fetches",
+                "Successful policy fetches.",
+                x.fetch_ok,
+            ),
+        ] {
+            f.counter(name, help, v)?;
+        }
+        f.family(
+            "snas_proxy_audit_lines",
+            "Audit lines by outcome.",
+            MetricType::Counter,
+            [
+                ([("outcome", "written")], x.audit_written),
+                ([("outcome", "dropped")], x.audit_dropped),
+                ([("outcome", "suppressed")], self.audit_suppressed),
+            ],
+        )?;
+        f.family(
+            "snas_proxy_dns_queries",
+            "DNS queries by outcome.",
+            MetricType::Counter,
+            c.dns.map(|(o, v)| ([("outcome", o)], v)),
+        )?;
+        f.counter(
+            "snas_proxy_peer_bindings",
+            "Bindings accepted from peers.",
+            c.peer_bindings,
+        )?;
+        if let Some(g) = x.guard {
+            f.family(
+                "snas_proxy_guard_drops",
+                "Packets from the TUN device the namespace guard dropped (a tier-2 bug if not 0).",
+                MetricType::Counter,
+                [
+                    ([("hook", "input")], g.local),
+                    ([("hook", "forward")], g.infrastructure),
+                ],
+            )?;
+        }
+        f.gauge("snas_proxy_flows", "Live flows.", self.flows as u64)?;
+        for (name, help, v) in [
+            (
+                "snas_proxy_hold_queue_packets",
+                "Packets held while their job's policy is fetched.",
+                u64::from(self.held_packets),
+            ),
+            (
+                "snas_proxy_hold_queue_bytes",
+                "Bytes held while their job's policy is fetched.",
+                self.held_bytes,
+            ),
+            (
+                "snas_proxy_pacing_queue_packets",
+                "Packets waiting in the workers' pacing queues.",
+                q.pacing_packets,
+            ),
+            (
+                "snas_proxy_pacing_queue_bytes",
+                "Bytes waiting in the workers' pacing queues.",
+                q.pacing_bytes,
+            ),
+            (
+                "snas_proxy_fair_queue_packets",
+                "Packets waiting for their turn in the workers' fair queues.",
+                q.fair_packets,
+            ),
+            (
+                "snas_proxy_fair_queue_bytes",
+                "Bytes waiting for their turn in the workers' fair queues.",
+                q.fair_bytes,
+            ),
+            (
+                "snas_proxy_fair_queue_tenants",
+                "Tenants with packets in a fair queue (once per worker and direction).",
+                q.fair_tenants,
+            ),
+        ] {
+            f.gauge(name, help, v)?;
+        }
+        f.counter(
+            "snas_proxy_fair_queue_served",
+            "Packets served from the workers' fair queues.",
+            q.fair_served,
+        )?;
+        f.family(
+            "snas_proxy_fair_queue_dropped",
+            "Packets the workers' fair queues shed (tenant_queue_full), by direction.",
+            MetricType::Counter,
+            [
+                ([("direction", "from_nodes")], q.fair_dropped_from_nodes),
+                ([("direction", "to_nodes")], q.fair_dropped_to_nodes),
+            ],
+        )?;
+        f.one(
+            "snas_proxy_fair_queue_wait_seconds",
+            "Time served packets waited in the fair queues (divide by served for the mean).",
+            MetricType::Counter,
+            ConstCounter::new(std::time::Duration::from_nanos(q.fair_waited_ns).as_secs_f64()),
+        )?;
+        f.gauge(
+            "snas_proxy_policies",
+            "Verified policies cached.",
+            x.policies as u64,
+        )?;
+        f.gauge(
+            "snas_proxy_draining",
+            "1 while draining.",
+            u64::from(x.draining),
+        )?;
+        let ips: Vec<String> = self.nat.iter().map(|u| u.ip.to_string()).collect();
+        f.family(
+            "snas_proxy_nat_ports_live",
+            "Live NAT ports per egress address.",
+            MetricType::Gauge,
+            ips.iter()
+                .zip(&self.nat)
+                .map(|(ip, u)| ([("egress_ip", ip.as_str())], u64::from(u.live))),
+        )?;
+        f.family(
+            "snas_proxy_nat_busiest_destination_utilisation",
+            "Highest fraction of ports used toward one destination, per egress address.",
+            MetricType::Gauge,
+            ips.iter().zip(&self.nat).map(|(ip, u)| {
+                (
+                    [("egress_ip", ip.as_str())],
+                    u.busiest_destination_utilisation,
+                )
+            }),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Nanos;
+    use crate::guard::GuardCounters;
+    use crate::tier2::Tier2Config;
+
+    fn engine() -> Tier2 {
+        let cfg = Tier2Config::new(
+            "192.0.2.1".parse().unwrap(),
+            vec!["192.0.2.11".parse().unwrap()],
+            vec!["198.51.100.64".parse().unwrap()],
         );
+        Tier2::new(cfg, Nanos::ZERO).unwrap()
     }
-    family(
-        &mut o,
-        "snas_proxy_fair_queue_wait_seconds_total",
-        "counter",
-        "Time served packets waited in the fair queues (divide by served for the mean).",
-    );
-    let _ = writeln!(
-        o,
-        "snas_proxy_fair_queue_wait_seconds_total {}",
-        extra.queues.fair_waited_ns as f64 / 1e9
-    );
-    family(
-        &mut o,
-        "snas_proxy_policies",
-        "gauge",
-        "Verified policies cached.",
-    );
-    let _ = writeln!(o, "snas_proxy_policies {}", extra.policies);
-    family(&mut o, "snas_proxy_draining", "gauge", "1 while draining.");
-    let _ = writeln!(o, "snas_proxy_draining {}", u8::from(extra.draining));
-    family(
-        &mut o,
-        "snas_proxy_nat_ports_live",
-        "gauge",
-        "Live NAT ports per egress address.",
-    );
-    let usage = engine.conntrack().nat().egress_usage();
-    for u in &usage {
-        let _ = writeln!(
-            o,
-            "snas_proxy_nat_ports_live{{egress_ip=\"{}\"}} {}",
-            u.ip, u.live
+
+    fn extra() -> Extra {
+        Extra {
+            guard: Some(GuardCounters::default()),
+            ..Extra::default()
+        }
+    }
+
+    /// Every family of docs/proxy.md, with its type, as `# TYPE` lines; nothing else.
+    #[test]
+    fn the_documented_families_and_types_are_exactly_those_exported() {
+        let text = render(&Metrics::default(), &engine(), extra());
+        let types: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .collect();
+        assert_eq!(
+            types,
+            [
+                "snas_proxy_packets_total counter",
+                "snas_proxy_bytes_total counter",
+                "snas_proxy_drops_total counter",
+                "snas_proxy_refusals_sent_total counter",
+                "snas_proxy_held_packets_total counter",
+                "snas_proxy_held_released_total counter",
+                "snas_proxy_jobs_ended_total counter",
+                "snas_proxy_tun_write_errors_total counter",
+                "snas_proxy_node_send_failures_total counter",
+                "snas_proxy_gso_segmented_total counter",
+                "snas_proxy_policy_fetch_failures_total counter",
+                "snas_proxy_policy_fetches_total counter",
+                "snas_proxy_audit_lines_total counter",
+                "snas_proxy_dns_queries_total counter",
+                "snas_proxy_peer_bindings_total counter",
+                "snas_proxy_guard_drops_total counter",
+                "snas_proxy_flows gauge",
+                "snas_proxy_hold_queue_packets gauge",
+                "snas_proxy_hold_queue_bytes gauge",
+                "snas_proxy_pacing_queue_packets gauge",
+                "snas_proxy_pacing_queue_bytes gauge",
+                "snas_proxy_fair_queue_packets gauge",
+                "snas_proxy_fair_queue_bytes gauge",
+                "snas_proxy_fair_queue_tenants gauge",
+                "snas_proxy_fair_queue_served_total counter",
+                "snas_proxy_fair_queue_dropped_total counter",
+                "snas_proxy_fair_queue_wait_seconds_total counter",
+                "snas_proxy_policies gauge",
+                "snas_proxy_draining gauge",
+                "snas_proxy_nat_ports_live gauge",
+                "snas_proxy_nat_busiest_destination_utilisation gauge",
+            ]
         );
+        let docs = include_str!("../../../docs/proxy.md");
+        for t in &types {
+            let name = t.split(' ').next().unwrap_or_default();
+            assert!(
+                docs.contains(&format!("`{name}`")),
+                "{name} is not documented in docs/proxy.md"
+            );
+        }
     }
-    family(
-        &mut o,
-        "snas_proxy_nat_busiest_destination_utilisation",
-        "gauge",
-        "Highest fraction of ports used toward one destination, per egress address.",
-    );
-    for u in &usage {
-        let _ = writeln!(
-            o,
-            "snas_proxy_nat_busiest_destination_utilisation{{egress_ip=\"{}\"}} {}",
-            u.ip, u.busiest_destination_utilisation
-        );
+
+    #[test]
+    fn samples_carry_their_labels_and_only_reasons_with_drops_appear() {
+        let m = Metrics::default();
+        add(&m.node_rx_packets, 7);
+        add(&m.dns_refused, 2);
+        let mut eng = engine();
+        eng.count_drop(Reason::PortDenied);
+        eng.count_drop(Reason::PortDenied);
+        let x = Extra {
+            draining: true,
+            queues: QueueGauges {
+                fair_waited_ns: 1_500_000_000,
+                fair_dropped_to_nodes: 3,
+                ..QueueGauges::default()
+            },
+            ..extra()
+        };
+        let text = render(&m, &eng, x);
+        for want in [
+            "snas_proxy_packets_total{direction=\"node_rx\"} 7\n",
+            "snas_proxy_packets_total{direction=\"node_tx\"} 0\n",
+            "snas_proxy_drops_total{reason=\"port_denied\"} 2\n",
+            "snas_proxy_dns_queries_total{outcome=\"refused\"} 2\n",
+            "snas_proxy_audit_lines_total{outcome=\"suppressed\"} 0\n",
+            "snas_proxy_guard_drops_total{hook=\"forward\"} 0\n",
+            "snas_proxy_fair_queue_dropped_total{direction=\"to_nodes\"} 3\n",
+            "snas_proxy_fair_queue_wait_seconds_total 1.5\n",
+            "snas_proxy_draining 1\n",
+            "snas_proxy_flows 0\n",
+            "snas_proxy_nat_ports_live{egress_ip=\"198.51.100.64\"} 0\n",
+        ] {
+            assert!(text.contains(want), "{want:?} missing in\n{text}");
+        }
+        assert_eq!(text.matches("snas_proxy_drops_total{").count(), 1, "{text}");
+        let without_guard = render(&m, &eng, Extra::default());
+        assert!(!without_guard.contains("snas_proxy_guard_drops_total"));
     }
-    o
 }

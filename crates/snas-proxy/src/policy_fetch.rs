@@ -35,13 +35,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use hyper::Method;
 use ipnet::IpNet;
 use snas_policy::bundle::TrustBundle;
 use snas_policy::jws;
 use snas_wire::Reason;
 use tokio::sync::mpsc;
 
-use crate::http;
+use crate::api::client::{exchange, Call, ClientError};
+use crate::api::paths;
 use crate::tier2::{JobPolicy, PolicyCache, PolicyLookup};
 
 /// Fetch requests queued from the data path before new ones are dropped (and counted).
@@ -49,6 +51,9 @@ pub const FETCH_QUEUE: usize = 1024;
 
 /// How long an expired policy stays cached after its `exp` (tier 2 refuses its packets).
 pub const EXPIRED_KEEP: Duration = Duration::from_secs(600);
+
+/// Largest policy answer read: a signed policy is at most 1 MiB.
+pub const MAX_POLICY_ANSWER: usize = 1 << 20;
 
 /// Called when a fetch of a job ends: `Ok` when a policy is cached for it, `Err(reason)`
 /// otherwise.
@@ -246,7 +251,7 @@ pub enum FetchError {
         /// Node asked.
         node: Ipv4Addr,
         /// Transport error.
-        source: http::HttpError,
+        source: ClientError,
     },
     /// the agent answered with a non-200 status
     #[error("policy of job {job_key:016x} from {node}: HTTP status {status}")]
@@ -453,8 +458,12 @@ impl Fetcher {
 
     async fn fetch(&self, job_key: u64, node: Ipv4Addr) -> Result<JobPolicy, FetchError> {
         let addr = SocketAddr::from((node, self.cfg.agent_port));
-        let path = format!("/v1/jobs/{job_key:016x}/policy");
-        let resp = http::request(addr, "GET", &path, &[], &[], self.cfg.timeout)
+        let call = Call {
+            timeout: self.cfg.timeout,
+            max_answer: MAX_POLICY_ANSWER,
+            ..Call::new(Method::GET, paths::agent_policy(job_key))
+        };
+        let resp = exchange(addr, call)
             .await
             .map_err(|source| FetchError::Http {
                 job_key,

@@ -38,14 +38,15 @@ use hickory_proto::xfer::Protocol;
 use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::{Name, TokioResolver};
-use serde::{Deserialize, Serialize};
 use snas_wire::Reason;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::audit_log::AuditLine;
-use crate::daemon::Shared;
+use crate::api::ProxyClient;
+use crate::audit_log::flow_line;
 use crate::metrics::add;
+use crate::shared::Shared;
 use crate::tier2::JobPolicy;
+use snas_policy::audit::{Kind, Slot};
 
 /// EDNS0 option code carrying the job identity.
 pub const JOB_OPTION_CODE: u16 = 65053;
@@ -379,12 +380,12 @@ fn audit_refusal(ctx: &Ctx, p: &JobPolicy, name: &str) {
         bytes: 0,
         suppressed,
     };
-    let mut line = AuditLine::from_flow(&r);
-    line.kind = "dns";
+    let mut line = flow_line(&r);
+    line.kind = Some(Kind::Dns);
     line.proto = "dns".into();
-    line.src = None;
-    line.dst = None;
-    line.port = None;
+    line.src = Slot::Absent;
+    line.dst = Slot::Absent;
+    line.port = Slot::Absent;
     ctx.shared.audit.send(line);
 }
 
@@ -398,21 +399,7 @@ pub fn bind_addrs(shared: &Shared, job: u64, name: &str, addrs: &[IpAddr], ttl_s
     }
 }
 
-/// The body of `POST /v1/bindings` (peer push).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PeerBinding {
-    /// Job key, 16 hex digits.
-    pub job_key: String,
-    /// The node the job runs on (the receiving proxy fetches the policy from it).
-    pub node: Ipv4Addr,
-    /// The queried name.
-    pub name: String,
-    /// Answered addresses.
-    pub addrs: Vec<IpAddr>,
-    /// Answered (clamped) TTL, seconds.
-    pub ttl_secs: u32,
-}
+pub use crate::api::types::PeerBinding;
 
 /// Why a peer binding was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -473,23 +460,21 @@ async fn push_to_peers(
     let (Some(secret), false) = (&ctx.peer_secret, ctx.shared.cfg.peers.is_empty()) else {
         return;
     };
-    let body = PeerBinding {
+    let body = Arc::new(PeerBinding {
         job_key: format!("{job:016x}"),
         node,
         name: name.to_owned(),
         addrs: addrs.to_vec(),
         ttl_secs: ttl,
-    };
-    let Ok(body) = serde_json::to_vec(&body) else {
-        return;
-    };
-    let body: Arc<[u8]> = Arc::from(body);
+    });
     let port = ctx.shared.cfg.service_addr().port();
     let deadline = tokio::time::Instant::now() + PEER_SYNC_WAIT;
     let mut waited = Vec::new();
     for peer in &ctx.shared.cfg.peers {
         let addr = SocketAddr::from((*peer, port));
-        let auth = format!("Bearer {secret}");
+        let client = ProxyClient::new(addr)
+            .with_timeout(PEER_TIMEOUT)
+            .with_token(Arc::clone(secret));
         let body = Arc::clone(&body);
         let trouble = Arc::clone(&ctx.peer_trouble);
         let peer = *peer;
@@ -499,28 +484,18 @@ async fn push_to_peers(
             .get(&peer)
             .is_some_and(|t| t.elapsed() < PEER_TROUBLE);
         let push = tokio::spawn(async move {
-            let r = crate::http::request(
-                addr,
-                "POST",
-                "/v1/bindings",
-                &[
-                    ("Authorization", &auth),
-                    ("Content-Type", "application/json"),
-                ],
-                &body,
-                PEER_TIMEOUT,
-            )
-            .await;
-            let ok = matches!(&r, Ok(resp) if resp.status == 200);
-            match r {
-                Ok(resp) if resp.status == 200 => {}
-                Ok(resp) => tracing::warn!(%addr, status = resp.status, "peer refused binding"),
+            let r = client.push_binding(&body).await;
+            match &r {
+                Ok(()) => {}
+                Err(e) if e.status().is_some() => {
+                    tracing::warn!(%addr, error = %e, "peer refused binding")
+                }
                 Err(e) => tracing::warn!(%addr, error = %e, "binding push failed"),
             }
             let mut t = trouble
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if ok {
+            if r.is_ok() {
                 t.remove(&peer);
             } else {
                 t.insert(peer, std::time::Instant::now());

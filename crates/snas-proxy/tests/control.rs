@@ -10,9 +10,12 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::Keys;
+use snas_proxy::api::blocking::ProxyClient;
+use snas_proxy::api::server::secret_eq;
+use snas_proxy::api::{DropCounts, ProxyHealth};
 use snas_proxy::config::ProxyConfig;
-use snas_proxy::control::secret_eq;
 use snas_proxy::daemon::{Daemon, DaemonError};
+use snas_wire::Reason;
 
 const TOKEN: &str = "0123456789abcdef-control";
 const PEER_SECRET: &str = "fedcba9876543210-peer";
@@ -398,26 +401,93 @@ protocol = "udp"
         d.shared().store.insert(JobPolicy::from_verified(&v, &[]));
         open_flows(&d, 1);
         std::thread::sleep(Duration::from_millis(30));
-        let (code, _, body) = call(d.control_addr(), "GET", "/v1/flows", None);
-        assert_eq!(code, 200);
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        let f = &v["flows"][0];
+        let list = ProxyClient::new(d.control_addr()).flows().unwrap();
+        let f = &list.flows[0];
         assert_eq!(
-            (
-                &f["packets_out"],
-                &f["bytes_out"],
-                &f["packets_in"],
-                &f["bytes_in"]
-            ),
-            (
-                &serde_json::json!(1),
-                &serde_json::json!(29),
-                &serde_json::json!(0),
-                &serde_json::json!(0)
-            )
+            (f.packets_out, f.bytes_out, f.packets_in, f.bytes_in),
+            (1, 29, 0, 0)
         );
-        assert!(f["age_ms"].as_u64().unwrap() >= 30, "{f}");
-        assert!(f["idle_ms"].as_u64().unwrap() >= 30, "{f}");
-        assert_eq!(f["job"], "ended");
+        assert!(f.age() >= Duration::from_millis(30), "{f:?}");
+        assert!(f.idle() >= Duration::from_millis(30), "{f:?}");
+        assert_eq!(f.job.as_deref(), Some("ended"));
+        assert_eq!(f.tenant.as_deref(), Some("acme"));
+        assert_eq!(f.job_key, format!("{:016x}", job_key(JTI)));
+        assert_eq!((f.proto.as_str(), f.dst.port()), ("udp", 7));
     }
+
+    #[test]
+    fn the_typed_client_names_the_refusals_of_job_ended_notices() {
+        let keys = Keys::new();
+        let d = Daemon::start_control_plane(config(&keys, "")).unwrap();
+        let svc = ProxyClient::new(d.service_addr());
+        let e = svc.job_ended(0xff).unwrap_err();
+        assert_eq!(e.status(), Some(404), "{e}");
+        assert!(e.to_string().contains("unknown job"), "{e}");
+        let e = ProxyClient::new(d.control_addr())
+            .job_ended(0xff)
+            .unwrap_err();
+        assert_eq!(e.status(), Some(404), "not on the management endpoint: {e}");
+    }
+}
+
+#[test]
+fn the_typed_client_reads_health_flows_drops_and_metrics_and_drains_with_the_token() {
+    let keys = Keys::new();
+    let d = daemon(&keys);
+    let ctl = ProxyClient::new(d.control_addr());
+    assert_eq!(ctl.health().unwrap(), ProxyHealth::Ok);
+    assert!(ctl.flows().unwrap().flows.is_empty());
+    assert_eq!(ctl.drops().unwrap(), DropCounts::default());
+    assert!(ctl.metrics().unwrap().contains("snas_proxy_flows 0"));
+
+    let e = ctl.drain().unwrap_err();
+    assert_eq!(e.status(), Some(401), "{e}");
+    let e = ctl
+        .clone()
+        .with_token("x".repeat(TOKEN.len()))
+        .drain()
+        .unwrap_err();
+    assert_eq!(e.status(), Some(401), "{e}");
+    let ctl = ctl.with_token(TOKEN);
+    assert_eq!(ctl.drain().unwrap(), ProxyHealth::Draining);
+    let svc = ProxyClient::new(d.service_addr());
+    assert_eq!(svc.health().unwrap(), ProxyHealth::Draining);
+    assert_eq!(ctl.undrain().unwrap(), ProxyHealth::Ok);
+    assert_eq!(svc.health().unwrap(), ProxyHealth::Ok);
+    // The service endpoint has no management routes.
+    assert_eq!(svc.flows().unwrap_err().status(), Some(404));
+    assert_eq!(svc.drops().unwrap_err().status(), Some(404));
+}
+
+#[test]
+fn drops_are_listed_per_reason_as_json_and_as_metrics_alike() {
+    let keys = Keys::new();
+    let d = daemon(&keys);
+    {
+        let mut eng = d.shared().engine();
+        for _ in 0..3 {
+            eng.count_drop(Reason::PortDenied);
+        }
+        eng.count_drop(Reason::UntrustedSource);
+    }
+    let ctl = ProxyClient::new(d.control_addr());
+    let drops = ctl.drops().unwrap();
+    assert_eq!(drops.total, 4);
+    assert_eq!(
+        drops.drops,
+        std::collections::BTreeMap::from([
+            ("port_denied".to_owned(), 3),
+            ("untrusted_source".to_owned(), 1)
+        ])
+    );
+    let text = ctl.metrics().unwrap();
+    assert!(
+        text.contains("snas_proxy_drops_total{reason=\"port_denied\"} 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("snas_proxy_drops_total{reason=\"untrusted_source\"} 1"),
+        "{text}"
+    );
+    assert!(!text.contains("reason=\"destination_denied\""), "{text}");
 }

@@ -14,6 +14,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use e2e_support::*;
+use snas_proxy::api::blocking::ProxyClient;
 use snas_testbed::capture::{Capture, Recording};
 use snas_testbed::Testbed;
 
@@ -187,8 +188,11 @@ fn assert_captures_clean(tb: &Testbed, underlay: &Recording, inet: &Recording) {
 /// Both proxies still serve new flows and nobody drained them.
 fn assert_proxies_in_service(tb: &Testbed) {
     for n in 1..=2 {
-        let (status, body) = proxy_get(tb, n, "/healthz").unwrap();
-        assert_eq!(status, 200, "proxy {n} is not in service: {body}");
+        let health = proxy_health(tb, n);
+        assert!(
+            matches!(health, Ok(ProxyHealth::Ok)),
+            "proxy {n} is not in service: {health:?}"
+        );
     }
 }
 
@@ -460,32 +464,51 @@ fn management_is_off_the_underlay_and_state_changes_need_the_token() {
         // From a node (where an escaped job would be), the proxy's underlay port serves health
         // and nothing of the management plane.
         let service = t.proxy_service(n);
-        for (method, path) in [
-            ("GET", "/v1/flows"),
-            ("GET", "/metrics"),
-            ("POST", "/v1/drain"),
-        ] {
-            let (status, body) = tb
-                .in_netns(&t.node_ns(1), move || http_get(service, method, path))
+        let from_node = |call: fn(&ProxyClient) -> Option<u16>| {
+            tb.in_netns(&t.node_ns(1), move || call(&ProxyClient::new(service)))
                 .unwrap()
-                .unwrap();
-            assert_eq!(status, 404, "{method} {path} on {service}: {body}");
-        }
-        let (status, _) = tb
-            .in_netns(&t.node_ns(1), move || http_get(service, "GET", "/healthz"))
-            .unwrap()
+        };
+        assert_eq!(
+            from_node(|c| c.flows().err().and_then(|e| e.status())),
+            Some(404),
+            "flows"
+        );
+        assert_eq!(
+            from_node(|c| c.metrics().err().and_then(|e| e.status())),
+            Some(404),
+            "metrics"
+        );
+        assert_eq!(
+            from_node(|c| c.drops().err().and_then(|e| e.status())),
+            Some(404),
+            "drops"
+        );
+        assert_eq!(
+            from_node(|c| c.drain().err().and_then(|e| e.status())),
+            Some(404),
+            "drain"
+        );
+        let health = tb
+            .in_netns(&t.node_ns(1), move || ProxyClient::new(service).health())
             .unwrap();
-        assert_eq!(status, 200, "health on the service port");
+        assert!(
+            matches!(health, Ok(ProxyHealth::Ok)),
+            "health on the service port: {health:?}"
+        );
         // On the management endpoint, drain without or with a wrong token is refused.
         let control = t.proxy_control(n);
         for token in [None, Some("not-the-token-at-all")] {
-            let (status, body) = tb
+            let e = tb
                 .in_netns(&t.proxy_ns(n), move || {
-                    http_request(control, "POST", "/v1/drain", token)
+                    let c = ProxyClient::new(control);
+                    match token {
+                        Some(tk) => c.with_token(tk).drain(),
+                        None => c.drain(),
+                    }
                 })
                 .unwrap()
-                .unwrap();
-            assert_eq!(status, 401, "drain with {token:?}: {body}");
+                .unwrap_err();
+            assert_eq!(e.status(), Some(401), "drain with {token:?}: {e}");
         }
     }
     assert_proxies_in_service(&tb);

@@ -99,7 +99,7 @@ fn tier2_alone_with_tier1_limits_lifted_max_connections_admits_exactly_the_limit
     let key = job.info().job_key.clone();
     let live = proxy_flows(&tb, 1)
         .iter()
-        .filter(|fl| flow_is(fl, &key, None) && fl.to_string().contains(":7\""))
+        .filter(|fl| flow_is(fl, &key, None) && fl.dst.port() == 7)
         .count();
     assert_eq!(live, 5, "flows of the job at the proxy");
     assert_eq!(
@@ -274,7 +274,7 @@ fn one_tenant_exhausting_its_port_quota_does_not_stop_another_tenant() {
     wait_until(
         std::time::Duration::from_secs(10),
         "proxy 1 /healthz after restart",
-        || proxy_get(&tb, 1, "/healthz").is_ok_and(|(s, _)| s == 200),
+        || proxy_health(&tb, 1).is_ok_and(|h| h == ProxyHealth::Ok),
     );
     only_proxy_1(&tb);
     for n in 1..=2 {

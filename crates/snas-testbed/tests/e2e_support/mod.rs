@@ -9,13 +9,14 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub use snas_agent::api::Health;
 use snas_agent::api::JobView;
+use snas_proxy::api::blocking::ProxyClient;
+pub use snas_proxy::api::{ClientError, FlowView, ProxyHealth};
 use snas_testbed::daemons::{self, Daemon};
 use snas_testbed::{unique_prefix, JobGuard, Testbed, TestbedOptions};
 
@@ -59,7 +60,7 @@ pub fn testbed_with_proxies() -> Testbed {
         wait_until(
             Duration::from_secs(10),
             &format!("proxy {n} /healthz"),
-            || proxy_get(&tb, n, "/healthz").is_ok_and(|(s, _)| s == 200),
+            || proxy_health(&tb, n).is_ok_and(|h| h == ProxyHealth::Ok),
         );
     }
     tb
@@ -226,88 +227,30 @@ impl Drop for Driver {
     }
 }
 
-/// One HTTP request over TCP; (status, body).
-pub fn http_get(addr: SocketAddr, method: &str, path: &str) -> std::io::Result<(u16, String)> {
-    http_request(addr, method, path, None)
-}
-
-/// One HTTP request over TCP with an optional bearer token; (status, body).
-pub fn http_request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    bearer: Option<&str>,
-) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let auth = bearer
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\nContent-Length: 0\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Ok((status, body))
-}
-
-fn dechunk(mut b: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = b.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        b = rest[n..].trim_start_matches("\r\n");
-    }
-    out
-}
-
-/// GET on proxy `n`'s management endpoint (loopback, from inside its namespace).
-pub fn proxy_get(tb: &Testbed, n: u8, path: &str) -> std::io::Result<(u16, String)> {
-    proxy_request(tb, n, "GET", path)
-}
-
-/// Any request on proxy `n`'s management endpoint, with the testbed's management token (drain
-/// and undrain need it).
-pub fn proxy_request(
+/// Runs `call` with a typed client of proxy `n`'s management endpoint (loopback, from inside
+/// its namespace), carrying the testbed's management token (drain and undrain need it).
+pub fn on_proxy<T: Send + 'static>(
     tb: &Testbed,
     n: u8,
-    method: &str,
-    path: &str,
-) -> std::io::Result<(u16, String)> {
+    call: impl FnOnce(&ProxyClient) -> Result<T, ClientError> + Send + 'static,
+) -> Result<T, ClientError> {
     let addr = tb.topology().proxy_control(n);
-    let m = method.to_owned();
-    let p = path.to_owned();
-    let token = daemons::control_token(tb.topology())?;
+    let token = daemons::control_token(tb.topology()).unwrap();
     tb.in_netns(&tb.topology().proxy_ns(n), move || {
-        http_request(addr, &m, &p, Some(&token))
+        call(&ProxyClient::new(addr).with_token(token))
     })
     .unwrap()
 }
 
-/// Proxy `n`'s metrics as (name{labels} → value).
+/// Proxy `n`'s health (`GET /healthz`).
+pub fn proxy_health(tb: &Testbed, n: u8) -> Result<ProxyHealth, ClientError> {
+    on_proxy(tb, n, |c| c.health())
+}
+
+/// Proxy `n`'s metrics as Prometheus scrapes them: (name{labels} → value).
 pub fn proxy_metrics(tb: &Testbed, n: u8) -> BTreeMap<String, f64> {
-    let (status, body) = proxy_get(tb, n, "/metrics").unwrap();
-    assert_eq!(status, 200, "proxy {n} /metrics: {body}");
-    body.lines()
+    let text = on_proxy(tb, n, |c| c.metrics()).unwrap();
+    text.lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .filter_map(|l| {
             let (k, v) = l.rsplit_once(' ')?;
@@ -316,47 +259,25 @@ pub fn proxy_metrics(tb: &Testbed, n: u8) -> BTreeMap<String, f64> {
         .collect()
 }
 
-/// Sum of `snas_proxy_drops_total` samples of proxy `n` whose labels contain `reason="r"`.
+/// Proxy `n`'s drops of `reason` (`GET /v1/drops`).
 pub fn proxy_drops(tb: &Testbed, n: u8, reason: &str) -> f64 {
-    let needle = format!("reason=\"{reason}\"");
-    proxy_metrics(tb, n)
-        .iter()
-        .filter(|(k, _)| k.starts_with("snas_proxy_drops_total") && k.contains(&needle))
-        .map(|(_, v)| v)
-        .sum()
+    let counts = on_proxy(tb, n, |c| c.drops()).unwrap();
+    counts.drops.get(reason).copied().unwrap_or(0) as f64
 }
 
-/// Sum of every `snas_proxy_drops_total` sample of proxy `n`.
+/// Every drop of proxy `n`.
 pub fn proxy_drops_all(tb: &Testbed, n: u8) -> f64 {
-    proxy_metrics(tb, n)
-        .iter()
-        .filter(|(k, _)| k.starts_with("snas_proxy_drops_total"))
-        .map(|(_, v)| v)
-        .sum()
+    on_proxy(tb, n, |c| c.drops()).unwrap().total as f64
 }
 
-/// Proxy `n`'s live flows (`/v1/flows`, array or `{"flows": [...]}`).
-pub fn proxy_flows(tb: &Testbed, n: u8) -> Vec<serde_json::Value> {
-    let (status, body) = proxy_get(tb, n, "/v1/flows").unwrap();
-    assert_eq!(status, 200, "proxy {n} /v1/flows: {body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    match v {
-        serde_json::Value::Array(a) => a,
-        serde_json::Value::Object(mut o) => match o.remove("flows") {
-            Some(serde_json::Value::Array(a)) => a,
-            _ => panic!("proxy {n} /v1/flows: {body}"),
-        },
-        _ => panic!("proxy {n} /v1/flows: {body}"),
-    }
+/// Proxy `n`'s live flows (`GET /v1/flows`).
+pub fn proxy_flows(tb: &Testbed, n: u8) -> Vec<FlowView> {
+    on_proxy(tb, n, |c| c.flows()).unwrap().flows
 }
 
-/// Whether a flow object belongs to job key `key` (16 hex digits) and has sandbox port `port`.
-pub fn flow_is(f: &serde_json::Value, key: &str, port: Option<u16>) -> bool {
-    let s = f.to_string();
-    s.contains(key)
-        && port.is_none_or(|p| {
-            s.contains(&format!(":{p}\"")) || s.contains(&format!("\"src_port\":{p}"))
-        })
+/// Whether a flow belongs to job key `key` (16 hex digits) and has sandbox port `port`.
+pub fn flow_is(f: &FlowView, key: &str, port: Option<u16>) -> bool {
+    f.job_key == key && port.is_none_or(|p| f.src.port() == p)
 }
 
 /// Tier-1 drop count of a job for a reason (agent counters endpoint).

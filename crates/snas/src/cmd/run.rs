@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use snas_agent::api::blocking::{AgentClient, OwnedJob};
+use snas_policy::audit::{Action, AuditLine, Kind};
 use snas_sandbox::bundle::{BundleSpec, Rootfs};
 use snas_sandbox::launch::{self, humanize, Progress, RunOptions, Stdio3};
 use snas_sandbox::limits::{parse_pids, Bytes, Limits, MilliCpus};
@@ -145,11 +146,7 @@ fn audit_logs(t: &Topology) -> Vec<(PathBuf, u64)> {
 
 /// The job's new audit lines once every proxy that carried it has written the end of the job
 /// (its `flow_end` lines come with that, after the agent's job-ended notice), or after `limit`.
-fn lines_after_job_end(
-    logs: &[(PathBuf, u64)],
-    job_key: &str,
-    limit: Duration,
-) -> Vec<serde_json::Value> {
+fn lines_after_job_end(logs: &[(PathBuf, u64)], job_key: &str, limit: Duration) -> Vec<AuditLine> {
     let began = std::time::Instant::now();
     loop {
         let pending = logs.iter().any(|log| {
@@ -158,8 +155,8 @@ fn lines_after_job_end(
             // job-ended notice with a `job` line.
             lines
                 .iter()
-                .any(|l| l["kind"].as_str() == Some("flow") && l["action"] == "allow")
-                && !lines.iter().any(|l| l["kind"].as_str() == Some("job"))
+                .any(|l| l.kind == Some(Kind::Flow) && l.action == Action::Allow)
+                && !lines.iter().any(|l| l.kind == Some(Kind::Job))
         });
         if !pending || began.elapsed() >= limit {
             return new_lines(logs, job_key);
@@ -168,7 +165,7 @@ fn lines_after_job_end(
     }
 }
 
-fn new_lines(logs: &[(PathBuf, u64)], job_key: &str) -> Vec<serde_json::Value> {
+fn new_lines(logs: &[(PathBuf, u64)], job_key: &str) -> Vec<AuditLine> {
     let mut out = Vec::new();
     for (p, from) in logs {
         let Ok(mut f) = std::fs::File::open(p) else {
@@ -185,8 +182,8 @@ fn new_lines(logs: &[(PathBuf, u64)], job_key: &str) -> Vec<serde_json::Value> {
         }
         out.extend(
             text.lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter(|v| v["job_key"].as_str() == Some(job_key)),
+                .filter_map(|l| serde_json::from_str::<AuditLine>(l).ok())
+                .filter(|v| v.job_key == job_key),
         );
     }
     out
@@ -214,54 +211,42 @@ struct Row {
 /// A row is a decision (`allow`, `deny`, `refuse`) about one destination (or DNS name) with how
 /// often it was taken. Allowed flows also show the bytes they moved each way, from the proxies'
 /// `flow_end` lines (written when a flow ends, at the latest when the job is deleted).
-pub fn summarize(lines: &[serde_json::Value], drops: &BTreeMap<String, u64>) -> String {
+pub fn summarize(lines: &[AuditLine], drops: &BTreeMap<String, u64>) -> String {
     let mut rows: BTreeMap<(String, String), Row> = BTreeMap::new();
     for l in lines {
-        let kind = l["kind"].as_str().unwrap_or("");
-        if kind == "job" {
+        if l.kind == Some(Kind::Job) {
             continue;
         }
-        let flow_end = kind == "flow_end";
-        let action = if flow_end {
-            "allow".to_owned()
-        } else {
-            l["action"].as_str().unwrap_or("?").to_owned()
-        };
-        let host = l["hostname"].as_str().unwrap_or("");
-        let dst = match &l["dst"] {
-            serde_json::Value::String(s) => s.clone(),
-            _ => String::new(),
-        };
-        let proto = l["proto"].as_str().unwrap_or("");
+        let flow_end = l.kind == Some(Kind::FlowEnd);
+        let dns = l.kind == Some(Kind::Dns);
+        let action = if flow_end { Action::Allow } else { l.action };
+        let action = action.name().to_owned();
+        let host = l.hostname();
+        let dst = l.dst.value().map(|d| d.to_string()).unwrap_or_default();
         // Flows are grouped by destination (both tiers' lines of one destination make one row;
         // the name comes from whichever line carries it), DNS lines by name and type.
-        let what = if kind == "dns" {
-            let q = l["qtype"].as_str().unwrap_or("");
+        let what = if dns {
+            let q = l.qtype.as_deref().unwrap_or("");
             format!("DNS {host} {q}").trim_end().to_owned()
         } else {
-            let port = l["port"]
-                .as_u64()
-                .map(|p| format!("/{p}"))
-                .unwrap_or_default();
-            format!("{dst} {proto}{port}")
+            let port = l.port.value().map(|p| format!("/{p}")).unwrap_or_default();
+            format!("{dst} {}{port}", l.proto)
         };
         let row = rows.entry((action, what)).or_default();
-        if kind != "dns" && !host.is_empty() {
+        if !dns && !host.is_empty() {
             row.names.insert(host.to_owned());
         }
-        let tier = l["tier"].as_u64().unwrap_or(0);
+        let tier = u64::from(l.tier);
         row.tiers.insert(tier);
         if flow_end {
-            row.bytes_out += l["bytes_out"].as_u64().unwrap_or(0);
-            row.bytes_in += l["bytes_in"].as_u64().unwrap_or(0);
+            row.bytes_out += l.bytes_out.unwrap_or(0);
+            row.bytes_in += l.bytes_in.unwrap_or(0);
             row.ended = true;
             continue;
         }
         *row.per_tier.entry(tier).or_default() += 1;
-        if let Some(r) = l["reason"]
-            .as_str()
-            .filter(|r| !matches!(*r, "allowed" | "new_flow" | ""))
-        {
+        let r = l.reason();
+        if !matches!(r, "allowed" | "new_flow" | "") {
             row.reasons.insert(r.to_owned());
         }
     }
@@ -645,14 +630,21 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// Audit lines as the logs hold them (read with the reader's type).
+    fn lines_of(v: Vec<serde_json::Value>) -> Vec<AuditLine> {
+        v.into_iter()
+            .map(|l| serde_json::from_value(l).unwrap())
+            .collect()
+    }
+
     #[test]
     fn summary_groups_by_decision_and_destination() {
-        let lines = vec![
+        let lines = lines_of(vec![
             json!({"tier":1,"action":"allow","job_key":"k","proto":"tcp","dst":"203.0.113.10","port":80,"hostname":null,"reason":"new_flow","bytes":0}),
             json!({"tier":2,"action":"allow","job_key":"k","proto":"tcp","dst":"203.0.113.10","port":80,"hostname":"api.example.com","reason":"allowed","bytes":60}),
             json!({"tier":1,"action":"deny","job_key":"k","proto":"tcp","dst":"203.0.113.20","port":80,"hostname":null,"reason":"policy_no_match","bytes":60}),
             json!({"tier":1,"kind":"dns","action":"refuse","job_key":"k","proto":"udp","hostname":"nothere.example.org","qtype":"A","reason":"dns_refused","bytes":40}),
-        ];
+        ]);
         let drops = BTreeMap::from([("policy_no_match".to_owned(), 3), ("ttl".to_owned(), 0)]);
         let s = summarize(&lines, &drops);
         let allow = s.lines().find(|l| l.contains("api.example.com")).unwrap();
@@ -682,7 +674,7 @@ mod tests {
             }
             v
         };
-        let lines = vec![
+        let lines = lines_of(vec![
             with(json!({"tier":2,"kind":"flow","action":"allow","bytes":60})),
             with(json!({"tier":2,"kind":"flow","action":"allow","bytes":60})),
             with(
@@ -692,7 +684,7 @@ mod tests {
                 json!({"tier":2,"kind":"flow_end","action":"end","bytes_out":812,"bytes_in":500_000,"bytes":500_812}),
             ),
             json!({"tier":2,"kind":"job","action":"end","job_key":"k","flows":2}),
-        ];
+        ]);
         let s = summarize(&lines, &BTreeMap::new());
         let rows: Vec<&str> = s
             .lines()
@@ -708,9 +700,9 @@ mod tests {
 
     #[test]
     fn many_refused_dns_names_are_folded_into_one_row() {
-        let lines: Vec<_> = (0..20)
+        let lines = lines_of((0..20)
             .map(|i| json!({"tier":1,"kind":"dns","action":"refuse","job_key":"k","hostname":format!("x{i}.example.org"),"qtype":"A","reason":"dns_refused","bytes":10}))
-            .collect();
+            .collect());
         let s = summarize(&lines, &BTreeMap::new());
         let refuse_rows = s.lines().filter(|l| l.contains("refuse")).count();
         assert_eq!(refuse_rows, DNS_ROWS + 1, "{s}");

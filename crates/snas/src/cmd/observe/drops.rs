@@ -1,14 +1,14 @@
 //! `snas drops`: drop counters per job, reason and tier — tier 1 from each job's counters on
-//! its agent, tier 2 from the proxies' `snas_proxy_drops_total`.
+//! its agent, tier 2 from the proxies' `GET /v1/drops` (per reason for all jobs together: the
+//! rows show job `*`).
 
-use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 use serde_json::{json, Value};
 use snas_agent::api::{JobDrops, JobView};
+use snas_proxy::api::DropCounts;
 
 use super::jobs::collect_jobs;
-use super::prom::parse_sample;
 use super::sources::sources;
 use super::table::{print_json, table, JsonRow};
 use super::{fail, finish, DropsArgs};
@@ -25,36 +25,21 @@ struct DropRow {
     packets: u64,
 }
 
-/// Tier-2 drop rows from a proxy's `/metrics`: the `snas_proxy_drops_total` family, per job
-/// when the proxy labels samples with `job_key`, else one row per reason for all jobs (`*`).
-fn proxy_drops(proxy: &str, metrics: &str, jobs: &BTreeMap<String, JobView>) -> Vec<DropRow> {
-    let mut rows = Vec::new();
-    for (name, labels, value) in metrics.lines().filter_map(parse_sample) {
-        if name != "snas_proxy_drops_total" {
-            continue;
-        }
-        let key = labels.get("job_key").cloned();
-        let known = key.as_ref().and_then(|k| jobs.get(k));
-        rows.push(DropRow {
+/// Tier-2 drop rows from a proxy's drop counters: one row per reason, for all jobs (`*`).
+fn proxy_drops(proxy: &str, counts: &DropCounts) -> Vec<DropRow> {
+    counts
+        .drops
+        .iter()
+        .map(|(reason, n)| DropRow {
             source: proxy.to_owned(),
             tier: 2,
-            job: known
-                .map(|j| j.job.clone())
-                .or_else(|| labels.get("job").cloned())
-                .unwrap_or_else(|| "*".into()),
-            tenant: known
-                .map(|j| j.tenant.clone())
-                .or_else(|| labels.get("tenant").cloned())
-                .unwrap_or_else(|| "*".into()),
-            job_key: key.unwrap_or_else(|| "*".into()),
-            reason: labels
-                .get("reason")
-                .cloned()
-                .unwrap_or_else(|| "unknown".into()),
-            packets: value as u64,
-        });
-    }
-    rows
+            job: "*".into(),
+            tenant: "*".into(),
+            job_key: "*".into(),
+            reason: reason.clone(),
+            packets: *n,
+        })
+        .collect()
 }
 
 /// Tier-1 rows from an agent's counters answer.
@@ -101,13 +86,9 @@ pub fn drops(a: &DropsArgs) -> ExitCode {
             Err(e) => errors.push(format!("{}: {e:#}", agent.label)),
         }
     }
-    let by_key: BTreeMap<String, JobView> = jobs
-        .into_iter()
-        .map(|j| (j.job.job_key.clone(), j.job))
-        .collect();
     for p in &s.proxies {
-        match p.get("/metrics") {
-            Ok(b) => rows.extend(proxy_drops(&p.label, &String::from_utf8_lossy(&b), &by_key)),
+        match p.call(|c| c.drops()) {
+            Ok(counts) => rows.extend(proxy_drops(&p.label, &counts)),
             Err(e) => errors.push(format!("{} ({}): {e:#}", p.label, p.addr)),
         }
     }
@@ -146,30 +127,28 @@ pub fn drops(a: &DropsArgs) -> ExitCode {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
-    fn proxy_drops_name_known_jobs_and_aggregate_unlabelled_ones() {
-        let mut jobs = BTreeMap::new();
-        jobs.insert(
-            "00000000000000aa".to_owned(),
-            job("build", "00000000000000aa"),
-        );
-        let m = "# TYPE snas_proxy_drops_total counter\n\
-                 snas_proxy_drops_total{reason=\"port_denied\",job_key=\"00000000000000aa\"} 4\n\
-                 snas_proxy_drops_total{reason=\"untrusted_source\"} 2\n\
-                 snas_proxy_flows 1\n";
-        let rows = proxy_drops("proxy-1", m, &jobs);
+    fn proxy_drops_are_one_row_per_reason_for_all_jobs() {
+        let counts = DropCounts {
+            total: 6,
+            drops: BTreeMap::from([
+                ("port_denied".to_owned(), 4),
+                ("untrusted_source".to_owned(), 2),
+            ]),
+        };
+        let rows = proxy_drops("proxy-1", &counts);
         assert_eq!(rows.len(), 2);
         assert_eq!(
-            (rows[0].job.as_str(), rows[0].packets, rows[0].tier),
-            ("build", 4, 2)
+            (rows[0].reason.as_str(), rows[0].packets, rows[0].tier),
+            ("port_denied", 4, 2)
         );
-        assert_eq!(
-            (rows[1].job.as_str(), rows[1].reason.as_str()),
-            ("*", "untrusted_source")
-        );
+        assert!(rows
+            .iter()
+            .all(|r| r.job == "*" && r.tenant == "*" && r.job_key == "*"));
     }
 
     #[test]
@@ -196,7 +175,7 @@ mod tests {
         assert_eq!(agent_drops("node-1", &j, &c, true).len(), 2);
     }
 
-    fn job(name: &str, key: &str) -> JobView {
+    pub(in crate::cmd::observe) fn job(name: &str, key: &str) -> JobView {
         JobView {
             job: name.into(),
             tenant: "acme".into(),

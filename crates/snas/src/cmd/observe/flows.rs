@@ -3,155 +3,56 @@
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use snas_agent::api::JobView;
+use snas_proxy::api::FlowView;
 
 use super::jobs::collect_jobs;
 use super::sources::sources;
-use super::table::{dash, human_secs, now_unix, print_json, table, JsonRow};
+use super::table::{dash, human_secs, print_json, table, JsonRow};
 use super::{fail, finish, ObserveArgs};
 use crate::cmd::human_bytes;
 
-fn text(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
-
-/// The first of `names` present (and not null) in `o`, as text.
-fn field(o: &Map<String, Value>, names: &[&str]) -> Option<String> {
-    names
-        .iter()
-        .filter_map(|n| o.get(*n))
-        .find(|v| !v.is_null())
-        .and_then(text)
-}
-
-/// An `ip:port` from one combined field or separate ip and port fields.
-fn endpoint(
-    o: &Map<String, Value>,
-    combined: &[&str],
-    ip: &[&str],
-    port: &[&str],
-) -> Option<String> {
-    if let Some(c) = field(o, combined) {
-        return Some(c);
-    }
-    let ip = field(o, ip)?;
-    Some(match field(o, port) {
-        Some(p) if ip.contains(':') => format!("[{ip}]:{p}"),
-        Some(p) => format!("{ip}:{p}"),
-        None => ip,
-    })
-}
-
-fn number(o: &Map<String, Value>, names: &[&str]) -> Option<f64> {
-    names
-        .iter()
-        .filter_map(|n| o.get(*n))
-        .find_map(|v| match v {
-            Value::Number(n) => n.as_f64(),
-            Value::String(s) => s.parse().ok(),
-            _ => None,
-        })
-}
-
-/// One live flow as a proxy reports it, normalised.
+/// One live flow as a proxy reports it, named from the agents' jobs when the proxy does not
+/// hold the job's policy.
 #[derive(Debug, Clone, PartialEq)]
 struct FlowRow {
     proxy: String,
     job: Option<String>,
     tenant: Option<String>,
-    job_key: Option<String>,
-    proto: Option<String>,
-    src: Option<String>,
-    dst: Option<String>,
-    hostname: Option<String>,
-    egress: Option<String>,
-    state: Option<String>,
-    age_secs: Option<f64>,
-    idle_secs: Option<f64>,
-    /// Bytes from the job toward the destination, and back (what the proxy moved so far).
-    bytes_out: Option<u64>,
-    bytes_in: Option<u64>,
+    flow: FlowView,
 }
 
-/// Parses a `/v1/flows` body: a JSON array of flow objects, or an object with a `flows` array.
-fn parse_flows(proxy: &str, body: &[u8], now_unix: f64) -> anyhow::Result<Vec<FlowRow>> {
-    let v: Value = serde_json::from_slice(body).context("/v1/flows is not JSON")?;
-    let list = match &v {
-        Value::Array(a) => a,
-        Value::Object(o) => match o.get("flows") {
-            Some(Value::Array(a)) => a,
-            _ => bail!("/v1/flows: object without a `flows` array"),
-        },
-        _ => bail!("/v1/flows: neither an array nor an object"),
-    };
-    let mut rows = Vec::with_capacity(list.len());
-    for f in list {
-        let Value::Object(o) = f else {
-            bail!("/v1/flows: a flow is not an object");
-        };
-        let age_secs = number(o, &["age_secs", "age_s", "age"])
-            .or_else(|| number(o, &["age_ms"]).map(|ms| ms / 1000.0))
-            .or_else(|| {
-                number(o, &["created_unix", "started_at", "created"])
-                    .map(|t| (now_unix - t).max(0.0))
-            });
-        let hostname = match o.get("hostnames") {
-            Some(Value::Array(a)) if !a.is_empty() => {
-                Some(a.iter().filter_map(text).collect::<Vec<_>>().join(","))
-            }
-            _ => field(o, &["hostname", "host", "name"]),
-        };
-        rows.push(FlowRow {
+impl FlowRow {
+    /// The row of `flow` read from `proxy`; names the proxy lacks come from `jobs`.
+    fn new(proxy: &str, flow: FlowView, jobs: &BTreeMap<String, JobView>) -> FlowRow {
+        let known = jobs.get(&flow.job_key);
+        FlowRow {
             proxy: proxy.to_owned(),
-            job: field(o, &["job", "job_name"]),
-            tenant: field(o, &["tenant"]),
-            job_key: field(o, &["job_key"]),
-            proto: field(o, &["proto", "protocol"]),
-            src: endpoint(
-                o,
-                &["src", "source", "sandbox"],
-                &["src_ip", "sandbox_ip"],
-                &["src_port", "sport", "sandbox_port"],
-            ),
-            dst: endpoint(
-                o,
-                &["dst", "destination", "remote"],
-                &["dst_ip", "remote_ip"],
-                &["dst_port", "dport", "port", "remote_port"],
-            ),
-            hostname,
-            egress: endpoint(
-                o,
-                &["egress", "nat", "snat"],
-                &["egress_ip", "nat_ip"],
-                &["egress_port", "nat_port"],
-            ),
-            state: field(o, &["state"]),
-            age_secs,
-            idle_secs: number(o, &["idle_secs", "idle_s"])
-                .or_else(|| number(o, &["idle_ms"]).map(|ms| ms / 1000.0)),
-            bytes_out: o.get("bytes_out").and_then(Value::as_u64),
-            bytes_in: o.get("bytes_in").and_then(Value::as_u64),
-        });
+            job: flow.job.clone().or_else(|| known.map(|j| j.job.clone())),
+            tenant: flow
+                .tenant
+                .clone()
+                .or_else(|| known.map(|j| j.tenant.clone())),
+            flow,
+        }
     }
-    Ok(rows)
+
+    fn hostname(&self) -> Option<String> {
+        (!self.flow.hostnames.is_empty()).then(|| self.flow.hostnames.join(","))
+    }
 }
 
 impl JsonRow for FlowRow {
     fn to_json(&self) -> Value {
+        let f = &self.flow;
         json!({
-            "proxy": self.proxy, "job": self.job, "tenant": self.tenant, "job_key": self.job_key,
-            "proto": self.proto, "src": self.src, "dst": self.dst, "hostname": self.hostname,
-            "egress": self.egress, "state": self.state, "age_secs": self.age_secs,
-            "idle_secs": self.idle_secs, "bytes_out": self.bytes_out, "bytes_in": self.bytes_in,
+            "proxy": self.proxy, "job": self.job, "tenant": self.tenant, "job_key": f.job_key,
+            "proto": f.proto, "src": f.src.to_string(), "dst": f.dst.to_string(),
+            "hostname": self.hostname(), "egress": f.egress.to_string(), "state": f.state,
+            "age_secs": f.age().as_secs_f64(), "idle_secs": f.idle().as_secs_f64(),
+            "bytes_out": f.bytes_out, "bytes_in": f.bytes_in,
         })
     }
 }
@@ -167,22 +68,14 @@ pub fn flows(a: &ObserveArgs) -> ExitCode {
         .into_iter()
         .map(|j| (j.job.job_key.clone(), j.job))
         .collect();
-    let now = now_unix();
     let mut rows = Vec::new();
     for p in &s.proxies {
-        match p
-            .get("/v1/flows")
-            .and_then(|b| parse_flows(&p.label, &b, now))
-        {
-            Ok(mut r) => {
-                for f in &mut r {
-                    if let Some(j) = f.job_key.as_ref().and_then(|k| by_key.get(k)) {
-                        f.job.get_or_insert_with(|| j.job.clone());
-                        f.tenant.get_or_insert_with(|| j.tenant.clone());
-                    }
-                }
-                rows.extend(r);
-            }
+        match p.call(|c| c.flows()) {
+            Ok(list) => rows.extend(
+                list.flows
+                    .into_iter()
+                    .map(|f| FlowRow::new(&p.label, f, &by_key)),
+            ),
             Err(e) => errors.push(format!("{} ({}): {e:#}", p.label, p.addr)),
         }
     }
@@ -194,48 +87,32 @@ pub fn flows(a: &ObserveArgs) -> ExitCode {
             return fail(&e);
         }
     } else {
-        // The age and byte columns appear only when some proxy reports them; idle time always.
-        let with_age = rows.iter().any(|r| r.age_secs.is_some());
-        let with_bytes = rows
-            .iter()
-            .any(|r| r.bytes_out.is_some() || r.bytes_in.is_some());
-        let secs = |v: Option<f64>| v.map_or("-".into(), human_secs);
-        let bytes = |v: Option<u64>| v.map_or("-".into(), human_bytes);
+        let secs = |d: std::time::Duration| human_secs(d.as_secs_f64());
         let cells: Vec<Vec<String>> = rows
             .iter()
             .map(|r| {
-                let mut c = vec![
+                let f = &r.flow;
+                vec![
                     r.proxy.clone(),
                     dash(&r.tenant),
                     dash(&r.job),
-                    dash(&r.proto),
-                    dash(&r.src),
-                    dash(&r.dst),
-                    dash(&r.hostname),
-                    dash(&r.egress),
-                    dash(&r.state),
-                ];
-                if with_age {
-                    c.push(secs(r.age_secs));
-                }
-                c.push(secs(r.idle_secs));
-                if with_bytes {
-                    c.push(bytes(r.bytes_out));
-                    c.push(bytes(r.bytes_in));
-                }
-                c
+                    f.proto.clone(),
+                    f.src.to_string(),
+                    f.dst.to_string(),
+                    dash(&r.hostname()),
+                    f.egress.to_string(),
+                    f.state.clone(),
+                    secs(f.age()),
+                    secs(f.idle()),
+                    human_bytes(f.bytes_out),
+                    human_bytes(f.bytes_in),
+                ]
             })
             .collect();
-        let mut headers = vec![
-            "PROXY", "TENANT", "JOB", "PROTO", "SRC", "DST", "HOSTNAME", "EGRESS", "STATE",
+        let headers = [
+            "PROXY", "TENANT", "JOB", "PROTO", "SRC", "DST", "HOSTNAME", "EGRESS", "STATE", "AGE",
+            "IDLE", "OUT", "IN",
         ];
-        if with_age {
-            headers.push("AGE");
-        }
-        headers.push("IDLE");
-        if with_bytes {
-            headers.extend(["OUT", "IN"]);
-        }
         print!("{}", table(&headers, &cells));
     }
     finish(&errors)
@@ -245,36 +122,54 @@ pub fn flows(a: &ObserveArgs) -> ExitCode {
 mod tests {
     use super::*;
 
+    fn flow(tenant: Option<&str>) -> FlowView {
+        FlowView {
+            job_key: "00000000000000aa".into(),
+            tenant: tenant.map(str::to_owned),
+            job: None,
+            tenant_id: 1,
+            proto: "tcp".into(),
+            src: "10.255.1.2:40000".parse().unwrap(),
+            dst: "[2001:db8::10]:443".parse().unwrap(),
+            hostnames: vec!["api.example.com".into(), "www.example.com".into()],
+            egress: "198.51.100.64:2000".parse().unwrap(),
+            state: "tcp_established".into(),
+            idle_ms: 250,
+            age_ms: 1500,
+            bytes_out: 812,
+            bytes_in: 1_048_576,
+            packets_out: 9,
+            packets_in: 800,
+        }
+    }
+
     #[test]
-    fn flows_accept_combined_or_split_endpoints_and_both_envelopes() {
-        let body = br#"{"flows":[{"job_key":"00000000000000aa","tenant":"acme","proto":"tcp",
-            "src":"10.255.1.2:40000","dst_ip":"203.0.113.10","dst_port":80,
-            "hostnames":["api.example.com"],"egress_ip":"198.51.100.64","egress_port":2000,
-            "state":"established","age_ms":1500,"idle_ms":250,"bytes_out":812,"bytes_in":1048576}]}"#;
-        let rows = parse_flows("p1", body, 0.0).unwrap();
-        assert_eq!(rows.len(), 1);
-        let r = &rows[0];
-        assert_eq!(r.src.as_deref(), Some("10.255.1.2:40000"));
-        assert_eq!(r.dst.as_deref(), Some("203.0.113.10:80"));
-        assert_eq!(r.egress.as_deref(), Some("198.51.100.64:2000"));
-        assert_eq!(r.hostname.as_deref(), Some("api.example.com"));
-        assert_eq!(r.age_secs, Some(1.5));
-        assert_eq!(r.idle_secs, Some(0.25));
-        assert_eq!((r.bytes_out, r.bytes_in), (Some(812), Some(1_048_576)));
+    fn rows_take_names_from_the_agents_when_the_proxy_has_none_and_show_the_age() {
+        let mut jobs = BTreeMap::new();
+        let mut j = super::super::drops::tests::job("build", "00000000000000aa");
+        j.tenant = "from-agent".into();
+        jobs.insert(j.job_key.clone(), j);
+        let r = FlowRow::new("proxy-1", flow(None), &jobs);
+        assert_eq!(
+            (r.job.as_deref(), r.tenant.as_deref()),
+            (Some("build"), Some("from-agent"))
+        );
+        // The proxy's own names win.
+        let r2 = FlowRow::new("proxy-1", flow(Some("acme")), &jobs);
+        assert_eq!(r2.tenant.as_deref(), Some("acme"));
+        let v = r.to_json();
+        assert_eq!(v["age_secs"], 1.5);
+        assert_eq!(v["idle_secs"], 0.25);
+        assert_eq!(v["dst"], "[2001:db8::10]:443");
+        assert_eq!(v["hostname"], "api.example.com,www.example.com");
+        assert_eq!(
+            (v["bytes_out"].as_u64(), v["bytes_in"].as_u64()),
+            (Some(812), Some(1_048_576))
+        );
         assert_eq!(human_bytes(812), "812 B");
         assert_eq!(human_bytes(1_048_576), "1.0 MB");
         assert_eq!(human_bytes(2_500_000_000), "2.5 GB");
-        assert_eq!(r.job, None);
-
-        let rows = parse_flows(
-            "p2",
-            br#"[{"job":"j","dst":"[2001:db8::10]:443","created_unix":90}]"#,
-            100.0,
-        )
-        .unwrap();
-        assert_eq!(rows[0].dst.as_deref(), Some("[2001:db8::10]:443"));
-        assert_eq!(rows[0].age_secs, Some(10.0));
-        assert!(parse_flows("p", b"{\"x\":1}", 0.0).is_err());
-        assert!(parse_flows("p", b"not json", 0.0).is_err());
+        let unknown = FlowRow::new("proxy-1", flow(None), &BTreeMap::new());
+        assert_eq!((unknown.job, unknown.tenant), (None, None));
     }
 }

@@ -3,14 +3,13 @@
 //! # What it owns
 //! Reading the node agents' API (Unix socket, through its typed client
 //! `snas_agent::api::blocking::AgentClient`: jobs and their tier-1 counters) and the proxies'
-//! management endpoint (TCP: `GET /v1/flows`, `GET /metrics`), joining them by job key, and
-//! printing aligned tables (or `--json` rows with the same fields, for machines). See
-//! `docs/observability.md`.
+//! management endpoint (TCP, through its typed client `snas_proxy::api::blocking::ProxyClient`:
+//! `GET /v1/flows`, `GET /v1/drops`), joining them by job key, and printing aligned tables (or
+//! `--json` rows with the same fields, for machines). See `docs/observability.md`.
 //!
 //! # Layout
-//! - `sources`: where to read from (arguments, testbed defaults, the local agent).
-//! - `proxy_http`: `GET` from a proxy's endpoint, from inside its namespace when needed.
-//! - `prom`: the Prometheus text parser (`snas drops` reads the proxies' drop counters).
+//! - `sources`: where to read from (arguments, testbed defaults, the local agent), and calling
+//!   a proxy from inside its namespace when needed.
 //! - `table`: aligned tables, human durations, `--json` rows.
 //! - `jobs`, `flows`, `drops`: the three commands and their rows.
 //!
@@ -24,19 +23,17 @@
 //! # Invariants
 //! - A source that cannot be read is named on stderr and makes the exit status 1; the rows of
 //!   the other sources are still printed (an operator chasing an outage wants what there is).
-//! - The parsers of the proxy's answers are pure functions of the body (tested in `flows`,
-//!   `drops`, `prom`) and accept the field spellings listed in `docs/observability.md`; unknown
-//!   fields are ignored.
+//! - The rows are pure functions of the typed answers (tested in `flows`, `drops`); the
+//!   answers' fields are the proxy's and agent's API types, so reader and writer cannot drift.
 //!
 //! # Limits
-//! Plain HTTP/1.1, one request per connection, 3 s per exchange with a proxy; no TLS (the
-//! management endpoint is on a management network).
+//! Plain HTTP/1.1, one request per connection, 3 s per exchange with a proxy
+//! (`snas_proxy::api::client::DEFAULT_TIMEOUT`); no TLS (the management endpoint is on a
+//! management network).
 
 mod drops;
 mod flows;
 mod jobs;
-mod prom;
-mod proxy_http;
 mod sources;
 mod table;
 

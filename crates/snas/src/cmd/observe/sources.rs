@@ -4,8 +4,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use snas_agent::api::blocking::AgentClient;
+use snas_proxy::api::blocking::ProxyClient;
+use snas_proxy::api::ClientError;
 use snas_testbed::topology::{NODES, PROXIES};
 use snas_testbed::Topology;
 
@@ -39,9 +41,18 @@ pub(super) struct ProxySource {
 }
 
 impl ProxySource {
-    /// `GET path`; the body of a 200 answer.
-    pub fn get(&self, path: &str) -> anyhow::Result<Vec<u8>> {
-        super::proxy_http::get(self.addr, self.netns.as_deref(), path)
+    /// Runs `call` with the proxy's typed client, from inside the proxy's namespace when it
+    /// lives in one (the blocking client opens its socket on the calling thread).
+    pub fn call<T: Send + 'static>(
+        &self,
+        call: impl FnOnce(&ProxyClient) -> Result<T, ClientError> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let client = ProxyClient::new(self.addr);
+        match &self.netns {
+            Some(ns) => Ok(snas_testbed::netns::in_netns(ns, move || call(&client))
+                .with_context(|| format!("entering {ns}"))??),
+            None => Ok(call(&client)?),
+        }
     }
 }
 

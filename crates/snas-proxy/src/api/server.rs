@@ -1,11 +1,13 @@
-//! The proxy's two HTTP endpoints.
+//! The proxy's two HTTP endpoints: axum routers over the daemon's [`Shared`] state, answering
+//! with the types of [`super::types`].
 //!
 //! # Management (`control_listen`, default `127.0.0.1:9090`)
 //! For operators and Prometheus; never reachable from a data path (loopback by default, and
 //! every address the proxy listens on is infrastructure, see [`crate::infra`]).
 //! - `GET /healthz`: 200 `ok`, or 503 `draining` while draining.
 //! - `GET /metrics`: Prometheus text ([`crate::metrics`]).
-//! - `GET /v1/flows`: live flows as JSON (at most [`MAX_FLOWS_LISTED`]).
+//! - `GET /v1/flows`: live flows as JSON ([`FlowList`], at most [`MAX_FLOWS_LISTED`]).
+//! - `GET /v1/drops`: drops and refusals per reason as JSON ([`DropCounts`]).
 //! - `POST /v1/drain`, `POST /v1/undrain`: set or clear draining (new flows are refused with
 //!   `draining`; established flows continue); answer the new health text. They require
 //!   `Authorization: Bearer <token>` with the token of `control_token_file` (compared in constant
@@ -14,8 +16,9 @@
 //! # Service (`service_listen`, default `<underlay_addr>:9090`)
 //! Only what nodes and peers need:
 //! - `GET /healthz`: as above (agents' health checks).
-//! - `POST /v1/bindings`: a DNS binding pushed by a peer proxy (`Authorization: Bearer <peer
-//!   secret>`, compared in constant time); see [`crate::resolver::apply_peer_binding`].
+//! - `POST /v1/bindings`: a DNS binding pushed by a peer proxy ([`PeerBinding`],
+//!   `Authorization: Bearer <peer secret>`, compared in constant time); see
+//!   [`crate::resolver::apply_peer_binding`].
 //! - `POST /v1/jobs/{job_key}/ended`: the job's node says the job ended; the proxy removes its
 //!   flows (ports into quarantine, a `flow_end` line each), held packets, pacing and rate state,
 //!   bindings and cached policy — at the engine's next housekeeping tick, a few milliseconds
@@ -34,11 +37,11 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Serialize;
+use snas_wire::Reason;
 
-use crate::daemon::Shared;
+use super::types::{paths, DropCounts, FlowList, FlowView, PeerBinding, ProxyHealth};
 use crate::metrics::{self, Extra};
-use crate::resolver::PeerBinding;
+use crate::shared::Shared;
 use crate::tier2::FlowEnd;
 
 /// Most flows `GET /v1/flows` lists.
@@ -62,20 +65,21 @@ struct Ctl {
 /// The management router (see the module documentation).
 pub fn management_router(shared: Arc<Shared>, secrets: Secrets) -> Router {
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics_text))
-        .route("/v1/drain", post(drain))
-        .route("/v1/undrain", post(undrain))
-        .route("/v1/flows", get(flows))
+        .route(paths::HEALTHZ, get(healthz))
+        .route(paths::METRICS, get(metrics_text))
+        .route(paths::DRAIN, post(drain))
+        .route(paths::UNDRAIN, post(undrain))
+        .route(paths::FLOWS, get(flows))
+        .route(paths::DROPS, get(drops))
         .with_state(Ctl { shared, secrets })
 }
 
 /// The service router (see the module documentation).
 pub fn service_router(shared: Arc<Shared>, secrets: Secrets) -> Router {
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/v1/bindings", post(bindings))
-        .route("/v1/jobs/{job_key}/ended", post(job_ended))
+        .route(paths::HEALTHZ, get(healthz))
+        .route(paths::BINDINGS, post(bindings))
+        .route(paths::JOB_ENDED_ROUTE, post(job_ended))
         .with_state(Ctl { shared, secrets })
 }
 
@@ -122,11 +126,13 @@ fn check_control_token(c: &Ctl, headers: &HeaderMap) -> Option<Response> {
 }
 
 fn health(shared: &Shared) -> Response {
-    if shared.draining.load(Ordering::Relaxed) {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    let h = if shared.draining.load(Ordering::Relaxed) {
+        ProxyHealth::Draining
     } else {
-        (StatusCode::OK, "ok\n").into_response()
-    }
+        ProxyHealth::Ok
+    };
+    let status = StatusCode::from_u16(h.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, h.body()).into_response()
 }
 
 async fn healthz(State(c): State<Ctl>) -> Response {
@@ -176,33 +182,12 @@ async fn metrics_text(State(c): State<Ctl>) -> Response {
         draining: s.draining.load(Ordering::Relaxed),
         queues: metrics::QueueGauges::sum(&s.worker_gauges),
     };
-    let text = {
-        let eng = s.engine();
-        metrics::render(&s.metrics, &eng, extra)
-    };
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
-}
-
-#[derive(Debug, Serialize)]
-struct FlowJson {
-    job_key: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tenant: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    job: Option<String>,
-    tenant_id: u32,
-    proto: &'static str,
-    src: String,
-    dst: String,
-    hostnames: Vec<String>,
-    egress: String,
-    state: String,
-    idle_ms: u64,
-    age_ms: u64,
-    bytes_out: u64,
-    bytes_in: u64,
-    packets_out: u32,
-    packets_in: u32,
+    let scrape = metrics::Scrape::take(&s.metrics, &s.engine(), extra);
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        scrape.render(),
+    )
+        .into_response()
 }
 
 fn proto_name(p: crate::nat::IpProto) -> &'static str {
@@ -233,7 +218,7 @@ fn millis(d: std::time::Duration) -> u64 {
 async fn flows(State(c): State<Ctl>) -> Response {
     let now = c.shared.clock_now();
     let snap = c.shared.store.snapshot();
-    let list: Vec<FlowJson> = {
+    let list: Vec<FlowView> = {
         let mut eng = c.shared.engine();
         let infos: Vec<_> = eng
             .conntrack()
@@ -246,19 +231,19 @@ async fn flows(State(c): State<Ctl>) -> Response {
             .into_iter()
             .map(|f| {
                 let policy = snap.get(f.key.job);
-                FlowJson {
+                FlowView {
                     job_key: format!("{:016x}", f.key.job),
                     tenant: policy.map(|p| p.tenant.to_string()),
                     job: policy.map(|p| p.job.to_string()),
                     tenant_id: f.tenant,
-                    proto: proto_name(f.key.proto),
-                    src: std::net::SocketAddr::from((f.key.src_ip, f.key.src_port)).to_string(),
-                    dst: std::net::SocketAddr::from((f.key.dst_ip, f.key.dst_port)).to_string(),
+                    proto: proto_name(f.key.proto).to_owned(),
+                    src: std::net::SocketAddr::from((f.key.src_ip, f.key.src_port)),
+                    dst: std::net::SocketAddr::from((f.key.dst_ip, f.key.dst_port)),
                     hostnames: bindings
                         .names(f.key.job, f.key.dst_ip, now)
                         .map(|n| n.to_string())
                         .collect(),
-                    egress: std::net::SocketAddr::from((f.egress_ip, f.egress_port)).to_string(),
+                    egress: std::net::SocketAddr::from((f.egress_ip, f.egress_port)),
                     state: state_name(f.state),
                     idle_ms: millis(now.saturating_duration_since(f.last_seen)),
                     age_ms: millis(now.saturating_duration_since(f.created)),
@@ -270,7 +255,27 @@ async fn flows(State(c): State<Ctl>) -> Response {
             })
             .collect()
     };
-    Json(serde_json::json!({ "flows": list })).into_response()
+    Json(FlowList { flows: list }).into_response()
+}
+
+async fn drops(State(c): State<Ctl>) -> Response {
+    let counts = *c.shared.engine().drops();
+    Json(drop_counts(&counts)).into_response()
+}
+
+/// The JSON drop counters of the engine's per-reason array (reasons with none left out).
+pub fn drop_counts(counts: &[u64; Reason::COUNT]) -> DropCounts {
+    let drops: std::collections::BTreeMap<String, u64> = Reason::ALL
+        .iter()
+        .filter_map(|r| {
+            let n = counts.get(usize::from(r.code())).copied().unwrap_or(0);
+            (n > 0).then(|| (r.name().to_owned(), n))
+        })
+        .collect();
+    DropCounts {
+        total: drops.values().sum(),
+        drops,
+    }
 }
 
 /// Constant-time comparison: the time depends on the lengths only (the length of a secret is
