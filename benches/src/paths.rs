@@ -866,7 +866,7 @@ impl Paths {
                 move |source| PathError::File { path, source }
             };
             let (udp, dev) = (udp.map_err(file("udp"))?, dev.map_err(file("dev"))?);
-            total.socket += udp_drops(&udp, snas_proxy::config::GENEVE_PORT);
+            total.socket += udp_drops(&udp, snas_wire::geneve::GENEVE_PORT);
             total.tun += dev_tx_drops(&dev, snas_testbed::topology::PROXY_TUN);
         }
         Ok(total)

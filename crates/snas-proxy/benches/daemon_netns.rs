@@ -21,7 +21,7 @@ use snas_policy::identity;
 use snas_proxy::config::ProxyConfig;
 use snas_proxy::daemon::Daemon;
 use snas_wire::build::{udp, UdpSpec};
-use snas_wire::geneve::{write_geneve_header, InnerProto, SnasOption};
+use snas_wire::geneve::{write_geneve_header, InnerProto, SnasOption, GENEVE_PORT};
 
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
 const PROXY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 21);
@@ -140,7 +140,7 @@ state_dir = "{state}"
             let offered = Arc::new(AtomicU64::new(0));
             let o2 = Arc::clone(&offered);
             in_ns(&node, move || {
-                let rx = UdpSocket::bind((NODE, 6081)).unwrap();
+                let rx = UdpSocket::bind((NODE, GENEVE_PORT)).unwrap();
                 rx.set_read_timeout(Some(Duration::from_millis(20)))
                     .unwrap();
                 let txs: Vec<UdpSocket> = (0..FLOWS)
@@ -152,7 +152,7 @@ state_dir = "{state}"
                 let mut buf = vec![0u8; 65536];
                 while Instant::now() < warm {
                     for (tx, d) in txs.iter().zip(&dgs) {
-                        tx.send_to(d, (PROXY, 6081)).unwrap();
+                        tx.send_to(d, (PROXY, GENEVE_PORT)).unwrap();
                     }
                     if rx.recv_from(&mut buf).is_ok() {
                         break;
@@ -170,7 +170,7 @@ state_dir = "{state}"
                 let mut sent = 0u64;
                 while Instant::now() < end {
                     for (tx, d) in txs.iter().zip(&dgs) {
-                        if tx.send_to(d, (PROXY, 6081)).is_ok() {
+                        if tx.send_to(d, (PROXY, GENEVE_PORT)).is_ok() {
                             sent += 1;
                         }
                     }

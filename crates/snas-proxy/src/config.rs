@@ -20,9 +20,6 @@ use crate::fair::{FairConfig, FairConfigError, FairLimits};
 use crate::hold::{HoldConfig, HoldQueue};
 use crate::infra::{self, METADATA};
 
-/// The GENEVE UDP port (contract).
-pub const GENEVE_PORT: u16 = 6081;
-
 /// Most workers accepted (one per core; the machine is small, the check catches typos).
 pub const MAX_WORKERS: usize = 64;
 

@@ -70,7 +70,7 @@ use snas_wire::Reason;
 use crate::audit_log;
 use crate::budget::QueueBudget;
 use crate::clock::{Clock, MonotonicClock, Nanos};
-use crate::config::{ProxyConfig, GENEVE_PORT};
+use crate::config::ProxyConfig;
 use crate::fair::{FairQueue, Size};
 use crate::gso;
 use crate::guard::Guard;
@@ -82,6 +82,7 @@ use crate::tier2::{Tier2, Tier2Config, Verdict, GENEVE_HEADER_LEN};
 use crate::tun::{self, TunQueue};
 use crate::udp::{self, GeneveSocket, RecvBatch, SendBatch};
 use crate::wake::Wake;
+use snas_wire::geneve::GENEVE_PORT;
 
 use crate::shared::{Shared, WorkerGauges};
 

@@ -24,7 +24,7 @@ use snas_policy::keys::PolicyKey;
 use snas_proxy::config::ProxyConfig;
 use snas_proxy::daemon::Daemon;
 use snas_wire::build::{tcp, udp, TcpSpec, UdpSpec};
-use snas_wire::geneve::{parse_payload, write_geneve_header, InnerProto, SnasOption};
+use snas_wire::geneve::{parse_payload, write_geneve_header, InnerProto, SnasOption, GENEVE_PORT};
 use snas_wire::TcpFlags;
 
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
@@ -209,11 +209,11 @@ fn exchange_via(tx: &UdpSocket, sock: &UdpSocket, inner: &[u8], sport: u16) -> R
     let dg = encap(inner);
     let mut buf = vec![0u8; 65536];
     while Instant::now() < deadline {
-        tx.send_to(&dg, (PROXY, 6081)).unwrap();
+        tx.send_to(&dg, (PROXY, GENEVE_PORT)).unwrap();
         let until = Instant::now() + Duration::from_millis(200);
         while Instant::now() < until {
             if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                assert_eq!(from, SocketAddr::from((PROXY, 6081)));
+                assert_eq!(from, SocketAddr::from((PROXY, GENEVE_PORT)));
                 if let Some(r) = decode(&buf[..n]) {
                     if r.dst.port() == sport {
                         return r;
@@ -270,7 +270,7 @@ fn gather_echo(
     start_seq: u32,
     want: usize,
 ) -> Vec<u8> {
-    sock.send_to(&encap(inner), (PROXY, 6081)).unwrap();
+    sock.send_to(&encap(inner), (PROXY, GENEVE_PORT)).unwrap();
     let mut got = vec![None::<u8>; want];
     let mut buf = vec![0u8; 65536];
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -467,7 +467,7 @@ fn run(workers: usize) {
 
     let pns = env.proxy.clone();
     in_ns(&node, move || {
-        let sock = UdpSocket::bind((NODE, 6081)).unwrap();
+        let sock = UdpSocket::bind((NODE, GENEVE_PORT)).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
         assert_eq!(http("GET", "/healthz"), (200, "ok\n".into()));
@@ -502,7 +502,7 @@ fn run(workers: usize) {
         // to the TUN MTU by the proxy; the echo comes back whole.
         let server_seq = r.seq.wrapping_add(1);
         let ack = tcp_seg(40001, 1001, server_seq, TcpFlags::ACK, &[]);
-        sock.send_to(&encap(&ack), (PROXY, 6081)).unwrap();
+        sock.send_to(&encap(&ack), (PROXY, GENEVE_PORT)).unwrap();
         let data: Vec<u8> = (0..4000u32).map(|i| (i * 7 % 251) as u8).collect();
         let flags = TcpFlags(TcpFlags::ACK.0 | TcpFlags::PSH.0);
         let big = tcp_seg(40001, 1001, server_seq, flags, &data);
@@ -612,12 +612,12 @@ fn reply_to(sock: &UdpSocket, sport: u16, within: Duration) -> Option<Reply> {
 fn a_fresh_jobs_first_syn_is_held_while_its_policy_is_fetched_then_answered() {
     let env = start("h", 1);
     let elapsed = in_ns(&env.node, move || {
-        let sock = UdpSocket::bind((NODE, 6081)).unwrap();
+        let sock = UdpSocket::bind((NODE, GENEVE_PORT)).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
         // Sent once: no retransmission covers for a dropped SYN.
         let t0 = Instant::now();
-        sock.send_to(&encap(&syn_to(ECHO, 40100)), (PROXY, 6081))
+        sock.send_to(&encap(&syn_to(ECHO, 40100)), (PROXY, GENEVE_PORT))
             .unwrap();
         let r = reply_to(&sock, 40100, Duration::from_secs(3))
             .expect("the first SYN of a fresh job is answered without a retransmission");
@@ -653,7 +653,7 @@ fn at_exp_the_jobs_connection_is_reset_and_its_flow_is_freed() {
     let mut env = start_with("x", 1, &policy);
     let exp = env.exp;
     let late = in_ns(&env.node, move || {
-        let sock = UdpSocket::bind((NODE, 6081)).unwrap();
+        let sock = UdpSocket::bind((NODE, GENEVE_PORT)).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
         let r = exchange(&sock, &syn_to(ECHO, 40200), 40200);
@@ -669,7 +669,7 @@ fn at_exp_the_jobs_connection_is_reset_and_its_flow_is_freed() {
                 TcpFlags(TcpFlags::ACK.0 | TcpFlags::PSH.0),
                 b"x",
             );
-            sock.send_to(&encap(&data), (PROXY, 6081)).unwrap();
+            sock.send_to(&encap(&data), (PROXY, GENEVE_PORT)).unwrap();
             let sent = unix_now();
             let next = Instant::now() + Duration::from_millis(50);
             let reply = reply_to(&sock, 40200, Duration::from_millis(50));
@@ -783,7 +783,7 @@ fn a_tenants_burst_is_shed_beyond_its_share_and_another_tenant_is_served_in_its_
         &format!("fair_tenant_packets = {TENANT_PACKETS}"),
     );
     in_ns(&env.node, move || {
-        let sock = UdpSocket::bind((NODE, 6081)).unwrap();
+        let sock = UdpSocket::bind((NODE, GENEVE_PORT)).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
         // Both jobs' policies are fetched, their flows open.
@@ -792,7 +792,7 @@ fn a_tenants_burst_is_shed_beyond_its_share_and_another_tenant_is_served_in_its_
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut buf = vec![0u8; 65536];
         loop {
-            sock.send_to(&flood, (PROXY, 6081)).unwrap();
+            sock.send_to(&flood, (PROXY, GENEVE_PORT)).unwrap();
             if let Ok((n, _)) = sock.recv_from(&mut buf) {
                 if decode_any(&buf[..n])
                     .is_some_and(|(o, r)| o == flood_option() && r.dst.port() == 41000)
@@ -807,9 +807,9 @@ fn a_tenants_burst_is_shed_beyond_its_share_and_another_tenant_is_served_in_its_
         }
         // The burst, then the other tenant's request right behind it.
         for _ in 0..BURST {
-            sock.send_to(&flood, (PROXY, 6081)).unwrap();
+            sock.send_to(&flood, (PROXY, GENEVE_PORT)).unwrap();
         }
-        sock.send_to(&encap(&udp_to(ECHO, 40001, b"turn")), (PROXY, 6081))
+        sock.send_to(&encap(&udp_to(ECHO, 40001, b"turn")), (PROXY, GENEVE_PORT))
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(3);
         let answered = loop {

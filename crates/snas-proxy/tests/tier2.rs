@@ -15,7 +15,7 @@ use snas_proxy::tier2::{
     PolicyLookup, StaticPolicies, Tier2, Tier2Config, Verdict, GENEVE_HEADER_LEN,
 };
 use snas_wire::build::{tcp, udp, TcpSpec, UdpSpec};
-use snas_wire::geneve::{parse_payload, write_geneve_header, InnerProto, SnasOption};
+use snas_wire::geneve::{parse_payload, write_geneve_header, InnerProto, SnasOption, GENEVE_PORT};
 use snas_wire::{IpPacket, Reason, TcpFlags, Transport};
 
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
@@ -700,7 +700,7 @@ fn a_wide_policy_reaches_no_infrastructure_address() {
     ];
     f.tier2.drain_audit().for_each(drop);
     for (i, dst) in infra.into_iter().enumerate() {
-        for port in [9090u16, 6081, 5353, 22] {
+        for port in [9090u16, GENEVE_PORT, 5353, 22] {
             let sport = 31000 + (i as u16) * 10 + port % 10;
             let pkt = if dst.is_ipv6() {
                 tcp(&TcpSpec {
