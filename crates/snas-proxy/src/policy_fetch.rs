@@ -5,7 +5,7 @@
 //!   `job_key → (reason, until)`. Workers take an `Arc<Snapshot>` once per batch (a read lock held
 //!   for a pointer copy) and look policies up in it without further locking; writers (the
 //!   fetcher, expiry) build a new snapshot and swap it in.
-//! - [`Fetcher`]: asks `http://<node>:<agent_policy_port>/v1/jobs/{job_key:016x}/policy`,
+//! - [`Fetcher`]: asks `http://<node>:<agent_policy_port>/v1/jobs/{job_key}/policy`,
 //!   verifies the token (`snas_policy::jws::verify`: signature, key id, expiry, lifetime),
 //!   checks that the policy is the one asked for (`job_key`) and, if it names a `node`, that
 //!   it is the node that sent the traffic; then compiles it ([`JobPolicy::from_verified`], with
@@ -39,7 +39,7 @@ use hyper::Method;
 use ipnet::IpNet;
 use snas_policy::bundle::TrustBundle;
 use snas_policy::jws;
-use snas_wire::Reason;
+use snas_wire::{JobKey, Reason};
 use tokio::sync::mpsc;
 
 use crate::api::client::{exchange, Call, ClientError};
@@ -244,7 +244,7 @@ pub struct FetchQueue(mpsc::Receiver<(u64, Ipv4Addr)>);
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// the agent could not be reached or answered badly
-    #[error("policy of job {job_key:016x} from {node}: {source}")]
+    #[error("policy of job {} from {node}: {source}", JobKey(*job_key))]
     Http {
         /// Job.
         job_key: u64,
@@ -254,7 +254,7 @@ pub enum FetchError {
         source: ClientError,
     },
     /// the agent answered with a non-200 status
-    #[error("policy of job {job_key:016x} from {node}: HTTP status {status}")]
+    #[error("policy of job {} from {node}: HTTP status {status}", JobKey(*job_key))]
     Status {
         /// Job.
         job_key: u64,
@@ -264,7 +264,7 @@ pub enum FetchError {
         status: u16,
     },
     /// the token did not verify
-    #[error("policy of job {job_key:016x} from {node}: {source}")]
+    #[error("policy of job {} from {node}: {source}", JobKey(*job_key))]
     Verify {
         /// Job.
         job_key: u64,
@@ -274,7 +274,7 @@ pub enum FetchError {
         source: jws::VerifyError,
     },
     /// the token is valid but for another job
-    #[error("policy from {node} for job {job_key:016x} is the policy of job {got:016x}")]
+    #[error("policy from {node} for job {} is the policy of job {}", JobKey(*job_key), JobKey(*got))]
     WrongJob {
         /// Job asked.
         job_key: u64,
@@ -284,7 +284,7 @@ pub enum FetchError {
         got: u64,
     },
     /// the token pins the job to another node
-    #[error("policy of job {job_key:016x} from {node} is pinned to node {pinned}")]
+    #[error("policy of job {} from {node} is pinned to node {pinned}", JobKey(*job_key))]
     WrongNode {
         /// Job.
         job_key: u64,

@@ -461,7 +461,7 @@ async fn push_to_peers(
         return;
     };
     let body = Arc::new(PeerBinding {
-        job_key: format!("{job:016x}"),
+        job_key: snas_wire::JobKey(job).to_string(),
         node,
         name: name.to_owned(),
         addrs: addrs.to_vec(),

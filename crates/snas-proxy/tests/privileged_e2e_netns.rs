@@ -59,8 +59,11 @@ fn serve_policy(listener: TcpListener, jobs: Vec<(u64, String)>) {
         let n = s.read(&mut buf).unwrap_or(0);
         let req = String::from_utf8_lossy(&buf[..n]);
         let token = jobs.iter().find_map(|(job_key, token)| {
-            req.starts_with(&format!("GET /v1/jobs/{job_key:016x}/policy "))
-                .then_some(token)
+            req.starts_with(&format!(
+                "GET {} ",
+                snas_proxy::api::paths::agent_policy(*job_key)
+            ))
+            .then_some(token)
         });
         let resp = if let Some(token) = token {
             format!(
@@ -582,7 +585,7 @@ fn run(workers: usize) {
     );
     assert!(lines
         .iter()
-        .all(|l| l["job_key"] == format!("{job_key:016x}")));
+        .all(|l| l["job_key"] == snas_wire::JobKey(job_key).to_string()));
     // Denied SYNs are 40-byte packets (IPv4 + TCP, no options).
     let denied: Vec<_> = lines
         .iter()

@@ -528,8 +528,8 @@ fn answers_are_pushed_to_peers_which_recheck_the_policy() {
     let ctl = b.service_addr();
     let body = |n: &str| {
         format!(
-            r#"{{"job_key":"{:016x}","node":"127.0.0.1","name":"{n}","addrs":["203.0.113.77"],"ttl_secs":60}}"#,
-            job_key(JTI)
+            r#"{{"job_key":"{}","node":"127.0.0.1","name":"{n}","addrs":["203.0.113.77"],"ttl_secs":60}}"#,
+            snas_wire::JobKey(job_key(JTI))
         )
     };
     assert_eq!(

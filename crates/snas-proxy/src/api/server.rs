@@ -232,7 +232,7 @@ async fn flows(State(c): State<Ctl>) -> Response {
             .map(|f| {
                 let policy = snap.get(f.key.job);
                 FlowView {
-                    job_key: format!("{:016x}", f.key.job),
+                    job_key: snas_wire::JobKey(f.key.job).to_string(),
                     tenant: policy.map(|p| p.tenant.to_string()),
                     job: policy.map(|p| p.job.to_string()),
                     tenant_id: f.tenant,

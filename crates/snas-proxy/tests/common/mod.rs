@@ -98,7 +98,7 @@ impl PolicyServer {
 
     pub fn serve(&self, job_key: u64, status: u16, body: &str) {
         self.routes.lock().unwrap().insert(
-            format!("/v1/jobs/{job_key:016x}/policy"),
+            snas_proxy::api::paths::agent_policy(job_key),
             (status, body.to_owned()),
         );
     }
