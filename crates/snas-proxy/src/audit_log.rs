@@ -23,32 +23,12 @@ use std::thread::JoinHandle;
 
 use snas_policy::audit::{rfc3339_secs, Action, Kind, Slot, Source};
 
-use crate::nat::IpProto;
 use crate::tier2::{AuditEvent, AuditRecord, FlowEndRecord};
 
 /// Records buffered between the data path and the writer.
 pub const AUDIT_QUEUE: usize = 16 * 1024;
 
 pub use snas_policy::audit::AuditLine;
-
-fn proto_name(p: snas_wire::L4Proto) -> &'static str {
-    match p {
-        snas_wire::L4Proto::Tcp => "tcp",
-        snas_wire::L4Proto::Udp => "udp",
-        snas_wire::L4Proto::Icmp => "icmp",
-        snas_wire::L4Proto::Icmpv6 => "icmpv6",
-    }
-}
-
-/// The lower-case name of a conntrack protocol.
-pub fn ip_proto_name(p: IpProto) -> &'static str {
-    match p {
-        IpProto::Tcp => "tcp",
-        IpProto::Udp => "udp",
-        IpProto::Icmp => "icmp",
-        IpProto::Icmpv6 => "icmpv6",
-    }
-}
 
 /// A tier-2 line of a job (`tenant`, `job`, `job_key` set; everything optional left out).
 fn line(
@@ -88,7 +68,7 @@ pub fn flow_end_line(r: &FlowEndRecord) -> AuditLine {
         r.job_key,
         (&r.tenant, &r.job),
     );
-    l.proto = ip_proto_name(r.proto).into();
+    l.proto = r.proto.name().into();
     l.src = Slot::Value(Source::Socket(SocketAddr::from(r.src)));
     l.dst = Slot::Value(r.dst.0);
     l.port = Slot::Value(r.dst.1);
@@ -132,7 +112,7 @@ pub fn flow_line(r: &AuditRecord) -> AuditLine {
         r.job_key,
         (&r.tenant, &r.job),
     );
-    l.proto = proto_name(r.proto).into();
+    l.proto = r.proto.name().into();
     l.src = Slot::Value(Source::Socket(SocketAddr::from(r.src)));
     l.dst = Slot::Value(r.dst.0);
     l.port = Slot::Value(r.dst.1);

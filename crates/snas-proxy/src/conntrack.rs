@@ -52,12 +52,12 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use hashbrown::HashTable;
-use snas_wire::Reason;
+use snas_wire::{L4Proto, Reason};
 
 use crate::clock::Nanos;
 use crate::nat::{
-    table_bytes, Allocation, Destination, IpProto, JobLimits, NatConfig, NatConfigError, NatLease,
-    Owner, PortAllocator,
+    table_bytes, Allocation, Destination, JobLimits, NatConfig, NatConfigError, NatLease, Owner,
+    PortAllocator,
 };
 use crate::wheel::{TimerWheel, WheelError};
 
@@ -154,7 +154,7 @@ pub struct FlowKey {
     /// Job key.
     pub job: u64,
     /// Protocol.
-    pub proto: IpProto,
+    pub proto: L4Proto,
     /// Inner source (sandbox) address.
     pub src_ip: IpAddr,
     /// Inner source port (ICMP: echo identifier).
@@ -169,7 +169,7 @@ pub struct FlowKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ReplyKey {
     /// Protocol.
-    pub proto: IpProto,
+    pub proto: L4Proto,
     /// The remote peer (the reply's source).
     pub remote_ip: IpAddr,
     /// The remote peer's port (ICMP: 0).
@@ -220,11 +220,11 @@ pub enum FlowState {
 }
 
 impl FlowState {
-    fn initial(proto: IpProto) -> FlowState {
+    fn initial(proto: L4Proto) -> FlowState {
         match proto {
-            IpProto::Tcp => FlowState::TcpSynSent,
-            IpProto::Udp => FlowState::UdpUnreplied,
-            IpProto::Icmp | IpProto::Icmpv6 => FlowState::Icmp,
+            L4Proto::Tcp => FlowState::TcpSynSent,
+            L4Proto::Udp => FlowState::UdpUnreplied,
+            L4Proto::Icmp | L4Proto::Icmpv6 => FlowState::Icmp,
         }
     }
 }
@@ -314,7 +314,7 @@ struct Flow {
     dest: u32,
     generation: u32,
     timer: u16,
-    proto: IpProto,
+    proto: L4Proto,
     state: FlowState,
     /// `FIN_ORIGINAL | FIN_REPLY` seen, and `LIVE`.
     flags: u8,
@@ -369,7 +369,7 @@ fn ip_bits(ip: &IpAddr) -> [u8; 16] {
 fn hash_fwd(
     s: &RandomState,
     job: u64,
-    proto: IpProto,
+    proto: L4Proto,
     src: &IpAddr,
     sport: u16,
     dst: &IpAddr,
@@ -389,7 +389,7 @@ fn hash_fwd(
 
 fn hash_rev(
     s: &RandomState,
-    proto: IpProto,
+    proto: L4Proto,
     remote: &IpAddr,
     rport: u16,
     egress: u16,
@@ -971,7 +971,7 @@ mod tests {
         Conntrack::new(ConntrackConfig::new(vec![EGRESS]), secs(0)).unwrap()
     }
 
-    fn key(proto: IpProto, sport: u16) -> FlowKey {
+    fn key(proto: L4Proto, sport: u16) -> FlowKey {
         FlowKey {
             job: 7,
             proto,
@@ -1004,7 +1004,7 @@ mod tests {
     #[test]
     fn both_directions_find_the_flow() {
         let mut c = ct();
-        let k = key(IpProto::Tcp, 40000);
+        let k = key(L4Proto::Tcp, 40000);
         let (id, port) = created(c.open(k, 1, LIMITS, secs(0)));
         assert_eq!(c.lookup(&k), Some(id));
         assert_eq!(c.lookup_reply(&reply_key(&k, port)), Some(id));
@@ -1019,7 +1019,7 @@ mod tests {
         let mut c = Conntrack::new(ConntrackConfig::new(vec![EGRESS, e6]), secs(0)).unwrap();
         let k = FlowKey {
             job: 7,
-            proto: IpProto::Udp,
+            proto: L4Proto::Udp,
             src_ip: "2001:db8:5::2".parse().unwrap(),
             src_port: 5353,
             dst_ip: "2001:db8:80::9".parse().unwrap(),
@@ -1036,7 +1036,7 @@ mod tests {
         assert_eq!(egress_ip, e6);
         assert_eq!(c.lookup(&k), Some(id));
         let r = ReplyKey {
-            proto: IpProto::Udp,
+            proto: L4Proto::Udp,
             remote_ip: k.dst_ip,
             remote_port: 53,
             egress_ip: e6,
@@ -1056,7 +1056,7 @@ mod tests {
     #[test]
     fn tcp_handshake_and_close_walk_the_states() {
         let mut c = ct();
-        let (id, _) = created(c.open(key(IpProto::Tcp, 1), 1, LIMITS, secs(0)));
+        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), 1, LIMITS, secs(0)));
         let o = Direction::Original;
         let r = Direction::Reply;
         assert_eq!(
@@ -1084,7 +1084,7 @@ mod tests {
     #[test]
     fn rst_closes_from_any_state() {
         let mut c = ct();
-        let (id, _) = created(c.open(key(IpProto::Tcp, 1), 1, LIMITS, secs(0)));
+        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), 1, LIMITS, secs(0)));
         assert_eq!(
             c.observe(id, Direction::Reply, TcpFlags::RST, 60, secs(0)),
             Some(FlowState::TcpClosed)
@@ -1094,7 +1094,7 @@ mod tests {
     #[test]
     fn unanswered_syn_expires_after_syn_timeout() {
         let mut c = ct();
-        let k = key(IpProto::Tcp, 1);
+        let k = key(L4Proto::Tcp, 1);
         created(c.open(k, 1, LIMITS, secs(0)));
         assert_eq!(c.expire(secs(29)).count(), 0);
         let gone: Vec<_> = c.expire(secs(31)).collect();
@@ -1107,7 +1107,7 @@ mod tests {
     #[test]
     fn activity_keeps_an_established_flow_alive() {
         let mut c = ct();
-        let (id, _) = created(c.open(key(IpProto::Tcp, 1), 1, LIMITS, secs(0)));
+        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), 1, LIMITS, secs(0)));
         c.observe(
             id,
             Direction::Reply,
@@ -1126,7 +1126,7 @@ mod tests {
     #[test]
     fn closing_shortens_the_timeout() {
         let mut c = ct();
-        let (id, _) = created(c.open(key(IpProto::Tcp, 1), 1, LIMITS, secs(0)));
+        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), 1, LIMITS, secs(0)));
         c.observe(
             id,
             Direction::Reply,
@@ -1142,8 +1142,8 @@ mod tests {
     #[test]
     fn udp_with_replies_lives_longer() {
         let mut c = ct();
-        let (a, _) = created(c.open(key(IpProto::Udp, 1), 1, LIMITS, secs(0)));
-        let (b, _) = created(c.open(key(IpProto::Udp, 2), 1, LIMITS, secs(0)));
+        let (a, _) = created(c.open(key(L4Proto::Udp, 1), 1, LIMITS, secs(0)));
+        let (b, _) = created(c.open(key(L4Proto::Udp, 2), 1, LIMITS, secs(0)));
         c.observe(b, Direction::Reply, TcpFlags::NONE, 60, secs(0));
         let gone: Vec<_> = c.expire(secs(31)).collect();
         assert_eq!(gone.len(), 1);
@@ -1155,9 +1155,9 @@ mod tests {
     #[test]
     fn stale_ids_do_not_reach_a_reused_slot() {
         let mut c = ct();
-        let (old, _) = created(c.open(key(IpProto::Icmp, 1), 1, LIMITS, secs(0)));
+        let (old, _) = created(c.open(key(L4Proto::Icmp, 1), 1, LIMITS, secs(0)));
         assert!(c.remove(old, secs(1)).is_some());
-        let (new, _) = created(c.open(key(IpProto::Icmp, 2), 1, LIMITS, secs(1)));
+        let (new, _) = created(c.open(key(L4Proto::Icmp, 2), 1, LIMITS, secs(1)));
         assert_ne!(old, new);
         assert_eq!(c.info(old), None);
         assert_eq!(
@@ -1175,15 +1175,15 @@ mod tests {
             max_ports_per_destination: 10,
         };
         let ids: Vec<_> = (0..3)
-            .map(|p| created(c.open(key(IpProto::Tcp, p), 1, lim, secs(0))).0)
+            .map(|p| created(c.open(key(L4Proto::Tcp, p), 1, lim, secs(0))).0)
             .collect();
         assert_eq!(
-            c.open(key(IpProto::Tcp, 9), 1, lim, secs(0)),
+            c.open(key(L4Proto::Tcp, 9), 1, lim, secs(0)),
             Open::Refused(Reason::ConnectionLimit)
         );
         c.remove(ids[0], secs(0));
         assert_eq!(c.live_flows_of_job(7), 2);
-        created(c.open(key(IpProto::Tcp, 9), 1, lim, secs(0)));
+        created(c.open(key(L4Proto::Tcp, 9), 1, lim, secs(0)));
     }
 
     #[test]
@@ -1193,10 +1193,10 @@ mod tests {
             max_connections: 2,
             max_ports_per_destination: 10,
         };
-        let a = created(c.open(key(IpProto::Tcp, 1), 1, lim, secs(0))).0;
-        created(c.open(key(IpProto::Tcp, 2), 1, lim, secs(0)));
+        let a = created(c.open(key(L4Proto::Tcp, 1), 1, lim, secs(0))).0;
+        created(c.open(key(L4Proto::Tcp, 2), 1, lim, secs(0)));
         assert_eq!(
-            c.open(key(IpProto::Tcp, 3), 1, lim, secs(0)),
+            c.open(key(L4Proto::Tcp, 3), 1, lim, secs(0)),
             Open::Refused(Reason::ConnectionLimit)
         );
         // FIN both ways: closed, no longer a connection, but still translated.
@@ -1217,7 +1217,7 @@ mod tests {
         );
         assert_eq!(c.open_connections_of_job(7), 1);
         assert_eq!(
-            c.lookup(&key(IpProto::Tcp, 1)),
+            c.lookup(&key(L4Proto::Tcp, 1)),
             Some(a),
             "late ACKs still translate"
         );
@@ -1226,7 +1226,7 @@ mod tests {
             2,
             "the closed flow keeps its NAT port"
         );
-        let b = created(c.open(key(IpProto::Tcp, 3), 1, lim, secs(1))).0;
+        let b = created(c.open(key(L4Proto::Tcp, 3), 1, lim, secs(1))).0;
         // Reopening the closed tuple with a new SYN counts again; expiry of a closed flow
         // does not count twice.
         assert_eq!(
@@ -1246,11 +1246,11 @@ mod tests {
     fn remove_job_ends_only_that_jobs_flows() {
         let mut c = ct();
         for p in 0..5 {
-            created(c.open(key(IpProto::Udp, p), 1, LIMITS, secs(0)));
+            created(c.open(key(L4Proto::Udp, p), 1, LIMITS, secs(0)));
         }
         let other = FlowKey {
             job: 8,
-            ..key(IpProto::Udp, 0)
+            ..key(L4Proto::Udp, 0)
         };
         let (kept, _) = created(c.open(other, 1, LIMITS, secs(0)));
         let gone = c.remove_job(7, secs(1));
@@ -1265,7 +1265,7 @@ mod tests {
     #[test]
     fn packets_and_bytes_are_counted_each_way_and_reported_at_the_end() {
         let mut c = ct();
-        let (id, _) = created(c.open(key(IpProto::Tcp, 1), 1, LIMITS, secs(5)));
+        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), 1, LIMITS, secs(5)));
         c.observe(id, Direction::Original, TcpFlags::SYN, 60, secs(5));
         c.observe(
             id,
@@ -1301,8 +1301,8 @@ mod tests {
     #[test]
     fn a_jobs_tenant_is_fixed_by_its_first_flow() {
         let mut c = ct();
-        created(c.open(key(IpProto::Udp, 1), 1, LIMITS, secs(0)));
-        created(c.open(key(IpProto::Udp, 2), 2, LIMITS, secs(0)));
+        created(c.open(key(L4Proto::Udp, 1), 1, LIMITS, secs(0)));
+        created(c.open(key(L4Proto::Udp, 2), 2, LIMITS, secs(0)));
         assert!(c.iter().all(|(_, f)| f.tenant == 1));
         assert_eq!(c.nat().tenant_usage(1).live, 2);
         assert_eq!(c.nat().tenant_usage(2).live, 0);
@@ -1322,10 +1322,10 @@ mod tests {
         let mut cfg = ConntrackConfig::new(vec![EGRESS]);
         cfg.max_flows = 2;
         let mut c = Conntrack::new(cfg, secs(0)).unwrap();
-        created(c.open(key(IpProto::Udp, 1), 1, LIMITS, secs(0)));
-        created(c.open(key(IpProto::Udp, 2), 1, LIMITS, secs(0)));
+        created(c.open(key(L4Proto::Udp, 1), 1, LIMITS, secs(0)));
+        created(c.open(key(L4Proto::Udp, 2), 1, LIMITS, secs(0)));
         assert_eq!(
-            c.open(key(IpProto::Udp, 3), 1, LIMITS, secs(0)),
+            c.open(key(L4Proto::Udp, 3), 1, LIMITS, secs(0)),
             Open::Refused(Reason::PortsExhausted)
         );
     }
@@ -1348,7 +1348,7 @@ mod tests {
             max_ports_per_destination: 1000,
         };
         for p in 0..1000 {
-            created(c.open(key(IpProto::Udp, p), 1, lim, secs(0)));
+            created(c.open(key(L4Proto::Udp, p), 1, lim, secs(0)));
         }
         let m = c.memory();
         assert_eq!(m.flows, 1000);

@@ -53,7 +53,7 @@ use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use hashbrown::HashTable;
-use snas_wire::Reason;
+use snas_wire::{L4Proto, Reason};
 
 use crate::clock::Nanos;
 
@@ -62,43 +62,11 @@ pub const SPARSE_MAX: usize = 256;
 /// Bitmaps become sorted vectors again below this many ports (hysteresis).
 const DENSE_MIN: u32 = 64;
 
-/// Transport protocol of a flow. ICMP flows use the echo identifier as their "port".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[repr(u8)]
-pub enum IpProto {
-    /// ICMP (echo), IPv4.
-    Icmp = 1,
-    /// TCP.
-    Tcp = 6,
-    /// UDP.
-    Udp = 17,
-    /// ICMPv6 (echo).
-    Icmpv6 = 58,
-}
-
-impl IpProto {
-    /// The IANA protocol number.
-    pub fn number(self) -> u8 {
-        self as u8
-    }
-
-    /// The protocol with this IANA number, if tracked.
-    pub fn from_number(n: u8) -> Option<IpProto> {
-        match n {
-            1 => Some(IpProto::Icmp),
-            6 => Some(IpProto::Tcp),
-            17 => Some(IpProto::Udp),
-            58 => Some(IpProto::Icmpv6),
-            _ => None,
-        }
-    }
-}
-
 /// Where a flow goes: protocol, remote address and remote port (0 for ICMP).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Destination {
     /// Protocol.
-    pub proto: IpProto,
+    pub proto: L4Proto,
     /// Remote address.
     pub ip: IpAddr,
     /// Remote port.
@@ -1029,7 +997,7 @@ mod tests {
     const E1: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
     const E2: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2));
     const D: Destination = Destination {
-        proto: IpProto::Tcp,
+        proto: L4Proto::Tcp,
         ip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)),
         port: 443,
     };

@@ -13,7 +13,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use crate::clock::Nanos;
 use crate::conntrack::TcpFlags;
 use crate::conntrack::{Conntrack, ConntrackConfig, ConntrackError, Direction, FlowKey, Open};
-use crate::nat::{IpProto, JobLimits};
+use crate::nat::JobLimits;
+use snas_wire::L4Proto;
 
 /// The one egress address of the synthetic proxy.
 pub const EGRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
@@ -54,7 +55,7 @@ pub fn flow_key(i: u32, distinct_dests: bool) -> FlowKey {
     };
     FlowKey {
         job: job.wrapping_mul(0x9e37_79b9_7f4a_7c15),
-        proto: IpProto::Tcp,
+        proto: L4Proto::Tcp,
         src_ip: IpAddr::V4(Ipv4Addr::new(10, 0, (job / 256) as u8, (job % 256) as u8)),
         src_port: (i / 1000) as u16 + 1024,
         dst_ip,

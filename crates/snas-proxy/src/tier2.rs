@@ -72,7 +72,7 @@ use crate::conntrack::{
 };
 use crate::hold::{HeldPacket, HoldConfig, HoldConfigError, HoldQueue};
 use crate::infra::{self, InfraSet};
-use crate::nat::{IpProto, JobLimits};
+use crate::nat::JobLimits;
 use crate::pacer::{Bps, Pacer, PacerConfig, PacerError, PacingKey, PacingRates, Stamp};
 use crate::token_bucket::{JobBuckets, TokenBucketError};
 
@@ -331,7 +331,7 @@ pub struct FlowEndRecord {
     /// Job key.
     pub job_key: u64,
     /// Protocol.
-    pub proto: IpProto,
+    pub proto: L4Proto,
     /// Sandbox address and port.
     pub src: (IpAddr, u16),
     /// Destination address and port.
@@ -505,15 +505,6 @@ fn transport_of(p: L4Proto) -> Option<Transport> {
         L4Proto::Tcp => Some(Transport::Tcp),
         L4Proto::Udp => Some(Transport::Udp),
         L4Proto::Icmp | L4Proto::Icmpv6 => None,
-    }
-}
-
-fn ip_proto(p: L4Proto) -> IpProto {
-    match p {
-        L4Proto::Tcp => IpProto::Tcp,
-        L4Proto::Udp => IpProto::Udp,
-        L4Proto::Icmp => IpProto::Icmp,
-        L4Proto::Icmpv6 => IpProto::Icmpv6,
     }
 }
 
@@ -797,7 +788,7 @@ impl Tier2 {
         let flags = tcp_flags(packet.as_bytes(), &tuple);
         let key = FlowKey {
             job: opt.job_key,
-            proto: ip_proto(tuple.proto),
+            proto: tuple.proto,
             src_ip: tuple.src,
             src_port: tuple.src_port,
             dst_ip: tuple.dst,
@@ -1078,7 +1069,7 @@ impl Tier2 {
         let tuple = packet.tuple();
         let flags = tcp_flags(packet.as_bytes(), &tuple);
         let rkey = ReplyKey {
-            proto: ip_proto(tuple.proto),
+            proto: tuple.proto,
             remote_ip: tuple.src,
             remote_port: remote_port(&tuple, tuple.src_port),
             egress_ip: tuple.dst,

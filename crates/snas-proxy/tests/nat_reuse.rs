@@ -13,7 +13,8 @@ use snas_proxy::clock::Nanos;
 use snas_proxy::conntrack::{
     Conntrack, ConntrackConfig, Direction, FlowId, FlowKey, Open, ReplyKey, TcpFlags, Timeouts,
 };
-use snas_proxy::nat::{IpProto, JobLimits};
+use snas_proxy::nat::JobLimits;
+use snas_wire::L4Proto;
 use snas_wire::Reason;
 
 const EGRESS: [IpAddr; 2] = [
@@ -61,7 +62,7 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-type Tuple = (IpAddr, u16, IpProto, IpAddr, u16);
+type Tuple = (IpAddr, u16, L4Proto, IpAddr, u16);
 
 #[derive(Default)]
 struct Model {
@@ -106,7 +107,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 dest,
                 udp,
             } => {
-                let proto = if udp { IpProto::Udp } else { IpProto::Tcp };
+                let proto = if udp { L4Proto::Udp } else { L4Proto::Tcp };
                 let key = FlowKey {
                     job: u64::from(job),
                     proto,

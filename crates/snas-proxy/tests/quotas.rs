@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use snas_proxy::clock::Nanos;
 use snas_proxy::conntrack::{Conntrack, ConntrackConfig, FlowId, FlowKey, Open};
-use snas_proxy::nat::{IpProto, JobLimits};
+use snas_proxy::nat::JobLimits;
+use snas_wire::L4Proto;
 use snas_wire::Reason;
 
 const EGRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
@@ -22,7 +23,7 @@ fn secs(s: u64) -> Nanos {
 fn key(job: u64, sport: u16) -> FlowKey {
     FlowKey {
         job,
-        proto: IpProto::Tcp,
+        proto: L4Proto::Tcp,
         src_ip: IpAddr::V4(Ipv4Addr::new(198, 51, 100, (job % 200) as u8 + 1)),
         src_port: sport,
         dst_ip: SERVER,

@@ -190,15 +190,6 @@ async fn metrics_text(State(c): State<Ctl>) -> Response {
         .into_response()
 }
 
-fn proto_name(p: crate::nat::IpProto) -> &'static str {
-    match p {
-        crate::nat::IpProto::Tcp => "tcp",
-        crate::nat::IpProto::Udp => "udp",
-        crate::nat::IpProto::Icmp => "icmp",
-        crate::nat::IpProto::Icmpv6 => "icmpv6",
-    }
-}
-
 fn state_name(s: crate::conntrack::FlowState) -> String {
     // FlowState's Debug names are CamelCase (TcpEstablished): print them snake_case.
     let mut out = String::new();
@@ -236,7 +227,7 @@ async fn flows(State(c): State<Ctl>) -> Response {
                     tenant: policy.map(|p| p.tenant.to_string()),
                     job: policy.map(|p| p.job.to_string()),
                     tenant_id: f.tenant,
-                    proto: proto_name(f.key.proto).to_owned(),
+                    proto: f.key.proto.name().to_owned(),
                     src: std::net::SocketAddr::from((f.key.src_ip, f.key.src_port)),
                     dst: std::net::SocketAddr::from((f.key.dst_ip, f.key.dst_port)),
                     hostnames: bindings
