@@ -370,7 +370,7 @@ pub async fn announce_job_ended(
     for addr in targets {
         set.spawn(async move {
             let client = ProxyClient::new(addr).with_timeout(timeout);
-            let status = match client.job_ended(job_key).await {
+            let status = match client.job_ended(snas_wire::JobKey(job_key)).await {
                 Ok(()) => Some(204),
                 Err(e) => e.status(),
             };

@@ -461,7 +461,7 @@ impl Fetcher {
         let call = Call {
             timeout: self.cfg.timeout,
             max_answer: MAX_POLICY_ANSWER,
-            ..Call::new(Method::GET, paths::agent_policy(job_key))
+            ..Call::new(Method::GET, paths::agent_policy(JobKey(job_key)))
         };
         let resp = exchange(addr, call)
             .await

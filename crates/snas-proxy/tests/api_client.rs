@@ -130,7 +130,10 @@ fn unexpected_statuses_are_refusals_with_the_body() {
         Duration::ZERO,
     );
     let c = ProxyClient::new(addr);
-    for e in [c.health().unwrap_err(), c.job_ended(7).unwrap_err()] {
+    for e in [
+        c.health().unwrap_err(),
+        c.job_ended(snas_wire::JobKey(7)).unwrap_err(),
+    ] {
         assert_eq!(e.status(), Some(500), "{e}");
         assert!(e.to_string().ends_with("HTTP 500: oops"), "{e}");
     }

@@ -344,7 +344,7 @@ protocol = "udp"
         assert_eq!(d.shared().engine().conntrack().live_flows_of_job(job), 3);
 
         let svc = d.service_addr();
-        let path = snas_proxy::api::paths::job_ended(job);
+        let path = snas_proxy::api::paths::job_ended(snas_wire::JobKey(job));
         assert_eq!(post_from(STRANGER, svc, &path).0, 403, "not a node");
         let (code, body) = post_from(OTHER_NODE, svc, &path);
         assert_eq!((code, body.as_str()), (403, "not the job's node\n"));
@@ -420,11 +420,11 @@ protocol = "udp"
         let keys = Keys::new();
         let d = Daemon::start_control_plane(config(&keys, "")).unwrap();
         let svc = ProxyClient::new(d.service_addr());
-        let e = svc.job_ended(0xff).unwrap_err();
+        let e = svc.job_ended(snas_wire::JobKey(0xff)).unwrap_err();
         assert_eq!(e.status(), Some(404), "{e}");
         assert!(e.to_string().contains("unknown job"), "{e}");
         let e = ProxyClient::new(d.control_addr())
-            .job_ended(0xff)
+            .job_ended(snas_wire::JobKey(0xff))
             .unwrap_err();
         assert_eq!(e.status(), Some(404), "not on the management endpoint: {e}");
     }

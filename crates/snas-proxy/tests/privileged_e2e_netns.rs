@@ -61,7 +61,7 @@ fn serve_policy(listener: TcpListener, jobs: Vec<(u64, String)>) {
         let token = jobs.iter().find_map(|(job_key, token)| {
             req.starts_with(&format!(
                 "GET {} ",
-                snas_proxy::api::paths::agent_policy(*job_key)
+                snas_proxy::api::paths::agent_policy(snas_wire::JobKey(*job_key))
             ))
             .then_some(token)
         });

@@ -52,9 +52,10 @@ pub mod paths {
         format!("{}/counters", job(id))
     }
 
-    /// `/v1/jobs/{job_key}/policy` on the policy endpoint.
+    /// `/v1/jobs/{job_key}/policy` on the policy endpoint: the proxy's definition (it is this
+    /// endpoint's client), so both ends spell the path once.
     pub fn policy(job_key: super::JobKey) -> String {
-        format!("{JOBS}/{job_key}/policy")
+        snas_proxy::api::paths::agent_policy(job_key)
     }
 }
 

@@ -304,7 +304,7 @@ impl ProxyClient {
     /// `POST /v1/jobs/{job_key}/ended` (from the job's node): 204, the proxy frees the job's
     /// state. Refusals carry the status: 404 (the proxy holds nothing of the job), 403 (not
     /// the job's node), 400 (bad key).
-    pub async fn job_ended(&self, job_key: u64) -> Result<(), ClientError> {
+    pub async fn job_ended(&self, job_key: snas_wire::JobKey) -> Result<(), ClientError> {
         let call = self.call(Method::POST, paths::job_ended(job_key));
         self.expect(call, 204).await.map(|_| ())
     }
@@ -442,7 +442,7 @@ pub mod blocking {
         }
 
         /// See [`super::ProxyClient::job_ended`].
-        pub fn job_ended(&self, job_key: u64) -> Result<(), ClientError> {
+        pub fn job_ended(&self, job_key: snas_wire::JobKey) -> Result<(), ClientError> {
             run(self.inner.job_ended(job_key))
         }
     }

@@ -33,14 +33,14 @@ pub mod paths {
     pub const JOB_ENDED_ROUTE: &str = "/v1/jobs/{job_key}/ended";
 
     /// `/v1/jobs/{job_key}/ended`.
-    pub fn job_ended(job_key: u64) -> String {
-        format!("/v1/jobs/{}/ended", snas_wire::JobKey(job_key))
+    pub fn job_ended(job_key: snas_wire::JobKey) -> String {
+        format!("/v1/jobs/{job_key}/ended")
     }
 
     /// `/v1/jobs/{job_key}/policy` on a node agent's policy endpoint (the agent's contract,
     /// `snas_agent::api::paths::POLICY_ROUTE`; the proxy is its client).
-    pub fn agent_policy(job_key: u64) -> String {
-        format!("/v1/jobs/{}/policy", snas_wire::JobKey(job_key))
+    pub fn agent_policy(job_key: snas_wire::JobKey) -> String {
+        format!("/v1/jobs/{job_key}/policy")
     }
 }
 

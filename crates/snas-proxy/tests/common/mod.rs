@@ -98,7 +98,7 @@ impl PolicyServer {
 
     pub fn serve(&self, job_key: u64, status: u16, body: &str) {
         self.routes.lock().unwrap().insert(
-            snas_proxy::api::paths::agent_policy(job_key),
+            snas_proxy::api::paths::agent_policy(snas_wire::JobKey(job_key)),
             (status, body.to_owned()),
         );
     }
