@@ -81,6 +81,7 @@ use crate::policy_fetch::{FetchConfig, Fetcher, PolicyStore};
 use crate::tier2::{Tier2, Tier2Config, Verdict, GENEVE_HEADER_LEN};
 use crate::tun::{self, TunQueue};
 use crate::udp::{self, GeneveSocket, RecvBatch, SendBatch};
+use crate::vnet::{self, Finished, VnetHdr, VNET_HDR_LEN};
 use crate::wake::Wake;
 use snas_wire::geneve::GENEVE_PORT;
 
@@ -180,6 +181,7 @@ fn engine_config(
     t.infrastructure = infrastructure;
     t.hold = cfg.hold_config();
     t.audit_lines_per_sec = cfg.audit_lines_per_job_per_sec;
+    t.segment_mtu = cfg.tun_mtu as usize;
     t.pacer = PacerConfig {
         horizon: clock_horizon,
         ..PacerConfig::default()
@@ -645,6 +647,10 @@ struct Worker {
     refusals: Vec<Vec<u8>>,
     tunbufs: Vec<Vec<u8>>,
     tunlens: Vec<usize>,
+    /// What each packet of the TUN batch needs before it goes to a node.
+    tunhow: Vec<Finished>,
+    /// The segments' departures of the super-packet being sent to a node.
+    departs: Vec<Option<Nanos>>,
     outs: Vec<Out>,
     /// Datagrams from nodes waiting for tier-2 processing and the TUN write.
     from_nodes: FairQueue<NodeTenant, u64, NodePkt>,
@@ -705,6 +711,8 @@ impl Worker {
                 .map(|_| vec![0u8; GENEVE_HEADER_LEN + 65535])
                 .collect(),
             tunlens: vec![0; batch],
+            tunhow: vec![Finished::Whole; batch],
+            departs: Vec::with_capacity(64),
             outs: vec![Out::Nothing; batch],
             from_nodes,
             to_nodes,
@@ -1016,10 +1024,10 @@ impl Worker {
             match out {
                 Out::Internet(r) => {
                     let pkt = match bufs {
-                        NodeBufs::Served => &self.serving[i].buf[r],
-                        NodeBufs::Released => &self.released[i].payload[r],
+                        NodeBufs::Served => &mut self.serving[i].buf[r],
+                        NodeBufs::Released => &mut self.released[i].payload[r],
                     };
-                    write_internet(&self.s, &self.tun, pkt, self.mtu, &mut self.scratch);
+                    write_internet(&self.s, &self.tun, pkt, self.mtu);
                 }
                 Out::Hold(depart, to, r, job) => {
                     let mut buf = self.pools.take(r.len());
@@ -1077,11 +1085,27 @@ impl Worker {
         let mut n = 0;
         let mut bytes = 0u64;
         while n < self.tunbufs.len() {
-            match self.tun.read(&mut self.tunbufs[n][GENEVE_HEADER_LEN..]) {
+            let mut hdr = [0u8; VNET_HDR_LEN];
+            match self
+                .tun
+                .read(&mut hdr, &mut self.tunbufs[n][GENEVE_HEADER_LEN..])
+            {
                 Ok(Some(len)) => {
-                    self.tunlens[n] = len;
-                    bytes += len as u64;
-                    n += 1;
+                    // Checksums are finished before NAT rewrites the packet: the incremental
+                    // update is only right on a complete checksum.
+                    let pkt = &mut self.tunbufs[n][GENEVE_HEADER_LEN..GENEVE_HEADER_LEN + len];
+                    match vnet::finish_from_kernel(&VnetHdr::decode(&hdr), pkt) {
+                        Ok(how) => {
+                            self.tunlens[n] = len;
+                            self.tunhow[n] = how;
+                            bytes += len as u64;
+                            n += 1;
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "TUN packet refused");
+                            add(&self.s.metrics.tun_read_refused, 1);
+                        }
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -1102,51 +1126,64 @@ impl Worker {
         let mut floor = self.held.peek().map(|h| h.depart);
         for i in 0..n {
             let inner = GENEVE_HEADER_LEN..GENEVE_HEADER_LEN + self.tunlens[i];
-            match eng.from_internet(&mut self.tunbufs[i], inner, now) {
-                Verdict::ToNode {
-                    node,
-                    range,
-                    depart,
-                    job,
-                } if send_now(depart, now.mono, &mut floor) => {
-                    let data = &self.tunbufs[i][range];
-                    // The engine wrote the job's GENEVE header: its option names the tenant.
-                    let tenant = classify(data).0;
-                    let mut buf = self.pools.take(data.len());
-                    buf.extend_from_slice(data);
+            // A super-packet is split for the overlay at the sender's MSS (never beyond the
+            // TUN MTU), and the pacer stamps each of its segments.
+            let segment_mtu = match self.tunhow[i] {
+                Finished::Segment { mtu } => Some(mtu.min(self.mtu)),
+                Finished::Whole => None,
+            };
+            let Verdict::ToNode {
+                node, range, job, ..
+            } = eng.from_internet_segmented(&mut self.tunbufs[i], inner, segment_mtu, now)
+            else {
+                continue;
+            };
+            self.departs.clear();
+            self.departs.extend_from_slice(eng.segment_departs());
+            let to = SocketAddrV4::new(node, GENEVE_PORT);
+            let data = &self.tunbufs[i][range];
+            // The engine wrote the job's GENEVE header: its option names the tenant.
+            let tenant = classify(data).0;
+            if segment_mtu.is_some() {
+                add(&s.metrics.gso_segmented, 1);
+            }
+            let (pools, to_nodes) = (&mut self.pools, &mut self.to_nodes);
+            let (held, budget, seq) = (&mut self.held, &mut self.budget, &mut self.seq);
+            let mut departs = self.departs.iter();
+            let r = node_datagrams(data, segment_mtu, &mut self.scratch, |geneve, inner| {
+                // A segment beyond the horizon was dropped (and counted) by the engine.
+                let Some(Some(depart)) = departs.next().copied() else {
+                    return;
+                };
+                let len = geneve.len() + inner.len();
+                if send_now(depart, now.mono, &mut floor) {
+                    let mut buf = pools.take(len);
+                    buf.extend_from_slice(geneve);
+                    buf.extend_from_slice(inner);
                     let size = Size::in_buffer(buf.len() as u32, buf.capacity());
-                    let pkt = NodeBound {
-                        data: buf,
-                        to: SocketAddrV4::new(node, GENEVE_PORT),
-                    };
-                    let pools = &mut self.pools;
-                    self.to_nodes.push(tenant, job, size, pkt, now.mono, |e| {
+                    let pkt = NodeBound { data: buf, to };
+                    to_nodes.push(tenant, job, size, pkt, now.mono, |e| {
                         eng.count_drop(Reason::TenantQueueFull);
                         pools.give(e.item.data);
                     });
+                } else if budget.try_add(job, len as u64) {
+                    let mut buf = pools.take(len);
+                    buf.extend_from_slice(geneve);
+                    buf.extend_from_slice(inner);
+                    *seq += 1;
+                    held.push(Held {
+                        depart,
+                        seq: *seq,
+                        to: Some(to),
+                        job,
+                        data: buf,
+                    });
+                } else {
+                    eng.count_drop(Reason::PacingHorizon);
                 }
-                Verdict::ToNode {
-                    node,
-                    range,
-                    depart,
-                    job,
-                } => {
-                    if self.budget.try_add(job, range.len() as u64) {
-                        let mut buf = self.pools.take(range.len());
-                        buf.extend_from_slice(&self.tunbufs[i][range]);
-                        self.seq += 1;
-                        self.held.push(Held {
-                            depart,
-                            seq: self.seq,
-                            to: Some(SocketAddrV4::new(node, GENEVE_PORT)),
-                            job,
-                            data: buf,
-                        });
-                    } else {
-                        eng.count_drop(Reason::PacingHorizon);
-                    }
-                }
-                _ => {}
+            });
+            if r.is_err() {
+                eng.count_drop(Reason::Malformed);
             }
         }
         n
@@ -1193,8 +1230,9 @@ impl Worker {
             self.budget.remove(h.job, h.data.len() as u64);
             match h.to {
                 None => {
-                    write_internet(&self.s, &self.tun, &h.data, self.mtu, &mut self.scratch);
-                    self.pools.give(h.data);
+                    let mut data = h.data;
+                    write_internet(&self.s, &self.tun, &mut data, self.mtu);
+                    self.pools.give(data);
                 }
                 Some(_) => self.due.push(h),
             }
@@ -1263,23 +1301,38 @@ impl Worker {
     }
 }
 
-fn write_internet(s: &Shared, tun: &TunQueue, pkt: &[u8], mtu: usize, scratch: &mut [u8]) {
-    let m = &s.metrics;
-    if gso::needs_segmenting(pkt, mtu) {
-        add(&m.gso_segmented, 1);
-        let r = gso::segment_tcp(pkt, mtu, scratch, |seg| match tun.write(seg) {
-            Ok(()) => {
-                add(&m.internet_tx_packets, 1);
-                add(&m.internet_tx_bytes, seg.len() as u64);
-            }
-            Err(_) => add(&m.tun_write_errors, 1),
-        });
-        if r.is_err() {
-            add(&m.tun_write_errors, 1);
+/// Hands `f` the GENEVE header and inner packet of each datagram for a node that the datagram
+/// `data` (GENEVE header + inner packet, as the engine left it) becomes: itself, or, with
+/// `segment_mtu`, one per segment of a TCP super-packet, each no longer than that (so that it
+/// fits the overlay), in the order [`gso::segment_lens`] gives.
+fn node_datagrams(
+    data: &[u8],
+    segment_mtu: Option<usize>,
+    scratch: &mut [u8],
+    mut f: impl FnMut(&[u8], &[u8]),
+) -> Result<(), gso::GsoError> {
+    let (geneve, inner) = data.split_at(GENEVE_HEADER_LEN.min(data.len()));
+    match segment_mtu {
+        Some(mtu) if gso::needs_segmenting(inner, mtu) => {
+            gso::segment_tcp(inner, mtu, scratch, |s| f(geneve, s)).map(|_| ())
         }
-        return;
+        _ => {
+            f(geneve, inner);
+            Ok(())
+        }
     }
-    match tun.write(pkt) {
+}
+
+/// Writes a packet from a node to the TUN device: TCP and UDP leave with their checksum for
+/// the kernel to finish, a TCP super-packet leaves whole for the kernel to segment
+/// ([`vnet::prepare_to_kernel`]).
+fn write_internet(s: &Shared, tun: &TunQueue, pkt: &mut [u8], mtu: usize) {
+    let m = &s.metrics;
+    let hdr = vnet::prepare_to_kernel(pkt, mtu);
+    if hdr.is_gso() {
+        add(&m.tso_to_kernel, 1);
+    }
+    match tun.write(&hdr, pkt) {
         Ok(()) => {
             add(&m.internet_tx_packets, 1);
             add(&m.internet_tx_bytes, pkt.len() as u64);

@@ -88,6 +88,35 @@ pub fn needs_segmenting(packet: &[u8], mtu: usize) -> bool {
     packet.len() > mtu && layout(packet).is_some()
 }
 
+/// The bytes `packet` occupies once segmented for `mtu`: its own length, plus the headers
+/// every further segment repeats when it is a TCP packet longer than `mtu`. Pacers charge
+/// this, so that a super-packet costs what its segments cost on the wire.
+pub fn wire_len(packet: &[u8], mtu: usize) -> usize {
+    match layout(packet) {
+        Some(l) if packet.len() > mtu && mtu > l.l3 + l.l4 => {
+            let hdr = l.l3 + l.l4;
+            let payload = l.total - hdr;
+            let segments = payload.div_ceil(mtu - hdr).max(1);
+            packet.len() + (segments - 1) * hdr
+        }
+        _ => packet.len(),
+    }
+}
+
+/// The lengths of the segments [`segment_tcp`] makes of `packet` for `mtu` (one length, the
+/// packet's own, when it needs no segmenting), in order.
+pub fn segment_lens(packet: &[u8], mtu: usize) -> impl Iterator<Item = usize> {
+    let (hdr, payload, mss) = match layout(packet) {
+        Some(l) if packet.len() > mtu && mtu > l.l3 + l.l4 => {
+            let hdr = l.l3 + l.l4;
+            (hdr, l.total - hdr, mtu - hdr)
+        }
+        _ => (0, packet.len(), packet.len().max(1)),
+    };
+    let n = payload.div_ceil(mss).max(1);
+    (0..n).map(move |i| hdr + mss.min(payload - (i * mss).min(payload)))
+}
+
 /// Splits the TCP packet `packet` into segments of at most `mtu` bytes, building each in
 /// `scratch` (at least `mtu` bytes) and handing it to `emit`. Returns the number of segments.
 pub fn segment_tcp(
@@ -197,6 +226,26 @@ mod tests {
             joined.extend_from_slice(&s[40..]);
         }
         assert_eq!(joined, p[40..].to_vec());
+    }
+
+    #[test]
+    fn a_super_packet_is_charged_its_segments_headers() {
+        let p = big(4000, TcpFlags::ACK);
+        // 4000 bytes of payload in 1460-byte segments: three segments, two extra headers.
+        assert_eq!(wire_len(&p, 1500), p.len() + 2 * 40);
+        let mut scratch = vec![0u8; 1500];
+        let mut total = 0;
+        segment_tcp(&p, 1500, &mut scratch, |s| total += s.len()).unwrap();
+        assert_eq!(wire_len(&p, 1500), total);
+        assert_eq!(wire_len(&big(100, TcpFlags::ACK), 1500), 140);
+        let mut lens = Vec::new();
+        segment_tcp(&p, 1444, &mut scratch, |s| lens.push(s.len())).unwrap();
+        assert_eq!(segment_lens(&p, 1444).collect::<Vec<_>>(), lens);
+        assert_eq!(
+            segment_lens(&big(100, TcpFlags::ACK), 1500).collect::<Vec<_>>(),
+            [140]
+        );
+        assert_eq!(wire_len(&[0x45; 3000], 1500), 3000);
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //! - [`tier2`]: the per-packet pipeline in both directions — GENEVE receive rules, the job's
 //!   verified policy, new-flow admission, NAT, pacing, refusals and audit records.
 //! - [`gso`]: software segmentation of TCP super-packets (pure).
+//! - [`vnet`]: the TUN device's virtio-net header: checksum and segmentation offload (pure).
 //! - `synthetic` (hidden): the benchmark flow fleets.
 //!
 //! The daemon (`snas proxy`, operator doc `docs/proxy.md`):
@@ -66,6 +67,7 @@ pub mod token_bucket;
 pub mod tun;
 #[allow(unsafe_code)]
 pub mod udp;
+pub mod vnet;
 #[allow(unsafe_code)]
 pub mod wake;
 pub mod wheel;

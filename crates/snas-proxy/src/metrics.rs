@@ -68,8 +68,12 @@ pub struct Metrics {
     /// GENEVE datagrams to nodes the kernel refused (send buffer still full after a short
     /// wait, no route): dropped, counted here.
     pub node_send_failures: AtomicU64,
-    /// TCP super-packets segmented.
+    /// TCP super-packets from the internet that the proxy segmented for a node.
     pub gso_segmented: AtomicU64,
+    /// TCP super-packets from nodes handed to the kernel whole, to be segmented there (TSO).
+    pub tso_to_kernel: AtomicU64,
+    /// Packets read from the TUN device whose virtio-net header could not be honoured.
+    pub tun_read_refused: AtomicU64,
     /// DNS queries answered (NOERROR / NXDOMAIN / NODATA).
     pub dns_answered: AtomicU64,
     /// DNS queries refused.
@@ -162,6 +166,8 @@ struct Counters {
     tun_write_errors: u64,
     node_send_failures: u64,
     gso_segmented: u64,
+    tso_to_kernel: u64,
+    tun_read_refused: u64,
     dns: [(&'static str, u64); 3],
     peer_bindings: u64,
 }
@@ -189,6 +195,8 @@ impl Counters {
             tun_write_errors: get(&m.tun_write_errors),
             node_send_failures: get(&m.node_send_failures),
             gso_segmented: get(&m.gso_segmented),
+            tso_to_kernel: get(&m.tso_to_kernel),
+            tun_read_refused: get(&m.tun_read_refused),
             dns: [
                 ("answered", get(&m.dns_answered)),
                 ("refused", get(&m.dns_refused)),
@@ -353,8 +361,18 @@ impl Collector for Scrape {
             ),
             (
                 "snas_proxy_gso_segmented",
-                "TCP super-packets segmented.",
+                "TCP super-packets from the internet segmented by the proxy for a node.",
                 c.gso_segmented,
+            ),
+            (
+                "snas_proxy_tso_to_kernel",
+                "TCP super-packets from nodes written whole to the TUN device (segmented by the kernel).",
+                c.tso_to_kernel,
+            ),
+            (
+                "snas_proxy_tun_read_refused",
+                "Packets read from the TUN device whose virtio-net header could not be honoured.",
+                c.tun_read_refused,
             ),
             (
                 "snas_proxy_policy_fetch_failures",
@@ -538,6 +556,8 @@ mod tests {
                 "snas_proxy_tun_write_errors_total counter",
                 "snas_proxy_node_send_failures_total counter",
                 "snas_proxy_gso_segmented_total counter",
+                "snas_proxy_tso_to_kernel_total counter",
+                "snas_proxy_tun_read_refused_total counter",
                 "snas_proxy_policy_fetch_failures_total counter",
                 "snas_proxy_policy_fetches_total counter",
                 "snas_proxy_audit_lines_total counter",

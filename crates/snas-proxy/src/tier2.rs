@@ -417,6 +417,10 @@ pub struct Tier2Config {
     pub hold: HoldConfig,
     /// Audit lines one job may produce per second (burst twice that; default 200).
     pub audit_lines_per_sec: u32,
+    /// The MTU TCP super-packets are charged at by the pacers (the internet side's, 1500 by
+    /// default): a super-packet costs its length plus the headers its segments repeat
+    /// ([`crate::gso::wire_len`]).
+    pub segment_mtu: usize,
 }
 
 impl Tier2Config {
@@ -433,6 +437,7 @@ impl Tier2Config {
             infrastructure: infra::METADATA.to_vec(),
             hold: HoldConfig::default(),
             audit_lines_per_sec: 200,
+            segment_mtu: 1500,
         }
     }
 }
@@ -490,6 +495,11 @@ pub struct Tier2 {
     hold: HoldQueue,
     last_scan: Option<Nanos>,
     pending_ends: Vec<PendingEnd>,
+    /// Departures of the segments of the last super-packet from the internet
+    /// ([`Tier2::from_internet_segmented`]); `None`: that segment is beyond the horizon.
+    segment_departs: Vec<Option<Nanos>>,
+    /// The segment lengths behind `segment_departs` (reused).
+    segment_lens: Vec<u32>,
 }
 
 /// A job whose end [`Tier2::apply_ends`] will carry out.
@@ -554,6 +564,8 @@ impl Tier2 {
             conntrack: Conntrack::new(cfg.conntrack.clone(), now)?,
             egress_pacer: Pacer::new(cfg.pacer)?,
             ingress_pacer: Pacer::new(cfg.pacer)?,
+            segment_departs: Vec::new(),
+            segment_lens: Vec::new(),
             bindings: Bindings::default(),
             jobs: HashMap::new(),
             buckets: JobBuckets::new(),
@@ -778,7 +790,7 @@ impl Tier2 {
         let start = g.inner_offset;
         let (tenant_egress, _) = self.tenant_cap(opt.tenant_id);
         let job_rate = Bps(policy.limits.egress_bps.0);
-        let len = payload.len() - start;
+        let len = crate::gso::wire_len(&payload[start..], self.cfg.segment_mtu);
         let len32 = u32::try_from(len).unwrap_or(u32::MAX);
         let mut packet = match NatPacket::parse(&mut payload[start..]) {
             Ok(p) => p,
@@ -1058,10 +1070,34 @@ impl Tier2 {
     /// Handles a packet from the internet side in `buf[inner]`; `inner.start` must leave at
     /// least [`GENEVE_HEADER_LEN`] bytes of headroom for the overlay header.
     pub fn from_internet(&mut self, buf: &mut [u8], inner: Range<usize>, now: Now) -> Verdict {
+        self.from_internet_segmented(buf, inner, None, now)
+    }
+
+    /// [`Tier2::from_internet`] for a TCP super-packet that the caller will split into
+    /// segments of at most `segment_mtu` bytes ([`crate::gso::segment_tcp`]): the pacer
+    /// stamps each segment as if it had arrived alone, so that a 64 KiB read from the kernel
+    /// leaves at the job's rate, not as one burst. The verdict's departure is the first
+    /// segment's; [`Tier2::segment_departs`] has them all.
+    pub fn from_internet_segmented(
+        &mut self,
+        buf: &mut [u8],
+        inner: Range<usize>,
+        segment_mtu: Option<usize>,
+        now: Now,
+    ) -> Verdict {
+        self.segment_departs.clear();
         if inner.start < GENEVE_HEADER_LEN || inner.end > buf.len() || inner.start > inner.end {
             return self.drop(Reason::Malformed);
         }
-        let len = u32::try_from(inner.len()).unwrap_or(u32::MAX);
+        self.segment_lens.clear();
+        if let Some(mtu) = segment_mtu {
+            self.segment_lens.extend(
+                crate::gso::segment_lens(&buf[inner.clone()], mtu)
+                    .map(|l| u32::try_from(l).unwrap_or(u32::MAX)),
+            );
+        }
+        let len = crate::gso::wire_len(&buf[inner.clone()], self.cfg.segment_mtu);
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
         let mut packet = match NatPacket::parse(&mut buf[inner.clone()]) {
             Ok(p) => p,
             Err(e) => return self.drop(e.reason()),
@@ -1109,15 +1145,51 @@ impl Tier2 {
             job: rate,
             tenant: tenant_ingress,
         };
-        match self.ingress_pacer.stamp(pkey, rates, len, now.mono) {
-            Stamp::Depart(depart) => Verdict::ToNode {
+        if self.segment_lens.len() <= 1 {
+            return match self.ingress_pacer.stamp(pkey, rates, len, now.mono) {
+                Stamp::Depart(depart) => {
+                    self.segment_departs.push(Some(depart));
+                    Verdict::ToNode {
+                        node,
+                        range: head..inner.end,
+                        depart,
+                        job: opt.job_key,
+                    }
+                }
+                Stamp::Drop(r) => self.drop(r),
+            };
+        }
+        // Each segment is stamped alone.
+        let mut first = None;
+        for i in 0..self.segment_lens.len() {
+            let seg = self.segment_lens[i];
+            let d = match self.ingress_pacer.stamp(pkey, rates, seg, now.mono) {
+                Stamp::Depart(d) => {
+                    first.get_or_insert(d);
+                    Some(d)
+                }
+                Stamp::Drop(r) => {
+                    self.drop(r);
+                    None
+                }
+            };
+            self.segment_departs.push(d);
+        }
+        match first {
+            Some(depart) => Verdict::ToNode {
                 node,
                 range: head..inner.end,
                 depart,
                 job: opt.job_key,
             },
-            Stamp::Drop(r) => self.drop(r),
+            None => Verdict::Drop(Reason::PacingHorizon),
         }
+    }
+
+    /// The departure of each segment of the super-packet of the last
+    /// [`Tier2::from_internet_segmented`] (`None`: beyond the horizon, dropped and counted).
+    pub fn segment_departs(&self) -> &[Option<Nanos>] {
+        &self.segment_departs
     }
 
     /// The audit event of a flow that ended.

@@ -132,7 +132,11 @@ state_dir = "{state}"
     let inject = |q: &TunQueue| {
         for s in socks {
             for _ in 0..3 {
-                q.write(&packet(s.local_addr().unwrap())).unwrap();
+                q.write(
+                    &snas_proxy::vnet::VnetHdr::default(),
+                    &packet(s.local_addr().unwrap()),
+                )
+                .unwrap();
             }
         }
     };

@@ -501,14 +501,16 @@ fn run(workers: usize) {
         assert_eq!((r.proto, r.flags & (SYN | ACK)), (6, SYN | ACK), "{r:?}");
         assert_eq!(r.src, SocketAddrV4::new(ECHO, 7));
 
-        // A 4000-byte TCP super-packet (as tier 1 forwards gVisor's GSO output) is segmented
-        // to the TUN MTU by the proxy; the echo comes back whole.
+        // A 4000-byte TCP super-packet (as tier 1 forwards a job's TSO output) with an
+        // unfinished checksum (checksum offload on the job's veth) is written whole to the TUN
+        // device, which segments it and finishes the checksums; the echo comes back whole.
         let server_seq = r.seq.wrapping_add(1);
         let ack = tcp_seg(40001, 1001, server_seq, TcpFlags::ACK, &[]);
         sock.send_to(&encap(&ack), (PROXY, GENEVE_PORT)).unwrap();
         let data: Vec<u8> = (0..4000u32).map(|i| (i * 7 % 251) as u8).collect();
         let flags = TcpFlags(TcpFlags::ACK.0 | TcpFlags::PSH.0);
-        let big = tcp_seg(40001, 1001, server_seq, flags, &data);
+        let mut big = tcp_seg(40001, 1001, server_seq, flags, &data);
+        big[36] ^= 0xa5;
         assert_eq!(
             gather_echo(&pns, &sock, &big, 40001, server_seq, data.len()),
             data
@@ -549,7 +551,7 @@ fn run(workers: usize) {
         );
         assert!(metrics.contains("snas_proxy_policies 1"), "{metrics}");
         assert!(
-            metrics.contains("snas_proxy_gso_segmented_total 1"),
+            metrics.contains("snas_proxy_tso_to_kernel_total 1"),
             "{metrics}"
         );
         assert_eq!(

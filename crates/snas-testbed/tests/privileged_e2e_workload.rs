@@ -442,5 +442,8 @@ print(n)
         bytes_out > 0 && bytes_out < 200_000,
         "bytes from the job: {v}"
     );
-    assert!(v["packets_in"].as_u64().unwrap_or(0) > 600, "{v}");
+    // The kernel hands the proxy TCP super-packets (up to 64 KiB, one packet each), so a
+    // megabyte is at least 16 packets, and at most one per full-sized segment and ACK.
+    let packets_in = v["packets_in"].as_u64().unwrap_or(0);
+    assert!((16..1_500).contains(&packets_in), "{v}");
 }
