@@ -398,12 +398,19 @@ impl Agent {
             &self.config.host_veth_prefix,
             policy.job_key,
         );
-        let info = JobNetInfo::new(
+        let mut info = JobNetInfo::new(
             &names,
             addrs,
             self.config.sandbox_mtu(),
             &self.config.netns_dir,
         );
+        if let Some(c) = &policy.claims {
+            info.gso_max_size = crate::jobnet::sandbox_gso_max_size(
+                c.limits.egress_bps.0,
+                snas_bpf::config::DEFAULT_HORIZON,
+                info.mtu,
+            );
+        }
         let network = JobNetwork::create(info)?;
         let record = JobRecord {
             version: RECORD_VERSION,

@@ -1,9 +1,15 @@
-//! Turning a sandbox interface's transmit offloads off (the `SIOCETHTOOL` ioctl).
+//! Restricting a sandbox interface's transmit offloads to what tier 1 can carry (the
+//! `SIOCETHTOOL` ioctl).
 //!
-//! Owns the ethtool feature calls. Tier 1 must see finished, MTU-sized packets: with tx checksum
-//! offload on, inner L4 checksums leave the sandbox unfinished (CHECKSUM_PARTIAL); with TSO/GSO on,
-//! 64 KiB super-packets cross the veth unsegmented; UDP GSO makes `bpf_skb_adjust_room` fail
-//! (-524). See /work/shared/notes/ebpf-on-this-kernel.md "Gotchas".
+//! Owns the ethtool feature calls. Kept on: tx checksum offload and TCP segmentation (TSO for
+//! IPv4 and IPv6, with ECN and mangled IDs, and generic GSO). Tier 1 encapsulates a job's TCP
+//! super-packets whole and the proxy hands them to its TUN device whole, so a 64 KiB burst
+//! costs one trip through each tier instead of ~45 (issue 15); the proxy finishes the
+//! unfinished checksums that checksum offload leaves (`snas_proxy::vnet`). Turned off: every
+//! other segmentation offload — UDP GSO makes `bpf_skb_adjust_room` fail (-524), and tunnel,
+//! GSO-partial and GSO-list packets cannot be encapsulated again (see
+//! /work/shared/notes/ebpf-on-this-kernel.md "Gotchas"); the job's kernel segments those before
+//! the veth.
 //!
 //! Uses `ETHTOOL_SFEATURES` with bit positions looked up by name in the kernel's feature string
 //! table (`ETH_SS_FEATURES`), which is what `ethtool -K` does; the legacy per-feature commands
@@ -11,8 +17,8 @@
 //! once per process.
 //!
 //! # Invariants
-//! - [`disable_tx_offloads`] returns `Ok` only after reading back that no checksum or
-//!   segmentation offload is still active on the device.
+//! - [`Ethtool::restrict_tx_offloads`] returns `Ok` only after reading back that no refused
+//!   offload is still active on the device.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -51,12 +57,24 @@ pub enum EthtoolError {
     Name(String),
 }
 
-/// The feature names this module turns off: every tx checksum and segmentation offload.
-pub fn is_tx_offload(name: &str) -> bool {
+/// Transmit offloads a sandbox interface keeps: checksum offload and TCP segmentation.
+pub fn is_kept_tx_offload(name: &str) -> bool {
     name.starts_with("tx-checksum")
-        || name.ends_with("-segmentation")
-        || name == "tx-gso-partial"
-        || name == "tx-gso-list"
+        || matches!(
+            name,
+            "tx-tcp-segmentation"
+                | "tx-tcp6-segmentation"
+                | "tx-tcp-ecn-segmentation"
+                | "tx-tcp-mangleid-segmentation"
+                | "tx-generic-segmentation"
+        )
+}
+
+/// Transmit offloads a sandbox interface must not have: every segmentation offload that is
+/// not TCP (UDP, tunnels, SCTP, ESP, …), GSO partial and GSO list.
+pub fn is_refused_tx_offload(name: &str) -> bool {
+    !is_kept_tx_offload(name)
+        && (name.ends_with("-segmentation") || name == "tx-gso-partial" || name == "tx-gso-list")
 }
 
 #[repr(C)]
@@ -168,14 +186,15 @@ impl Ethtool {
             .collect())
     }
 
-    /// Turns every tx checksum and segmentation offload of `ifname` off and checks the result.
-    pub fn disable_tx_offloads(&self, ifname: &str) -> Result<(), EthtoolError> {
+    /// Turns the refused offloads of `ifname` off ([`is_refused_tx_offload`]) and checks the
+    /// result; the kept ones stay as the driver has them.
+    pub fn restrict_tx_offloads(&self, ifname: &str) -> Result<(), EthtoolError> {
         let names = self.feature_names(ifname)?;
         let blocks = names.len().div_ceil(32);
         let (available, _) = self.get_features(ifname, blocks)?;
         let mut off = vec![0u32; blocks];
         for (i, n) in names.iter().enumerate() {
-            if is_tx_offload(n) {
+            if is_refused_tx_offload(n) {
                 off[i / 32] |= 1 << (i % 32);
             }
         }
@@ -210,17 +229,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tx_offload_names_cover_checksum_and_segmentation() {
+    fn tcp_offloads_are_kept_and_other_segmentation_is_refused() {
         for n in [
             "tx-checksum-ip-generic",
             "tx-checksum-ipv4",
             "tx-tcp-segmentation",
             "tx-tcp6-segmentation",
             "tx-generic-segmentation",
-            "tx-udp-segmentation",
-            "tx-gso-partial",
         ] {
-            assert!(is_tx_offload(n), "{n}");
+            assert!(is_kept_tx_offload(n) && !is_refused_tx_offload(n), "{n}");
+        }
+        for n in [
+            "tx-udp-segmentation",
+            "tx-udp_tnl-segmentation",
+            "tx-gre-segmentation",
+            "tx-gso-partial",
+            "tx-gso-list",
+        ] {
+            assert!(is_refused_tx_offload(n), "{n}");
         }
         for n in [
             "rx-gro",
@@ -228,7 +254,7 @@ mod tests {
             "rx-checksum",
             "tx-vlan-hw-insert",
         ] {
-            assert!(!is_tx_offload(n), "{n}");
+            assert!(!is_refused_tx_offload(n), "{n}");
         }
     }
 }

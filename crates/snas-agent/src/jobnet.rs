@@ -26,6 +26,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -95,6 +96,9 @@ pub struct JobNetInfo {
     pub prefix_len: u8,
     /// MTU of both veth ends.
     pub mtu: u32,
+    /// Largest TCP super-packet the sandbox interface may send ([`sandbox_gso_max_size`]).
+    #[serde(default = "default_gso_max_size")]
+    pub gso_max_size: u32,
     /// ifindex of the host veth at creation (re-read on adoption).
     pub host_ifindex: u32,
     /// MAC address of the host veth.
@@ -126,11 +130,33 @@ impl JobNetInfo {
             sandbox: addrs.sandbox,
             prefix_len: addrs.prefix_len,
             mtu,
+            gso_max_size: default_gso_max_size(),
             host_ifindex: 0,
             host_mac: [0; 6],
             sandbox_mac: [0; 6],
         }
     }
+}
+
+/// The kernel's default and largest `gso_max_size` (without BIG TCP).
+pub const GSO_MAX_SIZE: u32 = 65536;
+
+fn default_gso_max_size() -> u32 {
+    GSO_MAX_SIZE
+}
+
+/// The largest super-packet a job sending at `egress_bps` may hand its veth: half of what its
+/// EDT `horizon` holds at that rate, so that two super-packets fit and tier 1 (a policer where
+/// the kernel has no fq) never refuses a whole 64 KiB burst of a slow job; at least two MTUs,
+/// at most [`GSO_MAX_SIZE`]. 100 Mbit/s and faster with the 20 ms default keep 64 KiB;
+/// 10 Mbit/s gets 12.5 KB.
+pub fn sandbox_gso_max_size(egress_bps: u64, horizon: Duration, mtu: u32) -> u32 {
+    let bytes = u128::from(egress_bps) * horizon.as_nanos() / 8 / 1_000_000_000 / 2;
+    let floor = u128::from(mtu.saturating_mul(2));
+    bytes.clamp(
+        floor.min(u128::from(GSO_MAX_SIZE)),
+        u128::from(GSO_MAX_SIZE),
+    ) as u32
 }
 
 /// Guard over a job network being set up. Dropping it tears the network down.
@@ -264,6 +290,7 @@ fn setup_in_new_netns(info: &JobNetInfo, owns_veth: &mut bool) -> Result<Created
         &info.host_veth,
         &info.sandbox_ifname,
         info.mtu,
+        info.gso_max_size,
         nsfd.as_raw_fd(),
     )?;
     *owns_veth = true;
@@ -277,7 +304,7 @@ fn setup_in_new_netns(info: &JobNetInfo, owns_veth: &mut bool) -> Result<Created
     let (sidx, sandbox_mac) = ns
         .link_index_mac(&info.sandbox_ifname)?
         .ok_or_else(|| JobNetError::Vanished(info.sandbox_ifname.clone()))?;
-    Ethtool::open()?.disable_tx_offloads(&info.sandbox_ifname)?;
+    Ethtool::open()?.restrict_tx_offloads(&info.sandbox_ifname)?;
     ns.set_up(1)?; // lo is always ifindex 1 in a new namespace
     ns.add_address_v4(sidx, info.sandbox, info.prefix_len)?;
     ns.set_up(sidx)?;
@@ -472,4 +499,22 @@ where
     })
     .join()
     .map_err(|_| io::Error::other("thread in netns panicked"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slow_jobs_get_super_packets_that_fit_their_horizon() {
+        let h = Duration::from_millis(20);
+        assert_eq!(sandbox_gso_max_size(10_000_000, h, 1444), 12_500);
+        assert_eq!(sandbox_gso_max_size(100_000_000, h, 1444), GSO_MAX_SIZE);
+        assert_eq!(sandbox_gso_max_size(1_000_000, h, 1444), 2 * 1444);
+        assert_eq!(
+            sandbox_gso_max_size(u64::MAX, Duration::MAX, 1444),
+            GSO_MAX_SIZE
+        );
+        assert_eq!(sandbox_gso_max_size(1, h, u32::MAX), GSO_MAX_SIZE);
+    }
 }

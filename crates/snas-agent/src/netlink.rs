@@ -148,18 +148,20 @@ impl Rtnl {
     }
 
     /// Creates a veth pair: `host_name` here, `peer_name` inside the namespace `peer_netns_fd`,
-    /// both with `mtu`.
+    /// both with `mtu`; the peer sends super-packets of at most `peer_gso_max_size` bytes.
     pub fn create_veth_into_netns(
         &mut self,
         host_name: &str,
         peer_name: &str,
         mtu: u32,
+        peer_gso_max_size: u32,
         peer_netns_fd: RawFd,
     ) -> Result<(), NetlinkError> {
         let mut peer = LinkMessage::default();
         peer.attributes = vec![
             LinkAttribute::IfName(peer_name.to_owned()),
             LinkAttribute::Mtu(mtu),
+            LinkAttribute::GsoMaxSize(peer_gso_max_size),
             LinkAttribute::NetNsFd(peer_netns_fd),
         ];
         let mut link = LinkMessage::default();

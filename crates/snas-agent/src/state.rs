@@ -194,6 +194,7 @@ mod tests {
                 sandbox: Ipv4Addr::new(10, 255, 0, 18),
                 prefix_len: 30,
                 mtu: 1444,
+                gso_max_size: 65536,
                 host_ifindex: 7,
                 host_mac: [2, 0, 0, 0, 0, 1],
                 sandbox_mac: [2, 0, 0, 0, 0, 2],

@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 
 use common::{ethtool_k, ping_from_netns, Scope};
-use snas_agent::ethtool::{is_tx_offload, Ethtool};
+use snas_agent::ethtool::{is_refused_tx_offload, Ethtool};
 use snas_agent::jobnet::{self, is_netns_mount, run_in_netns, JobNetInfo, JobNetwork};
 use snas_agent::netlink::Rtnl;
 use snas_agent::pool::SubnetPool;
@@ -31,7 +31,9 @@ fn host_link(name: &str) -> Option<u32> {
 #[test]
 fn privileged_job_network_is_configured_reachable_and_torn_down() {
     let scope = Scope::new("cfg");
-    let info = info(&scope, 0x1111, "10.254.1.0/24", 3, 1444);
+    let mut info = info(&scope, 0x1111, "10.254.1.0/24", 3, 1444);
+    // What a 10 Mbit/s job gets: super-packets that fit its EDT horizon.
+    info.gso_max_size = 12_500;
     let net = JobNetwork::create(info.clone()).unwrap();
     let info = net.info().clone();
     assert_eq!(info.gateway, Ipv4Addr::new(10, 254, 1, 13));
@@ -88,20 +90,27 @@ fn privileged_job_network_is_configured_reachable_and_torn_down() {
     assert_eq!(route, Some((gateway, idx)));
     let still_on: Vec<_> = feats
         .iter()
-        .filter(|(n, on)| *on && is_tx_offload(n))
+        .filter(|(n, on)| *on && is_refused_tx_offload(n))
         .collect();
     assert!(still_on.is_empty(), "{still_on:?}");
     assert!(feats.iter().any(|(n, _)| n == "tx-udp-segmentation"));
     // Cross-check with ethtool(8) itself.
     let k = ethtool_k(&info.netns);
     for line in [
-        "tx-checksumming: off",
-        "tcp-segmentation-offload: off",
-        "generic-segmentation-offload: off",
+        "tx-checksumming: on",
+        "tcp-segmentation-offload: on",
+        "generic-segmentation-offload: on",
         "tx-udp-segmentation: off",
+        "tx-udp_tnl-segmentation: off",
     ] {
         assert!(k.contains(line), "{line} missing in:\n{k}");
     }
+    let link = std::process::Command::new("ip")
+        .args(["-n", &info.netns, "-d", "link", "show", "dev", "eth0"])
+        .output()
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(link.contains("gso_max_size 12500 "), "{link}");
 
     // The sandbox reaches its gateway (and only that: nothing else is addressed).
     assert!(
