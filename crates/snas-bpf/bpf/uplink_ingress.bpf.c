@@ -9,6 +9,11 @@
  * bpf_redirect_peer. Violations are dropped and counted (direction 1). Everything else
  * (other traffic, GENEVE from other sources) passes untouched.
  *
+ * A proxy may send a TCP super-packet whole (UDP-tunnel GSO, one skb for up to 64 KiB of the
+ * stream): it is decapsulated whole with its segment size kept (BPF_F_ADJ_ROOM_FIXED_GSO: the
+ * size is the inner MSS, which the 56 bytes stripped do not change) and reaches the sandbox
+ * as one packet, as a GRO-merged one would.
+ *
  * A delivered TCP or UDP packet (inner IPv4 without options, or IPv6 with the transport header
  * right behind the fixed header) is also the reply side of a flow: its entry in the flow table
  * (reversed tuple) records REPLIED, FIN in and RST in (conntrack.h), so that connections that
@@ -150,7 +155,8 @@ int snas_uplink_ingress(struct __sk_buff *skb)
 
 	__builtin_memcpy(eth_out.h_dest, cfg->sandbox_mac, ETH_ALEN);
 	__builtin_memcpy(eth_out.h_source, cfg->host_mac, ETH_ALEN);
-	if (bpf_skb_adjust_room(skb, -GENEVE_OVERHEAD, BPF_ADJ_ROOM_MAC, decap_flags))
+	if (bpf_skb_adjust_room(skb, -GENEVE_OVERHEAD, BPF_ADJ_ROOM_MAC,
+				decap_flags | BPF_F_ADJ_ROOM_FIXED_GSO))
 		return drop_in(job, SNAS_DROP_ENCAP_FAILED, len);
 	if (bpf_skb_store_bytes(skb, 0, &eth_out, sizeof(eth_out), 0))
 		return drop_in(job, SNAS_DROP_ENCAP_FAILED, len);

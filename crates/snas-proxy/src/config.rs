@@ -45,6 +45,11 @@ pub struct ProxyConfig {
     /// Data-path worker threads (each with its own socket and TUN queue).
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// Hand TCP super-packets for nodes to the kernel whole, UDP-tunnelled, through a TAP
+    /// device (`overlay_gso_device`; Linux 6.17+); without it, or where the kernel refuses
+    /// the device, the proxy splits them into one GENEVE datagram per segment.
+    #[serde(default = "default_true")]
+    pub overlay_gso: bool,
     /// DNS resolver listen address (UDP and TCP).
     pub resolver_listen: SocketAddr,
     /// Upstream DNS servers (the only ones used).
@@ -215,6 +220,10 @@ fn default_agent_policy_port() -> u16 {
 fn default_workers() -> usize {
     1
 }
+fn default_true() -> bool {
+    true
+}
+
 fn default_tun_mtu() -> u32 {
     1500
 }
@@ -263,6 +272,18 @@ pub enum ConfigError {
 }
 
 impl ProxyConfig {
+    /// Name of the TAP device of [`ProxyConfig::overlay_gso`]: `tun_name` (its first 14
+    /// bytes) followed by `g` (`h` if that would be `tun_name` itself).
+    pub fn overlay_gso_device(&self) -> String {
+        let stem = &self.tun_name[..self.tun_name.len().min(14)];
+        let name = format!("{stem}g");
+        if name == self.tun_name {
+            format!("{stem}h")
+        } else {
+            name
+        }
+    }
+
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<ProxyConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

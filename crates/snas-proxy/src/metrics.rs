@@ -74,6 +74,9 @@ pub struct Metrics {
     pub tso_to_kernel: AtomicU64,
     /// Packets read from the TUN device whose virtio-net header could not be honoured.
     pub tun_read_refused: AtomicU64,
+    /// TCP super-packets from the internet sent to a node whole through the overlay-GSO
+    /// device (segmented by the kernel or the NIC).
+    pub gso_whole_to_nodes: AtomicU64,
     /// DNS queries answered (NOERROR / NXDOMAIN / NODATA).
     pub dns_answered: AtomicU64,
     /// DNS queries refused.
@@ -168,6 +171,7 @@ struct Counters {
     gso_segmented: u64,
     tso_to_kernel: u64,
     tun_read_refused: u64,
+    gso_whole_to_nodes: u64,
     dns: [(&'static str, u64); 3],
     peer_bindings: u64,
 }
@@ -197,6 +201,7 @@ impl Counters {
             gso_segmented: get(&m.gso_segmented),
             tso_to_kernel: get(&m.tso_to_kernel),
             tun_read_refused: get(&m.tun_read_refused),
+            gso_whole_to_nodes: get(&m.gso_whole_to_nodes),
             dns: [
                 ("answered", get(&m.dns_answered)),
                 ("refused", get(&m.dns_refused)),
@@ -368,6 +373,11 @@ impl Collector for Scrape {
                 "snas_proxy_tso_to_kernel",
                 "TCP super-packets from nodes written whole to the TUN device (segmented by the kernel).",
                 c.tso_to_kernel,
+            ),
+            (
+                "snas_proxy_gso_whole_to_nodes",
+                "TCP super-packets sent to nodes whole through the overlay-GSO device.",
+                c.gso_whole_to_nodes,
             ),
             (
                 "snas_proxy_tun_read_refused",
@@ -557,6 +567,7 @@ mod tests {
                 "snas_proxy_node_send_failures_total counter",
                 "snas_proxy_gso_segmented_total counter",
                 "snas_proxy_tso_to_kernel_total counter",
+                "snas_proxy_gso_whole_to_nodes_total counter",
                 "snas_proxy_tun_read_refused_total counter",
                 "snas_proxy_policy_fetch_failures_total counter",
                 "snas_proxy_policy_fetches_total counter",

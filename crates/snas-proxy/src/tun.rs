@@ -29,19 +29,22 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use crate::vnet::{VnetHdr, VNET_HDR_LEN};
+use crate::vnet::{VnetHdr, VNET_HDR_LEN, VNET_TNL_HDR_LEN};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const IFF_TUN: libc::c_short = 0x0001;
+const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
+const SIOCGIFHWADDR: libc::c_ulong = 0x8927;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const TUN_F_CSUM: libc::c_ulong = 0x01;
 const TUN_F_TSO4: libc::c_ulong = 0x02;
 const TUN_F_TSO6: libc::c_ulong = 0x04;
 const TUN_F_TSO_ECN: libc::c_ulong = 0x08;
+const TUN_F_UDP_TUNNEL_GSO: libc::c_ulong = 0x80;
 
 /// `struct ifreq` as TUNSETIFF reads it (name + flags, padded to 40 bytes).
 #[repr(C)]
@@ -83,8 +86,25 @@ pub struct TunQueue {
 }
 
 impl TunQueue {
-    /// Opens one queue of device `name` (created by the first queue).
+    /// Opens one queue of the internet-side TUN device `name` (created by the first queue).
     pub fn open(name: &str, multi_queue: bool) -> Result<TunQueue, TunError> {
+        let offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
+        Self::open_with(name, IFF_TUN, multi_queue, VNET_HDR_LEN, offloads)
+    }
+
+    /// Opens one queue of the underlay-side TAP device `name` (see [`UnderlayTap`]).
+    fn open_tap(name: &str, multi_queue: bool) -> Result<TunQueue, TunError> {
+        let offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN | TUN_F_UDP_TUNNEL_GSO;
+        Self::open_with(name, IFF_TAP, multi_queue, VNET_TNL_HDR_LEN, offloads)
+    }
+
+    fn open_with(
+        name: &str,
+        kind: libc::c_short,
+        multi_queue: bool,
+        hdr_len: usize,
+        offloads: libc::c_ulong,
+    ) -> Result<TunQueue, TunError> {
         let err = |op, source| TunError::Open {
             name: name.to_owned(),
             op,
@@ -110,10 +130,7 @@ impl TunQueue {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         let mut req = IfReq {
             name: [0; 16],
-            flags: IFF_TUN
-                | IFF_NO_PI
-                | IFF_VNET_HDR
-                | if multi_queue { IFF_MULTI_QUEUE } else { 0 },
+            flags: kind | IFF_NO_PI | IFF_VNET_HDR | if multi_queue { IFF_MULTI_QUEUE } else { 0 },
             _pad: [0; 22],
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -123,13 +140,12 @@ impl TunQueue {
         if r < 0 {
             return Err(err("TUNSETIFF", io::Error::last_os_error()));
         }
-        let hdr_len = VNET_HDR_LEN as libc::c_int;
+        let hdr_len = hdr_len as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads an int through the pointer, which lives across the call.
         let r = unsafe { libc::ioctl(raw, TUNSETVNETHDRSZ, &hdr_len as *const libc::c_int) };
         if r < 0 {
             return Err(err("TUNSETVNETHDRSZ", io::Error::last_os_error()));
         }
-        let offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN;
         // SAFETY: TUNSETOFFLOAD takes its argument by value.
         let r = unsafe { libc::ioctl(raw, TUNSETOFFLOAD, offloads) };
         if r < 0 {
@@ -191,6 +207,108 @@ impl TunQueue {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+}
+
+/// The underlay-side TAP device through which a proxy hands the kernel whole UDP-tunnelled
+/// TCP super-packets for nodes (one queue per worker).
+///
+/// A UDP socket cannot send a GENEVE datagram that the kernel is to split into GENEVE
+/// datagrams (`UDP_SEGMENT` splits the payload blindly). A TAP device with a
+/// `virtio_net_hdr_v1_hash_tunnel` header and `TUN_F_UDP_TUNNEL_GSO` (Linux 6.17+) can take
+/// one: the frame enters this namespace as if received on the TAP, is routed to the node like
+/// any forwarded packet, and stays one skb of up to 64 KiB to the node, whose tier 1
+/// decapsulates it whole (a veth, a bridge and the node's tc program carry it unsegmented; a
+/// NIC segments it in hardware or the kernel does before the wire). The frame's source is the
+/// proxy's own underlay address, so the TAP has `accept_local` and no reverse-path filter;
+/// it has no address and no route leads to it: nothing is ever sent into it by the kernel.
+#[derive(Debug)]
+pub struct UnderlayTap {
+    queue: TunQueue,
+    mac: [u8; 6],
+}
+
+impl UnderlayTap {
+    /// Opens one queue of TAP device `name` (created by the first queue).
+    pub fn open(name: &str, multi_queue: bool) -> Result<UnderlayTap, TunError> {
+        let queue = TunQueue::open_tap(name, multi_queue)?;
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        // SAFETY: SIOCGIFHWADDR on a TUN/TAP descriptor writes the device's address (a struct
+        // sockaddr: family, then the 6 bytes) into the struct ifreq, which `req` lays out and
+        // which lives across the call.
+        let r = unsafe { libc::ioctl(queue.raw_fd(), SIOCGIFHWADDR, &mut req as *mut IfReq) };
+        if r < 0 {
+            return Err(TunError::Open {
+                name: name.to_owned(),
+                op: "SIOCGIFHWADDR",
+                source: io::Error::last_os_error(),
+            });
+        }
+        // ifr_hwaddr: sa_family (2 bytes, the `flags` field here), then sa_data.
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&req._pad[..6]);
+        Ok(UnderlayTap { queue, mac })
+    }
+
+    /// The device's MAC address: the destination of every frame written to it.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// Writes one frame: `hdr` ([`crate::vnet::tunnel_header`]), then `parts` in order.
+    pub fn write(&self, hdr: &[u8; VNET_TNL_HDR_LEN], parts: [&[u8]; 2]) -> io::Result<()> {
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_ptr() as *mut libc::c_void,
+                iov_len: hdr.len(),
+            },
+            libc::iovec {
+                iov_base: parts[0].as_ptr() as *mut libc::c_void,
+                iov_len: parts[0].len(),
+            },
+            libc::iovec {
+                iov_base: parts[1].as_ptr() as *mut libc::c_void,
+                iov_len: parts[1].len(),
+            },
+        ];
+        // SAFETY: every iovec points at a live buffer of the length given; writev only reads.
+        let r = unsafe { libc::writev(self.queue.raw_fd(), iov.as_ptr(), 3) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Brings the device up with no address and no IPv6, and lets frames with this
+    /// namespace's own source addresses in (`accept_local`, `rp_filter` 0 on the device). Fails
+    /// when the namespace filters reverse paths strictly (`net.ipv4.conf.all.rp_filter` = 1),
+    /// under which the frames would be dropped as martians.
+    pub fn configure(name: &str) -> Result<(), TunError> {
+        let sysctl = |key: String, value: &str| {
+            std::fs::write(&key, value).map_err(|e| TunError::Setup {
+                name: name.to_owned(),
+                command: format!("write {value} to {key}"),
+                detail: e.to_string(),
+            })
+        };
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        sysctl(format!("/proc/sys/net/ipv4/conf/{name}/accept_local"), "1")?;
+        sysctl(format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"), "0")?;
+        let all =
+            std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter").unwrap_or_default();
+        if all.trim() == "1" {
+            return Err(TunError::Setup {
+                name: name.to_owned(),
+                command: "read net.ipv4.conf.all.rp_filter".into(),
+                detail: "strict reverse-path filtering (1) would drop the frames; use 0 or 2"
+                    .into(),
+            });
+        }
+        run_ip(name, &["link", "set", "dev", name, "up"])
     }
 }
 

@@ -56,6 +56,12 @@ pub const GSO_TCPV6: u8 = 4;
 pub const GSO_UDP_L4: u8 = 5;
 /// `VIRTIO_NET_HDR_GSO_ECN`: the super-packet carries CWR on its first segment.
 pub const GSO_ECN: u8 = 0x80;
+/// `VIRTIO_NET_HDR_GSO_UDP_TUNNEL_IPV4`: the super-packet is inside UDP over IPv4 (Linux 6.17+).
+pub const GSO_UDP_TUNNEL_IPV4: u8 = 0x20;
+
+/// Length of `struct virtio_net_hdr_v1_hash_tunnel`: the header a TUN/TAP device takes when it
+/// is to accept UDP-tunnelled super-packets (`TUNSETVNETHDRSZ` ≥ this).
+pub const VNET_TNL_HDR_LEN: usize = 24;
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -239,6 +245,30 @@ pub fn prepare_to_kernel(packet: &mut [u8], mtu: usize) -> VnetHdr {
         h.gso_size = u16::try_from(mtu - hdr_len).unwrap_or(u16::MAX);
     }
     h
+}
+
+/// The header for a UDP-tunnelled TCP super-packet written to a TAP device: `frame[..inner]`
+/// is Ethernet, outer IPv4 (at 14) and UDP (at `udp`) and the tunnel header; `frame[inner..]`
+/// the inner IP packet, which [`prepare_to_kernel`] has prepared for segments of at most
+/// `inner_hdr.gso_size` payload bytes. The kernel segments the inner packet and repeats the
+/// outer headers on every segment (outer UDP checksum 0, as SNAS sends).
+pub fn tunnel_header(inner_hdr: &VnetHdr, udp: usize, inner: usize) -> [u8; VNET_TNL_HDR_LEN] {
+    let shift = |v: u16| v.saturating_add(u16::try_from(inner).unwrap_or(u16::MAX));
+    let h = VnetHdr {
+        flags: inner_hdr.flags,
+        gso_type: inner_hdr.gso_type | GSO_UDP_TUNNEL_IPV4,
+        hdr_len: shift(inner_hdr.hdr_len),
+        gso_size: inner_hdr.gso_size,
+        csum_start: shift(inner_hdr.csum_start),
+        csum_offset: inner_hdr.csum_offset,
+    };
+    let mut b = [0u8; VNET_TNL_HDR_LEN];
+    b[..VNET_HDR_LEN].copy_from_slice(&h.encode());
+    // num_buffers (2), hash_value (4), hash_report (2), padding (2): zero. The tunnel offsets
+    // are little-endian whatever the host (virtio 1.x fields).
+    b[20..22].copy_from_slice(&u16::try_from(udp).unwrap_or(u16::MAX).to_le_bytes());
+    b[22..24].copy_from_slice(&u16::try_from(inner).unwrap_or(u16::MAX).to_le_bytes());
+    b
 }
 
 /// What a packet read from the kernel needs before it goes to a node.
@@ -437,6 +467,19 @@ mod tests {
             finish_from_kernel(&h, &mut p),
             Err(VnetError::CsumOutOfRange { .. })
         ));
+    }
+
+    #[test]
+    fn a_tunnel_header_shifts_the_inner_offsets_behind_the_outer_headers() {
+        let mut p = tcp_pkt(10_000, TcpFlags::ACK);
+        let inner = prepare_to_kernel(&mut p, 1444);
+        let b = tunnel_header(&inner, 34, 70);
+        let h = VnetHdr::decode(b[..VNET_HDR_LEN].try_into().unwrap());
+        assert_eq!(h.gso_type, GSO_TCPV4 | GSO_UDP_TUNNEL_IPV4);
+        assert_eq!(h.gso_size, 1404);
+        assert_eq!((h.csum_start, h.csum_offset), (90, 16));
+        assert_eq!(h.hdr_len, 110);
+        assert_eq!(&b[20..24], &[34, 0, 70, 0]);
     }
 
     proptest! {
