@@ -71,10 +71,11 @@ fn conntrack(c: &mut Criterion) {
             n = n.wrapping_add(1);
             let k = FlowKey {
                 src_port: (n % 60_000) as u16,
-                job: 0xbe7c_0000_0000 + u64::from(n / 60_000),
+                job: snas_wire::JobKey(0xbe7c_0000_0000 + u64::from(n / 60_000)),
                 ..key(n % FLOWS, false)
             };
-            if let Open::Created { id, .. } = ct.open(k, 99, WIDE, Nanos::ZERO) {
+            if let Open::Created { id, .. } = ct.open(k, snas_wire::TenantId(99), WIDE, Nanos::ZERO)
+            {
                 black_box(ct.remove(id, Nanos::ZERO));
             }
         })
@@ -112,8 +113,8 @@ fn pacer(c: &mut Criterion) {
                     for p in 0..10_000u64 {
                         *t += 1_000;
                         let key = PacingKey {
-                            job: p % jobs,
-                            tenant: (p % jobs % 16) as u32,
+                            job: snas_wire::JobKey(p % jobs),
+                            tenant: snas_wire::TenantId((p % jobs % 16) as u32),
                         };
                         let rates = PacingRates {
                             job: Bps::gbit(1),

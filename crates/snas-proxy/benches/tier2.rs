@@ -73,13 +73,16 @@ impl Bench {
         let bundle =
             TrustBundle::from_keys([("bench", key.public_pem().expect("pem"))]).expect("bundle");
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(T0);
-        let claims = parse_policy(POLICY).expect("policy").to_claims(JTI, 1, at);
+        let claims =
+            parse_policy(POLICY)
+                .expect("policy")
+                .to_claims(JTI, snas_wire::PolicySerial(1), at);
         let token = sign(&claims, &key).expect("sign");
         let verified = verify(&token, &bundle, at).expect("verify");
         let option = SnasOption {
             tenant_id: verified.tenant_id(),
             job_key: verified.job_key(),
-            policy_serial: 1,
+            policy_serial: snas_wire::PolicySerial(1),
         };
         let mut policies = StaticPolicies::default();
         policies.insert(JobPolicy::from_verified(&verified, &[]));

@@ -37,6 +37,7 @@
 //! - Per-job and per-tenant state is removed by [`Pacer::evict_idle`], which the caller runs
 //!   periodically (it scans, O(entries)); counters of evicted entries are gone.
 
+use snas_wire::{JobKey, TenantId};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -86,9 +87,9 @@ impl Bps {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PacingKey {
     /// Job key.
-    pub job: u64,
+    pub job: JobKey,
     /// Tenant id.
-    pub tenant: u32,
+    pub tenant: TenantId,
 }
 
 /// The limits in force for a packet (from the job's policy and the tenant's configuration).
@@ -202,8 +203,8 @@ impl TenantClock {
 pub struct Pacer {
     horizon_ns: u64,
     window_ns: u64,
-    jobs: HashMap<u64, JobClock>,
-    tenants: HashMap<u32, TenantClock>,
+    jobs: HashMap<JobKey, JobClock>,
+    tenants: HashMap<TenantId, TenantClock>,
     totals: PacingStats,
 }
 
@@ -295,12 +296,12 @@ impl Pacer {
     }
 
     /// Counters of a job (since its state was created).
-    pub fn job_stats(&self, job: u64) -> Option<PacingStats> {
+    pub fn job_stats(&self, job: JobKey) -> Option<PacingStats> {
         self.jobs.get(&job).map(|j| j.stats)
     }
 
     /// Counters of a tenant (since its state was created).
-    pub fn tenant_stats(&self, tenant: u32) -> Option<PacingStats> {
+    pub fn tenant_stats(&self, tenant: TenantId) -> Option<PacingStats> {
         self.tenants.get(&tenant).map(|t| t.stats)
     }
 
@@ -325,7 +326,7 @@ impl Pacer {
     }
 
     /// Forgets a job (it ended).
-    pub fn forget_job(&mut self, job: u64) {
+    pub fn forget_job(&mut self, job: JobKey) {
         self.jobs.remove(&job);
     }
 }
@@ -409,7 +410,10 @@ impl<T> PacedQueue<T> {
 mod tests {
     use super::*;
 
-    const KEY: PacingKey = PacingKey { job: 1, tenant: 9 };
+    const KEY: PacingKey = PacingKey {
+        job: snas_wire::JobKey(1),
+        tenant: snas_wire::TenantId(9),
+    };
 
     fn ms(n: u64) -> Nanos {
         Nanos::from_nanos(n * 1_000_000)
@@ -449,7 +453,7 @@ mod tests {
             p.stamp(KEY, r, 1500, ms(0)),
             Stamp::Drop(Reason::PacingHorizon)
         );
-        let s = p.job_stats(1).unwrap();
+        let s = p.job_stats(snas_wire::JobKey(1)).unwrap();
         assert_eq!((s.passed_packets, s.dropped_packets), (201, 1));
         assert_eq!(s.dropped_bytes, 1500);
         // The drop did not move the clock.
@@ -497,7 +501,10 @@ mod tests {
     fn two_active_jobs_each_get_half_the_tenant() {
         let mut p = pacer();
         let r = rates(Bps::gbit(1), Bps::mbit(12));
-        let other = PacingKey { job: 2, tenant: 9 };
+        let other = PacingKey {
+            job: snas_wire::JobKey(2),
+            tenant: snas_wire::TenantId(9),
+        };
         assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(0)));
         // Second job active: it waits for the tenant clock, then its share is 6 Mbit/s, 2 ms
         // per packet.

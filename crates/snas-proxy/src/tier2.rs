@@ -48,6 +48,7 @@
 //! - Replies from the internet to an expired job's flows still pass until the next once-a-second
 //!   check removes the flows.
 
+use snas_wire::{JobKey, PolicySerial, TenantId};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
@@ -83,15 +84,15 @@ pub const GENEVE_HEADER_LEN: usize = 28;
 #[derive(Debug)]
 pub struct JobPolicy {
     /// Job key (from the policy id).
-    pub job_key: u64,
+    pub job_key: JobKey,
     /// Tenant id (overlay option).
-    pub tenant_id: u32,
+    pub tenant_id: TenantId,
     /// Tenant name (audit).
     pub tenant: Arc<str>,
     /// Job name (audit).
     pub job: Arc<str>,
     /// Policy serial.
-    pub serial: u64,
+    pub serial: PolicySerial,
     /// The node the job is pinned to, if any.
     pub node: Option<IpAddr>,
     /// Expiry, Unix seconds.
@@ -140,14 +141,14 @@ pub enum PolicyLookup<'a> {
 /// proxy's I/O layer; tests use [`StaticPolicies`].
 pub trait PolicyCache {
     /// The policy of `job_key`.
-    fn lookup(&self, job_key: u64) -> PolicyLookup<'_>;
+    fn lookup(&self, job_key: JobKey) -> PolicyLookup<'_>;
 }
 
 /// A fixed map of policies (tests, benchmarks, and the base of the real cache).
 #[derive(Debug, Default)]
 pub struct StaticPolicies {
-    ready: HashMap<u64, JobPolicy>,
-    rejected: HashMap<u64, Reason>,
+    ready: HashMap<JobKey, JobPolicy>,
+    rejected: HashMap<JobKey, Reason>,
 }
 
 impl StaticPolicies {
@@ -157,14 +158,14 @@ impl StaticPolicies {
         self.ready.insert(p.job_key, p);
     }
     /// Marks a job key as rejected.
-    pub fn reject(&mut self, job_key: u64, reason: Reason) {
+    pub fn reject(&mut self, job_key: JobKey, reason: Reason) {
         self.ready.remove(&job_key);
         self.rejected.insert(job_key, reason);
     }
 }
 
 impl PolicyCache for StaticPolicies {
-    fn lookup(&self, job_key: u64) -> PolicyLookup<'_> {
+    fn lookup(&self, job_key: JobKey) -> PolicyLookup<'_> {
         if let Some(p) = self.ready.get(&job_key) {
             return PolicyLookup::Ready(p);
         }
@@ -194,7 +195,7 @@ pub enum Verdict {
         /// Departure time (EDT).
         depart: Nanos,
         /// The job it belongs to (the caller bounds what a job may queue).
-        job: u64,
+        job: JobKey,
     },
     /// Send `buf[range]` (GENEVE header + inner packet) as a UDP payload to `node`:6081 at
     /// `depart`.
@@ -206,7 +207,7 @@ pub enum Verdict {
         /// Departure time (EDT).
         depart: Nanos,
         /// The job it belongs to (the caller bounds what a job may queue).
-        job: u64,
+        job: JobKey,
     },
     /// Refused: send `reply[..reply_len]` (GENEVE header + RST or ICMP) to `node` now.
     Refuse {
@@ -226,7 +227,7 @@ pub enum Verdict {
     /// ([`Tier2::has_released`] is true).
     Held {
         /// The job key.
-        job_key: u64,
+        job_key: JobKey,
         /// The node that sent it.
         node: Ipv4Addr,
         /// Whether a fetch is needed.
@@ -270,7 +271,7 @@ pub struct AuditRecord {
     /// Job name.
     pub job: Arc<str>,
     /// Job key.
-    pub job_key: u64,
+    pub job_key: JobKey,
     /// Protocol.
     pub proto: L4Proto,
     /// Sandbox address and port.
@@ -329,7 +330,7 @@ pub struct FlowEndRecord {
     /// Job name (likewise).
     pub job: Arc<str>,
     /// Job key.
-    pub job_key: u64,
+    pub job_key: JobKey,
     /// Protocol.
     pub proto: L4Proto,
     /// Sandbox address and port.
@@ -358,7 +359,7 @@ pub struct JobEndRecord {
     /// Job name (empty when unknown).
     pub job: Arc<str>,
     /// Job key.
-    pub job_key: u64,
+    pub job_key: JobKey,
     /// Flows removed.
     pub flows: u64,
 }
@@ -376,7 +377,7 @@ pub enum AuditEvent {
 
 impl AuditEvent {
     /// The job key.
-    pub fn job_key(&self) -> u64 {
+    pub fn job_key(&self) -> JobKey {
         match self {
             AuditEvent::Decision(r) => r.job_key,
             AuditEvent::FlowEnd(r) => r.job_key,
@@ -405,7 +406,7 @@ pub struct Tier2Config {
     /// Pacer (both directions).
     pub pacer: PacerConfig,
     /// Per-tenant bandwidth caps (egress, ingress); tenants not listed get `default_tenant_cap`.
-    pub tenant_caps: HashMap<u32, (Bps, Bps)>,
+    pub tenant_caps: HashMap<TenantId, (Bps, Bps)>,
     /// Cap of a tenant not in `tenant_caps` (default 10 Gbit/s each way).
     pub default_tenant_cap: (Bps, Bps),
     /// Per-job state (rate bucket, route) of a job with no flows is forgotten after this.
@@ -479,12 +480,12 @@ pub struct Tier2 {
     egress_pacer: Pacer,
     ingress_pacer: Pacer,
     bindings: Bindings,
-    jobs: HashMap<u64, JobState>,
+    jobs: HashMap<JobKey, JobState>,
     buckets: JobBuckets,
     drops: [u64; Reason::COUNT],
     audit: Vec<AuditEvent>,
     audit_budget: AuditBudget,
-    refetch: Vec<(u64, Ipv4Addr)>,
+    refetch: Vec<(JobKey, Ipv4Addr)>,
     draining: bool,
     infra: InfraSet,
     hold: HoldQueue,
@@ -495,7 +496,7 @@ pub struct Tier2 {
 /// A job whose end [`Tier2::apply_ends`] will carry out.
 #[derive(Debug)]
 struct PendingEnd {
-    job: u64,
+    job: JobKey,
     end: FlowEnd,
     names: Option<(Arc<str>, Arc<str>)>,
 }
@@ -616,7 +617,7 @@ impl Tier2 {
     }
 
     /// Takes the jobs whose option carried a newer serial than the cached policy (refetch).
-    pub fn drain_refetch(&mut self) -> std::vec::Drain<'_, (u64, Ipv4Addr)> {
+    pub fn drain_refetch(&mut self) -> std::vec::Drain<'_, (JobKey, Ipv4Addr)> {
         self.refetch.drain(..)
     }
 
@@ -627,13 +628,13 @@ impl Tier2 {
 
     /// The policy of `job` is now in the cache: its held packets may be taken with
     /// [`Tier2::take_released`].
-    pub fn policy_ready(&mut self, job: u64) {
+    pub fn policy_ready(&mut self, job: JobKey) {
         self.hold.mark_ready(job);
     }
 
     /// Fetching `job`'s policy failed with `reason`: its held packets are dropped and counted
     /// under `reason`. Returns how many.
-    pub fn policy_failed(&mut self, job: u64, reason: Reason) -> u32 {
+    pub fn policy_failed(&mut self, job: JobKey, reason: Reason) -> u32 {
         let n = self.hold.drop_job(job);
         self.drops[usize::from(reason.code())] += u64::from(n);
         n
@@ -651,12 +652,12 @@ impl Tier2 {
     }
 
     /// The node `job`'s traffic comes from, if the engine has seen it admit a flow recently.
-    pub fn job_node(&self, job: u64) -> Option<Ipv4Addr> {
+    pub fn job_node(&self, job: JobKey) -> Option<Ipv4Addr> {
         self.jobs.get(&job).map(|s| s.node)
     }
 
     /// Whether the engine holds anything for `job` (flows, held packets, recent traffic).
-    pub fn knows_job(&self, job: u64) -> bool {
+    pub fn knows_job(&self, job: JobKey) -> bool {
         self.jobs.contains_key(&job)
             || self.conntrack.live_flows_of_job(job) > 0
             || self.hold.has(job)
@@ -667,7 +668,7 @@ impl Tier2 {
         Verdict::Drop(r)
     }
 
-    fn tenant_cap(&self, tenant: u32) -> (Bps, Bps) {
+    fn tenant_cap(&self, tenant: TenantId) -> (Bps, Bps) {
         self.cfg
             .tenant_caps
             .get(&tenant)
@@ -677,7 +678,7 @@ impl Tier2 {
 
     /// Whether an audit line of `job` written outside the engine (DNS refusals) fits its
     /// budget: `Some(n)` with the lines suppressed before it, or `None` (suppressed, counted).
-    pub fn admit_audit(&mut self, job: u64, now: Nanos) -> Option<u64> {
+    pub fn admit_audit(&mut self, job: JobKey, now: Nanos) -> Option<u64> {
         self.audit_budget.admit(job, now)
     }
 
@@ -691,7 +692,7 @@ impl Tier2 {
 
     fn hold_packet(
         &mut self,
-        job: u64,
+        job: JobKey,
         node: Ipv4Addr,
         payload: &[u8],
         now: Nanos,
@@ -768,9 +769,7 @@ impl Tier2 {
         if policy.node.is_some_and(|n| n != IpAddr::V4(outer_src)) {
             return self.drop(Reason::NodeMismatch);
         }
-        if u64::from(opt.policy_serial) > policy.serial
-            && !self.refetch.contains(&(opt.job_key, outer_src))
-        {
+        if opt.policy_serial > policy.serial && !self.refetch.contains(&(opt.job_key, outer_src)) {
             // Also for an expired policy: the newer serial may be its renewal.
             self.refetch.push((opt.job_key, outer_src));
         }
@@ -1152,7 +1151,7 @@ impl Tier2 {
     /// Queues the end of `job` (see [`Tier2::apply_ends`], which the next [`Tier2::tick`]
     /// runs). `names` (tenant, job) name the job in its `job` audit event when the engine has not
     /// seen it admit a flow. A job already queued is not queued twice.
-    pub fn end_job(&mut self, job: u64, end: FlowEnd, names: Option<(Arc<str>, Arc<str>)>) {
+    pub fn end_job(&mut self, job: JobKey, end: FlowEnd, names: Option<(Arc<str>, Arc<str>)>) {
         if !self.pending_ends.iter().any(|p| p.job == job) {
             self.pending_ends.push(PendingEnd { job, end, names });
         }
@@ -1168,9 +1167,9 @@ impl Tier2 {
             return 0;
         }
         let pending = std::mem::take(&mut self.pending_ends);
-        let jobs: Vec<u64> = pending.iter().map(|p| p.job).collect();
+        let jobs: Vec<JobKey> = pending.iter().map(|p| p.job).collect();
         let removed = self.conntrack.remove_jobs(&jobs, now.mono);
-        let mut per_job: HashMap<u64, u64> = HashMap::new();
+        let mut per_job: HashMap<JobKey, u64> = HashMap::new();
         for f in &removed {
             let end = pending
                 .iter()
@@ -1210,13 +1209,13 @@ impl Tier2 {
 
     /// Ends `job` now (as [`Tier2::end_job`] followed by [`Tier2::apply_ends`]). Returns the
     /// number of flows removed (those of other queued jobs included).
-    pub fn remove_job(&mut self, job: u64, end: FlowEnd, now: Now) -> usize {
+    pub fn remove_job(&mut self, job: JobKey, end: FlowEnd, now: Now) -> usize {
         self.end_job(job, end, None);
         self.apply_ends(now)
     }
 
     /// Whether the end of `job` is queued.
-    pub fn is_ending(&self, job: u64) -> bool {
+    pub fn is_ending(&self, job: JobKey) -> bool {
         self.pending_ends.iter().any(|p| p.job == job)
     }
 
@@ -1259,7 +1258,7 @@ impl Tier2 {
 
     /// Queues the end of the jobs whose policy expired or is gone; evicts idle per-job state.
     fn scan_jobs(&mut self, policies: &impl PolicyCache, now: Now) {
-        let mut jobs: Vec<u64> = self.conntrack.jobs().collect();
+        let mut jobs: Vec<JobKey> = self.conntrack.jobs().collect();
         jobs.extend(self.jobs.keys().copied());
         jobs.sort_unstable();
         jobs.dedup();

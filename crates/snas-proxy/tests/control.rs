@@ -287,7 +287,7 @@ protocol = "udp"
         SnasOption {
             tenant_id: tenant_id("acme"),
             job_key: job_key(JTI),
-            policy_serial: 1,
+            policy_serial: snas_wire::PolicySerial(1),
         }
     }
 
@@ -344,7 +344,7 @@ protocol = "udp"
         assert_eq!(d.shared().engine().conntrack().live_flows_of_job(job), 3);
 
         let svc = d.service_addr();
-        let path = snas_proxy::api::paths::job_ended(snas_wire::JobKey(job));
+        let path = snas_proxy::api::paths::job_ended(job);
         assert_eq!(post_from(STRANGER, svc, &path).0, 403, "not a node");
         let (code, body) = post_from(OTHER_NODE, svc, &path);
         assert_eq!((code, body.as_str()), (403, "not the job's node\n"));
@@ -411,7 +411,7 @@ protocol = "udp"
         assert!(f.idle() >= Duration::from_millis(30), "{f:?}");
         assert_eq!(f.job.as_deref(), Some("ended"));
         assert_eq!(f.tenant.as_deref(), Some("acme"));
-        assert_eq!(f.job_key, snas_wire::JobKey(job_key(JTI)).to_string());
+        assert_eq!(f.job_key, job_key(JTI));
         assert_eq!((f.proto.as_str(), f.dst.port()), ("udp", 7));
     }
 

@@ -64,7 +64,7 @@ proptest! {
         let mut tenant_first = None;
         for a in arrivals {
             now = now.saturating_add(Duration::from_micros(u64::from(a.gap_us)));
-            let key = PacingKey { job: a.job as u64, tenant: 1 };
+            let key = PacingKey { job: snas_wire::JobKey(a.job as u64), tenant: snas_wire::TenantId(1) };
             let rates = PacingRates { job: Bps::mbit(job_mbit[a.job]), tenant: tenant_rate };
             first[a.job].get_or_insert(now);
             tenant_first.get_or_insert(now);

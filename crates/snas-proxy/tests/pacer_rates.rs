@@ -36,7 +36,10 @@ fn simulate(
 }
 
 fn assert_within_one_percent(rate: Bps) {
-    let key = PacingKey { job: 1, tenant: 1 };
+    let key = PacingKey {
+        job: snas_wire::JobKey(1),
+        tenant: snas_wire::TenantId(1),
+    };
     let rates = PacingRates {
         job: rate,
         tenant: Bps::UNLIMITED,
@@ -82,7 +85,12 @@ fn jain(xs: &[u64]) -> f64 {
 fn four_equal_jobs_share_a_tenant_cap_equally() {
     // Each job may do 100 Mbit/s, the tenant only 100 Mbit/s in total; job 0 always offers
     // first, which with a first-come tenant clock would let it take nearly everything.
-    let keys: Vec<PacingKey> = (0..4).map(|j| PacingKey { job: j, tenant: 7 }).collect();
+    let keys: Vec<PacingKey> = (0..4)
+        .map(|j| PacingKey {
+            job: snas_wire::JobKey(j),
+            tenant: snas_wire::TenantId(7),
+        })
+        .collect();
     let rates = PacingRates {
         job: Bps::mbit(100),
         tenant: Bps::mbit(100),
@@ -114,8 +122,14 @@ fn a_job_joining_late_gets_its_share() {
         job: Bps::mbit(100),
         tenant: Bps::mbit(40),
     };
-    let a = PacingKey { job: 1, tenant: 3 };
-    let b = PacingKey { job: 2, tenant: 3 };
+    let a = PacingKey {
+        job: snas_wire::JobKey(1),
+        tenant: snas_wire::TenantId(3),
+    };
+    let b = PacingKey {
+        job: snas_wire::JobKey(2),
+        tenant: snas_wire::TenantId(3),
+    };
     let mut q = PacedQueue::new(PacerConfig::default(), Nanos::ZERO)
         .expect("default pacer config is valid");
     let mut out: Vec<u64> = Vec::new();

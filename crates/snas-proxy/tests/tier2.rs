@@ -41,10 +41,14 @@ fn key() -> (PolicyKey, TrustBundle) {
     (key, bundle)
 }
 
-fn policy(toml: &str, jti: &str, serial: u64, key: &PolicyKey, bundle: &TrustBundle) -> JobPolicy {
+fn policy(toml: &str, jti: &str, serial: u32, key: &PolicyKey, bundle: &TrustBundle) -> JobPolicy {
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(T0);
     let draft = parse_policy(toml).unwrap();
-    let token = sign(&draft.to_claims(jti, serial, now), key).unwrap();
+    let token = sign(
+        &draft.to_claims(jti, snas_wire::PolicySerial(serial), now),
+        key,
+    )
+    .unwrap();
     JobPolicy::from_verified(&verify(&token, bundle, now).unwrap(), &[])
 }
 
@@ -101,7 +105,7 @@ impl Fixture {
         SnasOption {
             tenant_id: snas_policy::identity::tenant_id("acme"),
             job_key: p,
-            policy_serial: 1,
+            policy_serial: snas_wire::PolicySerial(1),
         }
     }
 
@@ -358,7 +362,7 @@ fn forged_and_unverifiable_traffic_is_dropped_and_counted() {
 
     // Right job key, wrong tenant.
     let mut opt = f.option("acme");
-    opt.tenant_id ^= 1;
+    opt.tenant_id.0 ^= 1;
     let (v, _, _) = f.send(NODE, opt, &pkt);
     assert_eq!(v, Verdict::Drop(Reason::GeneveUnknownJob));
 
@@ -551,7 +555,7 @@ fn a_newer_serial_in_the_option_asks_for_a_refetch_without_stopping_traffic() {
     let mut f = Fixture::new();
     bind_api(&mut f);
     let mut opt = f.option("acme");
-    opt.policy_serial = 2;
+    opt.policy_serial = snas_wire::PolicySerial(2);
     let (v, _, _) = f.send(NODE, opt, &syn(45000, API, 443));
     assert!(matches!(v, Verdict::ToInternet { .. }));
     let (v, _, _) = f.send(NODE, opt, &syn(45001, API, 443));
@@ -587,7 +591,7 @@ host = "api.example.com"
     let b = SnasOption {
         tenant_id: snas_policy::identity::tenant_id("globex"),
         job_key: snas_policy::identity::job_key("jti-other-0000001"),
-        policy_serial: 1,
+        policy_serial: snas_wire::PolicySerial(1),
     };
     for j in [a.job_key, b.job_key] {
         f.tier2.bindings_mut().bind(j, API, "api.example.com", exp);
@@ -662,9 +666,11 @@ fn wide_fixture() -> (Fixture, SnasOption) {
     let infra: Vec<ipnet::IpNet> = f.tier2.infrastructure().nets().to_vec();
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(T0);
     let token = sign(
-        &parse_policy(WIDE)
-            .unwrap()
-            .to_claims("jti-wide-00000001", 1, now),
+        &parse_policy(WIDE).unwrap().to_claims(
+            "jti-wide-00000001",
+            snas_wire::PolicySerial(1),
+            now,
+        ),
         &key,
     )
     .unwrap();
@@ -1000,9 +1006,11 @@ fn a_renewed_policy_keeps_the_flows_past_the_old_exp() {
     let toml = ACME;
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(T0) + TTL / 2;
     let token = sign(
-        &parse_policy(toml)
-            .unwrap()
-            .to_claims("jti-acme-00000001", 2, now),
+        &parse_policy(toml).unwrap().to_claims(
+            "jti-acme-00000001",
+            snas_wire::PolicySerial(2),
+            now,
+        ),
         &f.key,
     )
     .unwrap();
@@ -1328,7 +1336,7 @@ fn a_jobs_audit_lines_beyond_its_budget_are_suppressed_and_its_next_line_says_ho
     let quiet = SnasOption {
         tenant_id: snas_policy::identity::tenant_id("globex"),
         job_key: snas_policy::identity::job_key("jti-quiet-0000001"),
-        policy_serial: 1,
+        policy_serial: snas_wire::PolicySerial(1),
     };
     // 1000 denied SYNs from one job: 20 lines (burst = 2 × rate), 980 suppressed.
     for p in 0..1000u16 {

@@ -46,7 +46,7 @@ fn jobs_flows_and_drops_show_a_running_job_its_flow_and_its_drops_per_tier() {
         &policy("acme", "[[egress]]\nhost = \"api.example.com:7\"\n"),
     );
     let name = job.info().job.clone();
-    let key = job.info().job_key.clone();
+    let key = job.info().job_key.to_string();
     let mut d = Driver::new(job.spawn_python(PY_HOLD, &[]));
     let port = d.read_line();
     // A tier-1 drop (no binding for this address) and, with tier 1 widened, a tier-2 refusal.
@@ -170,7 +170,7 @@ fn every_decision_is_an_audit_line_on_the_node_or_the_proxy() {
         1,
         &policy("acme", "[[egress]]\nhost = \"api.example.com:80\"\n"),
     );
-    let key = job.info().job_key.clone();
+    let key = job.info().job_key.to_string();
     let name = job.info().job.clone();
     // Allowed flow, refused name (stub), tier-1 deny, tier-2 refusal (tier 1 widened).
     let (code, body) = job.curl("http://api.example.com/");

@@ -281,7 +281,7 @@ fn an_expiring_job_is_refused_at_once_after_exp_and_both_tiers_forget_it() {
         ))
         .unwrap();
     let job = Job::start_token(&tb, 1, &token);
-    let me = tb.agent(1).job(&job.info().job_key).unwrap();
+    let me = tb.agent(1).job(&job.info().job_key.to_string()).unwrap();
     let exp = me.expires_at as f64;
     let out = job.python(PY_UNTIL, &[&format!("{}", exp + 2.0)]);
     let rounds: Vec<(f64, String, f64, String)> = serde_json::from_str(out.trim()).unwrap();
@@ -319,11 +319,11 @@ fn an_expiring_job_is_refused_at_once_after_exp_and_both_tiers_forget_it() {
                 .any(|j| j.job_key == job.info().job_key && j.state == JobState::Expired)
         },
     );
-    let key = job.info().job_key.clone();
+    let key = job.info().job_key;
     wait_until(
         Duration::from_secs(5),
         "proxies forget the job's flows",
-        || (1..=2).all(|n| !proxy_flows(&tb, n).iter().any(|f| flow_is(f, &key, None))),
+        || (1..=2).all(|n| !proxy_flows(&tb, n).iter().any(|f| flow_is(f, key, None))),
     );
     assert!(SystemTime::now() > SystemTime::UNIX_EPOCH + Duration::from_secs_f64(exp));
 }
@@ -408,7 +408,7 @@ print(n)
         &[],
     );
     assert_eq!(out.trim(), "1000000");
-    let key = job.info().job_key.clone();
+    let key = job.info().job_key.to_string();
     let mut found = None;
     wait_until(
         Duration::from_secs(45),

@@ -354,14 +354,14 @@ pub mod blocking {
         /// deleted.
         pub fn delete(mut self) -> Result<(), ClientError> {
             self.live = false;
-            delete_if_there(&self.client, &self.view.job_key)
+            delete_if_there(&self.client, &self.view.job_key.to_string())
         }
     }
 
     impl Drop for OwnedJob {
         fn drop(&mut self) {
             if self.live {
-                let _ = delete_if_there(&self.client, &self.view.job_key);
+                let _ = delete_if_there(&self.client, &self.view.job_key.to_string());
             }
         }
     }

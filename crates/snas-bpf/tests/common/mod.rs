@@ -23,7 +23,7 @@ pub const PROXY_IPS: [Ipv4Addr; 3] = [
 pub const ALLOWED_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 pub const OTHER_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 9);
 pub const JOB_KEY: JobKey = JobKey(0x0123_4567_89ab_cdef);
-pub const TENANT: u32 = 0xfeed_beef;
+pub const TENANT: snas_bpf::TenantId = snas_bpf::TenantId(0xfeed_beef);
 pub const SERIAL: PolicySerial = PolicySerial(7);
 /// test_run needs a real device; the loopback device always exists (ifindex 1).
 pub const VETH: u32 = 1;
@@ -373,7 +373,7 @@ pub fn expected_outer(
     o.extend_from_slice(&[0x05, 0x40, 0x08, 0x00, 0, 0, 0, 0]);
     // Option: class 0xFF53, type 0x81, length 4 words.
     o.extend_from_slice(&[0xff, 0x53, 0x81, 0x04]);
-    o.extend_from_slice(&TENANT.to_be_bytes());
+    o.extend_from_slice(&TENANT.get().to_be_bytes());
     o.extend_from_slice(&job_key.get().to_be_bytes());
     o.extend_from_slice(&SERIAL.get().to_be_bytes());
     o

@@ -223,7 +223,7 @@ async fn flows(State(c): State<Ctl>) -> Response {
             .map(|f| {
                 let policy = snap.get(f.key.job);
                 FlowView {
-                    job_key: snas_wire::JobKey(f.key.job).to_string(),
+                    job_key: f.key.job,
                     tenant: policy.map(|p| p.tenant.to_string()),
                     job: policy.map(|p| p.job.to_string()),
                     tenant_id: f.tenant,
@@ -309,9 +309,12 @@ async fn job_ended(
     let Some(from) = from.filter(|a| s.cfg.nodes.contains(a)) else {
         return (StatusCode::FORBIDDEN, "not a configured node\n").into_response();
     };
-    let job = match (job_key.len(), u64::from_str_radix(&job_key, 16)) {
-        (16, Ok(k)) => k,
-        _ => return (StatusCode::BAD_REQUEST, "job_key must be 16 hex digits\n").into_response(),
+    let Ok(job) = job_key.parse::<snas_wire::JobKey>() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "job_key must be 16 lower-case hex digits\n",
+        )
+            .into_response();
     };
     let snap = s.store.snapshot();
     let policy = snap.get(job);

@@ -127,7 +127,7 @@ impl Job {
     }
 
     pub fn key(&self) -> snas_wire::JobKey {
-        self.info().job_key.parse().unwrap()
+        self.info().job_key
     }
 
     /// A command prepared to run inside the job.
@@ -275,14 +275,17 @@ pub fn proxy_flows(tb: &Testbed, n: u8) -> Vec<FlowView> {
     on_proxy(tb, n, |c| c.flows()).unwrap().flows
 }
 
-/// Whether a flow belongs to job key `key` (16 hex digits) and has sandbox port `port`.
-pub fn flow_is(f: &FlowView, key: &str, port: Option<u16>) -> bool {
+/// Whether a flow belongs to job key `key` and has sandbox port `port`.
+pub fn flow_is(f: &FlowView, key: snas_wire::JobKey, port: Option<u16>) -> bool {
     f.job_key == key && port.is_none_or(|p| f.src.port() == p)
 }
 
 /// Tier-1 drop count of a job for a reason (agent counters endpoint).
 pub fn tier1_drops(tb: &Testbed, job: &Job, reason: &str) -> u64 {
-    let c = tb.agent(job.node).counters(&job.info().job_key).unwrap();
+    let c = tb
+        .agent(job.node)
+        .counters(&job.info().job_key.to_string())
+        .unwrap();
     c.drops.get(reason).copied().unwrap_or(0)
 }
 
@@ -379,7 +382,10 @@ fn link_json(ns: &str, dev: &str) -> serde_json::Value {
 /// connection-rate and no connection-count limit (what a compromised node could do), so that
 /// only the proxy enforces them.
 pub fn widen_tier1_limits(tb: &Testbed, job: &Job) {
-    let me = tb.agent(job.node).job(&job.info().job_key).unwrap();
+    let me = tb
+        .agent(job.node)
+        .job(&job.info().job_key.to_string())
+        .unwrap();
     let veth = link_json(&tb.topology().node_ns(job.node), &me.veth);
     let eth0 = link_json(&me.netns, &me.sandbox_ifname);
     let mac = |v: &serde_json::Value| -> [u8; 6] {
@@ -395,7 +401,7 @@ pub fn widen_tier1_limits(tb: &Testbed, job: &Job) {
         veth_ifindex: u32::try_from(veth["ifindex"].as_u64().unwrap()).unwrap(),
         job_key: job.key(),
         tenant_id: me.tenant_id,
-        policy_serial: snas_bpf::PolicySerial(me.serial),
+        policy_serial: me.serial,
         sandbox_ip: v4(me.sandbox_ip),
         sandbox_mac: mac(&eth0),
         host_mac: mac(&veth),

@@ -404,7 +404,7 @@ struct Teardown {
 /// Reads the job's counters, then deletes it.
 fn delete_job(guard: OwnedJob) -> Teardown {
     let t = Instant::now();
-    let drops = counters(guard.client(), &guard.view().job_key);
+    let drops = counters(guard.client(), &guard.view().job_key.to_string());
     let delete_error = guard.delete().err().map(|e| e.to_string());
     Teardown {
         drops,
@@ -573,7 +573,7 @@ fn job(a: &RunArgs) -> Result<u8, String> {
     let lines = if a.no_summary {
         Vec::new()
     } else {
-        lines_after_job_end(&logs, &info.job_key, JOB_END_WAIT)
+        lines_after_job_end(&logs, &info.job_key.to_string(), JOB_END_WAIT)
     };
     let down_time = t_down.elapsed();
 

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use serde_json::{json, Value};
 use snas_agent::api::{JobDrops, JobView};
 use snas_proxy::api::DropCounts;
+use snas_wire::JobKey;
 
 use super::jobs::collect_jobs;
 use super::sources::sources;
@@ -20,7 +21,8 @@ struct DropRow {
     tier: u8,
     job: String,
     tenant: String,
-    job_key: String,
+    /// `None` for a tier-2 row (counted for all jobs together).
+    job_key: Option<JobKey>,
     reason: String,
     packets: u64,
 }
@@ -35,7 +37,7 @@ fn proxy_drops(proxy: &str, counts: &DropCounts) -> Vec<DropRow> {
             tier: 2,
             job: "*".into(),
             tenant: "*".into(),
-            job_key: "*".into(),
+            job_key: None,
             reason: reason.clone(),
             packets: *n,
         })
@@ -53,18 +55,26 @@ fn agent_drops(node: &str, job: &JobView, counters: &JobDrops, all: bool) -> Vec
             tier: 1,
             job: job.job.clone(),
             tenant: job.tenant.clone(),
-            job_key: job.job_key.clone(),
+            job_key: Some(job.job_key),
             reason: reason.clone(),
             packets: *n,
         })
         .collect()
 }
 
+impl DropRow {
+    /// The job key, or `*` for a row of all jobs.
+    fn key_cell(&self) -> String {
+        self.job_key
+            .map_or_else(|| "*".to_owned(), |k| k.to_string())
+    }
+}
+
 impl JsonRow for DropRow {
     fn to_json(&self) -> Value {
         json!({
             "source": self.source, "tier": self.tier, "job": self.job, "tenant": self.tenant,
-            "job_key": self.job_key, "reason": self.reason, "packets": self.packets,
+            "job_key": self.key_cell(), "reason": self.reason, "packets": self.packets,
         })
     }
 }
@@ -81,7 +91,7 @@ pub fn drops(a: &DropsArgs) -> ExitCode {
         let Some(agent) = s.agents.iter().find(|x| x.label == j.node) else {
             continue;
         };
-        match agent.client().counters(&j.job.job_key) {
+        match agent.client().counters(&j.job.job_key.to_string()) {
             Ok(c) => rows.extend(agent_drops(&agent.label, &j.job, &c, a.all)),
             Err(e) => errors.push(format!("{}: {e:#}", agent.label)),
         }
@@ -107,7 +117,7 @@ pub fn drops(a: &DropsArgs) -> ExitCode {
                 vec![
                     r.tenant.clone(),
                     r.job.clone(),
-                    r.job_key.clone(),
+                    r.key_cell(),
                     r.tier.to_string(),
                     r.source.clone(),
                     r.reason.clone(),
@@ -148,14 +158,14 @@ pub(super) mod tests {
         );
         assert!(rows
             .iter()
-            .all(|r| r.job == "*" && r.tenant == "*" && r.job_key == "*"));
+            .all(|r| r.job == "*" && r.tenant == "*" && r.job_key.is_none()));
     }
 
     #[test]
     fn agent_drops_list_nonzero_reasons_unless_all_are_asked_for() {
-        let j = job("build", "00000000000000aa");
+        let j = job("build", JobKey(0xaa));
         let c = JobDrops {
-            job_key: j.job_key.clone(),
+            job_key: j.job_key,
             total: 3,
             drops: BTreeMap::from([
                 ("destination_denied".to_owned(), 3),
@@ -175,14 +185,14 @@ pub(super) mod tests {
         assert_eq!(agent_drops("node-1", &j, &c, true).len(), 2);
     }
 
-    pub(in crate::cmd::observe) fn job(name: &str, key: &str) -> JobView {
+    pub(in crate::cmd::observe) fn job(name: &str, key: JobKey) -> JobView {
         JobView {
             job: name.into(),
             tenant: "acme".into(),
-            job_key: key.into(),
-            tenant_id: 1,
+            job_key: key,
+            tenant_id: snas_wire::TenantId(1),
             jti: "p".into(),
-            serial: 1,
+            serial: snas_wire::PolicySerial(1),
             expires_at: 0,
             state: snas_agent::api::JobState::Running,
             netns: "ns".into(),
