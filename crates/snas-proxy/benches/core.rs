@@ -10,7 +10,7 @@ use std::time::Duration;
 use criterion::{criterion_group, BatchSize, Criterion, Throughput};
 use snas_proxy::clock::Nanos;
 use snas_proxy::conntrack::{Conntrack, Direction, FlowKey, Open, TcpFlags};
-use snas_proxy::pacer::{Bps, PacedQueue, PacerConfig, PacingKey, PacingRates};
+use snas_proxy::pacer::{PaceRate, PacedQueue, PacerConfig, PacingKey, PacingRates};
 use snas_proxy::synthetic::{self, WIDE};
 
 const FLOWS: u32 = 1_000_000;
@@ -117,8 +117,8 @@ fn pacer(c: &mut Criterion) {
                             tenant: snas_wire::TenantId((p % jobs % 16) as u32),
                         };
                         let rates = PacingRates {
-                            job: Bps::gbit(1),
-                            tenant: Bps::gbit(10),
+                            job: PaceRate::gbit(1),
+                            tenant: PaceRate::gbit(10),
                         };
                         black_box(q.enqueue(key, rates, 1500, p as u32, Nanos::from_nanos(*t)));
                         q.pop_due(Nanos::from_nanos(*t), out);

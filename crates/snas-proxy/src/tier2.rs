@@ -74,7 +74,7 @@ use crate::conntrack::{
 use crate::hold::{HeldPacket, HoldConfig, HoldConfigError, HoldQueue};
 use crate::infra::{self, InfraSet};
 use crate::nat::JobLimits;
-use crate::pacer::{Bps, Pacer, PacerConfig, PacerError, PacingKey, PacingRates, Stamp};
+use crate::pacer::{PaceRate, Pacer, PacerConfig, PacerError, PacingKey, PacingRates, Stamp};
 use crate::token_bucket::{JobBuckets, TokenBucketError};
 
 /// Length of the GENEVE header with the SNAS option (the UDP payload prefix).
@@ -406,9 +406,9 @@ pub struct Tier2Config {
     /// Pacer (both directions).
     pub pacer: PacerConfig,
     /// Per-tenant bandwidth caps (egress, ingress); tenants not listed get `default_tenant_cap`.
-    pub tenant_caps: HashMap<TenantId, (Bps, Bps)>,
+    pub tenant_caps: HashMap<TenantId, (PaceRate, PaceRate)>,
     /// Cap of a tenant not in `tenant_caps` (default 10 Gbit/s each way).
-    pub default_tenant_cap: (Bps, Bps),
+    pub default_tenant_cap: (PaceRate, PaceRate),
     /// Per-job state (rate bucket, route) of a job with no flows is forgotten after this.
     pub job_idle: Duration,
     /// Infrastructure prefixes no new flow may reach (the engine adds `proxy_addr`, `nodes`
@@ -429,7 +429,7 @@ impl Tier2Config {
             conntrack: ConntrackConfig::new(egress_ips),
             pacer: PacerConfig::default(),
             tenant_caps: HashMap::new(),
-            default_tenant_cap: (Bps::gbit(10), Bps::gbit(10)),
+            default_tenant_cap: (PaceRate::gbit(10), PaceRate::gbit(10)),
             job_idle: Duration::from_secs(600),
             infrastructure: infra::METADATA.to_vec(),
             hold: HoldConfig::default(),
@@ -461,7 +461,7 @@ struct JobState {
     node: Ipv4Addr,
     option: SnasOption,
     inner_v6: bool,
-    ingress_bps: Bps,
+    ingress_bps: snas_wire::Bps,
     last_active: Nanos,
     tenant: Arc<str>,
     job: Arc<str>,
@@ -668,7 +668,7 @@ impl Tier2 {
         Verdict::Drop(r)
     }
 
-    fn tenant_cap(&self, tenant: TenantId) -> (Bps, Bps) {
+    fn tenant_cap(&self, tenant: TenantId) -> (PaceRate, PaceRate) {
         self.cfg
             .tenant_caps
             .get(&tenant)
@@ -776,7 +776,7 @@ impl Tier2 {
 
         let start = g.inner_offset;
         let (tenant_egress, _) = self.tenant_cap(opt.tenant_id);
-        let job_rate = Bps(policy.limits.egress_bps.0);
+        let job_rate = PaceRate::Limited(policy.limits.egress_bps);
         let len = payload.len() - start;
         let len32 = u32::try_from(len).unwrap_or(u32::MAX);
         let mut packet = match NatPacket::parse(&mut payload[start..]) {
@@ -873,7 +873,7 @@ impl Tier2 {
             node,
             option: opt,
             inner_v6: inner == InnerProto::Ipv6,
-            ingress_bps: Bps(policy.limits.ingress_bps.0),
+            ingress_bps: policy.limits.ingress_bps,
             last_active: now,
             tenant: Arc::clone(&policy.tenant),
             job: Arc::clone(&policy.job),
@@ -1105,7 +1105,7 @@ impl Tier2 {
             tenant: opt.tenant_id,
         };
         let rates = PacingRates {
-            job: rate,
+            job: PaceRate::Limited(rate),
             tenant: tenant_ingress,
         };
         match self.ingress_pacer.stamp(pkey, rates, len, now.mono) {

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use snas_proxy::clock::Nanos;
-use snas_proxy::pacer::{Bps, Enqueue, PacedQueue, PacerConfig, PacingKey, PacingRates};
+use snas_proxy::pacer::{Enqueue, PaceRate, PacedQueue, PacerConfig, PacingKey, PacingRates};
+use snas_wire::Bps;
 
 const PACKET: u32 = 1500;
 
@@ -41,8 +42,8 @@ fn assert_within_one_percent(rate: Bps) {
         tenant: snas_wire::TenantId(1),
     };
     let rates = PacingRates {
-        job: rate,
-        tenant: Bps::UNLIMITED,
+        job: PaceRate::Limited(rate),
+        tenant: PaceRate::Unlimited,
     };
     let secs = 10;
     let bytes = simulate(
@@ -51,7 +52,7 @@ fn assert_within_one_percent(rate: Bps) {
         Duration::from_secs(secs),
         Duration::from_micros(100),
     )[0];
-    let expected = rate.0 as f64 * secs as f64 / 8.0;
+    let expected = rate.get() as f64 * secs as f64 / 8.0;
     let err = (bytes as f64 - expected).abs() / expected;
     assert!(
         err < 0.01,
@@ -62,17 +63,17 @@ fn assert_within_one_percent(rate: Bps) {
 
 #[test]
 fn ten_megabit_job_releases_its_rate() {
-    assert_within_one_percent(Bps::mbit(10));
+    assert_within_one_percent(Bps::mbit(10).unwrap());
 }
 
 #[test]
 fn hundred_megabit_job_releases_its_rate() {
-    assert_within_one_percent(Bps::mbit(100));
+    assert_within_one_percent(Bps::mbit(100).unwrap());
 }
 
 #[test]
 fn gigabit_job_releases_its_rate() {
-    assert_within_one_percent(Bps::gbit(1));
+    assert_within_one_percent(Bps::gbit(1).unwrap());
 }
 
 fn jain(xs: &[u64]) -> f64 {
@@ -92,8 +93,8 @@ fn four_equal_jobs_share_a_tenant_cap_equally() {
         })
         .collect();
     let rates = PacingRates {
-        job: Bps::mbit(100),
-        tenant: Bps::mbit(100),
+        job: PaceRate::mbit(100),
+        tenant: PaceRate::mbit(100),
     };
     let secs = 10;
     let bytes = simulate(
@@ -119,8 +120,8 @@ fn four_equal_jobs_share_a_tenant_cap_equally() {
 #[test]
 fn a_job_joining_late_gets_its_share() {
     let rates = PacingRates {
-        job: Bps::mbit(100),
-        tenant: Bps::mbit(40),
+        job: PaceRate::mbit(100),
+        tenant: PaceRate::mbit(40),
     };
     let a = PacingKey {
         job: snas_wire::JobKey(1),
