@@ -148,7 +148,7 @@ fn privileged_dns_through_tier1_refuses_forwards_and_installs_before_answering()
             dp.run_audit(
                 Box::new(move |ev| {
                     use snas_agent::stub::JobDirectory;
-                    let p = agent.policy(snas_wire::JobKey(ev.job_key));
+                    let p = agent.policy(ev.job_key);
                     t1_sink.emit(snas_agent::audit::tier1_record(
                         &ev,
                         p.as_ref(),

@@ -42,7 +42,7 @@ fn line(
     let mut l = AuditLine::new(rfc3339_secs(unix_secs), 2, Some(kind), action);
     l.tenant = names.0.to_owned();
     l.job = names.1.to_owned();
-    l.job_key = job_key.to_string();
+    l.job_key = Some(job_key);
     l
 }
 

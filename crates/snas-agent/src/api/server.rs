@@ -156,7 +156,7 @@ async fn delete_job(
     ops.stub.forget(key);
     tokio::spawn(crate::proxies::announce_job_ended(
         ops.proxies.clone(),
-        key.get(),
+        key,
         ops.ended.clone(),
         END_NOTICE_TIMEOUT,
     ));
