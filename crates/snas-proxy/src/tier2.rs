@@ -71,6 +71,7 @@ use crate::conntrack::{
     Conntrack, ConntrackConfig, ConntrackError, Direction, FlowCounters, FlowId, FlowInfo, FlowKey,
     FlowState, Open, ReplyKey, TcpFlags,
 };
+use crate::drops::DropTally;
 use crate::hold::{HeldPacket, HoldConfig, HoldConfigError, HoldQueue};
 use crate::infra::{self, InfraSet};
 use crate::nat::JobLimits;
@@ -482,7 +483,7 @@ pub struct Tier2 {
     bindings: Bindings,
     jobs: HashMap<JobKey, JobState>,
     buckets: JobBuckets,
-    drops: [u64; Reason::COUNT],
+    drops: DropTally,
     audit: Vec<AuditEvent>,
     audit_budget: AuditBudget,
     refetch: Vec<(JobKey, Ipv4Addr)>,
@@ -558,7 +559,7 @@ impl Tier2 {
             bindings: Bindings::default(),
             jobs: HashMap::new(),
             buckets: JobBuckets::new(),
-            drops: [0; Reason::COUNT],
+            drops: DropTally::default(),
             audit: Vec::new(),
             audit_budget: AuditBudget::new(cfg.audit_lines_per_sec)?,
             refetch: Vec::new(),
@@ -596,14 +597,27 @@ impl Tier2 {
         &self.infra
     }
 
-    /// Drops so far, by reason code.
-    pub fn drops(&self) -> &[u64; Reason::COUNT] {
+    /// Drops so far by reason code, all tenants together.
+    pub fn drops(&self) -> [u64; Reason::COUNT] {
+        self.drops.by_reason()
+    }
+
+    /// Drops so far by tenant and reason (see [`crate::drops`]).
+    pub fn drop_tally(&self) -> &DropTally {
         &self.drops
     }
 
-    /// Counts a drop the caller decided (e.g. a full pacing queue).
+    /// Counts a drop the caller decided (e.g. a full pacing queue), not tied to a verified
+    /// tenant (`tenant="unknown"`).
     pub fn count_drop(&mut self, r: Reason) {
-        self.drops[usize::from(r.code())] += 1;
+        self.drops.unknown(r, 1);
+    }
+
+    /// Counts a drop the caller decided for a packet whose (unverified) overlay option names
+    /// `tenant`: charged to the tenant only if it already has a series of verified drops
+    /// ([`DropTally::claimed`]), so the label set stays bounded.
+    pub fn count_drop_claimed(&mut self, tenant: Option<TenantId>, r: Reason) {
+        self.drops.claimed(tenant, r, 1);
     }
 
     /// Takes the audit events produced since the last call.
@@ -636,7 +650,7 @@ impl Tier2 {
     /// under `reason`. Returns how many.
     pub fn policy_failed(&mut self, job: JobKey, reason: Reason) -> u32 {
         let n = self.hold.drop_job(job);
-        self.drops[usize::from(reason.code())] += u64::from(n);
+        self.drops.unknown(reason, u64::from(n));
         n
     }
 
@@ -663,8 +677,15 @@ impl Tier2 {
             || self.hold.has(job)
     }
 
+    /// A drop before the packet is tied to a verified job (`tenant="unknown"`).
     fn drop(&mut self, r: Reason) -> Verdict {
-        self.drops[usize::from(r.code())] += 1;
+        self.drops.unknown(r, 1);
+        Verdict::Drop(r)
+    }
+
+    /// A drop of a packet of a verified job of `tenant`.
+    fn drop_of(&mut self, tenant: TenantId, r: Reason) -> Verdict {
+        self.drops.verified(tenant, r, 1);
         Verdict::Drop(r)
     }
 
@@ -766,8 +787,10 @@ impl Tier2 {
         if policy.tenant_id != opt.tenant_id {
             return self.drop(Reason::GeneveUnknownJob);
         }
+        // From here on the job is verified: drops are charged to its tenant.
+        let tenant = opt.tenant_id;
         if policy.node.is_some_and(|n| n != IpAddr::V4(outer_src)) {
-            return self.drop(Reason::NodeMismatch);
+            return self.drop_of(tenant, Reason::NodeMismatch);
         }
         if opt.policy_serial > policy.serial && !self.refetch.contains(&(opt.job_key, outer_src)) {
             // Also for an expired policy: the newer serial may be its renewal.
@@ -781,7 +804,7 @@ impl Tier2 {
         let len32 = u32::try_from(len).unwrap_or(u32::MAX);
         let mut packet = match NatPacket::parse(&mut payload[start..]) {
             Ok(p) => p,
-            Err(e) => return self.drop(e.reason()),
+            Err(e) => return self.drop_of(tenant, e.reason()),
         };
         let tuple = packet.tuple();
         let flags = tcp_flags(packet.as_bytes(), &tuple);
@@ -821,7 +844,7 @@ impl Tier2 {
                     .observe(id, Direction::Original, flags, len32, now.mono);
                 match self.conntrack.info(id) {
                     Some(i) => (i.egress_ip, i.egress_port),
-                    None => return self.drop(Reason::NoConntrack),
+                    None => return self.drop_of(tenant, Reason::NoConntrack),
                 }
             }
             None => match self.admit(policy, opt, &key, tuple.proto, flags, len as u64, now) {
@@ -840,7 +863,7 @@ impl Tier2 {
         };
 
         if let Err(e) = packet.rewrite(Endpoint::Source, egress_ip, egress_port) {
-            return self.drop(e.reason());
+            return self.drop_of(tenant, e.reason());
         }
         let pkey = PacingKey {
             job: opt.job_key,
@@ -856,7 +879,7 @@ impl Tier2 {
                 depart,
                 job: opt.job_key,
             },
-            Stamp::Drop(r) => self.drop(r),
+            Stamp::Drop(r) => self.drop_of(tenant, r),
         }
     }
 
@@ -1011,7 +1034,8 @@ impl Tier2 {
         }
     }
 
-    /// Counts the refusal and builds the RST / ICMP answer behind a GENEVE header.
+    /// Counts the refusal (under the option's tenant: only verified jobs are refused) and
+    /// builds the RST / ICMP answer behind a GENEVE header.
     fn refuse(
         &mut self,
         reason: Reason,
@@ -1021,7 +1045,7 @@ impl Tier2 {
         offending: &[u8],
         out: &mut [u8],
     ) -> Verdict {
-        self.drops[usize::from(reason.code())] += 1;
+        self.drops.verified(opt.tenant_id, reason, 1);
         if out.len() < GENEVE_HEADER_LEN {
             return Verdict::Drop(reason);
         }
@@ -1087,9 +1111,11 @@ impl Tier2 {
         };
         job.last_active = now.mono;
         let (node, opt, rate, v6) = (job.node, job.option, job.ingress_bps, job.inner_v6);
-        let (_, tenant_ingress) = self.tenant_cap(opt.tenant_id);
+        // A flow the engine admitted: its job, and so its tenant, were verified.
+        let tenant = opt.tenant_id;
+        let (_, tenant_ingress) = self.tenant_cap(tenant);
         if let Err(e) = packet.rewrite(Endpoint::Destination, info.key.src_ip, info.key.src_port) {
-            return self.drop(e.reason());
+            return self.drop_of(tenant, e.reason());
         }
         let head = inner.start - GENEVE_HEADER_LEN;
         let proto = if v6 || info.key.src_ip.is_ipv6() {
@@ -1098,7 +1124,7 @@ impl Tier2 {
             InnerProto::Ipv4
         };
         if write_geneve_header(&mut buf[head..inner.start], &opt, proto).is_err() {
-            return self.drop(Reason::Malformed);
+            return self.drop_of(tenant, Reason::Malformed);
         }
         let pkey = PacingKey {
             job: opt.job_key,
@@ -1115,7 +1141,7 @@ impl Tier2 {
                 depart,
                 job: opt.job_key,
             },
-            Stamp::Drop(r) => self.drop(r),
+            Stamp::Drop(r) => self.drop_of(tenant, r),
         }
     }
 
@@ -1181,7 +1207,7 @@ impl Tier2 {
         for p in pending {
             let job = p.job;
             let held = self.hold.drop_job(job);
-            self.drops[usize::from(Reason::UnknownJob.code())] += u64::from(held);
+            self.drops.unknown(Reason::UnknownJob, u64::from(held));
             self.egress_pacer.forget_job(job);
             self.ingress_pacer.forget_job(job);
             self.buckets.forget(job);
@@ -1237,7 +1263,7 @@ impl Tier2 {
         }
         self.bindings.sweep(now.mono);
         for (_, n) in self.hold.expire(now.mono) {
-            self.drops[usize::from(Reason::UnknownJob.code())] += u64::from(n);
+            self.drops.unknown(Reason::UnknownJob, u64::from(n));
         }
         if self
             .last_scan

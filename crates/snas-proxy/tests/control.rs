@@ -480,13 +480,22 @@ fn drops_are_listed_per_reason_as_json_and_as_metrics_alike() {
             ("untrusted_source".to_owned(), 1)
         ])
     );
+    // Counted without a verified job: all under tenant `unknown`.
+    assert_eq!(
+        drops.tenants.keys().collect::<Vec<_>>(),
+        [&snas_proxy::api::DropTenant::Unknown]
+    );
+    assert_eq!(
+        drops.tenants[&snas_proxy::api::DropTenant::Unknown].drops,
+        drops.drops
+    );
     let text = ctl.metrics().unwrap();
     assert!(
-        text.contains("snas_proxy_drops_total{reason=\"port_denied\"} 3"),
+        text.contains("snas_proxy_drops_total{tenant=\"unknown\",reason=\"port_denied\"} 3"),
         "{text}"
     );
     assert!(
-        text.contains("snas_proxy_drops_total{reason=\"untrusted_source\"} 1"),
+        text.contains("snas_proxy_drops_total{tenant=\"unknown\",reason=\"untrusted_source\"} 1"),
         "{text}"
     );
     assert!(!text.contains("reason=\"destination_denied\""), "{text}");

@@ -540,12 +540,18 @@ fn run(workers: usize) {
         );
         let (status, metrics) = mgmt(&pns, "GET", "/metrics");
         assert_eq!(status, 200);
+        // The job's refusals are counted under its tenant.
+        let acme = identity::tenant_id("acme");
         assert!(
-            metrics.contains("snas_proxy_drops_total{reason=\"destination_denied\"} 1"),
+            metrics.contains(&format!(
+                "snas_proxy_drops_total{{tenant=\"{acme}\",reason=\"destination_denied\"}} 1"
+            )),
             "{metrics}"
         );
         assert!(
-            metrics.contains("snas_proxy_drops_total{reason=\"draining\"} 1"),
+            metrics.contains(&format!(
+                "snas_proxy_drops_total{{tenant=\"{acme}\",reason=\"draining\"}} 1"
+            )),
             "{metrics}"
         );
         assert!(metrics.contains("snas_proxy_policies 1"), "{metrics}");
@@ -843,7 +849,11 @@ fn a_tenants_burst_is_shed_beyond_its_share_and_another_tenant_is_served_in_its_
     );
     let (status, m) = mgmt(&env.proxy, "GET", "/metrics");
     assert_eq!(status, 200);
-    let shed = sample(&m, "snas_proxy_drops_total{reason=\"tenant_queue_full\"}");
+    // Counted by the worker before any check of the job (tenant `unknown`).
+    let shed = sample(
+        &m,
+        "snas_proxy_drops_total{tenant=\"unknown\",reason=\"tenant_queue_full\"}",
+    );
     assert!(
         shed > 0,
         "a burst of {BURST} beyond a bound of {TENANT_PACKETS} shed nothing:\n{m}"

@@ -1361,3 +1361,54 @@ fn a_jobs_audit_lines_beyond_its_budget_are_suppressed_and_its_next_line_says_ho
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0].suppressed, 980);
 }
+
+#[test]
+fn a_jobs_denied_packets_are_counted_under_its_tenant_and_forged_ones_under_unknown() {
+    use snas_proxy::drops::DropTenant;
+    let mut f = Fixture::new();
+    let acme = DropTenant::Tenant(snas_policy::identity::tenant_id("acme"));
+    let at =
+        |f: &Fixture, who: DropTenant, r: Reason| f.tier2.drop_tally().of(who)[r.code() as usize];
+    // A user's job trying a thousand destinations its policy does not allow.
+    for i in 0..1000u16 {
+        let dst = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 100 + (i % 100) as u8));
+        let (v, _, _) = f.send(NODE, f.option("acme"), &syn(20_000 + i, dst, 443));
+        assert!(
+            matches!(
+                v,
+                Verdict::Refuse {
+                    reason: Reason::DestinationDenied,
+                    ..
+                }
+            ),
+            "{v:?}"
+        );
+    }
+    assert_eq!(at(&f, acme, Reason::DestinationDenied), 1000);
+    assert_eq!(at(&f, DropTenant::Unknown, Reason::DestinationDenied), 0);
+
+    // Forged traffic naming acme's tenant (and a thousand made-up tenants) before anything is
+    // verified: `unknown`, and no series of its own for any made-up tenant.
+    let pkt = syn(40010, API, 443);
+    for t in 0..1000u32 {
+        let mut opt = f.option("acme");
+        opt.tenant_id = snas_wire::TenantId(t);
+        let (v, _, _) = f.send(Ipv4Addr::new(192, 0, 2, 66), opt, &pkt);
+        assert_eq!(v, Verdict::Drop(Reason::UntrustedSource));
+        let (v, _, _) = f.send(NODE, opt, &pkt);
+        assert_eq!(v, Verdict::Drop(Reason::GeneveUnknownJob), "tenant {t}");
+    }
+    assert_eq!(at(&f, DropTenant::Unknown, Reason::UntrustedSource), 1000);
+    assert_eq!(at(&f, DropTenant::Unknown, Reason::GeneveUnknownJob), 1000);
+    assert_eq!(at(&f, acme, Reason::UntrustedSource), 0);
+    assert_eq!(
+        f.tier2.drop_tally().series().count(),
+        3,
+        "unknown, other and acme only"
+    );
+    // The per-reason totals are the sums over tenants.
+    assert_eq!(
+        f.tier2.drops()[Reason::DestinationDenied.code() as usize],
+        1000
+    );
+}

@@ -118,9 +118,12 @@ fn jobs_flows_and_drops_show_a_running_job_its_flow_and_its_drops_per_tier() {
             && r["packets"].as_u64().unwrap() >= 1),
         "{rows:?}"
     );
+    // The proxy counts the job's refusal under its tenant (named from the agent's jobs).
     assert!(
-        rows.iter()
-            .any(|r| r["tier"] == 2 && r["reason"] == "port_denied"),
+        rows.iter().any(|r| r["tier"] == 2
+            && r["reason"] == "port_denied"
+            && r["tenant"] == "acme"
+            && r["job"] == "*"),
         "{rows:?}"
     );
     let t = text_of(&snas(&["drops", "--prefix", &p]).success());

@@ -7,6 +7,8 @@
 //! request body, [`PeerBinding`], is strict (`deny_unknown_fields`).
 
 use snas_wire::{JobKey, TenantId};
+
+pub use crate::drops::DropTenant;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -147,9 +149,12 @@ impl FlowView {
 /// The answer of `GET /v1/drops`: the proxy's tier-2 drops and refusals since start, the
 /// figures of `snas_proxy_drops_total`.
 ///
-/// Counted per reason for all jobs together: the engine counts drops where many have no job
-/// yet (untrusted sources, malformed datagrams, unknown jobs), and per-job series would grow
-/// with every job the proxy ever saw. The per-job detail of a refusal is in the audit log.
+/// Counted per reason, all tenants together (`total`, `drops`) and per tenant (`tenants`),
+/// never per job: many drops have no job yet (untrusted sources, malformed datagrams, unknown
+/// jobs), and per-job series would grow with every job the proxy ever saw. Tenants are those
+/// of verified jobs, at most [`crate::drops::MAX_TENANT_SERIES`] (the rest are `other`);
+/// drops before a job is verified are `unknown` (see [`crate::drops`]). The per-job detail of
+/// a refusal is in the audit log.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct DropCounts {
     /// Every drop, all reasons together.
@@ -157,6 +162,20 @@ pub struct DropCounts {
     /// Drops per reason, by the stable names of `snas_wire::Reason`; reasons with none are
     /// left out. Keyed by name, not by `Reason`, so that a client older than the proxy still
     /// reads reasons it does not know.
+    pub drops: BTreeMap<String, u64>,
+    /// The same split per tenant: `unknown`, `other` or a tenant id (decimal), each with its
+    /// total and its reasons with drops; tenants without drops are left out. Absent from a
+    /// proxy older than the split.
+    #[serde(default)]
+    pub tenants: BTreeMap<DropTenant, TenantDrops>,
+}
+
+/// One tenant's part of [`DropCounts`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TenantDrops {
+    /// Drops of the tenant, all reasons together.
+    pub total: u64,
+    /// Drops per reason name; reasons with none are left out.
     pub drops: BTreeMap<String, u64>,
 }
 

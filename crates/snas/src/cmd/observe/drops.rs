@@ -1,13 +1,16 @@
 //! `snas drops`: drop counters per job, reason and tier — tier 1 from each job's counters on
-//! its agent, tier 2 from the proxies' `GET /v1/drops` (per reason for all jobs together: the
-//! rows show job `*`).
+//! its agent, tier 2 from the proxies' `GET /v1/drops` per tenant and reason (for all of a
+//! tenant's jobs together: the rows show job `*`; the tenant is named from the agents' jobs
+//! when one of them has it, else shown by id; `unknown` holds drops before a job was
+//! verified, `other` the tenants beyond the proxy's series bound).
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 use serde_json::{json, Value};
 use snas_agent::api::{JobDrops, JobView};
-use snas_proxy::api::DropCounts;
-use snas_wire::JobKey;
+use snas_proxy::api::{DropCounts, DropTenant};
+use snas_wire::{JobKey, TenantId};
 
 use super::jobs::collect_jobs;
 use super::sources::sources;
@@ -27,19 +30,41 @@ struct DropRow {
     packets: u64,
 }
 
-/// Tier-2 drop rows from a proxy's drop counters: one row per reason, for all jobs (`*`).
-fn proxy_drops(proxy: &str, counts: &DropCounts) -> Vec<DropRow> {
+/// Tier-2 drop rows from a proxy's drop counters: one row per tenant and reason, for all of
+/// the tenant's jobs (`*`). Tenants are named from `names` (tenant id → name) when known. A
+/// proxy older than the tenant split gives one row per reason, tenant `*`.
+fn proxy_drops(
+    proxy: &str,
+    counts: &DropCounts,
+    names: &BTreeMap<TenantId, String>,
+) -> Vec<DropRow> {
+    let row = |tenant: String, reason: &String, n: &u64| DropRow {
+        source: proxy.to_owned(),
+        tier: 2,
+        job: "*".into(),
+        tenant,
+        job_key: None,
+        reason: reason.clone(),
+        packets: *n,
+    };
+    if counts.tenants.is_empty() {
+        return counts
+            .drops
+            .iter()
+            .map(|(reason, n)| row("*".into(), reason, n))
+            .collect();
+    }
     counts
-        .drops
+        .tenants
         .iter()
-        .map(|(reason, n)| DropRow {
-            source: proxy.to_owned(),
-            tier: 2,
-            job: "*".into(),
-            tenant: "*".into(),
-            job_key: None,
-            reason: reason.clone(),
-            packets: *n,
+        .flat_map(|(who, t)| {
+            let tenant = match who {
+                DropTenant::Tenant(id) => names.get(id).cloned().unwrap_or_else(|| id.to_string()),
+                other => other.to_string(),
+            };
+            t.drops
+                .iter()
+                .map(move |(reason, n)| row(tenant.clone(), reason, n))
         })
         .collect()
 }
@@ -96,9 +121,13 @@ pub fn drops(a: &DropsArgs) -> ExitCode {
             Err(e) => errors.push(format!("{}: {e:#}", agent.label)),
         }
     }
+    let names: BTreeMap<TenantId, String> = jobs
+        .iter()
+        .map(|j| (j.job.tenant_id, j.job.tenant.clone()))
+        .collect();
     for p in &s.proxies {
         match p.call(|c| c.drops()) {
-            Ok(counts) => rows.extend(proxy_drops(&p.label, &counts)),
+            Ok(counts) => rows.extend(proxy_drops(&p.label, &counts, &names)),
             Err(e) => errors.push(format!("{} ({}): {e:#}", p.label, p.addr)),
         }
     }
@@ -139,26 +168,77 @@ pub fn drops(a: &DropsArgs) -> ExitCode {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use std::collections::BTreeMap;
+    use snas_proxy::api::TenantDrops;
+
+    fn reasons(r: &[(&str, u64)]) -> BTreeMap<String, u64> {
+        r.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+    }
 
     #[test]
-    fn proxy_drops_are_one_row_per_reason_for_all_jobs() {
+    fn proxy_drops_are_one_row_per_tenant_and_reason_named_from_the_agents() {
+        let acme = TenantId(287_346_201);
+        let stranger = TenantId(7);
         let counts = DropCounts {
-            total: 6,
-            drops: BTreeMap::from([
-                ("port_denied".to_owned(), 4),
-                ("untrusted_source".to_owned(), 2),
+            total: 9,
+            drops: reasons(&[("port_denied", 7), ("untrusted_source", 2)]),
+            tenants: BTreeMap::from([
+                (
+                    DropTenant::Unknown,
+                    TenantDrops {
+                        total: 2,
+                        drops: reasons(&[("untrusted_source", 2)]),
+                    },
+                ),
+                (
+                    DropTenant::Tenant(acme),
+                    TenantDrops {
+                        total: 4,
+                        drops: reasons(&[("port_denied", 4)]),
+                    },
+                ),
+                (
+                    DropTenant::Tenant(stranger),
+                    TenantDrops {
+                        total: 3,
+                        drops: reasons(&[("port_denied", 3)]),
+                    },
+                ),
             ]),
         };
-        let rows = proxy_drops("proxy-1", &counts);
+        let names = BTreeMap::from([(acme, "acme".to_owned())]);
+        let rows = proxy_drops("proxy-1", &counts, &names);
+        let got: Vec<(&str, &str, u64)> = rows
+            .iter()
+            .map(|r| (r.tenant.as_str(), r.reason.as_str(), r.packets))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("unknown", "untrusted_source", 2),
+                ("7", "port_denied", 3),
+                ("acme", "port_denied", 4),
+            ]
+        );
+        assert!(rows
+            .iter()
+            .all(|r| r.job == "*" && r.tier == 2 && r.job_key.is_none()));
+        assert_eq!(rows[2].to_json()["job_key"], "*");
+    }
+
+    #[test]
+    fn a_proxy_without_the_tenant_split_gives_one_row_per_reason() {
+        let counts = DropCounts {
+            total: 6,
+            drops: reasons(&[("port_denied", 4), ("untrusted_source", 2)]),
+            tenants: BTreeMap::new(),
+        };
+        let rows = proxy_drops("proxy-1", &counts, &BTreeMap::new());
         assert_eq!(rows.len(), 2);
         assert_eq!(
             (rows[0].reason.as_str(), rows[0].packets, rows[0].tier),
             ("port_denied", 4, 2)
         );
-        assert!(rows
-            .iter()
-            .all(|r| r.job == "*" && r.tenant == "*" && r.job_key.is_none()));
+        assert!(rows.iter().all(|r| r.job == "*" && r.tenant == "*"));
     }
 
     #[test]
