@@ -17,8 +17,7 @@ use snas_wire::Reason;
 const SHARED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 80);
 
 fn setup(name: &str) -> Node {
-    let n = node_with_job(name, |_| {}, |_| {}, &proxies(1));
-    n
+    node_with_job(name, |_| {}, |_| {}, &proxies(1))
 }
 
 fn tcp(port: u16) -> PortRule {

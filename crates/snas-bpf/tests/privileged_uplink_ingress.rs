@@ -11,8 +11,7 @@ use snas_bpf::ProxyEntry;
 use snas_wire::Reason;
 
 fn setup(name: &str) -> Node {
-    let n = node_with_job(name, |_| {}, |_| {}, &proxies(1));
-    n
+    node_with_job(name, |_| {}, |_| {}, &proxies(1))
 }
 
 fn reply_inner() -> Vec<u8> {
