@@ -46,11 +46,7 @@ fn tier2_refuses_a_destination_that_widened_tier1_lets_through() {
     let _s = serial();
     let tb = testbed_with_proxies();
     let _logs = LogsOnFailure(&tb);
-    let job = Job::start(
-        &tb,
-        1,
-        &policy("acme", "[[egress]]\nhost = \"api.example.com:80\"\n"),
-    );
+    let job = Job::acme(&tb, "[[egress]]\nhost = \"api.example.com:80\"\n");
     // Before: tier 1 refuses 203.0.113.20 itself.
     assert_refused_fast(&job, "203.0.113.20", 80);
     let tier1_before = tier1_drops(&tb, &job, "destination_denied");
@@ -420,11 +416,7 @@ fn the_proxy_resolver_refuses_what_a_compromised_node_asks_outside_the_policy() 
     let _s = serial();
     let tb = testbed_with_proxies();
     let _logs = LogsOnFailure(&tb);
-    let job = Job::start(
-        &tb,
-        1,
-        &policy("acme", "[[egress]]\nhost = \"api.example.com:80\"\n"),
-    );
+    let job = Job::acme(&tb, "[[egress]]\nhost = \"api.example.com:80\"\n");
     let id = SnasOption {
         tenant_id: snas_policy::identity::tenant_id("acme"),
         job_key: snas_wire::JobKey(job.key().get()),

@@ -387,11 +387,7 @@ fn a_flow_end_record_carries_the_bytes_the_flow_moved() {
     let _s = serial();
     let tb = testbed_with_proxies();
     let _logs = LogsOnFailure(&tb);
-    let job = Job::start(
-        &tb,
-        1,
-        &policy("acme", "[[egress]]\nhost = \"bulk.example.com:5201\"\n"),
-    );
+    let job = Job::acme(&tb, "[[egress]]\nhost = \"bulk.example.com:5201\"\n");
     let out = job.python(
         r#"
 import socket

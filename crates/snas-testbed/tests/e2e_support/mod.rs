@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,34 +17,13 @@ use snas_agent::api::JobView;
 use snas_proxy::api::blocking::ProxyClient;
 pub use snas_proxy::api::{ClientError, FlowView, ProxyHealth};
 use snas_testbed::daemons::{self, Daemon};
+
+/// The helpers every privileged testbed test shares (root check, the `snas` binary, the
+/// internet services' clients), written once in `tests/common`.
+#[path = "../common/mod.rs"]
+pub mod common;
+pub use common::{require_root, snas_binary};
 use snas_testbed::{unique_prefix, JobGuard, Testbed, TestbedOptions};
-
-/// Fails the test, saying why, unless it runs as root: the testbed is made of network
-/// namespaces (`cargo nextest run --profile unprivileged` leaves these `privileged_*` binaries
-/// out and lists them as skipped).
-pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    assert!(
-        root,
-        "privileged test: the testbed needs root (network namespaces, mounts); run it as root, \
-         or run the unprivileged tests only: cargo nextest run --profile unprivileged"
-    );
-}
-
-/// The `snas` binary: `$SNAS_BIN`, or `target/debug/snas` of this workspace.
-pub fn snas_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("SNAS_BIN") {
-        return PathBuf::from(p);
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/snas");
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo build -p snas` first or set SNAS_BIN",
-        p.display()
-    );
-    p
-}
 
 /// A testbed with agents and proxies; panics unless both proxies answer `/healthz`.
 pub fn testbed_with_proxies() -> Testbed {
@@ -113,6 +91,11 @@ impl Job {
     pub fn start(tb: &Testbed, n: u8, policy_toml: &str) -> Job {
         let token = tb.sign_policy(policy_toml).unwrap();
         Job::start_token(tb, n, &token)
+    }
+
+    /// A job of tenant `acme` on node 1 whose policy is `body` (its rules and limits).
+    pub fn acme(tb: &Testbed, body: &str) -> Job {
+        Job::start(tb, 1, &policy("acme", body))
     }
 
     /// Creates a job from a signed token.
