@@ -143,7 +143,7 @@ fn main() -> Result<(), BoxError> {
             host: HostPort::parse("*.example.com")?,
             protocol: RuleProtocol::Tcp,
         });
-        let c = d.to_claims("jti-bench", snas_wire::PolicySerial(1), SystemTime::now());
+        let c = d.to_claims("jti-bench", PolicySerial(1), SystemTime::now());
         let policy = VerifiedPolicy {
             jti: c.jti.clone(),
             tenant: c.tenant.clone(),

@@ -315,7 +315,7 @@ mod tests {
                 protocol: RuleProtocol::Tcp,
             });
         }
-        d.to_claims("jti-1", snas_wire::PolicySerial(1), SystemTime::now())
+        d.to_claims("jti-1", PolicySerial(1), SystemTime::now())
     }
 
     #[test]
@@ -395,7 +395,7 @@ mod tests {
         let f = forward_query(
             &q,
             7,
-            snas_wire::TenantId(0xA1B2_C3D4),
+            TenantId(0xA1B2_C3D4),
             JobKey(0x0102_0304_0506_0708),
             PolicySerial(9),
         );

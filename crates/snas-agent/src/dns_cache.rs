@@ -460,29 +460,21 @@ mod tests {
         let mut c = DnsCache::new(CacheLimits::default());
         let qa = q("api.example.com", RecordType::A);
         let a = answer("api.example.com", ResponseCode::NoError, &[60]);
-        assert!(c.insert(snas_wire::JobKey(7), &qa, &a, 60, S(100)));
+        assert!(c.insert(JobKey(7), &qa, &a, 60, S(100)));
         let hit = c
-            .lookup(
-                snas_wire::JobKey(7),
-                &qa,
-                S(100) + Duration::from_millis(10_500),
-            )
+            .lookup(JobKey(7), &qa, S(100) + Duration::from_millis(10_500))
             .unwrap();
         assert_eq!(hit.answers[0].ttl(), 49, "60 s - 10.5 s, rounded down");
         assert!(
-            c.lookup(snas_wire::JobKey(8), &qa, S(101)).is_none(),
+            c.lookup(JobKey(8), &qa, S(101)).is_none(),
             "another job's entry"
         );
         assert!(c
-            .lookup(
-                snas_wire::JobKey(7),
-                &q("api.example.com", RecordType::AAAA),
-                S(101)
-            )
+            .lookup(JobKey(7), &q("api.example.com", RecordType::AAAA), S(101))
             .is_none());
-        assert!(c.lookup(snas_wire::JobKey(7), &qa, S(159)).is_some());
+        assert!(c.lookup(JobKey(7), &qa, S(159)).is_some());
         assert!(
-            c.lookup(snas_wire::JobKey(7), &qa, S(160)).is_none(),
+            c.lookup(JobKey(7), &qa, S(160)).is_none(),
             "expired at 60 s"
         );
         assert_eq!(c.stats().entries, 0, "an expired entry is removed when met");
@@ -498,7 +490,7 @@ mod tests {
         let names = ["a.example.com", "b.example.com", "c.example.com"];
         for n in names {
             c.insert(
-                snas_wire::JobKey(1),
+                JobKey(1),
                 &q(n, RecordType::A),
                 &answer(n, ResponseCode::NoError, &[60]),
                 50,
@@ -506,36 +498,24 @@ mod tests {
             );
         }
         assert!(c
-            .lookup(
-                snas_wire::JobKey(1),
-                &q("a.example.com", RecordType::A),
-                S(1)
-            )
+            .lookup(JobKey(1), &q("a.example.com", RecordType::A), S(1))
             .is_some());
         let d = "d.example.com";
         c.insert(
-            snas_wire::JobKey(1),
+            JobKey(1),
             &q(d, RecordType::A),
             &answer(d, ResponseCode::NoError, &[60]),
             50,
             S(2),
         );
-        assert_eq!(c.job_entries(snas_wire::JobKey(1)), 3);
+        assert_eq!(c.job_entries(JobKey(1)), 3);
         assert!(
-            c.lookup(
-                snas_wire::JobKey(1),
-                &q("b.example.com", RecordType::A),
-                S(3)
-            )
-            .is_none(),
+            c.lookup(JobKey(1), &q("b.example.com", RecordType::A), S(3))
+                .is_none(),
             "LRU"
         );
         assert!(c
-            .lookup(
-                snas_wire::JobKey(1),
-                &q("a.example.com", RecordType::A),
-                S(3)
-            )
+            .lookup(JobKey(1), &q("a.example.com", RecordType::A), S(3))
             .is_some());
         assert_eq!(c.stats().evictions, 1);
     }
@@ -551,7 +531,7 @@ mod tests {
         let mut c = DnsCache::new(limits);
         let small = "quiet.example.com";
         c.insert(
-            snas_wire::JobKey(1),
+            JobKey(1),
             &q(small, RecordType::A),
             &answer(small, ResponseCode::NoError, &[300]),
             50,
@@ -560,7 +540,7 @@ mod tests {
         for i in 0..50 {
             let n = format!("n{i}.example.com");
             c.insert(
-                snas_wire::JobKey(2),
+                JobKey(2),
                 &q(&n, RecordType::A),
                 &answer(&n, ResponseCode::NoError, &[300]),
                 50,
@@ -568,12 +548,8 @@ mod tests {
             );
         }
         assert_eq!(c.stats().entries, 10);
-        assert_eq!(
-            c.job_entries(snas_wire::JobKey(1)),
-            1,
-            "the quiet job keeps its entry"
-        );
-        assert_eq!(c.job_entries(snas_wire::JobKey(2)), 9);
+        assert_eq!(c.job_entries(JobKey(1)), 1, "the quiet job keeps its entry");
+        assert_eq!(c.job_entries(JobKey(2)), 9);
     }
 
     #[test]
@@ -581,27 +557,23 @@ mod tests {
         let mut c = DnsCache::new(CacheLimits::default());
         let n = "api.example.com";
         c.insert(
-            snas_wire::JobKey(1),
+            JobKey(1),
             &q(n, RecordType::A),
             &answer(n, ResponseCode::NoError, &[60]),
             80,
             S(0),
         );
         c.insert(
-            snas_wire::JobKey(2),
+            JobKey(2),
             &q(n, RecordType::A),
             &answer(n, ResponseCode::NoError, &[60]),
             80,
             S(0),
         );
-        c.forget_job(snas_wire::JobKey(1));
+        c.forget_job(JobKey(1));
         assert_eq!(c.stats().entries, 1);
-        assert!(c
-            .lookup(snas_wire::JobKey(1), &q(n, RecordType::A), S(1))
-            .is_none());
-        assert!(c
-            .lookup(snas_wire::JobKey(2), &q(n, RecordType::A), S(1))
-            .is_some());
+        assert!(c.lookup(JobKey(1), &q(n, RecordType::A), S(1)).is_none());
+        assert!(c.lookup(JobKey(2), &q(n, RecordType::A), S(1)).is_some());
         assert_eq!(c.jobs().collect::<Vec<_>>(), vec![JobKey(2)]);
     }
 
@@ -613,7 +585,7 @@ mod tests {
         });
         let n = "big.example.com";
         assert!(!c.insert(
-            snas_wire::JobKey(1),
+            JobKey(1),
             &q(n, RecordType::A),
             &answer(n, ResponseCode::NoError, &[60]),
             5000,
@@ -637,11 +609,11 @@ mod tests {
                 let n = format!("n{name}.example.com");
                 let qa = q(&n, RecordType::A);
                 if look {
-                    if let Some(hit) = c.lookup(snas_wire::JobKey(job), &qa, now) {
+                    if let Some(hit) = c.lookup(JobKey(job), &qa, now) {
                         prop_assert!(hit.answers.iter().all(|r| r.ttl() <= 60));
                     }
                 } else {
-                    c.insert(snas_wire::JobKey(job), &qa, &answer(&n, ResponseCode::NoError, &[60]), len, now);
+                    c.insert(JobKey(job), &qa, &answer(&n, ResponseCode::NoError, &[60]), len, now);
                 }
                 let s = c.stats();
                 prop_assert!(s.entries <= limits.node_entries && s.bytes <= limits.node_bytes);

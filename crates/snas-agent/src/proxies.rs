@@ -572,14 +572,12 @@ mod tests {
     #[test]
     fn dns_order_moves_only_jobs_of_a_dead_proxy() {
         let mut t = ProxyTable::new(&ips());
-        let before: Vec<Ipv4Addr> = (0..200u64)
-            .map(|k| t.dns_order(snas_wire::JobKey(k))[0])
-            .collect();
+        let before: Vec<Ipv4Addr> = (0..200u64).map(|k| t.dns_order(JobKey(k))[0]).collect();
         t.observe(1, Probe::Failed);
         t.observe(1, Probe::Failed);
         let mut moved = 0;
         for (k, b) in before.iter().enumerate() {
-            let now = t.dns_order(snas_wire::JobKey(k as u64));
+            let now = t.dns_order(JobKey(k as u64));
             assert_eq!(now.last(), Some(&ips()[1]), "dead proxy is the last resort");
             if *b == ips()[1] {
                 moved += 1;
@@ -597,7 +595,7 @@ mod tests {
         t.observe(0, Probe::Draining);
         t.observe(2, Probe::Draining);
         for k in 0..50 {
-            let o = t.dns_order(snas_wire::JobKey(k));
+            let o = t.dns_order(JobKey(k));
             assert_eq!(o[0], ips()[1]);
             assert_eq!(o.len(), 3);
         }
@@ -621,7 +619,7 @@ mod tests {
         assert!(!e[1].alive, "vanished proxy is dead to tier 1, in place");
         assert!(e[0].alive, "static proxies are never unlisted");
         for k in 0..20 {
-            assert!(!t.dns_order(snas_wire::JobKey(k)).contains(&a));
+            assert!(!t.dns_order(JobKey(k)).contains(&a));
         }
         assert!(t.reconcile(&[a, b]));
         assert!(t.entries()[1].alive);

@@ -801,13 +801,9 @@ impl DnsStub {
         // Cached from now: tier 1 holds the addresses for the clamped TTL plus the grace from
         // their install, which was earlier, so the cache never outlives tier 1.
         let now = (self.clock)();
-        self.lock().cache.insert(
-            snas_wire::JobKey(job_key.get()),
-            &p.question,
-            &relayed,
-            out.len(),
-            now,
-        );
+        self.lock()
+            .cache
+            .insert(JobKey(job_key.get()), &p.question, &relayed, out.len(), now);
         match fit_udp(out, &relayed, &p.query, p.tcp) {
             Step::Reply(b) => Some(b),
             _ => None,

@@ -63,7 +63,7 @@ fn policy_for(jti: &str, hosts: &[&str]) -> VerifiedPolicy {
             protocol: RuleProtocol::Tcp,
         });
     }
-    let c = d.to_claims(jti, snas_wire::PolicySerial(3), SystemTime::now());
+    let c = d.to_claims(jti, PolicySerial(3), SystemTime::now());
     VerifiedPolicy {
         jti: c.jti.clone(),
         tenant: c.tenant.clone(),

@@ -232,7 +232,7 @@ mod tests {
         );
         d.to_claims(
             "AAAAAAAAAAAAAAAAAAAAAA",
-            snas_wire::PolicySerial(1),
+            PolicySerial(1),
             UNIX_EPOCH + Duration::from_secs(1_700_000_000),
         )
     }

@@ -177,13 +177,13 @@ mod tests {
     fn expired_binding_is_never_returned_even_before_sweep() {
         let mut b = Bindings::default();
         assert_eq!(
-            b.bind(snas_wire::JobKey(1), IP, "api.example.com", t(100)),
+            b.bind(JobKey(1), IP, "api.example.com", t(100)),
             Bind::Bound
         );
-        assert_eq!(b.names(snas_wire::JobKey(1), IP, t(50)).count(), 1);
-        assert_eq!(b.names(snas_wire::JobKey(1), IP, t(100)).count(), 0);
+        assert_eq!(b.names(JobKey(1), IP, t(50)).count(), 1);
+        assert_eq!(b.names(JobKey(1), IP, t(100)).count(), 0);
         assert_eq!(
-            b.names(snas_wire::JobKey(2), IP, t(50)).count(),
+            b.names(JobKey(2), IP, t(50)).count(),
             0,
             "other job sees nothing"
         );
@@ -194,14 +194,14 @@ mod tests {
     #[test]
     fn refresh_extends_and_sweep_keeps_refreshed() {
         let mut b = Bindings::default();
-        b.bind(snas_wire::JobKey(1), IP, "api.example.com", t(100));
-        b.bind(snas_wire::JobKey(1), IP, "API.example.com", t(300));
+        b.bind(JobKey(1), IP, "api.example.com", t(100));
+        b.bind(JobKey(1), IP, "API.example.com", t(300));
         assert_eq!(b.sweep(t(150)), 0);
-        assert_eq!(b.names(snas_wire::JobKey(1), IP, t(200)).count(), 1);
-        b.bind(snas_wire::JobKey(1), IP, "cdn.example.com", t(250));
-        assert_eq!(b.names(snas_wire::JobKey(1), IP, t(200)).count(), 2);
+        assert_eq!(b.names(JobKey(1), IP, t(200)).count(), 1);
+        b.bind(JobKey(1), IP, "cdn.example.com", t(250));
+        assert_eq!(b.names(JobKey(1), IP, t(200)).count(), 2);
         assert_eq!(b.sweep(t(260)), 0);
-        assert_eq!(b.names(snas_wire::JobKey(1), IP, t(260)).count(), 1);
+        assert_eq!(b.names(JobKey(1), IP, t(260)).count(), 1);
         assert_eq!(b.sweep(t(300)), 1);
     }
 
@@ -210,37 +210,29 @@ mod tests {
         let mut b = Bindings::new(2);
         let ip = |n: u8| IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, n));
         assert_eq!(
-            b.bind(snas_wire::JobKey(1), ip(1), "a.example.com", t(10)),
+            b.bind(JobKey(1), ip(1), "a.example.com", t(10)),
             Bind::Bound
         );
         assert_eq!(
-            b.bind(snas_wire::JobKey(1), ip(2), "a.example.com", t(10)),
+            b.bind(JobKey(1), ip(2), "a.example.com", t(10)),
             Bind::Bound
         );
+        assert_eq!(b.bind(JobKey(1), ip(3), "a.example.com", t(10)), Bind::Full);
         assert_eq!(
-            b.bind(snas_wire::JobKey(1), ip(3), "a.example.com", t(10)),
-            Bind::Full
-        );
-        assert_eq!(
-            b.bind(snas_wire::JobKey(2), ip(3), "a.example.com", t(10)),
+            b.bind(JobKey(2), ip(3), "a.example.com", t(10)),
             Bind::Bound
         );
         for i in 0..MAX_NAMES {
-            let _ = b.bind(
-                snas_wire::JobKey(3),
-                IP,
-                &format!("n{i}.example.com"),
-                t(10),
-            );
+            let _ = b.bind(JobKey(3), IP, &format!("n{i}.example.com"), t(10));
         }
         assert_eq!(
-            b.bind(snas_wire::JobKey(3), IP, "extra.example.com", t(10)),
+            b.bind(JobKey(3), IP, "extra.example.com", t(10)),
             Bind::Full
         );
         assert_eq!(b.refused(), 2);
         b.sweep(t(10));
         assert_eq!(
-            b.bind(snas_wire::JobKey(1), ip(3), "a.example.com", t(20)),
+            b.bind(JobKey(1), ip(3), "a.example.com", t(20)),
             Bind::Bound
         );
     }

@@ -234,15 +234,15 @@ mod tests {
     fn a_flooding_job_is_held_to_its_budget_and_its_next_line_carries_the_count() {
         let mut b = AuditBudget::new(10).unwrap();
         let written = (0..1000)
-            .filter(|_| b.admit(snas_wire::JobKey(1), ms(0)).is_some())
+            .filter(|_| b.admit(JobKey(1), ms(0)).is_some())
             .count();
         assert_eq!(written, 20, "the burst is twice the rate");
-        assert_eq!(b.owed(snas_wire::JobKey(1)), 980);
+        assert_eq!(b.owed(JobKey(1)), 980);
         // Another job is not affected.
-        assert_eq!(b.admit(snas_wire::JobKey(2), ms(0)), Some(0));
+        assert_eq!(b.admit(JobKey(2), ms(0)), Some(0));
         // 100 ms later one token is back: the line carries what was left out.
-        assert_eq!(b.admit(snas_wire::JobKey(1), ms(100)), Some(980));
-        assert_eq!(b.admit(snas_wire::JobKey(1), ms(100)), None);
+        assert_eq!(b.admit(JobKey(1), ms(100)), Some(980));
+        assert_eq!(b.admit(JobKey(1), ms(100)), None);
         assert_eq!(b.suppressed_total(), 981);
     }
 
@@ -251,7 +251,7 @@ mod tests {
         let mut b = AuditBudget::new(50).unwrap();
         // 10 s of 1000 attempts per second.
         let written = (0..10_000u64)
-            .filter(|i| b.admit(snas_wire::JobKey(7), ms(*i)).is_some())
+            .filter(|i| b.admit(JobKey(7), ms(*i)).is_some())
             .count();
         assert_eq!(
             written,
@@ -263,11 +263,11 @@ mod tests {
     #[test]
     fn idle_entries_are_evicted_but_owed_counts_are_kept_for_a_while() {
         let mut b = AuditBudget::new(1).unwrap();
-        b.admit(snas_wire::JobKey(1), ms(0));
-        b.admit(snas_wire::JobKey(1), ms(0));
-        assert_eq!(b.admit(snas_wire::JobKey(1), ms(0)), None);
-        b.admit(snas_wire::JobKey(2), ms(0));
-        b.admit(snas_wire::JobKey(2), ms(0));
+        b.admit(JobKey(1), ms(0));
+        b.admit(JobKey(1), ms(0));
+        assert_eq!(b.admit(JobKey(1), ms(0)), None);
+        b.admit(JobKey(2), ms(0));
+        b.admit(JobKey(2), ms(0));
         b.evict(ms(1_000));
         assert_eq!(
             b.len(),
@@ -276,7 +276,7 @@ mod tests {
         );
         b.evict(ms(10_000));
         assert_eq!(b.len(), 1, "job 2's bucket is full again");
-        assert_eq!(b.admit(snas_wire::JobKey(1), ms(10_000)), Some(1));
+        assert_eq!(b.admit(JobKey(1), ms(10_000)), Some(1));
         b.evict(ms(700_000));
         assert!(b.is_empty());
     }
@@ -297,25 +297,25 @@ mod tests {
             total_packets: 5,
             total_bytes: 10_000,
         });
-        assert!((0..3).all(|_| q.try_add(snas_wire::JobKey(1), 100)));
-        assert!(!q.try_add(snas_wire::JobKey(1), 100), "job packets");
-        assert!(q.try_add(snas_wire::JobKey(2), 2999));
-        assert!(!q.try_add(snas_wire::JobKey(2), 2), "job bytes");
-        assert!(q.try_add(snas_wire::JobKey(3), 100));
-        assert!(!q.try_add(snas_wire::JobKey(4), 1), "total packets");
+        assert!((0..3).all(|_| q.try_add(JobKey(1), 100)));
+        assert!(!q.try_add(JobKey(1), 100), "job packets");
+        assert!(q.try_add(JobKey(2), 2999));
+        assert!(!q.try_add(JobKey(2), 2), "job bytes");
+        assert!(q.try_add(JobKey(3), 100));
+        assert!(!q.try_add(JobKey(4), 1), "total packets");
         assert_eq!(q.total(), (5, 3399));
         for _ in 0..3 {
-            q.remove(snas_wire::JobKey(1), 100);
+            q.remove(JobKey(1), 100);
         }
-        assert_eq!(q.of(snas_wire::JobKey(1)), (0, 0));
+        assert_eq!(q.of(JobKey(1)), (0, 0));
         assert_eq!(q.total(), (2, 3099));
-        assert!(q.try_add(snas_wire::JobKey(4), 1));
+        assert!(q.try_add(JobKey(4), 1));
     }
 
     #[test]
     fn removing_what_was_never_added_changes_nothing() {
         let mut q = QueueBudget::new(QueueLimits::default());
-        q.remove(snas_wire::JobKey(9), 100);
+        q.remove(JobKey(9), 100);
         assert_eq!(q.total(), (0, 0));
     }
 }

@@ -977,7 +977,7 @@ mod tests {
 
     fn key(proto: L4Proto, sport: u16) -> FlowKey {
         FlowKey {
-            job: snas_wire::JobKey(7),
+            job: JobKey(7),
             proto,
             src_ip: IpAddr::V4(Ipv4Addr::new(198, 51, 100, 2)),
             src_port: sport,
@@ -1009,14 +1009,11 @@ mod tests {
     fn both_directions_find_the_flow() {
         let mut c = ct();
         let k = key(L4Proto::Tcp, 40000);
-        let (id, port) = created(c.open(k, snas_wire::TenantId(1), LIMITS, secs(0)));
+        let (id, port) = created(c.open(k, TenantId(1), LIMITS, secs(0)));
         assert_eq!(c.lookup(&k), Some(id));
         assert_eq!(c.lookup_reply(&reply_key(&k, port)), Some(id));
         assert_eq!(c.lookup_reply(&reply_key(&k, port.wrapping_add(1))), None);
-        assert_eq!(
-            c.open(k, snas_wire::TenantId(1), LIMITS, secs(0)),
-            Open::Existing(id)
-        );
+        assert_eq!(c.open(k, TenantId(1), LIMITS, secs(0)), Open::Existing(id));
         assert_eq!(c.len(), 1);
     }
 
@@ -1025,7 +1022,7 @@ mod tests {
         let e6: IpAddr = "2001:db8:e::1".parse().unwrap();
         let mut c = Conntrack::new(ConntrackConfig::new(vec![EGRESS, e6]), secs(0)).unwrap();
         let k = FlowKey {
-            job: snas_wire::JobKey(7),
+            job: JobKey(7),
             proto: L4Proto::Udp,
             src_ip: "2001:db8:5::2".parse().unwrap(),
             src_port: 5353,
@@ -1036,7 +1033,7 @@ mod tests {
             id,
             egress_ip,
             egress_port,
-        } = c.open(k, snas_wire::TenantId(1), LIMITS, secs(0))
+        } = c.open(k, TenantId(1), LIMITS, secs(0))
         else {
             panic!("refused");
         };
@@ -1063,12 +1060,7 @@ mod tests {
     #[test]
     fn tcp_handshake_and_close_walk_the_states() {
         let mut c = ct();
-        let (id, _) = created(c.open(
-            key(L4Proto::Tcp, 1),
-            snas_wire::TenantId(1),
-            LIMITS,
-            secs(0),
-        ));
+        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), TenantId(1), LIMITS, secs(0)));
         let o = Direction::Original;
         let r = Direction::Reply;
         assert_eq!(
@@ -1096,12 +1088,7 @@ mod tests {
     #[test]
     fn rst_closes_from_any_state() {
         let mut c = ct();
-        let (id, _) = created(c.open(
-            key(L4Proto::Tcp, 1),
-            snas_wire::TenantId(1),
-            LIMITS,
-            secs(0),
-        ));
+        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), TenantId(1), LIMITS, secs(0)));
         assert_eq!(
             c.observe(id, Direction::Reply, TcpFlags::RST, 60, secs(0)),
             Some(FlowState::TcpClosed)
@@ -1112,7 +1099,7 @@ mod tests {
     fn unanswered_syn_expires_after_syn_timeout() {
         let mut c = ct();
         let k = key(L4Proto::Tcp, 1);
-        created(c.open(k, snas_wire::TenantId(1), LIMITS, secs(0)));
+        created(c.open(k, TenantId(1), LIMITS, secs(0)));
         assert_eq!(c.expire(secs(29)).count(), 0);
         let gone: Vec<_> = c.expire(secs(31)).collect();
         assert_eq!(gone.len(), 1);
@@ -1124,12 +1111,7 @@ mod tests {
     #[test]
     fn activity_keeps_an_established_flow_alive() {
         let mut c = ct();
-        let (id, _) = created(c.open(
-            key(L4Proto::Tcp, 1),
-            snas_wire::TenantId(1),
-            LIMITS,
-            secs(0),
-        ));
+        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), TenantId(1), LIMITS, secs(0)));
         c.observe(
             id,
             Direction::Reply,
@@ -1148,12 +1130,7 @@ mod tests {
     #[test]
     fn closing_shortens_the_timeout() {
         let mut c = ct();
-        let (id, _) = created(c.open(
-            key(L4Proto::Tcp, 1),
-            snas_wire::TenantId(1),
-            LIMITS,
-            secs(0),
-        ));
+        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), TenantId(1), LIMITS, secs(0)));
         c.observe(
             id,
             Direction::Reply,
@@ -1169,18 +1146,8 @@ mod tests {
     #[test]
     fn udp_with_replies_lives_longer() {
         let mut c = ct();
-        let (a, _) = created(c.open(
-            key(L4Proto::Udp, 1),
-            snas_wire::TenantId(1),
-            LIMITS,
-            secs(0),
-        ));
-        let (b, _) = created(c.open(
-            key(L4Proto::Udp, 2),
-            snas_wire::TenantId(1),
-            LIMITS,
-            secs(0),
-        ));
+        let (a, _) = created(c.open(key(L4Proto::Udp, 1), TenantId(1), LIMITS, secs(0)));
+        let (b, _) = created(c.open(key(L4Proto::Udp, 2), TenantId(1), LIMITS, secs(0)));
         c.observe(b, Direction::Reply, TcpFlags::NONE, 60, secs(0));
         let gone: Vec<_> = c.expire(secs(31)).collect();
         assert_eq!(gone.len(), 1);
@@ -1192,19 +1159,9 @@ mod tests {
     #[test]
     fn stale_ids_do_not_reach_a_reused_slot() {
         let mut c = ct();
-        let (old, _) = created(c.open(
-            key(L4Proto::Icmp, 1),
-            snas_wire::TenantId(1),
-            LIMITS,
-            secs(0),
-        ));
+        let (old, _) = created(c.open(key(L4Proto::Icmp, 1), TenantId(1), LIMITS, secs(0)));
         assert!(c.remove(old, secs(1)).is_some());
-        let (new, _) = created(c.open(
-            key(L4Proto::Icmp, 2),
-            snas_wire::TenantId(1),
-            LIMITS,
-            secs(1),
-        ));
+        let (new, _) = created(c.open(key(L4Proto::Icmp, 2), TenantId(1), LIMITS, secs(1)));
         assert_ne!(old, new);
         assert_eq!(c.info(old), None);
         assert_eq!(
@@ -1222,15 +1179,15 @@ mod tests {
             max_ports_per_destination: 10,
         };
         let ids: Vec<_> = (0..3)
-            .map(|p| created(c.open(key(L4Proto::Tcp, p), snas_wire::TenantId(1), lim, secs(0))).0)
+            .map(|p| created(c.open(key(L4Proto::Tcp, p), TenantId(1), lim, secs(0))).0)
             .collect();
         assert_eq!(
-            c.open(key(L4Proto::Tcp, 9), snas_wire::TenantId(1), lim, secs(0)),
+            c.open(key(L4Proto::Tcp, 9), TenantId(1), lim, secs(0)),
             Open::Refused(Reason::ConnectionLimit)
         );
         c.remove(ids[0], secs(0));
-        assert_eq!(c.live_flows_of_job(snas_wire::JobKey(7)), 2);
-        created(c.open(key(L4Proto::Tcp, 9), snas_wire::TenantId(1), lim, secs(0)));
+        assert_eq!(c.live_flows_of_job(JobKey(7)), 2);
+        created(c.open(key(L4Proto::Tcp, 9), TenantId(1), lim, secs(0)));
     }
 
     #[test]
@@ -1240,10 +1197,10 @@ mod tests {
             max_connections: 2,
             max_ports_per_destination: 10,
         };
-        let a = created(c.open(key(L4Proto::Tcp, 1), snas_wire::TenantId(1), lim, secs(0))).0;
-        created(c.open(key(L4Proto::Tcp, 2), snas_wire::TenantId(1), lim, secs(0)));
+        let a = created(c.open(key(L4Proto::Tcp, 1), TenantId(1), lim, secs(0))).0;
+        created(c.open(key(L4Proto::Tcp, 2), TenantId(1), lim, secs(0)));
         assert_eq!(
-            c.open(key(L4Proto::Tcp, 3), snas_wire::TenantId(1), lim, secs(0)),
+            c.open(key(L4Proto::Tcp, 3), TenantId(1), lim, secs(0)),
             Open::Refused(Reason::ConnectionLimit)
         );
         // FIN both ways: closed, no longer a connection, but still translated.
@@ -1254,7 +1211,7 @@ mod tests {
             60,
             secs(1),
         );
-        assert_eq!(c.open_connections_of_job(snas_wire::JobKey(7)), 2);
+        assert_eq!(c.open_connections_of_job(JobKey(7)), 2);
         c.observe(
             a,
             Direction::Reply,
@@ -1262,67 +1219,57 @@ mod tests {
             60,
             secs(1),
         );
-        assert_eq!(c.open_connections_of_job(snas_wire::JobKey(7)), 1);
+        assert_eq!(c.open_connections_of_job(JobKey(7)), 1);
         assert_eq!(
             c.lookup(&key(L4Proto::Tcp, 1)),
             Some(a),
             "late ACKs still translate"
         );
         assert_eq!(
-            c.live_flows_of_job(snas_wire::JobKey(7)),
+            c.live_flows_of_job(JobKey(7)),
             2,
             "the closed flow keeps its NAT port"
         );
-        let b = created(c.open(key(L4Proto::Tcp, 3), snas_wire::TenantId(1), lim, secs(1))).0;
+        let b = created(c.open(key(L4Proto::Tcp, 3), TenantId(1), lim, secs(1))).0;
         // Reopening the closed tuple with a new SYN counts again; expiry of a closed flow
         // does not count twice.
         assert_eq!(
             c.observe(a, Direction::Original, TcpFlags::SYN, 60, secs(2)),
             Some(FlowState::TcpSynSent)
         );
-        assert_eq!(c.open_connections_of_job(snas_wire::JobKey(7)), 3);
+        assert_eq!(c.open_connections_of_job(JobKey(7)), 3);
         c.observe(b, Direction::Original, TcpFlags::RST, 60, secs(2));
-        assert_eq!(c.open_connections_of_job(snas_wire::JobKey(7)), 2);
+        assert_eq!(c.open_connections_of_job(JobKey(7)), 2);
         c.remove(b, secs(3));
-        assert_eq!(c.open_connections_of_job(snas_wire::JobKey(7)), 2);
+        assert_eq!(c.open_connections_of_job(JobKey(7)), 2);
         c.remove(a, secs(3));
-        assert_eq!(c.open_connections_of_job(snas_wire::JobKey(7)), 1);
+        assert_eq!(c.open_connections_of_job(JobKey(7)), 1);
     }
 
     #[test]
     fn remove_job_ends_only_that_jobs_flows() {
         let mut c = ct();
         for p in 0..5 {
-            created(c.open(
-                key(L4Proto::Udp, p),
-                snas_wire::TenantId(1),
-                LIMITS,
-                secs(0),
-            ));
+            created(c.open(key(L4Proto::Udp, p), TenantId(1), LIMITS, secs(0)));
         }
         let other = FlowKey {
-            job: snas_wire::JobKey(8),
+            job: JobKey(8),
             ..key(L4Proto::Udp, 0)
         };
-        let (kept, _) = created(c.open(other, snas_wire::TenantId(1), LIMITS, secs(0)));
-        let gone = c.remove_job(snas_wire::JobKey(7), secs(1));
+        let (kept, _) = created(c.open(other, TenantId(1), LIMITS, secs(0)));
+        let gone = c.remove_job(JobKey(7), secs(1));
         assert_eq!(gone.len(), 5);
-        assert!(gone.iter().all(|f| f.key.job == snas_wire::JobKey(7)));
-        assert_eq!(c.live_flows_of_job(snas_wire::JobKey(7)), 0);
+        assert!(gone.iter().all(|f| f.key.job == JobKey(7)));
+        assert_eq!(c.live_flows_of_job(JobKey(7)), 0);
         let live: Vec<_> = c.iter().map(|(id, _)| id).collect();
         assert_eq!(live, vec![kept]);
-        assert_eq!(c.nat().job_usage(snas_wire::JobKey(7)).held, 5);
+        assert_eq!(c.nat().job_usage(JobKey(7)).held, 5);
     }
 
     #[test]
     fn packets_and_bytes_are_counted_each_way_and_reported_at_the_end() {
         let mut c = ct();
-        let (id, _) = created(c.open(
-            key(L4Proto::Tcp, 1),
-            snas_wire::TenantId(1),
-            LIMITS,
-            secs(5),
-        ));
+        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), TenantId(1), LIMITS, secs(5)));
         c.observe(id, Direction::Original, TcpFlags::SYN, 60, secs(5));
         c.observe(
             id,
@@ -1358,27 +1305,17 @@ mod tests {
     #[test]
     fn a_jobs_tenant_is_fixed_by_its_first_flow() {
         let mut c = ct();
-        created(c.open(
-            key(L4Proto::Udp, 1),
-            snas_wire::TenantId(1),
-            LIMITS,
-            secs(0),
-        ));
-        created(c.open(
-            key(L4Proto::Udp, 2),
-            snas_wire::TenantId(2),
-            LIMITS,
-            secs(0),
-        ));
-        assert!(c.iter().all(|(_, f)| f.tenant == snas_wire::TenantId(1)));
-        assert_eq!(c.nat().tenant_usage(snas_wire::TenantId(1)).live, 2);
-        assert_eq!(c.nat().tenant_usage(snas_wire::TenantId(2)).live, 0);
+        created(c.open(key(L4Proto::Udp, 1), TenantId(1), LIMITS, secs(0)));
+        created(c.open(key(L4Proto::Udp, 2), TenantId(2), LIMITS, secs(0)));
+        assert!(c.iter().all(|(_, f)| f.tenant == TenantId(1)));
+        assert_eq!(c.nat().tenant_usage(TenantId(1)).live, 2);
+        assert_eq!(c.nat().tenant_usage(TenantId(2)).live, 0);
         let ids: Vec<_> = c.iter().map(|(id, _)| id).collect();
         for id in ids {
             c.remove(id, secs(1));
         }
         assert_eq!(
-            c.nat().tenant_usage(snas_wire::TenantId(1)).live,
+            c.nat().tenant_usage(TenantId(1)).live,
             0,
             "released to the same tenant"
         );
@@ -1389,25 +1326,10 @@ mod tests {
         let mut cfg = ConntrackConfig::new(vec![EGRESS]);
         cfg.max_flows = 2;
         let mut c = Conntrack::new(cfg, secs(0)).unwrap();
-        created(c.open(
-            key(L4Proto::Udp, 1),
-            snas_wire::TenantId(1),
-            LIMITS,
-            secs(0),
-        ));
-        created(c.open(
-            key(L4Proto::Udp, 2),
-            snas_wire::TenantId(1),
-            LIMITS,
-            secs(0),
-        ));
+        created(c.open(key(L4Proto::Udp, 1), TenantId(1), LIMITS, secs(0)));
+        created(c.open(key(L4Proto::Udp, 2), TenantId(1), LIMITS, secs(0)));
         assert_eq!(
-            c.open(
-                key(L4Proto::Udp, 3),
-                snas_wire::TenantId(1),
-                LIMITS,
-                secs(0)
-            ),
+            c.open(key(L4Proto::Udp, 3), TenantId(1), LIMITS, secs(0)),
             Open::Refused(Reason::PortsExhausted)
         );
     }
@@ -1430,7 +1352,7 @@ mod tests {
             max_ports_per_destination: 1000,
         };
         for p in 0..1000 {
-            created(c.open(key(L4Proto::Udp, p), snas_wire::TenantId(1), lim, secs(0)));
+            created(c.open(key(L4Proto::Udp, p), TenantId(1), lim, secs(0)));
         }
         let m = c.memory();
         assert_eq!(m.flows, 1000);

@@ -311,13 +311,13 @@ mod tests {
     fn ready_packets_come_out_in_arrival_order_per_job_and_jobs_in_ready_order() {
         let mut h = q(small());
         for (job, b) in [(1, 10u8), (2, 20), (1, 11), (2, 21), (1, 12)] {
-            h.hold(snas_wire::JobKey(job), NODE, &[b], ms(0)).unwrap();
+            h.hold(JobKey(job), NODE, &[b], ms(0)).unwrap();
         }
         let mut out = Vec::new();
         assert_eq!(h.take_ready(&mut out, 100), 0, "nothing is ready yet");
-        h.mark_ready(snas_wire::JobKey(2));
-        h.mark_ready(snas_wire::JobKey(1));
-        h.mark_ready(snas_wire::JobKey(2));
+        h.mark_ready(JobKey(2));
+        h.mark_ready(JobKey(1));
+        h.mark_ready(JobKey(2));
         assert_eq!(h.take_ready(&mut out, 100), 5);
         let order: Vec<u8> = out.iter().map(|p| p.payload[0]).collect();
         assert_eq!(order, [20, 21, 10, 11, 12]);
@@ -329,13 +329,13 @@ mod tests {
     fn take_ready_respects_the_limit_and_keeps_the_rest_ready() {
         let mut h = q(small());
         for b in 0..3u8 {
-            h.hold(snas_wire::JobKey(1), NODE, &[b], ms(0)).unwrap();
+            h.hold(JobKey(1), NODE, &[b], ms(0)).unwrap();
         }
-        h.mark_ready(snas_wire::JobKey(1));
+        h.mark_ready(JobKey(1));
         let mut out = Vec::new();
         assert_eq!(h.take_ready(&mut out, 2), 2);
         // A packet held while the job is ready queues behind the others.
-        h.hold(snas_wire::JobKey(1), NODE, &[9], ms(1)).unwrap();
+        h.hold(JobKey(1), NODE, &[9], ms(1)).unwrap();
         assert_eq!(h.take_ready(&mut out, 10), 2);
         let order: Vec<u8> = out.iter().map(|p| p.payload[0]).collect();
         assert_eq!(order, [0, 1, 2, 9]);
@@ -346,35 +346,33 @@ mod tests {
     fn per_job_and_total_bounds_refuse_with_hold_queue_full() {
         let mut h = q(small());
         for _ in 0..3 {
-            h.hold(snas_wire::JobKey(1), NODE, &[0; 10], ms(0)).unwrap();
+            h.hold(JobKey(1), NODE, &[0; 10], ms(0)).unwrap();
         }
         assert_eq!(
-            h.hold(snas_wire::JobKey(1), NODE, &[0; 10], ms(0)),
+            h.hold(JobKey(1), NODE, &[0; 10], ms(0)),
             Err(Reason::HoldQueueFull)
         );
         // Another job still fits, up to the total of 5 packets.
-        h.hold(snas_wire::JobKey(2), NODE, &[0; 10], ms(0)).unwrap();
-        h.hold(snas_wire::JobKey(3), NODE, &[0; 10], ms(0)).unwrap();
+        h.hold(JobKey(2), NODE, &[0; 10], ms(0)).unwrap();
+        h.hold(JobKey(3), NODE, &[0; 10], ms(0)).unwrap();
         assert_eq!(
-            h.hold(snas_wire::JobKey(4), NODE, &[0; 10], ms(0)),
+            h.hold(JobKey(4), NODE, &[0; 10], ms(0)),
             Err(Reason::HoldQueueFull)
         );
         assert_eq!(h.packets(), 5);
         // Bytes: one job's 300, in total 1000.
         let mut h = q(small());
-        h.hold(snas_wire::JobKey(1), NODE, &[0; 250], ms(0))
-            .unwrap();
+        h.hold(JobKey(1), NODE, &[0; 250], ms(0)).unwrap();
         assert_eq!(
-            h.hold(snas_wire::JobKey(1), NODE, &[0; 51], ms(0)),
+            h.hold(JobKey(1), NODE, &[0; 51], ms(0)),
             Err(Reason::HoldQueueFull)
         );
-        h.hold(snas_wire::JobKey(1), NODE, &[0; 50], ms(0)).unwrap();
+        h.hold(JobKey(1), NODE, &[0; 50], ms(0)).unwrap();
         for job in 2..5 {
-            h.hold(snas_wire::JobKey(job), NODE, &[0; 200], ms(0))
-                .unwrap();
+            h.hold(JobKey(job), NODE, &[0; 200], ms(0)).unwrap();
         }
         assert_eq!(
-            h.hold(snas_wire::JobKey(5), NODE, &[0; 101], ms(0)),
+            h.hold(JobKey(5), NODE, &[0; 101], ms(0)),
             Err(Reason::HoldQueueFull)
         );
         assert_eq!(h.bytes(), 900);
@@ -383,13 +381,13 @@ mod tests {
     #[test]
     fn nothing_outlives_max_wait_after_the_first_held_packet() {
         let mut h = q(small());
-        h.hold(snas_wire::JobKey(1), NODE, &[1], ms(0)).unwrap();
-        h.hold(snas_wire::JobKey(1), NODE, &[2], ms(1500)).unwrap();
-        h.hold(snas_wire::JobKey(2), NODE, &[3], ms(1000)).unwrap();
+        h.hold(JobKey(1), NODE, &[1], ms(0)).unwrap();
+        h.hold(JobKey(1), NODE, &[2], ms(1500)).unwrap();
+        h.hold(JobKey(2), NODE, &[3], ms(1000)).unwrap();
         assert!(h.expire(ms(1999)).is_empty());
-        assert_eq!(h.expire(ms(2000)), vec![(snas_wire::JobKey(1), 2)]);
-        assert!(h.has(snas_wire::JobKey(2)));
-        assert_eq!(h.expire(ms(3000)), vec![(snas_wire::JobKey(2), 1)]);
+        assert_eq!(h.expire(ms(2000)), vec![(JobKey(1), 2)]);
+        assert!(h.has(JobKey(2)));
+        assert_eq!(h.expire(ms(3000)), vec![(JobKey(2), 1)]);
         assert!(h.is_empty());
         assert_eq!((h.packets(), h.bytes()), (0, 0));
     }
@@ -397,16 +395,15 @@ mod tests {
     #[test]
     fn dropping_a_ready_job_forgets_it() {
         let mut h = q(small());
-        h.hold(snas_wire::JobKey(1), NODE, &[1, 2, 3], ms(0))
-            .unwrap();
-        h.mark_ready(snas_wire::JobKey(1));
-        assert_eq!(h.drop_job(snas_wire::JobKey(1)), 1);
-        assert_eq!(h.drop_job(snas_wire::JobKey(1)), 0);
+        h.hold(JobKey(1), NODE, &[1, 2, 3], ms(0)).unwrap();
+        h.mark_ready(JobKey(1));
+        assert_eq!(h.drop_job(JobKey(1)), 1);
+        assert_eq!(h.drop_job(JobKey(1)), 0);
         let mut out = Vec::new();
         assert_eq!(h.take_ready(&mut out, 10), 0);
         assert_eq!((h.packets(), h.bytes(), h.jobs()), (0, 0, 0));
         // A new packet of the job is held anew, not ready.
-        h.hold(snas_wire::JobKey(1), NODE, &[4], ms(5)).unwrap();
+        h.hold(JobKey(1), NODE, &[4], ms(5)).unwrap();
         assert_eq!(h.take_ready(&mut out, 10), 0);
     }
 

@@ -1003,12 +1003,12 @@ mod tests {
         port: 443,
     };
     const A: Owner = Owner {
-        job: snas_wire::JobKey(1),
-        tenant: snas_wire::TenantId(10),
+        job: JobKey(1),
+        tenant: TenantId(10),
     };
     const B: Owner = Owner {
-        job: snas_wire::JobKey(2),
-        tenant: snas_wire::TenantId(20),
+        job: JobKey(2),
+        tenant: TenantId(20),
     };
     const WIDE: JobLimits = JobLimits {
         max_connections: 1_000_000,
@@ -1122,8 +1122,8 @@ mod tests {
             Allocation::Refused(Reason::PortQuota)
         );
         let sibling = Owner {
-            job: snas_wire::JobKey(3),
-            tenant: snas_wire::TenantId(10),
+            job: JobKey(3),
+            tenant: TenantId(10),
         };
         granted(a.allocate(sibling, D, lim, secs(0)));
         assert_eq!(
@@ -1210,12 +1210,12 @@ mod tests {
             max_ports_per_destination: 3,
         };
         let x = Owner {
-            job: snas_wire::JobKey(1),
-            tenant: snas_wire::TenantId(1),
+            job: JobKey(1),
+            tenant: TenantId(1),
         };
         let y = Owner {
-            job: snas_wire::JobKey(2),
-            tenant: snas_wire::TenantId(1),
+            job: JobKey(2),
+            tenant: TenantId(1),
         };
         let x1 = granted(a.allocate(x, D, cap, secs(0)));
         granted(a.allocate(y, D, cap, secs(0)));

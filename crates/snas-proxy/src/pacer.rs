@@ -433,8 +433,8 @@ mod tests {
     use super::*;
 
     const KEY: PacingKey = PacingKey {
-        job: snas_wire::JobKey(1),
-        tenant: snas_wire::TenantId(9),
+        job: JobKey(1),
+        tenant: TenantId(9),
     };
 
     fn ms(n: u64) -> Nanos {
@@ -475,7 +475,7 @@ mod tests {
             p.stamp(KEY, r, 1500, ms(0)),
             Stamp::Drop(Reason::PacingHorizon)
         );
-        let s = p.job_stats(snas_wire::JobKey(1)).unwrap();
+        let s = p.job_stats(JobKey(1)).unwrap();
         assert_eq!((s.passed_packets, s.dropped_packets), (201, 1));
         assert_eq!(s.dropped_bytes, 1500);
         // The drop did not move the clock.
@@ -534,8 +534,8 @@ mod tests {
         let mut p = pacer();
         let r = rates(PaceRate::gbit(1), PaceRate::mbit(12));
         let other = PacingKey {
-            job: snas_wire::JobKey(2),
-            tenant: snas_wire::TenantId(9),
+            job: JobKey(2),
+            tenant: TenantId(9),
         };
         assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(0)));
         // Second job active: it waits for the tenant clock, then its share is 6 Mbit/s, 2 ms

@@ -128,9 +128,9 @@ proptest! {
             prop_assert_eq!(q.total(), (queued.len() as u32, total));
             prop_assert!(queued.len() as u32 <= limits.total_packets && total <= limits.total_bytes);
             for job in 0..5 {
-                let mine: Vec<_> = queued.iter().filter(|x| x.0 == snas_wire::JobKey(job)).collect();
+                let mine: Vec<_> = queued.iter().filter(|x| x.0 == JobKey(job)).collect();
                 let bytes: u64 = mine.iter().map(|x| x.1).sum();
-                prop_assert_eq!(q.of(snas_wire::JobKey(job)), (mine.len() as u32, bytes));
+                prop_assert_eq!(q.of(JobKey(job)), (mine.len() as u32, bytes));
                 prop_assert!(mine.len() as u32 <= limits.job_packets && bytes <= limits.job_bytes);
             }
         }

@@ -222,9 +222,9 @@ mod tests {
     #[test]
     fn cidr_key_carries_the_job_and_the_truncated_prefix() {
         let net: Ipv4Net = "203.0.113.77/24".parse().expect("net");
-        let k = cidr_key(snas_wire::JobKey(0x0102_0304_0506_0708), net);
+        let k = cidr_key(JobKey(0x0102_0304_0506_0708), net);
         assert_eq!(k.prefixlen, 64 + 24);
-        assert_eq!(cidr_job(&k), snas_wire::JobKey(0x0102_0304_0506_0708));
+        assert_eq!(cidr_job(&k), JobKey(0x0102_0304_0506_0708));
         assert_eq!(k.ip.to_ne_bytes(), [203, 0, 113, 0]);
         assert_eq!(k.job_hi.to_ne_bytes(), [1, 2, 3, 4]);
     }

@@ -270,7 +270,7 @@ pub(super) mod tests {
             job: name.into(),
             tenant: "acme".into(),
             job_key: key,
-            tenant_id: snas_wire::TenantId(1),
+            tenant_id: TenantId(1),
             jti: "p".into(),
             serial: snas_wire::PolicySerial(1),
             expires_at: 0,
