@@ -267,8 +267,12 @@ impl PolicyVerifier for BenchVerifier {
                 .map(|d| d.as_secs() + 600)
                 .unwrap_or(0),
             job_key: snas_wire::JobKey(0xbe00_0000_0000_0000 | n),
-            tenant_id: 1,
-            claims: Some(PolicyDraft::new("bench", token).to_claims(token, 1, now)),
+            tenant_id: snas_wire::TenantId(1),
+            claims: Some(PolicyDraft::new("bench", token).to_claims(
+                token,
+                snas_wire::PolicySerial(1),
+                now,
+            )),
         })
     }
 }
@@ -421,7 +425,7 @@ fn agent_series(
         create.push(ms(t.elapsed()));
         keys.push(
             agent
-                .resolve(&view.job_key)
+                .resolve(&view.job_key.to_string())
                 .map_err(|e| job_err(format!("resolve job {}", view.job_key), e))?,
         );
     }
@@ -821,8 +825,11 @@ pub fn policy_10k(reps: usize) -> Result<ScenarioResult, ScaleError> {
     let key = PolicyKey::from_seed("bench", [9; 32]).map_err(|e| policy_err("signing key", e))?;
     let mut draft = PolicyDraft::new("bench", "bench");
     draft.egress = rules.clone();
-    let token = snas_policy::sign(&draft.to_claims("benchbenchbenchbench", 1, now), &key)
-        .map_err(|e| policy_err("signing the policy", e))?;
+    let token = snas_policy::sign(
+        &draft.to_claims("benchbenchbenchbench", snas_wire::PolicySerial(1), now),
+        &key,
+    )
+    .map_err(|e| policy_err("signing the policy", e))?;
     let pem = key.public_pem().map_err(|e| policy_err("public key", e))?;
     let bundle =
         TrustBundle::from_keys([("bench", pem)]).map_err(|e| policy_err("trust bundle", e))?;

@@ -1466,7 +1466,11 @@ mod tests {
     #[test]
     fn benchmark_policy_parses_and_keeps_the_allowlist() {
         let d = snas_policy::parse_policy(&policy("t", "j", "10Mbit")).unwrap();
-        let c = d.to_claims("jti", 1, std::time::SystemTime::now());
+        let c = d.to_claims(
+            "jti",
+            snas_wire::PolicySerial(1),
+            std::time::SystemTime::now(),
+        );
         let text = serde_json::to_string(&c).unwrap();
         for (host, ..) in crate::paths::ALLOWED {
             assert!(text.contains(host), "{host} missing from {text}");
@@ -1476,7 +1480,11 @@ mod tests {
     #[test]
     fn the_light_tenant_may_resolve_every_name_it_looks_up() {
         let d = snas_policy::parse_policy(&light_policy("j")).unwrap();
-        let c = d.to_claims("jti", 1, std::time::SystemTime::now());
+        let c = d.to_claims(
+            "jti",
+            snas_wire::PolicySerial(1),
+            std::time::SystemTime::now(),
+        );
         let text = serde_json::to_string(&c).unwrap();
         for n in NOISY_UDP_NAMES {
             assert!(text.contains(n), "{n} missing from {text}");

@@ -60,7 +60,7 @@ fn job(egress: Bps) -> JobConfig {
     JobConfig {
         veth_ifindex: 1,
         job_key: JOB,
-        tenant_id: 1,
+        tenant_id: snas_wire::TenantId(1),
         policy_serial: PolicySerial(1),
         sandbox_ip: Ipv4Addr::new(10, 88, 0, 2),
         sandbox_mac: SANDBOX_MAC,

@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-    let claims = draft.to_claims("fuzzfuzzfuzzfuzz", 1, now);
+    let claims = draft.to_claims("fuzzfuzzfuzzfuzz", snas_wire::PolicySerial(1), now);
     let (key, bundle) = keys();
     if let Ok(token) = snas_policy::sign(&claims, key) {
         let v = snas_policy::verify(&token, bundle, now).expect("own token verifies");

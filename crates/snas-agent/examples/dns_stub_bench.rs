@@ -143,7 +143,7 @@ fn main() -> Result<(), BoxError> {
             host: HostPort::parse("*.example.com")?,
             protocol: RuleProtocol::Tcp,
         });
-        let c = d.to_claims("jti-bench", 1, SystemTime::now());
+        let c = d.to_claims("jti-bench", PolicySerial(1), SystemTime::now());
         let policy = VerifiedPolicy {
             jti: c.jti.clone(),
             tenant: c.tenant.clone(),
@@ -151,7 +151,7 @@ fn main() -> Result<(), BoxError> {
             serial: PolicySerial(1),
             node: None,
             expires_at_unix: c.exp,
-            job_key: JobKey(snas_policy::identity::job_key(&c.jti)),
+            job_key: snas_policy::identity::job_key(&c.jti),
             tenant_id: snas_policy::identity::tenant_id(&c.tenant),
             claims: Some(c),
         };

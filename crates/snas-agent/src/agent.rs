@@ -120,10 +120,10 @@ impl JobView {
         JobView {
             job: r.policy.job.clone(),
             tenant: r.policy.tenant.clone(),
-            job_key: job_key_hex(r.policy.job_key),
+            job_key: r.policy.job_key,
             tenant_id: r.policy.tenant_id,
             jti: r.policy.jti.clone(),
-            serial: r.policy.serial.get(),
+            serial: r.policy.serial,
             expires_at: r.policy.expires_at_unix,
             state: JobState::of(&r.policy, now),
             netns: r.net.netns.clone(),
@@ -406,7 +406,7 @@ impl Agent {
         );
         if let Some(c) = &policy.claims {
             info.gso_max_size = crate::jobnet::sandbox_gso_max_size(
-                c.limits.egress_bps.0,
+                c.limits.egress_bps.get(),
                 snas_bpf::config::DEFAULT_HORIZON,
                 info.mtu,
             );

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use snas_policy::audit::{AuditLine, Kind, Slot, Source};
+use snas_wire::{JobKey, L4Proto};
 use tokio::sync::mpsc;
 
 pub use snas_policy::audit::Action;
@@ -46,8 +47,8 @@ pub struct AuditRecord {
     pub tenant: String,
     /// Job name (empty when the job is unknown).
     pub job: String,
-    /// 16 hex digits (empty when the job is unknown).
-    pub job_key: String,
+    /// The job's key (tier-1 events and DNS queries always carry one).
+    pub job_key: JobKey,
     /// `"tcp"`, `"udp"`, `"icmp"` or the protocol number.
     pub proto: String,
     /// Source address (the sandbox).
@@ -81,7 +82,7 @@ impl AuditRecord {
         let mut l = AuditLine::new(self.time.clone(), self.tier, self.kind, self.action);
         l.tenant = self.tenant.clone();
         l.job = self.job.clone();
-        l.job_key = self.job_key.clone();
+        l.job_key = Some(self.job_key);
         l.proto = self.proto.clone();
         l.src = Slot::or_null(self.src.map(Source::Addr));
         l.dst = Slot::or_null(self.dst);
@@ -102,15 +103,9 @@ pub fn rfc3339(t: SystemTime) -> String {
     snas_policy::audit::rfc3339_millis(t)
 }
 
-/// Protocol number → audit name.
+/// Protocol number → audit name: [`L4Proto::name`], or the number for any other protocol.
 pub fn proto_name(proto: u8) -> String {
-    match proto {
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        1 => "icmp".into(),
-        58 => "icmpv6".into(),
-        n => n.to_string(),
-    }
+    L4Proto::from_number(proto).map_or_else(|| proto.to_string(), |p| p.name().to_owned())
 }
 
 /// The audit record of a tier-1 ring-buffer event. `policy` names the job (None: a job the
@@ -135,7 +130,7 @@ pub fn tier1_record(
         action,
         tenant: policy.map(|p| p.tenant.clone()).unwrap_or_default(),
         job: policy.map(|p| p.job.clone()).unwrap_or_default(),
-        job_key: crate::naming::job_key_hex(ev.job_key),
+        job_key: ev.job_key,
         proto: proto_name(ev.proto),
         src: Some(ev.src.ip()),
         dst: Some(ev.dst.ip()),
@@ -275,7 +270,7 @@ mod tests {
             action: Action::Refuse,
             tenant: "acme".into(),
             job: "build".into(),
-            job_key: "00000000000000ff".into(),
+            job_key: JobKey(0xff),
             proto: proto_name(17),
             src: Some("10.255.0.2".parse().unwrap()),
             dst: Some("10.255.0.1".parse().unwrap()),
@@ -335,7 +330,7 @@ mod tests {
     fn tier1_events_become_deny_records_at_wall_time() {
         let ev = snas_bpf::AuditEvent {
             at_mono: std::time::Duration::from_secs(100),
-            job_key: 0xab,
+            job_key: JobKey(0xab),
             kind: snas_bpf::AuditKind::Deny(snas_wire::Reason::PortDenied),
             proto: 6,
             src: "10.255.0.2:40000".parse().unwrap(),
@@ -349,7 +344,7 @@ mod tests {
         assert_eq!(r.proto, "tcp");
         assert_eq!(r.port, 25);
         assert_eq!(r.dst, Some("203.0.113.10".parse().unwrap()));
-        assert_eq!(r.job_key, "00000000000000ab");
+        assert_eq!(r.line().job_key, Some(JobKey(0xab)));
         assert_eq!(r.kind, None);
     }
 

@@ -148,17 +148,9 @@ pub fn job_config(
         host_mac: net.host_mac,
         gateway_ip: net.gateway,
         dns_port: DNS_STUB_PORT,
-        // A verified limit is never zero; a zero here is refused, never read as "no limit".
-        egress: Some(
-            l.egress_bps
-                .rate()
-                .map_err(|e| DataplaneError(format!("limits.egress_bps: {e}")))?,
-        ),
-        ingress: Some(
-            l.ingress_bps
-                .rate()
-                .map_err(|e| DataplaneError(format!("limits.ingress_bps: {e}")))?,
-        ),
+        // A policy's limits are `Bps` (never zero): every job is stamped and policed.
+        egress: Some(l.egress_bps),
+        ingress: Some(l.ingress_bps),
         horizon: None,
         new_conn_per_sec: u64::from(l.new_connections_per_sec),
         new_conn_burst: u64::from(l.new_connections_burst),

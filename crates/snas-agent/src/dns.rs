@@ -30,7 +30,7 @@ use hickory_proto::rr::rdata::opt::EdnsOption;
 use hickory_proto::rr::RecordType;
 use snas_bpf::PortRule;
 use snas_policy::{EgressRule, Matcher, PolicyClaims};
-use snas_wire::{JobKey, PolicySerial};
+use snas_wire::{JobKey, PolicySerial, TenantId};
 
 /// EDNS0 option code carrying the job identity to the proxy resolver.
 pub const IDENTITY_OPTION: u16 = 65053;
@@ -180,16 +180,16 @@ pub fn port_rules(claims: &PolicyClaims, matcher: &Matcher, rules: &[usize]) -> 
 }
 
 /// The 16-byte identity value of the EDNS option.
-pub fn identity_value(tenant_id: u32, job_key: JobKey, serial: PolicySerial) -> [u8; 16] {
+pub fn identity_value(tenant_id: TenantId, job_key: JobKey, serial: PolicySerial) -> [u8; 16] {
     let mut v = [0u8; 16];
-    v[..4].copy_from_slice(&tenant_id.to_be_bytes());
+    v[..4].copy_from_slice(&tenant_id.get().to_be_bytes());
     v[4..12].copy_from_slice(&job_key.get().to_be_bytes());
     v[12..].copy_from_slice(&serial.get().to_be_bytes());
     v
 }
 
 /// Reads the identity option of a forwarded query (what the proxy does; used in tests).
-pub fn identity_of(msg: &Message) -> Option<(u32, JobKey, PolicySerial)> {
+pub fn identity_of(msg: &Message) -> Option<(TenantId, JobKey, PolicySerial)> {
     let edns = msg.extensions().as_ref()?;
     match edns.option(IDENTITY_OPTION.into())? {
         EdnsOption::Unknown(_, v) if v.len() == 16 => {
@@ -200,7 +200,7 @@ pub fn identity_of(msg: &Message) -> Option<(u32, JobKey, PolicySerial)> {
             k.copy_from_slice(&v[4..12]);
             s.copy_from_slice(&v[12..]);
             Some((
-                u32::from_be_bytes(t),
+                TenantId(u32::from_be_bytes(t)),
                 JobKey(u64::from_be_bytes(k)),
                 PolicySerial(u32::from_be_bytes(s)),
             ))
@@ -215,7 +215,7 @@ pub fn identity_of(msg: &Message) -> Option<(u32, JobKey, PolicySerial)> {
 pub fn forward_query(
     original: &Message,
     id: u16,
-    tenant_id: u32,
+    tenant_id: TenantId,
     job_key: JobKey,
     serial: PolicySerial,
 ) -> Message {
@@ -315,7 +315,7 @@ mod tests {
                 protocol: RuleProtocol::Tcp,
             });
         }
-        d.to_claims("jti-1", 1, SystemTime::now())
+        d.to_claims("jti-1", PolicySerial(1), SystemTime::now())
     }
 
     #[test]
@@ -395,7 +395,7 @@ mod tests {
         let f = forward_query(
             &q,
             7,
-            0xA1B2_C3D4,
+            TenantId(0xA1B2_C3D4),
             JobKey(0x0102_0304_0506_0708),
             PolicySerial(9),
         );
@@ -403,7 +403,11 @@ mod tests {
         let back = Message::from_vec(&bytes).unwrap();
         assert_eq!(
             identity_of(&back),
-            Some((0xA1B2_C3D4, JobKey(0x0102_0304_0506_0708), PolicySerial(9)))
+            Some((
+                TenantId(0xA1B2_C3D4),
+                JobKey(0x0102_0304_0506_0708),
+                PolicySerial(9)
+            ))
         );
         assert_eq!(back.queries(), q.queries());
         assert_eq!(back.id(), 7);

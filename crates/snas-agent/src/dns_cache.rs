@@ -34,6 +34,7 @@
 //! - Eviction scans one job's entries (at most `job_entries`) and, at the node bound, the job
 //!   list: only on insert, which happens at most at the job's upstream query rate.
 
+use snas_wire::JobKey;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -126,7 +127,7 @@ pub struct CacheStats {
 #[derive(Debug, Default)]
 pub struct DnsCache {
     limits: CacheLimits,
-    jobs: HashMap<u64, JobCache>,
+    jobs: HashMap<JobKey, JobCache>,
     entries: usize,
     bytes: usize,
     evictions: u64,
@@ -174,7 +175,7 @@ impl DnsCache {
 
     /// The cached answer to `q` for `job`, with TTLs set to what remains of its lifetime.
     /// Expired entries are removed.
-    pub fn lookup(&mut self, job: u64, q: &Question, now: Duration) -> Option<CachedAnswer> {
+    pub fn lookup(&mut self, job: JobKey, q: &Question, now: Duration) -> Option<CachedAnswer> {
         self.tick += 1;
         let tick = self.tick;
         let jc = self.jobs.get_mut(&job)?;
@@ -205,7 +206,7 @@ impl DnsCache {
     /// cacheable; returns whether it was kept.
     pub fn insert(
         &mut self,
-        job: u64,
+        job: JobKey,
         q: &Question,
         answer: &Message,
         wire_len: usize,
@@ -263,7 +264,7 @@ impl DnsCache {
         true
     }
 
-    fn remove(&mut self, job: u64, q: &Question) {
+    fn remove(&mut self, job: JobKey, q: &Question) {
         let Some(jc) = self.jobs.get_mut(&job) else {
             return;
         };
@@ -277,7 +278,7 @@ impl DnsCache {
         }
     }
 
-    fn evict_from(&mut self, job: u64, now: Duration) -> bool {
+    fn evict_from(&mut self, job: JobKey, now: Duration) -> bool {
         let Some(victim) = self.jobs.get(&job).and_then(|jc| jc.victim(now)) else {
             return false;
         };
@@ -287,7 +288,7 @@ impl DnsCache {
     }
 
     /// Drops every entry of `job`.
-    pub fn forget_job(&mut self, job: u64) {
+    pub fn forget_job(&mut self, job: JobKey) {
         if let Some(jc) = self.jobs.remove(&job) {
             self.entries -= jc.map.len();
             self.bytes -= jc.bytes;
@@ -295,12 +296,12 @@ impl DnsCache {
     }
 
     /// Jobs with entries.
-    pub fn jobs(&self) -> impl Iterator<Item = u64> + '_ {
+    pub fn jobs(&self) -> impl Iterator<Item = JobKey> + '_ {
         self.jobs.keys().copied()
     }
 
     /// Entries of one job.
-    pub fn job_entries(&self, job: u64) -> usize {
+    pub fn job_entries(&self, job: JobKey) -> usize {
         self.jobs.get(&job).map_or(0, |jc| jc.map.len())
     }
 
@@ -459,17 +460,23 @@ mod tests {
         let mut c = DnsCache::new(CacheLimits::default());
         let qa = q("api.example.com", RecordType::A);
         let a = answer("api.example.com", ResponseCode::NoError, &[60]);
-        assert!(c.insert(7, &qa, &a, 60, S(100)));
+        assert!(c.insert(JobKey(7), &qa, &a, 60, S(100)));
         let hit = c
-            .lookup(7, &qa, S(100) + Duration::from_millis(10_500))
+            .lookup(JobKey(7), &qa, S(100) + Duration::from_millis(10_500))
             .unwrap();
         assert_eq!(hit.answers[0].ttl(), 49, "60 s - 10.5 s, rounded down");
-        assert!(c.lookup(8, &qa, S(101)).is_none(), "another job's entry");
+        assert!(
+            c.lookup(JobKey(8), &qa, S(101)).is_none(),
+            "another job's entry"
+        );
         assert!(c
-            .lookup(7, &q("api.example.com", RecordType::AAAA), S(101))
+            .lookup(JobKey(7), &q("api.example.com", RecordType::AAAA), S(101))
             .is_none());
-        assert!(c.lookup(7, &qa, S(159)).is_some());
-        assert!(c.lookup(7, &qa, S(160)).is_none(), "expired at 60 s");
+        assert!(c.lookup(JobKey(7), &qa, S(159)).is_some());
+        assert!(
+            c.lookup(JobKey(7), &qa, S(160)).is_none(),
+            "expired at 60 s"
+        );
         assert_eq!(c.stats().entries, 0, "an expired entry is removed when met");
     }
 
@@ -483,7 +490,7 @@ mod tests {
         let names = ["a.example.com", "b.example.com", "c.example.com"];
         for n in names {
             c.insert(
-                1,
+                JobKey(1),
                 &q(n, RecordType::A),
                 &answer(n, ResponseCode::NoError, &[60]),
                 50,
@@ -491,24 +498,24 @@ mod tests {
             );
         }
         assert!(c
-            .lookup(1, &q("a.example.com", RecordType::A), S(1))
+            .lookup(JobKey(1), &q("a.example.com", RecordType::A), S(1))
             .is_some());
         let d = "d.example.com";
         c.insert(
-            1,
+            JobKey(1),
             &q(d, RecordType::A),
             &answer(d, ResponseCode::NoError, &[60]),
             50,
             S(2),
         );
-        assert_eq!(c.job_entries(1), 3);
+        assert_eq!(c.job_entries(JobKey(1)), 3);
         assert!(
-            c.lookup(1, &q("b.example.com", RecordType::A), S(3))
+            c.lookup(JobKey(1), &q("b.example.com", RecordType::A), S(3))
                 .is_none(),
             "LRU"
         );
         assert!(c
-            .lookup(1, &q("a.example.com", RecordType::A), S(3))
+            .lookup(JobKey(1), &q("a.example.com", RecordType::A), S(3))
             .is_some());
         assert_eq!(c.stats().evictions, 1);
     }
@@ -524,7 +531,7 @@ mod tests {
         let mut c = DnsCache::new(limits);
         let small = "quiet.example.com";
         c.insert(
-            1,
+            JobKey(1),
             &q(small, RecordType::A),
             &answer(small, ResponseCode::NoError, &[300]),
             50,
@@ -533,7 +540,7 @@ mod tests {
         for i in 0..50 {
             let n = format!("n{i}.example.com");
             c.insert(
-                2,
+                JobKey(2),
                 &q(&n, RecordType::A),
                 &answer(&n, ResponseCode::NoError, &[300]),
                 50,
@@ -541,8 +548,8 @@ mod tests {
             );
         }
         assert_eq!(c.stats().entries, 10);
-        assert_eq!(c.job_entries(1), 1, "the quiet job keeps its entry");
-        assert_eq!(c.job_entries(2), 9);
+        assert_eq!(c.job_entries(JobKey(1)), 1, "the quiet job keeps its entry");
+        assert_eq!(c.job_entries(JobKey(2)), 9);
     }
 
     #[test]
@@ -550,24 +557,24 @@ mod tests {
         let mut c = DnsCache::new(CacheLimits::default());
         let n = "api.example.com";
         c.insert(
-            1,
+            JobKey(1),
             &q(n, RecordType::A),
             &answer(n, ResponseCode::NoError, &[60]),
             80,
             S(0),
         );
         c.insert(
-            2,
+            JobKey(2),
             &q(n, RecordType::A),
             &answer(n, ResponseCode::NoError, &[60]),
             80,
             S(0),
         );
-        c.forget_job(1);
+        c.forget_job(JobKey(1));
         assert_eq!(c.stats().entries, 1);
-        assert!(c.lookup(1, &q(n, RecordType::A), S(1)).is_none());
-        assert!(c.lookup(2, &q(n, RecordType::A), S(1)).is_some());
-        assert_eq!(c.jobs().collect::<Vec<_>>(), vec![2]);
+        assert!(c.lookup(JobKey(1), &q(n, RecordType::A), S(1)).is_none());
+        assert!(c.lookup(JobKey(2), &q(n, RecordType::A), S(1)).is_some());
+        assert_eq!(c.jobs().collect::<Vec<_>>(), vec![JobKey(2)]);
     }
 
     #[test]
@@ -578,7 +585,7 @@ mod tests {
         });
         let n = "big.example.com";
         assert!(!c.insert(
-            1,
+            JobKey(1),
             &q(n, RecordType::A),
             &answer(n, ResponseCode::NoError, &[60]),
             5000,
@@ -602,11 +609,11 @@ mod tests {
                 let n = format!("n{name}.example.com");
                 let qa = q(&n, RecordType::A);
                 if look {
-                    if let Some(hit) = c.lookup(job, &qa, now) {
+                    if let Some(hit) = c.lookup(JobKey(job), &qa, now) {
                         prop_assert!(hit.answers.iter().all(|r| r.ttl() <= 60));
                     }
                 } else {
-                    c.insert(job, &qa, &answer(&n, ResponseCode::NoError, &[60]), len, now);
+                    c.insert(JobKey(job), &qa, &answer(&n, ResponseCode::NoError, &[60]), len, now);
                 }
                 let s = c.stats();
                 prop_assert!(s.entries <= limits.node_entries && s.bytes <= limits.node_bytes);

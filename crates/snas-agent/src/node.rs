@@ -756,7 +756,7 @@ fn spawn_tier1_audit(
         .spawn(move || {
             let on_event = Box::new(move |ev: snas_bpf::AuditEvent| {
                 use stub::JobDirectory;
-                let policy = agent.policy(snas_wire::JobKey(ev.job_key));
+                let policy = agent.policy(ev.job_key);
                 let mono = snas_bpf::mono_now().unwrap_or(ev.at_mono);
                 sink.emit(audit::tier1_record(
                     &ev,

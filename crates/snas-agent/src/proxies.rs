@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use snas_bpf::ProxyEntry;
 use snas_proxy::api::{ProxyClient, ProxyHealth};
+use snas_wire::JobKey;
 
 pub use crate::api::types::{Health, ProxyStatus};
 use crate::seams::Dataplane;
@@ -193,7 +194,7 @@ impl ProxyTable {
     /// The proxies to ask for `job_key`'s DNS, best first: alive ones by rendezvous hash of the
     /// job key (a job keeps its resolver while the set is unchanged, and only jobs of a proxy
     /// that dies move), then draining ones, then dead ones (a last resort: a probe may be stale).
-    pub fn dns_order(&self, job_key: u64) -> Vec<Ipv4Addr> {
+    pub fn dns_order(&self, job_key: JobKey) -> Vec<Ipv4Addr> {
         let rank = |h: Health| match h {
             Health::Alive => 0u8,
             Health::Draining => 1,
@@ -211,8 +212,8 @@ impl ProxyTable {
 }
 
 /// Rendezvous (highest random weight) score of (job, proxy): splitmix64 of both.
-fn rendezvous(job_key: u64, ip: Ipv4Addr) -> u64 {
-    let mut z = job_key ^ (u64::from(u32::from(ip))).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+fn rendezvous(job_key: JobKey, ip: Ipv4Addr) -> u64 {
+    let mut z = job_key.get() ^ (u64::from(u32::from(ip))).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -268,7 +269,7 @@ impl Proxies {
     }
 
     /// Resolver addresses for `job_key`'s DNS, best first.
-    pub fn resolvers_for(&self, job_key: u64) -> Vec<SocketAddr> {
+    pub fn resolvers_for(&self, job_key: JobKey) -> Vec<SocketAddr> {
         self.table
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -355,7 +356,7 @@ impl EndNotices {
 /// logged at debug level (a proxy that misses the notice frees the job when its flows idle out).
 pub async fn announce_job_ended(
     proxies: Arc<Proxies>,
-    job_key: u64,
+    job_key: JobKey,
     notices: Arc<EndNotices>,
     timeout: Duration,
 ) {
@@ -370,7 +371,7 @@ pub async fn announce_job_ended(
     for addr in targets {
         set.spawn(async move {
             let client = ProxyClient::new(addr).with_timeout(timeout);
-            let status = match client.job_ended(snas_wire::JobKey(job_key)).await {
+            let status = match client.job_ended(job_key).await {
                 Ok(()) => Some(204),
                 Err(e) => e.status(),
             };
@@ -387,7 +388,7 @@ pub async fn announce_job_ended(
         };
         c.fetch_add(1, Ordering::Relaxed);
         if status != Some(204) {
-            tracing::debug!(proxy = %addr, ?status, job_key = %crate::naming::job_key_hex(job_key), "job-ended notice not taken");
+            tracing::debug!(proxy = %addr, ?status, job_key = %job_key, "job-ended notice not taken");
         }
     }
 }
@@ -571,12 +572,12 @@ mod tests {
     #[test]
     fn dns_order_moves_only_jobs_of_a_dead_proxy() {
         let mut t = ProxyTable::new(&ips());
-        let before: Vec<Ipv4Addr> = (0..200u64).map(|k| t.dns_order(k)[0]).collect();
+        let before: Vec<Ipv4Addr> = (0..200u64).map(|k| t.dns_order(JobKey(k))[0]).collect();
         t.observe(1, Probe::Failed);
         t.observe(1, Probe::Failed);
         let mut moved = 0;
         for (k, b) in before.iter().enumerate() {
-            let now = t.dns_order(k as u64);
+            let now = t.dns_order(JobKey(k as u64));
             assert_eq!(now.last(), Some(&ips()[1]), "dead proxy is the last resort");
             if *b == ips()[1] {
                 moved += 1;
@@ -594,7 +595,7 @@ mod tests {
         t.observe(0, Probe::Draining);
         t.observe(2, Probe::Draining);
         for k in 0..50 {
-            let o = t.dns_order(k);
+            let o = t.dns_order(JobKey(k));
             assert_eq!(o[0], ips()[1]);
             assert_eq!(o.len(), 3);
         }
@@ -618,7 +619,7 @@ mod tests {
         assert!(!e[1].alive, "vanished proxy is dead to tier 1, in place");
         assert!(e[0].alive, "static proxies are never unlisted");
         for k in 0..20 {
-            assert!(!t.dns_order(k).contains(&a));
+            assert!(!t.dns_order(JobKey(k)).contains(&a));
         }
         assert!(t.reconcile(&[a, b]));
         assert!(t.entries()[1].alive);

@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use snas_bpf::{PortRule, ProxyEntry};
-use snas_wire::{JobKey, PolicySerial, Reason};
+use snas_wire::{JobKey, PolicySerial, Reason, TenantId};
 
 use crate::jobnet::JobNetInfo;
 
@@ -40,7 +40,7 @@ pub struct VerifiedPolicy {
     /// `identity::job_key(jti)`.
     pub job_key: JobKey,
     /// `identity::tenant_id(tenant)`.
-    pub tenant_id: u32,
+    pub tenant_id: TenantId,
     /// The full signed claims (rules, limits), when the verifier is the real one. Kept in the
     /// job record so that a restarted agent can reprogram tier 1 without re-verifying an
     /// ephemeral (possibly since expired) token.
@@ -290,14 +290,8 @@ impl PolicyVerifier for BundleVerifier {
             reason: e.reason(),
             detail: e.to_string(),
         })?;
-        let serial = v.claims().policy_serial().map_err(|_| VerifyError {
-            reason: Reason::PolicyInvalid,
-            detail: format!(
-                "serial: {} does not fit the overlay's 32-bit policy serial",
-                v.claims().serial
-            ),
-        })?;
-        let (job_key, tenant_id) = (JobKey(v.job_key()), v.tenant_id());
+        // A serial the overlay cannot carry was already refused by `verify` (claims reading).
+        let (job_key, tenant_id, serial) = (v.job_key(), v.tenant_id(), v.claims().serial);
         let c = v.into_claims();
         Ok(VerifiedPolicy {
             jti: c.jti.clone(),

@@ -180,7 +180,7 @@ mod tests {
                 node: None,
                 expires_at_unix: 2_000_000_000,
                 job_key: key,
-                tenant_id: 0x0102_0304,
+                tenant_id: snas_wire::TenantId(0x0102_0304),
                 claims: None,
             },
             token: "a.b.c".into(),

@@ -449,18 +449,14 @@ impl DnsStub {
     pub fn forget(&self, job_key: JobKey) {
         let mut st = self.lock();
         st.jobs.remove(&job_key);
-        st.cache.forget_job(job_key.get());
+        st.cache.forget_job(job_key);
     }
 
     /// Forgets every job the directory no longer has.
     pub fn forget_gone(&self) {
         let held: std::collections::BTreeSet<JobKey> = {
             let st = self.lock();
-            st.jobs
-                .keys()
-                .copied()
-                .chain(st.cache.jobs().map(JobKey))
-                .collect()
+            st.jobs.keys().copied().chain(st.cache.jobs()).collect()
         };
         for k in held {
             if !self.dir.contains(k) {
@@ -491,7 +487,7 @@ impl DnsStub {
         let now = (self.clock)();
         let mut st = self.lock();
         let st = &mut *st;
-        st.cache.forget_job(e.job_key.get());
+        st.cache.forget_job(e.job_key);
         match st.jobs.get_mut(&e.job_key) {
             Some(s) => {
                 s.serial = policy.serial;
@@ -543,7 +539,7 @@ impl DnsStub {
             action,
             tenant: policy.tenant.clone(),
             job: policy.job.clone(),
-            job_key: job_key_hex(policy.job_key),
+            job_key: policy.job_key,
             proto: if tcp { "tcp" } else { "udp" }.into(),
             src: Some(canonical(src.ip())),
             dst: local,
@@ -700,7 +696,7 @@ impl DnsStub {
         if question.qtype == RecordType::AAAA && !entry.ipv6_route {
             return Verdict::NoData;
         }
-        if let Some(hit) = cache.lookup(entry.job_key.get(), &question, now) {
+        if let Some(hit) = cache.lookup(entry.job_key, &question, now) {
             return Verdict::Cached(hit);
         }
         if slot.inflight >= self.cfg.max_inflight {
@@ -729,10 +725,7 @@ impl DnsStub {
         let id: u16 = rand::random();
         let fq = dns::forward_query(&p.query, id, policy.tenant_id, job_key, policy.serial);
         inc(&self.stats.forwarded);
-        let Some(answer) = self
-            .forward(&fq, self.proxies.resolvers_for(job_key.get()))
-            .await
-        else {
+        let Some(answer) = self.forward(&fq, self.proxies.resolvers_for(job_key)).await else {
             return self.servfail(&p.query);
         };
         let mut installed = Vec::new();
@@ -810,7 +803,7 @@ impl DnsStub {
         let now = (self.clock)();
         self.lock()
             .cache
-            .insert(job_key.get(), &p.question, &relayed, out.len(), now);
+            .insert(JobKey(job_key.get()), &p.question, &relayed, out.len(), now);
         match fit_udp(out, &relayed, &p.query, p.tcp) {
             Step::Reply(b) => Some(b),
             _ => None,

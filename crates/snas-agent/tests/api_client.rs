@@ -19,14 +19,14 @@ use snas_agent::api::{
     blocking, paths, AgentClient, ClientError, CreateJob, ErrorBody, JobDrops, JobState, JobView,
 };
 
-fn view(name: &str, key: &str) -> JobView {
+fn view(name: &str, key: snas_wire::JobKey) -> JobView {
     JobView {
         job: name.into(),
         tenant: "acme".into(),
-        job_key: key.into(),
-        tenant_id: 7,
+        job_key: key,
+        tenant_id: snas_wire::TenantId(7),
         jti: format!("jti-{name}"),
-        serial: 1,
+        serial: snas_wire::PolicySerial(1),
         expires_at: 1_795_000_000,
         state: JobState::Running,
         netns: format!("snt-{key}"),
@@ -116,7 +116,7 @@ fn job_api(jobs: Arc<Mutex<BTreeMap<String, JobView>>>) -> Router {
             get(move || async move { Json(j1.lock().unwrap().values().cloned().collect::<Vec<_>>()) })
                 .post(move |Json(c): Json<CreateJob>| async move {
                     // The stand-in's "token" is the job name.
-                    let v = view(&c.policy, &snas_wire::JobKey(c.policy.len() as u64).to_string());
+                    let v = view(&c.policy, snas_wire::JobKey(c.policy.len() as u64));
                     j2.lock().unwrap().insert(c.policy, v.clone());
                     (StatusCode::CREATED, Json(v))
                 }),
@@ -140,7 +140,8 @@ fn job_api(jobs: Arc<Mutex<BTreeMap<String, JobView>>>) -> Router {
             paths::JOB_COUNTERS_ROUTE,
             get(|UrlPath(id): UrlPath<String>| async move {
                 Json(JobDrops {
-                    job_key: id,
+                    // The fake's key of a job is its name's length (as in its create route).
+                    job_key: snas_wire::JobKey(id.len() as u64),
                     total: 3,
                     drops: BTreeMap::from([("destination_denied".into(), 3), ("a_reason_from_a_newer_agent".into(), 0)]),
                 })
@@ -160,7 +161,7 @@ fn a_job_is_created_listed_found_by_an_escaped_name_counted_and_deleted() {
     assert_eq!(c.list_jobs().unwrap(), vec![created.clone()]);
     assert_eq!(c.job(name).unwrap(), created);
     let drops = c.counters(name).unwrap();
-    assert_eq!(drops.job_key, name);
+    assert_eq!(drops.job_key, snas_wire::JobKey(name.len() as u64));
     assert_eq!(drops.drops["destination_denied"], 3);
     assert_eq!(drops.drops["a_reason_from_a_newer_agent"], 0);
     c.delete_job(name).unwrap();
@@ -178,7 +179,7 @@ fn a_chunked_answer_is_read_whole() {
         get(|| async {
             // 300 jobs as a stream of small chunks (no Content-Length).
             let list: Vec<JobView> = (0..300)
-                .map(|i| view(&format!("j{i}"), &snas_wire::JobKey(i as u64).to_string()))
+                .map(|i| view(&format!("j{i}"), snas_wire::JobKey(i as u64)))
                 .collect();
             let text = serde_json::to_vec(&list).unwrap();
             let chunks: Vec<Result<Vec<u8>, std::io::Error>> =

@@ -63,7 +63,7 @@ fn policy_for(jti: &str, hosts: &[&str]) -> VerifiedPolicy {
             protocol: RuleProtocol::Tcp,
         });
     }
-    let c = d.to_claims(jti, 3, SystemTime::now());
+    let c = d.to_claims(jti, PolicySerial(3), SystemTime::now());
     VerifiedPolicy {
         jti: c.jti.clone(),
         tenant: c.tenant.clone(),
@@ -71,14 +71,14 @@ fn policy_for(jti: &str, hosts: &[&str]) -> VerifiedPolicy {
         serial: PolicySerial(3),
         node: None,
         expires_at_unix: c.exp,
-        job_key: JobKey(snas_policy::identity::job_key(&c.jti)),
+        job_key: snas_policy::identity::job_key(&c.jti),
         tenant_id: snas_policy::identity::tenant_id(&c.tenant),
         claims: Some(c),
     }
 }
 
 /// What the fake resolver saw: (question name, identity option).
-type Seen = Arc<Mutex<Vec<(String, Option<(u32, JobKey, PolicySerial)>)>>>;
+type Seen = Arc<Mutex<Vec<(String, Option<(snas_wire::TenantId, JobKey, PolicySerial)>)>>>;
 
 fn answer_for(q: &Message) -> Message {
     let mut a = Message::new();

@@ -460,22 +460,19 @@ fn privileged_the_typed_client_reads_every_endpoint_of_a_running_agent() {
     let c = AgentClient::new(&agent.socket);
     let token = "stub.acme.typed-1.policy-typed.2.192_0_2_7";
     let job = c.create_job(token).unwrap();
-    assert_eq!(job.job_key, common::job_key("policy-typed").to_string());
+    assert_eq!(job.job_key, common::job_key("policy-typed"));
     assert_eq!(
         (job.job.as_str(), job.serial, job.state),
-        ("typed-1", 2, JobState::Running)
+        ("typed-1", snas_wire::PolicySerial(2), JobState::Running)
     );
     assert_eq!(job.resolver(), job.gateway_ip);
     assert!(is_netns_mount(&job.netns_path));
     // The same view by key, by name and in the list.
-    assert_eq!(c.job(&job.job_key).unwrap(), job);
+    assert_eq!(c.job(&job.job_key.to_string()).unwrap(), job);
     assert_eq!(c.job("typed-1").unwrap(), job);
     assert_eq!(c.list_jobs().unwrap(), vec![job.clone()]);
     let drops = c.counters("typed-1").unwrap();
-    assert_eq!(
-        (drops.job_key.as_str(), drops.total),
-        (job.job_key.as_str(), 0)
-    );
+    assert_eq!((drops.job_key, drops.total), (job.job_key, 0));
     assert!(drops.drops.contains_key("destination_denied"), "{drops:?}");
     let proxies = c.proxies().unwrap();
     assert_eq!(proxies.len(), 1);
@@ -488,7 +485,7 @@ fn privileged_the_typed_client_reads_every_endpoint_of_a_running_agent() {
     let e = c.create_job("garbage").unwrap_err();
     assert_eq!(e.code(), Some("policy_invalid"), "{e}");
     c.delete_job("typed-1").unwrap();
-    let e = c.delete_job(&job.job_key).unwrap_err();
+    let e = c.delete_job(&job.job_key.to_string()).unwrap_err();
     assert!(e.is_job_not_found(), "{e}");
     assert!(c.list_jobs().unwrap().is_empty());
     agent.stop();

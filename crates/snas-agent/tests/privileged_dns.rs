@@ -96,7 +96,11 @@ fn privileged_dns_through_tier1_refuses_forwards_and_installs_before_answering()
             .unwrap();
     draft.node = Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)));
     let jti = format!("jti-{}", scope.netns_prefix);
-    let token = sign(&draft.to_claims(&jti, 1, SystemTime::now()), &key).unwrap();
+    let token = sign(
+        &draft.to_claims(&jti, snas_wire::PolicySerial(1), SystemTime::now()),
+        &key,
+    )
+    .unwrap();
     let config = common::agent_config(&scope, "10.254.30.0/24");
 
     snas_bpf::ensure_bpffs().unwrap();
@@ -108,7 +112,7 @@ fn privileged_dns_through_tier1_refuses_forwards_and_installs_before_answering()
         Agent::start(config, Arc::new(BundleVerifier::new(bundle)), dp.clone()).unwrap();
     let agent = Arc::new(agent);
     let view = agent.create_job(&token).unwrap();
-    let job_key = snas_wire::JobKey(snas_policy::identity::job_key(&jti));
+    let job_key = snas_policy::identity::job_key(&jti);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -144,7 +148,7 @@ fn privileged_dns_through_tier1_refuses_forwards_and_installs_before_answering()
             dp.run_audit(
                 Box::new(move |ev| {
                     use snas_agent::stub::JobDirectory;
-                    let p = agent.policy(snas_wire::JobKey(ev.job_key));
+                    let p = agent.policy(ev.job_key);
                     t1_sink.emit(snas_agent::audit::tier1_record(
                         &ev,
                         p.as_ref(),

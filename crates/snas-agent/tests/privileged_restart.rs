@@ -222,7 +222,11 @@ fn privileged_a_lookup_loop_loses_nothing_while_the_agent_is_replaced_twice() {
         .unwrap();
         draft.node = Some("192.0.2.7".parse().unwrap());
         let token = sign(
-            &draft.to_claims(&jti, 1, std::time::SystemTime::now()),
+            &draft.to_claims(
+                &jti,
+                snas_wire::PolicySerial(1),
+                std::time::SystemTime::now(),
+            ),
             &key(),
         )
         .unwrap();

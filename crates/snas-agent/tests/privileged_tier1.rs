@@ -54,7 +54,11 @@ fn privileged_signed_policy_job_gets_tier1_and_survives_restart() {
     .unwrap();
     draft.node = Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)));
     let jti = format!("jti-{}", scope.netns_prefix);
-    let token = sign(&draft.to_claims(&jti, 5, SystemTime::now()), &key).unwrap();
+    let token = sign(
+        &draft.to_claims(&jti, snas_wire::PolicySerial(5), SystemTime::now()),
+        &key,
+    )
+    .unwrap();
     let config = common::agent_config(&scope, "10.254.20.0/24");
 
     let (agent, _) = Agent::start(
@@ -72,9 +76,9 @@ fn privileged_signed_policy_job_gets_tier1_and_survives_restart() {
     }
 
     let view = agent.create_job(&token).unwrap();
-    let job_key = snas_wire::JobKey(snas_policy::identity::job_key(&jti));
-    assert_eq!(view.job_key, job_key.to_string());
-    assert_eq!(view.serial, 5);
+    let job_key = snas_policy::identity::job_key(&jti);
+    assert_eq!(view.job_key, job_key);
+    assert_eq!(view.serial, snas_wire::PolicySerial(5));
     let ifindex = Rtnl::open()
         .unwrap()
         .link_index(&view.veth)
@@ -95,7 +99,7 @@ fn privileged_signed_policy_job_gets_tier1_and_survives_restart() {
         )),
     )
     .unwrap();
-    assert_eq!(report.adopted, vec![view.job_key.clone()]);
+    assert_eq!(report.adopted, vec![view.job_key.to_string()]);
     assert!(report.problems.is_empty(), "{:?}", report.problems);
     assert_eq!(
         Rtnl::open().unwrap().link_index(&view.veth).unwrap(),
@@ -156,7 +160,11 @@ fn privileged_tier1_enforces_the_nodes_dns_budget_the_infrastructure_set_and_the
     draft.node = Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)));
     draft.ttl = Duration::from_secs(4);
     let jti = format!("jti-{}", scope.netns_prefix);
-    let token = sign(&draft.to_claims(&jti, 1, SystemTime::now()), &key).unwrap();
+    let token = sign(
+        &draft.to_claims(&jti, snas_wire::PolicySerial(1), SystemTime::now()),
+        &key,
+    )
+    .unwrap();
     let mut config = common::agent_config(&scope, "10.254.21.0/24");
     config.dns_packets_per_sec = 5;
     config.dns_packet_burst = 10;
@@ -180,7 +188,7 @@ fn privileged_tier1_enforces_the_nodes_dns_budget_the_infrastructure_set_and_the
     assert_eq!(probe.infrastructure(), config.infrastructure_set());
 
     let view = agent.create_job(&token).unwrap();
-    let job_key = snas_wire::JobKey(snas_policy::identity::job_key(&jti));
+    let job_key = snas_policy::identity::job_key(&jti);
     let netns = PathBuf::from(&view.netns_path);
 
     // A DNS flood from the job: the node's budget (burst 10, 5/s) lets about 10 through.

@@ -111,7 +111,7 @@ async fn dead_and_draining_proxies_are_pushed_to_tier1_in_stable_positions() {
     assert_eq!(table.snapshot().statuses()[1].health, Health::Dead);
     // The job DNS of every job now goes to a live proxy first.
     for k in 0..20u64 {
-        let first = table.resolvers_for(k)[0];
+        let first = table.resolvers_for(snas_wire::JobKey(k))[0];
         assert_ne!(first, SocketAddr::from((ips[1], 5353)));
     }
 

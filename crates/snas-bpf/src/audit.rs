@@ -27,7 +27,7 @@ pub struct AuditEvent {
     /// CLOCK_MONOTONIC time of the decision.
     pub at_mono: Duration,
     /// Job key.
-    pub job_key: u64,
+    pub job_key: crate::JobKey,
     /// Kind and reason.
     pub kind: AuditKind,
     /// IP protocol number.
@@ -57,7 +57,7 @@ impl AuditEvent {
         };
         Some(AuditEvent {
             at_mono: Duration::from_nanos(e.ts_ns),
-            job_key: e.job_key,
+            job_key: crate::JobKey(e.job_key),
             kind,
             proto: e.proto,
             src: SocketAddr::new(addr(e.family, &e.saddr)?, e.sport),

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 use crate::skel::types;
 use snas_wire::L4Proto;
 
-pub use snas_wire::{Bps, JobKey, PolicySerial, RuleProtocol};
+pub use snas_wire::{Bps, JobKey, PolicySerial, RuleProtocol, TenantId};
 
 /// A token bucket of packets: `per_sec` tokens a second, at most `burst` saved up. Both are at
 /// least one; "no limit" is the absence of a budget (`Option<PacketBudget>::None`).
@@ -112,7 +112,7 @@ pub struct JobConfig {
     /// `snas_policy::identity::job_key(jti)`.
     pub job_key: JobKey,
     /// `snas_policy::identity::tenant_id(tenant)`.
-    pub tenant_id: u32,
+    pub tenant_id: TenantId,
     /// Policy serial carried in the GENEVE option.
     pub policy_serial: PolicySerial,
     /// The sandbox's only allowed source address.
@@ -159,7 +159,7 @@ impl Default for JobConfig {
         JobConfig {
             veth_ifindex: 0,
             job_key: JobKey(0),
-            tenant_id: 0,
+            tenant_id: snas_wire::TenantId(0),
             policy_serial: PolicySerial(0),
             sandbox_ip: Ipv4Addr::UNSPECIFIED,
             sandbox_mac: [0; 6],
@@ -203,7 +203,7 @@ impl JobConfig {
     pub(crate) fn to_c(&self, clocks: &Clocks) -> types::job_cfg {
         let mut c = types::job_cfg {
             job_key: self.job_key.get(),
-            tenant_id: self.tenant_id,
+            tenant_id: self.tenant_id.get(),
             policy_serial: self.policy_serial.get(),
             sandbox_ip: u32::from_ne_bytes(self.sandbox_ip.octets()),
             gateway_ip: u32::from_ne_bytes(self.gateway_ip.octets()),

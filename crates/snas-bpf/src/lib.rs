@@ -38,7 +38,7 @@ pub mod tier1;
 pub use audit::{AuditEvent, AuditKind};
 pub use config::{
     Bps, JobConfig, JobKey, NodeConfig, PacketBudget, PolicySerial, PortRule, ProxyEntry,
-    RuleProtocol,
+    RuleProtocol, TenantId,
 };
 pub use counters::{DirCounters, JobCounters, PacketCount};
 pub use flows::{FlowState, FlowTimeouts};

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use proptest::prelude::*;
 use snas_bpf::testing::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
-use snas_bpf::{PortRule, ProxyEntry, RuleProtocol};
+use snas_bpf::{PortRule, RuleProtocol};
 
 fn total(n: &Node) -> u64 {
     let c = n.t1().counters(JOB_KEY).expect("counters").from_sandbox;
@@ -16,20 +16,8 @@ fn total(n: &Node) -> u64 {
 
 #[test]
 fn every_mutated_frame_is_counted_exactly_once() {
-    require_root("accounting");
-    let n = load(&node_config("accounting"));
-    n.t1().configure_job(&job()).expect("job");
-    n.t1()
-        .set_proxies(&[ProxyEntry::active(PROXY_IPS[0])])
-        .expect("proxies");
-    n.t1()
-        .allow_cidr(
-            JOB_KEY,
-            "203.0.113.0/24".parse().expect("net"),
-            &[PortRule::all(RuleProtocol::Any)],
-            false,
-        )
-        .expect("cidr");
+    let n = node_with_job("accounting", |_| {}, |_| {}, &proxies(1));
+    allow_test_net(&n, &[PortRule::all(RuleProtocol::Any)]);
     let bases = [
         Pkt::tcp_syn(ALLOWED_IP, 443).frame(),
         Pkt::udp(ALLOWED_IP, 4000, &[1; 40]).frame(),
@@ -61,20 +49,8 @@ fn every_mutated_frame_is_counted_exactly_once() {
 /// exactly once: BPF's connection count equals what an ageing pass recounts from the table.
 #[test]
 fn random_replies_never_make_the_connection_count_drift() {
-    require_root("replydrift");
-    let n = load(&node_config("replydrift"));
-    n.t1().configure_job(&job()).expect("job");
-    n.t1()
-        .set_proxies(&[ProxyEntry::active(PROXY_IPS[0])])
-        .expect("proxies");
-    n.t1()
-        .allow_cidr(
-            JOB_KEY,
-            "203.0.113.0/24".parse().expect("net"),
-            &[PortRule::all(RuleProtocol::Any)],
-            false,
-        )
-        .expect("cidr");
+    let n = node_with_job("replydrift", |_| {}, |_| {}, &proxies(1));
+    allow_test_net(&n, &[PortRule::all(RuleProtocol::Any)]);
     let conn = |sport: u16, udp: bool| {
         let p = Pkt {
             sport,

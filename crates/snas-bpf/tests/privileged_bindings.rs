@@ -10,20 +10,14 @@ use std::time::Duration;
 use common::*;
 use snas_bpf::config::MAX_PORT_RULES;
 use snas_bpf::testing::{TC_ACT_REDIRECT, TC_ACT_SHOT};
-use snas_bpf::{PortRule, ProxyEntry, RuleProtocol};
+use snas_bpf::{PortRule, RuleProtocol};
 use snas_wire::Reason;
 
 /// A CDN address two names resolve to.
 const SHARED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 80);
 
 fn setup(name: &str) -> Node {
-    require_root(name);
-    let n = load(&node_config(name));
-    n.t1().configure_job(&job()).expect("job");
-    n.t1()
-        .set_proxies(&[ProxyEntry::active(PROXY_IPS[0])])
-        .expect("proxies");
-    n
+    node_with_job(name, |_| {}, |_| {}, &proxies(1))
 }
 
 fn tcp(port: u16) -> PortRule {

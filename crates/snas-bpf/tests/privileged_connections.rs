@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use snas_bpf::testing::{TC_ACT_REDIRECT, TC_ACT_SHOT};
-use snas_bpf::{FlowTimeouts, PortRule, ProxyEntry, RuleProtocol};
+use snas_bpf::FlowTimeouts;
 use snas_wire::Reason;
 
 const SYN: u8 = 0x02;
@@ -21,34 +21,8 @@ const RST: u8 = 0x04;
 const RST_ACK: u8 = 0x14;
 
 fn setup(name: &str, edit: impl FnOnce(&mut snas_bpf::JobConfig)) -> Node {
-    require_root(name);
-    let n = load(&node_config(name));
-    let mut j = job();
-    edit(&mut j);
-    n.t1().configure_job(&j).expect("job");
-    n.t1()
-        .set_proxies(
-            &PROXY_IPS
-                .iter()
-                .map(|&ip| ProxyEntry::active(ip))
-                .collect::<Vec<_>>(),
-        )
-        .expect("proxies");
-    n.t1()
-        .allow_cidr(
-            JOB_KEY,
-            "203.0.113.0/24".parse().expect("net"),
-            &[
-                PortRule::port(RuleProtocol::Tcp, 443),
-                PortRule {
-                    proto: RuleProtocol::Udp,
-                    lo: 4000,
-                    hi: 4999,
-                },
-            ],
-            false,
-        )
-        .expect("cidr");
+    let n = node_with_job(name, |_| {}, edit, &proxies(PROXY_IPS.len()));
+    allow_test_net(&n, &tcp_443_and_udp_4000s());
     n
 }
 
@@ -68,15 +42,6 @@ fn out(n: &Node, p: &Pkt, flags: u8) -> i32 {
 fn back(n: &Node, p: &Pkt, flags: u8) {
     let out = n.run_uplink(&geneve_frame(PROXY_IPS[0], JOB_KEY, &p.reply(flags).ip()));
     assert_eq!(out.retval, TC_ACT_REDIRECT, "reply delivered");
-}
-
-fn drops(n: &Node, r: Reason) -> u64 {
-    n.t1()
-        .counters(JOB_KEY)
-        .expect("counters")
-        .from_sandbox
-        .dropped(r)
-        .packets
 }
 
 fn live(n: &Node) -> u64 {
@@ -110,7 +75,7 @@ fn a_thousand_sequential_connections_with_four_slots_are_all_admitted() {
         assert!(full_connection(&n, &conn(10_000 + i)), "connection {i}");
         assert_eq!(live(&n), 0, "connection {i} gave its slot back");
     }
-    assert_eq!(drops(&n, Reason::ConnectionLimit), 0);
+    assert_eq!(sandbox_drops(&n, Reason::ConnectionLimit), 0);
 }
 
 #[test]
@@ -119,7 +84,7 @@ fn a_rst_either_way_frees_the_slot() {
     let (a, b, c) = (conn(1), conn(2), conn(3));
     assert_eq!(out(&n, &a, SYN), TC_ACT_REDIRECT);
     assert_eq!(out(&n, &b, SYN), TC_ACT_SHOT, "the one slot is taken");
-    assert_eq!(drops(&n, Reason::ConnectionLimit), 1);
+    assert_eq!(sandbox_drops(&n, Reason::ConnectionLimit), 1);
     // From the sandbox.
     assert_eq!(
         out(&n, &a, RST),
@@ -175,7 +140,7 @@ fn late_acks_and_fin_retransmits_after_close_pass_without_admission() {
     }
     back(&n, &a, FIN_ACK);
     assert_eq!(live(&n), 1);
-    assert_eq!(drops(&n, Reason::ConnectionLimit), 0);
+    assert_eq!(sandbox_drops(&n, Reason::ConnectionLimit), 0);
 }
 
 #[test]
@@ -204,7 +169,7 @@ fn a_syn_on_a_closed_entry_takes_a_new_connection_token() {
     let a = conn(1);
     assert!(full_connection(&n, &a));
     assert_eq!(out(&n, &a, SYN), TC_ACT_SHOT, "the bucket is empty");
-    assert_eq!(drops(&n, Reason::NewConnectionRate), 1);
+    assert_eq!(sandbox_drops(&n, Reason::NewConnectionRate), 1);
     assert_eq!(live(&n), 0);
     std::thread::sleep(Duration::from_millis(1100));
     assert_eq!(out(&n, &a, SYN), TC_ACT_REDIRECT);
@@ -334,7 +299,7 @@ fn ageing_while_connections_churn_never_refuses_a_connection() {
     });
     assert!(passes > 0);
     eprintln!("{passes} ageing passes ran during 3000 connections");
-    assert_eq!(drops(&n, Reason::ConnectionLimit), 0);
+    assert_eq!(sandbox_drops(&n, Reason::ConnectionLimit), 0);
     age(&n, &FlowTimeouts::default());
     assert_eq!(live(&n), 0);
 }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use common::*;
 use ipnet::IpNet;
 use snas_bpf::testing::{TC_ACT_REDIRECT, TC_ACT_SHOT};
-use snas_bpf::{AuditKind, PortRule, ProxyEntry, RuleProtocol, Tier1Error};
+use snas_bpf::{AuditKind, PortRule, RuleProtocol, Tier1Error};
 use snas_wire::Reason;
 
 /// A proxy's underlay network and the cloud metadata address, as an agent would configure.
@@ -22,12 +22,7 @@ const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 /// A job with the widest policy there is: every IPv4 address, every port, both protocols,
 /// private ranges included.
 fn setup(name: &str) -> Node {
-    require_root(name);
-    let n = load(&node_config(name));
-    n.t1().configure_job(&job()).expect("job");
-    n.t1()
-        .set_proxies(&[ProxyEntry::active(PROXY_IPS[0])])
-        .expect("proxies");
+    let n = node_with_job(name, |_| {}, |_| {}, &proxies(1));
     n.t1()
         .allow_cidr(
             JOB_KEY,
@@ -41,15 +36,6 @@ fn setup(name: &str) -> Node {
 
 fn nets(list: &[&str]) -> Vec<IpNet> {
     list.iter().map(|s| s.parse().expect("net")).collect()
-}
-
-fn drops(n: &Node, r: Reason) -> u64 {
-    n.t1()
-        .counters(JOB_KEY)
-        .expect("counters")
-        .from_sandbox
-        .dropped(r)
-        .packets
 }
 
 /// Where a frame went: 1 = answered into the sandbox, 2 = to a proxy, 0 = dropped.
@@ -108,8 +94,8 @@ fn infrastructure_is_refused_even_to_an_all_ports_allow_private_rule() {
         (1, 3, 13),
         "ICMP destination unreachable, administratively prohibited"
     );
-    assert_eq!(drops(&n, Reason::InfrastructureDenied), 7);
-    assert_eq!(drops(&n, Reason::DestinationDenied), 0);
+    assert_eq!(sandbox_drops(&n, Reason::InfrastructureDenied), 7);
+    assert_eq!(sandbox_drops(&n, Reason::DestinationDenied), 0);
 
     // Outside the set the wide rule still applies.
     assert_eq!(fate(&n, &Pkt::tcp_syn(outside, 443)), 2);

@@ -17,28 +17,20 @@ const ALLOWED6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7);
 const OTHER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 9);
 
 fn setup(name: &str, ipv6_rules: bool) -> Node {
-    require_root(name);
-    let n = load(&node_config(name));
-    let mut j = job();
-    j.ipv6_rules = ipv6_rules;
-    j.sandbox_ip6 = Some(SANDBOX6);
-    n.t1().configure_job(&j).expect("job");
-    n.t1()
-        .set_proxies(&[ProxyEntry::active(PROXY_IPS[0])])
-        .expect("proxies");
-    let rules = [
-        PortRule::port(RuleProtocol::Tcp, 443),
-        PortRule {
-            proto: RuleProtocol::Udp,
-            lo: 4000,
-            hi: 4999,
+    let n = node_with_job(
+        name,
+        |_| {},
+        |j| {
+            j.ipv6_rules = ipv6_rules;
+            j.sandbox_ip6 = Some(SANDBOX6);
         },
-    ];
+        &proxies(1),
+    );
     n.t1()
         .allow_cidr6(
             JOB_KEY,
             "2001:db8::/48".parse().expect("net"),
-            &rules,
+            &tcp_443_and_udp_4000s(),
             false,
         )
         .expect("cidr6");
@@ -158,25 +150,6 @@ fn flow_hash6(p: &P6) -> u32 {
     }
     h = fmix32(h ^ ((u32::from(p.sport) << 16) | u32::from(p.dport)));
     fmix32(h ^ u32::from(p.next))
-}
-
-fn drops(n: &Node, r: Reason) -> u64 {
-    n.t1()
-        .counters(JOB_KEY)
-        .expect("counters")
-        .from_sandbox
-        .dropped(r)
-        .packets
-}
-
-fn assert_drop(n: &Node, frame: &[u8], r: Reason) {
-    let before = drops(n, r);
-    assert_eq!(
-        n.run_sandbox(frame).retval,
-        TC_ACT_SHOT,
-        "expected drop for {r}"
-    );
-    assert_eq!(drops(n, r), before + 1, "counter of {r}");
 }
 
 #[test]
@@ -344,7 +317,7 @@ fn neighbour_discovery_goes_to_the_host_and_dns_over_ipv6_is_denied() {
     let out = n.run_sandbox(&P6::udp(ALLOWED6, 53, &[0; 12]).frame());
     assert_eq!(out.retval, TC_ACT_REDIRECT);
     assert_eq!(out.data[ETH + 6], 58, "an ICMPv6 answer");
-    assert_eq!(drops(&n, Reason::DestinationDenied), 1);
+    assert_eq!(sandbox_drops(&n, Reason::DestinationDenied), 1);
 }
 
 #[test]
@@ -414,7 +387,7 @@ fn denied_ipv6_syn_is_answered_with_an_exact_rst() {
     tcp[16..18].copy_from_slice(&c.to_be_bytes());
     want.extend_from_slice(&tcp);
     assert_eq!(out.data, want);
-    assert_eq!(drops(&n, Reason::DestinationDenied), 1);
+    assert_eq!(sandbox_drops(&n, Reason::DestinationDenied), 1);
     // DNS over TCP/IPv6 fails fast too.
     let dns = n.run_sandbox(&P6::tcp_syn(ALLOWED6, 53).frame());
     assert_eq!(dns.retval, TC_ACT_REDIRECT);
@@ -493,8 +466,8 @@ fn denied_ipv6_udp_is_answered_with_an_exact_icmpv6_unreachable() {
     let wrong_port = P6::udp(ALLOWED6, 5000, &[7; 40]);
     let out = n.run_sandbox(&wrong_port.frame());
     assert_eq!(out.data, icmp6_for(&wrong_port, 4), "port unreachable");
-    assert_eq!(drops(&n, Reason::DestinationDenied), 1);
-    assert_eq!(drops(&n, Reason::PortDenied), 1);
+    assert_eq!(sandbox_drops(&n, Reason::DestinationDenied), 1);
+    assert_eq!(sandbox_drops(&n, Reason::PortDenied), 1);
 }
 
 #[test]
@@ -511,7 +484,7 @@ fn ipv6_infrastructure_is_refused_whatever_the_rules_say() {
     assert_eq!((syn.retval, syn.data.len()), (TC_ACT_REDIRECT, 74), "a RST");
     let udp = P6::udp(OTHER6, 9090, b"x");
     assert_eq!(n.run_sandbox(&udp.frame()).data, icmp6_for(&udp, 1));
-    assert_eq!(drops(&n, Reason::InfrastructureDenied), 2);
+    assert_eq!(sandbox_drops(&n, Reason::InfrastructureDenied), 2);
     let outside = P6::tcp_syn("2001:db8:fffe::1".parse().expect("addr"), 9090);
     assert_eq!(n.run_sandbox(&outside.frame()).retval, TC_ACT_REDIRECT);
     let dbg = n.t1().last_redirect().expect("debug").expect("recorded");
@@ -555,7 +528,7 @@ fn an_expired_ipv6_job_gets_a_rst_for_any_segment_and_icmpv6_for_udp() {
     assert_eq!(csum(tcp, pseudo6(ALLOWED6, SANDBOX6, 6, 20)), 0);
     let udp = P6::udp(ALLOWED6, 4000, b"x");
     assert_eq!(n.run_sandbox(&udp.frame()).data, icmp6_for(&udp, 1));
-    assert_eq!(drops(&n, Reason::PolicyExpired), 2);
+    assert_eq!(sandbox_drops(&n, Reason::PolicyExpired), 2);
     // Neighbour discovery still reaches the host.
     let ns = P6 {
         next: 58,
@@ -607,7 +580,7 @@ fn ipv6_connections_that_close_both_ways_give_their_slot_back() {
         );
     }
     assert_eq!(n.t1().live_flows(VETH).expect("live"), 0);
-    assert_eq!(drops(&n, Reason::ConnectionLimit), 0);
+    assert_eq!(sandbox_drops(&n, Reason::ConnectionLimit), 0);
 }
 
 #[test]

@@ -13,9 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use common::*;
 use snas_bpf::testing::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
-use snas_bpf::{
-    AuditKind, JobConfig, NodeConfig, PacketBudget, PortRule, ProxyEntry, RuleProtocol,
-};
+use snas_bpf::{AuditKind, JobConfig, NodeConfig, PacketBudget};
 use snas_wire::Reason;
 
 fn setup(
@@ -23,41 +21,9 @@ fn setup(
     node_edit: impl FnOnce(&mut NodeConfig),
     job_edit: impl FnOnce(&mut JobConfig),
 ) -> Node {
-    require_root(name);
-    let mut cfg = node_config(name);
-    node_edit(&mut cfg);
-    let n = load(&cfg);
-    let mut j = job();
-    job_edit(&mut j);
-    n.t1().configure_job(&j).expect("job");
-    n.t1()
-        .set_proxies(&[ProxyEntry::active(PROXY_IPS[0])])
-        .expect("proxies");
-    n.t1()
-        .allow_cidr(
-            JOB_KEY,
-            "203.0.113.0/24".parse().expect("net"),
-            &[
-                PortRule::port(RuleProtocol::Tcp, 443),
-                PortRule {
-                    proto: RuleProtocol::Udp,
-                    lo: 4000,
-                    hi: 4999,
-                },
-            ],
-            false,
-        )
-        .expect("cidr");
+    let n = node_with_job(name, node_edit, job_edit, &proxies(1));
+    allow_test_net(&n, &tcp_443_and_udp_4000s());
     n
-}
-
-fn drops(n: &Node, r: Reason) -> u64 {
-    n.t1()
-        .counters(JOB_KEY)
-        .expect("counters")
-        .from_sandbox
-        .dropped(r)
-        .packets
 }
 
 /// The ICMP destination unreachable (type 3, `code`) tier 1 must answer the UDP packet `p`
@@ -119,9 +85,9 @@ fn denied_udp_gets_an_exact_icmp_prohibited_or_port_unreachable() {
         icmp_for(&private, 13),
         "always denied"
     );
-    assert_eq!(drops(&n, Reason::DestinationDenied), 1);
-    assert_eq!(drops(&n, Reason::PortDenied), 1);
-    assert_eq!(drops(&n, Reason::AlwaysDenied), 1);
+    assert_eq!(sandbox_drops(&n, Reason::DestinationDenied), 1);
+    assert_eq!(sandbox_drops(&n, Reason::PortDenied), 1);
+    assert_eq!(sandbox_drops(&n, Reason::AlwaysDenied), 1);
 }
 
 #[test]
@@ -146,7 +112,7 @@ fn icmp_answers_are_rate_limited_per_job_and_the_rest_only_dropped() {
     // The burst of 10, plus at most one refill token if the loop crossed a second.
     assert!((10..=11).contains(&answered), "{answered} answered");
     assert_eq!(
-        drops(&n, Reason::DestinationDenied),
+        sandbox_drops(&n, Reason::DestinationDenied),
         40,
         "every one counted"
     );
@@ -223,7 +189,7 @@ fn an_expired_job_gets_the_rfc_793_reset_for_any_tcp_segment() {
         n.run_sandbox(&base.with_flags(0x04).frame()).retval,
         TC_ACT_SHOT
     );
-    assert_eq!(drops(&n, Reason::PolicyExpired), 6);
+    assert_eq!(sandbox_drops(&n, Reason::PolicyExpired), 6);
     // The exact frame of one of them.
     let rst = answered(&n, &data);
     let want = Pkt {
@@ -277,7 +243,7 @@ fn an_expired_job_gets_icmp_for_udp_and_for_dns_which_is_no_longer_captured() {
         ..Pkt::tcp_syn(ALLOWED_IP, 0)
     };
     assert_eq!(n.run_sandbox(&icmp_echo.frame()).retval, TC_ACT_SHOT);
-    assert_eq!(drops(&n, Reason::PolicyExpired), 4);
+    assert_eq!(sandbox_drops(&n, Reason::PolicyExpired), 4);
     let c = n.t1().counters(JOB_KEY).expect("counters").from_sandbox;
     assert_eq!(c.forwarded.packets, 0);
 }
@@ -348,7 +314,7 @@ fn a_job_expiring_later_is_not_refused_until_then() {
     assert_eq!(n.t1().last_redirect().expect("debug").expect("rec").kind, 2);
     std::thread::sleep(Duration::from_millis(1600));
     assert_eq!(answered(&n, &p), icmp_for(&p, 13));
-    assert_eq!(drops(&n, Reason::PolicyExpired), 1);
+    assert_eq!(sandbox_drops(&n, Reason::PolicyExpired), 1);
 }
 
 #[test]
@@ -382,7 +348,7 @@ fn dns_beyond_the_jobs_packet_budget_is_dropped_as_dns_rate() {
     }
     // The burst of 20, plus at most one refill token if the loop crossed a second.
     assert!((20..=21).contains(&captured), "{captured} captured");
-    assert_eq!(drops(&n, Reason::DnsRate), 100 - captured);
+    assert_eq!(sandbox_drops(&n, Reason::DnsRate), 100 - captured);
     let c = n.t1().counters(JOB_KEY).expect("counters").from_sandbox;
     assert_eq!(
         c.forwarded.packets, captured,
@@ -417,7 +383,7 @@ fn a_job_without_a_dns_budget_is_not_limited_in_tier_1() {
         };
         assert_eq!(n.run_sandbox(&q.frame()).retval, TC_ACT_OK);
     }
-    assert_eq!(drops(&n, Reason::DnsRate), 0);
+    assert_eq!(sandbox_drops(&n, Reason::DnsRate), 0);
 }
 
 #[test]
@@ -430,9 +396,9 @@ fn frames_with_vlan_and_qinq_ethertypes_are_not_ip() {
         tagged.extend_from_slice(&tpid.to_be_bytes());
         tagged.extend_from_slice(&5u16.to_be_bytes());
         tagged.extend_from_slice(&plain[12..]);
-        let before = drops(&n, Reason::NotIp);
+        let before = sandbox_drops(&n, Reason::NotIp);
         assert_eq!(n.run_sandbox(&tagged).retval, TC_ACT_SHOT, "{tpid:#x}");
-        assert_eq!(drops(&n, Reason::NotIp), before + 1);
+        assert_eq!(sandbox_drops(&n, Reason::NotIp), before + 1);
     }
     assert_eq!(n.run_sandbox(&plain).retval, TC_ACT_REDIRECT);
 }

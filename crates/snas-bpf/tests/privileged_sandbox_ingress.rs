@@ -11,15 +11,8 @@ use std::time::Duration;
 use common::*;
 use snas_bpf::maglev;
 use snas_bpf::testing::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
-use snas_bpf::{AuditKind, Bps, PortRule, ProxyEntry, RuleProtocol};
+use snas_bpf::{AuditKind, Bps, PortRule, RuleProtocol};
 use snas_wire::Reason;
-
-fn proxies(n: usize) -> Vec<ProxyEntry> {
-    PROXY_IPS[..n]
-        .iter()
-        .map(|&ip| ProxyEntry::active(ip))
-        .collect()
-}
 
 /// A node with one job, three proxies and 203.0.113.0/24 allowed on TCP 443 and UDP 4000-4999.
 fn setup(name: &str) -> Node {
@@ -31,46 +24,9 @@ fn setup_with(
     node_edit: impl FnOnce(&mut snas_bpf::NodeConfig),
     job_edit: impl FnOnce(&mut snas_bpf::JobConfig),
 ) -> Node {
-    require_root(name);
-    let mut cfg = node_config(name);
-    node_edit(&mut cfg);
-    let n = load(&cfg);
-    let mut j = job();
-    job_edit(&mut j);
-    n.t1().configure_job(&j).expect("configure job");
-    n.t1().set_proxies(&proxies(3)).expect("proxies");
-    n.t1()
-        .allow_cidr(
-            JOB_KEY,
-            "203.0.113.0/24".parse().expect("net"),
-            &[
-                PortRule::port(RuleProtocol::Tcp, 443),
-                PortRule {
-                    proto: RuleProtocol::Udp,
-                    lo: 4000,
-                    hi: 4999,
-                },
-            ],
-            false,
-        )
-        .expect("cidr");
+    let n = node_with_job(name, node_edit, job_edit, &proxies(3));
+    allow_test_net(&n, &tcp_443_and_udp_4000s());
     n
-}
-
-fn drops(n: &Node, r: Reason) -> u64 {
-    n.t1()
-        .counters(JOB_KEY)
-        .expect("counters")
-        .from_sandbox
-        .dropped(r)
-        .packets
-}
-
-fn assert_drop(n: &Node, frame: &[u8], r: Reason) {
-    let before = drops(n, r);
-    let out = n.run_sandbox(frame);
-    assert_eq!(out.retval, TC_ACT_SHOT, "expected drop for {r}");
-    assert_eq!(drops(n, r), before + 1, "counter of {r}");
 }
 
 #[test]
@@ -377,17 +333,17 @@ fn denied_syn_is_answered_with_an_exact_rst() {
     want[t + 16..t + 18].copy_from_slice(&c.to_be_bytes());
     assert_eq!(out.data, want);
     assert!(ipv4_header_ok(&out.data[ETH..]) && l4_ok(&out.data[ETH..]));
-    assert_eq!(drops(&n, Reason::DestinationDenied), 1);
+    assert_eq!(sandbox_drops(&n, Reason::DestinationDenied), 1);
 }
 
 /// A refused packet that is answered: counted under `r` and sent back into the sandbox.
 fn assert_answered(n: &Node, frame: &[u8], r: Reason) -> Vec<u8> {
-    let before = drops(n, r);
+    let before = sandbox_drops(n, r);
     let out = n.run_sandbox(frame);
     assert_eq!(out.retval, TC_ACT_REDIRECT, "expected an answer for {r}");
     let dbg = n.t1().last_redirect().expect("debug").expect("recorded");
     assert_eq!((dbg.kind, dbg.ifindex), (1, VETH), "back into the sandbox");
-    assert_eq!(drops(n, r), before + 1, "counter of {r}");
+    assert_eq!(sandbox_drops(n, r), before + 1, "counter of {r}");
     out.data
 }
 
@@ -488,7 +444,7 @@ fn dns_learned_address_admits_new_connections_until_it_expires_and_never_cuts_es
     );
     let dbg = n.t1().last_redirect().expect("debug").expect("recorded");
     assert_eq!(dbg.kind, 1, "the RST goes back into the sandbox");
-    assert_eq!(drops(&n, Reason::DestinationDenied), 1);
+    assert_eq!(sandbox_drops(&n, Reason::DestinationDenied), 1);
     // The connection opened before the expiry is not cut by it ...
     let ack = Pkt {
         tcp_flags: 0x10,
@@ -734,7 +690,7 @@ fn denials_and_new_flows_are_audited_with_a_rate_limit() {
     assert_eq!(ev[0].src, "10.88.0.2:40000".parse().expect("addr"));
     assert_eq!(ev[1].kind, AuditKind::Deny(Reason::DestinationDenied));
     assert_eq!(ev[1].proto, 17);
-    assert_eq!(ev[1].job_key, JOB_KEY.get());
+    assert_eq!(ev[1].job_key, snas_wire::JobKey(JOB_KEY.get()));
     assert_eq!(n.t1().audit_suppressed(VETH).expect("suppressed"), 3);
 }
 

@@ -11,13 +11,7 @@ use snas_bpf::ProxyEntry;
 use snas_wire::Reason;
 
 fn setup(name: &str) -> Node {
-    require_root(name);
-    let n = load(&node_config(name));
-    n.t1().configure_job(&job()).expect("job");
-    n.t1()
-        .set_proxies(&[ProxyEntry::active(PROXY_IPS[0])])
-        .expect("proxies");
-    n
+    node_with_job(name, |_| {}, |_| {}, &proxies(1))
 }
 
 fn reply_inner() -> Vec<u8> {

@@ -89,7 +89,7 @@ fn bench(c: &mut Criterion) {
     draft.egress = rules.clone();
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     let key = PolicyKey::from_seed("bench", [9; 32]).unwrap_or_else(|e| panic!("{e}"));
-    let claims = draft.to_claims("benchbenchbenchbench", 1, now);
+    let claims = draft.to_claims("benchbenchbenchbench", snas_wire::PolicySerial(1), now);
     let token = snas_policy::sign(&claims, &key).unwrap_or_else(|e| panic!("{e}"));
     let pem = key.public_pem().unwrap_or_else(|e| panic!("{e}"));
     let bundle = TrustBundle::from_keys([("bench", pem)]).unwrap_or_else(|e| panic!("{e}"));

@@ -27,6 +27,29 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use snas_wire::JobKey;
+
+/// `Option<JobKey>` as the audit format has always spelt it: the 16 hex digits, or `""`.
+mod job_key_or_empty {
+    use super::JobKey;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(k: &Option<JobKey>, s: S) -> Result<S::Ok, S::Error> {
+        match k {
+            Some(k) => s.collect_str(k),
+            None => s.serialize_str(""),
+        }
+    }
+
+    /// `""` (or `null`) is `None`; anything else must be a job key.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<JobKey>, D::Error> {
+        let s = <Option<std::borrow::Cow<'de, str>>>::deserialize(d)?;
+        match s.as_deref() {
+            None | Some("") => Ok(None),
+            Some(k) => k.parse().map(Some).map_err(serde::de::Error::custom),
+        }
+    }
+}
 
 /// What a line is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -167,9 +190,10 @@ pub struct AuditLine {
     /// Job name (empty when the job is unknown).
     #[serde(default)]
     pub job: String,
-    /// Job key, 16 hex digits (empty when unknown).
-    #[serde(default)]
-    pub job_key: String,
+    /// Job key: 16 hex digits, or `""` on disk when the line has none (`None`; always written,
+    /// as it always was; a missing field reads as `None`).
+    #[serde(default, with = "job_key_or_empty")]
+    pub job_key: Option<JobKey>,
     /// `tcp`, `udp`, `icmp`, `icmpv6`, `dns` or a protocol number (absent on job lines).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub proto: String,
@@ -240,7 +264,7 @@ impl AuditLine {
             action,
             tenant: String::new(),
             job: String::new(),
-            job_key: String::new(),
+            job_key: None,
             proto: String::new(),
             src: Slot::Absent,
             dst: Slot::Absent,
@@ -296,7 +320,7 @@ mod tests {
     fn named(mut l: AuditLine) -> AuditLine {
         l.tenant = "acme".into();
         l.job = "web".into();
-        l.job_key = "1f0c000000000001".into();
+        l.job_key = Some(JobKey(0x1f0c_0000_0000_0001));
         l
     }
 
@@ -432,5 +456,19 @@ mod tests {
         assert!(l.src.is_absent());
         assert!(serde_json::from_str::<AuditLine>(r#"{"tier":2}"#).is_err());
         assert!(serde_json::from_str::<AuditLine>(r#"{"action":"explode"}"#).is_err());
+        assert_eq!(l.job_key, None, "a missing job key reads as none");
+    }
+
+    #[test]
+    fn a_line_without_a_job_key_is_written_with_an_empty_one_as_always() {
+        let l = AuditLine::new("t".into(), 2, None, Action::Deny);
+        let text = serde_json::to_string(&l).unwrap();
+        assert_eq!(
+            text,
+            r#"{"time":"t","tier":2,"action":"deny","tenant":"","job":"","job_key":"","bytes":0}"#
+        );
+        assert_eq!(serde_json::from_str::<AuditLine>(&text).unwrap(), l);
+        let bad = text.replace(r#""job_key":"""#, r#""job_key":"1F0C000000000001""#);
+        assert!(serde_json::from_str::<AuditLine>(&bad).is_err(), "{bad}");
     }
 }

@@ -405,7 +405,7 @@ max_connections = 64
         assert_eq!(d.node, Some("192.0.2.7".parse().expect("ip")));
         assert_eq!(d.ttl.as_secs(), 7200);
         assert_eq!(d.egress.len(), 3);
-        assert_eq!(d.limits.egress_bps, Bps(10_000_000));
+        assert_eq!(d.limits.egress_bps, Bps::mbit(10).unwrap());
         assert_eq!(d.limits.ingress_bps, Limits::default().ingress_bps);
         assert_eq!(d.limits.max_connections, 64);
         assert_eq!(d.limits.new_connections_burst, 100);

@@ -15,7 +15,7 @@ use crate::limits::Limits;
 use crate::rules::EgressRule;
 use crate::units::DEFAULT_TTL;
 use serde::{Deserialize, Serialize};
-use snas_wire::{PolicySerial, PolicySerialError};
+use snas_wire::{JobKey, PolicySerial, TenantId};
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -53,7 +53,7 @@ impl PolicyDraft {
     }
 
     /// The claims to sign: `iat = nbf = now`, `exp = now + ttl`.
-    pub fn to_claims(&self, jti: &str, serial: u64, now: SystemTime) -> PolicyClaims {
+    pub fn to_claims(&self, jti: &str, serial: PolicySerial, now: SystemTime) -> PolicyClaims {
         let iat = unix_secs(now);
         PolicyClaims {
             jti: jti.to_owned(),
@@ -96,12 +96,9 @@ pub struct PolicyClaims {
     /// Underlay address of the job's node, if pinned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<IpAddr>,
-    /// Increases on live update. At most `u32::MAX`: the overlay option carries 32 bits (checked
-    /// by [`PolicyClaims::validate`]; read it typed with [`PolicyClaims::policy_serial`]).
-    ///
-    /// Transitional (issue 14): a `u64` only because snas-proxy still reads it as one; it
-    /// becomes a [`PolicySerial`] once the proxy converts.
-    pub serial: u64,
+    /// Increases on live update. 32 bits because the overlay option carries 32: a token whose
+    /// `serial` claim is above `u32::MAX` is refused when it is read (never truncated).
+    pub serial: PolicySerial,
     /// Rules in order.
     pub egress: Vec<EgressRule>,
     /// Limits.
@@ -130,22 +127,16 @@ impl PolicyClaims {
         if self.nbf > self.exp {
             return Err(format!("nbf {} is after exp {}", self.nbf, self.exp));
         }
-        self.policy_serial().map_err(|e| format!("serial: {e}"))?;
         Ok(())
     }
 
-    /// The serial as the overlay option, tier 1 and the agent carry it (32 bits).
-    pub fn policy_serial(&self) -> Result<PolicySerial, PolicySerialError> {
-        PolicySerial::try_from(self.serial)
-    }
-
     /// The 32-bit tenant id (overlay option).
-    pub fn tenant_id(&self) -> u32 {
+    pub fn tenant_id(&self) -> TenantId {
         crate::identity::tenant_id(&self.tenant)
     }
 
     /// The 64-bit job key (overlay option), derived from `jti`.
-    pub fn job_key(&self) -> u64 {
+    pub fn job_key(&self) -> JobKey {
         crate::identity::job_key(&self.jti)
     }
 }
@@ -161,6 +152,8 @@ struct RawClaims {
     job: String,
     #[serde(default)]
     node: Option<IpAddr>,
+    /// Read wide so that a serial the overlay cannot carry is refused by name, not as a type
+    /// error.
     serial: u64,
     egress: Vec<EgressRule>,
     limits: Limits,
@@ -177,7 +170,8 @@ impl TryFrom<RawClaims> for PolicyClaims {
             tenant: r.tenant,
             job: r.job,
             node: r.node,
-            serial: r.serial,
+            serial: PolicySerial::try_from(r.serial)
+                .map_err(|e| format!("serial: {e}; the overlay option carries 32 bits"))?,
             egress: r.egress,
             limits: r.limits,
         };
@@ -238,7 +232,7 @@ mod tests {
         );
         d.to_claims(
             "AAAAAAAAAAAAAAAAAAAAAA",
-            1,
+            PolicySerial(1),
             UNIX_EPOCH + Duration::from_secs(1_700_000_000),
         )
     }

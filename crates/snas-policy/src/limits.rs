@@ -15,6 +15,12 @@
 use crate::units::Bps;
 use serde::{Deserialize, Serialize};
 
+/// Default bandwidth each way: 100 Mbit/s.
+pub const DEFAULT_BPS: Bps = match Bps::mbit(100) {
+    Some(b) => b,
+    None => panic!("100 Mbit/s is not zero"),
+};
+
 /// Upper bound of the connection counts.
 pub const MAX_COUNT: u64 = 1_000_000;
 /// Upper bound of `max_ports_per_destination`.
@@ -41,8 +47,8 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
-            egress_bps: Bps::mbit(100),
-            ingress_bps: Bps::mbit(100),
+            egress_bps: DEFAULT_BPS,
+            ingress_bps: DEFAULT_BPS,
             max_connections: 256,
             new_connections_per_sec: 50,
             new_connections_burst: 100,
@@ -108,14 +114,8 @@ impl TryFrom<RawLimits> for Limits {
     type Error = String;
     fn try_from(r: RawLimits) -> Result<Limits, String> {
         let bps = |v: u64, name: &str| {
-            if v == 0 || v > Bps::MAX.get() {
-                Err(format!(
-                    "{name}: {v} bit/s out of range 1..={}",
-                    Bps::MAX.get()
-                ))
-            } else {
-                Ok(Bps(v))
-            }
+            Bps::checked(v)
+                .map_err(|_| format!("{name}: {v} bit/s out of range 1..={}", Bps::MAX.get()))
         };
         let count =
             |v: i64, max: u64, name: &str| check_count(v, max).map_err(|e| format!("{name}: {e}"));

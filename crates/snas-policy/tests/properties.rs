@@ -115,7 +115,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
-    fn valid_policies_round_trip_toml_claims_jws_verify(src in policy_toml(), serial in any::<u32>().prop_map(u64::from), seed in any::<[u8; 32]>()) {
+    fn valid_policies_round_trip_toml_claims_jws_verify(src in policy_toml(), serial in any::<u32>().prop_map(snas_wire::PolicySerial), seed in any::<[u8; 32]>()) {
         let draft = snas_policy::parse_policy(&src).map_err(|e| TestCaseError::fail(format!("{e}\n{src}")))?;
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let claims = draft.to_claims("0123456789abcdef0123", serial, now);

@@ -211,7 +211,11 @@ fn claims_value() -> impl Strategy<Value = Value> {
             if node {
                 d.node = Some("192.0.2.7".parse().expect("ip"));
             }
-            let claims = d.to_claims("0123456789abcdef0123", u64::from(serial), now());
+            let claims = d.to_claims(
+                "0123456789abcdef0123",
+                snas_wire::PolicySerial(serial),
+                now(),
+            );
             serde_json::to_value(claims).expect("json")
         })
 }

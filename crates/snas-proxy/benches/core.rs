@@ -10,7 +10,7 @@ use std::time::Duration;
 use criterion::{criterion_group, BatchSize, Criterion, Throughput};
 use snas_proxy::clock::Nanos;
 use snas_proxy::conntrack::{Conntrack, Direction, FlowKey, Open, TcpFlags};
-use snas_proxy::pacer::{Bps, PacedQueue, PacerConfig, PacingKey, PacingRates};
+use snas_proxy::pacer::{PaceRate, PacedQueue, PacerConfig, PacingKey, PacingRates};
 use snas_proxy::synthetic::{self, WIDE};
 
 const FLOWS: u32 = 1_000_000;
@@ -71,10 +71,11 @@ fn conntrack(c: &mut Criterion) {
             n = n.wrapping_add(1);
             let k = FlowKey {
                 src_port: (n % 60_000) as u16,
-                job: 0xbe7c_0000_0000 + u64::from(n / 60_000),
+                job: snas_wire::JobKey(0xbe7c_0000_0000 + u64::from(n / 60_000)),
                 ..key(n % FLOWS, false)
             };
-            if let Open::Created { id, .. } = ct.open(k, 99, WIDE, Nanos::ZERO) {
+            if let Open::Created { id, .. } = ct.open(k, snas_wire::TenantId(99), WIDE, Nanos::ZERO)
+            {
                 black_box(ct.remove(id, Nanos::ZERO));
             }
         })
@@ -112,12 +113,12 @@ fn pacer(c: &mut Criterion) {
                     for p in 0..10_000u64 {
                         *t += 1_000;
                         let key = PacingKey {
-                            job: p % jobs,
-                            tenant: (p % jobs % 16) as u32,
+                            job: snas_wire::JobKey(p % jobs),
+                            tenant: snas_wire::TenantId((p % jobs % 16) as u32),
                         };
                         let rates = PacingRates {
-                            job: Bps::gbit(1),
-                            tenant: Bps::gbit(10),
+                            job: PaceRate::gbit(1),
+                            tenant: PaceRate::gbit(10),
                         };
                         black_box(q.enqueue(key, rates, 1500, p as u32, Nanos::from_nanos(*t)));
                         q.pop_due(Nanos::from_nanos(*t), out);

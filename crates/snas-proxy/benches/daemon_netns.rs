@@ -56,7 +56,7 @@ fn datagram(flow: u16, size: usize) -> Vec<u8> {
     let opt = SnasOption {
         tenant_id: identity::tenant_id("acme"),
         job_key: identity::job_key(JTI),
-        policy_serial: 1,
+        policy_serial: snas_wire::PolicySerial(1),
     };
     let mut p = vec![0u8; 28 + inner.len()];
     write_geneve_header(&mut p, &opt, InnerProto::Ipv4).unwrap();

@@ -21,7 +21,7 @@ use snas_policy::bundle::TrustBundle;
 use snas_policy::jws::{sign, verify};
 use snas_policy::keys::PolicyKey;
 use snas_proxy::clock::Nanos;
-use snas_proxy::pacer::Bps;
+use snas_proxy::pacer::PaceRate;
 use snas_proxy::tier2::{
     JobPolicy, Now, StaticPolicies, Tier2, Tier2Config, Verdict, GENEVE_HEADER_LEN,
 };
@@ -73,18 +73,21 @@ impl Bench {
         let bundle =
             TrustBundle::from_keys([("bench", key.public_pem().expect("pem"))]).expect("bundle");
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(T0);
-        let claims = parse_policy(POLICY).expect("policy").to_claims(JTI, 1, at);
+        let claims =
+            parse_policy(POLICY)
+                .expect("policy")
+                .to_claims(JTI, snas_wire::PolicySerial(1), at);
         let token = sign(&claims, &key).expect("sign");
         let verified = verify(&token, &bundle, at).expect("verify");
         let option = SnasOption {
             tenant_id: verified.tenant_id(),
             job_key: verified.job_key(),
-            policy_serial: 1,
+            policy_serial: snas_wire::PolicySerial(1),
         };
         let mut policies = StaticPolicies::default();
         policies.insert(JobPolicy::from_verified(&verified, &[]));
         let mut cfg = Tier2Config::new(PROXY, vec![NODE], vec![EGRESS]);
-        cfg.default_tenant_cap = (Bps::UNLIMITED, Bps::UNLIMITED);
+        cfg.default_tenant_cap = (PaceRate::Unlimited, PaceRate::Unlimited);
         cfg.conntrack.max_flows = 4_000_000;
         cfg.conntrack.nat.max_ports_per_job = u32::MAX;
         cfg.conntrack.nat.max_ports_per_tenant = u32::MAX;

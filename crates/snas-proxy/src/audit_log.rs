@@ -12,6 +12,7 @@
 //!   drains.
 //! - Records are dropped (and counted in [`AuditSink::dropped`]) rather than delaying packets.
 
+use snas_wire::JobKey;
 use std::fs::OpenOptions;
 use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
@@ -35,13 +36,13 @@ fn line(
     unix_secs: u64,
     kind: Kind,
     action: Action,
-    job_key: u64,
+    job_key: JobKey,
     names: (&str, &str),
 ) -> AuditLine {
     let mut l = AuditLine::new(rfc3339_secs(unix_secs), 2, Some(kind), action);
     l.tenant = names.0.to_owned();
     l.job = names.1.to_owned();
-    l.job_key = snas_wire::JobKey(job_key).to_string();
+    l.job_key = Some(job_key);
     l
 }
 
@@ -86,7 +87,7 @@ pub fn flow_end_line(r: &FlowEndRecord) -> AuditLine {
 }
 
 /// The line of a job its node said ended (`names`: tenant and job, if the policy is held).
-pub fn job_ended_line(job_key: u64, names: Option<(&str, &str)>, unix_secs: u64) -> AuditLine {
+pub fn job_ended_line(job_key: JobKey, names: Option<(&str, &str)>, unix_secs: u64) -> AuditLine {
     let mut l = line(
         unix_secs,
         Kind::Job,

@@ -13,6 +13,7 @@
 //! - Sweeping is O(expired) amortised: expiries sit in a min-heap; a popped entry whose binding
 //!   was refreshed since is re-checked, not removed.
 
+use snas_wire::JobKey;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::IpAddr;
@@ -49,9 +50,9 @@ pub enum Bind {
 /// The (job, address) → names table. See the module documentation.
 #[derive(Debug)]
 pub struct Bindings {
-    map: HashMap<(u64, IpAddr), Entry>,
-    per_job: HashMap<u64, usize>,
-    expiry: BinaryHeap<Reverse<(Nanos, u64, IpAddr)>>,
+    map: HashMap<(JobKey, IpAddr), Entry>,
+    per_job: HashMap<JobKey, usize>,
+    expiry: BinaryHeap<Reverse<(Nanos, JobKey, IpAddr)>>,
     max_per_job: usize,
     refused: u64,
 }
@@ -75,7 +76,7 @@ impl Bindings {
     }
 
     /// Binds `ip` to `name` for `job` until `expires` (refreshing an existing binding).
-    pub fn bind(&mut self, job: u64, ip: IpAddr, name: &str, expires: Nanos) -> Bind {
+    pub fn bind(&mut self, job: JobKey, ip: IpAddr, name: &str, expires: Nanos) -> Bind {
         let count = self.per_job.get(&job).copied().unwrap_or(0);
         let entry = match self.map.get_mut(&(job, ip)) {
             Some(e) => e,
@@ -105,7 +106,7 @@ impl Bindings {
     }
 
     /// The unexpired names bound to `ip` for `job`.
-    pub fn names(&self, job: u64, ip: IpAddr, now: Nanos) -> impl Iterator<Item = &Arc<str>> {
+    pub fn names(&self, job: JobKey, ip: IpAddr, now: Nanos) -> impl Iterator<Item = &Arc<str>> {
         self.map
             .get(&(job, ip))
             .into_iter()
@@ -141,7 +142,7 @@ impl Bindings {
     }
 
     /// Removes every binding of `job` (job ended).
-    pub fn remove_job(&mut self, job: u64) {
+    pub fn remove_job(&mut self, job: JobKey) {
         self.map.retain(|(j, _), _| *j != job);
         self.per_job.remove(&job);
     }
@@ -175,10 +176,17 @@ mod tests {
     #[test]
     fn expired_binding_is_never_returned_even_before_sweep() {
         let mut b = Bindings::default();
-        assert_eq!(b.bind(1, IP, "api.example.com", t(100)), Bind::Bound);
-        assert_eq!(b.names(1, IP, t(50)).count(), 1);
-        assert_eq!(b.names(1, IP, t(100)).count(), 0);
-        assert_eq!(b.names(2, IP, t(50)).count(), 0, "other job sees nothing");
+        assert_eq!(
+            b.bind(JobKey(1), IP, "api.example.com", t(100)),
+            Bind::Bound
+        );
+        assert_eq!(b.names(JobKey(1), IP, t(50)).count(), 1);
+        assert_eq!(b.names(JobKey(1), IP, t(100)).count(), 0);
+        assert_eq!(
+            b.names(JobKey(2), IP, t(50)).count(),
+            0,
+            "other job sees nothing"
+        );
         assert_eq!(b.sweep(t(100)), 1);
         assert!(b.is_empty());
     }
@@ -186,14 +194,14 @@ mod tests {
     #[test]
     fn refresh_extends_and_sweep_keeps_refreshed() {
         let mut b = Bindings::default();
-        b.bind(1, IP, "api.example.com", t(100));
-        b.bind(1, IP, "API.example.com", t(300));
+        b.bind(JobKey(1), IP, "api.example.com", t(100));
+        b.bind(JobKey(1), IP, "API.example.com", t(300));
         assert_eq!(b.sweep(t(150)), 0);
-        assert_eq!(b.names(1, IP, t(200)).count(), 1);
-        b.bind(1, IP, "cdn.example.com", t(250));
-        assert_eq!(b.names(1, IP, t(200)).count(), 2);
+        assert_eq!(b.names(JobKey(1), IP, t(200)).count(), 1);
+        b.bind(JobKey(1), IP, "cdn.example.com", t(250));
+        assert_eq!(b.names(JobKey(1), IP, t(200)).count(), 2);
         assert_eq!(b.sweep(t(260)), 0);
-        assert_eq!(b.names(1, IP, t(260)).count(), 1);
+        assert_eq!(b.names(JobKey(1), IP, t(260)).count(), 1);
         assert_eq!(b.sweep(t(300)), 1);
     }
 
@@ -201,16 +209,31 @@ mod tests {
     fn caps_refuse_instead_of_evicting() {
         let mut b = Bindings::new(2);
         let ip = |n: u8| IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, n));
-        assert_eq!(b.bind(1, ip(1), "a.example.com", t(10)), Bind::Bound);
-        assert_eq!(b.bind(1, ip(2), "a.example.com", t(10)), Bind::Bound);
-        assert_eq!(b.bind(1, ip(3), "a.example.com", t(10)), Bind::Full);
-        assert_eq!(b.bind(2, ip(3), "a.example.com", t(10)), Bind::Bound);
+        assert_eq!(
+            b.bind(JobKey(1), ip(1), "a.example.com", t(10)),
+            Bind::Bound
+        );
+        assert_eq!(
+            b.bind(JobKey(1), ip(2), "a.example.com", t(10)),
+            Bind::Bound
+        );
+        assert_eq!(b.bind(JobKey(1), ip(3), "a.example.com", t(10)), Bind::Full);
+        assert_eq!(
+            b.bind(JobKey(2), ip(3), "a.example.com", t(10)),
+            Bind::Bound
+        );
         for i in 0..MAX_NAMES {
-            let _ = b.bind(3, IP, &format!("n{i}.example.com"), t(10));
+            let _ = b.bind(JobKey(3), IP, &format!("n{i}.example.com"), t(10));
         }
-        assert_eq!(b.bind(3, IP, "extra.example.com", t(10)), Bind::Full);
+        assert_eq!(
+            b.bind(JobKey(3), IP, "extra.example.com", t(10)),
+            Bind::Full
+        );
         assert_eq!(b.refused(), 2);
         b.sweep(t(10));
-        assert_eq!(b.bind(1, ip(3), "a.example.com", t(20)), Bind::Bound);
+        assert_eq!(
+            b.bind(JobKey(1), ip(3), "a.example.com", t(20)),
+            Bind::Bound
+        );
     }
 }

@@ -21,6 +21,7 @@
 //! [`AuditBudget::OWED_KEEP`] is dropped; the count then lives only in the proxy's
 //! `suppressed` counter (metrics).
 
+use snas_wire::JobKey;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -38,7 +39,7 @@ struct AuditSlot {
 #[derive(Debug)]
 pub struct AuditBudget {
     per_sec: u32,
-    slots: HashMap<u64, AuditSlot>,
+    slots: HashMap<JobKey, AuditSlot>,
     suppressed_total: u64,
 }
 
@@ -64,7 +65,7 @@ impl AuditBudget {
 
     /// Whether a line of `job` may be written at `now`: `Some(n)` with the `n` lines suppressed
     /// since its last written one, or `None` (suppressed and counted).
-    pub fn admit(&mut self, job: u64, now: Nanos) -> Option<u64> {
+    pub fn admit(&mut self, job: JobKey, now: Nanos) -> Option<u64> {
         let rate = u64::from(self.per_sec);
         let slot = match self.slots.entry(job) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -96,7 +97,7 @@ impl AuditBudget {
     }
 
     /// Lines `job` owes (suppressed since its last written line).
-    pub fn owed(&self, job: u64) -> u64 {
+    pub fn owed(&self, job: JobKey) -> u64 {
         self.slots.get(&job).map_or(0, |s| s.suppressed)
     }
 
@@ -113,7 +114,7 @@ impl AuditBudget {
     }
 
     /// Forgets a job (it ended).
-    pub fn forget(&mut self, job: u64) {
+    pub fn forget(&mut self, job: JobKey) {
         self.slots.remove(&job);
     }
 
@@ -162,7 +163,7 @@ struct Held {
 #[derive(Debug)]
 pub struct QueueBudget {
     limits: QueueLimits,
-    jobs: HashMap<u64, Held>,
+    jobs: HashMap<JobKey, Held>,
     total: Held,
 }
 
@@ -178,7 +179,7 @@ impl QueueBudget {
 
     /// Accounts a packet of `len` bytes of `job` entering the queue; false (nothing accounted)
     /// when the job's or the total bound would be exceeded.
-    pub fn try_add(&mut self, job: u64, len: u64) -> bool {
+    pub fn try_add(&mut self, job: JobKey, len: u64) -> bool {
         let l = &self.limits;
         if self.total.packets >= l.total_packets
             || self.total.bytes.saturating_add(len) > l.total_bytes
@@ -198,7 +199,7 @@ impl QueueBudget {
     }
 
     /// Accounts a packet of `len` bytes of `job` leaving the queue.
-    pub fn remove(&mut self, job: u64, len: u64) {
+    pub fn remove(&mut self, job: JobKey, len: u64) {
         if let Some(h) = self.jobs.get_mut(&job) {
             h.packets = h.packets.saturating_sub(1);
             h.bytes = h.bytes.saturating_sub(len);
@@ -216,7 +217,7 @@ impl QueueBudget {
     }
 
     /// Packets and bytes queued for `job`.
-    pub fn of(&self, job: u64) -> (u32, u64) {
+    pub fn of(&self, job: JobKey) -> (u32, u64) {
         self.jobs.get(&job).map_or((0, 0), |h| (h.packets, h.bytes))
     }
 }
@@ -232,14 +233,16 @@ mod tests {
     #[test]
     fn a_flooding_job_is_held_to_its_budget_and_its_next_line_carries_the_count() {
         let mut b = AuditBudget::new(10).unwrap();
-        let written = (0..1000).filter(|_| b.admit(1, ms(0)).is_some()).count();
+        let written = (0..1000)
+            .filter(|_| b.admit(JobKey(1), ms(0)).is_some())
+            .count();
         assert_eq!(written, 20, "the burst is twice the rate");
-        assert_eq!(b.owed(1), 980);
+        assert_eq!(b.owed(JobKey(1)), 980);
         // Another job is not affected.
-        assert_eq!(b.admit(2, ms(0)), Some(0));
+        assert_eq!(b.admit(JobKey(2), ms(0)), Some(0));
         // 100 ms later one token is back: the line carries what was left out.
-        assert_eq!(b.admit(1, ms(100)), Some(980));
-        assert_eq!(b.admit(1, ms(100)), None);
+        assert_eq!(b.admit(JobKey(1), ms(100)), Some(980));
+        assert_eq!(b.admit(JobKey(1), ms(100)), None);
         assert_eq!(b.suppressed_total(), 981);
     }
 
@@ -248,7 +251,7 @@ mod tests {
         let mut b = AuditBudget::new(50).unwrap();
         // 10 s of 1000 attempts per second.
         let written = (0..10_000u64)
-            .filter(|i| b.admit(7, ms(*i)).is_some())
+            .filter(|i| b.admit(JobKey(7), ms(*i)).is_some())
             .count();
         assert_eq!(
             written,
@@ -260,11 +263,11 @@ mod tests {
     #[test]
     fn idle_entries_are_evicted_but_owed_counts_are_kept_for_a_while() {
         let mut b = AuditBudget::new(1).unwrap();
-        b.admit(1, ms(0));
-        b.admit(1, ms(0));
-        assert_eq!(b.admit(1, ms(0)), None);
-        b.admit(2, ms(0));
-        b.admit(2, ms(0));
+        b.admit(JobKey(1), ms(0));
+        b.admit(JobKey(1), ms(0));
+        assert_eq!(b.admit(JobKey(1), ms(0)), None);
+        b.admit(JobKey(2), ms(0));
+        b.admit(JobKey(2), ms(0));
         b.evict(ms(1_000));
         assert_eq!(
             b.len(),
@@ -273,7 +276,7 @@ mod tests {
         );
         b.evict(ms(10_000));
         assert_eq!(b.len(), 1, "job 2's bucket is full again");
-        assert_eq!(b.admit(1, ms(10_000)), Some(1));
+        assert_eq!(b.admit(JobKey(1), ms(10_000)), Some(1));
         b.evict(ms(700_000));
         assert!(b.is_empty());
     }
@@ -294,25 +297,25 @@ mod tests {
             total_packets: 5,
             total_bytes: 10_000,
         });
-        assert!((0..3).all(|_| q.try_add(1, 100)));
-        assert!(!q.try_add(1, 100), "job packets");
-        assert!(q.try_add(2, 2999));
-        assert!(!q.try_add(2, 2), "job bytes");
-        assert!(q.try_add(3, 100));
-        assert!(!q.try_add(4, 1), "total packets");
+        assert!((0..3).all(|_| q.try_add(JobKey(1), 100)));
+        assert!(!q.try_add(JobKey(1), 100), "job packets");
+        assert!(q.try_add(JobKey(2), 2999));
+        assert!(!q.try_add(JobKey(2), 2), "job bytes");
+        assert!(q.try_add(JobKey(3), 100));
+        assert!(!q.try_add(JobKey(4), 1), "total packets");
         assert_eq!(q.total(), (5, 3399));
         for _ in 0..3 {
-            q.remove(1, 100);
+            q.remove(JobKey(1), 100);
         }
-        assert_eq!(q.of(1), (0, 0));
+        assert_eq!(q.of(JobKey(1)), (0, 0));
         assert_eq!(q.total(), (2, 3099));
-        assert!(q.try_add(4, 1));
+        assert!(q.try_add(JobKey(4), 1));
     }
 
     #[test]
     fn removing_what_was_never_added_changes_nothing() {
         let mut q = QueueBudget::new(QueueLimits::default());
-        q.remove(9, 100);
+        q.remove(JobKey(9), 100);
         assert_eq!(q.total(), (0, 0));
     }
 }

@@ -46,6 +46,7 @@
 //! - At most [`ConntrackConfig::max_flows`] flows; beyond that new flows are refused with
 //!   [`Reason::PortsExhausted`] (the proxy has no room for another NAT entry).
 
+use snas_wire::{JobKey, TenantId};
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
@@ -152,7 +153,7 @@ pub enum ConntrackError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     /// Job key.
-    pub job: u64,
+    pub job: JobKey,
     /// Protocol.
     pub proto: L4Proto,
     /// Inner source (sandbox) address.
@@ -266,7 +267,7 @@ pub struct FlowInfo {
     /// Forward key.
     pub key: FlowKey,
     /// Tenant.
-    pub tenant: u32,
+    pub tenant: TenantId,
     /// Egress address.
     pub egress_ip: IpAddr,
     /// Egress port.
@@ -300,7 +301,7 @@ const LIVE: u8 = 0x80;
 // memory figures in docs/proxy-core.md): keep it at 104 bytes.
 #[derive(Debug, Clone)]
 struct Flow {
-    job: u64,
+    job: JobKey,
     last_seen: Nanos,
     created: Nanos,
     bytes: [u64; 2],
@@ -329,7 +330,7 @@ impl Flow {
 /// Per-job state: the tenant NAT quotas are charged to, and the counts.
 #[derive(Debug, Clone, Copy)]
 struct JobEntry {
-    tenant: u32,
+    tenant: TenantId,
     /// Live flows (closed ones waiting to expire included).
     live: u32,
     /// Live flows that are not closed: the `max_connections` count.
@@ -352,7 +353,7 @@ pub struct Conntrack {
     nat: PortAllocator,
     /// Jobs with live flows. A closed TCP flow keeps its entry (and NAT port) until it expires,
     /// so late ACKs and FINs still translate, but it is no longer an open connection.
-    jobs: std::collections::HashMap<u64, JobEntry>,
+    jobs: std::collections::HashMap<JobKey, JobEntry>,
 }
 
 /// An address as 128 bits (IPv4 as its v4-mapped form) for hashing; equality always compares
@@ -368,7 +369,7 @@ fn ip_bits(ip: &IpAddr) -> [u8; 16] {
 // ones from the derived `Hash` impls (measurably faster, same keyed hash).
 fn hash_fwd(
     s: &RandomState,
-    job: u64,
+    job: JobKey,
     proto: L4Proto,
     src: &IpAddr,
     sport: u16,
@@ -376,7 +377,7 @@ fn hash_fwd(
     dport: u16,
 ) -> u64 {
     let mut b = [0u8; 45];
-    b[0..8].copy_from_slice(&job.to_ne_bytes());
+    b[0..8].copy_from_slice(&job.get().to_ne_bytes());
     b[8..24].copy_from_slice(&ip_bits(src));
     b[24..40].copy_from_slice(&ip_bits(dst));
     b[40..42].copy_from_slice(&sport.to_ne_bytes());
@@ -509,22 +510,22 @@ impl Conntrack {
     }
 
     /// Live flows of `job`, closed TCP flows waiting to expire included (each holds a NAT port).
-    pub fn live_flows_of_job(&self, job: u64) -> u32 {
+    pub fn live_flows_of_job(&self, job: JobKey) -> u32 {
         self.nat.job_usage(job).live
     }
 
     /// Open connections of `job`: live flows that are not closed (exact; this is the
     /// `max_connections` count).
-    pub fn open_connections_of_job(&self, job: u64) -> u32 {
+    pub fn open_connections_of_job(&self, job: JobKey) -> u32 {
         self.jobs.get(&job).map_or(0, |j| j.open)
     }
 
     /// Jobs with live flows.
-    pub fn jobs(&self) -> impl Iterator<Item = u64> + '_ {
+    pub fn jobs(&self) -> impl Iterator<Item = JobKey> + '_ {
         self.jobs.keys().copied()
     }
 
-    fn count_open(&mut self, job: u64, opened: bool) {
+    fn count_open(&mut self, job: JobKey, opened: bool) {
         if let Some(j) = self.jobs.get_mut(&job) {
             if opened {
                 j.open += 1;
@@ -611,7 +612,10 @@ impl Conntrack {
                 dst_ip: f.dst_ip,
                 dst_port: f.dst_port,
             },
-            tenant: self.jobs.get(&f.job).map_or(0, |j| j.tenant),
+            tenant: self
+                .jobs
+                .get(&f.job)
+                .map_or(TenantId::default(), |j| j.tenant),
             egress_ip: self.nat.egress_ip(f.egress),
             egress_port: f.nat_port,
             state: f.state,
@@ -631,7 +635,7 @@ impl Conntrack {
     /// `new_connections_per_sec` bucket come before this call. `tenant` is used for the job's
     /// first live flow; later flows of the job keep that tenant (see the invariants). The new
     /// flow's counters are zero: count its first packet with [`Conntrack::observe`].
-    pub fn open(&mut self, key: FlowKey, tenant: u32, limits: JobLimits, now: Nanos) -> Open {
+    pub fn open(&mut self, key: FlowKey, tenant: TenantId, limits: JobLimits, now: Nanos) -> Open {
         if let Some(id) = self.lookup(&key) {
             return Open::Existing(id);
         }
@@ -874,14 +878,14 @@ impl Conntrack {
     /// Removes every flow of `job` (job ended or its policy was revoked); their ports go into
     /// quarantine. O(slab size): an administrative operation, not a per-packet one; to end
     /// several jobs, [`Conntrack::remove_jobs`] does it in one pass.
-    pub fn remove_job(&mut self, job: u64, now: Nanos) -> Vec<RemovedFlow> {
+    pub fn remove_job(&mut self, job: JobKey, now: Nanos) -> Vec<RemovedFlow> {
         self.remove_jobs(&[job], now)
     }
 
     /// Removes every flow of the `jobs` in one pass over the slab (none at all when none of
     /// them has a live flow).
-    pub fn remove_jobs(&mut self, jobs: &[u64], now: Nanos) -> Vec<RemovedFlow> {
-        let mut with_flows: Vec<u64> = jobs
+    pub fn remove_jobs(&mut self, jobs: &[JobKey], now: Nanos) -> Vec<RemovedFlow> {
+        let mut with_flows: Vec<JobKey> = jobs
             .iter()
             .copied()
             .filter(|j| self.jobs.contains_key(j))
@@ -973,7 +977,7 @@ mod tests {
 
     fn key(proto: L4Proto, sport: u16) -> FlowKey {
         FlowKey {
-            job: 7,
+            job: JobKey(7),
             proto,
             src_ip: IpAddr::V4(Ipv4Addr::new(198, 51, 100, 2)),
             src_port: sport,
@@ -1005,11 +1009,11 @@ mod tests {
     fn both_directions_find_the_flow() {
         let mut c = ct();
         let k = key(L4Proto::Tcp, 40000);
-        let (id, port) = created(c.open(k, 1, LIMITS, secs(0)));
+        let (id, port) = created(c.open(k, TenantId(1), LIMITS, secs(0)));
         assert_eq!(c.lookup(&k), Some(id));
         assert_eq!(c.lookup_reply(&reply_key(&k, port)), Some(id));
         assert_eq!(c.lookup_reply(&reply_key(&k, port.wrapping_add(1))), None);
-        assert_eq!(c.open(k, 1, LIMITS, secs(0)), Open::Existing(id));
+        assert_eq!(c.open(k, TenantId(1), LIMITS, secs(0)), Open::Existing(id));
         assert_eq!(c.len(), 1);
     }
 
@@ -1018,7 +1022,7 @@ mod tests {
         let e6: IpAddr = "2001:db8:e::1".parse().unwrap();
         let mut c = Conntrack::new(ConntrackConfig::new(vec![EGRESS, e6]), secs(0)).unwrap();
         let k = FlowKey {
-            job: 7,
+            job: JobKey(7),
             proto: L4Proto::Udp,
             src_ip: "2001:db8:5::2".parse().unwrap(),
             src_port: 5353,
@@ -1029,7 +1033,7 @@ mod tests {
             id,
             egress_ip,
             egress_port,
-        } = c.open(k, 1, LIMITS, secs(0))
+        } = c.open(k, TenantId(1), LIMITS, secs(0))
         else {
             panic!("refused");
         };
@@ -1056,7 +1060,7 @@ mod tests {
     #[test]
     fn tcp_handshake_and_close_walk_the_states() {
         let mut c = ct();
-        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), 1, LIMITS, secs(0)));
+        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), TenantId(1), LIMITS, secs(0)));
         let o = Direction::Original;
         let r = Direction::Reply;
         assert_eq!(
@@ -1084,7 +1088,7 @@ mod tests {
     #[test]
     fn rst_closes_from_any_state() {
         let mut c = ct();
-        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), 1, LIMITS, secs(0)));
+        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), TenantId(1), LIMITS, secs(0)));
         assert_eq!(
             c.observe(id, Direction::Reply, TcpFlags::RST, 60, secs(0)),
             Some(FlowState::TcpClosed)
@@ -1095,7 +1099,7 @@ mod tests {
     fn unanswered_syn_expires_after_syn_timeout() {
         let mut c = ct();
         let k = key(L4Proto::Tcp, 1);
-        created(c.open(k, 1, LIMITS, secs(0)));
+        created(c.open(k, TenantId(1), LIMITS, secs(0)));
         assert_eq!(c.expire(secs(29)).count(), 0);
         let gone: Vec<_> = c.expire(secs(31)).collect();
         assert_eq!(gone.len(), 1);
@@ -1107,7 +1111,7 @@ mod tests {
     #[test]
     fn activity_keeps_an_established_flow_alive() {
         let mut c = ct();
-        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), 1, LIMITS, secs(0)));
+        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), TenantId(1), LIMITS, secs(0)));
         c.observe(
             id,
             Direction::Reply,
@@ -1126,7 +1130,7 @@ mod tests {
     #[test]
     fn closing_shortens_the_timeout() {
         let mut c = ct();
-        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), 1, LIMITS, secs(0)));
+        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), TenantId(1), LIMITS, secs(0)));
         c.observe(
             id,
             Direction::Reply,
@@ -1142,8 +1146,8 @@ mod tests {
     #[test]
     fn udp_with_replies_lives_longer() {
         let mut c = ct();
-        let (a, _) = created(c.open(key(L4Proto::Udp, 1), 1, LIMITS, secs(0)));
-        let (b, _) = created(c.open(key(L4Proto::Udp, 2), 1, LIMITS, secs(0)));
+        let (a, _) = created(c.open(key(L4Proto::Udp, 1), TenantId(1), LIMITS, secs(0)));
+        let (b, _) = created(c.open(key(L4Proto::Udp, 2), TenantId(1), LIMITS, secs(0)));
         c.observe(b, Direction::Reply, TcpFlags::NONE, 60, secs(0));
         let gone: Vec<_> = c.expire(secs(31)).collect();
         assert_eq!(gone.len(), 1);
@@ -1155,9 +1159,9 @@ mod tests {
     #[test]
     fn stale_ids_do_not_reach_a_reused_slot() {
         let mut c = ct();
-        let (old, _) = created(c.open(key(L4Proto::Icmp, 1), 1, LIMITS, secs(0)));
+        let (old, _) = created(c.open(key(L4Proto::Icmp, 1), TenantId(1), LIMITS, secs(0)));
         assert!(c.remove(old, secs(1)).is_some());
-        let (new, _) = created(c.open(key(L4Proto::Icmp, 2), 1, LIMITS, secs(1)));
+        let (new, _) = created(c.open(key(L4Proto::Icmp, 2), TenantId(1), LIMITS, secs(1)));
         assert_ne!(old, new);
         assert_eq!(c.info(old), None);
         assert_eq!(
@@ -1175,15 +1179,15 @@ mod tests {
             max_ports_per_destination: 10,
         };
         let ids: Vec<_> = (0..3)
-            .map(|p| created(c.open(key(L4Proto::Tcp, p), 1, lim, secs(0))).0)
+            .map(|p| created(c.open(key(L4Proto::Tcp, p), TenantId(1), lim, secs(0))).0)
             .collect();
         assert_eq!(
-            c.open(key(L4Proto::Tcp, 9), 1, lim, secs(0)),
+            c.open(key(L4Proto::Tcp, 9), TenantId(1), lim, secs(0)),
             Open::Refused(Reason::ConnectionLimit)
         );
         c.remove(ids[0], secs(0));
-        assert_eq!(c.live_flows_of_job(7), 2);
-        created(c.open(key(L4Proto::Tcp, 9), 1, lim, secs(0)));
+        assert_eq!(c.live_flows_of_job(JobKey(7)), 2);
+        created(c.open(key(L4Proto::Tcp, 9), TenantId(1), lim, secs(0)));
     }
 
     #[test]
@@ -1193,10 +1197,10 @@ mod tests {
             max_connections: 2,
             max_ports_per_destination: 10,
         };
-        let a = created(c.open(key(L4Proto::Tcp, 1), 1, lim, secs(0))).0;
-        created(c.open(key(L4Proto::Tcp, 2), 1, lim, secs(0)));
+        let a = created(c.open(key(L4Proto::Tcp, 1), TenantId(1), lim, secs(0))).0;
+        created(c.open(key(L4Proto::Tcp, 2), TenantId(1), lim, secs(0)));
         assert_eq!(
-            c.open(key(L4Proto::Tcp, 3), 1, lim, secs(0)),
+            c.open(key(L4Proto::Tcp, 3), TenantId(1), lim, secs(0)),
             Open::Refused(Reason::ConnectionLimit)
         );
         // FIN both ways: closed, no longer a connection, but still translated.
@@ -1207,7 +1211,7 @@ mod tests {
             60,
             secs(1),
         );
-        assert_eq!(c.open_connections_of_job(7), 2);
+        assert_eq!(c.open_connections_of_job(JobKey(7)), 2);
         c.observe(
             a,
             Direction::Reply,
@@ -1215,57 +1219,57 @@ mod tests {
             60,
             secs(1),
         );
-        assert_eq!(c.open_connections_of_job(7), 1);
+        assert_eq!(c.open_connections_of_job(JobKey(7)), 1);
         assert_eq!(
             c.lookup(&key(L4Proto::Tcp, 1)),
             Some(a),
             "late ACKs still translate"
         );
         assert_eq!(
-            c.live_flows_of_job(7),
+            c.live_flows_of_job(JobKey(7)),
             2,
             "the closed flow keeps its NAT port"
         );
-        let b = created(c.open(key(L4Proto::Tcp, 3), 1, lim, secs(1))).0;
+        let b = created(c.open(key(L4Proto::Tcp, 3), TenantId(1), lim, secs(1))).0;
         // Reopening the closed tuple with a new SYN counts again; expiry of a closed flow
         // does not count twice.
         assert_eq!(
             c.observe(a, Direction::Original, TcpFlags::SYN, 60, secs(2)),
             Some(FlowState::TcpSynSent)
         );
-        assert_eq!(c.open_connections_of_job(7), 3);
+        assert_eq!(c.open_connections_of_job(JobKey(7)), 3);
         c.observe(b, Direction::Original, TcpFlags::RST, 60, secs(2));
-        assert_eq!(c.open_connections_of_job(7), 2);
+        assert_eq!(c.open_connections_of_job(JobKey(7)), 2);
         c.remove(b, secs(3));
-        assert_eq!(c.open_connections_of_job(7), 2);
+        assert_eq!(c.open_connections_of_job(JobKey(7)), 2);
         c.remove(a, secs(3));
-        assert_eq!(c.open_connections_of_job(7), 1);
+        assert_eq!(c.open_connections_of_job(JobKey(7)), 1);
     }
 
     #[test]
     fn remove_job_ends_only_that_jobs_flows() {
         let mut c = ct();
         for p in 0..5 {
-            created(c.open(key(L4Proto::Udp, p), 1, LIMITS, secs(0)));
+            created(c.open(key(L4Proto::Udp, p), TenantId(1), LIMITS, secs(0)));
         }
         let other = FlowKey {
-            job: 8,
+            job: JobKey(8),
             ..key(L4Proto::Udp, 0)
         };
-        let (kept, _) = created(c.open(other, 1, LIMITS, secs(0)));
-        let gone = c.remove_job(7, secs(1));
+        let (kept, _) = created(c.open(other, TenantId(1), LIMITS, secs(0)));
+        let gone = c.remove_job(JobKey(7), secs(1));
         assert_eq!(gone.len(), 5);
-        assert!(gone.iter().all(|f| f.key.job == 7));
-        assert_eq!(c.live_flows_of_job(7), 0);
+        assert!(gone.iter().all(|f| f.key.job == JobKey(7)));
+        assert_eq!(c.live_flows_of_job(JobKey(7)), 0);
         let live: Vec<_> = c.iter().map(|(id, _)| id).collect();
         assert_eq!(live, vec![kept]);
-        assert_eq!(c.nat().job_usage(7).held, 5);
+        assert_eq!(c.nat().job_usage(JobKey(7)).held, 5);
     }
 
     #[test]
     fn packets_and_bytes_are_counted_each_way_and_reported_at_the_end() {
         let mut c = ct();
-        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), 1, LIMITS, secs(5)));
+        let (id, _) = created(c.open(key(L4Proto::Tcp, 1), TenantId(1), LIMITS, secs(5)));
         c.observe(id, Direction::Original, TcpFlags::SYN, 60, secs(5));
         c.observe(
             id,
@@ -1301,17 +1305,17 @@ mod tests {
     #[test]
     fn a_jobs_tenant_is_fixed_by_its_first_flow() {
         let mut c = ct();
-        created(c.open(key(L4Proto::Udp, 1), 1, LIMITS, secs(0)));
-        created(c.open(key(L4Proto::Udp, 2), 2, LIMITS, secs(0)));
-        assert!(c.iter().all(|(_, f)| f.tenant == 1));
-        assert_eq!(c.nat().tenant_usage(1).live, 2);
-        assert_eq!(c.nat().tenant_usage(2).live, 0);
+        created(c.open(key(L4Proto::Udp, 1), TenantId(1), LIMITS, secs(0)));
+        created(c.open(key(L4Proto::Udp, 2), TenantId(2), LIMITS, secs(0)));
+        assert!(c.iter().all(|(_, f)| f.tenant == TenantId(1)));
+        assert_eq!(c.nat().tenant_usage(TenantId(1)).live, 2);
+        assert_eq!(c.nat().tenant_usage(TenantId(2)).live, 0);
         let ids: Vec<_> = c.iter().map(|(id, _)| id).collect();
         for id in ids {
             c.remove(id, secs(1));
         }
         assert_eq!(
-            c.nat().tenant_usage(1).live,
+            c.nat().tenant_usage(TenantId(1)).live,
             0,
             "released to the same tenant"
         );
@@ -1322,10 +1326,10 @@ mod tests {
         let mut cfg = ConntrackConfig::new(vec![EGRESS]);
         cfg.max_flows = 2;
         let mut c = Conntrack::new(cfg, secs(0)).unwrap();
-        created(c.open(key(L4Proto::Udp, 1), 1, LIMITS, secs(0)));
-        created(c.open(key(L4Proto::Udp, 2), 1, LIMITS, secs(0)));
+        created(c.open(key(L4Proto::Udp, 1), TenantId(1), LIMITS, secs(0)));
+        created(c.open(key(L4Proto::Udp, 2), TenantId(1), LIMITS, secs(0)));
         assert_eq!(
-            c.open(key(L4Proto::Udp, 3), 1, LIMITS, secs(0)),
+            c.open(key(L4Proto::Udp, 3), TenantId(1), LIMITS, secs(0)),
             Open::Refused(Reason::PortsExhausted)
         );
     }
@@ -1348,7 +1352,7 @@ mod tests {
             max_ports_per_destination: 1000,
         };
         for p in 0..1000 {
-            created(c.open(key(L4Proto::Udp, p), 1, lim, secs(0)));
+            created(c.open(key(L4Proto::Udp, p), TenantId(1), lim, secs(0)));
         }
         let m = c.memory();
         assert_eq!(m.flows, 1000);

@@ -65,7 +65,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use snas_policy::bundle_fs::load_trust_bundle;
 use snas_wire::geneve::parse_payload;
-use snas_wire::Reason;
+use snas_wire::{JobKey, Reason, TenantId};
 
 use crate::audit_log;
 use crate::budget::QueueBudget;
@@ -502,7 +502,7 @@ struct Held {
     depart: Nanos,
     seq: u64,
     to: Option<SocketAddrV4>,
-    job: u64,
+    job: JobKey,
     data: Vec<u8>,
 }
 
@@ -530,7 +530,7 @@ enum Out {
     Nothing,
     Internet(std::ops::Range<usize>),
     Refuse(Ipv4Addr, usize),
-    Hold(Nanos, Option<SocketAddrV4>, std::ops::Range<usize>, u64),
+    Hold(Nanos, Option<SocketAddrV4>, std::ops::Range<usize>, JobKey),
 }
 
 /// Where the buffers of a batch of packets from nodes are.
@@ -546,7 +546,7 @@ enum NodeBufs {
 /// or `None` when it has no valid SNAS option (the engine drops it with the reason when its
 /// turn comes; such datagrams share one queue, so a node sending garbage cannot take more
 /// than one tenant's share either).
-type NodeTenant = Option<u32>;
+type NodeTenant = Option<TenantId>;
 
 /// A GENEVE datagram from a node waiting for its turn: its buffer (`buf[..len]`; `buf` is a
 /// small pool buffer, or a whole receive buffer for TCP super-packets), and where it came from.
@@ -665,9 +665,9 @@ struct Worker {
     departs: Vec<Option<Nanos>>,
     outs: Vec<Out>,
     /// Datagrams from nodes waiting for tier-2 processing and the TUN write.
-    from_nodes: FairQueue<NodeTenant, u64, NodePkt>,
+    from_nodes: FairQueue<NodeTenant, JobKey, NodePkt>,
     /// Replies for nodes waiting to be sent.
-    to_nodes: FairQueue<NodeTenant, u64, NodeBound>,
+    to_nodes: FairQueue<NodeTenant, JobKey, NodeBound>,
     /// The packets of the current turn (popped from `from_nodes`).
     serving: Vec<NodePkt>,
     /// The datagrams of the current turn (popped from `to_nodes`).
@@ -694,10 +694,10 @@ impl std::fmt::Debug for Worker {
 }
 
 /// The tenant and job a datagram from a node is queued under (see [`NodeTenant`]).
-fn classify(payload: &[u8]) -> (NodeTenant, u64) {
+fn classify(payload: &[u8]) -> (NodeTenant, JobKey) {
     match parse_payload(payload) {
         Ok(g) => (Some(g.option.tenant_id), g.option.job_key),
-        Err(_) => (None, 0),
+        Err(_) => (None, JobKey(0)),
     }
 }
 
@@ -709,8 +709,8 @@ impl Worker {
         tun: TunQueue,
         tap: Option<UnderlayTap>,
         (from_nodes, to_nodes): (
-            FairQueue<NodeTenant, u64, NodePkt>,
-            FairQueue<NodeTenant, u64, NodeBound>,
+            FairQueue<NodeTenant, JobKey, NodePkt>,
+            FairQueue<NodeTenant, JobKey, NodeBound>,
         ),
     ) -> Worker {
         let batch = s.cfg.batch;

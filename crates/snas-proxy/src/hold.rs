@@ -27,6 +27,7 @@
 //! One allocation per held packet (its copy): held packets are the first packets of jobs, not
 //! the established path.
 
+use snas_wire::JobKey;
 use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -95,9 +96,9 @@ struct JobHold {
 #[derive(Debug)]
 pub struct HoldQueue {
     cfg: HoldConfig,
-    jobs: HashMap<u64, JobHold>,
+    jobs: HashMap<JobKey, JobHold>,
     /// Ready jobs, in the order they became ready (a job appears at most once).
-    ready: VecDeque<u64>,
+    ready: VecDeque<JobKey>,
     packets: u32,
     bytes: u64,
 }
@@ -157,12 +158,12 @@ impl HoldQueue {
     }
 
     /// Whether `job` has packets held.
-    pub fn has(&self, job: u64) -> bool {
+    pub fn has(&self, job: JobKey) -> bool {
         self.jobs.contains_key(&job)
     }
 
     /// Packets held for `job`.
-    pub fn held_of(&self, job: u64) -> usize {
+    pub fn held_of(&self, job: JobKey) -> usize {
         self.jobs.get(&job).map_or(0, |j| j.packets.len())
     }
 
@@ -170,7 +171,7 @@ impl HoldQueue {
     /// job's or the total bound would be exceeded (nothing is held then).
     pub fn hold(
         &mut self,
-        job: u64,
+        job: JobKey,
         node: Ipv4Addr,
         payload: &[u8],
         now: Nanos,
@@ -207,7 +208,7 @@ impl HoldQueue {
     }
 
     /// The policy of `job` is available: its packets may be taken. No effect without packets.
-    pub fn mark_ready(&mut self, job: u64) {
+    pub fn mark_ready(&mut self, job: JobKey) {
         if let Some(j) = self.jobs.get_mut(&job) {
             if !j.ready {
                 j.ready = true;
@@ -253,7 +254,7 @@ impl HoldQueue {
     }
 
     /// Discards everything held for `job`; returns how many packets.
-    pub fn drop_job(&mut self, job: u64) -> u32 {
+    pub fn drop_job(&mut self, job: JobKey) -> u32 {
         let Some(j) = self.jobs.remove(&job) else {
             return 0;
         };
@@ -268,9 +269,9 @@ impl HoldQueue {
 
     /// Discards the packets of jobs whose first packet was held `max_wait` or longer before
     /// `now`; returns (job, packets discarded) per such job.
-    pub fn expire(&mut self, now: Nanos) -> Vec<(u64, u32)> {
+    pub fn expire(&mut self, now: Nanos) -> Vec<(JobKey, u32)> {
         let max = self.cfg.max_wait;
-        let due: Vec<u64> = self
+        let due: Vec<JobKey> = self
             .jobs
             .iter()
             .filter(|(_, j)| now.saturating_duration_since(j.since) >= max)
@@ -310,13 +311,13 @@ mod tests {
     fn ready_packets_come_out_in_arrival_order_per_job_and_jobs_in_ready_order() {
         let mut h = q(small());
         for (job, b) in [(1, 10u8), (2, 20), (1, 11), (2, 21), (1, 12)] {
-            h.hold(job, NODE, &[b], ms(0)).unwrap();
+            h.hold(JobKey(job), NODE, &[b], ms(0)).unwrap();
         }
         let mut out = Vec::new();
         assert_eq!(h.take_ready(&mut out, 100), 0, "nothing is ready yet");
-        h.mark_ready(2);
-        h.mark_ready(1);
-        h.mark_ready(2);
+        h.mark_ready(JobKey(2));
+        h.mark_ready(JobKey(1));
+        h.mark_ready(JobKey(2));
         assert_eq!(h.take_ready(&mut out, 100), 5);
         let order: Vec<u8> = out.iter().map(|p| p.payload[0]).collect();
         assert_eq!(order, [20, 21, 10, 11, 12]);
@@ -328,13 +329,13 @@ mod tests {
     fn take_ready_respects_the_limit_and_keeps_the_rest_ready() {
         let mut h = q(small());
         for b in 0..3u8 {
-            h.hold(1, NODE, &[b], ms(0)).unwrap();
+            h.hold(JobKey(1), NODE, &[b], ms(0)).unwrap();
         }
-        h.mark_ready(1);
+        h.mark_ready(JobKey(1));
         let mut out = Vec::new();
         assert_eq!(h.take_ready(&mut out, 2), 2);
         // A packet held while the job is ready queues behind the others.
-        h.hold(1, NODE, &[9], ms(1)).unwrap();
+        h.hold(JobKey(1), NODE, &[9], ms(1)).unwrap();
         assert_eq!(h.take_ready(&mut out, 10), 2);
         let order: Vec<u8> = out.iter().map(|p| p.payload[0]).collect();
         assert_eq!(order, [0, 1, 2, 9]);
@@ -345,24 +346,33 @@ mod tests {
     fn per_job_and_total_bounds_refuse_with_hold_queue_full() {
         let mut h = q(small());
         for _ in 0..3 {
-            h.hold(1, NODE, &[0; 10], ms(0)).unwrap();
+            h.hold(JobKey(1), NODE, &[0; 10], ms(0)).unwrap();
         }
-        assert_eq!(h.hold(1, NODE, &[0; 10], ms(0)), Err(Reason::HoldQueueFull));
+        assert_eq!(
+            h.hold(JobKey(1), NODE, &[0; 10], ms(0)),
+            Err(Reason::HoldQueueFull)
+        );
         // Another job still fits, up to the total of 5 packets.
-        h.hold(2, NODE, &[0; 10], ms(0)).unwrap();
-        h.hold(3, NODE, &[0; 10], ms(0)).unwrap();
-        assert_eq!(h.hold(4, NODE, &[0; 10], ms(0)), Err(Reason::HoldQueueFull));
+        h.hold(JobKey(2), NODE, &[0; 10], ms(0)).unwrap();
+        h.hold(JobKey(3), NODE, &[0; 10], ms(0)).unwrap();
+        assert_eq!(
+            h.hold(JobKey(4), NODE, &[0; 10], ms(0)),
+            Err(Reason::HoldQueueFull)
+        );
         assert_eq!(h.packets(), 5);
         // Bytes: one job's 300, in total 1000.
         let mut h = q(small());
-        h.hold(1, NODE, &[0; 250], ms(0)).unwrap();
-        assert_eq!(h.hold(1, NODE, &[0; 51], ms(0)), Err(Reason::HoldQueueFull));
-        h.hold(1, NODE, &[0; 50], ms(0)).unwrap();
+        h.hold(JobKey(1), NODE, &[0; 250], ms(0)).unwrap();
+        assert_eq!(
+            h.hold(JobKey(1), NODE, &[0; 51], ms(0)),
+            Err(Reason::HoldQueueFull)
+        );
+        h.hold(JobKey(1), NODE, &[0; 50], ms(0)).unwrap();
         for job in 2..5 {
-            h.hold(job, NODE, &[0; 200], ms(0)).unwrap();
+            h.hold(JobKey(job), NODE, &[0; 200], ms(0)).unwrap();
         }
         assert_eq!(
-            h.hold(5, NODE, &[0; 101], ms(0)),
+            h.hold(JobKey(5), NODE, &[0; 101], ms(0)),
             Err(Reason::HoldQueueFull)
         );
         assert_eq!(h.bytes(), 900);
@@ -371,13 +381,13 @@ mod tests {
     #[test]
     fn nothing_outlives_max_wait_after_the_first_held_packet() {
         let mut h = q(small());
-        h.hold(1, NODE, &[1], ms(0)).unwrap();
-        h.hold(1, NODE, &[2], ms(1500)).unwrap();
-        h.hold(2, NODE, &[3], ms(1000)).unwrap();
+        h.hold(JobKey(1), NODE, &[1], ms(0)).unwrap();
+        h.hold(JobKey(1), NODE, &[2], ms(1500)).unwrap();
+        h.hold(JobKey(2), NODE, &[3], ms(1000)).unwrap();
         assert!(h.expire(ms(1999)).is_empty());
-        assert_eq!(h.expire(ms(2000)), vec![(1, 2)]);
-        assert!(h.has(2));
-        assert_eq!(h.expire(ms(3000)), vec![(2, 1)]);
+        assert_eq!(h.expire(ms(2000)), vec![(JobKey(1), 2)]);
+        assert!(h.has(JobKey(2)));
+        assert_eq!(h.expire(ms(3000)), vec![(JobKey(2), 1)]);
         assert!(h.is_empty());
         assert_eq!((h.packets(), h.bytes()), (0, 0));
     }
@@ -385,15 +395,15 @@ mod tests {
     #[test]
     fn dropping_a_ready_job_forgets_it() {
         let mut h = q(small());
-        h.hold(1, NODE, &[1, 2, 3], ms(0)).unwrap();
-        h.mark_ready(1);
-        assert_eq!(h.drop_job(1), 1);
-        assert_eq!(h.drop_job(1), 0);
+        h.hold(JobKey(1), NODE, &[1, 2, 3], ms(0)).unwrap();
+        h.mark_ready(JobKey(1));
+        assert_eq!(h.drop_job(JobKey(1)), 1);
+        assert_eq!(h.drop_job(JobKey(1)), 0);
         let mut out = Vec::new();
         assert_eq!(h.take_ready(&mut out, 10), 0);
         assert_eq!((h.packets(), h.bytes(), h.jobs()), (0, 0, 0));
         // A new packet of the job is held anew, not ready.
-        h.hold(1, NODE, &[4], ms(5)).unwrap();
+        h.hold(JobKey(1), NODE, &[4], ms(5)).unwrap();
         assert_eq!(h.take_ready(&mut out, 10), 0);
     }
 

@@ -14,6 +14,7 @@
 //! - [`bindings`]: (job, address) → names learnt by the proxy's resolver, with expiry.
 //! - [`infra`]: the infrastructure set no job may reach, whatever its policy says.
 //! - [`hold`]: first packets of jobs whose policy is being fetched.
+//! - [`drops`]: drop counters by tenant and reason, with a bounded label set.
 //! - [`budget`]: per-job audit-line budget and pacing-queue bounds.
 //! - [`fair`]: per-tenant, per-job fair queues (deficit round robin in bytes) of a worker.
 //! - [`tier2`]: the per-packet pipeline in both directions — GENEVE receive rules, the job's
@@ -47,6 +48,7 @@ pub mod clock;
 pub mod config;
 pub mod conntrack;
 pub mod daemon;
+pub mod drops;
 pub mod fair;
 pub mod gso;
 #[allow(unsafe_code)]

@@ -19,7 +19,10 @@
 //! Family names, types and labels are those documented in `docs/proxy.md` (counters are
 //! registered without their `_total`, which the encoder appends; a test pins the list to the
 //! doc); families are written in a fixed order; `snas_proxy_drops_total` has samples only for
-//! reasons with drops, and `snas_proxy_guard_drops_total` only when the guard could be read.
+//! (tenant, reason) pairs with drops — its `tenant` label is bounded as [`crate::drops`] says
+//! (verified tenants, at most [`crate::drops::MAX_TENANT_SERIES`], plus `unknown` and
+//! `other`), never a job — and `snas_proxy_guard_drops_total` only when the guard could be
+//! read.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -31,6 +34,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use snas_wire::Reason;
 
+use crate::drops::DropTally;
 use crate::nat::EgressUsage;
 use crate::tier2::Tier2;
 
@@ -216,7 +220,7 @@ impl Counters {
 #[derive(Debug, Clone)]
 pub struct Scrape {
     counters: Counters,
-    drops: [u64; Reason::COUNT],
+    drops: DropTally,
     audit_suppressed: u64,
     flows: usize,
     held_packets: u32,
@@ -232,7 +236,7 @@ impl Scrape {
         let (held_packets, held_bytes) = engine.held();
         Scrape {
             counters: Counters::read(m),
-            drops: *engine.drops(),
+            drops: engine.drop_tally().clone(),
             audit_suppressed: engine.audit_suppressed(),
             flows: engine.conntrack().len(),
             held_packets,
@@ -324,13 +328,23 @@ impl Collector for Scrape {
             MetricType::Counter,
             c.bytes.map(|(d, v)| ([("direction", d)], v)),
         )?;
+        let mut series: Vec<_> = self.drops.series().collect();
+        series.sort_by_key(|(who, _)| *who);
         f.family(
             "snas_proxy_drops",
-            "Tier-2 drops and refusals by reason.",
+            "Tier-2 drops and refusals by tenant and reason.",
             MetricType::Counter,
-            Reason::ALL.iter().filter_map(|r| {
-                let n = self.drops.get(usize::from(r.code())).copied().unwrap_or(0);
-                (n > 0).then(|| ([("reason", r.name())], n))
+            series.iter().flat_map(|(who, counts)| {
+                let tenant = who.to_string();
+                Reason::ALL.iter().filter_map(move |r| {
+                    let n = counts.get(usize::from(r.code())).copied().unwrap_or(0);
+                    (n > 0).then(|| {
+                        (
+                            [("tenant", tenant.clone()), ("reason", r.name().to_owned())],
+                            n,
+                        )
+                    })
+                })
             }),
         )?;
         for (name, help, v) in [
@@ -623,7 +637,7 @@ mod tests {
         for want in [
             "snas_proxy_packets_total{direction=\"node_rx\"} 7\n",
             "snas_proxy_packets_total{direction=\"node_tx\"} 0\n",
-            "snas_proxy_drops_total{reason=\"port_denied\"} 2\n",
+            "snas_proxy_drops_total{tenant=\"unknown\",reason=\"port_denied\"} 2\n",
             "snas_proxy_dns_queries_total{outcome=\"refused\"} 2\n",
             "snas_proxy_audit_lines_total{outcome=\"suppressed\"} 0\n",
             "snas_proxy_guard_drops_total{hook=\"forward\"} 0\n",
@@ -636,6 +650,26 @@ mod tests {
             assert!(text.contains(want), "{want:?} missing in\n{text}");
         }
         assert_eq!(text.matches("snas_proxy_drops_total{").count(), 1, "{text}");
+        // A verified tenant's drops are a series of their own.
+        let mut tally = DropTally::default();
+        tally.verified(
+            snas_wire::TenantId(287_346_201),
+            Reason::DestinationDenied,
+            3,
+        );
+        tally.unknown(Reason::UntrustedSource, 1);
+        let scrape = Scrape {
+            drops: tally,
+            ..Scrape::take(&m, &eng, Extra::default())
+        };
+        let text = scrape.render();
+        for want in [
+            "snas_proxy_drops_total{tenant=\"unknown\",reason=\"untrusted_source\"} 1\n",
+            "snas_proxy_drops_total{tenant=\"287346201\",reason=\"destination_denied\"} 3\n",
+        ] {
+            assert!(text.contains(want), "{want:?} missing in\n{text}");
+        }
+        assert_eq!(text.matches("snas_proxy_drops_total{").count(), 2, "{text}");
         let without_guard = render(&m, &eng, Extra::default());
         assert!(!without_guard.contains("snas_proxy_guard_drops_total"));
     }

@@ -45,6 +45,7 @@
 //! The port range applies to ICMP echo identifiers too (destination port 0). Time that goes
 //! backwards does not shorten quarantine.
 
+use snas_wire::{JobKey, TenantId};
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
@@ -77,9 +78,9 @@ pub struct Destination {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Owner {
     /// Job key (from the GENEVE option).
-    pub job: u64,
+    pub job: JobKey,
     /// Tenant id (from the GENEVE option, checked against the policy).
-    pub tenant: u32,
+    pub tenant: TenantId,
 }
 
 /// The job's limits from its signed policy, passed with every new flow.
@@ -122,7 +123,7 @@ pub struct NatConfig {
     /// Ports (live + quarantined) one tenant may hold unless overridden (default 65536).
     pub max_ports_per_tenant: u32,
     /// Per-tenant quota overrides.
-    pub tenant_quotas: HashMap<u32, u32>,
+    pub tenant_quotas: HashMap<TenantId, u32>,
     /// Seed of the per-destination starting port (give it a random value in production so ports
     /// are not predictable across proxies; fixed in tests for reproducibility).
     pub port_seed: u64,
@@ -377,7 +378,7 @@ struct DestState {
     live: u32,
     used: u32,
     top_count: u32,
-    top_job: u64,
+    top_job: JobKey,
     first: Option<IpPorts>,
     rest: Option<Box<Vec<IpPorts>>>,
 }
@@ -433,8 +434,8 @@ impl DestState {
 #[derive(Debug, Clone, Copy)]
 struct Quarantined {
     release_at: Nanos,
-    job: u64,
-    tenant: u32,
+    job: JobKey,
+    tenant: TenantId,
     dest: u32,
     egress: u16,
     port: u16,
@@ -462,9 +463,9 @@ pub struct PortAllocator {
     dests: Vec<Option<DestState>>,
     free_dests: Vec<u32>,
     /// Live flows per (job, destination) for jobs other than the destination's `top_job`.
-    job_dest_live: HashMap<(u64, u32), u32>,
-    jobs: HashMap<u64, Usage>,
-    tenants: HashMap<u32, Usage>,
+    job_dest_live: HashMap<(JobKey, u32), u32>,
+    jobs: HashMap<JobKey, Usage>,
+    tenants: HashMap<TenantId, Usage>,
     quarantine: VecDeque<Quarantined>,
     /// Counts destination activations, so a destination that goes idle and comes back starts
     /// its cursor somewhere new.
@@ -582,7 +583,7 @@ impl PortAllocator {
             .copied()
     }
 
-    fn tenant_quota(&self, tenant: u32) -> u32 {
+    fn tenant_quota(&self, tenant: TenantId) -> u32 {
         self.cfg
             .tenant_quotas
             .get(&tenant)
@@ -591,31 +592,31 @@ impl PortAllocator {
     }
 
     /// Live and held ports of a job.
-    pub fn job_usage(&self, job: u64) -> Usage {
+    pub fn job_usage(&self, job: JobKey) -> Usage {
         self.jobs.get(&job).copied().unwrap_or_default()
     }
 
     /// Live and held ports of a tenant.
-    pub fn tenant_usage(&self, tenant: u32) -> Usage {
+    pub fn tenant_usage(&self, tenant: TenantId) -> Usage {
         self.tenants.get(&tenant).copied().unwrap_or_default()
     }
 
     /// Live flows of `job` to `dest`.
-    pub fn job_destination_live(&self, job: u64, dest: &Destination) -> u32 {
+    pub fn job_destination_live(&self, job: JobKey, dest: &Destination) -> u32 {
         self.dest_id(dest)
             .map_or(0, |d| self.job_dest_count(job, d))
     }
 
     // A job's count for a destination lives in exactly one place: the destination's `top_*`
     // fields or the `job_dest_live` map.
-    fn job_dest_count(&self, job: u64, d: u32) -> u32 {
+    fn job_dest_count(&self, job: JobKey, d: u32) -> u32 {
         match self.dest(d) {
             Some(s) if s.top_count > 0 && s.top_job == job => s.top_count,
             _ => self.job_dest_live.get(&(job, d)).copied().unwrap_or(0),
         }
     }
 
-    fn job_dest_inc(&mut self, job: u64, d: u32) {
+    fn job_dest_inc(&mut self, job: JobKey, d: u32) {
         let in_map = self.job_dest_live.contains_key(&(job, d));
         let Some(s) = self.dests.get_mut(d as usize).and_then(Option::as_mut) else {
             return;
@@ -630,7 +631,7 @@ impl PortAllocator {
         }
     }
 
-    fn job_dest_dec(&mut self, job: u64, d: u32) {
+    fn job_dest_dec(&mut self, job: JobKey, d: u32) {
         if let Some(s) = self.dests.get_mut(d as usize).and_then(Option::as_mut) {
             if s.top_count > 0 && s.top_job == job {
                 s.top_count -= 1;
@@ -694,7 +695,7 @@ impl PortAllocator {
             return Allocation::Refused(Reason::PortsExhausted);
         }
         let cap = self.ports_per_destination();
-        let start = (owner.job % family.len() as u64) as usize;
+        let start = (owner.job.get() % family.len() as u64) as usize;
         let state = existing.and_then(|d| self.dest(d));
         let chosen = (0..family.len())
             .map(|k| family[(start + k) % family.len()])
@@ -762,7 +763,7 @@ impl PortAllocator {
             live: 0,
             used: 0,
             top_count: 0,
-            top_job: 0,
+            top_job: JobKey::default(),
             first: None,
             rest: None,
         };
@@ -1001,8 +1002,14 @@ mod tests {
         ip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)),
         port: 443,
     };
-    const A: Owner = Owner { job: 1, tenant: 10 };
-    const B: Owner = Owner { job: 2, tenant: 20 };
+    const A: Owner = Owner {
+        job: JobKey(1),
+        tenant: TenantId(10),
+    };
+    const B: Owner = Owner {
+        job: JobKey(2),
+        tenant: TenantId(20),
+    };
     const WIDE: JobLimits = JobLimits {
         max_connections: 1_000_000,
         max_ports_per_destination: 1_000_000,
@@ -1114,7 +1121,10 @@ mod tests {
             a.allocate(A, d2, lim, secs(0)),
             Allocation::Refused(Reason::PortQuota)
         );
-        let sibling = Owner { job: 3, tenant: 10 };
+        let sibling = Owner {
+            job: JobKey(3),
+            tenant: TenantId(10),
+        };
         granted(a.allocate(sibling, D, lim, secs(0)));
         assert_eq!(
             a.allocate(sibling, d2, lim, secs(0)),
@@ -1199,8 +1209,14 @@ mod tests {
             max_connections: 100,
             max_ports_per_destination: 3,
         };
-        let x = Owner { job: 1, tenant: 1 };
-        let y = Owner { job: 2, tenant: 1 };
+        let x = Owner {
+            job: JobKey(1),
+            tenant: TenantId(1),
+        };
+        let y = Owner {
+            job: JobKey(2),
+            tenant: TenantId(1),
+        };
         let x1 = granted(a.allocate(x, D, cap, secs(0)));
         granted(a.allocate(y, D, cap, secs(0)));
         granted(a.allocate(y, D, cap, secs(0)));

@@ -24,10 +24,13 @@
 //! move as above. Departures of one job never decrease, so a flow's packets stay in order.
 //!
 //! # Rates
-//! [`Bps`] is bits per second. `Bps(0)` blocks: every packet is dropped. [`Bps::UNLIMITED`]
-//! (`u64::MAX`) costs no time. There is no default: the caller passes both rates with every
-//! packet (from the job's signed policy and the tenant's configuration), so nothing is unlimited
-//! by accident.
+//! A rate is a [`PaceRate`]: `Limited(Bps)` (bits per second, [`snas_wire::Bps`], never zero),
+//! `Unlimited` (costs no time) or `Blocked` (every packet is dropped). An enum rather than
+//! `Option<Bps>` because the pacer has three behaviours, and an `Option` would leave `None` to
+//! mean either "no limit" or "nothing passes" (the confusion of a rate where 0 means one of
+//! them).
+//! There is no default: the caller passes both rates with every packet (from the job's signed
+//! policy and the tenant's configuration), so nothing is unlimited by accident.
 //!
 //! # Limits
 //! - Fair, not fully work-conserving: when an active job sends less than its `1/n`, the rest of
@@ -37,10 +40,11 @@
 //! - Per-job and per-tenant state is removed by [`Pacer::evict_idle`], which the caller runs
 //!   periodically (it scans, O(entries)); counters of evicted entries are gone.
 
+use snas_wire::{JobKey, TenantId};
 use std::collections::HashMap;
 use std::time::Duration;
 
-use snas_wire::Reason;
+use snas_wire::{Bps, Reason};
 
 use crate::clock::{duration_to_nanos, Nanos};
 use crate::wheel::{TimerWheel, WheelError};
@@ -49,36 +53,55 @@ use crate::wheel::{TimerWheel, WheelError};
 /// than the time this takes at the packet's binding rate.
 pub const BURST_BYTES: u32 = 65_536;
 
-/// A rate in bits per second.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Bps(pub u64);
-
-impl Bps {
+/// The rate a packet is paced at. See "Rates" in the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PaceRate {
+    /// Every packet is dropped.
+    Blocked,
+    /// Paced at this rate.
+    Limited(Bps),
     /// No limit: packets cost no time.
-    pub const UNLIMITED: Bps = Bps(u64::MAX);
-    /// Blocked: every packet is dropped.
-    pub const BLOCKED: Bps = Bps(0);
+    Unlimited,
+}
 
-    /// `n` megabits (10⁶ bits) per second.
-    pub const fn mbit(n: u64) -> Bps {
-        Bps(n * 1_000_000)
+impl PaceRate {
+    /// `n` megabits (10⁶ bits) per second; [`PaceRate::Blocked`] for 0 (nothing can pass at
+    /// zero), [`PaceRate::Unlimited`] on overflow.
+    pub const fn mbit(n: u64) -> PaceRate {
+        PaceRate::bits(n, 1_000_000)
     }
 
-    /// `n` gigabits (10⁹ bits) per second.
-    pub const fn gbit(n: u64) -> Bps {
-        Bps(n * 1_000_000_000)
+    /// `n` gigabits (10⁹ bits) per second, as [`PaceRate::mbit`].
+    pub const fn gbit(n: u64) -> PaceRate {
+        PaceRate::bits(n, 1_000_000_000)
+    }
+
+    const fn bits(n: u64, unit: u64) -> PaceRate {
+        match n.checked_mul(unit) {
+            None => PaceRate::Unlimited,
+            Some(v) => match Bps::new(v) {
+                Some(b) => PaceRate::Limited(b),
+                None => PaceRate::Blocked,
+            },
+        }
     }
 
     /// Nanoseconds to send `len` bytes, rounded up; `None` when blocked.
     fn tx_nanos(self, len: u32) -> Option<u64> {
-        match self.0 {
-            0 => None,
-            u64::MAX => Some(0),
-            r => {
-                let ns = (u128::from(len) * 8 * 1_000_000_000).div_ceil(u128::from(r));
+        match self {
+            PaceRate::Blocked => None,
+            PaceRate::Unlimited => Some(0),
+            PaceRate::Limited(r) => {
+                let ns = (u128::from(len) * 8 * 1_000_000_000).div_ceil(u128::from(r.get()));
                 Some(u64::try_from(ns).unwrap_or(u64::MAX))
             }
         }
+    }
+}
+
+impl From<Bps> for PaceRate {
+    fn from(b: Bps) -> PaceRate {
+        PaceRate::Limited(b)
     }
 }
 
@@ -86,18 +109,18 @@ impl Bps {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PacingKey {
     /// Job key.
-    pub job: u64,
+    pub job: JobKey,
     /// Tenant id.
-    pub tenant: u32,
+    pub tenant: TenantId,
 }
 
 /// The limits in force for a packet (from the job's policy and the tenant's configuration).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PacingRates {
     /// The job's rate in this direction.
-    pub job: Bps,
+    pub job: PaceRate,
     /// The tenant's cap in this direction.
-    pub tenant: Bps,
+    pub tenant: PaceRate,
 }
 
 /// Pacer configuration.
@@ -202,8 +225,8 @@ impl TenantClock {
 pub struct Pacer {
     horizon_ns: u64,
     window_ns: u64,
-    jobs: HashMap<u64, JobClock>,
-    tenants: HashMap<u32, TenantClock>,
+    jobs: HashMap<JobKey, JobClock>,
+    tenants: HashMap<TenantId, TenantClock>,
     totals: PacingStats,
 }
 
@@ -295,12 +318,12 @@ impl Pacer {
     }
 
     /// Counters of a job (since its state was created).
-    pub fn job_stats(&self, job: u64) -> Option<PacingStats> {
+    pub fn job_stats(&self, job: JobKey) -> Option<PacingStats> {
         self.jobs.get(&job).map(|j| j.stats)
     }
 
     /// Counters of a tenant (since its state was created).
-    pub fn tenant_stats(&self, tenant: u32) -> Option<PacingStats> {
+    pub fn tenant_stats(&self, tenant: TenantId) -> Option<PacingStats> {
         self.tenants.get(&tenant).map(|t| t.stats)
     }
 
@@ -325,7 +348,7 @@ impl Pacer {
     }
 
     /// Forgets a job (it ended).
-    pub fn forget_job(&mut self, job: u64) {
+    pub fn forget_job(&mut self, job: JobKey) {
         self.jobs.remove(&job);
     }
 }
@@ -409,7 +432,10 @@ impl<T> PacedQueue<T> {
 mod tests {
     use super::*;
 
-    const KEY: PacingKey = PacingKey { job: 1, tenant: 9 };
+    const KEY: PacingKey = PacingKey {
+        job: JobKey(1),
+        tenant: TenantId(9),
+    };
 
     fn ms(n: u64) -> Nanos {
         Nanos::from_nanos(n * 1_000_000)
@@ -419,14 +445,14 @@ mod tests {
         Pacer::new(PacerConfig::default()).unwrap()
     }
 
-    fn rates(job: Bps, tenant: Bps) -> PacingRates {
+    fn rates(job: PaceRate, tenant: PaceRate) -> PacingRates {
         PacingRates { job, tenant }
     }
 
     #[test]
     fn departures_are_spaced_by_len_over_rate() {
         let mut p = pacer();
-        let r = rates(Bps::mbit(12), Bps::UNLIMITED);
+        let r = rates(PaceRate::mbit(12), PaceRate::Unlimited);
         // 1500 B at 12 Mbit/s = 1 ms; the first packet of an idle job leaves at once.
         assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(0)));
         assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(1)));
@@ -440,7 +466,7 @@ mod tests {
     fn packets_beyond_the_horizon_are_dropped_and_counted() {
         let mut p = pacer();
         // 1500 B at 120 Mbit/s = 100 µs; the 20 ms horizon holds departures 0 ..= 20 ms.
-        let r = rates(Bps::mbit(120), Bps::UNLIMITED);
+        let r = rates(PaceRate::mbit(120), PaceRate::Unlimited);
         let us100 = |i: u64| Nanos::from_nanos(i * 100_000);
         for i in 0..=200 {
             assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(us100(i)));
@@ -449,7 +475,7 @@ mod tests {
             p.stamp(KEY, r, 1500, ms(0)),
             Stamp::Drop(Reason::PacingHorizon)
         );
-        let s = p.job_stats(1).unwrap();
+        let s = p.job_stats(JobKey(1)).unwrap();
         assert_eq!((s.passed_packets, s.dropped_packets), (201, 1));
         assert_eq!(s.dropped_bytes, 1500);
         // The drop did not move the clock.
@@ -461,7 +487,7 @@ mod tests {
         let mut p = pacer();
         // 12 Mbit/s, 1 ms per 1500 B: a 20 ms horizon would admit 21 packets; 64 KiB take
         // 43.7 ms, so the departures 0 ..= 43 ms are admitted.
-        let r = rates(Bps::mbit(12), Bps::UNLIMITED);
+        let r = rates(PaceRate::mbit(12), PaceRate::Unlimited);
         for i in 0..=43 {
             assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(i)));
         }
@@ -475,11 +501,21 @@ mod tests {
     fn blocked_rate_drops_everything_and_unlimited_costs_nothing() {
         let mut p = pacer();
         assert_eq!(
-            p.stamp(KEY, rates(Bps::BLOCKED, Bps::UNLIMITED), 100, ms(0)),
+            p.stamp(
+                KEY,
+                rates(PaceRate::Blocked, PaceRate::Unlimited),
+                100,
+                ms(0)
+            ),
             Stamp::Drop(Reason::PacingHorizon)
         );
         assert_eq!(
-            p.stamp(KEY, rates(Bps::UNLIMITED, Bps::UNLIMITED), 1500, ms(5)),
+            p.stamp(
+                KEY,
+                rates(PaceRate::Unlimited, PaceRate::Unlimited),
+                1500,
+                ms(5)
+            ),
             Stamp::Depart(ms(5))
         );
     }
@@ -487,7 +523,7 @@ mod tests {
     #[test]
     fn tenant_cap_binds_a_fast_job() {
         let mut p = pacer();
-        let r = rates(Bps::gbit(1), Bps::mbit(12));
+        let r = rates(PaceRate::gbit(1), PaceRate::mbit(12));
         assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(0)));
         assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(1)));
         assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(2)));
@@ -496,8 +532,11 @@ mod tests {
     #[test]
     fn two_active_jobs_each_get_half_the_tenant() {
         let mut p = pacer();
-        let r = rates(Bps::gbit(1), Bps::mbit(12));
-        let other = PacingKey { job: 2, tenant: 9 };
+        let r = rates(PaceRate::gbit(1), PaceRate::mbit(12));
+        let other = PacingKey {
+            job: JobKey(2),
+            tenant: TenantId(9),
+        };
         assert_eq!(p.stamp(KEY, r, 1500, ms(0)), Stamp::Depart(ms(0)));
         // Second job active: it waits for the tenant clock, then its share is 6 Mbit/s, 2 ms
         // per packet.
@@ -509,7 +548,7 @@ mod tests {
     #[test]
     fn paced_queue_releases_in_departure_order() {
         let mut q = PacedQueue::new(PacerConfig::default(), ms(0)).unwrap();
-        let r = rates(Bps::mbit(12), Bps::UNLIMITED);
+        let r = rates(PaceRate::mbit(12), PaceRate::Unlimited);
         for i in 0..5u32 {
             assert!(matches!(
                 q.enqueue(KEY, r, 1500, i, ms(0)),
@@ -527,7 +566,7 @@ mod tests {
     #[test]
     fn dropped_items_are_handed_back() {
         let mut q = PacedQueue::new(PacerConfig::default(), ms(0)).unwrap();
-        let r = rates(Bps::BLOCKED, Bps::UNLIMITED);
+        let r = rates(PaceRate::Blocked, PaceRate::Unlimited);
         assert_eq!(
             q.enqueue(KEY, r, 1500, 42u32, ms(0)),
             Enqueue::Dropped(Reason::PacingHorizon, 42)
@@ -537,7 +576,7 @@ mod tests {
     #[test]
     fn idle_state_is_evicted() {
         let mut p = pacer();
-        let r = rates(Bps::mbit(12), Bps::UNLIMITED);
+        let r = rates(PaceRate::mbit(12), PaceRate::Unlimited);
         p.stamp(KEY, r, 1500, ms(0));
         p.evict_idle(ms(500), Duration::from_secs(1));
         assert_eq!(p.entries(), (1, 1));

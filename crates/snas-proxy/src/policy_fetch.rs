@@ -57,7 +57,7 @@ pub const MAX_POLICY_ANSWER: usize = 1 << 20;
 
 /// Called when a fetch of a job ends: `Ok` when a policy is cached for it, `Err(reason)`
 /// otherwise.
-pub type FetchNotify = Arc<dyn Fn(u64, Result<(), Reason>) + Send + Sync>;
+pub type FetchNotify = Arc<dyn Fn(JobKey, Result<(), Reason>) + Send + Sync>;
 
 #[derive(Default)]
 struct Notify(std::sync::OnceLock<FetchNotify>);
@@ -75,8 +75,8 @@ impl std::fmt::Debug for Notify {
 /// One immutable generation of the cache.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
-    ready: HashMap<u64, Arc<JobPolicy>>,
-    rejected: HashMap<u64, (Reason, Instant)>,
+    ready: HashMap<JobKey, Arc<JobPolicy>>,
+    rejected: HashMap<JobKey, (Reason, Instant)>,
 }
 
 impl Snapshot {
@@ -96,7 +96,7 @@ impl Snapshot {
     }
 
     /// The policy of `job_key`, if verified and held.
-    pub fn get(&self, job_key: u64) -> Option<&Arc<JobPolicy>> {
+    pub fn get(&self, job_key: JobKey) -> Option<&Arc<JobPolicy>> {
         self.ready.get(&job_key)
     }
 }
@@ -109,7 +109,7 @@ pub struct SnapshotView<'a> {
 }
 
 impl PolicyCache for SnapshotView<'_> {
-    fn lookup(&self, job_key: u64) -> PolicyLookup<'_> {
+    fn lookup(&self, job_key: JobKey) -> PolicyLookup<'_> {
         if let Some(p) = self.snap.ready.get(&job_key) {
             return PolicyLookup::Ready(p);
         }
@@ -166,7 +166,7 @@ impl PolicyStore {
     }
 
     /// Remembers a failure for `job_key` until `until`, unless a verified policy is held.
-    pub fn reject(&self, job_key: u64, reason: Reason, until: Instant) {
+    pub fn reject(&self, job_key: JobKey, reason: Reason, until: Instant) {
         self.update(|s| {
             if s.ready.contains_key(&job_key) {
                 return false;
@@ -193,7 +193,7 @@ impl PolicyStore {
     }
 
     /// Forgets a job (tests, operator).
-    pub fn remove(&self, job_key: u64) {
+    pub fn remove(&self, job_key: JobKey) {
         self.update(|s| s.ready.remove(&job_key).is_some() | s.rejected.remove(&job_key).is_some());
     }
 }
@@ -228,9 +228,9 @@ pub struct Fetcher {
     store: Arc<PolicyStore>,
     trust: TrustBundle,
     cfg: FetchConfig,
-    inflight: Mutex<HashSet<u64>>,
-    refetched: Mutex<HashMap<u64, Instant>>,
-    tx: mpsc::Sender<(u64, Ipv4Addr)>,
+    inflight: Mutex<HashSet<JobKey>>,
+    refetched: Mutex<HashMap<JobKey, Instant>>,
+    tx: mpsc::Sender<(JobKey, Ipv4Addr)>,
     notify: Notify,
     /// Counters.
     pub stats: FetchStats,
@@ -238,56 +238,56 @@ pub struct Fetcher {
 
 /// The receiving end of the data path's fetch requests; hand it to [`Fetcher::run`].
 #[derive(Debug)]
-pub struct FetchQueue(mpsc::Receiver<(u64, Ipv4Addr)>);
+pub struct FetchQueue(mpsc::Receiver<(JobKey, Ipv4Addr)>);
 
 /// Why a fetch failed (logged; the negative cache keeps the [`Reason`]).
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// the agent could not be reached or answered badly
-    #[error("policy of job {} from {node}: {source}", JobKey(*job_key))]
+    #[error("policy of job {job_key} from {node}: {source}")]
     Http {
         /// Job.
-        job_key: u64,
+        job_key: JobKey,
         /// Node asked.
         node: Ipv4Addr,
         /// Transport error.
         source: ClientError,
     },
     /// the agent answered with a non-200 status
-    #[error("policy of job {} from {node}: HTTP status {status}", JobKey(*job_key))]
+    #[error("policy of job {job_key} from {node}: HTTP status {status}")]
     Status {
         /// Job.
-        job_key: u64,
+        job_key: JobKey,
         /// Node asked.
         node: Ipv4Addr,
         /// Status.
         status: u16,
     },
     /// the token did not verify
-    #[error("policy of job {} from {node}: {source}", JobKey(*job_key))]
+    #[error("policy of job {job_key} from {node}: {source}")]
     Verify {
         /// Job.
-        job_key: u64,
+        job_key: JobKey,
         /// Node asked.
         node: Ipv4Addr,
         /// Verification error.
         source: jws::VerifyError,
     },
     /// the token is valid but for another job
-    #[error("policy from {node} for job {} is the policy of job {}", JobKey(*job_key), JobKey(*got))]
+    #[error("policy from {node} for job {job_key} is the policy of job {got}")]
     WrongJob {
         /// Job asked.
-        job_key: u64,
+        job_key: JobKey,
         /// Node asked.
         node: Ipv4Addr,
         /// Job in the token.
-        got: u64,
+        got: JobKey,
     },
     /// the token pins the job to another node
-    #[error("policy of job {} from {node} is pinned to node {pinned}", JobKey(*job_key))]
+    #[error("policy of job {job_key} from {node} is pinned to node {pinned}")]
     WrongNode {
         /// Job.
-        job_key: u64,
+        job_key: JobKey,
         /// Node asked.
         node: Ipv4Addr,
         /// Node in the token.
@@ -340,7 +340,7 @@ impl Fetcher {
         let _ = self.notify.0.set(f);
     }
 
-    fn notify(&self, job_key: u64, outcome: Result<(), Reason>) {
+    fn notify(&self, job_key: JobKey, outcome: Result<(), Reason>) {
         if let Some(f) = self.notify.0.get() {
             f(job_key, outcome);
         }
@@ -348,7 +348,7 @@ impl Fetcher {
 
     /// Queues a fetch of `job_key` from `node` (data path: never blocks). Requests for a job
     /// already being fetched are ignored.
-    pub fn request(&self, job_key: u64, node: Ipv4Addr) {
+    pub fn request(&self, job_key: JobKey, node: Ipv4Addr) {
         {
             let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
             if !inflight.insert(job_key) {
@@ -367,7 +367,7 @@ impl Fetcher {
     /// Queues a refetch of a cached job whose traffic carries a newer serial, at most once per
     /// negative-cache period per job (a node that keeps announcing a serial its agent does not
     /// serve must not cause a fetch per batch).
-    pub fn request_refetch(&self, job_key: u64, node: Ipv4Addr) {
+    pub fn request_refetch(&self, job_key: JobKey, node: Ipv4Addr) {
         let now = Instant::now();
         {
             let mut last = self
@@ -405,7 +405,7 @@ impl Fetcher {
 
     /// The job's policy: from the cache, or fetched now. A negative entry answers with its
     /// reason without a fetch.
-    pub async fn ensure(&self, job_key: u64, node: Ipv4Addr) -> Result<Arc<JobPolicy>, Reason> {
+    pub async fn ensure(&self, job_key: JobKey, node: Ipv4Addr) -> Result<Arc<JobPolicy>, Reason> {
         let snap = self.store.snapshot();
         match snap.at(Instant::now()).lookup(job_key) {
             PolicyLookup::Ready(_) => {
@@ -424,7 +424,7 @@ impl Fetcher {
     /// Fetches, verifies and stores; on failure records the negative entry.
     pub async fn fetch_and_store(
         &self,
-        job_key: u64,
+        job_key: JobKey,
         node: Ipv4Addr,
     ) -> Result<Arc<JobPolicy>, FetchError> {
         match self.fetch(job_key, node).await {
@@ -456,12 +456,12 @@ impl Fetcher {
         }
     }
 
-    async fn fetch(&self, job_key: u64, node: Ipv4Addr) -> Result<JobPolicy, FetchError> {
+    async fn fetch(&self, job_key: JobKey, node: Ipv4Addr) -> Result<JobPolicy, FetchError> {
         let addr = SocketAddr::from((node, self.cfg.agent_port));
         let call = Call {
             timeout: self.cfg.timeout,
             max_answer: MAX_POLICY_ANSWER,
-            ..Call::new(Method::GET, paths::agent_policy(JobKey(job_key)))
+            ..Call::new(Method::GET, paths::agent_policy(job_key))
         };
         let resp = exchange(addr, call)
             .await

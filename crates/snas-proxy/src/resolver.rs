@@ -27,6 +27,7 @@
 //! UDP answers larger than the client's EDNS payload size (512 without EDNS) are sent
 //! truncated (TC bit, no records); the agent retries over TCP. One question per query.
 
+use snas_wire::{JobKey, PolicySerial, TenantId};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,11 +68,11 @@ pub use snas_policy::binding::clamp_ttl_secs as clamp_ttl;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JobIdentity {
     /// Tenant id.
-    pub tenant_id: u32,
+    pub tenant_id: TenantId,
     /// Job key.
-    pub job_key: u64,
+    pub job_key: JobKey,
     /// Policy serial.
-    pub serial: u32,
+    pub serial: PolicySerial,
 }
 
 /// Reads the job identity from a query's EDNS options.
@@ -79,9 +80,11 @@ pub fn job_identity(msg: &Message) -> Option<JobIdentity> {
     let edns = msg.extensions().as_ref()?;
     match edns.options().get(EdnsCode::from(JOB_OPTION_CODE))? {
         EdnsOption::Unknown(_, v) if v.len() == 16 => Some(JobIdentity {
-            tenant_id: u32::from_be_bytes([v[0], v[1], v[2], v[3]]),
-            job_key: u64::from_be_bytes([v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11]]),
-            serial: u32::from_be_bytes([v[12], v[13], v[14], v[15]]),
+            tenant_id: TenantId(u32::from_be_bytes([v[0], v[1], v[2], v[3]])),
+            job_key: JobKey(u64::from_be_bytes([
+                v[4], v[5], v[6], v[7], v[8], v[9], v[10], v[11],
+            ])),
+            serial: PolicySerial(u32::from_be_bytes([v[12], v[13], v[14], v[15]])),
         }),
         _ => None,
     }
@@ -90,9 +93,9 @@ pub fn job_identity(msg: &Message) -> Option<JobIdentity> {
 /// The EDNS option carrying `id` (the agent's side of the contract; tests use it).
 pub fn job_option(id: JobIdentity) -> EdnsOption {
     let mut v = Vec::with_capacity(16);
-    v.extend_from_slice(&id.tenant_id.to_be_bytes());
-    v.extend_from_slice(&id.job_key.to_be_bytes());
-    v.extend_from_slice(&id.serial.to_be_bytes());
+    v.extend_from_slice(&id.tenant_id.get().to_be_bytes());
+    v.extend_from_slice(&id.job_key.get().to_be_bytes());
+    v.extend_from_slice(&id.serial.get().to_be_bytes());
     EdnsOption::Unknown(JOB_OPTION_CODE, v)
 }
 
@@ -288,7 +291,7 @@ async fn job_policy(ctx: &Ctx, node: Ipv4Addr, id: JobIdentity) -> Result<Arc<Jo
     if p.tenant_id != id.tenant_id {
         return Err(Reason::GeneveUnknownJob);
     }
-    if u64::from(id.serial) > p.serial {
+    if id.serial > p.serial {
         // A newer policy exists on the node: refresh in the background.
         ctx.shared.fetcher.request_refetch(id.job_key, node);
     }
@@ -390,7 +393,7 @@ fn audit_refusal(ctx: &Ctx, p: &JobPolicy, name: &str) {
 }
 
 /// Binds every address to `name` for `job` in the engine until now + TTL + grace.
-pub fn bind_addrs(shared: &Shared, job: u64, name: &str, addrs: &[IpAddr], ttl_secs: u32) {
+pub fn bind_addrs(shared: &Shared, job: JobKey, name: &str, addrs: &[IpAddr], ttl_secs: u32) {
     let ttl = Duration::from_secs(u64::from(clamp_ttl(ttl_secs)));
     let expires = shared.clock_now().saturating_add(ttl + BINDING_GRACE);
     let mut eng = shared.engine();
@@ -404,15 +407,12 @@ pub use crate::api::types::PeerBinding;
 /// Why a peer binding was not applied.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerBindingError {
-    /// `job_key` is not 16 hex digits
-    #[error("job_key {0:?} is not 16 hex digits")]
-    JobKey(String),
     /// the node is not one of ours
     #[error("node {0} is not a configured node")]
     Node(Ipv4Addr),
     /// the policy could not be verified
     #[error("policy of job {0} not verified: {1}")]
-    Policy(String, &'static str),
+    Policy(JobKey, &'static str),
     /// the policy does not allow the name
     #[error("name {0:?} not allowed by the job's policy")]
     Name(String),
@@ -424,10 +424,7 @@ pub async fn apply_peer_binding(
     shared: &Shared,
     b: &PeerBinding,
 ) -> Result<usize, PeerBindingError> {
-    let job = match (b.job_key.len(), u64::from_str_radix(&b.job_key, 16)) {
-        (16, Ok(k)) => k,
-        _ => return Err(PeerBindingError::JobKey(b.job_key.clone())),
-    };
+    let job = b.job_key;
     if !shared.cfg.nodes.contains(&b.node) {
         return Err(PeerBindingError::Node(b.node));
     }
@@ -435,7 +432,7 @@ pub async fn apply_peer_binding(
         .fetcher
         .ensure(job, b.node)
         .await
-        .map_err(|r| PeerBindingError::Policy(b.job_key.clone(), r.name()))?;
+        .map_err(|r| PeerBindingError::Policy(job, r.name()))?;
     let name = b.name.trim_end_matches('.').to_ascii_lowercase();
     if !p.matcher.name_allowed(&name) {
         return Err(PeerBindingError::Name(name));
@@ -451,7 +448,7 @@ pub async fn apply_peer_binding(
 /// background.
 async fn push_to_peers(
     ctx: &Ctx,
-    job: u64,
+    job: JobKey,
     node: Ipv4Addr,
     name: &str,
     addrs: &[IpAddr],
@@ -461,7 +458,7 @@ async fn push_to_peers(
         return;
     };
     let body = Arc::new(PeerBinding {
-        job_key: snas_wire::JobKey(job).to_string(),
+        job_key: job,
         node,
         name: name.to_owned(),
         addrs: addrs.to_vec(),

@@ -54,7 +54,7 @@ pub fn flow_key(i: u32, distinct_dests: bool) -> FlowKey {
         (doc_ip(i % 400), 443)
     };
     FlowKey {
-        job: job.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        job: snas_wire::JobKey(job.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
         proto: L4Proto::Tcp,
         src_ip: IpAddr::V4(Ipv4Addr::new(10, 0, (job / 256) as u8, (job % 256) as u8)),
         src_port: (i / 1000) as u16 + 1024,
@@ -75,7 +75,12 @@ pub fn tracker(max_flows: u32) -> Result<Conntrack, ConntrackError> {
 /// Opens flows `0..n` and moves each to established (as a SYN-ACK reply would).
 pub fn fill(ct: &mut Conntrack, n: u32, distinct_dests: bool) -> Result<(), FillError> {
     for i in 0..n {
-        match ct.open(flow_key(i, distinct_dests), i % 10, WIDE, Nanos::ZERO) {
+        match ct.open(
+            flow_key(i, distinct_dests),
+            snas_wire::TenantId(i % 10),
+            WIDE,
+            Nanos::ZERO,
+        ) {
             Open::Created { id, .. } => {
                 ct.observe(
                     id,

@@ -48,6 +48,7 @@
 //! - Replies from the internet to an expired job's flows still pass until the next once-a-second
 //!   check removes the flows.
 
+use snas_wire::{JobKey, PolicySerial, TenantId};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
@@ -70,10 +71,11 @@ use crate::conntrack::{
     Conntrack, ConntrackConfig, ConntrackError, Direction, FlowCounters, FlowId, FlowInfo, FlowKey,
     FlowState, Open, ReplyKey, TcpFlags,
 };
+use crate::drops::DropTally;
 use crate::hold::{HeldPacket, HoldConfig, HoldConfigError, HoldQueue};
 use crate::infra::{self, InfraSet};
 use crate::nat::JobLimits;
-use crate::pacer::{Bps, Pacer, PacerConfig, PacerError, PacingKey, PacingRates, Stamp};
+use crate::pacer::{PaceRate, Pacer, PacerConfig, PacerError, PacingKey, PacingRates, Stamp};
 use crate::token_bucket::{JobBuckets, TokenBucketError};
 
 /// Length of the GENEVE header with the SNAS option (the UDP payload prefix).
@@ -83,15 +85,15 @@ pub const GENEVE_HEADER_LEN: usize = 28;
 #[derive(Debug)]
 pub struct JobPolicy {
     /// Job key (from the policy id).
-    pub job_key: u64,
+    pub job_key: JobKey,
     /// Tenant id (overlay option).
-    pub tenant_id: u32,
+    pub tenant_id: TenantId,
     /// Tenant name (audit).
     pub tenant: Arc<str>,
     /// Job name (audit).
     pub job: Arc<str>,
     /// Policy serial.
-    pub serial: u64,
+    pub serial: PolicySerial,
     /// The node the job is pinned to, if any.
     pub node: Option<IpAddr>,
     /// Expiry, Unix seconds.
@@ -140,14 +142,14 @@ pub enum PolicyLookup<'a> {
 /// proxy's I/O layer; tests use [`StaticPolicies`].
 pub trait PolicyCache {
     /// The policy of `job_key`.
-    fn lookup(&self, job_key: u64) -> PolicyLookup<'_>;
+    fn lookup(&self, job_key: JobKey) -> PolicyLookup<'_>;
 }
 
 /// A fixed map of policies (tests, benchmarks, and the base of the real cache).
 #[derive(Debug, Default)]
 pub struct StaticPolicies {
-    ready: HashMap<u64, JobPolicy>,
-    rejected: HashMap<u64, Reason>,
+    ready: HashMap<JobKey, JobPolicy>,
+    rejected: HashMap<JobKey, Reason>,
 }
 
 impl StaticPolicies {
@@ -157,14 +159,14 @@ impl StaticPolicies {
         self.ready.insert(p.job_key, p);
     }
     /// Marks a job key as rejected.
-    pub fn reject(&mut self, job_key: u64, reason: Reason) {
+    pub fn reject(&mut self, job_key: JobKey, reason: Reason) {
         self.ready.remove(&job_key);
         self.rejected.insert(job_key, reason);
     }
 }
 
 impl PolicyCache for StaticPolicies {
-    fn lookup(&self, job_key: u64) -> PolicyLookup<'_> {
+    fn lookup(&self, job_key: JobKey) -> PolicyLookup<'_> {
         if let Some(p) = self.ready.get(&job_key) {
             return PolicyLookup::Ready(p);
         }
@@ -194,7 +196,7 @@ pub enum Verdict {
         /// Departure time (EDT).
         depart: Nanos,
         /// The job it belongs to (the caller bounds what a job may queue).
-        job: u64,
+        job: JobKey,
     },
     /// Send `buf[range]` (GENEVE header + inner packet) as a UDP payload to `node`:6081 at
     /// `depart`.
@@ -206,7 +208,7 @@ pub enum Verdict {
         /// Departure time (EDT).
         depart: Nanos,
         /// The job it belongs to (the caller bounds what a job may queue).
-        job: u64,
+        job: JobKey,
     },
     /// Refused: send `reply[..reply_len]` (GENEVE header + RST or ICMP) to `node` now.
     Refuse {
@@ -226,7 +228,7 @@ pub enum Verdict {
     /// ([`Tier2::has_released`] is true).
     Held {
         /// The job key.
-        job_key: u64,
+        job_key: JobKey,
         /// The node that sent it.
         node: Ipv4Addr,
         /// Whether a fetch is needed.
@@ -270,7 +272,7 @@ pub struct AuditRecord {
     /// Job name.
     pub job: Arc<str>,
     /// Job key.
-    pub job_key: u64,
+    pub job_key: JobKey,
     /// Protocol.
     pub proto: L4Proto,
     /// Sandbox address and port.
@@ -329,7 +331,7 @@ pub struct FlowEndRecord {
     /// Job name (likewise).
     pub job: Arc<str>,
     /// Job key.
-    pub job_key: u64,
+    pub job_key: JobKey,
     /// Protocol.
     pub proto: L4Proto,
     /// Sandbox address and port.
@@ -358,7 +360,7 @@ pub struct JobEndRecord {
     /// Job name (empty when unknown).
     pub job: Arc<str>,
     /// Job key.
-    pub job_key: u64,
+    pub job_key: JobKey,
     /// Flows removed.
     pub flows: u64,
 }
@@ -376,7 +378,7 @@ pub enum AuditEvent {
 
 impl AuditEvent {
     /// The job key.
-    pub fn job_key(&self) -> u64 {
+    pub fn job_key(&self) -> JobKey {
         match self {
             AuditEvent::Decision(r) => r.job_key,
             AuditEvent::FlowEnd(r) => r.job_key,
@@ -405,9 +407,9 @@ pub struct Tier2Config {
     /// Pacer (both directions).
     pub pacer: PacerConfig,
     /// Per-tenant bandwidth caps (egress, ingress); tenants not listed get `default_tenant_cap`.
-    pub tenant_caps: HashMap<u32, (Bps, Bps)>,
+    pub tenant_caps: HashMap<TenantId, (PaceRate, PaceRate)>,
     /// Cap of a tenant not in `tenant_caps` (default 10 Gbit/s each way).
-    pub default_tenant_cap: (Bps, Bps),
+    pub default_tenant_cap: (PaceRate, PaceRate),
     /// Per-job state (rate bucket, route) of a job with no flows is forgotten after this.
     pub job_idle: Duration,
     /// Infrastructure prefixes no new flow may reach (the engine adds `proxy_addr`, `nodes`
@@ -432,7 +434,7 @@ impl Tier2Config {
             conntrack: ConntrackConfig::new(egress_ips),
             pacer: PacerConfig::default(),
             tenant_caps: HashMap::new(),
-            default_tenant_cap: (Bps::gbit(10), Bps::gbit(10)),
+            default_tenant_cap: (PaceRate::gbit(10), PaceRate::gbit(10)),
             job_idle: Duration::from_secs(600),
             infrastructure: infra::METADATA.to_vec(),
             hold: HoldConfig::default(),
@@ -465,7 +467,7 @@ struct JobState {
     node: Ipv4Addr,
     option: SnasOption,
     inner_v6: bool,
-    ingress_bps: Bps,
+    ingress_bps: snas_wire::Bps,
     last_active: Nanos,
     tenant: Arc<str>,
     job: Arc<str>,
@@ -484,12 +486,12 @@ pub struct Tier2 {
     egress_pacer: Pacer,
     ingress_pacer: Pacer,
     bindings: Bindings,
-    jobs: HashMap<u64, JobState>,
+    jobs: HashMap<JobKey, JobState>,
     buckets: JobBuckets,
-    drops: [u64; Reason::COUNT],
+    drops: DropTally,
     audit: Vec<AuditEvent>,
     audit_budget: AuditBudget,
-    refetch: Vec<(u64, Ipv4Addr)>,
+    refetch: Vec<(JobKey, Ipv4Addr)>,
     draining: bool,
     infra: InfraSet,
     hold: HoldQueue,
@@ -505,7 +507,7 @@ pub struct Tier2 {
 /// A job whose end [`Tier2::apply_ends`] will carry out.
 #[derive(Debug)]
 struct PendingEnd {
-    job: u64,
+    job: JobKey,
     end: FlowEnd,
     names: Option<(Arc<str>, Arc<str>)>,
 }
@@ -569,7 +571,7 @@ impl Tier2 {
             bindings: Bindings::default(),
             jobs: HashMap::new(),
             buckets: JobBuckets::new(),
-            drops: [0; Reason::COUNT],
+            drops: DropTally::default(),
             audit: Vec::new(),
             audit_budget: AuditBudget::new(cfg.audit_lines_per_sec)?,
             refetch: Vec::new(),
@@ -607,14 +609,27 @@ impl Tier2 {
         &self.infra
     }
 
-    /// Drops so far, by reason code.
-    pub fn drops(&self) -> &[u64; Reason::COUNT] {
+    /// Drops so far by reason code, all tenants together.
+    pub fn drops(&self) -> [u64; Reason::COUNT] {
+        self.drops.by_reason()
+    }
+
+    /// Drops so far by tenant and reason (see [`crate::drops`]).
+    pub fn drop_tally(&self) -> &DropTally {
         &self.drops
     }
 
-    /// Counts a drop the caller decided (e.g. a full pacing queue).
+    /// Counts a drop the caller decided (e.g. a full pacing queue), not tied to a verified
+    /// tenant (`tenant="unknown"`).
     pub fn count_drop(&mut self, r: Reason) {
-        self.drops[usize::from(r.code())] += 1;
+        self.drops.unknown(r, 1);
+    }
+
+    /// Counts a drop the caller decided for a packet whose (unverified) overlay option names
+    /// `tenant`: charged to the tenant only if it already has a series of verified drops
+    /// ([`DropTally::claimed`]), so the label set stays bounded.
+    pub fn count_drop_claimed(&mut self, tenant: Option<TenantId>, r: Reason) {
+        self.drops.claimed(tenant, r, 1);
     }
 
     /// Takes the audit events produced since the last call.
@@ -628,7 +643,7 @@ impl Tier2 {
     }
 
     /// Takes the jobs whose option carried a newer serial than the cached policy (refetch).
-    pub fn drain_refetch(&mut self) -> std::vec::Drain<'_, (u64, Ipv4Addr)> {
+    pub fn drain_refetch(&mut self) -> std::vec::Drain<'_, (JobKey, Ipv4Addr)> {
         self.refetch.drain(..)
     }
 
@@ -639,15 +654,15 @@ impl Tier2 {
 
     /// The policy of `job` is now in the cache: its held packets may be taken with
     /// [`Tier2::take_released`].
-    pub fn policy_ready(&mut self, job: u64) {
+    pub fn policy_ready(&mut self, job: JobKey) {
         self.hold.mark_ready(job);
     }
 
     /// Fetching `job`'s policy failed with `reason`: its held packets are dropped and counted
     /// under `reason`. Returns how many.
-    pub fn policy_failed(&mut self, job: u64, reason: Reason) -> u32 {
+    pub fn policy_failed(&mut self, job: JobKey, reason: Reason) -> u32 {
         let n = self.hold.drop_job(job);
-        self.drops[usize::from(reason.code())] += u64::from(n);
+        self.drops.unknown(reason, u64::from(n));
         n
     }
 
@@ -663,23 +678,30 @@ impl Tier2 {
     }
 
     /// The node `job`'s traffic comes from, if the engine has seen it admit a flow recently.
-    pub fn job_node(&self, job: u64) -> Option<Ipv4Addr> {
+    pub fn job_node(&self, job: JobKey) -> Option<Ipv4Addr> {
         self.jobs.get(&job).map(|s| s.node)
     }
 
     /// Whether the engine holds anything for `job` (flows, held packets, recent traffic).
-    pub fn knows_job(&self, job: u64) -> bool {
+    pub fn knows_job(&self, job: JobKey) -> bool {
         self.jobs.contains_key(&job)
             || self.conntrack.live_flows_of_job(job) > 0
             || self.hold.has(job)
     }
 
+    /// A drop before the packet is tied to a verified job (`tenant="unknown"`).
     fn drop(&mut self, r: Reason) -> Verdict {
-        self.drops[usize::from(r.code())] += 1;
+        self.drops.unknown(r, 1);
         Verdict::Drop(r)
     }
 
-    fn tenant_cap(&self, tenant: u32) -> (Bps, Bps) {
+    /// A drop of a packet of a verified job of `tenant`.
+    fn drop_of(&mut self, tenant: TenantId, r: Reason) -> Verdict {
+        self.drops.verified(tenant, r, 1);
+        Verdict::Drop(r)
+    }
+
+    fn tenant_cap(&self, tenant: TenantId) -> (PaceRate, PaceRate) {
         self.cfg
             .tenant_caps
             .get(&tenant)
@@ -689,7 +711,7 @@ impl Tier2 {
 
     /// Whether an audit line of `job` written outside the engine (DNS refusals) fits its
     /// budget: `Some(n)` with the lines suppressed before it, or `None` (suppressed, counted).
-    pub fn admit_audit(&mut self, job: u64, now: Nanos) -> Option<u64> {
+    pub fn admit_audit(&mut self, job: JobKey, now: Nanos) -> Option<u64> {
         self.audit_budget.admit(job, now)
     }
 
@@ -703,7 +725,7 @@ impl Tier2 {
 
     fn hold_packet(
         &mut self,
-        job: u64,
+        job: JobKey,
         node: Ipv4Addr,
         payload: &[u8],
         now: Nanos,
@@ -777,24 +799,24 @@ impl Tier2 {
         if policy.tenant_id != opt.tenant_id {
             return self.drop(Reason::GeneveUnknownJob);
         }
+        // From here on the job is verified: drops are charged to its tenant.
+        let tenant = opt.tenant_id;
         if policy.node.is_some_and(|n| n != IpAddr::V4(outer_src)) {
-            return self.drop(Reason::NodeMismatch);
+            return self.drop_of(tenant, Reason::NodeMismatch);
         }
-        if u64::from(opt.policy_serial) > policy.serial
-            && !self.refetch.contains(&(opt.job_key, outer_src))
-        {
+        if opt.policy_serial > policy.serial && !self.refetch.contains(&(opt.job_key, outer_src)) {
             // Also for an expired policy: the newer serial may be its renewal.
             self.refetch.push((opt.job_key, outer_src));
         }
 
         let start = g.inner_offset;
         let (tenant_egress, _) = self.tenant_cap(opt.tenant_id);
-        let job_rate = Bps(policy.limits.egress_bps.0);
+        let job_rate = PaceRate::Limited(policy.limits.egress_bps);
         let len = crate::gso::wire_len(&payload[start..], self.cfg.segment_mtu);
         let len32 = u32::try_from(len).unwrap_or(u32::MAX);
         let mut packet = match NatPacket::parse(&mut payload[start..]) {
             Ok(p) => p,
-            Err(e) => return self.drop(e.reason()),
+            Err(e) => return self.drop_of(tenant, e.reason()),
         };
         let tuple = packet.tuple();
         let flags = tcp_flags(packet.as_bytes(), &tuple);
@@ -834,7 +856,7 @@ impl Tier2 {
                     .observe(id, Direction::Original, flags, len32, now.mono);
                 match self.conntrack.info(id) {
                     Some(i) => (i.egress_ip, i.egress_port),
-                    None => return self.drop(Reason::NoConntrack),
+                    None => return self.drop_of(tenant, Reason::NoConntrack),
                 }
             }
             None => match self.admit(policy, opt, &key, tuple.proto, flags, len as u64, now) {
@@ -853,7 +875,7 @@ impl Tier2 {
         };
 
         if let Err(e) = packet.rewrite(Endpoint::Source, egress_ip, egress_port) {
-            return self.drop(e.reason());
+            return self.drop_of(tenant, e.reason());
         }
         let pkey = PacingKey {
             job: opt.job_key,
@@ -869,7 +891,7 @@ impl Tier2 {
                 depart,
                 job: opt.job_key,
             },
-            Stamp::Drop(r) => self.drop(r),
+            Stamp::Drop(r) => self.drop_of(tenant, r),
         }
     }
 
@@ -886,7 +908,7 @@ impl Tier2 {
             node,
             option: opt,
             inner_v6: inner == InnerProto::Ipv6,
-            ingress_bps: Bps(policy.limits.ingress_bps.0),
+            ingress_bps: policy.limits.ingress_bps,
             last_active: now,
             tenant: Arc::clone(&policy.tenant),
             job: Arc::clone(&policy.job),
@@ -1024,7 +1046,8 @@ impl Tier2 {
         }
     }
 
-    /// Counts the refusal and builds the RST / ICMP answer behind a GENEVE header.
+    /// Counts the refusal (under the option's tenant: only verified jobs are refused) and
+    /// builds the RST / ICMP answer behind a GENEVE header.
     fn refuse(
         &mut self,
         reason: Reason,
@@ -1034,7 +1057,7 @@ impl Tier2 {
         offending: &[u8],
         out: &mut [u8],
     ) -> Verdict {
-        self.drops[usize::from(reason.code())] += 1;
+        self.drops.verified(opt.tenant_id, reason, 1);
         if out.len() < GENEVE_HEADER_LEN {
             return Verdict::Drop(reason);
         }
@@ -1124,9 +1147,11 @@ impl Tier2 {
         };
         job.last_active = now.mono;
         let (node, opt, rate, v6) = (job.node, job.option, job.ingress_bps, job.inner_v6);
-        let (_, tenant_ingress) = self.tenant_cap(opt.tenant_id);
+        // A flow the engine admitted: its job, and so its tenant, were verified.
+        let tenant = opt.tenant_id;
+        let (_, tenant_ingress) = self.tenant_cap(tenant);
         if let Err(e) = packet.rewrite(Endpoint::Destination, info.key.src_ip, info.key.src_port) {
-            return self.drop(e.reason());
+            return self.drop_of(tenant, e.reason());
         }
         let head = inner.start - GENEVE_HEADER_LEN;
         let proto = if v6 || info.key.src_ip.is_ipv6() {
@@ -1135,14 +1160,14 @@ impl Tier2 {
             InnerProto::Ipv4
         };
         if write_geneve_header(&mut buf[head..inner.start], &opt, proto).is_err() {
-            return self.drop(Reason::Malformed);
+            return self.drop_of(tenant, Reason::Malformed);
         }
         let pkey = PacingKey {
             job: opt.job_key,
             tenant: opt.tenant_id,
         };
         let rates = PacingRates {
-            job: rate,
+            job: PaceRate::Limited(rate),
             tenant: tenant_ingress,
         };
         if self.segment_lens.len() <= 1 {
@@ -1156,7 +1181,7 @@ impl Tier2 {
                         job: opt.job_key,
                     }
                 }
-                Stamp::Drop(r) => self.drop(r),
+                Stamp::Drop(r) => self.drop_of(tenant, r),
             };
         }
         // Each segment is stamped alone.
@@ -1169,7 +1194,7 @@ impl Tier2 {
                     Some(d)
                 }
                 Stamp::Drop(r) => {
-                    self.drop(r);
+                    self.drop_of(tenant, r);
                     None
                 }
             };
@@ -1224,7 +1249,7 @@ impl Tier2 {
     /// Queues the end of `job` (see [`Tier2::apply_ends`], which the next [`Tier2::tick`]
     /// runs). `names` (tenant, job) name the job in its `job` audit event when the engine has not
     /// seen it admit a flow. A job already queued is not queued twice.
-    pub fn end_job(&mut self, job: u64, end: FlowEnd, names: Option<(Arc<str>, Arc<str>)>) {
+    pub fn end_job(&mut self, job: JobKey, end: FlowEnd, names: Option<(Arc<str>, Arc<str>)>) {
         if !self.pending_ends.iter().any(|p| p.job == job) {
             self.pending_ends.push(PendingEnd { job, end, names });
         }
@@ -1240,9 +1265,9 @@ impl Tier2 {
             return 0;
         }
         let pending = std::mem::take(&mut self.pending_ends);
-        let jobs: Vec<u64> = pending.iter().map(|p| p.job).collect();
+        let jobs: Vec<JobKey> = pending.iter().map(|p| p.job).collect();
         let removed = self.conntrack.remove_jobs(&jobs, now.mono);
-        let mut per_job: HashMap<u64, u64> = HashMap::new();
+        let mut per_job: HashMap<JobKey, u64> = HashMap::new();
         for f in &removed {
             let end = pending
                 .iter()
@@ -1254,7 +1279,7 @@ impl Tier2 {
         for p in pending {
             let job = p.job;
             let held = self.hold.drop_job(job);
-            self.drops[usize::from(Reason::UnknownJob.code())] += u64::from(held);
+            self.drops.unknown(Reason::UnknownJob, u64::from(held));
             self.egress_pacer.forget_job(job);
             self.ingress_pacer.forget_job(job);
             self.buckets.forget(job);
@@ -1282,13 +1307,13 @@ impl Tier2 {
 
     /// Ends `job` now (as [`Tier2::end_job`] followed by [`Tier2::apply_ends`]). Returns the
     /// number of flows removed (those of other queued jobs included).
-    pub fn remove_job(&mut self, job: u64, end: FlowEnd, now: Now) -> usize {
+    pub fn remove_job(&mut self, job: JobKey, end: FlowEnd, now: Now) -> usize {
         self.end_job(job, end, None);
         self.apply_ends(now)
     }
 
     /// Whether the end of `job` is queued.
-    pub fn is_ending(&self, job: u64) -> bool {
+    pub fn is_ending(&self, job: JobKey) -> bool {
         self.pending_ends.iter().any(|p| p.job == job)
     }
 
@@ -1310,7 +1335,7 @@ impl Tier2 {
         }
         self.bindings.sweep(now.mono);
         for (_, n) in self.hold.expire(now.mono) {
-            self.drops[usize::from(Reason::UnknownJob.code())] += u64::from(n);
+            self.drops.unknown(Reason::UnknownJob, u64::from(n));
         }
         if self
             .last_scan
@@ -1331,7 +1356,7 @@ impl Tier2 {
 
     /// Queues the end of the jobs whose policy expired or is gone; evicts idle per-job state.
     fn scan_jobs(&mut self, policies: &impl PolicyCache, now: Now) {
-        let mut jobs: Vec<u64> = self.conntrack.jobs().collect();
+        let mut jobs: Vec<JobKey> = self.conntrack.jobs().collect();
         jobs.extend(self.jobs.keys().copied());
         jobs.sort_unstable();
         jobs.dedup();

@@ -139,7 +139,7 @@ impl TokenBucket {
 /// [`JobBuckets::evict_full`] drops those and nothing a job can observe changes.
 #[derive(Debug, Default)]
 pub struct JobBuckets {
-    buckets: std::collections::HashMap<u64, TokenBucket>,
+    buckets: std::collections::HashMap<snas_wire::JobKey, TokenBucket>,
 }
 
 impl JobBuckets {
@@ -152,7 +152,7 @@ impl JobBuckets {
     /// to them if the policy changed). False means: refuse with `Reason::NewConnectionRate`.
     pub fn try_new_flow(
         &mut self,
-        job: u64,
+        job: snas_wire::JobKey,
         rate_per_sec: u64,
         burst: u64,
         now: Nanos,
@@ -181,7 +181,7 @@ impl JobBuckets {
     }
 
     /// Removes a job's bucket (job ended).
-    pub fn forget(&mut self, job: u64) {
+    pub fn forget(&mut self, job: snas_wire::JobKey) {
         self.buckets.remove(&job);
     }
 
@@ -278,18 +278,30 @@ mod tests {
     #[test]
     fn job_buckets_limit_each_job_separately() {
         let mut jb = JobBuckets::new();
-        assert!(jb.try_new_flow(1, 1, 2, at_ms(0)).unwrap());
-        assert!(jb.try_new_flow(1, 1, 2, at_ms(0)).unwrap());
-        assert!(!jb.try_new_flow(1, 1, 2, at_ms(0)).unwrap());
-        assert!(jb.try_new_flow(2, 1, 2, at_ms(0)).unwrap());
-        assert!(jb.try_new_flow(1, 1, 2, at_ms(1_000)).unwrap());
+        assert!(jb
+            .try_new_flow(snas_wire::JobKey(1), 1, 2, at_ms(0))
+            .unwrap());
+        assert!(jb
+            .try_new_flow(snas_wire::JobKey(1), 1, 2, at_ms(0))
+            .unwrap());
+        assert!(!jb
+            .try_new_flow(snas_wire::JobKey(1), 1, 2, at_ms(0))
+            .unwrap());
+        assert!(jb
+            .try_new_flow(snas_wire::JobKey(2), 1, 2, at_ms(0))
+            .unwrap());
+        assert!(jb
+            .try_new_flow(snas_wire::JobKey(1), 1, 2, at_ms(1_000))
+            .unwrap());
     }
 
     #[test]
     fn only_refilled_buckets_are_evicted() {
         let mut jb = JobBuckets::new();
-        jb.try_new_flow(1, 10, 5, at_ms(0)).unwrap();
-        jb.try_new_flow(2, 10, 5, at_ms(900)).unwrap();
+        jb.try_new_flow(snas_wire::JobKey(1), 10, 5, at_ms(0))
+            .unwrap();
+        jb.try_new_flow(snas_wire::JobKey(2), 10, 5, at_ms(900))
+            .unwrap();
         jb.evict_full(at_ms(950));
         assert_eq!(jb.len(), 1);
         jb.evict_full(at_ms(1_000));
@@ -299,11 +311,18 @@ mod tests {
     #[test]
     fn policy_change_reconfigures_the_bucket() {
         let mut jb = JobBuckets::new();
-        assert!(jb.try_new_flow(1, 0, 3, at_ms(0)).unwrap());
-        assert!(jb.try_new_flow(1, 0, 1, at_ms(0)).unwrap());
-        assert!(!jb.try_new_flow(1, 0, 1, at_ms(0)).unwrap());
+        assert!(jb
+            .try_new_flow(snas_wire::JobKey(1), 0, 3, at_ms(0))
+            .unwrap());
+        assert!(jb
+            .try_new_flow(snas_wire::JobKey(1), 0, 1, at_ms(0))
+            .unwrap());
+        assert!(!jb
+            .try_new_flow(snas_wire::JobKey(1), 0, 1, at_ms(0))
+            .unwrap());
         assert_eq!(
-            jb.try_new_flow(1, 0, 0, at_ms(0)).unwrap_err(),
+            jb.try_new_flow(snas_wire::JobKey(1), 0, 0, at_ms(0))
+                .unwrap_err(),
             TokenBucketError::ZeroBurst
         );
     }

@@ -3,6 +3,7 @@
 //! sums of what each job holds and no bound is ever exceeded.
 #![allow(clippy::unwrap_used)]
 
+use snas_wire::JobKey;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -14,19 +15,19 @@ use snas_proxy::hold::{HoldConfig, HoldQueue};
 
 #[derive(Debug, Clone)]
 enum HoldOp {
-    Hold { job: u64, len: usize },
-    Ready(u64),
+    Hold { job: JobKey, len: usize },
+    Ready(JobKey),
     Take(usize),
-    Drop(u64),
+    Drop(JobKey),
     Advance(u64),
 }
 
 fn hold_op() -> impl Strategy<Value = HoldOp> {
     prop_oneof![
-        5 => (0u64..6, 1usize..400).prop_map(|(job, len)| HoldOp::Hold { job, len }),
-        1 => (0u64..6).prop_map(HoldOp::Ready),
+        5 => (0u64..6, 1usize..400).prop_map(|(job, len)| HoldOp::Hold { job: JobKey(job), len }),
+        1 => (0u64..6).prop_map(|j| HoldOp::Ready(JobKey(j))),
         1 => (1usize..10).prop_map(HoldOp::Take),
-        1 => (0u64..6).prop_map(HoldOp::Drop),
+        1 => (0u64..6).prop_map(|j| HoldOp::Drop(JobKey(j))),
         1 => (0u64..1500).prop_map(HoldOp::Advance),
     ]
 }
@@ -47,7 +48,7 @@ proptest! {
         let mut now = Nanos::ZERO;
         let mut seq = 0u32;
         // What the model says each job holds: sequence numbers in arrival order, with sizes.
-        let mut model: HashMap<u64, Vec<(u32, usize)>> = HashMap::new();
+        let mut model: HashMap<JobKey, Vec<(u32, usize)>> = HashMap::new();
         let mut out = Vec::new();
         for op in ops {
             match op {
@@ -112,8 +113,9 @@ proptest! {
             total_bytes: 25_000,
         };
         let mut q = QueueBudget::new(limits);
-        let mut queued: Vec<(u64, u64)> = Vec::new();
+        let mut queued: Vec<(JobKey, u64)> = Vec::new();
         for (add, job, len) in ops {
+            let job = JobKey(job);
             if add {
                 if q.try_add(job, len) {
                     queued.push((job, len));
@@ -126,9 +128,9 @@ proptest! {
             prop_assert_eq!(q.total(), (queued.len() as u32, total));
             prop_assert!(queued.len() as u32 <= limits.total_packets && total <= limits.total_bytes);
             for job in 0..5 {
-                let mine: Vec<_> = queued.iter().filter(|x| x.0 == job).collect();
+                let mine: Vec<_> = queued.iter().filter(|x| x.0 == JobKey(job)).collect();
                 let bytes: u64 = mine.iter().map(|x| x.1).sum();
-                prop_assert_eq!(q.of(job), (mine.len() as u32, bytes));
+                prop_assert_eq!(q.of(JobKey(job)), (mine.len() as u32, bytes));
                 prop_assert!(mine.len() as u32 <= limits.job_packets && bytes <= limits.job_bytes);
             }
         }

@@ -287,7 +287,7 @@ protocol = "udp"
         SnasOption {
             tenant_id: tenant_id("acme"),
             job_key: job_key(JTI),
-            policy_serial: 1,
+            policy_serial: snas_wire::PolicySerial(1),
         }
     }
 
@@ -344,7 +344,7 @@ protocol = "udp"
         assert_eq!(d.shared().engine().conntrack().live_flows_of_job(job), 3);
 
         let svc = d.service_addr();
-        let path = snas_proxy::api::paths::job_ended(snas_wire::JobKey(job));
+        let path = snas_proxy::api::paths::job_ended(job);
         assert_eq!(post_from(STRANGER, svc, &path).0, 403, "not a node");
         let (code, body) = post_from(OTHER_NODE, svc, &path);
         assert_eq!((code, body.as_str()), (403, "not the job's node\n"));
@@ -411,7 +411,7 @@ protocol = "udp"
         assert!(f.idle() >= Duration::from_millis(30), "{f:?}");
         assert_eq!(f.job.as_deref(), Some("ended"));
         assert_eq!(f.tenant.as_deref(), Some("acme"));
-        assert_eq!(f.job_key, snas_wire::JobKey(job_key(JTI)).to_string());
+        assert_eq!(f.job_key, job_key(JTI));
         assert_eq!((f.proto.as_str(), f.dst.port()), ("udp", 7));
     }
 
@@ -480,13 +480,22 @@ fn drops_are_listed_per_reason_as_json_and_as_metrics_alike() {
             ("untrusted_source".to_owned(), 1)
         ])
     );
+    // Counted without a verified job: all under tenant `unknown`.
+    assert_eq!(
+        drops.tenants.keys().collect::<Vec<_>>(),
+        [&snas_proxy::api::DropTenant::Unknown]
+    );
+    assert_eq!(
+        drops.tenants[&snas_proxy::api::DropTenant::Unknown].drops,
+        drops.drops
+    );
     let text = ctl.metrics().unwrap();
     assert!(
-        text.contains("snas_proxy_drops_total{reason=\"port_denied\"} 3"),
+        text.contains("snas_proxy_drops_total{tenant=\"unknown\",reason=\"port_denied\"} 3"),
         "{text}"
     );
     assert!(
-        text.contains("snas_proxy_drops_total{reason=\"untrusted_source\"} 1"),
+        text.contains("snas_proxy_drops_total{tenant=\"unknown\",reason=\"untrusted_source\"} 1"),
         "{text}"
     );
     assert!(!text.contains("reason=\"destination_denied\""), "{text}");

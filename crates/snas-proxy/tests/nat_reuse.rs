@@ -109,7 +109,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             } => {
                 let proto = if udp { L4Proto::Udp } else { L4Proto::Tcp };
                 let key = FlowKey {
-                    job: u64::from(job),
+                    job: snas_wire::JobKey(u64::from(job)),
                     proto,
                     src_ip: IpAddr::V4(Ipv4Addr::new(198, 51, 100, job + 1)),
                     src_port: u16::from(sport),
@@ -124,7 +124,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     })
                     .count() as u32;
                 let existing = m.flows.iter().any(|(_, k, _)| *k == key);
-                match ct.open(key, u32::from(job % 2), limits, now) {
+                match ct.open(key, snas_wire::TenantId(u32::from(job % 2)), limits, now) {
                     Open::Created {
                         id,
                         egress_ip,

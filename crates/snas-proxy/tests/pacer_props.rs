@@ -10,13 +10,19 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use snas_proxy::clock::Nanos;
-use snas_proxy::pacer::{Bps, Pacer, PacerConfig, PacingKey, PacingRates, Stamp, BURST_BYTES};
+use snas_proxy::pacer::{Pacer, PacerConfig, PacingKey, PacingRates, Stamp, BURST_BYTES};
+use snas_wire::Bps;
 
 #[derive(Debug, Clone)]
 struct Arrival {
     gap_us: u32,
     job: usize,
     len: u32,
+}
+
+/// `n` Mbit/s (the strategies never draw 0).
+fn mbit(n: u64) -> Bps {
+    Bps::mbit(n).expect("a non-zero rate")
 }
 
 fn arrival() -> impl Strategy<Value = Arrival> {
@@ -33,7 +39,7 @@ fn check_rate(sent: &mut [(Nanos, u32)], rate: Bps, start: Nanos) -> Result<(), 
         bytes += u128::from(*len);
         let elapsed = u128::from(d.as_nanos() - start.as_nanos());
         prop_assert!(
-            (bytes - burst.min(bytes)) * 8 * 1_000_000_000 <= u128::from(rate.0) * elapsed,
+            (bytes - burst.min(bytes)) * 8 * 1_000_000_000 <= u128::from(rate.get()) * elapsed,
             "{} B by {:?} exceeds {:?} since {:?} by more than one {} B packet",
             bytes,
             d,
@@ -56,7 +62,7 @@ proptest! {
     ) {
         let cfg = PacerConfig::default();
         let mut p = Pacer::new(cfg).map_err(|e| TestCaseError::fail(e.to_string()))?;
-        let tenant_rate = Bps::mbit(tenant_mbit);
+        let tenant_rate = mbit(tenant_mbit);
         let mut now = Nanos::ZERO;
         let mut per_job: Vec<Vec<(Nanos, u32)>> = vec![Vec::new(); 4];
         let mut first: Vec<Option<Nanos>> = vec![None; 4];
@@ -64,8 +70,8 @@ proptest! {
         let mut tenant_first = None;
         for a in arrivals {
             now = now.saturating_add(Duration::from_micros(u64::from(a.gap_us)));
-            let key = PacingKey { job: a.job as u64, tenant: 1 };
-            let rates = PacingRates { job: Bps::mbit(job_mbit[a.job]), tenant: tenant_rate };
+            let key = PacingKey { job: snas_wire::JobKey(a.job as u64), tenant: snas_wire::TenantId(1) };
+            let rates = PacingRates { job: mbit(job_mbit[a.job]).into(), tenant: tenant_rate.into() };
             first[a.job].get_or_insert(now);
             tenant_first.get_or_insert(now);
             if let Stamp::Depart(d) = p.stamp(key, rates, a.len, now) {
@@ -77,8 +83,8 @@ proptest! {
                 );
                 let horizon = cfg
                     .horizon
-                    .max(burst(rates.job.0))
-                    .max(burst(tenant_rate.0) * 4);
+                    .max(burst(mbit(job_mbit[a.job]).get()))
+                    .max(burst(tenant_rate.get()) * 4);
                 prop_assert!(d.saturating_duration_since(now) <= horizon);
                 if let Some((last, _)) = per_job[a.job].last() {
                     prop_assert!(d >= *last, "job {} reordered", a.job);
@@ -89,7 +95,7 @@ proptest! {
         }
         for (j, sent) in per_job.iter_mut().enumerate() {
             if let Some(start) = first[j] {
-                check_rate(sent, Bps::mbit(job_mbit[j]), start)?;
+                check_rate(sent, mbit(job_mbit[j]), start)?;
             }
         }
         if let Some(start) = tenant_first {

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use snas_proxy::clock::Nanos;
-use snas_proxy::pacer::{Bps, Enqueue, PacedQueue, PacerConfig, PacingKey, PacingRates};
+use snas_proxy::pacer::{Enqueue, PaceRate, PacedQueue, PacerConfig, PacingKey, PacingRates};
+use snas_wire::Bps;
 
 const PACKET: u32 = 1500;
 
@@ -36,10 +37,13 @@ fn simulate(
 }
 
 fn assert_within_one_percent(rate: Bps) {
-    let key = PacingKey { job: 1, tenant: 1 };
+    let key = PacingKey {
+        job: snas_wire::JobKey(1),
+        tenant: snas_wire::TenantId(1),
+    };
     let rates = PacingRates {
-        job: rate,
-        tenant: Bps::UNLIMITED,
+        job: PaceRate::Limited(rate),
+        tenant: PaceRate::Unlimited,
     };
     let secs = 10;
     let bytes = simulate(
@@ -48,7 +52,7 @@ fn assert_within_one_percent(rate: Bps) {
         Duration::from_secs(secs),
         Duration::from_micros(100),
     )[0];
-    let expected = rate.0 as f64 * secs as f64 / 8.0;
+    let expected = rate.get() as f64 * secs as f64 / 8.0;
     let err = (bytes as f64 - expected).abs() / expected;
     assert!(
         err < 0.01,
@@ -59,17 +63,17 @@ fn assert_within_one_percent(rate: Bps) {
 
 #[test]
 fn ten_megabit_job_releases_its_rate() {
-    assert_within_one_percent(Bps::mbit(10));
+    assert_within_one_percent(Bps::mbit(10).unwrap());
 }
 
 #[test]
 fn hundred_megabit_job_releases_its_rate() {
-    assert_within_one_percent(Bps::mbit(100));
+    assert_within_one_percent(Bps::mbit(100).unwrap());
 }
 
 #[test]
 fn gigabit_job_releases_its_rate() {
-    assert_within_one_percent(Bps::gbit(1));
+    assert_within_one_percent(Bps::gbit(1).unwrap());
 }
 
 fn jain(xs: &[u64]) -> f64 {
@@ -82,10 +86,15 @@ fn jain(xs: &[u64]) -> f64 {
 fn four_equal_jobs_share_a_tenant_cap_equally() {
     // Each job may do 100 Mbit/s, the tenant only 100 Mbit/s in total; job 0 always offers
     // first, which with a first-come tenant clock would let it take nearly everything.
-    let keys: Vec<PacingKey> = (0..4).map(|j| PacingKey { job: j, tenant: 7 }).collect();
+    let keys: Vec<PacingKey> = (0..4)
+        .map(|j| PacingKey {
+            job: snas_wire::JobKey(j),
+            tenant: snas_wire::TenantId(7),
+        })
+        .collect();
     let rates = PacingRates {
-        job: Bps::mbit(100),
-        tenant: Bps::mbit(100),
+        job: PaceRate::mbit(100),
+        tenant: PaceRate::mbit(100),
     };
     let secs = 10;
     let bytes = simulate(
@@ -111,11 +120,17 @@ fn four_equal_jobs_share_a_tenant_cap_equally() {
 #[test]
 fn a_job_joining_late_gets_its_share() {
     let rates = PacingRates {
-        job: Bps::mbit(100),
-        tenant: Bps::mbit(40),
+        job: PaceRate::mbit(100),
+        tenant: PaceRate::mbit(40),
     };
-    let a = PacingKey { job: 1, tenant: 3 };
-    let b = PacingKey { job: 2, tenant: 3 };
+    let a = PacingKey {
+        job: snas_wire::JobKey(1),
+        tenant: snas_wire::TenantId(3),
+    };
+    let b = PacingKey {
+        job: snas_wire::JobKey(2),
+        tenant: snas_wire::TenantId(3),
+    };
     let mut q = PacedQueue::new(PacerConfig::default(), Nanos::ZERO)
         .expect("default pacer config is valid");
     let mut out: Vec<u64> = Vec::new();

@@ -57,7 +57,10 @@ async fn a_verified_policy_is_fetched_once_and_cached() {
     );
     let f = fetcher(&keys, server.addr.port());
     let p = f.ensure(job, LOCAL).await.unwrap();
-    assert_eq!((p.job_key, p.serial, &*p.job), (job, 3, "fetch"));
+    assert_eq!(
+        (p.job_key, p.serial, &*p.job),
+        (job, snas_wire::PolicySerial(3), "fetch")
+    );
     let again = f.ensure(job, LOCAL).await.unwrap();
     assert!(Arc::ptr_eq(&p, &again));
     assert_eq!(server.hits(), 1);
@@ -153,17 +156,29 @@ async fn a_newer_serial_replaces_the_cached_policy_and_an_older_one_does_not() {
     let job = job_key(jti);
     server.serve(job, 200, &keys.token(&policy("127.0.0.1"), jti, 1));
     let f = fetcher(&keys, server.addr.port());
-    assert_eq!(f.ensure(job, LOCAL).await.unwrap().serial, 1);
+    assert_eq!(
+        f.ensure(job, LOCAL).await.unwrap().serial,
+        snas_wire::PolicySerial(1)
+    );
     server.serve(job, 200, &keys.token(&policy("127.0.0.1"), jti, 2));
     f.fetch_and_store(job, LOCAL).await.unwrap();
-    assert_eq!(f.store().snapshot().get(job).unwrap().serial, 2);
+    assert_eq!(
+        f.store().snapshot().get(job).unwrap().serial,
+        snas_wire::PolicySerial(2)
+    );
     server.serve(job, 200, &keys.token(&policy("127.0.0.1"), jti, 1));
     let _ = f.fetch_and_store(job, LOCAL).await;
-    assert_eq!(f.store().snapshot().get(job).unwrap().serial, 2);
+    assert_eq!(
+        f.store().snapshot().get(job).unwrap().serial,
+        snas_wire::PolicySerial(2)
+    );
     // A failed refetch keeps the verified policy.
     server.serve(job, 500, "");
     let _ = f.fetch_and_store(job, LOCAL).await;
-    assert_eq!(f.store().snapshot().get(job).unwrap().serial, 2);
+    assert_eq!(
+        f.store().snapshot().get(job).unwrap().serial,
+        snas_wire::PolicySerial(2)
+    );
 }
 
 #[tokio::test]
@@ -196,7 +211,7 @@ async fn a_refetch_request_from_the_data_path_is_served_by_the_fetch_loop() {
     }
     server.serve(job, 200, &keys.token(&policy("127.0.0.1"), jti, 2));
     f.request_refetch(job, LOCAL);
-    while f.store().snapshot().get(job).unwrap().serial != 2 {
+    while f.store().snapshot().get(job).unwrap().serial != snas_wire::PolicySerial(2) {
         assert!(Instant::now() < deadline, "the refetch never completed");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

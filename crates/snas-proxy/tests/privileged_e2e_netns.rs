@@ -47,12 +47,12 @@ protocol = "any"
 /// The token of `policy` for policy id `jti` and its `exp` (Unix seconds).
 fn signed_policy(key: &PolicyKey, jti: &str, policy: &str) -> (String, u64) {
     let draft = parse_policy(policy).unwrap();
-    let claims = draft.to_claims(jti, 1, SystemTime::now());
+    let claims = draft.to_claims(jti, snas_wire::PolicySerial(1), SystemTime::now());
     (sign(&claims, key).unwrap(), claims.exp)
 }
 
 /// The node's policy endpoint: `GET /v1/jobs/{key}/policy` → the job's token.
-fn serve_policy(listener: TcpListener, jobs: Vec<(u64, String)>) {
+fn serve_policy(listener: TcpListener, jobs: Vec<(snas_wire::JobKey, String)>) {
     for s in listener.incoming() {
         let Ok(mut s) = s else { continue };
         let mut buf = [0u8; 2048];
@@ -61,7 +61,7 @@ fn serve_policy(listener: TcpListener, jobs: Vec<(u64, String)>) {
         let token = jobs.iter().find_map(|(job_key, token)| {
             req.starts_with(&format!(
                 "GET {} ",
-                snas_proxy::api::paths::agent_policy(snas_wire::JobKey(*job_key))
+                snas_proxy::api::paths::agent_policy(*job_key)
             ))
             .then_some(token)
         });
@@ -131,7 +131,7 @@ fn option() -> SnasOption {
     SnasOption {
         tenant_id: identity::tenant_id("acme"),
         job_key: identity::job_key(JTI),
-        policy_serial: 1,
+        policy_serial: snas_wire::PolicySerial(1),
     }
 }
 
@@ -405,7 +405,7 @@ fn start_jobs(tag: &str, workers: usize, jobs: &[(&str, &str)], extra: &str) -> 
         key.public_pem().unwrap(),
     )
     .unwrap();
-    let tokens: Vec<(u64, String, u64)> = jobs
+    let tokens: Vec<(snas_wire::JobKey, String, u64)> = jobs
         .iter()
         .map(|(jti, policy)| {
             let (token, exp) = signed_policy(&key, jti, policy);
@@ -413,7 +413,8 @@ fn start_jobs(tag: &str, workers: usize, jobs: &[(&str, &str)], extra: &str) -> 
         })
         .collect();
     let exp = tokens[0].2;
-    let served: Vec<(u64, String)> = tokens.into_iter().map(|(k, t, _)| (k, t)).collect();
+    let served: Vec<(snas_wire::JobKey, String)> =
+        tokens.into_iter().map(|(k, t, _)| (k, t)).collect();
 
     let stop = Arc::new(AtomicBool::new(false));
     let s2 = Arc::clone(&stop);
@@ -541,12 +542,18 @@ fn run(workers: usize) {
         );
         let (status, metrics) = mgmt(&pns, "GET", "/metrics");
         assert_eq!(status, 200);
+        // The job's refusals are counted under its tenant.
+        let acme = identity::tenant_id("acme");
         assert!(
-            metrics.contains("snas_proxy_drops_total{reason=\"destination_denied\"} 1"),
+            metrics.contains(&format!(
+                "snas_proxy_drops_total{{tenant=\"{acme}\",reason=\"destination_denied\"}} 1"
+            )),
             "{metrics}"
         );
         assert!(
-            metrics.contains("snas_proxy_drops_total{reason=\"draining\"} 1"),
+            metrics.contains(&format!(
+                "snas_proxy_drops_total{{tenant=\"{acme}\",reason=\"draining\"}} 1"
+            )),
             "{metrics}"
         );
         assert!(metrics.contains("snas_proxy_policies 1"), "{metrics}");
@@ -585,9 +592,7 @@ fn run(workers: usize) {
             .any(|l| l["reason"] == "draining" && l["action"] == "refuse"),
         "{log}"
     );
-    assert!(lines
-        .iter()
-        .all(|l| l["job_key"] == snas_wire::JobKey(job_key).to_string()));
+    assert!(lines.iter().all(|l| l["job_key"] == job_key.to_string()));
     // Denied SYNs are 40-byte packets (IPv4 + TCP, no options).
     let denied: Vec<_> = lines
         .iter()
@@ -751,7 +756,7 @@ fn flood_option() -> SnasOption {
     SnasOption {
         tenant_id: identity::tenant_id("mallory"),
         job_key: identity::job_key(FLOOD_JTI),
-        policy_serial: 1,
+        policy_serial: snas_wire::PolicySerial(1),
     }
 }
 
@@ -846,7 +851,11 @@ fn a_tenants_burst_is_shed_beyond_its_share_and_another_tenant_is_served_in_its_
     );
     let (status, m) = mgmt(&env.proxy, "GET", "/metrics");
     assert_eq!(status, 200);
-    let shed = sample(&m, "snas_proxy_drops_total{reason=\"tenant_queue_full\"}");
+    // Counted by the worker before any check of the job (tenant `unknown`).
+    let shed = sample(
+        &m,
+        "snas_proxy_drops_total{tenant=\"unknown\",reason=\"tenant_queue_full\"}",
+    );
     assert!(
         shed > 0,
         "a burst of {BURST} beyond a bound of {TENANT_PACKETS} shed nothing:\n{m}"

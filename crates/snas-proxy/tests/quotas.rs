@@ -22,7 +22,7 @@ fn secs(s: u64) -> Nanos {
 
 fn key(job: u64, sport: u16) -> FlowKey {
     FlowKey {
-        job,
+        job: snas_wire::JobKey(job),
         proto: L4Proto::Tcp,
         src_ip: IpAddr::V4(Ipv4Addr::new(198, 51, 100, (job % 200) as u8 + 1)),
         src_port: sport,
@@ -49,7 +49,7 @@ fn open_until_refused(
 ) -> (Vec<FlowId>, Reason) {
     let mut ids = Vec::new();
     for sport in 1..=u16::MAX {
-        match ct.open(key(job, sport), tenant, limits, now) {
+        match ct.open(key(job, sport), snas_wire::TenantId(tenant), limits, now) {
             Open::Created { id, .. } => ids.push(id),
             Open::Refused(r) => return (ids, r),
             Open::Existing(_) => panic!("fresh key reported as existing"),
@@ -69,7 +69,7 @@ fn job_hitting_max_connections_is_refused_while_another_tenant_connects() {
     assert_eq!(reason, Reason::ConnectionLimit);
     assert_eq!(ids.len(), 500);
     assert!(matches!(
-        ct.open(key(2, 1), TENANT_B, limits, secs(0)),
+        ct.open(key(2, 1), snas_wire::TenantId(TENANT_B), limits, secs(0)),
         Open::Created { .. }
     ));
 }
@@ -86,7 +86,7 @@ fn tenant_port_quota_stops_all_its_jobs_but_not_another_tenant() {
     assert_eq!(first.len(), 1_000);
     // A sibling job of the same tenant is refused too.
     assert_eq!(
-        ct.open(key(3, 1), TENANT_A, limits, secs(0)),
+        ct.open(key(3, 1), snas_wire::TenantId(TENANT_A), limits, secs(0)),
         Open::Refused(Reason::TenantPortQuota)
     );
     // Another tenant, same destination, still connects.
@@ -104,17 +104,27 @@ fn job_port_quota_counts_quarantined_ports() {
     };
     // Churn: open and close; the closed ports stay charged while quarantined.
     for sport in 1..=300u16 {
-        let Open::Created { id, .. } = ct.open(key(1, sport), TENANT_A, limits, secs(1)) else {
+        let Open::Created { id, .. } = ct.open(
+            key(1, sport),
+            snas_wire::TenantId(TENANT_A),
+            limits,
+            secs(1),
+        ) else {
             panic!("refused early at {sport}");
         };
         assert!(ct.remove(id, secs(1)).is_some());
     }
     assert_eq!(
-        ct.open(key(1, 1000), TENANT_A, limits, secs(2)),
+        ct.open(key(1, 1000), snas_wire::TenantId(TENANT_A), limits, secs(2)),
         Open::Refused(Reason::PortQuota)
     );
     assert!(matches!(
-        ct.open(key(1, 1000), TENANT_A, limits, secs(61)),
+        ct.open(
+            key(1, 1000),
+            snas_wire::TenantId(TENANT_A),
+            limits,
+            secs(61)
+        ),
         Open::Created { .. }
     ));
 }
@@ -133,7 +143,7 @@ fn destination_cap_limits_one_job_to_one_destination() {
         ..key(1, 60_000)
     };
     assert!(matches!(
-        ct.open(elsewhere, TENANT_A, limits, secs(0)),
+        ct.open(elsewhere, snas_wire::TenantId(TENANT_A), limits, secs(0)),
         Open::Created { .. }
     ));
 }
@@ -151,7 +161,7 @@ fn exhausted_pool_recovers_after_close_and_quarantine() {
     assert_eq!((ids.len(), reason), (100, Reason::PortsExhausted));
     // Another tenant hits the same physical limit: the pool, not a quota.
     assert_eq!(
-        ct.open(key(2, 1), TENANT_B, limits, secs(0)),
+        ct.open(key(2, 1), snas_wire::TenantId(TENANT_B), limits, secs(0)),
         Open::Refused(Reason::PortsExhausted)
     );
     // The flows were never answered: they expire after the SYN timeout (30 s)...
@@ -159,7 +169,7 @@ fn exhausted_pool_recovers_after_close_and_quarantine() {
     assert!(ct.is_empty());
     // ...and their ports stay quarantined for 60 s more.
     assert_eq!(
-        ct.open(key(2, 1), TENANT_B, limits, secs(90)),
+        ct.open(key(2, 1), snas_wire::TenantId(TENANT_B), limits, secs(90)),
         Open::Refused(Reason::PortsExhausted)
     );
     assert_eq!(ct.expire(secs(92)).count(), 0);

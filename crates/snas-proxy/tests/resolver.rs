@@ -250,7 +250,7 @@ fn identity() -> JobIdentity {
     JobIdentity {
         tenant_id: tenant_id("acme"),
         job_key: job_key(JTI),
-        serial: 1,
+        serial: snas_wire::PolicySerial(1),
     }
 }
 
@@ -529,7 +529,7 @@ fn answers_are_pushed_to_peers_which_recheck_the_policy() {
     let body = |n: &str| {
         format!(
             r#"{{"job_key":"{}","node":"127.0.0.1","name":"{n}","addrs":["203.0.113.77"],"ttl_secs":60}}"#,
-            snas_wire::JobKey(job_key(JTI))
+            job_key(JTI)
         )
     };
     assert_eq!(

@@ -41,10 +41,14 @@ fn key() -> (PolicyKey, TrustBundle) {
     (key, bundle)
 }
 
-fn policy(toml: &str, jti: &str, serial: u64, key: &PolicyKey, bundle: &TrustBundle) -> JobPolicy {
+fn policy(toml: &str, jti: &str, serial: u32, key: &PolicyKey, bundle: &TrustBundle) -> JobPolicy {
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(T0);
     let draft = parse_policy(toml).unwrap();
-    let token = sign(&draft.to_claims(jti, serial, now), key).unwrap();
+    let token = sign(
+        &draft.to_claims(jti, snas_wire::PolicySerial(serial), now),
+        key,
+    )
+    .unwrap();
     JobPolicy::from_verified(&verify(&token, bundle, now).unwrap(), &[])
 }
 
@@ -101,7 +105,7 @@ impl Fixture {
         SnasOption {
             tenant_id: snas_policy::identity::tenant_id("acme"),
             job_key: p,
-            policy_serial: 1,
+            policy_serial: snas_wire::PolicySerial(1),
         }
     }
 
@@ -358,7 +362,7 @@ fn forged_and_unverifiable_traffic_is_dropped_and_counted() {
 
     // Right job key, wrong tenant.
     let mut opt = f.option("acme");
-    opt.tenant_id ^= 1;
+    opt.tenant_id.0 ^= 1;
     let (v, _, _) = f.send(NODE, opt, &pkt);
     assert_eq!(v, Verdict::Drop(Reason::GeneveUnknownJob));
 
@@ -551,7 +555,7 @@ fn a_newer_serial_in_the_option_asks_for_a_refetch_without_stopping_traffic() {
     let mut f = Fixture::new();
     bind_api(&mut f);
     let mut opt = f.option("acme");
-    opt.policy_serial = 2;
+    opt.policy_serial = snas_wire::PolicySerial(2);
     let (v, _, _) = f.send(NODE, opt, &syn(45000, API, 443));
     assert!(matches!(v, Verdict::ToInternet { .. }));
     let (v, _, _) = f.send(NODE, opt, &syn(45001, API, 443));
@@ -587,7 +591,7 @@ host = "api.example.com"
     let b = SnasOption {
         tenant_id: snas_policy::identity::tenant_id("globex"),
         job_key: snas_policy::identity::job_key("jti-other-0000001"),
-        policy_serial: 1,
+        policy_serial: snas_wire::PolicySerial(1),
     };
     for j in [a.job_key, b.job_key] {
         f.tier2.bindings_mut().bind(j, API, "api.example.com", exp);
@@ -662,9 +666,11 @@ fn wide_fixture() -> (Fixture, SnasOption) {
     let infra: Vec<ipnet::IpNet> = f.tier2.infrastructure().nets().to_vec();
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(T0);
     let token = sign(
-        &parse_policy(WIDE)
-            .unwrap()
-            .to_claims("jti-wide-00000001", 1, now),
+        &parse_policy(WIDE).unwrap().to_claims(
+            "jti-wide-00000001",
+            snas_wire::PolicySerial(1),
+            now,
+        ),
         &key,
     )
     .unwrap();
@@ -1000,9 +1006,11 @@ fn a_renewed_policy_keeps_the_flows_past_the_old_exp() {
     let toml = ACME;
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(T0) + TTL / 2;
     let token = sign(
-        &parse_policy(toml)
-            .unwrap()
-            .to_claims("jti-acme-00000001", 2, now),
+        &parse_policy(toml).unwrap().to_claims(
+            "jti-acme-00000001",
+            snas_wire::PolicySerial(2),
+            now,
+        ),
         &f.key,
     )
     .unwrap();
@@ -1328,7 +1336,7 @@ fn a_jobs_audit_lines_beyond_its_budget_are_suppressed_and_its_next_line_says_ho
     let quiet = SnasOption {
         tenant_id: snas_policy::identity::tenant_id("globex"),
         job_key: snas_policy::identity::job_key("jti-quiet-0000001"),
-        policy_serial: 1,
+        policy_serial: snas_wire::PolicySerial(1),
     };
     // 1000 denied SYNs from one job: 20 lines (burst = 2 × rate), 980 suppressed.
     for p in 0..1000u16 {
@@ -1352,4 +1360,55 @@ fn a_jobs_audit_lines_beyond_its_budget_are_suppressed_and_its_next_line_says_ho
     let lines = decisions(&mut f);
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0].suppressed, 980);
+}
+
+#[test]
+fn a_jobs_denied_packets_are_counted_under_its_tenant_and_forged_ones_under_unknown() {
+    use snas_proxy::drops::DropTenant;
+    let mut f = Fixture::new();
+    let acme = DropTenant::Tenant(snas_policy::identity::tenant_id("acme"));
+    let at =
+        |f: &Fixture, who: DropTenant, r: Reason| f.tier2.drop_tally().of(who)[r.code() as usize];
+    // A user's job trying a thousand destinations its policy does not allow.
+    for i in 0..1000u16 {
+        let dst = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 100 + (i % 100) as u8));
+        let (v, _, _) = f.send(NODE, f.option("acme"), &syn(20_000 + i, dst, 443));
+        assert!(
+            matches!(
+                v,
+                Verdict::Refuse {
+                    reason: Reason::DestinationDenied,
+                    ..
+                }
+            ),
+            "{v:?}"
+        );
+    }
+    assert_eq!(at(&f, acme, Reason::DestinationDenied), 1000);
+    assert_eq!(at(&f, DropTenant::Unknown, Reason::DestinationDenied), 0);
+
+    // Forged traffic naming acme's tenant (and a thousand made-up tenants) before anything is
+    // verified: `unknown`, and no series of its own for any made-up tenant.
+    let pkt = syn(40010, API, 443);
+    for t in 0..1000u32 {
+        let mut opt = f.option("acme");
+        opt.tenant_id = snas_wire::TenantId(t);
+        let (v, _, _) = f.send(Ipv4Addr::new(192, 0, 2, 66), opt, &pkt);
+        assert_eq!(v, Verdict::Drop(Reason::UntrustedSource));
+        let (v, _, _) = f.send(NODE, opt, &pkt);
+        assert_eq!(v, Verdict::Drop(Reason::GeneveUnknownJob), "tenant {t}");
+    }
+    assert_eq!(at(&f, DropTenant::Unknown, Reason::UntrustedSource), 1000);
+    assert_eq!(at(&f, DropTenant::Unknown, Reason::GeneveUnknownJob), 1000);
+    assert_eq!(at(&f, acme, Reason::UntrustedSource), 0);
+    assert_eq!(
+        f.tier2.drop_tally().series().count(),
+        3,
+        "unknown, other and acme only"
+    );
+    // The per-reason totals are the sums over tenants.
+    assert_eq!(
+        f.tier2.drops()[Reason::DestinationDenied.code() as usize],
+        1000
+    );
 }

@@ -479,7 +479,11 @@ impl Testbed {
         })?;
         let draft = snas_policy::parse_policy(policy_toml)
             .map_err(|e| TestbedError::Policy(e.to_string()))?;
-        let claims = draft.to_claims(&random_hex(32), 1, SystemTime::now());
+        let claims = draft.to_claims(
+            &random_hex(32),
+            snas_wire::PolicySerial(1),
+            SystemTime::now(),
+        );
         snas_policy::sign(&claims, &key).map_err(|e| TestbedError::Policy(e.to_string()))
     }
 

@@ -411,11 +411,7 @@ fn a_hostile_tenant_holding_dns_slots_and_flooding_udp_does_not_fail_a_victim() 
             "[[egress]]\nhost = \"*.svc.example.com:80\"\n[[egress]]\nhost = \"api.example.com:7\"\nprotocol = \"udp\"\n[limits]\negress_bps = \"1Gbit\"\n",
         ),
     );
-    let victim = Job::start(
-        &tb,
-        1,
-        &policy("acme", "[[egress]]\nhost = \"api.example.com:7\"\n"),
-    );
+    let victim = Job::acme(&tb, "[[egress]]\nhost = \"api.example.com:7\"\n");
     // The victim's stub address is its own gateway: tier 1 captures DNS sent anywhere, so a
     // query to 10.255.1.5 (not its gateway) reaches the stub just the same.
     let idle = victim.python(PY_VICTIM, &["400"]);

@@ -124,11 +124,7 @@ fn stopping_a_proxy_moves_new_connections_within_3s_and_spares_the_other_proxys_
     let _s = serial();
     let tb = testbed_with_proxies();
     let _logs = LogsOnFailure(&tb);
-    let job = Job::start(
-        &tb,
-        1,
-        &policy("acme", "[[egress]]\nhost = \"api.example.com:7\"\n"),
-    );
+    let job = Job::acme(&tb, "[[egress]]\nhost = \"api.example.com:7\"\n");
     let mut d = Driver::new(job.spawn_python(PY_CLIENT, &[]));
     let m = open_on_both(&tb, &job, &mut d, 3);
     let survivors = on(&m, 1);
@@ -162,11 +158,7 @@ fn a_drained_proxy_gets_no_new_flows_and_keeps_its_own() {
     let _s = serial();
     let tb = testbed_with_proxies();
     let _logs = LogsOnFailure(&tb);
-    let job = Job::start(
-        &tb,
-        1,
-        &policy("acme", "[[egress]]\nhost = \"api.example.com:7\"\n"),
-    );
+    let job = Job::acme(&tb, "[[egress]]\nhost = \"api.example.com:7\"\n");
     let mut d = Driver::new(job.spawn_python(PY_CLIENT, &[]));
     let m = open_on_both(&tb, &job, &mut d, 2);
     let on_2 = on(&m, 2);
@@ -199,11 +191,7 @@ fn restarting_the_agent_keeps_an_established_flow() {
     let _s = serial();
     let tb = testbed_with_proxies();
     let _logs = LogsOnFailure(&tb);
-    let job = Job::start(
-        &tb,
-        1,
-        &policy("acme", "[[egress]]\nhost = \"api.example.com:7\"\n"),
-    );
+    let job = Job::acme(&tb, "[[egress]]\nhost = \"api.example.com:7\"\n");
     let mut d = Driver::new(job.spawn_python(PY_CLIENT, &[]));
     let held = ports(&d.ask("open 4"));
     let all_ok = |s: &str| {

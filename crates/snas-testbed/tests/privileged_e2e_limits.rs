@@ -96,10 +96,10 @@ fn tier2_alone_with_tier1_limits_lifted_max_connections_admits_exactly_the_limit
     let f: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(&f[..4], &["ok", "5", "failed", "3"], "{line}");
     // The proxy holds exactly those five flows of the job, and it refused the rest itself.
-    let key = job.info().job_key.clone();
+    let key = job.info().job_key;
     let live = proxy_flows(&tb, 1)
         .iter()
-        .filter(|fl| flow_is(fl, &key, None) && fl.dst.port() == 7)
+        .filter(|fl| flow_is(fl, key, None) && fl.dst.port() == 7)
         .count();
     assert_eq!(live, 5, "flows of the job at the proxy");
     assert_eq!(

@@ -40,13 +40,9 @@ fn jobs_flows_and_drops_show_a_running_job_its_flow_and_its_drops_per_tier() {
     let tb = testbed_with_proxies();
     let _logs = LogsOnFailure(&tb);
     let p = tb.prefix().to_owned();
-    let job = Job::start(
-        &tb,
-        1,
-        &policy("acme", "[[egress]]\nhost = \"api.example.com:7\"\n"),
-    );
+    let job = Job::acme(&tb, "[[egress]]\nhost = \"api.example.com:7\"\n");
     let name = job.info().job.clone();
-    let key = job.info().job_key.clone();
+    let key = job.info().job_key.to_string();
     let mut d = Driver::new(job.spawn_python(PY_HOLD, &[]));
     let port = d.read_line();
     // A tier-1 drop (no binding for this address) and, with tier 1 widened, a tier-2 refusal.
@@ -118,9 +114,12 @@ fn jobs_flows_and_drops_show_a_running_job_its_flow_and_its_drops_per_tier() {
             && r["packets"].as_u64().unwrap() >= 1),
         "{rows:?}"
     );
+    // The proxy counts the job's refusal under its tenant (named from the agent's jobs).
     assert!(
-        rows.iter()
-            .any(|r| r["tier"] == 2 && r["reason"] == "port_denied"),
+        rows.iter().any(|r| r["tier"] == 2
+            && r["reason"] == "port_denied"
+            && r["tenant"] == "acme"
+            && r["job"] == "*"),
         "{rows:?}"
     );
     let t = text_of(&snas(&["drops", "--prefix", &p]).success());
@@ -165,12 +164,8 @@ fn every_decision_is_an_audit_line_on_the_node_or_the_proxy() {
     let _s = serial();
     let tb = testbed_with_proxies();
     let _logs = LogsOnFailure(&tb);
-    let job = Job::start(
-        &tb,
-        1,
-        &policy("acme", "[[egress]]\nhost = \"api.example.com:80\"\n"),
-    );
-    let key = job.info().job_key.clone();
+    let job = Job::acme(&tb, "[[egress]]\nhost = \"api.example.com:80\"\n");
+    let key = job.info().job_key.to_string();
     let name = job.info().job.clone();
     // Allowed flow, refused name (stub), tier-1 deny, tier-2 refusal (tier 1 widened).
     let (code, body) = job.curl("http://api.example.com/");

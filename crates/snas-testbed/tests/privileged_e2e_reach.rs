@@ -64,11 +64,7 @@ fn wildcard_rule_admits_one_label_names_and_nothing_else() {
     let _s = serial();
     let tb = testbed_with_proxies();
     let _logs = LogsOnFailure(&tb);
-    let job = Job::start(
-        &tb,
-        1,
-        &policy("acme", "[[egress]]\nhost = \"*.svc.example.com:80\"\n"),
-    );
+    let job = Job::acme(&tb, "[[egress]]\nhost = \"*.svc.example.com:80\"\n");
     for name in ["a.svc.example.com", "b.svc.example.com"] {
         let (code, body) = job.curl(&format!("http://{name}/"));
         assert_eq!(code, 0, "{name}: {body}");
@@ -84,11 +80,7 @@ fn cname_chain_to_an_allowed_name_resolves_and_connects() {
     let _s = serial();
     let tb = testbed_with_proxies();
     let _logs = LogsOnFailure(&tb);
-    let job = Job::start(
-        &tb,
-        1,
-        &policy("acme", "[[egress]]\nhost = \"chain.example.org:80\"\n"),
-    );
+    let job = Job::acme(&tb, "[[egress]]\nhost = \"chain.example.org:80\"\n");
     // chain.example.org → cdn.example.com → edge.example.net → 203.0.113.30
     let (code, body) = job.curl("http://chain.example.org/");
     assert_eq!(code, 0, "{body}");
@@ -103,11 +95,7 @@ fn name_outside_the_policy_is_refused_by_dns() {
     let _s = serial();
     let tb = testbed_with_proxies();
     let _logs = LogsOnFailure(&tb);
-    let job = Job::start(
-        &tb,
-        1,
-        &policy("acme", "[[egress]]\nhost = \"api.example.com:80\"\n"),
-    );
+    let job = Job::acme(&tb, "[[egress]]\nhost = \"api.example.com:80\"\n");
     let out = job.run("dig", &["+time=2", "+tries=1", "blocked.example.com", "A"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -157,11 +145,7 @@ fn allowed_name_on_a_denied_port_is_refused_within_10ms() {
 fn unbound_raw_ip_private_and_metadata_addresses_are_refused_within_10ms() {
     let _s = serial();
     let tb = testbed_without_proxies();
-    let job = Job::start(
-        &tb,
-        1,
-        &policy("acme", "[[egress]]\nhost = \"api.example.com:80\"\n"),
-    );
+    let job = Job::acme(&tb, "[[egress]]\nhost = \"api.example.com:80\"\n");
     // No DNS answer ever bound these addresses for this job.
     assert_refused_fast(&job, "203.0.113.20", 80);
     assert_refused_fast(&job, "203.0.113.10", 80);
@@ -177,11 +161,7 @@ fn a_large_answer_arrives_through_tcp_fallback() {
     let _s = serial();
     let tb = testbed_with_proxies();
     let _logs = LogsOnFailure(&tb);
-    let job = Job::start(
-        &tb,
-        1,
-        &policy("acme", "[[egress]]\nhost = \"many.example.com:80\"\n"),
-    );
+    let job = Job::acme(&tb, "[[egress]]\nhost = \"many.example.com:80\"\n");
     // 40 A records do not fit 512 bytes: dig (no EDNS) gets TC over UDP and retries over TCP.
     let out = job.run(
         "dig",

@@ -46,11 +46,7 @@ fn tier2_refuses_a_destination_that_widened_tier1_lets_through() {
     let _s = serial();
     let tb = testbed_with_proxies();
     let _logs = LogsOnFailure(&tb);
-    let job = Job::start(
-        &tb,
-        1,
-        &policy("acme", "[[egress]]\nhost = \"api.example.com:80\"\n"),
-    );
+    let job = Job::acme(&tb, "[[egress]]\nhost = \"api.example.com:80\"\n");
     // Before: tier 1 refuses 203.0.113.20 itself.
     assert_refused_fast(&job, "203.0.113.20", 80);
     let tier1_before = tier1_drops(&tb, &job, "destination_denied");
@@ -202,8 +198,8 @@ fn forged_geneve_from_a_non_node_or_for_a_foreign_job_is_dropped_and_counted() {
     let job2 = Job::start(&tb, 2, &p("192.0.2.12"));
     let opt = |job: &Job| SnasOption {
         tenant_id: snas_policy::identity::tenant_id("acme"),
-        job_key: job.key().get(),
-        policy_serial: 1,
+        job_key: snas_wire::JobKey(job.key().get()),
+        policy_serial: snas_wire::PolicySerial(1),
     };
     let sandbox = |job: &Job| match job.info().sandbox_ip {
         std::net::IpAddr::V4(ip) => ip,
@@ -230,7 +226,7 @@ fn forged_geneve_from_a_non_node_or_for_a_foreign_job_is_dropped_and_counted() {
 
     // 2. From node 1 with a random job key: node 1's agent knows no such job.
     let mut o = opt(&job1);
-    o.job_key ^= 0x5a5a_5a5a_0000_0001;
+    o.job_key.0 ^= 0x5a5a_5a5a_0000_0001;
     // (`unknown_job` or `geneve_unknown_job`: the agent answered 404 for the key.)
     let unknown =
         |tb: &Testbed| proxy_drops(tb, 1, "geneve_unknown_job") + proxy_drops(tb, 1, "unknown_job");
@@ -320,7 +316,11 @@ fn forged_geneve_with_a_tampered_or_expired_policy_is_dropped_and_counted() {
 
     // Tampered: a valid token whose claims were edited after signing (signature no longer fits).
     let jti_t = "e2e-tampered-0001";
-    let good = snas_policy::sign(&draft.to_claims(jti_t, 1, SystemTime::now()), &key).unwrap();
+    let good = snas_policy::sign(
+        &draft.to_claims(jti_t, snas_wire::PolicySerial(1), SystemTime::now()),
+        &key,
+    )
+    .unwrap();
     let mut parts: Vec<String> = good.split('.').map(str::to_owned).collect();
     let payload = &mut parts[1];
     let last = payload.pop().unwrap();
@@ -329,12 +329,16 @@ fn forged_geneve_with_a_tampered_or_expired_policy_is_dropped_and_counted() {
     // Expired: signed correctly, but two hours ago with a one-hour lifetime.
     let jti_e = "e2e-expired-0001";
     let expired = snas_policy::sign(
-        &draft.to_claims(jti_e, 1, SystemTime::now() - Duration::from_secs(7200)),
+        &draft.to_claims(
+            jti_e,
+            snas_wire::PolicySerial(1),
+            SystemTime::now() - Duration::from_secs(7200),
+        ),
         &key,
     )
     .unwrap();
-    let kt = snas_wire::JobKey(snas_policy::identity::job_key(jti_t)).to_string();
-    let ke = snas_wire::JobKey(snas_policy::identity::job_key(jti_e)).to_string();
+    let kt = snas_policy::identity::job_key(jti_t).to_string();
+    let ke = snas_policy::identity::job_key(jti_e).to_string();
 
     tb.stop_agent(1);
     let server = fake_policy_endpoint(&tb, vec![(kt.clone(), tampered), (ke.clone(), expired)]);
@@ -345,8 +349,8 @@ fn forged_geneve_with_a_tampered_or_expired_policy_is_dropped_and_counted() {
     for (k, reason) in [(&kt, "policy_invalid"), (&ke, "policy_expired")] {
         let opt = SnasOption {
             tenant_id: snas_policy::identity::tenant_id("acme"),
-            job_key: u64::from_str_radix(k, 16).unwrap(),
-            policy_serial: 1,
+            job_key: snas_wire::JobKey(u64::from_str_radix(k, 16).unwrap()),
+            policy_serial: snas_wire::PolicySerial(1),
         };
         let before = proxy_drops(&tb, 1, reason);
         send_from_node1(&tb, n1, forged(n1, opt, sandbox, api));
@@ -379,9 +383,9 @@ fn query(name: &str, identity: Option<SnasOption>) -> Vec<u8> {
             q.extend_from_slice(&20u16.to_be_bytes());
             q.extend_from_slice(&65053u16.to_be_bytes());
             q.extend_from_slice(&16u16.to_be_bytes());
-            q.extend_from_slice(&o.tenant_id.to_be_bytes());
-            q.extend_from_slice(&o.job_key.to_be_bytes());
-            q.extend_from_slice(&o.policy_serial.to_be_bytes());
+            q.extend_from_slice(&o.tenant_id.get().to_be_bytes());
+            q.extend_from_slice(&o.job_key.get().to_be_bytes());
+            q.extend_from_slice(&o.policy_serial.get().to_be_bytes());
         }
         None => q.extend_from_slice(&0u16.to_be_bytes()),
     }
@@ -412,15 +416,11 @@ fn the_proxy_resolver_refuses_what_a_compromised_node_asks_outside_the_policy() 
     let _s = serial();
     let tb = testbed_with_proxies();
     let _logs = LogsOnFailure(&tb);
-    let job = Job::start(
-        &tb,
-        1,
-        &policy("acme", "[[egress]]\nhost = \"api.example.com:80\"\n"),
-    );
+    let job = Job::acme(&tb, "[[egress]]\nhost = \"api.example.com:80\"\n");
     let id = SnasOption {
         tenant_id: snas_policy::identity::tenant_id("acme"),
-        job_key: job.key().get(),
-        policy_serial: 1,
+        job_key: snas_wire::JobKey(job.key().get()),
+        policy_serial: snas_wire::PolicySerial(1),
     };
     let n1 = tb.topology().node_addr(1);
     const REFUSED: u8 = 5;
@@ -434,7 +434,7 @@ fn the_proxy_resolver_refuses_what_a_compromised_node_asks_outside_the_policy() 
     let (rcode, _) = ask_resolver(&tb, n1, query("api.example.com", None));
     assert_eq!(rcode, REFUSED, "query without job identity");
     let mut other = id;
-    other.job_key ^= 1;
+    other.job_key.0 ^= 1;
     let (rcode, _) = ask_resolver(&tb, n1, query("api.example.com", Some(other)));
     assert_eq!(rcode, REFUSED, "unknown job key");
     // From an address that is not a node: refused.

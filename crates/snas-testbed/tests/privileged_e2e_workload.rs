@@ -281,7 +281,7 @@ fn an_expiring_job_is_refused_at_once_after_exp_and_both_tiers_forget_it() {
         ))
         .unwrap();
     let job = Job::start_token(&tb, 1, &token);
-    let me = tb.agent(1).job(&job.info().job_key).unwrap();
+    let me = tb.agent(1).job(&job.info().job_key.to_string()).unwrap();
     let exp = me.expires_at as f64;
     let out = job.python(PY_UNTIL, &[&format!("{}", exp + 2.0)]);
     let rounds: Vec<(f64, String, f64, String)> = serde_json::from_str(out.trim()).unwrap();
@@ -319,11 +319,11 @@ fn an_expiring_job_is_refused_at_once_after_exp_and_both_tiers_forget_it() {
                 .any(|j| j.job_key == job.info().job_key && j.state == JobState::Expired)
         },
     );
-    let key = job.info().job_key.clone();
+    let key = job.info().job_key;
     wait_until(
         Duration::from_secs(5),
         "proxies forget the job's flows",
-        || (1..=2).all(|n| !proxy_flows(&tb, n).iter().any(|f| flow_is(f, &key, None))),
+        || (1..=2).all(|n| !proxy_flows(&tb, n).iter().any(|f| flow_is(f, key, None))),
     );
     assert!(SystemTime::now() > SystemTime::UNIX_EPOCH + Duration::from_secs_f64(exp));
 }
@@ -387,11 +387,7 @@ fn a_flow_end_record_carries_the_bytes_the_flow_moved() {
     let _s = serial();
     let tb = testbed_with_proxies();
     let _logs = LogsOnFailure(&tb);
-    let job = Job::start(
-        &tb,
-        1,
-        &policy("acme", "[[egress]]\nhost = \"bulk.example.com:5201\"\n"),
-    );
+    let job = Job::acme(&tb, "[[egress]]\nhost = \"bulk.example.com:5201\"\n");
     let out = job.python(
         r#"
 import socket
@@ -408,7 +404,7 @@ print(n)
         &[],
     );
     assert_eq!(out.trim(), "1000000");
-    let key = job.info().job_key.clone();
+    let key = job.info().job_key.to_string();
     let mut found = None;
     wait_until(
         Duration::from_secs(45),

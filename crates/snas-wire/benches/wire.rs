@@ -22,9 +22,9 @@ fn payload_with_inner(inner_len: usize) -> Vec<u8> {
     };
     let inner = build::tcp(&spec).unwrap_or_default();
     let option = SnasOption {
-        tenant_id: 1,
-        job_key: 2,
-        policy_serial: 3,
+        tenant_id: snas_wire::TenantId(1),
+        job_key: snas_wire::JobKey(2),
+        policy_serial: snas_wire::PolicySerial(3),
     };
     let mut buf = vec![0u8; GENEVE_HEADER_LEN + inner.len()];
     let _ = geneve::write_geneve_header(&mut buf, &option, snas_wire::InnerProto::Ipv4);
@@ -70,9 +70,9 @@ fn parts(c: &mut Criterion) {
         .expect("bench packet parses")
         .inner_offset;
     let option = SnasOption {
-        tenant_id: 1,
-        job_key: 2,
-        policy_serial: 3,
+        tenant_id: snas_wire::TenantId(1),
+        job_key: snas_wire::JobKey(2),
+        policy_serial: snas_wire::PolicySerial(3),
     };
     group.bench_function("parse_payload", |b| {
         b.iter(|| geneve::parse_payload(black_box(&buf)))

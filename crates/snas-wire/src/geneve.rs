@@ -32,6 +32,7 @@ use crate::checksum;
 use crate::error::{BuildError, Layer, ParseError};
 use crate::ip::{be16, be32, proto, put16, put32, Ipv4Packet};
 use crate::transport::UdpPacket;
+use crate::types::{JobKey, PolicySerial, TenantId};
 use std::net::Ipv4Addr;
 use std::ops::Range;
 
@@ -72,11 +73,11 @@ pub fn sandbox_mtu(underlay_mtu: u32) -> Option<u32> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SnasOption {
     /// `snas_policy::identity::tenant_id` of the job's tenant.
-    pub tenant_id: u32,
+    pub tenant_id: TenantId,
     /// `snas_policy::identity::job_key` of the job's policy id.
-    pub job_key: u64,
+    pub job_key: JobKey,
     /// Serial of the policy the sender enforces (a newer one makes the proxy refetch).
-    pub policy_serial: u32,
+    pub policy_serial: PolicySerial,
 }
 
 impl SnasOption {
@@ -91,18 +92,18 @@ impl SnasOption {
         let hi = u64::from(be32(data, 4));
         let lo = u64::from(be32(data, 8));
         SnasOption {
-            tenant_id: be32(data, 0),
-            job_key: hi << 32 | lo,
-            policy_serial: be32(data, 12),
+            tenant_id: TenantId(be32(data, 0)),
+            job_key: JobKey(hi << 32 | lo),
+            policy_serial: PolicySerial(be32(data, 12)),
         }
     }
     fn write(&self, out: &mut [u8]) {
         put16(out, 0, SNAS_OPTION_CLASS);
         out[2] = SNAS_OPTION_TYPE;
         out[3] = SNAS_OPTION_WORDS;
-        put32(out, 4, self.tenant_id);
-        out[8..16].copy_from_slice(&self.job_key.to_be_bytes());
-        put32(out, 16, self.policy_serial);
+        put32(out, 4, self.tenant_id.get());
+        out[8..16].copy_from_slice(&self.job_key.get().to_be_bytes());
+        put32(out, 16, self.policy_serial.get());
     }
 }
 

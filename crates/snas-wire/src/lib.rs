@@ -18,7 +18,7 @@
 //! - [`build`]: test packets and refusals (TCP RST, ICMP/ICMPv6 unreachable).
 //! - [`error`]: [`ParseError`] (→ [`Reason`]) and [`BuildError`].
 //! - [`reason`]: the stable drop-reason list shared with the BPF programs.
-//! - [`types`]: the shared vocabulary: [`JobKey`], [`PolicySerial`], [`Bps`], [`L4Proto`],
+//! - [`types`]: the shared vocabulary: [`JobKey`], [`TenantId`], [`PolicySerial`], [`Bps`], [`L4Proto`],
 //!   [`RuleProtocol`] (serde behind the `serde` feature).
 #![forbid(unsafe_code)]
 
@@ -44,5 +44,5 @@ pub use nat::{rewrite, rewrite_icmp_error, Endpoint, NatError, NatPacket};
 pub use reason::Reason;
 pub use transport::{IcmpPacket, TcpFlags, TcpPacket, UdpPacket};
 pub use types::{
-    Bps, BpsError, JobKey, JobKeyError, PolicySerial, PolicySerialError, RuleProtocol,
+    Bps, BpsError, JobKey, JobKeyError, PolicySerial, PolicySerialError, RuleProtocol, TenantId,
 };

@@ -9,6 +9,9 @@
 //!   API. Spelt as exactly 16 lower-case hex digits ([`fmt::Display`] / [`FromStr`]); with serde
 //!   it is a plain integer by default (records on disk) and the hex string with
 //!   `#[serde(with = "snas_wire::types::job_key_hex")]` (JSON APIs, audit lines).
+//! - [`TenantId`]: the 32-bit tenant id carried in the GENEVE option (a hash of the tenant name,
+//!   `snas_policy::identity::tenant_id`). Decimal in JSON and text ([`fmt::Display`], as the
+//!   proxy's and agent's APIs have always sent it), `{:x}` for hex.
 //! - [`PolicySerial`]: the serial of a signed policy. 32 bits, because the GENEVE option and
 //!   the tier-1 `job_cfg` carry 32 bits; a larger claim is refused when the policy is verified
 //!   ([`PolicySerial::try_from`] a `u64`), never truncated.
@@ -114,6 +117,47 @@ pub mod job_key_hex {
 }
 
 // ---------------------------------------------------------------------------------------------
+// TenantId
+
+/// The 32-bit overlay identity of a tenant (`snas_policy::identity::tenant_id` of its name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(transparent))]
+pub struct TenantId(pub u32);
+
+impl TenantId {
+    /// The id as the overlay option and the tier-1 maps carry it.
+    pub const fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl From<u32> for TenantId {
+    fn from(v: u32) -> TenantId {
+        TenantId(v)
+    }
+}
+
+impl From<TenantId> for u32 {
+    fn from(t: TenantId) -> u32 {
+        t.0
+    }
+}
+
+impl fmt::Display for TenantId {
+    /// Decimal, as the JSON APIs carry it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl fmt::LowerHex for TenantId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::LowerHex::fmt(&self.0, f)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // PolicySerial
 
 /// The serial of a signed policy; a live update of a job carries a higher one.
@@ -149,7 +193,7 @@ impl From<PolicySerial> for u64 {
 
 /// A serial above `u32::MAX`: the overlay option carries 32 bits.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0} does not fit the overlay option's 32-bit policy serial")]
+#[error("{0} does not fit the overlay option's 32-bit policy serial (at most 4294967295)")]
 pub struct PolicySerialError(pub u64);
 
 impl TryFrom<u64> for PolicySerial {
@@ -503,6 +547,13 @@ mod tests {
     }
 
     #[test]
+    fn tenant_id_prints_decimal_and_hex_on_request() {
+        assert_eq!(TenantId(0x1120_8e19).to_string(), "287346201");
+        assert_eq!(format!("{:08x}", TenantId(0x1120_8e19)), "11208e19");
+        assert_eq!(u32::from(TenantId::from(7)), 7);
+    }
+
+    #[test]
     fn policy_serial_refuses_what_the_option_cannot_carry() {
         assert_eq!(
             PolicySerial::try_from(u64::from(u32::MAX)),
@@ -600,6 +651,7 @@ mod tests {
             job_key: JobKey,
             raw: JobKey,
             serial: PolicySerial,
+            tenant: TenantId,
             rate: Bps,
             proto: L4Proto,
             rule: RuleProtocol,
@@ -608,6 +660,7 @@ mod tests {
             job_key: JobKey(0xab),
             raw: JobKey(0xab),
             serial: PolicySerial(3),
+            tenant: TenantId(7),
             rate: bps(1000),
             proto: L4Proto::Icmpv6,
             rule: RuleProtocol::Any,
@@ -615,7 +668,7 @@ mod tests {
         let text = serde_json::to_string(&v).unwrap();
         assert_eq!(
             text,
-            r#"{"job_key":"00000000000000ab","raw":171,"serial":3,"rate":1000,"proto":"icmpv6","rule":"any"}"#
+            r#"{"job_key":"00000000000000ab","raw":171,"serial":3,"tenant":7,"rate":1000,"proto":"icmpv6","rule":"any"}"#
         );
         assert_eq!(serde_json::from_str::<View>(&text).unwrap(), v);
         for bad in [

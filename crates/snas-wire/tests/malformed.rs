@@ -203,9 +203,9 @@ fn unsupported_protocols_and_non_echo_icmp_have_no_flow() {
 
 fn option() -> SnasOption {
     SnasOption {
-        tenant_id: 0xAABB_CCDD,
-        job_key: 0x0102_0304_0506_0708,
-        policy_serial: 42,
+        tenant_id: snas_wire::TenantId(0xAABB_CCDD),
+        job_key: snas_wire::JobKey(0x0102_0304_0506_0708),
+        policy_serial: snas_wire::PolicySerial(42),
     }
 }
 

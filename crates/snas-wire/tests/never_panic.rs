@@ -78,9 +78,9 @@ fn valid_overlay(icmp_error: bool) -> Vec<u8> {
     geneve::encapsulate(
         &outer,
         &SnasOption {
-            tenant_id: 1,
-            job_key: 2,
-            policy_serial: 3,
+            tenant_id: snas_wire::TenantId(1),
+            job_key: snas_wire::JobKey(2),
+            policy_serial: snas_wire::PolicySerial(3),
         },
         &inner,
     )

@@ -27,9 +27,9 @@ fn payload() -> impl Strategy<Value = Vec<u8>> {
 fn snas_option() -> impl Strategy<Value = SnasOption> {
     (any::<u32>(), any::<u64>(), any::<u32>()).prop_map(|(tenant_id, job_key, policy_serial)| {
         SnasOption {
-            tenant_id,
-            job_key,
-            policy_serial,
+            tenant_id: snas_wire::TenantId(tenant_id),
+            job_key: snas_wire::JobKey(job_key),
+            policy_serial: snas_wire::PolicySerial(policy_serial),
         }
     })
 }
@@ -177,9 +177,9 @@ fn overlay_header_bytes_follow_the_contract() {
         src_port: OuterParams::source_port_for_hash(0xFFFF_FFFF),
     };
     let option = SnasOption {
-        tenant_id: 0x0102_0304,
-        job_key: 0x1112_1314_1516_1718,
-        policy_serial: 0x2122_2324,
+        tenant_id: snas_wire::TenantId(0x0102_0304),
+        job_key: snas_wire::JobKey(0x1112_1314_1516_1718),
+        policy_serial: snas_wire::PolicySerial(0x2122_2324),
     };
     let p = geneve::encapsulate(&outer, &option, &inner).unwrap();
     // Outer IPv4: no options, DF, TTL 64, UDP.
@@ -224,9 +224,9 @@ fn in_place_encapsulation_matches_copying_encapsulation() {
         src_port: 0xC123,
     };
     let option = SnasOption {
-        tenant_id: 7,
-        job_key: 8,
-        policy_serial: 9,
+        tenant_id: snas_wire::TenantId(7),
+        job_key: snas_wire::JobKey(8),
+        policy_serial: snas_wire::PolicySerial(9),
     };
     let copied = geneve::encapsulate(&outer, &option, &inner).unwrap();
     let mut in_place = vec![0u8; OVERLAY_OVERHEAD + inner.len()];

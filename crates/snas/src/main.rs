@@ -40,7 +40,7 @@ enum Command {
     Jobs(cmd::observe::ObserveArgs),
     /// List live flows at the proxies: job, tenant, source, destination, hostname, egress, state, age.
     Flows(cmd::observe::ObserveArgs),
-    /// Drop counters per job, reason and tier (agents' tier 1, proxies' tier 2).
+    /// Drop counters per reason and tier: per job from the agents (tier 1), per tenant from the proxies (tier 2).
     Drops(cmd::observe::DropsArgs),
     /// Run a command as a job in a gVisor sandbox on the testbed; print its egress summary.
     Run(cmd::run::RunArgs),

@@ -401,6 +401,32 @@ fn sign_rejects_bad_policies_keys_and_ttls() {
 }
 
 #[test]
+fn sign_refuses_a_serial_the_overlay_option_cannot_carry() {
+    let f = Fixture::new();
+    let key = f.keygen("keys", "k1");
+    let token = f.sign(&key, &["--serial", "4294967295"]);
+    assert!(!token.is_empty());
+    for bad in ["4294967296", "18446744073709551616", "-1", "7x"] {
+        snas()
+            .args(["policy", "sign", "--key"])
+            .arg(&key)
+            .arg(format!("--serial={bad}"))
+            .arg(f.path("policy.toml"))
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains("--serial"))
+            .stdout(predicate::str::is_empty());
+    }
+    snas()
+        .args(["policy", "sign", "--key"])
+        .arg(&key)
+        .args(["--serial", "4294967296"])
+        .arg(f.path("policy.toml"))
+        .assert()
+        .stderr(predicate::str::contains("at most 4294967295"));
+}
+
+#[test]
 fn explain_prints_one_line_per_destination_and_exit_code_reflects_denials() {
     let f = Fixture::new();
     let key = f.keygen("keys", "k1");

@@ -354,14 +354,14 @@ pub mod blocking {
         /// deleted.
         pub fn delete(mut self) -> Result<(), ClientError> {
             self.live = false;
-            delete_if_there(&self.client, &self.view.job_key)
+            delete_if_there(&self.client, &self.view.job_key.to_string())
         }
     }
 
     impl Drop for OwnedJob {
         fn drop(&mut self) {
             if self.live {
-                let _ = delete_if_there(&self.client, &self.view.job_key);
+                let _ = delete_if_there(&self.client, &self.view.job_key.to_string());
             }
         }
     }
@@ -453,20 +453,6 @@ pub mod blocking {
     fn run<T: Send>(
         call: impl Future<Output = Result<T, ClientError>> + Send,
     ) -> Result<T, ClientError> {
-        let block = move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(ClientError::Runtime)?
-                .block_on(call)
-        };
-        if tokio::runtime::Handle::try_current().is_err() {
-            return block();
-        }
-        // Inside a runtime: blocking its thread could stall the tasks the call waits for.
-        std::thread::scope(|s| match s.spawn(block).join() {
-            Ok(r) => r,
-            Err(panic) => std::panic::resume_unwind(panic),
-        })
+        snas_proxy::api::blocking::block_on(call, ClientError::Runtime)
     }
 }

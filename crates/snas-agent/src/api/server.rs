@@ -35,7 +35,7 @@ use super::types::{
     POLICY_CONTENT_TYPE,
 };
 use crate::agent::{Agent, JobError};
-use crate::naming::{job_key_hex, parse_job_key_hex};
+use crate::naming::parse_job_key_hex;
 use crate::upkeep::LogLimiter;
 
 /// A JSON error answer.
@@ -156,7 +156,7 @@ async fn delete_job(
     ops.stub.forget(key);
     tokio::spawn(crate::proxies::announce_job_ended(
         ops.proxies.clone(),
-        key.get(),
+        key,
         ops.ended.clone(),
         END_NOTICE_TIMEOUT,
     ));
@@ -171,7 +171,7 @@ async fn job_counters(
     let key = agent.resolve(&id)?;
     let counters = blocking(move || agent.counters(key)).await?;
     Ok(Json(JobDrops {
-        job_key: job_key_hex(key),
+        job_key: key,
         total: counters.values().sum(),
         drops: counters
             .into_iter()
@@ -388,10 +388,8 @@ fn snapshot(ops: &Ops) -> crate::metrics::Snapshot {
     let jobs = ops.agent.jobs();
     let mut drops = BTreeMap::new();
     for j in &jobs {
-        if let Some(key) = parse_job_key_hex(&j.job_key) {
-            if let Ok(c) = ops.agent.counters(key) {
-                drops.insert(j.job_key.clone(), c);
-            }
+        if let Ok(c) = ops.agent.counters(j.job_key) {
+            drops.insert(j.job_key.to_string(), c);
         }
     }
     crate::metrics::Snapshot {

@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use snas_wire::JobKey;
+use snas_wire::{JobKey, PolicySerial, TenantId};
 
 /// Paths of the local API and the policy endpoint: route patterns for the server, builders
 /// for the client.
@@ -99,13 +99,14 @@ pub struct JobView {
     /// Tenant name.
     pub tenant: String,
     /// 16 hex digits.
-    pub job_key: String,
+    #[serde(with = "snas_wire::types::job_key_hex")]
+    pub job_key: JobKey,
     /// Tenant id as carried in the overlay option.
-    pub tenant_id: u32,
+    pub tenant_id: TenantId,
     /// Policy id.
     pub jti: String,
     /// Policy serial.
-    pub serial: u32,
+    pub serial: PolicySerial,
     /// Policy expiry, seconds since the Unix epoch.
     pub expires_at: u64,
     /// `running`, or `expired` once `expires_at` has passed.
@@ -141,7 +142,8 @@ impl JobView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobDrops {
     /// 16 hex digits.
-    pub job_key: String,
+    #[serde(with = "snas_wire::types::job_key_hex")]
+    pub job_key: JobKey,
     /// Packets dropped, all reasons and both directions together.
     pub total: u64,
     /// Packets dropped per reason, by the stable names of `snas_wire::Reason` (every reason,

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
-use sha2::{Digest, Sha256};
 use snas_agent::jobnet::{self, run_in_netns};
 use snas_agent::naming::JobNames;
 use snas_agent::netlink::Rtnl;
@@ -97,20 +96,7 @@ impl Drop for Scope {
     }
 }
 
-/// `identity::job_key` as the contract defines it (until snas-policy provides it).
-pub fn job_key(jti: &str) -> snas_wire::JobKey {
-    let mut h = Sha256::new();
-    h.update(b"snas-job-key-v1\0");
-    h.update(jti.as_bytes());
-    snas_wire::JobKey(u64::from_be_bytes(h.finalize()[..8].try_into().unwrap()))
-}
-
-pub fn tenant_id(tenant: &str) -> u32 {
-    let mut h = Sha256::new();
-    h.update(b"snas-tenant-id-v1\0");
-    h.update(tenant.as_bytes());
-    u32::from_be_bytes(h.finalize()[..4].try_into().unwrap())
-}
+pub use snas_policy::identity::{job_key, tenant_id};
 
 /// Accepts tokens `stub.<tenant>.<job>.<jti>.<serial>[.<node>]`; anything else is invalid, and
 /// the tenant `expired` is refused as expired.

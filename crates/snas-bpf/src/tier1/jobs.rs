@@ -155,7 +155,7 @@ impl Tier1 {
 
     fn remove_key_state(&self, job: u64) {
         delete_where::<types::dst_key>(&self.maps.dst_exact, |k| k.job_key == job);
-        delete_where::<types::cidr_key>(&self.maps.dst_cidr, |k| cidr_job(k) == job);
+        delete_where::<types::cidr_key>(&self.maps.dst_cidr, |k| cidr_job(k).get() == job);
         delete_where::<types::dst6_key>(&self.maps.dst6_exact, |k| k.job_key == job);
         delete_where::<types::cidr6_key>(&self.maps.dst6_cidr, |k| {
             (u64::from(u32::from_be(k.job_hi)) << 32) | u64::from(u32::from_be(k.job_lo)) == job

@@ -104,7 +104,6 @@ impl Tier1 {
         rules: &[PortRule],
         allow_private: bool,
     ) -> Result<(), Tier1Error> {
-        let job_key = job_key.get();
         let key = cidr_key(job_key, net);
         let val = dst_val(rules, allow_private)?;
         update(&self.maps.dst_cidr, &key, &val, "snas_dst_cidr")
@@ -112,7 +111,6 @@ impl Tier1 {
 
     /// Removes a CIDR entry.
     pub fn revoke_cidr(&self, job_key: JobKey, net: Ipv4Net) -> Result<(), Tier1Error> {
-        let job_key = job_key.get();
         let _ = self.maps.dst_cidr.delete(bytes_of(&cidr_key(job_key, net)));
         Ok(())
     }
@@ -152,7 +150,6 @@ impl Tier1 {
         rules: &[PortRule],
         allow_private: bool,
     ) -> Result<(), Tier1Error> {
-        let job_key = job_key.get();
         let key = cidr6_key(job_key, net);
         let val = dst_val(rules, allow_private)?;
         update(&self.maps.dst6_cidr, &key, &val, "snas_dst6_cidr")
@@ -160,7 +157,6 @@ impl Tier1 {
 
     /// Removes an IPv6 CIDR entry.
     pub fn revoke_cidr6(&self, job_key: JobKey, net: Ipv6Net) -> Result<(), Tier1Error> {
-        let job_key = job_key.get();
         let _ = self
             .maps
             .dst6_cidr
@@ -169,8 +165,8 @@ impl Tier1 {
     }
 }
 
-fn cidr_key(job_key: u64, net: Ipv4Net) -> types::cidr_key {
-    let net = net.trunc();
+fn cidr_key(job_key: JobKey, net: Ipv4Net) -> types::cidr_key {
+    let (job_key, net) = (job_key.get(), net.trunc());
     types::cidr_key {
         prefixlen: 64 + u32::from(net.prefix_len()),
         job_hi: ((job_key >> 32) as u32).to_be(),
@@ -179,8 +175,8 @@ fn cidr_key(job_key: u64, net: Ipv4Net) -> types::cidr_key {
     }
 }
 
-fn cidr6_key(job_key: u64, net: Ipv6Net) -> types::cidr6_key {
-    let net = net.trunc();
+fn cidr6_key(job_key: JobKey, net: Ipv6Net) -> types::cidr6_key {
+    let (job_key, net) = (job_key.get(), net.trunc());
     types::cidr6_key {
         prefixlen: 64 + u32::from(net.prefix_len()),
         job_hi: ((job_key >> 32) as u32).to_be(),
@@ -189,8 +185,8 @@ fn cidr6_key(job_key: u64, net: Ipv6Net) -> types::cidr6_key {
     }
 }
 
-pub(super) fn cidr_job(k: &types::cidr_key) -> u64 {
-    (u64::from(u32::from_be(k.job_hi)) << 32) | u64::from(u32::from_be(k.job_lo))
+pub(super) fn cidr_job(k: &types::cidr_key) -> JobKey {
+    JobKey((u64::from(u32::from_be(k.job_hi)) << 32) | u64::from(u32::from_be(k.job_lo)))
 }
 
 /// A CIDR entry: rules without expiry.
@@ -226,9 +222,9 @@ mod tests {
     #[test]
     fn cidr_key_carries_the_job_and_the_truncated_prefix() {
         let net: Ipv4Net = "203.0.113.77/24".parse().expect("net");
-        let k = cidr_key(0x0102_0304_0506_0708, net);
+        let k = cidr_key(JobKey(0x0102_0304_0506_0708), net);
         assert_eq!(k.prefixlen, 64 + 24);
-        assert_eq!(cidr_job(&k), 0x0102_0304_0506_0708);
+        assert_eq!(cidr_job(&k), JobKey(0x0102_0304_0506_0708));
         assert_eq!(k.ip.to_ne_bytes(), [203, 0, 113, 0]);
         assert_eq!(k.job_hi.to_ne_bytes(), [1, 2, 3, 4]);
     }

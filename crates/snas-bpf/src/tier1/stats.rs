@@ -14,7 +14,6 @@ use crate::skel::types;
 impl Tier1 {
     /// Counters of one job (both directions).
     pub fn counters(&self, job_key: JobKey) -> Result<JobCounters, Tier1Error> {
-        let job_key = job_key.get();
         Ok(JobCounters {
             from_sandbox: self.dir_counters(job_key, Direction::FromSandbox)?,
             to_sandbox: self.dir_counters(job_key, Direction::ToSandbox)?,
@@ -27,7 +26,7 @@ impl Tier1 {
         self.counters(JobKey(0))
     }
 
-    fn dir_counters(&self, job_key: u64, dir: Direction) -> Result<DirCounters, Tier1Error> {
+    fn dir_counters(&self, job_key: JobKey, dir: Direction) -> Result<DirCounters, Tier1Error> {
         let mut out = DirCounters {
             forwarded: self.count(job_key, dir, 0)?,
             ..Default::default()
@@ -41,9 +40,14 @@ impl Tier1 {
         Ok(out)
     }
 
-    fn count(&self, job_key: u64, dir: Direction, reason: u32) -> Result<PacketCount, Tier1Error> {
+    fn count(
+        &self,
+        job_key: JobKey,
+        dir: Direction,
+        reason: u32,
+    ) -> Result<PacketCount, Tier1Error> {
         let key = types::counter_key {
-            job_key,
+            job_key: job_key.get(),
             dir: dir as u32,
             reason,
         };

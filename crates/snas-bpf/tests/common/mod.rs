@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use snas_bpf::testing::{self, RunOutput, SkbCtx};
-use snas_bpf::{JobConfig, NodeConfig, Tier1};
+use snas_bpf::{JobConfig, NodeConfig, PortRule, ProxyEntry, RuleProtocol, Tier1};
 pub use snas_bpf::{JobKey, PolicySerial};
+use snas_wire::Reason;
 
 pub const SANDBOX_MAC: [u8; 6] = [0x02, 0x53, 0x4e, 0x00, 0x00, 0x02];
 pub const HOST_MAC: [u8; 6] = [0x02, 0x53, 0x4e, 0x00, 0x00, 0x01];
@@ -23,7 +24,7 @@ pub const PROXY_IPS: [Ipv4Addr; 3] = [
 pub const ALLOWED_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 pub const OTHER_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 9);
 pub const JOB_KEY: JobKey = JobKey(0x0123_4567_89ab_cdef);
-pub const TENANT: u32 = 0xfeed_beef;
+pub const TENANT: snas_bpf::TenantId = snas_bpf::TenantId(0xfeed_beef);
 pub const SERIAL: PolicySerial = PolicySerial(7);
 /// test_run needs a real device; the loopback device always exists (ifindex 1).
 pub const VETH: u32 = 1;
@@ -145,6 +146,76 @@ pub fn load(cfg: &NodeConfig) -> Node {
     };
     node.t1 = Some(Tier1::load(cfg).expect("load tier1"));
     node
+}
+
+/// The set-up most tests start from: requires root, loads a node named `name` (its config
+/// edited by `node_edit`), configures the test job (edited by `job_edit`) and sets `proxies`.
+pub fn node_with_job(
+    name: &str,
+    node_edit: impl FnOnce(&mut NodeConfig),
+    job_edit: impl FnOnce(&mut JobConfig),
+    proxies: &[ProxyEntry],
+) -> Node {
+    require_root(name);
+    let mut cfg = node_config(name);
+    node_edit(&mut cfg);
+    let n = load(&cfg);
+    let mut j = job();
+    job_edit(&mut j);
+    n.t1().configure_job(&j).expect("configure job");
+    n.t1().set_proxies(proxies).expect("proxies");
+    n
+}
+
+/// The first `n` test proxies, all active.
+pub fn proxies(n: usize) -> Vec<ProxyEntry> {
+    PROXY_IPS[..n]
+        .iter()
+        .map(|&ip| ProxyEntry::active(ip))
+        .collect()
+}
+
+/// What most tests allow on 203.0.113.0/24: TCP 443 and UDP 4000-4999.
+pub fn tcp_443_and_udp_4000s() -> [PortRule; 2] {
+    [
+        PortRule::port(RuleProtocol::Tcp, 443),
+        PortRule {
+            proto: RuleProtocol::Udp,
+            lo: 4000,
+            hi: 4999,
+        },
+    ]
+}
+
+/// Allows the test job 203.0.113.0/24 (where [`ALLOWED_IP`] is) with `rules`.
+pub fn allow_test_net(n: &Node, rules: &[PortRule]) {
+    n.t1()
+        .allow_cidr(
+            JOB_KEY,
+            "203.0.113.0/24".parse().expect("net"),
+            rules,
+            false,
+        )
+        .expect("cidr");
+}
+
+/// Sandbox-side drops of the test job for `r`.
+pub fn sandbox_drops(n: &Node, r: Reason) -> u64 {
+    n.t1()
+        .counters(JOB_KEY)
+        .expect("counters")
+        .from_sandbox
+        .dropped(r)
+        .packets
+}
+
+/// Runs `frame` through the sandbox program and checks it is dropped and counted once under
+/// `r`.
+pub fn assert_drop(n: &Node, frame: &[u8], r: Reason) {
+    let before = sandbox_drops(n, r);
+    let out = n.run_sandbox(frame);
+    assert_eq!(out.retval, testing::TC_ACT_SHOT, "expected drop for {r}");
+    assert_eq!(sandbox_drops(n, r), before + 1, "counter of {r}");
 }
 
 /// The test job: identity and addresses, no limits, no expiry, no DNS budget.
@@ -373,7 +444,7 @@ pub fn expected_outer(
     o.extend_from_slice(&[0x05, 0x40, 0x08, 0x00, 0, 0, 0, 0]);
     // Option: class 0xFF53, type 0x81, length 4 words.
     o.extend_from_slice(&[0xff, 0x53, 0x81, 0x04]);
-    o.extend_from_slice(&TENANT.to_be_bytes());
+    o.extend_from_slice(&TENANT.get().to_be_bytes());
     o.extend_from_slice(&job_key.get().to_be_bytes());
     o.extend_from_slice(&SERIAL.get().to_be_bytes());
     o

@@ -450,11 +450,22 @@ pub mod blocking {
     fn run<T: Send>(
         call: impl Future<Output = Result<T, ClientError>> + Send,
     ) -> Result<T, ClientError> {
+        block_on(call, ClientError::Runtime)
+    }
+
+    /// Runs an async client call to completion from synchronous code, on a current-thread
+    /// runtime of its own (`runtime_error` wraps a failure to build it): on the calling thread,
+    /// or, when called from inside a tokio runtime, on a helper thread. The blocking clients of
+    /// the proxy and of the agent (`snas_agent::api::blocking`) share it.
+    pub fn block_on<T: Send, E: Send>(
+        call: impl Future<Output = Result<T, E>> + Send,
+        runtime_error: impl FnOnce(std::io::Error) -> E + Send,
+    ) -> Result<T, E> {
         let block = move || {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(ClientError::Runtime)?
+                .map_err(runtime_error)?
                 .block_on(call)
         };
         if tokio::runtime::Handle::try_current().is_err() {

@@ -34,4 +34,6 @@ pub mod server;
 pub mod types;
 
 pub use client::{blocking, ClientError, ProxyClient};
-pub use types::{paths, DropCounts, FlowList, FlowView, PeerBinding, ProxyHealth};
+pub use types::{
+    paths, DropCounts, DropTenant, FlowList, FlowView, PeerBinding, ProxyHealth, TenantDrops,
+};

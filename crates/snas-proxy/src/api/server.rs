@@ -7,7 +7,7 @@
 //! - `GET /healthz`: 200 `ok`, or 503 `draining` while draining.
 //! - `GET /metrics`: Prometheus text ([`crate::metrics`]).
 //! - `GET /v1/flows`: live flows as JSON ([`FlowList`], at most [`MAX_FLOWS_LISTED`]).
-//! - `GET /v1/drops`: drops and refusals per reason as JSON ([`DropCounts`]).
+//! - `GET /v1/drops`: drops and refusals per reason and per tenant as JSON ([`DropCounts`]).
 //! - `POST /v1/drain`, `POST /v1/undrain`: set or clear draining (new flows are refused with
 //!   `draining`; established flows continue); answer the new health text. They require
 //!   `Authorization: Bearer <token>` with the token of `control_token_file` (compared in constant
@@ -39,7 +39,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use snas_wire::Reason;
 
-use super::types::{paths, DropCounts, FlowList, FlowView, PeerBinding, ProxyHealth};
+use super::types::{paths, DropCounts, FlowList, FlowView, PeerBinding, ProxyHealth, TenantDrops};
+use crate::drops::{DropTally, ReasonCounts};
 use crate::metrics::{self, Extra};
 use crate::shared::Shared;
 use crate::tier2::FlowEnd;
@@ -223,7 +224,7 @@ async fn flows(State(c): State<Ctl>) -> Response {
             .map(|f| {
                 let policy = snap.get(f.key.job);
                 FlowView {
-                    job_key: snas_wire::JobKey(f.key.job).to_string(),
+                    job_key: f.key.job,
                     tenant: policy.map(|p| p.tenant.to_string()),
                     job: policy.map(|p| p.job.to_string()),
                     tenant_id: f.tenant,
@@ -250,22 +251,36 @@ async fn flows(State(c): State<Ctl>) -> Response {
 }
 
 async fn drops(State(c): State<Ctl>) -> Response {
-    let counts = *c.shared.engine().drops();
-    Json(drop_counts(&counts)).into_response()
+    let tally = c.shared.engine().drop_tally().clone();
+    Json(drop_counts(&tally)).into_response()
 }
 
-/// The JSON drop counters of the engine's per-reason array (reasons with none left out).
-pub fn drop_counts(counts: &[u64; Reason::COUNT]) -> DropCounts {
-    let drops: std::collections::BTreeMap<String, u64> = Reason::ALL
+/// Reasons with drops, by name.
+fn by_name(counts: &ReasonCounts) -> std::collections::BTreeMap<String, u64> {
+    Reason::ALL
         .iter()
         .filter_map(|r| {
             let n = counts.get(usize::from(r.code())).copied().unwrap_or(0);
             (n > 0).then(|| (r.name().to_owned(), n))
         })
+        .collect()
+}
+
+/// The JSON drop counters of the engine's tally (reasons and tenants with none left out).
+pub fn drop_counts(tally: &DropTally) -> DropCounts {
+    let drops = by_name(&tally.by_reason());
+    let tenants = tally
+        .series()
+        .filter_map(|(who, counts)| {
+            let drops = by_name(counts);
+            let total = drops.values().sum();
+            (total > 0).then_some((who, TenantDrops { total, drops }))
+        })
         .collect();
     DropCounts {
         total: drops.values().sum(),
         drops,
+        tenants,
     }
 }
 
@@ -309,9 +324,12 @@ async fn job_ended(
     let Some(from) = from.filter(|a| s.cfg.nodes.contains(a)) else {
         return (StatusCode::FORBIDDEN, "not a configured node\n").into_response();
     };
-    let job = match (job_key.len(), u64::from_str_radix(&job_key, 16)) {
-        (16, Ok(k)) => k,
-        _ => return (StatusCode::BAD_REQUEST, "job_key must be 16 hex digits\n").into_response(),
+    let Ok(job) = job_key.parse::<snas_wire::JobKey>() else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "job_key must be 16 lower-case hex digits\n",
+        )
+            .into_response();
     };
     let snap = s.store.snapshot();
     let policy = snap.get(job);

@@ -6,6 +6,9 @@
 //! fields when read (a newer proxy may add fields without breaking older clients); the one
 //! request body, [`PeerBinding`], is strict (`deny_unknown_fields`).
 
+use snas_wire::{JobKey, TenantId};
+
+pub use crate::drops::DropTenant;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -94,7 +97,8 @@ pub struct FlowList {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowView {
     /// The job's key, 16 hex digits.
-    pub job_key: String,
+    #[serde(with = "snas_wire::types::job_key_hex")]
+    pub job_key: JobKey,
     /// Tenant name, when the job's policy is cached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
@@ -102,7 +106,7 @@ pub struct FlowView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
     /// Tenant id as carried in the overlay option.
-    pub tenant_id: u32,
+    pub tenant_id: TenantId,
     /// `tcp`, `udp`, `icmp` or `icmpv6`.
     pub proto: String,
     /// Sandbox address and port (ICMP: the echo identifier as the port).
@@ -145,9 +149,12 @@ impl FlowView {
 /// The answer of `GET /v1/drops`: the proxy's tier-2 drops and refusals since start, the
 /// figures of `snas_proxy_drops_total`.
 ///
-/// Counted per reason for all jobs together: the engine counts drops where many have no job
-/// yet (untrusted sources, malformed datagrams, unknown jobs), and per-job series would grow
-/// with every job the proxy ever saw. The per-job detail of a refusal is in the audit log.
+/// Counted per reason, all tenants together (`total`, `drops`) and per tenant (`tenants`),
+/// never per job: many drops have no job yet (untrusted sources, malformed datagrams, unknown
+/// jobs), and per-job series would grow with every job the proxy ever saw. Tenants are those
+/// of verified jobs, at most [`crate::drops::MAX_TENANT_SERIES`] (the rest are `other`);
+/// drops before a job is verified are `unknown` (see [`crate::drops`]). The per-job detail of
+/// a refusal is in the audit log.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct DropCounts {
     /// Every drop, all reasons together.
@@ -156,6 +163,20 @@ pub struct DropCounts {
     /// left out. Keyed by name, not by `Reason`, so that a client older than the proxy still
     /// reads reasons it does not know.
     pub drops: BTreeMap<String, u64>,
+    /// The same split per tenant: `unknown`, `other` or a tenant id (decimal), each with its
+    /// total and its reasons with drops; tenants without drops are left out. Absent from a
+    /// proxy older than the split.
+    #[serde(default)]
+    pub tenants: BTreeMap<DropTenant, TenantDrops>,
+}
+
+/// One tenant's part of [`DropCounts`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TenantDrops {
+    /// Drops of the tenant, all reasons together.
+    pub total: u64,
+    /// Drops per reason name; reasons with none are left out.
+    pub drops: BTreeMap<String, u64>,
 }
 
 /// The body of `POST /v1/bindings` (a peer proxy's push of a DNS answer it gave a job).
@@ -163,7 +184,8 @@ pub struct DropCounts {
 #[serde(deny_unknown_fields)]
 pub struct PeerBinding {
     /// Job key, 16 hex digits.
-    pub job_key: String,
+    #[serde(with = "snas_wire::types::job_key_hex")]
+    pub job_key: JobKey,
     /// The node the job runs on (the receiving proxy fetches the policy from it).
     pub node: Ipv4Addr,
     /// The queried name.
@@ -181,10 +203,10 @@ mod tests {
     #[test]
     fn a_flow_is_written_with_the_field_names_clients_read() {
         let f = FlowView {
-            job_key: "00000000000000aa".into(),
+            job_key: JobKey(0xaa),
             tenant: Some("acme".into()),
             job: None,
-            tenant_id: 7,
+            tenant_id: TenantId(7),
             proto: "tcp".into(),
             src: "10.255.1.2:40000".parse().unwrap(),
             dst: "[2001:db8::10]:443".parse().unwrap(),
@@ -229,7 +251,14 @@ mod tests {
     fn a_peer_binding_with_an_unknown_field_is_refused() {
         let ok = r#"{"job_key":"00000000000000aa","node":"192.0.2.1","name":"a.example.com",
             "addrs":["203.0.113.10"],"ttl_secs":30}"#;
-        assert!(serde_json::from_str::<PeerBinding>(ok).is_ok());
+        assert_eq!(
+            serde_json::from_str::<PeerBinding>(ok)
+                .map(|b| b.job_key)
+                .ok(),
+            Some(JobKey(0xaa))
+        );
+        let upper = ok.replace("00000000000000aa", "00000000000000AA");
+        assert!(serde_json::from_str::<PeerBinding>(&upper).is_err());
         let extra = ok.replace("\"ttl_secs\"", "\"tll\":1,\"ttl_secs\"");
         assert!(serde_json::from_str::<PeerBinding>(&extra).is_err());
     }

@@ -39,9 +39,13 @@ impl Keys {
     }
 
     /// Signs the policy `toml` as `jti` with `serial`, valid from now.
-    pub fn token(&self, toml: &str, jti: &str, serial: u64) -> String {
+    pub fn token(&self, toml: &str, jti: &str, serial: u32) -> String {
         let draft = parse_policy(toml).unwrap();
-        sign(&draft.to_claims(jti, serial, SystemTime::now()), &self.key).unwrap()
+        sign(
+            &draft.to_claims(jti, snas_wire::PolicySerial(serial), SystemTime::now()),
+            &self.key,
+        )
+        .unwrap()
     }
 }
 
@@ -96,9 +100,9 @@ impl PolicyServer {
         }
     }
 
-    pub fn serve(&self, job_key: u64, status: u16, body: &str) {
+    pub fn serve(&self, job_key: snas_wire::JobKey, status: u16, body: &str) {
         self.routes.lock().unwrap().insert(
-            snas_proxy::api::paths::agent_policy(snas_wire::JobKey(job_key)),
+            snas_proxy::api::paths::agent_policy(job_key),
             (status, body.to_owned()),
         );
     }

@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -18,34 +17,13 @@ use snas_agent::api::JobView;
 use snas_proxy::api::blocking::ProxyClient;
 pub use snas_proxy::api::{ClientError, FlowView, ProxyHealth};
 use snas_testbed::daemons::{self, Daemon};
+
+/// The helpers every privileged testbed test shares (root check, the `snas` binary, the
+/// internet services' clients), written once in `tests/common`.
+#[path = "../common/mod.rs"]
+pub mod common;
+pub use common::{require_root, snas_binary};
 use snas_testbed::{unique_prefix, JobGuard, Testbed, TestbedOptions};
-
-/// Fails the test, saying why, unless it runs as root: the testbed is made of network
-/// namespaces (`cargo nextest run --profile unprivileged` leaves these `privileged_*` binaries
-/// out and lists them as skipped).
-pub fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    assert!(
-        root,
-        "privileged test: the testbed needs root (network namespaces, mounts); run it as root, \
-         or run the unprivileged tests only: cargo nextest run --profile unprivileged"
-    );
-}
-
-/// The `snas` binary: `$SNAS_BIN`, or `target/debug/snas` of this workspace.
-pub fn snas_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("SNAS_BIN") {
-        return PathBuf::from(p);
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/snas");
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo build -p snas` first or set SNAS_BIN",
-        p.display()
-    );
-    p
-}
 
 /// A testbed with agents and proxies; panics unless both proxies answer `/healthz`.
 pub fn testbed_with_proxies() -> Testbed {
@@ -115,6 +93,11 @@ impl Job {
         Job::start_token(tb, n, &token)
     }
 
+    /// A job of tenant `acme` on node 1 whose policy is `body` (its rules and limits).
+    pub fn acme(tb: &Testbed, body: &str) -> Job {
+        Job::start(tb, 1, &policy("acme", body))
+    }
+
     /// Creates a job from a signed token.
     pub fn start_token(tb: &Testbed, n: u8, token: &str) -> Job {
         let guard =
@@ -127,7 +110,7 @@ impl Job {
     }
 
     pub fn key(&self) -> snas_wire::JobKey {
-        self.info().job_key.parse().unwrap()
+        self.info().job_key
     }
 
     /// A command prepared to run inside the job.
@@ -275,14 +258,17 @@ pub fn proxy_flows(tb: &Testbed, n: u8) -> Vec<FlowView> {
     on_proxy(tb, n, |c| c.flows()).unwrap().flows
 }
 
-/// Whether a flow belongs to job key `key` (16 hex digits) and has sandbox port `port`.
-pub fn flow_is(f: &FlowView, key: &str, port: Option<u16>) -> bool {
+/// Whether a flow belongs to job key `key` and has sandbox port `port`.
+pub fn flow_is(f: &FlowView, key: snas_wire::JobKey, port: Option<u16>) -> bool {
     f.job_key == key && port.is_none_or(|p| f.src.port() == p)
 }
 
 /// Tier-1 drop count of a job for a reason (agent counters endpoint).
 pub fn tier1_drops(tb: &Testbed, job: &Job, reason: &str) -> u64 {
-    let c = tb.agent(job.node).counters(&job.info().job_key).unwrap();
+    let c = tb
+        .agent(job.node)
+        .counters(&job.info().job_key.to_string())
+        .unwrap();
     c.drops.get(reason).copied().unwrap_or(0)
 }
 
@@ -379,7 +365,10 @@ fn link_json(ns: &str, dev: &str) -> serde_json::Value {
 /// connection-rate and no connection-count limit (what a compromised node could do), so that
 /// only the proxy enforces them.
 pub fn widen_tier1_limits(tb: &Testbed, job: &Job) {
-    let me = tb.agent(job.node).job(&job.info().job_key).unwrap();
+    let me = tb
+        .agent(job.node)
+        .job(&job.info().job_key.to_string())
+        .unwrap();
     let veth = link_json(&tb.topology().node_ns(job.node), &me.veth);
     let eth0 = link_json(&me.netns, &me.sandbox_ifname);
     let mac = |v: &serde_json::Value| -> [u8; 6] {
@@ -395,7 +384,7 @@ pub fn widen_tier1_limits(tb: &Testbed, job: &Job) {
         veth_ifindex: u32::try_from(veth["ifindex"].as_u64().unwrap()).unwrap(),
         job_key: job.key(),
         tenant_id: me.tenant_id,
-        policy_serial: snas_bpf::PolicySerial(me.serial),
+        policy_serial: me.serial,
         sandbox_ip: v4(me.sandbox_ip),
         sandbox_mac: mac(&eth0),
         host_mac: mac(&veth),

@@ -15,6 +15,7 @@ use clap::{Args, Subcommand};
 use rand::RngCore;
 use snas_policy::bundle_fs::load_trust_bundle;
 use snas_policy::{Decision, DenyReason, IpNet, Matcher, PolicyKey, Transport, MAX_INPUT};
+use snas_wire::PolicySerial;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -55,15 +56,24 @@ pub struct CheckArgs {
     file: PathBuf,
 }
 
+/// `--serial`: a decimal that the overlay option can carry. clap names the flag in the error.
+fn parse_serial(s: &str) -> Result<PolicySerial, String> {
+    let wide: u64 = s
+        .parse()
+        .map_err(|e| format!("`{s}` is not a non-negative whole number: {e}"))?;
+    PolicySerial::try_from(wide).map_err(|e| e.to_string())
+}
+
 /// `snas policy sign`.
 #[derive(Debug, Args)]
 pub struct SignArgs {
     /// Private key file DIR/ID.key (PKCS#8 PEM); the kid is the file stem.
     #[arg(long)]
     key: PathBuf,
-    /// Policy serial (increase it for a live update of the same job).
-    #[arg(long, default_value_t = 1)]
-    serial: u64,
+    /// Policy serial (increase it for a live update of the same job; at most 4294967295, the
+    /// overlay option carries 32 bits).
+    #[arg(long, default_value = "1", value_parser = parse_serial)]
+    serial: PolicySerial,
     /// Lifetime override (e.g. 15m, 2h; at most 24h).
     #[arg(long)]
     ttl: Option<String>,

@@ -39,6 +39,7 @@ use snas_sandbox::platform::{probe_kvm, Platform, RunscInfo, KVM_PROBE_TIMEOUT};
 use snas_testbed::exec::read_token;
 use snas_testbed::topology::{NODES, PROXIES};
 use snas_testbed::{TestbedOptions, Topology, DEFAULT_PREFIX};
+use snas_wire::JobKey;
 
 /// How long the summary waits for the proxies' end-of-job lines after the job is deleted.
 const JOB_END_WAIT: Duration = Duration::from_millis(1500);
@@ -146,7 +147,11 @@ fn audit_logs(t: &Topology) -> Vec<(PathBuf, u64)> {
 
 /// The job's new audit lines once every proxy that carried it has written the end of the job
 /// (its `flow_end` lines come with that, after the agent's job-ended notice), or after `limit`.
-fn lines_after_job_end(logs: &[(PathBuf, u64)], job_key: &str, limit: Duration) -> Vec<AuditLine> {
+fn lines_after_job_end(
+    logs: &[(PathBuf, u64)],
+    job_key: JobKey,
+    limit: Duration,
+) -> Vec<AuditLine> {
     let began = std::time::Instant::now();
     loop {
         let pending = logs.iter().any(|log| {
@@ -165,7 +170,7 @@ fn lines_after_job_end(logs: &[(PathBuf, u64)], job_key: &str, limit: Duration) 
     }
 }
 
-fn new_lines(logs: &[(PathBuf, u64)], job_key: &str) -> Vec<AuditLine> {
+fn new_lines(logs: &[(PathBuf, u64)], job_key: JobKey) -> Vec<AuditLine> {
     let mut out = Vec::new();
     for (p, from) in logs {
         let Ok(mut f) = std::fs::File::open(p) else {
@@ -183,7 +188,7 @@ fn new_lines(logs: &[(PathBuf, u64)], job_key: &str) -> Vec<AuditLine> {
         out.extend(
             text.lines()
                 .filter_map(|l| serde_json::from_str::<AuditLine>(l).ok())
-                .filter(|v| v.job_key == job_key),
+                .filter(|v| v.job_key == Some(job_key)),
         );
     }
     out
@@ -404,7 +409,7 @@ struct Teardown {
 /// Reads the job's counters, then deletes it.
 fn delete_job(guard: OwnedJob) -> Teardown {
     let t = Instant::now();
-    let drops = counters(guard.client(), &guard.view().job_key);
+    let drops = counters(guard.client(), &guard.view().job_key.to_string());
     let delete_error = guard.delete().err().map(|e| e.to_string());
     Teardown {
         drops,
@@ -573,7 +578,7 @@ fn job(a: &RunArgs) -> Result<u8, String> {
     let lines = if a.no_summary {
         Vec::new()
     } else {
-        lines_after_job_end(&logs, &info.job_key, JOB_END_WAIT)
+        lines_after_job_end(&logs, info.job_key, JOB_END_WAIT)
     };
     let down_time = t_down.elapsed();
 
@@ -640,10 +645,10 @@ mod tests {
     #[test]
     fn summary_groups_by_decision_and_destination() {
         let lines = lines_of(vec![
-            json!({"tier":1,"action":"allow","job_key":"k","proto":"tcp","dst":"203.0.113.10","port":80,"hostname":null,"reason":"new_flow","bytes":0}),
-            json!({"tier":2,"action":"allow","job_key":"k","proto":"tcp","dst":"203.0.113.10","port":80,"hostname":"api.example.com","reason":"allowed","bytes":60}),
-            json!({"tier":1,"action":"deny","job_key":"k","proto":"tcp","dst":"203.0.113.20","port":80,"hostname":null,"reason":"policy_no_match","bytes":60}),
-            json!({"tier":1,"kind":"dns","action":"refuse","job_key":"k","proto":"udp","hostname":"nothere.example.org","qtype":"A","reason":"dns_refused","bytes":40}),
+            json!({"tier":1,"action":"allow","job_key":"00000000000000ab","proto":"tcp","dst":"203.0.113.10","port":80,"hostname":null,"reason":"new_flow","bytes":0}),
+            json!({"tier":2,"action":"allow","job_key":"00000000000000ab","proto":"tcp","dst":"203.0.113.10","port":80,"hostname":"api.example.com","reason":"allowed","bytes":60}),
+            json!({"tier":1,"action":"deny","job_key":"00000000000000ab","proto":"tcp","dst":"203.0.113.20","port":80,"hostname":null,"reason":"policy_no_match","bytes":60}),
+            json!({"tier":1,"kind":"dns","action":"refuse","job_key":"00000000000000ab","proto":"udp","hostname":"nothere.example.org","qtype":"A","reason":"dns_refused","bytes":40}),
         ]);
         let drops = BTreeMap::from([("policy_no_match".to_owned(), 3), ("ttl".to_owned(), 0)]);
         let s = summarize(&lines, &drops);
@@ -666,7 +671,7 @@ mod tests {
 
     #[test]
     fn allowed_rows_show_the_bytes_their_flows_moved_each_way() {
-        let dest = json!({"job_key":"k","proto":"tcp","dst":"203.0.113.40","port":5201,"hostname":"bulk.example.com"});
+        let dest = json!({"job_key":"00000000000000ab","proto":"tcp","dst":"203.0.113.40","port":5201,"hostname":"bulk.example.com"});
         let with = |extra: serde_json::Value| {
             let mut v = dest.clone();
             for (k, x) in extra.as_object().unwrap() {
@@ -683,7 +688,7 @@ mod tests {
             with(
                 json!({"tier":2,"kind":"flow_end","action":"end","bytes_out":812,"bytes_in":500_000,"bytes":500_812}),
             ),
-            json!({"tier":2,"kind":"job","action":"end","job_key":"k","flows":2}),
+            json!({"tier":2,"kind":"job","action":"end","job_key":"00000000000000ab","flows":2}),
         ]);
         let s = summarize(&lines, &BTreeMap::new());
         let rows: Vec<&str> = s
@@ -701,7 +706,7 @@ mod tests {
     #[test]
     fn many_refused_dns_names_are_folded_into_one_row() {
         let lines = lines_of((0..20)
-            .map(|i| json!({"tier":1,"kind":"dns","action":"refuse","job_key":"k","hostname":format!("x{i}.example.org"),"qtype":"A","reason":"dns_refused","bytes":10}))
+            .map(|i| json!({"tier":1,"kind":"dns","action":"refuse","job_key":"00000000000000ab","hostname":format!("x{i}.example.org"),"qtype":"A","reason":"dns_refused","bytes":10}))
             .collect());
         let s = summarize(&lines, &BTreeMap::new());
         let refuse_rows = s.lines().filter(|l| l.contains("refuse")).count();

@@ -1,12 +1,16 @@
 //! `snas drops`: drop counters per job, reason and tier — tier 1 from each job's counters on
-//! its agent, tier 2 from the proxies' `GET /v1/drops` (per reason for all jobs together: the
-//! rows show job `*`).
+//! its agent, tier 2 from the proxies' `GET /v1/drops` per tenant and reason (for all of a
+//! tenant's jobs together: the rows show job `*`; the tenant is named from the agents' jobs
+//! when one of them has it, else shown by id; `unknown` holds drops before a job was
+//! verified, `other` the tenants beyond the proxy's series bound).
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 use serde_json::{json, Value};
 use snas_agent::api::{JobDrops, JobView};
-use snas_proxy::api::DropCounts;
+use snas_proxy::api::{DropCounts, DropTenant};
+use snas_wire::{JobKey, TenantId};
 
 use super::jobs::collect_jobs;
 use super::sources::sources;
@@ -20,24 +24,47 @@ struct DropRow {
     tier: u8,
     job: String,
     tenant: String,
-    job_key: String,
+    /// `None` for a tier-2 row (counted for all jobs together).
+    job_key: Option<JobKey>,
     reason: String,
     packets: u64,
 }
 
-/// Tier-2 drop rows from a proxy's drop counters: one row per reason, for all jobs (`*`).
-fn proxy_drops(proxy: &str, counts: &DropCounts) -> Vec<DropRow> {
+/// Tier-2 drop rows from a proxy's drop counters: one row per tenant and reason, for all of
+/// the tenant's jobs (`*`). Tenants are named from `names` (tenant id → name) when known. A
+/// proxy older than the tenant split gives one row per reason, tenant `*`.
+fn proxy_drops(
+    proxy: &str,
+    counts: &DropCounts,
+    names: &BTreeMap<TenantId, String>,
+) -> Vec<DropRow> {
+    let row = |tenant: String, reason: &String, n: &u64| DropRow {
+        source: proxy.to_owned(),
+        tier: 2,
+        job: "*".into(),
+        tenant,
+        job_key: None,
+        reason: reason.clone(),
+        packets: *n,
+    };
+    if counts.tenants.is_empty() {
+        return counts
+            .drops
+            .iter()
+            .map(|(reason, n)| row("*".into(), reason, n))
+            .collect();
+    }
     counts
-        .drops
+        .tenants
         .iter()
-        .map(|(reason, n)| DropRow {
-            source: proxy.to_owned(),
-            tier: 2,
-            job: "*".into(),
-            tenant: "*".into(),
-            job_key: "*".into(),
-            reason: reason.clone(),
-            packets: *n,
+        .flat_map(|(who, t)| {
+            let tenant = match who {
+                DropTenant::Tenant(id) => names.get(id).cloned().unwrap_or_else(|| id.to_string()),
+                other => other.to_string(),
+            };
+            t.drops
+                .iter()
+                .map(move |(reason, n)| row(tenant.clone(), reason, n))
         })
         .collect()
 }
@@ -53,18 +80,26 @@ fn agent_drops(node: &str, job: &JobView, counters: &JobDrops, all: bool) -> Vec
             tier: 1,
             job: job.job.clone(),
             tenant: job.tenant.clone(),
-            job_key: job.job_key.clone(),
+            job_key: Some(job.job_key),
             reason: reason.clone(),
             packets: *n,
         })
         .collect()
 }
 
+impl DropRow {
+    /// The job key, or `*` for a row of all jobs.
+    fn key_cell(&self) -> String {
+        self.job_key
+            .map_or_else(|| "*".to_owned(), |k| k.to_string())
+    }
+}
+
 impl JsonRow for DropRow {
     fn to_json(&self) -> Value {
         json!({
             "source": self.source, "tier": self.tier, "job": self.job, "tenant": self.tenant,
-            "job_key": self.job_key, "reason": self.reason, "packets": self.packets,
+            "job_key": self.key_cell(), "reason": self.reason, "packets": self.packets,
         })
     }
 }
@@ -81,14 +116,18 @@ pub fn drops(a: &DropsArgs) -> ExitCode {
         let Some(agent) = s.agents.iter().find(|x| x.label == j.node) else {
             continue;
         };
-        match agent.client().counters(&j.job.job_key) {
+        match agent.client().counters(&j.job.job_key.to_string()) {
             Ok(c) => rows.extend(agent_drops(&agent.label, &j.job, &c, a.all)),
             Err(e) => errors.push(format!("{}: {e:#}", agent.label)),
         }
     }
+    let names: BTreeMap<TenantId, String> = jobs
+        .iter()
+        .map(|j| (j.job.tenant_id, j.job.tenant.clone()))
+        .collect();
     for p in &s.proxies {
         match p.call(|c| c.drops()) {
-            Ok(counts) => rows.extend(proxy_drops(&p.label, &counts)),
+            Ok(counts) => rows.extend(proxy_drops(&p.label, &counts, &names)),
             Err(e) => errors.push(format!("{} ({}): {e:#}", p.label, p.addr)),
         }
     }
@@ -107,7 +146,7 @@ pub fn drops(a: &DropsArgs) -> ExitCode {
                 vec![
                     r.tenant.clone(),
                     r.job.clone(),
-                    r.job_key.clone(),
+                    r.key_cell(),
                     r.tier.to_string(),
                     r.source.clone(),
                     r.reason.clone(),
@@ -129,33 +168,84 @@ pub fn drops(a: &DropsArgs) -> ExitCode {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use std::collections::BTreeMap;
+    use snas_proxy::api::TenantDrops;
+
+    fn reasons(r: &[(&str, u64)]) -> BTreeMap<String, u64> {
+        r.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+    }
 
     #[test]
-    fn proxy_drops_are_one_row_per_reason_for_all_jobs() {
+    fn proxy_drops_are_one_row_per_tenant_and_reason_named_from_the_agents() {
+        let acme = TenantId(287_346_201);
+        let stranger = TenantId(7);
         let counts = DropCounts {
-            total: 6,
-            drops: BTreeMap::from([
-                ("port_denied".to_owned(), 4),
-                ("untrusted_source".to_owned(), 2),
+            total: 9,
+            drops: reasons(&[("port_denied", 7), ("untrusted_source", 2)]),
+            tenants: BTreeMap::from([
+                (
+                    DropTenant::Unknown,
+                    TenantDrops {
+                        total: 2,
+                        drops: reasons(&[("untrusted_source", 2)]),
+                    },
+                ),
+                (
+                    DropTenant::Tenant(acme),
+                    TenantDrops {
+                        total: 4,
+                        drops: reasons(&[("port_denied", 4)]),
+                    },
+                ),
+                (
+                    DropTenant::Tenant(stranger),
+                    TenantDrops {
+                        total: 3,
+                        drops: reasons(&[("port_denied", 3)]),
+                    },
+                ),
             ]),
         };
-        let rows = proxy_drops("proxy-1", &counts);
+        let names = BTreeMap::from([(acme, "acme".to_owned())]);
+        let rows = proxy_drops("proxy-1", &counts, &names);
+        let got: Vec<(&str, &str, u64)> = rows
+            .iter()
+            .map(|r| (r.tenant.as_str(), r.reason.as_str(), r.packets))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("unknown", "untrusted_source", 2),
+                ("7", "port_denied", 3),
+                ("acme", "port_denied", 4),
+            ]
+        );
+        assert!(rows
+            .iter()
+            .all(|r| r.job == "*" && r.tier == 2 && r.job_key.is_none()));
+        assert_eq!(rows[2].to_json()["job_key"], "*");
+    }
+
+    #[test]
+    fn a_proxy_without_the_tenant_split_gives_one_row_per_reason() {
+        let counts = DropCounts {
+            total: 6,
+            drops: reasons(&[("port_denied", 4), ("untrusted_source", 2)]),
+            tenants: BTreeMap::new(),
+        };
+        let rows = proxy_drops("proxy-1", &counts, &BTreeMap::new());
         assert_eq!(rows.len(), 2);
         assert_eq!(
             (rows[0].reason.as_str(), rows[0].packets, rows[0].tier),
             ("port_denied", 4, 2)
         );
-        assert!(rows
-            .iter()
-            .all(|r| r.job == "*" && r.tenant == "*" && r.job_key == "*"));
+        assert!(rows.iter().all(|r| r.job == "*" && r.tenant == "*"));
     }
 
     #[test]
     fn agent_drops_list_nonzero_reasons_unless_all_are_asked_for() {
-        let j = job("build", "00000000000000aa");
+        let j = job("build", JobKey(0xaa));
         let c = JobDrops {
-            job_key: j.job_key.clone(),
+            job_key: j.job_key,
             total: 3,
             drops: BTreeMap::from([
                 ("destination_denied".to_owned(), 3),
@@ -175,14 +265,14 @@ pub(super) mod tests {
         assert_eq!(agent_drops("node-1", &j, &c, true).len(), 2);
     }
 
-    pub(in crate::cmd::observe) fn job(name: &str, key: &str) -> JobView {
+    pub(in crate::cmd::observe) fn job(name: &str, key: JobKey) -> JobView {
         JobView {
             job: name.into(),
             tenant: "acme".into(),
-            job_key: key.into(),
-            tenant_id: 1,
+            job_key: key,
+            tenant_id: TenantId(1),
             jti: "p".into(),
-            serial: 1,
+            serial: snas_wire::PolicySerial(1),
             expires_at: 0,
             state: snas_agent::api::JobState::Running,
             netns: "ns".into(),

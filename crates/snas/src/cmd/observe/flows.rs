@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 
 use snas_agent::api::JobView;
 use snas_proxy::api::FlowView;
+use snas_wire::JobKey;
 
 use super::jobs::collect_jobs;
 use super::sources::sources;
@@ -26,7 +27,7 @@ struct FlowRow {
 
 impl FlowRow {
     /// The row of `flow` read from `proxy`; names the proxy lacks come from `jobs`.
-    fn new(proxy: &str, flow: FlowView, jobs: &BTreeMap<String, JobView>) -> FlowRow {
+    fn new(proxy: &str, flow: FlowView, jobs: &BTreeMap<JobKey, JobView>) -> FlowRow {
         let known = jobs.get(&flow.job_key);
         FlowRow {
             proxy: proxy.to_owned(),
@@ -48,7 +49,7 @@ impl JsonRow for FlowRow {
     fn to_json(&self) -> Value {
         let f = &self.flow;
         json!({
-            "proxy": self.proxy, "job": self.job, "tenant": self.tenant, "job_key": f.job_key,
+            "proxy": self.proxy, "job": self.job, "tenant": self.tenant, "job_key": f.job_key.to_string(),
             "proto": f.proto, "src": f.src.to_string(), "dst": f.dst.to_string(),
             "hostname": self.hostname(), "egress": f.egress.to_string(), "state": f.state,
             "age_secs": f.age().as_secs_f64(), "idle_secs": f.idle().as_secs_f64(),
@@ -64,10 +65,8 @@ pub fn flows(a: &ObserveArgs) -> ExitCode {
         Err(e) => return fail(&e),
     };
     let (jobs, mut errors) = collect_jobs(&s, false);
-    let by_key: BTreeMap<String, JobView> = jobs
-        .into_iter()
-        .map(|j| (j.job.job_key.clone(), j.job))
-        .collect();
+    let by_key: BTreeMap<JobKey, JobView> =
+        jobs.into_iter().map(|j| (j.job.job_key, j.job)).collect();
     let mut rows = Vec::new();
     for p in &s.proxies {
         match p.call(|c| c.flows()) {
@@ -124,10 +123,10 @@ mod tests {
 
     fn flow(tenant: Option<&str>) -> FlowView {
         FlowView {
-            job_key: "00000000000000aa".into(),
+            job_key: JobKey(0xaa),
             tenant: tenant.map(str::to_owned),
             job: None,
-            tenant_id: 1,
+            tenant_id: snas_wire::TenantId(1),
             proto: "tcp".into(),
             src: "10.255.1.2:40000".parse().unwrap(),
             dst: "[2001:db8::10]:443".parse().unwrap(),
@@ -146,9 +145,9 @@ mod tests {
     #[test]
     fn rows_take_names_from_the_agents_when_the_proxy_has_none_and_show_the_age() {
         let mut jobs = BTreeMap::new();
-        let mut j = super::super::drops::tests::job("build", "00000000000000aa");
+        let mut j = super::super::drops::tests::job("build", JobKey(0xaa));
         j.tenant = "from-agent".into();
-        jobs.insert(j.job_key.clone(), j);
+        jobs.insert(j.job_key, j);
         let r = FlowRow::new("proxy-1", flow(None), &jobs);
         assert_eq!(
             (r.job.as_deref(), r.tenant.as_deref()),
@@ -161,6 +160,7 @@ mod tests {
         assert_eq!(v["age_secs"], 1.5);
         assert_eq!(v["idle_secs"], 0.25);
         assert_eq!(v["dst"], "[2001:db8::10]:443");
+        assert_eq!(v["job_key"], "00000000000000aa");
         assert_eq!(v["hostname"], "api.example.com,www.example.com");
         assert_eq!(
             (v["bytes_out"].as_u64(), v["bytes_in"].as_u64()),

@@ -30,7 +30,7 @@ impl JsonRow for JobRow {
     fn to_json(&self) -> Value {
         let j = &self.job;
         json!({
-            "node": self.node, "job": j.job, "tenant": j.tenant, "job_key": j.job_key,
+            "node": self.node, "job": j.job, "tenant": j.tenant, "job_key": j.job_key.to_string(),
             "serial": j.serial, "sandbox_ip": j.sandbox_ip.to_string(), "netns": j.netns,
             "expires_at": j.expires_at, "state": state_name(j.state),
             "tier1_drops": self.tier1_drops,
@@ -53,7 +53,7 @@ pub(super) fn collect_jobs(s: &Sources, with_counters: bool) -> (Vec<JobRow>, Ve
                         tier1_drops: None,
                     };
                     if with_counters {
-                        match client.counters(&row.job.job_key) {
+                        match client.counters(&row.job.job_key.to_string()) {
                             Ok(c) => row.tier1_drops = Some(c.total),
                             Err(e) => errors.push(format!("{}: {e:#}", a.label)),
                         }
@@ -89,7 +89,7 @@ pub fn jobs(a: &ObserveArgs) -> ExitCode {
                     r.node.clone(),
                     j.tenant.clone(),
                     j.job.clone(),
-                    j.job_key.clone(),
+                    j.job_key.to_string(),
                     j.serial.to_string(),
                     j.sandbox_ip.to_string(),
                     j.netns.clone(),
