@@ -102,18 +102,7 @@ fn echo_servers(stop: Arc<AtomicBool>, delivered: Arc<std::sync::Mutex<Vec<bool>
         }
     });
     // Room for a burst: the fairness test reads the order in which the proxy delivered.
-    let big: libc::c_int = 8 << 20;
-    // SAFETY: `big` lives across the call and the length passed is its size; the descriptor
-    // is the socket's own.
-    unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&u),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&big as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    big_receive_buffer(&u);
     let mut b = [0u8; 1500];
     while !stop.load(Ordering::Relaxed) {
         if let Ok((n, from)) = u.recv_from(&mut b) {
@@ -777,6 +766,22 @@ fn metric(text: &str, metric: &str) -> u64 {
         .sum()
 }
 
+/// Gives `u` an 8 MiB receive buffer, so that a test's burst is not lost in its own queue.
+fn big_receive_buffer(u: &UdpSocket) {
+    let big: libc::c_int = 8 << 20;
+    // SAFETY: `big` lives across the call and the length passed is its size; the descriptor
+    // is the socket's own.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(u),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&big as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 /// One tenant sends a burst far beyond what the worker forwards while it arrives; another
 /// tenant's datagram sent right behind it is served in its turn — before the burst's backlog,
 /// instead of after all of it — and the part of the burst beyond the tenant's bound is shed in
@@ -796,6 +801,8 @@ fn a_tenants_burst_is_shed_beyond_its_share_and_another_tenant_is_served_in_its_
         let sock = UdpSocket::bind((NODE, GENEVE_PORT)).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
+        // The burst's echoes must not push the other tenant's answer out of this queue.
+        big_receive_buffer(&sock);
         // Both jobs' policies are fetched, their flows open.
         exchange(&sock, &udp_to(ECHO, 40000, b"warm"), 40000);
         let flood = encap_for(&flood_option(), &udp_to(ECHO, 41000, b"flood"));
