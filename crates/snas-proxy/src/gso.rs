@@ -186,13 +186,14 @@ pub fn segment_tcp(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use snas_wire::build::{tcp, TcpSpec};
     use snas_wire::TcpFlags;
 
-    fn big(len: usize, flags: TcpFlags) -> Vec<u8> {
+    /// A TCP packet 192.0.2.1:40000 → 203.0.113.10:443 with `len` bytes of patterned payload.
+    pub(crate) fn big(len: usize, flags: TcpFlags) -> Vec<u8> {
         let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         tcp(&TcpSpec {
             src: "192.0.2.1:40000".parse().unwrap(),

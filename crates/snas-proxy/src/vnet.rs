@@ -332,22 +332,9 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use proptest::prelude::*;
-    use snas_wire::build::{tcp, udp, TcpSpec, UdpSpec};
+    use crate::gso::tests::big as tcp_pkt;
+    use snas_wire::build::{udp, UdpSpec};
     use snas_wire::TcpFlags;
-
-    fn tcp_pkt(len: usize, flags: TcpFlags) -> Vec<u8> {
-        let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-        tcp(&TcpSpec {
-            src: "192.0.2.1:40000".parse().unwrap(),
-            dst: "203.0.113.10:443".parse().unwrap(),
-            seq: 1000,
-            ack: 5,
-            flags,
-            window: 100,
-            payload: &payload,
-        })
-        .unwrap()
-    }
 
     fn valid_l4(p: &[u8]) -> bool {
         let l = l4_layout(p).unwrap();
