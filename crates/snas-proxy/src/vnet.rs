@@ -331,8 +331,8 @@ fn is_udp_at(packet: &[u8], start: usize) -> bool {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use proptest::prelude::*;
     use crate::gso::tests::big as tcp_pkt;
+    use proptest::prelude::*;
     use snas_wire::build::{udp, UdpSpec};
     use snas_wire::TcpFlags;
 
