@@ -672,8 +672,9 @@ struct Worker {
     serving: Vec<NodePkt>,
     /// The datagrams of the current turn (popped from `to_nodes`).
     sending: Vec<NodeBound>,
-    /// Fair-queue drops not yet added to the engine's counters (counted without its lock).
-    unreported_drops: u64,
+    /// Fair-queue drops not yet added to the engine's counters (counted without its lock), by
+    /// the tenant their datagram's option claimed (a handful of tenants between two passes).
+    unreported_drops: Vec<(NodeTenant, u64)>,
     held: BinaryHeap<Held>,
     budget: QueueBudget,
     due: Vec<Held>,
@@ -731,7 +732,7 @@ impl Worker {
             to_nodes,
             serving: Vec::with_capacity(batch),
             sending: Vec::with_capacity(batch),
-            unreported_drops: 0,
+            unreported_drops: Vec::new(),
             held: BinaryHeap::with_capacity(1024),
             budget: QueueBudget::new(s.cfg.pacing_queue_limits()),
             due: Vec::with_capacity(batch),
@@ -898,7 +899,10 @@ impl Worker {
                 };
                 let (pools, drops) = (&mut self.pools, &mut self.unreported_drops);
                 self.from_nodes.push(tenant, job, size, pkt, now, |e| {
-                    *drops += 1;
+                    match drops.iter_mut().find(|(t, _)| *t == e.tenant) {
+                        Some((_, n)) => *n += 1,
+                        None => drops.push((e.tenant, 1)),
+                    }
                     pools.give(e.item.buf);
                 });
             }
@@ -942,7 +946,7 @@ impl Worker {
             self.serving.push(e.item);
         }
         let n = self.serving.len();
-        if n == 0 && self.unreported_drops == 0 {
+        if n == 0 && self.unreported_drops.is_empty() {
             return 0;
         }
         let snap = self.s.store.snapshot();
@@ -986,8 +990,10 @@ impl Worker {
 
     /// Adds the fair-queue drops counted since the last call to the engine's counters.
     fn report_drops(&mut self, eng: &mut Tier2) {
-        for _ in 0..std::mem::take(&mut self.unreported_drops) {
-            eng.count_drop(Reason::TenantQueueFull);
+        for (tenant, n) in self.unreported_drops.drain(..) {
+            for _ in 0..n {
+                eng.count_drop_claimed(tenant, Reason::TenantQueueFull);
+            }
         }
     }
 
@@ -1182,7 +1188,7 @@ impl Worker {
                     };
                     let pools = &mut self.pools;
                     self.to_nodes.push(tenant, job, size, pkt, now.mono, |e| {
-                        eng.count_drop(Reason::TenantQueueFull);
+                        eng.count_drop_claimed(e.tenant, Reason::TenantQueueFull);
                         pools.give(e.item.data);
                     });
                     continue;
@@ -1208,7 +1214,7 @@ impl Worker {
                         whole: None,
                     };
                     to_nodes.push(tenant, job, size, pkt, now.mono, |e| {
-                        eng.count_drop(Reason::TenantQueueFull);
+                        eng.count_drop_claimed(e.tenant, Reason::TenantQueueFull);
                         pools.give(e.item.data);
                     });
                 } else if budget.try_add(job, len as u64) {

@@ -858,7 +858,9 @@ fn a_tenants_burst_is_shed_beyond_its_share_and_another_tenant_is_served_in_its_
     );
     let (status, m) = mgmt(&env.proxy, "GET", "/metrics");
     assert_eq!(status, 200);
-    // Counted by the worker before any check of the job (tenant `unknown`).
+    // Counted by the worker before any check of the job: under the tenant its option claims
+    // only if that tenant already has verified drops — the flooding tenant has none here, so
+    // `unknown`.
     let shed = sample(
         &m,
         "snas_proxy_drops_total{tenant=\"unknown\",reason=\"tenant_queue_full\"}",
