@@ -27,11 +27,10 @@ use std::collections::BTreeMap;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use snas_proxy::metrics::Families;
 use snas_wire::Reason;
 
 use crate::api::types::DnsView;
@@ -71,47 +70,6 @@ pub struct Snapshot {
 struct Scrape {
     snapshot: Snapshot,
     setup: Histogram,
-}
-
-/// Writes families of one collector; counters are named without `_total`.
-struct Families<'a>(DescriptorEncoder<'a>);
-
-impl Families<'_> {
-    fn gauge(&mut self, name: &str, help: &str, v: u64) -> std::fmt::Result {
-        let m = self
-            .0
-            .encode_descriptor(name, help, None, MetricType::Gauge)?;
-        ConstGauge::new(v).encode(m)
-    }
-
-    fn counter(&mut self, name: &str, help: &str, v: u64) -> std::fmt::Result {
-        let m = self
-            .0
-            .encode_descriptor(name, help, None, MetricType::Counter)?;
-        ConstCounter::new(v).encode(m)
-    }
-
-    /// A family of `kind` with one sample per label set.
-    fn family<L>(
-        &mut self,
-        name: &str,
-        help: &str,
-        kind: MetricType,
-        samples: impl IntoIterator<Item = (L, u64)>,
-    ) -> std::fmt::Result
-    where
-        L: prometheus_client::encoding::EncodeLabelSet,
-    {
-        let mut m = self.0.encode_descriptor(name, help, None, kind)?;
-        for (labels, v) in samples {
-            let s = m.encode_family(&labels)?;
-            match kind {
-                MetricType::Counter => ConstCounter::new(v).encode(s)?,
-                _ => ConstGauge::new(v).encode(s)?,
-            }
-        }
-        Ok(())
-    }
 }
 
 impl Collector for Scrape {
@@ -258,7 +216,7 @@ impl Collector for Scrape {
             MetricType::Gauge,
             s.sockets
                 .iter()
-                .map(|(name, source)| ([("socket", *name), ("source", *source)], 1)),
+                .map(|(name, source)| ([("socket", *name), ("source", *source)], 1u64)),
         )?;
         if let Some(t) = &s.proxies {
             let states = [

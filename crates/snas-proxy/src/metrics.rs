@@ -263,8 +263,10 @@ pub fn render(m: &Metrics, engine: &Tier2, extra: Extra) -> String {
     Scrape::take(m, engine, extra).render()
 }
 
-/// Writes families of one collector; counters are named without `_total`.
-struct Families<'a>(DescriptorEncoder<'a>);
+/// Writes families of one collector (a `prometheus_client` `Collector::encode`); counters are
+/// named without `_total`. The agent's metrics use it too.
+#[allow(missing_debug_implementations)] // DescriptorEncoder has no Debug
+pub struct Families<'a>(pub DescriptorEncoder<'a>);
 
 impl Families<'_> {
     fn one<M: EncodeMetric>(
@@ -278,16 +280,18 @@ impl Families<'_> {
         v.encode(m)
     }
 
-    fn counter(&mut self, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    /// One counter without labels.
+    pub fn counter(&mut self, name: &str, help: &str, v: u64) -> std::fmt::Result {
         self.one(name, help, MetricType::Counter, ConstCounter::new(v))
     }
 
-    fn gauge(&mut self, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    /// One gauge without labels.
+    pub fn gauge(&mut self, name: &str, help: &str, v: u64) -> std::fmt::Result {
         self.one(name, help, MetricType::Gauge, ConstGauge::new(v))
     }
 
     /// A family of `kind` with one sample per label set.
-    fn family<L: EncodeLabelSet, V: Copy>(
+    pub fn family<L: EncodeLabelSet, V: Copy>(
         &mut self,
         name: &str,
         help: &str,
