@@ -12,10 +12,10 @@
 //!   drains.
 //! - Records are dropped (and counted in [`AuditSink::dropped`]) rather than delaying packets.
 
-use snas_wire::JobKey;
+use snas_wire::{JobKey, L4Proto};
 use std::fs::OpenOptions;
 use std::io::{BufWriter, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
@@ -59,6 +59,21 @@ pub fn event_line(e: &AuditEvent) -> AuditLine {
     }
 }
 
+/// The fields naming a flow: protocol, source, destination and the hostname it was allowed by.
+fn set_flow(
+    l: &mut AuditLine,
+    proto: L4Proto,
+    src: (IpAddr, u16),
+    dst: (IpAddr, u16),
+    hostname: Option<&str>,
+) {
+    l.proto = proto.name().into();
+    l.src = Slot::Value(Source::Socket(SocketAddr::from(src)));
+    l.dst = Slot::Value(dst.0);
+    l.port = Slot::Value(dst.1);
+    l.hostname = Slot::or_absent(hostname.map(str::to_owned));
+}
+
 /// The line of the end of a flow.
 pub fn flow_end_line(r: &FlowEndRecord) -> AuditLine {
     let c = r.counters;
@@ -69,11 +84,7 @@ pub fn flow_end_line(r: &FlowEndRecord) -> AuditLine {
         r.job_key,
         (&r.tenant, &r.job),
     );
-    l.proto = r.proto.name().into();
-    l.src = Slot::Value(Source::Socket(SocketAddr::from(r.src)));
-    l.dst = Slot::Value(r.dst.0);
-    l.port = Slot::Value(r.dst.1);
-    l.hostname = Slot::or_absent(r.hostname.as_ref().map(|h| h.to_string()));
+    set_flow(&mut l, r.proto, r.src, r.dst, r.hostname.as_deref());
     l.bytes = c.bytes_out.saturating_add(c.bytes_in);
     l.egress = Some(SocketAddr::from(r.egress));
     l.end = Some(r.end.name().into());
@@ -113,11 +124,7 @@ pub fn flow_line(r: &AuditRecord) -> AuditLine {
         r.job_key,
         (&r.tenant, &r.job),
     );
-    l.proto = r.proto.name().into();
-    l.src = Slot::Value(Source::Socket(SocketAddr::from(r.src)));
-    l.dst = Slot::Value(r.dst.0);
-    l.port = Slot::Value(r.dst.1);
-    l.hostname = Slot::or_absent(r.hostname.as_ref().map(|h| h.to_string()));
+    set_flow(&mut l, r.proto, r.src, r.dst, r.hostname.as_deref());
     l.rule = Slot::or_absent(r.rule);
     l.reason = r.reason.map(|x| x.name().into());
     l.bytes = r.bytes;
