@@ -316,7 +316,7 @@ pub fn finish_from_kernel(h: &VnetHdr, packet: &mut [u8]) -> Result<Finished, Vn
     // The field holds the pseudo-header sum: adding the transport bytes (field included)
     // gives the complete sum.
     let mut c = checksum::finish(checksum::add(0, &packet[start..]));
-    if c == 0 && packet.get(start..).is_some() && is_udp_at(packet, start) {
+    if c == 0 && is_udp_at(packet, start) {
         c = 0xffff;
     }
     packet[field..field + 2].copy_from_slice(&c.to_be_bytes());
