@@ -86,11 +86,23 @@ pub enum Reason {
     /// Proxy: the tenant's fair-share queue in a worker is full (one tenant's flood is shed
     /// before it can delay other tenants).
     TenantQueueFull = 36,
+    /// The job's policy was revoked by the control plane (a signed revocation).
+    PolicyRevoked = 37,
+    /// The key that signed the job's policy is no longer in the trust bundle.
+    KeyUntrusted = 38,
+    /// A `[[deny]]` rule of the policy matches the destination (deny rules override allows).
+    DenyRule = 39,
+    /// Proxy: the TLS ClientHello's SNI (or QUIC Initial's) is not a name the policy allows and
+    /// DNS bound to this destination for the job.
+    SniMismatch = 40,
+    /// Proxy: the HTTP request's Host (or absolute-URI / CONNECT authority) is not a name the
+    /// policy allows and DNS bound to this destination for the job.
+    HostMismatch = 41,
 }
 
 impl Reason {
     /// Every reason, in numeric order.
-    pub const ALL: [Reason; 36] = [
+    pub const ALL: [Reason; 41] = [
         Reason::NotIp,
         Reason::Malformed,
         Reason::Fragment,
@@ -127,10 +139,15 @@ impl Reason {
         Reason::InfrastructureDenied,
         Reason::HoldQueueFull,
         Reason::TenantQueueFull,
+        Reason::PolicyRevoked,
+        Reason::KeyUntrusted,
+        Reason::DenyRule,
+        Reason::SniMismatch,
+        Reason::HostMismatch,
     ];
 
     /// One past the largest number: size of per-reason counter arrays.
-    pub const COUNT: usize = 37;
+    pub const COUNT: usize = 42;
 
     /// The stable numeric code.
     pub fn code(self) -> u8 {
@@ -181,6 +198,11 @@ impl Reason {
             Reason::InfrastructureDenied => "infrastructure_denied",
             Reason::HoldQueueFull => "hold_queue_full",
             Reason::TenantQueueFull => "tenant_queue_full",
+            Reason::PolicyRevoked => "policy_revoked",
+            Reason::KeyUntrusted => "key_untrusted",
+            Reason::DenyRule => "deny_rule",
+            Reason::SniMismatch => "sni_mismatch",
+            Reason::HostMismatch => "host_mismatch",
         }
     }
 }

@@ -44,8 +44,13 @@
 #define SNAS_DROP_INFRASTRUCTURE_DENIED 34
 #define SNAS_DROP_HOLD_QUEUE_FULL 35
 #define SNAS_DROP_TENANT_QUEUE_FULL 36
+#define SNAS_DROP_POLICY_REVOKED 37
+#define SNAS_DROP_KEY_UNTRUSTED 38
+#define SNAS_DROP_DENY_RULE 39
+#define SNAS_DROP_SNI_MISMATCH 40
+#define SNAS_DROP_HOST_MISMATCH 41
 
 /* One past the largest reason: size of per-reason counter ranges. */
-#define SNAS_DROP_COUNT 37
+#define SNAS_DROP_COUNT 42
 
 #endif
