@@ -13,14 +13,26 @@
 //! # Limits
 //! - At most [`QUEUE`] records wait for the writer; the rest are dropped and counted
 //!   ([`AuditSink::dropped`], exported as a metric).
-//! - The file is opened in append mode and never rotated by the agent (use logrotate with
-//!   `copytruncate`).
+//! - The file is opened in append mode, created with mode 0600 (audit lines name tenants, jobs
+//!   and destinations), and never rotated by the agent. After [`reopen`] (the `snas agent`
+//!   binary calls it on SIGHUP: logrotate's `postrotate`), the writer closes the file and opens
+//!   the path again before it writes its next batch, so a rotated file receives nothing more.
+//!   Until that next batch the old file stays open (harmless: nothing is written to it).
 
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// Bumped by [`reopen`]; each writer reopens its file when it sees a new value.
+static REOPEN: AtomicU64 = AtomicU64::new(0);
+
+/// Asks every audit writer of the process to close its file and open the path again before its
+/// next write (after logrotate moved the file away). Safe to call from any thread at any time.
+pub fn reopen() {
+    REOPEN.fetch_add(1, Ordering::SeqCst);
+}
 use std::time::SystemTime;
 
 use snas_policy::audit::{AuditLine, Kind, Slot, Source};
@@ -212,27 +224,57 @@ pub fn spawn_writer(path: &Path) -> Result<AuditSink, AuditError> {
         path: path.to_owned(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(open_err)?;
-    }
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(open_err)?;
+    let generation = REOPEN.load(Ordering::SeqCst);
+    let file = open_log(path).map_err(open_err)?;
     let (sink, rx) = AuditSink::channel();
     let shown = path.display().to_string();
     std::thread::Builder::new()
         .name("snas-audit".into())
-        .spawn(move || write_loop(file, rx, &shown))
+        .spawn({
+            let path = path.to_owned();
+            move || write_loop(file, generation, rx, &path, &shown)
+        })
         .map_err(open_err)?;
     Ok(sink)
 }
 
-fn write_loop(file: std::fs::File, mut rx: mpsc::Receiver<AuditRecord>, path: &str) {
+/// Opens `path` for appending (creating it 0600, and its directory).
+fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
+fn write_loop(
+    file: std::fs::File,
+    mut generation: u64,
+    mut rx: mpsc::Receiver<AuditRecord>,
+    file_path: &Path,
+    path: &str,
+) {
     let mut out = std::io::BufWriter::new(file);
     let mut warned = false;
     while let Some(first) = rx.blocking_recv() {
+        let now = REOPEN.load(Ordering::SeqCst);
+        if now != generation {
+            generation = now;
+            // Keep writing to the old file if the path cannot be opened: lines in a rotated
+            // file are better than lines lost.
+            match open_log(file_path) {
+                Ok(f) => {
+                    let _ = out.flush();
+                    out = std::io::BufWriter::new(f);
+                    warned = false;
+                }
+                Err(e) => tracing::warn!(path, error = %e, "audit log not reopened"),
+            }
+        }
         let mut next = Some(first);
         while let Some(rec) = next {
             match serde_json::to_vec(&rec.line()) {
@@ -346,6 +388,46 @@ mod tests {
         assert_eq!(r.dst, Some("203.0.113.10".parse().unwrap()));
         assert_eq!(r.line().job_key, Some(JobKey(0xab)));
         assert_eq!(r.kind, None);
+    }
+
+    fn wait_for_lines(path: &Path, n: usize) -> String {
+        let mut text = String::new();
+        for _ in 0..500 {
+            text = std::fs::read_to_string(path).unwrap_or_default();
+            if text.lines().count() >= n {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        text
+    }
+
+    #[test]
+    fn the_log_is_created_0600_and_reopened_at_its_path_after_rotation() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let rotated = dir.path().join("audit.log.1");
+        let sink = spawn_writer(&path).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        sink.emit(record());
+        assert_eq!(wait_for_lines(&path, 1).lines().count(), 1);
+        // What logrotate does: move the file away, then signal (`snas agent` calls reopen on
+        // SIGHUP).
+        std::fs::rename(&path, &rotated).unwrap();
+        reopen();
+        for _ in 0..3 {
+            sink.emit(record());
+        }
+        assert_eq!(wait_for_lines(&path, 3).lines().count(), 3);
+        assert_eq!(mode(&path), 0o600);
+        drop(sink);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(
+            std::fs::read_to_string(&rotated).unwrap().lines().count(),
+            1
+        );
     }
 
     #[test]

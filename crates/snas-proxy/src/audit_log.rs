@@ -11,6 +11,9 @@
 //! - One line per record, each a complete JSON object, flushed after every batch the writer
 //!   drains.
 //! - Records are dropped (and counted in [`AuditSink::dropped`]) rather than delaying packets.
+//! - The file is created with mode 0600 (lines name tenants, jobs and destinations). After
+//!   [`reopen`] (the `snas proxy` binary calls it on SIGHUP: logrotate's `postrotate`), the
+//!   writer opens the path again before its next batch, so a rotated file receives nothing more.
 
 use snas_wire::{JobKey, L4Proto};
 use std::fs::OpenOptions;
@@ -25,6 +28,28 @@ use std::thread::JoinHandle;
 use snas_policy::audit::{rfc3339_secs, Action, Kind, Slot, Source};
 
 use crate::tier2::{AuditEvent, AuditRecord, FlowEndRecord};
+
+/// Bumped by [`reopen`]; the writer reopens its file when it sees a new value.
+static REOPEN: AtomicU64 = AtomicU64::new(0);
+
+/// Asks every audit writer of the process to close its file and open the path again before its
+/// next write (after logrotate moved the file away). Safe to call from any thread at any time.
+pub fn reopen() {
+    REOPEN.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Opens `path` for appending (creating it 0600, and its directory).
+fn open_log(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
 
 /// Records buffered between the data path and the writer.
 pub const AUDIT_QUEUE: usize = 16 * 1024;
@@ -178,14 +203,8 @@ pub fn start(path: &Path) -> Result<(AuditSink, JoinHandle<()>), AuditError> {
         path: path.to_owned(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    let file = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(err)?;
+    let generation = REOPEN.load(Ordering::SeqCst);
+    let file = open_log(path).map_err(err)?;
     let (tx, rx) = sync_channel(AUDIT_QUEUE);
     let dropped = Arc::new(AtomicU64::new(0));
     let written = Arc::new(AtomicU64::new(0));
@@ -193,7 +212,10 @@ pub fn start(path: &Path) -> Result<(AuditSink, JoinHandle<()>), AuditError> {
     let d = Arc::clone(&dropped);
     let handle = std::thread::Builder::new()
         .name("snas-audit".into())
-        .spawn(move || writer(rx, BufWriter::new(file), &w, &d))
+        .spawn({
+            let path = path.to_owned();
+            move || writer(rx, (BufWriter::new(file), generation, &path), &w, &d)
+        })
         .map_err(err)?;
     Ok((
         AuditSink {
@@ -207,11 +229,26 @@ pub fn start(path: &Path) -> Result<(AuditSink, JoinHandle<()>), AuditError> {
 
 fn writer(
     rx: Receiver<AuditLine>,
-    mut out: BufWriter<std::fs::File>,
+    (mut out, mut generation, path): (BufWriter<std::fs::File>, u64, &Path),
     written: &AtomicU64,
     dropped: &AtomicU64,
 ) {
     while let Ok(first) = rx.recv() {
+        let now = REOPEN.load(Ordering::SeqCst);
+        if now != generation {
+            generation = now;
+            // Keep the old file if the path cannot be opened: lines in a rotated file are
+            // better than lines lost.
+            match open_log(path) {
+                Ok(f) => {
+                    let _ = out.flush();
+                    out = BufWriter::new(f);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "audit log not reopened");
+                }
+            }
+        }
         let mut line = Some(first);
         while let Some(l) = line.take() {
             match serde_json::to_vec(&l) {
@@ -232,4 +269,54 @@ fn writer(
         let _ = out.flush();
     }
     let _ = out.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn sample() -> AuditLine {
+        job_ended_line(JobKey(0xab), Some(("acme", "build")), 1_700_000_000)
+    }
+
+    fn wait_for_lines(path: &Path, n: usize) -> usize {
+        let mut count = 0;
+        for _ in 0..500 {
+            count = std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .lines()
+                .count();
+            if count >= n {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        count
+    }
+
+    #[test]
+    fn the_log_is_created_0600_and_reopened_at_its_path_after_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let rotated = dir.path().join("audit.jsonl.1");
+        let (sink, handle) = start(&path).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        sink.send(sample());
+        assert_eq!(wait_for_lines(&path, 1), 1);
+        // What logrotate does: move the file away, then signal (`snas proxy` calls reopen on
+        // SIGHUP).
+        std::fs::rename(&path, &rotated).unwrap();
+        reopen();
+        for _ in 0..3 {
+            sink.send(sample());
+        }
+        drop(sink);
+        handle.join().unwrap();
+        assert_eq!(wait_for_lines(&path, 3), 3);
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(wait_for_lines(&rotated, 1), 1);
+    }
 }

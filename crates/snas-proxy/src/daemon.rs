@@ -446,17 +446,6 @@ impl Drop for Daemon {
     }
 }
 
-/// Logs to stderr for `snas proxy`; the filter comes from `SNAS_LOG` (e.g. `debug`,
-/// `snas_proxy=debug`), default `info`. Does nothing if a subscriber is already set.
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SNAS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
 /// Reads a secret file named by configuration `field` (surrounding whitespace ignored, at
 /// least 16 characters).
 fn read_secret(field: &'static str, p: &std::path::Path) -> Result<Arc<str>, DaemonError> {

@@ -1,5 +1,10 @@
 //! `snas agent --config agent.toml`: runs the node agent until SIGINT/SIGTERM.
 //!
+//! SIGHUP reopens the audit log at its path (logrotate's `postrotate`). Under systemd
+//! (`Type=notify`), the agent says `READY=1` itself once it serves; with `WatchdogSec=`, this
+//! command sends `WATCHDOG=1` while the agent's API socket answers (`GET /v1/proxies`), see
+//! [`super::service`].
+//!
 //! Exit codes: 0 after a clean shutdown, 2 for a configuration error (the message names the file,
 //! the field and the reason), 1 for any other failure.
 
@@ -35,10 +40,23 @@ pub fn run(args: AgentArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(snas_agent::serve(
-        config,
-        super::shutdown_signal("snas agent"),
-    )) {
+    let api_socket = config.api_socket.clone();
+    let served = runtime.block_on(async move {
+        tokio::spawn(super::service::reopen_audit_logs_on_hangup("snas agent"));
+        if let Some(n) = super::service::Notifier::from_env() {
+            tokio::spawn(async move {
+                let client = snas_agent::api::AgentClient::new(api_socket)
+                    .with_timeout(std::time::Duration::from_secs(5));
+                n.watchdog(|| {
+                    let c = client.clone();
+                    async move { c.proxies().await.map(drop).map_err(|e| e.to_string()) }
+                })
+                .await;
+            });
+        }
+        snas_agent::serve(config, super::shutdown_signal("snas agent")).await
+    });
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("snas agent: {e}");

@@ -5,6 +5,7 @@ pub mod observe;
 pub mod policy;
 pub mod proxy;
 pub mod run;
+pub mod service;
 pub mod testbed;
 
 /// Resolves when the process receives SIGINT or SIGTERM (the daemons' stop signals). `who`
