@@ -42,7 +42,8 @@ enum Command {
     Flows(cmd::observe::ObserveArgs),
     /// Drop counters per reason and tier: per job from the agents (tier 1), per tenant from the proxies (tier 2).
     Drops(cmd::observe::DropsArgs),
-    /// Run a command as a job in a gVisor sandbox on the testbed; print its egress summary.
+    /// Run a command as a job in a gVisor sandbox on a node (`--agent SOCKET`) or the testbed;
+    /// print its egress summary.
     Run(cmd::run::RunArgs),
 }
 

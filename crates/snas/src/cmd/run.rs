@@ -1,7 +1,10 @@
-//! `snas run --policy TOKEN [--node N] [limits] -- CMD ARGS…`: the main job.
+//! `snas run --policy TOKEN [--agent SOCKET | --prefix P --node N] [limits] -- CMD ARGS…`: the
+//! main job.
 //!
-//! On the local testbed (brought up on demand and left running): creates the job through
-//! node N's agent, runs CMD in a gVisor sandbox inside the job's network namespace (see
+//! Where: with `--agent SOCKET`, on the node whose agent serves that API socket (a real node;
+//! no testbed is involved, and the summary reads only the audit logs named by `--audit-log`);
+//! otherwise on the local testbed (brought up on demand and left running), through node N's
+//! agent. Either way it creates the job through the agent, runs CMD in a gVisor sandbox inside the job's network namespace (see
 //! `snas-sandbox` and docs/sandbox.md), streams its stdout and stderr, then reads the job's
 //! tier-1 drop counters and the audit lines the agent and the proxies wrote for the job,
 //! deletes the job, prints a short egress summary on stderr, and exits with CMD's status.
@@ -12,8 +15,9 @@
 //! ran), including a runsc too old for the chosen platform.
 //!
 //! The platform is systrap unless `--platform` says otherwise; runsc's release is checked
-//! before the job is created (and remembered in `<testbed state>/run/runsc-release` while the
-//! binary stays the same).
+//! before the job is created (and remembered in `<run dir>/runsc-release` while the binary
+//! stays the same; the run directory is `<testbed state>/run` on the testbed, `--run-dir`
+//! (default `/run/snas/run`) with `--agent`).
 //!
 //! Ctrl-C goes to the sandbox (runsc forwards it to CMD); `snas run` itself ignores it so
 //! that it can still delete the job and clean up. SIGTERM and SIGHUP sent to `snas run` are
@@ -49,13 +53,28 @@ const EXIT_SETUP: u8 = 125;
 
 /// `snas run`.
 #[derive(Debug, Args)]
+#[command(after_help = "Where the job runs: `--agent SOCKET` runs it on a real node through \
+    that node agent's API socket (e.g. /run/snas/agent.sock; no testbed). Without it, \
+    `--prefix`/`--node` pick a node of the local testbed, which is brought up if needed.")]
 pub struct RunArgs {
-    /// Testbed name prefix.
+    /// Run on a real node: the node agent's API socket (its `api_socket`, e.g.
+    /// /run/snas/agent.sock). Excludes --prefix/--node.
+    #[arg(long, value_name = "SOCKET", conflicts_with_all = ["prefix", "node"])]
+    agent: Option<PathBuf>,
+    /// Testbed name prefix (the testbed shortcut; not with --agent).
     #[arg(long, default_value = DEFAULT_PREFIX)]
     prefix: String,
-    /// Node whose agent creates the job (1 or 2).
+    /// Testbed node whose agent creates the job (1 or 2; not with --agent).
     #[arg(long, default_value_t = 1)]
     node: u8,
+    /// With --agent: an audit log (the agent's `audit_log`, a proxy's `audit_log`) the
+    /// summary reads this job's lines from (repeatable). Default: none with --agent (the
+    /// summary shows the tier-1 drop counters only); the testbed's logs otherwise.
+    #[arg(long = "audit-log", value_name = "FILE", requires = "agent")]
+    audit_logs: Vec<PathBuf>,
+    /// With --agent: directory for runsc's state and memos.
+    #[arg(long, value_name = "DIR", default_value = "/run/snas/run", requires = "agent")]
+    run_dir: PathBuf,
     /// Signed policy: the token itself, `@FILE`, or the path of a file holding it.
     #[arg(long)]
     policy: String,
@@ -137,7 +156,12 @@ fn audit_logs(t: &Topology) -> Vec<(PathBuf, u64)> {
     for n in 1..=PROXIES {
         v.push(t.proxy_dir(n).join("audit.jsonl"));
     }
-    v.into_iter()
+    with_sizes(v)
+}
+
+/// Each log with its current size (0 if it does not exist yet).
+fn with_sizes(logs: Vec<PathBuf>) -> Vec<(PathBuf, u64)> {
+    logs.into_iter()
         .map(|p| {
             let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
             (p, len)
@@ -454,31 +478,75 @@ fn choose_platform(a: &RunArgs, scratch: &Path) -> Result<Platform, String> {
     }
 }
 
-/// The memo of runsc's release, in the testbed's `run` directory.
+/// Where the job runs: a node agent named by its socket, or a testbed node.
+#[derive(Debug)]
+enum Target {
+    Agent(PathBuf),
+    Testbed(Topology),
+}
+
+impl Target {
+    fn of(a: &RunArgs) -> Result<Target, String> {
+        if let Some(socket) = &a.agent {
+            return Ok(Target::Agent(socket.clone()));
+        }
+        let t = Topology::new(&a.prefix).map_err(|e| e.to_string())?;
+        if !(1..=NODES).contains(&a.node) {
+            return Err(format!(
+                "--node {}: the testbed has nodes 1 to {NODES}",
+                a.node
+            ));
+        }
+        Ok(Target::Testbed(t))
+    }
+
+    /// For messages: `agent /run/snas/agent.sock` or `node 1`.
+    fn label(&self, a: &RunArgs) -> String {
+        match self {
+            Target::Agent(s) => format!("agent {}", s.display()),
+            Target::Testbed(_) => format!("node {}", a.node),
+        }
+    }
+
+    /// runsc's state and the memos.
+    fn scratch(&self, a: &RunArgs) -> PathBuf {
+        match self {
+            Target::Agent(_) => a.run_dir.clone(),
+            Target::Testbed(t) => t.state_dir().join("run"),
+        }
+    }
+
+    /// The agent's socket (the testbed brought up if needed) and the audit logs to read, with
+    /// their sizes now.
+    fn prepare(&self, a: &RunArgs) -> Result<(PathBuf, Vec<(PathBuf, u64)>), String> {
+        match self {
+            Target::Agent(s) => Ok((s.clone(), with_sizes(a.audit_logs.clone()))),
+            Target::Testbed(t) => {
+                ensure_testbed(t, &a.prefix, a.node)?;
+                Ok((t.agent_socket(a.node), audit_logs(t)))
+            }
+        }
+    }
+}
+
+/// The memo of runsc's release, in the run directory.
 const RUNSC_MEMO: &str = "runsc-release";
 
 fn job(a: &RunArgs) -> Result<u8, String> {
     // Before any thread exists: SIGTERM/SIGHUP stay pending until the launcher forwards them
     // to the sandbox, so a terminated `snas run` still deletes its job and cleans up.
     snas_sandbox::process::block_forwarded_signals().map_err(|e| format!("signal mask: {e}"))?;
-    let t = Topology::new(&a.prefix).map_err(|e| e.to_string())?;
-    if !(1..=NODES).contains(&a.node) {
-        return Err(format!(
-            "--node {}: the testbed has nodes 1 to {NODES}",
-            a.node
-        ));
-    }
+    let target = Target::of(a)?;
     let token = read_token(&a.policy).map_err(|e| e.to_string())?;
-    let scratch = t.state_dir().join("run");
+    let scratch = target.scratch(a);
     // Before the job exists: a runsc that cannot run the platform leaves nothing to undo.
     let platform = choose_platform(a, &scratch)?;
 
     let t_net = Instant::now();
-    ensure_testbed(&t, &a.prefix, a.node)?;
-    let logs = audit_logs(&t);
-    let client = AgentClient::new(t.agent_socket(a.node));
+    let (socket, logs) = target.prepare(a)?;
+    let client = AgentClient::new(socket);
     let guard = OwnedJob::create(client, &token)
-        .map_err(|e| format!("creating the job on node {}: {e}", a.node))?;
+        .map_err(|e| format!("creating the job on {}: {e}", target.label(a)))?;
     let net_time = t_net.elapsed();
     let info = guard.view().clone();
     // The sandbox's network is IPv4 (the job pool is).
@@ -594,10 +662,10 @@ fn job(a: &RunArgs) -> Result<u8, String> {
     }
     if !a.no_summary {
         let mut s = format!(
-            "snas: job {} (key {}) on node {}, gVisor {}: {} after {}; egress:\n",
+            "snas: job {} (key {}) on {}, gVisor {}: {} after {}; egress:\n",
             info.job,
             info.job_key,
-            a.node,
+            target.label(a),
             opts.platform,
             term,
             humanize(report.timings.run)

@@ -14,8 +14,8 @@
 //! - `jobs`, `flows`, `drops`: the three commands and their rows.
 //!
 //! # Sources
-//! `--agent-socket PATH` and `--proxy ADDR:PORT` are repeatable; when any is given, only those
-//! are read. When none is given, the testbed named by `--prefix` (default `snastb`) supplies
+//! `--agent SOCKET` (also spelt `--agent-socket`) and `--proxy ADDR:PORT` are repeatable; when
+//! any is given, only those are read (and `--prefix` is refused). When none is given, the testbed named by `--prefix` (default `snastb`) supplies
 //! them: the agent sockets of its nodes that exist, and its proxies' control addresses, which
 //! live inside the proxies' namespaces and are therefore read from a thread that entered that
 //! namespace. Without a testbed, the agent default is `/run/snas/agent.sock` if it exists.
@@ -50,14 +50,20 @@ pub use jobs::jobs;
 
 /// Where to read from, and how to print.
 #[derive(Debug, Args)]
+#[command(after_help = "Sources: `--agent SOCKET` and `--proxy ADDR:PORT` (repeatable) read \
+    those only: real nodes and proxies, no testbed. Without them, the testbed named by \
+    `--prefix` supplies its agents and proxies; without a testbed, /run/snas/agent.sock.")]
 pub struct ObserveArgs {
-    /// Testbed supplying default sources (its agent sockets and proxies).
-    #[arg(long, default_value = DEFAULT_PREFIX)]
+    /// Testbed supplying default sources (its agent sockets and proxies); not with
+    /// --agent/--proxy.
+    #[arg(long, default_value = DEFAULT_PREFIX, conflicts_with_all = ["agent_sockets", "proxies"])]
     prefix: String,
-    /// A node agent's API socket (repeatable). Default: the testbed's agents.
-    #[arg(long = "agent-socket", value_name = "PATH")]
+    /// A node agent's API socket, e.g. /run/snas/agent.sock (repeatable). Default: the
+    /// testbed's agents.
+    #[arg(long = "agent", visible_alias = "agent-socket", value_name = "SOCKET")]
     agent_sockets: Vec<PathBuf>,
-    /// A proxy's control address (repeatable). Default: the testbed's proxies.
+    /// A proxy's management address (`control_listen`; repeatable). Default: the testbed's
+    /// proxies.
     #[arg(long = "proxy", value_name = "ADDR:PORT")]
     proxies: Vec<SocketAddr>,
     /// Print one JSON array of rows instead of a table.

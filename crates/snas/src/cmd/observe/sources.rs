@@ -127,7 +127,7 @@ pub(super) fn sources(a: &ObserveArgs) -> anyhow::Result<Sources> {
     }
     if s.agents.is_empty() && s.proxies.is_empty() {
         bail!(
-            "nothing to read: no testbed `{}` and no --agent-socket/--proxy given",
+            "nothing to read: no testbed `{}` and no --agent/--proxy given",
             a.prefix
         );
     }
