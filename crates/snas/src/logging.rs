@@ -5,7 +5,7 @@
 //! line, for collectors). Level: `--log-level`, else the `SNAS_LOG` environment variable, else
 //! `RUST_LOG`, else `info` for the daemons (`agent`, `proxy`) and `warn` for the commands a
 //! person runs (their own output is on stdout/stderr already). Filters use `tracing`'s
-//! `EnvFilter` syntax (`debug`, `snas_agent=debug,info`).
+//! `EnvFilter` syntax (`debug`, `snas_agent=debug,info`). Text is coloured only on a terminal.
 
 use tracing_subscriber::EnvFilter;
 
@@ -35,10 +35,14 @@ pub fn filter(flag: Option<&str>, default: &str) -> EnvFilter {
     }
 }
 
-/// Installs the subscriber (once; a second call does nothing).
+/// Installs the subscriber (once; a second call does nothing). Colours only when stderr is a
+/// terminal (never into journald, a file or a collector) and `NO_COLOR` is unset.
 pub fn init(format: LogFormat, flag: Option<&str>, default: &str) {
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter(flag, default))
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

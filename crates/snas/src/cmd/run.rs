@@ -53,9 +53,11 @@ const EXIT_SETUP: u8 = 125;
 
 /// `snas run`.
 #[derive(Debug, Args)]
-#[command(after_help = "Where the job runs: `--agent SOCKET` runs it on a real node through \
+#[command(
+    after_help = "Where the job runs: `--agent SOCKET` runs it on a real node through \
     that node agent's API socket (e.g. /run/snas/agent.sock; no testbed). Without it, \
-    `--prefix`/`--node` pick a node of the local testbed, which is brought up if needed.")]
+    `--prefix`/`--node` pick a node of the local testbed, which is brought up if needed."
+)]
 pub struct RunArgs {
     /// Run on a real node: the node agent's API socket (its `api_socket`, e.g.
     /// /run/snas/agent.sock). Excludes --prefix/--node.
@@ -73,7 +75,12 @@ pub struct RunArgs {
     #[arg(long = "audit-log", value_name = "FILE", requires = "agent")]
     audit_logs: Vec<PathBuf>,
     /// With --agent: directory for runsc's state and memos.
-    #[arg(long, value_name = "DIR", default_value = "/run/snas/run", requires = "agent")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/run/snas/run",
+        requires = "agent"
+    )]
     run_dir: PathBuf,
     /// Signed policy: the token itself, `@FILE`, or the path of a file holding it.
     #[arg(long)]

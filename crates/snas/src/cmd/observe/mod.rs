@@ -50,9 +50,11 @@ pub use jobs::jobs;
 
 /// Where to read from, and how to print.
 #[derive(Debug, Args)]
-#[command(after_help = "Sources: `--agent SOCKET` and `--proxy ADDR:PORT` (repeatable) read \
+#[command(
+    after_help = "Sources: `--agent SOCKET` and `--proxy ADDR:PORT` (repeatable) read \
     those only: real nodes and proxies, no testbed. Without them, the testbed named by \
-    `--prefix` supplies its agents and proxies; without a testbed, /run/snas/agent.sock.")]
+    `--prefix` supplies its agents and proxies; without a testbed, /run/snas/agent.sock."
+)]
 pub struct ObserveArgs {
     /// Testbed supplying default sources (its agent sockets and proxies); not with
     /// --agent/--proxy.
