@@ -80,6 +80,13 @@ impl Drop for NodeNs {
                 let _ = std::fs::remove_file(e.path());
             }
         }
+        // The agent makes its netns directory a shared mount of itself (as iproute2 does).
+        while Command::new("umount")
+            .arg(&self.netns_dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+        {}
         let _ = std::fs::remove_dir_all(&self.netns_dir);
         let _ = std::fs::remove_dir_all(&self.pins);
         let _ = Command::new("ip")
