@@ -167,6 +167,9 @@ PACKAGES=(
   curl dnsutils python3 procps  # tools the end-to-end tests run inside jobs
   squid                   # the squid baseline of snas-bench (started only by the benchmark)
   fonts-dejavu-core       # the font of snas-bench's PNG charts
+  systemd                 # systemd-analyze: the deploy/systemd units' hardening test
+  containerd busybox-static  # `snas oci` under containerd (ctr) with a busybox rootfs, no image pulls
+  python3-venv            # .venv/ with kubernetes-validate: the deploy/kubernetes manifests' test
 )
 export DEBIAN_FRONTEND=noninteractive
 updated=
@@ -233,6 +236,15 @@ command -v cargo >/dev/null || die "cargo not found: install a Rust toolchain (r
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"
   cargo install --locked cargo-nextest
+fi
+
+# kubernetes-validate (PyPI) for the manifests' test, in a venv inside the repository
+# (.venv/, git-ignored); crates/snas/tests/kubernetes_manifests.rs runs .venv/bin/kubernetes-validate.
+KV_VERSION=1.31.0
+if ! .venv/bin/kubernetes-validate --version 2>/dev/null | grep -q "$KV_VERSION"; then
+  log "installing kubernetes-validate $KV_VERSION into .venv/"
+  python3 -m venv .venv
+  .venv/bin/pip install -q "kubernetes-validate==$KV_VERSION"
 fi
 
 # BPF filesystem for pinned maps (already mounted on most systemd hosts).
