@@ -240,7 +240,7 @@ fi
 
 # kubernetes-validate (PyPI) for the manifests' test, in a venv inside the repository
 # (.venv/, git-ignored); crates/snas/tests/kubernetes_manifests.rs runs .venv/bin/kubernetes-validate.
-KV_VERSION=1.31.0
+KV_VERSION=1.37.0
 if ! .venv/bin/kubernetes-validate --version 2>/dev/null | grep -q "$KV_VERSION"; then
   log "installing kubernetes-validate $KV_VERSION into .venv/"
   python3 -m venv .venv

@@ -31,7 +31,10 @@ fn units_in_tempdir(binary: &Path) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for unit in ["snas-agent.service", "snas-proxy.service"] {
         let text = std::fs::read_to_string(deploy(unit)).unwrap();
-        assert!(text.contains("/usr/bin/snas "), "{unit}: ExecStart is not /usr/bin/snas");
+        assert!(
+            text.contains("/usr/bin/snas "),
+            "{unit}: ExecStart is not /usr/bin/snas"
+        );
         let text = text.replace("/usr/bin/snas ", &format!("{} ", binary.display()));
         std::fs::write(dir.path().join(unit), text).unwrap();
     }
@@ -91,7 +94,12 @@ fn the_units_pass_systemd_analyze_verify() {
         .unwrap_or_else(|| PathBuf::from("/bin/true"));
     let dir = units_in_tempdir(&binary);
     let out = Command::new("systemd-analyze")
-        .args(["verify", "--man=no", "snas-agent.service", "snas-proxy.service"])
+        .args([
+            "verify",
+            "--man=no",
+            "snas-agent.service",
+            "snas-proxy.service",
+        ])
         .current_dir(dir.path())
         .output()
         .unwrap();
@@ -117,7 +125,10 @@ fn the_units_use_the_hardening_the_deployment_relies_on() {
         ] {
             assert!(text.contains(line), "{unit} unit lacks {line}");
         }
-        assert!(!text.contains("ReadWritePaths="), "{unit}: a path that may not exist");
+        assert!(
+            !text.contains("ReadWritePaths="),
+            "{unit}: a path that may not exist"
+        );
     }
     // The proxy's secrets come from credentials, and its config example names them there.
     let example = std::fs::read_to_string(deploy("proxy.toml.example")).unwrap();
