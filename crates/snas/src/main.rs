@@ -42,12 +42,34 @@ enum Command {
     Flows(cmd::observe::ObserveArgs),
     /// Drop counters per reason and tier: per job from the agents (tier 1), per tenant from the proxies (tier 2).
     Drops(cmd::observe::DropsArgs),
+    /// runc-compatible runtime for containerd: runs the container in gVisor inside the job
+    /// network its `snas.dev/policy` annotation asks the node agent for (see docs/oci.md).
+    /// Also reached as `snas-oci` (a symlink to `snas`), containerd's `BinaryName`.
+    #[command(disable_help_flag = true)]
+    Oci {
+        /// runc's command line: global flags, command (create, start, state, kill, delete, …)
+        /// and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Run a command as a job in a gVisor sandbox on a node (`--agent SOCKET`) or the testbed;
     /// print its egress summary.
     Run(cmd::run::RunArgs),
 }
 
 fn main() -> ExitCode {
+    // `snas-oci …` and `snas oci …` take runc's command line, whose global flags (`--log`,
+    // `--log-format`) would collide with ours: handled before clap sees them.
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let invoked_as_oci = argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n == "snas-oci");
+    if invoked_as_oci || argv.get(1).is_some_and(|a| a == "oci") {
+        let rest = argv.split_off(if invoked_as_oci { 1 } else { 2 });
+        logging::init(logging::LogFormat::Text, None, "warn");
+        return cmd::oci::run(rest);
+    }
     let cli = Cli::parse();
     let default = match cli.command {
         Command::Agent(_) | Command::Proxy(_) => "info",
@@ -63,5 +85,6 @@ fn main() -> ExitCode {
         Command::Flows(a) => cmd::observe::flows(&a),
         Command::Drops(a) => cmd::observe::drops(&a),
         Command::Run(a) => cmd::run::run(a),
+        Command::Oci { args } => cmd::oci::run(args),
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod observe;
+pub mod oci;
 pub mod policy;
 pub mod proxy;
 pub mod run;
