@@ -75,7 +75,7 @@ fn parse(argv: &[String]) -> Result<Invocation, String> {
     while i < argv.len() {
         let a = &argv[i];
         let (name, inline) = match a.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_owned())),
+            Some((n, v)) if n.starts_with('-') => (n, Some(v.to_owned())),
             _ => (a.as_str(), None),
         };
         // runc accepts `-root` as well as `--root`.
