@@ -310,7 +310,7 @@ pub fn run(argv: Vec<OsString>) -> ExitCode {
     match inv.command.as_str() {
         "--version" | "-v" | "version" => version(&s),
         "--help" | "-h" | "help" => {
-            println!("snas oci: runc-compatible runtime running containers in gVisor inside their SNAS job network (see docs/oci.md)");
+            println!("snas oci: runc-compatible runtime running containers in gVisor inside their SNAS job network (docs/oci.md). Settings: SNAS_OCI_AGENT, SNAS_OCI_RUNSC, SNAS_OCI_PLATFORM, SNAS_OCI_STATE.");
             ExitCode::SUCCESS
         }
         "create" => create(&s, &inv),
