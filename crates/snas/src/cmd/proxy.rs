@@ -57,15 +57,12 @@ pub fn run(args: ProxyArgs) -> ExitCode {
         let health = snas_proxy::api::ProxyClient::new(control)
             .with_timeout(std::time::Duration::from_secs(5));
         let watchdog = async {
-            match &notifier {
-                Some(n) => {
-                    n.watchdog(|| {
-                        let c = health.clone();
-                        async move { c.health().await.map(drop).map_err(|e| e.to_string()) }
-                    })
-                    .await;
-                }
-                None => {}
+            if let Some(n) = &notifier {
+                n.watchdog(|| {
+                    let c = health.clone();
+                    async move { c.health().await.map(drop).map_err(|e| e.to_string()) }
+                })
+                .await;
             }
             std::future::pending::<()>().await;
         };
