@@ -130,6 +130,33 @@ fn the_units_use_the_hardening_the_deployment_relies_on() {
             "{unit}: a path that may not exist"
         );
     }
+    // The agent must stay in the host's mount namespace (its netns bind mounts must reach the
+    // host): none of the options that make systemd set up a private one.
+    for opt in [
+        "ProtectSystem=",
+        "ProtectHome=",
+        "PrivateTmp=",
+        "PrivateDevices=",
+        "PrivateMounts=",
+        "ProtectKernelTunables=",
+        "ProtectKernelModules=",
+        "ProtectKernelLogs=",
+        "ProtectControlGroups=",
+        "ProtectProc=",
+        "ProcSubset=",
+        "ProtectHostname=",
+        "ReadOnlyPaths=",
+        "InaccessiblePaths=",
+        "BindPaths=",
+        "TemporaryFileSystem=",
+        "DynamicUser=",
+        "RootDirectory=",
+    ] {
+        assert!(
+            !agent.lines().any(|l| l.starts_with(opt)),
+            "agent unit sets {opt}: a private mount namespace hides its job namespaces"
+        );
+    }
     // The proxy's secrets come from credentials, and its config example names them there.
     let example = std::fs::read_to_string(deploy("proxy.toml.example")).unwrap();
     for name in ["control-token", "peer-secret"] {
