@@ -20,7 +20,8 @@
 //!   network they share: no job of their own.
 //! - **start**: `runsc start` where the root-namespace marker is hidden (the sandbox brings
 //!   its network up now).
-//! - **delete**: `runsc delete`, then deletes the job (`DELETE /v1/jobs/{key}`) and forgets it.
+//! - **delete**: `runsc delete`, then deletes the job (`DELETE /v1/jobs/{key}`) and forgets it
+//!   — once the container is gone (a refused delete of a running container keeps its network).
 //!   A job is also deleted when `runsc create` fails.
 //!
 //! `run` and `restore` are refused (containerd uses create + start). `features` answers from
@@ -519,8 +520,17 @@ fn start(s: &Settings, inv: &Invocation) -> ExitCode {
 fn delete(s: &Settings, inv: &Invocation) -> ExitCode {
     let id = container_id(&inv.args);
     let status = runsc(s, inv, "delete", &inv.args).status();
+    // The job goes only with the container: after a delete that worked, or when runsc no
+    // longer knows the container (a delete repeated after a crash). A refused delete (still
+    // running, no --force) leaves the container its network.
+    let gone = status.as_ref().is_ok_and(|st| st.success())
+        || runsc(s, inv, "state", std::slice::from_ref(&id))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|st| !st.success());
     let file = s.job_file(inv.root.as_deref(), &id);
-    if let Some(rec) = job_record(s, inv, &id) {
+    if let Some(rec) = job_record(s, inv, &id).filter(|_| gone) {
         match AgentClient::new(&rec.agent).delete_job(&rec.job_key) {
             Ok(()) => {}
             Err(e) if e.is_job_not_found() => {}
