@@ -4,7 +4,8 @@
 //! Opening `/dev/net/tun` (`IFF_TUN | IFF_NO_PI`, plus `IFF_MULTI_QUEUE` when there is more
 //! than one worker), non-blocking `read`/`write` of single IP packets, and the one-time set-up
 //! with `ip` (MTU, link up, a route for each egress prefix) and `net.ipv4.ip_forward=1` in the
-//! proxy's namespace. The device is not persistent: it and its routes disappear when the last
+//! proxy's namespace (written only when it is not already 1, so a read-only `/proc/sys` whose
+//! value an init container set is fine). The device is not persistent: it and its routes disappear when the last
 //! queue closes.
 //!
 //! # Choices
@@ -288,13 +289,7 @@ impl UnderlayTap {
     /// when the namespace filters reverse paths strictly (`net.ipv4.conf.all.rp_filter` = 1),
     /// under which the frames would be dropped as martians.
     pub fn configure(name: &str) -> Result<(), TunError> {
-        let sysctl = |key: String, value: &str| {
-            std::fs::write(&key, value).map_err(|e| TunError::Setup {
-                name: name.to_owned(),
-                command: format!("write {value} to {key}"),
-                detail: e.to_string(),
-            })
-        };
+        let sysctl = |key: String, value: &str| ensure_sysctl(name, &key, value);
         let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
         sysctl(format!("/proc/sys/net/ipv4/conf/{name}/accept_local"), "1")?;
         sysctl(format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"), "0")?;
@@ -409,12 +404,21 @@ pub fn configure(name: &str, mtu: u32, pool: &[Ipv4Net]) -> Result<(), TunError>
         let net = net.trunc().to_string();
         run_ip(name, &["route", "replace", &net, "dev", name])?;
     }
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|e| TunError::Setup {
+    ensure_sysctl(name, "/proc/sys/net/ipv4/ip_forward", "1")
+}
+
+/// Sets the sysctl file `key` to `value` unless it already holds it: an unprivileged container
+/// (Kubernetes mounts `/proc/sys` read-only) can run the proxy when an init container or the
+/// operator has set the value, and only a value that differs makes start-up fail.
+fn ensure_sysctl(name: &str, key: &str, value: &str) -> Result<(), TunError> {
+    if std::fs::read_to_string(key).is_ok_and(|now| now.trim() == value) {
+        return Ok(());
+    }
+    std::fs::write(key, value).map_err(|e| TunError::Setup {
         name: name.to_owned(),
-        command: "sysctl net.ipv4.ip_forward=1".into(),
+        command: format!("write {value} to {key}"),
         detail: e.to_string(),
-    })?;
-    Ok(())
+    })
 }
 
 #[cfg(test)]
