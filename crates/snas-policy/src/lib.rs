@@ -50,7 +50,7 @@ pub mod units;
 
 pub use authoring::{parse_policy, parse_policy_bytes, CheckError, CheckErrors, MAX_INPUT};
 pub use bundle::{BundleError, TrustBundle};
-pub use claims::{PolicyClaims, PolicyDraft};
+pub use claims::{Mode, PolicyClaims, PolicyDraft};
 pub use hostport::{HostPort, PortRange};
 /// The network type of cidr rules and infrastructure ranges ([`compile_with`]), re-exported so
 /// that callers name the same type.
@@ -58,6 +58,6 @@ pub use ipnet::IpNet;
 pub use jws::{sign, verify, SignError, VerifiedPolicy, VerifyError, CLOCK_SKEW};
 pub use keys::{KeyError, PolicyKey};
 pub use limits::Limits;
-pub use matcher::{compile, compile_with, Decision, DenyReason, Matcher};
-pub use rules::{EgressRule, RuleProtocol, Transport};
+pub use matcher::{compile, compile_with, Decision, DenyReason, Matcher, NameVerdict};
+pub use rules::{DenyRule, EgressRule, RuleProtocol, Transport};
 pub use units::Bps;
