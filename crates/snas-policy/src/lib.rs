@@ -20,6 +20,8 @@
 //! - [`matcher`]: [`compile`] → [`Matcher`] → [`Decision`].
 //! - [`audit`]: the audit line both tiers write and `snas run` reads.
 //! - [`binding`]: the TTL clamp and grace both tiers apply to addresses learnt from DNS.
+//! - [`suggest`]: a policy learnt from audit logs (`snas policy suggest`).
+//! - [`schema`]: the JSON Schema of the authoring format (`snas policy schema`).
 //! - `synthetic` (hidden): the 10,000-rule benchmark policy and its lookup probes.
 //!
 //! # Flow
@@ -44,6 +46,8 @@ pub mod limits;
 pub mod matcher;
 pub mod ranges;
 pub mod rules;
+pub mod schema;
+pub mod suggest;
 #[doc(hidden)]
 pub mod synthetic;
 pub mod units;
