@@ -681,7 +681,9 @@ fn explain_names_the_deny_rule_and_what_audit_mode_lets_through() {
         .arg(f.path("policy.toml"))
         .assert()
         .code(0)
-        .stdout(predicates::str::contains("2 rules (1 host, 1 cidr), 2 deny rules, mode audit"));
+        .stdout(predicates::str::contains(
+            "2 rules (1 host, 1 cidr), 2 deny rules, mode audit",
+        ));
     let key = f.keygen("keys", "k1");
     let tok = f.write("token", &f.sign(&key, &[]));
     let run = |dests: &[&str]| {
@@ -745,7 +747,10 @@ fn suggest_writes_a_policy_that_checks_from_agent_and_proxy_logs() {
         .clone();
     let toml = String::from_utf8(out).expect("utf8");
     assert!(toml.contains("host = \"www.example.org:443\""), "{toml}");
-    assert!(toml.contains("cidr = \"198.51.100.9/32\"\nports = \"7\"\nprotocol = \"udp\""), "{toml}");
+    assert!(
+        toml.contains("cidr = \"198.51.100.9/32\"\nports = \"7\"\nprotocol = \"udp\""),
+        "{toml}"
+    );
     let p = f.write("suggested.toml", &toml);
     snas().args(["policy", "check"]).arg(&p).assert().code(0);
     snas()
