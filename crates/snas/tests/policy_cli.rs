@@ -710,7 +710,7 @@ fn explain_names_the_deny_rule_and_what_audit_mode_lets_through() {
          deny 203.0.113.70:443/tcp deny_rule (deny rule 1: cidr 203.0.113.64/26 ports 0/tcp)\n\
          would_deny www.example.org:443/tcp destination_denied (audit mode: let through and audited; no rule names this destination)\n\
          would_deny 198.51.100.7:8080/udp destination_denied (audit mode: let through and audited; no rule names this destination)\n\
-         deny 10.0.0.1:443/tcp always_denied (private 10.0.0.0/8)\n\
+         deny 10.0.0.1:443/tcp always_denied (private (RFC 1918) 10.0.0.0/8)\n\
          deny 192.0.2.21:443/tcp infrastructure_denied (infrastructure 192.0.2.0/24)\n",
     );
 }
