@@ -1,6 +1,7 @@
 //! Fuzz the TOML authoring parser. Any panic is a bug. An accepted policy must sign, verify back
 //! to the same claims (claims JSON round trip and re-validation), and compile; every host rule's
-//! canonical form must re-parse to itself.
+//! canonical form must re-parse to itself (`[[deny]]` rules too); `mode` and `[[deny]]` survive
+//! the round trip; name verdicts of DNS never bind a port a deny rule takes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -22,7 +23,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(draft) = snas_policy::parse_policy_bytes(data) else {
         return;
     };
-    for rule in &draft.egress {
+    for rule in draft.egress.iter().chain(draft.deny.iter().map(|d| d.rule())) {
         if let EgressRule::Host { host, .. } = rule {
             assert_eq!(HostPort::parse(&host.to_string()).as_ref(), Ok(host));
         }
@@ -36,4 +37,23 @@ fuzz_target!(|data: &[u8]| {
     }
     let m = snas_policy::compile(&claims);
     let _ = m.check_host("api.example.com", 443, Transport::Tcp);
+    for name in ["api.example.com", "a.tracker.example.com", "www.example.org"] {
+        if let snas_policy::NameVerdict::Allow { ports, .. } = m.name_verdict(name) {
+            for (proto, range) in ports {
+                for port in [range.lo(), range.hi()] {
+                    for t in [Transport::Tcp, Transport::Udp] {
+                        if proto.allows(t.into()) {
+                            assert!(
+                                !matches!(
+                                    m.check_host(name, port, t),
+                                    snas_policy::Decision::Deny(snas_policy::DenyReason::DenyRule(_))
+                                ),
+                                "{name}:{port}/{t} bound but denied"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 });

@@ -134,6 +134,7 @@ pub fn tier1_record(
     let (action, reason) = match ev.kind {
         snas_bpf::AuditKind::Deny(r) => (Action::Deny, r.name().to_owned()),
         snas_bpf::AuditKind::NewFlow => (Action::Allow, "new_flow".to_owned()),
+        snas_bpf::AuditKind::WouldDeny(r) => (Action::WouldDeny, r.name().to_owned()),
     };
     AuditRecord {
         time: rfc3339(at),

@@ -3,8 +3,10 @@
 //! Owns the translation from a verified policy and a job network to tier 1's job configuration
 //! and map entries: identity (job key, tenant id, serial), addresses and MACs of both veth ends,
 //! limits (egress rate, new-connection rate and burst, connection cap), the policy's expiry,
-//! the node's per-job DNS packet budget (`dns_packets_per_sec`/`dns_packet_burst`) and the
-//! policy's IPv4 `cidr` rules with their ports; and the node-wide duties: the infrastructure
+//! the node's per-job DNS packet budget (`dns_packets_per_sec`/`dns_packet_burst`), the
+//! policy's IPv4 `cidr` rules with their ports, its deny `cidr` rules (IPv4 and IPv6, checked by
+//! tier 1 before any allow entry) and its mode (`audit`: tier 1's per-job audit flag); and the
+//! node-wide duties: the infrastructure
 //! set and the periodic flow ageing ([`snas_bpf::FlowTimeouts`] defaults, tier 2's conntrack
 //! timeouts). Programs and maps are pinned under `bpf_pin_dir`, so a restarted agent re-opens
 //! them and adopts jobs without resetting their state.
@@ -23,7 +25,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use snas_bpf::{FlowTimeouts, JobConfig, NodeConfig, PacketBudget, PortRule, ProxyEntry, Tier1};
-use snas_policy::EgressRule;
+use snas_policy::{EgressRule, Mode};
 use snas_wire::{JobKey, Reason};
 
 use crate::config::AgentConfig;
@@ -168,7 +170,36 @@ pub fn job_config(
         sandbox_ip6: None,
         expires_at: Some(job.policy.expires_at()),
         dns_budget,
+        audit_mode: claims.mode == Mode::Audit,
     })
+}
+
+/// The policy's deny `cidr` rules as tier 1 takes them (IPv4 and IPv6: a deny rule costs
+/// nothing to a job whose sandbox has no IPv6).
+pub fn deny_rules(job: &JobAttachment<'_>) -> Vec<(ipnet::IpNet, PortRule)> {
+    let Some(claims) = job.policy.claims.as_ref() else {
+        return Vec::new();
+    };
+    claims
+        .deny
+        .iter()
+        .filter_map(|d| match d.rule() {
+            EgressRule::Cidr {
+                cidr,
+                ports,
+                protocol,
+                ..
+            } => Some((
+                *cidr,
+                PortRule {
+                    proto: *protocol,
+                    lo: ports.lo(),
+                    hi: ports.hi(),
+                },
+            )),
+            EgressRule::Host { .. } => None,
+        })
+        .collect()
 }
 
 /// The policy's IPv4 CIDR rules grouped per (network, allow_private), as tier 1 takes them.
@@ -200,6 +231,9 @@ pub fn cidr_rules(job: &JobAttachment<'_>) -> BTreeMap<(ipnet::Ipv4Net, bool), V
 
 impl Tier1Dataplane {
     fn program_rules(&self, t: &Tier1, job: &JobAttachment<'_>) -> Result<(), DataplaneError> {
+        // Deny rules first: an allow entry never exists without the deny entries that cut it.
+        t.set_deny(job.policy.job_key, &deny_rules(job))
+            .map_err(err("deny rules"))?;
         for ((net, allow_private), rules) in cidr_rules(job) {
             t.allow_cidr(job.policy.job_key, net, &rules, allow_private)
                 .map_err(err(&format!("allow {net}")))?;

@@ -12,7 +12,11 @@
 //! - Only single-question standard queries of type A, AAAA or CNAME are forwarded; every other
 //!   type (TXT, NULL, MX, HTTPS, ...) is refused: the sandbox gets addresses, nothing else, and
 //!   the favourite tunnelling types are closed.
-//! - A name no host rule matches is refused (the same `Matcher::name_allowed` the proxy uses).
+//! - Names are decided by `Matcher::name_verdict`, as the proxy decides them: a name no allow
+//!   rule leaves a port is refused (`dns_refused`), one whose every port a deny rule takes is
+//!   refused as `deny_rule`; the answers are bound with the ports the deny rules leave. In audit
+//!   mode every other name is forwarded too and its answer audited `would_deny` without
+//!   binding anything (tier 1's audit flag lets public addresses through).
 //! - Every TTL the agent relays is clamped to [[`DNS_TTL_MIN`], [`DNS_TTL_MAX`]], the same
 //!   bounds the proxy applies, so a conforming proxy's answer passes unchanged; tier 1 holds an
 //!   answered address for [`binding_lifetime`] (the clamped TTL plus [`BINDING_GRACE`]), the
@@ -29,7 +33,7 @@ use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::opt::EdnsOption;
 use hickory_proto::rr::RecordType;
 use snas_bpf::PortRule;
-use snas_policy::{EgressRule, Matcher, PolicyClaims};
+use snas_policy::{DenyReason, Matcher, NameVerdict};
 use snas_wire::{JobKey, PolicySerial, TenantId};
 
 /// EDNS0 option code carrying the job identity to the proxy resolver.
@@ -55,6 +59,8 @@ pub enum Refusal {
     QueryType,
     /// No host rule matches the name (or the name is too long).
     Name,
+    /// Deny rules take every port the name had.
+    DenyRule,
     /// The job's policy has expired (`exp` has passed).
     Expired,
     /// The job already holds its share of the stub's TCP connections.
@@ -70,6 +76,7 @@ impl Refusal {
             Refusal::InFlight => "dns_inflight",
             Refusal::QueryType => "dns_qtype",
             Refusal::Name => "dns_refused",
+            Refusal::DenyRule => "deny_rule",
             Refusal::Expired => "policy_expired",
             Refusal::TcpConnections => "dns_tcp_limit",
         }
@@ -145,38 +152,50 @@ pub fn question_of(msg: &Message) -> Result<Question, (Refusal, Option<Question>
     Ok(question)
 }
 
-/// The rules whose host part matches `name` (refused if none, or the name is too long).
-pub fn rules_for_name(matcher: &Matcher, name: &str) -> Result<Vec<usize>, Refusal> {
-    if name.is_empty() || name.len() > MAX_NAME_LEN {
-        return Err(Refusal::Name);
-    }
-    let rules = matcher.host_rules_for_name(name);
-    if rules.is_empty() {
-        Err(Refusal::Name)
-    } else {
-        Ok(rules)
-    }
+/// What the stub does with a name it may forward.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameDecision {
+    /// Allow rules whose host part matches the name, ascending (empty when `would_deny`).
+    pub rules: Vec<usize>,
+    /// Tier-1 port rules for the answers (at most `MAX_PORT_RULES`, see the module limits;
+    /// empty when `would_deny`: nothing is bound).
+    pub ports: Vec<PortRule>,
+    /// Audit mode: the reason the name would be refused; the answer is relayed, audited
+    /// `would_deny`, and bound nowhere.
+    pub would_deny: Option<DenyReason>,
 }
 
-/// Tier-1 port rules for the matched `rules` (deduplicated, at most `MAX_PORT_RULES`).
-pub fn port_rules(claims: &PolicyClaims, matcher: &Matcher, rules: &[usize]) -> Vec<PortRule> {
-    let mut out: Vec<PortRule> = Vec::new();
-    for &r in rules {
-        let Some(proto) = claims.egress.get(r).map(EgressRule::protocol) else {
-            continue;
-        };
-        for range in matcher.rule_ports(r).unwrap_or_default() {
-            let pr = PortRule {
-                proto,
-                lo: range.lo(),
-                hi: range.hi(),
-            };
-            if !out.contains(&pr) && out.len() < snas_bpf::config::MAX_PORT_RULES {
-                out.push(pr);
-            }
-        }
+/// Decides a name: forward (with its rules and ports), or refuse (with the deny rule that
+/// refused it, if one did). Names longer than [`MAX_NAME_LEN`] are refused.
+pub fn name_decision(
+    matcher: &Matcher,
+    name: &str,
+) -> Result<NameDecision, (Refusal, Option<usize>)> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err((Refusal::Name, None));
     }
-    out
+    match matcher.name_verdict(name) {
+        NameVerdict::Allow { rules, ports } => Ok(NameDecision {
+            rules,
+            ports: ports
+                .into_iter()
+                .take(snas_bpf::config::MAX_PORT_RULES)
+                .map(|(proto, r)| PortRule {
+                    proto,
+                    lo: r.lo(),
+                    hi: r.hi(),
+                })
+                .collect(),
+            would_deny: None,
+        }),
+        NameVerdict::WouldDeny(r) => Ok(NameDecision {
+            rules: Vec::new(),
+            ports: Vec::new(),
+            would_deny: Some(r),
+        }),
+        NameVerdict::Deny(DenyReason::DenyRule(n)) => Err((Refusal::DenyRule, Some(n))),
+        NameVerdict::Deny(_) => Err((Refusal::Name, None)),
+    }
 }
 
 /// The 16-byte identity value of the EDNS option.
@@ -307,10 +326,10 @@ mod tests {
         m
     }
 
-    fn claims(hosts: &[&str]) -> PolicyClaims {
+    fn claims(hosts: &[&str]) -> snas_policy::PolicyClaims {
         let mut d = snas_policy::PolicyDraft::new("acme", "build");
         for h in hosts {
-            d.egress.push(EgressRule::Host {
+            d.egress.push(snas_policy::EgressRule::Host {
                 host: snas_policy::HostPort::parse(h).unwrap(),
                 protocol: RuleProtocol::Tcp,
             });
@@ -361,12 +380,21 @@ mod tests {
     fn names_outside_the_policy_are_refused() {
         let c = claims(&["api.example.com", "*.cdn.example.net:8443"]);
         let m = snas_policy::compile(&c);
-        assert_eq!(rules_for_name(&m, "api.example.com"), Ok(vec![0]));
-        assert_eq!(rules_for_name(&m, "x1.cdn.example.net"), Ok(vec![1]));
-        assert_eq!(rules_for_name(&m, "evil.example.org"), Err(Refusal::Name));
         assert_eq!(
-            rules_for_name(&m, &"a.".repeat(140)),
-            Err(Refusal::Name),
+            name_decision(&m, "api.example.com").map(|d| d.rules),
+            Ok(vec![0])
+        );
+        assert_eq!(
+            name_decision(&m, "x1.cdn.example.net").map(|d| d.rules),
+            Ok(vec![1])
+        );
+        assert_eq!(
+            name_decision(&m, "evil.example.org"),
+            Err((Refusal::Name, None))
+        );
+        assert_eq!(
+            name_decision(&m, &"a.".repeat(140)),
+            Err((Refusal::Name, None)),
             "too long"
         );
     }
@@ -375,9 +403,9 @@ mod tests {
     fn port_rules_follow_the_matching_rules() {
         let c = claims(&["api.example.com", "api.example.com:8000-8010"]);
         let m = snas_policy::compile(&c);
-        let rules = rules_for_name(&m, "api.example.com").unwrap();
+        let d = name_decision(&m, "api.example.com").unwrap();
         assert_eq!(
-            port_rules(&c, &m, &rules),
+            d.ports,
             vec![
                 PortRule::port(RuleProtocol::Tcp, 443),
                 PortRule {
@@ -387,6 +415,52 @@ mod tests {
                 }
             ]
         );
+        assert_eq!(d.would_deny, None);
+    }
+
+    #[test]
+    fn deny_rules_refuse_names_or_take_their_ports_and_audit_mode_forwards_the_rest() {
+        let src = "tenant = \"acme\"\njob = \"build\"\n[[egress]]\nhost = \"*.example.com:0\"\n\
+                   [[deny]]\nhost = \"tracker.example.com:0\"\nprotocol = \"any\"\n[[deny]]\nhost = \"api.example.com:22\"\n";
+        for mode in ["enforce", "audit"] {
+            let d = snas_policy::parse_policy(&format!("mode = \"{mode}\"\n{src}")).unwrap();
+            let c = d.to_claims("jti-1", PolicySerial(1), SystemTime::now());
+            let m = snas_policy::compile(&c);
+            assert_eq!(
+                name_decision(&m, "tracker.example.com"),
+                Err((Refusal::DenyRule, Some(0))),
+                "{mode}"
+            );
+            assert_eq!(
+                name_decision(&m, "api.example.com").unwrap().ports,
+                vec![
+                    PortRule {
+                        proto: RuleProtocol::Tcp,
+                        lo: 1,
+                        hi: 21
+                    },
+                    PortRule {
+                        proto: RuleProtocol::Tcp,
+                        lo: 23,
+                        hi: 65535
+                    }
+                ]
+            );
+            let other = name_decision(&m, "www.example.org");
+            if mode == "audit" {
+                assert_eq!(
+                    other,
+                    Ok(NameDecision {
+                        rules: vec![],
+                        ports: vec![],
+                        would_deny: Some(DenyReason::DestinationDenied)
+                    })
+                );
+            } else {
+                assert_eq!(other, Err((Refusal::Name, None)));
+            }
+        }
+        assert_eq!(Refusal::DenyRule.name(), "deny_rule");
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! 1. unparsable or a response → dropped; not a job's sandbox → REFUSED;
 //! 2. the job's policy has expired → REFUSED, audited `policy_expired`;
 //! 3. not a single A/AAAA/CNAME question → REFUSED, audited `dns_qtype`;
-//! 4. no host rule matches the name → REFUSED, audited `dns_refused`;
+//! 4. no allow rule leaves the name a port → REFUSED, audited `dns_refused`; deny rules take
+//!    every port it had → REFUSED, audited `deny_rule` with the deny rule's index (audit mode:
+//!    every other name goes on, see step 10);
 //! 5. AAAA while the job's network has no IPv6 route → NOERROR without records (NODATA), at
 //!    once;
 //! 6. in the job's answer cache → answered from it with the remaining TTL;
@@ -20,12 +22,14 @@
 //! 9. forwarded with the job's identity (EDNS option 65053) to the proxies in
 //!    [`crate::proxies::ProxyTable::dns_order`] order, [`FORWARD_TIMEOUT`] each, over UDP, then
 //!    TCP to the same proxy if the answer is truncated;
-//! 10. each A/AAAA answer is installed into tier 1 with the ports of the matching rules for
-//!     [`crate::dns::binding_lifetime`] of its TTL (the clamped TTL plus the grace both tiers
-//!     apply) — BEFORE the answer is relayed, so the first connection is never dropped; if tier 1
-//!     cannot be programmed the sandbox gets SERVFAIL;
+//! 10. each A/AAAA answer is installed into tier 1 with the ports the matching rules leave after
+//!     the deny rules, for [`crate::dns::binding_lifetime`] of its TTL (the clamped TTL plus the
+//!     grace both tiers apply) — BEFORE the answer is relayed, so the first connection is never
+//!     dropped; if tier 1 cannot be programmed the sandbox gets SERVFAIL. A name audit mode lets
+//!     through (no rule allows it) is bound nowhere: tier 1's audit flag passes public
+//!     addresses, and its answer is audited `would_deny` with the addresses it returned;
 //! 11. the answer is kept in the cache if cacheable, relayed (the sandbox's ID and question;
-//!     truncated if it exceeds the sandbox's UDP size) and audited `allowed`.
+//!     truncated if it exceeds the sandbox's UDP size) and audited `allowed` (or `would_deny`).
 //!
 //! Steps 1–8 are decided inline by the receiving loop (no task, no allocation beyond the answer);
 //! only a forward (step 9 on) runs as its own task.
@@ -144,12 +148,13 @@ impl StubConfig {
     }
 }
 
-const REFUSALS: [Refusal; 7] = [
+const REFUSALS: [Refusal; 8] = [
     Refusal::UnknownJob,
     Refusal::Rate,
     Refusal::InFlight,
     Refusal::QueryType,
     Refusal::Name,
+    Refusal::DenyRule,
     Refusal::Expired,
     Refusal::TcpConnections,
 ];
@@ -310,9 +315,8 @@ impl Drop for TcpGuard {
 struct Pending {
     query: Message,
     question: Question,
-    rules: Vec<usize>,
+    named: dns::NameDecision,
     policy: Arc<VerifiedPolicy>,
-    matcher: Arc<Matcher>,
     src: SocketAddr,
     local: Option<IpAddr>,
     tcp: bool,
@@ -335,6 +339,8 @@ enum Verdict {
     Refuse {
         why: Refusal,
         question: Option<Question>,
+        /// The deny rule that refused the name, if one did.
+        rule: Option<usize>,
         /// `Some(n)`: audit the refusal, with `n` refusals left out before it.
         audit: Option<u64>,
         policy: Arc<VerifiedPolicy>,
@@ -343,9 +349,8 @@ enum Verdict {
     Cached(CachedAnswer),
     Forward {
         question: Question,
-        rules: Vec<usize>,
+        named: dns::NameDecision,
         policy: Arc<VerifiedPolicy>,
-        matcher: Arc<Matcher>,
         inflight: InflightGuard,
     },
 }
@@ -612,6 +617,7 @@ impl DnsStub {
             Verdict::Refuse {
                 why,
                 question,
+                rule,
                 audit,
                 policy,
             } => {
@@ -624,7 +630,7 @@ impl DnsStub {
                         local,
                         tcp,
                         question.as_ref(),
-                        None,
+                        rule,
                         Vec::new(),
                         bytes.len(),
                         suppressed,
@@ -646,16 +652,14 @@ impl DnsStub {
             }
             Verdict::Forward {
                 question,
-                rules,
+                named,
                 policy,
-                matcher,
                 inflight,
             } => Step::Forward(Box::new(Pending {
                 query,
                 question,
-                rules,
+                named,
                 policy,
-                matcher,
                 src,
                 local,
                 tcp,
@@ -674,13 +678,19 @@ impl DnsStub {
         query: &Message,
         now: Duration,
     ) -> Verdict {
-        let refuse =
-            |slot: &mut JobSlot, why: Refusal, question: Option<Question>| Verdict::Refuse {
-                why,
-                question,
-                audit: audit_slot(slot, now, &self.stats),
-                policy: slot.policy.clone(),
-            };
+        let refuse_rule = |slot: &mut JobSlot,
+                           why: Refusal,
+                           question: Option<Question>,
+                           rule: Option<usize>| Verdict::Refuse {
+            why,
+            question,
+            rule,
+            audit: audit_slot(slot, now, &self.stats),
+            policy: slot.policy.clone(),
+        };
+        let refuse = |slot: &mut JobSlot, why: Refusal, question: Option<Question>| {
+            refuse_rule(slot, why, question, None)
+        };
         let shape = dns::question_of(query);
         if entry.expired {
             return refuse(slot, Refusal::Expired, shape.ok());
@@ -689,9 +699,9 @@ impl DnsStub {
             Ok(q) => q,
             Err((why, q)) => return refuse(slot, why, q),
         };
-        let rules = match dns::rules_for_name(&slot.matcher, &question.name) {
-            Ok(r) => r,
-            Err(why) => return refuse(slot, why, Some(question)),
+        let named = match dns::name_decision(&slot.matcher, &question.name) {
+            Ok(n) => n,
+            Err((why, rule)) => return refuse_rule(slot, why, Some(question), rule),
         };
         if question.qtype == RecordType::AAAA && !entry.ipv6_route {
             return Verdict::NoData;
@@ -708,9 +718,8 @@ impl DnsStub {
         slot.inflight += 1;
         Verdict::Forward {
             question,
-            rules,
+            named,
             policy: slot.policy.clone(),
-            matcher: slot.matcher.clone(),
             inflight: InflightGuard {
                 state: self.state.clone(),
                 job_key: entry.job_key,
@@ -729,12 +738,9 @@ impl DnsStub {
             return self.servfail(&p.query);
         };
         let mut installed = Vec::new();
+        let would_deny = p.named.would_deny;
         if answer.response_code() == ResponseCode::NoError {
-            let ports = policy
-                .claims
-                .as_ref()
-                .map(|c| dns::port_rules(c, &p.matcher, &p.rules))
-                .unwrap_or_default();
+            let ports = p.named.ports.clone();
             let addrs: Vec<(IpAddr, Duration)> = answer
                 .answers()
                 .iter()
@@ -744,7 +750,11 @@ impl DnsStub {
                     _ => None,
                 })
                 .collect();
-            if !addrs.is_empty() {
+            if would_deny.is_some() {
+                // Audit mode, no rule allows the name: nothing is bound; the line names the
+                // addresses the job was given.
+                installed = addrs.into_iter().map(|(ip, _)| ip).collect();
+            } else if !addrs.is_empty() {
                 let dp = self.dataplane.clone();
                 let to_install = addrs.clone();
                 let res = tokio::task::spawn_blocking(move || {
@@ -778,20 +788,20 @@ impl DnsStub {
             ResponseCode::ServFail => &self.stats.servfail,
             _ => &self.stats.other_rcode,
         });
-        let reason = if rcode == ResponseCode::NoError {
-            "allowed".to_owned()
-        } else {
-            rcode.to_string().to_ascii_lowercase()
+        let (action, reason) = match would_deny {
+            Some(r) => (Action::WouldDeny, r.reason().name().to_owned()),
+            None if rcode == ResponseCode::NoError => (Action::Allow, "allowed".to_owned()),
+            None => (Action::Allow, rcode.to_string().to_ascii_lowercase()),
         };
         self.audit(
             policy,
-            Action::Allow,
+            action,
             &reason,
             p.src,
             p.local,
             p.tcp,
             Some(&p.question),
-            p.rules.first().copied(),
+            p.named.rules.first().copied(),
             installed,
             p.len,
             0,

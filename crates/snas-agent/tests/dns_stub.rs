@@ -1104,3 +1104,121 @@ async fn a_hostile_jobs_tcp_hold_and_udp_flood_cost_a_victim_no_lookup() {
     );
     assert!(sent > 1000, "the flood ran");
 }
+
+/// A policy written in TOML (deny rules, audit mode), as the signer would sign it.
+fn policy_toml(jti: &str, src: &str) -> VerifiedPolicy {
+    let c =
+        snas_policy::parse_policy(src)
+            .unwrap()
+            .to_claims(jti, PolicySerial(3), SystemTime::now());
+    VerifiedPolicy {
+        jti: c.jti.clone(),
+        tenant: c.tenant.clone(),
+        job: c.job.clone(),
+        serial: PolicySerial(3),
+        node: None,
+        expires_at_unix: c.exp,
+        job_key: snas_policy::identity::job_key(&c.jti),
+        tenant_id: snas_policy::identity::tenant_id(&c.tenant),
+        claims: Some(c),
+    }
+}
+
+async fn harness_toml(src: &str, port: u16) -> Harness {
+    harness_with(Setup {
+        jobs: vec![(SANDBOX, policy_toml("jti-dns-deny", src))],
+        ipv6_route: false,
+        proxies: vec![Ipv4Addr::LOCALHOST],
+        resolver_port: port,
+        cfg: cfg(),
+        clock: None,
+    })
+    .await
+}
+
+const DENY_POLICY: &str = r#"
+tenant = "acme"
+job = "build"
+[[egress]]
+host = "*.example.com:0"
+[[deny]]
+host = "tracker.example.com:0"
+protocol = "any"
+[[deny]]
+host = "api.example.com:22"
+"#;
+
+#[tokio::test]
+async fn a_name_a_deny_rule_takes_is_refused_audited_with_the_rule_and_never_forwarded() {
+    let (port, seen) = fake_resolver(Ipv4Addr::LOCALHOST, 0, false).await;
+    let mut h = harness_toml(DENY_POLICY, port).await;
+    let a = ask_udp(
+        h.stub_addr,
+        &query("tracker.example.com.", RecordType::A, 5),
+    )
+    .await;
+    assert_eq!(a.response_code(), ResponseCode::Refused);
+    assert!(seen.lock().unwrap().is_empty());
+    assert!(h.dp.allowed().is_empty());
+    let recs = drain(&mut h.audit);
+    assert_eq!(
+        (recs[0].action, recs[0].reason.as_str(), recs[0].rule),
+        (Action::Refuse, "deny_rule", Some(0))
+    );
+    assert_eq!(h.stub.view().outcomes["refused_deny_rule"], 1);
+    // A name a deny rule takes one port of is bound without it.
+    let a = ask_udp(h.stub_addr, &query("api.example.com.", RecordType::A, 6)).await;
+    assert_eq!(a.response_code(), ResponseCode::NoError);
+    assert_eq!(
+        h.dp.allowed()[0].rules,
+        vec![
+            PortRule {
+                proto: RuleProtocol::Tcp,
+                lo: 1,
+                hi: 21
+            },
+            PortRule {
+                proto: RuleProtocol::Tcp,
+                lo: 23,
+                hi: 65535
+            }
+        ]
+    );
+}
+
+#[tokio::test]
+async fn audit_mode_answers_names_outside_the_rules_as_would_deny_and_binds_nothing() {
+    let (port, seen) = fake_resolver(Ipv4Addr::LOCALHOST, 0, false).await;
+    let mut h = harness_toml(&format!("mode = \"audit\"\n{DENY_POLICY}"), port).await;
+    let a = ask_udp(h.stub_addr, &query("www.example.org.", RecordType::A, 7)).await;
+    assert_eq!(a.response_code(), ResponseCode::NoError);
+    assert_eq!(seen.lock().unwrap().len(), 1, "forwarded");
+    assert!(h.dp.allowed().is_empty(), "nothing bound");
+    let recs = drain(&mut h.audit);
+    assert_eq!(
+        (recs[0].action, recs[0].reason.as_str()),
+        (Action::WouldDeny, "destination_denied")
+    );
+    assert_eq!(recs[0].hostname.as_deref(), Some("www.example.org"));
+    assert_eq!(
+        recs[0].addrs,
+        vec![IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10))],
+        "the line names the addresses the job was given"
+    );
+    // Allowed names are bound as in enforce mode; deny rules still refuse.
+    let a = ask_udp(h.stub_addr, &query("www.example.com.", RecordType::A, 8)).await;
+    assert_eq!(a.response_code(), ResponseCode::NoError);
+    assert_eq!(h.dp.allowed().len(), 1);
+    let a = ask_udp(
+        h.stub_addr,
+        &query("tracker.example.com.", RecordType::A, 9),
+    )
+    .await;
+    assert_eq!(a.response_code(), ResponseCode::Refused);
+    let recs = drain(&mut h.audit);
+    assert_eq!(recs[0].action, Action::Allow);
+    assert_eq!(
+        (recs[1].action, recs[1].reason.as_str()),
+        (Action::Refuse, "deny_rule")
+    );
+}

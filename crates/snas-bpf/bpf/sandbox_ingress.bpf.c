@@ -5,8 +5,9 @@
  *   ARP passes (sender checked) -> IPv6 (own pipeline, or ipv6_denied) -> not IP ->
  *   IPv4 sanity, options, fragments -> source IP -> policy expiry (refused: audit, RST for any
  *   TCP segment, ICMP for UDP) -> DNS packet budget and capture to the job's stub ->
- *   overlay target -> infrastructure set -> destination policy (deny: audit, RST for a TCP
- *   SYN, ICMP for UDP) -> flow state and admission (rate, max_connections, proxy pinning) ->
+ *   overlay target -> infrastructure set -> destination policy (deny rules first; deny: audit,
+ *   RST for a TCP SYN, ICMP for UDP; in audit mode a destination no rule allows passes, audited
+ *   would_deny on its flow's first packet) -> flow state and admission (rate, max_connections, proxy pinning) ->
  *   MTU -> EDT -> GENEVE encap -> redirect_neigh to the uplink. */
 #include "lib/common.h"
 #include "lib/maps.h"
@@ -180,8 +181,10 @@ static __always_inline int sandbox_ipv6(struct __sk_buff *skb, const struct job_
 	flow_key6(&fk, ifindex, &p);
 	fv = bpf_map_lookup_elem(&snas_flows6, &fk);
 	reason = policy_check6(job, &p, now, flow_established(fv));
-	if (reason)
+	if (reason && !audit_relaxes(cfg, reason))
 		return refuse(skb, st, job, &p, reason, len, now, 0);
+	if (reason && !flow_established(fv))
+		audit(st, job, AUDIT_WOULD_DENY, reason, &p, now);
 	hash = flow_hash6(&p);
 	reason = flow_track_in(&snas_flows6, &fk, fv, st, cfg, ifindex, &p, hash, now, &proxy_idx);
 	if (reason)
@@ -288,8 +291,10 @@ int snas_sandbox_ingress(struct __sk_buff *skb)
 	flow_key4(&fk, ifindex, &p);
 	fv = bpf_map_lookup_elem(&snas_flows, &fk);
 	reason = policy_check(job, &p, now, flow_established(fv));
-	if (reason)
+	if (reason && !audit_relaxes(cfg, reason))
 		return refuse(skb, st, job, &p, reason, len, now, 0);
+	if (reason && !flow_established(fv))
+		audit(st, job, AUDIT_WOULD_DENY, reason, &p, now);
 
 	hash = flow_hash(&p);
 	reason = flow_track_in(&snas_flows, &fk, fv, st, cfg, ifindex, &p, hash, now, &proxy_idx);

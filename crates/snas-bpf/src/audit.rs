@@ -19,6 +19,9 @@ pub enum AuditKind {
     Deny(Reason),
     /// A new flow was admitted.
     NewFlow,
+    /// Audit mode: the first packet of a flow no rule allows (the reason it would have been
+    /// denied for) was let through.
+    WouldDeny(Reason),
 }
 
 /// One audit event.
@@ -53,6 +56,7 @@ impl AuditEvent {
         let kind = match e.kind {
             1 => AuditKind::Deny(Reason::from_code(u8::try_from(e.reason).ok()?)?),
             2 => AuditKind::NewFlow,
+            3 => AuditKind::WouldDeny(Reason::from_code(u8::try_from(e.reason).ok()?)?),
             _ => return None,
         };
         Some(AuditEvent {

@@ -152,6 +152,11 @@ pub struct JobConfig {
     /// capture rewrite); beyond it packets are dropped as `dns_rate`. `None`: not limited in
     /// tier 1.
     pub dns_budget: Option<PacketBudget>,
+    /// The policy's mode is `audit`: a destination denied only because no rule allows it
+    /// (`destination_denied`, `port_denied`) passes, audited [`crate::AuditKind::WouldDeny`] on
+    /// its flow's first packet; infrastructure, always-denied ranges and deny rules stay
+    /// denied (`JOB_F_AUDIT` in maps.h).
+    pub audit_mode: bool,
 }
 
 impl Default for JobConfig {
@@ -176,6 +181,7 @@ impl Default for JobConfig {
             sandbox_ip6: None,
             expires_at: None,
             dns_budget: None,
+            audit_mode: false,
         }
     }
 }
@@ -210,7 +216,8 @@ impl JobConfig {
             sandbox_mac: self.sandbox_mac,
             host_mac: self.host_mac,
             dns_port: self.dns_port,
-            flags: u16::from(self.ipv6_rules && self.sandbox_ip6.is_some()),
+            flags: u16::from(self.ipv6_rules && self.sandbox_ip6.is_some())
+                | if self.audit_mode { JOB_F_AUDIT } else { 0 },
             sandbox_ip6: self.sandbox_ip6.map_or([0; 16], |a| a.octets()),
             ifindex: self.veth_ifindex,
             egress_bps: self.egress.map_or(0, Bps::get),
@@ -296,6 +303,9 @@ impl PortRule {
         )
     }
 }
+
+/// `JOB_F_AUDIT` in maps.h (checked by `tests/c_constants.rs`).
+pub const JOB_F_AUDIT: u16 = 4;
 
 /// Maximum port rules per destination entry (`MAX_PORT_RULES` in maps.h): the union of every
 /// allowed name's rules on one address.
@@ -400,5 +410,22 @@ mod tests {
         ] {
             assert_eq!(PortRule::from_c(&r.to_c(e)), (r, e));
         }
+    }
+
+    #[test]
+    fn audit_mode_sets_its_flag_beside_the_ipv6_flag() {
+        let c = clocks();
+        let j = JobConfig {
+            audit_mode: true,
+            ..JobConfig::default()
+        };
+        assert_eq!(j.to_c(&c).flags, JOB_F_AUDIT);
+        let both = JobConfig {
+            ipv6_rules: true,
+            sandbox_ip6: Some(Ipv6Addr::LOCALHOST),
+            ..j
+        };
+        assert_eq!(both.to_c(&c).flags, JOB_F_AUDIT | 1);
+        assert_eq!(JobConfig::default().to_c(&c).flags, 0);
     }
 }

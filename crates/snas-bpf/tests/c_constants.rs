@@ -86,3 +86,13 @@ fn map_sizes_match_the_rust_limits() {
     );
     assert_eq!(define(h, "MAGLEV_M"), snas_bpf::maglev::TABLE_SIZE as u64);
 }
+
+#[test]
+fn the_audit_mode_flag_and_event_kind_match_the_rust_side() {
+    let h = snas_bpf::MAPS_H;
+    assert_eq!(
+        define(h, "JOB_F_AUDIT"),
+        u64::from(snas_bpf::config::JOB_F_AUDIT)
+    );
+    assert_eq!(define(h, "AUDIT_WOULD_DENY"), 3);
+}

@@ -77,6 +77,10 @@ pub enum Action {
     Refuse,
     /// The end of a flow or a job.
     End,
+    /// Audit mode (`mode = "audit"`): the rules do not allow it (`reason` says why it would be
+    /// denied), but it was let through.
+    #[serde(rename = "would_deny")]
+    WouldDeny,
 }
 
 impl Action {
@@ -87,6 +91,7 @@ impl Action {
             Action::Deny => "deny",
             Action::Refuse => "refuse",
             Action::End => "end",
+            Action::WouldDeny => "would_deny",
         }
     }
 }
@@ -445,7 +450,13 @@ mod tests {
 
     #[test]
     fn reading_is_lenient_about_missing_and_unknown_fields() {
-        for a in [Action::Allow, Action::Deny, Action::Refuse, Action::End] {
+        for a in [
+            Action::Allow,
+            Action::Deny,
+            Action::Refuse,
+            Action::End,
+            Action::WouldDeny,
+        ] {
             assert_eq!(serde_json::to_value(a).unwrap(), a.name());
         }
         let l: AuditLine =

@@ -9,9 +9,9 @@
 //!
 //! See `docs/policy.md` for the format.
 
-use crate::claims::{check_job, check_tenant, PolicyDraft, MAX_RULES};
+use crate::claims::{check_job, check_tenant, Mode, PolicyDraft, MAX_RULES};
 use crate::limits::{check_count, Limits, MAX_COUNT, MAX_PORTS_PER_DESTINATION};
-use crate::rules::EgressRule;
+use crate::rules::{DenyRule, EgressRule, RuleError};
 use crate::units::{parse_ttl, Bps, DEFAULT_TTL};
 use serde::{Deserialize, Deserializer};
 use std::fmt;
@@ -130,45 +130,30 @@ pub fn parse_policy(src: &str) -> Result<PolicyDraft, CheckErrors> {
             DEFAULT_TTL
         }),
     };
-    if raw.egress.len() > MAX_RULES {
+    let mode = match &raw.mode {
+        None => Mode::Enforce,
+        Some(m) => Mode::parse(m.get_ref()).unwrap_or_else(|| {
+            push(
+                m.span(),
+                "mode".into(),
+                format!("unknown mode `{}` (expected enforce or audit)", m.get_ref()),
+            );
+            Mode::Enforce
+        }),
+    };
+    if raw.egress.len() + raw.deny.len() > MAX_RULES {
         push(
             0..0,
             "egress".into(),
-            format!("{} rules, at most {MAX_RULES} allowed", raw.egress.len()),
+            format!(
+                "{} rules and {} deny rules, at most {MAX_RULES} allowed together",
+                raw.egress.len(),
+                raw.deny.len()
+            ),
         );
     }
-    let mut egress = Vec::with_capacity(raw.egress.len());
-    for (i, r) in raw.egress.iter().enumerate() {
-        let table = r.span();
-        let r = r.get_ref();
-        let res = EgressRule::from_parts(
-            r.host.as_ref().map(|s| s.get_ref().as_str()),
-            r.cidr.as_ref().map(|s| s.get_ref().as_str()),
-            r.ports.as_ref().map(|s| s.get_ref().0.as_str()),
-            r.protocol.as_ref().map(|s| s.get_ref().as_str()),
-            r.allow_private.as_ref().map(|s| *s.get_ref()),
-        );
-        match res {
-            Ok(rule) => egress.push(rule),
-            Err(e) => {
-                let span = match e.field() {
-                    "host" => r.host.as_ref().map(Spanned::span),
-                    "cidr" => r.cidr.as_ref().map(Spanned::span),
-                    "ports" => r.ports.as_ref().map(Spanned::span),
-                    "protocol" => r.protocol.as_ref().map(Spanned::span),
-                    "allow_private" => r.allow_private.as_ref().map(Spanned::span),
-                    _ => None,
-                }
-                .unwrap_or_else(|| table.clone());
-                let field = if e.field().is_empty() {
-                    format!("egress[{i}]")
-                } else {
-                    format!("egress[{i}].{}", e.field())
-                };
-                push(span, field, e.to_string());
-            }
-        }
-    }
+    let egress = rule_list(&raw.egress, "egress", EgressRule::from_parts, &mut push);
+    let deny = rule_list(&raw.deny, "deny", DenyRule::from_parts, &mut push);
     let mut limits = Limits::default();
     if let Some(l) = &raw.limits {
         let mut bps = |v: &Option<Spanned<String>>, name: &str, out: &mut Bps| {
@@ -224,9 +209,61 @@ pub fn parse_policy(src: &str) -> Result<PolicyDraft, CheckErrors> {
         job: raw.job.into_inner(),
         node,
         ttl,
+        mode,
         egress,
+        deny,
         limits,
     })
+}
+
+type RuleParts<T> = fn(
+    Option<&str>,
+    Option<&str>,
+    Option<&str>,
+    Option<&str>,
+    Option<bool>,
+) -> Result<T, RuleError>;
+
+/// Validates `[[egress]]` or `[[deny]]` tables (`list` names the array in error fields).
+fn rule_list<T>(
+    raw: &[Spanned<RawEgress>],
+    list: &str,
+    parse: RuleParts<T>,
+    push: &mut impl FnMut(Range<usize>, String, String),
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(raw.len());
+    for (i, r) in raw.iter().enumerate() {
+        let table = r.span();
+        let r = r.get_ref();
+        let res = parse(
+            r.host.as_ref().map(|s| s.get_ref().as_str()),
+            r.cidr.as_ref().map(|s| s.get_ref().as_str()),
+            r.ports.as_ref().map(|s| s.get_ref().0.as_str()),
+            r.protocol.as_ref().map(|s| s.get_ref().as_str()),
+            r.allow_private.as_ref().map(|s| *s.get_ref()),
+        );
+        match res {
+            Ok(rule) => out.push(rule),
+            Err(e) => {
+                let span = match e.field() {
+                    "host" => r.host.as_ref().map(Spanned::span),
+                    "cidr" => r.cidr.as_ref().map(Spanned::span),
+                    "ports" => r.ports.as_ref().map(Spanned::span),
+                    "protocol" => r.protocol.as_ref().map(Spanned::span),
+                    "allow_private" => r.allow_private.as_ref().map(Spanned::span),
+                    _ => None,
+                }
+                .unwrap_or_else(|| table.clone());
+                let field = if e.field().is_empty() {
+                    format!("{list}[{i}]")
+                } else {
+                    format!("{list}[{i}].{}", e.field())
+                };
+                push(span, field, e.to_string());
+            }
+        }
+    }
+    out
 }
 
 /// 1-based line of byte `offset` in `src`.
@@ -302,7 +339,11 @@ struct RawPolicy {
     #[serde(default)]
     ttl: Option<Spanned<String>>,
     #[serde(default)]
+    mode: Option<Spanned<String>>,
+    #[serde(default)]
     egress: Vec<Spanned<RawEgress>>,
+    #[serde(default)]
+    deny: Vec<Spanned<RawEgress>>,
     #[serde(default)]
     limits: Option<RawLimits>,
 }
@@ -488,5 +529,29 @@ max_connections = 64
             d.egress[0].to_string(),
             "cidr 203.0.113.0/24 ports 5432/tcp"
         );
+    }
+
+    #[test]
+    fn deny_rules_and_audit_mode_parse_and_their_errors_name_the_deny_table() {
+        let src = format!(
+            "{GOOD}\nmode = \"audit\"\n[[deny]]\nhost = \"*.tracker.example.com:0\"\nprotocol = \"any\"\n\n[[deny]]\ncidr = \"10.0.0.0/8\"\nports = 0\n"
+        );
+        // `mode` after a table header belongs to that table: put it at the top instead.
+        assert!(parse_policy(&src).is_err());
+        let src = format!(
+            "mode = \"audit\"\n{GOOD}\n[[deny]]\nhost = \"*.tracker.example.com:0\"\nprotocol = \"any\"\n\n[[deny]]\ncidr = \"10.0.0.0/8\"\nports = 0\n"
+        );
+        let d = parse_policy(&src).expect("valid");
+        assert_eq!(d.mode, Mode::Audit);
+        assert_eq!(d.deny.len(), 2);
+        assert_eq!(d.deny[1].to_string(), "cidr 10.0.0.0/8 ports 0/tcp");
+        let e = errors(&src.replace("\"*.tracker.example.com:0\"", "\"*.com\""));
+        assert_eq!(e[0].field, "deny[0].host");
+        let e = errors(&src.replace("ports = 0\n", "ports = 0\nallow_private = true\n"));
+        assert_eq!(e[0].field, "deny[1].allow_private");
+        let e = errors(&src.replace("\"audit\"", "\"learn\""));
+        assert_eq!((e[0].line, e[0].field.as_str()), (1, "mode"));
+        assert!(e[0].reason.contains("enforce or audit"), "{}", e[0].reason);
+        assert_eq!(parse_policy(GOOD).expect("valid").mode, Mode::Enforce);
     }
 }

@@ -4,15 +4,19 @@
 //! # Invariants
 //! - `tenant` matches `[a-z0-9-]{1,63}`; `job` matches `[A-Za-z0-9._-]{1,128}`; `jti` matches
 //!   `[A-Za-z0-9_-]{16,128}` (the signer uses 128 random bits, base64url).
-//! - At most [`MAX_RULES`] egress rules; `nbf <= exp`; `iat`, `nbf` and `exp` at most
+//! - At most [`MAX_RULES`] rules (`egress` and `deny` together); `nbf <= exp`; `iat`, `nbf` and `exp` at most
 //!   2^53 − 1 (the strict JSON profile of [`crate::json`]: a signer never produces a token the
 //!   verifier refuses for its numbers).
 //! - Deserialising [`PolicyClaims`] re-checks all of the above plus every rule and limit, and
 //!   rejects unknown fields: a verifier never trusts the signer to have validated.
+//! - `mode` and `deny` are left out of the claims when they are the defaults (`enforce`, no
+//!   deny rules), so a policy that uses neither signs to the same claims as before they existed
+//!   and older verifiers accept it; one that uses them is refused by older verifiers (unknown
+//!   claim), never silently widened.
 
 use crate::json::MAX_SAFE_INTEGER;
 use crate::limits::Limits;
-use crate::rules::EgressRule;
+use crate::rules::{DenyRule, EgressRule};
 use crate::units::DEFAULT_TTL;
 use serde::{Deserialize, Serialize};
 use snas_wire::{JobKey, PolicySerial, TenantId};
@@ -21,6 +25,48 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Most egress rules a policy may hold.
 pub const MAX_RULES: usize = 16_384;
+
+/// How a policy is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Destinations the rules do not allow are denied (the default).
+    #[default]
+    Enforce,
+    /// Learning mode: public destinations the rules do not allow are let through and audited
+    /// `would_deny`; infrastructure, always-denied ranges and `[[deny]]` rules stay denied.
+    Audit,
+}
+
+impl Mode {
+    /// Whether this is the default, [`Mode::Enforce`].
+    pub fn is_enforce(&self) -> bool {
+        *self == Mode::Enforce
+    }
+
+    /// `enforce` or `audit`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Audit => "audit",
+        }
+    }
+
+    /// Parses `enforce` or `audit`.
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "enforce" => Some(Mode::Enforce),
+            "audit" => Some(Mode::Audit),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// A policy as authored, before it gets an id, a serial and validity times.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,8 +79,12 @@ pub struct PolicyDraft {
     pub node: Option<IpAddr>,
     /// Lifetime from signing.
     pub ttl: Duration,
+    /// Enforce (default) or audit.
+    pub mode: Mode,
     /// Rules, in order (the index is the rule number reported by the matcher).
     pub egress: Vec<EgressRule>,
+    /// Deny rules, in order (numbered from 0 on their own: "deny rule N").
+    pub deny: Vec<DenyRule>,
     /// Limits (defaults filled in).
     pub limits: Limits,
 }
@@ -47,7 +97,9 @@ impl PolicyDraft {
             job: job.to_owned(),
             node: None,
             ttl: DEFAULT_TTL,
+            mode: Mode::Enforce,
             egress: Vec::new(),
+            deny: Vec::new(),
             limits: Limits::default(),
         }
     }
@@ -64,7 +116,9 @@ impl PolicyDraft {
             job: self.job.clone(),
             node: self.node,
             serial,
+            mode: self.mode,
             egress: self.egress.clone(),
+            deny: self.deny.clone(),
             limits: self.limits,
         }
     }
@@ -99,8 +153,14 @@ pub struct PolicyClaims {
     /// Increases on live update. 32 bits because the overlay option carries 32: a token whose
     /// `serial` claim is above `u32::MAX` is refused when it is read (never truncated).
     pub serial: PolicySerial,
+    /// Enforce or audit; left out when `enforce`.
+    #[serde(default, skip_serializing_if = "Mode::is_enforce")]
+    pub mode: Mode,
     /// Rules in order.
     pub egress: Vec<EgressRule>,
+    /// Deny rules in order; left out when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<DenyRule>,
     /// Limits.
     pub limits: Limits,
 }
@@ -111,10 +171,11 @@ impl PolicyClaims {
         check_tenant(&self.tenant).map_err(|e| format!("tenant: {e}"))?;
         check_job(&self.job).map_err(|e| format!("job: {e}"))?;
         check_jti(&self.jti).map_err(|e| format!("jti: {e}"))?;
-        if self.egress.len() > MAX_RULES {
+        if self.egress.len() + self.deny.len() > MAX_RULES {
             return Err(format!(
-                "egress: {} rules, at most {MAX_RULES} allowed",
-                self.egress.len()
+                "egress: {} rules and {} deny rules, at most {MAX_RULES} allowed together",
+                self.egress.len(),
+                self.deny.len()
             ));
         }
         for (name, t) in [("iat", self.iat), ("nbf", self.nbf), ("exp", self.exp)] {
@@ -155,7 +216,11 @@ struct RawClaims {
     /// Read wide so that a serial the overlay cannot carry is refused by name, not as a type
     /// error.
     serial: u64,
+    #[serde(default)]
+    mode: Mode,
     egress: Vec<EgressRule>,
+    #[serde(default)]
+    deny: Vec<DenyRule>,
     limits: Limits,
 }
 
@@ -172,7 +237,9 @@ impl TryFrom<RawClaims> for PolicyClaims {
             node: r.node,
             serial: PolicySerial::try_from(r.serial)
                 .map_err(|e| format!("serial: {e}; the overlay option carries 32 bits"))?,
+            mode: r.mode,
             egress: r.egress,
+            deny: r.deny,
             limits: r.limits,
         };
         c.validate()?;
@@ -293,5 +360,28 @@ mod tests {
         assert!(check_job("Job_42.x").is_ok());
         assert!(check_job("job 42").is_err());
         assert!(check_jti("short").is_err());
+    }
+
+    #[test]
+    fn mode_and_deny_are_left_out_when_default_and_read_back_when_set() {
+        let c = claims();
+        let j = serde_json::to_value(&c).expect("ser");
+        assert!(j.get("mode").is_none() && j.get("deny").is_none(), "{j}");
+        let mut audit = c.clone();
+        audit.mode = Mode::Audit;
+        audit.deny.push(
+            DenyRule::from_parts(None, Some("198.51.100.0/24"), Some("22"), None, None)
+                .expect("deny"),
+        );
+        let j = serde_json::to_value(&audit).expect("ser");
+        assert_eq!(j["mode"], "audit");
+        assert_eq!(j["deny"][0]["cidr"], "198.51.100.0/24");
+        assert_eq!(
+            serde_json::from_value::<PolicyClaims>(j.clone()).expect("de"),
+            audit
+        );
+        let mut bad = j;
+        bad["mode"] = "learn".into();
+        assert!(serde_json::from_value::<PolicyClaims>(bad).is_err());
     }
 }

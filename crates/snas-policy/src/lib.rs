@@ -20,6 +20,8 @@
 //! - [`matcher`]: [`compile`] → [`Matcher`] → [`Decision`].
 //! - [`audit`]: the audit line both tiers write and `snas run` reads.
 //! - [`binding`]: the TTL clamp and grace both tiers apply to addresses learnt from DNS.
+//! - [`suggest`]: a policy learnt from audit logs (`snas policy suggest`).
+//! - [`schema`]: the JSON Schema of the authoring format (`snas policy schema`).
 //! - `synthetic` (hidden): the 10,000-rule benchmark policy and its lookup probes.
 //!
 //! # Flow
@@ -44,13 +46,15 @@ pub mod limits;
 pub mod matcher;
 pub mod ranges;
 pub mod rules;
+pub mod schema;
+pub mod suggest;
 #[doc(hidden)]
 pub mod synthetic;
 pub mod units;
 
 pub use authoring::{parse_policy, parse_policy_bytes, CheckError, CheckErrors, MAX_INPUT};
 pub use bundle::{BundleError, TrustBundle};
-pub use claims::{PolicyClaims, PolicyDraft};
+pub use claims::{Mode, PolicyClaims, PolicyDraft};
 pub use hostport::{HostPort, PortRange};
 /// The network type of cidr rules and infrastructure ranges ([`compile_with`]), re-exported so
 /// that callers name the same type.
@@ -58,6 +62,6 @@ pub use ipnet::IpNet;
 pub use jws::{sign, verify, SignError, VerifiedPolicy, VerifyError, CLOCK_SKEW};
 pub use keys::{KeyError, PolicyKey};
 pub use limits::Limits;
-pub use matcher::{compile, compile_with, Decision, DenyReason, Matcher};
-pub use rules::{EgressRule, RuleProtocol, Transport};
+pub use matcher::{compile, compile_with, Decision, DenyReason, Matcher, NameVerdict};
+pub use rules::{DenyRule, EgressRule, RuleProtocol, Transport};
 pub use units::Bps;

@@ -8,6 +8,8 @@
 //!   A wider rule that merely overlaps one (e.g. `0.0.0.0/0`) is accepted, but the always-denied
 //!   addresses inside it stay denied unless `allow_private = true`.
 //! - Deserialising an [`EgressRule`] re-runs all of this, so signed claims are re-checked.
+//! - A [`DenyRule`] (`[[deny]]`) has the same grammar without `allow_private`: it may name an
+//!   always-denied range (denying it again is harmless), and it never opens anything.
 
 use crate::hostport::{HostPort, HostPortError, PortError, PortRange};
 use crate::ranges;
@@ -151,6 +153,84 @@ impl fmt::Display for EgressRule {
     }
 }
 
+/// One validated `[[deny]]` rule: the grammar of an [`EgressRule`] (host rules with wildcards and
+/// ports, CIDR rules with ports, a protocol), but no `allow_private`, and a CIDR rule may lie in
+/// an always-denied range. Deny rules override every allow rule (see [`crate::matcher`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "RawRule", try_from = "RawRule")]
+pub struct DenyRule(EgressRule);
+
+impl DenyRule {
+    /// Validates one deny rule from its fields as written. `allow_private` is refused.
+    pub fn from_parts(
+        host: Option<&str>,
+        cidr: Option<&str>,
+        ports: Option<&str>,
+        protocol: Option<&str>,
+        allow_private: Option<bool>,
+    ) -> Result<DenyRule, RuleError> {
+        if allow_private.is_some() {
+            return Err(RuleError::AllowPrivateOnDenyRule);
+        }
+        // `Some(true)` only skips the always-denied check of cidr rules; it is cleared below.
+        let rule = EgressRule::from_parts(host, cidr, ports, protocol, cidr.map(|_| true))?;
+        Ok(DenyRule(match rule {
+            EgressRule::Cidr {
+                cidr,
+                ports,
+                protocol,
+                ..
+            } => EgressRule::Cidr {
+                cidr,
+                ports,
+                protocol,
+                allow_private: false,
+            },
+            host => host,
+        }))
+    }
+
+    /// The rule (a cidr rule always has `allow_private = false`).
+    pub fn rule(&self) -> &EgressRule {
+        &self.0
+    }
+}
+
+impl fmt::Display for DenyRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl From<DenyRule> for RawRule {
+    fn from(r: DenyRule) -> RawRule {
+        RawRule {
+            allow_private: None,
+            ..RawRule::from(r.0)
+        }
+    }
+}
+
+impl TryFrom<RawRule> for DenyRule {
+    type Error = String;
+    fn try_from(r: RawRule) -> Result<DenyRule, String> {
+        DenyRule::from_parts(
+            r.host.as_deref(),
+            r.cidr.as_deref(),
+            r.ports.as_deref(),
+            r.protocol.as_deref(),
+            r.allow_private,
+        )
+        .map_err(|e| {
+            if e.field().is_empty() {
+                e.to_string()
+            } else {
+                format!("{}: {e}", e.field())
+            }
+        })
+    }
+}
+
 /// Why a rule was rejected. [`RuleError::field`] names the offending key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RuleError {
@@ -166,6 +246,9 @@ pub enum RuleError {
     /// `allow_private` given on a host rule.
     #[error("allow_private is only for cidr rules")]
     AllowPrivateOnHostRule,
+    /// `allow_private` given on a deny rule.
+    #[error("allow_private is only for [[egress]] cidr rules; a deny rule opens nothing")]
+    AllowPrivateOnDenyRule,
     /// Unknown protocol.
     #[error("unknown protocol `{0}` (expected tcp, udp or any)")]
     Protocol(String),
@@ -195,7 +278,9 @@ impl RuleError {
         match self {
             RuleError::HostAndCidr | RuleError::NeitherHostNorCidr => "",
             RuleError::PortsOnHostRule | RuleError::MissingPorts | RuleError::Ports(_) => "ports",
-            RuleError::AllowPrivateOnHostRule => "allow_private",
+            RuleError::AllowPrivateOnHostRule | RuleError::AllowPrivateOnDenyRule => {
+                "allow_private"
+            }
             RuleError::Protocol(_) => "protocol",
             RuleError::Host(_) => "host",
             RuleError::Cidr(_) | RuleError::HostBits(..) | RuleError::PrivateRange(..) => "cidr",
@@ -348,6 +433,37 @@ mod tests {
         assert!(
             serde_json::from_str::<EgressRule>(r#"{"host":"a.example.com","color":"red"}"#)
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn deny_rules_take_the_egress_grammar_and_may_name_private_ranges() {
+        let d = DenyRule::from_parts(None, Some("10.0.0.0/8"), Some("0"), Some("any"), None)
+            .expect("private deny");
+        assert_eq!(d.to_string(), "cidr 10.0.0.0/8 ports 0/any");
+        let j = serde_json::to_string(&d).expect("ser");
+        assert_eq!(j, r#"{"cidr":"10.0.0.0/8","ports":"0","protocol":"any"}"#);
+        assert_eq!(serde_json::from_str::<DenyRule>(&j).expect("de"), d);
+        assert_eq!(
+            DenyRule::from_parts(None, Some("10.0.0.0/8"), Some("0"), None, Some(false)),
+            Err(RuleError::AllowPrivateOnDenyRule)
+        );
+        assert!(serde_json::from_str::<DenyRule>(
+            r#"{"cidr":"10.0.0.0/8","ports":"0","allow_private":true}"#
+        )
+        .expect_err("allow_private")
+        .to_string()
+        .contains("allow_private"));
+        let h = DenyRule::from_parts(Some("*.Tracker.example.com:0"), None, None, None, None)
+            .expect("host");
+        assert_eq!(h.to_string(), "host *.tracker.example.com:0/tcp");
+        assert!(matches!(
+            DenyRule::from_parts(Some("*.com"), None, None, None, None),
+            Err(RuleError::Host(_))
+        ));
+        assert_eq!(
+            DenyRule::from_parts(None, Some("203.0.113.0/24"), None, None, None),
+            Err(RuleError::MissingPorts)
         );
     }
 }

@@ -314,3 +314,110 @@ proptest! {
         }
     }
 }
+
+/// Deny rules: the valid-rule strategy written as `[[deny]]` tables (no `allow_private`).
+fn deny_rule() -> impl Strategy<Value = String> {
+    rule().prop_map(|r| {
+        r.replace("[[egress]]", "[[deny]]")
+            .lines()
+            .filter(|l| !l.starts_with("allow_private"))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    })
+}
+
+/// The full reference for `check_ip`: infrastructure, then the lowest deny cidr rule on this
+/// port/transport, then the cidr-only model; audit mode turns only "no rule allows it" into
+/// `WouldDeny`.
+fn reference_full(
+    draft: &snas_policy::PolicyDraft,
+    infra: &[snas_policy::IpNet],
+    ip: std::net::IpAddr,
+    port: u16,
+    t: Transport,
+) -> Decision {
+    use snas_policy::DenyReason;
+    if infra.iter().any(|n| n.contains(&ip)) {
+        return Decision::Deny(DenyReason::Infrastructure);
+    }
+    for (i, d) in draft.deny.iter().enumerate() {
+        if let EgressRule::Cidr {
+            cidr,
+            ports,
+            protocol,
+            ..
+        } = d.rule()
+        {
+            if cidr.contains(&ip) && ports.contains(port) && protocol.allows(t.into()) {
+                return Decision::Deny(DenyReason::DenyRule(i));
+            }
+        }
+    }
+    match reference_check_ip(&draft.egress, ip, port, t) {
+        Decision::Deny(r @ (DenyReason::DestinationDenied | DenyReason::PortDenied))
+            if draft.mode == snas_policy::Mode::Audit =>
+        {
+            Decision::WouldDeny(r)
+        }
+        d => d,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn deny_beats_allow_infrastructure_beats_all_and_audit_never_opens_private_or_infrastructure(
+        src in policy_toml(),
+        deny in prop::collection::vec(deny_rule(), 0..8),
+        audit in any::<bool>(),
+        probes in prop::collection::vec((any::<u32>(), any::<u128>(), any::<u16>(), any::<bool>()), 32),
+    ) {
+        let mut src = src;
+        let at = src.find("[limits]").unwrap_or(src.len());
+        src.insert_str(at, &deny.concat());
+        if audit {
+            src.insert_str(0, "mode = \"audit\"\n");
+        }
+        let draft = snas_policy::parse_policy(&src).map_err(|e| TestCaseError::fail(format!("{e}\n{src}")))?;
+        let infra: Vec<snas_policy::IpNet> = ["11.0.0.0/8", "2001:db8:ff::/48", "169.254.169.254/32"]
+            .iter().map(|s| s.parse().map_err(|_| TestCaseError::fail("net"))).collect::<Result<_, _>>()?;
+        let m = snas_policy::matcher::compile_policy(&draft.egress, &draft.deny, draft.mode, &infra);
+        let mut ips: Vec<std::net::IpAddr> = Vec::new();
+        for r in draft.egress.iter().chain(draft.deny.iter().map(|d| d.rule())) {
+            if let EgressRule::Cidr { cidr, .. } = r {
+                ips.push(cidr.network());
+                ips.push(cidr.broadcast());
+            }
+        }
+        for (v4, v6, _, _) in &probes {
+            ips.push(std::net::Ipv4Addr::from(0x0B00_0000 + v4 % (89 << 24)).into());
+            ips.push(std::net::Ipv6Addr::from((0x2001_0db8u128 << 96) | (v6 >> 32)).into());
+        }
+        for fixed in ["198.51.100.7", "8.8.8.8", "10.0.0.1", "169.254.169.254", "2001:db8::1", "::1", "11.1.2.3"] {
+            ips.push(fixed.parse().map_err(|_| TestCaseError::fail("ip"))?);
+        }
+        for (i, ip) in ips.iter().enumerate() {
+            let (_, _, port, udp) = probes[i % probes.len()];
+            let t = if udp { Transport::Udp } else { Transport::Tcp };
+            for port in [port.max(1), 443, 22] {
+                let got = m.check_ip(*ip, port, t);
+                prop_assert_eq!(got, reference_full(&draft, &infra, *ip, port, t), "{}:{}/{} in\n{}", ip, port, t, src);
+                if infra.iter().any(|n| n.contains(ip)) {
+                    prop_assert!(!got.passes());
+                }
+                if snas_policy::ranges::always_denied(*ip).is_some() {
+                    prop_assert!(!matches!(got, Decision::WouldDeny(_)), "audit opened {}", ip);
+                }
+                // Through any name too: a deny cidr rule and infrastructure decide first.
+                let named = m.check_resolved("www.example.com", *ip, port, t);
+                if let Decision::Deny(r @ (snas_policy::DenyReason::Infrastructure | snas_policy::DenyReason::DenyRule(_))) = got {
+                    prop_assert_eq!(named, Decision::Deny(r));
+                }
+                if snas_policy::ranges::always_denied(*ip).is_some() {
+                    prop_assert!(!matches!(named, Decision::WouldDeny(_)));
+                }
+            }
+        }
+    }
+}

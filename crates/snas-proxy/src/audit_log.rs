@@ -141,6 +141,7 @@ pub fn flow_line(r: &AuditRecord) -> AuditLine {
         crate::tier2::Action::Allow => Action::Allow,
         crate::tier2::Action::Deny => Action::Deny,
         crate::tier2::Action::Refuse => Action::Refuse,
+        crate::tier2::Action::WouldDeny => Action::WouldDeny,
     };
     let mut l = line(
         r.unix_secs,

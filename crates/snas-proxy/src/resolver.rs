@@ -5,8 +5,10 @@
 //! 16-byte value is tenant_id u32 BE, job_key u64 BE, policy_serial u32 BE (as the GENEVE
 //! option). The proxy answers **REFUSED** when the source is not a node, the option is missing
 //! or malformed, the job's policy cannot be verified (fetched like the data path does), the
-//! tenant differs, the query is not one A or AAAA question, or no rule's host part allows the
-//! name (`Matcher::name_allowed`; audited with reason `dns_refused`).
+//! tenant differs, the query is not one A or AAAA question, or the policy refuses the name
+//! (`Matcher::name_verdict`: no allow rule leaves it a port, audited `dns_refused`; or deny rules
+//! take every port it had, audited `deny_rule` with the deny rule's index). In audit mode every
+//! name resolves but those a deny rule takes entirely; the flows decide `would_deny`.
 //!
 //! Otherwise it resolves upstream with hickory-resolver configured with exactly the
 //! `upstream_dns` servers (no system configuration, no search list; UDP with TCP fallback on
@@ -316,8 +318,8 @@ async fn answer(ctx: &Ctx, src: SocketAddr, q: &Message) -> Result<Message, &'st
     }
     let name = question.name().to_ascii();
     let name = name.trim_end_matches('.').to_ascii_lowercase();
-    if !policy.matcher.name_allowed(&name) {
-        audit_refusal(ctx, &policy, &name);
+    if let snas_policy::NameVerdict::Deny(why) = policy.matcher.name_verdict(&name) {
+        audit_refusal(ctx, &policy, &name, why);
         return Err("name not allowed by the policy");
     }
     let fqdn = Name::from_ascii(format!("{name}.")).map_err(|_| "bad name")?;
@@ -362,7 +364,8 @@ async fn answer(ctx: &Ctx, src: SocketAddr, q: &Message) -> Result<Message, &'st
     Ok(resp)
 }
 
-fn audit_refusal(ctx: &Ctx, p: &JobPolicy, name: &str) {
+/// Audits a refused name: `dns_refused`, or `deny_rule` with the deny rule's index.
+fn audit_refusal(ctx: &Ctx, p: &JobPolicy, name: &str, why: snas_policy::DenyReason) {
     let now = ctx.shared.now();
     let Some(suppressed) = ctx.shared.engine().admit_audit(p.job_key, now.mono) else {
         return;
@@ -370,7 +373,10 @@ fn audit_refusal(ctx: &Ctx, p: &JobPolicy, name: &str) {
     let r = crate::tier2::AuditRecord {
         unix_secs: now.unix_secs,
         action: crate::tier2::Action::Refuse,
-        reason: Some(Reason::DnsRefused),
+        reason: Some(match why {
+            snas_policy::DenyReason::DenyRule(_) => Reason::DenyRule,
+            _ => Reason::DnsRefused,
+        }),
         tenant: Arc::clone(&p.tenant),
         job: Arc::clone(&p.job),
         job_key: p.job_key,
@@ -378,7 +384,10 @@ fn audit_refusal(ctx: &Ctx, p: &JobPolicy, name: &str) {
         src: (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
         dst: (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
         hostname: Some(Arc::from(name)),
-        rule: None,
+        rule: match why {
+            snas_policy::DenyReason::DenyRule(n) => Some(n),
+            _ => None,
+        },
         egress: None,
         bytes: 0,
         suppressed,

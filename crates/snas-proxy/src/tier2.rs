@@ -245,6 +245,9 @@ pub enum Action {
     Deny,
     /// Allowed by policy but refused by a limit.
     Refuse,
+    /// Audit mode: no rule allows it (`reason` says why it would be denied), let through and
+    /// NATed.
+    WouldDeny,
 }
 
 impl Action {
@@ -254,6 +257,7 @@ impl Action {
             Action::Allow => "allow",
             Action::Deny => "deny",
             Action::Refuse => "refuse",
+            Action::WouldDeny => "would_deny",
         }
     }
 }
@@ -281,7 +285,8 @@ pub struct AuditRecord {
     pub dst: (IpAddr, u16),
     /// The name the destination was bound from, if any.
     pub hostname: Option<Arc<str>>,
-    /// Index of the rule that allowed it (or that matched the name on a port deny).
+    /// Index of the rule that allowed it (or that matched the name on a port deny); for
+    /// reason `deny_rule`, the index of the deny rule.
     pub rule: Option<usize>,
     /// The NAT tuple, when allowed.
     pub egress: Option<(IpAddr, u16)>,
@@ -916,7 +921,9 @@ impl Tier2 {
         self.jobs.insert(opt.job_key, state);
     }
 
-    /// The policy decision for a destination: via the names bound to it, else by address.
+    /// The policy decision for a destination: via the names bound to it, else by address. Of
+    /// the names, an allowing one wins, then one audit mode lets through, then a port denial
+    /// (a deny host rule denies its name, not an address another name allows).
     fn decide(
         &self,
         policy: &JobPolicy,
@@ -925,14 +932,20 @@ impl Tier2 {
         t: Transport,
         now: Nanos,
     ) -> (Decision, Option<Arc<str>>) {
+        let rank = |d: &Decision| match d {
+            Decision::Allow { .. } => 3,
+            Decision::WouldDeny(_) => 2,
+            Decision::Deny(DenyReason::PortDenied) => 1,
+            Decision::Deny(_) => 0,
+        };
         let mut best: Option<(Decision, Arc<str>)> = None;
         for name in self.bindings.names(policy.job_key, ip, now) {
             let d = policy.matcher.check_resolved(name, ip, port, t);
-            match d {
-                Decision::Allow { .. } => return (d, Some(Arc::clone(name))),
-                Decision::Deny(DenyReason::PortDenied) => best = Some((d, Arc::clone(name))),
-                Decision::Deny(_) if best.is_none() => best = Some((d, Arc::clone(name))),
-                Decision::Deny(_) => {}
+            if d.is_allow() {
+                return (d, Some(Arc::clone(name)));
+            }
+            if best.as_ref().is_none_or(|(b, _)| rank(&d) > rank(b)) {
+                best = Some((d, Arc::clone(name)));
             }
         }
         match best {
@@ -967,7 +980,12 @@ impl Tier2 {
         let outcome = self.admit_checks(policy, key, proto, now, &mut record);
         match outcome {
             Ok((_, ip, port)) => {
-                record.action = Action::Allow;
+                // A reason on an admitted flow is the one audit mode let it through despite.
+                record.action = if record.reason.is_some() {
+                    Action::WouldDeny
+                } else {
+                    Action::Allow
+                };
                 record.egress = Some((ip, port));
             }
             Err(r) => {
@@ -978,6 +996,7 @@ impl Tier2 {
                         | Reason::PortDenied
                         | Reason::AlwaysDenied
                         | Reason::InfrastructureDenied
+                        | Reason::DenyRule
                 ) {
                     record.action = Action::Refuse;
                 }
@@ -1007,7 +1026,14 @@ impl Tier2 {
         record.hostname = name;
         match decision {
             Decision::Allow { rule } => record.rule = Some(rule),
-            Decision::Deny(d) => return Err(d.reason()),
+            // Audit mode: on through the limits, audited `would_deny` with this reason.
+            Decision::WouldDeny(d) => record.reason = Some(d.reason()),
+            Decision::Deny(d) => {
+                if let DenyReason::DenyRule(n) = d {
+                    record.rule = Some(n);
+                }
+                return Err(d.reason());
+            }
         }
         if self.conntrack.open_connections_of_job(key.job) >= policy.limits.max_connections {
             return Err(Reason::ConnectionLimit);

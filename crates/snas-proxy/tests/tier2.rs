@@ -1412,3 +1412,106 @@ fn a_jobs_denied_packets_are_counted_under_its_tenant_and_forged_ones_under_unkn
         1000
     );
 }
+
+/// A job with deny rules, in `mode` (`enforce` or `audit`), keyed `jti-deny-0000000N`.
+fn deny_fixture(mode: &str) -> (Fixture, SnasOption) {
+    let (key, bundle) = key();
+    let mut f = Fixture::new();
+    let src = format!(
+        r#"
+mode = "{mode}"
+tenant = "acme"
+job = "job-deny"
+node = "192.0.2.7"
+[[egress]]
+host = "*.example.com:0"
+[[egress]]
+cidr = "203.0.113.0/24"
+ports = "0"
+[[deny]]
+host = "tracker.example.com:0"
+[[deny]]
+cidr = "203.0.113.64/26"
+ports = "0"
+protocol = "any"
+[limits]
+max_connections = 2
+"#
+    );
+    let jti = format!("jti-deny-{mode:0>8}");
+    f.policies.insert(policy(&src, &jti, 1, &f.key, &f.bundle));
+    let _ = (key, bundle);
+    let opt = f.option(&jti);
+    (f, opt)
+}
+
+const DENIED_NET: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 70));
+const ELSEWHERE: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 9));
+
+#[test]
+fn a_deny_rule_refuses_what_an_allow_rule_covers_and_the_audit_names_it() {
+    let (mut f, opt) = deny_fixture("enforce");
+    let job = opt.job_key;
+    let exp = f.mono.saturating_add(Duration::from_secs(300));
+    // Allowed by the cidr rule, denied by deny rule 1 whatever name it is reached through.
+    f.tier2
+        .bindings_mut()
+        .bind(job, DENIED_NET, "www.example.com", exp);
+    let (v, _, refusal) = f.send(NODE, opt, &syn(41000, DENIED_NET, 443));
+    refused_rst(&v, &refusal, Reason::DenyRule);
+    let a = decisions(&mut f);
+    assert_eq!(
+        (a[0].action, a[0].reason, a[0].rule),
+        (Action::Deny, Some(Reason::DenyRule), Some(1))
+    );
+    // A denied name: deny rule 0. Its address stays open to an allowed name bound to it.
+    f.tier2
+        .bindings_mut()
+        .bind(job, API, "tracker.example.com", exp);
+    let (v, _, refusal) = f.send(NODE, opt, &syn(41001, API, 443));
+    refused_rst(&v, &refusal, Reason::DenyRule);
+    assert_eq!(decisions(&mut f)[0].rule, Some(0));
+    f.tier2
+        .bindings_mut()
+        .bind(job, API, "api.example.com", exp);
+    let (v, _, _) = f.send(NODE, opt, &syn(41002, API, 443));
+    assert!(matches!(v, Verdict::ToInternet { .. }), "{v:?}");
+    assert_eq!(f.tier2.drops()[Reason::DenyRule.code() as usize], 2);
+}
+
+#[test]
+fn audit_mode_lets_public_destinations_through_as_would_deny_but_not_deny_rules_or_private() {
+    let (mut f, opt) = deny_fixture("audit");
+    // Outside every rule, public: through, NATed, audited would_deny.
+    let (v, _, _) = f.send(NODE, opt, &syn(42000, ELSEWHERE, 8080));
+    assert!(matches!(v, Verdict::ToInternet { .. }), "{v:?}");
+    let a = decisions(&mut f);
+    assert_eq!(
+        (a[0].action, a[0].reason),
+        (Action::WouldDeny, Some(Reason::DestinationDenied))
+    );
+    assert!(a[0].egress.is_some());
+    // Allowed by a rule: a plain allow.
+    let (v, _, _) = f.send(NODE, opt, &syn(42001, API, 22));
+    assert!(matches!(v, Verdict::ToInternet { .. }), "{v:?}");
+    assert_eq!(decisions(&mut f)[0].action, Action::Allow);
+    // Deny rules, private addresses, metadata and infrastructure stay refused.
+    let (v, _, refusal) = f.send(NODE, opt, &syn(42002, DENIED_NET, 443));
+    refused_rst(&v, &refusal, Reason::DenyRule);
+    for (i, (dst, why)) in [
+        ("10.0.0.5", Reason::AlwaysDenied),
+        ("169.254.169.254", Reason::InfrastructureDenied),
+        ("169.254.1.1", Reason::AlwaysDenied),
+        ("192.0.2.100", Reason::InfrastructureDenied),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dst: IpAddr = dst.parse().unwrap();
+        let (v, _, refusal) = f.send(NODE, opt, &syn(42010 + i as u16, dst, 80));
+        refused_rst(&v, &refusal, why);
+    }
+    // Limits still apply: max_connections = 2 (two flows are open).
+    let (v, _, refusal) = f.send(NODE, opt, &syn(42020, ELSEWHERE, 8081));
+    refused_rst(&v, &refusal, Reason::ConnectionLimit);
+}

@@ -655,3 +655,121 @@ fn explain_says_any_host_rules_allow_names_but_not_raw_addresses() {
          port/protocol)\n",
     );
 }
+
+const DENY_AUDIT: &str = r#"mode = "audit"
+tenant = "acme"
+job = "learn"
+[[egress]]
+host = "*.example.com:0"
+[[egress]]
+cidr = "203.0.113.0/24"
+ports = "0"
+[[deny]]
+host = "tracker.example.com:0"
+protocol = "any"
+[[deny]]
+cidr = "203.0.113.64/26"
+ports = "0"
+"#;
+
+#[test]
+fn explain_names_the_deny_rule_and_what_audit_mode_lets_through() {
+    let f = Fixture::new();
+    f.write("policy.toml", DENY_AUDIT);
+    snas()
+        .args(["policy", "check"])
+        .arg(f.path("policy.toml"))
+        .assert()
+        .code(0)
+        .stdout(predicates::str::contains(
+            "2 rules (1 host, 1 cidr), 2 deny rules, mode audit",
+        ));
+    let key = f.keygen("keys", "k1");
+    let tok = f.write("token", &f.sign(&key, &[]));
+    let run = |dests: &[&str]| {
+        let mut c = snas();
+        c.args(["policy", "explain", "--trust"])
+            .arg(f.path("keys"))
+            .args(["--infrastructure", "192.0.2.0/24"])
+            .arg(&tok)
+            .args(dests);
+        c.assert()
+    };
+    run(&["api.example.com:443", "203.0.113.9:22"]).code(0);
+    run(&[
+        "tracker.example.com:443",
+        "203.0.113.70:443",
+        "www.example.org:443",
+        "198.51.100.7:8080/udp",
+        "10.0.0.1:443",
+        "192.0.2.21:443",
+    ])
+    .code(1)
+    .stdout(
+        "deny tracker.example.com:443/tcp deny_rule (deny rule 0: host tracker.example.com:0/any)\n\
+         deny 203.0.113.70:443/tcp deny_rule (deny rule 1: cidr 203.0.113.64/26 ports 0/tcp)\n\
+         would_deny www.example.org:443/tcp destination_denied (audit mode: let through and audited; no rule names this destination)\n\
+         would_deny 198.51.100.7:8080/udp destination_denied (audit mode: let through and audited; no rule names this destination)\n\
+         deny 10.0.0.1:443/tcp always_denied (private (RFC 1918) 10.0.0.0/8)\n\
+         deny 192.0.2.21:443/tcp infrastructure_denied (infrastructure 192.0.2.0/24)\n",
+    );
+}
+
+#[test]
+fn suggest_writes_a_policy_that_checks_from_agent_and_proxy_logs() {
+    let f = Fixture::new();
+    let agent = f.write(
+        "agent.log",
+        concat!(
+            r#"{"time":"2026-12-06T04:00:00.000Z","tier":1,"kind":"dns","action":"would_deny","tenant":"acme","job":"learn","job_key":"1f0c000000000001","proto":"udp","src":"10.255.0.2","dst":null,"port":53,"hostname":"www.example.org","rule":null,"reason":"destination_denied","bytes":40,"qtype":"A","addrs":["203.0.113.10"]}"#,
+            "\n",
+            r#"{"time":"2026-12-06T04:00:00.100Z","tier":1,"action":"would_deny","tenant":"acme","job":"learn","job_key":"1f0c000000000001","proto":"tcp","src":"10.255.0.2","dst":"203.0.113.10","port":443,"hostname":null,"rule":null,"reason":"destination_denied","bytes":0}"#,
+            "\n",
+            "not json\n",
+        ),
+    );
+    let proxy = f.write(
+        "proxy.jsonl",
+        concat!(
+            r#"{"time":"2026-12-06T04:00:00Z","tier":2,"kind":"flow","action":"would_deny","tenant":"acme","job":"learn","job_key":"1f0c000000000001","proto":"udp","src":"10.255.0.2:5000","dst":"198.51.100.9","port":7,"reason":"destination_denied","bytes":30,"egress":"198.51.100.1:40000"}"#,
+            "\n",
+        ),
+    );
+    let out = snas()
+        .args(["policy", "suggest", "--job", "learn"])
+        .arg(&agent)
+        .arg(&proxy)
+        .assert()
+        .code(0)
+        .stderr(predicates::str::contains("1 lines are not audit lines"))
+        .get_output()
+        .stdout
+        .clone();
+    let toml = String::from_utf8(out).expect("utf8");
+    assert!(toml.contains("host = \"www.example.org:443\""), "{toml}");
+    assert!(
+        toml.contains("cidr = \"198.51.100.9/32\"\nports = \"7\"\nprotocol = \"udp\""),
+        "{toml}"
+    );
+    let p = f.write("suggested.toml", &toml);
+    snas().args(["policy", "check"]).arg(&p).assert().code(0);
+    snas()
+        .args(["policy", "suggest", "--job", "nobody"])
+        .arg(&agent)
+        .assert()
+        .code(1);
+}
+
+#[test]
+fn schema_prints_draft_2020_12_json() {
+    let out = snas()
+        .args(["policy", "schema"])
+        .assert()
+        .code(0)
+        .get_output()
+        .stdout
+        .clone();
+    let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
+    assert_eq!(v["$schema"], "https://json-schema.org/draft/2020-12/schema");
+    assert_eq!(v["properties"]["mode"]["enum"][1], "audit");
+}

@@ -29,6 +29,10 @@
 #define JOB_F_IPV6_RULES 1
 /* Set by userspace when the program is attached to the veth (not read by BPF). */
 #define JOB_F_ATTACHED 2
+/* The policy's mode is "audit": a destination denied only because no rule allows it
+ * (destination_denied, port_denied) passes, audited AUDIT_WOULD_DENY once per new flow;
+ * infrastructure, always-denied ranges and deny rules stay denied. */
+#define JOB_F_AUDIT 4
 
 /* Per-job configuration, keyed by the host-side veth ifindex (u32). */
 struct job_cfg {
@@ -190,6 +194,10 @@ struct counter_val {
 
 #define AUDIT_DENY 1
 #define AUDIT_NEW_FLOW 2
+#define AUDIT_WOULD_DENY 3	/* audit mode: `reason` is why it would have been denied */
+/* Deny CIDR prefixes per job (MAX_DENY / MAX_DENY6 entries node-wide). */
+#define MAX_DENY 16384
+#define MAX_DENY6 4096
 
 struct audit_event {
 	__u64 ts_ns;
@@ -279,6 +287,26 @@ struct {
 	__type(key, struct cidr6_key);
 	__type(value, struct dst_val);
 } snas_dst6_cidr SEC(".maps");
+
+/* A job's deny CIDR rules (`[[deny]]`), checked before any allow entry: a match on the port and
+ * protocol drops as deny_rule. An LPM lookup finds only the longest prefix, so userspace
+ * writes into every entry the port rules of the job's deny prefixes that contain it
+ * (Tier1::set_deny); no expiry. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, MAX_DENY);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct cidr_key);
+	__type(value, struct dst_val);
+} snas_deny_cidr SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, MAX_DENY6);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct cidr6_key);
+	__type(value, struct dst_val);
+} snas_deny6_cidr SEC(".maps");
 
 /* Node-wide infrastructure prefixes: denied for every job whatever its rules say. */
 struct infra_key {

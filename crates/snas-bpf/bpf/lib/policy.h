@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /* policy.h - the (job, destination, port, protocol) decision.
  *
- * Owns: the node's infrastructure set (snas_infra/snas_infra6, checked before any job entry
+ * Owns: the job's deny CIDR rules (snas_deny_cidr/snas_deny6_cidr: checked first, before any
+ * allow entry, for established flows too; a match is deny_rule), the node's infrastructure set (snas_infra/snas_infra6, checked before any job entry
  * and opened by none: infrastructure_denied), the always-denied ranges (a fixed check in C, so
  * that a wrong map entry cannot open them: only an entry carrying DST_F_ALLOW_PRIVATE, which
  * the agent sets only for signed `allow_private` CIDR rules, overrides it), the exact-IP
@@ -115,6 +116,20 @@ static __always_inline int infra_denied6(const __u8 *daddr)
 	return bpf_map_lookup_elem(&snas_infra6, &k) != 0;
 }
 
+/* A deny entry (found by LPM; it carries the rules of every deny prefix containing it)
+ * matches the packet's port and protocol. */
+static __always_inline int deny_match(const struct dst_val *v, const struct pkt *p)
+{
+	return v && ports_match(v, p, 0, 1) == PM_MATCH;
+}
+
+/* Audit mode lets through what no rule allows, nothing else. */
+static __always_inline int audit_relaxes(const struct job_cfg *cfg, int reason)
+{
+	return (cfg->flags & JOB_F_AUDIT) &&
+	       (reason == SNAS_DROP_DESTINATION_DENIED || reason == SNAS_DROP_PORT_DENIED);
+}
+
 /* Returns 0 when allowed, else the drop reason. `est`: the packet belongs to an established
  * flow (expiry does not apply, see above). */
 static __always_inline int policy_check(__u64 job_key, const struct pkt *p, __u64 now, int est)
@@ -130,6 +145,8 @@ static __always_inline int policy_check(__u64 job_key, const struct pkt *p, __u6
 	};
 	int found = 0, reason = SNAS_DROP_DESTINATION_DENIED;
 
+	if (deny_match(bpf_map_lookup_elem(&snas_deny_cidr, &ck), p))
+		return SNAS_DROP_DENY_RULE;
 	if (!dst_entry(bpf_map_lookup_elem(&snas_dst_exact, &dk), p, now_s, est, priv, &found,
 		       &reason))
 		return 0;
@@ -183,6 +200,8 @@ static __always_inline int policy_check6(__u64 job_key, const struct pkt *p, __u
 	__builtin_memcpy(ck.ip, p->daddr6, 16);
 	int found = 0, reason = SNAS_DROP_DESTINATION_DENIED;
 
+	if (deny_match(bpf_map_lookup_elem(&snas_deny6_cidr, &ck), p))
+		return SNAS_DROP_DENY_RULE;
 	if (!dst_entry(bpf_map_lookup_elem(&snas_dst6_exact, &dk), p, now_s, est, priv, &found,
 		       &reason))
 		return 0;

@@ -7,7 +7,7 @@
 use libbpf_rs::{MapCore, MapFlags, TC_EGRESS, TC_INGRESS};
 
 use super::maps::{delete_where, lookup, update};
-use super::rules::cidr_job;
+use super::rules::{cidr6_job, cidr_job};
 use super::tc::{tc_attach, tc_detach};
 use super::{clocks, Tier1, Tier1Error};
 use crate::config::{JobConfig, JobKey};
@@ -157,9 +157,9 @@ impl Tier1 {
         delete_where::<types::dst_key>(&self.maps.dst_exact, |k| k.job_key == job);
         delete_where::<types::cidr_key>(&self.maps.dst_cidr, |k| cidr_job(k).get() == job);
         delete_where::<types::dst6_key>(&self.maps.dst6_exact, |k| k.job_key == job);
-        delete_where::<types::cidr6_key>(&self.maps.dst6_cidr, |k| {
-            (u64::from(u32::from_be(k.job_hi)) << 32) | u64::from(u32::from_be(k.job_lo)) == job
-        });
+        delete_where::<types::cidr6_key>(&self.maps.dst6_cidr, |k| cidr6_job(k).get() == job);
+        delete_where::<types::cidr_key>(&self.maps.deny_cidr, |k| cidr_job(k).get() == job);
+        delete_where::<types::cidr6_key>(&self.maps.deny6_cidr, |k| cidr6_job(k).get() == job);
         delete_where::<types::counter_key>(&self.maps.counters, |k| k.job_key == job);
     }
 }

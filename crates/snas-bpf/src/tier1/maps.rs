@@ -30,6 +30,8 @@ pub(super) struct Maps {
     pub(super) dst_cidr: MapHandle,
     pub(super) dst6_exact: MapHandle,
     pub(super) dst6_cidr: MapHandle,
+    pub(super) deny_cidr: MapHandle,
+    pub(super) deny6_cidr: MapHandle,
     pub(super) proxies: MapHandle,
     pub(super) proxy_by_ip: MapHandle,
     pub(super) maglev: MapHandle,
@@ -60,6 +62,8 @@ impl Maps {
             dst_cidr: m("snas_dst_cidr")?,
             dst6_exact: m("snas_dst6_exact")?,
             dst6_cidr: m("snas_dst6_cidr")?,
+            deny_cidr: m("snas_deny_cidr")?,
+            deny6_cidr: m("snas_deny6_cidr")?,
             proxies: m("snas_proxies")?,
             proxy_by_ip: m("snas_proxy_by_ip")?,
             maglev: m("snas_maglev")?,
@@ -80,7 +84,19 @@ impl Tier1 {
     pub fn check_layouts(&self) -> Result<(), Tier1Error> {
         use std::mem::size_of;
         let m = &self.maps;
-        let checks: [(&MapHandle, usize, usize, &'static str); 20] = [
+        let checks: [(&MapHandle, usize, usize, &'static str); 22] = [
+            (
+                &m.deny_cidr,
+                size_of::<types::cidr_key>(),
+                size_of::<types::dst_val>(),
+                "snas_deny_cidr",
+            ),
+            (
+                &m.deny6_cidr,
+                size_of::<types::cidr6_key>(),
+                size_of::<types::dst_val>(),
+                "snas_deny6_cidr",
+            ),
             (
                 &m.job_conns,
                 size_of::<u32>(),

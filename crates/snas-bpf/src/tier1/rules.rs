@@ -1,14 +1,15 @@
 //! A job's destinations: exact addresses learned from DNS (merged per address, each rule with
-//! its own expiry, see [`crate::binding`]) and CIDR rules, for IPv4 and IPv6.
+//! its own expiry, see [`crate::binding`]) and CIDR rules, for IPv4 and IPv6; and its deny CIDR
+//! rules ([`Tier1::set_deny`]), which the programs check before any of those.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use libbpf_rs::{MapCore, MapHandle};
 
-use super::maps::{lookup, update};
+use super::maps::{delete_where, lookup, update};
 use super::{mono_now, Tier1, Tier1Error};
 use crate::binding::{self, TimedRule};
 use crate::config::{JobKey, PortRule, MAX_PORT_RULES};
@@ -155,6 +156,43 @@ impl Tier1 {
         update(&self.maps.dst6_cidr, &key, &val, "snas_dst6_cidr")
     }
 
+    /// Sets the job's deny CIDR rules (`[[deny]]` cidr rules: network, protocol, ports),
+    /// replacing those it had: new entries are written before the old ones that are no longer
+    /// wanted are removed, so a rule present in both sets never lapses. The programs check
+    /// them before any allow entry, established flows included, and drop a match as
+    /// `deny_rule`. Because an LPM lookup finds only the longest matching prefix, every entry
+    /// carries the rules of the job's deny prefixes that contain it ([`deny_entries`]); an
+    /// entry that would need more than [`MAX_PORT_RULES`] rules denies every port and protocol
+    /// instead (more than asked, never less).
+    pub fn set_deny(&self, job_key: JobKey, rules: &[(IpNet, PortRule)]) -> Result<(), Tier1Error> {
+        let entries = deny_entries(rules);
+        let _w = self.writers();
+        let mut keep4 = Vec::new();
+        let mut keep6 = Vec::new();
+        for (net, rules) in &entries {
+            let val = dst_val(rules, false)?;
+            match net {
+                IpNet::V4(n) => {
+                    let key = cidr_key(job_key, *n);
+                    update(&self.maps.deny_cidr, &key, &val, "snas_deny_cidr")?;
+                    keep4.push(key);
+                }
+                IpNet::V6(n) => {
+                    let key = cidr6_key(job_key, *n);
+                    update(&self.maps.deny6_cidr, &key, &val, "snas_deny6_cidr")?;
+                    keep6.push(key);
+                }
+            }
+        }
+        delete_where::<types::cidr_key>(&self.maps.deny_cidr, |k| {
+            cidr_job(k) == job_key && !keep4.iter().any(|x| bytes_of(x) == bytes_of(k))
+        });
+        delete_where::<types::cidr6_key>(&self.maps.deny6_cidr, |k| {
+            cidr6_job(k) == job_key && !keep6.iter().any(|x| bytes_of(x) == bytes_of(k))
+        });
+        Ok(())
+    }
+
     /// Removes an IPv6 CIDR entry.
     pub fn revoke_cidr6(&self, job_key: JobKey, net: Ipv6Net) -> Result<(), Tier1Error> {
         let _ = self
@@ -187,6 +225,33 @@ fn cidr6_key(job_key: JobKey, net: Ipv6Net) -> types::cidr6_key {
 
 pub(super) fn cidr_job(k: &types::cidr_key) -> JobKey {
     JobKey((u64::from(u32::from_be(k.job_hi)) << 32) | u64::from(u32::from_be(k.job_lo)))
+}
+
+pub(super) fn cidr6_job(k: &types::cidr6_key) -> JobKey {
+    JobKey((u64::from(u32::from_be(k.job_hi)) << 32) | u64::from(u32::from_be(k.job_lo)))
+}
+
+/// The deny map entries of a job's deny rules: one per distinct prefix, holding the rules of
+/// every given prefix that contains it (itself included), deduplicated; more than
+/// [`MAX_PORT_RULES`] become one rule for every port and protocol.
+fn deny_entries(rules: &[(IpNet, PortRule)]) -> Vec<(IpNet, Vec<PortRule>)> {
+    let mut nets: Vec<IpNet> = rules.iter().map(|(n, _)| n.trunc()).collect();
+    nets.sort();
+    nets.dedup();
+    nets.into_iter()
+        .map(|net| {
+            let mut out: Vec<PortRule> = Vec::new();
+            for (outer, r) in rules {
+                if outer.trunc().contains(&net) && !out.contains(r) {
+                    out.push(*r);
+                }
+            }
+            if out.len() > MAX_PORT_RULES {
+                out = vec![PortRule::all(crate::RuleProtocol::Any)];
+            }
+            (net, out)
+        })
+        .collect()
 }
 
 /// A CIDR entry: rules without expiry.
@@ -246,5 +311,37 @@ mod tests {
         assert_eq!(expiry_seconds(Duration::from_millis(90_001)), 91);
         assert_eq!(expiry_seconds(Duration::ZERO), 1, "0 would mean never");
         assert_eq!(expiry_seconds(Duration::from_secs(u64::MAX / 2)), u32::MAX);
+    }
+
+    #[test]
+    fn deny_entries_carry_the_rules_of_every_containing_prefix() {
+        use crate::RuleProtocol::{Any, Tcp, Udp};
+        let n = |s: &str| -> IpNet { s.parse().expect("net") };
+        let ssh = PortRule::port(Tcp, 22);
+        let dns = PortRule::port(Udp, 53);
+        let e = deny_entries(&[
+            (n("203.0.113.0/24"), ssh),
+            (n("203.0.113.128/25"), dns),
+            (n("203.0.113.128/25"), dns),
+            (n("2001:db8::/32"), PortRule::all(Any)),
+            (n("198.51.100.0/24"), dns),
+        ]);
+        assert_eq!(
+            e,
+            vec![
+                (n("198.51.100.0/24"), vec![dns]),
+                (n("203.0.113.0/24"), vec![ssh]),
+                (n("203.0.113.128/25"), vec![ssh, dns]),
+                (n("2001:db8::/32"), vec![PortRule::all(Any)]),
+            ]
+        );
+        // Seventeen rules on one prefix: every port of every protocol instead.
+        let many: Vec<(IpNet, PortRule)> = (1..=17)
+            .map(|p| (n("192.0.2.0/24"), PortRule::port(Tcp, p)))
+            .collect();
+        assert_eq!(
+            deny_entries(&many),
+            vec![(n("192.0.2.0/24"), vec![PortRule::all(Any)])]
+        );
     }
 }

@@ -6,7 +6,10 @@
 //! - `sign`: 0 ok (token on stdout), 2 invalid policy, bad key or unreadable file.
 //! - `verify`: 0 ok (claims as pretty JSON on stdout), 1 verification failed (reason on stderr),
 //!   2 unreadable token or trust bundle.
-//! - `explain`: 0 all destinations allowed, 1 any denied, 2 error (bad token, bad destination).
+//! - `explain`: 0 all destinations allowed, 1 any denied (or only let through by audit mode:
+//!   `would_deny`), 2 error (bad token, bad destination).
+//! - `suggest`: 0 ok (TOML on stdout), 1 no flow of the job in the logs, 2 unreadable input.
+//! - `schema`: 0 (the JSON Schema on stdout).
 //!
 //! The clock and the randomness are read here, never in `snas-policy`.
 
@@ -36,6 +39,28 @@ pub enum PolicyCmd {
     Verify(VerifyArgs),
     /// Say whether a signed policy allows destinations (host:port, ip:port, [v6]:port, optional /udp).
     Explain(ExplainArgs),
+    /// Suggest a policy covering what a job used, from agent and proxy audit logs (JSON lines).
+    Suggest(SuggestArgs),
+    /// Print the JSON Schema (draft 2020-12) of the policy TOML, for editors.
+    Schema,
+}
+
+/// `snas policy suggest`.
+#[derive(Debug, Args)]
+pub struct SuggestArgs {
+    /// The job: its name or its job key (16 hex digits).
+    #[arg(long)]
+    job: String,
+    /// Tenant to write (default: the tenant of the job's audit lines).
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Turn names of N+1 labels that share their last N labels with another used name into
+    /// `*.<last N labels>` (N >= 2). Without it, no wildcards.
+    #[arg(long, value_name = "N")]
+    wildcard_depth: Option<usize>,
+    /// Audit logs (JSON lines of the agent and the proxies), or `-` for stdin.
+    #[arg(required = true)]
+    audit_log: Vec<PathBuf>,
 }
 
 /// `snas policy keygen`.
@@ -129,6 +154,11 @@ pub fn run(cmd: PolicyCmd) -> ExitCode {
         PolicyCmd::Sign(a) => sign(&a).map_err(|e| (2, e)),
         PolicyCmd::Verify(a) => verify(&a),
         PolicyCmd::Explain(a) => explain(&a),
+        PolicyCmd::Suggest(a) => suggest(&a),
+        PolicyCmd::Schema => {
+            print!("{}", snas_policy::schema::POLICY_SCHEMA);
+            Ok(0)
+        }
     };
     match res {
         Ok(code) => ExitCode::from(code),
@@ -212,8 +242,18 @@ fn check(a: &CheckArgs) -> std::result::Result<u8, (u8, anyhow::Error)> {
         .iter()
         .filter(|r| matches!(r, snas_policy::EgressRule::Host { .. }))
         .count();
+    let deny = if d.deny.is_empty() {
+        String::new()
+    } else {
+        format!(", {} deny rules", d.deny.len())
+    };
+    let mode = if d.mode.is_enforce() {
+        String::new()
+    } else {
+        format!(", mode {}", d.mode)
+    };
     println!(
-        "{}: ok: tenant {}, job {}, {} rules ({} host, {} cidr), ttl {}, egress {}, ingress {}, max_connections {}",
+        "{}: ok: tenant {}, job {}, {} rules ({} host, {} cidr){deny}{mode}, ttl {}, egress {}, ingress {}, max_connections {}",
         display_name(&a.file),
         d.tenant,
         d.job,
@@ -431,32 +471,108 @@ fn explain_one(
             };
             (true, format!("allow {shown} rule {rule} ({text})"))
         }
+        Decision::Deny(DenyReason::DenyRule(n)) => {
+            let text = claims
+                .deny
+                .get(n)
+                .map(|r| r.to_string())
+                .unwrap_or_default();
+            (
+                false,
+                format!("deny {shown} deny_rule (deny rule {n}: {text})"),
+            )
+        }
+        Decision::WouldDeny(r) => (
+            false,
+            format!(
+                "would_deny {shown} {r} (audit mode: let through and audited; {})",
+                deny_detail(m, claims, r, target, port, t)
+                    .trim_start_matches(" (")
+                    .trim_end_matches(')')
+            ),
+        ),
         Decision::Deny(r) => {
-            let detail = match (r, target) {
-                (DenyReason::AlwaysDenied | DenyReason::Infrastructure, Target::Ip(ip)) => m
-                    .denied_range(*ip)
-                    .map(|(net, label)| format!(" ({label} {net})"))
-                    .unwrap_or_default(),
-                (DenyReason::PortDenied, _) => {
-                    " (a rule names this destination, but not this port/protocol)".to_owned()
-                }
-                (DenyReason::DestinationDenied, Target::Ip(_)) => {
-                    match any_host_rule(claims, port, t) {
-                        Some(r) => format!(
-                            " (no cidr rule covers this address; rule {r} `0.0.0.0` allows host \
-                             names, not addresses)"
-                        ),
-                        None => " (no rule names this destination)".to_owned(),
-                    }
-                }
-                (DenyReason::DestinationDenied, _) => {
-                    " (no rule names this destination)".to_owned()
-                }
-                _ => String::new(),
-            };
+            let detail = deny_detail(m, claims, r, target, port, t);
             (false, format!("deny {shown} {r}{detail}"))
         }
     }
+}
+
+/// Why a destination is denied, as ` (…)` (or empty).
+fn deny_detail(
+    m: &Matcher,
+    claims: &snas_policy::PolicyClaims,
+    r: DenyReason,
+    target: &Target,
+    port: u16,
+    t: Transport,
+) -> String {
+    match (r, target) {
+        (DenyReason::AlwaysDenied | DenyReason::Infrastructure, Target::Ip(ip)) => m
+            .denied_range(*ip)
+            .map(|(net, label)| format!(" ({label} {net})"))
+            .unwrap_or_default(),
+        (DenyReason::PortDenied, _) => {
+            " (a rule names this destination, but not this port/protocol)".to_owned()
+        }
+        (DenyReason::DestinationDenied, Target::Ip(_)) => match any_host_rule(claims, port, t) {
+            Some(r) => format!(
+                " (no cidr rule covers this address; rule {r} `0.0.0.0` allows host \
+                             names, not addresses)"
+            ),
+            None => " (no rule names this destination)".to_owned(),
+        },
+        (DenyReason::DestinationDenied, _) => " (no rule names this destination)".to_owned(),
+        _ => String::new(),
+    }
+}
+
+fn suggest(a: &SuggestArgs) -> std::result::Result<u8, (u8, anyhow::Error)> {
+    let mut lines = Vec::new();
+    let mut unreadable = 0usize;
+    for path in &a.audit_log {
+        let text = read_log(path).map_err(|e| (2, e))?;
+        for l in text.lines().filter(|l| !l.trim().is_empty()) {
+            match serde_json::from_str::<snas_policy::audit::AuditLine>(l) {
+                Ok(line) => lines.push(line),
+                Err(_) => unreadable += 1,
+            }
+        }
+    }
+    if unreadable > 0 {
+        eprintln!("warning: {unreadable} lines are not audit lines and were skipped");
+    }
+    let opts = snas_policy::suggest::SuggestOptions {
+        job: a.job.clone(),
+        tenant: a.tenant.clone(),
+        wildcard_depth: a.wildcard_depth,
+    };
+    match snas_policy::suggest::suggest(lines, &opts) {
+        Ok(s) => {
+            print!("{}", s.toml);
+            eprintln!(
+                "{} flows of {} audit lines of the job: {} rules",
+                s.flows, s.job_lines, s.rules
+            );
+            Ok(0)
+        }
+        Err(e @ snas_policy::suggest::SuggestError::NoFlows(..)) => Err((1, anyhow!(e))),
+        Err(e) => Err((2, anyhow!(e))),
+    }
+}
+
+/// Reads an audit log (or stdin for `-`): no size limit, logs are long.
+fn read_log(path: &Path) -> Result<String> {
+    if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin()
+            .lock()
+            .read_to_string(&mut s)
+            .context("reading stdin")?;
+        return Ok(s);
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 fn explain(a: &ExplainArgs) -> std::result::Result<u8, (u8, anyhow::Error)> {
