@@ -141,12 +141,14 @@ pub fn parse_policy(src: &str) -> Result<PolicyDraft, CheckErrors> {
     for (i, r) in raw.egress.iter().enumerate() {
         let table = r.span();
         let r = r.get_ref();
-        let res = EgressRule::from_parts(
+        let res = EgressRule::from_parts_with_names(
             r.host.as_ref().map(|s| s.get_ref().as_str()),
             r.cidr.as_ref().map(|s| s.get_ref().as_str()),
             r.ports.as_ref().map(|s| s.get_ref().0.as_str()),
             r.protocol.as_ref().map(|s| s.get_ref().as_str()),
             r.allow_private.as_ref().map(|s| *s.get_ref()),
+            r.names.as_ref().map(|s| s.get_ref().as_str()),
+            r.require_name.as_ref().map(|s| *s.get_ref()),
         );
         match res {
             Ok(rule) => egress.push(rule),
@@ -157,6 +159,8 @@ pub fn parse_policy(src: &str) -> Result<PolicyDraft, CheckErrors> {
                     "ports" => r.ports.as_ref().map(Spanned::span),
                     "protocol" => r.protocol.as_ref().map(Spanned::span),
                     "allow_private" => r.allow_private.as_ref().map(Spanned::span),
+                    "names" => r.names.as_ref().map(Spanned::span),
+                    "require_name" => r.require_name.as_ref().map(Spanned::span),
                     _ => None,
                 }
                 .unwrap_or_else(|| table.clone());
@@ -320,6 +324,10 @@ struct RawEgress {
     protocol: Option<Spanned<String>>,
     #[serde(default)]
     allow_private: Option<Spanned<bool>>,
+    #[serde(default)]
+    names: Option<Spanned<String>>,
+    #[serde(default)]
+    require_name: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -476,6 +484,19 @@ max_connections = 64
         let e = errors("tenant = \"a\"\njob = \"j\"\n[[egress]]\ncidr = \"203.0.113.0/24\"\n");
         assert_eq!(e[0].field, "egress[0].ports");
         assert!(e[0].line == 3 || e[0].line == 4, "line {}", e[0].line);
+    }
+
+    #[test]
+    fn name_check_keys_parse_and_are_located_on_cidr_rules() {
+        let d = parse_policy(
+            "tenant = \"a\"\njob = \"j\"\n[[egress]]\nhost = \"a.example.com\"\nrequire_name = true\n",
+        )
+        .expect("valid");
+        assert!(d.egress[0].name_check().expect("host").require_name);
+        let e = errors(
+            "tenant = \"a\"\njob = \"j\"\n[[egress]]\ncidr = \"203.0.113.0/24\"\nports = 1\nnames = \"off\"\n",
+        );
+        assert_eq!((e[0].line, e[0].field.as_str()), (6, "egress[0].names"));
     }
 
     #[test]

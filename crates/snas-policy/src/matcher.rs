@@ -305,7 +305,7 @@ pub fn compile_rules(egress: &[EgressRule], infra: &[IpNet]) -> Matcher {
     for (i, rule) in egress.iter().enumerate() {
         let idx = i as u32;
         match rule {
-            EgressRule::Host { host, protocol } => {
+            EgressRule::Host { host, protocol, .. } => {
                 m.rules.push(RuleInfo {
                     ports: host.ports,
                     protocol: *protocol,
