@@ -368,6 +368,7 @@ struct Pending {
     key: FlowKey,
     tenant: TenantId,
     rule: NameCheck,
+    rule_index: usize,
     /// TCP: the sequence number of the first payload byte (ISN + 1). UDP: unused.
     base: u32,
     /// TCP: the last acknowledgement number the client sent (for the RST to the server).
@@ -403,11 +404,28 @@ pub enum Step {
     Held,
     /// The flow's first payload is classified: the engine decides with [`check`] and calls
     /// [`NameChecks::pass`] or [`NameChecks::reject`].
-    Decide(Classified),
+    Decide(Decide),
     /// Dropped (counted by the engine): over a hold bound, or not part of the stream.
     Drop(Reason),
     /// The flow was rejected earlier: refuse (TCP) or drop (UDP) with this reason.
     Rejected(Reason),
+}
+
+/// A flow whose first payload classified, to be decided by the engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decide {
+    /// The flow.
+    pub id: FlowId,
+    /// Its key.
+    pub key: FlowKey,
+    /// Its tenant.
+    pub tenant: TenantId,
+    /// The check of the rule that allowed it.
+    pub rule: NameCheck,
+    /// That rule's index.
+    pub rule_index: usize,
+    /// What its first payload is.
+    pub classified: Classified,
 }
 
 /// A fast, deterministic hasher for [`FlowId`]s (slab indices, not chosen by senders).
@@ -485,14 +503,16 @@ impl NameChecks {
         self.total_bytes
     }
 
-    /// Starts checking flow `id` (just admitted under `rule`) at `now`. `syn_seq`: the ISN of a
-    /// TCP flow (`None` for UDP).
+    /// Starts checking flow `id` (just admitted under rule `rule_index`, whose check is `rule`)
+    /// at `now`. `syn_seq`: the ISN of a TCP flow (`None` for UDP).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         &mut self,
         id: FlowId,
         key: FlowKey,
         tenant: TenantId,
         rule: NameCheck,
+        rule_index: usize,
         syn_seq: Option<u32>,
         now: Nanos,
     ) {
@@ -500,6 +520,7 @@ impl NameChecks {
             key,
             tenant,
             rule,
+            rule_index,
             base: syn_seq.map_or(0, |s| s.wrapping_add(1)),
             ack: 0,
             deadline: now.saturating_add(self.cfg.max_wait),
@@ -627,9 +648,17 @@ impl NameChecks {
         self.total_bytes += size;
         match classified {
             None => Step::Held,
-            Some(c) => {
+            Some(classified) => {
+                let d = Decide {
+                    id,
+                    key: p.key,
+                    tenant: p.tenant,
+                    rule: p.rule,
+                    rule_index: p.rule_index,
+                    classified,
+                };
                 self.stats.inspected += 1;
-                Step::Decide(c)
+                Step::Decide(d)
             }
         }
     }
@@ -695,7 +724,7 @@ impl NameChecks {
 
     /// Flows whose wait ended by `now`, each with what its first payload is (decided as if no
     /// more bytes will come). The engine decides them as [`Step::Decide`].
-    pub fn due(&mut self, now: Nanos) -> Vec<(FlowId, FlowKey, TenantId, NameCheck, Classified)> {
+    pub fn due(&mut self, now: Nanos) -> Vec<Decide> {
         let mut out = Vec::new();
         for (id, gate) in &mut self.flows {
             let Gate::Pending(p) = gate else { continue };
@@ -717,7 +746,14 @@ impl NameChecks {
                 )
                 .unwrap_or(Classified::Malformed(Wire::Tls, "unfinished"))
             };
-            out.push((*id, p.key, p.tenant, p.rule, c));
+            out.push(Decide {
+                id: *id,
+                key: p.key,
+                tenant: p.tenant,
+                rule: p.rule,
+                rule_index: p.rule_index,
+                classified: c,
+            });
         }
         self.stats.timed_out += out.len() as u64;
         self.stats.inspected += out.len() as u64;
