@@ -8,9 +8,47 @@
 //!   still read a name from it.
 //! - More than one `Host` header is malformed (RFC 9112 §3.2: a server must answer 400).
 //! - Every name the head carries is returned; the caller checks all of them.
+//! - An unfinished first line waits for more bytes only while its method could still be one of
+//!   [`METHODS`] (or the method is complete): a client that sends `hi` and waits for an answer
+//!   is not HTTP and is not held. The cost: a request with an unregistered method whose first
+//!   segment stops inside the method is "not HTTP" (`require_name = true` refuses it).
 
 /// Headers read at most; more is [`Head::Malformed`].
 pub const MAX_HEADERS: usize = 64;
+/// The methods of the HTTP method registry (and common extensions) a request may start with.
+pub const METHODS: [&str; 30] = [
+    "GET",
+    "HEAD",
+    "POST",
+    "PUT",
+    "DELETE",
+    "CONNECT",
+    "OPTIONS",
+    "TRACE",
+    "PATCH",
+    "QUERY",
+    "PROPFIND",
+    "PROPPATCH",
+    "MKCOL",
+    "COPY",
+    "MOVE",
+    "LOCK",
+    "UNLOCK",
+    "SEARCH",
+    "REPORT",
+    "MKACTIVITY",
+    "CHECKOUT",
+    "MERGE",
+    "M-SEARCH",
+    "NOTIFY",
+    "SUBSCRIBE",
+    "UNSUBSCRIBE",
+    "PURGE",
+    "LINK",
+    "UNLINK",
+    "ACL",
+];
+
 /// Longest DNS name in text form.
 const MAX_NAME: usize = 253;
 
@@ -35,7 +73,8 @@ pub fn request_head(stream: &[u8]) -> Head {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(stream) {
-        Ok(httparse::Status::Partial) => Head::Incomplete,
+        Ok(httparse::Status::Partial) if may_become_request(stream) => Head::Incomplete,
+        Ok(httparse::Status::Partial) => Head::NotHttp,
         Ok(httparse::Status::Complete(_)) => names_of(&req),
         Err(e) if has_request_line(stream) => Head::Malformed(match e {
             httparse::Error::TooManyHeaders => "too many headers",
@@ -45,6 +84,20 @@ pub fn request_head(stream: &[u8]) -> Head {
             _ => "request head",
         }),
         Err(_) => Head::NotHttp,
+    }
+}
+
+/// Whether a head `httparse` found unfinished is worth waiting for: its method is complete (a
+/// space follows it) or is a prefix of a registered method.
+fn may_become_request(stream: &[u8]) -> bool {
+    let start = stream
+        .iter()
+        .position(|b| *b != b'\r' && *b != b'\n')
+        .unwrap_or(stream.len());
+    let s = &stream[start..];
+    match s.iter().position(|b| *b == b' ') {
+        Some(_) => true,
+        None => METHODS.iter().any(|m| m.as_bytes().starts_with(s)),
     }
 }
 
@@ -193,6 +246,9 @@ mod tests {
     #[test]
     fn partial_heads_wait_and_other_protocols_are_not_http() {
         assert_eq!(request_head(b"GE"), Head::Incomplete);
+        assert_eq!(request_head(b"\r\nPROPF"), Head::Incomplete);
+        assert_eq!(request_head(b"hi"), Head::NotHttp);
+        assert_eq!(request_head(b"FOO /x"), Head::Incomplete);
         assert_eq!(
             request_head(b"GET / HTTP/1.1\r\nHost: a.exa"),
             Head::Incomplete
