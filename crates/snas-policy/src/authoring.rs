@@ -152,8 +152,13 @@ pub fn parse_policy(src: &str) -> Result<PolicyDraft, CheckErrors> {
             ),
         );
     }
-    let egress = rule_list(&raw.egress, "egress", EgressRule::from_parts, &mut push);
-    let deny = rule_list(&raw.deny, "deny", DenyRule::from_parts, &mut push);
+    let egress = rule_list(
+        &raw.egress,
+        "egress",
+        EgressRule::from_parts_with_names,
+        &mut push,
+    );
+    let deny = rule_list(&raw.deny, "deny", DenyRule::from_parts_with_names, &mut push);
     let mut limits = Limits::default();
     if let Some(l) = &raw.limits {
         let mut bps = |v: &Option<Spanned<String>>, name: &str, out: &mut Bps| {
@@ -222,6 +227,8 @@ type RuleParts<T> = fn(
     Option<&str>,
     Option<&str>,
     Option<bool>,
+    Option<&str>,
+    Option<bool>,
 ) -> Result<T, RuleError>;
 
 /// Validates `[[egress]]` or `[[deny]]` tables (`list` names the array in error fields).
@@ -241,6 +248,8 @@ fn rule_list<T>(
             r.ports.as_ref().map(|s| s.get_ref().0.as_str()),
             r.protocol.as_ref().map(|s| s.get_ref().as_str()),
             r.allow_private.as_ref().map(|s| *s.get_ref()),
+            r.names.as_ref().map(|s| s.get_ref().as_str()),
+            r.require_name.as_ref().map(|s| *s.get_ref()),
         );
         match res {
             Ok(rule) => out.push(rule),
@@ -251,6 +260,8 @@ fn rule_list<T>(
                     "ports" => r.ports.as_ref().map(Spanned::span),
                     "protocol" => r.protocol.as_ref().map(Spanned::span),
                     "allow_private" => r.allow_private.as_ref().map(Spanned::span),
+                    "names" => r.names.as_ref().map(Spanned::span),
+                    "require_name" => r.require_name.as_ref().map(Spanned::span),
                     _ => None,
                 }
                 .unwrap_or_else(|| table.clone());
@@ -361,6 +372,10 @@ struct RawEgress {
     protocol: Option<Spanned<String>>,
     #[serde(default)]
     allow_private: Option<Spanned<bool>>,
+    #[serde(default)]
+    names: Option<Spanned<String>>,
+    #[serde(default)]
+    require_name: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -517,6 +532,19 @@ max_connections = 64
         let e = errors("tenant = \"a\"\njob = \"j\"\n[[egress]]\ncidr = \"203.0.113.0/24\"\n");
         assert_eq!(e[0].field, "egress[0].ports");
         assert!(e[0].line == 3 || e[0].line == 4, "line {}", e[0].line);
+    }
+
+    #[test]
+    fn name_check_keys_parse_and_are_located_on_cidr_rules() {
+        let d = parse_policy(
+            "tenant = \"a\"\njob = \"j\"\n[[egress]]\nhost = \"a.example.com\"\nrequire_name = true\n",
+        )
+        .expect("valid");
+        assert!(d.egress[0].name_check().expect("host").require_name);
+        let e = errors(
+            "tenant = \"a\"\njob = \"j\"\n[[egress]]\ncidr = \"203.0.113.0/24\"\nports = 1\nnames = \"off\"\n",
+        );
+        assert_eq!((e[0].line, e[0].field.as_str()), (6, "egress[0].names"));
     }
 
     #[test]

@@ -363,7 +363,7 @@ impl RuleSet {
         for (i, rule) in list.enumerate() {
             let idx = i as u32;
             match rule {
-                EgressRule::Host { host, protocol } => {
+                EgressRule::Host { host, protocol, .. } => {
                     m.rules.push(RuleInfo {
                         ports: host.ports,
                         protocol: *protocol,

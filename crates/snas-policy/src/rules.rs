@@ -10,6 +10,10 @@
 //! - Deserialising an [`EgressRule`] re-runs all of this, so signed claims are re-checked.
 //! - A [`DenyRule`] (`[[deny]]`) has the same grammar without `allow_private`: it may name an
 //!   always-denied range (denying it again is harmless), and it never opens anything.
+//! - `names` and `require_name` ([`NameCheck`]) belong to host rules only: tier 2 checks the
+//!   name on the wire (TLS SNI, HTTP `Host`, QUIC SNI) of flows a host rule allowed; cidr rules
+//!   are address rules. Their defaults (`check`, `false`) are left out of the signed claims, so
+//!   a policy that does not use them signs to the same JSON as before.
 
 use crate::hostport::{HostPort, HostPortError, PortError, PortRange};
 use crate::ranges;
@@ -57,6 +61,8 @@ pub enum EgressRule {
         host: HostPort,
         /// Allowed protocol(s).
         protocol: RuleProtocol,
+        /// What tier 2 checks of the name on the wire.
+        names: NameCheck,
     },
     /// An address range with its ports.
     Cidr {
@@ -71,7 +77,73 @@ pub enum EgressRule {
     },
 }
 
+/// Whether tier 2 checks the name on the wire of flows a host rule allowed (`names = "check"`,
+/// the default, or `"off"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Names {
+    /// TLS SNI, HTTP `Host` and QUIC SNI must be a name the policy allows on the port and that
+    /// the job's DNS bound to the address.
+    #[default]
+    Check,
+    /// The address is enough.
+    Off,
+}
+
+impl Names {
+    /// The value as written.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Names::Check => "check",
+            Names::Off => "off",
+        }
+    }
+}
+
+/// The name check of a host rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct NameCheck {
+    /// `names`.
+    pub names: Names,
+    /// `require_name`: a first payload that carries no name (neither TLS, HTTP nor QUIC) is
+    /// refused instead of allowed.
+    pub require_name: bool,
+}
+
+impl NameCheck {
+    /// Whether the name on the wire is checked.
+    pub fn checks(self) -> bool {
+        self.names == Names::Check
+    }
+}
+
+impl fmt::Display for NameCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.names, self.require_name) {
+            (Names::Off, _) => f.write_str("names off"),
+            (Names::Check, false) => f.write_str("names check"),
+            (Names::Check, true) => f.write_str("names check, require_name"),
+        }
+    }
+}
+
 impl EgressRule {
+    /// A host rule with the default name check.
+    pub fn host(host: HostPort, protocol: RuleProtocol) -> EgressRule {
+        EgressRule::Host {
+            host,
+            protocol,
+            names: NameCheck::default(),
+        }
+    }
+
+    /// The name check of a host rule (`None` for cidr rules: not name-checked).
+    pub fn name_check(&self) -> Option<NameCheck> {
+        match self {
+            EgressRule::Host { names, .. } => Some(*names),
+            EgressRule::Cidr { .. } => None,
+        }
+    }
+
     /// The rule's protocol.
     pub fn protocol(&self) -> RuleProtocol {
         match self {
@@ -87,6 +159,38 @@ impl EgressRule {
         protocol: Option<&str>,
         allow_private: Option<bool>,
     ) -> Result<EgressRule, RuleError> {
+        Self::from_parts_with_names(host, cidr, ports, protocol, allow_private, None, None)
+    }
+
+    /// [`EgressRule::from_parts`] with the host rules' `names` and `require_name`.
+    pub fn from_parts_with_names(
+        host: Option<&str>,
+        cidr: Option<&str>,
+        ports: Option<&str>,
+        protocol: Option<&str>,
+        allow_private: Option<bool>,
+        names: Option<&str>,
+        require_name: Option<bool>,
+    ) -> Result<EgressRule, RuleError> {
+        if cidr.is_some() && host.is_none() {
+            if names.is_some() {
+                return Err(RuleError::NamesOnCidrRule("names"));
+            }
+            if require_name.is_some() {
+                return Err(RuleError::NamesOnCidrRule("require_name"));
+            }
+        }
+        let names = NameCheck {
+            names: match names {
+                None | Some("check") => Names::Check,
+                Some("off") => Names::Off,
+                Some(other) => return Err(RuleError::Names(other.to_owned())),
+            },
+            require_name: require_name.unwrap_or(false),
+        };
+        if names.names == Names::Off && names.require_name {
+            return Err(RuleError::NamesOnCidrRule("require_name"));
+        }
         let protocol = match protocol {
             None => RuleProtocol::Tcp,
             Some(p) => RuleProtocol::parse(p).ok_or_else(|| RuleError::Protocol(p.to_owned()))?,
@@ -104,6 +208,7 @@ impl EgressRule {
                 Ok(EgressRule::Host {
                     host: HostPort::parse(h)?,
                     protocol,
+                    names,
                 })
             }
             (None, Some(c)) => {
@@ -136,7 +241,17 @@ impl EgressRule {
 impl fmt::Display for EgressRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            EgressRule::Host { host, protocol } => write!(f, "host {host}/{protocol}"),
+            EgressRule::Host {
+                host,
+                protocol,
+                names,
+            } => {
+                write!(f, "host {host}/{protocol}")?;
+                if *names != NameCheck::default() {
+                    write!(f, " {names}")?;
+                }
+                Ok(())
+            }
             EgressRule::Cidr {
                 cidr,
                 ports,
@@ -188,6 +303,26 @@ impl DenyRule {
             },
             host => host,
         }))
+    }
+
+    /// [`DenyRule::from_parts`] for a table that may carry the allow rules' `names` and
+    /// `require_name` keys: either is refused.
+    pub fn from_parts_with_names(
+        host: Option<&str>,
+        cidr: Option<&str>,
+        ports: Option<&str>,
+        protocol: Option<&str>,
+        allow_private: Option<bool>,
+        names: Option<&str>,
+        require_name: Option<bool>,
+    ) -> Result<DenyRule, RuleError> {
+        if names.is_some() {
+            return Err(RuleError::NamesOnDenyRule("names"));
+        }
+        if require_name.is_some() {
+            return Err(RuleError::NamesOnDenyRule("require_name"));
+        }
+        DenyRule::from_parts(host, cidr, ports, protocol, allow_private)
     }
 
     /// The rule (a cidr rule always has `allow_private = false`).
@@ -267,6 +402,16 @@ pub enum RuleError {
     /// Bad `ports`.
     #[error("{0}")]
     Ports(#[from] PortError),
+    /// `names`/`require_name` where they do not apply: on a cidr rule, or `require_name` with
+    /// `names = "off"`.
+    #[error("{0} is only for host rules with names = \"check\" (cidr rules are not name-checked)")]
+    NamesOnCidrRule(&'static str),
+    /// Unknown `names` value.
+    #[error("unknown names `{0}` (expected check or off)")]
+    Names(String),
+    /// `names`/`require_name` on a `[[deny]]` rule: a deny rule refuses, it has no name check.
+    #[error("{0} is only for [[egress]] host rules (a deny rule has no name check)")]
+    NamesOnDenyRule(&'static str),
     /// Private range without `allow_private`.
     #[error("{0} lies in the always-denied {1} range {2}; set allow_private = true to allow it")]
     PrivateRange(String, &'static str, String),
@@ -284,6 +429,8 @@ impl RuleError {
             RuleError::Protocol(_) => "protocol",
             RuleError::Host(_) => "host",
             RuleError::Cidr(_) | RuleError::HostBits(..) | RuleError::PrivateRange(..) => "cidr",
+            RuleError::NamesOnCidrRule(f) | RuleError::NamesOnDenyRule(f) => f,
+            RuleError::Names(_) => "names",
         }
     }
 }
@@ -302,17 +449,28 @@ struct RawRule {
     protocol: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     allow_private: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    names: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    require_name: Option<bool>,
 }
 
 impl From<EgressRule> for RawRule {
     fn from(r: EgressRule) -> RawRule {
         match r {
-            EgressRule::Host { host, protocol } => RawRule {
+            EgressRule::Host {
+                host,
+                protocol,
+                names,
+            } => RawRule {
                 host: Some(host.to_string()),
                 cidr: None,
                 ports: None,
                 protocol: Some(protocol.to_string()),
                 allow_private: None,
+                // Defaults are left out: unchanged policies sign to unchanged JSON.
+                names: (names.names != Names::Check).then(|| names.names.as_str().to_owned()),
+                require_name: names.require_name.then_some(true),
             },
             EgressRule::Cidr {
                 cidr,
@@ -325,6 +483,8 @@ impl From<EgressRule> for RawRule {
                 ports: Some(ports.to_string()),
                 protocol: Some(protocol.to_string()),
                 allow_private: Some(allow_private),
+                names: None,
+                require_name: None,
             },
         }
     }
@@ -333,12 +493,14 @@ impl From<EgressRule> for RawRule {
 impl TryFrom<RawRule> for EgressRule {
     type Error = String;
     fn try_from(r: RawRule) -> Result<EgressRule, String> {
-        EgressRule::from_parts(
+        EgressRule::from_parts_with_names(
             r.host.as_deref(),
             r.cidr.as_deref(),
             r.ports.as_deref(),
             r.protocol.as_deref(),
             r.allow_private,
+            r.names.as_deref(),
+            r.require_name,
         )
         .map_err(|e| {
             if e.field().is_empty() {
@@ -414,6 +576,73 @@ mod tests {
             EgressRule::from_parts(Some("a.example.com"), None, None, Some("TCP"), None),
             Err(RuleError::Protocol("TCP".into()))
         );
+    }
+
+    #[test]
+    fn name_checks_belong_to_host_rules_and_default_to_check() {
+        let r = EgressRule::from_parts(Some("a.example.com"), None, None, None, None).expect("ok");
+        assert_eq!(r.name_check(), Some(NameCheck::default()));
+        assert!(NameCheck::default().checks());
+        let r = EgressRule::from_parts_with_names(
+            Some("a.example.com"),
+            None,
+            None,
+            None,
+            None,
+            Some("off"),
+            None,
+        )
+        .expect("ok");
+        assert_eq!(r.to_string(), "host a.example.com:443/tcp names off");
+        let e = EgressRule::from_parts_with_names(
+            None,
+            Some("203.0.113.0/24"),
+            Some("443"),
+            None,
+            None,
+            None,
+            Some(true),
+        )
+        .expect_err("cidr");
+        assert_eq!(e.field(), "require_name");
+        let e = EgressRule::from_parts_with_names(
+            Some("a.example.com"),
+            None,
+            None,
+            None,
+            None,
+            Some("strict"),
+            None,
+        )
+        .expect_err("value");
+        assert_eq!(e.field(), "names");
+    }
+
+    #[test]
+    fn name_checks_round_trip_and_defaults_stay_out_of_the_json() {
+        let r = EgressRule::from_parts_with_names(
+            Some("a.example.com:443"),
+            None,
+            None,
+            None,
+            None,
+            None,
+            Some(true),
+        )
+        .expect("ok");
+        let j = serde_json::to_string(&r).expect("ser");
+        assert_eq!(
+            j,
+            r#"{"host":"a.example.com:443","protocol":"tcp","require_name":true}"#
+        );
+        assert_eq!(serde_json::from_str::<EgressRule>(&j).expect("de"), r);
+        let off = r#"{"host":"a.example.com:443","protocol":"tcp","names":"off"}"#;
+        let r: EgressRule = serde_json::from_str(off).expect("de");
+        assert!(!r.name_check().expect("host").checks());
+        assert!(serde_json::from_str::<EgressRule>(
+            r#"{"cidr":"203.0.113.0/24","ports":"1","names":"check"}"#
+        )
+        .is_err());
     }
 
     #[test]

@@ -27,7 +27,7 @@ use std::thread::JoinHandle;
 
 use snas_policy::audit::{rfc3339_secs, Action, Kind, Slot, Source};
 
-use crate::tier2::{AuditEvent, AuditRecord, FlowEndRecord};
+use crate::tier2::{AuditEvent, AuditRecord, FlowEndRecord, NameMismatchRecord};
 
 /// Bumped by [`reopen`]; the writer reopens its file when it sees a new value.
 static REOPEN: AtomicU64 = AtomicU64::new(0);
@@ -76,6 +76,7 @@ pub fn event_line(e: &AuditEvent) -> AuditLine {
     match e {
         AuditEvent::Decision(r) => flow_line(r),
         AuditEvent::FlowEnd(r) => flow_end_line(r),
+        AuditEvent::NameMismatch(r) => name_mismatch_line(r),
         AuditEvent::JobEnded(r) => {
             let mut l = job_ended_line(r.job_key, Some((&r.tenant, &r.job)), r.unix_secs);
             l.flows = Some(r.flows);
@@ -155,6 +156,23 @@ pub fn flow_line(r: &AuditRecord) -> AuditLine {
     l.reason = r.reason.map(|x| x.name().into());
     l.bytes = r.bytes;
     l.egress = r.egress.map(SocketAddr::from);
+    l.suppressed = r.suppressed;
+    l
+}
+
+/// The line of a flow cut off by the name check: `hostname` is the name on the wire (the names
+/// DNS bound to the address are in the record; the line format has no field for them yet).
+pub fn name_mismatch_line(r: &NameMismatchRecord) -> AuditLine {
+    let mut l = line(
+        r.unix_secs,
+        Kind::Flow,
+        Action::Deny,
+        r.job_key,
+        (&r.tenant, &r.job),
+    );
+    set_flow(&mut l, r.proto, r.src, r.dst, Some(&r.wire_name));
+    l.rule = Slot::or_absent(r.rule);
+    l.reason = Some(r.reason.name().into());
     l.suppressed = r.suppressed;
     l
 }

@@ -56,6 +56,7 @@ pub mod guard;
 pub mod hold;
 pub mod infra;
 pub mod metrics;
+pub mod names;
 pub mod nat;
 pub mod pacer;
 pub mod policy_fetch;

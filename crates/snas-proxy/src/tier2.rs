@@ -74,6 +74,7 @@ use crate::conntrack::{
 use crate::drops::DropTally;
 use crate::hold::{HeldPacket, HoldConfig, HoldConfigError, HoldQueue};
 use crate::infra::{self, InfraSet};
+use crate::names::{NameCheckConfig, NameChecks, NamePolicy};
 use crate::nat::JobLimits;
 use crate::pacer::{PaceRate, Pacer, PacerConfig, PacerError, PacingKey, PacingRates, Stamp};
 use crate::token_bucket::{JobBuckets, TokenBucketError};
@@ -105,6 +106,8 @@ pub struct JobPolicy {
     /// The node whose agent served the policy (set by the fetcher; `None` for policies built
     /// otherwise).
     pub fetched_from: Option<Ipv4Addr>,
+    /// The name checks of the rules (names on the wire, [`crate::names`]).
+    pub names: NamePolicy,
 }
 
 impl JobPolicy {
@@ -123,6 +126,7 @@ impl JobPolicy {
             limits: c.limits,
             matcher: snas_policy::matcher::compile_with(c, infrastructure),
             fetched_from: None,
+            names: NamePolicy::new(&c.egress),
         }
     }
 }
@@ -379,6 +383,37 @@ pub enum AuditEvent {
     FlowEnd(FlowEndRecord),
     /// A job its node ended (never suppressed).
     JobEnded(JobEndRecord),
+    /// The name on the wire of a flow did not pass its check ([`crate::names`]).
+    NameMismatch(NameMismatchRecord),
+}
+
+/// A flow cut off because the name on the wire did not pass, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameMismatchRecord {
+    /// Wall clock, Unix seconds.
+    pub unix_secs: u64,
+    /// `sni_mismatch` or `host_mismatch`.
+    pub reason: Reason,
+    /// Tenant name.
+    pub tenant: Arc<str>,
+    /// Job name.
+    pub job: Arc<str>,
+    /// Job key.
+    pub job_key: JobKey,
+    /// Protocol.
+    pub proto: L4Proto,
+    /// Sandbox address and port.
+    pub src: (IpAddr, u16),
+    /// Destination address and port.
+    pub dst: (IpAddr, u16),
+    /// The name on the wire (or `(none)`, `(malformed: …)`).
+    pub wire_name: Arc<str>,
+    /// The names the job's DNS bound to the destination address.
+    pub bound: Vec<Arc<str>>,
+    /// The rule that allowed the flow.
+    pub rule: Option<usize>,
+    /// Audit lines of this job left out since its previous line.
+    pub suppressed: u64,
 }
 
 impl AuditEvent {
@@ -388,6 +423,7 @@ impl AuditEvent {
             AuditEvent::Decision(r) => r.job_key,
             AuditEvent::FlowEnd(r) => r.job_key,
             AuditEvent::JobEnded(r) => r.job_key,
+            AuditEvent::NameMismatch(r) => r.job_key,
         }
     }
 
@@ -395,6 +431,7 @@ impl AuditEvent {
         match self {
             AuditEvent::Decision(r) => r.suppressed = n,
             AuditEvent::FlowEnd(r) => r.suppressed = n,
+            AuditEvent::NameMismatch(r) => r.suppressed = n,
             AuditEvent::JobEnded(_) => {}
         }
     }
@@ -428,6 +465,8 @@ pub struct Tier2Config {
     /// default): a super-packet costs its length plus the headers its segments repeat
     /// ([`crate::gso::wire_len`]).
     pub segment_mtu: usize,
+    /// Bounds of the name check of first payloads ([`crate::names`]).
+    pub names: NameCheckConfig,
 }
 
 impl Tier2Config {
@@ -445,6 +484,7 @@ impl Tier2Config {
             hold: HoldConfig::default(),
             audit_lines_per_sec: 200,
             segment_mtu: 1500,
+            names: NameCheckConfig::default(),
         }
     }
 }
@@ -507,6 +547,8 @@ pub struct Tier2 {
     segment_departs: Vec<Option<Nanos>>,
     /// The segment lengths behind `segment_departs` (reused).
     segment_lens: Vec<u32>,
+    /// Flows whose first payload is held for the name check ([`crate::names`]).
+    names: NameChecks,
 }
 
 /// A job whose end [`Tier2::apply_ends`] will carry out.
@@ -584,6 +626,7 @@ impl Tier2 {
             hold: HoldQueue::new(cfg.hold)?,
             last_scan: None,
             pending_ends: Vec::new(),
+            names: NameChecks::new(cfg.names),
             cfg,
         })
     }
@@ -673,13 +716,16 @@ impl Tier2 {
 
     /// Whether held packets are ready to be taken.
     pub fn has_released(&self) -> bool {
-        self.hold.any_ready()
+        self.hold.any_ready() || self.names.has_released()
     }
 
     /// Moves up to `limit` held packets whose policy arrived into `out`, in the order they were
     /// received; the caller runs each through [`Tier2::from_node`] again.
     pub fn take_released(&mut self, out: &mut Vec<HeldPacket>, limit: usize) -> usize {
-        self.hold.take_ready(out, limit)
+        // Packets released by the name check first: later packets of their flows queue
+        // behind them, and they are older than anything the policy hold releases now.
+        let n = self.names.take_released(out, limit);
+        n + self.hold.take_ready(out, limit - n)
     }
 
     /// The node `job`'s traffic comes from, if the engine has seen it admit a flow recently.
@@ -819,7 +865,8 @@ impl Tier2 {
         let job_rate = PaceRate::Limited(policy.limits.egress_bps);
         let len = crate::gso::wire_len(&payload[start..], self.cfg.segment_mtu);
         let len32 = u32::try_from(len).unwrap_or(u32::MAX);
-        let mut packet = match NatPacket::parse(&mut payload[start..]) {
+        let (geneve_head, inner) = payload.split_at_mut(start);
+        let mut packet = match NatPacket::parse(inner) {
             Ok(p) => p,
             Err(e) => return self.drop_of(tenant, e.reason()),
         };
@@ -855,22 +902,17 @@ impl Tier2 {
             );
         }
 
-        let (egress_ip, egress_port) = match self.conntrack.lookup(&key) {
-            Some(id) => {
-                self.conntrack
-                    .observe(id, Direction::Original, flags, len32, now.mono);
-                match self.conntrack.info(id) {
-                    Some(i) => (i.egress_ip, i.egress_port),
-                    None => return self.drop_of(tenant, Reason::NoConntrack),
-                }
-            }
+        let (id, egress_ip, egress_port) = match self.conntrack.lookup(&key) {
+            Some(id) => match self.conntrack.info(id) {
+                Some(i) => (id, i.egress_ip, i.egress_port),
+                None => return self.drop_of(tenant, Reason::NoConntrack),
+            },
             None => match self.admit(policy, opt, &key, tuple.proto, flags, len as u64, now) {
                 Ok((id, ip, port)) => {
-                    self.conntrack
-                        .observe(id, Direction::Original, flags, len32, now.mono);
                     // Where replies go: learnt when a flow opens (a job lives on one node).
                     self.job_state(policy, opt, outer_src, g.inner_proto, now.mono);
-                    (ip, port)
+                    self.names_admitted(policy, id, &key, packet.as_bytes(), now);
+                    (id, ip, port)
                 }
                 Err(reason) => {
                     let offending = packet.as_bytes();
@@ -878,6 +920,21 @@ impl Tier2 {
                 }
             },
         };
+        if !self.names.is_empty() {
+            let gate = NameGate {
+                id,
+                node: outer_src,
+                opt,
+                inner_proto: g.inner_proto,
+                released,
+            };
+            let inner = packet.as_bytes();
+            if let Some(v) = self.names_gate(policy, gate, geneve_head, inner, refusal, now) {
+                return v;
+            }
+        }
+        self.conntrack
+            .observe(id, Direction::Original, flags, len32, now.mono);
 
         if let Err(e) = packet.rewrite(Endpoint::Source, egress_ip, egress_port) {
             return self.drop_of(tenant, e.reason());
@@ -1359,6 +1416,7 @@ impl Tier2 {
             self.flow_end(&f, end, now);
             removed += 1;
         }
+        self.names_tick(policies, now);
         self.bindings.sweep(now.mono);
         for (_, n) in self.hold.expire(now.mono) {
             self.drops.unknown(Reason::UnknownJob, u64::from(n));
@@ -1398,6 +1456,221 @@ impl Tier2 {
         self.audit_budget.evict(now.mono);
         self.egress_pacer.evict_idle(now.mono, self.cfg.job_idle);
         self.ingress_pacer.evict_idle(now.mono, self.cfg.job_idle);
+    }
+}
+
+/// A packet of a flow under the name check, as [`Tier2::names_gate`] sees it.
+#[derive(Debug, Clone, Copy)]
+struct NameGate {
+    id: FlowId,
+    node: Ipv4Addr,
+    opt: SnasOption,
+    inner_proto: InnerProto,
+    released: bool,
+}
+
+/// Names on the wire ([`crate::names`]): the engine's side of the check. Called from three
+/// places: admission ([`Tier2::names_admitted`]), every packet of a flow under the check
+/// ([`Tier2::names_gate`], skipped while no flow is) and [`Tier2::tick`].
+impl Tier2 {
+    /// Whether flow `id` is under the name check (first payload pending, released packets on
+    /// their way, or rejected): such a flow is not eligible for a fast path that bypasses the
+    /// engine.
+    pub fn name_check_pending(&self, id: FlowId) -> bool {
+        self.names.involves(id)
+    }
+
+    /// Counters of the name check.
+    pub fn name_stats(&self) -> crate::names::NameStats {
+        self.names.stats()
+    }
+
+    /// Bytes held by the name check now.
+    pub fn name_held_bytes(&self) -> u64 {
+        self.names.held_bytes()
+    }
+
+    /// A flow was just admitted: if the rule that allowed it checks names (TCP on any port,
+    /// UDP on 443), its first payload will be held.
+    fn names_admitted(
+        &mut self,
+        policy: &JobPolicy,
+        id: FlowId,
+        key: &FlowKey,
+        inner: &[u8],
+        now: Now,
+    ) {
+        if !policy.names.any() {
+            return;
+        }
+        let t = match key.proto {
+            L4Proto::Tcp => Transport::Tcp,
+            L4Proto::Udp if key.dst_port == 443 => Transport::Udp,
+            _ => return,
+        };
+        let Decision::Allow { rule } = self.decide(policy, key.dst_ip, key.dst_port, t, now.mono).0
+        else {
+            return;
+        };
+        let Some(check) = policy.names.of_rule(rule) else {
+            return;
+        };
+        let syn_seq = match IpPacket::parse(inner)
+            .ok()
+            .and_then(|p| match p.transport() {
+                Ok(snas_wire::Transport::Tcp(tcp)) => Some(tcp.seq()),
+                _ => None,
+            }) {
+            Some(seq) => Some(seq),
+            None if t == Transport::Tcp => return,
+            None => None,
+        };
+        self.names
+            .start(id, *key, policy.tenant_id, check, rule, syn_seq, now.mono);
+    }
+
+    /// A packet of a flow while some flow is under the check: `None` lets it through,
+    /// `Some(verdict)` is its fate (held, refused, dropped).
+    fn names_gate(
+        &mut self,
+        policy: &JobPolicy,
+        gate: NameGate,
+        head: &[u8],
+        inner: &[u8],
+        refusal: &mut [u8],
+        now: Now,
+    ) -> Option<Verdict> {
+        let tenant = gate.opt.tenant_id;
+        let held = Verdict::Held {
+            job_key: gate.opt.job_key,
+            node: gate.node,
+            fetch: false,
+        };
+        match self
+            .names
+            .on_packet(gate.id, gate.node, head, inner, gate.released)
+        {
+            crate::names::Step::Pass => None,
+            crate::names::Step::Held => Some(held),
+            crate::names::Step::Drop(r) => Some(self.drop_of(tenant, r)),
+            crate::names::Step::Rejected(r) => Some(self.names_refuse(r, gate, inner, refusal)),
+            crate::names::Step::Decide(d) => match self.names_decide(policy, d, now) {
+                None => Some(held),
+                Some((reason, discarded)) => {
+                    // The packet in hand is one of the discarded: counted by the refusal.
+                    self.drops
+                        .verified(tenant, reason, u64::from(discarded.saturating_sub(1)));
+                    Some(self.names_refuse(reason, gate, inner, refusal))
+                }
+            },
+        }
+    }
+
+    /// A TCP packet of a rejected flow is answered with a RST; a UDP one is dropped.
+    fn names_refuse(
+        &mut self,
+        reason: Reason,
+        gate: NameGate,
+        inner: &[u8],
+        refusal: &mut [u8],
+    ) -> Verdict {
+        let is_tcp = IpPacket::parse(inner)
+            .map(|p| p.protocol() == snas_wire::ip::proto::TCP)
+            .unwrap_or(false);
+        if is_tcp {
+            self.refuse(
+                reason,
+                gate.node,
+                gate.opt,
+                gate.inner_proto,
+                inner,
+                refusal,
+            )
+        } else {
+            self.drop_of(gate.opt.tenant_id, reason)
+        }
+    }
+
+    /// Decides a classified first payload: releases the flow's held packets (`None`) or
+    /// rejects the flow and audits it (`Some((reason, packets discarded))`).
+    fn names_decide(
+        &mut self,
+        policy: &JobPolicy,
+        d: crate::names::Decide,
+        now: Now,
+    ) -> Option<(Reason, u32)> {
+        let key = d.key;
+        let (udp, t) = match key.proto {
+            L4Proto::Udp => (true, Transport::Udp),
+            _ => (false, Transport::Tcp),
+        };
+        let bindings = &self.bindings;
+        let matcher = &policy.matcher;
+        let outcome = crate::names::check(&d.classified, d.rule, udp, |n| {
+            matcher.check_host(n, key.dst_port, t).is_allow()
+                && bindings
+                    .names(key.job, key.dst_ip, now.mono)
+                    .any(|b| crate::names::same_name(b, n))
+        });
+        match outcome {
+            crate::names::Check::Pass => {
+                let other = d.classified == crate::names::Classified::Other;
+                self.names.pass(d.id, other);
+                None
+            }
+            crate::names::Check::Mismatch { reason, wire } => {
+                let discarded = self.names.reject(d.id, reason);
+                let bound = self
+                    .bindings
+                    .names(key.job, key.dst_ip, now.mono)
+                    .cloned()
+                    .collect();
+                let record = NameMismatchRecord {
+                    unix_secs: now.unix_secs,
+                    reason,
+                    tenant: Arc::clone(&policy.tenant),
+                    job: Arc::clone(&policy.job),
+                    job_key: key.job,
+                    proto: key.proto,
+                    src: (key.src_ip, key.src_port),
+                    dst: (key.dst_ip, key.dst_port),
+                    wire_name: Arc::from(wire.as_str()),
+                    bound,
+                    rule: Some(d.rule_index),
+                    suppressed: 0,
+                };
+                self.audit(AuditEvent::NameMismatch(record), now.mono);
+                Some((reason, discarded))
+            }
+        }
+    }
+
+    /// The check's housekeeping: forgets flows that ended; decides flows whose wait ended (a
+    /// rejected TCP flow's RST to the job goes with its next packet).
+    fn names_tick(&mut self, policies: &impl PolicyCache, now: Now) {
+        if self.names.is_empty() {
+            return;
+        }
+        let conntrack = &self.conntrack;
+        let gone = self.names.sweep(|id| conntrack.info(id).is_some());
+        self.drops.unknown(Reason::NoConntrack, u64::from(gone));
+        for d in self.names.due(now.mono) {
+            let (tenant, id) = (d.tenant, d.id);
+            let reason = match &d.classified {
+                crate::names::Classified::Names(w, _)
+                | crate::names::Classified::NoName(w)
+                | crate::names::Classified::Malformed(w, _) => w.reason(),
+                crate::names::Classified::Other => Reason::HostMismatch,
+            };
+            let rejected = match policies.lookup(d.key.job) {
+                PolicyLookup::Ready(p) => self.names_decide(p, d, now),
+                // The job's end is on its way; nothing of the flow goes out.
+                _ => Some((reason, self.names.reject(id, reason))),
+            };
+            if let Some((reason, discarded)) = rejected {
+                self.drops.verified(tenant, reason, u64::from(discarded));
+            }
+        }
     }
 }
 

@@ -52,14 +52,18 @@ fn policy(toml: &str, jti: &str, serial: u32, key: &PolicyKey, bundle: &TrustBun
     JobPolicy::from_verified(&verify(&token, bundle, now).unwrap(), &[])
 }
 
+// Names on the wire are off here: these tests send payloads that are not TLS or HTTP; the
+// name check has its own tests (tests/names.rs).
 const ACME: &str = r#"
 tenant = "acme"
 job = "job-1"
 node = "192.0.2.7"
 [[egress]]
 host = "api.example.com"
+names = "off"
 [[egress]]
 host = "*.example.org:8000-8100"
+names = "off"
 [[egress]]
 cidr = "198.51.100.128/25"
 ports = "53"

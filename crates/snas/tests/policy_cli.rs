@@ -446,8 +446,8 @@ fn explain_prints_one_line_per_destination_and_exit_code_reflects_denials() {
     ])
     .code(0)
     .stdout(
-        "allow api.example.com:443/tcp rule 0 (host api.example.com:443/tcp)\n\
-         allow eu.s3.amazonaws.com:443/tcp rule 1 (host *.s3.amazonaws.com:443/tcp)\n\
+        "allow api.example.com:443/tcp rule 0 (host api.example.com:443/tcp); names: check TLS SNI, HTTP Host (allowed and bound to the address by the job's DNS)\n\
+         allow eu.s3.amazonaws.com:443/tcp rule 1 (host *.s3.amazonaws.com:443/tcp); names: check TLS SNI, HTTP Host (allowed and bound to the address by the job's DNS)\n\
          allow 203.0.113.9:5432/tcp rule 2 (cidr 203.0.113.0/24 ports 5432/tcp)\n",
     );
     let out = run(&[
@@ -631,8 +631,8 @@ fn explain_says_any_host_rules_allow_names_but_not_raw_addresses() {
     explain(&["www.example.net:443", "cdn.example.org:80"])
         .code(0)
         .stdout(
-            "allow www.example.net:443/tcp rule 0 (host 0.0.0.0/tcp: any host name)\n\
-             allow cdn.example.org:80/tcp rule 0 (host 0.0.0.0/tcp: any host name)\n",
+            "allow www.example.net:443/tcp rule 0 (host 0.0.0.0/tcp: any host name); names: check TLS SNI, HTTP Host (allowed and bound to the address by the job's DNS)\n\
+             allow cdn.example.org:80/tcp rule 0 (host 0.0.0.0/tcp: any host name); names: check TLS SNI, HTTP Host (allowed and bound to the address by the job's DNS)\n",
         );
     // Tier 1 only opens addresses the job resolved: a raw address needs a cidr rule, and explain
     // says so instead of promising what the tiers refuse.

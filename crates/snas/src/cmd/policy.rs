@@ -439,7 +439,7 @@ fn is_any_host(r: &snas_policy::EgressRule) -> bool {
 /// denied while one exists is worth a hint, since `0.0.0.0` allows names, never raw addresses.
 fn any_host_rule(claims: &snas_policy::PolicyClaims, port: u16, t: Transport) -> Option<usize> {
     claims.egress.iter().position(|r| match r {
-        snas_policy::EgressRule::Host { host, protocol } => {
+        snas_policy::EgressRule::Host { host, protocol, .. } => {
             is_any_host(r) && host.ports.contains(port) && protocol.allows(t.into())
         }
         snas_policy::EgressRule::Cidr { .. } => false,
@@ -469,7 +469,12 @@ fn explain_one(
                 Some(r) => r.to_string(),
                 None => String::new(),
             };
-            (true, format!("allow {shown} rule {rule} ({text})"))
+            let names = claims
+                .egress
+                .get(rule)
+                .map(|r| name_check_note(r, port, t))
+                .unwrap_or_default();
+            (true, format!("allow {shown} rule {rule} ({text}){names}"))
         }
         Decision::Deny(DenyReason::DenyRule(n)) => {
             let text = claims
@@ -573,6 +578,29 @@ fn read_log(path: &Path) -> Result<String> {
     }
     let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// What tier 2 checks of the name on the wire of a flow `r` allowed (docs/policy.md, "Names
+/// on the wire").
+fn name_check_note(r: &snas_policy::EgressRule, port: u16, t: Transport) -> String {
+    let Some(c) = r.name_check() else {
+        // Address rules are not name-checked; saying so on every cidr line is noise.
+        return String::new();
+    };
+    if !c.checks() {
+        return "; names: off".to_owned();
+    }
+    let what = match t {
+        Transport::Tcp => "TLS SNI, HTTP Host",
+        Transport::Udp if port == 443 => "QUIC SNI",
+        Transport::Udp => return "; names: not inspected (UDP other than 443)".to_owned(),
+    };
+    let require = if c.require_name {
+        "; a first payload without a name is refused"
+    } else {
+        ""
+    };
+    format!("; names: check {what} (allowed and bound to the address by the job's DNS){require}")
 }
 
 fn explain(a: &ExplainArgs) -> std::result::Result<u8, (u8, anyhow::Error)> {
