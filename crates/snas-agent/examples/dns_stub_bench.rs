@@ -139,10 +139,10 @@ fn main() -> Result<(), BoxError> {
         .build()?;
     rt.block_on(async {
         let mut d = PolicyDraft::new("acme", "bench");
-        d.egress.push(EgressRule::Host {
-            host: HostPort::parse("*.example.com")?,
-            protocol: RuleProtocol::Tcp,
-        });
+        d.egress.push(EgressRule::host(
+            HostPort::parse("*.example.com")?,
+            RuleProtocol::Tcp,
+        ));
         let c = d.to_claims("jti-bench", PolicySerial(1), SystemTime::now());
         let policy = VerifiedPolicy {
             jti: c.jti.clone(),

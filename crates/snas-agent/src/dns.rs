@@ -329,10 +329,10 @@ mod tests {
     fn claims(hosts: &[&str]) -> snas_policy::PolicyClaims {
         let mut d = snas_policy::PolicyDraft::new("acme", "build");
         for h in hosts {
-            d.egress.push(snas_policy::EgressRule::Host {
-                host: snas_policy::HostPort::parse(h).unwrap(),
-                protocol: RuleProtocol::Tcp,
-            });
+            d.egress.push(snas_policy::EgressRule::host(
+                snas_policy::HostPort::parse(h).unwrap(),
+                RuleProtocol::Tcp,
+            ));
         }
         d.to_claims("jti-1", PolicySerial(1), SystemTime::now())
     }

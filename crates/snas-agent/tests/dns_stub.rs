@@ -58,10 +58,10 @@ fn policy(hosts: &[&str]) -> VerifiedPolicy {
 fn policy_for(jti: &str, hosts: &[&str]) -> VerifiedPolicy {
     let mut d = PolicyDraft::new("acme", "build");
     for h in hosts {
-        d.egress.push(EgressRule::Host {
-            host: HostPort::parse(h).unwrap(),
-            protocol: RuleProtocol::Tcp,
-        });
+        d.egress.push(EgressRule::host(
+            HostPort::parse(h).unwrap(),
+            RuleProtocol::Tcp,
+        ));
     }
     let c = d.to_claims(jti, PolicySerial(3), SystemTime::now());
     VerifiedPolicy {

@@ -158,7 +158,12 @@ pub fn parse_policy(src: &str) -> Result<PolicyDraft, CheckErrors> {
         EgressRule::from_parts_with_names,
         &mut push,
     );
-    let deny = rule_list(&raw.deny, "deny", DenyRule::from_parts_with_names, &mut push);
+    let deny = rule_list(
+        &raw.deny,
+        "deny",
+        DenyRule::from_parts_with_names,
+        &mut push,
+    );
     let mut limits = Limits::default();
     if let Some(l) = &raw.limits {
         let mut bps = |v: &Option<Spanned<String>>, name: &str, out: &mut Bps| {

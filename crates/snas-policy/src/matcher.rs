@@ -1285,7 +1285,7 @@ mod tests {
         let deny: Vec<DenyRule> = rules(deny)
             .into_iter()
             .map(|r| match r {
-                EgressRule::Host { host, protocol } => DenyRule::from_parts(
+                EgressRule::Host { host, protocol, .. } => DenyRule::from_parts(
                     Some(&host.to_string()),
                     None,
                     None,

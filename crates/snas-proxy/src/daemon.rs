@@ -1398,6 +1398,13 @@ impl Worker {
         }
         eng.tick(&view, now);
         s.flush_audit(&mut eng);
+        // A name check the tick decided (its wait ended) releases packets — the held payload or
+        // the RST to the server — that must not wait for the job's next packet.
+        let released = eng.has_released();
+        drop(eng);
+        if released {
+            self.replay_released();
+        }
     }
 }
 
