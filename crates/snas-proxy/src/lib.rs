@@ -19,6 +19,8 @@
 //! - [`fair`]: per-tenant, per-job fair queues (deficit round robin in bytes) of a worker.
 //! - [`tier2`]: the per-packet pipeline in both directions — GENEVE receive rules, the job's
 //!   verified policy, new-flow admission, NAT, pacing, refusals and audit records.
+//! - [`offload`]: which established flows the engine hands to the in-kernel fast path, and
+//!   the install/remove events the daemon mirrors into its maps (pure).
 //! - [`gso`]: software segmentation of TCP super-packets (pure).
 //! - [`vnet`]: the TUN device's virtio-net header: checksum and segmentation offload (pure).
 //! - `synthetic` (hidden): the benchmark flow fleets.
@@ -57,6 +59,7 @@ pub mod hold;
 pub mod infra;
 pub mod metrics;
 pub mod nat;
+pub mod offload;
 pub mod pacer;
 pub mod policy_fetch;
 pub mod resolver;
