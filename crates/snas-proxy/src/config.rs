@@ -50,6 +50,16 @@ pub struct ProxyConfig {
     /// the device, the proxy splits them into one GENEVE datagram per segment.
     #[serde(default = "default_true")]
     pub overlay_gso: bool,
+    /// Carry established flows in the kernel (`bpf/proxy_fastpath.bpf.c`, tc programs on the
+    /// underlay interface and on `fast_path_interface`): decapsulation, NAT, encapsulation and
+    /// redirect without the worker. Where the programs cannot be loaded or attached the proxy
+    /// logs a warning, reports `snas_proxy_fastpath_available 0` and carries everything itself.
+    #[serde(default = "default_true")]
+    pub fast_path: bool,
+    /// The interface packets to the egress pool arrive on (the fast path's internet side).
+    /// Default: the interface of the namespace's IPv4 default route.
+    #[serde(default)]
+    pub fast_path_interface: Option<String>,
     /// DNS resolver listen address (UDP and TCP).
     pub resolver_listen: SocketAddr,
     /// Upstream DNS servers (the only ones used).

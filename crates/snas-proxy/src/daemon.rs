@@ -72,6 +72,9 @@ use crate::budget::QueueBudget;
 use crate::clock::{Clock, MonotonicClock, Nanos};
 use crate::config::ProxyConfig;
 use crate::fair::{FairQueue, Size};
+use crate::fast_path::{self, FastPathIo, Mirror};
+use crate::offload::OffloadEvent;
+use snas_bpf::fastpath::ClockDir;
 use crate::gso;
 use crate::guard::Guard;
 use crate::hold::HeldPacket;
@@ -167,6 +170,8 @@ pub struct Daemon {
     workers: Vec<JoinHandle<()>>,
     runtime: Option<tokio::runtime::Runtime>,
     guard: Option<Arc<Guard>>,
+    /// The in-kernel fast path, when attached (detached when the last worker let go of it).
+    fast: Option<Arc<FastPathIo>>,
     control_addr: SocketAddr,
     service_addr: SocketAddr,
     resolver_addr: SocketAddr,
@@ -231,7 +236,7 @@ impl Daemon {
             let onlink = tun::onlink_prefixes(cfg.underlay_addr)?;
             infrastructure.extend(onlink.into_iter().map(IpNet::V4));
         }
-        let engine = Tier2::new(
+        let mut engine = Tier2::new(
             engine_config(&cfg, infrastructure.clone(), cfg.pacing_horizon()),
             clock.now(),
         )?;
@@ -257,6 +262,12 @@ impl Daemon {
                 engine.infrastructure(),
             )?));
         }
+        let fast = if data_path && cfg.fast_path {
+            start_fast_path(&cfg)
+        } else {
+            None
+        };
+        engine.set_offload(fast.is_some());
         let gaddr = SocketAddrV4::new(cfg.underlay_addr, GENEVE_PORT);
         let mut socks = Vec::with_capacity(n);
         for _ in 0..n {
@@ -376,9 +387,10 @@ impl Daemon {
             let fair = shared.cfg.fair_config();
             let queues = (FairQueue::new(fair)?, FairQueue::new(fair)?);
             let tap = taps.next();
+            let fast = fast.clone();
             let h = std::thread::Builder::new()
                 .name(format!("snas-proxy-w{i}"))
-                .spawn(move || Worker::new(s, i, sock, q, tap, queues).run())
+                .spawn(move || Worker::new(s, i, sock, q, tap, queues, fast).run())
                 .map_err(io("worker thread"))?;
             workers.push(h);
         }
@@ -392,6 +404,7 @@ impl Daemon {
             workers,
             runtime: Some(runtime),
             guard,
+            fast,
             control_addr,
             service_addr,
             resolver_addr,
@@ -428,6 +441,8 @@ impl Daemon {
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
+        // The workers are gone: the last reference detaches the programs.
+        self.fast = None;
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_timeout(Duration::from_secs(1));
         }
@@ -455,6 +470,25 @@ pub fn init_logging() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Loads and attaches the in-kernel fast path; on failure logs why and returns none (every
+/// packet then takes the userspace path; `snas_proxy_fastpath_available` stays 0).
+fn start_fast_path(cfg: &ProxyConfig) -> Option<Arc<FastPathIo>> {
+    match FastPathIo::start(
+        cfg.underlay_addr,
+        &cfg.nodes,
+        cfg.fast_path_interface.as_deref(),
+    ) {
+        Ok(f) => Some(Arc::new(f)),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "fast path unavailable: every packet takes the userspace path"
+            );
+            None
+        }
+    }
 }
 
 /// Reads a secret file named by configuration `field` (surrounding whitespace ignored, at
@@ -686,6 +720,12 @@ struct Worker {
     last_tick: Nanos,
     /// When this worker last moved a packet (for busy polling).
     last_active: Nanos,
+    /// The in-kernel fast path, when attached.
+    fast: Option<Arc<FastPathIo>>,
+    /// Offload events taken from the engine, to mirror once its lock is released.
+    offload_events: Vec<OffloadEvent>,
+    /// (job, bytes) of this pass's packets sent through userspace, for the fast path's clocks.
+    charges: Vec<(JobKey, u64)>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -713,6 +753,7 @@ impl Worker {
             FairQueue<NodeTenant, JobKey, NodePkt>,
             FairQueue<NodeTenant, JobKey, NodeBound>,
         ),
+        fast: Option<Arc<FastPathIo>>,
     ) -> Worker {
         let batch = s.cfg.batch;
         let mtu = s.cfg.tun_mtu as usize;
@@ -743,6 +784,9 @@ impl Worker {
             mtu,
             last_tick: Nanos::ZERO,
             last_active: Nanos::ZERO,
+            fast,
+            offload_events: Vec::new(),
+            charges: Vec::with_capacity(batch),
             s,
             sock,
             tun,
@@ -828,6 +872,9 @@ impl Worker {
         now: Nanos,
         floor: &mut Option<Nanos>,
     ) -> Out {
+        if let (Some(_), Verdict::ToInternet { range, job, .. }) = (&self.fast, &v) {
+            charge(&mut self.charges, *job, range.len());
+        }
         match v {
             Verdict::ToInternet { range, depart, .. } if send_now(depart, now, floor) => {
                 Out::Internet(range)
@@ -952,6 +999,8 @@ impl Worker {
         let snap = self.s.store.snapshot();
         let view = snap.at(Instant::now());
         let released;
+        let fast = self.fast.clone();
+        let mirror;
         {
             let s = Arc::clone(&self.s);
             let mut eng = s.engine();
@@ -977,6 +1026,10 @@ impl Worker {
                 s.fetcher.request_refetch(job, node);
             }
             released = eng.has_released();
+            mirror = self.offload_handoff(&mut eng, fast.as_deref());
+        }
+        if let (Some(f), Some(mut m)) = (fast.as_deref(), mirror) {
+            self.mirror_batch(f, &mut m, ClockDir::Egress);
         }
         self.emit_node_outs(n, NodeBufs::Served);
         for p in self.serving.drain(..) {
@@ -1158,6 +1211,9 @@ impl Worker {
             else {
                 continue;
             };
+            if self.fast.is_some() {
+                charge(&mut self.charges, job, range.len());
+            }
             self.departs.clear();
             self.departs.extend_from_slice(eng.segment_departs());
             let to = SocketAddrV4::new(node, GENEVE_PORT);
@@ -1237,7 +1293,46 @@ impl Worker {
                 eng.count_drop(Reason::Malformed);
             }
         }
+        let fast = self.fast.clone();
+        let mirror = self.offload_handoff(&mut eng, fast.as_deref());
+        drop(eng);
+        if let (Some(f), Some(mut m)) = (fast.as_deref(), mirror) {
+            self.mirror_batch(f, &mut m, ClockDir::Ingress);
+        }
         n
+    }
+
+    /// Under the engine lock: takes the engine's offload events and, if there is anything to
+    /// mirror (events, clock charges), locks the fast path's mirror before the engine lock is
+    /// released, so that events reach the maps in the order the engine queued them.
+    fn offload_handoff<'f>(
+        &mut self,
+        eng: &mut Tier2,
+        fast: Option<&'f FastPathIo>,
+    ) -> Option<std::sync::MutexGuard<'f, Mirror>> {
+        let f = fast?;
+        if eng.has_offload_events() {
+            self.offload_events.extend(eng.drain_offload_events());
+        }
+        if self.offload_events.is_empty() && self.charges.is_empty() {
+            return None;
+        }
+        Some(f.lock())
+    }
+
+    /// With the engine lock released: writes the events taken by
+    /// [`Worker::offload_handoff`] into the fast path's maps and charges its clocks for
+    /// this pass's packets (direction `dir`).
+    fn mirror_batch(&mut self, f: &FastPathIo, m: &mut Mirror, dir: ClockDir) {
+        let mono = fast_path::mono_now();
+        if !self.offload_events.is_empty() {
+            let unix = self.s.now().unix_secs;
+            f.apply(m, self.offload_events.drain(..), unix, mono);
+        }
+        if !self.charges.is_empty() {
+            f.charge(m, dir, &self.charges, mono);
+            self.charges.clear();
+        }
     }
 
     /// Sends up to a batch of datagrams of the node-bound fair queue: runs of datagrams in one
@@ -1401,7 +1496,26 @@ impl Worker {
         let snap = self.s.store.snapshot();
         let view = snap.at(Instant::now());
         let s = Arc::clone(&self.s);
+        let fast = self.fast.clone();
+        // The fast path's counters reach the engine before a tick that may end flows (once
+        // a second, or when job ends are queued), so flow_end lines and expiry see them.
+        let credits = match fast.as_deref() {
+            Some(f) if s.engine().ends_flows_at(now.mono) => {
+                f.publish(&s.metrics);
+                f.sync()
+            }
+            _ => Vec::new(),
+        };
         let mut eng = s.engine();
+        if !credits.is_empty() {
+            let mono = fast_path::mono_now();
+            for c in &credits {
+                let last = c
+                    .last_seen
+                    .map(|t| fast_path::to_engine(t, mono, now.mono));
+                eng.credit_offloaded(&c.key, c.out, c.inbound, last);
+            }
+        }
         self.report_drops(&mut eng);
         let draining = s.draining.load(Ordering::Relaxed);
         if eng.is_draining() != draining {
@@ -1409,6 +1523,20 @@ impl Worker {
         }
         eng.tick(&view, now);
         s.flush_audit(&mut eng);
+        let mirror = self.offload_handoff(&mut eng, fast.as_deref());
+        drop(eng);
+        let pending = (fast.as_deref(), mirror);
+        if let (Some(f), Some(mut m)) = pending {
+            self.mirror_batch(f, &mut m, ClockDir::Egress);
+        }
+    }
+}
+
+/// Adds `bytes` of `job` to a pass's charges (a handful of jobs per pass: a linear scan).
+fn charge(charges: &mut Vec<(JobKey, u64)>, job: JobKey, bytes: usize) {
+    match charges.iter_mut().find(|(j, _)| *j == job) {
+        Some((_, b)) => *b += bytes as u64,
+        None => charges.push((job, bytes as u64)),
     }
 }
 

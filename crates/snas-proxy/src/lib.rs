@@ -30,6 +30,8 @@
 //! - [`guard`]: the nftables table that keeps jobs' packets out of the proxy's namespace and off
 //!   the infrastructure (defence in depth).
 //! - [`daemon`]: wiring, data-path workers, pacing queue.
+//! - [`fast_path`]: loads and attaches the in-kernel fast path and mirrors the engine's
+//!   offload events into its maps.
 //! - [`udp`], [`tun`], [`wake`]: batched GENEVE socket I/O, the TUN device and the workers'
 //!   wake-up eventfd (with [`guard`]'s `setns`, the only `unsafe`).
 //! - [`shared`]: the state the workers, the endpoints and the resolver share.
@@ -51,6 +53,7 @@ pub mod config;
 pub mod conntrack;
 pub mod daemon;
 pub mod drops;
+pub mod fast_path;
 pub mod fair;
 pub mod gso;
 #[allow(unsafe_code)]
