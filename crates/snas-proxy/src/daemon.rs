@@ -73,12 +73,11 @@ use crate::clock::{Clock, MonotonicClock, Nanos};
 use crate::config::ProxyConfig;
 use crate::fair::{FairQueue, Size};
 use crate::fast_path::{self, FastPathIo, Mirror};
-use crate::offload::OffloadEvent;
-use snas_bpf::fastpath::ClockDir;
 use crate::gso;
 use crate::guard::Guard;
 use crate::hold::HeldPacket;
 use crate::metrics::{add, Metrics};
+use crate::offload::OffloadEvent;
 use crate::pacer::PacerConfig;
 use crate::policy_fetch::{FetchConfig, Fetcher, PolicyStore};
 use crate::tier2::{Tier2, Tier2Config, Verdict, GENEVE_HEADER_LEN};
@@ -86,6 +85,7 @@ use crate::tun::{self, TunQueue, UnderlayTap};
 use crate::udp::{self, GeneveSocket, RecvBatch, SendBatch};
 use crate::vnet::{self, Finished, VnetHdr, VNET_HDR_LEN};
 use crate::wake::Wake;
+use snas_bpf::fastpath::ClockDir;
 use snas_wire::geneve::GENEVE_PORT;
 
 use crate::shared::{Shared, WorkerGauges};
@@ -187,6 +187,8 @@ fn engine_config(
     t.hold = cfg.hold_config();
     t.audit_lines_per_sec = cfg.audit_lines_per_job_per_sec;
     t.segment_mtu = cfg.tun_mtu as usize;
+    let cap = crate::pacer::PaceRate::Limited(cfg.tenant_cap_rate());
+    t.default_tenant_cap = (cap, cap);
     t.pacer = PacerConfig {
         horizon: clock_horizon,
         ..PacerConfig::default()
@@ -479,6 +481,7 @@ fn start_fast_path(cfg: &ProxyConfig) -> Option<Arc<FastPathIo>> {
         cfg.underlay_addr,
         &cfg.nodes,
         cfg.fast_path_interface.as_deref(),
+        cfg.pacing_horizon(),
     ) {
         Ok(f) => Some(Arc::new(f)),
         Err(e) => {
@@ -1510,9 +1513,7 @@ impl Worker {
         if !credits.is_empty() {
             let mono = fast_path::mono_now();
             for c in &credits {
-                let last = c
-                    .last_seen
-                    .map(|t| fast_path::to_engine(t, mono, now.mono));
+                let last = c.last_seen.map(|t| fast_path::to_engine(t, mono, now.mono));
                 eng.credit_offloaded(&c.key, c.out, c.inbound, last);
             }
         }

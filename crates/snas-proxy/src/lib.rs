@@ -53,8 +53,8 @@ pub mod config;
 pub mod conntrack;
 pub mod daemon;
 pub mod drops;
-pub mod fast_path;
 pub mod fair;
+pub mod fast_path;
 pub mod gso;
 #[allow(unsafe_code)]
 pub mod guard;
