@@ -254,8 +254,10 @@ int snas_fp_from_node(struct __sk_buff *skb)
 		return divert(FP_ST_DIVERT_OTHER);	/* userspace refuses it (policy_expired) */
 	if (ttl <= 1)
 		return divert(FP_ST_DIVERT_ROUTE);
-	if (!clocks_ok(k.job_key, tenant, FP_DIR_EGRESS, now, &jc, &tc))
+	if (!clocks_ok(k.job_key, tenant, FP_DIR_EGRESS, now, &jc, &tc)) {
+		fp_clock_hold(jc, now);
 		return divert(FP_ST_DIVERT_PACED);
+	}
 	why = route(skb, &fib, f->egress_addr, k.daddr);
 	if (why)
 		return divert(why);
@@ -360,8 +362,10 @@ int snas_fp_from_internet(struct __sk_buff *skb)
 	seg = skb->gso_size ? skb->gso_size + hdrs : inner_len;
 	if (seg + GENEVE_OVERHEAD > cfg_fp_underlay_mtu || inner_len + GENEVE_OVERHEAD > 0xffff)
 		return divert(FP_ST_DIVERT_ROUTE);
-	if (!clocks_ok(f->job_key, f->tenant_id, FP_DIR_INGRESS, now, &jc, &tc))
+	if (!clocks_ok(f->job_key, f->tenant_id, FP_DIR_INGRESS, now, &jc, &tc)) {
+		fp_clock_hold(jc, now);
 		return divert(FP_ST_DIVERT_PACED);
+	}
 	why = route(skb, &fib, cfg_fp_proxy_ip, f->node_addr);
 	if (why)
 		return divert(why);

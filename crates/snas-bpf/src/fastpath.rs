@@ -589,14 +589,16 @@ impl FastPath {
     }
 
     /// Charges `bytes` that left through userspace to a clock at `now` (`CLOCK_MONOTONIC`), so
-    /// that a job whose limit binds stays on the userspace path. A missing clock is left
-    /// missing.
+    /// that a job whose limit binds stays on the userspace path; `last_departure` is when the
+    /// last of them leaves the userspace pacer: no packet of the clock's owner leaves fast
+    /// before it (none overtakes a paced one). A missing clock is left missing.
     pub fn charge(
         &self,
         owner: ClockOwner,
         dir: ClockDir,
         bytes: u64,
         now: Duration,
+        last_departure: Duration,
     ) -> Result<(), FastPathError> {
         let key = clock_key(owner, dir);
         let Some(mut c) = self.clock(&key)? else {
@@ -605,8 +607,11 @@ impl FastPath {
         let Some(rate) = clock_rate(&c) else {
             return Ok(());
         };
-        let now = duration_ns(now);
-        c.next_ns = c.next_ns.max(now).saturating_add(charge_ns(rate, bytes));
+        c.next_ns = c
+            .next_ns
+            .max(duration_ns(now))
+            .saturating_add(charge_ns(rate, bytes));
+        c.slow_until_ns = c.slow_until_ns.max(duration_ns(last_departure));
         self.clocks
             .update(bytes_of(&key), bytes_of(&c), MapFlags::EXIST)
             .or_else(|e| {

@@ -227,14 +227,33 @@ fn once_the_jobs_rate_binds_its_packets_take_the_userspace_path() {
     );
     assert_eq!(fp.stats().unwrap().diverted(DivertReason::Paced), 20 - fast);
     // Userspace charging the clock keeps it there.
+    let now = mono_now().unwrap();
+    fp.charge(ClockOwner::Job(JOB_KEY), ClockDir::Egress, 1_000_000, now, now)
+        .unwrap();
+    assert_eq!(run_node(&fp, &frame).retval, TC_ACT_OK);
+}
+
+#[test]
+fn no_packet_leaves_fast_while_one_of_its_job_waits_in_the_userspace_pacer() {
+    let p = data_packet();
+    let fp = with_flow(&p);
+    let frame = from_node(&p.ip(), SERIAL.get());
+    assert_eq!(run_node(&fp, &frame).retval, TC_ACT_REDIRECT);
+    // The pacer holds a packet of the job until 50 ms from now (its clock is not ahead:
+    // unlimited rate): later packets must not overtake it.
+    let now = mono_now().unwrap();
     fp.charge(
         ClockOwner::Job(JOB_KEY),
         ClockDir::Egress,
-        1_000_000,
-        mono_now().unwrap(),
+        1_500,
+        now,
+        now + Duration::from_millis(50),
     )
     .unwrap();
     assert_eq!(run_node(&fp, &frame).retval, TC_ACT_OK);
+    assert_eq!(fp.stats().unwrap().diverted(DivertReason::Paced), 1);
+    std::thread::sleep(Duration::from_millis(60));
+    assert_eq!(run_node(&fp, &frame).retval, TC_ACT_REDIRECT);
 }
 
 #[test]

@@ -727,8 +727,9 @@ struct Worker {
     fast: Option<Arc<FastPathIo>>,
     /// Offload events taken from the engine, to mirror once its lock is released.
     offload_events: Vec<OffloadEvent>,
-    /// (job, bytes) of this pass's packets sent through userspace, for the fast path's clocks.
-    charges: Vec<(JobKey, u64)>,
+    /// (job, bytes, last departure) of this pass's packets sent through userspace, for the
+    /// fast path's clocks.
+    charges: Vec<(JobKey, u64, Nanos)>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -875,8 +876,14 @@ impl Worker {
         now: Nanos,
         floor: &mut Option<Nanos>,
     ) -> Out {
-        if let (Some(_), Verdict::ToInternet { range, job, .. }) = (&self.fast, &v) {
-            charge(&mut self.charges, *job, range.len());
+        if let (
+            Some(_),
+            Verdict::ToInternet {
+                range, job, depart, ..
+            },
+        ) = (&self.fast, &v)
+        {
+            charge(&mut self.charges, *job, range.len(), *depart);
         }
         match v {
             Verdict::ToInternet { range, depart, .. } if send_now(depart, now, floor) => {
@@ -1214,11 +1221,12 @@ impl Worker {
             else {
                 continue;
             };
-            if self.fast.is_some() {
-                charge(&mut self.charges, job, range.len());
-            }
             self.departs.clear();
             self.departs.extend_from_slice(eng.segment_departs());
+            if self.fast.is_some() {
+                let last = self.departs.iter().flatten().max().copied();
+                charge(&mut self.charges, job, range.len(), last.unwrap_or(now.mono));
+            }
             let to = SocketAddrV4::new(node, GENEVE_PORT);
             let data = &self.tunbufs[i][range];
             // The engine wrote the job's GENEVE header: its option names the tenant.
@@ -1328,12 +1336,13 @@ impl Worker {
     /// this pass's packets (direction `dir`).
     fn mirror_batch(&mut self, f: &FastPathIo, m: &mut Mirror, dir: ClockDir) {
         let mono = fast_path::mono_now();
+        let engine_now = self.s.clock.now();
         if !self.offload_events.is_empty() {
             let unix = self.s.now().unix_secs;
             f.apply(m, self.offload_events.drain(..), unix, mono);
         }
         if !self.charges.is_empty() {
-            f.charge(m, dir, &self.charges, mono);
+            f.charge(m, dir, &self.charges, mono, engine_now);
             self.charges.clear();
         }
     }
@@ -1533,11 +1542,15 @@ impl Worker {
     }
 }
 
-/// Adds `bytes` of `job` to a pass's charges (a handful of jobs per pass: a linear scan).
-fn charge(charges: &mut Vec<(JobKey, u64)>, job: JobKey, bytes: usize) {
-    match charges.iter_mut().find(|(j, _)| *j == job) {
-        Some((_, b)) => *b += bytes as u64,
-        None => charges.push((job, bytes as u64)),
+/// Adds `bytes` of `job` leaving at `depart` to a pass's charges (a handful of jobs per pass:
+/// a linear scan).
+fn charge(charges: &mut Vec<(JobKey, u64, Nanos)>, job: JobKey, bytes: usize, depart: Nanos) {
+    match charges.iter_mut().find(|(j, _, _)| *j == job) {
+        Some((_, b, d)) => {
+            *b += bytes as u64;
+            *d = (*d).max(depart);
+        }
+        None => charges.push((job, bytes as u64, depart)),
     }
 }
 

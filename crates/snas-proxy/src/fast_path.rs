@@ -432,34 +432,47 @@ impl FastPathIo {
     }
 
     /// Charges what the workers sent through userspace for jobs with fast flows (`(job,
-    /// bytes)` pairs, one direction) to their job's and tenant's clocks, so that a job whose
-    /// limit binds stays on the userspace path and its pacer. Jobs without fast flows are
+    /// bytes, last departure)`, one direction; departures on the engine's clock, which reads
+    /// `engine_now` while `CLOCK_MONOTONIC` reads `mono`) to their job's and tenant's clocks,
+    /// so that a job whose limit binds stays on the userspace path and its pacer, and no
+    /// packet leaves fast before one the pacer still holds. Jobs without fast flows are
     /// skipped without a system call.
-    pub fn charge(&self, m: &mut Mirror, dir: ClockDir, sent: &[(JobKey, u64)], mono: Duration) {
+    pub fn charge(
+        &self,
+        m: &mut Mirror,
+        dir: ClockDir,
+        sent: &[(JobKey, u64, Nanos)],
+        mono: Duration,
+        engine_now: Nanos,
+    ) {
         if m.jobs.is_empty() {
             return;
         }
-        let mut tenants: Vec<(TenantId, u64)> = Vec::new();
-        for &(job, bytes) in sent {
+        let to_mono = |t: Nanos| mono.saturating_add(t.saturating_duration_since(engine_now));
+        let mut tenants: Vec<(TenantId, u64, Nanos)> = Vec::new();
+        for &(job, bytes, depart) in sent {
             let Some(t) = m.jobs.get(&job).map(|u| u.tenant) else {
                 continue;
             };
             if self
                 .fp
-                .charge(ClockOwner::Job(job), dir, bytes, mono)
+                .charge(ClockOwner::Job(job), dir, bytes, mono, to_mono(depart))
                 .is_err()
             {
                 m.errors += 1;
             }
-            match tenants.iter_mut().find(|(x, _)| *x == t) {
-                Some((_, b)) => *b += bytes,
-                None => tenants.push((t, bytes)),
+            match tenants.iter_mut().find(|(x, _, _)| *x == t) {
+                Some((_, b, d)) => {
+                    *b += bytes;
+                    *d = (*d).max(depart);
+                }
+                None => tenants.push((t, bytes, depart)),
             }
         }
-        for (t, bytes) in tenants {
+        for (t, bytes, depart) in tenants {
             if self
                 .fp
-                .charge(ClockOwner::Tenant(t), dir, bytes, mono)
+                .charge(ClockOwner::Tenant(t), dir, bytes, mono, to_mono(depart))
                 .is_err()
             {
                 m.errors += 1;

@@ -78,6 +78,10 @@ struct fp_clock_key {
 struct fp_clock {
 	__u64 next_ns;		/* earliest departure of the next packet (start-time EDT) */
 	__u64 rate_bps;		/* bits per second when FP_RATE_LIMITED (never 0 then) */
+	/* Latest departure of a packet of this job the userspace pacer holds: until then a
+	 * packet must not leave fast, or it would overtake that one (TCP takes reordering for
+	 * loss: measured, an upload under a 20 Mbit/s limit fell to 2 Mbit/s). */
+	__u64 slow_until_ns;
 	__u32 mode;		/* FP_RATE_* */
 	__u32 _pad;
 };
@@ -163,14 +167,28 @@ static __always_inline void fp_count(struct fp_counts *c, __u64 bytes, __u64 now
 	c->last_seen_ns = now;
 }
 
-/* Whether a clock lets a packet go now (at most cfg_fp_slack_ns ahead). */
+/* Whether a clock lets a packet go now: at most cfg_fp_slack_ns ahead, and nothing of its
+ * owner still waiting in the userspace pacer. */
 static __always_inline int fp_clock_ok(const struct fp_clock *c, __u64 now)
 {
 	if (!c || c->mode == FP_RATE_BLOCKED)
 		return 0;
+	if (c->slow_until_ns > now)
+		return 0;
 	if (c->mode == FP_RATE_UNLIMITED)
 		return 1;
 	return c->next_ns <= now + cfg_fp_slack_ns;
+}
+
+/* A packet diverted because a clock is ahead reaches the userspace pacer some microseconds
+ * later; until that pacer has stamped it (and said when it leaves, slow_until_ns) no packet of
+ * the job may leave fast, or it would overtake it. */
+#define FP_HANDOFF_NS 2000000ULL
+
+static __always_inline void fp_clock_hold(struct fp_clock *c, __u64 now)
+{
+	if (c && c->slow_until_ns < now + FP_HANDOFF_NS)
+		c->slow_until_ns = now + FP_HANDOFF_NS;
 }
 
 /* Start-time EDT, as the userspace pacer: next = max(now, next) + bytes * 8 / rate. Two CPUs
