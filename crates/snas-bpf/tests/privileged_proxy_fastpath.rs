@@ -228,8 +228,14 @@ fn once_the_jobs_rate_binds_its_packets_take_the_userspace_path() {
     assert_eq!(fp.stats().unwrap().diverted(DivertReason::Paced), 20 - fast);
     // Userspace charging the clock keeps it there.
     let now = mono_now().unwrap();
-    fp.charge(ClockOwner::Job(JOB_KEY), ClockDir::Egress, 1_000_000, now, now)
-        .unwrap();
+    fp.charge(
+        ClockOwner::Job(JOB_KEY),
+        ClockDir::Egress,
+        1_000_000,
+        now,
+        now,
+    )
+    .unwrap();
     assert_eq!(run_node(&fp, &frame).retval, TC_ACT_OK);
 }
 

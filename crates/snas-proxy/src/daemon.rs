@@ -1225,7 +1225,12 @@ impl Worker {
             self.departs.extend_from_slice(eng.segment_departs());
             if self.fast.is_some() {
                 let last = self.departs.iter().flatten().max().copied();
-                charge(&mut self.charges, job, range.len(), last.unwrap_or(now.mono));
+                charge(
+                    &mut self.charges,
+                    job,
+                    range.len(),
+                    last.unwrap_or(now.mono),
+                );
             }
             let to = SocketAddrV4::new(node, GENEVE_PORT);
             let data = &self.tunbufs[i][range];

@@ -144,6 +144,17 @@ impl Offloads {
     }
 }
 
+/// Jobs limited below this (either way) are never offloaded: their pacing stays in the
+/// userspace pacer, which delays packets (the fast path can only divert them). Measured on the
+/// testbed: with the fast path, an upload under a 20 Mbit/s limit ran at 2 Mbit/s (the
+/// bandwidth e2e test); at these rates the userspace path is not the bottleneck anyway.
+pub const MIN_FAST_RATE_BPS: u64 = 1_000_000_000;
+
+/// Whether a job with these limits may have fast flows ([`MIN_FAST_RATE_BPS`]).
+pub fn fast_rates(egress: snas_wire::Bps, ingress: snas_wire::Bps) -> bool {
+    egress.get() >= MIN_FAST_RATE_BPS && ingress.get() >= MIN_FAST_RATE_BPS
+}
+
 /// Whether a conntrack state is one the fast path may carry: established TCP (handshake
 /// answered, no FIN or RST yet) or UDP with replies.
 pub fn fast_state(s: FlowState) -> bool {

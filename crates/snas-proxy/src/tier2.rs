@@ -933,14 +933,17 @@ impl Tier2 {
     /// is on, the proxy is not draining (a draining proxy keeps its flows where they are, so
     /// that nothing new is handed over), the flow is IPv4 TCP or UDP, established (TCP
     /// handshake answered, no FIN or RST; UDP answered), and `client_payload`: the flow's first
-    /// client payload has passed through the engine (the packet being forwarded carries it).
+    /// client payload has passed through the engine (the packet being forwarded carries it),
+    /// and the job's limits are at least [`offload::MIN_FAST_RATE_BPS`] both ways (below, the
+    /// userspace pacer, which can delay packets, keeps the job).
     /// A check that must see more of a flow in userspace (e.g. a name check holding the first
     /// client payload) adds its condition here: a flow it has not passed is never installed.
-    fn offload_eligible(&self, info: &FlowInfo, client_payload: bool) -> bool {
+    fn offload_eligible(&self, info: &FlowInfo, policy: &JobPolicy, client_payload: bool) -> bool {
         self.offload.enabled()
             && !self.draining
             && offload::fast_shape(&info.key)
             && offload::fast_state(info.state)
+            && offload::fast_rates(policy.limits.egress_bps, policy.limits.ingress_bps)
             && client_payload
     }
 
@@ -962,12 +965,14 @@ impl Tier2 {
             return;
         };
         let installed = self.offload.get(key).is_some();
-        if !offload::fast_state(info.state) {
+        if !offload::fast_state(info.state)
+            || !offload::fast_rates(policy.limits.egress_bps, policy.limits.ingress_bps)
+        {
             self.offload.remove(key);
             return;
         }
         // A flow installed once needs no new payload to follow its policy's renewal.
-        if !self.offload_eligible(&info, client_payload || installed) {
+        if !self.offload_eligible(&info, policy, client_payload || installed) {
             return;
         }
         let IpAddr::V4(egress_ip) = info.egress_ip else {

@@ -45,8 +45,8 @@ protocol = "udp"
 max_connections = 4096
 new_connections_per_sec = 100000
 new_connections_burst = 100000
-egress_bps = "200Mbit"
-ingress_bps = "300Mbit"
+egress_bps = "2Gbit"
+ingress_bps = "3Gbit"
 "#;
 
 struct Fixture {
@@ -232,8 +232,8 @@ fn a_flow_is_installed_after_its_handshake_and_first_client_payload_not_before()
     assert_eq!(fl.node, NODE);
     assert_eq!(fl.serial, PolicySerial(1));
     assert_eq!(fl.tenant, snas_policy::identity::tenant_id("acme"));
-    assert_eq!(fl.rates.job_egress, PaceRate::mbit(200));
-    assert_eq!(fl.rates.job_ingress, PaceRate::mbit(300));
+    assert_eq!(fl.rates.job_egress, PaceRate::mbit(2000));
+    assert_eq!(fl.rates.job_ingress, PaceRate::mbit(3000));
     assert_eq!(f.tier2.offloaded_flows(), 1);
     f.send(&seg(40000, DATA, b"more"));
     assert!(f.events().is_empty(), "installed once");
@@ -423,4 +423,20 @@ fn nothing_is_installed_while_draining_or_with_offload_off() {
     assert_eq!(installed(&f.events()).len(), 1);
     f.tier2.set_offload(false);
     assert_eq!(removed(&f.events()), vec![key(40030)]);
+}
+
+#[test]
+fn a_job_limited_below_a_gigabit_stays_with_the_userspace_pacer() {
+    let mut f = Fixture::new();
+    let slow = POLICY.replace("2Gbit", "20Mbit");
+    let draft = parse_policy(&slow).unwrap();
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(T0);
+    let token = sign(&draft.to_claims(JTI, PolicySerial(1), now), &f.key).unwrap();
+    f.policies.insert(JobPolicy::from_verified(
+        &verify(&token, &f.bundle, now).unwrap(),
+        &[],
+    ));
+    f.established(40040);
+    f.send(&seg(40040, DATA, b"x"));
+    assert!(f.events().is_empty());
 }
