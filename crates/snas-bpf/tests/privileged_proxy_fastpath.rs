@@ -3,6 +3,8 @@
 //! (`test_redirect_ifindex`: test_run has no routes); TCP super-packets cannot be built here
 //! (test_run cannot set a GSO type), the proxy's netns tests carry them.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
