@@ -1,4 +1,4 @@
-//! Compiles the tier-1 BPF entry objects with clang-19 and generates libbpf-rs skeletons.
+//! Compiles the BPF entry objects (tier 1's and the proxy's fast path) with clang-19 and generates libbpf-rs skeletons.
 //!
 //! The programs include kernel UAPI headers (`linux/*.h`), which include `asm/types.h` from
 //! the architecture's directory: on Debian and Ubuntu `/usr/include/<multiarch tuple>`
@@ -9,7 +9,12 @@ use std::path::{Path, PathBuf};
 
 use libbpf_cargo::SkeletonBuilder;
 
-const OBJECTS: &[&str] = &["sandbox_ingress", "sandbox_egress", "uplink_ingress"];
+const OBJECTS: &[&str] = &[
+    "sandbox_ingress",
+    "sandbox_egress",
+    "uplink_ingress",
+    "proxy_fastpath",
+];
 
 /// Debian's multiarch tuple of a Linux target, from cargo's `CARGO_CFG_TARGET_*`. The kernel
 /// headers are the same for the gnu and musl C libraries, so the C library does not matter.

@@ -1,4 +1,4 @@
-//! snas-bpf: the tier-1 host eBPF dataplane of SNAS (C programs under `bpf/`, loaded with
+//! snas-bpf: the tier-1 host eBPF dataplane of SNAS (and the egress proxy's fast path) (C programs under `bpf/`, loaded with
 //! libbpf-rs skeletons) and the typed Rust API the node agent uses to drive it.
 //!
 //! # Layout
@@ -18,6 +18,8 @@
 //! - [`maglev`]: pure Maglev table computation.
 //! - [`counters`], [`audit`]: what the dataplane reports.
 //! - [`fq`]: detection of the fq qdisc.
+//! - [`fastpath`]: the egress proxy's in-kernel fast path (`bpf/proxy_fastpath.bpf.c`):
+//!   load, attach, and the flow, clock and statistics maps its daemon mirrors decisions into.
 //! - [`testing`]: BPF_PROG_TEST_RUN driver for the programs (root).
 //! - [`skel`]: generated skeletons and BTF types.
 //!
@@ -27,6 +29,7 @@ pub mod audit;
 mod binding;
 pub mod config;
 pub mod counters;
+pub mod fastpath;
 pub mod flows;
 pub mod fq;
 pub mod maglev;

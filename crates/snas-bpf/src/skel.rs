@@ -30,4 +30,9 @@ pub mod uplink {
     include!(concat!(env!("OUT_DIR"), "/uplink_ingress.skel.rs"));
 }
 
+/// Skeleton of `bpf/proxy_fastpath.bpf.c` (the egress proxy's fast path).
+pub mod fastpath {
+    include!(concat!(env!("OUT_DIR"), "/proxy_fastpath.skel.rs"));
+}
+
 pub use sandbox::types;

@@ -50,6 +50,20 @@ pub struct ProxyConfig {
     /// the device, the proxy splits them into one GENEVE datagram per segment.
     #[serde(default = "default_true")]
     pub overlay_gso: bool,
+    /// Carry established flows in the kernel (`bpf/proxy_fastpath.bpf.c`, tc programs on the
+    /// underlay interface and on `fast_path_interface`): decapsulation, NAT, encapsulation and
+    /// redirect without the worker. Where the programs cannot be loaded or attached the proxy
+    /// logs a warning, reports `snas_proxy_fastpath_available 0` and carries everything itself.
+    #[serde(default = "default_true")]
+    pub fast_path: bool,
+    /// Each tenant's bandwidth cap on this proxy, each way (all its jobs together; the
+    /// pacer's tenant clock), e.g. `"10Gbit"`. Also what the fast path charges.
+    #[serde(default = "default_tenant_cap")]
+    pub tenant_cap: String,
+    /// The interface packets to the egress pool arrive on (the fast path's internet side).
+    /// Default: the interface of the namespace's IPv4 default route.
+    #[serde(default)]
+    pub fast_path_interface: Option<String>,
     /// DNS resolver listen address (UDP and TCP).
     pub resolver_listen: SocketAddr,
     /// Upstream DNS servers (the only ones used).
@@ -220,6 +234,10 @@ fn default_agent_policy_port() -> u16 {
 fn default_workers() -> usize {
     1
 }
+fn default_tenant_cap() -> String {
+    "10Gbit".to_owned()
+}
+
 fn default_true() -> bool {
     true
 }
@@ -282,6 +300,14 @@ impl ProxyConfig {
         } else {
             name
         }
+    }
+
+    /// [`ProxyConfig::tenant_cap`] as a rate (checked at load; 10 Gbit/s if it does not parse).
+    pub fn tenant_cap_rate(&self) -> snas_wire::Bps {
+        snas_wire::Bps::parse(&self.tenant_cap)
+            .ok()
+            .or(snas_wire::Bps::gbit(10))
+            .unwrap_or(snas_wire::Bps::MAX)
     }
 
     /// Reads and checks `path`.
@@ -368,6 +394,9 @@ impl ProxyConfig {
                     format!("tenant `{tenant}`: quota must be at least 1"),
                 ));
             }
+        }
+        if let Err(e) = snas_wire::Bps::parse(&self.tenant_cap) {
+            return Err(bad("tenant_cap", e.to_string()));
         }
         if self.batch == 0 || self.batch > 1024 {
             return Err(bad("batch", format!("{} is outside 1..=1024", self.batch)));

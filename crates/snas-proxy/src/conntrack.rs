@@ -802,6 +802,32 @@ impl Conntrack {
         Some(new)
     }
 
+    /// Adds `packets` and `bytes` that went `dir` outside the engine (the proxy's in-kernel
+    /// fast path, which never sees SYN, FIN or RST: the state does not change) to flow `id`,
+    /// the last of them at `last_seen` (later than the flow's last packet, or ignored). Returns
+    /// false for a stale id.
+    pub fn credit(
+        &mut self,
+        id: FlowId,
+        dir: Direction,
+        packets: u32,
+        bytes: u64,
+        last_seen: Option<Nanos>,
+    ) -> bool {
+        if self.get(id).is_none() {
+            return false;
+        }
+        let f = &mut self.flows[id.index as usize];
+        if let Some(t) = last_seen {
+            // The expiry wheel re-reads last_seen when the flow's entry comes due.
+            f.last_seen = f.last_seen.max(t);
+        }
+        let d = usize::from(dir == Direction::Reply);
+        f.packets[d] = f.packets[d].saturating_add(packets);
+        f.bytes[d] = f.bytes[d].saturating_add(bytes);
+        true
+    }
+
     /// Removes flow `id` at once (e.g. policy revoked); its port goes into quarantine.
     pub fn remove(&mut self, id: FlowId, now: Nanos) -> Option<RemovedFlow> {
         self.get(id)?;

@@ -72,10 +72,12 @@ use crate::budget::QueueBudget;
 use crate::clock::{Clock, MonotonicClock, Nanos};
 use crate::config::ProxyConfig;
 use crate::fair::{FairQueue, Size};
+use crate::fast_path::{self, FastPathIo, Mirror};
 use crate::gso;
 use crate::guard::Guard;
 use crate::hold::HeldPacket;
 use crate::metrics::{add, Metrics};
+use crate::offload::OffloadEvent;
 use crate::pacer::PacerConfig;
 use crate::policy_fetch::{FetchConfig, Fetcher, PolicyStore};
 use crate::tier2::{Tier2, Tier2Config, Verdict, GENEVE_HEADER_LEN};
@@ -83,6 +85,7 @@ use crate::tun::{self, TunQueue, UnderlayTap};
 use crate::udp::{self, GeneveSocket, RecvBatch, SendBatch};
 use crate::vnet::{self, Finished, VnetHdr, VNET_HDR_LEN};
 use crate::wake::Wake;
+use snas_bpf::fastpath::ClockDir;
 use snas_wire::geneve::GENEVE_PORT;
 
 use crate::shared::{Shared, WorkerGauges};
@@ -167,6 +170,8 @@ pub struct Daemon {
     workers: Vec<JoinHandle<()>>,
     runtime: Option<tokio::runtime::Runtime>,
     guard: Option<Arc<Guard>>,
+    /// The in-kernel fast path, when attached (detached when the last worker let go of it).
+    fast: Option<Arc<FastPathIo>>,
     control_addr: SocketAddr,
     service_addr: SocketAddr,
     resolver_addr: SocketAddr,
@@ -182,6 +187,8 @@ fn engine_config(
     t.hold = cfg.hold_config();
     t.audit_lines_per_sec = cfg.audit_lines_per_job_per_sec;
     t.segment_mtu = cfg.tun_mtu as usize;
+    let cap = crate::pacer::PaceRate::Limited(cfg.tenant_cap_rate());
+    t.default_tenant_cap = (cap, cap);
     t.pacer = PacerConfig {
         horizon: clock_horizon,
         ..PacerConfig::default()
@@ -231,7 +238,7 @@ impl Daemon {
             let onlink = tun::onlink_prefixes(cfg.underlay_addr)?;
             infrastructure.extend(onlink.into_iter().map(IpNet::V4));
         }
-        let engine = Tier2::new(
+        let mut engine = Tier2::new(
             engine_config(&cfg, infrastructure.clone(), cfg.pacing_horizon()),
             clock.now(),
         )?;
@@ -257,6 +264,12 @@ impl Daemon {
                 engine.infrastructure(),
             )?));
         }
+        let fast = if data_path && cfg.fast_path {
+            start_fast_path(&cfg)
+        } else {
+            None
+        };
+        engine.set_offload(fast.is_some());
         let gaddr = SocketAddrV4::new(cfg.underlay_addr, GENEVE_PORT);
         let mut socks = Vec::with_capacity(n);
         for _ in 0..n {
@@ -376,9 +389,10 @@ impl Daemon {
             let fair = shared.cfg.fair_config();
             let queues = (FairQueue::new(fair)?, FairQueue::new(fair)?);
             let tap = taps.next();
+            let fast = fast.clone();
             let h = std::thread::Builder::new()
                 .name(format!("snas-proxy-w{i}"))
-                .spawn(move || Worker::new(s, i, sock, q, tap, queues).run())
+                .spawn(move || Worker::new(s, i, sock, q, tap, queues, fast).run())
                 .map_err(io("worker thread"))?;
             workers.push(h);
         }
@@ -392,6 +406,7 @@ impl Daemon {
             workers,
             runtime: Some(runtime),
             guard,
+            fast,
             control_addr,
             service_addr,
             resolver_addr,
@@ -428,6 +443,8 @@ impl Daemon {
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
+        // The workers are gone: the last reference detaches the programs.
+        self.fast = None;
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_timeout(Duration::from_secs(1));
         }
@@ -443,6 +460,26 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// Loads and attaches the in-kernel fast path; on failure logs why and returns none (every
+/// packet then takes the userspace path; `snas_proxy_fastpath_available` stays 0).
+fn start_fast_path(cfg: &ProxyConfig) -> Option<Arc<FastPathIo>> {
+    match FastPathIo::start(
+        cfg.underlay_addr,
+        &cfg.nodes,
+        cfg.fast_path_interface.as_deref(),
+        cfg.pacing_horizon(),
+    ) {
+        Ok(f) => Some(Arc::new(f)),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "fast path unavailable: every packet takes the userspace path"
+            );
+            None
+        }
     }
 }
 
@@ -675,6 +712,13 @@ struct Worker {
     last_tick: Nanos,
     /// When this worker last moved a packet (for busy polling).
     last_active: Nanos,
+    /// The in-kernel fast path, when attached.
+    fast: Option<Arc<FastPathIo>>,
+    /// Offload events taken from the engine, to mirror once its lock is released.
+    offload_events: Vec<OffloadEvent>,
+    /// (job, bytes, last departure) of this pass's packets sent through userspace, for the
+    /// fast path's clocks.
+    charges: Vec<(JobKey, u64, Nanos)>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -702,6 +746,7 @@ impl Worker {
             FairQueue<NodeTenant, JobKey, NodePkt>,
             FairQueue<NodeTenant, JobKey, NodeBound>,
         ),
+        fast: Option<Arc<FastPathIo>>,
     ) -> Worker {
         let batch = s.cfg.batch;
         let mtu = s.cfg.tun_mtu as usize;
@@ -732,6 +777,9 @@ impl Worker {
             mtu,
             last_tick: Nanos::ZERO,
             last_active: Nanos::ZERO,
+            fast,
+            offload_events: Vec::new(),
+            charges: Vec::with_capacity(batch),
             s,
             sock,
             tun,
@@ -817,6 +865,15 @@ impl Worker {
         now: Nanos,
         floor: &mut Option<Nanos>,
     ) -> Out {
+        if let (
+            Some(_),
+            Verdict::ToInternet {
+                range, job, depart, ..
+            },
+        ) = (&self.fast, &v)
+        {
+            charge(&mut self.charges, *job, range.len(), *depart);
+        }
         match v {
             Verdict::ToInternet { range, depart, .. } if send_now(depart, now, floor) => {
                 Out::Internet(range)
@@ -941,6 +998,8 @@ impl Worker {
         let snap = self.s.store.snapshot();
         let view = snap.at(Instant::now());
         let released;
+        let fast = self.fast.clone();
+        let mirror;
         {
             let s = Arc::clone(&self.s);
             let mut eng = s.engine();
@@ -966,6 +1025,10 @@ impl Worker {
                 s.fetcher.request_refetch(job, node);
             }
             released = eng.has_released();
+            mirror = self.offload_handoff(&mut eng, fast.as_deref());
+        }
+        if let (Some(f), Some(mut m)) = (fast.as_deref(), mirror) {
+            self.mirror_batch(f, &mut m, ClockDir::Egress);
         }
         self.emit_node_outs(n, NodeBufs::Served);
         for p in self.serving.drain(..) {
@@ -1149,6 +1212,15 @@ impl Worker {
             };
             self.departs.clear();
             self.departs.extend_from_slice(eng.segment_departs());
+            if self.fast.is_some() {
+                let last = self.departs.iter().flatten().max().copied();
+                charge(
+                    &mut self.charges,
+                    job,
+                    range.len(),
+                    last.unwrap_or(now.mono),
+                );
+            }
             let to = SocketAddrV4::new(node, GENEVE_PORT);
             let data = &self.tunbufs[i][range];
             // The engine wrote the job's GENEVE header: its option names the tenant.
@@ -1226,7 +1298,47 @@ impl Worker {
                 eng.count_drop(Reason::Malformed);
             }
         }
+        let fast = self.fast.clone();
+        let mirror = self.offload_handoff(&mut eng, fast.as_deref());
+        drop(eng);
+        if let (Some(f), Some(mut m)) = (fast.as_deref(), mirror) {
+            self.mirror_batch(f, &mut m, ClockDir::Ingress);
+        }
         n
+    }
+
+    /// Under the engine lock: takes the engine's offload events and, if there is anything to
+    /// mirror (events, clock charges), locks the fast path's mirror before the engine lock is
+    /// released, so that events reach the maps in the order the engine queued them.
+    fn offload_handoff<'f>(
+        &mut self,
+        eng: &mut Tier2,
+        fast: Option<&'f FastPathIo>,
+    ) -> Option<std::sync::MutexGuard<'f, Mirror>> {
+        let f = fast?;
+        if eng.has_offload_events() {
+            self.offload_events.extend(eng.drain_offload_events());
+        }
+        if self.offload_events.is_empty() && self.charges.is_empty() {
+            return None;
+        }
+        Some(f.lock())
+    }
+
+    /// With the engine lock released: writes the events taken by
+    /// [`Worker::offload_handoff`] into the fast path's maps and charges its clocks for
+    /// this pass's packets (direction `dir`).
+    fn mirror_batch(&mut self, f: &FastPathIo, m: &mut Mirror, dir: ClockDir) {
+        let mono = fast_path::mono_now();
+        let engine_now = self.s.clock.now();
+        if !self.offload_events.is_empty() {
+            let unix = self.s.now().unix_secs;
+            f.apply(m, self.offload_events.drain(..), unix, mono);
+        }
+        if !self.charges.is_empty() {
+            f.charge(m, dir, &self.charges, mono, engine_now);
+            self.charges.clear();
+        }
     }
 
     /// Sends up to a batch of datagrams of the node-bound fair queue: runs of datagrams in one
@@ -1390,7 +1502,24 @@ impl Worker {
         let snap = self.s.store.snapshot();
         let view = snap.at(Instant::now());
         let s = Arc::clone(&self.s);
+        let fast = self.fast.clone();
+        // The fast path's counters reach the engine before a tick that may end flows (once
+        // a second, or when job ends are queued), so flow_end lines and expiry see them.
+        let credits = match fast.as_deref() {
+            Some(f) if s.engine().ends_flows_at(now.mono) => {
+                f.publish(&s.metrics);
+                f.sync()
+            }
+            _ => Vec::new(),
+        };
         let mut eng = s.engine();
+        if !credits.is_empty() {
+            let mono = fast_path::mono_now();
+            for c in &credits {
+                let last = c.last_seen.map(|t| fast_path::to_engine(t, mono, now.mono));
+                eng.credit_offloaded(&c.key, c.out, c.inbound, last);
+            }
+        }
         self.report_drops(&mut eng);
         let draining = s.draining.load(Ordering::Relaxed);
         if eng.is_draining() != draining {
@@ -1398,13 +1527,30 @@ impl Worker {
         }
         eng.tick(&view, now);
         s.flush_audit(&mut eng);
+        let released = eng.has_released();
+        let mirror = self.offload_handoff(&mut eng, fast.as_deref());
+        drop(eng);
+        let pending = (fast.as_deref(), mirror);
+        if let (Some(f), Some(mut m)) = pending {
+            self.mirror_batch(f, &mut m, ClockDir::Egress);
+        }
         // A name check the tick decided (its wait ended) releases packets — the held payload or
         // the RST to the server — that must not wait for the job's next packet.
-        let released = eng.has_released();
-        drop(eng);
         if released {
             self.replay_released();
         }
+    }
+}
+
+/// Adds `bytes` of `job` leaving at `depart` to a pass's charges (a handful of jobs per pass:
+/// a linear scan).
+fn charge(charges: &mut Vec<(JobKey, u64, Nanos)>, job: JobKey, bytes: usize, depart: Nanos) {
+    match charges.iter_mut().find(|(j, _, _)| *j == job) {
+        Some((_, b, d)) => {
+            *b += bytes as u64;
+            *d = (*d).max(depart);
+        }
+        None => charges.push((job, bytes as u64, depart)),
     }
 }
 

@@ -19,6 +19,8 @@
 //! - [`fair`]: per-tenant, per-job fair queues (deficit round robin in bytes) of a worker.
 //! - [`tier2`]: the per-packet pipeline in both directions — GENEVE receive rules, the job's
 //!   verified policy, new-flow admission, NAT, pacing, refusals and audit records.
+//! - [`offload`]: which established flows the engine hands to the in-kernel fast path, and
+//!   the install/remove events the daemon mirrors into its maps (pure).
 //! - [`gso`]: software segmentation of TCP super-packets (pure).
 //! - [`vnet`]: the TUN device's virtio-net header: checksum and segmentation offload (pure).
 //! - `synthetic` (hidden): the benchmark flow fleets.
@@ -28,6 +30,8 @@
 //! - [`guard`]: the nftables table that keeps jobs' packets out of the proxy's namespace and off
 //!   the infrastructure (defence in depth).
 //! - [`daemon`]: wiring, data-path workers, pacing queue.
+//! - [`fast_path`]: loads and attaches the in-kernel fast path and mirrors the engine's
+//!   offload events into its maps.
 //! - [`udp`], [`tun`], [`wake`]: batched GENEVE socket I/O, the TUN device and the workers'
 //!   wake-up eventfd (with [`guard`]'s `setns`, the only `unsafe`).
 //! - [`shared`]: the state the workers, the endpoints and the resolver share.
@@ -50,6 +54,7 @@ pub mod conntrack;
 pub mod daemon;
 pub mod drops;
 pub mod fair;
+pub mod fast_path;
 pub mod gso;
 #[allow(unsafe_code)]
 pub mod guard;
@@ -58,6 +63,7 @@ pub mod infra;
 pub mod metrics;
 pub mod names;
 pub mod nat;
+pub mod offload;
 pub mod pacer;
 pub mod policy_fetch;
 pub mod resolver;

@@ -89,7 +89,33 @@ pub struct Metrics {
     pub dns_failed: AtomicU64,
     /// Bindings received from peers and accepted.
     pub peer_bindings: AtomicU64,
+    /// The in-kernel fast path's figures (published by the workers' housekeeping).
+    pub fast_path: FastPathMetrics,
 }
+
+/// The in-kernel fast path's figures, copied from its maps about once a second.
+#[derive(Debug, Default)]
+pub struct FastPathMetrics {
+    /// 1 while the programs are attached.
+    pub available: AtomicU64,
+    /// Flows installed.
+    pub flows: AtomicU64,
+    /// Packets from nodes the fast path sent to the internet.
+    pub to_internet_packets: AtomicU64,
+    /// Their wire bytes.
+    pub to_internet_bytes: AtomicU64,
+    /// Packets from the internet the fast path sent to nodes.
+    pub to_nodes_packets: AtomicU64,
+    /// Their wire bytes.
+    pub to_nodes_bytes: AtomicU64,
+    /// Packets left to userspace, in `snas_bpf::fastpath::DivertReason::ALL` order.
+    pub diverted: [AtomicU64; 6],
+    /// Map updates that failed and packets dropped after a failed rewrite.
+    pub errors: AtomicU64,
+}
+
+/// Labels of `snas_proxy_fastpath_diverted_total`, in [`FastPathMetrics::diverted`] order.
+const DIVERT_REASONS: [&str; 6] = ["no_entry", "flags", "serial", "paced", "route", "other"];
 
 /// Adds `n` to a counter.
 pub fn add(c: &AtomicU64, n: u64) {
@@ -178,6 +204,7 @@ struct Counters {
     gso_whole_to_nodes: u64,
     dns: [(&'static str, u64); 3],
     peer_bindings: u64,
+    fast: [u64; 13],
 }
 
 impl Counters {
@@ -212,6 +239,21 @@ impl Counters {
                 ("failed", get(&m.dns_failed)),
             ],
             peer_bindings: get(&m.peer_bindings),
+            fast: {
+                let f = &m.fast_path;
+                let mut v = [0u64; 13];
+                v[0] = get(&f.available);
+                v[1] = get(&f.flows);
+                v[2] = get(&f.to_internet_packets);
+                v[3] = get(&f.to_internet_bytes);
+                v[4] = get(&f.to_nodes_packets);
+                v[5] = get(&f.to_nodes_bytes);
+                for (i, d) in f.diverted.iter().enumerate() {
+                    v[6 + i] = get(d);
+                }
+                v[12] = get(&f.errors);
+                v
+            },
         }
     }
 }
@@ -448,6 +490,49 @@ impl Collector for Scrape {
             )?;
         }
         f.gauge("snas_proxy_flows", "Live flows.", self.flows as u64)?;
+        let fp = &c.fast;
+        f.gauge(
+            "snas_proxy_fastpath_available",
+            "1 while the in-kernel fast path is attached.",
+            fp[0],
+        )?;
+        f.gauge(
+            "snas_proxy_fastpath_flows",
+            "Flows installed in the in-kernel fast path.",
+            fp[1],
+        )?;
+        f.family(
+            "snas_proxy_fastpath_packets",
+            "Packets the in-kernel fast path carried, by direction.",
+            MetricType::Counter,
+            [
+                ([("direction", "to_internet")], fp[2]),
+                ([("direction", "to_nodes")], fp[4]),
+            ],
+        )?;
+        f.family(
+            "snas_proxy_fastpath_bytes",
+            "Wire bytes the in-kernel fast path carried, by direction.",
+            MetricType::Counter,
+            [
+                ([("direction", "to_internet")], fp[3]),
+                ([("direction", "to_nodes")], fp[5]),
+            ],
+        )?;
+        f.family(
+            "snas_proxy_fastpath_diverted",
+            "Packets the fast path looked at and left to userspace, by reason.",
+            MetricType::Counter,
+            DIVERT_REASONS
+                .iter()
+                .enumerate()
+                .map(|(i, r)| ([("reason", *r)], fp[6 + i])),
+        )?;
+        f.counter(
+            "snas_proxy_fastpath_errors",
+            "Fast-path map updates that failed, and packets dropped after a failed rewrite.",
+            fp[12],
+        )?;
         for (name, help, v) in [
             (
                 "snas_proxy_hold_queue_packets",
@@ -594,6 +679,12 @@ mod tests {
                 "snas_proxy_peer_bindings_total counter",
                 "snas_proxy_guard_drops_total counter",
                 "snas_proxy_flows gauge",
+                "snas_proxy_fastpath_available gauge",
+                "snas_proxy_fastpath_flows gauge",
+                "snas_proxy_fastpath_packets_total counter",
+                "snas_proxy_fastpath_bytes_total counter",
+                "snas_proxy_fastpath_diverted_total counter",
+                "snas_proxy_fastpath_errors_total counter",
                 "snas_proxy_hold_queue_packets gauge",
                 "snas_proxy_hold_queue_bytes gauge",
                 "snas_proxy_pacing_queue_packets gauge",

@@ -76,6 +76,7 @@ use crate::hold::{HeldPacket, HoldConfig, HoldConfigError, HoldQueue};
 use crate::infra::{self, InfraSet};
 use crate::names::{NameCheckConfig, NameChecks, NamePolicy};
 use crate::nat::JobLimits;
+use crate::offload::{self, FastFlow, FastRates, OffloadEvent, Offloads};
 use crate::pacer::{PaceRate, Pacer, PacerConfig, PacerError, PacingKey, PacingRates, Stamp};
 use crate::token_bucket::{JobBuckets, TokenBucketError};
 
@@ -549,6 +550,8 @@ pub struct Tier2 {
     segment_lens: Vec<u32>,
     /// Flows whose first payload is held for the name check ([`crate::names`]).
     names: NameChecks,
+    /// Flows handed to the in-kernel fast path ([`Tier2::drain_offload_events`]).
+    offload: Offloads,
 }
 
 /// A job whose end [`Tier2::apply_ends`] will carry out.
@@ -615,6 +618,7 @@ impl Tier2 {
             ingress_pacer: Pacer::new(cfg.pacer)?,
             segment_departs: Vec::new(),
             segment_lens: Vec::new(),
+            offload: Offloads::default(),
             bindings: Bindings::default(),
             jobs: HashMap::new(),
             buckets: JobBuckets::new(),
@@ -948,13 +952,149 @@ impl Tier2 {
             tenant: tenant_egress,
         };
         match self.egress_pacer.stamp(pkey, rates, len32, now.mono) {
-            Stamp::Depart(depart) => Verdict::ToInternet {
-                range: start..payload.len(),
-                depart,
-                job: opt.job_key,
-            },
+            Stamp::Depart(depart) => {
+                if self.offload.enabled() {
+                    let client_payload = offload::carries_payload(&payload[start..]);
+                    self.offload_after_client_packet(&key, policy, outer_src, client_payload);
+                }
+                Verdict::ToInternet {
+                    range: start..payload.len(),
+                    depart,
+                    job: opt.job_key,
+                }
+            }
             Stamp::Drop(r) => self.drop_of(tenant, r),
         }
+    }
+
+    // ---- The in-kernel fast path (crate::offload): what the engine hands to it. ----
+
+    /// Turns offloading established flows to the in-kernel fast path on or off (the daemon
+    /// turns it on once its programs are attached; off removes every installed flow).
+    pub fn set_offload(&mut self, on: bool) {
+        self.offload.set_enabled(on);
+    }
+
+    /// Takes the pending [`OffloadEvent`]s, oldest first. The daemon mirrors them into the fast
+    /// path's maps under the same lock hold, before the packets of the batch are written.
+    pub fn drain_offload_events(&mut self) -> std::vec::Drain<'_, OffloadEvent> {
+        self.offload.drain()
+    }
+
+    /// Whether [`Tier2::drain_offload_events`] has something.
+    pub fn has_offload_events(&self) -> bool {
+        self.offload.has_events()
+    }
+
+    /// Flows installed in the fast path.
+    pub fn offloaded_flows(&self) -> usize {
+        self.offload.len()
+    }
+
+    /// **The one predicate that says a flow may be carried by the fast path.** Today: offload
+    /// is on, the proxy is not draining (a draining proxy keeps its flows where they are, so
+    /// that nothing new is handed over), the flow is IPv4 TCP or UDP, established (TCP
+    /// handshake answered, no FIN or RST; UDP answered), and `client_payload`: the flow's first
+    /// client payload has passed through the engine (the packet being forwarded carries it),
+    /// and the job's limits are at least [`offload::MIN_FAST_RATE_BPS`] both ways (below, the
+    /// userspace pacer, which can delay packets, keeps the job).
+    /// A check that must see more of a flow in userspace adds its condition here: a flow it
+    /// has not passed is never installed. The name check ([`crate::names`]) does: a flow whose
+    /// first payload is held, being released, or was refused stays in userspace.
+    fn offload_eligible(
+        &self,
+        id: FlowId,
+        info: &FlowInfo,
+        policy: &JobPolicy,
+        client_payload: bool,
+    ) -> bool {
+        self.offload.enabled()
+            && !self.name_check_pending(id)
+            && !self.draining
+            && offload::fast_shape(&info.key)
+            && offload::fast_state(info.state)
+            && offload::fast_rates(policy.limits.egress_bps, policy.limits.ingress_bps)
+            && client_payload
+    }
+
+    /// After a packet from a node was let through: installs its flow if it became eligible
+    /// (or re-installs it with the policy's new serial, rates or expiry), removes it if its
+    /// state left "established" (FIN, RST).
+    fn offload_after_client_packet(
+        &mut self,
+        key: &FlowKey,
+        policy: &JobPolicy,
+        node: Ipv4Addr,
+        client_payload: bool,
+    ) {
+        let Some((id, info)) = self
+            .conntrack
+            .lookup(key)
+            .and_then(|id| Some((id, self.conntrack.info(id)?)))
+        else {
+            return;
+        };
+        let installed = self.offload.get(key).is_some();
+        if !offload::fast_state(info.state)
+            || !offload::fast_rates(policy.limits.egress_bps, policy.limits.ingress_bps)
+        {
+            self.offload.remove(key);
+            return;
+        }
+        // A flow installed once needs no new payload to follow its policy's renewal.
+        if !self.offload_eligible(id, &info, policy, client_payload || installed) {
+            return;
+        }
+        let IpAddr::V4(egress_ip) = info.egress_ip else {
+            return;
+        };
+        let (tenant_egress, tenant_ingress) = self.tenant_cap(policy.tenant_id);
+        self.offload.install(FastFlow {
+            key: info.key,
+            tenant: policy.tenant_id,
+            serial: policy.serial,
+            node,
+            egress_ip,
+            egress_port: info.egress_port,
+            expires_unix: policy.expires_at_unix,
+            rates: FastRates {
+                job_egress: PaceRate::Limited(policy.limits.egress_bps),
+                job_ingress: PaceRate::Limited(policy.limits.ingress_bps),
+                tenant_egress,
+                tenant_ingress,
+            },
+        });
+    }
+
+    /// Adds what the fast path carried for the flow of `key` since the last call (packets and
+    /// bytes sandbox → internet, then back; the last packet's time) to its conntrack entry,
+    /// so that idle expiry, `/v1/flows` and the `flow_end` audit line count it. Returns false
+    /// when the engine no longer has the flow.
+    pub fn credit_offloaded(
+        &mut self,
+        key: &FlowKey,
+        out: (u64, u64),
+        inbound: (u64, u64),
+        last_seen: Option<Nanos>,
+    ) -> bool {
+        let Some(id) = self.conntrack.lookup(key) else {
+            return false;
+        };
+        let sat = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        self.conntrack
+            .credit(id, Direction::Original, sat(out.0), out.1, last_seen);
+        self.conntrack
+            .credit(id, Direction::Reply, sat(inbound.0), inbound.1, None)
+    }
+
+    /// Whether the next [`Tier2::tick`] may end flows of jobs (queued ends, or the
+    /// once-a-[`JOB_SCAN`] check is due): the daemon credits the fast path's counters first,
+    /// so that the `flow_end` lines count everything.
+    pub fn ends_flows_at(&self, now: Nanos) -> bool {
+        !self.pending_ends.is_empty()
+            || self
+                .last_scan
+                .is_none_or(|t| now.saturating_duration_since(t) >= JOB_SCAN)
     }
 
     /// Records where the job's replies go (its node and option), its ingress rate and names.
@@ -1225,6 +1365,10 @@ impl Tier2 {
         let Some(info) = self.conntrack.info(id) else {
             return self.drop(Reason::NoConntrack);
         };
+        if !offload::fast_state(info.state) {
+            // FIN or RST from the internet: the flow leaves the fast path.
+            self.offload.remove(&info.key);
+        }
         let Some(job) = self.jobs.get_mut(&info.key.job) else {
             return self.drop(Reason::UnknownJob);
         };
@@ -1356,6 +1500,7 @@ impl Tier2 {
                 .iter()
                 .find(|p| p.job == f.key.job)
                 .map_or(FlowEnd::PolicyGone, |p| p.end);
+            self.offload.remove(&f.key);
             self.flow_end(f, end, now);
             *per_job.entry(f.key.job).or_default() += 1;
         }
@@ -1413,6 +1558,7 @@ impl Tier2 {
             } else {
                 FlowEnd::Idle
             };
+            self.offload.remove(&f.key);
             self.flow_end(&f, end, now);
             removed += 1;
         }

@@ -922,3 +922,118 @@ fn a_tenants_burst_is_shed_beyond_its_share_and_another_tenant_is_served_in_its_
         delivered.len() - 1
     );
 }
+
+/// Polls the metrics until `ok` holds for them (the fast path's figures are published about
+/// once a second), for at most 5 s; returns the last text.
+fn metrics_until(proxy_ns: &str, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, text) = mgmt(proxy_ns, "GET", "/metrics");
+        assert_eq!(status, 200);
+        if ok(&text) || Instant::now() >= deadline {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_long_udp_flow_is_carried_by_the_fast_path_counted_at_its_end_and_removed_with_its_job() {
+    const N: u64 = 2000;
+    const SPORT: u16 = 40300;
+    // A ping-pong of 1 KB datagrams through the fast path runs near the default 100 Mbit/s,
+    // where the pacer rightly takes over; this job's limit is far above it.
+    let policy = format!("{POLICY}\n[limits]\negress_bps = \"2Gbit\"\ningress_bps = \"2Gbit\"\n");
+    let mut env = start_with("f", 1, &policy);
+    let text = metrics_until(&env.proxy, |t| {
+        sample(t, "snas_proxy_fastpath_available ") == 1
+    });
+    assert_eq!(
+        sample(&text, "snas_proxy_fastpath_available "),
+        1,
+        "the fast path attached: {text}"
+    );
+    let answered = in_ns(&env.node, move || {
+        let sock = UdpSocket::bind((NODE, GENEVE_PORT)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        // Admitted and answered through the workers: from then on the flow may be fast.
+        exchange(&sock, &udp_to(ECHO, SPORT, b"first"), SPORT);
+        let dg = encap(&udp_to(ECHO, SPORT, &[0x42; 1000]));
+        let mut answered = 0u64;
+        for _ in 0..N {
+            sock.send_to(&dg, (PROXY, GENEVE_PORT)).unwrap();
+            if reply_to(&sock, SPORT, Duration::from_millis(200)).is_some() {
+                answered += 1;
+            }
+        }
+        answered
+    });
+    assert!(answered >= N - 5, "{answered} of {N} echoes came back");
+    let fast = |t: &str, dir: &str| {
+        sample(
+            t,
+            &format!("snas_proxy_fastpath_packets_total{{direction=\"{dir}\"}} "),
+        )
+    };
+    let text = metrics_until(&env.proxy, |t| fast(t, "to_internet") >= N - 1);
+    // The first of the N installs the flow (its first client payload after the answer went
+    // through the worker); every later one, and their echoes, are fast.
+    assert!(fast(&text, "to_internet") >= N - 1, "{text}");
+    assert!(fast(&text, "to_nodes") >= N - 5, "{text}");
+    assert_eq!(sample(&text, "snas_proxy_fastpath_flows "), 1, "{text}");
+    assert!(
+        sample(
+            &text,
+            "snas_proxy_packets_total{direction=\"internet_tx\"} "
+        ) < 20,
+        "the workers carried almost nothing: {text}"
+    );
+
+    // The job ends: its flow goes, with everything the fast path carried counted.
+    let job = identity::job_key(JTI);
+    let path = format!("/v1/jobs/{job}/ended");
+    let (status, _) = in_ns(&env.node, move || http("POST", &path));
+    assert_eq!(status, 204);
+    let text = metrics_until(&env.proxy, |t| sample(t, "snas_proxy_fastpath_flows ") == 0);
+    assert_eq!(sample(&text, "snas_proxy_fastpath_flows "), 0, "{text}");
+    let carried = fast(&text, "to_internet");
+    // Its next datagram is not fast any more: the entry is gone.
+    in_ns(&env.node, move || {
+        let sock = UdpSocket::bind((NODE, GENEVE_PORT)).unwrap();
+        let dg = encap(&udp_to(ECHO, SPORT, &[0x42; 1000]));
+        sock.send_to(&dg, (PROXY, GENEVE_PORT)).unwrap();
+    });
+    let text = metrics_until(&env.proxy, |t| {
+        sample(
+            t,
+            "snas_proxy_fastpath_diverted_total{reason=\"no_entry\"} ",
+        ) > 0
+    });
+    assert_eq!(fast(&text, "to_internet"), carried, "{text}");
+    assert_eq!(
+        sample(&text, "snas_proxy_fastpath_errors_total "),
+        0,
+        "{text}"
+    );
+
+    let audit = env.audit.clone();
+    env.stop.store(true, Ordering::Relaxed);
+    if let Some(d) = env.daemon.take() {
+        d.stop();
+    }
+    let log = std::fs::read_to_string(audit).unwrap();
+    let ends: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|l| l["kind"] == "flow_end" && l["src"] == format!("{SANDBOX}:{SPORT}"))
+        .collect();
+    assert!(!ends.is_empty(), "{log}");
+    let end = &ends[0];
+    assert_eq!(end["end"], "job_ended", "{log}");
+    // IP lengths: 20 + 8 + 1000 per datagram, both ways.
+    assert!(end["packets_out"].as_u64().unwrap() > N, "{end}");
+    assert!(end["bytes_out"].as_u64().unwrap() >= N * 1028, "{end}");
+    assert!(end["packets_in"].as_u64().unwrap() >= N - 5, "{end}");
+    assert!(end["bytes_in"].as_u64().unwrap() >= (N - 5) * 1028, "{end}");
+}

@@ -8,7 +8,11 @@
 #ifndef SNAS_GENEVE_H
 #define SNAS_GENEVE_H
 
+/* SNAS_GENEVE_WIRE_ONLY: the header layout alone, without tier 1's maps and encapsulation
+ * (the proxy's fast path, which has maps of its own). */
+#ifndef SNAS_GENEVE_WIRE_ONLY
 #include "maps.h"
+#endif
 #include "csum.h"
 
 #define GENEVE_OVERHEAD 56
@@ -40,6 +44,7 @@ struct geneve_outer {
 _Static_assert(sizeof(struct geneve_opt_hdr) == GENEVE_HDR_LEN, "GENEVE + option is 28 bytes");
 _Static_assert(sizeof(struct geneve_outer) == GENEVE_OVERHEAD, "overlay is 56 bytes");
 
+#ifndef SNAS_GENEVE_WIRE_ONLY
 /* Grows the frame by 56 bytes behind the Ethernet header and writes the outer headers.
  * inner_len = length of the inner packet as carried (skb->len - ETH_HLEN); inner_proto =
  * ETH_P_IP or ETH_P_IPV6 (the GENEVE protocol type). */
@@ -88,5 +93,6 @@ static __always_inline int geneve_encap(struct __sk_buff *skb, const struct job_
 	}
 	return 0;
 }
+#endif
 
 #endif

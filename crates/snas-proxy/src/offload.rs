@@ -1,0 +1,317 @@
+//! Which flows the engine hands to the in-kernel fast path, and the events that say so
+//! (sans-IO: the daemon mirrors the events into the BPF maps, `crate::fast_path`).
+//!
+//! # What it owns
+//! - [`FastFlow`]: everything the fast path needs to carry one flow both ways — its keys, the
+//!   NAT tuple, the job's node and GENEVE identity, the policy's expiry and the four rates of
+//!   the pacer clocks it must respect.
+//! - [`OffloadEvent`]: `Install` (also a re-install with a new serial or rates) and `Remove`.
+//! - [`Offloads`]: the set of installed flows and the queue of events, owned by
+//!   [`crate::tier2::Tier2`] (which decides; see `Tier2::offload_eligible`).
+//!
+//! # Invariants
+//! - A flow is installed only while the engine holds it (a live conntrack entry): every path
+//!   that removes a flow from the conntrack (expiry, job end, policy expiry or loss) queues its
+//!   `Remove` in the same call, so the daemon deletes the entry before the flow's NAT port can
+//!   leave quarantine and be reused.
+//! - A flow leaves the fast path when its state leaves "established" (FIN or RST seen — the
+//!   fast path never carries those) before the packet that changed it is forwarded.
+//! - Nothing is queued while offload is disabled (the daemon has no fast path).
+//!
+//! # Limits
+//! - IPv4 TCP and UDP flows only (the fast path's programs parse nothing else).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use snas_wire::{L4Proto, PolicySerial, TenantId};
+
+use crate::conntrack::{FlowKey, FlowState};
+use crate::pacer::PaceRate;
+
+/// The rates of the four pacer clocks a fast flow's packets are charged to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastRates {
+    /// The job's `egress_bps`.
+    pub job_egress: PaceRate,
+    /// The job's `ingress_bps`.
+    pub job_ingress: PaceRate,
+    /// The tenant's egress cap.
+    pub tenant_egress: PaceRate,
+    /// The tenant's ingress cap.
+    pub tenant_ingress: PaceRate,
+}
+
+/// A flow for the fast path (IPv4 TCP or UDP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastFlow {
+    /// The flow's forward key (job, protocol, sandbox, remote).
+    pub key: FlowKey,
+    /// The job's tenant (the GENEVE option must name it).
+    pub tenant: TenantId,
+    /// The policy serial the option must carry.
+    pub serial: PolicySerial,
+    /// The job's node (where replies go).
+    pub node: Ipv4Addr,
+    /// SNAT address.
+    pub egress_ip: Ipv4Addr,
+    /// SNAT port.
+    pub egress_port: u16,
+    /// The policy's `exp` (Unix seconds): from then on packets take the userspace path.
+    pub expires_unix: u64,
+    /// The pacer clocks' rates.
+    pub rates: FastRates,
+}
+
+/// What the daemon must do to the fast path's maps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OffloadEvent {
+    /// Install the flow (replacing an entry with an older serial or other rates).
+    Install(FastFlow),
+    /// Remove the flow's entries (the flow as it was installed).
+    Remove(FastFlow),
+}
+
+/// Installed flows and pending events. See the module documentation.
+#[derive(Debug, Default)]
+pub struct Offloads {
+    enabled: bool,
+    installed: HashMap<FlowKey, FastFlow>,
+    events: Vec<OffloadEvent>,
+}
+
+impl Offloads {
+    /// Whether flows are offloaded at all.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Turns offload on or off; turning it off removes every installed flow.
+    pub fn set_enabled(&mut self, on: bool) {
+        self.enabled = on;
+        if !on {
+            for (_, f) in self.installed.drain() {
+                self.events.push(OffloadEvent::Remove(f));
+            }
+        }
+    }
+
+    /// The installed flow of `key`, if any.
+    pub fn get(&self, key: &FlowKey) -> Option<&FastFlow> {
+        if self.installed.is_empty() {
+            return None;
+        }
+        self.installed.get(key)
+    }
+
+    /// Number of installed flows.
+    pub fn len(&self) -> usize {
+        self.installed.len()
+    }
+
+    /// Whether no flow is installed.
+    pub fn is_empty(&self) -> bool {
+        self.installed.is_empty()
+    }
+
+    /// Installs `f` unless it is installed exactly so already.
+    pub fn install(&mut self, f: FastFlow) {
+        if !self.enabled || self.installed.get(&f.key) == Some(&f) {
+            return;
+        }
+        self.installed.insert(f.key, f);
+        self.events.push(OffloadEvent::Install(f));
+    }
+
+    /// Removes the flow of `key` if it is installed.
+    pub fn remove(&mut self, key: &FlowKey) {
+        if self.installed.is_empty() {
+            return;
+        }
+        if let Some(f) = self.installed.remove(key) {
+            self.events.push(OffloadEvent::Remove(f));
+        }
+    }
+
+    /// Takes the pending events, oldest first.
+    pub fn drain(&mut self) -> std::vec::Drain<'_, OffloadEvent> {
+        self.events.drain(..)
+    }
+
+    /// Whether events are pending.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+}
+
+/// Jobs limited below this (either way) are never offloaded: their pacing stays in the
+/// userspace pacer, which delays packets (the fast path can only divert them). Measured on the
+/// testbed: with the fast path, an upload under a 20 Mbit/s limit ran at 2 Mbit/s (the
+/// bandwidth e2e test); at these rates the userspace path is not the bottleneck anyway.
+pub const MIN_FAST_RATE_BPS: u64 = 1_000_000_000;
+
+/// Whether a job with these limits may have fast flows ([`MIN_FAST_RATE_BPS`]).
+pub fn fast_rates(egress: snas_wire::Bps, ingress: snas_wire::Bps) -> bool {
+    egress.get() >= MIN_FAST_RATE_BPS && ingress.get() >= MIN_FAST_RATE_BPS
+}
+
+/// Whether a conntrack state is one the fast path may carry: established TCP (handshake
+/// answered, no FIN or RST yet) or UDP with replies.
+pub fn fast_state(s: FlowState) -> bool {
+    matches!(s, FlowState::TcpEstablished | FlowState::UdpReplied)
+}
+
+/// Whether `key` names a flow the fast path can parse (IPv4 TCP or UDP).
+pub fn fast_shape(key: &FlowKey) -> bool {
+    matches!(key.proto, L4Proto::Tcp | L4Proto::Udp)
+        && matches!((key.src_ip, key.dst_ip), (IpAddr::V4(_), IpAddr::V4(_)))
+}
+
+/// Whether the inner IPv4 packet `ip` (TCP or UDP) carries payload: the client's data, as
+/// opposed to a bare ACK. Anything that does not parse carries none.
+pub fn carries_payload(ip: &[u8]) -> bool {
+    let Some(&vihl) = ip.first() else {
+        return false;
+    };
+    if vihl >> 4 != 4 || ip.len() < 20 {
+        return false;
+    }
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
+    let l4 = match ip.get(ihl..total) {
+        Some(l4) => l4,
+        None => return false,
+    };
+    match ip[9] {
+        6 => l4
+            .get(12)
+            .is_some_and(|&off| l4.len() > usize::from(off >> 4) * 4),
+        17 => l4.len() > 8,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use snas_wire::JobKey;
+
+    fn key(port: u16) -> FlowKey {
+        FlowKey {
+            job: JobKey(7),
+            proto: L4Proto::Tcp,
+            src_ip: IpAddr::V4(Ipv4Addr::new(10, 255, 1, 2)),
+            src_port: port,
+            dst_ip: IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10)),
+            dst_port: 443,
+        }
+    }
+
+    fn flow(port: u16, serial: u32) -> FastFlow {
+        FastFlow {
+            key: key(port),
+            tenant: TenantId(1),
+            serial: PolicySerial(serial),
+            node: Ipv4Addr::new(192, 0, 2, 11),
+            egress_ip: Ipv4Addr::new(198, 51, 100, 70),
+            egress_port: 30000 + port,
+            expires_unix: 2_000_000_000,
+            rates: FastRates {
+                job_egress: PaceRate::mbit(100),
+                job_ingress: PaceRate::mbit(100),
+                tenant_egress: PaceRate::Unlimited,
+                tenant_ingress: PaceRate::Unlimited,
+            },
+        }
+    }
+
+    #[test]
+    fn nothing_is_queued_while_disabled() {
+        let mut o = Offloads::default();
+        o.install(flow(1, 1));
+        assert!(o.is_empty());
+        assert!(!o.has_events());
+    }
+
+    #[test]
+    fn an_install_is_queued_once_and_a_new_serial_installs_again() {
+        let mut o = Offloads::default();
+        o.set_enabled(true);
+        o.install(flow(1, 1));
+        o.install(flow(1, 1));
+        o.install(flow(1, 2));
+        let ev: Vec<_> = o.drain().collect();
+        assert_eq!(
+            ev,
+            vec![
+                OffloadEvent::Install(flow(1, 1)),
+                OffloadEvent::Install(flow(1, 2))
+            ]
+        );
+    }
+
+    #[test]
+    fn disabling_removes_every_installed_flow() {
+        let mut o = Offloads::default();
+        o.set_enabled(true);
+        for p in 0..1000 {
+            o.install(flow(p, 1));
+        }
+        o.drain().for_each(drop);
+        o.set_enabled(false);
+        let removed = o
+            .drain()
+            .filter(|e| matches!(e, OffloadEvent::Remove(_)))
+            .count();
+        assert_eq!(removed, 1000);
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn only_established_tcp_and_answered_udp_are_fast_states() {
+        use FlowState::*;
+        for s in [
+            TcpSynSent,
+            TcpEstablished,
+            TcpClosing,
+            TcpClosed,
+            UdpUnreplied,
+            UdpReplied,
+            Icmp,
+        ] {
+            assert_eq!(fast_state(s), matches!(s, TcpEstablished | UdpReplied));
+        }
+    }
+
+    fn tcp(payload: usize, doff: u8) -> Vec<u8> {
+        let thl = usize::from(doff) * 4;
+        let mut p = vec![0u8; 20 + thl + payload];
+        p[0] = 0x45;
+        let tot = u16::try_from(p.len()).unwrap();
+        p[2..4].copy_from_slice(&tot.to_be_bytes());
+        p[9] = 6;
+        p[20 + 12] = doff << 4;
+        p
+    }
+
+    #[test]
+    fn a_bare_ack_carries_no_payload_and_data_does() {
+        assert!(!carries_payload(&tcp(0, 5)));
+        assert!(!carries_payload(&tcp(0, 8)), "options are not payload");
+        assert!(carries_payload(&tcp(1, 5)));
+        assert!(carries_payload(&tcp(1, 8)));
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_are_judged_without_panicking(b in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = carries_payload(&b);
+        }
+
+        #[test]
+        fn tcp_payload_is_what_follows_the_header(payload in 0usize..1500, doff in 5u8..=15) {
+            prop_assert_eq!(carries_payload(&tcp(payload, doff)), payload > 0);
+        }
+    }
+}
