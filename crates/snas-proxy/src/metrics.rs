@@ -267,6 +267,8 @@ pub struct Scrape {
     flows: usize,
     held_packets: u32,
     held_bytes: u64,
+    names: crate::names::NameStats,
+    name_held_bytes: u64,
     nat: Vec<EgressUsage>,
     extra: Extra,
 }
@@ -283,6 +285,8 @@ impl Scrape {
             flows: engine.conntrack().len(),
             held_packets,
             held_bytes,
+            names: engine.name_stats(),
+            name_held_bytes: engine.name_held_bytes(),
             nat: engine.conntrack().nat().egress_usage(),
             extra,
         }
@@ -533,6 +537,25 @@ impl Collector for Scrape {
             "Fast-path map updates that failed, and packets dropped after a failed rewrite.",
             fp[12],
         )?;
+        let n = &self.names;
+        f.family(
+            "snas_proxy_name_checks",
+            "Flows whose first payload the name check decided, by outcome (inspected counts every \
+             flow looked at).",
+            MetricType::Counter,
+            [
+                ([("outcome", "inspected")], n.inspected),
+                ([("outcome", "passed")], n.passed),
+                ([("outcome", "mismatched")], n.mismatched),
+                ([("outcome", "timed_out")], n.timed_out),
+                ([("outcome", "other")], n.other),
+            ],
+        )?;
+        f.gauge(
+            "snas_proxy_name_check_held_bytes",
+            "Client bytes held while the name check waits for a flow's first payload.",
+            self.name_held_bytes,
+        )?;
         for (name, help, v) in [
             (
                 "snas_proxy_hold_queue_packets",
@@ -685,6 +708,8 @@ mod tests {
                 "snas_proxy_fastpath_bytes_total counter",
                 "snas_proxy_fastpath_diverted_total counter",
                 "snas_proxy_fastpath_errors_total counter",
+                "snas_proxy_name_checks_total counter",
+                "snas_proxy_name_check_held_bytes gauge",
                 "snas_proxy_hold_queue_packets gauge",
                 "snas_proxy_hold_queue_bytes gauge",
                 "snas_proxy_pacing_queue_packets gauge",
