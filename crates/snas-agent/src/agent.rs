@@ -23,6 +23,7 @@ use serde::Serialize;
 use snas_wire::{JobKey, Reason};
 
 pub use crate::api::types::{JobState, JobView};
+use crate::bindings::BindingLedger;
 use crate::config::AgentConfig;
 use crate::jobnet::{self, JobNetError, JobNetInfo, JobNetwork};
 use crate::naming::{job_key_hex, parse_job_key_hex, JobNames};
@@ -31,7 +32,6 @@ use crate::pool::{PoolError, SubnetPool};
 use crate::seams::{
     Dataplane, DataplaneError, JobAttachment, PolicyVerifier, VerifiedPolicy, VerifyError,
 };
-use crate::bindings::BindingLedger;
 use crate::state::{JobRecord, StateError, StateStore, RECORD_VERSION};
 use snas_policy::revocation::{Inserted, RevocationClaims, RevocationStore};
 
@@ -579,24 +579,31 @@ impl Agent {
             token,
             net: &old.net,
         };
-        self.dataplane.update_job(&old_attach, &new_attach)?;
         let record = JobRecord {
             policy: new.clone(),
             token: token.to_owned(),
             ..old.clone()
         };
-        if let Err(e) = self.store.save(&record) {
-            // Back to the running policy: tier 1 and the record agree again.
-            if let Err(back) = self.dataplane.update_job(&new_attach, &old_attach) {
-                tracing::error!(job_key = %job_key_hex(job_key), error = %back, "policy update: rolling tier 1 back failed");
+        self.store.save(&record)?;
+        // The new token is served (policy endpoint, DNS stub) before tier 1 stamps the new
+        // serial on the job's packets: a proxy that refetches on seeing the serial gets it.
+        {
+            let mut inner = self.lock();
+            inner.insert(record.clone());
+        }
+        if let Err(e) = self.dataplane.update_job(&old_attach, &new_attach) {
+            // Back to the running policy: record, table and tier 1 agree again.
+            if let Err(back) = self.store.save(&old) {
+                tracing::error!(job_key = %job_key_hex(job_key), error = %back, "policy update: restoring the job record failed");
             }
+            let _ = self.dataplane.update_job(&new_attach, &old_attach);
+            self.lock().insert(old.clone());
             return Err(e.into());
         }
         let withdrawn = self.rebind(&record);
         let view = {
             let mut inner = self.lock();
             inner.noticed_expired.remove(&job_key);
-            inner.insert(record);
             inner.jobs.get(&job_key).map(|r| JobView::of(r, now))
         };
         tracing::info!(
@@ -617,11 +624,14 @@ impl Agent {
         };
         let matcher = snas_policy::compile(claims);
         let now = self.origin.elapsed();
-        let changes = self.lock().bindings.rebind(record.policy.job_key, now, |name| {
-            crate::dns::rules_for_name(&matcher, name)
-                .map(|rules| crate::dns::port_rules(claims, &matcher, &rules))
-                .unwrap_or_default()
-        });
+        let changes = self
+            .lock()
+            .bindings
+            .rebind(record.policy.job_key, now, |name| {
+                crate::dns::rules_for_name(&matcher, name)
+                    .map(|rules| crate::dns::port_rules(claims, &matcher, &rules))
+                    .unwrap_or_default()
+            });
         let key = record.policy.job_key;
         for c in &changes {
             let mut result = self.dataplane.revoke_resolved(key, c.ip);

@@ -244,11 +244,23 @@ mod tests {
         assert_eq!(l.len_of(JOB), 1);
         for i in 0..MAX_PER_JOB as u32 {
             let a = IpAddr::from((0xC633_6400u32 + i).to_be_bytes());
-            l.record(JOB, "many.example.com", a, &[tcp(443)], s(1000 + u64::from(i)));
+            l.record(
+                JOB,
+                "many.example.com",
+                a,
+                &[tcp(443)],
+                s(1000 + u64::from(i)),
+            );
         }
         assert_eq!(l.len_of(JOB), MAX_PER_JOB);
         // The first-ending one (ip(1), until 10 s) went.
-        assert!(l.rebind(JOB, s(8), |n| if n == "a.example.com" { Vec::new() } else { vec![tcp(443)] }).is_empty());
+        assert!(l
+            .rebind(JOB, s(8), |n| if n == "a.example.com" {
+                Vec::new()
+            } else {
+                vec![tcp(443)]
+            })
+            .is_empty());
         l.forget_job(JOB);
         assert_eq!(l.len_of(JOB), 0);
     }

@@ -77,9 +77,7 @@ pub async fn tear_down(ops: &Arc<Ops>, job_key: JobKey, why: Teardown, detail: &
         ops.ended.clone(),
         crate::api::END_NOTICE_TIMEOUT,
     ));
-    let (tenant, job) = policy
-        .map(|p| (p.tenant, p.job))
-        .unwrap_or_default();
+    let (tenant, job) = policy.map(|p| (p.tenant, p.job)).unwrap_or_default();
     tracing::warn!(job_key = %job_key_hex(job_key), %tenant, %job, why = why.name(), detail, "job torn down");
     ops.audit.emit(AuditRecord {
         time: crate::audit::rfc3339(SystemTime::now()),

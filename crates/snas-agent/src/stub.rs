@@ -761,7 +761,8 @@ impl DnsStub {
             if !addrs.is_empty() {
                 let dp = self.dataplane.clone();
                 let to_install = addrs.clone();
-                let (dir, name, serial) = (self.dir.clone(), p.question.name.clone(), policy.serial);
+                let (dir, name, serial) =
+                    (self.dir.clone(), p.question.name.clone(), policy.serial);
                 let res = tokio::task::spawn_blocking(move || {
                     for (ip, lifetime) in &to_install {
                         dp.allow_resolved(job_key, *ip, &ports, *lifetime)?;

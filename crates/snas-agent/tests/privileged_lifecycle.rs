@@ -46,7 +46,8 @@ impl Running {
         let (agent, _) = Agent::start(config, verifier, dataplane.clone()).unwrap();
         let agent = Arc::new(agent);
         let unix = rt.block_on(async { api::bind_unix(&socket, 0o600).unwrap() });
-        let tcp = rt.block_on(async { tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap() });
+        let tcp =
+            rt.block_on(async { tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap() });
         // A proxy nobody listens for: job-ended notices fail quietly.
         let proxies = Arc::new(Proxies::new(&[Ipv4Addr::new(127, 0, 0, 1)], 9, 9));
         let stub = Arc::new(DnsStub::new(
@@ -76,8 +77,10 @@ impl Running {
 
     fn reload(&self) {
         let mut problems = BTreeSet::new();
-        self.rt
-            .block_on(snas_agent::lifecycle::reload_trust(&self.ops, &mut problems));
+        self.rt.block_on(snas_agent::lifecycle::reload_trust(
+            &self.ops,
+            &mut problems,
+        ));
     }
 }
 
@@ -137,17 +140,27 @@ fn privileged_a_live_update_replaces_the_policy_and_refuses_old_serials_and_othe
     let scope = Scope::new("upd");
     let keys = Keys::new(&[("k1", 1)]);
     let a = Running::start(&scope, "10.254.40.0/24", keys.dir.path());
-    let (s, v) = a.call("POST", "/v1/jobs", &token("k1", 1, JTI, "web", 1, &["a.example.com"]));
+    let (s, v) = a.call(
+        "POST",
+        "/v1/jobs",
+        &token("k1", 1, JTI, "web", 1, &["a.example.com"]),
+    );
     assert_eq!(s, 201, "{v}");
     let key = v["job_key"].as_str().unwrap().to_owned();
     let path = format!("/v1/jobs/{key}/policy");
     let t2 = token("k1", 1, JTI, "web", 2, &["b.example.com"]);
     let (s, v) = a.call("PUT", &path, &t2);
     assert_eq!(s, 200, "{v}");
-    assert_eq!((v["serial"].as_u64(), v["job_key"].as_str()), (Some(2), Some(key.as_str())));
+    assert_eq!(
+        (v["serial"].as_u64(), v["job_key"].as_str()),
+        (Some(2), Some(key.as_str()))
+    );
     // Tier 1 was reprogrammed with the new serial, and a restarted agent reads it from the record.
     let attached = a.dataplane.attached();
-    assert_eq!(attached.values().next().map(|(_, s)| *s), Some(PolicySerial(2)));
+    assert_eq!(
+        attached.values().next().map(|(_, s)| *s),
+        Some(PolicySerial(2))
+    );
     let (_, listed) = a.call("GET", "/v1/jobs/web", "");
     assert_eq!(listed["serial"].as_u64(), Some(2));
     // The proxies fetch the new token.
@@ -156,7 +169,11 @@ fn privileged_a_live_update_replaces_the_policy_and_refuses_old_serials_and_othe
     // Equal and lower serials: 409.
     for serial in [2, 1] {
         let (s, v) = a.call("PUT", &path, &token("k1", 1, JTI, "web", serial, &[]));
-        assert_eq!((s, v["error"].as_str()), (409, Some("serial_not_newer")), "{v}");
+        assert_eq!(
+            (s, v["error"].as_str()),
+            (409, Some("serial_not_newer")),
+            "{v}"
+        );
     }
     // Another lineage (another jti, so another job key): 422; another job name: 422.
     let (s, v) = a.call(
@@ -164,19 +181,46 @@ fn privileged_a_live_update_replaces_the_policy_and_refuses_old_serials_and_othe
         &path,
         &token("k1", 1, "another-job-000000000001", "web", 3, &[]),
     );
-    assert_eq!((s, v["error"].as_str()), (422, Some("lineage_mismatch")), "{v}");
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (422, Some("lineage_mismatch")),
+        "{v}"
+    );
     let (s, v) = a.call("PUT", &path, &token("k1", 1, JTI, "batch", 3, &[]));
-    assert_eq!((s, v["error"].as_str()), (422, Some("lineage_mismatch")), "{v}");
-    assert!(v["detail"].as_str().unwrap().contains("job: `batch`"), "{v}");
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (422, Some("lineage_mismatch")),
+        "{v}"
+    );
+    assert!(
+        v["detail"].as_str().unwrap().contains("job: `batch`"),
+        "{v}"
+    );
     // A bad token is refused as POST refuses it; an unknown job is 404.
     let (s, v) = a.call("PUT", &path, "garbage");
-    assert_eq!((s, v["error"].as_str()), (422, Some("policy_invalid")), "{v}");
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (422, Some("policy_invalid")),
+        "{v}"
+    );
     let (s, v) = a.call("PUT", &path, &token("k9", 9, JTI, "web", 3, &[]));
-    assert_eq!((s, v["error"].as_str()), (422, Some("key_untrusted")), "{v}");
-    let (s, _) = a.call("PUT", "/v1/jobs/0123456789abcdef/policy", &token("k1", 1, JTI, "web", 3, &[]));
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (422, Some("key_untrusted")),
+        "{v}"
+    );
+    let (s, _) = a.call(
+        "PUT",
+        "/v1/jobs/0123456789abcdef/policy",
+        &token("k1", 1, JTI, "web", 3, &[]),
+    );
     assert_eq!(s, 404);
     // Renewal: the same rules under a higher serial and a later expiry.
-    let (s, v) = a.call("PUT", &path, &token("k1", 1, JTI, "web", 7, &["b.example.com"]));
+    let (s, v) = a.call(
+        "PUT",
+        &path,
+        &token("k1", 1, JTI, "web", 7, &["b.example.com"]),
+    );
     assert_eq!((s, v["serial"].as_u64()), (200, Some(7)), "{v}");
 }
 
@@ -188,7 +232,14 @@ fn privileged_an_update_withdraws_the_dns_bindings_of_removed_names() {
     let (s, v) = a.call(
         "POST",
         "/v1/jobs",
-        &token("k1", 1, JTI, "web", 1, &["a.example.com:443", "b.example.com:443"]),
+        &token(
+            "k1",
+            1,
+            JTI,
+            "web",
+            1,
+            &["a.example.com:443", "b.example.com:443"],
+        ),
     );
     assert_eq!(s, 201, "{v}");
     let job_key = snas_policy::identity::job_key(JTI);
@@ -214,19 +265,26 @@ fn privileged_an_update_withdraws_the_dns_bindings_of_removed_names() {
         &token("k1", 1, JTI, "web", 2, &["b.example.com:443"]),
     );
     assert_eq!(s, 200, "{v}");
-    let mut revoked: Vec<IpAddr> = a.dataplane.revoked().into_iter().map(|(_, ip)| ip).collect();
+    let mut revoked: Vec<IpAddr> = a
+        .dataplane
+        .revoked()
+        .into_iter()
+        .map(|(_, ip)| ip)
+        .collect();
     revoked.sort();
     // a's own address is withdrawn, the shared one is rewritten with b's rules only, b's stays.
     assert_eq!(revoked, [ip_a, shared]);
-    let reinstalled: Vec<IpAddr> = a
-        .dataplane
-        .allowed()
-        .into_iter()
-        .map(|x| x.ip)
-        .collect();
+    let reinstalled: Vec<IpAddr> = a.dataplane.allowed().into_iter().map(|x| x.ip).collect();
     assert_eq!(reinstalled, [shared]);
     // An answer installed under the old serial after the update is withdrawn at once.
-    agent.bound(job_key, PolicySerial(1), "a.example.com", ip_a, &tcp443, life);
+    agent.bound(
+        job_key,
+        PolicySerial(1),
+        "a.example.com",
+        ip_a,
+        &tcp443,
+        life,
+    );
     assert_eq!(a.dataplane.revoked().len(), 3);
 }
 
@@ -254,21 +312,41 @@ fn privileged_a_revocation_tears_the_job_down_and_keeps_it_out() {
     assert!(a.dataplane.attached().is_empty());
     // The same token, and a later update of the job, are refused while the revocation lasts.
     let (s, v) = a.call("POST", "/v1/jobs", &t);
-    assert_eq!((s, v["error"].as_str()), (403, Some("policy_revoked")), "{v}");
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (403, Some("policy_revoked")),
+        "{v}"
+    );
     let (s, v) = a.call("POST", "/v1/jobs", &token("k1", 1, JTI, "web", 4, &[]));
-    assert_eq!((s, v["error"].as_str()), (403, Some("policy_revoked")), "{v}");
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (403, Some("policy_revoked")),
+        "{v}"
+    );
     // Posting it again is harmless; a forged or untrusted revocation is refused.
     let (s, v) = a.call("POST", "/v1/revocations", &r);
     assert_eq!((s, v["jobs_torn_down"].as_u64()), (200, Some(0)));
     let forged = sign_revocation(
-        &RevocationClaims::for_policy(&claims, PolicySerial(0)..=PolicySerial(9), SystemTime::now()),
+        &RevocationClaims::for_policy(
+            &claims,
+            PolicySerial(0)..=PolicySerial(9),
+            SystemTime::now(),
+        ),
         &Keys::key("rogue", 7),
     )
     .unwrap();
     let (s, v) = a.call("POST", "/v1/revocations", &forged);
-    assert_eq!((s, v["error"].as_str()), (422, Some("key_untrusted")), "{v}");
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (422, Some("key_untrusted")),
+        "{v}"
+    );
     let (s, v) = a.call("POST", "/v1/revocations", &t);
-    assert_eq!((s, v["error"].as_str()), (422, Some("policy_invalid")), "{v}");
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (422, Some("policy_invalid")),
+        "{v}"
+    );
 }
 
 #[test]
@@ -279,7 +357,11 @@ fn privileged_a_serial_only_revocation_lets_a_later_update_replace_the_revoked_o
     let t2 = token("k1", 1, JTI, "web", 2, &[]);
     let claims = snas_policy::jws::decode_unverified(&t2).unwrap();
     let only2 = sign_revocation(
-        &RevocationClaims::for_policy(&claims, PolicySerial(2)..=PolicySerial(2), SystemTime::now()),
+        &RevocationClaims::for_policy(
+            &claims,
+            PolicySerial(2)..=PolicySerial(2),
+            SystemTime::now(),
+        ),
         &Keys::key("k1", 1),
     )
     .unwrap();
@@ -290,7 +372,11 @@ fn privileged_a_serial_only_revocation_lets_a_later_update_replace_the_revoked_o
     assert_eq!((s, v["jobs_torn_down"].as_u64()), (200, Some(0)), "{v}");
     let path = format!("/v1/jobs/{}/policy", claims.job_key());
     let (s, v) = a.call("PUT", &path, &t2);
-    assert_eq!((s, v["error"].as_str()), (403, Some("policy_revoked")), "{v}");
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (403, Some("policy_revoked")),
+        "{v}"
+    );
     let (s, v) = a.call("PUT", &path, &token("k1", 1, JTI, "web", 3, &[]));
     assert_eq!((s, v["serial"].as_u64()), (200, Some(3)), "{v}");
 }
@@ -304,7 +390,11 @@ fn privileged_trust_reload_honours_added_keys_and_tears_down_jobs_of_removed_one
     assert_eq!(s, 201);
     let fresh = token("new", 2, "lifecycle-job-0000000002", "api", 1, &[]);
     let (s, v) = a.call("POST", "/v1/jobs", &fresh);
-    assert_eq!((s, v["error"].as_str()), (422, Some("key_untrusted")), "{v}");
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (422, Some("key_untrusted")),
+        "{v}"
+    );
     // Rotation, step 1: add the new key. A bad file next to it changes nothing else.
     keys.add("new", 2);
     std::fs::write(keys.dir.path().join("broken.pub"), "not a key").unwrap();

@@ -148,10 +148,10 @@ mod tests {
 
     #[test]
     fn diff_names_added_removed_and_replaced_keys() {
-        let old = TrustBundle::from_keys([("a", pem(1)), ("b", pem(2)), ("c", pem(3))])
-            .expect("old");
-        let new = TrustBundle::from_keys([("a", pem(1)), ("c", pem(9)), ("d", pem(4))])
-            .expect("new");
+        let old =
+            TrustBundle::from_keys([("a", pem(1)), ("b", pem(2)), ("c", pem(3))]).expect("old");
+        let new =
+            TrustBundle::from_keys([("a", pem(1)), ("c", pem(9)), ("d", pem(4))]).expect("new");
         let d = old.diff(&new);
         assert_eq!(d.added, ["d"]);
         assert_eq!(d.removed, ["b"]);

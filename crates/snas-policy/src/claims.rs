@@ -389,7 +389,10 @@ mod tests {
         let e = check_lineage(&old, &same).expect_err("equal serial");
         assert_eq!(e.field(), "serial");
         same.serial = PolicySerial(0);
-        assert_eq!(check_lineage(&old, &same).expect_err("lower").field(), "serial");
+        assert_eq!(
+            check_lineage(&old, &same).expect_err("lower").field(),
+            "serial"
+        );
         let mut other = new.clone();
         other.jti = "BBBBBBBBBBBBBBBBBBBBBB".into();
         other.serial = PolicySerial(1);
@@ -399,7 +402,10 @@ mod tests {
         other.tenant = "globex".into();
         let e = check_lineage(&old, &other).expect_err("tenant");
         assert_eq!(e.field(), "tenant");
-        assert!(e.to_string().contains("`globex`") && e.to_string().contains("`acme`"), "{e}");
+        assert!(
+            e.to_string().contains("`globex`") && e.to_string().contains("`acme`"),
+            "{e}"
+        );
         let mut other = new;
         other.job = "job-43".into();
         assert_eq!(check_lineage(&old, &other).expect_err("job").field(), "job");

@@ -288,11 +288,7 @@ impl RevocationStore {
     }
 
     /// Records a verified revocation. Expired ones are swept first when the store is full.
-    pub fn insert(
-        &mut self,
-        r: &RevocationClaims,
-        now_unix: u64,
-    ) -> Result<Inserted, StoreError> {
+    pub fn insert(&mut self, r: &RevocationClaims, now_unix: u64) -> Result<Inserted, StoreError> {
         let held = Held {
             serial_min: r.serial_min,
             serial_max: r.serial_max,
@@ -427,8 +423,8 @@ mod tests {
             verify_revocation(&pt, &b, at(T0)),
             Err(VerifyError::Claims(_))
         ));
-        let rt = sign_revocation(&RevocationClaims::for_policy(&p, all(), at(T0)), &k)
-            .expect("sign");
+        let rt =
+            sign_revocation(&RevocationClaims::for_policy(&p, all(), at(T0)), &k).expect("sign");
         assert!(matches!(
             crate::jws::verify(&rt, &b, at(T0)),
             Err(VerifyError::Claims(_))
@@ -445,7 +441,10 @@ mod tests {
         assert!(r.validate().expect_err("range").starts_with("serial_min"));
         r.serial_min = 4;
         r.iat = r.exp + 1;
-        assert!(r.validate().expect_err("late").contains("nothing to revoke"));
+        assert!(r
+            .validate()
+            .expect_err("late")
+            .contains("nothing to revoke"));
         let k = key("k1", 1);
         assert!(matches!(sign_revocation(&r, &k), Err(SignError::Claims(_))));
     }
@@ -464,7 +463,11 @@ mod tests {
         // A later update outside the range is not revoked.
         assert!(!s.covers(job, PolicySerial(4), T0));
         assert!(!s.covers(job, PolicySerial(1), T0));
-        assert!(!s.covers(policy("zyxwvutsrqponmlkjihgfe").job_key(), PolicySerial(3), T0));
+        assert!(!s.covers(
+            policy("zyxwvutsrqponmlkjihgfe").job_key(),
+            PolicySerial(3),
+            T0
+        ));
         // Kept through the skew allowance after exp, gone after.
         let last = r.exp + CLOCK_SKEW.as_secs() - 1;
         assert!(s.covers(job, PolicySerial(3), last));

@@ -242,14 +242,20 @@ impl PolicyStore {
         let now_unix = unix_now();
         let mut out = Stored::NotNewer;
         self.update(|s| {
-            let revs = self.revocations.lock().unwrap_or_else(PoisonError::into_inner);
+            let revs = self
+                .revocations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             if revs.covers(p.job_key, p.serial, now_unix) {
                 drop(revs);
                 s.ready.remove(&p.job_key);
                 s.kids.remove(&p.job_key);
                 s.rejected.insert(
                     p.job_key,
-                    (Reason::PolicyRevoked, revocation_end(p.expires_at_unix, now_unix, Instant::now())),
+                    (
+                        Reason::PolicyRevoked,
+                        revocation_end(p.expires_at_unix, now_unix, Instant::now()),
+                    ),
                 );
                 out = Stored::Revoked;
                 return true;
@@ -281,7 +287,10 @@ impl PolicyStore {
         let mut covered = false;
         let mut result = Ok(());
         self.update(|s| {
-            let mut revs = self.revocations.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut revs = self
+                .revocations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             if let Err(e) = revs.insert(r, now_unix) {
                 result = Err(e);
                 return false;
@@ -291,8 +300,10 @@ impl PolicyStore {
                 covered = true;
                 s.ready.remove(&job);
                 s.kids.remove(&job);
-                s.rejected
-                    .insert(job, (Reason::PolicyRevoked, revocation_end(r.exp, now_unix, now)));
+                s.rejected.insert(
+                    job,
+                    (Reason::PolicyRevoked, revocation_end(r.exp, now_unix, now)),
+                );
                 return true;
             }
             false
@@ -335,8 +346,7 @@ impl PolicyStore {
     pub fn reject(&self, job_key: JobKey, reason: Reason, until: Instant) {
         self.update(|s| {
             if s.ready.contains_key(&job_key)
-                || s
-                    .rejected
+                || s.rejected
                     .get(&job_key)
                     .is_some_and(|(r, u)| *r == Reason::PolicyRevoked && *u > until)
             {
@@ -619,7 +629,8 @@ impl Fetcher {
         let untrusted = if diff.removed.is_empty() && diff.replaced.is_empty() {
             Vec::new()
         } else {
-            self.store.untrust(&diff, Instant::now() + self.cfg.negative)
+            self.store
+                .untrust(&diff, Instant::now() + self.cfg.negative)
         };
         TrustReload {
             diff,

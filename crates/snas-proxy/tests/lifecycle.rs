@@ -16,7 +16,9 @@ use snas_policy::bundle_fs::load_trust_bundle;
 use snas_policy::identity::job_key;
 use snas_policy::revocation::{sign_revocation, RevocationClaims};
 use snas_policy::PolicyKey;
-use snas_proxy::policy_fetch::{refetch_wait, FetchConfig, Fetcher, PolicyStore, REFETCH_AFTER_PROGRESS};
+use snas_proxy::policy_fetch::{
+    refetch_wait, FetchConfig, Fetcher, PolicyStore, REFETCH_AFTER_PROGRESS,
+};
 use snas_proxy::tier2::{PolicyCache, PolicyLookup};
 use snas_wire::{PolicySerial, Reason};
 
@@ -70,7 +72,10 @@ async fn an_update_replaces_the_policy_tells_the_hook_and_a_second_one_follows_a
     f.set_on_replace(Arc::new(move |p| t.lock().unwrap().push(p.serial.0)));
     tokio::spawn(Arc::clone(&f).run(queue));
     f.ensure(job, LOCAL).await.unwrap();
-    assert!(told.lock().unwrap().is_empty(), "a first policy is not an update");
+    assert!(
+        told.lock().unwrap().is_empty(),
+        "a first policy is not an update"
+    );
     for serial in [2u32, 3] {
         server.serve(job, 200, &keys.token(POLICY, jti, serial));
         // Tier 1 announces the new serial: the data path asks for a refetch.
@@ -184,11 +189,18 @@ async fn a_trust_reload_honours_an_added_key_and_cuts_off_policies_of_a_removed_
     server.serve(new_job, 200, &new_token);
     f.ensure(old_job, LOCAL).await.unwrap();
     assert_eq!(
-        f.fetch_and_store(new_job, LOCAL).await.unwrap_err().reason(),
+        f.fetch_and_store(new_job, LOCAL)
+            .await
+            .unwrap_err()
+            .reason(),
         Reason::KeyUntrusted
     );
     // Step 1 of a rotation: add the new key (and a broken file, which changes nothing else).
-    std::fs::write(keys.trust().join("new-key.pub"), new_key.public_pem().unwrap()).unwrap();
+    std::fs::write(
+        keys.trust().join("new-key.pub"),
+        new_key.public_pem().unwrap(),
+    )
+    .unwrap();
     std::fs::write(keys.trust().join("broken.pub"), "nope").unwrap();
     let r = f.reload_trust(&keys.trust());
     assert_eq!(r.diff.added, ["new-key"]);

@@ -59,7 +59,9 @@ impl Fx {
         f.policies.insert(p);
         let job = snas_policy::identity::job_key(JTI);
         let exp = f.mono.saturating_add(Duration::from_secs(300));
-        f.tier2.bindings_mut().bind(job, API, "api.example.com", exp);
+        f.tier2
+            .bindings_mut()
+            .bind(job, API, "api.example.com", exp);
         f
     }
 
@@ -105,7 +107,11 @@ fn seg(sport: u16, dst: IpAddr, dport: u16, flags: TcpFlags) -> Vec<u8> {
         ack: if flags.contains(TcpFlags::ACK) { 77 } else { 0 },
         flags,
         window: 65535,
-        payload: if flags.contains(TcpFlags::ACK) { b"x" } else { b"" },
+        payload: if flags.contains(TcpFlags::ACK) {
+            b"x"
+        } else {
+            b""
+        },
     })
     .unwrap()
 }
@@ -139,14 +145,31 @@ fn an_update_ends_flows_to_removed_destinations_and_keeps_the_others() {
         })
         .collect();
     assert_eq!(ends.len(), 100);
-    assert!(ends.iter().all(|r| r.end == FlowEnd::PolicyUpdated && r.dst.0 == DB));
+    assert!(ends
+        .iter()
+        .all(|r| r.end == FlowEnd::PolicyUpdated && r.dst.0 == DB));
     assert_eq!(FlowEnd::PolicyUpdated.name(), "policy_updated");
     // The next segment of an ended flow is answered with a RST; a new connection is refused.
     let (v, _) = f.send(&seg(30000, DB, 5432, TcpFlags::ACK));
-    assert!(matches!(v, Verdict::Refuse { reason: Reason::NoConntrack, .. }), "{v:?}");
+    assert!(
+        matches!(
+            v,
+            Verdict::Refuse {
+                reason: Reason::NoConntrack,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
     let (v, _) = f.send(&seg(31000, DB, 5432, TcpFlags::SYN));
     assert!(
-        matches!(v, Verdict::Refuse { reason: Reason::DestinationDenied, .. }),
+        matches!(
+            v,
+            Verdict::Refuse {
+                reason: Reason::DestinationDenied,
+                ..
+            }
+        ),
         "{v:?}"
     );
     // Flows to the destination still allowed go on.

@@ -6,7 +6,8 @@ use std::fs;
 use std::path::PathBuf;
 use tempfile::TempDir;
 
-const POLICY: &str = "tenant = \"acme\"\njob = \"job-42\"\n\n[[egress]]\nhost = \"api.example.com:443\"\n";
+const POLICY: &str =
+    "tenant = \"acme\"\njob = \"job-42\"\n\n[[egress]]\nhost = \"api.example.com:443\"\n";
 const UPDATED: &str = "tenant = \"acme\"\njob = \"job-42\"\n\n[[egress]]\nhost = \"api.example.com:443\"\n\n[[egress]]\ncidr = \"203.0.113.0/24\"\nports = \"5432\"\n";
 
 fn snas() -> Command {
@@ -91,7 +92,11 @@ fn update_of_keeps_the_job_key_and_raises_the_serial_by_one() {
     assert_eq!(n["serial"], 2);
     assert_eq!(n["egress"].as_array().map(Vec::len), Some(2));
     // The token itself works as the argument too, and a larger --serial is taken.
-    let next = f.sign_ok("k1", &["--update-of", &new, "--serial", "9"], "updated.toml");
+    let next = f.sign_ok(
+        "k1",
+        &["--update-of", &new, "--serial", "9"],
+        "updated.toml",
+    );
     assert_eq!(f.claims(&next)["serial"], 9);
     assert_eq!(f.claims(&next)["jti"], o["jti"]);
 }
@@ -104,7 +109,10 @@ fn update_of_refuses_a_smaller_or_equal_serial_and_another_job() {
         let o = f.sign("k1", &["--update-of", &old, "--serial", s], "updated.toml");
         assert_eq!(o.status.code(), Some(2));
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("--serial") && err.contains("not above 5"), "{err}");
+        assert!(
+            err.contains("--serial") && err.contains("not above 5"),
+            "{err}"
+        );
     }
     f.write("other.toml", &POLICY.replace("job-42", "job-43"));
     let o = f.sign("k1", &["--update-of", &old], "other.toml");
@@ -127,7 +135,11 @@ fn update_of_checks_the_old_signature_with_trust_and_notes_a_foreign_key_without
     assert!(String::from_utf8_lossy(&o.stderr).contains("not checked"));
     let trust = f.path("keys/k2.pub");
     let trust = trust.to_str().expect("path");
-    let o = f.sign("k1", &["--update-of", &old, "--trust", trust], "updated.toml");
+    let o = f.sign(
+        "k1",
+        &["--update-of", &old, "--trust", trust],
+        "updated.toml",
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(o.stderr.is_empty());
     // A tampered token does not verify.
@@ -135,7 +147,11 @@ fn update_of_checks_the_old_signature_with_trust_and_notes_a_foreign_key_without
     let forged_sig = "A".repeat(parts[2].len());
     parts[2] = &forged_sig;
     let forged = parts.join(".");
-    let o = f.sign("k1", &["--update-of", &forged, "--trust", trust], "updated.toml");
+    let o = f.sign(
+        "k1",
+        &["--update-of", &forged, "--trust", trust],
+        "updated.toml",
+    );
     assert_eq!(o.status.code(), Some(2));
     // Own key id with a bad signature is refused even without --trust.
     let own = f.sign_ok("k1", &[], "policy.toml");
@@ -164,15 +180,17 @@ fn revoke_prints_a_revocation_of_every_serial_or_only_the_tokens() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8(o.stdout).expect("utf8").trim().to_owned()
     };
-    let bundle =
-        snas_policy::bundle_fs::load_trust_bundle(&f.path("keys")).expect("trust bundle");
+    let bundle = snas_policy::bundle_fs::load_trust_bundle(&f.path("keys")).expect("trust bundle");
     let claims = f.claims(&token);
     let all = run(&[]);
     let v = snas_policy::revocation::verify_revocation(&all, &bundle, std::time::SystemTime::now())
         .expect("verifies");
     assert_eq!(v.claims().revokes, claims["jti"].as_str().expect("jti"));
     assert_eq!(Some(v.claims().exp), claims["exp"].as_u64());
-    assert_eq!((v.claims().serial_min, v.claims().serial_max), (0, u32::MAX));
+    assert_eq!(
+        (v.claims().serial_min, v.claims().serial_max),
+        (0, u32::MAX)
+    );
     let one = run(&["--serial-only"]);
     let v = snas_policy::revocation::verify_revocation(&one, &bundle, std::time::SystemTime::now())
         .expect("verifies");

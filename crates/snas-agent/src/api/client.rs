@@ -219,10 +219,7 @@ impl AgentClient {
         let call = Call {
             method: Method::POST,
             path: paths::REVOCATIONS.to_owned(),
-            body: Some((
-                "text/plain",
-                Bytes::from(token.trim().as_bytes().to_vec()),
-            )),
+            body: Some(("text/plain", Bytes::from(token.trim().as_bytes().to_vec()))),
         };
         self.json(call).await
     }

@@ -422,16 +422,19 @@ fn sign(a: &SignArgs) -> Result<u8> {
                     bail!("{file}: {field}: `{new}` is not `{was}`, the {field} of the policy it updates (an update keeps tenant and job)");
                 }
             }
-            let serial = snas_policy::claims::next_serial(old.serial, a.serial).ok_or_else(|| {
-                match a.serial {
-                    Some(s) => anyhow!(
-                        "--serial: {} is not above {}, the serial of the policy it updates",
-                        s.0,
-                        old.serial.0
-                    ),
-                    None => anyhow!("serial: the policy it updates has the largest serial, 4294967295"),
-                }
-            })?;
+            let serial =
+                snas_policy::claims::next_serial(old.serial, a.serial).ok_or_else(|| {
+                    match a.serial {
+                        Some(s) => anyhow!(
+                            "--serial: {} is not above {}, the serial of the policy it updates",
+                            s.0,
+                            old.serial.0
+                        ),
+                        None => anyhow!(
+                            "serial: the policy it updates has the largest serial, 4294967295"
+                        ),
+                    }
+                })?;
             (old.jti, serial)
         }
     };
