@@ -61,11 +61,8 @@ pub fn apply_revocation(shared: &Shared, token: &str) -> Result<(JobKey, bool), 
     let covered = shared
         .store
         .revoke(&r, snas_policy::claims::unix_secs(now), Instant::now())?;
-    {
-        let mut eng = shared.engine();
-        if covered || eng.knows_job(job) {
-            eng.end_job(job, FlowEnd::Revoked, names);
-        }
+    if covered {
+        shared.engine().end_job(job, FlowEnd::Revoked, names);
     }
     tracing::warn!(job_key = %job, tenant = %r.tenant, job = %r.job, serial_min = r.serial_min, serial_max = r.serial_max, exp = r.exp, covered, "revocation recorded");
     Ok((job, covered))
