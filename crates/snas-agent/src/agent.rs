@@ -23,6 +23,7 @@ use serde::Serialize;
 use snas_wire::{JobKey, Reason};
 
 pub use crate::api::types::{JobState, JobView};
+use crate::bindings::BindingLedger;
 use crate::config::AgentConfig;
 use crate::jobnet::{self, JobNetError, JobNetInfo, JobNetwork};
 use crate::naming::{job_key_hex, parse_job_key_hex, JobNames};
@@ -32,6 +33,7 @@ use crate::seams::{
     Dataplane, DataplaneError, JobAttachment, PolicyVerifier, VerifiedPolicy, VerifyError,
 };
 use crate::state::{JobRecord, StateError, StateStore, RECORD_VERSION};
+use snas_policy::revocation::{Inserted, RevocationClaims, RevocationStore};
 
 /// Errors of job operations. The API maps each to an HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +71,16 @@ pub enum JobError {
     /// A blocking task did not complete.
     #[error("internal: {0}")]
     Internal(String),
+    /// The new policy is not the next one of the job (another job, tenant or job name, or a
+    /// serial that does not increase).
+    #[error("policy update refused: {0}")]
+    Lineage(#[from] snas_policy::LineageError),
+    /// A revocation covers the policy: the job is cut off until the revocation expires.
+    #[error("policy of job {job_key} serial {serial} is revoked")]
+    Revoked { job_key: String, serial: u32 },
+    /// The revocation store is full.
+    #[error(transparent)]
+    RevocationStore(#[from] snas_policy::revocation::StoreError),
 }
 
 /// Errors that stop the agent from starting.
@@ -150,6 +162,10 @@ struct Inner {
     /// Deleted jobs whose host veth the kernel is still destroying; their subnets are reused
     /// only once it is gone (see [`Agent::delete_job`]).
     releasing: Vec<Releasing>,
+    /// Addresses the DNS stub installed, by job and name (withdrawn on update).
+    bindings: BindingLedger,
+    /// Revocations received (API or directory), until their `exp`.
+    revocations: RevocationStore,
 }
 
 impl Inner {
@@ -193,6 +209,10 @@ pub struct Agent {
     clock: Clock,
     inner: Mutex<Inner>,
     setup_latency: Histogram,
+    /// Serialises policy updates (each reads the running policy and replaces it).
+    updates: Mutex<()>,
+    /// Origin of the monotonic times of the binding ledger.
+    origin: std::time::Instant,
 }
 
 impl std::fmt::Debug for Agent {
@@ -309,8 +329,12 @@ impl Agent {
                 pending: HashSet::new(),
                 pool,
                 releasing: Vec::new(),
+                bindings: BindingLedger::default(),
+                revocations: RevocationStore::default(),
             }),
             setup_latency: Histogram::new(SETUP_BUCKETS),
+            updates: Mutex::new(()),
+            origin: std::time::Instant::now(),
         };
         Ok((agent, report))
     }
@@ -349,6 +373,7 @@ impl Agent {
             }
         }
         let key = policy.job_key;
+        self.check_not_revoked(&policy, now)?;
         let host_veth = JobNames::derive(
             &self.config.netns_prefix,
             &self.config.host_veth_prefix,
@@ -462,6 +487,7 @@ impl Agent {
                 .remove(job_key)
                 .ok_or_else(|| JobError::NotFound(job_key_hex(job_key)))?;
             inner.pending.insert(job_key);
+            inner.bindings.forget_job(job_key);
             record
         };
         // Detaching tier 1 and unmounting the namespace end the job's traffic at once. The
@@ -493,6 +519,208 @@ impl Agent {
                 Err(e)
             }
         }
+    }
+
+    fn check_not_revoked(&self, policy: &VerifiedPolicy, now: SystemTime) -> Result<(), JobError> {
+        let now = snas_policy::claims::unix_secs(now);
+        if self
+            .lock()
+            .revocations
+            .covers(policy.job_key, policy.serial, now)
+        {
+            return Err(JobError::Revoked {
+                job_key: job_key_hex(policy.job_key),
+                serial: policy.serial.0,
+            });
+        }
+        Ok(())
+    }
+
+    /// Replaces a running job's policy with `token`, the next policy of the same job (live
+    /// update or renewal): verified like a new job's, then the lineage rules
+    /// ([`snas_policy::check_lineage`]: same `jti`, tenant and job, a higher serial) against
+    /// the running policy; then tier 1 is reprogrammed (configuration, CIDR rules), the
+    /// bindings of names the new policy no longer allows are withdrawn from tier 1, and the
+    /// record is replaced. The DNS stub follows at its next query (it sees the new serial).
+    /// Returns the job's new view.
+    pub fn update_job(&self, job_key: JobKey, token: &str) -> Result<JobView, JobError> {
+        let _one_at_a_time = self.updates.lock().unwrap_or_else(|p| p.into_inner());
+        let now = (self.clock)();
+        let new = self.verifier.verify(token, now)?;
+        if let Some(node) = new.node {
+            let this = IpAddr::V4(self.config.underlay_address);
+            if node != this {
+                return Err(JobError::WrongNode {
+                    policy_node: node,
+                    this_node: this,
+                });
+            }
+        }
+        let old = {
+            let inner = self.lock();
+            if inner.pending.contains(&job_key) {
+                return Err(JobError::NotFound(job_key_hex(job_key)));
+            }
+            inner
+                .jobs
+                .get(&job_key)
+                .cloned()
+                .ok_or_else(|| JobError::NotFound(job_key_hex(job_key)))?
+        };
+        lineage(&old.policy, &new)?;
+        self.check_not_revoked(&new, now)?;
+        let old_attach = JobAttachment {
+            policy: &old.policy,
+            token: &old.token,
+            net: &old.net,
+        };
+        let new_attach = JobAttachment {
+            policy: &new,
+            token,
+            net: &old.net,
+        };
+        let record = JobRecord {
+            policy: new.clone(),
+            token: token.to_owned(),
+            ..old.clone()
+        };
+        self.store.save(&record)?;
+        // The new token is served (policy endpoint, DNS stub) before tier 1 stamps the new
+        // serial on the job's packets: a proxy that refetches on seeing the serial gets it.
+        {
+            let mut inner = self.lock();
+            inner.insert(record.clone());
+        }
+        if let Err(e) = self.dataplane.update_job(&old_attach, &new_attach) {
+            // Back to the running policy: record, table and tier 1 agree again.
+            if let Err(back) = self.store.save(&old) {
+                tracing::error!(job_key = %job_key_hex(job_key), error = %back, "policy update: restoring the job record failed");
+            }
+            let _ = self.dataplane.update_job(&new_attach, &old_attach);
+            self.lock().insert(old.clone());
+            return Err(e.into());
+        }
+        let withdrawn = self.rebind(&record);
+        let view = {
+            let mut inner = self.lock();
+            inner.noticed_expired.remove(&job_key);
+            inner.jobs.get(&job_key).map(|r| JobView::of(r, now))
+        };
+        tracing::info!(
+            job_key = %job_key_hex(job_key),
+            old_serial = old.policy.serial.0,
+            serial = new.serial.0,
+            withdrawn,
+            "job policy updated"
+        );
+        view.ok_or_else(|| JobError::NotFound(job_key_hex(job_key)))
+    }
+
+    /// Withdraws from tier 1 the DNS bindings the job's new policy no longer allows (and
+    /// narrows those whose ports changed). Returns how many addresses changed.
+    fn rebind(&self, record: &JobRecord) -> usize {
+        let Some(claims) = record.policy.claims.as_ref() else {
+            return 0;
+        };
+        let matcher = snas_policy::compile(claims);
+        let now = self.origin.elapsed();
+        let changes = self
+            .lock()
+            .bindings
+            .rebind(record.policy.job_key, now, |name| {
+                // The ports the new policy leaves the name (deny rules taken out); an audit-mode
+                // `would_deny` name is bound nowhere, as the stub does.
+                crate::dns::name_decision(&matcher, name)
+                    .map(|d| d.ports)
+                    .unwrap_or_default()
+            });
+        let key = record.policy.job_key;
+        for c in &changes {
+            let mut result = self.dataplane.revoke_resolved(key, c.ip);
+            for (rules, ttl) in &c.install {
+                if result.is_ok() && !rules.is_empty() && !ttl.is_zero() {
+                    result = self.dataplane.allow_resolved(key, c.ip, rules, *ttl);
+                }
+            }
+            if let Err(e) = result {
+                tracing::warn!(job_key = %job_key_hex(key), ip = %c.ip, error = %e, "policy update: DNS binding not rebound");
+            }
+        }
+        changes.len()
+    }
+
+    /// Records a binding the DNS stub installed under the job's policy `serial` (see
+    /// [`crate::bindings`]). False when the job's policy is no longer that serial (or the job
+    /// is gone): the caller withdraws the binding.
+    pub fn record_binding(
+        &self,
+        job_key: JobKey,
+        serial: snas_wire::PolicySerial,
+        name: &str,
+        ip: IpAddr,
+        rules: &[snas_bpf::PortRule],
+        lifetime: std::time::Duration,
+    ) -> bool {
+        let until = self.origin.elapsed().saturating_add(lifetime);
+        let mut inner = self.lock();
+        match inner.jobs.get(&job_key) {
+            Some(r) if r.policy.serial == serial => {
+                inner.bindings.record(job_key, name, ip, rules, until);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Forgets bindings that have ended (periodic).
+    pub fn sweep_bindings(&self) {
+        let now = self.origin.elapsed();
+        let mut inner = self.lock();
+        inner.bindings.sweep(now);
+        let now_unix = snas_policy::claims::unix_secs((self.clock)());
+        inner.revocations.sweep(now_unix);
+    }
+
+    /// Verifies and records a revocation; returns it with the running jobs it covers (the
+    /// caller tears them down) and whether it was new.
+    pub fn revoke(&self, token: &str) -> Result<(RevocationClaims, Vec<JobKey>, bool), JobError> {
+        let now = (self.clock)();
+        let r = self.verifier.verify_revocation(token, now)?;
+        let now_unix = snas_policy::claims::unix_secs(now);
+        let mut inner = self.lock();
+        let new = inner.revocations.insert(&r, now_unix)? == Inserted::New;
+        let covered = inner
+            .jobs
+            .values()
+            .filter(|j| j.policy.job_key == r.job_key() && r.covers(j.policy.serial))
+            .map(|j| j.policy.job_key)
+            .collect();
+        Ok((r, covered, new))
+    }
+
+    /// Running jobs whose token no longer verifies against the (reloaded) trust bundle, with
+    /// the reason.
+    pub fn untrusted_jobs(&self) -> Vec<(JobKey, crate::seams::VerifyError)> {
+        let tokens: Vec<(JobKey, String)> = self
+            .lock()
+            .jobs
+            .values()
+            .map(|r| (r.policy.job_key, r.token.clone()))
+            .collect();
+        tokens
+            .into_iter()
+            .filter_map(|(k, t)| self.verifier.recheck(&t).err().map(|e| (k, e)))
+            .collect()
+    }
+
+    /// The verifier (trust bundle reloads).
+    pub fn verifier(&self) -> &Arc<dyn PolicyVerifier> {
+        &self.verifier
+    }
+
+    /// The verified policy of a running job.
+    pub fn policy_of(&self, job_key: JobKey) -> Option<VerifiedPolicy> {
+        self.lock().jobs.get(&job_key).map(|r| r.policy.clone())
     }
 
     /// All jobs (running and expired), by job key.
@@ -565,6 +793,52 @@ impl crate::stub::JobDirectory for Agent {
     fn contains(&self, job_key: JobKey) -> bool {
         self.lock().jobs.contains_key(&job_key)
     }
+
+    fn bound(
+        &self,
+        job_key: JobKey,
+        serial: snas_wire::PolicySerial,
+        name: &str,
+        ip: IpAddr,
+        rules: &[snas_bpf::PortRule],
+        lifetime: std::time::Duration,
+    ) {
+        if !self.record_binding(job_key, serial, name, ip, rules, lifetime) {
+            // The policy changed while the answer was installed under the old one: withdraw
+            // it (the job resolves the name again under the new policy).
+            let _ = self.dataplane.revoke_resolved(job_key, ip);
+        }
+    }
+}
+
+/// The lineage rules of [`snas_policy::check_lineage`] on the agent's view of two policies.
+fn lineage(old: &VerifiedPolicy, new: &VerifiedPolicy) -> Result<(), snas_policy::LineageError> {
+    use snas_policy::LineageError as L;
+    if old.jti != new.jti {
+        return Err(L::Jti {
+            old: old.jti.clone(),
+            new: new.jti.clone(),
+        });
+    }
+    if old.tenant != new.tenant {
+        return Err(L::Tenant {
+            old: old.tenant.clone(),
+            new: new.tenant.clone(),
+        });
+    }
+    if old.job != new.job {
+        return Err(L::Job {
+            old: old.job.clone(),
+            new: new.job.clone(),
+        });
+    }
+    if new.serial <= old.serial {
+        return Err(L::Serial {
+            old: old.serial,
+            new: new.serial,
+        });
+    }
+    Ok(())
 }
 
 /// Releases the subnets of deleted jobs whose host veth has gone. The veth named `force` (a job

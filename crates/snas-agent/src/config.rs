@@ -164,6 +164,10 @@ pub struct AgentConfig {
     /// TCP address serving `GET /metrics` (Prometheus text). None: only on the API socket.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Directory of signed revocations (one per file), scanned every second; applied like
+    /// `POST /v1/revocations`. None: revocations come only through the API.
+    #[serde(default)]
+    pub revocations_dir: Option<PathBuf>,
 }
 
 fn default_node_name() -> String {
@@ -376,12 +380,17 @@ impl AgentConfig {
                 "proxy_service and proxy_service_dns go together".into(),
             ));
         }
-        if let Some(p) = &self.audit_log {
-            if !p.is_absolute() {
-                return Err(invalid(
-                    "audit_log",
-                    format!("{} is not an absolute path", p.display()),
-                ));
+        for (field, p) in [
+            ("audit_log", &self.audit_log),
+            ("revocations_dir", &self.revocations_dir),
+        ] {
+            if let Some(p) = p {
+                if !p.is_absolute() {
+                    return Err(invalid(
+                        field,
+                        format!("{} is not an absolute path", p.display()),
+                    ));
+                }
             }
         }
         for (field, dir) in [

@@ -257,6 +257,49 @@ impl Dataplane for Tier1Dataplane {
         t.adopt_job(&cfg).map_err(err("adopt job"))
     }
 
+    fn update_job(
+        &self,
+        old: &JobAttachment<'_>,
+        new: &JobAttachment<'_>,
+    ) -> Result<(), DataplaneError> {
+        let cfg = job_config(new, self.dns_budget)?;
+        let (before, after) = (cidr_rules(old), cidr_rules(new));
+        let t = self.tier1();
+        // The new deny rules first (nothing the new policy denies stays open while the rest
+        // changes), then added and changed CIDR rules, then the configuration (serial, limits,
+        // expiry, the audit flag: the job's state is kept), then the removed CIDR rules: a
+        // destination both policies allow is never closed in between.
+        t.set_deny(new.policy.job_key, &deny_rules(new))
+            .map_err(err("deny rules"))?;
+        for (key @ (net, allow_private), rules) in &after {
+            if before.get(key) != Some(rules) {
+                t.allow_cidr(new.policy.job_key, *net, rules, *allow_private)
+                    .map_err(err(&format!("allow {net}")))?;
+            }
+        }
+        t.configure_job(&cfg).map_err(err("configure job"))?;
+        for (net, allow_private) in before.keys() {
+            // One LPM entry per network: the same network with the other `allow_private`
+            // flag was rewritten above and must stay.
+            if !after.contains_key(&(*net, *allow_private))
+                && !after.contains_key(&(*net, !*allow_private))
+            {
+                t.revoke_cidr(new.policy.job_key, *net)
+                    .map_err(err(&format!("revoke {net}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn revoke_resolved(&self, job_key: JobKey, ip: IpAddr) -> Result<(), DataplaneError> {
+        let t = self.tier1();
+        match ip {
+            IpAddr::V4(v4) => t.revoke_ip(job_key, v4),
+            IpAddr::V6(v6) => t.revoke_ip6(job_key, v6),
+        }
+        .map_err(err(&format!("revoke {ip}")))
+    }
+
     fn detach_job(&self, job_key: JobKey, _net: &JobNetInfo) -> Result<(), DataplaneError> {
         match self.tier1().detach_job_by_key(job_key) {
             Ok(_) | Err(snas_bpf::Tier1Error::UnknownJobKey(_)) => Ok(()),

@@ -21,7 +21,11 @@
 //!   snas-bpf) and in-memory stand-ins.
 //! - [`dataplane`]: the production [`Dataplane`] over `snas_bpf::Tier1`.
 //! - [`state`]: job records on disk.
-//! - [`agent`]: the job table ([`Agent`]): create, adopt at start, delete, counters.
+//! - [`agent`]: the job table ([`Agent`]): create, adopt at start, live update, delete,
+//!   counters, revocations.
+//! - [`bindings`]: the ledger of DNS-installed addresses by name (withdrawn on update).
+//! - [`lifecycle`]: trust bundle reloads (1 s poll and SIGHUP) and the revocations directory:
+//!   jobs whose key was removed or whose policy is revoked are torn down.
 //! - [`dns`]: the DNS stub's decisions (pure): query shape, names, rate bucket, identity option.
 //! - [`dns_cache`]: the stub's per-job answer cache (pure, bounded per job and per node).
 //! - [`stub`]: the DNS stub's UDP/TCP servers and forwarding to proxy resolvers.
@@ -40,6 +44,7 @@
 pub mod agent;
 pub mod api;
 pub mod audit;
+pub mod bindings;
 pub mod config;
 pub mod dataplane;
 pub mod dns;
@@ -47,6 +52,7 @@ pub mod dns_cache;
 pub mod ethtool;
 pub mod handover;
 pub mod jobnet;
+pub mod lifecycle;
 pub mod metrics;
 pub mod naming;
 pub mod netlink;

@@ -507,6 +507,28 @@ enum Exit {
     HandedOver,
 }
 
+/// Notifies `hup` on every SIGHUP (trust bundle reload) until `stop` is set.
+fn spawn_sighup(hup: Arc<tokio::sync::Notify>, mut stop: watch::Receiver<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut sig) = signal(SignalKind::hangup()) else {
+        tracing::warn!(
+            "SIGHUP cannot be caught: the trust bundle is reloaded by the 1 s poll only"
+        );
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = sig.recv() => match r {
+                    Some(()) => hup.notify_one(),
+                    None => return,
+                },
+                _ = stop.changed() => return,
+            }
+        }
+    });
+}
+
 /// Runs the agent until `shutdown` completes or it has handed its sockets to a new agent.
 pub async fn run(
     config: AgentConfig,
@@ -612,6 +634,14 @@ pub async fn run(
             bg_rx.clone(),
         ));
     }
+    let hup = Arc::new(tokio::sync::Notify::new());
+    spawn_sighup(hup.clone(), bg_rx.clone());
+    tokio::spawn(crate::lifecycle::run(
+        ops.clone(),
+        config.revocations_dir.clone(),
+        hup,
+        bg_rx.clone(),
+    ));
     tokio::spawn(upkeep::run(
         config.clone(),
         agent.clone(),

@@ -65,10 +65,49 @@ pub struct VerifyError {
     pub detail: String,
 }
 
+/// What a trust bundle reload found (see [`PolicyVerifier::reload`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustReload {
+    /// What changed (empty when nothing did, or the reload kept the old bundle).
+    pub diff: snas_policy::bundle::BundleDiff,
+    /// Bad files (path, reason); their keys are not loaded, the good keys stay.
+    pub problems: Vec<(std::path::PathBuf, String)>,
+    /// No good key was found: the previous bundle is kept.
+    pub kept_previous: bool,
+}
+
 /// Verifies signed policy tokens.
 pub trait PolicyVerifier: Send + Sync + 'static {
     /// Verifies `token` at time `now`.
     fn verify(&self, token: &str, now: SystemTime) -> Result<VerifiedPolicy, VerifyError>;
+
+    /// Verifies a signed revocation ([`snas_policy::revocation`]) at `now`. The default refuses
+    /// every revocation (a verifier without trust keys cannot check one).
+    fn verify_revocation(
+        &self,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<snas_policy::revocation::RevocationClaims, VerifyError> {
+        let _ = (token, now);
+        Err(VerifyError {
+            reason: Reason::PolicyInvalid,
+            detail: "this verifier does not check revocations".into(),
+        })
+    }
+
+    /// Whether the signature of a token accepted earlier still verifies against the current
+    /// trust bundle (its times are not checked): `Err` with reason `key_untrusted` once its key
+    /// has been removed. The default accepts every token.
+    fn recheck(&self, token: &str) -> Result<(), VerifyError> {
+        let _ = token;
+        Ok(())
+    }
+
+    /// Reloads the trust bundle from where it was loaded. `None` when the verifier has no
+    /// source to reload from (the default).
+    fn reload(&self) -> Option<TrustReload> {
+        None
+    }
 }
 
 /// A dataplane failure (message from the implementation).
@@ -96,6 +135,28 @@ pub trait Dataplane: Send + Sync + 'static {
     fn adopt_job(&self, job: &JobAttachment<'_>) -> Result<(), DataplaneError>;
     /// Detaches programs and removes pinned per-job state. Idempotent.
     fn detach_job(&self, job_key: JobKey, net: &JobNetInfo) -> Result<(), DataplaneError>;
+    /// Reprograms a running job for a new policy of the same job (live update): identity,
+    /// serial, limits and expiry, and the CIDR rules (added, changed and removed ones); the
+    /// job's state (pacing, buckets, flows) is kept. The default refuses (a dataplane that
+    /// cannot update jobs in place).
+    fn update_job(
+        &self,
+        old: &JobAttachment<'_>,
+        new: &JobAttachment<'_>,
+    ) -> Result<(), DataplaneError> {
+        let _ = new;
+        Err(DataplaneError(format!(
+            "this dataplane cannot update job {} in place",
+            old.policy.job_key
+        )))
+    }
+    /// Deletes the job's entry for `ip` learnt from DNS (every name's rules on it; flows to it
+    /// are cut). The default refuses.
+    fn revoke_resolved(&self, job_key: JobKey, ip: IpAddr) -> Result<(), DataplaneError> {
+        Err(DataplaneError(format!(
+            "this dataplane cannot withdraw {ip} of job {job_key}"
+        )))
+    }
     /// Per-reason drop counters of the job.
     fn counters(&self, job_key: JobKey) -> Result<BTreeMap<Reason, u64>, DataplaneError>;
     /// Allows `ip` for the job on `rules` for `ttl` from now (an address from a DNS answer).
@@ -149,6 +210,7 @@ pub struct RecordingDataplane {
     proxy_sets: Mutex<Vec<Vec<ProxyEntry>>>,
     infrastructure: Mutex<Vec<ipnet::IpNet>>,
     agings: std::sync::atomic::AtomicU64,
+    revoked: Mutex<Vec<(JobKey, IpAddr)>>,
 }
 
 impl RecordingDataplane {
@@ -181,6 +243,14 @@ impl RecordingDataplane {
             .clone()
     }
 
+    /// Every `revoke_resolved` call so far, in order.
+    pub fn revoked(&self) -> Vec<(JobKey, IpAddr)> {
+        self.revoked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// How many times [`Dataplane::age_flows`] ran.
     pub fn agings(&self) -> u64 {
         self.agings.load(std::sync::atomic::Ordering::Relaxed)
@@ -205,6 +275,30 @@ impl Dataplane for RecordingDataplane {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&job_key);
+        Ok(())
+    }
+
+    fn update_job(
+        &self,
+        old: &JobAttachment<'_>,
+        new: &JobAttachment<'_>,
+    ) -> Result<(), DataplaneError> {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(j) = jobs.get_mut(&old.policy.job_key) else {
+            return Err(DataplaneError(format!(
+                "job {} is not attached",
+                old.policy.job_key
+            )));
+        };
+        j.1 = new.policy.serial;
+        Ok(())
+    }
+
+    fn revoke_resolved(&self, job_key: JobKey, ip: IpAddr) -> Result<(), DataplaneError> {
+        self.revoked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((job_key, ip));
         Ok(())
     }
 
@@ -262,34 +356,54 @@ impl Dataplane for RecordingDataplane {
     }
 }
 
-/// The production verifier: `snas_policy::verify` against the configured trust bundle.
+/// The production verifier: `snas_policy::verify` against the configured trust bundle, which
+/// [`PolicyVerifier::reload`] replaces (the agent polls its trust directory and reloads on
+/// SIGHUP).
 #[derive(Debug)]
 pub struct BundleVerifier {
-    bundle: snas_policy::TrustBundle,
+    bundle: std::sync::RwLock<std::sync::Arc<snas_policy::TrustBundle>>,
+    source: Option<std::path::PathBuf>,
 }
 
 impl BundleVerifier {
-    /// A verifier over `bundle`.
+    /// A verifier over `bundle` (nothing to reload from).
     pub fn new(bundle: snas_policy::TrustBundle) -> BundleVerifier {
-        BundleVerifier { bundle }
+        BundleVerifier {
+            bundle: std::sync::RwLock::new(std::sync::Arc::new(bundle)),
+            source: None,
+        }
     }
 
-    /// Loads the trust bundle (a key file or a directory of `*.pub` files).
+    /// Loads the trust bundle (a key file or a directory of `*.pub` files); at start every
+    /// file must be good.
     pub fn load(
         path: &std::path::Path,
     ) -> Result<BundleVerifier, snas_policy::bundle_fs::BundleFsError> {
-        Ok(BundleVerifier::new(
-            snas_policy::bundle_fs::load_trust_bundle(path)?,
-        ))
+        Ok(BundleVerifier {
+            source: Some(path.to_owned()),
+            ..BundleVerifier::new(snas_policy::bundle_fs::load_trust_bundle(path)?)
+        })
+    }
+
+    /// The current bundle.
+    pub fn bundle(&self) -> std::sync::Arc<snas_policy::TrustBundle> {
+        self.bundle
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+fn refused(e: snas_policy::VerifyError) -> VerifyError {
+    VerifyError {
+        reason: e.reason(),
+        detail: e.to_string(),
     }
 }
 
 impl PolicyVerifier for BundleVerifier {
     fn verify(&self, token: &str, now: SystemTime) -> Result<VerifiedPolicy, VerifyError> {
-        let v = snas_policy::verify(token, &self.bundle, now).map_err(|e| VerifyError {
-            reason: e.reason(),
-            detail: e.to_string(),
-        })?;
+        let v = snas_policy::verify(token, &self.bundle(), now).map_err(refused)?;
         // A serial the overlay cannot carry was already refused by `verify` (claims reading).
         let (job_key, tenant_id, serial) = (v.job_key(), v.tenant_id(), v.claims().serial);
         let c = v.into_claims();
@@ -303,6 +417,51 @@ impl PolicyVerifier for BundleVerifier {
             job_key,
             tenant_id,
             claims: Some(c),
+        })
+    }
+
+    fn verify_revocation(
+        &self,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<snas_policy::revocation::RevocationClaims, VerifyError> {
+        snas_policy::revocation::verify_revocation(token, &self.bundle(), now)
+            .map(|v| v.claims().clone())
+            .map_err(refused)
+    }
+
+    fn recheck(&self, token: &str) -> Result<(), VerifyError> {
+        match snas_policy::jws::verify_ignoring_time(token, &self.bundle()) {
+            Ok(_) => Ok(()),
+            // A key id whose public key was replaced: the old signature no longer verifies,
+            // which is the same loss of trust as a removed key.
+            Err(snas_policy::VerifyError::BadSignature(kid)) => Err(VerifyError {
+                reason: Reason::KeyUntrusted,
+                detail: format!("key `{kid}` was replaced in the trust bundle"),
+            }),
+            Err(e) => Err(refused(e)),
+        }
+    }
+
+    fn reload(&self) -> Option<TrustReload> {
+        let path = self.source.as_ref()?;
+        let r = snas_policy::bundle_fs::reload_trust_bundle(path);
+        let Some(next) = r.bundle else {
+            return Some(TrustReload {
+                problems: r.problems,
+                kept_previous: true,
+                ..TrustReload::default()
+            });
+        };
+        let mut cur = self.bundle.write().unwrap_or_else(|p| p.into_inner());
+        let diff = cur.diff(&next);
+        if !diff.is_empty() {
+            *cur = std::sync::Arc::new(next);
+        }
+        Some(TrustReload {
+            diff,
+            problems: r.problems,
+            kept_previous: false,
         })
     }
 }

@@ -115,6 +115,20 @@ pub trait JobDirectory: Send + Sync + 'static {
     fn contains(&self, job_key: JobKey) -> bool {
         self.policy(job_key).is_some()
     }
+    /// `name` was installed into tier 1 as `ip` with `rules` for `lifetime`, under the job's
+    /// policy `serial` (so that a live update can withdraw it, see [`crate::bindings`]).
+    /// Called on a blocking thread, right after the install. The default does nothing.
+    fn bound(
+        &self,
+        job_key: JobKey,
+        serial: PolicySerial,
+        name: &str,
+        ip: IpAddr,
+        rules: &[snas_bpf::PortRule],
+        lifetime: Duration,
+    ) {
+        let _ = (job_key, serial, name, ip, rules, lifetime);
+    }
 }
 
 /// The stub's limits.
@@ -757,9 +771,12 @@ impl DnsStub {
             } else if !addrs.is_empty() {
                 let dp = self.dataplane.clone();
                 let to_install = addrs.clone();
+                let (dir, name, serial) =
+                    (self.dir.clone(), p.question.name.clone(), policy.serial);
                 let res = tokio::task::spawn_blocking(move || {
                     for (ip, lifetime) in &to_install {
                         dp.allow_resolved(job_key, *ip, &ports, *lifetime)?;
+                        dir.bound(job_key, serial, &name, *ip, &ports, *lifetime);
                     }
                     Ok::<(), crate::seams::DataplaneError>(())
                 })

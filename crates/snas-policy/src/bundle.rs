@@ -83,6 +83,49 @@ impl TrustBundle {
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }
+
+    /// What changed from `self` to `next` (a reload).
+    pub fn diff(&self, next: &TrustBundle) -> BundleDiff {
+        let mut d = BundleDiff::default();
+        for (kid, key) in &next.keys {
+            match self.keys.get(kid) {
+                None => d.added.push(kid.clone()),
+                Some(old) if old != key => d.replaced.push(kid.clone()),
+                Some(_) => {}
+            }
+        }
+        d.removed = self
+            .keys
+            .keys()
+            .filter(|k| !next.keys.contains_key(*k))
+            .cloned()
+            .collect();
+        d
+    }
+}
+
+/// The change between two generations of a trust bundle, by key id (sorted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BundleDiff {
+    /// Key ids only the new bundle has.
+    pub added: Vec<String>,
+    /// Key ids only the old bundle had: tokens signed with them are no longer trusted.
+    pub removed: Vec<String>,
+    /// Key ids whose public key changed: tokens signed with the old key no longer verify, so
+    /// verifiers treat them like removed keys.
+    pub replaced: Vec<String>,
+}
+
+impl BundleDiff {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.replaced.is_empty()
+    }
+
+    /// Whether tokens signed with `kid` under the old bundle are no longer trusted.
+    pub fn untrusts(&self, kid: &str) -> bool {
+        self.removed.iter().chain(&self.replaced).any(|k| k == kid)
+    }
 }
 
 #[cfg(test)]
@@ -101,6 +144,20 @@ mod tests {
         let b = TrustBundle::from_keys([("old", pem(1)), ("new", pem(2))]).expect("bundle");
         assert_eq!(b.kids().collect::<Vec<_>>(), ["new", "old"]);
         assert!(b.get("old").is_some() && b.get("gone").is_none());
+    }
+
+    #[test]
+    fn diff_names_added_removed_and_replaced_keys() {
+        let old =
+            TrustBundle::from_keys([("a", pem(1)), ("b", pem(2)), ("c", pem(3))]).expect("old");
+        let new =
+            TrustBundle::from_keys([("a", pem(1)), ("c", pem(9)), ("d", pem(4))]).expect("new");
+        let d = old.diff(&new);
+        assert_eq!(d.added, ["d"]);
+        assert_eq!(d.removed, ["b"]);
+        assert_eq!(d.replaced, ["c"]);
+        assert!(d.untrusts("b") && d.untrusts("c") && !d.untrusts("a") && !d.untrusts("d"));
+        assert!(old.diff(&old).is_empty());
     }
 
     #[test]

@@ -247,6 +247,98 @@ impl TryFrom<RawClaims> for PolicyClaims {
     }
 }
 
+/// Why a policy is not the next policy of a running job (its *lineage*: same `jti`, so the
+/// same job key; same tenant and job; a higher serial).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LineageError {
+    /// Another `jti`: another job key, so another job.
+    #[error("jti: `{new}` is not the running policy's `{old}` (a different job key: a new job, not an update)")]
+    Jti {
+        /// The running policy's `jti`.
+        old: String,
+        /// The new policy's `jti`.
+        new: String,
+    },
+    /// Another tenant.
+    #[error("tenant: `{new}` is not the running policy's `{old}`")]
+    Tenant {
+        /// The running policy's tenant.
+        old: String,
+        /// The new policy's tenant.
+        new: String,
+    },
+    /// Another job name.
+    #[error("job: `{new}` is not the running policy's `{old}`")]
+    Job {
+        /// The running policy's job.
+        old: String,
+        /// The new policy's job.
+        new: String,
+    },
+    /// A serial that does not increase.
+    #[error("serial: {new} is not above the running policy's {old}")]
+    Serial {
+        /// The running policy's serial.
+        old: PolicySerial,
+        /// The new policy's serial.
+        new: PolicySerial,
+    },
+}
+
+impl LineageError {
+    /// The claim the error is about (`jti`, `tenant`, `job` or `serial`).
+    pub fn field(&self) -> &'static str {
+        match self {
+            LineageError::Jti { .. } => "jti",
+            LineageError::Tenant { .. } => "tenant",
+            LineageError::Job { .. } => "job",
+            LineageError::Serial { .. } => "serial",
+        }
+    }
+}
+
+/// Checks that `new` may replace `old` on a running job (live update or renewal): the same
+/// `jti` (so the same job key), tenant and job, and a strictly higher serial. Identity is
+/// checked before the serial, so a token of another job is reported as such whatever its
+/// serial. Everything else (rules, limits, `exp`, `node`) may change.
+pub fn check_lineage(old: &PolicyClaims, new: &PolicyClaims) -> Result<(), LineageError> {
+    if old.jti != new.jti {
+        return Err(LineageError::Jti {
+            old: old.jti.clone(),
+            new: new.jti.clone(),
+        });
+    }
+    if old.tenant != new.tenant {
+        return Err(LineageError::Tenant {
+            old: old.tenant.clone(),
+            new: new.tenant.clone(),
+        });
+    }
+    if old.job != new.job {
+        return Err(LineageError::Job {
+            old: old.job.clone(),
+            new: new.job.clone(),
+        });
+    }
+    if new.serial <= old.serial {
+        return Err(LineageError::Serial {
+            old: old.serial,
+            new: new.serial,
+        });
+    }
+    Ok(())
+}
+
+/// The serial of the policy that follows `old`: `old + 1`, or `requested` when it is larger.
+/// `None` when `requested` is not above `old`, or `old` is already the largest serial.
+pub fn next_serial(old: PolicySerial, requested: Option<PolicySerial>) -> Option<PolicySerial> {
+    match requested {
+        Some(r) if r > old => Some(r),
+        Some(_) => None,
+        None => old.0.checked_add(1).map(PolicySerial),
+    }
+}
+
 /// Checks a tenant name: `[a-z0-9-]{1,63}`.
 pub fn check_tenant(s: &str) -> Result<(), String> {
     if s.is_empty()
@@ -349,6 +441,53 @@ mod tests {
         assert_eq!(c.validate(), Ok(()));
         c.exp += 1;
         assert!(c.validate().expect_err("exp").starts_with("exp: "));
+    }
+
+    #[test]
+    fn an_update_keeps_jti_tenant_and_job_and_raises_the_serial() {
+        let old = claims();
+        let mut new = old.clone();
+        new.serial = PolicySerial(2);
+        new.exp += 7200;
+        new.egress.clear();
+        assert_eq!(check_lineage(&old, &new), Ok(()));
+        let mut same = new.clone();
+        same.serial = old.serial;
+        let e = check_lineage(&old, &same).expect_err("equal serial");
+        assert_eq!(e.field(), "serial");
+        same.serial = PolicySerial(0);
+        assert_eq!(
+            check_lineage(&old, &same).expect_err("lower").field(),
+            "serial"
+        );
+        let mut other = new.clone();
+        other.jti = "BBBBBBBBBBBBBBBBBBBBBB".into();
+        other.serial = PolicySerial(1);
+        // Identity first: a token of another job is named as such, whatever its serial.
+        assert_eq!(check_lineage(&old, &other).expect_err("jti").field(), "jti");
+        let mut other = new.clone();
+        other.tenant = "globex".into();
+        let e = check_lineage(&old, &other).expect_err("tenant");
+        assert_eq!(e.field(), "tenant");
+        assert!(
+            e.to_string().contains("`globex`") && e.to_string().contains("`acme`"),
+            "{e}"
+        );
+        let mut other = new;
+        other.job = "job-43".into();
+        assert_eq!(check_lineage(&old, &other).expect_err("job").field(), "job");
+    }
+
+    #[test]
+    fn next_serial_is_one_more_unless_a_larger_one_is_asked_for() {
+        assert_eq!(next_serial(PolicySerial(3), None), Some(PolicySerial(4)));
+        assert_eq!(
+            next_serial(PolicySerial(3), Some(PolicySerial(10))),
+            Some(PolicySerial(10))
+        );
+        assert_eq!(next_serial(PolicySerial(3), Some(PolicySerial(3))), None);
+        assert_eq!(next_serial(PolicySerial(3), Some(PolicySerial(2))), None);
+        assert_eq!(next_serial(PolicySerial(u32::MAX), None), None);
     }
 
     #[test]

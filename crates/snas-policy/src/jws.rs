@@ -163,6 +163,8 @@ impl VerifyError {
             VerifyError::Expired { .. } | VerifyError::NotYetValid { .. } => {
                 snas_wire::Reason::PolicyExpired
             }
+            // A key id no trust bundle holds: never trusted, or removed since (rotation).
+            VerifyError::UnknownKid(_) => snas_wire::Reason::KeyUntrusted,
             _ => snas_wire::Reason::PolicyInvalid,
         }
     }
@@ -288,6 +290,53 @@ pub fn verify(
     bundle: &TrustBundle,
     now: SystemTime,
 ) -> Result<VerifiedPolicy, VerifyError> {
+    let (token, kid, claims) = verify_claims(token, Some(bundle))?;
+    check_times(&claims, now)?;
+    Ok(VerifiedPolicy {
+        claims,
+        kid: kid.unwrap_or_default(),
+        token: token.to_owned(),
+    })
+}
+
+/// Steps 1–5 of [`verify`] without the time checks: for the signer of an update
+/// (`snas policy sign --update-of`), whose previous token may have expired. Returns the claims
+/// and the signing key id.
+pub fn verify_ignoring_time(
+    token: &str,
+    bundle: &TrustBundle,
+) -> Result<(PolicyClaims, String), VerifyError> {
+    let (_, kid, claims) = verify_claims(token, Some(bundle))?;
+    Ok((claims, kid.unwrap_or_default()))
+}
+
+/// Reads the claims of a token **without checking its signature or times**: shape, strict
+/// JSON and schema only (steps 1, 2 and 5). For the signer of an update when no trust bundle
+/// is given: the lineage (`jti`, tenant, job, serial) is taken from a token the signer's
+/// operator vouches for. Never use it to admit traffic.
+pub fn decode_unverified(token: &str) -> Result<PolicyClaims, VerifyError> {
+    let (_, _, claims) = verify_claims(token, None)?;
+    Ok(claims)
+}
+
+fn verify_claims<'t>(
+    token: &'t str,
+    bundle: Option<&TrustBundle>,
+) -> Result<(&'t str, Option<String>, PolicyClaims), VerifyError> {
+    let (token, kid, payload) = verify_signature(token, bundle)?;
+    let claims = parse_strict(&payload).map_err(|e| VerifyError::Claims(e.to_string()))?;
+    let claims: PolicyClaims =
+        serde_json::from_value(claims).map_err(|e| VerifyError::Claims(e.to_string()))?;
+    Ok((token, kid, claims))
+}
+
+/// Steps 1–4 shared by policies and revocations ([`crate::revocation`]): size, shape, strict
+/// header, `alg`, `kid` in `bundle` and the signature (all skipped but the shape and header when
+/// `bundle` is `None`). Returns the trimmed token, the key id and the decoded payload bytes.
+pub(crate) fn verify_signature<'t>(
+    token: &'t str,
+    bundle: Option<&TrustBundle>,
+) -> Result<(&'t str, Option<String>, Vec<u8>), VerifyError> {
     if token.len() > MAX_INPUT {
         return Err(VerifyError::TooLarge(token.len()));
     }
@@ -315,36 +364,31 @@ pub fn verify(
         return Err(VerifyError::Algorithm(format!("{:?}", header.alg)));
     }
     let kid = header.kid.ok_or(VerifyError::MissingKid)?;
-    let raw = bundle
-        .get(&kid)
-        .ok_or_else(|| VerifyError::UnknownKid(kid.clone()))?;
-    let x = b64.encode(raw);
-    let key =
-        DecodingKey::from_ed_components(&x).map_err(|e| VerifyError::Malformed(e.to_string()))?;
-    // The signing input is the header and payload exactly as received.
-    let message = &token[..header64.len() + 1 + payload64.len()];
-    match jsonwebtoken::crypto::verify(signature64, message.as_bytes(), &key, Algorithm::EdDSA) {
-        Ok(true) => {}
-        Ok(false) => return Err(VerifyError::BadSignature(kid)),
-        Err(e) => {
-            return Err(VerifyError::Malformed(format!(
-                "signature: {}",
-                describe(&e)
-            )))
+    if let Some(bundle) = bundle {
+        let raw = bundle
+            .get(&kid)
+            .ok_or_else(|| VerifyError::UnknownKid(kid.clone()))?;
+        let x = b64.encode(raw);
+        let key = DecodingKey::from_ed_components(&x)
+            .map_err(|e| VerifyError::Malformed(e.to_string()))?;
+        // The signing input is the header and payload exactly as received.
+        let message = &token[..header64.len() + 1 + payload64.len()];
+        match jsonwebtoken::crypto::verify(signature64, message.as_bytes(), &key, Algorithm::EdDSA)
+        {
+            Ok(true) => {}
+            Ok(false) => return Err(VerifyError::BadSignature(kid)),
+            Err(e) => {
+                return Err(VerifyError::Malformed(format!(
+                    "signature: {}",
+                    describe(&e)
+                )))
+            }
         }
     }
     let payload = b64
         .decode(payload64)
         .map_err(|e| VerifyError::Malformed(format!("payload: bad base64url: {e}")))?;
-    let claims = parse_strict(&payload).map_err(|e| VerifyError::Claims(e.to_string()))?;
-    let claims: PolicyClaims =
-        serde_json::from_value(claims).map_err(|e| VerifyError::Claims(e.to_string()))?;
-    check_times(&claims, now)?;
-    Ok(VerifiedPolicy {
-        claims,
-        kid,
-        token: token.to_owned(),
-    })
+    Ok((token, Some(kid), payload))
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 //! - [`json`]: the strict JSON profile (I-JSON: no duplicate keys, ...) the header and claims are
 //!   read with.
 //! - [`jws`]: [`sign`] and [`verify`].
+//! - [`revocation`]: signed revocations and the store verifiers keep them in.
 //! - [`matcher`]: [`compile`] → [`Matcher`] → [`Decision`].
 //! - [`audit`]: the audit line both tiers write and `snas run` reads.
 //! - [`binding`]: the TTL clamp and grace both tiers apply to addresses learnt from DNS.
@@ -45,6 +46,7 @@ pub mod keys;
 pub mod limits;
 pub mod matcher;
 pub mod ranges;
+pub mod revocation;
 pub mod rules;
 pub mod schema;
 pub mod suggest;
@@ -54,7 +56,7 @@ pub mod units;
 
 pub use authoring::{parse_policy, parse_policy_bytes, CheckError, CheckErrors, MAX_INPUT};
 pub use bundle::{BundleError, TrustBundle};
-pub use claims::{Mode, PolicyClaims, PolicyDraft};
+pub use claims::{check_lineage, LineageError, Mode, PolicyClaims, PolicyDraft};
 pub use hostport::{HostPort, PortRange};
 /// The network type of cidr rules and infrastructure ranges ([`compile_with`]), re-exported so
 /// that callers name the same type.

@@ -72,10 +72,14 @@ pub struct ProxyConfig {
     /// it must never be reachable from a data path.
     #[serde(default = "default_control_listen")]
     pub control_listen: SocketAddr,
-    /// File holding the bearer token `POST /v1/drain` and `/v1/undrain` require (≥ 16
-    /// characters). Without it those routes answer 403.
+    /// File holding the bearer token `POST /v1/drain`, `/v1/undrain` and `/v1/revocations`
+    /// require (≥ 16 characters). Without it those routes answer 403.
     #[serde(default)]
     pub control_token_file: Option<PathBuf>,
+    /// Directory of signed revocations (one per file), scanned every second and applied like
+    /// `POST /v1/revocations`. None: revocations come only through the management API.
+    #[serde(default)]
+    pub revocations_dir: Option<PathBuf>,
     /// Service endpoint (HTTP) for nodes and peers: health, peer bindings, job ended. Default
     /// `<underlay_addr>:9090` ([`ProxyConfig::service_addr`]).
     #[serde(default)]

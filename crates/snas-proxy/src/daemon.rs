@@ -350,6 +350,9 @@ impl Daemon {
             }
         }));
 
+        // Live updates re-decide the job's flows (crate::lifecycle).
+        crate::lifecycle::install(&shared);
+
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("snas-proxy-ctl")
@@ -364,6 +367,7 @@ impl Daemon {
                 tokio::net::TcpListener::from_std(service).map_err(io("service listener"))?;
             runtime.spawn(fetcher.run(queue));
             runtime.spawn(expire_policies(Arc::clone(&shared)));
+            runtime.spawn(crate::lifecycle::run(Arc::clone(&shared)));
             if !data_path {
                 // No worker runs the engine's housekeeping: a task does.
                 runtime.spawn(housekeeping(Arc::clone(&shared)));

@@ -36,6 +36,7 @@
 //!   wake-up eventfd (with [`guard`]'s `setns`, the only `unsafe`).
 //! - [`shared`]: the state the workers, the endpoints and the resolver share.
 //! - [`policy_fetch`]: the real policy cache and fetcher.
+//! - [`lifecycle`]: live policy updates, revocations and trust bundle reloads.
 //! - [`api`]: the management and service endpoints' contract ([`api::types`]), their server
 //!   ([`api::server`]) and the typed client ([`api::client`]), which the agents, the CLI, the
 //!   testbed and the proxy itself (policy fetch, peer pushes) use.
@@ -60,6 +61,7 @@ pub mod gso;
 pub mod guard;
 pub mod hold;
 pub mod infra;
+pub mod lifecycle;
 pub mod metrics;
 pub mod names;
 pub mod nat;

@@ -19,7 +19,14 @@
 //!
 //! # Invariants
 //! - Only a policy with a higher serial replaces a cached one (refetch on a newer serial in the
-//!   option never downgrades).
+//!   option never downgrades); the hook set with [`Fetcher::set_on_replace`] is told (the
+//!   daemon ends the job's flows the new policy no longer allows).
+//! - A policy covered by a held revocation ([`PolicyStore::revoke`]) is never stored, whatever
+//!   its serial (unless the revocation's serial range leaves it out); the job is refused as
+//!   `policy_revoked` until the revocation ends (the revoked token's `exp` + skew). Revocations
+//!   survive refetches and are bounded ([`snas_policy::revocation::MAX_REVOCATIONS`]).
+//! - The trust bundle is replaced by [`Fetcher::reload_trust`]; the policies signed by a
+//!   removed or replaced key are dropped at once and their jobs refused as `key_untrusted`.
 //! - A failed refetch of a cached job keeps the cached policy.
 //! - Expired policies stay [`EXPIRED_KEEP`] past their `exp` (so tier 2 keeps refusing the job's
 //!   packets with RST/ICMP instead of fetching the expired token again), then
@@ -37,9 +44,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use hyper::Method;
 use ipnet::IpNet;
-use snas_policy::bundle::TrustBundle;
+use snas_policy::bundle::{BundleDiff, TrustBundle};
 use snas_policy::jws;
-use snas_wire::{JobKey, Reason};
+use snas_policy::revocation::{RevocationClaims, RevocationStore};
+use snas_wire::{JobKey, PolicySerial, Reason};
 use tokio::sync::mpsc;
 
 use crate::api::client::{exchange, Call, ClientError};
@@ -54,6 +62,49 @@ pub const EXPIRED_KEEP: Duration = Duration::from_secs(600);
 
 /// Largest policy answer read: a signed policy is at most 1 MiB.
 pub const MAX_POLICY_ANSWER: usize = 1 << 20;
+
+/// Called when a fetched policy replaces a held one (live update), with the new policy.
+pub type ReplaceHook = Arc<dyn Fn(Arc<JobPolicy>) + Send + Sync>;
+
+#[derive(Default)]
+struct Replaced(std::sync::OnceLock<ReplaceHook>);
+
+impl std::fmt::Debug for Replaced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Replaced")
+    }
+}
+
+/// After a refetch that brought a newer policy, the next refetch of the job may follow this
+/// soon (see [`Fetcher::request_refetch`]).
+pub const REFETCH_AFTER_PROGRESS: Duration = Duration::from_millis(100);
+
+/// How long after a refetch (when the job's serial was `then`, and is `now`) the next may
+/// start: [`REFETCH_AFTER_PROGRESS`] when the refetch brought a newer policy, else `negative`.
+pub fn refetch_wait(
+    then: Option<PolicySerial>,
+    now: Option<PolicySerial>,
+    negative: Duration,
+) -> Duration {
+    if now > then {
+        REFETCH_AFTER_PROGRESS
+    } else {
+        negative
+    }
+}
+
+/// What [`Fetcher::reload_trust`] found and did.
+#[derive(Debug, Clone, Default)]
+pub struct TrustReload {
+    /// What changed (empty when nothing did or the previous bundle was kept).
+    pub diff: BundleDiff,
+    /// Bad files (path, reason); the good keys were loaded.
+    pub problems: Vec<(std::path::PathBuf, String)>,
+    /// No good key was found: the previous bundle is kept.
+    pub kept_previous: bool,
+    /// Jobs whose held policy was signed by a removed or replaced key (now refused).
+    pub untrusted: Vec<JobKey>,
+}
 
 /// Called when a fetch of a job ends: `Ok` when a policy is cached for it, `Err(reason)`
 /// otherwise.
@@ -77,6 +128,8 @@ impl std::fmt::Debug for Notify {
 pub struct Snapshot {
     ready: HashMap<JobKey, Arc<JobPolicy>>,
     rejected: HashMap<JobKey, (Reason, Instant)>,
+    /// The key id that signed each ready policy (trust bundle reloads).
+    kids: HashMap<JobKey, Arc<str>>,
 }
 
 impl Snapshot {
@@ -125,6 +178,34 @@ impl PolicyCache for SnapshotView<'_> {
 pub struct PolicyStore {
     snap: RwLock<Arc<Snapshot>>,
     writer: Mutex<()>,
+    /// Revocations received (management API, directory); taken after `writer`.
+    revocations: Mutex<RevocationStore>,
+}
+
+/// What [`PolicyStore::insert_signed`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Stored; `replaced` is the serial of the policy it replaced, if any (a live update).
+    New {
+        /// The serial replaced.
+        replaced: Option<PolicySerial>,
+    },
+    /// A policy with the same or a higher serial is held.
+    NotNewer,
+    /// A revocation covers it: not stored; the job is refused as `policy_revoked`.
+    Revoked,
+}
+
+fn unix_now() -> u64 {
+    snas_policy::claims::unix_secs(SystemTime::now())
+}
+
+/// The instant a revocation kept until `exp` (+ skew) ends, seen from `now`/`now_unix`.
+fn revocation_end(exp: u64, now_unix: u64, now: Instant) -> Instant {
+    let left = exp
+        .saturating_add(snas_policy::CLOCK_SKEW.as_secs())
+        .saturating_sub(now_unix);
+    now + Duration::from_secs(left)
 }
 
 impl PolicyStore {
@@ -148,27 +229,127 @@ impl PolicyStore {
         changed
     }
 
-    /// Stores a verified policy unless one with the same or a higher serial is held. Returns
-    /// whether it was stored.
+    /// Stores a verified policy unless one with the same or a higher serial is held, or a
+    /// revocation covers it. Returns whether it was stored.
     pub fn insert(&self, p: JobPolicy) -> bool {
+        matches!(self.insert_signed(p, ""), Stored::New { .. })
+    }
+
+    /// [`PolicyStore::insert`] recording the key id that signed the policy (a trust bundle
+    /// reload that removes the key ends the job, [`PolicyStore::untrust`]).
+    pub fn insert_signed(&self, p: JobPolicy, kid: &str) -> Stored {
         let p = Arc::new(p);
+        let now_unix = unix_now();
+        let mut out = Stored::NotNewer;
         self.update(|s| {
-            if s.ready
-                .get(&p.job_key)
-                .is_some_and(|old| old.serial >= p.serial)
-            {
+            let revs = self
+                .revocations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if revs.covers(p.job_key, p.serial, now_unix) {
+                drop(revs);
+                s.ready.remove(&p.job_key);
+                s.kids.remove(&p.job_key);
+                s.rejected.insert(
+                    p.job_key,
+                    (
+                        Reason::PolicyRevoked,
+                        revocation_end(p.expires_at_unix, now_unix, Instant::now()),
+                    ),
+                );
+                out = Stored::Revoked;
+                return true;
+            }
+            drop(revs);
+            let replaced = s.ready.get(&p.job_key).map(|old| old.serial);
+            if replaced.is_some_and(|old| old >= p.serial) {
                 return false;
             }
             s.rejected.remove(&p.job_key);
             s.ready.insert(p.job_key, Arc::clone(&p));
+            s.kids.insert(p.job_key, Arc::from(kid));
+            out = Stored::New { replaced };
             true
-        })
+        });
+        out
     }
 
-    /// Remembers a failure for `job_key` until `until`, unless a verified policy is held.
+    /// Records a verified revocation. A held policy it covers is dropped and the job refused
+    /// as `policy_revoked` until the revocation ends (the revoked token's `exp` + skew).
+    /// Returns whether a held policy was covered.
+    pub fn revoke(
+        &self,
+        r: &RevocationClaims,
+        now_unix: u64,
+        now: Instant,
+    ) -> Result<bool, snas_policy::revocation::StoreError> {
+        let job = r.job_key();
+        let mut covered = false;
+        let mut result = Ok(());
+        self.update(|s| {
+            let mut revs = self
+                .revocations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Err(e) = revs.insert(r, now_unix) {
+                result = Err(e);
+                return false;
+            }
+            drop(revs);
+            if s.ready.get(&job).is_some_and(|p| r.covers(p.serial)) {
+                covered = true;
+                s.ready.remove(&job);
+                s.kids.remove(&job);
+                s.rejected.insert(
+                    job,
+                    (Reason::PolicyRevoked, revocation_end(r.exp, now_unix, now)),
+                );
+                return true;
+            }
+            false
+        });
+        result.map(|()| covered)
+    }
+
+    /// Drops the held policies signed by keys the reload `diff` untrusts; their jobs are
+    /// refused as `key_untrusted` until `until` (then a fetch asks again: a policy re-signed
+    /// with a trusted key is accepted). Returns the jobs.
+    pub fn untrust(&self, diff: &BundleDiff, until: Instant) -> Vec<JobKey> {
+        let mut jobs = Vec::new();
+        self.update(|s| {
+            jobs = s
+                .kids
+                .iter()
+                .filter(|(_, kid)| diff.untrusts(kid))
+                .map(|(j, _)| *j)
+                .collect();
+            for j in &jobs {
+                s.ready.remove(j);
+                s.kids.remove(j);
+                s.rejected.insert(*j, (Reason::KeyUntrusted, until));
+            }
+            !jobs.is_empty()
+        });
+        jobs
+    }
+
+    /// Revocations held.
+    pub fn revocations(&self) -> usize {
+        self.revocations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Remembers a failure for `job_key` until `until`, unless a verified policy is held (or
+    /// the job is refused as revoked: a failed fetch never shortens that).
     pub fn reject(&self, job_key: JobKey, reason: Reason, until: Instant) {
         self.update(|s| {
-            if s.ready.contains_key(&job_key) {
+            if s.ready.contains_key(&job_key)
+                || s.rejected
+                    .get(&job_key)
+                    .is_some_and(|(r, u)| *r == Reason::PolicyRevoked && *u > until)
+            {
                 return false;
             }
             s.rejected.insert(job_key, (reason, until));
@@ -185,8 +366,14 @@ impl PolicyStore {
             s.ready.retain(|_, p| {
                 p.expires_at_unix.saturating_add(EXPIRED_KEEP.as_secs()) > unix_secs
             });
+            let ready = &s.ready;
+            s.kids.retain(|j, _| ready.contains_key(j));
             evicted = before - s.rejected.len() - s.ready.len();
             s.rejected.retain(|_, (_, until)| now < *until);
+            self.revocations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .sweep(unix_secs);
             before != s.ready.len() + s.rejected.len()
         });
         evicted
@@ -194,7 +381,10 @@ impl PolicyStore {
 
     /// Forgets a job (tests, operator).
     pub fn remove(&self, job_key: JobKey) {
-        self.update(|s| s.ready.remove(&job_key).is_some() | s.rejected.remove(&job_key).is_some());
+        self.update(|s| {
+            s.kids.remove(&job_key);
+            s.ready.remove(&job_key).is_some() | s.rejected.remove(&job_key).is_some()
+        });
     }
 }
 
@@ -226,10 +416,12 @@ pub struct FetchStats {
 #[derive(Debug)]
 pub struct Fetcher {
     store: Arc<PolicyStore>,
-    trust: TrustBundle,
+    trust: RwLock<Arc<TrustBundle>>,
     cfg: FetchConfig,
     inflight: Mutex<HashSet<JobKey>>,
-    refetched: Mutex<HashMap<JobKey, Instant>>,
+    /// Per job: when it was last refetched and the serial held then.
+    refetched: Mutex<HashMap<JobKey, (Instant, Option<PolicySerial>)>>,
+    replaced: Replaced,
     tx: mpsc::Sender<(JobKey, Ipv4Addr)>,
     notify: Notify,
     /// Counters.
@@ -283,6 +475,14 @@ pub enum FetchError {
         /// Job in the token.
         got: JobKey,
     },
+    /// a revocation covers the policy the agent serves
+    #[error("policy of job {job_key} from {node} is revoked")]
+    Revoked {
+        /// Job.
+        job_key: JobKey,
+        /// Node asked.
+        node: Ipv4Addr,
+    },
     /// the token pins the job to another node
     #[error("policy of job {job_key} from {node} is pinned to node {pinned}")]
     WrongNode {
@@ -305,6 +505,7 @@ impl FetchError {
             FetchError::Verify { source, .. } => source.reason(),
             FetchError::WrongJob { .. } => Reason::PolicyInvalid,
             FetchError::WrongNode { .. } => Reason::NodeMismatch,
+            FetchError::Revoked { .. } => Reason::PolicyRevoked,
         }
     }
 }
@@ -319,10 +520,11 @@ impl Fetcher {
         let (tx, rx) = mpsc::channel(FETCH_QUEUE);
         let f = Fetcher {
             store,
-            trust,
+            trust: RwLock::new(Arc::new(trust)),
             cfg,
             inflight: Mutex::new(HashSet::new()),
             refetched: Mutex::new(HashMap::new()),
+            replaced: Replaced::default(),
             tx,
             notify: Notify::default(),
             stats: FetchStats::default(),
@@ -364,29 +566,88 @@ impl Fetcher {
         }
     }
 
-    /// Queues a refetch of a cached job whose traffic carries a newer serial, at most once per
-    /// negative-cache period per job (a node that keeps announcing a serial its agent does not
-    /// serve must not cause a fetch per batch).
+    /// Queues a refetch of a cached job whose traffic carries a newer serial. Rate limited per
+    /// job so that a node that keeps announcing a serial its agent does not serve cannot cause
+    /// a fetch per batch: after a refetch that brought a newer policy, the next may follow
+    /// [`REFETCH_AFTER_PROGRESS`] later (a second live update within seconds of the first is
+    /// not delayed); after one that did not, only once the negative-cache period has passed.
     pub fn request_refetch(&self, job_key: JobKey, node: Ipv4Addr) {
         let now = Instant::now();
+        let held = self.store.snapshot().get(job_key).map(|p| p.serial);
         {
             let mut last = self
                 .refetched
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if last
-                .get(&job_key)
-                .is_some_and(|t| now.saturating_duration_since(*t) < self.cfg.negative)
-            {
-                return;
+            if let Some((t, serial_then)) = last.get(&job_key) {
+                let wait = refetch_wait(*serial_then, held, self.cfg.negative);
+                if now.saturating_duration_since(*t) < wait {
+                    return;
+                }
             }
             if last.len() >= FETCH_QUEUE * 16 {
                 let keep = self.cfg.negative;
-                last.retain(|_, t| now.saturating_duration_since(*t) < keep);
+                last.retain(|_, (t, _)| now.saturating_duration_since(*t) < keep);
             }
-            last.insert(job_key, now);
+            last.insert(job_key, (now, held));
         }
         self.request(job_key, node);
+    }
+
+    /// Sets the hook told when a fetched policy replaces a held one with a higher serial (a
+    /// live update: the daemon re-decides the job's flows). Once; later calls are ignored.
+    pub fn set_on_replace(&self, f: ReplaceHook) {
+        let _ = self.replaced.0.set(f);
+    }
+
+    /// The trust bundle policies are verified against.
+    pub fn trust(&self) -> Arc<TrustBundle> {
+        Arc::clone(&self.trust.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Reloads the trust bundle from `path` (bad files left out and reported; no good key:
+    /// the previous bundle is kept) and drops the held policies of removed or replaced keys
+    /// (their jobs are refused `key_untrusted` for the negative-cache period, then asked for
+    /// again). Returns what changed, the problems, and the jobs cut off.
+    pub fn reload_trust(&self, path: &std::path::Path) -> TrustReload {
+        let r = snas_policy::bundle_fs::reload_trust_bundle(path);
+        let Some(next) = r.bundle else {
+            return TrustReload {
+                problems: r.problems,
+                kept_previous: true,
+                ..TrustReload::default()
+            };
+        };
+        let diff = {
+            let mut cur = self.trust.write().unwrap_or_else(PoisonError::into_inner);
+            let diff = cur.diff(&next);
+            if !diff.is_empty() {
+                *cur = Arc::new(next);
+            }
+            diff
+        };
+        let untrusted = if diff.removed.is_empty() && diff.replaced.is_empty() {
+            Vec::new()
+        } else {
+            self.store
+                .untrust(&diff, Instant::now() + self.cfg.negative)
+        };
+        TrustReload {
+            diff,
+            problems: r.problems,
+            kept_previous: false,
+            untrusted,
+        }
+    }
+
+    /// Verifies a signed revocation against the current trust bundle.
+    pub fn verify_revocation(
+        &self,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<RevocationClaims, jws::VerifyError> {
+        snas_policy::revocation::verify_revocation(token, &self.trust(), now)
+            .map(|v| v.claims().clone())
     }
 
     /// Serves queued requests until the queue closes (spawn on the control runtime).
@@ -428,12 +689,19 @@ impl Fetcher {
         node: Ipv4Addr,
     ) -> Result<Arc<JobPolicy>, FetchError> {
         match self.fetch(job_key, node).await {
-            Ok(p) => {
+            Ok((p, kid)) => {
                 self.stats.ok.fetch_add(1, Ordering::Relaxed);
-                self.store.insert(p);
-                let r = match self.store.snapshot().get(job_key) {
-                    Some(p) => Ok(Arc::clone(p)),
-                    None => Err(FetchError::Status {
+                let stored = self.store.insert_signed(p, &kid);
+                let held = self.store.snapshot().get(job_key).cloned();
+                if let (Stored::New { replaced: Some(_) }, Some(p), Some(hook)) =
+                    (stored, &held, self.replaced.0.get())
+                {
+                    hook(Arc::clone(p));
+                }
+                let r = match (stored, held) {
+                    (Stored::Revoked, _) => Err(FetchError::Revoked { job_key, node }),
+                    (_, Some(p)) => Ok(p),
+                    (_, None) => Err(FetchError::Status {
                         job_key,
                         node,
                         status: 404,
@@ -456,7 +724,11 @@ impl Fetcher {
         }
     }
 
-    async fn fetch(&self, job_key: JobKey, node: Ipv4Addr) -> Result<JobPolicy, FetchError> {
+    async fn fetch(
+        &self,
+        job_key: JobKey,
+        node: Ipv4Addr,
+    ) -> Result<(JobPolicy, String), FetchError> {
         let addr = SocketAddr::from((node, self.cfg.agent_port));
         let call = Call {
             timeout: self.cfg.timeout,
@@ -478,7 +750,7 @@ impl Fetcher {
             });
         }
         let token = String::from_utf8_lossy(&resp.body);
-        let v = jws::verify(&token, &self.trust, SystemTime::now()).map_err(|source| {
+        let v = jws::verify(&token, &self.trust(), SystemTime::now()).map_err(|source| {
             FetchError::Verify {
                 job_key,
                 node,
@@ -503,6 +775,6 @@ impl Fetcher {
         }
         let mut p = JobPolicy::from_verified(&v, &self.cfg.infrastructure);
         p.fetched_from = Some(node);
-        Ok(p)
+        Ok((p, v.kid().to_owned()))
     }
 }

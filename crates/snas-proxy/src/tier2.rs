@@ -314,6 +314,12 @@ pub enum FlowEnd {
     JobEnded,
     /// Its job's policy is no longer held (evicted long after expiry, or removed).
     PolicyGone,
+    /// A live update of its job's policy no longer allows its destination.
+    PolicyUpdated,
+    /// A revocation covers its job's policy.
+    Revoked,
+    /// The key that signed its job's policy was removed from the trust bundle.
+    KeyUntrusted,
 }
 
 impl FlowEnd {
@@ -325,6 +331,9 @@ impl FlowEnd {
             FlowEnd::PolicyExpired => "policy_expired",
             FlowEnd::JobEnded => "job_ended",
             FlowEnd::PolicyGone => "policy_gone",
+            FlowEnd::PolicyUpdated => "policy_updated",
+            FlowEnd::Revoked => "revoked",
+            FlowEnd::KeyUntrusted => "key_untrusted",
         }
     }
 }
@@ -1594,6 +1603,8 @@ impl Tier2 {
             let end = match policies.lookup(job) {
                 PolicyLookup::Ready(p) if now.unix_secs < p.expires_at_unix => continue,
                 PolicyLookup::Ready(_) => FlowEnd::PolicyExpired,
+                PolicyLookup::Rejected(Reason::PolicyRevoked) => FlowEnd::Revoked,
+                PolicyLookup::Rejected(Reason::KeyUntrusted) => FlowEnd::KeyUntrusted,
                 PolicyLookup::Missing | PolicyLookup::Rejected(_) => FlowEnd::PolicyGone,
             };
             self.end_job(job, end, None);
@@ -1817,6 +1828,54 @@ impl Tier2 {
                 self.drops.verified(tenant, reason, u64::from(discarded));
             }
         }
+    }
+}
+
+/// Live policy updates (issue 16): the flows of a job whose new policy no longer allows them.
+impl Tier2 {
+    /// Re-decides every live flow of `policy`'s job under `policy` (its new version) and ends
+    /// those it no longer allows — infrastructure included — through the normal flow-removal
+    /// path ([`Conntrack::remove`]: the port goes into quarantine), each audited as a
+    /// `flow_end` with end `policy_updated`. Returns how many flows were ended.
+    ///
+    /// No segment is sent here: the proxy does not track TCP sequence numbers, so it cannot
+    /// forge a reset the sandbox or the remote would accept. The sandbox's next segment of an
+    /// ended flow finds no flow and is answered with a RST (`no_conntrack`, as any segment of an
+    /// unknown flow); a new connection to the destination is refused by the new policy (RST or
+    /// ICMP); replies from the remote are dropped (`no_conntrack`). O(flows of the engine): run
+    /// once per update, never per packet.
+    pub fn reevaluate_job(&mut self, policy: &JobPolicy, now: Now) -> usize {
+        let job = policy.job_key;
+        if self.conntrack.live_flows_of_job(job) == 0 {
+            return 0;
+        }
+        let ended: Vec<FlowId> = self
+            .conntrack
+            .iter()
+            .filter(|(_, f)| f.key.job == job)
+            .filter(|(_, f)| {
+                if self.infra.contains(f.key.dst_ip) {
+                    return true;
+                }
+                let Some(t) = transport_of(f.key.proto) else {
+                    return false;
+                };
+                let (d, _) = self.decide(policy, f.key.dst_ip, f.key.dst_port, t, now.mono);
+                // Audit mode's `would_deny` still passes: an update to audit mode ends nothing.
+                !d.passes()
+            })
+            .map(|(id, _)| id)
+            .collect();
+        let mut n = 0;
+        for id in ended {
+            if let Some(f) = self.conntrack.remove(id, now.mono) {
+                // Out of the fast path in the same call, before its NAT port can be reused.
+                self.offload.remove(&f.key);
+                self.flow_end(&f, FlowEnd::PolicyUpdated, now);
+                n += 1;
+            }
+        }
+        n
     }
 }
 

@@ -36,8 +36,9 @@ enum Command {
     /// Local network-namespace testbed: nodes, proxies and a test internet on one machine.
     #[command(subcommand)]
     Testbed(cmd::testbed::TestbedCmd),
-    /// List the jobs the node agents run (with their tier-1 drop totals).
-    Jobs(cmd::observe::ObserveArgs),
+    /// List the jobs the node agents run (with their tier-1 drop totals); `update` replaces a
+    /// running job's policy.
+    Jobs(cmd::observe::JobsArgs),
     /// List live flows at the proxies: job, tenant, source, destination, hostname, egress, state, age.
     Flows(cmd::observe::ObserveArgs),
     /// Drop counters per reason and tier: per job from the agents (tier 1), per tenant from the proxies (tier 2).
@@ -81,7 +82,7 @@ fn main() -> ExitCode {
         Command::Agent(a) => cmd::agent::run(a),
         Command::Proxy(a) => cmd::proxy::run(a),
         Command::Testbed(c) => cmd::testbed::run(c),
-        Command::Jobs(a) => cmd::observe::jobs(&a),
+        Command::Jobs(a) => cmd::observe::jobs_cmd(&a),
         Command::Flows(a) => cmd::observe::flows(&a),
         Command::Drops(a) => cmd::observe::drops(&a),
         Command::Run(a) => cmd::run::run(a),

@@ -24,7 +24,9 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 
-use super::types::{paths, CreateJob, DnsView, ErrorBody, JobDrops, JobView, ProxyStatus};
+use super::types::{
+    paths, CreateJob, DnsView, ErrorBody, JobDrops, JobView, ProxyStatus, RevocationOutcome,
+};
 
 /// Default deadline of one call (creating a job on a loaded node takes well under a second;
 /// the margin is for a node under stress, where an early give-up would leave the caller
@@ -193,6 +195,33 @@ impl AgentClient {
     /// `GET /v1/jobs/{job}/counters`: the job's tier-1 drops by reason.
     pub async fn counters(&self, id: &str) -> Result<JobDrops, ClientError> {
         self.json(Call::get(paths::job_counters(id))).await
+    }
+
+    /// `PUT /v1/jobs/{job}/policy`: replaces the running job's policy with the next one of the
+    /// same job (refusals: 409 `serial_not_newer`, 422 `lineage_mismatch`, and those of
+    /// [`AgentClient::create_job`]).
+    pub async fn update_policy(&self, id: &str, token: &str) -> Result<JobView, ClientError> {
+        let path = paths::job_policy(id);
+        let body = serde_json::to_vec(&CreateJob {
+            policy: token.trim().to_owned(),
+        })
+        .map_err(|e| self.malformed(&Method::PUT, &path, &e))?;
+        let call = Call {
+            method: Method::PUT,
+            path,
+            body: Some(("application/json", Bytes::from(body))),
+        };
+        self.json(call).await
+    }
+
+    /// `POST /v1/revocations`: a signed revocation (the jobs it covers are torn down).
+    pub async fn revoke(&self, token: &str) -> Result<RevocationOutcome, ClientError> {
+        let call = Call {
+            method: Method::POST,
+            path: paths::REVOCATIONS.to_owned(),
+            body: Some(("text/plain", Bytes::from(token.trim().as_bytes().to_vec()))),
+        };
+        self.json(call).await
     }
 
     /// `GET /v1/proxies`: the proxy table in position order.
@@ -412,6 +441,16 @@ pub mod blocking {
         /// See [`super::AgentClient::create_job`].
         pub fn create_job(&self, token: &str) -> Result<JobView, ClientError> {
             run(self.inner.create_job(token))
+        }
+
+        /// See [`super::AgentClient::update_policy`].
+        pub fn update_policy(&self, id: &str, token: &str) -> Result<JobView, ClientError> {
+            run(self.inner.update_policy(id, token))
+        }
+
+        /// See [`super::AgentClient::revoke`].
+        pub fn revoke(&self, token: &str) -> Result<RevocationOutcome, ClientError> {
+            run(self.inner.revoke(token))
         }
 
         /// See [`super::AgentClient::list_jobs`].

@@ -10,6 +10,8 @@
 //!   | `GET /v1/jobs/{job}` | [`JobView`] |
 //!   | `DELETE /v1/jobs/{job}` | 204 |
 //!   | `GET /v1/jobs/{job}/counters` | [`JobDrops`] |
+//!   | `PUT /v1/jobs/{job}/policy`, body the next signed policy of the job | [`JobView`] |
+//!   | `POST /v1/revocations`, body a signed revocation | [`RevocationOutcome`] |
 //!   | `GET /v1/proxies` | `[`[`ProxyStatus`]`]` |
 //!   | `GET /v1/dns` | [`DnsView`] |
 //!   | `GET /metrics` | Prometheus text (also on `metrics_listen` if configured) |
@@ -41,5 +43,5 @@ pub use server::{
 };
 pub use types::{
     paths, CreateJob, DnsView, ErrorBody, Health, JobDrops, JobState, JobView, ProxyStatus,
-    POLICY_CONTENT_TYPE,
+    RevocationOutcome, POLICY_CONTENT_TYPE,
 };

@@ -32,7 +32,7 @@ use tokio::net::{TcpListener, UnixListener};
 
 use super::types::{
     paths, CreateJob, DnsView, ErrorBody, JobDrops, JobState, JobView, ProxyStatus,
-    POLICY_CONTENT_TYPE,
+    RevocationOutcome, POLICY_CONTENT_TYPE,
 };
 use crate::agent::{Agent, JobError};
 use crate::naming::parse_job_key_hex;
@@ -82,6 +82,12 @@ impl From<JobError> for ApiError {
             JobError::Dataplane(_) => (StatusCode::INTERNAL_SERVER_ERROR, "dataplane"),
             JobError::State(_) => (StatusCode::INTERNAL_SERVER_ERROR, "state"),
             JobError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            JobError::Lineage(snas_policy::LineageError::Serial { .. }) => {
+                (StatusCode::CONFLICT, "serial_not_newer")
+            }
+            JobError::Lineage(_) => (StatusCode::UNPROCESSABLE_ENTITY, "lineage_mismatch"),
+            JobError::Revoked { .. } => (StatusCode::FORBIDDEN, "policy_revoked"),
+            JobError::RevocationStore(_) => (StatusCode::SERVICE_UNAVAILABLE, "revocations_full"),
         };
         ApiError::new(status, code, e.to_string())
     }
@@ -126,6 +132,50 @@ async fn create_job(
         .map_err(|d| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", d))?;
     let view = blocking(move || agent.create_job(&token)).await?;
     Ok((StatusCode::CREATED, Json(view)))
+}
+
+fn body_text(body: &axum::body::Bytes) -> Result<&str, ApiError> {
+    std::str::from_utf8(body).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "request body: not UTF-8",
+        )
+    })
+}
+
+/// `PUT /v1/jobs/{job}/policy`: the next policy of a running job.
+async fn update_policy(
+    State(ops): State<Arc<Ops>>,
+    UrlPath(id): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<JobView>, ApiError> {
+    let key = ops.agent.resolve(&id)?;
+    let token = token_from_body(body_text(&body)?)
+        .map_err(|d| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", d))?;
+    let agent = ops.agent.clone();
+    let view = blocking(move || agent.update_job(key, &token)).await?;
+    Ok(Json(view))
+}
+
+/// `POST /v1/revocations`: a signed revocation; covered jobs are torn down.
+async fn post_revocation(
+    State(ops): State<Arc<Ops>>,
+    body: axum::body::Bytes,
+) -> Result<Json<RevocationOutcome>, ApiError> {
+    let token = body_text(&body)?.trim().to_owned();
+    if token.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "request body: empty; expected the signed revocation",
+        ));
+    }
+    let (job_key, jobs_torn_down) = crate::lifecycle::apply_revocation(&ops, &token).await?;
+    Ok(Json(RevocationOutcome {
+        job_key,
+        jobs_torn_down,
+    }))
 }
 
 async fn list_jobs(State(ops): State<Arc<Ops>>) -> Json<Vec<JobView>> {
@@ -198,6 +248,8 @@ pub fn api_router(ops: Arc<Ops>) -> Router {
         .route(paths::JOBS, get(list_jobs).post(create_job))
         .route(paths::JOB_ROUTE, get(get_job).delete(delete_job))
         .route(paths::JOB_COUNTERS_ROUTE, get(job_counters))
+        .route(paths::JOB_POLICY_ROUTE, axum::routing::put(update_policy))
+        .route(paths::REVOCATIONS, axum::routing::post(post_revocation))
         .route(paths::PROXIES, get(get_proxies))
         .route(paths::DNS, get(get_dns))
         .route(paths::METRICS, get(get_metrics))

@@ -30,6 +30,10 @@ pub mod paths {
     pub const METRICS: &str = "/metrics";
     /// Route of the policy endpoint (underlay TCP): a job's signed policy, for proxies.
     pub const POLICY_ROUTE: &str = "/v1/jobs/{job_key}/policy";
+    /// Route of a running job's policy on the local API (`PUT`: live update or renewal).
+    pub const JOB_POLICY_ROUTE: &str = "/v1/jobs/{job}/policy";
+    /// `POST`: a signed revocation.
+    pub const REVOCATIONS: &str = "/v1/revocations";
 
     /// Characters escaped in a path segment: everything but RFC 3986's unreserved ones.
     const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
@@ -52,6 +56,11 @@ pub mod paths {
         format!("{}/counters", job(id))
     }
 
+    /// `/v1/jobs/{job}/policy` on the local API.
+    pub fn job_policy(id: &str) -> String {
+        format!("{}/policy", job(id))
+    }
+
     /// `/v1/jobs/{job_key}/policy` on the policy endpoint: the proxy's definition (it is this
     /// endpoint's client), so both ends spell the path once.
     pub fn policy(job_key: super::JobKey) -> String {
@@ -68,6 +77,16 @@ pub const POLICY_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 pub struct CreateJob {
     /// The signed policy token (compact JWS).
     pub policy: String,
+}
+
+/// Answer of `POST /v1/revocations`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationOutcome {
+    /// The revoked job key.
+    pub job_key: JobKey,
+    /// Running jobs of this agent the revocation tore down (0 when the job is not here or
+    /// was torn down by an earlier copy of the revocation).
+    pub jobs_torn_down: usize,
 }
 
 /// Every error answer: `{"error": code, "detail": message}` with a matching HTTP status.

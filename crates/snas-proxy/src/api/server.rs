@@ -12,6 +12,12 @@
 //!   `draining`; established flows continue); answer the new health text. They require
 //!   `Authorization: Bearer <token>` with the token of `control_token_file` (compared in constant
 //!   time): 401 without it or with another token, 403 when no token is configured.
+//! - `POST /v1/revocations`: a signed revocation (body: the compact JWS), same bearer token.
+//!   Verified against the trust bundle; the job's held policy is dropped if the revocation
+//!   covers it and its flows end (audited `revoked`); the job's packets are dropped as
+//!   `policy_revoked` and no policy of it the revocation covers is accepted again until the
+//!   revocation ends. 200 `{"job_key", "covered"}`; 422 a revocation that does not verify;
+//!   503 when the store of revocations is full.
 //!
 //! # Service (`service_listen`, default `<underlay_addr>:9090`)
 //! Only what nodes and peers need:
@@ -72,6 +78,7 @@ pub fn management_router(shared: Arc<Shared>, secrets: Secrets) -> Router {
         .route(paths::UNDRAIN, post(undrain))
         .route(paths::FLOWS, get(flows))
         .route(paths::DROPS, get(drops))
+        .route(paths::REVOCATIONS, post(revocation))
         .with_state(Ctl { shared, secrets })
 }
 
@@ -107,8 +114,8 @@ fn check_control_token(c: &Ctl, headers: &HeaderMap) -> Option<Response> {
         return Some(
             (
                 StatusCode::FORBIDDEN,
-                "drain and undrain are disabled: no `control_token_file` in the proxy \
-                 configuration\n",
+                "drain, undrain and revocations are disabled: no `control_token_file` in the \
+                 proxy configuration\n",
             )
                 .into_response(),
         );
@@ -308,6 +315,28 @@ async fn bindings(State(c): State<Ctl>, headers: HeaderMap, body: axum::body::By
     match crate::resolver::apply_peer_binding(&c.shared, &b).await {
         Ok(n) => (StatusCode::OK, format!("bound {n}\n")).into_response(),
         Err(e) => (StatusCode::FORBIDDEN, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn revocation(State(c): State<Ctl>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    if let Some(refused) = check_control_token(&c, &headers) {
+        return refused;
+    }
+    let Ok(token) = std::str::from_utf8(&body) else {
+        return (StatusCode::BAD_REQUEST, "body: not UTF-8\n").into_response();
+    };
+    match crate::lifecycle::apply_revocation(&c.shared, token) {
+        Ok((job_key, covered)) => (
+            StatusCode::OK,
+            Json(serde_json::json!({"job_key": job_key.to_string(), "covered": covered})),
+        )
+            .into_response(),
+        Err(crate::lifecycle::RevocationError::Verify(e)) => {
+            (StatusCode::UNPROCESSABLE_ENTITY, format!("{e}\n")).into_response()
+        }
+        Err(crate::lifecycle::RevocationError::Store(e)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response()
+        }
     }
 }
 

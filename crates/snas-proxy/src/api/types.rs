@@ -32,6 +32,8 @@ pub mod paths {
     pub const UNDRAIN: &str = "/v1/undrain";
     /// `POST`: a DNS binding pushed by a peer (service, peer secret).
     pub const BINDINGS: &str = "/v1/bindings";
+    /// `POST` (management, bearer token): a signed revocation.
+    pub const REVOCATIONS: &str = "/v1/revocations";
     /// Route of the job-ended notice (service); `{job_key}` is 16 hex digits.
     pub const JOB_ENDED_ROUTE: &str = "/v1/jobs/{job_key}/ended";
 

@@ -3,7 +3,9 @@
 //! Exit codes (a contract for scripts):
 //! - `keygen`: 0 ok, 1 error (e.g. the key files already exist).
 //! - `check`: 0 valid, 2 invalid or unreadable (`file:line: field: reason` on stderr).
-//! - `sign`: 0 ok (token on stdout), 2 invalid policy, bad key or unreadable file.
+//! - `sign`: 0 ok (token on stdout), 2 invalid policy, bad key or unreadable file, or (with
+//!   `--update-of`) a policy that is not the next one of the job.
+//! - `revoke`: 0 ok (revocation on stdout), 2 bad key, unreadable or unusable token.
 //! - `verify`: 0 ok (claims as pretty JSON on stdout), 1 verification failed (reason on stderr),
 //!   2 unreadable token or trust bundle.
 //! - `explain`: 0 all destinations allowed, 1 any denied (or only let through by audit mode:
@@ -33,8 +35,12 @@ pub enum PolicyCmd {
     Keygen(KeygenArgs),
     /// Check a policy file; prints a one-line summary or `file:line: field: reason`.
     Check(CheckArgs),
-    /// Sign a policy file; prints the compact JWS on stdout.
+    /// Sign a policy file; prints the compact JWS on stdout. With --update-of, the next policy
+    /// of a running job (live update or renewal).
     Sign(SignArgs),
+    /// Sign a revocation of a policy (its job is cut off at every proxy and agent given it);
+    /// prints the compact JWS on stdout.
+    Revoke(RevokeArgs),
     /// Verify a signed policy; prints its claims as JSON.
     Verify(VerifyArgs),
     /// Say whether a signed policy allows destinations (host:port, ip:port, [v6]:port, optional /udp).
@@ -95,10 +101,21 @@ pub struct SignArgs {
     /// Private key file DIR/ID.key (PKCS#8 PEM); the kid is the file stem.
     #[arg(long)]
     key: PathBuf,
-    /// Policy serial (increase it for a live update of the same job; at most 4294967295, the
-    /// overlay option carries 32 bits).
-    #[arg(long, default_value = "1", value_parser = parse_serial)]
-    serial: PolicySerial,
+    /// Policy serial (at most 4294967295, the overlay option carries 32 bits). Default 1, or
+    /// with --update-of the old token's serial + 1; a given serial must then be larger.
+    #[arg(long, value_parser = parse_serial)]
+    serial: Option<PolicySerial>,
+    /// Sign the next policy of the job of this token (a token file, `-` for stdin, or the token
+    /// itself): same jti (job key), tenant and job, a higher serial. Renewal is the same with a
+    /// later expiry.
+    #[arg(long, value_name = "OLD_TOKEN_OR_FILE")]
+    update_of: Option<String>,
+    /// Trust bundle the --update-of token must verify against (signature and key id; its
+    /// expiry is not checked, so an expired job can be renewed). Without it the token must
+    /// verify against the signing key when it names the same key id, and otherwise only be a
+    /// well-formed SNAS policy token (a note on stderr says so).
+    #[arg(long, requires = "update_of")]
+    trust: Option<PathBuf>,
     /// Lifetime override (e.g. 15m, 2h; at most 24h).
     #[arg(long)]
     ttl: Option<String>,
@@ -107,6 +124,28 @@ pub struct SignArgs {
     issued_at: Option<u64>,
     /// Policy file (TOML), or `-` for stdin.
     file: PathBuf,
+}
+
+/// `snas policy revoke`.
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// Private key file DIR/ID.key (PKCS#8 PEM); the kid is the file stem. Any key the
+    /// verifiers trust may sign a revocation.
+    #[arg(long)]
+    key: PathBuf,
+    /// Trust bundle the revoked token must verify against (its expiry is not checked).
+    /// Without it, as `sign --update-of`.
+    #[arg(long)]
+    trust: Option<PathBuf>,
+    /// Revoke only the token's own serial (a bad update; a later serial may replace it).
+    /// Default: every serial of the job, so no update brings it back.
+    #[arg(long)]
+    serial_only: bool,
+    /// Issue time as Unix seconds instead of the clock (tests).
+    #[arg(long, hide = true)]
+    issued_at: Option<u64>,
+    /// The token to revoke: a file, `-` for stdin, or the token itself.
+    token: String,
 }
 
 /// `snas policy verify`.
@@ -152,6 +191,7 @@ pub fn run(cmd: PolicyCmd) -> ExitCode {
         PolicyCmd::Keygen(a) => keygen(&a).map_err(|e| (1, e)),
         PolicyCmd::Check(a) => check(&a),
         PolicyCmd::Sign(a) => sign(&a).map_err(|e| (2, e)),
+        PolicyCmd::Revoke(a) => revoke(&a).map_err(|e| (2, e)),
         PolicyCmd::Verify(a) => verify(&a),
         PolicyCmd::Explain(a) => explain(&a),
         PolicyCmd::Suggest(a) => suggest(&a),
@@ -333,24 +373,69 @@ fn keygen(a: &KeygenArgs) -> Result<u8> {
     Ok(0)
 }
 
-fn sign(a: &SignArgs) -> Result<u8> {
-    let kid = a.key.file_stem().and_then(|s| s.to_str()).ok_or_else(|| {
+/// Reads a signing key, warning when others may read it.
+fn load_key(path: &Path) -> Result<PolicyKey> {
+    let kid = path.file_stem().and_then(|s| s.to_str()).ok_or_else(|| {
         anyhow!(
             "{}: cannot derive a key id from the file name",
-            a.key.display()
+            path.display()
         )
     })?;
-    let pem = read_input(&a.key)?;
-    if let Ok(meta) = std::fs::metadata(&a.key) {
+    let pem = read_input(path)?;
+    if let Ok(meta) = std::fs::metadata(path) {
         use std::os::unix::fs::PermissionsExt;
         if meta.permissions().mode() & 0o077 != 0 {
             eprintln!(
                 "warning: {} is readable by group or others; chmod 600 it",
-                a.key.display()
+                path.display()
             );
         }
     }
-    let key = PolicyKey::from_pem(kid, &pem).with_context(|| format!("{}", a.key.display()))?;
+    PolicyKey::from_pem(kid, &pem).with_context(|| format!("{}", path.display()))
+}
+
+/// An OLD_TOKEN_OR_FILE argument: `-` is stdin, an existing path a file, anything shaped like a
+/// compact JWS (three dot-separated parts, no `/`) the token itself.
+fn read_token_arg(arg: &str) -> Result<(String, String)> {
+    let looks_like_token = arg.split('.').count() == 3 && !arg.contains('/');
+    if arg != "-" && looks_like_token && !Path::new(arg).exists() {
+        return Ok((arg.trim().to_owned(), "the token given".to_owned()));
+    }
+    let path = Path::new(arg);
+    Ok((read_text(path)?.trim().to_owned(), display_name(path)))
+}
+
+/// The claims of a token whose lineage is being continued or revoked (see `--trust`).
+fn lineage_of(
+    arg: &str,
+    trust: Option<&Path>,
+    key: &PolicyKey,
+) -> Result<snas_policy::PolicyClaims> {
+    let (token, name) = read_token_arg(arg)?;
+    if let Some(t) = trust {
+        let bundle = load_trust_bundle(t).with_context(|| format!("--trust {}", t.display()))?;
+        let (claims, _) = snas_policy::jws::verify_ignoring_time(&token, &bundle)
+            .with_context(|| format!("{name}: does not verify against {}", t.display()))?;
+        return Ok(claims);
+    }
+    let own = snas_policy::TrustBundle::from_keys([(key.kid(), key.public_pem()?)])?;
+    match snas_policy::jws::verify_ignoring_time(&token, &own) {
+        Ok((claims, _)) => Ok(claims),
+        Err(snas_policy::VerifyError::UnknownKid(kid)) => {
+            let claims = snas_policy::jws::decode_unverified(&token)
+                .with_context(|| format!("{name}: not a SNAS policy token"))?;
+            eprintln!(
+                "note: {name} is signed with key `{kid}`, not `{}`; its signature was not checked (give --trust to check it)",
+                key.kid()
+            );
+            Ok(claims)
+        }
+        Err(e) => Err(anyhow!("{name}: {e}")),
+    }
+}
+
+fn sign(a: &SignArgs) -> Result<u8> {
+    let key = load_key(&a.key)?;
     let mut draft = load_policy(&a.file).map_err(|(_, e)| e)?;
     if let Some(t) = &a.ttl {
         draft.ttl = snas_policy::units::parse_ttl(t).context("--ttl")?;
@@ -359,11 +444,60 @@ fn sign(a: &SignArgs) -> Result<u8> {
         Some(s) => SystemTime::UNIX_EPOCH + Duration::from_secs(s),
         None => SystemTime::now(),
     };
-    let mut id = [0u8; 16];
-    rand::rngs::OsRng.fill_bytes(&mut id);
-    let jti: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    let claims = draft.to_claims(&jti, a.serial, now);
+    let (jti, serial) = match &a.update_of {
+        None => {
+            let mut id = [0u8; 16];
+            rand::rngs::OsRng.fill_bytes(&mut id);
+            let jti: String = id.iter().map(|b| format!("{b:02x}")).collect();
+            (jti, a.serial.unwrap_or(PolicySerial(1)))
+        }
+        Some(old) => {
+            let old = lineage_of(old, a.trust.as_deref(), &key)?;
+            let file = display_name(&a.file);
+            for (field, new, was) in [
+                ("tenant", &draft.tenant, &old.tenant),
+                ("job", &draft.job, &old.job),
+            ] {
+                if new != was {
+                    bail!("{file}: {field}: `{new}` is not `{was}`, the {field} of the policy it updates (an update keeps tenant and job)");
+                }
+            }
+            let serial =
+                snas_policy::claims::next_serial(old.serial, a.serial).ok_or_else(|| {
+                    match a.serial {
+                        Some(s) => anyhow!(
+                            "--serial: {} is not above {}, the serial of the policy it updates",
+                            s.0,
+                            old.serial.0
+                        ),
+                        None => anyhow!(
+                            "serial: the policy it updates has the largest serial, 4294967295"
+                        ),
+                    }
+                })?;
+            (old.jti, serial)
+        }
+    };
+    let claims = draft.to_claims(&jti, serial, now);
     let token = snas_policy::sign(&claims, &key)?;
+    println!("{token}");
+    Ok(0)
+}
+
+fn revoke(a: &RevokeArgs) -> Result<u8> {
+    let key = load_key(&a.key)?;
+    let claims = lineage_of(&a.token, a.trust.as_deref(), &key)?;
+    let now = match a.issued_at {
+        Some(s) => SystemTime::UNIX_EPOCH + Duration::from_secs(s),
+        None => SystemTime::now(),
+    };
+    let serials = if a.serial_only {
+        claims.serial..=claims.serial
+    } else {
+        PolicySerial(0)..=PolicySerial(u32::MAX)
+    };
+    let r = snas_policy::revocation::RevocationClaims::for_policy(&claims, serials, now);
+    let token = snas_policy::revocation::sign_revocation(&r, &key)?;
     println!("{token}");
     Ok(0)
 }

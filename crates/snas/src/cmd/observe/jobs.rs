@@ -1,6 +1,11 @@
-//! `snas jobs`: the jobs the agents run, with their tier-1 drop totals.
+//! `snas jobs`: the jobs the agents run, with their tier-1 drop totals; `snas jobs update`:
+//! a running job's next policy (live update or renewal).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use snas_testbed::{Topology, DEFAULT_PREFIX};
 
 use serde_json::{json, Value};
 use snas_agent::api::{JobState, JobView};
@@ -65,6 +70,113 @@ pub(super) fn collect_jobs(s: &Sources, with_counters: bool) -> (Vec<JobRow>, Ve
         }
     }
     (rows, errors)
+}
+
+/// `snas jobs [update …]`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct JobsArgs {
+    #[command(subcommand)]
+    cmd: Option<JobsCmd>,
+    #[command(flatten)]
+    src: ObserveArgs,
+}
+
+/// `snas jobs` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum JobsCmd {
+    /// Replace a running job's policy with its next one (`snas policy sign --update-of`): both
+    /// tiers enforce it within a second, without restarting the job.
+    Update(UpdateArgs),
+}
+
+/// `snas jobs update`.
+#[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// Testbed whose node agent is asked (with --node).
+    #[arg(long, default_value = DEFAULT_PREFIX)]
+    prefix: String,
+    /// Testbed node whose agent runs the job (1 or 2).
+    #[arg(long, required_unless_present = "agent_socket")]
+    node: Option<u8>,
+    /// A node agent's API socket (instead of --prefix/--node).
+    #[arg(long = "agent-socket", value_name = "PATH", conflicts_with = "node")]
+    agent_socket: Option<PathBuf>,
+    /// The new signed policy: the token itself, or @FILE (`@-` for stdin).
+    #[arg(long, value_name = "TOKEN|@FILE")]
+    policy: String,
+    /// The job (key or unique name). Default: the job key the token names.
+    job: Option<String>,
+}
+
+/// Runs `snas jobs` or its subcommand.
+pub fn jobs_cmd(a: &JobsArgs) -> ExitCode {
+    match &a.cmd {
+        None => jobs(&a.src),
+        Some(JobsCmd::Update(u)) => update(u),
+    }
+}
+
+fn read_policy_arg(arg: &str) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use std::io::Read;
+    let Some(path) = arg.strip_prefix('@') else {
+        return Ok(arg.trim().to_owned());
+    };
+    let mut text = String::new();
+    if path == "-" {
+        std::io::stdin()
+            .take(1 << 20)
+            .read_to_string(&mut text)
+            .context("stdin")?;
+    } else {
+        std::fs::File::open(path)
+            .and_then(|f| f.take(1 << 20).read_to_string(&mut text))
+            .with_context(|| path.to_owned())?;
+    }
+    Ok(text.trim().to_owned())
+}
+
+/// `snas jobs update`: exit 0 updated, 1 refused by the agent (its code and detail on stderr),
+/// 2 bad arguments or no agent.
+fn update(u: &UpdateArgs) -> ExitCode {
+    let token = match read_policy_arg(&u.policy) {
+        Ok(t) => t,
+        Err(e) => return fail(&e),
+    };
+    let socket = match (&u.agent_socket, u.node) {
+        (Some(s), _) => s.clone(),
+        (None, Some(n)) => match Topology::new(&u.prefix) {
+            Ok(t) => t.agent_socket(n),
+            Err(e) => return fail(&anyhow::anyhow!("--prefix {}: {e}", u.prefix)),
+        },
+        (None, None) => return fail(&anyhow::anyhow!("give --node N or --agent-socket PATH")),
+    };
+    let job = match &u.job {
+        Some(j) => j.clone(),
+        None => match snas_policy::jws::decode_unverified(&token) {
+            Ok(c) => c.job_key().to_string(),
+            Err(e) => return fail(&anyhow::anyhow!("--policy: {e}")),
+        },
+    };
+    match snas_agent::api::blocking::AgentClient::new(&socket).update_policy(&job, &token) {
+        Ok(v) => {
+            println!(
+                "updated {} ({}) of tenant {}: serial {}, expires at {}",
+                v.job, v.job_key, v.tenant, v.serial, v.expires_at
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) if e.status().is_some() => {
+            eprintln!(
+                "snas: {} ({}): {e:#}",
+                socket.display(),
+                e.code().unwrap_or("refused")
+            );
+            ExitCode::from(1)
+        }
+        Err(e) => fail(&anyhow::anyhow!("{}: {e:#}", socket.display())),
+    }
 }
 
 /// `snas jobs`.

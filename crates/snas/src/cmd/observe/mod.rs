@@ -46,7 +46,7 @@ use snas_testbed::DEFAULT_PREFIX;
 
 pub use drops::drops;
 pub use flows::flows;
-pub use jobs::jobs;
+pub use jobs::{jobs_cmd, JobsArgs};
 
 /// Where to read from, and how to print.
 #[derive(Debug, Args)]

@@ -1,0 +1,235 @@
+//! Policy lifecycle at the proxy: live updates, revocations from the control plane, and trust
+//! bundle reloads — the duties that let an operator change or cut off a job without trusting
+//! its node and without restarting the proxy.
+//!
+//! - **Live update**: when the fetcher replaces a held policy with a higher serial (the node's
+//!   traffic announced it in the overlay option), [`install`]'s hook re-decides the job's flows
+//!   under the new policy ([`crate::tier2::Tier2::reevaluate_job`]): flows it no longer allows
+//!   end at once (`flow_end` `policy_updated`); new connections to them are refused by the new
+//!   policy.
+//! - **Revocations** ([`apply_revocation`]): from the management API (`POST /v1/revocations`,
+//!   bearer token) or the `revocations_dir` directory (scanned every [`POLL`]). Verified against
+//!   the trust bundle, kept in the policy store until the revoked token's `exp`; the job's
+//!   packets are dropped as `policy_revoked` from the moment it is recorded and its flows end
+//!   (`flow_end` `revoked`) at the engine's next housekeeping tick. The job's node is never
+//!   asked: a node that does not cooperate is cut off all the same.
+//! - **Trust bundle** ([`reload_trust`]): reloaded every [`POLL`] and on SIGHUP. A 1 s poll,
+//!   not inotify: trust directories are often projected volumes (a `..data` symlink swap),
+//!   network file systems or rewritten by configuration management, where file events are
+//!   unreliable; reading a few small files once a second is free and bounds the delay. A key
+//!   added is used for the next fetch; a key removed (or replaced) drops the policies it
+//!   signed: their jobs' packets are dropped as `key_untrusted` and their flows end
+//!   (`flow_end` `key_untrusted`). A bad file is logged (file, reason) once per change and
+//!   leaves the good keys in place; a directory without any good key keeps the previous
+//!   bundle.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use snas_wire::JobKey;
+
+use crate::shared::Shared;
+use crate::tier2::FlowEnd;
+
+/// Time between trust bundle reloads and revocation directory scans.
+pub const POLL: Duration = Duration::from_secs(1);
+
+/// Why a revocation was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum RevocationError {
+    /// It does not verify (signature, key, claims, expired).
+    #[error("revocation refused: {0}")]
+    Verify(#[from] snas_policy::VerifyError),
+    /// The store is full.
+    #[error(transparent)]
+    Store(#[from] snas_policy::revocation::StoreError),
+}
+
+/// Verifies and records a revocation; if it covers the held policy of its job, the job's
+/// flows are queued to end. Returns the job key and whether a held policy was covered.
+pub fn apply_revocation(shared: &Shared, token: &str) -> Result<(JobKey, bool), RevocationError> {
+    let now = SystemTime::now();
+    let r = shared.fetcher.verify_revocation(token, now)?;
+    let job = r.job_key();
+    let names = shared
+        .store
+        .snapshot()
+        .get(job)
+        .map(|p| (Arc::clone(&p.tenant), Arc::clone(&p.job)));
+    let covered = shared
+        .store
+        .revoke(&r, snas_policy::claims::unix_secs(now), Instant::now())?;
+    if covered {
+        shared.engine().end_job(job, FlowEnd::Revoked, names);
+    }
+    tracing::warn!(job_key = %job, tenant = %r.tenant, job = %r.job, serial_min = r.serial_min, serial_max = r.serial_max, exp = r.exp, covered, "revocation recorded");
+    Ok((job, covered))
+}
+
+/// Reloads the trust bundle (see the module docs). `last_problems` holds the problems logged
+/// last time, so each change is logged once.
+pub fn reload_trust(shared: &Shared, last_problems: &mut BTreeSet<(PathBuf, String)>) {
+    let r = shared.fetcher.reload_trust(&shared.cfg.trust);
+    let problems: BTreeSet<(PathBuf, String)> = r.problems.iter().cloned().collect();
+    if &problems != last_problems {
+        for (path, reason) in problems.difference(last_problems) {
+            tracing::warn!(file = %path.display(), %reason, kept_previous = r.kept_previous, "trust bundle: file not loaded");
+        }
+        *last_problems = problems;
+    }
+    if !r.diff.is_empty() {
+        tracing::info!(added = ?r.diff.added, removed = ?r.diff.removed, replaced = ?r.diff.replaced, jobs_cut_off = r.untrusted.len(), "trust bundle reloaded");
+    }
+    if !r.untrusted.is_empty() {
+        let mut eng = shared.engine();
+        for job in r.untrusted {
+            eng.end_job(job, FlowEnd::KeyUntrusted, None);
+        }
+    }
+}
+
+/// Registers the live-update hook on the fetcher (see the module docs).
+pub fn install(shared: &Arc<Shared>) {
+    let weak = Arc::downgrade(shared);
+    shared.fetcher.set_on_replace(Arc::new(move |policy| {
+        let Some(s) = weak.upgrade() else {
+            return;
+        };
+        let now = s.now();
+        let ended = {
+            let mut eng = s.engine();
+            let n = eng.reevaluate_job(&policy, now);
+            s.flush_audit(&mut eng);
+            n
+        };
+        tracing::info!(job_key = %policy.job_key, serial = policy.serial.0, flows_ended = ended, "job policy updated");
+    }));
+}
+
+/// New or changed files of a directory since the previous call (by modification time and
+/// length); names starting with `.` are ignored.
+#[derive(Debug, Default)]
+pub struct DirScan {
+    seen: HashMap<PathBuf, (Option<SystemTime>, u64)>,
+}
+
+impl DirScan {
+    /// Files of `dir` that are new or changed since the previous call, sorted.
+    pub fn changed(&mut self, dir: &Path) -> Vec<PathBuf> {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut present = BTreeSet::new();
+        let mut out = Vec::new();
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let path = e.path();
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if !meta.is_file() {
+                continue;
+            }
+            let stamp = (meta.modified().ok(), meta.len());
+            present.insert(path.clone());
+            if self.seen.get(&path) != Some(&stamp) {
+                self.seen.insert(path.clone(), stamp);
+                out.push(path);
+            }
+        }
+        self.seen.retain(|p, _| present.contains(p));
+        out.sort();
+        out
+    }
+}
+
+/// Reads one revocation file (at most [`snas_policy::revocation::MAX_REVOCATION_TOKEN`] bytes).
+pub fn read_revocation(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let max = snas_policy::revocation::MAX_REVOCATION_TOKEN;
+    let mut buf = Vec::new();
+    f.take(max as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| e.to_string())?;
+    if buf.len() > max {
+        return Err(format!("larger than {max} bytes"));
+    }
+    String::from_utf8(buf).map_err(|_| "not UTF-8".to_owned())
+}
+
+/// Reloads the trust bundle and scans `revocations_dir` every [`POLL`], and reloads the trust
+/// bundle on SIGHUP, until the daemon stops.
+pub async fn run(shared: Arc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGHUP cannot be caught: the trust bundle is reloaded by the 1 s poll only");
+            None
+        }
+    };
+    let mut problems = BTreeSet::new();
+    let mut scan = DirScan::default();
+    let mut tick = tokio::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                tracing::info!("SIGHUP: reloading the trust bundle");
+            }
+        }
+        if shared.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        let s = Arc::clone(&shared);
+        let dir = shared.cfg.revocations_dir.clone();
+        let mut p = std::mem::take(&mut problems);
+        let mut sc = std::mem::take(&mut scan);
+        // File reads and verification off the async threads.
+        let back = tokio::task::spawn_blocking(move || {
+            reload_trust(&s, &mut p);
+            if let Some(dir) = &dir {
+                for path in sc.changed(dir) {
+                    let applied = read_revocation(&path)
+                        .and_then(|t| apply_revocation(&s, &t).map_err(|e| e.to_string()));
+                    if let Err(e) = applied {
+                        tracing::warn!(file = %path.display(), error = %e, "revocations_dir: file not applied");
+                    }
+                }
+            }
+            (p, sc)
+        })
+        .await;
+        match back {
+            Ok((p, sc)) => {
+                problems = p;
+                scan = sc;
+            }
+            Err(e) => tracing::error!(error = %e, "trust and revocation upkeep task failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_directory_scan_reports_new_and_changed_files_once() {
+        let d = tempfile::tempdir().expect("tmp");
+        let mut s = DirScan::default();
+        assert!(s.changed(d.path()).is_empty());
+        std::fs::write(d.path().join("r1.jws"), "one").expect("write");
+        std::fs::write(d.path().join(".tmp"), "x").expect("write");
+        assert_eq!(s.changed(d.path()), [d.path().join("r1.jws")]);
+        assert!(s.changed(d.path()).is_empty());
+        std::fs::write(d.path().join("r1.jws"), "longer").expect("write");
+        assert_eq!(s.changed(d.path()), [d.path().join("r1.jws")]);
+    }
+}
