@@ -211,6 +211,7 @@ egress_pool = [\"{pool}/{len}\"]\n\
 tun_name = \"{PROXY_TUN}\"\n\
 workers = 1\n\
 busy_poll_us = 100\n\
+tenant_cap = \"100Gbit\"\n\
 resolver_listen = \"{resolver}\"\n\
 upstream_dns = [\"{dns}\"]\n\
 control_token_file = {token}\n\
