@@ -29,8 +29,10 @@ const DB: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 20));
 const T0: u64 = 1_800_000_000;
 const JTI: &str = "jti-update-00000001";
 
-const BOTH: &str = "tenant = \"acme\"\njob = \"job-1\"\nnode = \"192.0.2.7\"\n[[egress]]\nhost = \"api.example.com:443\"\n[[egress]]\ncidr = \"203.0.113.20/32\"\nports = \"5432\"\n";
-const API_ONLY: &str = "tenant = \"acme\"\njob = \"job-1\"\nnode = \"192.0.2.7\"\n[[egress]]\nhost = \"api.example.com:443\"\n";
+// The host rule's name check is off: these flows carry test bytes, not TLS, and the check has
+// its own tests (tests/names.rs).
+const BOTH: &str = "tenant = \"acme\"\njob = \"job-1\"\nnode = \"192.0.2.7\"\n[[egress]]\nhost = \"api.example.com:443\"\nnames = \"off\"\n[[egress]]\ncidr = \"203.0.113.20/32\"\nports = \"5432\"\n";
+const API_ONLY: &str = "tenant = \"acme\"\njob = \"job-1\"\nnode = \"192.0.2.7\"\n[[egress]]\nhost = \"api.example.com:443\"\nnames = \"off\"\n";
 
 struct Fx {
     policies: StaticPolicies,
