@@ -18,8 +18,8 @@
 //!   file is logged once per version of the file.
 //! - Every [`POLL`], DNS bindings and revocations that have ended are forgotten.
 
-use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -161,58 +161,7 @@ pub async fn reload_trust(ops: &Arc<Ops>, last_problems: &mut BTreeSet<(PathBuf,
     }
 }
 
-/// What the revocations directory scan has seen: (modified, length) per file.
-#[derive(Debug, Default)]
-pub struct DirScan {
-    seen: HashMap<PathBuf, (Option<SystemTime>, u64)>,
-}
-
-impl DirScan {
-    /// Files of `dir` that are new or changed since the previous call.
-    pub fn changed(&mut self, dir: &Path) -> Vec<PathBuf> {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return Vec::new();
-        };
-        let mut present = BTreeSet::new();
-        let mut out = Vec::new();
-        for e in rd.flatten() {
-            let path = e.path();
-            if e.file_name().to_string_lossy().starts_with('.') {
-                continue;
-            }
-            let Ok(meta) = std::fs::metadata(&path) else {
-                continue;
-            };
-            if !meta.is_file() {
-                continue;
-            }
-            let stamp = (meta.modified().ok(), meta.len());
-            present.insert(path.clone());
-            if self.seen.get(&path) != Some(&stamp) {
-                self.seen.insert(path.clone(), stamp);
-                out.push(path);
-            }
-        }
-        self.seen.retain(|p, _| present.contains(p));
-        out.sort();
-        out
-    }
-}
-
-/// Reads one revocation file (at most [`snas_policy::revocation::MAX_REVOCATION_TOKEN`]).
-pub fn read_revocation(path: &Path) -> Result<String, String> {
-    use std::io::Read;
-    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    let max = snas_policy::revocation::MAX_REVOCATION_TOKEN;
-    f.take(max as u64 + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| e.to_string())?;
-    if buf.len() > max {
-        return Err(format!("larger than {max} bytes"));
-    }
-    String::from_utf8(buf).map_err(|_| "not UTF-8".to_owned())
-}
+pub use snas_policy::revocation_fs::{read_revocation, DirScan};
 
 /// Runs the duties of the module docs until `stop` is set. `hup` is notified on SIGHUP.
 pub async fn run(

@@ -47,6 +47,7 @@ pub mod limits;
 pub mod matcher;
 pub mod ranges;
 pub mod revocation;
+pub mod revocation_fs;
 pub mod rules;
 pub mod schema;
 pub mod suggest;

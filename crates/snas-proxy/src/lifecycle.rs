@@ -23,8 +23,8 @@
 //!   leaves the good keys in place; a directory without any good key keeps the previous
 //!   bundle.
 
-use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -108,59 +108,7 @@ pub fn install(shared: &Arc<Shared>) {
     }));
 }
 
-/// New or changed files of a directory since the previous call (by modification time and
-/// length); names starting with `.` are ignored.
-#[derive(Debug, Default)]
-pub struct DirScan {
-    seen: HashMap<PathBuf, (Option<SystemTime>, u64)>,
-}
-
-impl DirScan {
-    /// Files of `dir` that are new or changed since the previous call, sorted.
-    pub fn changed(&mut self, dir: &Path) -> Vec<PathBuf> {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return Vec::new();
-        };
-        let mut present = BTreeSet::new();
-        let mut out = Vec::new();
-        for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with('.') {
-                continue;
-            }
-            let path = e.path();
-            let Ok(meta) = std::fs::metadata(&path) else {
-                continue;
-            };
-            if !meta.is_file() {
-                continue;
-            }
-            let stamp = (meta.modified().ok(), meta.len());
-            present.insert(path.clone());
-            if self.seen.get(&path) != Some(&stamp) {
-                self.seen.insert(path.clone(), stamp);
-                out.push(path);
-            }
-        }
-        self.seen.retain(|p, _| present.contains(p));
-        out.sort();
-        out
-    }
-}
-
-/// Reads one revocation file (at most [`snas_policy::revocation::MAX_REVOCATION_TOKEN`] bytes).
-pub fn read_revocation(path: &Path) -> Result<String, String> {
-    use std::io::Read;
-    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let max = snas_policy::revocation::MAX_REVOCATION_TOKEN;
-    let mut buf = Vec::new();
-    f.take(max as u64 + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| e.to_string())?;
-    if buf.len() > max {
-        return Err(format!("larger than {max} bytes"));
-    }
-    String::from_utf8(buf).map_err(|_| "not UTF-8".to_owned())
-}
+pub use snas_policy::revocation_fs::{read_revocation, DirScan};
 
 /// Reloads the trust bundle and scans `revocations_dir` every [`POLL`], and reloads the trust
 /// bundle on SIGHUP, until the daemon stops.
