@@ -64,3 +64,26 @@ pub fn read_revocation(path: &Path) -> Result<String, String> {
     }
     String::from_utf8(buf).map_err(|_| "not UTF-8".to_owned())
 }
+
+#[cfg(test)]
+#[allow(clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_directory_scan_reports_new_and_changed_files_once() {
+        let d = tempfile::tempdir().expect("tmp");
+        let mut s = DirScan::default();
+        assert!(s.changed(d.path()).is_empty());
+        std::fs::write(d.path().join("a.jws"), "one").expect("write");
+        std::fs::write(d.path().join(".hidden"), "x").expect("write");
+        assert_eq!(s.changed(d.path()), [d.path().join("a.jws")]);
+        assert!(s.changed(d.path()).is_empty());
+        std::fs::write(d.path().join("a.jws"), "longer").expect("write");
+        assert_eq!(s.changed(d.path()), [d.path().join("a.jws")]);
+        std::fs::remove_file(d.path().join("a.jws")).expect("rm");
+        assert!(s.changed(d.path()).is_empty());
+        std::fs::write(d.path().join("a.jws"), "longer").expect("write");
+        assert_eq!(s.changed(d.path()), [d.path().join("a.jws")]);
+    }
+}

@@ -163,21 +163,3 @@ pub async fn run(shared: Arc<Shared>) {
         }
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_directory_scan_reports_new_and_changed_files_once() {
-        let d = tempfile::tempdir().expect("tmp");
-        let mut s = DirScan::default();
-        assert!(s.changed(d.path()).is_empty());
-        std::fs::write(d.path().join("r1.jws"), "one").expect("write");
-        std::fs::write(d.path().join(".tmp"), "x").expect("write");
-        assert_eq!(s.changed(d.path()), [d.path().join("r1.jws")]);
-        assert!(s.changed(d.path()).is_empty());
-        std::fs::write(d.path().join("r1.jws"), "longer").expect("write");
-        assert_eq!(s.changed(d.path()), [d.path().join("r1.jws")]);
-    }
-}
