@@ -20,7 +20,7 @@ use snas_agent::seams::{BundleVerifier, RecordingDataplane};
 use snas_agent::stub::{DnsStub, JobDirectory, StubConfig};
 use snas_agent::{api, Agent};
 use snas_policy::revocation::{sign_revocation, RevocationClaims};
-use snas_policy::{EgressRule, PolicyDraft, PolicyKey};
+use snas_policy::{EgressRule, PolicyDraft, PolicyKey, RuleFields};
 use snas_wire::{PolicySerial, RuleProtocol};
 
 struct Running {
@@ -122,7 +122,7 @@ impl Keys {
 }
 
 fn host(name: &str) -> EgressRule {
-    EgressRule::from_parts(Some(name), None, None, None, None).unwrap()
+    EgressRule::from_fields(RuleFields::host(name)).unwrap()
 }
 
 /// A token of job `job` (lineage `jti`) with `serial` allowing `hosts`, signed by `kid`.

@@ -11,7 +11,7 @@
 
 use crate::claims::{check_job, check_tenant, Mode, PolicyDraft, MAX_RULES};
 use crate::limits::{check_count, Limits, MAX_COUNT, MAX_PORTS_PER_DESTINATION};
-use crate::rules::{DenyRule, EgressRule, RuleError};
+use crate::rules::{DenyRule, EgressRule, RuleError, RuleFields};
 use crate::units::{parse_ttl, Bps, DEFAULT_TTL};
 use serde::{Deserialize, Deserializer};
 use std::fmt;
@@ -152,18 +152,8 @@ pub fn parse_policy(src: &str) -> Result<PolicyDraft, CheckErrors> {
             ),
         );
     }
-    let egress = rule_list(
-        &raw.egress,
-        "egress",
-        EgressRule::from_parts_with_names,
-        &mut push,
-    );
-    let deny = rule_list(
-        &raw.deny,
-        "deny",
-        DenyRule::from_parts_with_names,
-        &mut push,
-    );
+    let egress = rule_list(&raw.egress, "egress", EgressRule::from_fields, &mut push);
+    let deny = rule_list(&raw.deny, "deny", DenyRule::from_fields, &mut push);
     let mut limits = Limits::default();
     if let Some(l) = &raw.limits {
         let mut bps = |v: &Option<Spanned<String>>, name: &str, out: &mut Bps| {
@@ -226,36 +216,28 @@ pub fn parse_policy(src: &str) -> Result<PolicyDraft, CheckErrors> {
     })
 }
 
-type RuleParts<T> = fn(
-    Option<&str>,
-    Option<&str>,
-    Option<&str>,
-    Option<&str>,
-    Option<bool>,
-    Option<&str>,
-    Option<bool>,
-) -> Result<T, RuleError>;
+type ParseRule<T> = fn(RuleFields<'_>) -> Result<T, RuleError>;
 
 /// Validates `[[egress]]` or `[[deny]]` tables (`list` names the array in error fields).
 fn rule_list<T>(
     raw: &[Spanned<RawEgress>],
     list: &str,
-    parse: RuleParts<T>,
+    parse: ParseRule<T>,
     push: &mut impl FnMut(Range<usize>, String, String),
 ) -> Vec<T> {
     let mut out = Vec::with_capacity(raw.len());
     for (i, r) in raw.iter().enumerate() {
         let table = r.span();
         let r = r.get_ref();
-        let res = parse(
-            r.host.as_ref().map(|s| s.get_ref().as_str()),
-            r.cidr.as_ref().map(|s| s.get_ref().as_str()),
-            r.ports.as_ref().map(|s| s.get_ref().0.as_str()),
-            r.protocol.as_ref().map(|s| s.get_ref().as_str()),
-            r.allow_private.as_ref().map(|s| *s.get_ref()),
-            r.names.as_ref().map(|s| s.get_ref().as_str()),
-            r.require_name.as_ref().map(|s| *s.get_ref()),
-        );
+        let res = parse(RuleFields {
+            host: r.host.as_ref().map(|s| s.get_ref().as_str()),
+            cidr: r.cidr.as_ref().map(|s| s.get_ref().as_str()),
+            ports: r.ports.as_ref().map(|s| s.get_ref().0.as_str()),
+            protocol: r.protocol.as_ref().map(|s| s.get_ref().as_str()),
+            allow_private: r.allow_private.as_ref().map(|s| *s.get_ref()),
+            names: r.names.as_ref().map(|s| s.get_ref().as_str()),
+            require_name: r.require_name.as_ref().map(|s| *s.get_ref()),
+        });
         match res {
             Ok(rule) => out.push(rule),
             Err(e) => {

@@ -383,12 +383,12 @@ pub fn check_jti(s: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::RuleFields;
 
     fn claims() -> PolicyClaims {
         let mut d = PolicyDraft::new("acme", "job-42");
-        d.egress.push(
-            EgressRule::from_parts(Some("api.example.com"), None, None, None, None).expect("rule"),
-        );
+        d.egress
+            .push(EgressRule::from_fields(RuleFields::host("api.example.com")).expect("rule"));
         d.to_claims(
             "AAAAAAAAAAAAAAAAAAAAAA",
             PolicySerial(1),
@@ -509,8 +509,7 @@ mod tests {
         let mut audit = c.clone();
         audit.mode = Mode::Audit;
         audit.deny.push(
-            DenyRule::from_parts(None, Some("198.51.100.0/24"), Some("22"), None, None)
-                .expect("deny"),
+            DenyRule::from_fields(RuleFields::cidr("198.51.100.0/24").ports("22")).expect("deny"),
         );
         let j = serde_json::to_value(&audit).expect("ser");
         assert_eq!(j["mode"], "audit");

@@ -395,7 +395,7 @@ pub(crate) fn verify_signature<'t>(
 mod tests {
     use super::*;
     use crate::claims::PolicyDraft;
-    use crate::rules::EgressRule;
+    use crate::rules::{EgressRule, RuleFields};
     use snas_wire::PolicySerial;
 
     const T0: u64 = 1_800_000_000;
@@ -419,9 +419,8 @@ mod tests {
 
     fn claims() -> PolicyClaims {
         let mut d = PolicyDraft::new("acme", "job-42");
-        d.egress.push(
-            EgressRule::from_parts(Some("api.example.com"), None, None, None, None).expect("rule"),
-        );
+        d.egress
+            .push(EgressRule::from_fields(RuleFields::host("api.example.com")).expect("rule"));
         d.to_claims(JTI, PolicySerial(3), at(T0))
     }
 

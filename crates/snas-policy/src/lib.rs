@@ -66,5 +66,5 @@ pub use jws::{sign, verify, SignError, VerifiedPolicy, VerifyError, CLOCK_SKEW};
 pub use keys::{KeyError, PolicyKey};
 pub use limits::Limits;
 pub use matcher::{compile, compile_with, Decision, DenyReason, Matcher, NameVerdict};
-pub use rules::{DenyRule, EgressRule, RuleProtocol, Transport};
+pub use rules::{DenyRule, EgressRule, RuleFields, RuleProtocol, Transport};
 pub use units::Bps;

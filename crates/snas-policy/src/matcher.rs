@@ -842,6 +842,7 @@ impl Matcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::RuleFields;
 
     fn rules(specs: &[&str]) -> Vec<EgressRule> {
         specs
@@ -863,7 +864,15 @@ mod tests {
                         _ => panic!("{k}"),
                     }
                 }
-                EgressRule::from_parts(host, cidr, ports, proto, private).expect("rule")
+                EgressRule::from_fields(RuleFields {
+                    host,
+                    cidr,
+                    ports,
+                    protocol: proto,
+                    allow_private: private,
+                    ..RuleFields::default()
+                })
+                .expect("rule")
             })
             .collect()
     }
@@ -1285,24 +1294,18 @@ mod tests {
         let deny: Vec<DenyRule> = rules(deny)
             .into_iter()
             .map(|r| match r {
-                EgressRule::Host { host, protocol, .. } => DenyRule::from_parts(
-                    Some(&host.to_string()),
-                    None,
-                    None,
-                    Some(protocol.name()),
-                    None,
+                EgressRule::Host { host, protocol, .. } => DenyRule::from_fields(
+                    RuleFields::host(&host.to_string()).protocol(protocol.name()),
                 ),
                 EgressRule::Cidr {
                     cidr,
                     ports,
                     protocol,
                     ..
-                } => DenyRule::from_parts(
-                    None,
-                    Some(&cidr.to_string()),
-                    Some(&ports.to_string()),
-                    Some(protocol.name()),
-                    None,
+                } => DenyRule::from_fields(
+                    RuleFields::cidr(&cidr.to_string())
+                        .ports(&ports.to_string())
+                        .protocol(protocol.name()),
                 ),
             })
             .collect::<Result<_, _>>()

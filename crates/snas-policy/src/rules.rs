@@ -51,6 +51,85 @@ impl fmt::Display for Transport {
     }
 }
 
+/// The fields of one `[[egress]]` or `[[deny]]` table as written (strings, as in TOML and JSON),
+/// before validation by [`EgressRule::from_fields`] or [`DenyRule::from_fields`]. Start from
+/// [`RuleFields::host`] or [`RuleFields::cidr`] and add the other fields with the setters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuleFields<'a> {
+    /// `host` (HOST_PORT grammar).
+    pub host: Option<&'a str>,
+    /// `cidr`.
+    pub cidr: Option<&'a str>,
+    /// `ports` (cidr rules).
+    pub ports: Option<&'a str>,
+    /// `protocol` (`tcp` when absent).
+    pub protocol: Option<&'a str>,
+    /// `allow_private` (cidr allow rules).
+    pub allow_private: Option<bool>,
+    /// `names` (host allow rules).
+    pub names: Option<&'a str>,
+    /// `require_name` (host allow rules).
+    pub require_name: Option<bool>,
+}
+
+impl<'a> RuleFields<'a> {
+    /// A rule with `host` set.
+    pub fn host(host: &'a str) -> Self {
+        RuleFields {
+            host: Some(host),
+            ..RuleFields::default()
+        }
+    }
+
+    /// A rule with `cidr` set.
+    pub fn cidr(cidr: &'a str) -> Self {
+        RuleFields {
+            cidr: Some(cidr),
+            ..RuleFields::default()
+        }
+    }
+
+    /// With `ports`.
+    pub fn ports(self, ports: &'a str) -> Self {
+        RuleFields {
+            ports: Some(ports),
+            ..self
+        }
+    }
+
+    /// With `protocol`.
+    pub fn protocol(self, protocol: &'a str) -> Self {
+        RuleFields {
+            protocol: Some(protocol),
+            ..self
+        }
+    }
+
+    /// With `allow_private`.
+    pub fn allow_private(self, allow_private: bool) -> Self {
+        RuleFields {
+            allow_private: Some(allow_private),
+            ..self
+        }
+    }
+
+    /// With `names`.
+    pub fn names(self, names: &'a str) -> Self {
+        RuleFields {
+            names: Some(names),
+            ..self
+        }
+    }
+
+    /// With `require_name`.
+    pub fn require_name(self, require_name: bool) -> Self {
+        RuleFields {
+            require_name: Some(require_name),
+            ..self
+        }
+    }
+}
+
 /// One validated egress rule.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(into = "RawRule", try_from = "RawRule")]
@@ -152,26 +231,16 @@ impl EgressRule {
     }
 
     /// Validates one rule from its fields as written (strings, as in TOML and JSON).
-    pub fn from_parts(
-        host: Option<&str>,
-        cidr: Option<&str>,
-        ports: Option<&str>,
-        protocol: Option<&str>,
-        allow_private: Option<bool>,
-    ) -> Result<EgressRule, RuleError> {
-        Self::from_parts_with_names(host, cidr, ports, protocol, allow_private, None, None)
-    }
-
-    /// [`EgressRule::from_parts`] with the host rules' `names` and `require_name`.
-    pub fn from_parts_with_names(
-        host: Option<&str>,
-        cidr: Option<&str>,
-        ports: Option<&str>,
-        protocol: Option<&str>,
-        allow_private: Option<bool>,
-        names: Option<&str>,
-        require_name: Option<bool>,
-    ) -> Result<EgressRule, RuleError> {
+    pub fn from_fields(fields: RuleFields<'_>) -> Result<EgressRule, RuleError> {
+        let RuleFields {
+            host,
+            cidr,
+            ports,
+            protocol,
+            allow_private,
+            names,
+            require_name,
+        } = fields;
         if cidr.is_some() && host.is_none() {
             if names.is_some() {
                 return Err(RuleError::NamesOnCidrRule("names"));
@@ -276,19 +345,23 @@ impl fmt::Display for EgressRule {
 pub struct DenyRule(EgressRule);
 
 impl DenyRule {
-    /// Validates one deny rule from its fields as written. `allow_private` is refused.
-    pub fn from_parts(
-        host: Option<&str>,
-        cidr: Option<&str>,
-        ports: Option<&str>,
-        protocol: Option<&str>,
-        allow_private: Option<bool>,
-    ) -> Result<DenyRule, RuleError> {
-        if allow_private.is_some() {
+    /// Validates one deny rule from its fields as written. `allow_private`, `names` and
+    /// `require_name` are refused: a deny rule opens nothing and checks no name.
+    pub fn from_fields(fields: RuleFields<'_>) -> Result<DenyRule, RuleError> {
+        if fields.allow_private.is_some() {
             return Err(RuleError::AllowPrivateOnDenyRule);
         }
+        if fields.names.is_some() {
+            return Err(RuleError::NamesOnDenyRule("names"));
+        }
+        if fields.require_name.is_some() {
+            return Err(RuleError::NamesOnDenyRule("require_name"));
+        }
         // `Some(true)` only skips the always-denied check of cidr rules; it is cleared below.
-        let rule = EgressRule::from_parts(host, cidr, ports, protocol, cidr.map(|_| true))?;
+        let rule = EgressRule::from_fields(RuleFields {
+            allow_private: fields.cidr.map(|_| true),
+            ..fields
+        })?;
         Ok(DenyRule(match rule {
             EgressRule::Cidr {
                 cidr,
@@ -303,26 +376,6 @@ impl DenyRule {
             },
             host => host,
         }))
-    }
-
-    /// [`DenyRule::from_parts`] for a table that may carry the allow rules' `names` and
-    /// `require_name` keys: either is refused.
-    pub fn from_parts_with_names(
-        host: Option<&str>,
-        cidr: Option<&str>,
-        ports: Option<&str>,
-        protocol: Option<&str>,
-        allow_private: Option<bool>,
-        names: Option<&str>,
-        require_name: Option<bool>,
-    ) -> Result<DenyRule, RuleError> {
-        if names.is_some() {
-            return Err(RuleError::NamesOnDenyRule("names"));
-        }
-        if require_name.is_some() {
-            return Err(RuleError::NamesOnDenyRule("require_name"));
-        }
-        DenyRule::from_parts(host, cidr, ports, protocol, allow_private)
     }
 
     /// The rule (a cidr rule always has `allow_private = false`).
@@ -349,14 +402,7 @@ impl From<DenyRule> for RawRule {
 impl TryFrom<RawRule> for DenyRule {
     type Error = String;
     fn try_from(r: RawRule) -> Result<DenyRule, String> {
-        DenyRule::from_parts(
-            r.host.as_deref(),
-            r.cidr.as_deref(),
-            r.ports.as_deref(),
-            r.protocol.as_deref(),
-            r.allow_private,
-        )
-        .map_err(|e| {
+        DenyRule::from_fields(r.fields()).map_err(|e| {
             if e.field().is_empty() {
                 e.to_string()
             } else {
@@ -455,6 +501,20 @@ struct RawRule {
     require_name: Option<bool>,
 }
 
+impl RawRule {
+    fn fields(&self) -> RuleFields<'_> {
+        RuleFields {
+            host: self.host.as_deref(),
+            cidr: self.cidr.as_deref(),
+            ports: self.ports.as_deref(),
+            protocol: self.protocol.as_deref(),
+            allow_private: self.allow_private,
+            names: self.names.as_deref(),
+            require_name: self.require_name,
+        }
+    }
+}
+
 impl From<EgressRule> for RawRule {
     fn from(r: EgressRule) -> RawRule {
         match r {
@@ -493,16 +553,7 @@ impl From<EgressRule> for RawRule {
 impl TryFrom<RawRule> for EgressRule {
     type Error = String;
     fn try_from(r: RawRule) -> Result<EgressRule, String> {
-        EgressRule::from_parts_with_names(
-            r.host.as_deref(),
-            r.cidr.as_deref(),
-            r.ports.as_deref(),
-            r.protocol.as_deref(),
-            r.allow_private,
-            r.names.as_deref(),
-            r.require_name,
-        )
-        .map_err(|e| {
+        EgressRule::from_fields(r.fields()).map_err(|e| {
             if e.field().is_empty() {
                 e.to_string()
             } else {
@@ -519,117 +570,89 @@ mod tests {
     #[test]
     fn cidr_rules_need_ports_and_clean_networks() {
         assert_eq!(
-            EgressRule::from_parts(None, Some("203.0.113.0/24"), None, None, None),
+            EgressRule::from_fields(RuleFields::cidr("203.0.113.0/24")),
             Err(RuleError::MissingPorts)
         );
         assert!(matches!(
-            EgressRule::from_parts(None, Some("203.0.113.5/24"), Some("443"), None, None),
+            EgressRule::from_fields(RuleFields::cidr("203.0.113.5/24").ports("443")),
             Err(RuleError::HostBits(_, ref s)) if s == "203.0.113.0/24"
         ));
         assert!(matches!(
-            EgressRule::from_parts(None, Some("203.0.113.0"), Some("1"), None, None),
+            EgressRule::from_fields(RuleFields::cidr("203.0.113.0").ports("1")),
             Err(RuleError::Cidr(_))
         ));
-        let r = EgressRule::from_parts(None, Some("2001:db8::/32"), Some("0"), Some("any"), None)
-            .expect("valid");
+        let r =
+            EgressRule::from_fields(RuleFields::cidr("2001:db8::/32").ports("0").protocol("any"))
+                .expect("valid");
         assert_eq!(r.to_string(), "cidr 2001:db8::/32 ports 0/any");
     }
 
     #[test]
     fn private_cidr_needs_allow_private_but_wide_cidr_does_not() {
-        let e = EgressRule::from_parts(None, Some("10.1.0.0/16"), Some("5432"), None, None)
+        let e = EgressRule::from_fields(RuleFields::cidr("10.1.0.0/16").ports("5432"))
             .expect_err("private");
         assert_eq!(e.field(), "cidr");
         assert!(e.to_string().contains("allow_private"));
-        assert!(
-            EgressRule::from_parts(None, Some("10.1.0.0/16"), Some("5432"), None, Some(true))
-                .is_ok()
-        );
-        assert!(EgressRule::from_parts(None, Some("0.0.0.0/0"), Some("443"), None, None).is_ok());
+        assert!(EgressRule::from_fields(
+            RuleFields::cidr("10.1.0.0/16")
+                .ports("5432")
+                .allow_private(true)
+        )
+        .is_ok());
+        assert!(EgressRule::from_fields(RuleFields::cidr("0.0.0.0/0").ports("443")).is_ok());
     }
 
     #[test]
     fn host_rules_reject_cidr_only_keys() {
         assert_eq!(
-            EgressRule::from_parts(Some("a.example.com"), None, Some("1"), None, None),
+            EgressRule::from_fields(RuleFields::host("a.example.com").ports("1")),
             Err(RuleError::PortsOnHostRule)
         );
         assert_eq!(
-            EgressRule::from_parts(Some("a.example.com"), None, None, None, Some(false)),
+            EgressRule::from_fields(RuleFields::host("a.example.com").allow_private(false)),
             Err(RuleError::AllowPrivateOnHostRule)
         );
         assert_eq!(
-            EgressRule::from_parts(
-                Some("a.example.com"),
-                Some("203.0.113.0/24"),
-                None,
-                None,
-                None
-            ),
+            EgressRule::from_fields(RuleFields {
+                cidr: Some("203.0.113.0/24"),
+                ..RuleFields::host("a.example.com")
+            }),
             Err(RuleError::HostAndCidr)
         );
         assert_eq!(
-            EgressRule::from_parts(None, None, None, None, None),
+            EgressRule::from_fields(RuleFields::default()),
             Err(RuleError::NeitherHostNorCidr)
         );
         assert_eq!(
-            EgressRule::from_parts(Some("a.example.com"), None, None, Some("TCP"), None),
+            EgressRule::from_fields(RuleFields::host("a.example.com").protocol("TCP")),
             Err(RuleError::Protocol("TCP".into()))
         );
     }
 
     #[test]
     fn name_checks_belong_to_host_rules_and_default_to_check() {
-        let r = EgressRule::from_parts(Some("a.example.com"), None, None, None, None).expect("ok");
+        let r = EgressRule::from_fields(RuleFields::host("a.example.com")).expect("ok");
         assert_eq!(r.name_check(), Some(NameCheck::default()));
         assert!(NameCheck::default().checks());
-        let r = EgressRule::from_parts_with_names(
-            Some("a.example.com"),
-            None,
-            None,
-            None,
-            None,
-            Some("off"),
-            None,
-        )
-        .expect("ok");
+        let r =
+            EgressRule::from_fields(RuleFields::host("a.example.com").names("off")).expect("ok");
         assert_eq!(r.to_string(), "host a.example.com:443/tcp names off");
-        let e = EgressRule::from_parts_with_names(
-            None,
-            Some("203.0.113.0/24"),
-            Some("443"),
-            None,
-            None,
-            None,
-            Some(true),
+        let e = EgressRule::from_fields(
+            RuleFields::cidr("203.0.113.0/24")
+                .ports("443")
+                .require_name(true),
         )
         .expect_err("cidr");
         assert_eq!(e.field(), "require_name");
-        let e = EgressRule::from_parts_with_names(
-            Some("a.example.com"),
-            None,
-            None,
-            None,
-            None,
-            Some("strict"),
-            None,
-        )
-        .expect_err("value");
+        let e = EgressRule::from_fields(RuleFields::host("a.example.com").names("strict"))
+            .expect_err("value");
         assert_eq!(e.field(), "names");
     }
 
     #[test]
     fn name_checks_round_trip_and_defaults_stay_out_of_the_json() {
-        let r = EgressRule::from_parts_with_names(
-            Some("a.example.com:443"),
-            None,
-            None,
-            None,
-            None,
-            None,
-            Some(true),
-        )
-        .expect("ok");
+        let r = EgressRule::from_fields(RuleFields::host("a.example.com:443").require_name(true))
+            .expect("ok");
         let j = serde_json::to_string(&r).expect("ser");
         assert_eq!(
             j,
@@ -647,7 +670,7 @@ mod tests {
 
     #[test]
     fn rules_round_trip_through_json_and_json_is_rechecked() {
-        let r = EgressRule::from_parts(Some("*.Example.com:0"), None, None, Some("udp"), None)
+        let r = EgressRule::from_fields(RuleFields::host("*.Example.com:0").protocol("udp"))
             .expect("valid");
         let j = serde_json::to_string(&r).expect("ser");
         assert_eq!(j, r#"{"host":"*.example.com:0","protocol":"udp"}"#);
@@ -667,14 +690,18 @@ mod tests {
 
     #[test]
     fn deny_rules_take_the_egress_grammar_and_may_name_private_ranges() {
-        let d = DenyRule::from_parts(None, Some("10.0.0.0/8"), Some("0"), Some("any"), None)
+        let d = DenyRule::from_fields(RuleFields::cidr("10.0.0.0/8").ports("0").protocol("any"))
             .expect("private deny");
         assert_eq!(d.to_string(), "cidr 10.0.0.0/8 ports 0/any");
         let j = serde_json::to_string(&d).expect("ser");
         assert_eq!(j, r#"{"cidr":"10.0.0.0/8","ports":"0","protocol":"any"}"#);
         assert_eq!(serde_json::from_str::<DenyRule>(&j).expect("de"), d);
         assert_eq!(
-            DenyRule::from_parts(None, Some("10.0.0.0/8"), Some("0"), None, Some(false)),
+            DenyRule::from_fields(
+                RuleFields::cidr("10.0.0.0/8")
+                    .ports("0")
+                    .allow_private(false)
+            ),
             Err(RuleError::AllowPrivateOnDenyRule)
         );
         assert!(serde_json::from_str::<DenyRule>(
@@ -683,16 +710,35 @@ mod tests {
         .expect_err("allow_private")
         .to_string()
         .contains("allow_private"));
-        let h = DenyRule::from_parts(Some("*.Tracker.example.com:0"), None, None, None, None)
-            .expect("host");
+        let h = DenyRule::from_fields(RuleFields::host("*.Tracker.example.com:0")).expect("host");
         assert_eq!(h.to_string(), "host *.tracker.example.com:0/tcp");
         assert!(matches!(
-            DenyRule::from_parts(Some("*.com"), None, None, None, None),
+            DenyRule::from_fields(RuleFields::host("*.com")),
             Err(RuleError::Host(_))
         ));
         assert_eq!(
-            DenyRule::from_parts(None, Some("203.0.113.0/24"), None, None, None),
+            DenyRule::from_fields(RuleFields::cidr("203.0.113.0/24")),
             Err(RuleError::MissingPorts)
+        );
+    }
+
+    #[test]
+    fn signed_deny_rules_with_name_check_fields_are_refused_like_authored_ones() {
+        // The claims decoder and the TOML authoring path share one validation: a deny rule
+        // that carries `names` or `require_name` is refused, never accepted with the field lost.
+        for (json, field) in [
+            (r#"{"host":"a.example.com:443","names":"off"}"#, "names"),
+            (
+                r#"{"host":"a.example.com:443","require_name":true}"#,
+                "require_name",
+            ),
+        ] {
+            let e = serde_json::from_str::<DenyRule>(json).expect_err(field);
+            assert!(e.to_string().contains(field), "{e}");
+        }
+        assert_eq!(
+            DenyRule::from_fields(RuleFields::host("a.example.com:443").names("check")),
+            Err(RuleError::NamesOnDenyRule("names"))
         );
     }
 }

@@ -7,7 +7,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::rules::{EgressRule, RuleError};
+use crate::rules::{EgressRule, RuleError, RuleFields};
 
 /// Rules in [`mixed_rules`].
 pub const RULES: usize = 10_000;
@@ -32,7 +32,12 @@ pub const ALWAYS_DENIED: IpAddr = IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254));
 pub fn mixed_rules() -> Result<Vec<EgressRule>, RuleError> {
     let mut out = Vec::with_capacity(RULES);
     let rule = |h: Option<&str>, c: Option<&str>, p: Option<&str>| {
-        EgressRule::from_parts(h, c, p, None, None)
+        EgressRule::from_fields(RuleFields {
+            host: h,
+            cidr: c,
+            ports: p,
+            ..RuleFields::default()
+        })
     };
     for i in 0..4_000 {
         let host = format!("api{i}.svc{}.example.com:443", i % 97);

@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use snas_policy::hostport::HostPort;
 use snas_policy::matcher::compile_rules;
-use snas_policy::{Decision, EgressRule, PolicyKey, Transport, TrustBundle};
+use snas_policy::{Decision, EgressRule, PolicyKey, RuleFields, Transport, TrustBundle};
 use std::time::{Duration, SystemTime};
 
 fn label() -> impl Strategy<Value = String> {
@@ -217,7 +217,7 @@ proptest! {
         labels.push(format!("{pre}*{suf}"));
         labels.extend(parent.iter().cloned());
         let pattern = labels.join(".");
-        let rule = EgressRule::from_parts(Some(&format!("{pattern}:0")), None, None, Some("any"), None)
+        let rule = EgressRule::from_fields(RuleFields::host(&format!("{pattern}:0")).protocol("any"))
             .map_err(|e| TestCaseError::fail(format!("{pattern}: {e}")))?;
         let m = compile_rules(&[rule], &[]);
         // Half the names reuse the pattern's tail so that hits are common.

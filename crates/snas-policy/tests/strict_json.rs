@@ -8,7 +8,7 @@ use proptest::sample::Index;
 use serde_json::{Map, Value};
 use snas_policy::json::{parse_strict, StrictJsonError, MAX_SAFE_INTEGER};
 use snas_policy::jws::{sign_unvalidated_parts, sign_unvalidated_payload};
-use snas_policy::{EgressRule, PolicyDraft, PolicyKey, TrustBundle, VerifyError};
+use snas_policy::{EgressRule, PolicyDraft, PolicyKey, RuleFields, TrustBundle, VerifyError};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
@@ -171,7 +171,7 @@ fn dup() -> impl Strategy<Value = Dup> {
     )
 }
 
-/// `EgressRule::from_parts` arguments: host, cidr, ports, protocol, allow_private.
+/// `RuleFields`: host, cidr, ports, protocol, allow_private.
 type RuleSpec = (
     Option<&'static str>,
     Option<&'static str>,
@@ -204,7 +204,15 @@ fn claims_value() -> impl Strategy<Value = Value> {
                 .iter()
                 .map(|&i| {
                     let (h, c, p, proto, private) = specs[i];
-                    EgressRule::from_parts(h, c, p, proto, private).expect("rule")
+                    EgressRule::from_fields(RuleFields {
+                        host: h,
+                        cidr: c,
+                        ports: p,
+                        protocol: proto,
+                        allow_private: private,
+                        ..RuleFields::default()
+                    })
+                    .expect("rule")
                 })
                 .collect();
             d.limits.max_connections = conns;
