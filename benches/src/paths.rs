@@ -949,6 +949,86 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / hz.max(1) as f64)
 }
 
+/// CPU seconds the whole machine spent in interrupt and softirq context so far (the `irq` and
+/// `softirq` columns of `/proc/stat`'s `cpu` line). Forwarding done by tc/XDP programs and
+/// veth hops runs there and is charged to no process. This kernel samples them at the
+/// scheduler tick (no `CONFIG_IRQ_TIME_ACCOUNTING`), reported in `USER_HZ` units: the error
+/// is about one tick per CPU per reading.
+pub fn irq_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    irq_seconds_of(&stat)
+}
+
+fn irq_seconds_of(stat: &str) -> Option<f64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq ...
+    let ticks = f.get(5)? + f.get(6)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some(ticks / hz.max(1) as f64)
+}
+
+/// Nanoseconds the BPF programs that processes `pids` hold open have run so far (the
+/// `run_time_ns` of their program descriptors' fdinfo), or none when a process is gone. The
+/// kernel counts it only while `kernel.bpf_stats_enabled` is 1 ([`BpfStats`]).
+pub fn bpf_run_ns(pids: &[u32]) -> Option<u64> {
+    let mut total = 0;
+    for pid in pids {
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+            let is_prog = std::fs::read_link(fd.path())
+                .is_ok_and(|l| l.to_string_lossy() == "anon_inode:bpf-prog");
+            if !is_prog {
+                continue;
+            }
+            let info = std::fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                fd.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default();
+            total += fdinfo_field(&info, "run_time_ns").unwrap_or(0);
+        }
+    }
+    Some(total)
+}
+
+fn fdinfo_field(info: &str, name: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Turns the kernel's BPF run-time statistics on while it lives and restores the previous
+/// setting on drop (they cost two clock reads per program run, machine-wide).
+#[derive(Debug)]
+pub struct BpfStats {
+    before: Option<String>,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    pub fn enable() -> BpfStats {
+        let before = std::fs::read_to_string(BPF_STATS).ok();
+        if before.as_deref().map(str::trim) != Some("1") {
+            let _ = std::fs::write(BPF_STATS, "1");
+        }
+        BpfStats { before }
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Some(b) = &self.before {
+            let _ = std::fs::write(BPF_STATS, b.trim());
+        }
+    }
+}
+
 fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -1010,6 +1090,24 @@ mod tests {
 snastun0: 1000 10 0 5 0 0 0 0 2000 20 0 42 0 0 0 0\n";
         assert_eq!(dev_tx_drops(dev, "snastun0"), 42);
         assert_eq!(dev_tx_drops(dev, "eth0"), 0);
+    }
+
+    #[test]
+    fn a_programs_run_time_is_read_from_its_fdinfo() {
+        let info = "pos:\t0\nflags:\t02000002\nprog_type:\t3\nrun_time_ns:\t123456\nrun_cnt:\t42\n";
+        assert_eq!(fdinfo_field(info, "run_time_ns"), Some(123_456));
+        assert_eq!(fdinfo_field(info, "run_cnt"), Some(42));
+        assert_eq!(fdinfo_field("prog_type:\t3\n", "run_time_ns"), None);
+    }
+
+    #[test]
+    fn irq_time_is_the_irq_and_softirq_columns_of_the_cpu_line() {
+        let stat = "cpu  100 5 200 9000 7 30 70 0 0 0\ncpu0 50 2 100 4500 3 15 35 0 0 0\n";
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        assert_eq!(irq_seconds_of(stat), Some(100.0 / hz));
+        assert_eq!(irq_seconds_of("intr 1 2 3\n"), None);
+        assert_eq!(irq_seconds_of("cpu  1 x 3\n"), None);
     }
 
     #[test]

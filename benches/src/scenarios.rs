@@ -22,9 +22,51 @@ use std::time::Instant;
 use serde_json::json;
 
 use crate::client::{ClientResult, Pace, Workload};
-use crate::paths::{cpu_seconds, JobSpec, PathError, PathKind, Paths};
+use crate::paths::{
+    bpf_run_ns, cpu_seconds, irq_seconds, BpfStats, JobSpec, PathError, PathKind, Paths,
+};
 use crate::results::{BarChart, BarSeries, BarValue, GoalCheck, ScenarioResult, Table};
 use crate::stats::median;
+
+/// What one bulk run cost: the proxy processes' cores (none on paths without a proxy), the
+/// machine's interrupt/softirq cores, and the Gbit/s achieved.
+#[derive(Debug, Clone, Copy)]
+struct CpuPart {
+    proc_cores: Option<f64>,
+    irq_cores: f64,
+    gbit: f64,
+}
+
+/// Proxy CPU-seconds per Gbit of each proxy path's runs: its processes' CPU plus the
+/// interrupt/softirq time *above* the direct path's at the same rate (the direct path's
+/// median softirq per Gbit of the same transfer, times the rate achieved), so that forwarding
+/// done in the kernel — SNAS's fast path, squid's sockets' softirq — is charged and what the
+/// client's and server's own veths cost on every path is not. The surplus also holds tier 1's
+/// work at the node and the overlay's extra veth hops: for SNAS it is an upper bound of the
+/// proxy's share. Without a direct run the whole softirq time is charged.
+fn proxy_cpu_per_gbit(
+    parts: &BTreeMap<(String, PathKind), Vec<CpuPart>>,
+) -> BTreeMap<(String, PathKind), Vec<f64>> {
+    let mut out = BTreeMap::new();
+    for ((v, p), runs) in parts {
+        let base = parts
+            .get(&(v.clone(), PathKind::Direct))
+            .map(|d| d.iter().map(|r| r.irq_cores / r.gbit).collect::<Vec<_>>())
+            .and_then(|x| median(&x))
+            .unwrap_or(0.0);
+        let per: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| {
+                let proc = r.proc_cores?;
+                Some((proc + (r.irq_cores - base * r.gbit).max(0.0)) / r.gbit)
+            })
+            .collect();
+        if !per.is_empty() {
+            out.insert((v.clone(), *p), per);
+        }
+    }
+    out
+}
 
 /// How long and how often.
 #[derive(Debug, Clone)]
@@ -458,6 +500,15 @@ impl<'a> Scenarios<'a> {
         }
     }
 
+    /// Packets both proxies' fast paths carried so far, either way.
+    fn fast_packets(&self) -> Result<u64, PathError> {
+        self.paths.proxy_metric(
+            "snas_proxy_fastpath_packets_total",
+            "direction",
+            &["to_internet", "to_nodes"],
+        )
+    }
+
     fn cpu_of(pids: &[u32]) -> Option<f64> {
         if pids.is_empty() {
             return None;
@@ -473,7 +524,7 @@ impl<'a> Scenarios<'a> {
         };
         // (variant, path) → per-rep results, and CPU-seconds of the proxy per Gbit transferred.
         let mut samples: BTreeMap<String, Samples> = BTreeMap::new();
-        let mut cpu_per_gbit: BTreeMap<(String, PathKind), Vec<f64>> = BTreeMap::new();
+        let mut cpu_parts: BTreeMap<(String, PathKind), Vec<CpuPart>> = BTreeMap::new();
         for rep in 0..self.plan.reps {
             for v in variants {
                 let w = Workload::Bulk {
@@ -484,20 +535,27 @@ impl<'a> Scenarios<'a> {
                 };
                 for &p in &self.plan.paths {
                     let pids = self.worker_pids(p);
-                    let (c0, t0) = (Self::cpu_of(&pids), Instant::now());
+                    let (c0, q0, t0) = (Self::cpu_of(&pids), irq_seconds(), Instant::now());
                     let r = self.run_one("bulk", p, &w, "bulk.example.com", 5201);
-                    let (c1, wall) = (Self::cpu_of(&pids), t0.elapsed().as_secs_f64());
-                    if let (Ok(res), Some(c0), Some(c1)) = (&r, c0, c1) {
-                        // Cores busy over the client's run, per Gbit/s it achieved. The gVisor
-                        // run's wall time includes sandbox start, so only the netns path and
-                        // squid are counted.
-                        let span = self.plan.duration_s + self.plan.warmup_s;
+                    let (c1, q1, wall) = (
+                        Self::cpu_of(&pids),
+                        irq_seconds(),
+                        t0.elapsed().as_secs_f64(),
+                    );
+                    // Cores busy over the client's run, per Gbit/s it achieved: the proxy
+                    // processes' and the machine's interrupt/softirq time (where the proxy's
+                    // in-kernel fast path runs). The gVisor run's wall time includes sandbox
+                    // start, so only the netns paths are counted.
+                    let span = self.plan.duration_s + self.plan.warmup_s;
+                    if let (Ok(res), Some(q0), Some(q1)) = (&r, q0, q1) {
                         if !p.is_gvisor() && res.rate_bps > 0.0 && wall > 0.0 {
-                            let cores = (c1 - c0) / span.min(wall);
-                            cpu_per_gbit
-                                .entry((name(v), p))
-                                .or_default()
-                                .push(cores / (res.rate_bps / 1e9));
+                            let secs = span.min(wall);
+                            let proc_cores = c0.zip(c1).map(|(a, b)| (b - a) / secs);
+                            cpu_parts.entry((name(v), p)).or_default().push(CpuPart {
+                                proc_cores,
+                                irq_cores: (q1 - q0) / secs,
+                                gbit: res.rate_bps / 1e9,
+                            });
                         }
                     }
                     if let Err(e) = &r {
@@ -517,6 +575,7 @@ impl<'a> Scenarios<'a> {
                 }
             }
         }
+        let cpu_per_gbit = proxy_cpu_per_gbit(&cpu_parts);
         let mbit = |c: &ClientResult| (c.rate_bps > 0.0).then_some(c.rate_bps / 1e6);
         let get = |v: &str, p: PathKind| {
             ok_values(
@@ -603,7 +662,7 @@ impl<'a> Scenarios<'a> {
             log_y: false,
         };
         let mut notes = vec![format!(
-            "SNAS jobs have MTU {SNAS_MTU} (GENEVE takes 56 bytes of the 1500-byte underlay); the baselines have 1500. Proxy CPU per Gbit: CPU seconds of both SNAS proxies (or squid) during the run divided by the Gbit/s achieved — a proxy that needs 0.5 s per Gbit uses half a core per Gbit/s."
+            "SNAS jobs have MTU {SNAS_MTU} (GENEVE takes 56 bytes of the 1500-byte underlay); the baselines have 1500. Proxy CPU per Gbit: CPU seconds of both SNAS proxies (or squid) during the run, plus the machine's interrupt/softirq time above the direct path's at the same rate (the SNAS fast path runs in softirq and is charged to no process; for SNAS the surplus also holds tier 1 at the node, so it is an upper bound), divided by the Gbit/s achieved — a proxy that needs 0.5 s per Gbit uses half a core per Gbit/s."
         ), "gVisor direct receives the server's TCP super-packets (up to 64 KiB, veth TSO/GRO) as single frames; through SNAS every packet arrives at gVisor MTU-sized, so its netstack handles ~40× more packets per byte.".to_owned()];
         let mut raw = serde_json::Map::new();
         for (v, s) in &samples {
@@ -641,6 +700,8 @@ impl<'a> Scenarios<'a> {
         let mut per_core: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         let mut wall_pps: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         let mut cores_used: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        let mut fast_share: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        let mut prog_core: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         let mut notes = Vec::new();
         let pids = self.paths.proxy_pids();
         for rep in 0..self.plan.reps {
@@ -652,35 +713,79 @@ impl<'a> Scenarios<'a> {
                     payload: size - 28,
                     pace: Pace::Window(32),
                 };
+                // The direct path's interrupt/softirq time per datagram: what the client's
+                // and server's own veths cost on any path, not charged to the proxies.
+                let q0 = irq_seconds();
+                let d = self.run_one("proxy_pps", PathKind::Direct, &w, "api.example.com", 7);
+                let direct_irq_per_packet = match (d, q0, irq_seconds()) {
+                    (Ok(c), Some(a), Some(b)) if c.sent + c.transactions > 0 => {
+                        Some((b - a) / (c.sent + c.transactions) as f64)
+                    }
+                    (Err(e), ..) => {
+                        notes.push(format!("{label} rep {} direct: {e}", rep + 1));
+                        None
+                    }
+                    _ => None,
+                };
+                let stats = BpfStats::enable();
                 let before = (
                     Self::cpu_of(&pids),
+                    irq_seconds(),
                     self.paths.proxy_packets(&["node_rx", "internet_rx"]),
+                    self.fast_packets(),
                 );
+                let b0 = bpf_run_ns(&pids);
                 let t0 = Instant::now();
                 let r = self.run_one("proxy_pps", PathKind::SnasNs, &w, "api.example.com", 7);
                 let wall = t0.elapsed().as_secs_f64();
+                let b1 = bpf_run_ns(&pids);
                 let after = (
                     Self::cpu_of(&pids),
+                    irq_seconds(),
                     self.paths.proxy_packets(&["node_rx", "internet_rx"]),
+                    self.fast_packets(),
                 );
-                match (r, before, after) {
-                    (Ok(c), (Some(c0), Ok(p0)), (Some(c1), Ok(p1))) if c1 > c0 => {
-                        let packets = p1.saturating_sub(p0) as f64;
-                        let cpu = c1 - c0;
-                        per_core.entry(label).or_default().push(packets / cpu);
-                        wall_pps
-                            .entry(label)
-                            .or_default()
-                            .push(packets / c.elapsed_s.max(1e-9));
-                        cores_used.entry(label).or_default().push(cpu / wall);
+                drop(stats);
+                let prog_s = b0.zip(b1).map(|(a, b)| b.saturating_sub(a) as f64 / 1e9);
+                match (r, before, after, direct_irq_per_packet) {
+                    (
+                        Ok(c),
+                        (Some(c0), Some(q0), Ok(p0), Ok(f0)),
+                        (Some(c1), Some(q1), Ok(p1), Ok(f1)),
+                        Some(base),
+                    ) => {
+                        let user = p1.saturating_sub(p0) as f64;
+                        let fast = f1.saturating_sub(f0) as f64;
+                        let packets = user + fast;
+                        let client_packets = (c.sent + c.transactions) as f64;
+                        let irq = ((q1 - q0) - base * client_packets).max(0.0);
+                        let cpu = (c1 - c0) + irq;
+                        if let Some(prog) = prog_s.filter(|&x| x > 0.0 && packets > 0.0) {
+                            prog_core
+                                .entry(label)
+                                .or_default()
+                                .push(packets / ((c1 - c0) + prog));
+                        }
+                        if cpu > 0.0 && packets > 0.0 {
+                            per_core.entry(label).or_default().push(packets / cpu);
+                            wall_pps
+                                .entry(label)
+                                .or_default()
+                                .push(packets / c.elapsed_s.max(1e-9));
+                            cores_used.entry(label).or_default().push(cpu / wall);
+                            fast_share.entry(label).or_default().push(fast / packets);
+                        }
                         rows.entry(label).or_default().push(json!({
-                            "packets": packets, "proxy_cpu_s": cpu, "wall_s": wall,
-                            "client": c,
+                            "packets": packets, "fast_path_packets": fast,
+                            "proxy_process_cpu_s": c1 - c0, "irq_s": q1 - q0,
+                            "direct_irq_s_per_packet": base, "charged_irq_s": irq,
+                            "fast_path_programs_s": prog_s,
+                            "wall_s": wall, "client": c,
                         }));
                     }
                     (Err(e), ..) => notes.push(format!("{label} rep {}: {e}", rep + 1)),
-                    (_, b, a) => notes.push(format!(
-                        "{label} rep {}: no proxy CPU/packet figures (before {b:?}, after {a:?})",
+                    (_, b, a, base) => notes.push(format!(
+                        "{label} rep {}: no proxy CPU/packet figures (before {b:?}, after {a:?}, direct softirq per packet {base:?})",
                         rep + 1
                     )),
                 }
@@ -691,8 +796,10 @@ impl<'a> Scenarios<'a> {
                 "packet".into(),
                 "packets/s per proxy core".into(),
                 "Gbit/s per core".into(),
+                "packets/s per core, programs only".into(),
                 "packets/s through the proxies".into(),
                 "proxy cores busy".into(),
+                "share in the fast path".into(),
             ],
             rows: Vec::new(),
         };
@@ -703,15 +810,17 @@ impl<'a> Scenarios<'a> {
                 label.into(),
                 fmt_spread(&pc, 0),
                 fmt_spread(&gbit, 2),
+                fmt_spread(prog_core.get(label).map_or(&[][..], |v| v), 0),
                 fmt_spread(wall_pps.get(label).map_or(&[][..], |v| v), 0),
                 fmt_spread(cores_used.get(label).map_or(&[][..], |v| v), 2),
+                fmt_spread(fast_share.get(label).map_or(&[][..], |v| v), 2),
             ]);
         }
         ScenarioResult {
             id: "proxy_pps".into(),
             title: "Proxy packet rate per core (established UDP flows)".into(),
             method: format!(
-                "A SNAS job floods the UDP echo service (api.example.com:7) from 8 sockets with at most 32 datagrams unanswered each, for {} s, with 64-byte and 1400-byte IP packets. Packets = the proxies' `snas_proxy_packets_total` for node_rx + internet_rx (each forwarded packet once); CPU = user + system time of both proxy processes. Packets per proxy CPU-second is the rate one core sustains; the flood, the echo server and the node share the same 2 cores, so the wall-clock rate is lower. Cells: median over {} repetitions (min–max).",
+                "A SNAS job floods the UDP echo service (api.example.com:7) from 8 sockets with at most 32 datagrams unanswered each, for {} s, with 64-byte and 1400-byte IP packets. Packets = what the proxies' workers carried (`snas_proxy_packets_total`, node_rx + internet_rx) plus what their in-kernel fast path carried (`snas_proxy_fastpath_packets_total`, to_internet + to_nodes): each forwarded packet once. CPU = user + system time of both proxy processes plus the machine's interrupt/softirq time (where the fast path runs, charged to no process) above what the same flood costs there on the direct path, per datagram the client sent or received (measured right before, in the same repetition). That surplus also holds tier 1's work at the node and the overlay's extra veth hops, so the CPU is an upper bound and the rate per core a lower bound; softirq time is sampled at the scheduler tick (about ±1% over a run). *Programs only* charges instead the proxies' processes plus the run time of the fast path's own BPF programs (`run_time_ns`, with `kernel.bpf_stats_enabled` on for the SNAS run): it leaves out the redirect's transmit work after the program, so it is the upper bound of the rate; the truth lies between the two columns. Packets per proxy CPU-second is the rate one core sustains; the flood, the echo server and the node share the same 2 cores, so the wall-clock rate is lower. Cells: median over {} repetitions (min–max).",
                 self.plan.duration_s, self.plan.reps
             ),
             charts: vec![BarChart {

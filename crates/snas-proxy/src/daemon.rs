@@ -270,6 +270,9 @@ impl Daemon {
             None
         };
         engine.set_offload(fast.is_some());
+        // Short connections stay in userspace: installing and removing them would cost more
+        // map system calls on their own packets' path than the fast path saves them.
+        engine.set_offload_min_packets(crate::offload::FAST_AFTER_PACKETS);
         let gaddr = SocketAddrV4::new(cfg.underlay_addr, GENEVE_PORT);
         let mut socks = Vec::with_capacity(n);
         for _ in 0..n {

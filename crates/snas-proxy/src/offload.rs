@@ -17,6 +17,10 @@
 //! - A flow leaves the fast path when its state leaves "established" (FIN or RST seen — the
 //!   fast path never carries those) before the packet that changed it is forwarded.
 //! - Nothing is queued while offload is disabled (the daemon has no fast path).
+//! - A flow is installed only once it has carried [`Offloads::set_min_packets`] packets
+//!   through the engine after its first client payload (the proxy uses
+//!   [`FAST_AFTER_PACKETS`]): short connections never touch the maps. The count restarts
+//!   with each connection on a reused 5-tuple.
 //!
 //! # Limits
 //! - IPv4 TCP and UDP flows only (the fast path's programs parse nothing else).
@@ -26,7 +30,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use snas_wire::{L4Proto, PolicySerial, TenantId};
 
-use crate::conntrack::{FlowKey, FlowState};
+use crate::conntrack::{FlowCounters, FlowId, FlowKey, FlowState};
 use crate::pacer::PaceRate;
 
 /// The rates of the four pacer clocks a fast flow's packets are charged to.
@@ -76,6 +80,14 @@ pub enum OffloadEvent {
 #[derive(Debug, Default)]
 pub struct Offloads {
     enabled: bool,
+    /// Packets (both ways) a flow must have carried through the engine before it may be
+    /// installed ([`Offloads::set_min_packets`]).
+    min_packets: u64,
+    /// Flows whose first client payload has passed the engine, with their packet count (both
+    /// ways) at that packet: the threshold counts from there (a download's later client
+    /// packets are bare ACKs: the flow is installed at one of those).
+    payload_seen: HashMap<FlowId, u64>,
+    prune_at: usize,
     installed: HashMap<FlowKey, FastFlow>,
     events: Vec<OffloadEvent>,
 }
@@ -90,10 +102,65 @@ impl Offloads {
     pub fn set_enabled(&mut self, on: bool) {
         self.enabled = on;
         if !on {
+            self.payload_seen = HashMap::new();
             for (_, f) in self.installed.drain() {
                 self.events.push(OffloadEvent::Remove(f));
             }
         }
+    }
+
+    /// A flow becomes eligible only once it has carried `n` packets (either way) through the
+    /// engine after its first client payload: a short connection then costs the fast path's
+    /// maps nothing (see [`FAST_AFTER_PACKETS`]). 0: at its first client payload.
+    pub fn set_min_packets(&mut self, n: u64) {
+        self.min_packets = n;
+    }
+
+    /// Whether flow `id`, whose counters are `c`, has carried the threshold's packets since its
+    /// first client payload. A packet that carries client payload (`client_payload`) starts the
+    /// count when none runs for `id`; `live` says which remembered handles are still live
+    /// flows (handles are pruned when the set has doubled since its last pruning: amortised
+    /// O(1), and at most twice the live flows being counted are remembered).
+    pub fn proven(
+        &mut self,
+        id: FlowId,
+        c: &FlowCounters,
+        client_payload: bool,
+        live: impl Fn(FlowId) -> bool,
+    ) -> bool {
+        if self.min_packets == 0 {
+            return true;
+        }
+        let total = u64::from(c.packets_out) + u64::from(c.packets_in);
+        if let Some(&base) = self.payload_seen.get(&id) {
+            return total.saturating_sub(base) >= self.min_packets;
+        }
+        if self.enabled && client_payload {
+            self.payload_seen.insert(id, total);
+            if self.payload_seen.len() >= self.prune_at.max(PRUNE_MIN) {
+                self.payload_seen.retain(|&x, _| live(x));
+                self.prune_at = self.payload_seen.len() * 2;
+            }
+        }
+        false
+    }
+
+    /// Whether a count runs for `id` (its first client payload has passed the engine).
+    pub fn payload_seen(&self, id: FlowId) -> bool {
+        !self.payload_seen.is_empty() && self.payload_seen.contains_key(&id)
+    }
+
+    /// Ends the count of `id` (installed, or its connection is closing: a new connection on
+    /// the same 5-tuple starts from its own first payload).
+    pub fn forget_payload(&mut self, id: FlowId) {
+        if !self.payload_seen.is_empty() {
+            self.payload_seen.remove(&id);
+        }
+    }
+
+    /// Flows being counted (live or not yet pruned).
+    pub fn payload_seen_len(&self) -> usize {
+        self.payload_seen.len()
     }
 
     /// The installed flow of `key`, if any.
@@ -143,6 +210,19 @@ impl Offloads {
         !self.events.is_empty()
     }
 }
+
+/// The proxy's threshold for [`Offloads::set_min_packets`]: a flow goes to the fast path
+/// after 16 packets (either way) through the engine following its first client payload.
+/// Installing and removing a flow costs about a dozen map system calls (flow entries,
+/// counters, the job's and tenant's clocks) on the packets' own path, which a
+/// connect-request-close connection (about 5 packets from its request on) would pay in full
+/// and gain nothing from; a bulk transfer passes 16 packets within its first round trips, and
+/// a request/response connection within its first 8 exchanges. Measured in docs/benchmarks.md ("TCP_CRR and
+/// the fast path").
+pub const FAST_AFTER_PACKETS: u64 = 16;
+
+/// [`Offloads::note_payload`] prunes its set no earlier than at this size.
+const PRUNE_MIN: usize = 1024;
 
 /// Jobs limited below this (either way) are never offloaded: their pacing stays in the
 /// userspace pacer, which delays packets (the fast path can only divert them). Measured on the

@@ -984,6 +984,13 @@ impl Tier2 {
         self.offload.set_enabled(on);
     }
 
+    /// Packets (either way) a flow must carry through the engine after its first client
+    /// payload before it is offloaded (the daemon uses [`offload::FAST_AFTER_PACKETS`]; 0, the
+    /// default: at its first client payload).
+    pub fn set_offload_min_packets(&mut self, n: u64) {
+        self.offload.set_min_packets(n);
+    }
+
     /// Takes the pending [`OffloadEvent`]s, oldest first. The daemon mirrors them into the fast
     /// path's maps under the same lock hold, before the packets of the batch are written.
     pub fn drain_offload_events(&mut self) -> std::vec::Drain<'_, OffloadEvent> {
@@ -1006,7 +1013,9 @@ impl Tier2 {
     /// handshake answered, no FIN or RST; UDP answered), and `client_payload`: the flow's first
     /// client payload has passed through the engine (the packet being forwarded carries it),
     /// and the job's limits are at least [`offload::MIN_FAST_RATE_BPS`] both ways (below, the
-    /// userspace pacer, which can delay packets, keeps the job).
+    /// userspace pacer, which can delay packets, keeps the job). An eligible flow is then
+    /// installed once it has carried the offload threshold's packets through the engine after
+    /// its first client payload ([`Tier2::set_offload_min_packets`]).
     /// A check that must see more of a flow in userspace adds its condition here: a flow it
     /// has not passed is never installed. The name check ([`crate::names`]) does: a flow whose
     /// first payload is held, being released, or was refused stays in userspace.
@@ -1048,12 +1057,26 @@ impl Tier2 {
             || !offload::fast_rates(policy.limits.egress_bps, policy.limits.ingress_bps)
         {
             self.offload.remove(key);
+            self.offload.forget_payload(id);
             return;
         }
-        // A flow installed once needs no new payload to follow its policy's renewal.
-        if !self.offload_eligible(id, &info, policy, client_payload || installed) {
+        // A flow installed once needs no new payload to follow its policy's renewal; one whose
+        // first payload passed before it was proven long is installed at a later packet.
+        let payload = client_payload || installed || self.offload.payload_seen(id);
+        if !self.offload_eligible(id, &info, policy, payload) {
             return;
         }
+        let conntrack = &self.conntrack;
+        if !installed
+            && !self
+                .offload
+                .proven(id, &info.counters, client_payload, |x| {
+                    conntrack.info(x).is_some()
+                })
+        {
+            return;
+        }
+        self.offload.forget_payload(id);
         let IpAddr::V4(egress_ip) = info.egress_ip else {
             return;
         };

@@ -440,3 +440,118 @@ fn a_job_limited_below_a_gigabit_stays_with_the_userspace_pacer() {
     f.send(&seg(40040, DATA, b"x"));
     assert!(f.events().is_empty());
 }
+
+/// A connect-request-response-close connection as a TCP_CRR client makes it (the server
+/// closes first).
+fn short_connection(f: &mut Fixture, sport: u16) {
+    let port = f.established(sport);
+    f.send(&seg(sport, TcpFlags::ACK, b""));
+    f.send(&seg(sport, DATA, b"GET / HTTP/1.1\r\n\r\n"));
+    f.receive(&reply(port, DATA, b"HTTP/1.1 200 OK\r\n\r\n"));
+    f.receive(&reply(port, TcpFlags::FIN | TcpFlags::ACK, b""));
+    f.send(&seg(sport, TcpFlags::FIN | TcpFlags::ACK, b""));
+    f.receive(&reply(port, TcpFlags::ACK, b""));
+}
+
+fn with_threshold() -> Fixture {
+    let mut f = Fixture::new();
+    f.tier2
+        .set_offload_min_packets(snas_proxy::offload::FAST_AFTER_PACKETS);
+    f
+}
+
+#[test]
+fn with_the_proxys_threshold_a_thousand_short_connections_never_touch_the_fast_path() {
+    // 1,000: the policy's per-destination port cap bounds how many may be open at once.
+    let mut f = with_threshold();
+    for i in 0..1000u16 {
+        short_connection(&mut f, 20000 + i);
+        assert!(f.events().is_empty(), "connection {i} was offloaded");
+    }
+    assert_eq!(f.tier2.offloaded_flows(), 0);
+}
+
+#[test]
+fn short_connections_that_reuse_one_5_tuple_never_add_up_to_a_long_flow() {
+    let mut f = with_threshold();
+    for i in 0..500 {
+        short_connection(&mut f, 20000);
+        assert!(f.events().is_empty(), "connection {i} was offloaded");
+        // The client's port comes round again once the closed flow is gone or reusable.
+        f.mono = f.mono.saturating_add(Duration::from_secs(1));
+        let now = f.now();
+        f.tier2.tick(&f.policies, now);
+    }
+    assert_eq!(f.tier2.offloaded_flows(), 0);
+}
+
+#[test]
+fn without_a_threshold_a_short_connection_is_installed_and_removed() {
+    let mut f = Fixture::new();
+    short_connection(&mut f, 20000);
+    let ev = f.events();
+    assert_eq!(installed(&ev).len(), 1, "{ev:?}");
+    assert_eq!(removed(&ev), vec![key(20000)]);
+}
+
+#[test]
+fn a_flow_is_installed_at_the_client_packet_that_reaches_the_threshold() {
+    let mut f = with_threshold();
+    let n = snas_proxy::offload::FAST_AFTER_PACKETS;
+    let port = f.established(40000);
+    // Request/response exchanges, 2 packets each, counted from the first request on.
+    f.send(&seg(40000, DATA, b"ping"));
+    let mut after = 0;
+    loop {
+        f.receive(&reply(port, DATA, b"pong"));
+        after += 1;
+        assert!(f.events().is_empty(), "a reply never installs");
+        f.send(&seg(40000, DATA, b"ping"));
+        after += 1;
+        if after >= n {
+            break;
+        }
+        assert!(
+            f.events().is_empty(),
+            "installed {after} packets after the first payload"
+        );
+    }
+    let fast = installed(&f.events());
+    assert_eq!(fast.len(), 1);
+    assert_eq!(fast[0].key, key(40000));
+    assert_eq!(f.tier2.offloaded_flows(), 1);
+}
+
+#[test]
+fn a_download_is_installed_at_the_first_client_ack_past_the_threshold() {
+    let mut f = with_threshold();
+    let n = snas_proxy::offload::FAST_AFTER_PACKETS;
+    let port = f.established(40000);
+    f.send(&seg(40000, DATA, b"GET /big HTTP/1.1\r\n\r\n"));
+    assert!(f.events().is_empty());
+    let chunk = vec![0x5a; 1400];
+    for _ in 0..n {
+        f.receive(&reply(port, DATA, &chunk));
+    }
+    assert!(f.events().is_empty(), "only a client packet installs");
+    f.send(&seg(40000, TcpFlags::ACK, b""));
+    assert_eq!(installed(&f.events()).len(), 1, "the ACK of a proven flow");
+}
+
+#[test]
+fn a_flow_that_never_sent_payload_is_not_installed_however_long() {
+    // A server-first protocol: the name check sees the client's first payload when it comes,
+    // so nothing may bypass the engine before it.
+    let mut f = with_threshold();
+    let port = f.established(40000);
+    for _ in 0..100 {
+        f.receive(&reply(port, DATA, b"220 smtp.example ready"));
+        f.send(&seg(40000, TcpFlags::ACK, b""));
+    }
+    assert!(f.events().is_empty());
+    f.send(&seg(40000, DATA, b"EHLO client"));
+    assert!(
+        f.events().is_empty(),
+        "the count starts at the first payload"
+    );
+}
