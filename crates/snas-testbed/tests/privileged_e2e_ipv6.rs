@@ -296,14 +296,20 @@ fn the_widest_ipv6_policy_reaches_the_internet_but_no_ipv6_infrastructure() {
     ] {
         assert_refused6(&job, ip, 80, what);
     }
-    // The node through the job's own link-local gateway: never reached. Today tier 1 drops
-    // this SYN without answering (the client times out) instead of resetting it; see
-    // docs/tier1.md.
+    // The node through the job's own link-local gateway: never reached. The kernel sends to a
+    // link-local destination from the job's link-local address, not its /128, so tier 1 drops
+    // the SYN as `spoofed_source` and, as for every spoofed packet, answers nothing (the
+    // client times out); see docs/tier1.md.
+    let spoofed = tier1_drops(&tb, &job, "spoofed_source");
     let out = job.python(PY_REFUSED6, &["fe80::1%eth0", "80"]);
     println!("[fe80::1%eth0]:80 (the job's own IPv6 gateway, the node): {out}");
     assert!(
         !out.starts_with("CONNECTED"),
         "the node answered on its link-local gateway: {out}"
+    );
+    assert!(
+        tier1_drops(&tb, &job, "spoofed_source") > spoofed,
+        "the SYN to fe80::1 was not dropped as spoofed_source"
     );
 }
 
