@@ -429,6 +429,7 @@ impl Agent {
             self.config.sandbox_mtu(),
             &self.config.netns_dir,
         );
+        info.sandbox6 = self.config.sandbox_ip6(addrs.sandbox);
         if let Some(c) = &policy.claims {
             info.gso_max_size = crate::jobnet::sandbox_gso_max_size(
                 c.limits.egress_bps.get(),

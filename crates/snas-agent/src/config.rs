@@ -13,7 +13,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
 use crate::naming::{MAX_HOST_VETH_PREFIX, SHORT_ID_HEX};
@@ -78,6 +78,13 @@ pub struct AgentConfig {
     /// sandbox odd, RFC 3021).
     #[serde(default = "default_job_prefix_len")]
     pub job_prefix_len: u8,
+    /// Whether jobs get an IPv6 address and route (dual stack). Default true.
+    #[serde(default = "default_true")]
+    pub job_ipv6: bool,
+    /// Per-node IPv6 prefix of the jobs' addresses: each job gets one /128, the prefix with its
+    /// sandbox IPv4 address as the low 32 bits (see docs/agent.md, "Addressing plan").
+    #[serde(default = "default_job_pool6")]
+    pub job_pool6: Ipv6Net,
     /// Unix socket of the local API.
     #[serde(default = "default_api_socket")]
     pub api_socket: PathBuf,
@@ -185,6 +192,15 @@ fn default_underlay_mtu() -> u32 {
 }
 fn default_job_pool() -> Ipv4Net {
     Ipv4Net::new(Ipv4Addr::new(10, 255, 0, 0), 16).unwrap_or_default()
+}
+/// `fd73:6e61:7300::/64`: a ULA ("sna" in the global ID), the same on every node like the
+/// default `job_pool` (jobs' addresses never leave the node: the proxies translate them).
+pub const DEFAULT_JOB_POOL6: Ipv6Net = Ipv6Net::new_assert(
+    std::net::Ipv6Addr::new(0xfd73, 0x6e61, 0x7300, 0, 0, 0, 0, 0),
+    64,
+);
+fn default_job_pool6() -> Ipv6Net {
+    DEFAULT_JOB_POOL6
 }
 fn default_job_prefix_len() -> u8 {
     30
@@ -306,6 +322,25 @@ impl AgentConfig {
                     "{} has host bits set (did you mean {}?)",
                     self.job_pool,
                     self.job_pool.trunc()
+                ),
+            ));
+        }
+        if self.job_pool6.prefix_len() > 96 {
+            return Err(invalid(
+                "job_pool6",
+                format!(
+                    "{} is longer than /96 (the low 32 bits hold the job's IPv4 address)",
+                    self.job_pool6
+                ),
+            ));
+        }
+        if self.job_pool6.network() != self.job_pool6.addr() {
+            return Err(invalid(
+                "job_pool6",
+                format!(
+                    "{} has host bits set (did you mean {}?)",
+                    self.job_pool6,
+                    self.job_pool6.trunc()
                 ),
             ));
         }
@@ -438,6 +473,9 @@ impl AgentConfig {
         out.push(host(IpAddr::V4(self.underlay_address)));
         out.extend(self.proxies.iter().copied().map(host));
         out.push(ipnet::IpNet::V4(self.job_pool));
+        if self.job_ipv6 {
+            out.push(ipnet::IpNet::V6(self.job_pool6));
+        }
         out.push(host(IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254))));
         out.push(host(IpAddr::V6(std::net::Ipv6Addr::new(
             0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254,
@@ -445,6 +483,16 @@ impl AgentConfig {
         out.sort();
         out.dedup();
         out
+    }
+
+    /// The IPv6 address of the job whose sandbox IPv4 address is `sandbox`, or `None` when
+    /// jobs are IPv4-only (`job_ipv6 = false`): `job_pool6` with `sandbox` as its low 32 bits.
+    pub fn sandbox_ip6(&self, sandbox: Ipv4Addr) -> Option<std::net::Ipv6Addr> {
+        self.job_ipv6.then(|| {
+            std::net::Ipv6Addr::from(
+                u128::from(self.job_pool6.network()) | u128::from(u32::from(sandbox)),
+            )
+        })
     }
 
     /// The MTU given to each sandbox: underlay MTU minus the overlay header.
@@ -509,11 +557,42 @@ trust_bundle = "/etc/snas/trust.json"
             "10.255.0.0/16",
             "169.254.169.254/32",
             "fd00:ec2::254/128",
+            "fd73:6e61:7300::/64",
         ] {
             assert!(set.iter().any(|s| s == want), "{want} missing from {set:?}");
         }
         let err = parse(&format!("{MINIMAL}\ninfrastructure = [\"not-a-net\"]\n")).unwrap_err();
         assert!(err.to_string().contains("infrastructure"), "{err}");
+    }
+
+    #[test]
+    fn jobs_get_an_ipv6_address_that_embeds_their_ipv4_address() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.job_pool6.to_string(), "fd73:6e61:7300::/64");
+        assert_eq!(
+            c.sandbox_ip6(Ipv4Addr::new(10, 255, 0, 2)),
+            Some("fd73:6e61:7300::aff:2".parse().unwrap())
+        );
+        let c = parse(&format!("{MINIMAL}\njob_pool6 = \"2001:db8:77::/96\"\n")).unwrap();
+        assert_eq!(
+            c.sandbox_ip6(Ipv4Addr::new(10, 255, 3, 6)),
+            Some("2001:db8:77::aff:306".parse().unwrap())
+        );
+        let off = parse(&format!("{MINIMAL}\njob_ipv6 = false\n")).unwrap();
+        assert_eq!(off.sandbox_ip6(Ipv4Addr::new(10, 255, 0, 2)), None);
+        assert!(!off
+            .infrastructure_set()
+            .iter()
+            .any(|n| n.to_string() == "fd73:6e61:7300::/64"));
+    }
+
+    #[test]
+    fn job_pool6_longer_than_96_bits_or_with_host_bits_is_rejected() {
+        let err = parse(&format!("{MINIMAL}\njob_pool6 = \"fd00::/120\"\n")).unwrap_err();
+        assert_eq!(err.field(), Some("job_pool6"), "{err}");
+        let err = parse(&format!("{MINIMAL}\njob_pool6 = \"fd00::1/64\"\n")).unwrap_err();
+        assert_eq!(err.field(), Some("job_pool6"), "{err}");
+        assert!(err.to_string().contains("fd00::/64"), "{err}");
     }
 
     #[test]

@@ -157,17 +157,15 @@ pub fn job_config(
         new_conn_per_sec: u64::from(l.new_connections_per_sec),
         new_conn_burst: u64::from(l.new_connections_burst),
         max_connections: l.max_connections,
-        ipv6_rules: claims.egress.iter().any(|r| {
-            matches!(
-                r,
-                EgressRule::Cidr {
-                    cidr: ipnet::IpNet::V6(_),
-                    ..
-                }
-            )
-        }),
-        // Sandboxes get IPv4 only (the job pool is IPv4), so tier 1 drops their IPv6.
-        sandbox_ip6: None,
+        // IPv6 goes through tier 1 for a dual-stack job whose policy can allow an IPv6
+        // destination: an IPv6 CIDR rule, or a host rule (its name may have AAAA records,
+        // which the DNS stub installs as they are answered).
+        ipv6_rules: net.sandbox6.is_some()
+            && claims.egress.iter().any(|r| match r {
+                EgressRule::Cidr { cidr, .. } => cidr.addr().is_ipv6(),
+                EgressRule::Host { .. } => true,
+            }),
+        sandbox_ip6: net.sandbox6,
         expires_at: Some(job.policy.expires_at()),
         dns_budget,
         audit_mode: claims.mode == Mode::Audit,
@@ -202,22 +200,27 @@ pub fn deny_rules(job: &JobAttachment<'_>) -> Vec<(ipnet::IpNet, PortRule)> {
         .collect()
 }
 
-/// The policy's IPv4 CIDR rules grouped per (network, allow_private), as tier 1 takes them.
-pub fn cidr_rules(job: &JobAttachment<'_>) -> BTreeMap<(ipnet::Ipv4Net, bool), Vec<PortRule>> {
-    let mut out: BTreeMap<(ipnet::Ipv4Net, bool), Vec<PortRule>> = BTreeMap::new();
+/// The policy's CIDR rules grouped per (network, allow_private), as tier 1 takes them. IPv6
+/// networks only for a dual-stack job: an IPv4-only sandbox cannot use them.
+pub fn cidr_rules(job: &JobAttachment<'_>) -> BTreeMap<(ipnet::IpNet, bool), Vec<PortRule>> {
+    let mut out: BTreeMap<(ipnet::IpNet, bool), Vec<PortRule>> = BTreeMap::new();
     let Some(claims) = job.policy.claims.as_ref() else {
         return out;
     };
+    let ipv6 = job.net.sandbox6.is_some();
     for rule in &claims.egress {
         if let EgressRule::Cidr {
-            cidr: ipnet::IpNet::V4(net),
+            cidr,
             ports,
             protocol,
             allow_private,
         } = rule
         {
+            if cidr.addr().is_ipv6() && !ipv6 {
+                continue;
+            }
             let proto = *protocol;
-            out.entry((*net, *allow_private))
+            out.entry((*cidr, *allow_private))
                 .or_default()
                 .push(PortRule {
                     proto,
@@ -229,14 +232,37 @@ pub fn cidr_rules(job: &JobAttachment<'_>) -> BTreeMap<(ipnet::Ipv4Net, bool), V
     out
 }
 
+/// Writes one CIDR allow entry into the map of its family.
+fn allow_net(
+    t: &Tier1,
+    job_key: JobKey,
+    net: ipnet::IpNet,
+    rules: &[PortRule],
+    allow_private: bool,
+) -> Result<(), DataplaneError> {
+    match net {
+        ipnet::IpNet::V4(n) => t.allow_cidr(job_key, n, rules, allow_private),
+        ipnet::IpNet::V6(n) => t.allow_cidr6(job_key, n, rules, allow_private),
+    }
+    .map_err(err(&format!("allow {net}")))
+}
+
+/// Removes one CIDR allow entry from the map of its family.
+fn revoke_net(t: &Tier1, job_key: JobKey, net: ipnet::IpNet) -> Result<(), DataplaneError> {
+    match net {
+        ipnet::IpNet::V4(n) => t.revoke_cidr(job_key, n),
+        ipnet::IpNet::V6(n) => t.revoke_cidr6(job_key, n),
+    }
+    .map_err(err(&format!("revoke {net}")))
+}
+
 impl Tier1Dataplane {
     fn program_rules(&self, t: &Tier1, job: &JobAttachment<'_>) -> Result<(), DataplaneError> {
         // Deny rules first: an allow entry never exists without the deny entries that cut it.
         t.set_deny(job.policy.job_key, &deny_rules(job))
             .map_err(err("deny rules"))?;
         for ((net, allow_private), rules) in cidr_rules(job) {
-            t.allow_cidr(job.policy.job_key, net, &rules, allow_private)
-                .map_err(err(&format!("allow {net}")))?;
+            allow_net(t, job.policy.job_key, net, &rules, allow_private)?;
         }
         Ok(())
     }
@@ -273,8 +299,7 @@ impl Dataplane for Tier1Dataplane {
             .map_err(err("deny rules"))?;
         for (key @ (net, allow_private), rules) in &after {
             if before.get(key) != Some(rules) {
-                t.allow_cidr(new.policy.job_key, *net, rules, *allow_private)
-                    .map_err(err(&format!("allow {net}")))?;
+                allow_net(&t, new.policy.job_key, *net, rules, *allow_private)?;
             }
         }
         t.configure_job(&cfg).map_err(err("configure job"))?;
@@ -284,8 +309,7 @@ impl Dataplane for Tier1Dataplane {
             if !after.contains_key(&(*net, *allow_private))
                 && !after.contains_key(&(*net, !*allow_private))
             {
-                t.revoke_cidr(new.policy.job_key, *net)
-                    .map_err(err(&format!("revoke {net}")))?;
+                revoke_net(&t, new.policy.job_key, *net)?;
             }
         }
         Ok(())

@@ -6,7 +6,13 @@
 //!   `ip netns exec` and runsc (which takes a netns path) can use it;
 //! - host veth `<host_veth>` with the gateway address, and its peer created directly as `eth0`
 //!   inside the namespace with the sandbox address, tx checksum/segmentation offloads off, MTU =
-//!   underlay MTU − 56, `lo` up, default route via the gateway.
+//!   underlay MTU − 56, `lo` up, default route via the gateway;
+//! - for a dual-stack job ([`JobNetInfo::sandbox6`]): the host veth also holds the link-local
+//!   [`GATEWAY6`] and `eth0` the job's IPv6 /128, both without duplicate address detection so
+//!   they are usable at once; `eth0` neither accepts router advertisements nor autoconfigures
+//!   addresses (its only global address is the one the agent gave it, which tier 1 checks as
+//!   the source), and its IPv6 default route goes via [`GATEWAY6`]. The host answers the
+//!   sandbox's neighbour solicitations for it (tier 1 passes neighbour discovery to the host).
 //!
 //! The one set-up thread opens a netlink socket in the host namespace first, then unshares and
 //! opens a second one inside the new namespace; each socket stays bound to its namespace, so no
@@ -21,7 +27,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -36,6 +42,11 @@ use crate::netlink::{NetlinkError, Rtnl};
 use crate::pool::JobAddrs;
 
 const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// The IPv6 gateway of every dual-stack job: a link-local address on the host veth. Link-local
+/// addresses are per link, so every job's veth holds the same one, and the sandbox's route
+/// needs nothing from the node's own addressing.
+pub const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 /// Errors from creating, inspecting or removing a job network. Each names the object.
 #[derive(Debug, thiserror::Error)]
@@ -107,15 +118,18 @@ pub struct JobNetInfo {
     /// MAC address of the sandbox interface.
     #[serde(default)]
     pub sandbox_mac: [u8; 6],
+    /// The sandbox's IPv6 address (a /128, default route via [`GATEWAY6`]); `None` for an
+    /// IPv4-only job (`job_ipv6 = false`, or a record written before dual stack).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox6: Option<Ipv6Addr>,
 }
 
 impl JobNetInfo {
-    /// Whether the sandbox has an IPv6 route. Never yet: the job pool is IPv4, so the sandbox
-    /// has no IPv6 address and tier 1 drops its IPv6 (`ipv6_denied`); the DNS stub answers its
-    /// AAAA queries with NODATA at once instead of spending the job's budget on addresses it
-    /// cannot reach. A dual-stack job network answers true here.
+    /// Whether the sandbox has an IPv6 address and route. Without them tier 1 drops its IPv6
+    /// (`ipv6_denied`) and the DNS stub answers its AAAA queries with NODATA at once instead of
+    /// spending the job's budget on addresses it cannot reach.
     pub fn has_ipv6_route(&self) -> bool {
-        false
+        self.sandbox6.is_some()
     }
 
     /// The info for a job whose objects are (to be) named `names` in `netns_dir`.
@@ -134,6 +148,7 @@ impl JobNetInfo {
             host_ifindex: 0,
             host_mac: [0; 6],
             sandbox_mac: [0; 6],
+            sandbox6: None,
         }
     }
 }
@@ -299,6 +314,9 @@ fn setup_in_new_netns(info: &JobNetInfo, owns_veth: &mut bool) -> Result<Created
         .link_index_mac(&info.host_veth)?
         .ok_or_else(|| JobNetError::Vanished(info.host_veth.clone()))?;
     host.add_address_v4(hidx, info.gateway, info.prefix_len)?;
+    if info.sandbox6.is_some() {
+        host.add_address_v6_nodad(hidx, GATEWAY6, 64)?;
+    }
     host.set_up(hidx)?;
 
     let (sidx, sandbox_mac) = ns
@@ -307,13 +325,44 @@ fn setup_in_new_netns(info: &JobNetInfo, owns_veth: &mut bool) -> Result<Created
     Ethtool::open()?.restrict_tx_offloads(&info.sandbox_ifname)?;
     ns.set_up(1)?; // lo is always ifindex 1 in a new namespace
     ns.add_address_v4(sidx, info.sandbox, info.prefix_len)?;
+    if let Some(a6) = info.sandbox6 {
+        sandbox_ipv6_sysctls(&info.sandbox_ifname, path)?;
+        ns.add_address_v6_nodad(sidx, a6, 128)?;
+    }
     ns.set_up(sidx)?;
     ns.add_default_route_v4(info.gateway, sidx)?;
+    if info.sandbox6.is_some() {
+        ns.add_default_route_v6(GATEWAY6, sidx)?;
+    }
     Ok(Created {
         host_ifindex: hidx,
         host_mac,
         sandbox_mac,
     })
+}
+
+/// IPv6 settings of the sandbox interface, written from the set-up thread (which is inside the
+/// job's namespace, so `/proc/sys/net` is the namespace's): no router advertisements, no
+/// address autoconfiguration (the job's only global address is the one tier 1 checks), no
+/// duplicate address detection (the link-local address is usable at once for neighbour
+/// discovery; the veth has one peer).
+fn sandbox_ipv6_sysctls(ifname: &str, netns: &Path) -> Result<(), JobNetError> {
+    for (key, value) in [
+        ("disable_ipv6", "0"),
+        ("accept_ra", "0"),
+        ("autoconf", "0"),
+        ("accept_dad", "0"),
+        ("dad_transmits", "0"),
+        ("router_solicitations", "0"),
+    ] {
+        let file = format!("/proc/sys/net/ipv6/conf/{ifname}/{key}");
+        std::fs::write(&file, value).map_err(|source| JobNetError::Netns {
+            path: netns.to_owned(),
+            op: "write an IPv6 sysctl of the sandbox interface",
+            source: io::Error::new(source.kind(), format!("{file}: {source}")),
+        })?;
+    }
+    Ok(())
 }
 
 fn cstring(path: &Path) -> Result<CString, JobNetError> {

@@ -15,14 +15,14 @@
 //!   ack (or error) for that sequence number, so requests are strictly ordered.
 
 use std::io;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::RawFd;
 
 use netlink_packet_core::{
     NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE,
     NLM_F_EXCL, NLM_F_REQUEST,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -293,6 +293,57 @@ impl Rtnl {
         ];
         self.request(
             || format!("add default route via {gateway}"),
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+        Ok(())
+    }
+
+    /// Adds `addr/prefix_len` to interface `index` without duplicate address detection
+    /// (`nodad`): the address is usable at once. Job addresses are unique by construction
+    /// (the agent hands them out), and the host's link-local gateway address is alone on its
+    /// link.
+    pub fn add_address_v6_nodad(
+        &mut self,
+        index: u32,
+        addr: Ipv6Addr,
+        prefix_len: u8,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet6;
+        msg.header.prefix_len = prefix_len;
+        msg.header.index = index;
+        msg.attributes = vec![
+            AddressAttribute::Address(addr.into()),
+            AddressAttribute::Flags(AddressFlags::Nodad),
+        ];
+        self.request(
+            || format!("add address {addr}/{prefix_len} to link #{index}"),
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+        Ok(())
+    }
+
+    /// Adds the IPv6 default route via `gateway` (a link-local address) on interface `index`
+    /// (main table).
+    pub fn add_default_route_v6(
+        &mut self,
+        gateway: Ipv6Addr,
+        index: u32,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet6;
+        msg.header.table = RouteHeader::RT_TABLE_MAIN;
+        msg.header.protocol = RouteProtocol::Static;
+        msg.header.scope = RouteScope::Universe;
+        msg.header.kind = RouteType::Unicast;
+        msg.attributes = vec![
+            RouteAttribute::Gateway(RouteAddress::Inet6(gateway)),
+            RouteAttribute::Oif(index),
+        ];
+        self.request(
+            || format!("add IPv6 default route via {gateway}"),
             RouteNetlinkMessage::NewRoute(msg),
             NLM_F_CREATE | NLM_F_EXCL,
         )?;

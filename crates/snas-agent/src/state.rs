@@ -198,6 +198,7 @@ mod tests {
                 host_ifindex: 7,
                 host_mac: [2, 0, 0, 0, 0, 1],
                 sandbox_mac: [2, 0, 0, 0, 0, 2],
+                sandbox6: None,
             },
             created_at_unix: 1_900_000_000,
         }

@@ -197,3 +197,69 @@ fn privileged_teardown_is_idempotent() {
     jobnet::teardown_network(&info).unwrap();
     assert!(scope.leftover_netns().is_empty());
 }
+
+/// `nsenter --net=<netns> <args>`: stdout, panicking unless it succeeds.
+fn in_netns(netns: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn privileged_dual_stack_job_has_its_ipv6_address_and_route_at_once() {
+    let scope = Scope::new("v6");
+    let mut info = info(&scope, 0x6666, "10.254.6.0/24", 1, 1444);
+    let a6: std::net::Ipv6Addr = "fd73:6e61:7300::afe:606".parse().unwrap();
+    info.sandbox6 = Some(a6);
+    let net = JobNetwork::create(info).unwrap();
+    let info = net.info().clone();
+    assert!(info.has_ipv6_route());
+
+    // The /128 is there and usable now: neither tentative nor waiting for DAD.
+    let addrs = in_netns(
+        &info.netns_path,
+        &["ip", "-6", "-o", "addr", "show", "dev", "eth0"],
+    );
+    let line = addrs
+        .lines()
+        .find(|l| l.contains(&format!("{a6}/128")))
+        .unwrap_or_else(|| panic!("no {a6}/128 on eth0: {addrs}"));
+    assert!(!line.contains("tentative"), "{line}");
+    let routes = in_netns(&info.netns_path, &["ip", "-6", "route", "show", "default"]);
+    assert!(routes.contains("default via fe80::1 dev eth0"), "{routes}");
+    // The host answers neighbour discovery for the gateway: one datagram to it from the
+    // sandbox and the gateway's link-layer address is known (no tier 1 attached here).
+    in_netns(
+        &info.netns_path,
+        &[
+            "python3",
+            "-c",
+            "import socket,time\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\ns.sendto(b'x',('fe80::1%eth0',9))\ntime.sleep(0.3)",
+        ],
+    );
+    let neigh = in_netns(
+        &info.netns_path,
+        &["ip", "-6", "neigh", "show", "dev", "eth0"],
+    );
+    assert!(
+        neigh.lines().any(|l| l.starts_with("fe80::1 lladdr")),
+        "the gateway did not answer neighbour discovery: {neigh}"
+    );
+    // No router solicitations or autoconfiguration: the job's only global address is its own.
+    for (key, want) in [("accept_ra", "0"), ("autoconf", "0")] {
+        let v = in_netns(
+            &info.netns_path,
+            &["cat", &format!("/proc/sys/net/ipv6/conf/eth0/{key}")],
+        );
+        assert_eq!(v.trim(), want, "{key}");
+    }
+    net.teardown().unwrap();
+}

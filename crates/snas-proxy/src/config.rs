@@ -12,13 +12,16 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
 use crate::budget::QueueLimits;
 use crate::fair::{FairConfig, FairConfigError, FairLimits};
 use crate::hold::{HoldConfig, HoldQueue};
 use crate::infra::{self, METADATA};
+
+/// Longest IPv6 egress prefix accepted (/112: 65536 addresses, the allocator's index space).
+pub const MIN_POOL6_PREFIX: u8 = 112;
 
 /// Most workers accepted (one per core; the machine is small, the check catches typos).
 pub const MAX_WORKERS: usize = 64;
@@ -40,6 +43,11 @@ pub struct ProxyConfig {
     pub trust: PathBuf,
     /// Egress address pool, routed to the TUN device.
     pub egress_pool: Vec<Ipv4Net>,
+    /// IPv6 egress address pool (/112 or longer each), routed to the TUN device: the source
+    /// addresses of jobs' IPv6 flows (SNAT66). Empty: IPv6 destinations are refused
+    /// (`ports_exhausted`, RST / ICMPv6 at once).
+    #[serde(default)]
+    pub egress_pool6: Vec<Ipv6Net>,
     /// TUN device name.
     pub tun_name: String,
     /// Data-path worker threads (each with its own socket and TUN queue).
@@ -354,6 +362,27 @@ impl ProxyConfig {
         if self.egress_pool.is_empty() {
             return Err(bad("egress_pool", "at least one prefix is needed".into()));
         }
+        if let Some(n) = self
+            .egress_pool6
+            .iter()
+            .find(|n| n.prefix_len() < MIN_POOL6_PREFIX)
+        {
+            return Err(bad(
+                "egress_pool6",
+                format!(
+                    "{n} is shorter than /{MIN_POOL6_PREFIX}: the proxy gives every pool address its own port space, at most 65535 addresses in all"
+                ),
+            ));
+        }
+        if self.egress_ips().len() > usize::from(u16::MAX) {
+            return Err(bad(
+                "egress_pool6",
+                format!(
+                    "egress_pool and egress_pool6 hold {} addresses together, at most 65535 are supported",
+                    self.egress_ips().len()
+                ),
+            ));
+        }
         if self.egress_ips().is_empty() {
             return Err(bad(
                 "egress_pool",
@@ -495,6 +524,7 @@ impl ProxyConfig {
         out.extend(self.nodes.iter().map(|n| infra::host(IpAddr::V4(*n))));
         out.extend(self.peers.iter().map(|n| infra::host(IpAddr::V4(*n))));
         out.extend(self.egress_pool.iter().map(|n| IpNet::V4(n.trunc())));
+        out.extend(self.egress_pool6.iter().map(|n| IpNet::V6(n.trunc())));
         out.extend(
             [
                 self.resolver_listen.ip(),
@@ -515,6 +545,13 @@ impl ProxyConfig {
         let mut out = Vec::new();
         for net in &self.egress_pool {
             out.extend(net.hosts().map(IpAddr::V4));
+        }
+        for net in &self.egress_pool6 {
+            let net = net.trunc();
+            // The first address of a prefix is its subnet-router anycast address (RFC 4291
+            // §2.6.1), not a host's.
+            let skip = usize::from(net.prefix_len() < 127);
+            out.extend(net.hosts().skip(skip).map(IpAddr::V6));
         }
         out.dedup();
         out

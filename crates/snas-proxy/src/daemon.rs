@@ -258,6 +258,7 @@ impl Daemon {
         let mut guard = None;
         if data_path {
             tun::configure(&cfg.tun_name, cfg.tun_mtu, &cfg.egress_pool)?;
+            tun::configure6(&cfg.tun_name, &cfg.egress_pool6)?;
             // Before any packet can reach the device from a worker.
             guard = Some(Arc::new(Guard::install(
                 &cfg.tun_name,

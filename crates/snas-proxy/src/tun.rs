@@ -28,7 +28,7 @@ use std::process::Command;
 
 use std::net::Ipv4Addr;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::vnet::{VnetHdr, VNET_HDR_LEN, VNET_TNL_HDR_LEN};
 
@@ -405,6 +405,32 @@ pub fn configure(name: &str, mtu: u32, pool: &[Ipv4Net]) -> Result<(), TunError>
         run_ip(name, &["route", "replace", &net, "dev", name])?;
     }
     ensure_sysctl(name, "/proc/sys/net/ipv4/ip_forward", "1")
+}
+
+/// Carries the IPv6 egress pool on the device (after [`configure`]): IPv6 on the device with no
+/// address of its own (`addr_gen_mode` 1: no link-local, so the kernel has no source for router
+/// solicitations), no router advertisements or autoconfiguration, a route for every prefix of
+/// `pool6`, and IPv6 forwarding in this namespace. Nothing changes for an empty pool: the
+/// device stays IPv4-only.
+pub fn configure6(name: &str, pool6: &[Ipv6Net]) -> Result<(), TunError> {
+    if pool6.is_empty() {
+        return Ok(());
+    }
+    let conf = |key: &str| format!("/proc/sys/net/ipv6/conf/{name}/{key}");
+    for (key, value) in [
+        ("addr_gen_mode", "1"),
+        ("accept_ra", "0"),
+        ("autoconf", "0"),
+        ("router_solicitations", "0"),
+        ("disable_ipv6", "0"),
+    ] {
+        ensure_sysctl(name, &conf(key), value)?;
+    }
+    for net in pool6 {
+        let net = net.trunc().to_string();
+        run_ip(name, &["-6", "route", "replace", &net, "dev", name])?;
+    }
+    ensure_sysctl(name, "/proc/sys/net/ipv6/conf/all/forwarding", "1")
 }
 
 /// Sets the sysctl file `key` to `value` unless it already holds it: an unprivileged container

@@ -213,3 +213,36 @@ fn a_bad_infrastructure_prefix_names_the_field() {
     let e = err(&format!("{TESTBED}infrastructure = [\"10.0.0.0/33\"]\n"));
     assert!(e.contains("infrastructure"), "{e}");
 }
+
+#[test]
+fn an_ipv6_egress_pool_adds_its_addresses_after_the_subnet_router_anycast() {
+    let text = format!("{TESTBED}egress_pool6 = [\"2001:db8:e9::100/120\"]\n");
+    let c = ProxyConfig::parse(&text, Path::new("proxy.toml")).unwrap();
+    let ips = c.egress_ips();
+    // 14 IPv4 host addresses, then 255 IPv6 ones (::100 is the subnet-router anycast).
+    assert_eq!(ips.len(), 14 + 255);
+    assert_eq!(ips[14].to_string(), "2001:db8:e9::101");
+    assert_eq!(ips[ips.len() - 1].to_string(), "2001:db8:e9::1ff");
+    let infra: Vec<String> = c
+        .infrastructure_set()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    assert!(
+        infra.iter().any(|n| n == "2001:db8:e9::100/120"),
+        "{infra:?}"
+    );
+    // Without the field the proxy is IPv4-only, as before.
+    let c = ProxyConfig::parse(TESTBED, Path::new("proxy.toml")).unwrap();
+    assert!(c.egress_pool6.is_empty());
+    assert!(c.egress_ips().iter().all(|ip| ip.is_ipv4()));
+}
+
+#[test]
+fn an_ipv6_egress_prefix_shorter_than_112_bits_names_the_field() {
+    let e = err(&format!("{TESTBED}egress_pool6 = [\"2001:db8:e9::/64\"]\n"));
+    assert!(
+        e.contains("egress_pool6") && e.contains("/112") && e.contains("proxy.toml"),
+        "{e}"
+    );
+}

@@ -1,5 +1,6 @@
 //! The testbed "internet" services: the authoritative DNS server and, on every host address,
-//! HTTP on 80, TCP and UDP echo on 7 and a TCP bulk source/sink on 5201.
+//! HTTP on 80, TCP and UDP echo on 7 and a TCP bulk source/sink on 5201 — on the IPv4 host
+//! addresses and on the IPv6 address of `v6.example.com` / `dual.example.com` (2001:db8::10).
 //!
 //! Owns the sockets and the tokio tasks. [`Internet::bind`] binds everything first (so a
 //! caller learns about a missing address before detaching), then [`Internet::run`] serves until
@@ -33,7 +34,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::task::JoinSet;
 
 use crate::dns::{Transport, Zones};
-use crate::topology::{BULK_PORT, DNS_SERVER, ECHO_PORT, HOSTS, HTTP_PORT};
+use crate::topology::{BULK_PORT, DNS_SERVER, ECHO_PORT, HOSTS, HOST_V6, HTTP_PORT};
 
 /// Largest transfer one bulk request may ask for (1 TiB: effectively unbounded for tests,
 /// but the count always parses).
@@ -131,7 +132,21 @@ impl Internet {
             me.echo_udp.push(udp(at(opts.echo_port)).await?);
             me.bulk.push(tcp(at(opts.bulk_port)).await?);
         }
+        me.bind_ipv6(opts).await?;
         Ok(me)
+    }
+
+    /// The IPv6 side of the internet: HTTP, TCP/UDP echo and bulk on [`HOST_V6`] (the address
+    /// of `v6.example.com` and `dual.example.com`), on the same ports as the IPv4 hosts. The
+    /// HTTP body names the address, so a client sees which family it reached.
+    async fn bind_ipv6(&mut self, opts: &InternetOptions) -> Result<(), InternetError> {
+        let at = |port| SocketAddr::new(IpAddr::V6(HOST_V6), port);
+        let label: Arc<str> = Arc::from(format!("v6.example.com ([{HOST_V6}])"));
+        self.http.push((label, tcp(at(opts.http_port)).await?));
+        self.echo_tcp.push(tcp(at(opts.echo_port)).await?);
+        self.echo_udp.push(udp(at(opts.echo_port)).await?);
+        self.bulk.push(tcp(at(opts.bulk_port)).await?);
+        Ok(())
     }
 
     /// Serves until `shutdown` completes; then every task is aborted.

@@ -179,6 +179,64 @@ pub fn build(t: &Topology) -> Result<(), NetnsError> {
     for n in 1..=NODES {
         sysctl(&t.node_ns(n), "net.ipv4.ip_forward", "1")?;
     }
+    build_ipv6(t)
+}
+
+/// The IPv6 side of the internet: each proxy's transit link gets a /64 (both ends without
+/// duplicate address detection, so they are usable at once), the proxy's IPv6 default route
+/// goes to the internet end, and the internet routes each proxy's IPv6 egress pool to it.
+/// The underlay stays IPv4.
+fn build_ipv6(t: &Topology) -> Result<(), NetnsError> {
+    let inet = t.inet_ns();
+    for n in 1..=PROXIES {
+        let pns = t.proxy_ns(n);
+        let inet_if = Member::Proxy(n).tag();
+        let (inet_side, proxy_side) = t.transit6(n);
+        for (ns, dev, addr) in [
+            (&pns, TRANSIT_IF, proxy_side),
+            (&inet, inet_if.as_str(), inet_side),
+        ] {
+            sysctl(ns, &format!("net.ipv6.conf.{dev}.disable_ipv6"), "0")?;
+            sysctl(ns, &format!("net.ipv6.conf.{dev}.accept_dad"), "0")?;
+            ip(&[
+                "-n",
+                ns,
+                "-6",
+                "addr",
+                "replace",
+                &format!("{addr}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ])?;
+        }
+        ip(&[
+            "-n",
+            &pns,
+            "-6",
+            "route",
+            "replace",
+            "default",
+            "via",
+            &inet_side.to_string(),
+            "dev",
+            TRANSIT_IF,
+        ])?;
+        let (pool6, len6) = t.egress_pool6(n);
+        ip(&[
+            "-n",
+            &inet,
+            "-6",
+            "route",
+            "replace",
+            &format!("{pool6}/{len6}"),
+            "via",
+            &proxy_side.to_string(),
+            "dev",
+            &inet_if,
+        ])?;
+        sysctl(&pns, "net.ipv6.conf.all.forwarding", "1")?;
+    }
     Ok(())
 }
 

@@ -336,6 +336,23 @@ impl Topology {
         (Ipv4Addr::new(198, 51, 100, 64 + 16 * (n - 1)), 28)
     }
 
+    /// IPv6 transit link of proxy `n` (a /64): (internet side, proxy side).
+    pub fn transit6(&self, n: u8) -> (Ipv6Addr, Ipv6Addr) {
+        let net = 0xff00 + u16::from(n);
+        (
+            Ipv6Addr::new(0x2001, 0xdb8, net, 0, 0, 0, 0, 1),
+            Ipv6Addr::new(0x2001, 0xdb8, net, 0, 0, 0, 0, 2),
+        )
+    }
+
+    /// IPv6 egress pool of proxy `n` (a /120: 255 addresses after the subnet-router anycast).
+    pub fn egress_pool6(&self, n: u8) -> (Ipv6Addr, u8) {
+        (
+            Ipv6Addr::new(0x2001, 0xdb8, 0xe9, 0, 0, 0, 0, 0x100 * u16::from(n)),
+            120,
+        )
+    }
+
     /// The proxy's job-identified resolver.
     pub fn proxy_resolver(&self, n: u8) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(self.proxy_addr(n)), PROXY_RESOLVER_PORT)
@@ -361,7 +378,8 @@ impl Topology {
 
     /// The testbed's infrastructure, given to every agent and proxy as `infrastructure`: the
     /// underlay (nodes, proxies, their control, resolver and GENEVE ports), the transit links
-    /// (the proxies' internet side and the gateways), every egress pool, the proxies' upstream
+    /// (the proxies' internet side and the gateways, IPv4 and IPv6), every egress pool (IPv4
+    /// and IPv6), the proxies' upstream
     /// DNS server and every node's job pool (other sandboxes and their gateways). Jobs are
     /// refused these whatever their policy says.
     pub fn infrastructure(&self) -> Vec<ipnet::IpNet> {
@@ -375,6 +393,13 @@ impl Topology {
         }
         out.push(v4((DNS_SERVER, 32)));
         out.push(v4((Ipv4Addr::new(10, 255, 0, 0), 16)));
+        let v6 = |(a, len): (Ipv6Addr, u8)| {
+            ipnet::IpNet::V6(ipnet::Ipv6Net::new(a, len).unwrap_or_default().trunc())
+        };
+        for p in 1..=PROXIES {
+            out.push(v6((self.transit6(p).0, 64)));
+            out.push(v6(self.egress_pool6(p)));
+        }
         out
     }
 }
@@ -426,7 +451,11 @@ mod tests {
                 "198.51.100.4/30",
                 "198.51.100.80/28",
                 "203.0.113.53/32",
-                "10.255.0.0/16"
+                "10.255.0.0/16",
+                "2001:db8:ff01::/64",
+                "2001:db8:e9::100/120",
+                "2001:db8:ff02::/64",
+                "2001:db8:e9::200/120"
             ]
         );
     }
