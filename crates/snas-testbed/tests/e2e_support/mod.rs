@@ -312,18 +312,24 @@ pub fn fail_fast(job: &Job, host: &str, port: u16) -> (String, f64) {
 }
 
 /// Asserts a refusal by RST or ICMP (ECONNREFUSED / ECONNRESET / EHOSTUNREACH / ENETUNREACH)
-/// within 10 ms.
+/// answering the *first* segment: a refusal that took under [`FIRST_SEGMENT_MS`] cannot have
+/// come after a retransmission (Linux retransmits a SYN after 1 s). The time is printed, not
+/// judged: how fast the refusal is is a benchmark figure (`snas-bench`'s `first_connection`).
 pub fn assert_refused_fast(job: &Job, host: &str, port: u16) {
     let (r, ms) = fail_fast(job, host, port);
+    println!("{host}:{port}: {r} after {ms:.3} ms");
     assert!(
         ["ECONNREFUSED", "ECONNRESET", "EHOSTUNREACH", "ENETUNREACH"].contains(&r.as_str()),
         "{host}:{port}: expected a refusal, got {r} after {ms:.3} ms"
     );
     assert!(
-        ms < 10.0,
-        "{host}:{port}: refused only after {ms:.3} ms (> 10 ms)"
+        ms < FIRST_SEGMENT_MS,
+        "{host}:{port}: refused only after {ms:.3} ms: the first segment went unanswered"
     );
 }
+
+/// Below the first SYN retransmission (1 s), with room for a loaded CI machine.
+pub const FIRST_SEGMENT_MS: f64 = 500.0;
 
 /// Serialises the tests of one file (each builds its own testbed; 2 cores do not carry several
 /// at once well). Poisoning is ignored: one failed test must not fail the others.
