@@ -165,8 +165,11 @@ impl Entry {
 pub enum Intercept {
     /// Not a closing flow's (or a new connection on its tuple): decide it as usual.
     NotClosing,
-    /// A closing flow's: answered (if it deserved an answer) and not forwarded.
+    /// A closing flow's: not forwarded (answered already if it deserved an answer).
     Consumed,
+    /// A closing flow's segment from the sandbox that deserves a RST back (the engine's
+    /// refusal, RFC 793 "Reset Generation", through this path); the RST to the remote is queued.
+    ResetJob(JobPath),
 }
 
 /// The closing flows (see the module docs).
@@ -339,26 +342,12 @@ impl Closings {
         if let Some(x) = self.flows.get_mut(key) {
             x.job_answers += 1;
         }
-        // To the sandbox: seq = its RCV.NXT (its SEG.ACK).
-        let mut c = Control {
-            to: ControlTo::Node(e.path.node),
-            len: 0,
-            bytes: [0; CONTROL_MAX],
-        };
-        let (head, body) = c.bytes.split_at_mut(GENEVE_HEADER_LEN);
-        if let (Ok(n), Ok(_)) = (
-            tcp_rst_into(body, inner),
-            write_geneve_header(head, &e.path.option, e.path.inner),
-        ) {
-            c.len = (GENEVE_HEADER_LEN + n) as u8;
-            if self.push(c) {
-                self.count(Some(true));
-            }
-        }
         // To the remote, as the sandbox: seq = the sandbox's SND.NXT.
         let spec = rst_spec(e.egress, Entry::remote(key), seq);
         self.push_internet(&spec, true);
-        Intercept::Consumed
+        // To the sandbox (seq = its RCV.NXT, its SEG.ACK): the engine's refusal.
+        self.stats.resets_to_job += 1;
+        Intercept::ResetJob(e.path)
     }
 
     /// A segment from the internet (IP packet `packet`) whose reply key is `rkey`.

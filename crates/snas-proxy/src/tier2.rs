@@ -853,7 +853,8 @@ impl Tier2 {
         };
         let opt = g.option;
         if !self.resets.is_empty() {
-            if let Some(v) = self.resets_from_node(outer_src, opt, &payload[g.inner_offset..]) {
+            let inner = &payload[g.inner_offset..];
+            if let Some(v) = self.resets_from_node(outer_src, opt, inner, refusal) {
                 return v;
             }
         }
@@ -1913,13 +1914,14 @@ impl Tier2 {
         self.resets.start(f, path, now.mono);
     }
 
-    /// A packet from a node while flows are closing: `Some` when it belongs to one (answered,
-    /// not forwarded: counted as `no_conntrack`, the flow is gone).
+    /// A packet from a node while flows are closing: `Some` when it belongs to one (refused
+    /// with a RST, or dropped if it is a RST; counted as `no_conntrack`, the flow is gone).
     fn resets_from_node(
         &mut self,
         node: Ipv4Addr,
         opt: SnasOption,
         inner: &[u8],
+        refusal: &mut [u8],
     ) -> Option<Verdict> {
         let ip = IpPacket::parse(inner).ok()?;
         let snas_wire::Transport::Tcp(t) = ip.transport().ok()? else {
@@ -1936,6 +1938,14 @@ impl Tier2 {
         match self.resets.from_job(node, &key, inner) {
             Intercept::NotClosing => None,
             Intercept::Consumed => Some(self.drop_of(opt.tenant_id, Reason::NoConntrack)),
+            Intercept::ResetJob(path) => Some(self.refuse(
+                Reason::NoConntrack,
+                path.node,
+                path.option,
+                path.inner,
+                inner,
+                refusal,
+            )),
         }
     }
 

@@ -120,6 +120,27 @@ impl Fx {
         (v, payload)
     }
 
+    /// A packet from the sandbox that is refused: the verdict and the refusal.
+    fn send_refused(&mut self, inner: &[u8]) -> (Verdict, Seg) {
+        let mut payload = vec![0u8; GENEVE_HEADER_LEN + inner.len()];
+        write_geneve_header(&mut payload, &self.opt(), InnerProto::Ipv4).unwrap();
+        payload[GENEVE_HEADER_LEN..].copy_from_slice(inner);
+        let mut refusal = vec![0u8; 2048];
+        let now = self.now();
+        let v = self
+            .tier2
+            .from_node(&self.policies, NODE, &mut payload, &mut refusal, now);
+        let Verdict::Refuse {
+            reply_len, node, ..
+        } = v
+        else {
+            panic!("not refused: {v:?}")
+        };
+        let mut c = Vec::new();
+        c.extend_from_slice(&refusal[..reply_len]);
+        (v.clone(), parse_node_bytes(node, &c))
+    }
+
     fn receive(&mut self, inner: &[u8]) -> Verdict {
         let mut buf = vec![0u8; GENEVE_HEADER_LEN + inner.len()];
         buf[GENEVE_HEADER_LEN..].copy_from_slice(inner);
@@ -213,19 +234,30 @@ struct Seg {
 }
 
 fn parse(c: &Control) -> Seg {
-    if let ControlTo::Node(_) = c.to {
-        let g = parse_payload(c.bytes()).unwrap();
-        assert_eq!(g.inner_offset, GENEVE_HEADER_LEN);
-        assert_eq!(g.option.job_key, job());
-        assert_eq!(g.inner_proto, InnerProto::Ipv4);
+    match c.to {
+        ControlTo::Node(node) => parse_node_bytes(node, c.bytes()),
+        ControlTo::Internet => parse_inner(c.to, c.bytes()),
     }
-    let ip = IpPacket::parse(c.inner()).unwrap();
+}
+
+/// A GENEVE payload for `node` (the job's option, IPv4 inside).
+fn parse_node_bytes(node: Ipv4Addr, bytes: &[u8]) -> Seg {
+    let g = parse_payload(bytes).unwrap();
+    assert_eq!(g.inner_offset, GENEVE_HEADER_LEN);
+    assert_eq!(g.option.job_key, job());
+    assert_eq!(g.inner_proto, InnerProto::Ipv4);
+    parse_inner(ControlTo::Node(node), &bytes[GENEVE_HEADER_LEN..])
+}
+
+fn parse_inner(to: ControlTo, inner: &[u8]) -> Seg {
+    let c_to = to;
+    let ip = IpPacket::parse(inner).unwrap();
     let Transport::Tcp(t) = ip.transport().unwrap() else {
         panic!("not TCP")
     };
     assert!(t.checksum_ok(ip.src(), ip.dst()), "bad checksum");
     Seg {
-        to: c.to,
+        to: c_to,
         src: SocketAddr::new(ip.src(), t.src_port()),
         dst: SocketAddr::new(ip.dst(), t.dst_port()),
         seq: t.seq(),
@@ -331,27 +363,38 @@ fn the_sandboxs_answer_resets_both_ends_at_exactly_the_numbers_it_carries() {
     f.update_to_api_only();
     f.control();
     let (snd_nxt, rcv_nxt) = (123_456u32, 4_000_000_000u32);
-    let (v, _) = f.send(&seg(20000, DB, 5432, snd_nxt, rcv_nxt, TcpFlags::ACK, b""));
-    assert_eq!(v, Verdict::Drop(Reason::NoConntrack));
+    let (v, rst) = f.send_refused(&seg(20000, DB, 5432, snd_nxt, rcv_nxt, TcpFlags::ACK, b""));
+    assert!(
+        matches!(
+            v,
+            Verdict::Refuse {
+                reason: Reason::NoConntrack,
+                node: NODE,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+    assert_eq!(
+        rst,
+        Seg {
+            to: ControlTo::Node(NODE),
+            src: SocketAddr::new(DB, 5432),
+            dst: SocketAddr::new(SANDBOX, 20000),
+            seq: rcv_nxt,
+            flags: TcpFlags::RST,
+        }
+    );
     let s = segs(&f.control());
     assert_eq!(
         s,
-        vec![
-            Seg {
-                to: ControlTo::Node(NODE),
-                src: SocketAddr::new(DB, 5432),
-                dst: SocketAddr::new(SANDBOX, 20000),
-                seq: rcv_nxt,
-                flags: TcpFlags::RST,
-            },
-            Seg {
-                to: ControlTo::Internet,
-                src: SocketAddr::new(EGRESS, port),
-                dst: SocketAddr::new(DB, 5432),
-                seq: snd_nxt,
-                flags: TcpFlags::RST,
-            },
-        ]
+        vec![Seg {
+            to: ControlTo::Internet,
+            src: SocketAddr::new(EGRESS, port),
+            dst: SocketAddr::new(DB, 5432),
+            seq: snd_nxt,
+            flags: TcpFlags::RST,
+        },]
     );
 }
 
@@ -410,12 +453,21 @@ fn an_idle_flow_cut_off_by_a_revocation_is_reset_even_though_the_job_is_refused(
     let s = segs(&f.control());
     assert_probes(&s, 20000, port, DB, 5432);
     // The sandbox answers although its policy is revoked: answered, not dropped unanswered.
-    let (v, _) = f.send(&seg(20000, DB, 5432, 1006, 5006, TcpFlags::ACK, b""));
-    assert_eq!(v, Verdict::Drop(Reason::NoConntrack));
+    let (v, rst) = f.send_refused(&seg(20000, DB, 5432, 1006, 5006, TcpFlags::ACK, b""));
+    assert!(
+        matches!(
+            v,
+            Verdict::Refuse {
+                reason: Reason::NoConntrack,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+    assert_eq!((rst.seq, rst.flags), (5006, TcpFlags::RST));
     let s = segs(&f.control());
-    assert_eq!(s.len(), 2);
-    assert_eq!((s[0].to, s[0].seq), (ControlTo::Node(NODE), 5006));
-    assert_eq!((s[1].to, s[1].seq), (ControlTo::Internet, 1006));
+    assert_eq!(s.len(), 1);
+    assert_eq!((s[0].to, s[0].seq), (ControlTo::Internet, 1006));
     // Any other packet of the revoked job is still refused as before.
     let (v, _) = f.send(&seg(20001, API, 443, 1, 0, TcpFlags::SYN, b""));
     assert_eq!(v, Verdict::Drop(Reason::PolicyRevoked));
