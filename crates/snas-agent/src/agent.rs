@@ -673,6 +673,16 @@ impl Agent {
         }
     }
 
+    /// The name the job's DNS answers bound to `ip` (or, in audit mode, let through), if one
+    /// is live: tier-1 audit lines carry it ([`crate::bindings::BindingLedger::name_of`]).
+    pub fn bound_name(&self, job_key: JobKey, ip: IpAddr) -> Option<String> {
+        let now = self.origin.elapsed();
+        self.lock()
+            .bindings
+            .name_of(job_key, ip, now)
+            .map(str::to_owned)
+    }
+
     /// Forgets bindings that have ended (periodic).
     pub fn sweep_bindings(&self) {
         let now = self.origin.elapsed();

@@ -121,10 +121,13 @@ pub fn proto_name(proto: u8) -> String {
 }
 
 /// The audit record of a tier-1 ring-buffer event. `policy` names the job (None: a job the
-/// agent no longer knows); `wall_now`/`mono_now` convert the event's monotonic time.
+/// agent no longer knows); `hostname` is the name the job's DNS answers bound to the
+/// destination, if any ([`crate::Agent::bound_name`]); `wall_now`/`mono_now` convert the
+/// event's monotonic time.
 pub fn tier1_record(
     ev: &snas_bpf::AuditEvent,
     policy: Option<&crate::seams::VerifiedPolicy>,
+    hostname: Option<String>,
     wall_now: SystemTime,
     mono_now: std::time::Duration,
 ) -> AuditRecord {
@@ -148,7 +151,7 @@ pub fn tier1_record(
         src: Some(ev.src.ip()),
         dst: Some(ev.dst.ip()),
         port: ev.dst.port(),
-        hostname: None,
+        hostname,
         rule: None,
         reason,
         bytes: 0,
@@ -380,7 +383,7 @@ mod tests {
             dst: "203.0.113.10:25".parse().unwrap(),
         };
         let wall = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000);
-        let r = tier1_record(&ev, None, wall, std::time::Duration::from_secs(103));
+        let r = tier1_record(&ev, None, None, wall, std::time::Duration::from_secs(103));
         assert_eq!(r.time, "1970-01-01T00:16:37.000Z");
         assert_eq!(r.action, Action::Deny);
         assert_eq!(r.reason, "port_denied");
@@ -389,6 +392,32 @@ mod tests {
         assert_eq!(r.dst, Some("203.0.113.10".parse().unwrap()));
         assert_eq!(r.line().job_key, Some(JobKey(0xab)));
         assert_eq!(r.kind, None);
+    }
+
+    #[test]
+    fn a_tier1_would_deny_line_names_the_host_bound_to_its_destination() {
+        let ev = snas_bpf::AuditEvent {
+            at_mono: std::time::Duration::from_secs(100),
+            job_key: JobKey(0xab),
+            kind: snas_bpf::AuditKind::WouldDeny(snas_wire::Reason::DestinationDenied),
+            proto: 6,
+            src: "10.255.0.2:40000".parse().unwrap(),
+            dst: "203.0.113.10:443".parse().unwrap(),
+        };
+        let wall = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000);
+        let mono = std::time::Duration::from_secs(100);
+        let r = tier1_record(&ev, None, Some("api.example.com".into()), wall, mono);
+        assert_eq!(r.action, Action::WouldDeny);
+        assert_eq!(r.reason, "destination_denied");
+        let line = serde_json::to_value(r.line()).unwrap();
+        assert_eq!(line["hostname"], "api.example.com");
+        assert_eq!(line["action"], "would_deny");
+        // No name bound: the field is there, null.
+        let r = tier1_record(&ev, None, None, wall, mono);
+        assert_eq!(
+            serde_json::to_value(r.line()).unwrap()["hostname"],
+            serde_json::Value::Null
+        );
     }
 
     fn wait_for_lines(path: &Path, n: usize) -> String {

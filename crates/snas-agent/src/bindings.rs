@@ -6,7 +6,10 @@
 //!
 //! # Invariants
 //! - One entry per (job, address, name): the port rules the name's policy rules gave and the
-//!   binding's end (the lifetime the stub installed it with, refreshed by later answers).
+//!   binding's end (the lifetime the stub installed it with, refreshed by later answers). A name
+//!   audit mode let through unbound is recorded with no rules, so that tier-1 audit lines name
+//!   it ([`BindingLedger::name_of`]); an update installs it if the new policy allows the name
+//!   (as a fresh answer would be) and forgets it otherwise (nothing to withdraw).
 //! - At most [`MAX_PER_JOB`] entries per job: beyond, the entry that ends first is forgotten.
 //!   A forgotten binding stays in tier 1 until its lifetime ends (its TTL plus grace) and is not
 //!   withdrawn by an update; tier 2 re-checks the name against the new policy anyway.
@@ -135,6 +138,18 @@ impl BindingLedger {
         });
     }
 
+    /// The name `job` resolved to `ip`, as of `now` (for audit lines of tier-1 events): a name
+    /// bound with ports first, else one audit mode let through unbound (recorded with no
+    /// rules); among several, the first in name order. `None` when no live entry names it.
+    pub fn name_of(&self, job: JobKey, ip: IpAddr, now: Duration) -> Option<&str> {
+        let names = self.jobs.get(&job)?.get(&ip)?;
+        let live = || names.iter().filter(|(_, e)| e.until > now);
+        live()
+            .find(|(_, e)| !e.rules.is_empty())
+            .or_else(|| live().next())
+            .map(|(n, _)| n.as_str())
+    }
+
     /// Bindings remembered for `job`.
     pub fn len_of(&self, job: JobKey) -> usize {
         self.jobs
@@ -175,6 +190,30 @@ mod tests {
 
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([203, 0, 113, last])
+    }
+
+    #[test]
+    fn the_name_of_an_address_is_the_bound_one_first_then_an_unbound_one_until_it_ends() {
+        let mut l = BindingLedger::default();
+        for i in 0..200u8 {
+            // Audit mode: a name let through unbound (no rules), on its own address.
+            l.record(JOB, &format!("n{i}.example.net"), ip(i), &[], s(60));
+        }
+        // A CDN address shared by a name bound with ports and one let through unbound.
+        l.record(JOB, "a-unbound.example.com", ip(1), &[], s(60));
+        l.record(JOB, "z-bound.example.com", ip(1), &[tcp(443)], s(60));
+        assert_eq!(l.name_of(JOB, ip(1), s(10)), Some("z-bound.example.com"));
+        for i in 2..200u8 {
+            let want = format!("n{i}.example.net");
+            assert_eq!(l.name_of(JOB, ip(i), s(10)), Some(want.as_str()));
+        }
+        assert_eq!(
+            l.name_of(JobKey(8), ip(2), s(10)),
+            None,
+            "another job's name"
+        );
+        assert_eq!(l.name_of(JOB, ip(2), s(60)), None, "ended");
+        assert_eq!(l.name_of(JOB, IpAddr::from([198, 51, 100, 1]), s(10)), None);
     }
 
     #[test]

@@ -787,10 +787,12 @@ fn spawn_tier1_audit(
             let on_event = Box::new(move |ev: snas_bpf::AuditEvent| {
                 use stub::JobDirectory;
                 let policy = agent.policy(ev.job_key);
+                let hostname = agent.bound_name(ev.job_key, ev.dst.ip());
                 let mono = snas_bpf::mono_now().unwrap_or(ev.at_mono);
                 sink.emit(audit::tier1_record(
                     &ev,
                     policy.as_ref(),
+                    hostname,
                     std::time::SystemTime::now(),
                     mono,
                 ));

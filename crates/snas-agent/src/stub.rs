@@ -766,7 +766,18 @@ impl DnsStub {
                 .collect();
             if would_deny.is_some() {
                 // Audit mode, no rule allows the name: nothing is bound; the line names the
-                // addresses the job was given.
+                // addresses the job was given, and the agent remembers the name (no ports) so
+                // that tier 1's `would_deny` lines for them carry it.
+                for (ip, lifetime) in &addrs {
+                    self.dir.bound(
+                        job_key,
+                        policy.serial,
+                        &p.question.name,
+                        *ip,
+                        &[],
+                        *lifetime,
+                    );
+                }
                 installed = addrs.into_iter().map(|(ip, _)| ip).collect();
             } else if !addrs.is_empty() {
                 let dp = self.dataplane.clone();

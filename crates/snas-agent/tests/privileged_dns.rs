@@ -149,9 +149,11 @@ fn privileged_dns_through_tier1_refuses_forwards_and_installs_before_answering()
                 Box::new(move |ev| {
                     use snas_agent::stub::JobDirectory;
                     let p = agent.policy(ev.job_key);
+                    let host = agent.bound_name(ev.job_key, ev.dst.ip());
                     t1_sink.emit(snas_agent::audit::tier1_record(
                         &ev,
                         p.as_ref(),
+                        host,
                         SystemTime::now(),
                         snas_bpf::mono_now().unwrap(),
                     ));

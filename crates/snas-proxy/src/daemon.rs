@@ -92,6 +92,8 @@ use crate::shared::{Shared, WorkerGauges};
 
 /// Housekeeping period (conntrack expiry, drain flag) and longest `poll` sleep.
 pub const TICK: Duration = Duration::from_millis(5);
+/// Probes and RSTs of ended flows ([`crate::resets`]) a worker sends per [`TICK`] at most.
+const CONTROL_PER_TICK: usize = 1024;
 
 /// A packet whose departure is at most this far ahead is sent now rather than queued: less
 /// than a wake-up costs, and the pacer's clocks do not depend on when a packet really left, so
@@ -1536,17 +1538,47 @@ impl Worker {
         eng.tick(&view, now);
         s.flush_audit(&mut eng);
         let released = eng.has_released();
+        // Probes and RSTs of flows the proxy ended (crate::resets): rare, so a local buffer.
+        let mut control = Vec::new();
+        if eng.has_control() {
+            eng.take_control(&mut control, CONTROL_PER_TICK);
+        }
         let mirror = self.offload_handoff(&mut eng, fast.as_deref());
         drop(eng);
         let pending = (fast.as_deref(), mirror);
         if let (Some(f), Some(mut m)) = pending {
             self.mirror_batch(f, &mut m, ClockDir::Egress);
         }
+        // After the mirror: the fast path no longer carries the ended flows, so their answers
+        // come to the engine.
+        if !control.is_empty() {
+            self.send_control(&mut control);
+        }
         // A name check the tick decided (its wait ended) releases packets — the held payload or
         // the RST to the server — that must not wait for the job's next packet.
         if released {
             self.replay_released();
         }
+    }
+}
+
+impl Worker {
+    /// Sends the engine's own segments ([`crate::resets`]): to nodes in one batch, to the
+    /// internet through the TUN device.
+    fn send_control(&mut self, control: &mut [crate::resets::Control]) {
+        use crate::resets::ControlTo;
+        for c in control.iter_mut() {
+            if c.to == ControlTo::Internet {
+                write_internet(&self.s, &self.tun, c.bytes_mut(), self.mtu);
+            }
+        }
+        let msgs = control.iter().filter_map(|c| match c.to {
+            ControlTo::Node(node) => Some((SocketAddrV4::new(node, GENEVE_PORT), c.bytes())),
+            ControlTo::Internet => None,
+        });
+        let (sent, failed) = self.tx.send(&self.sock, msgs);
+        add(&self.s.metrics.node_send_failures, failed as u64);
+        add(&self.s.metrics.node_tx_packets, sent as u64);
     }
 }
 

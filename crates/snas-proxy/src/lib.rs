@@ -68,6 +68,7 @@ pub mod nat;
 pub mod offload;
 pub mod pacer;
 pub mod policy_fetch;
+pub mod resets;
 pub mod resolver;
 pub mod shared;
 #[doc(hidden)]

@@ -341,6 +341,20 @@ impl PolicyStore {
             .len()
     }
 
+    /// Forgets the remembered `key_untrusted` failures (a key was added: the next packet or
+    /// query of those jobs fetches again at once instead of waiting out the negative cache).
+    /// Returns how many.
+    pub fn forgive_untrusted(&self) -> usize {
+        let mut n = 0;
+        self.update(|s| {
+            let before = s.rejected.len();
+            s.rejected.retain(|_, (r, _)| *r != Reason::KeyUntrusted);
+            n = before - s.rejected.len();
+            n > 0
+        });
+        n
+    }
+
     /// Remembers a failure for `job_key` until `until`, unless a verified policy is held (or
     /// the job is refused as revoked: a failed fetch never shortens that).
     pub fn reject(&self, job_key: JobKey, reason: Reason, until: Instant) {
@@ -626,6 +640,12 @@ impl Fetcher {
             }
             diff
         };
+        if !diff.added.is_empty() || !diff.replaced.is_empty() {
+            // A job refused because its key was unknown may be signed by the key just added:
+            // ask again now (rotation step 3), not after the negative-cache period. Before
+            // `untrust`, which refuses the jobs of the keys removed in the same reload.
+            self.store.forgive_untrusted();
+        }
         let untrusted = if diff.removed.is_empty() && diff.replaced.is_empty() {
             Vec::new()
         } else {

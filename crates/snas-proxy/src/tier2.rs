@@ -78,6 +78,7 @@ use crate::names::{NameCheckConfig, NameChecks, NamePolicy};
 use crate::nat::JobLimits;
 use crate::offload::{self, FastFlow, FastRates, OffloadEvent, Offloads};
 use crate::pacer::{PaceRate, Pacer, PacerConfig, PacerError, PacingKey, PacingRates, Stamp};
+use crate::resets::{Closings, Control, Intercept, JobPath, ResetStats};
 use crate::token_bucket::{JobBuckets, TokenBucketError};
 
 /// Length of the GENEVE header with the SNAS option (the UDP payload prefix).
@@ -561,6 +562,8 @@ pub struct Tier2 {
     names: NameChecks,
     /// Flows handed to the in-kernel fast path ([`Tier2::drain_offload_events`]).
     offload: Offloads,
+    /// TCP flows the proxy ended on its own, being reset both ways ([`crate::resets`]).
+    resets: Closings,
 }
 
 /// A job whose end [`Tier2::apply_ends`] will carry out.
@@ -640,6 +643,7 @@ impl Tier2 {
             last_scan: None,
             pending_ends: Vec::new(),
             names: NameChecks::new(cfg.names),
+            resets: Closings::default(),
             cfg,
         })
     }
@@ -848,6 +852,12 @@ impl Tier2 {
             Err(e) => return self.drop(e.reason()),
         };
         let opt = g.option;
+        if !self.resets.is_empty() {
+            let inner = &payload[g.inner_offset..];
+            if let Some(v) = self.resets_from_node(outer_src, opt, inner, refusal) {
+                return v;
+            }
+        }
         let policy = match policies.lookup(opt.job_key) {
             PolicyLookup::Ready(p) => p,
             PolicyLookup::Missing => {
@@ -1390,6 +1400,7 @@ impl Tier2 {
             egress_port: tuple.dst_port,
         };
         let Some(id) = self.conntrack.lookup_reply(&rkey) else {
+            self.resets_from_internet(&rkey, packet.as_bytes());
             return self.drop(Reason::NoConntrack);
         };
         self.conntrack
@@ -1533,6 +1544,7 @@ impl Tier2 {
                 .find(|p| p.job == f.key.job)
                 .map_or(FlowEnd::PolicyGone, |p| p.end);
             self.offload.remove(&f.key);
+            self.resets_begin(f, end, now);
             self.flow_end(f, end, now);
             *per_job.entry(f.key.job).or_default() += 1;
         }
@@ -1595,6 +1607,7 @@ impl Tier2 {
             removed += 1;
         }
         self.names_tick(policies, now);
+        self.resets.tick(now.mono);
         self.bindings.sweep(now.mono);
         for (_, n) in self.hold.expire(now.mono) {
             self.drops.unknown(Reason::UnknownJob, u64::from(n));
@@ -1861,12 +1874,10 @@ impl Tier2 {
     /// path ([`Conntrack::remove`]: the port goes into quarantine), each audited as a
     /// `flow_end` with end `policy_updated`. Returns how many flows were ended.
     ///
-    /// No segment is sent here: the proxy does not track TCP sequence numbers, so it cannot
-    /// forge a reset the sandbox or the remote would accept. The sandbox's next segment of an
-    /// ended flow finds no flow and is answered with a RST (`no_conntrack`, as any segment of an
-    /// unknown flow); a new connection to the destination is refused by the new policy (RST or
-    /// ICMP); replies from the remote are dropped (`no_conntrack`). O(flows of the engine): run
-    /// once per update, never per packet.
+    /// An ended TCP flow is reset both ways ([`crate::resets`]): the call queues probes to the
+    /// sandbox and the remote ([`Tier2::take_control`]), whose answers are turned into RSTs each
+    /// end accepts; a new connection to the destination is refused by the new policy (RST or
+    /// ICMP). O(flows of the engine): run once per update, never per packet.
     pub fn reevaluate_job(&mut self, policy: &JobPolicy, now: Now) -> usize {
         let job = policy.job_key;
         if self.conntrack.live_flows_of_job(job) == 0 {
@@ -1894,11 +1905,103 @@ impl Tier2 {
             if let Some(f) = self.conntrack.remove(id, now.mono) {
                 // Out of the fast path in the same call, before its NAT port can be reused.
                 self.offload.remove(&f.key);
+                self.resets_begin(&f, FlowEnd::PolicyUpdated, now);
                 self.flow_end(&f, FlowEnd::PolicyUpdated, now);
                 n += 1;
             }
         }
         n
+    }
+}
+
+/// Resets of the TCP flows the engine ends on its own ([`crate::resets`]): the ends of
+/// `policy_updated`, `revoked` and `key_untrusted` flows, and the segments that answer them.
+impl Tier2 {
+    /// Starts resetting flow `f`, which just ended with `end`, if `end` is one the proxy decided
+    /// (a policy update, a revocation, a key removed) and the engine knows where the job is.
+    fn resets_begin(&mut self, f: &FlowInfo, end: FlowEnd, now: Now) {
+        if !matches!(
+            end,
+            FlowEnd::PolicyUpdated | FlowEnd::Revoked | FlowEnd::KeyUntrusted
+        ) {
+            return;
+        }
+        let Some(job) = self.jobs.get(&f.key.job) else {
+            return;
+        };
+        let path = JobPath {
+            node: job.node,
+            option: job.option,
+            inner: crate::resets::inner_proto(job.inner_v6, f.key.src_ip),
+        };
+        self.resets.start(f, path, now.mono);
+    }
+
+    /// A packet from a node while flows are closing: `Some` when it belongs to one (refused
+    /// with a RST, or dropped if it is a RST; counted as `no_conntrack`, the flow is gone).
+    fn resets_from_node(
+        &mut self,
+        node: Ipv4Addr,
+        opt: SnasOption,
+        inner: &[u8],
+        refusal: &mut [u8],
+    ) -> Option<Verdict> {
+        let ip = IpPacket::parse(inner).ok()?;
+        let snas_wire::Transport::Tcp(t) = ip.transport().ok()? else {
+            return None;
+        };
+        let key = FlowKey {
+            job: opt.job_key,
+            proto: L4Proto::Tcp,
+            src_ip: ip.src(),
+            src_port: t.src_port(),
+            dst_ip: ip.dst(),
+            dst_port: t.dst_port(),
+        };
+        match self.resets.from_job(node, &key, inner) {
+            Intercept::NotClosing => None,
+            Intercept::Consumed => Some(self.drop_of(opt.tenant_id, Reason::NoConntrack)),
+            Intercept::ResetJob(path) => Some(self.refuse(
+                Reason::NoConntrack,
+                path.node,
+                path.option,
+                path.inner,
+                inner,
+                refusal,
+            )),
+        }
+    }
+
+    /// A packet from the internet that has no flow: answered if it belongs to a closing flow
+    /// (the caller drops it either way).
+    fn resets_from_internet(&mut self, rkey: &ReplyKey, packet: &[u8]) {
+        if !self.resets.is_empty() && rkey.proto == L4Proto::Tcp {
+            self.resets.from_remote(rkey, packet);
+        }
+    }
+
+    /// Whether probes or RSTs wait to be sent ([`Tier2::take_control`]).
+    pub fn has_control(&self) -> bool {
+        self.resets.has_control()
+    }
+
+    /// Moves up to `limit` probes and RSTs the engine wants sent into `out`, oldest first
+    /// (a [`crate::resets::ControlTo::Node`] packet goes to the node's GENEVE port, a
+    /// [`crate::resets::ControlTo::Internet`] one to the TUN device). The daemon sends them
+    /// after the batch's offload events reached the fast path's maps, so that the answers
+    /// come to the engine. Returns how many.
+    pub fn take_control(&mut self, out: &mut Vec<Control>, limit: usize) -> usize {
+        self.resets.take_control(out, limit)
+    }
+
+    /// Counters of the resets ([`crate::resets`]).
+    pub fn reset_stats(&self) -> ResetStats {
+        self.resets.stats()
+    }
+
+    /// Flows being reset now.
+    pub fn closing_flows(&self) -> usize {
+        self.resets.len()
     }
 }
 

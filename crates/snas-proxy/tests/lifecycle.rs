@@ -206,7 +206,9 @@ async fn a_trust_reload_honours_an_added_key_and_cuts_off_policies_of_a_removed_
     assert_eq!(r.diff.added, ["new-key"]);
     assert_eq!(r.problems.len(), 1);
     assert!(r.untrusted.is_empty());
-    f.store().remove(new_job);
+    // The failure remembered while the key was unknown is forgotten with the reload: the job's
+    // next packet fetches again at once, not after the negative-cache period.
+    assert_eq!(lookup(&f, new_job), "missing");
     f.fetch_and_store(new_job, LOCAL).await.unwrap();
     // Step 3: remove the old key: its job is cut off at once, the other stays.
     std::fs::remove_file(keys.trust().join("test-key.pub")).unwrap();

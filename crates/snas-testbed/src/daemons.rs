@@ -158,6 +158,7 @@ api_socket = {sock}\n\
 api_socket_mode = 0o600\n\
 policy_listen = \"{addr}:{AGENT_POLICY_PORT}\"\n\
 trust_bundle = {trust}\n\
+revocations_dir = {revocations}\n\
 state_dir = {state}\n\
 bpf_pin_dir = {pins}\n\
 netns_dir = \"{netns_dir}\"\n\
@@ -169,6 +170,7 @@ infrastructure = [{infra}]\n",
         addr = t.node_addr(n),
         sock = toml_str(&t.agent_socket(n).display().to_string()),
         trust = toml_str(&t.trust_dir().display().to_string()),
+        revocations = toml_str(&t.agent_revocations_dir().display().to_string()),
         state = toml_str(&t.node_dir(n).join("state").display().to_string()),
         pins = toml_str(&t.bpf_pin_dir(n).display().to_string()),
         netns_dir = netns::NETNS_DIR,
@@ -208,6 +210,7 @@ underlay_addr = \"{addr}\"\n\
 nodes = [{nodes}]\n\
 agent_policy_port = {AGENT_POLICY_PORT}\n\
 trust = {trust}\n\
+revocations_dir = {revocations}\n\
 egress_pool = [\"{pool}/{len}\"]\n\
 egress_pool6 = [\"{pool6}/{len6}\"]\n\
 tun_name = \"{PROXY_TUN}\"\n\
@@ -228,6 +231,7 @@ infrastructure = [{infra}]\n",
         peers = peers.join(", "),
         secret = toml_str(&peer_secret_file(t).display().to_string()),
         trust = toml_str(&t.trust_dir().display().to_string()),
+        revocations = toml_str(&t.proxy_revocations_dir().display().to_string()),
         resolver = t.proxy_resolver(n),
         dns = t.dns_server(),
         token = toml_str(&control_token_file(t).display().to_string()),
@@ -300,6 +304,22 @@ pub fn running_pid(t: &Topology, d: Daemon) -> Option<i32> {
     (netns::pid_alive(pid) && netns::pid_ns(pid) == Some(want)).then_some(pid)
 }
 
+/// Creates the `revocations_dir` the daemon's configuration names (mode 0700: revocations are
+/// signed, but only root should add them).
+fn create_revocations_dir(t: &Topology, d: Daemon) -> Result<(), DaemonError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = match d {
+        Daemon::Agent(_) => t.agent_revocations_dir(),
+        Daemon::Proxy(_) => t.proxy_revocations_dir(),
+        Daemon::Internet => return Ok(()),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|source| DaemonError::File { path: dir, source })
+}
+
 fn write_file(path: &Path, text: &str) -> Result<(), DaemonError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(|source| DaemonError::File {
@@ -356,6 +376,7 @@ pub fn start(t: &Topology, d: Daemon, binary: &Path) -> Result<Started, DaemonEr
         path: dir.clone(),
         source,
     })?;
+    create_revocations_dir(t, d)?;
     match d {
         Daemon::Agent(n) => {
             if let Some(p) = d.config_file(t) {
@@ -508,6 +529,28 @@ mod tests {
             .infrastructure
             .iter()
             .any(|n| n.to_string() == "192.0.2.0/24"));
+        assert_eq!(
+            parsed.revocations_dir.as_deref(),
+            Some(t.agent_revocations_dir().as_path())
+        );
+    }
+
+    #[test]
+    fn proxies_and_agents_watch_separate_revocation_directories_in_the_state_directory() {
+        let t = Topology::new("snastb").unwrap();
+        let v: toml::Value = toml::from_str(&proxy_config(&t, 1)).unwrap();
+        assert_eq!(
+            v["revocations_dir"].as_str(),
+            Some("/run/snas-testbed/snastb/revocations/proxies")
+        );
+        let a: toml::Value = toml::from_str(&agent_config(&t, 1)).unwrap();
+        assert_eq!(
+            a["revocations_dir"].as_str(),
+            Some("/run/snas-testbed/snastb/revocations/agents")
+        );
+        // Every proxy the same directory: one file cuts the job off at all of them.
+        let v2: toml::Value = toml::from_str(&proxy_config(&t, 2)).unwrap();
+        assert_eq!(v["revocations_dir"], v2["revocations_dir"]);
     }
 
     #[test]

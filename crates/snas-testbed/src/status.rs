@@ -208,6 +208,20 @@ impl fmt::Display for Status {
             "  trusted public keys (agents, proxies): {}",
             path(t.trust_dir())
         )?;
+        writeln!(
+            f,
+            "  revocations (proxies): {}",
+            path(t.proxy_revocations_dir())
+        )?;
+        writeln!(
+            f,
+            "  revocations (agents):  {}",
+            path(t.agent_revocations_dir())
+        )?;
+        writeln!(
+            f,
+            "  revoke with: snas policy revoke --key KEY TOKEN > DIR/NAME.tmp && mv DIR/NAME.tmp DIR/NAME.jws (both directories: the job is cut off at proxies and agents)"
+        )?;
         match self.record.as_ref().map(|r| &r.trust) {
             Some(crate::record::TrustSource::Generated { key }) => {
                 writeln!(f, "  signing key (generated): {}", key.display())?;

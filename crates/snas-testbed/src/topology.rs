@@ -277,6 +277,18 @@ impl Topology {
         self.state_dir().join("trust")
     }
 
+    /// The proxies' `revocations_dir` (all proxies watch it): a signed revocation written here
+    /// cuts the job off at the proxies alone, its agent is not told.
+    pub fn proxy_revocations_dir(&self) -> PathBuf {
+        self.state_dir().join("revocations").join("proxies")
+    }
+
+    /// The agents' `revocations_dir` (all agents watch it): a revocation written here tears
+    /// the job down on its node. Write it into both directories to cut a job off everywhere.
+    pub fn agent_revocations_dir(&self) -> PathBuf {
+        self.state_dir().join("revocations").join("agents")
+    }
+
     /// Directory of the generated signing key.
     pub fn key_dir(&self) -> PathBuf {
         self.state_dir().join("keys")

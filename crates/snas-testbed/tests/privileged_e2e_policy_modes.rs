@@ -167,7 +167,7 @@ fn audit_mode_reaches_names_outside_the_rules_audited_and_suggest_round_trips() 
         assert_eq!(*ok, want, "{t}: {got:?}");
     }
 
-    // would_deny at DNS and tier 1 (agent log) and at tier 2 (proxy log), naming bulk.
+    // would_deny at DNS and tier 1 (agent log) and at tier 2 (proxy log), each naming bulk.
     let (agent, proxies) = logs(&tb);
     let key = job.key().to_string();
     wait_until(Duration::from_secs(5), "would_deny lines", || {
@@ -184,6 +184,7 @@ fn audit_mode_reaches_names_outside_the_rules_audited_and_suggest_round_trips() 
                 && v["action"] == "would_deny"
                 && v["dst"] == "203.0.113.40"
                 && v["port"] == 80
+                && v["hostname"] == "bulk.example.com"
         });
         let tier2 = proxies.iter().flat_map(|p| audit_lines(p)).any(|v| {
             v["job_key"] == key.as_str()
