@@ -32,9 +32,12 @@
 //! # TCP states (enough to time out correctly; no sequence tracking)
 //! `SynSent` (every new TCP flow) → `Established` on a reply SYN+ACK; a FIN in either direction
 //! → `Closing`; FINs from both directions or an RST in either → `Closed`. A flow never goes back
-//! to `SynSent`: a new SYN from the inside on a flow past `SynSent` is a new connection on a
-//! reused 5-tuple ([`Conntrack::starts_new_connection`]), which the engine ends the old flow for
-//! and admits like any other (policy decision, limits, name check, a fresh NAT tuple). UDP is
+//! to `SynSent`: a new SYN from the inside on a `Closing` or `Closed` flow is a new connection on
+//! a reused 5-tuple ([`Conntrack::starts_new_connection`]), which the engine ends the old flow
+//! for and admits like any other (policy decision, limits, name check, a fresh NAT tuple). A SYN
+//! on an `Established` flow is taken for a retransmission (the SYN+ACK got lost on its way to
+//! the sandbox): without sequence numbers the two cannot be told apart, and the remote, which
+//! holds that connection, answers such a SYN with an ACK, not a new connection. UDP is
 //! `UdpUnreplied` until a reply is seen, then `UdpReplied`. ICMP has one state.
 //!
 //! # Invariants
@@ -796,18 +799,20 @@ impl Conntrack {
     }
 
     /// Whether a packet from the inside with TCP `flags` on flow `id` starts a new connection
-    /// on the flow's 5-tuple: a SYN without ACK on a TCP flow past `SynSent` (its handshake was
-    /// answered, or it closed). The sandbox chooses its source ports, so it can reuse a tuple
-    /// at once; the old flow's decisions (policy, DNS binding, name check) must not carry over,
-    /// so the caller removes the flow and admits the SYN as a new flow. A SYN in `SynSent` is a
-    /// retransmission of the handshake the flow was admitted for. `false` for a stale id.
+    /// on the flow's 5-tuple: a SYN without ACK on a TCP flow that is closing or closed (a FIN
+    /// or RST was seen). The sandbox chooses its source ports, so it can reuse a tuple at once;
+    /// the old flow's decisions (policy, DNS binding, name check) must not carry over, so the
+    /// caller removes the flow and admits the SYN as a new flow. A SYN in `SynSent` or
+    /// `Established` is a retransmission of the handshake the flow was admitted for (see the
+    /// module documentation). `false` for a stale id.
     pub fn starts_new_connection(&self, id: FlowId, flags: TcpFlags) -> bool {
         flags.contains(TcpFlags::SYN)
             && !flags.contains(TcpFlags::ACK)
             && !flags.contains(TcpFlags::RST)
-            && self
-                .get(id)
-                .is_some_and(|f| f.proto == L4Proto::Tcp && f.state != FlowState::TcpSynSent)
+            && self.get(id).is_some_and(|f| {
+                f.proto == L4Proto::Tcp
+                    && matches!(f.state, FlowState::TcpClosing | FlowState::TcpClosed)
+            })
     }
 
     /// Adds `packets` and `bytes` that went `dir` outside the engine (the proxy's in-kernel
@@ -1275,13 +1280,16 @@ mod tests {
     }
 
     #[test]
-    fn a_syn_on_a_tuple_past_its_handshake_is_a_new_connection_and_never_reopens_the_flow() {
+    fn a_syn_on_a_closing_or_closed_tuple_is_a_new_connection_and_never_reopens_the_flow() {
         let mut c = ct();
         let (a, _) = created(c.open(key(L4Proto::Tcp, 1), TenantId(1), LIMITS, secs(0)));
         let syn = TcpFlags::SYN;
         assert!(!c.starts_new_connection(a, syn), "a retransmitted SYN");
         c.observe(a, Direction::Reply, syn | TcpFlags::ACK, 60, secs(0));
-        assert!(c.starts_new_connection(a, syn), "established");
+        assert!(
+            !c.starts_new_connection(a, syn),
+            "established: a retransmission (the SYN+ACK was lost after the proxy)"
+        );
         assert!(!c.starts_new_connection(a, syn | TcpFlags::ACK));
         c.observe(a, Direction::Original, TcpFlags::FIN, 60, secs(1));
         assert!(c.starts_new_connection(a, syn), "closing");

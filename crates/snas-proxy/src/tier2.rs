@@ -320,7 +320,7 @@ pub enum FlowEnd {
     Revoked,
     /// The key that signed its job's policy was removed from the trust bundle.
     KeyUntrusted,
-    /// The job opened a new connection on its 5-tuple (a SYN after the handshake or the close):
+    /// The job opened a new connection on its 5-tuple (a SYN after a FIN or RST):
     /// that connection is a new flow, admitted and name-checked like any other.
     Reused,
 }
