@@ -11,11 +11,17 @@ Run it on the local testbed (root; see docs/sandbox.md):
     [[egress]]
     host = "api.example.com:80"
     [[egress]]
+    host = "api.example.com:443"
+    [[egress]]
     host = "api.example.com:7"
     protocol = "udp"
     EOF
     snas policy sign --key /run/snas-testbed/snastb/keys/testbed-snastb.key /tmp/demo.toml > /tmp/demo.jwt
-    snas run --policy @/tmp/demo.jwt --app examples -- python3 /app/sandbox_demo.py
+    snas run --policy @/tmp/demo.jwt --app examples -- python3 /app/sandbox_demo.py \
+        "$(cat /run/snas-testbed/snastb/tls/ca.pem)"
+
+The optional argument is the testbed CA certificate (PEM text): with it the HTTPS check
+verifies the server's certificate; without it that check is skipped.
 
 Every check prints one line `PASS|FAIL name: what happened (time)`; the exit status is the
 number of failed checks (0 = the sandbox behaved as the policy says). The escape attempts
@@ -27,6 +33,7 @@ import errno
 import os
 import random
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -90,6 +97,51 @@ def blocked_ip_fails_fast():
         took = time.monotonic() - t0
         code = errno.errorcode.get(e.errno, str(e))
         return took < FAST and e.errno in (errno.ECONNREFUSED, errno.ECONNRESET), f"{code} after {took*1e3:.0f} ms"
+
+
+CA = sys.argv[1] if len(sys.argv) > 1 else None
+
+
+def https_allowed():
+    ctx = ssl.create_default_context(cadata=CA)
+    with socket.create_connection((ALLOWED, 443), timeout=5) as s:
+        with ctx.wrap_socket(s, server_hostname=ALLOWED) as t:
+            t.sendall(f"GET / HTTP/1.1\r\nHost: {ALLOWED}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := t.recv(4096):
+                data += chunk
+    body = data.split(b"\r\n\r\n", 1)[-1].decode().strip()
+    return body.startswith("hello from"), f"{t.version()}, certificate verified: {body!r}"
+
+
+def refused(fn):
+    # The proxy resets a flow whose first payload names another site: RST, or EOF with nothing.
+    try:
+        got = fn()
+        return not got, f"answered {got[:40]!r}" if got else "closed with no answer"
+    except (ConnectionResetError, BrokenPipeError, ssl.SSLError) as e:
+        return True, f"reset ({type(e).__name__})"
+
+
+def http_other_host_on_allowed_address():
+    # Domain fronting: the allowed name's address, another site's Host header.
+    def go():
+        with socket.create_connection((ALLOWED, 80), timeout=5) as s:
+            s.sendall(f"GET / HTTP/1.1\r\nHost: {BLOCKED_NAME}\r\nConnection: close\r\n\r\n".encode())
+            return s.recv(4096)
+    return refused(go)
+
+
+def tls_other_sni_on_allowed_address():
+    def go():
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with socket.create_connection((ALLOWED, 443), timeout=5) as s:
+            with ctx.wrap_socket(s, server_hostname="evil.example.net") as t:
+                t.sendall(b"GET / HTTP/1.1\r\nHost: evil.example.net\r\n\r\n")
+                return t.recv(4096)
+    return refused(go)
 
 
 def udp_echo_allowed():
@@ -173,6 +225,10 @@ def main():
     print(f"uid {os.getuid()} gid {os.getgid()} host {socket.gethostname()}", flush=True)
     check("resolve allowed name", resolve_allowed)
     check("http to allowed name", http_allowed)
+    if CA:
+        check("https to allowed name", https_allowed)
+    check("Host: another site, allowed address", http_other_host_on_allowed_address)
+    check("TLS SNI of another site, allowed address", tls_other_sni_on_allowed_address)
     check("udp echo to allowed name", udp_echo_allowed)
     check("name outside the policy", name_outside_policy)
     check("blocked name", blocked_name)

@@ -31,9 +31,14 @@
 //!
 //! # TCP states (enough to time out correctly; no sequence tracking)
 //! `SynSent` (every new TCP flow) → `Established` on a reply SYN+ACK; a FIN in either direction
-//! → `Closing`; FINs from both directions or an RST in either → `Closed`. A new SYN from the
-//! inside on a `Closed` flow reopens it (`SynSent`, same NAT tuple). UDP is `UdpUnreplied` until a
-//! reply is seen, then `UdpReplied`. ICMP has one state.
+//! → `Closing`; FINs from both directions or an RST in either → `Closed`. A flow never goes back
+//! to `SynSent`: a new SYN from the inside on a `Closing` or `Closed` flow is a new connection on
+//! a reused 5-tuple ([`Conntrack::starts_new_connection`]), which the engine ends the old flow
+//! for and admits like any other (policy decision, limits, name check, a fresh NAT tuple). A SYN
+//! on an `Established` flow is taken for a retransmission (the SYN+ACK got lost on its way to
+//! the sandbox): without sequence numbers the two cannot be told apart, and the remote, which
+//! holds that connection, answers such a SYN with an ACK, not a new connection. UDP is
+//! `UdpUnreplied` until a reply is seen, then `UdpReplied`. ICMP has one state.
 //!
 //! # Invariants
 //! - Every live flow is in both tables and holds exactly one live NAT lease; removing a flow
@@ -755,17 +760,8 @@ impl Conntrack {
             FlowState::UdpUnreplied if dir == Direction::Reply => FlowState::UdpReplied,
             FlowState::UdpUnreplied | FlowState::UdpReplied | FlowState::Icmp => old,
             _ if flags.contains(TcpFlags::RST) => FlowState::TcpClosed,
-            FlowState::TcpClosed => {
-                if dir == Direction::Original
-                    && flags.contains(TcpFlags::SYN)
-                    && !flags.contains(TcpFlags::ACK)
-                {
-                    f.flags &= LIVE;
-                    FlowState::TcpSynSent
-                } else {
-                    old
-                }
-            }
+            // A SYN here is a new connection: the caller asked `starts_new_connection` first.
+            FlowState::TcpClosed => old,
             _ if flags.contains(TcpFlags::FIN) => {
                 f.flags |= match dir {
                     Direction::Original => FIN_ORIGINAL,
@@ -800,6 +796,23 @@ impl Conntrack {
                 .insert(now.saturating_add(timeouts.of(new)), entry);
         }
         Some(new)
+    }
+
+    /// Whether a packet from the inside with TCP `flags` on flow `id` starts a new connection
+    /// on the flow's 5-tuple: a SYN without ACK on a TCP flow that is closing or closed (a FIN
+    /// or RST was seen). The sandbox chooses its source ports, so it can reuse a tuple at once;
+    /// the old flow's decisions (policy, DNS binding, name check) must not carry over, so the
+    /// caller removes the flow and admits the SYN as a new flow. A SYN in `SynSent` or
+    /// `Established` is a retransmission of the handshake the flow was admitted for (see the
+    /// module documentation). `false` for a stale id.
+    pub fn starts_new_connection(&self, id: FlowId, flags: TcpFlags) -> bool {
+        flags.contains(TcpFlags::SYN)
+            && !flags.contains(TcpFlags::ACK)
+            && !flags.contains(TcpFlags::RST)
+            && self.get(id).is_some_and(|f| {
+                f.proto == L4Proto::Tcp
+                    && matches!(f.state, FlowState::TcpClosing | FlowState::TcpClosed)
+            })
     }
 
     /// Adds `packets` and `bytes` that went `dir` outside the engine (the proxy's in-kernel
@@ -1105,9 +1118,9 @@ mod tests {
             c.observe(id, r, TcpFlags::FIN | TcpFlags::ACK, 60, secs(1)),
             Some(FlowState::TcpClosed)
         );
-        assert_eq!(
-            c.observe(id, o, TcpFlags::SYN, 60, secs(2)),
-            Some(FlowState::TcpSynSent)
+        assert!(
+            c.starts_new_connection(id, TcpFlags::SYN),
+            "a SYN now is a new connection for the engine to admit, not this flow's"
         );
     }
 
@@ -1257,19 +1270,40 @@ mod tests {
             "the closed flow keeps its NAT port"
         );
         let b = created(c.open(key(L4Proto::Tcp, 3), TenantId(1), lim, secs(1))).0;
-        // Reopening the closed tuple with a new SYN counts again; expiry of a closed flow
-        // does not count twice.
-        assert_eq!(
-            c.observe(a, Direction::Original, TcpFlags::SYN, 60, secs(2)),
-            Some(FlowState::TcpSynSent)
-        );
-        assert_eq!(c.open_connections_of_job(JobKey(7)), 3);
+        // Expiry of a closed flow does not count twice.
         c.observe(b, Direction::Original, TcpFlags::RST, 60, secs(2));
-        assert_eq!(c.open_connections_of_job(JobKey(7)), 2);
+        assert_eq!(c.open_connections_of_job(JobKey(7)), 1);
         c.remove(b, secs(3));
-        assert_eq!(c.open_connections_of_job(JobKey(7)), 2);
+        assert_eq!(c.open_connections_of_job(JobKey(7)), 1);
         c.remove(a, secs(3));
         assert_eq!(c.open_connections_of_job(JobKey(7)), 1);
+    }
+
+    #[test]
+    fn a_syn_on_a_closing_or_closed_tuple_is_a_new_connection_and_never_reopens_the_flow() {
+        let mut c = ct();
+        let (a, _) = created(c.open(key(L4Proto::Tcp, 1), TenantId(1), LIMITS, secs(0)));
+        let syn = TcpFlags::SYN;
+        assert!(!c.starts_new_connection(a, syn), "a retransmitted SYN");
+        c.observe(a, Direction::Reply, syn | TcpFlags::ACK, 60, secs(0));
+        assert!(
+            !c.starts_new_connection(a, syn),
+            "established: a retransmission (the SYN+ACK was lost after the proxy)"
+        );
+        assert!(!c.starts_new_connection(a, syn | TcpFlags::ACK));
+        c.observe(a, Direction::Original, TcpFlags::FIN, 60, secs(1));
+        assert!(c.starts_new_connection(a, syn), "closing");
+        c.observe(a, Direction::Reply, TcpFlags::FIN, 60, secs(1));
+        assert!(c.starts_new_connection(a, syn), "closed");
+        assert_eq!(
+            c.observe(a, Direction::Original, syn, 60, secs(2)),
+            Some(FlowState::TcpClosed),
+            "a closed flow stays closed whatever arrives"
+        );
+        let (u, _) = created(c.open(key(L4Proto::Udp, 2), TenantId(1), LIMITS, secs(0)));
+        assert!(!c.starts_new_connection(u, syn));
+        c.remove(a, secs(3));
+        assert!(!c.starts_new_connection(a, syn), "a stale id");
     }
 
     #[test]

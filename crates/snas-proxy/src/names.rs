@@ -774,6 +774,19 @@ impl NameChecks {
         n
     }
 
+    /// Forgets flow `id` at once (the engine removed it): its held packets are discarded and
+    /// their bytes no longer count against the job. Returns the packets discarded. Packets it
+    /// released before come back to an engine that no longer knows the flow.
+    pub fn forget(&mut self, id: FlowId) -> u32 {
+        match self.flows.remove(&id) {
+            Some(Gate::Pending(p)) => {
+                self.unhold(p.key.job, p.held_bytes);
+                p.held.len() as u32
+            }
+            _ => 0,
+        }
+    }
+
     /// Whether released packets wait to be taken.
     pub fn has_released(&self) -> bool {
         !self.released.is_empty()

@@ -321,6 +321,9 @@ pub enum FlowEnd {
     Revoked,
     /// The key that signed its job's policy was removed from the trust bundle.
     KeyUntrusted,
+    /// The job opened a new connection on its 5-tuple (a SYN after a FIN or RST):
+    /// that connection is a new flow, admitted and name-checked like any other.
+    Reused,
 }
 
 impl FlowEnd {
@@ -335,6 +338,7 @@ impl FlowEnd {
             FlowEnd::PolicyUpdated => "policy_updated",
             FlowEnd::Revoked => "revoked",
             FlowEnd::KeyUntrusted => "key_untrusted",
+            FlowEnd::Reused => "reused",
         }
     }
 }
@@ -925,7 +929,11 @@ impl Tier2 {
             );
         }
 
-        let (id, egress_ip, egress_port) = match self.conntrack.lookup(&key) {
+        let found = self
+            .conntrack
+            .lookup(&key)
+            .filter(|&id| !self.reused_tuple(id, flags, now));
+        let (id, egress_ip, egress_port) = match found {
             Some(id) => match self.conntrack.info(id) {
                 Some(i) => (id, i.egress_ip, i.egress_port),
                 None => return self.drop_of(tenant, Reason::NoConntrack),
@@ -1681,6 +1689,27 @@ impl Tier2 {
     /// Bytes held by the name check now.
     pub fn name_held_bytes(&self) -> u64 {
         self.names.held_bytes()
+    }
+
+    /// A SYN from the job on flow `id` that starts a new connection on the flow's 5-tuple
+    /// ([`Conntrack::starts_new_connection`]; the sandbox picks its source ports): the old flow
+    /// ends here (`flow_end` `reused`, out of the fast path, its name-check state and held bytes
+    /// gone, its NAT port into quarantine) and `true` sends the SYN through admission as a new
+    /// flow — policy decision, limits, a fresh NAT tuple and its own name check. Without this a
+    /// flow that passed the check (or a host rule's DNS binding since expired) would carry its
+    /// verdict over to whatever the job sends next on the same tuple.
+    fn reused_tuple(&mut self, id: FlowId, flags: TcpFlags, now: Now) -> bool {
+        if !self.conntrack.starts_new_connection(id, flags) {
+            return false;
+        }
+        let discarded = self.names.forget(id);
+        if let Some(f) = self.conntrack.remove(id, now.mono) {
+            self.drops
+                .verified(f.tenant, Reason::NoConntrack, u64::from(discarded));
+            self.offload.remove(&f.key);
+            self.flow_end(&f, FlowEnd::Reused, now);
+        }
+        true
     }
 
     /// A flow was just admitted: if the rule that allowed it checks names (TCP on any port,

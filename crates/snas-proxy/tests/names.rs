@@ -16,8 +16,8 @@ use snas_proxy::names::quic::build::{client_initial, crypto_frame};
 use snas_proxy::names::quic::V1;
 use snas_proxy::names::tls::build::{client_hello_message, records};
 use snas_proxy::tier2::{
-    AuditEvent, JobPolicy, NameMismatchRecord, Now, StaticPolicies, Tier2, Tier2Config, Verdict,
-    GENEVE_HEADER_LEN,
+    AuditEvent, FlowEnd, JobPolicy, NameMismatchRecord, Now, StaticPolicies, Tier2, Tier2Config,
+    Verdict, GENEVE_HEADER_LEN,
 };
 use snas_wire::build::{tcp, udp, TcpSpec, UdpSpec};
 use snas_wire::geneve::{write_geneve_header, InnerProto, SnasOption};
@@ -683,4 +683,96 @@ fn udp_that_is_not_quic_passes_on_443_and_other_ports_are_not_inspected() {
     .unwrap();
     let (v, _, _) = f.send(&dns);
     assert!(matches!(v, Verdict::ToInternet { .. }), "{v:?}");
+}
+
+/// The egress port an outgoing packet (NATed) left from.
+fn egress_port(inner: &[u8]) -> u16 {
+    let ip = IpPacket::parse(inner).unwrap();
+    let Ok(Transport::Tcp(t)) = ip.transport() else {
+        panic!("not tcp")
+    };
+    t.src_port()
+}
+
+#[test]
+fn a_new_connection_on_the_5_tuple_of_a_checked_and_closed_flow_is_checked_again() {
+    // The sandbox chooses its source port: after a connection that passed the check closes,
+    // a SYN on the same 5-tuple is a new connection, admitted
+    // anew (fresh NAT port, `flow_end` `reused` for the old one) and name-checked again.
+    let mut f = Fixture::new();
+    let good = b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
+    let bad = b"GET / HTTP/1.1\r\nHost: blocked.example.com\r\n\r\n";
+    let after = ISN + 1 + good.len() as u32;
+    // RST (closed) and the job's FIN (closing; the server's FIN would make it closed, the same
+    // state as the RST: see the conntrack tests).
+    let closes = [TcpFlags::RST, TcpFlags::FIN | TcpFlags::ACK];
+    for (round, close) in closes.into_iter().enumerate() {
+        let sport = 40200 + round as u16;
+        f.open(sport, API, 80);
+        let (v, _, _) = f.send(&segments(sport, API, 80, good, 1400)[0]);
+        assert!(is_held(&v), "round {round}: {v:?}");
+        let (out, _) = f.release();
+        assert_eq!(out.len(), 1, "round {round}: the allowed request goes out");
+        let first_port = egress_port(&out[0]);
+        let (v, _, _) = f.send(&seg(sport, API, 80, after, 5001, close, &[]));
+        assert!(matches!(v, Verdict::ToInternet { .. }), "close: {v:?}");
+        f.tier2.drain_audit();
+        // The same tuple again, at once, with another Host.
+        let (v, syn_out, _) = f.send(&seg(sport, API, 80, ISN + 7, 0, TcpFlags::SYN, &[]));
+        let Verdict::ToInternet { range, .. } = v else {
+            panic!("round {round}: the new SYN is admitted: {v:?}")
+        };
+        assert_ne!(
+            egress_port(&syn_out[range]),
+            first_port,
+            "a new connection gets a fresh NAT tuple"
+        );
+        let ack = seg(sport, API, 80, ISN + 8, 5001, TcpFlags::ACK, &[]);
+        assert!(matches!(f.send(&ack).0, Verdict::ToInternet { .. }));
+        let req = seg(sport, API, 80, ISN + 8, 5001, TcpFlags::ACK, bad);
+        let (v, _, _) = f.send(&req);
+        assert!(
+            matches!(
+                v,
+                Verdict::Refuse {
+                    reason: Reason::HostMismatch,
+                    ..
+                }
+            ),
+            "round {round}: the reused tuple's request must be checked: {v:?}"
+        );
+        let events: Vec<AuditEvent> = f.tier2.drain_audit().collect();
+        let ended: Vec<u16> = events
+            .iter()
+            .filter_map(|e| match e {
+                AuditEvent::FlowEnd(r) if r.end == FlowEnd::Reused => Some(r.egress.1),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ended, [first_port], "round {round}: the old flow's end");
+        let m: Vec<&NameMismatchRecord> = events
+            .iter()
+            .filter_map(|e| match e {
+                AuditEvent::NameMismatch(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(m.len(), 1, "round {round}");
+        assert_eq!(&*m[0].wire_name, "blocked.example.com");
+        f.release();
+    }
+    assert_eq!(f.drops(Reason::HostMismatch), 2);
+}
+
+#[test]
+fn a_retransmitted_syn_of_a_pending_check_is_the_same_connection() {
+    let mut f = Fixture::new();
+    f.open(40210, API, 80);
+    let (v, _, _) = f.send(&seg(40210, API, 80, ISN, 0, TcpFlags::SYN, &[]));
+    assert!(matches!(v, Verdict::ToInternet { .. }), "{v:?}");
+    assert_eq!(f.tier2.conntrack().len(), 1, "no second flow");
+    let good = b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
+    let (v, _, _) = f.send(&segments(40210, API, 80, good, 1400)[0]);
+    assert!(is_held(&v), "{v:?}");
+    assert_eq!(f.release().0.len(), 1);
 }

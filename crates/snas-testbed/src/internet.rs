@@ -1,6 +1,7 @@
 //! The testbed "internet" services: the authoritative DNS server and, on every host address,
-//! HTTP on 80, TCP and UDP echo on 7 and a TCP bulk source/sink on 5201 — on the IPv4 host
-//! addresses and on the IPv6 address of `v6.example.com` / `dual.example.com` (2001:db8::10).
+//! HTTP on 80, HTTPS on 443 (when given the TLS material: [`crate::tls`]), TCP and UDP echo on 7
+//! and a TCP bulk source/sink on 5201 — on the IPv4 host addresses, and HTTP, echo and bulk on
+//! the IPv6 address of `v6.example.com` / `dual.example.com` (2001:db8::10).
 //!
 //! Owns the sockets and the tokio tasks. [`Internet::bind`] binds everything first (so a
 //! caller learns about a missing address before detaching), then [`Internet::run`] serves until
@@ -51,6 +52,9 @@ pub enum InternetError {
         #[source]
         source: std::io::Error,
     },
+    /// The TLS material for HTTPS could not be loaded.
+    #[error("HTTPS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// What to serve where.
@@ -66,6 +70,9 @@ pub struct InternetOptions {
     pub echo_port: u16,
     /// Bulk port.
     pub bulk_port: u16,
+    /// HTTPS on [`crate::tls::HTTPS_PORT`] with the material in this directory
+    /// ([`crate::tls::ensure`]); `None`: no HTTPS.
+    pub tls_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for InternetOptions {
@@ -76,6 +83,7 @@ impl Default for InternetOptions {
             http_port: HTTP_PORT,
             echo_port: ECHO_PORT,
             bulk_port: BULK_PORT,
+            tls_dir: None,
         }
     }
 }
@@ -90,9 +98,10 @@ pub struct Internet {
     echo_tcp: Vec<TcpListener>,
     echo_udp: Vec<UdpSocket>,
     bulk: Vec<TcpListener>,
+    https: Vec<crate::tls::HttpsListener>,
 }
 
-async fn tcp(addr: SocketAddr) -> Result<TcpListener, InternetError> {
+pub(crate) async fn tcp(addr: SocketAddr) -> Result<TcpListener, InternetError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| InternetError::Bind {
@@ -123,7 +132,11 @@ impl Internet {
             echo_tcp: Vec::new(),
             echo_udp: Vec::new(),
             bulk: Vec::new(),
+            https: Vec::new(),
         };
+        if let Some(dir) = &opts.tls_dir {
+            me.https = crate::tls::bind(dir, &opts.hosts).await?;
+        }
         for (name, ip) in &opts.hosts {
             let at = |port| SocketAddr::new(IpAddr::V4(*ip), port);
             let label: Arc<str> = Arc::from(format!("{name} ({ip})"));
@@ -167,6 +180,9 @@ impl Internet {
         for l in self.bulk {
             tasks.spawn(accept_loop(l, bulk));
         }
+        for h in self.https {
+            tasks.spawn(crate::tls::serve_https(h));
+        }
         shutdown.await;
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
@@ -182,7 +198,7 @@ pub async fn serve(
     Ok(())
 }
 
-async fn accept_loop<F, Fut>(l: TcpListener, handler: F)
+pub(crate) async fn accept_loop<F, Fut>(l: TcpListener, handler: F)
 where
     F: Fn(TcpStream) -> Fut,
     Fut: Future<Output = std::io::Result<()>> + Send + 'static,
@@ -244,7 +260,11 @@ pub fn http_body(label: &str) -> String {
     format!("hello from {label}\n")
 }
 
-async fn http(mut s: TcpStream, label: Arc<str>) -> std::io::Result<()> {
+/// The HTTP/1.1 responder of port 80 (and, behind TLS, of 443).
+pub(crate) async fn http<S>(mut s: S, label: Arc<str>) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {

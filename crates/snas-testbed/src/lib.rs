@@ -33,6 +33,7 @@ pub mod netns;
 pub mod record;
 pub mod setup;
 pub mod status;
+pub mod tls;
 pub mod topology;
 
 use std::collections::BTreeMap;
@@ -82,6 +83,9 @@ pub enum TestbedError {
     /// The internet services could not bind their sockets.
     #[error(transparent)]
     Internet(#[from] internet::InternetError),
+    /// The internet's TLS material (CA, host certificates) could not be made or read.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// Parts of the testbed could not be removed.
     #[error("down left things behind: {0}")]
     Leftovers(String),
@@ -307,6 +311,7 @@ pub fn up_unguarded(opts: &TestbedOptions) -> Result<Record, TestbedError> {
         .filter(|d| !matches!(d, Daemon::Internet))
         .any(|d| daemons::running_pid(&t, d).is_some());
     let trust = prepare_trust(&t, opts.trust_dir.as_deref(), running)?;
+    tls::ensure(&tls::dir(&t), &internet::InternetOptions::default().hosts)?;
     setup::build(&t)?;
     let record = Record {
         trust,
@@ -570,7 +575,11 @@ pub fn serve_internet_daemon(prefix: &str) -> Result<(), TestbedError> {
             source,
         })?;
     rt.block_on(async {
-        let inet = internet::Internet::bind(&internet::InternetOptions::default()).await?;
+        let opts = internet::InternetOptions {
+            tls_dir: Some(tls::dir(&t)),
+            ..internet::InternetOptions::default()
+        };
+        let inet = internet::Internet::bind(&opts).await?;
         eprintln!(
             "snas testbed internet {prefix}: serving DNS on {} and 4 hosts",
             t.dns_server()

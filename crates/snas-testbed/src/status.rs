@@ -236,6 +236,18 @@ impl fmt::Display for Status {
             }
             None => writeln!(f, "  (no record: testbed not built by `up`)")?,
         }
+        let ca = crate::tls::ca_path(&crate::tls::dir(t));
+        writeln!(
+            f,
+            "  HTTPS (443) CA certificate: {}{}",
+            ca.display(),
+            if ca.exists() { "" } else { " (missing)" }
+        )?;
+        writeln!(
+            f,
+            "  e.g. curl --cacert {} https://api.example.com/",
+            ca.display()
+        )?;
         writeln!(f, "\nDNS names (authoritative at {}):", t.dns_server())?;
         let zones = Zones::default();
         let mut seen: Vec<&str> = Vec::new();
