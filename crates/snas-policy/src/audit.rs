@@ -229,6 +229,10 @@ pub struct AuditLine {
     /// DNS: the addresses installed into tier 1.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addrs: Vec<IpAddr>,
+    /// Name check (`sni_mismatch`, `host_mismatch`): the names the job's DNS bound to the
+    /// destination address (`hostname` is the name on the wire).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bound: Vec<String>,
     /// The SNAT address and port (allowed flows, flow ends).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<SocketAddr>,
@@ -280,6 +284,7 @@ impl AuditLine {
             bytes: 0,
             qtype: None,
             addrs: Vec::new(),
+            bound: Vec::new(),
             egress: None,
             end: None,
             bytes_out: None,

@@ -173,6 +173,7 @@ pub fn name_mismatch_line(r: &NameMismatchRecord) -> AuditLine {
     set_flow(&mut l, r.proto, r.src, r.dst, Some(&r.wire_name));
     l.rule = Slot::or_absent(r.rule);
     l.reason = Some(r.reason.name().into());
+    l.bound = r.bound.iter().map(|b| b.to_string()).collect();
     l.suppressed = r.suppressed;
     l
 }
@@ -294,6 +295,7 @@ fn writer(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use snas_wire::Reason;
     use std::os::unix::fs::PermissionsExt;
 
     fn sample() -> AuditLine {
@@ -313,6 +315,34 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         count
+    }
+
+    #[test]
+    fn a_name_mismatch_line_carries_the_wire_name_and_the_names_bound_to_the_address() {
+        let r = NameMismatchRecord {
+            unix_secs: 1_700_000_000,
+            reason: Reason::HostMismatch,
+            tenant: "acme".into(),
+            job: "build".into(),
+            job_key: JobKey(0xab),
+            proto: L4Proto::Tcp,
+            src: ("10.255.0.2".parse().unwrap(), 40_000),
+            dst: ("203.0.113.10".parse().unwrap(), 80),
+            wire_name: "blocked.example.com".into(),
+            bound: vec!["api.example.com".into(), "www.example.com".into()],
+            rule: Some(0),
+            suppressed: 0,
+        };
+        let json = serde_json::to_value(name_mismatch_line(&r)).unwrap();
+        assert_eq!(json["reason"], "host_mismatch");
+        assert_eq!(json["hostname"], "blocked.example.com");
+        assert_eq!(
+            json["bound"],
+            serde_json::json!(["api.example.com", "www.example.com"])
+        );
+        let none = NameMismatchRecord { bound: vec![], ..r };
+        let json = serde_json::to_value(name_mismatch_line(&none)).unwrap();
+        assert!(json.get("bound").is_none(), "{json}");
     }
 
     #[test]

@@ -60,6 +60,7 @@ cidr = "198.51.100.128/25"
 ports = "443"
 [limits]
 egress_bps = "1Gbit"
+ingress_bps = "1Gbit"
 max_connections = 5000
 max_ports_per_destination = 4000
 new_connections_per_sec = 100000
@@ -184,6 +185,16 @@ impl Fixture {
 
     fn drops(&self, r: Reason) -> u64 {
         self.tier2.drops()[r as usize]
+    }
+
+    /// A segment from the internet to the flow's SNAT port.
+    fn receive(&mut self, inner: &[u8]) -> Verdict {
+        let mut buf = vec![0u8; GENEVE_HEADER_LEN + inner.len()];
+        buf[GENEVE_HEADER_LEN..].copy_from_slice(inner);
+        let n = buf.len();
+        let now = self.now();
+        self.tier2
+            .from_internet(&mut buf, GENEVE_HEADER_LEN..n, now)
     }
 }
 
@@ -775,4 +786,57 @@ fn a_retransmitted_syn_of_a_pending_check_is_the_same_connection() {
     let (v, _, _) = f.send(&segments(40210, API, 80, good, 1400)[0]);
     assert!(is_held(&v), "{v:?}");
     assert_eq!(f.release().0.len(), 1);
+}
+
+/// A plain-HTTP download under a checked host rule: the request is the flow's only client
+/// payload and it was held; after its release the client sends nothing but ACKs. The flow must
+/// still reach the fast path (a bulk download is what it is for), with or without the proxy's
+/// packet threshold.
+#[test]
+fn a_download_whose_only_request_was_held_by_the_check_still_reaches_the_fast_path() {
+    for threshold in [0, snas_proxy::offload::FAST_AFTER_PACKETS] {
+        let mut f = Fixture::new();
+        f.tier2.set_offload(true);
+        f.tier2.set_offload_min_packets(threshold);
+        f.open(40200, API, 80);
+        let get = b"GET /big HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
+        let (v, _, _) = f.send(&segments(40200, API, 80, get, 1400)[0]);
+        assert!(is_held(&v));
+        let (out, _) = f.release();
+        assert_eq!(out.len(), 1, "the request goes out");
+        let port = egress_port(&out[0]);
+        let ack = ISN + 1 + get.len() as u32;
+        let chunk = vec![0x5a; 1400];
+        let mut installed = 0;
+        for i in 0..(threshold + 4) as u32 {
+            let data = tcp(&TcpSpec {
+                src: SocketAddr::new(API, 80),
+                dst: SocketAddr::new(EGRESS, port),
+                seq: 5001 + i * 1400,
+                ack,
+                flags: TcpFlags::ACK | TcpFlags::PSH,
+                window: 65535,
+                payload: &chunk,
+            })
+            .unwrap();
+            f.receive(&data);
+            let seg_ack = seg(
+                40200,
+                API,
+                80,
+                ack,
+                5001 + (i + 1) * 1400,
+                TcpFlags::ACK,
+                &[],
+            );
+            let (v, _, _) = f.send(&seg_ack);
+            assert!(matches!(v, Verdict::ToInternet { .. }), "{v:?}");
+            installed += f
+                .tier2
+                .drain_offload_events()
+                .filter(|e| matches!(e, snas_proxy::offload::OffloadEvent::Install(_)))
+                .count();
+        }
+        assert_eq!(installed, 1, "threshold {threshold}: installed once");
+    }
 }
