@@ -393,6 +393,81 @@ pub async fn announce_job_ended(
     }
 }
 
+/// Outcomes of policy-update notices, one per (job, proxy).
+#[derive(Debug, Default)]
+pub struct UpdateNotices {
+    refetch: AtomicU64,
+    current: AtomicU64,
+    unknown_job: AtomicU64,
+    rate_limited: AtomicU64,
+    forbidden: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl UpdateNotices {
+    /// Notices by outcome: `refetch` (202: the proxy fetches the new policy), `current` (204:
+    /// it holds that serial already), `unknown_job` (404: it has nothing of the job; its next
+    /// packet fetches the new policy), `rate_limited` (429), `forbidden` (403), `failed`.
+    pub fn outcomes(&self) -> BTreeMap<&'static str, u64> {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        BTreeMap::from([
+            ("refetch", g(&self.refetch)),
+            ("current", g(&self.current)),
+            ("unknown_job", g(&self.unknown_job)),
+            ("rate_limited", g(&self.rate_limited)),
+            ("forbidden", g(&self.forbidden)),
+            ("failed", g(&self.failed)),
+        ])
+    }
+}
+
+/// Tells every listed proxy that the job's policy was updated to `serial`, so that a proxy
+/// holding the job refetches it at once and ends the flows the update removes even when the
+/// job sends nothing more (it would otherwise learn the serial from the job's next packet):
+/// `POST /v1/jobs/<16 hex job key>/updated/<serial>` on its control port, all proxies at once,
+/// each within `timeout`. Fire-and-forget, counted like [`announce_job_ended`].
+pub async fn announce_job_updated(
+    proxies: Arc<Proxies>,
+    job_key: JobKey,
+    serial: snas_wire::PolicySerial,
+    notices: Arc<UpdateNotices>,
+    timeout: Duration,
+) {
+    let targets: Vec<SocketAddr> = proxies
+        .snapshot()
+        .statuses()
+        .iter()
+        .filter(|p| p.listed)
+        .map(|p| SocketAddr::from((p.ip, proxies.control_port)))
+        .collect();
+    let mut set = tokio::task::JoinSet::new();
+    for addr in targets {
+        set.spawn(async move {
+            let client = ProxyClient::new(addr).with_timeout(timeout);
+            let status = match client.job_updated(job_key, serial).await {
+                Ok(s) => Some(s),
+                Err(e) => e.status(),
+            };
+            (addr, status)
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        let Ok((addr, status)) = r else { continue };
+        let c = match status {
+            Some(202) => &notices.refetch,
+            Some(204) => &notices.current,
+            Some(404) => &notices.unknown_job,
+            Some(429) => &notices.rate_limited,
+            Some(403) => &notices.forbidden,
+            _ => &notices.failed,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        if !matches!(status, Some(202 | 204 | 404)) {
+            tracing::debug!(proxy = %addr, ?status, job_key = %job_key, "policy-update notice not taken");
+        }
+    }
+}
+
 /// Probes every proxy each `interval` until `shutdown` resolves; pushes every change to tier 1.
 pub async fn run_health_checks(
     proxies: Arc<Proxies>,

@@ -1031,8 +1031,11 @@ impl Worker {
                 self.outs[i] = self.node_out(&mut eng, v, now.mono, &mut floor);
             }
             s.flush_audit(&mut eng);
-            for (job, node) in eng.drain_refetch() {
-                s.fetcher.request_refetch(job, node);
+            let refetch: Vec<_> = eng.drain_refetch().collect();
+            for (job, node) in refetch {
+                if !s.fetcher.request_refetch(job, node) {
+                    eng.refetch_declined(job);
+                }
             }
             released = eng.has_released();
             mirror = self.offload_handoff(&mut eng, fast.as_deref());
@@ -1078,8 +1081,11 @@ impl Worker {
                     self.outs[i] = self.node_out(&mut eng, v, now.mono, &mut floor);
                 }
                 s.flush_audit(&mut eng);
-                for (job, node) in eng.drain_refetch() {
-                    s.fetcher.request_refetch(job, node);
+                let refetch: Vec<_> = eng.drain_refetch().collect();
+                for (job, node) in refetch {
+                    if !s.fetcher.request_refetch(job, node) {
+                        eng.refetch_declined(job);
+                    }
                 }
                 n
             };

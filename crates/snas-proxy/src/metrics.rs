@@ -67,6 +67,8 @@ pub struct Metrics {
     pub held_released: AtomicU64,
     /// Jobs ended by their node (`POST /v1/jobs/{job_key}/ended`).
     pub jobs_ended: AtomicU64,
+    /// Policy-update notices that started a refetch (`POST /v1/jobs/{job_key}/updated/{serial}`).
+    pub update_notices: AtomicU64,
     /// TUN writes that failed (queue full, refused).
     pub tun_write_errors: AtomicU64,
     /// GENEVE datagrams to nodes the kernel refused (send buffer still full after a short
@@ -196,6 +198,7 @@ struct Counters {
     held_packets: u64,
     held_released: u64,
     jobs_ended: u64,
+    update_notices: u64,
     tun_write_errors: u64,
     node_send_failures: u64,
     gso_segmented: u64,
@@ -227,6 +230,7 @@ impl Counters {
             held_packets: get(&m.held_packets),
             held_released: get(&m.held_released),
             jobs_ended: get(&m.jobs_ended),
+            update_notices: get(&m.update_notices),
             tun_write_errors: get(&m.tun_write_errors),
             node_send_failures: get(&m.node_send_failures),
             gso_segmented: get(&m.gso_segmented),
@@ -270,6 +274,8 @@ pub struct Scrape {
     names: crate::names::NameStats,
     name_held_bytes: u64,
     nat: Vec<EgressUsage>,
+    resets: crate::resets::ResetStats,
+    closing_flows: usize,
     extra: Extra,
 }
 
@@ -288,6 +294,8 @@ impl Scrape {
             names: engine.name_stats(),
             name_held_bytes: engine.name_held_bytes(),
             nat: engine.conntrack().nat().egress_usage(),
+            resets: engine.reset_stats(),
+            closing_flows: engine.closing_flows(),
             extra,
         }
     }
@@ -419,6 +427,11 @@ impl Collector for Scrape {
                 c.jobs_ended,
             ),
             (
+                "snas_proxy_job_update_notices",
+                "Policy-update notices from nodes that started a refetch.",
+                c.update_notices,
+            ),
+            (
                 "snas_proxy_tun_write_errors",
                 "Failed TUN writes.",
                 c.tun_write_errors,
@@ -461,6 +474,50 @@ impl Collector for Scrape {
         ] {
             f.counter(name, help, v)?;
         }
+        let r = &self.resets;
+        f.family(
+            "snas_proxy_resets",
+            "RSTs sent to end flows the proxy ended on its own (policy update, revocation, key removed), by the end they went to.",
+            MetricType::Counter,
+            [
+                ([("to", "job")], r.resets_to_job),
+                ([("to", "remote")], r.resets_to_remote),
+            ],
+        )?;
+        for (name, help, v) in [
+            (
+                "snas_proxy_reset_flows",
+                "TCP flows the proxy ended on its own and started resetting.",
+                r.flows,
+            ),
+            (
+                "snas_proxy_reset_probes",
+                "Probes (ACKs asking for sequence numbers) sent to ends of flows being reset.",
+                r.probes,
+            ),
+            (
+                "snas_proxy_reset_unanswered",
+                "Ends of flows being reset that never answered a probe (not reset).",
+                r.unanswered,
+            ),
+            (
+                "snas_proxy_reset_skipped",
+                "Flows ended without RSTs because the table of flows being reset was full.",
+                r.skipped,
+            ),
+            (
+                "snas_proxy_reset_control_dropped",
+                "Probes and RSTs dropped because their queue was full.",
+                r.dropped,
+            ),
+        ] {
+            f.counter(name, help, v)?;
+        }
+        f.gauge(
+            "snas_proxy_reset_closing_flows",
+            "Flows being reset now.",
+            self.closing_flows as u64,
+        )?;
         f.family(
             "snas_proxy_audit_lines",
             "Audit lines by outcome.",
@@ -689,6 +746,7 @@ mod tests {
                 "snas_proxy_held_packets_total counter",
                 "snas_proxy_held_released_total counter",
                 "snas_proxy_jobs_ended_total counter",
+                "snas_proxy_job_update_notices_total counter",
                 "snas_proxy_tun_write_errors_total counter",
                 "snas_proxy_node_send_failures_total counter",
                 "snas_proxy_gso_segmented_total counter",
@@ -697,6 +755,13 @@ mod tests {
                 "snas_proxy_tun_read_refused_total counter",
                 "snas_proxy_policy_fetch_failures_total counter",
                 "snas_proxy_policy_fetches_total counter",
+                "snas_proxy_resets_total counter",
+                "snas_proxy_reset_flows_total counter",
+                "snas_proxy_reset_probes_total counter",
+                "snas_proxy_reset_unanswered_total counter",
+                "snas_proxy_reset_skipped_total counter",
+                "snas_proxy_reset_control_dropped_total counter",
+                "snas_proxy_reset_closing_flows gauge",
                 "snas_proxy_audit_lines_total counter",
                 "snas_proxy_dns_queries_total counter",
                 "snas_proxy_peer_bindings_total counter",

@@ -563,12 +563,13 @@ impl Fetcher {
     }
 
     /// Queues a fetch of `job_key` from `node` (data path: never blocks). Requests for a job
-    /// already being fetched are ignored.
-    pub fn request(&self, job_key: JobKey, node: Ipv4Addr) {
+    /// already being fetched are ignored. Returns whether a fetch of the job is queued or
+    /// running (its end will be notified), `false` when the queue was full.
+    pub fn request(&self, job_key: JobKey, node: Ipv4Addr) -> bool {
         {
             let mut inflight = self.inflight.lock().unwrap_or_else(PoisonError::into_inner);
             if !inflight.insert(job_key) {
-                return;
+                return true;
             }
         }
         if self.tx.try_send((job_key, node)).is_err() {
@@ -577,7 +578,9 @@ impl Fetcher {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&job_key);
+            return false;
         }
+        true
     }
 
     /// Queues a refetch of a cached job whose traffic carries a newer serial. Rate limited per
@@ -585,7 +588,19 @@ impl Fetcher {
     /// a fetch per batch: after a refetch that brought a newer policy, the next may follow
     /// [`REFETCH_AFTER_PROGRESS`] later (a second live update within seconds of the first is
     /// not delayed); after one that did not, only once the negative-cache period has passed.
-    pub fn request_refetch(&self, job_key: JobKey, node: Ipv4Addr) {
+    /// Returns whether a fetch of the job is queued or running (its end will be notified):
+    /// `false` when the rate limit or a full queue declined it.
+    pub fn request_refetch(&self, job_key: JobKey, node: Ipv4Addr) -> bool {
+        if self
+            .inflight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&job_key)
+        {
+            // Already under way (started by a packet, a DNS query or a notice): its end is
+            // notified, whatever the rate limit would say.
+            return true;
+        }
         let now = Instant::now();
         let held = self.store.snapshot().get(job_key).map(|p| p.serial);
         {
@@ -596,7 +611,7 @@ impl Fetcher {
             if let Some((t, serial_then)) = last.get(&job_key) {
                 let wait = refetch_wait(*serial_then, held, self.cfg.negative);
                 if now.saturating_duration_since(*t) < wait {
-                    return;
+                    return false;
                 }
             }
             if last.len() >= FETCH_QUEUE * 16 {
@@ -605,7 +620,7 @@ impl Fetcher {
             }
             last.insert(job_key, (now, held));
         }
-        self.request(job_key, node);
+        self.request(job_key, node)
     }
 
     /// Sets the hook told when a fetched policy replaces a held one with a higher serial (a

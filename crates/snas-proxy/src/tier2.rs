@@ -15,6 +15,13 @@
 //!   behind a GENEVE header for the node, so the sandboxed app fails at once.
 //! - First packets of a job whose policy is not cached yet: held ([`crate::hold`]) while the
 //!   caller fetches it, then handed back ([`Tier2::take_released`]) to be processed in order.
+//! - Packets whose option carries a newer serial than the cached policy (a live update the
+//!   proxy has not fetched yet): held the same way while the caller refetches, so that the
+//!   first SYN to a destination only the new policy allows is decided under the new policy.
+//!   When the refetch ends ([`Tier2::policy_ready`]) or is not started
+//!   ([`Tier2::refetch_declined`]) they are handed back and decided under whatever is cached
+//!   then (a failed refetch keeps the old policy); later packets announcing the same serial
+//!   are then decided at once under the cached policy instead of being held again.
 //! - The end of a job: at its policy's `exp` every packet is refused (RST for any TCP segment,
 //!   RFC 793 reset generation; ICMP unreachable otherwise) and its flows, SNAT ports, pacing
 //!   and rate state are freed ([`Tier2::end_job`], carried out by the next [`Tier2::tick`] in
@@ -552,6 +559,11 @@ pub struct Tier2 {
     audit: Vec<AuditEvent>,
     audit_budget: AuditBudget,
     refetch: Vec<(JobKey, Ipv4Addr)>,
+    /// Jobs whose packets are held until the refetch of the newer serial in their option ends.
+    serial_wait: HashMap<JobKey, PolicySerial>,
+    /// Per job, the highest serial a finished (or declined) refetch did not bring: packets
+    /// announcing it or less are decided under the cached policy without being held again.
+    serial_stale: HashMap<JobKey, PolicySerial>,
     draining: bool,
     infra: InfraSet,
     hold: HoldQueue,
@@ -642,6 +654,8 @@ impl Tier2 {
             audit: Vec::new(),
             audit_budget: AuditBudget::new(cfg.audit_lines_per_sec)?,
             refetch: Vec::new(),
+            serial_wait: HashMap::new(),
+            serial_stale: HashMap::new(),
             draining: false,
             hold: HoldQueue::new(cfg.hold)?,
             last_scan: None,
@@ -723,13 +737,37 @@ impl Tier2 {
 
     /// The policy of `job` is now in the cache: its held packets may be taken with
     /// [`Tier2::take_released`].
+    /// Also ends a wait for a refetch of a newer serial (whatever the refetch brought: its
+    /// packets are decided under the policy cached then).
     pub fn policy_ready(&mut self, job: JobKey) {
+        self.serial_wait.remove(&job);
         self.hold.mark_ready(job);
+    }
+
+    /// The refetch the engine asked for with [`Tier2::drain_refetch`] was not started (rate
+    /// limited, queue full): the packets held for it are released to be decided under the
+    /// cached policy, and the job's later packets with that serial are not held.
+    pub fn refetch_declined(&mut self, job: JobKey) {
+        if let Some(serial) = self.serial_wait.remove(&job) {
+            self.mark_stale(job, serial);
+            self.hold.mark_ready(job);
+        }
+    }
+
+    /// Jobs whose packets wait for the refetch of a newer serial.
+    pub fn refetch_waits(&self) -> usize {
+        self.serial_wait.len()
+    }
+
+    fn mark_stale(&mut self, job: JobKey, serial: PolicySerial) {
+        let e = self.serial_stale.entry(job).or_insert(serial);
+        *e = (*e).max(serial);
     }
 
     /// Fetching `job`'s policy failed with `reason`: its held packets are dropped and counted
     /// under `reason`. Returns how many.
     pub fn policy_failed(&mut self, job: JobKey, reason: Reason) -> u32 {
+        self.serial_wait.remove(&job);
         let n = self.hold.drop_job(job);
         self.drops.unknown(reason, u64::from(n));
         n
@@ -870,8 +908,11 @@ impl Tier2 {
             PolicyLookup::Rejected(r) => return self.drop(r),
         };
         if !released && !self.hold.is_empty() && self.hold.has(opt.job_key) {
-            // The policy arrived while packets of the job wait: this one goes behind them.
-            self.hold.mark_ready(opt.job_key);
+            // Packets of the job wait: this one goes behind them. Released now unless they
+            // wait for the refetch of a newer serial (then they go when it ends).
+            if !self.serial_wait.contains_key(&opt.job_key) {
+                self.hold.mark_ready(opt.job_key);
+            }
             return self.hold_packet(opt.job_key, outer_src, payload, now.mono, false);
         }
         if policy.tenant_id != opt.tenant_id {
@@ -882,9 +923,34 @@ impl Tier2 {
         if policy.node.is_some_and(|n| n != IpAddr::V4(outer_src)) {
             return self.drop_of(tenant, Reason::NodeMismatch);
         }
-        if opt.policy_serial > policy.serial && !self.refetch.contains(&(opt.job_key, outer_src)) {
-            // Also for an expired policy: the newer serial may be its renewal.
-            self.refetch.push((opt.job_key, outer_src));
+        if opt.policy_serial > policy.serial {
+            if !self.refetch.contains(&(opt.job_key, outer_src)) {
+                // Also for an expired policy: the newer serial may be its renewal.
+                self.refetch.push((opt.job_key, outer_src));
+            }
+            let stale = self
+                .serial_stale
+                .get(&opt.job_key)
+                .is_some_and(|s| *s >= opt.policy_serial);
+            if released {
+                // Its refetch ended (or was declined) and did not bring the serial: decided
+                // under the cached policy, as are the job's next packets announcing it.
+                self.mark_stale(opt.job_key, opt.policy_serial);
+            } else if !stale {
+                // Not decided by the older policy: a SYN to a destination only the new policy
+                // allows would be refused. Held until the refetch ends.
+                let v = self.hold_packet(opt.job_key, outer_src, payload, now.mono, false);
+                if matches!(v, Verdict::Held { .. }) {
+                    let e = self
+                        .serial_wait
+                        .entry(opt.job_key)
+                        .or_insert(opt.policy_serial);
+                    *e = (*e).max(opt.policy_serial);
+                }
+                return v;
+            }
+        } else if !self.serial_stale.is_empty() {
+            self.serial_stale.remove(&opt.job_key);
         }
 
         let start = g.inner_offset;
@@ -1559,6 +1625,8 @@ impl Tier2 {
         for p in pending {
             let job = p.job;
             let held = self.hold.drop_job(job);
+            self.serial_wait.remove(&job);
+            self.serial_stale.remove(&job);
             self.drops.unknown(Reason::UnknownJob, u64::from(held));
             self.egress_pacer.forget_job(job);
             self.ingress_pacer.forget_job(job);
@@ -1617,7 +1685,8 @@ impl Tier2 {
         self.names_tick(policies, now);
         self.resets.tick(now.mono);
         self.bindings.sweep(now.mono);
-        for (_, n) in self.hold.expire(now.mono) {
+        for (job, n) in self.hold.expire(now.mono) {
+            self.serial_wait.remove(&job);
             self.drops.unknown(Reason::UnknownJob, u64::from(n));
         }
         if self
@@ -1634,6 +1703,12 @@ impl Tier2 {
             conntrack.live_flows_of_job(*job) > 0
                 || now.mono.saturating_duration_since(s.last_active) < idle
         });
+        if !self.serial_stale.is_empty() {
+            let (jobs, hold) = (&self.jobs, &self.hold);
+            self.serial_stale.retain(|j, _| {
+                jobs.contains_key(j) || conntrack.live_flows_of_job(*j) > 0 || hold.has(*j)
+            });
+        }
         removed
     }
 

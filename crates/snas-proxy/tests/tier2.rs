@@ -554,18 +554,217 @@ fn draining_refuses_new_flows_but_keeps_established_ones() {
     assert!(matches!(v, Verdict::ToInternet { .. }), "{v:?}");
 }
 
+const ADDED: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 20));
+
+/// ACME's next serial: adds `added.example.net`.
+fn acme_v2(f: &Fixture) -> JobPolicy {
+    let toml = ACME.replace(
+        "[limits]",
+        "[[egress]]\nhost = \"added.example.net\"\nnames = \"off\"\n[limits]",
+    );
+    policy(&toml, "jti-acme-00000001", 2, &f.key, &f.bundle)
+}
+
+fn bind_added(f: &mut Fixture) {
+    let job = f.option("acme").job_key;
+    let exp = f.mono.saturating_add(Duration::from_secs(300));
+    f.tier2
+        .bindings_mut()
+        .bind(job, ADDED, "added.example.net", exp);
+}
+
+fn opt_serial(f: &Fixture, serial: u32) -> SnasOption {
+    let mut opt = f.option("acme");
+    opt.policy_serial = snas_wire::PolicySerial(serial);
+    opt
+}
+
+/// Runs what the engine released through it again (as the daemon does).
+fn replay(f: &mut Fixture) -> Vec<Verdict> {
+    let mut out = Vec::new();
+    f.tier2.take_released(&mut out, 10_000);
+    let mut verdicts = Vec::new();
+    for h in &mut out {
+        let mut refusal = vec![0u8; 2048];
+        let now = f.now();
+        verdicts.push(
+            f.tier2
+                .from_node_released(&f.policies, h, &mut refusal, now),
+        );
+    }
+    verdicts
+}
+
 #[test]
-fn a_newer_serial_in_the_option_asks_for_a_refetch_without_stopping_traffic() {
+fn a_syn_to_a_destination_only_the_newer_serial_allows_is_held_then_admitted_under_it() {
     let mut f = Fixture::new();
     bind_api(&mut f);
-    let mut opt = f.option("acme");
-    opt.policy_serial = snas_wire::PolicySerial(2);
-    let (v, _, _) = f.send(NODE, opt, &syn(45000, API, 443));
-    assert!(matches!(v, Verdict::ToInternet { .. }));
+    bind_added(&mut f);
+    let opt = opt_serial(&f, 2);
+    let (v, _, _) = f.send(NODE, opt, &syn(45000, ADDED, 443));
+    assert_eq!(
+        v,
+        Verdict::Held {
+            job_key: opt.job_key,
+            node: NODE,
+            fetch: false
+        },
+        "not decided by serial 1, which refuses it"
+    );
+    // The job's next packets, of any serial, wait behind it until the refetch ends.
     let (v, _, _) = f.send(NODE, opt, &syn(45001, API, 443));
-    assert!(matches!(v, Verdict::ToInternet { .. }));
+    assert!(matches!(v, Verdict::Held { .. }), "{v:?}");
+    let (v, _, _) = f.send(NODE, f.option("acme"), &syn(45002, API, 443));
+    assert!(matches!(v, Verdict::Held { .. }), "{v:?}");
+    assert!(
+        !f.tier2.has_released(),
+        "nothing leaves before the refetch ends"
+    );
+    assert_eq!(f.tier2.refetch_waits(), 1);
     let refetch: Vec<_> = f.tier2.drain_refetch().collect();
     assert_eq!(refetch, vec![(opt.job_key, NODE)], "asked once");
+
+    let v2 = acme_v2(&f);
+    f.policies.insert(v2);
+    f.tier2.policy_ready(opt.job_key);
+    let verdicts = replay(&mut f);
+    assert_eq!(verdicts.len(), 3);
+    assert!(
+        verdicts
+            .iter()
+            .all(|v| matches!(v, Verdict::ToInternet { .. })),
+        "{verdicts:?}"
+    );
+    assert_eq!(f.tier2.refetch_waits(), 0);
+    assert_eq!(f.tier2.held(), (0, 0));
+    // Serial 2 is cached now: its packets are decided at once (here: its max_connections = 3
+    // is reached).
+    let (v, _, _) = f.send(NODE, opt, &syn(45003, ADDED, 443));
+    assert!(
+        matches!(
+            v,
+            Verdict::Refuse {
+                reason: Reason::ConnectionLimit,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn a_failed_refetch_decides_the_held_packets_under_the_cached_policy_and_holds_no_more() {
+    let mut f = Fixture::new();
+    bind_api(&mut f);
+    bind_added(&mut f);
+    let opt = opt_serial(&f, 2);
+    assert!(matches!(
+        f.send(NODE, opt, &syn(45100, API, 443)).0,
+        Verdict::Held { .. }
+    ));
+    assert!(matches!(
+        f.send(NODE, opt, &syn(45101, ADDED, 443)).0,
+        Verdict::Held { .. }
+    ));
+    // The refetch failed: the fetcher keeps serial 1 and reports the job ready.
+    f.tier2.policy_ready(opt.job_key);
+    let verdicts = replay(&mut f);
+    assert!(
+        matches!(verdicts[0], Verdict::ToInternet { .. }),
+        "{verdicts:?}"
+    );
+    assert!(
+        matches!(
+            verdicts[1],
+            Verdict::Refuse {
+                reason: Reason::DestinationDenied,
+                ..
+            }
+        ),
+        "serial 1 does not allow it: {verdicts:?}"
+    );
+    // The node keeps announcing serial 2: decided under serial 1 at once, refetch still asked
+    // (the fetcher rate-limits it).
+    let _ = f.tier2.drain_refetch().count();
+    let (v, _, _) = f.send(NODE, opt, &syn(45102, API, 443));
+    assert!(matches!(v, Verdict::ToInternet { .. }), "{v:?}");
+    assert_eq!(f.tier2.drain_refetch().count(), 1);
+    assert_eq!(f.tier2.held(), (0, 0));
+    // A serial beyond the one that failed is held again.
+    let (v, _, _) = f.send(NODE, opt_serial(&f, 3), &syn(45103, API, 443));
+    assert!(matches!(v, Verdict::Held { .. }), "{v:?}");
+}
+
+#[test]
+fn a_declined_refetch_releases_the_held_packets_at_once() {
+    let mut f = Fixture::new();
+    bind_api(&mut f);
+    let opt = opt_serial(&f, 2);
+    assert!(matches!(
+        f.send(NODE, opt, &syn(45200, API, 443)).0,
+        Verdict::Held { .. }
+    ));
+    let _ = f.tier2.drain_refetch().count();
+    f.tier2.refetch_declined(opt.job_key);
+    assert!(f.tier2.has_released());
+    let verdicts = replay(&mut f);
+    assert!(
+        matches!(verdicts[..], [Verdict::ToInternet { .. }]),
+        "{verdicts:?}"
+    );
+    let (v, _, _) = f.send(NODE, opt, &syn(45201, API, 443));
+    assert!(
+        matches!(v, Verdict::ToInternet { .. }),
+        "not held again: {v:?}"
+    );
+}
+
+#[test]
+fn a_flood_announcing_a_newer_serial_is_bounded_by_the_hold_queue_and_counted() {
+    let mut f = Fixture::new();
+    bind_api(&mut f);
+    let job_packets = Tier2Config::new(PROXY, vec![NODE], vec![EGRESS])
+        .hold
+        .job_packets;
+    let opt = opt_serial(&f, 2);
+    let (mut held, mut full) = (0u32, 0u64);
+    for p in 0..5000u16 {
+        match f.send(NODE, opt, &syn(10000 + p, API, 443)).0 {
+            Verdict::Held { .. } => held += 1,
+            Verdict::Drop(Reason::HoldQueueFull) => full += 1,
+            v => panic!("{v:?}"),
+        }
+    }
+    assert_eq!(held, job_packets);
+    assert_eq!(f.tier2.held().0, job_packets);
+    assert_eq!(full, 5000 - u64::from(job_packets));
+    assert_eq!(f.tier2.drops()[Reason::HoldQueueFull.code() as usize], full);
+    assert_eq!(
+        f.tier2.drain_refetch().count(),
+        1,
+        "one refetch for the flood"
+    );
+    // Another job of the node is not held behind it.
+    let (key, bundle) = key();
+    f.policies.insert(policy(
+        &ACME.replace("job-1", "job-2"),
+        "jti-acme-00000002",
+        1,
+        &key,
+        &bundle,
+    ));
+    let other = f.option("jti-acme-00000002");
+    let exp = f.mono.saturating_add(Duration::from_secs(300));
+    f.tier2
+        .bindings_mut()
+        .bind(other.job_key, API, "api.example.com", exp);
+    assert!(matches!(
+        f.send(NODE, other, &syn(9000, API, 443)).0,
+        Verdict::ToInternet { .. }
+    ));
+    f.tier2.policy_ready(opt.job_key);
+    assert_eq!(replay(&mut f).len(), job_packets as usize);
+    assert_eq!(f.tier2.held(), (0, 0));
 }
 
 #[test]

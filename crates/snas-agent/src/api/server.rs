@@ -4,7 +4,9 @@
 //! the metrics.
 //!
 //! A job's DELETE tells every listed proxy that the job has ended
-//! ([`crate::proxies::announce_job_ended`], fire-and-forget: the answer does not wait for it).
+//! ([`crate::proxies::announce_job_ended`], fire-and-forget: the answer does not wait for it);
+//! a policy update (`PUT /v1/jobs/{job}/policy`) tells them the new serial
+//! ([`crate::proxies::announce_job_updated`], the same way).
 //! Job operations block (netlink, files), so handlers run them on tokio's blocking pool.
 //!
 //! # Limits
@@ -155,6 +157,15 @@ async fn update_policy(
         .map_err(|d| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", d))?;
     let agent = ops.agent.clone();
     let view = blocking(move || agent.update_job(key, &token)).await?;
+    // Proxies learn the serial from the job's next packet too; the notice makes an idle job's
+    // removed flows end within a second.
+    tokio::spawn(crate::proxies::announce_job_updated(
+        ops.proxies.clone(),
+        key,
+        view.serial,
+        ops.updated.clone(),
+        END_NOTICE_TIMEOUT,
+    ));
     Ok(Json(view))
 }
 
@@ -400,6 +411,8 @@ pub struct Ops {
     pub policy: Arc<PolicyStats>,
     /// Job-ended notices to proxies.
     pub ended: Arc<crate::proxies::EndNotices>,
+    /// Policy-update notices to proxies.
+    pub updated: Arc<crate::proxies::UpdateNotices>,
     /// Periodic work (flow ageing, infrastructure, expiry).
     pub upkeep: Arc<crate::upkeep::UpkeepStats>,
     /// Where each listening socket came from at start (`handover`, `systemd`, `bound`).
@@ -421,6 +434,7 @@ impl Ops {
             audit,
             policy: Arc::default(),
             ended: Arc::default(),
+            updated: Arc::default(),
             upkeep: Arc::default(),
             sockets: BTreeMap::new(),
         }

@@ -309,6 +309,23 @@ impl ProxyClient {
         self.expect(call, 204).await.map(|_| ())
     }
 
+    /// `POST /v1/jobs/{job_key}/updated/{serial}` (from the job's node): the job's policy was
+    /// updated to `serial`. Returns the status taken: 202 (the proxy refetches), 204 (it holds
+    /// that serial or a higher one already). Refusals carry the status: 429 (refetch rate
+    /// limit), 404 (the proxy holds nothing of the job), 403 (not the job's node), 400.
+    pub async fn job_updated(
+        &self,
+        job_key: snas_wire::JobKey,
+        serial: snas_wire::PolicySerial,
+    ) -> Result<u16, ClientError> {
+        let call = self.call(Method::POST, paths::job_updated(job_key, serial));
+        match self.expect(call, 202).await {
+            Ok(_) => Ok(202),
+            Err(e) if e.status() == Some(204) => Ok(204),
+            Err(e) => Err(e),
+        }
+    }
+
     fn call(&self, method: Method, path: impl Into<String>) -> Call {
         Call {
             bearer: self.token.clone(),

@@ -19,6 +19,7 @@
 //!   | `GET /healthz` | as above (agents' health checks) |
 //!   | `POST /v1/bindings`, body [`PeerBinding`] (bearer: peer secret) | 200 |
 //!   | `POST /v1/jobs/{job_key}/ended` (from the job's node) | 204 |
+//!   | `POST /v1/jobs/{job_key}/updated/{serial}` (from the job's node) | 202 refetch, 204 held already, 429 rate limited |
 //!
 //! Refusals are text bodies with their status (401, 403, 404, 400); a route asked on the other
 //! endpoint answers 404. The operator's description is `docs/proxy.md`.

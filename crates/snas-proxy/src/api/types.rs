@@ -37,6 +37,15 @@ pub mod paths {
     /// Route of the job-ended notice (service); `{job_key}` is 16 hex digits.
     pub const JOB_ENDED_ROUTE: &str = "/v1/jobs/{job_key}/ended";
 
+    /// Route of the job-updated notice (service); `{job_key}` is 16 hex digits, `{serial}` the
+    /// new policy serial in decimal.
+    pub const JOB_UPDATED_ROUTE: &str = "/v1/jobs/{job_key}/updated/{serial}";
+
+    /// `/v1/jobs/{job_key}/updated/{serial}`.
+    pub fn job_updated(job_key: snas_wire::JobKey, serial: snas_wire::PolicySerial) -> String {
+        format!("/v1/jobs/{job_key}/updated/{}", serial.0)
+    }
+
     /// `/v1/jobs/{job_key}/ended`.
     pub fn job_ended(job_key: snas_wire::JobKey) -> String {
         format!("/v1/jobs/{job_key}/ended")
