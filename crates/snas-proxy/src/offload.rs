@@ -135,32 +135,14 @@ impl Offloads {
         if let Some(&base) = self.payload_seen.get(&id) {
             return total.saturating_sub(base) >= self.min_packets;
         }
-        if client_payload {
-            self.start_count(id, total, live);
+        if self.enabled && client_payload {
+            self.payload_seen.insert(id, total);
+            if self.payload_seen.len() >= self.prune_at.max(PRUNE_MIN) {
+                self.payload_seen.retain(|&x, _| live(x));
+                self.prune_at = self.payload_seen.len() * 2;
+            }
         }
         false
-    }
-
-    /// The first client payload of flow `id` passed the engine by another way than a client
-    /// packet in hand — it was held by the name check and released: starts its count as
-    /// [`Offloads::proven`] would have (whatever the threshold, so that a flow whose later
-    /// client packets carry no payload, a download, still becomes eligible).
-    pub fn payload_passed(&mut self, id: FlowId, c: &FlowCounters, live: impl Fn(FlowId) -> bool) {
-        if !self.payload_seen.contains_key(&id) {
-            let total = u64::from(c.packets_out) + u64::from(c.packets_in);
-            self.start_count(id, total, live);
-        }
-    }
-
-    fn start_count(&mut self, id: FlowId, total: u64, live: impl Fn(FlowId) -> bool) {
-        if !self.enabled {
-            return;
-        }
-        self.payload_seen.insert(id, total);
-        if self.payload_seen.len() >= self.prune_at.max(PRUNE_MIN) {
-            self.payload_seen.retain(|&x, _| live(x));
-            self.prune_at = self.payload_seen.len() * 2;
-        }
     }
 
     /// Whether a count runs for `id` (its first client payload has passed the engine).

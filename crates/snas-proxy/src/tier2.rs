@@ -1913,13 +1913,6 @@ impl Tier2 {
             crate::names::Check::Pass => {
                 let other = d.classified == crate::names::Classified::Other;
                 self.names.pass(d.id, other);
-                // The held first payload never met the offload count: start it here, or a
-                // download whose only request was held would never leave userspace.
-                if let Some(info) = self.conntrack.info(d.id) {
-                    let conntrack = &self.conntrack;
-                    self.offload
-                        .payload_passed(d.id, &info.counters, |x| conntrack.info(x).is_some());
-                }
                 None
             }
             crate::names::Check::Mismatch { reason, wire } => {

@@ -798,13 +798,29 @@ fn a_download_whose_only_request_was_held_by_the_check_still_reaches_the_fast_pa
         let mut f = Fixture::new();
         f.tier2.set_offload(true);
         f.tier2.set_offload_min_packets(threshold);
-        f.open(40200, API, 80);
+        let (v, syn, _) = f.send(&seg(40200, API, 80, ISN, 0, TcpFlags::SYN, &[]));
+        let Verdict::ToInternet { range, .. } = v else {
+            panic!("SYN: {v:?}")
+        };
+        let port = egress_port(&syn[range]);
+        f.receive(
+            &tcp(&TcpSpec {
+                src: SocketAddr::new(API, 80),
+                dst: SocketAddr::new(EGRESS, port),
+                seq: 5000,
+                ack: ISN + 1,
+                flags: TcpFlags::SYN | TcpFlags::ACK,
+                window: 65535,
+                payload: &[],
+            })
+            .unwrap(),
+        );
+        f.send(&seg(40200, API, 80, ISN + 1, 5001, TcpFlags::ACK, &[]));
         let get = b"GET /big HTTP/1.1\r\nHost: api.example.com\r\n\r\n";
         let (v, _, _) = f.send(&segments(40200, API, 80, get, 1400)[0]);
         assert!(is_held(&v));
         let (out, _) = f.release();
         assert_eq!(out.len(), 1, "the request goes out");
-        let port = egress_port(&out[0]);
         let ack = ISN + 1 + get.len() as u32;
         let chunk = vec![0x5a; 1400];
         let mut installed = 0;
