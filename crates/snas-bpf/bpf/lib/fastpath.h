@@ -90,8 +90,8 @@ struct fp_clock {
 	 * exact one, and never by two at once: a job whose packets alternated between the fast
 	 * path (which can only hand a packet over) and the pacer (which delays it) got line-rate
 	 * bursts of the slack's worth, unseen by the pacer, each time the pacer's queue emptied,
-	 * and fast packets overtaking ones on their way to it (measured: a 1 Gbit/s limit gave
-	 * 0.73-0.94 of it). */
+	 * and fast packets could overtake ones on their way to it. (It did not bring a 1 Gbit/s
+	 * limit within 3%: docs/benchmarks.md, "A limit that binds on the fast path".) */
 	__u64 bound_until_ns;
 };
 
