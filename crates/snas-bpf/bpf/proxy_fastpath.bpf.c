@@ -6,7 +6,7 @@
  * - snas_fp_from_node, on the underlay interface: a GENEVE datagram to this proxy from a
  *   trusted node whose inner IPv4 TCP/UDP flow (job key from the option) has an entry, whose
  *   option names the entry's tenant and serial, that is not SYN/FIN/RST and whose job's and
- *   tenant's egress clocks are not ahead: decapsulated (a GSO super-packet stays whole), source
+ *   tenant's egress clocks are neither ahead nor bound (lib/fastpath.h, fp_clock_bind): decapsulated (a GSO super-packet stays whole), source
  *   NATed to the entry's egress address and port, TTL decremented, counted, and redirected to
  *   the interface the FIB names for its destination.
  * - snas_fp_from_internet, on the interface the egress pool is routed in on: a packet to an
@@ -255,6 +255,8 @@ int snas_fp_from_node(struct __sk_buff *skb)
 	if (ttl <= 1)
 		return divert(FP_ST_DIVERT_ROUTE);
 	if (!clocks_ok(k.job_key, tenant, FP_DIR_EGRESS, now, &jc, &tc)) {
+		fp_clock_bind(jc, now);
+		fp_clock_bind(tc, now);
 		fp_clock_hold(jc, now);
 		return divert(FP_ST_DIVERT_PACED);
 	}
@@ -363,6 +365,8 @@ int snas_fp_from_internet(struct __sk_buff *skb)
 	if (seg + GENEVE_OVERHEAD > cfg_fp_underlay_mtu || inner_len + GENEVE_OVERHEAD > 0xffff)
 		return divert(FP_ST_DIVERT_ROUTE);
 	if (!clocks_ok(f->job_key, f->tenant_id, FP_DIR_INGRESS, now, &jc, &tc)) {
+		fp_clock_bind(jc, now);
+		fp_clock_bind(tc, now);
 		fp_clock_hold(jc, now);
 		return divert(FP_ST_DIVERT_PACED);
 	}

@@ -420,6 +420,10 @@ pub struct FastPathConfig {
     pub underlay_mtu: u32,
     /// A packet is fast while its clocks are at most this far ahead of now.
     pub slack: Duration,
+    /// A limited clock that bound (a packet found it beyond `slack`) keeps every packet of its
+    /// job (or tenant) on the userspace path while packets find it ahead of now, and for this
+    /// long after the last of them: a limit that binds is met by the userspace pacer alone.
+    pub bound_hold: Duration,
     /// Tests only: redirect to this interface instead of the FIB's choice.
     pub test_redirect_ifindex: Option<u32>,
 }
@@ -465,6 +469,7 @@ impl FastPath {
             ro.cfg_geneve_port = cfg.geneve_port;
             ro.cfg_fp_underlay_mtu = cfg.underlay_mtu;
             ro.cfg_fp_slack_ns = duration_ns(cfg.slack);
+            ro.cfg_fp_bound_hold_ns = duration_ns(cfg.bound_hold);
             ro.cfg_fp_test_ifindex = cfg.test_redirect_ifindex.unwrap_or(0);
         }
         let skel = open.load().map_err(bpf_err("load"))?;

@@ -23,6 +23,9 @@ const EGRESS: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 70);
 const EGRESS_PORT: u16 = 31337;
 const LO: u32 = 1;
 
+/// How long a clock that bound stays bound in these tests (the proxy uses 1 s).
+const HOLD: Duration = Duration::from_millis(500);
+
 fn load() -> FastPath {
     require_root("proxy fast path");
     FastPath::load(&FastPathConfig {
@@ -30,6 +33,7 @@ fn load() -> FastPath {
         geneve_port: 6081,
         underlay_mtu: 1500,
         slack: Duration::from_millis(1),
+        bound_hold: HOLD,
         test_redirect_ifindex: Some(LO),
     })
     .expect("load the fast path")
@@ -239,6 +243,134 @@ fn once_the_jobs_rate_binds_its_packets_take_the_userspace_path() {
     )
     .unwrap();
     assert_eq!(run_node(&fp, &frame).retval, TC_ACT_OK);
+}
+
+/// Runs `frame` until the job's 10 Mbit/s clock binds (a packet is diverted); returns how
+/// many left fast before.
+fn bind_at_10_mbit(fp: &FastPath, frame: &[u8]) -> usize {
+    clocks(
+        fp,
+        ClockRate::Limited(Bps::mbit(10).unwrap()),
+        ClockRate::Unlimited,
+    );
+    let mut fast = 0;
+    while run_node(fp, frame).retval == TC_ACT_REDIRECT {
+        fast += 1;
+        assert!(fast < 10, "the clock never bound");
+    }
+    fast
+}
+
+#[test]
+fn a_job_whose_rate_bound_stays_on_the_userspace_path_after_its_clock_fell_behind() {
+    let p = Pkt {
+        payload: vec![0x55; 1000],
+        ..data_packet()
+    };
+    let fp = with_flow(&p);
+    let frame = from_node(&p.ip(), SERIAL.get());
+    let bound_at = mono_now().unwrap();
+    let fast = bind_at_10_mbit(&fp, &frame);
+    assert!((1..=2).contains(&fast), "{fast}");
+    // 20 ms later the clock (a few ms ahead at most) and the hand-off hold are behind now:
+    // without the hysteresis these packets would leave fast between the paced ones.
+    std::thread::sleep(Duration::from_millis(20));
+    for _ in 0..100 {
+        assert_eq!(run_node(&fp, &frame).retval, TC_ACT_OK);
+    }
+    assert!(
+        mono_now().unwrap() < bound_at + HOLD,
+        "the test ran past the hold: it proves nothing"
+    );
+    // Nothing found the clock ahead since the bind: a hold later the job is fast again.
+    std::thread::sleep(HOLD);
+    assert_eq!(run_node(&fp, &frame).retval, TC_ACT_REDIRECT);
+    assert_eq!(fp.stats().unwrap().diverted(DivertReason::Paced), 101);
+}
+
+#[test]
+fn a_bound_job_stays_on_the_userspace_path_while_the_pacer_keeps_its_clock_ahead() {
+    let p = Pkt {
+        payload: vec![0x55; 1000],
+        ..data_packet()
+    };
+    let fp = with_flow(&p);
+    let frame = from_node(&p.ip(), SERIAL.get());
+    bind_at_10_mbit(&fp, &frame);
+    // The pacer sends the job's packets at its rate and charges them: 6,250 bytes (5 ms at
+    // 10 Mbit/s) every 5 ms keep the clock just ahead, for twice the hold.
+    let start = mono_now().unwrap();
+    let mut sent = 0;
+    while mono_now().unwrap() < start + 2 * HOLD {
+        let now = mono_now().unwrap();
+        fp.charge(ClockOwner::Job(JOB_KEY), ClockDir::Egress, 6_250, now, now)
+            .unwrap();
+        assert_eq!(run_node(&fp, &frame).retval, TC_ACT_OK, "after {sent}");
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(sent > 20, "{sent}");
+    // The job stops: its clock drains within 5 ms, and a hold later it is fast again.
+    std::thread::sleep(HOLD + Duration::from_millis(100));
+    assert_eq!(run_node(&fp, &frame).retval, TC_ACT_REDIRECT);
+}
+
+#[test]
+fn a_tenant_whose_cap_bound_keeps_all_its_jobs_on_the_userspace_path() {
+    let p = Pkt {
+        payload: vec![0x55; 1000],
+        ..data_packet()
+    };
+    let fp = with_flow(&p);
+    let frame = from_node(&p.ip(), SERIAL.get());
+    clocks(
+        &fp,
+        ClockRate::Unlimited,
+        ClockRate::Limited(Bps::mbit(10).unwrap()),
+    );
+    let mut fast = 0;
+    while run_node(&fp, &frame).retval == TC_ACT_REDIRECT {
+        fast += 1;
+        assert!(fast < 10, "the tenant's clock never bound");
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(run_node(&fp, &frame).retval, TC_ACT_OK);
+}
+
+#[test]
+fn an_unlimited_job_under_an_unlimited_tenant_never_binds() {
+    let p = Pkt {
+        payload: vec![0x55; 1000],
+        ..data_packet()
+    };
+    let fp = with_flow(&p);
+    let frame = from_node(&p.ip(), SERIAL.get());
+    for i in 0..5_000 {
+        assert_eq!(run_node(&fp, &frame).retval, TC_ACT_REDIRECT, "packet {i}");
+    }
+    assert_eq!(fp.stats().unwrap().diverted(DivertReason::Paced), 0);
+}
+
+#[test]
+fn a_download_whose_rate_bound_stays_on_the_userspace_path_after_its_clock_fell_behind() {
+    let p = data_packet();
+    let fp = with_flow(&p);
+    let reply = reply_to_egress(&p, &[0x66; 1000]).frame();
+    clocks(
+        &fp,
+        ClockRate::Limited(Bps::mbit(10).unwrap()),
+        ClockRate::Unlimited,
+    );
+    let mut fast = 0;
+    while run_internet(&fp, &reply).retval == TC_ACT_REDIRECT {
+        fast += 1;
+        assert!(fast < 10, "the ingress clock never bound");
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(run_internet(&fp, &reply).retval, TC_ACT_OK);
+    // The egress clock did not bind: uploads stay fast.
+    let frame = from_node(&p.ip(), SERIAL.get());
+    assert_eq!(run_node(&fp, &frame).retval, TC_ACT_REDIRECT);
 }
 
 #[test]

@@ -235,6 +235,7 @@ impl FastPathIo {
             geneve_port: snas_wire::geneve::GENEVE_PORT,
             underlay_mtu: ul_mtu,
             slack,
+            bound_hold: BOUND_HOLD,
             test_redirect_ifindex: None,
         })?;
         fp.add_nodes(nodes)?;
@@ -506,6 +507,15 @@ impl FastPathIo {
         }
     }
 }
+
+/// How long a job (or tenant) whose limit bound stays on the userspace path after its packets
+/// last found its clock ahead of now ([`FastPathConfig::bound_hold`]). While a limit binds,
+/// the pacer delays the job's packets and charges the clock for them, so every packet finds it
+/// ahead and the job stays with the pacer; a job whose demand fell below its limit is fast
+/// again a second later. Shorter would hand a still-bound TCP flow back to the fast path
+/// during a loss recovery's pause, and its first round trip after would leave as a line-rate
+/// burst of the slack's worth.
+pub const BOUND_HOLD: Duration = Duration::from_secs(1);
 
 /// Converts a `CLOCK_MONOTONIC` time of the programs to the engine's clock, given both clocks
 /// read now.

@@ -227,7 +227,10 @@ const PRUNE_MIN: usize = 1024;
 /// Jobs limited below this (either way) are never offloaded: their pacing stays in the
 /// userspace pacer, which delays packets (the fast path can only divert them). Measured on the
 /// testbed: with the fast path, an upload under a 20 Mbit/s limit ran at 2 Mbit/s (the
-/// bandwidth e2e test); at these rates the userspace path is not the bottleneck anyway.
+/// bandwidth e2e test); with the clocks' hysteresis too (`fast_path::BOUND_HOLD`), uploads
+/// under 10 and 100 Mbit/s limits still fell to 0.14 and 0.45 of the limit in one repetition
+/// of three (docs/benchmarks.md): the cause is not the alternation between the two paths
+/// alone. At these rates the userspace path is not the bottleneck anyway.
 pub const MIN_FAST_RATE_BPS: u64 = 1_000_000_000;
 
 /// Whether a job with these limits may have fast flows ([`MIN_FAST_RATE_BPS`]).

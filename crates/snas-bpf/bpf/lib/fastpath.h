@@ -84,6 +84,15 @@ struct fp_clock {
 	__u64 slow_until_ns;
 	__u32 mode;		/* FP_RATE_* */
 	__u32 _pad;
+	/* Until then the owner's packets all take the userspace path: its rate bound (a packet
+	 * found the clock beyond the slack) and has kept binding (packets found it ahead of now)
+	 * within the last cfg_fp_bound_hold_ns. A limit that binds is enforced by one pacer, the
+	 * exact one, and never by two at once: a job whose packets alternated between the fast
+	 * path (which can only hand a packet over) and the pacer (which delays it) got line-rate
+	 * bursts of the slack's worth, unseen by the pacer, each time the pacer's queue emptied,
+	 * and fast packets could overtake ones on their way to it. (It did not bring a 1 Gbit/s
+	 * limit within 3%: docs/benchmarks.md, "A limit that binds on the fast path".) */
+	__u64 bound_until_ns;
 };
 
 /* Statistics (per-CPU array slots). */
@@ -148,6 +157,9 @@ const volatile __u32 cfg_fp_proxy_ip = 0;
 const volatile __u32 cfg_fp_underlay_mtu = 1500;
 /* A packet is fast while its clocks are at most this far ahead of now. */
 const volatile __u64 cfg_fp_slack_ns = 1000000ULL;
+/* How long a clock that bound keeps its owner on the userspace path after the last packet
+ * that found it ahead of now (hysteresis, struct fp_clock.bound_until_ns). */
+const volatile __u64 cfg_fp_bound_hold_ns = 1000000000ULL;
 /* Tests only (BPF_PROG_TEST_RUN has no routes): when set, redirect here instead of the FIB's
  * choice, with the MACs left as they are. */
 const volatile __u32 cfg_fp_test_ifindex = 0;
@@ -167,17 +179,30 @@ static __always_inline void fp_count(struct fp_counts *c, __u64 bytes, __u64 now
 	c->last_seen_ns = now;
 }
 
-/* Whether a clock lets a packet go now: at most cfg_fp_slack_ns ahead, and nothing of its
- * owner still waiting in the userspace pacer. */
+/* Whether a clock lets a packet go now: not bound (see fp_clock_bind), at most
+ * cfg_fp_slack_ns ahead, and nothing of its owner still waiting in the userspace pacer. */
 static __always_inline int fp_clock_ok(const struct fp_clock *c, __u64 now)
 {
 	if (!c || c->mode == FP_RATE_BLOCKED)
 		return 0;
-	if (c->slow_until_ns > now)
+	if (c->slow_until_ns > now || c->bound_until_ns > now)
 		return 0;
 	if (c->mode == FP_RATE_UNLIMITED)
 		return 1;
 	return c->next_ns <= now + cfg_fp_slack_ns;
+}
+
+/* Hysteresis of a limited clock, at each packet that meets it: the clock binds when a packet
+ * finds it beyond the slack, and stays bound while packets find it ahead of now at all (the
+ * pacer, which the userspace path's packets charge it for, is delaying them) and for
+ * cfg_fp_bound_hold_ns after. While bound, every packet of the owner takes the userspace
+ * path, so the pacer alone meets the limit: no packet leaves fast between paced ones. */
+static __always_inline void fp_clock_bind(struct fp_clock *c, __u64 now)
+{
+	if (!c || c->mode != FP_RATE_LIMITED)
+		return;
+	if (c->next_ns > now + cfg_fp_slack_ns || (c->bound_until_ns > now && c->next_ns > now))
+		c->bound_until_ns = now + cfg_fp_bound_hold_ns;
 }
 
 /* A packet diverted because a clock is ahead reaches the userspace pacer some microseconds
