@@ -138,7 +138,7 @@ impl Fixture {
     }
 
     /// The inner packet of a `ToNode` verdict, checked to be for NODE with the job's option.
-    fn to_job(&mut self, jti: &str, error: &[u8]) -> Vec<u8> {
+    fn translated_for(&mut self, jti: &str, error: &[u8]) -> Vec<u8> {
         let (v, buf) = self.receive(error);
         let Verdict::ToNode { node, range, .. } = v else {
             panic!("expected ToNode, got {v:?}")
@@ -288,11 +288,11 @@ fn ipv4_fragmentation_needed_reaches_the_job_with_its_own_tuple_and_the_mtu_unch
     let mtu = [0, 0, 0x05, 0x00]; // next-hop MTU 1280
     let err = icmp_error(ROUTER, 3, 4, mtu, &out);
     assert_eq!(err.len(), 576, "the quote is cut");
-    let back = f.to_job(JOB_A, &err);
+    let back = f.translated_for(JOB_A, &err);
     assert_translated(&back, ROUTER, SANDBOX, 40000, SERVER, (3, 4, mtu));
     // A whole quote keeps the quoted TCP checksum valid.
     let out = f.egress(JOB_A, &syn(SANDBOX, 40001, SERVER, &[0x5a; 100]));
-    let back = f.to_job(JOB_A, &icmp_error(ROUTER, 3, 4, mtu, &out));
+    let back = f.translated_for(JOB_A, &icmp_error(ROUTER, 3, 4, mtu, &out));
     assert_translated(&back, ROUTER, SANDBOX, 40001, SERVER, (3, 4, mtu));
 }
 
@@ -323,7 +323,7 @@ fn ipv6_packet_too_big_reaches_the_job_with_its_own_tuple_and_the_mtu_unchanged(
     assert_eq!((t.dst, t.dst_port), (ip(SERVER6), 443));
     // A whole quote (short packet) keeps the quoted TCP checksum valid too.
     let out = f.egress(JOB_A, &syn(SANDBOX6, 40001, SERVER6, &[]));
-    let back = f.to_job(JOB_A, &icmp_error(ROUTER6, 2, 0, mtu, &out));
+    let back = f.translated_for(JOB_A, &icmp_error(ROUTER6, 2, 0, mtu, &out));
     assert_translated(&back, ROUTER6, SANDBOX6, 40001, SERVER6, (2, 0, mtu));
 }
 
@@ -335,7 +335,7 @@ fn port_unreachable_for_a_udp_flow_reaches_the_job_over_ipv4_and_ipv6() {
             let out = f.egress(JOB_A, &datagram(job, sport, server));
             // Sent by the server itself: ICMP port unreachable / ICMPv6 code 4.
             let (ty, code) = if ip(job).is_ipv6() { (1, 4) } else { (3, 3) };
-            let back = f.to_job(JOB_A, &icmp_error(server, ty, code, [0; 4], &out));
+            let back = f.translated_for(JOB_A, &icmp_error(server, ty, code, [0; 4], &out));
             assert_translated(&back, server, job, sport, server, (ty, code, [0; 4]));
         }
     }
@@ -345,7 +345,7 @@ fn port_unreachable_for_a_udp_flow_reaches_the_job_over_ipv4_and_ipv6() {
 fn time_exceeded_for_a_tcp_flow_is_translated() {
     let mut f = Fixture::new();
     let out = f.egress(JOB_A, &syn(SANDBOX, 40000, SERVER, &[]));
-    let back = f.to_job(JOB_A, &icmp_error(ROUTER, 11, 0, [0; 4], &out));
+    let back = f.translated_for(JOB_A, &icmp_error(ROUTER, 11, 0, [0; 4], &out));
     assert_translated(&back, ROUTER, SANDBOX, 40000, SERVER, (11, 0, [0; 4]));
 }
 
@@ -400,7 +400,7 @@ fn errors_quoting_no_live_flow_are_dropped_as_no_conntrack() {
     assert_eq!(v, Verdict::Drop(Reason::NoConntrack));
     assert_eq!(f.dropped(Reason::NoConntrack), forged + 2);
     // The genuine error still passes.
-    let back = f.to_job(JOB_A, &icmp_error(ROUTER, 3, 4, [0, 0, 5, 0], &out));
+    let back = f.translated_for(JOB_A, &icmp_error(ROUTER, 3, 4, [0, 0, 5, 0], &out));
     assert_translated(&back, ROUTER, SANDBOX, 40000, SERVER, (3, 4, [0, 0, 5, 0]));
 }
 
@@ -452,7 +452,7 @@ fn an_error_flood_is_limited_per_job_and_the_rest_is_counted() {
         10_000 - ICMP_ERRORS_PER_SEC
     );
     // Another job's errors are not affected by the first job's flood.
-    f.to_job(JOB_B, &icmp_error(SERVER, 3, 3, [0; 4], &other));
+    f.translated_for(JOB_B, &icmp_error(SERVER, 3, 3, [0; 4], &other));
     // A second later the job's budget is back.
     f.mono = f.mono.saturating_add(Duration::from_secs(1));
     let mut passed = 0u64;
