@@ -51,7 +51,9 @@
 //!   answer bound is decided by the CIDR rules alone (`0.0.0.0` rules allow names, never raw
 //!   addresses).
 //! - ICMP echo is not a policy protocol: new ICMP flows are dropped (`port_denied`).
-//! - ICMP errors from the internet about a tracked flow are dropped (`malformed`) for now.
+//! - ICMP/ICMPv6 errors from the internet are translated back to the job only when they quote
+//!   a packet of a live flow, at most [`ICMP_ERRORS_PER_SEC`] per job
+//!   ([`Tier2::from_internet`]); the rest are dropped and counted.
 //! - Replies from the internet to an expired job's flows still pass until the next once-a-second
 //!   check removes the flows.
 
@@ -540,6 +542,11 @@ struct JobState {
     job: Arc<str>,
 }
 
+/// ICMP errors from the internet translated per job and second (burst the same): enough for
+/// path-MTU discovery and unreachables of many flows, while a flood of errors quoting one of a
+/// job's flows cannot take more of its ingress than this.
+pub const ICMP_ERRORS_PER_SEC: u64 = 100;
+
 /// How often [`Tier2::tick`] checks jobs for expiry and evicts idle per-job state.
 pub const JOB_SCAN: Duration = Duration::from_secs(1);
 
@@ -580,6 +587,8 @@ pub struct Tier2 {
     offload: Offloads,
     /// TCP flows the proxy ended on its own, being reset both ways ([`crate::resets`]).
     resets: Closings,
+    /// Per-job budget of ICMP errors from the internet ([`ICMP_ERRORS_PER_SEC`]).
+    icmp_errors: JobBuckets,
 }
 
 /// A job whose end [`Tier2::apply_ends`] will carry out.
@@ -662,6 +671,7 @@ impl Tier2 {
             pending_ends: Vec::new(),
             names: NameChecks::new(cfg.names),
             resets: Closings::default(),
+            icmp_errors: JobBuckets::new(),
             cfg,
         })
     }
@@ -1430,7 +1440,9 @@ impl Tier2 {
     }
 
     /// Handles a packet from the internet side in `buf[inner]`; `inner.start` must leave at
-    /// least [`GENEVE_HEADER_LEN`] bytes of headroom for the overlay header.
+    /// least [`GENEVE_HEADER_LEN`] bytes of headroom for the overlay header. Replies of flows
+    /// and ICMP errors about them (translated, see `icmp_error_from_internet`) go to the
+    /// job's node.
     pub fn from_internet(&mut self, buf: &mut [u8], inner: Range<usize>, now: Now) -> Verdict {
         self.from_internet_segmented(buf, inner, None, now)
     }
@@ -1462,6 +1474,9 @@ impl Tier2 {
         let len = u32::try_from(len).unwrap_or(u32::MAX);
         let mut packet = match NatPacket::parse(&mut buf[inner.clone()]) {
             Ok(p) => p,
+            Err(snas_wire::ParseError::NotAFlow { .. }) => {
+                return self.icmp_error_from_internet(buf, inner, len, now)
+            }
             Err(e) => return self.drop(e.reason()),
         };
         let tuple = packet.tuple();
@@ -1552,6 +1567,106 @@ impl Tier2 {
                 job: opt.job_key,
             },
             None => Verdict::Drop(Reason::PacingHorizon),
+        }
+    }
+
+    /// An ICMP/ICMPv6 error from the internet (destination unreachable, fragmentation needed,
+    /// packet too big, time exceeded, parameter problem) sent to an egress address: it quotes
+    /// the proxy's own packet of a flow, so the flow is found by the quoted tuple (the reply
+    /// key of the SNAT mapping), the error is translated back to the job
+    /// ([`snas_wire::rewrite_icmp_error`]: outer destination and quoted source become the job's,
+    /// checksums kept) and goes to the job's node like any reply, paced at the job's ingress
+    /// rate. A PTB's or "fragmentation needed" MTU is passed on unchanged: NAT does not change a
+    /// packet's size, and the overlay's 56 bytes are already outside the job's MTU (its veth
+    /// MTU is `underlay_mtu − 56`), so the internet hop's figure is the one the job's packets
+    /// must fit.
+    ///
+    /// Dropped: other ICMP messages without a flow (redirects, router advertisements, …) and
+    /// quotes that do not parse (their parse reason: `port_denied`, `malformed`, …); errors
+    /// whose quote is not a packet this proxy sent for a live flow, or whose outer destination
+    /// is not the quoted source (`no_conntrack`); errors beyond the job's budget of
+    /// [`ICMP_ERRORS_PER_SEC`] (`pacing_horizon`, as any reply over the job's ingress budget).
+    /// The flow's state is not changed: an error ends nothing by itself.
+    fn icmp_error_from_internet(
+        &mut self,
+        buf: &mut [u8],
+        inner: Range<usize>,
+        len: u32,
+        now: Now,
+    ) -> Verdict {
+        let quoted = match snas_wire::quoted_flow_tuple(&buf[inner.clone()]) {
+            Ok(t) => t,
+            Err(e) => return self.drop(e.reason()),
+        };
+        let outer_dst = match IpPacket::parse(&buf[inner.clone()]) {
+            Ok(ip) => ip.dst(),
+            Err(e) => return self.drop(e.reason()),
+        };
+        if outer_dst != quoted.src {
+            return self.drop(Reason::NoConntrack);
+        }
+        let rkey = ReplyKey {
+            proto: quoted.proto,
+            remote_ip: quoted.dst,
+            remote_port: remote_port(&quoted, quoted.dst_port),
+            egress_ip: quoted.src,
+            egress_port: quoted.src_port,
+        };
+        let Some(info) = self
+            .conntrack
+            .lookup_reply(&rkey)
+            .and_then(|id| self.conntrack.info(id))
+        else {
+            return self.drop(Reason::NoConntrack);
+        };
+        let (job_ip, job_port, job_key) = (info.key.src_ip, info.key.src_port, info.key.job);
+        let Some(job) = self.jobs.get(&job_key) else {
+            return self.drop(Reason::UnknownJob);
+        };
+        let (node, opt, rate) = (job.node, job.option, job.ingress_bps);
+        let tenant = opt.tenant_id;
+        let burst = ICMP_ERRORS_PER_SEC;
+        if !matches!(
+            self.icmp_errors
+                .try_new_flow(job_key, ICMP_ERRORS_PER_SEC, burst, now.mono),
+            Ok(true)
+        ) {
+            return self.drop_of(tenant, Reason::PacingHorizon);
+        }
+        if let Err(e) =
+            snas_wire::rewrite_icmp_error(&mut buf[inner.clone()], job_ip, job_ip, job_port)
+        {
+            return self.drop_of(tenant, e.reason());
+        }
+        let head = inner.start - GENEVE_HEADER_LEN;
+        let proto = if job_ip.is_ipv6() {
+            InnerProto::Ipv6
+        } else {
+            InnerProto::Ipv4
+        };
+        if write_geneve_header(&mut buf[head..inner.start], &opt, proto).is_err() {
+            return self.drop_of(tenant, Reason::Malformed);
+        }
+        let (_, tenant_ingress) = self.tenant_cap(tenant);
+        let pkey = PacingKey {
+            job: opt.job_key,
+            tenant,
+        };
+        let rates = PacingRates {
+            job: PaceRate::Limited(rate),
+            tenant: tenant_ingress,
+        };
+        match self.ingress_pacer.stamp(pkey, rates, len, now.mono) {
+            Stamp::Depart(depart) => {
+                self.segment_departs.push(Some(depart));
+                Verdict::ToNode {
+                    node,
+                    range: head..inner.end,
+                    depart,
+                    job: opt.job_key,
+                }
+            }
+            Stamp::Drop(r) => self.drop_of(tenant, r),
         }
     }
 
@@ -1729,6 +1844,7 @@ impl Tier2 {
             self.end_job(job, end, None);
         }
         self.buckets.evict_full(now.mono);
+        self.icmp_errors.evict_full(now.mono);
         self.audit_budget.evict(now.mono);
         self.egress_pacer.evict_idle(now.mono, self.cfg.job_idle);
         self.ingress_pacer.evict_idle(now.mono, self.cfg.job_idle);
