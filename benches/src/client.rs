@@ -68,7 +68,7 @@ pub struct Target {
 }
 
 impl Target {
-    fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         format!("{}:{}", self.host, self.port)
     }
 }
@@ -105,6 +105,14 @@ pub enum Workload {
         count: u64,
         per_sec: f64,
         names: Vec<String>,
+    },
+    /// New connection per transaction: connect, a full TLS handshake (rustls, verifying the
+    /// server against `ca_pem`, the testbed CA), close_notify, close
+    /// ([`crate::first_payload`]).
+    TlsHandshake {
+        duration_s: f64,
+        warmup_s: f64,
+        ca_pem: String,
     },
     /// UDP echo flood from `flows` sockets (one thread each) with `payload` bytes per
     /// datagram, sent as `pace` says.
@@ -170,7 +178,7 @@ pub struct ClientResult {
 /// again; an answer from the stub or the proxy takes milliseconds at most).
 pub const LOOKUP_RETRIED: Duration = Duration::from_secs(1);
 
-fn io_err<'a>(
+pub(crate) fn io_err<'a>(
     what: &'static str,
     t: &'a Target,
 ) -> impl FnOnce(std::io::Error) -> ClientError + 'a {
@@ -198,7 +206,7 @@ fn resolve(t: &Target) -> Result<SocketAddr, ClientError> {
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Opens a TCP connection to the target: straight to `addr`, or a CONNECT tunnel by name.
-fn connect(t: &Target, addr: Option<SocketAddr>) -> Result<TcpStream, ClientError> {
+pub(crate) fn connect(t: &Target, addr: Option<SocketAddr>) -> Result<TcpStream, ClientError> {
     let to = t.proxy.or(addr).ok_or_else(|| ClientError::Resolve {
         target: t.label(),
         detail: "no address and no proxy".into(),
@@ -242,7 +250,7 @@ fn connect(t: &Target, addr: Option<SocketAddr>) -> Result<TcpStream, ClientErro
 }
 
 /// The target's address, or `None` through a proxy.
-fn address_for(t: &Target) -> Result<Option<SocketAddr>, ClientError> {
+pub(crate) fn address_for(t: &Target) -> Result<Option<SocketAddr>, ClientError> {
     if t.proxy.is_some() {
         Ok(None)
     } else {
@@ -279,6 +287,11 @@ pub fn run(w: &Workload, t: &Target) -> Result<ClientResult, ClientError> {
             names,
             secs(lookup_interval_s),
         ),
+        Workload::TlsHandshake {
+            duration_s,
+            warmup_s,
+            ref ca_pem,
+        } => crate::first_payload::tls_handshakes(t, secs(duration_s), secs(warmup_s), ca_pem),
         Workload::UdpFlood {
             duration_s,
             flows,

@@ -19,6 +19,7 @@
 //! - [`orchestrate`]: one whole run: testbed up, paths, scenarios, results, teardown.
 //! - [`publish`]: a run's tables and charts into docs/benchmarks.md.
 pub mod client;
+pub mod first_payload;
 pub mod machine;
 pub mod orchestrate;
 pub mod paths;

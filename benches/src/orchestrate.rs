@@ -49,6 +49,7 @@ pub enum RunError {
 pub enum ScenarioId {
     TcpRr,
     TcpCrr,
+    FirstPayload,
     Bulk,
     ProxyPps,
     EdtAccuracy,
@@ -65,9 +66,10 @@ pub enum ScenarioId {
 
 impl ScenarioId {
     /// Every scenario, in run order.
-    pub const ALL: [ScenarioId; 14] = [
+    pub const ALL: [ScenarioId; 15] = [
         ScenarioId::TcpRr,
         ScenarioId::TcpCrr,
+        ScenarioId::FirstPayload,
         ScenarioId::Bulk,
         ScenarioId::ProxyPps,
         ScenarioId::EdtAccuracy,
@@ -87,6 +89,7 @@ impl ScenarioId {
         match self {
             ScenarioId::TcpRr => "tcp_rr",
             ScenarioId::TcpCrr => "tcp_crr",
+            ScenarioId::FirstPayload => "first_payload",
             ScenarioId::Bulk => "bulk",
             ScenarioId::ProxyPps => "proxy_pps",
             ScenarioId::EdtAccuracy => "edt_accuracy",
@@ -369,6 +372,7 @@ fn run_network(
         let r = match s {
             ScenarioId::TcpRr => sc.tcp_rr(),
             ScenarioId::TcpCrr => sc.tcp_crr(),
+            ScenarioId::FirstPayload => crate::first_payload::first_payload(&paths, &opts.plan),
             ScenarioId::Bulk => sc.bulk(),
             ScenarioId::ProxyPps => sc.proxy_pps(),
             ScenarioId::EdtAccuracy => sc.edt_accuracy(),

@@ -23,8 +23,16 @@
 //!   front end would pick the backend by something we did not see).
 //! - Anything else (neither TLS nor HTTP/1.x nor a QUIC Initial): passes, unless the rule says
 //!   `require_name = true`.
-//! - Once decided, a flow is never inspected again: later requests on a keep-alive HTTP
+//! - Once decided, a TCP flow is never inspected again: later requests on a keep-alive HTTP
 //!   connection are not checked, and the fast path stays the fast path.
+//! - A UDP flow that passed stays watched (`Gate::Checked`): a QUIC Initial with a
+//!   Destination Connection ID the flow has not shown before, which opens under the keys of
+//!   that DCID, is a new QUIC connection on the reused 5-tuple (a second connection from the
+//!   same socket) and is checked again from its first packet, with the same parser and
+//!   verdicts. An Initial that does not open under its own DCID's keys cannot start a
+//!   connection at the server (it derives them the same way) and belongs to one already
+//!   checked (a client's Initial to the server's chosen CID): it passes. Short-header packets
+//!   pass after a one-byte test. Such a flow stays out of the fast path.
 //!
 //! # Invariants
 //! - Held bytes never exceed the per-flow, per-job and total bounds of [`NameCheckConfig`]; a
@@ -362,6 +370,89 @@ pub struct NameStats {
     pub other: u64,
 }
 
+/// The most Destination Connection IDs remembered per checked UDP flow (oldest replaced).
+const KNOWN_DCIDS: usize = 4;
+
+/// A QUIC connection ID (at most 20 bytes, RFC 9000 §17.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Dcid {
+    len: u8,
+    bytes: [u8; quic::MAX_CID],
+}
+
+impl Dcid {
+    fn of(cid: &[u8]) -> Dcid {
+        let mut d = Dcid::default();
+        let n = cid.len().min(quic::MAX_CID);
+        d.bytes[..n].copy_from_slice(&cid[..n]);
+        d.len = n as u8;
+        d
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+/// A UDP flow whose first payload passed: what is needed to check a new QUIC connection on
+/// it, and the DCIDs of the connections (and their Initials) already seen. Bounded: a fixed
+/// ring of [`KNOWN_DCIDS`].
+#[derive(Debug, Clone)]
+struct Checked {
+    key: FlowKey,
+    tenant: TenantId,
+    rule: NameCheck,
+    rule_index: usize,
+    known: [Option<Dcid>; KNOWN_DCIDS],
+    next: usize,
+}
+
+impl Checked {
+    fn knows(&self, cid: &[u8]) -> bool {
+        self.known.iter().flatten().any(|d| d.as_slice() == cid)
+    }
+
+    fn remember(&mut self, cid: &[u8]) {
+        self.known[self.next] = Some(Dcid::of(cid));
+        self.next = (self.next + 1) % KNOWN_DCIDS;
+    }
+
+    /// Whether `ip` (a packet of the job, not NATed) is of this flow: a flow id outlives its
+    /// flow until the sweep, and conntrack may give it to another.
+    fn is_of(&self, ip: &IpPacket<&[u8]>) -> bool {
+        let Ok(L4View::Udp(u)) = ip.transport() else {
+            return false;
+        };
+        ip.dst() == self.key.dst_ip
+            && u.dst_port() == self.key.dst_port
+            && u.src_port() == self.key.src_port
+    }
+}
+
+/// Whether `datagram` starts with the Initial of a QUIC connection not yet seen on a checked
+/// flow: its DCID is not known to `c` and the packet opens under that DCID's Initial keys.
+/// `Some(dcid)`: a new connection to check; `None`: not an Initial, or one of a connection
+/// already checked (whose DCID is then remembered, so that it is opened only once).
+fn new_connection(datagram: &[u8], c: &mut Checked) -> Option<Dcid> {
+    let h = quic::initial_header(datagram).ok()?;
+    if c.knows(h.dcid) {
+        return None;
+    }
+    let dcid = Dcid::of(h.dcid);
+    let opens = quic::InitialKeys::client(h.version, h.dcid)
+        .ok()
+        .is_some_and(|keys| {
+            let mut packet = datagram[..h.packet_len].to_vec();
+            quic::open_initial(&keys, &mut packet, h.pn_offset).is_ok()
+        });
+    if opens {
+        Some(dcid)
+    } else {
+        c.remember(h.dcid);
+        None
+    }
+}
+
 /// A flow whose first payload is awaited.
 #[derive(Debug)]
 struct Pending {
@@ -384,13 +475,18 @@ struct Pending {
     /// No more bytes will be waited for (FIN, limit).
     last: bool,
     quic: Option<quic::InitialKeys>,
+    /// The DCID `quic` was derived from.
+    dcid: Option<Dcid>,
 }
 
 #[derive(Debug)]
 enum Gate {
     Pending(Box<Pending>),
-    /// Matched; this many released packets have not come back through the engine yet.
-    Releasing(u32),
+    /// Matched; this many released packets have not come back through the engine yet. A UDP
+    /// flow then becomes [`Gate::Checked`].
+    Releasing(u32, Option<Box<Checked>>),
+    /// A UDP flow that passed, watched for new QUIC connections (see the module doc).
+    Checked(Box<Checked>),
     /// Mismatched: every further packet of the job is refused / dropped with this reason.
     Rejected(Reason),
 }
@@ -531,12 +627,13 @@ impl NameChecks {
             stream: Assembler::new(self.cfg.flow_bytes),
             last: false,
             quic: None,
+            dcid: None,
         };
         self.flows.insert(id, Gate::Pending(Box::new(p)));
     }
 
-    /// A packet of flow `id` from the job: `head` is its GENEVE header, `inner` the IP packet
-    /// (not yet NATed), `released`: it comes back from [`NameChecks::take_released`].
+    /// A packet of flow `id` from the job at `now`: `head` is its GENEVE header, `inner` the IP
+    /// packet (not yet NATed), `released`: it comes back from [`NameChecks::take_released`].
     pub fn on_packet(
         &mut self,
         id: FlowId,
@@ -544,18 +641,66 @@ impl NameChecks {
         head: &[u8],
         inner: &[u8],
         released: bool,
+        now: Nanos,
     ) -> Step {
         let Some(gate) = self.flows.get_mut(&id) else {
             return Step::Pass;
         };
         let p = match gate {
-            Gate::Releasing(left) => {
+            Gate::Checked(c) => {
+                if released {
+                    return Step::Pass;
+                }
+                let Ok(ip) = IpPacket::parse(inner) else {
+                    return Step::Pass;
+                };
+                if !c.is_of(&ip) {
+                    self.flows.remove(&id);
+                    return Step::Pass;
+                }
+                let Ok(L4View::Udp(u)) = ip.transport() else {
+                    return Step::Pass;
+                };
+                let datagram = u.payload();
+                // Short header (the established connection's packets): nothing to look at.
+                if datagram.first().is_none_or(|b| b & 0x80 == 0) {
+                    return Step::Pass;
+                }
+                let Some(dcid) = new_connection(datagram, c) else {
+                    return Step::Pass;
+                };
+                let c = c.clone();
+                self.recheck(id, &c, dcid, now);
+                return self.on_packet(id, node, head, inner, false, now);
+            }
+            Gate::Releasing(left, checked) => {
                 if released {
                     *left = left.saturating_sub(1);
                     if *left == 0 {
-                        self.flows.remove(&id);
+                        match checked.take() {
+                            Some(c) => {
+                                self.flows.insert(id, Gate::Checked(c));
+                            }
+                            None => {
+                                self.flows.remove(&id);
+                            }
+                        }
                     }
                     return Step::Pass;
+                }
+                // A new QUIC connection while the first one's packets are on their way out
+                // cannot be checked without reordering them: dropped, the client sends its
+                // Initial again (after its probe timeout) and it is checked then.
+                if let Some(c) = checked {
+                    let new = IpPacket::parse(inner)
+                        .ok()
+                        .and_then(|ip| match ip.transport() {
+                            Ok(L4View::Udp(u)) if c.is_of(&ip) => new_connection(u.payload(), c),
+                            _ => None,
+                        });
+                    if new.is_some() {
+                        return Step::Drop(Reason::HoldQueueFull);
+                    }
                 }
                 // Behind the released ones: the flow's packets never overtake each other.
                 let mut payload = Vec::with_capacity(head.len() + inner.len());
@@ -698,9 +843,38 @@ impl NameChecks {
             self.stats.other += 1;
         }
         let n = p.held.len() as u32;
+        let checked = (p.key.proto == snas_wire::L4Proto::Udp).then(|| {
+            let mut c = Checked {
+                key: p.key,
+                tenant: p.tenant,
+                rule: p.rule,
+                rule_index: p.rule_index,
+                known: [None; KNOWN_DCIDS],
+                next: 0,
+            };
+            if let Some(d) = p.dcid {
+                c.remember(d.as_slice());
+            }
+            Box::new(c)
+        });
         self.released.extend(p.held.into_iter().map(|(_, h)| h));
-        if n > 0 {
-            self.flows.insert(id, Gate::Releasing(n));
+        match (n, checked) {
+            (0, Some(c)) => {
+                self.flows.insert(id, Gate::Checked(c));
+            }
+            (0, None) => {}
+            (n, checked) => {
+                self.flows.insert(id, Gate::Releasing(n, checked));
+            }
+        }
+    }
+
+    /// Flow `id`, checked before as `c`, starts a new QUIC connection (`dcid`): its check
+    /// starts again, from nothing held, under the same rule.
+    fn recheck(&mut self, id: FlowId, c: &Checked, dcid: Dcid, now: Nanos) {
+        self.start(id, c.key, c.tenant, c.rule, c.rule_index, None, now);
+        if let Some(Gate::Pending(p)) = self.flows.get_mut(&id) {
+            p.dcid = Some(dcid);
         }
     }
 
@@ -821,7 +995,10 @@ fn quic_feed(p: &mut Pending, datagram: &[u8], cfg: NameCheckConfig) -> Option<C
             Some(k) if k.version() == h.version => k,
             Some(_) => return Some(Classified::Malformed(Wire::Quic, "version changed")),
             None => match quic::InitialKeys::client(h.version, h.dcid) {
-                Ok(k) => p.quic.insert(k),
+                Ok(k) => {
+                    p.dcid = Some(Dcid::of(h.dcid));
+                    p.quic.insert(k)
+                }
                 Err(_) => return Some(Classified::Malformed(Wire::Quic, "Initial keys")),
             },
         };

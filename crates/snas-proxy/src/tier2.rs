@@ -1961,7 +1961,7 @@ impl Tier2 {
         };
         match self
             .names
-            .on_packet(gate.id, gate.node, head, inner, gate.released)
+            .on_packet(gate.id, gate.node, head, inner, gate.released, now.mono)
         {
             crate::names::Step::Pass => None,
             crate::names::Step::Held => Some(held),

@@ -855,4 +855,118 @@ fn a_download_whose_only_request_was_held_by_the_check_still_reaches_the_fast_pa
         }
         assert_eq!(installed, 1, "threshold {threshold}: installed once");
     }
+
+fn initial_with_sni(dcid: &[u8], sni: &str) -> Vec<u8> {
+    let hello = client_hello_message(Some(sni), 0);
+    client_initial(V1, dcid, 0, &crypto_frame(0, &hello), 1200)
+}
+
+fn sent(v: &Verdict) -> bool {
+    matches!(v, Verdict::ToInternet { .. })
+}
+
+#[test]
+fn a_second_quic_connection_on_a_reused_socket_with_another_sni_is_dropped_and_audited() {
+    let mut f = Fixture::new();
+    let (v, _, _) = f.send(&quic(
+        50010,
+        API,
+        &initial_with_sni(&[1; 8], "api.example.com"),
+    ));
+    assert!(is_held(&v), "{v:?}");
+    assert_eq!(f.release().0.len(), 1);
+    // The first connection goes on: short-header packets and its own Initials again.
+    let (v, _, _) = f.send(&quic(50010, API, b"\x40short header 1-RTT"));
+    assert!(sent(&v), "{v:?}");
+    let (v, _, _) = f.send(&quic(
+        50010,
+        API,
+        &initial_with_sni(&[1; 8], "api.example.com"),
+    ));
+    assert!(
+        sent(&v),
+        "a retransmitted Initial of the checked connection: {v:?}"
+    );
+    // Same socket, new connection (new DCID), another name: checked, dropped, audited.
+    let (v, _, _) = f.send(&quic(
+        50010,
+        API,
+        &initial_with_sni(&[2; 8], "evil.example.net"),
+    ));
+    assert_eq!(v, Verdict::Drop(Reason::SniMismatch));
+    let m = f.mismatches();
+    assert_eq!(m.len(), 1);
+    assert_eq!(&*m[0].wire_name, "evil.example.net");
+    assert_eq!(m[0].reason, Reason::SniMismatch);
+    // As for any mismatched flow, nothing more of the 5-tuple goes out.
+    let (v, _, _) = f.send(&quic(50010, API, b"\x40short header 1-RTT"));
+    assert_eq!(v, Verdict::Drop(Reason::SniMismatch));
+    assert_eq!(f.tier2.name_held_bytes(), 0);
+}
+
+#[test]
+fn a_quic_initial_after_a_first_datagram_that_was_not_quic_is_checked() {
+    let mut f = Fixture::new();
+    let (v, _, _) = f.send(&quic(50011, API, b"not quic at all"));
+    assert!(is_held(&v), "{v:?}");
+    assert_eq!(f.release().0.len(), 1);
+    let (v, _, _) = f.send(&quic(
+        50011,
+        API,
+        &initial_with_sni(&[5; 8], "evil.example.net"),
+    ));
+    assert_eq!(v, Verdict::Drop(Reason::SniMismatch));
+    assert_eq!(&*f.mismatches()[0].wire_name, "evil.example.net");
+}
+
+#[test]
+fn initials_that_do_not_open_under_their_own_dcid_belong_to_a_checked_connection_and_pass() {
+    let mut f = Fixture::new();
+    let (v, _, _) = f.send(&quic(
+        50012,
+        API,
+        &initial_with_sni(&[1; 8], "api.example.com"),
+    ));
+    assert!(is_held(&v), "{v:?}");
+    assert_eq!(f.release().0.len(), 1);
+    // The client's later Initials go to the server's chosen CID under the first keys: here a
+    // packet of the first connection with another DCID in its header. The server cannot take
+    // it for a new connection (it derives the keys from that DCID too), so it passes, and
+    // even with an evil name inside nothing is audited.
+    for i in 0..100u8 {
+        let mut p = initial_with_sni(&[1; 8], "evil.example.net");
+        p[6..14].copy_from_slice(&[0xa0, i, 2, 3, 4, 5, 6, 7]);
+        let (v, _, _) = f.send(&quic(50012, API, &p));
+        assert!(sent(&v), "{i}: {v:?}");
+    }
+    assert!(f.mismatches().is_empty());
+    assert_eq!(f.tier2.name_stats().inspected, 1);
+}
+
+#[test]
+fn a_thousand_quic_connections_from_one_socket_are_each_checked_and_nothing_stays_held() {
+    let mut f = Fixture::new();
+    for i in 0..1000u32 {
+        let mut dcid = [0u8; 8];
+        dcid[..4].copy_from_slice(&i.to_be_bytes());
+        let (v, _, _) = f.send(&quic(
+            50013,
+            API,
+            &initial_with_sni(&dcid, "api.example.com"),
+        ));
+        assert!(is_held(&v), "connection {i}: {v:?}");
+        assert_eq!(f.release().0.len(), 1, "connection {i}");
+        let (v, _, _) = f.send(&quic(50013, API, b"\x40short header 1-RTT"));
+        assert!(sent(&v), "connection {i}: {v:?}");
+    }
+    let s = f.tier2.name_stats();
+    assert_eq!((s.inspected, s.passed, s.mismatched), (1000, 1000, 0));
+    assert_eq!(f.tier2.name_held_bytes(), 0);
+    // The 1001st, with another name, is still caught.
+    let (v, _, _) = f.send(&quic(
+        50013,
+        API,
+        &initial_with_sni(&[9; 8], "evil.example.net"),
+    ));
+    assert_eq!(v, Verdict::Drop(Reason::SniMismatch));
 }

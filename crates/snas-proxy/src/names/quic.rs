@@ -28,7 +28,7 @@ const SALT_V2: [u8; 20] = [
     0xf9, 0xbd, 0x2e, 0xd9,
 ];
 /// Longest connection ID (RFC 9000 §17.2).
-const MAX_CID: usize = 20;
+pub(crate) const MAX_CID: usize = 20;
 /// AEAD tag length of AES-128-GCM.
 const TAG: usize = 16;
 
