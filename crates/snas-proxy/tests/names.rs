@@ -855,6 +855,7 @@ fn a_download_whose_only_request_was_held_by_the_check_still_reaches_the_fast_pa
         }
         assert_eq!(installed, 1, "threshold {threshold}: installed once");
     }
+}
 
 fn initial_with_sni(dcid: &[u8], sni: &str) -> Vec<u8> {
     let hello = client_hello_message(Some(sni), 0);
