@@ -56,6 +56,7 @@ fn quick_run_measures_every_path_and_writes_every_file() {
     for id in [
         "tcp_rr",
         "tcp_crr",
+        "first_payload",
         "bulk",
         "proxy_pps",
         "edt_accuracy",
@@ -67,7 +68,7 @@ fn quick_run_measures_every_path_and_writes_every_file() {
     ] {
         assert!(ids.contains(&id), "{id} missing from {ids:?}");
     }
-    assert_eq!(ids.len(), 14, "{ids:?}");
+    assert_eq!(ids.len(), 15, "{ids:?}");
     for s in &report.scenarios {
         assert!(
             out.path().join(format!("{}.json", s.id)).is_file(),

@@ -354,20 +354,19 @@ fn notice_owner(
     s: &Shared,
     peer: std::net::SocketAddr,
     job_key: &str,
-) -> Result<(std::net::Ipv4Addr, snas_wire::JobKey), Response> {
+) -> Result<(std::net::Ipv4Addr, snas_wire::JobKey), (StatusCode, &'static str)> {
     let from = match peer.ip() {
         std::net::IpAddr::V4(a) => Some(a),
         std::net::IpAddr::V6(a) => a.to_ipv4_mapped(),
     };
     let Some(from) = from.filter(|a| s.cfg.nodes.contains(a)) else {
-        return Err((StatusCode::FORBIDDEN, "not a configured node\n").into_response());
+        return Err((StatusCode::FORBIDDEN, "not a configured node\n"));
     };
     let Ok(job) = job_key.parse::<snas_wire::JobKey>() else {
         return Err((
             StatusCode::BAD_REQUEST,
             "job_key must be 16 lower-case hex digits\n",
-        )
-            .into_response());
+        ));
     };
     let snap = s.store.snapshot();
     let policy = snap.get(job);
@@ -376,7 +375,7 @@ fn notice_owner(
         (eng.knows_job(job), eng.job_node(job))
     };
     if policy.is_none() && !known {
-        return Err((StatusCode::NOT_FOUND, "unknown job\n").into_response());
+        return Err((StatusCode::NOT_FOUND, "unknown job\n"));
     }
     let pinned = policy.and_then(|p| match p.node {
         Some(std::net::IpAddr::V4(n)) => Some(n),
@@ -386,7 +385,7 @@ fn notice_owner(
         .or(traffic_node)
         .or_else(|| policy.and_then(|p| p.fetched_from));
     if owner != Some(from) {
-        return Err((StatusCode::FORBIDDEN, "not the job's node\n").into_response());
+        return Err((StatusCode::FORBIDDEN, "not the job's node\n"));
     }
     Ok((from, job))
 }
@@ -399,7 +398,7 @@ async fn job_updated(
     let s = &c.shared;
     let (from, job) = match notice_owner(s, peer, &job_key) {
         Ok(o) => o,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let Ok(serial) = serial.parse::<u32>().map(snas_wire::PolicySerial) else {
         return (StatusCode::BAD_REQUEST, "serial must be a decimal u32\n").into_response();
@@ -424,7 +423,7 @@ async fn job_ended(
     let s = &c.shared;
     let (from, job) = match notice_owner(s, peer, &job_key) {
         Ok(o) => o,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let snap = s.store.snapshot();
     let policy = snap.get(job);
