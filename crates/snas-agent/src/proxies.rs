@@ -326,6 +326,33 @@ pub async fn probe(addr: SocketAddr, timeout: Duration) -> Probe {
     }
 }
 
+/// Sends one notice to every listed proxy's control port at once, each within `timeout`;
+/// the HTTP status each answered (`None`: no answer). Shared by the job-ended and
+/// policy-update notices.
+async fn notify_listed<F, Fut>(
+    proxies: &Proxies,
+    timeout: Duration,
+    notice: F,
+) -> Vec<(SocketAddr, Option<u16>)>
+where
+    F: Fn(ProxyClient) -> Fut,
+    Fut: std::future::Future<Output = Option<u16>> + Send + 'static,
+{
+    let mut set = tokio::task::JoinSet::new();
+    for p in proxies.snapshot().statuses().iter().filter(|p| p.listed) {
+        let addr = SocketAddr::from((p.ip, proxies.control_port));
+        let answer = notice(ProxyClient::new(addr).with_timeout(timeout));
+        set.spawn(async move { (addr, answer.await) });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        if let Ok(a) = r {
+            out.push(a);
+        }
+    }
+    out
+}
+
 /// Outcomes of job-ended notices, one per (job, proxy).
 #[derive(Debug, Default)]
 pub struct EndNotices {
@@ -360,26 +387,13 @@ pub async fn announce_job_ended(
     notices: Arc<EndNotices>,
     timeout: Duration,
 ) {
-    let targets: Vec<SocketAddr> = proxies
-        .snapshot()
-        .statuses()
-        .iter()
-        .filter(|p| p.listed)
-        .map(|p| SocketAddr::from((p.ip, proxies.control_port)))
-        .collect();
-    let mut set = tokio::task::JoinSet::new();
-    for addr in targets {
-        set.spawn(async move {
-            let client = ProxyClient::new(addr).with_timeout(timeout);
-            let status = match client.job_ended(job_key).await {
-                Ok(()) => Some(204),
-                Err(e) => e.status(),
-            };
-            (addr, status)
-        });
-    }
-    while let Some(r) = set.join_next().await {
-        let Ok((addr, status)) = r else { continue };
+    let answers = notify_listed(&proxies, timeout, move |client| async move {
+        match client.job_ended(job_key).await {
+            Ok(()) => Some(204),
+            Err(e) => e.status(),
+        }
+    });
+    for (addr, status) in answers.await {
         let c = match status {
             Some(204) => &notices.ended,
             Some(404) => &notices.unknown_job,
@@ -433,26 +447,13 @@ pub async fn announce_job_updated(
     notices: Arc<UpdateNotices>,
     timeout: Duration,
 ) {
-    let targets: Vec<SocketAddr> = proxies
-        .snapshot()
-        .statuses()
-        .iter()
-        .filter(|p| p.listed)
-        .map(|p| SocketAddr::from((p.ip, proxies.control_port)))
-        .collect();
-    let mut set = tokio::task::JoinSet::new();
-    for addr in targets {
-        set.spawn(async move {
-            let client = ProxyClient::new(addr).with_timeout(timeout);
-            let status = match client.job_updated(job_key, serial).await {
-                Ok(s) => Some(s),
-                Err(e) => e.status(),
-            };
-            (addr, status)
-        });
-    }
-    while let Some(r) = set.join_next().await {
-        let Ok((addr, status)) = r else { continue };
+    let answers = notify_listed(&proxies, timeout, move |client| async move {
+        match client.job_updated(job_key, serial).await {
+            Ok(s) => Some(s),
+            Err(e) => e.status(),
+        }
+    });
+    for (addr, status) in answers.await {
         let c = match status {
             Some(202) => &notices.refetch,
             Some(204) => &notices.current,
