@@ -5,30 +5,23 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::{Duration, SystemTime};
+use std::ops::{Deref, DerefMut};
+use std::time::Duration;
 
-use snas_policy::authoring::parse_policy;
-use snas_policy::bundle::TrustBundle;
-use snas_policy::jws::{sign, verify};
-use snas_policy::keys::PolicyKey;
-use snas_proxy::clock::Nanos;
 use snas_proxy::offload::OffloadEvent;
 use snas_proxy::resets::{Control, ControlTo, LINGER, RETRY};
-use snas_proxy::tier2::{
-    FlowEnd, JobPolicy, Now, StaticPolicies, Tier2, Tier2Config, Verdict, GENEVE_HEADER_LEN,
-    JOB_SCAN,
-};
-use snas_wire::build::{tcp, udp, TcpSpec, UdpSpec};
-use snas_wire::geneve::{parse_payload, write_geneve_header, InnerProto, SnasOption};
-use snas_wire::{IpPacket, PolicySerial, Reason, TcpFlags, Transport};
+use snas_proxy::tier2::{FlowEnd, Verdict, GENEVE_HEADER_LEN, JOB_SCAN};
+use snas_wire::build::{udp, UdpSpec};
+use snas_wire::geneve::{parse_payload, InnerProto, SnasOption};
+use snas_wire::{IpPacket, Reason, TcpFlags, Transport};
 
-const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
-const PROXY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
-const EGRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1));
-const SANDBOX: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 255, 0, 2));
+mod engine;
+use engine::{
+    internet_segment as reply, sandbox_segment as seg, Engine, DATA, EGRESS, NODE, SANDBOX,
+};
+
 const API: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10));
 const DB: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 20));
-const T0: u64 = 1_800_000_000;
 const JTI: &str = "jti-resets-000001";
 
 const HEAD: &str = "tenant = \"acme\"\njob = \"job-1\"\nnode = \"192.0.2.7\"\n[limits]\nmax_connections = 4096\nnew_connections_per_sec = 100000\nnew_connections_burst = 100000\negress_bps = \"2Gbit\"\ningress_bps = \"3Gbit\"\n";
@@ -37,12 +30,20 @@ const DB_RULE: &str = "[[egress]]\ncidr = \"203.0.113.20/32\"\nports = \"5432\"\
 const DB_UDP_RULE: &str =
     "[[egress]]\ncidr = \"203.0.113.20/32\"\nports = \"5432\"\nprotocol = \"udp\"\n";
 
-struct Fx {
-    policies: StaticPolicies,
-    tier2: Tier2,
-    key: PolicyKey,
-    bundle: TrustBundle,
-    mono: Nanos,
+/// One job holding API, DB (TCP) and DB (UDP) rules, on an engine from `tests/engine`.
+struct Fx(Engine);
+
+impl Deref for Fx {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        &self.0
+    }
+}
+
+impl DerefMut for Fx {
+    fn deref_mut(&mut self) -> &mut Engine {
+        &mut self.0
+    }
 }
 
 fn job() -> snas_wire::JobKey {
@@ -51,103 +52,50 @@ fn job() -> snas_wire::JobKey {
 
 impl Fx {
     fn new(offload: bool) -> Fx {
-        let key = PolicyKey::from_seed("test-key", [7; 32]).unwrap();
-        let bundle = TrustBundle::from_keys([("test-key", key.public_pem().unwrap())]).unwrap();
-        let cfg = Tier2Config::new(PROXY, vec![NODE], vec![EGRESS]);
-        let mut tier2 = Tier2::new(cfg, Nanos::ZERO).unwrap();
-        tier2.set_offload(offload);
-        let mut f = Fx {
-            policies: StaticPolicies::default(),
-            tier2,
-            key,
-            bundle,
-            mono: Nanos::from_nanos(1_000_000_000),
-        };
-        let p = f.policy(&format!("{HEAD}{API_RULE}{DB_RULE}{DB_UDP_RULE}"), 1);
-        f.policies.insert(p);
-        f
-    }
-
-    fn policy(&self, toml: &str, serial: u32) -> JobPolicy {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(T0);
-        let c = parse_policy(toml)
-            .unwrap()
-            .to_claims(JTI, PolicySerial(serial), now);
-        let token = sign(&c, &self.key).unwrap();
-        JobPolicy::from_verified(&verify(&token, &self.bundle, now).unwrap(), &[])
+        let mut e = Engine::single_node();
+        e.tier2.set_offload(offload);
+        e.hold_policy(&format!("{HEAD}{API_RULE}{DB_RULE}{DB_UDP_RULE}"), JTI, 1);
+        Fx(e)
     }
 
     /// The update that removes the database rules.
     fn update_to_api_only(&mut self) -> usize {
-        let new = self.policy(&format!("{HEAD}{API_RULE}"), 2);
+        let new = self.signer.policy(&format!("{HEAD}{API_RULE}"), JTI, 2);
         let now = self.now();
         let n = self.tier2.reevaluate_job(&new, now);
         self.policies.insert(new);
         n
     }
 
-    fn now(&self) -> Now {
-        Now {
-            mono: self.mono,
-            unix_secs: T0 + 10,
-        }
-    }
-
-    fn advance(&mut self, d: Duration) {
-        self.mono = self.mono.saturating_add(d);
-        let now = self.now();
-        self.tier2.tick(&self.policies, now);
-    }
-
     fn opt(&self) -> SnasOption {
-        SnasOption {
-            tenant_id: snas_policy::identity::tenant_id("acme"),
-            job_key: job(),
-            policy_serial: PolicySerial(1),
-        }
+        engine::option(JTI, 1)
     }
 
     /// A packet from the sandbox; returns the verdict and the (rewritten) packet.
     fn send(&mut self, inner: &[u8]) -> (Verdict, Vec<u8>) {
-        let mut payload = vec![0u8; GENEVE_HEADER_LEN + inner.len()];
-        write_geneve_header(&mut payload, &self.opt(), InnerProto::Ipv4).unwrap();
-        payload[GENEVE_HEADER_LEN..].copy_from_slice(inner);
-        let mut refusal = vec![0u8; 2048];
-        let now = self.now();
-        let v = self
-            .tier2
-            .from_node(&self.policies, NODE, &mut payload, &mut refusal, now);
-        (v, payload)
+        let opt = self.opt();
+        let r = self.packet_from_node(NODE, &opt, inner);
+        (r.verdict, r.payload)
     }
 
     /// A packet from the sandbox that is refused: the verdict and the refusal.
     fn send_refused(&mut self, inner: &[u8]) -> (Verdict, Seg) {
-        let mut payload = vec![0u8; GENEVE_HEADER_LEN + inner.len()];
-        write_geneve_header(&mut payload, &self.opt(), InnerProto::Ipv4).unwrap();
-        payload[GENEVE_HEADER_LEN..].copy_from_slice(inner);
-        let mut refusal = vec![0u8; 2048];
-        let now = self.now();
-        let v = self
-            .tier2
-            .from_node(&self.policies, NODE, &mut payload, &mut refusal, now);
+        let opt = self.opt();
+        let r = self.packet_from_node(NODE, &opt, inner);
         let Verdict::Refuse {
             reply_len, node, ..
-        } = v
+        } = r.verdict
         else {
-            panic!("not refused: {v:?}")
+            panic!("not refused: {:?}", r.verdict)
         };
-        let mut c = Vec::new();
-        c.extend_from_slice(&refusal[..reply_len]);
-        (v.clone(), parse_node_bytes(node, &c))
+        (
+            r.verdict.clone(),
+            parse_node_bytes(node, &r.refusal[..reply_len]),
+        )
     }
 
     fn receive(&mut self, inner: &[u8]) -> Verdict {
-        let mut buf = vec![0u8; GENEVE_HEADER_LEN + inner.len()];
-        buf[GENEVE_HEADER_LEN..].copy_from_slice(inner);
-        let n = buf.len();
-        let now = self.now();
-        self.tier2
-            .from_internet(&mut buf, GENEVE_HEADER_LEN..n, now)
+        self.packet_from_internet(inner).0
     }
 
     /// A TCP flow from `sport` to `dst`:`dport` through its handshake and a payload each way;
@@ -177,50 +125,6 @@ impl Fx {
         while self.tier2.take_control(&mut out, 1000) > 0 {}
         out
     }
-}
-
-const DATA: TcpFlags = TcpFlags(0x18);
-
-fn seg(
-    sport: u16,
-    dst: IpAddr,
-    dport: u16,
-    seq: u32,
-    ack: u32,
-    flags: TcpFlags,
-    payload: &[u8],
-) -> Vec<u8> {
-    tcp(&TcpSpec {
-        src: SocketAddr::new(SANDBOX, sport),
-        dst: SocketAddr::new(dst, dport),
-        seq,
-        ack,
-        flags,
-        window: 65535,
-        payload,
-    })
-    .unwrap()
-}
-
-fn reply(
-    src: IpAddr,
-    sport: u16,
-    egress_port: u16,
-    seq: u32,
-    ack: u32,
-    flags: TcpFlags,
-    payload: &[u8],
-) -> Vec<u8> {
-    tcp(&TcpSpec {
-        src: SocketAddr::new(src, sport),
-        dst: SocketAddr::new(EGRESS, egress_port),
-        seq,
-        ack,
-        flags,
-        window: 65535,
-        payload,
-    })
-    .unwrap()
 }
 
 /// A control packet's TCP fields: (src, dst, seq, flags).
@@ -443,12 +347,12 @@ fn an_idle_flow_cut_off_by_a_revocation_is_reset_even_though_the_job_is_refused(
     let port = f.established(20000, DB, 5432);
     // Idle for 50 minutes (under the 1 h established timeout), ticks keep running.
     for _ in 0..50 {
-        f.advance(Duration::from_secs(60));
+        f.tick(Duration::from_secs(60));
     }
     assert_eq!(f.tier2.conntrack().live_flows_of_job(job()), 1);
     assert!(f.control().is_empty());
     f.policies.reject(job(), Reason::PolicyRevoked);
-    f.advance(JOB_SCAN);
+    f.tick(JOB_SCAN);
     assert_eq!(f.tier2.conntrack().live_flows_of_job(job()), 0);
     let s = segs(&f.control());
     assert_probes(&s, 20000, port, DB, 5432);
@@ -480,7 +384,7 @@ fn a_key_removed_resets_the_flows_of_the_jobs_it_signed() {
         .map(|i| f.established(20000 + i, API, 443))
         .collect();
     f.policies.reject(job(), Reason::KeyUntrusted);
-    f.advance(JOB_SCAN);
+    f.tick(JOB_SCAN);
     let s = segs(&f.control());
     assert_eq!(s.len(), 400);
     for (i, port) in ports.into_iter().enumerate() {
@@ -522,15 +426,15 @@ fn an_end_that_does_not_answer_is_probed_once_more_then_forgotten() {
     // The remote answers, the sandbox does not (tier 1 dropped its answer).
     f.receive(&reply(DB, 5432, port, 9, 10, TcpFlags::ACK, b""));
     f.control();
-    f.advance(RETRY);
+    f.tick(RETRY);
     let s = segs(&f.control());
     assert_eq!(s.len(), 2, "only the silent end is probed again: {s:?}");
     assert!(s
         .iter()
         .all(|x| x.to == ControlTo::Node(NODE) && x.flags == TcpFlags::ACK));
-    f.advance(RETRY);
+    f.tick(RETRY);
     assert!(f.control().is_empty(), "once");
-    f.advance(LINGER);
+    f.tick(LINGER);
     assert_eq!(f.tier2.closing_flows(), 0);
     assert_eq!(f.tier2.reset_stats().unanswered, 1);
     // From then on, a late answer is an ordinary segment without a flow.

@@ -5,28 +5,17 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use snas_policy::authoring::parse_policy;
-use snas_policy::bundle::TrustBundle;
-use snas_policy::jws::{sign, verify};
-use snas_policy::keys::PolicyKey;
-use snas_proxy::clock::Nanos;
-use snas_proxy::tier2::{
-    AuditEvent, FlowEnd, JobPolicy, Now, StaticPolicies, Tier2, Tier2Config, Verdict,
-    GENEVE_HEADER_LEN,
-};
+use snas_proxy::tier2::{AuditEvent, FlowEnd, Verdict};
 use snas_wire::build::{tcp, TcpSpec};
-use snas_wire::geneve::{write_geneve_header, InnerProto, SnasOption};
-use snas_wire::{IpPacket, PolicySerial, Reason, TcpFlags};
+use snas_wire::{IpPacket, Reason, TcpFlags};
 
-const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
-const PROXY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
-const EGRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1));
-const SANDBOX: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 255, 0, 2));
+mod engine;
+use engine::{Engine, NODE, SANDBOX};
+
 const API: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10));
 const DB: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 20));
-const T0: u64 = 1_800_000_000;
 const JTI: &str = "jti-update-00000001";
 
 // The host rule's name check is off: these flows carry test bytes, not TLS, and the check has
@@ -34,70 +23,43 @@ const JTI: &str = "jti-update-00000001";
 const BOTH: &str = "tenant = \"acme\"\njob = \"job-1\"\nnode = \"192.0.2.7\"\n[[egress]]\nhost = \"api.example.com:443\"\nnames = \"off\"\n[[egress]]\ncidr = \"203.0.113.20/32\"\nports = \"5432\"\n";
 const API_ONLY: &str = "tenant = \"acme\"\njob = \"job-1\"\nnode = \"192.0.2.7\"\n[[egress]]\nhost = \"api.example.com:443\"\nnames = \"off\"\n";
 
-struct Fx {
-    policies: StaticPolicies,
-    tier2: Tier2,
-    key: PolicyKey,
-    bundle: TrustBundle,
-    mono: Nanos,
+/// One job whose DNS bound api.example.com, holding [`BOTH`] at serial 1.
+struct Fx(Engine);
+
+impl std::ops::Deref for Fx {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Fx {
+    fn deref_mut(&mut self) -> &mut Engine {
+        &mut self.0
+    }
 }
 
 impl Fx {
     fn new() -> Fx {
-        let key = PolicyKey::from_seed("test-key", [7; 32]).unwrap();
-        let bundle = TrustBundle::from_keys([("test-key", key.public_pem().unwrap())]).unwrap();
-        let mut f = Fx {
-            policies: StaticPolicies::default(),
-            tier2: Tier2::new(
-                Tier2Config::new(PROXY, vec![NODE], vec![EGRESS]),
-                Nanos::ZERO,
-            )
-            .unwrap(),
-            key,
-            bundle,
-            mono: Nanos::from_nanos(1_000_000_000),
-        };
-        let p = f.policy(BOTH, 1);
-        f.policies.insert(p);
+        let mut e = Engine::single_node();
+        e.hold_policy(BOTH, JTI, 1);
         let job = snas_policy::identity::job_key(JTI);
-        let exp = f.mono.saturating_add(Duration::from_secs(300));
-        f.tier2
+        let exp = e.mono.saturating_add(Duration::from_secs(300));
+        e.tier2
             .bindings_mut()
             .bind(job, API, "api.example.com", exp);
-        f
+        Fx(e)
     }
 
-    fn policy(&self, toml: &str, serial: u32) -> JobPolicy {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(T0);
-        let c = parse_policy(toml)
-            .unwrap()
-            .to_claims(JTI, PolicySerial(serial), now);
-        let token = sign(&c, &self.key).unwrap();
-        JobPolicy::from_verified(&verify(&token, &self.bundle, now).unwrap(), &[])
-    }
-
-    fn now(&self) -> Now {
-        Now {
-            mono: self.mono,
-            unix_secs: T0 + 10,
-        }
+    fn policy(&self, toml: &str, serial: u32) -> snas_proxy::tier2::JobPolicy {
+        self.0.signer.policy(toml, JTI, serial)
     }
 
     fn send(&mut self, inner: &[u8]) -> (Verdict, Vec<u8>) {
-        let opt = SnasOption {
-            tenant_id: snas_policy::identity::tenant_id("acme"),
-            job_key: snas_policy::identity::job_key(JTI),
-            policy_serial: PolicySerial(1),
-        };
-        let mut payload = vec![0u8; GENEVE_HEADER_LEN + inner.len()];
-        write_geneve_header(&mut payload, &opt, InnerProto::Ipv4).unwrap();
-        payload[GENEVE_HEADER_LEN..].copy_from_slice(inner);
-        let mut refusal = vec![0u8; 2048];
-        let now = self.now();
-        let v = self
-            .tier2
-            .from_node(&self.policies, NODE, &mut payload, &mut refusal, now);
-        (v, payload)
+        let r = self
+            .0
+            .packet_from_node(NODE, &engine::option(JTI, 1), inner);
+        (r.verdict, r.payload)
     }
 }
 
