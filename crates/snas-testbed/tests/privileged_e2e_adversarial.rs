@@ -236,27 +236,7 @@ fn a_wide_policy_job_reaches_no_infrastructure_from_gvisor() {
     let ul = Capture::start(&tb.topology().underlay_ns()).unwrap();
     let inet = Capture::start(&tb.topology().inet_ns()).unwrap();
     let [addrs, tcp, udp] = probe_args();
-    let out = std::process::Command::new(snas_binary())
-        .args([
-            "run",
-            "--prefix",
-            tb.topology().prefix(),
-            "--node",
-            "1",
-            "--policy",
-            &token,
-            "--timeout",
-            "240s",
-            "--",
-            "python3",
-            "-c",
-            PY_PROBE,
-            &addrs,
-            &tcp,
-            &udp,
-        ])
-        .output()
-        .unwrap();
+    let out = run_python_in_gvisor(&tb, &token, "240s", PY_PROBE, &[&addrs, &tcp, &udp]);
     std::thread::sleep(Duration::from_millis(300));
     let (ul, inet) = (ul.stop().unwrap(), inet.stop().unwrap());
     let stdout = String::from_utf8_lossy(&out.stdout);

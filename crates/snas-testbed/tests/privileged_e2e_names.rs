@@ -234,25 +234,7 @@ fn a_name_on_the_wire_that_the_address_was_not_resolved_for_is_reset_natively_an
         .trim_end_matches('"')
         .to_owned();
     let token = tb.sign_policy(&gv).unwrap();
-    let run = std::process::Command::new(snas_binary())
-        .args([
-            "run",
-            "--prefix",
-            tb.topology().prefix(),
-            "--node",
-            "1",
-            "--policy",
-            &token,
-            "--timeout",
-            "120s",
-            "--",
-            "python3",
-            "-c",
-            PY_NAMES,
-            &ca,
-        ])
-        .output()
-        .unwrap();
+    let run = run_python_in_gvisor(&tb, &token, "120s", PY_NAMES, &[&ca]);
     let out = String::from_utf8_lossy(&run.stdout).into_owned();
     assert!(
         run.status.success(),

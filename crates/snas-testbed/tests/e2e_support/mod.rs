@@ -25,6 +25,25 @@ pub mod common;
 pub use common::{require_root, snas_binary};
 use snas_testbed::{unique_prefix, JobGuard, Testbed, TestbedOptions};
 
+/// Runs `python3 -c CODE ARGS…` as a job of `tb`'s node 1 in a gVisor sandbox (`snas run`)
+/// under the signed policy `token`, ending it after `timeout` (e.g. `"120s"`). Returns the
+/// command's output; the caller asserts on it.
+pub fn run_python_in_gvisor(
+    tb: &Testbed,
+    token: &str,
+    timeout: &str,
+    code: &str,
+    args: &[&str],
+) -> Output {
+    Command::new(snas_binary())
+        .args(["run", "--prefix", tb.topology().prefix(), "--node", "1"])
+        .args(["--policy", token, "--timeout", timeout])
+        .args(["--", "python3", "-c", code])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 /// A testbed with agents and proxies; panics unless both proxies answer `/healthz`.
 pub fn testbed_with_proxies() -> Testbed {
     require_root();
