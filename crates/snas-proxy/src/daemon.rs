@@ -539,6 +539,8 @@ struct Held {
     seq: u64,
     to: Option<SocketAddrV4>,
     job: JobKey,
+    /// For the internet: the path MTU the segments must fit ([`Verdict::ToInternet`]).
+    path_mtu: Option<u16>,
     data: Vec<u8>,
 }
 
@@ -564,9 +566,18 @@ impl Ord for Held {
 #[derive(Debug, Clone)]
 enum Out {
     Nothing,
-    Internet(std::ops::Range<usize>),
+    /// To the internet now, within the path MTU if one is known.
+    Internet(std::ops::Range<usize>, Option<u16>),
     Refuse(Ipv4Addr, usize),
-    Hold(Nanos, Option<SocketAddrV4>, std::ops::Range<usize>, JobKey),
+    /// Into the pacing queue until the departure: to a node, or (`None`) to the internet
+    /// within the path MTU if one is known.
+    Hold(
+        Nanos,
+        Option<SocketAddrV4>,
+        std::ops::Range<usize>,
+        JobKey,
+        Option<u16>,
+    ),
 }
 
 /// Where the buffers of a batch of packets from nodes are.
@@ -885,12 +896,20 @@ impl Worker {
             charge(&mut self.charges, *job, range.len(), *depart);
         }
         match v {
-            Verdict::ToInternet { range, depart, .. } if send_now(depart, now, floor) => {
-                Out::Internet(range)
-            }
-            Verdict::ToInternet { range, depart, job } => {
+            Verdict::ToInternet {
+                range,
+                depart,
+                path_mtu,
+                ..
+            } if send_now(depart, now, floor) => Out::Internet(range, path_mtu),
+            Verdict::ToInternet {
+                range,
+                depart,
+                job,
+                path_mtu,
+            } => {
                 if self.budget.try_add(job, range.len() as u64) {
-                    Out::Hold(depart, None, range, job)
+                    Out::Hold(depart, None, range, job, path_mtu)
                 } else {
                     eng.count_drop(Reason::PacingHorizon);
                     Out::Nothing
@@ -1110,14 +1129,14 @@ impl Worker {
         for i in 0..n {
             let out = self.outs[i].clone();
             match out {
-                Out::Internet(r) => {
+                Out::Internet(r, path_mtu) => {
                     let pkt = match bufs {
                         NodeBufs::Served => &mut self.serving[i].buf[r],
                         NodeBufs::Released => &mut self.released[i].payload[r],
                     };
-                    write_internet(&self.s, &self.tun, pkt, self.mtu);
+                    write_internet(&self.s, &self.tun, pkt, segment_mtu(self.mtu, path_mtu));
                 }
-                Out::Hold(depart, to, r, job) => {
+                Out::Hold(depart, to, r, job, path_mtu) => {
                     let mut buf = self.pools.take(r.len());
                     buf.extend_from_slice(self.packet(bufs, i, r));
                     self.seq += 1;
@@ -1126,6 +1145,7 @@ impl Worker {
                         seq: self.seq,
                         to,
                         job,
+                        path_mtu,
                         data: buf,
                     });
                 }
@@ -1304,6 +1324,7 @@ impl Worker {
                         seq: *seq,
                         to: Some(to),
                         job,
+                        path_mtu: None,
                         data: buf,
                     });
                 } else {
@@ -1459,7 +1480,8 @@ impl Worker {
             match h.to {
                 None => {
                     let mut data = h.data;
-                    write_internet(&self.s, &self.tun, &mut data, self.mtu);
+                    let mtu = segment_mtu(self.mtu, h.path_mtu);
+                    write_internet(&self.s, &self.tun, &mut data, mtu);
                     self.pools.give(data);
                 }
                 Some(_) => self.due.push(h),
@@ -1691,6 +1713,12 @@ fn node_datagrams(
             Ok(())
         }
     }
+}
+
+/// The MTU a packet to the internet is segmented for: the TUN device's, or the path's when the
+/// internet reported a narrower one ([`crate::pmtu`]).
+fn segment_mtu(tun_mtu: usize, path_mtu: Option<u16>) -> usize {
+    path_mtu.map_or(tun_mtu, |p| tun_mtu.min(usize::from(p)))
 }
 
 /// Writes a packet from a node to the TUN device: TCP and UDP leave with their checksum for

@@ -67,6 +67,7 @@ pub mod names;
 pub mod nat;
 pub mod offload;
 pub mod pacer;
+pub mod pmtu;
 pub mod policy_fetch;
 pub mod resets;
 pub mod resolver;

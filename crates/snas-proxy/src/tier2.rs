@@ -87,6 +87,7 @@ use crate::names::{NameCheckConfig, NameChecks, NamePolicy};
 use crate::nat::JobLimits;
 use crate::offload::{self, FastFlow, FastRates, OffloadEvent, Offloads};
 use crate::pacer::{PaceRate, Pacer, PacerConfig, PacerError, PacingKey, PacingRates, Stamp};
+use crate::pmtu::PathMtus;
 use crate::resets::{Closings, Control, Intercept, JobPath, ResetStats};
 use crate::token_bucket::{JobBuckets, TokenBucketError};
 
@@ -212,6 +213,10 @@ pub enum Verdict {
         depart: Nanos,
         /// The job it belongs to (the caller bounds what a job may queue).
         job: JobKey,
+        /// The path MTU the internet reported for the destination ([`crate::pmtu`]), when
+        /// smaller than what the proxy would otherwise segment at: a TCP super-packet must
+        /// leave in segments of at most this many bytes.
+        path_mtu: Option<u16>,
     },
     /// Send `buf[range]` (GENEVE header + inner packet) as a UDP payload to `node`:6081 at
     /// `depart`.
@@ -589,6 +594,8 @@ pub struct Tier2 {
     resets: Closings,
     /// Per-job budget of ICMP errors from the internet ([`ICMP_ERRORS_PER_SEC`]).
     icmp_errors: JobBuckets,
+    /// Path MTUs reported by "fragmentation needed" / "packet too big" for flows of jobs.
+    path_mtus: PathMtus,
 }
 
 /// A job whose end [`Tier2::apply_ends`] will carry out.
@@ -672,6 +679,7 @@ impl Tier2 {
             names: NameChecks::new(cfg.names),
             resets: Closings::default(),
             icmp_errors: JobBuckets::new(),
+            path_mtus: PathMtus::new(),
             cfg,
         })
     }
@@ -1064,6 +1072,7 @@ impl Tier2 {
                     range: start..payload.len(),
                     depart,
                     job: opt.job_key,
+                    path_mtu: self.path_mtus.get(key.dst_ip, now.mono),
                 }
             }
             Stamp::Drop(r) => self.drop_of(tenant, r),
@@ -1632,6 +1641,10 @@ impl Tier2 {
             Ok(true)
         ) {
             return self.drop_of(tenant, Reason::PacingHorizon);
+        }
+        if let Some(mtu) = crate::pmtu::reported_path_mtu(&buf[inner.clone()]) {
+            // The proxy segments the job's super-packets itself: it must fit the path too.
+            self.path_mtus.learn(quoted.dst, mtu, now.mono);
         }
         if let Err(e) =
             snas_wire::rewrite_icmp_error(&mut buf[inner.clone()], job_ip, job_ip, job_port)

@@ -106,6 +106,11 @@ impl Fixture {
 
     /// Sends the job's `inner` packet from its node; returns the SNATed packet.
     fn egress(&mut self, jti: &str, inner: &[u8]) -> Vec<u8> {
+        self.egress_within(jti, inner).0
+    }
+
+    /// Like [`Fixture::egress`], with the path MTU the packet must be segmented for.
+    fn egress_within(&mut self, jti: &str, inner: &[u8]) -> (Vec<u8>, Option<u16>) {
         let proto = if inner[0] >> 4 == 6 {
             InnerProto::Ipv6
         } else {
@@ -119,10 +124,13 @@ impl Fixture {
         let v = self
             .tier2
             .from_node(&self.policies, NODE, &mut payload, &mut refusal, now);
-        let Verdict::ToInternet { range, .. } = v else {
+        let Verdict::ToInternet {
+            range, path_mtu, ..
+        } = v
+        else {
             panic!("expected ToInternet, got {v:?}")
         };
-        payload[range].to_vec()
+        (payload[range].to_vec(), path_mtu)
     }
 
     /// Hands a packet from the internet to the engine.
@@ -462,4 +470,67 @@ fn an_error_flood_is_limited_per_job_and_the_rest_is_counted() {
         }
     }
     assert_eq!(passed, ICMP_ERRORS_PER_SEC);
+}
+
+#[test]
+fn a_reported_path_mtu_makes_later_packets_to_that_destination_leave_in_segments_that_fit() {
+    let mut f = Fixture::new();
+    for (job, server, router, err_type, reported, held) in [
+        (SANDBOX, SERVER, ROUTER, 3u8, 1280u16, 1280u16),
+        // Below IPv6's minimum link MTU: the job hears what the router said, the proxy keeps
+        // 1280 (RFC 8201).
+        (SANDBOX6, SERVER6, ROUTER6, 2, 1000, 1280),
+    ] {
+        let (out, before) = f.egress_within(JOB_A, &syn(job, 40000, server, &[0x5a; 1400]));
+        assert_eq!(before, None, "nothing reported yet");
+        let rest = if err_type == 3 {
+            [0, 0, (reported >> 8) as u8, reported as u8]
+        } else {
+            u32::from(reported).to_be_bytes()
+        };
+        let code = if err_type == 3 { 4 } else { 0 };
+        let back = f.translated_for(JOB_A, &icmp_error(router, err_type, code, rest, &out));
+        assert_translated(&back, router, job, 40000, server, (err_type, code, rest));
+        // The flow's retransmission, a new flow and another job's flow to the destination are
+        // all segmented for the path.
+        for (jti, sport) in [(JOB_A, 40000), (JOB_A, 40001), (JOB_B, 40002)] {
+            let (_, mtu) = f.egress_within(jti, &syn(job, sport, server, &[0x5a; 100]));
+            assert_eq!(mtu, Some(held), "{jti} {sport} to {server}");
+        }
+    }
+    // Another destination is not affected.
+    let (_, mtu) = f.egress_within(JOB_A, &syn(SANDBOX, 40003, "203.0.113.11", &[]));
+    assert_eq!(mtu, None);
+}
+
+#[test]
+fn only_fragmentation_needed_for_a_live_flow_teaches_a_path_mtu() {
+    let mut f = Fixture::new();
+    let out = f.egress(JOB_A, &syn(SANDBOX, 40000, SERVER, &[]));
+    // Other errors for the live flow teach nothing.
+    f.translated_for(JOB_A, &icmp_error(ROUTER, 11, 0, [0, 0, 5, 0], &out));
+    f.translated_for(JOB_A, &icmp_error(ROUTER, 3, 1, [0, 0, 5, 0], &out));
+    let (_, mtu) = f.egress_within(JOB_A, &syn(SANDBOX, 40001, SERVER, &[]));
+    assert_eq!(mtu, None);
+    // "Fragmentation needed" quoting a flow nobody has to another address is dropped and
+    // teaches nothing: a stranger cannot shrink the segments to a destination.
+    let egress_port = IpPacket::parse(&out)
+        .unwrap()
+        .flow_tuple()
+        .unwrap()
+        .src_port;
+    let forged = tcp(&TcpSpec {
+        src: SocketAddr::new(ip(EGRESS), egress_port),
+        dst: SocketAddr::new(ip("203.0.113.12"), 443),
+        seq: 1,
+        ack: 0,
+        flags: TcpFlags::SYN,
+        window: 1,
+        payload: &[],
+    })
+    .unwrap();
+    let (v, _) = f.receive(&icmp_error(ROUTER, 3, 4, [0, 0, 2, 0x28], &forged));
+    assert_eq!(v, Verdict::Drop(Reason::NoConntrack));
+    let (_, mtu) = f.egress_within(JOB_A, &syn(SANDBOX, 40002, "203.0.113.12", &[]));
+    assert_eq!(mtu, None);
 }
