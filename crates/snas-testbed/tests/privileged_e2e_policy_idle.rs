@@ -132,7 +132,7 @@ fn packets_out_to_port_7(tb: &snas_testbed::Testbed, job: &Job) -> u64 {
         .iter()
         .find(|f| f.job_key == job.key() && f.dst.port() == 7 && f.proto == "tcp")
         .unwrap_or_else(|| panic!("no port-7 flow of the job at proxy 1: {flows:?}"));
-    f.packets_out
+    u64::from(f.packets_out)
 }
 
 #[test]
