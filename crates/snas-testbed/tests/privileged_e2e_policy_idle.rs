@@ -261,7 +261,9 @@ fn up_again(tb: &snas_testbed::Testbed, trust: Option<&std::path::Path>) -> Stri
     if let Some(dir) = trust {
         c.arg("--trust").arg(dir);
     }
+    let t0 = Instant::now();
     let out = c.output().unwrap();
+    eprintln!("snas testbed up took {:?}", t0.elapsed());
     assert!(out.status.success(), "snas testbed up: {out:?}");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -372,4 +374,5 @@ fn up_with_another_trust_on_a_running_testbed_applies_it_to_the_running_daemons(
     // The same trust again changes nothing and says nothing.
     let said = up_again(&tb, None);
     assert!(!said.contains("trust changed"), "{said}");
+    eprintln!("test body done {:?} after the first up", applied.elapsed());
 }
