@@ -171,7 +171,7 @@ pub struct AgentConfig {
     /// TCP address serving `GET /metrics` (Prometheus text). None: only on the API socket.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
-    /// Directory of signed revocations (one per file), scanned every second; applied like
+    /// Directory of signed revocations (one per file), scanned every 500 ms; applied like
     /// `POST /v1/revocations`. None: revocations come only through the API.
     #[serde(default)]
     pub revocations_dir: Option<PathBuf>,

@@ -24,7 +24,7 @@
 //! - [`agent`]: the job table ([`Agent`]): create, adopt at start, live update, delete,
 //!   counters, revocations.
 //! - [`bindings`]: the ledger of DNS-installed addresses by name (withdrawn on update).
-//! - [`lifecycle`]: trust bundle reloads (1 s poll and SIGHUP) and the revocations directory:
+//! - [`lifecycle`]: trust bundle reloads (500 ms poll and SIGHUP) and the revocations directory:
 //!   jobs whose key was removed or whose policy is revoked are torn down.
 //! - [`dns`]: the DNS stub's decisions (pure): query shape, names, rate bucket, identity option.
 //! - [`dns_cache`]: the stub's per-job answer cache (pure, bounded per job and per node).

@@ -2,13 +2,13 @@
 //! trust bundle reloads, the revocations directory, and the teardown of jobs that lose their
 //! trust.
 //!
-//! - **Trust bundle**: every [`POLL`] (and at once on SIGHUP) the trust bundle is reloaded
-//!   from `trust_bundle` ([`crate::PolicyVerifier::reload`]). A 1 s poll rather than inotify:
+//! - **Trust bundle**: every [`POLL`] (500 ms; at once on SIGHUP) the trust bundle is reloaded
+//!   from `trust_bundle` ([`crate::PolicyVerifier::reload`]). A poll rather than inotify:
 //!   trust directories are often projected (Kubernetes ConfigMaps and Secrets swap a `..data`
 //!   symlink, which inotify reports on the symlink, not the files), on network file systems,
 //!   or replaced by configuration management with rename tricks; reading a handful of small
-//!   files once a second costs nothing, needs no watcher state, and bounds the delay to about a
-//!   second, within the 2 s promised. A bad file is reported (path, reason) once per change of
+//!   files twice a second costs nothing, needs no watcher state, and bounds the delay to half
+//!   a second, well within the 2 s promised. A bad file is reported (path, reason) once per change of
 //!   the set of problems and leaves the good keys in place; a directory with no good key keeps
 //!   the previous bundle. When a key is removed (or its public key replaced), every running job
 //!   whose token no longer verifies is torn down, audited `key_untrusted`.
@@ -31,8 +31,9 @@ use crate::api::Ops;
 use crate::audit::{Action, AuditRecord};
 use crate::naming::job_key_hex;
 
-/// Time between trust bundle reloads and revocation directory scans.
-pub const POLL: Duration = Duration::from_secs(1);
+/// Time between trust bundle reloads and revocation directory scans: 500 ms, so that a
+/// revocation written into `revocations_dir` tears its job down within 1 s with margin.
+pub const POLL: Duration = snas_policy::revocation_fs::SCAN_INTERVAL;
 
 /// Why the agent tore a job down by itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,7 +4,7 @@
 //! Owns [`render`], which encodes one scrape: everything but the job set-up latency is read at
 //! scrape time into a [`Snapshot`] (jobs and how many expired, tier-1 drops per job and reason
 //! from the pinned counters, DNS outcomes and cache, proxy health, audit queue figures, policy
-//! endpoint and job-ended notice outcomes, the periodic work, where the listening sockets came
+//! endpoint, job-ended and policy-update notice outcomes, the periodic work, where the listening sockets came
 //! from) and written by a prometheus-client `Collector` as constant samples; the set-up latency
 //! is a prometheus-client [`Histogram`] the job table observes into
 //! (`Agent::setup_latency`).
@@ -59,6 +59,8 @@ pub struct Snapshot {
     pub policy_requests: BTreeMap<&'static str, u64>,
     /// Job-ended notices to proxies by outcome.
     pub end_notices: BTreeMap<&'static str, u64>,
+    /// Policy-update notices to proxies by outcome.
+    pub update_notices: BTreeMap<&'static str, u64>,
     /// Periodic work.
     pub upkeep: crate::upkeep::UpkeepCounts,
     /// Listening socket → where it came from at start.
@@ -179,6 +181,14 @@ impl Collector for Scrape {
             "Job-ended notices to proxies (one per job and proxy), by outcome.",
             MetricType::Counter,
             s.end_notices.iter().map(|(k, n)| ([("outcome", *k)], *n)),
+        )?;
+        f.family(
+            "snas_agent_job_update_notices",
+            "Policy-update notices to proxies (one per update and proxy), by outcome.",
+            MetricType::Counter,
+            s.update_notices
+                .iter()
+                .map(|(k, n)| ([("outcome", *k)], *n)),
         )?;
         let u = &s.upkeep;
         for (name, help, v) in [
@@ -316,6 +326,7 @@ mod tests {
                 ..Default::default()
             },
             policy_requests: BTreeMap::from([("forbidden", 2)]),
+            update_notices: BTreeMap::from([("refetch", 2), ("rate_limited", 1)]),
             sockets: BTreeMap::from([("dns-udp", "handover")]),
             ..Snapshot::default()
         };
@@ -334,6 +345,8 @@ mod tests {
         );
         assert!(text.contains("snas_agent_flow_ageing_runs_total 7\n"));
         assert!(text.contains("snas_agent_policy_requests_total{outcome=\"forbidden\"} 2\n"));
+        assert!(text.contains("snas_agent_job_update_notices_total{outcome=\"refetch\"} 2\n"));
+        assert!(text.contains("snas_agent_job_update_notices_total{outcome=\"rate_limited\"} 1\n"));
         assert!(
             text.contains("snas_agent_listen_socket{socket=\"dns-udp\",source=\"handover\"} 1\n")
         );
@@ -394,6 +407,7 @@ mod tests {
                 "snas_agent_audit_dropped_total counter",
                 "snas_agent_policy_requests_total counter",
                 "snas_agent_job_end_notices_total counter",
+                "snas_agent_job_update_notices_total counter",
                 "snas_agent_flow_ageing_runs_total counter",
                 "snas_agent_flow_ageing_failures_total counter",
                 "snas_agent_infrastructure_updates_total counter",

@@ -512,7 +512,7 @@ fn spawn_sighup(hup: Arc<tokio::sync::Notify>, mut stop: watch::Receiver<bool>) 
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut sig) = signal(SignalKind::hangup()) else {
         tracing::warn!(
-            "SIGHUP cannot be caught: the trust bundle is reloaded by the 1 s poll only"
+            "SIGHUP cannot be caught: the trust bundle is reloaded by the 500 ms poll only"
         );
         return;
     };

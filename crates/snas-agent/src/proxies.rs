@@ -677,6 +677,86 @@ mod tests {
         }
     }
 
+    /// A stand-in proxy: answers every request on `l` with `status` (no body) and records
+    /// the request lines.
+    async fn answer_always(
+        l: tokio::net::TcpListener,
+        status: u16,
+        seen: Arc<std::sync::Mutex<Vec<String>>>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut c, _)) = l.accept().await {
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let line = String::from_utf8_lossy(&req)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            seen.lock().unwrap().push(line);
+            let resp =
+                format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let _ = c.write_all(resp.as_bytes()).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn each_proxys_answer_to_an_update_notice_is_counted_under_its_outcome() {
+        // Six proxies on one control port (as in a fleet): five answer 202, 204, 404, 429 and
+        // 403; nothing listens at the sixth.
+        let first = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = first.local_addr().unwrap().port();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut listeners = vec![(first, 202)];
+        for (i, status) in [(2u8, 204u16), (3, 404), (4, 429), (5, 403)] {
+            let ip = Ipv4Addr::new(127, 0, 0, i);
+            listeners.push((
+                tokio::net::TcpListener::bind((ip, port)).await.unwrap(),
+                status,
+            ));
+        }
+        for (l, status) in listeners {
+            tokio::spawn(answer_always(l, status, Arc::clone(&seen)));
+        }
+        let ips: Vec<Ipv4Addr> = (1..=6).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+        let proxies = Arc::new(Proxies::new(&ips, port, 53));
+        let notices = Arc::new(UpdateNotices::default());
+        for _ in 0..2 {
+            announce_job_updated(
+                Arc::clone(&proxies),
+                JobKey(0xab),
+                snas_wire::PolicySerial(7),
+                Arc::clone(&notices),
+                Duration::from_secs(2),
+            )
+            .await;
+        }
+        assert_eq!(
+            notices.outcomes(),
+            BTreeMap::from([
+                ("refetch", 2),
+                ("current", 2),
+                ("unknown_job", 2),
+                ("rate_limited", 2),
+                ("forbidden", 2),
+                ("failed", 2),
+            ])
+        );
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 10, "{seen:?}");
+        assert!(
+            seen.iter()
+                .all(|l| l == "POST /v1/jobs/00000000000000ab/updated/7 HTTP/1.1"),
+            "{seen:?}"
+        );
+    }
+
     #[test]
     fn discovery_appends_new_proxies_and_unlists_vanished_ones_in_place() {
         let stat: Ipv4Addr = "192.0.2.21".parse().unwrap();

@@ -6,10 +6,23 @@
 //!   disappears is forgotten, so the same content written again is reported again.
 //! - Names starting with `.` (editors' and `rename`-into-place temporaries) are ignored.
 //! - No file is read beyond [`crate::revocation::MAX_REVOCATION_TOKEN`] bytes.
+//!
+//! # Interval
+//! Agents and proxies scan their `revocations_dir` (and reload their trust bundle) every
+//! [`SCAN_INTERVAL`], 500 ms: a revocation must cut its job off within 1 s of being written,
+//! and a scan that may start up to one interval late, then reads, verifies and applies a few
+//! files, leaves half a second of margin. A poll, not inotify: these directories are often
+//! projected volumes (a `..data` symlink swap), network file systems or rewritten by
+//! configuration management, where file events are unreliable; listing a directory of a few
+//! small files twice a second costs nothing measurable.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
+
+/// Time between two scans of a revocations directory (and two trust bundle reloads) by the
+/// agent and the proxy. See the module documentation.
+pub const SCAN_INTERVAL: Duration = Duration::from_millis(500);
 
 /// New or changed files of a directory since the previous call (by modification time and
 /// length); names starting with `.` are ignored.

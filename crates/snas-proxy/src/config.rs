@@ -84,7 +84,7 @@ pub struct ProxyConfig {
     /// require (≥ 16 characters). Without it those routes answer 403.
     #[serde(default)]
     pub control_token_file: Option<PathBuf>,
-    /// Directory of signed revocations (one per file), scanned every second and applied like
+    /// Directory of signed revocations (one per file), scanned every 500 ms and applied like
     /// `POST /v1/revocations`. None: revocations come only through the management API.
     #[serde(default)]
     pub revocations_dir: Option<PathBuf>,

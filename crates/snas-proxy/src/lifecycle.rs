@@ -13,10 +13,10 @@
 //!   packets are dropped as `policy_revoked` from the moment it is recorded and its flows end
 //!   (`flow_end` `revoked`) at the engine's next housekeeping tick. The job's node is never
 //!   asked: a node that does not cooperate is cut off all the same.
-//! - **Trust bundle** ([`reload_trust`]): reloaded every [`POLL`] and on SIGHUP. A 1 s poll,
-//!   not inotify: trust directories are often projected volumes (a `..data` symlink swap),
-//!   network file systems or rewritten by configuration management, where file events are
-//!   unreliable; reading a few small files once a second is free and bounds the delay. A key
+//! - **Trust bundle** ([`reload_trust`]): reloaded every [`POLL`] (500 ms) and on SIGHUP. A
+//!   poll, not inotify: trust directories are often projected volumes (a `..data` symlink
+//!   swap), network file systems or rewritten by configuration management, where file events
+//!   are unreliable; reading a few small files twice a second is free and bounds the delay. A key
 //!   added is used for the next fetch; a key removed (or replaced) drops the policies it
 //!   signed: their jobs' packets are dropped as `key_untrusted` and their flows end
 //!   (`flow_end` `key_untrusted`). A bad file is logged (file, reason) once per change and
@@ -33,8 +33,9 @@ use snas_wire::JobKey;
 use crate::shared::Shared;
 use crate::tier2::FlowEnd;
 
-/// Time between trust bundle reloads and revocation directory scans.
-pub const POLL: Duration = Duration::from_secs(1);
+/// Time between trust bundle reloads and revocation directory scans: 500 ms, so that a
+/// revocation written into `revocations_dir` cuts its job off within 1 s with margin.
+pub const POLL: Duration = snas_policy::revocation_fs::SCAN_INTERVAL;
 
 /// Why a revocation was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +118,7 @@ pub async fn run(shared: Arc<Shared>) {
     let mut hup = match signal(SignalKind::hangup()) {
         Ok(s) => Some(s),
         Err(e) => {
-            tracing::warn!(error = %e, "SIGHUP cannot be caught: the trust bundle is reloaded by the 1 s poll only");
+            tracing::warn!(error = %e, "SIGHUP cannot be caught: the trust bundle is reloaded by the 500 ms poll only");
             None
         }
     };

@@ -232,13 +232,17 @@ fn current_trust(dir: &Path) -> BTreeMap<std::ffi::OsString, Vec<u8>> {
 
 /// Makes the trust directory hold exactly the wanted keys; returns where they came from.
 ///
-/// Agents and proxies read the trust bundle when they start, so changing it under running
-/// daemons would leave them trusting the old keys while `up` reported the new ones: with
-/// daemons running, a different bundle is refused with a message saying what to do.
+/// Agents and proxies reload their trust bundle every 500 ms and on SIGHUP, so a change
+/// applies to running daemons too: keys added or replaced are written first (each under a
+/// temporary name, then renamed, so a reload never reads half a key), then the keys no longer
+/// wanted are removed — a reload in between sees more keys, never fewer than wanted — and the
+/// running agents and proxies in `running` are sent SIGHUP to reload at once. Jobs signed by a
+/// removed key are then torn down by their agent and cut off by the proxies (`key_untrusted`);
+/// `up` says so on stderr with the keys trusted now.
 fn prepare_trust(
     t: &Topology,
     from: Option<&Path>,
-    daemons_running: bool,
+    running: &[(Daemon, i32)],
 ) -> Result<TrustSource, TestbedError> {
     let trust = t.trust_dir();
     std::fs::create_dir_all(&trust).map_err(file_err(&trust))?;
@@ -247,34 +251,76 @@ fn prepare_trust(
     if current == wanted {
         return Ok(source);
     }
-    if daemons_running && !current.is_empty() {
-        let now: Vec<String> = current
-            .keys()
-            .map(|k| k.to_string_lossy().into_owned())
-            .collect();
-        let asked = match from {
-            Some(dir) => format!("the keys of {}", dir.display()),
-            None => "the testbed's own key".to_owned(),
-        };
-        return Err(TestbedError::Trust(format!(
-            "testbed {p} is running and trusts {now}; {asked} would change its trust bundle, \
-             but running agents and proxies read it only when they start. Run `snas testbed \
-             down --prefix {p}` first, then `up` again with the trust you want",
-            p = t.prefix(),
-            now = now.join(", "),
-        )));
+    for (name, pem) in &wanted {
+        if current.get(name) == Some(pem) {
+            continue;
+        }
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(".tmp");
+        let (tmp, dst) = (trust.join(tmp_name), trust.join(name));
+        std::fs::write(&tmp, pem).map_err(file_err(&tmp))?;
+        std::fs::rename(&tmp, &dst).map_err(file_err(&dst))?;
     }
     for e in std::fs::read_dir(&trust)
         .map_err(file_err(&trust))?
         .flatten()
     {
-        let _ = std::fs::remove_file(e.path());
+        if !wanted.contains_key(&e.file_name()) {
+            let p = e.path();
+            std::fs::remove_file(&p).map_err(file_err(&p))?;
+        }
     }
-    for (name, pem) in &wanted {
-        let dst = trust.join(name);
-        std::fs::write(&dst, pem).map_err(file_err(&dst))?;
+    if running.is_empty() || current.is_empty() {
+        return Ok(source);
     }
+    let mut told = Vec::new();
+    for (d, pid) in running {
+        // SAFETY: kill(2) with a pid `daemons::running_pid` just checked is the testbed's
+        // daemon in its own namespace; no memory is involved.
+        if unsafe { libc::kill(*pid, libc::SIGHUP) } == 0 {
+            told.push(d.name());
+        }
+    }
+    let names = |m: &BTreeMap<std::ffi::OsString, Vec<u8>>,
+                 pick: &dyn Fn(&std::ffi::OsString, &Vec<u8>) -> bool| {
+        m.iter()
+            .filter(|(k, v)| pick(k, v))
+            .map(|(k, _)| kid_of(k))
+            .collect::<Vec<_>>()
+    };
+    let now = names(&wanted, &|_, _| true);
+    let removed = names(&current, &|k, v| wanted.get(k) != Some(v));
+    eprintln!(
+        "testbed {p}: trust changed on running daemons; trusted now: {now}. {told} reloaded it \
+         (SIGHUP; they also poll it every 500 ms).{gone}",
+        p = t.prefix(),
+        now = now.join(", "),
+        told = if told.is_empty() {
+            "no daemon".to_owned()
+        } else {
+            told.join(", ")
+        },
+        gone = if removed.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " Removed or replaced: {}; running jobs signed by them are torn down by their \
+                 agent and cut off by the proxies (audit `key_untrusted`).",
+                removed.join(", ")
+            )
+        },
+    );
     Ok(source)
+}
+
+/// The key id of a trust file name (`prod-2026.pub` → `prod-2026`).
+fn kid_of(name: &std::ffi::OsStr) -> String {
+    Path::new(name)
+        .file_stem()
+        .unwrap_or(name)
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn write_private(path: &Path, data: &[u8]) -> Result<(), TestbedError> {
@@ -306,11 +352,12 @@ pub fn up_unguarded(opts: &TestbedOptions) -> Result<Record, TestbedError> {
     let state = t.state_dir();
     std::fs::create_dir_all(&state).map_err(file_err(&state))?;
     set_mode(&state, 0o700)?;
-    let running = Daemon::all()
+    let running: Vec<(Daemon, i32)> = Daemon::all()
         .into_iter()
         .filter(|d| !matches!(d, Daemon::Internet))
-        .any(|d| daemons::running_pid(&t, d).is_some());
-    let trust = prepare_trust(&t, opts.trust_dir.as_deref(), running)?;
+        .filter_map(|d| Some((d, daemons::running_pid(&t, d)?)))
+        .collect();
+    let trust = prepare_trust(&t, opts.trust_dir.as_deref(), &running)?;
     tls::ensure(&tls::dir(&t), &internet::InternetOptions::default().hosts)?;
     setup::build(&t)?;
     let record = Record {

@@ -468,6 +468,7 @@ fn snapshot(ops: &Ops) -> crate::metrics::Snapshot {
         audit_dropped: ops.audit.dropped(),
         policy_requests: ops.policy.outcomes(),
         end_notices: ops.ended.outcomes(),
+        update_notices: ops.updated.outcomes(),
         upkeep: ops.upkeep.counts(),
         sockets: ops.sockets.clone(),
     }
