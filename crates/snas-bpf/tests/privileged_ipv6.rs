@@ -636,7 +636,7 @@ fn an_icmpv6_error_about_a_flow_of_the_job_reaches_the_sandbox_from_any_router()
     for p in [&tcp, &udp] {
         assert_eq!(n.run_sandbox(&p.frame()).retval, TC_ACT_REDIRECT);
     }
-    let router: Ipv6Addr = "2001:db8:ff01::1".parse().unwrap();
+    let router: Ipv6Addr = "2001:db8:ff01::1".parse().expect("addr");
     for (p, kind) in [
         (&tcp, (2, 0)),
         (&udp, (1, 4)),
@@ -657,7 +657,7 @@ fn a_forged_icmpv6_error_quoting_no_flow_of_the_job_is_dropped_as_no_conntrack()
     let n = setup("v6icmpforged", true);
     let real = P6::tcp_syn(ALLOWED6, 443);
     assert_eq!(n.run_sandbox(&real.frame()).retval, TC_ACT_REDIRECT);
-    let router: Ipv6Addr = "2001:db8:ff01::1".parse().unwrap();
+    let router: Ipv6Addr = "2001:db8:ff01::1".parse().expect("addr");
     let forged = [
         P6 {
             sport: 40001,
@@ -707,7 +707,7 @@ fn mld_frame(src: Ipv6Addr, dst: Ipv6Addr, hlim: u8, options: [u8; 6], icmp_type
     body.extend_from_slice(&options);
     // Report: type, code, checksum, reserved, 1 record (to_ex ff02::1:ff00:2, no sources).
     let mut icmp = vec![icmp_type, 0, 0, 0, 0, 0, 0, 1, 4, 0, 0, 0];
-    icmp.extend_from_slice(&"ff02::1:ff00:2".parse::<Ipv6Addr>().unwrap().octets());
+    icmp.extend_from_slice(&"ff02::1:ff00:2".parse::<Ipv6Addr>().expect("addr").octets());
     let c = csum(&icmp, pseudo6(src, dst, 58, icmp.len()));
     icmp[2..4].copy_from_slice(&c.to_be_bytes());
     body.extend_from_slice(&icmp);
@@ -727,12 +727,12 @@ fn mld_frame(src: Ipv6Addr, dst: Ipv6Addr, hlim: u8, options: [u8; 6], icmp_type
 #[test]
 fn the_sandboxs_own_mld_reports_go_to_the_host_and_are_no_ip_options_drop() {
     let n = setup("v6mld", true);
-    let ll: Ipv6Addr = "fe80::e0b4:22ff:fe2a:88de".parse().unwrap();
-    let all_mld: Ipv6Addr = "ff02::16".parse().unwrap();
+    let ll: Ipv6Addr = "fe80::e0b4:22ff:fe2a:88de".parse().expect("addr");
+    let all_mld: Ipv6Addr = "ff02::16".parse().expect("addr");
     let ra_padn = [5, 2, 0, 0, 1, 0];
     // What a Linux job namespace sends when eth0 comes up: MLDv2 reports from its link-local
     // address and, before that is ready, from ::; MLDv1 reports and dones to the group.
-    let group: Ipv6Addr = "ff02::1:ff00:2".parse().unwrap();
+    let group: Ipv6Addr = "ff02::1:ff00:2".parse().expect("addr");
     for f in [
         mld_frame(ll, all_mld, 1, ra_padn, 143),
         mld_frame(Ipv6Addr::UNSPECIFIED, all_mld, 1, ra_padn, 143),
@@ -755,7 +755,7 @@ fn the_sandboxs_own_mld_reports_go_to_the_host_and_are_no_ip_options_drop() {
         // To a global destination.
         mld_frame(ll, ALLOWED6, 1, ra_padn, 143),
         // To a wider-scope multicast group.
-        mld_frame(ll, "ff05::16".parse().unwrap(), 1, ra_padn, 143),
+        mld_frame(ll, "ff05::16".parse().expect("addr"), 1, ra_padn, 143),
         // From the sandbox's global address or someone else's.
         mld_frame(OTHER6, all_mld, 1, ra_padn, 143),
         // Another option than Router Alert (a jumbo payload option), or an RSVP alert.

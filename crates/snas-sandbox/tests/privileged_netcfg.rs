@@ -34,10 +34,8 @@ struct JobNs {
 impl JobNs {
     fn new() -> JobNs {
         // SAFETY: geteuid has no preconditions.
-        assert!(
-            unsafe { libc::geteuid() } == 0,
-            "privileged test: needs root (network namespaces)"
-        );
+        let root = unsafe { libc::geteuid() } == 0;
+        assert!(root, "privileged test: needs root (network namespaces)");
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap();
