@@ -10,6 +10,7 @@
 //! - [`paths`]: the baseline namespaces, nftables, squid, and starting clients on each path.
 //! - [`sandbox`]: gvisor-direct's sandbox (the client in gVisor on a plain veth, no SNAS).
 //! - [`scenarios`]: the network scenarios, alternating between paths.
+//! - [`ipv6`]: TCP_RR and bulk over IPv4 and IPv6 side by side (direct and SNAS).
 //! - [`workload`]: ordinary programs' loops under the policy defaults, and fresh jobs' first
 //!   connections.
 //! - [`tier1_edt`]: tier 1's departure stamps at 10M/100M/1G (BPF_PROG_TEST_RUN).
@@ -20,6 +21,7 @@
 //! - [`publish`]: a run's tables and charts into docs/benchmarks.md.
 pub mod client;
 pub mod first_payload;
+pub mod ipv6;
 pub mod machine;
 pub mod orchestrate;
 pub mod paths;

@@ -88,9 +88,8 @@ struct RunArgs {
     /// 2 × 40 workload connections, 6 fresh jobs.
     #[arg(long)]
     quick: bool,
-    /// Comma-separated scenarios: tcp_rr, tcp_crr, first_payload, bulk, proxy_pps, edt_accuracy,
-    /// tier1_edt,
-    /// fairness, noisy_neighbour, noisy_udp, workload, first_connection, job_setup,
+    /// Comma-separated scenarios: tcp_rr, tcp_crr, first_payload, bulk, ipv6, proxy_pps,
+    /// edt_accuracy, tier1_edt, fairness, noisy_neighbour, noisy_udp, workload, first_connection, job_setup,
     /// proxy_memory, policy_10k. Default: all.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,

@@ -51,6 +51,7 @@ pub enum ScenarioId {
     TcpCrr,
     FirstPayload,
     Bulk,
+    Ipv6,
     ProxyPps,
     EdtAccuracy,
     Tier1Edt,
@@ -66,11 +67,12 @@ pub enum ScenarioId {
 
 impl ScenarioId {
     /// Every scenario, in run order.
-    pub const ALL: [ScenarioId; 15] = [
+    pub const ALL: [ScenarioId; 16] = [
         ScenarioId::TcpRr,
         ScenarioId::TcpCrr,
         ScenarioId::FirstPayload,
         ScenarioId::Bulk,
+        ScenarioId::Ipv6,
         ScenarioId::ProxyPps,
         ScenarioId::EdtAccuracy,
         ScenarioId::Tier1Edt,
@@ -91,6 +93,7 @@ impl ScenarioId {
             ScenarioId::TcpCrr => "tcp_crr",
             ScenarioId::FirstPayload => "first_payload",
             ScenarioId::Bulk => "bulk",
+            ScenarioId::Ipv6 => "ipv6",
             ScenarioId::ProxyPps => "proxy_pps",
             ScenarioId::EdtAccuracy => "edt_accuracy",
             ScenarioId::Tier1Edt => "tier1_edt",
@@ -374,6 +377,7 @@ fn run_network(
             ScenarioId::TcpCrr => sc.tcp_crr(),
             ScenarioId::FirstPayload => crate::first_payload::first_payload(&paths, &opts.plan),
             ScenarioId::Bulk => sc.bulk(),
+            ScenarioId::Ipv6 => crate::ipv6::ipv6(&paths, &opts.plan),
             ScenarioId::ProxyPps => sc.proxy_pps(),
             ScenarioId::EdtAccuracy => sc.edt_accuracy(),
             ScenarioId::Fairness => sc.fairness(),

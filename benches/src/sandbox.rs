@@ -94,6 +94,8 @@ pub fn run(spec: &SandboxSpec) -> Result<i32, SandboxError> {
         addr: spec.addr,
         prefix_len: spec.prefix_len,
         gateway: spec.gateway,
+        // gVisor direct is the IPv4 baseline (the `ipv6` scenario does not run it).
+        ipv6: None,
     });
     snas_sandbox::process::shield_terminal_signals();
     let stdio = Stdio3 {

@@ -141,9 +141,50 @@ static __always_inline int forward_to_proxy(struct __sk_buff *skb, const struct 
 	return bpf_redirect_neigh(cfg_uplink_ifindex, NULL, 0, 0);
 }
 
+/* An MLD listener report or done (RFC 3810 type 143, RFC 2710 types 131/132) as the sandbox's
+ * own kernel sends them for the solicited-node groups of its addresses when its interface
+ * comes up: hop limit 1, to a link-scope multicast address (ff02::/16), from a link-local
+ * address or :: (before one is ready), behind a Hop-by-Hop header of exactly one Router Alert
+ * option (value 0: MLD) and padding. Such a report goes to the host like neighbour discovery
+ * (the host is no multicast router and ignores it) instead of counting as an ip_options drop
+ * that would alarm users after every clean run; any other Hop-by-Hop header is still dropped
+ * as ip_options by parse_ipv6. Never forwarded to a proxy. */
+static __always_inline int mld_report(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ipv6hdr *ip6 = data + L3_OFF;
+	__u8 *h = data + L4_OFF6;
+	const __u8 *src, *dst;
+	__u8 t;
+	int i;
+
+	if ((void *)(h + 8 + 4) > data_end)
+		return 0;
+	if (ip6->nexthdr != 0 || ip6->hop_limit != 1)
+		return 0;
+	src = ip6->saddr.in6_u.u6_addr8;
+	dst = ip6->daddr.in6_u.u6_addr8;
+	if (dst[0] != 0xff || dst[1] != 0x02)
+		return 0;
+	if (!(src[0] == 0xfe && (src[1] & 0xc0) == 0x80)) {
+		for (i = 0; i < 16; i++)
+			if (src[i])
+				return 0;
+	}
+	/* Next header ICMPv6, length 0 (8 bytes): Router Alert (type 5, length 2, value 0), then
+	 * PadN of length 0 or two Pad1. */
+	if (h[0] != IPPROTO_ICMPV6 || h[1] != 0 || h[2] != 5 || h[3] != 2 || h[4] != 0 ||
+	    h[5] != 0 || !((h[6] == 1 && h[7] == 0) || (h[6] == 0 && h[7] == 0)))
+		return 0;
+	t = h[8];
+	return t == 143 || t == 131 || t == 132;
+}
+
 /* IPv6 from a job whose policy has IPv6 rules. Same pipeline as IPv4 with these
  * differences: no DNS capture (DNS over IPv6 is denied, resolvers fall back to the IPv4 stub),
- * and neighbour and router solicitations/advertisements go to the host. */
+ * and neighbour and router solicitations/advertisements and the sandbox's MLD reports
+ * (mld_report) go to the host. */
 static __always_inline int sandbox_ipv6(struct __sk_buff *skb, const struct job_cfg *cfg,
 					__u32 ifindex, __u32 len)
 {
@@ -155,6 +196,10 @@ static __always_inline int sandbox_ipv6(struct __sk_buff *skb, const struct job_
 	__u32 hash, proxy_idx = 0;
 	int reason;
 
+	if (mld_report(skb)) {
+		count(job, 0, 0, len);
+		return TC_ACT_OK;
+	}
 	reason = parse_ipv6(skb, &p);
 	if (reason)
 		return drop(job, reason, len);

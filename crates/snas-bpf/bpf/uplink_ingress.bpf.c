@@ -17,13 +17,28 @@
  * A delivered TCP or UDP packet (inner IPv4 without options, or IPv6 with the transport header
  * right behind the fixed header) is also the reply side of a flow: its entry in the flow table
  * (reversed tuple) records REPLIED, FIN in and RST in (conntrack.h), so that connections that
- * end cleanly give their slot back. */
+ * end cleanly give their slot back.
+ *
+ * An ICMP or ICMPv6 error (IPv4: destination unreachable, source quench, redirect, time
+ * exceeded, parameter problem; ICMPv6: destination unreachable, packet too big, time exceeded,
+ * parameter problem) reaches the sandbox only when the packet it quotes is one of the job's
+ * own flows: quoted source = the sandbox's address, and the quoted tuple (ports of a quoted
+ * TCP/UDP header, else 0, as the flow table keys them) in the flow table. The proxy checks the
+ * same before translating an error from the internet; this check keeps a hostile sender on the
+ * proxies' side, or a corrupt proxy, from feeding a job errors about connections it does not
+ * have (tearing down or shrinking the path MTU of others' connections, or probing the job's
+ * stack). Others are dropped as no_conntrack. The outer source of an error is not checked: a
+ * router on the path answers from its own address. */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/parse.h"
 #include "lib/geneve.h"
 #include "lib/edt.h"
 #include "lib/conntrack.h"
+
+#ifndef IPPROTO_ICMP
+#define IPPROTO_ICMP 1
+#endif
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -34,6 +49,89 @@ static __always_inline int drop_in(__u64 job_key, __u32 reason, __u32 len)
 {
 	count(job_key, 1, reason, len);
 	return TC_ACT_SHOT;
+}
+
+/* ICMP error types (RFC 792/1122): unreachable, source quench, redirect, time exceeded,
+ * parameter problem. ICMPv6 errors are types 1-4 (RFC 4443: below 128). */
+static __always_inline int icmp4_is_error(__u8 type)
+{
+	return type == 3 || type == 4 || type == 5 || type == 11 || type == 12;
+}
+
+/* IPv6 extension headers (parse.h refuses the same list on the way out). */
+static __always_inline int ipv6_ext_header(__u8 nh)
+{
+	switch (nh) {
+	case 0: case 43: case 44: case 50: case 51: case 60: case 135: case 139: case 140:
+	case 253: case 254:
+		return 1;
+	default:
+		return 0;
+	}
+}
+
+/* Offsets in the frame: the inner packet starts behind Ethernet + outer IPv4 + UDP + GENEVE. */
+#define INNER_OFF (L4_OFF + (int)sizeof(struct udphdr) + GENEVE_HDR_LEN)
+#define QUOTE4_OFF (INNER_OFF + (int)sizeof(struct iphdr) + 8)
+#define QUOTE6_OFF (INNER_OFF + (int)sizeof(struct ipv6hdr) + 8)
+
+/* An inner IPv4 ICMP error for the job on `ifindex`: 0 when it quotes a flow of the job, else
+ * the drop reason. */
+static __always_inline int icmp4_quotes_a_flow(struct __sk_buff *skb, const struct job_cfg *cfg,
+					       __u32 ifindex)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *q = data + QUOTE4_OFF;
+	struct flow_key k = {};
+	__u16 *ports;
+
+	if ((void *)(q + 1) > data_end || q->version != 4)
+		return SNAS_DROP_MALFORMED;
+	/* The job's packets carry no options and are not fragments (sandbox_ingress refuses
+	 * both), so no quote of theirs does. */
+	if (q->ihl != 5 || (q->frag_off & bpf_htons(0x1fff)) || q->saddr != cfg->sandbox_ip)
+		return SNAS_DROP_NO_CONNTRACK;
+	k.ifindex = ifindex;
+	k.saddr = q->saddr;
+	k.daddr = q->daddr;
+	k.proto = q->protocol;
+	if (q->protocol == IPPROTO_TCP || q->protocol == IPPROTO_UDP) {
+		ports = (void *)(q + 1);
+		if ((void *)(ports + 2) > data_end)
+			return SNAS_DROP_MALFORMED;
+		k.sport = bpf_ntohs(ports[0]);
+		k.dport = bpf_ntohs(ports[1]);
+	}
+	return bpf_map_lookup_elem(&snas_flows, &k) ? 0 : SNAS_DROP_NO_CONNTRACK;
+}
+
+/* icmp4_quotes_a_flow for an inner ICMPv6 error. */
+static __always_inline int icmp6_quotes_a_flow(struct __sk_buff *skb, const struct job_cfg *cfg,
+					       __u32 ifindex)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ipv6hdr *q = data + QUOTE6_OFF;
+	struct flow6_key k = {};
+	__u16 *ports;
+
+	if ((void *)(q + 1) > data_end || q->version != 6)
+		return SNAS_DROP_MALFORMED;
+	if (__builtin_memcmp(&q->saddr, cfg->sandbox_ip6, 16))
+		return SNAS_DROP_NO_CONNTRACK;
+	k.ifindex = ifindex;
+	__builtin_memcpy(k.saddr, &q->saddr, 16);
+	__builtin_memcpy(k.daddr, &q->daddr, 16);
+	k.proto = q->nexthdr;
+	if (q->nexthdr == IPPROTO_TCP || q->nexthdr == IPPROTO_UDP) {
+		ports = (void *)(q + 1);
+		if ((void *)(ports + 2) > data_end)
+			return SNAS_DROP_MALFORMED;
+		k.sport = bpf_ntohs(ports[0]);
+		k.dport = bpf_ntohs(ports[1]);
+	}
+	return bpf_map_lookup_elem(&snas_flows6, &k) ? 0 : SNAS_DROP_NO_CONNTRACK;
 }
 
 SEC("tc")
@@ -114,6 +212,21 @@ int snas_uplink_ingress(struct __sk_buff *skb)
 			}
 			if (l4_proto == IPPROTO_TCP && (void *)ports + 14 <= data_end)
 				tcp_flags = ((__u8 *)ports)[13];
+		} else if (ipv6_ext_header(inner6->nexthdr)) {
+			/* The proxies send none; an ICMPv6 error could hide behind one. */
+			return drop_in(job,
+				       inner6->nexthdr == 44 ? SNAS_DROP_FRAGMENT : SNAS_DROP_IP_OPTIONS,
+				       len);
+		} else if (inner6->nexthdr == IPPROTO_ICMPV6) {
+			__u8 *icmp = (void *)(inner6 + 1);
+
+			if ((void *)(icmp + 1) > data_end)
+				return drop_in(job, SNAS_DROP_MALFORMED, len);
+			if (icmp[0] < 128) {
+				reason = icmp6_quotes_a_flow(skb, cfg, ifindex);
+				if (reason)
+					return drop_in(job, reason, len);
+			}
 		}
 	} else {
 		inner = (void *)(g + 1);
@@ -137,6 +250,22 @@ int snas_uplink_ingress(struct __sk_buff *skb)
 			}
 			if (l4_proto == IPPROTO_TCP && (void *)ports + 14 <= data_end)
 				tcp_flags = ((__u8 *)ports)[13];
+		} else if (inner->protocol == IPPROTO_ICMP) {
+			__u8 *icmp = (void *)(inner + 1);
+
+			/* No error could be checked behind options or in a fragment. */
+			if (inner->ihl != 5)
+				return drop_in(job, SNAS_DROP_IP_OPTIONS, len);
+			if (inner->frag_off & bpf_htons(0x3fff))
+				return drop_in(job, SNAS_DROP_FRAGMENT, len);
+
+			if ((void *)(icmp + 1) > data_end)
+				return drop_in(job, SNAS_DROP_MALFORMED, len);
+			if (icmp4_is_error(icmp[0])) {
+				reason = icmp4_quotes_a_flow(skb, cfg, ifindex);
+				if (reason)
+					return drop_in(job, reason, len);
+			}
 		}
 	}
 

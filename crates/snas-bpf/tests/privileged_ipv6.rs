@@ -612,3 +612,160 @@ fn two_names_on_one_ipv6_address_keep_both_their_ports() {
         assert_eq!(dbg.kind, 2, "port {port} allowed");
     }
 }
+
+/// An ICMPv6 error (`kind`: type, code; packet too big carries MTU 1280) from `router` to the
+/// sandbox quoting the first 48 bytes of `quoted`.
+fn icmp6_error(router: Ipv6Addr, kind: (u8, u8), quoted: &P6) -> Vec<u8> {
+    let mut body = vec![kind.0, kind.1, 0, 0, 0, 0, 0x05, 0x00];
+    body.extend_from_slice(&quoted.ip()[..48]);
+    P6 {
+        src: router,
+        dst: SANDBOX6,
+        next: 58,
+        payload: body,
+        ..P6::tcp_syn(SANDBOX6, 0)
+    }
+    .ip()
+}
+
+#[test]
+fn an_icmpv6_error_about_a_flow_of_the_job_reaches_the_sandbox_from_any_router() {
+    let n = setup("v6icmpok", true);
+    let tcp = P6::tcp_syn(ALLOWED6, 443);
+    let udp = P6::udp(ALLOWED6, 4001, b"q");
+    for p in [&tcp, &udp] {
+        assert_eq!(n.run_sandbox(&p.frame()).retval, TC_ACT_REDIRECT);
+    }
+    let router: Ipv6Addr = "2001:db8:ff01::1".parse().expect("addr");
+    for (p, kind) in [
+        (&tcp, (2, 0)),
+        (&udp, (1, 4)),
+        (&tcp, (3, 0)),
+        (&tcp, (4, 0)),
+    ] {
+        let inner = icmp6_error(router, kind, p);
+        let out = n.run_uplink(&geneve6(&inner));
+        assert_eq!(out.retval, TC_ACT_REDIRECT, "{kind:?}");
+        assert_eq!(&out.data[ETH..], &inner[..]);
+    }
+    let c = n.t1().counters(JOB_KEY).expect("counters");
+    assert_eq!(c.to_sandbox.dropped(Reason::NoConntrack).packets, 0);
+}
+
+#[test]
+fn a_forged_icmpv6_error_quoting_no_flow_of_the_job_is_dropped_as_no_conntrack() {
+    let n = setup("v6icmpforged", true);
+    let real = P6::tcp_syn(ALLOWED6, 443);
+    assert_eq!(n.run_sandbox(&real.frame()).retval, TC_ACT_REDIRECT);
+    let router: Ipv6Addr = "2001:db8:ff01::1".parse().expect("addr");
+    let forged = [
+        P6 {
+            sport: 40001,
+            ..real.clone()
+        },
+        P6::tcp_syn(OTHER6, 443),
+        P6::udp(ALLOWED6, 443, b""),
+        P6 {
+            src: OTHER6,
+            ..real.clone()
+        },
+    ];
+    for (i, q) in forged.iter().enumerate() {
+        for kind in [(2, 0), (1, 4), (3, 0), (4, 0)] {
+            let out = n.run_uplink(&geneve6(&icmp6_error(router, kind, q)));
+            assert_eq!(out.retval, TC_ACT_SHOT, "forged {i} {kind:?} passed");
+        }
+    }
+    let c = n.t1().counters(JOB_KEY).expect("counters");
+    assert_eq!(c.to_sandbox.dropped(Reason::NoConntrack).packets, 4 * 4);
+    // A quote cut short of its ports cannot be checked.
+    let mut short = icmp6_error(router, (2, 0), &real);
+    short.truncate(40 + 8 + 40 + 2);
+    let l = (short.len() - 40) as u16;
+    short[4..6].copy_from_slice(&l.to_be_bytes());
+    assert_eq!(n.run_uplink(&geneve6(&short)).retval, TC_ACT_SHOT);
+    let c = n.t1().counters(JOB_KEY).expect("counters");
+    assert_eq!(c.to_sandbox.dropped(Reason::Malformed).packets, 1);
+    // An error behind a destination-options header, which the proxies never send.
+    let mut hidden = icmp6_error(router, (2, 0), &forged[0]);
+    let mut ext = vec![58, 0, 1, 4, 0, 0, 0, 0];
+    ext.extend_from_slice(&hidden[40..]);
+    hidden.truncate(40);
+    hidden[6] = 60;
+    hidden[4..6].copy_from_slice(&(ext.len() as u16).to_be_bytes());
+    hidden.extend_from_slice(&ext);
+    assert_eq!(n.run_uplink(&geneve6(&hidden)).retval, TC_ACT_SHOT);
+    let c = n.t1().counters(JOB_KEY).expect("counters");
+    assert_eq!(c.to_sandbox.dropped(Reason::IpOptions).packets, 1);
+}
+
+/// An MLDv2 listener report as the sandbox's kernel sends one when its interface comes up:
+/// from `src`, hop limit `hlim`, to `dst`, behind a Hop-by-Hop header with `options` (6 bytes),
+/// ICMPv6 type `icmp_type`.
+fn mld_frame(src: Ipv6Addr, dst: Ipv6Addr, hlim: u8, options: [u8; 6], icmp_type: u8) -> Vec<u8> {
+    let mut body = vec![58, 0];
+    body.extend_from_slice(&options);
+    // Report: type, code, checksum, reserved, 1 record (to_ex ff02::1:ff00:2, no sources).
+    let mut icmp = vec![icmp_type, 0, 0, 0, 0, 0, 0, 1, 4, 0, 0, 0];
+    icmp.extend_from_slice(&"ff02::1:ff00:2".parse::<Ipv6Addr>().expect("addr").octets());
+    let c = csum(&icmp, pseudo6(src, dst, 58, icmp.len()));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    body.extend_from_slice(&icmp);
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0x33, 0x33, 0, 0, 0, 0x16]);
+    f.extend_from_slice(&SANDBOX_MAC);
+    f.extend_from_slice(&0x86ddu16.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[0, hlim]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(&body);
+    f
+}
+
+#[test]
+fn the_sandboxs_own_mld_reports_go_to_the_host_and_are_no_ip_options_drop() {
+    let n = setup("v6mld", true);
+    let ll: Ipv6Addr = "fe80::e0b4:22ff:fe2a:88de".parse().expect("addr");
+    let all_mld: Ipv6Addr = "ff02::16".parse().expect("addr");
+    let ra_padn = [5, 2, 0, 0, 1, 0];
+    // What a Linux job namespace sends when eth0 comes up: MLDv2 reports from its link-local
+    // address and, before that is ready, from ::; MLDv1 reports and dones to the group.
+    let group: Ipv6Addr = "ff02::1:ff00:2".parse().expect("addr");
+    for f in [
+        mld_frame(ll, all_mld, 1, ra_padn, 143),
+        mld_frame(Ipv6Addr::UNSPECIFIED, all_mld, 1, ra_padn, 143),
+        mld_frame(ll, all_mld, 1, [5, 2, 0, 0, 0, 0], 143),
+        mld_frame(ll, group, 1, ra_padn, 131),
+        mld_frame(ll, all_mld, 1, ra_padn, 132),
+    ] {
+        let out = n.run_sandbox(&f);
+        assert_eq!(out.retval, TC_ACT_OK);
+        assert_eq!(out.data, f, "passed to the host untouched");
+    }
+    assert_eq!(sandbox_drops(&n, Reason::IpOptions), 0);
+    let c = n.t1().counters(JOB_KEY).expect("counters");
+    assert_eq!(c.from_sandbox.forwarded.packets, 5);
+
+    // Anything else behind a Hop-by-Hop header is still dropped as ip_options.
+    let not_mld = [
+        // Routed further than the link.
+        mld_frame(ll, all_mld, 64, ra_padn, 143),
+        // To a global destination.
+        mld_frame(ll, ALLOWED6, 1, ra_padn, 143),
+        // To a wider-scope multicast group.
+        mld_frame(ll, "ff05::16".parse().expect("addr"), 1, ra_padn, 143),
+        // From the sandbox's global address or someone else's.
+        mld_frame(OTHER6, all_mld, 1, ra_padn, 143),
+        // Another option than Router Alert (a jumbo payload option), or an RSVP alert.
+        mld_frame(ll, all_mld, 1, [0xc2, 4, 0, 1, 0, 0], 143),
+        mld_frame(ll, all_mld, 1, [5, 2, 0, 1, 1, 0], 143),
+        // Not MLD behind the header (an echo request).
+        mld_frame(ll, all_mld, 1, ra_padn, 128),
+    ];
+    for (i, f) in not_mld.iter().enumerate() {
+        assert_eq!(n.run_sandbox(f).retval, TC_ACT_SHOT, "{i} passed");
+    }
+    assert_eq!(sandbox_drops(&n, Reason::IpOptions), not_mld.len() as u64);
+}

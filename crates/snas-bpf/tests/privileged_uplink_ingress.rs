@@ -194,3 +194,121 @@ fn the_node_polices_a_jobs_downloads_to_its_ingress_rate() {
         .iter()
         .all(|&v| v == TC_ACT_REDIRECT || v == TC_ACT_SHOT));
 }
+
+/// An ICMP error from `router` to the sandbox quoting (the first 28 bytes of) `quoted`: type 3
+/// code 4 (fragmentation needed, next-hop MTU 1280) unless `kind` says otherwise.
+fn icmp_error(router: Ipv4Addr, kind: (u8, u8), quoted: &Pkt) -> Vec<u8> {
+    let mut icmp = vec![kind.0, kind.1, 0, 0, 0, 0, 0x05, 0x00];
+    icmp.extend_from_slice(&quoted.ip()[..28]);
+    let c = csum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    Pkt {
+        src: router,
+        dst: SANDBOX_IP,
+        proto: 1,
+        payload: icmp,
+        ..Pkt::tcp_syn(SANDBOX_IP, 0)
+    }
+    .ip()
+}
+
+#[test]
+fn an_icmp_error_about_a_flow_of_the_job_reaches_the_sandbox_from_any_router() {
+    let n = setup("icmpok");
+    allow_test_net(&n, &tcp_443_and_udp_4000s());
+    let tcp = Pkt::tcp_syn(ALLOWED_IP, 443);
+    let udp = Pkt::udp(ALLOWED_IP, 4001, b"q");
+    for p in [&tcp, &udp] {
+        assert_eq!(n.run_sandbox(&p.frame()).retval, TC_ACT_REDIRECT);
+    }
+    // A router on the path answers from its own address, not the destination's.
+    let router = Ipv4Addr::new(198, 51, 100, 1);
+    for (p, kind) in [(&tcp, (3, 4)), (&udp, (3, 3)), (&tcp, (11, 0))] {
+        let inner = icmp_error(router, kind, p);
+        let out = n.run_uplink(&geneve_frame(PROXY_IPS[0], JOB_KEY, &inner));
+        assert_eq!(out.retval, TC_ACT_REDIRECT, "{kind:?} about {p:?}");
+        assert_eq!(&out.data[ETH..], &inner[..]);
+    }
+    assert_eq!(in_drops(&n, JOB_KEY, Reason::NoConntrack), 0);
+}
+
+#[test]
+fn a_forged_icmp_error_quoting_no_flow_of_the_job_is_dropped_as_no_conntrack() {
+    let n = setup("icmpforged");
+    allow_test_net(&n, &tcp_443_and_udp_4000s());
+    let real = Pkt::tcp_syn(ALLOWED_IP, 443);
+    assert_eq!(n.run_sandbox(&real.frame()).retval, TC_ACT_REDIRECT);
+    let router = Ipv4Addr::new(198, 51, 100, 1);
+    let forged = [
+        // Another source port (a connection the job does not have).
+        Pkt {
+            sport: 40001,
+            ..real.clone()
+        },
+        // Another destination.
+        Pkt::tcp_syn(Ipv4Addr::new(203, 0, 113, 8), 443),
+        // The same ports over UDP.
+        Pkt::udp(ALLOWED_IP, 443, b""),
+        // Quoting a packet someone else sent (not the sandbox's address).
+        Pkt {
+            src: OTHER_IP,
+            ..real.clone()
+        },
+    ];
+    for (i, q) in forged.iter().enumerate() {
+        for kind in [(3, 4), (3, 1), (11, 0), (12, 0), (5, 1)] {
+            let inner = icmp_error(router, kind, q);
+            let out = n.run_uplink(&geneve_frame(PROXY_IPS[0], JOB_KEY, &inner));
+            assert_eq!(out.retval, TC_ACT_SHOT, "forged {i} {kind:?} passed");
+        }
+    }
+    assert_eq!(in_drops(&n, JOB_KEY, Reason::NoConntrack), 4 * 5);
+    // Not errors: an echo reply is not checked here (the policy path decides about ICMP).
+    let echo_reply = Pkt {
+        src: ALLOWED_IP,
+        dst: SANDBOX_IP,
+        proto: 1,
+        payload: vec![0, 0, 0xff, 0xff, 0, 0, 0, 0],
+        ..real.clone()
+    }
+    .ip();
+    let out = n.run_uplink(&geneve_frame(PROXY_IPS[0], JOB_KEY, &echo_reply));
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+}
+
+#[test]
+fn an_icmp_error_that_cannot_be_checked_is_dropped() {
+    let n = setup("icmpshort");
+    allow_test_net(&n, &tcp_443_and_udp_4000s());
+    let real = Pkt::tcp_syn(ALLOWED_IP, 443);
+    assert_eq!(n.run_sandbox(&real.frame()).retval, TC_ACT_REDIRECT);
+    let router = Ipv4Addr::new(198, 51, 100, 1);
+    // The quote cut short of the ports.
+    let mut short = icmp_error(router, (3, 4), &real);
+    short.truncate(20 + 8 + 20 + 2);
+    let l = short.len() as u16;
+    short[2..4].copy_from_slice(&l.to_be_bytes());
+    short[10..12].copy_from_slice(&[0, 0]);
+    let c = csum(&short[..20], 0);
+    short[10..12].copy_from_slice(&c.to_be_bytes());
+    let out = n.run_uplink(&geneve_frame(PROXY_IPS[0], JOB_KEY, &short));
+    assert_eq!(out.retval, TC_ACT_SHOT);
+    assert_eq!(in_drops(&n, JOB_KEY, Reason::Malformed), 1);
+    // The same error behind IP options, or as a fragment.
+    let mut err = Pkt {
+        src: router,
+        dst: SANDBOX_IP,
+        proto: 1,
+        payload: icmp_error(router, (3, 4), &real)[20..].to_vec(),
+        ..real.clone()
+    };
+    err.ip_options = vec![1, 1, 1, 1];
+    let out = n.run_uplink(&geneve_frame(PROXY_IPS[0], JOB_KEY, &err.ip()));
+    assert_eq!(out.retval, TC_ACT_SHOT);
+    assert_eq!(in_drops(&n, JOB_KEY, Reason::IpOptions), 1);
+    err.ip_options.clear();
+    err.frag_off = 0x2000;
+    let out = n.run_uplink(&geneve_frame(PROXY_IPS[0], JOB_KEY, &err.ip()));
+    assert_eq!(out.retval, TC_ACT_SHOT);
+    assert_eq!(in_drops(&n, JOB_KEY, Reason::Fragment), 1);
+}

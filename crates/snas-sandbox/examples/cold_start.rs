@@ -63,6 +63,7 @@ impl Lab {
             addr: "192.0.2.2".parse().unwrap(),
             prefix_len: 30,
             gateway: "192.0.2.1".parse().unwrap(),
+            ipv6: None,
         }
     }
 }

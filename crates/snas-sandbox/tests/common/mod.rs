@@ -132,6 +132,7 @@ impl Lab {
             addr: SANDBOX_IP,
             prefix_len: 30,
             gateway: GATEWAY_IP,
+            ipv6: None,
         }
     }
 

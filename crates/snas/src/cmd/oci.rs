@@ -448,6 +448,7 @@ fn create(s: &Settings, inv: &Invocation) -> ExitCode {
         addr,
         prefix_len: job.prefix_len,
         gateway,
+        ipv6: None,
     };
     if let Err(e) = net.ensure() {
         return undo(e.to_string());

@@ -605,6 +605,7 @@ fn job(a: &RunArgs) -> Result<u8, String> {
         addr: sandbox_ip,
         prefix_len: 30,
         gateway: gateway_ip,
+        ipv6: None,
     });
 
     snas_sandbox::process::shield_terminal_signals();
