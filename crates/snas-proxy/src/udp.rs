@@ -1,5 +1,5 @@
 //! The GENEVE socket of one worker: UDP on `underlay:6081` with `SO_REUSEPORT`, batched with
-//! `recvmmsg`/`sendmmsg`, plus `poll`.
+//! `recvmmsg`/`sendmmsg`, plus `poll` and the busy-poll yield.
 //!
 //! # What it owns
 //! The socket file descriptor and the `mmsghdr`/`iovec`/`sockaddr_in` arrays of one batch. The
@@ -325,4 +325,14 @@ pub fn poll(fds: &mut [libc::pollfd], timeout: std::time::Duration) -> io::Resul
         return Err(e);
     }
     Ok(r as usize)
+}
+
+/// Gives the CPU to another runnable thread, if any (`sched_yield`); returns at once when none
+/// is waiting. For a busy-polling worker on a shared core.
+pub fn yield_cpu() {
+    // SAFETY: sched_yield takes no arguments and touches no memory of ours; on Linux it always
+    // succeeds.
+    unsafe {
+        libc::sched_yield();
+    }
 }
