@@ -147,6 +147,8 @@ impl JobView {
             veth: r.net.host_veth.clone(),
             sandbox_ifname: r.net.sandbox_ifname.clone(),
             mtu: r.net.mtu,
+            sandbox_ip6: r.net.sandbox6,
+            gateway_ip6: r.net.sandbox6.map(|_| crate::jobnet::GATEWAY6),
         }
     }
 }

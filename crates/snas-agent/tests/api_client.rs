@@ -38,6 +38,8 @@ fn view(name: &str, key: snas_wire::JobKey) -> JobView {
         veth: format!("snt{key}"),
         sandbox_ifname: "eth0".into(),
         mtu: 1444,
+        sandbox_ip6: None,
+        gateway_ip6: None,
     }
 }
 

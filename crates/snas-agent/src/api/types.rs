@@ -7,7 +7,7 @@
 //! request bodies are strict (`deny_unknown_fields`): a misspelt field is refused, not lost.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -148,6 +148,12 @@ pub struct JobView {
     pub sandbox_ifname: String,
     /// MTU inside the sandbox.
     pub mtu: u32,
+    /// The sandbox's IPv6 address (a /128) for a dual-stack job; absent for an IPv4-only job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox_ip6: Option<Ipv6Addr>,
+    /// The sandbox's IPv6 gateway (the host veth's link-local address) for a dual-stack job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_ip6: Option<Ipv6Addr>,
 }
 
 impl JobView {

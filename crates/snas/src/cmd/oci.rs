@@ -45,7 +45,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use snas_agent::api::blocking::AgentClient;
-use snas_sandbox::netcfg::NetConfig;
+use snas_sandbox::netcfg::{NetConfig, NetConfig6};
 use snas_sandbox::platform::Platform;
 
 /// The annotation carrying the job's signed policy (a compact JWS).
@@ -448,7 +448,10 @@ fn create(s: &Settings, inv: &Invocation) -> ExitCode {
         addr,
         prefix_len: job.prefix_len,
         gateway,
-        ipv6: None,
+        ipv6: job
+            .sandbox_ip6
+            .zip(job.gateway_ip6)
+            .map(|(addr, gateway)| NetConfig6 { addr, gateway }),
     };
     if let Err(e) = net.ensure() {
         return undo(e.to_string());

@@ -38,7 +38,7 @@ use snas_policy::audit::{Action, AuditLine, Kind};
 use snas_sandbox::bundle::{BundleSpec, Rootfs};
 use snas_sandbox::launch::{self, humanize, Progress, RunOptions, Stdio3};
 use snas_sandbox::limits::{parse_pids, Bytes, Limits, MilliCpus};
-use snas_sandbox::netcfg::NetConfig;
+use snas_sandbox::netcfg::{NetConfig, NetConfig6};
 use snas_sandbox::platform::{probe_kvm, Platform, RunscInfo, KVM_PROBE_TIMEOUT};
 use snas_testbed::exec::read_token;
 use snas_testbed::topology::{NODES, PROXIES};
@@ -539,6 +539,14 @@ impl Target {
 /// The memo of runsc's release, in the run directory.
 const RUNSC_MEMO: &str = "runsc-release";
 
+/// The job's IPv6 address and gateway as the sandbox's network must keep them (runsc takes
+/// the namespace's addresses; [`NetConfig::ensure`] puts them back), for a dual-stack job.
+fn ipv6_of(info: &snas_agent::api::JobView) -> Option<NetConfig6> {
+    info.sandbox_ip6
+        .zip(info.gateway_ip6)
+        .map(|(addr, gateway)| NetConfig6 { addr, gateway })
+}
+
 fn job(a: &RunArgs) -> Result<u8, String> {
     // Before any thread exists: SIGTERM/SIGHUP stay pending until the launcher forwards them
     // to the sandbox, so a terminated `snas run` still deletes its job and cleans up.
@@ -605,7 +613,7 @@ fn job(a: &RunArgs) -> Result<u8, String> {
         addr: sandbox_ip,
         prefix_len: 30,
         gateway: gateway_ip,
-        ipv6: None,
+        ipv6: ipv6_of(&info),
     });
 
     snas_sandbox::process::shield_terminal_signals();

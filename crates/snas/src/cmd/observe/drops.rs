@@ -284,6 +284,8 @@ pub(super) mod tests {
             veth: "v".into(),
             sandbox_ifname: "eth0".into(),
             mtu: 1444,
+            sandbox_ip6: None,
+            gateway_ip6: None,
         }
     }
 }
