@@ -6,7 +6,9 @@
  * - snas_fp_from_node, on the underlay interface: a GENEVE datagram to this proxy from a
  *   trusted node whose inner IPv4 TCP/UDP flow (job key from the option) has an entry, whose
  *   option names the entry's tenant and serial, that is not SYN/FIN/RST and whose job's and
- *   tenant's egress clocks are neither ahead nor bound (lib/fastpath.h, fp_clock_bind): decapsulated (a GSO super-packet stays whole), source
+ *   tenant's egress clocks are neither ahead nor bound (lib/fastpath.h, fp_clock_bind) and
+ *   with nothing of its job held by the userspace pacer: decapsulated (a GSO super-packet
+ *   stays whole), source
  *   NATed to the entry's egress address and port, TTL decremented, counted, and redirected to
  *   the interface the FIB names for its destination.
  * - snas_fp_from_internet, on the interface the egress pool is routed in on: a packet to an
@@ -15,7 +17,9 @@
  *   job's GENEVE header (UDP-tunnel GSO for super-packets), counted, redirected to the node.
  *
  * Everything else returns TC_ACT_OK untouched and takes the userspace path, which is where
- * every decision is made: the programs never create, change or remove an entry. A packet is
+ * every decision is made: the programs never create, change or remove an entry. A packet of
+ * a fast flow is charged to its clocks either way (a diverted one as the pacer will charge
+ * it), so the clocks run as the pacer's do. A packet is
  * only modified once it is certain to leave fast (route, MTU and clocks checked first). */
 #define SNAS_GENEVE_WIRE_ONLY
 #include "lib/common.h"
@@ -149,15 +153,32 @@ static __always_inline int clocks_ok(__u64 job, __u32 tenant, __u8 dir, __u64 no
 				     struct fp_clock **jc, struct fp_clock **tc)
 {
 	struct fp_clock_key k = {};
+	__u64 *held, hold = 0;
 
 	k.id = job;
 	k.kind = FP_CLOCK_JOB;
 	k.dir = dir;
 	*jc = bpf_map_lookup_elem(&snas_fp_clocks, &k);
+	held = bpf_map_lookup_elem(&snas_fp_holds, &k);
+	if (held)
+		hold = FP_READ_ONCE(*held);
 	k.id = tenant;
 	k.kind = FP_CLOCK_TENANT;
 	*tc = bpf_map_lookup_elem(&snas_fp_clocks, &k);
-	return fp_clock_ok(*jc, now) && fp_clock_ok(*tc, now);
+	return fp_clock_ok(*jc, hold, now) && fp_clock_ok(*tc, 0, now);
+}
+
+/* A packet the clocks send to the userspace pacer: they bind (or stay bound), the job's
+ * hand-off hold starts, and both are charged for it as the pacer will charge its own. */
+static __always_inline int divert_paced(struct fp_clock *jc, struct fp_clock *tc, __u64 wire,
+					__u64 now)
+{
+	fp_clock_bind(jc, now);
+	fp_clock_bind(tc, now);
+	fp_clock_hold(jc, now);
+	fp_clock_charge(jc, wire, now, 1);
+	fp_clock_charge(tc, wire, now, 1);
+	return divert(FP_ST_DIVERT_PACED);
 }
 
 SEC("tc")
@@ -254,22 +275,18 @@ int snas_fp_from_node(struct __sk_buff *skb)
 		return divert(FP_ST_DIVERT_OTHER);	/* userspace refuses it (policy_expired) */
 	if (ttl <= 1)
 		return divert(FP_ST_DIVERT_ROUTE);
-	if (!clocks_ok(k.job_key, tenant, FP_DIR_EGRESS, now, &jc, &tc)) {
-		fp_clock_bind(jc, now);
-		fp_clock_bind(tc, now);
-		fp_clock_hold(jc, now);
-		return divert(FP_ST_DIVERT_PACED);
-	}
+	wire = wire_bytes(skb, inner_len, hdrs);
+	if (!clocks_ok(k.job_key, tenant, FP_DIR_EGRESS, now, &jc, &tc))
+		return divert_paced(jc, tc, wire, now);
+	/* The clocks let it go: charged now, whether it leaves here or (no route yet) through
+	 * the pacer, which finds its clocks no further ahead. */
+	fp_clock_charge(jc, wire, now, 0);
+	fp_clock_charge(tc, wire, now, 0);
 	why = route(skb, &fib, f->egress_addr, k.daddr);
 	if (why)
 		return divert(why);
 
 	/* Decided: from here on the packet leaves fast or is dropped. */
-	wire = wire_bytes(skb, inner_len, hdrs);
-	if (jc)
-		fp_clock_charge(jc, wire, now);
-	if (tc)
-		fp_clock_charge(tc, wire, now);
 	fp_count(&f->counts, wire, now);
 
 	/* The super-packet keeps its segment size: it is the inner MSS, which the 56 bytes
@@ -364,21 +381,15 @@ int snas_fp_from_internet(struct __sk_buff *skb)
 	seg = skb->gso_size ? skb->gso_size + hdrs : inner_len;
 	if (seg + GENEVE_OVERHEAD > cfg_fp_underlay_mtu || inner_len + GENEVE_OVERHEAD > 0xffff)
 		return divert(FP_ST_DIVERT_ROUTE);
-	if (!clocks_ok(f->job_key, f->tenant_id, FP_DIR_INGRESS, now, &jc, &tc)) {
-		fp_clock_bind(jc, now);
-		fp_clock_bind(tc, now);
-		fp_clock_hold(jc, now);
-		return divert(FP_ST_DIVERT_PACED);
-	}
+	wire = wire_bytes(skb, inner_len, hdrs);
+	if (!clocks_ok(f->job_key, f->tenant_id, FP_DIR_INGRESS, now, &jc, &tc))
+		return divert_paced(jc, tc, wire, now);
+	fp_clock_charge(jc, wire, now, 0);
+	fp_clock_charge(tc, wire, now, 0);
 	why = route(skb, &fib, cfg_fp_proxy_ip, f->node_addr);
 	if (why)
 		return divert(why);
 
-	wire = wire_bytes(skb, inner_len, hdrs);
-	if (jc)
-		fp_clock_charge(jc, wire, now);
-	if (tc)
-		fp_clock_charge(tc, wire, now);
 	fp_count(&f->counts, wire, now);
 
 	if (nat(skb, proto, IP_DST_OFF, daddr, f->sandbox_addr, L4_START + sizeof(__u16), dport,

@@ -4,7 +4,8 @@
 //! # What it owns
 //! - The two TC ingress programs (from nodes on the underlay interface, from the internet on
 //!   the interface the egress pool is routed in on) and their maps: fast flows (forward and
-//!   reverse, written together), pacing clocks, trusted nodes, statistics.
+//!   reverse, written together), pacing clocks and the pacer's holds, trusted nodes,
+//!   statistics.
 //! - The encoding of a [`FastFlowSpec`] into the maps' generated key and value types
 //!   ([`encode`], [`decode`]: pure, property-tested).
 //!
@@ -13,6 +14,9 @@
 //!   what it is told. The programs never create, change or remove entries.
 //! - Clocks are written before the flows that use them: a flow whose job or tenant clock is
 //!   missing is never fast (the programs treat a missing clock as "ahead").
+//! - A clock's time is the programs' alone: [`FastPath::set_clock`] writes a clock only when
+//!   it is created or its rate changes; what the userspace pacer holds goes to a map of its
+//!   own ([`FastPath::hold`]), never into the clock.
 //! - Nothing is pinned: the maps live as long as this process holds them and the programs are
 //!   attached. [`FastPath::detach`] (also on drop) removes the filters; a filter a crashed
 //!   process left behind is replaced by the next [`FastPath::attach`] (same handle and
@@ -436,6 +440,7 @@ pub struct FastPath {
     fwd: MapHandle,
     rev: MapHandle,
     clocks: MapHandle,
+    holds: MapHandle,
     nodes: MapHandle,
     stats: MapHandle,
     /// (ifindex, program) pairs attached by this value.
@@ -488,6 +493,7 @@ impl FastPath {
             fwd: handle(&skel.maps.snas_fp_fwd, "snas_fp_fwd")?,
             rev: handle(&skel.maps.snas_fp_rev, "snas_fp_rev")?,
             clocks: handle(&skel.maps.snas_fp_clocks, "snas_fp_clocks")?,
+            holds: handle(&skel.maps.snas_fp_holds, "snas_fp_holds")?,
             nodes: handle(&skel.maps.snas_fp_nodes, "snas_fp_nodes")?,
             stats: handle(&skel.maps.snas_fp_stats, "snas_fp_stats")?,
             attached: Mutex::new(Vec::new()),
@@ -593,46 +599,46 @@ impl FastPath {
         }
     }
 
-    /// Charges `bytes` that left through userspace to a clock at `now` (`CLOCK_MONOTONIC`), so
-    /// that a job whose limit binds stays on the userspace path; `last_departure` is when the
-    /// last of them leaves the userspace pacer: no packet of the clock's owner leaves fast
-    /// before it (none overtakes a paced one). A missing clock is left missing.
-    pub fn charge(
+    /// Says that the userspace pacer holds a packet of `owner` (one direction) until `until`
+    /// (`CLOCK_MONOTONIC`): no packet of the owner leaves fast before then, so none overtakes
+    /// a paced one. One blind map update, no read: the programs own the clock's time (they
+    /// charge every packet of a fast flow, the diverted ones too), so userspace never writes
+    /// it back over their charges.
+    pub fn hold(
         &self,
         owner: ClockOwner,
         dir: ClockDir,
-        bytes: u64,
-        now: Duration,
-        last_departure: Duration,
+        until: Duration,
     ) -> Result<(), FastPathError> {
         let key = clock_key(owner, dir);
-        let Some(mut c) = self.clock(&key)? else {
-            return Ok(());
-        };
-        let Some(rate) = clock_rate(&c) else {
-            return Ok(());
-        };
-        c.next_ns = c
-            .next_ns
-            .max(duration_ns(now))
-            .saturating_add(charge_ns(rate, bytes));
-        c.slow_until_ns = c.slow_until_ns.max(duration_ns(last_departure));
-        self.clocks
-            .update(bytes_of(&key), bytes_of(&c), MapFlags::EXIST)
-            .or_else(|e| {
-                // Removed meanwhile: nothing left to charge.
-                if e.kind() == libbpf_rs::ErrorKind::NotFound {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
-            .map_err(bpf_err("charge clock"))
+        self.holds
+            .update(
+                bytes_of(&key),
+                &duration_ns(until).to_ne_bytes(),
+                MapFlags::ANY,
+            )
+            .map_err(bpf_err("hold clock"))
+    }
+
+    /// A clock's time as the programs left it: (next departure, bound until), `CLOCK_MONOTONIC`
+    /// (tests and diagnostics). `None` when the clock does not exist.
+    pub fn clock_times(
+        &self,
+        owner: ClockOwner,
+        dir: ClockDir,
+    ) -> Result<Option<(Duration, Duration)>, FastPathError> {
+        Ok(self.clock(&clock_key(owner, dir))?.map(|c| {
+            (
+                Duration::from_nanos(c.next_ns),
+                Duration::from_nanos(c.bound_until_ns),
+            )
+        }))
     }
 
     /// Removes a clock (its job or tenant has no fast flows left).
     pub fn remove_clock(&self, owner: ClockOwner, dir: ClockDir) -> Result<(), FastPathError> {
         let key = clock_key(owner, dir);
+        delete_if_present(&self.holds, bytes_of(&key), "remove clock hold")?;
         delete_if_present(&self.clocks, bytes_of(&key), "remove clock")
     }
 

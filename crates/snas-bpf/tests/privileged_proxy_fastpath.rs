@@ -232,17 +232,63 @@ fn once_the_jobs_rate_binds_its_packets_take_the_userspace_path() {
         "only the slack's worth leaves fast: {fast}"
     );
     assert_eq!(fp.stats().unwrap().diverted(DivertReason::Paced), 20 - fast);
-    // Userspace charging the clock keeps it there.
-    let now = mono_now().unwrap();
-    fp.charge(
-        ClockOwner::Job(JOB_KEY),
-        ClockDir::Egress,
-        1_000_000,
-        now,
-        now,
-    )
-    .unwrap();
-    assert_eq!(run_node(&fp, &frame).retval, TC_ACT_OK);
+}
+
+#[test]
+fn the_packets_handed_to_the_pacer_are_charged_to_the_clock_as_the_pacer_charges_them() {
+    let p = Pkt {
+        payload: vec![0x55; 1000],
+        ..data_packet()
+    };
+    let fp = with_flow(&p);
+    let frame = from_node(&p.ip(), SERIAL.get());
+    bind_at_10_mbit(&fp, &frame);
+    let clock = || {
+        fp.clock_times(ClockOwner::Job(JOB_KEY), ClockDir::Egress)
+            .unwrap()
+            .expect("clock")
+            .0
+    };
+    // 10 diverted packets of 1,040 bytes at 10 Mbit/s: the clock moves 8.32 ms (less the
+    // microseconds the loop takes, which start-time EDT does not credit).
+    let before = clock();
+    for _ in 0..10 {
+        assert_eq!(run_node(&fp, &frame).retval, TC_ACT_OK);
+    }
+    let moved = clock() - before;
+    assert!(
+        (Duration::from_micros(8_000)..=Duration::from_micros(8_320)).contains(&moved),
+        "{moved:?}"
+    );
+}
+
+#[test]
+fn a_packet_the_pacer_would_drop_beyond_its_horizon_is_not_charged() {
+    let p = Pkt {
+        payload: vec![0x55; 1000],
+        ..data_packet()
+    };
+    let fp = with_flow(&p);
+    let frame = from_node(&p.ip(), SERIAL.get());
+    bind_at_10_mbit(&fp, &frame);
+    // The pacer's horizon at 10 Mbit/s is one 64 KiB super-packet's time (52.4 ms: more than
+    // the 1 ms slack). 200 packets (166 ms at the rate) arrive at once: the clock stops at
+    // most one packet past the horizon (plus the loop's own time), as the pacer's, which
+    // drops the rest; charged all, it would be 166 ms ahead.
+    let start = mono_now().unwrap();
+    for _ in 0..200 {
+        assert_eq!(run_node(&fp, &frame).retval, TC_ACT_OK);
+    }
+    let (next, _) = fp
+        .clock_times(ClockOwner::Job(JOB_KEY), ClockDir::Egress)
+        .unwrap()
+        .expect("clock");
+    let ahead = next - start;
+    let horizon = Duration::from_nanos(65_536 * 8 * 100);
+    assert!(
+        ahead > horizon - Duration::from_millis(1) && ahead < horizon + Duration::from_millis(10),
+        "{ahead:?}"
+    );
 }
 
 /// Runs `frame` until the job's 10 Mbit/s clock binds (a packet is diverted); returns how
@@ -297,19 +343,18 @@ fn a_bound_job_stays_on_the_userspace_path_while_the_pacer_keeps_its_clock_ahead
     let fp = with_flow(&p);
     let frame = from_node(&p.ip(), SERIAL.get());
     bind_at_10_mbit(&fp, &frame);
-    // The pacer sends the job's packets at its rate and charges them: 6,250 bytes (5 ms at
-    // 10 Mbit/s) every 5 ms keep the clock just ahead, for twice the hold.
+    // The job keeps sending at its rate: 6 packets of 1,040 bytes (5 ms at 10 Mbit/s) every
+    // 5 ms, each handed to the pacer and charged, keep the clock ahead, for twice the hold.
     let start = mono_now().unwrap();
     let mut sent = 0;
     while mono_now().unwrap() < start + 2 * HOLD {
-        let now = mono_now().unwrap();
-        fp.charge(ClockOwner::Job(JOB_KEY), ClockDir::Egress, 6_250, now, now)
-            .unwrap();
-        assert_eq!(run_node(&fp, &frame).retval, TC_ACT_OK, "after {sent}");
-        sent += 1;
+        for _ in 0..6 {
+            assert_eq!(run_node(&fp, &frame).retval, TC_ACT_OK, "after {sent}");
+            sent += 1;
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert!(sent > 20, "{sent}");
+    assert!(sent > 120, "{sent}");
     // The job stops: its clock drains within 5 ms, and a hold later it is fast again.
     std::thread::sleep(HOLD + Duration::from_millis(100));
     assert_eq!(run_node(&fp, &frame).retval, TC_ACT_REDIRECT);
@@ -382,11 +427,9 @@ fn no_packet_leaves_fast_while_one_of_its_job_waits_in_the_userspace_pacer() {
     // The pacer holds a packet of the job until 50 ms from now (its clock is not ahead:
     // unlimited rate): later packets must not overtake it.
     let now = mono_now().unwrap();
-    fp.charge(
+    fp.hold(
         ClockOwner::Job(JOB_KEY),
         ClockDir::Egress,
-        1_500,
-        now,
         now + Duration::from_millis(50),
     )
     .unwrap();

@@ -1,7 +1,7 @@
 //! The daemon's side of the in-kernel fast path: loads and attaches
 //! [`snas_bpf::fastpath::FastPath`], mirrors the engine's [`OffloadEvent`]s into its maps,
-//! reads its counters back for the engine, and charges its pacing clocks for what the workers
-//! send of jobs that have fast flows.
+//! reads its counters back for the engine, and tells its programs until when the userspace
+//! pacer holds packets of jobs that have fast flows (the programs run the clocks themselves).
 //!
 //! # What it owns
 //! - The loaded programs (detached when this is dropped) and the mirror of what is installed:
@@ -66,10 +66,10 @@ struct Mirrored {
 #[derive(Debug, Clone, Copy)]
 struct ClockUse {
     flows: u32,
-    /// The job's tenant (a tenant's own id for a tenant clock).
-    tenant: TenantId,
     egress: PaceRate,
     ingress: PaceRate,
+    /// The pacer holds written for a job's clocks (egress, ingress), `CLOCK_MONOTONIC`.
+    held: [Duration; 2],
 }
 
 /// What the fast path carried for one flow since the last credit.
@@ -337,9 +337,9 @@ impl FastPathIo {
         };
         let fresh = |e, i| ClockUse {
             flows: 0,
-            tenant,
             egress: e,
             ingress: i,
+            held: [Duration::ZERO; 2],
         };
         let new_job = !m.jobs.contains_key(&job);
         let u = m
@@ -432,12 +432,15 @@ impl FastPathIo {
         out
     }
 
-    /// Charges what the workers sent through userspace for jobs with fast flows (`(job,
-    /// bytes, last departure)`, one direction; departures on the engine's clock, which reads
-    /// `engine_now` while `CLOCK_MONOTONIC` reads `mono`) to their job's and tenant's clocks,
-    /// so that a job whose limit binds stays on the userspace path and its pacer, and no
-    /// packet leaves fast before one the pacer still holds. Jobs without fast flows are
-    /// skipped without a system call.
+    /// Tells the programs until when the userspace pacer holds packets of jobs with fast flows
+    /// (`(job, bytes, last departure)` of a pass, one direction; departures on the engine's
+    /// clock, which reads `engine_now` while `CLOCK_MONOTONIC` reads `mono`), so that no packet
+    /// of such a job leaves fast before one the pacer still holds. The bytes are not charged:
+    /// the programs charge every packet of a fast flow themselves, the ones they divert to the
+    /// pacer too, and a clock has one writer. A hold is written rounded up by [`HOLD_GRAIN`]
+    /// and only when the pacer holds a packet beyond the last one written, so a job the pacer
+    /// keeps busy costs at most one map update per grain and direction; jobs without fast
+    /// flows cost nothing.
     pub fn charge(
         &self,
         m: &mut Mirror,
@@ -450,34 +453,22 @@ impl FastPathIo {
             return;
         }
         let to_mono = |t: Nanos| mono.saturating_add(t.saturating_duration_since(engine_now));
-        let mut tenants: Vec<(TenantId, u64, Nanos)> = Vec::new();
-        for &(job, bytes, depart) in sent {
-            let Some(t) = m.jobs.get(&job).map(|u| u.tenant) else {
+        let slot = match dir {
+            ClockDir::Egress => 0,
+            ClockDir::Ingress => 1,
+        };
+        for &(job, _, depart) in sent {
+            let Some(u) = m.jobs.get_mut(&job) else {
                 continue;
             };
-            if self
-                .fp
-                .charge(ClockOwner::Job(job), dir, bytes, mono, to_mono(depart))
-                .is_err()
-            {
+            let Some(until) = next_hold(u.held[slot], to_mono(depart), mono) else {
+                continue;
+            };
+            if self.fp.hold(ClockOwner::Job(job), dir, until).is_err() {
                 m.errors += 1;
+                continue;
             }
-            match tenants.iter_mut().find(|(x, _, _)| *x == t) {
-                Some((_, b, d)) => {
-                    *b += bytes;
-                    *d = (*d).max(depart);
-                }
-                None => tenants.push((t, bytes, depart)),
-            }
-        }
-        for (t, bytes, depart) in tenants {
-            if self
-                .fp
-                .charge(ClockOwner::Tenant(t), dir, bytes, mono, to_mono(depart))
-                .is_err()
-            {
-                m.errors += 1;
-            }
+            u.held[slot] = until;
         }
     }
 
@@ -510,12 +501,27 @@ impl FastPathIo {
 
 /// How long a job (or tenant) whose limit bound stays on the userspace path after its packets
 /// last found its clock ahead of now ([`FastPathConfig::bound_hold`]). While a limit binds,
-/// the pacer delays the job's packets and charges the clock for them, so every packet finds it
-/// ahead and the job stays with the pacer; a job whose demand fell below its limit is fast
+/// the programs charge the clock for every packet they hand to the pacer as the pacer charges
+/// its own, so packets keep finding it ahead and the job stays with the pacer; a job whose demand fell below its limit is fast
 /// again a second later. Shorter would hand a still-bound TCP flow back to the fast path
 /// during a loss recovery's pause, and its first round trip after would leave as a line-rate
 /// burst of the slack's worth.
 pub const BOUND_HOLD: Duration = Duration::from_secs(1);
+
+/// What a pacer hold is rounded up by ([`FastPathIo::charge`]): a job whose packets the pacer
+/// keeps delaying costs at most one map update per grain and direction, and leaves the
+/// userspace path at most this much later than it could.
+pub const HOLD_GRAIN: Duration = Duration::from_millis(1);
+
+/// The hold to write when the pacer's last departure of a job is `depart` and `written` was
+/// written before (`CLOCK_MONOTONIC`, now `now`): none when the packet leaves now or the
+/// written hold covers it already, else `depart` rounded up by [`HOLD_GRAIN`].
+pub fn next_hold(written: Duration, depart: Duration, now: Duration) -> Option<Duration> {
+    if depart <= now || depart <= written {
+        return None;
+    }
+    Some(depart.saturating_add(HOLD_GRAIN))
+}
 
 /// Converts a `CLOCK_MONOTONIC` time of the programs to the engine's clock, given both clocks
 /// read now.
@@ -549,6 +555,30 @@ mod tests {
             engine_now,
         );
         assert_eq!(t, engine_now);
+    }
+
+    #[test]
+    fn a_pacer_hold_is_written_only_when_it_reaches_beyond_the_last_one_and_rounded_up() {
+        let ms = Duration::from_millis;
+        let now = ms(1_000);
+        // Leaves now or in the past: the pacer holds nothing.
+        assert_eq!(next_hold(Duration::ZERO, now, now), None);
+        assert_eq!(next_hold(Duration::ZERO, ms(999), now), None);
+        // Held 5 ms: written with a grain's margin.
+        let h = next_hold(Duration::ZERO, ms(1_005), now).unwrap();
+        assert_eq!(h, ms(1_005) + HOLD_GRAIN);
+        // A pacer that keeps delaying the job at 1 Gbit/s (one 1,444-byte packet every
+        // 11.5 us, each 5 ms out) for one second: at most one write per grain.
+        let (mut written, mut writes) = (h, 0);
+        for i in 0..87_000u64 {
+            let now = now + Duration::from_nanos(i * 11_552);
+            if let Some(w) = next_hold(written, now + ms(5), now) {
+                assert!(w > written);
+                written = w;
+                writes += 1;
+            }
+        }
+        assert!((900..=1_001).contains(&writes), "{writes}");
     }
 
     #[test]

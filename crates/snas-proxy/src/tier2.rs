@@ -1115,8 +1115,9 @@ impl Tier2 {
     /// that nothing new is handed over), the flow is IPv4 TCP or UDP, established (TCP
     /// handshake answered, no FIN or RST; UDP answered), and `client_payload`: the flow's first
     /// client payload has passed through the engine (the packet being forwarded carries it),
-    /// and the job's limits are at least [`offload::MIN_FAST_RATE_BPS`] both ways (below, the
-    /// userspace pacer, which can delay packets, keeps the job). An eligible flow is then
+    /// and the job's limits are above [`offload::MIN_FAST_RATE_BPS`] both ways (at or below,
+    /// the userspace pacer, which can delay packets, keeps the job: a limit that binds is met
+    /// there and not on the fast path). An eligible flow is then
     /// installed once it has carried the offload threshold's packets through the engine after
     /// its first client payload ([`Tier2::set_offload_min_packets`]).
     /// A check that must see more of a flow in userspace adds its condition here: a flow it

@@ -59,8 +59,9 @@ require_name = true
 cidr = "198.51.100.128/25"
 ports = "443"
 [limits]
-egress_bps = "1Gbit"
-ingress_bps = "1Gbit"
+# Above 1 Gbit/s: jobs limited at or below it are never offloaded (offload::MIN_FAST_RATE_BPS).
+egress_bps = "2Gbit"
+ingress_bps = "2Gbit"
 max_connections = 5000
 max_ports_per_destination = 4000
 new_connections_per_sec = 100000

@@ -5,7 +5,15 @@
  * Userspace (the tier-2 engine) owns every entry: it installs a flow once it is established
  * and its first client payload went through userspace, and removes it when the flow leaves
  * that state (FIN/RST seen, expiry, job end) — before the flow's NAT port can be reused. The
- * programs only read entries, count into them, and charge the pacing clocks.
+ * programs only read entries, count into them, and run the pacing clocks.
+ *
+ * Each field of a clock has one writer: userspace creates a clock and sets its rate (a new
+ * rate rewrites the whole value); from then on only the programs move its time, and they
+ * charge every packet of a fast flow they see — the ones they send and the ones they hand to
+ * the userspace pacer — so the clock follows the pacer's without userspace writing it (a
+ * read-modify-write from userspace lost the programs' charges and binds in between, and cost
+ * four system calls per batch). What the pacer still holds is userspace's to say, in its own
+ * map (snas_fp_holds).
  *
  * Layouts are explicit (every padding byte is a named field): the Rust side writes the
  * generated types byte for byte. */
@@ -13,6 +21,9 @@
 #define SNAS_FASTPATH_H
 
 #include "common.h"
+
+/* One load of a field the other CPU may be changing (the compiler neither repeats nor tears it). */
+#define FP_READ_ONCE(x) (*(volatile __typeof__(x) *)&(x))
 
 /* Forward key: what a decapsulated packet from a node carries (inner IPv4 + the option's job). */
 struct fp_fwd_key {
@@ -76,11 +87,14 @@ struct fp_clock_key {
 #define FP_RATE_BLOCKED 2
 
 struct fp_clock {
-	__u64 next_ns;		/* earliest departure of the next packet (start-time EDT) */
+	/* Earliest departure of the next packet (start-time EDT), charged by the programs alone
+	 * (fp_clock_charge, atomic). */
+	__u64 next_ns;
 	__u64 rate_bps;		/* bits per second when FP_RATE_LIMITED (never 0 then) */
-	/* Latest departure of a packet of this job the userspace pacer holds: until then a
-	 * packet must not leave fast, or it would overtake that one (TCP takes reordering for
-	 * loss: measured, an upload under a 20 Mbit/s limit fell to 2 Mbit/s). */
+	/* Hand-off hold (fp_clock_hold): a packet just diverted to the pacer has not reached it
+	 * yet; until then none of its job's may leave fast, or it would overtake that one (TCP
+	 * takes reordering for loss: measured, an upload under a 20 Mbit/s limit fell to
+	 * 2 Mbit/s). What the pacer holds after that is in snas_fp_holds. */
 	__u64 slow_until_ns;
 	__u32 mode;		/* FP_RATE_* */
 	__u32 _pad;
@@ -135,6 +149,17 @@ struct {
 	__type(value, struct fp_clock);
 } snas_fp_clocks SEC(".maps");
 
+/* Written by userspace alone (blind updates, no read-modify-write): the latest departure
+ * (bpf_ktime_get_ns) of a packet of the key's owner that the userspace pacer holds. Until then
+ * no packet of the owner leaves fast, or it would overtake that one. Removed with the clock. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct fp_clock_key);
+	__type(value, __u64);
+} snas_fp_holds SEC(".maps");
+
 /* Trusted nodes (network order address -> 1). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -180,16 +205,17 @@ static __always_inline void fp_count(struct fp_counts *c, __u64 bytes, __u64 now
 }
 
 /* Whether a clock lets a packet go now: not bound (see fp_clock_bind), at most
- * cfg_fp_slack_ns ahead, and nothing of its owner still waiting in the userspace pacer. */
-static __always_inline int fp_clock_ok(const struct fp_clock *c, __u64 now)
+ * cfg_fp_slack_ns ahead, and nothing of its owner still on its way to or waiting in the
+ * userspace pacer (hold: the snas_fp_holds entry, 0 when none). */
+static __always_inline int fp_clock_ok(const struct fp_clock *c, __u64 hold, __u64 now)
 {
 	if (!c || c->mode == FP_RATE_BLOCKED)
 		return 0;
-	if (c->slow_until_ns > now || c->bound_until_ns > now)
+	if (c->slow_until_ns > now || hold > now || c->bound_until_ns > now)
 		return 0;
 	if (c->mode == FP_RATE_UNLIMITED)
 		return 1;
-	return c->next_ns <= now + cfg_fp_slack_ns;
+	return FP_READ_ONCE(c->next_ns) <= now + cfg_fp_slack_ns;
 }
 
 /* Hysteresis of a limited clock, at each packet that meets it: the clock binds when a packet
@@ -201,7 +227,9 @@ static __always_inline void fp_clock_bind(struct fp_clock *c, __u64 now)
 {
 	if (!c || c->mode != FP_RATE_LIMITED)
 		return;
-	if (c->next_ns > now + cfg_fp_slack_ns || (c->bound_until_ns > now && c->next_ns > now))
+	__u64 next = FP_READ_ONCE(c->next_ns);
+
+	if (next > now + cfg_fp_slack_ns || (c->bound_until_ns > now && next > now))
 		c->bound_until_ns = now + cfg_fp_bound_hold_ns;
 }
 
@@ -216,17 +244,37 @@ static __always_inline void fp_clock_hold(struct fp_clock *c, __u64 now)
 		c->slow_until_ns = now + FP_HANDOFF_NS;
 }
 
-/* Start-time EDT, as the userspace pacer: next = max(now, next) + bytes * 8 / rate. Two CPUs
- * racing here can lose one charge; the pacer's tests bound rates, this bounds only which path
- * a packet takes. */
-static __always_inline void fp_clock_charge(struct fp_clock *c, __u64 bytes, __u64 now)
-{
-	__u64 start;
+/* The userspace pacer's horizon for a rate: the slack (the daemon passes the pacing horizon),
+ * but never less than one 64 KiB super-packet takes at the rate (pacer.rs, BURST_BYTES). */
+#define FP_BURST_BYTES 65536ULL
 
-	if (c->mode != FP_RATE_LIMITED || !c->rate_bps)
+/* Start-time EDT, as the userspace pacer: next = max(now, next) + bytes * 8 / rate, with a
+ * compare-and-swap so that the two CPUs' charges all count. Every packet of a fast flow is
+ * charged, whichever way it goes (`diverted`: to the pacer), so the clock runs as the pacer's
+ * does; a diverted packet whose start lies beyond the pacer's horizon is one the pacer drops
+ * without moving its clocks, and moves none here either. A few lost races in a row leave one
+ * packet uncharged rather than loop. */
+static __always_inline void fp_clock_charge(struct fp_clock *c, __u64 bytes, __u64 now,
+					    int diverted)
+{
+	__u64 old, start, cost, horizon, burst;
+	int i;
+
+	if (!c || c->mode != FP_RATE_LIMITED || !c->rate_bps)
 		return;
-	start = c->next_ns > now ? c->next_ns : now;
-	c->next_ns = start + bytes * 8ULL * NSEC_PER_SEC / c->rate_bps;
+	cost = bytes * 8ULL * NSEC_PER_SEC / c->rate_bps;
+	horizon = cfg_fp_slack_ns;
+	burst = FP_BURST_BYTES * 8ULL * NSEC_PER_SEC / c->rate_bps;
+	if (burst > horizon)
+		horizon = burst;
+	for (i = 0; i < 4; i++) {
+		old = FP_READ_ONCE(c->next_ns);
+		start = old > now ? old : now;
+		if (diverted && start - now > horizon)
+			return;
+		if (__sync_val_compare_and_swap(&c->next_ns, old, start + cost) == old)
+			return;
+	}
 }
 
 #endif
