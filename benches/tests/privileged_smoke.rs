@@ -58,6 +58,7 @@ fn quick_run_measures_every_path_and_writes_every_file() {
         "tcp_crr",
         "first_payload",
         "bulk",
+        "ipv6",
         "proxy_pps",
         "edt_accuracy",
         "fairness",
@@ -68,7 +69,7 @@ fn quick_run_measures_every_path_and_writes_every_file() {
     ] {
         assert!(ids.contains(&id), "{id} missing from {ids:?}");
     }
-    assert_eq!(ids.len(), 15, "{ids:?}");
+    assert_eq!(ids.len(), 16, "{ids:?}");
     for s in &report.scenarios {
         assert!(
             out.path().join(format!("{}.json", s.id)).is_file(),
