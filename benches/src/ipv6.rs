@@ -23,7 +23,7 @@ use serde_json::json;
 
 use crate::client::{ClientResult, Workload};
 use crate::paths::{PathError, PathKind, Paths};
-use crate::results::{ScenarioResult, Table};
+use crate::results::{BarChart, BarSeries, BarValue, ScenarioResult, Table};
 use crate::scenarios::Plan;
 use crate::stats::median;
 use snas_testbed::netns::ip;
@@ -280,6 +280,36 @@ pub fn ipv6(paths: &Paths, plan: &Plan) -> ScenarioResult {
             ]);
         }
     }
+    // One chart per measure: a group per path, IPv4 and IPv6 side by side.
+    let bar = |xs: &[f64]| {
+        median(xs)
+            .zip(crate::stats::min_max(xs))
+            .map(|(m, (lo, hi))| BarValue::spread(m, lo, hi))
+    };
+    let charts: Vec<BarChart> = variants
+        .iter()
+        .map(|v| BarChart {
+            title: v.name.into(),
+            y_label: if v.name.starts_with("TCP_RR") {
+                "µs".into()
+            } else {
+                "Mbit/s".into()
+            },
+            categories: chosen.iter().map(|p| p.label().into()).collect(),
+            series: [4u8, 6]
+                .iter()
+                .map(|&fam| BarSeries {
+                    name: format!("IPv{fam}"),
+                    values: chosen
+                        .iter()
+                        .map(|&p| bar(&values(&(v.name, p, fam))))
+                        .collect(),
+                })
+                .collect(),
+            reference_lines: Vec::new(),
+            log_y: false,
+        })
+        .collect();
     let errors: Vec<String> = samples
         .iter()
         .flat_map(|((name, p, fam), v)| {
@@ -316,7 +346,7 @@ pub fn ipv6(paths: &Paths, plan: &Plan) -> ScenarioResult {
             plan.reps
         ),
         table,
-        charts: Vec::new(),
+        charts,
         goals: Vec::new(),
         notes,
         raw: serde_json::Value::Object(raw),
