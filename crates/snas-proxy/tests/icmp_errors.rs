@@ -3,25 +3,19 @@
 //! errors quoting no flow, error floods. Pure: a manual clock, no sockets.
 #![allow(clippy::unwrap_used)]
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::{Duration, SystemTime};
+use std::net::{IpAddr, SocketAddr};
+use std::ops::{Deref, DerefMut};
+use std::time::Duration;
 
-use snas_policy::authoring::parse_policy;
-use snas_policy::bundle::TrustBundle;
-use snas_policy::jws::{sign, verify};
-use snas_policy::keys::PolicyKey;
-use snas_proxy::clock::Nanos;
-use snas_proxy::tier2::{
-    JobPolicy, Now, StaticPolicies, Tier2, Tier2Config, Verdict, GENEVE_HEADER_LEN,
-    ICMP_ERRORS_PER_SEC,
-};
+use snas_proxy::tier2::{Tier2Config, Verdict, ICMP_ERRORS_PER_SEC};
 use snas_wire::build::{tcp, udp, TcpSpec, UdpSpec};
 use snas_wire::checksum;
-use snas_wire::geneve::{parse_payload, write_geneve_header, InnerProto, SnasOption};
+use snas_wire::geneve::{parse_payload, InnerProto, SnasOption};
 use snas_wire::{IpPacket, Reason, TcpFlags, Transport};
 
-const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
-const PROXY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
+mod engine;
+use engine::{Engine, NODE, PROXY};
+
 const EGRESS: &str = "198.51.100.1";
 const EGRESS6: &str = "2001:db8:e::1";
 const SANDBOX: &str = "10.255.0.2";
@@ -31,7 +25,6 @@ const SERVER6: &str = "2001:db8:10::10";
 /// A router on the narrow path (it sends the errors).
 const ROUTER: &str = "203.0.113.254";
 const ROUTER6: &str = "2001:db8:10::fe";
-const T0: u64 = 1_800_000_000;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -61,47 +54,33 @@ new_connections_per_sec = 10000
 new_connections_burst = 10000
 "#;
 
-struct Fixture {
-    policies: StaticPolicies,
-    tier2: Tier2,
-    mono: Nanos,
+/// Two jobs of tenant acme on an engine with an IPv4 and an IPv6 egress address.
+struct Fixture(Engine);
+
+impl Deref for Fixture {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        &self.0
+    }
 }
 
-fn job_policy(jti: &str) -> JobPolicy {
-    let key = PolicyKey::from_seed("test-key", [7; 32]).unwrap();
-    let bundle = TrustBundle::from_keys([("test-key", key.public_pem().unwrap())]).unwrap();
-    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(T0);
-    let draft = parse_policy(POLICY).unwrap();
-    let token = sign(&draft.to_claims(jti, snas_wire::PolicySerial(1), now), &key).unwrap();
-    JobPolicy::from_verified(&verify(&token, &bundle, now).unwrap(), &[])
+impl DerefMut for Fixture {
+    fn deref_mut(&mut self) -> &mut Engine {
+        &mut self.0
+    }
 }
 
 fn option(jti: &str) -> SnasOption {
-    SnasOption {
-        tenant_id: snas_policy::identity::tenant_id("acme"),
-        job_key: snas_policy::identity::job_key(jti),
-        policy_serial: snas_wire::PolicySerial(1),
-    }
+    engine::option(jti, 1)
 }
 
 impl Fixture {
     fn new() -> Fixture {
-        let mut policies = StaticPolicies::default();
-        policies.insert(job_policy("jti-job-a-0000001"));
-        policies.insert(job_policy("jti-job-b-0000001"));
         let cfg = Tier2Config::new(PROXY, vec![NODE], vec![ip(EGRESS), ip(EGRESS6)]);
-        Fixture {
-            policies,
-            tier2: Tier2::new(cfg, Nanos::ZERO).unwrap(),
-            mono: Nanos::from_nanos(1_000_000_000),
-        }
-    }
-
-    fn now(&self) -> Now {
-        Now {
-            mono: self.mono,
-            unix_secs: T0 + self.mono.as_nanos() / 1_000_000_000,
-        }
+        let mut e = Engine::new(cfg);
+        e.hold_policy(POLICY, "jti-job-a-0000001", 1);
+        e.hold_policy(POLICY, "jti-job-b-0000001", 1);
+        Fixture(e)
     }
 
     /// Sends the job's `inner` packet from its node; returns the SNATed packet.
@@ -116,33 +95,19 @@ impl Fixture {
         } else {
             InnerProto::Ipv4
         };
-        let mut payload = vec![0u8; GENEVE_HEADER_LEN + inner.len()];
-        write_geneve_header(&mut payload, &option(jti), proto).unwrap();
-        payload[GENEVE_HEADER_LEN..].copy_from_slice(inner);
-        let mut refusal = vec![0u8; 2048];
-        let now = self.now();
-        let v = self
-            .tier2
-            .from_node(&self.policies, NODE, &mut payload, &mut refusal, now);
+        let r = self.packet_from_node_proto(NODE, &option(jti), proto, inner);
         let Verdict::ToInternet {
             range, path_mtu, ..
-        } = v
+        } = r.verdict
         else {
-            panic!("expected ToInternet, got {v:?}")
+            panic!("expected ToInternet, got {:?}", r.verdict)
         };
-        (payload[range].to_vec(), path_mtu)
+        (r.payload[range].to_vec(), path_mtu)
     }
 
     /// Hands a packet from the internet to the engine.
     fn receive(&mut self, inner: &[u8]) -> (Verdict, Vec<u8>) {
-        let mut buf = vec![0u8; GENEVE_HEADER_LEN + inner.len()];
-        buf[GENEVE_HEADER_LEN..].copy_from_slice(inner);
-        let n = buf.len();
-        let now = self.now();
-        let v = self
-            .tier2
-            .from_internet(&mut buf, GENEVE_HEADER_LEN..n, now);
-        (v, buf)
+        self.packet_from_internet(inner)
     }
 
     /// The inner packet of a `ToNode` verdict, checked to be for NODE with the job's option.
@@ -416,10 +381,11 @@ fn errors_quoting_no_live_flow_are_dropped_as_no_conntrack() {
 fn errors_of_an_ended_flow_are_dropped_as_no_conntrack() {
     let mut f = Fixture::new();
     let out = f.egress(JOB_A, &syn(SANDBOX, 40000, SERVER, &[]));
+    let now = f.now();
     f.tier2.remove_job(
         option(JOB_A).job_key,
         snas_proxy::tier2::FlowEnd::JobEnded,
-        f.now(),
+        now,
     );
     let (v, _) = f.receive(&icmp_error(ROUTER, 3, 4, [0, 0, 5, 0], &out));
     assert_eq!(v, Verdict::Drop(Reason::NoConntrack));

@@ -4,29 +4,23 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::{Duration, SystemTime};
+use std::ops::{Deref, DerefMut};
+use std::time::Duration;
 
-use snas_policy::authoring::parse_policy;
-use snas_policy::bundle::TrustBundle;
-use snas_policy::jws::{sign, verify};
-use snas_policy::keys::PolicyKey;
-use snas_proxy::clock::Nanos;
 use snas_proxy::hold::HeldPacket;
 use snas_proxy::names::quic::build::{client_initial, crypto_frame};
 use snas_proxy::names::quic::V1;
 use snas_proxy::names::tls::build::{client_hello_message, records};
 use snas_proxy::tier2::{
-    AuditEvent, FlowEnd, JobPolicy, NameMismatchRecord, Now, StaticPolicies, Tier2, Tier2Config,
-    Verdict, GENEVE_HEADER_LEN,
+    AuditEvent, FlowEnd, NameMismatchRecord, Tier2Config, Verdict, GENEVE_HEADER_LEN,
 };
 use snas_wire::build::{tcp, udp, TcpSpec, UdpSpec};
-use snas_wire::geneve::{write_geneve_header, InnerProto, SnasOption};
+use snas_wire::geneve::SnasOption;
 use snas_wire::{IpPacket, Reason, TcpFlags, Transport};
 
-const NODE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
-const PROXY: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 100);
-const EGRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1));
-const SANDBOX: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 255, 0, 2));
+mod engine;
+use engine::{Engine, EGRESS, NODE, PROXY, SANDBOX};
+
 /// api.example.com (allowed, bound).
 const API: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10));
 /// www.example.com (allowed, bound to this other address).
@@ -37,7 +31,6 @@ const RAW: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 30));
 const STRICT: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 40));
 /// Inside the cidr rule.
 const DB: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 200));
-const T0: u64 = 1_800_000_000;
 const ISN: u32 = 1000;
 const JTI: &str = "jti-names-0000001";
 
@@ -68,10 +61,21 @@ new_connections_per_sec = 100000
 new_connections_burst = 100000
 "#;
 
-struct Fixture {
-    policies: StaticPolicies,
-    tier2: Tier2,
-    mono: Nanos,
+/// The job of [`POLICY`] (tenant acme) whose DNS bound the four names, on an engine from
+/// `tests/engine`.
+struct Fixture(Engine);
+
+impl Deref for Fixture {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        &self.0
+    }
+}
+
+impl DerefMut for Fixture {
+    fn deref_mut(&mut self) -> &mut Engine {
+        &mut self.0
+    }
 }
 
 impl Fixture {
@@ -80,60 +84,30 @@ impl Fixture {
     }
 
     fn with(cfg: Tier2Config) -> Fixture {
-        let key = PolicyKey::from_seed("k", [9; 32]).unwrap();
-        let bundle = TrustBundle::from_keys([("k", key.public_pem().unwrap())]).unwrap();
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(T0);
-        let draft = parse_policy(POLICY).unwrap();
-        let token = sign(&draft.to_claims(JTI, snas_wire::PolicySerial(1), now), &key).unwrap();
-        let mut policies = StaticPolicies::default();
-        policies.insert(JobPolicy::from_verified(
-            &verify(&token, &bundle, now).unwrap(),
-            &[],
-        ));
-        let mut f = Fixture {
-            policies,
-            tier2: Tier2::new(cfg, Nanos::ZERO).unwrap(),
-            mono: Nanos::from_nanos(1_000_000_000),
-        };
-        let job = f.option().job_key;
-        let exp = f.mono.saturating_add(Duration::from_secs(3600));
+        let mut e = Engine::new(cfg);
+        e.hold_policy(POLICY, JTI, 1);
+        let job = snas_policy::identity::job_key(JTI);
+        let exp = e.mono.saturating_add(Duration::from_secs(3600));
         for (ip, name) in [
             (API, "api.example.com"),
             (WWW, "www.example.com"),
             (RAW, "raw.example.com"),
             (STRICT, "strict.example.com"),
         ] {
-            f.tier2.bindings_mut().bind(job, ip, name, exp);
+            e.tier2.bindings_mut().bind(job, ip, name, exp);
         }
-        f
-    }
-
-    fn now(&self) -> Now {
-        Now {
-            mono: self.mono,
-            unix_secs: T0 + self.mono.as_nanos() / 1_000_000_000,
-        }
+        Fixture(e)
     }
 
     fn option(&self) -> SnasOption {
-        SnasOption {
-            tenant_id: snas_policy::identity::tenant_id("acme"),
-            job_key: snas_policy::identity::job_key(JTI),
-            policy_serial: snas_wire::PolicySerial(1),
-        }
+        engine::option(JTI, 1)
     }
 
     /// Sends `inner` from the job; returns the verdict, the (NATed) payload and the refusal.
     fn send(&mut self, inner: &[u8]) -> (Verdict, Vec<u8>, Vec<u8>) {
-        let mut payload = vec![0u8; GENEVE_HEADER_LEN + inner.len()];
-        write_geneve_header(&mut payload, &self.option(), InnerProto::Ipv4).unwrap();
-        payload[GENEVE_HEADER_LEN..].copy_from_slice(inner);
-        let mut refusal = vec![0u8; 2048];
-        let now = self.now();
-        let v = self
-            .tier2
-            .from_node(&self.policies, NODE, &mut payload, &mut refusal, now);
-        (v, payload, refusal)
+        let opt = self.option();
+        let r = self.packet_from_node(NODE, &opt, inner);
+        (r.verdict, r.payload, r.refusal)
     }
 
     /// Runs every released packet through the engine again, as the daemon does; returns the
@@ -141,15 +115,16 @@ impl Fixture {
     fn release(&mut self) -> (Vec<Vec<u8>>, Vec<Verdict>) {
         let mut out = Vec::new();
         let mut other = Vec::new();
-        while self.tier2.has_released() {
+        let e = &mut self.0;
+        while e.tier2.has_released() {
             let mut held: Vec<HeldPacket> = Vec::new();
-            self.tier2.take_released(&mut held, 64);
+            e.tier2.take_released(&mut held, 64);
             for mut h in held {
                 let mut refusal = vec![0u8; 2048];
-                let now = self.now();
-                match self
+                let now = e.now();
+                match e
                     .tier2
-                    .from_node_released(&self.policies, &mut h, &mut refusal, now)
+                    .from_node_released(&e.policies, &mut h, &mut refusal, now)
                 {
                     Verdict::ToInternet { range, .. } => out.push(h.payload[range].to_vec()),
                     v => other.push(v),
@@ -157,12 +132,6 @@ impl Fixture {
             }
         }
         (out, other)
-    }
-
-    fn tick(&mut self, d: Duration) {
-        self.mono = self.mono.saturating_add(d);
-        let now = self.now();
-        self.tier2.tick(&self.policies, now);
     }
 
     fn mismatches(&mut self) -> Vec<NameMismatchRecord> {
@@ -190,12 +159,7 @@ impl Fixture {
 
     /// A segment from the internet to the flow's SNAT port.
     fn receive(&mut self, inner: &[u8]) -> Verdict {
-        let mut buf = vec![0u8; GENEVE_HEADER_LEN + inner.len()];
-        buf[GENEVE_HEADER_LEN..].copy_from_slice(inner);
-        let n = buf.len();
-        let now = self.now();
-        self.tier2
-            .from_internet(&mut buf, GENEVE_HEADER_LEN..n, now)
+        self.packet_from_internet(inner).0
     }
 }
 
