@@ -53,38 +53,21 @@ except OSError as e:
     print(type(e).__name__, flush=True)
 "#;
 
-/// Connects to each `host:port` with a 1 s timeout; prints `ok` or the error name per target.
-const PY_TRY: &str = r#"
-import errno, socket, sys
-for target in sys.argv[1:]:
-    host, port = target.rsplit(":", 1)
-    s = socket.socket(); s.settimeout(1)
-    try:
-        s.connect((host, int(port)))
-        print("ok")
-    except socket.timeout:
-        print("timeout")
-    except OSError as e:
-        print(errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__)
-    finally:
-        s.close()
-"#;
-
-fn try_connect(job: &Job, target: &str) -> String {
-    job.python(PY_TRY, &[target]).trim().to_owned()
-}
-
 const BOTH: &str = "[[egress]]\nhost = \"api.example.com:7\"\nnames = \"off\"\n[[egress]]\nhost = \"bulk.example.com:7\"\nnames = \"off\"\n";
 
 /// The next policy of `old_token`'s job (same `jti`, serial + 1) with `body` as its rules.
-fn sign_update(tb: &snas_testbed::Testbed, old_token: &str, old_toml: &str, body: &str) -> String {
-    let old = snas_policy::jws::decode_unverified(old_token).unwrap();
+fn sign_update_with(
+    tb: &snas_testbed::Testbed,
+    old_token: &str,
+    old_toml: &str,
+    body: &str,
+) -> String {
     let job_line = old_toml.lines().find(|l| l.starts_with("job = ")).unwrap();
-    let toml = format!("tenant = \"acme\"\n{job_line}\n{body}");
-    let key = tb.signing_key().unwrap().unwrap();
-    let draft = snas_policy::parse_policy(&toml).unwrap();
-    let claims = draft.to_claims(&old.jti, PolicySerial(old.serial.0 + 1), SystemTime::now());
-    snas_policy::sign(&claims, &key).unwrap()
+    sign_update(
+        tb,
+        old_token,
+        &format!("tenant = \"acme\"\n{job_line}\n{body}"),
+    )
 }
 
 /// `snas jobs update` of node 1's job; returns when the CLI has its answer.
@@ -95,17 +78,6 @@ fn jobs_update(tb: &snas_testbed::Testbed, token: &str) {
         .output()
         .unwrap();
     assert!(out.status.success(), "snas jobs update: {out:?}");
-}
-
-/// Established TCP connections of the internet namespace whose local port is `port`.
-fn server_connections(tb: &snas_testbed::Testbed, port: u16) -> usize {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &tb.topology().inet_ns(), "ss", "-Htn"])
-        .args(["state", "established", &format!("( sport = :{port} )")])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "ss: {out:?}");
-    String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
 fn audit_lines(file: &std::path::Path) -> Vec<serde_json::Value> {
@@ -165,7 +137,7 @@ fn an_idle_connection_to_a_destination_an_update_removes_is_reset_at_both_ends_w
     let refetch_before = agent_update_notices(&tb, "refetch");
 
     // The update removes api.example.com. The job does nothing at all from here on.
-    let token2 = sign_update(
+    let token2 = sign_update_with(
         &tb,
         &token1,
         &v1,
@@ -228,7 +200,7 @@ fn an_idle_connection_to_a_destination_an_update_keeps_survives_it() {
     let notices_before = proxy_metrics(&tb, 1)["snas_proxy_job_update_notices_total"];
 
     // The update removes bulk.example.com and keeps api.example.com.
-    let token2 = sign_update(
+    let token2 = sign_update_with(
         &tb,
         &token1,
         &v1,

@@ -13,36 +13,6 @@ use e2e_support::*;
 use snas_policy::revocation::{sign_revocation, RevocationClaims};
 use snas_wire::PolicySerial;
 
-/// Connects to each `host:port` with a 1 s timeout; prints `ok` or the error name per target.
-const PY_TRY: &str = r#"
-import errno, socket, sys
-for target in sys.argv[1:]:
-    host, port = target.rsplit(":", 1)
-    s = socket.socket(); s.settimeout(1)
-    try:
-        s.connect((host, int(port)))
-        print("ok")
-    except socket.timeout:
-        print("timeout")
-    except OSError as e:
-        print(errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__)
-    finally:
-        s.close()
-"#;
-
-fn try_connect(job: &Job, target: &str) -> String {
-    job.python(PY_TRY, &[target]).trim().to_owned()
-}
-
-/// The next policy of `old_token`'s job (same `jti`, serial + 1) with `body` as its rules.
-fn sign_update(tb: &snas_testbed::Testbed, old_token: &str, toml: &str) -> String {
-    let old = snas_policy::jws::decode_unverified(old_token).unwrap();
-    let key = tb.signing_key().unwrap().unwrap();
-    let draft = snas_policy::parse_policy(toml).unwrap();
-    let claims = draft.to_claims(&old.jti, PolicySerial(old.serial.0 + 1), SystemTime::now());
-    snas_policy::sign(&claims, &key).unwrap()
-}
-
 #[test]
 fn a_running_job_follows_a_live_update_and_refuses_an_old_serial() {
     let _s = serial();

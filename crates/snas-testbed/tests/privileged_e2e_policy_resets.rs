@@ -17,23 +17,6 @@ use snas_policy::keys::PolicyKey;
 use snas_policy::revocation::{sign_revocation, RevocationClaims};
 use snas_wire::PolicySerial;
 
-/// Connects to each `host:port` with a 1 s timeout; prints `ok` or the error name per target.
-const PY_TRY: &str = r#"
-import errno, socket, sys
-for target in sys.argv[1:]:
-    host, port = target.rsplit(":", 1)
-    s = socket.socket(); s.settimeout(1)
-    try:
-        s.connect((host, int(port)))
-        print("ok")
-    except socket.timeout:
-        print("timeout")
-    except OSError as e:
-        print(errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__)
-    finally:
-        s.close()
-"#;
-
 /// Opens a connection to the echo service of `host`, checks one round trip, prints `ready`,
 /// then waits (10 s at most) for what the connection does: `reset`, `eof` or `timeout`.
 /// After `go` on stdin, connects to `host:port` every 50 ms (300 ms timeout each) until an
@@ -70,30 +53,6 @@ except ConnectionResetError:
 except socket.timeout:
     print("timeout", flush=True)
 "#;
-
-fn try_connect(job: &Job, target: &str) -> String {
-    job.python(PY_TRY, &[target]).trim().to_owned()
-}
-
-/// The next policy of `old_token`'s job (same `jti`, serial + 1) with `toml` as its rules.
-fn sign_update(tb: &snas_testbed::Testbed, old_token: &str, toml: &str) -> String {
-    let old = snas_policy::jws::decode_unverified(old_token).unwrap();
-    let key = tb.signing_key().unwrap().unwrap();
-    let draft = snas_policy::parse_policy(toml).unwrap();
-    let claims = draft.to_claims(&old.jti, PolicySerial(old.serial.0 + 1), SystemTime::now());
-    snas_policy::sign(&claims, &key).unwrap()
-}
-
-/// Established TCP connections of the internet namespace whose local port is `port`.
-fn server_connections(tb: &snas_testbed::Testbed, port: u16) -> usize {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &tb.topology().inet_ns(), "ss", "-Htn"])
-        .args(["state", "established", &format!("( sport = :{port} )")])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "ss: {out:?}");
-    String::from_utf8_lossy(&out.stdout).lines().count()
-}
 
 fn audit_has(file: &std::path::Path, pred: impl Fn(&serde_json::Value) -> bool) -> bool {
     std::fs::read_to_string(file)

@@ -446,3 +446,50 @@ fn v4(ip: std::net::IpAddr) -> std::net::Ipv4Addr {
         std::net::IpAddr::V6(v6) => panic!("jobs have IPv4 addresses, not {v6}"),
     }
 }
+
+/// Connects to each `host:port` with a 1 s timeout; prints `ok` or the error name per target.
+const PY_TRY: &str = r#"
+import errno, socket, sys
+for target in sys.argv[1:]:
+    host, port = target.rsplit(":", 1)
+    s = socket.socket(); s.settimeout(1)
+    try:
+        s.connect((host, int(port)))
+        print("ok")
+    except socket.timeout:
+        print("timeout")
+    except OSError as e:
+        print(errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__)
+    finally:
+        s.close()
+"#;
+
+/// Connects from `job` to `target` (`host:port`) once: `ok`, `timeout` or the error's name.
+pub fn try_connect(job: &Job, target: &str) -> String {
+    job.python(PY_TRY, &[target]).trim().to_owned()
+}
+
+/// The next policy of `old_token`'s job (same `jti`, serial + 1) with `toml` as its policy,
+/// signed with the testbed's key.
+pub fn sign_update(tb: &snas_testbed::Testbed, old_token: &str, toml: &str) -> String {
+    let old = snas_policy::jws::decode_unverified(old_token).unwrap();
+    let key = tb.signing_key().unwrap().unwrap();
+    let draft = snas_policy::parse_policy(toml).unwrap();
+    let claims = draft.to_claims(
+        &old.jti,
+        snas_wire::PolicySerial(old.serial.0 + 1),
+        std::time::SystemTime::now(),
+    );
+    snas_policy::sign(&claims, &key).unwrap()
+}
+
+/// Established TCP connections of the internet namespace whose local port is `port`.
+pub fn server_connections(tb: &snas_testbed::Testbed, port: u16) -> usize {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &tb.topology().inet_ns(), "ss", "-Htn"])
+        .args(["state", "established", &format!("( sport = :{port} )")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ss: {out:?}");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
