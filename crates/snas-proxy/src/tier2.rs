@@ -213,9 +213,9 @@ pub enum Verdict {
         depart: Nanos,
         /// The job it belongs to (the caller bounds what a job may queue).
         job: JobKey,
-        /// The path MTU the internet reported for the destination ([`crate::pmtu`]), when
-        /// smaller than what the proxy would otherwise segment at: a TCP super-packet must
-        /// leave in segments of at most this many bytes.
+        /// The path MTU the internet reported for the destination ([`crate::pmtu`]), if any: a
+        /// TCP super-packet must leave in segments no longer than this (the daemon takes the
+        /// smaller of it and its TUN MTU).
         path_mtu: Option<u16>,
     },
     /// Send `buf[range]` (GENEVE header + inner packet) as a UDP payload to `node`:6081 at

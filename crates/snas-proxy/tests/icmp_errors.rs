@@ -127,6 +127,21 @@ impl Fixture {
     }
 }
 
+/// The SYN the proxy would have sent from egress port `egress_port` to `dst`:443: what an error
+/// from the internet quotes.
+fn quoted_syn(egress_port: u16, dst: &str) -> Vec<u8> {
+    tcp(&TcpSpec {
+        src: SocketAddr::new(ip(EGRESS), egress_port),
+        dst: SocketAddr::new(ip(dst), 443),
+        seq: 1,
+        ack: 0,
+        flags: TcpFlags::SYN,
+        window: 1,
+        payload: &[],
+    })
+    .unwrap()
+}
+
 fn syn(src: &str, sport: u16, dst: &str, payload: &[u8]) -> Vec<u8> {
     tcp(&TcpSpec {
         src: SocketAddr::new(ip(src), sport),
@@ -334,30 +349,12 @@ fn errors_quoting_no_live_flow_are_dropped_as_no_conntrack() {
     let mut forged = 0;
     // Every other egress port, a wrong remote port, a wrong remote address: no flow.
     for port in (1024..=65535u16).filter(|p| *p != egress_port).step_by(7) {
-        let other = tcp(&TcpSpec {
-            src: SocketAddr::new(ip(EGRESS), port),
-            dst: SocketAddr::new(ip(SERVER), 443),
-            seq: 1,
-            ack: 0,
-            flags: TcpFlags::SYN,
-            window: 1,
-            payload: &[],
-        })
-        .unwrap();
+        let other = quoted_syn(port, SERVER);
         let (v, _) = f.receive(&icmp_error(ROUTER, 3, 4, [0, 0, 5, 0], &other));
         assert_eq!(v, Verdict::Drop(Reason::NoConntrack), "port {port}");
         forged += 1;
     }
-    let wrong_remote = tcp(&TcpSpec {
-        src: SocketAddr::new(ip(EGRESS), egress_port),
-        dst: SocketAddr::new(ip("203.0.113.11"), 443),
-        seq: 1,
-        ack: 0,
-        flags: TcpFlags::SYN,
-        window: 1,
-        payload: &[],
-    })
-    .unwrap();
+    let wrong_remote = quoted_syn(egress_port, "203.0.113.11");
     let (v, _) = f.receive(&icmp_error(ROUTER, 3, 4, [0, 0, 5, 0], &wrong_remote));
     assert_eq!(v, Verdict::Drop(Reason::NoConntrack));
     // The real flow's quote, but the error is addressed elsewhere than the quoted source.
@@ -485,16 +482,7 @@ fn only_fragmentation_needed_for_a_live_flow_teaches_a_path_mtu() {
         .flow_tuple()
         .unwrap()
         .src_port;
-    let forged = tcp(&TcpSpec {
-        src: SocketAddr::new(ip(EGRESS), egress_port),
-        dst: SocketAddr::new(ip("203.0.113.12"), 443),
-        seq: 1,
-        ack: 0,
-        flags: TcpFlags::SYN,
-        window: 1,
-        payload: &[],
-    })
-    .unwrap();
+    let forged = quoted_syn(egress_port, "203.0.113.12");
     let (v, _) = f.receive(&icmp_error(ROUTER, 3, 4, [0, 0, 2, 0x28], &forged));
     assert_eq!(v, Verdict::Drop(Reason::NoConntrack));
     let (_, mtu) = f.egress_within(JOB_A, &syn(SANDBOX, 40002, "203.0.113.12", &[]));

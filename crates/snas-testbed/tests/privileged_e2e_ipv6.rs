@@ -66,31 +66,6 @@ print("PEER", s.getpeername()[0])
 print("BODY", data.decode().splitlines()[-1])
 "#;
 
-/// Best of 3 `connect()` to an IPv6 (address, port): the error name and the elapsed ms.
-const PY_REFUSED6: &str = r#"
-import socket, sys, time, errno
-ip, port = sys.argv[1], int(sys.argv[2])
-# getaddrinfo turns a scoped link-local address (fe80::1%eth0) into its 4-tuple.
-sa = socket.getaddrinfo(ip, port, socket.AF_INET6, socket.SOCK_STREAM)[0][4]
-best = None
-for _ in range(3):
-    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    s.settimeout(2.0)
-    t = time.monotonic()
-    try:
-        s.connect(sa)
-        r = "CONNECTED"
-    except socket.timeout:
-        r = "TIMEOUT"
-    except OSError as e:
-        r = errno.errorcode.get(e.errno, str(e.errno))
-    ms = (time.monotonic() - t) * 1000.0
-    s.close()
-    if best is None or ms < best[1]:
-        best = (r, ms)
-print(best[0], "%.3f" % best[1])
-"#;
-
 const V6_RULES: &str = r#"
 [[egress]]
 host = "v6.example.com:80"
@@ -228,31 +203,13 @@ fn a_forbidden_ipv6_destination_is_refused_with_a_reset_not_a_timeout() {
         ("2001:db8::10", 81, "a port no rule allows"),
         ("2001:db8::99", 80, "an address no name is bound to"),
     ] {
-        let out = job.python(PY_REFUSED6, &[ip, &port.to_string()]);
-        let mut it = out.split_whitespace();
-        let r = it.next().unwrap_or_default().to_owned();
-        let ms: f64 = it.next().and_then(|m| m.parse().ok()).unwrap_or(f64::MAX);
-        println!("[{ip}]:{port} ({what}): {r} after {ms:.3} ms");
-        assert!(
-            [
-                "ECONNREFUSED",
-                "ECONNRESET",
-                "EHOSTUNREACH",
-                "ENETUNREACH",
-                "EACCES"
-            ]
-            .contains(&r.as_str()),
-            "[{ip}]:{port} ({what}): expected a refusal, got {r} after {ms:.3} ms"
-        );
+        assert_refused6(&job, ip, port, what);
     }
 }
 
-/// Prints and checks [`PY_REFUSED6`]'s verdict for `[ip]:port` from `job`.
+/// Checks that `[ip]:port` from `job` is refused ([`PY_FAIL_FAST`] over IPv6), and prints how.
 fn assert_refused6(job: &Job, ip: &str, port: u16, what: &str) {
-    let out = job.python(PY_REFUSED6, &[ip, &port.to_string()]);
-    let mut it = out.split_whitespace();
-    let r = it.next().unwrap_or_default().to_owned();
-    let ms: f64 = it.next().and_then(|m| m.parse().ok()).unwrap_or(f64::MAX);
+    let (r, ms) = fail_fast_over(job, ip, port, 6);
     println!("[{ip}]:{port} ({what}): {r} after {ms:.3} ms");
     assert!(
         [
@@ -276,11 +233,8 @@ fn the_widest_ipv6_policy_reaches_the_internet_but_no_ipv6_infrastructure() {
         &tb,
         "[[egress]]\ncidr = \"::/0\"\nports = \"0\"\nprotocol = \"any\"\nallow_private = true\n",
     );
-    let out = job.python(PY_REFUSED6, &["2001:db8::10", "80"]);
-    assert!(
-        out.starts_with("CONNECTED"),
-        "the internet is not reachable: {out}"
-    );
+    let (r, ms) = fail_fast_over(&job, "2001:db8::10", 80, 6);
+    assert_eq!(r, "CONNECTED", "the internet is not reachable ({ms:.3} ms)");
     for (ip, what) in [
         ("2001:db8:e9::101", "proxy 1's IPv6 egress address"),
         ("2001:db8:e9::201", "proxy 2's IPv6 egress address"),
@@ -301,25 +255,16 @@ fn the_widest_ipv6_policy_reaches_the_internet_but_no_ipv6_infrastructure() {
     // the SYN as `spoofed_source` and, as for every spoofed packet, answers nothing (the
     // client times out); see docs/tier1.md.
     let spoofed = tier1_drops(&tb, &job, "spoofed_source");
-    let out = job.python(PY_REFUSED6, &["fe80::1%eth0", "80"]);
-    println!("[fe80::1%eth0]:80 (the job's own IPv6 gateway, the node): {out}");
-    assert!(
-        !out.starts_with("CONNECTED"),
-        "the node answered on its link-local gateway: {out}"
+    let (r, ms) = fail_fast_over(&job, "fe80::1%eth0", 80, 6);
+    println!("[fe80::1%eth0]:80 (the job's own IPv6 gateway, the node): {r} after {ms:.3} ms");
+    assert_ne!(
+        r, "CONNECTED",
+        "the node answered on its link-local gateway"
     );
     assert!(
         tier1_drops(&tb, &job, "spoofed_source") > spoofed,
         "the SYN to fe80::1 was not dropped as spoofed_source"
     );
-}
-
-/// The JSON lines of an audit log (missing file: none yet).
-fn audit_lines(path: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
 }
 
 #[test]
@@ -331,8 +276,8 @@ fn audit_lines_carry_the_ipv6_addresses_and_names() {
     let key = job.info().job_key.to_string();
     let (code, body) = job.curl("http://v6.example.com/");
     assert_eq!(code, 0, "curl: {body}");
-    let out = job.python(PY_REFUSED6, &["2001:db8::10", "81"]);
-    assert!(!out.starts_with("CONNECTED"), "{out}");
+    let (r, ms) = fail_fast_over(&job, "2001:db8::10", 81, 6);
+    assert_ne!(r, "CONNECTED", "port 81 is not allowed ({ms:.3} ms)");
 
     let agent = tb.topology().node_dir(1).join("state").join("audit.log");
     let proxies: Vec<_> = (1..=2)

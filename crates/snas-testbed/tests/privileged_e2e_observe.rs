@@ -150,15 +150,6 @@ fn an_unreachable_proxy_is_named_and_fails_the_command() {
     snas(&["jobs", "--prefix", "snasnone0"]).code(2);
 }
 
-/// The JSON lines of an audit log (missing file: none yet).
-fn audit_lines(path: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 #[test]
 fn every_decision_is_an_audit_line_on_the_node_or_the_proxy() {
     let _s = serial();

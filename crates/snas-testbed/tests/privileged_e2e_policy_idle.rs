@@ -19,25 +19,7 @@ use snas_policy::keys::PolicyKey;
 use snas_testbed::daemons::{running_pid, Daemon};
 use snas_wire::PolicySerial;
 
-/// Opens a connection to the echo service of `host`, checks one round trip, prints `ready`,
-/// then sends nothing and waits (10 s at most) for what the connection does: `reset`, `eof`,
-/// `data` or `timeout`.
-const PY_HOLD: &str = r#"
-import socket, sys
-s = socket.create_connection((sys.argv[1], 7), timeout=3)
-s.sendall(b"ping\n")
-assert s.recv(16) == b"ping\n"
-print("ready", flush=True)
-s.settimeout(10)
-try:
-    print("eof" if s.recv(16) == b"" else "data", flush=True)
-except ConnectionResetError:
-    print("reset", flush=True)
-except socket.timeout:
-    print("timeout", flush=True)
-"#;
-
-/// As PY_HOLD up to `ready`; then, after a line on stdin, one more round trip: prints `alive`
+/// As [`PY_IDLE_ECHO`] up to `ready`; then, after a line on stdin, one more round trip: prints `alive`
 /// or the error's name.
 const PY_HOLD_THEN_PING: &str = r#"
 import socket, sys
@@ -80,14 +62,6 @@ fn jobs_update(tb: &snas_testbed::Testbed, token: &str) {
     assert!(out.status.success(), "snas jobs update: {out:?}");
 }
 
-fn audit_lines(file: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(file)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .collect()
-}
-
 /// The agent's `snas_agent_job_update_notices_total{outcome="…"}`.
 fn agent_update_notices(tb: &snas_testbed::Testbed, outcome: &str) -> f64 {
     let text = tb.agent(1).metrics().unwrap();
@@ -118,7 +92,7 @@ fn an_idle_connection_to_a_destination_an_update_removes_is_reset_at_both_ends_w
     let token1 = tb.sign_policy(&v1).unwrap();
     let job = Job::start_token(&tb, 1, &token1);
 
-    let mut hold = job.spawn_python(PY_HOLD, &["api.example.com"]);
+    let mut hold = job.spawn_python(PY_IDLE_ECHO, &["api.example.com"]);
     let (tx, rx) = mpsc::channel();
     let stdout = hold.stdout.take().unwrap();
     std::thread::spawn(move || {

@@ -12,14 +12,6 @@ use std::time::Duration;
 use e2e_support::*;
 use serde_json::Value;
 
-fn audit_lines(path: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
 fn logs(tb: &snas_testbed::Testbed) -> (PathBuf, Vec<PathBuf>) {
     (
         tb.topology().node_dir(1).join("state").join("audit.log"),

@@ -39,27 +39,8 @@ while True:
     time.sleep(0.05)
 "#;
 
-const PY_HOLD: &str = r#"
-import socket, sys
-s = socket.create_connection((sys.argv[1], 7), timeout=3)
-s.sendall(b"ping\n")
-assert s.recv(16) == b"ping\n"
-print("ready", flush=True)
-s.settimeout(10)
-try:
-    print("eof" if s.recv(16) == b"" else "data", flush=True)
-except ConnectionResetError:
-    print("reset", flush=True)
-except socket.timeout:
-    print("timeout", flush=True)
-"#;
-
 fn audit_has(file: &std::path::Path, pred: impl Fn(&serde_json::Value) -> bool) -> bool {
-    std::fs::read_to_string(file)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .any(|v| pred(&v))
+    audit_lines(file).iter().any(pred)
 }
 
 #[test]
@@ -75,7 +56,7 @@ fn a_live_connection_to_a_destination_an_update_removes_is_reset_at_both_ends() 
     let job = Job::start_token(&tb, 1, &token1);
     assert_eq!(server_connections(&tb, 7), 0);
 
-    let mut hold = job.spawn_python(PY_HOLD, &["api.example.com"]);
+    let mut hold = job.spawn_python(PY_IDLE_ECHO, &["api.example.com"]);
     let (tx, rx) = mpsc::channel();
     let stdout = hold.stdout.take().unwrap();
     std::thread::spawn(move || {

@@ -297,18 +297,21 @@ pub fn running(tb: &Testbed, d: Daemon) -> bool {
 }
 
 /// Python: best-of-3 `connect()` to (host, port) with the error name and elapsed ms; prints
-/// `ERRNAME ms` for the fastest attempt. Resolves `host` with getaddrinfo first (the job's DNS).
+/// `ERRNAME ms` for the fastest attempt. Resolves `host` with getaddrinfo first (the job's DNS),
+/// over IPv4, or IPv6 when the third argument is `6`.
 pub const PY_FAIL_FAST: &str = r#"
 import socket, sys, time, errno
 host, port = sys.argv[1], int(sys.argv[2])
-ip = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+fam = socket.AF_INET6 if sys.argv[3:] == ["6"] else socket.AF_INET
+# getaddrinfo also turns a scoped link-local address (fe80::1%eth0) into its 4-tuple.
+sa = socket.getaddrinfo(host, port, fam, socket.SOCK_STREAM)[0][4]
 best = None
 for _ in range(3):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s = socket.socket(fam, socket.SOCK_STREAM)
     s.settimeout(2.0)
     t = time.monotonic()
     try:
-        s.connect((ip, port))
+        s.connect(sa)
         r = "CONNECTED"
     except socket.timeout:
         r = "TIMEOUT"
@@ -321,9 +324,18 @@ for _ in range(3):
 print(best[0], "%.3f" % best[1])
 "#;
 
-/// Runs [`PY_FAIL_FAST`] in the job; (error name, ms).
+/// Runs [`PY_FAIL_FAST`] in the job over IPv4; (error name, ms).
 pub fn fail_fast(job: &Job, host: &str, port: u16) -> (String, f64) {
-    let out = job.python(PY_FAIL_FAST, &[host, &port.to_string()]);
+    fail_fast_over(job, host, port, 4)
+}
+
+/// Runs [`PY_FAIL_FAST`] in the job over IP version `family` (4 or 6); (error name or
+/// `CONNECTED`/`TIMEOUT`, ms).
+pub fn fail_fast_over(job: &Job, host: &str, port: u16, family: u8) -> (String, f64) {
+    let out = job.python(
+        PY_FAIL_FAST,
+        &[host, &port.to_string(), &family.to_string()],
+    );
     let mut it = out.split_whitespace();
     let r = it.next().unwrap_or_default().to_owned();
     let ms = it.next().and_then(|m| m.parse().ok()).unwrap_or(f64::MAX);
@@ -493,3 +505,30 @@ pub fn server_connections(tb: &snas_testbed::Testbed, port: u16) -> usize {
     assert!(out.status.success(), "ss: {out:?}");
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
+
+/// The JSON lines of an audit log (missing file: none yet).
+pub fn audit_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Opens a connection to the echo service of `host`, checks one round trip, prints `ready`,
+/// then sends nothing and waits (10 s at most) for what the connection does: `reset`, `eof`,
+/// `data` or `timeout`.
+pub const PY_IDLE_ECHO: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], 7), timeout=3)
+s.sendall(b"ping\n")
+assert s.recv(16) == b"ping\n"
+print("ready", flush=True)
+s.settimeout(10)
+try:
+    print("eof" if s.recv(16) == b"" else "data", flush=True)
+except ConnectionResetError:
+    print("reset", flush=True)
+except socket.timeout:
+    print("timeout", flush=True)
+"#;
