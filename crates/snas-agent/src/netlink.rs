@@ -259,20 +259,17 @@ impl Rtnl {
         addr: Ipv4Addr,
         prefix_len: u8,
     ) -> Result<(), NetlinkError> {
-        let mut msg = AddressMessage::default();
-        msg.header.family = AddressFamily::Inet;
-        msg.header.prefix_len = prefix_len;
-        msg.header.index = index;
-        msg.attributes = vec![
+        let attributes = vec![
             AddressAttribute::Local(addr.into()),
             AddressAttribute::Address(addr.into()),
         ];
-        self.request(
-            || format!("add address {addr}/{prefix_len} to link #{index}"),
-            RouteNetlinkMessage::NewAddress(msg),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )?;
-        Ok(())
+        self.add_address(
+            AddressFamily::Inet,
+            index,
+            addr.into(),
+            prefix_len,
+            attributes,
+        )
     }
 
     /// Adds the IPv4 default route via `gateway` on interface `index` (main table).
@@ -281,22 +278,12 @@ impl Rtnl {
         gateway: Ipv4Addr,
         index: u32,
     ) -> Result<(), NetlinkError> {
-        let mut msg = RouteMessage::default();
-        msg.header.address_family = AddressFamily::Inet;
-        msg.header.table = RouteHeader::RT_TABLE_MAIN;
-        msg.header.protocol = RouteProtocol::Static;
-        msg.header.scope = RouteScope::Universe;
-        msg.header.kind = RouteType::Unicast;
-        msg.attributes = vec![
-            RouteAttribute::Gateway(RouteAddress::Inet(gateway)),
-            RouteAttribute::Oif(index),
-        ];
-        self.request(
+        self.add_default_route(
+            AddressFamily::Inet,
+            RouteAddress::Inet(gateway),
+            index,
             || format!("add default route via {gateway}"),
-            RouteNetlinkMessage::NewRoute(msg),
-            NLM_F_CREATE | NLM_F_EXCL,
-        )?;
-        Ok(())
+        )
     }
 
     /// Adds `addr/prefix_len` to interface `index` without duplicate address detection
@@ -309,14 +296,34 @@ impl Rtnl {
         addr: Ipv6Addr,
         prefix_len: u8,
     ) -> Result<(), NetlinkError> {
-        let mut msg = AddressMessage::default();
-        msg.header.family = AddressFamily::Inet6;
-        msg.header.prefix_len = prefix_len;
-        msg.header.index = index;
-        msg.attributes = vec![
+        let attributes = vec![
             AddressAttribute::Address(addr.into()),
             AddressAttribute::Flags(AddressFlags::Nodad),
         ];
+        self.add_address(
+            AddressFamily::Inet6,
+            index,
+            addr.into(),
+            prefix_len,
+            attributes,
+        )
+    }
+
+    /// Adds `addr/prefix_len` with `attributes` to interface `index` (the request behind the
+    /// per-family `add_address_*`).
+    fn add_address(
+        &mut self,
+        family: AddressFamily,
+        index: u32,
+        addr: std::net::IpAddr,
+        prefix_len: u8,
+        attributes: Vec<AddressAttribute>,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = family;
+        msg.header.prefix_len = prefix_len;
+        msg.header.index = index;
+        msg.attributes = attributes;
         self.request(
             || format!("add address {addr}/{prefix_len} to link #{index}"),
             RouteNetlinkMessage::NewAddress(msg),
@@ -332,18 +339,32 @@ impl Rtnl {
         gateway: Ipv6Addr,
         index: u32,
     ) -> Result<(), NetlinkError> {
+        self.add_default_route(
+            AddressFamily::Inet6,
+            RouteAddress::Inet6(gateway),
+            index,
+            || format!("add IPv6 default route via {gateway}"),
+        )
+    }
+
+    /// Adds a static default route of `family` via `gateway` on interface `index` (main
+    /// table); `what` names the request in an error.
+    fn add_default_route(
+        &mut self,
+        family: AddressFamily,
+        gateway: RouteAddress,
+        index: u32,
+        what: impl Fn() -> String,
+    ) -> Result<(), NetlinkError> {
         let mut msg = RouteMessage::default();
-        msg.header.address_family = AddressFamily::Inet6;
+        msg.header.address_family = family;
         msg.header.table = RouteHeader::RT_TABLE_MAIN;
         msg.header.protocol = RouteProtocol::Static;
         msg.header.scope = RouteScope::Universe;
         msg.header.kind = RouteType::Unicast;
-        msg.attributes = vec![
-            RouteAttribute::Gateway(RouteAddress::Inet6(gateway)),
-            RouteAttribute::Oif(index),
-        ];
+        msg.attributes = vec![RouteAttribute::Gateway(gateway), RouteAttribute::Oif(index)];
         self.request(
-            || format!("add IPv6 default route via {gateway}"),
+            what,
             RouteNetlinkMessage::NewRoute(msg),
             NLM_F_CREATE | NLM_F_EXCL,
         )?;
