@@ -54,7 +54,7 @@
 use snas_wire::{JobKey, TenantId};
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use hashbrown::HashTable;
@@ -666,7 +666,8 @@ impl Conntrack {
             max_connections: u32::MAX,
             ..limits
         };
-        let lease = match self.nat.allocate(owner, dest, nat_limits, now) {
+        let source = SocketAddr::new(key.src_ip, key.src_port);
+        let lease = match self.nat.allocate(owner, source, dest, nat_limits, now) {
             Allocation::Granted(l) => l,
             Allocation::Refused(r) => return Open::Refused(r),
         };
@@ -881,6 +882,7 @@ impl Conntrack {
             egress_port: f.nat_port,
             egress_index: f.egress,
             dest_id: f.dest,
+            source: SocketAddr::new(f.src_ip, f.src_port),
         };
         self.nat.release(owner, &lease, now);
         self.free.push(index);
@@ -1304,6 +1306,27 @@ mod tests {
         assert!(!c.starts_new_connection(u, syn));
         c.remove(a, secs(3));
         assert!(!c.starts_new_connection(a, syn), "a stale id");
+    }
+
+    #[test]
+    fn a_new_connection_on_a_closed_tuple_keeps_the_egress_port_and_a_new_tuple_does_not() {
+        let mut c = ct();
+        let k = key(L4Proto::Tcp, 40000);
+        let (a, port) = created(c.open(k, TenantId(1), LIMITS, secs(0)));
+        c.observe(a, Direction::Reply, TcpFlags::FIN, 60, secs(1));
+        c.observe(a, Direction::Original, TcpFlags::FIN, 60, secs(1));
+        assert!(c.starts_new_connection(a, TcpFlags::SYN));
+        // What the engine does with such a SYN: the old flow ends, the SYN opens a new one.
+        c.remove(a, secs(2));
+        let (b, again) = created(c.open(k, TenantId(1), LIMITS, secs(2)));
+        assert_ne!(a, b);
+        assert_eq!(
+            again, port,
+            "the remote sees the tuple it would see without NAT"
+        );
+        assert_eq!(c.nat().quarantined(), 0);
+        let (_, fresh) = created(c.open(key(L4Proto::Tcp, 40001), TenantId(1), LIMITS, secs(2)));
+        assert_ne!(fresh, port);
     }
 
     #[test]

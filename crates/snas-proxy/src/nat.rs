@@ -17,6 +17,17 @@
 //! (TIME_WAIT safety: a late segment of the old connection must not reach a new one with the
 //! same tuple). Quarantine is one FIFO (the duration is fixed, so it is ordered by release time).
 //!
+//! **A reopened tuple gets its port back.** When a job opens a new flow from the same source
+//! address and port to the same destination as a flow whose port is still quarantined, that
+//! port is taken out of quarantine and given to the new flow: the job's own TCP/IP stack chose
+//! to reuse the tuple (its TIME_WAIT, if any, is over), and the remote then sees exactly the
+//! tuple it would see without NAT, so its TIME_WAIT rules apply as they would on a direct path
+//! (Linux conntrack reopens a tuple the same way). Quarantine still keeps the port from every
+//! *other* tuple, job and tenant. Without this, a job that loops over short connections to one
+//! server burns a port per connection and is refused with `port_quota` after
+//! [`NatConfig::max_ports_per_job`] connections per quarantine period (about 270 per second),
+//! although its own source ports come round after ~28,000 connections.
+//!
 //! # Checks, in order, for a new flow
 //! 1. job live entries ≥ `JobLimits::max_connections` → [`Reason::ConnectionLimit`]
 //! 2. job held ports (live + quarantined) ≥ [`NatConfig::max_ports_per_job`] → [`Reason::PortQuota`]
@@ -28,7 +39,8 @@
 //! Quarantined ports count against the job's and tenant's port quotas (not against
 //! `max_connections`, which is about live connections): a tenant that churns connections to one
 //! destination holds the ports it burnt until their quarantine ends, so it cannot fill the
-//! destination's ports for everyone else.
+//! destination's ports for everyone else. A reopened tuple (above) takes back a port the job
+//! already holds, so checks 2, 3 and 5 do not apply to it; 1 and 4 (live flows) do.
 //!
 //! Egress IP choice: the job's preferred IP is `job_key mod n` among the pool's IPs of the
 //! destination's family (job keys are SHA-256 derived, so this spreads evenly and keeps a job on
@@ -49,7 +61,7 @@ use snas_wire::{JobKey, TenantId};
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
@@ -153,6 +165,8 @@ pub struct NatLease {
     pub egress_port: u16,
     pub(crate) egress_index: u16,
     pub(crate) dest_id: u32,
+    /// The job's source address and port of the flow (what a reopened tuple is recognised by).
+    pub(crate) source: SocketAddr,
 }
 
 /// Outcome of [`PortAllocator::allocate`].
@@ -439,6 +453,18 @@ struct Quarantined {
     dest: u32,
     egress: u16,
     port: u16,
+    source: SocketAddr,
+    /// Taken back by a reopened tuple: skipped (already live again) when its time comes.
+    reclaimed: bool,
+}
+
+/// A quarantined port's flow as a reopened tuple names it: the job, its source address and
+/// port, the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ReopenKey {
+    job: JobKey,
+    source: SocketAddr,
+    dest: u32,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -467,6 +493,14 @@ pub struct PortAllocator {
     jobs: HashMap<JobKey, Usage>,
     tenants: HashMap<TenantId, Usage>,
     quarantine: VecDeque<Quarantined>,
+    /// Sequence number of `quarantine[0]` (entries are numbered in push order).
+    quarantine_front: u64,
+    /// Entries of `quarantine` taken back by reopened tuples (still in the FIFO).
+    reclaimed: usize,
+    /// The quarantined ports a reopened tuple may take back: key → sequence number in
+    /// `quarantine`. At most one entry per quarantined port (keyed by SipHash with a random
+    /// key: jobs choose their source ports).
+    reopen: HashMap<ReopenKey, u64>,
     /// Counts destination activations, so a destination that goes idle and comes back starts
     /// its cursor somewhere new.
     activations: u64,
@@ -539,6 +573,9 @@ impl PortAllocator {
             jobs: HashMap::new(),
             tenants: HashMap::new(),
             quarantine: VecDeque::new(),
+            quarantine_front: 0,
+            reclaimed: 0,
+            reopen: HashMap::new(),
             activations: 0,
         })
     }
@@ -648,7 +685,7 @@ impl PortAllocator {
 
     /// Ports in quarantine.
     pub fn quarantined(&self) -> usize {
-        self.quarantine.len()
+        self.quarantine.len() - self.reclaimed
     }
 
     /// Is `port` on egress `ip` in use (live or quarantined) for `dest`?
@@ -661,11 +698,13 @@ impl PortAllocator {
             .is_some_and(|p| p.set.contains(port))
     }
 
-    /// Hands out a port for a new flow of `owner` to `dest`, or says why not. Releases due
-    /// quarantine first.
+    /// Hands out a port for a new flow of `owner` from `source` (the job's address and port)
+    /// to `dest`, or says why not. Releases due quarantine first. A tuple the job reopens gets
+    /// back the port it had, if that port is still quarantined (module documentation).
     pub fn allocate(
         &mut self,
         owner: Owner,
+        source: SocketAddr,
         dest: Destination,
         limits: JobLimits,
         now: Nanos,
@@ -674,6 +713,9 @@ impl PortAllocator {
         let job = self.job_usage(owner.job);
         if job.live >= limits.max_connections {
             return Allocation::Refused(Reason::ConnectionLimit);
+        }
+        if let Some(reopened) = self.reopen_quarantined(owner, source, &dest, limits) {
+            return reopened;
         }
         if job.held >= self.cfg.max_ports_per_job {
             return Allocation::Refused(Reason::PortQuota);
@@ -754,7 +796,62 @@ impl PortAllocator {
             egress_port: port,
             egress_index: egress,
             dest_id,
+            source,
         })
+    }
+
+    /// The port a reopened tuple takes back out of quarantine (made live again for `owner`),
+    /// or `None` if the tuple has no quarantined port. Refuses if the job is at its live cap
+    /// for the destination.
+    fn reopen_quarantined(
+        &mut self,
+        owner: Owner,
+        source: SocketAddr,
+        dest: &Destination,
+        limits: JobLimits,
+    ) -> Option<Allocation> {
+        let dest_id = self.dest_id(dest)?;
+        let key = ReopenKey {
+            job: owner.job,
+            source,
+            dest: dest_id,
+        };
+        let seq = *self.reopen.get(&key)?;
+        if self.job_dest_count(owner.job, dest_id) >= limits.max_ports_per_destination {
+            return Some(Allocation::Refused(Reason::DestinationPortCap));
+        }
+        let index = usize::try_from(seq.checked_sub(self.quarantine_front)?).ok()?;
+        let q = self.quarantine.get_mut(index)?;
+        if q.reclaimed || q.job != owner.job || q.dest != dest_id {
+            // Unreachable: the map names only unreclaimed entries of their own key.
+            self.reopen.remove(&key);
+            return None;
+        }
+        q.reclaimed = true;
+        let (egress, port) = (q.egress, q.port);
+        self.reopen.remove(&key);
+        self.reclaimed += 1;
+        let e = &mut self.egress[usize::from(egress)];
+        e.quarantined = e.quarantined.saturating_sub(1);
+        e.live += 1;
+        if let Some(state) = self.dest_mut(dest_id) {
+            state.live += 1;
+        }
+        self.job_dest_inc(owner.job, dest_id);
+        // Held (live + quarantined) is unchanged: the port moves from one to the other.
+        if let Some(j) = self.jobs.get_mut(&owner.job) {
+            j.live += 1;
+        }
+        if let Some(t) = self.tenants.get_mut(&owner.tenant) {
+            t.live += 1;
+        }
+        Some(Allocation::Granted(NatLease {
+            egress_ip: self.cfg.egress_ips[usize::from(egress)],
+            egress_port: port,
+            egress_index: egress,
+            dest_id,
+            source,
+        }))
     }
 
     fn new_dest(&mut self, key: Destination) -> u32 {
@@ -812,6 +909,7 @@ impl PortAllocator {
         if let Some(back) = self.quarantine.back() {
             release_at = release_at.max(back.release_at);
         }
+        let seq = self.quarantine_front + self.quarantine.len() as u64;
         self.quarantine.push_back(Quarantined {
             release_at,
             job: owner.job,
@@ -819,7 +917,17 @@ impl PortAllocator {
             dest: d,
             egress: lease.egress_index,
             port: lease.egress_port,
+            source: lease.source,
+            reclaimed: false,
         });
+        self.reopen.insert(
+            ReopenKey {
+                job: owner.job,
+                source: lease.source,
+                dest: d,
+            },
+            seq,
+        );
     }
 
     /// Returns ports whose quarantine has ended to the free pool; returns how many.
@@ -830,6 +938,21 @@ impl PortAllocator {
                 break;
             }
             self.quarantine.pop_front();
+            let seq = self.quarantine_front;
+            self.quarantine_front += 1;
+            if q.reclaimed {
+                // Live again under a reopened tuple; its flow's release quarantines it anew.
+                self.reclaimed = self.reclaimed.saturating_sub(1);
+                continue;
+            }
+            let key = ReopenKey {
+                job: q.job,
+                source: q.source,
+                dest: q.dest,
+            };
+            if self.reopen.get(&key) == Some(&seq) {
+                self.reopen.remove(&key);
+            }
             let e = &mut self.egress[usize::from(q.egress)];
             e.quarantined = e.quarantined.saturating_sub(1);
             self.free_port(
@@ -846,7 +969,8 @@ impl PortAllocator {
         n
     }
 
-    /// When the next quarantined port is released, if any.
+    /// When the next quarantined port is released, if any (an entry a reopened tuple took
+    /// back may come first: releasing it is a no-op).
     pub fn next_release(&self) -> Option<Nanos> {
         self.quarantine.front().map(|q| q.release_at)
     }
@@ -973,6 +1097,7 @@ impl PortAllocator {
             + map_capacity_bytes(&self.jobs)
             + map_capacity_bytes(&self.tenants)
             + self.quarantine.capacity() * std::mem::size_of::<Quarantined>()
+            + map_capacity_bytes(&self.reopen)
     }
 
     /// Size of one destination slab entry in bytes.
@@ -1015,6 +1140,18 @@ mod tests {
         max_ports_per_destination: 1_000_000,
     };
 
+    /// A source address and port no other call of the test used: each allocation is a new
+    /// tuple of the job (tests of reopened tuples pass their own).
+    fn next_src() -> SocketAddr {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(198, 51, 100, (n >> 16) as u8)),
+            (n & 0xffff) as u16,
+        )
+    }
+
     fn secs(s: u64) -> Nanos {
         Nanos::from_nanos(s * 1_000_000_000)
     }
@@ -1039,12 +1176,12 @@ mod tests {
         let mut a = small_pool(2000..=2999);
         let mut seen = std::collections::HashSet::new();
         for _ in 0..1000 {
-            let l = granted(a.allocate(A, D, WIDE, secs(0)));
+            let l = granted(a.allocate(A, next_src(), D, WIDE, secs(0)));
             assert!((2000..=2999).contains(&l.egress_port));
             assert!(seen.insert(l.egress_port));
         }
         assert_eq!(
-            a.allocate(A, D, WIDE, secs(0)),
+            a.allocate(A, next_src(), D, WIDE, secs(0)),
             Allocation::Refused(Reason::PortsExhausted)
         );
     }
@@ -1054,23 +1191,115 @@ mod tests {
         let mut a = small_pool(5000..=5009);
         let other = Destination { port: 80, ..D };
         for _ in 0..10 {
-            granted(a.allocate(A, D, WIDE, secs(0)));
-            granted(a.allocate(A, other, WIDE, secs(0)));
+            granted(a.allocate(A, next_src(), D, WIDE, secs(0)));
+            granted(a.allocate(A, next_src(), other, WIDE, secs(0)));
         }
         assert_eq!(a.destinations(), 2);
     }
 
     #[test]
+    fn a_reopened_tuple_takes_back_its_quarantined_port_and_no_one_else_can() {
+        let mut cfg = NatConfig::new(vec![E1]);
+        cfg.ports = 7000..=7001;
+        cfg.max_ports_per_job = 1;
+        let mut a = PortAllocator::new(cfg).unwrap();
+        let src = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)), 40000);
+        let first = granted(a.allocate(A, src, D, WIDE, secs(0)));
+        a.release(A, &first, secs(1));
+        assert_eq!(a.quarantined(), 1);
+        // The job's quota (one port) is full of the quarantined port: a new tuple is refused.
+        assert_eq!(
+            a.allocate(A, next_src(), D, WIDE, secs(2)),
+            Allocation::Refused(Reason::PortQuota)
+        );
+        // Another job reusing the same source address and port gets a fresh port, not it.
+        let other = granted(a.allocate(B, src, D, WIDE, secs(2)));
+        assert_ne!(other.egress_port, first.egress_port);
+        // The same job reopening the same tuple to another destination: not the same tuple.
+        let elsewhere = Destination { port: 80, ..D };
+        assert_eq!(
+            a.allocate(A, src, elsewhere, WIDE, secs(2)),
+            Allocation::Refused(Reason::PortQuota)
+        );
+        // The same job, source and destination: the same egress port, out of quarantine.
+        let again = granted(a.allocate(A, src, D, WIDE, secs(2)));
+        assert_eq!(again.egress_port, first.egress_port);
+        assert_eq!(a.quarantined(), 0);
+        assert_eq!(a.job_usage(A.job), Usage { live: 1, held: 1 });
+        assert_eq!(a.job_destination_live(A.job, &D), 1);
+        // Its old quarantine entry ends without freeing the port that is live again.
+        assert_eq!(a.release_due(secs(100)), 0);
+        assert!(a.is_in_use(E1, first.egress_port, &D));
+        // Released again, it is quarantined again, for the full period from then.
+        a.release(A, &again, secs(100));
+        assert_eq!(a.quarantined(), 1);
+        assert_eq!(a.release_due(secs(159)), 0);
+        assert_eq!(a.release_due(secs(160)), 1);
+        assert!(!a.is_in_use(E1, first.egress_port, &D));
+        a.release(B, &other, secs(160));
+        a.release_due(secs(300));
+        assert_eq!(a.destinations(), 0, "nothing held: state evicted");
+        assert_eq!(a.job_usage(A.job), Usage::default());
+    }
+
+    #[test]
+    fn a_reopened_tuple_respects_the_jobs_live_cap_for_the_destination() {
+        let mut a = small_pool(7000..=7009);
+        let lim = JobLimits {
+            max_connections: 10,
+            max_ports_per_destination: 1,
+        };
+        let src = next_src();
+        let l = granted(a.allocate(A, src, D, lim, secs(0)));
+        a.release(A, &l, secs(0));
+        granted(a.allocate(A, next_src(), D, lim, secs(0)));
+        assert_eq!(
+            a.allocate(A, src, D, lim, secs(0)),
+            Allocation::Refused(Reason::DestinationPortCap)
+        );
+    }
+
+    #[test]
+    fn a_job_looping_over_short_connections_to_one_server_is_never_refused_at_default_quotas() {
+        // A Linux client's connect() walks the even ports of 32768–60999 before it reuses one
+        // (a closed connection whose server closed first leaves no TIME_WAIT at the client):
+        // 14,116 tuples. 100,000 connections in 10 s, far inside one 60 s quarantine.
+        let mut a = PortAllocator::new(NatConfig::new(vec![E1])).unwrap();
+        let sources: Vec<u16> = (32768..=60999).step_by(2).collect();
+        let mut granted_ports = std::collections::HashSet::new();
+        for i in 0..100_000u64 {
+            let now = Nanos::from_nanos(i * 100_000);
+            let src = SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::new(198, 51, 100, 2)),
+                sources[i as usize % sources.len()],
+            );
+            let l = match a.allocate(A, src, D, WIDE, now) {
+                Allocation::Granted(l) => l,
+                Allocation::Refused(r) => panic!("connection {i} refused: {r}"),
+            };
+            granted_ports.insert(l.egress_port);
+            a.release(A, &l, now);
+        }
+        assert_eq!(
+            granted_ports.len(),
+            sources.len(),
+            "one egress port per tuple"
+        );
+        assert_eq!(a.job_usage(A.job).held as usize, sources.len());
+        assert_eq!(a.quarantined(), sources.len());
+    }
+
+    #[test]
     fn freed_port_stays_quarantined_until_its_time() {
         let mut a = small_pool(7000..=7000);
-        let l = granted(a.allocate(A, D, WIDE, secs(0)));
+        let l = granted(a.allocate(A, next_src(), D, WIDE, secs(0)));
         a.release(A, &l, secs(1));
         assert_eq!(
-            a.allocate(B, D, WIDE, secs(60)),
+            a.allocate(B, next_src(), D, WIDE, secs(60)),
             Allocation::Refused(Reason::PortsExhausted)
         );
         assert!(a.is_in_use(E1, 7000, &D));
-        let again = granted(a.allocate(B, D, WIDE, secs(61)));
+        let again = granted(a.allocate(B, next_src(), D, WIDE, secs(61)));
         assert_eq!(again.egress_port, 7000);
     }
 
@@ -1078,7 +1307,7 @@ mod tests {
     fn state_is_evicted_when_nothing_is_held() {
         let mut a = small_pool(1024..=65535);
         let leases: Vec<_> = (0..600)
-            .map(|_| granted(a.allocate(A, D, WIDE, secs(0))))
+            .map(|_| granted(a.allocate(A, next_src(), D, WIDE, secs(0))))
             .collect();
         for l in &leases {
             a.release(A, l, secs(1));
@@ -1103,34 +1332,34 @@ mod tests {
         };
         let d2 = Destination { port: 80, ..D };
         let d3 = Destination { port: 25, ..D };
-        granted(a.allocate(A, D, lim, secs(0)));
+        granted(a.allocate(A, next_src(), D, lim, secs(0)));
         assert_eq!(
-            a.allocate(A, D, lim, secs(0)),
+            a.allocate(A, next_src(), D, lim, secs(0)),
             Allocation::Refused(Reason::DestinationPortCap)
         );
-        let l2 = granted(a.allocate(A, d2, lim, secs(0)));
+        let l2 = granted(a.allocate(A, next_src(), d2, lim, secs(0)));
         assert_eq!(
-            a.allocate(A, d3, lim, secs(0)),
+            a.allocate(A, next_src(), d3, lim, secs(0)),
             Allocation::Refused(Reason::ConnectionLimit)
         );
         a.release(A, &l2, secs(0));
         // Live 1 < 2, but held 2 (one quarantined); a third port is still within 3.
-        let l3 = granted(a.allocate(A, d3, lim, secs(0)));
+        let l3 = granted(a.allocate(A, next_src(), d3, lim, secs(0)));
         a.release(A, &l3, secs(0));
         assert_eq!(
-            a.allocate(A, d2, lim, secs(0)),
+            a.allocate(A, next_src(), d2, lim, secs(0)),
             Allocation::Refused(Reason::PortQuota)
         );
         let sibling = Owner {
             job: JobKey(3),
             tenant: TenantId(10),
         };
-        granted(a.allocate(sibling, D, lim, secs(0)));
+        granted(a.allocate(sibling, next_src(), D, lim, secs(0)));
         assert_eq!(
-            a.allocate(sibling, d2, lim, secs(0)),
+            a.allocate(sibling, next_src(), d2, lim, secs(0)),
             Allocation::Refused(Reason::TenantPortQuota)
         );
-        granted(a.allocate(B, D, lim, secs(0)));
+        granted(a.allocate(B, next_src(), D, lim, secs(0)));
     }
 
     #[test]
@@ -1139,13 +1368,13 @@ mod tests {
         cfg.ports = 3000..=3001;
         let mut a = PortAllocator::new(cfg).unwrap();
         let ips: Vec<IpAddr> = (0..4)
-            .map(|_| granted(a.allocate(A, D, WIDE, secs(0))).egress_ip)
+            .map(|_| granted(a.allocate(A, next_src(), D, WIDE, secs(0))).egress_ip)
             .collect();
         assert_eq!(ips.iter().filter(|ip| **ip == E1).count(), 2);
         assert_eq!(ips.iter().filter(|ip| **ip == E2).count(), 2);
         assert_eq!(ips[0], ips[1]);
         assert_eq!(
-            a.allocate(A, D, WIDE, secs(0)),
+            a.allocate(A, next_src(), D, WIDE, secs(0)),
             Allocation::Refused(Reason::PortsExhausted)
         );
     }
@@ -1158,7 +1387,7 @@ mod tests {
             ..D
         };
         assert_eq!(
-            a.allocate(A, d6, WIDE, secs(0)),
+            a.allocate(A, next_src(), d6, WIDE, secs(0)),
             Allocation::Refused(Reason::PortsExhausted)
         );
     }
@@ -1217,23 +1446,23 @@ mod tests {
             job: JobKey(2),
             tenant: TenantId(1),
         };
-        let x1 = granted(a.allocate(x, D, cap, secs(0)));
-        granted(a.allocate(y, D, cap, secs(0)));
-        granted(a.allocate(y, D, cap, secs(0)));
+        let x1 = granted(a.allocate(x, next_src(), D, cap, secs(0)));
+        granted(a.allocate(y, next_src(), D, cap, secs(0)));
+        granted(a.allocate(y, next_src(), D, cap, secs(0)));
         // x's count was kept inline, y's in the map; x leaves, y goes on.
         a.release(x, &x1, secs(0));
         assert_eq!(a.job_destination_live(x.job, &D), 0);
-        granted(a.allocate(y, D, cap, secs(0)));
+        granted(a.allocate(y, next_src(), D, cap, secs(0)));
         assert_eq!(a.job_destination_live(y.job, &D), 3);
         assert_eq!(
-            a.allocate(y, D, cap, secs(0)),
+            a.allocate(y, next_src(), D, cap, secs(0)),
             Allocation::Refused(Reason::DestinationPortCap)
         );
         for _ in 0..3 {
-            granted(a.allocate(x, D, cap, secs(0)));
+            granted(a.allocate(x, next_src(), D, cap, secs(0)));
         }
         assert_eq!(
-            a.allocate(x, D, cap, secs(0)),
+            a.allocate(x, next_src(), D, cap, secs(0)),
             Allocation::Refused(Reason::DestinationPortCap)
         );
     }
@@ -1265,12 +1494,12 @@ mod tests {
         let mut a = small_pool(1024..=65535);
         let d2 = Destination { port: 80, ..D };
         for _ in 0..3 {
-            granted(a.allocate(A, d2, WIDE, secs(0)));
+            granted(a.allocate(A, next_src(), d2, WIDE, secs(0)));
         }
-        granted(a.allocate(A, D, WIDE, secs(0)));
+        granted(a.allocate(A, next_src(), D, WIDE, secs(0)));
         let d3 = Destination { port: 22, ..D };
         for _ in 0..2 {
-            granted(a.allocate(A, d3, WIDE, secs(0)));
+            granted(a.allocate(A, next_src(), d3, WIDE, secs(0)));
         }
         let hot = a.hottest_destinations(2);
         assert_eq!(hot.len(), 2);

@@ -301,15 +301,30 @@ fn a_flood_of_forged_notices_costs_one_verified_fetch_and_the_rest_are_declined(
     let declined = answers.iter().filter(|c| **c == 429).count();
     assert_eq!(accepted + declined, answers.len(), "{answers:?}");
     // 202 while the one refetch is queued or running (it will be notified), then 429 only.
-    let first_declined = answers.iter().position(|c| *c == 429).unwrap();
+    // How many are accepted depends on how fast the fetch runs (a loaded machine): not checked.
+    let first_declined = answers
+        .iter()
+        .position(|c| *c == 429)
+        .unwrap_or(answers.len());
+    assert!(
+        first_declined >= 1,
+        "the first notice is accepted: {answers:?}"
+    );
     assert!(
         answers[first_declined..].iter().all(|c| *c == 429),
         "{answers:?}"
     );
-    assert!(accepted >= 1 && declined >= 400, "{accepted} {declined}");
-    wait_for(Duration::from_secs(2), "the fetch", || agent.hits() == 1);
+    wait_for(Duration::from_secs(5), "the fetch", || agent.hits() == 1);
+    // Once the fetch has ended, every further notice of the flood is declined.
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(agent.hits(), 1, "one fetch in all");
+    for _ in 0..100 {
+        assert_eq!(post_from(NODE, d.service_addr(), &notice(job, 9)).0, 429);
+    }
+    assert_eq!(
+        agent.hits(),
+        1,
+        "one fetch in all ({accepted} accepted, {declined} declined)"
+    );
     assert_eq!(held(&d, job), Some(1));
     assert_eq!(update_notices_metric(&d), accepted as u64);
 }

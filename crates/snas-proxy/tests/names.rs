@@ -698,10 +698,10 @@ fn a_new_connection_on_the_5_tuple_of_a_checked_and_closed_flow_is_checked_again
         let Verdict::ToInternet { range, .. } = v else {
             panic!("round {round}: the new SYN is admitted: {v:?}")
         };
-        assert_ne!(
+        assert_eq!(
             egress_port(&syn_out[range]),
             first_port,
-            "a new connection gets a fresh NAT tuple"
+            "a new connection on the same tuple takes its NAT port back out of quarantine"
         );
         let ack = seg(sport, API, 80, ISN + 8, 5001, TcpFlags::ACK, &[]);
         assert!(matches!(f.send(&ack).0, Verdict::ToInternet { .. }));

@@ -1,5 +1,7 @@
 //! Properties over random open / packet / close / advance sequences under a fake clock:
-//! - a NAT tuple is never handed out while a flow or its quarantine holds it;
+//! - a NAT tuple is never handed out while a flow or its quarantine holds it, except that the
+//!   flow key (job, source, destination) whose flow put it in quarantine takes it back when it
+//!   opens again — always, when it does;
 //! - the pool reports exhaustion only when every tuple for the destination is really held;
 //! - the per-(job, destination) cap refuses exactly when the job has that many live flows there;
 //! - no flow expires before its timeout, and none is left overdue after `expire(now)`.
@@ -68,20 +70,28 @@ type Tuple = (IpAddr, u16, L4Proto, IpAddr, u16);
 struct Model {
     /// Tuples of live flows.
     live: HashMap<Tuple, FlowId>,
-    /// Tuples of removed flows → end of their quarantine.
-    quarantined_until: HashMap<Tuple, Nanos>,
+    /// Tuples of removed flows → end of their quarantine and the key of the flow that held it.
+    quarantined_until: HashMap<Tuple, (Nanos, FlowKey)>,
     flows: Vec<(FlowId, FlowKey, Tuple)>,
 }
 
 impl Model {
     fn held(&self, t: &Tuple, now: Nanos) -> bool {
-        self.live.contains_key(t) || self.quarantined_until.get(t).is_some_and(|u| *u > now)
+        self.live.contains_key(t) || self.quarantined_until.get(t).is_some_and(|(u, _)| *u > now)
     }
 
-    fn removed(&mut self, t: Tuple, now: Nanos) {
+    /// The quarantined tuple `key` would take back if it opened now.
+    fn reopens(&self, key: &FlowKey, now: Nanos) -> Option<Tuple> {
+        self.quarantined_until
+            .iter()
+            .find(|(t, (u, k))| k == key && *u > now && !self.live.contains_key(*t))
+            .map(|(t, _)| *t)
+    }
+
+    fn removed(&mut self, t: Tuple, key: FlowKey, now: Nanos) {
         self.live.remove(&t);
         self.quarantined_until
-            .insert(t, now.saturating_add(QUARANTINE));
+            .insert(t, (now.saturating_add(QUARANTINE), key));
         self.flows.retain(|(_, _, x)| *x != t);
     }
 }
@@ -124,6 +134,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     })
                     .count() as u32;
                 let existing = m.flows.iter().any(|(_, k, _)| *k == key);
+                let reopened = m.reopens(&key, now);
                 match ct.open(key, snas_wire::TenantId(u32::from(job % 2)), limits, now) {
                     Open::Created {
                         id,
@@ -133,7 +144,15 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         prop_assert!(!existing);
                         prop_assert!(to_dest < PER_DEST_CAP, "cap {} exceeded", PER_DEST_CAP);
                         let t = (egress_ip, egress_port, proto, key.dst_ip, key.dst_port);
-                        prop_assert!(!m.held(&t, now), "tuple {t:?} reused while held");
+                        match reopened {
+                            Some(r) => {
+                                prop_assert_eq!(t, r, "a reopened key takes its tuple back");
+                                m.quarantined_until.remove(&t);
+                            }
+                            None => {
+                                prop_assert!(!m.held(&t, now), "tuple {t:?} reused while held")
+                            }
+                        }
                         m.live.insert(t, id);
                         m.flows.push((id, key, t));
                         let reply = ReplyKey {
@@ -150,11 +169,13 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     }
                     Open::Refused(Reason::DestinationPortCap) => {
                         prop_assert!(!existing);
+                        let _ = reopened;
                         prop_assert_eq!(to_dest, PER_DEST_CAP);
                     }
                     Open::Refused(r) => {
                         prop_assert_eq!(r, Reason::PortsExhausted);
                         prop_assert!(!existing);
+                        prop_assert_eq!(reopened, None, "a reopened key is never refused a port");
                         prop_assert!(to_dest < PER_DEST_CAP);
                         let held = EGRESS
                             .iter()
@@ -188,7 +209,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     let (id, key, t) = m.flows[usize::from(pick) % m.flows.len()];
                     prop_assert!(ct.remove(id, now).is_some());
                     prop_assert_eq!(ct.lookup(&key), None);
-                    m.removed(t, now);
+                    m.removed(t, key, now);
                 }
             }
             Op::Advance { secs } => {
@@ -205,7 +226,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     prop_assert!(m.live.contains_key(&t));
                     let deadline = f.last_seen.saturating_add(timeouts.of(f.state));
                     prop_assert!(deadline <= now, "{:?} expired before its timeout", f.state);
-                    m.removed(t, now);
+                    m.removed(t, f.key, now);
                 }
             }
         }
@@ -228,7 +249,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
-    fn nat_tuples_are_never_reused_while_held(ops in proptest::collection::vec(op(), 1..400)) {
+    fn nat_tuples_are_never_reused_while_held_except_by_the_key_that_reopens_them(ops in proptest::collection::vec(op(), 1..400)) {
         run(ops)?;
     }
 }
