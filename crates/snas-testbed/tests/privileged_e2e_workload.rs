@@ -6,6 +6,12 @@
 //!   the proxy's minimum TTL, and sees no failure;
 //! - 2,000 lookups of the same names never fail, while random names under a wildcard (the
 //!   tunnelling channel) still hit the budget;
+//! - 40,000 short connections to one server in well under a minute (more than the two
+//!   proxies' per-job NAT port quotas hold, 2 × 16,384, within one port quarantine) never fail:
+//!   a tuple the job reuses takes its NAT port back. The policy raises the job's own limits
+//!   for such a loop (5,000 new connections per second, 65,535 flows to one destination —
+//!   closed flows count until they expire 30 s later): the defaults, 50 per second and 1,024,
+//!   keep a job far below the NAT quotas;
 //! - a fresh job's first connection is not stalled by the proxies' policy fetch;
 //! - an expiring job is refused at once after `exp`, and both tiers forget it;
 //! - denied UDP gets an ICMP error at once;
@@ -117,6 +123,75 @@ max_connections = 32
         "tier 1 refused connections of a job that never held more than two: {out}"
     );
     eprintln!("workload: {out}");
+}
+
+/// Loops `n` times, as fast as it can: connect to api.example.com:80 (resolved once), GET,
+/// read to EOF (the server closes first), close. Prints one JSON object: `ok`, `fails` (by
+/// errno) and `secs`.
+const PY_CONNECTION_LOOP: &str = r#"
+import socket, sys, time, errno, json
+n = int(sys.argv[1])
+ip = socket.getaddrinfo("api.example.com", 80, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+ok, fails = 0, {}
+t0 = time.monotonic()
+req = b"GET / HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n\r\n"
+for i in range(n):
+    try:
+        s = socket.create_connection((ip, 80), timeout=10)
+        s.sendall(req)
+        while s.recv(65536):
+            pass
+        s.close()
+        ok += 1
+    except OSError as e:
+        k = errno.errorcode.get(e.errno, type(e).__name__) if e.errno else type(e).__name__
+        fails[k] = fails.get(k, 0) + 1
+print(json.dumps({"ok": ok, "fails": fails, "secs": round(time.monotonic() - t0, 1)}))
+"#;
+
+#[test]
+fn forty_thousand_short_connections_to_one_server_with_policy_limits_raised_for_a_fast_loop_never_run_out_of_nat_ports(
+) {
+    let _s = serial();
+    let tb = testbed_with_proxies();
+    let _logs = LogsOnFailure(&tb);
+    let job = Job::start(
+        &tb,
+        1,
+        &policy(
+            "acme",
+            r#"
+[[egress]]
+host = "api.example.com:80"
+[limits]
+new_connections_per_sec = 5000
+new_connections_burst = 5000
+max_ports_per_destination = 65535
+"#,
+        ),
+    );
+    let out = job.python(PY_CONNECTION_LOOP, &["40000"]);
+    eprintln!("40,000 connections: {out}");
+    let tier1 = tb
+        .agent(job.node)
+        .counters(&job.info().job_key.to_string())
+        .unwrap()
+        .drops;
+    let tier2: Vec<_> = (1..=2)
+        .map(|n| on_proxy(&tb, n, |c| c.drops()).unwrap().drops)
+        .collect();
+    eprintln!("drops: tier 1 {tier1:?}, proxies {tier2:?}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["fails"], serde_json::json!({}), "{out}");
+    assert_eq!(v["ok"], 40_000, "{out}");
+    let secs = v["secs"].as_f64().unwrap();
+    assert!(
+        secs < 60.0,
+        "the loop took {secs} s, past one port quarantine: it no longer tests the quota"
+    );
+    for n in 1..=2 {
+        assert_eq!(proxy_drops(&tb, n, "port_quota"), 0.0, "proxy {n}");
+    }
 }
 
 /// `n` lookups of three names with getaddrinfo (A and AAAA each), then `m` random names under
