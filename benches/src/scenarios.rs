@@ -80,7 +80,7 @@ const SAMPLED_LO: f64 = 0.90;
 const SAMPLED_HI: f64 = 1.10;
 
 /// Which hop of the SNAS path a steered run gives a CPU of its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 enum SteeredHop {
     /// Both proxies' namespaces: the figure.
@@ -795,6 +795,8 @@ impl<'a> Scenarios<'a> {
         let mut busy: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         let mut others_irq: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         let mut bridge: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        // Per (packet, hop): packets the steered CPU received per RPS interrupt.
+        let mut per_ipi: BTreeMap<(&str, SteeredHop), Vec<f64>> = BTreeMap::new();
         let mut received: Vec<f64> = Vec::new();
         let mut sampling: Vec<f64> = Vec::new();
         let mut notes = Vec::new();
@@ -904,7 +906,17 @@ impl<'a> Scenarios<'a> {
                     continue;
                 };
                 for hop in [SteeredHop::Proxies, SteeredHop::Bridge] {
-                    match self.steered_flood(hop, &w, *proxy_cpu, rest) {
+                    let r = self.steered_flood(hop, &w, *proxy_cpu, rest);
+                    if let Ok(s) = &r {
+                        let c = &s.proxy_cpu;
+                        if c.rps_interrupts > 0 {
+                            per_ipi
+                                .entry((label, hop))
+                                .or_default()
+                                .push(c.packets as f64 / c.rps_interrupts as f64);
+                        }
+                    }
+                    match r {
                         Ok(s) if hop == SteeredHop::Bridge => {
                             if let Some(rate) = s.per_core() {
                                 bridge.entry(label).or_default().push(rate);
@@ -933,6 +945,20 @@ impl<'a> Scenarios<'a> {
                     }
                 }
             }
+        }
+        if !per_ipi.is_empty() {
+            let cell = |label, hop| {
+                per_ipi
+                    .get(&(label, hop))
+                    .map_or("—".into(), |v| fmt_spread(v, 1))
+            };
+            notes.push(format!(
+                "Packets the steered CPU received per RPS interrupt (the handoff from the other CPU; fewer means more interrupts per packet, charged to the steered hop): proxies {}, bridge {} (64 B); proxies {}, bridge {} (1400 B).",
+                cell("64 B", SteeredHop::Proxies),
+                cell("64 B", SteeredHop::Bridge),
+                cell("1400 B", SteeredHop::Proxies),
+                cell("1400 B", SteeredHop::Bridge),
+            ));
         }
         let mut table = Table {
             columns: vec![
