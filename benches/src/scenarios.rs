@@ -27,7 +27,7 @@ use crate::paths::{
 };
 use crate::results::{BarChart, BarSeries, BarValue, GoalCheck, ScenarioResult, Table};
 use crate::stats::median;
-use crate::steering::{self, CpuDelta, CpuSnapshot, Steering};
+use crate::steering::{self, CpuDelta, CpuSnapshot, Pinned, Steering};
 
 /// What one bulk run cost: the proxy processes' cores (none on paths without a proxy), the
 /// machine's interrupt/softirq cores, and the Gbit/s achieved.
@@ -108,6 +108,8 @@ struct SteeredRun {
     wall_s: f64,
     /// Receive queues whose `rps_cpus` were set for the run.
     queues_steered: usize,
+    /// Threads of the internet's servers held to the other CPUs for the run.
+    server_threads_pinned: usize,
     client: ClientResult,
 }
 
@@ -808,7 +810,7 @@ impl<'a> Scenarios<'a> {
         match &split {
             None => notes.push("Fewer than two online CPUs (or /sys/devices/system/cpu/online unreadable): the proxies' receive processing cannot be given a CPU of its own, so only the bounds are measured.".to_owned()),
             Some((p, rest)) => notes.push(format!(
-                "Steered run: the proxies' receive processing on CPU {p}, the client (pinned) and every other namespace's on CPU {}.",
+                "Steered runs: the steered hop's receive processing on CPU {p}; the client, the internet's servers and every other namespace's receive processing on CPU {}.",
                 rest.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",")
             )),
         }
@@ -1032,7 +1034,7 @@ impl<'a> Scenarios<'a> {
             id: "proxy_pps".into(),
             title: "Proxy packet rate per core (established UDP flows)".into(),
             method: format!(
-                "A SNAS job floods the UDP echo service (api.example.com:7) from 8 sockets with at most 32 datagrams unanswered each, for {} s, with 64-byte and 1400-byte IP packets; each repetition floods the direct path, SNAS, and SNAS twice *steered*. Packets = what the proxies' workers carried (`snas_proxy_packets_total`, node_rx + internet_rx) plus what their in-kernel fast path carried (`snas_proxy_fastpath_packets_total`, to_internet + to_nodes): each forwarded packet once. The fast path runs in softirq, charged to no process. **Packets/s per proxy core** (steered run): receive packet steering (`rps_cpus`) puts every receive queue of the proxies' namespaces on one CPU and every other namespace's on the others, and the client is pinned to another CPU, so the proxy CPU does the proxies' receive processing — the fast path's programs and the transmit their redirects start, RPS's interrupts included — and nothing else of the flood; proxy CPU = that CPU's interrupt + softirq time + user and system time of both proxy processes. The goals below check that the proxy CPU received the packets the proxies carried (a worker-path packet counts twice there: once from the node, once back from the TUN) and that the scheduler tick, which samples softirq time on this kernel, agrees with that CPU's measured busy time (wall − idle). *Proxy CPU busy*: that CPU time per second; *other CPUs' irq+softirq*: every other hop's (tier 1, the bridge, the echo server's veth) in the same run. *Reference: bridge hop*: the second steered flood gives the underlay switch's namespace (the Linux bridge that every packet to or from a proxy crosses once) the CPU instead: the packets it received per second of that CPU's interrupt + softirq time — what the kernel's simplest forwarding costs per packet on this machine under the same steering. The two bounds come from the plain SNAS run: *lower bound* charges the proxies' processes plus the whole machine's interrupt/softirq time above what the same flood costs on the direct path per datagram (it also holds tier 1 and the overlay's extra veth hops); *upper bound* charges the processes plus the run time of the fast path's BPF programs (`run_time_ns`, `kernel.bpf_stats_enabled` on for that run), which leaves out the redirect's transmit work. *Packets/s through the proxies* and the fast-path share are the plain run's; the flood, the echo server and the node share the machine's cores, so the wall-clock rate is lower than a core's. Cells: median over {} repetitions (min–max).",
+                "A SNAS job floods the UDP echo service (api.example.com:7) from 8 sockets with at most 32 datagrams unanswered each, for {} s, with 64-byte and 1400-byte IP packets; each repetition floods the direct path, SNAS, and SNAS twice *steered*. Packets = what the proxies' workers carried (`snas_proxy_packets_total`, node_rx + internet_rx) plus what their in-kernel fast path carried (`snas_proxy_fastpath_packets_total`, to_internet + to_nodes): each forwarded packet once. The fast path runs in softirq, charged to no process. **Packets/s per proxy core** (steered run): receive packet steering (`rps_cpus`) puts every receive queue of the proxies' namespaces on one CPU and every other namespace's on the others, and the client and the internet's servers (the echo service) are held to the other CPUs, so the proxy CPU does the proxies' receive processing — the fast path's programs and the transmit their redirects start, RPS's interrupts included — and nothing else of the flood; proxy CPU = that CPU's interrupt + softirq time + user and system time of both proxy processes. The goals below check that the proxy CPU received the packets the proxies carried (a worker-path packet counts twice there: once from the node, once back from the TUN) and that the scheduler tick, which samples softirq time on this kernel, agrees with that CPU's measured busy time (wall − idle). *Proxy CPU busy*: that CPU time per second; *other CPUs' irq+softirq*: every other hop's (tier 1, the bridge, the echo server's veth) in the same run. *Reference: bridge hop*: the second steered flood gives the underlay switch's namespace (the Linux bridge that every packet to or from a proxy crosses once) the CPU instead: the packets it received per second of that CPU's interrupt + softirq time — what the kernel's simplest forwarding costs per packet on this machine under the same steering. The two bounds come from the plain SNAS run: *lower bound* charges the proxies' processes plus the whole machine's interrupt/softirq time above what the same flood costs on the direct path per datagram (it also holds tier 1 and the overlay's extra veth hops); *upper bound* charges the processes plus the run time of the fast path's BPF programs (`run_time_ns`, `kernel.bpf_stats_enabled` on for that run), which leaves out the redirect's transmit work. *Packets/s through the proxies* and the fast-path share are the plain run's; the flood, the echo server and the node share the machine's cores, so the wall-clock rate is lower than a core's. Cells: median over {} repetitions (min–max).",
                 self.plan.duration_s, self.plan.reps
             ),
             charts: vec![BarChart {
@@ -1095,6 +1097,16 @@ impl<'a> Scenarios<'a> {
         let steer =
             Steering::apply(&proxy_ns, &[proxy_cpu], &rest_ns, rest).map_err(|e| e.to_string())?;
         let queues = steer.queues();
+        // The internet's servers (the echo service) with the client, off the steered CPU: its
+        // transmit into a proxy would otherwise be received there without an RPS interrupt
+        // whenever the scheduler happened to run it there, which changed the steered CPU's
+        // cost per packet by up to 2× between repetitions.
+        let servers = snas_testbed::netns::named_ns_id(&topo.inet_ns())
+            .map(|id| snas_testbed::netns::pids_in(&[id]))
+            .unwrap_or_default();
+        let pinned = Pinned::pin(&servers, rest)
+            .map_err(|e| format!("pinning the internet's servers to CPUs {rest:?}: {e}"))?;
+        let pinned_threads = pinned.threads();
         let (c0, s0) = (Self::cpu_of(&pids), CpuSnapshot::read());
         let r = self
             .paths
@@ -1108,6 +1120,7 @@ impl<'a> Scenarios<'a> {
             )
             .and_then(|c| c.wait());
         let (s1, c1) = (CpuSnapshot::read(), Self::cpu_of(&pids));
+        drop(pinned);
         let restored = steer.restore();
         let k1 = counts()?;
         restored.map_err(|e| format!("undoing the steering: {e}"))?;
@@ -1134,6 +1147,7 @@ impl<'a> Scenarios<'a> {
             fast,
             wall_s: proxy.wall_s,
             queues_steered: queues,
+            server_threads_pinned: pinned_threads,
             client,
         })
     }

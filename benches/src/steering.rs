@@ -11,9 +11,13 @@
 //! proxies' namespaces (their underlay and transit veths, TUN and loopback) at the *proxy
 //! CPU* and every receive queue of the other namespaces given (underlay switch, nodes,
 //! internet) at the others; the caller pins the client to another CPU, so the job's own veth,
-//! whose namespace exists only while it runs, is processed there too. The proxy CPU then does
-//! the proxies' receive processing — the fast path's programs and the transmit to the next
-//! veth's backlog that their redirects start — and nothing else of the flood.
+//! whose namespace exists only while it runs, is processed there too, and holds the
+//! internet's servers there with [`Pinned`] (a server that the scheduler ran on the proxy CPU
+//! handed its replies to the proxies without an RPS interrupt, and the proxy CPU's cost per
+//! packet changed by up to 2× between repetitions with that placement). The proxy CPU then
+//! does the proxies' receive processing — the fast path's programs and the transmit to the
+//! next veth's backlog that their redirects start — and nothing else of the flood; every
+//! packet reaches it the same way, handed over by another CPU (an RPS interrupt per batch).
 //!
 //! [`CpuSnapshot`] reads per CPU the `/proc/stat` times (`irq`, `softirq`, `idle` ...) and the
 //! packets its backlog processed (`/proc/net/softnet_stat`), so that the caller can charge the
@@ -23,7 +27,8 @@
 //!
 //! Invariants: [`Steering`] writes only `rps_cpus` files of the namespaces it is given and
 //! writes every value it changed back when dropped (or by [`Steering::restore`], which reports
-//! failures), also after a failed apply. Nothing global changes (`rps_sock_flow_entries`, RFS,
+//! failures), also after a failed apply; [`Pinned`] writes every thread's affinity back when
+//! dropped. Nothing global changes (`rps_sock_flow_entries`, RFS,
 //! stays as it is; [`rfs_enabled`] tells the caller whether flow steering could override RPS).
 //!
 //! Limits: `/proc/stat`'s `irq` and `softirq` are sampled at the scheduler tick on kernels
@@ -217,6 +222,70 @@ fn run_in(ns: &str, script: &str, args: &[&str]) -> Result<(String, Option<Strin
         )
     });
     Ok((stdout, failed))
+}
+
+/// Processes held to a set of CPUs while this lives: every thread's affinity is saved, set,
+/// and written back when dropped (threads gone by then need nothing). Used to keep the
+/// servers of the flood off the steered CPU, so that it does only the steered hop's work.
+#[derive(Debug)]
+pub struct Pinned {
+    saved: Vec<(i32, libc::cpu_set_t)>,
+}
+
+impl Pinned {
+    /// Holds every thread of `pids` to `cpus`. A thread that exits meanwhile is skipped; any
+    /// other failure restores what was changed and is returned.
+    pub fn pin(pids: &[i32], cpus: &[usize]) -> std::io::Result<Pinned> {
+        // SAFETY: cpu_set_t is plain bits; all-zero is the empty set.
+        let mut want: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for &c in cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
+            // SAFETY: `c` is below CPU_SETSIZE, inside `want`.
+            unsafe { libc::CPU_SET(c, &mut want) };
+        }
+        let mut p = Pinned { saved: Vec::new() };
+        for pid in pids {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                continue;
+            };
+            for tid in tasks.flatten() {
+                let Some(tid) = tid.file_name().to_str().and_then(|t| t.parse::<i32>().ok()) else {
+                    continue;
+                };
+                // SAFETY: as above.
+                let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+                let size = std::mem::size_of::<libc::cpu_set_t>();
+                // SAFETY: `old` is a valid cpu_set_t of `size` bytes the kernel writes into.
+                if unsafe { libc::sched_getaffinity(tid, size, &mut old) } != 0 {
+                    continue; // exited
+                }
+                // SAFETY: `want` is a valid cpu_set_t of `size` bytes, only read.
+                if unsafe { libc::sched_setaffinity(tid, size, &want) } != 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() == Some(libc::ESRCH) {
+                        continue;
+                    }
+                    return Err(e); // `p` restores on drop
+                }
+                p.saved.push((tid, old));
+            }
+        }
+        Ok(p)
+    }
+
+    /// Threads whose affinity was changed.
+    pub fn threads(&self) -> usize {
+        self.saved.len()
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        for (tid, old) in &self.saved {
+            // SAFETY: `old` is the valid cpu_set_t read from this thread; a thread that has
+            // exited makes the call fail with ESRCH, which needs nothing.
+            unsafe { libc::sched_setaffinity(*tid, std::mem::size_of::<libc::cpu_set_t>(), old) };
+        }
+    }
 }
 
 /// One CPU's `/proc/stat` times, in seconds.
