@@ -74,10 +74,10 @@ fn proxy_cpu_per_gbit(
 /// it sees only the proxies' own control traffic (health checks, DNS): a few packets a second.
 const RECEIVED_LO: f64 = 0.95;
 const RECEIVED_HI: f64 = 1.10;
-/// The tick sampled the proxy CPU fairly when its sampled busy time is within these bounds of
-/// its measured busy time (250 Hz over a few seconds: a few percent of sampling noise).
-const SAMPLED_LO: f64 = 0.90;
-const SAMPLED_HI: f64 = 1.10;
+/// The steered CPU did little but the steered hop's work when at least this share of its
+/// busy time, as the tick sampled it, was interrupt and softirq time (the rest is processes
+/// that the scheduler still ran there: kernel threads, the proxies' own workers).
+const IRQ_SHARE_MIN: f64 = 0.90;
 
 /// Which hop of the SNAS path a steered run gives a CPU of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -118,20 +118,36 @@ impl SteeredRun {
         self.node_rx + self.internet_rx + self.fast
     }
 
-    /// The proxies' CPU seconds: the proxy CPU's interrupt + softirq time and the processes'.
+    /// The steered hop's CPU seconds: the steered CPU's busy time (wall − idle, measured),
+    /// plus, for the proxies, their processes' CPU time wherever it ran. The busy time also
+    /// holds whatever else the scheduler ran on that CPU (checked small: [`Self::irq_share`]),
+    /// and the processes' time is counted twice where they ran there: both overcount.
+    /// Measured, not tick-sampled: on this VM the tick over-samples a partly idle CPU (see
+    /// [`Self::sampled_per_measured`]).
     fn proxy_cpu_s(&self) -> f64 {
-        self.proxy_cpu.irq_s() + self.proxy_process_cpu_s
+        let busy = self.proxy_cpu.measured_busy_s();
+        match self.hop {
+            SteeredHop::Proxies => busy + self.proxy_process_cpu_s,
+            SteeredHop::Bridge => busy,
+        }
     }
 
-    /// Packets per CPU-second of the steered hop: for the proxies what they carried per
-    /// proxy CPU-second; for the bridge what it received per second of its CPU's interrupt
-    /// and softirq time.
+    /// Packets per CPU-second of the steered hop: for the proxies what they carried, for the
+    /// bridge what it received, per [`Self::proxy_cpu_s`].
     fn per_core(&self) -> Option<f64> {
-        let (packets, cpu) = match self.hop {
-            SteeredHop::Proxies => (self.packets(), self.proxy_cpu_s()),
-            SteeredHop::Bridge => (self.proxy_cpu.packets, self.proxy_cpu.irq_s()),
+        let packets = match self.hop {
+            SteeredHop::Proxies => self.packets(),
+            SteeredHop::Bridge => self.proxy_cpu.packets,
         };
+        let cpu = self.proxy_cpu_s();
         (cpu > 0.0 && packets > 0).then(|| packets as f64 / cpu)
+    }
+
+    /// The share of the steered CPU's tick-sampled busy time spent in interrupt and softirq
+    /// context: the steered hop's receive processing, against everything else that ran there.
+    fn irq_share(&self) -> Option<f64> {
+        let b = self.proxy_cpu.sampled_busy_s();
+        (b > 0.0).then(|| self.proxy_cpu.irq_s() / b)
     }
 
     /// Packets the steered CPU received per packet it should have. The proxies' CPU: each
@@ -146,7 +162,10 @@ impl SteeredRun {
         (expected > 0).then(|| self.proxy_cpu.packets as f64 / expected as f64)
     }
 
-    /// The proxy CPU's busy time as the tick sampled it, per busy time measured.
+    /// The steered CPU's busy time as the tick sampled it, per busy time measured. Above 1
+    /// where the kernel stops the tick in idle and restarts it on the way out (no cpuidle
+    /// driver on this VM: every idle entry stops it), so that ticks land at the start of busy
+    /// periods.
     fn sampled_per_measured(&self) -> Option<f64> {
         let m = self.proxy_cpu.measured_busy_s();
         (m > 0.0).then(|| self.proxy_cpu.sampled_busy_s() / m)
@@ -800,6 +819,7 @@ impl<'a> Scenarios<'a> {
         // Per (packet, hop): packets the steered CPU received per RPS interrupt.
         let mut per_ipi: BTreeMap<(&str, SteeredHop), Vec<f64>> = BTreeMap::new();
         let mut received: Vec<f64> = Vec::new();
+        let mut irq_share: Vec<f64> = Vec::new();
         let mut sampling: Vec<f64> = Vec::new();
         let mut notes = Vec::new();
         let pids = self.paths.proxy_pids();
@@ -925,6 +945,7 @@ impl<'a> Scenarios<'a> {
                             }
                             received.extend(s.received_per_carried());
                             sampling.extend(s.sampled_per_measured());
+                            irq_share.extend(s.irq_share());
                             steered_rows.entry(label).or_default().push(json!(s));
                         }
                         Ok(s) => {
@@ -939,6 +960,7 @@ impl<'a> Scenarios<'a> {
                             }
                             received.extend(s.received_per_carried());
                             sampling.extend(s.sampled_per_measured());
+                            irq_share.extend(s.irq_share());
                             steered_rows.entry(label).or_default().push(json!(s));
                         }
                         Err(e) => {
@@ -947,6 +969,11 @@ impl<'a> Scenarios<'a> {
                     }
                 }
             }
+        }
+        if let Some((lo, hi)) = crate::stats::min_max(&sampling) {
+            notes.push(format!(
+                "The steered CPU's busy time as the scheduler tick sampled it was {lo:.2}–{hi:.2}× its measured busy time (wall − idle): where the tick stops in idle and restarts as the CPU wakes (no cpuidle driver here), ticks land at the start of busy periods, so tick-sampled irq/softirq time overstates a partly idle CPU's. The steered figures use the measured busy time."
+            ));
         }
         if !per_ipi.is_empty() {
             let cell = |label, hop| {
@@ -1017,10 +1044,10 @@ impl<'a> Scenarios<'a> {
             },
             GoalCheck {
                 goal: format!(
-                    "the tick saw the steered CPU fairly: its sampled busy time is {SAMPLED_LO}–{SAMPLED_HI}× its measured busy time in every steered run"
+                    "the steered CPU did little else: ≥ {IRQ_SHARE_MIN} of its sampled busy time in interrupt + softirq, in every steered run"
                 ),
-                measured: range(&sampling),
-                met: within(&sampling, SAMPLED_LO, SAMPLED_HI),
+                measured: range(&irq_share),
+                met: within(&irq_share, IRQ_SHARE_MIN, 1.0),
             },
         ];
         let series = |name: &str, m: &BTreeMap<&str, Vec<f64>>| BarSeries {
@@ -1034,7 +1061,7 @@ impl<'a> Scenarios<'a> {
             id: "proxy_pps".into(),
             title: "Proxy packet rate per core (established UDP flows)".into(),
             method: format!(
-                "A SNAS job floods the UDP echo service (api.example.com:7) from 8 sockets with at most 32 datagrams unanswered each, for {} s, with 64-byte and 1400-byte IP packets; each repetition floods the direct path, SNAS, and SNAS twice *steered*. Packets = what the proxies' workers carried (`snas_proxy_packets_total`, node_rx + internet_rx) plus what their in-kernel fast path carried (`snas_proxy_fastpath_packets_total`, to_internet + to_nodes): each forwarded packet once. The fast path runs in softirq, charged to no process. **Packets/s per proxy core** (steered run): receive packet steering (`rps_cpus`) puts every receive queue of the proxies' namespaces on one CPU and every other namespace's on the others, and the client and the internet's servers (the echo service) are held to the other CPUs, so the proxy CPU does the proxies' receive processing — the fast path's programs and the transmit their redirects start, RPS's interrupts included — and nothing else of the flood; proxy CPU = that CPU's interrupt + softirq time + user and system time of both proxy processes. The goals below check that the proxy CPU received the packets the proxies carried (a worker-path packet counts twice there: once from the node, once back from the TUN) and that the scheduler tick, which samples softirq time on this kernel, agrees with that CPU's measured busy time (wall − idle). *Proxy CPU busy*: that CPU time per second; *other CPUs' irq+softirq*: every other hop's (tier 1, the bridge, the echo server's veth) in the same run. *Reference: bridge hop*: the second steered flood gives the underlay switch's namespace (the Linux bridge that every packet to or from a proxy crosses once) the CPU instead: the packets it received per second of that CPU's interrupt + softirq time — what the kernel's simplest forwarding costs per packet on this machine under the same steering. The two bounds come from the plain SNAS run: *lower bound* charges the proxies' processes plus the whole machine's interrupt/softirq time above what the same flood costs on the direct path per datagram (it also holds tier 1 and the overlay's extra veth hops); *upper bound* charges the processes plus the run time of the fast path's BPF programs (`run_time_ns`, `kernel.bpf_stats_enabled` on for that run), which leaves out the redirect's transmit work. *Packets/s through the proxies* and the fast-path share are the plain run's; the flood, the echo server and the node share the machine's cores, so the wall-clock rate is lower than a core's. Cells: median over {} repetitions (min–max).",
+                "A SNAS job floods the UDP echo service (api.example.com:7) from 8 sockets with at most 32 datagrams unanswered each, for {} s, with 64-byte and 1400-byte IP packets; each repetition floods the direct path, SNAS, and SNAS twice *steered*. Packets = what the proxies' workers carried (`snas_proxy_packets_total`, node_rx + internet_rx) plus what their in-kernel fast path carried (`snas_proxy_fastpath_packets_total`, to_internet + to_nodes): each forwarded packet once. The fast path runs in softirq, charged to no process. **Packets/s per proxy core** (steered run): receive packet steering (`rps_cpus`) puts every receive queue of the proxies' namespaces on one CPU and every other namespace's on the others, and the client and the internet's servers (the echo service) are held to the other CPUs, so the proxy CPU does the proxies' receive processing — the fast path's programs and the transmit their redirects start, RPS's interrupts included — and nothing else of the flood; proxy CPU = that CPU's busy time (wall − idle, as the kernel measures idle; not the tick-sampled softirq time, which over-counts a partly idle CPU here, see the notes) + user and system time of both proxy processes. Both overcount: the busy time holds whatever else ran on that CPU, and the processes' time is counted twice where they ran there. The goals below check that the proxy CPU received the packets the proxies carried (a worker-path packet counts twice there: once from the node, once back from the TUN) and that little else ran there (interrupt + softirq time is most of its tick-sampled busy time). *Proxy CPU busy*: that CPU time per second; *other CPUs' irq+softirq*: every other hop's (tier 1, the bridge, the echo server's veth) in the same run. *Reference: bridge hop*: the second steered flood gives the underlay switch's namespace (the Linux bridge that every packet to or from a proxy crosses once) the CPU instead: the packets it received per second of that CPU's busy time — what the kernel's simplest forwarding costs per packet on this machine under the same steering. The two bounds come from the plain SNAS run: *lower bound* charges the proxies' processes plus the whole machine's interrupt/softirq time above what the same flood costs on the direct path per datagram (it also holds tier 1 and the overlay's extra veth hops); *upper bound* charges the processes plus the run time of the fast path's BPF programs (`run_time_ns`, `kernel.bpf_stats_enabled` on for that run), which leaves out the redirect's transmit work. *Packets/s through the proxies* and the fast-path share are the plain run's; the flood, the echo server and the node share the machine's cores, so the wall-clock rate is lower than a core's. Cells: median over {} repetitions (min–max).",
                 self.plan.duration_s, self.plan.reps
             ),
             charts: vec![BarChart {

@@ -19,11 +19,11 @@
 //! next veth's backlog that their redirects start — and nothing else of the flood; every
 //! packet reaches it the same way, handed over by another CPU (an RPS interrupt per batch).
 //!
-//! [`CpuSnapshot`] reads per CPU the `/proc/stat` times (`irq`, `softirq`, `idle` ...) and the
-//! packets its backlog processed (`/proc/net/softnet_stat`), so that the caller can charge the
-//! proxy CPU's interrupt + softirq time to the proxies and check that the steering held: the
-//! proxy CPU received as many packets as the proxies carried, and its sampled busy time agrees
-//! with its measured busy time (below).
+//! [`CpuSnapshot`] reads per CPU the `/proc/stat` times (`irq`, `softirq`, `idle` ...), the
+//! packets its backlog processed and the RPS interrupts it received
+//! (`/proc/net/softnet_stat`), so that the caller can charge the proxy CPU's busy time to the
+//! proxies and check that the steering held: the proxy CPU received as many packets as the
+//! proxies carried, and interrupt + softirq time was most of what it did.
 //!
 //! Invariants: [`Steering`] writes only `rps_cpus` files of the namespaces it is given and
 //! writes every value it changed back when dropped (or by [`Steering::restore`], which reports
@@ -32,14 +32,17 @@
 //! stays as it is; [`rfs_enabled`] tells the caller whether flow steering could override RPS).
 //!
 //! Limits: `/proc/stat`'s `irq` and `softirq` are sampled at the scheduler tick on kernels
-//! without `CONFIG_IRQ_TIME_ACCOUNTING` (this one: 250 Hz), about one tick per CPU per reading;
-//! its `idle` is measured (nohz idle accounting), so `wall − idle − iowait` is the CPU's busy
-//! time independently of the sampling — [`CpuDelta::sampled_busy_s`] against
-//! [`CpuDelta::measured_busy_s`] shows whether the ticks saw that CPU's time fairly. RPS's
-//! inter-processor interrupts land on the proxy CPU (`irq`) and are charged to the proxies,
-//! as a NIC's interrupts would be. Writing `rps_cpus` needs root; sysfs shows the devices of
-//! the namespace it was mounted in, so each namespace's files are reached through
-//! `ip netns exec` (which mounts a sysfs of that namespace).
+//! without `CONFIG_IRQ_TIME_ACCOUNTING` (this one: 250 Hz). Its `idle` is measured (nohz idle
+//! accounting), so `wall − idle − iowait` ([`CpuDelta::measured_busy_s`]) is a CPU's busy
+//! time independently of the sampling. The two disagree on a partly idle CPU where the tick is
+//! stopped in idle and restarted as the CPU wakes (this VM has no cpuidle driver, so every idle
+//! entry stops it): ticks then land at the start of busy periods, and the sampled busy time
+//! ([`CpuDelta::sampled_busy_s`]) came out 1.25–1.6× the measured one for the steered CPU
+//! (about 1/3 busy). Charge measured busy time; use the sampled columns only for shares. RPS's
+//! inter-processor interrupts land on the proxy CPU and are charged to the proxies, as a NIC's
+//! interrupts would be. Writing `rps_cpus` needs root; sysfs shows the devices of the
+//! namespace it was mounted in, so each namespace's files are reached through `ip netns exec`
+//! (which mounts a sysfs of that namespace).
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
