@@ -142,20 +142,26 @@ impl Steering {
         for (ns, mask) in plan {
             // On error `s` drops here and restores the namespaces done so far.
             let (out, failed) = run_in(ns, APPLY_SCRIPT, &[&mask])?;
-            // Keep what was listed even when a write failed: those files may have changed.
-            let mut files = Vec::new();
+            // Keep what was listed even when a write failed or a line is odd: those files may
+            // have changed, and must be restored.
+            let mut odd = None;
+            let files = s.saved.entry(ns.clone()).or_default();
             for line in out.lines() {
-                let (file, old) = line.split_once(' ').ok_or_else(|| SteerError::Output {
-                    ns: ns.clone(),
-                    line: line.to_owned(),
-                })?;
-                files.push((file.to_owned(), old.trim().to_owned()));
+                match line.split_once(' ') {
+                    Some((file, old)) => files.push((file.to_owned(), old.trim().to_owned())),
+                    None => odd = Some(line.to_owned()),
+                }
             }
-            s.saved.entry(ns.clone()).or_default().extend(files);
             if let Some(stderr) = failed {
                 return Err(SteerError::Write {
                     ns: ns.clone(),
                     stderr,
+                });
+            }
+            if let Some(line) = odd {
+                return Err(SteerError::Output {
+                    ns: ns.clone(),
+                    line,
                 });
             }
         }
