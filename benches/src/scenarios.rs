@@ -902,8 +902,18 @@ impl<'a> Scenarios<'a> {
                                 .or_default()
                                 .push(packets / ((c1 - c0) + prog));
                         }
-                        if cpu > 0.0 && packets > 0.0 {
+                        // Without a positive surplus (a noisy run: the direct flood cost
+                        // more softirq per datagram than SNAS's) the bound would charge the
+                        // processes alone: not a bound, so none.
+                        if irq <= 0.0 {
+                            notes.push(format!(
+                                "{label} rep {}: no lower bound (the SNAS flood's softirq time was not above the direct path's)",
+                                rep + 1
+                            ));
+                        } else if packets > 0.0 {
                             lower.entry(label).or_default().push(packets / cpu);
+                        }
+                        if cpu > 0.0 && packets > 0.0 {
                             wall_pps
                                 .entry(label)
                                 .or_default()
