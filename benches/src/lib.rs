@@ -15,6 +15,8 @@
 //!   connections.
 //! - [`tier1_edt`]: tier 1's departure stamps at 10M/100M/1G (BPF_PROG_TEST_RUN).
 //! - [`scale`]: job set-up at 1/100/1000 jobs, proxy memory, the 10k-rule policy.
+//! - [`steering`]: the proxies' receive processing on a CPU of its own, and per-CPU time and
+//!   packets (the proxy packet rate per core).
 //! - [`machine`]: what machine the figures come from.
 //! - [`report`]: JSON, PNG charts, text and markdown tables.
 //! - [`orchestrate`]: one whole run: testbed up, paths, scenarios, results, teardown.
@@ -32,5 +34,6 @@ pub mod sandbox;
 pub mod scale;
 pub mod scenarios;
 pub mod stats;
+pub mod steering;
 pub mod tier1_edt;
 pub mod workload;

@@ -121,22 +121,34 @@ fn read(path: &str) -> Result<String, MachineError> {
     })
 }
 
+/// The online CPUs (`/sys/devices/system/cpu/online`), in increasing order, or `None` when
+/// the file is unreadable or malformed.
+pub fn online_cpus() -> Option<Vec<usize>> {
+    cpu_ids(&std::fs::read_to_string(CPU_ONLINE).ok()?)
+}
+
 /// Counts the CPUs of a kernel CPU list such as `0-3,6,8-9`.
 fn parse_cpu_list(s: &str) -> Option<usize> {
-    let mut n = 0usize;
+    cpu_ids(s).map(|v| v.len())
+}
+
+/// The CPUs of a kernel CPU list such as `0-3,6,8-9`, in increasing order; `None` when it is
+/// empty or malformed (a descending range, a non-number).
+fn cpu_ids(s: &str) -> Option<Vec<usize>> {
+    let mut ids = Vec::new();
     for part in s.trim().split(',') {
         match part.split_once('-') {
             Some((a, b)) => {
                 let (a, b): (usize, usize) = (a.parse().ok()?, b.parse().ok()?);
-                n += b.checked_sub(a)? + 1;
+                b.checked_sub(a)?;
+                ids.extend(a..=b);
             }
-            None => {
-                part.parse::<usize>().ok()?;
-                n += 1;
-            }
+            None => ids.push(part.parse::<usize>().ok()?),
         }
     }
-    (n > 0).then_some(n)
+    ids.sort_unstable();
+    ids.dedup();
+    (!ids.is_empty()).then_some(ids)
 }
 
 fn count_processors(cpuinfo: &str) -> Option<usize> {
@@ -177,6 +189,16 @@ mod tests {
         assert_eq!(parse_cpu_list(""), None);
         assert_eq!(parse_cpu_list("3-1"), None);
         assert_eq!(parse_cpu_list("x"), None);
+    }
+
+    #[test]
+    fn cpu_list_names_each_cpu_once_in_order() {
+        assert_eq!(cpu_ids("0-1\n"), Some(vec![0, 1]));
+        assert_eq!(cpu_ids("8-9,0,3-4"), Some(vec![0, 3, 4, 8, 9]));
+        assert_eq!(cpu_ids("2,2"), Some(vec![2]));
+        assert_eq!(cpu_ids("1-0"), None);
+        assert_eq!(cpu_ids(""), None);
+        assert!(online_cpus().is_some_and(|c| !c.is_empty()));
     }
 
     #[test]
