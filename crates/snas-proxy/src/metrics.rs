@@ -61,9 +61,12 @@ pub struct Metrics {
     pub node_tx_bytes: AtomicU64,
     /// Refusals (RST / ICMP) sent.
     pub refusals: AtomicU64,
-    /// Packets held because the job's policy was not cached yet (a fetch was queued).
+    /// Packets held ([`crate::tier2::Verdict::Held`]): the job's policy was not cached yet (a
+    /// fetch was queued) or its serial is being refetched, or the name check holds a first
+    /// payload that was not complete in one packet.
     pub held_packets: AtomicU64,
-    /// Held packets released after their job's policy arrived.
+    /// Held packets processed again: their job's policy arrived, or their flow's name check
+    /// passed (and the name check's RSTs to servers).
     pub held_released: AtomicU64,
     /// Jobs ended by their node (`POST /v1/jobs/{job_key}/ended`).
     pub jobs_ended: AtomicU64,
@@ -413,12 +416,14 @@ impl Collector for Scrape {
             ),
             (
                 "snas_proxy_held_packets",
-                "Packets held while their job's policy was fetched.",
+                "Packets held while their job's policy was fetched, or by the name check while a \
+                 flow's first payload was not complete in one packet.",
                 c.held_packets,
             ),
             (
                 "snas_proxy_held_released",
-                "Held packets processed after their job's policy arrived.",
+                "Held packets processed after their job's policy arrived or their flow's name \
+                 check passed (and the name check's RSTs to servers).",
                 c.held_released,
             ),
             (
@@ -598,7 +603,8 @@ impl Collector for Scrape {
         f.family(
             "snas_proxy_name_checks",
             "Flows whose first payload the name check decided, by outcome (inspected counts every \
-             flow looked at).",
+             flow looked at; held: flows whose first payload was held across packets, the rest \
+             were decided in place).",
             MetricType::Counter,
             [
                 ([("outcome", "inspected")], n.inspected),
@@ -606,6 +612,7 @@ impl Collector for Scrape {
                 ([("outcome", "mismatched")], n.mismatched),
                 ([("outcome", "timed_out")], n.timed_out),
                 ([("outcome", "other")], n.other),
+                ([("outcome", "held")], n.held),
             ],
         )?;
         f.gauge(

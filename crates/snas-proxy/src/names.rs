@@ -8,9 +8,13 @@
 //!   bytes are.
 //! - [`Assembler`]: a byte stream rebuilt by offset (TCP sequence numbers, QUIC CRYPTO offsets),
 //!   first copy of every byte kept, bounded.
-//! - [`NameChecks`]: the per-flow state of the check inside the engine ([`crate::tier2`]): the
-//!   client's packets held until the first payload classifies, released unchanged in order on a
-//!   match, discarded on a mismatch (the engine resets the flow both ways and audits).
+//! - [`NameChecks`]: the per-flow state of the check inside the engine ([`crate::tier2`]). A
+//!   first payload that is complete in the flow's first payload packet (the common case: a
+//!   ClientHello, a request head, a QUIC Initial in one segment or datagram) is decided *in
+//!   place* ([`Step::DecideInPlace`]): on a match that packet goes on in the same engine call,
+//!   no copy, no second pass. Otherwise the client's packets are held until the first payload
+//!   classifies, released unchanged in order on a match, discarded on a mismatch. Either way a
+//!   mismatch resets the flow both ways and is audited by the engine.
 //!
 //! # Rules (docs/proxy.md, "Names on the wire")
 //! - Only flows a *host* rule with `names = "check"` allowed are inspected: TCP on any port of
@@ -35,6 +39,12 @@
 //!   pass after a one-byte test. Such a flow stays out of the fast path.
 //!
 //! # Invariants
+//! - A decision in place and a decision after holding see the same bytes and give the same
+//!   [`Classified`] ([`classify_first_packet`] is [`classify_tcp`] of what the [`Assembler`]
+//!   would hold after that one packet): only whether a copy is made differs.
+//! - Only the flow's first payload packet is decided in place, and only while nothing of the
+//!   flow is held: a packet at a later offset that came first, or any held packet, sends the
+//!   rest of the first payload through the hold (later packets never overtake held ones).
 //! - Held bytes never exceed the per-flow, per-job and total bounds of [`NameCheckConfig`]; a
 //!   packet that would is dropped (`hold_queue_full`) and the client retransmits it.
 //! - A flow in [`NameChecks`] (pending, releasing or rejected) is never eligible for any fast
@@ -46,7 +56,10 @@
 //! - Entries of flows that ended are found and freed by [`NameChecks::sweep`] (the engine's
 //!   tick), not at once: conntrack reports ended flows without their ids.
 //! - One allocation per held packet and per decided flow: these are first payloads, not the
-//!   established path.
+//!   established path. A decision in place allocates nothing on a match (QUIC: the copy of the
+//!   Initial that is decrypted); a mismatch copies the GENEVE header for the RST to the server.
+//! - A decision in place needs no hold space, so a complete first payload is decided even when
+//!   the job's or the total hold bound is reached (only what must be held is refused).
 
 pub mod http;
 pub mod quic;
@@ -197,6 +210,21 @@ pub fn classify_tcp(
         http::Head::Request { names } if names.is_empty() => Some(Classified::NoName(Wire::Http)),
         http::Head::Request { names } => Some(Classified::Names(Wire::Http, names)),
     }
+}
+
+/// What a TCP flow's first payload is, from its first payload packet alone (`data`: its
+/// payload, at stream offset 0, nothing else of the stream received): exactly what
+/// [`classify_tcp`] says of the prefix an [`Assembler`] of `max` bytes holds after that packet,
+/// with `last` set as the hold sets it (`fin`, or the packet reaches the limit). `None`: the
+/// first payload goes on past this packet and must be held.
+pub fn classify_first_packet(
+    data: &[u8],
+    fin: bool,
+    scratch: &mut Vec<u8>,
+    max: usize,
+) -> Option<Classified> {
+    let last = fin || data.len() >= max;
+    classify_tcp(&data[..data.len().min(max)], last, scratch, max)
 }
 
 /// The outcome of a check.
@@ -368,6 +396,9 @@ pub struct NameStats {
     pub timed_out: u64,
     /// Flows whose first payload was neither TLS, HTTP nor QUIC.
     pub other: u64,
+    /// Flows whose first payload could not be decided in place (not complete in the flow's
+    /// first payload packet, or a later segment came first): their packets were held.
+    pub held: u64,
 }
 
 /// The most Destination Connection IDs remembered per checked UDP flow (oldest replaced).
@@ -479,6 +510,20 @@ struct Pending {
     dcid: Option<Dcid>,
 }
 
+impl Pending {
+    /// What the engine needs to decide this flow, whose first payload is `classified`.
+    fn decide(&self, id: FlowId, classified: Classified) -> Decide {
+        Decide {
+            id,
+            key: self.key,
+            tenant: self.tenant,
+            rule: self.rule,
+            rule_index: self.rule_index,
+            classified,
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Gate {
     Pending(Box<Pending>),
@@ -498,9 +543,16 @@ pub enum Step {
     Pass,
     /// Copied into the flow's held packets (or already there): the packet is done for now.
     Held,
-    /// The flow's first payload is classified: the engine decides with [`check`] and calls
-    /// [`NameChecks::pass`] or [`NameChecks::reject`].
+    /// The flow's first payload is classified from held packets (the one in hand among them):
+    /// the engine decides with [`check`] and calls [`NameChecks::pass`] (the held packets are
+    /// released) or [`NameChecks::reject`].
     Decide(Decide),
+    /// The packet in hand carries the flow's whole first payload and nothing of the flow is
+    /// held: the engine decides with [`check`] at once. On a match it calls
+    /// [`NameChecks::pass`] and the packet goes on in the same call; on a mismatch it calls
+    /// [`NameChecks::reject`] with the packet's node and GENEVE header (for the RST to the
+    /// server) and refuses the packet.
+    DecideInPlace(Decide),
     /// Dropped (counted by the engine): over a hold bound, or not part of the stream.
     Drop(Reason),
     /// The flow was rejected earlier: refuse (TCP) or drop (UDP) with this reason.
@@ -753,14 +805,52 @@ impl NameChecks {
         };
         let data = &inner[data];
         let len = data.len() as u64;
-        if offset != u64::MAX && !fin && p.stream.covers(offset, offset + len) {
+        let quic = offset == u64::MAX;
+        if !quic && !fin && p.stream.covers(offset, offset + len) {
             // A retransmission of held bytes: the first copy is what gets released.
             return Step::Held;
+        }
+        // In place: the flow's first payload packet while nothing of it is held (TCP: at the
+        // first payload byte; a later segment that came first is held, and so is the rest).
+        let dcid_before = p.dcid;
+        let mut fed = false;
+        let mut incomplete = false;
+        if p.held.is_empty() {
+            let classified = if quic {
+                fed = true;
+                quic_feed(p, data, self.cfg, 1)
+            } else if offset == 0 {
+                let c = classify_first_packet(
+                    data,
+                    p.last || fin,
+                    &mut self.scratch,
+                    self.cfg.flow_bytes,
+                );
+                incomplete = c.is_none();
+                c
+            } else {
+                None
+            };
+            if let Some(classified) = classified {
+                self.stats.inspected += 1;
+                return Step::DecideInPlace(p.decide(id, classified));
+            }
         }
         let size = (head.len() + inner.len()) as u64;
         let job_held = self.job_bytes.get(&p.key.job).copied().unwrap_or(0);
         if job_held + size > self.cfg.job_bytes || self.total_bytes + size > self.cfg.total_bytes {
+            if fed {
+                // Not held, so not in the stream either: the client sends it again and it is
+                // read then, as if for the first time.
+                p.stream = Assembler::new(self.cfg.flow_bytes);
+                p.quic = None;
+                p.dcid = dcid_before;
+                p.last = false;
+            }
             return Step::Drop(Reason::HoldQueueFull);
+        }
+        if p.held.is_empty() {
+            self.stats.held += 1;
         }
         if p.head.is_empty() {
             p.head.extend_from_slice(head);
@@ -770,10 +860,16 @@ impl NameChecks {
         payload.extend_from_slice(head);
         payload.extend_from_slice(inner);
         let packet = HeldPacket { node, payload };
-        let classified = if offset == u64::MAX {
+        let classified = if quic {
             let order = p.held.len() as u64;
             p.held.push((order, packet));
-            quic_feed(p, data, self.cfg)
+            if fed {
+                // Read above: not complete.
+                None
+            } else {
+                let count = p.held.len() as u32;
+                quic_feed(p, data, self.cfg, count)
+            }
         } else {
             let pos = p.held.partition_point(|(o, _)| *o <= offset);
             p.held.insert(pos, (offset, packet));
@@ -781,12 +877,17 @@ impl NameChecks {
                 p.last = true;
             }
             let last = p.last || p.stream.full();
-            classify_tcp(
-                p.stream.prefix(),
-                last,
-                &mut self.scratch,
-                self.cfg.flow_bytes,
-            )
+            if incomplete {
+                // Classified above from the same bytes: not complete.
+                None
+            } else {
+                classify_tcp(
+                    p.stream.prefix(),
+                    last,
+                    &mut self.scratch,
+                    self.cfg.flow_bytes,
+                )
+            }
         };
         p.held_bytes += size;
         *self.job_bytes.entry(p.key.job).or_insert(0) += size;
@@ -794,16 +895,8 @@ impl NameChecks {
         match classified {
             None => Step::Held,
             Some(classified) => {
-                let d = Decide {
-                    id,
-                    key: p.key,
-                    tenant: p.tenant,
-                    rule: p.rule,
-                    rule_index: p.rule_index,
-                    classified,
-                };
                 self.stats.inspected += 1;
-                Step::Decide(d)
+                Step::Decide(p.decide(id, classified))
             }
         }
     }
@@ -880,13 +973,24 @@ impl NameChecks {
 
     /// The first payload of `id` mismatched: its held packets are discarded (returns how many)
     /// and every later packet of the job is [`Step::Rejected`]. A TCP flow also gets a RST
-    /// toward the server queued for release (it leaves through the flow's NAT).
-    pub fn reject(&mut self, id: FlowId, reason: Reason) -> u32 {
-        let Some(p) = self.take_pending(id) else {
+    /// toward the server queued for release (it leaves through the flow's NAT), behind the
+    /// GENEVE header of its first held packet, or of `in_hand` (node, header: the packet
+    /// decided in place) when nothing was held.
+    pub fn reject(
+        &mut self,
+        id: FlowId,
+        reason: Reason,
+        in_hand: Option<(Ipv4Addr, &[u8])>,
+    ) -> u32 {
+        let Some(mut p) = self.take_pending(id) else {
             return 0;
         };
         self.stats.mismatched += 1;
         let n = p.held.len() as u32;
+        if let (true, Some((node, head))) = (p.head.is_empty(), in_hand) {
+            p.head.extend_from_slice(head);
+            p.node = node;
+        }
         if p.key.proto == snas_wire::L4Proto::Tcp && !p.head.is_empty() {
             if let Some(rst) = rst_to_server(&p) {
                 self.released.push_back(rst);
@@ -920,14 +1024,7 @@ impl NameChecks {
                 )
                 .unwrap_or(Classified::Malformed(Wire::Tls, "unfinished"))
             };
-            out.push(Decide {
-                id: *id,
-                key: p.key,
-                tenant: p.tenant,
-                rule: p.rule,
-                rule_index: p.rule_index,
-                classified: c,
-            });
+            out.push(p.decide(*id, c));
         }
         self.stats.timed_out += out.len() as u64;
         self.stats.inspected += out.len() as u64;
@@ -982,7 +1079,13 @@ fn sub_range(whole: &[u8], part: &[u8]) -> std::ops::Range<usize> {
 }
 
 /// Feeds one datagram of a QUIC flow; returns the classification once there is one.
-fn quic_feed(p: &mut Pending, datagram: &[u8], cfg: NameCheckConfig) -> Option<Classified> {
+/// `count`: the flow's datagrams so far, this one included.
+fn quic_feed(
+    p: &mut Pending,
+    datagram: &[u8],
+    cfg: NameCheckConfig,
+    count: u32,
+) -> Option<Classified> {
     let mut rest = datagram;
     let mut any = false;
     while !rest.is_empty() {
@@ -1026,7 +1129,7 @@ fn quic_feed(p: &mut Pending, datagram: &[u8], cfg: NameCheckConfig) -> Option<C
         // The flow's first datagram is not a QUIC Initial.
         return Some(Classified::Other);
     }
-    let last = p.last || p.held.len() as u32 >= cfg.quic_packets;
+    let last = p.last || count >= cfg.quic_packets;
     let c = quic_verdict(p, last);
     match c {
         Classified::Malformed(_, "unfinished ClientHello") if !last => None,
@@ -1181,6 +1284,43 @@ mod tests {
             }
             s.add(0, &data);
             prop_assert_eq!(s.prefix(), &data[..]);
+        }
+
+        /// The decision in place sees what the hold would have: for the first payload packet
+        /// (whole or cut anywhere, a byte changed or not, with or without FIN, under any limit)
+        /// it classifies exactly as the assembled stream would after that packet.
+        #[test]
+        fn classifying_the_first_packet_in_place_equals_classifying_it_held(
+            kind in 0u8..3,
+            pad in 0usize..3000,
+            cut in any::<prop::sample::Index>(),
+            flip in proptest::option::of((any::<prop::sample::Index>(), any::<u8>())),
+            fin in any::<bool>(),
+            max in 16usize..5000,
+        ) {
+            let mut data = match kind {
+                0 => tls::build::records(
+                    &tls::build::client_hello_message(Some("api.example.com"), pad),
+                    16384,
+                ),
+                1 => format!(
+                    "GET /{} HTTP/1.1\r\nHost: api.example.com\r\n\r\n",
+                    "a".repeat(pad)
+                )
+                .into_bytes(),
+                _ => (0..pad).map(|i| (i * 7) as u8).collect(),
+            };
+            data.truncate(cut.index(data.len() + 1));
+            if let (Some((at, b)), false) = (flip, data.is_empty()) {
+                let i = at.index(data.len());
+                data[i] = b;
+            }
+            let in_place = classify_first_packet(&data, fin, &mut Vec::new(), max);
+            let mut stream = Assembler::new(max);
+            let overflow = stream.add(0, &data) == Feed::Overflow;
+            let last = fin || overflow || stream.full();
+            let held = classify_tcp(stream.prefix(), last, &mut Vec::new(), max);
+            prop_assert_eq!(in_place, held);
         }
 
         #[test]

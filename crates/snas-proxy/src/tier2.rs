@@ -586,7 +586,8 @@ pub struct Tier2 {
     segment_departs: Vec<Option<Nanos>>,
     /// The segment lengths behind `segment_departs` (reused).
     segment_lens: Vec<u32>,
-    /// Flows whose first payload is held for the name check ([`crate::names`]).
+    /// Flows under the name check ([`crate::names`]): first payload awaited or held, held
+    /// packets on their way out, or rejected.
     names: NameChecks,
     /// Flows handed to the in-kernel fast path ([`Tier2::drain_offload_events`]).
     offload: Offloads,
@@ -1918,7 +1919,8 @@ impl Tier2 {
     }
 
     /// A flow was just admitted: if the rule that allowed it checks names (TCP on any port,
-    /// UDP on 443), its first payload will be held.
+    /// UDP on 443), its first payload will be checked (in place when it comes whole in one
+    /// packet, else held until it is complete).
     fn names_admitted(
         &mut self,
         policy: &JobPolicy,
@@ -1956,8 +1958,9 @@ impl Tier2 {
             .start(id, *key, policy.tenant_id, check, rule, syn_seq, now.mono);
     }
 
-    /// A packet of a flow while some flow is under the check: `None` lets it through,
-    /// `Some(verdict)` is its fate (held, refused, dropped).
+    /// A packet of a flow while some flow is under the check: `None` lets it through (also a
+    /// first payload that passed in place), `Some(verdict)` is its fate (held, refused,
+    /// dropped).
     fn names_gate(
         &mut self,
         policy: &JobPolicy,
@@ -1981,7 +1984,7 @@ impl Tier2 {
             crate::names::Step::Held => Some(held),
             crate::names::Step::Drop(r) => Some(self.drop_of(tenant, r)),
             crate::names::Step::Rejected(r) => Some(self.names_refuse(r, gate, inner, refusal)),
-            crate::names::Step::Decide(d) => match self.names_decide(policy, d, now) {
+            crate::names::Step::Decide(d) => match self.names_decide(policy, d, None, now) {
                 None => Some(held),
                 Some((reason, discarded)) => {
                     // The packet in hand is one of the discarded: counted by the refusal.
@@ -1990,6 +1993,11 @@ impl Tier2 {
                     Some(self.names_refuse(reason, gate, inner, refusal))
                 }
             },
+            // Nothing held: a match goes on in this call, a mismatch refuses this packet (the
+            // only one of the flow the check has seen, counted by the refusal).
+            crate::names::Step::DecideInPlace(d) => self
+                .names_decide(policy, d, Some((gate.node, head)), now)
+                .map(|(reason, _)| self.names_refuse(reason, gate, inner, refusal)),
         }
     }
 
@@ -2018,12 +2026,14 @@ impl Tier2 {
         }
     }
 
-    /// Decides a classified first payload: releases the flow's held packets (`None`) or
-    /// rejects the flow and audits it (`Some((reason, packets discarded))`).
+    /// Decides a classified first payload: releases the flow's held packets, if any (`None`),
+    /// or rejects the flow and audits it (`Some((reason, packets discarded))`). `in_hand`: the
+    /// node and GENEVE header of the packet decided in place (for the RST to the server).
     fn names_decide(
         &mut self,
         policy: &JobPolicy,
         d: crate::names::Decide,
+        in_hand: Option<(Ipv4Addr, &[u8])>,
         now: Now,
     ) -> Option<(Reason, u32)> {
         let key = d.key;
@@ -2046,7 +2056,7 @@ impl Tier2 {
                 None
             }
             crate::names::Check::Mismatch { reason, wire } => {
-                let discarded = self.names.reject(d.id, reason);
+                let discarded = self.names.reject(d.id, reason, in_hand);
                 let bound = self
                     .bindings
                     .names(key.job, key.dst_ip, now.mono)
@@ -2090,9 +2100,9 @@ impl Tier2 {
                 crate::names::Classified::Other => Reason::HostMismatch,
             };
             let rejected = match policies.lookup(d.key.job) {
-                PolicyLookup::Ready(p) => self.names_decide(p, d, now),
+                PolicyLookup::Ready(p) => self.names_decide(p, d, None, now),
                 // The job's end is on its way; nothing of the flow goes out.
-                _ => Some((reason, self.names.reject(id, reason))),
+                _ => Some((reason, self.names.reject(id, reason, None))),
             };
             if let Some((reason, discarded)) = rejected {
                 self.drops.verified(tenant, reason, u64::from(discarded));
