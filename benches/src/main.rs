@@ -104,7 +104,8 @@ struct RunArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
     jobs: Vec<usize>,
     /// Let idle CPUs halt (default: hold a 0 µs PM QoS latency request so that they poll, as
-    /// latency benchmarks usually do; see docs/benchmarks.md).
+    /// latency benchmarks usually do, where a cpuidle driver honours it; see
+    /// docs/benchmarks.md).
     #[arg(long)]
     no_cpu_latency_qos: bool,
     /// Flow counts of proxy_memory.

@@ -173,7 +173,8 @@ pub struct RunOptions {
 /// Holds a PM QoS CPU latency request of 0 µs while alive, so that idle CPUs poll instead of
 /// halting: on a VM a wake-up from halt costs tens of µs, which would otherwise land on
 /// whichever path happens to wake a sleeping CPU (and a busy-polling proxy keeps one awake,
-/// flattering its path). The request ends when the file is closed.
+/// flattering its path). The request ends when the file is closed. It acts through the
+/// cpuidle driver: on a machine without one the CPUs halt anyway (the run's conditions say so).
 #[derive(Debug)]
 struct CpuLatencyQos(#[allow(dead_code)] std::fs::File);
 
@@ -184,6 +185,13 @@ fn hold_cpu_latency_qos() -> std::io::Result<CpuLatencyQos> {
         .open("/dev/cpu_dma_latency")?;
     f.write_all(&0i32.to_ne_bytes())?;
     Ok(CpuLatencyQos(f))
+}
+
+/// The machine's cpuidle driver (`none` when it has none), if the kernel says.
+fn cpuidle_driver() -> Option<String> {
+    std::fs::read_to_string("/sys/devices/system/cpu/cpuidle/current_driver")
+        .ok()
+        .map(|s| s.trim().to_owned())
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -271,7 +279,12 @@ pub fn run(opts: &RunOptions) -> Result<RunReport, RunError> {
     let _qos = if opts.cpu_latency_qos {
         match hold_cpu_latency_qos() {
             Ok(q) => {
-                conditions.push("CPU idle: a PM QoS request of 0 µs (/dev/cpu_dma_latency) was held for the whole run, so idle CPUs polled instead of halting and no path paid for waking a halted CPU (`--no-cpu-latency-qos` turns it off).".to_owned());
+                conditions.push(match cpuidle_driver().as_deref() {
+                    // The request acts through the cpuidle governor; without a driver the idle
+                    // loop halts whatever it says.
+                    Some("none") | None => "CPU idle: a PM QoS request of 0 µs (/dev/cpu_dma_latency) was held for the whole run, but this machine has no cpuidle driver (/sys/devices/system/cpu/cpuidle/current_driver), so it had no effect: idle CPUs halted, and latencies include wake-ups from halt.".to_owned(),
+                    Some(d) => format!("CPU idle: a PM QoS request of 0 µs (/dev/cpu_dma_latency) was held for the whole run (cpuidle driver {d}), so idle CPUs polled instead of halting and no path paid for waking a halted CPU (`--no-cpu-latency-qos` turns it off)."),
+                });
                 Some(q)
             }
             Err(e) => {

@@ -477,7 +477,13 @@ max_filedescriptors 8192
         write_file(&conf_path, &conf)?;
         let gw = format!("{}-gs", self.prefix);
         let mut cmd = Command::new("squid");
-        cmd.arg("-N").arg("-f").arg(&conf_path);
+        // Its own service name: squid names its shared-memory segments after it
+        // (/dev/shm/<name>-cf__*.shm), and two runs with the default name would share them.
+        cmd.arg("-N")
+            .arg("-n")
+            .arg(&self.prefix)
+            .arg("-f")
+            .arg(&conf_path);
         let child = netns::spawn_in_netns(&mut cmd, &gw, &dir.join("squid.out")).map_err(|e| {
             PathError::Squid(format!(
                 "{e} (is the `squid` package installed? scripts/setup.sh installs it)"
@@ -566,6 +572,15 @@ impl Drop for Baselines {
         netns::stop_pids(&netns::pids_in(&ids), Duration::from_secs(2));
         for ns in self.namespaces.iter().rev() {
             let _ = netns::del_netns(ns);
+        }
+        // The shared-memory segments a killed squid leaves behind (named after `-n`).
+        if let Ok(entries) = std::fs::read_dir("/dev/shm") {
+            let ours = format!("{}-cf__", self.prefix);
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&ours) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
         }
     }
 }
