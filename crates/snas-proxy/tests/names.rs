@@ -721,22 +721,23 @@ fn a_retransmitted_first_segment_after_a_mismatch_in_place_is_refused_again() {
     assert_eq!(f.release().0.len(), 1, "one RST to the server");
 }
 
+/// The first two data segments of the job's connection from `sport` to API:80: `head` at the
+/// stream's start, then `body` right after it.
+fn head_then_body(sport: u16, head: &[u8], body: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let body_seq = ISN + 1 + head.len() as u32;
+    (
+        seg(sport, API, 80, ISN + 1, 5001, engine::DATA, head),
+        seg(sport, API, 80, body_seq, 5001, engine::DATA, body),
+    )
+}
+
 #[test]
 fn a_first_payload_followed_at_once_by_a_second_data_segment_leaves_in_order_neither_held() {
     let mut f = Fixture::new();
     f.open(40304, API, 80);
     let head = b"POST / HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 1400\r\n\r\n";
     let body = vec![0x42u8; 1400];
-    let s1 = seg(40304, API, 80, ISN + 1, 5001, engine::DATA, head);
-    let s2 = seg(
-        40304,
-        API,
-        80,
-        ISN + 1 + head.len() as u32,
-        5001,
-        engine::DATA,
-        &body,
-    );
+    let (s1, s2) = head_then_body(40304, head, &body);
     let (v1, p1, _) = f.send(&s1);
     let (v2, p2, _) = f.send(&s2);
     let a = tcp_out(&sent_packet(&v1, &p1));
@@ -754,16 +755,7 @@ fn a_later_segment_that_arrives_first_keeps_the_hold_even_when_the_first_one_is_
     f.open(40305, API, 80);
     let head = b"POST / HTTP/1.1\r\nHost: api.example.com\r\nContent-Length: 100\r\n\r\n";
     let body = vec![0x42u8; 100];
-    let s1 = seg(40305, API, 80, ISN + 1, 5001, engine::DATA, head);
-    let s2 = seg(
-        40305,
-        API,
-        80,
-        ISN + 1 + head.len() as u32,
-        5001,
-        engine::DATA,
-        &body,
-    );
+    let (s1, s2) = head_then_body(40305, head, &body);
     let (v, _, _) = f.send(&s2);
     assert!(is_held(&v), "{v:?}");
     let (v, _, _) = f.send(&s1);
