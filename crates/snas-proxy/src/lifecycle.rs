@@ -13,7 +13,9 @@
 //!   packets are dropped as `policy_revoked` from the moment it is recorded and its flows end
 //!   (`flow_end` `revoked`) at the engine's next housekeeping tick. The job's node is never
 //!   asked: a node that does not cooperate is cut off all the same.
-//! - **Trust bundle** ([`reload_trust`]): reloaded every [`POLL`] (500 ms) and on SIGHUP. A
+//! - **Trust bundle** ([`reload_trust`]): reloaded every [`POLL`] (500 ms), on SIGHUP, and at
+//!   once when a fetched policy names a key id the bundle does not hold (the fetch waits for
+//!   that reload and verifies again: `Fetcher::reload_trust_now`). A
 //!   poll, not inotify: trust directories are often projected volumes (a `..data` symlink
 //!   swap), network file systems or rewritten by configuration management, where file events
 //!   are unreliable; reading a few small files twice a second is free and bounds the delay. A key
@@ -132,6 +134,9 @@ pub async fn run(shared: Arc<Shared>) {
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
                 tracing::info!("SIGHUP: reloading the trust bundle");
             }
+            () = shared.fetcher.trust_reload_wanted() => {
+                tracing::debug!("a policy names a key id not in the trust bundle: reloading it now");
+            }
         }
         if shared.stop.load(std::sync::atomic::Ordering::Relaxed) {
             return;
@@ -142,7 +147,9 @@ pub async fn run(shared: Arc<Shared>) {
         let mut sc = std::mem::take(&mut scan);
         // File reads and verification off the async threads.
         let back = tokio::task::spawn_blocking(move || {
+            let seq = s.fetcher.trust_reload_starting();
             reload_trust(&s, &mut p);
+            s.fetcher.trust_reloaded(seq);
             if let Some(dir) = &dir {
                 for path in sc.changed(dir) {
                     let applied = read_revocation(&path)

@@ -27,6 +27,12 @@
 //!   survive refetches and are bounded ([`snas_policy::revocation::MAX_REVOCATIONS`]).
 //! - The trust bundle is replaced by [`Fetcher::reload_trust`]; the policies signed by a
 //!   removed or replaced key are dropped at once and their jobs refused as `key_untrusted`.
+//! - A token signed by a key id the bundle does not hold is verified once more after the
+//!   trust upkeep (`lifecycle::run`, the only caller of `reload_trust`) has reloaded the
+//!   bundle at this fetch's request ([`Fetcher::reload_trust_now`], waiting at most
+//!   [`TRUST_RELOAD_WAIT`]): a key rotation writes the new key to every trust directory before
+//!   jobs are signed with it, and a proxy must not refuse such a job for up to one 500 ms
+//!   trust poll.
 //! - A failed refetch of a cached job keeps the cached policy.
 //! - Expired policies stay [`EXPIRED_KEEP`] past their `exp` (so tier 2 keeps refusing the job's
 //!   packets with RST/ICMP instead of fetching the expired token again), then
@@ -74,6 +80,10 @@ impl std::fmt::Debug for Replaced {
         f.write_str("Replaced")
     }
 }
+
+/// How long a fetch whose token names an unknown key id waits for the trust reload it asks
+/// for ([`Fetcher::reload_trust_now`]).
+pub const TRUST_RELOAD_WAIT: Duration = Duration::from_millis(500);
 
 /// After a refetch that brought a newer policy, the next refetch of the job may follow this
 /// soon (see [`Fetcher::request_refetch`]).
@@ -431,6 +441,13 @@ pub struct FetchStats {
 pub struct Fetcher {
     store: Arc<PolicyStore>,
     trust: RwLock<Arc<TrustBundle>>,
+    /// Asks the trust upkeep for a reload now ([`Fetcher::trust_reload_wanted`]).
+    trust_wanted: tokio::sync::Notify,
+    /// Told by the trust upkeep after each reload ([`Fetcher::trust_reloaded`]).
+    trust_done: tokio::sync::Notify,
+    /// Sequence number of the last reload started, and of the last one finished.
+    trust_started: AtomicU64,
+    trust_finished: AtomicU64,
     cfg: FetchConfig,
     inflight: Mutex<HashSet<JobKey>>,
     /// Per job: when it was last refetched and the serial held then.
@@ -535,6 +552,10 @@ impl Fetcher {
         let f = Fetcher {
             store,
             trust: RwLock::new(Arc::new(trust)),
+            trust_wanted: tokio::sync::Notify::new(),
+            trust_done: tokio::sync::Notify::new(),
+            trust_started: AtomicU64::new(0),
+            trust_finished: AtomicU64::new(0),
             cfg,
             inflight: Mutex::new(HashSet::new()),
             refetched: Mutex::new(HashMap::new()),
@@ -549,6 +570,46 @@ impl Fetcher {
     /// The store this fetcher fills.
     pub fn store(&self) -> &Arc<PolicyStore> {
         &self.store
+    }
+
+    /// Asks the trust upkeep to reload the bundle now and waits until a reload has finished,
+    /// at most [`TRUST_RELOAD_WAIT`]. Returns whether one did (false when no upkeep runs).
+    pub async fn reload_trust_now(&self) -> bool {
+        // A reload already under way may have read the directory before the key was there:
+        // only one that starts after this request counts.
+        let wanted = self.trust_started.load(Ordering::Acquire) + 1;
+        let deadline = tokio::time::Instant::now() + TRUST_RELOAD_WAIT;
+        self.trust_wanted.notify_one();
+        loop {
+            let done = self.trust_done.notified();
+            tokio::pin!(done);
+            // Registered before the check, so that a reload finishing in between is not missed.
+            done.as_mut().enable();
+            if self.trust_finished.load(Ordering::Acquire) >= wanted {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, done).await.is_err() {
+                return false;
+            }
+        }
+    }
+
+    /// Resolves when a fetch asks for a reload of the trust bundle (the trust upkeep waits on
+    /// it beside its poll).
+    pub async fn trust_reload_wanted(&self) {
+        self.trust_wanted.notified().await
+    }
+
+    /// The trust upkeep starts a reload: returns its sequence number for
+    /// [`Fetcher::trust_reloaded`].
+    pub fn trust_reload_starting(&self) -> u64 {
+        self.trust_started.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// The trust upkeep finished reload `seq`.
+    pub fn trust_reloaded(&self, seq: u64) {
+        self.trust_finished.fetch_max(seq, Ordering::AcqRel);
+        self.trust_done.notify_waiters();
     }
 
     /// Sets the hook told about the end of every fetch (once; later calls are ignored).
@@ -785,12 +846,18 @@ impl Fetcher {
             });
         }
         let token = String::from_utf8_lossy(&resp.body);
-        let v = jws::verify(&token, &self.trust(), SystemTime::now()).map_err(|source| {
-            FetchError::Verify {
-                job_key,
-                node,
-                source,
+        let mut verified = jws::verify(&token, &self.trust(), SystemTime::now());
+        if let Err(jws::VerifyError::UnknownKid(_)) = &verified {
+            // Perhaps a key this proxy has not loaded yet (module docs): once more after a
+            // reload.
+            if self.reload_trust_now().await {
+                verified = jws::verify(&token, &self.trust(), SystemTime::now());
             }
+        }
+        let v = verified.map_err(|source| FetchError::Verify {
+            job_key,
+            node,
+            source,
         })?;
         if v.job_key() != job_key {
             return Err(FetchError::WrongJob {

@@ -23,7 +23,10 @@
 //! binding that expires first would turn such a connection into a `destination_denied`.
 //! The same binding is pushed to every configured peer (`POST /v1/bindings`), which re-checks
 //! it against the policy it verifies itself; the answer waits for the pushes (at most
-//! [`PEER_SYNC_WAIT`]) because the job's first connection may land on a peer.
+//! [`PEER_SYNC_WAIT`]) because the job's first connection may land on a peer. A peer that
+//! cannot verify the job's policy *yet* — its key is in the trust directory but the peer's
+//! 500 ms trust poll has not loaded it (a key rotation) — answers 503, and the push is tried
+//! again after each of [`PEER_RETRY_AFTER`] (in the background); any other refusal is final.
 //!
 //! # Limits
 //! UDP answers larger than the client's EDNS payload size (512 without EDNS) are sent
@@ -63,6 +66,14 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 const PEER_SYNC_WAIT: Duration = Duration::from_millis(150);
 /// A peer whose push failed is not waited for during this long (its pushes still go out).
 const PEER_TROUBLE: Duration = Duration::from_secs(10);
+/// Waits before each new try of a push the peer could not take yet (503): longer in all than
+/// two of the peers' trust polls (`lifecycle::POLL`, 500 ms), so that a key just written to
+/// its trust directory is loaded in between.
+pub const PEER_RETRY_AFTER: [Duration; 3] = [
+    Duration::from_millis(600),
+    Duration::from_millis(1200),
+    Duration::from_millis(2400),
+];
 
 pub use snas_policy::binding::clamp_ttl_secs as clamp_ttl;
 
@@ -427,6 +438,14 @@ pub enum PeerBindingError {
     Name(String),
 }
 
+impl PeerBindingError {
+    /// Whether the pushing proxy should try again shortly: the policy is signed by a key this
+    /// proxy does not trust yet (a new key it has not loaded; its trust poll runs every 500 ms).
+    pub fn retry_later(&self) -> bool {
+        matches!(self, PeerBindingError::Policy(_, r) if *r == Reason::KeyUntrusted.name())
+    }
+}
+
 /// Checks a peer's binding against the job's policy (fetched and verified here) and binds it.
 /// Returns the number of addresses bound.
 pub async fn apply_peer_binding(
@@ -490,7 +509,17 @@ async fn push_to_peers(
             .get(&peer)
             .is_some_and(|t| t.elapsed() < PEER_TROUBLE);
         let push = tokio::spawn(async move {
-            let r = client.push_binding(&body).await;
+            let mut r = client.push_binding(&body).await;
+            for wait in PEER_RETRY_AFTER {
+                match &r {
+                    Err(e) if e.status() == Some(503) => {
+                        tracing::debug!(%addr, error = %e, ?wait, "peer cannot take the binding yet; trying again");
+                        tokio::time::sleep(wait).await;
+                        r = client.push_binding(&body).await;
+                    }
+                    _ => break,
+                }
+            }
             match &r {
                 Ok(()) => {}
                 Err(e) if e.status().is_some() => {

@@ -565,3 +565,117 @@ fn answers_are_pushed_to_peers_which_recheck_the_policy() {
         ["short.example.com"]
     );
 }
+
+#[test]
+fn a_peer_that_loads_the_jobs_key_after_the_answer_still_gets_the_binding() {
+    // Key rotation: the job is signed by a key proxy A trusts and peer B does not trust yet
+    // (it is written to B's trust directory just after the answer; B's trust poll loads it
+    // within 500 ms). B answers the push 503 and A tries again.
+    let keys = Keys::new();
+    let policy = PolicyServer::start(IpAddr::V4(LOCAL));
+    policy.serve(job_key(JTI), 200, &keys.token(POLICY, JTI, 1));
+    let upstream = Upstream::start();
+    let secret = keys.dir.path().join("peer.secret");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let b_trust = keys.dir.path().join("trust-b");
+    std::fs::create_dir_all(&b_trust).unwrap();
+    let other = snas_policy::keys::PolicyKey::from_seed("other-key", [6; 32]).unwrap();
+    std::fs::write(b_trust.join("other-key.pub"), other.public_pem().unwrap()).unwrap();
+    let port = free_port();
+    let peer_ip = Ipv4Addr::new(127, 0, 0, 3);
+    let extra_a = format!(
+        "peers = [\"{peer_ip}\"]\npeer_secret_file = \"{}\"",
+        secret.display()
+    );
+    let mut a = config(&keys, policy.addr.port(), upstream.addr, &extra_a);
+    a.service_listen = Some(SocketAddr::from((LOCAL, port)));
+    let extra_b = format!("peer_secret_file = \"{}\"", secret.display());
+    let mut b = config(&keys, policy.addr.port(), upstream.addr, &extra_b);
+    b.service_listen = Some(SocketAddr::from((peer_ip, port)));
+    b.audit_log = keys.dir.path().join("audit-b.jsonl");
+    b.trust = b_trust.clone();
+    let a = Daemon::start_control_plane(a).unwrap();
+    let b = Daemon::start_control_plane(b).unwrap();
+
+    let q = query("api.example.com.", RecordType::A, Some(identity()));
+    assert_eq!(
+        ask_udp_from(LOCAL, a.resolver_addr(), &q).response_code(),
+        ResponseCode::NoError
+    );
+    let api = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10));
+    assert!(
+        bound_names(&b, api).is_empty(),
+        "B cannot verify the job yet"
+    );
+    std::fs::copy(
+        keys.trust().join("test-key.pub"),
+        b_trust.join("test-key.pub"),
+    )
+    .unwrap();
+    let added = Instant::now();
+    while bound_names(&b, api).is_empty() {
+        assert!(
+            added.elapsed() < Duration::from_secs(6),
+            "B never got the binding after it loaded the key"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "binding on B {:?} after its key was written",
+        added.elapsed()
+    );
+    assert_eq!(bound_names(&b, api), ["api.example.com"]);
+}
+
+#[test]
+fn a_policy_signed_by_a_key_written_just_before_is_verified_without_waiting_for_the_trust_poll() {
+    // The key reaches the trust directory a moment before the job's first fetch (a rotation:
+    // keys are rolled out before jobs are signed with them). The fetch asks for a reload at
+    // once instead of failing until the next 500 ms poll.
+    let keys = Keys::new();
+    let policy = PolicyServer::start(IpAddr::V4(LOCAL));
+    policy.serve(job_key(JTI), 200, &keys.token(POLICY, JTI, 1));
+    let upstream = Upstream::start();
+    let secret = keys.dir.path().join("peer.secret");
+    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let trust = keys.dir.path().join("trust-late");
+    std::fs::create_dir_all(&trust).unwrap();
+    let other = snas_policy::keys::PolicyKey::from_seed("other-key", [6; 32]).unwrap();
+    std::fs::write(trust.join("other-key.pub"), other.public_pem().unwrap()).unwrap();
+    let extra = format!("peer_secret_file = \"{}\"", secret.display());
+    let mut cfg = config(&keys, policy.addr.port(), upstream.addr, &extra);
+    cfg.trust = trust.clone();
+    let d = Daemon::start_control_plane(cfg).unwrap();
+    let body = format!(
+        r#"{{"job_key":"{}","node":"127.0.0.1","name":"api.example.com","addrs":["203.0.113.10"],"ttl_secs":60}}"#,
+        job_key(JTI)
+    );
+    for round in 0..5 {
+        // Each round: a new key file, then at once a policy signed by it.
+        let kid = format!("rotated-{round}");
+        let rotated = Keys {
+            key: snas_policy::keys::PolicyKey::from_seed(&kid, [7 + round; 32]).unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let jti = format!("jti-rotated-00000{round}");
+        policy.serve(job_key(&jti), 200, &rotated.token(POLICY, &jti, 1));
+        let pem = rotated.key.public_pem().unwrap();
+        std::fs::write(trust.join(format!("{kid}.pub")), pem).unwrap();
+        let body = body.replace(&job_key(JTI).to_string(), &job_key(&jti).to_string());
+        let started = Instant::now();
+        assert_eq!(
+            post(
+                d.service_addr(),
+                "/v1/bindings",
+                "0123456789abcdef0123456789abcdef",
+                &body
+            ),
+            200,
+            "round {round}: verified on the first try"
+        );
+        eprintln!(
+            "round {round}: verified {:?} after the key was written",
+            started.elapsed()
+        );
+    }
+}

@@ -24,7 +24,8 @@
 //! - `GET /healthz`: as above (agents' health checks).
 //! - `POST /v1/bindings`: a DNS binding pushed by a peer proxy ([`PeerBinding`],
 //!   `Authorization: Bearer <peer secret>`, compared in constant time); see
-//!   [`crate::resolver::apply_peer_binding`].
+//!   [`crate::resolver::apply_peer_binding`]. 503 when the policy's key is not trusted yet
+//!   (the pusher tries again), 403 for every other refusal.
 //! - `POST /v1/jobs/{job_key}/ended`: the job's node says the job ended; the proxy removes its
 //!   flows (ports into quarantine, a `flow_end` line each), held packets, pacing and rate state,
 //!   bindings and cached policy — at the engine's next housekeeping tick, a few milliseconds
@@ -323,6 +324,10 @@ async fn bindings(State(c): State<Ctl>, headers: HeaderMap, body: axum::body::By
     };
     match crate::resolver::apply_peer_binding(&c.shared, &b).await {
         Ok(n) => (StatusCode::OK, format!("bound {n}\n")).into_response(),
+        // Not yet: the pushing peer tries again (resolver::PEER_RETRY_AFTER).
+        Err(e) if e.retry_later() => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response()
+        }
         Err(e) => (StatusCode::FORBIDDEN, format!("{e}\n")).into_response(),
     }
 }
