@@ -566,21 +566,35 @@ fn answers_are_pushed_to_peers_which_recheck_the_policy() {
     );
 }
 
-#[test]
-fn a_peer_that_loads_the_jobs_key_after_the_answer_still_gets_the_binding() {
-    // Key rotation: the job is signed by a key proxy A trusts and peer B does not trust yet
-    // (it is written to B's trust directory just after the answer; B's trust poll loads it
-    // within 500 ms). B answers the push 503 and A tries again.
+/// Keys, a policy server serving `JTI` signed by them, an upstream, the peer secret file, and
+/// a second trust directory that holds only another key (a proxy that does not trust the
+/// job's key yet).
+fn untrusting_peer_setup() -> (
+    Keys,
+    PolicyServer,
+    Upstream,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
     let keys = Keys::new();
     let policy = PolicyServer::start(IpAddr::V4(LOCAL));
     policy.serve(job_key(JTI), 200, &keys.token(POLICY, JTI, 1));
     let upstream = Upstream::start();
     let secret = keys.dir.path().join("peer.secret");
     std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
-    let b_trust = keys.dir.path().join("trust-b");
-    std::fs::create_dir_all(&b_trust).unwrap();
+    let trust = keys.dir.path().join("trust-other");
+    std::fs::create_dir_all(&trust).unwrap();
     let other = snas_policy::keys::PolicyKey::from_seed("other-key", [6; 32]).unwrap();
-    std::fs::write(b_trust.join("other-key.pub"), other.public_pem().unwrap()).unwrap();
+    std::fs::write(trust.join("other-key.pub"), other.public_pem().unwrap()).unwrap();
+    (keys, policy, upstream, secret, trust)
+}
+
+#[test]
+fn a_peer_that_loads_the_jobs_key_after_the_answer_still_gets_the_binding() {
+    // Key rotation: the job is signed by a key proxy A trusts and peer B does not trust yet
+    // (it is written to B's trust directory just after the answer; B's trust poll loads it
+    // within 500 ms). B answers the push 503 and A tries again.
+    let (keys, policy, upstream, secret, b_trust) = untrusting_peer_setup();
     let port = free_port();
     let peer_ip = Ipv4Addr::new(127, 0, 0, 3);
     let extra_a = format!(
@@ -632,16 +646,7 @@ fn a_policy_signed_by_a_key_written_just_before_is_verified_without_waiting_for_
     // The key reaches the trust directory a moment before the job's first fetch (a rotation:
     // keys are rolled out before jobs are signed with them). The fetch asks for a reload at
     // once instead of failing until the next 500 ms poll.
-    let keys = Keys::new();
-    let policy = PolicyServer::start(IpAddr::V4(LOCAL));
-    policy.serve(job_key(JTI), 200, &keys.token(POLICY, JTI, 1));
-    let upstream = Upstream::start();
-    let secret = keys.dir.path().join("peer.secret");
-    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
-    let trust = keys.dir.path().join("trust-late");
-    std::fs::create_dir_all(&trust).unwrap();
-    let other = snas_policy::keys::PolicyKey::from_seed("other-key", [6; 32]).unwrap();
-    std::fs::write(trust.join("other-key.pub"), other.public_pem().unwrap()).unwrap();
+    let (keys, policy, upstream, secret, trust) = untrusting_peer_setup();
     let extra = format!("peer_secret_file = \"{}\"", secret.display());
     let mut cfg = config(&keys, policy.addr.port(), upstream.addr, &extra);
     cfg.trust = trust.clone();
