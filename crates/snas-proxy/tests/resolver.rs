@@ -494,26 +494,8 @@ fn post(to: SocketAddr, path: &str, auth: &str, body: &str) -> u16 {
 
 #[test]
 fn answers_are_pushed_to_peers_which_recheck_the_policy() {
-    let keys = Keys::new();
-    let policy = PolicyServer::start(IpAddr::V4(LOCAL));
-    policy.serve(job_key(JTI), 200, &keys.token(POLICY, JTI, 1));
-    let upstream = Upstream::start();
-    let secret = keys.dir.path().join("peer.secret");
-    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
-    let port = free_port();
-    let peer_ip = Ipv4Addr::new(127, 0, 0, 2);
-    let extra_a = format!(
-        "peers = [\"{peer_ip}\"]\npeer_secret_file = \"{}\"",
-        secret.display()
-    );
-    let mut a = config(&keys, policy.addr.port(), upstream.addr, &extra_a);
-    a.service_listen = Some(SocketAddr::from((LOCAL, port)));
-    let extra_b = format!("peer_secret_file = \"{}\"", secret.display());
-    let mut b = config(&keys, policy.addr.port(), upstream.addr, &extra_b);
-    b.service_listen = Some(SocketAddr::from((peer_ip, port)));
-    b.audit_log = keys.dir.path().join("audit-b.jsonl");
-    let a = Daemon::start_control_plane(a).unwrap();
-    let b = Daemon::start_control_plane(b).unwrap();
+    let peers = Peers::new();
+    let (a, b) = peers.start(Ipv4Addr::new(127, 0, 0, 2), None);
 
     let q = query("api.example.com.", RecordType::A, Some(identity()));
     assert_eq!(
@@ -526,12 +508,7 @@ fn answers_are_pushed_to_peers_which_recheck_the_policy() {
     assert_eq!(bound_names(&b, api), ["api.example.com"]);
 
     let ctl = b.service_addr();
-    let body = |n: &str| {
-        format!(
-            r#"{{"job_key":"{}","node":"127.0.0.1","name":"{n}","addrs":["203.0.113.77"],"ttl_secs":60}}"#,
-            job_key(JTI)
-        )
-    };
+    let body = |n: &str| binding_body(JTI, n, "203.0.113.77");
     assert_eq!(
         post(
             ctl,
@@ -566,27 +543,77 @@ fn answers_are_pushed_to_peers_which_recheck_the_policy() {
     );
 }
 
-/// Keys, a policy server serving `JTI` signed by them, an upstream, the peer secret file, and
-/// a second trust directory that holds only another key (a proxy that does not trust the
-/// job's key yet).
-fn untrusting_peer_setup() -> (
-    Keys,
-    PolicyServer,
-    Upstream,
-    std::path::PathBuf,
-    std::path::PathBuf,
-) {
-    let keys = Keys::new();
-    let policy = PolicyServer::start(IpAddr::V4(LOCAL));
-    policy.serve(job_key(JTI), 200, &keys.token(POLICY, JTI, 1));
-    let upstream = Upstream::start();
-    let secret = keys.dir.path().join("peer.secret");
-    std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
-    let trust = keys.dir.path().join("trust-other");
-    std::fs::create_dir_all(&trust).unwrap();
-    let other = snas_policy::keys::PolicyKey::from_seed("other-key", [6; 32]).unwrap();
-    std::fs::write(trust.join("other-key.pub"), other.public_pem().unwrap()).unwrap();
-    (keys, policy, upstream, secret, trust)
+/// What proxies that push bindings to each other need: keys, a policy server serving `JTI`
+/// signed by them, an upstream, and the peer secret file.
+struct Peers {
+    keys: Keys,
+    policy: PolicyServer,
+    upstream: Upstream,
+    secret: std::path::PathBuf,
+}
+
+impl Peers {
+    fn new() -> Peers {
+        let keys = Keys::new();
+        let policy = PolicyServer::start(IpAddr::V4(LOCAL));
+        policy.serve(job_key(JTI), 200, &keys.token(POLICY, JTI, 1));
+        let upstream = Upstream::start();
+        let secret = keys.dir.path().join("peer.secret");
+        std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+        Peers {
+            keys,
+            policy,
+            upstream,
+            secret,
+        }
+    }
+
+    /// A proxy's configuration that accepts peer pushes (`extra`: more lines).
+    fn config(&self, extra: &str) -> ProxyConfig {
+        let secret = format!("peer_secret_file = \"{}\"\n{extra}", self.secret.display());
+        config(
+            &self.keys,
+            self.policy.addr.port(),
+            self.upstream.addr,
+            &secret,
+        )
+    }
+
+    /// Proxy A on 127.0.0.1 pushing to peer B on `peer_ip` (same service port); B reads its
+    /// trust bundle from `b_trust` instead of the keys' directory when given.
+    fn start(&self, peer_ip: Ipv4Addr, b_trust: Option<&std::path::Path>) -> (Daemon, Daemon) {
+        let port = free_port();
+        let mut a = self.config(&format!("peers = [\"{peer_ip}\"]"));
+        a.service_listen = Some(SocketAddr::from((LOCAL, port)));
+        let mut b = self.config("");
+        b.service_listen = Some(SocketAddr::from((peer_ip, port)));
+        b.audit_log = self.keys.dir.path().join("audit-b.jsonl");
+        if let Some(t) = b_trust {
+            b.trust = t.to_path_buf();
+        }
+        (
+            Daemon::start_control_plane(a).unwrap(),
+            Daemon::start_control_plane(b).unwrap(),
+        )
+    }
+
+    /// A trust directory that holds only another key (a proxy that does not trust the job's
+    /// key yet).
+    fn untrusting_trust_dir(&self) -> std::path::PathBuf {
+        let trust = self.keys.dir.path().join("trust-other");
+        std::fs::create_dir_all(&trust).unwrap();
+        let other = snas_policy::keys::PolicyKey::from_seed("other-key", [6; 32]).unwrap();
+        std::fs::write(trust.join("other-key.pub"), other.public_pem().unwrap()).unwrap();
+        trust
+    }
+}
+
+/// The body of `POST /v1/bindings` for job `jti` from node 127.0.0.1.
+fn binding_body(jti: &str, name: &str, addr: &str) -> String {
+    format!(
+        r#"{{"job_key":"{}","node":"127.0.0.1","name":"{name}","addrs":["{addr}"],"ttl_secs":60}}"#,
+        job_key(jti)
+    )
 }
 
 #[test]
@@ -594,22 +621,9 @@ fn a_peer_that_loads_the_jobs_key_after_the_answer_still_gets_the_binding() {
     // Key rotation: the job is signed by a key proxy A trusts and peer B does not trust yet
     // (it is written to B's trust directory just after the answer; B's trust poll loads it
     // within 500 ms). B answers the push 503 and A tries again.
-    let (keys, policy, upstream, secret, b_trust) = untrusting_peer_setup();
-    let port = free_port();
-    let peer_ip = Ipv4Addr::new(127, 0, 0, 3);
-    let extra_a = format!(
-        "peers = [\"{peer_ip}\"]\npeer_secret_file = \"{}\"",
-        secret.display()
-    );
-    let mut a = config(&keys, policy.addr.port(), upstream.addr, &extra_a);
-    a.service_listen = Some(SocketAddr::from((LOCAL, port)));
-    let extra_b = format!("peer_secret_file = \"{}\"", secret.display());
-    let mut b = config(&keys, policy.addr.port(), upstream.addr, &extra_b);
-    b.service_listen = Some(SocketAddr::from((peer_ip, port)));
-    b.audit_log = keys.dir.path().join("audit-b.jsonl");
-    b.trust = b_trust.clone();
-    let a = Daemon::start_control_plane(a).unwrap();
-    let b = Daemon::start_control_plane(b).unwrap();
+    let peers = Peers::new();
+    let b_trust = peers.untrusting_trust_dir();
+    let (a, b) = peers.start(Ipv4Addr::new(127, 0, 0, 3), Some(&b_trust));
 
     let q = query("api.example.com.", RecordType::A, Some(identity()));
     assert_eq!(
@@ -622,7 +636,7 @@ fn a_peer_that_loads_the_jobs_key_after_the_answer_still_gets_the_binding() {
         "B cannot verify the job yet"
     );
     std::fs::copy(
-        keys.trust().join("test-key.pub"),
+        peers.keys.trust().join("test-key.pub"),
         b_trust.join("test-key.pub"),
     )
     .unwrap();
@@ -646,15 +660,11 @@ fn a_policy_signed_by_a_key_written_just_before_is_verified_without_waiting_for_
     // The key reaches the trust directory a moment before the job's first fetch (a rotation:
     // keys are rolled out before jobs are signed with them). The fetch asks for a reload at
     // once instead of failing until the next 500 ms poll.
-    let (keys, policy, upstream, secret, trust) = untrusting_peer_setup();
-    let extra = format!("peer_secret_file = \"{}\"", secret.display());
-    let mut cfg = config(&keys, policy.addr.port(), upstream.addr, &extra);
+    let peers = Peers::new();
+    let trust = peers.untrusting_trust_dir();
+    let mut cfg = peers.config("");
     cfg.trust = trust.clone();
     let d = Daemon::start_control_plane(cfg).unwrap();
-    let body = format!(
-        r#"{{"job_key":"{}","node":"127.0.0.1","name":"api.example.com","addrs":["203.0.113.10"],"ttl_secs":60}}"#,
-        job_key(JTI)
-    );
     for round in 0..5 {
         // Each round: a new key file, then at once a policy signed by it.
         let kid = format!("rotated-{round}");
@@ -663,10 +673,12 @@ fn a_policy_signed_by_a_key_written_just_before_is_verified_without_waiting_for_
             dir: tempfile::tempdir().unwrap(),
         };
         let jti = format!("jti-rotated-00000{round}");
-        policy.serve(job_key(&jti), 200, &rotated.token(POLICY, &jti, 1));
+        peers
+            .policy
+            .serve(job_key(&jti), 200, &rotated.token(POLICY, &jti, 1));
         let pem = rotated.key.public_pem().unwrap();
         std::fs::write(trust.join(format!("{kid}.pub")), pem).unwrap();
-        let body = body.replace(&job_key(JTI).to_string(), &job_key(&jti).to_string());
+        let body = binding_body(&jti, "api.example.com", "203.0.113.10");
         let started = Instant::now();
         assert_eq!(
             post(
