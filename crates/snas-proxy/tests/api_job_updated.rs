@@ -9,18 +9,16 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{Keys, PolicyServer};
+use common::{open_udp_flow, post_from, Keys, PolicyServer};
 use snas_policy::identity::{job_key, tenant_id};
 use snas_proxy::api::paths;
 use snas_proxy::config::ProxyConfig;
 use snas_proxy::daemon::Daemon;
-use snas_proxy::tier2::{JobPolicy, Verdict, GENEVE_HEADER_LEN};
-use snas_wire::build::{udp, UdpSpec};
-use snas_wire::geneve::{write_geneve_header, InnerProto, SnasOption};
+use snas_proxy::tier2::JobPolicy;
+use snas_wire::geneve::SnasOption;
 use snas_wire::{JobKey, PolicySerial};
 
 const NODE: Ipv4Addr = Ipv4Addr::LOCALHOST;
@@ -95,85 +93,18 @@ fn held(d: &Daemon, job: JobKey) -> Option<u32> {
     d.shared().store.snapshot().get(job).map(|p| p.serial.0)
 }
 
-/// A TCP connection from a chosen loopback source address (std cannot bind a client).
-fn connect_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
-    use std::os::fd::FromRawFd;
-    let sa = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(ip).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let IpAddr::V4(dst) = to.ip() else {
-        panic!("IPv4 only")
-    };
-    let (local, remote) = (sa(from, 0), sa(dst, to.port()));
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: a fresh socket we own; `local` and `remote` live across the calls and `len` is
-    // their size; the descriptor is handed to the TcpStream exactly once.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0);
-        let stream = TcpStream::from_raw_fd(fd);
-        assert_eq!(
-            libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len),
-            0
-        );
-        assert_eq!(
-            libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len),
-            0
-        );
-        stream
-    }
-}
-
-/// One POST from `from`; the status and the body.
-fn post_from(from: Ipv4Addr, to: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = connect_from(from, to);
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|x| x.1.to_owned())
-        .unwrap_or_default();
-    (out[9..12].parse().unwrap(), body)
-}
-
 fn notice(job: JobKey, serial: u32) -> String {
     paths::job_updated(job, PolicySerial(serial))
 }
 
 /// Opens one UDP flow of the job to `dst`:7, as a datagram from NODE would.
 fn open_flow(d: &Daemon, jti: &str, dst: Ipv4Addr, src_port: u16) {
-    let s = d.shared();
-    let snap = s.store.snapshot();
-    let view = snap.at(Instant::now());
-    let mut eng = s.engine();
-    let inner = udp(&UdpSpec {
-        src: SocketAddr::from((Ipv4Addr::new(10, 255, 0, 2), src_port)),
-        dst: SocketAddr::from((dst, 7)),
-        payload: b"x",
-    })
-    .unwrap();
     let option = SnasOption {
         tenant_id: tenant_id("acme"),
         job_key: job_key(jti),
         policy_serial: PolicySerial(1),
     };
-    let mut payload = vec![0u8; GENEVE_HEADER_LEN + inner.len()];
-    write_geneve_header(&mut payload, &option, InnerProto::Ipv4).unwrap();
-    payload[GENEVE_HEADER_LEN..].copy_from_slice(&inner);
-    let mut refusal = vec![0u8; 2048];
-    let v = eng.from_node(&view, NODE, &mut payload, &mut refusal, s.now());
-    assert!(matches!(v, Verdict::ToInternet { .. }), "{v:?}");
+    open_udp_flow(d, &option, NODE, src_port, dst);
 }
 
 fn live_flows(d: &Daemon, job: JobKey) -> u32 {

@@ -210,13 +210,13 @@ fn secrets_compare_equal_only_when_identical() {
 
 mod job_ended {
     use super::*;
-    use std::net::{IpAddr, Ipv4Addr};
+    use common::{open_udp_flow, post_from};
+    use std::net::Ipv4Addr;
     use std::time::{Instant, SystemTime};
 
     use snas_policy::identity::{job_key, tenant_id};
-    use snas_proxy::tier2::{JobPolicy, Verdict, GENEVE_HEADER_LEN};
-    use snas_wire::build::{udp, UdpSpec};
-    use snas_wire::geneve::{write_geneve_header, InnerProto, SnasOption};
+    use snas_proxy::tier2::JobPolicy;
+    use snas_wire::geneve::SnasOption;
 
     const JTI: &str = "jti-ended-0000001";
     const NODE: Ipv4Addr = Ipv4Addr::LOCALHOST;
@@ -232,57 +232,6 @@ ports = "7"
 protocol = "udp"
 "#;
 
-    fn post_from(from: Ipv4Addr, to: SocketAddr, path: &str) -> (u16, String) {
-        let mut s = connect_from(from, to);
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(
-            s,
-            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|x| x.1.to_owned())
-            .unwrap_or_default();
-        (out[9..12].parse().unwrap(), body)
-    }
-
-    /// A TCP connection from a chosen loopback source address (std cannot bind a client).
-    fn connect_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
-        use std::os::fd::FromRawFd;
-        let sa = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(ip).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let IpAddr::V4(dst) = to.ip() else {
-            panic!("IPv4 only")
-        };
-        let (local, remote) = (sa(from, 0), sa(dst, to.port()));
-        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        // SAFETY: a fresh socket we own; `local` and `remote` live across the calls and `len`
-        // is their size; the descriptor is handed to the TcpStream exactly once.
-        unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-            assert!(fd >= 0);
-            let stream = TcpStream::from_raw_fd(fd);
-            assert_eq!(
-                libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len),
-                0
-            );
-            assert_eq!(
-                libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len),
-                0
-            );
-            stream
-        }
-    }
-
     fn option() -> SnasOption {
         SnasOption {
             tenant_id: tenant_id("acme"),
@@ -293,23 +242,8 @@ protocol = "udp"
 
     /// Opens `n` UDP flows of the job in the engine, as datagrams from NODE would.
     fn open_flows(d: &Daemon, n: u16) {
-        let s = d.shared();
-        let snap = s.store.snapshot();
-        let view = snap.at(Instant::now());
-        let mut eng = s.engine();
         for i in 0..n {
-            let inner = udp(&UdpSpec {
-                src: SocketAddr::from((Ipv4Addr::new(10, 255, 0, 2), 5000 + i)),
-                dst: SocketAddr::from((Ipv4Addr::new(203, 0, 113, 10), 7)),
-                payload: b"x",
-            })
-            .unwrap();
-            let mut payload = vec![0u8; GENEVE_HEADER_LEN + inner.len()];
-            write_geneve_header(&mut payload, &option(), InnerProto::Ipv4).unwrap();
-            payload[GENEVE_HEADER_LEN..].copy_from_slice(&inner);
-            let mut refusal = vec![0u8; 2048];
-            let v = eng.from_node(&view, NODE, &mut payload, &mut refusal, s.now());
-            assert!(matches!(v, Verdict::ToInternet { .. }), "{v:?}");
+            open_udp_flow(d, &option(), NODE, 5000 + i, Ipv4Addr::new(203, 0, 113, 10));
         }
     }
 
