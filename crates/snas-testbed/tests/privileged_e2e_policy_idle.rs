@@ -9,9 +9,7 @@
 
 mod e2e_support;
 
-use std::io::{BufRead, BufReader};
 use std::process::Command;
-use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use e2e_support::*;
@@ -36,31 +34,6 @@ except OSError as e:
 "#;
 
 const BOTH: &str = "[[egress]]\nhost = \"api.example.com:7\"\nnames = \"off\"\n[[egress]]\nhost = \"bulk.example.com:7\"\nnames = \"off\"\n";
-
-/// The next policy of `old_token`'s job (same `jti`, serial + 1) with `body` as its rules.
-fn sign_update_with(
-    tb: &snas_testbed::Testbed,
-    old_token: &str,
-    old_toml: &str,
-    body: &str,
-) -> String {
-    let job_line = old_toml.lines().find(|l| l.starts_with("job = ")).unwrap();
-    sign_update(
-        tb,
-        old_token,
-        &format!("tenant = \"acme\"\n{job_line}\n{body}"),
-    )
-}
-
-/// `snas jobs update` of node 1's job; returns when the CLI has its answer.
-fn jobs_update(tb: &snas_testbed::Testbed, token: &str) {
-    let out = Command::new(snas_binary())
-        .args(["jobs", "update", "--prefix", tb.topology().prefix()])
-        .args(["--node", "1", "--policy", token])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "snas jobs update: {out:?}");
-}
 
 /// The agent's `snas_agent_job_update_notices_total{outcome="…"}`.
 fn agent_update_notices(tb: &snas_testbed::Testbed, outcome: &str) -> f64 {
@@ -93,15 +66,7 @@ fn an_idle_connection_to_a_destination_an_update_removes_is_reset_at_both_ends_w
     let job = Job::start_token(&tb, 1, &token1);
 
     let mut hold = job.spawn_python(PY_IDLE_ECHO, &["api.example.com"]);
-    let (tx, rx) = mpsc::channel();
-    let stdout = hold.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send((line, Instant::now())).is_err() {
-                return;
-            }
-        }
-    });
+    let rx = timed_lines(&mut hold);
     let (ready, _) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(ready, "ready");
     assert_eq!(server_connections(&tb, 7), 1);

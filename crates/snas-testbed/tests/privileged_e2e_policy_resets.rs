@@ -7,9 +7,6 @@
 
 mod e2e_support;
 
-use std::io::{BufRead, BufReader};
-use std::process::Command;
-use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use e2e_support::*;
@@ -57,15 +54,7 @@ fn a_live_connection_to_a_destination_an_update_removes_is_reset_at_both_ends() 
     assert_eq!(server_connections(&tb, 7), 0);
 
     let mut hold = job.spawn_python(PY_IDLE_ECHO, &["api.example.com"]);
-    let (tx, rx) = mpsc::channel();
-    let stdout = hold.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send((line, Instant::now())).is_err() {
-                return;
-            }
-        }
-    });
+    let rx = timed_lines(&mut hold);
     let (ready, _) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(ready, "ready");
     assert_eq!(
@@ -75,23 +64,14 @@ fn a_live_connection_to_a_destination_an_update_removes_is_reset_at_both_ends() 
     );
 
     // The update keeps bulk.example.com and removes api.example.com.
-    let job_line = v1.lines().find(|l| l.starts_with("job = ")).unwrap();
-    let v2 = format!("tenant = \"acme\"\n{job_line}\n[[egress]]\nhost = \"bulk.example.com:7\"\nnames = \"off\"\n");
-    let token2 = sign_update(&tb, &token1, &v2);
+    let token2 = sign_update_with(
+        &tb,
+        &token1,
+        &v1,
+        "[[egress]]\nhost = \"bulk.example.com:7\"\nnames = \"off\"\n",
+    );
     let t0 = Instant::now();
-    let out = Command::new(snas_binary())
-        .args([
-            "jobs",
-            "update",
-            "--prefix",
-            tb.topology().prefix(),
-            "--node",
-            "1",
-        ])
-        .args(["--policy", &token2])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "snas jobs update: {out:?}");
+    jobs_update(&tb, &token2);
     // The job goes on working; its traffic carries the new serial to the proxy.
     assert_eq!(try_connect(&job, "bulk.example.com:7"), "ok");
     let (what, at) = rx.recv_timeout(Duration::from_secs(5)).unwrap();

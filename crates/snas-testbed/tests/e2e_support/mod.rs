@@ -495,6 +495,49 @@ pub fn sign_update(tb: &snas_testbed::Testbed, old_token: &str, toml: &str) -> S
     snas_policy::sign(&claims, &key).unwrap()
 }
 
+/// The next policy of `old_token`'s job (same `jti`, serial + 1) with `body` as its rules.
+pub fn sign_update_with(
+    tb: &snas_testbed::Testbed,
+    old_token: &str,
+    old_toml: &str,
+    body: &str,
+) -> String {
+    let job_line = old_toml.lines().find(|l| l.starts_with("job = ")).unwrap();
+    sign_update(
+        tb,
+        old_token,
+        &format!("tenant = \"acme\"\n{job_line}\n{body}"),
+    )
+}
+
+/// `snas jobs update` of node 1's job; returns when the CLI has its answer.
+pub fn jobs_update(tb: &snas_testbed::Testbed, token: &str) {
+    let out = Command::new(snas_binary())
+        .args(["jobs", "update", "--prefix", tb.topology().prefix()])
+        .args(["--node", "1", "--policy", token])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "snas jobs update: {out:?}");
+}
+
+/// The lines `child` prints, each with the time it was read (a thread reads its stdout).
+pub fn timed_lines(child: &mut Child) -> std::sync::mpsc::Receiver<(String, std::time::Instant)> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send((line, std::time::Instant::now())).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// Established TCP connections of the internet namespace whose local port is `port`.
 pub fn server_connections(tb: &snas_testbed::Testbed, port: u16) -> usize {
     let out = Command::new("ip")
