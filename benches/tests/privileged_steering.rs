@@ -116,7 +116,20 @@ fn steered_veth_is_received_on_the_named_cpu_and_restored_after() {
         }
     })
     .unwrap();
-    let d = CpuSnapshot::read().unwrap().since(&s0);
+    // The steered CPU may still be working through its backlog when the sender is done: read
+    // until it has caught up (or a second has passed).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    let d = loop {
+        let d = CpuSnapshot::read().unwrap().since(&s0);
+        let received = d
+            .iter()
+            .find(|x| x.cpu == steered_cpu)
+            .map_or(0, |x| x.packets);
+        if received >= DATAGRAMS || std::time::Instant::now() >= deadline {
+            break d;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
     let on = |cpu: usize| d.iter().find(|x| x.cpu == cpu).unwrap().packets;
     // Every datagram was received by v1 on the steered CPU (other traffic on the machine can
     // only add to it); without the steering they would be received on the sender's CPU.
